@@ -1,0 +1,79 @@
+"""Typed loading of the TOML device profiles shipped in `devices/profiles/` (or a user's file)."""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10 (JetPack 6)
+    import tomli as tomllib
+
+PROFILE_DIR = Path(__file__).with_name("profiles")
+OPTIMIZATION_LEVELS = ("disable", "basic", "extended", "all")
+
+
+@dataclass(frozen=True)
+class DeviceProfile:
+    """How to run on one kind of device: execution providers in order of preference, threads."""
+
+    name: str
+    description: str = ""
+    arch: str = "any"
+    #: ONNX Runtime providers, best first; those not present in the installed build are skipped
+    #: and CPUExecutionProvider is always the last resort.
+    execution_providers: tuple[str, ...] = ("CPUExecutionProvider",)
+    #: 0 lets the backend use one thread per physical core.
+    intra_op_threads: int = 0
+    inter_op_threads: int = 0
+    graph_optimization_level: str = "all"
+    #: Spinning threads answer a new batch a few microseconds sooner but burn the cores that
+    #: the request path needs between batches; off by default.
+    allow_spinning: bool = False
+    #: Model instances per model the serving adapters start (each with its own session).
+    instances: int = 1
+
+    def __post_init__(self) -> None:
+        if self.graph_optimization_level not in OPTIMIZATION_LEVELS:
+            raise ValueError(f"device profile {self.name!r}: graph_optimization_level must be "
+                             f"one of {', '.join(OPTIMIZATION_LEVELS)}")
+        if self.intra_op_threads < 0 or self.inter_op_threads < 0 or self.instances < 1:
+            raise ValueError(f"device profile {self.name!r}: thread counts must be >= 0 and "
+                             "instances >= 1")
+        object.__setattr__(self, "execution_providers", tuple(self.execution_providers))
+
+    def replace(self, **changes: Any) -> DeviceProfile:
+        """A copy with some fields overridden (None values are ignored)."""
+        data = {f.name: getattr(self, f.name) for f in fields(self)}
+        data.update({key: value for key, value in changes.items() if value is not None})
+        return DeviceProfile(**data)
+
+
+def list_profiles() -> list[str]:
+    """Names of the profiles shipped with edgerun."""
+    return sorted(path.stem for path in PROFILE_DIR.glob("*.toml"))
+
+
+def load_profile(name_or_path: str | Path | DeviceProfile | None = None) -> DeviceProfile:
+    """A shipped profile by name, a TOML file by path, or the default `cpu` profile."""
+    if isinstance(name_or_path, DeviceProfile):
+        return name_or_path
+    if name_or_path is None:
+        name_or_path = "cpu"
+    path = Path(name_or_path)
+    if path.suffix != ".toml":
+        path = PROFILE_DIR / f"{name_or_path}.toml"
+        if not path.is_file():
+            raise ValueError(f"unknown device profile {str(name_or_path)!r}; shipped profiles: "
+                             f"{', '.join(list_profiles())}")
+    with path.open("rb") as handle:
+        data = tomllib.load(handle)
+    known = {f.name for f in fields(DeviceProfile)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ValueError(f"device profile {path}: unknown keys {', '.join(unknown)}")
+    data.setdefault("name", path.stem)
+    return DeviceProfile(**data)

@@ -1,0 +1,128 @@
+"""`edgerun bundle create|inspect|verify|pack|unpack`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from edgerun.cli.inputs import load_inputs
+from edgerun.runtime import archive
+from edgerun.runtime.backends import backend_class, backend_for_file
+from edgerun.runtime.bundle import Bundle, create_bundle, read_manifest
+from edgerun.runtime.model import Model
+
+out = Console(highlight=False)
+
+
+def register(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser("bundle", help="create, inspect, verify and pack bundles")
+    sub = parser.add_subparsers(dest="bundle_command", required=True, metavar="ACTION")
+
+    create = sub.add_parser("create", help="bundle an ONNX model with its manifest and golden "
+                                           "sample")
+    create.add_argument("model", type=Path, help="model file (.onnx)")
+    create.add_argument("--name", required=True)
+    create.add_argument("--version", required=True, help="integer or semver")
+    create.add_argument("-o", "--output", type=Path, required=True,
+                        help="bundle folder, or a path ending in .tar.gz for an archive")
+    create.add_argument("--max-batch-size", type=int, default=None,
+                        help="largest batch the model may run (default: no limit)")
+    create.add_argument("--golden-input", type=Path, default=None,
+                        help="sample input (.npy, .npz or JSON) instead of a generated one")
+    create.add_argument("--device", default=None, help="device profile the bundle targets")
+    create.set_defaults(handler=_create)
+
+    inspect = sub.add_parser("inspect", help="show a bundle's manifest")
+    inspect.add_argument("bundle", type=Path)
+    inspect.add_argument("--json", action="store_true", help="print the manifest as JSON")
+    inspect.set_defaults(handler=_inspect)
+
+    verify = sub.add_parser("verify", help="check every hash, load the model, run its golden "
+                                           "sample")
+    verify.add_argument("bundle", type=Path)
+    verify.add_argument("--device", default=None, help="device profile to load with")
+    verify.set_defaults(handler=_verify)
+
+    pack = sub.add_parser("pack", help="pack a bundle folder into a .tar.gz")
+    pack.add_argument("bundle", type=Path)
+    pack.add_argument("-o", "--output", type=Path, required=True)
+    pack.set_defaults(handler=_pack)
+
+    unpack = sub.add_parser("unpack", help="safely extract a bundle archive and verify it")
+    unpack.add_argument("archive", type=Path)
+    unpack.add_argument("-o", "--output", type=Path, required=True)
+    unpack.set_defaults(handler=_unpack)
+
+
+def _create(args: argparse.Namespace) -> int:
+    golden = None
+    if args.golden_input is not None:
+        signature = backend_class(backend_for_file(args.model)).inspect(args.model)
+        golden = load_inputs(args.golden_input, [spec.name for spec in signature.inputs])
+    as_archive = args.output.name.endswith((".tar.gz", ".tgz"))
+    with tempfile.TemporaryDirectory(prefix="edgerun-create-") as scratch:
+        folder = Path(scratch) / "bundle" if as_archive else args.output
+        bundle = create_bundle(args.model, folder, name=args.name, version=args.version,
+                               max_batch_size=args.max_batch_size, golden_inputs=golden,
+                               device=args.device)
+        if as_archive:
+            bundle.pack(args.output)
+    out.print(f"created bundle [bold]{args.name}[/] version {args.version} at {args.output}")
+    _print_manifest(bundle.manifest.to_json())
+    return 0
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    with Bundle.open(args.bundle, verify=False) as bundle:
+        manifest = bundle.manifest.to_json()
+    if args.json:
+        print(json.dumps(manifest, indent=2))
+    else:
+        _print_manifest(manifest)
+    return 0
+
+
+def _verify(args: argparse.Namespace) -> int:
+    with Bundle.open(args.bundle) as bundle:
+        out.print(f"hashes: {len(bundle.manifest.files)} files match the manifest")
+        model = Model.load(bundle, args.device)
+        model.check_golden()
+        out.print(f"golden: output matches the build's on {model.describe()['providers']}")
+    out.print(f"[bold green]ok[/] {bundle.manifest.name} version {bundle.manifest.version}")
+    return 0
+
+
+def _pack(args: argparse.Namespace) -> int:
+    with Bundle.open(args.bundle) as bundle:
+        bundle.pack(args.output)
+    out.print(f"packed {args.bundle} -> {args.output}")
+    return 0
+
+
+def _unpack(args: argparse.Namespace) -> int:
+    archive.unpack(args.archive, args.output)
+    manifest = read_manifest(args.output)
+    Bundle.open(args.output).close()
+    out.print(f"unpacked {manifest.name} version {manifest.version} -> {args.output} (verified)")
+    return 0
+
+
+def _print_manifest(manifest: dict) -> None:
+    out.print(f"[bold]{manifest['name']}[/] version {manifest['version']}  backend "
+              f"{manifest['backend']}  device {manifest['device'].get('profile')}  "
+              f"max_batch_size {manifest.get('max_batch_size') or 'unlimited'}")
+    table = Table("", "tensor", "dtype", "shape", "batch axis")
+    for kind in ("inputs", "outputs"):
+        for spec in manifest[kind]:
+            table.add_row(kind[:-1], spec["name"], spec["dtype"], str(spec["shape"]),
+                          str(spec["batch_axis"]))
+    out.print(table)
+    files = Table("file", "size", "sha256")
+    for name, entry in manifest["files"].items():
+        files.add_row(name, f"{entry['size']:,}", entry["sha256"][:16] + "…")
+    out.print(files)

@@ -1,0 +1,58 @@
+"""Small real models, built here rather than downloaded: for the demo, tests and benchmarks."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+
+def mlp_onnx(sizes: Sequence[int], *, seed: int = 0, dtype: str = "float32") -> bytes:
+    """An MLP (Gemm + Relu layers) with a dynamic batch axis, as serialized ONNX."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    elem = {"float32": TensorProto.FLOAT, "float16": TensorProto.FLOAT16}[dtype]
+    rng = np.random.default_rng(seed)
+    nodes, weights, previous = [], [], "x"
+    for i, (fan_in, fan_out) in enumerate(zip(sizes[:-1], sizes[1:])):
+        w = (rng.standard_normal((fan_in, fan_out)) / np.sqrt(fan_in)).astype(dtype)
+        b = (rng.standard_normal(fan_out) * 0.1).astype(dtype)
+        weights += [numpy_helper.from_array(w, f"w{i}"), numpy_helper.from_array(b, f"b{i}")]
+        last = i == len(sizes) - 2
+        out = "y" if last else f"h{i}"
+        nodes.append(helper.make_node("Gemm", [previous, f"w{i}", f"b{i}"], [out]))
+        if not last:
+            nodes.append(helper.make_node("Relu", [out], [f"r{i}"]))
+            out = f"r{i}"
+        previous = out
+    graph = helper.make_graph(
+        nodes, "mlp", [helper.make_tensor_value_info("x", elem, ["batch", sizes[0]])],
+        [helper.make_tensor_value_info("y", elem, ["batch", sizes[-1]])], weights)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)],
+                              producer_name="edgerun.examples")
+    model.ir_version = 8
+    return model.SerializeToString()
+
+
+def digits_classifier_onnx(*, seed: int = 0) -> tuple[bytes, np.ndarray, np.ndarray]:
+    """An MLP trained on scikit-learn's bundled digits (8x8 images), converted with skl2onnx.
+
+    Returns the ONNX bytes and the held-out images (float32 [n, 64]) and labels.
+    """
+    try:
+        from skl2onnx import to_onnx
+        from sklearn.datasets import load_digits
+        from sklearn.neural_network import MLPClassifier
+    except ImportError as exc:  # pragma: no cover - depends on the install
+        raise RuntimeError("the digits model needs scikit-learn and skl2onnx: "
+                           "pip install 'edgerun[demo]'") from exc
+    digits = load_digits()
+    images = (digits.data / 16.0).astype(np.float32)
+    labels = digits.target.astype(np.int64)
+    order = np.random.default_rng(seed).permutation(len(images))
+    train, test = order[:1400], order[1400:]
+    classifier = MLPClassifier(hidden_layer_sizes=(128,), max_iter=400, random_state=seed)
+    classifier.fit(images[train], labels[train])
+    onnx_model = to_onnx(classifier, images[:1], options={"zipmap": False},
+                         target_opset=17)
+    return onnx_model.SerializeToString(), images[test], labels[test]

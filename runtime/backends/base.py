@@ -1,0 +1,40 @@
+"""What every backend provides to the core."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgerun.devices import DeviceProfile
+from edgerun.runtime.signature import Signature
+
+
+class Backend(ABC):
+    """One loaded model file on one device; `run` takes and returns validated arrays."""
+
+    #: The name in the manifest's `backend` field.
+    name: str = ""
+
+    @classmethod
+    @abstractmethod
+    def inspect(cls, model_path: Path) -> Signature:
+        """Read the io signature from a model file (used when a bundle is created)."""
+
+    @classmethod
+    @abstractmethod
+    def load(cls, model_path: Path, device: DeviceProfile) -> Backend:
+        """Load a model file for a device."""
+
+    @abstractmethod
+    def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """One forward pass; inputs are already validated against the signature."""
+
+    def describe(self) -> dict[str, Any]:
+        """What this backend runs on, for metadata endpoints and logs."""
+        return {"backend": self.name}
+
+    def close(self) -> None:
+        """Release the model; the default leaves it to the garbage collector."""

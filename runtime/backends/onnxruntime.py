@@ -1,0 +1,115 @@
+"""ONNX Runtime: sessions built from a device profile, accelerators first when present."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+
+from edgerun.devices import DeviceProfile
+from edgerun.runtime.backends.base import Backend
+from edgerun.runtime.errors import BundleError
+from edgerun.runtime.signature import Signature, TensorSpec
+
+log = logging.getLogger(__name__)
+
+_ORT_TYPES = {
+    "tensor(bool)": "bool", "tensor(uint8)": "uint8", "tensor(uint16)": "uint16",
+    "tensor(uint32)": "uint32", "tensor(uint64)": "uint64", "tensor(int8)": "int8",
+    "tensor(int16)": "int16", "tensor(int32)": "int32", "tensor(int64)": "int64",
+    "tensor(float16)": "float16", "tensor(float)": "float32", "tensor(double)": "float64",
+    "tensor(string)": "string",
+}
+_LEVELS = {
+    "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+    "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+    "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+    "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+}
+CPU = "CPUExecutionProvider"
+
+
+def _specs(args: list[Any], model: Path) -> tuple[TensorSpec, ...]:
+    specs = []
+    for arg in args:
+        if arg.type not in _ORT_TYPES:
+            raise BundleError(f"{model.name}: tensor {arg.name!r} has type {arg.type}, which "
+                              "edgerun does not serve (tensors of numbers, bools or strings only)")
+        shape = tuple(d if isinstance(d, int) and d >= 0 else -1 for d in arg.shape)
+        batch_axis = 0 if shape and shape[0] == -1 else None
+        specs.append(TensorSpec(arg.name, _ORT_TYPES[arg.type], shape, batch_axis))
+    return tuple(specs)
+
+
+def providers_for(device: DeviceProfile) -> list[str | tuple[str, dict[str, Any]]]:
+    """The profile's providers that this ONNX Runtime build has, CPU always last."""
+    available = set(ort.get_available_providers())
+    chosen: list[str | tuple[str, dict[str, Any]]] = []
+    for name in device.execution_providers:
+        if name == CPU or name not in available:
+            continue
+        if name == "TensorrtExecutionProvider":
+            cache = Path(os.environ.get("EDGERUN_CACHE", Path.home() / ".cache" / "edgerun"))
+            chosen.append((name, {"trt_engine_cache_enable": True,
+                                  "trt_engine_cache_path": str(cache / "tensorrt")}))
+        else:
+            chosen.append(name)
+    chosen.append(CPU)
+    return chosen
+
+
+def session_options(device: DeviceProfile) -> ort.SessionOptions:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = device.intra_op_threads
+    options.inter_op_num_threads = device.inter_op_threads
+    options.graph_optimization_level = _LEVELS[device.graph_optimization_level]
+    options.log_severity_level = 3
+    if not device.allow_spinning:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        options.add_session_config_entry("session.inter_op.allow_spinning", "0")
+    return options
+
+
+class OnnxRuntimeBackend(Backend):
+    name = "onnxruntime"
+
+    def __init__(self, session: ort.InferenceSession) -> None:
+        self._session = session
+        self._output_names = [o.name for o in session.get_outputs()]
+
+    @classmethod
+    def inspect(cls, model_path: Path) -> Signature:
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        options.graph_optimization_level = _LEVELS["disable"]
+        try:
+            session = ort.InferenceSession(str(model_path), options, providers=[CPU])
+        except Exception as exc:  # onnxruntime raises its own exception types
+            raise BundleError(f"{model_path.name}: ONNX Runtime cannot load it: {exc}") from exc
+        return Signature(_specs(session.get_inputs(), model_path),
+                         _specs(session.get_outputs(), model_path))
+
+    @classmethod
+    def load(cls, model_path: Path, device: DeviceProfile) -> OnnxRuntimeBackend:
+        options = session_options(device)
+        providers = providers_for(device)
+        try:
+            session = ort.InferenceSession(str(model_path), options, providers=providers)
+        except Exception as exc:
+            if providers == [CPU]:
+                raise BundleError(f"{model_path.name}: ONNX Runtime cannot load it: {exc}") from exc
+            log.warning("%s: providers %s failed (%s); falling back to the CPU",
+                        model_path.name, providers[:-1], exc)
+            session = ort.InferenceSession(str(model_path), options, providers=[CPU])
+        return cls(session)
+
+    def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return dict(zip(self._output_names, self._session.run(self._output_names, inputs)))
+
+    def describe(self) -> dict[str, Any]:
+        return {"backend": self.name, "onnxruntime": ort.__version__,
+                "providers": self._session.get_providers()}

@@ -1,0 +1,305 @@
+"""The bundle: the unit that is optimized, signed, shipped and served.
+
+A folder with `manifest.json` (signature, hashes of every file), the model file and
+`golden.npz` (an input and the output the build produced, to smoke-test a device after an
+update). Opening a bundle verifies every hash; a `.tar.gz` is extracted safely first.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import re
+import shutil
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgerun import __version__
+from edgerun.devices import DeviceProfile, load_profile
+from edgerun.runtime import archive
+from edgerun.runtime.backends import backend_class, backend_for_file
+from edgerun.runtime.errors import BundleError
+from edgerun.runtime.signature import Signature, TensorSpec
+
+MANIFEST = "manifest.json"
+GOLDEN = "golden.npz"
+SIGNATURE_FILE = "signature.sig"
+FORMAT = 1
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+VERSION_RE = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*)\.(0|[1-9][0-9]*)([-+][0-9A-Za-z.-]+)?)?$")
+_HASH_CHUNK = 1 << 20
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while chunk := handle.read(_HASH_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def check_name(name: str) -> str:
+    if not NAME_RE.match(name):
+        raise BundleError(f"bundle name {name!r} must be letters, digits, '.', '_' or '-' "
+                          "(starting with a letter or digit)")
+    return name
+
+
+def check_version(version: str) -> str:
+    if not VERSION_RE.match(version):
+        raise BundleError(f"bundle version {version!r} must be an integer or semver (1.2.3)")
+    return version
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    sha256: str
+    size: int
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """The self-description of a bundle; `canonical_bytes` is what a signature covers."""
+
+    name: str
+    version: str
+    backend: str
+    model_file: str
+    signature: Signature
+    files: dict[str, FileEntry]
+    device: dict[str, str] = field(default_factory=lambda: {"profile": "cpu", "target": "any"})
+    created: dict[str, Any] = field(default_factory=dict)
+    reference_stats: dict[str, Any] | None = None
+    format: int = FORMAT
+
+    def to_json(self) -> dict[str, Any]:
+        data: dict[str, Any] = {
+            "format": self.format, "name": self.name, "version": self.version,
+            "backend": self.backend, "model_file": self.model_file, "device": self.device,
+            **self.signature.to_json(),
+            "files": {name: {"sha256": e.sha256, "size": e.size}
+                      for name, e in sorted(self.files.items())},
+            "created": self.created,
+        }
+        if self.reference_stats is not None:
+            data["reference_stats"] = self.reference_stats
+        return data
+
+    def canonical_bytes(self) -> bytes:
+        return json.dumps(self.to_json(), sort_keys=True, separators=(",", ":")).encode()
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> Manifest:
+        try:
+            if data.get("format") != FORMAT:
+                raise BundleError(f"manifest format {data.get('format')!r} is not supported "
+                                  f"(this edgerun reads format {FORMAT})")
+            signature = Signature(
+                tuple(TensorSpec.from_json(t) for t in data["inputs"]),
+                tuple(TensorSpec.from_json(t) for t in data["outputs"]),
+                data.get("max_batch_size"))
+            return cls(
+                name=check_name(data["name"]), version=check_version(str(data["version"])),
+                backend=data["backend"], model_file=data["model_file"], signature=signature,
+                files={name: FileEntry(str(e["sha256"]), int(e["size"]))
+                       for name, e in data["files"].items()},
+                device=dict(data.get("device", {})), created=dict(data.get("created", {})),
+                reference_stats=data.get("reference_stats"))
+        except BundleError:
+            raise
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise BundleError(f"manifest is malformed: {type(exc).__name__}: {exc}") from exc
+
+
+class Bundle:
+    """An opened, verified bundle folder (extracted to a temporary folder if it was a tar)."""
+
+    def __init__(self, path: Path, manifest: Manifest,
+                 cleanup: tempfile.TemporaryDirectory[str] | None = None) -> None:
+        self.path = path
+        self.manifest = manifest
+        self._cleanup = cleanup
+
+    @classmethod
+    def open(cls, source: str | Path, *, verify: bool = True) -> Bundle:
+        """Open a bundle folder or archive; with `verify`, every file's hash is checked."""
+        source = Path(source)
+        cleanup = None
+        if source.is_file():
+            cleanup = tempfile.TemporaryDirectory(prefix="edgerun-bundle-")
+            try:
+                archive.unpack(source, Path(cleanup.name))
+            except BaseException:
+                cleanup.cleanup()
+                raise
+            folder = Path(cleanup.name)
+        elif source.is_dir():
+            folder = source
+        else:
+            raise BundleError(f"{source}: no such bundle folder or archive")
+        try:
+            manifest = read_manifest(folder)
+            if verify:
+                verify_files(folder, manifest)
+        except BaseException:
+            if cleanup is not None:
+                cleanup.cleanup()
+            raise
+        return cls(folder, manifest, cleanup)
+
+    @property
+    def model_path(self) -> Path:
+        return self.path / self.manifest.model_file
+
+    @property
+    def signature(self) -> Signature:
+        return self.manifest.signature
+
+    def golden(self) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+        """The golden input and the output the build produced, by tensor name."""
+        sig = self.signature
+        with np.load(self.path / GOLDEN, allow_pickle=sig_has_strings(sig)) as data:
+            inputs = {s.name: data[f"input_{i}"] for i, s in enumerate(sig.inputs)}
+            outputs = {s.name: data[f"output_{i}"] for i, s in enumerate(sig.outputs)}
+        return inputs, outputs
+
+    def pack(self, archive_path: Path) -> Path:
+        return archive.pack(self.path, Path(archive_path))
+
+    def close(self) -> None:
+        if self._cleanup is not None:
+            self._cleanup.cleanup()
+            self._cleanup = None
+
+    def __enter__(self) -> Bundle:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def sig_has_strings(signature: Signature) -> bool:
+    return any(s.dtype == "string" for s in (*signature.inputs, *signature.outputs))
+
+
+def read_manifest(folder: Path) -> Manifest:
+    path = folder / MANIFEST
+    if not path.is_file():
+        raise BundleError(f"{folder}: no {MANIFEST}; not a bundle")
+    try:
+        data = json.loads(path.read_bytes())
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise BundleError(f"{path}: not valid JSON ({exc})") from exc
+    if not isinstance(data, dict):
+        raise BundleError(f"{path}: must hold a JSON object")
+    return Manifest.from_json(data)
+
+
+def verify_files(folder: Path, manifest: Manifest) -> None:
+    """Every listed file present with its size and sha256; nothing unlisted but a signature."""
+    for required in (manifest.model_file, GOLDEN):
+        if required not in manifest.files:
+            raise BundleError(f"{folder}: manifest does not list {required}")
+    for name, entry in manifest.files.items():
+        path = folder / name
+        if ".." in Path(name).parts or Path(name).is_absolute():
+            raise BundleError(f"{folder}: manifest lists an unsafe path {name!r}")
+        if path.is_symlink() or not path.is_file():
+            raise BundleError(f"{folder}: {name} is missing or not a regular file")
+        size = path.stat().st_size
+        if size != entry.size:
+            raise BundleError(f"{folder}: {name} is {size} bytes, manifest says {entry.size} "
+                              "(tampered or truncated)")
+        if sha256_file(path) != entry.sha256:
+            raise BundleError(f"{folder}: {name} does not match its sha256 in the manifest "
+                              "(tampered or corrupt)")
+    listed = set(manifest.files) | {MANIFEST, SIGNATURE_FILE}
+    extra = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*")
+                   if not p.is_dir() and p.relative_to(folder).as_posix() not in listed)
+    if extra:
+        raise BundleError(f"{folder}: files not in the manifest: {', '.join(extra)}")
+
+
+def golden_input(signature: Signature, seed: int = 0) -> dict[str, np.ndarray]:
+    """A deterministic input: dynamic dims of 1, normal floats, zero integers, empty strings."""
+    rng = np.random.default_rng(seed)
+    inputs = {}
+    for spec in signature.inputs:
+        shape = tuple(d if d >= 0 else 1 for d in spec.shape)
+        if spec.dtype.startswith("float"):
+            inputs[spec.name] = rng.standard_normal(shape).astype(spec.np_dtype)
+        elif spec.dtype == "string":
+            inputs[spec.name] = np.full(shape, "", dtype=object)
+        else:
+            inputs[spec.name] = np.zeros(shape, dtype=spec.np_dtype)
+    return inputs
+
+
+def create_bundle(model_file: str | Path, out_dir: str | Path, *, name: str, version: str,
+                  max_batch_size: int | None = None,
+                  golden_inputs: Mapping[str, Any] | None = None,
+                  device: str | DeviceProfile | None = None,
+                  optimizations: tuple[str, ...] = ()) -> Bundle:
+    """Inspect a model file, copy it with a golden sample and a manifest into `out_dir`."""
+    model_file, out_dir = Path(model_file), Path(out_dir)
+    check_name(name)
+    check_version(str(version))
+    if not model_file.is_file():
+        raise BundleError(f"{model_file}: no such model file")
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        raise BundleError(f"{out_dir}: output folder exists and is not empty")
+    if max_batch_size is not None and max_batch_size < 1:
+        raise BundleError("max_batch_size must be >= 1 (omit it for no limit)")
+    profile = load_profile(device)
+    backend_name = backend_for_file(model_file)
+    backend = backend_class(backend_name)
+    inspected = backend.inspect(model_file)
+    signature = Signature(inspected.inputs, inspected.outputs,
+                          max_batch_size if inspected.batchable else None)
+    created_dir = not out_dir.exists()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        model_name = f"model{model_file.suffix.lower()}"
+        shutil.copyfile(model_file, out_dir / model_name)
+        sample = signature.validate(golden_inputs) if golden_inputs is not None \
+            else golden_input(signature)
+        runner = backend.load(out_dir / model_name, profile)
+        try:
+            outputs = runner.run(sample)
+        except Exception as exc:
+            raise BundleError(f"{model_file.name}: the golden input failed to run ({exc}); "
+                              "pass a valid sample with --golden-input") from exc
+        finally:
+            runner.close()
+        np.savez(out_dir / GOLDEN,
+                 **{f"input_{i}": sample[s.name] for i, s in enumerate(signature.inputs)},
+                 **{f"output_{i}": outputs[s.name] for i, s in enumerate(signature.outputs)})
+        files = {p.name: FileEntry(sha256_file(p), p.stat().st_size)
+                 for p in sorted(out_dir.iterdir())}
+        manifest = Manifest(
+            name=name, version=str(version), backend=backend_name, model_file=model_name,
+            signature=signature, files=files,
+            device={"profile": profile.name, "target": profile.arch},
+            created={"tool": "edgerun", "tool_version": __version__,
+                     "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+                     "source_file": model_file.name, "source_sha256": sha256_file(model_file),
+                     "optimizations": list(optimizations)})
+        write_manifest(out_dir, manifest)
+    except BaseException:
+        if created_dir:
+            shutil.rmtree(out_dir, ignore_errors=True)
+        raise
+    return Bundle(out_dir, manifest)
+
+
+def write_manifest(folder: Path, manifest: Manifest) -> None:
+    """Write manifest.json atomically, so a reader never sees half of it."""
+    temporary = folder / f".{MANIFEST}.tmp"
+    temporary.write_text(json.dumps(manifest.to_json(), indent=2, sort_keys=False) + "\n")
+    temporary.replace(folder / MANIFEST)

@@ -1,0 +1,91 @@
+"""A loaded bundle: validates requests against its signature, runs the backend."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgerun.devices import DeviceProfile, load_profile
+from edgerun.runtime.backends import Backend, backend_class
+from edgerun.runtime.bundle import Bundle
+from edgerun.runtime.errors import BundleError, EdgerunError, InferenceError
+from edgerun.runtime.signature import Signature
+
+
+class Model:
+    """One bundle loaded on one device. Thread-safe: backends allow concurrent `run` calls."""
+
+    def __init__(self, bundle: Bundle, backend: Backend, device: DeviceProfile) -> None:
+        self.bundle = bundle
+        self.backend = backend
+        self.device = device
+        self.signature: Signature = bundle.signature
+        self.name = bundle.manifest.name
+        self.version = bundle.manifest.version
+        self._run = backend.run
+
+    @classmethod
+    def load(cls, source: str | Path | Bundle, device: str | Path | DeviceProfile | None = None,
+             **overrides: Any) -> Model:
+        """Open (and verify) a bundle and load it for a device profile.
+
+        `overrides` replace profile fields: `intra_op_threads`, `graph_optimization_level`,
+        `execution_providers`, `allow_spinning`, ...
+        """
+        bundle = source if isinstance(source, Bundle) else Bundle.open(source)
+        profile = load_profile(device).replace(**overrides)
+        backend = backend_class(bundle.manifest.backend).load(bundle.model_path, profile)
+        return cls(bundle, backend, profile)
+
+    def validate(self, inputs: Mapping[str, Any]) -> dict[str, np.ndarray]:
+        """Check a request against the signature; raises InvalidInput naming the tensor."""
+        return self.signature.validate(inputs)
+
+    def run(self, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Run already-validated arrays; backend failures become InferenceError."""
+        try:
+            return self._run(arrays)
+        except EdgerunError:
+            raise
+        except Exception as exc:  # backends raise their own types; callers see one
+            raise InferenceError(f"model {self.name!r} version {self.version}: {exc}") from exc
+
+    def predict(self, inputs: Mapping[str, Any]) -> dict[str, np.ndarray]:
+        """Validate, then run one forward pass."""
+        return self.run(self.signature.validate(inputs))
+
+    async def predict_async(self, inputs: Mapping[str, Any]) -> dict[str, np.ndarray]:
+        """`predict` with the forward pass off the event loop."""
+        arrays = self.signature.validate(inputs)
+        return await asyncio.get_running_loop().run_in_executor(None, self.run, arrays)
+
+    def check_golden(self, rtol: float = 1e-3, atol: float = 1e-4) -> None:
+        """Run the bundle's golden input; BundleError if the output differs from the build's."""
+        inputs, expected = self.bundle.golden()
+        actual = self.predict(inputs)
+        for name, want in expected.items():
+            got = actual[name]
+            if got.shape != want.shape:
+                raise BundleError(f"golden check: output {name!r} has shape {got.shape}, "
+                                  f"expected {want.shape}")
+            if want.dtype.kind in "fc":
+                ok = np.allclose(got, want, rtol=rtol, atol=atol, equal_nan=True)
+            else:
+                ok = np.array_equal(got, want)
+            if not ok:
+                worst = float(np.max(np.abs(got.astype(np.float64) - want.astype(np.float64)))) \
+                    if want.dtype.kind in "biuf" else float("nan")
+                raise BundleError(f"golden check: output {name!r} differs from the build's "
+                                  f"(max abs difference {worst:g})")
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": self.name, "version": self.version, "device": self.device.name,
+                **self.backend.describe()}
+
+    def close(self) -> None:
+        self.backend.close()
+        self.bundle.close()

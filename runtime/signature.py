@@ -1,0 +1,203 @@
+"""A model's io signature, and the one place where request tensors are checked against it.
+
+Checks run on whole arrays (dtype, rank, fixed dims), never element by element, so the cost of
+validation does not grow with the tensor. Casts are allowed only where no value changes: a
+lossless numpy cast, integers that fit the target, or floats narrowed to a float type that holds
+them (JSON numbers are doubles, so float64 -> float32 rounding is the one accepted change).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from edgerun.runtime.errors import InvalidInput
+
+#: Manifest dtype names, the numpy names, plus "string" for text tensors.
+DTYPES: dict[str, np.dtype] = {
+    name: np.dtype(name)
+    for name in (
+        "bool", "uint8", "uint16", "uint32", "uint64", "int8", "int16", "int32", "int64",
+        "float16", "float32", "float64",
+    )
+}
+DTYPES["string"] = np.dtype(object)
+
+
+def dtype_name(dtype: np.dtype) -> str:
+    """The manifest name of a numpy dtype (text kinds all map to "string")."""
+    dtype = np.dtype(dtype)
+    if dtype.kind in "USO":
+        return "string"
+    name = dtype.name
+    if name not in DTYPES:
+        raise InvalidInput(f"dtype {name} is not supported by edgerun")
+    return name
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One named input or output: dtype, shape with -1 for dynamic dims, and its batch axis."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    batch_axis: int | None = None
+    np_dtype: np.dtype = field(init=False, repr=False, compare=False)
+    _fixed_dims: tuple[tuple[int, int], ...] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise InvalidInput(f"tensor {self.name!r}: unknown dtype {self.dtype!r}", self.name)
+        object.__setattr__(self, "shape", tuple(int(d) for d in self.shape))
+        object.__setattr__(self, "np_dtype", DTYPES[self.dtype])
+        fixed = tuple((axis, size) for axis, size in enumerate(self.shape) if size >= 0)
+        object.__setattr__(self, "_fixed_dims", fixed)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape),
+                "batch_axis": self.batch_axis}
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> TensorSpec:
+        return cls(name=data["name"], dtype=data["dtype"], shape=tuple(data["shape"]),
+                   batch_axis=data.get("batch_axis"))
+
+    def describe(self) -> str:
+        return f"{self.dtype} {list(self.shape)}"
+
+    def conform(self, value: Any) -> np.ndarray:
+        """Return `value` as an array of this spec's dtype, or raise InvalidInput naming it."""
+        if type(value) is np.ndarray and value.dtype == self.np_dtype:
+            array = value
+        else:
+            array = _cast(self, _as_array(self, value))
+        if array.ndim != len(self.shape):
+            raise InvalidInput(
+                f"input {self.name!r}: expected rank {len(self.shape)} "
+                f"{list(self.shape)}, got shape {list(array.shape)}", self.name)
+        shape = array.shape
+        for axis, size in self._fixed_dims:
+            if shape[axis] != size:
+                raise InvalidInput(
+                    f"input {self.name!r}: dim {axis} must be {size} (expected "
+                    f"{list(self.shape)}), got shape {list(shape)}", self.name)
+        return array
+
+
+def _as_array(spec: TensorSpec, value: Any) -> np.ndarray:
+    if isinstance(value, np.ndarray):
+        return value
+    try:
+        return np.asarray(value)
+    except (ValueError, TypeError) as exc:  # ragged nesting, mixed objects
+        raise InvalidInput(f"input {spec.name!r}: not a rectangular array ({exc})",
+                           spec.name) from None
+
+
+def _cast(spec: TensorSpec, array: np.ndarray) -> np.ndarray:
+    source, target = array.dtype, spec.np_dtype
+    if source == target:
+        return array
+    if target.kind == "O":
+        if source.kind in "US":
+            return array.astype(object)
+        if source.kind == "O" and all(isinstance(v, (str, bytes)) for v in array.flat):
+            return array
+        raise _dtype_error(spec, source)
+    if source.kind not in "biuf":
+        raise _dtype_error(spec, source)
+    if np.can_cast(source, target, "safe"):
+        return array.astype(target)
+    if source.kind in "iu" and target.kind == "f":
+        exact = 2 ** (np.finfo(target).nmant + 1)
+        if array.size == 0 or max(-int(array.min()), int(array.max())) <= exact:
+            return array.astype(target)
+        raise InvalidInput(
+            f"input {spec.name!r}: integer values beyond +/-{exact} cannot be {spec.dtype} "
+            f"exactly", spec.name)
+    if source.kind in "iu" and target.kind in "iu":
+        info = np.iinfo(target)
+        if array.size == 0 or (int(array.min()) >= info.min and int(array.max()) <= info.max):
+            return array.astype(target)
+        raise InvalidInput(
+            f"input {spec.name!r}: values out of {spec.dtype} range [{info.min}, {info.max}]",
+            spec.name)
+    if source.kind == "f" and target.kind == "f":
+        with np.errstate(over="ignore"):
+            narrowed = array.astype(target)
+        if np.isinf(narrowed).any() and not np.isinf(array[np.isinf(narrowed)]).all():
+            raise InvalidInput(f"input {spec.name!r}: values overflow {spec.dtype}", spec.name)
+        return narrowed
+    raise _dtype_error(spec, source)
+
+
+def _dtype_error(spec: TensorSpec, source: np.dtype) -> InvalidInput:
+    got = "string" if source.kind in "USO" else source.name
+    return InvalidInput(
+        f"input {spec.name!r}: expected {spec.dtype}, got {got} (no lossless cast)", spec.name)
+
+
+@dataclass(frozen=True)
+class Signature:
+    """The inputs and outputs of a model, and whether requests can be stacked on axis 0."""
+
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    max_batch_size: int | None = None
+    _by_name: dict[str, TensorSpec] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_by_name", {spec.name: spec for spec in self.inputs})
+
+    @property
+    def batchable(self) -> bool:
+        """True when every input and output has its batch on axis 0."""
+        return all(spec.batch_axis == 0 for spec in (*self.inputs, *self.outputs))
+
+    def validate(self, inputs: Mapping[str, Any]) -> dict[str, np.ndarray]:
+        """Check names, dtypes, ranks, fixed dims and batch agreement; return the arrays."""
+        if not isinstance(inputs, Mapping):
+            raise InvalidInput(
+                f"inputs must be a mapping of tensor name to array, got {type(inputs).__name__}")
+        by_name = self._by_name
+        if len(inputs) != len(by_name) or any(name not in by_name for name in inputs):
+            unknown = sorted(str(name) for name in inputs if name not in by_name)
+            missing = sorted(name for name in by_name if name not in inputs)
+            parts = []
+            if unknown:
+                parts.append(f"unknown input {', '.join(map(repr, unknown))}")
+            if missing:
+                parts.append(f"missing input {', '.join(map(repr, missing))}")
+            expected = ", ".join(f"{s.name!r} ({s.describe()})" for s in self.inputs)
+            raise InvalidInput(f"{'; '.join(parts)}; the model takes {expected}",
+                               (unknown or missing)[0])
+        arrays = {name: by_name[name].conform(value) for name, value in inputs.items()}
+        if self.batchable:
+            self.batch_size(arrays)
+        return arrays
+
+    def batch_size(self, arrays: Mapping[str, np.ndarray]) -> int:
+        """Rows in a validated request; all inputs must agree and stay within max_batch_size."""
+        rows = -1
+        first = ""
+        for name, array in arrays.items():
+            if rows < 0:
+                rows, first = array.shape[0], name
+            elif array.shape[0] != rows:
+                raise InvalidInput(
+                    f"inputs disagree on batch size: {first!r} has {rows} rows, {name!r} has "
+                    f"{array.shape[0]}", name)
+        if self.max_batch_size and rows > self.max_batch_size:
+            raise InvalidInput(
+                f"input {first!r}: batch of {rows} exceeds the model's max_batch_size "
+                f"{self.max_batch_size}", first)
+        return max(rows, 0)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"inputs": [s.to_json() for s in self.inputs],
+                "outputs": [s.to_json() for s in self.outputs],
+                "max_batch_size": self.max_batch_size}

@@ -1,0 +1,210 @@
+"""Bundles: round trip, every hash verified on load, hostile archives rejected."""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from edgerun.examples import mlp_onnx
+from edgerun.runtime import Bundle, BundleError, Model, archive, create_bundle
+from edgerun.runtime.bundle import sha256_file
+from tests.helpers import identity_onnx
+
+
+def test_create_writes_signature_hashes_and_golden(mlp_bundle):
+    manifest = json.loads((mlp_bundle.path / "manifest.json").read_text())
+    assert manifest["name"] == "mlp" and manifest["version"] == "1"
+    assert manifest["backend"] == "onnxruntime"
+    assert manifest["inputs"] == [{"name": "x", "dtype": "float32", "shape": [-1, 8],
+                                   "batch_axis": 0}]
+    assert manifest["outputs"] == [{"name": "y", "dtype": "float32", "shape": [-1, 4],
+                                    "batch_axis": 0}]
+    assert set(manifest["files"]) == {"model.onnx", "golden.npz"}
+    for name, entry in manifest["files"].items():
+        path = mlp_bundle.path / name
+        assert entry == {"sha256": sha256_file(path), "size": path.stat().st_size}
+    assert len(manifest["created"]["source_sha256"]) == 64
+    inputs, outputs = mlp_bundle.golden()
+    assert inputs["x"].shape == (1, 8) and outputs["y"].shape == (1, 4)
+
+
+def test_golden_input_is_deterministic(make_bundle):
+    first = make_bundle(mlp_onnx([8, 16, 4]))
+    second = make_bundle(mlp_onnx([8, 16, 4]))
+    assert (first.path / "golden.npz").read_bytes() == (second.path / "golden.npz").read_bytes()
+
+
+def test_fixed_batch_model_is_not_batchable(make_bundle):
+    bundle = make_bundle(identity_onnx("float32", [1, 3]))
+    assert bundle.signature.inputs[0].batch_axis is None
+    assert not bundle.signature.batchable
+
+
+def test_round_trip_through_tar_gz(mlp_bundle, tmp_path):
+    packed = mlp_bundle.pack(tmp_path / "mlp.tar.gz")
+    again = mlp_bundle.pack(tmp_path / "again.tar.gz")
+    assert packed.read_bytes() == again.read_bytes(), "packing is deterministic"
+    with Bundle.open(packed) as opened:
+        assert opened.manifest == mlp_bundle.manifest
+        Model.load(opened).check_golden()
+        extracted = opened.path
+    assert not extracted.exists(), "the temporary extraction is cleaned up"
+
+
+def test_tampered_model_file_fails_its_hash(mlp_bundle):
+    model = mlp_bundle.path / "model.onnx"
+    data = bytearray(model.read_bytes())
+    data[-1] ^= 0xFF
+    model.write_bytes(bytes(data))
+    with pytest.raises(BundleError, match="model.onnx does not match its sha256"):
+        Bundle.open(mlp_bundle.path)
+
+
+def test_truncated_file_fails_its_size(mlp_bundle):
+    golden = mlp_bundle.path / "golden.npz"
+    golden.write_bytes(golden.read_bytes()[:-10])
+    with pytest.raises(BundleError, match="golden.npz is .* bytes, manifest says"):
+        Bundle.open(mlp_bundle.path)
+
+
+def test_missing_file_and_unlisted_file_are_refused(mlp_bundle):
+    (mlp_bundle.path / "extra.bin").write_bytes(b"x")
+    with pytest.raises(BundleError, match="files not in the manifest: extra.bin"):
+        Bundle.open(mlp_bundle.path)
+    (mlp_bundle.path / "extra.bin").unlink()
+    (mlp_bundle.path / "golden.npz").unlink()
+    with pytest.raises(BundleError, match="golden.npz is missing"):
+        Bundle.open(mlp_bundle.path)
+
+
+def test_symlinked_model_file_is_refused(mlp_bundle, tmp_path):
+    model = mlp_bundle.path / "model.onnx"
+    outside = tmp_path / "outside.onnx"
+    model.rename(outside)
+    model.symlink_to(outside)
+    with pytest.raises(BundleError, match="not a regular file"):
+        Bundle.open(mlp_bundle.path)
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"{not json", "not valid JSON"),
+    (b"[]", "must hold a JSON object"),
+    (b'{"format": 1, "name": "m"}', "manifest is malformed: KeyError"),
+    (b'{"format": 99}', "format 99 is not supported"),
+])
+def test_malformed_manifest(mlp_bundle, content, message):
+    (mlp_bundle.path / "manifest.json").write_bytes(content)
+    with pytest.raises(BundleError, match=message):
+        Bundle.open(mlp_bundle.path)
+
+
+def test_not_a_bundle(tmp_path):
+    with pytest.raises(BundleError, match="no manifest.json"):
+        Bundle.open(tmp_path)
+    with pytest.raises(BundleError, match="no such bundle"):
+        Bundle.open(tmp_path / "nope")
+
+
+@pytest.mark.parametrize("name, version, message", [
+    ("../evil", "1", "bundle name"), ("ok", "v1", "bundle version"), ("ok", "1.2", "semver"),
+])
+def test_names_and_versions_are_checked(tmp_path, name, version, message):
+    source = tmp_path / "m.onnx"
+    source.write_bytes(mlp_onnx([2, 2]))
+    with pytest.raises(BundleError, match=message):
+        create_bundle(source, tmp_path / "out", name=name, version=version)
+
+
+def test_create_refuses_a_non_empty_output(tmp_path):
+    source = tmp_path / "m.onnx"
+    source.write_bytes(mlp_onnx([2, 2]))
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep.txt").write_text("mine")
+    with pytest.raises(BundleError, match="not empty"):
+        create_bundle(source, tmp_path / "out", name="m", version="1")
+    assert (tmp_path / "out" / "keep.txt").read_text() == "mine"
+
+
+def test_create_with_a_user_golden_input(make_bundle):
+    bundle = make_bundle(mlp_onnx([8, 16, 4]), golden_inputs={"x": [[1.0] * 8] * 3})
+    inputs, outputs = bundle.golden()
+    np.testing.assert_array_equal(inputs["x"], np.ones((3, 8), np.float32))
+    assert outputs["y"].shape == (3, 4)
+
+
+def test_create_refuses_a_model_onnxruntime_cannot_load(tmp_path):
+    source = tmp_path / "broken.onnx"
+    source.write_bytes(b"not a protobuf")
+    with pytest.raises(BundleError, match="ONNX Runtime cannot load it"):
+        create_bundle(source, tmp_path / "out", name="m", version="1")
+    assert not (tmp_path / "out").exists()
+
+
+# ---------------------------------------------------------------- hostile archives
+def _tar(path: Path, members: list[tuple[tarfile.TarInfo, bytes | None]]) -> Path:
+    with tarfile.open(path, "w:gz") as tar:
+        for info, data in members:
+            if data is not None:
+                info.size = len(data)
+            tar.addfile(info, io.BytesIO(data) if data is not None else None)
+    return path
+
+
+def _file(name: str, data: bytes = b"x") -> tuple[tarfile.TarInfo, bytes]:
+    return tarfile.TarInfo(name), data
+
+
+def _link(name: str, target: str, kind: bytes) -> tuple[tarfile.TarInfo, None]:
+    info = tarfile.TarInfo(name)
+    info.type, info.linkname = kind, target
+    return info, None
+
+
+@pytest.mark.parametrize("members, message", [
+    ([_file("../x")], "escapes the bundle folder"),
+    ([_file("a/../../x")], "escapes the bundle folder"),
+    ([_file("/etc/passwd")], "absolute path"),
+    ([_link("model.onnx", "/etc/passwd", tarfile.SYMTYPE)], "is a link"),
+    ([_file("a"), _link("b", "a", tarfile.LNKTYPE)], "is a link"),
+    ([_link("dev", "", tarfile.CHRTYPE)], "not a regular file"),
+    ([_file("a"), _file("./a")], "appears twice"),
+])
+def test_hostile_members_are_rejected(tmp_path, members, message):
+    hostile = _tar(tmp_path / "hostile.tar.gz", members)
+    with pytest.raises(BundleError, match=message):
+        archive.unpack(hostile, tmp_path / "out")
+    assert not (tmp_path / "x").exists()
+    with pytest.raises(BundleError, match=message):
+        Bundle.open(hostile)
+
+
+def test_oversize_member_and_too_many_members(tmp_path):
+    big = _tar(tmp_path / "big.tar.gz", [_file("model.onnx", b"0" * 2048)])
+    with pytest.raises(BundleError, match="over the 1024-byte cap"):
+        archive.unpack(big, tmp_path / "out1", max_member_bytes=1024)
+    many = _tar(tmp_path / "many.tar.gz", [_file(f"f{i}") for i in range(5)])
+    with pytest.raises(BundleError, match="more than 4 members"):
+        archive.unpack(many, tmp_path / "out2", max_members=4)
+    with pytest.raises(BundleError, match="total over"):
+        archive.unpack(big, tmp_path / "out3", max_total_bytes=1000)
+
+
+def test_corrupt_archive(tmp_path, mlp_bundle):
+    packed = mlp_bundle.pack(tmp_path / "mlp.tar.gz").read_bytes()
+    corrupt = tmp_path / "corrupt.tar.gz"
+    corrupt.write_bytes(packed[: len(packed) // 2])
+    with pytest.raises(BundleError, match="corrupt archive|not a readable"):
+        Bundle.open(corrupt)
+
+
+def test_tampered_archive_fails_its_hash(tmp_path, mlp_bundle):
+    files = {p.name: p.read_bytes() for p in mlp_bundle.path.iterdir()}
+    files["model.onnx"] = files["model.onnx"][:-1] + bytes([files["model.onnx"][-1] ^ 1])
+    tampered = _tar(tmp_path / "t.tar.gz", [_file(n, d) for n, d in files.items()])
+    with pytest.raises(BundleError, match="model.onnx does not match its sha256"):
+        Bundle.open(tampered)

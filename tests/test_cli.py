@@ -1,0 +1,98 @@
+"""The `edgerun` command: bundle create/inspect/verify/pack/unpack, predict, demo."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from edgerun.examples import mlp_onnx
+from tests.cli import edgerun
+from tests.helpers import two_input_onnx
+
+
+@pytest.fixture
+def mlp_file(tmp_path):
+    path = tmp_path / "mlp.onnx"
+    path.write_bytes(mlp_onnx([8, 16, 4]))
+    return path
+
+
+def test_version():
+    result = edgerun("--version")
+    assert result.returncode == 0 and result.stdout.startswith("edgerun ")
+
+
+def test_bundle_create_inspect_verify(tmp_path, mlp_file):
+    made = edgerun("bundle", "create", str(mlp_file), "--name", "mlp", "--version", "3",
+                   "-o", str(tmp_path / "b"), "--max-batch-size", "32")
+    assert made.returncode == 0, made.stderr
+    assert "created bundle mlp version 3" in made.stdout
+    shown = edgerun("bundle", "inspect", str(tmp_path / "b"), "--json")
+    manifest = json.loads(shown.stdout)
+    assert manifest["version"] == "3" and manifest["max_batch_size"] == 32
+    assert manifest["inputs"][0]["shape"] == [-1, 8]
+    checked = edgerun("bundle", "verify", str(tmp_path / "b"))
+    assert checked.returncode == 0 and "ok mlp version 3" in checked.stdout
+
+
+def test_verify_reports_tampering_with_a_clear_error(tmp_path, mlp_file):
+    edgerun("bundle", "create", str(mlp_file), "--name", "mlp", "--version", "1",
+            "-o", str(tmp_path / "b"))
+    model = tmp_path / "b" / "model.onnx"
+    model.write_bytes(model.read_bytes()[:-1] + b"\x00")
+    result = edgerun("bundle", "verify", str(tmp_path / "b"))
+    assert result.returncode == 2
+    assert "bundle_error" in result.stderr and "model.onnx does not match its sha256" in \
+        result.stderr
+
+
+def test_create_archive_pack_and_unpack(tmp_path, mlp_file):
+    archive = tmp_path / "mlp-1.tar.gz"
+    assert edgerun("bundle", "create", str(mlp_file), "--name", "mlp", "--version", "1",
+                   "-o", str(archive)).returncode == 0
+    unpacked = edgerun("bundle", "unpack", str(archive), "-o", str(tmp_path / "u"))
+    assert unpacked.returncode == 0 and "(verified)" in unpacked.stdout
+    repacked = edgerun("bundle", "pack", str(tmp_path / "u"), "-o", str(tmp_path / "r.tar.gz"))
+    assert repacked.returncode == 0
+    assert (tmp_path / "r.tar.gz").read_bytes() == archive.read_bytes()
+
+
+def test_predict_from_json_npy_and_npz(tmp_path):
+    source = tmp_path / "two.onnx"
+    source.write_bytes(two_input_onnx())
+    edgerun("bundle", "create", str(source), "--name", "two", "--version", "1",
+            "-o", str(tmp_path / "b"))
+    (tmp_path / "in.json").write_text(json.dumps({"a": [[1, 2, 3, 4]], "b": [[1, 1, 1, 1]]}))
+    np.savez(tmp_path / "in.npz", a=np.ones((2, 4), np.float32), b=np.ones((2, 4), np.int32))
+    result = edgerun("predict", str(tmp_path / "b"), "--input", str(tmp_path / "in.json"))
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["outputs"]["out"] == {
+        "dtype": "float32", "shape": [1, 4], "data": [[2.0, 3.0, 4.0, 5.0]]}
+    result = edgerun("predict", str(tmp_path / "b"), "--input", str(tmp_path / "in.npz"))
+    assert json.loads(result.stdout)["outputs"]["out"]["data"] == [[2.0] * 4] * 2
+    np.save(tmp_path / "in.npy", np.ones((1, 4), np.float32))
+    result = edgerun("predict", str(tmp_path / "b"), "--input", str(tmp_path / "in.npy"))
+    assert result.returncode == 2 and "name them in .npz or JSON" in result.stderr
+
+
+def test_predict_single_input_npy_and_bad_input(tmp_path, mlp_file):
+    edgerun("bundle", "create", str(mlp_file), "--name", "mlp", "--version", "1",
+            "-o", str(tmp_path / "b"))
+    np.save(tmp_path / "x.npy", np.zeros((3, 8), np.float32))
+    result = edgerun("predict", str(tmp_path / "b"), "--input", str(tmp_path / "x.npy"))
+    assert json.loads(result.stdout)["outputs"]["y"]["shape"] == [3, 4]
+    (tmp_path / "bad.json").write_text(json.dumps({"x": [[1, 2, 3]]}))
+    result = edgerun("predict", str(tmp_path / "b"), "--input", str(tmp_path / "bad.json"))
+    assert result.returncode == 2
+    assert "invalid_input" in result.stderr and "input 'x': dim 1 must be 8" in result.stderr
+
+
+def test_demo_serves_through_the_batcher(tmp_path):
+    result = edgerun("demo", "--workdir", str(tmp_path), "--requests", "600",
+                     "--concurrency", "16")
+    assert result.returncode == 0, result.stderr
+    assert "same labels as unbatched predict │ True" in result.stdout
+    assert "forward passes" in result.stdout
+    assert (tmp_path / "digits-1.tar.gz").is_file() and (tmp_path / "sample.json").is_file()

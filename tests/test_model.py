@@ -1,0 +1,98 @@
+"""Model: predictions equal a bare ONNX Runtime session; options come from profiles or arguments."""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from edgerun.devices import DeviceProfile, load_profile
+from edgerun.runtime import BundleError, InferenceError, InvalidInput, Model
+from edgerun.runtime.backends.onnxruntime import providers_for
+from tests.helpers import gather_onnx, two_input_onnx
+
+
+def test_predict_equals_bare_onnxruntime(mlp_bundle, mlp_model):
+    x = np.random.default_rng(1).standard_normal((5, 8)).astype(np.float32)
+    bare = ort.InferenceSession(str(mlp_bundle.model_path), providers=["CPUExecutionProvider"])
+    expected = bare.run(None, {"x": x})[0]
+    got = mlp_model.predict({"x": x})
+    assert list(got) == ["y"]
+    np.testing.assert_allclose(got["y"], expected, rtol=1e-6)
+
+
+def test_predict_async_matches_predict(mlp_model):
+    x = np.ones((3, 8), np.float32)
+    got = asyncio.run(mlp_model.predict_async({"x": x}))
+    np.testing.assert_array_equal(got["y"], mlp_model.predict({"x": x})["y"])
+
+
+def test_two_inputs_with_lossless_casts(make_bundle):
+    model = Model.load(make_bundle(two_input_onnx()))
+    out = model.predict({"a": [[0.5, 1, 2, 3]], "b": [[1, 2, 3, 4]]})["out"]
+    np.testing.assert_array_equal(out, np.float32([[1.5, 3, 5, 7]]))
+    with pytest.raises(InvalidInput, match="input 'b': expected int32, got float64"):
+        model.predict({"a": [[0, 0, 0, 0]], "b": [[0.5, 0, 0, 0]]})
+
+
+def test_validation_happens_before_anything_runs(make_bundle):
+    model = Model.load(make_bundle(two_input_onnx()))
+    calls = []
+    model._run = lambda arrays: calls.append(arrays)  # noqa: SLF001 - observe the backend
+    with pytest.raises(InvalidInput, match="missing input 'b'"):
+        model.predict({"a": np.zeros((1, 4), np.float32)})
+    assert calls == []
+
+
+def test_backend_failure_is_a_typed_error_naming_the_model(make_bundle):
+    model = Model.load(make_bundle(gather_onnx(), name="lookup"))
+    np.testing.assert_array_equal(model.predict({"idx": [2]})["rows"], [[6, 7, 8]])
+    with pytest.raises(InferenceError, match="model 'lookup' version 1"):
+        model.predict({"idx": [99]})
+
+
+def test_session_options_follow_arguments(mlp_bundle):
+    model = Model.load(mlp_bundle, intra_op_threads=1, graph_optimization_level="basic")
+    options = model.backend._session.get_session_options()  # noqa: SLF001
+    assert options.intra_op_num_threads == 1
+    assert options.graph_optimization_level == ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    assert model.describe()["providers"] == ["CPUExecutionProvider"]
+
+
+def test_session_options_follow_a_device_profile(mlp_bundle):
+    model = Model.load(mlp_bundle, "raspberry-pi-5")
+    options = model.backend._session.get_session_options()  # noqa: SLF001
+    assert options.intra_op_num_threads == 4
+    assert model.device.name == "raspberry-pi-5"
+
+
+def test_accelerators_first_when_present_cpu_otherwise():
+    profile = load_profile("jetson-orin")
+    chosen = providers_for(profile)
+    available = ort.get_available_providers()
+    names = [p if isinstance(p, str) else p[0] for p in chosen]
+    assert names[-1] == "CPUExecutionProvider"
+    assert names == [p for p in profile.execution_providers if p in available]
+    gpu = DeviceProfile("fake", execution_providers=("CUDAExecutionProvider",
+                                                     "CPUExecutionProvider"))
+    if "CUDAExecutionProvider" not in available:
+        assert providers_for(gpu) == ["CPUExecutionProvider"]
+
+
+def test_unknown_profile_lists_the_shipped_ones():
+    with pytest.raises(ValueError, match="jetson-orin"):
+        load_profile("no-such-device")
+
+
+def test_golden_check_detects_a_wrong_build(mlp_bundle, make_bundle):
+    from edgerun.examples import mlp_onnx
+
+    Model.load(mlp_bundle).check_golden()
+    other = make_bundle(mlp_onnx([8, 16, 4], seed=7), name="other")
+    # serve the other weights against this bundle's golden sample
+    impostor = Model(mlp_bundle, Model.load(other).backend, load_profile())
+    with pytest.raises(BundleError, match="golden check: output 'y' differs"):
+        impostor.check_golden()

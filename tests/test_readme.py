@@ -1,0 +1,39 @@
+"""The README's examples are run: its Bundles commands and its Python snippet."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+README = Path(__file__).parents[1] / "README.md"
+
+
+def _blocks(language: str) -> list[str]:
+    return re.findall(rf"```{language}\n(.*?)```", README.read_text(), re.S)
+
+
+def test_setup_commands_are_the_ones_ci_runs():
+    commands = _blocks("bash")
+    ci = (Path(__file__).parents[1] / ".ci" / "run").read_text()
+    test_command = next(c.strip() for c in commands if "pytest" in c)
+    assert test_command in ci
+    assert any("edgerun demo" in c and "pip install" in c for c in commands)
+
+
+def test_bundle_examples_and_python_snippet_run(tmp_path):
+    bundles = next(c for c in _blocks("bash") if "bundle create" in c)
+    bin_dir = str(Path(sys.executable).parent) + "/"
+    for line in bundles.splitlines():
+        command = line.split("#")[0].strip().replace(".venv/bin/", bin_dir)
+        result = subprocess.run(command, shell=True, cwd=tmp_path, capture_output=True,
+                                text=True, timeout=300)
+        assert result.returncode == 0, f"{command}\n{result.stderr}"
+    assert '"label": {"dtype": "int64", "shape": [1], "data": [2]}' in result.stdout
+    (snippet,) = _blocks("python")
+    result = subprocess.run([sys.executable, "-c", snippet], cwd=tmp_path, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    first, batched = result.stdout.splitlines()
+    assert first == "[2]" and batched.startswith("[2, ") and batched.count(",") == 63
