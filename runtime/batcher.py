@@ -344,15 +344,14 @@ class MicroBatcher:
         metrics = self.metrics
         for request in batch:
             metrics.queue_wait.observe(start - request.enqueued)
-        if len(batch) == 1:
-            arrays = batch[0].arrays
-        else:
-            arrays = {name: np.concatenate([r.arrays[name] for r in batch])
-                      for name in self._names}
         metrics.batch_size.observe(sum(r.rows for r in batch))
         try:
-            outputs = run(arrays)
-            answers = self._split(batch, outputs)
+            if len(batch) == 1:
+                arrays = batch[0].arrays
+            else:
+                arrays = {name: np.concatenate([r.arrays[name] for r in batch])
+                          for name in self._names}
+            answers = self._split(batch, run(arrays))
         except Exception as exc:
             answers = self._one_by_one(run, batch) if len(batch) > 1 \
                 else [(batch[0], None, _as_error(exc))]
