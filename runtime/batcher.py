@@ -342,8 +342,7 @@ class MicroBatcher:
              batch: list[_Request]) -> None:
         start = time.monotonic()
         metrics = self.metrics
-        for request in batch:
-            metrics.queue_wait.observe(start - request.enqueued)
+        metrics.queue_wait.observe_many([start - r.enqueued for r in batch])
         metrics.batch_size.observe(sum(r.rows for r in batch))
         try:
             if len(batch) == 1:
@@ -390,14 +389,18 @@ class MicroBatcher:
     def _answer(self, answers: Sequence[tuple[_Request, Outputs | None,
                                               BaseException | None]]) -> None:
         by_loop: dict[asyncio.AbstractEventLoop, list[tuple]] = {}
+        last_loop, group = None, None
         for answer in answers:
             request = answer[0]
-            if request.loop is None:
+            loop = request.loop
+            if loop is None:
                 request.value, request.error = answer[1], answer[2]
                 assert request.event is not None
                 request.event.set()
-            else:
-                by_loop.setdefault(request.loop, []).append(answer)
+                continue
+            if loop is not last_loop:
+                last_loop, group = loop, by_loop.setdefault(loop, [])
+            group.append(answer)
         for loop, group in by_loop.items():
             try:
                 loop.call_soon_threadsafe(_resolve, group)

@@ -73,6 +73,16 @@ class Histogram:
             self.sum += value
             self.count += 1
 
+    def observe_many(self, values: list[float]) -> None:
+        """Observe a batch of values under one lock acquisition."""
+        bounds, counts = self.bounds, self.counts
+        indices = [bisect.bisect_left(bounds, value) for value in values]
+        with self._lock:
+            for index in indices:
+                counts[index] += 1
+            self.sum += sum(values)
+            self.count += len(values)
+
     def cumulative(self) -> list[tuple[float, int]]:
         """(upper bound, observations <= bound) pairs, ending with +Inf."""
         with self._lock:

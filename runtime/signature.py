@@ -149,36 +149,42 @@ class Signature:
     outputs: tuple[TensorSpec, ...]
     max_batch_size: int | None = None
     _by_name: dict[str, TensorSpec] = field(init=False, repr=False, compare=False)
+    _batchable: bool = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "_by_name", {spec.name: spec for spec in self.inputs})
+        object.__setattr__(self, "_batchable", all(
+            spec.batch_axis == 0 for spec in (*self.inputs, *self.outputs)))
 
     @property
     def batchable(self) -> bool:
         """True when every input and output has its batch on axis 0."""
-        return all(spec.batch_axis == 0 for spec in (*self.inputs, *self.outputs))
+        return self._batchable
 
     def validate(self, inputs: Mapping[str, Any]) -> dict[str, np.ndarray]:
         """Check names, dtypes, ranks, fixed dims and batch agreement; return the arrays."""
+        by_name = self._by_name
         if not isinstance(inputs, Mapping):
             raise InvalidInput(
                 f"inputs must be a mapping of tensor name to array, got {type(inputs).__name__}")
-        by_name = self._by_name
-        if len(inputs) != len(by_name) or any(name not in by_name for name in inputs):
-            unknown = sorted(str(name) for name in inputs if name not in by_name)
-            missing = sorted(name for name in by_name if name not in inputs)
-            parts = []
-            if unknown:
-                parts.append(f"unknown input {', '.join(map(repr, unknown))}")
-            if missing:
-                parts.append(f"missing input {', '.join(map(repr, missing))}")
-            expected = ", ".join(f"{s.name!r} ({s.describe()})" for s in self.inputs)
-            raise InvalidInput(f"{'; '.join(parts)}; the model takes {expected}",
-                               (unknown or missing)[0])
+        if inputs.keys() != by_name.keys():
+            raise self._name_error(inputs)
         arrays = {name: by_name[name].conform(value) for name, value in inputs.items()}
-        if self.batchable:
+        if self._batchable and (len(arrays) > 1 or self.max_batch_size):
             self.batch_size(arrays)
         return arrays
+
+    def _name_error(self, inputs: Mapping[str, Any]) -> InvalidInput:
+        unknown = sorted(str(name) for name in inputs if name not in self._by_name)
+        missing = sorted(name for name in self._by_name if name not in inputs)
+        parts = []
+        if unknown:
+            parts.append(f"unknown input {', '.join(map(repr, unknown))}")
+        if missing:
+            parts.append(f"missing input {', '.join(map(repr, missing))}")
+        expected = ", ".join(f"{s.name!r} ({s.describe()})" for s in self.inputs)
+        return InvalidInput(f"{'; '.join(parts)}; the model takes {expected}",
+                            (unknown or missing)[0])
 
     def batch_size(self, arrays: Mapping[str, np.ndarray]) -> int:
         """Rows in a validated request; all inputs must agree and stay within max_batch_size."""

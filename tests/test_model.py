@@ -55,7 +55,7 @@ def test_backend_failure_is_a_typed_error_naming_the_model(make_bundle):
 
 def test_session_options_follow_arguments(mlp_bundle):
     model = Model.load(mlp_bundle, intra_op_threads=1, graph_optimization_level="basic")
-    options = model.backend._session.get_session_options()  # noqa: SLF001
+    options = model.backend.session.get_session_options()
     assert options.intra_op_num_threads == 1
     assert options.graph_optimization_level == ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
     assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
@@ -64,7 +64,7 @@ def test_session_options_follow_arguments(mlp_bundle):
 
 def test_session_options_follow_a_device_profile(mlp_bundle):
     model = Model.load(mlp_bundle, "raspberry-pi-5")
-    options = model.backend._session.get_session_options()  # noqa: SLF001
+    options = model.backend.session.get_session_options()
     assert options.intra_op_num_threads == 4
     assert model.device.name == "raspberry-pi-5"
 

@@ -78,7 +78,7 @@ class OnnxRuntimeBackend(Backend):
     name = "onnxruntime"
 
     def __init__(self, session: ort.InferenceSession) -> None:
-        self._session = session
+        self.session = session
         self._output_names = [o.name for o in session.get_outputs()]
 
     @classmethod
@@ -108,8 +108,8 @@ class OnnxRuntimeBackend(Backend):
         return cls(session)
 
     def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return dict(zip(self._output_names, self._session.run(self._output_names, inputs)))
+        return dict(zip(self._output_names, self.session.run(self._output_names, inputs)))
 
     def describe(self) -> dict[str, Any]:
         return {"backend": self.name, "onnxruntime": ort.__version__,
-                "providers": self._session.get_providers()}
+                "providers": self.session.get_providers()}
