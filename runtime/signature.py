@@ -110,15 +110,15 @@ def _cast(spec: TensorSpec, array: np.ndarray) -> np.ndarray:
         raise _dtype_error(spec, source)
     if source.kind not in "biuf":
         raise _dtype_error(spec, source)
-    if np.can_cast(source, target, "safe"):
-        return array.astype(target)
-    if source.kind in "iu" and target.kind == "f":
+    if source.kind in "iu" and target.kind == "f":  # numpy calls int64 -> float64 safe; it is not
         exact = 2 ** (np.finfo(target).nmant + 1)
         if array.size == 0 or max(-int(array.min()), int(array.max())) <= exact:
             return array.astype(target)
         raise InvalidInput(
             f"input {spec.name!r}: integer values beyond +/-{exact} cannot be {spec.dtype} "
             f"exactly", spec.name)
+    if np.can_cast(source, target, "safe"):
+        return array.astype(target)
     if source.kind in "iu" and target.kind in "iu":
         info = np.iinfo(target)
         if array.size == 0 or (int(array.min()) >= info.min and int(array.max()) <= info.max):

@@ -78,6 +78,13 @@ def test_integers_too_large_for_float32_are_refused():
         X.conform(np.array([[2**25 + 1, 0, 0, 0]], dtype=np.int64))
 
 
+def test_int64_beyond_2_53_is_not_float64():
+    spec = TensorSpec("t", "float64", (-1,), 0)
+    assert spec.conform(np.array([2**53], np.int64)).tolist() == [2.0**53]
+    with pytest.raises(InvalidInput, match="beyond"):
+        spec.conform(np.array([2**53 + 1], np.uint64))
+
+
 def test_int_list_fits_int32():
     assert IDS.conform([[1, -2, 3, 4]]).dtype == np.int32
 
