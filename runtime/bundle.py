@@ -57,6 +57,14 @@ def check_version(version: str) -> str:
     return version
 
 
+def version_key(version: str) -> tuple[int, int, int, int, str]:
+    """Sort key for versions: integers and semver, a pre-release before its release."""
+    core, _, pre = version.partition("-")
+    core = core.split("+")[0]
+    parts = [int(p) for p in core.split(".")] + [0, 0]
+    return parts[0], parts[1], parts[2], 0 if pre else 1, pre
+
+
 @dataclass(frozen=True)
 class FileEntry:
     sha256: str

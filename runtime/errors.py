@@ -8,6 +8,8 @@ class EdgerunError(Exception):
 
     #: A stable machine-readable kind, used by adapters for status codes and metrics labels.
     kind = "internal"
+    #: The model version that raised it, once a request was routed to one.
+    version: str | None = None
 
 
 class InvalidInput(EdgerunError, ValueError):

@@ -74,7 +74,7 @@ class TensorSpec:
         if type(value) is np.ndarray and value.dtype == self.np_dtype:
             array = value
         else:
-            array = _cast(self, _as_array(self, value))
+            array = cast_array(as_array(value, self.name), self.dtype, self.name)
         if array.ndim != len(self.shape):
             raise InvalidInput(
                 f"input {self.name!r}: expected rank {len(self.shape)} "
@@ -88,35 +88,38 @@ class TensorSpec:
         return array
 
 
-def _as_array(spec: TensorSpec, value: Any) -> np.ndarray:
+def as_array(value: Any, name: str) -> np.ndarray:
+    """`value` (nested lists, scalars, an array) as an array; ragged nesting is refused."""
     if isinstance(value, np.ndarray):
         return value
     try:
         return np.asarray(value)
     except (ValueError, TypeError) as exc:  # ragged nesting, mixed objects
-        raise InvalidInput(f"input {spec.name!r}: not a rectangular array ({exc})",
-                           spec.name) from None
+        raise InvalidInput(f"input {name!r}: not a rectangular array ({exc})", name) from None
 
 
-def _cast(spec: TensorSpec, array: np.ndarray) -> np.ndarray:
-    source, target = array.dtype, spec.np_dtype
+def cast_array(array: np.ndarray, dtype: str, name: str) -> np.ndarray:
+    """`array` as manifest dtype `dtype` if no value changes, else InvalidInput naming `name`."""
+    source, target = array.dtype, DTYPES[dtype]
     if source == target:
         return array
+    if array.size == 0:  # no value to change: `[]` parses as float64 whatever it is for
+        return array.astype(target)
     if target.kind == "O":
         if source.kind in "US":
             return array.astype(object)
         if source.kind == "O" and all(isinstance(v, (str, bytes)) for v in array.flat):
             return array
-        raise _dtype_error(spec, source)
+        raise _dtype_error(name, dtype, source)
     if source.kind not in "biuf":
-        raise _dtype_error(spec, source)
+        raise _dtype_error(name, dtype, source)
     if source.kind in "iu" and target.kind == "f":  # numpy calls int64 -> float64 safe; it is not
         exact = 2 ** (np.finfo(target).nmant + 1)
         if array.size == 0 or max(-int(array.min()), int(array.max())) <= exact:
             return array.astype(target)
         raise InvalidInput(
-            f"input {spec.name!r}: integer values beyond +/-{exact} cannot be {spec.dtype} "
-            f"exactly", spec.name)
+            f"input {name!r}: integer values beyond +/-{exact} cannot be {dtype} "
+            f"exactly", name)
     if np.can_cast(source, target, "safe"):
         return array.astype(target)
     if source.kind in "iu" and target.kind in "iu":
@@ -124,21 +127,20 @@ def _cast(spec: TensorSpec, array: np.ndarray) -> np.ndarray:
         if array.size == 0 or (int(array.min()) >= info.min and int(array.max()) <= info.max):
             return array.astype(target)
         raise InvalidInput(
-            f"input {spec.name!r}: values out of {spec.dtype} range [{info.min}, {info.max}]",
-            spec.name)
+            f"input {name!r}: values out of {dtype} range [{info.min}, {info.max}]",
+            name)
     if source.kind == "f" and target.kind == "f":
         with np.errstate(over="ignore"):
             narrowed = array.astype(target)
         if np.isinf(narrowed).any() and not np.isinf(array[np.isinf(narrowed)]).all():
-            raise InvalidInput(f"input {spec.name!r}: values overflow {spec.dtype}", spec.name)
+            raise InvalidInput(f"input {name!r}: values overflow {dtype}", name)
         return narrowed
-    raise _dtype_error(spec, source)
+    raise _dtype_error(name, dtype, source)
 
 
-def _dtype_error(spec: TensorSpec, source: np.dtype) -> InvalidInput:
+def _dtype_error(name: str, dtype: str, source: np.dtype) -> InvalidInput:
     got = "string" if source.kind in "USO" else source.name
-    return InvalidInput(
-        f"input {spec.name!r}: expected {spec.dtype}, got {got} (no lossless cast)", spec.name)
+    return InvalidInput(f"input {name!r}: expected {dtype}, got {got} (no lossless cast)", name)
 
 
 @dataclass(frozen=True)

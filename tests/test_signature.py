@@ -85,6 +85,11 @@ def test_int64_beyond_2_53_is_not_float64():
         spec.conform(np.array([2**53 + 1], np.uint64))
 
 
+def test_empty_data_take_any_dtype():
+    assert TensorSpec("b", "bool", (-1, -1), 0).conform([[]]).dtype == np.bool_
+    assert IDS.conform(np.zeros((0, 4))).dtype == np.int32
+
+
 def test_int_list_fits_int32():
     assert IDS.conform([[1, -2, 3, 4]]).dtype == np.int32
 

@@ -1,0 +1,279 @@
+"""Open Inference Protocol v2 tensors on HTTP: JSON and the binary tensor data extension.
+
+Only translation lives here: wire bytes to `dict[str, np.ndarray]` and back. Tensor data is
+parsed once into numpy (orjson, then one array conversion; binary data is a zero-copy view)
+and never validated element by element: the core checks names, dtypes and shapes as arrays.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import orjson
+
+from edgerun.runtime.errors import InvalidInput
+from edgerun.runtime.signature import as_array, cast_array
+
+#: OIP datatype -> manifest dtype name.
+DATATYPES = {
+    "BOOL": "bool", "UINT8": "uint8", "UINT16": "uint16", "UINT32": "uint32",
+    "UINT64": "uint64", "INT8": "int8", "INT16": "int16", "INT32": "int32", "INT64": "int64",
+    "FP16": "float16", "FP32": "float32", "FP64": "float64", "BYTES": "string",
+}
+#: manifest dtype name -> OIP datatype.
+OIP_DATATYPE = {dtype: datatype for datatype, dtype in DATATYPES.items()}
+_LITTLE = {name: np.dtype(name).newbyteorder("<") for name in DATATYPES.values()
+           if name != "string"}
+_FLOATS = {"FP16": np.float16, "FP32": np.float32, "FP64": np.float64}
+HEADER_LENGTH = "inference-header-content-length"
+
+
+@dataclass
+class RequestedOutput:
+    name: str
+    binary: bool
+
+
+@dataclass
+class InferRequest:
+    """A decoded inference request: its tensors and what it asked to get back."""
+
+    id: str | None
+    inputs: dict[str, np.ndarray]
+    outputs: list[RequestedOutput] | None
+    binary_outputs: bool
+    timeout_us: float | None
+
+
+def datatype_of(array: np.ndarray) -> str:
+    if array.dtype.kind in "OSU":
+        return "BYTES"
+    try:
+        return OIP_DATATYPE[array.dtype.name]
+    except KeyError:
+        raise InvalidInput(f"outputs of dtype {array.dtype} have no OIP datatype") from None
+
+
+def decode_request(body: bytes, header_length: str | None) -> InferRequest:
+    """Parse an infer request body (JSON, or JSON header + binary tensor data)."""
+    if header_length is not None:
+        try:
+            split = int(header_length)
+        except ValueError:
+            raise InvalidInput("Inference-Header-Content-Length must be an integer") from None
+        if not 0 < split <= len(body):
+            raise InvalidInput(f"Inference-Header-Content-Length {split} is outside the "
+                               f"{len(body)}-byte body")
+        header, binary = _json(body[:split]), memoryview(body)[split:]
+    else:
+        header, binary = _json(body), memoryview(b"")
+    if not isinstance(header, dict):
+        raise InvalidInput("the request must be a JSON object")
+    items = header.get("inputs")
+    if not isinstance(items, list) or not items:
+        raise InvalidInput("the request has no \"inputs\" list")
+    inputs: dict[str, np.ndarray] = {}
+    offset = 0
+    for item in items:
+        name, datatype, shape, parameters = _tensor_header(item)
+        if name in inputs:
+            raise InvalidInput(f"input {name!r} appears twice", name)
+        size = parameters.get("binary_data_size")
+        if size is not None:
+            if "data" in item:
+                raise InvalidInput(f"input {name!r} has both data and binary_data_size", name)
+            if not isinstance(size, int) or size < 0 or offset + size > len(binary):
+                raise InvalidInput(f"input {name!r}: binary_data_size {size} runs past the "
+                                   f"{len(binary)} bytes of binary data", name)
+            inputs[name] = decode_binary(name, datatype, shape, binary[offset:offset + size])
+            offset += size
+        elif "data" in item:
+            inputs[name] = decode_json(name, datatype, shape, item["data"])
+        else:
+            raise InvalidInput(f"input {name!r} has neither data nor binary_data_size", name)
+    if offset != len(binary):
+        raise InvalidInput(f"{len(binary) - offset} bytes of binary data follow the last input")
+    parameters = header.get("parameters") or {}
+    if not isinstance(parameters, dict):
+        raise InvalidInput("request parameters must be an object")
+    timeout = parameters.get("timeout")
+    if timeout is not None and (not isinstance(timeout, (int, float)) or timeout <= 0):
+        raise InvalidInput("parameters.timeout must be a positive number of microseconds")
+    request_id = header.get("id")
+    return InferRequest(
+        id=None if request_id is None else str(request_id), inputs=inputs,
+        outputs=_requested_outputs(header.get("outputs")),
+        binary_outputs=bool(parameters.get("binary_data_output", False)), timeout_us=timeout)
+
+
+def _json(data: bytes | memoryview) -> Any:
+    try:
+        return orjson.loads(data)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidInput(f"the request body is not valid JSON: {exc}") from None
+
+
+def _tensor_header(item: Any) -> tuple[str, str, list[int], dict[str, Any]]:
+    if not isinstance(item, dict) or not isinstance(item.get("name"), str):
+        raise InvalidInput("each input needs a \"name\" string")
+    name = item["name"]
+    datatype = item.get("datatype")
+    if datatype not in DATATYPES:
+        known = ", ".join(DATATYPES)
+        raise InvalidInput(f"input {name!r}: datatype {datatype!r} is not supported "
+                           f"(one of {known})", name)
+    shape = item.get("shape")
+    if not isinstance(shape, list) or not all(
+            isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+        raise InvalidInput(f"input {name!r}: shape must be a list of non-negative integers",
+                           name)
+    parameters = item.get("parameters") or {}
+    if not isinstance(parameters, dict):
+        raise InvalidInput(f"input {name!r}: parameters must be an object", name)
+    return name, datatype, shape, parameters
+
+
+def _elements(shape: list[int]) -> int:
+    count = 1
+    for dim in shape:
+        count *= dim
+    return count
+
+
+def decode_json(name: str, datatype: str, shape: list[int], data: Any) -> np.ndarray:
+    """JSON `data` (flat or nested, row-major) as an array of `datatype` and `shape`."""
+    if not isinstance(data, list):
+        data = [data]
+    if datatype in _FLOATS:
+        try:
+            array = np.array(data, dtype=_FLOATS[datatype])
+        except (ValueError, TypeError):
+            raise InvalidInput(f"input {name!r}: data are not all {datatype} numbers in a "
+                               "rectangular array", name) from None
+    elif datatype == "BYTES":
+        array = as_array(data, name)
+        if array.dtype.kind != "U" and array.size:
+            raise InvalidInput(f"input {name!r}: BYTES data must be strings", name)
+        array = array.astype(object)
+    else:
+        array = cast_array(as_array(data, name), DATATYPES[datatype], name)
+    if array.size != _elements(shape):
+        raise InvalidInput(f"input {name!r}: shape {shape} needs {_elements(shape)} elements, "
+                           f"data has {array.size}", name)
+    return array.reshape(shape)
+
+
+def decode_binary(name: str, datatype: str, shape: list[int], data: memoryview) -> np.ndarray:
+    """Little-endian, row-major tensor bytes; BYTES elements are 4-byte length + bytes."""
+    count = _elements(shape)
+    if datatype == "BYTES":
+        return _decode_bytes(name, data, count).reshape(shape)
+    dtype = _LITTLE[DATATYPES[datatype]]
+    if len(data) != count * dtype.itemsize:
+        raise InvalidInput(f"input {name!r}: shape {shape} of {datatype} needs "
+                           f"{count * dtype.itemsize} bytes, binary_data_size is {len(data)}",
+                           name)
+    if datatype == "BOOL":
+        raw = np.frombuffer(data, dtype=np.uint8)
+        if raw.size and raw.max() > 1:
+            raise InvalidInput(f"input {name!r}: BOOL bytes must be 0 or 1", name)
+        return raw.astype(bool).reshape(shape)
+    return np.frombuffer(data, dtype=dtype).reshape(shape)
+
+
+def _decode_bytes(name: str, data: memoryview, count: int) -> np.ndarray:
+    elements = np.empty(count, dtype=object)
+    offset = 0
+    for index in range(count):
+        if offset + 4 > len(data):
+            raise InvalidInput(f"input {name!r}: BYTES data end before element {index}", name)
+        (length,) = struct.unpack_from("<I", data, offset)
+        offset += 4
+        if offset + length > len(data):
+            raise InvalidInput(f"input {name!r}: BYTES element {index} runs past the data", name)
+        elements[index] = _text(bytes(data[offset:offset + length]))
+        offset += length
+    if offset != len(data):
+        raise InvalidInput(f"input {name!r}: {len(data) - offset} bytes left after {count} "
+                           "BYTES elements", name)
+    return elements
+
+
+def _text(raw: bytes) -> str | bytes:
+    try:
+        return raw.decode()
+    except UnicodeDecodeError:
+        return raw
+
+
+def _requested_outputs(items: Any) -> list[RequestedOutput] | None:
+    if items is None:
+        return None
+    if not isinstance(items, list):
+        raise InvalidInput("\"outputs\" must be a list")
+    requested = []
+    for item in items:
+        if not isinstance(item, dict) or not isinstance(item.get("name"), str):
+            raise InvalidInput("each requested output needs a \"name\" string")
+        parameters = item.get("parameters") or {}
+        requested.append(RequestedOutput(item["name"], bool(parameters.get("binary_data"))))
+    return requested
+
+
+def encode_response(model: str, version: str, request: InferRequest,
+                    outputs: dict[str, np.ndarray]) -> tuple[bytes, dict[str, str]]:
+    """The response body and its extra headers (the header length when binary follows)."""
+    if request.outputs is None:
+        wanted = [RequestedOutput(name, request.binary_outputs) for name in outputs]
+    else:
+        wanted = request.outputs
+        unknown = [o.name for o in wanted if o.name not in outputs]
+        if unknown:
+            raise InvalidInput(f"requested output {unknown[0]!r} does not exist; the model "
+                               f"gives {', '.join(map(repr, outputs))}", unknown[0])
+    entries, blobs = [], []
+    for output in wanted:
+        array = outputs[output.name]
+        entry: dict[str, Any] = {"name": output.name, "datatype": datatype_of(array),
+                                 "shape": list(array.shape)}
+        if output.binary:
+            blob = encode_binary(array)
+            entry["parameters"] = {"binary_data_size": len(blob)}
+            blobs.append(blob)
+        else:
+            entry["data"] = _json_data(array)
+        entries.append(entry)
+    header: dict[str, Any] = {"model_name": model, "model_version": version}
+    if request.id is not None:
+        header["id"] = request.id
+    header["outputs"] = entries
+    head = orjson.dumps(header, option=orjson.OPT_SERIALIZE_NUMPY)
+    if not blobs:
+        return head, {}
+    return head + b"".join(blobs), {"Inference-Header-Content-Length": str(len(head))}
+
+
+def _json_data(array: np.ndarray) -> Any:
+    if array.dtype.kind in "OSU":
+        return [v.decode(errors="replace") if isinstance(v, bytes) else str(v)
+                for v in array.ravel().tolist()]
+    return np.ascontiguousarray(array).ravel()
+
+
+def encode_binary(array: np.ndarray) -> bytes:
+    """Tensor bytes as the binary extension wants them."""
+    if array.dtype.kind in "OSU":
+        parts = []
+        for value in array.ravel().tolist():
+            raw = value if isinstance(value, bytes) else str(value).encode()
+            parts.append(struct.pack("<I", len(raw)))
+            parts.append(raw)
+        return b"".join(parts)
+    return np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<")).tobytes()
+
+
+def metadata_tensor(name: str, dtype: str, shape: tuple[int, ...]) -> dict[str, Any]:
+    return {"name": name, "datatype": OIP_DATATYPE[dtype], "shape": list(shape)}

@@ -1,0 +1,117 @@
+"""TF Serving REST predict: the row (`instances`) and column (`inputs`) formats.
+
+    {"instances": [[...], [...]]}              one input: a value per row
+    {"instances": [{"a": ..., "b": ...}, ...]}  named inputs per row
+    {"inputs": [[...], [...]]}                 one input: the whole batch
+    {"inputs": {"a": [...], "b": [...]}}       named inputs, whole batches
+Binary strings travel as {"b64": "..."}. Answers mirror the request: `predictions` (rows) or
+`outputs` (columns), a bare value for a single output, else keyed by output name.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from typing import Any
+
+import numpy as np
+import orjson
+
+from edgerun.runtime.errors import InvalidInput
+from edgerun.runtime.signature import Signature
+
+
+def decode_predict(body: bytes, signature: Signature) -> tuple[dict[str, Any], bool]:
+    """The request's inputs by name, and whether it used the row format."""
+    try:
+        request = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidInput(f"the request body is not valid JSON: {exc}") from None
+    if not isinstance(request, dict):
+        raise InvalidInput("the request must be a JSON object")
+    names = [spec.name for spec in signature.inputs]
+    if "instances" in request and "inputs" in request:
+        raise InvalidInput("give either \"instances\" (rows) or \"inputs\" (columns), not both")
+    if "instances" in request:
+        rows = request["instances"]
+        if not isinstance(rows, list) or not rows:
+            raise InvalidInput("\"instances\" must be a non-empty list of rows")
+        if all(isinstance(row, dict) for row in rows):
+            inputs = {}
+            for name in {key for row in rows for key in row}:
+                if any(name not in row for row in rows):
+                    raise InvalidInput(f"input {name!r} is missing from some instances", name)
+                inputs[name] = [row[name] for row in rows]
+        else:
+            inputs = {_only_input(names): rows}
+        return _unwrap_b64(inputs), True
+    if "inputs" in request:
+        columns = request["inputs"]
+        inputs = columns if isinstance(columns, dict) else {_only_input(names): columns}
+        return _unwrap_b64(inputs), False
+    raise InvalidInput("the request needs \"instances\" (rows) or \"inputs\" (columns)")
+
+
+def _only_input(names: list[str]) -> str:
+    if len(names) != 1:
+        raise InvalidInput(f"the model takes inputs {', '.join(map(repr, names))}: name them")
+    return names[0]
+
+
+def _unwrap_b64(inputs: dict[str, Any]) -> dict[str, Any]:
+    return {name: _b64(value, name) for name, value in inputs.items()}
+
+
+def _b64(value: Any, name: str) -> Any:
+    if isinstance(value, list):
+        if value and not isinstance(value[0], (list, dict)):
+            return value  # a row of scalars: nothing to unwrap
+        return [_b64(v, name) for v in value]
+    if isinstance(value, dict):
+        if set(value) != {"b64"}:
+            raise InvalidInput(f"input {name!r}: objects inside values must be {{\"b64\": ...}}",
+                               name)
+        try:
+            return base64.b64decode(value["b64"], validate=True)
+        except (binascii.Error, TypeError):
+            raise InvalidInput(f"input {name!r}: invalid base64", name) from None
+    return value
+
+
+def encode_predict(outputs: dict[str, np.ndarray], rows: bool) -> bytes:
+    if rows:
+        if len(outputs) == 1:
+            (array,) = outputs.values()
+            return orjson.dumps({"predictions": _jsonable(array)},
+                                option=orjson.OPT_SERIALIZE_NUMPY)
+        count = next(iter(outputs.values())).shape[0]
+        columns = {name: _jsonable(array) for name, array in outputs.items()}
+        return orjson.dumps({"predictions": [{name: column[i] for name, column in
+                                              columns.items()} for i in range(count)]})
+    if len(outputs) == 1:
+        (array,) = outputs.values()
+        return orjson.dumps({"outputs": _jsonable(array)}, option=orjson.OPT_SERIALIZE_NUMPY)
+    return orjson.dumps({"outputs": {name: _jsonable(a) for name, a in outputs.items()}},
+                        option=orjson.OPT_SERIALIZE_NUMPY)
+
+
+def _jsonable(array: np.ndarray) -> Any:
+    if array.dtype.kind in "OSU":
+        return np.vectorize(_text, otypes=[object])(array).tolist() if array.size else []
+    return array.tolist()
+
+
+def _text(value: Any) -> Any:
+    if isinstance(value, bytes):
+        try:
+            return value.decode()
+        except UnicodeDecodeError:
+            return {"b64": base64.b64encode(value).decode()}
+    return value
+
+
+def status(versions: list[str]) -> bytes:
+    """GET /v1/models/{name}: the TF Serving model status document."""
+    return orjson.dumps({"model_version_status": [
+        {"version": version, "state": "AVAILABLE",
+         "status": {"error_code": "OK", "error_message": ""}} for version in versions]})

@@ -1,0 +1,48 @@
+"""`edgerun serve`: the fleet HTTP server over a model repository folder."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from edgerun.runtime.batcher import BatchingConfig
+
+
+def register(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser(
+        "serve", help="serve a model repository over Open Inference Protocol v2 and TF Serving",
+        description="Serve DIR/<model>/<version>/ bundles. A model's optional DIR/<model>/"
+                    "config.toml sets its version policy, batching and traffic split.")
+    parser.add_argument("--repository", type=Path, required=True, help="model repository folder")
+    parser.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--device", default=None, help="device profile (default: cpu)")
+    parser.add_argument("--poll-interval", type=float, default=None, metavar="SECONDS",
+                        help="watch the folder and hot-swap changes every SECONDS")
+    defaults = BatchingConfig()
+    parser.add_argument("--max-batch-size", type=int, default=defaults.max_batch_size,
+                        help="default for models without their own [batching]")
+    parser.add_argument("--max-queue-delay-us", type=int, default=defaults.max_queue_delay_us)
+    parser.add_argument("--max-queue-size", type=int, default=defaults.max_queue_size)
+    parser.add_argument("--max-body-bytes", type=int, default=64 << 20,
+                        help="larger request bodies get 413 (default 64 MiB)")
+    parser.add_argument("--access-log", action="store_true", help="log every request")
+    parser.add_argument("--log-level", default="info",
+                        choices=["critical", "error", "warning", "info", "debug"])
+    parser.set_defaults(handler=_serve)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    try:
+        from edgerun.adapters.http import serve
+    except ImportError as exc:
+        raise SystemExit(f"edgerun serve needs the server extra: pip install 'edgerun[server]' "
+                         f"({exc})") from None
+    batching = BatchingConfig(max_batch_size=args.max_batch_size,
+                              max_queue_delay_us=args.max_queue_delay_us,
+                              max_queue_size=args.max_queue_size)
+    serve(args.repository, host=args.host, port=args.port, device=args.device,
+          poll_interval=args.poll_interval, batching=batching,
+          max_body_bytes=args.max_body_bytes, access_log=args.access_log,
+          log_level=args.log_level)
+    return 0

@@ -1,0 +1,122 @@
+"""Per-model serving config: `config.toml` next to a model's version folders.
+
+    version_policy = { latest = 2 }      # or { all = true } or { specific = ["1", "3"] }
+    instances = 1                        # sessions per version (default: the device profile's)
+
+    [batching]                           # the MicroBatcher knobs
+    max_batch_size = 64
+    max_queue_delay_us = 500
+    preferred_batch_sizes = [32, 64]
+    max_queue_size = 1024
+
+    [traffic]
+    weights = { "1" = 90, "2" = 10 }     # canary split for requests that name no version
+    sticky_key = "x-user-id"             # same key value -> same version (hash of the value)
+    shadow = "2"                         # a copy of each request; compared, counted, never returned
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from edgerun.runtime.batcher import BatchingConfig
+from edgerun.runtime.bundle import version_key
+from edgerun.runtime.errors import BundleError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+CONFIG_FILE = "config.toml"
+
+
+@dataclass(frozen=True)
+class VersionPolicy:
+    """Which of the versions on disk are served: the latest N, all, or a specific list."""
+
+    latest: int | None = 1
+    specific: tuple[str, ...] = ()
+    all: bool = False
+
+    def select(self, available: list[str]) -> list[str]:
+        ordered = sorted(available, key=version_key)
+        if self.all:
+            return ordered
+        if self.specific:
+            return [v for v in ordered if v in self.specific]
+        return ordered[-(self.latest or 1):]
+
+
+@dataclass(frozen=True)
+class TrafficPolicy:
+    """How requests that name no version are spread over the served versions."""
+
+    weights: dict[str, float] = field(default_factory=dict)
+    sticky_key: str | None = None
+    shadow: str | None = None
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    version_policy: VersionPolicy = field(default_factory=VersionPolicy)
+    batching: BatchingConfig = field(default_factory=BatchingConfig)
+    instances: int | None = None
+    traffic: TrafficPolicy = field(default_factory=TrafficPolicy)
+
+    @classmethod
+    def load(cls, model_dir: Path, defaults: BatchingConfig | None = None) -> ModelConfig:
+        """The model's config.toml, or the defaults when it has none."""
+        path = model_dir / CONFIG_FILE
+        batching_defaults = defaults or BatchingConfig()
+        if not path.is_file():
+            return cls(batching=batching_defaults)
+        try:
+            with path.open("rb") as handle:
+                data = tomllib.load(handle)
+            return cls._from_dict(data, batching_defaults)
+        except (tomllib.TOMLDecodeError, TypeError, ValueError) as exc:
+            raise BundleError(f"{path}: {exc}") from exc
+
+    @classmethod
+    def _from_dict(cls, data: dict[str, Any], defaults: BatchingConfig) -> ModelConfig:
+        _only(data, {"version_policy", "batching", "instances", "traffic"}, "")
+        policy = data.get("version_policy", {})
+        _only(policy, {"latest", "specific", "all"}, "version_policy.")
+        if len(policy) > 1:
+            raise ValueError("version_policy takes one of latest, specific or all")
+        version_policy = VersionPolicy(
+            latest=int(policy.get("latest", 1)),
+            specific=tuple(str(v) for v in policy.get("specific", ())),
+            all=bool(policy.get("all", False)))
+        if version_policy.latest is not None and version_policy.latest < 1:
+            raise ValueError("version_policy.latest must be >= 1")
+        batching = data.get("batching", {})
+        _only(batching, {"max_batch_size", "max_queue_delay_us", "preferred_batch_sizes",
+                         "max_queue_size"}, "batching.")
+        merged = {**defaults.__dict__, **batching}
+        merged["preferred_batch_sizes"] = tuple(merged["preferred_batch_sizes"])
+        traffic = data.get("traffic", {})
+        _only(traffic, {"weights", "sticky_key", "shadow"}, "traffic.")
+        weights = {str(v): float(w) for v, w in traffic.get("weights", {}).items()}
+        if any(w < 0 for w in weights.values()):
+            raise ValueError("traffic.weights must be >= 0")
+        instances = data.get("instances")
+        if instances is not None and int(instances) < 1:
+            raise ValueError("instances must be >= 1")
+        return cls(
+            version_policy=version_policy, batching=BatchingConfig(**merged),
+            instances=None if instances is None else int(instances),
+            traffic=TrafficPolicy(weights=weights, sticky_key=traffic.get("sticky_key"),
+                                  shadow=None if traffic.get("shadow") is None
+                                  else str(traffic["shadow"])))
+
+
+def _only(data: dict[str, Any], allowed: set[str], prefix: str) -> None:
+    unknown = sorted(set(data) - allowed)
+    if unknown:
+        raise ValueError(f"unknown key {', '.join(prefix + k for k in unknown)}; allowed: "
+                         f"{', '.join(sorted(prefix + k for k in allowed))}")
