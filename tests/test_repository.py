@@ -1,0 +1,92 @@
+"""Repository rules in-process: version policies, config errors, routing, draining."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from edgerun.examples import mlp_onnx
+from edgerun.runtime import BundleError, ModelNotFound
+from edgerun.runtime.metrics import Registry
+from edgerun.runtime.model_config import ModelConfig, VersionPolicy
+from edgerun.runtime.repository import Repository
+from tests.serving import add_version
+
+
+@pytest.mark.parametrize("policy, expected", [
+    (VersionPolicy(), ["10"]),
+    (VersionPolicy(latest=2), ["2", "10"]),
+    (VersionPolicy(all=True), ["1", "2", "10"]),
+    (VersionPolicy(specific=("1", "10")), ["1", "10"]),
+])
+def test_version_policies_order_versions_numerically(policy, expected):
+    assert policy.select(["10", "2", "1"]) == expected
+
+
+@pytest.mark.parametrize("text, message", [
+    ("instances = 0", "instances must be >= 1"),
+    ("colour = 'red'", "unknown key colour"),
+    ("[batching]\nmax_batch = 3", "unknown key batching.max_batch"),
+    ("version_policy = { latest = 1, all = true }", "one of latest, specific or all"),
+    ("[batching]\nmax_batch_size = 4\npreferred_batch_sizes = [8]", "preferred_batch_sizes"),
+    ("[traffic]\nweights = { '1' = -1 }", "weights must be >= 0"),
+    ("version_policy = [", "config.toml"),
+])
+def test_bad_config_is_refused_naming_the_file_and_key(tmp_path, text, message):
+    (tmp_path / "config.toml").write_text(text)
+    with pytest.raises(BundleError, match=message) as info:
+        ModelConfig.load(tmp_path)
+    assert "config.toml" in str(info.value)
+
+
+def test_config_fills_batching_from_the_server_defaults(tmp_path):
+    from edgerun.runtime import BatchingConfig
+
+    (tmp_path / "config.toml").write_text("[batching]\nmax_queue_size = 7\n")
+    config = ModelConfig.load(tmp_path, BatchingConfig(max_batch_size=16))
+    assert (config.batching.max_batch_size, config.batching.max_queue_size) == (16, 7)
+
+
+@pytest.fixture
+def repo_dir(tmp_path):
+    root = tmp_path / "models"
+    add_version(root, "mlp", "1", mlp_onnx([8, 16, 4], seed=1))
+    return root
+
+
+def test_folder_names_must_match_the_manifest(repo_dir):
+    (repo_dir / "mlp" / "1").rename(repo_dir / "mlp" / "5")
+    repository = Repository(repo_dir, registry=Registry())
+    with pytest.raises(BundleError, match="holds mlp version 1; the folder names mlp version 5"):
+        repository.load("mlp")
+
+
+def test_unknown_model_and_missing_folder(repo_dir, tmp_path):
+    repository = Repository(repo_dir, registry=Registry())
+    with pytest.raises(ModelNotFound, match="not in the repository"):
+        repository.load("ghost")
+    with pytest.raises(BundleError, match="does not exist"):
+        Repository(tmp_path / "nowhere")
+
+
+def test_retiring_a_version_waits_for_its_requests(repo_dir):
+    repository = Repository(repo_dir, registry=Registry())
+    repository.load_all()
+    served = repository.get("mlp")
+    served.acquire()  # a request routed to version 1 and still running
+    add_version(repo_dir, "mlp", "2", mlp_onnx([8, 16, 4], seed=2))
+    swapped = threading.Thread(target=repository.load, args=("mlp",))
+    swapped.start()
+    time.sleep(0.3)
+    assert swapped.is_alive(), "the swap waits for the running request"
+    assert repository.get("mlp").version == "2", "new requests already reach version 2"
+    served.release()
+    swapped.join(5)
+    assert not swapped.is_alive()
+    result = asyncio.run(repository.infer("mlp", None, {"x": np.zeros((1, 8), np.float32)}))
+    assert result.version == "2"
+    repository.close()
