@@ -22,15 +22,27 @@ def test_setup_commands_are_the_ones_ci_runs():
     assert any("edgerun demo" in c and "pip install" in c for c in commands)
 
 
-def test_bundle_examples_and_python_snippet_run(tmp_path):
+def _script(block: str) -> str:
+    return block.replace(".venv/bin/", str(Path(sys.executable).parent) + "/")
+
+
+def test_bundle_server_and_python_examples_run(tmp_path):
     bundles = next(c for c in _blocks("bash") if "bundle create" in c)
-    bin_dir = str(Path(sys.executable).parent) + "/"
-    for line in bundles.splitlines():
-        command = line.split("#")[0].strip().replace(".venv/bin/", bin_dir)
-        result = subprocess.run(command, shell=True, cwd=tmp_path, capture_output=True,
-                                text=True, timeout=300)
-        assert result.returncode == 0, f"{command}\n{result.stderr}"
+    result = subprocess.run(["bash", "-ec", _script(bundles)], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
     assert '"label": {"dtype": "int64", "shape": [1], "data": [2]}' in result.stdout
+
+    serving = next(c for c in _blocks("bash") if "edgerun serve" in c)
+    result = subprocess.run(["bash", "-ec", _script(serving) + "wait\n"], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert '"outputs":[{"name":"label","datatype":"INT64","shape":[1],"data":[2]}' in \
+        result.stdout
+    assert '{"outputs":{"label":[2],"probabilities":' in result.stdout
+    assert 'edgerun_http_requests_total{model="digits",version="1",code="200"} 2' in \
+        result.stdout
+
     (snippet,) = _blocks("python")
     result = subprocess.run([sys.executable, "-c", snippet], cwd=tmp_path, capture_output=True,
                             text=True, timeout=300)

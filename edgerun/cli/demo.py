@@ -53,9 +53,11 @@ def run_demo(workdir: Path, requests: int, concurrency: int) -> int:
     model_file.write_bytes(onnx_bytes)
     sample = workdir / "sample.json"
     sample.write_text(json.dumps({"X": images[:1].tolist()}))
+    (workdir / "infer.json").write_text(json.dumps({"inputs": [
+        {"name": "X", "datatype": "FP32", "shape": [1, 64], "data": images[0].tolist()}]}))
     out.print(f"1. trained an MLP classifier on 1,400 8x8 digit images "
               f"({time.perf_counter() - started:.1f} s), converted with skl2onnx -> {model_file}; "
-              f"a held-out image (a {labels[0]}) -> {sample}")
+              f"a held-out image (a {labels[0]}) -> {sample} and infer.json (OIP v2)")
 
     folder, archive_path = workdir / "digits", workdir / "digits-1.tar.gz"
     for stale in (folder, archive_path):
