@@ -1,13 +1,13 @@
 """The inference core's speed: per-call overhead, and micro-batched throughput.
 
-    python benchmarks/core.py [--seconds 3] [--write]
+    python benchmarks/core.py [--seconds 3] [--rounds 3] [--write]
 
 (a) `Model.predict` against a bare `InferenceSession.run` on the same session, batch 1,
     interleaved rounds, medians. Targets: <= 5 % on the large MLP, <= 30 us on the small one.
 (b) 64 concurrent asyncio callers, one row per request, closed loop, through the MicroBatcher;
     the same callers with one forward pass per request; bare ONNX Runtime (default session
-    options) on pre-stacked batches of its best size, the limit. Targets: batched >= 3x
-    unbatched and >= 0.7x the limit.
+    options) on pre-stacked batches of its best size, the limit. Interleaved rounds, medians.
+    Targets: batched >= 3x unbatched and >= 0.7x the limit.
 `--write` records the tables in benchmarks/README.md.
 """
 
@@ -102,26 +102,31 @@ def bare_limit(bundle_path: Path, rows: np.ndarray, seconds: float) -> dict[str,
     return best
 
 
-def throughput(sizes: tuple[int, ...], seconds: float) -> dict[str, dict[str, float]]:
+def throughput(sizes: tuple[int, ...], seconds: float, rounds: int) -> dict[str, dict[str, float]]:
+    """Interleaved rounds of the three paths; the median of each figure across rounds."""
     bundle = mlp_bundle(sizes)
     rows = np.random.default_rng(1).standard_normal((CALLERS, sizes[0])).astype(np.float32)
     model = Model.load(bundle)
-    results: dict[str, dict[str, float]] = {}
-    with MicroBatcher(model, max_batch_size=64) as batcher:
-        results["batched"] = asyncio.run(closed_loop(
-            lambda x: batcher.predict_async({"x": x}), rows, seconds))
-        results["batched"]["mean_batch"] = batcher.metrics.batch_size.sum / max(
-            1, batcher.metrics.batch_size.count)
-    results["unbatched"] = asyncio.run(closed_loop(
-        lambda x: model.predict_async({"x": x}), rows, seconds))
-    results["limit"] = bare_limit(bundle.model_path, rows, seconds)
+    samples: dict[str, list[dict[str, float]]] = {"batched": [], "unbatched": [], "limit": []}
+    for _ in range(rounds):
+        with MicroBatcher(model, max_batch_size=64) as batcher:
+            result = asyncio.run(closed_loop(
+                lambda x: batcher.predict_async({"x": x}), rows, seconds))
+            result["mean_batch"] = batcher.metrics.batch_size.sum / max(
+                1, batcher.metrics.batch_size.count)
+            samples["batched"].append(result)
+        samples["unbatched"].append(asyncio.run(closed_loop(
+            lambda x: model.predict_async({"x": x}), rows, seconds)))
+        samples["limit"].append(bare_limit(bundle.model_path, rows, seconds))
     model.close()
-    return results
+    return {path: {key: median([r[key] for r in results]) for key in results[0]}
+            for path, results in samples.items()}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seconds", type=float, default=3.0, help="per measurement")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds, medians")
     parser.add_argument("--write", action="store_true", help="update benchmarks/README.md")
     args = parser.parse_args()
 
@@ -137,7 +142,7 @@ def main() -> None:
         ["model (batch 1)", "bare run (us)", "Model.predict (us)", "overhead (us)",
          "overhead (%)", "target", ""], overhead_rows)
 
-    r = throughput(LARGE, args.seconds)
+    r = throughput(LARGE, args.seconds, args.rounds)
     batched, unbatched, limit = r["batched"], r["unbatched"], r["limit"]
     vs_unbatched = batched["rps"] / unbatched["rps"]
     vs_limit = batched["rps"] / limit["rps"]
@@ -153,7 +158,8 @@ def main() -> None:
           "", "", f"batched is {vs_limit:.2f}x", ">= 0.7x", "met" if vs_limit >= 0.7 else "MISSED"]])
 
     command = "python benchmarks/core.py" + (f" --seconds {args.seconds:g}"
-                                             if args.seconds != 3.0 else "") + " --write"
+                                             if args.seconds != 3.0 else "") + (
+        f" --rounds {args.rounds}" if args.rounds != 3 else "") + " --write"
     text = (f"Command: `{command}`  \nMachine: {machine()}, onnxruntime {ort.__version__}\n\n"
             f"(a) per-call overhead\n\n{table_a}\n\n(b) micro-batched throughput\n\n{table_b}")
     print(text)

@@ -7,6 +7,10 @@ when a preferred size is reached, or when the oldest request has waited `max_que
 the forward pass runs on the worker, off any event loop. If a batch fails, its requests are run
 one by one so only the culprit gets the error.
 
+The delay is an upper bound: while requests arrive further apart than the delay (a moving
+average of the gaps), a partial batch runs at once, since waiting would add latency and gain no
+company. Under load the gaps are microseconds and batches fill as usual.
+
 The worker is woken only when the queue goes from empty to non-empty or a batch fills, and
 asyncio callers are answered with one `call_soon_threadsafe` per loop per batch: under load
 the cost per request stays a few microseconds.
@@ -136,6 +140,8 @@ class MicroBatcher:
         self._count = 0
         self._waiting = 0
         self._closing = False
+        self._gap = 0.0  # moving average of the time between arrivals; 0 until known
+        self._last_arrival: float | None = None
 
         self.metrics = ModelMetrics(self.name, self.version, registry)
         self.metrics.queue_depth.set_function(lambda: self._count)
@@ -198,7 +204,11 @@ class MicroBatcher:
                 self.metrics.error(Overloaded.kind)
                 raise Overloaded(f"model {self.name!r} version {self.version}: queue full "
                                  f"({self._count} requests waiting); retry later")
-            request.enqueued = time.monotonic()
+            request.enqueued = now = time.monotonic()
+            if self._last_arrival is not None:
+                # a gap counts at most 4 delays, so an idle spell is forgotten in a few arrivals
+                self._gap += 0.25 * (min(now - self._last_arrival, 4 * self._delay) - self._gap)
+            self._last_arrival = now
             queue = self._queues.get(request.key)
             if queue is None:
                 queue = self._queues[request.key] = deque()
@@ -305,7 +315,7 @@ class MicroBatcher:
         for size in reversed(self._preferred):
             if size <= rows:
                 return size
-        if self._closing or now >= head.enqueued + self._delay:
+        if self._closing or now >= head.enqueued + self._delay or self._gap > self._delay:
             return rows
         return 0
 

@@ -93,6 +93,20 @@ def test_a_lone_request_waits_at_most_the_queue_delay(recording):
     assert recording.batch_rows() == [1]
 
 
+def test_sparse_requests_stop_waiting_for_company(recording):
+    delay = 0.1
+    waits = []
+    with batcher_for(recording, max_batch_size=64, max_queue_delay_us=int(delay * 1e6)) as b:
+        for _ in range(6):
+            start = time.monotonic()
+            b.predict({"x": rows(1)})
+            waits.append(time.monotonic() - start)
+            time.sleep(3 * delay)  # arrivals far apart: nobody will join a batch
+    assert waits[0] >= delay * 0.9, "with nothing known of the load, the delay applies"
+    assert max(waits[-2:]) < delay / 2, waits
+    assert recording.batch_rows()[:6] == [1] * 6
+
+
 def test_a_full_batch_or_a_preferred_size_does_not_wait_for_the_delay(recording):
     with batcher_for(recording, max_batch_size=4, max_queue_delay_us=60_000_000) as batcher:
         with ThreadPoolExecutor(4) as pool:

@@ -1,8 +1,9 @@
 """Open Inference Protocol v2 tensors on HTTP: JSON and the binary tensor data extension.
 
-Only translation lives here: wire bytes to `dict[str, np.ndarray]` and back. Tensor data is
-parsed once into numpy (orjson, then one array conversion; binary data is a zero-copy view)
-and never validated element by element: the core checks names, dtypes and shapes as arrays.
+Only translation lives here: wire bytes to `dict[str, np.ndarray]` and back. Numeric JSON
+`data` goes from the request bytes straight into a numpy buffer (simdjson, no Python float per
+element), binary data is a zero-copy view, and nothing is validated element by element: the
+core checks names, dtypes and shapes as arrays.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from typing import Any
 
 import numpy as np
 import orjson
+import simdjson
 
 from edgerun.runtime.errors import InvalidInput
 from edgerun.runtime.signature import as_array, cast_array
@@ -27,7 +29,10 @@ DATATYPES = {
 OIP_DATATYPE = {dtype: datatype for datatype, dtype in DATATYPES.items()}
 _LITTLE = {name: np.dtype(name).newbyteorder("<") for name in DATATYPES.values()
            if name != "string"}
-_FLOATS = {"FP16": np.float16, "FP32": np.float32, "FP64": np.float64}
+#: simdjson buffer kind (and its numpy dtype) that holds each numeric datatype exactly.
+_BUFFERS = {datatype: ("d" if datatype.startswith("FP") else "u" if datatype.startswith("U")
+                       else "i") for datatype in DATATYPES if datatype not in ("BOOL", "BYTES")}
+_BUFFER_DTYPES = {"d": np.dtype(np.float64), "i": np.dtype(np.int64), "u": np.dtype(np.uint64)}
 HEADER_LENGTH = "inference-header-content-length"
 
 
@@ -67,13 +72,13 @@ def decode_request(body: bytes, header_length: str | None) -> InferRequest:
         if not 0 < split <= len(body):
             raise InvalidInput(f"Inference-Header-Content-Length {split} is outside the "
                                f"{len(body)}-byte body")
-        header, binary = _json(body[:split]), memoryview(body)[split:]
+        header, binary = _parse(body[:split]), memoryview(body)[split:]
     else:
-        header, binary = _json(body), memoryview(b"")
-    if not isinstance(header, dict):
+        header, binary = _parse(body), memoryview(b"")
+    if not isinstance(header, simdjson.Object):
         raise InvalidInput("the request must be a JSON object")
     items = header.get("inputs")
-    if not isinstance(items, list) or not items:
+    if not isinstance(items, simdjson.Array) or not len(items):
         raise InvalidInput("the request has no \"inputs\" list")
     inputs: dict[str, np.ndarray] = {}
     offset = 0
@@ -91,33 +96,44 @@ def decode_request(body: bytes, header_length: str | None) -> InferRequest:
             inputs[name] = decode_binary(name, datatype, shape, binary[offset:offset + size])
             offset += size
         elif "data" in item:
-            inputs[name] = decode_json(name, datatype, shape, item["data"])
+            inputs[name] = _decode_data(name, datatype, shape, item["data"])
         else:
             raise InvalidInput(f"input {name!r} has neither data nor binary_data_size", name)
     if offset != len(binary):
         raise InvalidInput(f"{len(binary) - offset} bytes of binary data follow the last input")
-    parameters = header.get("parameters") or {}
+    parameters = _plain(header.get("parameters")) or {}
     if not isinstance(parameters, dict):
         raise InvalidInput("request parameters must be an object")
     timeout = parameters.get("timeout")
     if timeout is not None and (not isinstance(timeout, (int, float)) or timeout <= 0):
         raise InvalidInput("parameters.timeout must be a positive number of microseconds")
-    request_id = header.get("id")
+    request_id = _plain(header.get("id"))
     return InferRequest(
         id=None if request_id is None else str(request_id), inputs=inputs,
-        outputs=_requested_outputs(header.get("outputs")),
+        outputs=_requested_outputs(_plain(header.get("outputs"))),
         binary_outputs=bool(parameters.get("binary_data_output", False)), timeout_us=timeout)
 
 
-def _json(data: bytes | memoryview) -> Any:
+def _parse(data: bytes) -> Any:
+    # A parser per request: its lazy proxies may outlive the request (in a traceback, say),
+    # and a shared parser refuses to parse again while any of them exist.
     try:
-        return orjson.loads(data)
-    except orjson.JSONDecodeError as exc:
+        return simdjson.Parser().parse(data)
+    except ValueError as exc:
         raise InvalidInput(f"the request body is not valid JSON: {exc}") from None
 
 
+def _plain(value: Any) -> Any:
+    """A simdjson proxy as plain Python (for the small parts of a request)."""
+    if isinstance(value, simdjson.Array):
+        return value.as_list()
+    if isinstance(value, simdjson.Object):
+        return value.as_dict()
+    return value
+
+
 def _tensor_header(item: Any) -> tuple[str, str, list[int], dict[str, Any]]:
-    if not isinstance(item, dict) or not isinstance(item.get("name"), str):
+    if not isinstance(item, simdjson.Object) or not isinstance(item.get("name"), str):
         raise InvalidInput("each input needs a \"name\" string")
     name = item["name"]
     datatype = item.get("datatype")
@@ -125,15 +141,28 @@ def _tensor_header(item: Any) -> tuple[str, str, list[int], dict[str, Any]]:
         known = ", ".join(DATATYPES)
         raise InvalidInput(f"input {name!r}: datatype {datatype!r} is not supported "
                            f"(one of {known})", name)
-    shape = item.get("shape")
+    shape = _plain(item.get("shape"))
     if not isinstance(shape, list) or not all(
             isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
         raise InvalidInput(f"input {name!r}: shape must be a list of non-negative integers",
                            name)
-    parameters = item.get("parameters") or {}
+    parameters = _plain(item.get("parameters")) or {}
     if not isinstance(parameters, dict):
         raise InvalidInput(f"input {name!r}: parameters must be an object", name)
     return name, datatype, shape, parameters
+
+
+def _decode_data(name: str, datatype: str, shape: list[int], data: Any) -> np.ndarray:
+    """Numbers straight from the parsed document into a buffer; anything else, the long way."""
+    kind = _BUFFERS.get(datatype)
+    if kind is not None and isinstance(data, simdjson.Array):
+        try:
+            raw = np.frombuffer(data.as_buffer(of_type=kind), dtype=_BUFFER_DTYPES[kind])
+        except (TypeError, ValueError):
+            pass  # not all numbers of that kind: decode_json says what is wrong
+        else:
+            return _shaped(name, shape, cast_array(raw, DATATYPES[datatype], name))
+    return decode_json(name, datatype, shape, _plain(data))
 
 
 def _elements(shape: list[int]) -> int:
@@ -147,19 +176,17 @@ def decode_json(name: str, datatype: str, shape: list[int], data: Any) -> np.nda
     """JSON `data` (flat or nested, row-major) as an array of `datatype` and `shape`."""
     if not isinstance(data, list):
         data = [data]
-    if datatype in _FLOATS:
-        try:
-            array = np.array(data, dtype=_FLOATS[datatype])
-        except (ValueError, TypeError):
-            raise InvalidInput(f"input {name!r}: data are not all {datatype} numbers in a "
-                               "rectangular array", name) from None
-    elif datatype == "BYTES":
+    if datatype == "BYTES":
         array = as_array(data, name)
         if array.dtype.kind != "U" and array.size:
             raise InvalidInput(f"input {name!r}: BYTES data must be strings", name)
         array = array.astype(object)
     else:
         array = cast_array(as_array(data, name), DATATYPES[datatype], name)
+    return _shaped(name, shape, array)
+
+
+def _shaped(name: str, shape: list[int], array: np.ndarray) -> np.ndarray:
     if array.size != _elements(shape):
         raise InvalidInput(f"input {name!r}: shape {shape} needs {_elements(shape)} elements, "
                            f"data has {array.size}", name)

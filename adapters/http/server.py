@@ -7,6 +7,7 @@ from pathlib import Path
 import uvicorn
 
 from edgerun.adapters.http.app import create_app
+from edgerun.adapters.http.fastpath import FastPath
 from edgerun.runtime.batcher import BatchingConfig
 from edgerun.runtime.repository import Repository
 
@@ -18,5 +19,5 @@ def serve(repository_dir: str | Path, *, host: str = "127.0.0.1", port: int = 80
     """Serve every model in `repository_dir` until interrupted; drains on shutdown."""
     repository = Repository(repository_dir, device, default_batching=batching)
     app = create_app(repository, max_body_bytes=max_body_bytes, poll_interval=poll_interval)
-    uvicorn.run(app, host=host, port=port, access_log=access_log, log_level=log_level,
-                timeout_graceful_shutdown=30)
+    uvicorn.run(FastPath(app), host=host, port=port, access_log=access_log,
+                log_level=log_level, timeout_graceful_shutdown=30, proxy_headers=False)
