@@ -473,3 +473,32 @@ def test_requests_in_flight_at_sigterm_are_answered(tmp_path):
         waiting.join()
     assert [a.status_code for a in answers] == [200]
     assert server.process.returncode in (0, -signal.SIGTERM)
+
+
+def test_fastapi_routes_answer_like_the_fast_path(server, repo):
+    """Hosts that mount the FastAPI app itself (Mangum, say) get the same answers."""
+    import asyncio
+
+    from edgerun.adapters.http import create_app
+    from edgerun.runtime.metrics import Registry
+    from edgerun.runtime.repository import Repository
+
+    repository = Repository(repo, registry=Registry())
+    repository.load("mlp")
+    app = create_app(repository)
+    body = oip("x", "FP32", [1, 8], list(range(8)))
+
+    async def ask():
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://app") as http:
+            return (await http.post("/v2/models/mlp/infer", json=body),
+                    await http.post("/v1/models/mlp:predict", json={"instances": [[0] * 8]}),
+                    await http.post("/v2/models/mlp/infer", json=oip("x", "FP32", [1, 3], [0] * 3)))
+
+    infer, predict, bad = asyncio.run(ask())
+    repository.close()
+    assert infer.status_code == predict.status_code == 200
+    assert infer.json()["outputs"] == post(server, "/v2/models/mlp/infer", body).json()["outputs"]
+    assert predict.json() == post(server, "/v1/models/mlp:predict",
+                                  {"instances": [[0] * 8]}).json()
+    assert bad.status_code == 400 and "input 'x': dim 1 must be 8" in bad.json()["error"]
