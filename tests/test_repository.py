@@ -90,3 +90,21 @@ def test_retiring_a_version_waits_for_its_requests(repo_dir):
     result = asyncio.run(repository.infer("mlp", None, {"x": np.zeros((1, 8), np.float32)}))
     assert result.version == "2"
     repository.close()
+
+
+def test_config_instances_start_several_sessions_behind_one_queue(repo_dir):
+    (repo_dir / "mlp" / "config.toml").write_text("instances = 2\n")
+    repository = Repository(repo_dir, "cpu", registry=Registry())
+    repository.load_all()
+    served = repository.get("mlp")
+    assert len(served.models) == 2
+    assert served.models[0].backend.session is not served.models[1].backend.session
+
+    async def burst():
+        return await asyncio.gather(*(repository.infer("mlp", None,
+                                                       {"x": np.ones((1, 8), np.float32)})
+                                      for _ in range(200)))
+
+    results = asyncio.run(burst())
+    assert {r.version for r in results} == {"1"} and len(results) == 200
+    repository.close()
