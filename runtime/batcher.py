@@ -64,17 +64,19 @@ class _Request:
                  "timer", "event", "value", "error")
 
     def __init__(self, arrays: dict[str, np.ndarray], rows: int, key: tuple,
-                 deadline: float | None) -> None:
+                 deadline: float | None, loop: asyncio.AbstractEventLoop | None,
+                 future: asyncio.Future[Outputs] | None,
+                 event: threading.Event | None) -> None:
         self.arrays = arrays
         self.rows = rows
         self.key = key
         self.deadline = deadline
         self.enqueued = 0.0
         self.state = _PENDING
-        self.loop: asyncio.AbstractEventLoop | None = None
-        self.future: asyncio.Future[Outputs] | None = None
+        self.loop = loop  # asyncio callers: settled on their loop
+        self.future = future
         self.timer: asyncio.TimerHandle | None = None
-        self.event: threading.Event | None = None
+        self.event = event  # thread callers: woken by the event
         self.value: Outputs | None = None
         self.error: BaseException | None = None
 
@@ -160,8 +162,7 @@ class MicroBatcher:
 
     def submit(self, inputs: Mapping[str, Any], *, timeout: float | None = None) -> Pending:
         """Queue a request from a thread; `timeout` bounds its time in the queue."""
-        request = self._request(inputs, timeout)
-        request.event = threading.Event()
+        request = self._request(inputs, timeout, None, None, threading.Event())
         self._enqueue(request)
         return Pending(self, request)
 
@@ -173,9 +174,8 @@ class MicroBatcher:
                             timeout: float | None = None) -> Outputs:
         """Awaitable call; cancelling the awaiting task withdraws a request not yet running."""
         loop = asyncio.get_running_loop()
-        request = self._request(inputs, timeout)
-        request.loop = loop
-        request.future = future = loop.create_future()
+        future = loop.create_future()
+        request = self._request(inputs, timeout, loop, future, None)
         self._enqueue(request)
         if timeout is not None:
             request.timer = loop.call_later(timeout, self._expire, request)
@@ -185,15 +185,21 @@ class MicroBatcher:
             self._drop(request, None)
             raise
 
-    def _request(self, inputs: Mapping[str, Any], timeout: float | None) -> _Request:
+    def _request(self, inputs: Mapping[str, Any], timeout: float | None,
+                 loop: asyncio.AbstractEventLoop | None, future: asyncio.Future[Outputs] | None,
+                 event: threading.Event | None) -> _Request:
         arrays = self._validate(inputs)
-        if self._batchable:
-            key = tuple(arrays[name].shape[1:] for name in self._names)
-            rows = arrays[self._names[0]].shape[0] if self._names else 1
-        else:
+        names = self._names
+        if not self._batchable:
             key, rows = (), 1
+        elif len(names) == 1:
+            array = arrays[names[0]]
+            key, rows = (array.shape[1:],), array.shape[0]
+        else:
+            key = tuple([arrays[name].shape[1:] for name in names])
+            rows = arrays[names[0]].shape[0]
         deadline = None if timeout is None else time.monotonic() + timeout
-        return _Request(arrays, rows, key, deadline)
+        return _Request(arrays, rows, key, deadline, loop, future, event)
 
     def _enqueue(self, request: _Request) -> None:
         with self._lock:

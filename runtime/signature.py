@@ -155,18 +155,18 @@ class Signature:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "_by_name", {spec.name: spec for spec in self.inputs})
-        object.__setattr__(self, "_batchable", all(
+        object.__setattr__(self, "_batchable", bool(self.inputs) and all(
             spec.batch_axis == 0 for spec in (*self.inputs, *self.outputs)))
 
     @property
     def batchable(self) -> bool:
-        """True when every input and output has its batch on axis 0."""
+        """True when there are inputs and every input and output has its batch on axis 0."""
         return self._batchable
 
     def validate(self, inputs: Mapping[str, Any]) -> dict[str, np.ndarray]:
         """Check names, dtypes, ranks, fixed dims and batch agreement; return the arrays."""
         by_name = self._by_name
-        if not isinstance(inputs, Mapping):
+        if type(inputs) is not dict and not isinstance(inputs, Mapping):  # ABC checks are slow
             raise InvalidInput(
                 f"inputs must be a mapping of tensor name to array, got {type(inputs).__name__}")
         if inputs.keys() != by_name.keys():
