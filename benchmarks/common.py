@@ -8,10 +8,12 @@ import re
 import statistics
 import sys
 import tempfile
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+import onnxruntime as ort
 
 from edgerun.examples import mlp_onnx
 from edgerun.runtime import Bundle, create_bundle
@@ -28,6 +30,24 @@ def mlp_bundle(sizes: Sequence[int]) -> Bundle:
     source = SCRATCH / f"{name}.onnx"
     source.write_bytes(mlp_onnx(sizes))
     return create_bundle(source, SCRATCH / name, name=name, version="1")
+
+
+def bare_limit(session: ort.InferenceSession, rows: np.ndarray,
+               seconds: float) -> dict[str, float]:
+    """Bare ONNX Runtime on pre-stacked batches of 8..128 rows: the best rows/s, the limit."""
+    best = {"rps": 0.0, "batch": 0}
+    for batch in (8, 16, 32, 64, 128):
+        x = np.ascontiguousarray(np.resize(rows, (batch, rows.shape[1])))
+        for _ in range(3):
+            session.run(None, {"x": x})
+        count, start = 0, time.perf_counter()
+        while time.perf_counter() - start < seconds / 5:
+            session.run(None, {"x": x})
+            count += 1
+        rps = count * batch / (time.perf_counter() - start)
+        if rps > best["rps"]:
+            best = {"rps": rps, "batch": batch}
+    return best
 
 
 def percentiles(latencies_s: Sequence[float]) -> dict[str, float]:

@@ -24,7 +24,8 @@ import numpy as np
 import onnxruntime as ort
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import machine, markdown_table, median, mlp_bundle, percentiles, record  # noqa: E402
+from common import (bare_limit, machine, markdown_table, median,  # noqa: E402
+                    mlp_bundle, percentiles, record)
 
 from edgerun.runtime import MicroBatcher, Model  # noqa: E402
 
@@ -84,24 +85,6 @@ async def closed_loop(call: Callable[[np.ndarray], Awaitable[object]], rows: np.
     return {"rps": len(latencies) / elapsed, **percentiles(latencies)}
 
 
-def bare_limit(bundle_path: Path, rows: np.ndarray, seconds: float) -> dict[str, float]:
-    """Bare ONNX Runtime, default options, on pre-stacked batches: the best rows/s."""
-    session = ort.InferenceSession(str(bundle_path), providers=["CPUExecutionProvider"])
-    best = {"rps": 0.0, "batch": 0}
-    for batch in (8, 16, 32, 64, 128):
-        x = np.ascontiguousarray(np.resize(rows, (batch, rows.shape[1])))
-        for _ in range(3):
-            session.run(None, {"x": x})
-        count, start = 0, time.perf_counter()
-        while time.perf_counter() - start < seconds / 5:
-            session.run(None, {"x": x})
-            count += 1
-        rps = count * batch / (time.perf_counter() - start)
-        if rps > best["rps"]:
-            best = {"rps": rps, "batch": batch}
-    return best
-
-
 def throughput(sizes: tuple[int, ...], seconds: float, rounds: int) -> dict[str, dict[str, float]]:
     """Interleaved rounds of the three paths; the median of each figure across rounds."""
     bundle = mlp_bundle(sizes)
@@ -117,7 +100,8 @@ def throughput(sizes: tuple[int, ...], seconds: float, rounds: int) -> dict[str,
             samples["batched"].append(result)
         samples["unbatched"].append(asyncio.run(closed_loop(
             lambda x: model.predict_async({"x": x}), rows, seconds)))
-        samples["limit"].append(bare_limit(bundle.model_path, rows, seconds))
+        session = ort.InferenceSession(str(bundle.model_path), providers=["CPUExecutionProvider"])
+        samples["limit"].append(bare_limit(session, rows, seconds))
     model.close()
     return {path: {key: median([r[key] for r in results]) for key in results[0]}
             for path, results in samples.items()}

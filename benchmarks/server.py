@@ -40,7 +40,8 @@ import numpy as np
 import onnxruntime as ort
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import SCRATCH, machine, markdown_table, median, mlp_bundle, record  # noqa: E402
+from common import (SCRATCH, bare_limit, machine, markdown_table, median,  # noqa: E402
+                    mlp_bundle, record)
 
 from edgerun.runtime import create_bundle  # noqa: E402
 
@@ -217,24 +218,6 @@ def batch1_compute_ms(session: ort.InferenceSession, row: np.ndarray, seconds: f
         session.run(None, {"x": row})
         times.append(time.perf_counter() - t0)
     return median(times) * 1000
-
-
-def bare_limit(session: ort.InferenceSession, rows: np.ndarray,
-               seconds: float) -> dict[str, float]:
-    """Bare ONNX Runtime on pre-stacked batches: the best rows/s (as in benchmarks/core.py)."""
-    best = {"rps": 0.0, "batch": 0}
-    for batch in (8, 16, 32, 64, 128):
-        x = np.ascontiguousarray(np.resize(rows, (batch, rows.shape[1])))
-        for _ in range(3):
-            session.run(None, {"x": x})
-        count, start = 0, time.perf_counter()
-        while time.perf_counter() - start < seconds / 5:
-            session.run(None, {"x": x})
-            count += 1
-        rps = count * batch / (time.perf_counter() - start)
-        if rps > best["rps"]:
-            best = {"rps": rps, "batch": batch}
-    return best
 
 
 HALF_BUSY = """
