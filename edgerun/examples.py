@@ -7,16 +7,15 @@ from collections.abc import Sequence
 import numpy as np
 
 
-def mlp_onnx(sizes: Sequence[int], *, seed: int = 0, dtype: str = "float32") -> bytes:
+def mlp_onnx(sizes: Sequence[int], *, seed: int = 0) -> bytes:
     """An MLP (Gemm + Relu layers) with a dynamic batch axis, as serialized ONNX."""
     from onnx import TensorProto, helper, numpy_helper
 
-    elem = {"float32": TensorProto.FLOAT, "float16": TensorProto.FLOAT16}[dtype]
     rng = np.random.default_rng(seed)
     nodes, weights, previous = [], [], "x"
     for i, (fan_in, fan_out) in enumerate(zip(sizes[:-1], sizes[1:])):
-        w = (rng.standard_normal((fan_in, fan_out)) / np.sqrt(fan_in)).astype(dtype)
-        b = (rng.standard_normal(fan_out) * 0.1).astype(dtype)
+        w = (rng.standard_normal((fan_in, fan_out)) / np.sqrt(fan_in)).astype(np.float32)
+        b = (rng.standard_normal(fan_out) * 0.1).astype(np.float32)
         weights += [numpy_helper.from_array(w, f"w{i}"), numpy_helper.from_array(b, f"b{i}")]
         last = i == len(sizes) - 2
         out = "y" if last else f"h{i}"
@@ -26,8 +25,8 @@ def mlp_onnx(sizes: Sequence[int], *, seed: int = 0, dtype: str = "float32") -> 
             out = f"r{i}"
         previous = out
     graph = helper.make_graph(
-        nodes, "mlp", [helper.make_tensor_value_info("x", elem, ["batch", sizes[0]])],
-        [helper.make_tensor_value_info("y", elem, ["batch", sizes[-1]])], weights)
+        nodes, "mlp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", sizes[0]])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", sizes[-1]])], weights)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)],
                               producer_name="edgerun.examples")
     model.ir_version = 8

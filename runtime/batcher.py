@@ -88,10 +88,6 @@ class Pending:
         self._batcher = batcher
         self._request = request
 
-    def done(self) -> bool:
-        assert self._request.event is not None
-        return self._request.event.is_set()
-
     def cancel(self) -> bool:
         """Withdraw the request if it has not started; True if it will never run."""
         return self._batcher._drop(self._request, Cancelled("request cancelled by the caller"))

@@ -73,7 +73,7 @@ class FileEntry:
 
 @dataclass(frozen=True)
 class Manifest:
-    """The self-description of a bundle; `canonical_bytes` is what a signature covers."""
+    """The self-description of a bundle: its signature, files with their hashes, provenance."""
 
     name: str
     version: str
@@ -98,9 +98,6 @@ class Manifest:
         if self.reference_stats is not None:
             data["reference_stats"] = self.reference_stats
         return data
-
-    def canonical_bytes(self) -> bytes:
-        return json.dumps(self.to_json(), sort_keys=True, separators=(",", ":")).encode()
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> Manifest:
@@ -172,7 +169,7 @@ class Bundle:
     def golden(self) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
         """The golden input and the output the build produced, by tensor name."""
         sig = self.signature
-        with np.load(self.path / GOLDEN, allow_pickle=sig_has_strings(sig)) as data:
+        with np.load(self.path / GOLDEN, allow_pickle=_has_strings(sig)) as data:
             inputs = {s.name: data[f"input_{i}"] for i, s in enumerate(sig.inputs)}
             outputs = {s.name: data[f"output_{i}"] for i, s in enumerate(sig.outputs)}
         return inputs, outputs
@@ -192,7 +189,7 @@ class Bundle:
         self.close()
 
 
-def sig_has_strings(signature: Signature) -> bool:
+def _has_strings(signature: Signature) -> bool:
     return any(s.dtype == "string" for s in (*signature.inputs, *signature.outputs))
 
 

@@ -30,22 +30,14 @@ class Counter:
 
 
 class Gauge:
-    __slots__ = ("_lock", "_value", "_function")
+    __slots__ = ("_value", "_function")
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()
         self._value = 0.0
         self._function: Callable[[], float] | None = None
 
     def set(self, value: float) -> None:
         self._value = value
-
-    def inc(self, amount: float = 1.0) -> None:
-        with self._lock:
-            self._value += amount
-
-    def dec(self, amount: float = 1.0) -> None:
-        self.inc(-amount)
 
     def set_function(self, function: Callable[[], float]) -> None:
         """Read the value from `function` at collection time (queue depth, say)."""

@@ -287,14 +287,13 @@ class Repository:
             log.error("model %s: %s", name, exc)
             return False
         wanted = config.version_policy.select(self.versions_on_disk(name))
-        if served is None:
-            return any(self._failed.get((name, v)) != _fingerprint(self.root / name / v)
-                       for v in wanted)
-        if served.config != config:
+        if served is not None and (served.config != config
+                                   or any(v not in wanted for v in served.versions)):
             return True
-        missing = [v for v in wanted if v not in served.versions]
+        missing = [v for v in wanted if served is None or v not in served.versions]
+        # a version that failed is tried again only once its folder changes
         return any(self._failed.get((name, v)) != _fingerprint(self.root / name / v)
-                   for v in missing) or any(v not in wanted for v in served.versions)
+                   for v in missing)
 
     def start_polling(self, interval: float) -> None:
         """Watch the folder every `interval` seconds in a background thread."""

@@ -27,17 +27,6 @@ DTYPES: dict[str, np.dtype] = {
 DTYPES["string"] = np.dtype(object)
 
 
-def dtype_name(dtype: np.dtype) -> str:
-    """The manifest name of a numpy dtype (text kinds all map to "string")."""
-    dtype = np.dtype(dtype)
-    if dtype.kind in "USO":
-        return "string"
-    name = dtype.name
-    if name not in DTYPES:
-        raise InvalidInput(f"dtype {name} is not supported by edgerun")
-    return name
-
-
 @dataclass(frozen=True)
 class TensorSpec:
     """One named input or output: dtype, shape with -1 for dynamic dims, and its batch axis."""

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 import signal
 import socket
 import subprocess
@@ -29,10 +28,6 @@ def add_version(repo: Path, name: str, version: str, onnx_bytes: bytes) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     staging.rename(target)
     return target
-
-
-def remove_version(repo: Path, name: str, version: str) -> None:
-    shutil.rmtree(repo / name / version)
 
 
 def free_port() -> int:

@@ -13,7 +13,7 @@ from rich.table import Table
 from edgerun.cli.inputs import load_inputs
 from edgerun.runtime import archive
 from edgerun.runtime.backends import backend_class, backend_for_file
-from edgerun.runtime.bundle import Bundle, create_bundle, read_manifest
+from edgerun.runtime.bundle import Bundle, create_bundle
 from edgerun.runtime.model import Model
 
 out = Console(highlight=False)
@@ -106,8 +106,8 @@ def _pack(args: argparse.Namespace) -> int:
 
 def _unpack(args: argparse.Namespace) -> int:
     archive.unpack(args.archive, args.output)
-    manifest = read_manifest(args.output)
-    Bundle.open(args.output).close()
+    with Bundle.open(args.output) as bundle:
+        manifest = bundle.manifest
     out.print(f"unpacked {manifest.name} version {manifest.version} -> {args.output} (verified)")
     return 0
 
