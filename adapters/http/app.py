@@ -25,7 +25,6 @@ from edgerun.adapters.http.inference import (JSON, InferenceHandler, Reply, erro
 from edgerun.runtime.errors import EdgerunError, ModelNotFound
 from edgerun.runtime.repository import Repository
 
-
 EXTENSIONS = ["binary_tensor_data", "model_repository"]
 
 
@@ -96,7 +95,7 @@ def create_app(repository: Repository, *, max_body_bytes: int = 64 << 20,
             return error_response(exc)
         sig = served.signature
         return json_response({
-            "name": name, "versions": versions, "platform": _platform(served.model.bundle),
+            "name": name, "versions": versions, "platform": _platform(served.model.bundle.manifest.backend),
             "inputs": [oip.metadata_tensor(s.name, s.dtype, s.shape) for s in sig.inputs],
             "outputs": [oip.metadata_tensor(s.name, s.dtype, s.shape) for s in sig.outputs],
             "parameters": {"max_batch_size": served.batcher.config.max_batch_size
@@ -186,8 +185,7 @@ def create_app(repository: Repository, *, max_body_bytes: int = 64 << 20,
         try:
             await asyncio.get_running_loop().run_in_executor(None, repository.load, name)
         except EdgerunError as exc:
-            return json_response({"error": str(exc)}, 404 if isinstance(exc, ModelNotFound)
-                                 else 400)
+            return error_response(exc)
         return json_response({})
 
     @app.post("/v2/repository/models/{name}/unload", tags=["repository"])
@@ -207,7 +205,6 @@ def create_app(repository: Repository, *, max_body_bytes: int = 64 << 20,
     return app
 
 
-def _platform(bundle: Any) -> str:
-    backend = bundle.manifest.backend
+def _platform(backend: str) -> str:
     return {"onnxruntime": "onnxruntime_onnx", "tflite": "tensorflow_lite",
             "tvm": "tvm"}.get(backend, backend)
