@@ -226,17 +226,20 @@ class Repository:
         if self._failed.get((name, version)) == fingerprint:
             raise BundleError(self._states[(name, version)].reason)
         self._states[(name, version)] = VersionState(name, version, LOADING)
+        instances: list[Model] = []
         try:
             bundle = Bundle.open(folder)
             manifest = bundle.manifest
             if (manifest.name, manifest.version) != (name, version):
                 raise BundleError(f"{folder} holds {manifest.name} version {manifest.version}; "
                                   f"the folder names {name} version {version}")
-            instances = [Model.load(bundle, self.device)
-                         for _ in range(config.instances or self.device.instances)]
+            for _ in range(config.instances or self.device.instances):
+                instances.append(Model.load(bundle, self.device))
             instances[0].check_golden()
             served = ServedVersion(instances, config, self.registry)
         except EdgerunError as exc:
+            for model in instances:
+                model.close()
             self._failed[(name, version)] = fingerprint
             self._states[(name, version)] = VersionState(name, version, UNAVAILABLE, str(exc))
             raise
