@@ -108,3 +108,25 @@ def test_config_instances_start_several_sessions_behind_one_queue(repo_dir):
     results = asyncio.run(burst())
     assert {r.version for r in results} == {"1"} and len(results) == 200
     repository.close()
+
+
+def test_a_version_that_fails_its_golden_sample_never_goes_live(repo_dir):
+    from edgerun.runtime.bundle import GOLDEN, FileEntry, read_manifest, sha256_file, write_manifest
+
+    repository = Repository(repo_dir, registry=Registry())
+    repository.load_all()
+    folder = add_version(repo_dir, "mlp", "2", mlp_onnx([8, 16, 4], seed=2))
+    with np.load(folder / GOLDEN) as golden:
+        arrays = dict(golden)
+    arrays["output_0"] = arrays["output_0"] + 1.0  # a claim this build does not reproduce
+    np.savez(folder / GOLDEN, **arrays)
+    manifest = read_manifest(folder)  # re-hashed: the files are intact, only the claim is wrong
+    manifest.files[GOLDEN] = FileEntry(sha256_file(folder / GOLDEN),
+                                       (folder / GOLDEN).stat().st_size)
+    write_manifest(folder, manifest)
+    with pytest.raises(BundleError, match="golden check: output 'y' differs"):
+        repository.load("mlp")
+    (state,) = [s for s in repository.index() if s.version == "2"]
+    assert state.state == "UNAVAILABLE" and "golden" in state.reason
+    assert repository.get("mlp").version == "1", "version 1 keeps serving"
+    repository.close()
