@@ -362,13 +362,6 @@ class Repository:
                 raise self._not_found(name)
             return sorted(model.versions, key=version_key)
 
-    def traffic(self, name: str) -> TrafficPolicy:
-        with self._lock:
-            model = self._models.get(name)
-            if model is None:
-                raise self._not_found(name)
-            return model.config.traffic
-
     def _not_found(self, name: str) -> EdgerunError:
         if any(n == name and s.state == LOADING for (n, _), s in self._states.items()):
             return ModelNotReady(f"model {name!r} is loading")

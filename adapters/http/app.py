@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -180,21 +180,21 @@ def create_app(repository: Repository, *, max_body_bytes: int = 64 << 20,
         return json_response([{"name": s.name, "version": s.version, "state": s.state,
                                "reason": s.reason} for s in repository.index()])
 
-    @app.post("/v2/repository/models/{name}/load", tags=["repository"])
-    async def load(name: str) -> Response:
+    async def off_loop(action: Callable[[str], Any], name: str) -> Response:
+        """Loading and draining block for seconds: run them off the event loop."""
         try:
-            await asyncio.get_running_loop().run_in_executor(None, repository.load, name)
+            await asyncio.get_running_loop().run_in_executor(None, action, name)
         except EdgerunError as exc:
             return error_response(exc)
         return json_response({})
 
+    @app.post("/v2/repository/models/{name}/load", tags=["repository"])
+    async def load(name: str) -> Response:
+        return await off_loop(repository.load, name)
+
     @app.post("/v2/repository/models/{name}/unload", tags=["repository"])
     async def unload(name: str) -> Response:
-        try:
-            await asyncio.get_running_loop().run_in_executor(None, repository.unload, name)
-        except EdgerunError as exc:
-            return error_response(exc)
-        return json_response({})
+        return await off_loop(repository.unload, name)
 
     # --------------------------------------------------------------- metrics
     @app.get("/metrics", tags=["metrics"])
