@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +14,7 @@ else:  # pragma: no cover - Python 3.10 (JetPack 6)
 
 PROFILE_DIR = Path(__file__).with_name("profiles")
 OPTIMIZATION_LEVELS = ("disable", "basic", "extended", "all")
+PRECISIONS = ("fp32", "fp16", "int8")
 
 
 @dataclass(frozen=True)
@@ -37,6 +38,16 @@ class DeviceProfile:
     allow_spinning: bool = True
     #: Model instances per model the serving adapters start (each with its own session).
     instances: int = 1
+    #: What the optimizer compiles for: GNU host triple ("aarch64-linux-gnu"), the TVM target in
+    #: apache-tvm 0.27's dict form (CUDA targets carry their "arch" and an llvm "host"), and the
+    #: C++ compiler that links a TVM library for the device ("" = the host's own).
+    host_triple: str = ""
+    tvm_target: dict[str, Any] = field(default_factory=dict)
+    cross_compiler: str = ""
+    #: The precision the optimizer picks when none is asked for: int8 on ARM CPUs, fp16 on GPUs.
+    precision: str = "fp32"
+    #: Memory a model may take on the device, in MiB (0: no budget).
+    memory_mb: int = 0
 
     def __post_init__(self) -> None:
         if self.graph_optimization_level not in OPTIMIZATION_LEVELS:
@@ -45,6 +56,9 @@ class DeviceProfile:
         if self.intra_op_threads < 0 or self.inter_op_threads < 0 or self.instances < 1:
             raise ValueError(f"device profile {self.name!r}: thread counts must be >= 0 and "
                              "instances >= 1")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"device profile {self.name!r}: precision must be one of "
+                             f"{', '.join(PRECISIONS)}")
         object.__setattr__(self, "execution_providers", tuple(self.execution_providers))
 
     def replace(self, **changes: Any) -> DeviceProfile:
