@@ -10,8 +10,9 @@ from edgerun.runtime.errors import BundleError
 
 _BACKENDS = {
     "onnxruntime": ("edgerun.runtime.backends.onnxruntime", "OnnxRuntimeBackend"),
+    "tflite": ("edgerun.runtime.backends.tflite", "TFLiteBackend"),
 }
-_SUFFIXES = {".onnx": "onnxruntime"}
+_SUFFIXES = {".onnx": "onnxruntime", ".tflite": "tflite"}
 
 
 def backend_class(name: str) -> type[Backend]:
