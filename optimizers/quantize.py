@@ -123,6 +123,11 @@ class _Reader:
         return next(self._feeds, None)
 
 
+# Per-channel weights use 7 bits (reduce_range): x86 CPUs without VNNI multiply uint8
+# activations by int8 weights in int16 pairs that saturate, and per-channel scales fill the full
+# int8 range in every column. Measured on an AVX2 host, 16-256-256-8 MLP, max relative error:
+# dynamic 14 % at 8 bits, 2 % at 7; static QDQ 10 % at 8 bits (1.4 % with ORT's QDQ fusions
+# off: the fused integer kernels saturate), 2.7 % at 7.
 def quantize_int8_dynamic(model_path: Path, out_path: Path, *, per_channel: bool = False) -> str:
     """int8 weights, activations quantized at run time: no calibration data needed."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
@@ -131,7 +136,7 @@ def quantize_int8_dynamic(model_path: Path, out_path: Path, *, per_channel: bool
     check_quantizable(model, Path(model_path).name, "int8")
     try:
         quantize_dynamic(str(model_path), str(out_path), per_channel=per_channel,
-                         weight_type=QuantType.QInt8)
+                         reduce_range=per_channel, weight_type=QuantType.QInt8)
     except Exception as exc:
         raise OptimizeError(f"{Path(model_path).name}: int8 dynamic quantization failed: "
                             f"{exc}") from exc
@@ -164,7 +169,8 @@ def quantize_int8_static(model_path: Path, out_path: Path, calibration: Calibrat
             prepared = Path(model_path)
         try:
             quantize_static(str(prepared), str(out_path), reader, quant_format=QuantFormat.QDQ,
-                            per_channel=per_channel, activation_type=QuantType.QUInt8,
+                            per_channel=per_channel, reduce_range=per_channel,
+                            activation_type=QuantType.QUInt8,
                             weight_type=QuantType.QInt8,
                             # onnxruntime 1.32's per-channel weight-scale adjustment for int32
                             # biases fails on 2-D biases ([1, n], as skl2onnx writes them)
