@@ -43,6 +43,8 @@ class OptimizeOptions:
     tune_trials: int = 0
     force: bool = False
     eval_data: Path | None = None
+    #: Seconds of timing per latency figure (per batch size, before and after).
+    latency_seconds: float = 0.5
     name: str | None = None
     version: str = "1"
 
@@ -103,7 +105,7 @@ def optimize(model_path: str | Path, output: str | Path,
         signature = original.signature
         data = measure.load_eval(options.eval_data, signature) if options.eval_data \
             else measure.synthetic_eval(signature)
-        before = _measure(original, profile, data)
+        before = _measure(original, profile, data, options.latency_seconds)
 
         current, tags, pruned = model_path, [], None
         if options.prune is not None:
@@ -138,7 +140,7 @@ def optimize(model_path: str | Path, output: str | Path,
                           source_file=model_path.name, source_sha256=sha256_file(model_path))
         progress("measuring the result")
         with Bundle.open(folder) as result:
-            after = _measure(result, profile, data)
+            after = _measure(result, profile, data, options.latency_seconds)
         if folder != output:
             archive.pack(folder, output)
     error = None
@@ -152,7 +154,8 @@ def optimize(model_path: str | Path, output: str | Path,
                           notes)
 
 
-def _measure(bundle: Bundle, profile: DeviceProfile, data: measure.EvalData) -> Measured:
+def _measure(bundle: Bundle, profile: DeviceProfile, data: measure.EvalData,
+             seconds: float) -> Measured:
     sizes = measure.sizes(bundle.path, bundle.manifest.model_file)
     try:
         model = Model.load(bundle, profile)
@@ -161,7 +164,8 @@ def _measure(bundle: Bundle, profile: DeviceProfile, data: measure.EvalData) -> 
     try:
         outputs = measure.predict_all(model, data)
         accuracy = measure.accuracy(outputs, data.labels) if data.labels is not None else None
-        latency = {batch: measure.latency_ms(model, data, batch) for batch in LATENCY_BATCHES}
+        latency = {batch: measure.latency_ms(model, data, batch, seconds)
+                   for batch in LATENCY_BATCHES}
     finally:
         model.close()
     return Measured(sizes, latency, accuracy, outputs)

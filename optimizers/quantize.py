@@ -8,6 +8,7 @@ manifest's `optimizations`.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import tempfile
 import warnings
@@ -123,6 +124,22 @@ class _Reader:
         return next(self._feeds, None)
 
 
+@contextlib.contextmanager
+def _prepared(model_path: Path) -> Iterator[Path]:
+    """The model after ONNX Runtime's quantization pre-processing (shape inference, graph
+    optimization), which the quantizers expect; the model as it is where that fails."""
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    with tempfile.TemporaryDirectory(prefix="edgerun-quant-") as scratch:
+        prepared = Path(scratch) / "prepared.onnx"
+        try:
+            quant_pre_process(str(model_path), str(prepared), skip_symbolic_shape=True)
+        except Exception as exc:  # pre-processing only helps
+            log.warning("quantization pre-processing skipped: %s", exc)
+            prepared = model_path
+        yield prepared
+
+
 # Per-channel weights use 7 bits (reduce_range): x86 CPUs without VNNI multiply uint8
 # activations by int8 weights in int16 pairs that saturate, and per-channel scales fill the full
 # int8 range in every column. Measured on an AVX2 host, 16-256-256-8 MLP, max relative error:
@@ -135,8 +152,9 @@ def quantize_int8_dynamic(model_path: Path, out_path: Path, *, per_channel: bool
     model = load_onnx(model_path)
     check_quantizable(model, Path(model_path).name, "int8")
     try:
-        quantize_dynamic(str(model_path), str(out_path), per_channel=per_channel,
-                         reduce_range=per_channel, weight_type=QuantType.QInt8)
+        with _prepared(Path(model_path)) as prepared:
+            quantize_dynamic(str(prepared), str(out_path), per_channel=per_channel,
+                             reduce_range=per_channel, weight_type=QuantType.QInt8)
     except Exception as exc:
         raise OptimizeError(f"{Path(model_path).name}: int8 dynamic quantization failed: "
                             f"{exc}") from exc
@@ -148,7 +166,6 @@ def quantize_int8_static(model_path: Path, out_path: Path, calibration: Calibrat
     """int8 weights and activations as QuantizeLinear/DequantizeLinear pairs (QDQ), with
     activation ranges from the calibration data."""
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
-    from onnxruntime.quantization.shape_inference import quant_pre_process
 
     from edgerun.runtime.backends.onnxruntime import OnnxRuntimeBackend
 
@@ -160,13 +177,7 @@ def quantize_int8_static(model_path: Path, out_path: Path, calibration: Calibrat
         reader = _Reader(feeds, signature)
     except Exception as exc:
         raise OptimizeError(f"calibration data does not fit the model: {exc}") from exc
-    with tempfile.TemporaryDirectory(prefix="edgerun-quant-") as scratch:
-        prepared = Path(scratch) / "prepared.onnx"
-        try:
-            quant_pre_process(str(model_path), str(prepared), skip_symbolic_shape=True)
-        except Exception as exc:  # pre-processing only helps; quantize the model as it is
-            log.warning("quantization pre-processing skipped: %s", exc)
-            prepared = Path(model_path)
+    with _prepared(Path(model_path)) as prepared:
         try:
             quantize_static(str(prepared), str(out_path), reader, quant_format=QuantFormat.QDQ,
                             per_channel=per_channel, reduce_range=per_channel,

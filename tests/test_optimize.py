@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import gzip
 import json
+import re
+import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -282,7 +285,7 @@ def test_every_path_gives_a_bundle_the_core_serves(digits, tmp_path, path):
     if options.calibration == "CAL":
         options = OptimizeOptions(**{**vars(options), "calibration": digits / "calibration"})
     options = OptimizeOptions(**{**vars(options), "eval_data": digits / "eval.npz",
-                                 "name": "digits", "version": "4"})
+                                 "name": "digits", "version": "4", "latency_seconds": 0.02})
     steps = []
     report = optimize(digits / "digits.onnx", tmp_path / "out", options, steps.append)
     assert steps[0] == "bundling and measuring the original" and steps[-1] == \
@@ -307,7 +310,7 @@ def test_the_profiles_precision_is_the_default(digits, tmp_path):
     profile = tmp_path / "edge-arm.toml"
     profile.write_text('description = "test board"\narch = "aarch64"\nprecision = "int8"\n')
     report = optimize(digits / "digits.onnx", tmp_path / "out.tar.gz",
-                      OptimizeOptions(device=profile))
+                      OptimizeOptions(device=profile, latency_seconds=0.02))
     assert report.optimizations == ["quantize:int8-dynamic"] and report.device == "edge-arm"
     model = Model.load(tmp_path / "out.tar.gz")
     assert model.bundle.manifest.device["profile"] == "edge-arm"
@@ -365,3 +368,17 @@ def test_cli_end_to_end_on_the_digits_model(digits, tmp_path):
     lonely = edgerun("optimize", str(digits / "digits.onnx"), "--device", "cpu",
                      "--structured", "-o", str(tmp_path / "z"))
     assert lonely.returncode == 2 and "--structured needs --prune" in lonely.stderr
+
+
+def test_readme_optimize_example_runs(tmp_path):
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    (block,) = [b for b in re.findall(r"```bash\n(.*?)```", readme, re.S)
+                if "edgerun optimize" in b]
+    script = block.replace(".venv/bin/", str(Path(sys.executable).parent) + "/")
+    result = subprocess.run(["bash", "-ec", script], cwd=tmp_path, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "optimized for raspberry-pi-5: quantize:int8-dynamic -> digits-pi.tar.gz" in \
+        result.stdout
+    assert "optimized for x86-64: prune:structured:0.5 -> digits-small" in result.stdout
+    assert '"label": {"dtype": "int64", "shape": [1], "data": [2]}' in result.stdout
