@@ -1,6 +1,7 @@
-"""Open Inference Protocol v2 tensors on HTTP: JSON and the binary tensor data extension.
+"""Open Inference Protocol v2 bodies: JSON and the binary tensor data extension.
 
-Only translation lives here: wire bytes to `dict[str, np.ndarray]` and back. Numeric JSON
+Only translation lives here: wire bytes to `dict[str, np.ndarray]` and back, whatever carries
+the bytes (HTTP, a Lambda event, an MQTT message). Numeric JSON
 `data` goes from the request bytes straight into a numpy buffer (simdjson, no Python float per
 element), binary data is a zero-copy view, and nothing is validated element by element: the
 core checks names, dtypes and shapes as arrays.
@@ -8,6 +9,7 @@ core checks names, dtypes and shapes as arrays.
 
 from __future__ import annotations
 
+import math
 import struct
 from dataclasses import dataclass
 from typing import Any
@@ -17,7 +19,7 @@ import orjson
 import simdjson
 
 from edgerun.runtime.errors import InvalidInput
-from edgerun.runtime.signature import as_array, cast_array
+from edgerun.runtime.signature import Signature, as_array, cast_array
 
 #: OIP datatype -> manifest dtype name.
 DATATYPES = {
@@ -105,8 +107,10 @@ def decode_request(body: bytes, header_length: str | None) -> InferRequest:
     if not isinstance(parameters, dict):
         raise InvalidInput("request parameters must be an object")
     timeout = parameters.get("timeout")
-    if timeout is not None and (not isinstance(timeout, (int, float)) or timeout <= 0):
-        raise InvalidInput("parameters.timeout must be a positive number of microseconds")
+    if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float))
+                                or not 0 < timeout < math.inf):
+        raise InvalidInput(f"parameters.timeout must be a positive number of microseconds, "
+                           f"got {timeout!r}")
     request_id = _plain(header.get("id"))
     return InferRequest(
         id=None if request_id is None else str(request_id), inputs=inputs,
@@ -246,21 +250,29 @@ def _requested_outputs(items: Any) -> list[RequestedOutput] | None:
         if not isinstance(item, dict) or not isinstance(item.get("name"), str):
             raise InvalidInput("each requested output needs a \"name\" string")
         parameters = item.get("parameters") or {}
+        if not isinstance(parameters, dict):
+            raise InvalidInput(f"requested output {item['name']!r}: parameters must be an "
+                               "object", item["name"])
         requested.append(RequestedOutput(item["name"], bool(parameters.get("binary_data"))))
     return requested
+
+
+def check_outputs(request: InferRequest, signature: Signature) -> None:
+    """Refuse a request for outputs the model does not give, before anything runs."""
+    if request.outputs is None:
+        return
+    names = [spec.name for spec in signature.outputs]
+    for output in request.outputs:
+        if output.name not in names:
+            raise InvalidInput(f"requested output {output.name!r} does not exist; the model "
+                               f"gives {', '.join(map(repr, names))}", output.name)
 
 
 def encode_response(model: str, version: str, request: InferRequest,
                     outputs: dict[str, np.ndarray]) -> tuple[bytes, dict[str, str]]:
     """The response body and its extra headers (the header length when binary follows)."""
-    if request.outputs is None:
-        wanted = [RequestedOutput(name, request.binary_outputs) for name in outputs]
-    else:
-        wanted = request.outputs
-        unknown = [o.name for o in wanted if o.name not in outputs]
-        if unknown:
-            raise InvalidInput(f"requested output {unknown[0]!r} does not exist; the model "
-                               f"gives {', '.join(map(repr, outputs))}", unknown[0])
+    wanted = request.outputs if request.outputs is not None else \
+        [RequestedOutput(name, request.binary_outputs) for name in outputs]
     entries, blobs = [], []
     for output in wanted:
         array = outputs[output.name]
@@ -304,3 +316,8 @@ def encode_binary(array: np.ndarray) -> bytes:
 
 def metadata_tensor(name: str, dtype: str, shape: tuple[int, ...]) -> dict[str, Any]:
     return {"name": name, "datatype": OIP_DATATYPE[dtype], "shape": list(shape)}
+
+
+def encode_error(message: str) -> bytes:
+    """The protocol's error body."""
+    return orjson.dumps({"error": message})
