@@ -137,10 +137,12 @@ class Repository:
         return sorted(versions, key=version_key)
 
     def _load_version(self, name: str, version: str, config: ModelConfig) -> ServedVersion:
-        fingerprint = self.source.fingerprint(name, version)
-        if self._failed.get((name, version)) == fingerprint:
-            raise BundleError(self._states[(name, version)].reason)
+        previous = self._states.get((name, version))
         self._states[(name, version)] = VersionState(name, version, LOADING)
+        fingerprint = self.source.fingerprint(name, version)
+        if previous is not None and self._failed.get((name, version)) == fingerprint:
+            self._states[(name, version)] = previous
+            raise BundleError(previous.reason)
         try:
             served = load_version(self.source.bundle_path(name, version), name, version,
                                   config, self.device, self.registry)
@@ -261,7 +263,8 @@ class Repository:
         model = self._models.get(name)
         if model is not None:
             return model
-        if any(n == name and s.state == LOADING for (n, _), s in self._states.items()):
+        if any(n == name and s.state == LOADING for (n, _), s in self._states.items()) or (
+                not self._loaded_once and name in self.source.models()):
             raise ModelNotReady(f"model {name!r} is loading")
         loaded = ", ".join(sorted(self._models)) or "none"
         raise ModelNotFound(f"model {name!r} is not loaded (loaded: {loaded})")

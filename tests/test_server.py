@@ -385,6 +385,7 @@ def test_explicit_load_and_unload(tmp_path):
     add_version(repo, "mlp", "1", mlp_onnx([8, 16, 4], seed=1))
     with running_server(repo) as server:
         with Load(server, "/v2/models/mlp/infer", oip("x", "FP32", [1, 8], [1] * 8)) as load:
+            load.wait_for("1")
             add_version(repo, "mlp", "2", mlp_onnx([8, 16, 4], seed=2))
             time.sleep(0.3)
             assert {v for _, v in load.responses} == {"1"}, "no polling: nothing changes"

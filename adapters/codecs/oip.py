@@ -186,8 +186,24 @@ def decode_json(name: str, datatype: str, shape: list[int], data: Any) -> np.nda
             raise InvalidInput(f"input {name!r}: BYTES data must be strings", name)
         array = array.astype(object)
     else:
-        array = cast_array(as_array(data, name), DATATYPES[datatype], name)
+        array = as_array(data, name)
+        if datatype == "UINT64" and array.dtype.kind in "fO":
+            array = _uint64(name, data, array)
+        array = cast_array(array, DATATYPES[datatype], name)
     return _shaped(name, shape, array)
+
+
+def _uint64(name: str, data: list, array: np.ndarray) -> np.ndarray:
+    """Integers above 2**63 make numpy fall back to float64 (or object) and lose digits; read
+    them exactly when every element is an integer that fits uint64."""
+    exact = np.array(data, dtype=object)
+    values = list(exact.flat)
+    if not all(type(v) is int for v in values):
+        return array  # floats among them: the cast says what is wrong
+    if values and (min(values) < 0 or max(values) >= 2 ** 64):
+        raise InvalidInput(f"input {name!r}: values out of uint64 range [0, {2 ** 64 - 1}]",
+                           name)
+    return exact.astype(np.uint64)
 
 
 def _shaped(name: str, shape: list[int], array: np.ndarray) -> np.ndarray:
