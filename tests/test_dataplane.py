@@ -364,3 +364,27 @@ def test_overloaded_carries_an_estimate_of_when_there_is_room(tmp_path):
         with pytest.raises(Overloaded) as info:
             batcher.submit(x)
         assert 2.0 <= info.value.retry_after_s <= 2.6, info.value.retry_after_s
+
+
+def test_decoded_requests_pass_hooks_routing_and_metrics(plane):
+    """What a transport with its own tensor encoding (gRPC) calls, sync and async."""
+    from edgerun.adapters.codecs import oip
+    from edgerun.runtime import ModelNotFound
+
+    request = oip.InferRequest(None, {"x": np.zeros((2, 8), np.float32)},
+                               [oip.RequestedOutput("y", False)], False, None)
+    first = plane.infer(Call(routes.INFER, "mlp", transport="grpc"), request)
+    assert first.version == "1" and first.outputs["y"].shape == (2, 4)
+    again = asyncio.run(plane.infer_async(Call(routes.INFER, "mlp", transport="grpc"), request))
+    np.testing.assert_array_equal(first.outputs["y"], again.outputs["y"])
+    with pytest.raises(ModelNotFound):
+        plane.infer(Call(routes.INFER, "mlp", "9", transport="grpc"), request)
+    bad = oip.InferRequest(None, {"x": np.zeros((2, 3), np.float32)}, None, False, None)
+    with pytest.raises(InvalidInput, match="input 'x': dim 1 must be 8") as info:
+        asyncio.run(plane.infer_async(Call(routes.INFER, "mlp", transport="grpc"), bad))
+    assert info.value.version == "1"
+    counts = {labels: value for labels, value in
+              series(plane.repository.registry, "edgerun_requests_total").items()
+              if labels[2] == "grpc"}
+    assert counts == {("mlp", "1", "grpc", "ok"): 2, ("mlp", "", "grpc", "model_not_found"): 1,
+                      ("mlp", "1", "grpc", "invalid_input"): 1}

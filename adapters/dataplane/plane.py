@@ -16,7 +16,8 @@ import asyncio
 import logging
 import math
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -109,24 +110,20 @@ class DataPlane:
     # ------------------------------------------------------ decoded tensors (gRPC, ...)
     def infer(self, call: Call, request: oip.InferRequest) -> InferResult:
         """Run a decoded OIP request from a plain thread; raises the core's errors."""
-        started = time.perf_counter()
-        version, error = "", None
-        try:
-            self.hooks.before(call)
-            timeout = self._timeout(call, request.timeout_us)
-            with self._route(call, request) as routed:
-                version = routed.version
-                outputs = routed.run(request.inputs, timeout)
-            return _result(call, request, version, outputs)
-        except Exception as exc:
-            error = _as_error(exc)
-            version = error.version or version
-            raise error from (None if error is exc else exc)
-        finally:
-            self._finish(call, version, error, started)
+        with self._decoded(call, request) as (routed, timeout):
+            outputs = routed.run(request.inputs, timeout)
+        return _result(call, request, routed.version, outputs)
 
     async def infer_async(self, call: Call, request: oip.InferRequest) -> InferResult:
         """Run a decoded OIP request from an event loop; raises the core's errors."""
+        with self._decoded(call, request) as (routed, timeout):
+            outputs = await routed.run_async(request.inputs, timeout)
+        return _result(call, request, routed.version, outputs)
+
+    @contextmanager
+    def _decoded(self, call: Call,
+                 request: oip.InferRequest) -> Iterator[tuple[Routed, float | None]]:
+        """Hooks, timeout and route around a decoded request; metrics and errors after it."""
         started = time.perf_counter()
         version, error = "", None
         try:
@@ -134,19 +131,14 @@ class DataPlane:
             timeout = self._timeout(call, request.timeout_us)
             with self._route(call, request) as routed:
                 version = routed.version
-                outputs = await routed.run_async(request.inputs, timeout)
-            return _result(call, request, version, outputs)
+                yield routed, timeout
         except Exception as exc:
             error = _as_error(exc)
             version = error.version or version
             raise error from (None if error is exc else exc)
         finally:
-            self._finish(call, version, error, started)
-
-    def _finish(self, call: Call, version: str, error: EdgerunError | None,
-                started: float) -> None:
-        self.hooks.after(call, error)
-        self._record(call, version, error, started)
+            self.hooks.after(call, error)
+            self._record(call, version, error, started)
 
     # ------------------------------------------------------------------ inference
     def _route(self, call: Call, request: oip.InferRequest) -> Routed:
