@@ -70,7 +70,7 @@ class _Request:
     def __init__(self, arrays: dict[str, np.ndarray], rows: int, key: tuple,
                  deadline: float | None, loop: asyncio.AbstractEventLoop | None,
                  future: asyncio.Future[Outputs] | None,
-                 event: threading.Event | None, callback: Callback | None = None) -> None:
+                 event: threading.Event | None) -> None:
         self.arrays = arrays
         self.rows = rows
         self.key = key
@@ -81,7 +81,7 @@ class _Request:
         self.future = future
         self.timer: asyncio.TimerHandle | None = None
         self.event = event  # thread callers: woken by the event
-        self.callback = callback  # fire-and-forget callers: called on the worker thread
+        self.callback: Callback | None = None  # fire-and-forget callers: run on the worker
         self.value: Outputs | None = None
         self.error: BaseException | None = None
 

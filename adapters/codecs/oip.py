@@ -1,10 +1,10 @@
 """Open Inference Protocol v2 bodies: JSON and the binary tensor data extension.
 
 Only translation lives here: wire bytes to `dict[str, np.ndarray]` and back, whatever carries
-the bytes (HTTP, a Lambda event, an MQTT message). Numeric JSON
-`data` goes from the request bytes straight into a numpy buffer (simdjson, no Python float per
-element), binary data is a zero-copy view, and nothing is validated element by element: the
-core checks names, dtypes and shapes as arrays.
+the bytes (HTTP, a Lambda event, an MQTT message). Numeric JSON `data` goes from the request
+bytes straight into a numpy buffer (simdjson, no Python float per element), binary data is a
+zero-copy view, and nothing is validated element by element: the core checks names, dtypes and
+shapes as arrays.
 """
 
 from __future__ import annotations
