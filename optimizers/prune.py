@@ -100,11 +100,8 @@ def prune_unstructured(model: onnx.ModelProto, sparsity: float) -> PruneReport:
     return PruneReport("unstructured", sparsity, zeros / total, params, params - zeros, layers)
 
 
-@dataclass
-class _Edit:
-    """Slices that removing some channels of one layer implies: (initializer, axis) -> keep."""
-
-    slices: list[tuple[str, int, np.ndarray]] = field(default_factory=list)
+#: What removing channels of one layer implies: (initializer, axis, indices to keep) triples.
+Slices = list[tuple[str, int, np.ndarray]]
 
 
 class _Blocked(Exception):
@@ -159,21 +156,21 @@ def _out_axis(node: onnx.NodeProto, weight: np.ndarray) -> int:
     return weight.ndim - 1
 
 
-def _layer_slices(g: _Graph, node: onnx.NodeProto, keep: np.ndarray) -> _Edit:
+def _layer_slices(g: _Graph, node: onnx.NodeProto, keep: np.ndarray) -> Slices:
     """The slices on the layer itself: its weight's output axis and its bias."""
     weight = g.constant(node, node.input[1])
-    edit = _Edit([(node.input[1], _out_axis(node, weight), keep)])
+    edit: Slices = [(node.input[1], _out_axis(node, weight), keep)]
     if node.op_type in ("Conv", "Gemm") and len(node.input) > 2 and node.input[2]:
         bias = g.constant(node, node.input[2])
         if bias.ndim and bias.shape[-1] == weight.shape[_out_axis(node, weight)]:
-            edit.slices.append((node.input[2], bias.ndim - 1, keep))
+            edit.append((node.input[2], bias.ndim - 1, keep))
         elif bias.size != 1:
             raise _Blocked(f"node {_label(node)}: bias of shape {bias.shape} is not per unit")
     return edit
 
 
 def _follow(g: _Graph, tensor: str, axis: int, rank: int | None, keep: np.ndarray,
-            channels: int, edit: _Edit, seen: set[str]) -> None:
+            channels: int, edit: Slices, seen: set[str]) -> None:
     """Walk every consumer of `tensor` (whose `axis`, negative, holds the pruned channels) until
     the next layers, adding the slices that keep the graph consistent; _Blocked otherwise."""
     if tensor in g.graph_outputs:
@@ -200,7 +197,7 @@ def _follow(g: _Graph, tensor: str, axis: int, rank: int | None, keep: np.ndarra
             _follow(g, node.output[0], axis, rank, keep, channels, edit, seen)
         elif op == "BatchNormalization" and rank is not None and axis == -rank + 1:
             for name in node.input[1:5]:
-                edit.slices.append((name, 0, keep))
+                edit.append((name, 0, keep))
                 if g.constant(node, name).shape != (channels,):
                     raise _Blocked(f"node {_label(node)}: parameter {name!r} is not per channel")
             _follow(g, node.output[0], axis, rank, keep, channels, edit, seen)
@@ -218,17 +215,17 @@ def _follow(g: _Graph, tensor: str, axis: int, rank: int | None, keep: np.ndarra
 
 
 def _broadcast_slice(g: _Graph, node: onnx.NodeProto, name: str, axis: int, keep: np.ndarray,
-                     channels: int, edit: _Edit) -> None:
+                     channels: int, edit: Slices) -> None:
     value = g.constant(node, name)
     if value.ndim >= -axis and value.shape[axis] == channels:
-        edit.slices.append((name, value.ndim + axis, keep))
+        edit.append((name, value.ndim + axis, keep))
     elif value.ndim >= -axis and value.shape[axis] != 1:
         raise _Blocked(f"node {_label(node)}: operand {name!r} of shape {value.shape} does "
                        "not broadcast per channel")
 
 
 def _consumer_slices(g: _Graph, node: onnx.NodeProto, axis: int, rank: int | None,
-                     keep: np.ndarray, channels: int, edit: _Edit) -> None:
+                     keep: np.ndarray, channels: int, edit: Slices) -> None:
     """The next layer loses the matching input channels of its weight."""
     if len(node.input) < 2 or node.input[1] not in g.inits:
         raise _Blocked(f"node {_label(node)}: its weight is not a constant")
@@ -246,10 +243,10 @@ def _consumer_slices(g: _Graph, node: onnx.NodeProto, axis: int, rank: int | Non
     if weight.shape[in_axis] != channels:
         raise _Blocked(f"node {_label(node)}: weight has {weight.shape[in_axis]} input "
                        f"channels, {channels} expected")
-    edit.slices.append((node.input[1], in_axis, keep))
+    edit.append((node.input[1], in_axis, keep))
 
 
-def _plan(g: _Graph, node: onnx.NodeProto, ratio: float, norm: str) -> tuple[_Edit, int, int]:
+def _plan(g: _Graph, node: onnx.NodeProto, ratio: float, norm: str) -> tuple[Slices, int, int]:
     weight = g.constant(node, node.input[1])
     if node.op_type == "Gemm" and _attr(node, "transA", 0):
         raise _Blocked(f"node {_label(node)}: transA is set")
@@ -298,7 +295,7 @@ def prune_structured(model: onnx.ModelProto, ratio: float, *, norm: str = "l1") 
         except _Blocked as blocked:
             skipped.append(f"{_label(node)}: {blocked}")
             continue
-        for name, axis, keep in edit.slices:
+        for name, axis, keep in edit:
             _set(model, name, np.take(g.array(name), keep, axis=axis))
         layers.append(f"{_label(node)}: {channels} -> {kept}")
     if not layers:
