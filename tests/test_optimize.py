@@ -370,7 +370,14 @@ def test_cli_end_to_end_on_the_digits_model(digits, tmp_path):
     assert lonely.returncode == 2 and "--structured needs --prune" in lonely.stderr
 
 
-def test_readme_optimize_example_runs(tmp_path):
+def test_readme_optimize_example_runs(digits, tmp_path):
+    # what `edgerun demo --workdir demo` leaves: the same model, held-out rows and sample
+    demo = tmp_path / "demo"
+    demo.mkdir()
+    (demo / "digits.onnx").write_bytes((digits / "digits.onnx").read_bytes())
+    (demo / "heldout.npz").write_bytes((digits / "eval.npz").read_bytes())
+    first = np.load(digits / "eval.npz")["X"][:1]
+    (demo / "sample.json").write_text(json.dumps({"X": first.tolist()}))
     readme = (Path(__file__).parents[1] / "README.md").read_text()
     (block,) = [b for b in re.findall(r"```bash\n(.*?)```", readme, re.S)
                 if "edgerun optimize" in b]
