@@ -20,6 +20,7 @@ import numpy as np
 import onnx
 
 from edgerun.optimizers.errors import OptimizeError
+from edgerun.runtime.signature import Signature
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +75,8 @@ def check_quantizable(model: onnx.ModelProto, name: str, precision: str) -> None
                             f"(its ops: {', '.join(ops)})")
 
 
-def calibration_feeds(calibration: Calibration, input_names: list[str]) -> list[dict[str, np.ndarray]]:
+def calibration_feeds(calibration: Calibration,
+                      input_names: list[str]) -> list[dict[str, np.ndarray]]:
     """Materialize calibration data as input dicts, checked against the model's input names.
 
     A folder holds `.npz` files keyed by input name, or `.npy` files for a single-input model;
@@ -116,7 +118,7 @@ class _Reader:
     """onnxruntime's CalibrationDataReader protocol over a list of feeds (duck-typed: the ABC
     only asks for get_next)."""
 
-    def __init__(self, feeds: list[dict[str, np.ndarray]], signature) -> None:
+    def __init__(self, feeds: list[dict[str, np.ndarray]], signature: Signature) -> None:
         self._feeds: Iterator[dict[str, np.ndarray]] = iter(
             [signature.validate(feed) for feed in feeds])
 
@@ -233,14 +235,12 @@ def quantize(model_path: Path, out_path: Path, precision: str, *,
     """
     if precision not in PRECISIONS:
         raise OptimizeError(f"precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
+    if precision != "int8" and (calibration is not None or per_channel):
+        raise OptimizeError(f"calibration data and --per-channel apply to int8 only, "
+                            f"not {precision}")
     if precision == "fp32":
-        if calibration is not None or per_channel:
-            raise OptimizeError("calibration data and --per-channel apply to int8 only")
         return None
     if precision == "fp16":
-        if calibration is not None or per_channel:
-            raise OptimizeError("calibration data and --per-channel apply to int8 only, "
-                                "not fp16")
         return convert_fp16(model_path, out_path)
     if calibration is not None:
         return quantize_int8_static(model_path, out_path, calibration, per_channel=per_channel)
