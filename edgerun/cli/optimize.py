@@ -111,5 +111,7 @@ def _print_report(report: OptimizeReport) -> None:
                       f"{(acc_after - before.accuracy) * 100:+.2f} points"
                       if acc_after is not None else "")
     out.print(table)
+    if report.compile_report is not None:  # TVM's own figures, as its CompileReport prints them
+        out.print(report.compile_report)
     for note in report.notes:
         out.print(f"[yellow]note[/]: {note}")
