@@ -10,9 +10,7 @@ small pool (the profile's `instances` of them at most), so concurrent callers ne
 from __future__ import annotations
 
 import os
-import queue
 import threading
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -54,31 +52,30 @@ def _new_interpreter(model_path: Path, threads: int | None) -> Any:
     return interpreter
 
 
-@dataclass(frozen=True)
 class _Tensor:
     """One io tensor: where it lives in the interpreter and how floats map onto it."""
 
-    name: str
-    index: int
-    dtype: np.dtype
-    scale: float
-    zero_point: int
+    __slots__ = ("name", "index", "dtype", "quantized", "_scale", "_zero_point", "_lo", "_hi")
 
-    @property
-    def quantized(self) -> bool:
-        return self.scale != 0.0 and self.dtype.name in _QUANTIZED
+    def __init__(self, name: str, index: int, dtype: np.dtype, scale: float,
+                 zero_point: int) -> None:
+        self.name, self.index, self.dtype = name, index, dtype
+        self.quantized = scale != 0.0 and dtype.name in _QUANTIZED
+        self._scale, self._zero_point = np.float32(scale), np.float32(zero_point)
+        if self.quantized:
+            info = np.iinfo(dtype)
+            self._lo, self._hi = info.min, info.max
 
     def to_tensor(self, array: np.ndarray) -> np.ndarray:
         if not self.quantized:
             return array
-        info = np.iinfo(self.dtype)
-        q = np.round(array.astype(np.float32) / np.float32(self.scale)) + self.zero_point
-        return np.clip(q, info.min, info.max).astype(self.dtype)
+        q = np.round(array.astype(np.float32) / self._scale) + self._zero_point
+        return np.clip(q, self._lo, self._hi).astype(self.dtype)
 
     def from_tensor(self, array: np.ndarray) -> np.ndarray:
         if not self.quantized:
             return array
-        return (array.astype(np.float32) - np.float32(self.zero_point)) * np.float32(self.scale)
+        return (array.astype(np.float32) - self._zero_point) * self._scale
 
 
 def _tensors(details: list[dict[str, Any]], model: Path) -> tuple[_Tensor, ...]:
@@ -112,33 +109,42 @@ def _sample(tensor: _Tensor, shape: list[int], rng: np.random.Generator) -> np.n
     return np.zeros(shape, tensor.dtype)
 
 
+class _Slot:
+    """One interpreter and the input shapes it is allocated for (reading them back from the
+    interpreter costs more than a small model's forward pass)."""
+
+    def __init__(self, interpreter: Any) -> None:
+        self.interpreter = interpreter
+        self.shapes = {d["index"]: tuple(int(n) for n in d["shape"])
+                       for d in interpreter.get_input_details()}
+
+
 class TFLiteBackend(Backend):
     name = "tflite"
 
     def __init__(self, model_path: Path, threads: int | None, pool_size: int) -> None:
         self.model_path = model_path
         self._threads = threads
-        self._pool: queue.LifoQueue[Any] = queue.LifoQueue()
+        first = _Slot(_new_interpreter(model_path, threads))
+        self._inputs = _tensors(first.interpreter.get_input_details(), model_path)
+        self._outputs = _tensors(first.interpreter.get_output_details(), model_path)
+        self._idle = [first]
         self._lock = threading.Lock()
-        self._created = 0
-        self._pool_size = max(1, pool_size)
-        first = _new_interpreter(model_path, threads)
-        self._inputs = _tensors(first.get_input_details(), model_path)
-        self._outputs = _tensors(first.get_output_details(), model_path)
-        self._created = 1
-        self._pool.put(first)
+        self._slots = threading.Semaphore(max(1, pool_size))  # interpreters at most
 
     @classmethod
     def inspect(cls, model_path: Path) -> Signature:
         backend = cls(model_path, 1, 1)
-        interpreter = backend._pool.get()
-        ins = {d["index"]: list(d["shape_signature"]) for d in interpreter.get_input_details()}
-        outs = {d["index"]: list(d["shape_signature"]) for d in interpreter.get_output_details()}
-        batched = backend._batchable(interpreter, ins, outs)
+        slot = backend._idle[0]
+        ins = {d["index"]: list(d["shape_signature"])
+               for d in slot.interpreter.get_input_details()}
+        outs = {d["index"]: list(d["shape_signature"])
+                for d in slot.interpreter.get_output_details()}
+        batched = backend._batchable(slot, ins, outs)
         return Signature(tuple(_spec(t, ins[t.index], batched) for t in backend._inputs),
                          tuple(_spec(t, outs[t.index], batched) for t in backend._outputs))
 
-    def _batchable(self, interpreter: Any, ins: dict[int, list[int]],
+    def _batchable(self, slot: _Slot, ins: dict[int, list[int]],
                    outs: dict[int, list[int]]) -> bool:
         """Whether every tensor leads with a batch dim that can grow: declared dynamic, or fixed
         at 1 and a batch of 2 resized gives the rows that two single runs give."""
@@ -151,9 +157,9 @@ class TFLiteBackend(Backend):
         rows = [{t.name: _sample(t, [1, *ins[t.index][1:]], rng) for t in self._inputs}
                 for _ in range(2)]
         try:
-            single = [self._invoke(interpreter, feed) for feed in rows]
-            both = self._invoke(interpreter, {name: np.concatenate([r[name] for r in rows])
-                                              for name in rows[0]})
+            single = [self._invoke(slot, feed) for feed in rows]
+            both = self._invoke(slot, {name: np.concatenate([r[name] for r in rows])
+                                       for name in rows[0]})
         except (ValueError, RuntimeError):
             return False
         return all(both[name].shape[0] == 2 and np.allclose(
@@ -164,13 +170,14 @@ class TFLiteBackend(Backend):
     def load(cls, model_path: Path, device: DeviceProfile) -> TFLiteBackend:
         return cls(model_path, device.intra_op_threads or os.cpu_count() or 1, device.instances)
 
-    def _invoke(self, interpreter: Any, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def _invoke(self, slot: _Slot, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        interpreter = slot.interpreter
         resized = False
-        details = {d["index"]: d for d in interpreter.get_input_details()}
         for tensor in self._inputs:
             shape = inputs[tensor.name].shape
-            if tuple(details[tensor.index]["shape"]) != shape:
+            if slot.shapes[tensor.index] != shape:
                 interpreter.resize_tensor_input(tensor.index, list(shape), strict=False)
+                slot.shapes[tensor.index] = shape
                 resized = True
         if resized:
             interpreter.allocate_tensors()
@@ -180,30 +187,20 @@ class TFLiteBackend(Backend):
         interpreter.invoke()
         return {t.name: t.from_tensor(interpreter.get_tensor(t.index)) for t in self._outputs}
 
-    def _borrow(self) -> Any:
-        try:
-            return self._pool.get_nowait()
-        except queue.Empty:
-            pass
-        with self._lock:
-            create = self._created < self._pool_size
-            if create:
-                self._created += 1
-        if not create:
-            return self._pool.get()
-        try:
-            return _new_interpreter(self.model_path, self._threads)
-        except BaseException:
-            with self._lock:
-                self._created -= 1
-            raise
-
     def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        interpreter = self._borrow()
+        self._slots.acquire()
         try:
-            return self._invoke(interpreter, inputs)
+            with self._lock:
+                slot = self._idle.pop() if self._idle else None
+            if slot is None:
+                slot = _Slot(_new_interpreter(self.model_path, self._threads))
+            try:
+                return self._invoke(slot, inputs)
+            finally:
+                with self._lock:
+                    self._idle.append(slot)
         finally:
-            self._pool.put(interpreter)
+            self._slots.release()
 
     def describe(self) -> dict[str, Any]:
         return {"backend": self.name, "interpreter": interpreter_class()[1],
