@@ -62,6 +62,8 @@ class Measured:
 
 @dataclass
 class OptimizeReport:
+    """What `optimize` made and measured; `compile_report` is TVM's, when it compiled."""
+
     bundle: Path
     device: str
     optimizations: list[str]
@@ -145,7 +147,7 @@ def optimize(model_path: str | Path, output: str | Path,
             archive.pack(folder, output)
     error = None
     notes = []
-    if after.outputs is not None:
+    if after.runs_here:
         error = measure.max_abs_error(before.outputs, after.outputs)
     else:
         notes.append(f"the artifact for {profile.name} does not run on this host: latency, "
