@@ -1,6 +1,6 @@
 """The optimizer on real data: sizes, accuracy and latency of each optimization of one model.
 
-    python benchmarks/optimize.py [--hidden 1024] [--rounds 5] [--write]
+    python benchmarks/optimize.py [--hidden 1024] [--rounds 11] [--write]
 
 An sklearn MLPClassifier (one hidden layer of `--hidden` units, L2 penalty `--alpha`) trained on
 scikit-learn's bundled digits (1,400 training rows), converted with skl2onnx, then made into
@@ -15,6 +15,7 @@ point; 50 % structured pruning within 2 points and faster.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import tempfile
 from pathlib import Path
@@ -69,7 +70,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--hidden", type=int, default=1024)
     parser.add_argument("--alpha", type=float, default=1e-2)
-    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=11)
     parser.add_argument("--seconds", type=float, default=0.2, help="per figure per round")
     parser.add_argument("--write", action="store_true")
     args = parser.parse_args()
@@ -134,7 +135,8 @@ def main() -> None:
          f"{speed[1]:.2f}x / {speed[64]:.2f}x", "> 1x", verdict(min(speed.values()) > 1)],
     ])
     text = (f"Command: `python benchmarks/optimize.py --write`  \n"
-            f"Machine: {machine()}, onnxruntime {ort.__version__}\n\n"
+            f"Machine: {machine()}, onnxruntime {ort.__version__}; load average "
+            f"{os.getloadavg()[0]:.1f} when the timing ended (the machine is shared)\n\n"
             f"Model: scikit-learn MLPClassifier 64-{args.hidden}-10 (alpha {args.alpha:g}) "
             f"trained on 1,400 digits rows, skl2onnx; accuracy on the 397 held-out rows. "
             f"Bundles made by `edgerun.optimizers.pipeline.optimize` for the x86-64 profile; "
