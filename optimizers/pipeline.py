@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import shutil
+import statistics
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -101,13 +102,12 @@ def optimize(model_path: str | Path, output: str | Path,
     name = options.name or model_path.stem
     with tempfile.TemporaryDirectory(prefix="edgerun-optimize-") as scratch_name:
         scratch = Path(scratch_name)
-        progress("bundling and measuring the original")
+        progress("bundling the original")
         original = create_bundle(model_path, scratch / "original", name=name, version="0",
                                  device=profile)
         signature = original.signature
         data = measure.load_eval(options.eval_data, signature) if options.eval_data \
             else measure.synthetic_eval(signature)
-        before = _measure(original, profile, data, options.latency_seconds)
 
         current, tags, pruned = model_path, [], None
         if options.prune is not None:
@@ -140,9 +140,10 @@ def optimize(model_path: str | Path, output: str | Path,
             create_bundle(current, folder, name=name, version=options.version, device=profile,
                           golden_inputs=golden, optimizations=tuple(tags),
                           source_file=model_path.name, source_sha256=sha256_file(model_path))
-        progress("measuring the result")
+        progress("measuring the original and the result")
         with Bundle.open(folder) as result:
-            after = _measure(result, profile, data, options.latency_seconds)
+            before, after = _measure((original, result), profile, data,
+                                     options.latency_seconds)
         if folder != output:
             archive.pack(folder, output)
     error = None
@@ -156,21 +157,37 @@ def optimize(model_path: str | Path, output: str | Path,
                           notes)
 
 
-def _measure(bundle: Bundle, profile: DeviceProfile, data: measure.EvalData,
-             seconds: float) -> Measured:
-    sizes = measure.sizes(bundle.path, bundle.manifest.model_file)
-    try:
-        model = Model.load(bundle, profile)
-    except BundleError:
-        return Measured(sizes, runs_here=False)
-    try:
+def _measure(bundles: tuple[Bundle, ...], profile: DeviceProfile, data: measure.EvalData,
+             seconds: float, rounds: int = 3) -> list[Measured]:
+    """Sizes, outputs and accuracy of each bundle, and latencies timed in interleaved rounds
+    (medians) so that a busy host slows every candidate alike."""
+    measured, models = [], []
+    for bundle in bundles:
+        sizes = measure.sizes(bundle.path, bundle.manifest.model_file)
+        try:
+            model = Model.load(bundle, profile)
+        except BundleError:  # an artifact for another target
+            measured.append(Measured(sizes, runs_here=False))
+            models.append(None)
+            continue
         outputs = measure.predict_all(model, data)
         accuracy = measure.accuracy(outputs, data.labels) if data.labels is not None else None
-        latency = {batch: measure.latency_ms(model, data, batch, seconds)
-                   for batch in LATENCY_BATCHES}
+        measured.append(Measured(sizes, {}, accuracy, outputs))
+        models.append(model)
+    try:
+        samples: dict[tuple[int, int], list[float | None]] = {}
+        for _ in range(rounds):
+            for i, model in enumerate(models):
+                for batch in LATENCY_BATCHES if model is not None else ():
+                    samples.setdefault((i, batch), []).append(
+                        measure.latency_ms(model, data, batch, seconds / rounds))
+        for (i, batch), values in samples.items():
+            measured[i].latency_ms[batch] = None if None in values else statistics.median(values)
     finally:
-        model.close()
-    return Measured(sizes, latency, accuracy, outputs)
+        for model in models:
+            if model is not None:
+                model.close()
+    return measured
 
 
 def _record_source(folder: Path, model_path: Path) -> None:
