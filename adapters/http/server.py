@@ -10,13 +10,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
-from collections.abc import Coroutine, Iterator
+from collections.abc import Coroutine, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 import uvicorn
 
-from edgerun.adapters.dataplane import DataPlane
+from edgerun.adapters.dataplane import DataPlane, Hook
 from edgerun.adapters.http.app import create_app
 from edgerun.adapters.http.asgi import EdgerunASGI
 from edgerun.runtime.batcher import BatchingConfig
@@ -30,15 +30,18 @@ def serve(source: VersionSource | str | Path, *, host: str = "127.0.0.1", port: 
           grpc_port: int | None = None, device: str | None = None,
           poll_interval: float | None = None, batching: BatchingConfig | None = None,
           max_body_bytes: int = 64 << 20, access_log: bool = False,
-          log_level: str = "info") -> None:
+          log_level: str = "info", hooks: Iterable[Hook] = ()) -> None:
     """Serve every model of `source` (a repository folder, or any VersionSource) until stopped.
 
     The repository loads in the background while the ports open (readiness turns true once
-    every model is loaded); the app itself never loads or unloads models.
+    every model is loaded); the app itself never loads or unloads models. `hooks` (auth,
+    tracing) join the request-id hook on every route of both transports.
     """
     repository = Repository(source, device, default_batching=batching)
     repository.start_loading(poll_interval)
     plane = DataPlane(repository)
+    for hook in hooks:
+        plane.hooks.add(hook)
     app = EdgerunASGI(plane, max_body_bytes=max_body_bytes,
                       fallback=create_app(plane, max_body_bytes=max_body_bytes))
     config = uvicorn.Config(app, host=host, port=port, access_log=access_log,
