@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import filecmp
 import re
+import signal
 import subprocess
 import sys
 import threading
@@ -356,3 +357,20 @@ def test_committed_stubs_are_what_generate_sh_makes(tmp_path):
                  "grpc_predict_v2_pb2_grpc.py"):
         assert filecmp.cmp(tmp_path / name, ROOT / "adapters" / "grpc" / name, shallow=False), \
             f"{name} is stale: run adapters/grpc/generate.sh"
+
+
+def test_sigterm_answers_a_queued_grpc_request_then_exits_cleanly(tmp_path):
+    root = tmp_path / "models"
+    add_version(root, "slowq", "1", identity_onnx("float32", ["b", 2]))
+    (root / "slowq" / "config.toml").write_text(SLOW_QUEUE)
+    answers = []
+    with running_server(root, grpc=True) as server:
+        client = tgrpc.InferenceServerClient(server.grpc_address)
+        waiting = threading.Thread(target=lambda: answers.append(client.infer(
+            "slowq", [fp32_input(np.ones((1, 2), np.float32))]).as_numpy("y")))
+        waiting.start()
+        threading.Event().wait(0.3)  # queued, waiting out the 1.5 s batching delay
+        server.process.send_signal(signal.SIGTERM)
+        waiting.join()
+        assert server.process.wait(30) == 0, server.output()
+    assert len(answers) == 1 and answers[0].tolist() == [[1.0, 1.0]]
