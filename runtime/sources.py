@@ -112,8 +112,9 @@ class SingleModelSource:
                  device: str | None = None) -> None:
         self.path = Path(path)
         self.default_batching = default_batching
-        self._workdir = tempfile.TemporaryDirectory(prefix="edgerun-model-")
         found = _single_model(self.path)
+        # Lives as long as the source: an unpacked, relabelled or freshly made bundle.
+        self._workdir = tempfile.TemporaryDirectory(prefix="edgerun-model-")
         work = Path(self._workdir.name) / "bundle"
         if found.is_dir() or _is_archive(found):
             if found.is_file():

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from typing import TypeVar
+from typing import NoReturn, TypeVar
 
 import grpc
 
@@ -23,7 +23,7 @@ from edgerun.adapters.grpc import grpc_predict_v2_pb2 as pb
 from edgerun.adapters.grpc.grpc_predict_v2_pb2_grpc import (
     GRPCInferenceServiceServicer, add_GRPCInferenceServiceServicer_to_server)
 from edgerun.adapters.grpc.status import code_of, error_metadata
-from edgerun.runtime.errors import EdgerunError, ModelNotFound, ModelNotReady
+from edgerun.runtime.errors import EdgerunError, InferenceError, ModelNotFound, ModelNotReady
 
 log = logging.getLogger(__name__)
 TRANSPORT = "grpc"
@@ -89,8 +89,8 @@ class InferenceServicer(GRPCInferenceServiceServicer):
             result = await self.plane.infer_async(call, lambda: codec.decode_request(request))
             response = codec.encode_response(result.model, result.version, result.request,
                                              result.outputs)
-        except EdgerunError as error:
-            await _abort(context, call, error)
+        except Exception as exc:
+            await _abort(context, call, _as_error(exc))
         _send_headers(context, call)
         return response
 
@@ -101,7 +101,8 @@ class InferenceServicer(GRPCInferenceServiceServicer):
         try:
             hooks.before(call)
             response = make()
-        except EdgerunError as error:
+        except Exception as exc:
+            error = _as_error(exc)
             hooks.after(call, error)
             await _abort(context, call, error)
         hooks.after(call, None)
@@ -124,7 +125,16 @@ def _send_headers(context: grpc.aio.ServicerContext, call: Call) -> None:
             tuple((key.lower(), value) for key, value in call.response_headers.items()))
 
 
-async def _abort(context: grpc.aio.ServicerContext, call: Call, error: EdgerunError) -> None:
+def _as_error(exc: Exception) -> EdgerunError:
+    """The core's error for a failure; anything unexpected is logged and becomes INTERNAL."""
+    if isinstance(exc, EdgerunError):
+        return exc
+    log.error("gRPC call failed unexpectedly", exc_info=exc)
+    return InferenceError(f"internal error: {type(exc).__name__}: {exc}")
+
+
+async def _abort(context: grpc.aio.ServicerContext, call: Call,
+                 error: EdgerunError) -> NoReturn:
     metadata = {**call.response_headers, **error_metadata(error)}
     await context.abort(code_of(error), str(error),
                         tuple((key.lower(), value) for key, value in metadata.items()))
