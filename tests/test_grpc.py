@@ -374,3 +374,11 @@ def test_sigterm_answers_a_queued_grpc_request_then_exits_cleanly(tmp_path):
         waiting.join()
         assert server.process.wait(30) == 0, server.output()
     assert len(answers) == 1 and answers[0].tolist() == [[1.0, 1.0]]
+
+
+def test_the_grpc_adapter_imports_no_web_framework():
+    probe = ("import sys, edgerun.adapters.grpc.server; "
+             "print(sorted({'fastapi', 'starlette', 'uvicorn', 'pydantic'} & set(sys.modules)))")
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                            timeout=60, check=True)
+    assert result.stdout.strip() == "[]"

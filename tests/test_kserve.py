@@ -227,5 +227,6 @@ def test_images_run_the_runtime_command_as_a_user_on_8080_and_8081():
         parsed = build_parser().parse_args(argv[1:])
         assert (parsed.port, parsed.grpc_port, str(parsed.model_dir)) == \
             (8080, 8081, "/mnt/models"), name
-        assert re.search(r"pip install .*\.\[server\]", text), name
+        assert re.search(r"pip install .*edgerun\[server\]|pip install .*\.\[server\]", text), \
+            name
     assert "onnxruntime-gpu" in (ROOT / "Dockerfile.cuda").read_text()
