@@ -207,6 +207,14 @@ def test_requested_outputs_and_request_id_are_honoured(client):
     assert [o.name for o in response.outputs] == ["y"]
 
 
+def test_request_id_metadata_is_echoed_in_trailing_metadata(stub):
+    request = typed_request("mlp", "x", "FP32", np.zeros((1, 8), np.float32))
+    _, call = stub.ModelInfer.with_call(request, metadata=[("x-request-id", "trace-42")])
+    assert ("x-request-id", "trace-42") in call.trailing_metadata()
+    _, call = stub.ServerLive.with_call(pb.ServerLiveRequest())
+    assert any(key == "x-request-id" for key, _ in call.trailing_metadata())
+
+
 def test_same_model_answers_alike_over_http_and_grpc(server, client, stub):
     x = np.random.default_rng(3).standard_normal((5, 8)).astype(np.float32)
     over_grpc = client.infer("mlp", [fp32_input(x)])
