@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import logging
+
 import grpc
 
 from edgerun.adapters.dataplane import DataPlane
 from edgerun.adapters.grpc.servicer import add_to_server
+
+log = logging.getLogger(__name__)
 
 
 async def start(plane: DataPlane, host: str, port: int, *,
@@ -18,7 +22,7 @@ async def start(plane: DataPlane, host: str, port: int, *,
     server = grpc.aio.server(options=[
         ("grpc.max_receive_message_length", max_message_bytes),
         ("grpc.max_send_message_length", max_message_bytes),
-        ("grpc.so_reuseport", 0),
+        ("grpc.so_reuseport", 0),  # a port in use is an error, never silently shared
     ])
     add_to_server(server, plane)
     address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
@@ -29,4 +33,5 @@ async def start(plane: DataPlane, host: str, port: int, *,
     if not bound:
         raise OSError(f"gRPC could not listen on {address}")
     await server.start()
+    log.info("OIP v2 gRPC (inference.GRPCInferenceService) on %s", address)
     return server
