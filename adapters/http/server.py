@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
 
 import uvicorn
 
-from edgerun.adapters.dataplane import DataPlane
+from edgerun.adapters.dataplane import DataPlane, Hook
 from edgerun.adapters.http.app import create_app
 from edgerun.adapters.http.asgi import EdgerunASGI
 from edgerun.runtime.batcher import BatchingConfig
@@ -16,15 +17,18 @@ from edgerun.runtime.repository import Repository
 def serve(repository_dir: str | Path, *, host: str = "127.0.0.1", port: int = 8000,
           device: str | None = None, poll_interval: float | None = None,
           batching: BatchingConfig | None = None, max_body_bytes: int = 64 << 20,
-          access_log: bool = False, log_level: str = "info") -> None:
+          access_log: bool = False, log_level: str = "info", hooks: Iterable[Hook] = ()) -> None:
     """Serve every model in `repository_dir` until interrupted; drains on shutdown.
 
     The repository loads in the background while the port opens (readiness turns 200 once
-    every model is loaded); the app itself never loads or unloads models.
+    every model is loaded); the app itself never loads or unloads models. `hooks` (auth,
+    tracing) join the request-id hook on every route.
     """
     repository = Repository(repository_dir, device, default_batching=batching)
     repository.start_loading(poll_interval)
     plane = DataPlane(repository)
+    for hook in hooks:
+        plane.hooks.add(hook)
     app = EdgerunASGI(plane, max_body_bytes=max_body_bytes,
                       fallback=create_app(plane, max_body_bytes=max_body_bytes))
     try:
