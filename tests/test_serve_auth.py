@@ -110,3 +110,34 @@ def test_no_secret_reaches_the_logs_under_load(secured) -> None:
         assert secret not in output
         assert secret.removeprefix("edgerun_")[:16] not in output
     assert json.dumps(secrets["app"])[1:-1] not in output
+
+
+README = Path(__file__).parents[1] / "README.md"
+
+
+def readme_block(language: str, marker: str) -> str:
+    import re
+    return next(b for b in re.findall(rf"```{language}\n(.*?)```", README.read_text(), re.S)
+                if marker in b)
+
+
+def test_readme_security_examples_are_true(tmp_path: Path) -> None:
+    import sys
+
+    from edgerun.adapters.auth.mosquitto import Device, InferenceClient, Orchestrator, acl_text
+    add_version(tmp_path / "models", "digits", "1", mlp_onnx([4, 8, 2], seed=1))
+    script = readme_block("bash", "--api-keys").replace("8001", str(free_port())).replace(
+        ".venv/bin/", str(Path(sys.executable).parent) + "/")
+    result = subprocess.run(["bash", "-ec", script + "wait\n"], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "created read token 'app'" in out and "revoked token 'app'" in out
+    assert out.count("401\n") == 2 and out.index("401") < out.index('"name":"digits"')
+    token = (tmp_path / "app.token").read_text().strip()
+    assert token not in result.stdout + result.stderr
+    hashed = "$7$x"
+    assert readme_block("text", "pattern") == acl_text(
+        [Device("dev-a", hashed, groups=("line-1",)), Device("dev-b", hashed)],
+        [InferenceClient("client-c", hashed, targets=("dev-a", "line-1"))],
+        Orchestrator("fleet", hashed))
