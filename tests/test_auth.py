@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import time
@@ -13,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from edgerun.adapters.auth import ApiKeyHook, TokenStore, create_token, revoke_token
-from edgerun.adapters.auth.tokens import bearer, read_secret
+from edgerun.adapters.auth.tokens import basic, bearer, read_secret
 from edgerun.adapters.dataplane import Call, DataPlane
 from edgerun.adapters.dataplane import call as routes
 from edgerun.adapters.http.status import error_headers, status_of
@@ -107,9 +108,15 @@ def test_the_file_reloads_without_a_restart(tmp_path: Path, keys) -> None:
         TokenStore(tokens)
 
 
-def test_bearer_parsing() -> None:
+def test_header_parsing(keys) -> None:
     assert bearer("Bearer abc") == bearer("bearer  abc ") == "abc"
     assert bearer("Basic abc") is None and bearer(None) is None and bearer("Bearer ") is None
+    pair = "Basic " + base64.b64encode(b"dev-a:s3:cret").decode()
+    assert basic(pair) == ("dev-a", "s3:cret")
+    assert basic("Basic !!") is None and basic("Bearer x") is None and basic(None) is None
+    assert basic("Basic " + base64.b64encode(b"no-colon").decode()) is None
+    tokens, secrets = keys
+    assert TokenStore(tokens).check_header(f"Bearer {secrets['read']}", "read").name == "read-key"
 
 
 # ----------------------------------------------------------------- the data plane hook

@@ -19,7 +19,8 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
 from edgerun.adapters.auth.mosquitto import (Device, InferenceClient, Orchestrator,
-                                             hash_password, verify_password, write_broker_files)
+                                             hash_password, new_password, verify_password,
+                                             write_broker_files)
 from edgerun.runtime.errors import InvalidInput
 from tests.serving import free_port
 
@@ -44,6 +45,9 @@ def test_hash_matches_mosquitto_passwd(tmp_path: Path) -> None:
     assert (user, kind, iterations) == ("dev-a", "7", "101")
     assert hash_password("s3cret", salt=base64.b64decode(salt)) == made
     assert verify_password(made, "s3cret") and not verify_password(made, "s3cret!")
+    secret, hashed = new_password()
+    assert verify_password(hashed, secret) and secret not in hashed and len(secret) >= 43
+    assert not verify_password("$6$old$format", secret) and not verify_password("junk", secret)
 
 
 def test_names_that_would_break_isolation_are_refused(tmp_path: Path) -> None:

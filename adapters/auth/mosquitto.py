@@ -28,6 +28,7 @@ import hashlib
 import hmac
 import os
 import re
+import secrets
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,6 +64,13 @@ def hash_password(password: str, *, salt: bytes | None = None,
     digest = hashlib.pbkdf2_hmac("sha512", password.encode(), salt, iterations)
     return (f"$7${iterations}${base64.b64encode(salt).decode()}$"
             f"{base64.b64encode(digest).decode()}")
+
+
+def new_password() -> tuple[str, str]:
+    """A fresh device secret (256 random bits) and its `$7$` hash: hand the first to the device
+    once (`fleet enroll` prints it), keep only the second."""
+    secret = secrets.token_urlsafe(32)
+    return secret, hash_password(secret)
 
 
 def verify_password(password_hash: str, password: str) -> bool:

@@ -18,6 +18,7 @@ token names, never tokens.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import hmac
 import logging
@@ -213,6 +214,10 @@ class TokenStore:
                                    f"needs {needed!r}")
         return entry
 
+    def check_header(self, authorization: str | None, needed: str) -> TokenEntry:
+        """`check` on an `Authorization` header value (HTTP, or gRPC metadata)."""
+        return self.check(bearer(authorization), needed)
+
 
 def bearer(authorization: str | None) -> str | None:
     """The token of an `Authorization: Bearer <token>` value (scheme case-insensitive)."""
@@ -222,3 +227,19 @@ def bearer(authorization: str | None) -> str | None:
     if scheme.lower() != "bearer":
         return None
     return token.strip() or None
+
+
+def basic(authorization: str | None) -> tuple[str, str] | None:
+    """(user, password) of an `Authorization: Basic ...` value: how a device presents its id
+    and secret to the registry, the same pair it uses as its MQTT username and password."""
+    if not authorization:
+        return None
+    scheme, _, encoded = authorization.strip().partition(" ")
+    if scheme.lower() != "basic":
+        return None
+    try:
+        user, colon, password = base64.b64decode(encoded.strip(), validate=True).decode(
+            ).partition(":")
+    except (ValueError, UnicodeDecodeError):
+        return None
+    return (user, password) if colon and user else None
