@@ -10,6 +10,9 @@ Which scope each route needs, as a platform team runs it:
 - `deploy`: loading and unloading models (changes what the server serves).
 - anything else (a route added later and not listed here): `admin`, so new routes fail closed.
 
+The OpenAPI document (`/docs`, `/openapi.json`) is served beside the data plane and stays open:
+it describes the protocol and names no model.
+
 Metrics are closed by default once keys are on: they name every model and version and reveal
 traffic. Prometheus scrapes with a `read` token (`authorization: {credentials_file: ...}` in its
 scrape config); `metrics_open=True` (`edgerun serve --metrics open`) is for scrapers that cannot.
@@ -69,16 +72,12 @@ class ApiKeyHook(Hook):
         token = bearer(call.attributes(self.attribute))
         try:
             entry = self.store.check(token, needed)
-        except Unauthenticated:
-            reason = "missing" if token is None else "invalid"
-            self._refuse(call, reason, f"{reason} token")
-            raise
-        except PermissionDenied as exc:
-            self._refuse(call, "scope", str(exc))  # the message names the token, not its secret
+        except (Unauthenticated, PermissionDenied) as exc:
+            reason = ("scope" if isinstance(exc, PermissionDenied)
+                      else "missing" if token is None else "invalid")
+            self._refusals.labels(call.transport, reason).inc()
+            # the messages name a token at most, never its secret
+            log.debug("refused %s %s over %s (%s): %s", call.route, call.model or "-",
+                      call.transport, reason, exc)
             raise
         call.identity = entry.name
-
-    def _refuse(self, call: Call, reason: str, detail: str) -> None:
-        self._refusals.labels(call.transport, reason).inc()
-        log.debug("refused %s %s over %s (%s): %s", call.route, call.model or "-",
-                  call.transport, reason, detail)
