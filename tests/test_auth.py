@@ -101,6 +101,13 @@ def test_the_file_reloads_without_a_restart(tmp_path: Path, keys) -> None:
     with tokens.open("a") as sink:
         sink.write("admin sha256:abc half-written\n")
     assert store.check(secrets["read"], "read").name == "read-key"
+    tokens.chmod(0o666)  # anyone could add an admin token now: nothing is trusted
+    with pytest.raises(Unauthenticated):
+        store.check(secrets["read"], "read")
+    with pytest.raises(InvalidInput, match="writable by group or others"):
+        TokenStore(tokens)
+    tokens.chmod(0o640)
+    assert store.check(secrets["read"], "read").name == "read-key"
     tokens.unlink()
     with pytest.raises(Unauthenticated):
         store.check(secrets["read"], "read")
@@ -206,3 +213,35 @@ def test_fleet_token_commands(tmp_path: Path, capsys) -> None:
     assert TokenStore(tokens).check(token, "deploy").name == "ci-deployer"
     assert main(["fleet", "token", "revoke", "ci-deployer", "--tokens", str(tokens)]) == 0
     assert TokenStore(tokens).authenticate(token) is None
+
+
+def test_fleet_clients_find_their_token(tmp_path: Path, monkeypatch) -> None:
+    import argparse
+
+    from edgerun.cli.fleet_auth import add_token_option, auth_headers, client_token, refusal
+    parser = argparse.ArgumentParser()
+    add_token_option(parser)
+    create_token("read", tmp_path / "tokens", tmp_path / "secret")
+    secret = read_secret(tmp_path / "secret")
+    monkeypatch.setenv("EDGERUN_TOKEN", "from-env")
+    assert client_token(parser.parse_args(["--token-file", str(tmp_path / "secret")])
+                        .token_file) == secret
+    assert client_token(parser.parse_args([]).token_file) == "from-env"
+    monkeypatch.delenv("EDGERUN_TOKEN")
+    assert client_token(None) is None and auth_headers(None) == {}
+    assert auth_headers(secret) == {"Authorization": f"Bearer {secret}"}
+    assert "--token-file" in refusal(401, "a bearer token is required", None)
+    assert "revoked" in refusal(401, "not valid", secret) and secret not in refusal(401, "x", secret)
+    assert "scope" in refusal(403, "token 'ci' has scope 'read'", secret)
+    assert refusal(404, "no such model", secret) is None
+
+
+def test_without_tokens_fleet_serve_stays_on_loopback(capsys) -> None:
+    from edgerun.cli.fleet_auth import protected_host
+    assert protected_host("0.0.0.0", secured=True) == "0.0.0.0"
+    for loopback in ("127.0.0.1", "::1", "localhost"):
+        assert protected_host(loopback, secured=False) == loopback
+    assert "development mode" in capsys.readouterr().err
+    for public in ("0.0.0.0", "::", "10.0.0.5", "fleet.example.com"):
+        with pytest.raises(InvalidInput, match="without --tokens"):
+            protected_host(public, secured=False)

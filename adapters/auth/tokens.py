@@ -146,6 +146,10 @@ def revoke_token(tokens_file: str | Path, name: str) -> None:
     log.info("revoked token %r in %s", name, tokens_file)
 
 
+def _unsafe(mode: int) -> bool:
+    return bool(mode & 0o022)
+
+
 def read_secret(path: str | Path) -> str:
     """A token as `create_token` wrote it (the first line, whitespace stripped)."""
     return Path(path).read_text(encoding="utf-8").strip()
@@ -159,8 +163,12 @@ class TokenStore:
         self._lock = threading.Lock()
         self._stamp: tuple[int, ...] | None = None
         self._entries: tuple[TokenEntry, ...] = ()
+        self._problem = ""
         if not self.path.is_file():
             raise InvalidInput(f"tokens file {self.path} does not exist")
+        if _unsafe(self.path.stat().st_mode):
+            raise InvalidInput(f"tokens file {self.path} is writable by group or others, so "
+                               "anyone who can write it can grant themselves admin: chmod 600")
         self._refresh()
 
     @property
@@ -171,25 +179,30 @@ class TokenStore:
     def _refresh(self) -> None:
         try:
             stat = os.stat(self.path)
-            stamp = (stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns)
+            stamp = (stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_mode)
         except OSError:
             stamp = None
-        if stamp == self._stamp and stamp is not None:
+        if stamp is not None and stamp == self._stamp:
             return
         with self._lock:
-            if stamp == self._stamp and stamp is not None:
+            if stamp is not None and stamp == self._stamp:
                 return
-            try:
-                entries = tuple(read_tokens(self.path))
-            except OSError as exc:
-                # fail closed: a tokens file that vanished grants nothing
-                if self._entries or self._stamp is not None:
-                    log.error("tokens file %s unreadable (%s): refusing every token",
-                              self.path, exc.strerror)
-                entries, stamp = (), None
-            if stamp is not None:
+            # fail closed: a tokens file that vanished or that others may write grants nothing
+            entries: tuple[TokenEntry, ...] = ()
+            if stamp is None:
+                problem = "is missing"
+            elif _unsafe(stamp[-1]):
+                problem = "is writable by group or others (chmod 600)"
+            else:
+                try:
+                    entries, problem = tuple(read_tokens(self.path)), ""
+                except OSError as exc:
+                    stamp, problem = None, f"is unreadable ({exc.strerror})"
+            if not problem:
                 log.info("loaded %d tokens from %s", len(entries), self.path)
-            self._entries, self._stamp = entries, stamp
+            elif problem != self._problem:  # once, not once per refused request
+                log.error("tokens file %s %s: refusing every token", self.path, problem)
+            self._entries, self._stamp, self._problem = entries, stamp, problem
 
     def authenticate(self, token: str) -> TokenEntry | None:
         """The entry whose hash matches, comparing against every entry in constant time."""

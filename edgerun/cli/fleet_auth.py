@@ -1,4 +1,5 @@
-"""`edgerun fleet token create|list|revoke`: bearer tokens for the fleet's servers.
+"""`edgerun fleet token create|list|revoke`: bearer tokens for the fleet's servers; and the
+client side every fleet command shares (`--token-file SECRET` or `EDGERUN_TOKEN`).
 
 `register_token_commands(fleet_actions)` adds `token` to the `fleet` command's subparsers.
 Until the `fleet` group of the registry lands, `register` makes a minimal one holding only it.
@@ -7,14 +8,22 @@ Until the `fleet` group of the registry lands, `register` makes a minimal one ho
 from __future__ import annotations
 
 import argparse
+import ipaddress
+import logging
+import os
 from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
 
-from edgerun.adapters.auth.tokens import SCOPES, create_token, read_tokens, revoke_token
+from edgerun.adapters.auth.tokens import (SCOPES, create_token, read_secret, read_tokens,
+                                          revoke_token)
+from edgerun.runtime.errors import InvalidInput
 
+log = logging.getLogger(__name__)
 out = Console(highlight=False)
+err = Console(stderr=True, highlight=False)
+TOKEN_ENV = "EDGERUN_TOKEN"
 
 
 def register(commands: argparse._SubParsersAction) -> None:
@@ -71,3 +80,53 @@ def _revoke(args: argparse.Namespace) -> int:
     revoke_token(args.tokens, args.name)
     out.print(f"revoked token {args.name!r} in {args.tokens}")
     return 0
+
+
+def protected_host(host: str, secured: bool) -> str:
+    """Where `fleet serve` may listen: anywhere with tokens; without, loopback only (a
+    development mode, as Redis's protected mode), said at start-up, so nothing is open to a
+    network by default."""
+    if secured:
+        return host
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False
+    if not loopback:
+        raise InvalidInput(f"refusing to listen on {host} without --tokens: every route would "
+                           "be open to the network (create tokens with edgerun fleet token "
+                           "create, or listen on 127.0.0.1)")
+    err.print(f"development mode: no --tokens, so listening on {host} only, every route open "
+              "to local users", style="yellow")
+    return host
+
+
+# ------------------------------------------------------------------ the client side
+def add_token_option(parser: argparse.ArgumentParser) -> None:
+    """`--token-file SECRET` on a fleet client command (falls back to $EDGERUN_TOKEN)."""
+    parser.add_argument("--token-file", type=Path, default=None, metavar="SECRET",
+                        help=f"bearer token for the server (default: ${TOKEN_ENV})")
+
+
+def client_token(token_file: Path | None) -> str | None:
+    """The token a client sends: from `--token-file`, else $EDGERUN_TOKEN, else None."""
+    if token_file is not None:
+        if token_file.stat().st_mode & 0o077:
+            log.warning("token file %s is readable by others: chmod 600", token_file)
+        return read_secret(token_file)
+    return os.environ.get(TOKEN_ENV) or None
+
+
+def auth_headers(token: str | None) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"} if token else {}
+
+
+def refusal(status: int, error: str, token: str | None) -> str | None:
+    """What a client says when the server refused it (401 or 403), or None for other codes."""
+    if status == 401:
+        given = ("the token was not accepted (unknown or revoked)" if token else
+                 f"no token was given: pass --token-file SECRET or set {TOKEN_ENV}")
+        return f"unauthenticated (401): {given}. Server: {error}"
+    if status == 403:
+        return f"permission denied (403): the token's scope is too small. Server: {error}"
+    return None
