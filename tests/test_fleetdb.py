@@ -12,8 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from edgerun.adapters.fleetdb import (Database, Lease, Migration, SchemaTooNew, connect, migrate,
-                                      redact)
+from edgerun.adapters.fleetdb import Lease, Migration, SchemaTooNew, connect, migrate, redact
 from edgerun.adapters.fleetdb.db import to_pyformat
 from edgerun.runtime.errors import InvalidInput
 from tests.postgres import fresh_database, postgres_url  # noqa: F401  (the fixture)
@@ -41,7 +40,8 @@ def test_urls_and_placeholders(tmp_path: Path) -> None:
     assert connect(tmp_path / "plain.db").dialect == "sqlite"
     assert (tmp_path / "plain.db").exists()
     assert to_pyformat("SELECT '?', ? WHERE x LIKE 'a%'") == "SELECT '?', %s WHERE x LIKE 'a%%'"
-    assert redact("postgresql://fleet:hunter2@db:5432/fleet") == "postgresql://fleet:***@db:5432/fleet"
+    assert redact("postgresql://fleet:hunter2@db:5432/fleet") == \
+        "postgresql://fleet:***@db:5432/fleet"
     with pytest.raises(InvalidInput, match="mysql"):
         connect("mysql://root:pw@db/fleet")
     with pytest.raises(InvalidInput) as refused:
