@@ -61,7 +61,8 @@ def main(argv: list[str] | None = None) -> int:
         chain = HookChain([RequestId(), ApiKeyHook(TokenStore(tokens), registry=Registry())])
         for label, key in (("valid key", secret), ("wrong key", secret[:-1] + "x")):
             headers = {"authorization": f"Bearer {key}"}
-            cases[f"+ ApiKeyHook, {count:,} tokens, {label}"] = (
+            plural = "token" if count == 1 else "tokens"
+            cases[f"+ ApiKeyHook, {count:,} {plural}, {label}"] = (
                 chain, Call(INFER, model="mlp", attributes=headers.get))
     timings: dict[str, list[float]] = {name: [] for name in cases}
     for _ in range(ROUNDS):
