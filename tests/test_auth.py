@@ -88,7 +88,9 @@ def test_the_file_reloads_without_a_restart(tmp_path: Path, keys) -> None:
     store = TokenStore(tokens)
     create_token("read", tokens, tmp_path / "new.secret", name="new-key")  # appended
     assert store.check(read_secret(tmp_path / "new.secret"), "read").name == "new-key"
+    tokens.chmod(0o640)  # readable by the server's group: revoking keeps that
     revoke_token(tokens, "admin-key")  # renamed over: a new inode
+    assert tokens.stat().st_mode & 0o777 == 0o640
     with pytest.raises(Unauthenticated):
         store.check(secrets["admin"], "read")
     assert store.check(secrets["deploy"], "deploy").name == "deploy-key"

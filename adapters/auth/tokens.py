@@ -12,7 +12,7 @@ here and keeps the check per request to microseconds. The file reveals no usable
 
 `TokenStore` checks a presented token against every entry with `hmac.compare_digest` (no early
 exit, so timing tells nothing about which or whether an entry matched), notices when the file
-changes (inode, size or mtime) and reloads it before the next check, with no restart. It logs
+changes (inode, size, mtime or mode) and reloads it before the next check, with no restart. It logs
 token names, never tokens.
 """
 
@@ -44,10 +44,6 @@ _DIGEST = re.compile(r"sha256:([0-9a-f]{64})")
 def allows(granted: str, needed: str) -> bool:
     """admin implies deploy implies read."""
     return SCOPES.index(granted) >= SCOPES.index(needed)
-
-
-def hash_token(token: str) -> str:
-    return "sha256:" + hashlib.sha256(token.encode()).hexdigest()
 
 
 @dataclass(frozen=True)
@@ -142,6 +138,11 @@ def revoke_token(tokens_file: str | Path, name: str) -> None:
         sink.writelines(kept)
         sink.flush()
         os.fsync(sink.fileno())
+    # keep the owner and mode a server's user was given to read it
+    original = tokens_file.stat()
+    os.chmod(staging, original.st_mode & 0o777)
+    if os.geteuid() == 0:
+        os.chown(staging, original.st_uid, original.st_gid)
     os.replace(staging, tokens_file)
     log.info("revoked token %r in %s", name, tokens_file)
 
