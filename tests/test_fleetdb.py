@@ -153,3 +153,20 @@ def test_a_killed_leaders_lease_passes_to_the_survivor(url: str) -> None:
     finally:
         child.kill()
         child.wait()
+
+
+def test_transactions_commit_or_roll_back_whole(url: str) -> None:
+    db = connect(url)
+    migrate(db, MIGRATIONS)
+    insert = "INSERT INTO devices (device_id, grp, last_seen) VALUES (?, ?, ?)"
+    with pytest.raises(RuntimeError):
+        with db.transaction():
+            db.execute(insert, ("dev-a", None, 1.0))
+            with db.transaction():  # joins the outer one
+                db.execute(insert, ("dev-b", None, 1.0))
+            raise RuntimeError("crash before commit")
+    assert db.query("SELECT device_id FROM devices") == []
+    with db.transaction():
+        db.execute(insert, ("dev-a", "100%", 1.0))  # a literal % survives psycopg's format
+    other = connect(url)  # committed: visible to another connection
+    assert other.query("SELECT grp FROM devices WHERE grp LIKE '100%'") == [{"grp": "100%"}]
