@@ -121,7 +121,8 @@ class BrokerFiles:
     conf: Path
 
 
-def _check(kind: str, name: str) -> None:
+def check_name(kind: str, name: str) -> None:
+    """Refuse a username, group or target that could escape its `edgerun/<name>/` topics."""
     if not _NAME.fullmatch(name):
         raise InvalidInput(f"{kind} {name!r} must be 1-128 letters, digits or ._- starting "
                            "with a letter or digit (no MQTT wildcards, '/' or ':')")
@@ -134,20 +135,20 @@ def _validate(devices: list[Device], clients: list[InferenceClient],
         users.append(orchestrator.username)
     seen: set[str] = set()
     for user in users:
-        _check("username", user)
+        check_name("username", user)
         if user in seen:
             raise InvalidInput(f"username {user!r} appears twice")
         seen.add(user)
     for device in devices:
         for group in device.groups:
-            _check("group", group)
+            check_name("group", group)
             if group in seen:
                 raise InvalidInput(f"group {group!r} is also a username: both would own "
                                    f"edgerun/{group}/")
     for client in clients:
         for target in client.targets:
             if target != ALL:
-                _check("target", target)
+                check_name("target", target)
 
 
 def acl_text(devices: Iterable[Device], clients: Iterable[InferenceClient] = (),
