@@ -141,3 +141,17 @@ def test_readme_security_examples_are_true(tmp_path: Path) -> None:
         [Device("dev-a", hashed, groups=("line-1",)), Device("dev-b", hashed)],
         [InferenceClient("client-c", hashed, targets=("dev-a", "line-1"))],
         Orchestrator("fleet", hashed))
+
+
+def test_metrics_open_and_a_missing_tokens_file(tmp_path: Path) -> None:
+    from tests.cli import edgerun
+    from tests.serving import running_server
+    repo = tmp_path / "models"
+    add_version(repo, "mlp", "1", mlp_onnx([4, 8, 2], seed=1))
+    refused = edgerun("serve", "--repository", str(repo), "--api-keys", str(tmp_path / "nope"))
+    assert refused.returncode == 2 and "tokens file" in refused.stderr and "nope" in refused.stderr
+    create_token("read", tmp_path / "tokens", tmp_path / "read.secret")
+    with running_server(repo, "--api-keys", str(tmp_path / "tokens"), "--metrics",
+                        "open") as server:
+        assert httpx.get(f"{server.url}/metrics").status_code == 200
+        assert httpx.get(f"{server.url}/v2/models/mlp").status_code == 401
