@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from edgerun.adapters.fleetdb import Lease, Migration, SchemaTooNew, connect, migrate, redact
+from edgerun.adapters.fleetdb import (Leadership, Lease, Migration, SchemaTooNew, connect,
+                                      migrate, redact)
 from edgerun.adapters.fleetdb.db import to_pyformat
 from edgerun.runtime.errors import InvalidInput
 from tests.postgres import fresh_database, postgres_url  # noqa: F401  (the fixture)
@@ -170,3 +171,30 @@ def test_transactions_commit_or_roll_back_whole(url: str) -> None:
         db.execute(insert, ("dev-a", "100%", 1.0))  # a literal % survives psycopg's format
     other = connect(url)  # committed: visible to another connection
     assert other.query("SELECT grp FROM devices WHERE grp LIKE '100%'") == [{"grp": "100%"}]
+
+
+def test_leadership_moves_when_the_leader_stops_renewing(url: str) -> None:
+    events: list[tuple[str, bool]] = []
+
+    def leader(name: str) -> Leadership:
+        lease = Lease(connect(url), "rollouts", name, ttl=2.0)
+        return Leadership(lease, renew_every=0.1,
+                          on_change=lambda leading: events.append((name, leading))).start()
+
+    a = leader("registry-a")
+    deadline = time.monotonic() + 10
+    while not a.leading:
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    b = leader("registry-b")
+    time.sleep(0.5)
+    assert a.leading and not b.leading
+    a.stop(release=False)  # a crash: no hand-over, the lease must lapse
+    while not b.leading:
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    assert not a.leading and b.lease.epoch == 2
+    b.stop()  # a clean shutdown releases at once
+    assert not b.leading and a.lease.acquire() and a.lease.epoch == 3
+    # a crashed process tells nobody; b reports both its win and its clean hand-over
+    assert events == [("registry-a", True), ("registry-b", True), ("registry-b", False)]

@@ -12,11 +12,16 @@ rollout state, and refuse writes carrying an older one.
 
 from __future__ import annotations
 
+import logging
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from edgerun.adapters.fleetdb.db import Database
 from edgerun.adapters.fleetdb.migrations import Migration, migrate
+
+log = logging.getLogger(__name__)
 
 MIGRATIONS = (
     Migration(1, "leases", ("""CREATE TABLE leases (
@@ -83,3 +88,57 @@ class Lease:
                           (self.name,))
         return None if row is None else LeaseState(row["name"], row["holder"],
                                                    float(row["expires_at"]), int(row["epoch"]))
+
+
+class Leadership:
+    """Renews a lease on a thread of its own; `leading` says whether to act right now.
+
+    A rollout driver checks `leading` before each step (and writes `epoch` with what it
+    changes). `on_change(leading)` runs on the renewal thread when leadership is won or lost.
+    A database error counts as a failed renewal: the lease then lapses by itself at expiry.
+    """
+
+    def __init__(self, lease: Lease, *, renew_every: float | None = None,
+                 on_change: Callable[[bool], None] | None = None) -> None:
+        self.lease = lease
+        self.renew_every = renew_every if renew_every is not None else lease.ttl / 3
+        self.on_change = on_change
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._was_leading = False
+
+    @property
+    def leading(self) -> bool:
+        return self.lease.held
+
+    def start(self) -> Leadership:
+        self._thread = threading.Thread(target=self._run, name=f"lease-{self.lease.name}",
+                                        daemon=True)
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.lease.acquire()
+            except Exception as exc:  # the database is away: the lease lapses at expiry
+                log.warning("lease %s: renewal failed: %s", self.lease.name, exc)
+            self._notify()
+            self._stop.wait(self.renew_every)
+
+    def _notify(self) -> None:
+        leading = self.leading
+        if leading != self._was_leading:
+            self._was_leading = leading
+            log.info("lease %s: %s leadership", self.lease.name, "won" if leading else "lost")
+            if self.on_change is not None:
+                self.on_change(leading)
+
+    def stop(self, release: bool = True) -> None:
+        """Stop renewing; `release` hands the lease over at once (a clean shutdown)."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        if release and self.lease.held:
+            self.lease.release()
+        self._notify()
