@@ -49,7 +49,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--calls", type=int, default=20000)
     parser.add_argument("--write", action="store_true")
     args = parser.parse_args(argv)
-    folder = Path(tempfile.mkdtemp(prefix="edgerun-auth-bench-"))
+    with tempfile.TemporaryDirectory(prefix="edgerun-auth-bench-") as scratch:
+        text = measure(Path(scratch), args.calls)
+    print(text)
+    if args.write:
+        record("auth", text)
+    return 0
+
+
+def measure(folder: Path, calls: int) -> str:
     cases: dict[str, tuple[HookChain, Call]] = {
         "baseline: RequestId only": (HookChain([RequestId()]),
                                      Call(INFER, model="mlp", attributes={}.get))}
@@ -67,19 +75,15 @@ def main(argv: list[str] | None = None) -> int:
     timings: dict[str, list[float]] = {name: [] for name in cases}
     for _ in range(ROUNDS):
         for name, (chain, call) in cases.items():
-            timings[name].append(per_call_us(chain, call, args.calls))
+            timings[name].append(per_call_us(chain, call, calls))
     medians = {name: statistics.median(values) for name, values in timings.items()}
     baseline = medians["baseline: RequestId only"]
     rows = [(name, f"{us:.1f}", f"+{us - baseline:.1f}", f"{us / baseline:.1f}x")
             for name, us in medians.items()]
     table = markdown_table(("hook chain", "us per call", "added (us)", "vs baseline"), rows)
-    text = (f"Command: `python benchmarks/auth.py --write`  \nMachine: {machine()}\n\n"
-            f"Median of {ROUNDS} interleaved rounds of {args.calls:,} calls each, in-process; "
+    return (f"Command: `python benchmarks/auth.py --write`  \nMachine: {machine()}\n\n"
+            f"Median of {ROUNDS} interleaved rounds of {calls:,} calls each, in-process; "
             "the key matched is the file's last line.\n\n" + table + "\n")
-    print(text)
-    if args.write:
-        record("auth", text)
-    return 0
 
 
 if __name__ == "__main__":
