@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import logging
 from pathlib import Path
 
 from edgerun.runtime.batcher import BatchingConfig
+
+log = logging.getLogger(__name__)
 
 
 def register(commands: argparse._SubParsersAction) -> None:
@@ -36,6 +39,13 @@ def register(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--max-queue-size", type=int, default=defaults.max_queue_size)
     parser.add_argument("--max-body-bytes", type=int, default=64 << 20,
                         help="larger request bodies get 413 (default 64 MiB)")
+    parser.add_argument("--api-keys", type=Path, default=None, metavar="FILE",
+                        help="require 'Authorization: Bearer <key>' on every route but health "
+                             "and readiness, checked against this tokens file (hashes, "
+                             "reloaded when it changes; see edgerun fleet token create)")
+    parser.add_argument("--metrics", choices=["open", "closed"], default="closed",
+                        help="with --api-keys: whether /metrics needs a read key "
+                             "(default closed)")
     parser.add_argument("--access-log", action="store_true", help="log every request")
     parser.add_argument("--log-level", default="info",
                         choices=["critical", "error", "warning", "info", "debug"])
@@ -48,6 +58,13 @@ def _serve(args: argparse.Namespace) -> int:
     except ImportError as exc:
         raise SystemExit(f"edgerun serve needs the server extra: pip install 'edgerun[server]' "
                          f"({exc})") from None
+    hooks = []
+    if args.api_keys is not None:
+        from edgerun.adapters.auth import ApiKeyHook, TokenStore
+        hooks.append(ApiKeyHook(TokenStore(args.api_keys), metrics_open=args.metrics == "open"))
+    elif args.host not in ("127.0.0.1", "::1", "localhost"):
+        log.warning("serving on %s without --api-keys: every route is open to the network",
+                    args.host)
     batching = BatchingConfig(max_batch_size=args.max_batch_size,
                               max_queue_delay_us=args.max_queue_delay_us,
                               max_queue_size=args.max_queue_size)
@@ -61,5 +78,5 @@ def _serve(args: argparse.Namespace) -> int:
     serve(source, host=args.host, port=args.port, grpc_port=args.grpc_port, device=args.device,
           poll_interval=args.poll_interval, batching=batching,
           max_body_bytes=args.max_body_bytes, access_log=args.access_log,
-          log_level=args.log_level)
+          log_level=args.log_level, hooks=hooks)
     return 0
