@@ -9,11 +9,15 @@ agent's A/B slots, where "wanted" is whichever slot the agent has activated.
 
 from __future__ import annotations
 
+import json
+import tarfile
+import zlib
 from pathlib import Path
 from typing import Protocol
 
 from edgerun.runtime.batcher import BatchingConfig
-from edgerun.runtime.bundle import NAME_RE, VERSION_RE, version_key
+from edgerun.runtime.bundle import (MANIFEST, NAME_RE, VERSION_RE, Manifest, read_manifest,
+                                    version_key)
 from edgerun.runtime.errors import BundleError, ModelNotFound
 from edgerun.runtime.model_config import ModelConfig
 
@@ -85,3 +89,62 @@ def folder_fingerprint(folder: Path) -> tuple:
                             for p in folder.iterdir() for s in [p.stat()]))
     except OSError:
         return ()
+
+
+class BundleSource:
+    """One bundle at a path (a folder or a `.tar.gz`): a function's or a device's only model.
+
+    The bundle's manifest names the model and its version, so nothing is laid out around it.
+    """
+
+    def __init__(self, path: str | Path, config: ModelConfig | None = None) -> None:
+        self.path = Path(path)
+        self.manifest = _read_bundle_manifest(self.path)
+        self._config = config or ModelConfig()
+
+    def __repr__(self) -> str:
+        return f"BundleSource({str(self.path)!r})"
+
+    @property
+    def name(self) -> str:
+        return self.manifest.name
+
+    def models(self) -> list[str]:
+        return [self.manifest.name]
+
+    def config(self, name: str) -> ModelConfig:
+        if name != self.manifest.name:
+            raise ModelNotFound(f"model {name!r} is not served here; this function serves "
+                                f"{self.manifest.name!r}")
+        return self._config
+
+    def wanted(self, name: str, config: ModelConfig) -> list[str]:
+        return [self.manifest.version]
+
+    def bundle_path(self, name: str, version: str) -> Path:
+        return self.path
+
+    def fingerprint(self, name: str, version: str) -> tuple:
+        return folder_fingerprint(self.path)
+
+
+def _read_bundle_manifest(path: Path) -> Manifest:
+    """The manifest of a bundle folder, or of an archive without extracting the rest."""
+    if path.is_dir():
+        return read_manifest(path)
+    if not path.is_file():
+        raise BundleError(f"{path}: no such bundle folder or archive")
+    try:
+        with tarfile.open(path, mode="r:*") as tar:
+            for member in tar:
+                if member.isfile() and member.name.lstrip("./") == MANIFEST:
+                    handle = tar.extractfile(member)
+                    data = json.loads(handle.read()) if handle is not None else None
+                    break
+            else:
+                raise BundleError(f"{path}: the archive holds no {MANIFEST}; not a bundle")
+    except (tarfile.TarError, OSError, EOFError, zlib.error, ValueError) as exc:
+        raise BundleError(f"{path}: not a readable bundle archive ({exc})") from exc
+    if not isinstance(data, dict):
+        raise BundleError(f"{path}: {MANIFEST} must hold a JSON object")
+    return Manifest.from_json(data)
