@@ -129,6 +129,8 @@ def test_http_events_answer_oip_inference(handler, reference, name):
 
 
 def test_http_routes_and_errors_match_the_fleet_server(handler):
+    ready = handler(http_event("apigw_v2", "", "GET", "/v2/health/ready"), Context())
+    assert (ready["statusCode"], json.loads(ready["body"])) == (200, {"ready": True})
     metadata = handler(http_event("apigw_v2", "", "GET", "/v2/models/mlp"), Context())
     assert metadata["statusCode"] == 200
     assert json.loads(metadata["body"])["inputs"][0]["shape"] == [-1, 8]

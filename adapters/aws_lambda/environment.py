@@ -29,12 +29,9 @@ from edgerun.adapters.aws_lambda.model_location import DEFAULT_CACHE, SHA256_VAR
 from edgerun.adapters.dataplane import DataPlane
 from edgerun.devices import DeviceProfile
 from edgerun.runtime.batcher import BatchingConfig
-from edgerun.runtime.errors import BundleError, EdgerunError
+from edgerun.adapters.single_bundle import MODEL_VARIABLE, serve_bundle
 from edgerun.runtime.model_config import ModelConfig
-from edgerun.runtime.repository import Repository
-from edgerun.runtime.sources import BundleSource
 
-MODEL_VARIABLE = "EDGERUN_MODEL"
 MB_PER_VCPU = 1769
 MAX_VCPUS = 6
 #: A Kinesis batch holds up to 10,000 records: all of them may wait in the queue at once.
@@ -60,21 +57,20 @@ def from_environment(environ: Mapping[str, str] | None = None, *,
     environ = os.environ if environ is None else environ
     started = entered if started is None else started
     spec = environ.get(MODEL_VARIABLE, "")
-    if not spec:
-        raise BundleError(f"{MODEL_VARIABLE} is not set: give it a bundle folder or .tar.gz "
-                          "in the package or a layer, or an s3:// URI")
     memory_mb = int(environ.get("AWS_LAMBDA_FUNCTION_MEMORY_SIZE") or MB_PER_VCPU)
     profile = lambda_profile(memory_mb)
-    try:
+    located = entered
+
+    def local_path(spec: str) -> Path:
+        nonlocal located
         path = locate(spec, sha256=environ.get(SHA256_VARIABLE),
                       cache=Path(environ.get("EDGERUN_CACHE_DIR") or DEFAULT_CACHE),
                       task_root=Path(environ.get("LAMBDA_TASK_ROOT") or Path.cwd()))
         located = time.perf_counter()
-        source = BundleSource(path, ModelConfig(batching=BATCHING))
-        repository = Repository(source, profile)
-        repository.load(source.name)
-    except EdgerunError as exc:
-        raise BundleError(f"{MODEL_VARIABLE}={spec!r}: {exc}") from exc
+        return path
+
+    repository, source = serve_bundle(spec, local_path, device=profile,
+                                      config=ModelConfig(batching=BATCHING))
     loaded = time.perf_counter()
     handler = LambdaHandler(DataPlane(repository), default_model=source.name,
                             destination=destination_from(environ.get("EDGERUN_RESULTS", "")))

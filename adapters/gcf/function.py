@@ -20,17 +20,15 @@ import logging
 import os
 import sys
 from collections.abc import Callable, Mapping
-from pathlib import Path
 from typing import Any
 
 from edgerun.adapters.dataplane import Call, DataPlane
 from edgerun.adapters.dataplane.call import INFER, JSON
 from edgerun.adapters.http.routes import match
 from edgerun.adapters.http.status import error_headers, status_of
-from edgerun.runtime.errors import (BundleError, DeadlineExceeded, EdgerunError, InferenceError,
-                                    InvalidInput, ModelNotReady, Overloaded, PayloadTooLarge)
-from edgerun.runtime.repository import Repository
-from edgerun.runtime.sources import BundleSource
+from edgerun.adapters.single_bundle import MODEL_VARIABLE, serve_bundle
+from edgerun.runtime.errors import (DeadlineExceeded, EdgerunError, InferenceError, InvalidInput,
+                                    ModelNotReady, Overloaded, PayloadTooLarge)
 
 log = logging.getLogger(__name__)
 
@@ -103,16 +101,7 @@ class CloudFunction:
 def from_environment(environ: Mapping[str, str] | None = None) -> CloudFunction:
     """The function for EDGERUN_MODEL (a bundle folder or .tar.gz in the source), loaded now."""
     environ = os.environ if environ is None else environ
-    spec = environ.get("EDGERUN_MODEL", "")
-    if not spec:
-        raise BundleError("EDGERUN_MODEL is not set: give it a bundle folder or .tar.gz in the "
-                          "function's source")
-    try:
-        source = BundleSource(Path(spec))
-        repository = Repository(source)
-        repository.load(source.name)
-    except EdgerunError as exc:
-        raise BundleError(f"EDGERUN_MODEL={spec!r}: {exc}") from exc
+    repository, source = serve_bundle(environ.get(MODEL_VARIABLE, ""))
     return CloudFunction(DataPlane(repository), default_model=source.name)
 
 
