@@ -7,15 +7,18 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import functions_framework
+import httpx
 import numpy as np
 import onnxruntime as ort
 import pytest
 
 from edgerun.examples import mlp_onnx
 from edgerun.runtime import create_bundle
+from tests.serving import free_port
 
 MAIN = Path(__file__).resolve().parents[1] / "functions" / "gcf" / "main.py"
 
@@ -131,3 +134,27 @@ def test_the_gcf_adapter_imports_no_web_framework():
                           capture_output=True, text=True, timeout=60)
     loaded = set(eval(done.stdout))
     assert not loaded & {"flask", "functions_framework", "fastapi", "starlette", "werkzeug"}
+
+
+def test_the_functions_framework_server_answers_from_its_forked_worker(bundle_dir):
+    """The real server: gunicorn imports the module in its master and serves from a fork."""
+    port = free_port()
+    server = subprocess.Popen(
+        [str(Path(sys.executable).with_name("functions-framework")), "--source", str(MAIN),
+         "--target", "infer", "--host", "127.0.0.1", "--port", str(port)],
+        env={**os.environ, "EDGERUN_MODEL": str(bundle_dir)}, stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                answer = httpx.post(f"http://127.0.0.1:{port}/v2/models/mlp/infer",
+                                    json=request(rows(1)), timeout=30)
+                break
+            except httpx.TransportError:
+                assert time.monotonic() < deadline and server.poll() is None
+                time.sleep(0.2)
+        assert answer.status_code == 200 and answer.json()["model_version"] == "2"
+    finally:
+        server.terminate()
+        server.wait(timeout=30)

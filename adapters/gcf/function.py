@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import sys
+import threading
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -96,6 +97,24 @@ class CloudFunction:
         _log_failure(message_id, reply.error)
         if isinstance(reply.error, RETRYABLE):
             raise reply.error
+
+
+_current: tuple[int, CloudFunction] | None = None
+_current_lock = threading.Lock()
+
+
+def current() -> CloudFunction:
+    """This process's function, loaded on first use.
+
+    functions-framework imports the entry module in gunicorn's master process and serves from
+    a forked worker, where threads started before the fork (the batcher's) do not run: loading
+    at import would leave every request waiting. So the model loads in the process that
+    serves, once (and again in a process forked after that)."""
+    global _current
+    with _current_lock:
+        if _current is None or _current[0] != os.getpid():
+            _current = (os.getpid(), from_environment())
+        return _current[1]
 
 
 def from_environment(environ: Mapping[str, str] | None = None) -> CloudFunction:
