@@ -68,11 +68,12 @@ def task_roots(bundle_path: Path) -> dict[str, tuple[Path, str, dict[str, str]]]
     naive_root = SCRATCH / "task-naive"
     shutil.rmtree(naive_root, ignore_errors=True)
     naive_root.mkdir()
-    shutil.copy2(Path(__file__).with_name("naive_lambda.py"), naive_root / "naive_lambda.py")
+    for script in ("naive_lambda.py", "plain_fastapi.py"):
+        shutil.copy2(Path(__file__).with_name(script), naive_root / script)
     shutil.copy2(bundle_path / "model.onnx", naive_root / "model.onnx")
     return {"edgerun": (edgerun_root, "app", {"EDGERUN_MODEL": "model",
                                               "AWS_LAMBDA_FUNCTION_MEMORY_SIZE": str(MEMORY_MB)}),
-            "naive": (naive_root, "naive_lambda", {"NAIVE_MODEL": "model.onnx"})}
+            "naive": (naive_root, "naive_lambda", {"EDGERUN_BENCH_MODEL": "model.onnx"})}
 
 
 def environment(root: Path, extra: dict[str, str]) -> dict[str, str]:
@@ -129,7 +130,7 @@ def import_split(root: Path, module: str, extra: dict[str, str], runs: int = 3
             if not line.startswith("import time:") or not fields[0].strip().isdigit():
                 continue
             top = fields[2].strip().split(".")[0]
-            group = ("init" if top == module else
+            group = ("init" if top in (module, "plain_fastapi") else
                      "stdlib" if top in sys.stdlib_module_names or top.startswith("_") else top)
             totals[group] = totals.get(group, 0.0) + int(fields[0]) / 1000
         for group, value in totals.items():

@@ -100,14 +100,14 @@ class LambdaHandler:
             try:
                 decoded.append(None if record.call is None else oip.decode_request(
                     record.call.body, record.call.attributes(oip.HEADER_LENGTH)))
-            except EdgerunError:
+            except Exception:  # the data plane answers it below, with the error it makes
                 decoded.append(None)
 
         async def answer(record: Record, request: oip.InferRequest | None
                          ) -> tuple[bytes, EdgerunError | None]:
             if record.call is None:
                 return b"", record.error
-            if request is None:  # the data plane decodes it again, answers and counts the error
+            if request is None:  # decoded again by the data plane, which answers and counts it
                 reply = await self.plane.handle_async(record.call)
                 return reply.body, reply.error
             try:
