@@ -1,10 +1,11 @@
 """`edgerun package lambda`: real manylinux wheels from PyPI (cached in ~/.cache/edgerun), the
-package's size against Lambda's limit, and the x86_64 package run by a Python 3.12."""
+package's size against Lambda's limit, and the package for this machine run by a Python 3.12."""
 
 from __future__ import annotations
 
 import json
 import os
+import platform
 import subprocess
 import zipfile
 from pathlib import Path
@@ -18,6 +19,10 @@ from edgerun.runtime.errors import BundleError
 from tests.cli import edgerun
 
 FIXTURES = Path(__file__).with_name("fixtures") / "lambda"
+#: The package built for this machine is run here; the other architecture's is inspected.
+HOST = "arm64" if platform.machine() in ("aarch64", "arm64") else "x86_64"
+OTHER = "x86_64" if HOST == "arm64" else "arm64"
+MACHINE = {"arm64": "aarch64", "x86_64": "x86_64"}
 
 
 @pytest.fixture(scope="module")
@@ -29,21 +34,21 @@ def bundle(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def x86_zip(bundle, tmp_path_factory) -> Path:
-    output = tmp_path_factory.mktemp("x86")
-    done = edgerun("package", "lambda", str(bundle), "--arch", "x86_64", "-o", str(output))
+def host_zip(bundle, tmp_path_factory) -> Path:
+    output = tmp_path_factory.mktemp(HOST)
+    done = edgerun("package", "lambda", str(bundle), "--arch", HOST, "-o", str(output))
     assert done.returncode == 0, done.stderr
     assert "of Lambda's 250 MB limit" in done.stdout
     return output / "function.zip"
 
 
-def test_the_zip_holds_the_function_its_runtime_and_the_model_and_nothing_else(x86_zip):
-    names = set(zipfile.ZipFile(x86_zip).namelist())
+def test_the_zip_holds_the_function_its_runtime_and_the_model_and_nothing_else(host_zip):
+    names = set(zipfile.ZipFile(host_zip).namelist())
     assert {"app.py", "model/manifest.json", "model/model.onnx",
             "edgerun/adapters/aws_lambda/handler.py", "edgerun/adapters/http/asgi.py",
             "edgerun/runtime/backends/onnxruntime.py", "mangum/adapter.py",
             "edgerun/devices/profiles/cpu.toml"} <= names
-    assert any(n.startswith("onnxruntime/capi/") and n.endswith("x86_64-linux-gnu.so")
+    assert any(n.startswith("onnxruntime/capi/") and n.endswith(f"{MACHINE[HOST]}-linux-gnu.so")
                for n in names)
     tops = {n.split("/")[0] for n in names}
     # no web framework, no tools, no build-only dependencies, no CLI, no tests
@@ -56,8 +61,8 @@ def test_the_zip_holds_the_function_its_runtime_and_the_model_and_nothing_else(x
     assert not [n for n in names if "cpython-311" in n]
 
 
-def test_the_package_ships_python_312_byte_code_or_says_it_cannot(x86_zip):
-    names = set(zipfile.ZipFile(x86_zip).namelist())
+def test_the_package_ships_python_312_byte_code_or_says_it_cannot(host_zip):
+    names = set(zipfile.ZipFile(host_zip).namelist())
     sources = [n for n in names if n.endswith(".py")]
     compiled = [n for n in names if n.endswith(".cpython-312.pyc")]
     if find_python312() is None:
@@ -69,11 +74,11 @@ def test_the_package_ships_python_312_byte_code_or_says_it_cannot(x86_zip):
     assert not missing, missing[:5]
 
 
-def test_the_unzipped_x86_64_package_serves_on_python_312(x86_zip, tmp_path):
+def test_the_unzipped_package_serves_on_python_312(host_zip, tmp_path):
     python = find_python312()
     assert python is not None, "no Python 3.12 here: install one (pyenv, uv) to run the package"
     task = tmp_path / "task"
-    zipfile.ZipFile(x86_zip).extractall(task)
+    zipfile.ZipFile(host_zip).extractall(task)
     for path in task.rglob("*"):  # /var/task is read-only: nothing may be compiled or written
         path.chmod(0o555 if path.is_dir() else 0o444)
     event = json.loads((FIXTURES / "apigw_v2.json").read_text())
@@ -97,16 +102,16 @@ def test_the_unzipped_x86_64_package_serves_on_python_312(x86_zip, tmp_path):
             path.chmod(0o755 if path.is_dir() else 0o644)
 
 
-def test_arm64_package_has_aarch64_binaries(bundle, tmp_path):
-    report = package_lambda(bundle, "arm64", tmp_path / "arm", unzipped=True)
+def test_the_other_architecture_gets_its_own_binaries(bundle, tmp_path):
+    report = package_lambda(bundle, OTHER, tmp_path / OTHER, unzipped=True)
     assert report.zipped_bytes is None and report.unzipped_bytes < 250 * 2**20
-    binaries = [p.name for p in (tmp_path / "arm" / "onnxruntime" / "capi").glob("*.so")]
-    assert binaries and all("x86_64" not in name for name in binaries)
-    assert any("aarch64" in name for name in binaries)
+    binaries = [p.name for p in (tmp_path / OTHER / "onnxruntime" / "capi").glob("*.so")]
+    assert binaries and all(MACHINE[HOST] not in name for name in binaries)
+    assert any(MACHINE[OTHER] in name for name in binaries)
 
 
 def test_a_package_over_the_limit_is_a_clear_error(bundle, tmp_path):
     with pytest.raises(BundleError, match=r"unzips to \d+\.\d MB, over Lambda's 10 MB limit.*"
                                           r"largest parts: onnxruntime"):
-        package_lambda(bundle, "x86_64", tmp_path / "small", limit=10 * 2**20)
+        package_lambda(bundle, HOST, tmp_path / "small", limit=10 * 2**20)
     assert not (tmp_path / "small").exists()
