@@ -7,7 +7,7 @@ function's code on PYTHONPATH, timed from spawn to the first HTTP invocation's a
 Gateway HTTP API v2 event): interpreter start, imports, model load, first request. The two
 handlers alternate, `--runs` times each; medians. The same processes then time `--warm`
 invocations each (warm overhead against the model's bare compute) and report their peak RSS
-(ru_maxrss after the first invocation). `python -X importtime` splits the imports.
+(VmHWM after the first invocation). `python -X importtime` splits the imports.
 `--write` records the table in benchmarks/README.md.
 """
 
@@ -36,7 +36,7 @@ MEMORY_MB = 1769 * THREADS  # the function size whose vCPUs match this machine's
 EVENT = ROOT / "tests" / "fixtures" / "lambda" / "apigw_v2.json"
 
 DRIVER = """
-import json, resource, statistics, sys, time
+import json, statistics, sys, time
 t0 = time.perf_counter()
 import {module} as function
 t1 = time.perf_counter()
@@ -44,7 +44,8 @@ event = json.loads(sys.argv[1])
 answer = function.handler(event, None)
 t2 = time.perf_counter()
 assert answer["statusCode"] == 200, answer
-rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+# VmHWM, the peak RSS of this process image (ru_maxrss keeps the parent's across exec)
+rss = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM"))
 print(json.dumps({{"init": t1 - t0, "first": t2 - t1, "rss_kb": rss}}), flush=True)
 warm = []
 for _ in range({warm}):
@@ -185,11 +186,10 @@ def main() -> None:
               "naive": "naive (Mangum + FastAPI + ONNX Runtime, `naive_lambda.py`)"}
     rows = []
     for name in roots:
-        imports = sum(value for group, value in splits[name] if group != "init")
         warm = m(name, "warm")
         rows.append([labels[name], f"{m(name, 'cold') * 1000:,.0f}",
                      f"{min(r['cold'] for r in results[name]) * 1000:,.0f}",
-                     f"{m(name, 'init') * 1000:,.0f}", f"{imports:,.0f}",
+                     f"{m(name, 'init') * 1000:,.0f}",
                      f"{m(name, 'first') * 1000:,.1f}", f"{warm * 1e6:,.0f}",
                      f"{(warm - compute) * 1e6:+,.0f}", f"{m(name, 'rss_kb') / 1024:,.0f}"])
     ratio = m("edgerun", "cold") / m("naive", "cold")
@@ -198,8 +198,9 @@ def main() -> None:
                   for name in roots]
     text = "\n".join([
         "Command: `python benchmarks/lambda_coldstart.py --write`  ",
-        f"Machine: {machine()}, onnxruntime {ort.__version__}; {args.runs} cold starts per "
-        f"handler, alternating, medians; {args.warm} warm invocations per process",
+        f"Machine: {machine()}, onnxruntime {ort.__version__}, load average "
+        f"{os.getloadavg()[0]:.1f} at the end (shared); {args.runs} cold starts per handler, "
+        f"alternating, medians; {args.warm} warm invocations per process",
         "",
         f"MLP {'-'.join(map(str, SIZES))} fp32 ({(bundle.path / 'model.onnx').stat().st_size / 2**20:.1f} MB), "
         f"one row per request, API Gateway HTTP API v2 event; edgerun sized for {MEMORY_MB} MB "
@@ -210,12 +211,13 @@ def main() -> None:
         f"({THREADS} threads, batch 1): {compute * 1e6:,.0f} us.",
         "",
         markdown_table(["handler", "cold start p50 (ms)", "min (ms)", "init (ms)",
-                        "of which imports (ms)", "first invocation (ms)",
+                        "first invocation (ms)",
                         "warm invocation (us)", "warm overhead vs compute (us)",
                         "peak RSS (MB)"], rows),
         "",
-        markdown_table(["where init goes (`-X importtime` self ms by package; init = the "
-                        "handler module's body: model load, app set-up)", ""], split_rows),
+        markdown_table(["where init goes (`-X importtime` self ms by package, median of 3 "
+                        "separate runs; init = the handler module's body: model load, app "
+                        "set-up)", ""], split_rows),
         "",
         markdown_table(["edgerun", "measured", "target", ""],
                        [["cold start vs naive", f"{ratio:.2f}x", "<= 0.6x (aim 0.5x)",

@@ -6,8 +6,9 @@
     AWS_LAMBDA_FUNCTION_MEMORY_SIZE   set by Lambda; sizes ONNX Runtime's threads
 
 Lambda gives a function CPU in proportion to its memory: one vCPU at 1,769 MB, six at the
-10,240 MB maximum. ONNX Runtime gets one intra-op thread per vCPU, never spinning (a function
-with a fraction of a vCPU would spend it on idle threads). Init ends with one JSON line on
+10,240 MB maximum. ONNX Runtime gets one intra-op thread per vCPU (rounded up), never spinning:
+between multiples of 1,769 MB a function has a fraction of a vCPU, and idle threads spinning
+would take it from the thread that answers. Init ends with one JSON line on
 stdout (CloudWatch) saying what loaded and where the time went. A missing or broken model fails
 init with a message that names EDGERUN_MODEL and the reason, so the first invocation's error
 says what to fix.
@@ -27,9 +28,9 @@ from edgerun.adapters.aws_lambda.destinations import destination_from
 from edgerun.adapters.aws_lambda.handler import LambdaHandler
 from edgerun.adapters.aws_lambda.model_location import DEFAULT_CACHE, SHA256_VARIABLE, locate
 from edgerun.adapters.dataplane import DataPlane
+from edgerun.adapters.single_bundle import MODEL_VARIABLE, serve_bundle
 from edgerun.devices import DeviceProfile
 from edgerun.runtime.batcher import BatchingConfig
-from edgerun.adapters.single_bundle import MODEL_VARIABLE, serve_bundle
 from edgerun.runtime.model_config import ModelConfig
 
 MB_PER_VCPU = 1769
