@@ -10,17 +10,21 @@ agent's A/B slots, where "wanted" is whichever slot the agent has activated.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import shutil
+import tarfile
 import tempfile
+import zlib
 from pathlib import Path
 from typing import Protocol
 
 from edgerun.runtime import archive
 from edgerun.runtime.backends import backend_for_file
 from edgerun.runtime.batcher import BatchingConfig
-from edgerun.runtime.bundle import (MANIFEST, NAME_RE, SIGNATURE_FILE, VERSION_RE, check_name,
-                                    create_bundle, read_manifest, version_key, write_manifest)
+from edgerun.runtime.bundle import (MANIFEST, NAME_RE, SIGNATURE_FILE, VERSION_RE, Manifest,
+                                    check_name, create_bundle, read_manifest, version_key,
+                                    write_manifest)
 from edgerun.runtime.errors import BundleError, ModelNotFound
 from edgerun.runtime.model_config import ModelConfig
 
@@ -96,69 +100,45 @@ def folder_fingerprint(folder: Path) -> tuple:
         return ()
 
 
-class SingleModelSource:
-    """The one model KServe's storage initializer mounts (`/mnt/models`), under one name.
+class BundleSource:
+    """One bundle at a path (a folder or a `.tar.gz`): a function's or a device's only model.
 
-    The folder (or file) holds a bundle folder (manifest.json), a bundle archive (`.tar.gz`),
-    or a bare model file some backend runs (`.onnx`, ...), itself or as its only entry one
-    level down. A bare file is bundled once, here, as version "1" (its golden sample is made
-    and checked like any bundle's); a bundle serves as its own version. A bundle built under
-    another name is served from a copy whose manifest carries the served name: the name is
-    what clients call, and every file's hash is still verified when it loads.
+    The bundle's manifest names the model and its version, so nothing is laid out around it.
     """
 
-    def __init__(self, path: str | Path, name: str | None = None,
-                 default_batching: BatchingConfig | None = None, *,
-                 device: str | None = None) -> None:
+    def __init__(self, path: str | Path, config: ModelConfig | None = None) -> None:
         self.path = Path(path)
-        self.default_batching = default_batching
-        found = _single_model(self.path)
-        # Lives as long as the source: an unpacked, relabelled or freshly made bundle.
-        self._workdir = tempfile.TemporaryDirectory(prefix="edgerun-model-")
-        work = Path(self._workdir.name) / "bundle"
-        if found.is_dir() or _is_archive(found):
-            if found.is_file():
-                archive.unpack(found, work)
-                found = work
-            manifest = read_manifest(found)
-            self.name = check_name(name or manifest.name)
-            self.version = manifest.version
-            if manifest.name != self.name:
-                if found != work:
-                    shutil.copytree(found, work, ignore=shutil.ignore_patterns(SIGNATURE_FILE))
-                (work / SIGNATURE_FILE).unlink(missing_ok=True)  # it signed the old name
-                write_manifest(work, dataclasses.replace(manifest, name=self.name))
-                found = work
-            self.bundle = found
-        else:
-            backend_for_file(found)  # a clear error for a file no backend runs
-            stem = found.name.split(".")[0]
-            self.name = check_name(name or (stem if NAME_RE.match(stem) else "model"))
-            self.version = "1"
-            self.bundle = create_bundle(found, work, name=self.name, version=self.version,
-                                        device=device).path
-        log.info("serving %s as %s version %s", found, self.name, self.version)
+        self.manifest = _read_bundle_manifest(self.path)
+        self._config = config or ModelConfig()
 
     def __repr__(self) -> str:
-        return f"SingleModelSource({str(self.path)!r}, name={self.name!r})"
+        return f"BundleSource({str(self.path)!r})"
+
+    @property
+    def name(self) -> str:
+        return self.manifest.name
+
+    @property
+    def version(self) -> str:
+        return self.manifest.version
 
     def models(self) -> list[str]:
-        return [self.name]
+        return [self.manifest.name]
 
     def config(self, name: str) -> ModelConfig:
-        if name != self.name:
-            raise ModelNotFound(f"model {name!r} is not served here; this server serves "
-                                f"{self.name!r}")
-        return ModelConfig(batching=self.default_batching or BatchingConfig())
+        if name != self.manifest.name:
+            raise ModelNotFound(f"model {name!r} is not served here; only "
+                                f"{self.manifest.name!r} is")
+        return self._config
 
     def wanted(self, name: str, config: ModelConfig) -> list[str]:
-        return [self.version] if name == self.name else []
+        return [self.manifest.version]
 
     def bundle_path(self, name: str, version: str) -> Path:
-        return self.bundle
+        return self.path
 
     def fingerprint(self, name: str, version: str) -> tuple:
-        return folder_fingerprint(self.bundle)
+        return folder_fingerprint(self.path)
 
 
 def _is_archive(path: Path) -> bool:
@@ -193,3 +173,67 @@ def _single_model(path: Path) -> Path:
     listed = ", ".join(p.name for p in (found or entries)) or "nothing"
     raise BundleError(f"{path}: expected one bundle folder, bundle archive (.tar.gz) or model "
                       f"file that a backend runs (.onnx, ...); found {listed}")
+
+
+class SingleModelSource(BundleSource):
+    """The one model KServe's storage initializer mounts (`/mnt/models`), under one name.
+
+    The folder (or file) holds a bundle folder (manifest.json), a bundle archive (`.tar.gz`),
+    or a bare model file some backend runs (`.onnx`, ...), itself or as its only entry one
+    level down. A bare file is bundled once, here, as version "1" (its golden sample is made
+    and checked like any bundle's); a bundle serves as its own version. A bundle built under
+    another name is served from a copy whose manifest carries the served name: the name is
+    what clients call, and every file's hash is still verified when it loads.
+    """
+
+    def __init__(self, path: str | Path, name: str | None = None,
+                 default_batching: BatchingConfig | None = None, *,
+                 device: str | None = None) -> None:
+        found = _single_model(Path(path))
+        # Lives as long as the source: an unpacked, relabelled or freshly made bundle.
+        self._workdir = tempfile.TemporaryDirectory(prefix="edgerun-model-")
+        work = Path(self._workdir.name) / "bundle"
+        if found.is_dir() or _is_archive(found):
+            if found.is_file():
+                archive.unpack(found, work)
+                found = work
+            manifest = read_manifest(found)
+            served = check_name(name or manifest.name)
+            if manifest.name != served:
+                if found != work:
+                    shutil.copytree(found, work, ignore=shutil.ignore_patterns(SIGNATURE_FILE))
+                (work / SIGNATURE_FILE).unlink(missing_ok=True)  # it signed the old name
+                write_manifest(work, dataclasses.replace(manifest, name=served))
+                found = work
+        else:
+            backend_for_file(found)  # a clear error for a file no backend runs
+            stem = found.name.split(".")[0]
+            served = check_name(name or (stem if NAME_RE.match(stem) else "model"))
+            found = create_bundle(found, work, name=served, version="1", device=device).path
+        super().__init__(found, ModelConfig(batching=default_batching or BatchingConfig()))
+        log.info("serving %s as %s version %s", path, self.name, self.version)
+
+    def __repr__(self) -> str:
+        return f"SingleModelSource({str(self.path)!r}, name={self.name!r})"
+
+
+def _read_bundle_manifest(path: Path) -> Manifest:
+    """The manifest of a bundle folder, or of an archive without extracting the rest."""
+    if path.is_dir():
+        return read_manifest(path)
+    if not path.is_file():
+        raise BundleError(f"{path}: no such bundle folder or archive")
+    try:
+        with tarfile.open(path, mode="r:*") as tar:
+            for member in tar:
+                if member.isfile() and member.name.lstrip("./") == MANIFEST:
+                    handle = tar.extractfile(member)
+                    data = json.loads(handle.read()) if handle is not None else None
+                    break
+            else:
+                raise BundleError(f"{path}: the archive holds no {MANIFEST}; not a bundle")
+    except (tarfile.TarError, OSError, EOFError, zlib.error, ValueError) as exc:
+        raise BundleError(f"{path}: not a readable bundle archive ({exc})") from exc
+    if not isinstance(data, dict):
+        raise BundleError(f"{path}: {MANIFEST} must hold a JSON object")
+    return Manifest.from_json(data)

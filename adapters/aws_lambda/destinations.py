@@ -1,0 +1,98 @@
+"""Where a batch's results go on: an SQS queue or an S3 prefix, through boto3.
+
+boto3 comes with the Lambda Python runtime; elsewhere it is installed by hand. It is imported
+only when a destination is configured, and a missing boto3 is an error at init, not at the
+first batch. A result that cannot be sent makes its record a batch item failure, so the queue
+delivers it again: nothing is lost.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Protocol
+
+log = logging.getLogger(__name__)
+
+SQS_BATCH = 10  # SendMessageBatch takes at most ten entries
+
+
+class Destination(Protocol):
+    def send(self, results: list[tuple[str, bytes]]) -> set[str]:
+        """Send (item id, result JSON) pairs; returns the ids that could not be sent."""
+
+
+class SqsDestination:
+    """Each result as one message; the record's id in the `source-id` message attribute."""
+
+    def __init__(self, queue_url: str, client: Any) -> None:
+        self.queue_url = queue_url
+        self.client = client
+
+    def send(self, results: list[tuple[str, bytes]]) -> set[str]:
+        failed: set[str] = set()
+        for start in range(0, len(results), SQS_BATCH):
+            chunk = results[start:start + SQS_BATCH]
+            entries = [{"Id": str(i), "MessageBody": body.decode(),
+                        "MessageAttributes": {"source-id": {"DataType": "String",
+                                                            "StringValue": item_id}}}
+                       for i, (item_id, body) in enumerate(chunk)]
+            try:
+                answer = self.client.send_message_batch(QueueUrl=self.queue_url,
+                                                        Entries=entries)
+            except Exception as exc:  # botocore's errors: the whole chunk goes back
+                log.error("results to %s failed: %s", self.queue_url, exc)
+                failed.update(item_id for item_id, _ in chunk)
+                continue
+            for entry in answer.get("Failed", []):
+                item_id = chunk[int(entry["Id"])][0]
+                log.error("result of %s to %s failed: %s", item_id, self.queue_url,
+                          entry.get("Message", entry.get("Code")))
+                failed.add(item_id)
+        return failed
+
+
+class S3Destination:
+    """Each result as `PREFIX<item id>.json`."""
+
+    def __init__(self, bucket: str, prefix: str, client: Any) -> None:
+        self.bucket = bucket
+        self.prefix = prefix
+        self.client = client
+
+    def send(self, results: list[tuple[str, bytes]]) -> set[str]:
+        failed: set[str] = set()
+        for item_id, body in results:
+            key = f"{self.prefix}{item_id}.json"
+            try:
+                self.client.put_object(Bucket=self.bucket, Key=key, Body=body,
+                                       ContentType="application/json")
+            except Exception as exc:  # botocore's errors: this record is retried
+                log.error("result of %s to s3://%s/%s failed: %s", item_id, self.bucket, key,
+                          exc)
+                failed.add(item_id)
+        return failed
+
+
+def destination_from(uri: str, variable: str = "EDGERUN_RESULTS") -> Destination | None:
+    """`s3://bucket/prefix/` or an SQS queue URL (`https://sqs.<region>.amazonaws.com/...`)."""
+    if not uri:
+        return None
+    if uri.startswith("s3://"):
+        bucket, _, prefix = uri[len("s3://"):].partition("/")
+        if not bucket:
+            raise ValueError(f"{variable}={uri!r}: an S3 destination needs a bucket")
+        return S3Destination(bucket, prefix, _client(variable, uri, "s3"))
+    if uri.startswith("https://sqs.") or uri.startswith("https://queue.amazonaws.com/"):
+        return SqsDestination(uri, _client(variable, uri, "sqs"))
+    raise ValueError(f"{variable}={uri!r}: expected s3://BUCKET/PREFIX or an SQS queue URL "
+                     "(https://sqs.REGION.amazonaws.com/ACCOUNT/QUEUE)")
+
+
+def _client(variable: str, uri: str, service: str) -> Any:
+    try:
+        import boto3
+    except ImportError:
+        raise RuntimeError(f"{variable}={uri!r} sends results through boto3, which is not "
+                           "installed (the Lambda runtime has it; elsewhere: pip install "
+                           "boto3)") from None
+    return boto3.client(service)

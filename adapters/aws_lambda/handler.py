@@ -1,0 +1,182 @@
+"""One Lambda handler for every event a function receives.
+
+- HTTP (API Gateway REST v1, HTTP API v2, Function URL, ALB): Mangum translates the event to
+  ASGI for the lean `EdgerunASGI` app, so the function serves the fleet server's OIP v2 and TF
+  Serving routes and imports no web framework. Mangum runs with the lifespan off: the models
+  are loaded at init and nothing is set up or torn down per invocation.
+- SQS and Kinesis batches: every record is decoded first, then all are submitted to the data
+  plane at once from one event loop, so the MicroBatcher sees them arrive together and merges
+  them into as few forward passes as it can; results are plain OIP v2 JSON; the answer names
+  exactly the records that failed (`batchItemFailures`), and Lambda retries only those.
+- Direct invocation (`aws lambda invoke`, Step Functions): the event is an OIP v2 JSON request
+  (`model_name` picks a model other than the function's default); the answer is the OIP
+  response, and a failure is raised as the core's error, whose class name Lambda reports as
+  the `errorType`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import logging
+from typing import Any
+
+import orjson
+from mangum import Mangum
+
+from edgerun.adapters.aws_lambda.destinations import Destination
+from edgerun.adapters.aws_lambda.records import Record, kinesis_record, sqs_record
+from edgerun.adapters.codecs import oip
+from edgerun.adapters.dataplane import Call, DataPlane, InferResult
+from edgerun.adapters.dataplane.call import INFER
+from edgerun.adapters.http.asgi import EdgerunASGI
+from edgerun.runtime.errors import EdgerunError, InvalidInput
+
+log = logging.getLogger(__name__)
+
+#: Lambda's synchronous invocation payload limit; a larger HTTP body gets 413.
+MAX_PAYLOAD_BYTES = 6 * 1024 * 1024
+#: Time kept back from the function's remaining time to send results and answer.
+RESERVE_S = 0.5
+
+
+class LambdaHandler:
+    """`handler(event, context)` over a data plane whose repository is already loaded."""
+
+    def __init__(self, plane: DataPlane, *, default_model: str = "",
+                 destination: Destination | None = None,
+                 max_payload_bytes: int = MAX_PAYLOAD_BYTES) -> None:
+        self.plane = plane
+        self.default_model = default_model
+        self.destination = destination
+        self.loop = asyncio.new_event_loop()  # one loop for the life of the environment
+        asyncio.set_event_loop(self.loop)
+        self.asgi = EdgerunASGI(plane, max_body_bytes=max_payload_bytes, transport="lambda")
+        self.http = Mangum(self.asgi, lifespan="off")
+
+    def __call__(self, event: Any, context: Any = None) -> Any:
+        kind = event_kind(event)
+        if kind == "http":
+            asyncio.set_event_loop(self.loop)  # Mangum runs on the thread's current loop
+            return self.http(event, context)
+        if kind == "direct":
+            return self._direct(event, context)
+        return self._batch(kind, event["Records"], context)
+
+    # ------------------------------------------------------------------ batches
+    def _batch(self, kind: str, raw: list[dict[str, Any]], context: Any) -> dict[str, Any]:
+        timeout = _budget(context)
+        make = sqs_record if kind == "sqs" else kinesis_record
+        records: list[Record] = []
+        for item in raw:
+            try:
+                records.append(make(item, self.default_model, timeout))
+            except (KeyError, TypeError, AttributeError) as exc:
+                item_id = _item_id(item)
+                if item_id is None:  # Lambda could not retry it alone: fail the whole batch
+                    raise InvalidInput(f"a {kind} record has no id: {exc}") from exc
+                records.append(Record(item_id, None, InvalidInput(
+                    f"{kind} record {item_id} is malformed: {type(exc).__name__}: {exc}")))
+        answers = self.loop.run_until_complete(self._submit(records))
+        failed: list[str] = []
+        results: list[tuple[str, bytes]] = []
+        for record, (body, error) in zip(records, answers):
+            if error is None:
+                results.append((record.item_id, body))
+            else:
+                failed.append(record.item_id)
+                _log_failure(kind, record.item_id, error)
+        if self.destination is not None and results:
+            unsent = self.destination.send(results)
+            failed += [item_id for item_id, _ in results if item_id in unsent]
+        return {"batchItemFailures": [{"itemIdentifier": item_id} for item_id in failed]}
+
+    async def _submit(self, records: list[Record]) -> list[tuple[bytes, EdgerunError | None]]:
+        """Decode every record first, then queue them all at once: the batcher sees the whole
+        batch arrive together and runs it in as few forward passes as it can."""
+        decoded: list[oip.InferRequest | None] = []
+        for record in records:
+            try:
+                decoded.append(None if record.call is None else oip.decode_request(
+                    record.call.body, record.call.attributes(oip.HEADER_LENGTH)))
+            except Exception:  # the data plane answers it below, with the error it makes
+                decoded.append(None)
+
+        async def answer(record: Record, request: oip.InferRequest | None
+                         ) -> tuple[bytes, EdgerunError | None]:
+            if record.call is None:
+                return b"", record.error
+            if request is None:  # decoded again by the data plane, which answers and counts it
+                reply = await self.plane.handle_async(record.call)
+                return reply.body, reply.error
+            try:
+                result = await self.plane.infer_async(record.call, request)
+            except EdgerunError as exc:
+                return b"", exc
+            return _result_json(result), None
+
+        return list(await asyncio.gather(*(answer(record, request)
+                                           for record, request in zip(records, decoded))))
+
+    # ------------------------------------------------------------------- direct
+    def _direct(self, event: dict[str, Any], context: Any) -> dict[str, Any]:
+        version = event.get("model_version")
+        call = Call(INFER, str(event.get("model_name") or self.default_model),
+                    None if version is None else str(version), orjson.dumps(event),
+                    transport="lambda", timeout=_budget(context))
+        reply = self.plane.handle(call)
+        if reply.error is not None:
+            raise reply.error
+        return orjson.loads(reply.body)
+
+
+def event_kind(event: Any) -> str:
+    """"http", "sqs", "kinesis" or "direct"; InvalidInput for anything else."""
+    if isinstance(event, dict):
+        records = event.get("Records")
+        if isinstance(records, list) and records and isinstance(records[0], dict):
+            source = records[0].get("eventSource")
+            if source == "aws:sqs":
+                return "sqs"
+            if source == "aws:kinesis":
+                return "kinesis"
+            raise InvalidInput(f"records from {source!r} are not served; SQS and Kinesis are")
+        if "requestContext" in event or "httpMethod" in event:
+            return "http"
+        if "inputs" in event:
+            return "direct"
+    raise InvalidInput("the event is none of: an HTTP event (API Gateway, Function URL, ALB), "
+                       "an SQS or Kinesis batch, or an OIP v2 request with \"inputs\"")
+
+
+def _budget(context: Any) -> float | None:
+    """The queueing budget a call gets: the invocation's remaining time, less a reserve."""
+    remaining = getattr(context, "get_remaining_time_in_millis", None)
+    if remaining is None:
+        return None
+    return max(remaining() / 1000 - RESERVE_S, 0.05)
+
+
+def _item_id(item: Any) -> str | None:
+    if not isinstance(item, dict):
+        return None
+    kinesis = item.get("kinesis")
+    if isinstance(kinesis, dict) and kinesis.get("sequenceNumber"):
+        return str(kinesis["sequenceNumber"])
+    return str(item["messageId"]) if item.get("messageId") else None
+
+
+def _result_json(result: InferResult) -> bytes:
+    """The OIP v2 response, all JSON (a queue message or an S3 object carries no binary part)."""
+    request = result.request
+    as_json = dataclasses.replace(request, binary_outputs=False, outputs=None
+                                  if request.outputs is None
+                                  else [oip.RequestedOutput(o.name, False)
+                                        for o in request.outputs])
+    return oip.encode_response(result.model, result.version, as_json, result.outputs)[0]
+
+
+def _log_failure(kind: str, item_id: str, error: EdgerunError | None) -> None:
+    log.error(json.dumps({"message": "record failed", "source": kind, "item": item_id,
+                          "kind": getattr(error, "kind", "error"), "error": str(error)}))

@@ -1,0 +1,69 @@
+"""SQS and Kinesis records as data-plane calls.
+
+A record's body is an OIP v2 JSON inference request (base64 in Kinesis, as Kinesis delivers
+every payload). The model it asks for is, first match wins: the SQS message attribute `model`
+(and `version`), the body's own `model_name` (and `model_version`) field, which the OIP decoder
+otherwise ignores, or the function's default model. SQS string message attributes are the
+call's attributes, so `x-request-timeout-ms`, `x-request-id` and sticky-routing keys work as
+they do in HTTP headers.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from edgerun.adapters.dataplane import Call
+from edgerun.adapters.dataplane.call import INFER
+from edgerun.runtime.errors import InvalidInput
+
+
+@dataclass
+class Record:
+    """One record of a batch: the id Lambda knows it by, and its call (or why it has none)."""
+
+    item_id: str
+    call: Call | None
+    error: InvalidInput | None = None
+
+
+def sqs_record(record: dict[str, Any], default_model: str, timeout: float | None) -> Record:
+    attributes = {name.lower(): value.get("stringValue")
+                  for name, value in (record.get("messageAttributes") or {}).items()
+                  if isinstance(value, dict) and str(value.get("dataType", "")).startswith(
+                      ("String", "Number"))}
+    body = str(record.get("body", "")).encode()
+    return Record(record["messageId"],
+                  _call(body, attributes, default_model, "sqs", timeout))
+
+
+def kinesis_record(record: dict[str, Any], default_model: str, timeout: float | None) -> Record:
+    item_id = record["kinesis"]["sequenceNumber"]
+    try:
+        body = base64.b64decode(record["kinesis"]["data"], validate=True)
+    except (binascii.Error, ValueError, TypeError) as exc:
+        return Record(item_id, None, InvalidInput(f"Kinesis record {item_id}: data is not "
+                                                  f"base64 ({exc})"))
+    return Record(item_id, _call(body, {}, default_model, "kinesis", timeout))
+
+
+def _call(body: bytes, attributes: dict[str, str | None], default_model: str, transport: str,
+          timeout: float | None) -> Call:
+    model, version = attributes.get("model"), attributes.get("version")
+    if model is None and b'"model_name"' in body:
+        named = _named_model(body)
+        model, version = named.get("model_name"), version or named.get("model_version")
+    return Call(INFER, str(model or default_model), None if version is None else str(version),
+                body, attributes.get, transport, timeout)
+
+
+def _named_model(body: bytes) -> dict[str, Any]:
+    try:
+        parsed = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return {}  # the data plane's decoder reports it, counted in its metrics
+    return parsed if isinstance(parsed, dict) else {}

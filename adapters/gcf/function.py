@@ -1,0 +1,135 @@
+"""The two Cloud Functions entry points over one data plane.
+
+- `http(request)`: the fleet server's routes (OIP v2 JSON and binary, TF Serving, health,
+  metadata, metrics), matched with the HTTP adapter's route table and answered with its status
+  mapping, so a client cannot tell the function from `edgerun serve`.
+- `pubsub(event)`: a Pub/Sub message (CloudEvent `google.cloud.pubsub.topic.v1.messagePublished`)
+  whose data is an OIP v2 JSON request; the message attribute `model` (and `version`) picks
+  the model, else the function's default. The answer goes to `on_result` (by default one JSON
+  log line). A request that cannot succeed (bad input, unknown model) is logged and
+  acknowledged; one that may succeed later (overloaded, deadline, not ready, a failed forward
+  pass) is raised, so Pub/Sub delivers it again when the function has retries enabled.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import logging
+import os
+import sys
+import threading
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from edgerun.adapters.dataplane import Call, DataPlane
+from edgerun.adapters.dataplane.call import INFER, JSON
+from edgerun.adapters.http.routes import match
+from edgerun.adapters.http.status import error_headers, status_of
+from edgerun.adapters.single_bundle import MODEL_VARIABLE, serve_bundle
+from edgerun.runtime.errors import (DeadlineExceeded, EdgerunError, InferenceError, InvalidInput,
+                                    ModelNotReady, Overloaded, PayloadTooLarge)
+
+log = logging.getLogger(__name__)
+
+#: Cloud Functions (2nd gen) takes HTTP requests of up to 32 MiB.
+MAX_BODY_BYTES = 32 << 20
+RETRYABLE = (Overloaded, DeadlineExceeded, ModelNotReady, InferenceError)
+
+#: Receives (Pub/Sub message id, OIP v2 response JSON) for each answered message.
+ResultSink = Callable[[str, bytes], None]
+
+
+def log_result(message_id: str, body: bytes) -> None:
+    sys.stdout.write(json.dumps({"message": "inference result", "pubsub_message": message_id,
+                                 "result": json.loads(body)}) + "\n")
+
+
+class CloudFunction:
+    def __init__(self, plane: DataPlane, *, default_model: str = "",
+                 on_result: ResultSink = log_result,
+                 max_body_bytes: int = MAX_BODY_BYTES) -> None:
+        self.plane = plane
+        self.default_model = default_model
+        self.on_result = on_result
+        self.max_body_bytes = max_body_bytes
+
+    def http(self, request: Any) -> tuple[bytes, int, dict[str, str]]:
+        """A Flask request in, a (body, status, headers) answer out."""
+        route, params, allowed = match(request.method, request.path)
+        if route is None:
+            if allowed:
+                return _error(405, f"method {request.method} is not allowed on {request.path}",
+                              {"Allow": ", ".join(allowed)})
+            return _error(404, f"no route {request.path}")
+        length = request.content_length
+        if length is not None and length > self.max_body_bytes:
+            error = PayloadTooLarge(f"request body of {length} bytes is over the "
+                                    f"{self.max_body_bytes}-byte limit")
+            return _error(status_of(error), str(error))
+        headers = request.headers
+        call = Call(route.route, params.get("name", ""), params.get("version"),
+                    request.get_data(cache=False) if request.method == "POST" else b"",
+                    headers.get, "gcf")
+        reply = self.plane.handle(call)
+        answer = {"Content-Type": reply.content_type, **reply.headers}
+        if reply.error is not None:
+            answer.update(error_headers(reply.error))
+        return reply.body, status_of(reply.error), answer
+
+    def pubsub(self, event: Any) -> None:
+        """A Pub/Sub CloudEvent: infer, hand the result on; raise only what a retry may fix."""
+        message = (event.data or {}).get("message") or {}
+        message_id = str(message.get("messageId") or event["id"])
+        attributes = {str(k).lower(): str(v) for k, v in (message.get("attributes") or {}).items()}
+        try:
+            body = base64.b64decode(message.get("data") or "", validate=True)
+        except (binascii.Error, ValueError) as exc:
+            _log_failure(message_id, InvalidInput(f"message data is not base64 ({exc})"))
+            return
+        call = Call(INFER, attributes.get("model") or self.default_model,
+                    attributes.get("version"), body, attributes.get, "pubsub")
+        reply = self.plane.handle(call)
+        if reply.ok:
+            self.on_result(message_id, reply.body)
+            return
+        _log_failure(message_id, reply.error)
+        if isinstance(reply.error, RETRYABLE):
+            raise reply.error
+
+
+_current: tuple[int, CloudFunction] | None = None
+_current_lock = threading.Lock()
+
+
+def current() -> CloudFunction:
+    """This process's function, loaded on first use.
+
+    functions-framework imports the entry module in gunicorn's master process and serves from
+    a forked worker, where threads started before the fork (the batcher's) do not run: loading
+    at import would leave every request waiting. So the model loads in the process that
+    serves, once (and again in a process forked after that)."""
+    global _current
+    with _current_lock:
+        if _current is None or _current[0] != os.getpid():
+            _current = (os.getpid(), from_environment())
+        return _current[1]
+
+
+def from_environment(environ: Mapping[str, str] | None = None) -> CloudFunction:
+    """The function for EDGERUN_MODEL (a bundle folder or .tar.gz in the source), loaded now."""
+    environ = os.environ if environ is None else environ
+    repository, source = serve_bundle(environ.get(MODEL_VARIABLE, ""))
+    return CloudFunction(DataPlane(repository), default_model=source.name)
+
+
+def _error(status: int, message: str,
+           headers: dict[str, str] | None = None) -> tuple[bytes, int, dict[str, str]]:
+    return json.dumps({"error": message}).encode(), status, {"Content-Type": JSON,
+                                                             **(headers or {})}
+
+
+def _log_failure(message_id: str, error: EdgerunError | None) -> None:
+    log.error(json.dumps({"message": "pubsub message failed", "pubsub_message": message_id,
+                          "kind": getattr(error, "kind", "error"), "error": str(error)}))

@@ -1,0 +1,38 @@
+"""A function's only model, loaded at init: what the serverless adapters share.
+
+`EDGERUN_MODEL` names the bundle; any failure becomes one BundleError that names the variable,
+its value and the reason, so a function's init error says what to fix.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+from edgerun.devices import DeviceProfile
+from edgerun.runtime.errors import BundleError, EdgerunError
+from edgerun.runtime.model_config import ModelConfig
+from edgerun.runtime.repository import Repository
+from edgerun.runtime.sources import BundleSource
+
+MODEL_VARIABLE = "EDGERUN_MODEL"
+
+
+def serve_bundle(spec: str, locate: Callable[[str], Path] = Path, *,
+                 device: DeviceProfile | None = None,
+                 config: ModelConfig | None = None) -> tuple[Repository, BundleSource]:
+    """A repository serving the bundle `spec` names, loaded and ready."""
+    if not spec:
+        raise BundleError(f"{MODEL_VARIABLE} is not set: give it a bundle folder or .tar.gz "
+                          "(or, on Lambda, an s3:// URI)")
+    try:
+        source = BundleSource(locate(spec), config)
+        repository = Repository(source, device)
+        repository.load_all()
+        if not repository.ready:
+            reasons = [s.reason for s in repository.index() if s.reason]
+            repository.close()
+            raise BundleError("; ".join(reasons) or f"{source.name} did not load")
+    except EdgerunError as exc:
+        raise BundleError(f"{MODEL_VARIABLE}={spec!r}: {exc}") from exc
+    return repository, source

@@ -1,0 +1,22 @@
+"""The Cloud Functions entry module: `infer` (HTTP) and `pubsub` (CloudEvent), wiring only.
+
+    gcloud functions deploy edgerun-infer --gen2 --runtime python312 --source functions/gcf \\
+        --entry-point infer --trigger-http --set-env-vars EDGERUN_MODEL=model
+
+The model (EDGERUN_MODEL) loads in the serving process on its first request; see
+edgerun.adapters.gcf.function.current for why not at import.
+"""
+
+import functions_framework
+
+from edgerun.adapters.gcf import current
+
+
+@functions_framework.http
+def infer(request):
+    return current().http(request)
+
+
+@functions_framework.cloud_event
+def pubsub(event):
+    current().pubsub(event)

@@ -1,0 +1,160 @@
+"""Cloud Functions entry points through functions-framework's own app and test client."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import functions_framework
+import httpx
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from edgerun.examples import mlp_onnx
+from edgerun.runtime import create_bundle
+from tests.serving import free_port
+
+MAIN = Path(__file__).resolve().parents[1] / "functions" / "gcf" / "main.py"
+
+
+@pytest.fixture(scope="module")
+def bundle_dir(tmp_path_factory) -> Path:
+    work = tmp_path_factory.mktemp("gcf")
+    (work / "mlp.onnx").write_bytes(mlp_onnx([8, 16, 4], seed=1))
+    create_bundle(work / "mlp.onnx", work / "mlp", name="mlp", version="2")
+    return work / "mlp"
+
+
+@pytest.fixture(scope="module")
+def clients(bundle_dir):
+    previous = os.environ.get("EDGERUN_MODEL")
+    os.environ["EDGERUN_MODEL"] = str(bundle_dir)
+    try:
+        yield {target: functions_framework.create_app(target, str(MAIN)).test_client()
+               for target in ("infer", "pubsub")}
+    finally:
+        if previous is None:
+            os.environ.pop("EDGERUN_MODEL", None)
+        else:
+            os.environ["EDGERUN_MODEL"] = previous
+
+
+@pytest.fixture(scope="module")
+def reference(bundle_dir):
+    session = ort.InferenceSession(str(bundle_dir / "model.onnx"),
+                                   providers=["CPUExecutionProvider"])
+    return lambda rows: session.run(["y"], {"x": rows})[0]
+
+
+def request(rows: np.ndarray, name: str = "x") -> dict:
+    return {"inputs": [{"name": name, "datatype": "FP32", "shape": list(rows.shape),
+                        "data": rows.ravel().tolist()}]}
+
+
+def rows(n: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((n, 8)).astype(np.float32)
+
+
+def test_http_function_serves_oip_v2(clients, reference):
+    http = clients["infer"]
+    x = rows(4)
+    answer = http.post("/v2/models/mlp/infer", json=request(x),
+                       headers={"X-Request-Id": "gcf-1"})
+    assert answer.status_code == 200
+    assert answer.headers["X-Request-Id"] == "gcf-1"
+    body = answer.get_json()
+    assert body["model_version"] == "2"
+    np.testing.assert_allclose(np.array(body["outputs"][0]["data"]).reshape(4, 4), reference(x),
+                               rtol=1e-5, atol=1e-6)
+    assert http.get("/v2/health/ready").get_json() == {"ready": True}
+    assert http.get("/v2/models/mlp").get_json()["inputs"][0]["shape"] == [-1, 8]
+    predict = http.post("/v1/models/mlp:predict", json={"instances": x.tolist()})
+    assert predict.status_code == 200 and len(predict.get_json()["predictions"]) == 4
+    assert "edgerun_requests_total" in http.get("/metrics").get_data(as_text=True)
+
+
+def test_http_function_maps_errors_like_the_fleet_server(clients):
+    http = clients["infer"]
+    wrong = http.post("/v2/models/mlp/infer", json=request(rows(1), name="z"))
+    assert wrong.status_code == 400 and "'z'" in wrong.get_json()["error"]
+    assert http.post("/v2/models/nope/infer", json=request(rows(1))).status_code == 404
+    not_allowed = http.get("/v2/models/mlp/infer")
+    assert not_allowed.status_code == 405 and "POST" in not_allowed.headers["Allow"]
+    assert http.get("/nowhere").status_code == 404
+    bad_json = http.post("/v2/models/mlp/infer", data=b"{nope",
+                         content_type="application/json")
+    assert bad_json.status_code == 400 and "not valid JSON" in bad_json.get_json()["error"]
+
+
+def pubsub_event(payload: bytes, attributes: dict | None = None, message_id: str = "1"):
+    return {"message": {"data": base64.b64encode(payload).decode(),
+                        "attributes": attributes or {}, "messageId": message_id,
+                        "publishTime": "2024-05-01T12:00:00.000Z"},
+            "subscription": "projects/demo/subscriptions/edgerun"}
+
+
+def post_cloudevent(client, data: dict, event_id: str):
+    return client.post("/", json=data, headers={
+        "ce-id": event_id, "ce-specversion": "1.0",
+        "ce-source": "//pubsub.googleapis.com/projects/demo/topics/edgerun",
+        "ce-type": "google.cloud.pubsub.topic.v1.messagePublished"})
+
+
+def test_pubsub_function_infers_and_reports(clients, reference, capsys, caplog):
+    pubsub = clients["pubsub"]
+    x = rows(2, seed=5)
+    answer = post_cloudevent(pubsub, pubsub_event(json.dumps(request(x)).encode(),
+                                                  message_id="m-1"), "e-1")
+    assert answer.status_code == 200
+    line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert line["pubsub_message"] == "m-1"
+    np.testing.assert_allclose(np.array(line["result"]["outputs"][0]["data"]).reshape(2, 4),
+                               reference(x), rtol=1e-5, atol=1e-6)
+    # input that can never succeed is acknowledged (logged), not redelivered forever
+    for payload, attributes in [(b"{nope", None), (json.dumps(request(x)).encode(),
+                                                   {"model": "missing"})]:
+        assert post_cloudevent(pubsub, pubsub_event(payload, attributes), "e-2").status_code \
+            == 200
+    assert "invalid_input" in caplog.text and "model_not_found" in caplog.text
+    # a request that may succeed later is raised: Pub/Sub delivers it again
+    late = post_cloudevent(pubsub, pubsub_event(json.dumps(request(x)).encode(),
+                                                {"x-request-timeout-ms": "0.000001"}), "e-3")
+    assert late.status_code == 500
+
+
+def test_the_gcf_adapter_imports_no_web_framework():
+    done = subprocess.run([sys.executable, "-c", "import sys, edgerun.adapters.gcf.function; "
+                           "print(sorted({m.split('.')[0] for m in sys.modules}))"],
+                          capture_output=True, text=True, timeout=60)
+    loaded = set(eval(done.stdout))
+    assert not loaded & {"flask", "functions_framework", "fastapi", "starlette", "werkzeug"}
+
+
+def test_the_functions_framework_server_answers_from_its_forked_worker(bundle_dir):
+    """The real server: gunicorn imports the module in its master and serves from a fork."""
+    port = free_port()
+    server = subprocess.Popen(
+        [str(Path(sys.executable).with_name("functions-framework")), "--source", str(MAIN),
+         "--target", "infer", "--host", "127.0.0.1", "--port", str(port)],
+        env={**os.environ, "EDGERUN_MODEL": str(bundle_dir)}, stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                answer = httpx.post(f"http://127.0.0.1:{port}/v2/models/mlp/infer",
+                                    json=request(rows(1)), timeout=30)
+                break
+            except httpx.TransportError:
+                assert time.monotonic() < deadline and server.poll() is None
+                time.sleep(0.2)
+        assert answer.status_code == 200 and answer.json()["model_version"] == "2"
+    finally:
+        server.terminate()
+        server.wait(timeout=30)

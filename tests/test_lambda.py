@@ -1,0 +1,443 @@
+"""The Lambda adapter: real event shapes through the handler, batches, destinations, init, and
+the container entry point (`python -m awslambdaric`) against a Runtime API served on loopback."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import boto3
+import numpy as np
+import onnxruntime as ort
+import pytest
+from botocore.stub import ANY, Stubber
+
+from edgerun.adapters.aws_lambda.destinations import (S3Destination, SqsDestination,
+                                                      destination_from)
+from edgerun.adapters.aws_lambda.environment import from_environment, vcpus_for
+from edgerun.adapters.aws_lambda.handler import MAX_PAYLOAD_BYTES, LambdaHandler
+from edgerun.adapters.aws_lambda.model_location import cached_download, locate
+from edgerun.examples import mlp_onnx
+from edgerun.runtime import create_bundle
+from edgerun.runtime.bundle import MANIFEST, sha256_file
+from edgerun.runtime.errors import BundleError, InvalidInput, ModelNotFound
+from edgerun.runtime.sources import BundleSource
+from tests.lambda_runtime_api import RuntimeAPI
+
+ROOT = Path(__file__).resolve().parents[1]
+FIXTURES = Path(__file__).with_name("fixtures") / "lambda"
+FUNCTION = ROOT / "functions" / "inference"
+HEAVY = ("fastapi", "starlette", "pydantic", "uvicorn", "flask", "onnx", "tvm", "tflite_runtime",
+         "ai_edge_litert", "boto3")
+
+
+def fixture(name: str) -> dict:
+    return json.loads((FIXTURES / f"{name}.json").read_text())
+
+
+def infer_body(rows: np.ndarray, name: str = "x", **extra) -> str:
+    return json.dumps({**extra, "inputs": [{"name": name, "datatype": "FP32",
+                                            "shape": list(rows.shape),
+                                            "data": rows.ravel().tolist()}]})
+
+
+class Context:
+    """The fields of Lambda's context object the handler reads."""
+
+    function_name = "edgerun-inference"
+    memory_limit_in_mb = 2048
+    aws_request_id = "c6af9ac6-7b61-11e6-9a41-93e8deadbeef"
+
+    def get_remaining_time_in_millis(self) -> int:
+        return 30_000
+
+
+@pytest.fixture(scope="module")
+def bundle_dir(tmp_path_factory) -> Path:
+    work = tmp_path_factory.mktemp("lambda")
+    source = work / "mlp.onnx"
+    source.write_bytes(mlp_onnx([8, 16, 4]))
+    create_bundle(source, work / "mlp", name="mlp", version="3")
+    return work / "mlp"
+
+
+@pytest.fixture(scope="module")
+def bundle_archive(bundle_dir) -> Path:
+    from edgerun.runtime import Bundle
+    with Bundle.open(bundle_dir) as bundle:
+        return bundle.pack(bundle_dir.with_name("mlp-3.tar.gz"))
+
+
+@pytest.fixture(scope="module")
+def handler(bundle_archive) -> LambdaHandler:
+    handler = from_environment({"EDGERUN_MODEL": str(bundle_archive),
+                                "AWS_LAMBDA_FUNCTION_MEMORY_SIZE": "3008"})
+    yield handler
+    handler.plane.repository.close()
+
+
+@pytest.fixture(scope="module")
+def reference(bundle_dir):
+    session = ort.InferenceSession(str(bundle_dir / "model.onnx"),
+                                   providers=["CPUExecutionProvider"])
+    return lambda rows: session.run(["y"], {"x": rows})[0]
+
+
+def rows(n: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((n, 8)).astype(np.float32)
+
+
+def outputs(body: str | bytes) -> np.ndarray:
+    answer = json.loads(body)
+    (output,) = answer["outputs"]
+    return np.array(output["data"], np.float32).reshape(output["shape"])
+
+
+def http_event(name: str, body: str | bytes, method: str = "POST",
+               path: str = "/v2/models/mlp/infer") -> dict:
+    event = fixture(name)
+    raw = body.encode() if isinstance(body, str) else body
+    if event.get("isBase64Encoded"):
+        event["body"] = base64.b64encode(raw).decode()
+    else:
+        event["body"] = raw.decode()
+    if "rawPath" in event:
+        event["rawPath"] = event["requestContext"]["http"]["path"] = path
+        event["requestContext"]["http"]["method"] = method
+        event["headers"]["content-length"] = str(len(raw))
+    else:
+        event["path"] = path
+        event["httpMethod"] = method
+    return event
+
+
+# ------------------------------------------------------------------------------------- HTTP
+@pytest.mark.parametrize("name", ["apigw_v1", "apigw_v2", "function_url", "alb"])
+def test_http_events_answer_oip_inference(handler, reference, name):
+    x = rows(3, seed=len(name))
+    answer = handler(http_event(name, infer_body(x)), Context())
+    assert answer["statusCode"] == 200
+    body = base64.b64decode(answer["body"]) if answer.get("isBase64Encoded") else answer["body"]
+    assert json.loads(body)["model_version"] == "3"
+    np.testing.assert_allclose(outputs(body), reference(x), rtol=1e-5, atol=1e-6)
+    headers = answer.get("headers") or {k: v[-1] for k, v in answer["multiValueHeaders"].items()}
+    assert headers["x-request-id"] == f"{name.replace('_', '-')}-request"
+
+
+def test_http_routes_and_errors_match_the_fleet_server(handler):
+    ready = handler(http_event("apigw_v2", "", "GET", "/v2/health/ready"), Context())
+    assert (ready["statusCode"], json.loads(ready["body"])) == (200, {"ready": True})
+    metadata = handler(http_event("apigw_v2", "", "GET", "/v2/models/mlp"), Context())
+    assert metadata["statusCode"] == 200
+    assert json.loads(metadata["body"])["inputs"][0]["shape"] == [-1, 8]
+    predict = handler(http_event("apigw_v1", json.dumps({"instances": rows(2).tolist()}),
+                                 path="/v1/models/mlp:predict"), Context())
+    assert predict["statusCode"] == 200 and len(json.loads(predict["body"])["predictions"]) == 2
+    wrong = handler(http_event("apigw_v2", infer_body(rows(1), name="z")), Context())
+    assert wrong["statusCode"] == 400 and "'z'" in json.loads(wrong["body"])["error"]
+    unknown = handler(http_event("apigw_v2", infer_body(rows(1)),
+                                 path="/v2/models/nope/infer"), Context())
+    assert unknown["statusCode"] == 404
+    method = handler(http_event("alb", "", "GET", "/v2/models/mlp/infer"), Context())
+    assert method["statusCode"] == 405
+
+
+def test_a_body_over_6_mb_gets_413(handler):
+    body = infer_body(rows(1)) + " " * (MAX_PAYLOAD_BYTES - len(infer_body(rows(1))) + 1)
+    answer = handler(http_event("apigw_v2", body), Context())
+    assert answer["statusCode"] == 413
+    assert "limit" in json.loads(answer["body"])["error"]
+    just_under = infer_body(rows(1)) + " " * 1000
+    assert handler(http_event("apigw_v2", just_under), Context())["statusCode"] == 200
+
+
+# ---------------------------------------------------------------------------------- batches
+def sqs_event(bodies: list[str], attributes: dict[int, dict] | None = None) -> dict:
+    template = fixture("sqs")["Records"][0]
+    records = []
+    for i, body in enumerate(bodies):
+        record = json.loads(json.dumps(template))
+        record["messageId"] = f"message-{i}"
+        record["body"] = body
+        record["messageAttributes"] = (attributes or {}).get(i, {})
+        records.append(record)
+    return {"Records": records}
+
+
+def string_attribute(value: str) -> dict:
+    return {"stringValue": value, "stringListValues": [], "binaryListValues": [],
+            "dataType": "String"}
+
+
+def test_sqs_fixture_reports_only_its_bad_record(handler):
+    event = fixture("sqs")
+    event["Records"][0]["body"] = infer_body(rows(1))
+    event["Records"][1]["body"] = "{not json"
+    assert handler(event, Context()) == {"batchItemFailures": [
+        {"itemIdentifier": "2e1424d4-f796-459a-8184-9c92662be6da"}]}
+
+
+def test_sqs_batch_is_micro_batched_and_names_exactly_the_failed_records(handler):
+    good = [infer_body(rows(1, seed=i)) for i in range(48)]
+    bodies = good + ["{not json", infer_body(rows(1), name="z"),
+                     json.dumps({"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 3],
+                                             "data": [1, 2, 3]}]}), infer_body(rows(1))]
+    attributes = {51: {"model": string_attribute("missing-model")}}
+    batch_size = handler.plane.repository.get("mlp").batcher.metrics.batch_size
+    passes, rows_before = batch_size.count, batch_size.sum
+    answer = handler(sqs_event(bodies, attributes), Context())
+    assert answer == {"batchItemFailures": [{"itemIdentifier": f"message-{i}"}
+                                            for i in (48, 49, 50, 51)]}
+    assert batch_size.sum - rows_before == 48
+    # 48 records queued together, not 48 forward passes (after an idle spell the batcher's
+    # adaptive delay runs the first few of a burst at once, before its gap estimate adapts)
+    assert batch_size.count - passes <= 24
+
+
+def test_a_record_without_an_id_fails_the_batch(handler):
+    with pytest.raises(InvalidInput, match="no id"):
+        handler({"Records": [{"eventSource": "aws:sqs", "body": "{}"}]}, Context())
+
+
+def test_kinesis_records_are_base64_and_may_name_their_model(handler, reference):
+    event = fixture("kinesis")
+    template = event["Records"][0]
+    records = []
+    bodies = [infer_body(rows(2), model_name="mlp").encode(), b"not base64 at all!",
+              base64.b64encode(infer_body(rows(1), model_name="other").encode()),
+              base64.b64encode(infer_body(rows(1)).encode())]
+    for i, data in enumerate(bodies):
+        record = json.loads(json.dumps(template))
+        record["kinesis"]["sequenceNumber"] = f"4959033827149025660855969253836157109592157598913658889{i}"
+        record["kinesis"]["data"] = (base64.b64encode(data).decode() if i == 0
+                                     else data.decode())
+        records.append(record)
+    event["Records"] = records
+    answer = handler(event, Context())
+    assert answer == {"batchItemFailures": [
+        {"itemIdentifier": records[1]["kinesis"]["sequenceNumber"]},
+        {"itemIdentifier": records[2]["kinesis"]["sequenceNumber"]}]}
+
+
+def sqs_client(service: str):
+    return boto3.client(service, region_name="us-east-1", aws_access_key_id="test",
+                        aws_secret_access_key="test")
+
+
+def test_results_go_on_to_sqs_and_an_unsent_one_is_retried(handler, reference):
+    client = sqs_client("sqs")
+    url = "https://sqs.us-east-1.amazonaws.com/123456789012/edgerun-results"
+    forward = LambdaHandler(handler.plane, default_model="mlp",
+                            destination=SqsDestination(url, client))
+    bodies = [infer_body(rows(1, seed=i)) for i in range(3)] + ["{bad"]
+    sent: list[dict] = []
+    with Stubber(client) as stub:
+        stub.add_response("send_message_batch",
+                          {"Successful": [{"Id": "0", "MessageId": "a", "MD5OfMessageBody": "x"},
+                                          {"Id": "1", "MessageId": "b", "MD5OfMessageBody": "x"}],
+                           "Failed": [{"Id": "2", "SenderFault": False, "Code": "InternalError",
+                                       "Message": "try again"}]})
+        client.meta.events.register("before-parameter-build.sqs.SendMessageBatch",
+                                    lambda params, **_: sent.extend(params["Entries"]))
+        answer = forward(sqs_event(bodies), Context())
+        stub.assert_no_pending_responses()
+    assert answer == {"batchItemFailures": [{"itemIdentifier": "message-3"},
+                                            {"itemIdentifier": "message-2"}]}
+    assert [e["MessageAttributes"]["source-id"]["StringValue"] for e in sent] == \
+        ["message-0", "message-1", "message-2"]
+    np.testing.assert_allclose(outputs(sent[1]["MessageBody"]), reference(rows(1, seed=1)),
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_results_go_on_to_s3(handler):
+    client = sqs_client("s3")
+    forward = LambdaHandler(handler.plane, default_model="mlp",
+                            destination=S3Destination("results", "edgerun/out/", client))
+    with Stubber(client) as stub:
+        for i in range(2):
+            stub.add_response("put_object", {"ETag": '"x"'},
+                              {"Bucket": "results", "Key": f"edgerun/out/message-{i}.json",
+                               "Body": ANY, "ContentType": "application/json"})
+        stub.add_client_error("put_object", "SlowDown", http_status_code=503)
+        answer = forward(sqs_event([infer_body(rows(1, seed=i)) for i in range(3)]), Context())
+        stub.assert_no_pending_responses()
+    assert answer == {"batchItemFailures": [{"itemIdentifier": "message-2"}]}
+
+
+def test_a_destination_without_boto3_fails_at_init(monkeypatch):
+    monkeypatch.setitem(sys.modules, "boto3", None)
+    with pytest.raises(RuntimeError, match="EDGERUN_RESULTS.*boto3"):
+        destination_from("s3://bucket/prefix/")
+    with pytest.raises(ValueError, match="EDGERUN_RESULTS"):
+        destination_from("ftp://elsewhere")
+
+
+# ----------------------------------------------------------------------------------- direct
+def test_direct_invocation_takes_and_gives_oip_json(handler, reference):
+    x = rows(2, seed=7)
+    answer = handler(json.loads(infer_body(x)), Context())
+    assert answer["model_name"] == "mlp"
+    np.testing.assert_allclose(outputs(json.dumps(answer)), reference(x), rtol=1e-5, atol=1e-6)
+    with pytest.raises(InvalidInput, match="'z'"):
+        handler(json.loads(infer_body(x, name="z")), Context())
+    with pytest.raises(ModelNotFound):
+        handler(json.loads(infer_body(x, model_name="other")), Context())
+    with pytest.raises(InvalidInput, match="none of"):
+        handler({"hello": "world"}, Context())
+
+
+# ------------------------------------------------------------------------ init and the model
+def test_vcpus_follow_memory_like_lambda():
+    assert [vcpus_for(m) for m in (128, 1769, 1770, 3008, 5307, 8845, 10240)] == \
+        [1, 1, 2, 2, 3, 5, 6]
+
+
+def test_init_sizes_threads_and_logs_one_json_line(handler, capsys):
+    session = handler.plane.repository.get("mlp").model.backend.session
+    assert session.get_session_options().intra_op_num_threads == 2  # 3008 MB
+    again = from_environment({"EDGERUN_MODEL": str(handler.plane.repository.source.path),
+                              "AWS_LAMBDA_FUNCTION_MEMORY_SIZE": "10240"})
+    try:
+        line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+        assert line["message"] == "edgerun init" and line["intra_op_threads"] == 6
+        assert line["model"] == "mlp" and line["version"] == "3"
+        assert line["init_ms"] >= line["load_ms"] > 0
+    finally:
+        again.plane.repository.close()
+
+
+@pytest.mark.parametrize("spec, reason", [
+    ("", "EDGERUN_MODEL is not set"),
+    ("missing/bundle.tar.gz", "no such bundle"),
+    ("s3://bucket/model.tar.gz", "EDGERUN_MODEL_SHA256"),
+])
+def test_a_missing_model_fails_init_naming_edgerun_model(tmp_path, spec, reason):
+    with pytest.raises(BundleError, match=reason) as failure:
+        from_environment({"EDGERUN_MODEL": spec, "LAMBDA_TASK_ROOT": str(tmp_path)})
+    assert "EDGERUN_MODEL" in str(failure.value)
+
+
+def test_a_corrupt_model_fails_init_naming_edgerun_model(tmp_path, bundle_dir):
+    garbage = tmp_path / "garbage.tar.gz"
+    garbage.write_bytes(b"\x1f\x8b" + os.urandom(300))
+    with pytest.raises(BundleError, match="EDGERUN_MODEL=.*garbage.tar.gz.*not a readable"):
+        from_environment({"EDGERUN_MODEL": str(garbage)})
+    tampered = tmp_path / "tampered"
+    tampered.mkdir()
+    for path in bundle_dir.iterdir():
+        (tampered / path.name).write_bytes(path.read_bytes())
+    model = tampered / "model.onnx"
+    model.write_bytes(model.read_bytes()[:-8] + b"\0" * 8)
+    with pytest.raises(BundleError, match="EDGERUN_MODEL=.*sha256.*tampered or corrupt"):
+        from_environment({"EDGERUN_MODEL": str(tampered)})
+
+
+def test_s3_model_is_downloaded_once_verified_and_reused(tmp_path, bundle_archive):
+    downloads: list[str] = []
+
+    def download(uri: str, destination: Path) -> None:  # stands in for boto3's download_file
+        downloads.append(uri)
+        destination.write_bytes(bundle_archive.read_bytes())
+
+    digest = sha256_file(bundle_archive)
+    uri = "s3://models/mlp/3.tar.gz"
+    first = locate(uri, sha256=digest.upper(), cache=tmp_path, download=download)
+    assert first == tmp_path / digest and (first / MANIFEST).is_file()
+    assert BundleSource(first).models() == ["mlp"]
+    # a later cold start of the same environment: no download, no extraction
+    assert locate(uri, sha256=digest, cache=tmp_path, download=download) == first
+    assert downloads == [uri]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [digest]  # nothing partial left
+
+    wrong = "0" * 64
+    with pytest.raises(BundleError, match=f"sha256 is {digest}.*EDGERUN_MODEL_SHA256 is {wrong}"):
+        cached_download(uri, wrong, tmp_path / "other", download)
+    assert not (tmp_path / "other" / wrong).exists()
+    assert list((tmp_path / "other").iterdir()) == []
+    with pytest.raises(BundleError, match="EDGERUN_MODEL_SHA256"):
+        cached_download(uri, "abc", tmp_path, download)
+
+
+def test_bundle_source_serves_one_bundle_folder_or_archive(bundle_dir, bundle_archive, tmp_path):
+    for path in (bundle_dir, bundle_archive):
+        source = BundleSource(path)
+        assert source.models() == ["mlp"] and source.name == "mlp"
+        assert source.wanted("mlp", source.config("mlp")) == ["3"]
+        assert source.bundle_path("mlp", "3") == path
+        assert source.fingerprint("mlp", "3")
+        with pytest.raises(ModelNotFound, match="'other'"):
+            source.config("other")
+    empty = tmp_path / "empty.tar.gz"
+    import tarfile
+    with tarfile.open(empty, "w:gz"):
+        pass
+    with pytest.raises(BundleError, match="no manifest.json"):
+        BundleSource(empty)
+
+
+# ---------------------------------------------------------------------- fresh processes
+def function_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "EDGERUN_"))}
+    env.update(extra)
+    return env
+
+
+def test_the_function_imports_no_web_framework_and_only_its_backend(bundle_archive):
+    script = ("import json, sys, app\n"
+              f"event = json.loads({json.dumps(json.dumps(http_event('apigw_v2', infer_body(rows(1)))))})\n"
+              "assert app.handler(event, None)['statusCode'] == 200\n"
+              "print(json.dumps(sorted({m.split('.')[0] for m in sys.modules})))\n")
+    done = subprocess.run([sys.executable, "-c", script], cwd=FUNCTION, capture_output=True,
+                          text=True, timeout=120,
+                          env=function_env(EDGERUN_MODEL=str(bundle_archive),
+                                           AWS_LAMBDA_FUNCTION_MEMORY_SIZE="1769"))
+    assert done.returncode == 0, done.stderr
+    init, modules = done.stdout.strip().splitlines()[-2:]
+    assert json.loads(init)["intra_op_threads"] == 1
+    loaded = set(json.loads(modules))
+    assert "onnxruntime" in loaded and "mangum" in loaded
+    assert not loaded & set(HEAVY), loaded & set(HEAVY)
+
+
+def test_awslambdaric_serves_invocations_end_to_end(bundle_archive, reference):
+    with RuntimeAPI() as api:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "awslambdaric", "app.handler"], cwd=FUNCTION,
+            env=function_env(AWS_LAMBDA_RUNTIME_API=api.address,
+                             EDGERUN_MODEL=str(bundle_archive)),
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        try:
+            x = rows(2, seed=3)
+            kind, answer = api.invoke(http_event("apigw_v2", infer_body(x)))
+            assert kind == "response" and answer["statusCode"] == 200
+            np.testing.assert_allclose(outputs(answer["body"]), reference(x), rtol=1e-5,
+                                       atol=1e-6)
+            kind, answer = api.invoke(sqs_event([infer_body(x), "{bad"]))
+            assert (kind, answer) == ("response", {"batchItemFailures": [
+                {"itemIdentifier": "message-1"}]})
+            kind, answer = api.invoke(json.loads(infer_body(x, name="z")))
+            assert kind == "error" and answer["errorType"] == "InvalidInput"
+            assert "'z'" in answer["errorMessage"]
+            kind, answer = api.invoke(json.loads(infer_body(x)))
+            assert kind == "response" and answer["model_version"] == "3"
+        finally:
+            process.kill()
+            process.wait(timeout=30)
+
+
+def test_awslambdaric_reports_a_bad_model_as_an_init_error(tmp_path):
+    with RuntimeAPI() as api:
+        done = subprocess.run(
+            [sys.executable, "-m", "awslambdaric", "app.handler"], cwd=FUNCTION,
+            env=function_env(AWS_LAMBDA_RUNTIME_API=api.address,
+                             EDGERUN_MODEL=str(tmp_path / "nothing-here")),
+            capture_output=True, timeout=120)
+        assert done.returncode != 0
+        error = api.init_errors.get(timeout=5)
+    assert error["errorType"] == "BundleError"
+    assert "EDGERUN_MODEL=" in error["errorMessage"]
+    assert "no such bundle folder or archive" in error["errorMessage"]

@@ -1,0 +1,77 @@
+"""template.yaml: clean under cfn-lint, and the SAM transform (aws-sam-translator) run offline."""
+
+from __future__ import annotations
+
+import copy
+import subprocess
+import sys
+from pathlib import Path
+
+import boto3
+import pytest
+from samtranslator.translator.managed_policy_translator import ManagedPolicyLoader
+from samtranslator.translator.transform import transform
+from samtranslator.yaml_helper import yaml_parse
+
+ROOT = Path(__file__).resolve().parents[1]
+TEMPLATE = ROOT / "template.yaml"
+
+
+def test_cfn_lint_is_clean():
+    done = subprocess.run([str(Path(sys.executable).with_name("cfn-lint")), str(TEMPLATE)],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stdout == ""
+
+
+@pytest.fixture
+def translate(monkeypatch):
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    iam = boto3.client("iam", region_name="us-east-1", aws_access_key_id="offline",
+                       aws_secret_access_key="offline")
+    loader = ManagedPolicyLoader(iam)
+
+    def run(parameters: dict[str, str]) -> dict:
+        template = yaml_parse(TEMPLATE.read_text())
+        template["Resources"]["InferenceFunction"]["Properties"]["CodeUri"] = \
+            "s3://edgerun-artifacts/inference.zip"  # what `sam deploy` uploads
+        return transform(copy.deepcopy(template), parameters, loader)
+
+    return run
+
+
+def resources(output: dict, kind: str) -> list[dict]:
+    return [r for r in output["Resources"].values() if r["Type"] == kind]
+
+
+def test_sam_transform_builds_the_scale_to_zero_function(translate):
+    output = translate({"Architecture": "arm64", "MemorySize": "3008"})
+    (function,) = resources(output, "AWS::Lambda::Function")
+    props = function["Properties"]
+    assert props["Runtime"] == "python3.12" and props["Handler"] == "app.handler"
+    assert props["Architectures"] == [{"Ref": "Architecture"}]
+    assert props["MemorySize"] == {"Ref": "MemorySize"}
+    assert props["Environment"]["Variables"]["EDGERUN_MODEL"] == {"Ref": "ModelLocation"}
+    assert props["Code"] == {"S3Bucket": "edgerun-artifacts", "S3Key": "inference.zip"}
+    # scale to zero: no alias, no version, no provisioned concurrency
+    assert not resources(output, "AWS::Lambda::Alias")
+    assert "ProvisionedConcurrencyConfig" not in str(output)
+    (mapping,) = resources(output, "AWS::Lambda::EventSourceMapping")
+    assert mapping["Properties"]["FunctionResponseTypes"] == ["ReportBatchItemFailures"]
+    assert mapping["Properties"]["EventSourceArn"] == {"Fn::GetAtt": ["RequestQueue", "Arn"]}
+    (url,) = resources(output, "AWS::Lambda::Url")
+    assert url["Properties"]["AuthType"] == {"Ref": "FunctionUrlAuth"}
+    assert resources(output, "AWS::ApiGatewayV2::Api")
+    assert {"ApiUrl", "FunctionUrl", "RequestQueueUrl"} <= set(output["Outputs"])
+    assert output["Parameters"]["Architecture"]["AllowedValues"] == ["arm64", "x86_64"]
+
+
+def test_sam_transform_grants_the_model_bucket_and_results_queue_only_when_asked(translate):
+    plain = translate({})
+    (role,) = resources(plain, "AWS::IAM::Role")
+    policies = role["Properties"].get("Policies", [])
+    assert all("Fn::If" in p for p in policies)  # both conditional on the parameters
+    conditions = plain["Conditions"]
+    assert {"ModelInS3", "WithResults"} <= set(conditions)
+    (results,) = [r for name, r in plain["Resources"].items() if name == "ResultsQueue"]
+    assert results["Condition"] == "WithResults"
