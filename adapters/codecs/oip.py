@@ -55,10 +55,18 @@ class InferRequest:
     timeout_us: float | None
 
 
+#: numpy dtype -> OIP datatype (a dict lookup: `dtype.name` costs microseconds per call).
+_DATATYPE_OF = {np.dtype(dtype): datatype for dtype, datatype in OIP_DATATYPE.items()
+                if dtype != "string"}
+
+
 def datatype_of(array: np.ndarray) -> str:
+    datatype = _DATATYPE_OF.get(array.dtype)
+    if datatype is not None:
+        return datatype
     if array.dtype.kind in "OSU":
         return "BYTES"
-    try:
+    try:  # another byte order of a known dtype
         return OIP_DATATYPE[array.dtype.name]
     except KeyError:
         raise InvalidInput(f"outputs of dtype {array.dtype} have no OIP datatype") from None
