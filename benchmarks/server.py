@@ -273,6 +273,28 @@ def batch1_compute_ms(session: ort.InferenceSession, row: np.ndarray, seconds: f
     return median(times) * 1000
 
 
+def ort_cpu_per_row(model_path: Path, rows: np.ndarray, batch: int, seconds: float) -> float:
+    """CPU microseconds per row of the forward pass alone: one intra-op thread, no spinning.
+
+    The least CPU any server must spend on the model per request. With it the ideal can be
+    stated in CPU time too, which a machine shared with other work disturbs far less than
+    req/s: a server that is CPU-bound on two quiet cores reaches the ideal in the ratio of
+    the ideal's CPU per request to its own.
+    """
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    session = ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
+    x = np.ascontiguousarray(np.resize(rows, (batch, rows.shape[1])))
+    session.run(None, {"x": x})
+    count, start = 0, time.process_time()
+    deadline = time.perf_counter() + seconds
+    while time.perf_counter() < deadline or count < 3:
+        session.run(None, {"x": x})
+        count += 1
+    return (time.process_time() - start) / (count * batch) * 1e6
+
+
 HALF_BUSY = """
 import time
 while True:
@@ -340,20 +362,33 @@ def ideal_rps(echo: ServerRun, limit: dict[str, float]) -> float | None:
     return None if not echo_rps else 1 / (1 / echo_rps + 1 / limit["rps"])
 
 
+def cpu_per_request(run: ServerRun | None) -> float | None:
+    """Server plus load-generator CPU per response at concurrency 64: all this machine spends."""
+    server, client = _get(run, TOP, "server_cpu_us"), _get(run, TOP, "client_cpu_us")
+    return None if server is None or client is None else server + client
+
+
 def ratio_table(runs: dict[str, ServerRun], limit: dict[str, float]) -> str:
-    """Each server at concurrency 64 against the echo ceiling, the ORT limit and the ideal."""
+    """Each server at concurrency 64 against the echo ceiling, the ORT limit and the ideal,
+    by throughput and by CPU time per request (ideal's CPU / the server's)."""
     ideal = ideal_rps(runs[ECHO], limit)
-    echo_rps = _get(runs[ECHO], TOP, "ok_rps")
+    echo_rps, echo_cpu = _get(runs[ECHO], TOP, "ok_rps"), cpu_per_request(runs[ECHO])
+    ideal_cpu = None if echo_cpu is None else echo_cpu + limit["cpu_us"]
     rows: list[list[object]] = [
-        ["echo ceiling: raw ASGI on uvicorn, canned answer", _show(echo_rps, ",.0f"), ""],
-        [f"ORT limit: bare ONNX Runtime at batch {limit['batch']:.0f}", f"{limit['rps']:,.0f}",
-         ""],
-        ["ideal: 1 / (1/echo + 1/limit)", _show(ideal, ",.0f"), "1.00"]]
+        ["echo ceiling: raw ASGI on uvicorn, canned answer", _show(echo_rps, ",.0f"), "",
+         _show(echo_cpu, ",.0f"), ""],
+        [f"ORT limit: bare ONNX Runtime at batch {limit['batch']:.0f} (CPU: one thread)",
+         f"{limit['rps']:,.0f}", "", f"{limit['cpu_us']:,.0f}", ""],
+        ["ideal: 1 / (1/echo + 1/limit); CPU: echo + forward pass", _show(ideal, ",.0f"),
+         "1.00", _show(ideal_cpu, ",.0f"), "1.00"]]
     for name in (JSON_RUN, BINARY_RUN, GRPC_RUN, PLAIN):
-        rps = _get(runs.get(name), TOP, "ok_rps")
+        rps, cpu = _get(runs.get(name), TOP, "ok_rps"), cpu_per_request(runs.get(name))
         rows.append([name, _show(rps, ",.0f"),
-                     _show(rps / ideal if rps is not None and ideal else None, ".2f", "x")])
-    return markdown_table([f"concurrency {TOP}", "req/s", "vs ideal"], rows)
+                     _show(rps / ideal if rps is not None and ideal else None, ".2f", "x"),
+                     _show(cpu, ",.0f"),
+                     _show(ideal_cpu / cpu if cpu and ideal_cpu else None, ".2f", "x")])
+    return markdown_table([f"concurrency {TOP}", "req/s", "vs ideal",
+                           "CPU per request (us, server + loadgen)", "vs ideal, by CPU"], rows)
 
 
 def target_table(runs: dict[str, ServerRun], limit: dict[str, float],
@@ -511,6 +546,8 @@ def main() -> int:
     limit = bare_limit(session, rows, args.seconds)
     limit["contended"] = contended_limit(session, rows, int(limit["batch"]), args.seconds)
     del session
+    limit["cpu_us"] = ort_cpu_per_row(bundle.model_path, rows, int(limit["batch"]),
+                                      min(args.seconds, 3.0))
 
     path = f"/v2/models/{MODEL}/infer"
     binary_headers = ["Content-Type: application/octet-stream",
