@@ -5,8 +5,9 @@ invalid, every operation; its coverage, fuzzing and stateful phases) and runs ev
 on each answer: no 5xx, every status code, media type, header and body documented, valid
 requests accepted, invalid ones rejected, 405 with `Allow` for undocumented methods. The seed is
 fixed so a failure reproduces. At 25 examples per operation a run makes about 1,100 requests
-(the coverage phase adds its own), in about a minute on 2 cores. tests/schemathesis.toml holds the one allowance (see there). One
-worker: schemathesis' threads trip a CPython 3.11 `ast.parse` race in hypothesis.
+(the coverage phase adds its own), in about a minute on 2 cores. tests/schemathesis.toml holds
+the one allowance (see there). One worker: schemathesis' threads trip a CPython 3.11
+`ast.parse` race in hypothesis.
 """
 
 from __future__ import annotations
