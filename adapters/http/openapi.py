@@ -44,9 +44,9 @@ SCHEMAS: dict[str, dict[str, Any]] = {
     "Datatype": {"type": "string", "enum": list(oip.DATATYPES)},
     "TensorData": {"type": "array", "description": "Elements, flat or nested row-major",
                    "items": {"anyOf": [*_SCALAR, {"type": "array"}]}},
-    "RequestInput": {**_object(["name", "shape", "datatype", "data"], name=_STRING,
-                               shape=_SHAPE, datatype=_ref("Datatype"), data=_ref("TensorData"),
-                               parameters={"type": "object"})},
+    "RequestInput": _object(["name", "shape", "datatype", "data"], name=_STRING, shape=_SHAPE,
+                            datatype=_ref("Datatype"), data=_ref("TensorData"),
+                            parameters={"type": "object"}),
     "RequestOutput": _object(["name"], name=_STRING, parameters=_object(
         [], binary_data={"type": "boolean", "description": "Answer this output as binary "
                                                            "tensor data"})),
