@@ -1,7 +1,8 @@
 """A closed-loop HTTP/1.1 load generator, cheap enough to share two cores with the server.
 
     python benchmarks/loadgen.py --host 127.0.0.1 --port 8000 --path /v2/models/mlp/infer \
-        --body-file body.json [--connections 64] [--seconds 5] [--warmup 1]
+        --body-file body.json [--header "Name: value" ...] [--connections 64] [--seconds 5] \
+        [--warmup 1]
 
 Opens N keep-alive connections; each sends one pre-encoded POST, reads the whole response
 (status line, headers, Content-Length body), records latency and status, and sends the next
@@ -35,10 +36,14 @@ import numpy as np
 DRAIN_TIMEOUT_S = 10.0  # how long in-flight requests may take to finish after the window
 
 
-def build_request(host: str, port: int, path: str, body: bytes) -> bytes:
-    """The request bytes, encoded once and resent as they are."""
+def build_request(host: str, port: int, path: str, body: bytes,
+                  headers: list[str] | None = None) -> bytes:
+    """The request bytes, encoded once and resent as they are (JSON unless a header says)."""
+    extra = list(headers or [])
+    if not any(h.lower().startswith("content-type:") for h in extra):
+        extra.insert(0, "Content-Type: application/json")
     head = (f"POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\n"
-            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n")
+            + "".join(f"{h}\r\n" for h in extra) + f"Content-Length: {len(body)}\r\n\r\n")
     return head.encode("latin-1") + body
 
 
@@ -48,6 +53,7 @@ class _Stats:
     def __init__(self, start: float, stop: float) -> None:
         self.start, self.stop = start, stop
         self.latencies: list[float] = []
+        self.total = 0  # every response, warm-up and drain included (for CPU per request)
         self.statuses: Counter[int] = Counter()
         self.errors: Counter[str] = Counter()
 
@@ -97,6 +103,7 @@ class _Connection(asyncio.Protocol):
             self.body_end = -1
             self.in_flight = False
             stats = self.stats
+            stats.total += 1
             if now >= stats.start:
                 if now >= stats.stop:
                     self.close()
@@ -165,9 +172,10 @@ async def _drive(host: str, port: int, request: bytes, stats: _Stats) -> None:
 
 
 async def run_load(host: str, port: int, path: str, body: bytes, connections: int,
-                   seconds: float, warmup: float) -> dict[str, Any]:
+                   seconds: float, warmup: float,
+                   headers: list[str] | None = None) -> dict[str, Any]:
     """Closed loop from `connections` keep-alive connections; measured after `warmup` seconds."""
-    request = build_request(host, port, path, body)
+    request = build_request(host, port, path, body, headers)
     start = time.perf_counter() + warmup
     stats = _Stats(start, start + seconds)
     tasks = [asyncio.ensure_future(_drive(host, port, request, stats))
@@ -187,7 +195,7 @@ async def run_load(host: str, port: int, path: str, body: bytes, connections: in
         p50 = p95 = p99 = float("nan")
     return {"connections": connections, "seconds": seconds, "requests": count,
             "rps": count / seconds, "ok_rps": ok / seconds, "p50": p50, "p95": p95, "p99": p99,
-            "non_2xx": count - ok, "errors": sum(stats.errors.values()),
+            "non_2xx": count - ok, "errors": sum(stats.errors.values()), "total": stats.total,
             "statuses": {str(k): v for k, v in sorted(stats.statuses.items())},
             "error_kinds": dict(stats.errors),
             "client_cpu_us": cpu / count * 1e6 if count else float("nan")}
@@ -207,6 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--path", required=True)
     parser.add_argument("--body-file", required=True, help="the request body, sent as it is")
+    parser.add_argument("--header", action="append", default=[], help="extra request header")
     parser.add_argument("--connections", type=int, default=64)
     parser.add_argument("--seconds", type=float, default=5.0, help="measured period")
     parser.add_argument("--warmup", type=float, default=1.0, help="unrecorded period first")
@@ -214,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
     with open(args.body_file, "rb") as handle:
         body = handle.read()
     result = _run(run_load(args.host, args.port, args.path, body, args.connections,
-                           args.seconds, args.warmup))
+                           args.seconds, args.warmup, args.header))
     print(json.dumps(result))
     return 0
 

@@ -94,6 +94,9 @@ def cast_array(array: np.ndarray, dtype: str, name: str) -> np.ndarray:
         return array
     if array.size == 0:  # no value to change: `[]` parses as float64 whatever it is for
         return array.astype(target)
+    if source == _FLOAT64 and target == _FLOAT32 and \
+            np.maximum.reduce(np.abs(array), axis=None) <= _FLOAT32_MAX:
+        return array.astype(target)  # every JSON FP32 request: finite, in range, the short way
     if target.kind == "O":
         if source.kind in "US":
             return array.astype(object)
@@ -121,10 +124,20 @@ def cast_array(array: np.ndarray, dtype: str, name: str) -> np.ndarray:
     if source.kind == "f" and target.kind == "f":
         with np.errstate(over="ignore"):
             narrowed = array.astype(target)
-        if np.isinf(narrowed).any() and not np.isinf(array[np.isinf(narrowed)]).all():
+        if _overflows(array, narrowed):
             raise InvalidInput(f"input {name!r}: values overflow {dtype}", name)
         return narrowed
     raise _dtype_error(name, dtype, source)
+
+
+_FLOAT64, _FLOAT32 = np.dtype(np.float64), np.dtype(np.float32)
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
+def _overflows(wide: np.ndarray, narrowed: np.ndarray) -> bool:
+    """Whether narrowing made an infinity out of a finite value."""
+    made = np.isinf(narrowed)
+    return bool(made.any() and not np.isinf(wide[made]).all())
 
 
 def _dtype_error(name: str, dtype: str, source: np.dtype) -> InvalidInput:

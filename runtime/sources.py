@@ -19,6 +19,7 @@ import zlib
 from pathlib import Path
 from typing import Protocol
 
+from edgerun.devices import DeviceProfile
 from edgerun.runtime import archive
 from edgerun.runtime.backends import backend_for_file
 from edgerun.runtime.batcher import BatchingConfig
@@ -188,7 +189,7 @@ class SingleModelSource(BundleSource):
 
     def __init__(self, path: str | Path, name: str | None = None,
                  default_batching: BatchingConfig | None = None, *,
-                 device: str | None = None) -> None:
+                 device: str | DeviceProfile | None = None) -> None:
         found = _single_model(Path(path))
         # Lives as long as the source: an unpacked, relabelled or freshly made bundle.
         self._workdir = tempfile.TemporaryDirectory(prefix="edgerun-model-")

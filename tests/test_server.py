@@ -220,6 +220,8 @@ def test_tf_serving_b64_strings_and_status(server):
     (oip("x", "BF16", [1, 8], [0] * 8), "datatype 'BF16' is not supported"),
     (b'{"inputs": [', "not valid JSON"),
     ({"inputs": []}, "no \"inputs\" list"),
+    (b'{"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 8], "data": '
+     b'[23227224206947391635456, 0, 0, 0, 0, 0, 0, 0]}]}', "does not fit in 64 bits"),
 ])
 def test_bad_tensors_get_400_naming_the_culprit(server, body, message):
     response = post(server, "/v2/models/mlp/infer", body)

@@ -162,30 +162,38 @@ class DataPlane:
             raise
         return routed
 
+    # Bodies are routed before they are decoded: an unknown model or version is a 404 whatever
+    # the body holds, as the OpenAPI document promises (a resource that does not exist comes
+    # before a request it could not take).
     def _infer_call(self, call: Call) -> Reply:
-        request = oip.decode_request(call.body, call.attributes(oip.HEADER_LENGTH))
-        timeout = self._timeout(call, request.timeout_us)
-        with self._route(call, request) as routed:
-            outputs = routed.run(request.inputs, timeout)
+        with self.repository.route(call.model, call.version, call.attributes) as routed:
+            request = self._decode_infer(call, routed)
+            outputs = routed.run(request.inputs, self._timeout(call, request.timeout_us))
         return _infer_reply(call, request, routed.version, outputs)
 
     async def _infer_call_async(self, call: Call) -> Reply:
-        request = oip.decode_request(call.body, call.attributes(oip.HEADER_LENGTH))
-        timeout = self._timeout(call, request.timeout_us)
-        with self._route(call, request) as routed:
-            outputs = await routed.run_async(request.inputs, timeout)
+        with self.repository.route(call.model, call.version, call.attributes) as routed:
+            request = self._decode_infer(call, routed)
+            outputs = await routed.run_async(request.inputs,
+                                             self._timeout(call, request.timeout_us))
         return _infer_reply(call, request, routed.version, outputs)
 
+    @staticmethod
+    def _decode_infer(call: Call, routed: Routed) -> oip.InferRequest:
+        request = oip.decode_request(call.body, call.attributes(oip.HEADER_LENGTH))
+        oip.check_outputs(request, routed.signature)
+        return request
+
     def _predict_call(self, call: Call) -> Reply:
-        timeout = self._timeout(call, None)
         with self.repository.route(call.model, call.version, call.attributes) as routed:
+            timeout = self._timeout(call, None)
             inputs, rows = tfserving.decode_predict(call.body, routed.signature)
             outputs = routed.run(inputs, timeout)
         return Reply(tfserving.encode_predict(outputs, rows), version=routed.version)
 
     async def _predict_call_async(self, call: Call) -> Reply:
-        timeout = self._timeout(call, None)
         with self.repository.route(call.model, call.version, call.attributes) as routed:
+            timeout = self._timeout(call, None)
             inputs, rows = tfserving.decode_predict(call.body, routed.signature)
             outputs = await routed.run_async(inputs, timeout)
         return Reply(tfserving.encode_predict(outputs, rows), version=routed.version)

@@ -68,7 +68,8 @@ class EdgerunASGI:
             except PayloadTooLarge as exc:
                 return await send_reply(send, Reply(orjson.dumps({"error": str(exc)}),
                                                     error=exc))
-        await send_reply(send, await self.plane.handle_async(call))
+        reply = await self.plane.handle_async(call)
+        await send_reply(send, reply, head=scope["method"] == "HEAD")
 
 
 async def read_body(receive: Receive, content_length: str | None, limit: int) -> bytes:
@@ -88,10 +89,11 @@ async def read_body(receive: Receive, content_length: str | None, limit: int) ->
             return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
-async def send_reply(send: Send, reply: Reply) -> None:
-    """A data-plane reply as an HTTP response: the error's status, its headers, the body."""
+async def send_reply(send: Send, reply: Reply, *, head: bool = False) -> None:
+    """A data-plane reply as an HTTP response: the error's status, its headers, the body
+    (only its length for HEAD)."""
     headers = {**error_headers(reply.error), **reply.headers} if reply.error else reply.headers
-    await _send(send, status_of(reply.error), reply.body, reply.content_type, headers)
+    await _send(send, status_of(reply.error), reply.body, reply.content_type, headers, head)
 
 
 async def _send_json(send: Send, status: int, content: Any,
@@ -100,11 +102,11 @@ async def _send_json(send: Send, status: int, content: Any,
 
 
 async def _send(send: Send, status: int, body: bytes, content_type: str,
-                headers: dict[str, str]) -> None:
+                headers: dict[str, str], head: bool = False) -> None:
     raw = [(b"content-type", content_type.encode()), (b"content-length", str(len(body)).encode())]
     raw += [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()]
     await send({"type": "http.response.start", "status": status, "headers": raw})
-    await send({"type": "http.response.body", "body": body})
+    await send({"type": "http.response.body", "body": b"" if head else body})
 
 
 async def _lifespan(receive: Receive, send: Send) -> None:

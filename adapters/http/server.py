@@ -16,6 +16,7 @@ from typing import Any
 
 import uvicorn
 
+from edgerun.devices import DeviceProfile
 from edgerun.adapters.dataplane import DataPlane, Hook
 from edgerun.adapters.http.app import create_app
 from edgerun.adapters.http.asgi import EdgerunASGI
@@ -27,7 +28,7 @@ GRACE_S = 30
 
 
 def serve(source: VersionSource | str | Path, *, host: str = "127.0.0.1", port: int = 8000,
-          grpc_port: int | None = None, device: str | None = None,
+          grpc_port: int | None = None, device: str | DeviceProfile | None = None,
           poll_interval: float | None = None, batching: BatchingConfig | None = None,
           max_body_bytes: int = 64 << 20, access_log: bool = False,
           log_level: str = "info", hooks: Iterable[Hook] = ()) -> None:
