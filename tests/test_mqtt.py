@@ -20,7 +20,7 @@ from edgerun.adapters.mqtt.telemetry import quantile, temperature
 from edgerun.examples import mlp_onnx
 from tests.mqtt import (INFER_JSON, Requester, connect, read_retained, running_broker,
                         running_daemon, user_properties, wait_online)
-from tests.serving import add_version
+from tests.serving import add_version, free_port
 
 MLP = mlp_onnx([4, 8, 3])
 
@@ -374,3 +374,44 @@ def make_certificates(folder: Path) -> dict[str, str]:
     client_cert, client_key_path = write("client", client, client_key)
     return {"ca": ca_path, "cert": cert, "key": key, "client_cert": client_cert,
             "client_key": client_key_path}
+
+
+def test_readme_example_runs(tmp_path):
+    """The README's daemon example, over the `models/` and `demo/` its earlier sections make."""
+    import re
+    import sys
+
+    add_version(tmp_path / "models", "digits", "1", digits_like_onnx())
+    (tmp_path / "demo").mkdir()
+    (tmp_path / "demo" / "infer.json").write_bytes(orjson.dumps({"inputs": [
+        {"name": "X", "datatype": "FP32", "shape": [1, 64], "data": [0.5] * 64}]}))
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    example = next(b for b in re.findall(r"```bash\n(.*?)```", readme, re.S)
+                   if "edgerun daemon" in b)
+    script = example.replace("1883", str(free_port())) + "wait\n"
+    script = script.replace(".venv/bin/", str(Path(sys.executable).parent) + "/")
+    result = subprocess.run(["bash", "-ec", script], cwd=tmp_path, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    status, answer = result.stdout.strip().splitlines()[-2:]
+    assert orjson.loads(status)["state"] == "online"
+    assert orjson.loads(answer)["outputs"][0]["name"] == "label", answer
+
+
+def digits_like_onnx() -> bytes:
+    """The demo classifier's interface (X [batch, 64] -> label, probabilities), untrained:
+    training the real one takes a minute on a busy machine and adds nothing here."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    weights = np.random.default_rng(0).normal(size=(64, 10)).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["X", "W"], ["logits"]),
+         helper.make_node("Softmax", ["logits"], ["probabilities"], axis=1),
+         helper.make_node("ArgMax", ["logits"], ["label"], axis=1, keepdims=0)], "digits",
+        [helper.make_tensor_value_info("X", TensorProto.FLOAT, ["batch", 64])],
+        [helper.make_tensor_value_info("label", TensorProto.INT64, ["batch"]),
+         helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["batch", 10])],
+        [numpy_helper.from_array(weights, "W")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model.SerializeToString()
