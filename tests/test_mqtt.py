@@ -285,6 +285,7 @@ def test_kill_9_publishes_offline_by_last_will(tmp_path, repo):
                 break
             time.sleep(0.2)
         assert status["state"] == "offline" and status["device_id"] == "doomed"
+        assert status["models"] == {"mlp": ["1", "2"]}  # the will is set at connect time
 
 
 def test_broker_restart_mid_stream_answers_each_acknowledged_request_once(tmp_path, repo):

@@ -241,7 +241,6 @@ class Daemon:
         if broker.tls:
             client.tls_set(ca_certs=_str(config.ca_file), certfile=_str(config.cert_file),
                            keyfile=_str(config.key_file))
-        client.will_set(self.status_topic, self.status("offline"), qos=1, retain=True)
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
@@ -259,6 +258,8 @@ class Daemon:
         if self._closing:
             return
         broker = self.config.broker_address
+        # the Last Will carries the models and extension fields as of this connection
+        self.client.will_set(self.status_topic, self.status("offline"), qos=1, retain=True)
         try:
             if self.v5:
                 properties = Properties(PacketTypes.CONNECT)
