@@ -180,7 +180,11 @@ class Load:
             time.sleep(0.5)  # the last answers
             self.recording = False
             elapsed = seconds
-        time.sleep(0.3)  # let in-flight requests finish before the next run
+        # the next run starts once this one's requests are answered (a saturated responder
+        # has a backlog), or after 30 s
+        deadline = time.monotonic() + 30
+        while self._sent and time.monotonic() < deadline:
+            time.sleep(0.05)
         with self._lock:
             self._sent.clear()
         count = len(self.latencies)
@@ -379,12 +383,15 @@ def report(results: list[dict[str, Any]], footprint: dict[str, Any], seconds: fl
     for r in results:
         load = f"{r['level']} in flight" if r["mode"] == "closed" else f"{r['level']}/s offered"
         rows.append([("nodelay" if r["nodelay"] else "defaults"), names[r["kind"]], load,
-                     f"{r['rps']:,.0f}", f"{r['p50']:.2f}", f"{r['p99']:.2f}", r["errors"]])
-    text = [f"Command: `python benchmarks/mqtt.py --write` ({seconds:g} s per cell)  ",
+                     f"{r['rps']:,.0f}", f"{r['p50']:.2f}", f"{r['p99']:.2f}",
+                     f"{r['cpu_ms']:.2f}", r["errors"]])
+    text = [f"Command: `python benchmarks/mqtt.py --seconds {seconds:g} --write`  ",
             f"Machine: {machine()}, Mosquitto {mosquitto_version()}, model MLP "
-            f"{'-'.join(map(str, SIZES))} fp32, one row per request, OIP v2 JSON, QoS 1", "",
+            f"{'-'.join(map(str, SIZES))} fp32, one row per request, OIP v2 JSON, QoS 1  ",
+            f"Load average during the run: {os.getloadavg()[0]:.1f} (the machine is shared; "
+            "CPU per answer is the steadier figure)", "",
             markdown_table(["broker", "responder", "load", "answers/s", "p50 (ms)", "p99 (ms)",
-                            "errors"], rows), ""]
+                            "responder CPU (ms/answer)", "errors"], rows), ""]
     targets = []
     edge, echo, naive = (by.get((True, k, "closed", 64)) for k in ("edgerun", "echo", "naive"))
     open_edge = by.get((True, "edgerun", "open", 500))
