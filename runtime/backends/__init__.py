@@ -10,6 +10,7 @@ from edgerun.runtime.errors import BundleError
 
 _BACKENDS = {
     "onnxruntime": ("edgerun.runtime.backends.onnxruntime", "OnnxRuntimeBackend"),
+    "tvm": ("edgerun.runtime.backends.tvm", "TvmBackend"),
 }
 _SUFFIXES = {".onnx": "onnxruntime"}
 
