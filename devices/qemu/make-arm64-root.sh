@@ -11,7 +11,7 @@ root=${1:?usage: make-arm64-root.sh ROOT [PYTHON]}
 python=${2:-python3}
 mirror=${EDGERUN_DEBIAN_MIRROR:-http://deb.debian.org/debian}
 # the same pins as the `tvm` extra: apache-tvm-ffi 0.1.15 crashes MetaSchedule (see README)
-wheels=("apache-tvm==0.27.0.post1" "apache-tvm-ffi==0.1.14.post0" "numpy<2.4" ml_dtypes
+wheels=("apache-tvm==0.27.0.post1" "apache-tvm-ffi==0.1.14.post0" numpy ml_dtypes
         typing-extensions psutil)
 
 if [[ -x "$root/usr/bin/python3.11" && -f "$root/.edgerun-ready" ]]; then
