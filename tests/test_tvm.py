@@ -84,8 +84,14 @@ def test_concurrent_requests_get_their_own_answers(tmp_path, mlp_path):
         np.testing.assert_allclose(results[i], onnxruntime_run(mlp_path, {"x": x})[0], atol=1e-4)
 
 
-def test_digits_classifier_tvm_artifact_matches_onnxruntime(tmp_path):
+@pytest.fixture(scope="module")
+def digits() -> tuple[bytes, np.ndarray]:
     onnx_bytes, images, _ = digits_classifier_onnx()
+    return onnx_bytes, images
+
+
+def test_digits_classifier_tvm_artifact_matches_onnxruntime(tmp_path, digits):
+    onnx_bytes, images = digits
     model = onnx.load_from_string(onnx_bytes)
     path = tmp_path / "digits.onnx"
     onnx.save(onnx.utils.Extractor(model).extract_model(
@@ -112,14 +118,14 @@ def test_a_slower_artifact_is_refused_with_the_figures(tmp_path):
 def test_tuning_runs_and_its_records_are_reused(tmp_path, mlp_path, monkeypatch):
     monkeypatch.setenv("EDGERUN_CACHE", str(tmp_path / "cache"))
     first = compile_bundle(mlp_path, load_profile("x86-64"), tmp_path / "b1", name="mlp",
-                           version="1", tune_trials=4, force=True)
+                           version="1", tune_trials=2, force=True)
     assert first.batch == "1" and first.max_abs_error <= 1e-4
-    assert any("0 trials cached, 4 run now" in note for note in first.notes)
+    assert any("0 trials cached, 2 run now" in note for note in first.notes)
     records = list((tmp_path / "cache" / "tvm-tuning" / "x86-64").rglob("database_tuning_record.json"))
     assert records and records[0].stat().st_size > 0
     second = compile_bundle(mlp_path, load_profile("x86-64"), tmp_path / "b2", name="mlp",
-                            version="1", tune_trials=4, force=True)
-    assert any("4 trials cached, 0 run now" in note for note in second.notes)
+                            version="1", tune_trials=2, force=True)
+    assert any("2 trials cached, 0 run now" in note for note in second.notes)
     model = Model.load(tmp_path / "b2", "x86-64")
     assert model.signature.inputs[0].shape == (1, 8)
     x = np.ones((1, 8), np.float32)
@@ -133,9 +139,9 @@ def test_tuning_for_another_cpu_is_refused(tmp_path, mlp_path):
                        version="1", tune_trials=8)
 
 
-def test_an_operator_tvm_cannot_import_is_named(tmp_path):
+def test_an_operator_tvm_cannot_import_is_named(tmp_path, digits):
     path = tmp_path / "digits.onnx"
-    path.write_bytes(digits_classifier_onnx()[0])
+    path.write_bytes(digits[0])  # skl2onnx maps class indices to labels with an ai.onnx.ml op
     with pytest.raises(UnsupportedOperator, match="ai.onnx.ml.ArrayFeatureExtractor") as caught:
         compile_bundle(path, load_profile("x86-64"), tmp_path / "b", name="d", version="1")
     assert caught.value.operators == ("ai.onnx.ml.ArrayFeatureExtractor",)
