@@ -5,6 +5,7 @@ compiled here for their arch."""
 from __future__ import annotations
 
 import json
+import re
 import os
 import subprocess
 import sys
@@ -23,6 +24,7 @@ from edgerun.optimizers.tvm import (CompileError, SlowerThanOnnxRuntime, Unsuppo
                                     compile_bundle)
 from edgerun.runtime import Bundle, BundleError, Model
 from edgerun.runtime.backends.tvm import library_arch
+from tests.cli import edgerun
 
 REPO = Path(__file__).resolve().parents[1]
 CUDA_PROFILES = ["jetson-nano", "jetson-xavier-nx", "jetson-orin", "cloud-gpu", "nvidia-t4",
@@ -115,6 +117,7 @@ def test_a_slower_artifact_is_refused_with_the_figures(tmp_path):
     assert not (tmp_path / "b").exists()
 
 
+@pytest.mark.timeout(900)  # MetaSchedule imports its tensor intrinsics once: minutes on a busy box
 def test_tuning_runs_and_its_records_are_reused(tmp_path, mlp_path, monkeypatch):
     monkeypatch.setenv("EDGERUN_CACHE", str(tmp_path / "cache"))
     first = compile_bundle(mlp_path, load_profile("x86-64"), tmp_path / "b1", name="mlp",
@@ -200,6 +203,7 @@ def arm64_root() -> Path:
     return root
 
 
+@pytest.mark.timeout(900)  # includes building the arm64 root when it is not cached
 def test_aarch64_artifact_runs_under_qemu_and_matches_onnxruntime(tmp_path, mlp_path, arm64_root):
     compile_bundle(mlp_path, load_profile("raspberry-pi-4"), tmp_path / "b", name="mlp",
                    version="1")
@@ -216,3 +220,19 @@ def test_aarch64_artifact_runs_under_qemu_and_matches_onnxruntime(tmp_path, mlp_
     assert described["backend"] == "tvm" and "cortex-a72" in described["target"]
     got = np.load(tmp_path / "out.npz")["y"]
     np.testing.assert_allclose(got, onnxruntime_run(mlp_path, {"x": x})[0], atol=1e-4)
+
+
+def test_readme_tvm_example_runs(tmp_path):
+    readme = (REPO / "README.md").read_text()
+    (snippet,) = re.findall(r"```py\n(.*?)```", readme, re.S)
+    result = subprocess.run([sys.executable, "-c", snippet], cwd=tmp_path, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.splitlines() == ["aarch64 cpu (cortex-a76) False",
+                                          "('cubin sm_87', 'ptx compute_87')", "True"]
+    devices = next(b for b in re.findall(r"```bash\n(.*?)```", readme, re.S)
+                   if "edgerun devices" in b)
+    for line in devices.splitlines():
+        command = line.split("#")[0].split()
+        result = edgerun(*command[1:])
+        assert result.returncode == 0 and "jetson-orin" in result.stdout
