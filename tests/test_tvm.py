@@ -63,6 +63,8 @@ def test_x86_artifact_matches_onnxruntime_for_any_batch(tmp_path, mlp_path):
     assert json.loads(manifest.device["tvm_target"])["mcpu"] == "haswell"
     assert manifest.created["optimizations"] == ["prune", "tvm"]
     assert manifest.created["tvm"]["forced_slower"] == report.slower_than_onnxruntime
+    verified = edgerun("bundle", "verify", str(tmp_path / "b"))
+    assert verified.returncode == 0 and "tvm:cpu" in verified.stdout, verified.stderr
 
 
 def test_concurrent_requests_get_their_own_answers(tmp_path, mlp_path):
