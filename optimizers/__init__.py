@@ -1,1 +1,9 @@
-"""The offline stage (quantize, prune, TVM-compile for a device profile); arrives with its issue."""
+"""The offline stage: quantize, prune and compile a model for a device profile into a bundle.
+
+Each step is its own module, imported when used: `quantize` (int8 dynamic/static QDQ, fp16),
+`prune` (magnitude and structured), `pipeline` (the `edgerun optimize` flow, measured).
+"""
+
+from edgerun.optimizers.errors import OptimizeError
+
+__all__ = ["OptimizeError"]

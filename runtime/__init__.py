@@ -4,12 +4,14 @@ from edgerun.runtime.batcher import BatchingConfig, MicroBatcher, Pending
 from edgerun.runtime.bundle import Bundle, Manifest, create_bundle
 from edgerun.runtime.errors import (BundleError, Cancelled, DeadlineExceeded, EdgerunError,
                                     InferenceError, InvalidInput, ModelNotFound, ModelNotReady,
-                                    Overloaded)
+                                    Overloaded, PayloadTooLarge, PermissionDenied,
+                                    Unauthenticated)
 from edgerun.runtime.model import Model
 from edgerun.runtime.signature import Signature, TensorSpec
 
 __all__ = [
     "BatchingConfig", "Bundle", "BundleError", "Cancelled", "DeadlineExceeded", "EdgerunError",
     "InferenceError", "InvalidInput", "Manifest", "MicroBatcher", "Model", "ModelNotFound",
-    "ModelNotReady", "Overloaded", "Pending", "Signature", "TensorSpec", "create_bundle",
+    "ModelNotReady", "Overloaded", "PayloadTooLarge", "Pending", "PermissionDenied", "Signature",
+    "TensorSpec", "Unauthenticated", "create_bundle",
 ]

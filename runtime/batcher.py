@@ -19,6 +19,7 @@ the cost per request stays a few microseconds.
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 import time
 from collections import deque
@@ -33,8 +34,11 @@ from edgerun.runtime.errors import (Cancelled, DeadlineExceeded, EdgerunError, I
 from edgerun.runtime.metrics import REGISTRY, ModelMetrics, Registry
 from edgerun.runtime.model import Model
 
+log = logging.getLogger(__name__)
+
 _PENDING, _TAKEN, _DROPPED = 0, 1, 2
 Outputs = dict[str, np.ndarray]
+Callback = Callable[["Outputs | None", "BaseException | None"], None]
 
 
 @dataclass(frozen=True)
@@ -61,7 +65,7 @@ class BatchingConfig:
 
 class _Request:
     __slots__ = ("arrays", "rows", "key", "deadline", "enqueued", "state", "loop", "future",
-                 "timer", "event", "value", "error")
+                 "timer", "event", "callback", "value", "error")
 
     def __init__(self, arrays: dict[str, np.ndarray], rows: int, key: tuple,
                  deadline: float | None, loop: asyncio.AbstractEventLoop | None,
@@ -77,6 +81,7 @@ class _Request:
         self.future = future
         self.timer: asyncio.TimerHandle | None = None
         self.event = event  # thread callers: woken by the event
+        self.callback: Callback | None = None  # fire-and-forget callers: run on the worker
         self.value: Outputs | None = None
         self.error: BaseException | None = None
 
@@ -139,6 +144,7 @@ class MicroBatcher:
         self._waiting = 0
         self._closing = False
         self._gap = 0.0  # moving average of the time between arrivals; 0 until known
+        self._rows_per_s = 0.0  # moving average of one worker's forward-pass throughput
         self._last_arrival: float | None = None
 
         self.metrics = ModelMetrics(self.name, self.version, registry)
@@ -165,6 +171,18 @@ class MicroBatcher:
     def predict(self, inputs: Mapping[str, Any], *, timeout: float | None = None) -> Outputs:
         """Blocking call from any thread."""
         return self.submit(inputs, timeout=timeout).result()
+
+    def submit_callback(self, inputs: Mapping[str, Any], callback: Callback, *,
+                        timeout: float | None = None) -> None:
+        """Queue a request whose answer goes to `callback(outputs, error)` on the worker thread.
+
+        For callers that must not wait and have no event loop (shadow copies, say); the
+        callback runs on the batcher's worker, so it must be quick and must not raise.
+        Validation errors and a full queue raise here, before anything is queued.
+        """
+        request = self._request(inputs, timeout, None, None, None)
+        request.callback = callback
+        self._enqueue(request)
 
     async def predict_async(self, inputs: Mapping[str, Any], *,
                             timeout: float | None = None) -> Outputs:
@@ -204,8 +222,10 @@ class MicroBatcher:
                                     "down")
             if self._count >= self.config.max_queue_size:
                 self.metrics.error(Overloaded.kind)
+                wait = self._drain_estimate()
                 raise Overloaded(f"model {self.name!r} version {self.version}: queue full "
-                                 f"({self._count} requests waiting); retry later")
+                                 f"({self._count} requests waiting); retry in about "
+                                 f"{wait:.2g} s", retry_after_s=wait)
             request.enqueued = now = time.monotonic()
             if self._last_arrival is not None:
                 # a gap counts at most 4 delays, so an idle spell is forgotten in a few arrivals
@@ -220,6 +240,15 @@ class MicroBatcher:
             rows = self._rows[request.key] = self._rows[request.key] + request.rows
             if self._waiting and (self._count == 1 or rows >= self._wake_rows):
                 self._cond.notify()
+
+    def _drain_estimate(self) -> float:
+        """Seconds until the queue has room: its oldest batch's remaining delay, then the
+        queued rows at the rows per second batches have run at (under the lock)."""
+        oldest = min((queue[0].enqueued for queue in self._queues.values() if queue),
+                     default=None)
+        wait = 0.0 if oldest is None else max(0.0, oldest + self._delay - time.monotonic())
+        rate = self._rows_per_s * len(self._workers)
+        return wait + (sum(self._rows.values()) / rate if rate > 0 else 0.0)
 
     def _expire(self, request: _Request) -> None:
         self._drop(request, self._deadline_error(request))
@@ -355,7 +384,8 @@ class MicroBatcher:
         start = time.monotonic()
         metrics = self.metrics
         metrics.queue_wait.observe_many([start - r.enqueued for r in batch])
-        metrics.batch_size.observe(sum(r.rows for r in batch))
+        rows = sum(r.rows for r in batch)
+        metrics.batch_size.observe(rows)
         try:
             if len(batch) == 1:
                 arrays = batch[0].arrays
@@ -366,7 +396,10 @@ class MicroBatcher:
         except Exception as exc:
             answers = self._one_by_one(run, batch) if len(batch) > 1 \
                 else [(batch[0], None, _as_error(exc))]
-        metrics.inference.observe(time.monotonic() - start)
+        elapsed = time.monotonic() - start
+        metrics.inference.observe(elapsed)
+        if elapsed > 0:
+            self._rows_per_s += 0.2 * (rows / elapsed - self._rows_per_s)
         for _, _, error in answers:
             if error is not None:
                 metrics.error(getattr(error, "kind", "internal"))
@@ -406,6 +439,12 @@ class MicroBatcher:
             request = answer[0]
             loop = request.loop
             if loop is None:
+                if request.callback is not None:
+                    try:
+                        request.callback(answer[1], answer[2])
+                    except Exception:  # a callback's bug must not stop the worker
+                        log.exception("batcher callback failed")
+                    continue
                 request.value, request.error = answer[1], answer[2]
                 assert request.event is not None
                 request.event.set()

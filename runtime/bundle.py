@@ -250,8 +250,13 @@ def create_bundle(model_file: str | Path, out_dir: str | Path, *, name: str, ver
                   max_batch_size: int | None = None,
                   golden_inputs: Mapping[str, Any] | None = None,
                   device: str | DeviceProfile | None = None,
-                  optimizations: tuple[str, ...] = ()) -> Bundle:
-    """Inspect a model file, copy it with a golden sample and a manifest into `out_dir`."""
+                  optimizations: tuple[str, ...] = (), source_file: str | None = None,
+                  source_sha256: str | None = None) -> Bundle:
+    """Inspect a model file, copy it with a golden sample and a manifest into `out_dir`.
+
+    `source_file`/`source_sha256` name the model that `model_file` was derived from (the
+    optimizer bundles a transformed copy); by default the model file itself is recorded.
+    """
     model_file, out_dir = Path(model_file), Path(out_dir)
     check_name(name)
     check_version(str(version))
@@ -293,7 +298,8 @@ def create_bundle(model_file: str | Path, out_dir: str | Path, *, name: str, ver
             device={"profile": profile.name, "target": profile.arch},
             created={"tool": "edgerun", "tool_version": __version__,
                      "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-                     "source_file": model_file.name, "source_sha256": sha256_file(model_file),
+                     "source_file": source_file or model_file.name,
+                     "source_sha256": source_sha256 or sha256_file(model_file),
                      "optimizations": list(optimizations)})
         write_manifest(out_dir, manifest)
     except BaseException:

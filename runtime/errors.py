@@ -66,3 +66,21 @@ class BundleError(EdgerunError):
     """A bundle is malformed, tampered with, or unsafe to extract."""
 
     kind = "bundle_error"
+
+
+class PayloadTooLarge(InvalidInput):
+    """A request is over the size its transport accepts; it was not read further."""
+
+    kind = "payload_too_large"
+
+
+class Unauthenticated(EdgerunError):
+    """The caller did not prove who it is (no or an unknown credential)."""
+
+    kind = "unauthenticated"
+
+
+class PermissionDenied(EdgerunError):
+    """The caller is known but may not do this."""
+
+    kind = "permission_denied"

@@ -30,22 +30,19 @@ class Counter:
 
 
 class Gauge:
-    __slots__ = ("_value", "_function")
+    """A value read at collection time from a function (queue depth, requests in flight)."""
+
+    __slots__ = ("_function",)
 
     def __init__(self) -> None:
-        self._value = 0.0
         self._function: Callable[[], float] | None = None
 
-    def set(self, value: float) -> None:
-        self._value = value
-
     def set_function(self, function: Callable[[], float]) -> None:
-        """Read the value from `function` at collection time (queue depth, say)."""
         self._function = function
 
     @property
     def value(self) -> float:
-        return float(self._function()) if self._function is not None else self._value
+        return float(self._function()) if self._function is not None else 0.0
 
 
 class Histogram:

@@ -38,7 +38,7 @@ CONFIG_FILE = "config.toml"
 class VersionPolicy:
     """Which of the versions on disk are served: the latest N, all, or a specific list."""
 
-    latest: int | None = 1
+    latest: int = 1
     specific: tuple[str, ...] = ()
     all: bool = False
 
@@ -48,7 +48,7 @@ class VersionPolicy:
             return ordered
         if self.specific:
             return [v for v in ordered if v in self.specific]
-        return ordered[-(self.latest or 1):]
+        return ordered[-self.latest:]
 
 
 @dataclass(frozen=True)
@@ -92,7 +92,7 @@ class ModelConfig:
             latest=int(policy.get("latest", 1)),
             specific=tuple(str(v) for v in policy.get("specific", ())),
             all=bool(policy.get("all", False)))
-        if version_policy.latest is not None and version_policy.latest < 1:
+        if version_policy.latest < 1:
             raise ValueError("version_policy.latest must be >= 1")
         batching = data.get("batching", {})
         _only(batching, {"max_batch_size", "max_queue_delay_us", "preferred_batch_sizes",

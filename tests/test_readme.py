@@ -40,8 +40,8 @@ def test_bundle_server_and_python_examples_run(tmp_path):
     assert '"outputs":[{"name":"label","datatype":"INT64","shape":[1],"data":[2]}' in \
         result.stdout
     assert '{"outputs":{"label":[2],"probabilities":' in result.stdout
-    assert 'edgerun_http_requests_total{model="digits",version="1",code="200"} 2' in \
-        result.stdout
+    assert 'edgerun_requests_total{model="digits",version="1",transport="http",outcome="ok"} 2' \
+        in result.stdout
 
     (snippet,) = _blocks("python")
     result = subprocess.run([sys.executable, "-c", snippet], cwd=tmp_path, capture_output=True,

@@ -87,8 +87,9 @@ def test_retiring_a_version_waits_for_its_requests(repo_dir):
     served.release()
     swapped.join(5)
     assert not swapped.is_alive()
-    result = asyncio.run(repository.infer("mlp", None, {"x": np.zeros((1, 8), np.float32)}))
-    assert result.version == "2"
+    with repository.route("mlp") as routed:
+        routed.run({"x": np.zeros((1, 8), np.float32)})
+    assert routed.version == "2"
     repository.close()
 
 
@@ -100,13 +101,15 @@ def test_config_instances_start_several_sessions_behind_one_queue(repo_dir):
     assert len(served.models) == 2
     assert served.models[0].backend.session is not served.models[1].backend.session
 
+    async def one():
+        with repository.route("mlp") as routed:
+            return routed.version, await routed.run_async({"x": np.ones((1, 8), np.float32)})
+
     async def burst():
-        return await asyncio.gather(*(repository.infer("mlp", None,
-                                                       {"x": np.ones((1, 8), np.float32)})
-                                      for _ in range(200)))
+        return await asyncio.gather(*(one() for _ in range(200)))
 
     results = asyncio.run(burst())
-    assert {r.version for r in results} == {"1"} and len(results) == 200
+    assert {version for version, _ in results} == {"1"} and len(results) == 200
     repository.close()
 
 

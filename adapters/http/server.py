@@ -6,8 +6,9 @@ from pathlib import Path
 
 import uvicorn
 
+from edgerun.adapters.dataplane import DataPlane
 from edgerun.adapters.http.app import create_app
-from edgerun.adapters.http.fastpath import FastPath
+from edgerun.adapters.http.asgi import EdgerunASGI
 from edgerun.runtime.batcher import BatchingConfig
 from edgerun.runtime.repository import Repository
 
@@ -16,8 +17,18 @@ def serve(repository_dir: str | Path, *, host: str = "127.0.0.1", port: int = 80
           device: str | None = None, poll_interval: float | None = None,
           batching: BatchingConfig | None = None, max_body_bytes: int = 64 << 20,
           access_log: bool = False, log_level: str = "info") -> None:
-    """Serve every model in `repository_dir` until interrupted; drains on shutdown."""
+    """Serve every model in `repository_dir` until interrupted; drains on shutdown.
+
+    The repository loads in the background while the port opens (readiness turns 200 once
+    every model is loaded); the app itself never loads or unloads models.
+    """
     repository = Repository(repository_dir, device, default_batching=batching)
-    app = create_app(repository, max_body_bytes=max_body_bytes, poll_interval=poll_interval)
-    uvicorn.run(FastPath(app), host=host, port=port, access_log=access_log,
-                log_level=log_level, timeout_graceful_shutdown=30, proxy_headers=False)
+    repository.start_loading(poll_interval)
+    plane = DataPlane(repository)
+    app = EdgerunASGI(plane, max_body_bytes=max_body_bytes,
+                      fallback=create_app(plane, max_body_bytes=max_body_bytes))
+    try:
+        uvicorn.run(app, host=host, port=port, access_log=access_log, log_level=log_level,
+                    timeout_graceful_shutdown=30, proxy_headers=False, lifespan="on")
+    finally:
+        repository.close()

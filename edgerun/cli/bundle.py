@@ -23,9 +23,9 @@ def register(commands: argparse._SubParsersAction) -> None:
     parser = commands.add_parser("bundle", help="create, inspect, verify and pack bundles")
     sub = parser.add_subparsers(dest="bundle_command", required=True, metavar="ACTION")
 
-    create = sub.add_parser("create", help="bundle an ONNX model with its manifest and golden "
-                                           "sample")
-    create.add_argument("model", type=Path, help="model file (.onnx)")
+    create = sub.add_parser("create", help="bundle an ONNX or TFLite model with its manifest "
+                                           "and golden sample")
+    create.add_argument("model", type=Path, help="model file (.onnx or .tflite)")
     create.add_argument("--name", required=True)
     create.add_argument("--version", required=True, help="integer or semver")
     create.add_argument("-o", "--output", type=Path, required=True,
@@ -92,7 +92,9 @@ def _verify(args: argparse.Namespace) -> int:
         out.print(f"hashes: {len(bundle.manifest.files)} files match the manifest")
         model = Model.load(bundle, args.device)
         model.check_golden()
-        out.print(f"golden: output matches the build's on {model.describe()['providers']}")
+        described = model.describe()
+        out.print(f"golden: output matches the build's on {described['backend']} "
+                  f"{described.get('providers', '')}".rstrip())
     out.print(f"[bold green]ok[/] {bundle.manifest.name} version {bundle.manifest.version}")
     return 0
 

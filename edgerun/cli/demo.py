@@ -51,6 +51,7 @@ def run_demo(workdir: Path, requests: int, concurrency: int) -> int:
         onnx_bytes, images, labels = digits_classifier_onnx()
     model_file = workdir / "digits.onnx"
     model_file.write_bytes(onnx_bytes)
+    np.savez(workdir / "heldout.npz", X=images, labels=labels)  # for `optimize --eval`
     sample = workdir / "sample.json"
     sample.write_text(json.dumps({"X": images[:1].tolist()}))
     (workdir / "infer.json").write_text(json.dumps({"inputs": [

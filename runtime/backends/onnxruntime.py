@@ -98,14 +98,17 @@ class OnnxRuntimeBackend(Backend):
         options = session_options(device)
         providers = providers_for(device)
         try:
-            session = ort.InferenceSession(str(model_path), options, providers=providers)
+            return cls(ort.InferenceSession(str(model_path), options, providers=providers))
         except Exception as exc:
             if providers == [CPU]:
                 raise BundleError(f"{model_path.name}: ONNX Runtime cannot load it: {exc}") from exc
             log.warning("%s: providers %s failed (%s); falling back to the CPU",
                         model_path.name, providers[:-1], exc)
-            session = ort.InferenceSession(str(model_path), options, providers=[CPU])
-        return cls(session)
+        try:
+            return cls(ort.InferenceSession(str(model_path), options, providers=[CPU]))
+        except Exception as exc:
+            raise BundleError(f"{model_path.name}: ONNX Runtime cannot load it on the CPU "
+                              f"either: {exc}") from exc
 
     def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return dict(zip(self._output_names, self.session.run(self._output_names, inputs)))

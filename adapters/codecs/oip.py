@@ -1,13 +1,15 @@
-"""Open Inference Protocol v2 tensors on HTTP: JSON and the binary tensor data extension.
+"""Open Inference Protocol v2 bodies: JSON and the binary tensor data extension.
 
-Only translation lives here: wire bytes to `dict[str, np.ndarray]` and back. Numeric JSON
-`data` goes from the request bytes straight into a numpy buffer (simdjson, no Python float per
-element), binary data is a zero-copy view, and nothing is validated element by element: the
-core checks names, dtypes and shapes as arrays.
+Only translation lives here: wire bytes to `dict[str, np.ndarray]` and back, whatever carries
+the bytes (HTTP, a Lambda event, an MQTT message). Numeric JSON `data` goes from the request
+bytes straight into a numpy buffer (simdjson, no Python float per element), binary data is a
+zero-copy view, and nothing is validated element by element: the core checks names, dtypes and
+shapes as arrays.
 """
 
 from __future__ import annotations
 
+import math
 import struct
 from dataclasses import dataclass
 from typing import Any
@@ -17,7 +19,7 @@ import orjson
 import simdjson
 
 from edgerun.runtime.errors import InvalidInput
-from edgerun.runtime.signature import as_array, cast_array
+from edgerun.runtime.signature import Signature, as_array, cast_array
 
 #: OIP datatype -> manifest dtype name.
 DATATYPES = {
@@ -105,8 +107,10 @@ def decode_request(body: bytes, header_length: str | None) -> InferRequest:
     if not isinstance(parameters, dict):
         raise InvalidInput("request parameters must be an object")
     timeout = parameters.get("timeout")
-    if timeout is not None and (not isinstance(timeout, (int, float)) or timeout <= 0):
-        raise InvalidInput("parameters.timeout must be a positive number of microseconds")
+    if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float))
+                                or not 0 < timeout < math.inf):
+        raise InvalidInput(f"parameters.timeout must be a positive number of microseconds, "
+                           f"got {timeout!r}")
     request_id = _plain(header.get("id"))
     return InferRequest(
         id=None if request_id is None else str(request_id), inputs=inputs,
@@ -182,8 +186,24 @@ def decode_json(name: str, datatype: str, shape: list[int], data: Any) -> np.nda
             raise InvalidInput(f"input {name!r}: BYTES data must be strings", name)
         array = array.astype(object)
     else:
-        array = cast_array(as_array(data, name), DATATYPES[datatype], name)
+        array = as_array(data, name)
+        if datatype == "UINT64" and array.dtype.kind in "fO":
+            array = _uint64(name, data, array)
+        array = cast_array(array, DATATYPES[datatype], name)
     return _shaped(name, shape, array)
+
+
+def _uint64(name: str, data: list, array: np.ndarray) -> np.ndarray:
+    """Integers above 2**63 make numpy fall back to float64 (or object) and lose digits; read
+    them exactly when every element is an integer that fits uint64."""
+    exact = np.array(data, dtype=object)
+    values = list(exact.flat)
+    if not all(type(v) is int for v in values):
+        return array  # floats among them: the cast says what is wrong
+    if values and (min(values) < 0 or max(values) >= 2 ** 64):
+        raise InvalidInput(f"input {name!r}: values out of uint64 range [0, {2 ** 64 - 1}]",
+                           name)
+    return exact.astype(np.uint64)
 
 
 def _shaped(name: str, shape: list[int], array: np.ndarray) -> np.ndarray:
@@ -246,21 +266,29 @@ def _requested_outputs(items: Any) -> list[RequestedOutput] | None:
         if not isinstance(item, dict) or not isinstance(item.get("name"), str):
             raise InvalidInput("each requested output needs a \"name\" string")
         parameters = item.get("parameters") or {}
+        if not isinstance(parameters, dict):
+            raise InvalidInput(f"requested output {item['name']!r}: parameters must be an "
+                               "object", item["name"])
         requested.append(RequestedOutput(item["name"], bool(parameters.get("binary_data"))))
     return requested
+
+
+def check_outputs(request: InferRequest, signature: Signature) -> None:
+    """Refuse a request for outputs the model does not give, before anything runs."""
+    if request.outputs is None:
+        return
+    names = [spec.name for spec in signature.outputs]
+    for output in request.outputs:
+        if output.name not in names:
+            raise InvalidInput(f"requested output {output.name!r} does not exist; the model "
+                               f"gives {', '.join(map(repr, names))}", output.name)
 
 
 def encode_response(model: str, version: str, request: InferRequest,
                     outputs: dict[str, np.ndarray]) -> tuple[bytes, dict[str, str]]:
     """The response body and its extra headers (the header length when binary follows)."""
-    if request.outputs is None:
-        wanted = [RequestedOutput(name, request.binary_outputs) for name in outputs]
-    else:
-        wanted = request.outputs
-        unknown = [o.name for o in wanted if o.name not in outputs]
-        if unknown:
-            raise InvalidInput(f"requested output {unknown[0]!r} does not exist; the model "
-                               f"gives {', '.join(map(repr, outputs))}", unknown[0])
+    wanted = request.outputs if request.outputs is not None else \
+        [RequestedOutput(name, request.binary_outputs) for name in outputs]
     entries, blobs = [], []
     for output in wanted:
         array = outputs[output.name]
@@ -304,3 +332,8 @@ def encode_binary(array: np.ndarray) -> bytes:
 
 def metadata_tensor(name: str, dtype: str, shape: tuple[int, ...]) -> dict[str, Any]:
     return {"name": name, "datatype": OIP_DATATYPE[dtype], "shape": list(shape)}
+
+
+def encode_error(message: str) -> bytes:
+    """The protocol's error body."""
+    return orjson.dumps({"error": message})

@@ -1,0 +1,304 @@
+"""The data plane: every adapter's requests are decoded, routed, run and answered here.
+
+    call -> hooks.before -> decode (codecs) -> route (repository) -> MicroBatcher -> encode
+         -> hooks.after -> metrics -> reply
+
+Adapters only translate their transport to a `Call` and a `Reply` back: HTTP maps the reply's
+error to a status code, MQTT to an error message, Lambda to `batchItemFailures`. `handle` is for
+callers on plain threads (paho-mqtt callbacks, Lambda handlers) and blocks; `handle_async` is
+for callers on an event loop and never blocks it. Transports with their own tensor encoding
+(gRPC) call `infer`/`infer_async` with a decoded request and get arrays back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import orjson
+
+from edgerun import __version__
+from edgerun.adapters.codecs import oip, prometheus, tfserving
+from edgerun.adapters.dataplane.call import (BINARY, INFER, INFERENCE_ROUTES, JSON, LIVE, LOAD,
+                                             METRICS, MODEL_METADATA, MODEL_READY,
+                                             MODEL_STATUS, PREDICT, READY, REPOSITORY_INDEX,
+                                             SERVER_METADATA, UNLOAD, Call, Reply)
+from edgerun.adapters.dataplane.hooks import HookChain, RequestId
+from edgerun.runtime.errors import EdgerunError, InferenceError, InvalidInput, ModelNotReady
+from edgerun.runtime.metrics import LATENCY_BUCKETS
+from edgerun.runtime.repository import Repository
+from edgerun.runtime.router import Routed
+
+log = logging.getLogger(__name__)
+
+TIMEOUT_ATTRIBUTE = "x-request-timeout-ms"
+EXTENSIONS = ["binary_tensor_data", "model_repository"]
+PLATFORMS = {"onnxruntime": "onnxruntime_onnx", "tflite": "tensorflow_lite", "tvm": "tvm"}
+
+
+@dataclass(frozen=True)
+class InferResult:
+    """A decoded request's answer: the version that ran it and the outputs it asked for."""
+
+    model: str
+    version: str
+    request: oip.InferRequest
+    outputs: dict[str, np.ndarray]
+
+
+class DataPlane:
+    """Decode, route, run, encode, count: one path for every transport."""
+
+    def __init__(self, repository: Repository, *, hooks: HookChain | None = None) -> None:
+        self.repository = repository
+        self.hooks = hooks if hooks is not None else HookChain([RequestId()])
+        registry = repository.registry
+        self._requests = registry.family(
+            "edgerun_requests_total", "Inference requests by model, version, transport and "
+            "outcome (ok or the error kind)", "counter",
+            ("model", "version", "transport", "outcome"))
+        self._latency = registry.family(
+            "edgerun_request_duration_seconds", "Inference request latency in the data plane, "
+            "decode to encode", "histogram", ("model", "version", "transport"), LATENCY_BUCKETS)
+        self._routes: dict[str, Callable[[Call], Reply]] = {
+            INFER: self._infer_call, PREDICT: self._predict_call, LIVE: self._live,
+            READY: self._ready, SERVER_METADATA: self._server_metadata,
+            MODEL_METADATA: self._model_metadata, MODEL_READY: self._model_ready,
+            MODEL_STATUS: self._model_status, REPOSITORY_INDEX: self._index,
+            LOAD: self._load, UNLOAD: self._unload, METRICS: self._metrics}
+        self._async_routes: dict[str, Callable[[Call], Awaitable[Reply]]] = {
+            INFER: self._infer_call_async, PREDICT: self._predict_call_async,
+            LOAD: self._off_loop(self._load), UNLOAD: self._off_loop(self._unload)}
+
+    # ------------------------------------------------------------ bytes in, bytes out
+    def handle(self, call: Call) -> Reply:
+        """Answer a call from a plain thread (blocks until answered)."""
+        started = time.perf_counter()
+        try:
+            self.hooks.before(call)
+            reply = self._routes[call.route](call)
+        except Exception as exc:
+            reply = _error_reply(exc)
+        return self._done(call, reply, started)
+
+    async def handle_async(self, call: Call) -> Reply:
+        """Answer a call from an event loop; nothing blocking runs on the loop."""
+        started = time.perf_counter()
+        try:
+            self.hooks.before(call)
+            route = self._async_routes.get(call.route)
+            reply = await route(call) if route is not None else self._routes[call.route](call)
+        except Exception as exc:
+            reply = _error_reply(exc)
+        return self._done(call, reply, started)
+
+    def _done(self, call: Call, reply: Reply, started: float) -> Reply:
+        self.hooks.after(call, reply.error)
+        if call.response_headers:
+            reply.headers.update(call.response_headers)
+        if call.route in INFERENCE_ROUTES:
+            self._record(call, reply.version, reply.error, started)
+        return reply
+
+    # ------------------------------------------------------ decoded tensors (gRPC, ...)
+    def infer(self, call: Call, request: oip.InferRequest) -> InferResult:
+        """Run a decoded OIP request from a plain thread; raises the core's errors."""
+        with self._decoded(call, request) as (routed, timeout):
+            outputs = routed.run(request.inputs, timeout)
+        return _result(call, request, routed.version, outputs)
+
+    async def infer_async(self, call: Call, request: oip.InferRequest) -> InferResult:
+        """Run a decoded OIP request from an event loop; raises the core's errors."""
+        with self._decoded(call, request) as (routed, timeout):
+            outputs = await routed.run_async(request.inputs, timeout)
+        return _result(call, request, routed.version, outputs)
+
+    @contextmanager
+    def _decoded(self, call: Call,
+                 request: oip.InferRequest) -> Iterator[tuple[Routed, float | None]]:
+        """Hooks, timeout and route around a decoded request; metrics and errors after it."""
+        started = time.perf_counter()
+        version, error = "", None
+        try:
+            self.hooks.before(call)
+            timeout = self._timeout(call, request.timeout_us)
+            with self._route(call, request) as routed:
+                version = routed.version
+                yield routed, timeout
+        except Exception as exc:
+            error = _as_error(exc)
+            version = error.version or version
+            raise error from (None if error is exc else exc)
+        finally:
+            self.hooks.after(call, error)
+            self._record(call, version, error, started)
+
+    # ------------------------------------------------------------------ inference
+    def _route(self, call: Call, request: oip.InferRequest) -> Routed:
+        routed = self.repository.route(call.model, call.version, call.attributes)
+        try:
+            oip.check_outputs(request, routed.signature)
+        except BaseException:
+            routed.release()
+            raise
+        return routed
+
+    def _infer_call(self, call: Call) -> Reply:
+        request = oip.decode_request(call.body, call.attributes(oip.HEADER_LENGTH))
+        timeout = self._timeout(call, request.timeout_us)
+        with self._route(call, request) as routed:
+            outputs = routed.run(request.inputs, timeout)
+        return _infer_reply(call, request, routed.version, outputs)
+
+    async def _infer_call_async(self, call: Call) -> Reply:
+        request = oip.decode_request(call.body, call.attributes(oip.HEADER_LENGTH))
+        timeout = self._timeout(call, request.timeout_us)
+        with self._route(call, request) as routed:
+            outputs = await routed.run_async(request.inputs, timeout)
+        return _infer_reply(call, request, routed.version, outputs)
+
+    def _predict_call(self, call: Call) -> Reply:
+        timeout = self._timeout(call, None)
+        with self.repository.route(call.model, call.version, call.attributes) as routed:
+            inputs, rows = tfserving.decode_predict(call.body, routed.signature)
+            outputs = routed.run(inputs, timeout)
+        return Reply(tfserving.encode_predict(outputs, rows), version=routed.version)
+
+    async def _predict_call_async(self, call: Call) -> Reply:
+        timeout = self._timeout(call, None)
+        with self.repository.route(call.model, call.version, call.attributes) as routed:
+            inputs, rows = tfserving.decode_predict(call.body, routed.signature)
+            outputs = await routed.run_async(inputs, timeout)
+        return Reply(tfserving.encode_predict(outputs, rows), version=routed.version)
+
+    @staticmethod
+    def _timeout(call: Call, timeout_us: float | None) -> float | None:
+        """The queueing budget in seconds: the transport's, the attribute's (ms) or OIP's (us)."""
+        budget = None
+        value = call.attributes(TIMEOUT_ATTRIBUTE)
+        if value is not None:
+            try:
+                milliseconds = float(value)
+            except ValueError:
+                milliseconds = math.nan
+            if not 0 < milliseconds < math.inf:
+                raise InvalidInput(f"{TIMEOUT_ATTRIBUTE} must be a positive, finite number of "
+                                   f"milliseconds, got {value[:32]!r}")
+            budget = milliseconds / 1000
+        elif timeout_us is not None:
+            budget = timeout_us / 1e6
+        if call.timeout is not None:
+            budget = call.timeout if budget is None else min(budget, call.timeout)
+        return budget
+
+    def _record(self, call: Call, version: str, error: EdgerunError | None,
+                started: float) -> None:
+        # Only names and versions the repository serves become labels, so whatever callers
+        # send, the number of series stays bounded.
+        model = call.model if call.model in self.repository else ""
+        version = version if model else ""
+        outcome = "ok" if error is None else error.kind
+        self._requests.labels(model, version, call.transport, outcome).inc()
+        self._latency.labels(model, version, call.transport).observe(
+            time.perf_counter() - started)
+
+    # --------------------------------------------------------------- the rest of OIP
+    def server_metadata(self) -> dict[str, Any]:
+        return {"name": "edgerun", "version": __version__, "extensions": EXTENSIONS}
+
+    def model_metadata(self, name: str, version: str | None = None) -> dict[str, Any]:
+        """OIP model metadata of the named version, or of the model's latest."""
+        served = self.repository.get(name, version)
+        versions = [served.version] if version else self.repository.versions(name)
+        sig = served.signature
+        return {
+            "name": name, "versions": versions,
+            "platform": PLATFORMS.get(served.model.bundle.manifest.backend,
+                                      served.model.bundle.manifest.backend),
+            "inputs": [oip.metadata_tensor(s.name, s.dtype, s.shape) for s in sig.inputs],
+            "outputs": [oip.metadata_tensor(s.name, s.dtype, s.shape) for s in sig.outputs],
+            "parameters": {"max_batch_size": served.batcher.config.max_batch_size
+                           if sig.batchable else 0}}
+
+    def _live(self, call: Call) -> Reply:
+        return _json({"live": True})
+
+    def _ready(self, call: Call) -> Reply:
+        if not self.repository.ready:
+            raise ModelNotReady("models are still loading or failed to load; see "
+                                "POST /v2/repository/index")
+        return _json({"ready": True})
+
+    def _server_metadata(self, call: Call) -> Reply:
+        return _json(self.server_metadata())
+
+    def _model_metadata(self, call: Call) -> Reply:
+        return _json(self.model_metadata(call.model, call.version))
+
+    def _model_ready(self, call: Call) -> Reply:
+        self.repository.get(call.model, call.version)
+        return _json({"name": call.model, "ready": True})
+
+    def _model_status(self, call: Call) -> Reply:
+        versions = [self.repository.get(call.model, call.version).version] if call.version \
+            else self.repository.versions(call.model)
+        return Reply(tfserving.status(versions))
+
+    def _index(self, call: Call) -> Reply:
+        return _json([{"name": s.name, "version": s.version, "state": s.state,
+                       "reason": s.reason} for s in self.repository.index()])
+
+    def _load(self, call: Call) -> Reply:
+        self.repository.load(call.model)
+        return _json({})
+
+    def _unload(self, call: Call) -> Reply:
+        self.repository.unload(call.model)
+        return _json({})
+
+    def _metrics(self, call: Call) -> Reply:
+        return Reply(prometheus.render(self.repository.registry).encode(),
+                     prometheus.CONTENT_TYPE)
+
+    @staticmethod
+    def _off_loop(route: Callable[[Call], Reply]) -> Callable[[Call], Awaitable[Reply]]:
+        """Loading and draining block for seconds: run them on a worker thread."""
+        async def run(call: Call) -> Reply:
+            return await asyncio.get_running_loop().run_in_executor(None, route, call)
+        return run
+
+
+def _json(content: Any) -> Reply:
+    return Reply(orjson.dumps(content))
+
+
+def _infer_reply(call: Call, request: oip.InferRequest, version: str,
+                 outputs: dict[str, np.ndarray]) -> Reply:
+    body, headers = oip.encode_response(call.model, version, request, outputs)
+    return Reply(body, BINARY if headers else JSON, headers, version=version)
+
+
+def _result(call: Call, request: oip.InferRequest, version: str,
+            outputs: dict[str, np.ndarray]) -> InferResult:
+    if request.outputs is not None:
+        outputs = {o.name: outputs[o.name] for o in request.outputs}
+    return InferResult(call.model, version, request, outputs)
+
+
+def _as_error(exc: Exception) -> EdgerunError:
+    if isinstance(exc, EdgerunError):
+        return exc
+    log.error("request failed unexpectedly", exc_info=exc)
+    return InferenceError(f"internal error: {type(exc).__name__}: {exc}")
+
+
+def _error_reply(exc: Exception) -> Reply:
+    error = _as_error(exc)
+    return Reply(oip.encode_error(str(error)), error=error, version=error.version or "")

@@ -1,0 +1,117 @@
+"""The lean ASGI app: every route of the route table, straight onto the data plane.
+
+It imports no web framework, so a Lambda behind Mangum or any small host pays nothing for one,
+and at thousands of requests a second the server pays no per-request framework layers either.
+Paths outside the table (the OpenAPI docs) go to an optional fallback app. The ASGI lifespan
+loads and unloads nothing: a process builds and loads its repository before or outside the app,
+so a host that runs the lifespan around every invocation (Mangum) keeps its models.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import orjson
+
+from edgerun.adapters.dataplane import Call, DataPlane, Reply
+from edgerun.adapters.dataplane.call import JSON
+from edgerun.adapters.http.routes import match
+from edgerun.adapters.http.status import error_headers, status_of
+from edgerun.runtime.errors import PayloadTooLarge
+
+Scope = dict[str, Any]
+Receive = Callable[[], Awaitable[dict[str, Any]]]
+Send = Callable[[dict[str, Any]], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+DEFAULT_MAX_BODY_BYTES = 64 << 20
+
+
+class EdgerunASGI:
+    """OIP v2, TF Serving, repository and metrics routes as one ASGI callable."""
+
+    def __init__(self, plane: DataPlane, *, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+                 fallback: ASGIApp | None = None, transport: str = "http") -> None:
+        self.plane = plane
+        self.max_body_bytes = max_body_bytes
+        self.fallback = fallback
+        self.transport = transport
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            return await _lifespan(receive, send)
+        if scope["type"] != "http":
+            if self.fallback is not None:
+                return await self.fallback(scope, receive, send)
+            return None
+        route, params, allowed = match(scope["method"], scope["path"])
+        if route is None:
+            if allowed:
+                return await _send_json(send, 405, {"error": f"method {scope['method']} is not "
+                                                    f"allowed on {scope['path']}"},
+                                        {"Allow": ", ".join(allowed)})
+            if self.fallback is not None:
+                return await self.fallback(scope, receive, send)
+            return await _send_json(send, 404, {"error": f"no route {scope['path']}"})
+        headers = dict(scope["headers"])
+
+        def attribute(name: str) -> str | None:
+            value = headers.get(name.encode("latin-1"))
+            return None if value is None else value.decode("latin-1")
+
+        call = Call(route.route, params.get("name", ""), params.get("version"),
+                    attributes=attribute, transport=self.transport)
+        if scope["method"] == "POST":
+            try:
+                call.body = await read_body(receive, attribute("content-length"),
+                                            self.max_body_bytes)
+            except PayloadTooLarge as exc:
+                return await send_reply(send, Reply(orjson.dumps({"error": str(exc)}),
+                                                    error=exc))
+        await send_reply(send, await self.plane.handle_async(call))
+
+
+async def read_body(receive: Receive, content_length: str | None, limit: int) -> bytes:
+    """The whole request body from ASGI messages, refused once it passes `limit` bytes."""
+    if content_length is not None and content_length.isdigit() and int(content_length) > limit:
+        raise PayloadTooLarge(f"request body of {content_length} bytes is over the {limit}-byte "
+                              "limit")
+    chunks, size = [], 0
+    while True:
+        message = await receive()
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLarge(f"request body is over the {limit}-byte limit")
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+async def send_reply(send: Send, reply: Reply) -> None:
+    """A data-plane reply as an HTTP response: the error's status, its headers, the body."""
+    headers = {**error_headers(reply.error), **reply.headers} if reply.error else reply.headers
+    await _send(send, status_of(reply.error), reply.body, reply.content_type, headers)
+
+
+async def _send_json(send: Send, status: int, content: Any,
+                     headers: dict[str, str] | None = None) -> None:
+    await _send(send, status, orjson.dumps(content), JSON, headers or {})
+
+
+async def _send(send: Send, status: int, body: bytes, content_type: str,
+                headers: dict[str, str]) -> None:
+    raw = [(b"content-type", content_type.encode()), (b"content-length", str(len(body)).encode())]
+    raw += [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()]
+    await send({"type": "http.response.start", "status": status, "headers": raw})
+    await send({"type": "http.response.body", "body": body})
+
+
+async def _lifespan(receive: Receive, send: Send) -> None:
+    while True:
+        message = await receive()
+        if message["type"] == "lifespan.startup":
+            await send({"type": "lifespan.startup.complete"})
+        elif message["type"] == "lifespan.shutdown":
+            await send({"type": "lifespan.shutdown.complete"})
+            return

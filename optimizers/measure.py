@@ -1,0 +1,140 @@
+"""What an optimization bought: sizes, latency on this host, output error and accuracy.
+
+Shared by `edgerun optimize` and `benchmarks/optimize.py`, so the report and the recorded
+benchmark measure the same things the same way.
+"""
+
+from __future__ import annotations
+
+import gzip
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from edgerun.optimizers.errors import OptimizeError
+from edgerun.runtime import Model, archive
+from edgerun.runtime.signature import Signature
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """Bytes of the model file alone, gzip'd, the whole bundle folder, and its .tar.gz."""
+
+    model: int
+    model_gzip: int
+    bundle: int
+    bundle_targz: int
+
+
+def sizes(bundle_dir: Path, model_file: str) -> Sizes:
+    model = (bundle_dir / model_file).read_bytes()
+    bundle = sum(p.stat().st_size for p in bundle_dir.rglob("*") if p.is_file())
+    with tempfile.TemporaryDirectory(prefix="edgerun-size-") as scratch:
+        packed = archive.pack(bundle_dir, Path(scratch) / "bundle.tar.gz").stat().st_size
+    return Sizes(len(model), len(gzip.compress(model, 9, mtime=0)), bundle, packed)
+
+
+@dataclass(frozen=True)
+class EvalData:
+    """Inputs by tensor name, and optional labels (an .npz with a `labels` array)."""
+
+    inputs: dict[str, np.ndarray]
+    labels: np.ndarray | None = None
+
+    @property
+    def rows(self) -> int:
+        return len(next(iter(self.inputs.values())))
+
+    def take(self, rows: int) -> dict[str, np.ndarray]:
+        """The first `rows` rows, repeated if there are fewer."""
+        return {name: np.resize(array, (rows, *array.shape[1:]))
+                for name, array in self.inputs.items()}
+
+
+def load_eval(path: Path, signature: Signature) -> EvalData:
+    """An .npz of model inputs (by input name; any name for a single-input model) and labels."""
+    if not Path(path).is_file():
+        raise OptimizeError(f"eval data {path}: no such file (an .npz with the model's inputs "
+                            "and optionally a `labels` array)")
+    with np.load(path, allow_pickle=False) as data:
+        arrays = {key: data[key] for key in data.files}
+    labels = arrays.pop("labels", None)
+    names = [spec.name for spec in signature.inputs]
+    if len(names) == 1 and len(arrays) == 1:
+        arrays = {names[0]: next(iter(arrays.values()))}
+    if set(arrays) != set(names):
+        raise OptimizeError(f"eval data {path}: holds {sorted(arrays)}, the model takes "
+                            f"{names} (and optionally `labels`)")
+    try:
+        inputs = signature.validate(arrays)
+    except Exception as exc:
+        raise OptimizeError(f"eval data {path}: {exc}") from exc
+    data = EvalData(inputs, labels)
+    if labels is not None and len(labels) != data.rows:
+        raise OptimizeError(f"eval data {path}: {len(labels)} labels for {data.rows} rows")
+    return data
+
+
+def synthetic_eval(signature: Signature, rows: int = 64, seed: int = 0) -> EvalData:
+    """Normal floats (zeros for integer inputs) when no eval data is given."""
+    rng = np.random.default_rng(seed)
+    inputs = {}
+    for spec in signature.inputs:
+        shape = [rows if (axis == spec.batch_axis) else (d if d >= 0 else 1)
+                 for axis, d in enumerate(spec.shape)]
+        inputs[spec.name] = rng.standard_normal(shape).astype(spec.np_dtype) \
+            if spec.dtype.startswith("float") else np.zeros(shape, spec.np_dtype)
+    return EvalData(inputs)
+
+
+def predict_all(model: Model, data: EvalData, chunk: int = 256) -> dict[str, np.ndarray]:
+    """Outputs for every row, in chunks when the model batches, else one row at a time."""
+    step = chunk if model.signature.batchable else 1
+    parts = [model.predict({n: a[i:i + step] for n, a in data.inputs.items()})
+             for i in range(0, data.rows, step)]
+    return {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
+
+
+def max_abs_error(reference: dict[str, np.ndarray], candidate: dict[str, np.ndarray]) -> float:
+    """Largest absolute difference over the float outputs (integer outputs: labels, ids)."""
+    worst = 0.0
+    for name, want in reference.items():
+        if want.dtype.kind == "f":
+            got = candidate[name].astype(np.float64)
+            worst = max(worst, float(np.max(np.abs(got - want.astype(np.float64)), initial=0)))
+    return worst
+
+
+def predicted_labels(outputs: dict[str, np.ndarray]) -> np.ndarray:
+    """Class predictions: an integer output of one value per row, else argmax of a float one."""
+    for array in outputs.values():
+        if array.dtype.kind in "iu" and array.size == array.shape[0]:
+            return array.reshape(-1)
+    for array in outputs.values():
+        if array.dtype.kind == "f" and array.ndim == 2:
+            return array.argmax(axis=1)
+    raise OptimizeError("accuracy needs an integer label output or a [rows, classes] float "
+                        f"output; the model gives {', '.join(outputs)}")
+
+
+def accuracy(outputs: dict[str, np.ndarray], labels: np.ndarray) -> float:
+    return float(np.mean(predicted_labels(outputs) == labels.reshape(-1)))
+
+
+def latency_ms(model: Model, data: EvalData, batch: int, seconds: float = 0.5) -> float | None:
+    """Median forward-pass time for a batch of `batch` rows; None when the model cannot batch."""
+    if batch > 1 and not model.signature.batchable:
+        return None
+    feed = model.validate(data.take(batch))
+    for _ in range(3):
+        model.run(feed)
+    times = []
+    deadline = time.perf_counter() + seconds
+    while time.perf_counter() < deadline or len(times) < 5:
+        start = time.perf_counter()
+        model.run(feed)
+        times.append(time.perf_counter() - start)
+    return float(np.median(times)) * 1000

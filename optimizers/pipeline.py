@@ -1,0 +1,214 @@
+"""`edgerun optimize`: an ONNX model to a bundle for a device profile, measured before and after.
+
+Steps, each optional: prune (structured or magnitude), quantize (the profile's precision unless
+told otherwise), compile with TVM; then bundle, and measure the original and the result on this
+host (sizes, latency where the artifact runs here, max abs error, accuracy given labels).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+import statistics
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import onnx
+
+from edgerun.devices import DeviceProfile, load_profile
+from edgerun.optimizers import measure
+from edgerun.optimizers.errors import OptimizeError
+from edgerun.optimizers.prune import PruneReport, prune_structured, prune_unstructured
+from edgerun.optimizers.quantize import Calibration, load_onnx, quantize
+from edgerun.runtime import Bundle, Model, archive, create_bundle
+from edgerun.runtime.bundle import read_manifest, sha256_file, write_manifest
+from edgerun.runtime.errors import BundleError
+
+LATENCY_BATCHES = (1, 64)
+
+
+@dataclass(frozen=True)
+class OptimizeOptions:
+    """What to do; `quantize=None` takes the device profile's precision."""
+
+    device: str | Path | DeviceProfile = "cpu"
+    quantize: str | None = None
+    calibration: Calibration | None = None
+    per_channel: bool = False
+    prune: float | None = None
+    structured: bool = False
+    compile: str | None = None
+    tune_trials: int = 0
+    force: bool = False
+    eval_data: Path | None = None
+    #: Seconds of timing per latency figure (per batch size, before and after).
+    latency_seconds: float = 0.5
+    name: str | None = None
+    version: str = "1"
+
+
+@dataclass
+class Measured:
+    """One side of the report: the original model's bundle, or the optimized one."""
+
+    sizes: measure.Sizes
+    latency_ms: dict[int, float | None] = field(default_factory=dict)
+    accuracy: float | None = None
+    outputs: dict[str, Any] | None = field(default=None, repr=False)
+    runs_here: bool = True
+
+
+@dataclass
+class OptimizeReport:
+    """What `optimize` made and measured; `compile_report` is TVM's, when it compiled."""
+
+    bundle: Path
+    device: str
+    optimizations: list[str]
+    before: Measured
+    after: Measured
+    max_abs_error: float | None
+    prune: PruneReport | None = None
+    compile_report: Any = None
+    notes: list[str] = field(default_factory=list)
+
+
+Progress = Callable[[str], None]
+
+
+def _profile(device: str | Path | DeviceProfile) -> DeviceProfile:
+    try:
+        return load_profile(device)
+    except (ValueError, OSError) as exc:
+        raise OptimizeError(str(exc)) from exc
+
+
+def optimize(model_path: str | Path, output: str | Path,
+             options: OptimizeOptions = OptimizeOptions(),
+             progress: Progress = lambda step: None) -> OptimizeReport:
+    """Run the steps `options` ask for and write the bundle to `output` (a folder, or an
+    archive when it ends in .tar.gz); returns the measured report."""
+    model_path, output = Path(model_path), Path(output)
+    profile = _profile(options.device)
+    load_onnx(model_path)  # an ONNX model, or a clear error before any work
+    if output.exists() and (not output.is_dir() or any(output.iterdir())):
+        raise OptimizeError(f"{output}: output exists and is not an empty folder")
+    if options.compile not in (None, "tvm"):
+        raise OptimizeError(f"--compile {options.compile!r}: only tvm is supported")
+    precision = options.quantize or profile.precision
+    name = options.name or model_path.stem
+    with tempfile.TemporaryDirectory(prefix="edgerun-optimize-") as scratch_name:
+        scratch = Path(scratch_name)
+        progress("bundling the original")
+        original = create_bundle(model_path, scratch / "original", name=name, version="0",
+                                 device=profile)
+        signature = original.signature
+        data = measure.load_eval(options.eval_data, signature) if options.eval_data \
+            else measure.synthetic_eval(signature)
+
+        current, tags, pruned = model_path, [], None
+        if options.prune is not None:
+            progress(f"pruning {options.prune:g} "
+                     f"{'structured' if options.structured else 'unstructured'}")
+            model = onnx.load(str(current))
+            pruned = prune_structured(model, options.prune) if options.structured \
+                else prune_unstructured(model, options.prune)
+            current = scratch / "pruned.onnx"
+            onnx.save(model, str(current))
+            tags.append(pruned.tag)
+        if precision != "fp32" or options.calibration is not None or options.per_channel:
+            progress(f"quantizing to {precision}")
+            target = scratch / "quantized.onnx"
+            tag = quantize(current, target, precision, calibration=options.calibration,
+                           per_channel=options.per_channel)
+            if tag:
+                current = target
+                tags.append(tag)
+
+        folder = scratch / "bundle" if output.name.endswith((".tar.gz", ".tgz")) else output
+        golden = data.take(1) if signature.batchable else None
+        compiled = None
+        if options.compile == "tvm":
+            progress(f"compiling with TVM for {profile.name}")
+            compiled = _compile_tvm(current, profile, folder, name, options, tuple(tags))
+            _record_source(folder, model_path)
+        else:
+            progress("bundling")
+            create_bundle(current, folder, name=name, version=options.version, device=profile,
+                          golden_inputs=golden, optimizations=tuple(tags),
+                          source_file=model_path.name, source_sha256=sha256_file(model_path))
+        progress("measuring the original and the result")
+        with Bundle.open(folder) as result:
+            before, after = _measure((original, result), profile, data,
+                                     options.latency_seconds)
+        if folder != output:
+            archive.pack(folder, output)
+    error = None
+    notes = []
+    if after.runs_here:
+        error = measure.max_abs_error(before.outputs, after.outputs)
+    else:
+        notes.append(f"the artifact for {profile.name} does not run on this host: latency, "
+                     "error and accuracy after are not measured here")
+    return OptimizeReport(output, profile.name, tags, before, after, error, pruned, compiled,
+                          notes)
+
+
+def _measure(bundles: tuple[Bundle, ...], profile: DeviceProfile, data: measure.EvalData,
+             seconds: float, rounds: int = 3) -> list[Measured]:
+    """Sizes, outputs and accuracy of each bundle, and latencies timed in interleaved rounds
+    (medians) so that a busy host slows every candidate alike."""
+    measured, models = [], []
+    for bundle in bundles:
+        sizes = measure.sizes(bundle.path, bundle.manifest.model_file)
+        try:
+            model = Model.load(bundle, profile)
+        except BundleError:  # an artifact for another target
+            measured.append(Measured(sizes, runs_here=False))
+            models.append(None)
+            continue
+        outputs = measure.predict_all(model, data)
+        accuracy = measure.accuracy(outputs, data.labels) if data.labels is not None else None
+        measured.append(Measured(sizes, {}, accuracy, outputs))
+        models.append(model)
+    try:
+        samples: dict[tuple[int, int], list[float | None]] = {}
+        for _ in range(rounds):
+            for i, model in enumerate(models):
+                for batch in LATENCY_BATCHES if model is not None else ():
+                    samples.setdefault((i, batch), []).append(
+                        measure.latency_ms(model, data, batch, seconds / rounds))
+        for (i, batch), values in samples.items():
+            measured[i].latency_ms[batch] = None if None in values else statistics.median(values)
+    finally:
+        for model in models:
+            if model is not None:
+                model.close()
+    return measured
+
+
+def _record_source(folder: Path, model_path: Path) -> None:
+    """The manifest names the model the user gave, not the intermediate file TVM compiled."""
+    manifest = read_manifest(folder)
+    created = {**manifest.created, "source_file": model_path.name,
+               "source_sha256": sha256_file(model_path)}
+    write_manifest(folder, dataclasses.replace(manifest, created=created))
+
+
+def _compile_tvm(model_path: Path, profile: DeviceProfile, out_dir: Path, name: str,
+                 options: OptimizeOptions, tags: tuple[str, ...]) -> Any:
+    try:
+        from edgerun.optimizers.tvm import compile_bundle
+    except ImportError as exc:
+        raise OptimizeError(f"TVM compilation needs edgerun[tvm] (pip install 'edgerun[tvm]'): "
+                            f"{exc}") from exc
+    try:
+        return compile_bundle(model_path, profile, out_dir, name=name, version=options.version,
+                              tune_trials=options.tune_trials, force=options.force,
+                              optimizations=tags)
+    except BaseException:
+        shutil.rmtree(out_dir, ignore_errors=True)
+        raise

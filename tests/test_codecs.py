@@ -1,0 +1,273 @@
+"""The codecs on their own: OIP v2 JSON and binary, TF Serving REST, npz; no server involved."""
+
+from __future__ import annotations
+
+import json
+import re
+import struct
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+
+from edgerun.adapters.codecs import npz, oip, tfserving
+from edgerun.runtime import InvalidInput, Signature, TensorSpec
+
+DTYPES = {datatype: dtype for datatype, dtype in oip.DATATYPES.items()}
+
+
+def _elements(dtype: str):
+    if dtype == "string":
+        return st.text(alphabet=st.characters(min_codepoint=32, max_codepoint=0x2FFF),
+                       max_size=5)
+    if dtype.startswith("float"):
+        return st.floats(allow_nan=False, allow_infinity=False,
+                         width=np.dtype(dtype).itemsize * 8)
+    return None
+
+
+def _array(draw, datatype: str) -> np.ndarray:
+    dtype = DTYPES[datatype]
+    shape = draw(st.tuples(st.integers(0, 3), st.integers(0, 4)))
+    np_dtype = object if dtype == "string" else np.dtype(dtype)
+    return draw(hnp.arrays(np_dtype, shape, elements=_elements(dtype)))
+
+
+def _request(array: np.ndarray, datatype: str, *, binary: bool, nested: bool,
+             **extra) -> tuple[bytes, str | None]:
+    entry = {"name": "x", "datatype": datatype, "shape": list(array.shape)}
+    if binary:
+        blob = oip.encode_binary(array)
+        entry["parameters"] = {"binary_data_size": len(blob)}
+        header = json.dumps({"inputs": [entry], **extra}).encode()
+        return header + blob, str(len(header))
+    values = array.tolist() if nested else array.ravel().tolist()
+    entry["data"] = values
+    return json.dumps({"inputs": [entry], **extra}).encode(), None
+
+
+@settings(max_examples=300, deadline=None)
+@given(data=st.data(), datatype=st.sampled_from(sorted(DTYPES)), binary=st.booleans(),
+       nested=st.booleans())
+def test_every_datatype_round_trips_json_and_binary(data, datatype, binary, nested):
+    array = _array(data.draw, datatype)
+    body, header_length = _request(array, datatype, binary=binary, nested=nested)
+    request = oip.decode_request(body, header_length)
+    decoded = request.inputs["x"]
+    assert decoded.shape == array.shape
+    if datatype == "BYTES":
+        assert list(decoded.ravel()) == list(array.ravel())
+    else:
+        assert decoded.dtype == np.dtype(DTYPES[datatype])
+        np.testing.assert_array_equal(decoded, array)
+    # and back out: the response carries the same values, in JSON or binary as asked
+    request.binary_outputs = binary
+    payload, headers = oip.encode_response("m", "1", request, {"y": decoded})
+    split = int(headers["Inference-Header-Content-Length"]) if headers else len(payload)
+    head = json.loads(payload[:split])
+    (output,) = head["outputs"]
+    assert (output["name"], output["datatype"], output["shape"]) == \
+        ("y", datatype, list(array.shape))
+    if binary:
+        back = oip.decode_binary("y", datatype, output["shape"], memoryview(payload)[split:])
+    else:
+        back = oip.decode_json("y", datatype, output["shape"], output["data"])
+    if datatype == "BYTES":
+        assert [v if isinstance(v, str) else v.decode() for v in back.ravel()] == \
+            list(array.ravel())
+    else:
+        np.testing.assert_array_equal(back, array)
+
+
+def test_nested_and_flat_data_decode_alike():
+    flat = oip.decode_request(json.dumps({"inputs": [
+        {"name": "x", "datatype": "INT32", "shape": [2, 3], "data": [1, 2, 3, 4, 5, 6]}]}).encode(),
+        None)
+    nested = oip.decode_request(json.dumps({"inputs": [
+        {"name": "x", "datatype": "INT32", "shape": [2, 3], "data": [[1, 2, 3], [4, 5, 6]]}]})
+        .encode(), None)
+    np.testing.assert_array_equal(flat.inputs["x"], nested.inputs["x"])
+    assert flat.inputs["x"].dtype == np.int32
+
+
+def test_request_fields_are_read():
+    body = json.dumps({"id": "r1", "inputs": [{"name": "x", "datatype": "FP32", "shape": [1],
+                                                "data": [1]}],
+                       "outputs": [{"name": "y", "parameters": {"binary_data": True}}],
+                       "parameters": {"timeout": 2500}}).encode()
+    request = oip.decode_request(body, None)
+    assert request.id == "r1" and request.timeout_us == 2500
+    assert request.outputs == [oip.RequestedOutput("y", True)]
+
+
+def _tensor(**fields) -> bytes:
+    entry = {"name": "x", "datatype": "FP32", "shape": [1, 2], "data": [1, 2], **fields}
+    return json.dumps({"inputs": [entry]}).encode()
+
+
+@pytest.mark.parametrize("body, header_length, message", [
+    (b"{", None, "not valid JSON"),
+    (b"[1]", None, "must be a JSON object"),
+    (b"{}", None, 'no "inputs" list'),
+    (b'{"inputs": []}', None, 'no "inputs" list'),
+    (b'{"inputs": [3]}', None, 'needs a "name" string'),
+    (_tensor(datatype="BF16"), None, "datatype 'BF16' is not supported"),
+    (_tensor(shape=[1, -2]), None, "shape must be a list of non-negative integers"),
+    (_tensor(shape=[1, True]), None, "shape must be a list of non-negative integers"),
+    (_tensor(shape=[1, 3]), None, "shape [1, 3] needs 3 elements, data has 2"),
+    (_tensor(data=["a", "b"]), None, "expected float32, got string"),
+    (_tensor(parameters=[1]), None, "parameters must be an object"),
+    (json.dumps({"inputs": [{"name": "x", "datatype": "FP32", "shape": [1], "data": [1]},
+                            {"name": "x", "datatype": "FP32", "shape": [1], "data": [1]}]})
+     .encode(), None, "appears twice"),
+    (_tensor(parameters={"binary_data_size": 8}), None, "both data and binary_data_size"),
+    (_tensor(), "lots", "must be an integer"),
+    (_tensor(), "100000", "outside the"),
+    (json.dumps({"inputs": [{"name": "x", "datatype": "INT8", "shape": [2], "data": [1, 300]}]})
+     .encode(), None, "values out of int8 range"),
+    (json.dumps({"inputs": [{"name": "x", "datatype": "FP32", "shape": [1], "data": [1]}],
+                 "parameters": {"timeout": True}}).encode(), None, "parameters.timeout"),
+    (json.dumps({"inputs": [{"name": "x", "datatype": "FP32", "shape": [1], "data": [1]}],
+                 "parameters": {"timeout": -5}}).encode(), None, "parameters.timeout"),
+    (json.dumps({"inputs": [{"name": "x", "datatype": "FP32", "shape": [1], "data": [1]}],
+                 "outputs": [{"name": "y", "parameters": "binary"}]}).encode(), None,
+     "requested output 'y': parameters must be an object"),
+    (json.dumps({"inputs": [{"name": "x", "datatype": "FP32", "shape": [1], "data": [1]}],
+                 "outputs": "y"}).encode(), None, '"outputs" must be a list'),
+])
+def test_malformed_requests_raise_invalid_input(body, header_length, message):
+    with pytest.raises(InvalidInput, match=re.escape(message)):
+        oip.decode_request(body, header_length)
+
+
+def test_missing_data_is_named():
+    body = json.dumps({"inputs": [{"name": "x", "datatype": "FP32", "shape": [1]}]}).encode()
+    with pytest.raises(InvalidInput, match="input 'x' has neither data") as info:
+        oip.decode_request(body, None)
+    assert info.value.tensor == "x"
+
+
+@pytest.mark.parametrize("size, blob, message", [
+    (16, b"\0" * 8, "runs past the 8 bytes"),
+    (4, b"\0" * 4, "needs 8 bytes, binary_data_size is 4"),
+    (8, b"\0" * 12, "4 bytes of binary data follow the last input"),
+])
+def test_binary_size_errors(size, blob, message):
+    header = json.dumps({"inputs": [{"name": "x", "datatype": "FP32", "shape": [2],
+                                     "parameters": {"binary_data_size": size}}]}).encode()
+    with pytest.raises(InvalidInput, match=message):
+        oip.decode_request(header + blob, str(len(header)))
+
+
+def test_binary_bool_and_bytes_errors():
+    with pytest.raises(InvalidInput, match="BOOL bytes must be 0 or 1"):
+        oip.decode_binary("b", "BOOL", [2], memoryview(b"\x00\x02"))
+    with pytest.raises(InvalidInput, match="BYTES element 0 runs past"):
+        oip.decode_binary("s", "BYTES", [1], memoryview(struct.pack("<I", 9) + b"abc"))
+    with pytest.raises(InvalidInput, match="BYTES data end before element 1"):
+        oip.decode_binary("s", "BYTES", [2], memoryview(struct.pack("<I", 1) + b"a"))
+    with pytest.raises(InvalidInput, match="1 bytes left after 1 BYTES elements"):
+        oip.decode_binary("s", "BYTES", [1], memoryview(struct.pack("<I", 1) + b"ab"))
+
+
+def test_requested_outputs_are_checked_against_the_signature():
+    signature = Signature((TensorSpec("x", "float32", (-1, 2), 0),),
+                          (TensorSpec("y", "float32", (-1, 2), 0),))
+    request = oip.decode_request(json.dumps({
+        "inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 2], "data": [1, 2]}],
+        "outputs": [{"name": "z"}]}).encode(), None)
+    with pytest.raises(InvalidInput, match="requested output 'z' does not exist; the model "
+                                           "gives 'y'"):
+        oip.check_outputs(request, signature)
+
+
+# ---------------------------------------------------------------------------- TF Serving
+SIG_ONE = Signature((TensorSpec("x", "float32", (-1, 2), 0),),
+                    (TensorSpec("y", "float32", (-1, 2), 0),))
+SIG_TWO = Signature((TensorSpec("a", "float32", (-1, 2), 0), TensorSpec("b", "int32", (-1,), 0)),
+                    (TensorSpec("y", "float32", (-1, 2), 0),))
+
+
+@pytest.mark.parametrize("body, signature, inputs, rows", [
+    ({"instances": [[1, 2], [3, 4]]}, SIG_ONE, {"x": [[1, 2], [3, 4]]}, True),
+    ({"inputs": [[1, 2]]}, SIG_ONE, {"x": [[1, 2]]}, False),
+    ({"instances": [{"a": [1, 2], "b": 3}, {"a": [0, 0], "b": 4}]}, SIG_TWO,
+     {"a": [[1, 2], [0, 0]], "b": [3, 4]}, True),
+    ({"inputs": {"a": [[1, 2]], "b": [5]}}, SIG_TWO, {"a": [[1, 2]], "b": [5]}, False),
+    ({"instances": [[{"b64": "aGk="}]]}, SIG_ONE, {"x": [[b"hi"]]}, True),
+])
+def test_tf_serving_formats_decode(body, signature, inputs, rows):
+    assert tfserving.decode_predict(json.dumps(body).encode(), signature) == (inputs, rows)
+
+
+@pytest.mark.parametrize("body, message", [
+    (b"{", "not valid JSON"),
+    (b"[]", "must be a JSON object"),
+    (b'{"instances": [], "inputs": []}', "not both"),
+    (b'{"instances": []}', "non-empty list"),
+    (b'{"instances": [{"a": [1, 2]}, {"a": [1, 2], "b": 1}]}', "input 'b' is missing"),
+    (b'{"instances": [[1, 2]]}', "the model takes inputs 'a', 'b': name them"),
+    (b'{"instances": [{"a": [{"b64": "!!"}], "b": 1}]}', "invalid base64"),
+    (b'{"instances": [{"a": [{"x": 1}], "b": 1}]}', "objects inside values"),
+    (b'{"signature_name": "serving_default"}', 'needs "instances"'),
+])
+def test_tf_serving_errors(body, message):
+    with pytest.raises(InvalidInput, match=message):
+        tfserving.decode_predict(body, SIG_TWO)
+
+
+def test_tf_serving_answers_mirror_the_request():
+    one = {"y": np.array([[1.5, 2.0]], np.float32)}
+    assert json.loads(tfserving.encode_predict(one, True)) == {"predictions": [[1.5, 2.0]]}
+    assert json.loads(tfserving.encode_predict(one, False)) == {"outputs": [[1.5, 2.0]]}
+    two = {"y": np.array([1, 2]), "s": np.array([b"\xff", b"ok"], dtype=object)}
+    assert json.loads(tfserving.encode_predict(two, True)) == {"predictions": [
+        {"y": 1, "s": {"b64": "/w=="}}, {"y": 2, "s": "ok"}]}
+    assert json.loads(tfserving.encode_predict(two, False)) == {
+        "outputs": {"y": [1, 2], "s": [{"b64": "/w=="}, "ok"]}}
+
+
+# ----------------------------------------------------------------------------------- npz
+@settings(max_examples=100, deadline=None)
+@given(arrays=st.dictionaries(
+    st.text(alphabet="abcxyz_", min_size=1, max_size=6),
+    hnp.arrays(st.sampled_from([np.float32, np.int64, np.uint8, np.bool_, np.float16]),
+               hnp.array_shapes(min_dims=0, max_dims=3, max_side=4)), max_size=3))
+def test_npz_round_trips(arrays):
+    back = npz.decode(npz.encode(arrays))
+    assert back.keys() == arrays.keys()
+    for name, array in arrays.items():
+        assert back[name].dtype == array.dtype
+        np.testing.assert_array_equal(back[name], array)
+
+
+def test_npz_refuses_what_needs_pickle_or_is_not_npz():
+    with pytest.raises(InvalidInput, match="no zip header"):
+        npz.decode(b"\x93NUMPY not an archive")
+    with pytest.raises(InvalidInput, match="not a valid .npz"):
+        npz.decode(b"PK\x03\x04 broken")
+    import io
+    buffer = io.BytesIO()
+    np.savez(buffer, s=np.array(["a"], dtype=object))
+    with pytest.raises(InvalidInput, match="object arrays"):
+        npz.decode(buffer.getvalue())
+    with pytest.raises(InvalidInput, match="output 's' holds strings"):
+        npz.encode({"s": np.array(["a"], dtype=object)})
+
+
+# ----------------------------------------------------------------------------- lean hosts
+@pytest.mark.parametrize("module", ["edgerun.adapters.codecs.oip",
+                                    "edgerun.adapters.codecs.tfserving",
+                                    "edgerun.adapters.dataplane",
+                                    "edgerun.adapters.http.asgi"])
+def test_codecs_data_plane_and_lean_app_import_no_web_framework(module):
+    probe = (f"import sys, {module}; "
+             "print(sorted(m for m in ('fastapi', 'starlette', 'uvicorn', 'pydantic', "
+             "'onnxruntime') if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                            check=True)
+    assert result.stdout.strip() == "[]"

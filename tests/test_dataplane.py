@@ -1,0 +1,390 @@
+"""The data plane in-process, as the Lambda, MQTT and OTA adapters drive it: threads, no loop."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+from edgerun.adapters.dataplane import Call, DataPlane, Hook
+from edgerun.adapters.dataplane import call as routes
+from edgerun.adapters.http.asgi import EdgerunASGI
+from edgerun.adapters.http.status import status_of
+from edgerun.examples import mlp_onnx
+from edgerun.runtime import (BundleError, InvalidInput, Model, ModelNotReady, Overloaded,
+                             Unauthenticated)
+from edgerun.runtime.bundle import GOLDEN, FileEntry, read_manifest, sha256_file, write_manifest
+from edgerun.runtime.metrics import Registry
+from edgerun.runtime.repository import Repository
+from edgerun.runtime.sources import FolderSource
+from tests.helpers import two_input_onnx
+from tests.serving import add_version
+
+
+def infer_body(x: np.ndarray, **extra) -> bytes:
+    return json.dumps({"inputs": [{"name": "x", "datatype": "FP32", "shape": list(x.shape),
+                                   "data": x.ravel().tolist()}], **extra}).encode()
+
+
+def headers(**values: str):
+    lowered = {k.replace("_", "-").lower(): v for k, v in values.items()}
+    return lowered.get
+
+
+def series(registry: Registry, name: str) -> dict[tuple[str, ...], float]:
+    family = next(f for f in registry.collect() if f.name == name)
+    return {labels: child.value for labels, child in family.children()}
+
+
+@pytest.fixture
+def canary_repo(tmp_path) -> Path:
+    root = tmp_path / "models"
+    for version in ("1", "2", "3"):
+        add_version(root, "mlp", version, mlp_onnx([8, 16, 4], seed=int(version)))
+    (root / "mlp" / "config.toml").write_text(
+        'version_policy = { all = true }\n[traffic]\nweights = { "1" = 70, "2" = 30 }\n'
+        'sticky_key = "x-user"\nshadow = "3"\n')
+    return root
+
+
+def test_32_threads_with_a_canary_and_a_shadow_all_get_right_answers(canary_repo):
+    registry = Registry()
+    repository = Repository(canary_repo, registry=registry)
+    repository.load_all()
+    plane = DataPlane(repository)
+    expected = {v: Model.load(canary_repo / "mlp" / v) for v in ("1", "2")}
+    rng = np.random.default_rng(0)
+    answers: list[tuple[str, np.ndarray, np.ndarray, str | None]] = []
+    failures: list[str] = []
+    lock = threading.Lock()
+
+    def caller(index: int) -> None:
+        for _ in range(25):
+            x = rng.standard_normal((1, 8)).astype(np.float32)
+            user = f"user-{index % 5}" if index % 2 else None
+            reply = plane.handle(Call(routes.INFER, "mlp", body=infer_body(x), transport="mqtt",
+                                      attributes=headers(**({"x_user": user} if user else {}))))
+            with lock:
+                if reply.error is not None:
+                    failures.append(str(reply.error))
+                else:
+                    out = json.loads(reply.body)["outputs"][0]
+                    answers.append((reply.version, x, np.float32(out["data"]).reshape(1, 4),
+                                    user))
+
+    threads = [threading.Thread(target=caller, args=(i,)) for i in range(32)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert failures == [] and len(answers) == 800
+    for version, x, y, _ in answers:
+        np.testing.assert_allclose(y, expected[version].predict({"x": x})["y"], rtol=1e-4,
+                                   atol=1e-5)
+    unkeyed = [v for v, _, _, user in answers if user is None]
+    share = unkeyed.count("2") / len(unkeyed)
+    assert 0.2 < share < 0.4, share  # 30 % +- 4 sigma at n=400
+    for user in {u for *_, u in answers if u is not None}:
+        assert len({v for v, *_, u in answers if u == user}) == 1, f"{user} moved"
+    assert {v for v, *_ in answers} == {"1", "2"}, "the shadow version never answers"
+    deadline = time.monotonic() + 10
+    while True:  # every answered request sent a copy to version 3, compared on its worker
+        shadow = series(registry, "edgerun_shadow_requests_total")
+        if sum(shadow.values()) >= 800 or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    assert sum(shadow.values()) == 800
+    assert {labels[3] for labels in shadow} == {"mismatch"}, "version 3 differs from 1 and 2"
+    assert repository.get("mlp", "3").in_flight == 0, "shadow copies release their version"
+    repository.close()
+
+
+def test_sticky_key_from_attributes_pins_a_caller(canary_repo):
+    repository = Repository(canary_repo, registry=Registry())
+    repository.load_all()
+    plane = DataPlane(repository)
+    x = np.zeros((1, 8), np.float32)
+    for user in ("alice", "bob", "carol", "dave"):
+        seen = {plane.handle(Call(routes.INFER, "mlp", body=infer_body(x),
+                                  attributes=headers(x_user=user))).version for _ in range(15)}
+        assert len(seen) == 1, user
+    repository.close()
+
+
+def test_async_and_sync_entry_points_agree(canary_repo):
+    repository = Repository(canary_repo, registry=Registry())
+    repository.load_all()
+    plane = DataPlane(repository)
+    body = infer_body(np.ones((2, 8), np.float32))
+    sync = plane.handle(Call(routes.INFER, "mlp", "2", body=body))
+    asynchronous = asyncio.run(plane.handle_async(Call(routes.INFER, "mlp", "2", body=body)))
+    assert sync.body == asynchronous.body and sync.version == asynchronous.version == "2"
+    repository.close()
+
+
+@pytest.fixture
+def plane(tmp_path):
+    root = tmp_path / "models"
+    add_version(root, "mlp", "1", mlp_onnx([8, 16, 4]))
+    registry = Registry()
+    repository = Repository(root, registry=registry)
+    repository.load_all()
+    yield DataPlane(repository)
+    repository.close()
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-5", "0", "soon", "1e400"])
+def test_bad_timeout_header_is_refused_before_queueing(plane, value):
+    batches = plane.repository.get("mlp").batcher.metrics.batch_size.count
+    reply = plane.handle(Call(routes.INFER, "mlp", body=infer_body(np.zeros((1, 8), np.float32)),
+                              attributes=headers(x_request_timeout_ms=value)))
+    assert isinstance(reply.error, InvalidInput) and status_of(reply.error) == 400
+    assert "x-request-timeout-ms must be a positive, finite number" in str(reply.error)
+    assert plane.repository.get("mlp").batcher.metrics.batch_size.count == batches
+
+
+def test_oip_timeout_true_is_refused(plane):
+    reply = plane.handle(Call(routes.INFER, "mlp", body=infer_body(
+        np.zeros((1, 8), np.float32), parameters={"timeout": True})))
+    assert isinstance(reply.error, InvalidInput) and "parameters.timeout" in str(reply.error)
+
+
+def test_unknown_requested_output_is_refused_before_the_forward_pass(plane):
+    batches = plane.repository.get("mlp").batcher.metrics.batch_size.count
+    reply = plane.handle(Call(routes.INFER, "mlp", body=infer_body(
+        np.zeros((1, 8), np.float32), outputs=[{"name": "nope"}])))
+    assert status_of(reply.error) == 400 and "requested output 'nope'" in str(reply.error)
+    bad_parameters = plane.handle(Call(routes.INFER, "mlp", body=infer_body(
+        np.zeros((1, 8), np.float32), outputs=[{"name": "y", "parameters": 3}])))
+    assert status_of(bad_parameters.error) == 400
+    assert plane.repository.get("mlp").batcher.metrics.batch_size.count == batches
+
+
+def test_metrics_labels_stay_bounded_whatever_callers_send(plane):
+    registry = plane.repository.registry
+    body = infer_body(np.zeros((1, 8), np.float32))
+    plane.handle(Call(routes.INFER, "mlp", body=body))
+    before = set(series(registry, "edgerun_requests_total"))
+    for i in range(100):
+        assert status_of(plane.handle(Call(routes.INFER, "mlp", f"v{i}", body=body)).error) == 404
+        assert status_of(plane.handle(Call(routes.INFER, f"ghost{i}", body=body)).error) == 404
+    after = set(series(registry, "edgerun_requests_total"))
+    assert after - before == {("mlp", "", "http", "model_not_found"),
+                              ("", "", "http", "model_not_found")}
+
+
+def test_tf_serving_decodes_with_the_routed_versions_signature(tmp_path):
+    root = tmp_path / "models"
+    add_version(root, "m", "1", mlp_onnx([8, 16, 4]))         # one input, "x" [b, 8]
+    add_version(root, "m", "2", two_input_onnx())              # inputs "a" and "b"
+    (root / "m" / "config.toml").write_text(
+        'version_policy = { all = true }\n[traffic]\nweights = { "1" = 100 }\n')
+    repository = Repository(root, registry=Registry())
+    repository.load_all()
+    plane = DataPlane(repository)
+    reply = plane.handle(Call(routes.PREDICT, "m", body=b'{"instances": [[1,2,3,4,5,6,7,8]]}'))
+    assert reply.error is None and reply.version == "1", reply.body
+    assert len(json.loads(reply.body)["predictions"][0]) == 4
+    repository.close()
+
+
+class _SlowSource(FolderSource):
+    """A real folder whose bundles are handed over only once the test says so."""
+
+    def __init__(self, root: Path) -> None:
+        super().__init__(root)
+        self.go = threading.Event()
+
+    def bundle_path(self, name: str, version: str) -> Path:
+        assert self.go.wait(30)
+        return super().bundle_path(name, version)
+
+
+def test_a_loading_model_is_not_ready_everywhere_with_one_status(tmp_path):
+    root = tmp_path / "models"
+    add_version(root, "mlp", "1", mlp_onnx([8, 16, 4]))
+    source = _SlowSource(root)
+    repository = Repository(source, registry=Registry())
+    repository.start_loading()
+    plane = DataPlane(repository)
+    time.sleep(0.2)
+    body = infer_body(np.zeros((1, 8), np.float32))
+    for route in (routes.MODEL_READY, routes.INFER, routes.READY, routes.MODEL_METADATA):
+        reply = plane.handle(Call(route, "mlp", body=body))
+        assert isinstance(reply.error, ModelNotReady), (route, reply.error)
+        assert status_of(reply.error) == 503
+    source.go.set()
+    deadline = time.monotonic() + 30
+    while not repository.ready:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert plane.handle(Call(routes.MODEL_READY, "mlp")).error is None
+    repository.close()
+
+
+def _break_golden_keys(folder: Path) -> None:
+    """Hashes intact, but golden.npz lacks the arrays the manifest's signature names."""
+    np.savez(folder / GOLDEN, something_else=np.zeros(1))
+    manifest = read_manifest(folder)
+    manifest.files[GOLDEN] = FileEntry(sha256_file(folder / GOLDEN),
+                                       (folder / GOLDEN).stat().st_size)
+    write_manifest(folder, manifest)
+
+
+def test_any_exception_while_loading_leaves_the_rest_serving(tmp_path):
+    root = tmp_path / "models"
+    add_version(root, "aaa", "1", mlp_onnx([8, 16, 4], seed=1))
+    _break_golden_keys(root / "aaa" / "1")   # loads first, fails with a KeyError inside numpy
+    add_version(root, "mlp", "1", mlp_onnx([8, 16, 4], seed=1))
+    repository = Repository(root, registry=Registry())
+    repository.start_loading().join(60)
+    assert "mlp" in repository and "aaa" not in repository, "the loader thread lived on"
+    states = {(s.name, s.version): s for s in repository.index()}
+    assert states[("aaa", "1")].state == "UNAVAILABLE"
+    assert "KeyError" in states[("aaa", "1")].reason
+
+    folder = add_version(root, "mlp", "2", mlp_onnx([8, 16, 4], seed=2))
+    _break_golden_keys(folder)
+    threads = {t.name for t in threading.enumerate()}
+    with pytest.raises(BundleError, match="version 2: .*KeyError"):
+        repository.load("mlp")
+    assert repository.get("mlp").version == "1", "version 1 keeps serving"
+    assert {t.name for t in threading.enumerate()} - threads == set(), "nothing leaked"
+    assert [s.state for s in repository.index() if s.name == "mlp"] == ["READY", "UNAVAILABLE"]
+    repository.close()
+
+
+def test_onnx_runtime_cpu_fallback_failure_is_a_bundle_error(tmp_path):
+    from edgerun.devices import load_profile
+    from edgerun.runtime.backends.onnxruntime import OnnxRuntimeBackend
+
+    broken = tmp_path / "broken.onnx"
+    broken.write_bytes(b"not a model")
+    # AzureExecutionProvider is in every PyPI build of ONNX Runtime: it is tried, then the CPU
+    profile = load_profile("cpu").replace(
+        execution_providers=("AzureExecutionProvider", "CPUExecutionProvider"))
+    with pytest.raises(BundleError, match="cannot load it on the CPU either"):
+        OnnxRuntimeBackend.load(broken, profile)
+
+
+# ---------------------------------------------------------------------------- hook chain
+class _Recorder(Hook):
+    def __init__(self) -> None:
+        self.seen: list[tuple[str, str | None]] = []
+
+    def before(self, call: Call) -> None:
+        if call.attributes("authorization") != "Bearer ok":
+            raise Unauthenticated("no valid bearer token")
+
+    def after(self, call: Call, error) -> None:
+        self.seen.append((call.route, None if error is None else error.kind))
+
+
+def test_every_route_of_the_lean_app_passes_the_hook_chain(plane):
+    recorder = _Recorder()
+    plane.hooks.add(recorder)
+    app = EdgerunASGI(plane)
+    good = {"authorization": "Bearer ok", "x-request-id": "abc-1"}
+    body = infer_body(np.zeros((1, 8), np.float32))
+
+    async def run():
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app),
+                                     base_url="http://lean") as http:
+            return [await http.post("/v2/models/mlp/infer", content=body, headers=good),
+                    await http.post("/v1/models/mlp:predict", json={"instances": [[0] * 8]},
+                                    headers=good),
+                    await http.get("/v2/models/mlp", headers=good),
+                    await http.post("/v2/models/mlp/infer", content=body),
+                    await http.get("/v2/health/live")]
+
+    infer, predict, metadata, refused, live = asyncio.run(run())
+    assert [r.status_code for r in (infer, predict, metadata, refused, live)] == \
+        [200, 200, 200, 401, 401]
+    assert infer.headers["x-request-id"] == "abc-1"
+    assert len(refused.headers["x-request-id"]) == 32, "a new id when none was given"
+    assert refused.headers["www-authenticate"] == "Bearer"
+    assert recorder.seen == [("infer", None), ("predict", None), ("model_metadata", None),
+                             ("infer", "unauthenticated"), ("live", "unauthenticated")]
+
+
+def test_lean_app_answers_405_with_allow_and_404_as_json(plane):
+    app = EdgerunASGI(plane)
+
+    async def run():
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app),
+                                     base_url="http://lean") as http:
+            return (await http.get("/v2/models/mlp/infer"), await http.get("/nowhere"))
+
+    wrong_method, missing = asyncio.run(run())
+    assert wrong_method.status_code == 405 and wrong_method.headers["allow"] == "POST"
+    assert missing.status_code == 404 and "no route /nowhere" in missing.json()["error"]
+
+
+def test_lifespan_around_every_invocation_keeps_the_models(plane):
+    """Mangum runs the ASGI lifespan around each invocation; models must survive it."""
+    app = EdgerunASGI(plane)
+
+    async def lifespan_cycle() -> list[str]:
+        sent: list[str] = []
+        messages = iter([{"type": "lifespan.startup"}, {"type": "lifespan.shutdown"}])
+
+        async def receive():
+            return next(messages)
+
+        async def send(message):
+            sent.append(message["type"])
+
+        await app({"type": "lifespan"}, receive, send)
+        return sent
+
+    body = infer_body(np.zeros((1, 8), np.float32))
+    for _ in range(3):
+        assert asyncio.run(lifespan_cycle()) == ["lifespan.startup.complete",
+                                                 "lifespan.shutdown.complete"]
+        assert plane.handle(Call(routes.INFER, "mlp", body=body)).error is None
+
+
+def test_overloaded_carries_an_estimate_of_when_there_is_room(tmp_path):
+    from edgerun.runtime import MicroBatcher
+
+    root = tmp_path / "b"
+    add_version(root, "mlp", "1", mlp_onnx([8, 16, 4]))
+    model = Model.load(root / "mlp" / "1")
+    x = {"x": np.zeros((1, 8), np.float32)}
+    with MicroBatcher(model, registry=Registry(), max_batch_size=8,
+                      max_queue_delay_us=3_000_000, max_queue_size=2) as batcher:
+        batcher.submit(x), batcher.submit(x)  # they wait out the 3 s delay
+        time.sleep(0.5)
+        with pytest.raises(Overloaded) as info:
+            batcher.submit(x)
+        assert 2.0 <= info.value.retry_after_s <= 2.6, info.value.retry_after_s
+
+
+def test_decoded_requests_pass_hooks_routing_and_metrics(plane):
+    """What a transport with its own tensor encoding (gRPC) calls, sync and async."""
+    from edgerun.adapters.codecs import oip
+    from edgerun.runtime import ModelNotFound
+
+    request = oip.InferRequest(None, {"x": np.zeros((2, 8), np.float32)},
+                               [oip.RequestedOutput("y", False)], False, None)
+    first = plane.infer(Call(routes.INFER, "mlp", transport="grpc"), request)
+    assert first.version == "1" and first.outputs["y"].shape == (2, 4)
+    again = asyncio.run(plane.infer_async(Call(routes.INFER, "mlp", transport="grpc"), request))
+    np.testing.assert_array_equal(first.outputs["y"], again.outputs["y"])
+    with pytest.raises(ModelNotFound):
+        plane.infer(Call(routes.INFER, "mlp", "9", transport="grpc"), request)
+    bad = oip.InferRequest(None, {"x": np.zeros((2, 3), np.float32)}, None, False, None)
+    with pytest.raises(InvalidInput, match="input 'x': dim 1 must be 8") as info:
+        asyncio.run(plane.infer_async(Call(routes.INFER, "mlp", transport="grpc"), bad))
+    assert info.value.version == "1"
+    counts = {labels: value for labels, value in
+              series(plane.repository.registry, "edgerun_requests_total").items()
+              if labels[2] == "grpc"}
+    assert counts == {("mlp", "1", "grpc", "ok"): 2, ("mlp", "", "grpc", "model_not_found"): 1,
+                      ("mlp", "1", "grpc", "invalid_input"): 1}

@@ -1,0 +1,391 @@
+"""The optimizer: quantization, pruning, the optimize pipeline and its command."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from edgerun.examples import digits_classifier_onnx, digits_split, mlp_onnx
+from edgerun.optimizers import OptimizeError
+from edgerun.optimizers.pipeline import OptimizeOptions, optimize
+from edgerun.optimizers.prune import prune_structured, prune_unstructured
+from edgerun.optimizers.quantize import quantize
+from edgerun.runtime import Model
+from edgerun.runtime.bundle import sha256_file
+from tests.cli import edgerun
+from tests.helpers import two_input_onnx
+
+
+def run(model: onnx.ModelProto | bytes | str, **feed: np.ndarray) -> list[np.ndarray]:
+    data = model.SerializeToString() if isinstance(model, onnx.ModelProto) else model
+    return ort.InferenceSession(data, providers=["CPUExecutionProvider"]).run(None, feed)
+
+
+def rows(n: int, width: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((n, width)).astype(np.float32)
+
+
+@pytest.fixture
+def mlp(tmp_path):
+    path = tmp_path / "mlp.onnx"
+    path.write_bytes(mlp_onnx([16, 256, 256, 8]))
+    return path
+
+
+def relative_error(got: np.ndarray, want: np.ndarray) -> float:
+    return float(np.abs(got - want).max() / np.abs(want).max())
+
+
+# --- quantization --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_int8_dynamic_is_close_and_smaller(mlp, tmp_path, per_channel):
+    out = tmp_path / "q.onnx"
+    tag = quantize(mlp, out, "int8", per_channel=per_channel)
+    assert tag == "quantize:int8-dynamic" + (":per-channel" if per_channel else "")
+    ops = {node.op_type for node in onnx.load(str(out)).graph.node}
+    assert ops & {"DynamicQuantizeLinear", "MatMulInteger", "DynamicQuantizeMatMul"}
+    x = rows(32, 16)
+    assert relative_error(run(str(out), x=x)[0], run(str(mlp), x=x)[0]) < 0.05
+    assert out.stat().st_size < mlp.stat().st_size / 3
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_int8_static_qdq_from_a_folder_of_npy(mlp, tmp_path, per_channel):
+    calibration = tmp_path / "calibration"
+    calibration.mkdir()
+    for i in range(4):
+        np.save(calibration / f"{i}.npy", rows(16, 16, seed=i))
+    out = tmp_path / "q.onnx"
+    tag = quantize(mlp, out, "int8", calibration=calibration, per_channel=per_channel)
+    assert tag.startswith("quantize:int8-static-qdq")
+    ops = [node.op_type for node in onnx.load(str(out)).graph.node]
+    assert "QuantizeLinear" in ops and "DequantizeLinear" in ops
+    x = np.concatenate([np.load(calibration / f"{i}.npy") for i in range(4)])  # in range
+    assert relative_error(run(str(out), x=x)[0], run(str(mlp), x=x)[0]) < 0.05
+
+
+def test_int8_static_from_a_callable_and_npz(mlp, tmp_path):
+    seen = []
+
+    def feeds():
+        for i in range(3):
+            seen.append(i)
+            yield {"x": rows(8, 16, seed=i)}
+
+    out = tmp_path / "q.onnx"
+    quantize(mlp, out, "int8", calibration=feeds)
+    assert seen == [0, 1, 2]
+    folder = tmp_path / "npz"
+    folder.mkdir()
+    np.savez(folder / "a.npz", x=rows(8, 16))
+    quantize(mlp, tmp_path / "q2.onnx", "int8", calibration=folder)
+    x = rows(8, 16, seed=1)
+    assert relative_error(run(str(out), x=x)[0], run(str(mlp), x=x)[0]) < 0.05
+
+
+def test_fp16_keeps_float32_inputs_and_outputs(mlp, tmp_path):
+    out = tmp_path / "h.onnx"
+    assert quantize(mlp, out, "fp16") == "quantize:fp16"
+    model = onnx.load(str(out))
+    assert model.graph.input[0].type.tensor_type.elem_type == TensorProto.FLOAT
+    assert model.graph.output[0].type.tensor_type.elem_type == TensorProto.FLOAT
+    assert {init.data_type for init in model.graph.initializer} == {TensorProto.FLOAT16}
+    x = rows(8, 16)
+    assert relative_error(run(model, x=x)[0], run(str(mlp), x=x)[0]) < 5e-3
+
+
+def test_calibration_errors_say_what_is_wrong(mlp, tmp_path):
+    with pytest.raises(OptimizeError, match="no such folder"):
+        quantize(mlp, tmp_path / "q.onnx", "int8", calibration=tmp_path / "missing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(OptimizeError, match="no .npy or .npz files"):
+        quantize(mlp, tmp_path / "q.onnx", "int8", calibration=tmp_path / "empty")
+    with pytest.raises(OptimizeError, match=r"has tensors \['y'\], the model takes \['x'\]"):
+        quantize(mlp, tmp_path / "q.onnx", "int8", calibration=lambda: [{"y": rows(2, 16)}])
+    with pytest.raises(OptimizeError, match="input 'x'"):
+        quantize(mlp, tmp_path / "q.onnx", "int8", calibration=lambda: [{"x": rows(2, 5)}])
+    with pytest.raises(OptimizeError, match="apply to int8 only"):
+        quantize(mlp, tmp_path / "q.onnx", "fp16", calibration=tmp_path)
+
+
+def test_unsupported_models_are_refused_with_the_reason(mlp, tmp_path):
+    plain = tmp_path / "two.onnx"
+    plain.write_bytes(two_input_onnx())
+    with pytest.raises(OptimizeError, match=r"nothing to quantize to int8: no .*MatMul node "
+                                            r"with float32 weights \(its ops: Add, Cast\)"):
+        quantize(plain, tmp_path / "q.onnx", "int8")
+    quantized = tmp_path / "q.onnx"
+    quantize(mlp, quantized, "int8")
+    with pytest.raises(OptimizeError, match="already quantized"):
+        quantize(quantized, tmp_path / "qq.onnx", "int8")
+    garbage = tmp_path / "bad.onnx"
+    garbage.write_bytes(b"not a model")
+    with pytest.raises(OptimizeError, match="not a readable ONNX model"):
+        quantize(garbage, tmp_path / "q.onnx", "fp16")
+
+
+# --- pruning -------------------------------------------------------------------------------
+
+def test_unstructured_pruning_zeroes_the_smallest_weights(mlp):
+    original = onnx.load(str(mlp))
+    model = onnx.load(str(mlp))
+    report = prune_unstructured(model, 0.6)
+    assert abs(report.sparsity - 0.6) < 0.01 and report.tag == "prune:unstructured:0.6"
+    for before, after in zip(original.graph.initializer, model.graph.initializer):
+        w0, w1 = numpy_helper.to_array(before), numpy_helper.to_array(after)
+        if before.name.startswith("w"):
+            kept = w1 != 0
+            np.testing.assert_array_equal(w1[kept], w0[kept])
+            assert np.abs(w0[~kept]).max() <= np.abs(w0[kept]).min()
+    assert len(gzip.compress(model.SerializeToString())) < \
+        0.75 * len(gzip.compress(original.SerializeToString()))
+    x = rows(16, 16)
+    assert run(model, x=x)[0].shape == (16, 8)
+
+
+def _kill_units(model: onnx.ModelProto, layer: int, units: list[int]) -> None:
+    """Zero units' weights and biases: Relu then gives 0, so removing them changes nothing."""
+    inits = {init.name: init for init in model.graph.initializer}
+    w, b = numpy_helper.to_array(inits[f"w{layer}"]).copy(), \
+        numpy_helper.to_array(inits[f"b{layer}"]).copy()
+    w[:, units], b[units] = 0, 0
+    inits[f"w{layer}"].CopyFrom(numpy_helper.from_array(w, f"w{layer}"))
+    inits[f"b{layer}"].CopyFrom(numpy_helper.from_array(b, f"b{layer}"))
+
+
+def test_structured_pruning_removes_the_weakest_units_exactly(mlp):
+    model = onnx.load(str(mlp))
+    _kill_units(model, 0, list(range(0, 256, 2)))
+    _kill_units(model, 1, list(range(1, 256, 2)))
+    x = rows(16, 16)
+    expected = run(model, x=x)[0]
+    report = prune_structured(model, 0.5)
+    assert report.layers[:2] == ["(Gemm): 256 -> 128", "(Gemm): 256 -> 128"]
+    shapes = [list(init.dims) for init in model.graph.initializer]
+    assert shapes[:6] == [[16, 128], [128], [128, 128], [128], [128, 8], [8]]
+    assert "tensor 'y' is a graph output" in report.skipped[0]
+    np.testing.assert_allclose(run(model, x=x)[0], expected, rtol=1e-5, atol=1e-5)
+    assert report.params_after < 0.3 * report.params_before
+
+
+def cnn_onnx(*, global_pool: bool) -> onnx.ModelProto:
+    """Conv-BN-Relu-MaxPool-Conv-Mul-Relu-[GlobalAveragePool]-Flatten-Gemm on 3x8x8 images."""
+    rng = np.random.default_rng(0)
+
+    def w(name: str, *shape: int) -> onnx.TensorProto:
+        return numpy_helper.from_array((rng.standard_normal(shape) * 0.3).astype(np.float32),
+                                       name)
+
+    var = numpy_helper.from_array((np.abs(rng.standard_normal(8)) + 0.5).astype(np.float32),
+                                  "var")
+    inits = [w("w1", 8, 3, 3, 3), w("b1", 8), w("s", 8), w("bb", 8), w("mu", 8), var,
+             w("w2", 6, 8, 3, 3), w("b2", 6), w("k", 1, 6, 1, 1),
+             w("fc", 6 if global_pool else 6 * 4 * 4, 5), w("fcb", 5)]
+    node = helper.make_node
+    nodes = [node("Conv", ["x", "w1", "b1"], ["c1"], pads=[1, 1, 1, 1], name="conv1"),
+             node("BatchNormalization", ["c1", "s", "bb", "mu", "var"], ["n1"], name="bn1"),
+             node("Relu", ["n1"], ["r1"]),
+             node("MaxPool", ["r1"], ["p1"], kernel_shape=[2, 2], strides=[2, 2]),
+             node("Conv", ["p1", "w2", "b2"], ["c2"], pads=[1, 1, 1, 1], name="conv2"),
+             node("Mul", ["c2", "k"], ["m2"]), node("Relu", ["m2"], ["r2"])]
+    if global_pool:
+        nodes += [node("GlobalAveragePool", ["r2"], ["g"]), node("Flatten", ["g"], ["f"])]
+    else:
+        nodes.append(node("Flatten", ["r2"], ["f"]))
+    nodes.append(node("Gemm", ["f", "fc", "fcb"], ["y"], name="fc"))
+    graph = helper.make_graph(
+        nodes, "cnn", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 3, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 5])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
+def _set(model: onnx.ModelProto, name: str, change) -> None:
+    init = next(i for i in model.graph.initializer if i.name == name)
+    array = numpy_helper.to_array(init).copy()
+    change(array)
+    init.CopyFrom(numpy_helper.from_array(array, name))
+
+
+@pytest.mark.parametrize("global_pool", [False, True])
+def test_structured_pruning_of_a_cnn_rewrites_bn_mul_flatten_and_the_next_layers(global_pool):
+    model = cnn_onnx(global_pool=global_pool)
+    dead1, dead2 = [1, 3, 4, 6], [0, 2, 5]  # channels that output exactly 0 after their Relu
+    for name in ("w1", "b1", "bb", "mu"):
+        _set(model, name, lambda a: a.__setitem__(dead1, 0))
+    for name in ("w2", "b2"):
+        _set(model, name, lambda a: a.__setitem__(dead2, 0))
+    x = np.random.default_rng(1).standard_normal((4, 3, 8, 8)).astype(np.float32)
+    expected = run(model, x=x)[0]
+    report = prune_structured(model, 0.5)
+    assert report.layers == ["'conv1' (Conv): 8 -> 4", "'conv2' (Conv): 6 -> 3"]
+    dims = {init.name: list(init.dims) for init in model.graph.initializer}
+    assert dims["w1"] == [4, 3, 3, 3] and dims["var"] == [4] and dims["w2"] == [3, 4, 3, 3]
+    assert dims["k"] == [1, 3, 1, 1] and dims["fc"] == [3 if global_pool else 3 * 16, 5]
+    np.testing.assert_allclose(run(model, x=x)[0], expected, rtol=1e-5, atol=1e-5)
+
+
+def test_structured_pruning_refuses_a_graph_it_cannot_rewrite_naming_the_node():
+    w = numpy_helper.from_array(np.ones((4, 6), np.float32), "w")
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["h"], name="dense"),
+         helper.make_node("Softmax", ["h"], ["y"], name="probs")], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 6])], [w])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    with pytest.raises(OptimizeError, match=r"no layer whose channels can be removed: "
+                                            r"'dense' \(MatMul\): node 'probs' \(Softmax\)"):
+        prune_structured(model, 0.5)
+    with pytest.raises(OptimizeError, match="strictly between 0 and 1"):
+        prune_structured(model, 1.5)
+
+
+# --- the pipeline --------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory):
+    """The digits classifier, its held-out split as eval data, and calibration files."""
+    folder = tmp_path_factory.mktemp("digits")
+    onnx_bytes, test_x, test_y = digits_classifier_onnx()
+    (folder / "digits.onnx").write_bytes(onnx_bytes)
+    np.savez(folder / "eval.npz", X=test_x, labels=test_y)
+    train_x = digits_split()[0]
+    (folder / "calibration").mkdir()
+    for i in range(4):
+        np.save(folder / "calibration" / f"{i}.npy", train_x[i * 100:(i + 1) * 100])
+    return folder
+
+
+PATHS = {
+    "int8-dynamic": (OptimizeOptions(quantize="int8"), ["quantize:int8-dynamic"]),
+    "int8-static": (OptimizeOptions(quantize="int8", per_channel=True, calibration="CAL"),
+                    ["quantize:int8-static-qdq:per-channel"]),
+    "fp16": (OptimizeOptions(quantize="fp16"), ["quantize:fp16"]),
+    "prune-unstructured": (OptimizeOptions(prune=0.5), ["prune:unstructured:0.5"]),
+    "prune-structured-int8": (OptimizeOptions(prune=0.3, structured=True, quantize="int8"),
+                              ["prune:structured:0.3", "quantize:int8-dynamic"]),
+}
+
+
+@pytest.mark.parametrize("path", list(PATHS))
+def test_every_path_gives_a_bundle_the_core_serves(digits, tmp_path, path):
+    options, tags = PATHS[path]
+    if options.calibration == "CAL":
+        options = OptimizeOptions(**{**vars(options), "calibration": digits / "calibration"})
+    options = OptimizeOptions(**{**vars(options), "eval_data": digits / "eval.npz",
+                                 "name": "digits", "version": "4", "latency_seconds": 0.02})
+    steps = []
+    report = optimize(digits / "digits.onnx", tmp_path / "out", options, steps.append)
+    assert steps[0] == "bundling the original" and steps[-1] == \
+        "measuring the original and the result"
+    assert report.optimizations == tags
+    model = Model.load(tmp_path / "out")
+    created = model.bundle.manifest.created
+    assert created["optimizations"] == tags
+    assert created["source_sha256"] == sha256_file(digits / "digits.onnx")
+    assert created["source_file"] == "digits.onnx"
+    test_x, test_y = np.load(digits / "eval.npz")["X"], np.load(digits / "eval.npz")["labels"]
+    labels = model.predict({"X": test_x})["label"]
+    assert np.mean(labels == test_y) > 0.9
+    assert report.after.accuracy == pytest.approx(np.mean(labels == test_y))
+    assert report.before.accuracy > 0.95 and report.max_abs_error < 1.0
+    assert set(report.after.latency_ms) == {1, 64} and report.after.latency_ms[1] > 0
+    model.check_golden()
+    model.close()
+
+
+def test_the_profiles_precision_is_the_default(digits, tmp_path):
+    profile = tmp_path / "edge-arm.toml"
+    profile.write_text('description = "test board"\narch = "aarch64"\nprecision = "int8"\n')
+    report = optimize(digits / "digits.onnx", tmp_path / "out.tar.gz",
+                      OptimizeOptions(device=profile, latency_seconds=0.02))
+    assert report.optimizations == ["quantize:int8-dynamic"] and report.device == "edge-arm"
+    model = Model.load(tmp_path / "out.tar.gz")
+    assert model.bundle.manifest.device["profile"] == "edge-arm"
+    assert model.predict({"X": np.zeros((1, 64), np.float32)})["label"].shape == (1,)
+    model.close()
+
+
+def test_pipeline_errors_are_clear(digits, tmp_path, monkeypatch):
+    source = digits / "digits.onnx"
+    with pytest.raises(OptimizeError, match="unknown device profile 'pi-9'"):
+        optimize(source, tmp_path / "a", OptimizeOptions(device="pi-9"))
+    with pytest.raises(OptimizeError, match="no such folder"):
+        optimize(source, tmp_path / "b", OptimizeOptions(quantize="int8",
+                                                         calibration=tmp_path / "none"))
+    with pytest.raises(OptimizeError, match=r"eval data .*holds \['X', 'Y'\], the model takes"):
+        np.savez(tmp_path / "bad.npz", X=np.zeros((2, 64), np.float32), Y=np.zeros(2))
+        optimize(source, tmp_path / "c", OptimizeOptions(eval_data=tmp_path / "bad.npz"))
+    tflite = tmp_path / "m.tflite"
+    tflite.write_bytes(b"x")
+    with pytest.raises(OptimizeError, match=r"takes ONNX models \(.onnx\)"):
+        optimize(tflite, tmp_path / "d", OptimizeOptions())
+    monkeypatch.setitem(sys.modules, "edgerun.optimizers.tvm", None)  # as if not installed
+    with pytest.raises(OptimizeError, match=r"TVM compilation needs edgerun\[tvm\]"):
+        optimize(source, tmp_path / "e", OptimizeOptions(compile="tvm"))
+    assert not (tmp_path / "e").exists()
+
+
+def test_cli_end_to_end_on_the_digits_model(digits, tmp_path):
+    result = edgerun("optimize", str(digits / "digits.onnx"), "--device", "x86-64",
+                     "--quantize", "int8", "--calibration", str(digits / "calibration"),
+                     "--eval", str(digits / "eval.npz"), "--name", "digits", "--version", "7",
+                     "-o", str(tmp_path / "digits-int8.tar.gz"))
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "optimized for x86-64: quantize:int8-static-qdq" in out
+    for row in ("model file", "bundle .tar.gz", "latency, batch 1", "latency, batch 64",
+                "max abs error", "accuracy"):
+        assert row in out
+    assert "x smaller" in out and "points" in out
+    manifest = json.loads(edgerun("bundle", "inspect", str(tmp_path / "digits-int8.tar.gz"),
+                                  "--json").stdout)
+    assert manifest["version"] == "7" and manifest["device"]["profile"] == "x86-64"
+    assert manifest["created"]["optimizations"] == ["quantize:int8-static-qdq"]
+    verified = edgerun("bundle", "verify", str(tmp_path / "digits-int8.tar.gz"))
+    assert verified.returncode == 0, verified.stderr
+
+    wrong = edgerun("optimize", str(digits / "digits.onnx"), "--device", "pi-9",
+                    "-o", str(tmp_path / "x"))
+    assert wrong.returncode == 2
+    assert "optimize_error" in wrong.stderr and "unknown device profile 'pi-9'" in wrong.stderr
+    missing = edgerun("optimize", str(digits / "digits.onnx"), "--device", "cpu",
+                      "--quantize", "int8", "--calibration", str(tmp_path / "nothing"),
+                      "-o", str(tmp_path / "y"))
+    assert missing.returncode == 2 and "no such folder" in missing.stderr
+    lonely = edgerun("optimize", str(digits / "digits.onnx"), "--device", "cpu",
+                     "--structured", "-o", str(tmp_path / "z"))
+    assert lonely.returncode == 2 and "--structured needs --prune" in lonely.stderr
+
+
+def test_readme_optimize_example_runs(digits, tmp_path):
+    # what `edgerun demo --workdir demo` leaves: the same model, held-out rows and sample
+    demo = tmp_path / "demo"
+    demo.mkdir()
+    (demo / "digits.onnx").write_bytes((digits / "digits.onnx").read_bytes())
+    (demo / "heldout.npz").write_bytes((digits / "eval.npz").read_bytes())
+    first = np.load(digits / "eval.npz")["X"][:1]
+    (demo / "sample.json").write_text(json.dumps({"X": first.tolist()}))
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    (block,) = [b for b in re.findall(r"```bash\n(.*?)```", readme, re.S)
+                if "edgerun optimize" in b]
+    script = block.replace(".venv/bin/", str(Path(sys.executable).parent) + "/")
+    result = subprocess.run(["bash", "-ec", script], cwd=tmp_path, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "optimized for raspberry-pi-5: quantize:int8-dynamic -> digits-pi.tar.gz" in \
+        result.stdout
+    assert "optimized for x86-64: prune:structured:0.5 -> digits-small" in result.stdout
+    assert '"label": {"dtype": "int64", "shape": [1], "data": [2]}' in result.stdout
