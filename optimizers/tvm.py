@@ -23,9 +23,9 @@ import numpy as np
 from edgerun import __version__
 from edgerun.devices import DeviceProfile, load_profile
 from edgerun.optimizers import tvm_target
+from edgerun.optimizers.errors import OptimizeError
 from edgerun.runtime.bundle import (GOLDEN, FileEntry, Manifest, check_name,
                                     check_version, golden_input, sha256_file, write_manifest)
-from edgerun.runtime.errors import EdgerunError
 from edgerun.runtime.signature import Signature, TensorSpec
 
 MODEL_FILE = "model.so"
@@ -33,10 +33,8 @@ MODEL_FILE = "model.so"
 TOLERANCE = 1e-4
 
 
-class CompileError(EdgerunError):
+class CompileError(OptimizeError):
     """The model cannot be compiled for the profile; the message names the culprit."""
-
-    kind = "compile_error"
 
 
 class UnsupportedOperator(CompileError):
