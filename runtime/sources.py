@@ -9,13 +9,22 @@ agent's A/B slots, where "wanted" is whichever slot the agent has activated.
 
 from __future__ import annotations
 
+import dataclasses
+import logging
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Protocol
 
+from edgerun.runtime import archive
+from edgerun.runtime.backends import backend_for_file
 from edgerun.runtime.batcher import BatchingConfig
-from edgerun.runtime.bundle import NAME_RE, VERSION_RE, version_key
+from edgerun.runtime.bundle import (MANIFEST, NAME_RE, SIGNATURE_FILE, VERSION_RE, check_name,
+                                    create_bundle, read_manifest, version_key, write_manifest)
 from edgerun.runtime.errors import BundleError, ModelNotFound
 from edgerun.runtime.model_config import ModelConfig
+
+log = logging.getLogger(__name__)
 
 
 class VersionSource(Protocol):
@@ -85,3 +94,102 @@ def folder_fingerprint(folder: Path) -> tuple:
                             for p in folder.iterdir() for s in [p.stat()]))
     except OSError:
         return ()
+
+
+class SingleModelSource:
+    """The one model KServe's storage initializer mounts (`/mnt/models`), under one name.
+
+    The folder (or file) holds a bundle folder (manifest.json), a bundle archive (`.tar.gz`),
+    or a bare model file some backend runs (`.onnx`, ...), itself or as its only entry one
+    level down. A bare file is bundled once, here, as version "1" (its golden sample is made
+    and checked like any bundle's); a bundle serves as its own version. A bundle built under
+    another name is served from a copy whose manifest carries the served name: the name is
+    what clients call, and every file's hash is still verified when it loads.
+    """
+
+    def __init__(self, path: str | Path, name: str | None = None,
+                 default_batching: BatchingConfig | None = None, *,
+                 device: str | None = None) -> None:
+        self.path = Path(path)
+        self.default_batching = default_batching
+        found = _single_model(self.path)
+        # Lives as long as the source: an unpacked, relabelled or freshly made bundle.
+        self._workdir = tempfile.TemporaryDirectory(prefix="edgerun-model-")
+        work = Path(self._workdir.name) / "bundle"
+        if found.is_dir() or _is_archive(found):
+            if found.is_file():
+                archive.unpack(found, work)
+                found = work
+            manifest = read_manifest(found)
+            self.name = check_name(name or manifest.name)
+            self.version = manifest.version
+            if manifest.name != self.name:
+                if found != work:
+                    shutil.copytree(found, work, ignore=shutil.ignore_patterns(SIGNATURE_FILE))
+                (work / SIGNATURE_FILE).unlink(missing_ok=True)  # it signed the old name
+                write_manifest(work, dataclasses.replace(manifest, name=self.name))
+                found = work
+            self.bundle = found
+        else:
+            backend_for_file(found)  # a clear error for a file no backend runs
+            stem = found.name.split(".")[0]
+            self.name = check_name(name or (stem if NAME_RE.match(stem) else "model"))
+            self.version = "1"
+            self.bundle = create_bundle(found, work, name=self.name, version=self.version,
+                                        device=device).path
+        log.info("serving %s as %s version %s", found, self.name, self.version)
+
+    def __repr__(self) -> str:
+        return f"SingleModelSource({str(self.path)!r}, name={self.name!r})"
+
+    def models(self) -> list[str]:
+        return [self.name]
+
+    def config(self, name: str) -> ModelConfig:
+        if name != self.name:
+            raise ModelNotFound(f"model {name!r} is not served here; this server serves "
+                                f"{self.name!r}")
+        return ModelConfig(batching=self.default_batching or BatchingConfig())
+
+    def wanted(self, name: str, config: ModelConfig) -> list[str]:
+        return [self.version] if name == self.name else []
+
+    def bundle_path(self, name: str, version: str) -> Path:
+        return self.bundle
+
+    def fingerprint(self, name: str, version: str) -> tuple:
+        return folder_fingerprint(self.bundle)
+
+
+def _is_archive(path: Path) -> bool:
+    return path.is_file() and path.name.lower().endswith((".tar.gz", ".tgz"))
+
+
+def _is_model_file(path: Path) -> bool:
+    if not path.is_file():
+        return False
+    try:
+        backend_for_file(path)
+    except BundleError:
+        return False
+    return True
+
+
+def _single_model(path: Path) -> Path:
+    """The bundle folder, archive or model file at `path` or, if it is the only one, in it."""
+    if path.is_file():
+        return path
+    if not path.is_dir():
+        raise BundleError(f"{path}: no such model folder or file")
+    if (path / MANIFEST).is_file():
+        return path
+    entries = [p for p in sorted(path.iterdir()) if not p.name.startswith(".")]
+    found = [p for p in entries if (p / MANIFEST).is_file() or _is_archive(p)
+             or _is_model_file(p)]
+    if len(found) == 1:
+        return found[0]
+    if not found and len(entries) == 1 and entries[0].is_dir():
+        return _single_model(entries[0])
+    listed = ", ".join(p.name for p in (found or entries)) or "nothing"
+    raise BundleError(f"{path}: expected one bundle folder, bundle archive (.tar.gz) or model "
+                      f"file that a backend runs (.onnx, ...); found {listed}")

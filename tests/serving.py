@@ -37,11 +37,13 @@ def free_port() -> int:
 
 
 class Server:
-    def __init__(self, process: subprocess.Popen, port: int, log: Path) -> None:
+    def __init__(self, process: subprocess.Popen, port: int, log: Path,
+                 grpc_port: int | None = None) -> None:
         self.process = process
         self.port = port
         self.url = f"http://127.0.0.1:{port}"
         self.address = f"127.0.0.1:{port}"
+        self.grpc_address = f"127.0.0.1:{grpc_port}" if grpc_port else None
         self.log = log
 
     def output(self) -> str:
@@ -49,15 +51,27 @@ class Server:
 
 
 @contextmanager
-def running_server(repo: Path, *args: str, ready: bool = True) -> Iterator[Server]:
+def running_server(repo: Path, *args: str, ready: bool = True,
+                   grpc: bool = False) -> Iterator[Server]:
     """`edgerun serve --repository repo ARGS` until the block ends (then SIGTERM, drained)."""
+    with running_process([*edgerun_command(), "serve", "--repository", str(repo)], *args,
+                         log_dir=repo.parent, ready=ready, grpc=grpc) as server:
+        yield server
+
+
+@contextmanager
+def running_process(command: list[str], *args: str, log_dir: Path, ready: bool = True,
+                    grpc: bool = False) -> Iterator[Server]:
+    """`COMMAND --port P [--grpc-port G] ARGS` (an `edgerun serve`) until the block ends."""
     port = free_port()
-    log = repo.parent / f"server-{port}.log"
+    grpc_port = free_port() if grpc else None
+    log = log_dir / f"server-{port}.log"
+    extra = ["--grpc-port", str(grpc_port)] if grpc_port else []
     with log.open("wb") as sink:
         process = subprocess.Popen(
-            [*edgerun_command(), "serve", "--repository", str(repo), "--port", str(port),
-             "--log-level", "warning", *args], stdout=sink, stderr=subprocess.STDOUT)
-    server = Server(process, port, log)
+            [*command, "--port", str(port), *extra, "--log-level", "warning", *args],
+            stdout=sink, stderr=subprocess.STDOUT)
+    server = Server(process, port, log, grpc_port)
     try:
         wait_until(server, "/v2/health/ready" if ready else "/v2/health/live")
         yield server

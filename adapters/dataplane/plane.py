@@ -31,7 +31,8 @@ from edgerun.adapters.dataplane.call import (BINARY, INFER, INFERENCE_ROUTES, JS
                                              MODEL_STATUS, PREDICT, READY, REPOSITORY_INDEX,
                                              SERVER_METADATA, UNLOAD, Call, Reply)
 from edgerun.adapters.dataplane.hooks import HookChain, RequestId
-from edgerun.runtime.errors import EdgerunError, InferenceError, InvalidInput, ModelNotReady
+from edgerun.runtime.errors import (Cancelled, EdgerunError, InferenceError, InvalidInput,
+                                    ModelNotReady)
 from edgerun.runtime.metrics import LATENCY_BUCKETS
 from edgerun.runtime.repository import Repository
 from edgerun.runtime.router import Routed
@@ -40,6 +41,8 @@ log = logging.getLogger(__name__)
 
 TIMEOUT_ATTRIBUTE = "x-request-timeout-ms"
 EXTENSIONS = ["binary_tensor_data", "model_repository"]
+#: A function that decodes a request, for `infer` to call once the hooks have let it through.
+Decoder = Callable[[], oip.InferRequest]
 PLATFORMS = {"onnxruntime": "onnxruntime_onnx", "tflite": "tensorflow_lite", "tvm": "tvm"}
 
 
@@ -108,30 +111,39 @@ class DataPlane:
         return reply
 
     # ------------------------------------------------------ decoded tensors (gRPC, ...)
-    def infer(self, call: Call, request: oip.InferRequest) -> InferResult:
-        """Run a decoded OIP request from a plain thread; raises the core's errors."""
-        with self._decoded(call, request) as (routed, timeout):
-            outputs = routed.run(request.inputs, timeout)
-        return _result(call, request, routed.version, outputs)
+    def infer(self, call: Call, request: oip.InferRequest | Decoder) -> InferResult:
+        """Run a decoded OIP request from a plain thread; raises the core's errors.
 
-    async def infer_async(self, call: Call, request: oip.InferRequest) -> InferResult:
-        """Run a decoded OIP request from an event loop; raises the core's errors."""
-        with self._decoded(call, request) as (routed, timeout):
-            outputs = await routed.run_async(request.inputs, timeout)
-        return _result(call, request, routed.version, outputs)
+        `request` may be the function that decodes it: then it runs after the hooks, so a
+        refused call is never decoded and a malformed one is counted like any other.
+        """
+        with self._decoded(call, request) as (routed, timeout, decoded):
+            outputs = routed.run(decoded.inputs, timeout)
+        return _result(call, decoded, routed.version, outputs)
+
+    async def infer_async(self, call: Call, request: oip.InferRequest | Decoder) -> InferResult:
+        """Run a decoded OIP request (or its decoder) from an event loop; see `infer`."""
+        with self._decoded(call, request) as (routed, timeout, decoded):
+            outputs = await routed.run_async(decoded.inputs, timeout)
+        return _result(call, decoded, routed.version, outputs)
 
     @contextmanager
-    def _decoded(self, call: Call,
-                 request: oip.InferRequest) -> Iterator[tuple[Routed, float | None]]:
-        """Hooks, timeout and route around a decoded request; metrics and errors after it."""
+    def _decoded(self, call: Call, request: oip.InferRequest | Decoder
+                 ) -> Iterator[tuple[Routed, float | None, oip.InferRequest]]:
+        """Hooks, decoding, timeout and route around a request; metrics and errors after it."""
         started = time.perf_counter()
         version, error = "", None
         try:
             self.hooks.before(call)
+            if callable(request):
+                request = request()
             timeout = self._timeout(call, request.timeout_us)
             with self._route(call, request) as routed:
                 version = routed.version
-                yield routed, timeout
+                yield routed, timeout, request
+        except asyncio.CancelledError:  # the caller went away (a gRPC deadline, a disconnect)
+            error = Cancelled("the caller cancelled the request")
+            raise
         except Exception as exc:
             error = _as_error(exc)
             version = error.version or version

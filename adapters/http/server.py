@@ -1,34 +1,99 @@
-"""Run the fleet server on uvicorn (uvloop and httptools when installed)."""
+"""Run the fleet server: HTTP on uvicorn and, if asked, OIP v2 gRPC, in one event loop.
+
+Both listen on the same loop (uvloop when installed) over the same data plane. A SIGTERM or
+SIGINT stops both together: neither takes new requests, both answer the ones they hold, then
+the repository drains and the process exits 0.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import signal
+from collections.abc import Coroutine, Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
 import uvicorn
 
-from edgerun.adapters.dataplane import DataPlane
+from edgerun.adapters.dataplane import DataPlane, Hook
 from edgerun.adapters.http.app import create_app
 from edgerun.adapters.http.asgi import EdgerunASGI
 from edgerun.runtime.batcher import BatchingConfig
 from edgerun.runtime.repository import Repository
+from edgerun.runtime.sources import VersionSource
+
+GRACE_S = 30
 
 
-def serve(repository_dir: str | Path, *, host: str = "127.0.0.1", port: int = 8000,
-          device: str | None = None, poll_interval: float | None = None,
-          batching: BatchingConfig | None = None, max_body_bytes: int = 64 << 20,
-          access_log: bool = False, log_level: str = "info") -> None:
-    """Serve every model in `repository_dir` until interrupted; drains on shutdown.
+def serve(source: VersionSource | str | Path, *, host: str = "127.0.0.1", port: int = 8000,
+          grpc_port: int | None = None, device: str | None = None,
+          poll_interval: float | None = None, batching: BatchingConfig | None = None,
+          max_body_bytes: int = 64 << 20, access_log: bool = False,
+          log_level: str = "info", hooks: Iterable[Hook] = ()) -> None:
+    """Serve every model of `source` (a repository folder, or any VersionSource) until stopped.
 
-    The repository loads in the background while the port opens (readiness turns 200 once
-    every model is loaded); the app itself never loads or unloads models.
+    The repository loads in the background while the ports open (readiness turns true once
+    every model is loaded); the app itself never loads or unloads models. `hooks` (auth,
+    tracing) join the request-id hook on every route of both transports.
     """
-    repository = Repository(repository_dir, device, default_batching=batching)
+    repository = Repository(source, device, default_batching=batching)
     repository.start_loading(poll_interval)
     plane = DataPlane(repository)
+    for hook in hooks:
+        plane.hooks.add(hook)
     app = EdgerunASGI(plane, max_body_bytes=max_body_bytes,
                       fallback=create_app(plane, max_body_bytes=max_body_bytes))
+    config = uvicorn.Config(app, host=host, port=port, access_log=access_log,
+                            log_level=log_level, timeout_graceful_shutdown=GRACE_S,
+                            proxy_headers=False, lifespan="on")
     try:
-        uvicorn.run(app, host=host, port=port, access_log=access_log, log_level=log_level,
-                    timeout_graceful_shutdown=30, proxy_headers=False, lifespan="on")
+        _run(_serve(_Uvicorn(config), plane, host, grpc_port, max_body_bytes))
     finally:
         repository.close()
+
+
+class _Uvicorn(uvicorn.Server):
+    """uvicorn without signal handlers of its own: `_serve` stops HTTP and gRPC together."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+async def _serve(http: uvicorn.Server, plane: DataPlane, host: str, grpc_port: int | None,
+                 max_message_bytes: int) -> None:
+    grpc_server = None
+    if grpc_port is not None:
+        from edgerun.adapters.grpc import server as grpc_serving
+        grpc_server = await grpc_serving.start(plane, host, grpc_port,
+                                               max_message_bytes=max_message_bytes)
+    stopping: list[asyncio.Task[None]] = []
+
+    def stop() -> None:
+        if http.should_exit:  # a second signal: stop waiting for open connections
+            http.force_exit = True
+        http.should_exit = True
+        if grpc_server is not None and not stopping:
+            stopping.append(asyncio.ensure_future(grpc_server.stop(GRACE_S)))
+
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop)
+    try:
+        await http.serve()
+    finally:
+        stop()
+        if stopping:
+            await stopping[0]
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+
+
+def _run(main: Coroutine[Any, Any, None]) -> None:
+    try:
+        import uvloop
+    except ImportError:
+        asyncio.run(main)
+    else:
+        uvloop.run(main)

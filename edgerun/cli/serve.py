@@ -1,21 +1,34 @@
-"""`edgerun serve`: the fleet HTTP server over a model repository folder."""
+"""`edgerun serve`: the fleet server (HTTP, and OIP v2 gRPC) over a repository or one model."""
 
 from __future__ import annotations
 
 import argparse
+import logging
 from pathlib import Path
 
 from edgerun.runtime.batcher import BatchingConfig
+
+log = logging.getLogger(__name__)
 
 
 def register(commands: argparse._SubParsersAction) -> None:
     parser = commands.add_parser(
         "serve", help="serve a model repository over Open Inference Protocol v2 and TF Serving",
-        description="Serve DIR/<model>/<version>/ bundles. A model's optional DIR/<model>/"
-                    "config.toml sets its version policy, batching and traffic split.")
-    parser.add_argument("--repository", type=Path, required=True, help="model repository folder")
+        description="Serve DIR/<model>/<version>/ bundles (--repository DIR; a model's optional "
+                    "DIR/<model>/config.toml sets its version policy, batching and traffic "
+                    "split), or the one model KServe mounts (--model-dir /mnt/models: a bundle "
+                    "folder or archive, or a bare model file such as model.onnx).")
+    where = parser.add_mutually_exclusive_group(required=True)
+    where.add_argument("--repository", type=Path, help="model repository folder")
+    where.add_argument("--model-dir", type=Path,
+                       help="serve the single model in this folder (or file), as KServe mounts it")
+    parser.add_argument("--model-name", default=None,
+                        help="with --model-dir: the name to serve it under (default: the "
+                             "bundle's name, or the model file's stem)")
     parser.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--grpc-port", type=int, default=None,
+                        help="also serve OIP v2 gRPC (inference.GRPCInferenceService) here")
     parser.add_argument("--device", default=None, help="device profile (default: cpu)")
     parser.add_argument("--poll-interval", type=float, default=None, metavar="SECONDS",
                         help="watch the folder and hot-swap changes every SECONDS")
@@ -26,6 +39,13 @@ def register(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--max-queue-size", type=int, default=defaults.max_queue_size)
     parser.add_argument("--max-body-bytes", type=int, default=64 << 20,
                         help="larger request bodies get 413 (default 64 MiB)")
+    parser.add_argument("--api-keys", type=Path, default=None, metavar="FILE",
+                        help="require 'Authorization: Bearer <key>' on every route but health "
+                             "and readiness, checked against this tokens file (hashes, "
+                             "reloaded when it changes; see edgerun fleet token create)")
+    parser.add_argument("--metrics", choices=["open", "closed"], default="closed",
+                        help="with --api-keys: whether /metrics needs a read key "
+                             "(default closed)")
     parser.add_argument("--access-log", action="store_true", help="log every request")
     parser.add_argument("--log-level", default="info",
                         choices=["critical", "error", "warning", "info", "debug"])
@@ -38,11 +58,25 @@ def _serve(args: argparse.Namespace) -> int:
     except ImportError as exc:
         raise SystemExit(f"edgerun serve needs the server extra: pip install 'edgerun[server]' "
                          f"({exc})") from None
+    hooks = []
+    if args.api_keys is not None:
+        from edgerun.adapters.auth import ApiKeyHook, TokenStore
+        hooks.append(ApiKeyHook(TokenStore(args.api_keys), metrics_open=args.metrics == "open"))
+    elif args.host not in ("127.0.0.1", "::1", "localhost"):
+        log.warning("serving on %s without --api-keys: every route is open to the network",
+                    args.host)
     batching = BatchingConfig(max_batch_size=args.max_batch_size,
                               max_queue_delay_us=args.max_queue_delay_us,
                               max_queue_size=args.max_queue_size)
-    serve(args.repository, host=args.host, port=args.port, device=args.device,
+    if args.model_dir is not None:
+        from edgerun.runtime.sources import SingleModelSource
+        source = SingleModelSource(args.model_dir, args.model_name, batching, device=args.device)
+    else:
+        if args.model_name is not None:
+            raise SystemExit("--model-name goes with --model-dir")
+        source = args.repository
+    serve(source, host=args.host, port=args.port, grpc_port=args.grpc_port, device=args.device,
           poll_interval=args.poll_interval, batching=batching,
           max_body_bytes=args.max_body_bytes, access_log=args.access_log,
-          log_level=args.log_level)
+          log_level=args.log_level, hooks=hooks)
     return 0

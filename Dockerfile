@@ -1,0 +1,26 @@
+# edgerun's fleet server for KServe (or any container host), CPU only:
+#   docker build -t edgerun:0.1.0 .
+#   docker run -p 8080:8080 -p 8081:8081 -v $PWD/models/digits/1:/mnt/models:ro edgerun:0.1.0
+# OIP v2 + TF Serving REST + /metrics on 8080, OIP v2 gRPC on 8081. Without arguments it serves
+# the one model in /mnt/models (where KServe's storage initializer puts it); KServe's
+# ClusterServingRuntime (deploy/kserve/) passes the same flags plus --model-name.
+FROM python:3.11-slim AS build
+WORKDIR /src
+COPY pyproject.toml README.md ./
+COPY edgerun edgerun
+COPY runtime runtime
+COPY adapters adapters
+COPY devices devices
+COPY optimizers optimizers
+RUN pip wheel --no-cache-dir --wheel-dir /wheels ".[server]"
+
+FROM python:3.11-slim
+ENV PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
+COPY --from=build /wheels /wheels
+RUN pip install --no-cache-dir --no-index --find-links /wheels "edgerun[server]" \
+    && rm -rf /wheels \
+    && useradd --uid 1000 --no-create-home --shell /usr/sbin/nologin edgerun
+USER 1000
+EXPOSE 8080 8081
+ENTRYPOINT ["edgerun", "serve"]
+CMD ["--model-dir", "/mnt/models", "--host", "0.0.0.0", "--port", "8080", "--grpc-port", "8081"]

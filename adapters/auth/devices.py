@@ -1,0 +1,83 @@
+"""Device credentials: one secret per device, for the registry (HTTP Basic) and the broker.
+
+`fleet enroll` makes a device's secret, hands it over once and keeps only its `$7$` hash (the
+Mosquitto format, so the broker's password file is generated from the same rows); `revoke`
+marks the row, so the registry refuses the device at its next request and the regenerated
+broker files (then SIGHUP) drop it from MQTT. Groups are granted here by the operator at
+enrolment, never taken from what a device reports: a group decides whose shared requests a
+device may read. The rows live in the fleet database (`edgerun.adapters.fleetdb`), SQLite or
+PostgreSQL, in a table of their own.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from edgerun.adapters.auth.mosquitto import (Device, check_name, hash_password, new_password,
+                                             verify_password)
+from edgerun.adapters.auth.tokens import basic
+from edgerun.adapters.fleetdb import Database, Migration, migrate
+from edgerun.runtime.errors import InvalidInput, Unauthenticated
+
+MIGRATIONS = (
+    Migration(1, "device credentials", ("""CREATE TABLE device_credentials (
+        device_id TEXT PRIMARY KEY,
+        password_hash TEXT NOT NULL,
+        device_groups TEXT NOT NULL,
+        enrolled_at DOUBLE PRECISION NOT NULL,
+        revoked_at DOUBLE PRECISION)""",)),
+)
+#: Checked against when a device id is unknown, so a refusal takes as long either way and
+#: timing does not tell which device ids exist.
+_DUMMY = hash_password("edgerun-no-such-device")
+
+
+class DeviceCredentials:
+    """Enrolled devices and their secrets' hashes."""
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+        migrate(db, MIGRATIONS, component="device_credentials")
+
+    def enroll(self, device_id: str, groups: Sequence[str] = ()) -> str:
+        """A new secret for the device (enrolling again rotates it: the old one stops
+        working); the caller hands it to the device once. Nothing keeps the secret."""
+        for kind, name in (("device id", device_id), *(("group", g) for g in groups)):
+            check_name(kind, name)  # the broker files' rules, checked before anything is kept
+        secret, password_hash = new_password()
+        self.db.execute(
+            "INSERT INTO device_credentials (device_id, password_hash, device_groups, "
+            f"enrolled_at, revoked_at) VALUES (?, ?, ?, {self.db.now}, NULL) "
+            "ON CONFLICT (device_id) DO UPDATE SET password_hash = excluded.password_hash, "
+            "device_groups = excluded.device_groups, enrolled_at = excluded.enrolled_at, "
+            "revoked_at = NULL",
+            (device_id, password_hash, ",".join(groups)))
+        return secret
+
+    def revoke(self, device_id: str) -> None:
+        changed = self.db.execute(f"UPDATE device_credentials SET revoked_at = {self.db.now} "
+                                  "WHERE device_id = ? AND revoked_at IS NULL", (device_id,))
+        if not changed:
+            raise InvalidInput(f"no enrolled device {device_id!r} to revoke")
+
+    def verify(self, device_id: str, secret: str) -> bool:
+        row = self.db.one("SELECT password_hash FROM device_credentials WHERE device_id = ? "
+                          "AND revoked_at IS NULL", (device_id,))
+        matches = verify_password(row["password_hash"] if row else _DUMMY, secret)
+        return matches and row is not None
+
+    def authenticate(self, authorization: str | None) -> str:
+        """The device id of an `Authorization: Basic <id:secret>` header, or Unauthenticated."""
+        credentials = basic(authorization)
+        if credentials is None or not self.verify(*credentials):
+            raise Unauthenticated("device credentials missing, wrong or revoked: send "
+                                  "'Authorization: Basic <device-id:secret>'")
+        return credentials[0]
+
+    def devices(self) -> list[Device]:
+        """Every device not revoked, as the broker files want them."""
+        rows = self.db.query("SELECT device_id, password_hash, device_groups "
+                             "FROM device_credentials WHERE revoked_at IS NULL "
+                             "ORDER BY device_id")
+        return [Device(r["device_id"], r["password_hash"],
+                       tuple(g for g in r["device_groups"].split(",") if g)) for r in rows]

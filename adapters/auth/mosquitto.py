@@ -1,0 +1,226 @@
+"""Mosquitto password, ACL and config files for a fleet: each device only under its own topics.
+
+Topics (issues 9 and 10), with `<id>` a device id (its MQTT username) or a group name:
+
+    edgerun/<id>/infer/<model>[/<version>]     requests (groups: $share/<g>/edgerun/<g>/infer/#)
+    edgerun/<id>/replies/<requester>/...       answers: the responder's namespace, then the
+                                               requester's username (the v5 Response Topic a
+                                               client sets, or "reply_to" for 3.1.1)
+    edgerun/<id>/status, /telemetry            the device's retained status and telemetry
+    edgerun/<id>/ota, /ota/report              OTA jobs to the device, its reports back
+
+So a reply's topic proves who answered (only device `d` may write `edgerun/d/replies/...`) and
+only the requester named in it may read it. `pattern` lines with `%u` give every user that
+namespace; `user` blocks add a device's groups, an inference client's targets and the
+orchestrator's fleet-wide view. Group names share the `edgerun/<id>/` level with usernames, so
+they must differ from every username.
+
+Passwords are stored as Mosquitto 2.0's `mosquitto_passwd` writes them: `$7$` (PBKDF2-HMAC-
+SHA512), 101 iterations, a 12-byte random salt, base64 salt and 64-byte digest. A registry keeps
+`hash_password(secret)` per device at enrolment, never the secret, and regenerates these files
+from the hashes; after writing them, SIGHUP makes Mosquitto reload both files.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import os
+import re
+import secrets
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from edgerun.runtime.errors import InvalidInput
+
+ITERATIONS = 101
+SALT_BYTES = 12
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+ALL = "+"  # an inference client's target meaning every device and group
+
+DEVICE_PATTERNS = (
+    ("read", "edgerun/%u/infer/#"),
+    ("read", "edgerun/%u/ota"),
+    ("write", "edgerun/%u/ota/report"),
+    ("write", "edgerun/%u/status"),
+    ("write", "edgerun/%u/telemetry"),
+    ("write", "edgerun/%u/replies/#"),
+    ("read", "edgerun/+/replies/%u/#"),
+)
+ORCHESTRATOR_TOPICS = (
+    ("readwrite", "edgerun/+/ota"),
+    ("read", "edgerun/+/ota/report"),
+    ("read", "edgerun/+/status"),
+    ("read", "edgerun/+/telemetry"),
+)
+
+
+def hash_password(password: str, *, salt: bytes | None = None,
+                  iterations: int = ITERATIONS) -> str:
+    """The `$7$` hash Mosquitto 2.0 checks a password against."""
+    salt = os.urandom(SALT_BYTES) if salt is None else salt
+    digest = hashlib.pbkdf2_hmac("sha512", password.encode(), salt, iterations)
+    return (f"$7${iterations}${base64.b64encode(salt).decode()}$"
+            f"{base64.b64encode(digest).decode()}")
+
+
+def new_password() -> tuple[str, str]:
+    """A fresh device secret (256 random bits) and its `$7$` hash: hand the first to the device
+    once (`fleet enroll` prints it), keep only the second."""
+    secret = secrets.token_urlsafe(32)
+    return secret, hash_password(secret)
+
+
+def verify_password(password_hash: str, password: str) -> bool:
+    """Check a password against a `$7$` hash (a registry authenticating a device's HTTP call)."""
+    try:
+        _, kind, iterations, salt, digest = password_hash.split("$")
+        if kind != "7":
+            return False
+        expected = base64.b64decode(digest)
+        actual = hashlib.pbkdf2_hmac("sha512", password.encode(), base64.b64decode(salt),
+                                     int(iterations))
+    except ValueError:
+        return False
+    return hmac.compare_digest(expected, actual)
+
+
+@dataclass(frozen=True)
+class Device:
+    """An enrolled device: username = device id; it may serve its groups' shared requests."""
+
+    device_id: str
+    password_hash: str
+    groups: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class InferenceClient:
+    """A service that sends requests to `targets` (device ids, group names, or "+" for all)
+    and reads the replies addressed to it."""
+
+    username: str
+    password_hash: str
+    targets: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Orchestrator:
+    """The fleet server's own MQTT user: OTA jobs out, status, telemetry and reports in."""
+
+    username: str
+    password_hash: str
+
+
+@dataclass(frozen=True)
+class BrokerFiles:
+    passwd: Path
+    acl: Path
+    conf: Path
+
+
+def check_name(kind: str, name: str) -> None:
+    """Refuse a username, group or target that could escape its `edgerun/<name>/` topics."""
+    if not _NAME.fullmatch(name):
+        raise InvalidInput(f"{kind} {name!r} must be 1-128 letters, digits or ._- starting "
+                           "with a letter or digit (no MQTT wildcards, '/' or ':')")
+
+
+def _validate(devices: list[Device], clients: list[InferenceClient],
+              orchestrator: Orchestrator | None) -> None:
+    users = [d.device_id for d in devices] + [c.username for c in clients]
+    if orchestrator is not None:
+        users.append(orchestrator.username)
+    seen: set[str] = set()
+    for user in users:
+        check_name("username", user)
+        if user in seen:
+            raise InvalidInput(f"username {user!r} appears twice")
+        seen.add(user)
+    for device in devices:
+        for group in device.groups:
+            check_name("group", group)
+            if group in seen:
+                raise InvalidInput(f"group {group!r} is also a username: both would own "
+                                   f"edgerun/{group}/")
+    for client in clients:
+        for target in client.targets:
+            if target != ALL:
+                check_name("target", target)
+
+
+def acl_text(devices: Iterable[Device], clients: Iterable[InferenceClient] = (),
+             orchestrator: Orchestrator | None = None) -> str:
+    devices, clients = list(devices), list(clients)
+    _validate(devices, clients, orchestrator)
+    lines = ["# Generated by edgerun: regenerate rather than edit; SIGHUP reloads it.",
+             "# Every user owns edgerun/<username>/ and reads replies addressed to it."]
+    lines += [f"pattern {access} {topic}" for access, topic in DEVICE_PATTERNS]
+    if orchestrator is not None:
+        lines += ["", f"user {orchestrator.username}"]
+        lines += [f"topic {access} {topic}" for access, topic in ORCHESTRATOR_TOPICS]
+    for device in devices:
+        if device.groups:
+            lines += ["", f"user {device.device_id}"]
+            for group in device.groups:
+                lines += [f"topic read edgerun/{group}/infer/#",
+                          f"topic write edgerun/{group}/replies/#"]
+    for client in clients:
+        if client.targets:
+            lines += ["", f"user {client.username}"]
+            lines += [f"topic write edgerun/{target}/infer/#" for target in client.targets]
+    return "\n".join(lines) + "\n"
+
+
+def passwd_text(devices: Iterable[Device], clients: Iterable[InferenceClient] = (),
+                orchestrator: Orchestrator | None = None) -> str:
+    users = [(d.device_id, d.password_hash) for d in devices]
+    users += [(c.username, c.password_hash) for c in clients]
+    if orchestrator is not None:
+        users.append((orchestrator.username, orchestrator.password_hash))
+    for _, password_hash in users:
+        if not password_hash.startswith("$7$"):
+            raise InvalidInput("password hashes must be $7$ (hash_password), not secrets")
+    return "".join(f"{user}:{password_hash}\n" for user, password_hash in users)
+
+
+def conf_text(passwd: Path, acl: Path) -> str:
+    return ("# Generated by edgerun. Add your listener lines (TLS: see the device guide).\n"
+            "per_listener_settings false\n"
+            "allow_anonymous false\n"
+            f"password_file {passwd.resolve()}\n"
+            f"acl_file {acl.resolve()}\n")
+
+
+def _write(path: Path, text: str, mode: int) -> None:
+    """Write beside and rename over, so Mosquitto never reloads a half-written file."""
+    staging = path.with_name(f".{path.name}.tmp")
+    fd = os.open(staging, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    with os.fdopen(fd, "w") as sink:
+        sink.write(text)
+        sink.flush()
+        os.fsync(sink.fileno())
+    os.chmod(staging, mode)
+    os.replace(staging, path)
+
+
+def write_broker_files(directory: str | Path, devices: Iterable[Device],
+                       clients: Iterable[InferenceClient] = (),
+                       orchestrator: Orchestrator | None = None) -> BrokerFiles:
+    """Write DIR/passwd, DIR/acl and DIR/mosquitto.conf for these users.
+
+    The password file is owner-only (it holds hashes); run Mosquitto as that owner or chown it
+    to the broker's user. Nothing is written unless every name checks out.
+    """
+    directory = Path(directory)
+    devices, clients = list(devices), list(clients)
+    acl = acl_text(devices, clients, orchestrator)
+    passwd = passwd_text(devices, clients, orchestrator)
+    directory.mkdir(parents=True, exist_ok=True)
+    files = BrokerFiles(directory / "passwd", directory / "acl", directory / "mosquitto.conf")
+    _write(files.passwd, passwd, 0o600)
+    _write(files.acl, acl, 0o644)
+    _write(files.conf, conf_text(files.passwd, files.acl), 0o644)
+    return files

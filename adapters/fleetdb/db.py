@@ -1,0 +1,142 @@
+"""One database connection, SQLite or PostgreSQL, behind the same small interface.
+
+SQL is written once, with `?` parameters (translated to psycopg's `%s`) and the types and
+statements both databases run unchanged: TEXT, BIGINT, DOUBLE PRECISION, no AUTOINCREMENT,
+`INSERT ... ON CONFLICT (...) DO UPDATE`. Where they differ (the clock, locks), `dialect` says
+which one this is. Connections run in autocommit mode; `transaction()` groups statements.
+"""
+
+from __future__ import annotations
+
+import functools
+import sqlite3
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+from edgerun.runtime.errors import InvalidInput
+
+SQLITE, POSTGRESQL = "sqlite", "postgresql"
+#: The database's own clock in seconds since the epoch: every process of a fleet reads the
+#: same clock, so leases do not depend on the hosts' clocks agreeing.
+NOW = {SQLITE: "((julianday('now') - 2440587.5) * 86400.0)",
+       POSTGRESQL: "CAST(EXTRACT(EPOCH FROM clock_timestamp()) AS DOUBLE PRECISION)"}
+
+
+@functools.lru_cache(maxsize=1024)
+def to_pyformat(sql: str) -> str:
+    """`?` placeholders (outside quoted literals) to `%s`, and literal `%` to `%%`."""
+    out, quoted = [], False
+    for char in sql:
+        if char == "'":
+            quoted = not quoted
+        out.append("%s" if char == "?" and not quoted else "%%" if char == "%" else char)
+    return "".join(out)
+
+
+def redact(url: str) -> str:
+    """The URL without its password, for logs and errors."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = f"{parts.username}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+class Database:
+    """A connection shared by threads (one statement at a time), rows as dicts."""
+
+    def __init__(self, connection: Any, dialect: str) -> None:
+        self.connection = connection
+        self.dialect = dialect
+        self.now = NOW[dialect]
+        self._lock = threading.RLock()
+        self._depth = 0
+
+    def _sql(self, sql: str) -> str:
+        return sql if self.dialect == SQLITE else to_pyformat(sql)
+
+    @contextmanager
+    def transaction(self) -> Iterator[Database]:
+        """Statements that commit together; nested uses join the outer transaction. SQLite
+        takes its write lock at the start (BEGIN IMMEDIATE), so two writers never deadlock."""
+        with self._lock:
+            if self._depth:
+                self._depth += 1
+                try:
+                    yield self
+                finally:
+                    self._depth -= 1
+                return
+            self.connection.execute("BEGIN IMMEDIATE" if self.dialect == SQLITE else "BEGIN")
+            self._depth = 1
+            try:
+                yield self
+            except BaseException:
+                self._depth = 0
+                self.connection.execute("ROLLBACK")
+                raise
+            self._depth = 0
+            self.connection.execute("COMMIT")
+
+    def execute(self, sql: str, params: Sequence[Any] = ()) -> int:
+        """Run one statement; the number of rows it changed."""
+        with self._lock:
+            cursor = self.connection.execute(self._sql(sql), tuple(params))
+            return cursor.rowcount
+
+    def query(self, sql: str, params: Sequence[Any] = ()) -> list[dict[str, Any]]:
+        with self._lock:
+            cursor = self.connection.execute(self._sql(sql), tuple(params))
+            names = [column[0] for column in cursor.description]
+            return [dict(zip(names, row)) for row in cursor.fetchall()]
+
+    def one(self, sql: str, params: Sequence[Any] = ()) -> dict[str, Any] | None:
+        rows = self.query(sql, params)
+        return rows[0] if rows else None
+
+    def close(self) -> None:
+        with self._lock:
+            self.connection.close()
+
+
+def _sqlite(path: str) -> Database:
+    if path != ":memory:":
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+    connection = sqlite3.connect(path, check_same_thread=False, isolation_level=None,
+                                 timeout=30)
+    connection.execute("PRAGMA journal_mode=WAL")  # readers never wait for the writer
+    connection.execute("PRAGMA foreign_keys=ON")
+    return Database(connection, SQLITE)
+
+
+def _postgresql(url: str) -> Database:
+    try:
+        import psycopg
+    except ImportError as exc:
+        raise InvalidInput(f"{redact(url)} needs psycopg 3: pip install 'edgerun[fleet]' "
+                           f"({exc})") from None
+    try:
+        connection = psycopg.connect(url, autocommit=True, connect_timeout=10)
+    except psycopg.OperationalError as exc:
+        # psycopg's message names host and user, never the password
+        raise InvalidInput(f"cannot connect to {redact(url)}: {exc}".strip()) from None
+    return Database(connection, POSTGRESQL)
+
+
+def connect(url: str | Path) -> Database:
+    """`postgresql://USER[:PASS]@HOST[:PORT]/DB`, `sqlite:///relative.db`,
+    `sqlite:////absolute.db` (SQLAlchemy's spelling), or a plain path to a SQLite file."""
+    text = str(url)
+    scheme = text.split("://", 1)[0].lower() if "://" in text else ""
+    if scheme in ("postgresql", "postgres"):
+        return _postgresql(text)
+    if scheme == "sqlite":
+        return _sqlite(text[len("sqlite:///"):] if text.startswith("sqlite:///") else "")
+    if scheme:
+        raise InvalidInput(f"database URL {redact(text)!r}: use postgresql://, sqlite:/// or "
+                           "a file path")
+    return _sqlite(text)

@@ -1,0 +1,144 @@
+"""A leader lease: one process at a time drives rollouts; another takes over when it dies.
+
+A row per lease holds the holder, when it expires (by the database's clock, so hosts need not
+agree on the time) and an epoch that grows each time the lease changes hands. `acquire()` takes
+a free or expired lease, or renews one already held, in one atomic upsert (its WHERE clause is
+the compare-and-set), on SQLite and PostgreSQL alike. The holder calls it well within `ttl`
+(every ttl/3, say); a holder that stops renewing (crashed, partitioned) loses the lease at
+expiry, and `held` turns False locally by then too, so two leaders never act at once as long as
+the holder stops acting when `held` is False. The epoch is a fencing token: write it with the
+rollout state, and refuse writes carrying an older one.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from edgerun.adapters.fleetdb.db import Database
+from edgerun.adapters.fleetdb.migrations import Migration, migrate
+
+log = logging.getLogger(__name__)
+
+MIGRATIONS = (
+    Migration(1, "leases", ("""CREATE TABLE leases (
+        name TEXT PRIMARY KEY,
+        holder TEXT NOT NULL,
+        expires_at DOUBLE PRECISION NOT NULL,
+        epoch BIGINT NOT NULL)""",)),
+)
+
+
+@dataclass(frozen=True)
+class LeaseState:
+    name: str
+    holder: str
+    expires_at: float
+    epoch: int
+
+
+class Lease:
+    """The lease `name` as seen by `holder` (unique per process: host, pid, a random part)."""
+
+    def __init__(self, db: Database, name: str, holder: str, ttl: float = 15.0) -> None:
+        if ttl <= 0:
+            raise ValueError("a lease needs a positive ttl")
+        self.db, self.name, self.holder, self.ttl = db, name, holder, ttl
+        self.epoch: int | None = None
+        self._valid_until = 0.0
+        migrate(db, MIGRATIONS, component="leases")
+
+    def acquire(self) -> bool:
+        """Take the lease or renew it; True when this holder has it now."""
+        started = time.monotonic()
+        now = self.db.now
+        with self.db.transaction():
+            self.db.execute(
+                f"INSERT INTO leases (name, holder, expires_at, epoch) VALUES (?, ?, {now} + ?, 1) "
+                "ON CONFLICT (name) DO UPDATE SET holder = excluded.holder, "
+                "expires_at = excluded.expires_at, epoch = CASE WHEN leases.holder = "
+                "excluded.holder THEN leases.epoch ELSE leases.epoch + 1 END "
+                f"WHERE leases.holder = excluded.holder OR leases.expires_at < {now}",
+                (self.name, self.holder, self.ttl))
+            state = self.state()
+        if state is not None and state.holder == self.holder:
+            self.epoch = state.epoch
+            # measured from before the renewal was sent: never later than the database's view
+            self._valid_until = started + self.ttl
+            return True
+        self.epoch, self._valid_until = None, 0.0
+        return False
+
+    @property
+    def held(self) -> bool:
+        """Whether this holder may act now (it renewed within ttl)."""
+        return time.monotonic() < self._valid_until
+
+    def release(self) -> None:
+        """Give the lease up at once (expired now, epoch kept), e.g. on a clean shutdown."""
+        self.db.execute(f"UPDATE leases SET expires_at = {self.db.now} - 1 "
+                        "WHERE name = ? AND holder = ?", (self.name, self.holder))
+        self.epoch, self._valid_until = None, 0.0
+
+    def state(self) -> LeaseState | None:
+        row = self.db.one("SELECT name, holder, expires_at, epoch FROM leases WHERE name = ?",
+                          (self.name,))
+        return None if row is None else LeaseState(row["name"], row["holder"],
+                                                   float(row["expires_at"]), int(row["epoch"]))
+
+
+class Leadership:
+    """Renews a lease on a thread of its own; `leading` says whether to act right now.
+
+    A rollout driver checks `leading` before each step (and writes `epoch` with what it
+    changes). `on_change(leading)` runs on the renewal thread when leadership is won or lost.
+    A database error counts as a failed renewal: the lease then lapses by itself at expiry.
+    """
+
+    def __init__(self, lease: Lease, *, renew_every: float | None = None,
+                 on_change: Callable[[bool], None] | None = None) -> None:
+        self.lease = lease
+        self.renew_every = renew_every if renew_every is not None else lease.ttl / 3
+        self.on_change = on_change
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._was_leading = False
+
+    @property
+    def leading(self) -> bool:
+        return self.lease.held
+
+    def start(self) -> Leadership:
+        self._thread = threading.Thread(target=self._run, name=f"lease-{self.lease.name}",
+                                        daemon=True)
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.lease.acquire()
+            except Exception as exc:  # the database is away: the lease lapses at expiry
+                log.warning("lease %s: renewal failed: %s", self.lease.name, exc)
+            self._notify()
+            self._stop.wait(self.renew_every)
+
+    def _notify(self) -> None:
+        leading = self.leading
+        if leading != self._was_leading:
+            self._was_leading = leading
+            log.info("lease %s: %s leadership", self.lease.name, "won" if leading else "lost")
+            if self.on_change is not None:
+                self.on_change(leading)
+
+    def stop(self, release: bool = True) -> None:
+        """Stop renewing; `release` hands the lease over at once (a clean shutdown)."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        if release and self.lease.held:
+            self.lease.release()
+        self._notify()

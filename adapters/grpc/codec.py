@@ -1,0 +1,123 @@
+"""OIP v2 gRPC messages <-> the data plane's decoded requests and arrays.
+
+Tensors come either as typed `contents` (one repeated field per datatype family) or as
+`raw_input_contents` (little-endian, row-major bytes, what tritonclient sends): raw bytes share
+the binary extension's decoder, so BYTES elements carry the same 4-byte length prefix. A request
+that came raw is answered raw; a typed one typed, unless an output has no typed field (FP16),
+since the protocol allows only one of the two ways in a response.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from edgerun.adapters.codecs import oip
+from edgerun.adapters.grpc import grpc_predict_v2_pb2 as pb
+from edgerun.runtime.errors import InvalidInput
+from edgerun.runtime.signature import cast_array
+
+#: OIP datatype -> the InferTensorContents field that carries it (FP16: raw only).
+CONTENTS_FIELD = {
+    "BOOL": "bool_contents", "INT8": "int_contents", "INT16": "int_contents",
+    "INT32": "int_contents", "INT64": "int64_contents", "UINT8": "uint_contents",
+    "UINT16": "uint_contents", "UINT32": "uint_contents", "UINT64": "uint64_contents",
+    "FP32": "fp32_contents", "FP64": "fp64_contents", "BYTES": "bytes_contents",
+}
+#: Wire dtype of each contents field, to read a repeated field into an array in one go.
+_FIELD_DTYPE = {
+    "bool_contents": np.bool_, "int_contents": np.int32, "int64_contents": np.int64,
+    "uint_contents": np.uint32, "uint64_contents": np.uint64, "fp32_contents": np.float32,
+    "fp64_contents": np.float64,
+}
+
+
+def parameter(value: pb.InferParameter) -> Any:
+    """An InferParameter's value, whichever of its choices is set (None if none)."""
+    choice = value.WhichOneof("parameter_choice")
+    return None if choice is None else getattr(value, choice)
+
+
+def decode_request(message: pb.ModelInferRequest) -> oip.InferRequest:
+    """The request's tensors as arrays; InvalidInput naming the tensor when one is malformed."""
+    if not message.inputs:
+        raise InvalidInput("the request has no inputs")
+    raw = message.raw_input_contents
+    if raw and len(raw) != len(message.inputs):
+        raise InvalidInput(f"raw_input_contents has {len(raw)} entries for "
+                           f"{len(message.inputs)} inputs")
+    inputs: dict[str, np.ndarray] = {}
+    for index, tensor in enumerate(message.inputs):
+        name, datatype, shape = tensor.name, tensor.datatype, list(tensor.shape)
+        if name in inputs:
+            raise InvalidInput(f"input {name!r} appears twice", name)
+        if datatype not in oip.DATATYPES:
+            raise InvalidInput(f"input {name!r}: datatype {datatype!r} is not supported (one "
+                               f"of {', '.join(oip.DATATYPES)})", name)
+        if any(d < 0 for d in shape):
+            raise InvalidInput(f"input {name!r}: shape must be non-negative integers, got "
+                               f"{shape}", name)
+        if raw:
+            if tensor.HasField("contents"):
+                raise InvalidInput(f"input {name!r} has contents while the request uses "
+                                   "raw_input_contents", name)
+            inputs[name] = oip.decode_binary(name, datatype, shape, memoryview(raw[index]))
+        else:
+            inputs[name] = _decode_contents(name, datatype, shape, tensor.contents)
+    parameters = {key: parameter(value) for key, value in message.parameters.items()}
+    timeout = parameters.get("timeout")
+    if timeout is not None and (isinstance(timeout, (bool, str)) or not timeout > 0):
+        raise InvalidInput(f"parameters.timeout must be a positive number of microseconds, "
+                           f"got {timeout!r}")
+    requested = [oip.RequestedOutput(o.name, True) for o in message.outputs] or None
+    return oip.InferRequest(id=message.id or None, inputs=inputs, outputs=requested,
+                            binary_outputs=bool(raw), timeout_us=timeout)
+
+
+def _decode_contents(name: str, datatype: str, shape: list[int],
+                     contents: pb.InferTensorContents) -> np.ndarray:
+    field = CONTENTS_FIELD.get(datatype)
+    if field is None:
+        raise InvalidInput(f"input {name!r}: {datatype} has no typed contents field; send it "
+                           "in raw_input_contents", name)
+    values = getattr(contents, field)
+    if datatype == "BYTES":
+        array = np.empty(len(values), dtype=object)
+        array[:] = [_text(v) for v in values]
+    else:
+        array = cast_array(np.array(values, dtype=_FIELD_DTYPE[field]),
+                           oip.DATATYPES[datatype], name)
+    count = int(np.prod(shape, dtype=np.int64))
+    if array.size != count:
+        raise InvalidInput(f"input {name!r}: shape {shape} needs {count} elements, contents "
+                           f"has {array.size}", name)
+    return array.reshape(shape)
+
+
+def encode_response(model: str, version: str, request: oip.InferRequest,
+                    outputs: dict[str, np.ndarray]) -> pb.ModelInferResponse:
+    """The answer: raw if the request was raw or an output has no typed field, else typed."""
+    response = pb.ModelInferResponse(model_name=model, model_version=version,
+                                     id=request.id or "")
+    datatypes = {name: oip.datatype_of(array) for name, array in outputs.items()}
+    raw = request.binary_outputs or any(d not in CONTENTS_FIELD for d in datatypes.values())
+    for name, array in outputs.items():
+        tensor = response.outputs.add(name=name, datatype=datatypes[name], shape=array.shape)
+        if raw:
+            response.raw_output_contents.append(oip.encode_binary(array))
+        elif datatypes[name] == "BYTES":
+            tensor.contents.bytes_contents.extend(
+                v if isinstance(v, bytes) else str(v).encode() for v in array.ravel().tolist())
+        else:
+            getattr(tensor.contents, CONTENTS_FIELD[datatypes[name]]).extend(
+                array.ravel().tolist())
+    return response
+
+
+def _text(raw: bytes) -> str | bytes:
+    """BYTES elements as the HTTP codecs give them: text when they are UTF-8, else bytes."""
+    try:
+        return raw.decode()
+    except UnicodeDecodeError:
+        return raw

@@ -1,0 +1,144 @@
+"""`inference.GRPCInferenceService` on the data plane, served by grpc.aio.
+
+Only the transport lives here: RPCs become `Call`s (gRPC metadata is the attribute lookup, so
+sticky routing keys, `x-request-id` and credentials come from it; the deadline is the queueing
+budget), messages go through `codec`, and the core's error kinds become status codes. Inference
+runs through `DataPlane.infer_async`, so versions, canary and sticky routing, shadow copies,
+metrics and the hook chain are the HTTP server's; the other RPCs pass the hook chain too.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import NoReturn, TypeVar
+
+import grpc
+
+from edgerun.adapters.dataplane import Call, DataPlane
+from edgerun.adapters.dataplane.call import (INFER, LIVE, MODEL_METADATA, MODEL_READY, READY,
+                                             SERVER_METADATA)
+from edgerun.adapters.grpc import codec
+from edgerun.adapters.grpc import grpc_predict_v2_pb2 as pb
+from edgerun.adapters.grpc.grpc_predict_v2_pb2_grpc import (
+    GRPCInferenceServiceServicer, add_GRPCInferenceServiceServicer_to_server)
+from edgerun.adapters.grpc.status import code_of, error_metadata
+from edgerun.runtime.errors import EdgerunError, InferenceError, ModelNotFound, ModelNotReady
+
+log = logging.getLogger(__name__)
+TRANSPORT = "grpc"
+#: Kept from the caller's deadline so an expired request's error still reaches the caller.
+ANSWER_MARGIN_S = 0.01
+Response = TypeVar("Response")
+
+
+class InferenceServicer(GRPCInferenceServiceServicer):
+    """The six OIP v2 RPCs over one DataPlane."""
+
+    def __init__(self, plane: DataPlane) -> None:
+        self.plane = plane
+
+    async def ServerLive(self, request: pb.ServerLiveRequest,
+                         context: grpc.aio.ServicerContext) -> pb.ServerLiveResponse:
+        return await self._answer(context, _call(context, LIVE),
+                                  lambda: pb.ServerLiveResponse(live=True))
+
+    async def ServerReady(self, request: pb.ServerReadyRequest,
+                          context: grpc.aio.ServicerContext) -> pb.ServerReadyResponse:
+        return await self._answer(
+            context, _call(context, READY),
+            lambda: pb.ServerReadyResponse(ready=self.plane.repository.ready))
+
+    async def ModelReady(self, request: pb.ModelReadyRequest,
+                         context: grpc.aio.ServicerContext) -> pb.ModelReadyResponse:
+        def ready() -> pb.ModelReadyResponse:
+            # As Triton answers: a model that is missing or loading is "not ready", no error.
+            try:
+                self.plane.repository.get(request.name, request.version or None)
+            except (ModelNotFound, ModelNotReady):
+                return pb.ModelReadyResponse(ready=False)
+            return pb.ModelReadyResponse(ready=True)
+        return await self._answer(context, _call(context, MODEL_READY, request.name,
+                                                 request.version), ready)
+
+    async def ServerMetadata(self, request: pb.ServerMetadataRequest,
+                             context: grpc.aio.ServicerContext) -> pb.ServerMetadataResponse:
+        return await self._answer(context, _call(context, SERVER_METADATA),
+                                  lambda: pb.ServerMetadataResponse(
+                                      **self.plane.server_metadata()))
+
+    async def ModelMetadata(self, request: pb.ModelMetadataRequest,
+                            context: grpc.aio.ServicerContext) -> pb.ModelMetadataResponse:
+        def metadata() -> pb.ModelMetadataResponse:
+            found = self.plane.model_metadata(request.name, request.version or None)
+            return pb.ModelMetadataResponse(
+                name=found["name"], versions=found["versions"], platform=found["platform"],
+                inputs=[pb.ModelMetadataResponse.TensorMetadata(**t) for t in found["inputs"]],
+                outputs=[pb.ModelMetadataResponse.TensorMetadata(**t)
+                         for t in found["outputs"]])
+        return await self._answer(context, _call(context, MODEL_METADATA, request.name,
+                                                 request.version), metadata)
+
+    async def ModelInfer(self, request: pb.ModelInferRequest,
+                         context: grpc.aio.ServicerContext) -> pb.ModelInferResponse:
+        call = _call(context, INFER, request.model_name, request.model_version)
+        remaining = context.time_remaining()
+        if remaining is not None:
+            call.timeout = max(0.0, remaining - ANSWER_MARGIN_S)
+        try:
+            result = await self.plane.infer_async(call, lambda: codec.decode_request(request))
+            response = codec.encode_response(result.model, result.version, result.request,
+                                             result.outputs)
+        except Exception as exc:
+            await _abort(context, call, _as_error(exc))
+        _send_headers(context, call)
+        return response
+
+    async def _answer(self, context: grpc.aio.ServicerContext, call: Call,
+                      make: Callable[[], Response]) -> Response:
+        """A non-inference RPC through the hook chain, its errors as status codes."""
+        hooks = self.plane.hooks
+        try:
+            hooks.before(call)
+            response = make()
+        except Exception as exc:
+            error = _as_error(exc)
+            hooks.after(call, error)
+            await _abort(context, call, error)
+        hooks.after(call, None)
+        _send_headers(context, call)
+        return response
+
+
+def _call(context: grpc.aio.ServicerContext, route: str, model: str = "",
+          version: str = "") -> Call:
+    metadata: dict[str, str] = {}
+    for key, value in context.invocation_metadata() or ():
+        if isinstance(value, str):  # "-bin" keys carry bytes: never attributes
+            metadata[key] = value
+    return Call(route, model, version or None, attributes=metadata.get, transport=TRANSPORT)
+
+
+def _send_headers(context: grpc.aio.ServicerContext, call: Call) -> None:
+    if call.response_headers:
+        context.set_trailing_metadata(
+            tuple((key.lower(), value) for key, value in call.response_headers.items()))
+
+
+def _as_error(exc: Exception) -> EdgerunError:
+    """The core's error for a failure; anything unexpected is logged and becomes INTERNAL."""
+    if isinstance(exc, EdgerunError):
+        return exc
+    log.error("gRPC call failed unexpectedly", exc_info=exc)
+    return InferenceError(f"internal error: {type(exc).__name__}: {exc}")
+
+
+async def _abort(context: grpc.aio.ServicerContext, call: Call,
+                 error: EdgerunError) -> NoReturn:
+    metadata = {**call.response_headers, **error_metadata(error)}
+    await context.abort(code_of(error), str(error),
+                        tuple((key.lower(), value) for key, value in metadata.items()))
+
+
+def add_to_server(server: grpc.aio.Server, plane: DataPlane) -> None:
+    add_GRPCInferenceServiceServicer_to_server(InferenceServicer(plane), server)

@@ -1,0 +1,200 @@
+"""Fleet state groundwork on SQLite and on a real PostgreSQL: URLs, parameters, migrations run
+at start-up, and a leader lease that passes to another process when its holder dies."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from edgerun.adapters.fleetdb import (Leadership, Lease, Migration, SchemaTooNew, connect,
+                                      migrate, redact)
+from edgerun.adapters.fleetdb.db import to_pyformat
+from edgerun.runtime.errors import InvalidInput
+from tests.postgres import fresh_database, postgres_url  # noqa: F401  (the fixture)
+
+MIGRATIONS = (
+    Migration(1, "devices", ("""CREATE TABLE devices (
+        device_id TEXT PRIMARY KEY,
+        grp TEXT,
+        last_seen DOUBLE PRECISION NOT NULL)""",)),
+    Migration(2, "device secrets", (
+        "ALTER TABLE devices ADD COLUMN password_hash TEXT",
+        {"sqlite": "CREATE INDEX devices_by_group ON devices (grp)",
+         "postgresql": "CREATE INDEX devices_by_group ON devices USING btree (grp)"})),
+)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def url(request, tmp_path: Path) -> str:
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path}/fleet.db"  # sqlite:/// + an absolute path
+    return fresh_database(request.getfixturevalue("postgres_url"))
+
+
+def test_urls_and_placeholders(tmp_path: Path) -> None:
+    assert connect(tmp_path / "plain.db").dialect == "sqlite"
+    assert (tmp_path / "plain.db").exists()
+    assert to_pyformat("SELECT '?', ? WHERE x LIKE 'a%'") == "SELECT '?', %s WHERE x LIKE 'a%%'"
+    assert redact("postgresql://fleet:hunter2@db:5432/fleet") == \
+        "postgresql://fleet:***@db:5432/fleet"
+    with pytest.raises(InvalidInput, match="mysql"):
+        connect("mysql://root:pw@db/fleet")
+    with pytest.raises(InvalidInput) as refused:
+        connect("postgresql://fleet:hunter2@127.0.0.1:1/fleet")
+    assert "hunter2" not in str(refused.value) and "***" in str(refused.value)
+
+
+def test_migrations_apply_once_and_in_order(url: str) -> None:
+    db = connect(url)
+    assert migrate(db, MIGRATIONS[:1]) == [1]
+    db.execute("INSERT INTO devices (device_id, grp, last_seen) VALUES (?, ?, ?)",
+               ("dev-a", "line-1", 1.5))
+    assert migrate(db, MIGRATIONS) == [2]  # a later release adds version 2 at start-up
+    assert migrate(db, MIGRATIONS) == []
+    db.execute("UPDATE devices SET password_hash = ? WHERE device_id = ?", ("$7$x", "dev-a"))
+    assert db.query("SELECT device_id, grp, password_hash, last_seen FROM devices") == [
+        {"device_id": "dev-a", "grp": "line-1", "password_hash": "$7$x", "last_seen": 1.5}]
+    rows = db.query("SELECT component, version, name FROM schema_migrations ORDER BY version")
+    assert rows == [{"component": "fleet", "version": 1, "name": "devices"},
+                    {"component": "fleet", "version": 2, "name": "device secrets"}]
+    with pytest.raises(SchemaTooNew, match="version 2"):
+        migrate(db, MIGRATIONS[:1])  # an older edgerun on a newer schema
+    broken = Migration(3, "broken", ("ALTER TABLE devices ADD COLUMN note TEXT",
+                                     "CREATE TABLE devices (x TEXT)"))
+    with pytest.raises(Exception):
+        migrate(db, (*MIGRATIONS, broken))
+    assert migrate(db, MIGRATIONS) == []  # version 3 rolled back whole: no `note` column
+    db.execute("ALTER TABLE devices ADD COLUMN note TEXT")
+    db.close()
+
+
+def test_processes_starting_together_migrate_once(url: str) -> None:
+    results: list[list[int]] = []
+
+    def start() -> None:
+        db = connect(url)
+        results.append(migrate(db, MIGRATIONS))
+        db.close()
+
+    threads = [threading.Thread(target=start) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sorted(results) == [[], [], [], [1, 2]]
+
+
+def test_one_holder_at_a_time_and_takeover_after_expiry(url: str) -> None:
+    a = Lease(connect(url), "rollouts", "registry-a", ttl=1.0)
+    b = Lease(connect(url), "rollouts", "registry-b", ttl=1.0)
+    assert a.acquire() and a.held and a.epoch == 1
+    assert not b.acquire() and not b.held
+    assert a.acquire() and a.epoch == 1  # renewing keeps the epoch
+    # a stops renewing (it died): b takes over once the lease expires, with a new epoch
+    deadline = time.monotonic() + 10
+    while not b.acquire():
+        assert time.monotonic() < deadline, "the lease never expired"
+        time.sleep(0.05)
+    assert b.epoch == 2 and b.state().holder == "registry-b"
+    assert not a.acquire() and not a.held  # the old leader learns it lost, no split brain
+    b.release()
+    assert a.acquire() and a.epoch == 3  # released: taken at once
+
+
+def test_many_contenders_one_winner(url: str) -> None:
+    leases = [Lease(connect(url), "rollouts", f"registry-{n}", ttl=30) for n in range(6)]
+    barrier = threading.Barrier(len(leases))
+    won: list[str] = []
+
+    def contend(lease: Lease) -> None:
+        barrier.wait()
+        if lease.acquire():
+            won.append(lease.holder)
+
+    threads = [threading.Thread(target=contend, args=(lease,)) for lease in leases]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(won) == 1
+
+
+HOLDER = """
+import sys, time
+from edgerun.adapters.fleetdb import Lease, connect
+lease = Lease(connect(sys.argv[1]), "rollouts", "registry-child", ttl=1.0)
+while True:
+    if lease.acquire():
+        print("leading", lease.epoch, flush=True)
+    time.sleep(0.2)
+"""
+
+
+def test_a_killed_leaders_lease_passes_to_the_survivor(url: str) -> None:
+    child = subprocess.Popen([sys.executable, "-c", HOLDER, url], stdout=subprocess.PIPE,
+                             text=True)
+    try:
+        assert child.stdout.readline().split() == ["leading", "1"]
+        survivor = Lease(connect(url), "rollouts", "registry-parent", ttl=1.0)
+        assert not survivor.acquire()
+        assert child.stdout.readline().startswith("leading")  # still renewing
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+        deadline = time.monotonic() + 10
+        while not survivor.acquire():
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        assert survivor.epoch == 2
+    finally:
+        child.kill()
+        child.wait()
+
+
+def test_transactions_commit_or_roll_back_whole(url: str) -> None:
+    db = connect(url)
+    migrate(db, MIGRATIONS)
+    insert = "INSERT INTO devices (device_id, grp, last_seen) VALUES (?, ?, ?)"
+    with pytest.raises(RuntimeError):
+        with db.transaction():
+            db.execute(insert, ("dev-a", None, 1.0))
+            with db.transaction():  # joins the outer one
+                db.execute(insert, ("dev-b", None, 1.0))
+            raise RuntimeError("crash before commit")
+    assert db.query("SELECT device_id FROM devices") == []
+    with db.transaction():
+        db.execute(insert, ("dev-a", "100%", 1.0))  # a literal % survives psycopg's format
+    other = connect(url)  # committed: visible to another connection
+    assert other.query("SELECT grp FROM devices WHERE grp LIKE '100%'") == [{"grp": "100%"}]
+
+
+def test_leadership_moves_when_the_leader_stops_renewing(url: str) -> None:
+    events: list[tuple[str, bool]] = []
+
+    def leader(name: str) -> Leadership:
+        lease = Lease(connect(url), "rollouts", name, ttl=2.0)
+        return Leadership(lease, renew_every=0.1,
+                          on_change=lambda leading: events.append((name, leading))).start()
+
+    a = leader("registry-a")
+    deadline = time.monotonic() + 10
+    while not a.leading:
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    b = leader("registry-b")
+    time.sleep(0.5)
+    assert a.leading and not b.leading
+    a.stop(release=False)  # a crash: no hand-over, the lease must lapse
+    while not b.leading:
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    assert not a.leading and b.lease.epoch == 2
+    b.stop()  # a clean shutdown releases at once
+    assert not b.leading and a.lease.acquire() and a.lease.epoch == 3
+    # a crashed process tells nobody; b reports both its win and its clean hand-over
+    assert events == [("registry-a", True), ("registry-b", True), ("registry-b", False)]

@@ -1,0 +1,392 @@
+"""OIP v2 over gRPC as its clients see it: a real `edgerun serve --grpc-port`, tritonclient.
+
+Typed `contents` requests are built with tritonclient's own protocol messages (its
+`grpc_service.proto` is a superset of the one edgerun serves), since tritonclient itself always
+sends raw tensors. This process never imports edgerun's generated stubs: both define the
+`inference` protobuf package, which one process's descriptor pool can hold only once.
+"""
+
+from __future__ import annotations
+
+import filecmp
+import re
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import grpc
+import httpx
+import numpy as np
+import pytest
+import tritonclient.grpc as tgrpc
+import tritonclient.http as thttp
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+from tritonclient.grpc import service_pb2 as pb
+from tritonclient.grpc import service_pb2_grpc
+from tritonclient.utils import InferenceServerException
+
+from edgerun.examples import mlp_onnx
+from tests.helpers import gather_onnx, identity_onnx
+from tests.serving import add_version, running_process, running_server
+
+ROOT = Path(__file__).resolve().parents[1]
+OIP_TYPES = {"BOOL": "bool", "UINT8": "uint8", "UINT16": "uint16", "UINT32": "uint32",
+             "UINT64": "uint64", "INT8": "int8", "INT16": "int16", "INT32": "int32",
+             "INT64": "int64", "FP16": "float16", "FP32": "float32", "FP64": "float64",
+             "BYTES": "string"}
+#: The protocol's typed field per datatype (FP16 has none).
+CONTENTS = {"BOOL": "bool_contents", "UINT8": "uint_contents", "UINT16": "uint_contents",
+            "UINT32": "uint_contents", "UINT64": "uint64_contents", "INT8": "int_contents",
+            "INT16": "int_contents", "INT32": "int_contents", "INT64": "int64_contents",
+            "FP32": "fp32_contents", "FP64": "fp64_contents", "BYTES": "bytes_contents"}
+SLOW_QUEUE = """
+[batching]
+max_batch_size = 8
+max_queue_delay_us = 1500000
+max_queue_size = 2
+"""
+CANARY = """
+[traffic]
+weights = { "1" = 50, "2" = 50 }
+sticky_key = "x-user-id"
+"""
+StatusCode = grpc.StatusCode
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("grpc") / "models"
+    for datatype, dtype in OIP_TYPES.items():
+        add_version(root, f"identity-{datatype.lower()}", "1", identity_onnx(dtype, ["b", "n"]))
+    add_version(root, "mlp", "1", mlp_onnx([8, 16, 4]))
+    add_version(root, "lookup", "1", gather_onnx())
+    add_version(root, "slowq", "1", identity_onnx("float32", ["b", 2]))
+    (root / "slowq" / "config.toml").write_text(SLOW_QUEUE)
+    add_version(root, "canary", "1", mlp_onnx([8, 4], seed=1))
+    add_version(root, "canary", "2", mlp_onnx([8, 4], seed=2))
+    (root / "canary" / "config.toml").write_text("version_policy = { all = true }\n" + CANARY)
+    return root
+
+
+@pytest.fixture(scope="module")
+def server(repo):
+    with running_server(repo, grpc=True) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def client(server) -> tgrpc.InferenceServerClient:
+    return tgrpc.InferenceServerClient(server.grpc_address)
+
+
+@pytest.fixture(scope="module")
+def stub(server):
+    with grpc.insecure_channel(server.grpc_address) as channel:
+        yield service_pb2_grpc.GRPCInferenceServiceStub(channel)
+
+
+def metric(server, name: str, **labels) -> float:
+    text = httpx.get(server.url + "/metrics").text
+    wanted = ",".join(f'{k}="{v}"' for k, v in labels.items())
+    match = re.search(rf"^{re.escape(name)}\{{{re.escape(wanted)}\}} (\S+)$", text, re.M)
+    return float(match.group(1)) if match else 0.0
+
+
+def fp32_input(array: np.ndarray, name: str = "x") -> tgrpc.InferInput:
+    tensor = tgrpc.InferInput(name, list(array.shape), "FP32")
+    tensor.set_data_from_numpy(array)
+    return tensor
+
+
+def refused(call, *args, **kwargs) -> InferenceServerException:
+    with pytest.raises(InferenceServerException) as caught:
+        call(*args, **kwargs)
+    return caught.value
+
+
+def code_of(error: InferenceServerException) -> str:
+    return error.status()
+
+
+# ------------------------------------------------------------------ health and metadata
+def test_health_and_server_metadata(client):
+    assert client.is_server_live() and client.is_server_ready()
+    metadata = client.get_server_metadata()
+    assert metadata.name == "edgerun" and "binary_tensor_data" in metadata.extensions
+
+
+def test_model_readiness(client):
+    assert client.is_model_ready("mlp") and client.is_model_ready("mlp", "1")
+    assert not client.is_model_ready("mlp", "7") and not client.is_model_ready("nope")
+    assert client.is_model_ready("canary", "2")
+
+
+def test_model_metadata(client):
+    metadata = client.get_model_metadata("mlp", as_json=True)
+    assert metadata["name"] == "mlp" and metadata["versions"] == ["1"]
+    assert metadata["platform"] == "onnxruntime_onnx"
+    assert metadata["inputs"] == [{"name": "x", "datatype": "FP32", "shape": ["-1", "8"]}]
+    assert metadata["outputs"] == [{"name": "y", "datatype": "FP32", "shape": ["-1", "4"]}]
+    assert client.get_model_metadata("canary").versions == ["1", "2"]
+    assert client.get_model_metadata("canary", "2").versions == ["2"]
+    error = refused(client.get_model_metadata, "nope")
+    assert code_of(error) == "StatusCode.NOT_FOUND" and "'nope'" in error.message()
+
+
+# ----------------------------------------------------------------------- round trips
+def _values(datatype: str):
+    dtype = OIP_TYPES[datatype]
+    if dtype == "string":
+        return st.text(alphabet=st.characters(min_codepoint=1, max_codepoint=0x2FFF),
+                       max_size=6).map(str.encode), object
+    if dtype.startswith("float"):
+        return st.floats(allow_nan=False, allow_infinity=False,
+                         width=np.dtype(dtype).itemsize * 8), np.dtype(dtype)
+    return None, np.dtype(dtype)
+
+
+def typed_request(model: str, name: str, datatype: str, array: np.ndarray) -> pb.ModelInferRequest:
+    request = pb.ModelInferRequest(model_name=model)
+    tensor = request.inputs.add(name=name, datatype=datatype, shape=array.shape)
+    getattr(tensor.contents, CONTENTS[datatype]).extend(array.ravel().tolist())
+    return request
+
+
+def typed_output(response: pb.ModelInferResponse, index: int = 0) -> np.ndarray:
+    """A typed output as an array (tritonclient's as_numpy reads raw contents only)."""
+    assert not response.raw_output_contents, "a typed request must get a typed answer"
+    output = response.outputs[index]
+    values = list(getattr(output.contents, CONTENTS[output.datatype]))
+    dtype = object if output.datatype == "BYTES" else OIP_TYPES[output.datatype]
+    return np.array(values, dtype=dtype).reshape(tuple(output.shape))
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data(), datatype=st.sampled_from(sorted(OIP_TYPES)), raw=st.booleans())
+def test_every_datatype_round_trips_raw_and_typed(client, stub, data, datatype, raw):
+    elements, dtype = _values(datatype)
+    shape = data.draw(st.tuples(st.integers(1, 3), st.integers(0, 4)))
+    array = data.draw(hnp.arrays(dtype, shape, elements=elements))
+    model = f"identity-{datatype.lower()}"
+    if raw or datatype == "FP16":  # FP16 has no typed field: raw is its only way
+        tensor = tgrpc.InferInput("x", list(shape), datatype)
+        tensor.set_data_from_numpy(array)
+        result = client.infer(model, [tensor])
+        assert result.get_response().raw_output_contents
+        out = result.as_numpy("y")
+    else:
+        out = typed_output(stub.ModelInfer(typed_request(model, "x", datatype, array)))
+    assert out.shape == array.shape
+    if datatype == "BYTES":
+        assert list(out.ravel()) == list(array.ravel())
+    else:
+        assert out.dtype == array.dtype
+        np.testing.assert_array_equal(out, array)
+
+
+def test_bytes_elements_round_trip_typed_and_raw(client, stub):
+    array = np.array([["héllo".encode(), b"", "\u2fff x".encode()]], dtype=object)
+    tensor = tgrpc.InferInput("x", [1, 3], "BYTES")
+    tensor.set_data_from_numpy(array)
+    assert list(client.infer("identity-bytes", [tensor]).as_numpy("y").ravel()) == \
+        list(array.ravel())
+    typed = stub.ModelInfer(typed_request("identity-bytes", "x", "BYTES", array))
+    assert list(typed_output(typed).ravel()) == list(array.ravel())
+
+
+def test_requested_outputs_and_request_id_are_honoured(client):
+    x = np.ones((1, 8), np.float32)
+    result = client.infer("mlp", [fp32_input(x)], model_version="1", request_id="req-7",
+                          outputs=[tgrpc.InferRequestedOutput("y")])
+    response = result.get_response()
+    assert response.id == "req-7" and response.model_version == "1"
+    assert [o.name for o in response.outputs] == ["y"]
+
+
+def test_request_id_metadata_is_echoed_in_trailing_metadata(stub):
+    request = typed_request("mlp", "x", "FP32", np.zeros((1, 8), np.float32))
+    _, call = stub.ModelInfer.with_call(request, metadata=[("x-request-id", "trace-42")])
+    assert ("x-request-id", "trace-42") in call.trailing_metadata()
+    _, call = stub.ServerLive.with_call(pb.ServerLiveRequest())
+    assert any(key == "x-request-id" for key, _ in call.trailing_metadata())
+
+
+def test_same_model_answers_alike_over_http_and_grpc(server, client, stub):
+    x = np.random.default_rng(3).standard_normal((5, 8)).astype(np.float32)
+    over_grpc = client.infer("mlp", [fp32_input(x)])
+    tensor = thttp.InferInput("x", [5, 8], "FP32")
+    tensor.set_data_from_numpy(x)
+    over_http = thttp.InferenceServerClient(server.address).infer("mlp", [tensor])
+    typed = stub.ModelInfer(typed_request("mlp", "x", "FP32", x))
+    np.testing.assert_array_equal(over_grpc.as_numpy("y"), over_http.as_numpy("y"))
+    np.testing.assert_array_equal(typed_output(typed), over_http.as_numpy("y"))
+    assert over_grpc.get_response().model_version == over_http.get_response()["model_version"]
+
+
+def test_grpc_calls_are_counted_with_their_transport(server, client):
+    labels = {"model": "mlp", "version": "1", "transport": "grpc"}
+    ok, bad = (metric(server, "edgerun_requests_total", **labels, outcome=o)
+               for o in ("ok", "invalid_input"))
+    client.infer("mlp", [fp32_input(np.zeros((1, 8), np.float32))])
+    refused(client.infer, "mlp", [fp32_input(np.zeros((1, 7), np.float32))])
+    assert metric(server, "edgerun_requests_total", **labels, outcome="ok") == ok + 1
+    assert metric(server, "edgerun_requests_total", **labels, outcome="invalid_input") == bad + 1
+
+
+# --------------------------------------------------------------------------- errors
+def test_bad_input_is_invalid_argument_naming_the_input(client, stub):
+    wrong_type = tgrpc.InferInput("x", [1, 8], "BYTES")
+    wrong_type.set_data_from_numpy(np.full((1, 8), b"one", dtype=object))
+    wrong_shape = fp32_input(np.zeros((2, 7), np.float32))
+    for inputs in ([wrong_type], [wrong_shape]):
+        error = refused(client.infer, "mlp", inputs)
+        assert code_of(error) == "StatusCode.INVALID_ARGUMENT" and "'x'" in error.message()
+    error = refused(client.infer, "mlp", [fp32_input(np.zeros((1, 8), np.float32))],
+                    outputs=[tgrpc.InferRequestedOutput("nope")])
+    assert code_of(error) == "StatusCode.INVALID_ARGUMENT" and "'nope'" in error.message()
+
+    short = pb.ModelInferRequest(model_name="mlp", raw_input_contents=[b"\0" * 12])
+    short.inputs.add(name="x", datatype="FP32", shape=[1, 8])
+    half = pb.ModelInferRequest(model_name="identity-fp16")
+    half.inputs.add(name="x", datatype="FP16", shape=[1, 1]).contents.fp32_contents.append(1)
+    few = typed_request("mlp", "x", "FP32", np.zeros(7, np.float32))
+    few.inputs[0].shape[:] = [1, 8]
+    for request, says in ((short, "32 bytes"), (half, "raw_input_contents"), (few, "8 elements")):
+        with pytest.raises(grpc.RpcError) as caught:
+            stub.ModelInfer(request)
+        assert caught.value.code() == StatusCode.INVALID_ARGUMENT
+        assert "'x'" in caught.value.details() and says in caught.value.details()
+
+
+def test_unknown_model_or_version_is_not_found(client):
+    x = [fp32_input(np.zeros((1, 8), np.float32))]
+    for model, version in (("nope", ""), ("mlp", "7")):
+        error = refused(client.infer, model, x, model_version=version)
+        assert code_of(error) == "StatusCode.NOT_FOUND", error
+
+
+def test_backend_failure_is_internal_and_the_server_keeps_serving(client):
+    index = tgrpc.InferInput("idx", [1], "INT64")
+    index.set_data_from_numpy(np.array([42], np.int64))
+    assert code_of(refused(client.infer, "lookup", [index])) == "StatusCode.INTERNAL"
+    index.set_data_from_numpy(np.array([2], np.int64))
+    np.testing.assert_array_equal(client.infer("lookup", [index]).as_numpy("rows"),
+                                  [[6, 7, 8]])
+
+
+def test_full_queue_is_unavailable(server):
+    """slowq holds 2 queued requests for 1.5 s; the others are refused at once."""
+    codes: list[str] = []
+
+    def one() -> None:
+        try:
+            tgrpc.InferenceServerClient(server.grpc_address).infer(
+                "slowq", [fp32_input(np.ones((1, 2), np.float32))])
+            codes.append("OK")
+        except InferenceServerException as exc:
+            codes.append(code_of(exc))
+    threads = [threading.Thread(target=one) for _ in range(5)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sorted(codes) == ["OK", "OK", *["StatusCode.UNAVAILABLE"] * 3], codes
+
+
+def test_deadline_that_expires_while_queued(server, client):
+    labels = {"model": "slowq", "version": "1", "transport": "grpc",
+              "outcome": "deadline_exceeded"}
+    before = metric(server, "edgerun_requests_total", **labels)
+    x = [fp32_input(np.ones((1, 2), np.float32))]
+    # the gRPC deadline: the queued request is dropped by the server, not only by the client
+    error = refused(client.infer, "slowq", x, client_timeout=0.4)
+    assert code_of(error) == "StatusCode.DEADLINE_EXCEEDED"
+    # OIP's own timeout parameter (microseconds), well inside a longer gRPC deadline
+    error = refused(client.infer, "slowq", x, timeout=200_000, client_timeout=10)
+    assert code_of(error) == "StatusCode.DEADLINE_EXCEEDED"
+    assert "past its deadline" in error.message()
+    assert metric(server, "edgerun_requests_total", **labels) == before + 2
+
+
+def test_canary_split_and_sticky_key_from_metadata(client):
+    x = [fp32_input(np.ones((1, 8), np.float32))]
+    versions = [client.infer("canary", x).get_response().model_version for _ in range(120)]
+    assert 25 <= versions.count("1") <= 95, versions.count("1")
+    pinned = {client.infer("canary", x, headers={"x-user-id": "alice"})
+              .get_response().model_version for _ in range(15)}
+    assert len(pinned) == 1
+    spread = {client.infer("canary", x, headers={"x-user-id": f"user-{i}"})
+              .get_response().model_version for i in range(40)}
+    assert spread == {"1", "2"}
+    named = client.infer("canary", x, model_version="2")
+    assert named.get_response().model_version == "2"
+
+
+# ------------------------------------------------------------------ hooks, readiness
+def test_hooks_see_grpc_calls_and_a_loading_model_is_unavailable(tmp_path):
+    root = tmp_path / "models"
+    add_version(root, "mlp", "1", mlp_onnx([8, 16, 4]))
+    add_version(root, "slow", "1", identity_onnx("float32", ["b", 2]))
+    command = [sys.executable, "-m", "tests.grpc_hooked_server", str(root)]
+    with running_process(command, log_dir=tmp_path, ready=False, grpc=True) as server:
+        client = tgrpc.InferenceServerClient(server.grpc_address)
+        good = {"authorization": "Bearer good"}
+        for call in (client.is_server_live, client.get_server_metadata):
+            assert code_of(refused(call)) == "StatusCode.UNAUTHENTICATED"
+            assert code_of(refused(call, headers={"authorization": "Bearer bad"})) == \
+                "StatusCode.PERMISSION_DENIED"
+        x = [fp32_input(np.ones((1, 8), np.float32))]
+        assert code_of(refused(client.infer, "mlp", x)) == "StatusCode.UNAUTHENTICATED"
+        client.infer("mlp", x, headers=good)  # mlp loaded first; slow is held back
+        assert not client.is_server_ready(headers=good)
+        assert not client.is_model_ready("slow", headers=good)
+        error = refused(client.infer, "slow", [fp32_input(np.ones((1, 2), np.float32))],
+                        headers=good)
+        assert code_of(error) == "StatusCode.UNAVAILABLE" and "loading" in error.message()
+        (tmp_path / "slow.go").touch()
+        for _ in range(200):
+            if client.is_server_ready(headers=good):
+                break
+            threading.Event().wait(0.05)
+        assert client.is_model_ready("slow", headers=good)
+        client.infer("slow", [fp32_input(np.ones((1, 2), np.float32))], headers=good)
+    assert server.process.returncode == 0, server.output()
+
+
+# ---------------------------------------------------------------------------- stubs
+def test_committed_stubs_are_what_generate_sh_makes(tmp_path):
+    subprocess.run(["bash", str(ROOT / "adapters" / "grpc" / "generate.sh"), str(tmp_path)],
+                   check=True, env={"PATH": "/usr/bin:/bin", "PYTHON": sys.executable})
+    for name in ("grpc_predict_v2_pb2.py", "grpc_predict_v2_pb2.pyi",
+                 "grpc_predict_v2_pb2_grpc.py"):
+        assert filecmp.cmp(tmp_path / name, ROOT / "adapters" / "grpc" / name, shallow=False), \
+            f"{name} is stale: run adapters/grpc/generate.sh"
+
+
+def test_sigterm_answers_a_queued_grpc_request_then_exits_cleanly(tmp_path):
+    root = tmp_path / "models"
+    add_version(root, "slowq", "1", identity_onnx("float32", ["b", 2]))
+    (root / "slowq" / "config.toml").write_text(SLOW_QUEUE)
+    answers = []
+    with running_server(root, grpc=True) as server:
+        client = tgrpc.InferenceServerClient(server.grpc_address)
+        waiting = threading.Thread(target=lambda: answers.append(client.infer(
+            "slowq", [fp32_input(np.ones((1, 2), np.float32))]).as_numpy("y")))
+        waiting.start()
+        threading.Event().wait(0.3)  # queued, waiting out the 1.5 s batching delay
+        server.process.send_signal(signal.SIGTERM)
+        waiting.join()
+        assert server.process.wait(30) == 0, server.output()
+    assert len(answers) == 1 and answers[0].tolist() == [[1.0, 1.0]]
+
+
+def test_the_grpc_adapter_imports_no_web_framework():
+    probe = ("import sys, edgerun.adapters.grpc.server; "
+             "print(sorted({'fastapi', 'starlette', 'uvicorn', 'pydantic'} & set(sys.modules)))")
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                            timeout=60, check=True)
+    assert result.stdout.strip() == "[]"

@@ -1,0 +1,157 @@
+"""`edgerun serve --api-keys` as a real process: 401/403 over HTTP, live revocation, and no
+secret in its logs under a load of good and bad keys."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import tritonclient.http as triton
+from tritonclient.utils import InferenceServerException
+
+from edgerun.adapters.auth import create_token, revoke_token
+from edgerun.adapters.auth.tokens import read_secret
+from edgerun.examples import mlp_onnx
+from tests.cli import edgerun_command
+from tests.serving import Server, add_version, free_port, wait_until
+
+BODY = {"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 4], "data": [1, 2, 3, 4]}]}
+
+
+@pytest.fixture
+def secured(tmp_path: Path):
+    repo = tmp_path / "models"
+    add_version(repo, "mlp", "1", mlp_onnx([4, 8, 2], seed=1))
+    tokens = tmp_path / "tokens"
+    secrets = {}
+    for name, scope in (("app", "read"), ("ops", "deploy"), ("leaver", "read"),
+                        ("never-used", "admin")):
+        create_token(scope, tokens, tmp_path / f"{name}.secret", name=name)
+        secrets[name] = read_secret(tmp_path / f"{name}.secret")
+    port = free_port()
+    log = tmp_path / "server.log"
+    with log.open("wb") as sink:  # debug logs and the access log: all the server would say
+        process = subprocess.Popen(
+            [*edgerun_command(), "-v", "serve", "--repository", str(repo), "--port", str(port),
+             "--api-keys", str(tokens), "--access-log", "--log-level", "debug"],
+            stdout=sink, stderr=subprocess.STDOUT)
+    server = Server(process, port, log)
+    try:
+        wait_until(server, "/v2/health/ready")  # probes need no key
+        yield server, tokens, secrets
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.wait(30)
+
+
+def auth(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+def test_keys_scopes_and_probes_over_http(secured) -> None:
+    server, tokens, secrets = secured
+    url = server.url
+    assert httpx.get(f"{url}/v2/health/live").status_code == 200
+    missing = httpx.post(f"{url}/v2/models/mlp/infer", json=BODY)
+    assert missing.status_code == 401 and missing.headers["www-authenticate"] == "Bearer"
+    assert "bearer token is required" in missing.json()["error"]
+    assert httpx.get(f"{url}/metrics").status_code == 401  # closed by default
+    assert httpx.get(f"{url}/metrics", headers=auth(secrets["app"])).status_code == 200
+    assert httpx.get(f"{url}/v2/models/mlp/ready").status_code == 401
+    denied = httpx.post(f"{url}/v2/repository/models/mlp/unload", headers=auth(secrets["app"]))
+    assert denied.status_code == 403 and "'app' has scope 'read'" in denied.json()["error"]
+    ok = httpx.post(f"{url}/v2/models/mlp/infer", json=BODY, headers=auth(secrets["app"]))
+    assert ok.status_code == 200 and ok.json()["model_name"] == "mlp"
+    # tritonclient, as users call Triton behind a gateway that wants a bearer token
+    client = triton.InferenceServerClient(server.address)
+    tensor = triton.InferInput("x", [1, 4], "FP32")
+    tensor.set_data_from_numpy(np.ones((1, 4), np.float32), binary_data=True)
+    result = client.infer("mlp", [tensor], headers=auth(secrets["app"]))
+    assert result.as_numpy(ok.json()["outputs"][0]["name"]).shape == (1, 2)
+    with pytest.raises(InferenceServerException, match="not valid"):
+        client.infer("mlp", [tensor], headers=auth(secrets["app"] + "x"))
+    revoke_token(tokens, "app")  # takes effect on the next request, no restart
+    again = httpx.post(f"{url}/v2/models/mlp/infer", json=BODY, headers=auth(secrets["app"]))
+    assert again.status_code == 401
+    assert httpx.post(f"{url}/v2/repository/models/mlp/load",
+                      headers=auth(secrets["ops"])).status_code == 200
+
+
+def test_no_secret_reaches_the_logs_under_load(secured) -> None:
+    server, tokens, secrets = secured
+    revoke_token(tokens, "leaver")
+    wrong = [secrets["app"][:-2] + "zz", "edgerun_" + "A" * 43, secrets["leaver"]]
+    plans = [(secrets["app"], 200), (secrets["ops"], 200)] + [(w, 401) for w in wrong]
+
+    def one(n: int) -> tuple[int, int]:
+        token, expected = plans[n % len(plans)]
+        got = client.post("/v2/models/mlp/infer", json=BODY, headers=auth(token))
+        if n % 7 == 0:  # a read key on a deploy route
+            denied = client.post("/v2/repository/models/mlp/unload",
+                                 headers=auth(secrets["app"]))
+            assert denied.status_code == 403
+        return got.status_code, expected
+
+    with httpx.Client(base_url=server.url) as client, ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(one, range(200)))
+    assert all(got == expected for got, expected in answers)
+    server.process.send_signal(signal.SIGTERM)
+    server.process.wait(30)
+    output = server.output()
+    assert "refused infer mlp over http (invalid)" in output  # the logs did see the refusals
+    assert "loaded 4 tokens" in output and "/v2/models/mlp/infer" in output
+    for secret in [*secrets.values(), *wrong[:2]]:
+        assert secret not in output
+        assert secret.removeprefix("edgerun_")[:16] not in output
+    assert json.dumps(secrets["app"])[1:-1] not in output
+
+
+README = Path(__file__).parents[1] / "README.md"
+
+
+def readme_block(language: str, marker: str) -> str:
+    import re
+    return next(b for b in re.findall(rf"```{language}\n(.*?)```", README.read_text(), re.S)
+                if marker in b)
+
+
+def test_readme_security_examples_are_true(tmp_path: Path) -> None:
+    import sys
+
+    from edgerun.adapters.auth.mosquitto import Device, InferenceClient, Orchestrator, acl_text
+    add_version(tmp_path / "models", "digits", "1", mlp_onnx([4, 8, 2], seed=1))
+    script = readme_block("bash", "--api-keys").replace("8001", str(free_port())).replace(
+        ".venv/bin/", str(Path(sys.executable).parent) + "/")
+    result = subprocess.run(["bash", "-ec", script + "wait\n"], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "created read token 'app'" in out and "revoked token 'app'" in out
+    assert out.count("401\n") == 2 and out.index("401") < out.index('"name":"digits"')
+    token = (tmp_path / "app.token").read_text().strip()
+    assert token not in result.stdout + result.stderr
+    hashed = "$7$x"
+    assert readme_block("text", "pattern") == acl_text(
+        [Device("dev-a", hashed, groups=("line-1",)), Device("dev-b", hashed)],
+        [InferenceClient("client-c", hashed, targets=("dev-a", "line-1"))],
+        Orchestrator("fleet", hashed))
+
+
+def test_metrics_open_and_a_missing_tokens_file(tmp_path: Path) -> None:
+    from tests.cli import edgerun
+    from tests.serving import running_server
+    repo = tmp_path / "models"
+    add_version(repo, "mlp", "1", mlp_onnx([4, 8, 2], seed=1))
+    refused = edgerun("serve", "--repository", str(repo), "--api-keys", str(tmp_path / "nope"))
+    assert refused.returncode == 2 and "tokens file" in refused.stderr and "nope" in refused.stderr
+    create_token("read", tmp_path / "tokens", tmp_path / "read.secret")
+    with running_server(repo, "--api-keys", str(tmp_path / "tokens"), "--metrics",
+                        "open") as server:
+        assert httpx.get(f"{server.url}/metrics").status_code == 200
+        assert httpx.get(f"{server.url}/v2/models/mlp").status_code == 401
