@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import sys
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -15,6 +16,9 @@ else:  # pragma: no cover - Python 3.10 (JetPack 6)
 PROFILE_DIR = Path(__file__).with_name("profiles")
 OPTIMIZATION_LEVELS = ("disable", "basic", "extended", "all")
 PRECISIONS = ("fp32", "fp16", "int8")
+ARCHES = ("any", "x86_64", "aarch64")
+TVM_KINDS = ("llvm", "cuda")
+_SM_RE = re.compile(r"^sm_[0-9]{2,3}[a-z]?$")
 
 
 @dataclass(frozen=True)
@@ -59,7 +63,40 @@ class DeviceProfile:
         if self.precision not in PRECISIONS:
             raise ValueError(f"device profile {self.name!r}: precision must be one of "
                              f"{', '.join(PRECISIONS)}")
+        if self.arch not in ARCHES:
+            raise ValueError(f"device profile {self.name!r}: arch must be one of "
+                             f"{', '.join(ARCHES)}")
+        if self.memory_mb < 0:
+            raise ValueError(f"device profile {self.name!r}: memory_mb must be >= 0")
+        self._check_tvm_target()
         object.__setattr__(self, "execution_providers", tuple(self.execution_providers))
+
+    def _check_tvm_target(self) -> None:
+        target = self.tvm_target
+        if not target:
+            return
+        where = f"device profile {self.name!r}: tvm_target"
+        if target.get("kind") not in TVM_KINDS:
+            raise ValueError(f"{where}.kind must be one of {', '.join(TVM_KINDS)}")
+        if target["kind"] == "cuda":
+            if not _SM_RE.match(str(target.get("arch", ""))):
+                raise ValueError(f"{where}.arch must name the GPU architecture, e.g. 'sm_87'")
+            if not isinstance(target.get("host"), dict) or target["host"].get("kind") != "llvm":
+                raise ValueError(f"{where}.host must be an llvm target for the CPU beside the GPU")
+        llvm = target["host"] if target["kind"] == "cuda" else target
+        triple = str(llvm.get("mtriple", ""))
+        if self.host_triple and triple != self.host_triple:
+            raise ValueError(f"{where}: mtriple {triple!r} differs from host_triple "
+                             f"{self.host_triple!r}")
+        if self.arch != "any" and triple and not triple.startswith(self.arch):
+            raise ValueError(f"{where}: mtriple {triple!r} is not for arch {self.arch!r}")
+
+    @property
+    def accelerator(self) -> str:
+        """What the TVM artifact's kernels run on: "cpu" or "cuda:sm_87"."""
+        if self.tvm_target.get("kind") == "cuda":
+            return f"cuda:{self.tvm_target['arch']}"
+        return "cpu"
 
     def replace(self, **changes: Any) -> DeviceProfile:
         """A copy with some fields overridden (None values are ignored)."""

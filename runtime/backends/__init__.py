@@ -11,6 +11,7 @@ from edgerun.runtime.errors import BundleError
 _BACKENDS = {
     "onnxruntime": ("edgerun.runtime.backends.onnxruntime", "OnnxRuntimeBackend"),
     "tflite": ("edgerun.runtime.backends.tflite", "TFLiteBackend"),
+    "tvm": ("edgerun.runtime.backends.tvm", "TvmBackend"),
 }
 _SUFFIXES = {".onnx": "onnxruntime", ".tflite": "tflite"}
 

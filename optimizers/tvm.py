@@ -1,0 +1,239 @@
+"""ONNX -> TVM (apache-tvm 0.27, Relax) for a device profile, as a bundle of backend "tvm".
+
+`compile_bundle` imports the model with the Relax ONNX frontend, compiles it for the profile's
+target (x86/aarch64 CPUs; CUDA with dlight's default GPU schedules and device code compiled here
+by nvcc), links the library with the profile's cross compiler, checks it against ONNX Runtime
+where it can run here, and refuses to ship it when it is slower than ONNX Runtime on this host
+(the measured case on x86 without tuning, see benchmarks/README.md) unless `force=True`.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgerun import __version__
+from edgerun.devices import DeviceProfile, load_profile
+from edgerun.optimizers import tvm_target
+from edgerun.optimizers.errors import OptimizeError
+from edgerun.runtime.bundle import (GOLDEN, FileEntry, Manifest, check_name,
+                                    check_version, golden_input, sha256_file, write_manifest)
+from edgerun.runtime.signature import Signature, TensorSpec
+
+MODEL_FILE = "model.so"
+#: Outputs of the TVM artifact and of ONNX Runtime must agree this closely (fp32 models).
+TOLERANCE = 1e-4
+
+
+class CompileError(OptimizeError):
+    """The model cannot be compiled for the profile; the message names the culprit."""
+
+
+class UnsupportedOperator(CompileError):
+    """The ONNX model uses operators the TVM frontend cannot import."""
+
+    def __init__(self, message: str, operators: tuple[str, ...]) -> None:
+        super().__init__(message)
+        self.operators = operators
+
+
+class SlowerThanOnnxRuntime(CompileError):
+    """The TVM artifact measured slower than ONNX Runtime on this host; nothing was written."""
+
+    def __init__(self, message: str, report: CompileReport) -> None:
+        super().__init__(message)
+        self.report = report
+
+
+@dataclass(frozen=True)
+class CompileReport:
+    """What was built and how it measured on this host (None: it cannot run here)."""
+
+    bundle: Path
+    artifact: Path
+    profile: str
+    target: str
+    tvm_target: dict[str, Any]
+    batch: str
+    tune_trials: int
+    compile_s: float
+    runs_here: bool
+    tvm_latency_ms: float | None = None
+    onnxruntime_latency_ms: float | None = None
+    max_abs_error: float | None = None
+    slower_than_onnxruntime: bool = False
+    device_code: tuple[str, ...] = ()
+    notes: tuple[str, ...] = field(default=())
+
+    @property
+    def speedup(self) -> float | None:
+        """ONNX Runtime latency / TVM latency (above 1: TVM is faster)."""
+        if self.tvm_latency_ms is None or self.onnxruntime_latency_ms is None:
+            return None
+        return self.onnxruntime_latency_ms / self.tvm_latency_ms
+
+
+def compile_bundle(model_path: Path, profile: DeviceProfile, out_dir: Path, *, name: str,
+                   version: str, tune_trials: int = 0, force: bool = False,
+                   optimizations: tuple[str, ...] = ()) -> CompileReport:
+    """Compile an ONNX model for a device profile into a TVM bundle in `out_dir`."""
+    model_path, out_dir = Path(model_path), Path(out_dir)
+    profile = load_profile(profile)
+    check_name(name)
+    check_version(str(version))
+    if not model_path.is_file():
+        raise CompileError(f"{model_path}: no such model file")
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        raise CompileError(f"{out_dir}: output folder exists and is not empty")
+    target = tvm_target.target_dict(profile)
+    here = tvm_target.runs_here(target)
+    if tune_trials and not here:
+        raise CompileError(
+            f"tuning needs to measure on the device: {tvm_target.describe(target)} does not run "
+            f"on this host ({tvm_target.host_arch()}); compile {profile.name} untuned "
+            "(tune_trials=0)")
+    signature = _onnx_signature(model_path)
+    started = time.perf_counter()
+    from edgerun.optimizers import tvm_build
+
+    built = tvm_build.build(model_path, profile, target, tune_trials=tune_trials)
+    signature = _fixed_batch(signature, built.batch) if built.batch else signature
+    created_dir = not out_dir.exists()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        artifact = out_dir / MODEL_FILE
+        built.export(artifact)
+        compile_s = time.perf_counter() - started
+        sample = golden_input(signature)
+        reference = _onnxruntime_outputs(model_path, sample)
+        report = CompileReport(
+            bundle=out_dir, artifact=artifact, profile=profile.name,
+            target=tvm_target.describe(target), tvm_target=target,
+            batch=str(built.batch or "dynamic"), tune_trials=tune_trials, compile_s=compile_s,
+            runs_here=here, device_code=built.device_code, notes=built.notes)
+        golden = reference
+        if here:
+            report, golden = _measure(report, model_path, profile, signature, sample, reference)
+            if report.slower_than_onnxruntime and not force:
+                raise SlowerThanOnnxRuntime(
+                    f"TVM artifact for {profile.name} is slower than ONNX Runtime on this host: "
+                    f"{report.tvm_latency_ms:.3f} ms against {report.onnxruntime_latency_ms:.3f} "
+                    f"ms per batch-1 call ({report.speedup:.2f}x); not shipping it (tune it with "
+                    "more trials, or pass force=True / --force)", report)
+        np.savez(out_dir / GOLDEN,
+                 **{f"input_{i}": sample[s.name] for i, s in enumerate(signature.inputs)},
+                 **{f"output_{i}": golden[s.name] for i, s in enumerate(signature.outputs)})
+        _write_manifest(out_dir, model_path, profile, target, signature, name, str(version),
+                        optimizations, report)
+    except BaseException:
+        if created_dir:
+            shutil.rmtree(out_dir, ignore_errors=True)
+        else:
+            for child in out_dir.iterdir():
+                child.unlink()
+        raise
+    return report
+
+
+def _onnx_signature(model_path: Path) -> Signature:
+    from edgerun.runtime.backends.onnxruntime import OnnxRuntimeBackend
+
+    return OnnxRuntimeBackend.inspect(model_path)
+
+
+def _fixed_batch(signature: Signature, batch: int) -> Signature:
+    """The signature of a library compiled for one batch size: no dynamic batch axis left."""
+    def fix(spec: TensorSpec) -> TensorSpec:
+        if spec.batch_axis is None:
+            return spec
+        shape = tuple(batch if i == spec.batch_axis else d for i, d in enumerate(spec.shape))
+        return TensorSpec(spec.name, spec.dtype, shape, None)
+
+    return Signature(tuple(map(fix, signature.inputs)), tuple(map(fix, signature.outputs)), None)
+
+
+def _onnxruntime_session(model_path: Path, profile: DeviceProfile | None = None) -> Any:
+    import onnxruntime as ort
+
+    from edgerun.runtime.backends.onnxruntime import session_options
+
+    options = session_options(profile or load_profile("x86-64"))
+    return ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
+
+
+def _onnxruntime_outputs(model_path: Path, sample: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    session = _onnxruntime_session(model_path)
+    names = [o.name for o in session.get_outputs()]
+    return dict(zip(names, session.run(names, sample)))
+
+
+def median_latency_ms(run: Callable[[], Any], budget_s: float = 0.5, max_calls: int = 2000) -> float:
+    """Median wall time of `run` in ms, after a warm-up, within about `budget_s`."""
+    run()
+    times: list[float] = []
+    deadline = time.perf_counter() + budget_s
+    while len(times) < max_calls and (len(times) < 5 or time.perf_counter() < deadline):
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
+    return float(np.median(times)) * 1e3
+
+
+def _measure(report: CompileReport, model_path: Path, profile: DeviceProfile,
+             signature: Signature, sample: dict[str, np.ndarray],
+             reference: dict[str, np.ndarray]) -> tuple[CompileReport, dict[str, np.ndarray]]:
+    """Run the artifact here: its error against ONNX Runtime and both latencies."""
+    from edgerun.runtime.backends.tvm import TvmBackend
+
+    backend = TvmBackend.load_library(report.artifact, signature, report.target,
+                                      cuda=tvm_target.is_cuda(report.tvm_target))
+    try:
+        outputs = backend.run(sample)
+        error = max((float(np.max(np.abs(outputs[k].astype(np.float64) - v.astype(np.float64))))
+                     if v.size else 0.0) for k, v in reference.items()
+                    if v.dtype.kind in "fc")
+        if error > TOLERANCE:
+            raise CompileError(f"TVM artifact for {profile.name} differs from ONNX Runtime by "
+                               f"{error:g} (tolerance {TOLERANCE:g}); not shipping it")
+        tvm_ms = median_latency_ms(lambda: backend.run(sample))
+    finally:
+        backend.close()
+    session = _onnxruntime_session(model_path, profile if profile.arch != "any" else None)
+    names = [o.name for o in session.get_outputs()]
+    ort_ms = median_latency_ms(lambda: session.run(names, sample))
+    measured = CompileReport(**{**report.__dict__, "tvm_latency_ms": tvm_ms,
+                                "onnxruntime_latency_ms": ort_ms, "max_abs_error": error,
+                                "slower_than_onnxruntime": tvm_ms > ort_ms})
+    return measured, outputs
+
+
+def _write_manifest(out_dir: Path, model_path: Path, profile: DeviceProfile,
+                    target: dict[str, Any], signature: Signature, name: str, version: str,
+                    optimizations: tuple[str, ...], report: CompileReport) -> None:
+    files = {p.name: FileEntry(sha256_file(p), p.stat().st_size)
+             for p in sorted(out_dir.iterdir())}
+    measured = {key: getattr(report, key) for key in
+                ("tvm_latency_ms", "onnxruntime_latency_ms", "max_abs_error")
+                if getattr(report, key) is not None}
+    manifest = Manifest(
+        name=name, version=version, backend="tvm", model_file=MODEL_FILE, signature=signature,
+        files=files,
+        device={"profile": profile.name, "target": tvm_target.cpu_arch(target),
+                "accelerator": profile.accelerator if profile.tvm_target else "cpu",
+                "tvm_target": json.dumps(target, sort_keys=True)},
+        created={"tool": "edgerun", "tool_version": __version__,
+                 "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+                 "source_file": model_path.name, "source_sha256": sha256_file(model_path),
+                 "optimizations": [*optimizations, "tvm"],
+                 "tvm": {"target": report.target, "batch": report.batch,
+                         "tune_trials": report.tune_trials, "device_code": list(report.device_code),
+                         "forced_slower": report.slower_than_onnxruntime, **measured}})
+    write_manifest(out_dir, manifest)

@@ -1,0 +1,113 @@
+"""Device profiles: every one loads, yields a valid TVM target, and the CLI shows them."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import tvm
+
+from edgerun.devices import DeviceProfile, list_profiles, load_profile
+from edgerun.optimizers.tvm_target import target_for
+from tests.cli import edgerun
+
+# name: (cpu arch, accelerator, precision)
+EXPECTED = {
+    "cpu": ("any", "cpu", "fp32"),
+    "x86-64": ("x86_64", "cpu", "fp32"),
+    "raspberry-pi-4": ("aarch64", "cpu", "int8"),
+    "raspberry-pi-5": ("aarch64", "cpu", "int8"),
+    "jetson-nano": ("aarch64", "cuda:sm_53", "fp16"),
+    "jetson-xavier-nx": ("aarch64", "cuda:sm_72", "fp16"),
+    "jetson-orin": ("aarch64", "cuda:sm_87", "fp16"),
+    "cloud-gpu": ("x86_64", "cuda:sm_75", "fp16"),
+    "nvidia-t4": ("x86_64", "cuda:sm_75", "fp16"),
+    "nvidia-a10g": ("x86_64", "cuda:sm_86", "fp16"),
+    "nvidia-l4": ("x86_64", "cuda:sm_89", "fp16"),
+    "nvidia-a100": ("x86_64", "cuda:sm_80", "fp16"),
+    "nvidia-h100": ("x86_64", "cuda:sm_90", "fp16"),
+}
+CPUS = {"raspberry-pi-4": "cortex-a72", "raspberry-pi-5": "cortex-a76", "x86-64": "haswell"}
+
+
+def test_the_issue_s_profiles_are_shipped():
+    assert set(EXPECTED) <= set(list_profiles())
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_profile_fields_and_tvm_target(name):
+    profile = load_profile(name)
+    arch, accelerator, precision = EXPECTED[name]
+    assert (profile.arch, profile.accelerator, profile.precision) == (arch, accelerator, precision)
+    target = target_for(profile)
+    assert isinstance(target, tvm.target.Target)
+    llvm = target.host if accelerator.startswith("cuda") else target
+    if accelerator.startswith("cuda"):
+        assert target.kind.name == "cuda"
+        assert str(target.attrs["arch"]) == accelerator.split(":")[1]
+        assert str(llvm.attrs["mtriple"]) == profile.host_triple
+    else:
+        assert target.kind.name == "llvm"
+    assert int(llvm.attrs["num-cores"]) >= 1
+    if arch == "aarch64":
+        assert llvm.attrs["feature.is_aarch64"]
+        assert "+neon" in list(llvm.attrs["mattr"])
+        assert shutil.which(profile.cross_compiler), profile.cross_compiler
+        assert not profile.allow_spinning
+    if name in CPUS:
+        assert str(llvm.attrs["mcpu"]) == CPUS[name]
+    if arch != "any":
+        assert profile.memory_mb > 0
+    assert profile.execution_providers[-1] == "CPUExecutionProvider"
+
+
+def test_raspberry_pi_5_has_dot_product_and_pi_4_does_not():
+    pi5 = target_for(load_profile("raspberry-pi-5"))
+    pi4 = target_for(load_profile("raspberry-pi-4"))
+    assert pi5.attrs["feature.has_dotprod"] and not pi4.attrs["feature.has_dotprod"]
+
+
+@pytest.mark.parametrize("bad, message", [
+    ({"tvm_target": {"kind": "opencl"}}, "kind must be one of llvm, cuda"),
+    ({"tvm_target": {"kind": "cuda", "host": {"kind": "llvm"}}}, "arch must name the GPU"),
+    ({"tvm_target": {"kind": "cuda", "arch": "sm_87"}}, "host must be an llvm target"),
+    ({"arch": "aarch64", "host_triple": "aarch64-linux-gnu",
+      "tvm_target": {"kind": "llvm", "mtriple": "x86_64-linux-gnu"}}, "differs from host_triple"),
+    ({"arch": "riscv"}, "arch must be one of"),
+    ({"precision": "int4"}, "precision must be one of"),
+])
+def test_invalid_profiles_are_refused_with_the_field_named(bad, message):
+    with pytest.raises(ValueError, match=message):
+        DeviceProfile(name="bad", **bad)
+
+
+def test_cli_devices_list_json_and_table():
+    listed = edgerun("devices", "list", "--json")
+    assert listed.returncode == 0, listed.stderr
+    by_name = {p["name"]: p for p in json.loads(listed.stdout)}
+    assert set(by_name) == set(list_profiles())
+    assert by_name["jetson-orin"]["tvm_target"]["arch"] == "sm_87"
+    assert by_name["raspberry-pi-4"]["cross_compiler"] == "aarch64-linux-gnu-g++"
+    table = edgerun("devices", "list")
+    assert table.returncode == 0
+    for name in EXPECTED:
+        assert name in table.stdout
+    assert "cuda:sm_90" in table.stdout
+
+
+def test_cli_devices_show():
+    shown = edgerun("devices", "show", "nvidia-a10g", "--json")
+    assert shown.returncode == 0, shown.stderr
+    data = json.loads(shown.stdout)
+    assert data["tvm_target"]["arch"] == "sm_86"
+    assert data["tvm_target"]["host"]["mtriple"] == "x86_64-linux-gnu"
+    table = edgerun("devices", "show", "raspberry-pi-5")
+    assert "cortex-a76" in table.stdout and "int8" in table.stdout
+
+
+def test_cli_devices_show_unknown_name_lists_the_shipped_ones():
+    result = edgerun("devices", "show", "jetson-tx9")
+    assert result.returncode == 2
+    assert "unknown device profile 'jetson-tx9'" in result.stderr
+    assert "raspberry-pi-4" in result.stderr

@@ -1,0 +1,240 @@
+"""TVM compilation for device profiles: x86 artifacts run here and match ONNX Runtime, aarch64
+artifacts run for real under qemu-user in an arm64 Debian root, CUDA artifacts carry device code
+compiled here for their arch."""
+
+from __future__ import annotations
+
+import json
+import re
+import os
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+from edgerun.devices import load_profile
+from edgerun.examples import digits_classifier_onnx, mlp_onnx
+from edgerun.optimizers import cuda_device_code
+from edgerun.optimizers.tvm import (CompileError, SlowerThanOnnxRuntime, UnsupportedOperator,
+                                    compile_bundle)
+from edgerun.runtime import Bundle, BundleError, Model
+from edgerun.runtime.backends.tvm import library_arch
+from tests.cli import edgerun
+
+REPO = Path(__file__).resolve().parents[1]
+CUDA_PROFILES = ["jetson-nano", "jetson-xavier-nx", "jetson-orin", "cloud-gpu", "nvidia-t4",
+                 "nvidia-a10g", "nvidia-l4", "nvidia-a100", "nvidia-h100"]
+
+
+@pytest.fixture
+def mlp_path(tmp_path: Path) -> Path:
+    path = tmp_path / "mlp.onnx"
+    path.write_bytes(mlp_onnx([8, 16, 4]))
+    return path
+
+
+def onnxruntime_run(path: Path, inputs: dict[str, np.ndarray]) -> list[np.ndarray]:
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, inputs)
+
+
+def test_x86_artifact_matches_onnxruntime_for_any_batch(tmp_path, mlp_path):
+    report = compile_bundle(mlp_path, load_profile("x86-64"), tmp_path / "b", name="mlp",
+                            version="1.0.0", force=True, optimizations=("prune",))
+    assert report.runs_here and report.batch == "dynamic"
+    assert report.max_abs_error is not None and report.max_abs_error <= 1e-4
+    assert report.tvm_latency_ms > 0 and report.onnxruntime_latency_ms > 0
+    assert library_arch(report.artifact) == "x86_64"
+    model = Model.load(tmp_path / "b", "x86-64")
+    assert model.describe()["backend"] == "tvm"
+    model.check_golden()
+    rng = np.random.default_rng(3)
+    for batch in (1, 3, 17):
+        x = rng.standard_normal((batch, 8)).astype(np.float32)
+        got = model.predict({"x": x})["y"]
+        np.testing.assert_allclose(got, onnxruntime_run(mlp_path, {"x": x})[0], atol=1e-4)
+    manifest = Bundle.open(tmp_path / "b").manifest
+    assert manifest.backend == "tvm" and manifest.model_file == "model.so"
+    assert manifest.device["accelerator"] == "cpu" and manifest.device["target"] == "x86_64"
+    assert json.loads(manifest.device["tvm_target"])["mcpu"] == "haswell"
+    assert manifest.created["optimizations"] == ["prune", "tvm"]
+    assert manifest.created["tvm"]["forced_slower"] == report.slower_than_onnxruntime
+    verified = edgerun("bundle", "verify", str(tmp_path / "b"))
+    assert verified.returncode == 0 and "tvm:cpu" in verified.stdout, verified.stderr
+
+
+def test_concurrent_requests_get_their_own_answers(tmp_path, mlp_path):
+    compile_bundle(mlp_path, load_profile("x86-64"), tmp_path / "b", name="mlp", version="1",
+                   force=True)
+    model = Model.load(tmp_path / "b", "x86-64")
+    rng = np.random.default_rng(4)
+    inputs = [rng.standard_normal((i + 1, 8)).astype(np.float32) for i in range(8)]
+    results: dict[int, np.ndarray] = {}
+
+    def work(i: int) -> None:
+        for _ in range(20):
+            results[i] = model.predict({"x": inputs[i]})["y"]
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for i, x in enumerate(inputs):
+        np.testing.assert_allclose(results[i], onnxruntime_run(mlp_path, {"x": x})[0], atol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def digits() -> tuple[bytes, np.ndarray]:
+    onnx_bytes, images, _ = digits_classifier_onnx()
+    return onnx_bytes, images
+
+
+def test_digits_classifier_tvm_artifact_matches_onnxruntime(tmp_path, digits):
+    onnx_bytes, images = digits
+    model = onnx.load_from_string(onnx_bytes)
+    path = tmp_path / "digits.onnx"
+    onnx.save(onnx.utils.Extractor(model).extract_model(
+        [i.name for i in model.graph.input], ["probabilities"]), str(path))
+    compile_bundle(path, load_profile("x86-64"), tmp_path / "b", name="digits", version="1",
+                   force=True)
+    got = Model.load(tmp_path / "b", "x86-64").predict({"X": images})["probabilities"]
+    expected = onnxruntime_run(path, {"X": images})[0]
+    assert np.max(np.abs(got - expected)) <= 1e-4
+
+
+def test_a_slower_artifact_is_refused_with_the_figures(tmp_path):
+    path = tmp_path / "wide.onnx"
+    path.write_bytes(mlp_onnx([256, 1024, 1024, 10]))
+    with pytest.raises(SlowerThanOnnxRuntime, match=r"slower than ONNX Runtime.* ms against") \
+            as caught:
+        compile_bundle(path, load_profile("x86-64"), tmp_path / "b", name="wide", version="1")
+    report = caught.value.report
+    assert report.tvm_latency_ms > report.onnxruntime_latency_ms
+    assert report.speedup < 1
+    assert not (tmp_path / "b").exists()
+
+
+@pytest.mark.timeout(900)  # MetaSchedule imports its tensor intrinsics once: minutes on a busy box
+def test_tuning_runs_and_its_records_are_reused(tmp_path, mlp_path, monkeypatch):
+    monkeypatch.setenv("EDGERUN_CACHE", str(tmp_path / "cache"))
+    first = compile_bundle(mlp_path, load_profile("x86-64"), tmp_path / "b1", name="mlp",
+                           version="1", tune_trials=2, force=True)
+    assert first.batch == "1" and first.max_abs_error <= 1e-4
+    assert any("0 trials cached, 2 run now" in note for note in first.notes)
+    records = list((tmp_path / "cache" / "tvm-tuning" / "x86-64").rglob("database_tuning_record.json"))
+    assert records and records[0].stat().st_size > 0
+    second = compile_bundle(mlp_path, load_profile("x86-64"), tmp_path / "b2", name="mlp",
+                            version="1", tune_trials=2, force=True)
+    assert any("2 trials cached, 0 run now" in note for note in second.notes)
+    model = Model.load(tmp_path / "b2", "x86-64")
+    assert model.signature.inputs[0].shape == (1, 8)
+    x = np.ones((1, 8), np.float32)
+    np.testing.assert_allclose(model.predict({"x": x})["y"],
+                               onnxruntime_run(mlp_path, {"x": x})[0], atol=1e-4)
+
+
+def test_tuning_for_another_cpu_is_refused(tmp_path, mlp_path):
+    with pytest.raises(CompileError, match="tuning needs to measure on the device"):
+        compile_bundle(mlp_path, load_profile("raspberry-pi-4"), tmp_path / "b", name="m",
+                       version="1", tune_trials=8)
+
+
+def test_an_operator_tvm_cannot_import_is_named(tmp_path, digits):
+    path = tmp_path / "digits.onnx"
+    path.write_bytes(digits[0])  # skl2onnx maps class indices to labels with an ai.onnx.ml op
+    with pytest.raises(UnsupportedOperator, match="ai.onnx.ml.ArrayFeatureExtractor") as caught:
+        compile_bundle(path, load_profile("x86-64"), tmp_path / "b", name="d", version="1")
+    assert caught.value.operators == ("ai.onnx.ml.ArrayFeatureExtractor",)
+    assert not (tmp_path / "b").exists()
+
+
+def test_an_unknown_device_name_lists_the_shipped_ones(tmp_path, mlp_path):
+    with pytest.raises(ValueError, match="unknown device profile 'jetson-tx9'.*raspberry-pi-5"):
+        compile_bundle(mlp_path, "jetson-tx9", tmp_path / "b", name="m", version="1")
+
+
+def test_an_artifact_for_another_cpu_is_refused_naming_both(tmp_path, mlp_path):
+    compile_bundle(mlp_path, load_profile("raspberry-pi-5"), tmp_path / "b", name="m",
+                   version="1")
+    with pytest.raises(BundleError, match=r"compiled for aarch64 \(profile raspberry-pi-5.*"
+                                          r"cortex-a76.*this host is x86_64"):
+        Model.load(tmp_path / "b")
+
+
+@pytest.mark.parametrize("name", CUDA_PROFILES)
+def test_cuda_artifact_carries_device_code_for_its_arch(tmp_path, mlp_path, name):
+    profile = load_profile(name)
+    arch = profile.tvm_target["arch"]
+    nvcc = cuda_device_code.find_nvcc()
+    if arch not in cuda_device_code.supported_archs(nvcc):
+        # CUDA 13 compiles for sm_75 and newer only: the refusal must say so, naming the arch
+        with pytest.raises(CompileError, match=f"cannot compile for {arch}.*EDGERUN_NVCC"):
+            compile_bundle(mlp_path, profile, tmp_path / "b", name="m", version="1")
+        return
+    report = compile_bundle(mlp_path, profile, tmp_path / "b", name="m", version="1")
+    compute = arch.replace("sm_", "compute_")
+    assert report.device_code == (f"cubin {arch}", f"ptx {compute}")
+    library = report.artifact.read_bytes()
+    assert ("cubin", arch) in cuda_device_code.fatbin_entries(library)
+    assert ("ptx", compute) in cuda_device_code.fatbin_entries(library)
+    assert b"#include <cuda" not in library  # no CUDA source left to compile on the device
+    assert library_arch(report.artifact) == profile.arch
+    with pytest.raises(BundleError, match=f"compiled for (cuda:{arch}|{profile.arch})"):
+        Model.load(tmp_path / "b")
+
+
+def test_fatbin_reader_matches_nvcc_output():
+    source = 'extern "C" __global__ void twice(float* x) { x[threadIdx.x] *= 2.0f; }\n'
+    fatbin = cuda_device_code.compile_fatbin(source, "sm_86")
+    assert cuda_device_code.fatbin_entries(fatbin) in (
+        [("cubin", "sm_86"), ("ptx", "compute_86")], [("ptx", "compute_86"), ("cubin", "sm_86")])
+
+
+@pytest.fixture(scope="session")
+def arm64_root() -> Path:
+    """An arm64 Debian root with python3.11, numpy and apache-tvm; built once, then cached."""
+    cache = Path(os.environ.get("EDGERUN_CACHE", Path.home() / ".cache" / "edgerun"))
+    root = cache / "arm64-root"
+    subprocess.run(["bash", str(REPO / "devices" / "qemu" / "make-arm64-root.sh"), str(root),
+                    sys.executable], check=True, timeout=600)
+    return root
+
+
+@pytest.mark.timeout(900)  # includes building the arm64 root when it is not cached
+def test_aarch64_artifact_runs_under_qemu_and_matches_onnxruntime(tmp_path, mlp_path, arm64_root):
+    compile_bundle(mlp_path, load_profile("raspberry-pi-4"), tmp_path / "b", name="mlp",
+                   version="1")
+    assert library_arch(tmp_path / "b" / "model.so") == "aarch64"
+    x = np.random.default_rng(5).standard_normal((6, 8)).astype(np.float32)
+    np.savez(tmp_path / "in.npz", x=x)
+    result = subprocess.run(
+        ["qemu-aarch64", "-L", str(arm64_root), str(arm64_root / "usr/bin/python3.11"),
+         str(REPO / "devices" / "qemu" / "run_bundle.py"), str(REPO), str(tmp_path / "b"),
+         "raspberry-pi-4", str(tmp_path / "in.npz"), str(tmp_path / "out.npz")],
+        capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+    described = json.loads(result.stdout.strip().splitlines()[-1])
+    assert described["backend"] == "tvm" and "cortex-a72" in described["target"]
+    got = np.load(tmp_path / "out.npz")["y"]
+    np.testing.assert_allclose(got, onnxruntime_run(mlp_path, {"x": x})[0], atol=1e-4)
+
+
+def test_readme_tvm_example_runs(tmp_path):
+    readme = (REPO / "README.md").read_text()
+    (snippet,) = re.findall(r"```py\n(.*?)```", readme, re.S)
+    result = subprocess.run([sys.executable, "-c", snippet], cwd=tmp_path, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.splitlines() == ["aarch64 cpu (cortex-a76) False",
+                                          "('cubin sm_87', 'ptx compute_87')", "True"]
+    devices = next(b for b in re.findall(r"```bash\n(.*?)```", readme, re.S)
+                   if "edgerun devices" in b)
+    for line in devices.splitlines():
+        command = line.split("#")[0].split()
+        result = edgerun(*command[1:])
+        assert result.returncode == 0 and "jetson-orin" in result.stdout
