@@ -1,0 +1,313 @@
+"""The fleet end to end: registry, rollouts in waves, gates, aborts, restarts, on a real broker.
+
+Devices are `tests.fleet_sim.SimDevice`s (real agents, repositories and data planes in threads,
+each with its own data folder and paho connection) under a steady request load; the registry
+and orchestrator are a real `edgerun fleet serve` process.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import threading
+import time
+import urllib.request
+
+import httpx
+import numpy as np
+import pytest
+
+from edgerun.adapters.fleet.gate import assign_waves, check_gate, parse_gate
+from edgerun.adapters.fleet.store import MIGRATIONS, Store
+from edgerun.adapters.ota.download import download
+from edgerun.examples import mlp_onnx
+from edgerun.runtime import signing
+from edgerun.runtime.bundle import GOLDEN, FileEntry, read_manifest, sha256_file, write_manifest
+from edgerun.runtime.errors import BundleError, InvalidInput
+from tests.cli import edgerun
+from tests.fleet_sim import (Broker, FleetServer, SimDevice, SteadyLoad, infer_body, make_bundle,
+                             wait_for)
+
+WIDTH = 8
+
+
+def model(seed: int) -> bytes:
+    return mlp_onnx([WIDTH, 16, 4], seed=seed)
+
+
+@pytest.fixture
+def keys(tmp_path):
+    fleet_key, fleet_pub = signing.generate_keys(tmp_path / "keys")
+    other_key, other_pub = signing.generate_keys(tmp_path / "other")
+    return {"key": fleet_key, "pub": fleet_pub, "other_key": other_key,
+            "other_pub": other_pub, "trusted": [signing.load_public_key(fleet_pub)],
+            "both": [signing.load_public_key(fleet_pub), signing.load_public_key(other_pub)]}
+
+
+@pytest.fixture
+def broker(tmp_path):
+    broker = Broker(tmp_path / "broker")
+    broker.start()
+    yield broker
+    broker.stop()
+
+
+@pytest.fixture
+def server(tmp_path, broker, keys):
+    server = FleetServer(tmp_path / "fleet", broker, [keys["pub"], keys["other_pub"]]).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def v1(tmp_path, keys):
+    return make_bundle(tmp_path / "bundles", model(1), "m", "1", keys["key"])
+
+
+@pytest.fixture
+def fleet(tmp_path, broker, server, keys, v1):
+    devices: list[SimDevice] = []
+
+    def make(count: int, trusted=None, prefix="dev") -> list[SimDevice]:
+        made = [SimDevice(f"{prefix}{i:02d}", tmp_path / f"{prefix}{i:02d}", broker,
+                          trusted or keys["trusted"], v1).start() for i in range(count)]
+        devices.extend(made)
+        wait_for(lambda: {d.device_id for d in made} <= {d["device_id"] for d in
+                                                         server.get("/devices")},
+                 30, "devices to report")
+        return made
+
+    yield make
+    for device in devices:
+        device.close()
+
+
+def push(server: FleetServer, bundle) -> None:
+    result = edgerun("fleet", "push", str(bundle), "--server", server.url)
+    assert result.returncode == 0, result.stderr
+
+
+def job_states(status: dict) -> dict[str, str]:
+    return {job["device_id"]: job["state"] for job in status["jobs"]}
+
+
+# ----------------------------------------------------------------- pure parts
+def test_gate_and_waves_arithmetic():
+    conditions = parse_gate("p99<50ms,errors<1%,p50<=0.01s")
+    assert [str(c) for c in conditions] == ["p99<50ms", "errors<1%", "p50<=10ms"]
+    assert check_gate(conditions, {"p99_ms": 20, "p50_ms": 5, "requests": 200, "errors": 1}) == []
+    assert check_gate(conditions, {"latency_ms": {"p50": 5, "p99": 80}, "requests": 10,
+                                   "errors": 1}) == ["p99 80 breaks p99<50ms",
+                                                     "errors 10 breaks errors<1%"]
+    with pytest.raises(InvalidInput, match="p99<50ms"):
+        parse_gate("latency<5")
+    waves = assign_waves([f"d{i}" for i in range(20)], [0.05, 0.25, 1.0])
+    assert [w for _, w in waves].count(0) == 1 and [w for _, w in waves].count(1) == 4
+    assert len(waves) == 20 and [w for _, w in waves].count(2) == 15
+
+
+def test_store_schema_is_versioned_and_portable(tmp_path):
+    store = Store.sqlite(tmp_path / "fleet.db")
+    store.migrate()  # idempotent
+    assert store.query("SELECT version FROM schema_version") == [{"version": 1}]
+    store.close()
+    schema = " ".join(statement for migration in MIGRATIONS for statement in migration).upper()
+    for sqlite_only in ("AUTOINCREMENT", "INSERT OR ", "ROWID", "WITHOUT", "STRICT", "PRAGMA"):
+        assert sqlite_only not in schema
+
+
+# ------------------------------------------------------------------- registry
+def test_registry_verifies_pushes_and_serves_resumable_downloads(tmp_path, server, keys):
+    unsigned = make_bundle(tmp_path / "u", model(2), "m", "2", None)
+    result = edgerun("fleet", "push", str(unsigned), "--server", server.url)
+    assert result.returncode == 2 and "unsigned" in result.stderr
+    stranger_key, _ = signing.generate_keys(tmp_path / "stranger")
+    foreign = make_bundle(tmp_path / "f", model(2), "m", "2", stranger_key)
+    result = edgerun("fleet", "push", str(foreign), "--server", server.url)
+    assert result.returncode == 2 and "key id unknown" in result.stderr
+    v2 = make_bundle(tmp_path / "b", model(2), "m", "2", keys["key"])
+    push(server, v2)
+    result = edgerun("fleet", "push", str(v2), "--server", server.url)
+    assert result.returncode == 0 and "already held" in result.stdout
+    other = make_bundle(tmp_path / "o", model(3), "m", "2", keys["key"])
+    result = edgerun("fleet", "push", str(other), "--server", server.url)
+    assert result.returncode == 2 and "immutable" in result.stderr
+    (held,) = server.get("/bundles")
+    url = f"{server.url}/bundles/m/2"
+    whole = httpx.get(url)
+    assert whole.headers["etag"] == f'"{held["sha256"]}"' and len(whole.content) == held["size"]
+    part = httpx.get(url, headers={"Range": "bytes=100-"})
+    assert part.status_code == 206 and part.content == whole.content[100:]
+    assert part.headers["content-range"] == f"bytes 100-{held['size'] - 1}/{held['size']}"
+    # a download that broke off resumes from where it stopped
+    dest = tmp_path / "dl" / "m-2.tar.gz"
+    dest.parent.mkdir()
+    (dest.parent / "m-2.tar.gz.part").write_bytes(whole.content[:700])
+    assert download(url, dest, held["sha256"], held["size"]) == held["size"] - 700
+    assert dest.read_bytes() == whole.content
+    # a part that does not belong to this file is caught by the sha256 and thrown away
+    (dest.parent / "x.tar.gz.part").write_bytes(b"\0" * 700)
+    with pytest.raises(BundleError, match="corrupt or tampered"):
+        download(url, dest.parent / "x.tar.gz", held["sha256"], held["size"])
+    assert not (dest.parent / "x.tar.gz.part").exists()
+    # a stale part (If-Range names another ETag) gets the whole file again
+    (dest.parent / "y.tar.gz.part").write_bytes(b"\0" * 700)
+    request = urllib.request.Request(url, headers={"Range": "bytes=700-",
+                                                   "If-Range": '"other"'})
+    with urllib.request.urlopen(request) as response:
+        assert response.status == 200
+
+
+# ------------------------------------------------------------------- rollouts
+def test_canary_then_full_rollout_under_load_fails_no_request(tmp_path, server, fleet, keys):
+    devices = fleet(20)
+    push(server, make_bundle(tmp_path / "b", model(2), "m", "2", keys["key"]))
+    violations, snapshots = [], []
+    done = threading.Event()
+
+    def watch() -> None:  # the canary wave must be active before wave 2 is published
+        while not done.is_set():
+            status = server.get("/rollouts")
+            for rollout in status["rollouts"]:
+                detail = server.get(f"/rollouts/{rollout['id']}")
+                snapshots.append(detail["counts"])
+                canary = [j for j in detail["jobs"] if j["wave"] == 0]
+                rest = [j for j in detail["jobs"] if j["wave"] == 1]
+                if any(j["state"] != "pending" for j in rest) and \
+                        any(j["state"] != "active" for j in canary):
+                    violations.append(detail)
+            time.sleep(0.05)
+
+    watcher = threading.Thread(target=watch)
+    with SteadyLoad(devices, infer_body(WIDTH)) as load:
+        watcher.start()
+        result = edgerun("fleet", "deploy", "m:2", "--server", server.url, "--group", "fleet",
+                         "--waves", "10%,100%", "--gate", "p99<2000ms,errors<1%", "--wait")
+        time.sleep(0.5)  # traffic after the switch, too
+        done.set()
+        watcher.join()
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "completed" in result.stdout
+    assert not violations
+    assert any(c.get("active", 0) == 2 and c.get("pending", 0) == 18 for c in snapshots)
+    assert load.total > 200 and load.failures == []
+    assert all(d.served("m") == ["2"] for d in devices)
+    result = edgerun("fleet", "status", "--server", server.url, "--json")
+    (rollout,) = json.loads(result.stdout)["rollouts"]
+    assert rollout["state"] == "completed" and rollout["counts"] == {"active": 20}
+    result = edgerun("fleet", "status", rollout["id"], "--server", server.url)
+    assert result.returncode == 0 and "20/20" in result.stdout
+
+
+def smoke_failing(tmp_path, keys, version: str):
+    """A validly signed bundle whose golden output is wrong: it fails its smoke test."""
+    folder = make_bundle(tmp_path / "s", model(5), "m", version, None)
+    with np.load(folder / GOLDEN) as data:
+        arrays = {k: data[k] for k in data.files}
+    arrays["output_0"] = arrays["output_0"] + 1.0
+    np.savez(folder / GOLDEN, **arrays)
+    manifest = read_manifest(folder)
+    files = {**manifest.files, GOLDEN: FileEntry(sha256_file(folder / GOLDEN),
+                                                 (folder / GOLDEN).stat().st_size)}
+    write_manifest(folder, type(manifest)(**{**manifest.__dict__, "files": files}))
+    signing.sign_folder(folder, keys["key"])
+    return folder
+
+
+def test_bad_updates_are_refused_reported_and_the_old_model_serves(tmp_path, server, fleet,
+                                                                   keys, v1):
+    devices = fleet(4)
+    push(server, v1)
+    push(server, make_bundle(tmp_path / "b", model(2), "m", "2", keys["key"]))
+    push(server, make_bundle(tmp_path / "b", model(3), "m", "3", keys["key"]))
+    push(server, make_bundle(tmp_path / "b", model(4), "m", "4", keys["other_key"]))
+    push(server, smoke_failing(tmp_path, keys, "5"))
+    stored = tmp_path / "fleet" / "bundles" / "m" / "3.tar.gz"  # bit rot on the registry
+    data = bytearray(stored.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    stored.write_bytes(bytes(data))
+
+    def deploy(version: str, device: SimDevice) -> dict:
+        status = server.deploy(model="m", version=version, devices=[device.device_id],
+                               max_failures=1.0)
+        return server.wait_rollout(status["id"])
+
+    with SteadyLoad(devices, infer_body(WIDTH)) as load:
+        assert job_states(deploy("2", devices[3])) == {"dev03": "active"}
+        cases = {"3": (devices[0], "corrupt or tampered"),
+                 "4": (devices[1], "key id unknown"),
+                 "5": (devices[2], "smoke test failed, still serving version 1"),
+                 "1": (devices[3], "older than the active 2")}
+        for version, (device, reason) in cases.items():
+            status = deploy(version, device)
+            (job,) = status["jobs"]
+            assert status["state"] == "completed" and job["state"] == "failed", status
+            assert reason in job["detail"]
+    assert load.failures == []
+    assert [d.served("m") for d in devices] == [["1"], ["1"], ["1"], ["2"]]
+
+
+def test_failures_over_the_threshold_abort_and_roll_back(tmp_path, server, fleet, keys):
+    updated = fleet(3, trusted=keys["both"], prefix="a")
+    refusing = fleet(3, prefix="b")  # trust only the fleet key
+    push(server, make_bundle(tmp_path / "b", model(2), "m", "2", keys["other_key"]))
+    with SteadyLoad(updated + refusing, infer_body(WIDTH)) as load:
+        status = server.deploy(model="m", version="2", devices=[
+            d.device_id for d in updated + refusing], waves=[0.5, 1.0], max_failures=0.2)
+        status = server.wait_rollout(status["id"])
+    assert status["state"] == "aborted" and "over max-failures 20%" in status["reason"]
+    states = job_states(status)
+    assert [states[d.device_id] for d in updated] == ["rolled_back"] * 3
+    # the abort may catch the last refusing device mid-job: it then gets a rollback too
+    refused = [states[d.device_id] for d in refusing]
+    assert refused.count("failed") >= 2 and set(refused) <= {"failed", "rolled_back"}
+    assert all(d.served("m") == ["1"] for d in updated + refusing)
+    assert load.failures == []
+
+
+def test_a_failing_health_gate_aborts_and_rolls_back(tmp_path, server, fleet, keys):
+    devices = fleet(4)
+    push(server, make_bundle(tmp_path / "b", model(2), "m", "2", keys["key"]))
+    with SteadyLoad(devices, infer_body(WIDTH)) as load:
+        status = server.deploy(model="m", version="2", group="fleet", waves=[0.5, 1.0],
+                               gate="p99<0.0001ms", gate_timeout=1.0)
+        status = server.wait_rollout(status["id"])
+    assert status["state"] == "aborted" and "health gate failed" in status["reason"]
+    assert sorted(job_states(status).values()) == ["cancelled", "cancelled", "rolled_back",
+                                                   "rolled_back"]
+    assert all(d.served("m") == ["1"] for d in devices) and load.failures == []
+
+
+def test_offline_device_broker_restart_and_orchestrator_restart(tmp_path, broker, server,
+                                                                fleet, keys):
+    devices = fleet(6)
+    push(server, make_bundle(tmp_path / "b", model(2), "m", "2", keys["key"]))
+    late, gone = devices[4], devices[5]
+    late.go_offline()
+    gone.go_offline()
+    online = devices[:4]
+    with SteadyLoad(online, infer_body(WIDTH)) as load:
+        status = server.deploy(model="m", version="2", group="fleet", waves=[0.5, 1.0],
+                               max_failures=0.2, job_timeout=20)
+        wait_for(lambda: job_states(server.get(f"/rollouts/{status['id']}"))["dev00"]
+                 == "active", 30, "the first wave")
+        server.kill()           # kill -9 of the orchestrator mid-rollout
+        broker.stop()           # and the broker
+        broker.start()
+        server.start()
+        late.come_back()        # the offline device returns: its retained job is waiting
+        final = server.wait_rollout(status["id"], timeout=60)
+    states = job_states(final)
+    assert final["state"] == "completed", final
+    assert states.pop("dev05") == "failed" and "timed out" in [
+        j for j in final["jobs"] if j["device_id"] == "dev05"][0]["detail"]
+    assert set(states.values()) == {"active"}
+    assert all(d.served("m") == ["2"] for d in devices[:5]) and gone.served("m") == ["1"]
+    assert load.failures == []
+
+
+def test_bundle_archive_with_extra_fields_keeps_its_signature(tmp_path, keys):
+    folder = make_bundle(tmp_path / "b", model(2), "m", "2", keys["key"])
+    copy = tmp_path / "copy"
+    shutil.copytree(folder, copy)
+    assert signing.verify_folder(copy, keys["trusted"])
