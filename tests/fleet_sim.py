@@ -102,7 +102,8 @@ def mqtt_client(client_id: str) -> mqtt.Client:
 
 
 class LoadStats:
-    """Requests one device answered: latencies and errors since the last telemetry."""
+    """Requests one device answered: counts since start, latencies since the last telemetry
+    (the shape `edgerun daemon` reports)."""
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
@@ -121,13 +122,13 @@ class LoadStats:
 
     def window(self) -> dict:
         with self.lock:
-            latencies, errors = self.latencies, self.errors
-            self.latencies, self.errors = [], 0
+            latencies, self.latencies = self.latencies, []
+            counts = {"requests": self.total, "errors": self.errors}
         if not latencies:
-            return {"requests": 0, "errors": 0}
+            return counts
         ms = np.array(latencies) * 1000
-        return {"requests": len(latencies), "errors": errors,
-                "p50_ms": float(np.percentile(ms, 50)), "p99_ms": float(np.percentile(ms, 99))}
+        return {**counts, "latency_ms": {"p50": float(np.percentile(ms, 50)),
+                                         "p99": float(np.percentile(ms, 99))}}
 
 
 class SimDevice:

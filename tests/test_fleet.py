@@ -99,6 +99,9 @@ def test_gate_and_waves_arithmetic():
     assert check_gate(conditions, {"latency_ms": {"p50": 5, "p99": 80}, "requests": 10,
                                    "errors": 1}) == ["p99 80 breaks p99<50ms",
                                                      "errors 10 breaks errors<1%"]
+    # counts since start: only what came after the update (the baseline) is judged
+    assert check_gate(conditions[1:2], {"requests": 1100, "errors": 50},
+                      {"requests": 1000, "errors": 50}) == []
     with pytest.raises(InvalidInput, match="p99<50ms"):
         parse_gate("latency<5")
     waves = assign_waves([f"d{i}" for i in range(20)], [0.05, 0.25, 1.0])

@@ -3,8 +3,9 @@
 A gate is a comma-separated list of conditions on what updated devices report in their
 telemetry, e.g. `p99<50ms,errors<1%`: `p50`/`p99` latency (ms or s) and `errors` (the share of
 failed requests, in %). Telemetry is read as the MQTT daemon publishes it: `p50_ms`,
-`p99_ms` (or `latency_ms: {p50, p99}`), and `requests`/`errors` counted over the telemetry
-interval (or an `error_rate` fraction).
+`p99_ms` (or `latency_ms: {p50, p99}`) over the last interval, and `requests`/`errors` counted
+since the daemon started: the error share is taken over what a device served since its update
+(the counts at that moment are the baseline), or an `error_rate` fraction when one is sent.
 """
 
 from __future__ import annotations
@@ -90,7 +91,8 @@ def assign_waves(devices: list[str], waves: list[float]) -> list[tuple[str, int]
     return assigned
 
 
-def health(telemetry: Mapping[str, Any]) -> dict[str, float]:
+def health(telemetry: Mapping[str, Any],
+           baseline: Mapping[str, Any] | None = None) -> dict[str, float]:
     """The gate's metrics from one telemetry message (missing ones left out)."""
     values: dict[str, float] = {}
     latency = telemetry.get("latency_ms") if isinstance(telemetry.get("latency_ms"), dict) \
@@ -103,14 +105,19 @@ def health(telemetry: Mapping[str, Any]) -> dict[str, float]:
         values["errors"] = 100.0 * float(telemetry["error_rate"])
     elif isinstance(telemetry.get("requests"), (int, float)) and \
             isinstance(telemetry.get("errors"), (int, float)):
-        requests = float(telemetry["requests"])
-        values["errors"] = 100.0 * float(telemetry["errors"]) / requests if requests else 0.0
+        requests, errors = float(telemetry["requests"]), float(telemetry["errors"])
+        base_requests = float((baseline or {}).get("requests") or 0)
+        if base_requests <= requests:  # a restarted daemon counts from zero again
+            requests -= base_requests
+            errors -= float((baseline or {}).get("errors") or 0)
+        values["errors"] = 100.0 * max(errors, 0.0) / requests if requests else 0.0
     return values
 
 
-def check_gate(conditions: list[Condition], telemetry: Mapping[str, Any]) -> list[str]:
+def check_gate(conditions: list[Condition], telemetry: Mapping[str, Any],
+               baseline: Mapping[str, Any] | None = None) -> list[str]:
     """The conditions this telemetry breaks (or lacks), as readable strings; empty: it holds."""
-    values = health(telemetry)
+    values = health(telemetry, baseline)
     broken = []
     for condition in conditions:
         value = values.get(condition.metric)

@@ -132,6 +132,10 @@ class Orchestrator:
             fields: dict[str, Any] = {"state": report.state, "detail": report.detail}
             if report.previous is not None and job["kind"] == INSTALL:
                 fields["previous_version"] = report.previous
+            if report.state == ACTIVE:  # the gate counts errors from here on
+                telemetry = (self.store.device(device) or {}).get("telemetry") or {}
+                fields["baseline"] = json.dumps({k: telemetry.get(k)
+                                                 for k in ("requests", "errors")})
             self.store.update_job(job["rollout_id"], device, **fields)
             if report.state in TERMINAL:
                 self.publish(job_topic(device), b"", True)  # done: clear the retained job
@@ -213,8 +217,9 @@ class Orchestrator:
             if not device.get("telemetry") or (device.get("telemetry_at") or 0) < job["updated_at"]:
                 broken.append(f"{job['device_id']}: no telemetry since its update yet")
                 continue
+            baseline = json.loads(job["baseline"]) if job["baseline"] else None
             broken += [f"{job['device_id']}: {b}"
-                       for b in gates.check_gate(conditions, device["telemetry"])]
+                       for b in gates.check_gate(conditions, device["telemetry"], baseline)]
         return broken
 
     def _abort(self, rollout: dict[str, Any], reason: str) -> None:

@@ -61,6 +61,7 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
             state TEXT NOT NULL,
             detail TEXT NOT NULL,
             deadline DOUBLE PRECISION,
+            baseline TEXT,
             updated_at DOUBLE PRECISION NOT NULL,
             PRIMARY KEY (rollout_id, device_id))""",
         "CREATE INDEX jobs_by_job_id ON jobs (job_id)",
