@@ -291,7 +291,7 @@ def test_offline_device_broker_restart_and_orchestrator_restart(tmp_path, broker
     online = devices[:4]
     with SteadyLoad(online, infer_body(WIDTH)) as load:
         status = server.deploy(model="m", version="2", group="fleet", waves=[0.5, 1.0],
-                               max_failures=0.2, job_timeout=20)
+                               max_failures=0.2, job_timeout=25)
         wait_for(lambda: job_states(server.get(f"/rollouts/{status['id']}"))["dev00"]
                  == "active", 30, "the first wave")
         server.kill()           # kill -9 of the orchestrator mid-rollout
