@@ -10,15 +10,12 @@ benchmarks/ota.py.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
-import socket
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -31,67 +28,11 @@ from edgerun.devices import load_profile
 from edgerun.runtime import create_bundle, signing
 from edgerun.runtime.metrics import Registry
 from edgerun.runtime.repository import Repository
+from tests.mqtt import Broker, running_broker  # noqa: F401 (the broker the fleet runs on)
+from tests.serving import free_port
 
 PROFILE = load_profile("cpu").replace(intra_op_threads=1, inter_op_threads=1,
                                       allow_spinning=False)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def mosquitto_binary() -> str:
-    found = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
-    assert os.path.exists(found), "mosquitto is not installed (apt-get install mosquitto)"
-    return found
-
-
-class Broker:
-    """Mosquitto on a free loopback port with its own config; persistent, restartable."""
-
-    def __init__(self, folder: Path) -> None:
-        self.folder = folder
-        folder.mkdir(parents=True, exist_ok=True)
-        self.port = free_port()
-        self.url = f"mqtt://127.0.0.1:{self.port}"
-        self.config = folder / "mosquitto.conf"
-        self.config.write_text(
-            f"listener {self.port} 127.0.0.1\nallow_anonymous true\npersistence true\n"
-            f"persistence_location {folder}/\nautosave_interval 1\nset_tcp_nodelay true\n"
-            "max_queued_messages 100000\nuser root\n")
-        self.process: subprocess.Popen | None = None
-
-    def start(self) -> None:
-        log = open(self.folder / "mosquitto.log", "ab")
-        self.process = subprocess.Popen([mosquitto_binary(), "-c", str(self.config)],
-                                        stdout=log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            try:
-                socket.create_connection(("127.0.0.1", self.port), 0.2).close()
-                return
-            except OSError:
-                time.sleep(0.05)
-        raise RuntimeError("mosquitto did not start: "
-                           + (self.folder / "mosquitto.log").read_text())
-
-    def stop(self) -> None:
-        if self.process is not None:
-            self.process.send_signal(signal.SIGTERM)  # saves its persistence file
-            self.process.wait(10)
-            self.process = None
-
-
-@contextmanager
-def running_broker(folder: Path) -> Iterator[Broker]:
-    broker = Broker(folder)
-    broker.start()
-    try:
-        yield broker
-    finally:
-        broker.stop()
 
 
 def mqtt_client(client_id: str) -> mqtt.Client:

@@ -314,3 +314,37 @@ def test_bundle_archive_with_extra_fields_keeps_its_signature(tmp_path, keys):
     copy = tmp_path / "copy"
     shutil.copytree(folder, copy)
     assert signing.verify_folder(copy, keys["trusted"])
+
+
+def test_rollout_to_real_daemons_and_kill_9_of_one(tmp_path, broker, server, keys, v1):
+    """`edgerun daemon --trust --group` processes: the agent wired into the real daemon."""
+    from tests.mqtt import DaemonProcess, daemon_command, read_retained
+
+    push(server, make_bundle(tmp_path / "b", model(2), "m", "2", keys["key"]))
+    daemons = []
+    for i in range(2):
+        repo = tmp_path / f"daemon{i}" / "models"
+        shutil.copytree(v1, repo / "m" / "1")
+        command = daemon_command(repo, broker, f"pi{i}", "--group", "field", "--trust",
+                                 str(keys["pub"]), "--telemetry-interval", "0.5")
+        daemons.append(DaemonProcess(command, tmp_path / f"daemon{i}.log").start())
+    try:
+        wait_for(lambda: {"pi0", "pi1"} <= {d["device_id"] for d in server.get("/devices")
+                                            if d["grp"] == "field"}, 60, "daemons online")
+        result = edgerun("fleet", "deploy", "m:2", "--server", server.url, "--group", "field",
+                         "--waves", "50%,100%", "--gate", "p99<1000ms,errors<1%", "--wait")
+        assert result.returncode == 0, result.stdout + result.stderr + daemons[0].output()
+        for i in range(2):
+            status = wait_for(lambda: (s := read_retained(broker, f"edgerun/pi{i}/status"))
+                              and s["models"] == {"m": ["2"]} and s, 30, "status with v2")
+            assert status["group"] == "field" and status["ota"]["m"] == {"active": "2",
+                                                                         "previous": None}
+        daemons[0].kill()  # kill -9, then the same daemon again: it recovers to version 2
+        daemons[0].start()
+        status = wait_for(lambda: (s := read_retained(broker, "edgerun/pi0/status"))
+                          and s["state"] == "online" and s["models"] == {"m": ["2"]} and s,
+                          60, "restarted daemon serving v2")
+        assert status["ota"]["m"]["active"] == "2"
+    finally:
+        for daemon in daemons:
+            daemon.kill()

@@ -32,7 +32,9 @@ from edgerun.runtime import signing
 from edgerun.runtime.bundle import Bundle, sha256_file
 from edgerun.runtime.metrics import Registry
 from edgerun.runtime.repository import Repository
-from tests.fleet_sim import PROFILE, Broker, free_port, make_bundle, mqtt_client, wait_for
+from tests.fleet_sim import PROFILE, make_bundle, mqtt_client, wait_for
+from tests.mqtt import Broker
+from tests.serving import free_port
 from tests.test_fleet import smoke_failing
 
 

@@ -6,6 +6,8 @@ failed requests, in %). Telemetry is read as the MQTT daemon publishes it: `p50_
 `p99_ms` (or `latency_ms: {p50, p99}`) over the last interval, and `requests`/`errors` counted
 since the daemon started: the error share is taken over what a device served since its update
 (the counts at that moment are the baseline), or an `error_rate` fraction when one is sent.
+A device that served nothing in the last interval (`latency_ms` with no p99) holds latency
+conditions: there is no slow request to hold against it.
 """
 
 from __future__ import annotations
@@ -118,9 +120,13 @@ def check_gate(conditions: list[Condition], telemetry: Mapping[str, Any],
                baseline: Mapping[str, Any] | None = None) -> list[str]:
     """The conditions this telemetry breaks (or lacks), as readable strings; empty: it holds."""
     values = health(telemetry, baseline)
+    latency = telemetry.get("latency_ms")
+    idle = isinstance(latency, dict) and latency.get("p99") is None  # no request this window
     broken = []
     for condition in conditions:
         value = values.get(condition.metric)
+        if value is None and idle and condition.metric in ("p50", "p99"):
+            continue  # nothing was served: no latency to hold against the gate
         if value is None:
             broken.append(f"no {condition.metric} in telemetry")
         elif not condition.holds(value):

@@ -40,8 +40,10 @@ Publish = Callable[..., Any]
 class OtaAgent:
     def __init__(self, *, publish: Publish, repository: Repository, device_id: str,
                  data_dir: str | Path, trusted: Iterable[signing.PublicKey],
-                 group: str | None = None) -> None:
+                 group: str | None = None,
+                 on_change: Callable[[], None] | None = None) -> None:
         self.publish = publish
+        self.on_change = on_change
         self.repository = repository
         self.device_id = device_id
         self.group = group
@@ -147,6 +149,8 @@ class OtaAgent:
             slots = self.slots.read(job.model)
             slots.last = {k: v for k, v in report.__dict__.items() if k != "extra"}
             self.slots.write(job.model, slots)
+            if self.on_change is not None:
+                self.on_change()  # e.g. the daemon's status, which names the served versions
         log.info("OTA %s %s %s: %s %s", self.device_id, job.model, job.version, state, detail)
         self.publish(report_topic(self.device_id), report.encode(), qos=1, retain=True)
 

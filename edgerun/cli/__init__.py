@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from rich.console import Console
 
 from edgerun import __version__
-from edgerun.cli import bundle, demo, fleet, keys, predict, serve
+from edgerun.cli import build, bundle, daemon, demo, fleet, keys, predict, serve
 from edgerun.runtime.errors import EdgerunError
 
 err = Console(stderr=True)
@@ -22,7 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"edgerun {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at debug level")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for module in (bundle, keys, predict, demo, serve, fleet):
+    for module in (bundle, keys, predict, demo, serve, daemon, build, fleet):
         module.register(commands)
     return parser
 

@@ -1,0 +1,131 @@
+"""The daemon's settings: one typed dataclass, read from device.toml and overridden by flags.
+
+device.toml holds the same keys as the flags (underscores, not dashes) at top level; tables
+other than those keys (`[ota]`, ...) are kept in `extensions` for the daemon's extensions.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10 (JetPack 6)
+    import tomli as tomllib
+
+PROTOCOLS = ("auto", "5", "3.1.1")
+
+
+@dataclass(frozen=True)
+class Broker:
+    """Where to connect: `mqtt://[user:password@]host[:port]` or `mqtts://...` (TLS)."""
+
+    host: str
+    port: int
+    tls: bool
+    username: str | None = None
+    password: str | None = None
+
+    @classmethod
+    def parse(cls, url: str) -> Broker:
+        parts = urlsplit(url if "://" in url else f"mqtt://{url}")
+        if parts.scheme not in ("mqtt", "mqtts"):
+            raise ValueError(f"broker URL {url!r}: the scheme must be mqtt:// or mqtts://")
+        if not parts.hostname:
+            raise ValueError(f"broker URL {url!r} names no host")
+        tls = parts.scheme == "mqtts"
+        return cls(parts.hostname, parts.port or (8883 if tls else 1883), tls,
+                   unquote(parts.username) if parts.username else None,
+                   unquote(parts.password) if parts.password else None)
+
+
+@dataclass(frozen=True)
+class DaemonConfig:
+    """Everything `edgerun daemon` needs; defaults suit a device on a flaky network."""
+
+    repository: Path
+    broker: str
+    device_id: str
+    group: str = ""
+    #: Where the daemon and its extensions keep state ("" = `<repository>/.edgerun`).
+    data_dir: Path | None = None
+    device: str | None = None
+    poll_interval: float | None = 5.0
+    #: "auto" tries MQTT v5 and falls back to 3.1.1 when the broker refuses v5.
+    protocol: str = "auto"
+    qos: int = 1
+    keepalive: int = 30
+    #: How long the broker keeps the session (and queues QoS 1 requests) while we are away.
+    session_expiry: int = 3600
+    username: str | None = None
+    password: str | None = None
+    ca_file: Path | None = None
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    reconnect_min_s: float = 0.5
+    reconnect_max_s: float = 30.0
+    telemetry_interval: float = 30.0
+    #: Requests accepted but not yet answered; beyond it, requests get an Overloaded reply.
+    max_inbox: int = 1024
+    #: SIGTERM waits this long for in-flight requests before publishing offline.
+    drain_timeout: float = 10.0
+    #: Extra TOML tables (`[ota]`, ...) for the daemon's extensions.
+    extensions: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.device_id or any(c in self.device_id for c in "/+#"):
+            raise ValueError(f"device id {self.device_id!r} must be non-empty and hold no / + #")
+        if any(c in self.group for c in "/+#"):
+            raise ValueError(f"group {self.group!r} must hold no / + #")
+        if self.protocol not in PROTOCOLS:
+            raise ValueError(f"protocol must be one of {', '.join(PROTOCOLS)}")
+        if self.qos not in (0, 1, 2):
+            raise ValueError("qos must be 0, 1 or 2")
+        if self.max_inbox < 1:
+            raise ValueError("max_inbox must be >= 1")
+        Broker.parse(self.broker)
+
+    @property
+    def broker_address(self) -> Broker:
+        broker = Broker.parse(self.broker)
+        return replace(broker, username=self.username or broker.username,
+                       password=self.password or broker.password)
+
+    @property
+    def state_dir(self) -> Path:
+        return self.data_dir if self.data_dir is not None else self.repository / ".edgerun"
+
+
+_PATHS = {"repository", "data_dir", "ca_file", "cert_file", "key_file"}
+KEYS = {f.name for f in fields(DaemonConfig)} - {"extensions"}
+
+
+def load_config(path: Path | None = None, **overrides: Any) -> DaemonConfig:
+    """The file's settings (if any) with every override that is not None on top."""
+    data: dict[str, Any] = {}
+    extensions: dict[str, dict[str, Any]] = {}
+    if path is not None:
+        with open(path, "rb") as handle:
+            raw = tomllib.load(handle)
+        for key, value in raw.items():
+            key = key.replace("-", "_")
+            if key in KEYS:
+                data[key] = value
+            elif isinstance(value, dict):
+                extensions[key] = value
+            else:
+                raise ValueError(f"{path}: unknown setting {key!r}; known: {', '.join(sorted(KEYS))}")
+    data.update({k: v for k, v in overrides.items() if v is not None and k in KEYS})
+    for key in _PATHS & data.keys():
+        data[key] = Path(data[key]).expanduser()
+    missing = [k for k in ("repository", "broker", "device_id") if not data.get(k)]
+    if missing:
+        raise ValueError(f"missing setting(s): {', '.join(missing)} (give the flags or put them "
+                         "in --config)")
+    if isinstance(data.get("protocol"), (int, float)):
+        data["protocol"] = str(data["protocol"])
+    return DaemonConfig(**data, extensions=extensions)

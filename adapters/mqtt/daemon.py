@@ -1,0 +1,420 @@
+"""The daemon: a paho-mqtt client in front of a repository and its data plane.
+
+Threads: paho's network thread only reads, acknowledges and queues messages (never inference);
+one asyncio loop thread (the one `run` is called from) serves the inbox through
+`DataPlane.handle_async`, so requests arriving together wait in the same MicroBatcher and run
+as one batch; extension callbacks run on one thread of their own, in arrival order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import signal
+import socket
+import threading
+import time
+from collections import OrderedDict, deque
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import orjson
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from edgerun import __version__
+from edgerun.adapters.codecs import npz, oip
+from edgerun.adapters.dataplane import DataPlane
+from edgerun.adapters.dataplane.call import BINARY, JSON
+from edgerun.adapters.mqtt import messages
+from edgerun.adapters.mqtt.config import DaemonConfig
+from edgerun.adapters.mqtt.extensions import Extension
+from edgerun.adapters.mqtt.messages import Request
+from edgerun.adapters.mqtt.telemetry import Telemetry
+from edgerun.runtime.errors import EdgerunError, InferenceError, InvalidInput, Overloaded
+from edgerun.runtime.metrics import REGISTRY, Registry
+from edgerun.runtime.repository import READY, Repository
+
+log = logging.getLogger(__name__)
+
+UNSUPPORTED_PROTOCOL = 132  # MQTT v5 CONNACK reason: the broker speaks an older protocol
+MessageCallback = Callable[[mqtt.MQTTMessage], None]
+Fields = Callable[[], dict[str, Any]]
+
+
+class Daemon:
+    """Serves inference requests arriving over MQTT; extensions add topics and report fields."""
+
+    def __init__(self, config: DaemonConfig, *, repository: Repository | None = None,
+                 registry: Registry = REGISTRY) -> None:
+        self.config = config
+        self.device_id = config.device_id
+        self.group = config.group
+        self.data_dir = config.state_dir
+        self.repository = repository if repository is not None else Repository(
+            config.repository, config.device, registry=registry)
+        self.plane = DataPlane(self.repository)
+        self.status_topic = f"edgerun/{self.device_id}/status"
+        self.telemetry_topic = f"edgerun/{self.device_id}/telemetry"
+        self.v5 = config.protocol != "3.1.1"
+        self._telemetry = Telemetry(self.repository.registry)
+        self._rejected = self.repository.registry.family(
+            "edgerun_mqtt_rejected_total", "MQTT requests answered or dropped before the data "
+            "plane, by reason", "counter", ("reason",))
+        self._status_fields: list[Fields] = []
+        self._telemetry_fields: list[Fields] = []
+        self._extensions: list[Extension] = []
+        self._subscriptions: dict[str, tuple[int, MessageCallback | None]] = {}
+        self._lock = threading.Lock()
+        self._inbox: deque[mqtt.MQTTMessage] = deque()
+        self._pending = 0
+        self._wake_scheduled = False
+        self._draining = False
+        self._recent: OrderedDict[tuple, None] = OrderedDict()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop: asyncio.Event | None = None
+        self._idle: asyncio.Event | None = None
+        self._connected = threading.Event()
+        self._started = time.time()
+        self._extension_pool = ThreadPoolExecutor(1, thread_name_prefix="edgerun-extension")
+        for scope, prefix in ((self.device_id, ""),
+                              (self.group, f"$share/{self.group}/") if self.group else (None, "")):
+            if scope:
+                self._subscriptions[prefix + messages.infer_topics(scope)] = (config.qos, None)
+        self.client = self._make_client()
+
+    # ------------------------------------------------------------ extension point
+    def subscribe(self, topic_filter: str, callback: MessageCallback,
+                  qos: int | None = None) -> None:
+        """Call `callback(message)` (on the extension thread) for messages on the filter."""
+        qos = self.config.qos if qos is None else qos
+        self._subscriptions[topic_filter] = (qos, callback)
+        self._add_callback(self.client, topic_filter, callback)
+        if self._connected.is_set():
+            self.client.subscribe(topic_filter, qos)
+
+    def publish(self, topic: str, payload: bytes | str | dict | list, qos: int = 1,
+                retain: bool = False, properties: Properties | None = None
+                ) -> mqtt.MQTTMessageInfo:
+        """Publish now or, at QoS > 0, as soon as the connection is back."""
+        if isinstance(payload, (dict, list)):
+            payload = orjson.dumps(payload)
+        return self.client.publish(topic, payload, qos, retain,
+                                   properties if self.v5 else None)
+
+    def add_status_fields(self, fields: Fields) -> None:
+        """Merge `fields()` into every status payload (online, and the offline Last Will)."""
+        self._status_fields.append(fields)
+
+    def add_telemetry_fields(self, fields: Fields) -> None:
+        self._telemetry_fields.append(fields)
+
+    def add_extension(self, extension: Extension) -> None:
+        self._extensions.append(extension)
+
+    def publish_status(self) -> None:
+        """Publish the retained status again (say, after an extension's state changed)."""
+        self.publish(self.status_topic, self.status("online"), retain=True)
+
+    def status(self, state: str) -> bytes:
+        payload: dict[str, Any] = {
+            "state": state, "device_id": self.device_id, "group": self.group or None,
+            "edgerun": __version__, "protocol": "5" if self.v5 else "3.1.1",
+            "models": self._models(), "since": round(self._started, 3), "ts": round(time.time(), 3)}
+        for fields in self._status_fields:
+            payload.update(fields())
+        return orjson.dumps(payload)
+
+    def telemetry(self) -> bytes:
+        with self._lock:
+            inbox = self._pending
+        payload: dict[str, Any] = {
+            "device_id": self.device_id, "ts": round(time.time(), 3), "models": self._models(),
+            **self._telemetry.traffic(), "inbox_depth": inbox,
+            "rejected": {labels[0]: int(child.value)  # type: ignore[union-attr]
+                         for labels, child in self._rejected.children()},
+            **self._telemetry.machine()}
+        for fields in self._telemetry_fields:
+            payload.update(fields())
+        return orjson.dumps(payload)
+
+    def _models(self) -> dict[str, list[str]]:
+        models: dict[str, list[str]] = {}
+        for state in self.repository.index():
+            if state.state == READY:
+                models.setdefault(state.name, []).append(state.version)
+        return models
+
+    # ------------------------------------------------------------------ lifecycle
+    def run(self) -> None:
+        """Serve until SIGTERM/SIGINT (when called from the main thread) or `stop()`."""
+        asyncio.run(self._main())
+
+    def stop(self) -> None:
+        """Ask a running daemon to drain and exit; safe from any thread."""
+        if self._loop is not None and self._stop is not None:
+            self._loop.call_soon_threadsafe(self._stop.set)
+
+    async def _main(self) -> None:
+        loop = self._loop = asyncio.get_running_loop()
+        self._stop, self._idle = asyncio.Event(), asyncio.Event()
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(signum, self._stop.set)
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        await loop.run_in_executor(None, self.repository.load_all)
+        if self.config.poll_interval:
+            self.repository.start_polling(self.config.poll_interval)
+        for extension in self._extensions:
+            extension.start()
+        self._connect()
+        telemetry = asyncio.create_task(self._report_telemetry())
+        try:
+            await self._stop.wait()
+        finally:
+            telemetry.cancel()
+            await self._shutdown()
+
+    async def _shutdown(self) -> None:
+        assert self._idle is not None
+        with self._lock:
+            self._draining = True  # from now on, messages stay unacknowledged for next time
+            idle = self._pending == 0
+        if not idle:
+            try:
+                await asyncio.wait_for(self._idle.wait(), self.config.drain_timeout)
+            except asyncio.TimeoutError:
+                log.warning("%d requests still in flight after %.0f s; exiting anyway",
+                            self._pending, self.config.drain_timeout)
+        offline = self.publish(self.status_topic, self.status("offline"), retain=True)
+        if self._connected.is_set():
+            try:
+                await asyncio.get_running_loop().run_in_executor(None, offline.wait_for_publish,
+                                                                 5)
+            except (RuntimeError, ValueError) as exc:
+                log.warning("the offline status was not delivered: %s", exc)
+        self.client.disconnect()
+        self.client.loop_stop()
+        for extension in self._extensions:
+            extension.stop()
+        self._extension_pool.shutdown(wait=True)
+        await asyncio.get_running_loop().run_in_executor(None, self.repository.close)
+
+    async def _report_telemetry(self) -> None:
+        interval = self.config.telemetry_interval
+        if interval <= 0:
+            return
+        while True:
+            await asyncio.sleep(interval)
+            if self._connected.is_set():
+                self.publish(self.telemetry_topic, self.telemetry(), qos=0)
+
+    # ----------------------------------------------------------------- connection
+    def _make_client(self) -> mqtt.Client:
+        config = self.config
+        client = mqtt.Client(
+            CallbackAPIVersion.VERSION2, client_id=f"edgerun-{self.device_id}",
+            protocol=mqtt.MQTTv5 if self.v5 else mqtt.MQTTv311,
+            clean_session=None if self.v5 else False, manual_ack=True)
+        client.max_inflight_messages = 0  # replies are not capped at paho's default 20
+        broker = config.broker_address
+        if broker.username:
+            client.username_pw_set(broker.username, broker.password)
+        if broker.tls:
+            client.tls_set(ca_certs=_str(config.ca_file), certfile=_str(config.cert_file),
+                           keyfile=_str(config.key_file))
+        client.will_set(self.status_topic, self.status("offline"), qos=1, retain=True)
+        client.reconnect_delay_set(config.reconnect_min_s, config.reconnect_max_s)
+        client.on_connect = self._on_connect
+        client.on_disconnect = self._on_disconnect
+        client.on_message = self._on_message
+        client.on_socket_open = _no_delay
+        for topic_filter, (_, callback) in self._subscriptions.items():
+            if callback is not None:
+                self._add_callback(client, topic_filter, callback)
+        return client
+
+    def _connect(self) -> None:
+        broker = self.config.broker_address
+        if self.v5:
+            properties = Properties(PacketTypes.CONNECT)
+            properties.SessionExpiryInterval = self.config.session_expiry
+            self.client.connect_async(broker.host, broker.port, self.config.keepalive,
+                                      clean_start=False, properties=properties)
+        else:
+            self.client.connect_async(broker.host, broker.port, self.config.keepalive)
+        self.client.loop_start()
+
+    def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any,
+                    properties: Any) -> None:
+        if reason.is_failure:
+            if reason.value == UNSUPPORTED_PROTOCOL and self.config.protocol == "auto" and self.v5:
+                log.warning("the broker refuses MQTT v5; falling back to 3.1.1")
+                assert self._loop is not None
+                self._loop.call_soon_threadsafe(self._fall_back)
+            else:
+                log.error("broker refused the connection: %s", reason)
+            return
+        log.info("connected to %s (session present: %s)", self.config.broker,
+                 flags.session_present)
+        client.subscribe([(topic, qos) for topic, (qos, _) in self._subscriptions.items()])
+        client.publish(self.status_topic, self.status("online"), 1, True)
+        self._connected.set()
+
+    def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any,
+                       properties: Any) -> None:
+        self._connected.clear()
+        if not self._draining:
+            log.warning("disconnected from %s (%s); reconnecting", self.config.broker, reason)
+        # Jitter: each outage starts its exponential backoff from a different first delay, so
+        # a fleet that lost the same broker does not come back in one synchronized wave.
+        config = self.config
+        client.reconnect_delay_set(config.reconnect_min_s * random.uniform(0.5, 1.5),
+                                   config.reconnect_max_s)
+
+    def _fall_back(self) -> None:
+        self.client.loop_stop()
+        self.v5 = False
+        self.client = self._make_client()
+        self._connect()
+
+    def _add_callback(self, client: mqtt.Client, topic_filter: str,
+                      callback: MessageCallback) -> None:
+        def on_message(client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
+            client.ack(message.mid, message.qos)
+            self._extension_pool.submit(_guarded, callback, message)
+
+        client.message_callback_add(_matching(topic_filter), on_message)
+
+    # ---------------------------------------------------------------- the inbox
+    def _on_message(self, client: mqtt.Client, userdata: Any,
+                    message: mqtt.MQTTMessage) -> None:
+        """paho's network thread: acknowledge and queue, or refuse at once; never infer."""
+        if self._duplicate(message):
+            client.ack(message.mid, message.qos)
+            return
+        with self._lock:
+            if self._draining:
+                return  # unacknowledged: the broker hands it to our next session
+            full = self._pending >= self.config.max_inbox
+            if not full:
+                self._pending += 1
+                self._inbox.append(message)
+                wake, self._wake_scheduled = not self._wake_scheduled, True
+        client.ack(message.mid, message.qos)
+        if full:
+            self._rejected.labels("overloaded").inc()
+            request = messages.parse(message.topic, message.payload, message.properties)
+            self._send(request, *self._error(request, Overloaded(
+                f"the daemon's inbox is full ({self.config.max_inbox} requests in flight); "
+                "retry later", retry_after_s=0.1)))
+        elif wake:
+            assert self._loop is not None
+            self._loop.call_soon_threadsafe(self._drain)
+
+    def _duplicate(self, message: mqtt.MQTTMessage) -> bool:
+        """A QoS 1 redelivery of a request already taken (the broker restarted before it got
+        our acknowledgement): answered once, so dropped."""
+        properties = message.properties
+        key = (message.topic, getattr(properties, "ResponseTopic", None),
+               getattr(properties, "CorrelationData", None), hash(message.payload))
+        with self._lock:
+            seen = key in self._recent
+            if not seen:
+                self._recent[key] = None
+                if len(self._recent) > 8192:
+                    self._recent.popitem(last=False)
+        if seen and message.dup:
+            self._rejected.labels("duplicate").inc()
+            return True
+        return False
+
+    def _drain(self) -> None:
+        with self._lock:
+            batch = list(self._inbox)
+            self._inbox.clear()
+            self._wake_scheduled = False
+        for message in batch:
+            asyncio.ensure_future(self._serve(message))
+
+    async def _serve(self, message: mqtt.MQTTMessage) -> None:
+        try:
+            request = messages.parse(message.topic, message.payload, message.properties)
+            payload, properties = await self._answer(request, message.topic)
+            self._send(request, payload, properties)
+        except Exception:
+            log.exception("request on %s failed", message.topic)
+        finally:
+            with self._lock:
+                self._pending -= 1
+                idle = self._draining and self._pending == 0
+            if idle:
+                assert self._idle is not None
+                self._idle.set()
+
+    async def _answer(self, request: Request, topic: str) -> tuple[bytes, Properties]:
+        try:
+            messages.check_topic(request, topic)
+            call = messages.call_for(request)
+            if request.content_type == messages.NPZ:
+                result = await self.plane.infer_async(call, messages.npz_request(request))
+                return npz.encode(result.outputs), messages.reply_properties(request,
+                                                                             messages.NPZ)
+            if request.content_type not in ("", JSON, BINARY):
+                raise InvalidInput(f"content type {request.content_type!r} is not one of "
+                                   f"{JSON}, {BINARY} (OIP binary extension), {messages.NPZ}")
+            reply = await self.plane.handle_async(call)
+            if reply.error is not None:
+                return self._error(request, reply.error)
+            user = [(k.lower(), v) for k, v in reply.headers.items()
+                    if k.lower() == oip.HEADER_LENGTH]
+            return reply.body, messages.reply_properties(request, reply.content_type, user)
+        except EdgerunError as exc:
+            return self._error(request, exc)
+        except Exception as exc:
+            log.exception("request on %s failed unexpectedly", topic)
+            return self._error(request, InferenceError(f"internal error: {exc}"))
+
+    @staticmethod
+    def _error(request: Request, error: EdgerunError) -> tuple[bytes, Properties]:
+        return (messages.error_payload(error, request.request_id),
+                messages.reply_properties(request, JSON, [(messages.ERROR_PROPERTY, error.kind)]))
+
+    def _send(self, request: Request, payload: bytes, properties: Properties) -> None:
+        if request.response_topic is None:
+            self._rejected.labels("no_reply_topic").inc()
+            log.warning("a request to model %r names no Response Topic nor %r; its answer is "
+                        "dropped", request.model, messages.REPLY_TO)
+            return
+        self.client.publish(request.response_topic, payload, self.config.qos, False,
+                            properties if self.v5 else None)
+
+
+def _no_delay(client: mqtt.Client, userdata: Any, sock: Any) -> None:
+    """Nagle's algorithm against the broker's delayed ACKs costs ~40-80 ms per round trip."""
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    except (OSError, AttributeError):  # not a TCP socket (websockets, unix)
+        pass
+
+
+def _matching(topic_filter: str) -> str:
+    """The filter messages are matched against: a shared subscription's without `$share/g/`."""
+    if topic_filter.startswith("$share/"):
+        return topic_filter.split("/", 2)[2]
+    return topic_filter
+
+
+def _guarded(callback: MessageCallback, message: mqtt.MQTTMessage) -> None:
+    try:
+        callback(message)
+    except Exception:
+        log.exception("extension callback for %s failed", message.topic)
+
+
+def _str(path: Any) -> str | None:
+    return None if path is None else str(path)

@@ -1,0 +1,125 @@
+"""MQTT messages to data-plane calls and replies back: topics, properties, payload forms.
+
+Request topics: `edgerun/<device-id or group>/infer/<model>[/<version>]`.
+Payload forms, chosen by the MQTT v5 Content Type of the request:
+- absent or `application/json`: an OIP v2 JSON request; the reply is an OIP v2 response.
+- `application/octet-stream` with the user property `inference-header-content-length`: the OIP
+  binary tensor extension (JSON header, then raw tensor bytes), as over HTTP; binary outputs come
+  back the same way, with that user property on the reply.
+- `application/x-npz`: a numpy `.npz` of the inputs by name; the reply is an `.npz` of every
+  output.
+Where the answer goes: the request's Response Topic (with its Correlation Data, if any). MQTT
+3.1.1 has no properties: such clients send OIP JSON with a top-level `"reply_to"` topic and use
+the OIP `"id"` (echoed in the answer) to match answers. Errors are JSON
+`{"error": "...", "kind": "...", "id": ...}` with the user property `edgerun-error: <kind>`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from edgerun.adapters.codecs import npz, oip
+from edgerun.adapters.dataplane.call import JSON, Call
+from edgerun.runtime.errors import EdgerunError, InvalidInput, Overloaded
+
+TRANSPORT = "mqtt"
+NPZ = npz.CONTENT_TYPE
+ERROR_PROPERTY = "edgerun-error"
+REPLY_TO = "reply_to"
+
+
+@dataclass(slots=True)
+class Request:
+    """What one message asks: the model, where to answer, and the payload in its form."""
+
+    model: str
+    version: str | None
+    body: bytes
+    content_type: str
+    user: dict[str, str]
+    response_topic: str | None
+    correlation: bytes | None
+    request_id: str | None = None
+
+    @property
+    def attributes(self):  # noqa: ANN201 - an Attributes callable
+        return self.user.get
+
+
+def infer_topics(scope: str) -> str:
+    """The filter for inference requests to a device or a group."""
+    return f"edgerun/{scope}/infer/#"
+
+
+def parse(topic: str, payload: bytes, properties: Properties | None) -> Request:
+    """The request a message carries; for 3.1.1 JSON, the reply topic comes from the payload."""
+    parts = topic.split("/")
+    model = parts[3] if len(parts) >= 4 else ""
+    version = parts[4] if len(parts) == 5 else None
+    user: dict[str, str] = {}
+    response_topic = correlation = None
+    content_type = ""
+    if properties is not None:
+        response_topic = getattr(properties, "ResponseTopic", None)
+        correlation = getattr(properties, "CorrelationData", None)
+        content_type = getattr(properties, "ContentType", "") or ""
+        for key, value in getattr(properties, "UserProperty", ()):
+            user[key.lower()] = value
+    request = Request(model, version, payload, content_type.split(";")[0].strip().lower(), user,
+                      response_topic, correlation)
+    if response_topic is None and request.content_type in ("", JSON):
+        _reply_to_from_payload(request)
+    return request
+
+
+def _reply_to_from_payload(request: Request) -> None:
+    try:
+        header = orjson.loads(request.body)
+    except orjson.JSONDecodeError:
+        return
+    if isinstance(header, dict):
+        reply_to = header.get(REPLY_TO)
+        request.response_topic = reply_to if isinstance(reply_to, str) and reply_to else None
+        if header.get("id") is not None:
+            request.request_id = str(header["id"])
+
+
+def check_topic(request: Request, topic: str) -> None:
+    if not request.model or len(topic.split("/")) > 5:
+        raise InvalidInput(f"topic {topic!r} is not edgerun/<device-or-group>/infer/<model>"
+                           "[/<version>]")
+
+
+def call_for(request: Request) -> Call:
+    return Call("infer", request.model, request.version, request.body, request.attributes,
+                transport=TRANSPORT)
+
+
+def npz_request(request: Request) -> oip.InferRequest:
+    return oip.InferRequest(id=None, inputs=npz.decode(request.body), outputs=None,
+                            binary_outputs=False, timeout_us=None)
+
+
+def reply_properties(request: Request, content_type: str,
+                     user: list[tuple[str, str]] | None = None) -> Properties:
+    properties = Properties(PacketTypes.PUBLISH)
+    properties.ContentType = content_type
+    if request.correlation is not None:
+        properties.CorrelationData = request.correlation
+    if user:
+        properties.UserProperty = user
+    return properties
+
+
+def error_payload(error: EdgerunError, request_id: str | None = None) -> bytes:
+    body: dict[str, Any] = {"error": str(error), "kind": error.kind}
+    if request_id is not None:
+        body["id"] = request_id
+    if isinstance(error, Overloaded):
+        body["retry_after_s"] = error.retry_after_s
+    return orjson.dumps(body)

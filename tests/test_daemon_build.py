@@ -1,0 +1,72 @@
+"""`edgerun build daemon`: the one-file PyInstaller binary, built once per test session, answers
+requests over a real Mosquitto; its systemd unit and device.toml are usable as shipped."""
+
+from __future__ import annotations
+
+import configparser
+from pathlib import Path
+
+import numpy as np
+import orjson
+import pytest
+
+from edgerun.adapters.mqtt.config import load_config
+from edgerun.devices.daemon_build import host_arch
+from edgerun.examples import mlp_onnx
+from tests.cli import edgerun
+from tests.mqtt import INFER_JSON, Requester, running_broker, running_daemon
+from tests.serving import add_version
+
+
+@pytest.fixture(scope="session")
+def built(tmp_path_factory) -> Path:
+    output = tmp_path_factory.mktemp("daemon-build") / "out"
+    result = edgerun("build", "daemon", "--device", "cpu", "-o", str(output), timeout=900)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "built" in result.stderr
+    return output
+
+
+@pytest.mark.timeout(900)
+def test_binary_answers_a_request(built, tmp_path):
+    binary = built / "edgerun-daemon"
+    assert binary.stat().st_mode & 0o111
+    assert binary.stat().st_size < 60 * 2**20  # onnxruntime + numpy + paho in one file
+    repo = tmp_path / "repo"
+    add_version(repo, "mlp", "1", mlp_onnx([4, 8, 3]))
+    with running_broker(tmp_path / "broker") as broker:
+        command = [str(binary), "--repository", str(repo), "--broker", broker.url,
+                   "--device-id", "flashed", "--poll-interval", "0"]
+        with running_daemon(repo, broker, "flashed", command=command) as daemon:
+            requester = Requester(broker)
+            payload, properties = requester.ask("edgerun/flashed/infer/mlp", INFER_JSON,
+                                                correlation=b"bin")
+            requester.close()
+            assert daemon.terminate() == 0
+    body = orjson.loads(payload)
+    assert properties.CorrelationData == b"bin"
+    assert body["model_name"] == "mlp"
+    assert np.array(body["outputs"][0]["data"]).shape == (3,)
+
+
+@pytest.mark.timeout(900)
+def test_unit_and_sample_config(built):
+    unit = configparser.ConfigParser(strict=False, interpolation=None)
+    unit.optionxform = str  # keys are case-sensitive in systemd
+    unit.read(built / "edgerun-daemon.service")
+    service = unit["Service"]
+    assert service["Restart"] == "on-failure"
+    assert service["User"] == "edgerun" and service["StateDirectory"] == "edgerun"
+    assert service["ExecStart"].startswith("/usr/local/bin/edgerun-daemon --config")
+    assert service["NoNewPrivileges"] == "true" and service["ProtectSystem"] == "strict"
+    config = load_config(built / "device.toml")
+    assert config.device == "cpu"
+    assert config.repository == Path("/var/lib/edgerun/models")
+    assert config.broker_address.tls
+
+
+def test_refuses_to_cross_compile(tmp_path):
+    other = "x86-64" if host_arch() == "aarch64" else "raspberry-pi-5"
+    result = edgerun("build", "daemon", "--device", other, "-o", str(tmp_path / "out"))
+    assert result.returncode == 2
+    assert "does not cross-compile" in result.stderr

@@ -1,0 +1,376 @@
+"""`edgerun daemon` against a real Mosquitto started by the tests, with real paho clients."""
+
+from __future__ import annotations
+
+import io
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import orjson
+import paho.mqtt.client as mqtt
+import pytest
+
+from edgerun.adapters.codecs import npz, oip
+from edgerun.adapters.mqtt.config import Broker as BrokerURL
+from edgerun.adapters.mqtt.config import load_config
+from edgerun.adapters.mqtt.telemetry import quantile, temperature
+from edgerun.examples import mlp_onnx
+from tests.mqtt import (INFER_JSON, Requester, connect, read_retained, running_broker,
+                        running_daemon, user_properties, wait_online)
+from tests.serving import add_version
+
+MLP = mlp_onnx([4, 8, 3])
+
+
+def expected(x: np.ndarray) -> np.ndarray:
+    import onnxruntime as ort
+    session = ort.InferenceSession(MLP, providers=["CPUExecutionProvider"])
+    return session.run(None, {"x": x.astype(np.float32)})[0]
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory) -> Path:
+    repo = tmp_path_factory.mktemp("mqtt") / "repo"
+    add_version(repo, "mlp", "1", MLP)
+    add_version(repo, "mlp", "2", MLP)
+    (repo / "mlp" / "config.toml").write_text("version_policy = { all = true }\n")
+    return repo
+
+
+@pytest.fixture(scope="module")
+def broker(repo):
+    with running_broker(repo.parent / "broker") as broker:
+        yield broker
+
+
+@pytest.fixture(scope="module")
+def daemon(repo, broker):
+    with running_daemon(repo, broker, "dev1", "--group", "fleet",
+                        "--telemetry-interval", "0.5") as daemon:
+        yield daemon
+
+
+@pytest.fixture()
+def requester(broker, daemon):
+    requester = Requester(broker)
+    yield requester
+    requester.close()
+
+
+def outputs(payload: bytes) -> np.ndarray:
+    body = orjson.loads(payload)
+    assert "error" not in body, body
+    out = body["outputs"][0]
+    return np.array(out["data"], dtype=np.float32).reshape(out["shape"])
+
+
+# ------------------------------------------------------------------- round trips
+def test_json_round_trip_over_v5_keeps_correlation_data(requester):
+    payload, properties = requester.ask("edgerun/dev1/infer/mlp", INFER_JSON,
+                                        correlation=b"\x00\xffcorr")
+    assert properties.CorrelationData == b"\x00\xffcorr"
+    assert properties.ContentType == "application/json"
+    np.testing.assert_allclose(outputs(payload), expected(np.array([[1, 2, 3, 4]])), rtol=1e-5)
+    body = orjson.loads(payload)
+    assert body["model_name"] == "mlp" and body["model_version"] == "2"
+
+
+def test_explicit_version_in_topic(requester):
+    payload, _ = requester.ask("edgerun/dev1/infer/mlp/1", INFER_JSON)
+    assert orjson.loads(payload)["model_version"] == "1"
+
+
+def test_oip_binary_both_ways(requester):
+    x = np.arange(8, dtype=np.float32).reshape(2, 4)
+    header = orjson.dumps({"inputs": [{"name": "x", "datatype": "FP32", "shape": [2, 4],
+                                       "parameters": {"binary_data_size": x.nbytes}}],
+                           "outputs": [{"name": "y", "parameters": {"binary_data": True}}]})
+    payload, properties = requester.ask(
+        "edgerun/dev1/infer/mlp", header + x.tobytes(), content_type="application/octet-stream",
+        user=[(oip.HEADER_LENGTH, str(len(header)))])
+    assert properties.ContentType == "application/octet-stream"
+    split = int(user_properties(properties)[oip.HEADER_LENGTH])
+    head = orjson.loads(payload[:split])
+    assert head["outputs"][0]["parameters"]["binary_data_size"] == 2 * 3 * 4
+    y = np.frombuffer(payload[split:], dtype=np.float32).reshape(2, 3)
+    np.testing.assert_allclose(y, expected(x), rtol=1e-5)
+
+
+def test_npz_both_ways(requester):
+    x = np.random.default_rng(0).normal(size=(3, 4)).astype(np.float32)
+    buffer = io.BytesIO()
+    np.savez(buffer, x=x)
+    payload, properties = requester.ask("edgerun/dev1/infer/mlp", buffer.getvalue(),
+                                        content_type=npz.CONTENT_TYPE)
+    assert properties.ContentType == npz.CONTENT_TYPE
+    np.testing.assert_allclose(npz.decode(payload)["y"], expected(x), rtol=1e-5)
+
+
+def test_mqtt_311_client_gets_answer_on_reply_to(broker, daemon):
+    client = connect(broker, protocol=mqtt.MQTTv311)
+    got: list[bytes] = []
+    done = threading.Event()
+    client.on_message = lambda c, u, m: (got.append(m.payload), done.set())
+    subscribed = threading.Event()
+    client.on_subscribe = lambda *a: subscribed.set()
+    client.subscribe("replies/v311", 1)
+    assert subscribed.wait(10)
+    request = orjson.loads(INFER_JSON)
+    request.update(id="req-311", reply_to="replies/v311")
+    client.publish("edgerun/dev1/infer/mlp", orjson.dumps(request), 1)
+    assert done.wait(20), "no answer on the reply_to topic"
+    client.disconnect()
+    client.loop_stop()
+    assert orjson.loads(got[0])["id"] == "req-311"
+    np.testing.assert_allclose(outputs(got[0]), expected(np.array([[1, 2, 3, 4]])), rtol=1e-5)
+
+
+def test_mosquitto_rr_gets_its_answer(broker, daemon):
+    result = subprocess.run(
+        ["mosquitto_rr", "-p", str(broker.port), "-t", "edgerun/dev1/infer/mlp",
+         "-e", "replies/rr", "-m", INFER_JSON.decode(), "-W", "20"],
+        capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0, result.stderr
+    np.testing.assert_allclose(outputs(result.stdout.encode()),
+                               expected(np.array([[1, 2, 3, 4]])), rtol=1e-5)
+
+
+def test_group_shared_subscription(requester):
+    payload, _ = requester.ask("edgerun/fleet/infer/mlp", INFER_JSON)
+    np.testing.assert_allclose(outputs(payload), expected(np.array([[1, 2, 3, 4]])), rtol=1e-5)
+
+
+def test_500_concurrent_requests_all_answered_with_their_correlation(requester):
+    rng = np.random.default_rng(1)
+    xs = rng.normal(size=(500, 4)).astype(np.float32)
+    keys = []
+    for i, x in enumerate(xs):
+        body = orjson.dumps({"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 4],
+                                         "data": x.tolist()}]})
+        keys.append(requester.send("edgerun/dev1/infer/mlp", body, correlation=f"k{i}".encode()))
+    requester.wait(keys, timeout=60)
+    want = expected(xs)
+    for i, key in enumerate(keys):
+        (payload, properties), = requester.answers[key]
+        assert properties.CorrelationData == key
+        np.testing.assert_allclose(outputs(payload)[0], want[i], rtol=1e-4)
+
+
+# ------------------------------------------------------------------- bad input
+@pytest.mark.parametrize("topic, payload, options, kind, culprit", [
+    ("edgerun/dev1/infer/mlp", b"{not json", {}, "invalid_input", "JSON"),
+    ("edgerun/dev1/infer/nope", INFER_JSON, {}, "model_not_found", "nope"),
+    ("edgerun/dev1/infer/mlp/9", INFER_JSON, {}, "model_not_found", "'9'"),
+    ("edgerun/dev1/infer/mlp", orjson.dumps({"inputs": [
+        {"name": "x", "datatype": "FP32", "shape": [1, 5], "data": [1, 2, 3, 4, 5]}]}), {},
+     "invalid_input", "x"),
+    ("edgerun/dev1/infer/mlp", b"PK\x03\x04garbage", {"content_type": "application/x-npz"},
+     "invalid_input", "npz"),
+    ("edgerun/dev1/infer/mlp", b"\x00\x01", {"content_type": "image/png"},
+     "invalid_input", "image/png"),
+])
+def test_bad_requests_get_error_replies_and_the_daemon_lives_on(requester, daemon, topic,
+                                                                 payload, options, kind,
+                                                                 culprit):
+    answer, properties = requester.ask(topic, payload, correlation=b"bad-1", **options)
+    body = orjson.loads(answer)
+    assert body["kind"] == kind and culprit in body["error"], body
+    assert properties.CorrelationData == b"bad-1"
+    assert user_properties(properties)["edgerun-error"] == kind
+    good, _ = requester.ask("edgerun/dev1/infer/mlp", INFER_JSON)
+    assert outputs(good).shape == (1, 3)
+    assert daemon.process.poll() is None
+
+
+# ------------------------------------------------------------- status, telemetry
+def test_status_and_telemetry(broker, daemon, requester):
+    status = read_retained(broker, "edgerun/dev1/status")
+    assert status["state"] == "online" and status["models"] == {"mlp": ["1", "2"]}
+    requester.ask("edgerun/dev1/infer/mlp", INFER_JSON)
+    client = connect(broker)
+    got: list[dict] = []
+    done = threading.Event()
+    client.on_message = lambda c, u, m: (got.append(orjson.loads(m.payload)), done.set())
+    client.subscribe("edgerun/dev1/telemetry", 0)
+    assert done.wait(10)
+    client.disconnect()
+    client.loop_stop()
+    telemetry = got[0]
+    assert telemetry["models"] == {"mlp": ["1", "2"]}
+    assert telemetry["requests"] >= 1 and telemetry["outcomes"]["ok"] >= 1
+    assert telemetry["rss_mb"] > 10 and telemetry["mem_total_mb"] > 0
+    assert {"p50", "p99"} <= telemetry["latency_ms"].keys()
+    assert "cpu_percent" in telemetry and "temperature_c" in telemetry
+
+
+def test_telemetry_helpers(tmp_path):
+    buckets = [(0.001, 50), (0.01, 99), (0.1, 100), (float("inf"), 100)]
+    assert quantile(buckets, 0.5) == pytest.approx(0.001)
+    assert 0.01 < quantile(buckets, 0.995) <= 0.1
+    assert quantile([], 0.5) is None
+    (tmp_path / "thermal_zone0").mkdir()
+    (tmp_path / "thermal_zone0" / "temp").write_text("48250\n")
+    (tmp_path / "thermal_zone1").mkdir()
+    (tmp_path / "thermal_zone1" / "temp").write_text("51000\n")
+    assert temperature(tmp_path) == 51.0
+    assert temperature(tmp_path / "none") is None
+
+
+def test_config_file_with_flags_on_top(tmp_path):
+    config = tmp_path / "device.toml"
+    config.write_text('repository = "/var/lib/edgerun/models"\nbroker = "mqtts://u:p@host"\n'
+                      'device_id = "pi-1"\nqos = 0\n[ota]\ntrust = "key.pub"\n')
+    loaded = load_config(config, device_id="pi-2", qos=None)
+    assert loaded.device_id == "pi-2" and loaded.qos == 0
+    assert loaded.repository == Path("/var/lib/edgerun/models")
+    assert loaded.extensions == {"ota": {"trust": "key.pub"}}
+    broker = loaded.broker_address
+    assert (broker.host, broker.port, broker.tls, broker.username) == ("host", 8883, True, "u")
+    assert BrokerURL.parse("mqtt://h:1884").port == 1884
+    with pytest.raises(ValueError, match="device id"):
+        load_config(config, device_id="a/b")
+    with pytest.raises(ValueError, match="unknown setting"):
+        bad = tmp_path / "bad.toml"
+        bad.write_text('brokr = "x"\n')
+        load_config(bad)
+
+
+# ------------------------------------------------------- backpressure, failures
+def test_full_inbox_answers_overloaded(tmp_path, repo):
+    with running_broker(tmp_path / "b") as broker, \
+            running_daemon(repo, broker, "tiny", "--max-inbox", "1"):
+        requester = Requester(broker)
+        body = orjson.dumps({"inputs": [{"name": "x", "datatype": "FP32", "shape": [64, 4],
+                                         "data": [0.5] * 256}]})
+        keys = [requester.send("edgerun/tiny/infer/mlp", body) for _ in range(300)]
+        requester.wait(keys, timeout=60)
+        kinds = [orjson.loads(requester.answers[k][0][0]).get("kind", "ok") for k in keys]
+        requester.close()
+    assert set(kinds) <= {"ok", "overloaded"}
+    assert "overloaded" in kinds and "ok" in kinds
+
+
+def test_requests_sent_while_the_daemon_is_down_are_answered_when_it_returns(tmp_path, repo):
+    with running_broker(tmp_path / "b") as broker:
+        requester = Requester(broker)
+        with running_daemon(repo, broker, "away") as daemon:
+            requester.ask("edgerun/away/infer/mlp", INFER_JSON)
+            assert daemon.terminate() == 0
+        status = read_retained(broker, "edgerun/away/status")
+        assert status["state"] == "offline"
+        keys = [requester.send("edgerun/away/infer/mlp", INFER_JSON) for _ in range(20)]
+        time.sleep(0.5)
+        assert not any(k in requester.answers for k in keys)
+        with running_daemon(repo, broker, "away"):
+            requester.wait(keys, timeout=60)
+        requester.close()
+    assert all(len(requester.answers[k]) == 1 for k in keys)
+
+
+def test_kill_9_publishes_offline_by_last_will(tmp_path, repo):
+    with running_broker(tmp_path / "b") as broker:
+        with running_daemon(repo, broker, "doomed", "--keepalive", "5") as daemon:
+            daemon.kill()
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            status = read_retained(broker, "edgerun/doomed/status")
+            if status["state"] == "offline":
+                break
+            time.sleep(0.2)
+        assert status["state"] == "offline" and status["device_id"] == "doomed"
+
+
+def test_broker_restart_mid_stream_answers_each_acknowledged_request_once(tmp_path, repo):
+    with running_broker(tmp_path / "b") as broker, \
+            running_daemon(repo, broker, "flaky", "--reconnect-min-s", "0.2"):
+        requester = Requester(broker, client_id="flaky-client", clean=False)
+        sent: list[bytes] = []
+        stop = threading.Event()
+
+        def stream() -> None:
+            while not stop.is_set():
+                sent.append(requester.send("edgerun/flaky/infer/mlp", INFER_JSON))
+                time.sleep(0.005)
+
+        sender = threading.Thread(target=stream)
+        sender.start()
+        time.sleep(1.0)
+        broker.stop()
+        time.sleep(0.5)
+        broker.start()
+        time.sleep(1.0)
+        stop.set()
+        sender.join()
+        acknowledged = set(requester.acknowledged)
+        assert len(acknowledged) > 50
+        requester.wait(sorted(acknowledged), timeout=60)
+        time.sleep(1.0)  # room for duplicates to show up
+        requester.close()
+    duplicates = {k: len(requester.answers[k]) for k in acknowledged
+                  if len(requester.answers[k]) != 1}
+    assert not duplicates
+    assert all("error" not in orjson.loads(requester.answers[k][0][0]) for k in acknowledged)
+
+
+def test_tls_with_a_test_ca(tmp_path, repo):
+    tls = make_certificates(tmp_path / "pki")
+    with running_broker(tmp_path / "b", tls=tls) as broker, \
+            running_daemon(repo, broker, "secure", "--ca-file", tls["ca"], "--cert-file",
+                           tls["client_cert"], "--key-file", tls["client_key"]) as daemon:
+        result = subprocess.run(
+            ["mosquitto_rr", "-p", str(broker.port), "-h", "localhost", "--cafile", tls["ca"],
+             "--cert", tls["client_cert"], "--key", tls["client_key"],
+             "-t", "edgerun/secure/infer/mlp", "-e", "replies/tls", "-m", INFER_JSON.decode(),
+             "-W", "20"], capture_output=True, text=True, timeout=30)
+        assert result.returncode == 0, result.stderr + daemon.output()
+        assert outputs(result.stdout.encode()).shape == (1, 3)
+
+
+def make_certificates(folder: Path) -> dict[str, str]:
+    """A CA, a server certificate for localhost/127.0.0.1 and a client certificate."""
+    import datetime as dt
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    folder.mkdir(parents=True)
+    now = dt.datetime.now(dt.timezone.utc)
+
+    def issue(subject: str, key, issuer=None, issuer_key=None, *, ca=False, san=None):
+        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)])
+        builder = (x509.CertificateBuilder().subject_name(name)
+                   .issuer_name(issuer.subject if issuer else name)
+                   .public_key(key.public_key()).serial_number(x509.random_serial_number())
+                   .not_valid_before(now - dt.timedelta(minutes=5))
+                   .not_valid_after(now + dt.timedelta(days=1))
+                   .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
+        if san:
+            builder = builder.add_extension(x509.SubjectAlternativeName(san), critical=False)
+        return builder.sign(issuer_key or key, hashes.SHA256())
+
+    def write(name: str, cert, key) -> tuple[str, str]:
+        cert_path, key_path = folder / f"{name}.crt", folder / f"{name}.key"
+        cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                               serialization.PrivateFormat.PKCS8,
+                                               serialization.NoEncryption()))
+        return str(cert_path), str(key_path)
+
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca = issue("edgerun test CA", ca_key, ca=True)
+    server_key, client_key = ec.generate_private_key(ec.SECP256R1()), \
+        ec.generate_private_key(ec.SECP256R1())
+    server = issue("localhost", server_key, ca, ca_key, san=[
+        x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))])
+    client = issue("edgerun-device", client_key, ca, ca_key)
+    ca_path, _ = write("ca", ca, ca_key)
+    cert, key = write("server", server, server_key)
+    client_cert, client_key_path = write("client", client, client_key)
+    return {"ca": ca_path, "cert": cert, "key": key, "client_cert": client_cert,
+            "client_key": client_key_path}
