@@ -173,9 +173,10 @@ def test_canary_then_full_rollout_under_load_fails_no_request(tmp_path, server, 
             status = server.get("/rollouts")
             for rollout in status["rollouts"]:
                 detail = server.get(f"/rollouts/{rollout['id']}")
-                snapshots.append(detail["counts"])
                 canary = [j for j in detail["jobs"] if j["wave"] == 0]
                 rest = [j for j in detail["jobs"] if j["wave"] == 1]
+                snapshots.append((len(canary), any(j["state"] != "pending" for j in canary),
+                                  all(j["state"] == "pending" for j in rest)))
                 if any(j["state"] != "pending" for j in rest) and \
                         any(j["state"] != "active" for j in canary):
                     violations.append(detail)
@@ -192,7 +193,8 @@ def test_canary_then_full_rollout_under_load_fails_no_request(tmp_path, server, 
     assert result.returncode == 0, result.stdout + result.stderr
     assert "completed" in result.stdout
     assert not violations
-    assert any(c.get("active", 0) == 2 and c.get("pending", 0) == 18 for c in snapshots)
+    # the canary (2 of 20) was seen updating while the other 18 waited
+    assert any(size == 2 and started and waiting for size, started, waiting in snapshots)
     assert load.total > 200 and load.failures == []
     assert all(d.served("m") == ["2"] for d in devices)
     result = edgerun("fleet", "status", "--server", server.url, "--json")
@@ -348,3 +350,29 @@ def test_rollout_to_real_daemons_and_kill_9_of_one(tmp_path, broker, server, key
     finally:
         for daemon in daemons:
             daemon.kill()
+
+
+def test_readme_fleet_example_runs(tmp_path):
+    """The README's OTA example, as written, on free ports (its pip line is CI's job)."""
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from tests.serving import free_port
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    (block,) = [b for b in re.findall(r"```bash\n(.*?)```", readme, re.S)
+                if "fleet deploy" in b]
+    script = "\n".join(line for line in block.splitlines() if "/pip " not in line)
+    script = script.replace(".venv/bin/", str(Path(sys.executable).parent) + "/")
+    script = script.replace("1883", str(free_port())).replace("8700", str(free_port()))
+    result = subprocess.run(["bash", "-ec", script + "\nwait\n"], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=240,
+                            env={"PATH": "/usr/sbin:/usr/bin:/bin", "COLUMNS": "200"})
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "accepted digits version 2" in result.stdout
+    assert "completed: 1 of 1 devices active" in result.stdout
+    state = json.loads((tmp_path / "pi" / "models" / ".edgerun" / "ota" / "digits" /
+                        "state.json").read_text())
+    assert state["slots"][state["active"]] == "2"
