@@ -311,13 +311,6 @@ def test_offline_device_broker_restart_and_orchestrator_restart(tmp_path, broker
     assert load.failures == []
 
 
-def test_bundle_archive_with_extra_fields_keeps_its_signature(tmp_path, keys):
-    folder = make_bundle(tmp_path / "b", model(2), "m", "2", keys["key"])
-    copy = tmp_path / "copy"
-    shutil.copytree(folder, copy)
-    assert signing.verify_folder(copy, keys["trusted"])
-
-
 def test_rollout_to_real_daemons_and_kill_9_of_one(tmp_path, broker, server, keys, v1):
     """`edgerun daemon --trust --group` processes: the agent wired into the real daemon."""
     from tests.mqtt import DaemonProcess, daemon_command, read_retained

@@ -18,7 +18,7 @@ from typing import BinaryIO
 from edgerun.adapters.fleet.store import Store
 from edgerun.runtime import signing
 from edgerun.runtime.bundle import Bundle, check_name, check_version
-from edgerun.runtime.errors import BundleError, InvalidInput, ModelNotFound
+from edgerun.runtime.errors import InvalidInput, ModelNotFound
 
 _CHUNK = 1 << 20
 
