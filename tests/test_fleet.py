@@ -369,3 +369,45 @@ def test_readme_fleet_example_runs(tmp_path):
     state = json.loads((tmp_path / "pi" / "models" / ".edgerun" / "ota" / "digits" /
                         "state.json").read_text())
     assert state["slots"][state["active"]] == "2"
+
+
+def test_orchestrator_takes_back_a_withdrawn_job_the_device_had_picked_up(tmp_path, keys):
+    """An abort withdraws jobs no device has reported on; a late report brings a rollback."""
+    from edgerun.adapters.fleet.orchestrator import Orchestrator
+    from edgerun.adapters.fleet.registry import BundleRegistry
+    from edgerun.adapters.ota.messages import Job, Report
+    from edgerun.runtime import Bundle
+
+    store = Store.sqlite(tmp_path / "fleet.db")
+    registry = BundleRegistry(tmp_path, store, keys["trusted"])
+    with Bundle.open(make_bundle(tmp_path / "b", model(2), "m", "2", keys["key"])) as bundle:
+        archive = bundle.pack(tmp_path / "m-2.tar.gz")
+    with archive.open("rb") as stream:
+        registry.push(stream)
+    sent: list[tuple[str, bytes, bool]] = []
+    orchestrator = Orchestrator(store, registry, "http://registry",
+                                publish=lambda *message: sent.append(message))
+    for device in ("a", "b"):
+        orchestrator.on_message(f"edgerun/{device}/status",
+                                json.dumps({"state": "online", "group": "g"}).encode())
+    rollout = orchestrator.deploy("m", "2", group="g")
+    job_ids = {job["device_id"]: job["job_id"] for job in rollout["jobs"]}
+    published = Job.decode(sent[-1][1])
+    assert published.url == "http://registry/bundles/m/2" and sent[-1][2] is True
+    orchestrator.on_message("edgerun/a/ota/report",
+                            Report(job_ids["a"], "a", "failed", "m", "2", "1").encode())
+    orchestrator.tick()  # what the ticker thread does every 0.25 s
+    status = orchestrator.status(rollout["id"])
+    assert status["state"] == "aborted" and job_states(status) == {"a": "failed",
+                                                                   "b": "cancelled"}
+    assert sent[-1] == ("edgerun/b/ota", b"", True)  # withdrawn
+    orchestrator.on_message("edgerun/b/ota/report",
+                            Report(job_ids["b"], "b", "downloading", "m", "2", "1").encode())
+    rollback = Job.decode(sent[-1][1])
+    assert (rollback.kind, rollback.version, sent[-1][0]) == ("rollback", "1", "edgerun/b/ota")
+    assert orchestrator.status(rollout["id"])["state"] == "rolling_back"
+    orchestrator.on_message("edgerun/b/ota/report",
+                            Report(rollback.job_id, "b", "rolled_back", "m", "1", "2").encode())
+    orchestrator.tick()
+    assert orchestrator.status(rollout["id"])["state"] == "aborted"
+    store.close()

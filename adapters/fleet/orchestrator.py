@@ -127,7 +127,15 @@ class Orchestrator:
     def _on_report(self, device: str, report: Report) -> None:
         with self._lock:
             job = self.store.job_by_id(report.job_id)
-            if job is None or job["device_id"] != device or job["state"] in ENDED:
+            if job is None or job["device_id"] != device:
+                return
+            if job["state"] == CANCELLED and job["kind"] == INSTALL and report.state != FAILED \
+                    and report.previous is not None:
+                # withdrawn by an abort, but the device had already picked it up: take it back
+                self._send_rollback(self._rollout(job["rollout_id"]),
+                                    {**job, "previous_version": report.previous})
+                return
+            if job["state"] in ENDED:
                 return
             fields: dict[str, Any] = {"state": report.state, "detail": report.detail}
             if report.previous is not None and job["kind"] == INSTALL:
@@ -242,6 +250,8 @@ class Orchestrator:
                                   detail="withdrawn before the device picked it up")
             return
         job_id = f"{rollout['id']}.{device}.rollback"
+        if rollout["state"] == ABORTED:  # follow this rollback to its end too
+            self.store.update_rollout(rollout["id"], state=ROLLING_BACK)
         self.store.update_job(rollout["id"], device, job_id=job_id, kind=ROLLBACK,
                               version=previous, state=QUEUED, detail="rolling back",
                               deadline=time.time() + rollout["spec"]["job_timeout"])
