@@ -204,6 +204,8 @@ class Requester:
     def __init__(self, broker: Broker, *, client_id: str = "", clean: bool = True) -> None:
         self.reply_topic = f"replies/{uuid.uuid4().hex}"
         self.answers: dict[bytes, list[tuple[bytes, Properties]]] = {}
+        #: Answers the broker delivered again (DUP set: it restarted before our PUBACK).
+        self.redelivered: dict[bytes, list[bytes]] = {}
         self.acknowledged: set[bytes] = set()
         self._condition = threading.Condition()
         self._ids = itertools.count()
@@ -220,6 +222,9 @@ class Requester:
     def _on_message(self, client, userdata, message) -> None:
         key = getattr(message.properties, "CorrelationData", b"")
         with self._condition:
+            if message.dup and key in self.answers:
+                self.redelivered.setdefault(key, []).append(message.payload)
+                return
             self.answers.setdefault(key, []).append((message.payload, message.properties))
             self._condition.notify_all()
 

@@ -346,7 +346,8 @@ def test_rollout_to_real_daemons_and_kill_9_of_one(tmp_path, broker, server, key
 
 
 def test_readme_fleet_example_runs(tmp_path):
-    """The README's OTA example, as written, on free ports (its pip line is CI's job)."""
+    """The README's OTA example, as written, on free ports (its pip line is CI's job), over
+    the demo/ folder its Bundles section makes."""
     import re
     import subprocess
     import sys
@@ -354,6 +355,13 @@ def test_readme_fleet_example_runs(tmp_path):
 
     from tests.serving import free_port
 
+    from edgerun.runtime import create_bundle
+    from tests.test_mqtt import digits_like_onnx
+
+    (tmp_path / "demo").mkdir()  # what `edgerun demo --workdir demo` leaves, minus a minute
+    (tmp_path / "demo" / "digits.onnx").write_bytes(digits_like_onnx())
+    create_bundle(tmp_path / "demo" / "digits.onnx", tmp_path / "demo" / "digits",
+                  name="digits", version="1")
     readme = (Path(__file__).parents[1] / "README.md").read_text()
     (block,) = [b for b in re.findall(r"```bash\n(.*?)```", readme, re.S)
                 if "fleet deploy" in b]

@@ -42,6 +42,8 @@ from edgerun.runtime.repository import READY, Repository
 log = logging.getLogger(__name__)
 
 UNSUPPORTED_PROTOCOL = 132  # MQTT v5 CONNACK reason: the broker speaks an older protocol
+DEDUPE_WINDOW_S = 30.0
+DEDUPE_SIZE = 8192
 MessageCallback = Callable[[mqtt.MQTTMessage], None]
 Fields = Callable[[], dict[str, Any]]
 
@@ -74,7 +76,7 @@ class Daemon:
         self._pending = 0
         self._wake_scheduled = False
         self._draining = False
-        self._recent: OrderedDict[tuple, None] = OrderedDict()
+        self._recent: OrderedDict[tuple, float] = OrderedDict()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop: asyncio.Event | None = None
         self._idle: asyncio.Event | None = None
@@ -317,18 +319,26 @@ class Daemon:
             self._loop.call_soon_threadsafe(self._drain)
 
     def _duplicate(self, message: mqtt.MQTTMessage) -> bool:
-        """A QoS 1 redelivery of a request already taken (the broker restarted before it got
-        our acknowledgement): answered once, so dropped."""
+        """A QoS 1 request taken already: answered once, so dropped.
+
+        Brokers do not pass the DUP flag on: a requester that resends after a broker restart
+        reaches us as a new message. So a request repeating the topic, Response Topic,
+        Correlation Data and payload of one taken in the last DEDUPE_WINDOW_S seconds counts
+        as a redelivery; without Correlation Data (mosquitto_rr) only the DUP flag does.
+        """
         properties = message.properties
-        key = (message.topic, getattr(properties, "ResponseTopic", None),
-               getattr(properties, "CorrelationData", None), hash(message.payload))
+        correlation = getattr(properties, "CorrelationData", None)
+        key = (message.topic, getattr(properties, "ResponseTopic", None), correlation,
+               hash(message.payload))
+        now = time.monotonic()
         with self._lock:
-            seen = key in self._recent
-            if not seen:
-                self._recent[key] = None
-                if len(self._recent) > 8192:
-                    self._recent.popitem(last=False)
-        if seen and message.dup:
+            seen = self._recent.get(key)
+            self._recent[key] = now
+            self._recent.move_to_end(key)
+            while len(self._recent) > DEDUPE_SIZE:
+                self._recent.popitem(last=False)
+        if seen is not None and (message.dup or (correlation is not None
+                                                 and now - seen < DEDUPE_WINDOW_S)):
             self._rejected.labels("duplicate").inc()
             return True
         return False
