@@ -202,6 +202,9 @@ def test_canary_then_full_rollout_under_load_fails_no_request(tmp_path, server, 
     assert rollout["state"] == "completed" and rollout["counts"] == {"active": 20}
     result = edgerun("fleet", "status", rollout["id"], "--server", server.url)
     assert result.returncode == 0 and "20/20" in result.stdout
+    result = edgerun("fleet", "status", "--server", server.url)
+    assert result.returncode == 0 and "completed" in result.stdout
+    assert all(d.device_id in result.stdout for d in devices)
 
 
 def smoke_failing(tmp_path, keys, version: str):

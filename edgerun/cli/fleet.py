@@ -174,7 +174,13 @@ def _status(args: argparse.Namespace) -> int:
                           f"{r['wave'] + 1}/{r['waves']}", str(r["devices"]),
                           "  ".join(f"{k} {v}" for k, v in r["counts"].items()))
         out.print(table)
-        out.print(f"{len(status['devices'])} devices known")
+        devices = Table("device", "group", "state", "serving", "last seen (s ago)")
+        for device in status["devices"]:
+            models = (device["status"] or {}).get("models") or {}
+            devices.add_row(device["device_id"], device["grp"] or "", device["state"],
+                            "  ".join(f"{m} {','.join(v)}" for m, v in models.items()),
+                            f"{time.time() - device['last_seen']:.0f}")
+        out.print(devices)
         return 0
     out.print(f"rollout [bold]{status['id']}[/] {status['model']} version {status['version']}: "
               f"[bold]{status['state']}[/] wave {status['wave'] + 1}/{status['waves']}"
