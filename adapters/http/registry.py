@@ -15,19 +15,22 @@ scope)` (a no-op by default) before it acts.
 
 from __future__ import annotations
 
-import io
+import tempfile
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import orjson
+import uvicorn
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import FileResponse, Response
 from starlette.routing import Route
 
-from edgerun.adapters.fleet.orchestrator import Orchestrator
+from edgerun.adapters.fleet.orchestrator import MqttLink, Orchestrator
 from edgerun.adapters.fleet.registry import BundleRegistry
+from edgerun.adapters.fleet.store import Store
 from edgerun.adapters.http.status import error_headers, status_of
 from edgerun.runtime.errors import EdgerunError, InvalidInput
 
@@ -58,8 +61,11 @@ def create_registry_app(registry: BundleRegistry, orchestrator: Orchestrator,
         return _json({"status": "ok"})
 
     async def push(request: Request) -> Response:
-        body = await request.body()
-        stored, created = await run_in_threadpool(registry.push, io.BytesIO(body))
+        with tempfile.SpooledTemporaryFile(8 << 20) as upload:  # big bundles go to disk
+            async for chunk in request.stream():
+                upload.write(chunk)
+            upload.seek(0)
+            stored, created = await run_in_threadpool(registry.push, upload)
         return _json({**stored.to_json(), "created": created}, 201 if created else 200)
 
     async def bundles(request: Request) -> Response:
@@ -115,13 +121,6 @@ def serve_fleet(data_dir: str, broker: str, *, host: str = "127.0.0.1", port: in
                 public_url: str | None = None, trusted: list | None = None,
                 log_level: str = "warning") -> None:
     """`edgerun fleet serve`: store, registry, orchestrator on MQTT, HTTP; until SIGTERM."""
-    from pathlib import Path
-
-    import uvicorn
-
-    from edgerun.adapters.fleet.orchestrator import MqttLink
-    from edgerun.adapters.fleet.store import Store
-
     root = Path(data_dir)
     root.mkdir(parents=True, exist_ok=True)
     store = Store.sqlite(root / "fleet.db")
