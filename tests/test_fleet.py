@@ -280,9 +280,20 @@ def test_a_failing_health_gate_aborts_and_rolls_back(tmp_path, server, fleet, ke
         status = server.deploy(model="m", version="2", group="fleet", waves=[0.5, 1.0],
                                gate="p99<0.0001ms", gate_timeout=1.0)
         status = server.wait_rollout(status["id"])
-    assert status["state"] == "aborted" and "health gate failed" in status["reason"]
-    assert sorted(job_states(status).values()) == ["cancelled", "cancelled", "rolled_back",
-                                                   "rolled_back"]
+        assert status["state"] == "aborted" and "health gate failed" in status["reason"]
+        assert sorted(job_states(status).values()) == ["cancelled", "cancelled",
+                                                       "rolled_back", "rolled_back"]
+        assert all(d.served("m") == ["1"] for d in devices)
+        # the operator stops a rollout that waits at its gate
+        push(server, make_bundle(tmp_path / "b", model(3), "m", "3", keys["key"]))
+        status = server.deploy(model="m", version="3", group="fleet", waves=[0.5, 1.0],
+                               gate="p99<0.0001ms", gate_timeout=600)
+        wait_for(lambda: "active" in job_states(server.get(f"/rollouts/{status['id']}"))
+                 .values(), 30, "the first wave")
+        result = edgerun("fleet", "abort", status["id"], "--server", server.url)
+        assert result.returncode == 0 and "aborted by the operator" in result.stdout
+        status = server.wait_rollout(status["id"])
+    assert status["state"] == "aborted" and "rolled_back" in job_states(status).values()
     assert all(d.served("m") == ["1"] for d in devices) and load.failures == []
 
 

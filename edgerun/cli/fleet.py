@@ -1,4 +1,4 @@
-"""`edgerun fleet serve|push|deploy|status`: the registry, rollouts, and their progress."""
+"""`edgerun fleet serve|push|deploy|abort|status`: the registry, rollouts, and their progress."""
 
 from __future__ import annotations
 
@@ -63,6 +63,11 @@ def register(commands: argparse._SubParsersAction) -> None:
     deploy.add_argument("--gate-timeout", type=float, default=300.0, metavar="SECONDS")
     deploy.add_argument("--wait", action="store_true", help="follow the rollout to its end")
     deploy.set_defaults(handler=_deploy)
+
+    abort = sub.add_parser("abort", help="stop a rollout and roll every updated device back")
+    abort.add_argument("rollout")
+    abort.add_argument("--server", required=True)
+    abort.set_defaults(handler=_abort)
 
     status = sub.add_parser("status", help="rollouts, or one rollout's devices by state")
     status.add_argument("rollout", nargs="?", default=None)
@@ -139,6 +144,12 @@ def _deploy(args: argparse.Namespace) -> int:
         status = _follow(server, status["id"])
         out.print(f"rollout {status['id']} {status['state']}: {status['reason']}")
         return 0 if status["state"] == "completed" else 1
+    return 0
+
+
+def _abort(args: argparse.Namespace) -> int:
+    status = _request(f"{args.server.rstrip('/')}/rollouts/{args.rollout}/abort", b"{}")
+    out.print(f"rollout {status['id']}: {status['state']} ({status['reason']})")
     return 0
 
 
