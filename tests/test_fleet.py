@@ -393,11 +393,11 @@ def test_readme_fleet_example_runs(tmp_path):
     assert state["slots"][state["active"]] == "2"
 
 
-def test_orchestrator_takes_back_a_withdrawn_job_the_device_had_picked_up(tmp_path, keys):
-    """An abort withdraws jobs no device has reported on; a late report brings a rollback."""
+@pytest.fixture
+def orchestrator(tmp_path, keys):
+    """An orchestrator over a store and registry holding m:2, publishing into a list."""
     from edgerun.adapters.fleet.orchestrator import Orchestrator
     from edgerun.adapters.fleet.registry import BundleRegistry
-    from edgerun.adapters.ota.messages import Job, Report
     from edgerun.runtime import Bundle
 
     store = Store.sqlite(tmp_path / "fleet.db")
@@ -409,9 +409,19 @@ def test_orchestrator_takes_back_a_withdrawn_job_the_device_had_picked_up(tmp_pa
     sent: list[tuple[str, bytes, bool]] = []
     orchestrator = Orchestrator(store, registry, "http://registry",
                                 publish=lambda *message: sent.append(message))
+    orchestrator.sent = sent
     for device in ("a", "b"):
         orchestrator.on_message(f"edgerun/{device}/status",
                                 json.dumps({"state": "online", "group": "g"}).encode())
+    yield orchestrator
+    store.close()
+
+
+def test_orchestrator_takes_back_a_withdrawn_job_the_device_had_picked_up(orchestrator):
+    """An abort withdraws jobs no device has reported on; a late report brings a rollback."""
+    from edgerun.adapters.ota.messages import Job, Report
+
+    sent = orchestrator.sent
     rollout = orchestrator.deploy("m", "2", group="g")
     job_ids = {job["device_id"]: job["job_id"] for job in rollout["jobs"]}
     published = Job.decode(sent[-1][1])
@@ -432,4 +442,13 @@ def test_orchestrator_takes_back_a_withdrawn_job_the_device_had_picked_up(tmp_pa
                             Report(rollback.job_id, "b", "rolled_back", "m", "1", "2").encode())
     orchestrator.tick()
     assert orchestrator.status(rollout["id"])["state"] == "aborted"
-    store.close()
+
+
+def test_a_wave_start_cut_short_by_a_restart_is_completed(orchestrator):
+    rollout = orchestrator.deploy("m", "2", group="g", waves=[0.5, 1.0])
+    assert job_states(rollout) == {"a": "queued", "b": "pending"}
+    # as if the process died after recording wave 2 but before publishing its jobs
+    orchestrator.store.update_rollout(rollout["id"], wave=1)
+    orchestrator.tick()
+    assert job_states(orchestrator.status(rollout["id"]))["b"] == "queued"
+    assert orchestrator.sent[-1][0] == "edgerun/b/ota"

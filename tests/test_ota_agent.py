@@ -40,12 +40,12 @@ from tests.test_fleet import smoke_failing
 class BundleServer:
     """The registry app on uvicorn in a thread; `add` serves any archive, verified or not."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, port: int | None = None) -> None:
         root.mkdir(parents=True)
         self.store = Store.sqlite(root / "fleet.db")
         self.registry = BundleRegistry(root, self.store, [])
         app = create_registry_app(self.registry, Orchestrator(self.store, self.registry, ""))
-        self.port = free_port()
+        self.port = port or free_port()
         self.server = uvicorn.Server(uvicorn.Config(app, port=self.port, log_level="error"))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()
@@ -142,8 +142,11 @@ def device(tmp_path, keys, bundles):
 
 
 def test_install_switches_slots_and_rollback_goes_back(device, server, bundles):
+    # the model's config.toml in the daemon's folder still applies to the versions OTA brings
+    (device.folder / "models" / "m" / "config.toml").write_text("[batching]\nmax_batch_size = 3\n")
     job2 = server.add(bundles("2"))
     assert device.run(job2).state == "active"
+    assert device.repository.get("m").batcher.config.max_batch_size == 3
     assert device.states(job2) == ["queued", "downloading", "verifying", "staged", "active"]
     assert device.reports[0].previous == "1" and device.served() == ["2"]
     job3 = server.add(bundles("3"))
@@ -189,6 +192,25 @@ def test_bad_bundles_are_refused_and_the_old_model_keeps_serving(tmp_path, devic
     assert not list((device.folder / "data" / "ota" / "m").glob(".staging-*"))
     with device.repository.route("m") as routed:  # and it answers
         assert routed.version == "2"
+
+
+def test_an_unreachable_registry_is_retried_until_it_answers(tmp_path, device, bundles):
+    port = free_port()
+    bundle = bundles("2")
+    first = BundleServer(tmp_path / "elsewhere")
+    job = first.add(bundle)
+    first.close()
+    job = Job(job.job_id, job.kind, job.model, job.version,
+              job.url.replace(str(first.port), str(port)), job.sha256, job.size)
+    device.agent.handle_job(job.encode())
+    wait_for(lambda: any("retrying" in r.detail for r in device.reports), 30, "a retry")
+    late = BundleServer(tmp_path / "late", port=port)  # the registry comes back
+    try:
+        late.add(bundle)
+        device.agent.wait_idle()
+    finally:
+        late.close()
+    assert device.reports[-1].state == "active" and device.served() == ["2"]
 
 
 def test_recover_from_what_a_crash_leaves(tmp_path, server, bundles, keys):

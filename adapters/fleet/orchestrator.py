@@ -189,6 +189,9 @@ class Orchestrator:
                                  f"max-failures {spec['max_failures']:.0%} ({culprits})")
             return
         wave = rollout["wave"]
+        # jobs of a started wave still pending: a restart cut the wave's start short
+        self._start([j for j in jobs if j["wave"] <= wave and j["state"] == PENDING], rollout,
+                    now)
         if wave >= 0 and any(j["state"] not in ENDED for j in jobs if j["wave"] <= wave):
             return
         if wave == len(spec["waves"]) - 1:
@@ -207,15 +210,18 @@ class Orchestrator:
                     self._abort(rollout, "health gate failed: " + "; ".join(broken[:3]))
                 return
         spec["wave_done_at"] = None
-        wave += 1
-        self.store.update_rollout(rollout["id"], wave=wave, spec=json.dumps(spec))
-        rollout = self._rollout(rollout["id"])
+        self.store.update_rollout(rollout["id"], wave=wave + 1, spec=json.dumps(spec))
+        self._start([j for j in jobs if j["wave"] == wave + 1 and j["state"] == PENDING],
+                    rollout, now)
+
+    def _start(self, jobs: list[dict[str, Any]], rollout: dict[str, Any], now: float) -> None:
         for job in jobs:
-            if job["wave"] == wave and job["state"] == PENDING:
-                job_id = f"{rollout['id']}.{job['device_id']}.install"
-                self.store.update_job(rollout["id"], job["device_id"], job_id=job_id,
-                                      state=QUEUED, deadline=now + spec["job_timeout"])
-                self._publish_job(rollout, {**job, "job_id": job_id})
+            job_id = f"{rollout['id']}.{job['device_id']}.install"
+            deadline = now + rollout["spec"]["job_timeout"]
+            self.store.update_job(rollout["id"], job["device_id"], job_id=job_id, state=QUEUED,
+                                  deadline=deadline)
+            job.update(job_id=job_id, state=QUEUED, deadline=deadline)
+            self._publish_job(rollout, job)
 
     def _gate(self, spec: dict[str, Any], updated: list[dict[str, Any]]) -> list[str]:
         conditions = [gates.Condition(m, op, t) for m, op, t in spec["gate_conditions"]]

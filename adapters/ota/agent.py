@@ -18,11 +18,12 @@ import queue
 import shutil
 import tempfile
 import threading
+import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-from edgerun.adapters.ota.download import download
+from edgerun.adapters.ota.download import DownloadInterrupted, download
 from edgerun.adapters.ota.messages import (ACTIVE, DOWNLOADING, FAILED, INSTALL, QUEUED,
                                            ROLLED_BACK, STAGED, TERMINAL, VERIFYING, Job, Report,
                                            job_topic, report_topic)
@@ -41,9 +42,11 @@ class OtaAgent:
     def __init__(self, *, publish: Publish, repository: Repository, device_id: str,
                  data_dir: str | Path, trusted: Iterable[signing.PublicKey],
                  group: str | None = None,
-                 on_change: Callable[[], None] | None = None) -> None:
+                 on_change: Callable[[], None] | None = None,
+                 download_patience: float = 600.0) -> None:
         self.publish = publish
         self.on_change = on_change
+        self.download_patience = download_patience  # seconds of retrying an unreachable registry
         self.repository = repository
         self.device_id = device_id
         self.group = group
@@ -194,7 +197,7 @@ class OtaAgent:
                                   "goes back)")
         self._report(job, DOWNLOADING, previous)
         archive_path = self.downloads / f"{job.model}-{job.version}-{job.sha256[:16]}.tar.gz"
-        self.bytes_downloaded += download(job.url, archive_path, job.sha256, job.size)
+        self._download(job, archive_path, previous)
         self._report(job, VERIFYING, previous)
         try:
             staging = self._stage(job, archive_path)
@@ -203,6 +206,21 @@ class OtaAgent:
         self._report(job, STAGED, previous)
         self._switch(job, staging)
         self._report(job, final, previous)
+
+    def _download(self, job: Job, archive_path: Path, previous: str | None) -> None:
+        """Download, resuming; an unreachable registry is retried with backoff, a bad file
+        is not."""
+        delay, deadline = 0.5, time.monotonic() + self.download_patience
+        while True:
+            try:
+                self.bytes_downloaded += download(job.url, archive_path, job.sha256, job.size)
+                return
+            except DownloadInterrupted as exc:
+                if time.monotonic() + delay > deadline:
+                    raise
+                self._report(job, DOWNLOADING, previous, f"retrying in {delay:g} s: {exc}")
+                time.sleep(delay)
+                delay = min(delay * 2, 30.0)
 
     def _stage(self, job: Job, archive_path: Path) -> Path:
         """Unpack beside the slots and verify everything; nothing in a slot changes yet."""

@@ -19,6 +19,10 @@ from edgerun.runtime.errors import BundleError
 _CHUNK = 1 << 16
 
 
+class DownloadInterrupted(BundleError):
+    """The registry could not be reached or the transfer broke off: worth another try."""
+
+
 def download(url: str, dest: Path, sha256: str, size: int = 0, timeout: float = 30.0) -> int:
     """Fetch `url` into `dest`, resuming a previous part; returns the bytes transferred."""
     part = dest.with_name(dest.name + ".part")
@@ -34,18 +38,20 @@ def download(url: str, dest: Path, sha256: str, size: int = 0, timeout: float = 
         try:
             response = urllib.request.urlopen(request, timeout=timeout)
         except urllib.error.HTTPError as exc:
+            if exc.code >= 500:
+                raise DownloadInterrupted(f"download of {url} failed: HTTP {exc.code}") from exc
             if exc.code != 416:
                 raise BundleError(f"download of {url} failed: HTTP {exc.code}") from exc
             have, response = 0, urllib.request.urlopen(url, timeout=timeout)
         except (urllib.error.URLError, OSError) as exc:
-            raise BundleError(f"download of {url} failed: {exc}") from exc
+            raise DownloadInterrupted(f"download of {url} failed: {exc}") from exc
         with response, open(part, "ab" if have and response.status == 206 else "wb") as out:
             try:
                 while chunk := response.read(_CHUNK):
                     out.write(chunk)
                     transferred += len(chunk)
             except OSError as exc:  # the part stays for the next try to resume
-                raise BundleError(f"download of {url} broke off: {exc}") from exc
+                raise DownloadInterrupted(f"download of {url} broke off: {exc}") from exc
             out.flush()
             os.fsync(out.fileno())
     digest = hashlib.sha256()

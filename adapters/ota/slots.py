@@ -112,10 +112,16 @@ class SlotSource:
         return sorted(managed | set(self.fallback.models() if self.fallback else ()))
 
     def config(self, name: str) -> ModelConfig:
-        if self._managed(name):
-            return ModelConfig.load(self.store.folder(name))
+        """The model's config.toml in the daemon's folder (batching, instances) where it has
+        one, whichever of slot or folder serves it; else the folder's defaults."""
         if self.fallback is not None:
-            return self.fallback.config(name)
+            try:
+                return self.fallback.config(name)
+            except ModelNotFound:
+                pass
+        if self._managed(name):
+            return ModelConfig.load(self.store.folder(name),
+                                    getattr(self.fallback, "default_batching", None))
         raise ModelNotFound(f"model {name!r} has no active OTA slot")
 
     def wanted(self, name: str, config: ModelConfig) -> list[str]:
