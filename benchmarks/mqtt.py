@@ -2,7 +2,7 @@
 
     python benchmarks/mqtt.py [--seconds 4] [--binary PATH] [--write]
 
-One model (MLP 256-1024-1024-10, fp32), one row per request as OIP v2 JSON, MQTT v5 request/
+One model (MLP 128-512-512-10, fp32), one row per request as OIP v2 JSON, MQTT v5 request/
 response (Response Topic + Correlation Data), QoS 1 both ways. The load generator (a paho client
 in this process, TCP_NODELAY on its socket, no client-side in-flight cap) keeps 1, 64 or 256
 requests in flight (closed loop), then offers 500 requests/s (open loop), after a warm-up.
@@ -40,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import SCRATCH, machine, markdown_table, percentiles, record  # noqa: E402
 
-SIZES = (256, 1024, 1024, 10)
+SIZES = (128, 512, 512, 10)
 LOADS: tuple[tuple[str, int], ...] = (("closed", 1), ("closed", 64), ("closed", 256),
                                       ("open", 500))
 
@@ -118,7 +118,7 @@ class Load:
         self._lock = threading.Lock()
         self.closed_loop = False
         self.latencies: list[float] = []
-        self.errors = 0
+        self.errors = self.answered = 0
         self.recording = False
         subscribed = threading.Event()
         self.client.on_subscribe = lambda *a: subscribed.set()
@@ -142,6 +142,7 @@ class Load:
             started = self._sent.pop(message.properties.CorrelationData, None)
         if started is None:
             return
+        self.answered += 1
         if self.recording:
             if message.payload.startswith(b'{"error"'):
                 self.errors += 1
@@ -150,7 +151,7 @@ class Load:
             self.send()
 
     def run(self, mode: str, level: int, seconds: float, warmup: float) -> dict[str, Any]:
-        self.latencies, self.errors = [], 0
+        self.latencies, self.errors, self.answered = [], 0, 0
         if mode == "closed":
             self.closed_loop = True
             for _ in range(level):
@@ -179,11 +180,16 @@ class Load:
             time.sleep(0.5)  # the last answers
             self.recording = False
             elapsed = seconds
-        time.sleep(0.3)  # let in-flight requests finish before the next run
+        # the next run starts once this one's requests are answered (a saturated responder
+        # has a backlog), or after 30 s
+        deadline = time.monotonic() + 30
+        while self._sent and time.monotonic() < deadline:
+            time.sleep(0.05)
         with self._lock:
             self._sent.clear()
         count = len(self.latencies)
         return {"rps": count / elapsed, "count": count, "errors": self.errors,
+                "total": self.answered,
                 **(percentiles(self.latencies) if count else {"p50": float("nan"),
                                                               "p99": float("nan")})}
 
@@ -223,28 +229,37 @@ def start_broker(nodelay: bool) -> tuple[subprocess.Popen, int]:
     return process, port
 
 
-def start_responder(kind: str, port: int, model: Path, repo: Path,
-                    command: list[str] | None = None) -> subprocess.Popen:
-    if kind == "edgerun":
-        command = command or [str(Path(sys.executable).with_name("edgerun")), "daemon"]
-        process = subprocess.Popen(
-            [*command, "--repository", str(repo), "--broker", f"mqtt://127.0.0.1:{port}",
-             "--device-id", "bench", "--poll-interval", "0", "--telemetry-interval", "0",
-             "--log-level", "warning"], stdout=subprocess.DEVNULL)
-        wait_status(port)
-        return process
+def start_daemon(port: int, repo: Path, command: list[str] | None = None) -> subprocess.Popen:
+    """`edgerun daemon` (or the one-file binary) on the broker, once it says it is online."""
+    command = command or [str(Path(sys.executable).with_name("edgerun")), "daemon"]
     process = subprocess.Popen(
-        [sys.executable, __file__, "responder", kind, str(port), str(model)],
-        stdout=subprocess.PIPE, text=True)
+        [*command, "--repository", str(repo), "--broker", f"mqtt://127.0.0.1:{port}",
+         "--device-id", "bench", "--poll-interval", "0", "--telemetry-interval", "0",
+         "--log-level", "warning"], stdout=subprocess.DEVNULL)
+    wait_status(port)
+    return process
+
+
+def start_responder(kind: str, port: int, topic: str, model: Path) -> subprocess.Popen:
+    process = subprocess.Popen([sys.executable, __file__, "responder", kind, str(port), topic,
+                                str(model)], stdout=subprocess.PIPE, text=True)
     assert process.stdout is not None and process.stdout.readline().strip() == "ready"
     return process
 
 
 def wait_status(port: int, timeout: float = 60) -> None:
-    result = subprocess.run(["mosquitto_sub", "-p", str(port), "-t", "edgerun/bench/status",
-                             "-C", "1", "-W", str(int(timeout))], capture_output=True, text=True)
-    if '"online"' not in result.stdout:
-        raise RuntimeError(f"edgerun daemon never came online: {result.stdout}{result.stderr}")
+    """Wait until the daemon's status says online (an older retained "offline" may come first)."""
+    watcher = subprocess.Popen(["mosquitto_sub", "-p", str(port), "-t", "edgerun/bench/status",
+                                "-W", str(int(timeout))], stdout=subprocess.PIPE, text=True)
+    assert watcher.stdout is not None
+    try:
+        for line in watcher.stdout:
+            if '"online"' in line:
+                return
+        raise RuntimeError("edgerun daemon never came online")
+    finally:
+        watcher.kill()
+        watcher.wait()
 
 
 def stop(process: subprocess.Popen) -> None:
@@ -264,6 +279,15 @@ def rss_mb(pid: int) -> float:
             if line.startswith("VmRSS:"):
                 total += int(line.split()[1])
     return total / 1024
+
+
+def cpu_seconds(pid: int) -> float:
+    """CPU time (user + system) of a process and its children so far."""
+    total = 0.0
+    for candidate in [pid, *_children(pid)]:
+        fields = Path(f"/proc/{candidate}/stat").read_text().rsplit(")", 1)[1].split()
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
 
 
 def _children(pid: int) -> list[int]:
@@ -290,29 +314,30 @@ def prepare() -> tuple[Path, Path, bytes]:
     return model, repo, body
 
 
-def measure(seconds: float, warmup: float) -> list[dict[str, Any]]:
+def measure(seconds: float, warmup: float, brokers: tuple[bool, ...] = (False, True),
+            loads: tuple[tuple[str, int], ...] = LOADS) -> list[dict[str, Any]]:
     model, repo, body = prepare()
     results = []
-    for nodelay in (False, True):
+    for nodelay in brokers:
         broker, port = start_broker(nodelay)
         try:
             for kind, topic in (("echo", "bench/echo"), ("naive", "bench/naive"),
                                 ("edgerun", "edgerun/bench/infer/mlp")):
-                process = start_responder(kind, port, model, repo) if kind == "edgerun" else \
-                    subprocess.Popen([sys.executable, __file__, "responder", kind, str(port),
-                                      topic, str(model)], stdout=subprocess.PIPE, text=True)
-                if kind != "edgerun":
-                    assert process.stdout is not None
-                    assert process.stdout.readline().strip() == "ready"
+                process = start_daemon(port, repo) if kind == "edgerun" else \
+                    start_responder(kind, port, topic, model)
                 load = Load(port, topic, body)
                 try:
-                    for mode, level in LOADS:
+                    for mode, level in loads:
+                        cpu = cpu_seconds(process.pid)
                         result = load.run(mode, level, seconds, warmup)
-                        result.update(nodelay=nodelay, kind=kind, mode=mode, level=level)
+                        cpu = cpu_seconds(process.pid) - cpu
+                        result.update(nodelay=nodelay, kind=kind, mode=mode, level=level,
+                                      cpu_ms=1000 * cpu / max(result["total"], 1))
                         results.append(result)
                         print(f"nodelay={nodelay} {kind:8s} {mode} {level:4d}: "
                               f"{result['rps']:8.0f}/s p50 {result['p50']:7.2f} ms "
-                              f"p99 {result['p99']:7.2f} ms errors {result['errors']}",
+                              f"p99 {result['p99']:7.2f} ms errors {result['errors']} "
+                              f"cpu {result['cpu_ms']:.3f} ms/answer",
                               flush=True)
                 finally:
                     load.close()
@@ -331,7 +356,7 @@ def idle_footprint(binary: Path | None) -> dict[str, Any]:
                               ("one-file binary", [str(binary)] if binary else None)):
             if name == "one-file binary" and binary is None:
                 continue
-            process = start_responder("edgerun", port, Path(), repo, command)
+            process = start_daemon(port, repo, command)
             time.sleep(3)
             found[name] = rss_mb(process.pid)
             stop(process)
@@ -358,12 +383,15 @@ def report(results: list[dict[str, Any]], footprint: dict[str, Any], seconds: fl
     for r in results:
         load = f"{r['level']} in flight" if r["mode"] == "closed" else f"{r['level']}/s offered"
         rows.append([("nodelay" if r["nodelay"] else "defaults"), names[r["kind"]], load,
-                     f"{r['rps']:,.0f}", f"{r['p50']:.2f}", f"{r['p99']:.2f}", r["errors"]])
-    text = [f"Command: `python benchmarks/mqtt.py --write` ({seconds:g} s per cell)  ",
+                     f"{r['rps']:,.0f}", f"{r['p50']:.2f}", f"{r['p99']:.2f}",
+                     f"{r['cpu_ms']:.2f}", r["errors"]])
+    text = [f"Command: `python benchmarks/mqtt.py --seconds {seconds:g} --write`  ",
             f"Machine: {machine()}, Mosquitto {mosquitto_version()}, model MLP "
-            f"{'-'.join(map(str, SIZES))} fp32, one row per request, OIP v2 JSON, QoS 1", "",
+            f"{'-'.join(map(str, SIZES))} fp32, one row per request, OIP v2 JSON, QoS 1  ",
+            f"Load average during the run: {os.getloadavg()[0]:.1f} (the machine is shared; "
+            "CPU per answer is the steadier figure)", "",
             markdown_table(["broker", "responder", "load", "answers/s", "p50 (ms)", "p99 (ms)",
-                            "errors"], rows), ""]
+                            "responder CPU (ms/answer)", "errors"], rows), ""]
     targets = []
     edge, echo, naive = (by.get((True, k, "closed", 64)) for k in ("edgerun", "echo", "naive"))
     open_edge = by.get((True, "edgerun", "open", 500))
@@ -411,8 +439,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=float, default=1.0)
     parser.add_argument("--binary", type=Path, help="a built edgerun-daemon (else built here)")
     parser.add_argument("--no-binary", action="store_true", help="skip the one-file binary")
+    parser.add_argument("--quick", action="store_true",
+                        help="development: nodelay broker, 64 in flight and 500/s only")
     parser.add_argument("--write", action="store_true", help="record in benchmarks/README.md")
     args = parser.parse_args(argv)
+    if args.quick:
+        print(measure(args.seconds, args.warmup, (True,), (("closed", 64), ("open", 500))))
+        return 0
     binary = None if args.no_binary else (args.binary or build_binary())
     footprint = idle_footprint(binary)
     results = measure(args.seconds, args.warmup)

@@ -285,6 +285,7 @@ def test_kill_9_publishes_offline_by_last_will(tmp_path, repo):
                 break
             time.sleep(0.2)
         assert status["state"] == "offline" and status["device_id"] == "doomed"
+        assert status["models"] == {"mlp": ["1", "2"]}  # the will is set at connect time
 
 
 def test_broker_restart_mid_stream_answers_each_acknowledged_request_once(tmp_path, repo):
@@ -513,3 +514,14 @@ def test_daemon_speaking_mqtt_311(tmp_path, repo):
         client.loop_stop()
     assert orjson.loads(got[0])["id"] == "7"
     assert outputs(got[0]).shape == (1, 3)
+
+
+def test_daemon_imports_no_web_framework():
+    code = ("import sys\nimport edgerun.adapters.mqtt.daemon, edgerun.adapters.mqtt.cli\n"
+            "print(sorted(m for m in ('fastapi', 'starlette', 'uvicorn', 'pydantic', 'sklearn',"
+            " 'onnx', 'rich') if m in sys.modules))")
+    import sys
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"

@@ -1,9 +1,11 @@
 """The daemon: a paho-mqtt client in front of a repository and its data plane.
 
-Threads: paho's network thread only reads, acknowledges and queues messages (never inference);
-one asyncio loop thread (the one `run` is called from) serves the inbox through
-`DataPlane.handle_async`, so requests arriving together wait in the same MicroBatcher and run
-as one batch; extension callbacks run on one thread of their own, in arrival order.
+Threads: one asyncio loop (the thread `run` is called from) drives paho's socket (paho's
+external-loop interface: no network thread of its own) and serves each request through
+`DataPlane.handle_async`, which never blocks it; the forward passes run on the MicroBatcher's
+thread, so requests that arrive together wait in the same batcher and run as one batch.
+Receiving, answering and publishing on one thread spares two thread hand-offs per request
+(measured in benchmarks/mqtt.py). Extension callbacks run on a thread of their own, in order.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import signal
 import socket
 import threading
 import time
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -72,10 +74,13 @@ class Daemon:
         self._extensions: list[Extension] = []
         self._subscriptions: dict[str, tuple[int, MessageCallback | None]] = {}
         self._lock = threading.Lock()
-        self._inbox: deque[mqtt.MQTTMessage] = deque()
         self._pending = 0
-        self._wake_scheduled = False
         self._draining = False
+        self._closing = False
+        self._retrying = False
+        self._attempts = 0
+        self._socket_open = False
+        self._loop_thread: int | None = None
         self._recent: OrderedDict[tuple, float] = OrderedDict()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop: asyncio.Event | None = None
@@ -163,6 +168,7 @@ class Daemon:
 
     async def _main(self) -> None:
         loop = self._loop = asyncio.get_running_loop()
+        self._loop_thread = threading.get_ident()
         self._stop, self._idle = asyncio.Event(), asyncio.Event()
         if threading.current_thread() is threading.main_thread():
             for signum in (signal.SIGTERM, signal.SIGINT):
@@ -174,12 +180,14 @@ class Daemon:
         for extension in self._extensions:
             extension.start()
         self._connect()
-        telemetry = asyncio.create_task(self._report_telemetry())
+        tasks = [asyncio.create_task(self._report_telemetry()),
+                 asyncio.create_task(self._keepalive())]
         try:
             await self._stop.wait()
         finally:
-            telemetry.cancel()
             await self._shutdown()
+            for task in tasks:
+                task.cancel()
 
     async def _shutdown(self) -> None:
         assert self._idle is not None
@@ -199,8 +207,12 @@ class Daemon:
                                                                  5)
             except (RuntimeError, ValueError) as exc:
                 log.warning("the offline status was not delivered: %s", exc)
-        self.client.disconnect()
-        self.client.loop_stop()
+        self._closing = True
+        if self.client.disconnect() == mqtt.MQTT_ERR_SUCCESS:
+            for _ in range(50):  # the DISCONNECT goes out on the loop, then the socket closes
+                if not self._socket_open:
+                    break
+                await asyncio.sleep(0.02)
         for extension in self._extensions:
             extension.stop()
         self._extension_pool.shutdown(wait=True)
@@ -229,27 +241,89 @@ class Daemon:
         if broker.tls:
             client.tls_set(ca_certs=_str(config.ca_file), certfile=_str(config.cert_file),
                            keyfile=_str(config.key_file))
-        client.will_set(self.status_topic, self.status("offline"), qos=1, retain=True)
-        client.reconnect_delay_set(config.reconnect_min_s, config.reconnect_max_s)
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
-        client.on_socket_open = _no_delay
+        client.on_socket_open = self._on_socket_open
+        client.on_socket_close = self._on_socket_close
+        client.on_socket_register_write = self._on_socket_register_write
+        client.on_socket_unregister_write = self._on_socket_unregister_write
         for topic_filter, (_, callback) in self._subscriptions.items():
             if callback is not None:
                 self._add_callback(client, topic_filter, callback)
         return client
 
     def _connect(self) -> None:
+        """One connection attempt on the loop; failures retry with backoff and jitter."""
+        if self._closing:
+            return
         broker = self.config.broker_address
-        if self.v5:
-            properties = Properties(PacketTypes.CONNECT)
-            properties.SessionExpiryInterval = self.config.session_expiry
-            self.client.connect_async(broker.host, broker.port, self.config.keepalive,
-                                      clean_start=False, properties=properties)
+        # the Last Will carries the models and extension fields as of this connection
+        self.client.will_set(self.status_topic, self.status("offline"), qos=1, retain=True)
+        try:
+            if self.v5:
+                properties = Properties(PacketTypes.CONNECT)
+                properties.SessionExpiryInterval = self.config.session_expiry
+                self.client.connect(broker.host, broker.port, self.config.keepalive,
+                                    clean_start=False, properties=properties)
+            else:
+                self.client.connect(broker.host, broker.port, self.config.keepalive)
+        except (OSError, ValueError) as exc:  # refused, unreachable, TLS handshake
+            log.warning("cannot reach %s (%s)", self.config.broker, exc)
+            self._retry()
+
+    def _retry(self) -> None:
+        """Exponential backoff from reconnect_min_s to reconnect_max_s, each delay jittered
+        (x0.5-1.5) so a fleet that lost one broker does not come back in one wave."""
+        if self._closing or self._retrying:
+            return
+        delay = min(self.config.reconnect_min_s * 2 ** self._attempts,
+                    self.config.reconnect_max_s) * random.uniform(0.5, 1.5)
+        self._attempts += 1
+        self._retrying = True
+        assert self._loop is not None
+        self._loop.call_later(delay, self._retry_now)
+
+    def _retry_now(self) -> None:
+        self._retrying = False
+        self._connect()
+
+    # paho's external-loop interface: the loop reads and writes its socket
+    def _on_socket_open(self, client: mqtt.Client, userdata: Any, sock: Any) -> None:
+        _no_delay(sock)
+        assert self._loop is not None
+        self._loop.add_reader(sock, client.loop_read)
+        self._socket_open = True
+
+    def _on_socket_close(self, client: mqtt.Client, userdata: Any, sock: Any) -> None:
+        assert self._loop is not None
+        self._loop.remove_reader(sock)
+        self._loop.remove_writer(sock)
+        if client is self.client:
+            self._socket_open = False
+
+    def _on_socket_register_write(self, client: mqtt.Client, userdata: Any, sock: Any) -> None:
+        assert self._loop is not None
+        self._on_loop(self._loop.add_writer, sock, client.loop_write)
+
+    def _on_socket_unregister_write(self, client: mqtt.Client, userdata: Any,
+                                    sock: Any) -> None:
+        assert self._loop is not None
+        self._on_loop(self._loop.remove_writer, sock)
+
+    def _on_loop(self, function: Callable[..., Any], *args: Any) -> None:
+        """Run now on the loop's thread, or hand over from another one (extensions publish)."""
+        if threading.get_ident() == self._loop_thread:
+            function(*args)
         else:
-            self.client.connect_async(broker.host, broker.port, self.config.keepalive)
-        self.client.loop_start()
+            assert self._loop is not None
+            self._loop.call_soon_threadsafe(function, *args)
+
+    async def _keepalive(self) -> None:
+        """Pings, and notices a broker that went silent (paho's loop_misc, once a second)."""
+        while True:
+            await asyncio.sleep(1)
+            self.client.loop_misc()
 
     def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any,
                     properties: Any) -> None:
@@ -257,10 +331,13 @@ class Daemon:
             if reason.value == UNSUPPORTED_PROTOCOL and self.config.protocol == "auto" and self.v5:
                 log.warning("the broker refuses MQTT v5; falling back to 3.1.1")
                 assert self._loop is not None
-                self._loop.call_soon_threadsafe(self._fall_back)
+                self._loop.call_soon(self._fall_back)
             else:
                 log.error("broker refused the connection: %s", reason)
+                client.disconnect()
+                self._retry()
             return
+        self._attempts = 0
         log.info("connected to %s (session present: %s)", self.config.broker,
                  flags.session_present)
         client.subscribe([(topic, qos) for topic, (qos, _) in self._subscriptions.items()])
@@ -270,17 +347,14 @@ class Daemon:
     def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any,
                        properties: Any) -> None:
         self._connected.clear()
-        if not self._draining:
-            log.warning("disconnected from %s (%s); reconnecting", self.config.broker, reason)
-        # Jitter: each outage starts its exponential backoff from a different first delay, so
-        # a fleet that lost the same broker does not come back in one synchronized wave.
-        config = self.config
-        client.reconnect_delay_set(config.reconnect_min_s * random.uniform(0.5, 1.5),
-                                   config.reconnect_max_s)
+        if self._closing or client is not self.client:
+            return
+        log.warning("disconnected from %s (%s); reconnecting", self.config.broker, reason)
+        self._retry()
 
     def _fall_back(self) -> None:
-        self.client.loop_stop()
-        self.v5 = False
+        old, self.v5 = self.client, False
+        old.disconnect()
         self.client = self._make_client()
         self._connect()
 
@@ -295,7 +369,7 @@ class Daemon:
     # ---------------------------------------------------------------- the inbox
     def _on_message(self, client: mqtt.Client, userdata: Any,
                     message: mqtt.MQTTMessage) -> None:
-        """paho's network thread: acknowledge and queue, or refuse at once; never infer."""
+        """On the loop: acknowledge and start serving it, or refuse at once."""
         if self._duplicate(message):
             client.ack(message.mid, message.qos)
             return
@@ -305,8 +379,6 @@ class Daemon:
             full = self._pending >= self.config.max_inbox
             if not full:
                 self._pending += 1
-                self._inbox.append(message)
-                wake, self._wake_scheduled = not self._wake_scheduled, True
         client.ack(message.mid, message.qos)
         if full:
             self._rejected.labels("overloaded").inc()
@@ -314,9 +386,8 @@ class Daemon:
             self._send(request, *self._error(request, Overloaded(
                 f"the daemon's inbox is full ({self.config.max_inbox} requests in flight); "
                 "retry later", retry_after_s=0.1)))
-        elif wake:
-            assert self._loop is not None
-            self._loop.call_soon_threadsafe(self._drain)
+        else:
+            asyncio.ensure_future(self._serve(message))
 
     def _duplicate(self, message: mqtt.MQTTMessage) -> bool:
         """A QoS 1 request taken already: answered once, so dropped.
@@ -342,14 +413,6 @@ class Daemon:
             self._rejected.labels("duplicate").inc()
             return True
         return False
-
-    def _drain(self) -> None:
-        with self._lock:
-            batch = list(self._inbox)
-            self._inbox.clear()
-            self._wake_scheduled = False
-        for message in batch:
-            asyncio.ensure_future(self._serve(message))
 
     async def _serve(self, message: mqtt.MQTTMessage) -> None:
         try:
@@ -404,7 +467,7 @@ class Daemon:
                             properties if self.v5 else None)
 
 
-def _no_delay(client: mqtt.Client, userdata: Any, sock: Any) -> None:
+def _no_delay(sock: Any) -> None:
     """Nagle's algorithm against the broker's delayed ACKs costs ~40-80 ms per round trip."""
     try:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
