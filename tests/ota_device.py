@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import threading
 from pathlib import Path
 
 from edgerun.adapters.ota.agent import OtaAgent
@@ -48,7 +47,6 @@ def main() -> None:
     client.on_message = lambda c, u, m: agent.handle_job(m.payload)
     client.connect("127.0.0.1", args.port)
     client.loop_forever()
-    threading.Event().wait()
 
 
 if __name__ == "__main__":
