@@ -11,6 +11,7 @@ Receiving, answering and publishing on one thread spares two thread hand-offs pe
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import random
 import signal
@@ -175,6 +176,7 @@ class Daemon:
                 loop.add_signal_handler(signum, self._stop.set)
         self.data_dir.mkdir(parents=True, exist_ok=True)
         await loop.run_in_executor(None, self.repository.load_all)
+        gc.freeze()  # the loaded models' objects leave the collector's scans: shorter pauses
         if self.config.poll_interval:
             self.repository.start_polling(self.config.poll_interval)
         for extension in self._extensions:
