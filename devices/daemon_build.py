@@ -21,7 +21,7 @@ BINARY = "edgerun-daemon"
 #: What the daemon never imports; excluded so PyInstaller's analysis does not drag them in.
 EXCLUDES = ("fastapi", "starlette", "uvicorn", "pydantic", "pydantic_core", "sklearn",
             "skl2onnx", "onnx", "scipy", "sympy", "matplotlib", "pandas", "tkinter", "IPython",
-            "pytest", "hypothesis", "tritonclient", "httpx", "rich", "cryptography", "PIL",
+            "pytest", "hypothesis", "tritonclient", "httpx", "rich", "PIL",
             "onnxruntime.transformers", "onnxruntime.quantization", "onnxruntime.tools",
             "edgerun.adapters.http", "edgerun.optimizers", "edgerun.cli", "edgerun.examples")
 #: Backends are imported by name at run time, which PyInstaller cannot see.

@@ -18,7 +18,7 @@ if TYPE_CHECKING:
     from edgerun.adapters.mqtt.daemon import Daemon
 
 #: Modules holding a `SPEC`; e.g. "edgerun.adapters.ota.agent".
-EXTENSION_MODULES: tuple[str, ...] = ()
+EXTENSION_MODULES: tuple[str, ...] = ("edgerun.adapters.ota.daemon",)
 
 
 class Extension(Protocol):

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from rich.console import Console
 
 from edgerun import __version__
-from edgerun.cli import (build, bundle, daemon, demo, devices, fleet_auth, optimize, package,
+from edgerun.cli import (build, bundle, daemon, demo, devices, fleet, keys, optimize, package,
                          predict, serve)
 from edgerun.runtime.errors import EdgerunError
 
@@ -23,8 +23,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"edgerun {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at debug level")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for module in (bundle, predict, demo, serve, optimize, devices, package, daemon, build,
-                   fleet_auth):
+    for module in (bundle, keys, predict, demo, serve, optimize, devices, package, daemon,
+                   build, fleet):
         module.register(commands)
     return parser
 

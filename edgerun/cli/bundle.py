@@ -46,7 +46,16 @@ def register(commands: argparse._SubParsersAction) -> None:
                                            "sample")
     verify.add_argument("bundle", type=Path)
     verify.add_argument("--device", default=None, help="device profile to load with")
+    verify.add_argument("--trust", type=Path, action="append", default=[], metavar="PUBKEY",
+                        help="also require a signature by this public key (repeatable: any "
+                             "one of them)")
     verify.set_defaults(handler=_verify)
+
+    sign = sub.add_parser("sign", help="sign a bundle (folder or .tar.gz) with an Ed25519 key")
+    sign.add_argument("bundle", type=Path)
+    sign.add_argument("--key", type=Path, required=True, help="private key (edgerun keys "
+                                                               "generate)")
+    sign.set_defaults(handler=_sign)
 
     pack = sub.add_parser("pack", help="pack a bundle folder into a .tar.gz")
     pack.add_argument("bundle", type=Path)
@@ -90,12 +99,33 @@ def _inspect(args: argparse.Namespace) -> int:
 def _verify(args: argparse.Namespace) -> int:
     with Bundle.open(args.bundle) as bundle:
         out.print(f"hashes: {len(bundle.manifest.files)} files match the manifest")
+        if args.trust:
+            from edgerun.runtime import signing
+
+            signer = signing.verify_folder(bundle.path, signing.load_public_keys(args.trust))
+            out.print(f"signature: valid, key id {signer}")
         model = Model.load(bundle, args.device)
         model.check_golden()
         described = model.describe()
         out.print(f"golden: output matches the build's on {described['backend']} "
                   f"{described.get('providers', '')}".rstrip())
     out.print(f"[bold green]ok[/] {bundle.manifest.name} version {bundle.manifest.version}")
+    return 0
+
+
+def _sign(args: argparse.Namespace) -> int:
+    from edgerun.runtime import signing
+
+    if args.bundle.is_dir():
+        with Bundle.open(args.bundle) as bundle:
+            signer = signing.sign_folder(bundle.path, args.key)
+    else:
+        with Bundle.open(args.bundle) as bundle:  # an archive: sign its copy, repack in place
+            signer = signing.sign_folder(bundle.path, args.key)
+            packed = args.bundle.with_name(f".{args.bundle.name}.tmp")
+            bundle.pack(packed)
+            packed.replace(args.bundle)
+    out.print(f"signed {args.bundle} with key id {signer}")
     return 0
 
 

@@ -26,12 +26,6 @@ err = Console(stderr=True, highlight=False)
 TOKEN_ENV = "EDGERUN_TOKEN"
 
 
-def register(commands: argparse._SubParsersAction) -> None:
-    parser = commands.add_parser("fleet", help="fleet credentials")
-    register_token_commands(parser.add_subparsers(dest="fleet_command", required=True,
-                                                  metavar="ACTION"))
-
-
 def register_token_commands(fleet_actions: argparse._SubParsersAction) -> None:
     token = fleet_actions.add_parser(
         "token", help="create, list and revoke bearer tokens",

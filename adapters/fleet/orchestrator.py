@@ -1,0 +1,337 @@
+"""Rollouts in waves: publish jobs, follow reports, hold at health gates, abort and roll back.
+
+All state lives in the store, so a restarted orchestrator picks every running rollout up where
+it was: jobs already published are re-published (the agent ignores a job id it has done), and
+the agents' retained reports give every device's latest state as soon as it subscribes.
+One `tick` moves each rollout forward: time out late jobs, abort when failures pass the
+threshold, start the next wave once the current one is done and the gate holds on every
+updated device's telemetry (newer than its update).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import secrets
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+from urllib.parse import urlsplit
+
+from edgerun.adapters.fleet import gate as gates
+from edgerun.adapters.fleet.registry import BundleRegistry
+from edgerun.adapters.fleet.store import Store
+from edgerun.adapters.ota.messages import (ACTIVE, FAILED, INSTALL, QUEUED, ROLLBACK, ROLLED_BACK,
+                                           TERMINAL, Job, Report, job_topic)
+from edgerun.runtime.errors import InvalidInput, ModelNotFound
+
+log = logging.getLogger(__name__)
+
+PENDING, CANCELLED = "pending", "cancelled"   # not yet published; dropped by an abort
+RUNNING, COMPLETED, ROLLING_BACK, ABORTED = "running", "completed", "rolling_back", "aborted"
+ENDED = TERMINAL | {CANCELLED}
+
+Publish = Callable[[str, bytes, bool], None]
+
+
+class Orchestrator:
+    def __init__(self, store: Store, registry: BundleRegistry, base_url: str,
+                 publish: Publish | None = None) -> None:
+        self.store = store
+        self.registry = registry
+        self.base_url = base_url.rstrip("/")
+        self.publish: Publish = publish or (lambda topic, payload, retain: None)
+        self._lock = threading.RLock()
+
+    # ------------------------------------------------------------------ commands
+    def deploy(self, model: str, version: str, *, group: str | None = None,
+               devices: list[str] | None = None, waves: list[float] | None = None,
+               max_failures: float = 0.0, gate: str | None = None,
+               job_timeout: float = 600.0, gate_timeout: float = 300.0) -> dict[str, Any]:
+        bundle = self.registry.get(model, version)
+        conditions = gates.parse_gate(gate)
+        if devices:
+            targets = sorted(set(devices))
+        else:
+            targets = [d["device_id"] for d in self.store.devices(group)]
+        if not targets:
+            raise InvalidInput(f"no devices to deploy to (group {group!r} has none that "
+                               "reported)" if group else "no devices to deploy to")
+        waves = waves or [1.0]
+        rollout_id = f"{model}-{version}-{secrets.token_hex(3)}"
+        spec = {"waves": waves, "max_failures": max_failures, "gate": gate or "",
+                "gate_conditions": [[c.metric, c.op, c.threshold] for c in conditions],
+                "job_timeout": job_timeout, "gate_timeout": gate_timeout, "group": group,
+                "sha256": bundle.sha256, "size": bundle.size, "wave_done_at": None}
+        with self._lock:
+            self.store.add_rollout(rollout_id, model, version, spec,
+                                   gates.assign_waves(targets, waves))
+            self.tick()
+        return self.status(rollout_id)
+
+    def abort(self, rollout_id: str, reason: str = "aborted by the operator") -> None:
+        with self._lock:
+            rollout = self._rollout(rollout_id)
+            if rollout["state"] == RUNNING:
+                self._abort(rollout, reason)
+
+    def status(self, rollout_id: str | None = None) -> dict[str, Any]:
+        if rollout_id is None:
+            return {"rollouts": [self._summary(r) for r in self.store.rollouts()],
+                    "devices": self.store.devices()}
+        rollout = self._rollout(rollout_id)
+        jobs = self.store.jobs(rollout_id)
+        return {**self._summary(rollout, jobs), "jobs": jobs}
+
+    def _summary(self, rollout: dict[str, Any], jobs: list | None = None) -> dict[str, Any]:
+        jobs = self.store.jobs(rollout["id"]) if jobs is None else jobs
+        counts: dict[str, int] = {}
+        for job in jobs:
+            counts[job["state"]] = counts.get(job["state"], 0) + 1
+        spec = rollout["spec"]
+        return {"id": rollout["id"], "model": rollout["model"], "version": rollout["version"],
+                "state": rollout["state"], "reason": rollout["reason"],
+                "wave": rollout["wave"], "waves": len(spec["waves"]), "gate": spec["gate"],
+                "devices": len(jobs), "counts": counts, "created_at": rollout["created_at"],
+                "updated_at": rollout["updated_at"]}
+
+    def _rollout(self, rollout_id: str) -> dict[str, Any]:
+        rollout = self.store.rollout(rollout_id)
+        if rollout is None:
+            raise ModelNotFound(f"no rollout {rollout_id!r}")
+        return rollout
+
+    # ------------------------------------------------------------------ messages
+    def on_message(self, topic: str, payload: bytes) -> None:
+        """Status, telemetry and OTA reports from devices (any thread)."""
+        parts = topic.split("/")
+        if len(parts) < 3 or parts[0] != "edgerun" or not payload:
+            return
+        device, kind = parts[1], "/".join(parts[2:])
+        try:
+            if kind == "ota/report":
+                self._on_report(device, Report.decode(payload))
+                return
+            data = json.loads(payload)
+            if not isinstance(data, dict):
+                return
+            if kind == "status":
+                self.store.see_device(device, state=str(data.get("state", "online")),
+                                      group=data.get("group"), status=data)
+            elif kind == "telemetry":
+                self.store.see_device(device, group=data.get("group"), telemetry=data)
+        except (ValueError, TypeError, KeyError) as exc:
+            log.warning("ignored a malformed message on %s: %s", topic, exc)
+
+    def _on_report(self, device: str, report: Report) -> None:
+        with self._lock:
+            job = self.store.job_by_id(report.job_id)
+            if job is None or job["device_id"] != device:
+                return
+            if job["state"] == CANCELLED and job["kind"] == INSTALL and report.state != FAILED \
+                    and report.previous is not None:
+                # withdrawn by an abort, but the device had already picked it up: take it back
+                self._send_rollback(self._rollout(job["rollout_id"]),
+                                    {**job, "previous_version": report.previous})
+                return
+            if job["state"] in ENDED:
+                return
+            fields: dict[str, Any] = {"state": report.state, "detail": report.detail}
+            if report.previous is not None and job["kind"] == INSTALL:
+                fields["previous_version"] = report.previous
+            if report.state == ACTIVE:  # the gate counts errors from here on
+                telemetry = (self.store.device(device) or {}).get("telemetry") or {}
+                fields["baseline"] = json.dumps({k: telemetry.get(k)
+                                                 for k in ("requests", "errors")})
+            self.store.update_job(job["rollout_id"], device, **fields)
+            if report.state in TERMINAL:
+                self.publish(job_topic(device), b"", True)  # done: clear the retained job
+            rollout = self._rollout(job["rollout_id"])
+            if rollout["state"] != RUNNING and job["kind"] == INSTALL and report.state != FAILED:
+                # the device took the new version after the rollout was aborted
+                self._send_rollback(rollout, {**job, **fields})
+            self.tick()
+
+    def republish(self) -> None:
+        """Send every outstanding job again (after a broker or orchestrator restart)."""
+        with self._lock:
+            for rollout in self.store.rollouts():
+                for job in self.store.jobs(rollout["id"]):
+                    if job["job_id"] and job["state"] not in ENDED | {PENDING}:
+                        self._publish_job(rollout, job)
+
+    # --------------------------------------------------------------------- ticks
+    def tick(self) -> None:
+        with self._lock:
+            now = time.time()
+            for rollout in self.store.rollouts(RUNNING) + self.store.rollouts(ROLLING_BACK):
+                jobs = self.store.jobs(rollout["id"])
+                for job in jobs:
+                    if job["state"] not in ENDED | {PENDING} and job["deadline"] \
+                            and job["deadline"] < now:
+                        detail = f"timed out in state {job['state']}"
+                        self.store.update_job(rollout["id"], job["device_id"], state=FAILED,
+                                              detail=detail)
+                        self.publish(job_topic(job["device_id"]), b"", True)
+                        job.update(state=FAILED, detail=detail)
+                if rollout["state"] == RUNNING:
+                    self._advance(rollout, jobs, now)
+                elif all(job["state"] in ENDED for job in jobs):
+                    self.store.update_rollout(rollout["id"], state=ABORTED)
+
+    def _advance(self, rollout: dict[str, Any], jobs: list[dict[str, Any]], now: float) -> None:
+        spec = rollout["spec"]
+        failed = [job for job in jobs if job["state"] == FAILED]
+        if jobs and len(failed) / len(jobs) > spec["max_failures"]:
+            culprits = ", ".join(f"{j['device_id']}: {j['detail']}" for j in failed[:3])
+            self._abort(rollout, f"{len(failed)} of {len(jobs)} devices failed, over "
+                                 f"max-failures {spec['max_failures']:.0%} ({culprits})")
+            return
+        wave = rollout["wave"]
+        # jobs of a started wave still pending: a restart cut the wave's start short
+        self._start([j for j in jobs if j["wave"] <= wave and j["state"] == PENDING], rollout,
+                    now)
+        if wave >= 0 and any(j["state"] not in ENDED for j in jobs if j["wave"] <= wave):
+            return
+        if wave == len(spec["waves"]) - 1:
+            self.store.update_rollout(rollout["id"], state=COMPLETED,
+                                      reason=f"{sum(j['state'] == ACTIVE for j in jobs)} of "
+                                             f"{len(jobs)} devices active")
+            return
+        if wave >= 0 and spec["gate_conditions"]:
+            broken = self._gate(spec, [j for j in jobs if j["wave"] <= wave
+                                       and j["state"] == ACTIVE])
+            if broken:
+                if spec["wave_done_at"] is None:
+                    spec["wave_done_at"] = now
+                    self.store.update_rollout(rollout["id"], spec=json.dumps(spec))
+                elif now - spec["wave_done_at"] > spec["gate_timeout"]:
+                    self._abort(rollout, "health gate failed: " + "; ".join(broken[:3]))
+                return
+        spec["wave_done_at"] = None
+        self.store.update_rollout(rollout["id"], wave=wave + 1, spec=json.dumps(spec))
+        self._start([j for j in jobs if j["wave"] == wave + 1 and j["state"] == PENDING],
+                    rollout, now)
+
+    def _start(self, jobs: list[dict[str, Any]], rollout: dict[str, Any], now: float) -> None:
+        for job in jobs:
+            job_id = f"{rollout['id']}.{job['device_id']}.install"
+            deadline = now + rollout["spec"]["job_timeout"]
+            self.store.update_job(rollout["id"], job["device_id"], job_id=job_id, state=QUEUED,
+                                  deadline=deadline)
+            job.update(job_id=job_id, state=QUEUED, deadline=deadline)
+            self._publish_job(rollout, job)
+
+    def _gate(self, spec: dict[str, Any], updated: list[dict[str, Any]]) -> list[str]:
+        conditions = [gates.Condition(m, op, t) for m, op, t in spec["gate_conditions"]]
+        broken = []
+        for job in updated:
+            device = self.store.device(job["device_id"]) or {}
+            if not device.get("telemetry") or (device.get("telemetry_at") or 0) < job["updated_at"]:
+                broken.append(f"{job['device_id']}: no telemetry since its update yet")
+                continue
+            baseline = json.loads(job["baseline"]) if job["baseline"] else None
+            broken += [f"{job['device_id']}: {b}"
+                       for b in gates.check_gate(conditions, device["telemetry"], baseline)]
+        return broken
+
+    def _abort(self, rollout: dict[str, Any], reason: str) -> None:
+        log.warning("rollout %s aborted: %s", rollout["id"], reason)
+        self.store.update_rollout(rollout["id"], state=ROLLING_BACK, reason=reason)
+        rollout = self._rollout(rollout["id"])
+        for job in self.store.jobs(rollout["id"]):
+            if job["state"] == PENDING:
+                self.store.update_job(rollout["id"], job["device_id"], state=CANCELLED,
+                                      detail="rollout aborted before this wave")
+            elif job["state"] not in (FAILED, CANCELLED, ROLLED_BACK):
+                self._send_rollback(rollout, job)
+
+    def _send_rollback(self, rollout: dict[str, Any], job: dict[str, Any]) -> None:
+        previous = job.get("previous_version")
+        device = job["device_id"]
+        if previous is None:  # never picked up: withdraw it
+            self.publish(job_topic(device), b"", True)
+            self.store.update_job(rollout["id"], device, state=CANCELLED,
+                                  detail="withdrawn before the device picked it up")
+            return
+        job_id = f"{rollout['id']}.{device}.rollback"
+        if rollout["state"] == ABORTED:  # follow this rollback to its end too
+            self.store.update_rollout(rollout["id"], state=ROLLING_BACK)
+        self.store.update_job(rollout["id"], device, job_id=job_id, kind=ROLLBACK,
+                              version=previous, state=QUEUED, detail="rolling back",
+                              deadline=time.time() + rollout["spec"]["job_timeout"])
+        self._publish_job(rollout, {**job, "job_id": job_id, "kind": ROLLBACK,
+                                    "version": previous})
+
+    def _publish_job(self, rollout: dict[str, Any], job: dict[str, Any]) -> None:
+        model, version = rollout["model"], job["version"]
+        try:
+            stored = self.registry.get(model, version)
+            url, sha256, size = (f"{self.base_url}/bundles/{model}/{version}", stored.sha256,
+                                 stored.size)
+        except ModelNotFound:  # a rollback to a version the registry never had: slots only
+            url, sha256, size = "", "", 0
+        message = Job(job_id=job["job_id"], kind=job["kind"], model=model, version=version,
+                      url=url, sha256=sha256, size=size, rollout=rollout["id"])
+        self.publish(job_topic(job["device_id"]), message.encode(), True)
+
+
+class MqttLink:
+    """The orchestrator's broker connection: paho, MQTT v5, reconnecting, re-subscribing."""
+
+    TOPICS = ("edgerun/+/status", "edgerun/+/telemetry", "edgerun/+/ota/report")
+
+    def __init__(self, broker_url: str, orchestrator: Orchestrator,
+                 client_id: str = "") -> None:
+        import paho.mqtt.client as mqtt
+
+        address = urlsplit(broker_url if "://" in broker_url else f"mqtt://{broker_url}")
+        if address.scheme not in ("mqtt", "tcp"):
+            raise InvalidInput(f"broker {broker_url!r}: only mqtt://HOST:PORT is supported")
+        self.host, self.port = address.hostname or "127.0.0.1", address.port or 1883
+        self.orchestrator = orchestrator
+        self.connected = threading.Event()
+        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2,
+                                  client_id=client_id or f"edgerun-fleet-{secrets.token_hex(4)}",
+                                  protocol=mqtt.MQTTv5)
+        if address.username:
+            self.client.username_pw_set(address.username, address.password)
+        self.client.reconnect_delay_set(0.1, 2.0)
+        self.client.on_connect = self._on_connect
+        self.client.on_disconnect = lambda *a: self.connected.clear()
+        self.client.on_message = lambda c, u, m: orchestrator.on_message(m.topic, m.payload)
+        orchestrator.publish = self.publish
+
+    def publish(self, topic: str, payload: bytes, retain: bool) -> None:
+        self.client.publish(topic, payload, qos=1, retain=retain)
+
+    def _on_connect(self, client: Any, userdata: Any, flags: Any, reason: Any,
+                    properties: Any = None) -> None:
+        if reason.is_failure:
+            log.error("broker refused the connection: %s", reason)
+            return
+        client.subscribe([(topic, 1) for topic in self.TOPICS])
+        self.connected.set()
+        threading.Thread(target=self.orchestrator.republish, daemon=True).start()
+
+    def start(self, tick_interval: float = 0.25) -> None:
+        self.client.connect_async(self.host, self.port, keepalive=30)
+        self.client.loop_start()
+        self._stop = threading.Event()
+
+        def ticker() -> None:
+            while not self._stop.wait(tick_interval):
+                try:
+                    self.orchestrator.tick()
+                except Exception:  # keep ticking whatever one pass hit
+                    log.exception("rollout tick failed")
+
+        self._ticker = threading.Thread(target=ticker, name="edgerun-fleet-tick", daemon=True)
+        self._ticker.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._ticker.join()
+        self.client.disconnect()
+        self.client.loop_stop()

@@ -1,0 +1,95 @@
+"""The registry of signed bundles: accepts a pushed archive only after verifying it.
+
+A push is written to a temporary file, unpacked safely, every file's hash checked against the
+manifest, the signature checked against the fleet's trusted keys, and only then moved to
+`DATA/bundles/<name>/<version>.tar.gz` and recorded. A version, once accepted, is immutable:
+the same bytes again are a no-op, different bytes under the same version are refused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+from edgerun.adapters.fleet.store import Store
+from edgerun.runtime import signing
+from edgerun.runtime.bundle import Bundle, check_name, check_version
+from edgerun.runtime.errors import InvalidInput, ModelNotFound
+
+_CHUNK = 1 << 20
+
+
+@dataclass(frozen=True)
+class StoredBundle:
+    model: str
+    version: str
+    sha256: str
+    size: int
+    key_id: str
+    path: Path
+
+    def to_json(self) -> dict:
+        return {"model": self.model, "version": self.version, "sha256": self.sha256,
+                "size": self.size, "key_id": self.key_id}
+
+
+class VersionConflict(InvalidInput):
+    """The version exists with other bytes: versions are immutable."""
+
+
+class BundleRegistry:
+    def __init__(self, data_dir: str | Path, store: Store,
+                 trusted: list[signing.PublicKey], max_bytes: int = 4 << 30) -> None:
+        self.root = Path(data_dir) / "bundles"
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.store = store
+        self.trusted = trusted
+        self.max_bytes = max_bytes
+
+    def push(self, stream: BinaryIO) -> tuple[StoredBundle, bool]:
+        """Verify and store an uploaded archive; returns it and whether it was new."""
+        fd, temporary = tempfile.mkstemp(prefix=".push-", suffix=".tar.gz", dir=self.root)
+        digest, size = hashlib.sha256(), 0
+        try:
+            with os.fdopen(fd, "wb") as out:
+                while chunk := stream.read(_CHUNK):
+                    size += len(chunk)
+                    if size > self.max_bytes:
+                        raise InvalidInput(f"bundle is over {self.max_bytes} bytes")
+                    digest.update(chunk)
+                    out.write(chunk)
+                out.flush()
+                os.fsync(out.fileno())
+            with Bundle.open(Path(temporary)) as bundle:  # hashes of every file
+                key_id = signing.verify_folder(bundle.path, self.trusted)
+                name, version = bundle.manifest.name, bundle.manifest.version
+            stored = StoredBundle(name, version, digest.hexdigest(), size, key_id,
+                                  self.root / name / f"{version}.tar.gz")
+            existing = self.store.version(name, version)
+            if existing is not None:
+                if existing["sha256"] != stored.sha256:
+                    raise VersionConflict(f"{name} version {version} exists with other bytes "
+                                          "(sha256 " + existing["sha256"][:12] + "…); versions "
+                                          "are immutable: bump the version")
+                return self.get(name, version), False
+            stored.path.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(temporary, stored.path)
+            self.store.add_version(name, version, stored.sha256, size, key_id,
+                                   str(stored.path.relative_to(self.root)))
+            return stored, True
+        finally:
+            if os.path.exists(temporary):
+                os.unlink(temporary)
+
+    def get(self, model: str, version: str) -> StoredBundle:
+        check_name(model)
+        check_version(version)
+        row = self.store.version(model, version)
+        if row is None:
+            raise ModelNotFound(f"the registry has no {model} version {version}")
+        return StoredBundle(model, version, row["sha256"], int(row["size"]), row["key_id"],
+                            self.root / row["path"])

@@ -1,0 +1,136 @@
+"""The fleet registry's HTTP face (Starlette): bundles, devices and rollouts.
+
+    POST /bundles                       a signed .tar.gz; verified before it is accepted (201)
+    GET  /bundles                       the versions the registry holds
+    GET  /bundles/{model}/{version}     the archive, ETag = "<sha256>", Range and If-Range
+    GET  /devices                       devices as their status and telemetry last said
+    POST /rollouts                      start a rollout (JSON: model, version, targets, waves...)
+    GET  /rollouts[/{id}]               rollouts and their devices by state
+    POST /rollouts/{id}/abort           abort and roll every updated device back
+    GET  /health
+
+Authentication is left to a hook for a later issue: every route passes `authorize(request,
+scope)` (a no-op by default) before it acts.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import orjson
+import uvicorn
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import FileResponse, Response
+from starlette.routing import Route
+
+from edgerun.adapters.fleet.orchestrator import MqttLink, Orchestrator
+from edgerun.adapters.fleet.registry import BundleRegistry
+from edgerun.adapters.fleet.store import Store
+from edgerun.adapters.http.status import error_headers, status_of
+from edgerun.runtime.errors import EdgerunError, InvalidInput
+
+Authorize = Callable[[Request, str], None]
+
+
+def _json(data: Any, status: int = 200) -> Response:
+    return Response(orjson.dumps(data), status, media_type="application/json")
+
+
+def _error(exc: EdgerunError) -> Response:
+    return Response(orjson.dumps({"error": str(exc)}), status_of(exc),
+                    headers=error_headers(exc), media_type="application/json")
+
+
+def create_registry_app(registry: BundleRegistry, orchestrator: Orchestrator,
+                        authorize: Authorize = lambda request, scope: None) -> Starlette:
+    def guarded(scope: str, handler: Callable) -> Callable:
+        async def endpoint(request: Request) -> Response:
+            try:
+                authorize(request, scope)
+                return await handler(request)
+            except EdgerunError as exc:
+                return _error(exc)
+        return endpoint
+
+    async def health(request: Request) -> Response:
+        return _json({"status": "ok"})
+
+    async def push(request: Request) -> Response:
+        with tempfile.SpooledTemporaryFile(8 << 20) as upload:  # big bundles go to disk
+            async for chunk in request.stream():
+                upload.write(chunk)
+            upload.seek(0)
+            stored, created = await run_in_threadpool(registry.push, upload)
+        return _json({**stored.to_json(), "created": created}, 201 if created else 200)
+
+    async def bundles(request: Request) -> Response:
+        return _json(registry.store.versions())
+
+    async def bundle(request: Request) -> Response:
+        stored = registry.get(request.path_params["model"], request.path_params["version"])
+        return FileResponse(stored.path, media_type="application/gzip",
+                            headers={"etag": f'"{stored.sha256}"'})
+
+    async def devices(request: Request) -> Response:
+        return _json(registry.store.devices())
+
+    async def deploy(request: Request) -> Response:
+        try:
+            spec = orjson.loads(await request.body())
+            model, version = str(spec.pop("model")), str(spec.pop("version"))
+        except (orjson.JSONDecodeError, KeyError, AttributeError) as exc:
+            raise InvalidInput(f"a rollout needs a JSON body with model and version ({exc})") \
+                from exc
+        allowed = {"group", "devices", "waves", "max_failures", "gate", "job_timeout",
+                   "gate_timeout"}
+        unknown = sorted(set(spec) - allowed)
+        if unknown:
+            raise InvalidInput(f"unknown rollout fields: {', '.join(unknown)}")
+        status = await run_in_threadpool(lambda: orchestrator.deploy(model, version, **spec))
+        return _json(status, 201)
+
+    async def rollouts(request: Request) -> Response:
+        return _json(await run_in_threadpool(orchestrator.status))
+
+    async def rollout(request: Request) -> Response:
+        return _json(await run_in_threadpool(orchestrator.status, request.path_params["id"]))
+
+    async def abort(request: Request) -> Response:
+        await run_in_threadpool(orchestrator.abort, request.path_params["id"])
+        return _json(await run_in_threadpool(orchestrator.status, request.path_params["id"]))
+
+    return Starlette(routes=[
+        Route("/health", health),
+        Route("/bundles", guarded("admin", push), methods=["POST"]),
+        Route("/bundles", guarded("read", bundles), methods=["GET"]),
+        Route("/bundles/{model}/{version}", guarded("device", bundle), methods=["GET", "HEAD"]),
+        Route("/devices", guarded("read", devices)),
+        Route("/rollouts", guarded("deploy", deploy), methods=["POST"]),
+        Route("/rollouts", guarded("read", rollouts), methods=["GET"]),
+        Route("/rollouts/{id}", guarded("read", rollout)),
+        Route("/rollouts/{id}/abort", guarded("deploy", abort), methods=["POST"]),
+    ])
+
+
+def serve_fleet(data_dir: str, broker: str, *, host: str = "127.0.0.1", port: int = 8700,
+                public_url: str | None = None, trusted: list | None = None,
+                log_level: str = "warning") -> None:
+    """`edgerun fleet serve`: store, registry, orchestrator on MQTT, HTTP; until SIGTERM."""
+    root = Path(data_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    store = Store.sqlite(root / "fleet.db")
+    registry = BundleRegistry(root, store, trusted or [])
+    orchestrator = Orchestrator(store, registry, public_url or f"http://{host}:{port}")
+    link = MqttLink(broker, orchestrator)
+    link.start()
+    try:
+        uvicorn.run(create_registry_app(registry, orchestrator), host=host, port=port,
+                    log_level=log_level, access_log=False, timeout_graceful_shutdown=10)
+    finally:
+        link.stop()
+        store.close()

@@ -1,0 +1,304 @@
+"""The device side of fleet updates: take a job, download, verify, stage, switch, report.
+
+The agent owns no connection: it is given a `publish` callable, the daemon's `Repository`, its
+device id and data folder, and the fleet's public keys. Jobs come in through `handle_job`
+(from a paho callback: it only queues) and run one at a time on the agent's thread. An install
+never touches the serving slot: the bundle is unpacked beside it, verified (sha256 of the
+download, every file's hash, the signature, a version newer than the active one), renamed
+into the inactive slot, and only then is the pointer flipped and the repository asked to load,
+which runs the golden sample and hot-swaps (the old version drains). If that load fails the
+pointer is put back and the old version never stopped serving.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import shutil
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+from edgerun.adapters.ota.download import DownloadInterrupted, download
+from edgerun.adapters.ota.messages import (ACTIVE, DOWNLOADING, FAILED, INSTALL, QUEUED,
+                                           ROLLED_BACK, STAGED, TERMINAL, VERIFYING, Job, Report,
+                                           job_topic, report_topic)
+from edgerun.adapters.ota.slots import SlotSource, SlotState, SlotStore, fsync_dir
+from edgerun.runtime import archive, signing
+from edgerun.runtime.bundle import Bundle, version_key
+from edgerun.runtime.errors import BundleError, EdgerunError, InvalidInput
+from edgerun.runtime.repository import Repository
+
+log = logging.getLogger(__name__)
+
+Publish = Callable[..., Any]
+
+
+class OtaAgent:
+    def __init__(self, *, publish: Publish, repository: Repository, device_id: str,
+                 data_dir: str | Path, trusted: Iterable[signing.PublicKey],
+                 group: str | None = None,
+                 on_change: Callable[[], None] | None = None,
+                 download_patience: float = 600.0) -> None:
+        self.publish = publish
+        self.on_change = on_change
+        self.download_patience = download_patience  # seconds of retrying an unreachable registry
+        self.repository = repository
+        self.device_id = device_id
+        self.group = group
+        self.trusted = list(trusted)
+        if not self.trusted:
+            raise BundleError("the OTA agent needs at least one trusted public key (--trust)")
+        self.slots = SlotStore(Path(data_dir) / "ota")
+        self.downloads = self.slots.root / ".downloads"
+        self.downloads.mkdir(exist_ok=True)
+        source = repository.source
+        if not (isinstance(source, SlotSource) and source.store.root == self.slots.root):
+            repository.source = SlotSource(self.slots, source)
+        self.bytes_downloaded = 0
+        self._jobs: queue.Queue[Job | None] = queue.Queue()
+        self._worker = threading.Thread(target=self._run, name=f"edgerun-ota-{device_id}",
+                                        daemon=True)
+        self._worker.start()
+
+    @property
+    def topic(self) -> str:
+        return job_topic(self.device_id)
+
+    # ------------------------------------------------------------------ start-up
+    def recover(self) -> None:
+        """After a restart (or a power cut): serve a verified model, drop half-done work.
+
+        Staging folders are removed; the active slot is re-verified (hashes and signature)
+        and, if it fails, the previous slot (or the fallback folder) takes its place; then each
+        model is loaded and its last job's report published again.
+        """
+        for leftover in self.slots.root.glob("*/.staging-*"):
+            shutil.rmtree(leftover, ignore_errors=True)
+        for model in self.slots.models():
+            state = self.slots.read(model)
+            for slot in (state.active, state.inactive):
+                if slot and state.slots.get(slot) and not self._intact(model, slot, state):
+                    log.error("%s slot %s failed verification; dropping it", model, slot)
+                    state.slots[slot] = None
+                    if slot == state.active:
+                        other = "b" if slot == "a" else "a"
+                        state.active = other if state.slots.get(other) else None
+            self.slots.write(model, state)
+            try:
+                self.repository.load(model)
+            except EdgerunError as exc:
+                log.error("model %s did not load after recovery: %s", model, exc)
+            if state.last:
+                self.publish(report_topic(self.device_id), Report(**state.last).encode(),
+                             qos=1, retain=True)
+
+    def _intact(self, model: str, slot: str, state: SlotState) -> bool:
+        try:
+            with Bundle.open(self.slots.folder(model, slot)) as bundle:
+                signing.verify_folder(bundle.path, self.trusted)
+                return (bundle.manifest.name, bundle.manifest.version) == \
+                    (model, state.slots[slot])
+        except EdgerunError:
+            return False
+
+    # --------------------------------------------------------------------- jobs
+    def handle_job(self, payload: bytes) -> None:
+        """A message on `edgerun/<device>/ota`: queue it (an empty one clears: ignored)."""
+        if not payload:
+            return
+        try:
+            self._jobs.put(Job.decode(payload))
+        except InvalidInput as exc:
+            log.error("ignored an OTA job: %s", exc)
+
+    def close(self) -> None:
+        self._jobs.put(None)
+        self._worker.join(30)
+
+    def wait_idle(self) -> None:
+        self._jobs.join()
+
+    def describe(self) -> dict[str, Any]:
+        """What the daemon adds to its status and telemetry: the group and the slots."""
+        ota = {}
+        for model in self.slots.models():
+            state = self.slots.read(model)
+            ota[model] = {"active": state.active_version,
+                          "previous": state.slots.get(state.inactive)}
+        return {"group": self.group, "ota": ota}
+
+    def _run(self) -> None:
+        while True:
+            job = self._jobs.get()
+            try:
+                if job is None:
+                    return
+                self._do(job)
+            except Exception:  # one job's surprise must not stop the agent
+                log.exception("OTA job failed unexpectedly")
+            finally:
+                self._jobs.task_done()
+
+    def _report(self, job: Job, state: str, previous: str | None, detail: str = "") -> None:
+        active = self.active_version(job.model)
+        report = Report(job.job_id, self.device_id, state, job.model, job.version, previous,
+                        active, detail)
+        if state in TERMINAL:
+            slots = self.slots.read(job.model)
+            slots.last = {k: v for k, v in report.__dict__.items() if k != "extra"}
+            self.slots.write(job.model, slots)
+            if self.on_change is not None:
+                self.on_change()  # e.g. the daemon's status, which names the served versions
+        log.info("OTA %s %s %s: %s %s", self.device_id, job.model, job.version, state, detail)
+        self.publish(report_topic(self.device_id), report.encode(), qos=1, retain=True)
+
+    def active_version(self, model: str) -> str | None:
+        """The version serving now: the active slot's, else the fallback's latest."""
+        state = self.slots.read(model)
+        if state.active_version:
+            return state.active_version
+        try:
+            return self.repository.versions(model)[-1]
+        except EdgerunError:
+            return None
+
+    def _do(self, job: Job) -> None:
+        state = self.slots.read(job.model)
+        if state.last.get("job_id") == job.job_id:  # done before a restart: say so again
+            self.publish(report_topic(self.device_id), Report(**state.last).encode(), qos=1,
+                         retain=True)
+            return
+        previous = self.active_version(job.model)
+        self._report(job, QUEUED, previous)
+        try:
+            if job.kind == INSTALL:
+                self._install(job, previous)
+            else:
+                self._rollback(job, previous)
+        except EdgerunError as exc:
+            self._report(job, FAILED, previous, str(exc))
+        except Exception as exc:  # a full disk, a permission: still a failed job, reported
+            log.exception("OTA job %s failed", job.job_id)
+            self._report(job, FAILED, previous, f"{type(exc).__name__}: {exc}")
+
+    def _install(self, job: Job, previous: str | None, *, final: str = ACTIVE) -> None:
+        if previous is not None and final == ACTIVE:
+            if job.version == previous:
+                self._report(job, ACTIVE, previous, "already active")
+                return
+            if version_key(job.version) < version_key(previous):
+                raise BundleError(f"version {job.version} is older than the active "
+                                  f"{previous}; refused (anti-rollback: only a rollback job "
+                                  "goes back)")
+        self._report(job, DOWNLOADING, previous)
+        archive_path = self.downloads / f"{job.model}-{job.version}-{job.sha256[:16]}.tar.gz"
+        self._download(job, archive_path, previous)
+        self._report(job, VERIFYING, previous)
+        try:
+            staging = self._stage(job, archive_path)
+        finally:
+            archive_path.unlink(missing_ok=True)
+        self._report(job, STAGED, previous)
+        self._switch(job, staging)
+        self._report(job, final, previous)
+
+    def _download(self, job: Job, archive_path: Path, previous: str | None) -> None:
+        """Download, resuming; an unreachable registry is retried with backoff, a bad file
+        is not."""
+        delay, deadline = 0.5, time.monotonic() + self.download_patience
+        while True:
+            try:
+                self.bytes_downloaded += download(job.url, archive_path, job.sha256, job.size)
+                return
+            except DownloadInterrupted as exc:
+                if time.monotonic() + delay > deadline:
+                    raise
+                self._report(job, DOWNLOADING, previous, f"retrying in {delay:g} s: {exc}")
+                time.sleep(delay)
+                delay = min(delay * 2, 30.0)
+
+    def _stage(self, job: Job, archive_path: Path) -> Path:
+        """Unpack beside the slots and verify everything; nothing in a slot changes yet."""
+        folder = self.slots.folder(job.model)
+        folder.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=folder))
+        try:
+            archive.unpack(archive_path, staging)
+            with Bundle.open(staging) as bundle:  # every file's hash
+                signing.verify_folder(staging, self.trusted)
+                found = (bundle.manifest.name, bundle.manifest.version)
+            if found != (job.model, job.version):
+                raise BundleError(f"the bundle holds {found[0]} version {found[1]}, the job "
+                                  f"names {job.model} version {job.version}")
+            for path in staging.rglob("*"):
+                if path.is_file():
+                    with open(path, "rb") as handle:
+                        os.fsync(handle.fileno())
+            return staging
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+
+    def _switch(self, job: Job, staging: Path) -> None:
+        """Staging -> inactive slot -> pointer flip -> hot swap; the pointer goes back on error."""
+        model = job.model
+        state = self.slots.read(model)
+        before = SlotState(state.active, dict(state.slots), state.last)
+        target = state.inactive
+        # forget the slot before rewriting it, so the pointer never names a half-written one
+        state.slots[target] = None
+        self.slots.write(model, state)
+        shutil.rmtree(self.slots.folder(model, target), ignore_errors=True)
+        staging.rename(self.slots.folder(model, target))
+        fsync_dir(self.slots.folder(model))
+        state.slots[target], state.active = job.version, target
+        self.slots.write(model, state)  # the switch: one rename
+        try:
+            self.repository.load(model)  # loads beside the old, golden sample, hot swap
+        except EdgerunError as exc:
+            before.slots[target] = None
+            self.slots.write(model, before)
+            shutil.rmtree(self.slots.folder(model, target), ignore_errors=True)
+            serving = before.active_version or self.active_version(model)
+            raise BundleError(f"smoke test failed, still serving version {serving}: {exc}") \
+                from exc
+
+    def _rollback(self, job: Job, previous: str | None) -> None:
+        if previous == job.version:
+            self._report(job, ROLLED_BACK, previous, "already on this version")
+            return
+        state = self.slots.read(job.model)
+        slot = state.slot_of(job.version)
+        if slot is not None and self._intact(job.model, slot, state):
+            before = SlotState(state.active, dict(state.slots), state.last)
+            state.active = slot
+        elif slot is None and state.active and self._fallback_has(job.model, job.version):
+            before = SlotState(state.active, dict(state.slots), state.last)
+            state.active = None
+        elif job.url:
+            self._install(job, previous, final=ROLLED_BACK)
+            return
+        else:
+            raise BundleError(f"no slot holds version {job.version} and the job has no url")
+        self._report(job, VERIFYING, previous)
+        self.slots.write(job.model, state)
+        try:
+            self.repository.load(job.model)
+        except EdgerunError as exc:
+            self.slots.write(job.model, before)
+            raise BundleError(f"rollback to {job.version} failed to load: {exc}") from exc
+        self._report(job, ROLLED_BACK, previous)
+
+    def _fallback_has(self, model: str, version: str) -> bool:
+        fallback = self.repository.source.fallback if isinstance(
+            self.repository.source, SlotSource) else None
+        try:
+            return fallback is not None and version in fallback.wanted(
+                model, fallback.config(model))
+        except EdgerunError:
+            return False

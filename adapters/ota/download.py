@@ -1,0 +1,66 @@
+"""Resumable downloads over HTTP Range, with urllib (no extra dependency on a device).
+
+Bytes land in `DEST.part`; a restarted download asks for the rest (`Range: bytes=N-`) with
+`If-Range` naming the expected ETag (the bundle's sha256), so if the registry's file changed
+it answers 200 with the whole file and the part is started over. The finished file must have
+the expected sha256 and size before it is renamed into place.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from edgerun.runtime.errors import BundleError
+
+_CHUNK = 1 << 16
+
+
+class DownloadInterrupted(BundleError):
+    """The registry could not be reached or the transfer broke off: worth another try."""
+
+
+def download(url: str, dest: Path, sha256: str, size: int = 0, timeout: float = 30.0) -> int:
+    """Fetch `url` into `dest`, resuming a previous part; returns the bytes transferred."""
+    part = dest.with_name(dest.name + ".part")
+    have = part.stat().st_size if part.exists() else 0
+    if size and have > size:
+        have = 0
+    transferred = 0
+    if not (size and have == size):
+        request = urllib.request.Request(url)
+        if have:
+            request.add_header("Range", f"bytes={have}-")
+            request.add_header("If-Range", f'"{sha256}"')
+        try:
+            response = urllib.request.urlopen(request, timeout=timeout)
+        except urllib.error.HTTPError as exc:
+            if exc.code >= 500:
+                raise DownloadInterrupted(f"download of {url} failed: HTTP {exc.code}") from exc
+            if exc.code != 416:
+                raise BundleError(f"download of {url} failed: HTTP {exc.code}") from exc
+            have, response = 0, urllib.request.urlopen(url, timeout=timeout)
+        except (urllib.error.URLError, OSError) as exc:
+            raise DownloadInterrupted(f"download of {url} failed: {exc}") from exc
+        with response, open(part, "ab" if have and response.status == 206 else "wb") as out:
+            try:
+                while chunk := response.read(_CHUNK):
+                    out.write(chunk)
+                    transferred += len(chunk)
+            except OSError as exc:  # the part stays for the next try to resume
+                raise DownloadInterrupted(f"download of {url} broke off: {exc}") from exc
+            out.flush()
+            os.fsync(out.fileno())
+    digest = hashlib.sha256()
+    with open(part, "rb") as handle:
+        while chunk := handle.read(1 << 20):
+            digest.update(chunk)
+    if digest.hexdigest() != sha256:
+        part.unlink()
+        raise BundleError(f"downloaded bundle's sha256 {digest.hexdigest()[:12]}… does not "
+                          f"match the job's {sha256[:12]}… (corrupt or tampered artifact)")
+    os.replace(part, dest)
+    return transferred

@@ -1,0 +1,84 @@
+"""The OTA wire: topics, job and report messages shared by the fleet and the device agent.
+
+Jobs go to `edgerun/<device>/ota` with QoS 1, retained, so a device that was offline gets the
+latest one when it returns (an empty retained payload clears it). The agent answers on
+`edgerun/<device>/ota/report`, retained too, so an orchestrator that restarts reads every
+device's latest state as soon as it subscribes.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from edgerun.runtime.errors import InvalidInput
+
+INSTALL, ROLLBACK = "install", "rollback"
+# a job's states, in order; the last three end it
+QUEUED, DOWNLOADING, VERIFYING, STAGED = "queued", "downloading", "verifying", "staged"
+ACTIVE, FAILED, ROLLED_BACK = "active", "failed", "rolled_back"
+STATES = (QUEUED, DOWNLOADING, VERIFYING, STAGED, ACTIVE, FAILED, ROLLED_BACK)
+TERMINAL = frozenset({ACTIVE, FAILED, ROLLED_BACK})
+
+
+def job_topic(device_id: str) -> str:
+    return f"edgerun/{device_id}/ota"
+
+
+def report_topic(device_id: str) -> str:
+    return f"edgerun/{device_id}/ota/report"
+
+
+@dataclass(frozen=True)
+class Job:
+    job_id: str
+    kind: str  # install | rollback
+    model: str
+    version: str
+    url: str = ""
+    sha256: str = ""
+    size: int = 0
+    rollout: str = ""
+
+    def encode(self) -> bytes:
+        return json.dumps(asdict(self)).encode()
+
+    @classmethod
+    def decode(cls, payload: bytes) -> Job:
+        try:
+            data = json.loads(payload)
+            job = cls(job_id=str(data["job_id"]), kind=str(data["kind"]),
+                      model=str(data["model"]), version=str(data["version"]),
+                      url=str(data.get("url", "")), sha256=str(data.get("sha256", "")),
+                      size=int(data.get("size", 0)), rollout=str(data.get("rollout", "")))
+        except (ValueError, KeyError, TypeError) as exc:
+            raise InvalidInput(f"OTA job is malformed: {type(exc).__name__}: {exc}") from exc
+        if job.kind not in (INSTALL, ROLLBACK):
+            raise InvalidInput(f"OTA job kind {job.kind!r} is not install or rollback")
+        if job.kind == INSTALL and not (job.url and job.sha256):
+            raise InvalidInput("OTA install job needs a url and a sha256")
+        return job
+
+
+@dataclass(frozen=True)
+class Report:
+    job_id: str
+    device: str
+    state: str
+    model: str
+    version: str
+    previous: str | None = None  # the version active before this job (for rollback)
+    active: str | None = None    # the version serving now
+    detail: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def encode(self) -> bytes:
+        return json.dumps(asdict(self)).encode()
+
+    @classmethod
+    def decode(cls, payload: bytes) -> Report:
+        data = json.loads(payload)
+        return cls(**{k: data.get(k) for k in ("job_id", "device", "state", "model",
+                                                 "version", "previous", "active")},
+                   detail=str(data.get("detail", "")), extra=dict(data.get("extra") or {}))

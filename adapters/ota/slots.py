@@ -1,0 +1,143 @@
+"""A/B slots on disk, and the VersionSource that serves whichever slot is active.
+
+    DATA/ota/<model>/state.json   {"active": "a", "slots": {"a": "3", "b": "2"}, "last": {...}}
+    DATA/ota/<model>/a/           a verified bundle folder
+    DATA/ota/<model>/b/           the previous one, kept for rollback
+    DATA/ota/<model>/.staging-*   an update being unpacked and verified (removed at start-up)
+
+`state.json` is the only pointer: it is replaced with write, fsync, rename and a fsync of the
+folder, so after a power cut it names either the old slot or the new one, and it only ever
+names a slot whose bundle was verified before it was renamed into place. A model with no slot
+active is served from the fallback source (the daemon's repository folder), if it has it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from edgerun.runtime.bundle import NAME_RE
+from edgerun.runtime.errors import ModelNotFound
+from edgerun.runtime.model_config import ModelConfig
+from edgerun.runtime.sources import VersionSource, folder_fingerprint
+
+STATE_FILE = "state.json"
+SLOTS = ("a", "b")
+
+
+@dataclass
+class SlotState:
+    active: str | None = None                      # "a", "b", or None (fallback serves)
+    slots: dict[str, str | None] = field(default_factory=lambda: dict.fromkeys(SLOTS))
+    last: dict[str, Any] = field(default_factory=dict)  # the last job's final report
+
+    @property
+    def active_version(self) -> str | None:
+        return self.slots.get(self.active) if self.active else None
+
+    @property
+    def inactive(self) -> str:
+        return "b" if self.active == "a" else "a"
+
+    def slot_of(self, version: str) -> str | None:
+        return next((s for s in SLOTS if self.slots.get(s) == version), None)
+
+
+def fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class SlotStore:
+    """The slot folders and state files of every model under `DATA/ota`."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def folder(self, model: str, slot: str | None = None) -> Path:
+        return self.root / model if slot is None else self.root / model / slot
+
+    def models(self) -> list[str]:
+        return sorted(p.name for p in self.root.iterdir()
+                      if p.is_dir() and NAME_RE.match(p.name) and (p / STATE_FILE).is_file())
+
+    def read(self, model: str) -> SlotState:
+        path = self.folder(model) / STATE_FILE
+        try:
+            data = json.loads(path.read_bytes())
+        except FileNotFoundError:
+            return SlotState()
+        slots = {s: data.get("slots", {}).get(s) for s in SLOTS}
+        return SlotState(data.get("active"), slots, dict(data.get("last") or {}))
+
+    def write(self, model: str, state: SlotState) -> None:
+        """Replace the state file atomically and durably."""
+        folder = self.folder(model)
+        folder.mkdir(parents=True, exist_ok=True)
+        temporary = folder / f".{STATE_FILE}.tmp"
+        data = json.dumps({"active": state.active, "slots": state.slots, "last": state.last})
+        with open(temporary, "w") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, folder / STATE_FILE)
+        fsync_dir(folder)
+
+
+class SlotSource:
+    """VersionSource: a model's active slot where it has one, else the fallback source."""
+
+    def __init__(self, store: SlotStore, fallback: VersionSource | None = None) -> None:
+        self.store = store
+        self.fallback = fallback
+
+    def __repr__(self) -> str:
+        return f"SlotSource({str(self.store.root)!r}, fallback={self.fallback!r})"
+
+    def _managed(self, name: str) -> SlotState | None:
+        if not NAME_RE.match(name):
+            return None
+        state = self.store.read(name)
+        return state if state.active_version else None
+
+    def models(self) -> list[str]:
+        managed = {m for m in self.store.models() if self._managed(m)}
+        return sorted(managed | set(self.fallback.models() if self.fallback else ()))
+
+    def config(self, name: str) -> ModelConfig:
+        """The model's config.toml in the daemon's folder (batching, instances) where it has
+        one, whichever of slot or folder serves it; else the folder's defaults."""
+        if self.fallback is not None:
+            try:
+                return self.fallback.config(name)
+            except ModelNotFound:
+                pass
+        if self._managed(name):
+            return ModelConfig.load(self.store.folder(name),
+                                    getattr(self.fallback, "default_batching", None))
+        raise ModelNotFound(f"model {name!r} has no active OTA slot")
+
+    def wanted(self, name: str, config: ModelConfig) -> list[str]:
+        state = self._managed(name)
+        if state is not None:
+            return [state.active_version]
+        return self.fallback.wanted(name, config) if self.fallback else []
+
+    def bundle_path(self, name: str, version: str) -> Path:
+        state = self.store.read(name)
+        slot = state.slot_of(version)
+        if slot is not None:
+            return self.store.folder(name, slot)
+        if self.fallback is not None:
+            return self.fallback.bundle_path(name, version)
+        raise ModelNotFound(f"model {name!r} has no slot holding version {version}")
+
+    def fingerprint(self, name: str, version: str) -> tuple:
+        return folder_fingerprint(self.bundle_path(name, version))

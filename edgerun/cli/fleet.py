@@ -1,0 +1,214 @@
+"""`edgerun fleet serve|push|deploy|abort|status`: the registry, rollouts, and their progress."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn
+from rich.table import Table
+
+from edgerun.cli import fleet_auth
+from edgerun.runtime.errors import EdgerunError
+
+out = Console(highlight=False)
+STATES = ("pending", "queued", "downloading", "verifying", "staged", "active", "failed",
+          "rolled_back", "cancelled")
+
+
+class FleetError(EdgerunError):
+    kind = "fleet_error"
+
+
+def register(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser("fleet", help="registry of signed bundles and OTA rollouts")
+    sub = parser.add_subparsers(dest="fleet_command", required=True, metavar="ACTION")
+    fleet_auth.register_token_commands(sub)
+
+    serve = sub.add_parser("serve", help="run the registry and the rollout orchestrator")
+    serve.add_argument("--data", type=Path, required=True, help="folder for bundles and fleet.db")
+    serve.add_argument("--broker", required=True, help="mqtt://HOST:PORT")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8700)
+    serve.add_argument("--public-url", default=None,
+                       help="URL devices download from (default http://HOST:PORT)")
+    serve.add_argument("--trust", type=Path, action="append", required=True, metavar="PUBKEY",
+                       help="public key whose signatures the registry accepts (repeatable)")
+    serve.add_argument("--log-level", default="warning",
+                       choices=["critical", "error", "warning", "info", "debug"])
+    serve.set_defaults(handler=_serve)
+
+    push = sub.add_parser("push", help="upload a signed bundle (folder or .tar.gz)")
+    push.add_argument("bundle", type=Path)
+    push.add_argument("--server", required=True, help="registry URL")
+    push.set_defaults(handler=_push)
+
+    deploy = sub.add_parser("deploy", help="roll NAME:VERSION out to devices in waves")
+    deploy.add_argument("target", metavar="NAME:VERSION")
+    deploy.add_argument("--server", required=True)
+    targets = deploy.add_mutually_exclusive_group()
+    targets.add_argument("--group", default=None, help="every device of this group")
+    targets.add_argument("--devices", default=None, help="comma-separated device ids")
+    deploy.add_argument("--waves", default="100%", help="cumulative shares, e.g. 5%%,25%%,100%%")
+    deploy.add_argument("--max-failures", default="0%",
+                        help="abort and roll back when more devices fail (default 0%%)")
+    deploy.add_argument("--gate", default=None,
+                        help='health gate between waves, e.g. "p99<50ms,errors<1%%"')
+    deploy.add_argument("--job-timeout", type=float, default=600.0, metavar="SECONDS")
+    deploy.add_argument("--gate-timeout", type=float, default=300.0, metavar="SECONDS")
+    deploy.add_argument("--wait", action="store_true", help="follow the rollout to its end")
+    deploy.set_defaults(handler=_deploy)
+
+    abort = sub.add_parser("abort", help="stop a rollout and roll every updated device back")
+    abort.add_argument("rollout")
+    abort.add_argument("--server", required=True)
+    abort.set_defaults(handler=_abort)
+
+    status = sub.add_parser("status", help="rollouts, or one rollout's devices by state")
+    status.add_argument("rollout", nargs="?", default=None)
+    status.add_argument("--server", required=True)
+    status.add_argument("--json", action="store_true", help="machine-readable")
+    status.set_defaults(handler=_status)
+
+
+def _request(url: str, data: bytes | None = None, content_type: str = "application/json",
+             method: str | None = None) -> Any:
+    request = urllib.request.Request(url, data=data, method=method)
+    if data is not None:
+        request.add_header("Content-Type", content_type)
+    try:
+        with urllib.request.urlopen(request, timeout=120) as response:
+            return json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        try:
+            message = json.loads(exc.read()).get("error", exc.reason)
+        except ValueError:
+            message = exc.reason
+        raise FleetError(f"{url}: HTTP {exc.code}: {message}") from None
+    except urllib.error.URLError as exc:
+        raise FleetError(f"{url}: {exc.reason}") from None
+
+
+def _serve(args: argparse.Namespace) -> int:
+    try:
+        from edgerun.adapters.http.registry import serve_fleet
+    except ImportError as exc:
+        raise SystemExit(f"edgerun fleet serve needs the fleet extra: pip install "
+                         f"'edgerun[fleet]' ({exc})") from None
+    from edgerun.runtime import signing
+
+    serve_fleet(str(args.data), args.broker, host=args.host, port=args.port,
+                public_url=args.public_url, trusted=signing.load_public_keys(args.trust),
+                log_level=args.log_level)
+    return 0
+
+
+def _push(args: argparse.Namespace) -> int:
+    from edgerun.runtime.bundle import Bundle
+
+    with tempfile.TemporaryDirectory(prefix="edgerun-push-") as scratch:
+        path = args.bundle
+        if path.is_dir():
+            with Bundle.open(path, verify=False) as bundle:
+                path = bundle.pack(Path(scratch) / "bundle.tar.gz")
+        answer = _request(args.server.rstrip("/") + "/bundles", path.read_bytes(),
+                          "application/gzip")
+    verb = "accepted" if answer["created"] else "already held"
+    out.print(f"{verb} {answer['model']} version {answer['version']} ({answer['size']:,} bytes,"
+              f" sha256 {answer['sha256'][:12]}…, signed by {answer['key_id']})")
+    return 0
+
+
+def _deploy(args: argparse.Namespace) -> int:
+    from edgerun.adapters.fleet.gate import parse_gate, parse_percentage, parse_percentages
+
+    name, sep, version = args.target.partition(":")
+    if not sep or not name or not version:
+        raise FleetError(f"{args.target!r}: expected NAME:VERSION")
+    parse_gate(args.gate)  # refuse a bad gate before anything is sent
+    spec = {"model": name, "version": version, "group": args.group,
+            "devices": args.devices.split(",") if args.devices else None,
+            "waves": parse_percentages(args.waves),
+            "max_failures": parse_percentage(args.max_failures), "gate": args.gate,
+            "job_timeout": args.job_timeout, "gate_timeout": args.gate_timeout}
+    server = args.server.rstrip("/")
+    status = _request(server + "/rollouts", json.dumps(spec).encode())
+    out.print(f"rollout [bold]{status['id']}[/]: {name} version {version} to "
+              f"{status['devices']} devices in {status['waves']} waves")
+    if args.wait:
+        status = _follow(server, status["id"])
+        out.print(f"rollout {status['id']} {status['state']}: {status['reason']}")
+        return 0 if status["state"] == "completed" else 1
+    return 0
+
+
+def _abort(args: argparse.Namespace) -> int:
+    status = _request(f"{args.server.rstrip('/')}/rollouts/{args.rollout}/abort", b"{}")
+    out.print(f"rollout {status['id']}: {status['state']} ({status['reason']})")
+    return 0
+
+
+def _follow(server: str, rollout_id: str) -> dict:
+    with Progress(TextColumn("{task.description}"), BarColumn(),
+                  TextColumn("{task.completed}/{task.total} active  {task.fields[states]}"),
+                  console=out) as progress:
+        task = None
+        while True:
+            status = _request(f"{server}/rollouts/{rollout_id}")
+            states = "  ".join(f"{k} {v}" for k, v in status["counts"].items())
+            if task is None:
+                task = progress.add_task(rollout_id, total=status["devices"], states=states)
+            progress.update(task, completed=status["counts"].get("active", 0), states=states,
+                            description=f"{rollout_id} wave {status['wave'] + 1}/"
+                                        f"{status['waves']} {status['state']}")
+            if status["state"] in ("completed", "aborted"):
+                return status
+            time.sleep(0.5)
+
+
+def _status(args: argparse.Namespace) -> int:
+    server = args.server.rstrip("/")
+    path = f"/rollouts/{args.rollout}" if args.rollout else "/rollouts"
+    status = _request(server + path)
+    if args.json:
+        print(json.dumps(status, indent=2))
+        return 0
+    if args.rollout is None:
+        table = Table("rollout", "model", "version", "state", "wave", "devices", "by state")
+        for r in status["rollouts"]:
+            table.add_row(r["id"], r["model"], r["version"], r["state"],
+                          f"{r['wave'] + 1}/{r['waves']}", str(r["devices"]),
+                          "  ".join(f"{k} {v}" for k, v in r["counts"].items()))
+        out.print(table)
+        devices = Table("device", "group", "state", "serving", "last seen (s ago)")
+        for device in status["devices"]:
+            models = (device["status"] or {}).get("models") or {}
+            devices.add_row(device["device_id"], device["grp"] or "", device["state"],
+                            "  ".join(f"{m} {','.join(v)}" for m, v in models.items()),
+                            f"{time.time() - device['last_seen']:.0f}")
+        out.print(devices)
+        return 0
+    out.print(f"rollout [bold]{status['id']}[/] {status['model']} version {status['version']}: "
+              f"[bold]{status['state']}[/] wave {status['wave'] + 1}/{status['waves']}"
+              + (f" ({status['reason']})" if status["reason"] else ""))
+    with Progress(TextColumn("{task.description:>12}"), BarColumn(),
+                  TextColumn("{task.completed}/{task.total}"), console=out,
+                  auto_refresh=False) as progress:
+        for state in STATES:
+            if status["counts"].get(state):
+                progress.add_task(state, total=status["devices"],
+                                  completed=status["counts"][state])
+        progress.refresh()
+    table = Table("device", "wave", "job", "state", "version", "previous", "detail")
+    for job in status["jobs"]:
+        table.add_row(job["device_id"], str(job["wave"] + 1), job["kind"], job["state"],
+                      job["version"], job["previous_version"] or "", job["detail"])
+    out.print(table)
+    return 0

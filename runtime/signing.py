@@ -1,0 +1,166 @@
+"""Ed25519 signatures over a bundle's canonical manifest.
+
+The manifest lists the sha256 and size of every file, so signing its canonical bytes signs the
+whole bundle; `Bundle.open` checks the hashes, this module checks who vouched for them.
+Canonical bytes are the manifest's JSON re-serialized with sorted keys and no whitespace, so a
+re-indented manifest keeps its signature. `signature.sig` is a small JSON document naming the
+algorithm, the signing key's id (the first 16 hex digits of the sha256 of the raw public key)
+and the base64 signature. `cryptography` is imported when first needed.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from edgerun.runtime.bundle import MANIFEST, SIGNATURE_FILE
+from edgerun.runtime.errors import BundleError
+
+ALGORITHM = "ed25519"
+PRIVATE_KEY_FILE = "fleet.key"
+PUBLIC_KEY_FILE = "fleet.pub"
+
+
+def canonical_manifest(folder: Path) -> bytes:
+    """The bytes a signature covers: the manifest JSON with sorted keys, no whitespace."""
+    path = Path(folder) / MANIFEST
+    try:
+        data = json.loads(path.read_bytes())
+    except FileNotFoundError:
+        raise BundleError(f"{folder}: no {MANIFEST}; not a bundle") from None
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise BundleError(f"{path}: not valid JSON ({exc})") from exc
+    return json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+@dataclass(frozen=True)
+class PublicKey:
+    """A trusted Ed25519 public key and its id."""
+
+    key_id: str
+    raw: bytes
+    source: str = ""
+
+    def verify(self, signature: bytes, message: bytes) -> bool:
+        from cryptography.exceptions import InvalidSignature
+        from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+        try:
+            Ed25519PublicKey.from_public_bytes(self.raw).verify(signature, message)
+        except InvalidSignature:
+            return False
+        return True
+
+
+def key_id(raw_public: bytes) -> str:
+    return hashlib.sha256(raw_public).hexdigest()[:16]
+
+
+def load_public_key(path: str | Path) -> PublicKey:
+    """A PEM public key file (as `edgerun keys generate` writes)."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+    path = Path(path)
+    try:
+        key = serialization.load_pem_public_key(path.read_bytes())
+    except (OSError, ValueError) as exc:
+        raise BundleError(f"{path}: not a readable PEM public key ({exc})") from exc
+    if not isinstance(key, Ed25519PublicKey):
+        raise BundleError(f"{path}: not an Ed25519 public key")
+    raw = key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    return PublicKey(key_id(raw), raw, str(path))
+
+
+def load_public_keys(paths: Iterable[str | Path]) -> list[PublicKey]:
+    return [load_public_key(p) for p in paths]
+
+
+def generate_keys(folder: str | Path) -> tuple[Path, Path]:
+    """Write a new key pair: `fleet.key` (PKCS#8 PEM, mode 0600) and `fleet.pub` (PEM)."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    private_path, public_path = folder / PRIVATE_KEY_FILE, folder / PUBLIC_KEY_FILE
+    if private_path.exists():
+        raise BundleError(f"{private_path} exists; refusing to overwrite a signing key")
+    key = Ed25519PrivateKey.generate()
+    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                            serialization.NoEncryption())
+    # created with owner-only permissions, never readable by others even for a moment
+    fd = os.open(private_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(pem)
+    public_path.write_bytes(key.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
+    return private_path, public_path
+
+
+def sign_folder(folder: str | Path, private_key: str | Path) -> str:
+    """Sign a bundle folder's manifest; writes `signature.sig`, returns the key id."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    folder, private_key = Path(folder), Path(private_key)
+    try:
+        key = serialization.load_pem_private_key(private_key.read_bytes(), password=None)
+    except (OSError, ValueError, TypeError) as exc:
+        raise BundleError(f"{private_key}: not a readable PEM private key ({exc})") from exc
+    if not isinstance(key, Ed25519PrivateKey):
+        raise BundleError(f"{private_key}: not an Ed25519 private key")
+    raw = key.public_key().public_bytes(serialization.Encoding.Raw,
+                                        serialization.PublicFormat.Raw)
+    document = {"algorithm": ALGORITHM, "key_id": key_id(raw),
+                "signature": base64.b64encode(key.sign(canonical_manifest(folder))).decode()}
+    temporary = folder / f".{SIGNATURE_FILE}.tmp"
+    temporary.write_text(json.dumps(document, indent=2) + "\n")
+    temporary.replace(folder / SIGNATURE_FILE)
+    return document["key_id"]
+
+
+def read_signature(folder: Path) -> dict[str, Any]:
+    path = Path(folder) / SIGNATURE_FILE
+    if not path.is_file():
+        raise BundleError(f"{folder}: bundle is unsigned (no {SIGNATURE_FILE})")
+    try:
+        document = json.loads(path.read_bytes())
+        if document.get("algorithm") != ALGORITHM:
+            raise BundleError(f"{path}: algorithm {document.get('algorithm')!r} is not "
+                              f"supported (expected {ALGORITHM})")
+        signature = base64.b64decode(document["signature"], validate=True)
+        return {"key_id": str(document["key_id"]), "signature": signature}
+    except BundleError:
+        raise
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise BundleError(f"{path}: malformed signature file ({exc})") from exc
+
+
+def verify_folder(folder: str | Path, trusted: Iterable[PublicKey]) -> str:
+    """Check `signature.sig` against the trusted keys; returns the signer's key id.
+
+    BundleError says which way it failed: unsigned, signed by a key id not trusted, or a
+    signature that does not verify (a changed manifest, or a forged signature).
+    """
+    folder = Path(folder)
+    trusted = list(trusted)
+    if not trusted:
+        raise BundleError("no trusted public keys given; cannot check signatures")
+    document = read_signature(folder)
+    message = canonical_manifest(folder)
+    known = {key.key_id: key for key in trusted}
+    key = known.get(document["key_id"])
+    if key is None:
+        raise BundleError(f"{folder}: key id unknown: signed by {document['key_id']}, "
+                          f"trusted are {', '.join(sorted(known))}")
+    if not key.verify(document["signature"], message):
+        raise BundleError(f"{folder}: signature does not verify with any trusted key "
+                          f"(manifest changed after signing, or a forged signature)")
+    return key.key_id

@@ -1,0 +1,454 @@
+"""The fleet end to end: registry, rollouts in waves, gates, aborts, restarts, on a real broker.
+
+Devices are `tests.fleet_sim.SimDevice`s (real agents, repositories and data planes in threads,
+each with its own data folder and paho connection) under a steady request load; the registry
+and orchestrator are a real `edgerun fleet serve` process.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import threading
+import time
+import urllib.request
+
+import httpx
+import numpy as np
+import pytest
+
+from edgerun.adapters.fleet.gate import assign_waves, check_gate, parse_gate
+from edgerun.adapters.fleet.store import MIGRATIONS, Store
+from edgerun.adapters.ota.download import download
+from edgerun.examples import mlp_onnx
+from edgerun.runtime import signing
+from edgerun.runtime.bundle import GOLDEN, FileEntry, read_manifest, sha256_file, write_manifest
+from edgerun.runtime.errors import BundleError, InvalidInput
+from tests.cli import edgerun
+from tests.fleet_sim import (Broker, FleetServer, SimDevice, SteadyLoad, infer_body, make_bundle,
+                             wait_for)
+
+WIDTH = 8
+
+
+def model(seed: int) -> bytes:
+    return mlp_onnx([WIDTH, 16, 4], seed=seed)
+
+
+@pytest.fixture
+def keys(tmp_path):
+    fleet_key, fleet_pub = signing.generate_keys(tmp_path / "keys")
+    other_key, other_pub = signing.generate_keys(tmp_path / "other")
+    return {"key": fleet_key, "pub": fleet_pub, "other_key": other_key,
+            "other_pub": other_pub, "trusted": [signing.load_public_key(fleet_pub)],
+            "both": [signing.load_public_key(fleet_pub), signing.load_public_key(other_pub)]}
+
+
+@pytest.fixture
+def broker(tmp_path):
+    broker = Broker(tmp_path / "broker")
+    broker.start()
+    yield broker
+    broker.stop()
+
+
+@pytest.fixture
+def server(tmp_path, broker, keys):
+    server = FleetServer(tmp_path / "fleet", broker, [keys["pub"], keys["other_pub"]]).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def v1(tmp_path, keys):
+    return make_bundle(tmp_path / "bundles", model(1), "m", "1", keys["key"])
+
+
+@pytest.fixture
+def fleet(tmp_path, broker, server, keys, v1):
+    devices: list[SimDevice] = []
+
+    def make(count: int, trusted=None, prefix="dev") -> list[SimDevice]:
+        made = [SimDevice(f"{prefix}{i:02d}", tmp_path / f"{prefix}{i:02d}", broker,
+                          trusted or keys["trusted"], v1).start() for i in range(count)]
+        devices.extend(made)
+        wait_for(lambda: {d.device_id for d in made} <= {d["device_id"] for d in
+                                                         server.get("/devices")},
+                 30, "devices to report")
+        return made
+
+    yield make
+    for device in devices:
+        device.close()
+
+
+def push(server: FleetServer, bundle) -> None:
+    result = edgerun("fleet", "push", str(bundle), "--server", server.url)
+    assert result.returncode == 0, result.stderr
+
+
+def job_states(status: dict) -> dict[str, str]:
+    return {job["device_id"]: job["state"] for job in status["jobs"]}
+
+
+# ----------------------------------------------------------------- pure parts
+def test_gate_and_waves_arithmetic():
+    conditions = parse_gate("p99<50ms,errors<1%,p50<=0.01s")
+    assert [str(c) for c in conditions] == ["p99<50ms", "errors<1%", "p50<=10ms"]
+    assert check_gate(conditions, {"p99_ms": 20, "p50_ms": 5, "requests": 200, "errors": 1}) == []
+    assert check_gate(conditions, {"latency_ms": {"p50": 5, "p99": 80}, "requests": 10,
+                                   "errors": 1}) == ["p99 80 breaks p99<50ms",
+                                                     "errors 10 breaks errors<1%"]
+    # counts since start: only what came after the update (the baseline) is judged
+    assert check_gate(conditions[1:2], {"requests": 1100, "errors": 50},
+                      {"requests": 1000, "errors": 50}) == []
+    with pytest.raises(InvalidInput, match="p99<50ms"):
+        parse_gate("latency<5")
+    waves = assign_waves([f"d{i}" for i in range(20)], [0.05, 0.25, 1.0])
+    assert [w for _, w in waves].count(0) == 1 and [w for _, w in waves].count(1) == 4
+    assert len(waves) == 20 and [w for _, w in waves].count(2) == 15
+
+
+def test_store_schema_is_versioned_and_portable(tmp_path):
+    store = Store.sqlite(tmp_path / "fleet.db")
+    store.migrate()  # idempotent
+    assert store.query("SELECT version FROM schema_version") == [{"version": 1}]
+    store.close()
+    schema = " ".join(statement for migration in MIGRATIONS for statement in migration).upper()
+    for sqlite_only in ("AUTOINCREMENT", "INSERT OR ", "ROWID", "WITHOUT", "STRICT", "PRAGMA"):
+        assert sqlite_only not in schema
+
+
+# ------------------------------------------------------------------- registry
+def test_registry_verifies_pushes_and_serves_resumable_downloads(tmp_path, server, keys):
+    unsigned = make_bundle(tmp_path / "u", model(2), "m", "2", None)
+    result = edgerun("fleet", "push", str(unsigned), "--server", server.url)
+    assert result.returncode == 2 and "unsigned" in result.stderr
+    stranger_key, _ = signing.generate_keys(tmp_path / "stranger")
+    foreign = make_bundle(tmp_path / "f", model(2), "m", "2", stranger_key)
+    result = edgerun("fleet", "push", str(foreign), "--server", server.url)
+    assert result.returncode == 2 and "key id unknown" in result.stderr
+    v2 = make_bundle(tmp_path / "b", model(2), "m", "2", keys["key"])
+    push(server, v2)
+    result = edgerun("fleet", "push", str(v2), "--server", server.url)
+    assert result.returncode == 0 and "already held" in result.stdout
+    other = make_bundle(tmp_path / "o", model(3), "m", "2", keys["key"])
+    result = edgerun("fleet", "push", str(other), "--server", server.url)
+    assert result.returncode == 2 and "immutable" in result.stderr
+    (held,) = server.get("/bundles")
+    url = f"{server.url}/bundles/m/2"
+    whole = httpx.get(url)
+    assert whole.headers["etag"] == f'"{held["sha256"]}"' and len(whole.content) == held["size"]
+    part = httpx.get(url, headers={"Range": "bytes=100-"})
+    assert part.status_code == 206 and part.content == whole.content[100:]
+    assert part.headers["content-range"] == f"bytes 100-{held['size'] - 1}/{held['size']}"
+    # a download that broke off resumes from where it stopped
+    dest = tmp_path / "dl" / "m-2.tar.gz"
+    dest.parent.mkdir()
+    (dest.parent / "m-2.tar.gz.part").write_bytes(whole.content[:700])
+    assert download(url, dest, held["sha256"], held["size"]) == held["size"] - 700
+    assert dest.read_bytes() == whole.content
+    # a part that does not belong to this file is caught by the sha256 and thrown away
+    (dest.parent / "x.tar.gz.part").write_bytes(b"\0" * 700)
+    with pytest.raises(BundleError, match="corrupt or tampered"):
+        download(url, dest.parent / "x.tar.gz", held["sha256"], held["size"])
+    assert not (dest.parent / "x.tar.gz.part").exists()
+    # a stale part (If-Range names another ETag) gets the whole file again
+    (dest.parent / "y.tar.gz.part").write_bytes(b"\0" * 700)
+    request = urllib.request.Request(url, headers={"Range": "bytes=700-",
+                                                   "If-Range": '"other"'})
+    with urllib.request.urlopen(request) as response:
+        assert response.status == 200
+
+
+# ------------------------------------------------------------------- rollouts
+def test_canary_then_full_rollout_under_load_fails_no_request(tmp_path, server, fleet, keys):
+    devices = fleet(20)
+    push(server, make_bundle(tmp_path / "b", model(2), "m", "2", keys["key"]))
+    violations, snapshots = [], []
+    done = threading.Event()
+
+    def watch() -> None:  # the canary wave must be active before wave 2 is published
+        while not done.is_set():
+            status = server.get("/rollouts")
+            for rollout in status["rollouts"]:
+                detail = server.get(f"/rollouts/{rollout['id']}")
+                canary = [j for j in detail["jobs"] if j["wave"] == 0]
+                rest = [j for j in detail["jobs"] if j["wave"] == 1]
+                snapshots.append((len(canary), any(j["state"] != "pending" for j in canary),
+                                  all(j["state"] == "pending" for j in rest)))
+                if any(j["state"] != "pending" for j in rest) and \
+                        any(j["state"] != "active" for j in canary):
+                    violations.append(detail)
+            time.sleep(0.05)
+
+    watcher = threading.Thread(target=watch)
+    with SteadyLoad(devices, infer_body(WIDTH)) as load:
+        watcher.start()
+        result = edgerun("fleet", "deploy", "m:2", "--server", server.url, "--group", "fleet",
+                         "--waves", "10%,100%", "--gate", "p99<2000ms,errors<1%", "--wait")
+        time.sleep(0.5)  # traffic after the switch, too
+        done.set()
+        watcher.join()
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "completed" in result.stdout
+    assert not violations
+    # the canary (2 of 20) was seen updating while the other 18 waited
+    assert any(size == 2 and started and waiting for size, started, waiting in snapshots)
+    assert load.total > 200 and load.failures == []
+    assert all(d.served("m") == ["2"] for d in devices)
+    result = edgerun("fleet", "status", "--server", server.url, "--json")
+    (rollout,) = json.loads(result.stdout)["rollouts"]
+    assert rollout["state"] == "completed" and rollout["counts"] == {"active": 20}
+    result = edgerun("fleet", "status", rollout["id"], "--server", server.url)
+    assert result.returncode == 0 and "20/20" in result.stdout
+    result = edgerun("fleet", "status", "--server", server.url)
+    assert result.returncode == 0 and "completed" in result.stdout
+    assert all(d.device_id in result.stdout for d in devices)
+
+
+def smoke_failing(tmp_path, keys, version: str):
+    """A validly signed bundle whose golden output is wrong: it fails its smoke test."""
+    folder = make_bundle(tmp_path / "s", model(5), "m", version, None)
+    with np.load(folder / GOLDEN) as data:
+        arrays = {k: data[k] for k in data.files}
+    arrays["output_0"] = arrays["output_0"] + 1.0
+    np.savez(folder / GOLDEN, **arrays)
+    manifest = read_manifest(folder)
+    files = {**manifest.files, GOLDEN: FileEntry(sha256_file(folder / GOLDEN),
+                                                 (folder / GOLDEN).stat().st_size)}
+    write_manifest(folder, type(manifest)(**{**manifest.__dict__, "files": files}))
+    signing.sign_folder(folder, keys["key"])
+    return folder
+
+
+def test_bad_updates_are_refused_reported_and_the_old_model_serves(tmp_path, server, fleet,
+                                                                   keys, v1):
+    devices = fleet(4)
+    push(server, v1)
+    push(server, make_bundle(tmp_path / "b", model(2), "m", "2", keys["key"]))
+    push(server, make_bundle(tmp_path / "b", model(3), "m", "3", keys["key"]))
+    push(server, make_bundle(tmp_path / "b", model(4), "m", "4", keys["other_key"]))
+    push(server, smoke_failing(tmp_path, keys, "5"))
+    stored = tmp_path / "fleet" / "bundles" / "m" / "3.tar.gz"  # bit rot on the registry
+    data = bytearray(stored.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    stored.write_bytes(bytes(data))
+
+    def deploy(version: str, device: SimDevice) -> dict:
+        status = server.deploy(model="m", version=version, devices=[device.device_id],
+                               max_failures=1.0)
+        return server.wait_rollout(status["id"])
+
+    with SteadyLoad(devices, infer_body(WIDTH)) as load:
+        assert job_states(deploy("2", devices[3])) == {"dev03": "active"}
+        cases = {"3": (devices[0], "corrupt or tampered"),
+                 "4": (devices[1], "key id unknown"),
+                 "5": (devices[2], "smoke test failed, still serving version 1"),
+                 "1": (devices[3], "older than the active 2")}
+        for version, (device, reason) in cases.items():
+            status = deploy(version, device)
+            (job,) = status["jobs"]
+            assert status["state"] == "completed" and job["state"] == "failed", status
+            assert reason in job["detail"]
+    assert load.failures == []
+    assert [d.served("m") for d in devices] == [["1"], ["1"], ["1"], ["2"]]
+
+
+def test_failures_over_the_threshold_abort_and_roll_back(tmp_path, server, fleet, keys):
+    updated = fleet(3, trusted=keys["both"], prefix="a")
+    refusing = fleet(3, prefix="b")  # trust only the fleet key
+    push(server, make_bundle(tmp_path / "b", model(2), "m", "2", keys["other_key"]))
+    with SteadyLoad(updated + refusing, infer_body(WIDTH)) as load:
+        status = server.deploy(model="m", version="2", devices=[
+            d.device_id for d in updated + refusing], waves=[0.5, 1.0], max_failures=0.2)
+        status = server.wait_rollout(status["id"])
+    assert status["state"] == "aborted" and "over max-failures 20%" in status["reason"]
+    states = job_states(status)
+    assert [states[d.device_id] for d in updated] == ["rolled_back"] * 3
+    # the abort may catch the last refusing device mid-job: it then gets a rollback too
+    refused = [states[d.device_id] for d in refusing]
+    assert refused.count("failed") >= 2 and set(refused) <= {"failed", "rolled_back"}
+    assert all(d.served("m") == ["1"] for d in updated + refusing)
+    assert load.failures == []
+
+
+def test_a_failing_health_gate_aborts_and_rolls_back(tmp_path, server, fleet, keys):
+    devices = fleet(4)
+    push(server, make_bundle(tmp_path / "b", model(2), "m", "2", keys["key"]))
+    with SteadyLoad(devices, infer_body(WIDTH)) as load:
+        status = server.deploy(model="m", version="2", group="fleet", waves=[0.5, 1.0],
+                               gate="p99<0.0001ms", gate_timeout=1.0)
+        status = server.wait_rollout(status["id"])
+        assert status["state"] == "aborted" and "health gate failed" in status["reason"]
+        assert sorted(job_states(status).values()) == ["cancelled", "cancelled",
+                                                       "rolled_back", "rolled_back"]
+        assert all(d.served("m") == ["1"] for d in devices)
+        # the operator stops a rollout that waits at its gate
+        push(server, make_bundle(tmp_path / "b", model(3), "m", "3", keys["key"]))
+        status = server.deploy(model="m", version="3", group="fleet", waves=[0.5, 1.0],
+                               gate="p99<0.0001ms", gate_timeout=600)
+        wait_for(lambda: "active" in job_states(server.get(f"/rollouts/{status['id']}"))
+                 .values(), 30, "the first wave")
+        result = edgerun("fleet", "abort", status["id"], "--server", server.url)
+        assert result.returncode == 0 and "aborted by the operator" in result.stdout
+        status = server.wait_rollout(status["id"])
+    assert status["state"] == "aborted" and "rolled_back" in job_states(status).values()
+    assert all(d.served("m") == ["1"] for d in devices) and load.failures == []
+
+
+def test_offline_device_broker_restart_and_orchestrator_restart(tmp_path, broker, server,
+                                                                fleet, keys):
+    devices = fleet(6)
+    push(server, make_bundle(tmp_path / "b", model(2), "m", "2", keys["key"]))
+    late, gone = devices[4], devices[5]
+    late.go_offline()
+    gone.go_offline()
+    online = devices[:4]
+    with SteadyLoad(online, infer_body(WIDTH)) as load:
+        status = server.deploy(model="m", version="2", group="fleet", waves=[0.5, 1.0],
+                               max_failures=0.2, job_timeout=25)
+        wait_for(lambda: job_states(server.get(f"/rollouts/{status['id']}"))["dev00"]
+                 == "active", 30, "the first wave")
+        server.kill()           # kill -9 of the orchestrator mid-rollout
+        broker.stop()           # and the broker
+        broker.start()
+        server.start()
+        late.come_back()        # the offline device returns: its retained job is waiting
+        final = server.wait_rollout(status["id"], timeout=60)
+    states = job_states(final)
+    assert final["state"] == "completed", final
+    assert states.pop("dev05") == "failed" and "timed out" in [
+        j for j in final["jobs"] if j["device_id"] == "dev05"][0]["detail"]
+    assert set(states.values()) == {"active"}
+    assert all(d.served("m") == ["2"] for d in devices[:5]) and gone.served("m") == ["1"]
+    assert load.failures == []
+
+
+def test_rollout_to_real_daemons_and_kill_9_of_one(tmp_path, broker, server, keys, v1):
+    """`edgerun daemon --trust --group` processes: the agent wired into the real daemon."""
+    from tests.mqtt import DaemonProcess, daemon_command, read_retained
+
+    push(server, make_bundle(tmp_path / "b", model(2), "m", "2", keys["key"]))
+    daemons = []
+    for i in range(2):
+        repo = tmp_path / f"daemon{i}" / "models"
+        shutil.copytree(v1, repo / "m" / "1")
+        command = daemon_command(repo, broker, f"pi{i}", "--group", "field", "--trust",
+                                 str(keys["pub"]), "--telemetry-interval", "0.5")
+        daemons.append(DaemonProcess(command, tmp_path / f"daemon{i}.log").start())
+    try:
+        wait_for(lambda: {"pi0", "pi1"} <= {d["device_id"] for d in server.get("/devices")
+                                            if d["grp"] == "field"}, 60, "daemons online")
+        result = edgerun("fleet", "deploy", "m:2", "--server", server.url, "--group", "field",
+                         "--waves", "50%,100%", "--gate", "p99<1000ms,errors<1%", "--wait")
+        assert result.returncode == 0, result.stdout + result.stderr + daemons[0].output()
+        for i in range(2):
+            status = wait_for(lambda: (s := read_retained(broker, f"edgerun/pi{i}/status"))
+                              and s["models"] == {"m": ["2"]} and s, 30, "status with v2")
+            assert status["group"] == "field" and status["ota"]["m"] == {"active": "2",
+                                                                         "previous": None}
+        daemons[0].kill()  # kill -9, then the same daemon again: it recovers to version 2
+        daemons[0].start()
+        status = wait_for(lambda: (s := read_retained(broker, "edgerun/pi0/status"))
+                          and s["state"] == "online" and s["models"] == {"m": ["2"]} and s,
+                          60, "restarted daemon serving v2")
+        assert status["ota"]["m"]["active"] == "2"
+    finally:
+        for daemon in daemons:
+            daemon.kill()
+
+
+def test_readme_fleet_example_runs(tmp_path):
+    """The README's OTA example, as written, on free ports (its pip line is CI's job), over
+    the demo/ folder its Bundles section makes."""
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from tests.serving import free_port
+
+    from edgerun.runtime import create_bundle
+    from tests.test_mqtt import digits_like_onnx
+
+    (tmp_path / "demo").mkdir()  # what `edgerun demo --workdir demo` leaves, minus a minute
+    (tmp_path / "demo" / "digits.onnx").write_bytes(digits_like_onnx())
+    create_bundle(tmp_path / "demo" / "digits.onnx", tmp_path / "demo" / "digits",
+                  name="digits", version="1")
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    (block,) = [b for b in re.findall(r"```bash\n(.*?)```", readme, re.S)
+                if "fleet deploy" in b]
+    script = "\n".join(line for line in block.splitlines() if "/pip " not in line)
+    script = script.replace(".venv/bin/", str(Path(sys.executable).parent) + "/")
+    script = script.replace("1883", str(free_port())).replace("8700", str(free_port()))
+    result = subprocess.run(["bash", "-ec", script + "\nwait\n"], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=240,
+                            env={"PATH": "/usr/sbin:/usr/bin:/bin", "COLUMNS": "200"})
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "accepted digits version 2" in result.stdout
+    assert "completed: 1 of 1 devices active" in result.stdout
+    state = json.loads((tmp_path / "pi" / "models" / ".edgerun" / "ota" / "digits" /
+                        "state.json").read_text())
+    assert state["slots"][state["active"]] == "2"
+
+
+@pytest.fixture
+def orchestrator(tmp_path, keys):
+    """An orchestrator over a store and registry holding m:2, publishing into a list."""
+    from edgerun.adapters.fleet.orchestrator import Orchestrator
+    from edgerun.adapters.fleet.registry import BundleRegistry
+    from edgerun.runtime import Bundle
+
+    store = Store.sqlite(tmp_path / "fleet.db")
+    registry = BundleRegistry(tmp_path, store, keys["trusted"])
+    with Bundle.open(make_bundle(tmp_path / "b", model(2), "m", "2", keys["key"])) as bundle:
+        archive = bundle.pack(tmp_path / "m-2.tar.gz")
+    with archive.open("rb") as stream:
+        registry.push(stream)
+    sent: list[tuple[str, bytes, bool]] = []
+    orchestrator = Orchestrator(store, registry, "http://registry",
+                                publish=lambda *message: sent.append(message))
+    orchestrator.sent = sent
+    for device in ("a", "b"):
+        orchestrator.on_message(f"edgerun/{device}/status",
+                                json.dumps({"state": "online", "group": "g"}).encode())
+    yield orchestrator
+    store.close()
+
+
+def test_orchestrator_takes_back_a_withdrawn_job_the_device_had_picked_up(orchestrator):
+    """An abort withdraws jobs no device has reported on; a late report brings a rollback."""
+    from edgerun.adapters.ota.messages import Job, Report
+
+    sent = orchestrator.sent
+    rollout = orchestrator.deploy("m", "2", group="g")
+    job_ids = {job["device_id"]: job["job_id"] for job in rollout["jobs"]}
+    published = Job.decode(sent[-1][1])
+    assert published.url == "http://registry/bundles/m/2" and sent[-1][2] is True
+    orchestrator.on_message("edgerun/a/ota/report",
+                            Report(job_ids["a"], "a", "failed", "m", "2", "1").encode())
+    orchestrator.tick()  # what the ticker thread does every 0.25 s
+    status = orchestrator.status(rollout["id"])
+    assert status["state"] == "aborted" and job_states(status) == {"a": "failed",
+                                                                   "b": "cancelled"}
+    assert sent[-1] == ("edgerun/b/ota", b"", True)  # withdrawn
+    orchestrator.on_message("edgerun/b/ota/report",
+                            Report(job_ids["b"], "b", "downloading", "m", "2", "1").encode())
+    rollback = Job.decode(sent[-1][1])
+    assert (rollback.kind, rollback.version, sent[-1][0]) == ("rollback", "1", "edgerun/b/ota")
+    assert orchestrator.status(rollout["id"])["state"] == "rolling_back"
+    orchestrator.on_message("edgerun/b/ota/report",
+                            Report(rollback.job_id, "b", "rolled_back", "m", "1", "2").encode())
+    orchestrator.tick()
+    assert orchestrator.status(rollout["id"])["state"] == "aborted"
+
+
+def test_a_wave_start_cut_short_by_a_restart_is_completed(orchestrator):
+    rollout = orchestrator.deploy("m", "2", group="g", waves=[0.5, 1.0])
+    assert job_states(rollout) == {"a": "queued", "b": "pending"}
+    # as if the process died after recording wave 2 but before publishing its jobs
+    orchestrator.store.update_rollout(rollout["id"], wave=1)
+    orchestrator.tick()
+    assert job_states(orchestrator.status(rollout["id"]))["b"] == "queued"
+    assert orchestrator.sent[-1][0] == "edgerun/b/ota"

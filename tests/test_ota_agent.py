@@ -1,0 +1,316 @@
+"""The device agent: install, verify, refuse, roll back, and recover after a crash.
+
+Bundles are served over real HTTP by the registry app (rows written straight into its store,
+so bundles the registry itself would refuse can reach a device); the kill -9 test runs the
+agent as its own process on a real Mosquitto.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+import uvicorn
+
+from edgerun.adapters.fleet.orchestrator import Orchestrator
+from edgerun.adapters.fleet.registry import BundleRegistry
+from edgerun.adapters.fleet.store import Store
+from edgerun.adapters.http.registry import create_registry_app
+from edgerun.adapters.ota.agent import OtaAgent
+from edgerun.adapters.ota.messages import Job, Report
+from edgerun.adapters.ota.slots import SlotState
+from edgerun.examples import mlp_onnx
+from edgerun.runtime import signing
+from edgerun.runtime.bundle import Bundle, sha256_file
+from edgerun.runtime.metrics import Registry
+from edgerun.runtime.repository import Repository
+from tests.fleet_sim import PROFILE, make_bundle, mqtt_client, wait_for
+from tests.mqtt import Broker
+from tests.serving import free_port
+from tests.test_fleet import smoke_failing
+
+
+class BundleServer:
+    """The registry app on uvicorn in a thread; `add` serves any archive, verified or not."""
+
+    def __init__(self, root: Path, port: int | None = None) -> None:
+        root.mkdir(parents=True)
+        self.store = Store.sqlite(root / "fleet.db")
+        self.registry = BundleRegistry(root, self.store, [])
+        app = create_registry_app(self.registry, Orchestrator(self.store, self.registry, ""))
+        self.port = port or free_port()
+        self.server = uvicorn.Server(uvicorn.Config(app, port=self.port, log_level="error"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        wait_for(lambda: self.server.started, 30, "uvicorn")
+        self.counter = 0
+
+    def add(self, folder: Path, kind: str = "install", version: str | None = None) -> Job:
+        manifest = json.loads((folder / "manifest.json").read_text())
+        version = version or manifest["version"]
+        target = self.registry.root / manifest["name"] / f"{version}.tar.gz"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with Bundle.open(folder, verify=False) as bundle:
+            bundle.pack(target)
+        digest = sha256_file(target)
+        if self.store.version(manifest["name"], version) is None:
+            self.store.add_version(manifest["name"], version, digest, target.stat().st_size,
+                                   "", str(target.relative_to(self.registry.root)))
+        self.counter += 1
+        return Job(f"job-{self.counter}", kind, manifest["name"], version,
+                   f"http://127.0.0.1:{self.port}/bundles/{manifest['name']}/{version}",
+                   digest, target.stat().st_size)
+
+    def close(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(10)
+        self.store.close()
+
+
+@pytest.fixture
+def keys(tmp_path):
+    key, pub = signing.generate_keys(tmp_path / "keys")
+    other_key, _ = signing.generate_keys(tmp_path / "other")
+    return {"key": key, "pub": pub, "other_key": other_key,
+            "trusted": [signing.load_public_key(pub)]}
+
+
+@pytest.fixture
+def bundles(tmp_path, keys):
+    def make(version: str, seed: int | None = None, key: str | None = "key") -> Path:
+        return make_bundle(tmp_path / "bundles" / f"{version}-{key}", mlp_onnx(
+            [8, 16, 4], seed=seed or int(version.split(".")[0])), "m", version,
+            keys[key] if key else None)
+    return make
+
+
+@pytest.fixture
+def server(tmp_path):
+    server = BundleServer(tmp_path / "registry")
+    yield server
+    server.close()
+
+
+class Device:
+    """Repository (v1 in its folder) + agent, reports collected instead of published."""
+
+    def __init__(self, folder: Path, trusted: list, initial: Path | None = None) -> None:
+        self.folder = folder
+        models = folder / "models"
+        if initial is not None and not models.exists():
+            shutil.copytree(initial, models / "m" / "1")
+        models.mkdir(parents=True, exist_ok=True)
+        self.reports: list[Report] = []
+        self.repository = Repository(models, PROFILE, registry=Registry())
+        self.agent = OtaAgent(publish=self._publish, repository=self.repository,
+                              device_id="dev", data_dir=folder / "data", trusted=trusted)
+        self.agent.recover()
+        self.repository.load_all()
+
+    def _publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> None:
+        assert topic == "edgerun/dev/ota/report" and qos == 1 and retain
+        self.reports.append(Report.decode(payload))
+
+    def run(self, job: Job) -> Report:
+        self.agent.handle_job(job.encode())
+        self.agent.wait_idle()
+        return self.reports[-1]
+
+    def states(self, job: Job) -> list[str]:
+        return [r.state for r in self.reports if r.job_id == job.job_id]
+
+    def served(self) -> list[str]:
+        return self.repository.versions("m")
+
+    def close(self) -> None:
+        self.agent.close()
+        self.repository.close()
+
+
+@pytest.fixture
+def device(tmp_path, keys, bundles):
+    device = Device(tmp_path / "device", keys["trusted"], bundles("1"))
+    yield device
+    device.close()
+
+
+def test_install_switches_slots_and_rollback_goes_back(device, server, bundles):
+    # the model's config.toml in the daemon's folder still applies to the versions OTA brings
+    (device.folder / "models" / "m" / "config.toml").write_text("[batching]\nmax_batch_size = 3\n")
+    job2 = server.add(bundles("2"))
+    assert device.run(job2).state == "active"
+    assert device.repository.get("m").batcher.config.max_batch_size == 3
+    assert device.states(job2) == ["queued", "downloading", "verifying", "staged", "active"]
+    assert device.reports[0].previous == "1" and device.served() == ["2"]
+    job3 = server.add(bundles("3"))
+    report = device.run(job3)
+    assert (report.state, report.previous, report.active) == ("active", "2", "3")
+    state = device.agent.slots.read("m")
+    assert state.active_version == "3" and state.slots[state.inactive] == "2"
+    # a job seen again (a retained message after a restart) is answered, not redone
+    before = len(device.reports)
+    assert device.run(job3).state == "active" and len(device.reports) == before + 1
+    back = Job("rb-1", "rollback", "m", "2")
+    report = device.run(back)
+    assert report.state == "rolled_back" and device.served() == ["2"]
+    # back to the version the daemon's own folder serves: the slots step aside
+    assert device.run(Job("rb-2", "rollback", "m", "1")).state == "rolled_back"
+    assert device.served() == ["1"]
+    assert device.agent.describe()["ota"]["m"]["active"] is None
+
+
+def test_bad_bundles_are_refused_and_the_old_model_keeps_serving(tmp_path, device, server,
+                                                                 bundles, keys):
+    assert device.run(server.add(bundles("2"))).state == "active"
+    tampered = bundles("5")
+    manifest = json.loads((tampered / "manifest.json").read_text())
+    manifest["created"]["note"] = "changed after signing"
+    (tampered / "manifest.json").write_text(json.dumps(manifest))
+    corrupt = server.add(bundles("6"))
+    corrupt = Job(corrupt.job_id, "install", "m", "6", corrupt.url, "0" * 64, corrupt.size)
+    cases = [
+        (server.add(bundles("3", key=None)), "unsigned"),
+        (server.add(bundles("4", key="other_key")), "key id unknown"),
+        (server.add(tampered), "signature does not verify with any trusted key"),
+        (corrupt, "corrupt or tampered artifact"),
+        (server.add(bundles("7"), version="8"), "the job names m version 8"),
+        (server.add(smoke_failing(tmp_path, keys, "9")), "smoke test failed"),
+        (server.add(bundles("1.5.0")), "older than the active 2"),
+    ]
+    for job, reason in cases:
+        report = device.run(job)
+        assert report.state == "failed" and reason in report.detail, (reason, report)
+        assert device.served() == ["2"] and report.active == "2"
+    assert device.agent.slots.read("m").active_version == "2"
+    assert not list((device.folder / "data" / "ota" / "m").glob(".staging-*"))
+    with device.repository.route("m") as routed:  # and it answers
+        assert routed.version == "2"
+
+
+def test_an_unreachable_registry_is_retried_until_it_answers(tmp_path, device, bundles):
+    port = free_port()
+    bundle = bundles("2")
+    first = BundleServer(tmp_path / "elsewhere")
+    job = first.add(bundle)
+    first.close()
+    job = Job(job.job_id, job.kind, job.model, job.version,
+              job.url.replace(str(first.port), str(port)), job.sha256, job.size)
+    device.agent.handle_job(job.encode())
+    wait_for(lambda: any("retrying" in r.detail for r in device.reports), 30, "a retry")
+    late = BundleServer(tmp_path / "late", port=port)  # the registry comes back
+    try:
+        late.add(bundle)
+        device.agent.wait_idle()
+    finally:
+        late.close()
+    assert device.reports[-1].state == "active" and device.served() == ["2"]
+
+
+def test_recover_from_what_a_crash_leaves(tmp_path, server, bundles, keys):
+    folder = tmp_path / "device"
+    device = Device(folder, keys["trusted"], bundles("1"))
+    device.run(server.add(bundles("2")))
+    device.run(server.add(bundles("3")))
+    device.close()
+    ota = folder / "data" / "ota"
+    (ota / "m" / ".staging-abc").mkdir()
+    (ota / "m" / ".staging-abc" / "model.onnx").write_bytes(b"half")
+    state = json.loads((ota / "m" / "state.json").read_text())
+    active = state["active"]
+    # power cut after the pointer flipped to 3 but before anything loaded: 3 was verified
+    device = Device(folder, keys["trusted"])
+    assert device.served() == ["3"] and not (ota / "m" / ".staging-abc").exists()
+    device.close()
+    # the active slot's files are damaged (a bad flash block): back to the previous slot
+    with open(ota / "m" / active / "model.onnx", "r+b") as handle:
+        handle.truncate(10)
+    device = Device(folder, keys["trusted"])
+    assert device.served() == ["2"]
+    assert device.agent.slots.read("m").active_version == "2"
+    device.close()
+    # both slots gone bad: the daemon's own folder (version 1) serves
+    other = "a" if active == "b" else "b"
+    shutil.rmtree(ota / "m" / other)
+    (ota / "m" / other).mkdir()
+    device = Device(folder, keys["trusted"])
+    assert device.served() == ["1"]
+    device.close()
+
+
+def test_slot_state_is_replaced_atomically(tmp_path, device):
+    store = device.agent.slots
+    store.write("m", SlotState("a", {"a": "2", "b": None}))
+    assert not list((store.root / "m").glob(".state.json.tmp"))
+    assert store.read("m").active_version == "2"
+
+
+STEPS = ("queued", "downloading", "verifying", "staged", "active")
+
+
+def test_kill_9_at_each_step_leaves_a_verified_model(tmp_path, keys, server):
+    """A device process killed right as it reports each step serves a valid model after."""
+    big = lambda version: make_bundle(  # noqa: E731 (about 5 MB: every step takes a while)
+        tmp_path / "big" / version, mlp_onnx([256, 1024, 1024, 10], seed=int(version)), "m",
+        version, keys["key"])
+    models = tmp_path / "dev" / "models"
+    shutil.copytree(big("1"), models / "m" / "1")
+    broker = Broker(tmp_path / "broker")
+    broker.start()
+    reports: list[dict] = []
+    statuses: list[dict] = []
+    watcher = mqtt_client("test-watcher")
+    watcher.on_message = lambda c, u, m: (reports if m.topic.endswith("report") else statuses
+                                          ).append(json.loads(m.payload))
+    watcher.on_connect = lambda c, *a: c.subscribe([("edgerun/dev/ota/report", 1),
+                                                   ("edgerun/dev/status", 1)])
+    watcher.connect("127.0.0.1", broker.port)
+    watcher.loop_start()
+    command = [sys.executable, "-m", "tests.ota_device", "--port", str(broker.port),
+               "--device-id", "dev", "--models", str(models), "--data",
+               str(tmp_path / "dev" / "data"), "--trust", str(keys["pub"])]
+    root = Path(__file__).parents[1]
+
+    def start() -> subprocess.Popen:
+        statuses.clear()
+        process = subprocess.Popen(command, cwd=root, stdout=subprocess.DEVNULL,
+                                   stderr=open(tmp_path / "device.log", "ab"))
+        wait_for(lambda: statuses, 60, "the device's status after start-up")
+        return process
+
+    versions = iter(range(2, 100))
+    serving = "1"
+    process = start()
+    try:
+        for step in STEPS:
+            version = str(next(versions))
+            job = server.add(big(version))
+            reports.clear()
+            watcher.publish("edgerun/dev/ota", job.encode(), qos=1, retain=True)
+            wait_for(lambda: any(r["job_id"] == job.job_id and r["state"] == step
+                                 for r in reports), 60, f"step {step}")
+            os.kill(process.pid, signal.SIGKILL)
+            process.wait()
+            process = start()
+            (status,) = statuses[:1]
+            status = status["pid_status"]
+            assert status["golden"] == "ok", (step, status)
+            assert status["served"] in ([serving], [version]), (step, status)
+            # the retained job is still there: the restarted agent finishes it
+            wait_for(lambda: any(r["job_id"] == job.job_id and r["state"] == "active"
+                                 for r in reports), 60, f"the job after a kill at {step}")
+            serving = version
+            watcher.publish("edgerun/dev/ota", b"", qos=1, retain=True).wait_for_publish(5)
+        assert not list((tmp_path / "dev" / "data" / "ota" / "m").glob(".staging-*"))
+    finally:
+        process.kill()
+        process.wait()
+        watcher.loop_stop()
+        watcher.disconnect()
+        broker.stop()

@@ -1,0 +1,93 @@
+"""Signed bundles: keys, signing, and verification that says why it refused."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import stat
+
+import pytest
+
+from edgerun.examples import mlp_onnx
+from edgerun.runtime import Bundle
+from edgerun.runtime.errors import BundleError
+from edgerun.runtime.signing import (canonical_manifest, generate_keys, load_public_key,
+                                     sign_folder, verify_folder)
+from tests.cli import edgerun
+
+
+@pytest.fixture
+def keys(tmp_path):
+    private, public = generate_keys(tmp_path / "keys")
+    return private, load_public_key(public)
+
+
+def test_private_key_is_owner_only_and_never_overwritten(tmp_path, keys):
+    private, _ = keys
+    assert stat.S_IMODE(private.stat().st_mode) == 0o600
+    with pytest.raises(BundleError, match="refusing to overwrite"):
+        generate_keys(private.parent)
+
+
+def test_signed_bundle_verifies_and_survives_reindenting(make_bundle, keys):
+    private, public = keys
+    bundle = make_bundle(mlp_onnx([4, 3]), version="2")
+    assert sign_folder(bundle.path, private) == public.key_id
+    assert verify_folder(bundle.path, [public]) == public.key_id
+    manifest = bundle.path / "manifest.json"
+    manifest.write_text(json.dumps(json.loads(manifest.read_text()), indent=7))
+    assert verify_folder(bundle.path, [public]) == public.key_id
+    Bundle.open(bundle.path).close()  # signature.sig is allowed beside the listed files
+
+
+def test_refusals_say_which(make_bundle, keys, tmp_path):
+    private, public = keys
+    bundle = make_bundle(mlp_onnx([4, 3]))
+    with pytest.raises(BundleError, match="unsigned"):
+        verify_folder(bundle.path, [public])
+    sign_folder(bundle.path, private)
+    _, stranger_pub = generate_keys(tmp_path / "stranger")
+    with pytest.raises(BundleError, match="key id unknown"):
+        verify_folder(bundle.path, [load_public_key(stranger_pub)])
+    # a changed manifest (here: a version bump) no longer matches the signature
+    manifest = bundle.path / "manifest.json"
+    data = json.loads(manifest.read_text())
+    data["version"] = "99"
+    manifest.write_text(json.dumps(data))
+    with pytest.raises(BundleError, match="does not verify with any trusted key"):
+        verify_folder(bundle.path, [public])
+    # a forged signature under the trusted key id
+    sig = json.loads((bundle.path / "signature.sig").read_text())
+    sig["signature"] = "A" * 86 + "=="
+    (bundle.path / "signature.sig").write_text(json.dumps(sig))
+    with pytest.raises(BundleError, match="does not verify"):
+        verify_folder(bundle.path, [public])
+
+
+def test_canonical_bytes_cover_every_file_hash(make_bundle):
+    bundle = make_bundle(mlp_onnx([4, 3]))
+    canonical = json.loads(canonical_manifest(bundle.path))
+    assert set(canonical["files"]) == {"model.onnx", "golden.npz"}
+    assert all(len(entry["sha256"]) == 64 for entry in canonical["files"].values())
+
+
+def test_cli_generate_sign_verify(tmp_path, make_bundle):
+    result = edgerun("keys", "generate", "-o", str(tmp_path / "k"))
+    assert result.returncode == 0, result.stderr
+    bundle = make_bundle(mlp_onnx([4, 3]), name="m", version="3")
+    archive = tmp_path / "m-3.tar.gz"
+    bundle.pack(archive)
+    trust = ["--trust", str(tmp_path / "k" / "fleet.pub")]
+    result = edgerun("bundle", "verify", str(archive), *trust)
+    assert result.returncode == 2 and "unsigned" in result.stderr
+    result = edgerun("bundle", "sign", str(archive), "--key", str(tmp_path / "k" / "fleet.key"))
+    assert result.returncode == 0, result.stderr
+    result = edgerun("bundle", "verify", str(archive), *trust)
+    assert result.returncode == 0, result.stderr
+    assert "signature: valid" in result.stdout
+    # an archive whose model file was swapped fails on its hash before any signature check
+    folder = tmp_path / "unpacked"
+    assert edgerun("bundle", "unpack", str(archive), "-o", str(folder)).returncode == 0
+    shutil.copyfile(folder / "golden.npz", folder / "model.onnx")
+    result = edgerun("bundle", "verify", str(folder), *trust)
+    assert result.returncode == 2 and "tampered" in result.stderr
