@@ -96,15 +96,3 @@ def test_demo_serves_through_the_batcher(tmp_path):
     assert "same labels as unbatched predict │ True" in result.stdout
     assert "forward passes" in result.stdout
     assert (tmp_path / "digits-1.tar.gz").is_file() and (tmp_path / "sample.json").is_file()
-
-
-def test_serving_leaves_one_core_to_the_event_loop(tmp_path):
-    from edgerun.cli.serve import serving_profile
-
-    assert serving_profile(None, cores=2).intra_op_threads == 1
-    assert serving_profile(None, cores=16).intra_op_threads == 15
-    assert serving_profile(None, cores=1).intra_op_threads == 1
-    assert serving_profile("raspberry-pi-5", cores=2).intra_op_threads == 4  # the profile's own
-    custom = tmp_path / "mine.toml"
-    custom.write_text("intra_op_threads = 3\n")
-    assert serving_profile(str(custom), cores=8).intra_op_threads == 3

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 from pathlib import Path
 
-from edgerun.devices import DeviceProfile, load_profile
+from edgerun.devices import load_profile
 from edgerun.runtime.batcher import BatchingConfig
 
 log = logging.getLogger(__name__)
@@ -31,9 +30,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--grpc-port", type=int, default=None,
                         help="also serve OIP v2 gRPC (inference.GRPCInferenceService) here")
-    parser.add_argument("--device", default=None,
-                        help="device profile (default: cpu); unless it sets intra_op_threads, "
-                             "ONNX Runtime gets every core but one, left to the event loop")
+    parser.add_argument("--device", default=None, help="device profile (default: cpu)")
     parser.add_argument("--poll-interval", type=float, default=None, metavar="SECONDS",
                         help="watch the folder and hot-swap changes every SECONDS")
     defaults = BatchingConfig()
@@ -72,7 +69,7 @@ def _serve(args: argparse.Namespace) -> int:
     batching = BatchingConfig(max_batch_size=args.max_batch_size,
                               max_queue_delay_us=args.max_queue_delay_us,
                               max_queue_size=args.max_queue_size)
-    device = serving_profile(args.device)
+    device = load_profile(args.device)
     if args.model_dir is not None:
         from edgerun.runtime.sources import SingleModelSource
         source = SingleModelSource(args.model_dir, args.model_name, batching, device=device)
@@ -85,18 +82,3 @@ def _serve(args: argparse.Namespace) -> int:
           max_body_bytes=args.max_body_bytes, access_log=args.access_log,
           log_level=args.log_level, hooks=hooks)
     return 0
-
-
-def serving_profile(device: str | None, cores: int | None = None) -> DeviceProfile:
-    """The device profile to serve with: one core is left to the event loop.
-
-    The loop decodes and answers every request on the same cores as the forward pass. With one
-    intra-op thread per core, ONNX Runtime's threads and the loop preempt each other and a
-    parallel section stalls whenever one of its threads is descheduled; measured on 2 cores at
-    concurrency 64 (benchmarks/README.md), one intra-op thread cut the server's CPU time per
-    request by about a third. A profile that sets intra_op_threads keeps its own.
-    """
-    profile = load_profile(device)
-    if profile.intra_op_threads:
-        return profile
-    return profile.replace(intra_op_threads=max(1, (cores or os.cpu_count() or 1) - 1))
