@@ -1,6 +1,7 @@
 """The fleet HTTP server's speed, against the limits of this machine and the server users write.
 
     python benchmarks/server.py [--seconds 5] [--write]
+    python benchmarks/server.py --seconds 2 --only grpc,binary   # a quick check, not recorded
 
 One compute-bound model (MLP 1024-4096-4096-10, fp32), one row per request. Each server runs
 alone, as its own process; the load generator (benchmarks/loadgen.py, closed loop, keep-alive)
@@ -14,14 +15,15 @@ runs as another process on the same cores, after a warm-up. Measured in the same
 (c) `edgerun serve` with OIP v2 JSON at concurrency 1, 16 and 64, and with the binary tensor
     extension (binary in, binary out, as tritonclient sends) at 64;
 (d) plain FastAPI (benchmarks/plain_fastapi.py): sync endpoint, pydantic body, one
-    `InferenceSession.run` per request, at concurrency 1, 16 and 64.
+    `InferenceSession.run` per request, at concurrency 1, 16 and 64;
+(e) `edgerun serve --grpc-port` under benchmarks/grpc_loadgen.py (async gRPC, closed loop, the
+    same row in raw_input_contents, raw outputs back) at concurrency 64.
 Every server's CPU time per response (from /proc, over the whole load-generator run) is printed
 beside its throughput: on a shared machine it moves far less than req/s does.
 Targets at concurrency 64: edgerun JSON >= 0.75x the ideal, binary >= 0.85x, p99 no worse than
 the previous recorded run's; >= 3x plain FastAPI's throughput with a p99 no worse; at
-concurrency 1, p50 minus the batch-1 compute time <= 1 ms. gRPC (raw contents, >= 0.9x the HTTP
-binary figure) is measured once `edgerun serve --grpc-port` and benchmarks/grpc_loadgen.py exist.
-`--write` records the tables in benchmarks/README.md (only when every server ran).
+concurrency 1, p50 minus the batch-1 compute time <= 1 ms; gRPC raw >= 0.9x the HTTP binary
+figure. `--write` records the tables in benchmarks/README.md (only when every server ran).
 """
 
 from __future__ import annotations
@@ -61,6 +63,11 @@ WARMUP_S = 1.0
 READY_TIMEOUT_S = 120.0
 ECHO, JSON_RUN, BINARY_RUN = "echo ASGI (ceiling)", "edgerun JSON", "edgerun binary"
 GRPC_RUN, PLAIN = "edgerun gRPC raw", "plain FastAPI"
+#: --only's names for the servers.
+SELECT = {"echo": ECHO, "json": JSON_RUN, "binary": BINARY_RUN, "grpc": GRPC_RUN,
+          "plain": PLAIN}
+#: HTTP/2 connections grpc_loadgen.py spreads its calls over (see its --channels).
+GRPC_CHANNELS = 1
 #: The previous recorded run's p99 at concurrency 64 (edgerun JSON): "p99 no worse than today".
 PREVIOUS_P99_MS = 35.09
 
@@ -76,6 +83,15 @@ class ServerRun:
     results: dict[int, dict[str, Any]] = field(default_factory=dict)
     failure: str = ""
     outputs_match: bool | None = None
+
+
+def _selection(text: str) -> tuple[str, ...]:
+    names = tuple(name.strip() for name in text.split(",") if name.strip())
+    unknown = [name for name in names if name not in SELECT]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"--only takes some of {', '.join(SELECT)}, got "
+                                         f"{text!r}")
+    return names
 
 
 def make_body(rows: np.ndarray) -> bytes:
@@ -458,14 +474,17 @@ def report(runs: dict[str, ServerRun], limit: dict[str, float], compute_ms: floa
     """The recorded text: command, machine, the tables and every warning."""
     command = "python benchmarks/server.py" + (f" --seconds {seconds:g}"
                                                if seconds != 5.0 else "") + " --write"
-    notes = warnings([run for run in runs.values() if run.name != GRPC_RUN])
-    measured = [run for run in runs.values() if run.results or run.name != GRPC_RUN]
+    notes = warnings(list(runs.values()))
+    measured = [run for run in runs.values() if run.results or run.failure]
     return (f"Command: `{command}`  \nMachine: {machine()}, onnxruntime {ort.__version__}, "
             f"fastapi {version('fastapi')}, uvicorn {version('uvicorn')}\n\n"
             f"MLP {'-'.join(map(str, SIZES))} fp32, one row per request, closed loop over "
             f"keep-alive connections, {seconds:g} s measured after {WARMUP_S:g} s warm-up; bare "
             f"ORT batch-1 compute {compute_ms:.2f} ms. JSON: OIP v2 JSON both ways; binary: the "
-            "binary tensor extension both ways. Server CPU is the server process's CPU time "
+            "binary tensor extension both ways; gRPC: "
+            "OIP v2 ModelInfer with raw_input_contents / raw_output_contents (as tritonclient "
+            f"sends), {TOP} calls in flight over {GRPC_CHANNELS} HTTP/2 connection(s) from "
+            "benchmarks/grpc_loadgen.py (non-2xx there: non-OK status codes). Server CPU is the server process's CPU time "
             "(all threads) per response over the whole load-generator run; loadgen CPU is the "
             "load generator's own, spent on the same cores.\n\n"
             f"{server_table(measured)}\n\n{ratio_table(runs, limit)}\n\n"
@@ -474,23 +493,32 @@ def report(runs: dict[str, ServerRun], limit: dict[str, float], compute_ms: floa
 
 
 def grpc_available() -> str:
-    """Why the gRPC row cannot be measured in this checkout, or "" when it can.
-
-    The hook for issue 12's gRPC server: once `edgerun serve --grpc-port` and an async gRPC
-    load generator (benchmarks/grpc_loadgen.py, the same closed loop and JSON line as
-    loadgen.py, raw_input_contents) exist, `measure_grpc` runs it like the HTTP servers.
-    """
+    """Why the gRPC row cannot be measured in this checkout, or "" when it can."""
     script = Path(sys.executable).parent / "edgerun"
     probe = subprocess.run([str(script), "serve", "--help"], capture_output=True, text=True)
     if "--grpc-port" not in probe.stdout:
         return "`edgerun serve` has no --grpc-port in this checkout"
-    if not (HERE / "grpc_loadgen.py").exists():
-        return "no benchmarks/grpc_loadgen.py yet"
     return ""
 
 
-def measure_grpc(run: ServerRun, repo: Path, seconds: float) -> None:
-    """`edgerun serve --grpc-port` under benchmarks/grpc_loadgen.py at concurrency 64."""
+def run_grpc_loadgen(grpc_port: int, run: ServerRun, seconds: float,
+                     first_output: Path) -> dict[str, Any]:
+    """benchmarks/grpc_loadgen.py as its own process (it must never share one with
+    tritonclient, which registers the same protobuf package)."""
+    command = [sys.executable, str(HERE / "grpc_loadgen.py"), "--port", str(grpc_port),
+               "--model", MODEL, "--input", f"x={run.body_file}", "--connections", str(TOP),
+               "--channels", str(GRPC_CHANNELS), "--seconds", str(seconds), "--warmup",
+               str(WARMUP_S), "--first-output", str(first_output)]
+    done = subprocess.run(command, capture_output=True, text=True,
+                          timeout=seconds + WARMUP_S + 120)
+    if done.returncode != 0:
+        raise RuntimeError(f"grpc_loadgen failed ({done.returncode}):\n{done.stderr[-2000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def measure_grpc(run: ServerRun, repo: Path, expected: np.ndarray, seconds: float) -> None:
+    """`edgerun serve --grpc-port` under benchmarks/grpc_loadgen.py at concurrency 64, raw
+    contents both ways; its first answer is compared with bare ORT's like the HTTP servers'."""
     run.failure = grpc_available()
     if run.failure:
         return
@@ -503,19 +531,23 @@ def measure_grpc(run: ServerRun, repo: Path, seconds: float) -> None:
     except RuntimeError as exc:
         run.failure = str(exc)
         return
+    answer = SCRATCH / "grpc-answer.npy"
     try:
         before = cpu_seconds(process.pid)
-        done = subprocess.run(
-            [sys.executable, str(HERE / "grpc_loadgen.py"), "--port", str(grpc_port),
-             "--model", MODEL, "--connections", str(TOP), "--seconds", str(seconds),
-             "--warmup", str(WARMUP_S)], capture_output=True, text=True,
-            timeout=seconds + WARMUP_S + 120)
-        if done.returncode != 0:
-            run.failure = f"grpc_loadgen failed ({done.returncode}): {done.stderr[-500:]}"
-            return
-        result = json.loads(done.stdout.strip().splitlines()[-1])
-        result["server_cpu_us"] = (cpu_seconds(process.pid) - before) / result["total"] * 1e6
+        result = run_grpc_loadgen(grpc_port, run, seconds, answer)
+        spent = cpu_seconds(process.pid) - before
+        result["server_cpu_us"] = spent / result["total"] * 1e6 if result["total"] \
+            else float("nan")
         run.results[TOP] = result
+        got = np.load(answer)
+        run.outputs_match = got.shape == expected.shape and bool(
+            np.allclose(got, expected, rtol=1e-3, atol=1e-4))
+        print(f"{run.name}, concurrency {TOP}: {json.dumps(result)}", file=sys.stderr)
+        if process.poll() is not None:
+            run.failure = (f"the server exited with status {process.returncode} during the "
+                           f"run:\n{log_tail(log)}")
+    except (RuntimeError, subprocess.TimeoutExpired, ValueError, OSError) as exc:
+        run.failure = f"load generator failed: {exc}"
     finally:
         stop_server(process)
 
@@ -524,7 +556,12 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seconds", type=float, default=5.0, help="per measurement")
     parser.add_argument("--write", action="store_true", help="update benchmarks/README.md")
+    parser.add_argument("--only", type=_selection, default=tuple(SELECT),
+                        help="a quick check of some servers, comma-separated from "
+                             f"{','.join(SELECT)} (never recorded)")
     args = parser.parse_args()
+    if args.write and len(args.only) < len(SELECT):
+        parser.error("--write records every server: leave out --only")
     atexit.register(shutil.rmtree, SCRATCH, ignore_errors=True)
 
     bundle = mlp_bundle(SIZES)
@@ -537,6 +574,8 @@ def main() -> int:
     sent = np.asarray(json.loads(body)["inputs"][0]["data"], np.float32).reshape(1, SIZES[0])
     binary, header_length = make_binary_body(sent)
     binary_file.write_bytes(binary)
+    tensor_file = SCRATCH / "row.npy"  # the same row, for the gRPC load generator
+    np.save(tensor_file, sent, allow_pickle=False)
 
     # the limit first, in this process, while no server runs
     session = bare_session(bundle.model_path)
@@ -555,31 +594,36 @@ def main() -> int:
     runs = {run.name: run for run in (
         ServerRun(ECHO, json_file, (TOP,)), ServerRun(JSON_RUN, json_file),
         ServerRun(BINARY_RUN, binary_file, (TOP,), binary_headers),
-        ServerRun(GRPC_RUN, binary_file, (TOP,)), ServerRun(PLAIN, json_file))}
+        ServerRun(GRPC_RUN, tensor_file, (TOP,)), ServerRun(PLAIN, json_file))}
+    chosen = {SELECT[key] for key in args.only}
     uvicorn = [sys.executable, "-m", "uvicorn", "--host", "127.0.0.1", "--port", "{port}",
                "--no-access-log", "--workers", "1", "--loop", "uvloop", "--http", "httptools"]
     echo_env = {**os.environ, "EDGERUN_ECHO_BODY": str(answer_file)}
-    measure_server(runs[ECHO], [*uvicorn, "echo_asgi:app", "--lifespan", "off"], path, None,
-                   args.seconds, cwd=HERE, env=echo_env)
+    if ECHO in chosen:
+        measure_server(runs[ECHO], [*uvicorn, "echo_asgi:app", "--lifespan", "off"], path,
+                       None, args.seconds, cwd=HERE, env=echo_env)
     for name in (JSON_RUN, BINARY_RUN):
-        try:
-            measure_server(runs[name], edgerun_command(repo), path, expected, args.seconds)
-        except RuntimeError as exc:
-            runs[name].failure = str(exc)
-    measure_grpc(runs[GRPC_RUN], repo, args.seconds)
-    env = {**os.environ, "EDGERUN_BENCH_MODEL": str(bundle.model_path)}
-    measure_server(runs[PLAIN], [*uvicorn, "plain_fastapi:app"], path, expected, args.seconds,
-                   cwd=HERE, env=env)
+        if name in chosen:
+            try:
+                measure_server(runs[name], edgerun_command(repo), path, expected,
+                               args.seconds)
+            except RuntimeError as exc:
+                runs[name].failure = str(exc)
+    if GRPC_RUN in chosen:
+        measure_grpc(runs[GRPC_RUN], repo, expected, args.seconds)
+    if PLAIN in chosen:
+        env = {**os.environ, "EDGERUN_BENCH_MODEL": str(bundle.model_path)}
+        measure_server(runs[PLAIN], [*uvicorn, "plain_fastapi:app"], path, expected,
+                       args.seconds, cwd=HERE, env=env)
 
     text = report(runs, limit, compute_ms, args.seconds)
     print(text)
-    complete = not any(run.failure for run in runs.values() if run.name != GRPC_RUN)
+    complete = not any(run.failure for run in runs.values())
     if args.write:
         if complete:
             record("server", text)
         else:
-            print("\nnot written: every HTTP server must run for a recorded table",
-                  file=sys.stderr)
+            print("\nnot written: every server must run for a recorded table", file=sys.stderr)
     return 0 if complete else 1
 
 
