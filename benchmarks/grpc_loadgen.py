@@ -36,8 +36,9 @@ from edgerun.adapters.grpc.codec import CONTENTS_FIELD
 
 METHOD = "/inference.GRPCInferenceService/ModelInfer"
 DRAIN_TIMEOUT_S = 10.0  # how long in-flight calls may take to finish after the window
-#: Each channel gets its own TCP connection (channels with equal arguments share one otherwise).
-CHANNEL_OPTIONS = [("grpc.use_local_subchannel_pool", 1),
+#: Each channel gets its own TCP connection (channels with equal arguments share one otherwise);
+#: a load generator never retries, so it skips the retry machinery's per-call bookkeeping.
+CHANNEL_OPTIONS = [("grpc.use_local_subchannel_pool", 1), ("grpc.enable_retries", 0),
                    ("grpc.max_receive_message_length", 64 << 20),
                    ("grpc.max_send_message_length", 64 << 20)]
 

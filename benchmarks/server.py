@@ -470,10 +470,11 @@ def warnings(runs: list[ServerRun]) -> list[str]:
 
 
 def report(runs: dict[str, ServerRun], limit: dict[str, float], compute_ms: float,
-           seconds: float) -> str:
+           seconds: float, only: tuple[str, ...] = tuple(SELECT)) -> str:
     """The recorded text: command, machine, the tables and every warning."""
     command = "python benchmarks/server.py" + (f" --seconds {seconds:g}"
-                                               if seconds != 5.0 else "") + " --write"
+                                               if seconds != 5.0 else "") + (
+        f" --only {','.join(only)}" if set(only) != set(SELECT) else " --write")
     notes = warnings(list(runs.values()))
     measured = [run for run in runs.values() if run.results or run.failure]
     return (f"Command: `{command}`  \nMachine: {machine()}, onnxruntime {ort.__version__}, "
@@ -560,7 +561,7 @@ def main() -> int:
                         help="a quick check of some servers, comma-separated from "
                              f"{','.join(SELECT)} (never recorded)")
     args = parser.parse_args()
-    if args.write and len(args.only) < len(SELECT):
+    if args.write and set(args.only) != set(SELECT):
         parser.error("--write records every server: leave out --only")
     atexit.register(shutil.rmtree, SCRATCH, ignore_errors=True)
 
@@ -616,7 +617,7 @@ def main() -> int:
         measure_server(runs[PLAIN], [*uvicorn, "plain_fastapi:app"], path, expected,
                        args.seconds, cwd=HERE, env=env)
 
-    text = report(runs, limit, compute_ms, args.seconds)
+    text = report(runs, limit, compute_ms, args.seconds, args.only)
     print(text)
     complete = not any(run.failure for run in runs.values())
     if args.write:
