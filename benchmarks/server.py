@@ -482,10 +482,11 @@ def report(runs: dict[str, ServerRun], limit: dict[str, float], compute_ms: floa
             f"MLP {'-'.join(map(str, SIZES))} fp32, one row per request, closed loop over "
             f"keep-alive connections, {seconds:g} s measured after {WARMUP_S:g} s warm-up; bare "
             f"ORT batch-1 compute {compute_ms:.2f} ms. JSON: OIP v2 JSON both ways; binary: the "
-            "binary tensor extension both ways; gRPC: "
-            "OIP v2 ModelInfer with raw_input_contents / raw_output_contents (as tritonclient "
-            f"sends), {TOP} calls in flight over {GRPC_CHANNELS} HTTP/2 connection(s) from "
-            "benchmarks/grpc_loadgen.py (non-2xx there: non-OK status codes). Server CPU is the server process's CPU time "
+            "binary tensor extension both ways; gRPC: OIP v2 ModelInfer with "
+            "raw_input_contents / raw_output_contents (as tritonclient sends), "
+            f"{TOP} calls in flight over {GRPC_CHANNELS} HTTP/2 connection(s) from "
+            "benchmarks/grpc_loadgen.py (its non-2xx are non-OK status codes). Server CPU is the "
+            "server process's CPU time "
             "(all threads) per response over the whole load-generator run; loadgen CPU is the "
             "load generator's own, spent on the same cores.\n\n"
             f"{server_table(measured)}\n\n{ratio_table(runs, limit)}\n\n"
@@ -520,12 +521,17 @@ def run_grpc_loadgen(grpc_port: int, run: ServerRun, seconds: float,
 def measure_grpc(run: ServerRun, repo: Path, expected: np.ndarray, seconds: float) -> None:
     """`edgerun serve --grpc-port` under benchmarks/grpc_loadgen.py at concurrency 64, raw
     contents both ways; its first answer is compared with bare ORT's like the HTTP servers'."""
+    try:
+        command = edgerun_command(repo)
+    except RuntimeError as exc:
+        run.failure = str(exc)
+        return
     run.failure = grpc_available()
     if run.failure:
         return
     port, grpc_port = free_port(), free_port()
     log = SCRATCH / "grpc.log"
-    command = edgerun_command(repo) + ["--grpc-port", str(grpc_port)]
+    command += ["--grpc-port", str(grpc_port)]
     command = [arg.replace("{port}", str(port)) for arg in command]
     try:
         process = start_server(command, port, log)
