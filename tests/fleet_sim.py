@@ -15,7 +15,7 @@ import signal
 import subprocess
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -213,8 +213,9 @@ def wait_for(predicate: Callable[[], object], timeout: float = 60, what: str = "
 class FleetServer:
     """`edgerun fleet serve` as a real process (restartable, killable)."""
 
-    def __init__(self, data: Path, broker: Broker, trust: list[Path]) -> None:
-        self.data, self.broker, self.trust = data, broker, trust
+    def __init__(self, data: Path, broker: Broker, trust: list[Path],
+                 extra: Sequence[str] = ()) -> None:
+        self.data, self.broker, self.trust, self.extra = data, broker, trust, list(extra)
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.process: subprocess.Popen | None = None
@@ -227,7 +228,7 @@ class FleetServer:
         self.process = subprocess.Popen(
             [*edgerun_command(), "fleet", "serve", "--data", str(self.data), "--broker",
              self.broker.url, "--port", str(self.port),
-             *[a for key in self.trust for a in ("--trust", str(key))]],
+             *[a for key in self.trust for a in ("--trust", str(key))], *self.extra],
             stdout=log, stderr=subprocess.STDOUT)
         import httpx
 

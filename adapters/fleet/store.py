@@ -220,6 +220,13 @@ class Store:
         return self.query("SELECT * FROM jobs WHERE rollout_id = ? ORDER BY wave, device_id",
                           (rollout_id,))
 
+    def device_has_job(self, device_id: str, model: str, version: str) -> bool:
+        """Whether a rollout ever addressed `model` `version` to the device (a download may
+        come late, after a retry or a restart, so a finished job still counts)."""
+        return self.one("SELECT 1 AS found FROM jobs JOIN rollouts ON rollouts.id = "
+                        "jobs.rollout_id WHERE jobs.device_id = ? AND rollouts.model = ? AND "
+                        "jobs.version = ?", (device_id, model, version)) is not None
+
     def job_by_id(self, job_id: str) -> dict[str, Any] | None:
         return self.one("SELECT * FROM jobs WHERE job_id = ?", (job_id,))
 

@@ -7,10 +7,12 @@
     POST /rollouts                      start a rollout (JSON: model, version, targets, waves...)
     GET  /rollouts[/{id}]               rollouts and their devices by state
     POST /rollouts/{id}/abort           abort and roll every updated device back
-    GET  /health
+    GET  /health                        open, for probes
 
-Authentication is left to a hook for a later issue: every route passes `authorize(request,
-scope)` (a no-op by default) before it acts.
+Every other route passes `authorize(request, scope)` before it acts. `fleet serve --tokens`
+makes it `FleetAccess`: a bearer token of scope `read` (listings, status), `deploy` (start or
+abort a rollout) or `admin` (push, enrol, revoke, broker files); a bundle download also takes a
+device's own credential (HTTP Basic, device id + secret), for the bundles of its own jobs only.
 """
 
 from __future__ import annotations
@@ -28,13 +30,40 @@ from starlette.requests import Request
 from starlette.responses import FileResponse, Response
 from starlette.routing import Route
 
+from edgerun.adapters.auth.tokens import TokenStore, basic
 from edgerun.adapters.fleet.orchestrator import MqttLink, Orchestrator
 from edgerun.adapters.fleet.registry import BundleRegistry
 from edgerun.adapters.fleet.store import Store
 from edgerun.adapters.http.status import error_headers, status_of
-from edgerun.runtime.errors import EdgerunError, InvalidInput
+from edgerun.runtime.errors import EdgerunError, InvalidInput, PermissionDenied
 
 Authorize = Callable[[Request, str], None]
+DEVICE = "device"  # a bundle download: a device's credential, or a read token
+
+
+class FleetAccess:
+    """Bearer tokens for people and scripts; device credentials for bundle downloads.
+
+    Tokens are checked by `TokenStore` (constant time, reloaded when the file changes); a
+    device's Basic credential against the fleet database, then the job table: a device may
+    fetch only the versions of jobs addressed to it. Refusals name no secret.
+    """
+
+    def __init__(self, tokens: TokenStore, store: Store, credentials=None) -> None:
+        self.tokens = tokens
+        self.store = store
+        self.credentials = credentials
+
+    def __call__(self, request: Request, scope: str) -> None:
+        header = request.headers.get("authorization")
+        if scope == DEVICE and basic(header) is not None and self.credentials is not None:
+            device = self.credentials.authenticate(header)
+            model, version = request.path_params["model"], request.path_params["version"]
+            if not self.store.device_has_job(device, model, version):
+                raise PermissionDenied(f"device {device!r} has no job for {model} version "
+                                       f"{version}")
+            return
+        self.tokens.check_header(header, "read" if scope == DEVICE else scope)
 
 
 def _json(data: Any, status: int = 200) -> Response:
@@ -95,7 +124,8 @@ def create_registry_app(registry: BundleRegistry, orchestrator: Orchestrator,
         return _json(status, 201)
 
     async def rollouts(request: Request) -> Response:
-        return _json(await run_in_threadpool(orchestrator.status))
+        status = await run_in_threadpool(orchestrator.status)
+        return _json({**status, "models": registry.store.versions()})
 
     async def rollout(request: Request) -> Response:
         return _json(await run_in_threadpool(orchestrator.status, request.path_params["id"]))
@@ -108,7 +138,7 @@ def create_registry_app(registry: BundleRegistry, orchestrator: Orchestrator,
         Route("/health", health),
         Route("/bundles", guarded("admin", push), methods=["POST"]),
         Route("/bundles", guarded("read", bundles), methods=["GET"]),
-        Route("/bundles/{model}/{version}", guarded("device", bundle), methods=["GET", "HEAD"]),
+        Route("/bundles/{model}/{version}", guarded(DEVICE, bundle), methods=["GET", "HEAD"]),
         Route("/devices", guarded("read", devices)),
         Route("/rollouts", guarded("deploy", deploy), methods=["POST"]),
         Route("/rollouts", guarded("read", rollouts), methods=["GET"]),
@@ -119,8 +149,9 @@ def create_registry_app(registry: BundleRegistry, orchestrator: Orchestrator,
 
 def serve_fleet(data_dir: str, broker: str, *, host: str = "127.0.0.1", port: int = 8700,
                 public_url: str | None = None, trusted: list | None = None,
-                log_level: str = "warning") -> None:
+                tokens: Path | None = None, log_level: str = "warning") -> None:
     """`edgerun fleet serve`: store, registry, orchestrator on MQTT, HTTP; until SIGTERM."""
+    token_store = TokenStore(tokens) if tokens is not None else None
     root = Path(data_dir)
     root.mkdir(parents=True, exist_ok=True)
     store = Store.sqlite(root / "fleet.db")
@@ -129,7 +160,9 @@ def serve_fleet(data_dir: str, broker: str, *, host: str = "127.0.0.1", port: in
     link = MqttLink(broker, orchestrator)
     link.start()
     try:
-        uvicorn.run(create_registry_app(registry, orchestrator), host=host, port=port,
+        authorize = (FleetAccess(token_store, store) if token_store is not None
+                     else lambda request, scope: None)
+        uvicorn.run(create_registry_app(registry, orchestrator, authorize), host=host, port=port,
                     log_level=log_level, access_log=False, timeout_graceful_shutdown=10)
     finally:
         link.stop()

@@ -41,6 +41,9 @@ def register(commands: argparse._SubParsersAction) -> None:
                        help="URL devices download from (default http://HOST:PORT)")
     serve.add_argument("--trust", type=Path, action="append", required=True, metavar="PUBKEY",
                        help="public key whose signatures the registry accepts (repeatable)")
+    serve.add_argument("--tokens", type=Path, default=None, metavar="TOKENS",
+                       help="hashed bearer tokens (edgerun fleet token create); without it "
+                            "the registry listens on loopback only, every route open")
     serve.add_argument("--log-level", default="warning",
                        choices=["critical", "error", "warning", "info", "debug"])
     serve.set_defaults(handler=_serve)
@@ -48,6 +51,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     push = sub.add_parser("push", help="upload a signed bundle (folder or .tar.gz)")
     push.add_argument("bundle", type=Path)
     push.add_argument("--server", required=True, help="registry URL")
+    fleet_auth.add_token_option(push)
     push.set_defaults(handler=_push)
 
     deploy = sub.add_parser("deploy", help="roll NAME:VERSION out to devices in waves")
@@ -64,23 +68,27 @@ def register(commands: argparse._SubParsersAction) -> None:
     deploy.add_argument("--job-timeout", type=float, default=600.0, metavar="SECONDS")
     deploy.add_argument("--gate-timeout", type=float, default=300.0, metavar="SECONDS")
     deploy.add_argument("--wait", action="store_true", help="follow the rollout to its end")
+    fleet_auth.add_token_option(deploy)
     deploy.set_defaults(handler=_deploy)
 
     abort = sub.add_parser("abort", help="stop a rollout and roll every updated device back")
     abort.add_argument("rollout")
     abort.add_argument("--server", required=True)
+    fleet_auth.add_token_option(abort)
     abort.set_defaults(handler=_abort)
 
     status = sub.add_parser("status", help="rollouts, or one rollout's devices by state")
     status.add_argument("rollout", nargs="?", default=None)
     status.add_argument("--server", required=True)
     status.add_argument("--json", action="store_true", help="machine-readable")
+    fleet_auth.add_token_option(status)
     status.set_defaults(handler=_status)
 
 
 def _request(url: str, data: bytes | None = None, content_type: str = "application/json",
-             method: str | None = None) -> Any:
-    request = urllib.request.Request(url, data=data, method=method)
+             method: str | None = None, token: str | None = None) -> Any:
+    request = urllib.request.Request(url, data=data, method=method,
+                                     headers=fleet_auth.auth_headers(token))
     if data is not None:
         request.add_header("Content-Type", content_type)
     try:
@@ -91,6 +99,9 @@ def _request(url: str, data: bytes | None = None, content_type: str = "applicati
             message = json.loads(exc.read()).get("error", exc.reason)
         except ValueError:
             message = exc.reason
+        refused = fleet_auth.refusal(exc.code, message, token)
+        if refused is not None:
+            raise FleetError(f"{url}: {refused}") from None
         raise FleetError(f"{url}: HTTP {exc.code}: {message}") from None
     except urllib.error.URLError as exc:
         raise FleetError(f"{url}: {exc.reason}") from None
@@ -104,9 +115,10 @@ def _serve(args: argparse.Namespace) -> int:
                          f"'edgerun[fleet]' ({exc})") from None
     from edgerun.runtime import signing
 
-    serve_fleet(str(args.data), args.broker, host=args.host, port=args.port,
+    host = fleet_auth.protected_host(args.host, args.tokens is not None)
+    serve_fleet(str(args.data), args.broker, host=host, port=args.port,
                 public_url=args.public_url, trusted=signing.load_public_keys(args.trust),
-                log_level=args.log_level)
+                tokens=args.tokens, log_level=args.log_level)
     return 0
 
 
@@ -119,7 +131,7 @@ def _push(args: argparse.Namespace) -> int:
             with Bundle.open(path, verify=False) as bundle:
                 path = bundle.pack(Path(scratch) / "bundle.tar.gz")
         answer = _request(args.server.rstrip("/") + "/bundles", path.read_bytes(),
-                          "application/gzip")
+                          "application/gzip", token=fleet_auth.client_token(args.token_file))
     verb = "accepted" if answer["created"] else "already held"
     out.print(f"{verb} {answer['model']} version {answer['version']} ({answer['size']:,} bytes,"
               f" sha256 {answer['sha256'][:12]}…, signed by {answer['key_id']})")
@@ -139,29 +151,31 @@ def _deploy(args: argparse.Namespace) -> int:
             "max_failures": parse_percentage(args.max_failures), "gate": args.gate,
             "job_timeout": args.job_timeout, "gate_timeout": args.gate_timeout}
     server = args.server.rstrip("/")
-    status = _request(server + "/rollouts", json.dumps(spec).encode())
+    token = fleet_auth.client_token(args.token_file)
+    status = _request(server + "/rollouts", json.dumps(spec).encode(), token=token)
     out.print(f"rollout [bold]{status['id']}[/]: {name} version {version} to "
               f"{status['devices']} devices in {status['waves']} waves")
     if args.wait:
-        status = _follow(server, status["id"])
+        status = _follow(server, status["id"], token)
         out.print(f"rollout {status['id']} {status['state']}: {status['reason']}")
         return 0 if status["state"] == "completed" else 1
     return 0
 
 
 def _abort(args: argparse.Namespace) -> int:
-    status = _request(f"{args.server.rstrip('/')}/rollouts/{args.rollout}/abort", b"{}")
+    status = _request(f"{args.server.rstrip('/')}/rollouts/{args.rollout}/abort", b"{}",
+                      token=fleet_auth.client_token(args.token_file))
     out.print(f"rollout {status['id']}: {status['state']} ({status['reason']})")
     return 0
 
 
-def _follow(server: str, rollout_id: str) -> dict:
+def _follow(server: str, rollout_id: str, token: str | None) -> dict:
     with Progress(TextColumn("{task.description}"), BarColumn(),
                   TextColumn("{task.completed}/{task.total} active  {task.fields[states]}"),
                   console=out) as progress:
         task = None
         while True:
-            status = _request(f"{server}/rollouts/{rollout_id}")
+            status = _request(f"{server}/rollouts/{rollout_id}", token=token)
             states = "  ".join(f"{k} {v}" for k, v in status["counts"].items())
             if task is None:
                 task = progress.add_task(rollout_id, total=status["devices"], states=states)
@@ -176,7 +190,7 @@ def _follow(server: str, rollout_id: str) -> dict:
 def _status(args: argparse.Namespace) -> int:
     server = args.server.rstrip("/")
     path = f"/rollouts/{args.rollout}" if args.rollout else "/rollouts"
-    status = _request(server + path)
+    status = _request(server + path, token=fleet_auth.client_token(args.token_file))
     if args.json:
         print(json.dumps(status, indent=2))
         return 0
@@ -187,6 +201,11 @@ def _status(args: argparse.Namespace) -> int:
                           f"{r['wave'] + 1}/{r['waves']}", str(r["devices"]),
                           "  ".join(f"{k} {v}" for k, v in r["counts"].items()))
         out.print(table)
+        models = Table("model", "version", "size", "sha256", "signed by")
+        for v in status["models"]:
+            models.add_row(v["model"], v["version"], f"{v['size']:,}", v["sha256"][:12],
+                           v["key_id"])
+        out.print(models)
         devices = Table("device", "group", "state", "serving", "last seen (s ago)")
         for device in status["devices"]:
             models = (device["status"] or {}).get("models") or {}
