@@ -76,7 +76,8 @@ class SimDevice:
     """One device: broker connection, agent, repository, data plane, status and telemetry."""
 
     def __init__(self, device_id: str, folder: Path, broker: Broker, trusted: list,
-                 initial: Path | None, group: str = "fleet", telemetry_s: float = 0.3) -> None:
+                 initial: Path | None, group: str = "fleet", telemetry_s: float = 0.3,
+                 credential: str | None = None) -> None:
         self.device_id, self.group, self.folder = device_id, group, folder
         models = folder / "models"
         models.mkdir(parents=True, exist_ok=True)
@@ -94,7 +95,7 @@ class SimDevice:
         self.client.on_message = lambda c, u, m: self.agent.handle_job(m.payload)
         self.agent = OtaAgent(publish=self.client.publish, repository=self.repository,
                               device_id=device_id, data_dir=folder / "data", trusted=trusted,
-                              group=group)
+                              group=group, credential=credential)
         self.repository.load_all()
         self.agent.recover()
         self.broker = broker

@@ -11,7 +11,7 @@ from edgerun.adapters.auth.tokens import create_token, read_secret
 from edgerun.examples import mlp_onnx
 from edgerun.runtime import signing
 from tests.cli import edgerun
-from tests.fleet_sim import Broker, FleetServer, make_bundle
+from tests.fleet_sim import Broker, FleetServer, SimDevice, make_bundle, wait_for
 
 # every route but health, with the scope it needs
 ROUTES = [("POST", "/bundles", "admin"), ("GET", "/bundles", "read"),
@@ -33,7 +33,8 @@ def secured(tmp_path_factory):
     broker.start()
     server = FleetServer(tmp / "fleet", broker, [pub], ["--tokens", str(tokens)]).start()
     bundle = make_bundle(tmp / "bundles", mlp_onnx([8, 16, 4], seed=1), "m", "1", key)
-    yield {"server": server, "secrets": secrets, "bundle": bundle, "tmp": tmp}
+    yield {"server": server, "secrets": secrets, "bundle": bundle, "tmp": tmp,
+           "broker": broker, "key": key, "pub": pub}
     server.stop()
     broker.stop()
 
@@ -101,3 +102,57 @@ def test_without_tokens_fleet_serve_refuses_a_public_address(tmp_path):
                       timeout=60)
     assert refused.returncode != 0
     assert "without --tokens" in refused.stderr
+
+
+def test_devices_fetch_only_their_own_jobs_bundles_and_revocation_is_immediate(secured):
+    server, secrets, tmp = secured["server"], secured["secrets"], secured["tmp"]
+    admin = ["--token-file", str(secrets["admin"])]
+    device_secrets = {}
+    for device in ("dev-a", "dev-b"):
+        enrolled = edgerun("fleet", "enroll", device, "--server", server.url, *admin)
+        assert enrolled.returncode == 0, enrolled.stderr
+        device_secrets[device] = enrolled.stdout.strip()
+        assert enrolled.stdout == device_secrets[device] + "\n"  # the secret alone
+    refused = edgerun("fleet", "enroll", "dev-c", "--server", server.url,
+                      "--token-file", str(secrets["deploy"]))
+    assert refused.returncode != 0 and "403" in refused.stderr
+
+    key, trusted = secured["key"], [signing.load_public_key(secured["pub"])]
+    v2 = make_bundle(tmp / "bundles", mlp_onnx([8, 16, 4], seed=2), "m", "2", key)
+    for bundle in (secured["bundle"], v2):
+        assert edgerun("fleet", "push", str(bundle), "--server", server.url,
+                       *admin).returncode == 0
+    devices = [SimDevice(d, tmp / d, secured["broker"], trusted, secured["bundle"],
+                         credential=device_secrets[d]).start() for d in ("dev-a", "dev-b")]
+    try:
+        read = read_secret(secrets["read"])
+        wait_for(lambda: len(call(server, "GET", "/devices", read).json()) == 2, 30,
+                 "both devices to report")
+        deploy = read_secret(secrets["deploy"])
+        started = call(server, "POST", "/rollouts", deploy,
+                       json={"model": "m", "version": "2", "devices": ["dev-a"]})
+        assert started.status_code == 201, started.text
+        rollout = started.json()["id"]
+        done = wait_for(lambda: (s := call(server, "GET", f"/rollouts/{rollout}", read).json())
+                        ["state"] in ("completed", "aborted") and s, 60, "the rollout")
+        # dev-a downloaded with its own credential (HTTP Basic) and runs version 2
+        assert done["state"] == "completed", done
+        assert "2" in devices[0].repository.versions("m")
+    finally:
+        for device in devices:
+            device.close()
+
+    def fetch(device: str, secret: str) -> httpx.Response:
+        return httpx.get(server.url + "/bundles/m/2", auth=(device, secret), timeout=30)
+
+    assert fetch("dev-a", device_secrets["dev-a"]).status_code == 200
+    other = fetch("dev-b", device_secrets["dev-b"])
+    assert other.status_code == 403 and "dev-b" in other.json()["error"]
+    assert fetch("dev-b", device_secrets["dev-a"]).status_code == 401  # only as itself
+    assert fetch("dev-a", "wrong").status_code == 401
+    revoked = edgerun("fleet", "revoke", "dev-a", "--server", server.url, *admin)
+    assert revoked.returncode == 0, revoked.stderr
+    answer = fetch("dev-a", device_secrets["dev-a"])
+    assert answer.status_code == 401 and "revoked" in answer.json()["error"]
+    log = (tmp / "fleet" / "server.log").read_text()
+    assert not any(secret in log for secret in device_secrets.values())

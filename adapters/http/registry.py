@@ -7,6 +7,9 @@
     POST /rollouts                      start a rollout (JSON: model, version, targets, waves...)
     GET  /rollouts[/{id}]               rollouts and their devices by state
     POST /rollouts/{id}/abort           abort and roll every updated device back
+    POST /devices/{id}/enroll           a new device secret (JSON: groups), returned once
+    POST /devices/{id}/revoke           the device's credential stops working at once
+    GET  /credentials                   enrolled devices' password hashes, for the broker files
     GET  /health                        open, for probes
 
 Every other route passes `authorize(request, scope)` before it acts. `fleet serve --tokens`
@@ -30,10 +33,12 @@ from starlette.requests import Request
 from starlette.responses import FileResponse, Response
 from starlette.routing import Route
 
+from edgerun.adapters.auth.devices import DeviceCredentials
 from edgerun.adapters.auth.tokens import TokenStore, basic
 from edgerun.adapters.fleet.orchestrator import MqttLink, Orchestrator
 from edgerun.adapters.fleet.registry import BundleRegistry
 from edgerun.adapters.fleet.store import Store
+from edgerun.adapters.fleetdb import connect
 from edgerun.adapters.http.status import error_headers, status_of
 from edgerun.runtime.errors import EdgerunError, InvalidInput, PermissionDenied
 
@@ -76,7 +81,8 @@ def _error(exc: EdgerunError) -> Response:
 
 
 def create_registry_app(registry: BundleRegistry, orchestrator: Orchestrator,
-                        authorize: Authorize = lambda request, scope: None) -> Starlette:
+                        authorize: Authorize = lambda request, scope: None,
+                        credentials: DeviceCredentials | None = None) -> Starlette:
     def guarded(scope: str, handler: Callable) -> Callable:
         async def endpoint(request: Request) -> Response:
             try:
@@ -134,12 +140,41 @@ def create_registry_app(registry: BundleRegistry, orchestrator: Orchestrator,
         await run_in_threadpool(orchestrator.abort, request.path_params["id"])
         return _json(await run_in_threadpool(orchestrator.status, request.path_params["id"]))
 
+    def needs_credentials() -> DeviceCredentials:
+        if credentials is None:
+            raise InvalidInput("this registry keeps no device credentials")
+        return credentials
+
+    async def enroll(request: Request) -> Response:
+        body = await request.body()
+        try:
+            groups = [str(g) for g in (orjson.loads(body) if body else {}).get("groups", [])]
+        except (orjson.JSONDecodeError, AttributeError, TypeError) as exc:
+            raise InvalidInput(f"enrol takes a JSON body like {{\"groups\": [...]}} ({exc})") \
+                from exc
+        device = request.path_params["id"]
+        secret = await run_in_threadpool(needs_credentials().enroll, device, groups)
+        return _json({"device_id": device, "groups": groups, "secret": secret}, 201)
+
+    async def revoke(request: Request) -> Response:
+        device = request.path_params["id"]
+        await run_in_threadpool(needs_credentials().revoke, device)
+        return _json({"device_id": device, "revoked": True})
+
+    async def enrolled(request: Request) -> Response:
+        rows = await run_in_threadpool(needs_credentials().devices)
+        return _json([{"device_id": d.device_id, "password_hash": d.password_hash,
+                       "groups": list(d.groups)} for d in rows])
+
     return Starlette(routes=[
         Route("/health", health),
         Route("/bundles", guarded("admin", push), methods=["POST"]),
         Route("/bundles", guarded("read", bundles), methods=["GET"]),
         Route("/bundles/{model}/{version}", guarded(DEVICE, bundle), methods=["GET", "HEAD"]),
         Route("/devices", guarded("read", devices)),
+        Route("/devices/{id}/enroll", guarded("admin", enroll), methods=["POST"]),
+        Route("/devices/{id}/revoke", guarded("admin", revoke), methods=["POST"]),
+        Route("/credentials", guarded("admin", enrolled)),
         Route("/rollouts", guarded("deploy", deploy), methods=["POST"]),
         Route("/rollouts", guarded("read", rollouts), methods=["GET"]),
         Route("/rollouts/{id}", guarded("read", rollout)),
@@ -155,15 +190,18 @@ def serve_fleet(data_dir: str, broker: str, *, host: str = "127.0.0.1", port: in
     root = Path(data_dir)
     root.mkdir(parents=True, exist_ok=True)
     store = Store.sqlite(root / "fleet.db")
+    credentials = DeviceCredentials(connect(root / "fleet.db"))
     registry = BundleRegistry(root, store, trusted or [])
     orchestrator = Orchestrator(store, registry, public_url or f"http://{host}:{port}")
     link = MqttLink(broker, orchestrator)
     link.start()
     try:
-        authorize = (FleetAccess(token_store, store) if token_store is not None
+        authorize = (FleetAccess(token_store, store, credentials) if token_store is not None
                      else lambda request, scope: None)
-        uvicorn.run(create_registry_app(registry, orchestrator, authorize), host=host, port=port,
+        app = create_registry_app(registry, orchestrator, authorize, credentials)
+        uvicorn.run(app, host=host, port=port,
                     log_level=log_level, access_log=False, timeout_graceful_shutdown=10)
     finally:
         link.stop()
+        credentials.db.close()
         store.close()

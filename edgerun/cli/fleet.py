@@ -77,6 +77,30 @@ def register(commands: argparse._SubParsersAction) -> None:
     fleet_auth.add_token_option(abort)
     abort.set_defaults(handler=_abort)
 
+    enroll = sub.add_parser("enroll", help="a device's own secret, printed alone on stdout")
+    enroll.add_argument("device_id", metavar="DEVICE_ID")
+    enroll.add_argument("--server", required=True)
+    enroll.add_argument("--group", action="append", default=[], dest="groups",
+                        help="a group whose shared requests the device may serve (repeatable)")
+    fleet_auth.add_token_option(enroll)
+    enroll.set_defaults(handler=_enroll)
+
+    revoke = sub.add_parser("revoke", help="refuse a device's credential from now on")
+    revoke.add_argument("device_id", metavar="DEVICE_ID")
+    revoke.add_argument("--server", required=True)
+    fleet_auth.add_token_option(revoke)
+    revoke.set_defaults(handler=_revoke)
+
+    acl = sub.add_parser("acl", help="Mosquitto passwd, acl and mosquitto.conf from the "
+                                     "enrolled devices (then SIGHUP the broker)")
+    acl.add_argument("--server", required=True)
+    acl.add_argument("-o", "--output", type=Path, required=True, metavar="DIR")
+    acl.add_argument("--orchestrator-user", default=None, metavar="USER",
+                     help="the MQTT user fleet serve connects as (--broker mqtt://USER:PASS@...)")
+    acl.add_argument("--orchestrator-password-file", type=Path, default=None, metavar="FILE")
+    fleet_auth.add_token_option(acl)
+    acl.set_defaults(handler=_acl)
+
     status = sub.add_parser("status", help="rollouts, or one rollout's devices by state")
     status.add_argument("rollout", nargs="?", default=None)
     status.add_argument("--server", required=True)
@@ -166,6 +190,40 @@ def _abort(args: argparse.Namespace) -> int:
     status = _request(f"{args.server.rstrip('/')}/rollouts/{args.rollout}/abort", b"{}",
                       token=fleet_auth.client_token(args.token_file))
     out.print(f"rollout {status['id']}: {status['state']} ({status['reason']})")
+    return 0
+
+
+def _enroll(args: argparse.Namespace) -> int:
+    answer = _request(f"{args.server.rstrip('/')}/devices/{args.device_id}/enroll",
+                      json.dumps({"groups": args.groups}).encode(),
+                      token=fleet_auth.client_token(args.token_file))
+    print(answer["secret"])  # alone, for `> device.secret`
+    return 0
+
+
+def _revoke(args: argparse.Namespace) -> int:
+    _request(f"{args.server.rstrip('/')}/devices/{args.device_id}/revoke", b"{}",
+             token=fleet_auth.client_token(args.token_file))
+    out.print(f"revoked {args.device_id}: the registry refuses it now; regenerate the broker "
+              "files (edgerun fleet acl) and SIGHUP the broker")
+    return 0
+
+
+def _acl(args: argparse.Namespace) -> int:
+    from edgerun.adapters.auth import mosquitto
+
+    rows = _request(f"{args.server.rstrip('/')}/credentials",
+                    token=fleet_auth.client_token(args.token_file))
+    devices = [mosquitto.Device(r["device_id"], r["password_hash"], tuple(r["groups"]))
+               for r in rows]
+    orchestrator = None
+    if args.orchestrator_user:
+        if args.orchestrator_password_file is None:
+            raise FleetError("--orchestrator-user needs --orchestrator-password-file")
+        orchestrator = mosquitto.Orchestrator(args.orchestrator_user, mosquitto.hash_password(
+            fleet_auth.read_secret(args.orchestrator_password_file)))
+    files = mosquitto.write_broker_files(args.output, devices, orchestrator=orchestrator)
+    out.print(f"{len(devices)} devices: {files.passwd}, {files.acl}, {files.conf}")
     return 0
 
 
