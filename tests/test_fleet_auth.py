@@ -3,6 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+from contextlib import contextmanager
 
 import httpx
 import pytest
@@ -10,8 +16,10 @@ import pytest
 from edgerun.adapters.auth.tokens import create_token, read_secret
 from edgerun.examples import mlp_onnx
 from edgerun.runtime import signing
-from tests.cli import edgerun
+from tests.cli import edgerun, edgerun_command
 from tests.fleet_sim import Broker, FleetServer, SimDevice, make_bundle, wait_for
+from tests.mosquitto_broker import Peer
+from tests.serving import free_port
 
 # every route but health, with the scope it needs
 ROUTES = [("POST", "/bundles", "admin"), ("GET", "/bundles", "read"),
@@ -156,3 +164,99 @@ def test_devices_fetch_only_their_own_jobs_bundles_and_revocation_is_immediate(s
     assert answer.status_code == 401 and "revoked" in answer.json()["error"]
     log = (tmp / "fleet" / "server.log").read_text()
     assert not any(secret in log for secret in device_secrets.values())
+
+
+def test_broker_files_from_enrolled_devices_on_a_real_mosquitto(secured, tmp_path):
+    """The orchestrator logs in as its own user; an enrolled daemon logs in with its
+    credential; a revoked one is refused once the files are regenerated and Mosquitto reloads."""
+    tokens_dir, secrets = secured["tmp"], secured["secrets"]
+    admin = ["--token-file", str(secrets["admin"])]
+    port = free_port()
+    (tmp_path / "fleet.password").write_text("orchestrator-secret\n")
+    server = FleetServer(tmp_path / "fleet", secured["broker"], [secured["pub"]], [
+        "--tokens", str(tokens_dir / "tokens"), "--broker-password-file",
+        str(tmp_path / "fleet.password")])
+    server.broker = type("Secured", (), {"url": f"mqtt://fleet@127.0.0.1:{port}"})()
+    server.start()
+    daemon = None
+    try:
+        enrolled = edgerun("fleet", "enroll", "dev-x", "--server", server.url, *admin)
+        assert enrolled.returncode == 0, enrolled.stderr
+        credential = tmp_path / "dev-x.secret"
+        credential.write_text(enrolled.stdout)
+        files = tmp_path / "broker"
+
+        def regenerate() -> None:
+            made = edgerun("fleet", "acl", "--server", server.url, "-o", str(files),
+                           "--orchestrator-user", "fleet", "--orchestrator-password-file",
+                           str(tmp_path / "fleet.password"), *admin)
+            assert made.returncode == 0, made.stderr
+
+        regenerate()
+        passwd = (files / "passwd").read_text()
+        assert passwd.startswith("dev-x:$7$") and "fleet:$7$" in passwd
+        assert enrolled.stdout.strip() not in passwd
+        with mosquitto_on(files, port) as process:
+            models = tmp_path / "models"
+            models.mkdir()
+            daemon = subprocess.Popen(
+                [*edgerun_command(), "daemon", "--repository", str(models), "--broker",
+                 f"mqtt://127.0.0.1:{port}", "--device-id", "dev-x", "--trust",
+                 str(secured["pub"]), "--credential", str(credential)],
+                stdout=(tmp_path / "daemon.log").open("wb"), stderr=subprocess.STDOUT)
+            read = read_secret(secrets["read"])
+            # the daemon's status reached the orchestrator: both logged in, the ACL let it
+            wait_for(lambda: any(d["device_id"] == "dev-x" and d["state"] == "online"
+                                 for d in call(server, "GET", "/devices", read).json()),
+                     30, "dev-x online through the secured broker")
+            assert Peer(port, "dev-x", "not-the-secret").accepted is False
+            revoked = edgerun("fleet", "revoke", "dev-x", "--server", server.url, *admin)
+            assert revoked.returncode == 0, revoked.stderr
+            regenerate()
+            assert "dev-x" not in (files / "passwd").read_text()
+            process.send_signal(signal.SIGHUP)
+            wait_for(lambda: refused(port, "dev-x", enrolled.stdout.strip()), 10,
+                     "the revoked device to be refused")
+            orchestrator = Peer(port, "fleet", "orchestrator-secret")
+            assert orchestrator.accepted
+            orchestrator.close()
+    finally:
+        if daemon is not None:
+            daemon.terminate()
+            daemon.wait(15)
+        server.stop()
+    log = (tmp_path / "fleet" / "server.log").read_text()
+    assert "orchestrator-secret" not in log and enrolled.stdout.strip() not in log
+
+
+def refused(port: int, username: str, password: str) -> bool:
+    peer = Peer(port, username, password)
+    peer.close()
+    return not peer.accepted
+
+
+@contextmanager
+def mosquitto_on(files, port):
+    """Mosquitto on the generated files plus a loopback listener on `port`."""
+    config = files / "test.conf"
+    extra = ["user root"] if os.geteuid() == 0 else []
+    config.write_text((files / "mosquitto.conf").read_text()
+                      + "\n".join([f"listener {port} 127.0.0.1", *extra]) + "\n")
+    log = (files / "mosquitto.log").open("wb")
+    process = subprocess.Popen([shutil.which("mosquitto") or "/usr/sbin/mosquitto", "-c",
+                                str(config)], stdout=log, stderr=subprocess.STDOUT)
+    try:
+        wait_for(lambda: _listening(port), 10, "mosquitto to listen")
+        yield process
+    finally:
+        process.terminate()
+        process.wait(10)
+        log.close()
+
+
+def _listening(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), 0.2).close()
+        return True
+    except OSError:
+        return False

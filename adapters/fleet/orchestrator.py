@@ -17,13 +17,14 @@ import threading
 import time
 from collections.abc import Callable
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 from edgerun.adapters.fleet import gate as gates
 from edgerun.adapters.fleet.registry import BundleRegistry
 from edgerun.adapters.fleet.store import Store
 from edgerun.adapters.ota.messages import (ACTIVE, FAILED, INSTALL, QUEUED, ROLLBACK, ROLLED_BACK,
                                            TERMINAL, Job, Report, job_topic)
+from edgerun.adapters.fleetdb.db import redact
 from edgerun.runtime.errors import InvalidInput, ModelNotFound
 
 log = logging.getLogger(__name__)
@@ -283,12 +284,14 @@ class MqttLink:
     TOPICS = ("edgerun/+/status", "edgerun/+/telemetry", "edgerun/+/ota/report")
 
     def __init__(self, broker_url: str, orchestrator: Orchestrator,
-                 client_id: str = "") -> None:
+                 client_id: str = "", password: str | None = None) -> None:
+        """`mqtt://USER:PASS@HOST:PORT`, or `mqtt://USER@HOST:PORT` and the `password`."""
         import paho.mqtt.client as mqtt
 
         address = urlsplit(broker_url if "://" in broker_url else f"mqtt://{broker_url}")
         if address.scheme not in ("mqtt", "tcp"):
-            raise InvalidInput(f"broker {broker_url!r}: only mqtt://HOST:PORT is supported")
+            raise InvalidInput(f"broker {redact(broker_url)!r}: only mqtt://[USER[:PASS]@]"
+                               "HOST:PORT is supported")
         self.host, self.port = address.hostname or "127.0.0.1", address.port or 1883
         self.orchestrator = orchestrator
         self.connected = threading.Event()
@@ -296,7 +299,8 @@ class MqttLink:
                                   client_id=client_id or f"edgerun-fleet-{secrets.token_hex(4)}",
                                   protocol=mqtt.MQTTv5)
         if address.username:
-            self.client.username_pw_set(address.username, address.password)
+            self.client.username_pw_set(unquote(address.username),
+                                        password or unquote(address.password or ""))
         self.client.reconnect_delay_set(0.1, 2.0)
         self.client.on_connect = self._on_connect
         self.client.on_disconnect = lambda *a: self.connected.clear()

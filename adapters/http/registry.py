@@ -184,7 +184,8 @@ def create_registry_app(registry: BundleRegistry, orchestrator: Orchestrator,
 
 def serve_fleet(data_dir: str, broker: str, *, host: str = "127.0.0.1", port: int = 8700,
                 public_url: str | None = None, trusted: list | None = None,
-                tokens: Path | None = None, log_level: str = "warning") -> None:
+                tokens: Path | None = None, broker_password: str | None = None,
+                log_level: str = "warning") -> None:
     """`edgerun fleet serve`: store, registry, orchestrator on MQTT, HTTP; until SIGTERM."""
     token_store = TokenStore(tokens) if tokens is not None else None
     root = Path(data_dir)
@@ -193,7 +194,7 @@ def serve_fleet(data_dir: str, broker: str, *, host: str = "127.0.0.1", port: in
     credentials = DeviceCredentials(connect(root / "fleet.db"))
     registry = BundleRegistry(root, store, trusted or [])
     orchestrator = Orchestrator(store, registry, public_url or f"http://{host}:{port}")
-    link = MqttLink(broker, orchestrator)
+    link = MqttLink(broker, orchestrator, password=broker_password)
     link.start()
     try:
         authorize = (FleetAccess(token_store, store, credentials) if token_store is not None

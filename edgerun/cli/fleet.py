@@ -34,7 +34,12 @@ def register(commands: argparse._SubParsersAction) -> None:
 
     serve = sub.add_parser("serve", help="run the registry and the rollout orchestrator")
     serve.add_argument("--data", type=Path, required=True, help="folder for bundles and fleet.db")
-    serve.add_argument("--broker", required=True, help="mqtt://HOST:PORT")
+    serve.add_argument("--broker", required=True,
+                       help="mqtt://HOST:PORT, or mqtt://USER:PASS@HOST:PORT for a broker with "
+                            "passwords (edgerun fleet acl --orchestrator-user)")
+    serve.add_argument("--broker-password-file", type=Path, default=None, metavar="FILE",
+                       help="the password of --broker mqtt://USER@HOST:PORT, kept off the "
+                            "command line")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8700)
     serve.add_argument("--public-url", default=None,
@@ -142,7 +147,9 @@ def _serve(args: argparse.Namespace) -> int:
     host = fleet_auth.protected_host(args.host, args.tokens is not None)
     serve_fleet(str(args.data), args.broker, host=host, port=args.port,
                 public_url=args.public_url, trusted=signing.load_public_keys(args.trust),
-                tokens=args.tokens, log_level=args.log_level)
+                tokens=args.tokens, log_level=args.log_level,
+                broker_password=(fleet_auth.read_secret(args.broker_password_file)
+                                 if args.broker_password_file else None))
     return 0
 
 
