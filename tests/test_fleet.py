@@ -112,9 +112,10 @@ def test_gate_and_waves_arithmetic():
 def test_store_schema_is_versioned_and_portable(tmp_path):
     store = Store.sqlite(tmp_path / "fleet.db")
     store.migrate()  # idempotent
-    assert store.query("SELECT version FROM schema_version") == [{"version": 1}]
+    assert store.query("SELECT version FROM schema_migrations WHERE component = 'registry'") \
+        == [{"version": 1}]
     store.close()
-    schema = " ".join(statement for migration in MIGRATIONS for statement in migration).upper()
+    schema = " ".join(s for migration in MIGRATIONS for s in migration.statements).upper()
     for sqlite_only in ("AUTOINCREMENT", "INSERT OR ", "ROWID", "WITHOUT", "STRICT", "PRAGMA"):
         assert sqlite_only not in schema
 

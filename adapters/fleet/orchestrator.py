@@ -38,8 +38,12 @@ Publish = Callable[[str, bytes, bool], None]
 
 class Orchestrator:
     def __init__(self, store: Store, registry: BundleRegistry, base_url: str,
-                 publish: Publish | None = None) -> None:
+                 publish: Publish | None = None,
+                 leading: Callable[[], bool] = lambda: True) -> None:
+        """`leading` says whether this process drives rollouts now (a `Leadership` lease when
+        several registries share one database); every process records reports either way."""
         self.store = store
+        self.leading = leading
         self.registry = registry
         self.base_url = base_url.rstrip("/")
         self.publish: Publish = publish or (lambda topic, payload, retain: None)
@@ -164,6 +168,8 @@ class Orchestrator:
 
     # --------------------------------------------------------------------- ticks
     def tick(self) -> None:
+        if not self.leading():
+            return
         with self._lock:
             now = time.time()
             for rollout in self.store.rollouts(RUNNING) + self.store.rollouts(ROLLING_BACK):

@@ -20,6 +20,9 @@ device's own credential (HTTP Basic, device id + secret), for the bundles of its
 
 from __future__ import annotations
 
+import os
+import secrets
+import socket
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -38,7 +41,7 @@ from edgerun.adapters.auth.tokens import TokenStore, basic
 from edgerun.adapters.fleet.orchestrator import MqttLink, Orchestrator
 from edgerun.adapters.fleet.registry import BundleRegistry
 from edgerun.adapters.fleet.store import Store
-from edgerun.adapters.fleetdb import connect
+from edgerun.adapters.fleetdb import Lease, Leadership
 from edgerun.adapters.http.status import error_headers, status_of
 from edgerun.runtime.errors import EdgerunError, InvalidInput, PermissionDenied
 
@@ -185,15 +188,23 @@ def create_registry_app(registry: BundleRegistry, orchestrator: Orchestrator,
 def serve_fleet(data_dir: str, broker: str, *, host: str = "127.0.0.1", port: int = 8700,
                 public_url: str | None = None, trusted: list | None = None,
                 tokens: Path | None = None, broker_password: str | None = None,
+                db: str | None = None, lease_ttl: float = 15.0,
                 log_level: str = "warning") -> None:
-    """`edgerun fleet serve`: store, registry, orchestrator on MQTT, HTTP; until SIGTERM."""
+    """`edgerun fleet serve`: store, registry, orchestrator on MQTT, HTTP; until SIGTERM.
+
+    Several processes may share one database (`db`, PostgreSQL) and the bundles folder: each
+    serves the API and records device reports, and the holder of the "rollouts" lease alone
+    drives rollouts; when it dies another takes over within `lease_ttl` seconds."""
     token_store = TokenStore(tokens) if tokens is not None else None
     root = Path(data_dir)
     root.mkdir(parents=True, exist_ok=True)
-    store = Store.sqlite(root / "fleet.db")
-    credentials = DeviceCredentials(connect(root / "fleet.db"))
+    store = Store.open(db or root / "fleet.db")
+    credentials = DeviceCredentials(store.db)
+    holder = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
+    leadership = Leadership(Lease(store.db, "rollouts", holder, ttl=lease_ttl)).start()
     registry = BundleRegistry(root, store, trusted or [])
-    orchestrator = Orchestrator(store, registry, public_url or f"http://{host}:{port}")
+    orchestrator = Orchestrator(store, registry, public_url or f"http://{host}:{port}",
+                                leading=lambda: leadership.leading)
     link = MqttLink(broker, orchestrator, password=broker_password)
     link.start()
     try:
@@ -204,5 +215,5 @@ def serve_fleet(data_dir: str, broker: str, *, host: str = "127.0.0.1", port: in
                     log_level=log_level, access_log=False, timeout_graceful_shutdown=10)
     finally:
         link.stop()
-        credentials.db.close()
+        leadership.stop()
         store.close()

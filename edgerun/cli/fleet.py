@@ -40,6 +40,12 @@ def register(commands: argparse._SubParsersAction) -> None:
     serve.add_argument("--broker-password-file", type=Path, default=None, metavar="FILE",
                        help="the password of --broker mqtt://USER@HOST:PORT, kept off the "
                             "command line")
+    serve.add_argument("--db", default=None, metavar="URL",
+                       help="fleet database: postgresql://USER@HOST/DB (several registries "
+                            "may share it) or a SQLite path (default DATA/fleet.db)")
+    serve.add_argument("--lease-ttl", type=float, default=15.0, metavar="SECONDS",
+                       help="how soon another registry on the same database takes over "
+                            "driving rollouts when this one dies")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8700)
     serve.add_argument("--public-url", default=None,
@@ -147,7 +153,8 @@ def _serve(args: argparse.Namespace) -> int:
     host = fleet_auth.protected_host(args.host, args.tokens is not None)
     serve_fleet(str(args.data), args.broker, host=host, port=args.port,
                 public_url=args.public_url, trusted=signing.load_public_keys(args.trust),
-                tokens=args.tokens, log_level=args.log_level,
+                tokens=args.tokens, log_level=args.log_level, db=args.db,
+                lease_ttl=args.lease_ttl,
                 broker_password=(fleet_auth.read_secret(args.broker_password_file)
                                  if args.broker_password_file else None))
     return 0
