@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import shutil
 import signal
 import socket
 import subprocess
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 
 import httpx
@@ -260,3 +262,41 @@ def _listening(port: int) -> bool:
         return True
     except OSError:
         return False
+
+
+def test_no_secret_reaches_the_registry_logs_under_load(secured, tmp_path):
+    tmp, secrets = secured["tmp"], secured["secrets"]
+    server = FleetServer(tmp_path / "fleet", secured["broker"], [secured["pub"]], [
+        "--tokens", str(tmp / "tokens"), "--log-level", "debug"]).start()
+    try:
+        admin = read_secret(secrets["admin"])
+        device_secret = call(server, "POST", "/devices/dev-z/enroll", admin).json()["secret"]
+        tokens = {scope: read_secret(path) for scope, path in secrets.items()}
+        wrong = [tokens["read"][:-2] + "zz", "edgerun_" + "B" * 43]
+        plans = [("GET", "/rollouts", {"authorization": f"Bearer {tokens['read']}"}, 200),
+                 ("POST", "/bundles", {"authorization": f"Bearer {tokens['deploy']}"}, 403),
+                 *[("GET", "/devices", {"authorization": f"Bearer {w}"}, 401) for w in wrong],
+                 ("GET", "/bundles/m/1", {"authorization": basic_header("dev-z", device_secret)},
+                  403),
+                 ("GET", "/bundles/m/1", {"authorization": basic_header("dev-z", "nope")}, 401)]
+
+        def one(n: int) -> tuple[int, int]:
+            method, path, headers, expected = plans[n % len(plans)]
+            return client.request(method, path, headers=headers).status_code, expected
+
+        with httpx.Client(base_url=server.url, timeout=30) as client, \
+                ThreadPoolExecutor(8) as pool:
+            answers = list(pool.map(one, range(240)))
+        assert all(got == expected for got, expected in answers)
+    finally:
+        server.stop()
+    log = (tmp_path / "fleet" / "server.log").read_text()
+    assert "refused GET /devices" in log and "loaded 3 tokens" in log  # the log saw them
+    for secret in [*tokens.values(), *wrong, device_secret]:
+        assert secret not in log
+        assert secret.removeprefix("edgerun_")[:16] not in log
+    assert basic_header("dev-z", device_secret).split()[1] not in log
+
+
+def basic_header(user: str, password: str) -> str:
+    return "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()

@@ -20,6 +20,7 @@ device's own credential (HTTP Basic, device id + secret), for the bundles of its
 
 from __future__ import annotations
 
+import logging
 import os
 import secrets
 import socket
@@ -43,7 +44,10 @@ from edgerun.adapters.fleet.registry import BundleRegistry
 from edgerun.adapters.fleet.store import Store
 from edgerun.adapters.fleetdb import Lease, Leadership
 from edgerun.adapters.http.status import error_headers, status_of
-from edgerun.runtime.errors import EdgerunError, InvalidInput, PermissionDenied
+from edgerun.runtime.errors import (EdgerunError, InvalidInput, PermissionDenied,
+                                    Unauthenticated)
+
+log = logging.getLogger(__name__)
 
 Authorize = Callable[[Request, str], None]
 DEVICE = "device"  # a bundle download: a device's credential, or a read token
@@ -90,6 +94,11 @@ def create_registry_app(registry: BundleRegistry, orchestrator: Orchestrator,
         async def endpoint(request: Request) -> Response:
             try:
                 authorize(request, scope)
+            except (Unauthenticated, PermissionDenied) as exc:
+                # by route and token or device name only, never a secret
+                log.debug("refused %s %s: %s", request.method, request.url.path, exc)
+                return _error(exc)
+            try:
                 return await handler(request)
             except EdgerunError as exc:
                 return _error(exc)
@@ -195,6 +204,8 @@ def serve_fleet(data_dir: str, broker: str, *, host: str = "127.0.0.1", port: in
     Several processes may share one database (`db`, PostgreSQL) and the bundles folder: each
     serves the API and records device reports, and the holder of the "rollouts" lease alone
     drives rollouts; when it dies another takes over within `lease_ttl` seconds."""
+    root = logging.getLogger()  # --log-level for the registry's own messages too
+    root.setLevel(min(root.level, logging.getLevelName(log_level.upper())))
     token_store = TokenStore(tokens) if tokens is not None else None
     root = Path(data_dir)
     root.mkdir(parents=True, exist_ok=True)
