@@ -27,7 +27,9 @@ from tests.serving import free_port
 ROUTES = [("POST", "/bundles", "admin"), ("GET", "/bundles", "read"),
           ("GET", "/bundles/m/1", "read"), ("GET", "/devices", "read"),
           ("POST", "/rollouts", "deploy"), ("GET", "/rollouts", "read"),
-          ("GET", "/rollouts/r1", "read"), ("POST", "/rollouts/r1/abort", "deploy")]
+          ("GET", "/rollouts/r1", "read"), ("POST", "/rollouts/r1/abort", "deploy"),
+          ("POST", "/devices/dev-q/enroll", "admin"), ("POST", "/devices/dev-q/revoke", "admin"),
+          ("GET", "/credentials", "admin")]
 
 
 @pytest.fixture(scope="module")
