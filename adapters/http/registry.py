@@ -61,7 +61,8 @@ class FleetAccess:
     fetch only the versions of jobs addressed to it. Refusals name no secret.
     """
 
-    def __init__(self, tokens: TokenStore, store: Store, credentials=None) -> None:
+    def __init__(self, tokens: TokenStore, store: Store,
+                 credentials: DeviceCredentials | None = None) -> None:
         self.tokens = tokens
         self.store = store
         self.credentials = credentials
@@ -92,8 +93,8 @@ def create_registry_app(registry: BundleRegistry, orchestrator: Orchestrator,
                         credentials: DeviceCredentials | None = None) -> Starlette:
     def guarded(scope: str, handler: Callable) -> Callable:
         async def endpoint(request: Request) -> Response:
-            try:
-                authorize(request, scope)
+            try:  # off the loop: a device secret's check is a deliberately slow hash
+                await run_in_threadpool(authorize, request, scope)
             except (Unauthenticated, PermissionDenied) as exc:
                 # by route and token or device name only, never a secret
                 log.debug("refused %s %s: %s", request.method, request.url.path, exc)
