@@ -76,7 +76,6 @@ class Store:
 
     def __init__(self, db: Database) -> None:
         self.db = db
-        self.dialect = db.dialect
         self.migrate()
 
     @classmethod

@@ -1,4 +1,5 @@
-"""`edgerun fleet serve|push|deploy|abort|status`: the registry, rollouts, and their progress."""
+"""`edgerun fleet serve|push|deploy|abort|status|enroll|revoke|acl`: the registry, rollouts and
+their progress, device credentials and the broker files made from them."""
 
 from __future__ import annotations
 
