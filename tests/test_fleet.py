@@ -132,6 +132,19 @@ def test_store_schema_is_versioned_and_portable(tmp_path):
         assert sqlite_only not in schema
 
 
+def test_a_fleet_db_from_before_schema_migrations_is_adopted(tmp_path):
+    store = Store.sqlite(tmp_path / "fleet.db")  # then made to look like issue 10's files
+    store.execute("DELETE FROM schema_migrations WHERE component = 'registry'")
+    store.execute("CREATE TABLE schema_version (version BIGINT NOT NULL)")
+    store.execute("INSERT INTO schema_version (version) VALUES (1)")
+    store.add_version("m", "1", "0" * 64, 1, "k", "m/1.tar.gz")
+    store.close()
+    store = Store.sqlite(tmp_path / "fleet.db")  # no "table models already exists"
+    assert store.version("m", "1")["sha256"] == "0" * 64
+    assert not store.query("SELECT name FROM sqlite_master WHERE name = 'schema_version'")
+    store.close()
+
+
 # ------------------------------------------------------------------- registry
 def test_registry_verifies_pushes_and_serves_resumable_downloads(tmp_path, server, keys):
     unsigned = make_bundle(tmp_path / "u", model(2), "m", "2", None)

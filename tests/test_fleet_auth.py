@@ -302,3 +302,13 @@ def test_no_secret_reaches_the_registry_logs_under_load(secured, tmp_path):
 
 def basic_header(user: str, password: str) -> str:
     return "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
+
+
+def test_without_tokens_fleet_serve_says_it_is_in_development_mode(secured, tmp_path):
+    server = FleetServer(tmp_path / "fleet", secured["broker"], [secured["pub"]]).start()
+    try:
+        assert call(server, "GET", "/rollouts").status_code == 200  # open, on loopback only
+    finally:
+        server.stop()
+    log = (tmp_path / "fleet" / "server.log").read_text()
+    assert "development mode: no --tokens, so listening on 127.0.0.1 only" in log
