@@ -214,6 +214,16 @@ def test_broker_files_from_enrolled_devices_on_a_real_mosquitto(secured, tmp_pat
                                  for d in call(server, "GET", "/devices", read).json()),
                      30, "dev-x online through the secured broker")
             assert Peer(port, "dev-x", "not-the-secret").accepted is False
+            # a device reports only as itself: the ACL drops a report under another's name
+            watcher = Peer(port, "fleet", "orchestrator-secret")
+            watcher.subscribe("edgerun/+/ota/report")
+            device = Peer(port, "dev-x", enrolled.stdout.strip())
+            device.publish("edgerun/dev-y/ota/report", b"{}")
+            assert watcher.nothing()
+            device.publish("edgerun/dev-x/ota/report", b"{}")
+            assert watcher.received()[0] == "edgerun/dev-x/ota/report"
+            device.close()
+            watcher.close()
             revoked = edgerun("fleet", "revoke", "dev-x", "--server", server.url, *admin)
             assert revoked.returncode == 0, revoked.stderr
             regenerate()
