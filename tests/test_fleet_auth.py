@@ -11,6 +11,7 @@ import socket
 import subprocess
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from types import SimpleNamespace
 
 import httpx
 import pytest
@@ -177,11 +178,10 @@ def test_broker_files_from_enrolled_devices_on_a_real_mosquitto(secured, tmp_pat
     admin = ["--token-file", str(secrets["admin"])]
     port = free_port()
     (tmp_path / "fleet.password").write_text("orchestrator-secret\n")
-    server = FleetServer(tmp_path / "fleet", secured["broker"], [secured["pub"]], [
+    broker = SimpleNamespace(url=f"mqtt://fleet@127.0.0.1:{port}")  # started further down
+    server = FleetServer(tmp_path / "fleet", broker, [secured["pub"]], [
         "--tokens", str(tokens_dir / "tokens"), "--broker-password-file",
-        str(tmp_path / "fleet.password")])
-    server.broker = type("Secured", (), {"url": f"mqtt://fleet@127.0.0.1:{port}"})()
-    server.start()
+        str(tmp_path / "fleet.password")]).start()
     daemon = None
     try:
         enrolled = edgerun("fleet", "enroll", "dev-x", "--server", server.url, *admin)

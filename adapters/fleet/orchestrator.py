@@ -24,7 +24,7 @@ from edgerun.adapters.fleet.registry import BundleRegistry
 from edgerun.adapters.fleet.store import Store
 from edgerun.adapters.ota.messages import (ACTIVE, FAILED, INSTALL, QUEUED, ROLLBACK, ROLLED_BACK,
                                            TERMINAL, Job, Report, job_topic)
-from edgerun.adapters.fleetdb.db import redact
+from edgerun.adapters.fleetdb import redact
 from edgerun.runtime.errors import InvalidInput, ModelNotFound
 
 log = logging.getLogger(__name__)
