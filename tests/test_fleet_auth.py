@@ -141,15 +141,11 @@ def test_devices_fetch_only_their_own_jobs_bundles_and_revocation_is_immediate(s
         read = read_secret(secrets["read"])
         wait_for(lambda: len(call(server, "GET", "/devices", read).json()) == 2, 30,
                  "both devices to report")
-        deploy = read_secret(secrets["deploy"])
-        started = call(server, "POST", "/rollouts", deploy,
-                       json={"model": "m", "version": "2", "devices": ["dev-a"]})
-        assert started.status_code == 201, started.text
-        rollout = started.json()["id"]
-        done = wait_for(lambda: (s := call(server, "GET", f"/rollouts/{rollout}", read).json())
-                        ["state"] in ("completed", "aborted") and s, 60, "the rollout")
+        done = edgerun("fleet", "deploy", "m:2", "--devices", "dev-a", "--server", server.url,
+                       "--wait", env={"EDGERUN_TOKEN": read_secret(secrets["deploy"])},
+                       timeout=120)
         # dev-a downloaded with its own credential (HTTP Basic) and runs version 2
-        assert done["state"] == "completed", done
+        assert done.returncode == 0 and "completed" in done.stdout, done.stdout + done.stderr
         assert "2" in devices[0].repository.versions("m")
     finally:
         for device in devices:
