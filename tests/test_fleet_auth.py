@@ -30,7 +30,7 @@ ROUTES = [("POST", "/bundles", "admin"), ("GET", "/bundles", "read"),
           ("POST", "/rollouts", "deploy"), ("GET", "/rollouts", "read"),
           ("GET", "/rollouts/r1", "read"), ("POST", "/rollouts/r1/abort", "deploy"),
           ("POST", "/devices/dev-q/enroll", "admin"), ("POST", "/devices/dev-q/revoke", "admin"),
-          ("GET", "/credentials", "admin")]
+          ("GET", "/credentials", "admin"), ("POST", "/rollouts/r1/rollback", "admin")]
 
 
 @pytest.fixture(scope="module")
@@ -135,6 +135,9 @@ def test_devices_fetch_only_their_own_jobs_bundles_and_revocation_is_immediate(s
     for bundle in (secured["bundle"], v2):
         assert edgerun("fleet", "push", str(bundle), "--server", server.url,
                        *admin).returncode == 0
+    def fetch(device: str, secret: str, version: str = "2") -> httpx.Response:
+        return httpx.get(f"{server.url}/bundles/m/{version}", auth=(device, secret), timeout=30)
+
     devices = [SimDevice(d, tmp / d, secured["broker"], trusted, secured["bundle"],
                          credential=device_secrets[d]).start() for d in ("dev-a", "dev-b")]
     try:
@@ -147,16 +150,21 @@ def test_devices_fetch_only_their_own_jobs_bundles_and_revocation_is_immediate(s
         # dev-a downloaded with its own credential (HTTP Basic) and runs version 2
         assert done.returncode == 0 and "completed" in done.stdout, done.stdout + done.stderr
         assert "2" in devices[0].repository.versions("m")
+        assert fetch("dev-a", device_secrets["dev-a"]).status_code == 200
+        other = fetch("dev-b", device_secrets["dev-b"])
+        assert other.status_code == 403 and "dev-b" in other.json()["error"]
+        # an explicit rollback (admin only) sends dev-a back to version 1
+        rollout = call(server, "GET", "/rollouts", read).json()["rollouts"][0]["id"]
+        refused = edgerun("fleet", "rollback", rollout, "--server", server.url,
+                          "--token-file", str(secrets["deploy"]))
+        assert refused.returncode != 0 and "403" in refused.stderr
+        rolled = edgerun("fleet", "rollback", rollout, "--server", server.url, *admin)
+        assert rolled.returncode == 0, rolled.stderr
+        wait_for(lambda: devices[0].served("m") == ["1"], 60, "dev-a back on version 1")
     finally:
         for device in devices:
             device.close()
 
-    def fetch(device: str, secret: str) -> httpx.Response:
-        return httpx.get(server.url + "/bundles/m/2", auth=(device, secret), timeout=30)
-
-    assert fetch("dev-a", device_secrets["dev-a"]).status_code == 200
-    other = fetch("dev-b", device_secrets["dev-b"])
-    assert other.status_code == 403 and "dev-b" in other.json()["error"]
     assert fetch("dev-b", device_secrets["dev-a"]).status_code == 401  # only as itself
     assert fetch("dev-a", "wrong").status_code == 401
     revoked = edgerun("fleet", "revoke", "dev-a", "--server", server.url, *admin)

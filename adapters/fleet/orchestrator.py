@@ -22,9 +22,9 @@ from urllib.parse import unquote, urlsplit
 from edgerun.adapters.fleet import gate as gates
 from edgerun.adapters.fleet.registry import BundleRegistry
 from edgerun.adapters.fleet.store import Store
+from edgerun.adapters.fleetdb import redact
 from edgerun.adapters.ota.messages import (ACTIVE, FAILED, INSTALL, QUEUED, ROLLBACK, ROLLED_BACK,
                                            TERMINAL, Job, Report, job_topic)
-from edgerun.adapters.fleetdb import redact
 from edgerun.runtime.errors import InvalidInput, ModelNotFound
 
 log = logging.getLogger(__name__)
@@ -80,6 +80,16 @@ class Orchestrator:
             rollout = self._rollout(rollout_id)
             if rollout["state"] == RUNNING:
                 self._abort(rollout, reason)
+
+    def rollback(self, rollout_id: str, reason: str = "rolled back by the operator") -> None:
+        """Send every device a running or completed rollout updated back to its previous
+        version (an explicit rollback job, the one way past the devices' anti-rollback)."""
+        with self._lock:
+            rollout = self._rollout(rollout_id)
+            if rollout["state"] not in (RUNNING, COMPLETED):
+                raise InvalidInput(f"rollout {rollout_id} is {rollout['state']}: nothing to "
+                                   "roll back")
+            self._abort(rollout, reason)
 
     def status(self, rollout_id: str | None = None) -> dict[str, Any]:
         if rollout_id is None:

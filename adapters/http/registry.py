@@ -7,6 +7,7 @@
     POST /rollouts                      start a rollout (JSON: model, version, targets, waves...)
     GET  /rollouts[/{id}]               rollouts and their devices by state
     POST /rollouts/{id}/abort           abort and roll every updated device back
+    POST /rollouts/{id}/rollback        a running or completed rollout's devices back (admin)
     POST /devices/{id}/enroll           a new device secret (JSON: groups), returned once
     POST /devices/{id}/revoke           the device's credential stops working at once
     GET  /credentials                   enrolled devices' password hashes, for the broker files
@@ -14,7 +15,7 @@
 
 Every other route passes `authorize(request, scope)` before it acts. `fleet serve --tokens`
 makes it `FleetAccess`: a bearer token of scope `read` (listings, status), `deploy` (start or
-abort a rollout) or `admin` (push, enrol, revoke, broker files); a bundle download also takes a
+abort a rollout) or `admin` (push, roll back, enrol, revoke, broker files); a bundle download also takes a
 device's own credential (HTTP Basic, device id + secret), for the bundles of its own jobs only.
 """
 
@@ -153,6 +154,10 @@ def create_registry_app(registry: BundleRegistry, orchestrator: Orchestrator,
         await run_in_threadpool(orchestrator.abort, request.path_params["id"])
         return _json(await run_in_threadpool(orchestrator.status, request.path_params["id"]))
 
+    async def rollback(request: Request) -> Response:
+        await run_in_threadpool(orchestrator.rollback, request.path_params["id"])
+        return _json(await run_in_threadpool(orchestrator.status, request.path_params["id"]))
+
     def needs_credentials() -> DeviceCredentials:
         if credentials is None:
             raise InvalidInput("this registry keeps no device credentials")
@@ -192,6 +197,7 @@ def create_registry_app(registry: BundleRegistry, orchestrator: Orchestrator,
         Route("/rollouts", guarded("read", rollouts), methods=["GET"]),
         Route("/rollouts/{id}", guarded("read", rollout)),
         Route("/rollouts/{id}/abort", guarded("deploy", abort), methods=["POST"]),
+        Route("/rollouts/{id}/rollback", guarded("admin", rollback), methods=["POST"]),
     ])
 
 

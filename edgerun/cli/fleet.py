@@ -1,4 +1,4 @@
-"""`edgerun fleet serve|push|deploy|abort|status|enroll|revoke|acl`: the registry, rollouts and
+"""`edgerun fleet serve|push|deploy|abort|rollback|status|enroll|revoke|acl`: the registry, rollouts and
 their progress, device credentials and the broker files made from them."""
 
 from __future__ import annotations
@@ -88,6 +88,13 @@ def register(commands: argparse._SubParsersAction) -> None:
     abort.add_argument("--server", required=True)
     fleet_auth.add_token_option(abort)
     abort.set_defaults(handler=_abort)
+
+    rollback = sub.add_parser("rollback", help="send a rollout's updated devices back to "
+                                                "their previous version (admin)")
+    rollback.add_argument("rollout")
+    rollback.add_argument("--server", required=True)
+    fleet_auth.add_token_option(rollback)
+    rollback.set_defaults(handler=_rollback)
 
     enroll = sub.add_parser("enroll", help="a device's own secret, printed alone on stdout")
     enroll.add_argument("device_id", metavar="DEVICE_ID")
@@ -203,6 +210,13 @@ def _deploy(args: argparse.Namespace) -> int:
 
 def _abort(args: argparse.Namespace) -> int:
     status = _request(f"{args.server.rstrip('/')}/rollouts/{args.rollout}/abort", b"{}",
+                      token=fleet_auth.client_token(args.token_file))
+    out.print(f"rollout {status['id']}: {status['state']} ({status['reason']})")
+    return 0
+
+
+def _rollback(args: argparse.Namespace) -> int:
+    status = _request(f"{args.server.rstrip('/')}/rollouts/{args.rollout}/rollback", b"{}",
                       token=fleet_auth.client_token(args.token_file))
     out.print(f"rollout {status['id']}: {status['state']} ({status['reason']})")
     return 0
