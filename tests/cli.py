@@ -17,6 +17,8 @@ def edgerun_command() -> list[str]:
     return [found]
 
 
-def edgerun(*args: str, cwd: Path | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+def edgerun(*args: str, cwd: Path | None = None, timeout: float = 300,
+            env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([*edgerun_command(), *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=timeout, env={"COLUMNS": "200", "PATH": "/usr/bin:/bin"})
+                          timeout=timeout,
+                          env={"COLUMNS": "200", "PATH": "/usr/bin:/bin", **(env or {})})

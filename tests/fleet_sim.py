@@ -15,7 +15,7 @@ import signal
 import subprocess
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -76,7 +76,8 @@ class SimDevice:
     """One device: broker connection, agent, repository, data plane, status and telemetry."""
 
     def __init__(self, device_id: str, folder: Path, broker: Broker, trusted: list,
-                 initial: Path | None, group: str = "fleet", telemetry_s: float = 0.3) -> None:
+                 initial: Path | None, group: str = "fleet", telemetry_s: float = 0.3,
+                 credential: str | None = None) -> None:
         self.device_id, self.group, self.folder = device_id, group, folder
         models = folder / "models"
         models.mkdir(parents=True, exist_ok=True)
@@ -94,7 +95,7 @@ class SimDevice:
         self.client.on_message = lambda c, u, m: self.agent.handle_job(m.payload)
         self.agent = OtaAgent(publish=self.client.publish, repository=self.repository,
                               device_id=device_id, data_dir=folder / "data", trusted=trusted,
-                              group=group)
+                              group=group, credential=credential)
         self.repository.load_all()
         self.agent.recover()
         self.broker = broker
@@ -213,8 +214,9 @@ def wait_for(predicate: Callable[[], object], timeout: float = 60, what: str = "
 class FleetServer:
     """`edgerun fleet serve` as a real process (restartable, killable)."""
 
-    def __init__(self, data: Path, broker: Broker, trust: list[Path]) -> None:
-        self.data, self.broker, self.trust = data, broker, trust
+    def __init__(self, data: Path, broker: Broker, trust: list[Path],
+                 extra: Sequence[str] = ()) -> None:
+        self.data, self.broker, self.trust, self.extra = data, broker, trust, list(extra)
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.process: subprocess.Popen | None = None
@@ -227,7 +229,7 @@ class FleetServer:
         self.process = subprocess.Popen(
             [*edgerun_command(), "fleet", "serve", "--data", str(self.data), "--broker",
              self.broker.url, "--port", str(self.port),
-             *[a for key in self.trust for a in ("--trust", str(key))]],
+             *[a for key in self.trust for a in ("--trust", str(key))], *self.extra],
             stdout=log, stderr=subprocess.STDOUT)
         import httpx
 

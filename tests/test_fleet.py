@@ -27,6 +27,8 @@ from edgerun.runtime.errors import BundleError, InvalidInput
 from tests.cli import edgerun
 from tests.fleet_sim import (Broker, FleetServer, SimDevice, SteadyLoad, infer_body, make_bundle,
                              wait_for)
+from tests.postgres import fresh_database, postgres_url  # noqa: F401  (the fixture)
+from tests.serving import free_port
 
 WIDTH = 8
 
@@ -52,9 +54,19 @@ def broker(tmp_path):
     broker.stop()
 
 
+@pytest.fixture(params=["sqlite", "postgresql"])
+def fleet_db(request) -> str | None:
+    """The fleet database: SQLite in the data folder (None), or a fresh PostgreSQL database."""
+    if request.param == "sqlite":
+        return None
+    return fresh_database(request.getfixturevalue("postgres_url"))
+
+
 @pytest.fixture
-def server(tmp_path, broker, keys):
-    server = FleetServer(tmp_path / "fleet", broker, [keys["pub"], keys["other_pub"]]).start()
+def server(tmp_path, broker, keys, fleet_db):
+    extra = ["--db", fleet_db] if fleet_db else []
+    server = FleetServer(tmp_path / "fleet", broker, [keys["pub"], keys["other_pub"]],
+                         extra).start()
     yield server
     server.stop()
 
@@ -112,11 +124,25 @@ def test_gate_and_waves_arithmetic():
 def test_store_schema_is_versioned_and_portable(tmp_path):
     store = Store.sqlite(tmp_path / "fleet.db")
     store.migrate()  # idempotent
-    assert store.query("SELECT version FROM schema_version") == [{"version": 1}]
+    assert store.query("SELECT version FROM schema_migrations WHERE component = 'registry'") \
+        == [{"version": 1}]
     store.close()
-    schema = " ".join(statement for migration in MIGRATIONS for statement in migration).upper()
+    schema = " ".join(s for migration in MIGRATIONS for s in migration.statements).upper()
     for sqlite_only in ("AUTOINCREMENT", "INSERT OR ", "ROWID", "WITHOUT", "STRICT", "PRAGMA"):
         assert sqlite_only not in schema
+
+
+def test_a_fleet_db_from_before_schema_migrations_is_adopted(tmp_path):
+    store = Store.sqlite(tmp_path / "fleet.db")  # then made to look like issue 10's files
+    store.execute("DELETE FROM schema_migrations WHERE component = 'registry'")
+    store.execute("CREATE TABLE schema_version (version BIGINT NOT NULL)")
+    store.execute("INSERT INTO schema_version (version) VALUES (1)")
+    store.add_version("m", "1", "0" * 64, 1, "k", "m/1.tar.gz")
+    store.close()
+    store = Store.sqlite(tmp_path / "fleet.db")  # no "table models already exists"
+    assert store.version("m", "1")["sha256"] == "0" * 64
+    assert not store.query("SELECT name FROM sqlite_master WHERE name = 'schema_version'")
+    store.close()
 
 
 # ------------------------------------------------------------------- registry
@@ -394,13 +420,13 @@ def test_readme_fleet_example_runs(tmp_path):
 
 
 @pytest.fixture
-def orchestrator(tmp_path, keys):
+def orchestrator(tmp_path, keys, fleet_db):
     """An orchestrator over a store and registry holding m:2, publishing into a list."""
     from edgerun.adapters.fleet.orchestrator import Orchestrator
     from edgerun.adapters.fleet.registry import BundleRegistry
     from edgerun.runtime import Bundle
 
-    store = Store.sqlite(tmp_path / "fleet.db")
+    store = Store.open(fleet_db or tmp_path / "fleet.db")
     registry = BundleRegistry(tmp_path, store, keys["trusted"])
     with Bundle.open(make_bundle(tmp_path / "b", model(2), "m", "2", keys["key"])) as bundle:
         archive = bundle.pack(tmp_path / "m-2.tar.gz")
@@ -452,3 +478,49 @@ def test_a_wave_start_cut_short_by_a_restart_is_completed(orchestrator):
     orchestrator.tick()
     assert job_states(orchestrator.status(rollout["id"]))["b"] == "queued"
     assert orchestrator.sent[-1][0] == "edgerun/b/ota"
+
+
+def lease_holder(url: str) -> str:
+    import psycopg
+
+    with psycopg.connect(url) as connection:
+        return connection.execute("SELECT holder FROM leases WHERE name = 'rollouts'"
+                                  ).fetchone()[0]
+
+
+def test_two_registries_on_one_postgresql_one_killed_mid_rollout(tmp_path, broker, keys, v1,
+                                                                 postgres_url):
+    """Both serve the fleet; the lease holder drives the rollout; kill -9 it between waves and
+    the other takes the lease over and completes the rollout."""
+    url = fresh_database(postgres_url)
+    data = tmp_path / "fleet"  # the bundles folder both serve (shared storage in production)
+    survivor_port = free_port()
+    common = ["--db", url, "--lease-ttl", "2",
+              "--public-url", f"http://127.0.0.1:{survivor_port}"]  # a load balancer's job
+    leader = FleetServer(data, broker, [keys["pub"]], common).start()  # takes the lease
+    other = FleetServer(data, broker, [keys["pub"]], common)
+    other.port, other.url = survivor_port, f"http://127.0.0.1:{survivor_port}"
+    other.start()
+    devices = [SimDevice(f"dev{i:02d}", tmp_path / f"dev{i:02d}", broker, keys["trusted"],
+                         v1).start() for i in range(6)]
+    try:
+        wait_for(lambda: len(other.get("/devices")) == 6, 30, "devices to report")
+        push(leader, make_bundle(tmp_path / "b", model(2), "m", "2", keys["key"]))
+        assert f":{leader.process.pid}:" in lease_holder(url)
+        rollout = other.deploy(model="m", version="2", group="fleet", waves=[0.34, 1.0],
+                               gate="errors<1%")  # asked of the other; the leader drives it
+        wait_for(lambda: any(j["state"] != "pending" for j in
+                             other.get(f"/rollouts/{rollout['id']}")["jobs"]),
+                 30, "the leader to publish the first wave")
+        leader.kill()  # kill -9 of the lease holder mid-rollout
+        assert other.get(f"/rollouts/{rollout['id']}")["state"] == "running"
+        final = other.wait_rollout(rollout["id"], timeout=90)
+        assert final["state"] == "completed", final
+        assert f":{other.process.pid}:" in lease_holder(url)
+        assert final["counts"] == {"active": 6}
+        assert all(d.served("m") == ["2"] for d in devices)
+    finally:
+        for device in devices:
+            device.close()
+        other.stop()
+        leader.stop()

@@ -17,11 +17,12 @@ import threading
 import time
 from collections.abc import Callable
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 from edgerun.adapters.fleet import gate as gates
 from edgerun.adapters.fleet.registry import BundleRegistry
 from edgerun.adapters.fleet.store import Store
+from edgerun.adapters.fleetdb import redact
 from edgerun.adapters.ota.messages import (ACTIVE, FAILED, INSTALL, QUEUED, ROLLBACK, ROLLED_BACK,
                                            TERMINAL, Job, Report, job_topic)
 from edgerun.runtime.errors import InvalidInput, ModelNotFound
@@ -37,8 +38,12 @@ Publish = Callable[[str, bytes, bool], None]
 
 class Orchestrator:
     def __init__(self, store: Store, registry: BundleRegistry, base_url: str,
-                 publish: Publish | None = None) -> None:
+                 publish: Publish | None = None,
+                 leading: Callable[[], bool] = lambda: True) -> None:
+        """`leading` says whether this process drives rollouts now (a `Leadership` lease when
+        several registries share one database); every process records reports either way."""
         self.store = store
+        self.leading = leading
         self.registry = registry
         self.base_url = base_url.rstrip("/")
         self.publish: Publish = publish or (lambda topic, payload, retain: None)
@@ -75,6 +80,16 @@ class Orchestrator:
             rollout = self._rollout(rollout_id)
             if rollout["state"] == RUNNING:
                 self._abort(rollout, reason)
+
+    def rollback(self, rollout_id: str, reason: str = "rolled back by the operator") -> None:
+        """Send every device a running or completed rollout updated back to its previous
+        version (an explicit rollback job, the one way past the devices' anti-rollback)."""
+        with self._lock:
+            rollout = self._rollout(rollout_id)
+            if rollout["state"] not in (RUNNING, COMPLETED):
+                raise InvalidInput(f"rollout {rollout_id} is {rollout['state']}: nothing to "
+                                   "roll back")
+            self._abort(rollout, reason)
 
     def status(self, rollout_id: str | None = None) -> dict[str, Any]:
         if rollout_id is None:
@@ -163,6 +178,8 @@ class Orchestrator:
 
     # --------------------------------------------------------------------- ticks
     def tick(self) -> None:
+        if not self.leading():
+            return
         with self._lock:
             now = time.time()
             for rollout in self.store.rollouts(RUNNING) + self.store.rollouts(ROLLING_BACK):
@@ -283,12 +300,14 @@ class MqttLink:
     TOPICS = ("edgerun/+/status", "edgerun/+/telemetry", "edgerun/+/ota/report")
 
     def __init__(self, broker_url: str, orchestrator: Orchestrator,
-                 client_id: str = "") -> None:
+                 client_id: str = "", password: str | None = None) -> None:
+        """`mqtt://USER:PASS@HOST:PORT`, or `mqtt://USER@HOST:PORT` and the `password`."""
         import paho.mqtt.client as mqtt
 
         address = urlsplit(broker_url if "://" in broker_url else f"mqtt://{broker_url}")
         if address.scheme not in ("mqtt", "tcp"):
-            raise InvalidInput(f"broker {broker_url!r}: only mqtt://HOST:PORT is supported")
+            raise InvalidInput(f"broker {redact(broker_url)!r}: only mqtt://[USER[:PASS]@]"
+                               "HOST:PORT is supported")
         self.host, self.port = address.hostname or "127.0.0.1", address.port or 1883
         self.orchestrator = orchestrator
         self.connected = threading.Event()
@@ -296,7 +315,8 @@ class MqttLink:
                                   client_id=client_id or f"edgerun-fleet-{secrets.token_hex(4)}",
                                   protocol=mqtt.MQTTv5)
         if address.username:
-            self.client.username_pw_set(address.username, address.password)
+            self.client.username_pw_set(unquote(address.username),
+                                        password or unquote(address.password or ""))
         self.client.reconnect_delay_set(0.1, 2.0)
         self.client.on_connect = self._on_connect
         self.client.on_disconnect = lambda *a: self.connected.clear()

@@ -1,25 +1,27 @@
 """Fleet state: models, versions, devices, rollouts and per-device jobs, in SQL.
 
-SQLite is the embedded default. The SQL is kept to what PostgreSQL runs unchanged: plain
-types (TEXT, BIGINT, DOUBLE PRECISION), no AUTOINCREMENT or rowid (ids are made here),
-`INSERT ... ON CONFLICT (...) DO UPDATE`, and parameters written `?` that `Store` turns into the
-driver's style. `schema_version` records which migrations have run.
+The tables live in the fleet database (`edgerun.adapters.fleetdb`): SQLite, the embedded
+default, or PostgreSQL (`fleet serve --db postgresql://...`) for fleets that outgrow one file
+or want two registry processes. The SQL is what both run unchanged (TEXT, BIGINT, DOUBLE
+PRECISION, ids made here, `INSERT ... ON CONFLICT (...) DO UPDATE`, `?` parameters); the
+schema is versioned in `schema_migrations` under the component "registry".
 """
 
 from __future__ import annotations
 
 import json
-import sqlite3
-import threading
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-MIGRATIONS: tuple[tuple[str, ...], ...] = (
-    (  # 1: the first schema
-        "CREATE TABLE schema_version (version BIGINT NOT NULL)",
+from edgerun.adapters.fleetdb import Database, Migration, connect, migrate
+from edgerun.adapters.fleetdb.db import SQLITE
+
+COMPONENT = "registry"
+MIGRATIONS = (
+    Migration(1, "models, versions, devices, rollouts, jobs", (
         """CREATE TABLE models (
             name TEXT PRIMARY KEY,
             created_at DOUBLE PRECISION NOT NULL)""",
@@ -65,74 +67,46 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
             updated_at DOUBLE PRECISION NOT NULL,
             PRIMARY KEY (rollout_id, device_id))""",
         "CREATE INDEX jobs_by_job_id ON jobs (job_id)",
-    ),
+    )),
 )
 
 
 class Store:
-    """One connection, serialized by a lock; `?` parameters; rows as dicts."""
+    """The registry's queries over one fleet database connection (shared by threads)."""
 
-    def __init__(self, connection: Any, paramstyle: str = "qmark") -> None:
-        self._db = connection
-        self._paramstyle = paramstyle
-        self._lock = threading.RLock()
+    def __init__(self, db: Database) -> None:
+        self.db = db
         self.migrate()
 
     @classmethod
-    def sqlite(cls, path: str | Path) -> Store:
-        connection = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
-        connection.execute("PRAGMA journal_mode=WAL")
-        connection.execute("PRAGMA foreign_keys=ON")
-        return cls(connection)
+    def open(cls, url: str | Path) -> Store:
+        """`postgresql://...`, `sqlite:///...` or a SQLite file path."""
+        return cls(connect(url))
 
-    def _sql(self, sql: str) -> str:
-        return sql if self._paramstyle == "qmark" else sql.replace("?", "%s")
+    @classmethod
+    def sqlite(cls, path: str | Path) -> Store:
+        return cls(connect(path))
 
     @contextmanager
     def transaction(self) -> Iterator[Store]:
-        with self._lock:
-            self._db.execute("BEGIN")
-            try:
-                yield self
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-            self._db.execute("COMMIT")
+        with self.db.transaction():
+            yield self
 
     def execute(self, sql: str, params: Sequence[Any] = ()) -> None:
-        with self._lock:
-            self._db.execute(self._sql(sql), tuple(params))
+        self.db.execute(sql, params)
 
     def query(self, sql: str, params: Sequence[Any] = ()) -> list[dict[str, Any]]:
-        with self._lock:
-            cursor = self._db.execute(self._sql(sql), tuple(params))
-            names = [d[0] for d in cursor.description]
-            return [dict(zip(names, row)) for row in cursor.fetchall()]
+        return self.db.query(sql, params)
 
     def one(self, sql: str, params: Sequence[Any] = ()) -> dict[str, Any] | None:
-        rows = self.query(sql, params)
-        return rows[0] if rows else None
+        return self.db.one(sql, params)
 
     def migrate(self) -> None:
-        with self.transaction():
-            exists = self.query("SELECT COUNT(*) AS n FROM sqlite_master WHERE name = ?",
-                                ("schema_version",)) if self._paramstyle == "qmark" else \
-                self.query("SELECT COUNT(*) AS n FROM information_schema.tables "
-                           "WHERE table_name = ?", ("schema_version",))
-            current = 0
-            if exists[0]["n"]:
-                row = self.one("SELECT MAX(version) AS v FROM schema_version")
-                current = int(row["v"] or 0)
-            for number, statements in enumerate(MIGRATIONS, start=1):
-                if number <= current:
-                    continue
-                for statement in statements:
-                    self.execute(statement)
-                self.execute("INSERT INTO schema_version (version) VALUES (?)", (number,))
+        _adopt_schema_version(self.db)
+        migrate(self.db, MIGRATIONS, component=COMPONENT)
 
     def close(self) -> None:
-        with self._lock:
-            self._db.close()
+        self.db.close()
 
     # ------------------------------------------------------------------ registry
     def add_version(self, model: str, version: str, sha256: str, size: int, key_id: str,
@@ -220,6 +194,13 @@ class Store:
         return self.query("SELECT * FROM jobs WHERE rollout_id = ? ORDER BY wave, device_id",
                           (rollout_id,))
 
+    def device_has_job(self, device_id: str, model: str, version: str) -> bool:
+        """Whether a rollout ever addressed `model` `version` to the device (a download may
+        come late, after a retry or a restart, so a finished job still counts)."""
+        return self.one("SELECT 1 AS found FROM jobs JOIN rollouts ON rollouts.id = "
+                        "jobs.rollout_id WHERE jobs.device_id = ? AND rollouts.model = ? AND "
+                        "jobs.version = ?", (device_id, model, version)) is not None
+
     def job_by_id(self, job_id: str) -> dict[str, Any] | None:
         return self.one("SELECT * FROM jobs WHERE job_id = ?", (job_id,))
 
@@ -238,3 +219,17 @@ def _json(value: Any) -> str | None:
 
 def _unjson(value: str | None) -> Any:
     return None if value is None else json.loads(value)
+
+
+def _adopt_schema_version(db: Database) -> None:
+    """A SQLite file made before `schema_migrations` (its own `schema_version` table, at 1):
+    record registry version 1 as applied and drop the old table."""
+    if db.dialect != SQLITE or not db.query(
+            "SELECT name FROM sqlite_master WHERE name = 'schema_version'"):
+        return
+    with db.transaction():
+        migrate(db, (), component=COMPONENT)  # makes schema_migrations
+        db.execute("INSERT INTO schema_migrations (component, version, name, applied_at) "
+                   f"VALUES (?, 1, ?, {db.now}) ON CONFLICT (component, version) DO NOTHING",
+                   (COMPONENT, MIGRATIONS[0].name))
+        db.execute("DROP TABLE schema_version")

@@ -7,14 +7,24 @@
     POST /rollouts                      start a rollout (JSON: model, version, targets, waves...)
     GET  /rollouts[/{id}]               rollouts and their devices by state
     POST /rollouts/{id}/abort           abort and roll every updated device back
-    GET  /health
+    POST /rollouts/{id}/rollback        a running or completed rollout's devices back (admin)
+    POST /devices/{id}/enroll           a new device secret (JSON: groups), returned once
+    POST /devices/{id}/revoke           the device's credential stops working at once
+    GET  /credentials                   enrolled devices' password hashes, for the broker files
+    GET  /health                        open, for probes
 
-Authentication is left to a hook for a later issue: every route passes `authorize(request,
-scope)` (a no-op by default) before it acts.
+Every other route passes `authorize(request, scope)` before it acts. `fleet serve --tokens`
+makes it `FleetAccess`: a bearer token of scope `read` (listings, status), `deploy` (start or
+abort a rollout) or `admin` (push, roll back, enrol, revoke, broker files); a bundle download also takes a
+device's own credential (HTTP Basic, device id + secret), for the bundles of its own jobs only.
 """
 
 from __future__ import annotations
 
+import logging
+import os
+import secrets
+import socket
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -28,13 +38,46 @@ from starlette.requests import Request
 from starlette.responses import FileResponse, Response
 from starlette.routing import Route
 
+from edgerun.adapters.auth.devices import DeviceCredentials
+from edgerun.adapters.auth.tokens import TokenStore, basic
 from edgerun.adapters.fleet.orchestrator import MqttLink, Orchestrator
 from edgerun.adapters.fleet.registry import BundleRegistry
 from edgerun.adapters.fleet.store import Store
+from edgerun.adapters.fleetdb import Lease, Leadership
 from edgerun.adapters.http.status import error_headers, status_of
-from edgerun.runtime.errors import EdgerunError, InvalidInput
+from edgerun.runtime.errors import (EdgerunError, InvalidInput, PermissionDenied,
+                                    Unauthenticated)
+
+log = logging.getLogger(__name__)
 
 Authorize = Callable[[Request, str], None]
+DEVICE = "device"  # a bundle download: a device's credential, or a read token
+
+
+class FleetAccess:
+    """Bearer tokens for people and scripts; device credentials for bundle downloads.
+
+    Tokens are checked by `TokenStore` (constant time, reloaded when the file changes); a
+    device's Basic credential against the fleet database, then the job table: a device may
+    fetch only the versions of jobs addressed to it. Refusals name no secret.
+    """
+
+    def __init__(self, tokens: TokenStore, store: Store,
+                 credentials: DeviceCredentials | None = None) -> None:
+        self.tokens = tokens
+        self.store = store
+        self.credentials = credentials
+
+    def __call__(self, request: Request, scope: str) -> None:
+        header = request.headers.get("authorization")
+        if scope == DEVICE and basic(header) is not None and self.credentials is not None:
+            device = self.credentials.authenticate(header)
+            model, version = request.path_params["model"], request.path_params["version"]
+            if not self.store.device_has_job(device, model, version):
+                raise PermissionDenied(f"device {device!r} has no job for {model} version "
+                                       f"{version}")
+            return
+        self.tokens.check_header(header, "read" if scope == DEVICE else scope)
 
 
 def _json(data: Any, status: int = 200) -> Response:
@@ -47,11 +90,17 @@ def _error(exc: EdgerunError) -> Response:
 
 
 def create_registry_app(registry: BundleRegistry, orchestrator: Orchestrator,
-                        authorize: Authorize = lambda request, scope: None) -> Starlette:
+                        authorize: Authorize = lambda request, scope: None,
+                        credentials: DeviceCredentials | None = None) -> Starlette:
     def guarded(scope: str, handler: Callable) -> Callable:
         async def endpoint(request: Request) -> Response:
+            try:  # off the loop: a device secret's check is a deliberately slow hash
+                await run_in_threadpool(authorize, request, scope)
+            except (Unauthenticated, PermissionDenied) as exc:
+                # by route and token or device name only, never a secret
+                log.debug("refused %s %s: %s", request.method, request.url.path, exc)
+                return _error(exc)
             try:
-                authorize(request, scope)
                 return await handler(request)
             except EdgerunError as exc:
                 return _error(exc)
@@ -95,7 +144,8 @@ def create_registry_app(registry: BundleRegistry, orchestrator: Orchestrator,
         return _json(status, 201)
 
     async def rollouts(request: Request) -> Response:
-        return _json(await run_in_threadpool(orchestrator.status))
+        status = await run_in_threadpool(orchestrator.status)
+        return _json({**status, "models": registry.store.versions()})
 
     async def rollout(request: Request) -> Response:
         return _json(await run_in_threadpool(orchestrator.status, request.path_params["id"]))
@@ -104,33 +154,84 @@ def create_registry_app(registry: BundleRegistry, orchestrator: Orchestrator,
         await run_in_threadpool(orchestrator.abort, request.path_params["id"])
         return _json(await run_in_threadpool(orchestrator.status, request.path_params["id"]))
 
+    async def rollback(request: Request) -> Response:
+        await run_in_threadpool(orchestrator.rollback, request.path_params["id"])
+        return _json(await run_in_threadpool(orchestrator.status, request.path_params["id"]))
+
+    def needs_credentials() -> DeviceCredentials:
+        if credentials is None:
+            raise InvalidInput("this registry keeps no device credentials")
+        return credentials
+
+    async def enroll(request: Request) -> Response:
+        body = await request.body()
+        try:
+            groups = [str(g) for g in (orjson.loads(body) if body else {}).get("groups", [])]
+        except (orjson.JSONDecodeError, AttributeError, TypeError) as exc:
+            raise InvalidInput(f"enrol takes a JSON body like {{\"groups\": [...]}} ({exc})") \
+                from exc
+        device = request.path_params["id"]
+        secret = await run_in_threadpool(needs_credentials().enroll, device, groups)
+        return _json({"device_id": device, "groups": groups, "secret": secret}, 201)
+
+    async def revoke(request: Request) -> Response:
+        device = request.path_params["id"]
+        await run_in_threadpool(needs_credentials().revoke, device)
+        return _json({"device_id": device, "revoked": True})
+
+    async def enrolled(request: Request) -> Response:
+        rows = await run_in_threadpool(needs_credentials().devices)
+        return _json([{"device_id": d.device_id, "password_hash": d.password_hash,
+                       "groups": list(d.groups)} for d in rows])
+
     return Starlette(routes=[
         Route("/health", health),
         Route("/bundles", guarded("admin", push), methods=["POST"]),
         Route("/bundles", guarded("read", bundles), methods=["GET"]),
-        Route("/bundles/{model}/{version}", guarded("device", bundle), methods=["GET", "HEAD"]),
+        Route("/bundles/{model}/{version}", guarded(DEVICE, bundle), methods=["GET", "HEAD"]),
         Route("/devices", guarded("read", devices)),
+        Route("/devices/{id}/enroll", guarded("admin", enroll), methods=["POST"]),
+        Route("/devices/{id}/revoke", guarded("admin", revoke), methods=["POST"]),
+        Route("/credentials", guarded("admin", enrolled)),
         Route("/rollouts", guarded("deploy", deploy), methods=["POST"]),
         Route("/rollouts", guarded("read", rollouts), methods=["GET"]),
         Route("/rollouts/{id}", guarded("read", rollout)),
         Route("/rollouts/{id}/abort", guarded("deploy", abort), methods=["POST"]),
+        Route("/rollouts/{id}/rollback", guarded("admin", rollback), methods=["POST"]),
     ])
 
 
 def serve_fleet(data_dir: str, broker: str, *, host: str = "127.0.0.1", port: int = 8700,
                 public_url: str | None = None, trusted: list | None = None,
+                tokens: Path | None = None, broker_password: str | None = None,
+                db: str | None = None, lease_ttl: float = 15.0,
                 log_level: str = "warning") -> None:
-    """`edgerun fleet serve`: store, registry, orchestrator on MQTT, HTTP; until SIGTERM."""
+    """`edgerun fleet serve`: store, registry, orchestrator on MQTT, HTTP; until SIGTERM.
+
+    Several processes may share one database (`db`, PostgreSQL) and the bundles folder: each
+    serves the API and records device reports, and the holder of the "rollouts" lease alone
+    drives rollouts; when it dies another takes over within `lease_ttl` seconds."""
+    root = logging.getLogger()  # --log-level for the registry's own messages too
+    root.setLevel(min(root.level, logging.getLevelName(log_level.upper())))
+    token_store = TokenStore(tokens) if tokens is not None else None
     root = Path(data_dir)
     root.mkdir(parents=True, exist_ok=True)
-    store = Store.sqlite(root / "fleet.db")
+    store = Store.open(db or root / "fleet.db")
+    credentials = DeviceCredentials(store.db)
+    holder = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
+    leadership = Leadership(Lease(store.db, "rollouts", holder, ttl=lease_ttl)).start()
     registry = BundleRegistry(root, store, trusted or [])
-    orchestrator = Orchestrator(store, registry, public_url or f"http://{host}:{port}")
-    link = MqttLink(broker, orchestrator)
+    orchestrator = Orchestrator(store, registry, public_url or f"http://{host}:{port}",
+                                leading=lambda: leadership.leading)
+    link = MqttLink(broker, orchestrator, password=broker_password)
     link.start()
     try:
-        uvicorn.run(create_registry_app(registry, orchestrator), host=host, port=port,
+        authorize = (FleetAccess(token_store, store, credentials) if token_store is not None
+                     else lambda request, scope: None)
+        app = create_registry_app(registry, orchestrator, authorize, credentials)
+        uvicorn.run(app, host=host, port=port,
                     log_level=log_level, access_log=False, timeout_graceful_shutdown=10)
     finally:
         link.stop()
+        leadership.stop()
         store.close()

@@ -12,6 +12,7 @@ pointer is put back and the old version never stopped serving.
 
 from __future__ import annotations
 
+import base64
 import logging
 import os
 import queue
@@ -43,8 +44,12 @@ class OtaAgent:
                  data_dir: str | Path, trusted: Iterable[signing.PublicKey],
                  group: str | None = None,
                  on_change: Callable[[], None] | None = None,
-                 download_patience: float = 600.0) -> None:
+                 download_patience: float = 600.0, credential: str | None = None) -> None:
         self.publish = publish
+        # the device's own secret (edgerun fleet enroll): registry downloads as HTTP Basic
+        self._download_headers = {} if credential is None else {
+            "Authorization": "Basic " + base64.b64encode(
+                f"{device_id}:{credential}".encode()).decode()}
         self.on_change = on_change
         self.download_patience = download_patience  # seconds of retrying an unreachable registry
         self.repository = repository
@@ -213,7 +218,8 @@ class OtaAgent:
         delay, deadline = 0.5, time.monotonic() + self.download_patience
         while True:
             try:
-                self.bytes_downloaded += download(job.url, archive_path, job.sha256, job.size)
+                self.bytes_downloaded += download(job.url, archive_path, job.sha256, job.size,
+                                                  headers=self._download_headers)
                 return
             except DownloadInterrupted as exc:
                 if time.monotonic() + delay > deadline:

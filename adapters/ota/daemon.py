@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Iterable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from edgerun.adapters.auth.tokens import read_secret
 from edgerun.adapters.mqtt.extensions import ExtensionSpec
 from edgerun.adapters.ota.agent import OtaAgent
 from edgerun.runtime import signing
@@ -30,12 +32,26 @@ class OtaExtension:
         self.agent.close()
 
 
-def attach(daemon: Any, trust_keys: Iterable[str | Path]) -> OtaExtension:
-    """An OTA agent on this daemon, trusting bundles signed by any of `trust_keys`."""
+def use_credential(daemon: Any, secret: str) -> None:
+    """The device's secret (edgerun fleet enroll) as its MQTT password, username = device id,
+    unless the daemon's configuration names a user of its own."""
+    if daemon.config.username:
+        return
+    daemon.config = replace(daemon.config, username=daemon.device_id, password=secret)
+    daemon.client.username_pw_set(daemon.device_id, secret)  # the client made before this
+
+
+def attach(daemon: Any, trust_keys: Iterable[str | Path],
+           credential: str | None = None) -> OtaExtension:
+    """An OTA agent on this daemon, trusting bundles signed by any of `trust_keys`; with the
+    device's `credential`, downloads and the MQTT connection present it."""
+    if credential is not None:
+        use_credential(daemon, credential)
     agent = OtaAgent(publish=daemon.publish, repository=daemon.repository,
                      device_id=daemon.device_id, data_dir=daemon.data_dir,
                      trusted=signing.load_public_keys(trust_keys),
-                     group=daemon.group or None, on_change=daemon.publish_status)
+                     group=daemon.group or None, on_change=daemon.publish_status,
+                     credential=credential)
     daemon.subscribe(agent.topic, lambda message: agent.handle_job(message.payload), qos=1)
     slots = lambda: {"ota": agent.describe()["ota"]}  # noqa: E731
     daemon.add_status_fields(slots)
@@ -47,13 +63,20 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--trust", type=Path, action="append", default=None, metavar="PUBKEY",
                         help="take OTA updates signed by this public key (repeatable); "
                              "without one the OTA agent stays off")
+    parser.add_argument("--credential", type=Path, default=None, metavar="FILE",
+                        help="this device's secret from edgerun fleet enroll: its password for "
+                             "the registry and the broker (username = device id)")
 
 
 def _create(daemon: Any, args: argparse.Namespace, table: dict[str, Any]) -> OtaExtension | None:
     keys = args.trust or table.get("trust") or []
     if isinstance(keys, (str, Path)):
         keys = [keys]
-    return attach(daemon, keys) if keys else None
+    path = args.credential or table.get("credential")
+    credential = read_secret(path) if path else None
+    if credential is not None and not keys:
+        use_credential(daemon, credential)
+    return attach(daemon, keys, credential) if keys else None
 
 
 SPEC = ExtensionSpec("ota", _add_arguments, _create)

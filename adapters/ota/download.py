@@ -23,15 +23,17 @@ class DownloadInterrupted(BundleError):
     """The registry could not be reached or the transfer broke off: worth another try."""
 
 
-def download(url: str, dest: Path, sha256: str, size: int = 0, timeout: float = 30.0) -> int:
-    """Fetch `url` into `dest`, resuming a previous part; returns the bytes transferred."""
+def download(url: str, dest: Path, sha256: str, size: int = 0, timeout: float = 30.0,
+             headers: dict[str, str] | None = None) -> int:
+    """Fetch `url` into `dest`, resuming a previous part; returns the bytes transferred.
+    `headers` carry the device's credential (`Authorization: Basic ...`)."""
     part = dest.with_name(dest.name + ".part")
     have = part.stat().st_size if part.exists() else 0
     if size and have > size:
         have = 0
     transferred = 0
     if not (size and have == size):
-        request = urllib.request.Request(url)
+        request = urllib.request.Request(url, headers=headers or {})
         if have:
             request.add_header("Range", f"bytes={have}-")
             request.add_header("If-Range", f'"{sha256}"')
@@ -42,7 +44,8 @@ def download(url: str, dest: Path, sha256: str, size: int = 0, timeout: float = 
                 raise DownloadInterrupted(f"download of {url} failed: HTTP {exc.code}") from exc
             if exc.code != 416:
                 raise BundleError(f"download of {url} failed: HTTP {exc.code}") from exc
-            have, response = 0, urllib.request.urlopen(url, timeout=timeout)
+            have, response = 0, urllib.request.urlopen(
+                urllib.request.Request(url, headers=headers or {}), timeout=timeout)
         except (urllib.error.URLError, OSError) as exc:
             raise DownloadInterrupted(f"download of {url} failed: {exc}") from exc
         with response, open(part, "ab" if have and response.status == 206 else "wb") as out:

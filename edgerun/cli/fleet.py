@@ -1,4 +1,5 @@
-"""`edgerun fleet serve|push|deploy|abort|status`: the registry, rollouts, and their progress."""
+"""`edgerun fleet serve|push|deploy|abort|rollback|status|enroll|revoke|acl`: the registry, rollouts and
+their progress, device credentials and the broker files made from them."""
 
 from __future__ import annotations
 
@@ -34,13 +35,27 @@ def register(commands: argparse._SubParsersAction) -> None:
 
     serve = sub.add_parser("serve", help="run the registry and the rollout orchestrator")
     serve.add_argument("--data", type=Path, required=True, help="folder for bundles and fleet.db")
-    serve.add_argument("--broker", required=True, help="mqtt://HOST:PORT")
+    serve.add_argument("--broker", required=True,
+                       help="mqtt://HOST:PORT, or mqtt://USER:PASS@HOST:PORT for a broker with "
+                            "passwords (edgerun fleet acl --orchestrator-user)")
+    serve.add_argument("--broker-password-file", type=Path, default=None, metavar="FILE",
+                       help="the password of --broker mqtt://USER@HOST:PORT, kept off the "
+                            "command line")
+    serve.add_argument("--db", default=None, metavar="URL",
+                       help="fleet database: postgresql://USER@HOST/DB (several registries "
+                            "may share it) or a SQLite path (default DATA/fleet.db)")
+    serve.add_argument("--lease-ttl", type=float, default=15.0, metavar="SECONDS",
+                       help="how soon another registry on the same database takes over "
+                            "driving rollouts when this one dies")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8700)
     serve.add_argument("--public-url", default=None,
                        help="URL devices download from (default http://HOST:PORT)")
     serve.add_argument("--trust", type=Path, action="append", required=True, metavar="PUBKEY",
                        help="public key whose signatures the registry accepts (repeatable)")
+    serve.add_argument("--tokens", type=Path, default=None, metavar="TOKENS",
+                       help="hashed bearer tokens (edgerun fleet token create); without it "
+                            "the registry listens on loopback only, every route open")
     serve.add_argument("--log-level", default="warning",
                        choices=["critical", "error", "warning", "info", "debug"])
     serve.set_defaults(handler=_serve)
@@ -48,6 +63,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     push = sub.add_parser("push", help="upload a signed bundle (folder or .tar.gz)")
     push.add_argument("bundle", type=Path)
     push.add_argument("--server", required=True, help="registry URL")
+    fleet_auth.add_token_option(push)
     push.set_defaults(handler=_push)
 
     deploy = sub.add_parser("deploy", help="roll NAME:VERSION out to devices in waves")
@@ -64,23 +80,58 @@ def register(commands: argparse._SubParsersAction) -> None:
     deploy.add_argument("--job-timeout", type=float, default=600.0, metavar="SECONDS")
     deploy.add_argument("--gate-timeout", type=float, default=300.0, metavar="SECONDS")
     deploy.add_argument("--wait", action="store_true", help="follow the rollout to its end")
+    fleet_auth.add_token_option(deploy)
     deploy.set_defaults(handler=_deploy)
 
     abort = sub.add_parser("abort", help="stop a rollout and roll every updated device back")
     abort.add_argument("rollout")
     abort.add_argument("--server", required=True)
+    fleet_auth.add_token_option(abort)
     abort.set_defaults(handler=_abort)
+
+    rollback = sub.add_parser("rollback", help="send a rollout's updated devices back to "
+                                                "their previous version (admin)")
+    rollback.add_argument("rollout")
+    rollback.add_argument("--server", required=True)
+    fleet_auth.add_token_option(rollback)
+    rollback.set_defaults(handler=_rollback)
+
+    enroll = sub.add_parser("enroll", help="a device's own secret, printed alone on stdout")
+    enroll.add_argument("device_id", metavar="DEVICE_ID")
+    enroll.add_argument("--server", required=True)
+    enroll.add_argument("--group", action="append", default=[], dest="groups",
+                        help="a group whose shared requests the device may serve (repeatable)")
+    fleet_auth.add_token_option(enroll)
+    enroll.set_defaults(handler=_enroll)
+
+    revoke = sub.add_parser("revoke", help="refuse a device's credential from now on")
+    revoke.add_argument("device_id", metavar="DEVICE_ID")
+    revoke.add_argument("--server", required=True)
+    fleet_auth.add_token_option(revoke)
+    revoke.set_defaults(handler=_revoke)
+
+    acl = sub.add_parser("acl", help="Mosquitto passwd, acl and mosquitto.conf from the "
+                                     "enrolled devices (then SIGHUP the broker)")
+    acl.add_argument("--server", required=True)
+    acl.add_argument("-o", "--output", type=Path, required=True, metavar="DIR")
+    acl.add_argument("--orchestrator-user", default=None, metavar="USER",
+                     help="the MQTT user fleet serve connects as (--broker mqtt://USER:PASS@...)")
+    acl.add_argument("--orchestrator-password-file", type=Path, default=None, metavar="FILE")
+    fleet_auth.add_token_option(acl)
+    acl.set_defaults(handler=_acl)
 
     status = sub.add_parser("status", help="rollouts, or one rollout's devices by state")
     status.add_argument("rollout", nargs="?", default=None)
     status.add_argument("--server", required=True)
     status.add_argument("--json", action="store_true", help="machine-readable")
+    fleet_auth.add_token_option(status)
     status.set_defaults(handler=_status)
 
 
 def _request(url: str, data: bytes | None = None, content_type: str = "application/json",
-             method: str | None = None) -> Any:
-    request = urllib.request.Request(url, data=data, method=method)
+             method: str | None = None, token: str | None = None) -> Any:
+    request = urllib.request.Request(url, data=data, method=method,
+                                     headers=fleet_auth.auth_headers(token))
     if data is not None:
         request.add_header("Content-Type", content_type)
     try:
@@ -91,6 +142,9 @@ def _request(url: str, data: bytes | None = None, content_type: str = "applicati
             message = json.loads(exc.read()).get("error", exc.reason)
         except ValueError:
             message = exc.reason
+        refused = fleet_auth.refusal(exc.code, message, token)
+        if refused is not None:
+            raise FleetError(f"{url}: {refused}") from None
         raise FleetError(f"{url}: HTTP {exc.code}: {message}") from None
     except urllib.error.URLError as exc:
         raise FleetError(f"{url}: {exc.reason}") from None
@@ -104,9 +158,13 @@ def _serve(args: argparse.Namespace) -> int:
                          f"'edgerun[fleet]' ({exc})") from None
     from edgerun.runtime import signing
 
-    serve_fleet(str(args.data), args.broker, host=args.host, port=args.port,
+    host = fleet_auth.protected_host(args.host, args.tokens is not None)
+    serve_fleet(str(args.data), args.broker, host=host, port=args.port,
                 public_url=args.public_url, trusted=signing.load_public_keys(args.trust),
-                log_level=args.log_level)
+                tokens=args.tokens, log_level=args.log_level, db=args.db,
+                lease_ttl=args.lease_ttl,
+                broker_password=(fleet_auth.read_secret(args.broker_password_file)
+                                 if args.broker_password_file else None))
     return 0
 
 
@@ -119,7 +177,7 @@ def _push(args: argparse.Namespace) -> int:
             with Bundle.open(path, verify=False) as bundle:
                 path = bundle.pack(Path(scratch) / "bundle.tar.gz")
         answer = _request(args.server.rstrip("/") + "/bundles", path.read_bytes(),
-                          "application/gzip")
+                          "application/gzip", token=fleet_auth.client_token(args.token_file))
     verb = "accepted" if answer["created"] else "already held"
     out.print(f"{verb} {answer['model']} version {answer['version']} ({answer['size']:,} bytes,"
               f" sha256 {answer['sha256'][:12]}…, signed by {answer['key_id']})")
@@ -139,29 +197,72 @@ def _deploy(args: argparse.Namespace) -> int:
             "max_failures": parse_percentage(args.max_failures), "gate": args.gate,
             "job_timeout": args.job_timeout, "gate_timeout": args.gate_timeout}
     server = args.server.rstrip("/")
-    status = _request(server + "/rollouts", json.dumps(spec).encode())
+    token = fleet_auth.client_token(args.token_file)
+    status = _request(server + "/rollouts", json.dumps(spec).encode(), token=token)
     out.print(f"rollout [bold]{status['id']}[/]: {name} version {version} to "
               f"{status['devices']} devices in {status['waves']} waves")
     if args.wait:
-        status = _follow(server, status["id"])
+        status = _follow(server, status["id"], token)
         out.print(f"rollout {status['id']} {status['state']}: {status['reason']}")
         return 0 if status["state"] == "completed" else 1
     return 0
 
 
 def _abort(args: argparse.Namespace) -> int:
-    status = _request(f"{args.server.rstrip('/')}/rollouts/{args.rollout}/abort", b"{}")
+    status = _request(f"{args.server.rstrip('/')}/rollouts/{args.rollout}/abort", b"{}",
+                      token=fleet_auth.client_token(args.token_file))
     out.print(f"rollout {status['id']}: {status['state']} ({status['reason']})")
     return 0
 
 
-def _follow(server: str, rollout_id: str) -> dict:
+def _rollback(args: argparse.Namespace) -> int:
+    status = _request(f"{args.server.rstrip('/')}/rollouts/{args.rollout}/rollback", b"{}",
+                      token=fleet_auth.client_token(args.token_file))
+    out.print(f"rollout {status['id']}: {status['state']} ({status['reason']})")
+    return 0
+
+
+def _enroll(args: argparse.Namespace) -> int:
+    answer = _request(f"{args.server.rstrip('/')}/devices/{args.device_id}/enroll",
+                      json.dumps({"groups": args.groups}).encode(),
+                      token=fleet_auth.client_token(args.token_file))
+    print(answer["secret"])  # alone, for `> device.secret`
+    return 0
+
+
+def _revoke(args: argparse.Namespace) -> int:
+    _request(f"{args.server.rstrip('/')}/devices/{args.device_id}/revoke", b"{}",
+             token=fleet_auth.client_token(args.token_file))
+    out.print(f"revoked {args.device_id}: the registry refuses it now; regenerate the broker "
+              "files (edgerun fleet acl) and SIGHUP the broker")
+    return 0
+
+
+def _acl(args: argparse.Namespace) -> int:
+    from edgerun.adapters.auth import mosquitto
+
+    rows = _request(f"{args.server.rstrip('/')}/credentials",
+                    token=fleet_auth.client_token(args.token_file))
+    devices = [mosquitto.Device(r["device_id"], r["password_hash"], tuple(r["groups"]))
+               for r in rows]
+    orchestrator = None
+    if args.orchestrator_user:
+        if args.orchestrator_password_file is None:
+            raise FleetError("--orchestrator-user needs --orchestrator-password-file")
+        orchestrator = mosquitto.Orchestrator(args.orchestrator_user, mosquitto.hash_password(
+            fleet_auth.read_secret(args.orchestrator_password_file)))
+    files = mosquitto.write_broker_files(args.output, devices, orchestrator=orchestrator)
+    out.print(f"{len(devices)} devices: {files.passwd}, {files.acl}, {files.conf}")
+    return 0
+
+
+def _follow(server: str, rollout_id: str, token: str | None) -> dict:
     with Progress(TextColumn("{task.description}"), BarColumn(),
                   TextColumn("{task.completed}/{task.total} active  {task.fields[states]}"),
                   console=out) as progress:
         task = None
         while True:
-            status = _request(f"{server}/rollouts/{rollout_id}")
+            status = _request(f"{server}/rollouts/{rollout_id}", token=token)
             states = "  ".join(f"{k} {v}" for k, v in status["counts"].items())
             if task is None:
                 task = progress.add_task(rollout_id, total=status["devices"], states=states)
@@ -176,7 +277,7 @@ def _follow(server: str, rollout_id: str) -> dict:
 def _status(args: argparse.Namespace) -> int:
     server = args.server.rstrip("/")
     path = f"/rollouts/{args.rollout}" if args.rollout else "/rollouts"
-    status = _request(server + path)
+    status = _request(server + path, token=fleet_auth.client_token(args.token_file))
     if args.json:
         print(json.dumps(status, indent=2))
         return 0
@@ -187,6 +288,11 @@ def _status(args: argparse.Namespace) -> int:
                           f"{r['wave'] + 1}/{r['waves']}", str(r["devices"]),
                           "  ".join(f"{k} {v}" for k, v in r["counts"].items()))
         out.print(table)
+        models = Table("model", "version", "size", "sha256", "signed by")
+        for v in status["models"]:
+            models.add_row(v["model"], v["version"], f"{v['size']:,}", v["sha256"][:12],
+                           v["key_id"])
+        out.print(models)
         devices = Table("device", "group", "state", "serving", "last seen (s ago)")
         for device in status["devices"]:
             models = (device["status"] or {}).get("models") or {}

@@ -18,6 +18,9 @@ from rich.table import Table
 
 from edgerun.adapters.auth.tokens import (SCOPES, create_token, read_secret, read_tokens,
                                           revoke_token)
+
+__all__ = ["add_token_option", "auth_headers", "client_token", "protected_host", "read_secret",
+           "refusal", "register_token_commands"]
 from edgerun.runtime.errors import InvalidInput
 
 log = logging.getLogger(__name__)

@@ -1,0 +1,328 @@
+"""The registry behind tokens and device credentials: a real `edgerun fleet serve` process."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from types import SimpleNamespace
+
+import httpx
+import pytest
+
+from edgerun.adapters.auth.tokens import create_token, read_secret
+from edgerun.examples import mlp_onnx
+from edgerun.runtime import signing
+from tests.cli import edgerun, edgerun_command
+from tests.fleet_sim import Broker, FleetServer, SimDevice, make_bundle, wait_for
+from tests.mosquitto_broker import Peer
+from tests.serving import free_port
+
+# every route but health, with the scope it needs
+ROUTES = [("POST", "/bundles", "admin"), ("GET", "/bundles", "read"),
+          ("GET", "/bundles/m/1", "read"), ("GET", "/devices", "read"),
+          ("POST", "/rollouts", "deploy"), ("GET", "/rollouts", "read"),
+          ("GET", "/rollouts/r1", "read"), ("POST", "/rollouts/r1/abort", "deploy"),
+          ("POST", "/devices/dev-q/enroll", "admin"), ("POST", "/devices/dev-q/revoke", "admin"),
+          ("GET", "/credentials", "admin"), ("POST", "/rollouts/r1/rollback", "admin")]
+
+
+@pytest.fixture(scope="module")
+def secured(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("fleet-auth")
+    key, pub = signing.generate_keys(tmp / "keys")
+    tokens = tmp / "tokens"
+    secrets = {}
+    for scope in ("read", "deploy", "admin"):
+        create_token(scope, tokens, tmp / f"{scope}.secret", name=f"{scope}-key")
+        secrets[scope] = tmp / f"{scope}.secret"
+    broker = Broker(tmp / "broker")
+    broker.start()
+    server = FleetServer(tmp / "fleet", broker, [pub], ["--tokens", str(tokens)]).start()
+    bundle = make_bundle(tmp / "bundles", mlp_onnx([8, 16, 4], seed=1), "m", "1", key)
+    yield {"server": server, "secrets": secrets, "bundle": bundle, "tmp": tmp,
+           "broker": broker, "key": key, "pub": pub}
+    server.stop()
+    broker.stop()
+
+
+def call(server, method, path, token=None, **kw):
+    headers = {"authorization": f"Bearer {token}"} if token else {}
+    return httpx.request(method, server.url + path, headers=headers, timeout=30, **kw)
+
+
+def test_health_is_open_and_every_other_route_needs_a_token(secured):
+    server, secrets = secured["server"], secured["secrets"]
+    assert call(server, "GET", "/health").status_code == 200
+    for method, path, scope in ROUTES:
+        answer = call(server, method, path)
+        assert answer.status_code == 401, (method, path, answer.text)
+        assert "bearer token" in answer.json()["error"]
+        wrong = call(server, method, path, "edgerun_not-a-token")
+        assert wrong.status_code == 401, (method, path)
+
+
+def test_a_token_too_small_is_403_and_a_large_enough_one_passes(secured):
+    server, secrets = secured["server"], secured["secrets"]
+    read = read_secret(secrets["read"])
+    for method, path, scope in ROUTES:
+        answer = call(server, method, path, read)
+        if scope == "read":
+            assert answer.status_code not in (401, 403), (method, path, answer.text)
+        else:
+            assert answer.status_code == 403, (method, path, answer.text)
+            assert "has scope 'read'" in answer.json()["error"]
+    deploy = read_secret(secrets["deploy"])
+    assert call(server, "POST", "/bundles", deploy, content=b"x").status_code == 403
+    # deploy passes the check: the answer is about the missing rollout, not the token
+    assert call(server, "POST", "/rollouts/r1/abort", deploy).status_code == 404
+
+
+def test_cli_clients_send_tokens_and_say_which_refusal(secured, tmp_path):
+    server, secrets, bundle = secured["server"], secured["secrets"], secured["bundle"]
+    refused = edgerun("fleet", "push", str(bundle), "--server", server.url)
+    assert refused.returncode != 0
+    assert "401" in refused.stderr and "--token-file" in refused.stderr
+    refused = edgerun("fleet", "push", str(bundle), "--server", server.url,
+                      "--token-file", str(secrets["read"]))
+    assert refused.returncode != 0 and "403" in refused.stderr, refused.stderr
+    pushed = edgerun("fleet", "push", str(bundle), "--server", server.url,
+                     "--token-file", str(secrets["admin"]))
+    assert pushed.returncode == 0, pushed.stderr
+    refused = edgerun("fleet", "abort", "r1", "--server", server.url,
+                      "--token-file", str(secrets["read"]))
+    assert refused.returncode != 0 and "403" in refused.stderr
+    env = {"EDGERUN_TOKEN": read_secret(secrets["read"])}
+    status = edgerun("fleet", "status", "--json", "--server", server.url, env=env)
+    assert status.returncode == 0, status.stderr
+    listed = json.loads(status.stdout)
+    assert [(v["model"], v["version"]) for v in listed["models"]] == [("m", "1")]
+    assert "devices" in listed and "rollouts" in listed
+    secret = read_secret(secrets["admin"])
+    assert secret not in (secured["tmp"] / "fleet" / "server.log").read_text()
+
+
+def test_without_tokens_fleet_serve_refuses_a_public_address(tmp_path):
+    pub = signing.generate_keys(tmp_path / "keys")[1]
+    refused = edgerun("fleet", "serve", "--data", str(tmp_path / "d"), "--broker",
+                      "mqtt://127.0.0.1:1", "--host", "0.0.0.0", "--trust", str(pub),
+                      timeout=60)
+    assert refused.returncode != 0
+    assert "without --tokens" in refused.stderr
+
+
+def test_devices_fetch_only_their_own_jobs_bundles_and_revocation_is_immediate(secured):
+    server, secrets, tmp = secured["server"], secured["secrets"], secured["tmp"]
+    admin = ["--token-file", str(secrets["admin"])]
+    device_secrets = {}
+    for device in ("dev-a", "dev-b"):
+        enrolled = edgerun("fleet", "enroll", device, "--server", server.url, *admin)
+        assert enrolled.returncode == 0, enrolled.stderr
+        device_secrets[device] = enrolled.stdout.strip()
+        assert enrolled.stdout == device_secrets[device] + "\n"  # the secret alone
+    refused = edgerun("fleet", "enroll", "dev-c", "--server", server.url,
+                      "--token-file", str(secrets["deploy"]))
+    assert refused.returncode != 0 and "403" in refused.stderr
+
+    key, trusted = secured["key"], [signing.load_public_key(secured["pub"])]
+    v2 = make_bundle(tmp / "bundles", mlp_onnx([8, 16, 4], seed=2), "m", "2", key)
+    for bundle in (secured["bundle"], v2):
+        assert edgerun("fleet", "push", str(bundle), "--server", server.url,
+                       *admin).returncode == 0
+    def fetch(device: str, secret: str, version: str = "2") -> httpx.Response:
+        return httpx.get(f"{server.url}/bundles/m/{version}", auth=(device, secret), timeout=30)
+
+    devices = [SimDevice(d, tmp / d, secured["broker"], trusted, secured["bundle"],
+                         credential=device_secrets[d]).start() for d in ("dev-a", "dev-b")]
+    try:
+        read = read_secret(secrets["read"])
+        wait_for(lambda: len(call(server, "GET", "/devices", read).json()) == 2, 30,
+                 "both devices to report")
+        done = edgerun("fleet", "deploy", "m:2", "--devices", "dev-a", "--server", server.url,
+                       "--wait", env={"EDGERUN_TOKEN": read_secret(secrets["deploy"])},
+                       timeout=120)
+        # dev-a downloaded with its own credential (HTTP Basic) and runs version 2
+        assert done.returncode == 0 and "completed" in done.stdout, done.stdout + done.stderr
+        assert "2" in devices[0].repository.versions("m")
+        assert fetch("dev-a", device_secrets["dev-a"]).status_code == 200
+        other = fetch("dev-b", device_secrets["dev-b"])
+        assert other.status_code == 403 and "dev-b" in other.json()["error"]
+        # an explicit rollback (admin only) sends dev-a back to version 1
+        rollout = call(server, "GET", "/rollouts", read).json()["rollouts"][0]["id"]
+        refused = edgerun("fleet", "rollback", rollout, "--server", server.url,
+                          "--token-file", str(secrets["deploy"]))
+        assert refused.returncode != 0 and "403" in refused.stderr
+        rolled = edgerun("fleet", "rollback", rollout, "--server", server.url, *admin)
+        assert rolled.returncode == 0, rolled.stderr
+        wait_for(lambda: devices[0].served("m") == ["1"], 60, "dev-a back on version 1")
+    finally:
+        for device in devices:
+            device.close()
+
+    assert fetch("dev-b", device_secrets["dev-a"]).status_code == 401  # only as itself
+    assert fetch("dev-a", "wrong").status_code == 401
+    revoked = edgerun("fleet", "revoke", "dev-a", "--server", server.url, *admin)
+    assert revoked.returncode == 0, revoked.stderr
+    answer = fetch("dev-a", device_secrets["dev-a"])
+    assert answer.status_code == 401 and "revoked" in answer.json()["error"]
+    log = (tmp / "fleet" / "server.log").read_text()
+    assert not any(secret in log for secret in device_secrets.values())
+
+
+def test_broker_files_from_enrolled_devices_on_a_real_mosquitto(secured, tmp_path):
+    """The orchestrator logs in as its own user; an enrolled daemon logs in with its
+    credential; a revoked one is refused once the files are regenerated and Mosquitto reloads."""
+    tokens_dir, secrets = secured["tmp"], secured["secrets"]
+    admin = ["--token-file", str(secrets["admin"])]
+    port = free_port()
+    (tmp_path / "fleet.password").write_text("orchestrator-secret\n")
+    broker = SimpleNamespace(url=f"mqtt://fleet@127.0.0.1:{port}")  # started further down
+    server = FleetServer(tmp_path / "fleet", broker, [secured["pub"]], [
+        "--tokens", str(tokens_dir / "tokens"), "--broker-password-file",
+        str(tmp_path / "fleet.password")]).start()
+    daemon = None
+    try:
+        enrolled = edgerun("fleet", "enroll", "dev-x", "--server", server.url, *admin)
+        assert enrolled.returncode == 0, enrolled.stderr
+        credential = tmp_path / "dev-x.secret"
+        credential.write_text(enrolled.stdout)
+        files = tmp_path / "broker"
+
+        def regenerate() -> None:
+            made = edgerun("fleet", "acl", "--server", server.url, "-o", str(files),
+                           "--orchestrator-user", "fleet", "--orchestrator-password-file",
+                           str(tmp_path / "fleet.password"), *admin)
+            assert made.returncode == 0, made.stderr
+
+        regenerate()
+        passwd = (files / "passwd").read_text()
+        assert passwd.startswith("dev-x:$7$") and "fleet:$7$" in passwd
+        assert enrolled.stdout.strip() not in passwd
+        with mosquitto_on(files, port) as process:
+            models = tmp_path / "models"
+            models.mkdir()
+            daemon = subprocess.Popen(
+                [*edgerun_command(), "daemon", "--repository", str(models), "--broker",
+                 f"mqtt://127.0.0.1:{port}", "--device-id", "dev-x", "--trust",
+                 str(secured["pub"]), "--credential", str(credential)],
+                stdout=(tmp_path / "daemon.log").open("wb"), stderr=subprocess.STDOUT)
+            read = read_secret(secrets["read"])
+            # the daemon's status reached the orchestrator: both logged in, the ACL let it
+            wait_for(lambda: any(d["device_id"] == "dev-x" and d["state"] == "online"
+                                 for d in call(server, "GET", "/devices", read).json()),
+                     30, "dev-x online through the secured broker")
+            assert Peer(port, "dev-x", "not-the-secret").accepted is False
+            # a device reports only as itself: the ACL drops a report under another's name
+            watcher = Peer(port, "fleet", "orchestrator-secret")
+            watcher.subscribe("edgerun/+/ota/report")
+            device = Peer(port, "dev-x", enrolled.stdout.strip())
+            device.publish("edgerun/dev-y/ota/report", b"{}")
+            assert watcher.nothing()
+            device.publish("edgerun/dev-x/ota/report", b"{}")
+            assert watcher.received()[0] == "edgerun/dev-x/ota/report"
+            device.close()
+            watcher.close()
+            revoked = edgerun("fleet", "revoke", "dev-x", "--server", server.url, *admin)
+            assert revoked.returncode == 0, revoked.stderr
+            regenerate()
+            assert "dev-x" not in (files / "passwd").read_text()
+            process.send_signal(signal.SIGHUP)
+            wait_for(lambda: refused(port, "dev-x", enrolled.stdout.strip()), 10,
+                     "the revoked device to be refused")
+            orchestrator = Peer(port, "fleet", "orchestrator-secret")
+            assert orchestrator.accepted
+            orchestrator.close()
+    finally:
+        if daemon is not None:
+            daemon.terminate()
+            daemon.wait(15)
+        server.stop()
+    log = (tmp_path / "fleet" / "server.log").read_text()
+    assert "orchestrator-secret" not in log and enrolled.stdout.strip() not in log
+
+
+def refused(port: int, username: str, password: str) -> bool:
+    peer = Peer(port, username, password)
+    peer.close()
+    return not peer.accepted
+
+
+@contextmanager
+def mosquitto_on(files, port):
+    """Mosquitto on the generated files plus a loopback listener on `port`."""
+    config = files / "test.conf"
+    extra = ["user root"] if os.geteuid() == 0 else []
+    config.write_text((files / "mosquitto.conf").read_text()
+                      + "\n".join([f"listener {port} 127.0.0.1", *extra]) + "\n")
+    log = (files / "mosquitto.log").open("wb")
+    process = subprocess.Popen([shutil.which("mosquitto") or "/usr/sbin/mosquitto", "-c",
+                                str(config)], stdout=log, stderr=subprocess.STDOUT)
+    try:
+        wait_for(lambda: _listening(port), 10, "mosquitto to listen")
+        yield process
+    finally:
+        process.terminate()
+        process.wait(10)
+        log.close()
+
+
+def _listening(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), 0.2).close()
+        return True
+    except OSError:
+        return False
+
+
+def test_no_secret_reaches_the_registry_logs_under_load(secured, tmp_path):
+    tmp, secrets = secured["tmp"], secured["secrets"]
+    server = FleetServer(tmp_path / "fleet", secured["broker"], [secured["pub"]], [
+        "--tokens", str(tmp / "tokens"), "--log-level", "debug"]).start()
+    try:
+        admin = read_secret(secrets["admin"])
+        device_secret = call(server, "POST", "/devices/dev-z/enroll", admin).json()["secret"]
+        tokens = {scope: read_secret(path) for scope, path in secrets.items()}
+        wrong = [tokens["read"][:-2] + "zz", "edgerun_" + "B" * 43]
+        plans = [("GET", "/rollouts", {"authorization": f"Bearer {tokens['read']}"}, 200),
+                 ("POST", "/bundles", {"authorization": f"Bearer {tokens['deploy']}"}, 403),
+                 *[("GET", "/devices", {"authorization": f"Bearer {w}"}, 401) for w in wrong],
+                 ("GET", "/bundles/m/1", {"authorization": basic_header("dev-z", device_secret)},
+                  403),
+                 ("GET", "/bundles/m/1", {"authorization": basic_header("dev-z", "nope")}, 401)]
+
+        def one(n: int) -> tuple[int, int]:
+            method, path, headers, expected = plans[n % len(plans)]
+            return client.request(method, path, headers=headers).status_code, expected
+
+        with httpx.Client(base_url=server.url, timeout=30) as client, \
+                ThreadPoolExecutor(8) as pool:
+            answers = list(pool.map(one, range(240)))
+        assert all(got == expected for got, expected in answers)
+    finally:
+        server.stop()
+    log = (tmp_path / "fleet" / "server.log").read_text()
+    assert "refused GET /devices" in log and "loaded 3 tokens" in log  # the log saw them
+    for secret in [*tokens.values(), *wrong, device_secret]:
+        assert secret not in log
+        assert secret.removeprefix("edgerun_")[:16] not in log
+    assert basic_header("dev-z", device_secret).split()[1] not in log
+
+
+def basic_header(user: str, password: str) -> str:
+    return "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
+
+
+def test_without_tokens_fleet_serve_says_it_is_in_development_mode(secured, tmp_path):
+    server = FleetServer(tmp_path / "fleet", secured["broker"], [secured["pub"]]).start()
+    try:
+        assert call(server, "GET", "/rollouts").status_code == 200  # open, on loopback only
+    finally:
+        server.stop()
+    log = (tmp_path / "fleet" / "server.log").read_text()
+    assert "development mode: no --tokens, so listening on 127.0.0.1 only" in log
