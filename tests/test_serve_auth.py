@@ -155,3 +155,34 @@ def test_metrics_open_and_a_missing_tokens_file(tmp_path: Path) -> None:
                         "open") as server:
         assert httpx.get(f"{server.url}/metrics").status_code == 200
         assert httpx.get(f"{server.url}/v2/models/mlp").status_code == 401
+
+
+def test_api_keys_guard_grpc_through_the_same_hook(tmp_path) -> None:
+    """`--api-keys` and `--grpc-port` together: gRPC metadata `authorization` is checked by the
+    same hook chain as HTTP; health probes stay open."""
+    import grpc
+    import tritonclient.grpc as triton_grpc
+
+    from tests.serving import running_server
+
+    repo = tmp_path / "models"
+    add_version(repo, "mlp", "1", mlp_onnx([4, 8, 2], seed=1))
+    tokens = tmp_path / "tokens"
+    create_token("read", tokens, tmp_path / "app.secret", name="app")
+    key = read_secret(tmp_path / "app.secret")
+    with running_server(repo, "--api-keys", str(tokens), grpc=True) as server:
+        client = triton_grpc.InferenceServerClient(server.grpc_address)
+        assert client.is_server_live() and client.is_server_ready()  # probes: no key
+        tensor = triton_grpc.InferInput("x", [1, 4], "FP32")
+        tensor.set_data_from_numpy(np.ones((1, 4), np.float32))
+        bearer = {"authorization": f"Bearer {key}"}  # gRPC metadata keys are lower-case
+        for headers in ({}, {"authorization": f"Bearer {key}x"}):
+            with pytest.raises(InferenceServerException) as info:
+                client.infer("mlp", [tensor], headers=headers)
+            assert info.value.status() == str(grpc.StatusCode.UNAUTHENTICATED), info.value
+        with pytest.raises(InferenceServerException) as info:
+            client.get_model_metadata("mlp")
+        assert info.value.status() == str(grpc.StatusCode.UNAUTHENTICATED)
+        result = client.infer("mlp", [tensor], headers=bearer)
+        assert result.as_numpy(result.get_response().outputs[0].name).shape == (1, 2)
+        assert key not in server.output()
