@@ -16,10 +16,10 @@ from typing import Any
 
 import uvicorn
 
-from edgerun.devices import DeviceProfile
 from edgerun.adapters.dataplane import DataPlane, Hook
 from edgerun.adapters.http.app import create_app
 from edgerun.adapters.http.asgi import EdgerunASGI
+from edgerun.devices import DeviceProfile
 from edgerun.runtime.batcher import BatchingConfig
 from edgerun.runtime.repository import Repository
 from edgerun.runtime.sources import VersionSource
