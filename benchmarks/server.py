@@ -18,6 +18,9 @@ runs as another process on the same cores, after a warm-up. Measured in the same
     `InferenceSession.run` per request, at concurrency 1, 16 and 64;
 (e) `edgerun serve --grpc-port` under benchmarks/grpc_loadgen.py (async gRPC, closed loop, the
     same row in raw_input_contents, raw outputs back) at concurrency 64.
+(f) the gRPC echo ceiling: benchmarks/echo_grpc.py, a grpc.aio server answering every ModelInfer
+    with edgerun's answer, canned, under the same gRPC load generator: what grpcio costs on
+    these cores, and with the limit the gRPC ideal.
 Every server's CPU time per response (from /proc, over the whole load-generator run) is printed
 beside its throughput: on a shared machine it moves far less than req/s does.
 Targets at concurrency 64: edgerun JSON >= 0.75x the ideal, binary >= 0.85x, p99 no worse than
@@ -63,9 +66,10 @@ WARMUP_S = 1.0
 READY_TIMEOUT_S = 120.0
 ECHO, JSON_RUN, BINARY_RUN = "echo ASGI (ceiling)", "edgerun JSON", "edgerun binary"
 GRPC_RUN, PLAIN = "edgerun gRPC raw", "plain FastAPI"
+GRPC_ECHO = "gRPC echo (ceiling)"
 #: --only's names for the servers.
-SELECT = {"echo": ECHO, "json": JSON_RUN, "binary": BINARY_RUN, "grpc": GRPC_RUN,
-          "plain": PLAIN}
+SELECT = {"echo": ECHO, "json": JSON_RUN, "binary": BINARY_RUN, "grpc-echo": GRPC_ECHO,
+          "grpc": GRPC_RUN, "plain": PLAIN}
 #: HTTP/2 connections grpc_loadgen.py spreads its calls over (see its --channels).
 GRPC_CHANNELS = 1
 #: The previous recorded run's p99 at concurrency 64 (edgerun JSON): "p99 no worse than today".
@@ -116,6 +120,16 @@ def canned_answer(expected: np.ndarray) -> bytes:
          "data": [float(v) for v in expected.ravel()]}]}).encode()
 
 
+def canned_grpc_answer(expected: np.ndarray) -> bytes:
+    """edgerun's gRPC answer to the benchmark call (raw output contents), serialized."""
+    from edgerun.adapters.grpc import grpc_predict_v2_pb2 as pb
+
+    response = pb.ModelInferResponse(model_name=MODEL, model_version="1")
+    response.outputs.add(name="y", datatype="FP32", shape=expected.shape)
+    response.raw_output_contents.append(np.ascontiguousarray(expected, "<f4").tobytes())
+    return response.SerializeToString()
+
+
 def make_repository(model_path: Path) -> Path:
     """REPO/mlp/1/ is a bundle of the same model file named mlp version 1.
 
@@ -143,8 +157,10 @@ def log_tail(log: Path, lines: int = 20) -> str:
 
 
 def start_server(command: list[str], port: int, log: Path, *, cwd: Path | None = None,
-                 env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
-    """Start a server and return once GET /v2/health/ready answers 200."""
+                 env: dict[str, str] | None = None, http: bool = True
+                 ) -> subprocess.Popen[bytes]:
+    """Start a server and return once GET /v2/health/ready answers 200 (or, with `http`
+    off, once the port accepts connections)."""
     with log.open("wb") as out:
         process = subprocess.Popen(command, cwd=cwd, env=env, stdout=out,
                                    stderr=subprocess.STDOUT)
@@ -155,6 +171,9 @@ def start_server(command: list[str], port: int, log: Path, *, cwd: Path | None =
             raise RuntimeError(f"`{' '.join(command)}` exited with status {process.returncode} "
                                f"before it was ready:\n{log_tail(log)}")
         try:
+            if not http:
+                socket.create_connection(("127.0.0.1", port), timeout=2).close()
+                return process
             with urllib.request.urlopen(url, timeout=2) as response:
                 if response.status == 200:
                     return process
@@ -397,6 +416,14 @@ def ratio_table(runs: dict[str, ServerRun], limit: dict[str, float]) -> str:
          f"{limit['rps']:,.0f}", "", f"{limit['cpu_us']:,.0f}", ""],
         ["ideal: 1 / (1/echo + 1/limit); CPU: echo + forward pass", _show(ideal, ",.0f"),
          "1.00", _show(ideal_cpu, ",.0f"), "1.00"]]
+    grpc_echo = runs.get(GRPC_ECHO)
+    if grpc_echo is not None and grpc_echo.results:
+        g_ideal, g_cpu = ideal_rps(grpc_echo, limit), cpu_per_request(grpc_echo)
+        rows += [["gRPC echo ceiling: grpc.aio, canned answer",
+                  _show(_get(grpc_echo, TOP, "ok_rps"), ",.0f"), "", _show(g_cpu, ",.0f"), ""],
+                 ["gRPC ideal: 1 / (1/gRPC echo + 1/limit)", _show(g_ideal, ",.0f"),
+                  _show(g_ideal / ideal if g_ideal and ideal else None, ".2f", "x"),
+                  _show(None if g_cpu is None else g_cpu + limit["cpu_us"], ",.0f"), ""]]
     for name in (JSON_RUN, BINARY_RUN, GRPC_RUN, PLAIN):
         rps, cpu = _get(runs.get(name), TOP, "ok_rps"), cpu_per_request(runs.get(name))
         rows.append([name, _show(rps, ",.0f"),
@@ -450,6 +477,11 @@ def target_table(runs: dict[str, ServerRun], limit: dict[str, float],
                f"{limit['contended'] / limit['rps']:.2f}x the limit: the compute left to any "
                "server whose event loop and load generator share these two cores with the "
                "model.")
+    g_ideal = ideal_rps(runs[GRPC_ECHO], limit) if GRPC_ECHO in runs else None
+    if g_ideal and g_rps and b_rps:
+        ceiling += (f" A gRPC server whose only costs were grpcio's and the forward pass (the gRPC "
+                    f"ideal) would do {g_ideal:,.0f} req/s, {g_ideal / b_rps:.2f}x the HTTP "
+                    f"binary figure; edgerun gRPC raw reaches {g_rps / g_ideal:.2f}x of it.")
     return markdown_table(["edgerun", "measured", "target", ""], rows) + "\n\n" + ceiling
 
 
@@ -530,11 +562,26 @@ def measure_grpc(run: ServerRun, repo: Path, expected: np.ndarray, seconds: floa
     if run.failure:
         return
     port, grpc_port = free_port(), free_port()
-    log = SCRATCH / "grpc.log"
-    command += ["--grpc-port", str(grpc_port)]
     command = [arg.replace("{port}", str(port)) for arg in command]
+    _load_grpc(run, [*command, "--grpc-port", str(grpc_port)], port, grpc_port, expected,
+               seconds)
+
+
+def measure_grpc_echo(run: ServerRun, answer: Path, seconds: float) -> None:
+    """benchmarks/echo_grpc.py (canned answer) under the same gRPC load generator."""
+    grpc_port = free_port()
+    _load_grpc(run, [sys.executable, str(HERE / "echo_grpc.py"), "--port", str(grpc_port),
+                     "--answer", str(answer)], None, grpc_port, None, seconds)
+
+
+def _load_grpc(run: ServerRun, command: list[str], http_port: int | None, grpc_port: int,
+               expected: np.ndarray | None, seconds: float) -> None:
+    """Start a gRPC server (ready when its HTTP port says so, or its gRPC port opens), load it
+    at concurrency 64, compare its first answer with bare ORT's when `expected` is given."""
+    log = SCRATCH / f"{run.name.replace(' ', '-')}.log"
     try:
-        process = start_server(command, port, log)
+        process = start_server(command, grpc_port if http_port is None else http_port, log,
+                               http=http_port is not None)
     except RuntimeError as exc:
         run.failure = str(exc)
         return
@@ -546,9 +593,10 @@ def measure_grpc(run: ServerRun, repo: Path, expected: np.ndarray, seconds: floa
         result["server_cpu_us"] = spent / result["total"] * 1e6 if result["total"] \
             else float("nan")
         run.results[TOP] = result
-        got = np.load(answer)
-        run.outputs_match = got.shape == expected.shape and bool(
-            np.allclose(got, expected, rtol=1e-3, atol=1e-4))
+        if expected is not None:
+            got = np.load(answer)
+            run.outputs_match = got.shape == expected.shape and bool(
+                np.allclose(got, expected, rtol=1e-3, atol=1e-4))
         print(f"{run.name}, concurrency {TOP}: {json.dumps(result)}", file=sys.stderr)
         if process.poll() is not None:
             run.failure = (f"the server exited with status {process.returncode} during the "
@@ -601,7 +649,8 @@ def main() -> int:
     runs = {run.name: run for run in (
         ServerRun(ECHO, json_file, (TOP,)), ServerRun(JSON_RUN, json_file),
         ServerRun(BINARY_RUN, binary_file, (TOP,), binary_headers),
-        ServerRun(GRPC_RUN, tensor_file, (TOP,)), ServerRun(PLAIN, json_file))}
+        ServerRun(GRPC_ECHO, tensor_file, (TOP,)), ServerRun(GRPC_RUN, tensor_file, (TOP,)),
+        ServerRun(PLAIN, json_file))}
     chosen = {SELECT[key] for key in args.only}
     uvicorn = [sys.executable, "-m", "uvicorn", "--host", "127.0.0.1", "--port", "{port}",
                "--no-access-log", "--workers", "1", "--loop", "uvloop", "--http", "httptools"]
@@ -616,6 +665,10 @@ def main() -> int:
                                args.seconds)
             except RuntimeError as exc:
                 runs[name].failure = str(exc)
+    if GRPC_ECHO in chosen:
+        grpc_answer = SCRATCH / "answer.pb"
+        grpc_answer.write_bytes(canned_grpc_answer(expected))
+        measure_grpc_echo(runs[GRPC_ECHO], grpc_answer, args.seconds)
     if GRPC_RUN in chosen:
         measure_grpc(runs[GRPC_RUN], repo, expected, args.seconds)
     if PLAIN in chosen:
