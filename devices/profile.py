@@ -36,8 +36,10 @@ class DeviceProfile:
     inter_op_threads: int = 0
     graph_optimization_level: str = "all"
     #: ONNX Runtime's default: idle threads spin briefly before sleeping, so the parallel
-    #: sections of a forward pass hand over faster (measured: about 13 % more micro-batched
-    #: throughput, no loss in the HTTP server). Edge profiles turn it off: on a battery or a
+    #: sections of a forward pass hand over faster when nothing else needs the cores (about
+    #: 13 % more micro-batched throughput in benchmarks/core.py). Every shipped profile turns
+    #: it off: in edgerun the model shares the cores with a transport (the server's event loop,
+    #: the daemon's network thread) that spinning threads starve, and on a battery or a
     #: passively cooled board the spinning after every batch is heat and power for nothing.
     allow_spinning: bool = True
     #: Model instances per model the serving adapters start (each with its own session).
