@@ -64,6 +64,8 @@ def build(model_path: Path, profile: DeviceProfile, target: dict[str, Any], *,
     if cuda:
         sources = cuda_device_code.cuda_sources(executable.mod)
         try:
+            notes.append(f"device code for {target['arch']}: "
+                         f"{cuda_device_code.describe_compiler(target['arch'])}")
             fatbins = {s: cuda_device_code.compile_fatbin(s, target["arch"]) for s in sources}
         except cuda_device_code.DeviceCodeError as exc:
             raise CompileError(f"{profile.name}: {exc}") from exc
