@@ -1,11 +1,13 @@
-"""CUDA device code compiled here with nvcc, so a Jetson or a cloud GPU needs no NVRTC or nvcc.
+"""CUDA device code compiled here, so a Jetson or a cloud GPU needs no NVRTC or nvcc.
 
 apache-tvm's wheel is built without the CUDA runtime: its CUDA codegen keeps the kernels as CUDA
 C source (module format "cuda"), which a CUDA-enabled TVM compiles at load time through its
 `tvm_callback_cuda_compile` hook. Here that source is compiled ahead of time into a fatbin with
 SASS for the profile's arch plus PTX for newer GPUs, and the serialized module is rewritten to
-format "fatbin" (`cuModuleLoadData` takes it as is). A CUDA-enabled TVM calls the same nvcc
-through the callback, registered while compiling.
+format "fatbin" (`cuModuleLoadData` takes it as is). A CUDA-enabled TVM calls the same compiler
+through the callback, registered while compiling. The compiler is the first nvcc that targets
+the arch; for the archs CUDA 13 dropped (sm_50..sm_72), CUDA 12's NVRTC (see nvrtc.py), its
+cubin and PTX packed by the nvcc toolkit's fatbinary.
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+from edgerun.optimizers import nvrtc
+
 FATBIN_MAGIC = 0xBA55ED50
 FATBIN_PTX, FATBIN_CUBIN = 1, 2
 
@@ -30,18 +34,35 @@ class DeviceCodeError(RuntimeError):
     """nvcc is missing, or cannot compile for the asked architecture."""
 
 
-def find_nvcc() -> str:
-    """$EDGERUN_NVCC, nvcc on PATH, /usr/local/cuda, or the nvidia-cuda-nvcc wheel's."""
-    candidates = [os.environ.get("EDGERUN_NVCC"), shutil.which("nvcc"), "/usr/local/cuda/bin/nvcc"]
+#: Where `.ci/run` installs NVIDIA's CUDA 13 nvcc wheels on a machine without a CUDA toolkit.
+NVCC_WHEEL = "/opt/edgerun-nvcc/nvidia/cu13/bin/nvcc"
+#: What fatbinary records for the PTX's JIT: nvcc's defaults, which NVRTC's match.
+CICC_CMDLINE = "-ftz=0 -prec_div=1 -prec_sqrt=1 -fmad=1 "
+
+
+def nvcc_candidates() -> list[str]:
+    """$EDGERUN_NVCC, nvcc on PATH, /usr/local/cuda, the CUDA 13 wheels `.ci/run` installs, and
+    any nvcc wheel in this environment, in that order (executables only, no duplicates)."""
+    candidates = [os.environ.get("EDGERUN_NVCC"), shutil.which("nvcc"),
+                  "/usr/local/cuda/bin/nvcc", NVCC_WHEEL]
     spec = importlib.util.find_spec("nvidia")
     for root in (spec.submodule_search_locations or []) if spec else []:
         candidates += [str(p) for p in sorted(Path(root).glob("*/bin/nvcc"))]
+    found, seen = [], set()
     for candidate in candidates:
-        if candidate and os.access(candidate, os.X_OK):
+        if candidate and os.access(candidate, os.X_OK) and \
+                os.path.realpath(candidate) not in seen:
+            seen.add(os.path.realpath(candidate))
+            found.append(candidate)
+    return found
+
+
+def find_nvcc(arch: str | None = None) -> str:
+    """The first nvcc candidate that compiles for `arch` (any nvcc when `arch` is None)."""
+    for candidate in nvcc_candidates():
+        if arch is None or arch in supported_archs(candidate):
             return candidate
-    raise DeviceCodeError("nvcc not found: CUDA artifacts carry device code compiled here. "
-                          "Install the CUDA toolkit (or `pip install nvidia-cuda-nvcc`) or set "
-                          "EDGERUN_NVCC")
+    raise DeviceCodeError(_nothing_compiles(arch))
 
 
 @lru_cache(maxsize=None)
@@ -58,25 +79,106 @@ def nvcc_version(nvcc: str) -> str:
                  if "release" in line), "unknown")
 
 
+def compiler_for(arch: str) -> str | nvrtc.Nvrtc:
+    """An nvcc that targets `arch`, else a CUDA NVRTC that does (with its headers and a
+    fatbinary to pack its output); a clear error naming what was found otherwise."""
+    for candidate in nvcc_candidates():
+        if arch in supported_archs(candidate):
+            return candidate
+    for rtc in nvrtc.candidates():
+        if arch in rtc.archs() and not rtc.missing_headers() and find_fatbinary():
+            return rtc
+    raise DeviceCodeError(_nothing_compiles(arch))
+
+
+def describe_compiler(arch: str) -> str:
+    """What compiles `arch`'s device code, for the compile report."""
+    compiler = compiler_for(arch)
+    if isinstance(compiler, nvrtc.Nvrtc):
+        return f"NVRTC {compiler.version()} ({compiler.library}) and {find_fatbinary()}"
+    return f"nvcc {nvcc_version(compiler)} ({compiler})"
+
+
+def find_fatbinary() -> str | None:
+    """fatbinary beside one of the nvcc candidates, or on PATH."""
+    for nvcc in nvcc_candidates():
+        beside = Path(nvcc).with_name("fatbinary")
+        if os.access(beside, os.X_OK):
+            return str(beside)
+    return shutil.which("fatbinary")
+
+
+def _nothing_compiles(arch: str | None) -> str:
+    found = [f"nvcc {nvcc_version(c)} ({c}): {_span(supported_archs(c))}"
+             for c in nvcc_candidates()]
+    for rtc in nvrtc.candidates():
+        missing = rtc.missing_headers()
+        found.append(f"NVRTC {rtc.version()} ({rtc.library}): {_span(rtc.archs())}"
+                     + (f", missing {', '.join(missing)}" if missing else ""))
+    if found and not find_fatbinary():
+        found.append("no fatbinary (it comes with nvcc)")
+    return (f"no CUDA compiler here targets {arch or 'any GPU'}: "
+            f"{'; '.join(found) or 'neither nvcc nor NVRTC found'}. CUDA artifacts carry "
+            "device code compiled here: install the CUDA toolkit or NVIDIA's nvcc wheels "
+            "(`pip install nvidia-cuda-nvcc nvidia-cuda-runtime nvidia-cuda-crt "
+            "nvidia-cuda-cccl nvidia-nvvm`), and for sm_50..sm_72, which CUDA 13 dropped, "
+            f"CUDA 12's NVRTC (`pip install --target {nvrtc.DEFAULT_ROOT} {nvrtc.WHEELS}`, as "
+            ".ci/run does); or set EDGERUN_NVCC / EDGERUN_NVRTC")
+
+
+def _span(archs: frozenset[str]) -> str:
+    ordered = sorted(archs, key=lambda a: int("".join(filter(str.isdigit, a)) or 0))
+    return f"{ordered[0]}..{ordered[-1]}" if ordered else "no archs"
+
+
 def compile_fatbin(source: str, arch: str, nvcc: str | None = None) -> bytes:
-    """CUDA C source -> fatbin with SASS for `arch` (sm_87) and its PTX for newer GPUs."""
-    nvcc = nvcc or find_nvcc()
-    if arch not in supported_archs(nvcc):
+    """CUDA C source -> fatbin with SASS for `arch` (sm_87) and its PTX for newer GPUs, by the
+    first nvcc that targets `arch`, else CUDA 12's NVRTC (sm_53, sm_72)."""
+    compiler = nvcc or compiler_for(arch)
+    if isinstance(compiler, nvrtc.Nvrtc):
+        return _fatbin_with_nvrtc(source, arch, compiler)
+    if arch not in supported_archs(compiler):
         raise DeviceCodeError(
-            f"nvcc {nvcc_version(nvcc)} ({nvcc}) cannot compile for {arch}; it supports "
-            f"{', '.join(sorted(supported_archs(nvcc)))}. Set EDGERUN_NVCC to a CUDA toolkit "
-            f"that still targets {arch} (CUDA 12.x for sm_53 and sm_72)")
+            f"nvcc {nvcc_version(compiler)} ({compiler}) cannot compile for {arch}; it "
+            f"supports {', '.join(sorted(supported_archs(compiler)))}")
     compute = arch.replace("sm_", "compute_")
     with tempfile.TemporaryDirectory(prefix="edgerun-nvcc-") as scratch:
         src, out = Path(scratch) / "kernels.cu", Path(scratch) / "kernels.fatbin"
         src.write_text(source)
         result = subprocess.run(
-            [nvcc, "--fatbin", "-O3", "-std=c++17", "-w",
+            [compiler, "--fatbin", "-O3", "-std=c++17", "-w",
              "-gencode", f"arch={compute},code={arch}",
              "-gencode", f"arch={compute},code={compute}", "-o", str(out), str(src)],
             capture_output=True, text=True)
         if result.returncode != 0:
             raise DeviceCodeError(f"nvcc failed for {arch}: {result.stderr.strip()[-2000:]}")
+        return out.read_bytes()
+
+
+def _fatbin_with_nvrtc(source: str, arch: str, rtc: nvrtc.Nvrtc) -> bytes:
+    """NVRTC's cubin for `arch` and PTX for its compute_XX, packed by fatbinary as nvcc
+    packs its own."""
+    fatbinary = find_fatbinary()
+    if fatbinary is None:
+        raise DeviceCodeError(_nothing_compiles(arch))
+    compute, sm = arch.replace("sm_", "compute_"), arch.removeprefix("sm_")
+    try:
+        cubin, ptx = rtc.compile(source, arch), rtc.compile(source, compute)
+    except nvrtc.NvrtcError as exc:
+        raise DeviceCodeError(str(exc)) from exc
+    with tempfile.TemporaryDirectory(prefix="edgerun-nvrtc-") as scratch:
+        folder = Path(scratch)
+        (folder / "kernels.cubin").write_bytes(cubin)
+        (folder / "kernels.ptx").write_bytes(ptx.rstrip(b"\0"))
+        out = folder / "kernels.fatbin"
+        result = subprocess.run(
+            [fatbinary, f"--create={out}", "-64", f"--cicc-cmdline={CICC_CMDLINE}",
+             f"--image3=kind=elf,sm={sm},file={folder / 'kernels.cubin'}",
+             f"--image3=kind=ptx,sm={sm},file={folder / 'kernels.ptx'}"],
+            capture_output=True, text=True)
+        if result.returncode != 0:
+            raise DeviceCodeError(f"fatbinary failed for {arch}: "
+                                  f"{result.stderr.strip()[-2000:]}")
         return out.read_bytes()
 
 

@@ -42,6 +42,8 @@ class OptimizeOptions:
     structured: bool = False
     compile: str | None = None
     tune_trials: int = 0
+    #: HOST:PORT of a TVM RPC server on the device that measures the tuning candidates.
+    rpc: str | None = None
     force: bool = False
     eval_data: Path | None = None
     #: Seconds of timing per latency figure (per batch size, before and after).
@@ -208,7 +210,7 @@ def _compile_tvm(model_path: Path, profile: DeviceProfile, out_dir: Path, name: 
     try:
         return compile_bundle(model_path, profile, out_dir, name=name, version=options.version,
                               tune_trials=options.tune_trials, force=options.force,
-                              optimizations=tags)
+                              optimizations=tags, rpc=options.rpc)
     except BaseException:
         shutil.rmtree(out_dir, ignore_errors=True)
         raise

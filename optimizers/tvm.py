@@ -83,8 +83,10 @@ class CompileReport:
 
 def compile_bundle(model_path: Path, profile: DeviceProfile, out_dir: Path, *, name: str,
                    version: str, tune_trials: int = 0, force: bool = False,
-                   optimizations: tuple[str, ...] = ()) -> CompileReport:
-    """Compile an ONNX model for a device profile into a TVM bundle in `out_dir`."""
+                   optimizations: tuple[str, ...] = (), rpc: str | None = None) -> CompileReport:
+    """Compile an ONNX model for a device profile into a TVM bundle in `out_dir`; with
+    `tune_trials`, MetaSchedule measures candidates here, or on the device whose TVM RPC
+    server listens at `rpc` (HOST:PORT)."""
     model_path, out_dir = Path(model_path), Path(out_dir)
     profile = load_profile(profile)
     check_name(name)
@@ -95,16 +97,18 @@ def compile_bundle(model_path: Path, profile: DeviceProfile, out_dir: Path, *, n
         raise CompileError(f"{out_dir}: output folder exists and is not empty")
     target = tvm_target.target_dict(profile)
     here = tvm_target.runs_here(target)
-    if tune_trials and not here:
+    device = _rpc_device(rpc, tune_trials, target, profile)
+    if tune_trials and not here and device is None:
         raise CompileError(
             f"tuning needs to measure on the device: {tvm_target.describe(target)} does not run "
-            f"on this host ({tvm_target.host_arch()}); compile {profile.name} untuned "
+            f"on this host ({tvm_target.host_arch()}); start TVM's RPC server on a "
+            f"{profile.name} and pass its HOST:PORT (rpc= / --rpc), or compile untuned "
             "(tune_trials=0)")
     signature = _onnx_signature(model_path)
     started = time.perf_counter()
     from edgerun.optimizers import tvm_build
 
-    built = tvm_build.build(model_path, profile, target, tune_trials=tune_trials)
+    built = tvm_build.build(model_path, profile, target, tune_trials=tune_trials, rpc=device)
     signature = _fixed_batch(signature, built.batch) if built.batch else signature
     created_dir = not out_dir.exists()
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -141,6 +145,27 @@ def compile_bundle(model_path: Path, profile: DeviceProfile, out_dir: Path, *, n
                 child.unlink()
         raise
     return report
+
+
+def _rpc_device(rpc: str | None, tune_trials: int, target: dict[str, Any],
+                profile: DeviceProfile) -> Any:
+    """The RPC device to tune on, or None; refuses what RPC tuning cannot do."""
+    if rpc is None:
+        return None
+    from edgerun.optimizers.tvm_tuning import RpcDevice
+
+    if not tune_trials:
+        raise CompileError("rpc / --rpc measures tuning candidates on the device: pass "
+                           "tune_trials / --tune-trials N too")
+    if tvm_target.is_cuda(target):
+        raise CompileError(f"{profile.name}: CUDA targets get dlight's default GPU schedules; "
+                           "MetaSchedule tuning over RPC is for CPU targets")
+    try:
+        device = RpcDevice.parse(rpc)
+    except ValueError as exc:
+        raise CompileError(str(exc)) from exc
+    device.check()
+    return device
 
 
 def _onnx_signature(model_path: Path) -> Signature:

@@ -29,7 +29,7 @@ class Built:
 
 
 def build(model_path: Path, profile: DeviceProfile, target: dict[str, Any], *,
-          tune_trials: int = 0) -> Built:
+          tune_trials: int = 0, rpc: Any = None) -> Built:
     import onnx
     import tvm
 
@@ -42,7 +42,7 @@ def build(model_path: Path, profile: DeviceProfile, target: dict[str, Any], *,
     try:
         mod = import_onnx(model, batch)
         executable = _compile(mod, tvm_tgt, cuda, target, model_path, profile, tune_trials, batch,
-                              notes)
+                              notes, rpc)
     except CompileError:
         raise
     except Exception as exc:  # TVM raises many types; a symbolic batch is the usual culprit
@@ -64,6 +64,8 @@ def build(model_path: Path, profile: DeviceProfile, target: dict[str, Any], *,
     if cuda:
         sources = cuda_device_code.cuda_sources(executable.mod)
         try:
+            notes.append(f"device code for {target['arch']}: "
+                         f"{cuda_device_code.describe_compiler(target['arch'])}")
             fatbins = {s: cuda_device_code.compile_fatbin(s, target["arch"]) for s in sources}
         except cuda_device_code.DeviceCodeError as exc:
             raise CompileError(f"{profile.name}: {exc}") from exc
@@ -115,7 +117,7 @@ def import_onnx(model: Any, batch: int | None) -> Any:
 
 def _compile(mod: Any, tvm_tgt: Any, cuda: bool, target: dict[str, Any], model_path: Path,
              profile: DeviceProfile, tune_trials: int, batch: int | None,
-             notes: list[str]) -> Any:
+             notes: list[str], rpc: Any = None) -> Any:
     import tvm
     from tvm import relax
 
@@ -133,7 +135,8 @@ def _compile(mod: Any, tvm_tgt: Any, cuda: bool, target: dict[str, Any], model_p
         from edgerun.optimizers import tvm_tuning
 
         mod = tvm_tuning.tune(mod, tvm_tgt, tuning_dir(profile, target, model_path, batch),
-                              tune_trials, notes)
+                              tune_trials, notes, rpc=rpc,
+                              fcompile=_linker(profile, target) if rpc else None)
     return tvm.compile(mod, target=tvm_tgt)
 
 

@@ -1,4 +1,4 @@
-"""MetaSchedule tuning on this host, its records cached so a model is tuned once per target.
+"""MetaSchedule tuning, its records cached so a model is tuned once per target.
 
 Needs apache-tvm-ffi 0.1.14.post0 (0.1.15 segfaults in TuneContextInitialize), xgboost,
 cloudpickle, tornado and psutil: the `tvm` extra pins them. The same steps as 0.27's
@@ -6,20 +6,77 @@ cloudpickle, tornado and psutil: the `tvm` extra pins them. The same steps as 0.
 are built and timed in this process (TVM's LocalBuilder starts a new process pool, which imports
 TVM, for every batch: up to 2 minutes a batch there, and its 30 s timeout failed every build;
 starting LocalRunner's worker took 3 minutes), and the search population is sized to the budget.
+
+For a device that cannot run here (an ARM board), `rpc=RpcDevice(host, port)` measures the
+candidates on the device's TVM RPC server instead; they are linked here into shared libraries
+by the profile's cross compiler, so the device needs TVM's runtime and no compiler.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 TRIALS_FILE = "edgerun-trials.json"
+#: Seconds an RPC session may last on the device before its server ends it.
+RPC_SESSION_TIMEOUT_S = 300
 
 
-def _in_process_builder() -> Any:
+@dataclass(frozen=True)
+class RpcDevice:
+    """A TVM RPC server on the device (`python -m tvm.exec.rpc_server`) that measures the
+    candidates built here: tuning for an ARM board from an x86 host."""
+
+    host: str
+    port: int
+
+    @classmethod
+    def parse(cls, address: str) -> RpcDevice:
+        """HOST:PORT, or ValueError naming the bad address."""
+        host, _, port = address.rpartition(":")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(f"--rpc {address!r}: expected HOST:PORT of a TVM RPC server")
+        return cls(host.strip("[]"), int(port))
+
+    def __str__(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    def connect(self) -> Any:
+        """A new session; the server forks a process for it."""
+        from tvm import rpc
+
+        return rpc.connect(self.host, self.port, session_timeout=RPC_SESSION_TIMEOUT_S)
+
+    def check(self) -> None:
+        """Fail before tuning, naming the address, when no RPC server answers there."""
+        from edgerun.optimizers.tvm import CompileError
+
+        try:
+            self.connect()
+        except Exception as exc:  # TVM wraps socket errors in its own types
+            raise CompileError(f"no TVM RPC server answers at {self} ({_first_line(exc)}); "
+                               "start one on the device: python -m tvm.exec.rpc_server "
+                               f"--host 0.0.0.0 --port {self.port}") from exc
+
+
+def _last_lines(exc: BaseException, limit: int = 400) -> str:
+    """The end of an error's text, where TVM's RPC errors say what failed on the device."""
+    text = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+    return f"{type(exc).__name__}: {text[-limit:]}"
+
+
+def _first_line(exc: BaseException) -> str:
+    return next((line for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+
+
+def _in_process_builder(export: Callable[[Any, str], None], scratch: Path) -> Any:
     from tvm.s_tir import meta_schedule as ms
-    from tvm.s_tir.meta_schedule.builder.local_builder import default_build, default_export
+    from tvm.s_tir.meta_schedule.builder.local_builder import default_build
     from tvm.ir.utils import derived_object
 
     @derived_object
@@ -28,13 +85,37 @@ def _in_process_builder() -> Any:
             results = []
             for item in build_inputs:
                 try:
-                    path = default_export(default_build(item.mod, item.target, None))
-                    results.append(ms.builder.BuilderResult(path, None))
+                    path = tempfile.mkdtemp(dir=scratch)
+                    export(default_build(item.mod, item.target, None), path)
+                    results.append(ms.builder.BuilderResult(path_in(path), None))
                 except Exception as exc:  # a failed candidate is a result, not a crash
                     results.append(ms.builder.BuilderResult(None, f"{type(exc).__name__}: {exc}"))
             return results
 
     return InProcessBuilder()
+
+
+def path_in(folder: str) -> str:
+    """The one artifact an export wrote into `folder`."""
+    (artifact,) = Path(folder).iterdir()
+    return str(artifact)
+
+
+def tar_export(module: Any, folder: str) -> None:
+    """MetaSchedule's default: objects in a tar, linked where they are loaded (this host)."""
+    from tvm.support.tar import tar
+
+    module.export_library(str(Path(folder) / f"candidate.{tar.output_format}"), fcompile=tar)
+
+
+def shared_library_export(fcompile: Any) -> Callable[[Any, str], None]:
+    """A shared library linked here by `fcompile` (the profile's cross compiler): the device
+    needs no compiler to load it."""
+
+    def export(module: Any, folder: str) -> None:
+        module.export_library(str(Path(folder) / "candidate.so"), fcompile=fcompile)
+
+    return export
 
 
 def _in_process_runner() -> Any:
@@ -62,8 +143,41 @@ def _in_process_runner() -> Any:
     return InProcessRunner()
 
 
-def tune(mod: Any, target: Any, work_dir: Path, trials: int, notes: list[str]) -> Any:
-    """The module with tuned schedules applied; tunes only the trials not already recorded."""
+def _rpc_runner(device: RpcDevice, errors: list[str], runs: list[int]) -> Any:
+    """TVM's RPC runner steps (upload, random inputs, time_evaluator, clean up) run from this
+    process, one session per candidate as RPCRunner does, without its worker pool (which
+    starts a process importing TVM: minutes on a busy 2-core host)."""
+    from tvm.ir.utils import derived_object
+    from tvm.s_tir import meta_schedule as ms
+    from tvm.s_tir.meta_schedule.runner import local_runner, rpc_runner
+
+    config = ms.runner.EvaluatorConfig._normalized(None)
+
+    @derived_object
+    class InProcessRpcRunner(ms.runner.PyRunner):
+        def run(self, runner_inputs: list[Any]) -> list[Any]:
+            futures = []
+            for item in runner_inputs:
+                runs.append(1)
+                try:
+                    seconds = rpc_runner._worker_func(
+                        lambda _config: device.connect(), None, None, None, None, None,
+                        config, 1, str(item.artifact_path), str(item.device_type),
+                        tuple(a.as_json() for a in item.args_info))
+                    futures.append(local_runner.LocalRunnerFuture(res=seconds))
+                except Exception as exc:  # a failed candidate is a result, not a crash
+                    errors.append(_last_lines(exc))
+                    futures.append(local_runner.LocalRunnerFuture(
+                        error_message=f"{type(exc).__name__} on {device}: {exc}"))
+            return futures
+
+    return InProcessRpcRunner()
+
+
+def tune(mod: Any, target: Any, work_dir: Path, trials: int, notes: list[str], *,
+         rpc: RpcDevice | None = None, fcompile: Any = None) -> Any:
+    """The module with tuned schedules applied; tunes only the trials not already recorded.
+    Candidates run here, or with `rpc` are linked by `fcompile` and measured on the device."""
     import tvm
     from tvm import relax
     from tvm.s_tir import meta_schedule as ms
@@ -79,15 +193,46 @@ def tune(mod: Any, target: Any, work_dir: Path, trials: int, notes: list[str]) -
         if todo:
             tasks = sum(1 for gv in mod.functions if not isinstance(mod[gv], relax.Function))
             per_task = max(1, -(-todo // max(1, tasks)))
-            ms.relax_integration.tune_relax(
-                mod=mod, params={}, target=target, work_dir=str(work_dir),
-                max_trials_global=todo, max_trials_per_task=per_task,
-                num_trials_per_iter=min(64, per_task),
-                builder=_in_process_builder(),
-                runner=_in_process_runner(),
-                strategy=ms.search_strategy.EvolutionarySearch(
-                    population_size=min(512, max(32, 16 * per_task))))
+            errors: list[str] = []
+            runs: list[int] = []
+            _drop_unnamed_log_handlers()
+            with tempfile.TemporaryDirectory(prefix="edgerun-tuning-") as scratch:
+                export = shared_library_export(fcompile) if rpc else tar_export
+                ms.relax_integration.tune_relax(
+                    mod=mod, params={}, target=target, work_dir=str(work_dir),
+                    max_trials_global=todo, max_trials_per_task=per_task,
+                    num_trials_per_iter=min(64, per_task),
+                    builder=_in_process_builder(export, Path(scratch)),
+                    runner=_rpc_runner(rpc, errors, runs) if rpc else _in_process_runner(),
+                    strategy=ms.search_strategy.EvolutionarySearch(
+                        population_size=min(512, max(32, 16 * per_task))))
+            if rpc and runs and len(errors) == len(runs):
+                from edgerun.optimizers.tvm import CompileError
+
+                raise CompileError(f"every tuning candidate ({len(runs)}) failed on the device "
+                                   f"at {rpc}, e.g. {errors[0]}; is that device a "
+                                   f"{_triple(target)}?")
+            if errors:
+                notes.append(f"{len(errors)} of {len(runs)} candidates failed on {rpc}, e.g. "
+                             f"{errors[0]}")
             done_file.write_text(json.dumps({"trials": done + todo}))
         mod = relax.transform.MetaScheduleApplyDatabase(str(work_dir))(mod)
-    notes.append(f"tuning records {work_dir}: {done} trials cached, {todo} run now")
+    where = f"measured on {rpc} over TVM RPC" if rpc else "measured on this host"
+    notes.append(f"tuning records {work_dir}: {done} trials cached, {todo} run now"
+                 + (f" ({where})" if todo else ""))
     return mod
+
+
+def _drop_unnamed_log_handlers() -> None:
+    """tune_relax rebuilds its logger's configuration from the names of the handlers on it and
+    fails on one without a name ("'NoneType' object has no attribute 'format'"), such as a
+    log-capture handler added after an earlier tune in the process; the rebuilt
+    configuration replaces that logger's handlers anyway."""
+    logger = logging.getLogger("tvm.s_tir.meta_schedule")
+    for handler in [h for h in logger.handlers if h.get_name() is None]:
+        logger.removeHandler(handler)
+
+
+def _triple(target: Any) -> str:
+    """The target's LLVM triple, as the candidates were compiled for it."""
+    return str(target.attrs.get("mtriple", "")) or "host-like machine"

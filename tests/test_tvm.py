@@ -5,11 +5,14 @@ compiled here for their arch."""
 from __future__ import annotations
 
 import json
-import re
 import os
+import re
+import struct
+import signal
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +28,7 @@ from edgerun.optimizers.tvm import (CompileError, SlowerThanOnnxRuntime, Unsuppo
 from edgerun.runtime import Bundle, BundleError, Model
 from edgerun.runtime.backends.tvm import library_arch
 from tests.cli import edgerun
+from tests.serving import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 CUDA_PROFILES = ["jetson-nano", "jetson-xavier-nx", "jetson-orin", "cloud-gpu", "nvidia-t4",
@@ -36,6 +40,18 @@ def mlp_path(tmp_path: Path) -> Path:
     path = tmp_path / "mlp.onnx"
     path.write_bytes(mlp_onnx([8, 16, 4]))
     return path
+
+
+def cuda_elf_archs(data: bytes) -> list[str]:
+    """The sm_XX named by the ELF header (EM_CUDA, e_flags) of every uncompressed cubin."""
+    archs, start = [], 0
+    while (start := data.find(b"\x7fELF\x02\x01\x01\x33", start)) >= 0:  # 64-bit, CUDA ABI
+        (machine,) = struct.unpack_from("<H", data, start + 18)
+        (flags,) = struct.unpack_from("<I", data, start + 48)
+        if machine == 190:
+            archs.append(f"sm_{flags & 0xff}")
+        start += 4
+    return archs
 
 
 def onnxruntime_run(path: Path, inputs: dict[str, np.ndarray]) -> list[np.ndarray]:
@@ -170,12 +186,6 @@ def test_an_artifact_for_another_cpu_is_refused_naming_both(tmp_path, mlp_path):
 def test_cuda_artifact_carries_device_code_for_its_arch(tmp_path, mlp_path, name):
     profile = load_profile(name)
     arch = profile.tvm_target["arch"]
-    nvcc = cuda_device_code.find_nvcc()
-    if arch not in cuda_device_code.supported_archs(nvcc):
-        # CUDA 13 compiles for sm_75 and newer only: the refusal must say so, naming the arch
-        with pytest.raises(CompileError, match=f"cannot compile for {arch}.*EDGERUN_NVCC"):
-            compile_bundle(mlp_path, profile, tmp_path / "b", name="m", version="1")
-        return
     report = compile_bundle(mlp_path, profile, tmp_path / "b", name="m", version="1")
     compute = arch.replace("sm_", "compute_")
     assert report.device_code == (f"cubin {arch}", f"ptx {compute}")
@@ -184,8 +194,31 @@ def test_cuda_artifact_carries_device_code_for_its_arch(tmp_path, mlp_path, name
     assert ("ptx", compute) in cuda_device_code.fatbin_entries(library)
     assert b"#include <cuda" not in library  # no CUDA source left to compile on the device
     assert library_arch(report.artifact) == profile.arch
+    (note,) = [n for n in report.notes if n.startswith(f"device code for {arch}: ")]
+    if arch in ("sm_53", "sm_72"):  # CUDA 13's nvcc dropped them: CUDA 12's NVRTC compiles
+        assert "NVRTC 12." in note and "fatbinary" in note, note
+        assert cuda_elf_archs(library) == [arch]  # the cubin itself, uncompressed
     with pytest.raises(BundleError, match=f"compiled for (cuda:{arch}|{profile.arch})"):
         Model.load(tmp_path / "b")
+
+
+def test_fp16_jetson_nano_bundle_from_the_cli_carries_sm53_code(tmp_path, mlp_path):
+    # jetson-nano's default precision is fp16: TVM's kernels then include cuda_fp16.h
+    result = edgerun("optimize", str(mlp_path), "--device", "jetson-nano", "--compile", "tvm",
+                     "-o", str(tmp_path / "nano"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    manifest = Bundle.open(tmp_path / "nano").manifest
+    assert manifest.created["optimizations"] == ["quantize:fp16", "tvm"]
+    assert manifest.created["tvm"]["device_code"] == ["cubin sm_53", "ptx compute_53"]
+    entries = cuda_device_code.fatbin_entries((tmp_path / "nano" / "model.so").read_bytes())
+    assert ("cubin", "sm_53") in entries and ("ptx", "compute_53") in entries
+
+
+def test_an_arch_no_compiler_here_targets_is_refused_naming_it():
+    source = 'extern "C" __global__ void twice(float* x) { x[threadIdx.x] *= 2.0f; }\n'
+    with pytest.raises(cuda_device_code.DeviceCodeError,
+                       match=r"no CUDA compiler here targets sm_35: nvcc 1[0-9.]+ .*NVRTC 12"):
+        cuda_device_code.compile_fatbin(source, "sm_35")
 
 
 def test_fatbin_reader_matches_nvcc_output():
@@ -222,6 +255,87 @@ def test_aarch64_artifact_runs_under_qemu_and_matches_onnxruntime(tmp_path, mlp_
     assert described["backend"] == "tvm" and "cortex-a72" in described["target"]
     got = np.load(tmp_path / "out.npz")["y"]
     np.testing.assert_allclose(got, onnxruntime_run(mlp_path, {"x": x})[0], atol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def arm64_rpc_server(arm64_root, tmp_path_factory):
+    """TVM's RPC server from the aarch64 wheel, in the arm64 root under qemu-user, on a
+    loopback port: an emulated Raspberry Pi to tune on. Yields (HOST:PORT, its log file)."""
+    port = free_port()
+    log = tmp_path_factory.mktemp("rpc") / "server.log"
+    with log.open("w") as out:
+        server = subprocess.Popen(
+            ["qemu-aarch64", "-L", str(arm64_root), str(arm64_root / "usr/bin/python3.11"),
+             str(REPO / "devices" / "qemu" / "rpc_server.py"), str(arm64_root),
+             "--host", "127.0.0.1", "--port", str(port), "--port-end", str(port + 1)],
+            stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300  # two TVM imports under emulation: ~1 min when idle
+        while f"bind to 127.0.0.1:{port}" not in log.read_text():
+            assert server.poll() is None, log.read_text()[-3000:]
+            assert time.monotonic() < deadline, "RPC server did not start: " + log.read_text()
+            time.sleep(1)
+        yield f"127.0.0.1:{port}", log
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)  # the server, its worker and their sessions
+        server.wait(timeout=60)
+
+
+@pytest.mark.timeout(900)  # includes building the arm64 root and starting the server
+def test_tuning_over_rpc_measures_on_the_arm64_device(tmp_path, mlp_path, arm64_root,
+                                                      arm64_rpc_server):
+    address, server_log = arm64_rpc_server
+    cache = tmp_path / "cache"
+    result = edgerun("optimize", str(mlp_path), "--device", "raspberry-pi-4", "--quantize",
+                     "fp32", "--compile", "tvm", "--tune-trials", "2", "--rpc", address,
+                     "-o", str(tmp_path / "b"), env={"EDGERUN_CACHE": str(cache)}, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"0 trials cached, 2 run now (measured on {address} over TVM RPC)" in \
+        " ".join(result.stdout.split()), result.stdout[-3000:]
+    # every candidate was linked here for aarch64 and loaded and timed by the device's server
+    assert server_log.read_text().count("candidate.so") >= 2, server_log.read_text()[-3000:]
+    (records,) = (cache / "tvm-tuning" / "raspberry-pi-4").rglob("database_tuning_record.json")
+    run_secs = [json.loads(line)[1][1] for line in records.read_text().splitlines()]
+    assert len(run_secs) == 2 and all(0 < s[0] < 1 for s in run_secs), run_secs
+    manifest = Bundle.open(tmp_path / "b").manifest
+    assert manifest.created["tvm"]["tune_trials"] == 2
+    assert manifest.signature.inputs[0].shape == (1, 8)
+    # the tuned library runs on the "device" and agrees with ONNX Runtime on x86
+    x = np.random.default_rng(6).standard_normal((1, 8)).astype(np.float32)
+    np.savez(tmp_path / "in.npz", x=x)
+    run = subprocess.run(
+        ["qemu-aarch64", "-L", str(arm64_root), str(arm64_root / "usr/bin/python3.11"),
+         str(REPO / "devices" / "qemu" / "run_bundle.py"), str(REPO), str(tmp_path / "b"),
+         "raspberry-pi-4", str(tmp_path / "in.npz"), str(tmp_path / "out.npz")],
+        capture_output=True, text=True, timeout=240)
+    assert run.returncode == 0, run.stderr[-3000:]
+    np.testing.assert_allclose(np.load(tmp_path / "out.npz")["y"],
+                               onnxruntime_run(mlp_path, {"x": x})[0], atol=1e-4)
+
+
+@pytest.mark.timeout(600)
+def test_candidates_the_rpc_device_cannot_load_stop_the_compile(tmp_path, mlp_path,
+                                                                arm64_rpc_server, monkeypatch):
+    monkeypatch.setenv("EDGERUN_CACHE", str(tmp_path / "cache"))
+    address, _ = arm64_rpc_server  # an aarch64 device asked to measure x86-64 libraries
+    with pytest.raises(CompileError, match=rf"every tuning candidate \(2\) failed on the device "
+                                           rf"at {address}.*x86_64"):
+        compile_bundle(mlp_path, load_profile("x86-64"), tmp_path / "b", name="m",
+                       version="1", tune_trials=2, rpc=address, force=True)
+    assert not (tmp_path / "b").exists()
+
+
+@pytest.mark.parametrize(("profile", "trials", "rpc", "message"), [
+    ("raspberry-pi-4", 0, "127.0.0.1:9", "pass tune_trials / --tune-trials N"),
+    ("jetson-orin", 2, "127.0.0.1:9", "CUDA targets get dlight's default GPU schedules"),
+    ("raspberry-pi-4", 2, "pi.local", "'pi.local': expected HOST:PORT"),
+    ("raspberry-pi-4", 2, f"127.0.0.1:{free_port()}", "no TVM RPC server answers at 127.0.0.1"),
+])
+def test_rpc_tuning_refusals_name_the_culprit(tmp_path, mlp_path, profile, trials, rpc, message):
+    with pytest.raises(CompileError, match=re.escape(message)):
+        compile_bundle(mlp_path, load_profile(profile), tmp_path / "b", name="m", version="1",
+                       tune_trials=trials, rpc=rpc)
+    assert not (tmp_path / "b").exists()
 
 
 def test_readme_tvm_example_runs(tmp_path):

@@ -10,11 +10,21 @@ set -euo pipefail
 root=${1:?usage: make-arm64-root.sh ROOT [PYTHON]}
 python=${2:-python3}
 mirror=${EDGERUN_DEBIAN_MIRROR:-http://deb.debian.org/debian}
-# the same pins as the `tvm` extra: apache-tvm-ffi 0.1.15 crashes MetaSchedule (see README)
+# the same pins as the `tvm` extra: apache-tvm-ffi 0.1.15 crashes MetaSchedule (see README);
+# cloudpickle: TVM's RPC server (rpc_server.py) sends its start-up to a worker with it
 wheels=("apache-tvm==0.27.0.post1" "apache-tvm-ffi==0.1.14.post0" numpy ml_dtypes
-        typing-extensions psutil)
+        typing-extensions psutil cloudpickle)
+
+install_wheels() {
+  "$python" -m pip install --quiet --no-deps --no-compile --upgrade --target "$1/opt/edgerun-py" \
+    --platform manylinux_2_28_aarch64 --platform manylinux_2_17_aarch64 --platform manylinux2014_aarch64 \
+    --implementation cp --python-version 3.11 --abi cp311 --only-binary=:all: "${wheels[@]}"
+  printf '%s\n' "${wheels[@]}" >"$1/.edgerun-ready"
+}
 
 if [[ -x "$root/usr/bin/python3.11" && -f "$root/.edgerun-ready" ]]; then
+  # a root cached by an earlier checkout gets the wheels this one lists
+  [[ "$(cat "$root/.edgerun-ready")" == "$(printf '%s\n' "${wheels[@]}")" ]] || install_wheels "$root"
   exit 0
 fi
 for tool in debootstrap qemu-aarch64; do
@@ -30,8 +40,5 @@ for deb in "$partial"/var/cache/apt/archives/*.deb; do
   dpkg-deb -x "$deb" "$partial"
 done
 rm -f "$partial"/var/cache/apt/archives/*.deb
-"$python" -m pip install --quiet --no-deps --no-compile --target "$partial/opt/edgerun-py" \
-  --platform manylinux_2_28_aarch64 --platform manylinux_2_17_aarch64 --platform manylinux2014_aarch64 \
-  --implementation cp --python-version 3.11 --abi cp311 --only-binary=:all: "${wheels[@]}"
-touch "$partial/.edgerun-ready"
+install_wheels "$partial"
 rm -rf "$root" && mv "$partial" "$root" && rm -f "$partial.log"

@@ -37,6 +37,9 @@ def register(commands: argparse._SubParsersAction) -> None:
                         help="compile with TVM for the profile's target")
     parser.add_argument("--tune-trials", type=int, default=0,
                         help="MetaSchedule trials when compiling (0: no tuning)")
+    parser.add_argument("--rpc", default=None, metavar="HOST:PORT",
+                        help="measure the tuning trials on the device whose TVM RPC server "
+                             "(python -m tvm.exec.rpc_server) listens there")
     parser.add_argument("--force", action="store_true",
                         help="keep a compiled artifact even when it is slower than ONNX Runtime")
     parser.add_argument("--eval", type=Path, default=None, dest="eval_data",
@@ -58,7 +61,7 @@ def _optimize(args: argparse.Namespace) -> int:
     options = OptimizeOptions(
         device=args.device, quantize=args.quantize, calibration=args.calibration,
         per_channel=args.per_channel, prune=args.prune, structured=args.structured,
-        compile=args.compile, tune_trials=args.tune_trials, force=args.force,
+        compile=args.compile, tune_trials=args.tune_trials, rpc=args.rpc, force=args.force,
         eval_data=args.eval_data, name=args.name, version=args.version)
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
                   console=out, transient=True) as progress:
