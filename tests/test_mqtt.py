@@ -159,6 +159,21 @@ def test_500_concurrent_requests_all_answered_with_their_correlation(requester):
         np.testing.assert_allclose(outputs(payload)[0], want[i], rtol=1e-4)
 
 
+def test_messages_larger_than_the_socket_buffers_both_ways(requester):
+    """A request and an answer of megabytes: read in many pieces, written in many flushes."""
+    xs = np.random.default_rng(2).normal(size=(300_000, 4)).astype(np.float32)
+    body = orjson.dumps({"inputs": [{"name": "x", "datatype": "FP32", "shape": list(xs.shape),
+                                     "data": xs.ravel().tolist()}]})
+    assert len(body) > 8_000_000
+    payload, _ = requester.ask("edgerun/dev1/infer/mlp", body, timeout=120)
+    assert len(payload) > 4_000_000
+
+    np.testing.assert_allclose(outputs(payload), expected(xs), rtol=1e-4, atol=1e-6)
+    # and the connection serves small requests as before
+    payload, _ = requester.ask("edgerun/dev1/infer/mlp", INFER_JSON)
+    np.testing.assert_allclose(outputs(payload), expected(np.array([[1, 2, 3, 4]])), rtol=1e-5)
+
+
 # ------------------------------------------------------------------- bad input
 @pytest.mark.parametrize("topic, payload, options, kind, culprit", [
     ("edgerun/dev1/infer/mlp", b"{not json", {}, "invalid_input", "JSON"),
@@ -336,6 +351,26 @@ def test_tls_with_a_test_ca(tmp_path, repo):
              "-W", "20"], capture_output=True, text=True, timeout=30)
         assert result.returncode == 0, result.stderr + daemon.output()
         assert outputs(result.stdout.encode()).shape == (1, 3)
+        # many answers in few TLS records, and one answer of megabytes in many
+        requester = Requester(broker)
+        try:
+            xs = np.random.default_rng(3).normal(size=(200, 4)).astype(np.float32)
+            keys = [requester.send("edgerun/secure/infer/mlp", orjson.dumps({"inputs": [
+                {"name": "x", "datatype": "FP32", "shape": [1, 4], "data": x.tolist()}]}))
+                for x in xs]
+            big = np.random.default_rng(4).normal(size=(100_000, 4)).astype(np.float32)
+            keys.append(requester.send("edgerun/secure/infer/mlp", orjson.dumps({"inputs": [
+                {"name": "x", "datatype": "FP32", "shape": list(big.shape),
+                 "data": big.ravel().tolist()}]})))
+            requester.wait(keys, timeout=120)
+            want = expected(xs)
+            for i, key in enumerate(keys[:-1]):
+                np.testing.assert_allclose(outputs(requester.answers[key][0][0])[0], want[i],
+                                           rtol=1e-4)
+            np.testing.assert_allclose(outputs(requester.answers[keys[-1]][0][0]),
+                                       expected(big), rtol=1e-4, atol=1e-6)
+        finally:
+            requester.close()
 
 
 def make_certificates(folder: Path) -> dict[str, str]:
