@@ -254,6 +254,23 @@ def test_config_file_with_flags_on_top(tmp_path):
 
 
 # ------------------------------------------------------- backpressure, failures
+@pytest.mark.parametrize("device", [None, "cpu", "x86-64"])
+def test_onnx_runtime_threads_never_spin_in_the_daemon(repo, device):
+    """Spinning after each small forward pass took the cores the network loop needs."""
+    from edgerun.adapters.mqtt.daemon import Daemon
+    config = load_config(None, repository=repo, broker="mqtt://127.0.0.1:1", device_id="spin",
+                         device=device)
+    daemon = Daemon(config)
+    try:
+        daemon.repository.load_all()
+        session = daemon.repository.get("mlp").model.backend.session
+        options = session.get_session_options()
+        assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+        assert daemon.repository.device.name == (device or "cpu")
+    finally:
+        daemon.repository.close()
+
+
 def test_full_inbox_answers_overloaded(tmp_path, repo):
     with running_broker(tmp_path / "b") as broker, \
             running_daemon(repo, broker, "tiny", "--max-inbox", "1"):

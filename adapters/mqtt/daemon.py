@@ -5,7 +5,10 @@ external-loop interface: no network thread of its own) and serves each request t
 `DataPlane.handle_async`, which never blocks it; the forward passes run on the MicroBatcher's
 thread, so requests that arrive together wait in the same batcher and run as one batch.
 Receiving, answering and publishing on one thread spares two thread hand-offs per request
-(measured in benchmarks/mqtt.py). Extension callbacks run on a thread of their own, in order.
+(measured in benchmarks/mqtt.py). paho reads and writes through a `transport.BufferedSocket`:
+one `recv` takes what the kernel holds, and everything a turn of the loop queues (PUBACKs,
+answers) goes out in one `send` on the next turn. ONNX Runtime's threads never spin here
+(`daemon_profile`). Extension callbacks run on a thread of their own, in order.
 """
 
 from __future__ import annotations
