@@ -12,6 +12,8 @@ import numpy as np
 import orjson
 import paho.mqtt.client as mqtt
 import pytest
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 
 from edgerun.adapters.codecs import npz, oip
 from edgerun.adapters.mqtt.config import Broker as BrokerURL
@@ -97,6 +99,23 @@ def test_oip_binary_both_ways(requester):
     assert head["outputs"][0]["parameters"]["binary_data_size"] == 2 * 3 * 4
     y = np.frombuffer(payload[split:], dtype=np.float32).reshape(2, 3)
     np.testing.assert_allclose(y, expected(x), rtol=1e-5)
+
+
+def test_requests_with_more_properties_than_the_usual_two(requester):
+    """Expiry, payload format and several user properties: decoded, and the answer correct."""
+    properties = Properties(PacketTypes.PUBLISH)
+    properties.ResponseTopic = requester.reply_topic
+    properties.CorrelationData = b"many-properties"
+    properties.MessageExpiryInterval = 600
+    properties.PayloadFormatIndicator = 1
+    properties.ContentType = "application/json; charset=utf-8"
+    properties.UserProperty = [("x-request-timeout-ms", "5000"), ("trace", "é€"),
+                               ("trace", "2")]
+    requester.client.publish("edgerun/dev1/infer/mlp/1", INFER_JSON, 1, properties=properties)
+    requester.wait([b"many-properties"])
+    (payload, answer), = requester.answers[b"many-properties"]
+    assert answer.ContentType == "application/json"
+    np.testing.assert_allclose(outputs(payload), expected(np.array([[1, 2, 3, 4]])), rtol=1e-5)
 
 
 def test_npz_both_ways(requester):

@@ -1,4 +1,5 @@
-"""The daemon's buffered broker socket, on real loopback TCP connections."""
+"""The daemon's side of paho: the buffered broker socket on real loopback TCP connections, and
+its PUBLISH decoding and properties checked against paho's own."""
 
 from __future__ import annotations
 
@@ -6,8 +7,12 @@ import socket
 import threading
 
 import pytest
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 
-from edgerun.adapters.mqtt.transport import READ_SIZE, BufferedSocket
+from edgerun.adapters.mqtt import transport
+from edgerun.adapters.mqtt.transport import (READ_SIZE, BufferedSocket, PublishProperties,
+                                             Unusual, decode_publish)
 
 
 @pytest.fixture()
@@ -112,3 +117,90 @@ def test_close_writes_what_is_still_buffered(pair):
     peer.settimeout(5)
     assert peer.recv(10) == b"\xe0\x00"
     assert peer.recv(10) == b""
+
+
+# ------------------------------------------------------------ PUBLISH decoding
+def paho_properties(**values) -> Properties:
+    properties = Properties(PacketTypes.PUBLISH)
+    for name, value in values.items():
+        setattr(properties, name, value)
+    return properties
+
+
+def publish_packet(topic: bytes, mid: int | None, properties: Properties, payload: bytes
+                   ) -> bytes:
+    """The variable part of a PUBLISH as a broker sends it, packed by paho's own code."""
+    packed = Properties.pack(properties)
+    return (len(topic).to_bytes(2, "big") + topic
+            + (b"" if mid is None else mid.to_bytes(2, "big")) + packed + payload)
+
+
+def as_read_by_paho(properties: Properties) -> dict:
+    found = Properties(PacketTypes.PUBLISH)
+    found.unpack(Properties.pack(properties))
+    return found.json()
+
+
+CASES = [
+    {},
+    {"ResponseTopic": "replies/1", "CorrelationData": b"\x00\xffk"},
+    {"ContentType": "application/octet-stream", "ResponseTopic": "r/ü/€", "CorrelationData": b"",
+     "UserProperty": [("inference-header-content-length", "12"), ("a", "b"), ("a", "c")]},
+    {"PayloadFormatIndicator": 1, "MessageExpiryInterval": 3600, "SubscriptionIdentifier": 7,
+     "ContentType": "application/json"},
+    {"SubscriptionIdentifier": 268435455, "UserProperty": ("k", "v" * 300)},
+]
+
+
+@pytest.mark.parametrize("values", CASES)
+@pytest.mark.parametrize("qos, mid", [(0, None), (1, 1), (1, 65535)])
+def test_publish_decoded_as_paho_decodes_it(values, qos, mid):
+    sent = paho_properties(**values)
+    packet = bytearray(publish_packet(b"edgerun/d/infer/m", mid, sent, b'{"inputs": []}'))
+    got_mid, topic, properties, payload = decode_publish(packet, qos)
+    assert (got_mid, topic, payload) == (mid or 0, b"edgerun/d/infer/m", b'{"inputs": []}')
+    assert isinstance(properties, Properties)
+    assert properties.json() == as_read_by_paho(sent)
+    for name in values:  # read by attribute, in paho's types
+        assert getattr(properties, name) == getattr(paho_properties(**values), name)
+
+
+@pytest.mark.parametrize("packet", [
+    publish_packet(b"t", 1, paho_properties(TopicAlias=3), b"x"),  # left to paho
+    publish_packet(b"t", 1, paho_properties(ContentType="a\x00b"), b"x"),  # MQTT forbids U+0000
+    publish_packet(b"t", 1, paho_properties(ContentType="\ufeffa"), b"x"),
+    b"\x00\x01t\x00\x01\x06\x03\x00\x01a\x03\x00\x01b",  # Content Type twice
+    b"\x00\x01t\x00\x01\x05\x08\x00\x09abc",  # a string past the properties
+    b"\x00\x01t\x00\x01\xff\xff\xff\xff\x7f",  # a length of five bytes
+    b"\x00\x01t\x00\x01\x09\x08\x00",  # properties past the packet
+    b"\x00\x01t\x00\x01\x03\x03\xff\xfe",  # a string not UTF-8 (and cut short)
+])
+def test_packets_the_fast_path_leaves_to_paho(packet):
+    with pytest.raises((Unusual, IndexError, UnicodeDecodeError)):
+        decode_publish(bytearray(packet), 1)
+
+
+@pytest.mark.parametrize("values", CASES[1:])
+def test_publish_properties_pack_as_paho_reads_them(values):
+    ours = PublishProperties(values)
+    found = Properties(PacketTypes.PUBLISH)
+    found.unpack(ours.pack())
+    assert found.json() == as_read_by_paho(paho_properties(**values))
+    assert str(ours) == str(found) or ours.json() == found.json()
+
+
+def test_publish_properties_set_through_paho_api_are_packed_by_paho():
+    ours = PublishProperties({"ContentType": "application/json"})
+    ours.TopicAlias = 5  # paho's checks and paho's packing
+    ours.UserProperty = ("a", "b")
+    found = Properties(PacketTypes.PUBLISH)
+    found.unpack(ours.pack())
+    assert (found.ContentType, found.TopicAlias, found.UserProperty) == \
+        ("application/json", 5, [("a", "b")])
+    with pytest.raises(ValueError, match="TopicAlias"):
+        PublishProperties({"TopicAlias": 5})
+
+
+def test_the_fast_paths_run_on_the_installed_paho():
+    """The benchmarked path is the tested one: a paho whose internals moved fails here."""
+    assert transport.FAST_PATHS

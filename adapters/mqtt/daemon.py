@@ -7,7 +7,8 @@ thread, so requests that arrive together wait in the same batcher and run as one
 Receiving, answering and publishing on one thread spares two thread hand-offs per request
 (measured in benchmarks/mqtt.py). paho reads and writes through a `transport.BufferedSocket`:
 one `recv` takes what the kernel holds, and everything a turn of the loop queues (PUBACKs,
-answers) goes out in one `send` on the next turn. ONNX Runtime's threads never spin here
+answers) goes out in one `send` on the next turn; `transport.Client` decodes the request path's
+packets without paho's costly `Properties`. ONNX Runtime's threads never spin here
 (`daemon_profile`). Extension callbacks run on a thread of their own, in order.
 """
 
