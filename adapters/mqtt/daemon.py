@@ -514,7 +514,7 @@ def daemon_profile(device: str | None) -> DeviceProfile:
 
     Spinning keeps each intra-op thread busy for a while after every forward pass; the daemon
     runs many small ones, so at 500 requests/s a spinning thread burnt 1.5 ms of CPU per answer
-    (three times the whole message path) on the cores the event loop needs, which showed as
+    (nearly three times the message path) on the cores the event loop needs, which showed as
     latency (benchmarks/README.md, MQTT). The edge profiles turn it off anyway; the daemon turns
     it off on every profile, `cpu` and `x86-64` included.
     """
