@@ -12,6 +12,8 @@ import numpy as np
 import orjson
 import paho.mqtt.client as mqtt
 import pytest
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 
 from edgerun.adapters.codecs import npz, oip
 from edgerun.adapters.mqtt.config import Broker as BrokerURL
@@ -99,6 +101,23 @@ def test_oip_binary_both_ways(requester):
     np.testing.assert_allclose(y, expected(x), rtol=1e-5)
 
 
+def test_requests_with_more_properties_than_the_usual_two(requester):
+    """Expiry, payload format and several user properties: decoded, and the answer correct."""
+    properties = Properties(PacketTypes.PUBLISH)
+    properties.ResponseTopic = requester.reply_topic
+    properties.CorrelationData = b"many-properties"
+    properties.MessageExpiryInterval = 600
+    properties.PayloadFormatIndicator = 1
+    properties.ContentType = "application/json; charset=utf-8"
+    properties.UserProperty = [("x-request-timeout-ms", "5000"), ("trace", "é€"),
+                               ("trace", "2")]
+    requester.client.publish("edgerun/dev1/infer/mlp/1", INFER_JSON, 1, properties=properties)
+    requester.wait([b"many-properties"])
+    (payload, answer), = requester.answers[b"many-properties"]
+    assert answer.ContentType == "application/json"
+    np.testing.assert_allclose(outputs(payload), expected(np.array([[1, 2, 3, 4]])), rtol=1e-5)
+
+
 def test_npz_both_ways(requester):
     x = np.random.default_rng(0).normal(size=(3, 4)).astype(np.float32)
     buffer = io.BytesIO()
@@ -157,6 +176,21 @@ def test_500_concurrent_requests_all_answered_with_their_correlation(requester):
         (payload, properties), = requester.answers[key]
         assert properties.CorrelationData == key
         np.testing.assert_allclose(outputs(payload)[0], want[i], rtol=1e-4)
+
+
+def test_messages_larger_than_the_socket_buffers_both_ways(requester):
+    """A request and an answer of megabytes: read in many pieces, written in many flushes."""
+    xs = np.random.default_rng(2).normal(size=(300_000, 4)).astype(np.float32)
+    body = orjson.dumps({"inputs": [{"name": "x", "datatype": "FP32", "shape": list(xs.shape),
+                                     "data": xs.ravel().tolist()}]})
+    assert len(body) > 8_000_000
+    payload, _ = requester.ask("edgerun/dev1/infer/mlp", body, timeout=120)
+    assert len(payload) > 4_000_000
+
+    np.testing.assert_allclose(outputs(payload), expected(xs), rtol=1e-4, atol=1e-6)
+    # and the connection serves small requests as before
+    payload, _ = requester.ask("edgerun/dev1/infer/mlp", INFER_JSON)
+    np.testing.assert_allclose(outputs(payload), expected(np.array([[1, 2, 3, 4]])), rtol=1e-5)
 
 
 # ------------------------------------------------------------------- bad input
@@ -239,6 +273,23 @@ def test_config_file_with_flags_on_top(tmp_path):
 
 
 # ------------------------------------------------------- backpressure, failures
+@pytest.mark.parametrize("device", [None, "cpu", "x86-64"])
+def test_onnx_runtime_threads_never_spin_in_the_daemon(repo, device):
+    """Spinning after each small forward pass took the cores the network loop needs."""
+    from edgerun.adapters.mqtt.daemon import Daemon
+    config = load_config(None, repository=repo, broker="mqtt://127.0.0.1:1", device_id="spin",
+                         device=device)
+    daemon = Daemon(config)
+    try:
+        daemon.repository.load_all()
+        session = daemon.repository.get("mlp").model.backend.session
+        options = session.get_session_options()
+        assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+        assert daemon.repository.device.name == (device or "cpu")
+    finally:
+        daemon.repository.close()
+
+
 def test_full_inbox_answers_overloaded(tmp_path, repo):
     with running_broker(tmp_path / "b") as broker, \
             running_daemon(repo, broker, "tiny", "--max-inbox", "1"):
@@ -336,6 +387,26 @@ def test_tls_with_a_test_ca(tmp_path, repo):
              "-W", "20"], capture_output=True, text=True, timeout=30)
         assert result.returncode == 0, result.stderr + daemon.output()
         assert outputs(result.stdout.encode()).shape == (1, 3)
+        # many answers in few TLS records, and one answer of megabytes in many
+        requester = Requester(broker)
+        try:
+            xs = np.random.default_rng(3).normal(size=(200, 4)).astype(np.float32)
+            keys = [requester.send("edgerun/secure/infer/mlp", orjson.dumps({"inputs": [
+                {"name": "x", "datatype": "FP32", "shape": [1, 4], "data": x.tolist()}]}))
+                for x in xs]
+            big = np.random.default_rng(4).normal(size=(100_000, 4)).astype(np.float32)
+            keys.append(requester.send("edgerun/secure/infer/mlp", orjson.dumps({"inputs": [
+                {"name": "x", "datatype": "FP32", "shape": list(big.shape),
+                 "data": big.ravel().tolist()}]})))
+            requester.wait(keys, timeout=120)
+            want = expected(xs)
+            for i, key in enumerate(keys[:-1]):
+                np.testing.assert_allclose(outputs(requester.answers[key][0][0])[0], want[i],
+                                           rtol=1e-4)
+            np.testing.assert_allclose(outputs(requester.answers[keys[-1]][0][0]),
+                                       expected(big), rtol=1e-4, atol=1e-6)
+        finally:
+            requester.close()
 
 
 def make_certificates(folder: Path) -> dict[str, str]:

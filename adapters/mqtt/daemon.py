@@ -5,7 +5,11 @@ external-loop interface: no network thread of its own) and serves each request t
 `DataPlane.handle_async`, which never blocks it; the forward passes run on the MicroBatcher's
 thread, so requests that arrive together wait in the same batcher and run as one batch.
 Receiving, answering and publishing on one thread spares two thread hand-offs per request
-(measured in benchmarks/mqtt.py). Extension callbacks run on a thread of their own, in order.
+(measured in benchmarks/mqtt.py). paho reads and writes through a `transport.BufferedSocket`:
+one `recv` takes what the kernel holds, and everything a turn of the loop queues (PUBACKs,
+answers) goes out in one `send` on the next turn; `transport.Client` decodes the request path's
+packets without paho's costly `Properties`. ONNX Runtime's threads never spin here
+(`daemon_profile`). Extension callbacks run on a thread of their own, in order.
 """
 
 from __future__ import annotations
@@ -33,11 +37,12 @@ from edgerun import __version__
 from edgerun.adapters.codecs import npz, oip
 from edgerun.adapters.dataplane import DataPlane
 from edgerun.adapters.dataplane.call import BINARY, JSON
-from edgerun.adapters.mqtt import messages
+from edgerun.adapters.mqtt import messages, transport
 from edgerun.adapters.mqtt.config import DaemonConfig
 from edgerun.adapters.mqtt.extensions import Extension
 from edgerun.adapters.mqtt.messages import Request
 from edgerun.adapters.mqtt.telemetry import Telemetry
+from edgerun.devices import DeviceProfile, load_profile
 from edgerun.runtime.errors import EdgerunError, InferenceError, InvalidInput, Overloaded
 from edgerun.runtime.metrics import REGISTRY, Registry
 from edgerun.runtime.repository import READY, Repository
@@ -47,6 +52,7 @@ log = logging.getLogger(__name__)
 UNSUPPORTED_PROTOCOL = 132  # MQTT v5 CONNACK reason: the broker speaks an older protocol
 DEDUPE_WINDOW_S = 30.0
 DEDUPE_SIZE = 8192
+READS_PER_TURN = 16  # loop_read calls on buffered bytes before other work gets a turn
 MessageCallback = Callable[[mqtt.MQTTMessage], None]
 Fields = Callable[[], dict[str, Any]]
 
@@ -61,7 +67,7 @@ class Daemon:
         self.group = config.group
         self.data_dir = config.state_dir
         self.repository = repository if repository is not None else Repository(
-            config.repository, config.device, registry=registry)
+            config.repository, daemon_profile(config.device), registry=registry)
         self.plane = DataPlane(self.repository)
         self.status_topic = f"edgerun/{self.device_id}/status"
         self.telemetry_topic = f"edgerun/{self.device_id}/telemetry"
@@ -81,6 +87,7 @@ class Daemon:
         self._retrying = False
         self._attempts = 0
         self._socket_open = False
+        self._writing: set[Any] = set()  # sockets with a write the kernel did not take yet
         self._loop_thread: int | None = None
         self._recent: OrderedDict[tuple, float] = OrderedDict()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -232,7 +239,7 @@ class Daemon:
     # ----------------------------------------------------------------- connection
     def _make_client(self) -> mqtt.Client:
         config = self.config
-        client = mqtt.Client(
+        client = transport.Client(
             CallbackAPIVersion.VERSION2, client_id=f"edgerun-{self.device_id}",
             protocol=mqtt.MQTTv5 if self.v5 else mqtt.MQTTv311,
             clean_session=None if self.v5 else False, manual_ack=True)
@@ -290,11 +297,11 @@ class Daemon:
         self._retrying = False
         self._connect()
 
-    # paho's external-loop interface: the loop reads and writes its socket
+    # paho's external-loop interface: the loop reads and writes its socket (a BufferedSocket)
     def _on_socket_open(self, client: mqtt.Client, userdata: Any, sock: Any) -> None:
         _no_delay(sock)
         assert self._loop is not None
-        self._loop.add_reader(sock, client.loop_read)
+        self._loop.add_reader(sock, self._read, client, sock)
         self._socket_open = True
 
     def _on_socket_close(self, client: mqtt.Client, userdata: Any, sock: Any) -> None:
@@ -303,22 +310,55 @@ class Daemon:
         self._loop.remove_writer(sock)
         if client is self.client:
             self._socket_open = False
+        self._writing.discard(sock)
+
+    def _read(self, client: mqtt.Client, sock: Any) -> None:
+        """Take what the socket holds; bytes already buffered are invisible to the selector,
+        so read on while there are some (a bounded number of times per turn of the loop)."""
+        pending = getattr(sock, "pending", None)
+        for _ in range(READS_PER_TURN):
+            client.loop_read()
+            if client.socket() is not sock or pending is None or not pending():
+                return
+        assert self._loop is not None
+        self._loop.call_soon(self._read, client, sock)
 
     def _on_socket_register_write(self, client: mqtt.Client, userdata: Any, sock: Any) -> None:
-        assert self._loop is not None
-        self._on_loop(self._loop.add_writer, sock, client.loop_write)
+        """paho queued a packet (and announces no more until `loop_write`): write on the next
+        turn of the loop, with whatever else this turn queues (PUBACKs, answers), in one
+        system call."""
+        self._on_loop(self._write, client, sock)
 
     def _on_socket_unregister_write(self, client: mqtt.Client, userdata: Any,
                                     sock: Any) -> None:
+        pass  # `_write` watches the socket itself while a write is unfinished
+
+    def _write(self, client: mqtt.Client, sock: Any) -> None:
+        if client.socket() is not sock:
+            return
+        client.loop_write()
+        flush = getattr(sock, "flush", None)
+        done = flush() if flush is not None else not client.want_write()
         assert self._loop is not None
-        self._on_loop(self._loop.remove_writer, sock)
+        if not done and sock not in self._writing:
+            self._writing.add(sock)
+            self._loop.add_writer(sock, self._write, client, sock)
+        elif done and sock in self._writing:
+            self._writing.discard(sock)
+            self._loop.remove_writer(sock)
+        if getattr(sock, "failed", False):
+            client.loop_read()  # paho meets the error there, and reconnects
+        elif done and client.want_write():
+            # another thread queued a packet while paho still counted itself registered for
+            # writing, so no callback announced it
+            self._loop.call_soon(self._write, client, sock)
 
     def _on_loop(self, function: Callable[..., Any], *args: Any) -> None:
-        """Run now on the loop's thread, or hand over from another one (extensions publish)."""
+        """Run on the loop's next turn, handed over from another thread (extensions publish)."""
+        assert self._loop is not None
         if threading.get_ident() == self._loop_thread:
-            function(*args)
+            self._loop.call_soon(function, *args)
         else:
-            assert self._loop is not None
             self._loop.call_soon_threadsafe(function, *args)
 
     async def _keepalive(self) -> None:
@@ -467,6 +507,18 @@ class Daemon:
             return
         self.client.publish(request.response_topic, payload, self.config.qos, False,
                             properties if self.v5 else None)
+
+
+def daemon_profile(device: str | None) -> DeviceProfile:
+    """The device profile, with ONNX Runtime's idle threads never spinning.
+
+    Spinning keeps each intra-op thread busy for a while after every forward pass; the daemon
+    runs many small ones, so at 500 requests/s a spinning thread burnt 1.5 ms of CPU per answer
+    (nearly three times the message path) on the cores the event loop needs, which showed as
+    latency (benchmarks/README.md, MQTT). The edge profiles turn it off anyway; the daemon turns
+    it off on every profile, `cpu` and `x86-64` included.
+    """
+    return load_profile(device).replace(allow_spinning=False)
 
 
 def _no_delay(sock: Any) -> None:

@@ -20,11 +20,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import orjson
-from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from edgerun.adapters.codecs import npz, oip
 from edgerun.adapters.dataplane.call import JSON, Call
+from edgerun.adapters.mqtt.transport import PublishProperties
 from edgerun.runtime.errors import EdgerunError, InvalidInput, Overloaded
 
 TRANSPORT = "mqtt"
@@ -107,13 +107,12 @@ def npz_request(request: Request) -> oip.InferRequest:
 
 def reply_properties(request: Request, content_type: str,
                      user: list[tuple[str, str]] | None = None) -> Properties:
-    properties = Properties(PacketTypes.PUBLISH)
-    properties.ContentType = content_type
+    values: dict[str, Any] = {"ContentType": content_type}
     if request.correlation is not None:
-        properties.CorrelationData = request.correlation
+        values["CorrelationData"] = request.correlation
     if user:
-        properties.UserProperty = user
-    return properties
+        values["UserProperty"] = list(user)
+    return PublishProperties(values)
 
 
 def error_payload(error: EdgerunError, request_id: str | None = None) -> bytes:
