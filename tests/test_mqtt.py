@@ -275,7 +275,8 @@ def test_config_file_with_flags_on_top(tmp_path):
 # ------------------------------------------------------- backpressure, failures
 @pytest.mark.parametrize("device", [None, "cpu", "x86-64"])
 def test_onnx_runtime_threads_never_spin_in_the_daemon(repo, device):
-    """Spinning after each small forward pass took the cores the network loop needs."""
+    """Spinning after each small forward pass took the cores the network loop needs: no
+    shipped profile spins."""
     from edgerun.adapters.mqtt.daemon import Daemon
     config = load_config(None, repository=repo, broker="mqtt://127.0.0.1:1", device_id="spin",
                          device=device)

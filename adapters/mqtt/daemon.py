@@ -8,8 +8,8 @@ Receiving, answering and publishing on one thread spares two thread hand-offs pe
 (measured in benchmarks/mqtt.py). paho reads and writes through a `transport.BufferedSocket`:
 one `recv` takes what the kernel holds, and everything a turn of the loop queues (PUBACKs,
 answers) goes out in one `send` on the next turn; `transport.Client` decodes the request path's
-packets without paho's costly `Properties`. ONNX Runtime's threads never spin here
-(`daemon_profile`). Extension callbacks run on a thread of their own, in order.
+packets without paho's costly `Properties`. Extension callbacks run on a thread of their own,
+in order.
 """
 
 from __future__ import annotations
@@ -42,7 +42,6 @@ from edgerun.adapters.mqtt.config import DaemonConfig
 from edgerun.adapters.mqtt.extensions import Extension
 from edgerun.adapters.mqtt.messages import Request
 from edgerun.adapters.mqtt.telemetry import Telemetry
-from edgerun.devices import DeviceProfile, load_profile
 from edgerun.runtime.errors import EdgerunError, InferenceError, InvalidInput, Overloaded
 from edgerun.runtime.metrics import REGISTRY, Registry
 from edgerun.runtime.repository import READY, Repository
@@ -67,7 +66,7 @@ class Daemon:
         self.group = config.group
         self.data_dir = config.state_dir
         self.repository = repository if repository is not None else Repository(
-            config.repository, daemon_profile(config.device), registry=registry)
+            config.repository, config.device, registry=registry)
         self.plane = DataPlane(self.repository)
         self.status_topic = f"edgerun/{self.device_id}/status"
         self.telemetry_topic = f"edgerun/{self.device_id}/telemetry"
@@ -507,18 +506,6 @@ class Daemon:
             return
         self.client.publish(request.response_topic, payload, self.config.qos, False,
                             properties if self.v5 else None)
-
-
-def daemon_profile(device: str | None) -> DeviceProfile:
-    """The device profile, with ONNX Runtime's idle threads never spinning.
-
-    Spinning keeps each intra-op thread busy for a while after every forward pass; the daemon
-    runs many small ones, so at 500 requests/s a spinning thread burnt 1.5 ms of CPU per answer
-    (nearly three times the message path) on the cores the event loop needs, which showed as
-    latency (benchmarks/README.md, MQTT). The edge profiles turn it off anyway; the daemon turns
-    it off on every profile, `cpu` and `x86-64` included.
-    """
-    return load_profile(device).replace(allow_spinning=False)
 
 
 def _no_delay(sock: Any) -> None:
