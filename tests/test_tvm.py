@@ -244,17 +244,24 @@ def test_aarch64_artifact_runs_under_qemu_and_matches_onnxruntime(tmp_path, mlp_
                    version="1")
     assert library_arch(tmp_path / "b" / "model.so") == "aarch64"
     x = np.random.default_rng(5).standard_normal((6, 8)).astype(np.float32)
-    np.savez(tmp_path / "in.npz", x=x)
+    got, described = run_under_qemu(arm64_root, tmp_path / "b", x, tmp_path)
+    assert described["backend"] == "tvm" and "cortex-a72" in described["target"]
+    np.testing.assert_allclose(got, onnxruntime_run(mlp_path, {"x": x})[0], atol=1e-4)
+
+
+def run_under_qemu(arm64_root: Path, bundle: Path, x: np.ndarray,
+                   scratch: Path) -> tuple[np.ndarray, dict]:
+    """Serve `bundle` (raspberry-pi-4) in the arm64 root under qemu-user: its output for `x`,
+    and what the backend says of itself."""
+    np.savez(scratch / "in.npz", x=x)
     result = subprocess.run(
         ["qemu-aarch64", "-L", str(arm64_root), str(arm64_root / "usr/bin/python3.11"),
-         str(REPO / "devices" / "qemu" / "run_bundle.py"), str(REPO), str(tmp_path / "b"),
-         "raspberry-pi-4", str(tmp_path / "in.npz"), str(tmp_path / "out.npz")],
+         str(REPO / "devices" / "qemu" / "run_bundle.py"), str(REPO), str(bundle),
+         "raspberry-pi-4", str(scratch / "in.npz"), str(scratch / "out.npz")],
         capture_output=True, text=True, timeout=240)
     assert result.returncode == 0, result.stderr[-3000:]
-    described = json.loads(result.stdout.strip().splitlines()[-1])
-    assert described["backend"] == "tvm" and "cortex-a72" in described["target"]
-    got = np.load(tmp_path / "out.npz")["y"]
-    np.testing.assert_allclose(got, onnxruntime_run(mlp_path, {"x": x})[0], atol=1e-4)
+    return (np.load(scratch / "out.npz")["y"],
+            json.loads(result.stdout.strip().splitlines()[-1]))
 
 
 @pytest.fixture(scope="module")
@@ -302,15 +309,8 @@ def test_tuning_over_rpc_measures_on_the_arm64_device(tmp_path, mlp_path, arm64_
     assert manifest.signature.inputs[0].shape == (1, 8)
     # the tuned library runs on the "device" and agrees with ONNX Runtime on x86
     x = np.random.default_rng(6).standard_normal((1, 8)).astype(np.float32)
-    np.savez(tmp_path / "in.npz", x=x)
-    run = subprocess.run(
-        ["qemu-aarch64", "-L", str(arm64_root), str(arm64_root / "usr/bin/python3.11"),
-         str(REPO / "devices" / "qemu" / "run_bundle.py"), str(REPO), str(tmp_path / "b"),
-         "raspberry-pi-4", str(tmp_path / "in.npz"), str(tmp_path / "out.npz")],
-        capture_output=True, text=True, timeout=240)
-    assert run.returncode == 0, run.stderr[-3000:]
-    np.testing.assert_allclose(np.load(tmp_path / "out.npz")["y"],
-                               onnxruntime_run(mlp_path, {"x": x})[0], atol=1e-4)
+    got, _ = run_under_qemu(arm64_root, tmp_path / "b", x, tmp_path)
+    np.testing.assert_allclose(got, onnxruntime_run(mlp_path, {"x": x})[0], atol=1e-4)
 
 
 @pytest.mark.timeout(600)
