@@ -57,14 +57,6 @@ def nvcc_candidates() -> list[str]:
     return found
 
 
-def find_nvcc(arch: str | None = None) -> str:
-    """The first nvcc candidate that compiles for `arch` (any nvcc when `arch` is None)."""
-    for candidate in nvcc_candidates():
-        if arch is None or arch in supported_archs(candidate):
-            return candidate
-    raise DeviceCodeError(_nothing_compiles(arch))
-
-
 @lru_cache(maxsize=None)
 def supported_archs(nvcc: str) -> frozenset[str]:
     """The sm_XX codes this nvcc compiles for (CUDA 13 dropped everything below sm_75)."""
@@ -91,9 +83,8 @@ def compiler_for(arch: str) -> str | nvrtc.Nvrtc:
     raise DeviceCodeError(_nothing_compiles(arch))
 
 
-def describe_compiler(arch: str) -> str:
-    """What compiles `arch`'s device code, for the compile report."""
-    compiler = compiler_for(arch)
+def describe_compiler(compiler: str | nvrtc.Nvrtc) -> str:
+    """What `compiler_for` chose, for the compile report."""
     if isinstance(compiler, nvrtc.Nvrtc):
         return f"NVRTC {compiler.version()} ({compiler.library}) and {find_fatbinary()}"
     return f"nvcc {nvcc_version(compiler)} ({compiler})"
@@ -108,7 +99,7 @@ def find_fatbinary() -> str | None:
     return shutil.which("fatbinary")
 
 
-def _nothing_compiles(arch: str | None) -> str:
+def _nothing_compiles(arch: str) -> str:
     found = [f"nvcc {nvcc_version(c)} ({c}): {_span(supported_archs(c))}"
              for c in nvcc_candidates()]
     for rtc in nvrtc.candidates():
@@ -117,7 +108,7 @@ def _nothing_compiles(arch: str | None) -> str:
                      + (f", missing {', '.join(missing)}" if missing else ""))
     if found and not find_fatbinary():
         found.append("no fatbinary (it comes with nvcc)")
-    return (f"no CUDA compiler here targets {arch or 'any GPU'}: "
+    return (f"no CUDA compiler here targets {arch}: "
             f"{'; '.join(found) or 'neither nvcc nor NVRTC found'}. CUDA artifacts carry "
             "device code compiled here: install the CUDA toolkit or NVIDIA's nvcc wheels "
             "(`pip install nvidia-cuda-nvcc nvidia-cuda-runtime nvidia-cuda-crt "
@@ -131,10 +122,11 @@ def _span(archs: frozenset[str]) -> str:
     return f"{ordered[0]}..{ordered[-1]}" if ordered else "no archs"
 
 
-def compile_fatbin(source: str, arch: str, nvcc: str | None = None) -> bytes:
-    """CUDA C source -> fatbin with SASS for `arch` (sm_87) and its PTX for newer GPUs, by the
-    first nvcc that targets `arch`, else CUDA 12's NVRTC (sm_53, sm_72)."""
-    compiler = nvcc or compiler_for(arch)
+def compile_fatbin(source: str, arch: str,
+                   compiler: str | nvrtc.Nvrtc | None = None) -> bytes:
+    """CUDA C source -> fatbin with SASS for `arch` (sm_87) and its PTX for newer GPUs, by
+    `compiler` (an nvcc path or an NVRTC) or else `compiler_for(arch)`."""
+    compiler = compiler or compiler_for(arch)
     if isinstance(compiler, nvrtc.Nvrtc):
         return _fatbin_with_nvrtc(source, arch, compiler)
     if arch not in supported_archs(compiler):

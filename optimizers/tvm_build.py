@@ -63,10 +63,12 @@ def build(model_path: Path, profile: DeviceProfile, target: dict[str, Any], *,
     device_code: tuple[str, ...] = ()
     if cuda:
         sources = cuda_device_code.cuda_sources(executable.mod)
+        arch = target["arch"]
         try:
-            notes.append(f"device code for {target['arch']}: "
-                         f"{cuda_device_code.describe_compiler(target['arch'])}")
-            fatbins = {s: cuda_device_code.compile_fatbin(s, target["arch"]) for s in sources}
+            compiler = cuda_device_code.compiler_for(arch)
+            notes.append(f"device code for {arch}: "
+                         f"{cuda_device_code.describe_compiler(compiler)}")
+            fatbins = {s: cuda_device_code.compile_fatbin(s, arch, compiler) for s in sources}
         except cuda_device_code.DeviceCodeError as exc:
             raise CompileError(f"{profile.name}: {exc}") from exc
         device_code = tuple(sorted({f"{kind} {arch}" for data in fatbins.values()
