@@ -118,7 +118,10 @@ def shared_library_export(fcompile: Any) -> Callable[[Any, str], None]:
     return export
 
 
-def _in_process_runner() -> Any:
+def _in_process_runner(measure: Callable[[Any, Any], Any],
+                       failed: Callable[[Exception], str]) -> Any:
+    """A MetaSchedule runner that times each candidate in this process with `measure(config,
+    item)`; a candidate that raises becomes a failed result whose message is `failed(exc)`."""
     from tvm.ir.utils import derived_object
     from tvm.s_tir import meta_schedule as ms
     from tvm.s_tir.meta_schedule.runner import local_runner
@@ -131,47 +134,44 @@ def _in_process_runner() -> Any:
             futures = []
             for item in runner_inputs:
                 try:
-                    seconds = local_runner._worker_func(
-                        None, None, None, config, 1, str(item.artifact_path),
-                        str(item.device_type), tuple(a.as_json() for a in item.args_info))
-                    futures.append(local_runner.LocalRunnerFuture(res=seconds))
+                    futures.append(local_runner.LocalRunnerFuture(res=measure(config, item)))
                 except Exception as exc:  # a failed candidate is a result, not a crash
-                    futures.append(local_runner.LocalRunnerFuture(
-                        error_message=f"{type(exc).__name__}: {exc}"))
+                    futures.append(local_runner.LocalRunnerFuture(error_message=failed(exc)))
             return futures
 
     return InProcessRunner()
+
+
+def _local_runner() -> Any:
+    """TVM's LocalRunner steps on this host."""
+    from tvm.s_tir.meta_schedule.runner import local_runner
+
+    def measure(config: Any, item: Any) -> Any:
+        return local_runner._worker_func(
+            None, None, None, config, 1, str(item.artifact_path), str(item.device_type),
+            tuple(a.as_json() for a in item.args_info))
+
+    return _in_process_runner(measure, lambda exc: f"{type(exc).__name__}: {exc}")
 
 
 def _rpc_runner(device: RpcDevice, errors: list[str], runs: list[int]) -> Any:
     """TVM's RPC runner steps (upload, random inputs, time_evaluator, clean up) run from this
     process, one session per candidate as RPCRunner does, without its worker pool (which
     starts a process importing TVM: minutes on a busy 2-core host)."""
-    from tvm.ir.utils import derived_object
-    from tvm.s_tir import meta_schedule as ms
-    from tvm.s_tir.meta_schedule.runner import local_runner, rpc_runner
+    from tvm.s_tir.meta_schedule.runner import rpc_runner
 
-    config = ms.runner.EvaluatorConfig._normalized(None)
+    def measure(config: Any, item: Any) -> Any:
+        runs.append(1)
+        return rpc_runner._worker_func(
+            lambda _config: device.connect(), None, None, None, None, None, config, 1,
+            str(item.artifact_path), str(item.device_type),
+            tuple(a.as_json() for a in item.args_info))
 
-    @derived_object
-    class InProcessRpcRunner(ms.runner.PyRunner):
-        def run(self, runner_inputs: list[Any]) -> list[Any]:
-            futures = []
-            for item in runner_inputs:
-                runs.append(1)
-                try:
-                    seconds = rpc_runner._worker_func(
-                        lambda _config: device.connect(), None, None, None, None, None,
-                        config, 1, str(item.artifact_path), str(item.device_type),
-                        tuple(a.as_json() for a in item.args_info))
-                    futures.append(local_runner.LocalRunnerFuture(res=seconds))
-                except Exception as exc:  # a failed candidate is a result, not a crash
-                    errors.append(_last_lines(exc))
-                    futures.append(local_runner.LocalRunnerFuture(
-                        error_message=f"{type(exc).__name__} on {device}: {exc}"))
-            return futures
+    def failed(exc: Exception) -> str:
+        errors.append(_last_lines(exc))
+        return f"{type(exc).__name__} on {device}: {exc}"
 
-    return InProcessRpcRunner()
+    return _in_process_runner(measure, failed)
 
 
 def tune(mod: Any, target: Any, work_dir: Path, trials: int, notes: list[str], *,
@@ -203,7 +203,7 @@ def tune(mod: Any, target: Any, work_dir: Path, trials: int, notes: list[str], *
                     max_trials_global=todo, max_trials_per_task=per_task,
                     num_trials_per_iter=min(64, per_task),
                     builder=_in_process_builder(export, Path(scratch)),
-                    runner=_rpc_runner(rpc, errors, runs) if rpc else _in_process_runner(),
+                    runner=_rpc_runner(rpc, errors, runs) if rpc else _local_runner(),
                     strategy=ms.search_strategy.EvolutionarySearch(
                         population_size=min(512, max(32, 16 * per_task))))
             if rpc and runs and len(errors) == len(runs):
