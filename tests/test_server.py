@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import re
 import signal
+import socket
+import struct
 import threading
 import time
 from pathlib import Path
@@ -512,3 +514,72 @@ def test_fastapi_routes_answer_like_the_lean_app(server, repo):
                                   {"instances": [[0] * 8]}).json()
     assert bad.status_code == 400 and "input 'x': dim 1 must be 8" in bad.json()["error"]
     assert metadata.json() == httpx.get(server.url + "/v2/models/mlp").json()
+
+
+# ------------------------------------------------------------------------------ the wire
+def _request(method: str, path: str, body: bytes = b"", *headers: str) -> bytes:
+    lines = [f"{method} {path} HTTP/1.1", "Host: edgerun", *headers]
+    if body or method == "POST":
+        lines.append(f"Content-Length: {len(body)}")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
+
+
+def _content_length(head: bytes) -> int:
+    found = re.search(rb"\r\ncontent-length: (\d+)\r\n", head, re.I)
+    assert found is not None, head
+    return int(found.group(1))
+
+
+def _data_segments_in(sock: socket.socket) -> int:
+    """TCP segments with data this socket has received (Linux `tcp_info.tcpi_data_segs_in`)."""
+    return struct.unpack_from("<I", sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 160),
+                              152)[0]
+
+
+def test_each_response_leaves_in_one_send(server):
+    """Head and body go out in one send, so each answer reaches the client as one segment
+    (uvicorn's own way, head then body, is two sends and two segments)."""
+    infer = json.dumps(oip("x", "FP32", [1, 8], list(range(8)))).encode()
+    asked = [("POST", "/v2/models/mlp/infer", infer), ("GET", "/v2/health/ready", b""),
+             ("POST", "/v2/models/mlp/infer", b"{broken"), ("GET", "/nowhere", b"")] * 5
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        for method, path, body in asked:
+            before = _data_segments_in(sock)
+            sock.sendall(_request(method, path, body))
+            data = sock.recv(1 << 16)
+            head, _, rest = data.partition(b"\r\n\r\n")
+            while len(rest) < _content_length(head):
+                rest += sock.recv(1 << 16)
+            assert _data_segments_in(sock) - before == 1, (method, path, head)
+        sock.sendall(_request("HEAD", "/v2/models/mlp"))  # a head and no body at all
+        head = sock.recv(1 << 16)
+        assert head.startswith(b"HTTP/1.1 200") and head.endswith(b"\r\n\r\n")
+        assert _content_length(head) > 0
+        sock.sendall(_request("GET", "/v2/health/live", b"", "Connection: close"))
+        answer = sock.recv(1 << 16)
+        assert answer.startswith(b"HTTP/1.1 200") and answer.endswith(b'{"live":true}')
+        assert sock.recv(1 << 16) == b""  # closed after the answer, nothing held back
+
+
+def test_expect_100_continue_is_not_held_back(server):
+    """The interim answer goes out at once: the client waits for it before sending the body."""
+    body = json.dumps(oip("x", "FP32", [1, 8], list(range(8)))).encode()
+    head = _request("POST", "/v2/models/mlp/infer", b"", "Expect: 100-continue",
+                    "Content-Type: application/json")
+    head = head.replace(b"Content-Length: 0", f"Content-Length: {len(body)}".encode())
+    with socket.create_connection(("127.0.0.1", server.port), timeout=5) as sock:
+        sock.sendall(head)
+        assert sock.recv(1 << 16) == b"HTTP/1.1 100 Continue\r\n\r\n"
+        sock.sendall(body)
+        answer = sock.recv(1 << 16)
+    assert answer.startswith(b"HTTP/1.1 200")
+    assert json.loads(answer.partition(b"\r\n\r\n")[2])["outputs"][0]["shape"] == [1, 4]
+
+
+def test_malformed_http_gets_400_and_the_connection_closes(server):
+    with socket.create_connection(("127.0.0.1", server.port), timeout=5) as sock:
+        sock.sendall(b"NOT HTTP AT ALL\r\n\r\n")
+        answer = sock.recv(1 << 16)
+        assert answer.startswith(b"HTTP/1.1 400")
+        assert sock.recv(1 << 16) == b""
+    assert httpx.get(server.url + "/v2/health/live").status_code == 200
