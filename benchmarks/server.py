@@ -43,10 +43,10 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib.metadata import version
 from pathlib import Path
-from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -678,13 +678,13 @@ def main() -> int:
                                args.seconds, compute=batch1)
             except RuntimeError as exc:
                 runs[name].failure = str(exc)
+    del session
     if GRPC_ECHO in chosen:
         grpc_answer = SCRATCH / "answer.pb"
         grpc_answer.write_bytes(canned_grpc_answer(expected))
         measure_grpc_echo(runs[GRPC_ECHO], grpc_answer, args.seconds)
     if GRPC_RUN in chosen:
         measure_grpc(runs[GRPC_RUN], repo, expected, args.seconds)
-    del session
     if PLAIN in chosen:
         env = {**os.environ, "EDGERUN_BENCH_MODEL": str(bundle.model_path)}
         measure_server(runs[PLAIN], [*uvicorn, "plain_fastapi:app"], path, expected,
