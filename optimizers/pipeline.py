@@ -42,7 +42,8 @@ class OptimizeOptions:
     structured: bool = False
     compile: str | None = None
     tune_trials: int = 0
-    #: HOST:PORT of a TVM RPC server on the device that measures the tuning candidates.
+    #: HOST:PORT of a TVM RPC server on the device that measures the tuning candidates, or
+    #: KEY@HOST:PORT of a TVM RPC tracker that hands out devices registered under KEY.
     rpc: str | None = None
     force: bool = False
     eval_data: Path | None = None

@@ -86,7 +86,8 @@ def compile_bundle(model_path: Path, profile: DeviceProfile, out_dir: Path, *, n
                    optimizations: tuple[str, ...] = (), rpc: str | None = None) -> CompileReport:
     """Compile an ONNX model for a device profile into a TVM bundle in `out_dir`; with
     `tune_trials`, MetaSchedule measures candidates here, or on the device whose TVM RPC
-    server listens at `rpc` (HOST:PORT)."""
+    server listens at `rpc` (HOST:PORT), or on a device a TVM RPC tracker at `rpc` hands out
+    by key (KEY@HOST:PORT)."""
     model_path, out_dir = Path(model_path), Path(out_dir)
     profile = load_profile(profile)
     check_name(name)
@@ -102,8 +103,8 @@ def compile_bundle(model_path: Path, profile: DeviceProfile, out_dir: Path, *, n
         raise CompileError(
             f"tuning needs to measure on the device: {tvm_target.describe(target)} does not run "
             f"on this host ({tvm_target.host_arch()}); start TVM's RPC server on a "
-            f"{profile.name} and pass its HOST:PORT (rpc= / --rpc), or compile untuned "
-            "(tune_trials=0)")
+            f"{profile.name} and pass its HOST:PORT (rpc= / --rpc; KEY@HOST:PORT for a tracker), "
+            "or compile untuned (tune_trials=0)")
     signature = _onnx_signature(model_path)
     started = time.perf_counter()
     from edgerun.optimizers import tvm_build

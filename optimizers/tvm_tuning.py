@@ -8,14 +8,16 @@ TVM, for every batch: up to 2 minutes a batch there, and its 30 s timeout failed
 starting LocalRunner's worker took 3 minutes), and the search population is sized to the budget.
 
 For a device that cannot run here (an ARM board), `rpc=RpcDevice(host, port)` measures the
-candidates on the device's TVM RPC server instead; they are linked here into shared libraries
-by the profile's cross compiler, so the device needs TVM's runtime and no compiler.
+candidates on the device's TVM RPC server instead (or on a device a TVM RPC tracker hands out
+by key); they are linked here into shared libraries by the profile's cross compiler, so the
+device needs TVM's runtime and no compiler.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import socket
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -30,38 +32,82 @@ RPC_SESSION_TIMEOUT_S = 300
 @dataclass(frozen=True)
 class RpcDevice:
     """A TVM RPC server on the device (`python -m tvm.exec.rpc_server`) that measures the
-    candidates built here: tuning for an ARM board from an x86 host."""
+    candidates built here: tuning for an ARM board from an x86 host.
+
+    Reached directly at HOST:PORT, or, with a `key`, through the TVM RPC tracker at HOST:PORT
+    (`python -m tvm.exec.rpc_tracker`) that hands out any free device registered under that
+    key: how a farm of boards is shared.
+    """
 
     host: str
     port: int
+    key: str | None = None
 
     @classmethod
     def parse(cls, address: str) -> RpcDevice:
-        """HOST:PORT, or ValueError naming the bad address."""
-        host, _, port = address.rpartition(":")
-        if not host or not port.isdigit() or not 0 < int(port) < 65536:
-            raise ValueError(f"--rpc {address!r}: expected HOST:PORT of a TVM RPC server")
-        return cls(host.strip("[]"), int(port))
+        """HOST:PORT of a server or KEY@HOST:PORT of a tracker, or ValueError naming it."""
+        key, at, rest = address.rpartition("@")
+        host, _, port = rest.rpartition(":")
+        if (at and not key) or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(f"--rpc {address!r}: expected HOST:PORT of a TVM RPC server, or "
+                             "KEY@HOST:PORT of a TVM RPC tracker and a device key")
+        return cls(host.strip("[]"), int(port), key or None)
 
     def __str__(self) -> str:
-        return f"{self.host}:{self.port}"
+        address = f"{self.host}:{self.port}"
+        return address if self.key is None else f"{self.key}@{address}"
 
     def connect(self) -> Any:
-        """A new session; the server forks a process for it."""
+        """A new session (the server forks a process for it); through the tracker, on
+        whichever device under the key is free, waiting while all are busy."""
         from tvm import rpc
 
-        return rpc.connect(self.host, self.port, session_timeout=RPC_SESSION_TIMEOUT_S)
+        if self.key is None:
+            return rpc.connect(self.host, self.port, session_timeout=RPC_SESSION_TIMEOUT_S)
+        tracker = rpc.connect_tracker(self.host, self.port)
+        try:
+            return tracker.request(self.key, session_timeout=RPC_SESSION_TIMEOUT_S)
+        finally:
+            tracker.close()
 
     def check(self) -> None:
-        """Fail before tuning, naming the address, when no RPC server answers there."""
+        """Fail before tuning, naming the address (and key), when nothing answers there."""
         from edgerun.optimizers.tvm import CompileError
 
+        if self.key is not None:
+            self._check_tracker()
         try:
             self.connect()
         except Exception as exc:  # TVM wraps socket errors in its own types
             raise CompileError(f"no TVM RPC server answers at {self} ({_first_line(exc)}); "
                                "start one on the device: python -m tvm.exec.rpc_server "
                                f"--host 0.0.0.0 --port {self.port}") from exc
+
+    def _check_tracker(self) -> None:
+        """The tracker answers and has a device under the key; a request for a key nobody
+        registered would otherwise wait forever."""
+        from tvm import rpc
+
+        from edgerun.optimizers.tvm import CompileError
+
+        address = f"{self.host}:{self.port}"
+        try:  # TVM's own connect retries for a minute before it gives up
+            socket.create_connection((self.host, self.port), timeout=10).close()
+            tracker = rpc.connect_tracker(self.host, self.port)
+            try:
+                servers = tracker.summary()["server_info"]
+            finally:
+                tracker.close()
+        except Exception as exc:
+            raise CompileError(f"no TVM RPC tracker answers at {address} ({_first_line(exc)}); "
+                               "start one: python -m tvm.exec.rpc_tracker --host 0.0.0.0 "
+                               f"--port {self.port}") from exc
+        keys = sorted({server["key"].split(":", 1)[-1] for server in servers})
+        if self.key not in keys:
+            raise CompileError(f"no device is registered under key {self.key!r} at the TVM RPC "
+                               f"tracker {address} (keys there: {', '.join(keys) or 'none'}); "
+                               f"on the device: python -m tvm.exec.rpc_server --tracker "
+                               f"{address} --key {self.key}")
 
 
 def _last_lines(exc: BaseException, limit: int = 400) -> str:

@@ -13,6 +13,8 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -264,28 +266,75 @@ def run_under_qemu(arm64_root: Path, bundle: Path, x: np.ndarray,
             json.loads(result.stdout.strip().splitlines()[-1]))
 
 
-@pytest.fixture(scope="module")
-def arm64_rpc_server(arm64_root, tmp_path_factory):
+@contextmanager
+def qemu_rpc_server(arm64_root: Path, log: Path, *options: str) -> Iterator[subprocess.Popen]:
     """TVM's RPC server from the aarch64 wheel, in the arm64 root under qemu-user, on a
-    loopback port: an emulated Raspberry Pi to tune on. Yields (HOST:PORT, its log file)."""
-    port = free_port()
-    log = tmp_path_factory.mktemp("rpc") / "server.log"
+    loopback port: an emulated Raspberry Pi to tune on."""
     with log.open("w") as out:
         server = subprocess.Popen(
             ["qemu-aarch64", "-L", str(arm64_root), str(arm64_root / "usr/bin/python3.11"),
-             str(REPO / "devices" / "qemu" / "rpc_server.py"), str(arm64_root),
-             "--host", "127.0.0.1", "--port", str(port), "--port-end", str(port + 1)],
+             str(REPO / "devices" / "qemu" / "rpc_server.py"), str(arm64_root), *options],
             stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        deadline = time.monotonic() + 300  # two TVM imports under emulation: ~1 min when idle
-        while f"bind to 127.0.0.1:{port}" not in log.read_text():
-            assert server.poll() is None, log.read_text()[-3000:]
-            assert time.monotonic() < deadline, "RPC server did not start: " + log.read_text()
-            time.sleep(1)
-        yield f"127.0.0.1:{port}", log
+        yield server
     finally:
         os.killpg(server.pid, signal.SIGTERM)  # the server, its worker and their sessions
         server.wait(timeout=60)
+
+
+def wait_for(ready: Callable[[], bool], server: subprocess.Popen, log: Path) -> None:
+    deadline = time.monotonic() + 300  # two TVM imports under emulation: ~1 min when idle
+    while not ready():
+        assert server.poll() is None, log.read_text()[-3000:]
+        assert time.monotonic() < deadline, "RPC server did not start: " + log.read_text()
+        time.sleep(1)
+
+
+@pytest.fixture(scope="module")
+def arm64_rpc_server(arm64_root, tmp_path_factory):
+    """The emulated board's RPC server, reached directly. Yields (HOST:PORT, its log file)."""
+    port = free_port()
+    log = tmp_path_factory.mktemp("rpc") / "server.log"
+    with qemu_rpc_server(arm64_root, log, "--host", "127.0.0.1", "--port", str(port),
+                         "--port-end", str(port + 1)) as server:
+        wait_for(lambda: f"bind to 127.0.0.1:{port}" in log.read_text(), server, log)
+        yield f"127.0.0.1:{port}", log
+
+
+TRACKER_KEY = "qemu-rpi4"
+
+
+@pytest.fixture(scope="module")
+def arm64_tracker(arm64_root, tmp_path_factory):
+    """TVM's RPC tracker on loopback with the emulated board registered under TRACKER_KEY,
+    as a farm of boards is shared. Yields (the tracker's HOST:PORT, the board's log file)."""
+    from tvm import rpc
+
+    scratch = tmp_path_factory.mktemp("tracker")
+    tracker_port, port = free_port(), free_port()
+    with (scratch / "tracker.log").open("w") as out:
+        tracker = subprocess.Popen(
+            [sys.executable, "-m", "tvm.exec.rpc_tracker", "--host", "127.0.0.1", "--port",
+             str(tracker_port), "--port-end", str(tracker_port + 1)],
+            stdout=out, stderr=subprocess.STDOUT)
+
+    def registered() -> bool:
+        try:
+            servers = rpc.connect_tracker("127.0.0.1", tracker_port).summary()["server_info"]
+        except (OSError, RuntimeError):
+            return False
+        return any(s["key"].endswith(f":{TRACKER_KEY}") for s in servers)
+
+    try:
+        log = scratch / "server.log"
+        with qemu_rpc_server(arm64_root, log, "--host", "127.0.0.1", "--port", str(port),
+                             "--port-end", str(port + 1), "--tracker",
+                             f"127.0.0.1:{tracker_port}", "--key", TRACKER_KEY) as server:
+            wait_for(registered, server, log)
+            yield f"127.0.0.1:{tracker_port}", log
+    finally:
+        tracker.terminate()
+        tracker.wait(timeout=30)
 
 
 @pytest.mark.timeout(900)  # includes building the arm64 root and starting the server
@@ -313,6 +362,37 @@ def test_tuning_over_rpc_measures_on_the_arm64_device(tmp_path, mlp_path, arm64_
     np.testing.assert_allclose(got, onnxruntime_run(mlp_path, {"x": x})[0], atol=1e-4)
 
 
+@pytest.mark.timeout(900)  # includes building the arm64 root and starting the server
+def test_tuning_through_a_tracker_measures_on_a_device_under_the_key(tmp_path, mlp_path,
+                                                                     arm64_tracker):
+    tracker, server_log = arm64_tracker
+    address = f"{TRACKER_KEY}@{tracker}"
+    cache = tmp_path / "cache"
+    result = edgerun("optimize", str(mlp_path), "--device", "raspberry-pi-4", "--quantize",
+                     "fp32", "--compile", "tvm", "--tune-trials", "2", "--rpc", address,
+                     "-o", str(tmp_path / "b"), env={"EDGERUN_CACHE": str(cache)}, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"0 trials cached, 2 run now (measured on {address} over TVM RPC)" in \
+        " ".join(result.stdout.split()), result.stdout[-3000:]
+    # the tracker handed the board out for every candidate, which it loaded and timed
+    assert server_log.read_text().count("candidate.so") >= 2, server_log.read_text()[-3000:]
+    (records,) = (cache / "tvm-tuning" / "raspberry-pi-4").rglob("database_tuning_record.json")
+    run_secs = [json.loads(line)[1][1] for line in records.read_text().splitlines()]
+    assert len(run_secs) == 2 and all(0 < s[0] < 1 for s in run_secs), run_secs
+
+
+def test_a_key_no_device_registered_is_refused_naming_the_keys(tmp_path, mlp_path,
+                                                               arm64_tracker):
+    tracker, _ = arm64_tracker
+    with pytest.raises(CompileError, match=re.escape(
+            f"no device is registered under key 'rpi5' at the TVM RPC tracker {tracker} "
+            f"(keys there: {TRACKER_KEY}); on the device: python -m tvm.exec.rpc_server "
+            f"--tracker {tracker} --key rpi5")):
+        compile_bundle(mlp_path, load_profile("raspberry-pi-4"), tmp_path / "b", name="m",
+                       version="1", tune_trials=2, rpc=f"rpi5@{tracker}")
+    assert not (tmp_path / "b").exists()
+
+
 @pytest.mark.timeout(600)
 def test_candidates_the_rpc_device_cannot_load_stop_the_compile(tmp_path, mlp_path,
                                                                 arm64_rpc_server, monkeypatch):
@@ -330,6 +410,9 @@ def test_candidates_the_rpc_device_cannot_load_stop_the_compile(tmp_path, mlp_pa
     ("jetson-orin", 2, "127.0.0.1:9", "CUDA targets get dlight's default GPU schedules"),
     ("raspberry-pi-4", 2, "pi.local", "'pi.local': expected HOST:PORT"),
     ("raspberry-pi-4", 2, f"127.0.0.1:{free_port()}", "no TVM RPC server answers at 127.0.0.1"),
+    ("raspberry-pi-4", 2, "@127.0.0.1:9190", "expected HOST:PORT of a TVM RPC server, or KEY@"),
+    ("raspberry-pi-4", 2, f"rpi4@127.0.0.1:{free_port()}",
+     "no TVM RPC tracker answers at 127.0.0.1"),
 ])
 def test_rpc_tuning_refusals_name_the_culprit(tmp_path, mlp_path, profile, trials, rpc, message):
     with pytest.raises(CompileError, match=re.escape(message)):

@@ -37,9 +37,11 @@ def register(commands: argparse._SubParsersAction) -> None:
                         help="compile with TVM for the profile's target")
     parser.add_argument("--tune-trials", type=int, default=0,
                         help="MetaSchedule trials when compiling (0: no tuning)")
-    parser.add_argument("--rpc", default=None, metavar="HOST:PORT",
+    parser.add_argument("--rpc", default=None, metavar="[KEY@]HOST:PORT",
                         help="measure the tuning trials on the device whose TVM RPC server "
-                             "(python -m tvm.exec.rpc_server) listens there")
+                             "(python -m tvm.exec.rpc_server) listens there, or on a free "
+                             "device registered under KEY with the TVM RPC tracker "
+                             "(python -m tvm.exec.rpc_tracker) there")
     parser.add_argument("--force", action="store_true",
                         help="keep a compiled artifact even when it is slower than ONNX Runtime")
     parser.add_argument("--eval", type=Path, default=None, dest="eval_data",
