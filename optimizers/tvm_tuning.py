@@ -79,6 +79,10 @@ class RpcDevice:
         try:
             self.connect()
         except Exception as exc:  # TVM wraps socket errors in its own types
+            if self.key is not None:
+                raise CompileError(f"the TVM RPC tracker {self.host}:{self.port} gave no "
+                                   f"session on a {self.key!r} device ({_first_line(exc)})"
+                                   ) from exc
             raise CompileError(f"no TVM RPC server answers at {self} ({_first_line(exc)}); "
                                "start one on the device: python -m tvm.exec.rpc_server "
                                f"--host 0.0.0.0 --port {self.port}") from exc
