@@ -320,9 +320,13 @@ def arm64_tracker(arm64_root, tmp_path_factory):
 
     def registered() -> bool:
         try:
-            servers = rpc.connect_tracker("127.0.0.1", tracker_port).summary()["server_info"]
+            session = rpc.connect_tracker("127.0.0.1", tracker_port)
         except (OSError, RuntimeError):
             return False
+        try:
+            servers = session.summary()["server_info"]
+        finally:
+            session.close()
         return any(s["key"].endswith(f":{TRACKER_KEY}") for s in servers)
 
     try:
