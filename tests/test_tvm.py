@@ -341,10 +341,10 @@ def arm64_tracker(arm64_root, tmp_path_factory):
         tracker.wait(timeout=30)
 
 
-@pytest.mark.timeout(900)  # includes building the arm64 root and starting the server
-def test_tuning_over_rpc_measures_on_the_arm64_device(tmp_path, mlp_path, arm64_root,
-                                                      arm64_rpc_server):
-    address, server_log = arm64_rpc_server
+def tune_two_trials_over_rpc(tmp_path: Path, mlp_path: Path, address: str,
+                             server_log: Path) -> None:
+    """`edgerun optimize` for raspberry-pi-4 tuning 2 trials with `--rpc address` into
+    tmp_path/b: both measured on the emulated board and recorded."""
     cache = tmp_path / "cache"
     result = edgerun("optimize", str(mlp_path), "--device", "raspberry-pi-4", "--quantize",
                      "fp32", "--compile", "tvm", "--tune-trials", "2", "--rpc", address,
@@ -352,11 +352,17 @@ def test_tuning_over_rpc_measures_on_the_arm64_device(tmp_path, mlp_path, arm64_
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"0 trials cached, 2 run now (measured on {address} over TVM RPC)" in \
         " ".join(result.stdout.split()), result.stdout[-3000:]
-    # every candidate was linked here for aarch64 and loaded and timed by the device's server
+    # every candidate was linked here for aarch64 and loaded and timed by the board's server
     assert server_log.read_text().count("candidate.so") >= 2, server_log.read_text()[-3000:]
     (records,) = (cache / "tvm-tuning" / "raspberry-pi-4").rglob("database_tuning_record.json")
     run_secs = [json.loads(line)[1][1] for line in records.read_text().splitlines()]
     assert len(run_secs) == 2 and all(0 < s[0] < 1 for s in run_secs), run_secs
+
+
+@pytest.mark.timeout(900)  # includes building the arm64 root and starting the server
+def test_tuning_over_rpc_measures_on_the_arm64_device(tmp_path, mlp_path, arm64_root,
+                                                      arm64_rpc_server):
+    tune_two_trials_over_rpc(tmp_path, mlp_path, *arm64_rpc_server)
     manifest = Bundle.open(tmp_path / "b").manifest
     assert manifest.created["tvm"]["tune_trials"] == 2
     assert manifest.signature.inputs[0].shape == (1, 8)
@@ -370,19 +376,8 @@ def test_tuning_over_rpc_measures_on_the_arm64_device(tmp_path, mlp_path, arm64_
 def test_tuning_through_a_tracker_measures_on_a_device_under_the_key(tmp_path, mlp_path,
                                                                      arm64_tracker):
     tracker, server_log = arm64_tracker
-    address = f"{TRACKER_KEY}@{tracker}"
-    cache = tmp_path / "cache"
-    result = edgerun("optimize", str(mlp_path), "--device", "raspberry-pi-4", "--quantize",
-                     "fp32", "--compile", "tvm", "--tune-trials", "2", "--rpc", address,
-                     "-o", str(tmp_path / "b"), env={"EDGERUN_CACHE": str(cache)}, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert f"0 trials cached, 2 run now (measured on {address} over TVM RPC)" in \
-        " ".join(result.stdout.split()), result.stdout[-3000:]
-    # the tracker handed the board out for every candidate, which it loaded and timed
-    assert server_log.read_text().count("candidate.so") >= 2, server_log.read_text()[-3000:]
-    (records,) = (cache / "tvm-tuning" / "raspberry-pi-4").rglob("database_tuning_record.json")
-    run_secs = [json.loads(line)[1][1] for line in records.read_text().splitlines()]
-    assert len(run_secs) == 2 and all(0 < s[0] < 1 for s in run_secs), run_secs
+    # the tracker hands the board out for every candidate
+    tune_two_trials_over_rpc(tmp_path, mlp_path, f"{TRACKER_KEY}@{tracker}", server_log)
 
 
 def test_a_key_no_device_registered_is_refused_naming_the_keys(tmp_path, mlp_path,
