@@ -7,6 +7,7 @@ agent as its own process on a real Mosquitto.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -14,6 +15,7 @@ import signal
 import subprocess
 import sys
 import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -24,6 +26,7 @@ from edgerun.adapters.fleet.registry import BundleRegistry
 from edgerun.adapters.fleet.store import Store
 from edgerun.adapters.http.registry import create_registry_app
 from edgerun.adapters.ota.agent import OtaAgent
+from edgerun.adapters.ota.download import DownloadInterrupted, download
 from edgerun.adapters.ota.messages import Job, Report
 from edgerun.adapters.ota.slots import SlotState
 from edgerun.examples import mlp_onnx
@@ -192,6 +195,41 @@ def test_bad_bundles_are_refused_and_the_old_model_keeps_serving(tmp_path, devic
     assert not list((device.folder / "data" / "ota" / "m").glob(".staging-*"))
     with device.repository.route("m") as routed:  # and it answers
         assert routed.version == "2"
+
+
+def test_a_transfer_cut_short_is_resumed_not_failed(tmp_path):
+    """The server announces the whole length and closes half way (http.client's
+    IncompleteRead): worth another try, which asks for the rest."""
+    content = os.urandom(200_000)
+    ranges = []
+
+    class CutShort(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            wanted = self.headers.get("Range")
+            ranges.append(wanted)
+            start = int(wanted.removeprefix("bytes=").rstrip("-")) if wanted else 0
+            self.send_response(206 if wanted else 200)
+            self.send_header("Content-Length", str(len(content) - start))
+            self.end_headers()
+            self.wfile.write(content[start:] if wanted else content[:len(content) // 2])
+            self.close_connection = True
+
+        def log_message(self, *args) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), CutShort)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url, dest = f"http://127.0.0.1:{server.server_port}/m-2.tar.gz", tmp_path / "m-2.tar.gz"
+    sha256 = hashlib.sha256(content).hexdigest()
+    try:
+        with pytest.raises(DownloadInterrupted, match="broke off after"):
+            download(url, dest, sha256, len(content))
+        have = (tmp_path / "m-2.tar.gz.part").stat().st_size
+        assert 0 < have <= len(content) // 2 and not dest.exists()
+        assert download(url, dest, sha256, len(content)) == len(content) - have
+    finally:
+        server.shutdown()
+    assert dest.read_bytes() == content and ranges == [None, f"bytes={have}-"]
 
 
 def test_an_unreachable_registry_is_retried_until_it_answers(tmp_path, device, bundles):

@@ -9,6 +9,7 @@ the expected sha256 and size before it is renamed into place.
 from __future__ import annotations
 
 import hashlib
+import http.client
 import os
 import urllib.error
 import urllib.request
@@ -46,15 +47,21 @@ def download(url: str, dest: Path, sha256: str, size: int = 0, timeout: float = 
                 raise BundleError(f"download of {url} failed: HTTP {exc.code}") from exc
             have, response = 0, urllib.request.urlopen(
                 urllib.request.Request(url, headers=headers or {}), timeout=timeout)
-        except (urllib.error.URLError, OSError) as exc:
+        except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:
             raise DownloadInterrupted(f"download of {url} failed: {exc}") from exc
         with response, open(part, "ab" if have and response.status == 206 else "wb") as out:
             try:
                 while chunk := response.read(_CHUNK):
                     out.write(chunk)
                     transferred += len(chunk)
-            except OSError as exc:  # the part stays for the next try to resume
-                raise DownloadInterrupted(f"download of {url} broke off: {exc}") from exc
+            except (OSError, http.client.HTTPException) as exc:  # the part stays: resumed
+                raise DownloadInterrupted(f"download of {url} broke off after {transferred} "
+                                          f"bytes: {exc}") from exc
+            # http.client ends a body cut short as if it were whole: the length tells
+            announced = response.headers.get("Content-Length", "")
+            if announced.isdigit() and transferred < int(announced):
+                raise DownloadInterrupted(f"download of {url} broke off after {transferred} "
+                                          f"of {announced} bytes")
             out.flush()
             os.fsync(out.fileno())
     digest = hashlib.sha256()
