@@ -19,6 +19,7 @@ import json
 import logging
 import socket
 import tempfile
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +28,9 @@ from typing import Any
 TRIALS_FILE = "edgerun-trials.json"
 #: Seconds an RPC session may last on the device before its server ends it.
 RPC_SESSION_TIMEOUT_S = 300
+#: Seconds a device may take to accept an RPC session: a frozen board (its TCP stack still
+#: accepting, its server stopped) would otherwise hang the compile forever.
+RPC_CONNECT_TIMEOUT_S = 60.0
 
 
 @dataclass(frozen=True)
@@ -59,14 +63,29 @@ class RpcDevice:
 
     def connect(self) -> Any:
         """A new session (the server forks a process for it); through the tracker, on
-        whichever device under the key is free, waiting while all are busy."""
+        whichever device under the key is free, waiting while all are busy. A device that
+        takes over RPC_CONNECT_TIMEOUT_S to accept it is TimeoutError, naming it."""
         from tvm import rpc
+        from tvm.rpc import base
 
         if self.key is None:
-            return rpc.connect(self.host, self.port, session_timeout=RPC_SESSION_TIMEOUT_S)
+            return _within(RPC_CONNECT_TIMEOUT_S, f"the TVM RPC server at {self}",
+                           lambda: rpc.connect(self.host, self.port,
+                                               session_timeout=RPC_SESSION_TIMEOUT_S))
+        # TrackerSession.request, split: the wait for a free device is unbounded (a farm may
+        # be busy), the handshake with the device it hands out is not
         tracker = rpc.connect_tracker(self.host, self.port)
         try:
-            return tracker.request(self.key, session_timeout=RPC_SESSION_TIMEOUT_S)
+            base.sendjson(tracker._sock, [base.TrackerCode.REQUEST, self.key, "", 1])
+            answer = base.recvjson(tracker._sock)
+            if answer[0] != base.TrackerCode.SUCCESS:
+                raise RuntimeError(f"the TVM RPC tracker {self.host}:{self.port} answered "
+                                   f"{answer}")
+            host, port, match_key = answer[1]
+            return _within(RPC_CONNECT_TIMEOUT_S,
+                           f"the {self.key!r} device at {host}:{port} the tracker handed out",
+                           lambda: rpc.connect(host, port, match_key,
+                                               session_timeout=RPC_SESSION_TIMEOUT_S))
         finally:
             tracker.close()
 
@@ -112,6 +131,29 @@ class RpcDevice:
                                f"tracker {address} (keys there: {', '.join(keys) or 'none'}); "
                                f"on the device: python -m tvm.exec.rpc_server --tracker "
                                f"{address} --key {self.key}")
+
+
+def _within(seconds: float, what: str, call: Callable[[], Any]) -> Any:
+    """`call()`'s result, or TimeoutError naming `what` after `seconds`. TVM's connect is
+    native code that no Python timeout reaches: it is left waiting on a daemon thread."""
+    outcome: list[Any] = []
+
+    def run() -> None:
+        try:
+            outcome.append((True, call()))
+        except BaseException as exc:  # handed to the caller
+            outcome.append((False, exc))
+
+    thread = threading.Thread(target=run, name="edgerun-rpc-connect", daemon=True)
+    thread.start()
+    thread.join(seconds)
+    if not outcome:
+        raise TimeoutError(f"{what} did not accept a session within {seconds:g} s (frozen or "
+                           "overloaded?)")
+    ok, value = outcome[0]
+    if not ok:
+        raise value
+    return value
 
 
 def _last_lines(exc: BaseException, limit: int = 400) -> str:

@@ -24,7 +24,7 @@ import pytest
 
 from edgerun.devices import load_profile
 from edgerun.examples import digits_classifier_onnx, mlp_onnx
-from edgerun.optimizers import cuda_device_code
+from edgerun.optimizers import cuda_device_code, tvm_tuning
 from edgerun.optimizers.tvm import (CompileError, SlowerThanOnnxRuntime, UnsupportedOperator,
                                     compile_bundle)
 from edgerun.runtime import Bundle, BundleError, Model
@@ -308,8 +308,6 @@ TRACKER_KEY = "qemu-rpi4"
 def arm64_tracker(arm64_root, tmp_path_factory):
     """TVM's RPC tracker on loopback with the emulated board registered under TRACKER_KEY,
     as a farm of boards is shared. Yields (the tracker's HOST:PORT, the board's log file)."""
-    from tvm import rpc
-
     scratch = tmp_path_factory.mktemp("tracker")
     tracker_port, port = free_port(), free_port()
     with (scratch / "tracker.log").open("w") as out:
@@ -318,27 +316,31 @@ def arm64_tracker(arm64_root, tmp_path_factory):
              str(tracker_port), "--port-end", str(tracker_port + 1)],
             stdout=out, stderr=subprocess.STDOUT)
 
-    def registered() -> bool:
-        try:
-            session = rpc.connect_tracker("127.0.0.1", tracker_port)
-        except (OSError, RuntimeError):
-            return False
-        try:
-            servers = session.summary()["server_info"]
-        finally:
-            session.close()
-        return any(s["key"].endswith(f":{TRACKER_KEY}") for s in servers)
-
     try:
         log = scratch / "server.log"
         with qemu_rpc_server(arm64_root, log, "--host", "127.0.0.1", "--port", str(port),
                              "--port-end", str(port + 1), "--tracker",
                              f"127.0.0.1:{tracker_port}", "--key", TRACKER_KEY) as server:
-            wait_for(registered, server, log)
+            wait_for(lambda: TRACKER_KEY in registered_keys(tracker_port), server, log)
             yield f"127.0.0.1:{tracker_port}", log
     finally:
         tracker.terminate()
         tracker.wait(timeout=30)
+
+
+def registered_keys(tracker_port: int) -> set[str]:
+    """The device keys registered at the loopback tracker (none while it is not up)."""
+    from tvm import rpc
+
+    try:
+        session = rpc.connect_tracker("127.0.0.1", tracker_port)
+    except (OSError, RuntimeError):
+        return set()
+    try:
+        servers = session.summary()["server_info"]
+    finally:
+        session.close()
+    return {server["key"].split(":", 1)[-1] for server in servers}
 
 
 def tune_two_trials_over_rpc(tmp_path: Path, mlp_path: Path, address: str,
@@ -390,6 +392,39 @@ def test_a_key_no_device_registered_is_refused_naming_the_keys(tmp_path, mlp_pat
         compile_bundle(mlp_path, load_profile("raspberry-pi-4"), tmp_path / "b", name="m",
                        version="1", tune_trials=2, rpc=f"rpi5@{tracker}")
     assert not (tmp_path / "b").exists()
+
+
+@pytest.mark.timeout(300)
+def test_a_frozen_device_is_named_not_waited_for_forever(tmp_path, arm64_tracker, monkeypatch):
+    """A board whose server is stopped while its TCP stack still accepts (as a hung board's
+    does): reached directly or handed out by the tracker, it is refused after the connect
+    timeout, naming it."""
+    tracker = arm64_tracker[0]
+    tracker_port, port = int(tracker.rsplit(":", 1)[1]), free_port()
+    log = tmp_path / "frozen.log"
+    with log.open("w") as out:  # a host RPC server: only its handshake matters here
+        board = subprocess.Popen(
+            [sys.executable, "-m", "tvm.exec.rpc_server", "--host", "127.0.0.1", "--port",
+             str(port), "--port-end", str(port + 1), "--tracker", tracker, "--key", "frozen"],
+            stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        wait_for(lambda: "frozen" in registered_keys(tracker_port), board, log)
+        os.killpg(board.pid, signal.SIGSTOP)  # the server and the worker that listens
+        monkeypatch.setattr(tvm_tuning, "RPC_CONNECT_TIMEOUT_S", 3.0)
+        started = time.monotonic()
+        with pytest.raises(CompileError, match=re.escape(
+                f"no TVM RPC server answers at 127.0.0.1:{port} (the TVM RPC server at "
+                f"127.0.0.1:{port} did not accept a session within 3 s")):
+            tvm_tuning.RpcDevice.parse(f"127.0.0.1:{port}").check()
+        with pytest.raises(CompileError, match=re.escape(
+                f"the TVM RPC tracker {tracker} gave no session on a 'frozen' device (the "
+                f"'frozen' device at 127.0.0.1:{port} the tracker handed out did not accept a "
+                "session within 3 s")):
+            tvm_tuning.RpcDevice.parse(f"frozen@{tracker}").check()
+        assert time.monotonic() - started < 60
+    finally:
+        os.killpg(board.pid, signal.SIGKILL)
+        board.wait(timeout=30)
 
 
 @pytest.mark.timeout(600)
