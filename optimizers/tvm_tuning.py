@@ -97,6 +97,8 @@ class RpcDevice:
             self._check_tracker()
         try:
             self.connect()
+        except TimeoutError as exc:  # something listens there, and hangs
+            raise CompileError(f"{exc}; restart the device's RPC server") from exc
         except Exception as exc:  # TVM wraps socket errors in its own types
             if self.key is not None:
                 raise CompileError(f"the TVM RPC tracker {self.host}:{self.port} gave no "
@@ -148,8 +150,8 @@ def _within(seconds: float, what: str, call: Callable[[], Any]) -> Any:
     thread.start()
     thread.join(seconds)
     if not outcome:
-        raise TimeoutError(f"{what} did not accept a session within {seconds:g} s (frozen or "
-                           "overloaded?)")
+        raise TimeoutError(f"{what} did not accept a session within {seconds:g} s (a hung "
+                           "device?)")
     ok, value = outcome[0]
     if not ok:
         raise value

@@ -413,13 +413,13 @@ def test_a_frozen_device_is_named_not_waited_for_forever(tmp_path, arm64_tracker
         monkeypatch.setattr(tvm_tuning, "RPC_CONNECT_TIMEOUT_S", 3.0)
         started = time.monotonic()
         with pytest.raises(CompileError, match=re.escape(
-                f"no TVM RPC server answers at 127.0.0.1:{port} (the TVM RPC server at "
-                f"127.0.0.1:{port} did not accept a session within 3 s")):
+                f"the TVM RPC server at 127.0.0.1:{port} did not accept a session within 3 s "
+                "(a hung device?); restart the device's RPC server")):
             tvm_tuning.RpcDevice.parse(f"127.0.0.1:{port}").check()
         with pytest.raises(CompileError, match=re.escape(
-                f"the TVM RPC tracker {tracker} gave no session on a 'frozen' device (the "
-                f"'frozen' device at 127.0.0.1:{port} the tracker handed out did not accept a "
-                "session within 3 s")):
+                f"the 'frozen' device at 127.0.0.1:{port} the tracker handed out did not "
+                "accept a session within 3 s (a hung device?); restart the device's RPC "
+                "server")):
             tvm_tuning.RpcDevice.parse(f"frozen@{tracker}").check()
         assert time.monotonic() - started < 60
     finally:
