@@ -13,7 +13,6 @@ cubin and PTX packed by the nvcc toolkit's fatbinary.
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import os
 import shutil
 import struct
@@ -24,7 +23,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from edgerun.optimizers import nvrtc
+from edgerun.optimizers import cuda_paths, nvrtc
 
 FATBIN_MAGIC = 0xBA55ED50
 FATBIN_PTX, FATBIN_CUBIN = 1, 2
@@ -43,18 +42,10 @@ CICC_CMDLINE = "-ftz=0 -prec_div=1 -prec_sqrt=1 -fmad=1 "
 def nvcc_candidates() -> list[str]:
     """$EDGERUN_NVCC, nvcc on PATH, /usr/local/cuda, the CUDA 13 wheels `.ci/run` installs, and
     any nvcc wheel in this environment, in that order (executables only, no duplicates)."""
-    candidates = [os.environ.get("EDGERUN_NVCC"), shutil.which("nvcc"),
-                  "/usr/local/cuda/bin/nvcc", NVCC_WHEEL]
-    spec = importlib.util.find_spec("nvidia")
-    for root in (spec.submodule_search_locations or []) if spec else []:
-        candidates += [str(p) for p in sorted(Path(root).glob("*/bin/nvcc"))]
-    found, seen = [], set()
-    for candidate in candidates:
-        if candidate and os.access(candidate, os.X_OK) and \
-                os.path.realpath(candidate) not in seen:
-            seen.add(os.path.realpath(candidate))
-            found.append(candidate)
-    return found
+    return cuda_paths.distinct(
+        [os.environ.get("EDGERUN_NVCC"), shutil.which("nvcc"), "/usr/local/cuda/bin/nvcc",
+         NVCC_WHEEL, *cuda_paths.in_nvidia_wheels("*/bin/nvcc")],
+        lambda path: os.access(path, os.X_OK))
 
 
 @lru_cache(maxsize=None)

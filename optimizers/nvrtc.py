@@ -10,11 +10,12 @@ cuda/std/* from nvidia-cuda-cccl-cu12). `.ci/run` installs the three into DEFAUL
 from __future__ import annotations
 
 import ctypes
-import importlib.util
 import os
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
+
+from edgerun.optimizers import cuda_paths
 
 #: Where `.ci/run` installs the CUDA 12 wheels (`pip install --target`).
 DEFAULT_ROOT = Path("/opt/edgerun-cuda12")
@@ -75,18 +76,12 @@ class Nvrtc:
 def candidates() -> list[Nvrtc]:
     """$EDGERUN_NVRTC (a libnvrtc.so), DEFAULT_ROOT's, then any in this environment's
     `nvidia` wheels; each with its include folders."""
-    paths = [os.environ.get("EDGERUN_NVRTC", ""),
-             str(DEFAULT_ROOT / "nvidia" / "cuda_nvrtc" / "lib" / "libnvrtc.so.12")]
-    spec = importlib.util.find_spec("nvidia")
-    for root in (spec.submodule_search_locations or []) if spec else []:
-        paths += [str(p) for p in sorted(Path(root).glob("*/lib/libnvrtc.so.[0-9]*"))]
-    found, seen = [], set()
-    for path in paths:
-        if not path or not Path(path).is_file() or os.path.realpath(path) in seen:
-            continue
-        seen.add(os.path.realpath(path))
-        found.append(Nvrtc(path, _include_dirs(Path(path))))
-    return found
+    paths = cuda_paths.distinct(
+        [os.environ.get("EDGERUN_NVRTC"),
+         str(DEFAULT_ROOT / "nvidia" / "cuda_nvrtc" / "lib" / "libnvrtc.so.12"),
+         *cuda_paths.in_nvidia_wheels("*/lib/libnvrtc.so.[0-9]*")],
+        lambda path: Path(path).is_file())
+    return [Nvrtc(path, _include_dirs(Path(path))) for path in paths]
 
 
 def _include_dirs(library: Path) -> tuple[str, ...]:
