@@ -14,6 +14,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+import contextlib
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -267,19 +268,27 @@ def run_under_qemu(arm64_root: Path, bundle: Path, x: np.ndarray,
 
 
 @contextmanager
-def qemu_rpc_server(arm64_root: Path, log: Path, *options: str) -> Iterator[subprocess.Popen]:
-    """TVM's RPC server from the aarch64 wheel, in the arm64 root under qemu-user, on a
-    loopback port: an emulated Raspberry Pi to tune on."""
+def rpc_server(command: list[str], log: Path) -> Iterator[subprocess.Popen]:
+    """A TVM RPC server in a process group of its own, its output in `log`. Afterwards the
+    whole group (the server, its worker and their sessions) is killed, stopped or not."""
     with log.open("w") as out:
-        server = subprocess.Popen(
-            ["qemu-aarch64", "-L", str(arm64_root), str(arm64_root / "usr/bin/python3.11"),
-             str(REPO / "devices" / "qemu" / "rpc_server.py"), str(arm64_root), *options],
-            stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        server = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT,
+                                  start_new_session=True)
     try:
         yield server
     finally:
-        os.killpg(server.pid, signal.SIGTERM)  # the server, its worker and their sessions
+        os.killpg(server.pid, signal.SIGKILL)
         server.wait(timeout=60)
+
+
+def qemu_rpc_server(arm64_root: Path, log: Path, *options: str
+                    ) -> contextlib.AbstractContextManager[subprocess.Popen]:
+    """TVM's RPC server from the aarch64 wheel, in the arm64 root under qemu-user, on a
+    loopback port: an emulated Raspberry Pi to tune on."""
+    return rpc_server(["qemu-aarch64", "-L", str(arm64_root),
+                       str(arm64_root / "usr/bin/python3.11"),
+                       str(REPO / "devices" / "qemu" / "rpc_server.py"), str(arm64_root),
+                       *options], log)
 
 
 def wait_for(ready: Callable[[], bool], server: subprocess.Popen, log: Path) -> None:
@@ -402,12 +411,10 @@ def test_a_frozen_device_is_named_not_waited_for_forever(tmp_path, arm64_tracker
     tracker = arm64_tracker[0]
     tracker_port, port = int(tracker.rsplit(":", 1)[1]), free_port()
     log = tmp_path / "frozen.log"
-    with log.open("w") as out:  # a host RPC server: only its handshake matters here
-        board = subprocess.Popen(
-            [sys.executable, "-m", "tvm.exec.rpc_server", "--host", "127.0.0.1", "--port",
-             str(port), "--port-end", str(port + 1), "--tracker", tracker, "--key", "frozen"],
-            stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
+    # a host RPC server: only its handshake matters here
+    with rpc_server([sys.executable, "-m", "tvm.exec.rpc_server", "--host", "127.0.0.1",
+                     "--port", str(port), "--port-end", str(port + 1), "--tracker", tracker,
+                     "--key", "frozen"], log) as board:
         wait_for(lambda: "frozen" in registered_keys(tracker_port), board, log)
         os.killpg(board.pid, signal.SIGSTOP)  # the server and the worker that listens
         monkeypatch.setattr(tvm_tuning, "RPC_CONNECT_TIMEOUT_S", 3.0)
@@ -422,9 +429,6 @@ def test_a_frozen_device_is_named_not_waited_for_forever(tmp_path, arm64_tracker
                 "server")):
             tvm_tuning.RpcDevice.parse(f"frozen@{tracker}").check()
         assert time.monotonic() - started < 60
-    finally:
-        os.killpg(board.pid, signal.SIGKILL)
-        board.wait(timeout=30)
 
 
 @pytest.mark.timeout(600)
