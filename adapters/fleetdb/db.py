@@ -9,8 +9,10 @@ which one this is. Connections run in autocommit mode; `transaction()` groups st
 from __future__ import annotations
 
 import functools
+import random
 import sqlite3
 import threading
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -103,12 +105,30 @@ class Database:
             self.connection.close()
 
 
+SQLITE_BUSY_TIMEOUT_S = 30.0
+
+
+def _wal(connection: sqlite3.Connection) -> None:
+    """Readers never wait for the writer. Switching a file to WAL needs its exclusive lock, and
+    SQLite answers "locked" at once, without waiting out the busy timeout, when processes
+    starting together all hold a read lock and want it: so wait here."""
+    deadline = time.monotonic() + SQLITE_BUSY_TIMEOUT_S
+    while True:
+        try:
+            connection.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.01 + random.random() * 0.04)
+
+
 def _sqlite(path: str) -> Database:
     if path != ":memory:":
         Path(path).parent.mkdir(parents=True, exist_ok=True)
     connection = sqlite3.connect(path, check_same_thread=False, isolation_level=None,
-                                 timeout=30)
-    connection.execute("PRAGMA journal_mode=WAL")  # readers never wait for the writer
+                                 timeout=SQLITE_BUSY_TIMEOUT_S)
+    _wal(connection)
     connection.execute("PRAGMA foreign_keys=ON")
     return Database(connection, SQLITE)
 
