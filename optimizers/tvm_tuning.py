@@ -111,28 +111,34 @@ class RpcDevice:
     def _check_tracker(self) -> None:
         """The tracker answers and has a device under the key; a request for a key nobody
         registered would otherwise wait forever."""
-        from tvm import rpc
-
         from edgerun.optimizers.tvm import CompileError
 
         address = f"{self.host}:{self.port}"
         try:  # TVM's own connect retries for a minute before it gives up
             socket.create_connection((self.host, self.port), timeout=10).close()
-            tracker = rpc.connect_tracker(self.host, self.port)
-            try:
-                servers = tracker.summary()["server_info"]
-            finally:
-                tracker.close()
+            keys = tracker_keys(self.host, self.port)
         except Exception as exc:
             raise CompileError(f"no TVM RPC tracker answers at {address} ({_first_line(exc)}); "
                                "start one: python -m tvm.exec.rpc_tracker --host 0.0.0.0 "
                                f"--port {self.port}") from exc
-        keys = sorted({server["key"].split(":", 1)[-1] for server in servers})
         if self.key not in keys:
             raise CompileError(f"no device is registered under key {self.key!r} at the TVM RPC "
                                f"tracker {address} (keys there: {', '.join(keys) or 'none'}); "
                                f"on the device: python -m tvm.exec.rpc_server --tracker "
                                f"{address} --key {self.key}")
+
+
+def tracker_keys(host: str, port: int) -> list[str]:
+    """The device keys registered at the TVM RPC tracker at HOST:PORT, sorted (the tracker
+    lists each server's key as "server:KEY")."""
+    from tvm import rpc
+
+    tracker = rpc.connect_tracker(host, port)
+    try:
+        servers = tracker.summary()["server_info"]
+    finally:
+        tracker.close()
+    return sorted({server["key"].split(":", 1)[-1] for server in servers})
 
 
 def _within(seconds: float, what: str, call: Callable[[], Any]) -> Any:

@@ -4,6 +4,7 @@ compiled here for their arch."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -14,8 +15,6 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
-import contextlib
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -267,7 +266,7 @@ def run_under_qemu(arm64_root: Path, bundle: Path, x: np.ndarray,
             json.loads(result.stdout.strip().splitlines()[-1]))
 
 
-@contextmanager
+@contextlib.contextmanager
 def rpc_server(command: list[str], log: Path) -> Iterator[subprocess.Popen]:
     """A TVM RPC server in a process group of its own, its output in `log`. Afterwards the
     whole group (the server, its worker and their sessions) is killed, stopped or not."""
@@ -339,17 +338,10 @@ def arm64_tracker(arm64_root, tmp_path_factory):
 
 def registered_keys(tracker_port: int) -> set[str]:
     """The device keys registered at the loopback tracker (none while it is not up)."""
-    from tvm import rpc
-
     try:
-        session = rpc.connect_tracker("127.0.0.1", tracker_port)
+        return set(tvm_tuning.tracker_keys("127.0.0.1", tracker_port))
     except (OSError, RuntimeError):
         return set()
-    try:
-        servers = session.summary()["server_info"]
-    finally:
-        session.close()
-    return {server["key"].split(":", 1)[-1] for server in servers}
 
 
 def tune_two_trials_over_rpc(tmp_path: Path, mlp_path: Path, address: str,
