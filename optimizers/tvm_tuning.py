@@ -31,6 +31,8 @@ RPC_SESSION_TIMEOUT_S = 300
 #: Seconds a device may take to accept an RPC session: a frozen board (its TCP stack still
 #: accepting, its server stopped) would otherwise hang the compile forever.
 RPC_CONNECT_TIMEOUT_S = 60.0
+#: Devices asked of the tracker before a connect gives up, as TVM's TrackerSession.request.
+TRACKER_REQUESTS = 5
 
 
 @dataclass(frozen=True)
@@ -73,21 +75,31 @@ class RpcDevice:
                            lambda: rpc.connect(self.host, self.port,
                                                session_timeout=RPC_SESSION_TIMEOUT_S))
         # TrackerSession.request, split: the wait for a free device is unbounded (a farm may
-        # be busy), the handshake with the device it hands out is not
+        # be busy), the handshake with the device it hands out is not. A device that refuses
+        # the session (its match key went stale, it went away) is asked for again, as in TVM's.
         tracker = rpc.connect_tracker(self.host, self.port)
+        refused: list[str] = []
         try:
-            base.sendjson(tracker._sock, [base.TrackerCode.REQUEST, self.key, "", 1])
-            answer = base.recvjson(tracker._sock)
-            if answer[0] != base.TrackerCode.SUCCESS:
-                raise RuntimeError(f"the TVM RPC tracker {self.host}:{self.port} answered "
-                                   f"{answer}")
-            host, port, match_key = answer[1]
-            return _within(RPC_CONNECT_TIMEOUT_S,
-                           f"the {self.key!r} device at {host}:{port} the tracker handed out",
-                           lambda: rpc.connect(host, port, match_key,
-                                               session_timeout=RPC_SESSION_TIMEOUT_S))
+            for _ in range(TRACKER_REQUESTS):
+                base.sendjson(tracker._sock, [base.TrackerCode.REQUEST, self.key, "", 1])
+                answer = base.recvjson(tracker._sock)
+                if answer[0] != base.TrackerCode.SUCCESS:
+                    raise RuntimeError(f"the TVM RPC tracker {self.host}:{self.port} answered "
+                                       f"{answer}")
+                host, port, match_key = answer[1]
+                try:
+                    return _within(RPC_CONNECT_TIMEOUT_S, f"the {self.key!r} device at "
+                                   f"{host}:{port} the tracker handed out",
+                                   lambda: rpc.connect(host, port, match_key,
+                                                       session_timeout=RPC_SESSION_TIMEOUT_S))
+                except TimeoutError:  # a hung device: named, not handed out again and again
+                    raise
+                except Exception as exc:  # TVM's errors for a refused session
+                    refused.append(f"{host}:{port}: {_first_line(exc)}")
         finally:
             tracker.close()
+        raise RuntimeError(f"every {self.key!r} device the tracker handed out refused the "
+                           f"session ({'; '.join(refused)})")
 
     def check(self) -> None:
         """Fail before tuning, naming the address (and key), when nothing answers there."""

@@ -10,6 +10,7 @@ import os
 import re
 import struct
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -421,6 +422,61 @@ def test_a_frozen_device_is_named_not_waited_for_forever(tmp_path, arm64_tracker
                 "server")):
             tvm_tuning.RpcDevice.parse(f"frozen@{tracker}").check()
         assert time.monotonic() - started < 60
+
+
+def fake_tracker(handed_out: list[list]) -> tuple[int, list[str]]:
+    """A TVM RPC tracker on loopback that answers each device request with the next of
+    `handed_out` ([host, port, match key]). Returns its port and the keys requested."""
+    from tvm.rpc import base
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    requested: list[str] = []
+
+    def serve() -> None:
+        conn, _ = listener.accept()
+        with conn, listener:
+            conn.sendall(base.recvall(conn, 4))  # the magic number, echoed
+            while handed_out:
+                code, key, *_ = base.recvjson(conn)
+                assert code == base.TrackerCode.REQUEST
+                requested.append(key)
+                base.sendjson(conn, [base.TrackerCode.SUCCESS, handed_out.pop(0)])
+
+    threading.Thread(target=serve, daemon=True).start()
+    return listener.getsockname()[1], requested
+
+
+@pytest.mark.timeout(300)
+def test_a_device_that_refuses_the_session_is_asked_for_again(tmp_path):
+    """The tracker hands out a device whose match key went stale (its server made a new one,
+    as TVM's servers do when a handed-out key goes unused): the next device is asked for, as
+    TVM's own TrackerSession.request does, and after five refusals the error names them."""
+    from tvm import rpc
+
+    port, log = free_port(), tmp_path / "board.log"
+
+    def accepts() -> bool:
+        try:
+            rpc.connect("127.0.0.1", port)
+        except Exception:  # noqa: BLE001 - TVM's error while the server starts
+            return False
+        return True
+
+    with rpc_server([sys.executable, "-m", "tvm.exec.rpc_server", "--host", "127.0.0.1",
+                     "--port", str(port), "--port-end", str(port + 1)], log) as board:
+        wait_for(accepts, board, log)
+        stale, fresh = ["127.0.0.1", port, "stale"], ["127.0.0.1", port, ""]
+        tracker_port, requested = fake_tracker([stale, fresh])
+        session = tvm_tuning.RpcDevice.parse(f"rpi4@127.0.0.1:{tracker_port}").connect()
+        assert session.cpu(0).exist and requested == ["rpi4", "rpi4"]
+        del session  # the server holds one session at a time: end it
+
+        tracker_port, requested = fake_tracker([stale] * 5)
+        with pytest.raises(RuntimeError, match=re.escape(
+                "every 'rpi4' device the tracker handed out refused the session "
+                f"(127.0.0.1:{port}: ")) as refused:
+            tvm_tuning.RpcDevice.parse(f"rpi4@127.0.0.1:{tracker_port}").connect()
+        assert requested == ["rpi4"] * 5 and str(refused.value).count(f"127.0.0.1:{port}: ") == 5
 
 
 @pytest.mark.timeout(600)
