@@ -48,8 +48,8 @@ def build(model_path: Path, profile: DeviceProfile, target: dict[str, Any], *,
     except Exception as exc:  # TVM raises many types; a symbolic batch is the usual culprit
         if batch is not None:
             raise CompileError(f"{model_path.name}: TVM cannot compile it for {profile.name}: "
-                               f"{_first_line(exc)}") from exc
-        notes.append(f"symbolic batch failed ({_first_line(exc)}); compiled for batch "
+                               f"{_last_line(exc)}") from exc
+        notes.append(f"symbolic batch failed ({_last_line(exc)}); compiled for batch "
                      f"{FIXED_BATCH}")
         batch = FIXED_BATCH
         try:
@@ -58,7 +58,7 @@ def build(model_path: Path, profile: DeviceProfile, target: dict[str, Any], *,
                                   notes)
         except Exception as again:
             raise CompileError(f"{model_path.name}: TVM cannot compile it for {profile.name}: "
-                               f"{_first_line(again)}") from again
+                               f"{_last_line(again)}") from again
     fatbins: dict[str, bytes] = {}
     device_code: tuple[str, ...] = ()
     if cuda:
@@ -166,7 +166,9 @@ def _linker(profile: DeviceProfile, target: dict[str, Any]) -> Any:
     return cc.cross_compiler(compiler)
 
 
-def _first_line(exc: BaseException) -> str:
+def _last_line(exc: BaseException) -> str:
+    """An error in one line for a note: its last non-blank line, cut to 300 characters (an
+    error that carries a traceback ends with its message)."""
     text = str(exc).strip()
     lines = [line for line in text.splitlines() if line.strip()]
     return lines[-1][:300] if lines else type(exc).__name__
