@@ -347,7 +347,7 @@ class MicroBatcher:
             if size <= rows:
                 return size
         if self._closing or now >= head.enqueued + self._delay or self._gap > self._delay:
-            return rows
+            return max(rows, 1)  # requests of zero rows are due too: they must not wait forever
         return 0
 
     def _collect(self, key: tuple, target: int, now: float,

@@ -83,6 +83,17 @@ def test_requests_larger_than_the_batch_run_alone(recording):
     assert recording.batch_rows() == [10]
 
 
+@pytest.mark.timeout(30)
+def test_requests_of_zero_rows_are_answered(recording):
+    """A batch of nothing but empty requests once spun the worker forever (0 rows to take)."""
+    with batcher_for(recording, max_batch_size=8, max_queue_delay_us=1000) as batcher:
+        alone = batcher.predict({"x": rows(0)}, timeout=5)
+        empty = batcher.submit({"x": rows(0)})
+        full = batcher.submit({"x": rows(2)})
+        assert empty.result()["y"].shape == (0, 4) and full.result()["y"].shape == (2, 4)
+    assert alone["y"].shape == (0, 4)
+
+
 def test_a_lone_request_waits_at_most_the_queue_delay(recording):
     delay = 0.2
     with batcher_for(recording, max_batch_size=64, max_queue_delay_us=int(delay * 1e6)) as b:
