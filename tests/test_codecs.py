@@ -138,6 +138,17 @@ def _tensor(**fields) -> bytes:
      "requested output 'y': parameters must be an object"),
     (json.dumps({"inputs": [{"name": "x", "datatype": "FP32", "shape": [1], "data": [1]}],
                  "outputs": "y"}).encode(), None, '"outputs" must be a list'),
+    # shapes numpy cannot hold: once a 500 from reshape
+    (_tensor(shape=[2 ** 62, 2 ** 62, 0], data=[]), None, "cannot be held"),
+    (_tensor(shape=[1] * 70, data=[1]), None, "cannot be held"),
+    # parameters of the wrong type: "false" once read as true, [] as no parameters
+    (_tensor(parameters=[]), None, "input 'x': parameters must be an object"),
+    (json.dumps({"inputs": [{"name": "x", "datatype": "FP32", "shape": [1], "data": [1]}],
+                 "outputs": [{"name": "y", "parameters": {"binary_data": "false"}}]}).encode(),
+     None, "requested output 'y': parameters.binary_data must be true or false, got 'false'"),
+    (json.dumps({"inputs": [{"name": "x", "datatype": "FP32", "shape": [1], "data": [1]}],
+                 "parameters": {"binary_data_output": 1}}).encode(), None,
+     "request parameters.binary_data_output must be true or false, got 1"),
 ])
 def test_malformed_requests_raise_invalid_input(body, header_length, message):
     with pytest.raises(InvalidInput, match=re.escape(message)):
@@ -155,6 +166,7 @@ def test_missing_data_is_named():
     (16, b"\0" * 8, "runs past the 8 bytes"),
     (4, b"\0" * 4, "needs 8 bytes, binary_data_size is 4"),
     (8, b"\0" * 12, "4 bytes of binary data follow the last input"),
+    (True, b"\0" * 8, "binary_data_size True runs past"),
 ])
 def test_binary_size_errors(size, blob, message):
     header = json.dumps({"inputs": [{"name": "x", "datatype": "FP32", "shape": [2],
@@ -169,9 +181,17 @@ def test_binary_bool_and_bytes_errors():
     with pytest.raises(InvalidInput, match="BYTES element 0 runs past"):
         oip.decode_binary("s", "BYTES", [1], memoryview(struct.pack("<I", 9) + b"abc"))
     with pytest.raises(InvalidInput, match="BYTES data end before element 1"):
-        oip.decode_binary("s", "BYTES", [2], memoryview(struct.pack("<I", 1) + b"a"))
+        oip.decode_binary("s", "BYTES", [2], memoryview(struct.pack("<I", 5) + b"abcde"))
     with pytest.raises(InvalidInput, match="1 bytes left after 1 BYTES elements"):
         oip.decode_binary("s", "BYTES", [1], memoryview(struct.pack("<I", 1) + b"ab"))
+
+
+def test_a_huge_bytes_shape_is_refused_before_anything_is_allocated():
+    # 300 million elements announced with 5 bytes of data once allocated 2.4 GB first
+    with pytest.raises(InvalidInput, match="300000000 BYTES elements need at least"):
+        oip.decode_binary("s", "BYTES", [300_000_000], memoryview(b"\0" * 5))
+    with pytest.raises(InvalidInput, match="BYTES elements need at least"):
+        oip.decode_binary("s", "BYTES", [2 ** 62], memoryview(b""))
 
 
 def test_requested_outputs_are_checked_against_the_signature():

@@ -255,11 +255,21 @@ def test_bad_input_is_invalid_argument_naming_the_input(client, stub):
     half.inputs.add(name="x", datatype="FP16", shape=[1, 1]).contents.fp32_contents.append(1)
     few = typed_request("mlp", "x", "FP32", np.zeros(7, np.float32))
     few.inputs[0].shape[:] = [1, 8]
-    for request, says in ((short, "32 bytes"), (half, "raw_input_contents"), (few, "8 elements")):
+    huge = typed_request("mlp", "x", "FP32", np.zeros(0, np.float32))  # int64 product: 0
+    huge.inputs[0].shape[:] = [2 ** 32, 2 ** 32]
+    endless = typed_request("mlp", "x", "FP32", np.zeros(8, np.float32))
+    endless.inputs[0].shape[:] = [1, 8]
+    endless.parameters["timeout"].double_param = float("inf")
+    for request, says in ((short, "32 bytes"), (half, "raw_input_contents"), (few, "8 elements"),
+                          (huge, "18446744073709551616 elements")):
         with pytest.raises(grpc.RpcError) as caught:
             stub.ModelInfer(request)
         assert caught.value.code() == StatusCode.INVALID_ARGUMENT
         assert "'x'" in caught.value.details() and says in caught.value.details()
+    with pytest.raises(grpc.RpcError) as caught:
+        stub.ModelInfer(endless)
+    assert caught.value.code() == StatusCode.INVALID_ARGUMENT
+    assert "parameters.timeout must be a positive number" in caught.value.details()
 
 
 def test_unknown_model_or_version_is_not_found(client):

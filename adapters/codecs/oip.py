@@ -103,7 +103,8 @@ def decode_request(body: bytes, header_length: str | None) -> InferRequest:
         if size is not None:
             if "data" in item:
                 raise InvalidInput(f"input {name!r} has both data and binary_data_size", name)
-            if not isinstance(size, int) or size < 0 or offset + size > len(binary):
+            if isinstance(size, bool) or not isinstance(size, int) or size < 0 \
+                    or offset + size > len(binary):
                 raise InvalidInput(f"input {name!r}: binary_data_size {size} runs past the "
                                    f"{len(binary)} bytes of binary data", name)
             inputs[name] = decode_binary(name, datatype, shape, binary[offset:offset + size])
@@ -114,9 +115,7 @@ def decode_request(body: bytes, header_length: str | None) -> InferRequest:
             raise InvalidInput(f"input {name!r} has neither data nor binary_data_size", name)
     if offset != len(binary):
         raise InvalidInput(f"{len(binary) - offset} bytes of binary data follow the last input")
-    parameters = _plain(header.get("parameters")) or {}
-    if not isinstance(parameters, dict):
-        raise InvalidInput("request parameters must be an object")
+    parameters = _parameters(_plain(header.get("parameters")), "request parameters")
     timeout = parameters.get("timeout")
     if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float))
                                 or not 0 < timeout < math.inf):
@@ -126,7 +125,8 @@ def decode_request(body: bytes, header_length: str | None) -> InferRequest:
     return InferRequest(
         id=None if request_id is None else str(request_id), inputs=inputs,
         outputs=_requested_outputs(_plain(header.get("outputs"))),
-        binary_outputs=bool(parameters.get("binary_data_output", False)), timeout_us=timeout)
+        binary_outputs=_flag(parameters, "binary_data_output", "request parameters"),
+        timeout_us=timeout)
 
 
 def _parse(data: bytes) -> Any:
@@ -185,10 +185,8 @@ def _tensor_header(item: Any) -> tuple[str, str, list[int], dict[str, Any]]:
             isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
         raise InvalidInput(f"input {name!r}: shape must be a list of non-negative integers",
                            name)
-    parameters = _plain(item.get("parameters")) or {}
-    if not isinstance(parameters, dict):
-        raise InvalidInput(f"input {name!r}: parameters must be an object", name)
-    return name, datatype, shape, parameters
+    return name, datatype, shape, _parameters(_plain(item.get("parameters")),
+                                              f"input {name!r}: parameters", name)
 
 
 def _decode_data(name: str, datatype: str, shape: list[int], data: Any) -> np.ndarray:
@@ -200,7 +198,7 @@ def _decode_data(name: str, datatype: str, shape: list[int], data: Any) -> np.nd
         except (TypeError, ValueError):
             pass  # not all numbers of that kind: decode_json says what is wrong
         else:
-            return _shaped(name, shape, cast_array(raw, DATATYPES[datatype], name))
+            return shaped(name, shape, cast_array(raw, DATATYPES[datatype], name))
     return decode_json(name, datatype, shape, _plain(data))
 
 
@@ -225,7 +223,7 @@ def decode_json(name: str, datatype: str, shape: list[int], data: Any) -> np.nda
         if datatype == "UINT64" and array.dtype.kind in "fO":
             array = _uint64(name, data, array)
         array = cast_array(array, DATATYPES[datatype], name)
-    return _shaped(name, shape, array)
+    return shaped(name, shape, array)
 
 
 def _uint64(name: str, data: list, array: np.ndarray) -> np.ndarray:
@@ -241,18 +239,24 @@ def _uint64(name: str, data: list, array: np.ndarray) -> np.ndarray:
     return exact.astype(np.uint64)
 
 
-def _shaped(name: str, shape: list[int], array: np.ndarray) -> np.ndarray:
+def shaped(name: str, shape: list[int], array: np.ndarray) -> np.ndarray:
+    """`array` in the request's `shape`; InvalidInput naming the input when the counts differ
+    or numpy cannot hold the shape (over 64 dims, or dims whose product overflows)."""
     if array.size != _elements(shape):
         raise InvalidInput(f"input {name!r}: shape {shape} needs {_elements(shape)} elements, "
                            f"data has {array.size}", name)
-    return array.reshape(shape)
+    try:
+        return array.reshape(shape)
+    except ValueError as exc:
+        raise InvalidInput(f"input {name!r}: shape {shape} cannot be held ({exc})",
+                           name) from None
 
 
 def decode_binary(name: str, datatype: str, shape: list[int], data: memoryview) -> np.ndarray:
     """Little-endian, row-major tensor bytes; BYTES elements are 4-byte length + bytes."""
     count = _elements(shape)
     if datatype == "BYTES":
-        return _decode_bytes(name, data, count).reshape(shape)
+        return shaped(name, shape, _decode_bytes(name, data, count))
     dtype = _LITTLE[DATATYPES[datatype]]
     if len(data) != count * dtype.itemsize:
         raise InvalidInput(f"input {name!r}: shape {shape} of {datatype} needs "
@@ -262,11 +266,14 @@ def decode_binary(name: str, datatype: str, shape: list[int], data: memoryview) 
         raw = np.frombuffer(data, dtype=np.uint8)
         if raw.size and raw.max() > 1:
             raise InvalidInput(f"input {name!r}: BOOL bytes must be 0 or 1", name)
-        return raw.astype(bool).reshape(shape)
-    return np.frombuffer(data, dtype=dtype).reshape(shape)
+        return shaped(name, shape, raw.astype(bool))
+    return shaped(name, shape, np.frombuffer(data, dtype=dtype))
 
 
 def _decode_bytes(name: str, data: memoryview, count: int) -> np.ndarray:
+    if 4 * count > len(data):  # checked before allocating: the shape is the caller's to choose
+        raise InvalidInput(f"input {name!r}: {count} BYTES elements need at least {4 * count} "
+                           f"bytes (a 4-byte length each), the data has {len(data)}", name)
     elements = np.empty(count, dtype=object)
     offset = 0
     for index in range(count):
@@ -291,6 +298,22 @@ def _text(raw: bytes) -> str | bytes:
         return raw
 
 
+def _parameters(value: Any, where: str, name: str | None = None) -> dict[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise InvalidInput(f"{where} must be an object", name)
+    return value
+
+
+def _flag(parameters: dict[str, Any], key: str, where: str, name: str | None = None) -> bool:
+    """A boolean parameter; the string "false" must not read as true."""
+    value = parameters.get(key, False)
+    if not isinstance(value, bool):
+        raise InvalidInput(f"{where}.{key} must be true or false, got {value!r}", name)
+    return value
+
+
 def _requested_outputs(items: Any) -> list[RequestedOutput] | None:
     if items is None:
         return None
@@ -300,11 +323,10 @@ def _requested_outputs(items: Any) -> list[RequestedOutput] | None:
     for item in items:
         if not isinstance(item, dict) or not isinstance(item.get("name"), str):
             raise InvalidInput("each requested output needs a \"name\" string")
-        parameters = item.get("parameters") or {}
-        if not isinstance(parameters, dict):
-            raise InvalidInput(f"requested output {item['name']!r}: parameters must be an "
-                               "object", item["name"])
-        requested.append(RequestedOutput(item["name"], bool(parameters.get("binary_data"))))
+        where = f"requested output {item['name']!r}: parameters"
+        parameters = _parameters(item.get("parameters"), where, item["name"])
+        requested.append(RequestedOutput(item["name"], _flag(parameters, "binary_data", where,
+                                                             item["name"])))
     return requested
 
 

@@ -9,6 +9,7 @@ since the protocol allows only one of the two ways in a response.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -67,7 +68,7 @@ def decode_request(message: pb.ModelInferRequest) -> oip.InferRequest:
             inputs[name] = _decode_contents(name, datatype, shape, tensor.contents)
     parameters = {key: parameter(value) for key, value in message.parameters.items()}
     timeout = parameters.get("timeout")
-    if timeout is not None and (isinstance(timeout, (bool, str)) or not timeout > 0):
+    if timeout is not None and (isinstance(timeout, (bool, str)) or not 0 < timeout < math.inf):
         raise InvalidInput(f"parameters.timeout must be a positive number of microseconds, "
                            f"got {timeout!r}")
     requested = [oip.RequestedOutput(o.name, True) for o in message.outputs] or None
@@ -88,11 +89,7 @@ def _decode_contents(name: str, datatype: str, shape: list[int],
     else:
         array = cast_array(np.array(values, dtype=_FIELD_DTYPE[field]),
                            oip.DATATYPES[datatype], name)
-    count = int(np.prod(shape, dtype=np.int64))
-    if array.size != count:
-        raise InvalidInput(f"input {name!r}: shape {shape} needs {count} elements, contents "
-                           f"has {array.size}", name)
-    return array.reshape(shape)
+    return oip.shaped(name, shape, array)
 
 
 def encode_response(model: str, version: str, request: oip.InferRequest,
