@@ -27,6 +27,8 @@ class Model:
         self.name = bundle.manifest.name
         self.version = bundle.manifest.version
         self._run = backend.run
+        conform = type(backend).conform
+        self._conform = None if conform is Backend.conform else backend.conform
 
     @classmethod
     def load(cls, source: str | Path | Bundle, device: str | Path | DeviceProfile | None = None,
@@ -43,7 +45,8 @@ class Model:
 
     def validate(self, inputs: Mapping[str, Any]) -> dict[str, np.ndarray]:
         """Check a request against the signature; raises InvalidInput naming the tensor."""
-        return self.signature.validate(inputs)
+        arrays = self.signature.validate(inputs)
+        return arrays if self._conform is None else self._conform(arrays)
 
     def run(self, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Run already-validated arrays; backend failures become InferenceError."""
@@ -56,11 +59,11 @@ class Model:
 
     def predict(self, inputs: Mapping[str, Any]) -> dict[str, np.ndarray]:
         """Validate, then run one forward pass."""
-        return self.run(self.signature.validate(inputs))
+        return self.run(self.validate(inputs))
 
     async def predict_async(self, inputs: Mapping[str, Any]) -> dict[str, np.ndarray]:
         """`predict` with the forward pass off the event loop."""
-        arrays = self.signature.validate(inputs)
+        arrays = self.validate(inputs)
         return await asyncio.get_running_loop().run_in_executor(None, self.run, arrays)
 
     def check_golden(self, rtol: float = 1e-3, atol: float = 1e-4) -> None:

@@ -219,6 +219,8 @@ SIG_TWO = Signature((TensorSpec("a", "float32", (-1, 2), 0), TensorSpec("b", "in
      {"a": [[1, 2], [0, 0]], "b": [3, 4]}, True),
     ({"inputs": {"a": [[1, 2]], "b": [5]}}, SIG_TWO, {"a": [[1, 2]], "b": [5]}, False),
     ({"instances": [[{"b64": "aGk="}]]}, SIG_ONE, {"x": [[b"hi"]]}, True),
+    # TF Serving's own form for one binary input: each instance is the b64 object itself
+    ({"instances": [{"b64": "aGk="}, {"b64": "/w=="}]}, SIG_ONE, {"x": [b"hi", b"\xff"]}, True),
 ])
 def test_tf_serving_formats_decode(body, signature, inputs, rows):
     assert tfserving.decode_predict(json.dumps(body).encode(), signature) == (inputs, rows)
@@ -238,6 +240,17 @@ def test_tf_serving_formats_decode(body, signature, inputs, rows):
 def test_tf_serving_errors(body, message):
     with pytest.raises(InvalidInput, match=message):
         tfserving.decode_predict(body, SIG_TWO)
+
+
+def test_tf_serving_rows_need_outputs_that_share_their_rows():
+    scalar_first = {"total": np.float32(3.0), "y": np.ones((2, 2), np.float32)}
+    uneven = {"y": np.ones((2, 2), np.float32), "z": np.ones((3,), np.float32)}
+    for outputs in (scalar_first, uneven):
+        with pytest.raises(InvalidInput, match="cannot be answered row by row"):
+            tfserving.encode_predict({k: np.asarray(v) for k, v in outputs.items()}, True)
+    columns = json.loads(tfserving.encode_predict({"total": np.asarray(np.float32(3.0)),
+                                                   "y": np.ones((1, 2), np.float32)}, False))
+    assert columns == {"outputs": {"total": 3.0, "y": [[1.0, 1.0]]}}
 
 
 def test_tf_serving_answers_mirror_the_request():

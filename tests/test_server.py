@@ -44,6 +44,7 @@ def repo(tmp_path_factory) -> Path:
     for datatype, dtype in OIP_TYPES.items():
         add_version(root, f"identity-{datatype.lower()}", "1", identity_onnx(dtype, ["b", "n"]))
     add_version(root, "mlp", "1", mlp_onnx([8, 16, 4]))
+    add_version(root, "text", "1", identity_onnx("string", ["b"]))
     add_version(root, "lookup", "1", gather_onnx())
     add_version(root, "two", "1", two_input_onnx())
     add_version(root, "slowq", "1", identity_onnx("float32", ["b", 2]))
@@ -206,6 +207,14 @@ def test_tf_serving_b64_strings_and_status(server):
                   {"instances": [[{"b64": "aGVsbG8="}], ["plain"]]})
     assert answer.status_code == 200, answer.text
     assert answer.json() == {"predictions": [["hello"], ["plain"]]}
+    # all b64, so nothing mixes them into text: ONNX Runtime once answered "b'hello'"
+    answer = post(server, "/v1/models/identity-bytes:predict",
+                  {"instances": [[{"b64": "aGVsbG8="}]]})
+    assert answer.json() == {"predictions": [["hello"]]}
+    rows = post(server, "/v1/models/text:predict",
+                {"instances": [{"b64": "aGVsbG8="}, {"b64": "d29ybGQ="}]})
+    assert rows.status_code == 200, rows.text
+    assert rows.json() == {"predictions": ["hello", "world"]}
     status = httpx.get(server.url + "/v1/models/mlp").json()
     assert status["model_version_status"][0] == {
         "version": "1", "state": "AVAILABLE", "status": {"error_code": "OK", "error_message": ""}}
@@ -241,6 +250,28 @@ def test_binary_size_errors_get_400(server):
     bad_length = post(server, "/v2/models/mlp/infer", header,
                       {"Inference-Header-Content-Length": "lots"})
     assert bad_length.status_code == 400 and "must be an integer" in bad_length.json()["error"]
+
+
+def test_text_tensors_take_utf8_bytes_and_refuse_other_bytes(server):
+    def binary_bytes(*elements: bytes) -> tuple[bytes, dict[str, str]]:
+        data = b"".join(struct.pack("<I", len(e)) + e for e in elements)
+        header = json.dumps({"inputs": [{"name": "x", "datatype": "BYTES",
+                                         "shape": [1, len(elements)],
+                                         "parameters": {"binary_data_size": len(data)}}]}).encode()
+        return header + data, {"Inference-Header-Content-Length": str(len(header))}
+
+    ok = post(server, "/v2/models/identity-bytes/infer", *binary_bytes("é".encode(), b"ok"))
+    assert ok.status_code == 200 and ok.json()["outputs"][0]["data"] == ["é", "ok"]
+    refused = post(server, "/v2/models/identity-bytes/infer", *binary_bytes(b"ok", b"\xff\xfe"))
+    assert refused.status_code == 400, refused.text
+    assert "input 'x': element 1 is not UTF-8 text" in refused.json()["error"]
+
+
+@pytest.mark.timeout(60)
+def test_a_request_of_zero_rows_is_answered(server):
+    response = post(server, "/v2/models/mlp/infer", oip("x", "FP32", [0, 8], []))
+    assert response.status_code == 200, response.text
+    assert response.json()["outputs"][0]["shape"] == [0, 4]
 
 
 def test_unknown_model_and_version_get_404(server, client):

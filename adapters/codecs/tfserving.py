@@ -36,7 +36,8 @@ def decode_predict(body: bytes, signature: Signature) -> tuple[dict[str, Any], b
         rows = request["instances"]
         if not isinstance(rows, list) or not rows:
             raise InvalidInput("\"instances\" must be a non-empty list of rows")
-        if all(isinstance(row, dict) for row in rows):
+        if all(isinstance(row, dict) for row in rows) and not (
+                "b64" not in names and all(row.keys() == {"b64"} for row in rows)):
             inputs = {}
             for name in {key for row in rows for key in row}:
                 if any(name not in row for row in rows):
@@ -84,7 +85,7 @@ def encode_predict(outputs: dict[str, np.ndarray], rows: bool) -> bytes:
             (array,) = outputs.values()
             return orjson.dumps({"predictions": _jsonable(array)},
                                 option=orjson.OPT_SERIALIZE_NUMPY)
-        count = next(iter(outputs.values())).shape[0]
+        count = _rows(outputs)
         columns = {name: _jsonable(array) for name, array in outputs.items()}
         return orjson.dumps({"predictions": [{name: column[i] for name, column in
                                               columns.items()} for i in range(count)]})
@@ -93,6 +94,16 @@ def encode_predict(outputs: dict[str, np.ndarray], rows: bool) -> bytes:
         return orjson.dumps({"outputs": _jsonable(array)}, option=orjson.OPT_SERIALIZE_NUMPY)
     return orjson.dumps({"outputs": {name: _jsonable(a) for name, a in outputs.items()}},
                         option=orjson.OPT_SERIALIZE_NUMPY)
+
+
+def _rows(outputs: dict[str, np.ndarray]) -> int:
+    """The rows every output shares: the row format has nothing else to answer with."""
+    counts = {name: array.shape[0] if array.ndim else None for name, array in outputs.items()}
+    if None in counts.values() or len(set(counts.values())) > 1:
+        shapes = ", ".join(f"{name!r} {outputs[name].shape}" for name in counts)
+        raise InvalidInput(f"the outputs ({shapes}) do not share their first dimension, so they "
+                           "cannot be answered row by row; ask with \"inputs\" (columns)")
+    return next(iter(counts.values()))
 
 
 def _jsonable(array: np.ndarray) -> Any:

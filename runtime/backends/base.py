@@ -32,6 +32,11 @@ class Backend(ABC):
     def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """One forward pass; inputs are already validated against the signature."""
 
+    def conform(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """What this backend cannot take, refused (InvalidInput) or converted at validation,
+        before a request is queued: a bad one must never fail the batch it would join."""
+        return inputs
+
     def describe(self) -> dict[str, Any]:
         """What this backend runs on, for metadata endpoints and logs."""
         return {"backend": self.name}

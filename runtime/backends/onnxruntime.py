@@ -12,7 +12,7 @@ import onnxruntime as ort
 
 from edgerun.devices import DeviceProfile
 from edgerun.runtime.backends.base import Backend
-from edgerun.runtime.errors import BundleError
+from edgerun.runtime.errors import BundleError, InvalidInput
 from edgerun.runtime.signature import Signature, TensorSpec
 
 log = logging.getLogger(__name__)
@@ -43,6 +43,19 @@ def _specs(args: list[Any], model: Path) -> tuple[TensorSpec, ...]:
         batch_axis = 0 if shape and shape[0] == -1 else None
         specs.append(TensorSpec(arg.name, _ORT_TYPES[arg.type], shape, batch_axis))
     return tuple(specs)
+
+
+def _as_text(name: str, array: np.ndarray) -> np.ndarray:
+    text = np.empty(array.shape, dtype=object)
+    for index, value in enumerate(array.flat):
+        if type(value) is bytes:
+            try:
+                value = value.decode()
+            except UnicodeDecodeError:
+                raise InvalidInput(f"input {name!r}: element {index} is not UTF-8 text; ONNX "
+                                   "Runtime string tensors hold text only", name) from None
+        text.flat[index] = value
+    return text
 
 
 def providers_for(device: DeviceProfile) -> list[str | tuple[str, dict[str, Any]]]:
@@ -80,6 +93,7 @@ class OnnxRuntimeBackend(Backend):
     def __init__(self, session: ort.InferenceSession) -> None:
         self.session = session
         self._output_names = [o.name for o in session.get_outputs()]
+        self._text_inputs = [i.name for i in session.get_inputs() if i.type == "tensor(string)"]
 
     @classmethod
     def inspect(cls, model_path: Path) -> Signature:
@@ -112,6 +126,15 @@ class OnnxRuntimeBackend(Backend):
 
     def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return dict(zip(self._output_names, self.session.run(self._output_names, inputs)))
+
+    def conform(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """String tensors as text: ONNX Runtime turns a bytes element into its repr
+        ("b'...'"), so UTF-8 bytes are decoded and any other bytes refused."""
+        for name in self._text_inputs:
+            array = inputs[name]
+            if any(type(value) is bytes for value in array.flat):
+                inputs = {**inputs, name: _as_text(name, array)}
+        return inputs
 
     def describe(self) -> dict[str, Any]:
         return {"backend": self.name, "onnxruntime": ort.__version__,
