@@ -103,6 +103,9 @@ def test_the_file_reloads_without_a_restart(tmp_path: Path, keys) -> None:
     with tokens.open("a") as sink:
         sink.write("admin sha256:abc half-written\n")
     assert store.check(secrets["read"], "read").name == "read-key"
+    with tokens.open("ab") as raw:  # not UTF-8: once a 500 on every request
+        raw.write(b"# caf\xe9\nadmin sha256:" + b"\xff" * 64 + b" bad-bytes\n")
+    assert store.check(secrets["read"], "read").name == "read-key"
     tokens.chmod(0o666)  # anyone could add an admin token now: nothing is trusted
     with pytest.raises(Unauthenticated):
         store.check(secrets["read"], "read")

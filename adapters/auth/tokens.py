@@ -79,7 +79,8 @@ def read_tokens(path: str | Path) -> list[TokenEntry]:
     every caller out, while a removed line always takes effect.
     """
     entries = []
-    text = Path(path).read_text(encoding="utf-8")
+    # a stray non-UTF-8 byte (in a comment, say) spoils its own line only: not every request
+    text = Path(path).read_text(encoding="utf-8", errors="replace")
     for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip() or line.lstrip().startswith("#"):
             continue
