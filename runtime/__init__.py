@@ -5,7 +5,7 @@ from edgerun.runtime.bundle import Bundle, Manifest, create_bundle
 from edgerun.runtime.errors import (BundleError, Cancelled, DeadlineExceeded, EdgerunError,
                                     InferenceError, InvalidInput, ModelNotFound, ModelNotReady,
                                     Overloaded, PayloadTooLarge, PermissionDenied,
-                                    Unauthenticated)
+                                    Unauthenticated, UnsupportedMediaType)
 from edgerun.runtime.model import Model
 from edgerun.runtime.signature import Signature, TensorSpec
 
@@ -13,5 +13,5 @@ __all__ = [
     "BatchingConfig", "Bundle", "BundleError", "Cancelled", "DeadlineExceeded", "EdgerunError",
     "InferenceError", "InvalidInput", "Manifest", "MicroBatcher", "Model", "ModelNotFound",
     "ModelNotReady", "Overloaded", "PayloadTooLarge", "Pending", "PermissionDenied", "Signature",
-    "TensorSpec", "Unauthenticated", "create_bundle",
+    "TensorSpec", "Unauthenticated", "UnsupportedMediaType", "create_bundle",
 ]

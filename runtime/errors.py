@@ -74,6 +74,12 @@ class PayloadTooLarge(InvalidInput):
     kind = "payload_too_large"
 
 
+class UnsupportedMediaType(InvalidInput):
+    """The request comes in an encoding the server does not read (an unknown content coding)."""
+
+    kind = "unsupported_media_type"
+
+
 class Unauthenticated(EdgerunError):
     """The caller did not prove who it is (no or an unknown credential)."""
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import gzip
 import json
 import os
 import subprocess
@@ -90,6 +91,18 @@ def test_http_function_maps_errors_like_the_fleet_server(clients):
     bad_json = http.post("/v2/models/mlp/infer", data=b"{nope",
                          content_type="application/json")
     assert bad_json.status_code == 400 and "not valid JSON" in bad_json.get_json()["error"]
+    brotli = http.post("/v2/models/mlp/infer", data=b"...", headers={"Content-Encoding": "br"})
+    assert brotli.status_code == 415
+
+
+def test_http_function_reads_gzip_bodies(clients, reference):
+    x = rows(2)
+    body = gzip.compress(json.dumps(request(x)).encode())
+    answer = clients["infer"].post("/v2/models/mlp/infer", data=body,
+                                   headers={"Content-Encoding": "gzip"})
+    assert answer.status_code == 200, answer.get_data()
+    np.testing.assert_allclose(np.array(answer.get_json()["outputs"][0]["data"]).reshape(2, 4),
+                               reference(x), rtol=1e-5, atol=1e-6)
 
 
 def pubsub_event(payload: bytes, attributes: dict | None = None, message_id: str = "1"):

@@ -50,8 +50,8 @@ def test_every_route_documents_what_it_answers(server):
     spec = httpx.get(server.url + "/openapi.json").json()
     assert len(spec["paths"]) == len(ROUTES)
     infer = spec["paths"]["/v2/models/{name}/infer"]["post"]
-    assert set(infer["responses"]) == {"200", "400", "401", "403", "404", "413", "500", "503",
-                                       "504"}
+    assert set(infer["responses"]) == {"200", "400", "401", "403", "404", "413", "415", "500",
+                                       "503", "504"}
     assert infer["responses"]["404"]["content"]["application/json"]["schema"] == {
         "$ref": "#/components/schemas/Error"}
     assert "Retry-After" in infer["responses"]["503"]["headers"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 import re
 import signal
@@ -288,6 +289,28 @@ def test_unknown_model_and_version_get_404(server, client):
 def test_body_over_the_cap_gets_413(server):
     response = post(server, "/v2/models/mlp/infer", b"{" + b" " * (2 << 20) + b"}")
     assert response.status_code == 413 and "over the 1048576-byte limit" in response.json()["error"]
+
+
+@pytest.mark.parametrize("algorithm", ["gzip", "deflate"])
+def test_compressed_requests_from_tritonclient(client, algorithm):
+    x = np.arange(16, dtype=np.float32).reshape(2, 8)
+    tensor = triton.InferInput("x", [2, 8], "FP32")
+    tensor.set_data_from_numpy(x, binary_data=True)
+    plain = client.infer("mlp", [tensor]).as_numpy("y")
+    packed = client.infer("mlp", [tensor], request_compression_algorithm=algorithm).as_numpy("y")
+    np.testing.assert_array_equal(packed, plain)
+
+
+def test_content_codings_that_cannot_be_read(server):
+    body = json.dumps(oip("x", "FP32", [1, 8], [0] * 8)).encode()
+    brotli = post(server, "/v2/models/mlp/infer", body, {"Content-Encoding": "br"})
+    assert brotli.status_code == 415 and "'br' is not supported" in brotli.json()["error"]
+    corrupt = post(server, "/v2/models/mlp/infer", body, {"Content-Encoding": "gzip"})
+    assert corrupt.status_code == 400 and "gzip request body is corrupt" in corrupt.json()["error"]
+    bomb = gzip.compress(b" " * (2 << 20))  # 2 KiB that inflate past the 1 MiB cap
+    assert len(bomb) < 10_000
+    inflated = post(server, "/v2/models/mlp/infer", bomb, {"Content-Encoding": "gzip"})
+    assert inflated.status_code == 413 and "once decompressed" in inflated.json()["error"]
 
 
 def test_inference_failure_gets_500_and_neighbours_still_succeed(server):

@@ -25,6 +25,7 @@ from typing import Any
 
 from edgerun.adapters.dataplane import Call, DataPlane
 from edgerun.adapters.dataplane.call import INFER, JSON
+from edgerun.adapters.http.encoding import decode_body
 from edgerun.adapters.http.routes import match
 from edgerun.adapters.http.status import error_headers, status_of
 from edgerun.adapters.single_bundle import MODEL_VARIABLE, serve_bundle
@@ -69,8 +70,14 @@ class CloudFunction:
                                     f"{self.max_body_bytes}-byte limit")
             return _error(status_of(error), str(error))
         headers = request.headers
-        call = Call(route.route, params.get("name", ""), params.get("version"),
-                    request.get_data(cache=False) if request.method == "POST" else b"",
+        body = b""
+        if request.method == "POST":
+            try:
+                body = decode_body(request.get_data(cache=False),
+                                   headers.get("content-encoding"), self.max_body_bytes)
+            except InvalidInput as exc:
+                return _error(status_of(exc), str(exc))
+        call = Call(route.route, params.get("name", ""), params.get("version"), body,
                     headers.get, "gcf")
         reply = self.plane.handle(call)
         answer = {"Content-Type": reply.content_type, **reply.headers}

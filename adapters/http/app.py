@@ -21,7 +21,7 @@ from edgerun.adapters.http.asgi import DEFAULT_MAX_BODY_BYTES, read_body
 from edgerun.adapters.http.openapi import SCHEMAS, operation
 from edgerun.adapters.http.routes import ROUTES, Route
 from edgerun.adapters.http.status import error_headers, status_of
-from edgerun.runtime.errors import PayloadTooLarge
+from edgerun.runtime.errors import InvalidInput
 
 
 def create_app(plane: DataPlane, *, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> FastAPI:
@@ -69,8 +69,8 @@ def _endpoint(plane: DataPlane, route: Route,
         if route.method == "POST":
             try:
                 call.body = await read_body(request.receive, request.headers.get("content-length"),
-                                            limit)
-            except PayloadTooLarge as exc:
+                                            limit, request.headers.get("content-encoding"))
+            except InvalidInput as exc:
                 return response(Reply(orjson.dumps({"error": str(exc)}), error=exc))
         return response(await plane.handle_async(call))
     return endpoint

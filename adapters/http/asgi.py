@@ -16,9 +16,10 @@ import orjson
 
 from edgerun.adapters.dataplane import Call, DataPlane, Reply
 from edgerun.adapters.dataplane.call import JSON
+from edgerun.adapters.http.encoding import decode_body
 from edgerun.adapters.http.routes import match
 from edgerun.adapters.http.status import error_headers, status_of
-from edgerun.runtime.errors import PayloadTooLarge
+from edgerun.runtime.errors import InvalidInput, PayloadTooLarge
 
 Scope = dict[str, Any]
 Receive = Callable[[], Awaitable[dict[str, Any]]]
@@ -64,16 +65,18 @@ class EdgerunASGI:
         if scope["method"] == "POST":
             try:
                 call.body = await read_body(receive, attribute("content-length"),
-                                            self.max_body_bytes)
-            except PayloadTooLarge as exc:
+                                            self.max_body_bytes, attribute("content-encoding"))
+            except InvalidInput as exc:
                 return await send_reply(send, Reply(orjson.dumps({"error": str(exc)}),
                                                     error=exc))
         reply = await self.plane.handle_async(call)
         await send_reply(send, reply, head=scope["method"] == "HEAD")
 
 
-async def read_body(receive: Receive, content_length: str | None, limit: int) -> bytes:
-    """The whole request body from ASGI messages, refused once it passes `limit` bytes."""
+async def read_body(receive: Receive, content_length: str | None, limit: int,
+                    coding: str | None = None) -> bytes:
+    """The whole request body from ASGI messages, refused once it passes `limit` bytes, and
+    decompressed when it came in a content coding."""
     if content_length is not None and content_length.isdigit() and int(content_length) > limit:
         raise PayloadTooLarge(f"request body of {content_length} bytes is over the {limit}-byte "
                               "limit")
@@ -86,7 +89,8 @@ async def read_body(receive: Receive, content_length: str | None, limit: int) ->
             raise PayloadTooLarge(f"request body is over the {limit}-byte limit")
         chunks.append(chunk)
         if not message.get("more_body", False):
-            return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+            body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+            return body if coding is None else decode_body(body, coding, limit)
 
 
 async def send_reply(send: Send, reply: Reply, *, head: bool = False) -> None:

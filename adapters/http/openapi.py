@@ -19,7 +19,8 @@ from edgerun.adapters.http.status import status_of
 from edgerun.runtime.bundle import NAME_RE, VERSION_RE
 from edgerun.runtime.errors import (BundleError, DeadlineExceeded, EdgerunError, InferenceError,
                                     InvalidInput, ModelNotFound, ModelNotReady, Overloaded,
-                                    PayloadTooLarge, PermissionDenied, Unauthenticated)
+                                    PayloadTooLarge, PermissionDenied, Unauthenticated,
+                                    UnsupportedMediaType)
 
 
 def _ref(name: str) -> dict[str, str]:
@@ -132,6 +133,7 @@ _WHY: dict[type[EdgerunError], str] = {
                   "input, header or parameter)",
     BundleError: "the model's bundle could not be loaded (the message says why)",
     PayloadTooLarge: "the body is over the server's size limit",
+    UnsupportedMediaType: "the body's Content-Encoding is none of gzip, deflate or identity",
     ModelNotFound: "no such model or version is loaded",
     ModelNotReady: "the model or server is still loading, or draining",
     Overloaded: "the model's queue is full: retry after Retry-After seconds",
@@ -183,6 +185,6 @@ def operation(route: Route) -> dict[str, Any]:
 
 def _by_status(kinds: tuple[type[EdgerunError], ...]) -> dict[int, list[type[EdgerunError]]]:
     statuses: dict[int, list[type[EdgerunError]]] = {}
-    for kind in kinds:
+    for kind in dict.fromkeys(kinds):  # once each, though route groups overlap
         statuses.setdefault(status_of(kind("")), []).append(kind)
     return statuses

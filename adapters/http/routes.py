@@ -17,12 +17,14 @@ from edgerun.adapters.codecs import prometheus
 from edgerun.adapters.dataplane import call as routes
 from edgerun.runtime.errors import (BundleError, DeadlineExceeded, EdgerunError, InferenceError,
                                     InvalidInput, ModelNotFound, ModelNotReady, Overloaded,
-                                    PayloadTooLarge, PermissionDenied, Unauthenticated)
+                                    PayloadTooLarge, PermissionDenied, Unauthenticated,
+                                    UnsupportedMediaType)
 
 #: Any route: a hook may refuse the call (auth), and anything unexpected is an internal error.
 EVERY = (Unauthenticated, PermissionDenied, InferenceError)
-#: Routes that read a request body (every POST): it is refused past the size limit.
-BODY = (PayloadTooLarge,)
+#: Routes that read a request body (every POST): it is refused past the size limit, in a
+#: content coding the server does not read, or corrupt in one it does.
+BODY = (PayloadTooLarge, UnsupportedMediaType, InvalidInput)
 #: Routes that name a model: it may be unknown, or still loading.
 MODEL = (ModelNotFound, ModelNotReady)
 #: Routes that run a model: bad tensors, a full queue, a deadline passed in the queue.
