@@ -93,6 +93,9 @@ def test_http_function_maps_errors_like_the_fleet_server(clients):
     assert bad_json.status_code == 400 and "not valid JSON" in bad_json.get_json()["error"]
     brotli = http.post("/v2/models/mlp/infer", data=b"...", headers={"Content-Encoding": "br"})
     assert brotli.status_code == 415
+    for action in ("unload", "load"):  # the function's model is fixed: nobody may unload it
+        assert http.post(f"/v2/repository/models/mlp/{action}").status_code == 404
+    assert http.post("/v2/models/mlp/infer", json=request(rows(1))).status_code == 200
 
 
 def test_http_function_reads_gzip_bodies(clients, reference):
@@ -127,6 +130,15 @@ def test_pubsub_function_infers_and_reports(clients, reference, capsys, caplog):
     assert answer.status_code == 200
     line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert line["pubsub_message"] == "m-1"
+    np.testing.assert_allclose(np.array(line["result"]["outputs"][0]["data"]).reshape(2, 4),
+                               reference(x), rtol=1e-5, atol=1e-6)
+    # binary outputs asked for: the result is logged all in JSON (it once raised, redelivered)
+    binary = {**request(x), "parameters": {"binary_data_output": True}}
+    answer = post_cloudevent(pubsub, pubsub_event(json.dumps(binary).encode(),
+                                                  message_id="m-b"), "e-b")
+    assert answer.status_code == 200
+    line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert line["pubsub_message"] == "m-b"
     np.testing.assert_allclose(np.array(line["result"]["outputs"][0]["data"]).reshape(2, 4),
                                reference(x), rtol=1e-5, atol=1e-6)
     # input that can never succeed is acknowledged (logged), not redelivered forever

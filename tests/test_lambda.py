@@ -146,6 +146,17 @@ def test_http_routes_and_errors_match_the_fleet_server(handler):
     assert method["statusCode"] == 405
 
 
+def test_no_caller_can_unload_the_functions_model(handler, reference):
+    for action in ("unload", "load"):
+        refused = handler(http_event("apigw_v2", "", path=f"/v2/repository/models/mlp/{action}"),
+                          Context())
+        assert refused["statusCode"] == 404, refused
+    x = rows(1)
+    answer = handler(http_event("apigw_v2", infer_body(x)), Context())
+    assert answer["statusCode"] == 200
+    np.testing.assert_allclose(outputs(answer["body"]), reference(x), rtol=1e-5, atol=1e-6)
+
+
 def test_a_body_over_6_mb_gets_413(handler):
     body = infer_body(rows(1)) + " " * (MAX_PAYLOAD_BYTES - len(infer_body(rows(1))) + 1)
     answer = handler(http_event("apigw_v2", body), Context())
@@ -288,6 +299,12 @@ def test_direct_invocation_takes_and_gives_oip_json(handler, reference):
         handler(json.loads(infer_body(x, model_name="other")), Context())
     with pytest.raises(InvalidInput, match="none of"):
         handler({"hello": "world"}, Context())
+    # binary outputs asked for: the answer is still all JSON (it once failed to parse)
+    for extra in ({"parameters": {"binary_data_output": True}},
+                  {"outputs": [{"name": "y", "parameters": {"binary_data": True}}]}):
+        answer = handler(json.loads(infer_body(x, **extra)), Context())
+        np.testing.assert_allclose(outputs(json.dumps(answer)), reference(x), rtol=1e-5,
+                                   atol=1e-6)
 
 
 # ------------------------------------------------------------------------ init and the model

@@ -61,7 +61,9 @@ def test_sam_transform_builds_the_scale_to_zero_function(translate):
     assert mapping["Properties"]["EventSourceArn"] == {"Fn::GetAtt": ["RequestQueue", "Arn"]}
     (url,) = resources(output, "AWS::Lambda::Url")
     assert url["Properties"]["AuthType"] == {"Ref": "FunctionUrlAuth"}
-    assert resources(output, "AWS::ApiGatewayV2::Api")
+    (api,) = resources(output, "AWS::ApiGatewayV2::Api")
+    (route,) = api["Properties"]["Body"]["paths"].values()
+    assert route["x-amazon-apigateway-any-method"]["security"] == [{"AWS_IAM": []}]
     assert {"ApiUrl", "FunctionUrl", "RequestQueueUrl"} <= set(output["Outputs"])
     assert output["Parameters"]["Architecture"]["AllowedValues"] == ["arm64", "x86_64"]
 

@@ -2,7 +2,8 @@
 
 - HTTP (API Gateway REST v1, HTTP API v2, Function URL, ALB): Mangum translates the event to
   ASGI for the lean `EdgerunASGI` app, so the function serves the fleet server's OIP v2 and TF
-  Serving routes and imports no web framework. Mangum runs with the lifespan off: the models
+  Serving routes (all but the repository's load and unload: the function's model is fixed when
+  it is deployed, and any caller could unload it) and imports no web framework. Mangum runs with the lifespan off: the models
   are loaded at init and nothing is set up or torn down per invocation.
 - SQS and Kinesis batches: every record is decoded first, then all are submitted to the data
   plane at once from one event loop, so the MicroBatcher sees them arrive together and merges
@@ -10,14 +11,13 @@
   exactly the records that failed (`batchItemFailures`), and Lambda retries only those.
 - Direct invocation (`aws lambda invoke`, Step Functions): the event is an OIP v2 JSON request
   (`model_name` picks a model other than the function's default); the answer is the OIP
-  response, and a failure is raised as the core's error, whose class name Lambda reports as
+  response, all JSON (an event answer carries no binary part), and a failure is raised as the core's error, whose class name Lambda reports as
   the `errorType`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import json
 import logging
 from typing import Any
@@ -28,9 +28,10 @@ from mangum import Mangum
 from edgerun.adapters.aws_lambda.destinations import Destination
 from edgerun.adapters.aws_lambda.records import Record, kinesis_record, sqs_record
 from edgerun.adapters.codecs import oip
-from edgerun.adapters.dataplane import Call, DataPlane, InferResult
+from edgerun.adapters.dataplane import Call, DataPlane
 from edgerun.adapters.dataplane.call import INFER
 from edgerun.adapters.http.asgi import EdgerunASGI
+from edgerun.adapters.http.routes import READ_ONLY_ROUTES
 from edgerun.runtime.errors import EdgerunError, InvalidInput
 
 log = logging.getLogger(__name__)
@@ -52,7 +53,8 @@ class LambdaHandler:
         self.destination = destination
         self.loop = asyncio.new_event_loop()  # one loop for the life of the environment
         asyncio.set_event_loop(self.loop)
-        self.asgi = EdgerunASGI(plane, max_body_bytes=max_payload_bytes, transport="lambda")
+        self.asgi = EdgerunASGI(plane, max_body_bytes=max_payload_bytes, transport="lambda",
+                                routes=READ_ONLY_ROUTES)
         self.http = Mangum(self.asgi, lifespan="off")
 
     def __call__(self, event: Any, context: Any = None) -> Any:
@@ -114,7 +116,7 @@ class LambdaHandler:
                 result = await self.plane.infer_async(record.call, request)
             except EdgerunError as exc:
                 return b"", exc
-            return _result_json(result), None
+            return result.json(), None
 
         return list(await asyncio.gather(*(answer(record, request)
                                            for record, request in zip(records, decoded))))
@@ -122,13 +124,11 @@ class LambdaHandler:
     # ------------------------------------------------------------------- direct
     def _direct(self, event: dict[str, Any], context: Any) -> dict[str, Any]:
         version = event.get("model_version")
+        body = orjson.dumps(event)
         call = Call(INFER, str(event.get("model_name") or self.default_model),
-                    None if version is None else str(version), orjson.dumps(event),
+                    None if version is None else str(version), body,
                     transport="lambda", timeout=_budget(context))
-        reply = self.plane.handle(call)
-        if reply.error is not None:
-            raise reply.error
-        return orjson.loads(reply.body)
+        return orjson.loads(self.plane.infer(call, lambda: oip.decode_request(body, None)).json())
 
 
 def event_kind(event: Any) -> str:
@@ -165,16 +165,6 @@ def _item_id(item: Any) -> str | None:
     if isinstance(kinesis, dict) and kinesis.get("sequenceNumber"):
         return str(kinesis["sequenceNumber"])
     return str(item["messageId"]) if item.get("messageId") else None
-
-
-def _result_json(result: InferResult) -> bytes:
-    """The OIP v2 response, all JSON (a queue message or an S3 object carries no binary part)."""
-    request = result.request
-    as_json = dataclasses.replace(request, binary_outputs=False, outputs=None
-                                  if request.outputs is None
-                                  else [oip.RequestedOutput(o.name, False)
-                                        for o in request.outputs])
-    return oip.encode_response(result.model, result.version, as_json, result.outputs)[0]
 
 
 def _log_failure(kind: str, item_id: str, error: EdgerunError | None) -> None:

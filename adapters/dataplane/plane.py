@@ -13,6 +13,7 @@ for callers on an event loop and never blocks it. Transports with their own tens
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import math
 import time
@@ -54,6 +55,16 @@ class InferResult:
     version: str
     request: oip.InferRequest
     outputs: dict[str, np.ndarray]
+
+    def json(self) -> bytes:
+        """The OIP v2 response all in JSON, whatever binary outputs the request asked for: a
+        queue message, a log line or an event answer carries no binary part."""
+        request = self.request
+        as_json = dataclasses.replace(request, binary_outputs=False, outputs=None
+                                      if request.outputs is None
+                                      else [oip.RequestedOutput(o.name, False)
+                                            for o in request.outputs])
+        return oip.encode_response(self.model, self.version, as_json, self.outputs)[0]
 
 
 class DataPlane:

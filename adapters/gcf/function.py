@@ -1,12 +1,14 @@
 """The two Cloud Functions entry points over one data plane.
 
 - `http(request)`: the fleet server's routes (OIP v2 JSON and binary, TF Serving, health,
-  metadata, metrics), matched with the HTTP adapter's route table and answered with its status
-  mapping, so a client cannot tell the function from `edgerun serve`.
+  metadata, metrics; all but the repository's load and unload: the function's model is fixed
+  when it is deployed, and any caller could unload it), matched with the HTTP adapter's route
+  table and answered with its status mapping, so a client cannot tell the function from
+  `edgerun serve`.
 - `pubsub(event)`: a Pub/Sub message (CloudEvent `google.cloud.pubsub.topic.v1.messagePublished`)
   whose data is an OIP v2 JSON request; the message attribute `model` (and `version`) picks
-  the model, else the function's default. The answer goes to `on_result` (by default one JSON
-  log line). A request that cannot succeed (bad input, unknown model) is logged and
+  the model, else the function's default. The answer, all JSON, goes to `on_result` (by
+  default one JSON log line). A request that cannot succeed (bad input, unknown model) is logged and
   acknowledged; one that may succeed later (overloaded, deadline, not ready, a failed forward
   pass) is raised, so Pub/Sub delivers it again when the function has retries enabled.
 """
@@ -23,10 +25,11 @@ import threading
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from edgerun.adapters.codecs import oip
 from edgerun.adapters.dataplane import Call, DataPlane
 from edgerun.adapters.dataplane.call import INFER, JSON
 from edgerun.adapters.http.encoding import decode_body
-from edgerun.adapters.http.routes import match
+from edgerun.adapters.http.routes import READ_ONLY_ROUTES, match
 from edgerun.adapters.http.status import error_headers, status_of
 from edgerun.adapters.single_bundle import MODEL_VARIABLE, serve_bundle
 from edgerun.runtime.errors import (DeadlineExceeded, EdgerunError, InferenceError, InvalidInput,
@@ -58,7 +61,7 @@ class CloudFunction:
 
     def http(self, request: Any) -> tuple[bytes, int, dict[str, str]]:
         """A Flask request in, a (body, status, headers) answer out."""
-        route, params, allowed = match(request.method, request.path)
+        route, params, allowed = match(request.method, request.path, READ_ONLY_ROUTES)
         if route is None:
             if allowed:
                 return _error(405, f"method {request.method} is not allowed on {request.path}",
@@ -97,13 +100,15 @@ class CloudFunction:
             return
         call = Call(INFER, attributes.get("model") or self.default_model,
                     attributes.get("version"), body, attributes.get, "pubsub")
-        reply = self.plane.handle(call)
-        if reply.ok:
-            self.on_result(message_id, reply.body)
+        try:
+            result = self.plane.infer(call, lambda: oip.decode_request(
+                body, attributes.get(oip.HEADER_LENGTH)))
+        except EdgerunError as error:
+            _log_failure(message_id, error)
+            if isinstance(error, RETRYABLE):
+                raise
             return
-        _log_failure(message_id, reply.error)
-        if isinstance(reply.error, RETRYABLE):
-            raise reply.error
+        self.on_result(message_id, result.json())
 
 
 _current: tuple[int, CloudFunction] | None = None
@@ -137,6 +142,6 @@ def _error(status: int, message: str,
                                                              **(headers or {})}
 
 
-def _log_failure(message_id: str, error: EdgerunError | None) -> None:
+def _log_failure(message_id: str, error: EdgerunError) -> None:
     log.error(json.dumps({"message": "pubsub message failed", "pubsub_message": message_id,
-                          "kind": getattr(error, "kind", "error"), "error": str(error)}))
+                          "kind": error.kind, "error": str(error)}))

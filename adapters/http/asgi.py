@@ -17,7 +17,7 @@ import orjson
 from edgerun.adapters.dataplane import Call, DataPlane, Reply
 from edgerun.adapters.dataplane.call import JSON
 from edgerun.adapters.http.encoding import decode_body
-from edgerun.adapters.http.routes import match
+from edgerun.adapters.http.routes import ROUTES, Route, match
 from edgerun.adapters.http.status import error_headers, status_of
 from edgerun.runtime.errors import InvalidInput, PayloadTooLarge
 
@@ -32,8 +32,10 @@ class EdgerunASGI:
     """OIP v2, TF Serving, repository and metrics routes as one ASGI callable."""
 
     def __init__(self, plane: DataPlane, *, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
-                 fallback: ASGIApp | None = None, transport: str = "http") -> None:
+                 fallback: ASGIApp | None = None, transport: str = "http",
+                 routes: tuple[Route, ...] = ROUTES) -> None:
         self.plane = plane
+        self.routes = routes
         self.max_body_bytes = max_body_bytes
         self.fallback = fallback
         self.transport = transport
@@ -45,7 +47,7 @@ class EdgerunASGI:
             if self.fallback is not None:
                 return await self.fallback(scope, receive, send)
             return None
-        route, params, allowed = match(scope["method"], scope["path"])
+        route, params, allowed = match(scope["method"], scope["path"], self.routes)
         if route is None:
             if allowed:
                 return await _send_json(send, 405, {"error": f"method {scope['method']} is not "

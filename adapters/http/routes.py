@@ -92,13 +92,20 @@ ROUTES: tuple[Route, ...] = (
 )
 
 
-def match(method: str, path: str) -> tuple[Route | None, dict[str, str], list[str]]:
-    """The route for a request, its path parameters, and the methods the path allows.
+#: Every route but load and unload, for hosts whose model is fixed when they are deployed
+#: (Lambda, Cloud Functions): there any caller could otherwise unload the function's model.
+READ_ONLY_ROUTES = tuple(r for r in ROUTES if r.route not in (routes.LOAD, routes.UNLOAD))
+
+
+def match(method: str, path: str, table: tuple[Route, ...] = ROUTES
+          ) -> tuple[Route | None, dict[str, str], list[str]]:
+    """The route for a request in `table`, its path parameters, and the methods the path
+    allows.
 
     HEAD is GET without the body, as HTTP wants of every GET resource.
     """
     allowed: list[str] = []
-    for route in ROUTES:
+    for route in table:
         found = route.pattern.fullmatch(path)
         if found is None:
             continue
