@@ -21,6 +21,13 @@ TVM_KINDS = ("llvm", "cuda")
 _SM_RE = re.compile(r"^sm_[0-9]{2,3}[a-z]?$")
 
 
+#: Each field's annotation -> the type its value must have.
+_FIELD_KINDS: dict[str, type] = {"str": str, "int": int, "bool": bool, "tuple[str, ...]": tuple,
+                                 "dict[str, Any]": dict}
+_KIND_NAMES = {str: "a string", int: "an integer", bool: "true or false",
+               tuple: "a list of strings", dict: "a table"}
+
+
 @dataclass(frozen=True)
 class DeviceProfile:
     """How to run on one kind of device: execution providers in order of preference, threads."""
@@ -56,6 +63,7 @@ class DeviceProfile:
     memory_mb: int = 0
 
     def __post_init__(self) -> None:
+        self._check_types()
         if self.graph_optimization_level not in OPTIMIZATION_LEVELS:
             raise ValueError(f"device profile {self.name!r}: graph_optimization_level must be "
                              f"one of {', '.join(OPTIMIZATION_LEVELS)}")
@@ -72,6 +80,21 @@ class DeviceProfile:
             raise ValueError(f"device profile {self.name!r}: memory_mb must be >= 0")
         self._check_tvm_target()
         object.__setattr__(self, "execution_providers", tuple(self.execution_providers))
+
+    def _check_types(self) -> None:
+        """TOML gives what the user wrote: "4" for 4, or one provider name for a list of them
+        (which `tuple` would split into letters)."""
+        for item in fields(self):
+            value, kind = getattr(self, item.name), _FIELD_KINDS[str(item.type)]
+            if kind is tuple:
+                ok = isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value)
+            elif kind is int:
+                ok = isinstance(value, int) and not isinstance(value, bool)
+            else:
+                ok = isinstance(value, kind)
+            if not ok:
+                raise ValueError(f"device profile {self.name!r}: {item.name} must be "
+                                 f"{_KIND_NAMES[kind]}, got {value!r}")
 
     def _check_tvm_target(self) -> None:
         target = self.tvm_target
@@ -121,9 +144,9 @@ def load_profile(name_or_path: str | Path | DeviceProfile | None = None) -> Devi
     path = Path(name_or_path)
     if path.suffix != ".toml":
         path = PROFILE_DIR / f"{name_or_path}.toml"
-        if not path.is_file():
-            raise ValueError(f"unknown device profile {str(name_or_path)!r}; shipped profiles: "
-                             f"{', '.join(list_profiles())}")
+    if not path.is_file():
+        raise ValueError(f"unknown device profile {str(name_or_path)!r} (no such profile file); "
+                         f"shipped profiles: {', '.join(list_profiles())}")
     with path.open("rb") as handle:
         data = tomllib.load(handle)
     known = {f.name for f in fields(DeviceProfile)}

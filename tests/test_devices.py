@@ -76,6 +76,11 @@ def test_raspberry_pi_5_has_dot_product_and_pi_4_does_not():
       "tvm_target": {"kind": "llvm", "mtriple": "x86_64-linux-gnu"}}, "differs from host_triple"),
     ({"arch": "riscv"}, "arch must be one of"),
     ({"precision": "int4"}, "precision must be one of"),
+    # TOML gives what was written: a string where a number or a list belongs
+    ({"intra_op_threads": "4"}, "intra_op_threads must be an integer, got '4'"),
+    ({"allow_spinning": "no"}, "allow_spinning must be true or false"),
+    ({"execution_providers": "CUDAExecutionProvider"}, "execution_providers must be a list of "
+                                                        "strings"),
 ])
 def test_invalid_profiles_are_refused_with_the_field_named(bad, message):
     with pytest.raises(ValueError, match=message):
@@ -106,8 +111,17 @@ def test_cli_devices_show():
     assert "cortex-a76" in table.stdout and "int8" in table.stdout
 
 
-def test_cli_devices_show_unknown_name_lists_the_shipped_ones():
+def test_cli_devices_show_unknown_name_lists_the_shipped_ones(tmp_path):
     result = edgerun("devices", "show", "jetson-tx9")
     assert result.returncode == 2
     assert "unknown device profile 'jetson-tx9'" in result.stderr
     assert "raspberry-pi-4" in result.stderr
+    # a missing profile file, or a bad one, is a one-line error, never a traceback
+    bad = tmp_path / "mine.toml"
+    bad.write_text('execution_providers = "CUDAExecutionProvider"\n')
+    for profile in ("raspberry-pi-5.toml", str(bad)):
+        for command in (("devices", "show", profile),
+                        ("serve", "--repository", str(tmp_path), "--device", profile)):
+            result = edgerun(*command)
+            assert result.returncode == 2, result.stderr
+            assert "Traceback" not in result.stderr and "device profile" in result.stderr

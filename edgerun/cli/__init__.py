@@ -38,6 +38,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except EdgerunError as exc:
         err.print(f"[bold red]error[/] ({exc.kind}): {exc}", highlight=False)
         return 2
+    except (ValueError, OSError) as exc:  # a bad profile or config file, a missing path
+        if args.verbose:
+            raise
+        err.print(f"[bold red]error[/]: {exc}", highlight=False)
+        return 2
     except KeyboardInterrupt:
         return 130
 
