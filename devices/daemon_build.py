@@ -14,7 +14,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from edgerun.devices.profile import PROFILE_DIR, load_profile
+from edgerun.devices.profile import PROFILE_DIR, DeviceProfile, load_profile
 
 RECIPES = Path(__file__).with_name("daemon")
 BINARY = "edgerun-daemon"
@@ -27,6 +27,8 @@ EXCLUDES = ("fastapi", "starlette", "uvicorn", "pydantic", "pydantic_core", "skl
 #: Backends are imported by name at run time, which PyInstaller cannot see.
 BACKENDS = {"onnxruntime": "edgerun.runtime.backends.onnxruntime"}
 ARCH_ALIASES = {"arm64": "aarch64", "amd64": "x86_64"}
+#: The daemon without a model: about 80 MB idle (benchmarks/README.md, MQTT), with headroom.
+DAEMON_MEMORY_MB = 256
 
 
 @dataclass(frozen=True)
@@ -67,10 +69,19 @@ def build_daemon(profile_name: str, output: Path, *, work: Path | None = None,
     if result.returncode != 0:
         raise RuntimeError(f"PyInstaller failed:\n{result.stdout[-4000:]}{result.stderr[-4000:]}")
     unit = output / "edgerun-daemon.service"
-    shutil.copyfile(RECIPES / "edgerun-daemon.service", unit)
+    unit.write_text(systemd_unit(profile))
     config = output / "device.toml"
     config.write_text((RECIPES / "device.toml").read_text().replace("@PROFILE@", profile.name))
     return DaemonBuild(output / BINARY, unit, config)
+
+
+def systemd_unit(profile: DeviceProfile) -> str:
+    """The daemon's unit for a profile: its memory cap follows the profile's model budget."""
+    text = (RECIPES / "edgerun-daemon.service").read_text()
+    if not profile.memory_mb:
+        return "".join(line for line in text.splitlines(keepends=True)
+                       if "MemoryMax=@MEMORY_MAX@" not in line)
+    return text.replace("@MEMORY_MAX@", f"{2 * profile.memory_mb + DAEMON_MEMORY_MB}M")
 
 
 def _stage_sources(target: Path) -> Path:

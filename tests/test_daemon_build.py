@@ -11,7 +11,8 @@ import orjson
 import pytest
 
 from edgerun.adapters.mqtt.config import load_config
-from edgerun.devices.daemon_build import host_arch
+from edgerun.devices import load_profile
+from edgerun.devices.daemon_build import DAEMON_MEMORY_MB, RECIPES, host_arch, systemd_unit
 from edgerun.examples import mlp_onnx
 from tests.cli import edgerun
 from tests.mqtt import INFER_JSON, Requester, running_broker, running_daemon
@@ -56,13 +57,33 @@ def test_unit_and_sample_config(built):
     unit.read(built / "edgerun-daemon.service")
     service = unit["Service"]
     assert service["Restart"] == "on-failure"
-    assert service["User"] == "edgerun" and service["StateDirectory"] == "edgerun"
+    assert service["User"] == "edgerun"
+    assert service["StateDirectory"] == "edgerun edgerun/models edgerun/state"
     assert service["ExecStart"].startswith("/usr/local/bin/edgerun-daemon --config")
     assert service["NoNewPrivileges"] == "true" and service["ProtectSystem"] == "strict"
     config = load_config(built / "device.toml")
     assert config.device == "cpu"
     assert config.repository == Path("/var/lib/edgerun/models")
     assert config.broker_address.tls
+
+
+def _service(text: str) -> configparser.SectionProxy:
+    unit = configparser.ConfigParser(strict=False, interpolation=None)
+    unit.optionxform = str
+    unit.read_string(text)
+    return unit["Service"]
+
+
+def test_the_unit_follows_the_profile():
+    # the shipped device.toml's folders exist before any model does: the daemon starts
+    service = _service(systemd_unit(load_profile("raspberry-pi-4")))
+    config = load_config(RECIPES / "device.toml")
+    folders = {f"/var/lib/{d}" for d in service["StateDirectory"].split()}
+    assert {str(config.repository), str(config.data_dir)} <= folders
+    # two versions of a 1 GiB model during an update, and the daemon: not a fixed 512M
+    assert service["MemoryMax"] == f"{2 * 1024 + DAEMON_MEMORY_MB}M"
+    assert "MemoryMax" not in _service(systemd_unit(load_profile("cpu")))  # no budget, no cap
+    assert "@" not in systemd_unit(load_profile("jetson-orin"))
 
 
 def test_refuses_to_cross_compile(tmp_path):
