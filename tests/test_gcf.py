@@ -183,3 +183,41 @@ def test_the_functions_framework_server_answers_from_its_forked_worker(bundle_di
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+PACKAGED_CHECK = """
+import sys, functions_framework
+folder = sys.argv[1]
+client = functions_framework.create_app("infer", folder + "/main.py").test_client()
+answer = client.post("/v2/models/mlp/infer", json={"inputs": [
+    {"name": "x", "datatype": "FP32", "shape": [1, 8], "data": [0.5] * 8}]})
+import edgerun
+print(answer.status_code, answer.get_json()["model_version"], edgerun.__file__)
+"""
+
+
+def test_the_packaged_source_folder_serves_on_its_own(bundle_dir, tmp_path):
+    folder = tmp_path / "gcf"
+    done = subprocess.run([str(Path(sys.executable).with_name("edgerun")), "package", "gcf",
+                           str(bundle_dir), "-o", str(folder)],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "gcloud functions deploy" in done.stdout
+    requirements = (folder / "requirements.txt").read_text().split()
+    assert "functions-framework>=3.5" in requirements and "onnxruntime>=1.17" in requirements
+    assert (folder / "model" / "manifest.json").is_file()
+    assert (folder / "edgerun" / "adapters" / "gcf" / "function.py").is_file()
+    for left_out in ("cli", "optimizers", "adapters/aws_lambda", "adapters/http/app.py",
+                     "adapters/gcf/packaging.py", "runtime/backends/tvm.py"):
+        assert not (folder / "edgerun" / left_out).exists(), left_out
+    # what gcloud would upload answers from its own copy of edgerun, the model in model/
+    done = subprocess.run([sys.executable, "-c", PACKAGED_CHECK, str(folder)], cwd=folder,
+                          env={**os.environ, "EDGERUN_MODEL": "model"},
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    status, version, module = done.stdout.split()
+    assert (status, version) == ("200", "2")
+    assert Path(module).is_relative_to(folder)
+    again = subprocess.run([str(Path(sys.executable).with_name("edgerun")), "package", "gcf",
+                            str(bundle_dir), "-o", str(folder)], capture_output=True, text=True)
+    assert again.returncode == 2 and "is not empty" in again.stderr

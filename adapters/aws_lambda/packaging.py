@@ -18,7 +18,6 @@ installed from there.
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import re
 import shutil
@@ -30,6 +29,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from edgerun.adapters.function_sources import BACKEND_REQUIREMENTS, REQUIREMENTS, copy_sources
 from edgerun.runtime.bundle import Bundle
 from edgerun.runtime.errors import BundleError
 
@@ -43,19 +43,9 @@ UNZIPPED_LIMIT = 250 * 1024 * 1024
 #: Larger zips cannot be uploaded directly; `sam deploy` goes through S3.
 DIRECT_UPLOAD_LIMIT = 50 * 1024 * 1024
 FUNCTION_DIR = Path(__file__).resolve().parents[2] / "functions" / "inference"
-#: What a serving function imports, by backend; the rest of each wheel's requirements
-#: (flatbuffers, protobuf, packaging for onnxruntime) are build and tool dependencies.
-REQUIREMENTS = ("numpy>=1.24", "orjson>=3.9", "pysimdjson>=6.0", "mangum>=0.17",
-                "typing-extensions>=4")
-BACKEND_REQUIREMENTS = {"onnxruntime": ("onnxruntime>=1.17",), "tflite": ("ai-edge-litert>=1.0",),
-                        "tvm": ("apache-tvm>=0.27",)}
-#: edgerun's packages a function imports, and modules in them it never does.
-PACKAGES = ("edgerun", "edgerun.runtime", "edgerun.runtime.backends", "edgerun.adapters",
-            "edgerun.adapters.codecs", "edgerun.adapters.dataplane", "edgerun.adapters.http",
-            "edgerun.adapters.aws_lambda", "edgerun.devices", "edgerun.devices.profiles")
-SKIPPED_MODULES = {"edgerun": {"__main__.py", "examples.py"},
-                   "edgerun.adapters.http": {"app.py", "server.py"},
-                   "edgerun.adapters.aws_lambda": {"packaging.py"}}
+#: What the function imports; the rest of each wheel's requirements (flatbuffers, protobuf,
+#: packaging for onnxruntime) are build and tool dependencies.
+LAMBDA_REQUIREMENTS = (*REQUIREMENTS, "mangum>=0.17")
 #: Left out of every dependency: tests, docs, stubs, headers, sources of compiled code.
 DROPPED_DIRS = {"tests", "test", "testing", "include", "__pycache__", "docs", "benchmarks"}
 DROPPED_SUFFIXES = {".pyi", ".pyx", ".pxd", ".h", ".hpp", ".c", ".cpp", ".md", ".rst"}
@@ -94,7 +84,7 @@ def package_lambda(bundle: Path, architecture: str, output: Path, *, unzipped: b
             tree = Path(scratch) / "package"
             shutil.copytree(opened.path, tree / "model")
             shutil.copy2(FUNCTION_DIR / "app.py", tree / "app.py")
-            _copy_edgerun(tree, backend)
+            copy_sources(tree, "edgerun.adapters.aws_lambda", backend)
             _install(tree, architecture, backend, cache or _default_cache())
             _prune(tree)
             _check_size(_sizes(tree), architecture, limit)  # before spending time compiling
@@ -144,7 +134,7 @@ def _install(tree: Path, architecture: str, backend: str, cache: Path) -> None:
         platform += ["--platform", f"manylinux_2_{minor}_{machine}"]
     platform += ["--implementation", "cp", "--python-version", PYTHON, "--only-binary=:all:",
                  "--no-deps"]
-    requirements = [*REQUIREMENTS, *BACKEND_REQUIREMENTS.get(backend, ())]
+    requirements = [*LAMBDA_REQUIREMENTS, *BACKEND_REQUIREMENTS.get(backend, ())]
     # Requires-Python is checked against 3.12 when downloading; installing must not check it
     # against the interpreter that runs pip
     install = ["install", "--target", str(tree), "--no-index", "--find-links", str(wheels),
@@ -161,24 +151,6 @@ def _pip(*args: str) -> None:
                            "--disable-pip-version-check"], capture_output=True, text=True)
     if done.returncode != 0:
         raise BundleError(f"pip {args[0]} failed:\n{done.stderr.strip()[-2000:]}")
-
-
-def _copy_edgerun(tree: Path, backend: str) -> None:
-    from edgerun.runtime.backends import _BACKENDS
-    unused = {module.rsplit(".", 1)[1] + ".py" for name, (module, _) in _BACKENDS.items()
-              if name != backend}
-    for package in PACKAGES:
-        spec = importlib.util.find_spec(package)
-        if spec is None or not spec.submodule_search_locations:
-            raise BundleError(f"{package} is not installed; package from an edgerun install")
-        source = Path(list(spec.submodule_search_locations)[0])
-        target = tree.joinpath(*package.split("."))
-        target.mkdir(parents=True, exist_ok=True)
-        skipped = SKIPPED_MODULES.get(package, set()) | (
-            unused if package == "edgerun.runtime.backends" else set())
-        for path in source.iterdir():
-            if path.is_file() and path.suffix in (".py", ".toml") and path.name not in skipped:
-                shutil.copy2(path, target / path.name)
 
 
 def _prune(tree: Path) -> None:

@@ -1,4 +1,4 @@
-"""`edgerun package lambda`: a bundle and its runtime as a Lambda deployment package."""
+"""`edgerun package lambda|gcf`: a bundle and its runtime as a serverless deployment package."""
 
 from __future__ import annotations
 
@@ -31,6 +31,25 @@ def register(commands: argparse._SubParsersAction) -> None:
                      help="a Python 3.12 to compile byte code with (default: found on PATH, in "
                           "pyenv or uv)")
     lam.set_defaults(handler=_lambda)
+    gcf = sub.add_parser(
+        "gcf", help="the Cloud Functions source folder for gcloud functions deploy --source",
+        description="Write DIR: main.py (entry points infer and pubsub), the parts of edgerun "
+                    "it imports, the bundle as model/ (EDGERUN_MODEL=model) and "
+                    "requirements.txt.")
+    gcf.add_argument("bundle", type=Path, help="bundle folder or .tar.gz")
+    gcf.add_argument("-o", "--output", type=Path, required=True,
+                     help="output folder (new or empty)")
+    gcf.set_defaults(handler=_gcf)
+
+
+def _gcf(args: argparse.Namespace) -> int:
+    from edgerun.adapters.gcf.packaging import package_gcf
+
+    folder = package_gcf(args.bundle, args.output)
+    out.print(f"wrote {folder}; deploy it with:\n  gcloud functions deploy edgerun-infer --gen2 "
+              f"--runtime python312 --source {folder} --entry-point infer --trigger-http "
+              "--set-env-vars EDGERUN_MODEL=model")
+    return 0
 
 
 def _lambda(args: argparse.Namespace) -> int:

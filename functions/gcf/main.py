@@ -1,6 +1,7 @@
 """The Cloud Functions entry module: `infer` (HTTP) and `pubsub` (CloudEvent), wiring only.
 
-    gcloud functions deploy edgerun-infer --gen2 --runtime python312 --source functions/gcf \\
+    edgerun package gcf BUNDLE -o dist/gcf      # this module, edgerun, model/, requirements.txt
+    gcloud functions deploy edgerun-infer --gen2 --runtime python312 --source dist/gcf \\
         --entry-point infer --trigger-http --set-env-vars EDGERUN_MODEL=model
 
 The model (EDGERUN_MODEL) loads in the serving process on its first request; see
