@@ -287,8 +287,15 @@ def test_unknown_model_and_version_get_404(server, client):
 
 
 def test_body_over_the_cap_gets_413(server):
-    response = post(server, "/v2/models/mlp/infer", b"{" + b" " * (2 << 20) + b"}")
+    counted = metric(server, "edgerun_requests_total", model="mlp", version="",
+                     transport="http", outcome="payload_too_large")
+    response = post(server, "/v2/models/mlp/infer", b"{" + b" " * (2 << 20) + b"}",
+                    {"X-Request-Id": "too-big-1"})
     assert response.status_code == 413 and "over the 1048576-byte limit" in response.json()["error"]
+    # refused before the data plane read a byte, it still passes the hooks and the metrics
+    assert response.headers["X-Request-Id"] == "too-big-1"
+    assert metric(server, "edgerun_requests_total", model="mlp", version="", transport="http",
+                  outcome="payload_too_large") == counted + 1
 
 
 @pytest.mark.parametrize("algorithm", ["gzip", "deflate"])

@@ -113,6 +113,17 @@ class DataPlane:
             reply = _error_reply(exc)
         return self._done(call, reply, started)
 
+    def refuse(self, call: Call, error: EdgerunError) -> Reply:
+        """Answer a call its transport refused before it could be handled (a body over the
+        limit, say): through the hooks and the metrics all the same, so it carries a request
+        id and is counted. A hook's own refusal (no credentials) comes first."""
+        started = time.perf_counter()
+        try:
+            self.hooks.before(call)
+        except Exception as exc:
+            return self._done(call, _error_reply(exc), started)
+        return self._done(call, _error_reply(error), started)
+
     def _done(self, call: Call, reply: Reply, started: float) -> Reply:
         self.hooks.after(call, reply.error)
         if call.response_headers:

@@ -67,26 +67,27 @@ class CloudFunction:
                 return _error(405, f"method {request.method} is not allowed on {request.path}",
                               {"Allow": ", ".join(allowed)})
             return _error(404, f"no route {request.path}")
-        length = request.content_length
-        if length is not None and length > self.max_body_bytes:
-            error = PayloadTooLarge(f"request body of {length} bytes is over the "
-                                    f"{self.max_body_bytes}-byte limit")
-            return _error(status_of(error), str(error))
         headers = request.headers
-        body = b""
-        if request.method == "POST":
-            try:
-                body = decode_body(request.get_data(cache=False),
-                                   headers.get("content-encoding"), self.max_body_bytes)
-            except InvalidInput as exc:
-                return _error(status_of(exc), str(exc))
-        call = Call(route.route, params.get("name", ""), params.get("version"), body,
-                    headers.get, "gcf")
-        reply = self.plane.handle(call)
+        call = Call(route.route, params.get("name", ""), params.get("version"),
+                    attributes=headers.get, transport="gcf")
+        try:
+            call.body = self._body(request) if request.method == "POST" else b""
+        except InvalidInput as exc:
+            reply = self.plane.refuse(call, exc)
+        else:
+            reply = self.plane.handle(call)
         answer = {"Content-Type": reply.content_type, **reply.headers}
         if reply.error is not None:
             answer.update(error_headers(reply.error))
         return reply.body, status_of(reply.error), answer
+
+    def _body(self, request: Any) -> bytes:
+        length = request.content_length
+        if length is not None and length > self.max_body_bytes:
+            raise PayloadTooLarge(f"request body of {length} bytes is over the "
+                                  f"{self.max_body_bytes}-byte limit")
+        return decode_body(request.get_data(cache=False), request.headers.get("content-encoding"),
+                           self.max_body_bytes)
 
     def pubsub(self, event: Any) -> None:
         """A Pub/Sub CloudEvent: infer, hand the result on; raise only what a retry may fix."""

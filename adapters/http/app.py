@@ -71,7 +71,7 @@ def _endpoint(plane: DataPlane, route: Route,
                 call.body = await read_body(request.receive, request.headers.get("content-length"),
                                             limit, request.headers.get("content-encoding"))
             except InvalidInput as exc:
-                return response(Reply(orjson.dumps({"error": str(exc)}), error=exc))
+                return response(plane.refuse(call, exc))
         return response(await plane.handle_async(call))
     return endpoint
 

@@ -69,8 +69,7 @@ class EdgerunASGI:
                 call.body = await read_body(receive, attribute("content-length"),
                                             self.max_body_bytes, attribute("content-encoding"))
             except InvalidInput as exc:
-                return await send_reply(send, Reply(orjson.dumps({"error": str(exc)}),
-                                                    error=exc))
+                return await send_reply(send, self.plane.refuse(call, exc))
         reply = await self.plane.handle_async(call)
         await send_reply(send, reply, head=scope["method"] == "HEAD")
 
