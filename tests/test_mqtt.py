@@ -18,6 +18,7 @@ from paho.mqtt.properties import Properties
 from edgerun.adapters.codecs import npz, oip
 from edgerun.adapters.mqtt.config import Broker as BrokerURL
 from edgerun.adapters.mqtt.config import load_config
+from edgerun.adapters.mqtt.daemon import backoff
 from edgerun.adapters.mqtt.telemetry import quantile, temperature
 from edgerun.examples import mlp_onnx
 from tests.mqtt import (INFER_JSON, Requester, connect, read_retained, running_broker,
@@ -147,6 +148,23 @@ def test_mqtt_311_client_gets_answer_on_reply_to(broker, daemon):
     np.testing.assert_allclose(outputs(got[0]), expected(np.array([[1, 2, 3, 4]])), rtol=1e-5)
 
 
+def test_a_reply_topic_with_wildcards_is_dropped_and_the_daemon_serves_on(broker, daemon,
+                                                                           requester):
+    """paho refuses to publish to it, from inside its callback: once a wedged read loop."""
+    client = connect(broker, protocol=mqtt.MQTTv311)
+    for reply_to in ("bad/#", "bad/+/x"):
+        request = {**orjson.loads(INFER_JSON), "reply_to": reply_to}
+        client.publish("edgerun/dev1/infer/mlp", orjson.dumps(request), 1).wait_for_publish(10)
+    client.disconnect()
+    client.loop_stop()
+    for _ in range(3):
+        answer, _ = requester.ask("edgerun/dev1/infer/mlp", INFER_JSON, timeout=20)
+        assert outputs(answer).shape == (1, 3)
+    assert daemon.process.poll() is None
+    log = daemon.output()
+    assert "Exception in callback" not in log and "'bad/#', which has wildcards" in log
+
+
 def test_mosquitto_rr_gets_its_answer(broker, daemon):
     result = subprocess.run(
         ["mosquitto_rr", "-p", str(broker.port), "-t", "edgerun/dev1/infer/mlp",
@@ -198,7 +216,7 @@ def test_messages_larger_than_the_socket_buffers_both_ways(requester):
     ("edgerun/dev1/infer/mlp", b"{not json", {}, "invalid_input", "JSON"),
     ("edgerun/dev1/infer/nope", INFER_JSON, {}, "model_not_found", "nope"),
     ("edgerun/dev1/infer/mlp/9", INFER_JSON, {}, "model_not_found", "'9'"),
-    ("edgerun/dev1/infer/mlp", orjson.dumps({"inputs": [
+    ("edgerun/dev1/infer/mlp", orjson.dumps({"id": "bad-5", "inputs": [
         {"name": "x", "datatype": "FP32", "shape": [1, 5], "data": [1, 2, 3, 4, 5]}]}), {},
      "invalid_input", "x"),
     ("edgerun/dev1/infer/mlp", b"PK\x03\x04garbage", {"content_type": "application/x-npz"},
@@ -212,6 +230,8 @@ def test_bad_requests_get_error_replies_and_the_daemon_lives_on(requester, daemo
     answer, properties = requester.ask(topic, payload, correlation=b"bad-1", **options)
     body = orjson.loads(answer)
     assert body["kind"] == kind and culprit in body["error"], body
+    if payload.startswith(b"{\"") and b'"id"' in payload:  # v5 error replies echo it too
+        assert body["id"] == orjson.loads(payload)["id"]
     assert properties.CorrelationData == b"bad-1"
     assert user_properties(properties)["edgerun-error"] == kind
     good, _ = requester.ask("edgerun/dev1/infer/mlp", INFER_JSON)
@@ -238,6 +258,12 @@ def test_status_and_telemetry(broker, daemon, requester):
     assert telemetry["rss_mb"] > 10 and telemetry["mem_total_mb"] > 0
     assert {"p50", "p99"} <= telemetry["latency_ms"].keys()
     assert "cpu_percent" in telemetry and "temperature_c" in telemetry
+
+
+def test_reconnect_backoff_never_overflows():
+    delays = [backoff(attempt, 0.5, 30) for attempt in (0, 1, 6, 1024, 10**6)]
+    assert 0.25 <= delays[0] <= 0.75 and 0.5 <= delays[1] <= 1.5
+    assert all(15 <= d <= 45 for d in delays[2:])  # capped, after a day of outage as well
 
 
 def test_telemetry_helpers(tmp_path):
@@ -300,6 +326,16 @@ def test_full_inbox_answers_overloaded(tmp_path, repo):
         keys = [requester.send("edgerun/tiny/infer/mlp", body) for _ in range(300)]
         requester.wait(keys, timeout=60)
         kinds = [orjson.loads(requester.answers[k][0][0]).get("kind", "ok") for k in keys]
+        # a refused request retried as it was (same Correlation Data and payload) is served,
+        # not dropped as a duplicate of the one refused
+        retried = [k for k, kind in zip(keys, kinds) if kind == "overloaded"][:5]
+        for key in retried:
+            requester.send("edgerun/tiny/infer/mlp", body, correlation=key)
+            deadline = time.monotonic() + 30
+            while len(requester.answers[key]) < 2:
+                assert time.monotonic() < deadline, f"retry {key} unanswered"
+                time.sleep(0.02)
+            assert "kind" not in orjson.loads(requester.answers[key][1][0])
         requester.close()
     assert set(kinds) <= {"ok", "overloaded"}
     assert "overloaded" in kinds and "ok" in kinds

@@ -285,8 +285,8 @@ class Daemon:
         (x0.5-1.5) so a fleet that lost one broker does not come back in one wave."""
         if self._closing or self._retrying:
             return
-        delay = min(self.config.reconnect_min_s * 2 ** self._attempts,
-                    self.config.reconnect_max_s) * random.uniform(0.5, 1.5)
+        delay = backoff(self._attempts, self.config.reconnect_min_s,
+                        self.config.reconnect_max_s)
         self._attempts += 1
         self._retrying = True
         assert self._loop is not None
@@ -411,7 +411,8 @@ class Daemon:
     def _on_message(self, client: mqtt.Client, userdata: Any,
                     message: mqtt.MQTTMessage) -> None:
         """On the loop: acknowledge and start serving it, or refuse at once."""
-        if self._duplicate(message):
+        key = _request_key(message)
+        if self._duplicate(message, key):
             client.ack(message.mid, message.qos)
             return
         with self._lock:
@@ -420,6 +421,7 @@ class Daemon:
             full = self._pending >= self.config.max_inbox
             if not full:
                 self._pending += 1
+                self._remember(key)  # only what is served: a refused request may come again
         client.ack(message.mid, message.qos)
         if full:
             self._rejected.labels("overloaded").inc()
@@ -430,30 +432,30 @@ class Daemon:
         else:
             asyncio.ensure_future(self._serve(message))
 
-    def _duplicate(self, message: mqtt.MQTTMessage) -> bool:
+    def _duplicate(self, message: mqtt.MQTTMessage, key: tuple) -> bool:
         """A QoS 1 request taken already: answered once, so dropped.
 
         Brokers do not pass the DUP flag on: a requester that resends after a broker restart
         reaches us as a new message. So a request repeating the topic, Response Topic,
         Correlation Data and payload of one taken in the last DEDUPE_WINDOW_S seconds counts
-        as a redelivery; without Correlation Data (mosquitto_rr) only the DUP flag does.
+        as a redelivery; without Correlation Data (mosquitto_rr) only the DUP flag does. A
+        request refused (inbox full, draining) is not taken: its retry is served.
         """
-        properties = message.properties
-        correlation = getattr(properties, "CorrelationData", None)
-        key = (message.topic, getattr(properties, "ResponseTopic", None), correlation,
-               hash(message.payload))
-        now = time.monotonic()
+        correlation = key[2]
         with self._lock:
             seen = self._recent.get(key)
-            self._recent[key] = now
-            self._recent.move_to_end(key)
-            while len(self._recent) > DEDUPE_SIZE:
-                self._recent.popitem(last=False)
-        if seen is not None and (message.dup or (correlation is not None
-                                                 and now - seen < DEDUPE_WINDOW_S)):
+        if seen is not None and (message.dup or (correlation is not None and
+                                                 time.monotonic() - seen < DEDUPE_WINDOW_S)):
             self._rejected.labels("duplicate").inc()
             return True
         return False
+
+    def _remember(self, key: tuple) -> None:
+        """Under the lock: a request taken now, for `_duplicate` to recognise."""
+        self._recent[key] = time.monotonic()
+        self._recent.move_to_end(key)
+        while len(self._recent) > DEDUPE_SIZE:
+            self._recent.popitem(last=False)
 
     async def _serve(self, message: mqtt.MQTTMessage) -> None:
         try:
@@ -495,7 +497,7 @@ class Daemon:
 
     @staticmethod
     def _error(request: Request, error: EdgerunError) -> tuple[bytes, Properties]:
-        return (messages.error_payload(error, request.request_id),
+        return (messages.error_payload(error, messages.request_id(request)),
                 messages.reply_properties(request, JSON, [(messages.ERROR_PROPERTY, error.kind)]))
 
     def _send(self, request: Request, payload: bytes, properties: Properties) -> None:
@@ -504,8 +506,28 @@ class Daemon:
             log.warning("a request to model %r names no Response Topic nor %r; its answer is "
                         "dropped", request.model, messages.REPLY_TO)
             return
+        if "+" in request.response_topic or "#" in request.response_topic:
+            # paho raises inside its message callback and then re-reads the same packet
+            self._rejected.labels("bad_reply_topic").inc()
+            log.warning("a request to model %r names the reply topic %r, which has wildcards; "
+                        "its answer is dropped", request.model, request.response_topic[:200])
+            return
         self.client.publish(request.response_topic, payload, self.config.qos, False,
                             properties if self.v5 else None)
+
+
+def backoff(attempt: int, shortest: float, longest: float) -> float:
+    """Seconds before reconnect attempt `attempt` (from 0): doubling, capped, jittered. The
+    exponent is capped too: 2.0 ** 1024 overflows, and a day-long outage gets there."""
+    return min(shortest * 2.0 ** min(attempt, 32), longest) * random.uniform(0.5, 1.5)
+
+
+def _request_key(message: mqtt.MQTTMessage) -> tuple:
+    """What makes two messages the same request: topic, Response Topic, Correlation Data and
+    payload."""
+    properties = message.properties
+    return (message.topic, getattr(properties, "ResponseTopic", None),
+            getattr(properties, "CorrelationData", None), hash(message.payload))
 
 
 def _no_delay(sock: Any) -> None:

@@ -89,6 +89,19 @@ def _reply_to_from_payload(request: Request) -> None:
             request.request_id = str(header["id"])
 
 
+def request_id(request: Request) -> str | None:
+    """The request's "id" for an error reply: 3.1.1 JSON requests have it read already; a v5
+    JSON body is read for it only now, off the path every answered request takes."""
+    if request.request_id is None and request.content_type in ("", JSON):
+        try:
+            header = orjson.loads(request.body)
+        except orjson.JSONDecodeError:
+            return None
+        if isinstance(header, dict) and header.get("id") is not None:
+            request.request_id = str(header["id"])
+    return request.request_id
+
+
 def check_topic(request: Request, topic: str) -> None:
     if not request.model or len(topic.split("/")) > 5:
         raise InvalidInput(f"topic {topic!r} is not edgerun/<device-or-group>/infer/<model>"
