@@ -470,6 +470,56 @@ def test_orchestrator_takes_back_a_withdrawn_job_the_device_had_picked_up(orches
     assert orchestrator.status(rollout["id"])["state"] == "aborted"
 
 
+def test_a_device_that_finishes_after_its_job_timed_out_is_rolled_back(orchestrator):
+    """The orchestrator gave up on b and aborted; b went on and installed: it must not be left
+    serving the version the rollout withdrew."""
+    from edgerun.adapters.ota.messages import Job, Report
+
+    sent = orchestrator.sent
+    rollout = orchestrator.deploy("m", "2", group="g", job_timeout=0.2)
+    job_ids = {job["device_id"]: job["job_id"] for job in rollout["jobs"]}
+    orchestrator.on_message("edgerun/a/ota/report",
+                            Report(job_ids["a"], "a", "active", "m", "2", "1").encode())
+    orchestrator.on_message("edgerun/b/ota/report",
+                            Report(job_ids["b"], "b", "downloading", "m", "2", "1").encode())
+    time.sleep(0.3)
+    orchestrator.tick()  # b timed out: over max-failures 0 %, the rollout rolls back
+    assert orchestrator.status(rollout["id"])["state"] == "rolling_back"
+    orchestrator.on_message("edgerun/b/ota/report",
+                            Report(job_ids["b"], "b", "active", "m", "2", "1").encode())
+    rollback = Job.decode(sent[-1][1])
+    assert (sent[-1][0], rollback.kind, rollback.version) == ("edgerun/b/ota", "rollback", "1")
+    status = orchestrator.status(rollout["id"])
+    assert job_states(status)["b"] == "queued" and status["state"] == "rolling_back"
+
+
+def test_a_job_that_timed_out_counts_again_when_the_device_finishes_it(orchestrator):
+    from edgerun.adapters.ota.messages import Report
+
+    rollout = orchestrator.deploy("m", "2", group="g", job_timeout=0.2, max_failures=0.5)
+    job_ids = {job["device_id"]: job["job_id"] for job in rollout["jobs"]}
+    orchestrator.on_message("edgerun/a/ota/report",
+                            Report(job_ids["a"], "a", "active", "m", "2", "1").encode())
+    time.sleep(0.3)
+    orchestrator.tick()  # b timed out; one failure in two is within max-failures 50 %
+    assert job_states(orchestrator.status(rollout["id"]))["b"] == "failed"
+    orchestrator.on_message("edgerun/b/ota/report",
+                            Report(job_ids["b"], "b", "active", "m", "2", "1").encode())
+    status = orchestrator.status(rollout["id"])
+    assert job_states(status) == {"a": "active", "b": "active"}
+    assert status["state"] == "completed"
+
+
+def test_malformed_device_messages_are_ignored(orchestrator, caplog):
+    """Any device may publish on its own topics: nothing it sends may stop the orchestrator."""
+    for topic, payload in (("edgerun/a/ota/report", b"[]"),
+                           ("edgerun/a/status", b'{"state": "online", "group": ["x"]}'),
+                           ("edgerun/a/telemetry", b'{"group": {"x": 1}}')):
+        orchestrator.on_message(topic, payload)  # must not raise into paho's thread
+    orchestrator.on_message("edgerun/c/status", b'{"state": "online", "group": "g"}')
+    assert [d["device_id"] for d in orchestrator.store.devices("g")] == ["a", "b", "c"]
+
+
 def test_a_wave_start_cut_short_by_a_restart_is_completed(orchestrator):
     rollout = orchestrator.deploy("m", "2", group="g", waves=[0.5, 1.0])
     assert job_states(rollout) == {"a": "queued", "b": "pending"}

@@ -32,6 +32,7 @@ from edgerun.adapters.ota.slots import SlotState
 from edgerun.examples import mlp_onnx
 from edgerun.runtime import signing
 from edgerun.runtime.bundle import Bundle, sha256_file
+from edgerun.runtime.errors import InvalidInput
 from edgerun.runtime.metrics import Registry
 from edgerun.runtime.repository import Repository
 from tests.fleet_sim import PROFILE, make_bundle, mqtt_client, wait_for
@@ -352,3 +353,13 @@ def test_kill_9_at_each_step_leaves_a_verified_model(tmp_path, keys, server):
         watcher.loop_stop()
         watcher.disconnect()
         broker.stop()
+
+
+@pytest.mark.parametrize("model, version", [("../../outside", "2"), ("m", "../2"),
+                                            ("m/x", "2"), ("m", "2/../../x")])
+def test_a_job_naming_paths_outside_the_ota_folder_is_refused(model, version):
+    """Model and version become parts of paths on the device; jobs are not signed."""
+    job = Job(job_id="j1", kind="install", model=model, version=version,
+              url="http://registry/bundles/m/2", sha256="0" * 64, size=1, rollout="r")
+    with pytest.raises(InvalidInput, match="not a bundle name and version"):
+        Job.decode(job.encode())

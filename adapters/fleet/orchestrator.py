@@ -32,6 +32,8 @@ log = logging.getLogger(__name__)
 PENDING, CANCELLED = "pending", "cancelled"   # not yet published; dropped by an abort
 RUNNING, COMPLETED, ROLLING_BACK, ABORTED = "running", "completed", "rolling_back", "aborted"
 ENDED = TERMINAL | {CANCELLED}
+#: A job given up on by the orchestrator, which the device may still finish.
+TIMED_OUT = "timed out in state"
 
 Publish = Callable[[str, bytes, bool], None]
 
@@ -131,26 +133,36 @@ class Orchestrator:
             data = json.loads(payload)
             if not isinstance(data, dict):
                 return
+            group = data.get("group")
+            if group is not None and not isinstance(group, str):
+                raise ValueError(f"group must be a string, got {group!r:.80}")
             if kind == "status":
                 self.store.see_device(device, state=str(data.get("state", "online")),
-                                      group=data.get("group"), status=data)
+                                      group=group, status=data)
             elif kind == "telemetry":
-                self.store.see_device(device, group=data.get("group"), telemetry=data)
+                self.store.see_device(device, group=group, telemetry=data)
         except (ValueError, TypeError, KeyError) as exc:
             log.warning("ignored a malformed message on %s: %s", topic, exc)
+        except Exception:  # anything else must not end paho's thread: no device is heard then
+            log.exception("failed to handle a message on %s", topic)
 
     def _on_report(self, device: str, report: Report) -> None:
         with self._lock:
             job = self.store.job_by_id(report.job_id)
             if job is None or job["device_id"] != device:
                 return
-            if job["state"] == CANCELLED and job["kind"] == INSTALL and report.state != FAILED \
+            given_up = job["state"] == CANCELLED or (
+                job["state"] == FAILED and job["detail"].startswith(TIMED_OUT))
+            if given_up and job["kind"] == INSTALL and report.state != FAILED \
                     and report.previous is not None:
-                # withdrawn by an abort, but the device had already picked it up: take it back
-                self._send_rollback(self._rollout(job["rollout_id"]),
-                                    {**job, "previous_version": report.previous})
-                return
-            if job["state"] in ENDED:
+                rollout = self._rollout(job["rollout_id"])
+                if job["state"] == CANCELLED or rollout["state"] in (ROLLING_BACK, ABORTED):
+                    # withdrawn by an abort, or timed out and then aborted, but the device had
+                    # picked it up and went on: take it back
+                    self._send_rollback(rollout, {**job, "previous_version": report.previous})
+                    return
+                # timed out, yet the device went on and the rollout goes on: its reports count
+            elif job["state"] in ENDED:
                 return
             fields: dict[str, Any] = {"state": report.state, "detail": report.detail}
             if report.previous is not None and job["kind"] == INSTALL:
@@ -163,7 +175,8 @@ class Orchestrator:
             if report.state in TERMINAL:
                 self.publish(job_topic(device), b"", True)  # done: clear the retained job
             rollout = self._rollout(job["rollout_id"])
-            if rollout["state"] != RUNNING and job["kind"] == INSTALL and report.state != FAILED:
+            if rollout["state"] in (ROLLING_BACK, ABORTED) and job["kind"] == INSTALL \
+                    and report.state != FAILED:
                 # the device took the new version after the rollout was aborted
                 self._send_rollback(rollout, {**job, **fields})
             self.tick()
@@ -187,7 +200,7 @@ class Orchestrator:
                 for job in jobs:
                     if job["state"] not in ENDED | {PENDING} and job["deadline"] \
                             and job["deadline"] < now:
-                        detail = f"timed out in state {job['state']}"
+                        detail = f"{TIMED_OUT} {job['state']}"
                         self.store.update_job(rollout["id"], job["device_id"], state=FAILED,
                                               detail=detail)
                         self.publish(job_topic(job["device_id"]), b"", True)

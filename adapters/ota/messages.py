@@ -12,6 +12,7 @@ import json
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from edgerun.runtime.bundle import NAME_RE, VERSION_RE
 from edgerun.runtime.errors import InvalidInput
 
 INSTALL, ROLLBACK = "install", "rollback"
@@ -58,6 +59,10 @@ class Job:
             raise InvalidInput(f"OTA job kind {job.kind!r} is not install or rollback")
         if job.kind == INSTALL and not (job.url and job.sha256):
             raise InvalidInput("OTA install job needs a url and a sha256")
+        # both become parts of paths on the device: "../x" must never leave the OTA folder
+        if not NAME_RE.match(job.model) or not VERSION_RE.match(job.version):
+            raise InvalidInput(f"OTA job names model {job.model[:80]!r} version "
+                               f"{job.version[:40]!r}, which is not a bundle name and version")
         return job
 
 
@@ -78,7 +83,10 @@ class Report:
 
     @classmethod
     def decode(cls, payload: bytes) -> Report:
+        """ValueError for anything but a JSON object: a device may publish whatever it likes."""
         data = json.loads(payload)
+        if not isinstance(data, dict):
+            raise ValueError("an OTA report must be a JSON object")
         return cls(**{k: data.get(k) for k in ("job_id", "device", "state", "model",
                                                  "version", "previous", "active")},
                    detail=str(data.get("detail", "")), extra=dict(data.get("extra") or {}))
