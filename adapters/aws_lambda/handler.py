@@ -3,16 +3,17 @@
 - HTTP (API Gateway REST v1, HTTP API v2, Function URL, ALB): Mangum translates the event to
   ASGI for the lean `EdgerunASGI` app, so the function serves the fleet server's OIP v2 and TF
   Serving routes (all but the repository's load and unload: the function's model is fixed when
-  it is deployed, and any caller could unload it) and imports no web framework. Mangum runs with the lifespan off: the models
-  are loaded at init and nothing is set up or torn down per invocation.
+  it is deployed, and any caller could unload it) and imports no web framework. Mangum runs
+  with the lifespan off: the models are loaded at init and nothing is set up or torn down per
+  invocation.
 - SQS and Kinesis batches: every record is decoded first, then all are submitted to the data
   plane at once from one event loop, so the MicroBatcher sees them arrive together and merges
   them into as few forward passes as it can; results are plain OIP v2 JSON; the answer names
   exactly the records that failed (`batchItemFailures`), and Lambda retries only those.
 - Direct invocation (`aws lambda invoke`, Step Functions): the event is an OIP v2 JSON request
   (`model_name` picks a model other than the function's default); the answer is the OIP
-  response, all JSON (an event answer carries no binary part), and a failure is raised as the core's error, whose class name Lambda reports as
-  the `errorType`.
+  response, all JSON (an event answer carries no binary part), and a failure is raised as the
+  core's error, whose class name Lambda reports as the `errorType`.
 """
 
 from __future__ import annotations

@@ -10,8 +10,8 @@ from edgerun.runtime.errors import (BundleError, Cancelled, DeadlineExceeded, Ed
                                     Unauthenticated, UnsupportedMediaType)
 
 _STATUS: tuple[tuple[type[EdgerunError], int], ...] = (
-    (PayloadTooLarge, 413), (UnsupportedMediaType, 415), (InvalidInput, 400), (BundleError, 400), (ModelNotFound, 404),
-    (ModelNotReady, 503), (Overloaded, 503), (DeadlineExceeded, 504), (Cancelled, 499),
+    (PayloadTooLarge, 413), (UnsupportedMediaType, 415), (InvalidInput, 400), (BundleError, 400),
+    (ModelNotFound, 404), (ModelNotReady, 503), (Overloaded, 503), (DeadlineExceeded, 504), (Cancelled, 499),
     (Unauthenticated, 401), (PermissionDenied, 403), (InferenceError, 500))
 
 
