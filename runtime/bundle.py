@@ -57,12 +57,13 @@ def check_version(version: str) -> str:
     return version
 
 
-def version_key(version: str) -> tuple[int, int, int, int, str]:
-    """Sort key for versions: integers and semver, a pre-release before its release."""
-    core, _, pre = version.partition("-")
-    core = core.split("+")[0]
+def version_key(version: str) -> tuple[Any, ...]:
+    """Sort key for versions: integers and semver (build metadata ignored, a pre-release
+    before its release, numeric identifiers compared as numbers: rc.9 before rc.10)."""
+    core, _, pre = version.split("+")[0].partition("-")
     parts = [int(p) for p in core.split(".")] + [0, 0]
-    return parts[0], parts[1], parts[2], 0 if pre else 1, pre
+    identifiers = tuple((0, int(p), "") if p.isdigit() else (1, 0, p) for p in pre.split("."))
+    return parts[0], parts[1], parts[2], 0 if pre else 1, identifiers if pre else ()
 
 
 @dataclass(frozen=True)

@@ -88,10 +88,16 @@ class ModelConfig:
         _only(policy, {"latest", "specific", "all"}, "version_policy.")
         if len(policy) > 1:
             raise ValueError("version_policy takes one of latest, specific or all")
-        version_policy = VersionPolicy(
-            latest=int(policy.get("latest", 1)),
-            specific=tuple(str(v) for v in policy.get("specific", ())),
-            all=bool(policy.get("all", False)))
+        latest, specific, every = (policy.get("latest", 1), policy.get("specific", []),
+                                   policy.get("all", False))
+        if isinstance(latest, bool) or not isinstance(latest, int):
+            raise ValueError(f"version_policy.latest must be an integer, got {latest!r}")
+        if not isinstance(specific, list):  # "12" would serve versions 1 and 2
+            raise ValueError(f"version_policy.specific must be a list, got {specific!r}")
+        if not isinstance(every, bool):  # "false" would serve every version
+            raise ValueError(f"version_policy.all must be true or false, got {every!r}")
+        version_policy = VersionPolicy(latest=latest, specific=tuple(str(v) for v in specific),
+                                       all=every)
         if version_policy.latest < 1:
             raise ValueError("version_policy.latest must be >= 1")
         batching = data.get("batching", {})
@@ -101,6 +107,11 @@ class ModelConfig:
         merged["preferred_batch_sizes"] = tuple(merged["preferred_batch_sizes"])
         traffic = data.get("traffic", {})
         _only(traffic, {"weights", "sticky_key", "shadow"}, "traffic.")
+        if not isinstance(traffic.get("weights", {}), dict):
+            raise ValueError(f"traffic.weights must be a table, got {traffic['weights']!r}")
+        sticky_key = traffic.get("sticky_key")
+        if sticky_key is not None and not isinstance(sticky_key, str):
+            raise ValueError(f"traffic.sticky_key must be a string, got {sticky_key!r}")
         weights = {str(v): float(w) for v, w in traffic.get("weights", {}).items()}
         if any(w < 0 for w in weights.values()):
             raise ValueError("traffic.weights must be >= 0")
@@ -110,7 +121,7 @@ class ModelConfig:
         return cls(
             version_policy=version_policy, batching=BatchingConfig(**merged),
             instances=None if instances is None else int(instances),
-            traffic=TrafficPolicy(weights=weights, sticky_key=traffic.get("sticky_key"),
+            traffic=TrafficPolicy(weights=weights, sticky_key=sticky_key,
                                   shadow=None if traffic.get("shadow") is None
                                   else str(traffic["shadow"])))
 

@@ -179,11 +179,13 @@ class Repository:
         """Bring the served set in line with the source: new versions, configs, removals."""
         offered = set(self.source.models())
         for name in sorted(offered - self._unloaded):
-            if self._stale(name):
-                try:
+            try:
+                if self._stale(name):
                     self.load(name)
-                except EdgerunError as exc:
-                    log.error("model %s: %s", name, exc)
+            except EdgerunError as exc:
+                log.error("model %s: %s", name, exc)
+            except Exception:  # one model's surprise must not stop the others' updates
+                log.exception("model %s: reload failed", name)
         for name in sorted(set(self._models) - offered):
             self.unload(name)
             self._unloaded.discard(name)

@@ -27,6 +27,15 @@ def test_version_policies_order_versions_numerically(policy, expected):
     assert policy.select(["10", "2", "1"]) == expected
 
 
+def test_semver_pre_releases_and_build_metadata_order_as_semver_says():
+    # rc.10 after rc.9 (numbers as numbers); "+build-7" is metadata, not a pre-release
+    versions = ["1.0.0", "1.0.0-rc.10", "1.0.0-rc.9", "1.0.0-alpha", "0.9.0+build-7"]
+    assert VersionPolicy(all=True).select(versions) == [
+        "0.9.0+build-7", "1.0.0-alpha", "1.0.0-rc.9", "1.0.0-rc.10", "1.0.0"]
+    assert VersionPolicy().select(["1.0.0-rc.9", "1.0.0-rc.10"]) == ["1.0.0-rc.10"]
+    assert VersionPolicy().select(["1.0.0-rc.1", "1.0.0+build-7"]) == ["1.0.0+build-7"]
+
+
 @pytest.mark.parametrize("text, message", [
     ("instances = 0", "instances must be >= 1"),
     ("colour = 'red'", "unknown key colour"),
@@ -35,6 +44,12 @@ def test_version_policies_order_versions_numerically(policy, expected):
     ("[batching]\nmax_batch_size = 4\npreferred_batch_sizes = [8]", "preferred_batch_sizes"),
     ("[traffic]\nweights = { '1' = -1 }", "weights must be >= 0"),
     ("version_policy = [", "config.toml"),
+    # values of the wrong type were coerced: "12" served versions 1 and 2, "false" all
+    ("version_policy = { specific = '12' }", "specific must be a list"),
+    ("version_policy = { all = 'false' }", "all must be true or false"),
+    ("version_policy = { latest = '2' }", "latest must be an integer"),
+    ("[traffic]\nweights = [1]", "weights must be a table"),
+    ("[traffic]\nsticky_key = 5", "sticky_key must be a string"),
 ])
 def test_bad_config_is_refused_naming_the_file_and_key(tmp_path, text, message):
     (tmp_path / "config.toml").write_text(text)
