@@ -62,8 +62,9 @@ def version_key(version: str) -> tuple[Any, ...]:
     before its release, numeric identifiers compared as numbers: rc.9 before rc.10)."""
     core, _, pre = version.split("+")[0].partition("-")
     parts = [int(p) for p in core.split(".")] + [0, 0]
-    identifiers = tuple((0, int(p), "") if p.isdigit() else (1, 0, p) for p in pre.split("."))
-    return parts[0], parts[1], parts[2], 0 if pre else 1, identifiers if pre else ()
+    identifiers = tuple((0, int(p), "") if p.isdigit() else (1, 0, p)
+                        for p in pre.split(".")) if pre else ()
+    return parts[0], parts[1], parts[2], 0 if pre else 1, identifiers
 
 
 @dataclass(frozen=True)

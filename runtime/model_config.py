@@ -107,12 +107,13 @@ class ModelConfig:
         merged["preferred_batch_sizes"] = tuple(merged["preferred_batch_sizes"])
         traffic = data.get("traffic", {})
         _only(traffic, {"weights", "sticky_key", "shadow"}, "traffic.")
-        if not isinstance(traffic.get("weights", {}), dict):
-            raise ValueError(f"traffic.weights must be a table, got {traffic['weights']!r}")
+        weights = traffic.get("weights", {})
+        if not isinstance(weights, dict):
+            raise ValueError(f"traffic.weights must be a table, got {weights!r}")
         sticky_key = traffic.get("sticky_key")
         if sticky_key is not None and not isinstance(sticky_key, str):
             raise ValueError(f"traffic.sticky_key must be a string, got {sticky_key!r}")
-        weights = {str(v): float(w) for v, w in traffic.get("weights", {}).items()}
+        weights = {str(v): float(w) for v, w in weights.items()}
         if any(w < 0 for w in weights.values()):
             raise ValueError("traffic.weights must be >= 0")
         instances = data.get("instances")
