@@ -60,7 +60,9 @@ class TensorSpec:
 
     def conform(self, value: Any) -> np.ndarray:
         """Return `value` as an array of this spec's dtype, or raise InvalidInput naming it."""
-        if type(value) is np.ndarray and value.dtype == self.np_dtype:
+        if self.dtype == "string":
+            array = string_array(value, self.name)
+        elif type(value) is np.ndarray and value.dtype == self.np_dtype:
             array = value
         else:
             array = cast_array(as_array(value, self.name), self.dtype, self.name)
@@ -90,6 +92,8 @@ def as_array(value: Any, name: str) -> np.ndarray:
 def cast_array(array: np.ndarray, dtype: str, name: str) -> np.ndarray:
     """`array` as manifest dtype `dtype` if no value changes, else InvalidInput naming `name`."""
     source, target = array.dtype, DTYPES[dtype]
+    if target.kind == "O":
+        return string_array(array, name)
     if source == target:
         return array
     if array.size == 0:  # no value to change: `[]` parses as float64 whatever it is for
@@ -97,12 +101,6 @@ def cast_array(array: np.ndarray, dtype: str, name: str) -> np.ndarray:
     if source == _FLOAT64 and target == _FLOAT32 and \
             np.maximum.reduce(np.abs(array), axis=None) <= _FLOAT32_MAX:
         return array.astype(target)  # every JSON FP32 request: finite, in range, the short way
-    if target.kind == "O":
-        if source.kind in "US":
-            return array.astype(object)
-        if source.kind == "O" and all(isinstance(v, (str, bytes)) for v in array.flat):
-            return array
-        raise _dtype_error(name, dtype, source)
     if source.kind not in "biuf":
         raise _dtype_error(name, dtype, source)
     if source.kind in "iu" and target.kind == "f":  # numpy calls int64 -> float64 safe; it is not
@@ -128,6 +126,30 @@ def cast_array(array: np.ndarray, dtype: str, name: str) -> np.ndarray:
             raise InvalidInput(f"input {name!r}: values overflow {dtype}", name)
         return narrowed
     raise _dtype_error(name, dtype, source)
+
+
+def string_array(value: Any, name: str) -> np.ndarray:
+    """`value` as an object array of str or bytes elements, each kept as given (numpy's own
+    text dtypes would drop trailing NULs); any other element is refused, naming it."""
+    if isinstance(value, np.ndarray):
+        if value.dtype.kind in "US":
+            return value.astype(object)
+        if value.dtype.kind != "O":
+            raise _dtype_error(name, "string", value.dtype)
+        array = value
+    else:
+        try:
+            array = np.array(value, dtype=object)
+        except ValueError as exc:  # ragged below the first level
+            raise InvalidInput(f"input {name!r}: not a rectangular array ({exc})",
+                               name) from None
+    for index, element in enumerate(array.flat):
+        if not isinstance(element, (str, bytes)):
+            if isinstance(element, (list, tuple)):
+                raise InvalidInput(f"input {name!r}: not a rectangular array", name)
+            raise InvalidInput(f"input {name!r}: expected string, got "
+                               f"{type(element).__name__} at element {index}", name)
+    return array
 
 
 _FLOAT64, _FLOAT32 = np.dtype(np.float64), np.dtype(np.float32)

@@ -22,7 +22,7 @@ DTYPES = {datatype: dtype for datatype, dtype in oip.DATATYPES.items()}
 
 def _elements(dtype: str):
     if dtype == "string":
-        return st.text(alphabet=st.characters(min_codepoint=32, max_codepoint=0x2FFF),
+        return st.text(alphabet=st.characters(min_codepoint=0, max_codepoint=0x2FFF),
                        max_size=5)
     if dtype.startswith("float"):
         return st.floats(allow_nan=False, allow_infinity=False,
@@ -81,6 +81,15 @@ def test_every_datatype_round_trips_json_and_binary(data, datatype, binary, nest
             list(array.ravel())
     else:
         np.testing.assert_array_equal(back, array)
+
+
+@pytest.mark.parametrize("data", [["a", None], ["a", 1], [["a"], "b"]])
+def test_json_bytes_data_must_be_strings(data):
+    # null and numbers once became "None" and "1"
+    body = json.dumps({"inputs": [{"name": "s", "datatype": "BYTES", "shape": [2],
+                                   "data": data}]}).encode()
+    with pytest.raises(InvalidInput, match="input 's': (expected string|not a rectangular)"):
+        oip.decode_request(body, None)
 
 
 def test_nested_and_flat_data_decode_alike():

@@ -118,8 +118,27 @@ def test_string_tensor_accepts_text():
     spec = TensorSpec("s", "string", (-1,), 0)
     out = spec.conform(["héllo", "x"])
     assert out.dtype == object and out.tolist() == ["héllo", "x"]
-    with pytest.raises(InvalidInput, match="expected string, got int64"):
+    with pytest.raises(InvalidInput, match="expected string, got int at element 0"):
         spec.conform([1, 2])
+    with pytest.raises(InvalidInput, match="expected string, got int64"):
+        spec.conform(np.array([1, 2]))
+
+
+def test_string_tensor_refuses_non_text_elements():
+    # None and numbers once became "None" and "1" on their way through a numpy str array
+    spec = TensorSpec("s", "string", (-1,), 0)
+    with pytest.raises(InvalidInput, match="input 's': expected string, got NoneType at "
+                                           "element 1"):
+        spec.conform(["a", None])
+    with pytest.raises(InvalidInput, match="got float at element 0"):
+        spec.conform(np.array([1.5, "b"], dtype=object))
+    with pytest.raises(InvalidInput, match="input 's': not a rectangular array"):
+        TensorSpec("s", "string", (-1, -1), 0).conform([["a", "b"], ["c"]])
+
+
+def test_string_tensor_keeps_trailing_nul_bytes():
+    spec = TensorSpec("s", "string", (-1,), 0)
+    assert spec.conform(["ab\0", b"c\0\0"]).tolist() == ["ab\0", b"c\0\0"]
 
 
 def test_inputs_must_agree_on_batch():

@@ -19,7 +19,7 @@ import orjson
 import simdjson
 
 from edgerun.runtime.errors import InvalidInput
-from edgerun.runtime.signature import Signature, as_array, cast_array
+from edgerun.runtime.signature import Signature, as_array, cast_array, string_array
 
 #: OIP datatype -> manifest dtype name.
 DATATYPES = {
@@ -214,10 +214,7 @@ def decode_json(name: str, datatype: str, shape: list[int], data: Any) -> np.nda
     if not isinstance(data, list):
         data = [data]
     if datatype == "BYTES":
-        array = as_array(data, name)
-        if array.dtype.kind != "U" and array.size:
-            raise InvalidInput(f"input {name!r}: BYTES data must be strings", name)
-        array = array.astype(object)
+        array = string_array(data, name)
     else:
         array = as_array(data, name)
         if datatype == "UINT64" and array.dtype.kind in "fO":
