@@ -131,7 +131,7 @@ def optimize(model_path: str | Path, output: str | Path,
                 current = target
                 tags.append(tag)
 
-        folder = scratch / "bundle" if output.name.endswith((".tar.gz", ".tgz")) else output
+        folder = scratch / "bundle" if archive.is_archive_name(output.name) else output
         golden = data.take(1) if signature.batchable else None
         compiled = None
         if options.compile == "tvm":

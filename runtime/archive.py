@@ -1,8 +1,10 @@
-"""Bundles in transit: deterministic `.tar.gz` packing and an extractor that trusts nothing.
+"""Bundles in transit: deterministic `.tar.gz` or `.zip` packing and an extractor that trusts
+nothing.
 
 Extraction is written out by hand rather than through `tarfile.extractall` so the same checks
-hold on every supported Python: only regular files and folders, no absolute paths, no `..`,
-no links or devices, no duplicate names, and caps on member size, total size and count.
+hold on every supported Python and for both formats: only regular files and folders, no
+absolute paths, no `..`, no links or devices, no duplicate or clashing names, and caps on member
+size, total size and count. An archive's format is read from its first bytes, not its name.
 """
 
 from __future__ import annotations
@@ -10,86 +12,184 @@ from __future__ import annotations
 import gzip
 import io
 import os
+import shutil
+import stat
 import tarfile
+import zipfile
 import zlib
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+from typing import IO
 
 from edgerun.runtime.errors import BundleError
 
 MAX_MEMBER_BYTES = 4 * 1024**3
 MAX_TOTAL_BYTES = 8 * 1024**3
 MAX_MEMBERS = 1000
+#: File names `pack` writes as an archive (`.zip` as zip, the others as gzip'd tar).
+SUFFIXES = (".tar.gz", ".tgz", ".zip")
 _CHUNK = 1 << 20
+_ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)  # the earliest time zip can record
+_CORRUPT = (tarfile.TarError, zipfile.BadZipFile, EOFError, zlib.error, NotImplementedError,
+            RuntimeError)  # zipfile: unknown compression, encrypted member
+
+
+def is_archive_name(name: str) -> bool:
+    """Whether a path named `name` is meant as a bundle archive rather than a folder."""
+    return name.lower().endswith(SUFFIXES)
 
 
 def pack(directory: Path, archive: Path) -> Path:
-    """Write `directory`'s files to a `.tar.gz`; the same files give the same bytes."""
-    directory = Path(directory)
-    files = sorted(p for p in directory.rglob("*") if not p.is_dir())
-    with archive.open("wb") as raw, gzip.GzipFile(filename="", fileobj=raw, mode="wb", mtime=0) as gz, \
+    """Write `directory`'s files to a `.zip` or `.tar.gz` by `archive`'s name; the same files
+    give the same bytes."""
+    directory, archive = Path(directory), Path(archive)
+    files = []
+    for path in sorted(p for p in directory.rglob("*") if not p.is_dir()):
+        if path.is_symlink() or not path.is_file():
+            raise BundleError(f"{path}: only regular files can be packed (no links)")
+        files.append((path.relative_to(directory).as_posix(), path))
+    if archive.name.lower().endswith(".zip"):
+        _pack_zip(files, archive)
+    else:
+        _pack_tar(files, archive)
+    return archive
+
+
+def _pack_tar(files: list[tuple[str, Path]], archive: Path) -> None:
+    with archive.open("wb") as raw, \
+            gzip.GzipFile(filename="", fileobj=raw, mode="wb", mtime=0) as gz, \
             tarfile.open(fileobj=gz, mode="w", format=tarfile.PAX_FORMAT) as tar:
-        for path in files:
-            if path.is_symlink() or not path.is_file():
-                raise BundleError(f"{path}: only regular files can be packed (no links)")
-            info = tarfile.TarInfo(path.relative_to(directory).as_posix())
+        for name, path in files:
+            info = tarfile.TarInfo(name)
             info.size = path.stat().st_size
             info.mode = 0o644
             with path.open("rb") as handle:
                 tar.addfile(info, handle)
-    return archive
 
 
-def _safe_name(name: str) -> PurePosixPath:
+def _pack_zip(files: list[tuple[str, Path]], archive: Path) -> None:
+    with zipfile.ZipFile(archive, "w") as zip_file:
+        for name, path in files:
+            info = zipfile.ZipInfo(name, date_time=_ZIP_EPOCH)
+            info.external_attr = (stat.S_IFREG | 0o644) << 16
+            info.compress_type = zipfile.ZIP_DEFLATED
+            info.file_size = path.stat().st_size
+            with path.open("rb") as source, \
+                    zip_file.open(info, "w", force_zip64=info.file_size >= 1 << 31) as out:
+                shutil.copyfileobj(source, out, _CHUNK)
+
+
+@dataclass(frozen=True)
+class _Member:
+    """One archive entry, whatever the format."""
+
+    name: str
+    kind: str  # "file", "dir", "link" or "other"
+    size: int
+    open: Callable[[], IO[bytes] | None]
+
+
+def _tar_member(tar: tarfile.TarFile, info: tarfile.TarInfo) -> _Member:
+    kind = ("link" if info.issym() or info.islnk() else "file" if info.isfile()
+            else "dir" if info.isdir() else "other")
+    return _Member(info.name, kind, info.size, lambda: tar.extractfile(info))
+
+
+def _zip_member(zip_file: zipfile.ZipFile, info: zipfile.ZipInfo) -> _Member:
+    mode = info.external_attr >> 16  # no file type bits from many tools: a plain file
+    kind = ("dir" if info.is_dir() else "link" if stat.S_ISLNK(mode)
+            else "other" if stat.S_IFMT(mode) not in (0, stat.S_IFREG) else "file")
+    return _Member(info.filename, kind, info.file_size, lambda: zip_file.open(info))
+
+
+@contextmanager
+def _members(archive: Path) -> Iterator[Iterator[_Member]]:
+    """The entries of a zip or a tar (any compression); format errors become BundleError."""
+    try:
+        with archive.open("rb") as handle:
+            is_zip = handle.read(2) == b"PK"
+        opened = zipfile.ZipFile(archive) if is_zip else tarfile.open(archive, mode="r:*")
+    except (*_CORRUPT, OSError) as exc:
+        raise BundleError(f"{archive}: not a readable tar or zip archive ({exc})") from exc
+    with opened:
+        try:
+            if isinstance(opened, zipfile.ZipFile):
+                yield (_zip_member(opened, info) for info in opened.infolist())
+            else:
+                yield (_tar_member(opened, info) for info in opened)
+        except _CORRUPT as exc:
+            raise BundleError(f"{archive}: corrupt archive ({exc})") from exc
+
+
+def _safe_name(name: str) -> PurePosixPath | None:
+    """The member's path inside the bundle; None for the archive's root folder (`./`)."""
     path = PurePosixPath(name)
     if name.startswith(("/", "\\")) or path.is_absolute() or (name[1:2] == ":"):
         raise BundleError(f"archive member {name!r} has an absolute path")
     if any(part == ".." for part in path.parts) or "\\" in name:
         raise BundleError(f"archive member {name!r} escapes the bundle folder")
     parts = [part for part in path.parts if part not in ("", ".")]
-    if not parts:
-        raise BundleError(f"archive member {name!r} has no name")
-    return PurePosixPath(*parts)
+    return PurePosixPath(*parts) if parts else None
+
+
+def read_member(archive: Path, name: str, *, max_bytes: int = 1 << 24) -> bytes | None:
+    """The bytes of the file `name` in `archive`, without extracting the rest; None if absent."""
+    wanted = PurePosixPath(name)
+    with _members(Path(archive)) as members:
+        for member in members:
+            if member.kind == "file" and _safe_name(member.name) == wanted:
+                if member.size > max_bytes:
+                    raise BundleError(f"archive member {member.name!r} is {member.size} bytes, "
+                                      f"over the {max_bytes}-byte cap")
+                source = member.open()
+                if source is None:
+                    raise BundleError(f"archive member {member.name!r} has no data")
+                with source:
+                    data = source.read(max_bytes + 1)
+                if len(data) > max_bytes:
+                    raise BundleError(f"archive member {member.name!r} is over the "
+                                      f"{max_bytes}-byte cap")
+                return data
+    return None
 
 
 def unpack(archive: Path, destination: Path, *, max_member_bytes: int = MAX_MEMBER_BYTES,
            max_total_bytes: int = MAX_TOTAL_BYTES, max_members: int = MAX_MEMBERS) -> Path:
     """Extract a bundle archive into `destination` (created; must be empty if it exists)."""
-    destination = Path(destination)
+    archive, destination = Path(archive), Path(destination)
     destination.mkdir(parents=True, exist_ok=True)
     if any(destination.iterdir()):
         raise BundleError(f"{destination}: extraction folder is not empty")
     root = destination.resolve()
-    try:
-        tar = tarfile.open(archive, mode="r:*")
-    except (tarfile.TarError, OSError) as exc:
-        raise BundleError(f"{archive}: not a readable tar archive ({exc})") from exc
-    with tar:
-        try:
-            _extract(tar, archive, root, max_member_bytes, max_total_bytes, max_members)
-        except (tarfile.TarError, EOFError, zlib.error) as exc:
-            raise BundleError(f"{archive}: corrupt archive ({exc})") from exc
+    with _members(archive) as members:
+        _extract(members, archive, root, max_member_bytes, max_total_bytes, max_members)
     return destination
 
 
-def _extract(tar: tarfile.TarFile, archive: Path, root: Path, max_member_bytes: int,
+def _extract(members: Iterator[_Member], archive: Path, root: Path, max_member_bytes: int,
              max_total_bytes: int, max_members: int) -> None:
-    seen: set[PurePosixPath] = set()
+    files: set[PurePosixPath] = set()
+    folders: set[PurePosixPath] = set()
     total = 0
-    for count, member in enumerate(tar, start=1):
+    for count, member in enumerate(members, start=1):
         if count > max_members:
             raise BundleError(f"{archive}: more than {max_members} members")
         relative = _safe_name(member.name)
-        if member.issym() or member.islnk():
+        if member.kind == "link":
             raise BundleError(f"archive member {member.name!r} is a link")
-        if not (member.isfile() or member.isdir()):
+        if member.kind == "other":
             raise BundleError(f"archive member {member.name!r} is not a regular file")
-        if relative in seen:
-            raise BundleError(f"archive member {member.name!r} appears twice")
-        seen.add(relative)
+        if relative is None:
+            if member.kind == "dir":
+                continue  # the root folder itself, as `tar -C bundle -czf b.tar.gz .` writes
+            raise BundleError(f"archive member {member.name!r} has no name")
+        _check_clash(member.name, relative, member.kind, files, folders)
         target = root.joinpath(*relative.parts)
-        if root not in target.resolve().parents and target.resolve() != root:
+        if root not in target.resolve().parents:
             raise BundleError(f"archive member {member.name!r} escapes the bundle folder")
-        if member.isdir():
+        if member.kind == "dir":
             target.mkdir(parents=True, exist_ok=True)
             continue
         if member.size > max_member_bytes:
@@ -98,12 +198,32 @@ def _extract(tar: tarfile.TarFile, archive: Path, root: Path, max_member_bytes: 
         total += member.size
         if total > max_total_bytes:
             raise BundleError(f"{archive}: members total over {max_total_bytes} bytes")
-        target.parent.mkdir(parents=True, exist_ok=True)
-        _copy_member(tar, member, target, max_member_bytes)
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            _copy_member(member, target, max_member_bytes)
+        except OSError as exc:  # a name too long for this file system, a full disk
+            raise BundleError(f"archive member {member.name!r} cannot be written "
+                              f"({exc.strerror or exc})") from exc
 
 
-def _copy_member(tar: tarfile.TarFile, member: tarfile.TarInfo, target: Path, cap: int) -> None:
-    source = tar.extractfile(member)
+def _check_clash(name: str, relative: PurePosixPath, kind: str, files: set[PurePosixPath],
+                 folders: set[PurePosixPath]) -> None:
+    """Refuse a file named twice, or a member that needs a file to be a folder or the reverse."""
+    if relative in files:
+        raise BundleError(f"archive member {name!r} appears twice")
+    if kind == "file" and relative in folders:
+        raise BundleError(f"archive member {name!r} is a file where other members need a "
+                          "folder")
+    parent = next((p for p in relative.parents if p in files), None)
+    if parent is not None:
+        raise BundleError(f"archive member {name!r} is inside {parent.as_posix()!r}, which is "
+                          "a file")
+    (files if kind == "file" else folders).add(relative)
+    folders.update(relative.parents)
+
+
+def _copy_member(member: _Member, target: Path, cap: int) -> None:
+    source = member.open()
     if source is None:
         raise BundleError(f"archive member {member.name!r} has no data")
     written = 0

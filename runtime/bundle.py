@@ -2,7 +2,8 @@
 
 A folder with `manifest.json` (signature, hashes of every file), the model file and
 `golden.npz` (an input and the output the build produced, to smoke-test a device after an
-update). Opening a bundle verifies every hash; a `.tar.gz` is extracted safely first.
+update). Opening a bundle verifies every hash; an archive (`.tar.gz`, `.zip`) is extracted
+safely first.
 """
 
 from __future__ import annotations
@@ -199,12 +200,17 @@ def read_manifest(folder: Path) -> Manifest:
     path = folder / MANIFEST
     if not path.is_file():
         raise BundleError(f"{folder}: no {MANIFEST}; not a bundle")
+    return parse_manifest(path.read_bytes(), path)
+
+
+def parse_manifest(raw: bytes, where: str | Path) -> Manifest:
+    """A manifest from its bytes; `where` names it in errors (a file, or an archive's)."""
     try:
-        data = json.loads(path.read_bytes())
+        data = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:
-        raise BundleError(f"{path}: not valid JSON ({exc})") from exc
+        raise BundleError(f"{where}: not valid JSON ({exc})") from exc
     if not isinstance(data, dict):
-        raise BundleError(f"{path}: must hold a JSON object")
+        raise BundleError(f"{where}: must hold a JSON object")
     return Manifest.from_json(data)
 
 

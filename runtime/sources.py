@@ -10,12 +10,9 @@ agent's A/B slots, where "wanted" is whichever slot the agent has activated.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import shutil
-import tarfile
 import tempfile
-import zlib
 from pathlib import Path
 from typing import Protocol
 
@@ -24,8 +21,8 @@ from edgerun.runtime import archive
 from edgerun.runtime.backends import backend_for_file
 from edgerun.runtime.batcher import BatchingConfig
 from edgerun.runtime.bundle import (MANIFEST, NAME_RE, SIGNATURE_FILE, VERSION_RE, Manifest,
-                                    check_name, create_bundle, read_manifest, version_key,
-                                    write_manifest)
+                                    check_name, create_bundle, parse_manifest, read_manifest,
+                                    version_key, write_manifest)
 from edgerun.runtime.errors import BundleError, ModelNotFound
 from edgerun.runtime.model_config import ModelConfig
 
@@ -102,7 +99,7 @@ def folder_fingerprint(folder: Path) -> tuple:
 
 
 class BundleSource:
-    """One bundle at a path (a folder or a `.tar.gz`): a function's or a device's only model.
+    """One bundle at a path (a folder or an archive): a function's or a device's only model.
 
     The bundle's manifest names the model and its version, so nothing is laid out around it.
     """
@@ -143,7 +140,7 @@ class BundleSource:
 
 
 def _is_archive(path: Path) -> bool:
-    return path.is_file() and path.name.lower().endswith((".tar.gz", ".tgz"))
+    return path.is_file() and archive.is_archive_name(path.name)
 
 
 def _is_model_file(path: Path) -> bool:
@@ -172,16 +169,16 @@ def _single_model(path: Path) -> Path:
     if not found and len(entries) == 1 and entries[0].is_dir():
         return _single_model(entries[0])
     listed = ", ".join(p.name for p in (found or entries)) or "nothing"
-    raise BundleError(f"{path}: expected one bundle folder, bundle archive (.tar.gz) or model "
-                      f"file that a backend runs (.onnx, ...); found {listed}")
+    raise BundleError(f"{path}: expected one bundle folder, bundle archive (.tar.gz, .zip) or "
+                      f"model file that a backend runs (.onnx, ...); found {listed}")
 
 
 class SingleModelSource(BundleSource):
     """The one model KServe's storage initializer mounts (`/mnt/models`), under one name.
 
-    The folder (or file) holds a bundle folder (manifest.json), a bundle archive (`.tar.gz`),
-    or a bare model file some backend runs (`.onnx`, ...), itself or as its only entry one
-    level down. A bare file is bundled once, here, as version "1" (its golden sample is made
+    The folder (or file) holds a bundle folder (manifest.json), a bundle archive (`.tar.gz`,
+    `.zip`) or a bare model file some backend runs (`.onnx`, ...), itself or as its only entry
+    one level down. A bare file is bundled once, here, as version "1" (its golden sample is made
     and checked like any bundle's); a bundle serves as its own version. A bundle built under
     another name is served from a copy whose manifest carries the served name: the name is
     what clients call, and every file's hash is still verified when it loads.
@@ -224,17 +221,7 @@ def _read_bundle_manifest(path: Path) -> Manifest:
         return read_manifest(path)
     if not path.is_file():
         raise BundleError(f"{path}: no such bundle folder or archive")
-    try:
-        with tarfile.open(path, mode="r:*") as tar:
-            for member in tar:
-                if member.isfile() and member.name.lstrip("./") == MANIFEST:
-                    handle = tar.extractfile(member)
-                    data = json.loads(handle.read()) if handle is not None else None
-                    break
-            else:
-                raise BundleError(f"{path}: the archive holds no {MANIFEST}; not a bundle")
-    except (tarfile.TarError, OSError, EOFError, zlib.error, ValueError) as exc:
-        raise BundleError(f"{path}: not a readable bundle archive ({exc})") from exc
-    if not isinstance(data, dict):
-        raise BundleError(f"{path}: {MANIFEST} must hold a JSON object")
-    return Manifest.from_json(data)
+    raw = archive.read_member(path, MANIFEST)
+    if raw is None:
+        raise BundleError(f"{path}: the archive holds no {MANIFEST}; not a bundle")
+    return parse_manifest(raw, f"{path}: {MANIFEST}")

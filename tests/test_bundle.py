@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import io
 import json
+import stat
+import subprocess
 import tarfile
+import warnings
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +17,7 @@ import pytest
 from edgerun.examples import mlp_onnx
 from edgerun.runtime import Bundle, BundleError, Model, archive, create_bundle
 from edgerun.runtime.bundle import sha256_file
+from edgerun.runtime.sources import BundleSource
 from tests.helpers import identity_onnx
 
 
@@ -54,6 +59,31 @@ def test_round_trip_through_tar_gz(mlp_bundle, tmp_path):
         Model.load(opened).check_golden()
         extracted = opened.path
     assert not extracted.exists(), "the temporary extraction is cleaned up"
+
+
+def test_round_trip_through_zip(mlp_bundle, tmp_path):
+    packed = mlp_bundle.pack(tmp_path / "mlp.zip")
+    assert zipfile.is_zipfile(packed)
+    assert packed.read_bytes() == mlp_bundle.pack(tmp_path / "again.zip").read_bytes()
+    with Bundle.open(packed) as opened:
+        assert opened.manifest == mlp_bundle.manifest
+        Model.load(opened).check_golden()
+    assert BundleSource(packed).version == "1"
+
+
+@pytest.mark.parametrize("command", [
+    ["tar", "-C", "{folder}", "-czf", "{archive}.tar.gz", "."],  # a ./ root member first
+    ["tar", "-C", "{folder}", "-cf", "{archive}.tar", "."],
+    ["zip", "-qrX", "{archive}.zip", "."],  # run in the folder; folder entries too
+])
+def test_archives_that_tar_and_zip_write_open(mlp_bundle, tmp_path, command):
+    stem = tmp_path / "made"
+    argv = [part.format(folder=mlp_bundle.path, archive=stem) for part in command]
+    subprocess.run(argv, check=True, cwd=mlp_bundle.path)
+    (made,) = tmp_path.glob("made.*")
+    with Bundle.open(made) as opened:
+        Model.load(opened).check_golden()
+    assert BundleSource(made).version == "1"
 
 
 def test_tampered_model_file_fails_its_hash(mlp_bundle):
@@ -173,6 +203,9 @@ def _link(name: str, target: str, kind: bytes) -> tuple[tarfile.TarInfo, None]:
     ([_file("a"), _link("b", "a", tarfile.LNKTYPE)], "is a link"),
     ([_link("dev", "", tarfile.CHRTYPE)], "not a regular file"),
     ([_file("a"), _file("./a")], "appears twice"),
+    ([_file("a"), _file("a/b")], "'a/b' is inside 'a', which is a file"),
+    ([_file("a/b"), _file("a")], "'a' is a file where other members need a folder"),
+    ([_file("")], "has no name"),
 ])
 def test_hostile_members_are_rejected(tmp_path, members, message):
     hostile = _tar(tmp_path / "hostile.tar.gz", members)
@@ -181,6 +214,30 @@ def test_hostile_members_are_rejected(tmp_path, members, message):
     assert not (tmp_path / "x").exists()
     with pytest.raises(BundleError, match=message):
         Bundle.open(hostile)
+
+
+def _zip_entry(name: str, mode: int, data: bytes = b"x") -> tuple[zipfile.ZipInfo, bytes]:
+    info = zipfile.ZipInfo(name)
+    info.external_attr = mode << 16
+    return info, data
+
+
+@pytest.mark.parametrize("entries, message", [
+    ([_zip_entry("../x", stat.S_IFREG | 0o644)], "escapes the bundle folder"),
+    ([_zip_entry("/x", stat.S_IFREG | 0o644)], "absolute path"),
+    ([_zip_entry("model.onnx", stat.S_IFLNK | 0o777, b"/etc/passwd")], "is a link"),
+    ([_zip_entry("fifo", stat.S_IFIFO | 0o644)], "not a regular file"),
+    ([_zip_entry("a", 0o644), _zip_entry("a", 0o644)], "appears twice"),
+])
+def test_hostile_zip_entries_are_rejected(tmp_path, entries, message):
+    hostile = tmp_path / "hostile.zip"
+    with warnings.catch_warnings(), zipfile.ZipFile(hostile, "w") as zip_file:
+        warnings.simplefilter("ignore")  # zipfile warns of the duplicate name
+        for info, data in entries:
+            zip_file.writestr(info, data)
+    with pytest.raises(BundleError, match=message):
+        Bundle.open(hostile)
+    assert not (tmp_path / "x").exists()
 
 
 def test_oversize_member_and_too_many_members(tmp_path):

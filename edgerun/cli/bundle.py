@@ -29,7 +29,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     create.add_argument("--name", required=True)
     create.add_argument("--version", required=True, help="integer or semver")
     create.add_argument("-o", "--output", type=Path, required=True,
-                        help="bundle folder, or a path ending in .tar.gz for an archive")
+                        help="bundle folder, or a path ending in .tar.gz or .zip for an archive")
     create.add_argument("--max-batch-size", type=int, default=None,
                         help="largest batch the model may run (default: no limit)")
     create.add_argument("--golden-input", type=Path, default=None,
@@ -51,13 +51,13 @@ def register(commands: argparse._SubParsersAction) -> None:
                              "one of them)")
     verify.set_defaults(handler=_verify)
 
-    sign = sub.add_parser("sign", help="sign a bundle (folder or .tar.gz) with an Ed25519 key")
+    sign = sub.add_parser("sign", help="sign a bundle (folder or archive) with an Ed25519 key")
     sign.add_argument("bundle", type=Path)
     sign.add_argument("--key", type=Path, required=True, help="private key (edgerun keys "
                                                                "generate)")
     sign.set_defaults(handler=_sign)
 
-    pack = sub.add_parser("pack", help="pack a bundle folder into a .tar.gz")
+    pack = sub.add_parser("pack", help="pack a bundle folder into a .tar.gz or .zip (by -o's name)")
     pack.add_argument("bundle", type=Path)
     pack.add_argument("-o", "--output", type=Path, required=True)
     pack.set_defaults(handler=_pack)
@@ -73,7 +73,7 @@ def _create(args: argparse.Namespace) -> int:
     if args.golden_input is not None:
         signature = backend_class(backend_for_file(args.model)).inspect(args.model)
         golden = load_inputs(args.golden_input, [spec.name for spec in signature.inputs])
-    as_archive = args.output.name.endswith((".tar.gz", ".tgz"))
+    as_archive = archive.is_archive_name(args.output.name)
     with tempfile.TemporaryDirectory(prefix="edgerun-create-") as scratch:
         folder = Path(scratch) / "bundle" if as_archive else args.output
         bundle = create_bundle(args.model, folder, name=args.name, version=args.version,

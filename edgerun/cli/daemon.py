@@ -13,7 +13,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     try:
         from edgerun.adapters.mqtt.cli import add_arguments
     except ImportError as exc:  # paho-mqtt missing
-        parser.set_defaults(handler=lambda args: _missing(exc))
+        parser.set_defaults(handler=lambda args, error=exc: _missing(error))
         return
     add_arguments(parser)
     parser.set_defaults(handler=_run)

@@ -60,7 +60,7 @@ def register(commands: argparse._SubParsersAction) -> None:
                        choices=["critical", "error", "warning", "info", "debug"])
     serve.set_defaults(handler=_serve)
 
-    push = sub.add_parser("push", help="upload a signed bundle (folder or .tar.gz)")
+    push = sub.add_parser("push", help="upload a signed bundle (folder or archive)")
     push.add_argument("bundle", type=Path)
     push.add_argument("--server", required=True, help="registry URL")
     fleet_auth.add_token_option(push)

@@ -49,7 +49,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--name", default=None, help="bundle name (default: the file's stem)")
     parser.add_argument("--version", default="1", help="bundle version (default 1)")
     parser.add_argument("-o", "--output", type=Path, required=True,
-                        help="bundle folder, or a path ending in .tar.gz for an archive")
+                        help="bundle folder, or a path ending in .tar.gz or .zip for an archive")
     parser.set_defaults(handler=_optimize)
 
 

@@ -20,7 +20,7 @@ def register(commands: argparse._SubParsersAction) -> None:
         description="Build DIR/function.zip: the function module, the parts of edgerun it "
                     "imports, its dependencies for Python 3.12 on the architecture, and the "
                     "bundle as model/ (EDGERUN_MODEL=model), with Python 3.12 byte code.")
-    lam.add_argument("bundle", type=Path, help="bundle folder or .tar.gz")
+    lam.add_argument("bundle", type=Path, help="bundle folder or archive (.tar.gz, .zip)")
     lam.add_argument("--arch", required=True, choices=["arm64", "x86_64"],
                      help="the function's architecture (template.yaml's Architecture)")
     lam.add_argument("-o", "--output", type=Path, required=True, help="output folder")
@@ -36,7 +36,7 @@ def register(commands: argparse._SubParsersAction) -> None:
         description="Write DIR: main.py (entry points infer and pubsub), the parts of edgerun "
                     "it imports, the bundle as model/ (EDGERUN_MODEL=model) and "
                     "requirements.txt.")
-    gcf.add_argument("bundle", type=Path, help="bundle folder or .tar.gz")
+    gcf.add_argument("bundle", type=Path, help="bundle folder or archive (.tar.gz, .zip)")
     gcf.add_argument("-o", "--output", type=Path, required=True,
                      help="output folder (new or empty)")
     gcf.set_defaults(handler=_gcf)

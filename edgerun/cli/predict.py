@@ -12,7 +12,7 @@ from edgerun.runtime.model import Model
 
 def register(commands: argparse._SubParsersAction) -> None:
     parser = commands.add_parser("predict", help="run one request through a bundle")
-    parser.add_argument("bundle", type=Path, help="bundle folder or .tar.gz")
+    parser.add_argument("bundle", type=Path, help="bundle folder or archive (.tar.gz, .zip)")
     parser.add_argument("--input", "-i", type=Path, required=True,
                         help='.npy, .npz or JSON {"name": [[...]]}')
     parser.add_argument("--device", default=None, help="device profile to load with")
