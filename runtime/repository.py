@@ -60,7 +60,8 @@ class Repository:
         self._load_lock = threading.RLock()  # one load or unload at a time
         self._models: dict[str, ServedModel] = {}
         self._states: dict[tuple[str, str], VersionState] = {}
-        self._failed: dict[tuple[str, str], tuple] = {}
+        # (model, version) -> (files' fingerprint, config, why) of its last failed load
+        self._failed: dict[tuple[str, str], tuple[tuple, ModelConfig, str]] = {}
         self._unloaded: set[str] = set()
         self._loaded_once = False
         self._shadow_total = registry.family(
@@ -137,17 +138,16 @@ class Repository:
         return sorted(versions, key=version_key)
 
     def _load_version(self, name: str, version: str, config: ModelConfig) -> ServedVersion:
-        previous = self._states.get((name, version))
-        self._states[(name, version)] = VersionState(name, version, LOADING)
         fingerprint = self.source.fingerprint(name, version)
-        if previous is not None and self._failed.get((name, version)) == fingerprint:
-            self._states[(name, version)] = previous
-            raise BundleError(previous.reason)
+        known = self._failed.get((name, version))
+        if known is not None and known[:2] == (fingerprint, config):
+            raise BundleError(known[2])  # nothing changed since it failed: it would again
+        self._states[(name, version)] = VersionState(name, version, LOADING)
         try:
             served = load_version(self.source.bundle_path(name, version), name, version,
                                   config, self.device, self.registry)
         except EdgerunError as exc:
-            self._failed[(name, version)] = fingerprint
+            self._failed[(name, version)] = (fingerprint, config, str(exc))
             self._states[(name, version)] = VersionState(name, version, UNAVAILABLE, str(exc))
             raise
         self._failed.pop((name, version), None)
@@ -202,9 +202,9 @@ class Repository:
                                    or any(v not in wanted for v in served.versions)):
             return True
         missing = [v for v in wanted if served is None or v not in served.versions]
-        # a version that failed is tried again only once its files change
-        return any(self._failed.get((name, v)) != self.source.fingerprint(name, v)
-                   for v in missing)
+        # a version that failed is tried again only once its files or its config change
+        return any(self._failed.get((name, v), ())[:2] != (self.source.fingerprint(name, v),
+                                                          config) for v in missing)
 
     def start_polling(self, interval: float) -> None:
         """Watch the source every `interval` seconds in a background thread."""

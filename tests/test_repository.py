@@ -148,3 +148,24 @@ def test_a_version_that_fails_its_golden_sample_never_goes_live(repo_dir):
     assert state.state == "UNAVAILABLE" and "golden" in state.reason
     assert repository.get("mlp").version == "1", "version 1 keeps serving"
     repository.close()
+
+
+def test_a_failed_reload_is_retried_when_its_config_changes_and_keeps_its_reason(repo_dir):
+    # the failure was remembered by the files alone: the next config change then raised an
+    # empty BundleError("") without trying, and a config that fixed the load was never tried
+    repository = Repository(repo_dir, registry=Registry())
+    repository.load_all()
+    model = repo_dir / "mlp" / "1" / "model.onnx"
+    intact = model.read_bytes()
+    model.write_bytes(intact[:-1] + bytes([intact[-1] ^ 1]))
+    config = repo_dir / "mlp" / "config.toml"
+    for delay in (700, 900):  # each change reloads; the served copy stays
+        config.write_text(f"[batching]\nmax_queue_delay_us = {delay}\n")
+        with pytest.raises(BundleError, match="model.onnx does not match its sha256"):
+            repository.load("mlp")
+        assert repository.get("mlp").version == "1"
+    model.write_bytes(intact)
+    config.write_text("[batching]\nmax_queue_delay_us = 1100\n")
+    assert repository.load("mlp") == ["1"]
+    assert repository.get("mlp").batcher.config.max_queue_delay_us == 1100
+    repository.close()
