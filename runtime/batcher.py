@@ -293,20 +293,23 @@ class MicroBatcher:
         with self._cond:
             while True:
                 now = time.monotonic()
-                head = self._oldest(now, expired)
-                if head is None:
+                heads = self._heads(now, expired)
+                if not heads:
                     if self._closing:
                         return None, expired
                     if expired:
                         return [], expired
                     self._wait(None)
                     continue
-                target = self._target_rows(head, now)
-                if target:
-                    return self._collect(head.key, target, now, expired), expired
+                # the oldest batch that is due or full; a full batch of one shape never waits
+                # for the delay of an older, partial batch of another
+                for head in heads:
+                    target = self._target_rows(head, now)
+                    if target:
+                        return self._collect(head.key, target, now, expired), expired
                 if expired:
                     return [], expired
-                self._wait(head.enqueued + self._delay - now)
+                self._wait(heads[0].enqueued + self._delay - now)
 
     def _wait(self, timeout: float | None) -> None:
         self._waiting += 1
@@ -315,9 +318,10 @@ class MicroBatcher:
         finally:
             self._waiting -= 1
 
-    def _oldest(self, now: float, expired: list[_Request]) -> _Request | None:
-        """The oldest live request; drops tombstones and expired heads on the way."""
-        oldest = None
+    def _heads(self, now: float, expired: list[_Request]) -> list[_Request]:
+        """The oldest live request of each shape, oldest first; drops tombstones and expired
+        heads on the way."""
+        heads = []
         for key in list(self._queues):
             queue = self._queues[key]
             while queue:
@@ -330,11 +334,13 @@ class MicroBatcher:
                     expired.append(head)
                 else:
                     break
-            if not queue:
+            if queue:
+                heads.append(queue[0])
+            else:
                 del self._queues[key], self._rows[key]
-            elif oldest is None or queue[0].enqueued < oldest.enqueued:
-                oldest = queue[0]
-        return oldest
+        if len(heads) > 1:
+            heads.sort(key=lambda request: request.enqueued)
+        return heads
 
     def _target_rows(self, head: _Request, now: float) -> int:
         """How many rows to take now, or 0 to keep waiting for the batch to fill."""

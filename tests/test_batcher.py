@@ -237,6 +237,24 @@ def test_mixed_shapes_are_never_concatenated(make_bundle):
     assert shapes == [(1, 2), (4, 2), (4, 3)]
 
 
+def test_a_full_batch_of_one_shape_does_not_wait_behind_a_partial_one_of_another(make_bundle):
+    # the worker once looked at the oldest request only: a full batch of 4 waited out the
+    # partial batch's 60 s delay
+    model = Recording(Model.load(make_bundle(identity_onnx("float32", ["b", "n"]))))
+    with batcher_for(model, max_batch_size=4, max_queue_delay_us=60_000_000) as batcher, \
+            ThreadPoolExecutor(5) as pool:
+        partial = pool.submit(batcher.predict, {"x": np.zeros((1, 3), np.float32)})
+        time.sleep(0.05)
+        full = [pool.submit(batcher.predict, {"x": np.full((1, 2), i, np.float32)})
+                for i in range(4)]
+        for i, answer in enumerate(full):
+            np.testing.assert_array_equal(answer.result(timeout=10)["y"], [[i, i]])
+        assert [b["x"].shape for b in model.batches] == [(4, 2)]
+        assert not partial.done()
+        batcher.close()  # the partial one is answered at the drain
+        assert partial.result(timeout=10)["y"].shape == (1, 3)
+
+
 def test_a_failing_request_does_not_fail_its_neighbours(make_bundle):
     model = Recording(Model.load(make_bundle(gather_onnx(), name="lookup")))
     with batcher_for(model, max_batch_size=8, max_queue_delay_us=1000) as batcher:
