@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 import stat
+import zipfile
 
 import pytest
 
@@ -91,3 +92,13 @@ def test_cli_generate_sign_verify(tmp_path, make_bundle):
     shutil.copyfile(folder / "golden.npz", folder / "model.onnx")
     result = edgerun("bundle", "verify", str(folder), *trust)
     assert result.returncode == 2 and "tampered" in result.stderr
+
+
+def test_cli_signs_a_zip_bundle_and_keeps_it_a_zip(tmp_path, make_bundle):
+    assert edgerun("keys", "generate", "-o", str(tmp_path / "k")).returncode == 0
+    archive = make_bundle(mlp_onnx([4, 3]), name="m", version="3").pack(tmp_path / "m-3.zip")
+    result = edgerun("bundle", "sign", str(archive), "--key", str(tmp_path / "k" / "fleet.key"))
+    assert result.returncode == 0, result.stderr
+    assert zipfile.is_zipfile(archive), "signing repacked the zip as a .tar.gz"
+    result = edgerun("bundle", "verify", str(archive), "--trust", str(tmp_path / "k" / "fleet.pub"))
+    assert result.returncode == 0 and "signature: valid" in result.stdout, result.stderr

@@ -122,7 +122,7 @@ def _sign(args: argparse.Namespace) -> int:
     else:
         with Bundle.open(args.bundle) as bundle:  # an archive: sign its copy, repack in place
             signer = signing.sign_folder(bundle.path, args.key)
-            packed = args.bundle.with_name(f".{args.bundle.name}.tmp")
+            packed = args.bundle.with_name(f".tmp-{args.bundle.name}")  # the same format
             bundle.pack(packed)
             packed.replace(args.bundle)
     out.print(f"signed {args.bundle} with key id {signer}")
