@@ -113,6 +113,20 @@ def test_request_fields_are_read():
     assert request.outputs == [oip.RequestedOutput("y", True)]
 
 
+@pytest.mark.parametrize("parameters, outputs, expected", [
+    # binary_data_output holds for every listed output unless its own binary_data says else
+    ({"binary_data_output": True}, [{"name": "y"}, {"name": "z", "parameters":
+                                                   {"binary_data": False}}],
+     [oip.RequestedOutput("y", True), oip.RequestedOutput("z", False)]),
+    ({}, [{"name": "y"}], [oip.RequestedOutput("y", False)]),
+    ({"binary_data_output": True}, [], None),  # an empty list asks for every output
+])
+def test_requested_outputs_follow_binary_data_output(parameters, outputs, expected):
+    body = json.dumps({"inputs": [{"name": "x", "datatype": "FP32", "shape": [1], "data": [1]}],
+                       "outputs": outputs, "parameters": parameters}).encode()
+    assert oip.decode_request(body, None).outputs == expected
+
+
 def _tensor(**fields) -> bytes:
     entry = {"name": "x", "datatype": "FP32", "shape": [1, 2], "data": [1, 2], **fields}
     return json.dumps({"inputs": [entry]}).encode()
@@ -147,6 +161,13 @@ def _tensor(**fields) -> bytes:
      "requested output 'y': parameters must be an object"),
     (json.dumps({"inputs": [{"name": "x", "datatype": "FP32", "shape": [1], "data": [1]}],
                  "outputs": "y"}).encode(), None, '"outputs" must be a list'),
+    # Triton's classification extension is not served: once the raw tensor came back
+    (json.dumps({"inputs": [{"name": "x", "datatype": "FP32", "shape": [1], "data": [1]}],
+                 "outputs": [{"name": "y", "parameters": {"classification": 2}}]}).encode(),
+     None, "requested output 'y': parameter 'classification' is not supported"),
+    (json.dumps({"inputs": [{"name": "x", "datatype": "FP32", "shape": [1], "data": [1]}],
+                 "outputs": [{"name": "y"}, {"name": "y"}]}).encode(), None,
+     "requested output 'y' appears twice"),
     # shapes numpy cannot hold: once a 500 from reshape
     (_tensor(shape=[2 ** 62, 2 ** 62, 0], data=[]), None, "cannot be held"),
     (_tensor(shape=[1] * 70, data=[1]), None, "cannot be held"),

@@ -248,6 +248,10 @@ def test_bad_input_is_invalid_argument_naming_the_input(client, stub):
     error = refused(client.infer, "mlp", [fp32_input(np.zeros((1, 8), np.float32))],
                     outputs=[tgrpc.InferRequestedOutput("nope")])
     assert code_of(error) == "StatusCode.INVALID_ARGUMENT" and "'nope'" in error.message()
+    error = refused(client.infer, "mlp", [fp32_input(np.zeros((1, 8), np.float32))],
+                    outputs=[tgrpc.InferRequestedOutput("y", class_count=2)])
+    assert code_of(error) == "StatusCode.INVALID_ARGUMENT"
+    assert "'classification' is not supported" in error.message()
 
     short = pb.ModelInferRequest(model_name="mlp", raw_input_contents=[b"\0" * 12])
     short.inputs.add(name="x", datatype="FP32", shape=[1, 8])

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import struct
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -122,11 +123,11 @@ def decode_request(body: bytes, header_length: str | None) -> InferRequest:
         raise InvalidInput(f"parameters.timeout must be a positive number of microseconds, "
                            f"got {timeout!r}")
     request_id = _plain(header.get("id"))
+    binary_outputs = _flag(parameters, "binary_data_output", "request parameters")
     return InferRequest(
         id=None if request_id is None else str(request_id), inputs=inputs,
-        outputs=_requested_outputs(_plain(header.get("outputs"))),
-        binary_outputs=_flag(parameters, "binary_data_output", "request parameters"),
-        timeout_us=timeout)
+        outputs=_requested_outputs(_plain(header.get("outputs")), binary_outputs),
+        binary_outputs=binary_outputs, timeout_us=timeout)
 
 
 def _parse(data: bytes) -> Any:
@@ -311,20 +312,37 @@ def _flag(parameters: dict[str, Any], key: str, where: str, name: str | None = N
     return value
 
 
-def _requested_outputs(items: Any) -> list[RequestedOutput] | None:
+def _requested_outputs(items: Any, binary: bool) -> list[RequestedOutput] | None:
+    """The outputs asked for (None, or an empty list: all of them); each is binary when its
+    `binary_data` says so, else as the request's `binary_data_output` says."""
     if items is None:
         return None
     if not isinstance(items, list):
         raise InvalidInput("\"outputs\" must be a list")
-    requested = []
+    requested: dict[str, RequestedOutput] = {}
     for item in items:
         if not isinstance(item, dict) or not isinstance(item.get("name"), str):
             raise InvalidInput("each requested output needs a \"name\" string")
-        where = f"requested output {item['name']!r}: parameters"
-        parameters = _parameters(item.get("parameters"), where, item["name"])
-        requested.append(RequestedOutput(item["name"], _flag(parameters, "binary_data", where,
-                                                             item["name"])))
-    return requested
+        name = item["name"]
+        if name in requested:
+            raise InvalidInput(f"requested output {name!r} appears twice", name)
+        where = f"requested output {name!r}: parameters"
+        parameters = _parameters(item.get("parameters"), where, name)
+        check_output_parameters(name, parameters)
+        flag = _flag(parameters, "binary_data", where, name) if "binary_data" in parameters \
+            else binary
+        requested[name] = RequestedOutput(name, flag)
+    return list(requested.values()) or None
+
+
+def check_output_parameters(name: str, parameters: Mapping[str, Any]) -> None:
+    """Refuse output parameters this server does not implement: `classification` (Triton's
+    top-k extension) would otherwise come back as the raw tensor, which reads as an answer."""
+    unknown = sorted(set(parameters) - {"binary_data"})
+    if unknown:
+        raise InvalidInput(f"requested output {name!r}: parameter "
+                           f"{', '.join(map(repr, unknown))} is not supported (only "
+                           "'binary_data')", name)
 
 
 def check_outputs(request: InferRequest, signature: Signature) -> None:

@@ -71,8 +71,14 @@ def decode_request(message: pb.ModelInferRequest) -> oip.InferRequest:
     if timeout is not None and (isinstance(timeout, (bool, str)) or not 0 < timeout < math.inf):
         raise InvalidInput(f"parameters.timeout must be a positive number of microseconds, "
                            f"got {timeout!r}")
-    requested = [oip.RequestedOutput(o.name, True) for o in message.outputs] or None
-    return oip.InferRequest(id=message.id or None, inputs=inputs, outputs=requested,
+    requested: dict[str, oip.RequestedOutput] = {}
+    for output in message.outputs:
+        if output.name in requested:
+            raise InvalidInput(f"requested output {output.name!r} appears twice", output.name)
+        oip.check_output_parameters(output.name, output.parameters)
+        requested[output.name] = oip.RequestedOutput(output.name, True)
+    return oip.InferRequest(id=message.id or None, inputs=inputs,
+                            outputs=list(requested.values()) or None,
                             binary_outputs=bool(raw), timeout_us=timeout)
 
 

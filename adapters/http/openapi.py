@@ -48,9 +48,10 @@ SCHEMAS: dict[str, dict[str, Any]] = {
     "RequestInput": _object(["name", "shape", "datatype", "data"], name=_STRING, shape=_SHAPE,
                             datatype=_ref("Datatype"), data=_ref("TensorData"),
                             parameters={"type": "object"}),
-    "RequestOutput": _object(["name"], name=_STRING, parameters=_object(
+    "RequestOutput": _object(["name"], name=_STRING, parameters={**_object(
         [], binary_data={"type": "boolean", "description": "Answer this output as binary "
-                                                           "tensor data"})),
+                                                           "tensor data"}),
+        "additionalProperties": False}),
     "InferRequest": _object(
         ["inputs"], id=_STRING,
         parameters=_object([], timeout={"type": "number", "exclusiveMinimum": 0,
