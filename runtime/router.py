@@ -87,22 +87,14 @@ class Routed:
 
     def run(self, inputs: Mapping[str, Any], timeout: float | None = None) -> Outputs:
         """Run on a thread (blocks until answered); then send the shadow copy."""
-        try:
-            outputs = self.served.batcher.predict(inputs, timeout=timeout)
-        except EdgerunError as exc:
-            exc.version = self.served.version
-            raise
+        outputs = self.served.batcher.predict(inputs, timeout=timeout)
         self._send_shadow(inputs, outputs)
         return outputs
 
     async def run_async(self, inputs: Mapping[str, Any],
                         timeout: float | None = None) -> Outputs:
         """Run from an event loop; then send the shadow copy."""
-        try:
-            outputs = await self.served.batcher.predict_async(inputs, timeout=timeout)
-        except EdgerunError as exc:
-            exc.version = self.served.version
-            raise
+        outputs = await self.served.batcher.predict_async(inputs, timeout=timeout)
         self._send_shadow(inputs, outputs)
         return outputs
 
@@ -116,7 +108,9 @@ class Routed:
     def __enter__(self) -> Routed:
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, kind: object, error: BaseException | None, trace: object) -> None:
+        if isinstance(error, EdgerunError) and error.version is None:
+            error.version = self.served.version  # whatever failed, this version took it
         self.release()
 
     def _send_shadow(self, inputs: Mapping[str, Any], primary: Outputs) -> None:

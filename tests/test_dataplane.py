@@ -388,3 +388,42 @@ def test_decoded_requests_pass_hooks_routing_and_metrics(plane):
               if labels[2] == "grpc"}
     assert counts == {("mlp", "1", "grpc", "ok"): 2, ("mlp", "", "grpc", "model_not_found"): 1,
                       ("mlp", "1", "grpc", "invalid_input"): 1}
+
+
+def test_a_decoder_runs_only_once_the_model_is_found(plane):
+    # gRPC decoded before routing: an unknown model with a bad body was INVALID_ARGUMENT
+    from edgerun.runtime import ModelNotFound
+
+    def decoder():
+        raise InvalidInput("the request has no inputs")
+
+    with pytest.raises(ModelNotFound, match="ghost"):
+        plane.infer(Call(routes.INFER, "ghost", transport="grpc"), decoder)
+    with pytest.raises(InvalidInput, match="no inputs") as info:
+        plane.infer(Call(routes.INFER, "mlp", transport="grpc"), decoder)
+    assert info.value.version == "1"
+
+
+def test_invalid_input_and_requests_answered_during_an_unload_keep_their_labels(tmp_path):
+    # bad input on HTTP was counted under version ""; a request routed before an unload and
+    # answered during its drain was counted under model ""
+    root = tmp_path / "models"
+    add_version(root, "mlp", "1", mlp_onnx([8, 16, 4]))
+    (root / "mlp" / "config.toml").write_text("[batching]\nmax_queue_delay_us = 500000\n")
+    repository = Repository(root, registry=Registry())
+    repository.load_all()
+    plane = DataPlane(repository)
+    body = infer_body(np.zeros((1, 8), np.float32))
+    assert status_of(plane.handle(Call(routes.INFER, "mlp", body=b'{"inputs": 3}')).error) \
+        == 400
+    replies = []
+    waiting = threading.Thread(target=lambda: replies.append(
+        plane.handle(Call(routes.INFER, "mlp", body=body))))
+    waiting.start()  # a lone request: it waits half a second in the queue for company
+    time.sleep(0.1)
+    repository.unload("mlp")  # gone from the repository, then drained: the request is answered
+    waiting.join(5)
+    assert replies and replies[0].error is None
+    counts = series(repository.registry, "edgerun_requests_total")
+    assert counts == {("mlp", "1", "http", "invalid_input"): 1, ("mlp", "1", "http", "ok"): 1}
+    repository.close()

@@ -276,11 +276,14 @@ def test_bad_input_is_invalid_argument_naming_the_input(client, stub):
     assert "parameters.timeout must be a positive number" in caught.value.details()
 
 
-def test_unknown_model_or_version_is_not_found(client):
+def test_unknown_model_or_version_is_not_found(client, stub):
     x = [fp32_input(np.zeros((1, 8), np.float32))]
     for model, version in (("nope", ""), ("mlp", "7")):
         error = refused(client.infer, model, x, model_version=version)
         assert code_of(error) == "StatusCode.NOT_FOUND", error
+    with pytest.raises(grpc.RpcError) as caught:  # routed before its body is read, as on HTTP
+        stub.ModelInfer(pb.ModelInferRequest(model_name="nope"))
+    assert caught.value.code() == StatusCode.NOT_FOUND
 
 
 def test_backend_failure_is_internal_and_the_server_keeps_serving(client):

@@ -157,12 +157,12 @@ class DataPlane:
         version, error = "", None
         try:
             self.hooks.before(call)
-            if callable(request):
-                request = request()
-            timeout = self._timeout(call, request.timeout_us)
-            with self._route(call, request) as routed:
-                version = routed.version
-                yield routed, timeout, request
+            with self.repository.route(call.model, call.version, call.attributes) as routed:
+                version = routed.version  # routed first: an unknown model is NOT_FOUND
+                if callable(request):
+                    request = request()
+                oip.check_outputs(request, routed.signature)
+                yield routed, self._timeout(call, request.timeout_us), request
         except asyncio.CancelledError:  # the caller went away (a gRPC deadline, a disconnect)
             error = Cancelled("the caller cancelled the request")
             raise
@@ -175,15 +175,6 @@ class DataPlane:
             self._record(call, version, error, started)
 
     # ------------------------------------------------------------------ inference
-    def _route(self, call: Call, request: oip.InferRequest) -> Routed:
-        routed = self.repository.route(call.model, call.version, call.attributes)
-        try:
-            oip.check_outputs(request, routed.signature)
-        except BaseException:
-            routed.release()
-            raise
-        return routed
-
     # Bodies are routed before they are decoded: an unknown model or version is a 404 whatever
     # the body holds, as the OpenAPI document promises (a resource that does not exist comes
     # before a request it could not take).
@@ -242,10 +233,9 @@ class DataPlane:
 
     def _record(self, call: Call, version: str, error: EdgerunError | None,
                 started: float) -> None:
-        # Only names and versions the repository serves become labels, so whatever callers
-        # send, the number of series stays bounded.
-        model = call.model if call.model in self.repository else ""
-        version = version if model else ""
+        # Only names and versions the repository serves (or served when the request was routed,
+        # before an unload) become labels, so whatever callers send, series stay bounded.
+        model = call.model if version or call.model in self.repository else ""
         outcome = "ok" if error is None else error.kind
         self._requests.labels(model, version, call.transport, outcome).inc()
         self._latency.labels(model, version, call.transport).observe(
