@@ -17,6 +17,7 @@
 
 from __future__ import annotations
 
+import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -113,9 +114,9 @@ class ModelConfig:
         sticky_key = traffic.get("sticky_key")
         if sticky_key is not None and not isinstance(sticky_key, str):
             raise ValueError(f"traffic.sticky_key must be a string, got {sticky_key!r}")
+        if not all(type(w) in (int, float) and 0 <= w < math.inf for w in weights.values()):
+            raise ValueError(f"traffic.weights must be finite numbers >= 0, got {weights!r}")
         weights = {str(v): float(w) for v, w in weights.items()}
-        if any(w < 0 for w in weights.values()):
-            raise ValueError("traffic.weights must be >= 0")
         instances = data.get("instances")
         if instances is not None and int(instances) < 1:
             raise ValueError("instances must be >= 1")

@@ -63,6 +63,7 @@ class Repository:
         # (model, version) -> (files' fingerprint, config, why) of its last failed load
         self._failed: dict[tuple[str, str], tuple[tuple, ModelConfig, str]] = {}
         self._unloaded: set[str] = set()
+        self._attempted: set[str] = set()  # models this repository was meant to serve
         self._loaded_once = False
         self._shadow_total = registry.family(
             "edgerun_shadow_requests_total",
@@ -102,12 +103,14 @@ class Repository:
         """
         with self._load_lock:
             self._unloaded.discard(name)
+            self._attempted.add(name)
             return self._load(name)
 
     def _load(self, name: str) -> list[str]:
         config = self.source.config(name)
         wanted = self.source.wanted(name, config)
-        if not wanted:
+        if not wanted:  # a folder still being filled, say: not a model yet, nor unready
+            self._attempted.discard(name)
             raise BundleError(f"model {name!r}: {self.source!r} offers no version to serve")
         current = self._models.get(name)
         reusable = current.versions if current is not None and _same_serving(
@@ -161,6 +164,7 @@ class Repository:
             if old is None:
                 raise ModelNotFound(f"model {name!r} is not loaded")
             self._unloaded.add(name)
+            self._attempted.discard(name)
             self._retire(old, keep={})
 
     def _retire(self, old: ServedModel | None, keep: Mapping[str, ServedVersion]) -> None:
@@ -189,6 +193,8 @@ class Repository:
         for name in sorted(set(self._models) - offered):
             self.unload(name)
             self._unloaded.discard(name)
+        with self._load_lock:  # a model that never loaded and is gone is no longer due
+            self._attempted &= offered
 
     def _stale(self, name: str) -> bool:
         served = self._models.get(name)
@@ -233,11 +239,14 @@ class Repository:
 
     @property
     def ready(self) -> bool:
-        """Initial load done and every model the source offers (not unloaded) is served."""
+        """Initial load done and every model this repository tried to serve is served.
+
+        Judged on what was loaded or asked for, never on a fresh listing of the source: a
+        folder created later (and never polled) must not take every replica out of service.
+        """
         if not self._loaded_once:
             return False
-        return all(name in self._models for name in self.source.models()
-                   if name not in self._unloaded)
+        return all(name in self._models for name in tuple(self._attempted))
 
     def index(self) -> list[VersionState]:
         names = set(self.source.models()) | {n for n, _ in self._states}

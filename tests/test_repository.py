@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import shutil
 import threading
 import time
 
@@ -42,7 +43,11 @@ def test_semver_pre_releases_and_build_metadata_order_as_semver_says():
     ("[batching]\nmax_batch = 3", "unknown key batching.max_batch"),
     ("version_policy = { latest = 1, all = true }", "one of latest, specific or all"),
     ("[batching]\nmax_batch_size = 4\npreferred_batch_sizes = [8]", "preferred_batch_sizes"),
-    ("[traffic]\nweights = { '1' = -1 }", "weights must be >= 0"),
+    ("[traffic]\nweights = { '1' = -1 }", "weights must be finite numbers >= 0"),
+    # inf sent every request to the other version, nan was dropped without a word
+    ("[traffic]\nweights = { '1' = inf, '2' = 1 }", "weights must be finite numbers >= 0"),
+    ("[traffic]\nweights = { '1' = nan }", "weights must be finite numbers >= 0"),
+    ("[traffic]\nweights = { '1' = '50' }", "weights must be finite numbers >= 0"),
     ("version_policy = [", "config.toml"),
     # values of the wrong type were coerced: "12" served versions 1 and 2, "false" all
     ("version_policy = { specific = '12' }", "specific must be a list"),
@@ -168,4 +173,25 @@ def test_a_failed_reload_is_retried_when_its_config_changes_and_keeps_its_reason
     config.write_text("[batching]\nmax_queue_delay_us = 1100\n")
     assert repository.load("mlp") == ["1"]
     assert repository.get("mlp").batcher.config.max_queue_delay_us == 1100
+    repository.close()
+
+
+def test_readiness_follows_the_models_it_tried_not_a_fresh_listing(repo_dir):
+    # any new folder once made /v2/health/ready a 503 for good, polled or not
+    repository = Repository(repo_dir, registry=Registry())
+    repository.load_all()
+    assert repository.ready
+    (repo_dir / "incoming").mkdir()  # being copied in, or never meant to be polled
+    assert repository.ready
+    repository.poll_once()  # no version in it yet: not a model, so nothing is missing
+    assert repository.ready
+    add_version(repo_dir, "broken", "1", mlp_onnx([8, 16, 4]))
+    (repo_dir / "broken" / "1" / "model.onnx").write_bytes(b"not onnx")
+    repository.poll_once()  # tried and failed: not ready, as with a failure at start
+    assert not repository.ready
+    shutil.rmtree(repo_dir / "broken")
+    repository.poll_once()
+    assert repository.ready
+    repository.unload("mlp")
+    assert repository.ready, "an unloaded model is not missing"
     repository.close()
