@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import socket
 import threading
 import time
 import urllib.request
@@ -185,6 +186,51 @@ def test_registry_verifies_pushes_and_serves_resumable_downloads(tmp_path, serve
                                                    "If-Range": '"other"'})
     with urllib.request.urlopen(request) as response:
         assert response.status == 200
+    # a push over the limit is refused from its Content-Length, before a byte is stored
+    host, port = server.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as raw:
+        raw.sendall(b"POST /bundles HTTP/1.1\r\nHost: x\r\nContent-Length: 5368709120\r\n"
+                    b"Content-Type: application/gzip\r\n\r\n" + b"\0" * 1024)
+        answer = b""
+        while b"}" not in answer and (chunk := raw.recv(4096)):
+            answer += chunk
+    assert answer.startswith(b"HTTP/1.1 413") and b"5368709120 bytes is over" in answer
+
+
+def test_concurrent_pushes_of_one_version_leave_one_recorded_file(tmp_path, keys):
+    # check, rename and insert raced: the loser overwrote the winner's file, then got a 500
+    from edgerun.adapters.fleet.registry import BundleRegistry, VersionConflict
+    from edgerun.runtime import Bundle
+
+    registry = BundleRegistry(tmp_path / "fleet", Store.open(tmp_path / "fleet.db"),
+                              keys["trusted"])
+    for version in ("10", "11", "12"):
+        archives = []
+        for seed in (1, 2):
+            folder = make_bundle(tmp_path / f"b{version}-{seed}", model(seed), "m", version,
+                                 keys["key"])
+            with Bundle.open(folder) as bundle:
+                archives.append(bundle.pack(tmp_path / f"m-{version}-{seed}.tar.gz"))
+        start, outcomes = threading.Barrier(2), []
+
+        def push_one(archive):
+            start.wait()
+            with archive.open("rb") as stream:
+                try:
+                    outcomes.append(registry.push(stream)[1])
+                except VersionConflict:
+                    outcomes.append("conflict")
+
+        threads = [threading.Thread(target=push_one, args=(a,)) for a in archives]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(30)
+        assert sorted(map(str, outcomes)) == ["True", "conflict"]
+        held = registry.get("m", version)
+        assert sha256_file(held.path) == held.sha256, "the file is the recorded bytes"
+        assert len(list((tmp_path / "fleet" / "bundles" / "m").glob(f"{version}-*"))) == 1
+    registry.store.close()
 
 
 # ------------------------------------------------------------------- rollouts
@@ -256,7 +302,7 @@ def test_bad_updates_are_refused_reported_and_the_old_model_serves(tmp_path, ser
     push(server, make_bundle(tmp_path / "b", model(3), "m", "3", keys["key"]))
     push(server, make_bundle(tmp_path / "b", model(4), "m", "4", keys["other_key"]))
     push(server, smoke_failing(tmp_path, keys, "5"))
-    stored = tmp_path / "fleet" / "bundles" / "m" / "3.tar.gz"  # bit rot on the registry
+    (stored,) = (tmp_path / "fleet" / "bundles" / "m").glob("3-*.tar.gz")  # bit rot on disk
     data = bytearray(stored.read_bytes())
     data[len(data) // 2] ^= 0xFF
     stored.write_bytes(bytes(data))

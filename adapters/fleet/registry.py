@@ -2,7 +2,7 @@
 
 A push is written to a temporary file, unpacked safely, every file's hash checked against the
 manifest, the signature checked against the fleet's trusted keys, and only then moved to
-`DATA/bundles/<name>/<version>.tar.gz` and recorded. A version, once accepted, is immutable:
+`DATA/bundles/<name>/<version>-<sha256 prefix>.tar.gz` and recorded. A version, once accepted, is immutable:
 the same bytes again are a no-op, different bytes under the same version are refused.
 """
 
@@ -18,7 +18,7 @@ from typing import BinaryIO
 from edgerun.adapters.fleet.store import Store
 from edgerun.runtime import signing
 from edgerun.runtime.bundle import Bundle, check_name, check_version
-from edgerun.runtime.errors import InvalidInput, ModelNotFound
+from edgerun.runtime.errors import InvalidInput, ModelNotFound, PayloadTooLarge
 
 _CHUNK = 1 << 20
 
@@ -59,7 +59,7 @@ class BundleRegistry:
                 while chunk := stream.read(_CHUNK):
                     size += len(chunk)
                     if size > self.max_bytes:
-                        raise InvalidInput(f"bundle is over {self.max_bytes} bytes")
+                        raise PayloadTooLarge(f"bundle is over the {self.max_bytes}-byte limit")
                     digest.update(chunk)
                     out.write(chunk)
                 out.flush()
@@ -67,23 +67,32 @@ class BundleRegistry:
             with Bundle.open(Path(temporary)) as bundle:  # hashes of every file
                 key_id = signing.verify_folder(bundle.path, self.trusted)
                 name, version = bundle.manifest.name, bundle.manifest.version
-            stored = StoredBundle(name, version, digest.hexdigest(), size, key_id,
-                                  self.root / name / f"{version}.tar.gz")
+            sha256 = digest.hexdigest()
             existing = self.store.version(name, version)
             if existing is not None:
-                if existing["sha256"] != stored.sha256:
-                    raise VersionConflict(f"{name} version {version} exists with other bytes "
-                                          "(sha256 " + existing["sha256"][:12] + "…); versions "
-                                          "are immutable: bump the version")
-                return self.get(name, version), False
-            stored.path.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(temporary, stored.path)
-            self.store.add_version(name, version, stored.sha256, size, key_id,
-                                   str(stored.path.relative_to(self.root)))
-            return stored, True
+                return self._same_or_conflict(existing, sha256), False
+            # named by its bytes too: a concurrent push of other bytes under this version
+            # writes its own file, and only the push recorded first keeps it
+            path = self.root / name / f"{version}-{sha256[:16]}.tar.gz"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(temporary, path)
+            recorded = self.store.add_version(name, version, sha256, size, key_id,
+                                              str(path.relative_to(self.root)))
+            if recorded["sha256"] != sha256:
+                path.unlink(missing_ok=True)
+                self._same_or_conflict(recorded, sha256)
+            return StoredBundle(name, version, sha256, size, key_id, path), True
         finally:
             if os.path.exists(temporary):
                 os.unlink(temporary)
+
+    def _same_or_conflict(self, recorded: dict, sha256: str) -> StoredBundle:
+        """The version already recorded, if it holds these bytes; else VersionConflict."""
+        if recorded["sha256"] != sha256:
+            raise VersionConflict(f"{recorded['model']} version {recorded['version']} exists "
+                                  f"with other bytes (sha256 {recorded['sha256'][:12]}…); "
+                                  "versions are immutable: bump the version")
+        return self.get(recorded["model"], recorded["version"])
 
     def get(self, model: str, version: str) -> StoredBundle:
         check_name(model)

@@ -110,14 +110,20 @@ class Store:
 
     # ------------------------------------------------------------------ registry
     def add_version(self, model: str, version: str, sha256: str, size: int, key_id: str,
-                    path: str) -> None:
+                    path: str) -> dict[str, Any]:
+        """Record a version unless one is recorded already; returns the row that stands (this
+        one, or the one a concurrent push recorded first)."""
         now = time.time()
         with self.transaction():
             self.execute("INSERT INTO models (name, created_at) VALUES (?, ?) "
                          "ON CONFLICT (name) DO NOTHING", (model, now))
             self.execute("INSERT INTO versions (model, version, sha256, size, key_id, path, "
-                         "created_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                         "created_at) VALUES (?, ?, ?, ?, ?, ?, ?) "
+                         "ON CONFLICT (model, version) DO NOTHING",
                          (model, version, sha256, size, key_id, path, now))
+            row = self.version(model, version)
+        assert row is not None  # inserted, or there already
+        return row
 
     def version(self, model: str, version: str) -> dict[str, Any] | None:
         return self.one("SELECT * FROM versions WHERE model = ? AND version = ?",

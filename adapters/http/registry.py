@@ -45,8 +45,8 @@ from edgerun.adapters.fleet.registry import BundleRegistry
 from edgerun.adapters.fleet.store import Store
 from edgerun.adapters.fleetdb import Lease, Leadership
 from edgerun.adapters.http.status import error_headers, status_of
-from edgerun.runtime.errors import (EdgerunError, InvalidInput, PermissionDenied,
-                                    Unauthenticated)
+from edgerun.runtime.errors import (EdgerunError, InvalidInput, PayloadTooLarge,
+                                    PermissionDenied, Unauthenticated)
 
 log = logging.getLogger(__name__)
 
@@ -110,8 +110,16 @@ def create_registry_app(registry: BundleRegistry, orchestrator: Orchestrator,
         return _json({"status": "ok"})
 
     async def push(request: Request) -> Response:
-        with tempfile.SpooledTemporaryFile(8 << 20) as upload:  # big bundles go to disk
+        limit = registry.max_bytes
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > limit:  # refused before a byte is stored
+            raise PayloadTooLarge(f"bundle of {declared} bytes is over the {limit}-byte limit")
+        with tempfile.SpooledTemporaryFile(8 << 20, dir=registry.root) as upload:  # big: disk
+            size = 0
             async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise PayloadTooLarge(f"bundle is over the {limit}-byte limit")
                 upload.write(chunk)
             upload.seek(0)
             stored, created = await run_in_threadpool(registry.push, upload)
