@@ -163,7 +163,8 @@ def _overflows(wide: np.ndarray, narrowed: np.ndarray) -> bool:
 
 
 def _dtype_error(name: str, dtype: str, source: np.dtype) -> InvalidInput:
-    got = "string" if source.kind in "USO" else source.name
+    got = "string" if source.kind in "US" else \
+        "null, mixed or nested values" if source.kind == "O" else source.name
     return InvalidInput(f"input {name!r}: expected {dtype}, got {got} (no lossless cast)", name)
 
 

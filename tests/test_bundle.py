@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from onnx import TensorProto, helper
 
 from edgerun.examples import mlp_onnx
 from edgerun.runtime import Bundle, BundleError, Model, archive, create_bundle
@@ -148,6 +149,21 @@ def test_names_and_versions_are_checked(tmp_path, name, version, message):
     source.write_bytes(mlp_onnx([2, 2]))
     with pytest.raises(BundleError, match=message):
         create_bundle(source, tmp_path / "out", name=name, version=version)
+
+
+def test_an_input_of_unknown_rank_is_refused_naming_it(tmp_path, make_bundle):
+    # ONNX Runtime reports no dims for it, which became a scalar spec refusing every request
+    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "relu",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, None)],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8  # the checker wants a shape; exporters and ONNX Runtime do not
+    source = tmp_path / "m.onnx"
+    source.write_bytes(model.SerializeToString())
+    with pytest.raises(BundleError, match="m.onnx: input 'x' has no shape in the graph"):
+        create_bundle(source, tmp_path / "out", name="m", version="1")
+    scalar = make_bundle(identity_onnx("float32", []))  # a true scalar is still a scalar
+    assert scalar.signature.inputs[0].shape == ()
 
 
 def test_create_refuses_a_non_empty_output(tmp_path):

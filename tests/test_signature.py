@@ -109,6 +109,12 @@ def test_strings_into_numbers_are_refused():
         X.conform([["a", "b", "c", "d"]])
 
 
+def test_nulls_and_objects_into_numbers_are_not_called_strings():
+    for value in ([[1, 2, 3, None]], [[{"a": 1}] * 4]):
+        with pytest.raises(InvalidInput, match="expected float32, got null, mixed or nested"):
+            X.conform(value)
+
+
 def test_ragged_list_is_refused():
     with pytest.raises(InvalidInput, match="input 'x': not a rectangular array"):
         X.conform([[1, 2, 3, 4], [1, 2]])

@@ -45,6 +45,17 @@ def _specs(args: list[Any], model: Path) -> tuple[TensorSpec, ...]:
     return tuple(specs)
 
 
+def _unranked_inputs(model_path: Path) -> list[str]:
+    """Graph inputs whose type carries no shape at all (not even a rank)."""
+    import onnx  # only when a bundle is made: parsing the graph costs a full read
+
+    graph = onnx.load(str(model_path), load_external_data=False).graph
+    weights = {initializer.name for initializer in graph.initializer}
+    return [value.name for value in graph.input if value.name not in weights
+            and value.type.HasField("tensor_type")
+            and not value.type.tensor_type.HasField("shape")]
+
+
 def _as_text(name: str, array: np.ndarray) -> np.ndarray:
     text = np.empty(array.shape, dtype=object)
     for index, value in enumerate(array.flat):
@@ -104,6 +115,12 @@ class OnnxRuntimeBackend(Backend):
             session = ort.InferenceSession(str(model_path), options, providers=[CPU])
         except Exception as exc:  # onnxruntime raises its own exception types
             raise BundleError(f"{model_path.name}: ONNX Runtime cannot load it: {exc}") from exc
+        unranked = _unranked_inputs(model_path)
+        if unranked:  # ONNX Runtime reports [] for these, which would read as a scalar
+            raise BundleError(
+                f"{model_path.name}: input {', '.join(map(repr, unranked))} has no shape in "
+                "the graph (its rank is unknown), so requests cannot be checked against it; "
+                "export the model with input shapes (dynamic dims are fine)")
         return Signature(_specs(session.get_inputs(), model_path),
                          _specs(session.get_outputs(), model_path))
 
