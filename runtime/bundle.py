@@ -155,6 +155,11 @@ class Bundle:
             manifest = read_manifest(folder)
             if verify:
                 verify_files(folder, manifest)
+        except BundleError as exc:
+            if cleanup is None:
+                raise
+            cleanup.cleanup()  # named by the archive, not the extraction folder just removed
+            raise BundleError(str(exc).replace(cleanup.name, str(source))) from exc
         except BaseException:
             if cleanup is not None:
                 cleanup.cleanup()

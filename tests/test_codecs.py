@@ -149,6 +149,8 @@ def _tensor(**fields) -> bytes:
      .encode(), None, "appears twice"),
     (_tensor(parameters={"binary_data_size": 8}), None, "both data and binary_data_size"),
     (_tensor(), "lots", "must be an integer"),
+    (_tensor(), "+10", "must be an integer"),
+    (_tensor(), "1_0", "must be an integer"),
     (_tensor(), "100000", "outside the"),
     (json.dumps({"inputs": [{"name": "x", "datatype": "INT8", "shape": [2], "data": [1, 300]}]})
      .encode(), None, "values out of int8 range"),

@@ -151,6 +151,9 @@ def test_registry_verifies_pushes_and_serves_resumable_downloads(tmp_path, serve
     unsigned = make_bundle(tmp_path / "u", model(2), "m", "2", None)
     result = edgerun("fleet", "push", str(unsigned), "--server", server.url)
     assert result.returncode == 2 and "unsigned" in result.stderr
+    junk = httpx.post(f"{server.url}/bundles", content=b"\0" * 600)
+    assert junk.status_code == 400 and "the pushed bundle: no manifest.json" in junk.json()["error"]
+    assert str(tmp_path) not in junk.text, "no path of the registry's host in the answer"
     stranger_key, _ = signing.generate_keys(tmp_path / "stranger")
     foreign = make_bundle(tmp_path / "f", model(2), "m", "2", stranger_key)
     result = edgerun("fleet", "push", str(foreign), "--server", server.url)

@@ -76,10 +76,10 @@ def datatype_of(array: np.ndarray) -> str:
 def decode_request(body: bytes, header_length: str | None) -> InferRequest:
     """Parse an infer request body (JSON, or JSON header + binary tensor data)."""
     if header_length is not None:
-        try:
-            split = int(header_length)
-        except ValueError:
-            raise InvalidInput("Inference-Header-Content-Length must be an integer") from None
+        if not (header_length.isascii() and header_length.isdigit()):  # not "+1", "1_0"
+            raise InvalidInput("Inference-Header-Content-Length must be an integer, got "
+                               f"{header_length[:32]!r}")
+        split = int(header_length)
         if not 0 < split <= len(body):
             raise InvalidInput(f"Inference-Header-Content-Length {split} is outside the "
                                f"{len(body)}-byte body")

@@ -18,7 +18,7 @@ from typing import BinaryIO
 from edgerun.adapters.fleet.store import Store
 from edgerun.runtime import signing
 from edgerun.runtime.bundle import Bundle, check_name, check_version
-from edgerun.runtime.errors import InvalidInput, ModelNotFound, PayloadTooLarge
+from edgerun.runtime.errors import BundleError, InvalidInput, ModelNotFound, PayloadTooLarge
 
 _CHUNK = 1 << 20
 
@@ -64,9 +64,12 @@ class BundleRegistry:
                     out.write(chunk)
                 out.flush()
                 os.fsync(out.fileno())
-            with Bundle.open(Path(temporary)) as bundle:  # hashes of every file
-                key_id = signing.verify_folder(bundle.path, self.trusted)
-                name, version = bundle.manifest.name, bundle.manifest.version
+            try:
+                with Bundle.open(Path(temporary)) as bundle:  # hashes of every file
+                    key_id = signing.verify_folder(bundle.path, self.trusted)
+                    name, version = bundle.manifest.name, bundle.manifest.version
+            except BundleError as exc:  # said to the pusher: no path of this host in it
+                raise BundleError(str(exc).replace(temporary, "the pushed bundle")) from exc
             sha256 = digest.hexdigest()
             existing = self.store.version(name, version)
             if existing is not None:
