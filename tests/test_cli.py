@@ -72,6 +72,11 @@ def test_predict_from_json_npy_and_npz(tmp_path):
         "dtype": "float32", "shape": [1, 4], "data": [[2.0, 3.0, 4.0, 5.0]]}
     result = edgerun("predict", str(tmp_path / "b"), "--input", str(tmp_path / "in.npz"))
     assert json.loads(result.stdout)["outputs"]["out"]["data"] == [[2.0] * 4] * 2
+    np.savez(tmp_path / "nan.npz", a=np.array([[np.nan, 1, 2, 3]], np.float32),
+             b=np.ones((1, 4), np.int32))
+    result = edgerun("predict", str(tmp_path / "b"), "--input", str(tmp_path / "nan.npz"))
+    strict = json.loads(result.stdout, parse_constant=lambda name: pytest.fail(name))
+    assert strict["outputs"]["out"]["data"] == [[None, 2.0, 3.0, 4.0]], "NaN is not JSON"
     np.save(tmp_path / "in.npy", np.ones((1, 4), np.float32))
     result = edgerun("predict", str(tmp_path / "b"), "--input", str(tmp_path / "in.npy"))
     assert result.returncode == 2 and "name them in .npz or JSON" in result.stderr

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
+
+import orjson
 
 from edgerun.cli.inputs import load_inputs, outputs_to_json
 from edgerun.runtime.model import Model
@@ -26,6 +27,7 @@ def _predict(args: argparse.Namespace) -> int:
         outputs = model.predict(inputs)
     finally:
         model.close()
-    print(json.dumps({"model": model.name, "version": model.version,
-                      "outputs": outputs_to_json(outputs)}))
+    # orjson writes NaN and infinities as null: JSON has no such numbers, and jq refuses them
+    print(orjson.dumps({"model": model.name, "version": model.version,
+                        "outputs": outputs_to_json(outputs)}).decode())
     return 0
