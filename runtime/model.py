@@ -16,6 +16,11 @@ from edgerun.runtime.errors import BundleError, EdgerunError, InferenceError
 from edgerun.runtime.signature import Signature
 
 
+#: Golden check tolerances (rtol, atol); see `Model.golden_tolerance`.
+CLOSE_TOLERANCE = (1e-3, 1e-4)
+LOOSE_TOLERANCE = (1e-2, 1e-3)
+
+
 class Model:
     """One bundle loaded on one device. Thread-safe: backends allow concurrent `run` calls."""
 
@@ -66,8 +71,24 @@ class Model:
         arrays = self.validate(inputs)
         return await asyncio.get_running_loop().run_in_executor(None, self.run, arrays)
 
-    def check_golden(self, rtol: float = 1e-3, atol: float = 1e-4) -> None:
-        """Run the bundle's golden input; BundleError if the output differs from the build's."""
+    def golden_tolerance(self) -> tuple[float, float]:
+        """(rtol, atol) for the golden check: fp32 on a CPU reproduces the build closely; a
+        quantized or fp16 model, or other kernels (a GPU provider: TF32, fused or reordered
+        sums), differ from the build host's by more, and a smoke test must not fail a sound
+        model (after OTA, a failure rolls the update back)."""
+        created = self.bundle.manifest.created or {}
+        reduced = any(str(tag).startswith("quantize:")
+                      for tag in created.get("optimizations", ()))
+        providers = self.backend.describe().get("providers") or ["cpu"]
+        accelerated = "cpu" not in str(providers[0]).lower()
+        return LOOSE_TOLERANCE if reduced or accelerated else CLOSE_TOLERANCE
+
+    def check_golden(self, rtol: float | None = None, atol: float | None = None) -> None:
+        """Run the bundle's golden input; BundleError if the output differs from the build's
+        by more than `golden_tolerance` (or the given tolerances)."""
+        default_rtol, default_atol = self.golden_tolerance()
+        rtol = default_rtol if rtol is None else rtol
+        atol = default_atol if atol is None else atol
         inputs, expected = self.bundle.golden()
         actual = self.predict(inputs)
         for name, want in expected.items():

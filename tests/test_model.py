@@ -96,3 +96,25 @@ def test_golden_check_detects_a_wrong_build(mlp_bundle, make_bundle):
     impostor = Model(mlp_bundle, Model.load(other).backend, load_profile())
     with pytest.raises(BundleError, match="golden check: output 'y' differs"):
         impostor.check_golden()
+
+
+def test_the_golden_check_allows_what_reduced_precision_differs_by(make_bundle):
+    # an fp16 or int8 bundle, or one served by a GPU provider, differs from the build host's
+    # output by more than fp32 on a CPU does; a smoke test that fails it rolls back an OTA
+    from edgerun.examples import mlp_onnx
+    from edgerun.runtime.bundle import GOLDEN
+    from edgerun.runtime.model import CLOSE_TOLERANCE, LOOSE_TOLERANCE
+
+    plain = make_bundle(mlp_onnx([8, 16, 4]))
+    reduced = make_bundle(mlp_onnx([8, 16, 4]), optimizations=("quantize:fp16",))
+    for bundle in (plain, reduced):  # the build's claim, 0.5 % off (as fp16 kernels may be)
+        with np.load(bundle.path / GOLDEN) as golden:
+            arrays = dict(golden)
+        np.savez(bundle.path / GOLDEN, **{**arrays, "output_0": arrays["output_0"] * 1.005})
+    assert Model.load(plain).golden_tolerance() == CLOSE_TOLERANCE
+    with pytest.raises(BundleError, match="golden check: output 'y' differs"):
+        Model.load(plain).check_golden()
+    assert Model.load(reduced).golden_tolerance() == LOOSE_TOLERANCE
+    Model.load(reduced).check_golden()
+    with pytest.raises(BundleError, match="differs"):  # tolerances given are used
+        Model.load(reduced).check_golden(rtol=1e-3, atol=1e-4)
