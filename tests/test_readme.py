@@ -31,7 +31,7 @@ def test_bundle_server_and_python_examples_run(tmp_path):
     result = subprocess.run(["bash", "-ec", _script(bundles)], cwd=tmp_path,
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
-    assert '"label": {"dtype": "int64", "shape": [1], "data": [2]}' in result.stdout
+    assert '"label":{"dtype":"int64","shape":[1],"data":[2]}' in result.stdout
 
     serving = next(c for c in _blocks("bash") if "edgerun serve" in c)
     result = subprocess.run(["bash", "-ec", _script(serving) + "wait\n"], cwd=tmp_path,
