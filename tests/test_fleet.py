@@ -569,6 +569,21 @@ def test_malformed_device_messages_are_ignored(orchestrator, caplog):
     assert [d["device_id"] for d in orchestrator.store.devices("g")] == ["a", "b", "c"]
 
 
+def test_rollout_groups_come_from_enrolment_not_from_what_devices_claim(orchestrator, caplog):
+    # a device claiming another group received that group's rollouts (and their bundles), and
+    # one claiming no group dodged its own
+    enrolment = {"a": ("g",), "b": ("lab",), "c": ("g",)}
+    orchestrator.enrolled = lambda: enrolment
+    orchestrator.on_message("edgerun/b/status", b'{"state": "online", "group": "g"}')
+    orchestrator.on_message("edgerun/c/status", b'{"state": "online", "group": "lab"}')
+    assert "device b reports group 'g'; it is enrolled in lab" in caplog.text
+    rollout = orchestrator.deploy("m", "2", group="g")
+    assert sorted(job_states(rollout)) == ["a", "c"]
+    assert {d["device_id"]: d["grp"] for d in orchestrator.store.devices()}["b"] == "lab"
+    orchestrator.enrolled = dict  # an open fleet (nobody enrolled): what devices report
+    assert orchestrator._members("lab") == ["b"] and orchestrator._members(None) == ["a", "b", "c"]
+
+
 def test_a_wave_start_cut_short_by_a_restart_is_completed(orchestrator):
     rollout = orchestrator.deploy("m", "2", group="g", waves=[0.5, 1.0])
     assert job_states(rollout) == {"a": "queued", "b": "pending"}

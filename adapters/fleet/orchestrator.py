@@ -15,7 +15,7 @@ import logging
 import secrets
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
@@ -41,11 +41,17 @@ Publish = Callable[[str, bytes, bool], None]
 class Orchestrator:
     def __init__(self, store: Store, registry: BundleRegistry, base_url: str,
                  publish: Publish | None = None,
-                 leading: Callable[[], bool] = lambda: True) -> None:
+                 leading: Callable[[], bool] = lambda: True,
+                 enrolled: Callable[[], Mapping[str, Sequence[str]]] = dict) -> None:
         """`leading` says whether this process drives rollouts now (a `Leadership` lease when
-        several registries share one database); every process records reports either way."""
+        several registries share one database); every process records reports either way.
+
+        `enrolled` gives the groups the operator granted each enrolled device; once any device
+        is enrolled, a rollout's group is resolved from them alone, never from what devices
+        report (a device could claim another group's rollouts, or dodge its own)."""
         self.store = store
         self.leading = leading
+        self.enrolled = enrolled
         self.registry = registry
         self.base_url = base_url.rstrip("/")
         self.publish: Publish = publish or (lambda topic, payload, retain: None)
@@ -61,10 +67,10 @@ class Orchestrator:
         if devices:
             targets = sorted(set(devices))
         else:
-            targets = [d["device_id"] for d in self.store.devices(group)]
+            targets = self._members(group)
         if not targets:
-            raise InvalidInput(f"no devices to deploy to (group {group!r} has none that "
-                               "reported)" if group else "no devices to deploy to")
+            raise InvalidInput(f"no devices to deploy to (group {group!r} has none)"
+                               if group else "no devices to deploy to")
         waves = waves or [1.0]
         rollout_id = f"{model}-{version}-{secrets.token_hex(3)}"
         spec = {"waves": waves, "max_failures": max_failures, "gate": gate or "",
@@ -76,6 +82,15 @@ class Orchestrator:
                                    gates.assign_waves(targets, waves))
             self.tick()
         return self.status(rollout_id)
+
+    def _members(self, group: str | None) -> list[str]:
+        """The devices that have reported, of `group` if one is given: by their enrolment
+        where there is one, else (an open fleet) by what they report."""
+        enrolled = self.enrolled()
+        if group is None or not enrolled:
+            return [d["device_id"] for d in self.store.devices(group)]
+        return [d["device_id"] for d in self.store.devices()
+                if group in enrolled.get(d["device_id"], ())]
 
     def abort(self, rollout_id: str, reason: str = "aborted by the operator") -> None:
         with self._lock:
@@ -136,6 +151,12 @@ class Orchestrator:
             group = data.get("group")
             if group is not None and not isinstance(group, str):
                 raise ValueError(f"group must be a string, got {group!r:.80}")
+            granted = self.enrolled().get(device)
+            if granted is not None:  # the operator's word, not the device's
+                if group is not None and group not in granted:
+                    log.warning("device %s reports group %r; it is enrolled in %s", device,
+                                group, ", ".join(granted) or "none")
+                group = ",".join(granted)
             if kind == "status":
                 self.store.see_device(device, state=str(data.get("state", "online")),
                                       group=group, status=data)

@@ -229,8 +229,10 @@ def serve_fleet(data_dir: str, broker: str, *, host: str = "127.0.0.1", port: in
     holder = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
     leadership = Leadership(Lease(store.db, "rollouts", holder, ttl=lease_ttl)).start()
     registry = BundleRegistry(root, store, trusted or [])
-    orchestrator = Orchestrator(store, registry, public_url or f"http://{host}:{port}",
-                                leading=lambda: leadership.leading)
+    orchestrator = Orchestrator(
+        store, registry, public_url or f"http://{host}:{port}",
+        leading=lambda: leadership.leading,
+        enrolled=lambda: {d.device_id: d.groups for d in credentials.devices()})
     link = MqttLink(broker, orchestrator, password=broker_password)
     link.start()
     try:
