@@ -233,6 +233,40 @@ def test_a_transfer_cut_short_is_resumed_not_failed(tmp_path):
     assert dest.read_bytes() == content and ranges == [None, f"bytes={have}-"]
 
 
+def test_a_connection_dropped_after_a_416_is_retried_not_failed(tmp_path):
+    """A part that is no prefix of the file gets 416; the fresh request that follows may meet
+    a dropped connection like any other: worth another try (it once failed the job)."""
+    content = os.urandom(5_000)
+    answers = iter(["416", "drop", "200"])
+
+    class Flaky(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            answer = next(answers)
+            if answer == "drop":
+                self.close_connection = True
+                return
+            self.send_response(int(answer))
+            self.send_header("Content-Length", "0" if answer == "416" else str(len(content)))
+            self.end_headers()
+            if answer == "200":
+                self.wfile.write(content)
+
+        def log_message(self, *args) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Flaky)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url, dest = f"http://127.0.0.1:{server.server_port}/m-2.tar.gz", tmp_path / "m-2.tar.gz"
+    (tmp_path / "m-2.tar.gz.part").write_bytes(b"\0" * 100)
+    try:
+        with pytest.raises(DownloadInterrupted, match="failed"):
+            download(url, dest, hashlib.sha256(content).hexdigest())
+        assert download(url, dest, hashlib.sha256(content).hexdigest()) == len(content)
+    finally:
+        server.shutdown()
+    assert dest.read_bytes() == content
+
+
 def test_an_unreachable_registry_is_retried_until_it_answers(tmp_path, device, bundles):
     port = free_port()
     bundle = bundles("2")

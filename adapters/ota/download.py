@@ -14,6 +14,7 @@ import os
 import urllib.error
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 from edgerun.runtime.errors import BundleError
 
@@ -22,6 +23,20 @@ _CHUNK = 1 << 16
 
 class DownloadInterrupted(BundleError):
     """The registry could not be reached or the transfer broke off: worth another try."""
+
+
+def _open(request: urllib.request.Request, timeout: float) -> Any:
+    """The response, or None for a 416; what may pass (a 5xx, a dropped connection) is
+    DownloadInterrupted, to be retried; any other refusal is BundleError."""
+    try:
+        return urllib.request.urlopen(request, timeout=timeout)
+    except urllib.error.HTTPError as exc:
+        if exc.code == 416:
+            return None
+        kind = DownloadInterrupted if exc.code >= 500 else BundleError
+        raise kind(f"download of {request.full_url} failed: HTTP {exc.code}") from exc
+    except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:
+        raise DownloadInterrupted(f"download of {request.full_url} failed: {exc}") from exc
 
 
 def download(url: str, dest: Path, sha256: str, size: int = 0, timeout: float = 30.0,
@@ -38,17 +53,12 @@ def download(url: str, dest: Path, sha256: str, size: int = 0, timeout: float = 
         if have:
             request.add_header("Range", f"bytes={have}-")
             request.add_header("If-Range", f'"{sha256}"')
-        try:
-            response = urllib.request.urlopen(request, timeout=timeout)
-        except urllib.error.HTTPError as exc:
-            if exc.code >= 500:
-                raise DownloadInterrupted(f"download of {url} failed: HTTP {exc.code}") from exc
-            if exc.code != 416:
-                raise BundleError(f"download of {url} failed: HTTP {exc.code}") from exc
-            have, response = 0, urllib.request.urlopen(
-                urllib.request.Request(url, headers=headers or {}), timeout=timeout)
-        except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:
-            raise DownloadInterrupted(f"download of {url} failed: {exc}") from exc
+        response = _open(request, timeout)
+        if response is None:  # 416: the part is no prefix of this file; start over
+            have = 0
+            response = _open(urllib.request.Request(url, headers=headers or {}), timeout)
+            if response is None:
+                raise BundleError(f"download of {url} failed: HTTP 416 without a Range")
         with response, open(part, "ab" if have and response.status == 206 else "wb") as out:
             try:
                 while chunk := response.read(_CHUNK):
