@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from edgerun.optimizers.arrays import load_arrays
 from edgerun.optimizers.errors import OptimizeError
 from edgerun.runtime import Model, archive
 from edgerun.runtime.signature import Signature
@@ -59,8 +60,10 @@ def load_eval(path: Path, signature: Signature) -> EvalData:
     if not Path(path).is_file():
         raise OptimizeError(f"eval data {path}: no such file (an .npz with the model's inputs "
                             "and optionally a `labels` array)")
-    with np.load(path, allow_pickle=False) as data:
-        arrays = {key: data[key] for key in data.files}
+    arrays = load_arrays(path)
+    if not isinstance(arrays, dict):
+        raise OptimizeError(f"eval data {path}: an .npz of the model's inputs (and optionally "
+                            "`labels`), not a single .npy array")
     labels = arrays.pop("labels", None)
     names = [spec.name for spec in signature.inputs]
     if len(names) == 1 and len(arrays) == 1:
@@ -68,14 +71,46 @@ def load_eval(path: Path, signature: Signature) -> EvalData:
     if set(arrays) != set(names):
         raise OptimizeError(f"eval data {path}: holds {sorted(arrays)}, the model takes "
                             f"{names} (and optionally `labels`)")
+    rows = _rows(path, arrays)
     try:
-        inputs = signature.validate(arrays)
+        inputs = signature.validate(arrays) if signature.batchable \
+            else _validate_rows(signature, arrays, rows)
     except Exception as exc:
         raise OptimizeError(f"eval data {path}: {exc}") from exc
-    data = EvalData(inputs, labels)
-    if labels is not None and len(labels) != data.rows:
-        raise OptimizeError(f"eval data {path}: {len(labels)} labels for {data.rows} rows")
-    return data
+    if labels is not None:
+        if labels.ndim == 2 and labels.shape[1:] == (1,):
+            labels = labels.reshape(-1)
+        if labels.ndim != 1 or len(labels) != rows:
+            raise OptimizeError(f"eval data {path}: `labels` has shape {list(labels.shape)}; "
+                                f"it should hold one class per row: shape [{rows}] (class "
+                                "indices or names, not one-hot or probabilities)")
+    return EvalData(inputs, labels)
+
+
+def _rows(path: Path, arrays: dict[str, np.ndarray]) -> int:
+    """The number of rows every input has (at least one): measuring needs a first row."""
+    counts = {name: array.shape[0] if array.ndim else None for name, array in arrays.items()}
+    if None in counts.values() or len(set(counts.values())) != 1:
+        raise OptimizeError(f"eval data {path}: inputs should share their first axis (rows); "
+                            "shapes: " + ", ".join(f"{name} {list(arrays[name].shape)}"
+                                                   for name in arrays))
+    rows = next(iter(counts.values()))
+    if not rows:
+        raise OptimizeError(f"eval data {path}: no rows to measure on (the inputs have 0)")
+    return rows
+
+
+def _validate_rows(signature: Signature, arrays: dict[str, np.ndarray],
+                   rows: int) -> dict[str, np.ndarray]:
+    """A model without a dynamic batch (a fixed batch of 1, say) runs one row at a time, as
+    `predict_all` feeds it: each row must fit the signature, not the whole set."""
+    checked = []
+    for i in range(rows):
+        try:
+            checked.append(signature.validate({n: a[i:i + 1] for n, a in arrays.items()}))
+        except Exception as exc:
+            raise OptimizeError(f"row {i}: {exc}") from exc
+    return {name: np.concatenate([row[name] for row in checked]) for name in arrays}
 
 
 def synthetic_eval(signature: Signature, rows: int = 64, seed: int = 0) -> EvalData:
@@ -109,19 +144,36 @@ def max_abs_error(reference: dict[str, np.ndarray], candidate: dict[str, np.ndar
 
 
 def predicted_labels(outputs: dict[str, np.ndarray]) -> np.ndarray:
-    """Class predictions: an integer output of one value per row, else argmax of a float one."""
+    """Class predictions: an integer or string output of one value per row (a classifier's
+    `label`), else argmax of a [rows, classes] float one."""
     for array in outputs.values():
-        if array.dtype.kind in "iu" and array.size == array.shape[0]:
+        if array.dtype.kind in "iuOUS" and array.ndim and array.size == array.shape[0]:
             return array.reshape(-1)
     for array in outputs.values():
         if array.dtype.kind == "f" and array.ndim == 2:
             return array.argmax(axis=1)
-    raise OptimizeError("accuracy needs an integer label output or a [rows, classes] float "
-                        f"output; the model gives {', '.join(outputs)}")
+    raise OptimizeError("accuracy needs an integer or string label output or a [rows, classes] "
+                        f"float output; the model gives {', '.join(outputs)}")
 
 
 def accuracy(outputs: dict[str, np.ndarray], labels: np.ndarray) -> float:
-    return float(np.mean(predicted_labels(outputs) == labels.reshape(-1)))
+    """The fraction of rows whose predicted class is the label; class names (strings) compare
+    as text, class indices as numbers, and one kind never silently against the other."""
+    predicted = predicted_labels(outputs)
+    labels = labels.reshape(-1)
+    text = predicted.dtype.kind in "OUS"
+    if text != (labels.dtype.kind in "OUS"):
+        def kind(array: np.ndarray, is_text: bool) -> str:
+            examples = ", ".join(map(repr, array[:3].tolist()))
+            return f"{'class names' if is_text else 'class indices'} ({examples}, ...)"
+
+        raise OptimizeError(
+            f"accuracy: the model predicts {kind(predicted, text)} but the eval `labels` are "
+            f"{kind(labels, not text)}: store the labels as "
+            f"{'class names (strings)' if text else 'class indices (integers)'}")
+    if text:
+        return float(np.mean(predicted.astype(str) == labels.astype(str)))
+    return float(np.mean(predicted == labels))
 
 
 def latency_ms(model: Model, data: EvalData, batch: int, seconds: float = 0.5) -> float | None:

@@ -101,6 +101,9 @@ def optimize(model_path: str | Path, output: str | Path,
         raise OptimizeError(f"{output}: output exists and is not an empty folder")
     if options.compile not in (None, "tvm"):
         raise OptimizeError(f"--compile {options.compile!r}: only tvm is supported")
+    if options.tune_trials < 0:
+        raise OptimizeError(f"tune_trials {options.tune_trials}: the number of tuning trials "
+                            "is 0 (no tuning) or more")
     precision = options.quantize or profile.precision
     name = options.name or model_path.stem
     with tempfile.TemporaryDirectory(prefix="edgerun-optimize-") as scratch_name:
@@ -131,7 +134,9 @@ def optimize(model_path: str | Path, output: str | Path,
                 current = target
                 tags.append(tag)
 
-        folder = scratch / "bundle" if archive.is_archive_name(output.name) else output
+        # built and measured in scratch, moved to `output` only when all went well: a failure
+        # leaves no bundle behind that looks complete, and the rerun finds `output` free
+        folder = scratch / "bundle"
         golden = data.take(1) if signature.batchable else None
         compiled = None
         if options.compile == "tvm":
@@ -147,8 +152,10 @@ def optimize(model_path: str | Path, output: str | Path,
         with Bundle.open(folder) as result:
             before, after = _measure((original, result), profile, data,
                                      options.latency_seconds)
-        if folder != output:
-            archive.pack(folder, output)
+        _deliver(folder, output)
+    if compiled is not None and not archive.is_archive_name(output.name):
+        compiled = dataclasses.replace(compiled, bundle=output,
+                                       artifact=output / compiled.artifact.name)
     error = None
     notes = []
     if after.runs_here:
@@ -158,6 +165,18 @@ def optimize(model_path: str | Path, output: str | Path,
                      "error and accuracy after are not measured here")
     return OptimizeReport(output, profile.name, tags, before, after, error, pruned, compiled,
                           notes)
+
+
+def _deliver(folder: Path, output: Path) -> None:
+    """Pack the finished bundle into the archive `output`, or move it to the folder `output`
+    (which is absent or empty: `optimize` checked)."""
+    output.parent.mkdir(parents=True, exist_ok=True)
+    if archive.is_archive_name(output.name):
+        archive.pack(folder, output)
+        return
+    if output.is_dir():
+        output.rmdir()  # empty; fails, rather than merging, if something appeared meanwhile
+    shutil.move(str(folder), str(output))
 
 
 def _measure(bundles: tuple[Bundle, ...], profile: DeviceProfile, data: measure.EvalData,

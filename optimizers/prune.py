@@ -90,8 +90,10 @@ def prune_unstructured(model: onnx.ModelProto, sparsity: float) -> PruneReport:
         weight = numpy_helper.to_array(_weights(model)[name]).copy()
         k = int(round(sparsity * weight.size))
         if k:
-            cut = np.partition(np.abs(weight).ravel(), k - 1)[k - 1]
-            weight[np.abs(weight) <= cut] = 0.0
+            # exactly k: zeroing all weights <= the k-th magnitude would overshoot on ties
+            # (a layer of equal weights would lose every one)
+            smallest = np.argpartition(np.abs(weight).ravel(), k - 1)[:k]
+            np.put(weight, smallest, 0.0)
             _set(model, name, weight)
         zeros += int(np.count_nonzero(weight == 0))
         total += weight.size

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import re
 import tempfile
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -19,6 +20,7 @@ from typing import Union
 import numpy as np
 import onnx
 
+from edgerun.optimizers.arrays import load_arrays
 from edgerun.optimizers.errors import OptimizeError
 from edgerun.runtime.signature import Signature
 
@@ -105,13 +107,11 @@ def calibration_feeds(calibration: Calibration,
 
 
 def _read_feed(path: Path, input_names: list[str]) -> dict[str, np.ndarray]:
-    if path.suffix == ".npy":
-        if len(input_names) != 1:
-            raise OptimizeError(f"{path}: a .npy file holds one tensor; the model takes "
-                                f"{input_names}: use .npz files keyed by input name")
-        return {input_names[0]: np.load(path, allow_pickle=False)}
-    with np.load(path, allow_pickle=False) as data:
-        return {key: data[key] for key in data.files}
+    if path.suffix == ".npy" and len(input_names) != 1:
+        raise OptimizeError(f"{path}: a .npy file holds one tensor; the model takes "
+                            f"{input_names}: use .npz files keyed by input name")
+    arrays = load_arrays(path)  # a corrupt file: OptimizeError naming it
+    return arrays if isinstance(arrays, dict) else {input_names[0]: arrays}
 
 
 class _Reader:
@@ -210,8 +210,50 @@ def convert_fp16(model_path: Path, out_path: Path) -> str:
             converted = float16.convert_float_to_float16(model, keep_io_types=True)
     except Exception as exc:
         raise OptimizeError(f"{Path(model_path).name}: fp16 conversion failed: {exc}") from exc
+    _retarget_float_casts(converted.graph)
     onnx.save(converted, str(out_path))
+    _check_loads(converted, Path(model_path).name, Path(out_path))
     return "quantize:fp16"
+
+
+def _retarget_float_casts(graph: onnx.GraphProto) -> list[str]:
+    """Casts to float32 whose output the converter typed float16 now cast to float16.
+
+    The converter turns every float32 value into float16 but keeps a Cast's `to`: a Cast from
+    an integer or float64 input (`Cast(int64 ids, to=float)`) would then feed float32 into
+    float16 ops, a model ONNX Runtime refuses to load. Returns the retargeted outputs.
+    """
+    fp16 = {v.name for v in graph.value_info
+            if v.type.tensor_type.elem_type == onnx.TensorProto.FLOAT16}
+    changed = []
+    for node in graph.node:
+        for attr in node.attribute:
+            if node.op_type == "Cast" and attr.name == "to" \
+                    and attr.i == onnx.TensorProto.FLOAT and node.output[0] in fp16:
+                attr.i = onnx.TensorProto.FLOAT16
+                changed.append(node.output[0])
+            if attr.type == onnx.AttributeProto.GRAPH:  # If/Loop/Scan bodies
+                changed += _retarget_float_casts(attr.g)
+            for sub in attr.graphs:
+                changed += _retarget_float_casts(sub)
+    return changed
+
+
+def _check_loads(model: onnx.ModelProto, name: str, path: Path) -> None:
+    """OptimizeError, naming the node at fault where ONNX Runtime says, when ONNX Runtime cannot
+    load the converted model: a broken model must fail here, at the step that made it, not
+    later as a bundle of a temporary file. The file is removed."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()  # loading type-checks the graph; optimizing adds nothing
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    try:
+        ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    except Exception as exc:
+        path.unlink(missing_ok=True)
+        reason = str(exc).replace(f"Load model from {path} failed:", "").strip()
+        raise OptimizeError(f"{name}: fp16 conversion made a model ONNX Runtime cannot load"
+                            f"{_culprit(model, reason)}: {reason}") from None
 
 
 def _identity_casts_to_identity(model: onnx.ModelProto) -> None:
@@ -225,6 +267,16 @@ def _identity_casts_to_identity(model: onnx.ModelProto) -> None:
         if node.op_type == "Cast" and to is not None and types.get(node.input[0]) == to:
             node.op_type = "Identity"
             del node.attribute[:]
+
+
+def _culprit(model: onnx.ModelProto, reason: str) -> str:
+    """' (at node N, a Cast producing x)' for the first tensor ONNX Runtime's message names."""
+    producers = {out: node for node in model.graph.node for out in node.output}
+    for tensor in re.findall(r"arg \(([^)]+)\)", reason):
+        if tensor in producers:
+            node = producers[tensor]
+            return f" (at node {node.name or '<unnamed>'}, a {node.op_type} producing {tensor!r})"
+    return ""
 
 
 def quantize(model_path: Path, out_path: Path, precision: str, *,

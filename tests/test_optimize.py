@@ -388,4 +388,4 @@ def test_readme_optimize_example_runs(digits, tmp_path):
     assert "optimized for raspberry-pi-5: quantize:int8-dynamic -> digits-pi.tar.gz" in \
         result.stdout
     assert "optimized for x86-64: prune:structured:0.5 -> digits-small" in result.stdout
-    assert '"label": {"dtype": "int64", "shape": [1], "data": [2]}' in result.stdout
+    assert '"label":{"dtype":"int64","shape":[1],"data":[2]}' in result.stdout  # compact JSON

@@ -139,6 +139,66 @@ def test_a_slower_artifact_is_refused_with_the_figures(tmp_path):
 
 
 @pytest.mark.timeout(900)  # MetaSchedule imports its tensor intrinsics once: minutes on a busy box
+def argmax_onnx() -> bytes:
+    """MatMul -> ArgMax: a classifier whose only output is an int64 label."""
+    weight = np.random.default_rng(0).standard_normal((8, 4)).astype(np.float32)
+    graph = onnx.helper.make_graph(
+        [onnx.helper.make_node("MatMul", ["x", "w"], ["h"]),
+         onnx.helper.make_node("ArgMax", ["h"], ["label"], axis=1, keepdims=0)], "argmax",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["batch", 8])],
+        [onnx.helper.make_tensor_value_info("label", onnx.TensorProto.INT64, ["batch"])],
+        [onnx.numpy_helper.from_array(weight, "w")])
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model.SerializeToString()
+
+
+def test_a_model_with_only_integer_outputs_compiles_and_they_must_be_equal(tmp_path):
+    path = tmp_path / "argmax.onnx"
+    path.write_bytes(argmax_onnx())
+    report = compile_bundle(path, load_profile("x86-64"), tmp_path / "b", name="a",
+                            version="1", force=True)
+    assert report.runs_here and report.max_abs_error == 0.0
+    x = np.random.default_rng(5).standard_normal((7, 8)).astype(np.float32)
+    got = Model.load(tmp_path / "b", "x86-64").predict({"x": x})["label"]
+    np.testing.assert_array_equal(got, onnxruntime_run(path, {"x": x})[0])
+    # labels are compared exactly, whatever the float tolerance
+    from edgerun.optimizers.tvm import _compare
+
+    want = {"label": np.array([1, 2, 3]), "p": np.zeros(3, np.float32)}
+    with pytest.raises(CompileError, match=r"output 'label' differs from ONNX Runtime's in 1 "
+                                           r"of 3 values"):
+        _compare({"label": np.array([1, 0, 3]), "p": want["p"]}, want, "int8",
+                 load_profile("x86-64"))
+
+
+def test_an_fp16_artifact_is_held_to_fp16_tolerance_not_fp32(tmp_path):
+    from edgerun.optimizers.pipeline import OptimizeOptions, optimize
+    from edgerun.optimizers.quantize import quantize
+    from edgerun.optimizers.tvm import TOLERANCE, _compare, _precision
+
+    source = tmp_path / "mlp.onnx"
+    source.write_bytes(mlp_onnx([64, 128, 10]))
+    half = tmp_path / "half.onnx"
+    quantize(source, half, "fp16")
+    assert (_precision(source, ()), _precision(half, ())) == ("fp32", "fp16")
+    # precision from the graph: an fp16 model made elsewhere, no quantize tag
+    direct = compile_bundle(half, load_profile("x86-64"), tmp_path / "direct", name="m",
+                            version="1", force=True)
+    assert TOLERANCE < direct.max_abs_error < 1e-2
+    # precision from the tag: `edgerun optimize --quantize fp16 --compile tvm --force`
+    report = optimize(source, tmp_path / "out", OptimizeOptions(
+        device="x86-64", quantize="fp16", compile="tvm", force=True, latency_seconds=0.02))
+    assert report.optimizations == ["quantize:fp16"]
+    assert Bundle.open(tmp_path / "out").manifest.created["tvm"]["max_abs_error"] > TOLERANCE
+    assert report.compile_report.artifact == tmp_path / "out" / "model.so"
+    # the fp32 tolerance still holds fp32 models
+    want = {"y": np.array([1.0, -2.0], np.float32)}
+    with pytest.raises(CompileError, match=r"by 0.001\d* in output 'y' \(tolerance 0.00012 "
+                                           r"at fp32: atol 0.0001 \+ rtol 1e-05"):
+        _compare({"y": want["y"] + np.float32(1e-3)}, want, "fp32", load_profile("x86-64"))
+
+
 def test_tuning_runs_and_its_records_are_reused(tmp_path, mlp_path, monkeypatch):
     monkeypatch.setenv("EDGERUN_CACHE", str(tmp_path / "cache"))
     first = compile_bundle(mlp_path, load_profile("x86-64"), tmp_path / "b1", name="mlp",

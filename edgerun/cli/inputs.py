@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 
+from edgerun.optimizers.arrays import load_arrays
 from edgerun.runtime.errors import InvalidInput
 
 
@@ -17,11 +18,9 @@ def load_inputs(path: Path, input_names: Sequence[str]) -> dict[str, Any]:
     if not path.is_file():
         raise InvalidInput(f"{path}: no such input file")
     suffix = path.suffix.lower()
-    if suffix == ".npz":
-        with np.load(path, allow_pickle=False) as data:
-            return {name: data[name] for name in data.files}
-    if suffix == ".npy":
-        return _single(np.load(path, allow_pickle=False), input_names, path)
+    if suffix in (".npz", ".npy"):
+        arrays = load_arrays(path, InvalidInput)  # a corrupt file: one line naming it
+        return arrays if isinstance(arrays, dict) else _single(arrays, input_names, path)
     if suffix == ".json":
         try:
             data = json.loads(path.read_text())

@@ -60,6 +60,16 @@ def _optimize(args: argparse.Namespace) -> int:
     if args.structured and args.prune is None:
         raise OptimizeError("--structured needs --prune RATIO (the fraction of channels to "
                             "remove, e.g. 0.5)")
+    if args.compile is None:  # TVM's options do nothing without TVM: say so, not ignore them
+        given = [flag for flag, value in (("--tune-trials", args.tune_trials),
+                                          ("--rpc", args.rpc), ("--force", args.force))
+                 if value]
+        if given:
+            raise OptimizeError(f"{', '.join(given)} apply to TVM compilation only: add "
+                                "--compile tvm, or leave them out")
+    if args.tune_trials < 0:
+        raise OptimizeError(f"--tune-trials {args.tune_trials}: the number of tuning trials "
+                            "is 0 (no tuning) or more")
     options = OptimizeOptions(
         device=args.device, quantize=args.quantize, calibration=args.calibration,
         per_channel=args.per_channel, prune=args.prune, structured=args.structured,

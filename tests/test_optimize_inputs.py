@@ -1,0 +1,258 @@
+"""The optimizer on the inputs users really hand it: integer or float64 inputs cast to float,
+string class labels, a fixed batch of 1, corrupt array files, eval data that does not fit, and
+flags that apply to another step; every refusal typed and naming the culprit."""
+
+from __future__ import annotations
+
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from edgerun.examples import digits_split
+from edgerun.optimizers import OptimizeError
+from edgerun.optimizers.arrays import load_arrays
+from edgerun.optimizers.pipeline import OptimizeOptions, optimize
+from edgerun.optimizers.prune import prune_unstructured
+from edgerun.optimizers.quantize import quantize
+from edgerun.runtime import Model
+from edgerun.runtime.errors import InvalidInput
+from tests.cli import edgerun
+
+FAST = {"latency_seconds": 0.02}
+
+
+def save(model: onnx.ModelProto, path: Path) -> Path:
+    model.ir_version = 8
+    onnx.save(model, str(path))
+    return path
+
+
+def cast_model(input_type: int, batch: int | str = "n") -> onnx.ModelProto:
+    """Cast(x to float) -> MatMul -> Add: an id or float64 input, as feature pipelines give."""
+    rng = np.random.default_rng(0)
+    graph = helper.make_graph(
+        [helper.make_node("Cast", ["x"], ["xf"], to=TensorProto.FLOAT),
+         helper.make_node("MatMul", ["xf", "w"], ["h"]),
+         helper.make_node("Add", ["h", "b"], ["y"])], "cast",
+        [helper.make_tensor_value_info("x", input_type, [batch, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [batch, 4])],
+        [numpy_helper.from_array(rng.standard_normal((8, 4)).astype(np.float32), "w"),
+         numpy_helper.from_array(np.ones(4, np.float32), "b")])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def ort_run(path: Path, **feed: np.ndarray) -> np.ndarray:
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, feed)[0]
+
+
+# --- fp16 --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("input_type, dtype", [(TensorProto.INT64, np.int64),
+                                               (TensorProto.DOUBLE, np.float64)])
+def test_fp16_of_a_model_casting_ints_or_doubles_to_float_loads_and_agrees(tmp_path, input_type,
+                                                                           dtype):
+    source = save(cast_model(input_type), tmp_path / "cast.onnx")
+    out = tmp_path / "h.onnx"
+    assert quantize(source, out, "fp16") == "quantize:fp16"
+    x = np.random.default_rng(1).integers(-3, 4, (5, 8)).astype(dtype)
+    got, want = ort_run(out, x=x), ort_run(source, x=x)
+    assert got.dtype == np.float32
+    assert np.abs(got - want).max() <= 1e-2 * np.abs(want).max()
+
+
+def test_an_fp16_model_onnx_runtime_cannot_load_is_refused_naming_the_node(tmp_path):
+    # EyeLike(dtype=float) keeps producing float32 where the converter declared float16
+    rng = np.random.default_rng(0)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["m"], name="mm"),
+         helper.make_node("EyeLike", ["m"], ["eye"], name="identity_matrix",
+                          dtype=TensorProto.FLOAT),
+         helper.make_node("Add", ["m", "eye"], ["y"])], "eye",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, 4])],
+        [numpy_helper.from_array(rng.standard_normal((4, 4)).astype(np.float32), "w")])
+    source = save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]),
+                  tmp_path / "eye.onnx")
+    out = tmp_path / "h.onnx"
+    with pytest.raises(OptimizeError, match=r"eye.onnx: fp16 conversion made a model ONNX "
+                                            r"Runtime cannot load \(at node identity_matrix, "
+                                            r"a EyeLike producing 'eye'\)") as caught:
+        quantize(source, out, "fp16")
+    assert str(out) not in str(caught.value) and not out.exists()
+
+
+# --- accuracy and eval data ---------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def classes(tmp_path_factory) -> Path:
+    """A classifier trained on class names (a `label` output of strings), and eval data with
+    string labels, integer labels, and one-hot labels."""
+    from skl2onnx import to_onnx
+    from sklearn.linear_model import LogisticRegression
+
+    folder = tmp_path_factory.mktemp("classes")
+    train_x, train_y, test_x, test_y = digits_split()
+    names = np.array(["zero", "one", "two", "three", "four", "five", "six", "seven", "eight",
+                      "nine"])
+    classifier = LogisticRegression(max_iter=300).fit(train_x, names[train_y])
+    model = to_onnx(classifier, train_x[:1], options={"zipmap": False}, target_opset=17)
+    (folder / "names.onnx").write_bytes(model.SerializeToString())
+    np.savez(folder / "names.npz", X=test_x, labels=names[test_y])
+    np.savez(folder / "indices.npz", X=test_x, labels=test_y)
+    np.savez(folder / "onehot.npz", X=test_x, labels=np.eye(10)[test_y])
+    np.savez(folder / "empty.npz", X=test_x[:0], labels=test_y[:0])
+    return folder
+
+
+def test_string_class_labels_are_compared_as_text(classes, tmp_path):
+    report = optimize(classes / "names.onnx", tmp_path / "out",
+                      OptimizeOptions(quantize="fp32", eval_data=classes / "names.npz", **FAST))
+    assert report.before.accuracy > 0.9 and report.after.accuracy == report.before.accuracy
+
+
+def test_labels_of_the_other_kind_are_refused_and_no_bundle_is_left(classes, tmp_path):
+    with pytest.raises(OptimizeError, match=r"predicts class names \('[a-z]+', .* eval `labels` "
+                                            r"are class indices \(\d, .*store the labels as "
+                                            r"class names"):
+        optimize(classes / "names.onnx", tmp_path / "out",
+                 OptimizeOptions(quantize="fp32", eval_data=classes / "indices.npz", **FAST))
+    # the failure came while measuring: nothing that looks like a bundle is left, and the
+    # rerun with the right labels is not refused for a non-empty output
+    assert not (tmp_path / "out").exists()
+    optimize(classes / "names.onnx", tmp_path / "out",
+             OptimizeOptions(quantize="fp32", eval_data=classes / "names.npz", **FAST))
+    assert Model.load(tmp_path / "out").signature.inputs[0].name == "X"
+
+
+def test_eval_labels_must_be_one_per_row_and_rows_must_exist(classes, tmp_path):
+    with pytest.raises(OptimizeError, match=r"onehot.npz: `labels` has shape \[397, 10\]; it "
+                                            r"should hold one class per row: shape \[397\]"):
+        optimize(classes / "names.onnx", tmp_path / "a", OptimizeOptions(
+            quantize="fp32", eval_data=classes / "onehot.npz", **FAST))
+    with pytest.raises(OptimizeError, match=r"empty.npz: no rows to measure on"):
+        optimize(classes / "names.onnx", tmp_path / "b", OptimizeOptions(
+            quantize="fp32", eval_data=classes / "empty.npz", **FAST))
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_a_fixed_batch_of_one_is_evaluated_row_by_row(tmp_path):
+    source = save(cast_model(TensorProto.FLOAT, batch=1), tmp_path / "one.onnx")
+    x = np.random.default_rng(2).standard_normal((20, 8)).astype(np.float32)
+    np.savez(tmp_path / "eval.npz", x=x)
+    report = optimize(source, tmp_path / "out", OptimizeOptions(
+        quantize="fp16", eval_data=tmp_path / "eval.npz", **FAST))
+    assert report.before.outputs["y"].shape == (20, 4)
+    want = np.concatenate([ort_run(source, x=x[i:i + 1]) for i in range(20)])
+    np.testing.assert_allclose(report.before.outputs["y"], want, rtol=1e-6)
+    assert report.max_abs_error < 0.05
+    np.savez(tmp_path / "wide.npz", x=np.zeros((3, 9), np.float32))
+    with pytest.raises(OptimizeError, match=r"wide.npz: row 0: input 'x'"):
+        optimize(source, tmp_path / "bad", OptimizeOptions(eval_data=tmp_path / "wide.npz"))
+
+
+# --- corrupt array files ------------------------------------------------------------------
+
+def corrupt_files(folder: Path) -> dict[str, Path]:
+    folder.mkdir(exist_ok=True)
+    np.savez_compressed(folder / "good.npz", x=np.random.default_rng(0).random((500, 8)))
+    data = (folder / "good.npz").read_bytes()
+    (folder / "truncated.npz").write_bytes(data[:100])
+    damaged = bytearray(data)
+    damaged[200:260] = b"\xff" * 60  # inside the deflated member: zlib fails on reading it
+    (folder / "damaged.npz").write_bytes(bytes(damaged))
+    (folder / "garbage.npy").write_bytes(b"these are not the bytes of an array")
+    np.save(folder / "full.npy", np.ones((100, 8)))
+    (folder / "short.npy").write_bytes((folder / "full.npy").read_bytes()[:300])
+    (folder / "empty.npy").write_bytes(b"")
+    np.savez(folder / "objects.npz", x=np.array([{"a": 1}], dtype=object))
+    return {p.stem: p for p in folder.iterdir()}
+
+
+@pytest.mark.parametrize("name, reason", [
+    ("truncated", "truncated or corrupt: File is not a zip file"),
+    ("damaged", "truncated or corrupt: Error -3 while decompressing"),
+    ("garbage", "neither .npy nor .npz data"),
+    ("short", "Failed to read all data"),
+    ("empty", "truncated or corrupt"),
+    ("objects", "it holds object arrays .* never loaded")])
+def test_a_corrupt_array_file_is_a_typed_error_naming_it(tmp_path, name, reason):
+    path = corrupt_files(tmp_path / "files")[name]
+    with pytest.raises(OptimizeError, match=rf"{path.name}: not a readable \S+ file \({reason}"):
+        load_arrays(path)
+    with pytest.raises(InvalidInput, match=path.name):
+        load_arrays(path, InvalidInput)
+
+
+def test_corrupt_files_in_calibration_eval_and_predict_are_one_line_errors(tmp_path):
+    files = corrupt_files(tmp_path / "files")
+    source = save(cast_model(TensorProto.FLOAT), tmp_path / "m.onnx")
+    calibration = tmp_path / "calibration"
+    calibration.mkdir()
+    np.save(calibration / "0.npy", np.zeros((4, 8), np.float32))
+    (calibration / "1.npy").write_bytes(files["garbage"].read_bytes())
+    with pytest.raises(OptimizeError, match=r"1.npy: not a readable .npy file"):
+        quantize(source, tmp_path / "q.onnx", "int8", calibration=calibration)
+    with pytest.raises(OptimizeError, match=r"truncated.npz: not a readable .npz file"):
+        optimize(source, tmp_path / "out", OptimizeOptions(eval_data=files["truncated"]))
+
+    bundle = tmp_path / "bundle"
+    assert edgerun("bundle", "create", str(source), "--name", "m", "--version", "1",
+                   "-o", str(bundle)).returncode == 0
+    for name in ("truncated", "damaged"):
+        result = edgerun("predict", str(bundle), "--input", str(files[name]))
+        assert result.returncode == 2, result.stderr
+        assert "Traceback" not in result.stderr and f"{name}.npz" in result.stderr
+        assert "invalid_input" in result.stderr
+    result = edgerun("optimize", str(source), "--device", "x86-64", "--quantize", "int8",
+                     "--calibration", str(calibration), "-o", str(tmp_path / "o"))
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "1.npy" in result.stderr and not (tmp_path / "o").exists()
+
+
+def test_an_npz_named_npy_is_refused_naming_both(tmp_path):
+    np.savez(tmp_path / "a.npz", x=np.zeros(2))
+    (tmp_path / "a.npy").write_bytes((tmp_path / "a.npz").read_bytes())
+    with pytest.raises(OptimizeError, match=r"a.npy: holds an .npz archive; .*end in .npz"):
+        load_arrays(tmp_path / "a.npy")
+    assert zipfile.is_zipfile(tmp_path / "a.npy")
+
+
+# --- flags --------------------------------------------------------------------------------
+
+def test_tvm_flags_without_compile_and_negative_trials_are_refused(tmp_path):
+    source = save(cast_model(TensorProto.FLOAT), tmp_path / "m.onnx")
+    ignored = edgerun("optimize", str(source), "--device", "x86-64", "--quantize", "fp32",
+                      "--tune-trials", "64", "--rpc", "192.0.2.10:9090", "--force",
+                      "-o", str(tmp_path / "a"))
+    assert ignored.returncode == 2
+    assert "--tune-trials, --rpc, --force apply to TVM compilation only: add --compile tvm" \
+        in " ".join(ignored.stderr.split())
+    negative = edgerun("optimize", str(source), "--device", "x86-64", "--compile", "tvm",
+                       "--tune-trials", "-1", "-o", str(tmp_path / "b"))
+    assert negative.returncode == 2 and "--tune-trials -1" in negative.stderr
+    with pytest.raises(OptimizeError, match="tune_trials -1"):
+        optimize(source, tmp_path / "c", OptimizeOptions(compile="tvm", tune_trials=-1))
+    assert not any((tmp_path / n).exists() for n in "abc")
+
+
+# --- pruning ------------------------------------------------------------------------------
+
+def test_unstructured_pruning_zeroes_exactly_the_ratio_when_weights_tie():
+    weight = np.full((8, 8), 0.125, np.float32)
+    weight[0, :4] = [0.5, -0.5, 0.01, -0.02]
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"])], "ties",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 8])],
+        [numpy_helper.from_array(weight, "w")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    report = prune_unstructured(model, 0.5)
+    pruned = numpy_helper.to_array(model.graph.initializer[0])
+    assert report.sparsity == 0.5 and np.count_nonzero(pruned == 0) == 32
+    assert pruned[0, 2] == 0 and pruned[0, 3] == 0  # the smallest go first
+    assert pruned[0, 0] == 0.5 and pruned[0, 1] == -0.5
