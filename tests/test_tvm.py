@@ -8,8 +8,9 @@ import contextlib
 import json
 import os
 import re
-import struct
+import shutil
 import signal
+import struct
 import socket
 import subprocess
 import sys
@@ -84,6 +85,24 @@ def test_x86_artifact_matches_onnxruntime_for_any_batch(tmp_path, mlp_path):
     assert manifest.created["tvm"]["forced_slower"] == report.slower_than_onnxruntime
     verified = edgerun("bundle", "verify", str(tmp_path / "b"))
     assert verified.returncode == 0 and "tvm:cpu" in verified.stdout, verified.stderr
+
+
+def test_a_new_library_at_a_reused_path_is_the_one_that_runs(tmp_path):
+    # an OTA update installs into the slot the version before last used: the same path; the
+    # loader once handed back the library it had loaded from there first
+    first, second = tmp_path / "m1.onnx", tmp_path / "m2.onnx"
+    first.write_bytes(mlp_onnx([8, 16, 4], seed=1))
+    second.write_bytes(mlp_onnx([8, 16, 4], seed=2))
+    slot = tmp_path / "slot"
+    x = np.ones((1, 8), np.float32)
+    for source in (first, second):
+        if slot.exists():
+            shutil.rmtree(slot)
+        compile_bundle(source, load_profile("x86-64"), slot, name="m", version="1", force=True)
+        model = Model.load(slot, "x86-64")
+        np.testing.assert_allclose(model.predict({"x": x})["y"],
+                                   onnxruntime_run(source, {"x": x})[0], atol=1e-4)
+        model.close()
 
 
 def test_concurrent_requests_get_their_own_answers(tmp_path, mlp_path):

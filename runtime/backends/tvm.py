@@ -8,6 +8,8 @@ first and refused with both named.
 from __future__ import annotations
 
 import platform
+import shutil
+import tempfile
 import threading
 from pathlib import Path
 from typing import Any
@@ -90,10 +92,16 @@ class TvmBackend(Backend):
         import tvm
         from tvm import relax  # noqa: F401  (registers the Relax VM loader)
 
-        try:
-            library = tvm.runtime.load_module(str(path))
-        except Exception as exc:  # tvm raises its own error types
-            raise BundleError(f"{path.name}: TVM cannot load it: {exc}") from exc
+        # Loaded from a copy at a path of its own: the dynamic loader hands back the library
+        # it already holds for a path, so a new version installed where an old one was (an
+        # OTA slot, a rebuilt bundle) would run the old code. Once mapped, the copy can go.
+        with tempfile.TemporaryDirectory(prefix="edgerun-tvm-") as scratch:
+            private = Path(scratch) / path.name
+            shutil.copyfile(path, private)
+            try:
+                library = tvm.runtime.load_module(str(private))
+            except Exception as exc:  # tvm raises its own error types
+                raise BundleError(f"{path.name}: TVM cannot load it: {exc}") from exc
         return cls(library, tvm.cuda(0) if cuda else tvm.cpu(0), signature, str(target))
 
     def _vm(self) -> Any:
