@@ -103,7 +103,6 @@ class Repository:
         """
         with self._load_lock:
             self._unloaded.discard(name)
-            self._attempted.add(name)
             return self._load(name)
 
     def _load(self, name: str) -> list[str]:
@@ -112,6 +111,7 @@ class Repository:
         if not wanted:  # a folder still being filled, say: not a model yet, nor unready
             self._attempted.discard(name)
             raise BundleError(f"model {name!r}: {self.source!r} offers no version to serve")
+        self._attempted.add(name)  # a model the source has: readiness waits for it now
         current = self._models.get(name)
         reusable = current.versions if current is not None and _same_serving(
             current.config, config) else {}

@@ -102,7 +102,7 @@ def cast_array(array: np.ndarray, dtype: str, name: str) -> np.ndarray:
             np.maximum.reduce(np.abs(array), axis=None) <= _FLOAT32_MAX:
         return array.astype(target)  # every JSON FP32 request: finite, in range, the short way
     if source.kind not in "biuf":
-        raise _dtype_error(name, dtype, source)
+        raise _dtype_error(name, dtype, source, array)
     if source.kind in "iu" and target.kind == "f":  # numpy calls int64 -> float64 safe; it is not
         exact = 2 ** (np.finfo(target).nmant + 1)
         if array.size == 0 or max(-int(array.min()), int(array.max())) <= exact:
@@ -162,8 +162,11 @@ def _overflows(wide: np.ndarray, narrowed: np.ndarray) -> bool:
     return bool(made.any() and not np.isinf(wide[made]).all())
 
 
-def _dtype_error(name: str, dtype: str, source: np.dtype) -> InvalidInput:
-    got = "string" if source.kind in "US" else \
+def _dtype_error(name: str, dtype: str, source: np.dtype,
+                 array: np.ndarray | None = None) -> InvalidInput:
+    text = source.kind in "US" or (source.kind == "O" and array is not None and all(
+        isinstance(value, (str, bytes)) for value in array.flat))
+    got = "string" if text else \
         "null, mixed or nested values" if source.kind == "O" else source.name
     return InvalidInput(f"input {name!r}: expected {dtype}, got {got} (no lossless cast)", name)
 

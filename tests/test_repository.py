@@ -181,6 +181,9 @@ def test_readiness_follows_the_models_it_tried_not_a_fresh_listing(repo_dir):
     repository = Repository(repo_dir, registry=Registry())
     repository.load_all()
     assert repository.ready
+    with pytest.raises(ModelNotFound):
+        repository.load("ghost")  # asked for a model the source does not have
+    assert repository.ready
     (repo_dir / "incoming").mkdir()  # being copied in, or never meant to be polled
     assert repository.ready
     repository.poll_once()  # no version in it yet: not a model, so nothing is missing
