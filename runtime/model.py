@@ -76,9 +76,8 @@ class Model:
         quantized or fp16 model, or other kernels (a GPU provider: TF32, fused or reordered
         sums), differ from the build host's by more, and a smoke test must not fail a sound
         model (after OTA, a failure rolls the update back)."""
-        created = self.bundle.manifest.created or {}
         reduced = any(str(tag).startswith("quantize:")
-                      for tag in created.get("optimizations", ()))
+                      for tag in self.bundle.manifest.created.get("optimizations", ()))
         providers = self.backend.describe().get("providers") or ["cpu"]
         accelerated = "cpu" not in str(providers[0]).lower()
         return LOOSE_TOLERANCE if reduced or accelerated else CLOSE_TOLERANCE

@@ -142,9 +142,9 @@ class Repository:
 
     def _load_version(self, name: str, version: str, config: ModelConfig) -> ServedVersion:
         fingerprint = self.source.fingerprint(name, version)
-        known = self._failed.get((name, version))
-        if known is not None and known[:2] == (fingerprint, config):
-            raise BundleError(known[2])  # nothing changed since it failed: it would again
+        known = self._known_failure(name, version, fingerprint, config)
+        if known is not None:
+            raise BundleError(known)  # nothing changed since it failed: it would again
         self._states[(name, version)] = VersionState(name, version, LOADING)
         try:
             served = load_version(self.source.bundle_path(name, version), name, version,
@@ -155,6 +155,13 @@ class Repository:
             raise
         self._failed.pop((name, version), None)
         return served
+
+    def _known_failure(self, name: str, version: str, fingerprint: tuple,
+                       config: ModelConfig) -> str | None:
+        """Why this version last failed to load, if neither its files nor its config changed
+        since (a version that failed is tried again only then)."""
+        known = self._failed.get((name, version))
+        return known[2] if known is not None and known[:2] == (fingerprint, config) else None
 
     def unload(self, name: str) -> None:
         """Stop routing to every version of a model, drain them, release them."""
@@ -208,9 +215,8 @@ class Repository:
                                    or any(v not in wanted for v in served.versions)):
             return True
         missing = [v for v in wanted if served is None or v not in served.versions]
-        # a version that failed is tried again only once its files or its config change
-        return any(self._failed.get((name, v), ())[:2] != (self.source.fingerprint(name, v),
-                                                          config) for v in missing)
+        return any(self._known_failure(name, v, self.source.fingerprint(name, v), config)
+                   is None for v in missing)
 
     def start_polling(self, interval: float) -> None:
         """Watch the source every `interval` seconds in a background thread."""

@@ -2,8 +2,9 @@
 
 A push is written to a temporary file, unpacked safely, every file's hash checked against the
 manifest, the signature checked against the fleet's trusted keys, and only then moved to
-`DATA/bundles/<name>/<version>-<sha256 prefix>.tar.gz` and recorded. A version, once accepted, is immutable:
-the same bytes again are a no-op, different bytes under the same version are refused.
+`DATA/bundles/<name>/<version>-<sha256 prefix>.tar.gz` and recorded. A version, once accepted,
+is immutable: the same bytes again are a no-op, different bytes under the same version are
+refused.
 """
 
 from __future__ import annotations
