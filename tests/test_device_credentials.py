@@ -44,11 +44,15 @@ def test_enrol_verify_rotate_revoke(url: str) -> None:
     assert all(secret not in str(row) and other not in str(row) for row in rows)
     assert [(d.device_id, d.groups) for d in credentials.devices()] == [
         ("dev-a", ("line-1",)), ("dev-b", ())]
+    assert credentials.groups() == {"dev-a": ("line-1",), "dev-b": ()}
+    assert credentials.groups("dev-a") == {"dev-a": ("line-1",)}
+    assert credentials.groups("dev-z") == {}
     rotated = credentials.enroll("dev-a", groups=("line-1",))
     assert credentials.verify("dev-a", rotated) and not credentials.verify("dev-a", secret)
     credentials.revoke("dev-b")
     assert not credentials.verify("dev-b", other)
     assert [d.device_id for d in credentials.devices()] == ["dev-a"]
+    assert credentials.groups("dev-b") == {}, "a revoked device is granted nothing"
     with pytest.raises(InvalidInput, match="no enrolled device"):
         credentials.revoke("dev-b")
     with pytest.raises(InvalidInput):

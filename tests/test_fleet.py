@@ -573,14 +573,15 @@ def test_rollout_groups_come_from_enrolment_not_from_what_devices_claim(orchestr
     # a device claiming another group received that group's rollouts (and their bundles), and
     # one claiming no group dodged its own
     enrolment = {"a": ("g",), "b": ("lab",), "c": ("g",)}
-    orchestrator.enrolled = lambda: enrolment
+    orchestrator.enrolled = lambda device_id: (
+        enrolment if device_id is None else {device_id: enrolment[device_id]})
     orchestrator.on_message("edgerun/b/status", b'{"state": "online", "group": "g"}')
     orchestrator.on_message("edgerun/c/status", b'{"state": "online", "group": "lab"}')
     assert "device b reports group 'g'; it is enrolled in lab" in caplog.text
     rollout = orchestrator.deploy("m", "2", group="g")
     assert sorted(job_states(rollout)) == ["a", "c"]
     assert {d["device_id"]: d["grp"] for d in orchestrator.store.devices()}["b"] == "lab"
-    orchestrator.enrolled = dict  # an open fleet (nobody enrolled): what devices report
+    orchestrator.enrolled = lambda device_id: {}  # an open fleet: what devices report
     assert orchestrator._members("lab") == ["b"] and orchestrator._members(None) == ["a", "b", "c"]
 
 

@@ -74,6 +74,15 @@ class DeviceCredentials:
                                   "'Authorization: Basic <device-id:secret>'")
         return credentials[0]
 
+    def groups(self, device_id: str | None = None) -> dict[str, tuple[str, ...]]:
+        """The groups granted to every device not revoked, or to `device_id` alone (an empty
+        mapping when it is not enrolled): one indexed lookup per device message."""
+        where, params = ("AND device_id = ? ", (device_id,)) if device_id is not None else ("", ())
+        rows = self.db.query("SELECT device_id, device_groups FROM device_credentials "
+                             f"WHERE revoked_at IS NULL {where}", params)
+        return {r["device_id"]: tuple(g for g in r["device_groups"].split(",") if g)
+                for r in rows}
+
     def devices(self) -> list[Device]:
         """Every device not revoked, as the broker files want them."""
         rows = self.db.query("SELECT device_id, password_hash, device_groups "

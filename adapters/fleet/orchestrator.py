@@ -42,13 +42,15 @@ class Orchestrator:
     def __init__(self, store: Store, registry: BundleRegistry, base_url: str,
                  publish: Publish | None = None,
                  leading: Callable[[], bool] = lambda: True,
-                 enrolled: Callable[[], Mapping[str, Sequence[str]]] = dict) -> None:
+                 enrolled: Callable[[str | None], Mapping[str, Sequence[str]]] =
+                 lambda device_id: {}) -> None:
         """`leading` says whether this process drives rollouts now (a `Leadership` lease when
         several registries share one database); every process records reports either way.
 
-        `enrolled` gives the groups the operator granted each enrolled device; once any device
-        is enrolled, a rollout's group is resolved from them alone, never from what devices
-        report (a device could claim another group's rollouts, or dodge its own)."""
+        `enrolled(device_id)` gives the groups the operator granted each enrolled device (None),
+        or that one device; once any device is enrolled, a rollout's group is resolved from
+        them alone, never from what devices report (a device could claim another group's
+        rollouts, or dodge its own)."""
         self.store = store
         self.leading = leading
         self.enrolled = enrolled
@@ -86,7 +88,7 @@ class Orchestrator:
     def _members(self, group: str | None) -> list[str]:
         """The devices that have reported, of `group` if one is given: by their enrolment
         where there is one, else (an open fleet) by what they report."""
-        enrolled = self.enrolled()
+        enrolled = self.enrolled(None)
         if group is None or not enrolled:
             return [d["device_id"] for d in self.store.devices(group)]
         return [d["device_id"] for d in self.store.devices()
@@ -151,7 +153,7 @@ class Orchestrator:
             group = data.get("group")
             if group is not None and not isinstance(group, str):
                 raise ValueError(f"group must be a string, got {group!r:.80}")
-            granted = self.enrolled().get(device)
+            granted = self.enrolled(device).get(device)
             if granted is not None:  # the operator's word, not the device's
                 if group is not None and group not in granted:
                     log.warning("device %s reports group %r; it is enrolled in %s", device,

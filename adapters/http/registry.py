@@ -232,7 +232,7 @@ def serve_fleet(data_dir: str, broker: str, *, host: str = "127.0.0.1", port: in
     orchestrator = Orchestrator(
         store, registry, public_url or f"http://{host}:{port}",
         leading=lambda: leadership.leading,
-        enrolled=lambda: {d.device_id: d.groups for d in credentials.devices()})
+        enrolled=credentials.groups)
     link = MqttLink(broker, orchestrator, password=broker_password)
     link.start()
     try:
