@@ -468,8 +468,7 @@ def test_readme_fleet_example_runs(tmp_path):
     assert state["slots"][state["active"]] == "2"
 
 
-@pytest.fixture
-def orchestrator(tmp_path, keys, fleet_db):
+def make_orchestrator(tmp_path, keys, fleet_db, leader=None, push_bundle: bool = True):
     """An orchestrator over a store and registry holding m:2, publishing into a list."""
     from edgerun.adapters.fleet.orchestrator import Orchestrator
     from edgerun.adapters.fleet.registry import BundleRegistry
@@ -477,19 +476,26 @@ def orchestrator(tmp_path, keys, fleet_db):
 
     store = Store.open(fleet_db or tmp_path / "fleet.db")
     registry = BundleRegistry(tmp_path, store, keys["trusted"])
-    with Bundle.open(make_bundle(tmp_path / "b", model(2), "m", "2", keys["key"])) as bundle:
-        archive = bundle.pack(tmp_path / "m-2.tar.gz")
-    with archive.open("rb") as stream:
-        registry.push(stream)
+    if push_bundle:
+        with Bundle.open(make_bundle(tmp_path / "b", model(2), "m", "2", keys["key"])) as bundle:
+            archive = bundle.pack(tmp_path / "m-2.tar.gz")
+        with archive.open("rb") as stream:
+            registry.push(stream)
     sent: list[tuple[str, bytes, bool]] = []
-    orchestrator = Orchestrator(store, registry, "http://registry",
+    orchestrator = Orchestrator(store, registry, "http://registry", leader=leader,
                                 publish=lambda *message: sent.append(message))
     orchestrator.sent = sent
     for device in ("a", "b"):
         orchestrator.on_message(f"edgerun/{device}/status",
                                 json.dumps({"state": "online", "group": "g"}).encode())
+    return orchestrator
+
+
+@pytest.fixture
+def orchestrator(tmp_path, keys, fleet_db):
+    orchestrator = make_orchestrator(tmp_path, keys, fleet_db)
     yield orchestrator
-    store.close()
+    orchestrator.store.close()
 
 
 def test_orchestrator_takes_back_a_withdrawn_job_the_device_had_picked_up(orchestrator):
@@ -593,6 +599,68 @@ def test_a_wave_start_cut_short_by_a_restart_is_completed(orchestrator):
     orchestrator.tick()
     assert job_states(orchestrator.status(rollout["id"]))["b"] == "queued"
     assert orchestrator.sent[-1][0] == "edgerun/b/ota"
+
+
+class StalledLeader:
+    """A leader that found itself leading just before a pause (a GC or VM pause) and acts
+    after it, whatever happened meanwhile: only the database's fence can stop it."""
+
+    leading = True
+
+    def __init__(self, lease) -> None:
+        self.lease = lease
+
+    def fence(self) -> bool:
+        return self.lease.fence()
+
+
+def test_a_leader_that_stalled_past_its_lease_writes_and_sends_nothing(tmp_path, keys,
+                                                                        fleet_db):
+    from edgerun.adapters.fleetdb import Leadership, Lease
+    from edgerun.adapters.ota.messages import Job, Report
+
+    url = fleet_db or tmp_path / "fleet.db"
+    a_lease = Lease(Store.open(url).db, "rollouts", "registry-a", ttl=1.0)
+    b_lease = Lease(Store.open(url).db, "rollouts", "registry-b", ttl=30.0)
+    assert a_lease.acquire()
+    a = make_orchestrator(tmp_path, keys, fleet_db, leader=StalledLeader(a_lease))
+    b = make_orchestrator(tmp_path, keys, fleet_db, leader=Leadership(b_lease),
+                          push_bundle=False)
+    rollout = a.deploy("m", "2", group="g", waves=[0.5, 1.0])
+    job_ids = {job["device_id"]: job["job_id"] for job in rollout["jobs"]}
+    assert [topic for topic, _, _ in a.sent] == ["edgerun/a/ota"]
+
+    # a follower acts on nothing: reports, ticks and republishing are the leader's
+    queued = Report(job_ids["a"], "a", "queued", "m", "2", "1").encode()
+    b.on_message("edgerun/a/ota/report", queued)
+    b.tick()
+    b.republish()
+    assert b.sent == [] and b.status(rollout["id"])["jobs"][0]["previous_version"] is None
+
+    time.sleep(1.1)  # a pauses past its lease, and b takes it over
+    assert b_lease.acquire() and b_lease.epoch == 2
+    active = Report(job_ids["a"], "a", "active", "m", "2", "1").encode()
+    a.on_message("edgerun/a/ota/report", active)  # would start the next wave
+    a.tick()
+    a.republish()
+    assert job_states(a.status(rollout["id"])) == {"a": "queued", "b": "pending"}
+    assert [topic for topic, _, _ in a.sent] == ["edgerun/a/ota"]  # nothing more from a
+
+    b.on_message("edgerun/a/ota/report", active)  # the new leader acts on the same report
+    assert job_states(b.status(rollout["id"])) == {"a": "active", "b": "queued"}
+    assert [(topic, Job.decode(payload).kind) for topic, payload, _ in b.sent if payload] == \
+        [("edgerun/b/ota", "install")]
+
+    a.abort(rollout["id"])  # an operator's abort may land on any process
+    assert b.status(rollout["id"])["state"] == "rolling_back" and len(a.sent) == 1
+    b.tick()  # the leader sends the rollback and withdraws the job b never picked up
+    status = b.status(rollout["id"])
+    assert job_states(status) == {"a": "queued", "b": "cancelled"}
+    assert Job.decode(b.sent[-2][1]).kind == "rollback" and b.sent[-1] == ("edgerun/b/ota",
+                                                                          b"", True)
+    assert len(a.sent) == 1
+    for orchestrator in (a, b):
+        orchestrator.store.close()
 
 
 def lease_holder(url: str) -> str:

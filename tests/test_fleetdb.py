@@ -226,3 +226,53 @@ def test_leadership_moves_when_the_leader_stops_renewing(url: str) -> None:
     assert not b.leading and a.lease.acquire() and a.lease.epoch == 3
     # a crashed process tells nobody; b reports both its win and its clean hand-over
     assert events == [("registry-a", True), ("registry-b", True), ("registry-b", False)]
+
+
+def test_the_lease_cannot_change_hands_inside_a_fenced_transaction(url: str) -> None:
+    """What a holder writes after `fence()` commits before anyone else may take the lease,
+    even if the lease expires meanwhile by the clock."""
+    a = Lease(connect(url), "rollouts", "registry-a", ttl=2.0)
+    b = Lease(connect(url), "rollouts", "registry-b", ttl=2.0)
+    assert a.acquire()
+    taken_at: list[float] = []
+
+    def take_over() -> None:
+        while not b.acquire():
+            time.sleep(0.05)
+        taken_at.append(time.monotonic())
+
+    thread = threading.Thread(target=take_over)
+    time.sleep(1.0)
+    with a.db.transaction():
+        assert a.fence()
+        thread.start()
+        time.sleep(1.5)  # the lease expires by the database's clock meanwhile
+        assert not taken_at and not b.held
+        committed_at = time.monotonic()
+    thread.join(20)
+    assert taken_at and taken_at[0] >= committed_at and b.epoch == 2
+    with a.db.transaction():
+        assert not a.fence()  # the old holder learns it from the database
+
+
+def test_a_holder_stalled_inside_a_fenced_transaction_is_cut_off(postgres_url) -> None:
+    """PostgreSQL ends the session of a holder idle in its transaction past the ttl: the
+    lease is free for the next holder, and what the stalled one wrote never commits."""
+    import psycopg
+
+    url = fresh_database(postgres_url)
+    a = Lease(connect(url), "rollouts", "registry-a", ttl=1.0)
+    b = Lease(connect(url), "rollouts", "registry-b", ttl=30.0)
+    assert a.acquire()
+    with pytest.raises(psycopg.Error, match="idle-in-transaction"):
+        with a.db.transaction():
+            assert a.fence()
+            a.db.execute("CREATE TABLE written_while_stalled (x BIGINT)")
+            deadline = time.monotonic() + 20
+            while not b.acquire():  # a is "stalled" here (a GC or VM pause) past its ttl
+                assert time.monotonic() < deadline, "the stalled holder kept the lease"
+                time.sleep(0.1)
+    assert b.epoch == 2
+    # a's connection was ended: the next statement opens a new one
+    assert a.db.one("SELECT to_regclass('written_while_stalled') AS t") == {"t": None}
+    assert not a.acquire()

@@ -6,6 +6,13 @@ the agents' retained reports give every device's latest state as soon as it subs
 One `tick` moves each rollout forward: time out late jobs, abort when failures pass the
 threshold, start the next wave once the current one is done and the gate holds on every
 updated device's telemetry (newer than its update).
+
+When several registries share one database, one of them holds the rollouts lease and alone
+acts on rollouts: every step it takes (a tick, a device's report) commits in one transaction
+fenced by the lease, and the jobs it publishes go out after that commit. A leader that stalled
+past its lease and woke after another took over writes and publishes nothing. Any process may
+start a rollout or ask for an abort (a compare-and-set of the rollout's state); the leader
+sends the rollback jobs.
 """
 
 from __future__ import annotations
@@ -16,7 +23,7 @@ import secrets
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import unquote, urlsplit
 
 from edgerun.adapters.fleet import gate as gates
@@ -38,26 +45,35 @@ TIMED_OUT = "timed out in state"
 Publish = Callable[[str, bytes, bool], None]
 
 
+class Leader(Protocol):
+    """Whether this process drives rollouts (`edgerun.adapters.fleetdb.Leadership`)."""
+
+    @property
+    def leading(self) -> bool: ...
+
+    def fence(self) -> bool: ...
+
+
 class Orchestrator:
     def __init__(self, store: Store, registry: BundleRegistry, base_url: str,
-                 publish: Publish | None = None,
-                 leading: Callable[[], bool] = lambda: True,
+                 publish: Publish | None = None, leader: Leader | None = None,
                  enrolled: Callable[[str | None], Mapping[str, Sequence[str]]] =
                  lambda device_id: {}) -> None:
-        """`leading` says whether this process drives rollouts now (a `Leadership` lease when
-        several registries share one database); every process records reports either way.
+        """`leader` says whether this process drives rollouts now, and fences what it writes
+        (a `Leadership` when several registries share one database; None: this one alone).
 
         `enrolled(device_id)` gives the groups the operator granted each enrolled device (None),
         or that one device; once any device is enrolled, a rollout's group is resolved from
         them alone, never from what devices report (a device could claim another group's
         rollouts, or dodge its own)."""
         self.store = store
-        self.leading = leading
+        self.leader = leader
         self.enrolled = enrolled
         self.registry = registry
         self.base_url = base_url.rstrip("/")
         self.publish: Publish = publish or (lambda topic, payload, retain: None)
         self._lock = threading.RLock()
+        self._outbox: list[tuple[str, bytes, bool]] | None = None
 
     # ------------------------------------------------------------------ commands
     def deploy(self, model: str, version: str, *, group: str | None = None,
@@ -79,10 +95,9 @@ class Orchestrator:
                 "gate_conditions": [[c.metric, c.op, c.threshold] for c in conditions],
                 "job_timeout": job_timeout, "gate_timeout": gate_timeout, "group": group,
                 "sha256": bundle.sha256, "size": bundle.size, "wave_done_at": None}
-        with self._lock:
-            self.store.add_rollout(rollout_id, model, version, spec,
-                                   gates.assign_waves(targets, waves))
-            self.tick()
+        self.store.add_rollout(rollout_id, model, version, spec,
+                               gates.assign_waves(targets, waves))
+        self.tick()
         return self.status(rollout_id)
 
     def _members(self, group: str | None) -> list[str]:
@@ -95,20 +110,21 @@ class Orchestrator:
                 if group in enrolled.get(d["device_id"], ())]
 
     def abort(self, rollout_id: str, reason: str = "aborted by the operator") -> None:
-        with self._lock:
-            rollout = self._rollout(rollout_id)
-            if rollout["state"] == RUNNING:
-                self._abort(rollout, reason)
+        self._rollout(rollout_id)
+        if self.store.move_rollout(rollout_id, (RUNNING,), state=ROLLING_BACK, reason=reason):
+            log.warning("rollout %s aborted: %s", rollout_id, reason)
+        self.tick()
 
     def rollback(self, rollout_id: str, reason: str = "rolled back by the operator") -> None:
         """Send every device a running or completed rollout updated back to its previous
         version (an explicit rollback job, the one way past the devices' anti-rollback)."""
-        with self._lock:
-            rollout = self._rollout(rollout_id)
-            if rollout["state"] not in (RUNNING, COMPLETED):
-                raise InvalidInput(f"rollout {rollout_id} is {rollout['state']}: nothing to "
-                                   "roll back")
-            self._abort(rollout, reason)
+        self._rollout(rollout_id)
+        if not self.store.move_rollout(rollout_id, (RUNNING, COMPLETED), state=ROLLING_BACK,
+                                       reason=reason):
+            raise InvalidInput(f"rollout {rollout_id} is {self._rollout(rollout_id)['state']}: "
+                               "nothing to roll back")
+        log.warning("rollout %s rolled back: %s", rollout_id, reason)
+        self.tick()
 
     def status(self, rollout_id: str | None = None) -> dict[str, Any]:
         if rollout_id is None:
@@ -145,7 +161,8 @@ class Orchestrator:
         device, kind = parts[1], "/".join(parts[2:])
         try:
             if kind == "ota/report":
-                self._on_report(device, Report.decode(payload))
+                report = Report.decode(payload)
+                self._as_leader(lambda: self._on_report(device, report))
                 return
             data = json.loads(payload)
             if not isinstance(data, dict):
@@ -170,88 +187,148 @@ class Orchestrator:
             log.exception("failed to handle a message on %s", topic)
 
     def _on_report(self, device: str, report: Report) -> None:
-        with self._lock:
-            job = self.store.job_by_id(report.job_id)
-            if job is None or job["device_id"] != device:
-                return
-            given_up = job["state"] == CANCELLED or (
-                job["state"] == FAILED and job["detail"].startswith(TIMED_OUT))
-            if given_up and job["kind"] == INSTALL and report.state != FAILED \
-                    and report.previous is not None:
-                rollout = self._rollout(job["rollout_id"])
-                if job["state"] == CANCELLED or rollout["state"] in (ROLLING_BACK, ABORTED):
-                    # withdrawn by an abort, or timed out and then aborted, but the device had
-                    # picked it up and went on: take it back
-                    self._send_rollback(rollout, {**job, "previous_version": report.previous})
-                    return
-                # timed out, yet the device went on and the rollout goes on: its reports count
-            elif job["state"] in ENDED:
-                return
-            fields: dict[str, Any] = {"state": report.state, "detail": report.detail}
-            if report.previous is not None and job["kind"] == INSTALL:
-                fields["previous_version"] = report.previous
-            if report.state == ACTIVE:  # the gate counts errors from here on
-                telemetry = (self.store.device(device) or {}).get("telemetry") or {}
-                fields["baseline"] = json.dumps({k: telemetry.get(k)
-                                                 for k in ("requests", "errors")})
-            self.store.update_job(job["rollout_id"], device, **fields)
-            if report.state in TERMINAL:
-                self.publish(job_topic(device), b"", True)  # done: clear the retained job
+        """A device's report on a job (as the leader: the reports every process hears are
+        acted on once; a new leader hears each device's latest again, as it is retained)."""
+        job = self.store.job_by_id(report.job_id)
+        if job is None or job["device_id"] != device:
+            return
+        given_up = job["state"] == CANCELLED or (
+            job["state"] == FAILED and job["detail"].startswith(TIMED_OUT))
+        if given_up and job["kind"] == INSTALL and report.state != FAILED \
+                and report.previous is not None:
             rollout = self._rollout(job["rollout_id"])
-            if rollout["state"] in (ROLLING_BACK, ABORTED) and job["kind"] == INSTALL \
-                    and report.state != FAILED:
-                # the device took the new version after the rollout was aborted
-                self._send_rollback(rollout, {**job, **fields})
-            self.tick()
+            if job["state"] == CANCELLED or rollout["state"] in (ROLLING_BACK, ABORTED):
+                # withdrawn by an abort, or timed out and then aborted, but the device had
+                # picked it up and went on: take it back
+                self._send_rollback(rollout, {**job, "previous_version": report.previous})
+                return
+            # timed out, yet the device went on and the rollout goes on: its reports count
+        elif job["state"] in ENDED:
+            return
+        elif (job["state"], job["detail"]) == (report.state, report.detail) and \
+                report.previous in (None, job["previous_version"]):
+            return  # heard before (a retained report, again): nothing new
+        fields: dict[str, Any] = {"state": report.state, "detail": report.detail}
+        if report.previous is not None and job["kind"] == INSTALL:
+            fields["previous_version"] = report.previous
+        if report.state == ACTIVE:  # the gate counts errors from here on
+            telemetry = (self.store.device(device) or {}).get("telemetry") or {}
+            fields["baseline"] = json.dumps({k: telemetry.get(k)
+                                             for k in ("requests", "errors")})
+        self.store.update_job(job["rollout_id"], device, **fields)
+        if report.state in TERMINAL:
+            self._send(job_topic(device), b"", True)  # done: clear the retained job
+        rollout = self._rollout(job["rollout_id"])
+        if rollout["state"] == ABORTED and job["kind"] == INSTALL and report.state != FAILED:
+            # the device took the new version after the rollout was aborted
+            self._send_rollback(rollout, {**job, **fields})
+        self._tick()
 
     def republish(self) -> None:
-        """Send every outstanding job again (after a broker or orchestrator restart)."""
-        with self._lock:
-            for rollout in self.store.rollouts():
-                for job in self.store.jobs(rollout["id"]):
-                    if job["job_id"] and job["state"] not in ENDED | {PENDING}:
-                        self._publish_job(rollout, job)
+        """Send every outstanding job again (after a broker restart, or on taking the lease)."""
+        self._as_leader(self._republish)
+
+    def _republish(self) -> None:
+        for rollout in self.store.rollouts():
+            for job in self.store.jobs(rollout["id"]):
+                if job["job_id"] and job["state"] not in ENDED | {PENDING}:
+                    self._publish_job(rollout, job)
 
     # --------------------------------------------------------------------- ticks
     def tick(self) -> None:
-        if not self.leading():
-            return
-        with self._lock:
-            now = time.time()
-            for rollout in self.store.rollouts(RUNNING) + self.store.rollouts(ROLLING_BACK):
-                jobs = self.store.jobs(rollout["id"])
-                for job in jobs:
-                    if job["state"] not in ENDED | {PENDING} and job["deadline"] \
-                            and job["deadline"] < now:
-                        detail = f"{TIMED_OUT} {job['state']}"
-                        self.store.update_job(rollout["id"], job["device_id"], state=FAILED,
-                                              detail=detail)
-                        self.publish(job_topic(job["device_id"]), b"", True)
-                        job.update(state=FAILED, detail=detail)
-                if rollout["state"] == RUNNING:
-                    self._advance(rollout, jobs, now)
-                elif all(job["state"] in ENDED for job in jobs):
-                    self.store.update_rollout(rollout["id"], state=ABORTED)
+        """Move every rollout on (the ticker thread, every 0.25 s, and after each change)."""
+        self._as_leader(self._tick)
 
-    def _advance(self, rollout: dict[str, Any], jobs: list[dict[str, Any]], now: float) -> None:
+    def _leading(self) -> bool:
+        return self.leader is None or self.leader.leading
+
+    def _as_leader(self, step: Callable[[], None]) -> bool:
+        """Run `step` as the leader, or not at all: its writes commit in one transaction that
+        first checks the lease by the database (`Leader.fence`), and the messages it sends
+        (`_send`) go out after that commit; whether it ran. A message left unsent because the
+        lease lapsed right after the commit is sent by the next leader's `republish`."""
+        with self._lock:
+            if not self._leading():
+                return False
+            self._outbox = []
+            try:
+                with self.store.transaction():
+                    if self.leader is not None and not self.leader.fence():
+                        log.warning("the rollouts lease has passed to another process: "
+                                    "this one no longer acts on rollouts")
+                        return False
+                    step()
+                outbox = self._outbox
+            finally:
+                self._outbox = None
+            if outbox and not self._leading():
+                log.warning("the rollouts lease lapsed: %d message(s) left to the next leader",
+                            len(outbox))
+                return True
+            for topic, payload, retain in outbox:
+                self.publish(topic, payload, retain)
+            return True
+
+    def _send(self, topic: str, payload: bytes, retain: bool) -> None:
+        """Publish once the step commits (only inside `_as_leader`)."""
+        assert self._outbox is not None, "messages are sent by steps run as the leader"
+        self._outbox.append((topic, payload, retain))
+
+    def _tick(self) -> None:
+        now = time.time()
+        for rollout in self.store.rollouts(RUNNING, ROLLING_BACK, lock=True):
+            jobs = self.store.jobs(rollout["id"])
+            for job in jobs:
+                if job["state"] not in ENDED | {PENDING} and job["deadline"] \
+                        and job["deadline"] < now:
+                    detail = f"{TIMED_OUT} {job['state']}"
+                    self.store.update_job(rollout["id"], job["device_id"], state=FAILED,
+                                          detail=detail)
+                    self._send(job_topic(job["device_id"]), b"", True)
+                    job.update(state=FAILED, detail=detail)
+            if rollout["state"] == RUNNING:
+                reason = self._advance(rollout, jobs, now)
+                if reason is None:
+                    continue
+                log.warning("rollout %s aborted: %s", rollout["id"], reason)
+                self.store.update_rollout(rollout["id"], state=ROLLING_BACK, reason=reason)
+                rollout = {**rollout, "state": ROLLING_BACK, "reason": reason}
+            self._roll_back(rollout, jobs)
+
+    def _roll_back(self, rollout: dict[str, Any], jobs: list[dict[str, Any]]) -> None:
+        """An aborted rollout: cancel the jobs not yet started, take back every install a
+        device may have made, and end once every job has."""
+        for job in jobs:
+            if job["state"] == PENDING:
+                fields = {"state": CANCELLED, "detail": "rollout aborted before this wave"}
+                self.store.update_job(rollout["id"], job["device_id"], **fields)
+                job.update(fields)
+            elif job["kind"] == INSTALL and job["state"] not in (FAILED, CANCELLED,
+                                                                  ROLLED_BACK):
+                job.update(self._send_rollback(rollout, job))
+        if all(job["state"] in ENDED for job in jobs):
+            self.store.update_rollout(rollout["id"], state=ABORTED)
+
+    def _advance(self, rollout: dict[str, Any], jobs: list[dict[str, Any]],
+                 now: float) -> str | None:
+        """Start, gate and finish waves; the reason to abort, if there is one."""
         spec = rollout["spec"]
         failed = [job for job in jobs if job["state"] == FAILED]
         if jobs and len(failed) / len(jobs) > spec["max_failures"]:
             culprits = ", ".join(f"{j['device_id']}: {j['detail']}" for j in failed[:3])
-            self._abort(rollout, f"{len(failed)} of {len(jobs)} devices failed, over "
-                                 f"max-failures {spec['max_failures']:.0%} ({culprits})")
-            return
+            return (f"{len(failed)} of {len(jobs)} devices failed, over max-failures "
+                    f"{spec['max_failures']:.0%} ({culprits})")
         wave = rollout["wave"]
         # jobs of a started wave still pending: a restart cut the wave's start short
         self._start([j for j in jobs if j["wave"] <= wave and j["state"] == PENDING], rollout,
                     now)
         if wave >= 0 and any(j["state"] not in ENDED for j in jobs if j["wave"] <= wave):
-            return
+            return None
         if wave == len(spec["waves"]) - 1:
             self.store.update_rollout(rollout["id"], state=COMPLETED,
                                       reason=f"{sum(j['state'] == ACTIVE for j in jobs)} of "
                                              f"{len(jobs)} devices active")
-            return
+            return None
         if wave >= 0 and spec["gate_conditions"]:
             broken = self._gate(spec, [j for j in jobs if j["wave"] <= wave
                                        and j["state"] == ACTIVE])
@@ -260,12 +337,13 @@ class Orchestrator:
                     spec["wave_done_at"] = now
                     self.store.update_rollout(rollout["id"], spec=json.dumps(spec))
                 elif now - spec["wave_done_at"] > spec["gate_timeout"]:
-                    self._abort(rollout, "health gate failed: " + "; ".join(broken[:3]))
-                return
+                    return "health gate failed: " + "; ".join(broken[:3])
+                return None
         spec["wave_done_at"] = None
         self.store.update_rollout(rollout["id"], wave=wave + 1, spec=json.dumps(spec))
         self._start([j for j in jobs if j["wave"] == wave + 1 and j["state"] == PENDING],
                     rollout, now)
+        return None
 
     def _start(self, jobs: list[dict[str, Any]], rollout: dict[str, Any], now: float) -> None:
         for job in jobs:
@@ -289,33 +367,24 @@ class Orchestrator:
                        for b in gates.check_gate(conditions, device["telemetry"], baseline)]
         return broken
 
-    def _abort(self, rollout: dict[str, Any], reason: str) -> None:
-        log.warning("rollout %s aborted: %s", rollout["id"], reason)
-        self.store.update_rollout(rollout["id"], state=ROLLING_BACK, reason=reason)
-        rollout = self._rollout(rollout["id"])
-        for job in self.store.jobs(rollout["id"]):
-            if job["state"] == PENDING:
-                self.store.update_job(rollout["id"], job["device_id"], state=CANCELLED,
-                                      detail="rollout aborted before this wave")
-            elif job["state"] not in (FAILED, CANCELLED, ROLLED_BACK):
-                self._send_rollback(rollout, job)
-
-    def _send_rollback(self, rollout: dict[str, Any], job: dict[str, Any]) -> None:
+    def _send_rollback(self, rollout: dict[str, Any], job: dict[str, Any]) -> dict[str, Any]:
+        """Take an install back (or withdraw it if the device never picked it up); the job's
+        fields as they now are."""
         previous = job.get("previous_version")
         device = job["device_id"]
         if previous is None:  # never picked up: withdraw it
-            self.publish(job_topic(device), b"", True)
-            self.store.update_job(rollout["id"], device, state=CANCELLED,
-                                  detail="withdrawn before the device picked it up")
-            return
-        job_id = f"{rollout['id']}.{device}.rollback"
+            self._send(job_topic(device), b"", True)
+            fields = {"state": CANCELLED, "detail": "withdrawn before the device picked it up"}
+            self.store.update_job(rollout["id"], device, **fields)
+            return fields
         if rollout["state"] == ABORTED:  # follow this rollback to its end too
             self.store.update_rollout(rollout["id"], state=ROLLING_BACK)
-        self.store.update_job(rollout["id"], device, job_id=job_id, kind=ROLLBACK,
-                              version=previous, state=QUEUED, detail="rolling back",
-                              deadline=time.time() + rollout["spec"]["job_timeout"])
-        self._publish_job(rollout, {**job, "job_id": job_id, "kind": ROLLBACK,
-                                    "version": previous})
+        fields = {"job_id": f"{rollout['id']}.{device}.rollback", "kind": ROLLBACK,
+                  "version": previous, "state": QUEUED, "detail": "rolling back",
+                  "deadline": time.time() + rollout["spec"]["job_timeout"]}
+        self.store.update_job(rollout["id"], device, **fields)
+        self._publish_job(rollout, {**job, **fields})
+        return fields
 
     def _publish_job(self, rollout: dict[str, Any], job: dict[str, Any]) -> None:
         model, version = rollout["model"], job["version"]
@@ -327,7 +396,7 @@ class Orchestrator:
             url, sha256, size = "", "", 0
         message = Job(job_id=job["job_id"], kind=job["kind"], model=model, version=version,
                       url=url, sha256=sha256, size=size, rollout=rollout["id"])
-        self.publish(job_topic(job["device_id"]), message.encode(), True)
+        self._send(job_topic(job["device_id"]), message.encode(), True)
 
 
 class MqttLink:
@@ -370,6 +439,14 @@ class MqttLink:
         client.subscribe([(topic, 1) for topic in self.TOPICS])
         self.connected.set()
         threading.Thread(target=self.orchestrator.republish, daemon=True).start()
+
+    def on_leadership(self, leading: bool) -> None:
+        """On taking the rollouts lease over: hear every device's latest job report again
+        (subscribing anew sends the retained ones; a follower ignored them) and send the
+        outstanding jobs, some of which the last leader may not have sent."""
+        if leading and self.connected.is_set():
+            self.client.subscribe([(self.TOPICS[-1], 1)])
+            self.orchestrator.republish()
 
     def start(self, tick_interval: float = 0.25) -> None:
         self.client.connect_async(self.host, self.port, keepalive=30)

@@ -183,18 +183,25 @@ class Store:
             row["spec"] = json.loads(row["spec"])
         return row
 
-    def rollouts(self, state: str | None = None) -> list[dict[str, Any]]:
-        if state is None:
-            rows = self.query("SELECT * FROM rollouts ORDER BY created_at")
-        else:
-            rows = self.query("SELECT * FROM rollouts WHERE state = ? ORDER BY created_at",
-                              (state,))
+    def rollouts(self, *states: str, lock: bool = False) -> list[dict[str, Any]]:
+        """Every rollout, or those in `states`; `lock` (inside a transaction) holds their rows
+        until it ends (PostgreSQL; SQLite's write lock holds everything), so an abort asked of
+        another process waits for, then sees, what this transaction does to them."""
+        where = f" WHERE state IN ({', '.join('?' * len(states))})" if states else ""
+        suffix = " FOR UPDATE" if lock and self.db.dialect != SQLITE else ""
+        rows = self.query(f"SELECT * FROM rollouts{where} ORDER BY created_at{suffix}", states)
         for row in rows:
             row["spec"] = json.loads(row["spec"])
         return rows
 
     def update_rollout(self, rollout_id: str, **fields: Any) -> None:
         self._update("rollouts", "id = ?", (rollout_id,), fields)
+
+    def move_rollout(self, rollout_id: str, states: Sequence[str], **fields: Any) -> bool:
+        """Update the rollout only if it is in one of `states` (a compare-and-set any process
+        may do); whether it was."""
+        return self._update("rollouts", f"id = ? AND state IN ({', '.join('?' * len(states))})",
+                            (rollout_id, *states), fields) > 0
 
     def jobs(self, rollout_id: str) -> list[dict[str, Any]]:
         return self.query("SELECT * FROM jobs WHERE rollout_id = ? ORDER BY wave, device_id",
@@ -213,10 +220,11 @@ class Store:
     def update_job(self, rollout_id: str, device_id: str, **fields: Any) -> None:
         self._update("jobs", "rollout_id = ? AND device_id = ?", (rollout_id, device_id), fields)
 
-    def _update(self, table: str, where: str, keys: tuple, fields: dict[str, Any]) -> None:
+    def _update(self, table: str, where: str, keys: tuple, fields: dict[str, Any]) -> int:
         fields = {**fields, "updated_at": time.time()}
         columns = ", ".join(f"{name} = ?" for name in fields)  # names come from this module
-        self.execute(f"UPDATE {table} SET {columns} WHERE {where}", (*fields.values(), *keys))
+        return self.db.execute(f"UPDATE {table} SET {columns} WHERE {where}",
+                               (*fields.values(), *keys))
 
 
 def _json(value: Any) -> str | None:

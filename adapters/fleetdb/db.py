@@ -3,7 +3,9 @@
 SQL is written once, with `?` parameters (translated to psycopg's `%s`) and the types and
 statements both databases run unchanged: TEXT, BIGINT, DOUBLE PRECISION, no AUTOINCREMENT,
 `INSERT ... ON CONFLICT (...) DO UPDATE`. Where they differ (the clock, locks), `dialect` says
-which one this is. Connections run in autocommit mode; `transaction()` groups statements.
+which one this is. Connections run in autocommit mode; `transaction()` groups statements. A
+PostgreSQL connection the server closed (a restart, a timeout that ended the session) is opened
+again before the next statement, so a registry outlives its database's restarts.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -51,15 +54,24 @@ def redact(url: str) -> str:
 class Database:
     """A connection shared by threads (one statement at a time), rows as dicts."""
 
-    def __init__(self, connection: Any, dialect: str) -> None:
+    def __init__(self, connection: Any, dialect: str,
+                 reconnect: Callable[[], Any] | None = None) -> None:
         self.connection = connection
         self.dialect = dialect
+        self._reconnect = reconnect
         self.now = NOW[dialect]
         self._lock = threading.RLock()
         self._depth = 0
 
     def _sql(self, sql: str) -> str:
         return sql if self.dialect == SQLITE else to_pyformat(sql)
+
+    def _open(self) -> Any:
+        """The connection, opened again if the server closed it (outside a transaction only:
+        a transaction cut off by the server is lost, and its caller hears so)."""
+        if self._reconnect is not None and not self._depth and self.connection.closed:
+            self.connection = self._reconnect()
+        return self.connection
 
     @contextmanager
     def transaction(self) -> Iterator[Database]:
@@ -73,13 +85,14 @@ class Database:
                 finally:
                     self._depth -= 1
                 return
-            self.connection.execute("BEGIN IMMEDIATE" if self.dialect == SQLITE else "BEGIN")
+            self._open().execute("BEGIN IMMEDIATE" if self.dialect == SQLITE else "BEGIN")
             self._depth = 1
             try:
                 yield self
             except BaseException:
                 self._depth = 0
-                self.connection.execute("ROLLBACK")
+                if not getattr(self.connection, "closed", False):
+                    self.connection.execute("ROLLBACK")
                 raise
             self._depth = 0
             self.connection.execute("COMMIT")
@@ -87,12 +100,12 @@ class Database:
     def execute(self, sql: str, params: Sequence[Any] = ()) -> int:
         """Run one statement; the number of rows it changed."""
         with self._lock:
-            cursor = self.connection.execute(self._sql(sql), tuple(params))
+            cursor = self._open().execute(self._sql(sql), tuple(params))
             return cursor.rowcount
 
     def query(self, sql: str, params: Sequence[Any] = ()) -> list[dict[str, Any]]:
         with self._lock:
-            cursor = self.connection.execute(self._sql(sql), tuple(params))
+            cursor = self._open().execute(self._sql(sql), tuple(params))
             names = [column[0] for column in cursor.description]
             return [dict(zip(names, row)) for row in cursor.fetchall()]
 
@@ -139,12 +152,15 @@ def _postgresql(url: str) -> Database:
     except ImportError as exc:
         raise InvalidInput(f"{redact(url)} needs psycopg 3: pip install 'edgerun[fleet]' "
                            f"({exc})") from None
-    try:
-        connection = psycopg.connect(url, autocommit=True, connect_timeout=10)
-    except psycopg.OperationalError as exc:
-        # psycopg's message names host and user, never the password
-        raise InvalidInput(f"cannot connect to {redact(url)}: {exc}".strip()) from None
-    return Database(connection, POSTGRESQL)
+
+    def open_connection() -> Any:
+        try:
+            return psycopg.connect(url, autocommit=True, connect_timeout=10)
+        except psycopg.OperationalError as exc:
+            # psycopg's message names host and user, never the password
+            raise InvalidInput(f"cannot connect to {redact(url)}: {exc}".strip()) from None
+
+    return Database(open_connection(), POSTGRESQL, reconnect=open_connection)
 
 
 def connect(url: str | Path) -> Database:

@@ -6,8 +6,10 @@ a free or expired lease, or renews one already held, in one atomic upsert (its W
 the compare-and-set), on SQLite and PostgreSQL alike. The holder calls it well within `ttl`
 (every ttl/3, say); a holder that stops renewing (crashed, partitioned) loses the lease at
 expiry, and `held` turns False locally by then too, so two leaders never act at once as long as
-the holder stops acting when `held` is False. The epoch is a fencing token: write it with the
-rollout state, and refuse writes carrying an older one.
+the holder stops acting when `held` is False. A holder can stall after that check (a GC or VM
+pause) and wake after another took over: so what it writes goes in a transaction that first
+calls `fence()`, which checks, by the database, that this holder still has the lease at the
+epoch it won, and keeps anyone from taking it over until that transaction ends.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from edgerun.adapters.fleetdb.db import Database
+from edgerun.adapters.fleetdb.db import POSTGRESQL, Database
 from edgerun.adapters.fleetdb.migrations import Migration, migrate
 
 log = logging.getLogger(__name__)
@@ -77,6 +79,23 @@ class Lease:
         """Whether this holder may act now (it renewed within ttl)."""
         return time.monotonic() < self._valid_until
 
+    def fence(self) -> bool:
+        """Inside the caller's transaction: whether this holder still has the lease, unexpired
+        and at the epoch it won, by the database. The lease row then stays locked until the
+        transaction ends (PostgreSQL: FOR UPDATE; SQLite: its write lock, taken at BEGIN), so
+        the caller's writes commit under the lease or not at all. On PostgreSQL a holder that
+        stalls inside the transaction past the ttl has its session ended by the server, which
+        frees the lease for the next holder and drops what the stalled one wrote."""
+        if self.epoch is None:
+            return False
+        if self.db.dialect == POSTGRESQL:
+            self.db.execute(f"SET LOCAL idle_in_transaction_session_timeout = "
+                            f"{max(1, int(self.ttl * 1000))}")
+        lock = " FOR UPDATE" if self.db.dialect == POSTGRESQL else ""
+        return self.db.one(
+            f"SELECT epoch FROM leases WHERE name = ? AND holder = ? AND epoch = ? AND "
+            f"expires_at > {self.db.now}{lock}", (self.name, self.holder, self.epoch)) is not None
+
     def release(self) -> None:
         """Give the lease up at once (expired now, epoch kept), e.g. on a clean shutdown."""
         self.db.execute(f"UPDATE leases SET expires_at = {self.db.now} - 1 "
@@ -110,6 +129,10 @@ class Leadership:
     @property
     def leading(self) -> bool:
         return self.lease.held
+
+    def fence(self) -> bool:
+        """See `Lease.fence`: call it first in each transaction that acts as the leader."""
+        return self.lease.fence()
 
     def start(self) -> Leadership:
         self._thread = threading.Thread(target=self._run, name=f"lease-{self.lease.name}",

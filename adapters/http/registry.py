@@ -217,8 +217,9 @@ def serve_fleet(data_dir: str, broker: str, *, host: str = "127.0.0.1", port: in
     """`edgerun fleet serve`: store, registry, orchestrator on MQTT, HTTP; until SIGTERM.
 
     Several processes may share one database (`db`, PostgreSQL) and the bundles folder: each
-    serves the API and records device reports, and the holder of the "rollouts" lease alone
-    drives rollouts; when it dies another takes over within `lease_ttl` seconds."""
+    serves the API and records what devices say of themselves, and the holder of the "rollouts"
+    lease alone acts on their job reports and drives rollouts; when it dies another takes over
+    within `lease_ttl` seconds."""
     root = logging.getLogger()  # --log-level for the registry's own messages too
     root.setLevel(min(root.level, logging.getLevelName(log_level.upper())))
     token_store = TokenStore(tokens) if tokens is not None else None
@@ -227,14 +228,15 @@ def serve_fleet(data_dir: str, broker: str, *, host: str = "127.0.0.1", port: in
     store = Store.open(db or root / "fleet.db")
     credentials = DeviceCredentials(store.db)
     holder = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
-    leadership = Leadership(Lease(store.db, "rollouts", holder, ttl=lease_ttl)).start()
+    leadership = Leadership(Lease(store.db, "rollouts", holder, ttl=lease_ttl))
     registry = BundleRegistry(root, store, trusted or [])
     orchestrator = Orchestrator(
-        store, registry, public_url or f"http://{host}:{port}",
-        leading=lambda: leadership.leading,
+        store, registry, public_url or f"http://{host}:{port}", leader=leadership,
         enrolled=credentials.groups)
     link = MqttLink(broker, orchestrator, password=broker_password)
+    leadership.on_change = link.on_leadership
     link.start()
+    leadership.start()
     try:
         authorize = (FleetAccess(token_store, store, credentials) if token_store is not None
                      else lambda request, scope: None)
