@@ -27,7 +27,7 @@ from edgerun.runtime.bundle import GOLDEN, FileEntry, read_manifest, sha256_file
 from edgerun.runtime.errors import BundleError, InvalidInput
 from tests.cli import edgerun
 from tests.fleet_sim import (Broker, FleetServer, SimDevice, SteadyLoad, infer_body, make_bundle,
-                             wait_for)
+                             mqtt_client, wait_for)
 from tests.postgres import fresh_database, postgres_url  # noqa: F401  (the fixture)
 from tests.serving import free_port
 
@@ -661,6 +661,46 @@ def test_a_leader_that_stalled_past_its_lease_writes_and_sends_nothing(tmp_path,
     assert len(a.sent) == 1
     for orchestrator in (a, b):
         orchestrator.store.close()
+
+
+def test_a_new_leader_hears_the_reports_it_ignored_as_a_follower(tmp_path, broker, keys):
+    """Reports that came while another process led (and died before acting on them) are
+    retained by the broker: the process that takes the lease over hears them again."""
+    from edgerun.adapters.fleet.orchestrator import MqttLink
+    from edgerun.adapters.fleetdb import Leadership, Lease
+    from edgerun.adapters.ota.messages import Report
+
+    store = Store.open(tmp_path / "fleet.db")
+    dead_leader = Lease(store.db, "rollouts", "registry-dead", ttl=30.0)
+    assert dead_leader.acquire()
+    leadership = Leadership(Lease(store.db, "rollouts", "registry-b", ttl=2.0), renew_every=0.1)
+    orchestrator = make_orchestrator(tmp_path, keys, None, leader=leadership)
+    rollout = orchestrator.deploy("m", "2", group="g")  # a follower: the jobs wait
+    job_id = f"{rollout['id']}.a.install"  # as the dead leader published it
+    orchestrator.store.update_job(rollout["id"], "a", job_id=job_id, state="queued")
+    link = MqttLink(broker.url, orchestrator)
+    leadership.on_change = link.on_leadership
+    link.start()
+    device = mqtt_client("device-a")
+    device.connect("127.0.0.1", broker.port)
+    device.loop_start()
+    try:
+        assert link.connected.wait(10)
+        device.publish("edgerun/a/ota/report", Report(job_id, "a", "active", "m", "2",
+                                                      "1").encode(), qos=1, retain=True)
+        time.sleep(1.0)  # heard, and ignored: another process leads
+        assert job_states(orchestrator.status(rollout["id"]))["a"] == "queued"
+        dead_leader.release()
+        leadership.start()
+        wait_for(lambda: job_states(orchestrator.status(rollout["id"]))["a"] == "active", 20,
+                 "the new leader to hear the retained report")
+    finally:
+        device.loop_stop()
+        device.disconnect()
+        leadership.stop()
+        link.stop()
+        orchestrator.store.close()
+        store.close()
 
 
 def lease_holder(url: str) -> str:
