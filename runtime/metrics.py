@@ -74,13 +74,18 @@ class Histogram:
 
     def cumulative(self) -> list[tuple[float, int]]:
         """(upper bound, observations <= bound) pairs, ending with +Inf."""
+        return self.snapshot()[0]
+
+    def snapshot(self) -> tuple[list[tuple[float, int]], float, int]:
+        """The cumulative buckets, sum and count read together, so that a scrape's +Inf
+        bucket always equals its count."""
         with self._lock:
-            counts = list(self.counts)
+            counts, total_sum, count = list(self.counts), self.sum, self.count
         total, out = 0, []
-        for bound, count in zip((*self.bounds, math.inf), counts):
-            total += count
+        for bound, bucket in zip((*self.bounds, math.inf), counts):
+            total += bucket
             out.append((bound, total))
-        return out
+        return out, total_sum, count
 
 
 @dataclass

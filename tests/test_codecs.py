@@ -336,3 +336,39 @@ def test_codecs_data_plane_and_lean_app_import_no_web_framework(module):
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
                             check=True)
     assert result.stdout.strip() == "[]"
+
+
+def test_a_prometheus_scrape_reads_each_histogram_whole_while_it_is_observed() -> None:
+    """Every scrape's +Inf bucket equals its _count, however the scrape and observations
+    interleave (scrapers compute rates and quantiles from both)."""
+    import threading
+
+    from edgerun.adapters.codecs.prometheus import render
+    from edgerun.runtime.metrics import Registry
+
+    registry = Registry()
+    histogram = registry.family("latency_seconds", "latency", "histogram", (),
+                                buckets=(0.1, 1.0)).labels()
+    stop = threading.Event()
+
+    def observe() -> None:
+        while not stop.is_set():
+            histogram.observe(0.5)
+
+    switch = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # interleave the threads as often as possible
+    thread = threading.Thread(target=observe)
+    thread.start()
+    try:
+        torn = []
+        for _ in range(3000):
+            text = render(registry)
+            inf = int(re.search(r'latency_seconds_bucket\{le="\+Inf"\} (\d+)', text)[1])
+            count = int(re.search(r"latency_seconds_count (\d+)", text)[1])
+            if inf != count:
+                torn.append((inf, count))
+    finally:
+        stop.set()
+        thread.join()
+        sys.setswitchinterval(switch)
+    assert torn == []

@@ -38,11 +38,12 @@ def _family(family: Family) -> list[str]:
     names = family.labelnames
     for values, child in sorted(family.children(), key=lambda item: item[0]):
         if isinstance(child, Histogram):
-            for bound, count in child.cumulative():
+            buckets, total, count = child.snapshot()
+            for bound, observed in buckets:
                 le = 'le="' + _number(bound) + '"'
-                lines.append(f"{family.name}_bucket{_labels(names, values, le)} {count}")
-            lines.append(f"{family.name}_sum{_labels(names, values)} {_number(child.sum)}")
-            lines.append(f"{family.name}_count{_labels(names, values)} {child.count}")
+                lines.append(f"{family.name}_bucket{_labels(names, values, le)} {observed}")
+            lines.append(f"{family.name}_sum{_labels(names, values)} {_number(total)}")
+            lines.append(f"{family.name}_count{_labels(names, values)} {count}")
         else:
             assert isinstance(child, (Counter, Gauge))
             lines.append(f"{family.name}{_labels(names, values)} {_number(child.value)}")
