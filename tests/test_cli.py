@@ -101,3 +101,32 @@ def test_demo_serves_through_the_batcher(tmp_path):
     assert "same labels as unbatched predict │ True" in result.stdout
     assert "forward passes" in result.stdout
     assert (tmp_path / "digits-1.tar.gz").is_file() and (tmp_path / "sample.json").is_file()
+
+
+@pytest.mark.parametrize("option, value, message", [
+    ("--port", "99999", "argument --port: 99999 is not a TCP port (0-65535)"),
+    ("--port", "-5", "argument --port: -5 is not a TCP port"),
+    ("--grpc-port", "70000", "argument --grpc-port: 70000 is not a TCP port"),
+    ("--poll-interval", "-1", "argument --poll-interval: -1 must be a finite number above zero"),
+    ("--max-body-bytes", "0", "argument --max-body-bytes: 0 must be a finite number above zero"),
+])
+def test_serve_refuses_out_of_range_numbers_before_serving(tmp_path, option, value, message):
+    """Once taken, 99999 bound port 34463 and -1 polled the folder without pause."""
+    result = edgerun("serve", "--model-dir", str(tmp_path / "model"), option, value, timeout=60)
+    assert result.returncode == 2
+    assert message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_serve_model_name_without_model_dir_is_a_usage_error(tmp_path):
+    result = edgerun("serve", "--repository", str(tmp_path), "--model-name", "x", timeout=60)
+    assert result.returncode == 2
+    assert result.stderr.strip() == "error: --model-name goes with --model-dir"
+
+
+@pytest.mark.parametrize("option", ["--requests", "--concurrency"])
+def test_demo_needs_requests_and_callers(tmp_path, option):
+    """With no callers it printed a table of made-up figures (millions of requests/s)."""
+    result = edgerun("demo", "--workdir", str(tmp_path), option, "0", timeout=120)
+    assert result.returncode == 2
+    assert f"argument {option}: 0 must be a finite number above zero" in result.stderr
+    assert "requests/s" not in result.stdout and not list(tmp_path.iterdir())

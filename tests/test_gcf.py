@@ -98,6 +98,20 @@ def test_http_function_maps_errors_like_the_fleet_server(clients):
     assert http.post("/v2/models/mlp/infer", json=request(rows(1))).status_code == 200
 
 
+def test_a_model_that_does_not_load_is_a_json_500_naming_edgerun_model(clients, tmp_path,
+                                                                      monkeypatch):
+    """functions-framework answered an HTML page; the next request tries to load again."""
+    from edgerun.adapters.gcf import function
+    monkeypatch.setattr(function, "_current", None)
+    monkeypatch.setenv("EDGERUN_MODEL", str(tmp_path / "nothing-here"))
+    http = functions_framework.create_app("infer", str(MAIN)).test_client()
+    for _ in range(2):
+        answer = http.post("/v2/models/mlp/infer", json=request(rows(1)))
+        assert answer.status_code == 500 and answer.is_json, answer.get_data()[:200]
+        error = answer.get_json()["error"]
+        assert "EDGERUN_MODEL=" in error and "no such bundle folder or archive" in error
+
+
 def test_http_function_reads_gzip_bodies(clients, reference):
     x = rows(2)
     body = gzip.compress(json.dumps(request(x)).encode())

@@ -214,6 +214,16 @@ def test_a_record_without_an_id_fails_the_batch(handler):
         handler({"Records": [{"eventSource": "aws:sqs", "body": "{}"}]}, Context())
 
 
+def test_records_of_other_sources_are_refused_naming_the_source(handler):
+    sns = {"Records": [{"EventSource": "aws:sns", "EventVersion": "1.0",
+                        "Sns": {"MessageId": "95df01b4", "Message": infer_body(rows(1))}}]}
+    with pytest.raises(InvalidInput, match="records from 'aws:sns' are not served"):
+        handler(sns, Context())
+    with pytest.raises(InvalidInput, match="records from 'aws:s3' are not served"):
+        handler({"Records": [{"eventSource": "aws:s3", "eventName": "ObjectCreated:Put"}]},
+                Context())
+
+
 def test_kinesis_records_are_base64_and_may_name_their_model(handler, reference):
     event = fixture("kinesis")
     template = event["Records"][0]
@@ -262,6 +272,30 @@ def test_results_go_on_to_sqs_and_an_unsent_one_is_retried(handler, reference):
         ["message-0", "message-1", "message-2"]
     np.testing.assert_allclose(outputs(sent[1]["MessageBody"]), reference(rows(1, seed=1)),
                                rtol=1e-5, atol=1e-6)
+
+
+def test_large_results_go_to_sqs_in_batches_it_takes(handler):
+    """SendMessageBatch takes 256 KiB in all: ten 100 KB results in one call failed whole
+    (BatchRequestTooLong), at every retry, until the records went to the dead-letter queue."""
+    client = sqs_client("sqs")
+    url = "https://sqs.us-east-1.amazonaws.com/123456789012/edgerun-results"
+    row = [0.1234567] * 9_000
+    results = [(f"message-{i}", json.dumps({"outputs": [{"name": "y", "data": row, "n": i}]})
+                .encode()) for i in range(10)]
+    assert all(90_000 < len(body) < 110_000 for _, body in results)
+    calls: list[list[dict]] = []
+    with Stubber(client) as stub:
+        for _ in range(5):  # two results fit in each call
+            stub.add_response("send_message_batch", {"Successful": [
+                {"Id": str(i), "MessageId": str(i), "MD5OfMessageBody": "x"} for i in range(2)],
+                "Failed": []})
+        client.meta.events.register("before-parameter-build.sqs.SendMessageBatch",
+                                    lambda params, **_: calls.append(params["Entries"]))
+        assert SqsDestination(url, client).send(results) == set()
+        stub.assert_no_pending_responses()
+    assert all(sum(len(e["MessageBody"]) for e in call) <= 256 * 1024 for call in calls)
+    assert [e["MessageAttributes"]["source-id"]["StringValue"] for call in calls
+            for e in call] == [item_id for item_id, _ in results]
 
 
 def test_results_go_on_to_s3(handler):

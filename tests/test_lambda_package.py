@@ -12,11 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from edgerun.adapters.aws_lambda.packaging import find_python312, package_lambda
+from edgerun.adapters.aws_lambda.packaging import FUNCTION_DIR, find_python312, package_lambda
 from edgerun.examples import mlp_onnx
 from edgerun.runtime import create_bundle
 from edgerun.runtime.errors import BundleError
-from tests.cli import edgerun
+from tests.cli import edgerun, edgerun_command
 
 FIXTURES = Path(__file__).with_name("fixtures") / "lambda"
 #: The package built for this machine is run here; the other architecture's is inspected.
@@ -115,3 +115,56 @@ def test_a_package_over_the_limit_is_a_clear_error(bundle, tmp_path):
                                           r"largest parts: onnxruntime"):
         package_lambda(bundle, HOST, tmp_path / "small", limit=10 * 2**20)
     assert not (tmp_path / "small").exists()
+
+
+def other_python() -> str | None:
+    """An installed interpreter that is not Python 3.12 (this one, unless it is 3.12)."""
+    import shutil
+    import sys
+    if sys.version_info[:2] != (3, 12):
+        return sys.executable
+    return next(filter(None, (shutil.which(f"python3.{minor}") for minor in (13, 11, 10))), None)
+
+
+def test_python_that_is_not_312_is_refused_before_building(bundle, tmp_path):
+    """Byte code of another version is ignored by the python3.12 runtime: the package was
+    built, reported as compiled, and compiled nothing Lambda would use (or failed with pages
+    of SyntaxErrors from 3.12-only sources)."""
+    python = other_python()
+    if python is None:
+        pytest.skip("no Python other than 3.12 installed")
+    with pytest.raises(BundleError, match=r"is Python 3\.\d+: byte code for Lambda's "
+                                          r"python3\.12 runtime needs a Python 3\.12"):
+        package_lambda(bundle, HOST, tmp_path / "other", python312=python)
+    assert not (tmp_path / "other").exists()
+    done = edgerun("package", "lambda", str(bundle), "--arch", HOST, "-o", str(tmp_path / "x"),
+                   "--python", str(tmp_path / "no-such-python"))
+    assert done.returncode == 2 and "no-such-python does not run" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_unzipped_into_a_folder_with_an_earlier_package_is_refused(bundle, tmp_path):
+    """Copied over an earlier package, another architecture's binaries stayed beside the new
+    ones: 179 MB on disk, reported as 103 MB, and in no size check."""
+    output = tmp_path / "build"
+    (output / "onnxruntime" / "capi").mkdir(parents=True)
+    stale = output / "onnxruntime" / "capi" / "onnxruntime_pybind11_state.cpython-312-x.so"
+    stale.write_bytes(b"an earlier build's binary")
+    with pytest.raises(BundleError, match="is not empty: an unzipped package must be all"):
+        package_lambda(bundle, HOST, output, unzipped=True)
+    assert stale.read_bytes() == b"an earlier build's binary"
+    assert sorted(p.name for p in output.rglob("*")) == ["capi", "onnxruntime", stale.name]
+
+
+def test_the_sam_makefile_starts_from_an_empty_artifacts_folder(bundle, tmp_path):
+    artifacts = tmp_path / "artifacts"
+    artifacts.mkdir()
+    (artifacts / "stale.txt").write_text("from an earlier sam build")
+    venv_bin = str(Path(edgerun_command()[0]).parent)
+    done = subprocess.run(["make", "-s", "build-InferenceFunction", f"ARTIFACTS_DIR={artifacts}",
+                           f"EDGERUN_BUNDLE={bundle}", f"EDGERUN_ARCH={HOST}"],
+                          cwd=FUNCTION_DIR, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "PATH": f"{venv_bin}:{os.environ['PATH']}"})
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert not (artifacts / "stale.txt").exists()
+    assert (artifacts / "app.py").is_file() and (artifacts / "model" / "manifest.json").is_file()

@@ -77,3 +77,18 @@ def test_sam_transform_grants_the_model_bucket_and_results_queue_only_when_asked
     assert {"ModelInS3", "WithResults"} <= set(conditions)
     (results,) = [r for name, r in plain["Resources"].items() if name == "ResultsQueue"]
     assert results["Condition"] == "WithResults"
+
+
+def test_function_url_auth_none_grants_public_invocation(translate):
+    """SAM adds a public URL's permissions only for a literal `AuthType: NONE`, not for the
+    parameter, so the template grants them itself, under the parameter's condition."""
+    output = translate({"FunctionUrlAuth": "NONE"})
+    granted = {r["Properties"]["Action"]: r for r in resources(output, "AWS::Lambda::Permission")
+               if r["Properties"]["Principal"] == "*"}
+    assert set(granted) == {"lambda:InvokeFunctionUrl", "lambda:InvokeFunction"}
+    assert granted["lambda:InvokeFunctionUrl"]["Properties"]["FunctionUrlAuthType"] == "NONE"
+    assert granted["lambda:InvokeFunction"]["Properties"]["InvokedViaFunctionUrl"] is True
+    assert {r["Condition"] for r in granted.values()} == {"PublicUrl"}
+    assert output["Conditions"]["PublicUrl"] == {
+        "Fn::Equals": [{"Ref": "FunctionUrlAuth"}, "NONE"]}
+    assert output["Parameters"]["FunctionUrlAuth"]["Default"] == "AWS_IAM"

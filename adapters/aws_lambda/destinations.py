@@ -14,6 +14,10 @@ from typing import Any, Protocol
 log = logging.getLogger(__name__)
 
 SQS_BATCH = 10  # SendMessageBatch takes at most ten entries
+#: ... and at most this many bytes in all (bodies and attributes): 256 KiB, what every queue
+#: takes whatever its MaximumMessageSize; a larger result goes alone.
+SQS_BATCH_BYTES = 256 * 1024
+SOURCE_ID = "source-id"
 
 
 class Destination(Protocol):
@@ -30,11 +34,10 @@ class SqsDestination:
 
     def send(self, results: list[tuple[str, bytes]]) -> set[str]:
         failed: set[str] = set()
-        for start in range(0, len(results), SQS_BATCH):
-            chunk = results[start:start + SQS_BATCH]
+        for chunk in _chunks(results):
             entries = [{"Id": str(i), "MessageBody": body.decode(),
-                        "MessageAttributes": {"source-id": {"DataType": "String",
-                                                            "StringValue": item_id}}}
+                        "MessageAttributes": {SOURCE_ID: {"DataType": "String",
+                                                          "StringValue": item_id}}}
                        for i, (item_id, body) in enumerate(chunk)]
             try:
                 answer = self.client.send_message_batch(QueueUrl=self.queue_url,
@@ -49,6 +52,22 @@ class SqsDestination:
                           entry.get("Message", entry.get("Code")))
                 failed.add(item_id)
         return failed
+
+
+def _chunks(results: list[tuple[str, bytes]]) -> list[list[tuple[str, bytes]]]:
+    """Results in order, as SendMessageBatch calls SQS takes: ten entries, 256 KiB in all.
+    A call over the size limit fails whole (BatchRequestTooLong), and the same results would
+    fail again at every retry until the queue gives the records up to its dead letters."""
+    chunks: list[list[tuple[str, bytes]]] = []
+    size = 0
+    for item_id, body in results:
+        entry = len(body) + len(SOURCE_ID) + len("String") + len(item_id.encode())
+        if not chunks or len(chunks[-1]) == SQS_BATCH or size + entry > SQS_BATCH_BYTES:
+            chunks.append([])
+            size = 0
+        chunks[-1].append((item_id, body))
+        size += entry
+    return chunks
 
 
 class S3Destination:

@@ -137,7 +137,8 @@ def event_kind(event: Any) -> str:
     if isinstance(event, dict):
         records = event.get("Records")
         if isinstance(records, list) and records and isinstance(records[0], dict):
-            source = records[0].get("eventSource")
+            # SNS spells it EventSource: without it the error named the source None
+            source = records[0].get("eventSource") or records[0].get("EventSource")
             if source == "aws:sqs":
                 return "sqs"
             if source == "aws:kinesis":

@@ -78,6 +78,13 @@ def package_lambda(bundle: Path, architecture: str, output: Path, *, unzipped: b
     if not (FUNCTION_DIR / "app.py").is_file():
         raise BundleError(f"{FUNCTION_DIR / 'app.py'} is missing: package from a checkout of "
                           "edgerun (pip install -e .)")
+    if python312 is not None:
+        _check_python312(python312)  # before wheels are downloaded and the tree is built
+    if unzipped and output.is_dir() and any(output.iterdir()):
+        # copied over an earlier package, its files would stay (another architecture's
+        # binaries, another bundle's model files), deployed but in no size check
+        raise BundleError(f"{output} is not empty: an unzipped package must be all that the "
+                          "folder holds (remove it, or name a new one)")
     with Bundle.open(bundle) as opened:  # verified before anything is built around it
         backend = opened.manifest.backend
         with tempfile.TemporaryDirectory(prefix="edgerun-lambda-") as scratch:
@@ -110,14 +117,29 @@ def find_python312() -> str | None:
     candidates += sorted(str(p) for p in home.glob(
         ".local/share/uv/python/cpython-3.12*/bin/python3.12"))
     for candidate in filter(None, candidates):
-        try:
-            done = subprocess.run([candidate, "-c", "import sys; print(sys.version_info[:2])"],
-                                  capture_output=True, text=True, timeout=30)
-        except OSError:
-            continue
-        if done.returncode == 0 and done.stdout.strip() == "(3, 12)":
+        if _version_of(candidate) == PYTHON:
             return candidate
     return None
+
+
+def _version_of(python: str) -> str | None:
+    """`python`'s major.minor version, or None when it does not run."""
+    try:
+        done = subprocess.run([python, "-c", "import sys; print('%d.%d' % sys.version_info[:2])"],
+                              capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return done.stdout.strip() if done.returncode == 0 else None
+
+
+def _check_python312(python: str) -> None:
+    """A named interpreter must be 3.12: byte code of any other version is ignored by the
+    python3.12 runtime, so the package would ship dead weight and compile at every cold start."""
+    version = _version_of(python)
+    if version != PYTHON:
+        found = f"is Python {version}" if version else "does not run"
+        raise BundleError(f"{python} {found}: byte code for Lambda's python{PYTHON} runtime "
+                          f"needs a Python {PYTHON} (--python)")
 
 
 def _default_cache() -> Path:

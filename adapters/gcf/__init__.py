@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["CloudFunction", "current", "from_environment"]
+__all__ = ["CloudFunction", "answer_http", "current", "from_environment"]
 
 
 def __getattr__(name: str) -> Any:

@@ -130,6 +130,18 @@ def current() -> CloudFunction:
         return _current[1]
 
 
+def answer_http(request: Any) -> tuple[bytes, int, dict[str, str]]:
+    """`current().http(request)`; a model that does not load is a JSON 500 naming
+    EDGERUN_MODEL and why, where functions-framework would answer an HTML page."""
+    try:
+        function = current()
+    except Exception as exc:  # loaded again on the next request: a redeploy may fix it
+        log.exception("the function's model did not load")
+        return _error(500, str(exc) if isinstance(exc, EdgerunError) else
+                      f"{MODEL_VARIABLE}: the model did not load: {type(exc).__name__}: {exc}")
+    return function.http(request)
+
+
 def from_environment(environ: Mapping[str, str] | None = None) -> CloudFunction:
     """The function for EDGERUN_MODEL (a bundle folder or .tar.gz in the source), loaded now."""
     environ = os.environ if environ is None else environ

@@ -15,6 +15,7 @@ from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
+from edgerun.cli.serve import positive
 from edgerun.runtime.batcher import MicroBatcher
 from edgerun.runtime.bundle import Bundle, create_bundle
 from edgerun.runtime.metrics import Registry
@@ -28,9 +29,10 @@ def register(commands: argparse._SubParsersAction) -> None:
         "demo", help="train a digits classifier, bundle it and serve it through the batcher")
     parser.add_argument("--workdir", type=Path, default=None,
                         help="keep the model and bundle here (default: a temporary folder)")
-    parser.add_argument("--requests", type=int, default=4000,
+    # no callers or no requests gave a table of made-up figures (millions of requests/s)
+    parser.add_argument("--requests", type=positive(int), default=4000,
                         help="single-image requests to serve (default 4000)")
-    parser.add_argument("--concurrency", type=int, default=64,
+    parser.add_argument("--concurrency", type=positive(int), default=64,
                         help="concurrent callers (default 64)")
     parser.set_defaults(handler=_demo)
 

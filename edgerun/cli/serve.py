@@ -4,12 +4,34 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
+from collections.abc import Callable
 from pathlib import Path
 
 from edgerun.devices import load_profile
 from edgerun.runtime.batcher import BatchingConfig
 
 log = logging.getLogger(__name__)
+
+
+def port(value: str) -> int:
+    """A TCP port: the socket layer would take 99999 as 34463 (mod 65536) without a word."""
+    number = int(value)
+    if not 0 <= number <= 65535:
+        raise argparse.ArgumentTypeError(f"{value} is not a TCP port (0-65535)")
+    return number
+
+
+def positive(kind: Callable[[str], float]) -> Callable[[str], float]:
+    """An argparse type for numbers above zero: a negative poll interval would make the
+    watcher poll without pause (a core at 100 %), a negative body limit refuse every body."""
+    def parse(value: str) -> float:
+        number = kind(value)
+        if not 0 < number < math.inf:
+            raise argparse.ArgumentTypeError(f"{value} must be a finite number above zero")
+        return number
+    parse.__name__ = getattr(kind, "__name__", "number")  # argparse: "invalid int value"
+    return parse
 
 
 def register(commands: argparse._SubParsersAction) -> None:
@@ -27,18 +49,19 @@ def register(commands: argparse._SubParsersAction) -> None:
                         help="with --model-dir: the name to serve it under (default: the "
                              "bundle's name, or the model file's stem)")
     parser.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
-    parser.add_argument("--port", type=int, default=8000)
-    parser.add_argument("--grpc-port", type=int, default=None,
+    parser.add_argument("--port", type=port, default=8000)
+    parser.add_argument("--grpc-port", type=port, default=None,
                         help="also serve OIP v2 gRPC (inference.GRPCInferenceService) here")
     parser.add_argument("--device", default=None, help="device profile (default: cpu)")
-    parser.add_argument("--poll-interval", type=float, default=None, metavar="SECONDS",
+    parser.add_argument("--poll-interval", type=positive(float), default=None,
+                        metavar="SECONDS",
                         help="watch the folder and hot-swap changes every SECONDS")
     defaults = BatchingConfig()
     parser.add_argument("--max-batch-size", type=int, default=defaults.max_batch_size,
                         help="default for models without their own [batching]")
     parser.add_argument("--max-queue-delay-us", type=int, default=defaults.max_queue_delay_us)
     parser.add_argument("--max-queue-size", type=int, default=defaults.max_queue_size)
-    parser.add_argument("--max-body-bytes", type=int, default=64 << 20,
+    parser.add_argument("--max-body-bytes", type=positive(int), default=64 << 20,
                         help="larger request bodies get 413 (default 64 MiB)")
     parser.add_argument("--api-keys", type=Path, default=None, metavar="FILE",
                         help="require 'Authorization: Bearer <key>' on every route but health "
@@ -75,7 +98,7 @@ def _serve(args: argparse.Namespace) -> int:
         source = SingleModelSource(args.model_dir, args.model_name, batching, device=device)
     else:
         if args.model_name is not None:
-            raise SystemExit("--model-name goes with --model-dir")
+            raise ValueError("--model-name goes with --model-dir")  # exit status 2
         source = args.repository
     serve(source, host=args.host, port=args.port, grpc_port=args.grpc_port, device=device,
           poll_interval=args.poll_interval, batching=batching,

@@ -10,12 +10,12 @@ edgerun.adapters.gcf.function.current for why not at import.
 
 import functions_framework
 
-from edgerun.adapters.gcf import current
+from edgerun.adapters.gcf import answer_http, current
 
 
 @functions_framework.http
 def infer(request):
-    return current().http(request)
+    return answer_http(request)
 
 
 @functions_framework.cloud_event
