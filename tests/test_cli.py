@@ -130,3 +130,15 @@ def test_demo_needs_requests_and_callers(tmp_path, option):
     assert result.returncode == 2
     assert f"argument {option}: 0 must be a finite number above zero" in result.stderr
     assert "requests/s" not in result.stdout and not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("command", [
+    ("fleet", "serve", "--data", "DATA", "--broker", "mqtt://127.0.0.1:1", "--port", "99999"),
+    ("fleet", "serve", "--data", "DATA", "--broker", "mqtt://127.0.0.1:1", "--lease-ttl", "inf"),
+    ("fleet", "deploy", "m:2", "--server", "http://127.0.0.1:1", "--job-timeout", "-1"),
+])
+def test_fleet_commands_refuse_out_of_range_numbers(tmp_path, command):
+    result = edgerun(*(str(tmp_path / "data") if part == "DATA" else part for part in command),
+                     timeout=60)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert f"argument {command[-2]}: {command[-1]} " in result.stderr

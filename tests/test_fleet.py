@@ -565,6 +565,26 @@ def test_a_job_that_timed_out_counts_again_when_the_device_finishes_it(orchestra
     assert status["state"] == "completed"
 
 
+def test_a_rollout_spec_a_tick_could_not_follow_is_refused_and_stores_nothing(orchestrator):
+    """A rollout API call's fields go to the store as sent: one that a tick could not read
+    (a string timeout) stopped every tick for good, so every rollout; others (waves that
+    end short of 100 %) left devices out of a rollout that then said it completed."""
+    bad = {"job_timeout": "600", "gate_timeout": -1, "max_failures": float("nan"),
+           "waves": [0.5], "devices": "a", "group": ["g"], "gate": 5}
+    for field, value in bad.items():
+        spec = {"group": "g", field: value}
+        with pytest.raises(InvalidInput, match=field):
+            orchestrator.deploy("m", "2", **spec)
+    for waves in ([0.5, 0.25, 1.0], [0, 1.0], [True], "100%", [float("inf")]):
+        with pytest.raises(InvalidInput, match="waves"):
+            orchestrator.deploy("m", "2", group="g", waves=waves)
+    assert orchestrator.status()["rollouts"] == []
+    orchestrator.tick()
+    rollout = orchestrator.deploy("m", "2", group="g", waves=[0.5, 1], max_failures=1,
+                                  job_timeout=5)
+    assert job_states(rollout) == {"a": "queued", "b": "pending"}
+
+
 def test_malformed_device_messages_are_ignored(orchestrator, caplog):
     """Any device may publish on its own topics: nothing it sends may stop the orchestrator."""
     for topic, payload in (("edgerun/a/ota/report", b"[]"),

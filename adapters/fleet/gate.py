@@ -66,10 +66,10 @@ def parse_percentages(text: str) -> list[float]:
         values = [float(p.strip().rstrip("%")) / 100 for p in text.split(",") if p.strip()]
     except ValueError:
         raise InvalidInput(f"waves {text!r} must be percentages like 5%,25%,100%") from None
-    if not values or any(b <= a for a, b in zip(values, values[1:])) or values[0] <= 0 \
-            or abs(values[-1] - 1.0) > 1e-9:
-        raise InvalidInput(f"waves {text!r} must increase and end at 100%")
-    return values
+    try:
+        return check_waves(values)
+    except InvalidInput:
+        raise InvalidInput(f"waves {text!r} must increase and end at 100%") from None
 
 
 def parse_percentage(text: str) -> float:
@@ -80,6 +80,36 @@ def parse_percentage(text: str) -> float:
     if not 0 <= value <= 1:
         raise InvalidInput(f"{text!r} must be between 0% and 100%")
     return value
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) \
+        and math.isfinite(value)
+
+
+def check_waves(values: Any) -> list[float]:
+    """Cumulative shares of the devices, as a rollout's spec holds them: numbers that
+    increase from above 0 to 1 (every device), e.g. [0.05, 0.25, 1.0]."""
+    if not isinstance(values, list) or not values or not all(map(_is_number, values)) \
+            or any(b <= a for a, b in zip(values, values[1:])) or values[0] <= 0 \
+            or abs(values[-1] - 1.0) > 1e-9:
+        raise InvalidInput(f"waves {values!r:.80} must be shares that increase and end at 1 "
+                           "(100%), e.g. [0.05, 0.25, 1.0]")
+    return [float(value) for value in values]
+
+
+def check_share(value: Any, name: str) -> float:
+    """A share between 0 and 1 (e.g. max_failures)."""
+    if not _is_number(value) or not 0 <= value <= 1:
+        raise InvalidInput(f"{name} {value!r:.40} must be a number between 0 and 1")
+    return float(value)
+
+
+def check_seconds(value: Any, name: str) -> float:
+    """A timeout: a finite number of seconds above zero."""
+    if not _is_number(value) or value <= 0:
+        raise InvalidInput(f"{name} {value!r:.40} must be a number of seconds above 0")
+    return float(value)
 
 
 def assign_waves(devices: list[str], waves: list[float]) -> list[tuple[str, int]]:

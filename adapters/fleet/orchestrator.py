@@ -80,6 +80,19 @@ class Orchestrator:
                devices: list[str] | None = None, waves: list[float] | None = None,
                max_failures: float = 0.0, gate: str | None = None,
                job_timeout: float = 600.0, gate_timeout: float = 300.0) -> dict[str, Any]:
+        # checked before anything is stored: a stored rollout that a tick cannot read would
+        # stop every tick, so every rollout, for good
+        waves = gates.check_waves(waves or [1.0])
+        max_failures = gates.check_share(max_failures, "max_failures")
+        job_timeout = gates.check_seconds(job_timeout, "job_timeout")
+        gate_timeout = gates.check_seconds(gate_timeout, "gate_timeout")
+        if group is not None and not isinstance(group, str):
+            raise InvalidInput(f"group {group!r:.40} must be a string")
+        if devices is not None and not (isinstance(devices, list) and all(
+                isinstance(device, str) and device for device in devices)):
+            raise InvalidInput(f"devices {devices!r:.80} must be a list of device ids")
+        if gate is not None and not isinstance(gate, str):
+            raise InvalidInput(f"gate {gate!r:.40} must be a string like p99<50ms,errors<1%")
         bundle = self.registry.get(model, version)
         conditions = gates.parse_gate(gate)
         if devices:
@@ -89,7 +102,6 @@ class Orchestrator:
         if not targets:
             raise InvalidInput(f"no devices to deploy to (group {group!r} has none)"
                                if group else "no devices to deploy to")
-        waves = waves or [1.0]
         rollout_id = f"{model}-{version}-{secrets.token_hex(3)}"
         spec = {"waves": waves, "max_failures": max_failures, "gate": gate or "",
                 "gate_conditions": [[c.metric, c.op, c.threshold] for c in conditions],

@@ -15,7 +15,7 @@ from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
-from edgerun.cli.serve import positive
+from edgerun.cli.arguments import positive
 from edgerun.runtime.batcher import MicroBatcher
 from edgerun.runtime.bundle import Bundle, create_bundle
 from edgerun.runtime.metrics import Registry

@@ -17,6 +17,7 @@ from rich.progress import BarColumn, Progress, TextColumn
 from rich.table import Table
 
 from edgerun.cli import fleet_auth
+from edgerun.cli.arguments import port, positive
 from edgerun.runtime.errors import EdgerunError
 
 out = Console(highlight=False)
@@ -44,11 +45,11 @@ def register(commands: argparse._SubParsersAction) -> None:
     serve.add_argument("--db", default=None, metavar="URL",
                        help="fleet database: postgresql://USER@HOST/DB (several registries "
                             "may share it) or a SQLite path (default DATA/fleet.db)")
-    serve.add_argument("--lease-ttl", type=float, default=15.0, metavar="SECONDS",
+    serve.add_argument("--lease-ttl", type=positive(float), default=15.0, metavar="SECONDS",
                        help="how soon another registry on the same database takes over "
                             "driving rollouts when this one dies")
     serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=8700)
+    serve.add_argument("--port", type=port, default=8700)
     serve.add_argument("--public-url", default=None,
                        help="URL devices download from (default http://HOST:PORT)")
     serve.add_argument("--trust", type=Path, action="append", required=True, metavar="PUBKEY",
@@ -77,8 +78,8 @@ def register(commands: argparse._SubParsersAction) -> None:
                         help="abort and roll back when more devices fail (default 0%%)")
     deploy.add_argument("--gate", default=None,
                         help='health gate between waves, e.g. "p99<50ms,errors<1%%"')
-    deploy.add_argument("--job-timeout", type=float, default=600.0, metavar="SECONDS")
-    deploy.add_argument("--gate-timeout", type=float, default=300.0, metavar="SECONDS")
+    deploy.add_argument("--job-timeout", type=positive(float), default=600.0, metavar="SECONDS")
+    deploy.add_argument("--gate-timeout", type=positive(float), default=300.0, metavar="SECONDS")
     deploy.add_argument("--wait", action="store_true", help="follow the rollout to its end")
     fleet_auth.add_token_option(deploy)
     deploy.set_defaults(handler=_deploy)
