@@ -585,6 +585,20 @@ def test_a_rollout_spec_a_tick_could_not_follow_is_refused_and_stores_nothing(or
     assert job_states(rollout) == {"a": "queued", "b": "pending"}
 
 
+def test_a_rollout_that_cannot_move_holds_no_other(orchestrator, caplog):
+    """A stored rollout a tick cannot follow (written by an older edgerun, say) is logged and
+    its step undone; the other rollouts go on."""
+    spec = {"waves": [1.0], "max_failures": 0.0, "gate": "", "gate_conditions": [],
+            "job_timeout": "600", "gate_timeout": 300, "group": "g", "wave_done_at": None}
+    orchestrator.store.add_rollout("broken", "m", "2", spec, [("a", 0)])
+    rollout = orchestrator.deploy("m", "2", devices=["b"])
+    assert job_states(rollout) == {"b": "queued"}
+    assert [topic for topic, _, _ in orchestrator.sent] == ["edgerun/b/ota"]
+    assert "rollout broken: this step failed and was undone" in caplog.text
+    broken = orchestrator.status("broken")
+    assert broken["state"] == "running" and job_states(broken) == {"a": "pending"}
+
+
 def test_malformed_device_messages_are_ignored(orchestrator, caplog):
     """Any device may publish on its own topics: nothing it sends may stop the orchestrator."""
     for topic, payload in (("edgerun/a/ota/report", b"[]"),

@@ -289,23 +289,33 @@ class Orchestrator:
     def _tick(self) -> None:
         now = time.time()
         for rollout in self.store.rollouts(RUNNING, ROLLING_BACK, lock=True):
-            jobs = self.store.jobs(rollout["id"])
-            for job in jobs:
-                if job["state"] not in ENDED | {PENDING} and job["deadline"] \
-                        and job["deadline"] < now:
-                    detail = f"{TIMED_OUT} {job['state']}"
-                    self.store.update_job(rollout["id"], job["device_id"], state=FAILED,
-                                          detail=detail)
-                    self._send(job_topic(job["device_id"]), b"", True)
-                    job.update(state=FAILED, detail=detail)
-            if rollout["state"] == RUNNING:
-                reason = self._advance(rollout, jobs, now)
-                if reason is None:
-                    continue
-                log.warning("rollout %s aborted: %s", rollout["id"], reason)
-                self.store.update_rollout(rollout["id"], state=ROLLING_BACK, reason=reason)
-                rollout = {**rollout, "state": ROLLING_BACK, "reason": reason}
-            self._roll_back(rollout, jobs)
+            assert self._outbox is not None
+            queued = len(self._outbox)
+            try:
+                with self.store.db.savepoint("rollout"):
+                    self._tick_rollout(rollout, now)
+            except Exception:  # one rollout that cannot move must not hold the others
+                del self._outbox[queued:]
+                log.exception("rollout %s: this step failed and was undone", rollout["id"])
+
+    def _tick_rollout(self, rollout: dict[str, Any], now: float) -> None:
+        jobs = self.store.jobs(rollout["id"])
+        for job in jobs:
+            if job["state"] not in ENDED | {PENDING} and job["deadline"] \
+                    and job["deadline"] < now:
+                detail = f"{TIMED_OUT} {job['state']}"
+                self.store.update_job(rollout["id"], job["device_id"], state=FAILED,
+                                      detail=detail)
+                self._send(job_topic(job["device_id"]), b"", True)
+                job.update(state=FAILED, detail=detail)
+        if rollout["state"] == RUNNING:
+            reason = self._advance(rollout, jobs, now)
+            if reason is None:
+                return
+            log.warning("rollout %s aborted: %s", rollout["id"], reason)
+            self.store.update_rollout(rollout["id"], state=ROLLING_BACK, reason=reason)
+            rollout = {**rollout, "state": ROLLING_BACK, "reason": reason}
+        self._roll_back(rollout, jobs)
 
     def _roll_back(self, rollout: dict[str, Any], jobs: list[dict[str, Any]]) -> None:
         """An aborted rollout: cancel the jobs not yet started, take back every install a

@@ -97,6 +97,19 @@ class Database:
             self._depth = 0
             self.connection.execute("COMMIT")
 
+    @contextmanager
+    def savepoint(self, name: str) -> Iterator[None]:
+        """Inside a transaction: what the block does is undone alone if it raises, and the
+        transaction goes on (PostgreSQL would refuse every later statement otherwise)."""
+        self.execute(f"SAVEPOINT {name}")
+        try:
+            yield
+        except BaseException:
+            self.execute(f"ROLLBACK TO SAVEPOINT {name}")
+            raise
+        finally:
+            self.execute(f"RELEASE SAVEPOINT {name}")
+
     def execute(self, sql: str, params: Sequence[Any] = ()) -> int:
         """Run one statement; the number of rows it changed."""
         with self._lock:
