@@ -21,8 +21,8 @@ from edgerun.adapters.mqtt.config import load_config
 from edgerun.adapters.mqtt.daemon import backoff
 from edgerun.adapters.mqtt.telemetry import quantile, temperature
 from edgerun.examples import mlp_onnx
-from tests.mqtt import (INFER_JSON, Requester, connect, read_retained, running_broker,
-                        running_daemon, user_properties, wait_online)
+from tests.mqtt import (INFER_JSON, Broker, Requester, connect, read_retained,
+                        running_broker, running_daemon, user_properties, wait_online)
 from tests.serving import add_version, free_port
 
 MLP = mlp_onnx([4, 8, 3])
@@ -150,9 +150,12 @@ def test_mqtt_311_client_gets_answer_on_reply_to(broker, daemon):
 
 def test_a_reply_topic_with_wildcards_is_dropped_and_the_daemon_serves_on(broker, daemon,
                                                                            requester):
-    """paho refuses to publish to it, from inside its callback: once a wedged read loop."""
+    """paho refuses to publish to it, from inside its callback: once a wedged read loop. A
+    control character or U+0000 makes Mosquitto drop the connection, and the QoS 1 answer,
+    sent again on every reconnect, once kept the daemon offline for good."""
     client = connect(broker, protocol=mqtt.MQTTv311)
-    for reply_to in ("bad/#", "bad/+/x"):
+    for reply_to in ("bad/#", "bad/+/x", "bad\x00nul", "bad\x01ctl", "bad\x85c1",
+                     "bad\uffffnon", "b" * 70_000):
         request = {**orjson.loads(INFER_JSON), "reply_to": reply_to}
         client.publish("edgerun/dev1/infer/mlp", orjson.dumps(request), 1).wait_for_publish(10)
     client.disconnect()
@@ -163,6 +166,8 @@ def test_a_reply_topic_with_wildcards_is_dropped_and_the_daemon_serves_on(broker
     assert daemon.process.poll() is None
     log = daemon.output()
     assert "Exception in callback" not in log and "'bad/#', which has wildcards" in log
+    assert "control character U+0000" in log and "longer than 65535 bytes" in log
+    assert "disconnected from" not in log
 
 
 def test_mosquitto_rr_gets_its_answer(broker, daemon):
@@ -341,6 +346,36 @@ def test_full_inbox_answers_overloaded(tmp_path, repo):
     assert "overloaded" in kinds and "ok" in kinds
 
 
+def test_an_answer_over_the_brokers_maximum_packet_size_is_an_error_reply(tmp_path, repo):
+    """A broker ends the connection of a client that sends a packet over the Maximum Packet
+    Size of its CONNACK; the answer, sent again on every reconnect, once kept the daemon
+    offline for good. The requester gets a payload_too_large reply naming both sizes."""
+    broker = Broker(tmp_path / "b")
+    broker.config.write_text(broker.config.read_text() + "max_packet_size 4000\n")
+    broker.start()
+    try:
+        with running_daemon(repo, broker, "small") as daemon:
+            requester = Requester(broker)
+            rows = orjson.dumps({"inputs": [{"name": "x", "datatype": "FP32",
+                                             "shape": [300, 4], "data": [1] * 1200}]})
+            answer, properties = requester.ask("edgerun/small/infer/mlp", rows,
+                                               correlation=b"big", timeout=20)
+            body = orjson.loads(answer)
+            assert body["kind"] == "payload_too_large", body
+            assert "maximum packet size (4000 bytes)" in body["error"] and "mlp" in body["error"]
+            assert properties.CorrelationData == b"big"
+            assert user_properties(properties)["edgerun-error"] == "payload_too_large"
+            # under the limit: answered as usual, on the same connection
+            fewer = orjson.dumps({"inputs": [{"name": "x", "datatype": "FP32",
+                                              "shape": [20, 4], "data": [1] * 80}]})
+            answer, _ = requester.ask("edgerun/small/infer/mlp", fewer, timeout=20)
+            assert outputs(answer).shape == (20, 3)
+            requester.close()
+            assert "disconnected from" not in daemon.output()
+    finally:
+        broker.stop()
+
+
 def test_requests_sent_while_the_daemon_is_down_are_answered_when_it_returns(tmp_path, repo):
     with running_broker(tmp_path / "b") as broker:
         requester = Requester(broker)
@@ -360,6 +395,30 @@ def test_requests_sent_while_the_daemon_is_down_are_answered_when_it_returns(tmp
             time.sleep(0.5)  # room for duplicates to show up
         requester.close()
     assert all(len(requester.answers[k]) == 1 for k in keys + draining)
+
+
+def test_a_retained_request_is_answered_once_not_at_every_start(tmp_path, repo):
+    """The broker sends retained messages again at every (re)subscribe: a request published
+    with retain was answered again at each start of the daemon."""
+    with running_broker(tmp_path / "b") as broker:
+        with running_daemon(repo, broker, "kept"):
+            pass  # the daemon's session exists from here on
+        requester = Requester(broker)
+        properties = Properties(PacketTypes.PUBLISH)
+        properties.ResponseTopic = requester.reply_topic
+        properties.CorrelationData = b"retained"
+        requester.client.publish("edgerun/kept/infer/mlp", INFER_JSON, 1, retain=True,
+                                 properties=properties).wait_for_publish(10)
+        logs = []
+        for _ in range(3):
+            with running_daemon(repo, broker, "kept") as daemon:
+                requester.wait([b"retained"], timeout=30)  # queued in its session: answered
+                time.sleep(1.0)  # room for an answer to the retained copy
+            logs.append(daemon.output())
+        requester.close()
+    assert len(requester.answers[b"retained"]) == 1
+    assert outputs(requester.answers[b"retained"][0][0]).shape == (1, 3)
+    assert all("ignored a retained request" in log for log in logs)
 
 
 def test_kill_9_publishes_offline_by_last_will(tmp_path, repo):

@@ -397,3 +397,47 @@ def test_a_job_naming_paths_outside_the_ota_folder_is_refused(model, version):
               url="http://registry/bundles/m/2", sha256="0" * 64, size=1, rollout="r")
     with pytest.raises(InvalidInput, match="not a bundle name and version"):
         Job.decode(job.encode())
+
+
+
+class PowerCut(BaseException):
+    """The power goes: nothing after it runs (the agent catches Exception, not this)."""
+
+
+def cut_power_before_the_smoke_test(device: Device) -> None:
+    """The agent's next `repository.load`, right after its pointer flip, never happens."""
+    def load(name: str, *args, **kwargs):
+        raise PowerCut(name)
+    device.repository.load = load
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+@pytest.mark.parametrize("smoke", ["passes", "fails"])
+def test_power_cut_between_the_flip_and_the_smoke_test(tmp_path, server, bundles, keys, smoke):
+    """The pointer names 3, then the power goes. At start-up 3 is smoke-tested: if it passes,
+    the retained job (delivered again) is reported active with the version that served
+    before (the fleet rolls back to it), not "already active" since 3; if it fails, the
+    previous slot serves again and the job fails naming the smoke test."""
+    folder = tmp_path / "device"
+    device = Device(folder, keys["trusted"], bundles("1"))
+    assert device.run(server.add(bundles("2"))).state == "active"
+    job3 = server.add(bundles("3") if smoke == "passes" else smoke_failing(tmp_path, keys, "3"))
+    cut_power_before_the_smoke_test(device)
+    device.agent.handle_job(job3.encode())
+    wait_for(lambda: not device.agent._worker.is_alive(), 60, "the power cut")
+    assert device.agent.slots.read("m").active_version == "3"  # the pointer had flipped
+    device.close()
+    device = Device(folder, keys["trusted"])
+    try:
+        served = ["3"] if smoke == "passes" else ["2"]
+        assert device.served() == served
+        report = device.run(job3)  # the retained job, delivered again
+        if smoke == "passes":
+            assert (report.state, report.previous, report.active) == ("active", "2", "3")
+            assert device.agent.describe()["ota"]["m"] == {"active": "3", "previous": "2"}
+        else:
+            assert report.state == "failed" and "smoke test failed" in report.detail, report
+            assert (report.previous, report.active) == ("2", "2")
+        assert device.served() == served
+    finally:
+        device.close()

@@ -42,7 +42,8 @@ from edgerun.adapters.mqtt.config import DaemonConfig
 from edgerun.adapters.mqtt.extensions import Extension
 from edgerun.adapters.mqtt.messages import Request
 from edgerun.adapters.mqtt.telemetry import Telemetry
-from edgerun.runtime.errors import EdgerunError, InferenceError, InvalidInput, Overloaded
+from edgerun.runtime.errors import (EdgerunError, InferenceError, InvalidInput, Overloaded,
+                                    PayloadTooLarge)
 from edgerun.runtime.metrics import REGISTRY, Registry
 from edgerun.runtime.repository import READY, Repository
 
@@ -86,6 +87,8 @@ class Daemon:
         self._retrying = False
         self._attempts = 0
         self._socket_open = False
+        #: The broker's Maximum Packet Size (MQTT v5 CONNACK); a bigger packet ends the session.
+        self._max_packet: int | None = None
         self._writing: set[Any] = set()  # sockets with a write the kernel did not take yet
         self._loop_thread: int | None = None
         self._recent: OrderedDict[tuple, float] = OrderedDict()
@@ -379,6 +382,7 @@ class Daemon:
                 self._retry()
             return
         self._attempts = 0
+        self._max_packet = getattr(properties, "MaximumPacketSize", None) if self.v5 else None
         log.info("connected to %s (session present: %s)", self.config.broker,
                  flags.session_present)
         client.subscribe([(topic, qos) for topic, (qos, _) in self._subscriptions.items()])
@@ -411,6 +415,14 @@ class Daemon:
     def _on_message(self, client: mqtt.Client, userdata: Any,
                     message: mqtt.MQTTMessage) -> None:
         """On the loop: acknowledge and start serving it, or refuse at once."""
+        if message.retain:
+            # from the broker's retained store, sent again at every (re)subscribe: answered
+            # when it came live (retain 0) or queued in our session, never again
+            client.ack(message.mid, message.qos)
+            self._rejected.labels("retained").inc()
+            log.warning("ignored a retained request on %s: a request is answered once, when it "
+                        "arrives, not each time the daemon subscribes", message.topic[:200])
+            return
         key = _request_key(message)
         if self._duplicate(message, key):
             client.ack(message.mid, message.qos)
@@ -506,14 +518,34 @@ class Daemon:
             log.warning("a request to model %r names no Response Topic nor %r; its answer is "
                         "dropped", request.model, messages.REPLY_TO)
             return
-        if "+" in request.response_topic or "#" in request.response_topic:
-            # paho raises inside its message callback and then re-reads the same packet
+        problem = messages.reply_topic_problem(request.response_topic)
+        if problem is not None:
+            # the broker would end our connection, or paho raise inside its read loop
             self._rejected.labels("bad_reply_topic").inc()
-            log.warning("a request to model %r names the reply topic %r, which has wildcards; "
-                        "its answer is dropped", request.model, request.response_topic[:200])
+            log.warning("a request to model %r names the reply topic %r, which %s; its answer "
+                        "is dropped", request.model, request.response_topic[:200], problem)
             return
+        properties = properties if self.v5 else None
+        if self._max_packet and self._too_large(request, payload, properties):
+            error = PayloadTooLarge(
+                f"the answer to model {request.model!r} ({len(payload)} bytes) is larger than "
+                f"the broker's maximum packet size ({self._max_packet} bytes); send fewer rows "
+                "per request")
+            payload, properties = self._error(request, error)
+            if self._too_large(request, payload, properties):
+                self._rejected.labels("too_large").inc()
+                log.warning("%s; even the error reply is, so it is dropped", error)
+                return
         self.client.publish(request.response_topic, payload, self.config.qos, False,
-                            properties if self.v5 else None)
+                            properties)
+
+    def _too_large(self, request: Request, payload: bytes, properties: Properties | None
+                   ) -> bool:
+        """Whether the broker would end the connection for this answer (and it would be sent
+        again on every reconnect, keeping the daemon offline)."""
+        assert self._max_packet and request.response_topic is not None
+        return messages.publish_size(request.response_topic, payload, self.config.qos,
+                                     properties) > self._max_packet
 
 
 def backoff(attempt: int, shortest: float, longest: float) -> float:

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import orjson
-from paho.mqtt.properties import Properties
+from paho.mqtt.properties import Properties, VariableByteIntegers
 
 from edgerun.adapters.codecs import npz, oip
 from edgerun.adapters.dataplane.call import JSON, Call
@@ -100,6 +100,33 @@ def request_id(request: Request) -> str | None:
         if isinstance(header, dict) and header.get("id") is not None:
             request.request_id = str(header["id"])
     return request.request_id
+
+
+def reply_topic_problem(topic: str) -> str | None:
+    """Why an answer must not go to `topic`, or None. The broker ends the connection of a
+    client that publishes to a topic with U+0000, a control character, a surrogate or a
+    non-character (MQTT 5 1.5.4; Mosquitto checks them all), and paho raises, inside its read
+    loop, for wildcards and topics over 65535 bytes; a QoS 1 answer that ended the connection
+    is sent again on every reconnect, so one bad reply_to would keep the daemon offline."""
+    if "+" in topic or "#" in topic:
+        return "has wildcards"
+    for char in topic:
+        code = ord(char)
+        if code <= 0x1F or 0x7F <= code <= 0x9F:
+            return f"holds the control character U+{code:04X}"
+        if 0xD800 <= code <= 0xDFFF or 0xFDD0 <= code <= 0xFDEF or (code & 0xFFFE) == 0xFFFE:
+            return f"holds U+{code:04X}, which MQTT forbids"
+    if len(topic.encode()) > 0xFFFF:
+        return "is longer than 65535 bytes"
+    return None
+
+
+def publish_size(topic: str, payload: bytes, qos: int, properties: Properties | None) -> int:
+    """The bytes of the MQTT v5 PUBLISH packet carrying `payload`, as a broker's Maximum
+    Packet Size counts them: fixed header, topic, packet id, properties, payload."""
+    remaining = 2 + len(topic.encode()) + (2 if qos else 0) + len(payload)
+    remaining += len(properties.pack()) if properties is not None else 1
+    return 1 + len(VariableByteIntegers.encode(remaining)) + remaining
 
 
 def check_topic(request: Request, topic: str) -> None:

@@ -26,8 +26,8 @@ from typing import Any
 
 from edgerun.adapters.ota.download import DownloadInterrupted, download
 from edgerun.adapters.ota.messages import (ACTIVE, DOWNLOADING, FAILED, INSTALL, QUEUED,
-                                           ROLLED_BACK, STAGED, TERMINAL, VERIFYING, Job, Report,
-                                           job_topic, report_topic)
+                                           ROLLBACK, ROLLED_BACK, STAGED, TERMINAL, VERIFYING,
+                                           Job, Report, job_topic, report_topic)
 from edgerun.adapters.ota.slots import SlotSource, SlotState, SlotStore, fsync_dir
 from edgerun.runtime import archive, signing
 from edgerun.runtime.bundle import Bundle, version_key
@@ -94,13 +94,31 @@ class OtaAgent:
                         other = "b" if slot == "a" else "a"
                         state.active = other if state.slots.get(other) else None
             self.slots.write(model, state)
-            try:
-                self.repository.load(model)
-            except EdgerunError as exc:
-                log.error("model %s did not load after recovery: %s", model, exc)
+            self._load_or_step_back(model, state)
             if state.last:
                 self.publish(report_topic(self.device_id), Report(**state.last).encode(),
                              qos=1, retain=True)
+
+    def _load_or_step_back(self, model: str, state: SlotState) -> None:
+        """Load the model; an active slot that does not load (the power went between the
+        pointer's flip and the smoke test, which now fails) is dropped as a failed switch
+        would have been, and the previous slot, else the daemon's folder, serves again."""
+        while True:
+            try:
+                self.repository.load(model)
+                return
+            except EdgerunError as exc:
+                failed = state.active
+                if failed is None:
+                    log.error("model %s did not load after recovery: %s", model, exc)
+                    return
+                log.error("%s version %s (slot %s) does not load after recovery, back to the "
+                          "previous one: %s", model, state.slots.get(failed), failed, exc)
+                other = "b" if failed == "a" else "a"
+                state.slots[failed], state.switching = None, {}
+                state.active = other if state.slots.get(other) else None
+                self.slots.write(model, state)
+                shutil.rmtree(self.slots.folder(model, failed), ignore_errors=True)
 
     def _intact(self, model: str, slot: str, state: SlotState) -> bool:
         try:
@@ -156,6 +174,7 @@ class OtaAgent:
         if state in TERMINAL:
             slots = self.slots.read(job.model)
             slots.last = {k: v for k, v in report.__dict__.items() if k != "extra"}
+            slots.switching = {}
             self.slots.write(job.model, slots)
             if self.on_change is not None:
                 self.on_change()  # e.g. the daemon's status, which names the served versions
@@ -177,6 +196,13 @@ class OtaAgent:
         if state.last.get("job_id") == job.job_id:  # done before a restart: say so again
             self.publish(report_topic(self.device_id), Report(**state.last).encode(), qos=1,
                          retain=True)
+            return
+        switched = state.switching
+        if switched.get("job_id") == job.job_id and state.active_version == job.version:
+            # the pointer flipped, then the daemon restarted before the job's end: recovery
+            # loaded (smoke-tested) it, so the job is done, and `previous` is what served before
+            self._report(job, ROLLED_BACK if job.kind == ROLLBACK else ACTIVE,
+                         switched.get("previous"), "switched before a restart")
             return
         previous = self.active_version(job.model)
         self._report(job, QUEUED, previous)
@@ -209,7 +235,7 @@ class OtaAgent:
         finally:
             archive_path.unlink(missing_ok=True)
         self._report(job, STAGED, previous)
-        self._switch(job, staging)
+        self._switch(job, staging, previous)
         self._report(job, final, previous)
 
     def _download(self, job: Job, archive_path: Path, previous: str | None) -> None:
@@ -250,7 +276,7 @@ class OtaAgent:
             shutil.rmtree(staging, ignore_errors=True)
             raise
 
-    def _switch(self, job: Job, staging: Path) -> None:
+    def _switch(self, job: Job, staging: Path, previous: str | None) -> None:
         """Staging -> inactive slot -> pointer flip -> hot swap; the pointer goes back on error."""
         model = job.model
         state = self.slots.read(model)
@@ -263,6 +289,7 @@ class OtaAgent:
         staging.rename(self.slots.folder(model, target))
         fsync_dir(self.slots.folder(model))
         state.slots[target], state.active = job.version, target
+        state.switching = {"job_id": job.job_id, "previous": previous}
         self.slots.write(model, state)  # the switch: one rename
         try:
             self.repository.load(model)  # loads beside the old, golden sample, hot swap

@@ -9,6 +9,8 @@
 folder, so after a power cut it names either the old slot or the new one, and it only ever
 names a slot whose bundle was verified before it was renamed into place. A model with no slot
 active is served from the fallback source (the daemon's repository folder), if it has it.
+`"switching"` names the job whose switch flipped the pointer (and the version before it) until
+that job reports its end, so a job replayed after a power cut in between is answered right.
 """
 
 from __future__ import annotations
@@ -33,6 +35,9 @@ class SlotState:
     active: str | None = None                      # "a", "b", or None (fallback serves)
     slots: dict[str, str | None] = field(default_factory=lambda: dict.fromkeys(SLOTS))
     last: dict[str, Any] = field(default_factory=dict)  # the last job's final report
+    #: {"job_id", "previous"} of the job whose switch flipped the pointer, until it reports its
+    #: end: a job replayed after a power cut in between is answered with its true previous
+    switching: dict[str, Any] = field(default_factory=dict)
 
     @property
     def active_version(self) -> str | None:
@@ -75,14 +80,16 @@ class SlotStore:
         except FileNotFoundError:
             return SlotState()
         slots = {s: data.get("slots", {}).get(s) for s in SLOTS}
-        return SlotState(data.get("active"), slots, dict(data.get("last") or {}))
+        return SlotState(data.get("active"), slots, dict(data.get("last") or {}),
+                         dict(data.get("switching") or {}))
 
     def write(self, model: str, state: SlotState) -> None:
         """Replace the state file atomically and durably."""
         folder = self.folder(model)
         folder.mkdir(parents=True, exist_ok=True)
         temporary = folder / f".{STATE_FILE}.tmp"
-        data = json.dumps({"active": state.active, "slots": state.slots, "last": state.last})
+        data = json.dumps({"active": state.active, "slots": state.slots, "last": state.last,
+                           "switching": state.switching})
         with open(temporary, "w") as handle:
             handle.write(data)
             handle.flush()
