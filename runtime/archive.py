@@ -33,7 +33,8 @@ SUFFIXES = (".tar.gz", ".tgz", ".zip")
 _CHUNK = 1 << 20
 _ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)  # the earliest time zip can record
 _CORRUPT = (tarfile.TarError, zipfile.BadZipFile, EOFError, zlib.error, NotImplementedError,
-            RuntimeError)  # zipfile: unknown compression, encrypted member
+            RuntimeError,  # zipfile: unknown compression, encrypted member
+            UnicodeDecodeError)  # zipfile: a name flagged UTF-8 that is not
 
 
 def is_archive_name(name: str) -> bool:

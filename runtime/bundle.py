@@ -11,9 +11,11 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
+import pickle
 import re
 import shutil
 import tempfile
+import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,14 +48,15 @@ def sha256_file(path: Path) -> str:
 
 
 def check_name(name: str) -> str:
-    if not NAME_RE.match(name):
+    # fullmatch: `$` also matches before a trailing newline, which names must not carry
+    if not NAME_RE.fullmatch(name):
         raise BundleError(f"bundle name {name!r} must be letters, digits, '.', '_' or '-' "
                           "(starting with a letter or digit)")
     return name
 
 
 def check_version(version: str) -> str:
-    if not VERSION_RE.match(version):
+    if not VERSION_RE.fullmatch(version):
         raise BundleError(f"bundle version {version!r} must be an integer or semver (1.2.3)")
     return version
 
@@ -177,9 +180,10 @@ class Bundle:
     def golden(self) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
         """The golden input and the output the build produced, by tensor name."""
         sig = self.signature
-        with np.load(self.path / GOLDEN, allow_pickle=_has_strings(sig)) as data:
-            inputs = {s.name: data[f"input_{i}"] for i, s in enumerate(sig.inputs)}
-            outputs = {s.name: data[f"output_{i}"] for i, s in enumerate(sig.outputs)}
+        inputs = {s.name: _golden_array(self.path, f"input_{i}")
+                  for i, s in enumerate(sig.inputs)}
+        outputs = {s.name: _golden_array(self.path, f"output_{i}")
+                   for i, s in enumerate(sig.outputs)}
         return inputs, outputs
 
     def pack(self, archive_path: Path) -> Path:
@@ -197,8 +201,51 @@ class Bundle:
         self.close()
 
 
-def _has_strings(signature: Signature) -> bool:
-    return any(s.dtype == "string" for s in (*signature.inputs, *signature.outputs))
+#: What numpy's pickle of an object array names (numpy 2 and 1): nothing that runs code.
+_ARRAY_GLOBALS = frozenset({("numpy._core.multiarray", "_reconstruct"),
+                            ("numpy.core.multiarray", "_reconstruct"),
+                            ("numpy", "ndarray"), ("numpy", "dtype")})
+
+
+class _TextArrayUnpickler(pickle.Unpickler):
+    """Unpickles an object array of str and bytes, and nothing else: `golden.npz` of a bundle
+    with string tensors holds such arrays, and a bundle's file must never run code when it is
+    checked (an unsigned bundle is opened by `bundle verify` and `serve` too)."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) not in _ARRAY_GLOBALS:
+            raise pickle.UnpicklingError(f"{module}.{name} is not allowed in an array")
+        return super().find_class(module, name)
+
+
+def _golden_array(folder: Path, key: str) -> np.ndarray:
+    """One array of `golden.npz`, read without ever unpickling anything but text."""
+    path = folder / GOLDEN
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            if key not in data.files:
+                raise BundleError(f"{path}: no {key} array (the golden sample does not match "
+                                  "the manifest's inputs and outputs)")
+            try:
+                return data[key]
+            except ValueError as exc:  # an object array: text, read below, or refused
+                if "allow_pickle" not in str(exc):
+                    raise
+        with zipfile.ZipFile(path) as npz, npz.open(f"{key}.npy") as member:
+            major, _ = np.lib.format.read_magic(member)
+            read_header = (np.lib.format.read_array_header_1_0 if major == 1
+                           else np.lib.format.read_array_header_2_0)
+            shape, _, _ = read_header(member)
+            array = _TextArrayUnpickler(member).load()
+    except BundleError:
+        raise
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, pickle.UnpicklingError,
+            AttributeError, TypeError, KeyError, IndexError) as exc:
+        raise BundleError(f"{path}: {key} is not a readable array ({exc})") from exc
+    if not isinstance(array, np.ndarray) or array.shape != shape or not all(
+            isinstance(element, (str, bytes)) for element in array.flat):
+        raise BundleError(f"{path}: {key} holds objects other than text")
+    return array
 
 
 def read_manifest(folder: Path) -> Manifest:

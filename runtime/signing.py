@@ -36,7 +36,12 @@ def canonical_manifest(folder: Path) -> bytes:
         raise BundleError(f"{folder}: no {MANIFEST}; not a bundle") from None
     except (ValueError, UnicodeDecodeError) as exc:
         raise BundleError(f"{path}: not valid JSON ({exc})") from exc
-    return json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+    try:
+        return json.dumps(data, sort_keys=True, separators=(",", ":"),
+                          ensure_ascii=False).encode()
+    except UnicodeEncodeError as exc:  # a "\ud800" escape: JSON takes it, UTF-8 cannot
+        raise BundleError(f"{path}: holds text that is not valid Unicode ({exc.reason} at "
+                          f"character {exc.start})") from exc
 
 
 @dataclass(frozen=True)

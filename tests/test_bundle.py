@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import stat
 import subprocess
 import tarfile
@@ -122,6 +123,37 @@ def test_symlinked_model_file_is_refused(mlp_bundle, tmp_path):
         Bundle.open(mlp_bundle.path)
 
 
+class _RunsCode:
+    """Pickles to a call of os.mkdir: what a hostile golden.npz would hold."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.mkdir, (str(self.marker),)
+
+
+def test_golden_sample_never_runs_code(make_bundle, tmp_path):
+    """String tensors' golden arrays are pickles: only text may come out of them, even from a
+    bundle nobody signed (`bundle verify` and `serve` run its golden sample)."""
+    bundle = make_bundle(identity_onnx("string", ["b"]), name="text")
+    Model.load(bundle.path).check_golden()  # the build's own text arrays load as before
+    marker = tmp_path / "code-ran"
+    hostile = np.empty(1, dtype=object)
+    hostile[0] = _RunsCode(marker)
+    np.savez(bundle.path / "golden.npz", input_0=hostile, output_0=hostile)
+    with pytest.raises(BundleError, match="input_0 is not a readable array .*not allowed"):
+        bundle.golden()
+    assert not marker.exists()
+    np.savez(bundle.path / "golden.npz", input_0=np.array([1, 2], dtype=object),
+             output_0=np.array(["a"], dtype=object))
+    with pytest.raises(BundleError, match="input_0 holds objects other than text"):
+        bundle.golden()
+    np.savez(bundle.path / "golden.npz", input_0=np.array(["a"], dtype=object))
+    with pytest.raises(BundleError, match="no output_0 array"):
+        bundle.golden()
+
+
 @pytest.mark.parametrize("content, message", [
     (b"{not json", "not valid JSON"),
     (b"[]", "must hold a JSON object"),
@@ -143,6 +175,7 @@ def test_not_a_bundle(tmp_path):
 
 @pytest.mark.parametrize("name, version, message", [
     ("../evil", "1", "bundle name"), ("ok", "v1", "bundle version"), ("ok", "1.2", "semver"),
+    ("ok\n", "1", "bundle name"), ("ok", "1\n", "bundle version"),
 ])
 def test_names_and_versions_are_checked(tmp_path, name, version, message):
     source = tmp_path / "m.onnx"
@@ -254,6 +287,16 @@ def test_hostile_zip_entries_are_rejected(tmp_path, entries, message):
     with pytest.raises(BundleError, match=message):
         Bundle.open(hostile)
     assert not (tmp_path / "x").exists()
+
+
+def test_a_zip_name_that_is_not_utf8_is_a_bundle_error(tmp_path):
+    """The UTF-8 flag on a name that is not UTF-8: a corrupt archive, named as one."""
+    hostile = tmp_path / "hostile.zip"
+    with zipfile.ZipFile(hostile, "w") as zip_file:
+        zip_file.writestr("a\u00e9c", b"x")  # non-ASCII: zipfile sets the UTF-8 flag
+    hostile.write_bytes(hostile.read_bytes().replace("a\u00e9c".encode(), b"a\xff\xfec"))
+    with pytest.raises(BundleError, match="not a readable tar or zip archive"):
+        Bundle.open(hostile)
 
 
 def test_oversize_member_and_too_many_members(tmp_path):

@@ -85,3 +85,21 @@ def test_revoked_device_is_dropped_by_the_broker(tmp_path: Path) -> None:
         finally:
             for peer in peers.values():
                 peer.close()
+
+
+def test_a_name_cannot_be_both_a_device_and_a_group(url: str, tmp_path: Path) -> None:
+    """Both would own edgerun/<name>/; refused at enrolment, so the broker files can always be
+    made again, and a revocation always reaches the broker."""
+    credentials = DeviceCredentials(connect(url))
+    credentials.enroll("dev-a", groups=("line-1",))
+    credentials.enroll("dev-b")
+    with pytest.raises(InvalidInput, match="device id 'line-1' is already a group's name"):
+        credentials.enroll("line-1")
+    with pytest.raises(InvalidInput, match="group 'dev-b' is already a device id"):
+        credentials.enroll("dev-c", groups=("dev-b",))
+    with pytest.raises(InvalidInput, match="group 'dev-d' is already a device id"):
+        credentials.enroll("dev-d", groups=("dev-d",))
+    credentials.enroll("dev-a", groups=("line-1", "line-2"))  # its own groups, again: fine
+    credentials.revoke("dev-b")
+    files = write_broker_files(tmp_path / "broker", credentials.devices())
+    assert "dev-b:" not in files.passwd.read_text()

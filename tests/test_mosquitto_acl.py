@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from edgerun.adapters.auth.mosquitto import (Device, InferenceClient, Orchestrator,
-                                             hash_password, new_password, verify_password,
-                                             write_broker_files)
+                                             hash_password, new_password, passwd_text,
+                                             verify_password, write_broker_files)
 from edgerun.runtime.errors import InvalidInput
 from tests.mosquitto_broker import Peer, broker
 
@@ -55,6 +55,23 @@ def test_names_that_would_break_isolation_are_refused(tmp_path: Path) -> None:
     assert not (tmp_path / "passwd").exists()
 
 
+def test_a_hash_cannot_add_a_user_to_the_password_file(tmp_path: Path) -> None:
+    """Hashes come from the registry (`fleet acl` fetches them): one holding a newline would
+    add a passwd line of its own, here a user named like a group, who would then read the
+    group's requests and answer for it."""
+    injected = hash_password("a") + "\nline-1:" + hash_password("attacker")
+    group = Device("dev-b", hash_password("b"), groups=("line-1",))
+    for bad in (injected, hash_password("a") + "\n", "$7$101$c2FsdA==$ZGln\rline-1:x",
+                "$7$101$salt$digest$extra"):
+        with pytest.raises(InvalidInput, match="password hash of 'dev-a' is not one \\$7\\$"):
+            write_broker_files(tmp_path, [Device("dev-a", bad), group])
+        with pytest.raises(InvalidInput):
+            passwd_text([Device("dev-a", bad)])
+    with pytest.raises(InvalidInput, match="username 'a\\\\nb'"):
+        passwd_text([Device("a\nb", hash_password("x"))])
+    assert not (tmp_path / "passwd").exists()
+
+
 def test_config_has_no_listener_and_absolute_paths(tmp_path: Path) -> None:
     files = fleet_files(tmp_path / "broker")
     conf = files.conf.read_text().splitlines()
@@ -64,6 +81,22 @@ def test_config_has_no_listener_and_absolute_paths(tmp_path: Path) -> None:
     assert not any(line.startswith(("listener", "port")) for line in conf)
     assert files.passwd.stat().st_mode & 0o777 == 0o600
     assert "secret-a" not in files.passwd.read_text() + files.acl.read_text()
+
+
+def test_files_are_never_written_through_a_link_left_in_the_folder(tmp_path: Path) -> None:
+    """A broker folder others could write (made in /tmp beforehand, say): links planted where
+    the files are staged must not make an operator (or root) overwrite what they point at."""
+    directory, victim = tmp_path / "broker", tmp_path / "victim"
+    directory.mkdir()
+    victim.write_text("precious\n")
+    for name in ("passwd", "acl", "mosquitto.conf"):
+        (directory / f".{name}.tmp").symlink_to(victim)
+    files = fleet_files(directory)
+    assert victim.read_text() == "precious\n"
+    assert files.passwd.read_text().startswith("dev-a:$7$") and not files.passwd.is_symlink()
+    assert files.passwd.stat().st_mode & 0o777 == 0o600
+    assert sorted(p.name for p in directory.iterdir() if not p.is_symlink()) == [
+        "acl", "mosquitto.conf", "passwd"]  # no staging file left behind
 
 
 @pytest.fixture()

@@ -65,6 +65,22 @@ def test_refusals_say_which(make_bundle, keys, tmp_path):
         verify_folder(bundle.path, [public])
 
 
+def test_a_manifest_with_broken_unicode_is_a_bundle_error(make_bundle, keys):
+    """A "\\ud800" escape parses as JSON but has no UTF-8 bytes: a typed refusal (a registry
+    answers a push with it), not an encoding error from deep inside."""
+    private, public = keys
+    bundle = make_bundle(mlp_onnx([4, 3]))
+    sign_folder(bundle.path, private)
+    manifest = bundle.path / "manifest.json"
+    manifest.write_text(manifest.read_text().replace('"created": {',
+                                                     '"created": {"x": "\\ud800", ', 1))
+    broken = "manifest.json: holds text that is not valid Unicode"
+    with pytest.raises(BundleError, match=broken):
+        verify_folder(bundle.path, [public])
+    with pytest.raises(BundleError, match=broken):
+        sign_folder(bundle.path, private)
+
+
 def test_canonical_bytes_cover_every_file_hash(make_bundle):
     bundle = make_bundle(mlp_onnx([4, 3]))
     canonical = json.loads(canonical_manifest(bundle.path))

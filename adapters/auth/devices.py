@@ -44,6 +44,7 @@ class DeviceCredentials:
         working); the caller hands it to the device once. Nothing keeps the secret."""
         for kind, name in (("device id", device_id), *(("group", g) for g in groups)):
             check_name(kind, name)  # the broker files' rules, checked before anything is kept
+        self._check_namespace(device_id, groups)
         secret, password_hash = new_password()
         self.db.execute(
             "INSERT INTO device_credentials (device_id, password_hash, device_groups, "
@@ -53,6 +54,20 @@ class DeviceCredentials:
             "revoked_at = NULL",
             (device_id, password_hash, ",".join(groups)))
         return secret
+
+    def _check_namespace(self, device_id: str, groups: Sequence[str]) -> None:
+        """Refuse what the broker files would: a device and a group that both own
+        `edgerun/<name>/`. Refused here, where it is caused, rather than in every later
+        `fleet acl`, which could then not drop a revoked device from the broker."""
+        enrolled = self.groups()
+        others = {g for d, gs in enrolled.items() if d != device_id for g in gs}
+        if device_id in others:
+            raise InvalidInput(f"device id {device_id!r} is already a group's name: both would "
+                               f"own edgerun/{device_id}/")
+        for group in groups:
+            if group == device_id or group in enrolled:
+                raise InvalidInput(f"group {group!r} is already a device id: both would own "
+                                   f"edgerun/{group}/")
 
     def revoke(self, device_id: str) -> None:
         changed = self.db.execute(f"UPDATE device_credentials SET revoked_at = {self.db.now} "

@@ -38,6 +38,9 @@ from edgerun.runtime.errors import InvalidInput
 ITERATIONS = 101
 SALT_BYTES = 12
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+_B64 = r"[A-Za-z0-9+/]+={0,2}"
+#: A whole `$7$` hash and nothing more: a newline in one would add a passwd line of its own.
+_HASH = re.compile(rf"\$7\$[1-9][0-9]{{0,9}}\${_B64}\${_B64}")
 ALL = "+"  # an inference client's target meaning every device and group
 
 DEVICE_PATTERNS = (
@@ -176,13 +179,18 @@ def acl_text(devices: Iterable[Device], clients: Iterable[InferenceClient] = (),
 
 def passwd_text(devices: Iterable[Device], clients: Iterable[InferenceClient] = (),
                 orchestrator: Orchestrator | None = None) -> str:
+    devices, clients = list(devices), list(clients)
+    _validate(devices, clients, orchestrator)  # a name with a newline would add a line too
     users = [(d.device_id, d.password_hash) for d in devices]
     users += [(c.username, c.password_hash) for c in clients]
     if orchestrator is not None:
         users.append((orchestrator.username, orchestrator.password_hash))
-    for _, password_hash in users:
+    for user, password_hash in users:
         if not password_hash.startswith("$7$"):
             raise InvalidInput("password hashes must be $7$ (hash_password), not secrets")
+        if not _HASH.fullmatch(password_hash):  # the hash is not echoed: it may hold a secret
+            raise InvalidInput(f"the password hash of {user!r} is not one $7$ hash "
+                               "($7$<iterations>$<base64 salt>$<base64 digest>)")
     return "".join(f"{user}:{password_hash}\n" for user, password_hash in users)
 
 
@@ -195,15 +203,21 @@ def conf_text(passwd: Path, acl: Path) -> str:
 
 
 def _write(path: Path, text: str, mode: int) -> None:
-    """Write beside and rename over, so Mosquitto never reloads a half-written file."""
-    staging = path.with_name(f".{path.name}.tmp")
-    fd = os.open(staging, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    with os.fdopen(fd, "w") as sink:
-        sink.write(text)
-        sink.flush()
-        os.fsync(sink.fileno())
-    os.chmod(staging, mode)
-    os.replace(staging, path)
+    """Write beside and rename over, so Mosquitto never reloads a half-written file. The
+    staging file is new (O_EXCL: never a link someone left there, never a file others opened
+    already), so the hashes are never written where `mode` does not hold."""
+    staging = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    fd = os.open(staging, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
+    try:
+        with os.fdopen(fd, "w") as sink:
+            os.fchmod(sink.fileno(), mode)  # the umask may have taken bits `mode` wants
+            sink.write(text)
+            sink.flush()
+            os.fsync(sink.fileno())
+        os.replace(staging, path)
+    except BaseException:
+        staging.unlink(missing_ok=True)
+        raise
 
 
 def write_broker_files(directory: str | Path, devices: Iterable[Device],
