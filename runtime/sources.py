@@ -61,11 +61,11 @@ class FolderSource:
         return f"FolderSource({str(self.root)!r})"
 
     def models(self) -> list[str]:
-        return sorted(p.name for p in self.root.iterdir() if p.is_dir() and NAME_RE.match(p.name))
+        return sorted(p.name for p in self.root.iterdir() if p.is_dir() and NAME_RE.fullmatch(p.name))
 
     def config(self, name: str) -> ModelConfig:
         folder = self.root / name
-        if not NAME_RE.match(name) or not folder.is_dir():
+        if not NAME_RE.fullmatch(name) or not folder.is_dir():
             raise ModelNotFound(f"model {name!r} is not in the repository {self.root}")
         return ModelConfig.load(folder, self.default_batching)
 
@@ -74,7 +74,7 @@ class FolderSource:
         if not folder.is_dir():
             return []
         return sorted((p.name for p in folder.iterdir()
-                       if p.is_dir() and VERSION_RE.match(p.name)), key=version_key)
+                       if p.is_dir() and VERSION_RE.fullmatch(p.name)), key=version_key)
 
     def wanted(self, name: str, config: ModelConfig) -> list[str]:
         return config.version_policy.select(self.versions(name))
@@ -206,7 +206,7 @@ class SingleModelSource(BundleSource):
         else:
             backend_for_file(found)  # a clear error for a file no backend runs
             stem = found.name.split(".")[0]
-            served = check_name(name or (stem if NAME_RE.match(stem) else "model"))
+            served = check_name(name or (stem if NAME_RE.fullmatch(stem) else "model"))
             found = create_bundle(found, work, name=served, version="1", device=device).path
         super().__init__(found, ModelConfig(batching=default_batching or BatchingConfig()))
         log.info("serving %s as %s version %s", path, self.name, self.version)

@@ -390,7 +390,8 @@ def test_kill_9_at_each_step_leaves_a_verified_model(tmp_path, keys, server):
 
 
 @pytest.mark.parametrize("model, version", [("../../outside", "2"), ("m", "../2"),
-                                            ("m/x", "2"), ("m", "2/../../x")])
+                                            ("m/x", "2"), ("m", "2/../../x"),
+                                            ("m\n", "2"), ("m", "2\n")])
 def test_a_job_naming_paths_outside_the_ota_folder_is_refused(model, version):
     """Model and version become parts of paths on the device; jobs are not signed."""
     job = Job(job_id="j1", kind="install", model=model, version=version,

@@ -71,7 +71,7 @@ class SlotStore:
 
     def models(self) -> list[str]:
         return sorted(p.name for p in self.root.iterdir()
-                      if p.is_dir() and NAME_RE.match(p.name) and (p / STATE_FILE).is_file())
+                      if p.is_dir() and NAME_RE.fullmatch(p.name) and (p / STATE_FILE).is_file())
 
     def read(self, model: str) -> SlotState:
         path = self.folder(model) / STATE_FILE
@@ -109,7 +109,7 @@ class SlotSource:
         return f"SlotSource({str(self.store.root)!r}, fallback={self.fallback!r})"
 
     def _managed(self, name: str) -> SlotState | None:
-        if not NAME_RE.match(name):
+        if not NAME_RE.fullmatch(name):
             return None
         state = self.store.read(name)
         return state if state.active_version else None
