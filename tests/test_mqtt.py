@@ -155,7 +155,9 @@ def test_a_reply_topic_with_wildcards_is_dropped_and_the_daemon_serves_on(broker
     sent again on every reconnect, once kept the daemon offline for good."""
     client = connect(broker, protocol=mqtt.MQTTv311)
     for reply_to in ("bad/#", "bad/+/x", "bad\x00nul", "bad\x01ctl", "bad\x85c1",
-                     "bad\uffffnon", "b" * 70_000):
+                     "bad\uffffnon", "b" * 70_000, "edgerun/dev1/status",
+                     "edgerun/dev1/ota/report", "edgerun/dev1/telemetry",
+                     "edgerun/dev1/infer/mlp"):
         request = {**orjson.loads(INFER_JSON), "reply_to": reply_to}
         client.publish("edgerun/dev1/infer/mlp", orjson.dumps(request), 1).wait_for_publish(10)
     client.disconnect()
@@ -167,6 +169,9 @@ def test_a_reply_topic_with_wildcards_is_dropped_and_the_daemon_serves_on(broker
     log = daemon.output()
     assert "Exception in callback" not in log and "'bad/#', which has wildcards" in log
     assert "control character U+0000" in log and "longer than 65535 bytes" in log
+    # a device's own topics, which its ACL lets it write: no answer passes for its status
+    assert "'edgerun/dev1/status', which is an edgerun status topic" in log
+    assert "is an edgerun ota topic" in log and "is an edgerun infer topic" in log
     assert "disconnected from" not in log
 
 

@@ -102,6 +102,10 @@ def request_id(request: Request) -> str | None:
     return request.request_id
 
 
+#: Topics a device publishes or reads on its own account (`edgerun/<id>/<kind>...`).
+CONTROL_TOPICS = frozenset({"infer", "ota", "status", "telemetry"})
+
+
 def reply_topic_problem(topic: str) -> str | None:
     """Why an answer must not go to `topic`, or None. The broker ends the connection of a
     client that publishes to a topic with U+0000, a control character, a surrogate or a
@@ -110,6 +114,11 @@ def reply_topic_problem(topic: str) -> str | None:
     is sent again on every reconnect, so one bad reply_to would keep the daemon offline."""
     if "+" in topic or "#" in topic:
         return "has wildcards"
+    levels = topic.split("/")
+    if len(levels) >= 3 and levels[0] == "edgerun" and levels[2] in CONTROL_TOPICS:
+        # the broker's ACL lets a device write its own status and OTA reports: a requester
+        # must not get an answer published there, as if the device had said it
+        return f"is an edgerun {levels[2]} topic, not a reply topic"
     for char in topic:
         code = ord(char)
         if code <= 0x1F or 0x7F <= code <= 0x9F:
