@@ -381,6 +381,25 @@ def test_an_answer_over_the_brokers_maximum_packet_size_is_an_error_reply(tmp_pa
         broker.stop()
 
 
+def test_qos_2_answers_stay_within_the_brokers_receive_maximum(tmp_path, repo):
+    """A broker takes at most its CONNACK's Receive Maximum of unacknowledged QoS 1 and 2
+    PUBLISHes from a client; paho ignores it, Mosquitto refused the excess QoS 2 answers
+    ("quota exceeded") and paho dropped them without a word: a third of them were lost."""
+    broker = Broker(tmp_path / "b")
+    broker.config.write_text(broker.config.read_text() + "max_inflight_messages 5\n")
+    broker.start()
+    try:
+        with running_daemon(repo, broker, "strict", "--qos", "2"):
+            requester = Requester(broker)
+            # QoS 1 requests: the requester's own paho would exceed the quota at QoS 2
+            keys = [requester.send("edgerun/strict/infer/mlp", INFER_JSON) for _ in range(300)]
+            requester.wait(keys, timeout=60)
+            assert all(outputs(requester.answers[k][0][0]).shape == (1, 3) for k in keys)
+            requester.close()
+    finally:
+        broker.stop()
+
+
 def test_requests_sent_while_the_daemon_is_down_are_answered_when_it_returns(tmp_path, repo):
     with running_broker(tmp_path / "b") as broker:
         requester = Requester(broker)

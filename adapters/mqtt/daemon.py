@@ -245,7 +245,7 @@ class Daemon:
             CallbackAPIVersion.VERSION2, client_id=f"edgerun-{self.device_id}",
             protocol=mqtt.MQTTv5 if self.v5 else mqtt.MQTTv311,
             clean_session=None if self.v5 else False, manual_ack=True)
-        client.max_inflight_messages = 0  # replies are not capped at paho's default 20
+        client.max_inflight_messages = 0  # 3.1.1: not capped at paho's default 20; v5: the broker's
         broker = config.broker_address
         if broker.username:
             client.username_pw_set(broker.username, broker.password)
@@ -383,6 +383,8 @@ class Daemon:
             return
         self._attempts = 0
         self._max_packet = getattr(properties, "MaximumPacketSize", None) if self.v5 else None
+        if self.v5:
+            client.honour_receive_maximum(properties)
         log.info("connected to %s (session present: %s)", self.config.broker,
                  flags.session_present)
         client.subscribe([(topic, qos) for topic, (qos, _) in self._subscriptions.items()])

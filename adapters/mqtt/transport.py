@@ -279,6 +279,14 @@ _NO_PROPERTIES = Properties(PacketTypes.PUBACK)
 class Client(mqtt.Client):
     """paho's client on a `BufferedSocket`, decoding the packets of the request path itself."""
 
+    def honour_receive_maximum(self, properties: Any) -> None:
+        """From a v5 CONNACK (in `on_connect`, before paho sends what it queued): keep at most
+        the broker's Receive Maximum of QoS 1 and 2 PUBLISHes unacknowledged (65,535 when it
+        names none), as MQTT 5 (3.3.4) requires. paho ignores it; Mosquitto refuses the excess
+        QoS 2 answers ("quota exceeded") and paho drops them without a word. paho's setter
+        refuses a connected client, so the limit is set where paho keeps it."""
+        self._max_inflight_messages = int(getattr(properties, "ReceiveMaximum", 65535))
+
     def _create_socket(self) -> Any:
         sock = super()._create_socket()
         return BufferedSocket(sock) if isinstance(sock, socket.socket) else sock
