@@ -21,6 +21,7 @@ from edgerun.adapters.mqtt.config import load_config
 from edgerun.adapters.mqtt.daemon import backoff
 from edgerun.adapters.mqtt.telemetry import quantile, temperature
 from edgerun.examples import mlp_onnx
+from tests.cli import edgerun
 from tests.mqtt import (INFER_JSON, Broker, Requester, connect, read_retained,
                         running_broker, running_daemon, user_properties, wait_online)
 from tests.serving import add_version, free_port
@@ -287,6 +288,22 @@ def test_telemetry_helpers(tmp_path):
     (tmp_path / "thermal_zone1" / "temp").write_text("51000\n")
     assert temperature(tmp_path) == 51.0
     assert temperature(tmp_path / "none") is None
+
+
+@pytest.mark.parametrize("setting", [{"poll_interval": -1}, {"telemetry_interval": "30"},
+                                     {"drain_timeout": float("inf")}, {"reconnect_min_s": 0},
+                                     {"keepalive": 70_000}, {"reconnect_max_s": 0.1}])
+def test_settings_in_seconds_are_checked(tmp_path, setting):
+    """-1 polled the repository without pause (a core at 100 %); a string from device.toml
+    failed later, inside the daemon."""
+    with pytest.raises(ValueError, match=next(iter(setting))):
+        load_config(None, repository=tmp_path, broker="mqtt://h", device_id="pi-1", **setting)
+
+
+def test_the_daemon_refuses_a_negative_poll_interval(tmp_path):
+    result = edgerun("daemon", "--repository", str(tmp_path), "--broker", "mqtt://127.0.0.1:1",
+                     "--device-id", "pi-1", "--poll-interval", "-1", timeout=60)
+    assert result.returncode == 2 and "poll_interval must be" in result.stderr, result.stderr
 
 
 def test_config_file_with_flags_on_top(tmp_path):

@@ -6,6 +6,7 @@ other than those keys (`[ota]`, ...) are kept in `extensions` for the daemon's e
 
 from __future__ import annotations
 
+import math
 import sys
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
@@ -87,6 +88,18 @@ class DaemonConfig:
             raise ValueError("qos must be 0, 1 or 2")
         if self.max_inbox < 1:
             raise ValueError("max_inbox must be >= 1")
+        for name, zero_allowed in _DURATIONS.items():
+            value = getattr(self, name)
+            if value is None and name == "poll_interval":
+                continue
+            # a negative poll interval polled without pause (a core at 100 %)
+            if not _finite(value) or value < 0 or (value == 0 and not zero_allowed):
+                raise ValueError(f"{name} must be a number of seconds "
+                                 f"{'of at least' if zero_allowed else 'above'} 0, got {value!r}")
+        if self.keepalive > 0xFFFF:
+            raise ValueError(f"keepalive must be at most 65535 seconds, got {self.keepalive}")
+        if self.reconnect_max_s < self.reconnect_min_s:
+            raise ValueError("reconnect_max_s must be at least reconnect_min_s")
         Broker.parse(self.broker)
 
     @property
@@ -98,6 +111,16 @@ class DaemonConfig:
     @property
     def state_dir(self) -> Path:
         return self.data_dir if self.data_dir is not None else self.repository / ".edgerun"
+
+
+#: Settings in seconds, and whether 0 is allowed (it turns polling and telemetry off).
+_DURATIONS = {"poll_interval": True, "keepalive": True, "session_expiry": True,
+              "reconnect_min_s": False, "reconnect_max_s": False, "telemetry_interval": True,
+              "drain_timeout": True}
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 _PATHS = {"repository", "data_dir", "ca_file", "cert_file", "key_file"}
