@@ -251,3 +251,17 @@ def test_without_tokens_fleet_serve_stays_on_loopback(capsys) -> None:
     for public in ("0.0.0.0", "::", "10.0.0.5", "fleet.example.com"):
         with pytest.raises(InvalidInput, match="without --tokens"):
             protected_host(public, secured=False)
+
+
+def test_a_secret_file_other_users_may_read_is_used_with_a_warning(tmp_path, caplog):
+    from edgerun.adapters.auth.tokens import read_secret
+
+    secret = tmp_path / "pi-1.secret"
+    secret.write_text("s3cret\n")
+    secret.chmod(0o644)  # as `fleet enroll ... > pi-1.secret` leaves it under umask 022
+    assert read_secret(secret) == "s3cret"
+    assert f"other users may read it (mode 644): chmod 600 {secret}" in caplog.text
+    assert "s3cret" not in caplog.text
+    caplog.clear()
+    secret.chmod(0o600)
+    assert read_secret(secret) == "s3cret" and caplog.text == ""

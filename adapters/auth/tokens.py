@@ -153,8 +153,15 @@ def _unsafe(mode: int) -> bool:
 
 
 def read_secret(path: str | Path) -> str:
-    """A token as `create_token` wrote it (the first line, whitespace stripped)."""
-    return Path(path).read_text(encoding="utf-8").strip()
+    """A token as `create_token` wrote it (the first line, whitespace stripped). A file other
+    users may read (`fleet enroll ... > pi-1.secret` under the usual umask) is used, with a
+    warning: on a shared host that is how a device's or an operator's secret leaks."""
+    path = Path(path)
+    mode = path.stat().st_mode & 0o777
+    if mode & 0o077:
+        log.warning("%s holds a secret and other users may read it (mode %03o): chmod 600 %s",
+                    path, mode, path)
+    return path.read_text(encoding="utf-8").strip()
 
 
 class TokenStore:
