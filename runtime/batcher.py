@@ -103,7 +103,10 @@ class Pending:
         assert request.event is not None
         if request.deadline is None:
             request.event.wait()
-        elif not request.event.wait(max(0.0, request.deadline - time.monotonic())):
+        # Event.wait overflows past TIMEOUT_MAX (about 292 years): a longer timeout would raise
+        # after the request was queued, and it would run for nobody
+        elif not request.event.wait(min(max(0.0, request.deadline - time.monotonic()),
+                                        threading.TIMEOUT_MAX)):
             self._batcher._drop(request, self._batcher._deadline_error(request))
             request.event.wait()  # dropped now, or already running and about to answer
         if request.error is not None:
@@ -197,6 +200,8 @@ class MicroBatcher:
             return await future
         except asyncio.CancelledError:
             self._drop(request, None)
+            if request.timer is not None:  # it would hold the request's arrays until it fired
+                request.timer.cancel()
             raise
 
     def _request(self, inputs: Mapping[str, Any], timeout: float | None,

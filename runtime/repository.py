@@ -113,8 +113,9 @@ class Repository:
             raise BundleError(f"model {name!r}: {self.source!r} offers no version to serve")
         self._attempted.add(name)  # a model the source has: readiness waits for it now
         current = self._models.get(name)
-        reusable = current.versions if current is not None and _same_serving(
-            current.config, config) else {}
+        # judged per version: one kept after a failed reload still runs an older config
+        reusable = {version: served for version, served in current.versions.items()
+                    if _same_serving(served.config, config)} if current is not None else {}
         versions: dict[str, ServedVersion] = {}
         errors = []
         for version in wanted:
@@ -215,6 +216,9 @@ class Repository:
                                    or any(v not in wanted for v in served.versions)):
             return True
         missing = [v for v in wanted if served is None or v not in served.versions]
+        if served is not None:  # kept after a failed reload: due again once its files change
+            missing += [v for v, version in served.versions.items()
+                        if not _same_serving(version.config, config)]
         return any(self._known_failure(name, v, self.source.fingerprint(name, v), config)
                    is None for v in missing)
 

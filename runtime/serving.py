@@ -31,6 +31,7 @@ class ServedVersion:
         self.model = models[0]
         self.name, self.version = self.model.name, self.model.version
         self.signature = self.model.signature
+        self.config = config  # what it was loaded with: a failed reload keeps an older one
         self.batcher = MicroBatcher(models, config.batching, registry=registry)
         self.in_flight = 0
         self._idle = threading.Condition()

@@ -13,6 +13,7 @@ import dataclasses
 import logging
 import shutil
 import tempfile
+import time
 from pathlib import Path
 from typing import Protocol
 
@@ -86,16 +87,32 @@ class FolderSource:
         return folder_fingerprint(self.bundle_path(name, version))
 
 
+#: How long after a file changed its mtime cannot yet tell that change from the next one
+#: (FAT keeps mtimes in 2 s steps, HFS+ and some network filesystems in 1 s), with a margin.
+SETTLE_NS = 3_000_000_000
+
+
 def folder_fingerprint(folder: Path) -> tuple:
-    """Names, sizes and mtimes of a folder's files (or of one file)."""
+    """Paths, sizes and mtimes of a folder's files at any depth (or of one file).
+
+    Files a manifest lists may lie in subfolders, whose own mtime does not change when a file
+    in them is rewritten. A file changed within `SETTLE_NS` makes the fingerprint equal to no
+    other: a same-size rewrite in the same mtime step would otherwise look like no change, and
+    a failed load would never be retried.
+    """
     try:
         if folder.is_file():
-            stat = folder.stat()
-            return ((folder.name, stat.st_size, stat.st_mtime_ns),)
-        return tuple(sorted((p.name, s.st_size, s.st_mtime_ns)
-                            for p in folder.iterdir() for s in [p.stat()]))
+            entries = [(folder.name, folder.stat())]
+        else:
+            entries = [(p.relative_to(folder).as_posix(), p.stat())
+                       for p in folder.rglob("*") if p.is_file()]
     except OSError:
         return ()
+    fingerprint = tuple(sorted((name, s.st_size, s.st_mtime_ns) for name, s in entries))
+    now = time.time_ns()
+    if any(now - s.st_mtime_ns < SETTLE_NS for _, s in entries):
+        return (*fingerprint, ("unsettled", object()))
+    return fingerprint
 
 
 class BundleSource:

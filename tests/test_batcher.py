@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import gc
+import math
 import threading
 import time
+import weakref
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -219,6 +222,41 @@ def test_cancelled_requests_never_run(recording):
         running.result()
         assert not running.cancel(), "a request that ran cannot be withdrawn"
     assert not any(np.any(np.all(b["x"] == 5.0, axis=1)) for b in recording.batches)
+
+
+def test_a_cancelled_asyncio_request_lets_go_of_its_arrays(recording):
+    # its deadline timer stayed scheduled after the cancel and held the request, arrays and
+    # all, for the whole timeout: clients that disconnect under load piled up their inputs
+    async def main(batcher):
+        marker = np.full((1, 8), 5.0, np.float32)
+        alive = weakref.ref(marker)
+        task = asyncio.ensure_future(batcher.predict_async({"x": marker}, timeout=60))
+        await asyncio.sleep(0.01)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        del task, marker
+        recording.release()
+        await asyncio.get_running_loop().run_in_executor(None, running.result)
+        await asyncio.sleep(0.05)  # the worker drops the withdrawn request from its queue
+        gc.collect()
+        assert alive() is None, "a withdrawn request is held until its timeout fires"
+
+    with batcher_for(recording, max_batch_size=8) as batcher:
+        recording.hold()
+        running = batcher.submit({"x": rows(1)})
+        assert recording.entered.wait(5)
+        asyncio.run(main(batcher))
+
+
+@pytest.mark.parametrize("timeout", [math.inf, 1e13])
+def test_a_timeout_longer_than_a_thread_can_wait_is_no_deadline(recording, timeout):
+    # Event.wait raised OverflowError after the request was queued: the caller got an
+    # untyped error (a 500 over MQTT or Lambda) and the request ran for nobody
+    with batcher_for(recording, max_batch_size=8) as batcher:
+        assert batcher.predict({"x": rows(1)}, timeout=timeout)["y"].shape == (1, 4)
+        assert batcher.queue_depth == 0
+    assert recording.batch_rows() == [1]
 
 
 def test_mixed_shapes_are_never_concatenated(make_bundle):

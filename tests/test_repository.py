@@ -198,3 +198,61 @@ def test_readiness_follows_the_models_it_tried_not_a_fresh_listing(repo_dir):
     repository.unload("mlp")
     assert repository.ready, "an unloaded model is not missing"
     repository.close()
+
+
+
+@pytest.mark.parametrize("broken, same_mtime", [("extra/notes.txt", False),
+                                                 ("model.onnx", True)])
+def test_a_failed_version_is_retried_once_its_files_are_fixed(repo_dir, broken, same_mtime):
+    # "nothing changed since it failed" was read from the top level only (a subfolder's mtime
+    # stays when a file in it is rewritten) and from mtimes that a coarse filesystem (FAT keeps
+    # 2 s steps) shares between a bad write and its same-size fix: the fix was never tried
+    import os
+
+    from edgerun.runtime.bundle import FileEntry, read_manifest, sha256_file, write_manifest
+
+    repository = Repository(repo_dir, registry=Registry())
+    repository.load_all()
+    folder = add_version(repo_dir, "mlp", "2", mlp_onnx([8, 16, 4], seed=2))
+    notes = folder / "extra" / "notes.txt"  # a manifest may list files in subfolders
+    notes.parent.mkdir()
+    notes.write_bytes(b"calibrated on set A")
+    manifest = read_manifest(folder)
+    manifest.files["extra/notes.txt"] = FileEntry(sha256_file(notes), notes.stat().st_size)
+    write_manifest(folder, manifest)
+    path = folder / broken
+    intact = path.read_bytes()
+    path.write_bytes(intact[:-1] + bytes([intact[-1] ^ 1]))  # same size, another sha256
+    stamp = path.stat().st_mtime_ns
+    repository.poll_once()
+    assert repository.get("mlp").version == "1", "the broken version 2 never goes live"
+    path.write_bytes(intact)
+    if same_mtime:
+        os.utime(path, ns=(stamp, stamp))  # the fix landed in the same mtime step
+    repository.poll_once()
+    assert repository.get("mlp").version == "2", f"the fixed {broken} was never retried"
+    repository.close()
+
+
+@pytest.mark.parametrize("reload", ["poll", "load"])
+def test_a_version_kept_after_a_failed_reload_takes_its_config_once_fixed(repo_dir, reload):
+    # the kept copy still ran the old batching while the model's config said the new one, and
+    # neither polling nor a load ever reloaded it once its files were fixed
+    repository = Repository(repo_dir, registry=Registry())
+    repository.load_all()
+    model = repo_dir / "mlp" / "1" / "model.onnx"
+    intact = model.read_bytes()
+    model.write_bytes(intact[:-1] + bytes([intact[-1] ^ 1]))
+    (repo_dir / "mlp" / "config.toml").write_text("[batching]\nmax_queue_delay_us = 900\n")
+    with pytest.raises(BundleError, match="model.onnx does not match its sha256"):
+        repository.load("mlp")
+    assert repository.get("mlp").batcher.config.max_queue_delay_us == 500, "the old copy serves"
+    model.write_bytes(intact)
+    if reload == "poll":
+        repository.poll_once()
+    else:
+        assert repository.load("mlp") == ["1"]
+    assert repository.get("mlp").batcher.config.max_queue_delay_us == 900
+    with repository.route("mlp") as routed:
+        assert routed.run({"x": np.zeros((1, 8), np.float32)})["y"].shape == (1, 4)
+    repository.close()

@@ -125,6 +125,30 @@ def test_int8_model_takes_and_gives_float(tmp_path):
     model.check_golden()
 
 
+
+def test_nan_into_an_int8_model_is_refused_and_its_neighbours_still_run(tmp_path):
+    # NaN cast to int8 became an arbitrary integer: a finite, plausible answer for an input
+    # nobody sent
+    weight = np.eye(3, 4, dtype=np.float32)
+    bias = np.zeros(3, np.float32)
+    source = tmp_path / "dense.tflite"
+    source.write_bytes(int8_dense_tflite(weight, bias))
+    model = Model.load(create_bundle(source, tmp_path / "b", name="dense", version="1"))
+    bad = np.array([[0.5, np.nan, 0.0, 0.0]], np.float32)
+    with pytest.raises(InvalidInput, match="input 'x': NaN cannot be quantized") as caught:
+        model.predict({"x": bad})
+    assert caught.value.tensor == "x"
+    good = np.array([[0.5, 1.0, -1.0, 0.0]], np.float32)
+    with MicroBatcher(model, registry=Registry(), max_queue_delay_us=20_000) as batcher:
+        first = batcher.submit({"x": good})
+        with pytest.raises(InvalidInput, match="NaN"):
+            batcher.submit({"x": bad})
+        np.testing.assert_allclose(first.result()["y"], good @ weight.T, atol=0.1)
+    saturated = model.predict({"x": np.array([[np.inf, 0, 0, 0]], np.float32)})["y"]
+    assert np.isfinite(saturated).all(), "infinities saturate, as any out-of-range value does"
+    model.close()
+
+
 def test_concurrent_runs_never_share_an_interpreter(selfie):
     x = images(8, seed=1)
     expected = bare(SELFIE, x)

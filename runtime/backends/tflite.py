@@ -18,7 +18,7 @@ import numpy as np
 
 from edgerun.devices import DeviceProfile
 from edgerun.runtime.backends.base import Backend
-from edgerun.runtime.errors import BundleError
+from edgerun.runtime.errors import BundleError, InvalidInput
 from edgerun.runtime.signature import DTYPES, Signature, TensorSpec
 
 _QUANTIZED = ("int8", "uint8", "int16")
@@ -128,6 +128,7 @@ class TFLiteBackend(Backend):
         first = _Slot(_new_interpreter(model_path, threads))
         self._inputs = _tensors(first.interpreter.get_input_details(), model_path)
         self._outputs = _tensors(first.interpreter.get_output_details(), model_path)
+        self._quantized_inputs = tuple(t.name for t in self._inputs if t.quantized)
         self._idle = [first]
         self._lock = threading.Lock()
         self._slots = threading.Semaphore(max(1, pool_size))  # interpreters at most
@@ -186,6 +187,16 @@ class TFLiteBackend(Backend):
                                    np.ascontiguousarray(tensor.to_tensor(inputs[tensor.name])))
         interpreter.invoke()
         return {t.name: t.from_tensor(interpreter.get_tensor(t.index)) for t in self._outputs}
+
+    def conform(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """NaN in a quantized input refused: it has no integer value (the cast makes up one,
+        and the answer looks plausible but is for some other input)."""
+        for name in self._quantized_inputs:
+            array = inputs[name]
+            if array.size and np.isnan(array.min()):  # min() is NaN if any element is
+                raise InvalidInput(f"input {name!r}: NaN cannot be quantized (the model "
+                                   "takes integers scaled from these floats)", name)
+        return inputs
 
     def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         self._slots.acquire()
