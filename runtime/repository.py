@@ -259,10 +259,12 @@ class Repository:
         return all(name in self._models for name in tuple(self._attempted))
 
     def index(self) -> list[VersionState]:
-        names = set(self.source.models()) | {n for n, _ in self._states}
+        # a copy (taken at once under the GIL): a loader thread may add a version meanwhile
+        known = list(self._states.items())
+        names = set(self.source.models()) | {n for (n, _), _ in known}
         states = []
         for name in sorted(names):
-            seen = [state for (model, _), state in self._states.items() if model == name]
+            seen = [state for (model, _), state in known if model == name]
             states.extend(sorted(seen, key=lambda s: version_key(s.version))
                           or [VersionState(name, "", UNLOADED)])
         return states
@@ -284,7 +286,7 @@ class Repository:
         model = self._models.get(name)
         if model is not None:
             return model
-        if any(n == name and s.state == LOADING for (n, _), s in self._states.items()) or (
+        if any(n == name and s.state == LOADING for (n, _), s in list(self._states.items())) or (
                 not self._loaded_once and name in self.source.models()):
             raise ModelNotReady(f"model {name!r} is loading")
         loaded = ", ".join(sorted(self._models)) or "none"
