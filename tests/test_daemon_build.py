@@ -74,6 +74,21 @@ def _service(text: str) -> configparser.SectionProxy:
     return unit["Service"]
 
 
+def test_systemd_waits_out_a_clean_stop():
+    """SIGTERM drains requests, publishes "offline" and lets an OTA job stop: a shorter
+    TimeoutStopSec killed the daemon in the middle of that."""
+    from edgerun.adapters.mqtt.config import DaemonConfig
+    from edgerun.adapters.mqtt.daemon import OFFLINE_WAIT_S
+    from edgerun.adapters.ota.agent import CLOSE_WAIT_S
+
+    text = systemd_unit(load_profile("raspberry-pi-5"))
+    drain = DaemonConfig(repository=Path("m"), broker="mqtt://h", device_id="d").drain_timeout
+    assert float(_service(text)["TimeoutStopSec"]) > drain + OFFLINE_WAIT_S + CLOSE_WAIT_S
+    # a killed one-file binary leaves its unpacked copy in TMPDIR: emptied before each start
+    assert text.index("ExecStartPre=/bin/rm -rf /var/lib/edgerun/.tmp\n") < text.index(
+        "ExecStartPre=/bin/mkdir -p /var/lib/edgerun/.tmp\n")
+
+
 def test_the_unit_follows_the_profile():
     # the shipped device.toml's folders exist before any model does: the daemon starts
     service = _service(systemd_unit(load_profile("raspberry-pi-4")))

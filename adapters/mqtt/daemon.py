@@ -48,6 +48,8 @@ from edgerun.runtime.metrics import REGISTRY, Registry
 from edgerun.runtime.repository import READY, Repository
 
 log = logging.getLogger(__name__)
+#: How long a stopping daemon waits for the broker to take its "offline" status.
+OFFLINE_WAIT_S = 5.0
 
 UNSUPPORTED_PROTOCOL = 132  # MQTT v5 CONNACK reason: the broker speaks an older protocol
 DEDUPE_WINDOW_S = 30.0
@@ -215,7 +217,7 @@ class Daemon:
         if self._connected.is_set():
             try:
                 await asyncio.get_running_loop().run_in_executor(None, offline.wait_for_publish,
-                                                                 5)
+                                                                 OFFLINE_WAIT_S)
             except (RuntimeError, ValueError) as exc:
                 log.warning("the offline status was not delivered: %s", exc)
         self._closing = True

@@ -37,6 +37,9 @@ from edgerun.runtime.repository import Repository
 log = logging.getLogger(__name__)
 
 Publish = Callable[..., Any]
+#: How long closing waits for a running job (a download is cut off after it; recovery at the
+#: next start handles what it leaves, as after a power cut).
+CLOSE_WAIT_S = 30.0
 
 
 class OtaAgent:
@@ -141,7 +144,7 @@ class OtaAgent:
 
     def close(self) -> None:
         self._jobs.put(None)
-        self._worker.join(30)
+        self._worker.join(CLOSE_WAIT_S)
 
     def wait_idle(self) -> None:
         self._jobs.join()
