@@ -286,6 +286,19 @@ def test_unknown_model_or_version_is_not_found(client, stub):
     assert caught.value.code() == StatusCode.NOT_FOUND
 
 
+def test_an_error_naming_a_long_name_keeps_its_status_code(stub):
+    """The details travel as a trailer; past the client's 8 KiB metadata limit the client
+    turned them into RESOURCE_EXHAUSTED."""
+    x = typed_request("mlp", "x", "FP32", np.zeros(8, np.float32))
+    x.inputs[0].shape[:] = [1, 8]
+    x.model_name = "m" * 20_000
+    with pytest.raises(grpc.RpcError) as caught:
+        stub.ModelInfer(x)
+    assert caught.value.code() == StatusCode.NOT_FOUND
+    assert caught.value.details().startswith("model 'mmm")
+    assert caught.value.details().endswith("more bytes cut)")
+
+
 def test_backend_failure_is_internal_and_the_server_keeps_serving(client):
     index = tgrpc.InferInput("idx", [1], "INT64")
     index.set_data_from_numpy(np.array([42], np.int64))

@@ -242,6 +242,22 @@ def test_bad_tensors_get_400_naming_the_culprit(server, body, message):
     assert message in response.json()["error"]
 
 
+def test_deeply_nested_json_gets_400_and_the_server_keeps_serving(server):
+    deep = 1000  # under orjson's 1,024 levels: TF Serving once walked it into a RecursionError
+    for path, body in (("/v1/models/mlp:predict", {"instances": [[0] * 8]}),
+                       ("/v1/models/identity-bytes:predict", {"instances": [[{"b64": "YQ=="}]]})):
+        nested = b"[" * deep + json.dumps(body["instances"][0][0]).encode() + b"]" * deep
+        response = post(server, path, b'{"instances": ' + nested + b"}")
+        assert response.status_code == 400, response.text
+        assert "nested deeper than a tensor's 64 dimensions" in response.json()["error"]
+    too_deep = b'{"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 8], "data": ' + \
+        b"[" * 100_000 + b"]" * 100_000 + b"}]}"
+    response = post(server, "/v2/models/mlp/infer", too_deep)
+    assert response.status_code == 400
+    assert response.json()["error"].startswith("the request body cannot be read as JSON")
+    assert post(server, "/v1/models/mlp:predict", {"instances": [[0] * 8]}).status_code == 200
+
+
 def test_binary_size_errors_get_400(server):
     header = json.dumps({"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 8],
                                      "parameters": {"binary_data_size": 32}}]}).encode()

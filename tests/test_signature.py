@@ -142,6 +142,18 @@ def test_string_tensor_refuses_non_text_elements():
         TensorSpec("s", "string", (-1, -1), 0).conform([["a", "b"], ["c"]])
 
 
+def test_string_tensor_nested_past_numpys_iterators_is_a_400():
+    """numpy's flat iterator stops at 32 dimensions: 40 nested lists raised RuntimeError, a
+    500, where the tensor's rank is what is wrong."""
+    value = "a"
+    for _ in range(40):
+        value = [value]
+    spec = TensorSpec("s", "string", (-1,), 0)
+    with pytest.raises(InvalidInput, match="'s'"):
+        spec.conform(value)
+    assert TensorSpec("s", "string", (-1,) * 40, 0).conform(value).ndim == 40
+
+
 def test_string_tensor_keeps_trailing_nul_bytes():
     spec = TensorSpec("s", "string", (-1,), 0)
     assert spec.conform(["ab\0", b"c\0\0"]).tolist() == ["ab\0", b"c\0\0"]

@@ -137,9 +137,11 @@ def _parse(data: bytes) -> Any:
         return simdjson.Parser().parse(data)
     except ValueError as exc:
         raise InvalidInput(f"the request body is not valid JSON: {exc}") from None
-    except RuntimeError as exc:  # simdjson's BIGINT_ERROR, found by the API fuzzer
-        raise InvalidInput(f"the request body holds an integer that does not fit in 64 bits "
-                           f"({exc})") from None
+    except RuntimeError as exc:  # simdjson's BIGINT_ERROR (found by the API fuzzer), DEPTH_ERROR
+        if "BIGINT" in str(exc):
+            raise InvalidInput(f"the request body holds an integer that does not fit in 64 "
+                               f"bits ({exc})") from None
+        raise InvalidInput(f"the request body cannot be read as JSON ({exc})") from None
 
 
 def _parse_small(data: bytes) -> Any:

@@ -59,15 +59,23 @@ def _only_input(names: list[str]) -> str:
     return names[0]
 
 
+#: The most dimensions a tensor can have (numpy's limit): deeper nesting is refused before
+#: it is walked, or a request of 1,000 nested lists (orjson reads up to 1,024) ran out of stack.
+MAX_DIMS = 64
+
+
 def _unwrap_b64(inputs: dict[str, Any]) -> dict[str, Any]:
     return {name: _b64(value, name) for name, value in inputs.items()}
 
 
-def _b64(value: Any, name: str) -> Any:
+def _b64(value: Any, name: str, depth: int = 1) -> Any:
     if isinstance(value, list):
         if value and not isinstance(value[0], (list, dict)):
             return value  # a row of scalars: nothing to unwrap
-        return [_b64(v, name) for v in value]
+        if depth > MAX_DIMS:
+            raise InvalidInput(f"input {name!r}: lists nested deeper than a tensor's "
+                               f"{MAX_DIMS} dimensions", name)
+        return [_b64(v, name, depth + 1) for v in value]
     if isinstance(value, dict):
         if set(value) != {"b64"}:
             raise InvalidInput(f"input {name!r}: objects inside values must be {{\"b64\": ...}}",

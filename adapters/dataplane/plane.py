@@ -18,6 +18,7 @@ import logging
 import math
 import time
 from collections.abc import Awaitable, Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -45,6 +46,12 @@ EXTENSIONS = ["binary_tensor_data", "model_repository"]
 #: A function that decodes a request, for `infer` to call once the hooks have let it through.
 Decoder = Callable[[], oip.InferRequest]
 PLATFORMS = {"onnxruntime": "onnxruntime_onnx", "tflite": "tensorflow_lite", "tvm": "tvm"}
+#: Inference bodies from this size up are decoded, and their answers encoded, on a worker
+#: thread: a 60 MB JSON body takes seconds to read, and on the event loop every other caller,
+#: HTTP and gRPC, waited for it. Common requests are far smaller. One thread: big bodies are
+#: decoded one at a time, so their decoding's peak (a JSON body of small numbers takes 20
+#: times its size) is never multiplied.
+OFF_LOOP_BYTES = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -90,6 +97,7 @@ class DataPlane:
         self._async_routes: dict[str, Callable[[Call], Awaitable[Reply]]] = {
             INFER: self._infer_call_async, PREDICT: self._predict_call_async,
             LOAD: self._off_loop(self._load), UNLOAD: self._off_loop(self._unload)}
+        self._big_bodies = ThreadPoolExecutor(1, thread_name_prefix="edgerun-big-body")
 
     # ------------------------------------------------------------ bytes in, bytes out
     def handle(self, call: Call) -> Reply:
@@ -185,6 +193,8 @@ class DataPlane:
         return _infer_reply(call, request, routed.version, outputs)
 
     async def _infer_call_async(self, call: Call) -> Reply:
+        if len(call.body) >= OFF_LOOP_BYTES:
+            return await self._big_infer_call(call)
         with self.repository.route(call.model, call.version, call.attributes) as routed:
             request = self._decode_infer(call, routed)
             outputs = await routed.run_async(request.inputs,
@@ -205,11 +215,34 @@ class DataPlane:
         return Reply(tfserving.encode_predict(outputs, rows), version=routed.version)
 
     async def _predict_call_async(self, call: Call) -> Reply:
+        if len(call.body) >= OFF_LOOP_BYTES:
+            return await self._big_predict_call(call)
         with self.repository.route(call.model, call.version, call.attributes) as routed:
             timeout = self._timeout(call, None)
             inputs, rows = tfserving.decode_predict(call.body, routed.signature)
             outputs = await routed.run_async(inputs, timeout)
         return Reply(tfserving.encode_predict(outputs, rows), version=routed.version)
+
+    # A big body is decoded and its answer encoded on the big-body thread, one at a time; it
+    # still waits for its batch on the loop, so big requests are batched together as others.
+    async def _big_infer_call(self, call: Call) -> Reply:
+        with self.repository.route(call.model, call.version, call.attributes) as routed:
+            request = await self._off_loop_once(self._decode_infer, call, routed)
+            outputs = await routed.run_async(request.inputs,
+                                             self._timeout(call, request.timeout_us))
+        return await self._off_loop_once(_infer_reply, call, request, routed.version, outputs)
+
+    async def _big_predict_call(self, call: Call) -> Reply:
+        with self.repository.route(call.model, call.version, call.attributes) as routed:
+            timeout = self._timeout(call, None)
+            inputs, rows = await self._off_loop_once(tfserving.decode_predict, call.body,
+                                                     routed.signature)
+            outputs = await routed.run_async(inputs, timeout)
+        body = await self._off_loop_once(tfserving.encode_predict, outputs, rows)
+        return Reply(body, version=routed.version)
+
+    async def _off_loop_once(self, work: Callable[..., Any], *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self._big_bodies, work, *args)
 
     @staticmethod
     def _timeout(call: Call, timeout_us: float | None) -> float | None:

@@ -29,6 +29,9 @@ log = logging.getLogger(__name__)
 TRANSPORT = "grpc"
 #: Kept from the caller's deadline so an expired request's error still reaches the caller.
 ANSWER_MARGIN_S = 0.01
+#: The most UTF-8 bytes of an error message sent as status details: percent-encoded (up to
+#: three bytes each), they stay under the 8 KiB metadata limit of a default client.
+MAX_DETAILS_BYTES = 2000
 Response = TypeVar("Response")
 
 
@@ -136,8 +139,19 @@ def _as_error(exc: Exception) -> EdgerunError:
 async def _abort(context: grpc.aio.ServicerContext, call: Call,
                  error: EdgerunError) -> NoReturn:
     metadata = {**call.response_headers, **error_metadata(error)}
-    await context.abort(code_of(error), str(error),
+    await context.abort(code_of(error), _details(str(error)),
                         tuple((key.lower(), value) for key, value in metadata.items()))
+
+
+def _details(message: str) -> str:
+    """The message cut to `MAX_DETAILS_BYTES`: it travels as the `grpc-message` trailer, and a
+    client refuses trailers over its metadata limit (8 KiB by default), so an error that
+    echoes a long model or input name would reach it as RESOURCE_EXHAUSTED, not as itself."""
+    raw = message.encode()
+    if len(raw) <= MAX_DETAILS_BYTES:
+        return message
+    return (raw[:MAX_DETAILS_BYTES].decode(errors="ignore")
+            + f"... ({len(raw) - MAX_DETAILS_BYTES} more bytes cut)")
 
 
 def add_to_server(server: grpc.aio.Server, plane: DataPlane) -> None:
