@@ -62,7 +62,8 @@ class FolderSource:
         return f"FolderSource({str(self.root)!r})"
 
     def models(self) -> list[str]:
-        return sorted(p.name for p in self.root.iterdir() if p.is_dir() and NAME_RE.fullmatch(p.name))
+        return sorted(p.name for p in self.root.iterdir()
+                      if p.is_dir() and NAME_RE.fullmatch(p.name))
 
     def config(self, name: str) -> ModelConfig:
         folder = self.root / name
