@@ -171,7 +171,7 @@ def _overflows(wide: np.ndarray, narrowed: np.ndarray) -> bool:
 def _dtype_error(name: str, dtype: str, source: np.dtype,
                  array: np.ndarray | None = None) -> InvalidInput:
     text = source.kind in "US" or (source.kind == "O" and array is not None and all(
-        isinstance(value, (str, bytes)) for value in array.flat))
+        isinstance(value, (str, bytes)) for value in array.reshape(-1)))  # not .flat: 32 dims
     got = "string" if text else \
         "null, mixed or nested values" if source.kind == "O" else source.name
     return InvalidInput(f"input {name!r}: expected {dtype}, got {got} (no lossless cast)", name)
