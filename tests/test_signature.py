@@ -152,8 +152,11 @@ def test_string_tensor_nested_past_numpys_iterators_is_a_400():
     with pytest.raises(InvalidInput, match="'s'"):
         spec.conform(value)
     assert TensorSpec("s", "string", (-1,) * 40, 0).conform(value).ndim == 40
-    with pytest.raises(InvalidInput, match="input 'f': expected float32, got string"):
-        TensorSpec("f", "float32", (-1,) * 40, 0).conform(value)  # the same, into numbers
+    mixed = ["a", None]
+    for _ in range(39):
+        mixed = [mixed]
+    with pytest.raises(InvalidInput, match="input 'f': expected float32, got null, mixed"):
+        TensorSpec("f", "float32", (-1,) * 40, 0).conform(mixed)  # the same, into numbers
 
 
 def test_string_tensor_keeps_trailing_nul_bytes():
