@@ -448,7 +448,8 @@ def test_a_big_body_is_answered_off_the_event_loop(tmp_path):
         count, b",".join([b'"a"'] * count))
     assert len(body) >= OFF_LOOP_BYTES
 
-    async def answer_while_ticking() -> tuple[bytes, float]:
+    async def answer_while_ticking() -> tuple[bytes, float, float]:
+        started = time.perf_counter()
         answered, gaps = asyncio.ensure_future(plane.handle_async(
             Call(routes.INFER, "text", body=body))), [0.0]
         last = time.perf_counter()
@@ -457,11 +458,13 @@ def test_a_big_body_is_answered_off_the_event_loop(tmp_path):
             now = time.perf_counter()
             gaps.append(now - last)
             last = now
-        return (await answered).body, max(gaps)
+        return (await answered).body, max(gaps), time.perf_counter() - started
 
     try:
-        answer, longest_wait = asyncio.run(answer_while_ticking())
+        answer, longest_wait, took = asyncio.run(answer_while_ticking())
     finally:
         repository.close()
     assert json.loads(answer)["outputs"][0]["shape"] == [count]
-    assert longest_wait < 0.2, f"the event loop stood still for {longest_wait:.2f} s"
+    # on the loop, decoding alone stood still half the request's time (0.39 of 0.77 s here);
+    # off it, the loop runs but for the worker's longest C calls (0.16 to 0.26 of 0.9 s)
+    assert longest_wait < took / 3, f"the loop stood still {longest_wait:.2f} s of {took:.2f} s"

@@ -302,6 +302,18 @@ def test_unknown_model_and_version_get_404(server, client):
     assert info.value.status() == "404"
 
 
+def test_answers_no_route_reaches_carry_a_request_id_too(server):
+    """The README promises an X-Request-Id on every answer; the 405 for a wrong method and
+    the 404 for a path that is no route were sent before the data plane, without one."""
+    for method, path, status in (("DELETE", "/v2", 405), ("GET", "/nope", 404),
+                                 ("GET", "/openapi.json", 200)):
+        answer = httpx.request(method, server.url + path, headers={"X-Request-Id": "mine-1"},
+                               timeout=30)
+        assert answer.status_code == status and answer.headers["X-Request-Id"] == "mine-1"
+        fresh = httpx.request(method, server.url + path, timeout=30)
+        assert len(fresh.headers["X-Request-Id"]) == 32  # a new one, as the hook makes
+
+
 def test_body_over_the_cap_gets_413(server):
     counted = metric(server, "edgerun_requests_total", model="mlp", version="",
                      transport="http", outcome="payload_too_large")

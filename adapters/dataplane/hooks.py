@@ -59,12 +59,16 @@ class RequestId(Hook):
     attribute = "x-request-id"
 
     def before(self, call: Call) -> None:
-        given = call.attributes(self.attribute)
-        call.request_id = given if given and _REQUEST_ID.fullmatch(given) else _new_id()
+        call.request_id = request_id(call.attributes(self.attribute))
 
     def after(self, call: Call, error: EdgerunError | None) -> None:
         if call.request_id is not None:
             call.response_headers["X-Request-Id"] = call.request_id
+
+
+def request_id(given: str | None) -> str:
+    """The caller's id if it is sane, else a new one (also for answers no route reaches)."""
+    return given if given and _REQUEST_ID.fullmatch(given) else _new_id()
 
 
 def _new_id() -> str:

@@ -16,6 +16,7 @@ import orjson
 
 from edgerun.adapters.dataplane import Call, DataPlane, Reply
 from edgerun.adapters.dataplane.call import JSON
+from edgerun.adapters.dataplane.hooks import request_id
 from edgerun.adapters.http.encoding import decode_body
 from edgerun.adapters.http.routes import ROUTES, Route, match
 from edgerun.adapters.http.status import error_headers, status_of
@@ -48,15 +49,16 @@ class EdgerunASGI:
                 return await self.fallback(scope, receive, send)
             return None
         route, params, allowed = match(scope["method"], scope["path"], self.routes)
+        headers = dict(scope["headers"])
         if route is None:
             if allowed:
                 return await _send_json(send, 405, {"error": f"method {scope['method']} is not "
                                                     f"allowed on {scope['path']}"},
-                                        {"Allow": ", ".join(allowed)})
+                                        {"Allow": ", ".join(allowed), **_request_id(headers)})
             if self.fallback is not None:
-                return await self.fallback(scope, receive, send)
-            return await _send_json(send, 404, {"error": f"no route {scope['path']}"})
-        headers = dict(scope["headers"])
+                return await self.fallback(scope, receive, _adding(send, _request_id(headers)))
+            return await _send_json(send, 404, {"error": f"no route {scope['path']}"},
+                                    _request_id(headers))
 
         def attribute(name: str) -> str | None:
             value = headers.get(name.encode("latin-1"))
@@ -99,6 +101,24 @@ async def send_reply(send: Send, reply: Reply, *, head: bool = False) -> None:
     (only its length for HEAD)."""
     headers = {**error_headers(reply.error), **reply.headers} if reply.error else reply.headers
     await _send(send, status_of(reply.error), reply.body, reply.content_type, headers, head)
+
+
+def _adding(send: Send, headers: dict[str, str]) -> Send:
+    """`send` with `headers` added to the response's head (for the fallback app's answers)."""
+    extra = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()]
+
+    async def sending(message: dict[str, Any]) -> None:
+        if message["type"] == "http.response.start":
+            message = {**message, "headers": [*message.get("headers", ()), *extra]}
+        await send(message)
+
+    return sending
+
+
+def _request_id(headers: dict[bytes, bytes]) -> dict[str, str]:
+    """For answers sent before the data plane (no route): every answer carries an id."""
+    given = headers.get(b"x-request-id")
+    return {"X-Request-Id": request_id(None if given is None else given.decode("latin-1"))}
 
 
 async def _send_json(send: Send, status: int, content: Any,
