@@ -227,21 +227,21 @@ class DataPlane:
     # still waits for its batch on the loop, so big requests are batched together as others.
     async def _big_infer_call(self, call: Call) -> Reply:
         with self.repository.route(call.model, call.version, call.attributes) as routed:
-            request = await self._off_loop_once(self._decode_infer, call, routed)
+            request = await self._on_big_body_thread(self._decode_infer, call, routed)
             outputs = await routed.run_async(request.inputs,
                                              self._timeout(call, request.timeout_us))
-        return await self._off_loop_once(_infer_reply, call, request, routed.version, outputs)
+        return await self._on_big_body_thread(_infer_reply, call, request, routed.version, outputs)
 
     async def _big_predict_call(self, call: Call) -> Reply:
         with self.repository.route(call.model, call.version, call.attributes) as routed:
             timeout = self._timeout(call, None)
-            inputs, rows = await self._off_loop_once(tfserving.decode_predict, call.body,
-                                                     routed.signature)
+            inputs, rows = await self._on_big_body_thread(tfserving.decode_predict,
+                                                          call.body, routed.signature)
             outputs = await routed.run_async(inputs, timeout)
-        body = await self._off_loop_once(tfserving.encode_predict, outputs, rows)
+        body = await self._on_big_body_thread(tfserving.encode_predict, outputs, rows)
         return Reply(body, version=routed.version)
 
-    async def _off_loop_once(self, work: Callable[..., Any], *args: Any) -> Any:
+    async def _on_big_body_thread(self, work: Callable[..., Any], *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self._big_bodies, work, *args)
 
     @staticmethod
