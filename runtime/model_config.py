@@ -35,6 +35,13 @@ else:  # pragma: no cover
 CONFIG_FILE = "config.toml"
 
 
+
+def finite_number(value: Any) -> bool:
+    """A number as TOML or JSON gives it, neither a bool (True is an int to Python) nor NaN
+    nor infinite: what every setting in seconds, share or weight must be."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) \
+        and math.isfinite(value)
+
 @dataclass(frozen=True)
 class VersionPolicy:
     """Which of the versions on disk are served: the latest N, all, or a specific list."""
@@ -114,7 +121,7 @@ class ModelConfig:
         sticky_key = traffic.get("sticky_key")
         if sticky_key is not None and not isinstance(sticky_key, str):
             raise ValueError(f"traffic.sticky_key must be a string, got {sticky_key!r}")
-        if not all(type(w) in (int, float) and 0 <= w < math.inf for w in weights.values()):
+        if not all(finite_number(w) and w >= 0 for w in weights.values()):
             raise ValueError(f"traffic.weights must be finite numbers >= 0, got {weights!r}")
         weights = {str(v): float(w) for v, w in weights.items()}
         instances = data.get("instances")

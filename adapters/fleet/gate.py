@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from edgerun.runtime.errors import InvalidInput
+from edgerun.runtime.model_config import finite_number
 
 _OPS = {"<": operator.lt, "<=": operator.le, ">": operator.gt, ">=": operator.ge}
 _CONDITION = re.compile(r"^\s*(p50|p99|errors)\s*(<=|>=|<|>)\s*([0-9]*\.?[0-9]+)\s*(ms|s|%)?\s*$")
@@ -82,15 +83,10 @@ def parse_percentage(text: str) -> float:
     return value
 
 
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) \
-        and math.isfinite(value)
-
-
 def check_waves(values: Any) -> list[float]:
     """Cumulative shares of the devices, as a rollout's spec holds them: numbers that
     increase from above 0 to 1 (every device), e.g. [0.05, 0.25, 1.0]."""
-    if not isinstance(values, list) or not values or not all(map(_is_number, values)) \
+    if not isinstance(values, list) or not values or not all(map(finite_number, values)) \
             or any(b <= a for a, b in zip(values, values[1:])) or values[0] <= 0 \
             or abs(values[-1] - 1.0) > 1e-9:
         raise InvalidInput(f"waves {values!r:.80} must be shares that increase and end at 1 "
@@ -100,14 +96,14 @@ def check_waves(values: Any) -> list[float]:
 
 def check_share(value: Any, name: str) -> float:
     """A share between 0 and 1 (e.g. max_failures)."""
-    if not _is_number(value) or not 0 <= value <= 1:
+    if not finite_number(value) or not 0 <= value <= 1:
         raise InvalidInput(f"{name} {value!r:.40} must be a number between 0 and 1")
     return float(value)
 
 
 def check_seconds(value: Any, name: str) -> float:
     """A timeout: a finite number of seconds above zero."""
-    if not _is_number(value) or value <= 0:
+    if not finite_number(value) or value <= 0:
         raise InvalidInput(f"{name} {value!r:.40} must be a number of seconds above 0")
     return float(value)
 

@@ -6,12 +6,13 @@ other than those keys (`[ota]`, ...) are kept in `extensions` for the daemon's e
 
 from __future__ import annotations
 
-import math
 import sys
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlsplit
+
+from edgerun.runtime.model_config import finite_number
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -93,7 +94,7 @@ class DaemonConfig:
             if value is None and name == "poll_interval":
                 continue
             # a negative poll interval polled without pause (a core at 100 %)
-            if not _finite(value) or value < 0 or (value == 0 and not zero_allowed):
+            if not finite_number(value) or value < 0 or (value == 0 and not zero_allowed):
                 raise ValueError(f"{name} must be a number of seconds "
                                  f"{'of at least' if zero_allowed else 'above'} 0, got {value!r}")
         if self.keepalive > 0xFFFF:
@@ -118,9 +119,6 @@ _DURATIONS = {"poll_interval": True, "keepalive": True, "session_expiry": True,
               "reconnect_min_s": False, "reconnect_max_s": False, "telemetry_interval": True,
               "drain_timeout": True}
 
-
-def _finite(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 _PATHS = {"repository", "data_dir", "ca_file", "cert_file", "key_file"}
