@@ -92,10 +92,10 @@ class OtaAgent:
             for slot in (state.active, state.inactive):
                 if slot and state.slots.get(slot) and not self._intact(model, slot, state):
                     log.error("%s slot %s failed verification; dropping it", model, slot)
-                    state.slots[slot] = None
                     if slot == state.active:
-                        other = "b" if slot == "a" else "a"
-                        state.active = other if state.slots.get(other) else None
+                        state.step_back()
+                    else:
+                        state.slots[slot] = None
             self.slots.write(model, state)
             self._load_or_step_back(model, state)
             if state.last:
@@ -117,9 +117,8 @@ class OtaAgent:
                     return
                 log.error("%s version %s (slot %s) does not load after recovery, back to the "
                           "previous one: %s", model, state.slots.get(failed), failed, exc)
-                other = "b" if failed == "a" else "a"
-                state.slots[failed], state.switching = None, {}
-                state.active = other if state.slots.get(other) else None
+                state.step_back()
+                state.switching = {}
                 self.slots.write(model, state)
                 shutil.rmtree(self.slots.folder(model, failed), ignore_errors=True)
 

@@ -47,6 +47,13 @@ class SlotState:
     def inactive(self) -> str:
         return "b" if self.active == "a" else "a"
 
+    def step_back(self) -> None:
+        """Drop the active slot: the other serves if it holds a version, else the fallback."""
+        other = self.inactive
+        if self.active is not None:
+            self.slots[self.active] = None
+        self.active = other if self.slots.get(other) else None
+
     def slot_of(self, version: str) -> str | None:
         return next((s for s in SLOTS if self.slots.get(s) == version), None)
 
