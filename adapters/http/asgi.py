@@ -50,20 +50,20 @@ class EdgerunASGI:
             return None
         route, params, allowed = match(scope["method"], scope["path"], self.routes)
         headers = dict(scope["headers"])
-        if route is None:
-            if allowed:
-                return await _send_json(send, 405, {"error": f"method {scope['method']} is not "
-                                                    f"allowed on {scope['path']}"},
-                                        {"Allow": ", ".join(allowed), **_request_id(headers)})
-            if self.fallback is not None:
-                return await self.fallback(scope, receive, _adding(send, _request_id(headers)))
-            return await _send_json(send, 404, {"error": f"no route {scope['path']}"},
-                                    _request_id(headers))
 
         def attribute(name: str) -> str | None:
             value = headers.get(name.encode("latin-1"))
             return None if value is None else value.decode("latin-1")
 
+        if route is None:  # answered here, before the data plane: the id the hook would give
+            given = {"X-Request-Id": request_id(attribute("x-request-id"))}
+            if allowed:
+                return await _send_json(send, 405, {"error": f"method {scope['method']} is not "
+                                                    f"allowed on {scope['path']}"},
+                                        {"Allow": ", ".join(allowed), **given})
+            if self.fallback is not None:
+                return await self.fallback(scope, receive, _adding(send, given))
+            return await _send_json(send, 404, {"error": f"no route {scope['path']}"}, given)
         call = Call(route.route, params.get("name", ""), params.get("version"),
                     attributes=attribute, transport=self.transport)
         if scope["method"] == "POST":
@@ -105,7 +105,7 @@ async def send_reply(send: Send, reply: Reply, *, head: bool = False) -> None:
 
 def _adding(send: Send, headers: dict[str, str]) -> Send:
     """`send` with `headers` added to the response's head (for the fallback app's answers)."""
-    extra = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()]
+    extra = _raw(headers)
 
     async def sending(message: dict[str, Any]) -> None:
         if message["type"] == "http.response.start":
@@ -113,12 +113,6 @@ def _adding(send: Send, headers: dict[str, str]) -> Send:
         await send(message)
 
     return sending
-
-
-def _request_id(headers: dict[bytes, bytes]) -> dict[str, str]:
-    """For answers sent before the data plane (no route): every answer carries an id."""
-    given = headers.get(b"x-request-id")
-    return {"X-Request-Id": request_id(None if given is None else given.decode("latin-1"))}
 
 
 async def _send_json(send: Send, status: int, content: Any,
@@ -129,9 +123,14 @@ async def _send_json(send: Send, status: int, content: Any,
 async def _send(send: Send, status: int, body: bytes, content_type: str,
                 headers: dict[str, str], head: bool = False) -> None:
     raw = [(b"content-type", content_type.encode()), (b"content-length", str(len(body)).encode())]
-    raw += [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()]
+    raw += _raw(headers)
     await send({"type": "http.response.start", "status": status, "headers": raw})
     await send({"type": "http.response.body", "body": b"" if head else body})
+
+
+def _raw(headers: dict[str, str]) -> list[tuple[bytes, bytes]]:
+    """Headers as ASGI sends them: lower-case latin-1 names and values."""
+    return [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()]
 
 
 async def _lifespan(receive: Receive, send: Send) -> None:
