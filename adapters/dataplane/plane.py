@@ -192,13 +192,18 @@ class DataPlane:
             outputs = routed.run(request.inputs, self._timeout(call, request.timeout_us))
         return _infer_reply(call, request, routed.version, outputs)
 
+    # A big body is decoded and its answer encoded on the big-body thread, one at a time; it
+    # still waits for its batch on the loop, so big requests are batched together as others.
     async def _infer_call_async(self, call: Call) -> Reply:
-        if len(call.body) >= OFF_LOOP_BYTES:
-            return await self._big_infer_call(call)
+        big = len(call.body) >= OFF_LOOP_BYTES
         with self.repository.route(call.model, call.version, call.attributes) as routed:
-            request = self._decode_infer(call, routed)
+            request = (await self._on_big_body_thread(self._decode_infer, call, routed) if big
+                       else self._decode_infer(call, routed))
             outputs = await routed.run_async(request.inputs,
                                              self._timeout(call, request.timeout_us))
+        if big:
+            return await self._on_big_body_thread(_infer_reply, call, request, routed.version,
+                                                  outputs)
         return _infer_reply(call, request, routed.version, outputs)
 
     @staticmethod
@@ -215,30 +220,16 @@ class DataPlane:
         return Reply(tfserving.encode_predict(outputs, rows), version=routed.version)
 
     async def _predict_call_async(self, call: Call) -> Reply:
-        if len(call.body) >= OFF_LOOP_BYTES:
-            return await self._big_predict_call(call)
+        big = len(call.body) >= OFF_LOOP_BYTES
         with self.repository.route(call.model, call.version, call.attributes) as routed:
             timeout = self._timeout(call, None)
-            inputs, rows = tfserving.decode_predict(call.body, routed.signature)
+            inputs, rows = (
+                await self._on_big_body_thread(tfserving.decode_predict, call.body,
+                                               routed.signature) if big
+                else tfserving.decode_predict(call.body, routed.signature))
             outputs = await routed.run_async(inputs, timeout)
-        return Reply(tfserving.encode_predict(outputs, rows), version=routed.version)
-
-    # A big body is decoded and its answer encoded on the big-body thread, one at a time; it
-    # still waits for its batch on the loop, so big requests are batched together as others.
-    async def _big_infer_call(self, call: Call) -> Reply:
-        with self.repository.route(call.model, call.version, call.attributes) as routed:
-            request = await self._on_big_body_thread(self._decode_infer, call, routed)
-            outputs = await routed.run_async(request.inputs,
-                                             self._timeout(call, request.timeout_us))
-        return await self._on_big_body_thread(_infer_reply, call, request, routed.version, outputs)
-
-    async def _big_predict_call(self, call: Call) -> Reply:
-        with self.repository.route(call.model, call.version, call.attributes) as routed:
-            timeout = self._timeout(call, None)
-            inputs, rows = await self._on_big_body_thread(tfserving.decode_predict,
-                                                          call.body, routed.signature)
-            outputs = await routed.run_async(inputs, timeout)
-        body = await self._on_big_body_thread(tfserving.encode_predict, outputs, rows)
+        body = (await self._on_big_body_thread(tfserving.encode_predict, outputs, rows) if big
+                else tfserving.encode_predict(outputs, rows))
         return Reply(body, version=routed.version)
 
     async def _on_big_body_thread(self, work: Callable[..., Any], *args: Any) -> Any:
