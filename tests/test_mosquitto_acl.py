@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import json
 import queue
 import signal
 import subprocess
@@ -189,3 +190,37 @@ def test_wrong_password_and_removed_device_are_refused(fleet) -> None:
     still = Peer(port, "dev-a", SECRETS["dev-a"])
     assert still.accepted
     still.close()
+
+
+def test_the_daemon_logs_in_with_a_password_file_kept_out_of_ps(fleet, tmp_path: Path) -> None:
+    """`--password` shows in every user's `ps`; `--password-file` keeps the secret off the
+    command line, and the daemon still logs in with it (its retained status reaches the fleet)."""
+    from tests.cli import edgerun, edgerun_command
+
+    _, port, _, peers = fleet
+    secret = tmp_path / "dev-a.password"
+    secret.write_text(SECRETS["dev-a"] + "\n")
+    secret.chmod(0o600)
+    models = tmp_path / "models"
+    models.mkdir()
+    peers["fleet"].subscribe("edgerun/dev-a/status")
+    command = [*edgerun_command(), "daemon", "--repository", str(models), "--broker",
+               f"mqtt://127.0.0.1:{port}", "--device-id", "dev-a", "--username", "dev-a",
+               "--password-file", str(secret)]
+    daemon = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        topic, payload = peers["fleet"].received(timeout=30)
+        assert topic == "edgerun/dev-a/status" and json.loads(payload)["state"] == "online"
+        cmdline = Path(f"/proc/{daemon.pid}/cmdline").read_bytes()
+        assert SECRETS["dev-a"].encode() not in cmdline
+    finally:
+        daemon.terminate()
+        daemon.wait(30)
+    both = edgerun("daemon", "--repository", str(models), "--broker", f"mqtt://127.0.0.1:{port}",
+                   "--device-id", "dev-a", "--password", "x", "--password-file", str(secret),
+                   timeout=60)
+    assert both.returncode == 2 and "not both" in both.stderr, both.stderr
+    missing = edgerun("daemon", "--repository", str(models), "--broker",
+                      f"mqtt://127.0.0.1:{port}", "--device-id", "dev-a", "--password-file",
+                      str(tmp_path / "nowhere"), timeout=60)
+    assert missing.returncode == 2 and "nowhere" in missing.stderr, missing.stderr

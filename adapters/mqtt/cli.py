@@ -36,7 +36,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--session-expiry", type=int, metavar="SECONDS",
         help="how long the broker keeps requests for us while we are away (default 3600)")
     add("--username")
-    add("--password")
+    add("--password", help="visible to every user in `ps`: prefer --password-file")
+    add("--password-file", type=Path, metavar="FILE",
+        help="the broker password's file (its first line; keep it chmod 600)")
     add("--ca-file", type=Path, help="CA certificate for mqtts://")
     add("--cert-file", type=Path, help="client certificate for mqtts://")
     add("--key-file", type=Path, help="client key for mqtts://")

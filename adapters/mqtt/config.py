@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
+from edgerun.adapters.auth.tokens import read_secret
 from edgerun.runtime.model_config import finite_number
 
 if sys.version_info >= (3, 11):
@@ -65,6 +66,8 @@ class DaemonConfig:
     session_expiry: int = 3600
     username: str | None = None
     password: str | None = None
+    #: The password's file, read at every connect: a flag's value shows in `ps` to every user.
+    password_file: Path | None = None
     ca_file: Path | None = None
     cert_file: Path | None = None
     key_file: Path | None = None
@@ -101,13 +104,19 @@ class DaemonConfig:
             raise ValueError(f"keepalive must be at most 65535 seconds, got {self.keepalive}")
         if self.reconnect_max_s < self.reconnect_min_s:
             raise ValueError("reconnect_max_s must be at least reconnect_min_s")
+        if self.password is not None and self.password_file is not None:
+            raise ValueError("give password or password_file, not both")
+        if self.password_file is not None:
+            read_secret(self.password_file)  # a missing or unreadable file fails here, not later
         Broker.parse(self.broker)
 
     @property
     def broker_address(self) -> Broker:
         broker = Broker.parse(self.broker)
+        password = (read_secret(self.password_file) if self.password_file is not None
+                    else self.password)
         return replace(broker, username=self.username or broker.username,
-                       password=self.password or broker.password)
+                       password=password or broker.password)
 
     @property
     def state_dir(self) -> Path:
@@ -121,7 +130,7 @@ _DURATIONS = {"poll_interval": True, "keepalive": True, "session_expiry": True,
 
 
 
-_PATHS = {"repository", "data_dir", "ca_file", "cert_file", "key_file"}
+_PATHS = {"repository", "data_dir", "password_file", "ca_file", "cert_file", "key_file"}
 KEYS = {f.name for f in fields(DaemonConfig)} - {"extensions"}
 
 
