@@ -24,6 +24,7 @@ from tritonclient.utils import InferenceServerException
 from edgerun.examples import mlp_onnx
 from edgerun.runtime import Model
 from tests.helpers import gather_onnx, identity_onnx, two_input_onnx
+from tests.fleet_sim import wait_for
 from tests.serving import add_version, running_server
 
 OIP_TYPES = {"BOOL": "bool", "UINT8": "uint8", "UINT16": "uint16", "UINT32": "uint32",
@@ -50,6 +51,8 @@ def repo(tmp_path_factory) -> Path:
     add_version(root, "two", "1", two_input_onnx())
     add_version(root, "slowq", "1", identity_onnx("float32", ["b", 2]))
     (root / "slowq" / "config.toml").write_text(SLOW_QUEUE)
+    add_version(root, "patient", "1", identity_onnx("float32", ["b", 2]))
+    (root / "patient" / "config.toml").write_text("[batching]\nmax_queue_delay_us = 60000000\n")
     return root
 
 
@@ -393,6 +396,31 @@ def test_full_queue_gets_503_with_retry_after_and_deadline_gets_504(server):
     oip_timeout = post(server, "/v2/models/slowq/infer",
                        {**row, "parameters": {"timeout": 100_000}})
     assert oip_timeout.status_code == 504
+
+
+def test_a_request_whose_client_went_away_is_withdrawn(server):
+    """uvicorn only marks such a request disconnected: a client that gave up (its own timeout)
+    kept its place in the queue, and a forward pass later ran for nobody."""
+    labels = {"model": "patient", "version": "1"}
+    batches = metric(server, "edgerun_batch_size_count", **labels)
+    cancelled = metric(server, "edgerun_requests_total", **labels, transport="http",
+                       outcome="cancelled")
+    body = json.dumps(oip("x", "FP32", [1, 2], [1, 2])).encode()
+    with socket.create_connection(("127.0.0.1", server.port)) as sock:
+        sock.sendall(b"POST /v2/models/patient/infer HTTP/1.1\r\nHost: t\r\n"
+                     b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
+                     % (len(body), body))
+        wait_for(lambda: metric(server, "edgerun_queue_depth", **labels) == 1, 10,
+                 "the request to wait out its 60 s batching delay")
+    wait_for(lambda: metric(server, "edgerun_queue_depth", **labels) == 0, 10,
+             "the request of the closed connection to leave the queue")
+    assert metric(server, "edgerun_requests_total", **labels, transport="http",
+                  outcome="cancelled") == cancelled + 1
+    assert metric(server, "edgerun_batch_size_count", **labels) == batches  # never ran
+    assert metric(server, "edgerun_inflight_requests", **labels) == 0
+    assert "Exception in ASGI application" not in server.output()
+    assert post(server, "/v2/models/mlp/infer", oip("x", "FP32", [1, 8], [0] * 8)).status_code \
+        == 200
 
 
 def test_metrics_move_as_requests_are_made(server):

@@ -51,6 +51,9 @@ class Call:
     request_id: str | None = None
     identity: str | None = None
     response_headers: dict[str, str] = field(default_factory=dict)
+    #: The version routed to answer, once known: a call cancelled before its reply (the
+    #: client went away) is counted against it.
+    routed_version: str = ""
 
 
 @dataclass(slots=True)

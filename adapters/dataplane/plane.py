@@ -117,6 +117,10 @@ class DataPlane:
             self.hooks.before(call)
             route = self._async_routes.get(call.route)
             reply = await route(call) if route is not None else self._routes[call.route](call)
+        except asyncio.CancelledError:  # the caller went away: hooks and metrics still see it
+            error = Cancelled("the caller cancelled the request")
+            self._done(call, Reply(b"", error=error, version=call.routed_version), started)
+            raise
         except Exception as exc:
             reply = _error_reply(exc)
         return self._done(call, reply, started)
@@ -197,6 +201,7 @@ class DataPlane:
     async def _infer_call_async(self, call: Call) -> Reply:
         big = len(call.body) >= OFF_LOOP_BYTES
         with self.repository.route(call.model, call.version, call.attributes) as routed:
+            call.routed_version = routed.version
             request = (await self._on_big_body_thread(self._decode_infer, call, routed) if big
                        else self._decode_infer(call, routed))
             outputs = await routed.run_async(request.inputs,
@@ -222,6 +227,7 @@ class DataPlane:
     async def _predict_call_async(self, call: Call) -> Reply:
         big = len(call.body) >= OFF_LOOP_BYTES
         with self.repository.route(call.model, call.version, call.attributes) as routed:
+            call.routed_version = routed.version
             timeout = self._timeout(call, None)
             inputs, rows = (
                 await self._on_big_body_thread(tfserving.decode_predict, call.body,

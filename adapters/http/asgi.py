@@ -9,6 +9,7 @@ so a host that runs the lifespan around every invocation (Mangum) keeps its mode
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -27,6 +28,9 @@ Receive = Callable[[], Awaitable[dict[str, Any]]]
 Send = Callable[[dict[str, Any]], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 DEFAULT_MAX_BODY_BYTES = 64 << 20
+#: The cancel message of a request task whose client went away (`protocol.py` sends it): the
+#: request is withdrawn and nobody is left to answer, so the task ends quietly.
+CLIENT_GONE = "edgerun: the client closed the connection"
 
 
 class EdgerunASGI:
@@ -48,6 +52,14 @@ class EdgerunASGI:
             if self.fallback is not None:
                 return await self.fallback(scope, receive, send)
             return None
+        try:
+            await self._http(scope, receive, send)
+        except asyncio.CancelledError as exc:
+            if exc.args != (CLIENT_GONE,):
+                raise
+        return None
+
+    async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
         route, params, allowed = match(scope["method"], scope["path"], self.routes)
         headers = dict(scope["headers"])
 

@@ -4,6 +4,9 @@ uvicorn writes a response's status line and headers, then its body: two `send` c
 segments and two wake-ups of the client for every small inference answer. Here the head waits
 for the body's first write (or the response's end, or the connection's close) and leaves with
 it. Interim answers (`100 Continue`) are never held: the client waits for them.
+
+A client that goes away while its request waits for a batch has the request withdrawn: uvicorn
+only marks the request disconnected, so it would take its place in a forward pass for nobody.
 """
 
 from __future__ import annotations
@@ -12,6 +15,8 @@ import asyncio
 from typing import Any
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+from edgerun.adapters.http.asgi import CLIENT_GONE
 
 INTERIM = b"HTTP/1.1 1"
 
@@ -54,11 +59,39 @@ class _OneSendTransport:
         return getattr(self.transport, name)
 
 
+class _Tasks:
+    """The server's set of request tasks, remembering the connection's newest one (pipelined
+    requests start one at a time, so it is the one running)."""
+
+    __slots__ = ("tasks", "newest")
+
+    def __init__(self, tasks: set[asyncio.Task[None]]) -> None:
+        self.tasks = tasks
+        self.newest: asyncio.Task[None] | None = None
+
+    def add(self, task: asyncio.Task[None]) -> None:
+        self.newest = task
+        self.tasks.add(task)
+
+    def discard(self, task: asyncio.Task[None]) -> None:
+        self.tasks.discard(task)
+
+    def __len__(self) -> int:
+        return len(self.tasks)
+
+
 class OneSendProtocol(HttpToolsProtocol):
     """HTTP/1.1 on httptools, one send per response (websocket upgrades are not served)."""
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(_OneSendTransport(transport))  # type: ignore[arg-type]
+        self.tasks = _Tasks(self.server_state.tasks)  # type: ignore[assignment]
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        cycle, task = self.cycle, self.tasks.newest  # type: ignore[attr-defined]
+        super().connection_lost(exc)
+        if cycle is not None and not cycle.response_complete and task is not None:
+            task.cancel(CLIENT_GONE)
 
     def on_response_complete(self) -> None:
         self.transport.response_done()  # type: ignore[attr-defined]
