@@ -212,11 +212,16 @@ class Repository:
             log.error("model %s: %s", name, exc)
             return False
         wanted = self.source.wanted(name, config)
-        if served is not None and (served.config != config
-                                   or any(v not in wanted for v in served.versions)):
+        if served is not None and served.config != config:
             return True
         missing = [v for v in wanted if served is None or v not in served.versions]
-        if served is not None:  # kept after a failed reload: due again once its files change
+        if served is not None:
+            # versions no longer wanted go once a wanted one serves; while none can (the
+            # newest broken under `latest = 1`), they stay, and a reload would only fail again
+            if (any(v not in wanted for v in served.versions)
+                    and any(v in served.versions for v in wanted)):
+                return True
+            # kept after a failed reload: due again once its files change
             missing += [v for v, version in served.versions.items()
                         if not _same_serving(version.config, config)]
         return any(self._known_failure(name, v, self.source.fingerprint(name, v), config)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import shutil
 import threading
 import time
@@ -255,4 +256,28 @@ def test_a_version_kept_after_a_failed_reload_takes_its_config_once_fixed(repo_d
     assert repository.get("mlp").batcher.config.max_queue_delay_us == 900
     with repository.route("mlp") as routed:
         assert routed.run({"x": np.zeros((1, 8), np.float32)})["y"].shape == (1, 4)
+    repository.close()
+
+
+def test_a_broken_newest_version_under_latest_1_is_reported_once_not_every_poll(repo_dir,
+                                                                               caplog):
+    # version 1 stays (no wanted version could load), so it was "not wanted" at every poll:
+    # each poll reloaded, failed on the known failure and logged it again (every 5 s)
+    (repo_dir / "mlp" / "config.toml").write_text("version_policy = { latest = 1 }\n")
+    repository = Repository(repo_dir, registry=Registry())
+    repository.load_all()
+    folder = add_version(repo_dir, "mlp", "2", mlp_onnx([8, 16, 4], seed=2))
+    (folder / "model.onnx").write_bytes(b"not onnx")
+    for path in folder.rglob("*"):  # settled: written long enough ago to tell changes apart
+        os.utime(path, (time.time() - 60, time.time() - 60))
+    with caplog.at_level("ERROR", logger="edgerun.runtime.repository"):
+        for _ in range(3):
+            repository.poll_once()
+    assert len(caplog.records) == 1, caplog.text
+    assert "version 2" in caplog.records[0].getMessage()
+    assert repository.get("mlp").version == "1", "version 1 keeps serving"
+    shutil.rmtree(folder)  # the broken one taken away: 1 is the newest and wanted again
+    add_version(repo_dir, "mlp", "3", mlp_onnx([8, 16, 4], seed=3))
+    repository.poll_once()
+    assert repository.get("mlp").version == "3" and repository.versions("mlp") == ["3"]
     repository.close()
