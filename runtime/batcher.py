@@ -292,6 +292,7 @@ class MicroBatcher:
                 return
             if batch:
                 self._run(run, batch)
+            del batch, expired  # kept while waiting, they held the last batch's arrays
 
     def _next_batch(self) -> tuple[list[_Request] | None, list[_Request]]:
         expired: list[_Request] = []

@@ -249,6 +249,21 @@ def test_a_cancelled_asyncio_request_lets_go_of_its_arrays(recording):
         asyncio.run(main(batcher))
 
 
+def test_an_idle_worker_holds_nothing_of_the_last_batch(mlp_model):
+    # the worker's loop kept its last batch while it waited for the next: a big request's
+    # inputs and outputs stayed in memory for as long as no other request came
+    with batcher_for(mlp_model, max_batch_size=8) as batcher:
+        marker = rows(4)
+        inputs = weakref.ref(marker)
+        outputs = weakref.ref(batcher.predict({"x": marker})["y"])
+        del marker
+        deadline = time.monotonic() + 5
+        while (inputs() is not None or outputs() is not None) and time.monotonic() < deadline:
+            gc.collect()
+            time.sleep(0.01)
+        assert inputs() is None and outputs() is None, "the idle worker holds the last batch"
+
+
 @pytest.mark.parametrize("timeout", [math.inf, 1e13])
 def test_a_timeout_longer_than_a_thread_can_wait_is_no_deadline(recording, timeout):
     # Event.wait raised OverflowError after the request was queued: the caller got an
