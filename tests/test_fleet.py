@@ -609,6 +609,26 @@ def test_malformed_device_messages_are_ignored(orchestrator, caplog):
     assert [d["device_id"] for d in orchestrator.store.devices("g")] == ["a", "b", "c"]
 
 
+def test_a_report_whose_previous_is_no_version_stalls_no_rollback(orchestrator, caplog):
+    """A report's `previous` became the version of the device's rollback job: one that is no
+    bundle version made every tick's step for the rollout fail and be undone, so the rollout
+    neither aborted nor rolled any other device back, for good."""
+    from edgerun.adapters.ota.messages import Report
+
+    rollout = orchestrator.deploy("m", "2", group="g")
+    job_ids = {job["device_id"]: job["job_id"] for job in rollout["jobs"]}
+    orchestrator.on_message("edgerun/a/ota/report",
+                            Report(job_ids["a"], "a", "active", "m", "2", "../1").encode())
+    assert "ignored a malformed message on edgerun/a/ota/report" in caplog.text
+    orchestrator.on_message("edgerun/b/ota/report",
+                            Report(job_ids["b"], "b", "failed", "m", "2", "1").encode())
+    orchestrator.tick()
+    status = orchestrator.status(rollout["id"])
+    assert status["state"] == "aborted" and job_states(status) == {"a": "cancelled",
+                                                                   "b": "failed"}
+    assert "this step failed" not in caplog.text
+
+
 def test_rollout_groups_come_from_enrolment_not_from_what_devices_claim(orchestrator, caplog):
     # a device claiming another group received that group's rollouts (and their bundles), and
     # one claiming no group dodged its own

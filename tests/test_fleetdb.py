@@ -276,3 +276,98 @@ def test_a_holder_stalled_inside_a_fenced_transaction_is_cut_off(postgres_url) -
     # a's connection was ended: the next statement opens a new one
     assert a.db.one("SELECT to_regclass('written_while_stalled') AS t") == {"t": None}
     assert not a.acquire()
+
+
+def test_a_failing_leadership_callback_does_not_stop_the_renewals(url: str) -> None:
+    """`on_change` (the MQTT link's re-subscribe and republish, which use the database and the
+    broker) raised on the renewal thread and ended it: the lease lapsed and this process never
+    led again; and what the callback failed to do is done at the next renewal."""
+    calls: list[bool] = []
+
+    def on_change(leading: bool) -> None:
+        calls.append(leading)
+        if len(calls) == 1:
+            raise RuntimeError("republish failed")
+
+    lease = Lease(connect(url), "rollouts", "registry-a", ttl=1.0)
+    leadership = Leadership(lease, renew_every=0.05, on_change=on_change).start()
+    try:
+        deadline = time.monotonic() + 10
+        while len(calls) < 2:  # told again, on a renewal thread still alive
+            assert time.monotonic() < deadline, "the renewal thread died with the callback"
+            time.sleep(0.02)
+        assert calls[:2] == [True, True] and leadership.leading
+        epoch = lease.epoch
+        assert Lease(connect(url), "rollouts", "registry-b", ttl=1.0).acquire() is False
+        assert lease.epoch == epoch
+    finally:
+        leadership.stop()
+
+
+def test_a_connection_the_server_closed_is_opened_again_before_the_next_statement(
+        postgres_url) -> None:
+    """A PostgreSQL restart (or a session ended by the server) cost the next statement: it
+    failed on the dead connection, and a device's job report handled then was lost."""
+    import psycopg
+
+    url = fresh_database(postgres_url)
+    db = connect(url)
+    migrate(db, MIGRATIONS)
+    pid = db.one("SELECT pg_backend_pid() AS pid")["pid"]
+    with psycopg.connect(url, autocommit=True) as admin:
+        admin.execute("SELECT pg_terminate_backend(%s, 10000)", (pid,))
+    db.execute("INSERT INTO devices (device_id, grp, last_seen) VALUES (?, ?, ?)",
+               ("dev-a", None, 1.0))
+    assert db.one("SELECT pg_backend_pid() AS pid")["pid"] != pid
+    with db.transaction():  # a transaction too begins on a live connection
+        pid = db.one("SELECT pg_backend_pid() AS pid")["pid"]
+    with psycopg.connect(url, autocommit=True) as admin:
+        admin.execute("SELECT pg_terminate_backend(%s, 10000)", (pid,))
+    with db.transaction():
+        db.execute("UPDATE devices SET grp = ? WHERE device_id = ?", ("line-1", "dev-a"))
+    assert connect(url).query("SELECT device_id, grp FROM devices") == [
+        {"device_id": "dev-a", "grp": "line-1"}]
+
+
+def test_a_lapse_while_the_renewal_waited_is_told_as_a_loss_and_a_new_win(url: str) -> None:
+    """The renewal waits for the connection (behind the leader's own long transaction, or a
+    slow database) past the ttl: the process stopped leading meanwhile (and ignored the job
+    reports that came), then renewed. It was told nothing, so it never heard those reports
+    again (the MQTT link re-subscribes on a win)."""
+    calls: list[bool] = []
+    lease = Lease(connect(url), "rollouts", "registry-a", ttl=1.0)
+    leadership = Leadership(lease, renew_every=0.05, on_change=calls.append).start()
+    try:
+        deadline = time.monotonic() + 10
+        while calls != [True]:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        with lease.db.transaction():  # the renewal waits for the connection
+            while leadership.leading:
+                assert time.monotonic() < deadline
+                time.sleep(0.02)
+        deadline = time.monotonic() + 5
+        while calls != [True, False, True]:
+            assert time.monotonic() < deadline, f"told only {calls}"
+            time.sleep(0.02)
+    finally:
+        leadership.stop()
+
+
+def test_a_transaction_an_error_left_failed_does_not_pass_for_committed(postgres_url) -> None:
+    """PostgreSQL answers COMMIT with ROLLBACK (no error) in a transaction a caught error
+    left failed: its caller (the orchestrator, which then sends the step's messages) took
+    writes that were dropped for committed ones."""
+    db = connect(fresh_database(postgres_url))
+    migrate(db, MIGRATIONS)
+    with pytest.raises(RuntimeError, match="rolled back"):
+        with db.transaction():
+            db.execute("INSERT INTO devices (device_id, grp, last_seen) VALUES (?, ?, ?)",
+                       ("dev-a", None, 1.0))
+            with pytest.raises(Exception, match="division by zero"):
+                db.one("SELECT 1 / 0 AS x")
+    assert db.query("SELECT device_id FROM devices") == []
+    with db.transaction():  # the connection is fine for the next one
+        db.execute("INSERT INTO devices (device_id, grp, last_seen) VALUES (?, ?, ?)",
+                   ("dev-a", None, 1.0))
+    assert db.query("SELECT device_id FROM devices") == [{"device_id": "dev-a"}]

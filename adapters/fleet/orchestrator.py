@@ -32,6 +32,7 @@ from edgerun.adapters.fleet.store import Store
 from edgerun.adapters.fleetdb import redact
 from edgerun.adapters.ota.messages import (ACTIVE, FAILED, INSTALL, QUEUED, ROLLBACK, ROLLED_BACK,
                                            TERMINAL, Job, Report, job_topic)
+from edgerun.runtime.bundle import VERSION_RE
 from edgerun.runtime.errors import InvalidInput, ModelNotFound
 
 log = logging.getLogger(__name__)
@@ -174,6 +175,12 @@ class Orchestrator:
         try:
             if kind == "ota/report":
                 report = Report.decode(payload)
+                if report.previous is not None and not (
+                        isinstance(report.previous, str) and VERSION_RE.fullmatch(report.previous)):
+                    # it becomes the version of the device's rollback job: one the registry
+                    # cannot look up would fail every tick of the rollout, which then never ends
+                    raise ValueError(f"previous version {report.previous!r:.40} is not a "
+                                     "bundle version")
                 self._as_leader(lambda: self._on_report(device, report))
                 return
             data = json.loads(payload)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import random
+import select
 import sqlite3
 import threading
 import time
@@ -68,9 +69,27 @@ class Database:
     def _open(self) -> Any:
         """The connection, opened again if the server closed it (outside a transaction only:
         a transaction cut off by the server is lost, and its caller hears so)."""
-        if self._reconnect is not None and not self._depth and self.connection.closed:
+        if self._reconnect is not None and not self._depth and self._closed():
+            self.connection.close()
             self.connection = self._reconnect()
         return self.connection
+
+    def _closed(self) -> bool:
+        """Whether the server ended this (idle) session. psycopg learns it only when a
+        statement fails, and that statement (a device's report, an operator's deploy) would
+        be lost: but a server that ends a session (a restart, a timeout) says so and hangs up,
+        which leaves the idle socket readable, so read that first. Nothing is sent."""
+        connection = self.connection
+        if connection.closed:
+            return True
+        try:
+            for _ in range(8):  # its FATAL message (libpq keeps it as a notice), then EOF
+                if not _readable(connection.fileno()):
+                    return False  # nothing (more) said since the last answer
+                connection.pgconn.consume_input()
+        except Exception:  # psycopg.OperationalError: the server hung up
+            return True
+        return bool(connection.closed)
 
     @contextmanager
     def transaction(self) -> Iterator[Database]:
@@ -94,7 +113,12 @@ class Database:
                     self.connection.execute("ROLLBACK")
                 raise
             self._depth = 0
-            self.connection.execute("COMMIT")
+            cursor = self.connection.execute("COMMIT")
+            if getattr(cursor, "statusmessage", None) == "ROLLBACK":
+                # PostgreSQL's answer to COMMIT in a transaction an error (caught inside it)
+                # left failed: nothing was written, and the caller must not act as if it was
+                raise RuntimeError("the transaction failed (an error inside it was caught) "
+                                   "and was rolled back")
 
     @contextmanager
     def savepoint(self, name: str) -> Iterator[None]:
@@ -128,6 +152,15 @@ class Database:
     def close(self) -> None:
         with self._lock:
             self.connection.close()
+
+
+def _readable(fd: int) -> bool:
+    """Whether the socket has something to read now (poll: no 1024-descriptor limit)."""
+    if hasattr(select, "poll"):
+        poller = select.poll()
+        poller.register(fd, select.POLLIN)
+        return bool(poller.poll(0))
+    return bool(select.select([fd], [], [], 0)[0])
 
 
 SQLITE_BUSY_TIMEOUT_S = 30.0

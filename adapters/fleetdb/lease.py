@@ -142,20 +142,38 @@ class Leadership:
 
     def _run(self) -> None:
         while not self._stop.is_set():
+            held_until = self.lease._valid_until
             try:
                 self.lease.acquire()
             except Exception as exc:  # the database is away: the lease lapses at expiry
                 log.warning("lease %s: renewal failed: %s", self.lease.name, exc)
-            self._notify()
+            # a renewal that waited (a slow database, the connection busy with a long
+            # transaction) past the lease's end: this process did not lead meanwhile, and
+            # ignored what came then, even if it leads again now
+            self._notify(lapsed=time.monotonic() >= held_until)
             self._stop.wait(self.renew_every)
 
-    def _notify(self) -> None:
+    def _notify(self, lapsed: bool = False) -> None:
+        """Tell `on_change` of a change (a lapse as a loss, then a win if it leads again);
+        one that raised (the database or broker away) is told again at the next renewal, and
+        never ends the renewal thread (the lease would lapse)."""
+        if lapsed and self._was_leading:
+            self._tell(False)
+            self._was_leading = False
         leading = self.leading
-        if leading != self._was_leading:
+        if leading != self._was_leading and self._tell(leading):
             self._was_leading = leading
-            log.info("lease %s: %s leadership", self.lease.name, "won" if leading else "lost")
-            if self.on_change is not None:
+
+    def _tell(self, leading: bool) -> bool:
+        log.info("lease %s: %s leadership", self.lease.name, "won" if leading else "lost")
+        if self.on_change is not None:
+            try:
                 self.on_change(leading)
+            except Exception:
+                log.exception("lease %s: acting on the change failed; trying again",
+                              self.lease.name)
+                return False
+        return True
 
     def stop(self, release: bool = True) -> None:
         """Stop renewing; `release` hands the lease over at once (a clean shutdown)."""
