@@ -629,6 +629,37 @@ def test_a_report_whose_previous_is_no_version_stalls_no_rollback(orchestrator, 
     assert "this step failed" not in caplog.text
 
 
+def test_a_device_busy_with_another_rollouts_job_gets_the_next_one_once_it_ends(
+        orchestrator, tmp_path, keys):
+    """A device has one retained job topic: a second rollout's job replaced the first's there,
+    so a device that subscribed afresh (back after its broker session expired) saw only the
+    second, and the first timed out as a failure. A device's next job now waits its turn."""
+    from edgerun.adapters.ota.messages import Job, Report
+    from edgerun.runtime import Bundle
+
+    with Bundle.open(make_bundle(tmp_path / "n", model(3), "n", "1", keys["key"])) as bundle:
+        archive = bundle.pack(tmp_path / "n-1.tar.gz")
+    with archive.open("rb") as stream:
+        orchestrator.registry.push(stream)
+    sent = orchestrator.sent
+    first = orchestrator.deploy("m", "2", group="g")
+    jobs = {job["device_id"]: job["job_id"] for job in first["jobs"]}
+    published = len(sent)
+    second = orchestrator.deploy("n", "1", devices=["a", "b"])
+    assert job_states(second) == {"a": "pending", "b": "pending"} and len(sent) == published
+    orchestrator.on_message("edgerun/a/ota/report",
+                            Report(jobs["a"], "a", "active", "m", "2", "1").encode())
+    orchestrator.tick()
+    assert job_states(orchestrator.status(second["id"])) == {"a": "queued", "b": "pending"}
+    topic, payload, retained = sent[-1]
+    assert (topic, Job.decode(payload).model, retained) == ("edgerun/a/ota", "n", True)
+    orchestrator.on_message("edgerun/b/ota/report",
+                            Report(jobs["b"], "b", "active", "m", "2", "1").encode())
+    orchestrator.tick()
+    assert job_states(orchestrator.status(second["id"])) == {"a": "queued", "b": "queued"}
+    assert orchestrator.status(first["id"])["state"] == "completed"
+
+
 def test_rollout_groups_come_from_enrolment_not_from_what_devices_claim(orchestrator, caplog):
     # a device claiming another group received that group's rollouts (and their bundles), and
     # one claiming no group dodged its own

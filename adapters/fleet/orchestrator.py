@@ -40,6 +40,8 @@ log = logging.getLogger(__name__)
 PENDING, CANCELLED = "pending", "cancelled"   # not yet published; dropped by an abort
 RUNNING, COMPLETED, ROLLING_BACK, ABORTED = "running", "completed", "rolling_back", "aborted"
 ENDED = TERMINAL | {CANCELLED}
+#: Job states that leave the device free for another rollout's job.
+IDLE = tuple(sorted(ENDED | {PENDING}))
 #: A job given up on by the orchestrator, which the device may still finish.
 TIMED_OUT = "timed out in state"
 
@@ -375,7 +377,13 @@ class Orchestrator:
         return None
 
     def _start(self, jobs: list[dict[str, Any]], rollout: dict[str, Any], now: float) -> None:
+        # A device has one retained job topic: another rollout's job under way there would be
+        # replaced, and a device subscribing afresh would never see it. Such a job stays
+        # pending, and a later tick starts it once the other has ended.
+        busy = self.store.busy_devices(rollout["id"], IDLE) if jobs else set()
         for job in jobs:
+            if job["device_id"] in busy:
+                continue
             job_id = f"{rollout['id']}.{job['device_id']}.install"
             deadline = now + rollout["spec"]["job_timeout"]
             self.store.update_job(rollout["id"], job["device_id"], job_id=job_id, state=QUEUED,

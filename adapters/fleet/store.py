@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -187,7 +187,7 @@ class Store:
         """Every rollout, or those in `states`; `lock` (inside a transaction) holds their rows
         until it ends (PostgreSQL; SQLite's write lock holds everything), so an abort asked of
         another process waits for, then sees, what this transaction does to them."""
-        where = f" WHERE state IN ({', '.join('?' * len(states))})" if states else ""
+        where = f" WHERE state IN ({_marks(states)})" if states else ""
         suffix = " FOR UPDATE" if lock and self.db.dialect != SQLITE else ""
         rows = self.query(f"SELECT * FROM rollouts{where} ORDER BY created_at{suffix}", states)
         for row in rows:
@@ -200,12 +200,18 @@ class Store:
     def move_rollout(self, rollout_id: str, states: Sequence[str], **fields: Any) -> bool:
         """Update the rollout only if it is in one of `states` (a compare-and-set any process
         may do); whether it was."""
-        return self._update("rollouts", f"id = ? AND state IN ({', '.join('?' * len(states))})",
+        return self._update("rollouts", f"id = ? AND state IN ({_marks(states)})",
                             (rollout_id, *states), fields) > 0
 
     def jobs(self, rollout_id: str) -> list[dict[str, Any]]:
         return self.query("SELECT * FROM jobs WHERE rollout_id = ? ORDER BY wave, device_id",
                           (rollout_id,))
+
+    def busy_devices(self, rollout_id: str, idle: Collection[str]) -> set[str]:
+        """Devices with a job of another rollout in a state not in `idle` (under way)."""
+        rows = self.query(f"SELECT DISTINCT device_id FROM jobs WHERE rollout_id <> ? AND "
+                          f"state NOT IN ({_marks(idle)})", (rollout_id, *idle))
+        return {row["device_id"] for row in rows}
 
     def device_has_job(self, device_id: str, model: str, version: str) -> bool:
         """Whether a rollout ever addressed `model` `version` to the device (a download may
@@ -225,6 +231,11 @@ class Store:
         columns = ", ".join(f"{name} = ?" for name in fields)  # names come from this module
         return self.db.execute(f"UPDATE {table} SET {columns} WHERE {where}",
                                (*fields.values(), *keys))
+
+
+def _marks(values: Collection[str]) -> str:
+    """One `?` placeholder per value, for `IN (...)`."""
+    return ", ".join("?" * len(values))
 
 
 def _json(value: Any) -> str | None:
