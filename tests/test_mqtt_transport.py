@@ -204,3 +204,58 @@ def test_publish_properties_set_through_paho_api_are_packed_by_paho():
 def test_the_fast_paths_run_on_the_installed_paho():
     """The benchmarked path is the tested one: a paho whose internals moved fails here."""
     assert transport.FAST_PATHS
+
+
+# ------------------------------------------------- the broker's Receive Maximum
+def test_answers_queued_while_the_broker_was_away_stay_within_its_receive_maximum(tmp_path):
+    """paho resets every unacknowledged QoS > 0 message to "send now" on a reconnect and sends
+    them all after the CONNACK, past the broker's Receive Maximum: Mosquitto refused the
+    excess QoS 2 ones ("quota exceeded") and paho dropped them without a word, so answers and
+    reports published while the broker was away were lost."""
+    import orjson
+
+    from edgerun.adapters.mqtt import Daemon, load_config
+    from edgerun.examples import mlp_onnx
+    from tests.mqtt import Broker, connect, wait_online
+    from tests.serving import add_version
+
+    repo = tmp_path / "repo"
+    add_version(repo, "mlp", "1", mlp_onnx([4, 8, 3]))
+    broker = Broker(tmp_path / "b")
+    broker.config.write_text(broker.config.read_text() + "max_inflight_messages 5\n")
+    broker.start()
+    config = load_config(None, repository=repo, broker=broker.url, device_id="rm",
+                         data_dir=tmp_path / "state", poll_interval=0, telemetry_interval=0,
+                         qos=2, reconnect_min_s=0.1, reconnect_max_s=0.5)
+    daemon = Daemon(config)
+    runner = threading.Thread(target=daemon.run)
+    runner.start()
+    watcher = None
+    try:
+        wait_online(broker, "rm")
+        got: set[int] = set()
+        all_in = threading.Event()
+
+        def on_message(client, userdata, message) -> None:
+            got.add(orjson.loads(message.payload)["n"])
+            if len(got) == 50:
+                all_in.set()
+
+        watcher = connect(broker, client_id="rm-watcher", clean=False)
+        watcher.on_message = on_message
+        subscribed = threading.Event()
+        watcher.on_subscribe = lambda *args: subscribed.set()
+        watcher.subscribe("out/#", 2)
+        assert subscribed.wait(10)
+        broker.stop()  # its sessions persist: the watcher's subscription comes back with it
+        for n in range(50):  # an extension publishing while the broker is away
+            daemon.publish(f"out/{n}", {"n": n}, qos=2)
+        broker.start()
+        assert all_in.wait(60), f"{50 - len(got)} of 50 messages lost: {sorted(got)}"
+    finally:
+        if watcher is not None:
+            watcher.disconnect()
+            watcher.loop_stop()
+        daemon.stop()
+        runner.join(30)
+        broker.stop()

@@ -442,3 +442,114 @@ def test_power_cut_between_the_flip_and_the_smoke_test(tmp_path, server, bundles
         assert device.served() == served
     finally:
         device.close()
+
+
+def full_disk_at(path: Path) -> Path:
+    """`path` made a link to /dev/full: every write there fails with "No space left on
+    device", as on a full SD card (no mount needed)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.symlink_to("/dev/full")
+    return path
+
+
+def part_of(device, job: Job) -> Path:
+    """Where the agent downloads `job`'s bundle to."""
+    return device.agent.downloads / f"{job.model}-{job.version}-{job.sha256[:16]}.tar.gz.part"
+
+
+def test_a_full_disk_mid_download_fails_the_job_and_frees_the_space(tmp_path, keys, server,
+                                                                     bundles):
+    """A write that fails for want of space is no broken connection: it was retried as one
+    (the part left filling the disk, "retrying" reported for the whole download patience),
+    and then the failure could not be recorded either, so no terminal report was sent."""
+    device = Device(tmp_path / "device", keys["trusted"], bundles("1"))
+    device.agent.download_patience = 3.0
+    try:
+        job = server.add(bundles("2"))
+        full_disk_at(part_of(device, job))
+        report = device.run(job)
+        assert report.job_id == job.job_id and report.state == "failed", report
+        assert "No space left on device" in report.detail, report
+        assert not any("retrying" in r.detail for r in device.reports)
+        assert not list(device.agent.downloads.iterdir())  # the part is gone
+        assert device.served() == ["1"] and report.active == "1"
+    finally:
+        device.close()
+
+
+def test_a_disk_full_of_something_else_still_gets_the_job_reported(tmp_path, keys, server,
+                                                                    bundles):
+    """When even state.json cannot be written (the disk is full of logs, say), the job's end
+    is still reported; it once died with the write, and the fleet heard nothing more."""
+    device = Device(tmp_path / "device", keys["trusted"], bundles("1"))
+    try:
+        job = server.add(bundles("2"))
+        full = [full_disk_at(part_of(device, job)),
+                full_disk_at(device.agent.slots.folder("m") / ".state.json.tmp")]
+        report = device.run(job)
+        assert (report.job_id, report.state) == (job.job_id, "failed"), report
+        assert "No space left on device" in report.detail and report.active == "1"
+        for path in full:  # space again: the next job goes through
+            path.unlink(missing_ok=True)
+        assert device.run(server.add(bundles("3"))).state == "active"
+        assert device.served() == ["3"]
+    finally:
+        device.close()
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+def test_power_cut_between_a_rollbacks_flip_and_its_load(tmp_path, server, bundles, keys):
+    """A rollback job flips the pointer to the slot it goes back to, then the power goes:
+    the job delivered again after the restart reports the version it rolled back from, as an
+    install's does, not "already on this version" with itself as the previous one."""
+    folder = tmp_path / "device"
+    device = Device(folder, keys["trusted"], bundles("1"))
+    assert device.run(server.add(bundles("2"))).state == "active"
+    assert device.run(server.add(bundles("3"))).state == "active"
+    back = Job("rb-1", "rollback", "m", "2")
+    cut_power_before_the_smoke_test(device)
+    device.agent.handle_job(back.encode())
+    wait_for(lambda: not device.agent._worker.is_alive(), 60, "the power cut")
+    assert device.agent.slots.read("m").active_version == "2"  # the pointer had flipped
+    device.close()
+    device = Device(folder, keys["trusted"])
+    try:
+        assert device.served() == ["2"]
+        report = device.run(back)  # the retained job, delivered again
+        assert (report.state, report.previous, report.active) == ("rolled_back", "3", "2"), \
+            report
+    finally:
+        device.close()
+
+
+def test_a_download_left_by_an_abandoned_job_is_removed_by_the_next(tmp_path, device, server,
+                                                                    bundles):
+    """A part kept for resuming a job that never comes back (it failed, or the fleet sent a
+    newer version) stayed in the downloads folder for good, a bundle's size each time."""
+    content = os.urandom(300_000)
+
+    class CutShort(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(content)))
+            self.end_headers()
+            self.wfile.write(content[:1000])
+            self.close_connection = True
+
+        def log_message(self, *args) -> None:
+            pass
+
+    flaky = ThreadingHTTPServer(("127.0.0.1", 0), CutShort)
+    threading.Thread(target=flaky.serve_forever, daemon=True).start()
+    device.agent.download_patience = 1.0
+    try:
+        abandoned = Job("j-cut", "install", "m", "5",
+                        f"http://127.0.0.1:{flaky.server_port}/bundles/m/5",
+                        hashlib.sha256(content).hexdigest(), len(content))
+        assert device.run(abandoned).state == "failed"
+    finally:
+        flaky.shutdown()
+    downloads = device.folder / "data" / "ota" / ".downloads"
+    assert list(downloads.iterdir())  # kept: a new job for this bundle resumes it
+    assert device.run(server.add(bundles("2"))).state == "active"
+    assert not list(downloads.iterdir())

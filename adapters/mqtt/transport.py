@@ -284,8 +284,25 @@ class Client(mqtt.Client):
         the broker's Receive Maximum of QoS 1 and 2 PUBLISHes unacknowledged (65,535 when it
         names none), as MQTT 5 (3.3.4) requires. paho ignores it; Mosquitto refuses the excess
         QoS 2 answers ("quota exceeded") and paho drops them without a word. paho's setter
-        refuses a connected client, so the limit is set where paho keeps it."""
-        self._max_inflight_messages = int(getattr(properties, "ReceiveMaximum", 65535))
+        refuses a connected client, so the limit is set where paho keeps it.
+
+        On a reconnect paho marks every unacknowledged message "send now" without counting
+        them, and sends them all after this callback: what is over the limit is put back in
+        its queue (after the rest, since paho stops sending at the first queued one), for
+        paho to send as acknowledgements free room."""
+        limit = self._max_inflight_messages = int(getattr(properties, "ReceiveMaximum", 65535))
+        with self._out_message_mutex:
+            messages = list(self._out_messages.values())
+            room = limit - sum(1 for m in messages if m.qos and m.state != mqtt.mqtt_ms_publish
+                               and m.state != mqtt.mqtt_ms_queued)
+            for message in messages:
+                if message.qos and message.state == mqtt.mqtt_ms_publish:
+                    if room > 0:
+                        room -= 1
+                        continue
+                    message.state = mqtt.mqtt_ms_queued
+                if message.state == mqtt.mqtt_ms_queued:
+                    self._out_messages.move_to_end(message.mid)
 
     def _create_socket(self) -> Any:
         sock = super()._create_socket()

@@ -177,7 +177,10 @@ class OtaAgent:
             slots = self.slots.read(job.model)
             slots.last = {k: v for k, v in report.__dict__.items() if k != "extra"}
             slots.switching = {}
-            self.slots.write(job.model, slots)
+            try:
+                self.slots.write(job.model, slots)
+            except OSError as exc:  # a full or read-only disk: the fleet still hears the end
+                log.error("could not record the end of OTA job %s: %s", job.job_id, exc)
             if self.on_change is not None:
                 self.on_change()  # e.g. the daemon's status, which names the served versions
         log.info("OTA %s %s %s: %s %s", self.device_id, job.model, job.version, state, detail)
@@ -200,9 +203,10 @@ class OtaAgent:
                          retain=True)
             return
         switched = state.switching
-        if switched.get("job_id") == job.job_id and state.active_version == job.version:
+        if switched.get("job_id") == job.job_id and self.active_version(job.model) == job.version:
             # the pointer flipped, then the daemon restarted before the job's end: recovery
             # loaded (smoke-tested) it, so the job is done, and `previous` is what served before
+            # (a rollback to the daemon's folder leaves no slot active: the folder's version)
             self._report(job, ROLLED_BACK if job.kind == ROLLBACK else ACTIVE,
                          switched.get("previous"), "switched before a restart")
             return
@@ -230,6 +234,7 @@ class OtaAgent:
                                   "goes back)")
         self._report(job, DOWNLOADING, previous)
         archive_path = self.downloads / f"{job.model}-{job.version}-{job.sha256[:16]}.tar.gz"
+        self._drop_other_downloads(archive_path)
         self._download(job, archive_path, previous)
         self._report(job, VERIFYING, previous)
         try:
@@ -239,6 +244,13 @@ class OtaAgent:
         self._report(job, STAGED, previous)
         self._switch(job, staging, previous)
         self._report(job, final, previous)
+
+    def _drop_other_downloads(self, keep: Path) -> None:
+        """Jobs run one at a time: a file of another bundle is a part kept for a job that
+        failed or was superseded, and would otherwise hold its space for good."""
+        for path in self.downloads.iterdir():
+            if path.is_file() and path.name not in (keep.name, keep.name + ".part"):
+                path.unlink(missing_ok=True)
 
     def _download(self, job: Job, archive_path: Path, previous: str | None) -> None:
         """Download, resuming; an unreachable registry is retried with backoff, a bad file
@@ -321,6 +333,8 @@ class OtaAgent:
         else:
             raise BundleError(f"no slot holds version {job.version} and the job has no url")
         self._report(job, VERIFYING, previous)
+        # as an install's switch: a power cut before the job's end must not lose `previous`
+        state.switching = {"job_id": job.job_id, "previous": previous}
         self.slots.write(job.model, state)
         try:
             self.repository.load(job.model)

@@ -8,6 +8,7 @@ the expected sha256 and size before it is renamed into place.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import http.client
 import os
@@ -39,6 +40,15 @@ def _open(request: urllib.request.Request, timeout: float) -> Any:
         raise DownloadInterrupted(f"download of {request.full_url} failed: {exc}") from exc
 
 
+def _read(response: Any, url: str, transferred: int) -> bytes:
+    """The next chunk; the transfer breaking off is DownloadInterrupted (worth another try)."""
+    try:
+        return response.read(_CHUNK)
+    except (OSError, http.client.HTTPException) as exc:
+        raise DownloadInterrupted(f"download of {url} broke off after {transferred} bytes: "
+                                  f"{exc}") from exc
+
+
 def download(url: str, dest: Path, sha256: str, size: int = 0, timeout: float = 30.0,
              headers: dict[str, str] | None = None) -> int:
     """Fetch `url` into `dest`, resuming a previous part; returns the bytes transferred.
@@ -59,21 +69,27 @@ def download(url: str, dest: Path, sha256: str, size: int = 0, timeout: float = 
             response = _open(urllib.request.Request(url, headers=headers or {}), timeout)
             if response is None:
                 raise BundleError(f"download of {url} failed: HTTP 416 without a Range")
-        with response, open(part, "ab" if have and response.status == 206 else "wb") as out:
-            try:
-                while chunk := response.read(_CHUNK):
+        try:
+            with response, open(part, "ab" if have and response.status == 206 else "wb") as out:
+                while chunk := _read(response, url, transferred):
                     out.write(chunk)
                     transferred += len(chunk)
-            except (OSError, http.client.HTTPException) as exc:  # the part stays: resumed
-                raise DownloadInterrupted(f"download of {url} broke off after {transferred} "
-                                          f"bytes: {exc}") from exc
-            # http.client ends a body cut short as if it were whole: the length tells
-            announced = response.headers.get("Content-Length", "")
-            if announced.isdigit() and transferred < int(announced):
-                raise DownloadInterrupted(f"download of {url} broke off after {transferred} "
-                                          f"of {announced} bytes")
-            out.flush()
-            os.fsync(out.fileno())
+                # http.client ends a body cut short as if it were whole: the length tells
+                announced = response.headers.get("Content-Length", "")
+                if announced.isdigit() and transferred < int(announced):
+                    raise DownloadInterrupted(f"download of {url} broke off after "
+                                              f"{transferred} of {announced} bytes")
+                out.flush()
+                os.fsync(out.fileno())
+        except DownloadInterrupted:
+            raise  # the part stays: resumed
+        except OSError as exc:
+            # the device's own disk (full, read-only): no retry mends it, and a part that
+            # cannot grow would only keep the space from everything else on the device
+            with contextlib.suppress(OSError):  # a read-only folder keeps it, as it must
+                part.unlink(missing_ok=True)
+            raise BundleError(f"cannot store the download of {url} in {dest.parent}: "
+                              f"{exc}") from exc
     digest = hashlib.sha256()
     with open(part, "rb") as handle:
         while chunk := handle.read(1 << 20):
