@@ -194,6 +194,24 @@ def test_missing_data_is_named():
     assert info.value.tensor == "x"
 
 
+@pytest.mark.parametrize("datatype", [["FP32"], {"FP32": 1}, []])
+@pytest.mark.parametrize("binary", [False, True])
+def test_a_datatype_that_is_a_list_or_object_is_invalid_input_naming_the_input(datatype,
+                                                                             binary):
+    """A list there was unhashable: the binary extension's header raised a TypeError, which
+    every adapter answered as an internal error (HTTP 500) naming no input."""
+    item = {"name": "x", "datatype": datatype, "shape": [1]}
+    if binary:
+        header = json.dumps({"inputs": [{**item, "parameters": {"binary_data_size": 4}}]})
+        body, length = header.encode() + b"\0" * 4, str(len(header))
+    else:
+        body, length = json.dumps({"inputs": [{**item, "data": [1]}]}).encode(), None
+    with pytest.raises(InvalidInput, match=re.escape(f"input 'x': datatype {datatype!r} is "
+                                                     "not supported")) as info:
+        oip.decode_request(body, length)
+    assert info.value.tensor == "x"
+
+
 @pytest.mark.parametrize("size, blob, message", [
     (16, b"\0" * 8, "runs past the 8 bytes"),
     (4, b"\0" * 4, "needs 8 bytes, binary_data_size is 4"),
@@ -256,6 +274,24 @@ SIG_TWO = Signature((TensorSpec("a", "float32", (-1, 2), 0), TensorSpec("b", "in
 ])
 def test_tf_serving_formats_decode(body, signature, inputs, rows):
     assert tfserving.decode_predict(json.dumps(body).encode(), signature) == (inputs, rows)
+
+
+SIG_TEXT = Signature((TensorSpec("s", "string", (-1,), 0),), (TensorSpec("y", "string", (-1,), 0),))
+
+
+@pytest.mark.parametrize("body", [
+    {"instances": [{"b64": "/w=="}, "b"]},
+    {"instances": ["b", {"b64": "/w=="}]},
+    {"instances": [{"s": "b"}, {"s": {"b64": "/w=="}}]},
+    {"inputs": ["b", {"b64": "/w=="}]},
+    {"inputs": {"s": ["b", {"b64": "/w=="}]}},
+])
+def test_tf_serving_strings_mix_plain_and_b64_values_in_any_order(body):
+    """A row whose first value was a plain string was taken as all plain: a {"b64": ...}
+    after it reached the model as a dict, refused ("expected string, got dict"), while the
+    same values in the other order were answered."""
+    inputs, _ = tfserving.decode_predict(json.dumps(body).encode(), SIG_TEXT)
+    assert sorted(SIG_TEXT.validate(inputs)["s"].tolist(), key=repr) == ["b", b"\xff"]
 
 
 @pytest.mark.parametrize("body, message", [

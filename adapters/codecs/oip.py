@@ -179,9 +179,10 @@ def _tensor_header(item: Any) -> tuple[str, str, list[int], dict[str, Any]]:
         raise InvalidInput("each input needs a \"name\" string")
     name = item["name"]
     datatype = item.get("datatype")
-    if datatype not in DATATYPES:
+    # a str first: a list or object there is unhashable (a TypeError, answered as a 500)
+    if not isinstance(datatype, str) or datatype not in DATATYPES:
         known = ", ".join(DATATYPES)
-        raise InvalidInput(f"input {name!r}: datatype {datatype!r} is not supported "
+        raise InvalidInput(f"input {name!r}: datatype {_plain(datatype)!r} is not supported "
                            f"(one of {known})", name)
     shape = _plain(item.get("shape"))
     if not isinstance(shape, list) or not all(

@@ -68,10 +68,17 @@ def _unwrap_b64(inputs: dict[str, Any]) -> dict[str, Any]:
     return {name: _b64(value, name) for name, value in inputs.items()}
 
 
+_CONTAINERS = frozenset({list, dict})
+
+
 def _b64(value: Any, name: str, depth: int = 1) -> Any:
     if isinstance(value, list):
-        if value and not isinstance(value[0], (list, dict)):
-            return value  # a row of scalars: nothing to unwrap
+        # a row of scalars: nothing to unwrap. Strings may mix plain and {"b64": ...} values
+        # in any order, so a row of strings is scanned whole (at C speed), not by its first
+        kind = type(value[0]) if value else list
+        if kind is not list and kind is not dict and (
+                kind is not str or _CONTAINERS.isdisjoint(map(type, value))):
+            return value
         if depth > MAX_DIMS:
             raise InvalidInput(f"input {name!r}: lists nested deeper than a tensor's "
                                f"{MAX_DIMS} dimensions", name)
