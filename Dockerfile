@@ -3,7 +3,8 @@
 #   docker run -p 8080:8080 -p 8081:8081 -v $PWD/models/digits/1:/mnt/models:ro edgerun:0.1.0
 # OIP v2 + TF Serving REST + /metrics on 8080, OIP v2 gRPC on 8081. Without arguments it serves
 # the one model in /mnt/models (where KServe's storage initializer puts it); KServe's
-# ClusterServingRuntime (deploy/kserve/) passes the same flags plus --model-name.
+# ClusterServingRuntime (deploy/kserve/) passes the same flags plus --model-name. The [tflite]
+# extra (LiteRT) is installed because the runtime declares the tflite model format.
 FROM python:3.11-slim AS build
 WORKDIR /src
 COPY pyproject.toml README.md ./
@@ -12,12 +13,12 @@ COPY runtime runtime
 COPY adapters adapters
 COPY devices devices
 COPY optimizers optimizers
-RUN pip wheel --no-cache-dir --wheel-dir /wheels ".[server]"
+RUN pip wheel --no-cache-dir --wheel-dir /wheels ".[server,tflite]"
 
 FROM python:3.11-slim
 ENV PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
 COPY --from=build /wheels /wheels
-RUN pip install --no-cache-dir --no-index --find-links /wheels "edgerun[server]" \
+RUN pip install --no-cache-dir --no-index --find-links /wheels "edgerun[server,tflite]" \
     && rm -rf /wheels \
     && useradd --uid 1000 --no-create-home --shell /usr/sbin/nologin edgerun
 USER 1000

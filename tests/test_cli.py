@@ -48,6 +48,17 @@ def test_verify_reports_tampering_with_a_clear_error(tmp_path, mlp_file):
         result.stderr
 
 
+def test_errors_keep_their_bracketed_text(tmp_path):
+    """rich read `[...]` in an error as markup and dropped it: the hint `pip install
+    'edgerun[tflite]'` lost its extra, a path its folder."""
+    missing = tmp_path / "[nope]"
+    result = edgerun("bundle", "verify", str(missing))
+    assert result.returncode == 2 and f"{missing}: no such bundle" in result.stderr, \
+        result.stderr
+    result = edgerun("devices", "show", "[gpu]")
+    assert result.returncode == 2 and "'[gpu]'" in result.stderr, result.stderr
+
+
 def test_create_archive_pack_and_unpack(tmp_path, mlp_file):
     archive = tmp_path / "mlp-1.tar.gz"
     assert edgerun("bundle", "create", str(mlp_file), "--name", "mlp", "--version", "1",

@@ -10,6 +10,7 @@ validate with kubernetes-validate, KServe kinds against the KServe SDK's API typ
 from __future__ import annotations
 
 import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -20,6 +21,9 @@ import numpy as np
 import pytest
 import tritonclient.grpc as tgrpc
 import yaml
+from packaging.requirements import Requirement
+from packaging.specifiers import SpecifierSet
+from packaging.version import Version
 
 from edgerun.cli import build_parser
 from edgerun.examples import mlp_onnx
@@ -27,6 +31,11 @@ from edgerun.runtime import BundleError, Model, create_bundle
 from edgerun.runtime.sources import SingleModelSource
 from tests.cli import edgerun_command
 from tests.serving import running_process
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:
+    import tomli as tomllib
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy" / "kserve"
@@ -104,6 +113,19 @@ def test_a_bundle_archive_serves(tmp_path, onnx_bytes):
     bundle.pack(mount / "digits-2.tar.gz")
     http, _ = served_by_kserve_layout(mount, "digits", tmp_path)
     assert http["model_version"] == "2"
+
+
+def test_a_bare_tflite_file_serves_as_version_1(tmp_path):
+    """The runtime declares the tflite format: a bare model.tflite is served like model.onnx."""
+    from tests.tflite_models import int8_dense_tflite
+    rng = np.random.default_rng(1)
+    weight = rng.standard_normal((4, 8)).astype(np.float32) * 0.5
+    mount = tmp_path / "mnt" / "models"
+    mount.mkdir(parents=True)
+    (mount / "model.tflite").write_bytes(int8_dense_tflite(weight, np.zeros(4, np.float32)))
+    http, _ = served_by_kserve_layout(mount, "lite", tmp_path)
+    assert http["model_name"] == "lite" and http["model_version"] == "1"
+    assert list(mount.iterdir()) == [mount / "model.tflite"], "the mount is read, never written"
 
 
 def test_single_model_source_finds_the_one_model_or_says_why_not(tmp_path, onnx_bytes):
@@ -227,6 +249,83 @@ def test_images_run_the_runtime_command_as_a_user_on_8080_and_8081():
         parsed = build_parser().parse_args(argv[1:])
         assert (parsed.port, parsed.grpc_port, str(parsed.model_dir)) == \
             (8080, 8081, "/mnt/models"), name
-        assert re.search(r"pip install .*edgerun\[server\]|pip install .*\.\[server\]", text), \
+        assert re.search(r"pip install .*edgerun\[server[],]|pip install .*\.\[server[],]", text), \
             name
     assert "onnxruntime-gpu" in (ROOT / "Dockerfile.cuda").read_text()
+
+
+# ------------------------------------------------------------------ what the images install
+#: What serves each model format the runtimes declare: any one of these distributions.
+FORMAT_NEEDS = {"onnx": {"onnxruntime", "onnxruntime-gpu"},
+                "edgerun": {"onnxruntime", "onnxruntime-gpu"},
+                "tflite": {"ai-edge-litert"}}
+#: The first onnxruntime-gpu release built for CUDA 13 (its CUDA provider needs
+#: libcudart.so.13 and libcublas.so.13; 1.20 to 1.26 need the .so.12 ones).
+ORT_GPU_CUDA_13 = Version("1.27.0")
+
+
+def image_installs(dockerfile: Path) -> set[str]:
+    """The distributions a Dockerfile's `pip install` lines leave installed."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+
+    def expand(requirement: Requirement, found: set[str]) -> None:
+        if requirement.name != "edgerun":
+            found.add(requirement.name.lower())
+            return
+        for line in project["dependencies"]:
+            expand(Requirement(line), found)
+        for extra in requirement.extras:
+            for line in project["optional-dependencies"][extra]:
+                expand(Requirement(line), found)
+
+    installed: set[str] = set()
+    for command in re.findall(r"pip (install|uninstall) ([^&\n]*)",
+                              dockerfile.read_text().replace("\\\n", " ")):
+        verb, rest = command
+        names = [word for word in shlex.split(rest) if not word.startswith("-")
+                 and not word.startswith("/")]
+        for word in names:
+            requirement = Requirement("edgerun" + word[1:] if word.startswith(".[") else word)
+            if verb == "install":
+                expand(requirement, installed)
+            else:
+                installed.discard(requirement.name.lower())
+    return installed
+
+
+def test_each_runtime_image_installs_what_serves_every_format_it_declares():
+    dockerfiles = {}
+    for name in ("Dockerfile", "Dockerfile.cuda"):
+        tag = re.search(r"docker build .*-t \S+:(\S+) \.$", (ROOT / name).read_text(), re.M)
+        dockerfiles[tag.group(1)] = ROOT / name
+    assert image_installs(ROOT / "Dockerfile") >= {"onnxruntime", "uvicorn", "grpcio"}
+    for _, runtime in documents():
+        if runtime["kind"] != "ClusterServingRuntime":
+            continue
+        (container,) = runtime["spec"]["containers"]
+        dockerfile = dockerfiles[container["image"].rpartition(":")[2]]
+        installed = image_installs(dockerfile)
+        for model_format in runtime["spec"]["supportedModelFormats"]:
+            assert FORMAT_NEEDS[model_format["name"]] & installed, \
+                (runtime["metadata"]["name"], model_format["name"], dockerfile.name)
+
+
+def test_the_cuda_image_installs_an_onnxruntime_gpu_built_for_its_cuda():
+    text = (ROOT / "Dockerfile.cuda").read_text()
+    cuda = int(re.search(r"^FROM nvidia/cuda:(\d+)\.", text, re.M).group(1))
+    assert cuda == 12
+    (pin,) = re.findall(r'"onnxruntime-gpu([^"]*)"', text)
+    allowed = SpecifierSet(pin)
+    assert Version("1.26.0") in allowed
+    assert ORT_GPU_CUDA_13 not in allowed and Version("1.31.1") not in allowed, pin
+
+
+def test_the_cuda_image_frees_uid_1000_before_creating_its_user():
+    """Ubuntu's images from 23.04 on hold user `ubuntu` as uid 1000: `useradd --uid 1000` fails
+    (exit 4, "UID 1000 is not unique") and so does the build, unless that user goes first."""
+    text = (ROOT / "Dockerfile.cuda").read_text()
+    release = re.search(r"^FROM \S*ubuntu(\d+)\.(\d+)", text, re.M)
+    assert release and (int(release.group(1)), int(release.group(2))) >= (23, 4)
+    useradd = text.index("useradd --uid 1000")
+    assert re.search(r"userdel\b[^&]*\bubuntu\b", text[:useradd]), \
+        "the base image's ubuntu user (uid 1000) must be removed before useradd --uid 1000"

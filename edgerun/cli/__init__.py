@@ -8,6 +8,7 @@ import sys
 from collections.abc import Sequence
 
 from rich.console import Console
+from rich.markup import escape
 
 from edgerun import __version__
 from edgerun.cli import (build, bundle, daemon, demo, devices, fleet, keys, optimize, package,
@@ -36,12 +37,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.handler(args) or 0)
     except EdgerunError as exc:
-        err.print(f"[bold red]error[/] ({exc.kind}): {exc}", highlight=False)
+        err.print(f"[bold red]error[/] ({exc.kind}): {escape(str(exc))}", highlight=False)
         return 2
     except (ValueError, OSError) as exc:  # a bad profile or config file, a missing path
         if args.verbose:
             raise
-        err.print(f"[bold red]error[/]: {exc}", highlight=False)
+        err.print(f"[bold red]error[/]: {escape(str(exc))}", highlight=False)
         return 2
     except KeyboardInterrupt:
         return 130

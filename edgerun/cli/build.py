@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 
 console = Console(stderr=True)
 
@@ -30,7 +31,7 @@ def _build_daemon(args: argparse.Namespace) -> int:
                             "(a minute or two)"):
             built = build_daemon(args.device, args.output)
     except (ValueError, RuntimeError) as exc:
-        console.print(f"[bold red]error[/]: {exc}", highlight=False)
+        console.print(f"[bold red]error[/]: {escape(str(exc))}", highlight=False)
         return 2
     size = built.binary.stat().st_size / 2**20
     console.print(f"[green]built[/] {built.binary} ({size:.1f} MiB), {built.unit.name}, "

@@ -8,6 +8,7 @@ import json
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from edgerun.devices import DeviceProfile, list_profiles, load_profile
@@ -54,7 +55,7 @@ def _show(args: argparse.Namespace) -> int:
     try:
         profile = load_profile(args.name)
     except ValueError as exc:
-        err.print(f"[bold red]error[/]: {exc}")
+        err.print(f"[bold red]error[/]: {escape(str(exc))}")
         return 2
     data = profile_json(profile)
     if args.json:
