@@ -660,6 +660,21 @@ def test_a_device_busy_with_another_rollouts_job_gets_the_next_one_once_it_ends(
     assert orchestrator.status(first["id"])["state"] == "completed"
 
 
+def test_a_report_without_a_job_id_touches_no_job_not_yet_sent(orchestrator):
+    """Jobs not yet sent have no id yet: a report with an empty one matched the device's
+    pending job, and a "failed" from a device of a later wave aborted the rollout."""
+    from edgerun.adapters.ota.messages import Report
+
+    rollout = orchestrator.deploy("m", "2", group="g", waves=[0.5, 1.0])
+    pending = [job["device_id"] for job in rollout["jobs"] if job["state"] == "pending"]
+    assert len(pending) == 1
+    orchestrator.on_message(f"edgerun/{pending[0]}/ota/report",
+                            Report("", pending[0], "failed", "m", "2", "1").encode())
+    orchestrator.tick()
+    status = orchestrator.status(rollout["id"])
+    assert status["state"] == "running" and job_states(status)[pending[0]] == "pending"
+
+
 def test_rollout_groups_come_from_enrolment_not_from_what_devices_claim(orchestrator, caplog):
     # a device claiming another group received that group's rollouts (and their bundles), and
     # one claiming no group dodged its own

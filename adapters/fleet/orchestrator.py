@@ -210,7 +210,8 @@ class Orchestrator:
     def _on_report(self, device: str, report: Report) -> None:
         """A device's report on a job (as the leader: the reports every process hears are
         acted on once; a new leader hears each device's latest again, as it is retained)."""
-        job = self.store.job_by_id(report.job_id)
+        # jobs not yet sent have no id: an empty one would match one of them
+        job = self.store.job_by_id(report.job_id) if report.job_id else None
         if job is None or job["device_id"] != device:
             return
         given_up = job["state"] == CANCELLED or (
