@@ -553,3 +553,47 @@ def test_a_download_left_by_an_abandoned_job_is_removed_by_the_next(tmp_path, de
     assert list(downloads.iterdir())  # kept: a new job for this bundle resumes it
     assert device.run(server.add(bundles("2"))).state == "active"
     assert not list(downloads.iterdir())
+
+
+def test_the_device_credential_never_follows_a_redirect_to_another_host(tmp_path):
+    """urllib copies every header onto a redirect: a registry behind a CDN or an object store
+    that it redirects to would have had every device's secret (its MQTT password too)."""
+    content = os.urandom(50_000)
+    seen: dict[str, str | None] = {}
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            seen[f"{self.server.server_port}{self.path}"] = self.headers.get("Authorization")
+            if self.path == "/bundles/m/1":  # the registry: to its own mirror path first
+                self.send_response(302)
+                self.send_header("Location", "/mirror/m/1")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+            elif self.path == "/mirror/m/1":  # then to another host (a CDN, say)
+                self.send_response(302)
+                self.send_header("Location", f"http://localhost:{cdn.server_port}/blob")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+            else:
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(content)))
+                self.end_headers()
+                self.wfile.write(content)
+
+        def log_message(self, *args) -> None:
+            pass
+
+    registry, cdn = (ThreadingHTTPServer(("127.0.0.1", 0), Handler) for _ in range(2))
+    for server in (registry, cdn):
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        download(f"http://127.0.0.1:{registry.server_port}/bundles/m/1", tmp_path / "m.tar.gz",
+                 hashlib.sha256(content).hexdigest(), len(content),
+                 headers={"Authorization": "Basic ZGV2LWE6c2VjcmV0"})
+    finally:
+        registry.shutdown()
+        cdn.shutdown()
+    assert (tmp_path / "m.tar.gz").read_bytes() == content
+    assert seen == {f"{registry.server_port}/bundles/m/1": "Basic ZGV2LWE6c2VjcmV0",
+                    f"{registry.server_port}/mirror/m/1": "Basic ZGV2LWE6c2VjcmV0",
+                    f"{cdn.server_port}/blob": None}
