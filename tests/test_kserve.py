@@ -115,6 +115,21 @@ def test_a_bundle_archive_serves(tmp_path, onnx_bytes):
     assert http["model_version"] == "2"
 
 
+def test_a_model_that_does_not_load_ends_the_process_naming_why(tmp_path, onnx_bytes):
+    """It stayed up, live and never ready, serving nothing: Kubernetes showed a pod running,
+    and the reason sat in its log until Knative's progress deadline gave up on it."""
+    source = tmp_path / "model.onnx"
+    source.write_bytes(onnx_bytes)
+    bundle = create_bundle(source, tmp_path / "models" / "digits", name="digits", version="1")
+    model = bundle.path / "model.onnx"
+    model.write_bytes(model.read_bytes()[:-1] + b"\x00")  # no longer what the manifest says
+    ended = subprocess.run([*edgerun_command(), "serve", "--model-dir", str(bundle.path),
+                            "--model-name", "digits", "--port", "0"],
+                           capture_output=True, text=True, timeout=120)
+    assert ended.returncode == 2, ended.stderr
+    assert "model.onnx does not match its sha256" in ended.stderr
+
+
 def test_a_bare_tflite_file_serves_as_version_1(tmp_path):
     """The runtime declares the tflite format: a bare model.tflite is served like model.onnx."""
     from tests.tflite_models import int8_dense_tflite

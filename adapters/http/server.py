@@ -12,7 +12,7 @@ import contextlib
 import gc
 import signal
 import threading
-from collections.abc import Coroutine, Iterable, Iterator
+from collections.abc import Callable, Coroutine, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +24,8 @@ from edgerun.adapters.http.asgi import EdgerunASGI
 from edgerun.adapters.http.protocol import OneSendProtocol
 from edgerun.devices import DeviceProfile
 from edgerun.runtime.batcher import BatchingConfig
-from edgerun.runtime.repository import Repository
+from edgerun.runtime.errors import BundleError
+from edgerun.runtime.repository import UNAVAILABLE, Repository
 from edgerun.runtime.sources import VersionSource
 
 GRACE_S = 30
@@ -34,12 +35,16 @@ def serve(source: VersionSource | str | Path, *, host: str = "127.0.0.1", port: 
           grpc_port: int | None = None, device: str | DeviceProfile | None = None,
           poll_interval: float | None = None, batching: BatchingConfig | None = None,
           max_body_bytes: int = 64 << 20, access_log: bool = False,
-          log_level: str = "info", hooks: Iterable[Hook] = ()) -> None:
+          log_level: str = "info", hooks: Iterable[Hook] = (),
+          exit_unless_loaded: bool = False) -> None:
     """Serve every model of `source` (a repository folder, or any VersionSource) until stopped.
 
     The repository loads in the background while the ports open (readiness turns true once
     every model is loaded); the app itself never loads or unloads models. `hooks` (auth,
-    tracing) join the request-id hook on every route of both transports.
+    tracing) join the request-id hook on every route of both transports. With
+    `exit_unless_loaded` (one model, as under KServe), a model that fails to load stops the
+    server and raises BundleError with the reason: a process serving nothing should end, so
+    its orchestrator shows the failure, rather than stay live and never ready.
     """
     repository = Repository(source, device, default_batching=batching)
     plane = DataPlane(repository)
@@ -54,10 +59,14 @@ def serve(source: VersionSource | str | Path, *, host: str = "127.0.0.1", port: 
     loading = repository.start_loading(poll_interval)
     threading.Thread(target=_freeze_after, args=(loading,), name="edgerun-gc-freeze",
                      daemon=True).start()
+    unloaded: list[str] = []
     try:
-        _run(_serve(_Uvicorn(config), plane, host, grpc_port, max_body_bytes))
+        _run(_serve(_Uvicorn(config), plane, host, grpc_port, max_body_bytes,
+                    (loading, unloaded) if exit_unless_loaded else None))
     finally:
         repository.close()
+    if unloaded:
+        raise BundleError("; ".join(unloaded))
 
 
 def _freeze_after(loading: threading.Thread) -> None:
@@ -82,7 +91,8 @@ class _Uvicorn(uvicorn.Server):
 
 
 async def _serve(http: uvicorn.Server, plane: DataPlane, host: str, grpc_port: int | None,
-                 max_message_bytes: int) -> None:
+                 max_message_bytes: int,
+                 must_load: tuple[threading.Thread, list[str]] | None) -> None:
     grpc_server = None
     if grpc_port is not None:
         from edgerun.adapters.grpc import server as grpc_serving
@@ -100,14 +110,29 @@ async def _serve(http: uvicorn.Server, plane: DataPlane, host: str, grpc_port: i
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop)
+    watching = None if must_load is None else asyncio.ensure_future(
+        _stop_unless_loaded(plane.repository, *must_load, stop))
     try:
         await http.serve()
     finally:
+        if watching is not None:
+            watching.cancel()
         stop()
         if stopping:
             await stopping[0]
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)
+
+
+async def _stop_unless_loaded(repository: Repository, loading: threading.Thread,
+                              unloaded: list[str], stop: Callable[[], None]) -> None:
+    """Once loading is over: the reasons its models did not load, and the server stopped."""
+    await asyncio.get_running_loop().run_in_executor(None, loading.join)
+    if not repository.ready:
+        reasons = [f"model {state.name!r} did not load: {state.reason}"
+                   for state in repository.index() if state.state == UNAVAILABLE]
+        unloaded.extend(reasons or ["no model loaded"])
+        stop()
 
 
 def _run(main: Coroutine[Any, Any, None]) -> None:

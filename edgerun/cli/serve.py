@@ -82,5 +82,5 @@ def _serve(args: argparse.Namespace) -> int:
     serve(source, host=args.host, port=args.port, grpc_port=args.grpc_port, device=device,
           poll_interval=args.poll_interval, batching=batching,
           max_body_bytes=args.max_body_bytes, access_log=args.access_log,
-          log_level=args.log_level, hooks=hooks)
+          log_level=args.log_level, hooks=hooks, exit_unless_loaded=args.model_dir is not None)
     return 0
