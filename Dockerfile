@@ -16,7 +16,8 @@ COPY optimizers optimizers
 RUN pip wheel --no-cache-dir --wheel-dir /wheels ".[server,tflite]"
 
 FROM python:3.11-slim
-ENV PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
+# user 1000 has no home: caches (TensorRT engines) go where any user may write
+ENV PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1 EDGERUN_CACHE=/tmp/edgerun
 COPY --from=build /wheels /wheels
 RUN pip install --no-cache-dir --no-index --find-links /wheels "edgerun[server,tflite]" \
     && rm -rf /wheels \

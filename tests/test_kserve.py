@@ -257,6 +257,7 @@ def test_images_run_the_runtime_command_as_a_user_on_8080_and_8081():
         assert re.search(rf"^FROM {re.escape(base)}", text, re.M), name
         assert re.search(r"^EXPOSE 8080 8081$", text, re.M), name
         assert re.search(r"^USER 1000", text, re.M), name
+        assert re.search(r"EDGERUN_CACHE=/tmp/", text), name  # user 1000 has no home
         entrypoint = re.search(r"^ENTRYPOINT (.*)$", text, re.M).group(1)
         command = re.search(r"^CMD (.*)$", text, re.M).group(1)
         argv = yaml.safe_load(entrypoint) + yaml.safe_load(command)
