@@ -38,7 +38,8 @@ class DeviceProfile:
     #: ONNX Runtime providers, best first; those not present in the installed build are skipped
     #: and CPUExecutionProvider is always the last resort.
     execution_providers: tuple[str, ...] = ("CPUExecutionProvider",)
-    #: 0 lets the backend use one thread per physical core.
+    #: 0: the CPUs the process may use (a container's CPU limit, its affinity), else the
+    #: backend's default (one thread per physical core).
     intra_op_threads: int = 0
     inter_op_threads: int = 0
     graph_optimization_level: str = "all"

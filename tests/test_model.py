@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import subprocess
+import sys
 
 import numpy as np
 import onnxruntime as ort
@@ -10,6 +13,7 @@ import pytest
 
 from edgerun.devices import DeviceProfile, load_profile
 from edgerun.runtime import BundleError, InferenceError, InvalidInput, Model
+from edgerun.runtime.backends.cpus import cgroup_quota, cpu_limit
 from edgerun.runtime.backends.onnxruntime import providers_for
 from tests.helpers import gather_onnx, two_input_onnx
 
@@ -67,6 +71,51 @@ def test_session_options_follow_a_device_profile(mlp_bundle):
     assert options.intra_op_num_threads == 4
     assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
     assert model.device.name == "raspberry-pi-5"
+
+
+def cgroups(tmp_path, membership: str, files: dict[str, str]):
+    """A cgroup tree as the kernel lays it out, and this process's /proc/self/cgroup."""
+    root = tmp_path / "cgroup"
+    for name, text in files.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(text)
+    root.mkdir(exist_ok=True)
+    (tmp_path / "self").write_text(membership)
+    return root, tmp_path / "self"
+
+
+@pytest.mark.parametrize("membership, files, quota", [
+    # v2 in a pod: the pod's 1.5 CPUs bound the container's unlimited cgroup
+    ("0::/kubepods/pod1/c1\n", {"kubepods/pod1/cpu.max": "150000 100000\n",
+                                "kubepods/pod1/c1/cpu.max": "max 100000\n"}, 1.5),
+    # v2 in a cgroup namespace (a container's own view)
+    ("0::/\n", {"cpu.max": "300000 100000\n"}, 3.0),
+    ("0::/\n", {"cpu.max": "max 100000\n"}, None),
+    # v1 (Docker on an older host)
+    ("4:cpu,cpuacct:/docker/abc\n1:name=systemd:/docker/abc\n",
+     {"cpu,cpuacct/docker/abc/cpu.cfs_quota_us": "50000\n",
+      "cpu,cpuacct/docker/abc/cpu.cfs_period_us": "100000\n"}, 0.5),
+    ("4:cpu,cpuacct:/\n", {"cpu,cpuacct/cpu.cfs_quota_us": "-1\n",
+                           "cpu,cpuacct/cpu.cfs_period_us": "100000\n"}, None),
+])
+def test_a_containers_cpu_quota_is_read_from_its_cgroup(tmp_path, membership, files, quota):
+    assert cgroup_quota(*cgroups(tmp_path, membership, files)) == quota
+
+
+def test_onnx_runtime_threads_follow_the_cpus_a_container_leaves(mlp_bundle, tmp_path):
+    """ONNX Runtime's default (0) sizes its pool to the host's physical cores, blind to a
+    container's limit: a pod limited to 2 CPUs on a 64-core node ran dozens of threads,
+    throttled in every period. A quota below one CPU still gets one thread."""
+    machine = os.cpu_count() or 1
+    root, membership = cgroups(tmp_path, "0::/\n", {"cpu.max": "50000 100000\n"})
+    assert cpu_limit(root, membership) == (1 if machine > 1 else None)
+    script = (f"import os; os.sched_setaffinity(0, {{min(os.sched_getaffinity(0))}}); "
+              f"from edgerun.runtime import Model; "
+              f"m = Model.load({str(mlp_bundle.path)!r}, 'cpu'); "
+              f"print(m.backend.session.get_session_options().intra_op_num_threads)")
+    threads = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                             check=True).stdout.split()[-1]
+    assert int(threads) == (1 if machine > 1 else 0)  # pinned to one CPU: one thread
 
 
 def test_accelerators_first_when_present_cpu_otherwise():

@@ -12,6 +12,7 @@ import onnxruntime as ort
 
 from edgerun.devices import DeviceProfile
 from edgerun.runtime.backends.base import Backend
+from edgerun.runtime.backends.cpus import cpu_limit
 from edgerun.runtime.errors import BundleError, InvalidInput
 from edgerun.runtime.signature import Signature, TensorSpec
 
@@ -88,7 +89,8 @@ def providers_for(device: DeviceProfile) -> list[str | tuple[str, dict[str, Any]
 
 def session_options(device: DeviceProfile) -> ort.SessionOptions:
     options = ort.SessionOptions()
-    options.intra_op_num_threads = device.intra_op_threads
+    # 0 is ONNX Runtime's default, the host's physical cores, blind to a container's limit
+    options.intra_op_num_threads = device.intra_op_threads or cpu_limit() or 0
     options.inter_op_num_threads = device.inter_op_threads
     options.graph_optimization_level = _LEVELS[device.graph_optimization_level]
     options.log_severity_level = 3

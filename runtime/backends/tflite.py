@@ -18,6 +18,7 @@ import numpy as np
 
 from edgerun.devices import DeviceProfile
 from edgerun.runtime.backends.base import Backend
+from edgerun.runtime.backends.cpus import cpu_limit
 from edgerun.runtime.errors import BundleError, InvalidInput
 from edgerun.runtime.signature import DTYPES, Signature, TensorSpec
 
@@ -169,7 +170,7 @@ class TFLiteBackend(Backend):
 
     @classmethod
     def load(cls, model_path: Path, device: DeviceProfile) -> TFLiteBackend:
-        return cls(model_path, device.intra_op_threads or os.cpu_count() or 1, device.instances)
+        return cls(model_path, device.intra_op_threads or cpu_limit() or os.cpu_count() or 1, device.instances)
 
     def _invoke(self, slot: _Slot, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         interpreter = slot.interpreter
