@@ -127,7 +127,8 @@ async def _serve(http: uvicorn.Server, plane: DataPlane, host: str, grpc_port: i
 async def _stop_unless_loaded(repository: Repository, loading: threading.Thread,
                               unloaded: list[str], stop: Callable[[], None]) -> None:
     """Once loading is over: the reasons its models did not load, and the server stopped."""
-    await asyncio.get_running_loop().run_in_executor(None, loading.join)
+    while loading.is_alive():  # polled: a thread joining it would hold up the loop's shutdown
+        await asyncio.sleep(0.2)
     if not repository.ready:
         reasons = [f"model {state.name!r} did not load: {state.reason}"
                    for state in repository.index() if state.state == UNAVAILABLE]
