@@ -405,6 +405,16 @@ class PowerCut(BaseException):
     """The power goes: nothing after it runs (the agent catches Exception, not this)."""
 
 
+def restarted_after_a_power_cut_in(device, job: Job, flipped_to: str, keys) -> Device:
+    """Run `job` on `device` until its pointer flip, cut the power there, start it again."""
+    cut_power_before_the_smoke_test(device)
+    device.agent.handle_job(job.encode())
+    wait_for(lambda: not device.agent._worker.is_alive(), 60, "the power cut")
+    assert device.agent.slots.read(job.model).active_version == flipped_to  # it had flipped
+    device.close()
+    return Device(device.folder, keys["trusted"])
+
+
 def cut_power_before_the_smoke_test(device: Device) -> None:
     """The agent's next `repository.load`, right after its pointer flip, never happens."""
     def load(name: str, *args, **kwargs):
@@ -419,16 +429,10 @@ def test_power_cut_between_the_flip_and_the_smoke_test(tmp_path, server, bundles
     the retained job (delivered again) is reported active with the version that served
     before (the fleet rolls back to it), not "already active" since 3; if it fails, the
     previous slot serves again and the job fails naming the smoke test."""
-    folder = tmp_path / "device"
-    device = Device(folder, keys["trusted"], bundles("1"))
+    device = Device(tmp_path / "device", keys["trusted"], bundles("1"))
     assert device.run(server.add(bundles("2"))).state == "active"
     job3 = server.add(bundles("3") if smoke == "passes" else smoke_failing(tmp_path, keys, "3"))
-    cut_power_before_the_smoke_test(device)
-    device.agent.handle_job(job3.encode())
-    wait_for(lambda: not device.agent._worker.is_alive(), 60, "the power cut")
-    assert device.agent.slots.read("m").active_version == "3"  # the pointer had flipped
-    device.close()
-    device = Device(folder, keys["trusted"])
+    device = restarted_after_a_power_cut_in(device, job3, "3", keys)
     try:
         served = ["3"] if smoke == "passes" else ["2"]
         assert device.served() == served
@@ -502,17 +506,11 @@ def test_power_cut_between_a_rollbacks_flip_and_its_load(tmp_path, server, bundl
     """A rollback job flips the pointer to the slot it goes back to, then the power goes:
     the job delivered again after the restart reports the version it rolled back from, as an
     install's does, not "already on this version" with itself as the previous one."""
-    folder = tmp_path / "device"
-    device = Device(folder, keys["trusted"], bundles("1"))
+    device = Device(tmp_path / "device", keys["trusted"], bundles("1"))
     assert device.run(server.add(bundles("2"))).state == "active"
     assert device.run(server.add(bundles("3"))).state == "active"
     back = Job("rb-1", "rollback", "m", "2")
-    cut_power_before_the_smoke_test(device)
-    device.agent.handle_job(back.encode())
-    wait_for(lambda: not device.agent._worker.is_alive(), 60, "the power cut")
-    assert device.agent.slots.read("m").active_version == "2"  # the pointer had flipped
-    device.close()
-    device = Device(folder, keys["trusted"])
+    device = restarted_after_a_power_cut_in(device, back, "2", keys)
     try:
         assert device.served() == ["2"]
         report = device.run(back)  # the retained job, delivered again
