@@ -265,3 +265,28 @@ def test_a_secret_file_other_users_may_read_is_used_with_a_warning(tmp_path, cap
     caplog.clear()
     secret.chmod(0o600)
     assert read_secret(secret) == "s3cret" and caplog.text == ""
+
+
+def test_revoke_takes_a_tokens_file_with_a_stray_non_utf8_byte(tmp_path: Path, keys) -> None:
+    """The server skips only the line a Latin-1 comment spoils: revoking must work there too,
+    or a token could not be revoked at all."""
+    tokens, secrets = keys
+    original = tokens.read_bytes()
+    tokens.write_bytes(b"# J\xfcrgen's laptop\n" + original)
+    store = TokenStore(tokens)
+    assert store.authenticate(secrets["read"]) is not None
+    revoke_token(tokens, "read-key")
+    assert store.authenticate(secrets["read"]) is None
+    assert store.authenticate(secrets["admin"]) is not None
+    assert tokens.read_bytes().startswith(b"# J\xfcrgen's laptop\n")  # the rest as it was
+
+
+def test_revoke_matches_token_lines_only_never_a_comment(tmp_path: Path, keys) -> None:
+    """A comment whose third word is the name is no token: revoking a name no token has is an
+    error, not a success that leaves the operator believing a live token is gone."""
+    tokens, secrets = keys
+    tokens.write_text("# ops laptop token, issued by Ana\n" + tokens.read_text())
+    before = tokens.read_bytes()
+    with pytest.raises(InvalidInput, match="no token named 'laptop'"):
+        revoke_token(tokens, "laptop")
+    assert tokens.read_bytes() == before

@@ -103,3 +103,33 @@ def test_a_name_cannot_be_both_a_device_and_a_group(url: str, tmp_path: Path) ->
     credentials.revoke("dev-b")
     files = write_broker_files(tmp_path / "broker", credentials.devices())
     assert "dev-b:" not in files.passwd.read_text()
+
+
+def test_concurrent_enrolments_cannot_make_a_device_and_a_group_of_one_name(url: str,
+                                                                            tmp_path: Path) -> None:
+    """Two registries on one database enrol at once: device x in group y, and device y. Were
+    both let through, no broker files could be made again, so no revocation would reach the
+    broker. One of the two must be refused."""
+    import threading
+
+    registries = [DeviceCredentials(connect(url)), DeviceCredentials(connect(url))]
+    for attempt in range(30):
+        barrier, enrolled = threading.Barrier(2), []
+
+        def enrol(credentials: DeviceCredentials, device: str, groups: tuple[str, ...]) -> None:
+            barrier.wait()
+            try:
+                credentials.enroll(device, groups)
+                enrolled.append(device)
+            except InvalidInput:
+                pass
+
+        threads = [threading.Thread(target=enrol, args=(registries[0], f"dev-{attempt}",
+                                                         (f"name-{attempt}",))),
+                   threading.Thread(target=enrol, args=(registries[1], f"name-{attempt}", ()))]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert len(enrolled) == 1, (attempt, enrolled)
+    write_broker_files(tmp_path / "broker", registries[0].devices())  # still possible

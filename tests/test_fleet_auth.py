@@ -326,3 +326,73 @@ def test_without_tokens_fleet_serve_says_it_is_in_development_mode(secured, tmp_
         server.stop()
     log = (tmp_path / "fleet" / "server.log").read_text()
     assert "development mode: no --tokens, so listening on 127.0.0.1 only" in log
+
+
+def test_enrol_takes_groups_as_a_list_of_names_only(secured):
+    """Groups decide whose shared requests a device reads: `"groups": "field"` must not grant
+    the groups f, i, e, l and d, nor a number become a group."""
+    server, secrets = secured["server"], secured["secrets"]
+    admin = read_secret(secrets["admin"])
+    for groups in ("field", [1], {"field": 1}, None):
+        answer = call(server, "POST", "/devices/dev-g/enroll", admin, json={"groups": groups})
+        assert answer.status_code == 400, (groups, answer.text)
+        assert "list of group names" in answer.json()["error"]
+    enrolled = {d["device_id"] for d in call(server, "GET", "/credentials", admin).json()}
+    assert "dev-g" not in enrolled
+    answer = call(server, "POST", "/devices/dev-g/enroll", admin, json={"groups": ["field"]})
+    assert answer.status_code == 201 and answer.json()["groups"] == ["field"]
+    assert call(server, "POST", "/devices/dev-g/revoke", admin).status_code == 200
+
+
+def test_a_rollout_body_that_is_not_an_object_is_a_400_not_a_500(secured):
+    server, secrets = secured["server"], secured["secrets"]
+    deploy = read_secret(secrets["deploy"])
+    for body in (b"[1]", b'["model", "version"]', b'"m:1"', b"3"):
+        answer = call(server, "POST", "/rollouts", deploy, content=body)
+        assert answer.status_code == 400, (body, answer.text)
+        assert "JSON body with model and version" in answer.json()["error"]
+
+
+def test_cli_clients_send_no_token_to_another_host_they_are_redirected_to(secured):
+    """urllib copies every header onto a redirect, wherever it points: a proxy in front of the
+    registry that redirects elsewhere must not receive the operator's admin token."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    seen: list[str | None] = []
+
+    class Elsewhere(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            seen.append(self.headers.get("Authorization"))
+            body = json.dumps({"rollouts": [], "models": [], "devices": []}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args) -> None:
+            pass
+
+    other = ThreadingHTTPServer(("127.0.0.1", 0), Elsewhere)
+
+    class Redirect(Elsewhere):
+        def do_GET(self) -> None:  # same address, other host name: another origin
+            self.send_response(302)
+            self.send_header("Location", f"http://localhost:{other.server_port}{self.path}")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+    front = ThreadingHTTPServer(("127.0.0.1", 0), Redirect)
+    for server in (other, front):
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        status = edgerun("fleet", "status", "--json", "--server",
+                         f"http://127.0.0.1:{front.server_port}",
+                         "--token-file", str(secured["secrets"]["admin"]))
+    finally:
+        for server in (other, front):
+            server.shutdown()
+            server.server_close()
+    assert status.returncode == 0, status.stderr
+    assert seen == [None]

@@ -11,12 +11,14 @@ PostgreSQL, in a table of their own.
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Sequence
 
 from edgerun.adapters.auth.mosquitto import (Device, check_name, hash_password, new_password,
                                              verify_password)
 from edgerun.adapters.auth.tokens import basic
 from edgerun.adapters.fleetdb import Database, Migration, migrate
+from edgerun.adapters.fleetdb.db import POSTGRESQL
 from edgerun.runtime.errors import InvalidInput, Unauthenticated
 
 MIGRATIONS = (
@@ -30,6 +32,8 @@ MIGRATIONS = (
 #: Checked against when a device id is unknown, so a refusal takes as long either way and
 #: timing does not tell which device ids exist.
 _DUMMY = hash_password("edgerun-no-such-device")
+#: PostgreSQL advisory lock key: one enrolment at a time across registries on one database.
+_ENROL_LOCK = zlib.crc32(b"edgerun-device-enrolment")
 
 
 class DeviceCredentials:
@@ -44,15 +48,21 @@ class DeviceCredentials:
         working); the caller hands it to the device once. Nothing keeps the secret."""
         for kind, name in (("device id", device_id), *(("group", g) for g in groups)):
             check_name(kind, name)  # the broker files' rules, checked before anything is kept
-        self._check_namespace(device_id, groups)
         secret, password_hash = new_password()
-        self.db.execute(
-            "INSERT INTO device_credentials (device_id, password_hash, device_groups, "
-            f"enrolled_at, revoked_at) VALUES (?, ?, ?, {self.db.now}, NULL) "
-            "ON CONFLICT (device_id) DO UPDATE SET password_hash = excluded.password_hash, "
-            "device_groups = excluded.device_groups, enrolled_at = excluded.enrolled_at, "
-            "revoked_at = NULL",
-            (device_id, password_hash, ",".join(groups)))
+        # the check and the row in one transaction, one enrolment at a time (SQLite: BEGIN
+        # IMMEDIATE; PostgreSQL: a lock): else two registries enrolling device x in group y
+        # and device y at once would both pass the check
+        with self.db.transaction():
+            if self.db.dialect == POSTGRESQL:
+                self.db.query("SELECT pg_advisory_xact_lock(?)", (_ENROL_LOCK,))
+            self._check_namespace(device_id, groups)
+            self.db.execute(
+                "INSERT INTO device_credentials (device_id, password_hash, device_groups, "
+                f"enrolled_at, revoked_at) VALUES (?, ?, ?, {self.db.now}, NULL) "
+                "ON CONFLICT (device_id) DO UPDATE SET password_hash = excluded.password_hash, "
+                "device_groups = excluded.device_groups, enrolled_at = excluded.enrolled_at, "
+                "revoked_at = NULL",
+                (device_id, password_hash, ",".join(groups)))
         return secret
 
     def _check_namespace(self, device_id: str, groups: Sequence[str]) -> None:

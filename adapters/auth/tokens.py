@@ -129,13 +129,15 @@ def revoke_token(tokens_file: str | Path, name: str) -> None:
     """Remove the named token: the file is rewritten beside and renamed over the old one, so a
     running `TokenStore` sees a new inode and refuses the token on its next check."""
     tokens_file = Path(tokens_file)
-    lines = tokens_file.read_text(encoding="utf-8").splitlines(keepends=True)
-    kept = [line for line in lines if line.split()[2:3] != [name]]
+    # bytes, as read_tokens tolerates them: a stray non-UTF-8 byte must not block a revocation,
+    # and every other line is written back as it was
+    lines = tokens_file.read_bytes().splitlines(keepends=True)
+    kept = [line for line in lines if not _names(line, name)]
     if len(kept) == len(lines):
         raise InvalidInput(f"{tokens_file} has no token named {name!r}")
     staging = tokens_file.with_name(f".{tokens_file.name}.{secrets.token_hex(4)}")
     fd = os.open(staging, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as sink:
+    with os.fdopen(fd, "wb") as sink:
         sink.writelines(kept)
         sink.flush()
         os.fsync(sink.fileno())
@@ -146,6 +148,13 @@ def revoke_token(tokens_file: str | Path, name: str) -> None:
         os.chown(staging, original.st_uid, original.st_gid)
     os.replace(staging, tokens_file)
     log.info("revoked token %r in %s", name, tokens_file)
+
+
+def _names(line: bytes, name: str) -> bool:
+    """Whether a tokens-file line is a token named `name` (a comment never is, whatever its
+    third word: revoking a name only a comment has must fail, not report success)."""
+    fields = line.split()
+    return bool(fields) and not fields[0].startswith(b"#") and fields[2:3] == [name.encode()]
 
 
 def _unsafe(mode: int) -> bool:

@@ -140,7 +140,8 @@ def create_registry_app(registry: BundleRegistry, orchestrator: Orchestrator,
         try:
             spec = orjson.loads(await request.body())
             model, version = str(spec.pop("model")), str(spec.pop("version"))
-        except (orjson.JSONDecodeError, KeyError, AttributeError) as exc:
+        except (orjson.JSONDecodeError, KeyError, AttributeError, TypeError) as exc:
+            # TypeError: a JSON array's pop("model"); an answer of 400, not a 500
             raise InvalidInput(f"a rollout needs a JSON body with model and version ({exc})") \
                 from exc
         allowed = {"group", "devices", "waves", "max_failures", "gate", "job_timeout",
@@ -174,10 +175,14 @@ def create_registry_app(registry: BundleRegistry, orchestrator: Orchestrator,
     async def enroll(request: Request) -> Response:
         body = await request.body()
         try:
-            groups = [str(g) for g in (orjson.loads(body) if body else {}).get("groups", [])]
-        except (orjson.JSONDecodeError, AttributeError, TypeError) as exc:
+            groups = (orjson.loads(body) if body else {}).get("groups", [])
+        except (orjson.JSONDecodeError, AttributeError) as exc:
             raise InvalidInput(f"enrol takes a JSON body like {{\"groups\": [...]}} ({exc})") \
                 from exc
+        # names only: a string would be iterated into one-letter groups, each a grant
+        if not isinstance(groups, list) or not all(isinstance(g, str) for g in groups):
+            raise InvalidInput("groups must be a list of group names, like "
+                               "{\"groups\": [\"field\"]}")
         device = request.path_params["id"]
         secret = await run_in_threadpool(needs_credentials().enroll, device, groups)
         return _json({"device_id": device, "groups": groups, "secret": secret}, 201)

@@ -13,11 +13,11 @@ import hashlib
 import http.client
 import os
 import urllib.error
-import urllib.parse
 import urllib.request
 from pathlib import Path
 from typing import Any
 
+from edgerun.adapters.auth.redirects import open_url
 from edgerun.runtime.errors import BundleError
 
 _CHUNK = 1 << 16
@@ -27,31 +27,11 @@ class DownloadInterrupted(BundleError):
     """The registry could not be reached or the transfer broke off: worth another try."""
 
 
-class _CredentialsStayHome(urllib.request.HTTPRedirectHandler):
-    """urllib copies every header onto a redirect, wherever it points: the device's credential
-    (its MQTT password too) would go to a CDN or object store the registry redirects to."""
-
-    def redirect_request(self, req: urllib.request.Request, fp: Any, code: int, msg: str,
-                         headers: Any, newurl: str) -> urllib.request.Request | None:
-        new = super().redirect_request(req, fp, code, msg, headers, newurl)
-        if new is not None and _origin(newurl) != _origin(req.full_url):
-            new.remove_header("Authorization")
-        return new
-
-
-def _origin(url: str) -> tuple[str, str | None, int | None]:
-    parts = urllib.parse.urlsplit(url)
-    return parts.scheme, parts.hostname, parts.port
-
-
-_OPENER = urllib.request.build_opener(_CredentialsStayHome)
-
-
 def _open(request: urllib.request.Request, timeout: float) -> Any:
     """The response, or None for a 416; what may pass (a 5xx, a dropped connection) is
     DownloadInterrupted, to be retried; any other refusal is BundleError."""
     try:
-        return _OPENER.open(request, timeout=timeout)
+        return open_url(request, timeout=timeout)
     except urllib.error.HTTPError as exc:
         if exc.code == 416:
             return None

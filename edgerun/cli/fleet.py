@@ -136,7 +136,7 @@ def _request(url: str, data: bytes | None = None, content_type: str = "applicati
     if data is not None:
         request.add_header("Content-Type", content_type)
     try:
-        with urllib.request.urlopen(request, timeout=120) as response:
+        with fleet_auth.open_url(request, timeout=120) as response:
             return json.loads(response.read())
     except urllib.error.HTTPError as exc:
         try:

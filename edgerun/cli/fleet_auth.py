@@ -16,11 +16,12 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from edgerun.adapters.auth.redirects import open_url
 from edgerun.adapters.auth.tokens import (SCOPES, create_token, read_secret, read_tokens,
                                           revoke_token)
 
-__all__ = ["add_token_option", "auth_headers", "client_token", "protected_host", "read_secret",
-           "refusal", "register_token_commands"]
+__all__ = ["add_token_option", "auth_headers", "client_token", "open_url", "protected_host",
+           "read_secret", "refusal", "register_token_commands"]
 from edgerun.runtime.errors import InvalidInput
 
 log = logging.getLogger(__name__)
