@@ -98,6 +98,18 @@ def test_http_function_maps_errors_like_the_fleet_server(clients):
     assert http.post("/v2/models/mlp/infer", json=request(rows(1))).status_code == 200
 
 
+def test_answers_no_route_reaches_carry_the_request_id_as_the_lambdas_do(clients):
+    """The Lambda (and the fleet server) echo X-Request-Id on a 404 or 405; the function's
+    answer had none, so the same request could not be traced here."""
+    http = clients["infer"]
+    for method, path, status in (("GET", "/nowhere", 404), ("GET", "/v2/models/mlp/infer", 405),
+                                 ("PUT", "/v2/models/mlp/infer", 405)):
+        answer = http.open(path, method=method, headers={"X-Request-Id": "gcf-missing"})
+        assert answer.status_code == status
+        assert answer.headers["X-Request-Id"] == "gcf-missing"
+    assert len(http.get("/nowhere").headers["X-Request-Id"]) == 32  # none given: a new one
+
+
 def test_a_model_that_does_not_load_is_a_json_500_naming_edgerun_model(clients, tmp_path,
                                                                       monkeypatch):
     """functions-framework answered an HTML page; the next request tries to load again."""

@@ -128,6 +128,23 @@ def test_http_events_answer_oip_inference(handler, reference, name):
     assert headers["x-request-id"] == f"{name.replace('_', '-')}-request"
 
 
+def test_rest_api_behind_a_custom_domains_base_path_is_routed(handler, reference):
+    """Through a custom domain with the base path mapping `ml`, API Gateway's REST event has
+    `path` /ml/v2/models/mlp/infer (the `{proxy+}` parameter holds the API's own path): it
+    was answered 404, no route."""
+    x = rows(2, seed=11)
+    event = http_event("apigw_v1", infer_body(x), path="/ml/v2/models/mlp/infer")
+    event["requestContext"]["path"] = "/ml/v2/models/mlp/infer"
+    event["requestContext"]["domainName"] = event["headers"]["Host"] = "api.example.com"
+    event["multiValueHeaders"]["Host"] = ["api.example.com"]
+    answer = handler(event, Context())
+    assert answer["statusCode"] == 200, answer["body"]
+    np.testing.assert_allclose(outputs(answer["body"]), reference(x), rtol=1e-5, atol=1e-6)
+    event = http_event("apigw_v1", "", "GET", "/ml/v2/health/ready")
+    event["pathParameters"] = {"proxy": "v2/health/ready"}
+    assert handler(event, Context())["statusCode"] == 200
+
+
 def test_http_routes_and_errors_match_the_fleet_server(handler):
     ready = handler(http_event("apigw_v2", "", "GET", "/v2/health/ready"), Context())
     assert (ready["statusCode"], json.loads(ready["body"])) == (200, {"ready": True})
@@ -164,6 +181,36 @@ def test_a_body_over_6_mb_gets_413(handler):
     assert "limit" in json.loads(answer["body"])["error"]
     just_under = infer_body(rows(1)) + " " * 1000
     assert handler(http_event("apigw_v2", just_under), Context())["statusCode"] == 200
+
+
+@pytest.fixture(scope="module")
+def wide_handler(tmp_path_factory) -> LambdaHandler:
+    """A model whose answer is 32 times its request: 8 numbers in, 256 out a row."""
+    work = tmp_path_factory.mktemp("wide")
+    (work / "wide.onnx").write_bytes(mlp_onnx([8, 256]))
+    create_bundle(work / "wide.onnx", work / "mlp", name="mlp", version="1")
+    handler = from_environment({"EDGERUN_MODEL": str(work / "mlp")})
+    yield handler
+    handler.plane.repository.close()
+
+
+@pytest.mark.parametrize("name, limit", [("apigw_v1", 6 * 1024 * 1024),
+                                         ("apigw_v2", 6 * 1024 * 1024),
+                                         ("function_url", 6 * 1024 * 1024),
+                                         ("alb", 1_000_000)])
+def test_an_answer_too_large_for_lambda_is_a_413_not_a_502(wide_handler, name, limit):
+    """Lambda returns at most 6 MB from a synchronous invocation and an ALB takes 1 MB from a
+    Lambda target; a larger answer (a 0.5 MB request here) was handed on, refused by Lambda,
+    and the caller got a bare 502 without its request id, at every retry."""
+    for n, fits in ((300, True), (3000, False)):
+        answer = wide_handler(http_event(name, infer_body(rows(n))), Context())
+        assert len(json.dumps(answer)) <= limit
+        assert answer["statusCode"] == (200 if fits else 413), answer["statusCode"]
+    body = base64.b64decode(answer["body"]) if answer.get("isBase64Encoded") else answer["body"]
+    assert f"{limit}-byte limit" in json.loads(body)["error"]
+    headers = answer.get("headers") or {k: v[-1] for k, v in answer["multiValueHeaders"].items()}
+    assert headers["x-request-id"] == f"{name.replace('_', '-')}-request"
+    assert headers["content-type"] == "application/json"
 
 
 # ---------------------------------------------------------------------------------- batches
@@ -207,6 +254,21 @@ def test_sqs_batch_is_micro_batched_and_names_exactly_the_failed_records(handler
     # 48 records queued together, not 48 forward passes (after an idle spell the batcher's
     # adaptive delay runs the first few of a burst at once, before its gap estimate adapts)
     assert batch_size.count - passes <= 24
+
+
+def test_a_failed_records_log_line_names_its_request_id(handler, caplog):
+    """SQS attributes are the request's attributes, `x-request-id` among them; the failure's
+    log line named only the message id, so a sender could not find its request's error."""
+    bodies = [infer_body(rows(1), name="z"), "{not json", infer_body(rows(1))]
+    attributes = {i: {"x-request-id": string_attribute(f"sender-{i}")} for i in range(3)}
+    attributes[2]["model"] = string_attribute("missing-model")
+    with caplog.at_level("ERROR", logger="edgerun.adapters.aws_lambda.handler"):
+        answer = handler(sqs_event(bodies, attributes), Context())
+    assert len(answer["batchItemFailures"]) == 3
+    lines = [json.loads(r.getMessage()) for r in caplog.records
+             if r.name == "edgerun.adapters.aws_lambda.handler"]
+    assert {(line["item"], line["request_id"]) for line in lines} == {
+        (f"message-{i}", f"sender-{i}") for i in range(3)}
 
 
 def test_a_record_without_an_id_fails_the_batch(handler):

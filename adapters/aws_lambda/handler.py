@@ -41,6 +41,12 @@ log = logging.getLogger(__name__)
 MAX_PAYLOAD_BYTES = 6 * 1024 * 1024
 #: Time kept back from the function's remaining time to send results and answer.
 RESERVE_S = 0.5
+#: The largest answer Lambda returns from a synchronous invocation (its Runtime API refuses a
+#: larger one, "Response payload size exceeded", and API Gateway or the Function URL answers
+#: 502 with nothing to say why) ...
+MAX_RESPONSE_BYTES = 6 * 1024 * 1024
+#: ... and the largest an Application Load Balancer takes from a Lambda target (1 MB).
+MAX_ALB_RESPONSE_BYTES = 1_000_000
 
 
 class LambdaHandler:
@@ -62,10 +68,34 @@ class LambdaHandler:
         kind = event_kind(event)
         if kind == "http":
             asyncio.set_event_loop(self.loop)  # Mangum runs on the thread's current loop
-            return self.http(event, context)
+            event = _without_base_path(event)
+            return self._fitting(event, context, self.http(event, context))
         if kind == "direct":
             return self._direct(event, context)
         return self._batch(kind, event["Records"], context)
+
+    def _fitting(self, event: dict[str, Any], context: Any,
+                 answer: dict[str, Any]) -> dict[str, Any]:
+        """The HTTP answer, or a 413 naming the limit when it is larger than Lambda (or an ALB)
+        passes on: the caller's request asked for more than one answer can carry, and learns
+        that and its request id instead of a bare 502 that a retry meets again."""
+        limit = MAX_ALB_RESPONSE_BYTES if "elb" in event.get("requestContext", {}) \
+            else MAX_RESPONSE_BYTES
+        size = len(json.dumps(answer))  # as awslambdaric sends it, or a little larger
+        if size <= limit:
+            return answer
+        given = {k.lower(): v for k, v in (answer.get("headers") or {}).items()}
+        given.update({k.lower(): v[0] for k, v in (answer.get("multiValueHeaders") or {}).items()
+                      if v})
+        headers = [(b"content-type", b"application/json")]
+        if given.get("x-request-id"):
+            headers.append((b"x-request-id", given["x-request-id"].encode("latin-1")))
+        message = (f"the answer of {size} bytes is over the {limit}-byte limit on what this "
+                   "function can answer; send fewer rows a request, or ask for binary outputs")
+        log.error(json.dumps({"message": "answer too large", "request_id":
+                              given.get("x-request-id"), "bytes": size, "limit": limit}))
+        return self.http.infer(event, context)(
+            {"status": 413, "headers": headers, "body": orjson.dumps({"error": message})})
 
     # ------------------------------------------------------------------ batches
     def _batch(self, kind: str, raw: list[dict[str, Any]], context: Any) -> dict[str, Any]:
@@ -89,7 +119,8 @@ class LambdaHandler:
                 results.append((record.item_id, body))
             else:
                 failed.append(record.item_id)
-                _log_failure(kind, record.item_id, error)
+                _log_failure(kind, record.item_id, error,
+                             None if record.call is None else record.call.request_id)
         if self.destination is not None and results:
             unsent = self.destination.send(results)
             failed += [item_id for item_id, _ in results if item_id in unsent]
@@ -152,6 +183,22 @@ def event_kind(event: Any) -> str:
                        "an SQS or Kinesis batch, or an OIP v2 request with \"inputs\"")
 
 
+def _without_base_path(event: dict[str, Any]) -> dict[str, Any]:
+    """A REST API event with the path its API serves. Called through a custom domain whose
+    base path mapping is, say, `ml`, API Gateway puts `/ml/v2/models/m/infer` in `path`, which
+    no route matches; the `{proxy+}` resource and its `proxy` parameter hold the path without
+    the mapping (or the stage)."""
+    resource, path = event.get("resource"), event.get("path")
+    proxy = (event.get("pathParameters") or {}).get("proxy")
+    if not (isinstance(resource, str) and resource.endswith("/{proxy+}")
+            and isinstance(proxy, str) and isinstance(path, str)):
+        return event
+    served = resource[:-len("{proxy+}")] + proxy
+    if path == served or not path.endswith(served):
+        return event
+    return {**event, "path": served}
+
+
 def _budget(context: Any) -> float | None:
     """The queueing budget a call gets: the invocation's remaining time, less a reserve."""
     remaining = getattr(context, "get_remaining_time_in_millis", None)
@@ -169,6 +216,10 @@ def _item_id(item: Any) -> str | None:
     return str(item["messageId"]) if item.get("messageId") else None
 
 
-def _log_failure(kind: str, item_id: str, error: EdgerunError | None) -> None:
+def _log_failure(kind: str, item_id: str, error: EdgerunError | None,
+                 request_id: str | None = None) -> None:
+    """One JSON line per failed record, with the request id its sender gave (`x-request-id`)
+    or the data plane made, so the failure can be found from either end."""
     log.error(json.dumps({"message": "record failed", "source": kind, "item": item_id,
-                          "kind": getattr(error, "kind", "error"), "error": str(error)}))
+                          "request_id": request_id, "kind": getattr(error, "kind", "error"),
+                          "error": str(error)}))

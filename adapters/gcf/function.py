@@ -28,6 +28,7 @@ from typing import Any
 from edgerun.adapters.codecs import oip
 from edgerun.adapters.dataplane import Call, DataPlane
 from edgerun.adapters.dataplane.call import INFER, JSON
+from edgerun.adapters.dataplane.hooks import request_id
 from edgerun.adapters.http.encoding import decode_body
 from edgerun.adapters.http.routes import READ_ONLY_ROUTES, match
 from edgerun.adapters.http.status import error_headers, status_of
@@ -62,11 +63,13 @@ class CloudFunction:
     def http(self, request: Any) -> tuple[bytes, int, dict[str, str]]:
         """A Flask request in, a (body, status, headers) answer out."""
         route, params, allowed = match(request.method, request.path, READ_ONLY_ROUTES)
-        if route is None:
+        if route is None:  # answered before the data plane: the id its hook would give, as
+            # the Lambda (and the fleet server) answer it
+            given = {"X-Request-Id": request_id(request.headers.get("x-request-id"))}
             if allowed:
                 return _error(405, f"method {request.method} is not allowed on {request.path}",
-                              {"Allow": ", ".join(allowed)})
-            return _error(404, f"no route {request.path}")
+                              {"Allow": ", ".join(allowed), **given})
+            return _error(404, f"no route {request.path}", given)
         headers = request.headers
         call = Call(route.route, params.get("name", ""), params.get("version"),
                     attributes=headers.get, transport="gcf")
