@@ -19,6 +19,7 @@ from typing import Union
 
 import numpy as np
 import onnx
+from onnx import helper, numpy_helper
 
 from edgerun.optimizers.arrays import load_arrays
 from edgerun.optimizers.errors import OptimizeError
@@ -84,8 +85,16 @@ def calibration_feeds(calibration: Calibration,
     A folder holds `.npz` files keyed by input name, or `.npy` files for a single-input model;
     each file is one feed (a sample or a batch). A callable returns an iterable of dicts.
     """
+    return [feed for _, feed in _labelled_feeds(calibration, input_names)]
+
+
+def _labelled_feeds(calibration: Calibration,
+                    input_names: list[str]) -> list[tuple[str, dict[str, np.ndarray]]]:
+    """`calibration_feeds`, each feed with what it came from (a file's path, or its index in
+    the callable's), so that an error names the culprit among hundreds of files."""
     if callable(calibration):
-        feeds = [dict(feed) for feed in calibration()]
+        feeds = [(f"calibration feed {i} of the callable", dict(feed))
+                 for i, feed in enumerate(calibration())]
         where = "the calibration callable"
     else:
         folder = Path(calibration)
@@ -95,14 +104,14 @@ def calibration_feeds(calibration: Calibration,
         files = sorted(p for p in folder.iterdir() if p.suffix in (".npy", ".npz"))
         if not files:
             raise OptimizeError(f"calibration data {folder}: no .npy or .npz files in it")
-        feeds = [_read_feed(path, input_names) for path in files]
+        feeds = [(str(path), _read_feed(path, input_names)) for path in files]
         where = str(folder)
     if not feeds:
         raise OptimizeError(f"{where} yielded no calibration inputs")
-    for i, feed in enumerate(feeds):
+    for label, feed in feeds:
         if set(feed) != set(input_names):
-            raise OptimizeError(f"{where}: calibration input {i} has tensors "
-                                f"{sorted(feed)}, the model takes {input_names}")
+            raise OptimizeError(f"{label}: calibration input has tensors {sorted(feed)}, the "
+                                f"model takes {input_names}")
     return feeds
 
 
@@ -118,12 +127,53 @@ class _Reader:
     """onnxruntime's CalibrationDataReader protocol over a list of feeds (duck-typed: the ABC
     only asks for get_next)."""
 
-    def __init__(self, feeds: list[dict[str, np.ndarray]], signature: Signature) -> None:
+    def __init__(self, feeds: list[tuple[str, dict[str, np.ndarray]]],
+                 signature: Signature) -> None:
         self._feeds: Iterator[dict[str, np.ndarray]] = iter(
-            [signature.validate(feed) for feed in feeds])
+            [_validated(label, feed, signature) for label, feed in feeds])
 
     def get_next(self) -> dict[str, np.ndarray] | None:
         return next(self._feeds, None)
+
+
+def _validated(label: str, feed: dict[str, np.ndarray],
+               signature: Signature) -> dict[str, np.ndarray]:
+    """A feed checked against the signature; OptimizeError naming its file otherwise. A feed
+    without a single value is refused: calibrated on nothing, every range would be ONNX
+    Runtime's default and the model's answers garbage."""
+    try:
+        arrays = signature.validate(feed)
+    except Exception as exc:
+        raise OptimizeError(f"calibration data does not fit the model: {label}: {exc}") from exc
+    if all(array.size == 0 for array in arrays.values()):
+        raise OptimizeError(f"{label}: calibration input holds no values "
+                            f"(shapes {', '.join(str(list(a.shape)) for a in arrays.values())})")
+    return arrays
+
+
+def _non_finite(feeds: list[tuple[str, dict[str, np.ndarray]]]) -> list[str]:
+    """'file: input x' for each float tensor of the feeds holding NaN or infinity."""
+    return [f"{label}: input {name!r}" for label, feed in feeds for name, array in feed.items()
+            if np.asarray(array).dtype.kind == "f" and not np.isfinite(array).all()]
+
+
+def _check_scales(name: str, out_path: Path,
+                  feeds: list[tuple[str, dict[str, np.ndarray]]]) -> None:
+    """OptimizeError, naming the tensor and the feeds at fault, when calibration gave a tensor
+    an infinite or NaN scale (calibration data with infinities): such a model answers garbage.
+    The file is removed."""
+    model = onnx.load(str(out_path))
+    scales = {init.name: init for init in model.graph.initializer}
+    bad = [node.input[0] for node in model.graph.node
+           if node.op_type == "QuantizeLinear" and node.input[1] in scales
+           and not np.isfinite(numpy_helper.to_array(scales[node.input[1]])).all()]
+    if bad:
+        out_path.unlink(missing_ok=True)
+        culprits = _non_finite(feeds)
+        raise OptimizeError(f"{name}: calibration gave no finite range to tensor(s) "
+                            f"{', '.join(map(repr, bad))}"
+                            + (f"; NaN or infinite values in {'; '.join(culprits)}"
+                               if culprits else ""))
 
 
 @contextlib.contextmanager
@@ -160,7 +210,21 @@ def quantize_int8_dynamic(model_path: Path, out_path: Path, *, per_channel: bool
     except Exception as exc:
         raise OptimizeError(f"{Path(model_path).name}: int8 dynamic quantization failed: "
                             f"{exc}") from exc
+    _check_changed(Path(model_path).name, model, Path(out_path))
     return "quantize:int8-dynamic" + (":per-channel" if per_channel else "")
+
+
+def _check_changed(name: str, model: onnx.ModelProto, out_path: Path) -> None:
+    """OptimizeError when dynamic quantization left every weight float: ONNX Runtime's dynamic
+    mode covers fewer ops than `WEIGHT_OPS` (not ConvTranspose), and a float model must not be
+    bundled as `int8-dynamic`. The file is removed."""
+    ops = {node.op_type for node in onnx.load(str(out_path)).graph.node}
+    if ops & set(QUANTIZED_OPS):
+        return
+    out_path.unlink(missing_ok=True)
+    raise OptimizeError(f"{name}: int8 dynamic quantization changed nothing: ONNX Runtime's "
+                        f"dynamic mode does not quantize {', '.join(_float_weights(model))}; "
+                        "give calibration data (--calibration) for static QDQ quantization")
 
 
 def quantize_int8_static(model_path: Path, out_path: Path, calibration: Calibration, *,
@@ -174,11 +238,8 @@ def quantize_int8_static(model_path: Path, out_path: Path, calibration: Calibrat
     model = load_onnx(model_path)
     check_quantizable(model, Path(model_path).name, "int8")
     signature = OnnxRuntimeBackend.inspect(Path(model_path))
-    feeds = calibration_feeds(calibration, [spec.name for spec in signature.inputs])
-    try:
-        reader = _Reader(feeds, signature)
-    except Exception as exc:
-        raise OptimizeError(f"calibration data does not fit the model: {exc}") from exc
+    feeds = _labelled_feeds(calibration, [spec.name for spec in signature.inputs])
+    reader = _Reader(feeds, signature)
     with _prepared(Path(model_path)) as prepared:
         try:
             quantize_static(str(prepared), str(out_path), reader, quant_format=QuantFormat.QDQ,
@@ -189,8 +250,11 @@ def quantize_int8_static(model_path: Path, out_path: Path, calibration: Calibrat
                             # biases fails on 2-D biases ([1, n], as skl2onnx writes them)
                             extra_options={"QDQDisableWeightAdjustForInt32Bias": per_channel})
         except Exception as exc:
+            culprits = _non_finite(feeds)
             raise OptimizeError(f"{Path(model_path).name}: int8 static quantization failed: "
-                                f"{exc}") from exc
+                                f"{exc}" + (f" (NaN or infinite values in {'; '.join(culprits)})"
+                                            if culprits else "")) from exc
+    _check_scales(Path(model_path).name, Path(out_path), feeds)
     return "quantize:int8-static-qdq" + (":per-channel" if per_channel else "")
 
 
@@ -211,6 +275,7 @@ def convert_fp16(model_path: Path, out_path: Path) -> str:
     except Exception as exc:
         raise OptimizeError(f"{Path(model_path).name}: fp16 conversion failed: {exc}") from exc
     _retarget_float_casts(converted.graph)
+    _keep_output_types(model, converted)
     onnx.save(converted, str(out_path))
     _check_loads(converted, Path(model_path).name, Path(out_path))
     return "quantize:fp16"
@@ -237,6 +302,40 @@ def _retarget_float_casts(graph: onnx.GraphProto) -> list[str]:
             for sub in attr.graphs:
                 changed += _retarget_float_casts(sub)
     return changed
+
+
+def _keep_output_types(original: onnx.ModelProto, converted: onnx.ModelProto) -> list[str]:
+    """Graph outputs the converter retyped float16 become float32 again, through a final Cast.
+
+    With `keep_io_types` the converter still declares float16 an output made by an op it
+    keeps in float32 (TopK, Max, Min, CumSum, Resize, ...: its block list), so the bundle's
+    signature would change under callers. Returns the outputs put back.
+    """
+    want = {o.name: o.type.tensor_type.elem_type for o in original.graph.output}
+    graph = converted.graph
+    produced = {out for node in graph.node for out in node.output}
+    names = produced | {n for node in graph.node for n in node.input} | \
+        {i.name for i in graph.input} | {i.name for i in graph.initializer}
+    restored = []
+    for output in graph.output:
+        target = want.get(output.name)
+        if target in (None, output.type.tensor_type.elem_type) or output.name not in produced:
+            continue
+        inner = f"{output.name}_fp16"
+        while inner in names:
+            inner += "_"
+        names.add(inner)
+        for node in graph.node:
+            node.input[:] = [inner if n == output.name else n for n in node.input]
+            node.output[:] = [inner if n == output.name else n for n in node.output]
+        for info in graph.value_info:
+            if info.name == output.name:
+                info.name = inner
+        graph.node.append(helper.make_node("Cast", [inner], [output.name], to=target,
+                                           name=f"{inner}_to_output"))
+        output.type.tensor_type.elem_type = target
+        restored.append(output.name)
+    return restored
 
 
 def _check_loads(model: onnx.ModelProto, name: str, path: Path) -> None:

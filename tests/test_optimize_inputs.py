@@ -256,3 +256,116 @@ def test_unstructured_pruning_zeroes_exactly_the_ratio_when_weights_tie():
     assert report.sparsity == 0.5 and np.count_nonzero(pruned == 0) == 32
     assert pruned[0, 2] == 0 and pruned[0, 3] == 0  # the smallest go first
     assert pruned[0, 0] == 0.5 and pruned[0, 1] == -0.5
+
+
+# --- what the bundle holds matches what it says -------------------------------------------
+
+@pytest.mark.parametrize("last", ["Max", "TopK"])
+def test_fp16_keeps_a_float32_output_made_by_an_op_the_converter_keeps_float32(tmp_path, last):
+    # the converter leaves TopK, Max, Min, CumSum, Resize... in float32 but declared their
+    # graph output float16: the bundle's signature (and every client's datatype) would change
+    rng = np.random.default_rng(0)
+    tail = helper.make_node("Max", ["h", "zero"], ["y"]) if last == "Max" else \
+        helper.make_node("TopK", ["h", "k"], ["y", "top"], axis=1)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["h"]), tail], "clamp",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", None])],
+        [numpy_helper.from_array(rng.standard_normal((8, 8)).astype(np.float32), "w"),
+         numpy_helper.from_array(np.zeros(1, np.float32), "zero"),
+         numpy_helper.from_array(np.array([3], np.int64), "k")])
+    source = save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]),
+                  tmp_path / "clamp.onnx")
+    report = optimize(source, tmp_path / "out", OptimizeOptions(quantize="fp16", **FAST))
+    assert report.optimizations == ["quantize:fp16"] and report.max_abs_error < 0.05
+    model = Model.load(tmp_path / "out")
+    assert [s.dtype for s in model.signature.outputs] == ["float32"]
+    x = rng.standard_normal((4, 8)).astype(np.float32)
+    got = model.predict({"x": x})["y"]
+    assert got.dtype == np.float32
+    np.testing.assert_allclose(got, ort_run(source, x=x), rtol=1e-2, atol=1e-2)
+    model.check_golden()
+    model.close()
+
+
+def test_int8_dynamic_that_quantizes_nothing_is_refused_not_bundled_as_int8(tmp_path):
+    # ONNX Runtime's dynamic mode has no ConvTranspose: the "int8" bundle was the float model
+    rng = np.random.default_rng(0)
+    graph = helper.make_graph(
+        [helper.make_node("ConvTranspose", ["x", "w"], ["y"], name="upsample")], "decoder",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 4, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 6, 10, 10])],
+        [numpy_helper.from_array(rng.standard_normal((4, 6, 3, 3)).astype(np.float32), "w")])
+    source = save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]),
+                  tmp_path / "decoder.onnx")
+    with pytest.raises(OptimizeError, match=r"decoder.onnx: int8 dynamic quantization changed "
+                                            r"nothing: .*does not quantize upsample; give "
+                                            r"calibration data"):
+        optimize(source, tmp_path / "out", OptimizeOptions(quantize="int8", **FAST))
+    assert not (tmp_path / "out").exists()
+    calibration = tmp_path / "calibration"
+    calibration.mkdir()
+    np.save(calibration / "0.npy", rng.standard_normal((4, 4, 8, 8)).astype(np.float32))
+    report = optimize(source, tmp_path / "out", OptimizeOptions(
+        quantize="int8", calibration=calibration, **FAST))
+    assert report.optimizations == ["quantize:int8-static-qdq"]
+
+
+# --- calibration data that is wrong is refused, naming the file --------------------------
+
+@pytest.fixture
+def mlp_file(tmp_path) -> Path:
+    from edgerun.examples import mlp_onnx
+
+    path = tmp_path / "mlp.onnx"
+    path.write_bytes(mlp_onnx([16, 32, 8]))
+    return path
+
+
+def calibration_folder(folder: Path, odd: dict[str, np.ndarray]) -> Path:
+    """Five good batches, and the `odd` files among them."""
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(5):
+        np.save(folder / f"batch-{i:02d}.npy", rng.standard_normal((8, 16)).astype(np.float32))
+    for name, array in odd.items():
+        np.save(folder / name, array)
+    return folder
+
+
+def test_calibration_that_does_not_fit_names_its_file(mlp_file, tmp_path):
+    folder = calibration_folder(tmp_path / "narrow",
+                                {"batch-03.npy": np.zeros((8, 15), np.float32)})
+    with pytest.raises(OptimizeError, match=r"narrow/batch-03.npy: input 'x': dim 1 must be 16"):
+        quantize(mlp_file, tmp_path / "q.onnx", "int8", calibration=folder)
+    named = tmp_path / "named"
+    named.mkdir()
+    np.savez(named / "a.npz", x=np.zeros((2, 16), np.float32))
+    np.savez(named / "b.npz", X=np.zeros((2, 16), np.float32))
+    with pytest.raises(OptimizeError, match=r"named/b.npz: calibration input has tensors "
+                                            r"\['X'\], the model takes \['x'\]"):
+        quantize(mlp_file, tmp_path / "q.onnx", "int8", calibration=named)
+
+
+@pytest.mark.filterwarnings("ignore:All-NaN axis:RuntimeWarning")  # ONNX Runtime's, on NaN
+def test_calibration_without_values_or_with_infinities_is_refused(mlp_file, tmp_path):
+    # calibrated on nothing (ranges default to 1) or on an infinity (scale inf), the model
+    # answered garbage and was bundled all the same
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    np.save(empty / "0.npy", np.zeros((0, 16), np.float32))
+    with pytest.raises(OptimizeError, match=r"empty/0.npy: calibration input holds no values"):
+        quantize(mlp_file, tmp_path / "q.onnx", "int8", calibration=empty)
+    spoilt = np.random.default_rng(1).standard_normal((8, 16)).astype(np.float32)
+    spoilt[1, 1] = np.inf
+    folder = calibration_folder(tmp_path / "inf", {"batch-02.npy": spoilt})
+    with pytest.raises(OptimizeError, match=r"mlp.onnx: calibration gave no finite range to "
+                                            r"tensor\(s\) 'x'.*NaN or infinite values in "
+                                            r".*inf/batch-02.npy: input 'x'"):
+        quantize(mlp_file, tmp_path / "q.onnx", "int8", calibration=folder)
+    assert not (tmp_path / "q.onnx").exists()
+    spoilt[0, 0] = np.nan  # ONNX Runtime fails on its own ("scale issue"): say why
+    with pytest.raises(OptimizeError, match=r"static quantization failed: .*\(NaN or "
+                                            r"infinite values in calibration feed 0 of the "
+                                            r"callable: input 'x'\)"):
+        quantize(mlp_file, tmp_path / "q.onnx", "int8", calibration=lambda: [{"x": spoilt}])
