@@ -24,7 +24,8 @@ from edgerun.optimizers.errors import OptimizeError
 from edgerun.optimizers.prune import PruneReport, prune_structured, prune_unstructured
 from edgerun.optimizers.quantize import Calibration, load_onnx, quantize
 from edgerun.runtime import Bundle, Model, archive, create_bundle
-from edgerun.runtime.bundle import read_manifest, sha256_file, write_manifest
+from edgerun.runtime.bundle import (check_name, check_version, read_manifest, sha256_file,
+                                    write_manifest)
 from edgerun.runtime.errors import BundleError
 
 LATENCY_BATCHES = (1, 64)
@@ -106,6 +107,7 @@ def optimize(model_path: str | Path, output: str | Path,
                             "is 0 (no tuning) or more")
     precision = options.quantize or profile.precision
     name = options.name or model_path.stem
+    check_name(name), check_version(options.version)  # before the work, not at its end
     with tempfile.TemporaryDirectory(prefix="edgerun-optimize-") as scratch_name:
         scratch = Path(scratch_name)
         progress("bundling the original")

@@ -20,7 +20,7 @@ from edgerun.optimizers.pipeline import OptimizeOptions, optimize
 from edgerun.optimizers.prune import prune_unstructured
 from edgerun.optimizers.quantize import quantize
 from edgerun.runtime import Model
-from edgerun.runtime.errors import InvalidInput
+from edgerun.runtime.errors import BundleError, InvalidInput
 from tests.cli import edgerun
 
 FAST = {"latency_seconds": 0.02}
@@ -369,3 +369,14 @@ def test_calibration_without_values_or_with_infinities_is_refused(mlp_file, tmp_
                                             r"infinite values in calibration feed 0 of the "
                                             r"callable: input 'x'\)"):
         quantize(mlp_file, tmp_path / "q.onnx", "int8", calibration=lambda: [{"x": spoilt}])
+
+
+@pytest.mark.parametrize("options", [{"version": "v1"}, {"name": "my model"}])
+def test_a_bad_name_or_version_is_refused_before_any_work(mlp_file, tmp_path, options):
+    """It was refused only when the bundle was written, after pruning, quantizing and
+    measuring (minutes, with TVM's tuning)."""
+    steps: list[str] = []
+    with pytest.raises(BundleError, match=next(iter(options))):
+        optimize(mlp_file, tmp_path / "out", OptimizeOptions(quantize="int8", **options),
+                 progress=steps.append)
+    assert steps == [] and not (tmp_path / "out").exists()
