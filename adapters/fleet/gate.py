@@ -56,7 +56,9 @@ def parse_gate(text: str | None) -> list[Condition]:
         if metric != "errors":
             if unit == "%":
                 raise InvalidInput(f"gate condition {part.strip()!r}: latency takes ms or s")
-            value = value * 1000 if unit == "s" else value
+            # rounded: 1.001 * 1000 is 1000.9999999999999, and a p99 of 1001 ms must hold
+            # p99<=1.001s (and break p99<1.001s)
+            value = round(value * 1000, 9) if unit == "s" else value
         conditions.append(Condition(metric, op, value))
     return conditions
 
@@ -135,9 +137,12 @@ def health(telemetry: Mapping[str, Any],
             isinstance(telemetry.get("errors"), (int, float)):
         requests, errors = float(telemetry["requests"]), float(telemetry["errors"])
         base_requests = float((baseline or {}).get("requests") or 0)
-        if base_requests <= requests:  # a restarted daemon counts from zero again
+        base_errors = float((baseline or {}).get("errors") or 0)
+        # a restarted daemon counts from zero again: either count going down says so (fewer
+        # errors than at the update, with more requests, is a restart too, not "no errors")
+        if base_requests <= requests and base_errors <= errors:
             requests -= base_requests
-            errors -= float((baseline or {}).get("errors") or 0)
+            errors -= base_errors
         values["errors"] = 100.0 * max(errors, 0.0) / requests if requests else 0.0
     return values
 
