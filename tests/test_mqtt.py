@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import subprocess
+import queue
 import threading
 import time
 from pathlib import Path
@@ -345,8 +346,11 @@ def test_onnx_runtime_threads_never_spin_in_the_daemon(repo, device):
 
 
 def test_full_inbox_answers_overloaded(tmp_path, repo):
+    """... and the telemetry counts those answers among the errors: they never reached the
+    data plane, so a new version too slow for its traffic passed the fleet's health gate."""
     with running_broker(tmp_path / "b") as broker, \
-            running_daemon(repo, broker, "tiny", "--max-inbox", "1"):
+            running_daemon(repo, broker, "tiny", "--max-inbox", "1",
+                           "--telemetry-interval", "0.3"):
         requester = Requester(broker)
         body = orjson.dumps({"inputs": [{"name": "x", "datatype": "FP32", "shape": [64, 4],
                                          "data": [0.5] * 256}]})
@@ -364,8 +368,28 @@ def test_full_inbox_answers_overloaded(tmp_path, repo):
                 time.sleep(0.02)
             assert "kind" not in orjson.loads(requester.answers[key][1][0])
         requester.close()
+        telemetry = wait_for_telemetry(broker, "tiny", lambda t: t["requests"] >= 305)
     assert set(kinds) <= {"ok", "overloaded"}
     assert "overloaded" in kinds and "ok" in kinds
+    assert telemetry["requests"] == 305  # 300, then 5 retried
+    assert telemetry["errors"] == telemetry["outcomes"]["overloaded"] == kinds.count("overloaded")
+
+
+def wait_for_telemetry(broker, device_id: str, ready, timeout: float = 30) -> dict:
+    """The first telemetry message of `device_id` that `ready` accepts."""
+    client = connect(broker)
+    got: queue.Queue = queue.Queue()
+    client.on_message = lambda c, u, m: got.put(orjson.loads(m.payload))
+    client.subscribe(f"edgerun/{device_id}/telemetry", 0)
+    deadline = time.monotonic() + timeout
+    try:
+        while True:
+            telemetry = got.get(timeout=max(0.0, deadline - time.monotonic()))
+            if ready(telemetry):
+                return telemetry
+    finally:
+        client.disconnect()
+        client.loop_stop()
 
 
 def test_an_answer_over_the_brokers_maximum_packet_size_is_an_error_reply(tmp_path, repo):

@@ -151,12 +151,19 @@ class Daemon:
     def telemetry(self) -> bytes:
         with self._lock:
             inbox = self._pending
+        rejected = {labels[0]: int(child.value)  # type: ignore[union-attr]
+                    for labels, child in self._rejected.children()}
+        traffic = self._telemetry.traffic()
+        # a full inbox answers before the data plane counts anything: those are requests,
+        # and failures, the fleet's health gate must see as it sees the batcher's own
+        refused = rejected.get("overloaded", 0)
+        if refused:
+            traffic["requests"] += refused
+            traffic["errors"] += refused
+            traffic["outcomes"]["overloaded"] = traffic["outcomes"].get("overloaded", 0) + refused
         payload: dict[str, Any] = {
             "device_id": self.device_id, "ts": round(time.time(), 3), "models": self._models(),
-            **self._telemetry.traffic(), "inbox_depth": inbox,
-            "rejected": {labels[0]: int(child.value)  # type: ignore[union-attr]
-                         for labels, child in self._rejected.children()},
-            **self._telemetry.machine()}
+            **traffic, "inbox_depth": inbox, "rejected": rejected, **self._telemetry.machine()}
         for fields in self._telemetry_fields:
             payload.update(fields())
         return orjson.dumps(payload)
