@@ -201,6 +201,12 @@ def test_gate_counts_every_error_of_a_daemon_that_restarted_after_its_update():
     assert health({"requests": 10, "errors": 1}, baseline)["errors"] == pytest.approx(10.0)
     assert health({"requests": 1000, "errors": 50}, baseline)["errors"] == 0.0
     assert health({"requests": 0, "errors": 0}, None)["errors"] == 0.0
+    # a restart both counts have already passed again shows only in the start time
+    since = {**baseline, "since": 100.0}
+    assert health({"requests": 1100, "errors": 60, "since": 100.0}, since)["errors"] == \
+        pytest.approx(100 * 10 / 100)
+    assert health({"requests": 1100, "errors": 60, "since": 200.0}, since)["errors"] == \
+        pytest.approx(100 * 60 / 1100)
 
 
 # ------------------------------------------------------------------- the daemon's telemetry

@@ -270,6 +270,7 @@ def test_status_and_telemetry(broker, daemon, requester):
     assert telemetry["rss_mb"] > 10 and telemetry["mem_total_mb"] > 0
     assert {"p50", "p99"} <= telemetry["latency_ms"].keys()
     assert "cpu_percent" in telemetry and "temperature_c" in telemetry
+    assert telemetry["since"] == status["since"]  # the fleet gate tells a restart by it
 
 
 def test_reconnect_backoff_never_overflows():

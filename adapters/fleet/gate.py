@@ -136,11 +136,14 @@ def health(telemetry: Mapping[str, Any],
     elif isinstance(telemetry.get("requests"), (int, float)) and \
             isinstance(telemetry.get("errors"), (int, float)):
         requests, errors = float(telemetry["requests"]), float(telemetry["errors"])
-        base_requests = float((baseline or {}).get("requests") or 0)
-        base_errors = float((baseline or {}).get("errors") or 0)
-        # a restarted daemon counts from zero again: either count going down says so (fewer
-        # errors than at the update, with more requests, is a restart too, not "no errors")
-        if base_requests <= requests and base_errors <= errors:
+        baseline = baseline or {}
+        base_requests = float(baseline.get("requests") or 0)
+        base_errors = float(baseline.get("errors") or 0)
+        # a restarted daemon counts from zero again: its start time says so, and (from a
+        # daemon that sends none) either count going down
+        restarted = baseline.get("since") is not None and \
+            telemetry.get("since") != baseline.get("since")
+        if not restarted and base_requests <= requests and base_errors <= errors:
             requests -= base_requests
             errors -= base_errors
         values["errors"] = 100.0 * max(errors, 0.0) / requests if requests else 0.0

@@ -236,7 +236,7 @@ class Orchestrator:
         if report.state == ACTIVE:  # the gate counts errors from here on
             telemetry = (self.store.device(device) or {}).get("telemetry") or {}
             fields["baseline"] = json.dumps({k: telemetry.get(k)
-                                             for k in ("requests", "errors")})
+                                             for k in ("requests", "errors", "since")})
         self.store.update_job(job["rollout_id"], device, **fields)
         if report.state in TERMINAL:
             self._send(job_topic(device), b"", True)  # done: clear the retained job

@@ -163,6 +163,7 @@ class Daemon:
             traffic["outcomes"]["overloaded"] = traffic["outcomes"].get("overloaded", 0) + refused
         payload: dict[str, Any] = {
             "device_id": self.device_id, "ts": round(time.time(), 3), "models": self._models(),
+            "since": round(self._started, 3),  # counters start here: a restart resets them
             **traffic, "inbox_depth": inbox, "rejected": rejected, **self._telemetry.machine()}
         for fields in self._telemetry_fields:
             payload.update(fields())
