@@ -28,6 +28,9 @@ from edgerun.runtime.errors import BundleError
 MAX_MEMBER_BYTES = 4 * 1024**3
 MAX_TOTAL_BYTES = 8 * 1024**3
 MAX_MEMBERS = 1000
+#: A tar's extended header (pax attributes, a GNU long name) is read whole into memory before
+#: any member is checked; real ones hold a path and a few attributes.
+MAX_HEADER_BYTES = 1 << 20
 #: File names `pack` writes as an archive (`.zip` as zip, the others as gzip'd tar).
 SUFFIXES = (".tar.gz", ".tgz", ".zip")
 _CHUNK = 1 << 20
@@ -105,13 +108,38 @@ def _zip_member(zip_file: zipfile.ZipFile, info: zipfile.ZipInfo) -> _Member:
     return _Member(info.filename, kind, info.file_size, lambda: zip_file.open(info))
 
 
+_EXTENDED = (tarfile.XHDTYPE, tarfile.XGLTYPE, tarfile.SOLARIS_XHDTYPE,
+             tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK)
+
+
+class _CheckedTarInfo(tarfile.TarInfo):
+    """Refuses what tarfile would read into memory unbounded while parsing headers, before
+    any member check runs: an oversize extended header (a few kB of gzip can declare
+    gigabytes) and GNU sparse maps (an unbounded list of numbers); a bundle needs neither."""
+
+    def _proc_member(self, tar: tarfile.TarFile) -> tarfile.TarInfo:
+        if self.type in _EXTENDED and self.size > MAX_HEADER_BYTES:
+            raise BundleError(f"archive header {self.name!r} is {self.size} bytes, over the "
+                              f"{MAX_HEADER_BYTES}-byte cap for a name and attributes")
+        if self.type == tarfile.GNUTYPE_SPARSE:
+            raise BundleError(f"archive member {self.name!r} is a sparse file, not a regular "
+                              "file")
+        return super()._proc_member(tar)
+
+    def _proc_gnusparse_00(self, next: tarfile.TarInfo, *args: object) -> None:
+        raise BundleError(f"archive member {next.name!r} is a sparse file, not a regular file")
+
+    _proc_gnusparse_01 = _proc_gnusparse_10 = _proc_gnusparse_00
+
+
 @contextmanager
 def _members(archive: Path) -> Iterator[Iterator[_Member]]:
     """The entries of a zip or a tar (any compression); format errors become BundleError."""
     try:
         with archive.open("rb") as handle:
             is_zip = handle.read(2) == b"PK"
-        opened = zipfile.ZipFile(archive) if is_zip else tarfile.open(archive, mode="r:*")
+        opened = zipfile.ZipFile(archive) if is_zip else \
+            tarfile.open(archive, mode="r:*", tarinfo=_CheckedTarInfo)
     except (*_CORRUPT, OSError) as exc:
         raise BundleError(f"{archive}: not a readable tar or zip archive ({exc})") from exc
     with opened:
@@ -135,11 +163,17 @@ def _safe_name(name: str) -> PurePosixPath | None:
     return PurePosixPath(*parts) if parts else None
 
 
-def read_member(archive: Path, name: str, *, max_bytes: int = 1 << 24) -> bytes | None:
-    """The bytes of the file `name` in `archive`, without extracting the rest; None if absent."""
+def read_member(archive: Path, name: str, *, max_bytes: int = 1 << 24,
+                max_members: int = MAX_MEMBERS) -> bytes | None:
+    """The bytes of the file `name` in `archive`, without extracting the rest; None if absent.
+
+    Stops at `max_members` as `unpack` does: tarfile keeps every header it passes, so a small
+    gzip of empty members would otherwise cost memory without bound."""
     wanted = PurePosixPath(name)
     with _members(Path(archive)) as members:
-        for member in members:
+        for count, member in enumerate(members, start=1):
+            if count > max_members:
+                raise BundleError(f"{archive}: more than {max_members} members")
             if member.kind == "file" and _safe_name(member.name) == wanted:
                 if member.size > max_bytes:
                     raise BundleError(f"archive member {member.name!r} is {member.size} bytes, "

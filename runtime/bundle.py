@@ -111,21 +111,86 @@ class Manifest:
             if data.get("format") != FORMAT:
                 raise BundleError(f"manifest format {data.get('format')!r} is not supported "
                                   f"(this edgerun reads format {FORMAT})")
-            signature = Signature(
-                tuple(TensorSpec.from_json(t) for t in data["inputs"]),
-                tuple(TensorSpec.from_json(t) for t in data["outputs"]),
-                data.get("max_batch_size"))
+            max_batch_size = data.get("max_batch_size")
+            if max_batch_size is not None and not (is_integer(max_batch_size)
+                                                   and max_batch_size >= 1):
+                raise BundleError(f"manifest field max_batch_size must be an integer >= 1 or "
+                                  f"null, got {max_batch_size!r}")
+            signature = Signature(_tensors(data, "inputs"), _tensors(data, "outputs"),
+                                  max_batch_size)
+            for key in ("backend", "model_file"):
+                if not isinstance(data[key], str):
+                    raise BundleError(f"manifest field {key} must be a string, got "
+                                      f"{data[key]!r}")
+            device, created = data.get("device", {}), data.get("created", {})
+            if not isinstance(device, dict) or not all(
+                    isinstance(v, str) for v in device.values()):
+                raise BundleError(f"manifest field device must be an object of strings, got "
+                                  f"{device!r}")
+            if not isinstance(created, dict):
+                raise BundleError(f"manifest field created must be an object, got {created!r}")
+            if not isinstance(created.get("optimizations", []), list):
+                raise BundleError(f"manifest field created.optimizations must be a list, got "
+                                  f"{created['optimizations']!r}")
             return cls(
                 name=check_name(data["name"]), version=check_version(str(data["version"])),
                 backend=data["backend"], model_file=data["model_file"], signature=signature,
-                files={name: FileEntry(str(e["sha256"]), int(e["size"]))
-                       for name, e in data["files"].items()},
-                device=dict(data.get("device", {})), created=dict(data.get("created", {})),
+                files=_files(data["files"]), device=dict(device), created=dict(created),
                 reference_stats=data.get("reference_stats"))
         except BundleError:
             raise
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise BundleError(f"manifest is malformed: {type(exc).__name__}: {exc}") from exc
+
+
+def is_integer(value: Any) -> bool:
+    """An int from JSON or TOML, not a bool (True is an int to Python)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _tensors(data: Mapping[str, Any], key: str) -> tuple[TensorSpec, ...]:
+    """`inputs` or `outputs`, each field of the right type: a wrong one (a string
+    max_batch_size, a numeric name) passed here and failed every request later."""
+    specs = data[key]
+    if not isinstance(specs, list):
+        raise BundleError(f"manifest field {key} must be a list, got {specs!r}")
+    tensors = []
+    for i, spec in enumerate(specs):
+        where = f"manifest field {key}[{i}]"
+        if not isinstance(spec, dict):
+            raise BundleError(f"{where} must be an object, got {spec!r}")
+        name, shape, axis = spec.get("name"), spec.get("shape"), spec.get("batch_axis")
+        if not isinstance(name, str) or not name:
+            raise BundleError(f"{where}.name must be a non-empty string, got {name!r}")
+        if not isinstance(shape, list) or not all(is_integer(d) and d >= -1 for d in shape):
+            raise BundleError(f"{where}.shape must be a list of integers (-1: dynamic), got "
+                              f"{shape!r}")
+        if axis is not None and not (is_integer(axis) and 0 <= axis < len(shape)):
+            raise BundleError(f"{where}.batch_axis must be null or an axis of its shape, got "
+                              f"{axis!r}")
+        if not isinstance(spec.get("dtype"), str):
+            raise BundleError(f"{where}.dtype must be a string, got {spec.get('dtype')!r}")
+        tensors.append(TensorSpec.from_json(spec))
+    names = [t.name for t in tensors]
+    if len(set(names)) != len(names):
+        raise BundleError(f"manifest field {key} names a tensor twice: {names}")
+    return tuple(tensors)
+
+
+def _files(files: Any) -> dict[str, FileEntry]:
+    """`files`: each a sha256 (64 hex digits) and a size in bytes."""
+    if not isinstance(files, dict):
+        raise BundleError(f"manifest field files must be an object, got {files!r}")
+    entries = {}
+    for name, entry in files.items():
+        digest = entry.get("sha256") if isinstance(entry, dict) else None
+        size = entry.get("size") if isinstance(entry, dict) else None
+        if not (isinstance(digest, str) and re.fullmatch(r"[0-9a-f]{64}", digest)
+                and is_integer(size) and size >= 0):
+            raise BundleError(f"manifest field files[{name!r}] must be a sha256 (64 hex "
+                              f"digits) and a size >= 0, got {entry!r}")
+        entries[name] = FileEntry(digest, size)
+    return entries
 
 
 class Bundle:
@@ -263,7 +328,10 @@ def parse_manifest(raw: bytes, where: str | Path) -> Manifest:
         raise BundleError(f"{where}: not valid JSON ({exc})") from exc
     if not isinstance(data, dict):
         raise BundleError(f"{where}: must hold a JSON object")
-    return Manifest.from_json(data)
+    try:
+        return Manifest.from_json(data)
+    except BundleError as exc:  # named: a repository or a fleet holds many manifests
+        raise BundleError(f"{where}: {exc}") from exc
 
 
 def verify_files(folder: Path, manifest: Manifest) -> None:

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from edgerun.runtime.batcher import BatchingConfig
-from edgerun.runtime.bundle import version_key
+from edgerun.runtime.bundle import is_integer, version_key
 from edgerun.runtime.errors import BundleError
 
 if sys.version_info >= (3, 11):
@@ -111,6 +111,10 @@ class ModelConfig:
         batching = data.get("batching", {})
         _only(batching, {"max_batch_size", "max_queue_delay_us", "preferred_batch_sizes",
                          "max_queue_size"}, "batching.")
+        for key, value in batching.items():  # a NaN delay left requests waiting forever
+            check, wanted = _BATCHING_TYPES[key]
+            if not check(value):
+                raise ValueError(f"batching.{key} must be {wanted}, got {value!r}")
         merged = {**defaults.__dict__, **batching}
         merged["preferred_batch_sizes"] = tuple(merged["preferred_batch_sizes"])
         traffic = data.get("traffic", {})
@@ -125,7 +129,9 @@ class ModelConfig:
             raise ValueError(f"traffic.weights must be finite numbers >= 0, got {weights!r}")
         weights = {str(v): float(w) for v, w in weights.items()}
         instances = data.get("instances")
-        if instances is not None and int(instances) < 1:
+        if instances is not None and not is_integer(instances):
+            raise ValueError(f"instances must be an integer, got {instances!r}")
+        if instances is not None and instances < 1:
             raise ValueError("instances must be >= 1")
         return cls(
             version_policy=version_policy, batching=BatchingConfig(**merged),
@@ -135,7 +141,19 @@ class ModelConfig:
                                   else str(traffic["shadow"])))
 
 
+#: What each batching knob takes; BatchingConfig compares them, so NaN and 2.5 passed it.
+_BATCHING_TYPES = {
+    "max_batch_size": (is_integer, "an integer"),
+    "max_queue_size": (is_integer, "an integer"),
+    "max_queue_delay_us": (lambda v: finite_number(v) and v >= 0, "a finite number >= 0"),
+    "preferred_batch_sizes": (lambda v: isinstance(v, list) and all(map(is_integer, v)),
+                              "a list of integers"),
+}
+
+
 def _only(data: dict[str, Any], allowed: set[str], prefix: str) -> None:
+    if not isinstance(data, dict):  # `batching = 5` was "'int' object is not iterable"
+        raise ValueError(f"{prefix.rstrip('.')} must be a table, got {data!r}")
     unknown = sorted(set(data) - allowed)
     if unknown:
         raise ValueError(f"unknown key {', '.join(prefix + k for k in unknown)}; allowed: "

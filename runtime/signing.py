@@ -69,13 +69,14 @@ def key_id(raw_public: bytes) -> str:
 
 def load_public_key(path: str | Path) -> PublicKey:
     """A PEM public key file (as `edgerun keys generate` writes)."""
+    from cryptography.exceptions import UnsupportedAlgorithm
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
     path = Path(path)
     try:
         key = serialization.load_pem_public_key(path.read_bytes())
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, UnsupportedAlgorithm) as exc:  # an SM2 key: unsupported
         raise BundleError(f"{path}: not a readable PEM public key ({exc})") from exc
     if not isinstance(key, Ed25519PublicKey):
         raise BundleError(f"{path}: not an Ed25519 public key")
@@ -97,6 +98,8 @@ def generate_keys(folder: str | Path) -> tuple[Path, Path]:
     private_path, public_path = folder / PRIVATE_KEY_FILE, folder / PUBLIC_KEY_FILE
     if private_path.exists():
         raise BundleError(f"{private_path} exists; refusing to overwrite a signing key")
+    if public_path.exists():  # a trusted key copied here: replacing it changes whom it trusts
+        raise BundleError(f"{public_path} exists; refusing to overwrite a public key")
     key = Ed25519PrivateKey.generate()
     pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                             serialization.NoEncryption())
@@ -104,20 +107,23 @@ def generate_keys(folder: str | Path) -> tuple[Path, Path]:
     fd = os.open(private_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "wb") as handle:
         handle.write(pem)
-    public_path.write_bytes(key.public_key().public_bytes(
-        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
+    fd = os.open(public_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(key.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
     return private_path, public_path
 
 
 def sign_folder(folder: str | Path, private_key: str | Path) -> str:
     """Sign a bundle folder's manifest; writes `signature.sig`, returns the key id."""
+    from cryptography.exceptions import UnsupportedAlgorithm
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
     folder, private_key = Path(folder), Path(private_key)
     try:
         key = serialization.load_pem_private_key(private_key.read_bytes(), password=None)
-    except (OSError, ValueError, TypeError) as exc:
+    except (OSError, ValueError, TypeError, UnsupportedAlgorithm) as exc:
         raise BundleError(f"{private_key}: not a readable PEM private key ({exc})") from exc
     if not isinstance(key, Ed25519PrivateKey):
         raise BundleError(f"{private_key}: not an Ed25519 private key")

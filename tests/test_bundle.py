@@ -324,3 +324,144 @@ def test_tampered_archive_fails_its_hash(tmp_path, mlp_bundle):
     tampered = _tar(tmp_path / "t.tar.gz", [_file(n, d) for n, d in files.items()])
     with pytest.raises(BundleError, match="model.onnx does not match its sha256"):
         Bundle.open(tampered)
+
+
+def _gzip_tar(path: Path, blocks: list[bytes]) -> Path:
+    """A .tar.gz written block by block, for headers tarfile itself would not write."""
+    import gzip
+
+    with gzip.open(path, "wb") as gz:
+        for block in blocks:
+            gz.write(block)
+        gz.write(b"\0" * 1024)
+    return path
+
+
+def test_an_oversize_extended_header_is_refused_before_it_is_read(tmp_path):
+    """A GNU long name or a pax header is read whole into memory before any member check: 64
+    MiB of them gzip to 64 kB, and nothing capped them (512 MiB of memory to refuse this)."""
+    import tracemalloc
+
+    size = 64 << 20
+    after = tarfile.TarInfo("x")
+    after.size = 1
+    blocks = []
+    for kind, fmt in ((tarfile.GNUTYPE_LONGNAME, tarfile.GNU_FORMAT),
+                      (tarfile.XHDTYPE, tarfile.PAX_FORMAT)):
+        header = tarfile.TarInfo("././@LongLink")
+        header.type, header.size = kind, size
+        blocks.append([header.tobuf(format=fmt), *[b"a" * (1 << 20)] * (size >> 20),
+                       after.tobuf(), b"x".ljust(512, b"\0")])
+    for n, members in enumerate(blocks):
+        hostile = _gzip_tar(tmp_path / f"long{n}.tar.gz", members)
+        assert hostile.stat().st_size < 1 << 20
+        for read in (lambda: archive.unpack(hostile, tmp_path / f"out{n}"),
+                     lambda: archive.read_member(hostile, "manifest.json")):
+            tracemalloc.start()
+            try:
+                with pytest.raises(BundleError, match="over the 1048576-byte cap for a name"):
+                    read()
+                peak = tracemalloc.get_traced_memory()[1]
+            finally:
+                tracemalloc.stop()
+            assert peak < 8 << 20, f"{peak} bytes held to refuse a {hostile.stat().st_size}" \
+                "-byte archive"
+
+
+def test_sparse_members_are_refused_before_their_map_is_read(tmp_path):
+    """A GNU sparse 1.0 map is a list of numbers tarfile reads whole, however long it says it
+    is (32 kB of gzip held 136 MiB of them); a malformed one raised a bare ValueError."""
+    for n, data in enumerate([b"%d\n" % (8 << 20) + b"1\n" * (8 << 20), b"abc\n"]):
+        info = tarfile.TarInfo("model.onnx")
+        info.pax_headers = {"GNU.sparse.major": "1", "GNU.sparse.minor": "0",
+                            "GNU.sparse.name": "model.onnx", "GNU.sparse.realsize": "10"}
+        data += b"\0" * (-len(data) % 512)
+        info.size = len(data)
+        hostile = _gzip_tar(tmp_path / f"sparse{n}.tar.gz",
+                            [info.tobuf(format=tarfile.PAX_FORMAT), data])
+        with pytest.raises(BundleError, match="'model.onnx' is a sparse file"):
+            archive.unpack(hostile, tmp_path / f"out{n}")
+    old_style = tarfile.TarInfo("model.onnx")
+    old_style.type = tarfile.GNUTYPE_SPARSE
+    hostile = _gzip_tar(tmp_path / "gnu-sparse.tar.gz", [old_style.tobuf(tarfile.GNU_FORMAT)])
+    with pytest.raises(BundleError, match="'model.onnx' is a sparse file"):
+        Bundle.open(hostile)
+
+
+def test_reading_the_manifest_stops_at_the_member_cap(tmp_path):
+    """`BundleSource` reads an archive's manifest without extracting it; tarfile keeps every
+    header it passes, so 200,000 empty members (1.2 MB of gzip) held 90 MiB."""
+    members = [_file(f"f{i}", b"") for i in range(5)] + [_file("manifest.json", b"{}")]
+    many = _tar(tmp_path / "many.tar.gz", members)
+    with pytest.raises(BundleError, match="more than 4 members"):
+        archive.read_member(many, "manifest.json", max_members=4)
+    assert archive.read_member(many, "manifest.json", max_members=6) == b"{}"
+    default = _tar(tmp_path / "default.tar.gz",
+                   [_file(f"f{i}", b"") for i in range(archive.MAX_MEMBERS)]
+                   + [_file("manifest.json", b"{}")])
+    with pytest.raises(BundleError, match=f"more than {archive.MAX_MEMBERS} members"):
+        BundleSource(default)
+
+
+@pytest.mark.parametrize("field, value, message", [
+    # a string max_batch_size opened fine, then every request (the golden check first) was a
+    # TypeError; -1 refused every request as too large, 2.5 and true were caps nobody meant
+    (["max_batch_size"], "4", "max_batch_size must be an integer >= 1 or null, got '4'"),
+    (["max_batch_size"], -1, "max_batch_size must be an integer >= 1"),
+    (["max_batch_size"], True, "max_batch_size must be an integer >= 1"),
+    # a numeric tensor name: every request failed in ONNX Runtime, a 500
+    (["inputs", 0, "name"], 5, r"inputs\[0\].name must be a non-empty string, got 5"),
+    (["inputs", 0, "shape"], "-8", r"inputs\[0\].shape must be a list of integers"),
+    (["inputs", 0, "shape"], [-1, 8.5], r"inputs\[0\].shape must be a list of integers"),
+    (["inputs", 0, "batch_axis"], "0", r"inputs\[0\].batch_axis must be null or an axis"),
+    (["outputs"], {}, "outputs must be a list"),
+    (["backend"], ["onnxruntime"], "backend must be a string"),
+    (["device", "accelerator"], 5, "device must be an object of strings"),
+    (["created", "optimizations"], 5, "created.optimizations must be a list, got 5"),
+    (["files", "golden.npz", "size"], "1", r"files\['golden.npz'\] must be a sha256"),
+])
+def test_a_manifest_field_of_the_wrong_type_is_refused_naming_it(mlp_bundle, field, value,
+                                                                   message):
+    """Every manifest field is checked where it is read, naming the file and the field,
+    rather than passing and failing later (a TypeError at load, a 500 on each request)."""
+    path = mlp_bundle.path / "manifest.json"
+    manifest = json.loads(path.read_text())
+    *parents, last = field
+    holder = manifest
+    for key in parents:
+        holder = holder[key]
+    holder[last] = value
+    path.write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match=f"manifest.json: manifest field {message}"):
+        Model.load(mlp_bundle.path).check_golden()
+
+
+def test_a_manifest_naming_one_input_twice_is_refused(mlp_bundle):
+    path = mlp_bundle.path / "manifest.json"
+    manifest = json.loads(path.read_text())
+    manifest["inputs"].append(dict(manifest["inputs"][0]))
+    path.write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match="inputs names a tensor twice"):
+        Bundle.open(mlp_bundle.path)
+
+
+@pytest.mark.parametrize("text, message", [
+    # NaN passed BatchingConfig's comparisons: a lone request then waited forever; inf
+    # overflowed the batcher's timer on the first request
+    ("[batching]\nmax_queue_delay_us = nan", "batching.max_queue_delay_us must be a finite"),
+    ("[batching]\nmax_queue_delay_us = inf", "batching.max_queue_delay_us must be a finite"),
+    ("[batching]\nmax_batch_size = 2.5", "batching.max_batch_size must be an integer"),
+    ("[batching]\nmax_queue_size = true", "batching.max_queue_size must be an integer"),
+    # these were refused, but as "'int' object is not iterable" or "invalid literal for int()"
+    ("[batching]\npreferred_batch_sizes = 5", "batching.preferred_batch_sizes must be a list"),
+    ("instances = 'x'", "instances must be an integer, got 'x'"),
+    ("instances = 1.5", "instances must be an integer, got 1.5"),
+    ("batching = 5", "batching must be a table"),
+])
+def test_a_config_value_of_the_wrong_type_is_refused_naming_its_key(tmp_path, text, message):
+    from edgerun.runtime.model_config import ModelConfig
+
+    (tmp_path / "config.toml").write_text(text)
+    with pytest.raises(BundleError, match=message) as info:
+        ModelConfig.load(tmp_path)
+    assert "config.toml" in str(info.value)

@@ -118,3 +118,47 @@ def test_cli_signs_a_zip_bundle_and_keeps_it_a_zip(tmp_path, make_bundle):
     assert zipfile.is_zipfile(archive), "signing repacked the zip as a .tar.gz"
     result = edgerun("bundle", "verify", str(archive), "--trust", str(tmp_path / "k" / "fleet.pub"))
     assert result.returncode == 0 and "signature: valid" in result.stdout, result.stderr
+
+
+#: An SM2 key pair, as `openssl genpkey -algorithm SM2` writes it (OpenSSL 3): valid PEM of a
+#: curve `cryptography` does not support.
+SM2_PUBLIC = """-----BEGIN PUBLIC KEY-----
+MFkwEwYHKoZIzj0CAQYIKoEcz1UBgi0DQgAEG6ZhyKlnGziz1kpGvwOv1cI3Wh+N
+7NHlZj+1zswj+F8K6rwdT2IGVTiFcZG/4v+1F0paJcyuk+1YDNF/EbAErA==
+-----END PUBLIC KEY-----
+"""
+SM2_PRIVATE = """-----BEGIN PRIVATE KEY-----
+MIGHAgEAMBMGByqGSM49AgEGCCqBHM9VAYItBG0wawIBAQQg85aCjdVZP6mOKJu4
+ugQBwUNt4JZ8gKsUqm298+qTBN6hRANCAAQbpmHIqWcbOLPWSka/A6/VwjdaH43s
+0eVmP7XOzCP4XwrqvB1PYgZVOIVxkb/i/7UXSlolzK6T7VgM0X8RsASs
+-----END PRIVATE KEY-----
+"""
+
+
+def test_a_key_of_an_unsupported_algorithm_is_a_bundle_error(tmp_path, make_bundle):
+    """cryptography raises UnsupportedAlgorithm (no ValueError) for such a key: `--trust` or
+    `--key` with one ended in a traceback rather than an error naming the file."""
+    public, private = tmp_path / "sm2.pub", tmp_path / "sm2.key"
+    public.write_text(SM2_PUBLIC)
+    private.write_text(SM2_PRIVATE)
+    with pytest.raises(BundleError, match="sm2.pub: not a readable PEM public key"):
+        load_public_key(public)
+    bundle = make_bundle(mlp_onnx([4, 3]))
+    with pytest.raises(BundleError, match="sm2.key: not a readable PEM private key"):
+        sign_folder(bundle.path, private)
+    result = edgerun("bundle", "verify", str(bundle.path), "--trust", str(public))
+    assert result.returncode == 2 and "not a readable PEM public key" in result.stderr, \
+        result.stderr
+
+
+def test_generate_never_replaces_a_public_key(tmp_path):
+    """A device's folder holds the fleet's trusted fleet.pub and no fleet.key: generating
+    there silently swapped the trust anchor for a key whose private half is on this host."""
+    trusted_private, trusted_public = generate_keys(tmp_path / "fleet")
+    device = tmp_path / "device"
+    device.mkdir()
+    shutil.copyfile(trusted_public, device / "fleet.pub")
+    with pytest.raises(BundleError, match="fleet.pub exists; refusing to overwrite"):
+        generate_keys(device)
+    assert (device / "fleet.pub").read_bytes() == trusted_public.read_bytes()
+    assert not (device / "fleet.key").exists()
