@@ -94,12 +94,14 @@ SETTLE_NS = 3_000_000_000
 
 
 def folder_fingerprint(folder: Path) -> tuple:
-    """Paths, sizes and mtimes of a folder's files at any depth (or of one file).
+    """Paths, sizes, mtimes and change times of a folder's files at any depth (or of one file).
 
     Files a manifest lists may lie in subfolders, whose own mtime does not change when a file
-    in them is rewritten. A file changed within `SETTLE_NS` makes the fingerprint equal to no
-    other: a same-size rewrite in the same mtime step would otherwise look like no change, and
-    a failed load would never be retried.
+    in them is rewritten. The change time moves on any write, where `rsync -t`, `cp -p` or
+    `tar -x` set the mtime back to the source's. A file modified within `SETTLE_NS` makes the
+    fingerprint equal to no other: a same-size rewrite in the same mtime step (FAT keeps 2 s
+    steps, and no change time of its own) would otherwise look like no change, and a failed
+    load would never be retried.
     """
     try:
         if folder.is_file():
@@ -109,7 +111,8 @@ def folder_fingerprint(folder: Path) -> tuple:
                        for p in folder.rglob("*") if p.is_file()]
     except OSError:
         return ()
-    fingerprint = tuple(sorted((name, s.st_size, s.st_mtime_ns) for name, s in entries))
+    fingerprint = tuple(sorted((name, s.st_size, s.st_mtime_ns, s.st_ctime_ns)
+                               for name, s in entries))
     now = time.time_ns()
     if any(now - s.st_mtime_ns < SETTLE_NS for _, s in entries):
         return (*fingerprint, ("unsettled", object()))

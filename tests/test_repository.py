@@ -235,6 +235,31 @@ def test_a_failed_version_is_retried_once_its_files_are_fixed(repo_dir, broken, 
     repository.close()
 
 
+def test_a_fix_copied_with_its_old_mtime_is_retried(repo_dir):
+    """`rsync -t`, `cp -p` and `tar -x` give a file its source's mtime: a same-size fix
+    of a broken file could then look unchanged (size and mtime), and was never retried."""
+    repository = Repository(repo_dir, registry=Registry())
+    repository.load_all()
+    folder = add_version(repo_dir, "mlp", "2", mlp_onnx([8, 16, 4], seed=2))
+    path = folder / "model.onnx"
+    intact = path.read_bytes()
+    old = time.time_ns() - 3600 * 10**9  # the source's mtimes, long settled
+
+    def copied_with_old_mtimes() -> None:
+        for file in folder.rglob("*"):
+            os.utime(file, ns=(old, old))
+
+    path.write_bytes(intact[:-1] + bytes([intact[-1] ^ 1]))
+    copied_with_old_mtimes()
+    repository.poll_once()
+    assert repository.get("mlp").version == "1", "the broken version 2 never goes live"
+    path.write_bytes(intact)
+    copied_with_old_mtimes()
+    repository.poll_once()
+    assert repository.get("mlp").version == "2", "the fix was never retried"
+    repository.close()
+
+
 @pytest.mark.parametrize("reload", ["poll", "load"])
 def test_a_version_kept_after_a_failed_reload_takes_its_config_once_fixed(repo_dir, reload):
     # the kept copy still ran the old batching while the model's config said the new one, and
