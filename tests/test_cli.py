@@ -70,6 +70,25 @@ def test_create_archive_pack_and_unpack(tmp_path, mlp_file):
     assert (tmp_path / "r.tar.gz").read_bytes() == archive.read_bytes()
 
 
+def test_unpack_leaves_nothing_behind_when_the_bundle_does_not_verify(tmp_path, mlp_file):
+    """It extracted into -o, then verified: a tampered archive left its files there, where
+    `serve` or a copy step could pick them up."""
+    import tarfile
+
+    folder = tmp_path / "b"
+    assert edgerun("bundle", "create", str(mlp_file), "--name", "mlp", "--version", "1",
+                   "-o", str(folder)).returncode == 0
+    model = folder / "model.onnx"
+    model.write_bytes(model.read_bytes()[:-1] + b"\x00")
+    with tarfile.open(tmp_path / "tampered.tar.gz", "w:gz") as tar:
+        for path in sorted(folder.iterdir()):
+            tar.add(path, arcname=path.name)
+    result = edgerun("bundle", "unpack", str(tmp_path / "tampered.tar.gz"), "-o",
+                     str(tmp_path / "u"))
+    assert result.returncode == 2 and "does not match its sha256" in result.stderr
+    assert not (tmp_path / "u").exists() and not list(tmp_path.glob(".u.*"))  # no staging
+
+
 def test_predict_from_json_npy_and_npz(tmp_path):
     source = tmp_path / "two.onnx"
     source.write_bytes(two_input_onnx())

@@ -14,6 +14,7 @@ from edgerun.cli.inputs import load_inputs
 from edgerun.runtime import archive
 from edgerun.runtime.backends import backend_class, backend_for_file
 from edgerun.runtime.bundle import Bundle, create_bundle
+from edgerun.runtime.errors import BundleError
 from edgerun.runtime.model import Model
 
 out = Console(highlight=False)
@@ -137,10 +138,17 @@ def _pack(args: argparse.Namespace) -> int:
 
 
 def _unpack(args: argparse.Namespace) -> int:
-    archive.unpack(args.archive, args.output)
-    with Bundle.open(args.output) as bundle:
-        manifest = bundle.manifest
-    out.print(f"unpacked {manifest.name} version {manifest.version} -> {args.output} (verified)")
+    """Extracted beside the output and verified there: only a verified bundle reaches it."""
+    output = Path(args.output)
+    if output.exists() and (not output.is_dir() or any(output.iterdir())):
+        raise BundleError(f"{output}: extraction folder is not empty")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f".{output.name}.", dir=output.parent) as staging:
+        unpacked = archive.unpack(args.archive, Path(staging) / "bundle")
+        with Bundle.open(unpacked) as bundle:
+            manifest = bundle.manifest
+        unpacked.replace(output)
+    out.print(f"unpacked {manifest.name} version {manifest.version} -> {output} (verified)")
     return 0
 
 
