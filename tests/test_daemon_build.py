@@ -4,6 +4,7 @@ requests over a real Mosquitto; its systemd unit and device.toml are usable as s
 from __future__ import annotations
 
 import configparser
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -14,8 +15,10 @@ from edgerun.adapters.mqtt.config import load_config
 from edgerun.devices import load_profile
 from edgerun.devices.daemon_build import DAEMON_MEMORY_MB, RECIPES, host_arch, systemd_unit
 from edgerun.examples import mlp_onnx
-from tests.cli import edgerun
-from tests.mqtt import INFER_JSON, Requester, running_broker, running_daemon
+from edgerun.runtime.signing import generate_keys
+from tests.cli import edgerun, edgerun_command
+from tests.mqtt import (INFER_JSON, DaemonProcess, Requester, running_broker, running_daemon,
+                        wait_online)
 from tests.serving import add_version
 
 
@@ -57,6 +60,7 @@ def test_unit_and_sample_config(built):
     unit.read(built / "edgerun-daemon.service")
     service = unit["Service"]
     assert service["Restart"] == "on-failure"
+    assert service["RestartPreventExitStatus"] == "2"  # a bad setting: no restart every 2 s
     assert service["User"] == "edgerun"
     assert service["StateDirectory"] == "edgerun edgerun/models edgerun/state"
     assert service["ExecStart"].startswith("/usr/local/bin/edgerun-daemon --config")
@@ -106,3 +110,119 @@ def test_refuses_to_cross_compile(tmp_path):
     result = edgerun("build", "daemon", "--device", other, "-o", str(tmp_path / "out"))
     assert result.returncode == 2
     assert "does not cross-compile" in result.stderr
+
+
+# ------------------------------------------------------------- device.toml as the daemon reads it
+class _DaemonIn(DaemonProcess):
+    """The daemon started in another folder, as systemd starts it in /var/lib/edgerun."""
+
+    def __init__(self, command: list[str], log: Path, cwd: Path) -> None:
+        super().__init__(command, log)
+        self.cwd = cwd
+
+    def start(self) -> _DaemonIn:
+        with self.log.open("ab") as sink:
+            self.process = subprocess.Popen(self.command, stdout=sink, stderr=subprocess.STDOUT,
+                                            cwd=self.cwd)
+        return self
+
+
+def test_relative_paths_in_device_toml_are_relative_to_the_file(tmp_path):
+    """/etc/edgerun/device.toml naming `models` meant the folder beside it, not one in the
+    daemon's working directory (/var/lib/edgerun under systemd): the daemon refused to start."""
+    etc, elsewhere = tmp_path / "etc", tmp_path / "var"
+    add_version(etc / "models", "mlp", "1", mlp_onnx([4, 8, 3]))
+    (etc / "board.toml").write_text('description = "a board of our own"\nintra_op_threads = 1\n')
+    generate_keys(etc / "keys")  # and the OTA agent's trust key, in its [ota] table
+    elsewhere.mkdir()
+    with running_broker(tmp_path / "broker") as broker:
+        (etc / "device.toml").write_text(
+            f'repository = "models"\ndata_dir = "state"\nbroker = "{broker.url}"\n'
+            'device_id = "rel"\npoll_interval = 0\ndevice = "board.toml"\n'
+            '[ota]\ntrust = "keys/fleet.pub"\n')
+        daemon = _DaemonIn([*edgerun_command(), "daemon", "--config", str(etc / "device.toml")],
+                           tmp_path / "daemon.log", elsewhere).start()
+        try:
+            wait_online(broker, "rel", daemon)
+            requester = Requester(broker)
+            payload, _ = requester.ask("edgerun/rel/infer/mlp", INFER_JSON, correlation=b"r")
+            requester.close()
+            assert daemon.terminate() == 0
+        finally:
+            daemon.kill()
+    assert orjson.loads(payload)["model_name"] == "mlp"
+    assert (etc / "state").is_dir() and not (elsewhere / "state").exists()
+    assert "'device': 'board'" in daemon.output()  # the profile beside device.toml
+    assert (etc / "state" / "ota").is_dir()  # the OTA agent is on, trusting keys/fleet.pub
+
+
+@pytest.mark.parametrize("line, message", [
+    ("session_expiry = 86400.0", "session_expiry must be an integer"),  # struct.error at connect
+    ("keepalive = 30.5", "keepalive must be an integer"),               # struct.error at connect
+    ("qos = 1.0", "qos must be an integer"),            # stayed up, never subscribed nor online
+    ("max_inbox = \"1024\"", "max_inbox must be an integer"),              # TypeError traceback
+    ("username = 1234", "username must be a string"),            # AttributeError inside paho
+    ('log_level = "loud"', "log_level must be one of"),
+    ("[ota]\ntrust = 5", "trust must be a path"),                        # TypeError traceback
+])
+def test_device_toml_values_of_the_wrong_type_end_start_up_with_the_reason(tmp_path, line,
+                                                                          message):
+    repo = tmp_path / "repo"
+    add_version(repo, "mlp", "1", mlp_onnx([4, 8, 3]))
+    with running_broker(tmp_path / "broker") as broker:
+        config = tmp_path / "device.toml"
+        config.write_text(f'repository = "{repo}"\nbroker = "{broker.url}"\ndevice_id = "typed"\n'
+                          f'poll_interval = 0\n{line}\n')
+        result = edgerun("daemon", "--config", str(config), timeout=120)
+    assert result.returncode == 2, result.stderr
+    assert message in result.stderr and "Traceback" not in result.stderr, result.stderr
+
+
+def test_device_toml_sets_the_log_level(tmp_path):
+    """`log_level`, like every flag, is a device.toml key; it was refused as unknown, so a
+    device under systemd could change its logging only by editing the unit."""
+    repo = tmp_path / "repo"
+    add_version(repo, "mlp", "1", mlp_onnx([4, 8, 3]))
+    with running_broker(tmp_path / "broker") as broker:
+        config = tmp_path / "device.toml"
+        config.write_text(f'repository = "{repo}"\nbroker = "{broker.url}"\ndevice_id = "quiet"\n'
+                          'poll_interval = 0\nlog_level = "warning"\n')
+        command = [*edgerun_command(), "daemon", "--config", str(config)]
+        with running_daemon(repo, broker, "quiet", command=command) as daemon:
+            assert daemon.terminate() == 0
+    assert "INFO" not in daemon.output()  # "loaded mlp version 1" and "connected" are INFO
+    loud = load_config(config, log_level="debug")  # the flag still wins
+    assert loud.log_level == "debug"
+
+
+@pytest.mark.timeout(900)
+def test_the_binary_refuses_unusable_files_with_status_2(built, tmp_path):
+    """A missing TLS CA or OTA trust key raised inside the one-file binary, which has no
+    handler of its own: a traceback and status 1, and for the CA no file name at all."""
+    binary = str(built / "edgerun-daemon")
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    base = ["--repository", str(repo), "--device-id", "bin", "--poll-interval", "0"]
+    for args, named in ((["--broker", "mqtts://127.0.0.1:1", "--ca-file", "missing-ca.crt"],
+                         "missing-ca.crt"),
+                        (["--broker", "mqtt://127.0.0.1:1", "--trust", "missing.pub"],
+                         "missing.pub")):
+        result = subprocess.run([binary, *base, *args], capture_output=True, text=True,
+                                timeout=120, cwd=tmp_path)
+        assert result.returncode == 2, result.stderr
+        assert named in result.stderr and "Traceback" not in result.stderr, result.stderr
+
+
+def test_a_misspelt_table_in_device_toml_is_refused(tmp_path):
+    """Any table was kept for "the extensions": `[oat]` for `[ota]` started a daemon that
+    took no updates, and said nothing."""
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    key = tmp_path / "fleet.pub"
+    key.write_text("")
+    config = tmp_path / "device.toml"
+    config.write_text(f'repository = "{repo}"\nbroker = "mqtt://127.0.0.1:1"\ndevice_id = "t"\n'
+                      f'[oat]\ntrust = "{key}"\n')
+    result = edgerun("daemon", "--config", str(config), timeout=60)
+    assert result.returncode == 2, result.stderr
+    assert "unknown table(s) oat; known: ota" in result.stderr, result.stderr

@@ -11,9 +11,11 @@ import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
-from edgerun.adapters.mqtt.config import PROTOCOLS, load_config
+from edgerun.adapters.mqtt.config import LOG_LEVELS, PROTOCOLS, load_config
 from edgerun.adapters.mqtt.extensions import specs
+from edgerun.runtime.errors import EdgerunError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -49,7 +51,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--max-inbox", type=int, help="requests in flight before Overloaded replies "
                                       "(default 1024)")
     add("--drain-timeout", type=float, metavar="SECONDS")
-    add("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    add("--log-level", choices=LOG_LEVELS, help="default info")
     for spec in specs():
         spec.add_arguments(parser)
 
@@ -57,19 +59,40 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from edgerun.adapters.mqtt.daemon import Daemon
 
-    logging.getLogger("edgerun").setLevel(args.log_level.upper())
+    # a setting that cannot work (a missing trust key or credential, unreadable TLS files)
+    # ends start-up with its reason and status 2, never a traceback (the one-file binary has no
+    # other handler)
     try:
         config = load_config(args.config, **vars(args))
-    except (OSError, ValueError) as exc:
+        logging.getLogger("edgerun").setLevel(config.log_level.upper())
+        known = specs()
+        unknown = sorted(set(config.extensions) - {spec.name for spec in known})
+        if unknown:  # `[oat]` for `[ota]` left the OTA agent off without a word
+            raise ValueError(f"{args.config}: unknown table(s) {', '.join(unknown)}; known: "
+                             f"{', '.join(sorted(spec.name for spec in known))}")
+        daemon = Daemon(config)
+        for spec in known:
+            table = config.extensions.get(spec.name, {})
+            if args.config is not None:
+                table = relative_to(Path(args.config).parent, table, spec.paths)
+            extension = spec.create(daemon, args, table)
+            if extension is not None:
+                daemon.add_extension(extension)
+    except (OSError, ValueError, EdgerunError) as exc:
         print(f"edgerun daemon: {exc}", file=sys.stderr)
         return 2
-    daemon = Daemon(config)
-    for spec in specs():
-        extension = spec.create(daemon, args, config.extensions.get(spec.name, {}))
-        if extension is not None:
-            daemon.add_extension(extension)
     daemon.run()
     return 0
+
+
+def relative_to(folder: Path, table: dict[str, Any], keys: tuple[str, ...]) -> dict[str, Any]:
+    """`table` with the relative paths under `keys` (one or a list) taken from `folder`."""
+    def resolved(value: Any) -> Any:
+        if isinstance(value, list):
+            return [resolved(item) for item in value]
+        return folder / Path(value).expanduser() if isinstance(value, str) else value
+
+    return {key: resolved(value) if key in keys else value for key, value in table.items()}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -6,6 +6,7 @@ other than those keys (`[ota]`, ...) are kept in `extensions` for the daemon's e
 
 from __future__ import annotations
 
+import os
 import sys
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
@@ -21,6 +22,7 @@ else:  # pragma: no cover - Python 3.10 (JetPack 6)
     import tomli as tomllib
 
 PROTOCOLS = ("auto", "5", "3.1.1")
+LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
 
 
 @dataclass(frozen=True)
@@ -78,16 +80,21 @@ class DaemonConfig:
     max_inbox: int = 1024
     #: SIGTERM waits this long for in-flight requests before publishing offline.
     drain_timeout: float = 10.0
+    #: The `edgerun` loggers' level (`--log-level`, or `log_level` in device.toml).
+    log_level: str = "info"
     #: Extra TOML tables (`[ota]`, ...) for the daemon's extensions.
     extensions: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        self._check_types()
         if not self.device_id or any(c in self.device_id for c in "/+#"):
             raise ValueError(f"device id {self.device_id!r} must be non-empty and hold no / + #")
         if any(c in self.group for c in "/+#"):
             raise ValueError(f"group {self.group!r} must hold no / + #")
         if self.protocol not in PROTOCOLS:
             raise ValueError(f"protocol must be one of {', '.join(PROTOCOLS)}")
+        if self.log_level not in LOG_LEVELS:
+            raise ValueError(f"log_level must be one of {', '.join(LOG_LEVELS)}")
         if self.qos not in (0, 1, 2):
             raise ValueError("qos must be 0, 1 or 2")
         if self.max_inbox < 1:
@@ -108,7 +115,27 @@ class DaemonConfig:
             raise ValueError("give password or password_file, not both")
         if self.password_file is not None:
             read_secret(self.password_file)  # a missing or unreadable file fails here, not later
+        for name in ("ca_file", "cert_file", "key_file"):
+            path = getattr(self, name)
+            if path is not None and not os.access(path, os.R_OK):
+                # paho's tls_set raised a bare "No such file or directory" inside the daemon
+                raise ValueError(f"{name} {str(path)!r} is not a readable file")
         Broker.parse(self.broker)
+
+    def _check_types(self) -> None:
+        """TOML gives what was written: "1024" or 30.5 where an integer belongs, 1234 where a
+        string does. Unchecked, they failed inside the daemon (a traceback, or a daemon that
+        stayed up but never subscribed)."""
+        for name, kind in _KINDS.items():
+            value = getattr(self, name)
+            if value is None and name in _OPTIONAL:
+                continue
+            if kind is int:
+                ok = isinstance(value, int) and not isinstance(value, bool)
+            else:
+                ok = isinstance(value, kind)
+            if not ok:
+                raise ValueError(f"{name} must be {_KIND_NAMES[kind]}, got {value!r}")
 
     @property
     def broker_address(self) -> Broker:
@@ -130,12 +157,26 @@ _DURATIONS = {"poll_interval": True, "keepalive": True, "session_expiry": True,
 
 
 
+#: The type each setting must have (durations are checked as numbers in `_DURATIONS`).
+_KINDS: dict[str, type] = {
+    "repository": Path, "broker": str, "device_id": str, "group": str, "data_dir": Path,
+    "device": str, "protocol": str, "qos": int, "keepalive": int, "session_expiry": int,
+    "username": str, "password": str, "password_file": Path, "ca_file": Path,
+    "cert_file": Path, "key_file": Path, "max_inbox": int, "log_level": str}
+_OPTIONAL = {"data_dir", "device", "username", "password", "password_file", "ca_file",
+             "cert_file", "key_file"}
+_KIND_NAMES = {str: "a string", int: "an integer", Path: "a path (a string)"}
 _PATHS = {"repository", "data_dir", "password_file", "ca_file", "cert_file", "key_file"}
 KEYS = {f.name for f in fields(DaemonConfig)} - {"extensions"}
 
 
 def load_config(path: Path | None = None, **overrides: Any) -> DaemonConfig:
-    """The file's settings (if any) with every override that is not None on top."""
+    """The file's settings (if any) with every override that is not None on top.
+
+    Relative paths in the file are relative to the file's folder (systemd starts the daemon
+    in /var/lib/edgerun, not beside /etc/edgerun/device.toml); those of flags, to the current
+    directory.
+    """
     data: dict[str, Any] = {}
     extensions: dict[str, dict[str, Any]] = {}
     if path is not None:
@@ -149,9 +190,14 @@ def load_config(path: Path | None = None, **overrides: Any) -> DaemonConfig:
                 extensions[key] = value
             else:
                 raise ValueError(f"{path}: unknown setting {key!r}; known: {', '.join(sorted(KEYS))}")
+            if key in _PATHS and isinstance(value, str):
+                data[key] = path.parent / Path(value).expanduser()
+            elif key == "device" and isinstance(value, str) and value.endswith(".toml"):
+                data[key] = str(path.parent / Path(value).expanduser())  # a profile's file
     data.update({k: v for k, v in overrides.items() if v is not None and k in KEYS})
     for key in _PATHS & data.keys():
-        data[key] = Path(data[key]).expanduser()
+        if isinstance(data[key], (str, Path)):
+            data[key] = Path(data[key]).expanduser()
     missing = [k for k in ("repository", "broker", "device_id") if not data.get(k)]
     if missing:
         raise ValueError(f"missing setting(s): {', '.join(missing)} (give the flags or put them "

@@ -37,6 +37,9 @@ class ExtensionSpec:
     name: str
     add_arguments: Callable[[argparse.ArgumentParser], None]
     create: Callable[["Daemon", argparse.Namespace, dict[str, Any]], "Extension | None"]
+    #: Keys of its table that hold paths (one or a list): relative ones are relative to
+    #: device.toml's folder, as the top-level settings' are.
+    paths: tuple[str, ...] = ()
 
 
 def specs() -> list[ExtensionSpec]:

@@ -73,10 +73,14 @@ def _create(daemon: Any, args: argparse.Namespace, table: dict[str, Any]) -> Ota
     if isinstance(keys, (str, Path)):
         keys = [keys]
     path = args.credential or table.get("credential")
+    if not isinstance(keys, list) or not all(isinstance(key, (str, Path)) for key in keys):
+        raise ValueError(f"[ota] trust must be a path or a list of paths, got {keys!r}")
+    if path is not None and not isinstance(path, (str, Path)):
+        raise ValueError(f"[ota] credential must be a path, got {path!r}")
     credential = read_secret(path) if path else None
     if credential is not None and not keys:
         use_credential(daemon, credential)
     return attach(daemon, keys, credential) if keys else None
 
 
-SPEC = ExtensionSpec("ota", _add_arguments, _create)
+SPEC = ExtensionSpec("ota", _add_arguments, _create, paths=("trust", "credential"))
