@@ -59,3 +59,38 @@ def int8_dense_tflite(weight: np.ndarray, bias: np.ndarray) -> bytes:
     builder = flatbuffers.Builder(1024)
     builder.Finish(model.Pack(builder), file_identifier=b"TFL3")
     return bytes(builder.Output())
+
+
+def int32_row_mixing_tflite(features: int = 4) -> bytes:
+    """y = x + sum(x, axis=0) on an int32 input whose batch dim is fixed at 1: one row gives 2x,
+    but a batch resized to two rows mixes them, as a graph that assumes batch 1 can."""
+    int32 = schema.TensorType.INT32
+    graph = schema.SubGraphT()
+    graph.tensors = [_tensor("x", [1, features], int32, 0, 0.0, 0),
+                     _tensor("axis", [1], int32, 1, 0.0, 0),
+                     _tensor("total", [1, features], int32, 0, 0.0, 0),
+                     _tensor("y", [1, features], int32, 0, 0.0, 0)]
+    for tensor in graph.tensors:
+        tensor.quantization = None
+    total = schema.OperatorT()
+    total.opcodeIndex, total.inputs, total.outputs = 0, [0, 1], [2]
+    total.builtinOptionsType = schema.BuiltinOptions.ReducerOptions
+    total.builtinOptions = schema.ReducerOptionsT()
+    total.builtinOptions.keepDims = True
+    add = schema.OperatorT()
+    add.opcodeIndex, add.inputs, add.outputs = 1, [0, 2], [3]
+    add.builtinOptionsType = schema.BuiltinOptions.AddOptions
+    add.builtinOptions = schema.AddOptionsT()
+    graph.inputs, graph.outputs, graph.operators, graph.name = [0], [3], [total, add], "main"
+    codes = []
+    for builtin in (schema.BuiltinOperator.SUM, schema.BuiltinOperator.ADD):
+        code = schema.OperatorCodeT()
+        code.builtinCode = code.deprecatedBuiltinCode = builtin
+        code.version = 1
+        codes.append(code)
+    model = schema.ModelT()
+    model.version, model.operatorCodes, model.subgraphs = 3, codes, [graph]
+    model.buffers = [_buffer(), _buffer(np.zeros(1, np.int32))]
+    builder = flatbuffers.Builder(1024)
+    builder.Finish(model.Pack(builder), file_identifier=b"TFL3")
+    return bytes(builder.Output())

@@ -103,11 +103,14 @@ def _spec(tensor: _Tensor, shape: list[int], batched: bool) -> TensorSpec:
     return TensorSpec(tensor.name, dtype, tuple(int(d) for d in shape), 0 if batched else None)
 
 
-def _sample(tensor: _Tensor, shape: list[int], rng: np.random.Generator) -> np.ndarray:
+def _sample(tensor: _Tensor, shape: list[int], rng: np.random.Generator,
+            row: int = 0) -> np.ndarray:
+    """A trial row; integer and bool rows hold their row number (0, 1: valid ids and flags),
+    so two rows differ and a graph that mixes them cannot pass for one that batches."""
     shape = [d if d > 0 else 1 for d in shape]
     if tensor.quantized or tensor.dtype.kind == "f":
         return rng.standard_normal(shape).astype(np.float32 if tensor.quantized else tensor.dtype)
-    return np.zeros(shape, tensor.dtype)
+    return np.full(shape, row, tensor.dtype)
 
 
 class _Slot:
@@ -156,8 +159,8 @@ class TFLiteBackend(Backend):
         if all(s[0] == -1 for s in shapes):
             return True
         rng = np.random.default_rng(0)
-        rows = [{t.name: _sample(t, [1, *ins[t.index][1:]], rng) for t in self._inputs}
-                for _ in range(2)]
+        rows = [{t.name: _sample(t, [1, *ins[t.index][1:]], rng, row) for t in self._inputs}
+                for row in range(2)]
         try:
             single = [self._invoke(slot, feed) for feed in rows]
             both = self._invoke(slot, {name: np.concatenate([r[name] for r in rows])
@@ -189,6 +192,14 @@ class TFLiteBackend(Backend):
         interpreter.invoke()
         return {t.name: t.from_tensor(interpreter.get_tensor(t.index)) for t in self._outputs}
 
+    def _empty(self, slot: _Slot, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """A batch of no rows: LiteRT's kernels (XNNPACK's among them) fail to resize to it, so
+        one row of zeros runs for the output shapes and no row of it is returned."""
+        one = {name: np.zeros((1, *a.shape[1:]) if a.ndim else (), a.dtype)
+               for name, a in inputs.items()}
+        return {name: out[:0] if out.ndim else out
+                for name, out in self._invoke(slot, one).items()}
+
     def conform(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """NaN in a quantized input refused: it has no integer value (the cast makes up one,
         and the answer looks plausible but is for some other input)."""
@@ -207,6 +218,8 @@ class TFLiteBackend(Backend):
             if slot is None:
                 slot = _Slot(_new_interpreter(self.model_path, self._threads))
             try:
+                if any(a.ndim and not a.shape[0] for a in inputs.values()):
+                    return self._empty(slot, inputs)
                 return self._invoke(slot, inputs)
             finally:
                 with self._lock:

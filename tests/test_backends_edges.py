@@ -1,0 +1,48 @@
+"""Edge cases of the TFLite and TVM backends on real models: what a batch, a dtype or a
+second caller must not change in anyone's answer."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from edgerun.runtime import InvalidInput, MicroBatcher, Model, create_bundle
+from edgerun.runtime.metrics import Registry
+from tests.tflite_models import int32_row_mixing_tflite
+
+
+def test_an_integer_model_that_mixes_rows_is_not_declared_batchable(tmp_path: Path):
+    # the batch trial fed two rows of zeros to integer inputs: identical rows hide a graph that
+    # mixes them, so the model was served batched and neighbours changed each other's answers
+    source = tmp_path / "mix.tflite"
+    source.write_bytes(int32_row_mixing_tflite())
+    model = Model.load(create_bundle(source, tmp_path / "b", name="mix", version="1"))
+    assert not model.signature.batchable
+    assert model.signature.inputs[0].shape == (1, 4)
+    rows = [np.array([[1, 2, 3, 4]], np.int32), np.array([[10, 20, 30, 40]], np.int32)]
+    with pytest.raises(InvalidInput, match=r"input 'x': dim 0 must be 1"):
+        model.predict({"x": np.concatenate(rows)})
+    with MicroBatcher(model, registry=Registry(), max_queue_delay_us=50_000) as batcher:
+        pending = [batcher.submit({"x": row}) for row in rows]
+        for row, answer in zip(rows, pending):
+            np.testing.assert_array_equal(answer.result()["y"], 2 * row)
+    model.close()
+
+
+def test_a_request_of_no_rows_gets_empty_outputs_and_the_next_one_its_answer(tmp_path: Path):
+    # LiteRT's XNNPACK delegate cannot resize a real graph to a batch of 0: the request was a
+    # 500 ("XNNPack delegate failed to reshape runtime"), naming no input
+    from tests.test_tflite import SELFIE, bare, images
+
+    create_bundle(SELFIE, tmp_path / "b", name="selfie", version="1")
+    model = Model.load(tmp_path / "b", intra_op_threads=1, instances=1)
+    x = images(2, seed=5)
+    empty = model.predict({"input_1": x[:0]})["activation_10"]
+    assert empty.shape == (0, 256, 256, 1) and empty.dtype == np.float32
+    np.testing.assert_allclose(model.predict({"input_1": x})["activation_10"], bare(SELFIE, x),
+                               rtol=1e-4, atol=1e-5)
+    with MicroBatcher(model, registry=Registry()) as batcher:
+        assert batcher.predict({"input_1": x[:0]})["activation_10"].shape == (0, 256, 256, 1)
+    model.close()
