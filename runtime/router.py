@@ -11,6 +11,7 @@ primary's and counted, never returned.
 from __future__ import annotations
 
 import hashlib
+import math
 import random
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -42,28 +43,54 @@ class ServedModel:
         self._weighted = [(v, w) for v, w in sorted(config.traffic.weights.items())
                           if v in versions and w > 0]
         self._total = sum(w for _, w in self._weighted)
+        # with no weighted version loaded, a version weighted 0 still gets nothing if any
+        # other can answer (`weights = { "2" = 0 }` sent every request to the latest, 2)
+        dark = {v for v, w in config.traffic.weights.items() if w <= 0}
+        self._fallback = versions[max((v for v in versions if v not in dark),
+                                      key=version_key, default=self.latest)]
+        # sticky keys by weighted rendezvous hashing: each version's score for a key depends
+        # on that version alone, so adding or removing one moves only the keys it gains or
+        # loses (the cumulative split moved keys between two versions that both stayed)
+        self._seeds = [(versions[v], hashlib.blake2b(f"{name}\0{v}\0".encode(), digest_size=8),
+                        1 / w) for v, w in self._weighted]
+        self._stuck: dict[str, ServedVersion] = {}  # keys seen, so a repeat costs no hashing
         shadow = config.traffic.shadow
         self.shadow = versions.get(shadow) if shadow is not None else None
 
     def pick(self, attributes: Attributes | None) -> ServedVersion:
         """The version for a request that names none: canary weights, sticky by key hash."""
         if not self._weighted:
-            return self.versions[self.latest]
+            return self._fallback
         sticky = self.config.traffic.sticky_key
         key = attributes(sticky.lower()) if sticky and attributes is not None else None
-        point = (unit_hash(f"{self.name}\0{key}") if key is not None
-                 else random.random()) * self._total
+        if key is not None:
+            served = self._stuck.get(key)
+            return served if served is not None else self._stick(key)
+        point = random.random() * self._total
         for version, weight in self._weighted:
             point -= weight
             if point < 0:
                 return self.versions[version]
         return self.versions[self._weighted[-1][0]]
 
+    def _stick(self, key: str) -> ServedVersion:
+        """The version with the lowest -ln(hash(version, key)) / weight: P = weight / total."""
+        data, log, from_bytes = key.encode(), math.log, int.from_bytes
+        best, low = self._seeds[0][0], math.inf
+        for served, seed, inverse in self._seeds:
+            digest = seed.copy()
+            digest.update(data)
+            score = (_LN_2_64 - log(from_bytes(digest.digest(), "big") + 0.5)) * inverse
+            if score < low:
+                best, low = served, score
+        if len(self._stuck) < _STUCK_KEYS and len(key) <= _STUCK_KEY_CHARS:
+            self._stuck[key] = best
+        return best
 
-def unit_hash(text: str) -> float:
-    """A stable hash in [0, 1)."""
-    digest = hashlib.blake2b(text.encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "big") / 2**64
+
+#: Sticky keys remembered per routing-table entry (a new table starts afresh), and the longest.
+_STUCK_KEYS, _STUCK_KEY_CHARS = 4096, 128
+_LN_2_64 = 64 * math.log(2)
 
 
 class Routed:
@@ -127,8 +154,14 @@ class Routed:
             count("error" if outputs is None else
                   "match" if same_outputs(primary, outputs) else "mismatch")
 
+        batcher = shadow.batcher
+        if (batcher.queue_depth + 1) * 2 > batcher.config.max_queue_size:
+            # copies may take at most half the queue: the shadow version may serve requests
+            # of its own, and a queue filled with copies answered those with Overloaded
+            count("dropped")
+            return
         try:
-            shadow.batcher.submit_callback(inputs, compared)
+            batcher.submit_callback(inputs, compared)
         except Overloaded:
             count("dropped")
         except EdgerunError:
