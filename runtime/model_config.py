@@ -102,6 +102,10 @@ class ModelConfig:
             raise ValueError(f"version_policy.latest must be an integer, got {latest!r}")
         if not isinstance(specific, list):  # "12" would serve versions 1 and 2
             raise ValueError(f"version_policy.specific must be a list, got {specific!r}")
+        if "specific" in policy and not specific:  # it served the newest version
+            raise ValueError("version_policy.specific must name at least one version")
+        if not all(isinstance(v, str) or is_integer(v) for v in specific):
+            raise ValueError(f"version_policy.specific must name versions, got {specific!r}")
         if not isinstance(every, bool):  # "false" would serve every version
             raise ValueError(f"version_policy.all must be true or false, got {every!r}")
         version_policy = VersionPolicy(latest=latest, specific=tuple(str(v) for v in specific),
@@ -122,6 +126,9 @@ class ModelConfig:
         weights = traffic.get("weights", {})
         if not isinstance(weights, dict):
             raise ValueError(f"traffic.weights must be a table, got {weights!r}")
+        shadow = traffic.get("shadow")
+        if shadow is not None and not (isinstance(shadow, str) or is_integer(shadow)):
+            raise ValueError(f"traffic.shadow must be a version, like \"2\", got {shadow!r}")
         sticky_key = traffic.get("sticky_key")
         if sticky_key is not None and not isinstance(sticky_key, str):
             raise ValueError(f"traffic.sticky_key must be a string, got {sticky_key!r}")
@@ -137,8 +144,7 @@ class ModelConfig:
             version_policy=version_policy, batching=BatchingConfig(**merged),
             instances=None if instances is None else int(instances),
             traffic=TrafficPolicy(weights=weights, sticky_key=sticky_key,
-                                  shadow=None if traffic.get("shadow") is None
-                                  else str(traffic["shadow"])))
+                                  shadow=None if shadow is None else str(shadow)))
 
 
 #: What each batching knob takes; BatchingConfig compares them, so NaN and 2.5 passed it.

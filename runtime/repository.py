@@ -212,6 +212,10 @@ class Repository:
             log.error("model %s: %s", name, exc)
             return False
         wanted = self.source.wanted(name, config)
+        if served is None and not wanted:  # as in `_load`: no version, so nothing to wait for
+            with self._load_lock:
+                self._attempted.discard(name)
+            return False
         if served is not None and served.config != config:
             return True
         missing = [v for v in wanted if served is None or v not in served.versions]

@@ -56,6 +56,10 @@ def test_semver_pre_releases_and_build_metadata_order_as_semver_says():
     ("version_policy = { latest = '2' }", "latest must be an integer"),
     ("[traffic]\nweights = [1]", "weights must be a table"),
     ("[traffic]\nsticky_key = 5", "sticky_key must be a string"),
+    # an empty list served the newest version; a list for shadow became "['2']", never shadowed
+    ("version_policy = { specific = [] }", "specific must name at least one version"),
+    ("version_policy = { specific = [['1']] }", "specific must name versions"),
+    ("[traffic]\nshadow = ['2']", "shadow must be a version"),
 ])
 def test_bad_config_is_refused_naming_the_file_and_key(tmp_path, text, message):
     (tmp_path / "config.toml").write_text(text)
@@ -193,6 +197,9 @@ def test_readiness_follows_the_models_it_tried_not_a_fresh_listing(repo_dir):
     (repo_dir / "broken" / "1" / "model.onnx").write_bytes(b"not onnx")
     repository.poll_once()  # tried and failed: not ready, as with a failure at start
     assert not repository.ready
+    shutil.rmtree(repo_dir / "broken" / "1")  # its versions taken away, its folder left
+    repository.poll_once()
+    assert repository.ready, "nothing of it to serve: not a model to wait for"
     shutil.rmtree(repo_dir / "broken")
     repository.poll_once()
     assert repository.ready
