@@ -7,6 +7,8 @@ it. Interim answers (`100 Continue`) are never held: the client waits for them.
 
 A client that goes away while its request waits for a batch has the request withdrawn: uvicorn
 only marks the request disconnected, so it would take its place in a forward pass for nobody.
+The connection reads on while a request waits (uvicorn pauses reading behind a big body or a
+pipelined request), since a paused transport never sees the close.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 
 from edgerun.adapters.http.asgi import CLIENT_GONE
 
@@ -86,13 +88,39 @@ class OneSendProtocol(HttpToolsProtocol):
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(_OneSendTransport(transport))  # type: ignore[arg-type]
         self.tasks = _Tasks(self.server_state.tasks)  # type: ignore[assignment]
+        #: The request whose task runs: with requests pipelined behind it, `self.cycle` is
+        #: the newest one parsed, not this one.
+        self.running: RequestResponseCycle | None = None
 
     def connection_lost(self, exc: Exception | None) -> None:
-        cycle, task = self.cycle, self.tasks.newest  # type: ignore[attr-defined]
+        cycle, task = self.running, self.tasks.newest  # type: ignore[attr-defined]
         super().connection_lost(exc)
         if cycle is not None and not cycle.response_complete and task is not None:
+            # uvicorn marks only `self.cycle` disconnected; unmarked, the cancelled request
+            # would be answered with a 500 written to the closed transport.
+            cycle.disconnected = True
             task.cancel(CLIENT_GONE)
+
+    # Both read on while a request waits, so a client that goes away is seen: a paused
+    # transport never reads the close. uvicorn pauses reading for a request pipelined behind
+    # the running one and past a body's 64 KiB high-water mark, and resumes it only for the
+    # answer. Here a whole body, or the head of one pipelined request, reads on; a body still
+    # coming over the mark, or a second pipelined request, keeps it paused: the bound on
+    # what one connection buffers.
+    def on_headers_complete(self) -> None:
+        super().on_headers_complete()
+        if not self.pipeline:  # started at once: the running request
+            self.running = self.cycle
+        elif len(self.pipeline) == 1:
+            self.flow.resume_reading()
+
+    def on_message_complete(self) -> None:
+        super().on_message_complete()
+        if len(self.pipeline) <= 1:
+            self.flow.resume_reading()
 
     def on_response_complete(self) -> None:
         self.transport.response_done()  # type: ignore[attr-defined]
+        if self.pipeline:  # the next one starts now (or never: the connection is closing)
+            self.running = self.pipeline[-1][0]
         super().on_response_complete()

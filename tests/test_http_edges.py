@@ -1,0 +1,293 @@
+"""The server's front doors at their edges: a real `edgerun serve` on loopback, raw sockets
+(pipelining, half-closes, disconnects mid-body and mid-response), tritonclient over gRPC."""
+
+from __future__ import annotations
+
+import json
+import re
+import signal
+import socket
+import struct
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import tritonclient.grpc as tgrpc
+from tritonclient.utils import InferenceServerException
+
+from edgerun.examples import mlp_onnx
+from tests.fleet_sim import wait_for
+from tests.helpers import identity_onnx
+from tests.serving import add_version, running_server
+
+PATIENT = "[batching]\nmax_queue_delay_us = 60000000\n"
+PATIENT_LABELS = {"model": "patient", "version": "1"}
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("edges") / "models"
+    add_version(root, "mlp", "1", mlp_onnx([8, 16, 4]))
+    add_version(root, "patient", "1", identity_onnx("float32", ["b", "n"]))
+    (root / "patient" / "config.toml").write_text(PATIENT)
+    return root
+
+
+@pytest.fixture(scope="module")
+def server(repo):
+    with running_server(repo, "--max-body-bytes", str(8 << 20), grpc=True) as running:
+        yield running
+
+
+def metric(server, name: str, **labels) -> float:
+    text = httpx.get(server.url + "/metrics").text
+    wanted = ",".join(f'{k}="{v}"' for k, v in labels.items())
+    found = re.search(rf"^{re.escape(name)}\{{{re.escape(wanted)}\}} (\S+)$", text, re.M)
+    return float(found.group(1)) if found else 0.0
+
+
+def oip(name: str, shape: list, data) -> bytes:
+    return json.dumps({"inputs": [{"name": name, "datatype": "FP32", "shape": shape,
+                                   "data": data}]}).encode()
+
+
+def request(method: str, path: str, body: bytes = b"", *headers: str) -> bytes:
+    lines = [f"{method} {path} HTTP/1.1", "Host: edgerun", *headers]
+    if body or method == "POST":
+        lines.append(f"Content-Length: {len(body)}")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
+
+
+def patient_request(columns: int = 2) -> bytes:
+    return request("POST", "/v2/models/patient/infer", oip("x", [1, columns], [1] * columns))
+
+
+def read_answer(sock: socket.socket, buffer: bytes = b"",
+                head_only: bool = False) -> tuple[bytes, bytes, bytes]:
+    """One response off a socket: its head, its body (none for HEAD), and what came after."""
+    while b"\r\n\r\n" not in buffer:
+        data = sock.recv(1 << 16)
+        assert data, f"connection closed after {buffer!r}"
+        buffer += data
+    head, _, rest = buffer.partition(b"\r\n\r\n")
+    found = re.search(rb"\r\ncontent-length: (\d+)", head, re.I)
+    length = int(found.group(1)) if found and not head_only else 0
+    while len(rest) < length:
+        data = sock.recv(1 << 16)
+        assert data, "connection closed mid-body"
+        rest += data
+    return head, rest[:length], rest[length:]
+
+
+def counts(server) -> tuple[float, float, float]:
+    """Patient's queue depth, in-flight requests and cancelled requests."""
+    return (metric(server, "edgerun_queue_depth", **PATIENT_LABELS),
+            metric(server, "edgerun_inflight_requests", **PATIENT_LABELS),
+            metric(server, "edgerun_requests_total", **PATIENT_LABELS, transport="http",
+                   outcome="cancelled"))
+
+
+def settled(server, cancelled: float, expected: int, logged: int) -> None:
+    """The patient queue empty again, nothing in flight, `expected` more cancelled, and
+    nothing logged since `logged` (no request task that ended in an error)."""
+    wait_for(lambda: counts(server)[:2] == (0, 0), 10, "patient's queue to empty")
+    assert counts(server)[2] == cancelled + expected
+    quiet(server, logged)
+
+
+def quiet(server, logged: int) -> None:
+    """Nothing logged since `logged` characters, once the server has answered another
+    request (and collected what the closed connections left)."""
+    assert httpx.get(server.url + "/v2/health/live").status_code == 200
+    time.sleep(0.3)
+    assert server.output()[logged:] == ""
+
+
+# ----------------------------------------------------------------------- disconnects
+def test_pipelined_requests_then_close_withdraw_the_running_one_quietly(server):
+    """Two requests in one write, then a close: uvicorn marks only the newest parsed request
+    disconnected, so the cancelled running one was taken for an app that returned without an
+    answer (logged as an error, a 500 written to the closed transport, a task exception)."""
+    cancelled, logged = counts(server)[2], len(server.output())
+    with socket.create_connection(("127.0.0.1", server.port)) as sock:
+        sock.sendall(patient_request() + patient_request())
+        wait_for(lambda: counts(server)[0] == 1, 10, "the first request to queue")
+    settled(server, cancelled, 1, logged)  # the second never started: nothing to count
+
+
+def test_pipelined_quick_then_queued_request_then_close(server):
+    cancelled, logged = counts(server)[2], len(server.output())
+    with socket.create_connection(("127.0.0.1", server.port)) as sock:
+        sock.sendall(request("GET", "/v2/health/live") + patient_request())
+        wait_for(lambda: counts(server)[0] == 1, 10, "the second request to queue")
+    settled(server, cancelled, 1, logged)
+
+
+def test_a_reset_connection_withdraws_its_request(server):
+    cancelled, logged = counts(server)[2], len(server.output())
+    sock = socket.create_connection(("127.0.0.1", server.port))
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.sendall(patient_request())
+    wait_for(lambda: counts(server)[0] == 1, 10, "the request to queue")
+    sock.close()  # RST, not FIN
+    settled(server, cancelled, 1, logged)
+
+
+def test_a_half_close_is_a_client_gone(server):
+    """A FIN after a full request reads as the client gone (the server cannot tell a
+    half-close from a close): withdrawn and counted, quietly."""
+    cancelled, logged = counts(server)[2], len(server.output())
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        sock.sendall(patient_request())
+        wait_for(lambda: counts(server)[0] == 1, 10, "the request to queue")
+        sock.shutdown(socket.SHUT_WR)
+        assert sock.recv(1 << 16) == b""
+    settled(server, cancelled, 1, logged)
+
+
+def test_a_disconnect_mid_body_is_quiet(server):
+    cancelled, logged = counts(server)[2], len(server.output())
+    with socket.create_connection(("127.0.0.1", server.port)) as sock:
+        sock.sendall(patient_request()[:-5])
+        time.sleep(0.3)
+    settled(server, cancelled, 0, logged)  # never reached the data plane
+
+
+def test_a_disconnect_while_a_big_body_decodes_withdraws_it(server):
+    cancelled, logged = counts(server)[2], len(server.output())
+    with socket.create_connection(("127.0.0.1", server.port)) as sock:
+        sock.sendall(patient_request(400_000))  # 1.2 MB: decoded on the big-body thread
+        time.sleep(0.05)
+    settled(server, cancelled, 1, logged)
+
+
+@pytest.mark.parametrize("columns", [250_000, 400_000])  # 750 KB decoded on the loop; 1.2 MB off
+def test_a_client_that_leaves_a_queued_request_with_a_big_body_has_it_withdrawn(server, columns):
+    """uvicorn pauses reading once a body passes 64 KiB and resumed it only for the answer:
+    a paused transport never read the close, so the request stayed queued for nobody."""
+    cancelled, logged = counts(server)[2], len(server.output())
+    with socket.create_connection(("127.0.0.1", server.port)) as sock:
+        sock.sendall(patient_request(columns))
+        wait_for(lambda: counts(server)[0] == 1, 10, "the request to queue")
+    settled(server, cancelled, 1, logged)
+
+
+def test_a_client_that_pipelines_behind_a_queued_request_then_leaves(server):
+    cancelled, logged = counts(server)[2], len(server.output())
+    with socket.create_connection(("127.0.0.1", server.port)) as sock:
+        sock.sendall(patient_request())
+        wait_for(lambda: counts(server)[0] == 1, 10, "the first request to queue")
+        sock.sendall(patient_request())
+        time.sleep(0.2)
+    settled(server, cancelled, 1, logged)
+
+
+def test_a_disconnect_during_response_writes_is_quiet(server):
+    """Pipelined requests with big answers, never read (the server's writes pause), closed."""
+    logged = len(server.output())
+    one = request("POST", "/v2/models/mlp/infer", oip("x", [2000, 8], [0.5] * 16000))
+    with socket.create_connection(("127.0.0.1", server.port)) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.sendall(one * 30)
+        time.sleep(1)
+    quiet(server, logged)
+
+
+# ------------------------------------------------------------------ answers on the wire
+def test_head_and_405_answers(server):
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        sock.sendall(request("HEAD", "/v2/models/mlp/infer"))
+        head, _, rest = read_answer(sock, head_only=True)
+        assert head.startswith(b"HTTP/1.1 405") and b"\r\nallow: POST\r\n" in head
+        assert b"\r\nx-request-id: " in head
+        sock.sendall(request("HEAD", "/v2/models/mlp"))
+        head, _, rest = read_answer(sock, rest, head_only=True)
+        assert head.startswith(b"HTTP/1.1 200")
+        sock.sendall(request("DELETE", "/v2/health/live"))
+        head, body, rest = read_answer(sock, rest)
+        assert head.startswith(b"HTTP/1.1 405") and b"\r\nallow: GET, HEAD\r\n" in head
+        assert json.loads(body) == {"error": "method DELETE is not allowed on /v2/health/live"}
+        assert rest == b""
+
+
+def test_keep_alive_connection_serves_on_after_error_answers(server):
+    asked = [(request("POST", "/v2/models/mlp/infer", b"{broken"), 400),
+             (request("GET", "/nowhere"), 404),
+             (request("PUT", "/v2/models/mlp/infer", b"x"), 405),
+             (request("POST", "/v2/models/mlp/infer", b"x" * (9 << 20)), 413),
+             (request("POST", "/v2/models/mlp/infer", b"xx", "Content-Encoding: br"), 415),
+             (request("POST", "/v2/models/nope/infer", b"{}"), 404),
+             (request("POST", "/v2/models/mlp/infer", oip("x", [1, 8], [0] * 8)), 200)]
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        rest = b""
+        for one, status in asked:
+            sock.sendall(one)
+            head, _, rest = read_answer(sock, rest)
+            assert head.startswith(b"HTTP/1.1 %d" % status), head
+
+
+# ----------------------------------------------------------------------------- gRPC
+def test_grpc_cancel_and_deadline_withdraw_the_request(server):
+    client = tgrpc.InferenceServerClient(server.grpc_address)
+    grpc_labels = {**PATIENT_LABELS, "transport": "grpc"}
+    cancelled = metric(server, "edgerun_requests_total", **grpc_labels, outcome="cancelled")
+    late = metric(server, "edgerun_requests_total", **grpc_labels, outcome="deadline_exceeded")
+    x = tgrpc.InferInput("x", [1, 2], "FP32")
+    x.set_data_from_numpy(np.ones((1, 2), np.float32))
+    future = client.async_infer("patient", [x], callback=lambda *_: None)
+    wait_for(lambda: counts(server)[0] == 1, 10, "the gRPC request to queue")
+    future.cancel()
+    wait_for(lambda: counts(server)[:2] == (0, 0), 10, "the cancelled call to leave the queue")
+    assert metric(server, "edgerun_requests_total", **grpc_labels,
+                  outcome="cancelled") == cancelled + 1
+    with pytest.raises(InferenceServerException) as caught:
+        client.infer("patient", [x], client_timeout=0.5)
+    assert caught.value.status() == "StatusCode.DEADLINE_EXCEEDED"
+    wait_for(lambda: counts(server)[:2] == (0, 0), 10, "the late call to leave the queue")
+    assert metric(server, "edgerun_requests_total", **grpc_labels,
+                  outcome="deadline_exceeded") == late + 1
+
+
+# --------------------------------------------------------------------------- SIGTERM
+SLOW = "[batching]\nmax_batch_size = 8\nmax_queue_delay_us = 1500000\nmax_queue_size = 16\n"
+
+
+@pytest.mark.parametrize("grpc", [False, True])
+def test_sigterm_answers_every_queued_request_and_exits_0(tmp_path, grpc):
+    root = tmp_path / "models"
+    add_version(root, "slow", "1", identity_onnx("float32", ["b", 2]))
+    (root / "slow" / "config.toml").write_text(SLOW)
+    body = oip("x", [1, 2], [1, 2])
+    one = request("POST", "/v2/models/slow/infer", body)
+    answers: list = []
+
+    def pipelined(port: int) -> None:
+        with socket.create_connection(("127.0.0.1", port), timeout=20) as sock:
+            sock.sendall(one + one)
+            head, _, rest = read_answer(sock)
+            second, _, _ = read_answer(sock, rest)
+            answers.extend([head.split(b"\r\n")[0], second.split(b"\r\n")[0]])
+
+    with running_server(root, grpc=grpc) as server:
+        threads = [threading.Thread(target=pipelined, args=(server.port,))]
+        threads += [threading.Thread(target=lambda: answers.append(httpx.post(
+            server.url + "/v2/models/slow/infer", content=body, timeout=20).status_code))
+            for _ in range(3)]
+        if grpc:
+            client = tgrpc.InferenceServerClient(server.grpc_address)
+            x = tgrpc.InferInput("x", [1, 2], "FP32")
+            x.set_data_from_numpy(np.ones((1, 2), np.float32))
+            threads += [threading.Thread(target=lambda: answers.append(
+                client.infer("slow", [x]).as_numpy("y").tolist())) for _ in range(2)]
+        for thread in threads:
+            thread.start()
+        time.sleep(0.5)
+        server.process.send_signal(signal.SIGTERM)
+        for thread in threads:
+            thread.join(30)
+        assert server.process.wait(30) == 0, server.output()
+    assert sorted(map(str, answers)) == sorted(
+        map(str, [200] * 3 + [b"HTTP/1.1 200 OK"] * 2 + [[[1.0, 1.0]]] * (2 if grpc else 0)))
