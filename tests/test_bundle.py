@@ -443,25 +443,3 @@ def test_a_manifest_naming_one_input_twice_is_refused(mlp_bundle):
     path.write_text(json.dumps(manifest))
     with pytest.raises(BundleError, match="inputs names a tensor twice"):
         Bundle.open(mlp_bundle.path)
-
-
-@pytest.mark.parametrize("text, message", [
-    # NaN passed BatchingConfig's comparisons: a lone request then waited forever; inf
-    # overflowed the batcher's timer on the first request
-    ("[batching]\nmax_queue_delay_us = nan", "batching.max_queue_delay_us must be a finite"),
-    ("[batching]\nmax_queue_delay_us = inf", "batching.max_queue_delay_us must be a finite"),
-    ("[batching]\nmax_batch_size = 2.5", "batching.max_batch_size must be an integer"),
-    ("[batching]\nmax_queue_size = true", "batching.max_queue_size must be an integer"),
-    # these were refused, but as "'int' object is not iterable" or "invalid literal for int()"
-    ("[batching]\npreferred_batch_sizes = 5", "batching.preferred_batch_sizes must be a list"),
-    ("instances = 'x'", "instances must be an integer, got 'x'"),
-    ("instances = 1.5", "instances must be an integer, got 1.5"),
-    ("batching = 5", "batching must be a table"),
-])
-def test_a_config_value_of_the_wrong_type_is_refused_naming_its_key(tmp_path, text, message):
-    from edgerun.runtime.model_config import ModelConfig
-
-    (tmp_path / "config.toml").write_text(text)
-    with pytest.raises(BundleError, match=message) as info:
-        ModelConfig.load(tmp_path)
-    assert "config.toml" in str(info.value)

@@ -340,7 +340,8 @@ def test_failures_over_the_threshold_abort_and_roll_back(tmp_path, server, fleet
         status = server.wait_rollout(status["id"])
     assert status["state"] == "aborted" and "over max-failures 20%" in status["reason"]
     states = job_states(status)
-    assert [states[d.device_id] for d in updated] == ["rolled_back"] * 3, status
+    jobs = {j["device_id"]: (j["state"], j.get("kind"), j.get("detail")) for j in status["jobs"]}
+    assert [states[d.device_id] for d in updated] == ["rolled_back"] * 3, jobs
     # the abort may catch the last refusing device mid-job: it then gets a rollback too
     refused = [states[d.device_id] for d in refusing]
     assert refused.count("failed") >= 2 and set(refused) <= {"failed", "rolled_back"}

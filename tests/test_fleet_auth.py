@@ -58,7 +58,7 @@ def call(server, method, path, token=None, **kw):
 
 
 def test_health_is_open_and_every_other_route_needs_a_token(secured):
-    server, secrets = secured["server"], secured["secrets"]
+    server = secured["server"]
     assert call(server, "GET", "/health").status_code == 200
     for method, path, scope in ROUTES:
         answer = call(server, method, path)

@@ -60,6 +60,17 @@ def test_semver_pre_releases_and_build_metadata_order_as_semver_says():
     ("version_policy = { specific = [] }", "specific must name at least one version"),
     ("version_policy = { specific = [['1']] }", "specific must name versions"),
     ("[traffic]\nshadow = ['2']", "shadow must be a version"),
+    # NaN passed BatchingConfig's comparisons: a lone request then waited forever; inf
+    # overflowed the batcher's timer on the first request
+    ("[batching]\nmax_queue_delay_us = nan", "batching.max_queue_delay_us must be a finite"),
+    ("[batching]\nmax_queue_delay_us = inf", "batching.max_queue_delay_us must be a finite"),
+    ("[batching]\nmax_batch_size = 2.5", "batching.max_batch_size must be an integer"),
+    ("[batching]\nmax_queue_size = true", "batching.max_queue_size must be an integer"),
+    # these were refused, but as "'int' object is not iterable" or "invalid literal for int()"
+    ("[batching]\npreferred_batch_sizes = 5", "batching.preferred_batch_sizes must be a list"),
+    ("instances = 'x'", "instances must be an integer, got 'x'"),
+    ("instances = 1.5", "instances must be an integer, got 1.5"),
+    ("batching = 5", "batching must be a table"),
 ])
 def test_bad_config_is_refused_naming_the_file_and_key(tmp_path, text, message):
     (tmp_path / "config.toml").write_text(text)
