@@ -28,6 +28,11 @@ _KIND_NAMES = {str: "a string", int: "an integer", bool: "true or false",
                tuple: "a list of strings", dict: "a table"}
 
 
+def is_integer(value: Any) -> bool:
+    """An int from JSON or TOML, not a bool (True is an int to Python)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 @dataclass(frozen=True)
 class DeviceProfile:
     """How to run on one kind of device: execution providers in order of preference, threads."""
@@ -90,7 +95,7 @@ class DeviceProfile:
             if kind is tuple:
                 ok = isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value)
             elif kind is int:
-                ok = isinstance(value, int) and not isinstance(value, bool)
+                ok = is_integer(value)
             else:
                 ok = isinstance(value, kind)
             if not ok:

@@ -25,6 +25,7 @@ import numpy as np
 
 from edgerun import __version__
 from edgerun.devices import DeviceProfile, load_profile
+from edgerun.devices.profile import is_integer
 from edgerun.runtime import archive
 from edgerun.runtime.backends import backend_class, backend_for_file
 from edgerun.runtime.errors import BundleError
@@ -141,11 +142,6 @@ class Manifest:
             raise
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise BundleError(f"manifest is malformed: {type(exc).__name__}: {exc}") from exc
-
-
-def is_integer(value: Any) -> bool:
-    """An int from JSON or TOML, not a bool (True is an int to Python)."""
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _tensors(data: Mapping[str, Any], key: str) -> tuple[TensorSpec, ...]:

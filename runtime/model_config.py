@@ -24,7 +24,8 @@ from pathlib import Path
 from typing import Any
 
 from edgerun.runtime.batcher import BatchingConfig
-from edgerun.runtime.bundle import is_integer, version_key
+from edgerun.devices.profile import is_integer
+from edgerun.runtime.bundle import version_key
 from edgerun.runtime.errors import BundleError
 
 if sys.version_info >= (3, 11):
@@ -98,7 +99,7 @@ class ModelConfig:
             raise ValueError("version_policy takes one of latest, specific or all")
         latest, specific, every = (policy.get("latest", 1), policy.get("specific", []),
                                    policy.get("all", False))
-        if isinstance(latest, bool) or not isinstance(latest, int):
+        if not is_integer(latest):
             raise ValueError(f"version_policy.latest must be an integer, got {latest!r}")
         if not isinstance(specific, list):  # "12" would serve versions 1 and 2
             raise ValueError(f"version_policy.specific must be a list, got {specific!r}")

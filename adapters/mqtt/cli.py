@@ -11,9 +11,8 @@ import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
-from edgerun.adapters.mqtt.config import LOG_LEVELS, PROTOCOLS, load_config
+from edgerun.adapters.mqtt.config import LOG_LEVELS, PROTOCOLS, load_config, relative_to
 from edgerun.adapters.mqtt.extensions import specs
 from edgerun.runtime.errors import EdgerunError
 
@@ -83,16 +82,6 @@ def run(args: argparse.Namespace) -> int:
         return 2
     daemon.run()
     return 0
-
-
-def relative_to(folder: Path, table: dict[str, Any], keys: tuple[str, ...]) -> dict[str, Any]:
-    """`table` with the relative paths under `keys` (one or a list) taken from `folder`."""
-    def resolved(value: Any) -> Any:
-        if isinstance(value, list):
-            return [resolved(item) for item in value]
-        return folder / Path(value).expanduser() if isinstance(value, str) else value
-
-    return {key: resolved(value) if key in keys else value for key, value in table.items()}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Collection
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
 from edgerun.adapters.auth.tokens import read_secret
+from edgerun.devices.profile import is_integer
 from edgerun.runtime.model_config import finite_number
 
 if sys.version_info >= (3, 11):
@@ -130,10 +132,7 @@ class DaemonConfig:
             value = getattr(self, name)
             if value is None and name in _OPTIONAL:
                 continue
-            if kind is int:
-                ok = isinstance(value, int) and not isinstance(value, bool)
-            else:
-                ok = isinstance(value, kind)
+            ok = is_integer(value) if kind is int else isinstance(value, kind)
             if not ok:
                 raise ValueError(f"{name} must be {_KIND_NAMES[kind]}, got {value!r}")
 
@@ -170,6 +169,16 @@ _PATHS = {"repository", "data_dir", "password_file", "ca_file", "cert_file", "ke
 KEYS = {f.name for f in fields(DaemonConfig)} - {"extensions"}
 
 
+def relative_to(folder: Path, table: dict[str, Any], keys: Collection[str]) -> dict[str, Any]:
+    """`table` with the relative paths under `keys` (one or a list) taken from `folder`."""
+    def resolved(value: Any) -> Any:
+        if isinstance(value, list):
+            return [resolved(item) for item in value]
+        return folder / Path(value).expanduser() if isinstance(value, str) else value
+
+    return {key: resolved(value) if key in keys else value for key, value in table.items()}
+
+
 def load_config(path: Path | None = None, **overrides: Any) -> DaemonConfig:
     """The file's settings (if any) with every override that is not None on top.
 
@@ -190,10 +199,10 @@ def load_config(path: Path | None = None, **overrides: Any) -> DaemonConfig:
                 extensions[key] = value
             else:
                 raise ValueError(f"{path}: unknown setting {key!r}; known: {', '.join(sorted(KEYS))}")
-            if key in _PATHS and isinstance(value, str):
-                data[key] = path.parent / Path(value).expanduser()
-            elif key == "device" and isinstance(value, str) and value.endswith(".toml"):
-                data[key] = str(path.parent / Path(value).expanduser())  # a profile's file
+        data = relative_to(path.parent, data, _PATHS)
+        device = data.get("device")
+        if isinstance(device, str) and device.endswith(".toml"):  # a profile's file
+            data["device"] = str(path.parent / Path(device).expanduser())
     data.update({k: v for k, v in overrides.items() if v is not None and k in KEYS})
     for key in _PATHS & data.keys():
         if isinstance(data[key], (str, Path)):
