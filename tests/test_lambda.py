@@ -145,6 +145,58 @@ def test_rest_api_behind_a_custom_domains_base_path_is_routed(handler, reference
     assert handler(event, Context())["statusCode"] == 200
 
 
+def http_api_on_stage(stage: str, body: str, method: str = "POST",
+                      path: str = "/v2/models/mlp/infer", domain: str | None = None) -> dict:
+    """An HTTP API (payload 2.0) event for a request to a named stage: at the API's own
+    endpoint, https://API_ID.execute-api.REGION.amazonaws.com/STAGE/..., API Gateway keeps the
+    stage in front of `rawPath` and `requestContext.http.path`; through a custom domain the
+    stage is not in the path."""
+    event = http_event("apigw_v2", body, method,
+                       path if domain else f"/{stage}{path}")
+    event["requestContext"]["stage"] = stage
+    if domain:
+        event["requestContext"]["domainName"] = event["headers"]["host"] = domain
+        event["requestContext"]["domainPrefix"] = domain.split(".")[0]
+    return event
+
+
+@pytest.mark.parametrize("stage", ["prod", "v2"])
+def test_http_api_on_a_named_stage_is_routed(handler, reference, stage):
+    """Deployed to a stage other than $default, the HTTP API's event has `rawPath`
+    /prod/v2/models/mlp/infer: no route matched it, and every request was answered 404."""
+    x = rows(2, seed=12)
+    event = http_api_on_stage(stage, infer_body(x))
+    assert event["rawPath"] == event["requestContext"]["http"]["path"] == \
+        f"/{stage}/v2/models/mlp/infer"
+    answer = handler(event, Context())
+    assert answer["statusCode"] == 200, answer["body"]
+    np.testing.assert_allclose(outputs(answer["body"]), reference(x), rtol=1e-5, atol=1e-6)
+    ready = handler(http_api_on_stage(stage, "", "GET", "/v2/health/ready"), Context())
+    assert ready["statusCode"] == 200, ready["body"]
+    unknown = handler(http_api_on_stage(stage, "", "GET", "/v2/nothing"), Context())
+    assert unknown["statusCode"] == 404
+    # through a custom domain the path has no stage, even one named like a route's start
+    answer = handler(http_api_on_stage(stage, infer_body(x), domain="api.example.com"),
+                     Context())
+    assert answer["statusCode"] == 200, answer["body"]
+    # the same API on its $default stage and a Function URL are served as they were
+    assert handler(http_event("apigw_v2", infer_body(x)), Context())["statusCode"] == 200
+    assert handler(http_event("function_url", infer_body(x)), Context())["statusCode"] == 200
+
+
+def test_http_api_payload_1_on_a_named_stage_is_routed(handler, reference):
+    """An HTTP API integration may ask for payload format 1.0: then `path` has the stage in
+    front, and the $default route gives no {proxy+} parameter to take the path from."""
+    x = rows(1, seed=13)
+    event = http_event("apigw_v1", infer_body(x), path="/prod/v2/models/mlp/infer")
+    event.update({"version": "1.0", "resource": "$default", "pathParameters": None})
+    event["requestContext"].update({"stage": "prod", "resourcePath": "$default",
+                                    "path": "/prod/v2/models/mlp/infer"})
+    answer = handler(event, Context())
+    assert answer["statusCode"] == 200, answer["body"]
+    np.testing.assert_allclose(outputs(answer["body"]), reference(x), rtol=1e-5, atol=1e-6)
+
+
 def test_http_routes_and_errors_match_the_fleet_server(handler):
     ready = handler(http_event("apigw_v2", "", "GET", "/v2/health/ready"), Context())
     assert (ready["statusCode"], json.loads(ready["body"])) == (200, {"ready": True})
@@ -269,6 +321,119 @@ def test_a_failed_records_log_line_names_its_request_id(handler, caplog):
              if r.name == "edgerun.adapters.aws_lambda.handler"]
     assert {(line["item"], line["request_id"]) for line in lines} == {
         (f"message-{i}", f"sender-{i}") for i in range(3)}
+
+
+FIFO_ARN = "arn:aws:sqs:us-east-2:123456789012:edgerun-requests.fifo"
+
+
+def fifo_event(bodies: list[str], arn: str | None = FIFO_ARN, group: str | None = "tenant-1",
+               attributes: dict[int, dict] | None = None) -> dict:
+    """An SQS batch as Lambda delivers a FIFO queue's: the queue's ARN ends in .fifo and each
+    record carries its group, sequence number and deduplication id."""
+    event = sqs_event(bodies, attributes)
+    for i, record in enumerate(event["Records"]):
+        if arn is None:
+            del record["eventSourceARN"]
+        else:
+            record["eventSourceARN"] = arn
+        if group is not None:
+            record["attributes"].update({
+                "MessageGroupId": group, "MessageDeduplicationId": f"dedup-{i}",
+                "SequenceNumber": f"186472918648920090{i:02d}"})
+    return event
+
+
+def rows_run(handler) -> float:
+    return handler.plane.repository.get("mlp").batcher.metrics.batch_size.sum
+
+
+@pytest.mark.parametrize("arn, group", [(FIFO_ARN, "tenant-1"), (FIFO_ARN, None),
+                                        (None, "tenant-1")])
+def test_a_fifo_batch_stops_at_its_first_failed_record(handler, caplog, arn, group):
+    """AWS: with partial batch responses on a FIFO queue, the function stops at the first
+    failure and reports it and every later record. Each record was judged alone, so the
+    records after a failed one were run and deleted from the queue before it: its message
+    group processed out of order."""
+    bodies = [infer_body(rows(1, seed=i)) for i in range(2)] + [infer_body(rows(1), name="z")]
+    bodies += [infer_body(rows(2, seed=i)) for i in range(3)]
+    before = rows_run(handler)
+    with caplog.at_level("ERROR", logger="edgerun.adapters.aws_lambda.handler"):
+        answer = handler(fifo_event(bodies, arn, group), Context())
+    assert answer == {"batchItemFailures": [{"itemIdentifier": f"message-{i}"}
+                                            for i in range(2, 6)]}
+    assert rows_run(handler) - before == 2  # the records after the failure were not run
+    lines = [json.loads(r.getMessage()) for r in caplog.records
+             if r.name == "edgerun.adapters.aws_lambda.handler"]
+    assert [line["item"] for line in lines if line["message"] == "record failed"] == \
+        ["message-2"]
+    (skipped,) = [line for line in lines if line["message"] == "records not run"]
+    assert skipped["items"] == ["message-3", "message-4", "message-5"]
+    assert "message-2" in skipped["reason"]
+    # a FIFO batch that all succeeds reports nothing, and an undecodable first record stops it
+    assert handler(fifo_event(bodies[:2], arn, group), Context()) == {"batchItemFailures": []}
+    assert handler(fifo_event(["{not json", *bodies[:2]], arn, group), Context()) == {
+        "batchItemFailures": [{"itemIdentifier": f"message-{i}"} for i in range(3)]}
+
+
+def test_a_fair_standard_queue_with_message_groups_still_judges_each_record(handler):
+    """A standard queue's fair queueing groups messages by MessageGroupId without ordering
+    them: only the ARN's .fifo makes a batch ordered, and a fair queue keeps every record."""
+    bodies = [infer_body(rows(1), name="z")] + [infer_body(rows(1, seed=i)) for i in range(3)]
+    before = rows_run(handler)
+    answer = handler(fifo_event(bodies, "arn:aws:sqs:us-east-2:123456789012:fair"), Context())
+    assert answer == {"batchItemFailures": [{"itemIdentifier": "message-0"}]}
+    assert rows_run(handler) - before == 3
+
+
+def test_a_fifo_batch_sends_results_in_order_and_stops_at_one_unsent(handler, reference):
+    """A result that cannot be sent fails its record; on a FIFO queue the records after it
+    must not run nor have their results sent, or the results queue gets them first."""
+    client = sqs_client("sqs")
+    url = "https://sqs.us-east-1.amazonaws.com/123456789012/edgerun-results"
+    forward = LambdaHandler(handler.plane, default_model="mlp",
+                            destination=SqsDestination(url, client))
+    bodies = [infer_body(rows(1, seed=i)) for i in range(4)]
+    sent: list[list[dict]] = []
+    before = rows_run(handler)
+    with Stubber(client) as stub:
+        stub.add_response("send_message_batch", {"Successful": [
+            {"Id": "0", "MessageId": "a", "MD5OfMessageBody": "x"}], "Failed": []})
+        stub.add_response("send_message_batch", {"Successful": [], "Failed": [
+            {"Id": "0", "SenderFault": False, "Code": "InternalError", "Message": "again"}]})
+        client.meta.events.register("before-parameter-build.sqs.SendMessageBatch",
+                                    lambda params, **_: sent.append(params["Entries"]))
+        answer = forward(fifo_event(bodies), Context())
+        stub.assert_no_pending_responses()
+    assert answer == {"batchItemFailures": [{"itemIdentifier": f"message-{i}"}
+                                            for i in (1, 2, 3)]}
+    assert [[e["MessageAttributes"]["source-id"]["StringValue"] for e in call]
+            for call in sent] == [["message-0"], ["message-1"]]
+    np.testing.assert_allclose(outputs(sent[0][0]["MessageBody"]), reference(rows(1, seed=0)),
+                               rtol=1e-5, atol=1e-6)
+    assert rows_run(handler) - before == 2
+
+
+class EndingContext(Context):
+    """An invocation with 400 ms left (less than the handler keeps back to answer) once the
+    model has run a row."""
+
+    def __init__(self, handler: LambdaHandler) -> None:
+        self.handler = handler
+        self.start = rows_run(handler)
+
+    def get_remaining_time_in_millis(self) -> int:
+        return 30_000 if rows_run(self.handler) == self.start else 400
+
+
+def test_a_fifo_batch_stops_before_the_invocation_runs_out_of_time(handler):
+    """One record after another, a FIFO batch could outlast the invocation: Lambda would end
+    it and deliver every record again, the done ones too. It answers with what is done."""
+    before = rows_run(handler)
+    answer = handler(fifo_event([infer_body(rows(1, seed=i)) for i in range(3)]),
+                     EndingContext(handler))
+    assert answer == {"batchItemFailures": [{"itemIdentifier": f"message-{i}"}
+                                            for i in (1, 2)]}
+    assert rows_run(handler) - before == 1
 
 
 def test_a_record_without_an_id_fails_the_batch(handler):
@@ -532,6 +697,11 @@ def test_awslambdaric_serves_invocations_end_to_end(bundle_archive, reference):
             kind, answer = api.invoke(sqs_event([infer_body(x), "{bad"]))
             assert (kind, answer) == ("response", {"batchItemFailures": [
                 {"itemIdentifier": "message-1"}]})
+            kind, answer = api.invoke(fifo_event(["{bad", infer_body(x)]))
+            assert (kind, answer) == ("response", {"batchItemFailures": [
+                {"itemIdentifier": "message-0"}, {"itemIdentifier": "message-1"}]})
+            kind, answer = api.invoke(http_api_on_stage("prod", infer_body(x)))
+            assert kind == "response" and answer["statusCode"] == 200, answer
             kind, answer = api.invoke(json.loads(infer_body(x, name="z")))
             assert kind == "error" and answer["errorType"] == "InvalidInput"
             assert "'z'" in answer["errorMessage"]

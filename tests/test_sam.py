@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -77,6 +79,77 @@ def test_sam_transform_grants_the_model_bucket_and_results_queue_only_when_asked
     assert {"ModelInS3", "WithResults"} <= set(conditions)
     (results,) = [r for name, r in plain["Resources"].items() if name == "ResultsQueue"]
     assert results["Condition"] == "WithResults"
+
+
+def evaluate(node, parameters: dict[str, str], conditions: dict):
+    """`node` with CloudFormation's intrinsic functions worked out as a deployment would, for
+    the ones the function's role uses: Ref, Fn::If (and its conditions), Fn::Sub, Fn::Select,
+    Fn::Split, Fn::GetAtt (left as `Resource.Attribute`)."""
+    def value(node):
+        if isinstance(node, list):
+            return [v for v in map(value, node) if v is not NO_VALUE]
+        if not isinstance(node, dict):
+            return node
+        if len(node) == 1:
+            ((name, arg),) = node.items()
+            if name == "Ref":
+                return {"AWS::NoValue": NO_VALUE, "AWS::Partition": "aws",
+                        "AWS::Region": "us-east-1", "AWS::AccountId": "123456789012",
+                        **parameters}.get(arg, arg)
+            if name == "Condition":
+                return value(conditions[arg])
+            if name == "Fn::Equals":
+                left, right = value(arg)
+                return left == right
+            if name == "Fn::Not":
+                return not value(arg[0])
+            if name == "Fn::If":
+                condition, then, otherwise = arg
+                return value(then if value(conditions[condition]) else otherwise)
+            if name == "Fn::Split":
+                return value(arg[1]).split(arg[0])
+            if name == "Fn::Select":
+                return value(arg[1])[int(arg[0])]
+            if name == "Fn::GetAtt":
+                return ".".join(arg)
+            if name == "Fn::Sub":
+                text, names = arg if isinstance(arg, list) else (arg, {})
+                names = {k: value(v) for k, v in names.items()}
+                return re.sub(r"\$\{([^}]+)\}",
+                              lambda m: names.get(m[1]) or value({"Ref": m[1]}), text)
+        return {k: v for k, v in ((k, value(v)) for k, v in node.items()) if v is not NO_VALUE}
+    return value(node)
+
+
+NO_VALUE = object()
+
+
+def role_statements(output: dict, parameters: dict[str, str]) -> list[dict]:
+    (role,) = resources(output, "AWS::IAM::Role")
+    policies = evaluate(role["Properties"].get("Policies", []), parameters,
+                        output.get("Conditions", {}))
+    return [statement for policy in policies
+            for statement in policy["PolicyDocument"]["Statement"]]
+
+
+def test_the_function_may_read_the_model_object_and_nothing_else_in_its_bucket(translate):
+    """S3ReadPolicy granted list and read on the whole model bucket (every object in it, any
+    other model or data kept beside the bundle); the function downloads one object."""
+    parameters = {"ModelLocation": "s3://models/mlp/3.tar.gz", "ModelBucket": "models",
+                  "ModelSha256": "0" * 64, "FunctionUrlAuth": "AWS_IAM",
+                  "SendResults": "false"}
+    output = translate(parameters)
+    s3 = [s for s in role_statements(output, parameters)
+          if any(str(action).startswith("s3:") for action in
+                 (s["Action"] if isinstance(s["Action"], list) else [s["Action"]]))]
+    assert s3 == [{"Effect": "Allow", "Action": "s3:GetObject",
+                   "Resource": "arn:aws:s3:::models/mlp/3.tar.gz"}]
+    (role,) = resources(output, "AWS::IAM::Role")
+    assert not any("S3" in str(arn) for arn in role["Properties"]["ManagedPolicyArns"])
+    # a model in the package: no S3 grant at all
+    packaged = {**parameters, "ModelLocation": "model", "ModelBucket": ""}
+    assert not [s for s in role_statements(translate(packaged), packaged)
+                if "s3:" in json.dumps(s)]
 
 
 def test_function_url_auth_none_grants_public_invocation(translate):

@@ -1,15 +1,20 @@
 """One Lambda handler for every event a function receives.
 
 - HTTP (API Gateway REST v1, HTTP API v2, Function URL, ALB): Mangum translates the event to
-  ASGI for the lean `EdgerunASGI` app, so the function serves the fleet server's OIP v2 and TF
-  Serving routes (all but the repository's load and unload: the function's model is fixed when
-  it is deployed, and any caller could unload it) and imports no web framework. Mangum runs
+  ASGI for the lean `EdgerunASGI` app (with the path the API serves: without a REST custom
+  domain's base path mapping, or an HTTP API's named stage), so the function serves the fleet
+  server's OIP v2 and TF Serving routes (all but the repository's load and unload: the
+  function's model is fixed when it is deployed, and any caller could unload it) and imports no
+  web framework. Mangum runs
   with the lifespan off: the models are loaded at init and nothing is set up or torn down per
   invocation.
 - SQS and Kinesis batches: every record is decoded first, then all are submitted to the data
   plane at once from one event loop, so the MicroBatcher sees them arrive together and merges
   them into as few forward passes as it can; results are plain OIP v2 JSON; the answer names
   exactly the records that failed (`batchItemFailures`), and Lambda retries only those.
+  A batch from an SQS FIFO queue keeps its order instead: its records run one after another,
+  and the first that fails stops the batch, it and every later record reported failed (run
+  or not), as AWS requires of partial batch responses on a FIFO queue.
 - Direct invocation (`aws lambda invoke`, Step Functions): the event is an OIP v2 JSON request
   (`model_name` picks a model other than the function's default); the answer is the OIP
   response, all JSON (an event answer carries no binary part), and a failure is raised as the
@@ -32,7 +37,7 @@ from edgerun.adapters.codecs import oip
 from edgerun.adapters.dataplane import Call, DataPlane
 from edgerun.adapters.dataplane.call import INFER
 from edgerun.adapters.http.asgi import EdgerunASGI
-from edgerun.adapters.http.routes import READ_ONLY_ROUTES
+from edgerun.adapters.http.routes import READ_ONLY_ROUTES, match
 from edgerun.runtime.errors import EdgerunError, InvalidInput
 
 log = logging.getLogger(__name__)
@@ -68,7 +73,7 @@ class LambdaHandler:
         kind = event_kind(event)
         if kind == "http":
             asyncio.set_event_loop(self.loop)  # Mangum runs on the thread's current loop
-            event = _without_base_path(event)
+            event = self._without_stage(_without_base_path(event))
             return self._fitting(event, context, self.http(event, context))
         if kind == "direct":
             return self._direct(event, context)
@@ -97,6 +102,38 @@ class LambdaHandler:
         return self.http.infer(event, context)(
             {"status": 413, "headers": headers, "body": orjson.dumps({"error": message})})
 
+    def _without_stage(self, event: dict[str, Any]) -> dict[str, Any]:
+        """An HTTP API event with the path its API serves. Called on a named stage (`prod`, not
+        `$default`) at the API's own endpoint, API Gateway puts the stage in front of the path:
+        `rawPath` and `requestContext.http.path` (payload 2.0), or `path` (payload 1.0), are
+        `/prod/v2/models/m/infer`, which no route matches. The stage is taken off only when the
+        path as given is none of the function's routes and starts with `/<stage>/`: on a custom
+        domain the stage is not in the path, and a stage named like a route's first segment
+        (`v2`) must not be taken off a path that is already the API's own."""
+        context = event.get("requestContext")
+        stage = context.get("stage") if isinstance(context, dict) else None
+        if not isinstance(stage, str) or not stage or stage == "$default":
+            return event
+        prefix = f"/{stage}"
+        http = context.get("http")
+        v2 = event.get("version") == "2.0" and isinstance(http, dict)
+        path = http.get("path") if v2 else event.get("path")
+        if not isinstance(path, str) or not path.startswith(prefix + "/") \
+                or self._serves(path):
+            return event
+        served = path[len(prefix):]
+        if v2:
+            raw = event.get("rawPath")
+            return {**event, "rawPath": raw[len(prefix):] if isinstance(raw, str)
+                    and raw.startswith(prefix + "/") else raw,
+                    "requestContext": {**context, "http": {**http, "path": served}}}
+        return {**event, "path": served}
+
+    def _serves(self, path: str) -> bool:
+        """Whether `path` is one of the function's routes, by any method."""
+        route, _, allowed = match("GET", path, self.asgi.routes)
+        return route is not None or bool(allowed)
+
     # ------------------------------------------------------------------ batches
     def _batch(self, kind: str, raw: list[dict[str, Any]], context: Any) -> dict[str, Any]:
         timeout = _budget(context)
@@ -111,6 +148,15 @@ class LambdaHandler:
                     raise InvalidInput(f"a {kind} record has no id: {exc}") from exc
                 records.append(Record(item_id, None, InvalidInput(
                     f"{kind} record {item_id} is malformed: {type(exc).__name__}: {exc}")))
+        if kind == "sqs" and _from_fifo_queue(raw):
+            failed = self._in_order(kind, records, context)
+        else:
+            failed = self._all_at_once(kind, records)
+        return {"batchItemFailures": [{"itemIdentifier": item_id} for item_id in failed]}
+
+    def _all_at_once(self, kind: str, records: list[Record]) -> list[str]:
+        """The failed records of a batch whose records are independent (a standard queue, a
+        stream), all queued at once; the others' results are sent on."""
         answers = self.loop.run_until_complete(self._submit(records))
         failed: list[str] = []
         results: list[tuple[str, bytes]] = []
@@ -124,7 +170,36 @@ class LambdaHandler:
         if self.destination is not None and results:
             unsent = self.destination.send(results)
             failed += [item_id for item_id, _ in results if item_id in unsent]
-        return {"batchItemFailures": [{"itemIdentifier": item_id} for item_id in failed]}
+        return failed
+
+    def _in_order(self, kind: str, records: list[Record], context: Any) -> list[str]:
+        """The failed records of a FIFO queue's batch. SQS delivers a message group in order and
+        AWS requires, with partial batch responses, that the function stop at the first record
+        that fails and report it and every later record: reporting only the failed one lets
+        its successors be processed (and their results sent) before it, out of order. So the
+        records run one at a time, each result is sent on before the next record runs, and the
+        first failure (to answer, or to send its result) ends the batch; the records after it
+        are not run, and the queue delivers them again, in order. A FIFO batch is at most ten
+        records, so little micro-batching is given up. A record is not started either once
+        the invocation has no more than RESERVE_S left: the batch answers with what is done
+        instead of being cut off by Lambda, which would deliver every record again."""
+        for index, record in enumerate(records):
+            left = _remaining_s(context)
+            if left is not None and left <= RESERVE_S:
+                return _not_run(kind, records[index:], "the invocation's time is nearly up")
+            if record.call is not None:  # the time left now, not when the batch began
+                record.call.timeout = _budget(context)
+            ((body, error),) = self.loop.run_until_complete(self._submit([record]))
+            unsent = error is None and self.destination is not None and bool(
+                self.destination.send([(record.item_id, body)]))  # destinations log why
+            if error is None and not unsent:
+                continue
+            if error is not None:
+                _log_failure(kind, record.item_id, error,
+                             None if record.call is None else record.call.request_id)
+            return [record.item_id, *_not_run(kind, records[index + 1:],
+                                              f"record {record.item_id} failed before them")]
+        return []
 
     async def _submit(self, records: list[Record]) -> list[tuple[bytes, EdgerunError | None]]:
         """Decode every record first, then queue them all at once: the batcher sees the whole
@@ -199,12 +274,47 @@ def _without_base_path(event: dict[str, Any]) -> dict[str, Any]:
     return {**event, "path": served}
 
 
+def _from_fifo_queue(raw: list[dict[str, Any]]) -> bool:
+    """Whether SQS records come from a FIFO queue, whose name (the end of `eventSourceARN`)
+    always ends in `.fifo`. A MessageGroupId alone does not say so: a standard queue's fair
+    queueing groups messages by it too, without order. It decides only for a record that has
+    no ARN (an event written by hand)."""
+    for item in raw:
+        if not isinstance(item, dict):
+            continue
+        arn = item.get("eventSourceARN")
+        if isinstance(arn, str) and arn:
+            if arn.endswith(".fifo"):
+                return True
+            continue
+        attributes = item.get("attributes")
+        if isinstance(attributes, dict) and attributes.get("MessageGroupId"):
+            return True
+    return False
+
+
+def _not_run(kind: str, records: list[Record], reason: str) -> list[str]:
+    """The ids of a FIFO batch's records left unrun, logged as one JSON line: the queue
+    delivers them again, in order."""
+    items = [record.item_id for record in records]
+    if items:
+        log.error(json.dumps({"message": "records not run", "source": kind, "reason":
+                              f"FIFO queue: {reason}", "items": items}))
+    return items
+
+
+def _remaining_s(context: Any) -> float | None:
+    """The invocation's remaining time in seconds, when the context says."""
+    remaining = getattr(context, "get_remaining_time_in_millis", None)
+    return None if remaining is None else remaining() / 1000
+
+
 def _budget(context: Any) -> float | None:
     """The queueing budget a call gets: the invocation's remaining time, less a reserve."""
-    remaining = getattr(context, "get_remaining_time_in_millis", None)
+    remaining = _remaining_s(context)
     if remaining is None:
         return None
-    return max(remaining() / 1000 - RESERVE_S, 0.05)
+    return max(remaining - RESERVE_S, 0.05)
 
 
 def _item_id(item: Any) -> str | None:
