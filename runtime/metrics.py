@@ -15,6 +15,8 @@ from dataclasses import dataclass
 LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
                    0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+#: Labels that name a model version beside a "model" label: a retired version's series go.
+VERSION_LABELS = ("version", "shadow_version")
 
 
 class Counter:
@@ -30,19 +32,47 @@ class Counter:
 
 
 class Gauge:
-    """A value read at collection time from a function (queue depth, requests in flight)."""
+    """A value read at collection time from a function (queue depth, requests in flight).
 
-    __slots__ = ("_function",)
+    Several functions may be added (`add_function`): the gauge reads their sum. Two copies of
+    one version, the one taking requests and the one a reload of it is still draining, share
+    their series, and each adds its own count until it is gone.
+    """
+
+    __slots__ = ("_lock", "_function", "_added")
 
     def __init__(self) -> None:
+        self._lock = threading.Lock()
         self._function: Callable[[], float] | None = None
+        # replaced whole under the lock, never changed in place: a scrape reads it unlocked
+        self._added: tuple[Callable[[], float], ...] = ()
 
-    def set_function(self, function: Callable[[], float]) -> None:
+    def set_function(self, function: Callable[[], float] | None) -> None:
+        """Read `function` (instead of the one set before; added ones still count)."""
         self._function = function
+
+    def add_function(self, function: Callable[[], float]) -> Callable[[], None]:
+        """Count `function` too, until the function this returns is called."""
+        with self._lock:
+            self._added = (*self._added, function)
+
+        def remove() -> None:
+            with self._lock:
+                added = list(self._added)
+                for index, each in enumerate(added):
+                    if each is function:
+                        del added[index]
+                        self._added = tuple(added)
+                        return
+        return remove
 
     @property
     def value(self) -> float:
-        return float(self._function()) if self._function is not None else 0.0
+        function, added = self._function, self._added
+        total = float(function()) if function is not None else 0.0
+        for each in added:
+            total += float(each())
+        return total
 
 
 class Histogram:
@@ -101,6 +131,11 @@ class Family:
     def __post_init__(self) -> None:
         self._children: dict[tuple[str, ...], Counter | Gauge | Histogram] = {}
         self._lock = threading.Lock()
+        # where this family names a model version (its own, or the one it shadows)
+        names = self.labelnames
+        self._model_at = names.index("model") if "model" in names else None
+        self._versions_at = tuple(i for i, n in enumerate(names) if n in VERSION_LABELS)
+        self._retired: set[tuple[str, str]] = set()  # the registry's, once registered
 
     def labels(self, *values: str) -> Counter | Gauge | Histogram:
         child = self._children.get(values)
@@ -111,12 +146,30 @@ class Family:
                 child = self._children.get(values)
                 if child is None:
                     child = self._make()
-                    self._children[values] = child
+                    if not self._names_retired(values):
+                        self._children[values] = child
+                    # else: a late count for a version no longer served (a request answered
+                    # after its drain, a shadow copy compared after it): not a series again
         return child
 
     def remove(self, *values: str) -> None:
         with self._lock:
             self._children.pop(values, None)
+
+    def forget(self, model: str, version: str) -> None:
+        """Drop every series naming this model version (in any version label)."""
+        if self._model_at is None or not self._versions_at:
+            return
+        with self._lock:
+            for values in list(self._children):
+                if values[self._model_at] == model and \
+                        any(values[i] == version for i in self._versions_at):
+                    del self._children[values]
+
+    def _names_retired(self, values: tuple[str, ...]) -> bool:
+        retired, at = self._retired, self._model_at
+        return bool(retired) and at is not None and \
+            any((values[at], values[i]) in retired for i in self._versions_at)
 
     def children(self) -> list[tuple[tuple[str, ...], Counter | Gauge | Histogram]]:
         with self._lock:
@@ -136,6 +189,7 @@ class Registry:
     def __init__(self) -> None:
         self._families: dict[str, Family] = {}
         self._lock = threading.Lock()
+        self._retired: set[tuple[str, str]] = set()  # (model, version) no longer served
 
     def family(self, name: str, help: str, kind: str, labelnames: Sequence[str] = (),
                buckets: Sequence[float] = LATENCY_BUCKETS) -> Family:
@@ -147,8 +201,24 @@ class Registry:
                 return existing
             family = Family(name, help, kind, tuple(labelnames),
                             tuple(buckets) if kind == "histogram" else ())
+            family._retired = self._retired
             self._families[name] = family
             return family
+
+    def forget_version(self, model: str, version: str) -> None:
+        """A version is no longer served: every series naming it goes, in every family (its
+        batcher's, the data plane's request counters, shadow comparisons), and a count that
+        comes after (a request answered while it drained) makes none again."""
+        with self._lock:
+            self._retired.add((model, version))
+            families = list(self._families.values())
+        for family in families:
+            family.forget(model, version)
+
+    def serve_version(self, model: str, version: str) -> None:
+        """A version is (again) loaded: its series may be made anew."""
+        with self._lock:
+            self._retired.discard((model, version))
 
     def collect(self) -> Iterator[Family]:
         with self._lock:

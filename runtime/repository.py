@@ -279,12 +279,16 @@ class Repository:
         return states
 
     def get(self, name: str, version: str | None = None) -> ServedVersion:
-        """A served version for metadata: the named one, or the latest."""
+        """A served version for metadata: the named one, or the one that stands for the
+        model when a request names none (where unnamed requests go; under a split, the
+        version with the largest weight, ties to the newest)."""
         with self._lock:
             model = self._model(name)
-            served = model.versions.get(version or model.latest)
+            if not version:
+                return model.primary
+            served = model.versions.get(version)
             if served is None:
-                raise _no_version(model, version or "")
+                raise _no_version(model, version)
             return served
 
     def versions(self, name: str) -> list[str]:

@@ -48,6 +48,12 @@ class ServedModel:
         dark = {v for v, w in config.traffic.weights.items() if w <= 0}
         self._fallback = versions[max((v for v in versions if v not in dark),
                                       key=version_key, default=self.latest)]
+        # the version that stands for the model when a caller names none (its metadata, its
+        # readiness): where unnamed requests go, or most of them under a split (ties to the
+        # newest); the newest version described the model even when a split sent it 10 %
+        top = max((w for _, w in self._weighted), default=0.0)
+        self.primary = versions[max((v for v, w in self._weighted if w == top),
+                                    key=version_key)] if self._weighted else self._fallback
         # sticky keys by weighted rendezvous hashing: each version's score for a key depends
         # on that version alone, so adding or removing one moves only the keys it gains or
         # loses (the cumulative split moved keys between two versions that both stayed)

@@ -16,7 +16,7 @@ from edgerun.devices import DeviceProfile
 from edgerun.runtime.batcher import MicroBatcher
 from edgerun.runtime.bundle import Bundle
 from edgerun.runtime.errors import BundleError, EdgerunError
-from edgerun.runtime.metrics import Registry
+from edgerun.runtime.metrics import Gauge, Registry
 from edgerun.runtime.model import Model
 from edgerun.runtime.model_config import ModelConfig
 
@@ -32,14 +32,22 @@ class ServedVersion:
         self.name, self.version = self.model.name, self.model.version
         self.signature = self.model.signature
         self.config = config  # what it was loaded with: a failed reload keeps an older one
+        self._registry = registry
+        registry.serve_version(self.name, self.version)  # before its series are made
         self.batcher = MicroBatcher(models, config.batching, registry=registry)
         self.in_flight = 0
         self._idle = threading.Condition()
-        gauge = registry.family("edgerun_inflight_requests",
-                                "Requests routed to a version and not yet answered", "gauge",
-                                ("model", "version"))
-        gauge.labels(self.name, self.version).set_function(lambda: self.in_flight)
-        self._gauge = gauge
+        inflight: Gauge = registry.family(  # type: ignore[assignment]
+            "edgerun_inflight_requests", "Requests routed to a version and not yet answered",
+            "gauge", ("model", "version")).labels(self.name, self.version)
+        # A reload of this version (a new config) shares its series with the copy it
+        # replaces, which may still drain requests: each copy adds its own count until it is
+        # released (the new copy's count replaced the old one's, which read 0 meanwhile).
+        # The batcher set the queue depth to its own count alone: it is added the same way.
+        depth = self.batcher.metrics.queue_depth
+        depth.set_function(None)
+        self._uncount = [inflight.add_function(lambda: self.in_flight),
+                         depth.add_function(lambda: self.batcher.queue_depth)]
 
     def acquire(self) -> None:
         with self._idle:
@@ -60,10 +68,14 @@ class ServedVersion:
         self.batcher.close(drain=True)
         for model in self.models:
             model.close()
+        for uncount in self._uncount:  # this copy counts no more; a reload's copy still does
+            uncount()
+        self._uncount = []
 
     def forget_metrics(self) -> None:
-        self.batcher.metrics.forget()
-        self._gauge.remove(self.name, self.version)
+        """The version is no longer served: every series naming it goes (its batcher's, its
+        requests', its shadow comparisons'); a reload of the same version keeps them."""
+        self._registry.forget_version(self.name, self.version)
 
 
 def load_version(path: Path, name: str, version: str, config: ModelConfig,

@@ -180,6 +180,42 @@ def test_metrics_labels_stay_bounded_whatever_callers_send(plane):
                               ("", "", "http", "model_not_found")}
 
 
+@pytest.mark.parametrize("traffic, described", [
+    ('weights = { "1" = 90, "2" = 10 }\n', "1"),   # the canary split: most requests go to 1
+    ('weights = { "1" = 1, "2" = 9 }\n', "2"),
+    ('weights = { "1" = 5, "2" = 5 }\n', "2"),     # a tie: the newest
+    ('weights = { "1" = 100 }\n', "1"),             # 2 is served only when named
+    ('weights = { "2" = 0 }\n', "1"),               # 2 is kept dark
+    ('', "2"),                                       # no split: the newest takes every request
+])
+def test_unnamed_metadata_describes_the_version_unnamed_requests_go_to(tmp_path, traffic,
+                                                                       described):
+    # the metadata of GET /v2/models/m (and gRPC ModelMetadata) was the newest version's:
+    # under a 90/10 split a client built its requests for version 2's inputs "a" and "b",
+    # and 90 % of them went to version 1, which takes "x"
+    root = tmp_path / "models"
+    add_version(root, "m", "1", mlp_onnx([8, 16, 4]))         # one input, "x" [b, 8]
+    add_version(root, "m", "2", two_input_onnx())              # inputs "a" and "b"
+    (root / "m" / "config.toml").write_text(
+        'version_policy = { all = true }\n[traffic]\n' + traffic)
+    repository = Repository(root, registry=Registry())
+    repository.load_all()
+    plane = DataPlane(repository)
+    try:
+        routed = [plane.handle(Call(routes.INFER, "m", body=b"{}")).version for _ in range(200)]
+        metadata = json.loads(plane.handle(Call(routes.MODEL_METADATA, "m")).body)
+        inputs = {"1": ["x"], "2": ["a", "b"]}[described]
+        assert [t["name"] for t in metadata["inputs"]] == inputs, (traffic, metadata)
+        assert metadata["versions"] == ["1", "2"], "every served version is listed"
+        if "5 }" not in traffic:  # where most unnamed requests went (a tie has no most)
+            assert max(("1", "2"), key=routed.count) == described, routed.count(described)
+        named = plane.model_metadata("m", "2")
+        assert named["versions"] == ["2"] and [t["name"] for t in named["inputs"]] == ["a", "b"]
+        assert plane.handle(Call(routes.MODEL_READY, "m")).error is None
+    finally:
+        repository.close()
+
+
 def test_tf_serving_decodes_with_the_routed_versions_signature(tmp_path):
     root = tmp_path / "models"
     add_version(root, "m", "1", mlp_onnx([8, 16, 4]))         # one input, "x" [b, 8]
@@ -412,7 +448,8 @@ def test_a_decoder_runs_only_once_the_model_is_found(plane):
 
 def test_invalid_input_and_requests_answered_during_an_unload_keep_their_labels(tmp_path):
     # bad input on HTTP was counted under version ""; a request routed before an unload and
-    # answered during its drain was counted under model ""
+    # answered during its drain was counted under model "". An unloaded version's series go
+    # (see test_metrics), and the request answered after its drain must not make one again.
     root = tmp_path / "models"
     add_version(root, "mlp", "1", mlp_onnx([8, 16, 4]))
     (root / "mlp" / "config.toml").write_text("[batching]\nmax_queue_delay_us = 500000\n")
@@ -422,6 +459,8 @@ def test_invalid_input_and_requests_answered_during_an_unload_keep_their_labels(
     body = infer_body(np.zeros((1, 8), np.float32))
     assert status_of(plane.handle(Call(routes.INFER, "mlp", body=b'{"inputs": 3}')).error) \
         == 400
+    assert series(repository.registry, "edgerun_requests_total") == \
+        {("mlp", "1", "http", "invalid_input"): 1}
     replies = []
     waiting = threading.Thread(target=lambda: replies.append(
         plane.handle(Call(routes.INFER, "mlp", body=body))))
@@ -429,9 +468,62 @@ def test_invalid_input_and_requests_answered_during_an_unload_keep_their_labels(
     time.sleep(0.1)
     repository.unload("mlp")  # gone from the repository, then drained: the request is answered
     waiting.join(5)
-    assert replies and replies[0].error is None
-    counts = series(repository.registry, "edgerun_requests_total")
-    assert counts == {("mlp", "1", "http", "invalid_input"): 1, ("mlp", "1", "http", "ok"): 1}
+    assert replies and replies[0].error is None and replies[0].version == "1"
+    families = {family.name: family for family in repository.registry.collect()}
+    for name in ("edgerun_requests_total", "edgerun_request_duration_seconds"):
+        # none for version 1 once it is gone, and none under "" for the late answer
+        assert [labels for labels, _ in families[name].children()] == [], name
+    repository.close()
+
+
+class _HoldAnswers(Hook):
+    """Holds answered calls in `after`, once armed: the data plane counts them only then."""
+
+    def __init__(self) -> None:
+        self.armed, self.held, self.go = False, threading.Event(), threading.Event()
+
+    def after(self, call: Call, error) -> None:
+        if self.armed:
+            self.held.set()
+            assert self.go.wait(10)
+
+
+def test_a_request_counted_after_its_version_retired_makes_no_series_again(tmp_path):
+    # the version is drained once its requests are answered, and its series go; the data
+    # plane counts an answer just after (hooks first), and that count made version 1's
+    # request series again, to stay for the life of the process
+    root = tmp_path / "models"
+    add_version(root, "mlp", "1", mlp_onnx([8, 16, 4], seed=1))
+    repository = Repository(root, registry=Registry())
+    repository.load_all()
+    hold = _HoldAnswers()
+    plane = DataPlane(repository)
+    plane.hooks.add(hold)
+    body = infer_body(np.zeros((1, 8), np.float32))
+    assert plane.handle(Call(routes.INFER, "mlp", body=body)).version == "1"
+    hold.armed = True
+    replies = []
+    answered = threading.Thread(target=lambda: replies.append(
+        plane.handle(Call(routes.INFER, "mlp", body=body))))
+    answered.start()
+    try:
+        assert hold.held.wait(10), "the request was answered"
+        add_version(root, "mlp", "2", mlp_onnx([8, 16, 4], seed=2))
+        assert repository.load("mlp") == ["2"]  # latest = 1: version 1 retired
+        families = {family.name: family for family in repository.registry.collect()}
+        assert ("mlp", "1", "http", "ok") not in dict(
+            families["edgerun_requests_total"].children()), "retired with its version"
+    finally:
+        hold.go.set()
+        answered.join(10)
+    assert replies[0].error is None and replies[0].version == "1"
+    for name in ("edgerun_requests_total", "edgerun_request_duration_seconds"):
+        versions = {labels[1] for labels, _ in families[name].children()}
+        assert versions == set(), (name, versions)
+    hold.armed = False
+    assert plane.handle(Call(routes.INFER, "mlp", body=body)).version == "2"
+    assert set(series(repository.registry, "edgerun_requests_total")) == \
+        {("mlp", "2", "http", "ok")}
     repository.close()
 
 

@@ -175,16 +175,141 @@ def test_a_version_swapped_out_or_unloaded_leaves_no_stale_series(tmp_path):
         families = scrape(server)
         for name in ("edgerun_queue_wait_seconds", "edgerun_batch_size",
                      "edgerun_inference_seconds", "edgerun_queue_depth",
-                     "edgerun_inflight_requests"):
+                     "edgerun_inflight_requests", "edgerun_requests",
+                     "edgerun_request_duration_seconds"):
             versions = {s.labels["version"] for s in families[name].samples}
             assert versions == {"2"}, (name, versions)
-        # the requests version 1 answered stay counted, as counters do
-        assert value(families, "edgerun_requests", model="mlp", version="1", outcome="ok") >= 1
+        # version 2's requests before its reload stay counted: the same labels go on
+        assert value(families, "edgerun_requests", model="mlp", version="2", outcome="ok") >= 2
         assert httpx.post(server.url + "/v2/repository/models/mlp/unload").status_code == 200
         families = scrape(server)
         for name in ("edgerun_queue_wait_seconds", "edgerun_batch_size", "edgerun_queue_depth",
                      "edgerun_inflight_requests", "edgerun_batcher_errors"):
             assert not families[name].samples, name
+
+
+def registry_scrape(registry: Registry) -> dict[str, object]:
+    """The registry as /metrics renders it, through Prometheus' own parser."""
+    text = prometheus.render(registry)
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    for family in families.values():
+        check_family(family)
+    return families
+
+
+def labelled(families, **labels) -> list[str]:
+    """Every sample carrying these label values, as "name{labels}" to read in a failure."""
+    return [f"{s.name}{s.labels}" for f in families.values() for s in f.samples
+            if all(s.labels.get(k) == v for k, v in labels.items())]
+
+
+def test_a_version_reloaded_in_place_counts_the_requests_both_copies_hold(tmp_path):
+    # a new config reloads version 1 beside the copy still draining a request: the new copy's
+    # function replaced the old one's, and the gauges read 0 while a request was in flight
+    from edgerun.adapters.dataplane import Call, DataPlane
+    from edgerun.adapters.dataplane.call import INFER
+    from edgerun.runtime.repository import Repository
+
+    repo = tmp_path / "models"
+    add_version(repo, "mlp", "1", mlp_onnx([8, 16, 4]))
+    config = repo / "mlp" / "config.toml"
+    config.write_text("[batching]\nmax_batch_size = 8\nmax_queue_delay_us = 1500000\n")
+    registry = Registry()
+    repository = Repository(repo, registry=registry)
+    repository.load_all()
+    plane = DataPlane(repository)
+    body = httpx.Request("POST", "/", json=ROW).content
+    replies = []
+
+    def request() -> None:  # a lone request waits out the 1.5 s delay for company
+        replies.append(plane.handle(Call(INFER, "mlp", body=body)))
+
+    def gauges() -> tuple[float, float]:
+        families = registry_scrape(registry)
+        return (value(families, "edgerun_inflight_requests", model="mlp", version="1"),
+                value(families, "edgerun_queue_depth", model="mlp", version="1"))
+
+    old = repository.get("mlp")
+    first = threading.Thread(target=request)
+    first.start()
+    wait_for(lambda: gauges() == (1, 1), 5, "the first request to queue")
+    config.write_text("[batching]\nmax_batch_size = 8\nmax_queue_delay_us = 1400000\n")
+    reload = threading.Thread(target=repository.load, args=("mlp",))
+    reload.start()
+    wait_for(lambda: repository.get("mlp") is not old, 10, "the new copy to take requests")
+    try:
+        assert reload.is_alive(), "the old copy drains its request"
+        assert gauges() == (1, 1), f"the old copy's request is in flight, queued: {gauges()}"
+        second = threading.Thread(target=request)  # routed to the new copy
+        second.start()
+        wait_for(lambda: gauges() == (2, 2), 5, "both copies' requests to count")
+        first.join(10)
+        reload.join(10)
+        assert not reload.is_alive() and gauges() == (1, 1), "the new copy's request is left"
+        second.join(10)
+        assert [r.error for r in replies] == [None, None]
+        assert gauges() == (0, 0)
+        families = registry_scrape(registry)
+        assert value(families, "edgerun_requests", model="mlp", version="1", outcome="ok") == 2
+        assert labelled(families, version="1"), "a reload of the same version keeps its series"
+    finally:
+        repository.close()
+
+
+def test_a_retired_versions_series_all_go_and_a_reload_keeps_them(tmp_path):
+    # the batcher's series went when a version was retired; the data plane's request counters
+    # and histograms and the shadow comparisons naming it stayed for the life of the process
+    from edgerun.adapters.dataplane import Call, DataPlane
+    from edgerun.adapters.dataplane.call import INFER
+    from edgerun.runtime.repository import Repository
+
+    repo = tmp_path / "models"
+    for version in ("1", "2"):
+        add_version(repo, "mlp", version, mlp_onnx([8, 16, 4], seed=int(version)))
+    config = repo / "mlp" / "config.toml"
+    traffic = '[traffic]\nweights = { "1" = 1 }\nshadow = "2"\n'
+    config.write_text("version_policy = { all = true }\n" + traffic)
+    registry = Registry()
+    repository = Repository(repo, registry=registry)
+    repository.load_all()
+    plane = DataPlane(repository)
+    body = httpx.Request("POST", "/", json=ROW).content
+    try:
+        assert plane.handle(Call(INFER, "mlp", body=body)).version == "1"
+        assert plane.handle(Call(INFER, "mlp", "2", body=body)).error is None
+        assert plane.handle(Call(INFER, "mlp", body=b"{", transport="mqtt")).error is not None
+        wait_for(lambda: value(registry_scrape(registry), "edgerun_shadow_requests",
+                               shadow_version="2") == 1, 10, "the shadow copy to be compared")
+        before = registry_scrape(registry)
+        for version in ("1", "2"):
+            assert labelled(before, version=version), version
+        # a reload of the same versions (a new batching config) keeps every series
+        config.write_text("version_policy = { all = true }\n[batching]\nmax_batch_size = 4\n"
+                          + traffic)
+        assert repository.load("mlp") == ["1", "2"]
+        kept = registry_scrape(registry)
+        assert value(kept, "edgerun_requests", version="1") == 2
+        assert value(kept, "edgerun_shadow_requests", version="1", shadow_version="2") == 1
+        # version 3 under latest = 1 retires both: nothing names them any more
+        add_version(repo, "mlp", "3", mlp_onnx([8, 16, 4], seed=3))
+        config.write_text("version_policy = { latest = 1 }\n")
+        assert repository.load("mlp") == ["3"]
+        assert plane.handle(Call(INFER, "mlp", body=body)).version == "3"
+        after = registry_scrape(registry)
+        for version in ("1", "2"):
+            assert labelled(after, version=version) == [], version
+        assert labelled(after, shadow_version="2") == []
+        assert value(after, "edgerun_requests", model="mlp", version="3", outcome="ok") == 1
+        # version 1 served again starts its series afresh
+        config.write_text('version_policy = { specific = ["1", "3"] }\n')
+        assert repository.load("mlp") == ["1", "3"]
+        assert plane.handle(Call(INFER, "mlp", "1", body=body)).error is None
+        again = registry_scrape(registry)
+        assert value(again, "edgerun_requests", model="mlp", version="1", outcome="ok") == 1
+        assert value(again, "edgerun_inflight_requests", model="mlp", version="1") == 0
+        assert labelled(again, model="mlp", version="1", transport="http")
+    finally:
+        repository.close()
 
 
 # ------------------------------------------------------------------------ the fleet gate
@@ -244,6 +369,45 @@ def test_telemetry_reads_the_data_planes_histograms(tmp_path):
         assert (after["requests"], after["errors"]) == (3, 2)
         assert after["outcomes"] == {"invalid_input": 1, "model_not_found": 1, "ok": 1}
         assert after["latency_ms"]["window_requests"] == 2
+    finally:
+        repository.close()
+
+
+def test_telemetry_totals_survive_an_update_that_retires_the_served_version(tmp_path):
+    """An update retires the old version's series; the totals the fleet's gate compares with
+    its baseline must keep growing, and the window must hold the new requests only."""
+    from edgerun.adapters.dataplane import DataPlane
+    from edgerun.adapters.dataplane.call import INFER, Call
+    from edgerun.runtime.repository import Repository
+
+    repo = tmp_path / "models"
+    add_version(repo, "mlp", "1", mlp_onnx([8, 16, 4]))
+    (repo / "mlp" / "config.toml").write_text("version_policy = { latest = 1 }\n")
+    registry = Registry()
+    repository = Repository(repo, registry=registry)
+    repository.load("mlp")
+    plane, telemetry = DataPlane(repository), Telemetry(registry)
+    body = httpx.Request("POST", "/", json=ROW).content
+
+    def send(count: int, payload: bytes = body) -> None:
+        for _ in range(count):
+            plane.handle(Call(INFER, "mlp", body=payload, transport="mqtt"))
+
+    try:
+        send(5)
+        send(2, b"{")
+        before = telemetry.traffic()
+        assert (before["requests"], before["errors"]) == (7, 2)
+        add_version(repo, "mlp", "2", mlp_onnx([8, 16, 4]))
+        assert repository.load("mlp") == ["2"]  # version 1 retired, its series gone
+        send(3)
+        after = telemetry.traffic()
+        assert (after["requests"], after["errors"]) == (10, 2)
+        assert after["outcomes"] == {"invalid_input": 2, "ok": 8}
+        assert after["latency_ms"]["window_requests"] == 3
+        assert after["latency_ms"]["p99"] > 0
+        send(1)
+        assert telemetry.traffic()["requests"] == 11
     finally:
         repository.close()
 

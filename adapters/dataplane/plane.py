@@ -276,7 +276,9 @@ class DataPlane:
         return {"name": "edgerun", "version": __version__, "extensions": EXTENSIONS}
 
     def model_metadata(self, name: str, version: str | None = None) -> dict[str, Any]:
-        """OIP model metadata of the named version, or of the model's latest."""
+        """OIP model metadata of the named version; unnamed, the model's: every served version
+        in `versions`, and the signature of the version requests naming none are routed to
+        (under a split, the largest weight's), as a client builds those requests from it."""
         served = self.repository.get(name, version)
         versions = [served.version] if version else self.repository.versions(name)
         sig = served.signature

@@ -36,40 +36,50 @@ def quantile(buckets: list[tuple[float, int]], q: float) -> float | None:
 
 
 class Telemetry:
-    """Builds telemetry payloads; latency and CPU figures cover the time since the last one."""
+    """Builds telemetry payloads; latency and CPU figures cover the time since the last one.
+
+    Request counts are the process's own running totals, built from how much each series grew
+    between reads: a retired version's series vanish from the registry and one loaded again
+    starts from zero, so summing the registry's raw values would make the totals go down at
+    every update, and the fleet's health gate would read an update as a restart.
+    """
 
     def __init__(self, registry: Registry) -> None:
         self.registry = registry
-        self._last_latency: dict[float, int] = {}
+        self._last: dict[tuple, float] = {}  # each series' (and bucket's) value at the last read
+        self._outcomes: dict[str, float] = {}
         self._last_cpu = (_process_cpu_seconds(), time.monotonic())
 
     def traffic(self) -> dict[str, Any]:
-        requests = errors = 0.0
-        by_outcome: dict[str, float] = {}
-        latency: dict[float, int] = {}
+        seen: dict[tuple, float] = {}
+
+        def grown(key: tuple, value: float) -> float:
+            last = self._last.get(key, 0.0)
+            seen[key] = value
+            return value - last if value >= last else value  # below: the series started again
+
+        latency: dict[float, float] = {}
         queued = 0.0
         for family in self.registry.collect():
             if family.name == "edgerun_requests_total":
                 for labels, child in family.children():
-                    value = child.value  # type: ignore[union-attr]
-                    requests += value
                     outcome = labels[-1]
-                    by_outcome[outcome] = by_outcome.get(outcome, 0.0) + value
-                    if outcome != "ok":
-                        errors += value
+                    self._outcomes[outcome] = self._outcomes.get(outcome, 0.0) + grown(
+                        (family.name, labels), child.value)  # type: ignore[union-attr]
             elif family.name == "edgerun_request_duration_seconds":
-                for _, child in family.children():
+                for labels, child in family.children():
                     assert isinstance(child, Histogram)
                     for bound, count in child.cumulative():
-                        latency[bound] = latency.get(bound, 0) + count
+                        latency[bound] = latency.get(bound, 0.0) + grown(
+                            (family.name, labels, bound), count)
             elif family.name == "edgerun_queue_depth":
                 queued += sum(child.value for _, child in family.children())
-        window = [(bound, count - self._last_latency.get(bound, 0))
-                  for bound, count in sorted(latency.items())]
-        self._last_latency = latency
+        self._last = seen  # a vanished series is forgotten: back, it counts from zero
+        window = [(bound, int(count)) for bound, count in sorted(latency.items())]
         p50, p99 = quantile(window, 0.5), quantile(window, 0.99)
-        return {"requests": int(requests), "errors": int(errors),
-                "outcomes": {k: int(v) for k, v in sorted(by_outcome.items())},
+        errors = sum(v for outcome, v in self._outcomes.items() if outcome != "ok")
+        return {"requests": int(sum(self._outcomes.values())), "errors": int(errors),
+                "outcomes": {k: int(v) for k, v in sorted(self._outcomes.items())},
                 "latency_ms": {"p50": _ms(p50), "p99": _ms(p99),
                                "window_requests": window[-1][1] if window else 0},
                 "batcher_queue_depth": int(queued)}
