@@ -1,7 +1,8 @@
 """The offline stage: quantize, prune and compile a model for a device profile into a bundle.
 
 Each step is its own module, imported when used: `quantize` (int8 dynamic/static QDQ, fp16),
-`prune` (magnitude and structured), `pipeline` (the `edgerun optimize` flow, measured).
+`fp16` (what float16 cannot hold, kept float32), `prune` (magnitude and structured),
+`pipeline` (the `edgerun optimize` flow, measured).
 """
 
 from edgerun.optimizers.errors import OptimizeError

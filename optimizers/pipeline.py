@@ -2,7 +2,8 @@
 
 Steps, each optional: prune (structured or magnitude), quantize (the profile's precision unless
 told otherwise), compile with TVM; then bundle, and measure the original and the result on this
-host (sizes, latency where the artifact runs here, max abs error, accuracy given labels).
+host (sizes, latency where the artifact runs here, max abs error, accuracy given labels). A
+result that gives inf or NaN where the original's outputs are finite is refused.
 """
 
 from __future__ import annotations
@@ -16,13 +17,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import onnx
 
 from edgerun.devices import DeviceProfile, load_profile
-from edgerun.optimizers import measure
+from edgerun.optimizers import fp16, measure
 from edgerun.optimizers.errors import OptimizeError
 from edgerun.optimizers.prune import PruneReport, prune_structured, prune_unstructured
-from edgerun.optimizers.quantize import Calibration, load_onnx, quantize
+from edgerun.optimizers.quantize import Calibration, kept_float32, load_onnx, quantize
 from edgerun.runtime import Bundle, Model, archive, create_bundle
 from edgerun.runtime.bundle import (check_name, check_version, read_manifest, sha256_file,
                                     write_manifest)
@@ -52,6 +54,8 @@ class OptimizeOptions:
     latency_seconds: float = 0.5
     name: str | None = None
     version: str = "1"
+    #: fp16: refuse a model float16 cannot hold, rather than keep those nodes float32.
+    strict_fp16: bool = False
 
 
 @dataclass
@@ -78,6 +82,8 @@ class OptimizeReport:
     prune: PruneReport | None = None
     compile_report: Any = None
     notes: list[str] = field(default_factory=list)
+    #: fp16: the nodes kept float32, as float16 cannot hold their values, and why.
+    fp16_kept_float32: dict[str, str] = field(default_factory=dict)
 
 
 Progress = Callable[[str], None]
@@ -106,6 +112,8 @@ def optimize(model_path: str | Path, output: str | Path,
         raise OptimizeError(f"tune_trials {options.tune_trials}: the number of tuning trials "
                             "is 0 (no tuning) or more")
     precision = options.quantize or profile.precision
+    if options.strict_fp16 and precision != "fp16":
+        raise OptimizeError(f"strict fp16 applies to fp16 only, not {precision}")
     name = options.name or model_path.stem
     check_name(name), check_version(options.version)  # before the work, not at its end
     with tempfile.TemporaryDirectory(prefix="edgerun-optimize-") as scratch_name:
@@ -117,7 +125,8 @@ def optimize(model_path: str | Path, output: str | Path,
         data = measure.load_eval(options.eval_data, signature) if options.eval_data \
             else measure.synthetic_eval(signature)
 
-        current, tags, pruned = model_path, [], None
+        current, tags, pruned, kept = model_path, [], None, {}
+        reference, converted = model_path, None  # the model fp16 converted, and the result
         if options.prune is not None:
             progress(f"pruning {options.prune:g} "
                      f"{'structured' if options.structured else 'unstructured'}")
@@ -130,9 +139,13 @@ def optimize(model_path: str | Path, output: str | Path,
         if precision != "fp32" or options.calibration is not None or options.per_channel:
             progress(f"quantizing to {precision}")
             target = scratch / "quantized.onnx"
+            fp16_only = {"feeds": fp16.chunks(data.inputs, signature.batchable),
+                         "strict": options.strict_fp16} if precision == "fp16" else {}
             tag = quantize(current, target, precision, calibration=options.calibration,
-                           per_channel=options.per_channel)
+                           per_channel=options.per_channel, **fp16_only)
             if tag:
+                if precision == "fp16":
+                    reference, converted, kept = current, target, kept_float32(target)
                 current = target
                 tags.append(tag)
 
@@ -144,16 +157,20 @@ def optimize(model_path: str | Path, output: str | Path,
         if options.compile == "tvm":
             progress(f"compiling with TVM for {profile.name}")
             compiled = _compile_tvm(current, profile, folder, name, options, tuple(tags))
-            _record_source(folder, model_path)
+            _record_source(folder, model_path, kept)
         else:
             progress("bundling")
             create_bundle(current, folder, name=name, version=options.version, device=profile,
                           golden_inputs=golden, optimizations=tuple(tags),
                           source_file=model_path.name, source_sha256=sha256_file(model_path))
+            if kept:
+                _record_source(folder, model_path, kept)
         progress("measuring the original and the result")
         with Bundle.open(folder) as result:
             before, after = _measure((original, result), profile, data,
                                      options.latency_seconds)
+        if after.runs_here:
+            _check_finite(model_path.name, data, before, after, reference, converted)
         _deliver(folder, output)
     if compiled is not None and not archive.is_archive_name(output.name):
         compiled = dataclasses.replace(compiled, bundle=output,
@@ -165,8 +182,57 @@ def optimize(model_path: str | Path, output: str | Path,
     else:
         notes.append(f"the artifact for {profile.name} does not run on this host: latency, "
                      "error and accuracy after are not measured here")
+    if kept:
+        notes.append("fp16: kept float32, as float16 cannot hold their values: " + "; ".join(
+            f"{node} ({why})" for node, why in kept.items()))
     return OptimizeReport(output, profile.name, tags, before, after, error, pruned, compiled,
-                          notes)
+                          notes, kept)
+
+
+def _check_finite(name: str, data: measure.EvalData, before: Measured, after: Measured,
+                  reference: Path, converted: Path | None) -> None:
+    """OptimizeError when the result gives inf or NaN where the original's outputs are finite:
+    such a bundle is broken, whatever its error figure says. For an fp16 model the message
+    names the node where float16 first gives inf/NaN (`converted`, made from `reference`).
+
+    ONNX Runtime's CPU kernels compute most float16 ops in float32, so on this host float16
+    overflow shows only at some ops (LayerNormalization, Concat, ...); on a GPU it shows at all
+    of them: fp16 conversion keeps float32 what the eval data shows float16 cannot hold.
+    """
+    for output, want in (before.outputs or {}).items():
+        got = (after.outputs or {}).get(output)
+        if got is None or want.dtype.kind != "f" or got.shape != want.shape:
+            continue
+        bad = ~np.isfinite(got) & np.isfinite(want)
+        if not bad.any():
+            continue
+        rows = np.unique(np.nonzero(bad)[0]) if bad.ndim else np.array([0])
+        first = int(rows[0])
+        where = ""
+        if converted is not None:
+            culprit = _fp16_culprit(reference, converted, data, first)
+            where = (f"; in float16 it starts at {culprit.describe()}" if culprit else "") + \
+                ("; fp16 conversion keeps float32 what float16 cannot hold on the first "
+                 f"{fp16.RANGE_ROWS} eval rows: put rows that reach these values among them, "
+                 "or choose another precision")
+        raise OptimizeError(f"{name}: the optimized model gives inf or NaN in output "
+                            f"{output!r} on {len(rows)} of {data.rows} eval rows (first: row "
+                            f"{first}) where the original model's values are finite{where}")
+
+
+def _fp16_culprit(reference: Path, converted: Path, data: measure.EvalData,
+                  row: int) -> fp16.NonFinite | None:
+    """The first node whose float16 output is inf/NaN on eval row `row`, None if not found."""
+    from edgerun.optimizers.quantize import _identity_casts_to_identity
+
+    original = onnx.load(str(reference))
+    _identity_casts_to_identity(original)  # as convert_fp16 did: the node names it gave
+    fp16.prepare(original)
+    try:
+        return fp16.first_non_finite(original, onnx.load(str(converted)),
+                                     {n: a[row:row + 1] for n, a in data.inputs.items()})
+    except Exception:  # naming the node only helps; the error stands without it
+        return None
 
 
 def _deliver(folder: Path, output: Path) -> None:
@@ -214,11 +280,14 @@ def _measure(bundles: tuple[Bundle, ...], profile: DeviceProfile, data: measure.
     return measured
 
 
-def _record_source(folder: Path, model_path: Path) -> None:
-    """The manifest names the model the user gave, not the intermediate file TVM compiled."""
+def _record_source(folder: Path, model_path: Path, kept: dict[str, str]) -> None:
+    """The manifest names the model the user gave, not the intermediate file TVM compiled, and
+    the nodes an fp16 model keeps float32 (`fp16_kept_float32`: {node: why})."""
     manifest = read_manifest(folder)
     created = {**manifest.created, "source_file": model_path.name,
                "source_sha256": sha256_file(model_path)}
+    if kept:
+        created["fp16_kept_float32"] = dict(kept)
     write_manifest(folder, dataclasses.replace(manifest, created=created))
 
 

@@ -2,8 +2,9 @@
 
 int8 goes through `onnxruntime.quantization`, fp16 through onnxconverter-common with the
 graph's inputs and outputs kept float32, so callers and bundles see the same signature as the
-float model. Each function writes the new model and returns the tag recorded in the bundle
-manifest's `optimizations`.
+float model, and what float16 cannot hold (weights or activations past 65504, or too small
+to keep their digits) kept float32 (`fp16`). Each function writes the new model and returns
+the tag recorded in the bundle manifest's `optimizations`.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import tempfile
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
-from typing import Union
+from typing import Any, Union
 
 import numpy as np
 import onnx
@@ -258,27 +259,90 @@ def quantize_int8_static(model_path: Path, out_path: Path, calibration: Calibrat
     return "quantize:int8-static-qdq" + (":per-channel" if per_channel else "")
 
 
-def convert_fp16(model_path: Path, out_path: Path) -> str:
-    """Weights and activations in float16; the graph's inputs and outputs stay float32."""
+def convert_fp16(model_path: Path, out_path: Path, *,
+                 feeds: list[dict[str, np.ndarray]] | None = None, strict: bool = False) -> str:
+    """Weights and activations in float16; the graph's inputs and outputs stay float32.
+
+    What float16 cannot hold stays float32: the nodes that make or read a weight beyond
+    float16's range (past 65504, or so small that float16 loses its digits) and what those
+    nodes give, or an activation beyond it when the float32 model runs on `feeds` (input
+    dicts; by default 64 rows of normal floats). The model's metadata records those nodes and
+    why (`kept_float32` reads it). `strict` refuses such a model instead, naming what float16
+    cannot hold.
+    """
+    from edgerun.optimizers import fp16
+
     try:
         from onnxconverter_common import float16
     except ImportError as exc:
         raise OptimizeError("fp16 conversion needs onnxconverter-common: "
                             "pip install 'edgerun[optimize]'") from exc
+    name = Path(model_path).name
     model = load_onnx(model_path)
-    check_quantizable(model, Path(model_path).name, "fp16")
+    check_quantizable(model, name, "fp16")
     _identity_casts_to_identity(model)
+    fp16.prepare(model)
+    weights = fp16.weight_ranges(model.graph)
+    activations = fp16.measure(model, feeds if feeds is not None
+                               else _synthetic_feeds(Path(model_path)))
+    tensors = fp16.out_of_range(model.graph, weights, activations)
+    if strict and tensors:
+        raise OptimizeError(f"{name}: strict fp16: " + "; ".join(tensors.values())
+                            + " (without strict, the nodes that make or read them stay float32)")
+    blocked = fp16.plan(model.graph, tensors, fp16.from_weights(model.graph, tensors, weights))
+    converted = _convert_blocking(float16, model, blocked, name)
+    if blocked:
+        log.info("%s: kept float32 in the fp16 model: %s", name, blocked)
+        fp16.record(converted, blocked)
+    onnx.save(converted, str(out_path))
+    _check_loads(converted, name, Path(out_path))
+    return "quantize:fp16"
+
+
+def _convert_blocking(float16: Any, model: onnx.ModelProto, blocked: dict[str, str],
+                      name: str) -> onnx.ModelProto:
+    """The converter's float16 model of `model` with the `blocked` nodes float32, mended."""
+    from edgerun.optimizers import fp16
+
+    work = onnx.ModelProto()
+    work.CopyFrom(model)
+    fp16.split_shared_weights(work.graph, blocked)
+    original = {node.name for graph in fp16.graphs(work.graph) for node in graph.node}
     try:
-        with warnings.catch_warnings():  # one warning per weight truncated to +/-1e-7
+        with warnings.catch_warnings():  # one warning per weight clamped
             warnings.simplefilter("ignore", UserWarning)
-            converted = float16.convert_float_to_float16(model, keep_io_types=True)
+            converted = float16.convert_float_to_float16(
+                work, min_positive_val=fp16.MIN_POSITIVE, max_finite_val=fp16.FLOAT16_MAX,
+                keep_io_types=True, node_block_list=list(blocked))
     except Exception as exc:
-        raise OptimizeError(f"{Path(model_path).name}: fp16 conversion failed: {exc}") from exc
+        raise OptimizeError(f"{name}: fp16 conversion failed: {exc}") from exc
+    fp16.drop_cast_pairs(converted.graph, original)
     _retarget_float_casts(converted.graph)
     _keep_output_types(model, converted)
-    onnx.save(converted, str(out_path))
-    _check_loads(converted, Path(model_path).name, Path(out_path))
-    return "quantize:fp16"
+    return converted
+
+
+def _synthetic_feeds(model_path: Path) -> list[dict[str, np.ndarray]] | None:
+    """Feeds of normal floats (zeros for integer inputs) for measuring activation ranges when
+    no data is given; None (logged) when the model's inputs cannot be read."""
+    from edgerun.optimizers import fp16, measure
+    from edgerun.runtime.backends.onnxruntime import OnnxRuntimeBackend
+
+    try:
+        signature = OnnxRuntimeBackend.inspect(model_path)
+    except Exception as exc:
+        log.warning("fp16: activation ranges not measured: %s", exc)
+        return None
+    data = measure.synthetic_eval(signature)
+    return fp16.chunks(data.inputs, True) if signature.batchable else [data.inputs]
+
+
+def kept_float32(model_path: Path) -> dict[str, str]:
+    """{node: why it stayed float32} of an fp16 model `convert_fp16` wrote; {} when none did
+    (or for any other model)."""
+    from edgerun.optimizers import fp16
+
+    return fp16.kept_float32(onnx.load(str(model_path), load_external_data=False))
 
 
 def _retarget_float_casts(graph: onnx.GraphProto) -> list[str]:
@@ -305,21 +369,33 @@ def _retarget_float_casts(graph: onnx.GraphProto) -> list[str]:
 
 
 def _keep_output_types(original: onnx.ModelProto, converted: onnx.ModelProto) -> list[str]:
-    """Graph outputs the converter retyped float16 become float32 again, through a final Cast.
+    """Graph outputs the converter retyped float16 become float32 again.
 
-    With `keep_io_types` the converter still declares float16 an output made by an op it
-    keeps in float32 (TopK, Max, Min, CumSum, Resize, ...: its block list), so the bundle's
-    signature would change under callers. Returns the outputs put back.
+    With `keep_io_types` the converter still declares float16 an output made by a node it
+    keeps in float32 (TopK, Max, Min, CumSum, Resize, ...: its block list; and the nodes
+    `convert_fp16` blocks), through a Cast to float16 it adds, so the bundle's signature would
+    change under callers. That Cast becomes an Identity: the float32 value, not its float16
+    rounding (past 65504, inf). Any other output gets a final Cast. Returns the outputs put
+    back.
     """
     want = {o.name: o.type.tensor_type.elem_type for o in original.graph.output}
     graph = converted.graph
-    produced = {out for node in graph.node for out in node.output}
-    names = produced | {n for node in graph.node for n in node.input} | \
+    producers = {out: node for node in graph.node for out in node.output}
+    types = {v.name: v.type.tensor_type.elem_type for v in (*graph.value_info, *graph.input)}
+    names = set(producers) | {n for node in graph.node for n in node.input} | \
         {i.name for i in graph.input} | {i.name for i in graph.initializer}
     restored = []
     for output in graph.output:
         target = want.get(output.name)
-        if target in (None, output.type.tensor_type.elem_type) or output.name not in produced:
+        if target in (None, output.type.tensor_type.elem_type) or output.name not in producers:
+            continue
+        cast = producers[output.name]
+        if cast.op_type == "Cast" and types.get(cast.input[0]) == target:
+            cast.op_type = "Identity"
+            del cast.attribute[:]
+            for info in (output, *(v for v in graph.value_info if v.name == output.name)):
+                info.type.tensor_type.elem_type = target
+            restored.append(output.name)
             continue
         inner = f"{output.name}_fp16"
         while inner in names:
@@ -379,20 +455,26 @@ def _culprit(model: onnx.ModelProto, reason: str) -> str:
 
 
 def quantize(model_path: Path, out_path: Path, precision: str, *,
-             calibration: Calibration | None = None, per_channel: bool = False) -> str | None:
+             calibration: Calibration | None = None, per_channel: bool = False,
+             feeds: list[dict[str, np.ndarray]] | None = None, strict: bool = False
+             ) -> str | None:
     """Apply `precision` (int8: static QDQ when calibration data is given, else dynamic).
 
-    Returns the manifest tag, or None for fp32 (nothing written).
+    fp16 only: `feeds` are the inputs on which activation ranges are measured, and `strict`
+    refuses a model float16 cannot hold rather than keeping parts of it float32 (see
+    `convert_fp16`). Returns the manifest tag, or None for fp32 (nothing written).
     """
     if precision not in PRECISIONS:
         raise OptimizeError(f"precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
     if precision != "int8" and (calibration is not None or per_channel):
         raise OptimizeError(f"calibration data and --per-channel apply to int8 only, "
                             f"not {precision}")
+    if precision != "fp16" and strict:
+        raise OptimizeError(f"strict fp16 applies to fp16 only, not {precision}")
     if precision == "fp32":
         return None
     if precision == "fp16":
-        return convert_fp16(model_path, out_path)
+        return convert_fp16(model_path, out_path, feeds=feeds, strict=strict)
     if calibration is not None:
         return quantize_int8_static(model_path, out_path, calibration, per_channel=per_channel)
     return quantize_int8_dynamic(model_path, out_path, per_channel=per_channel)

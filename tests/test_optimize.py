@@ -294,6 +294,8 @@ def test_every_path_gives_a_bundle_the_core_serves(digits, tmp_path, path):
     model = Model.load(tmp_path / "out")
     created = model.bundle.manifest.created
     assert created["optimizations"] == tags
+    # a trained model that float16 holds keeps nothing float32 (fp16) and names nothing
+    assert report.fp16_kept_float32 == {} and "fp16_kept_float32" not in created
     assert created["source_sha256"] == sha256_file(digits / "digits.onnx")
     assert created["source_file"] == "digits.onnx"
     test_x, test_y = np.load(digits / "eval.npz")["X"], np.load(digits / "eval.npz")["labels"]

@@ -13,12 +13,12 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from edgerun.examples import digits_split
-from edgerun.optimizers import OptimizeError
+from edgerun.examples import digits_split, mlp_onnx
+from edgerun.optimizers import OptimizeError, fp16
 from edgerun.optimizers.arrays import load_arrays
 from edgerun.optimizers.pipeline import OptimizeOptions, optimize
 from edgerun.optimizers.prune import prune_unstructured
-from edgerun.optimizers.quantize import quantize
+from edgerun.optimizers.quantize import kept_float32, quantize
 from edgerun.runtime import Model
 from edgerun.runtime.errors import BundleError, InvalidInput
 from tests.cli import edgerun
@@ -84,6 +84,230 @@ def test_an_fp16_model_onnx_runtime_cannot_load_is_refused_naming_the_node(tmp_p
                                             r"a EyeLike producing 'eye'\)") as caught:
         quantize(source, out, "fp16")
     assert str(out) not in str(caught.value) and not out.exists()
+
+
+# --- fp16: what float16 cannot hold -------------------------------------------------------
+# ONNX Runtime's CPU kernels compute most float16 ops in float32 (it drops the casts around
+# them), so a float16 activation past 65504 rarely shows as inf on this host; it does on a GPU.
+# onnx's reference evaluator computes float16 ops in float16, as the device does.
+
+def as_float16_hardware(path: Path, **feed: np.ndarray) -> np.ndarray:
+    from onnx.reference import ReferenceEvaluator
+
+    with np.errstate(all="ignore"):
+        return ReferenceEvaluator(str(path)).run(None, feed)[0]
+
+
+def graph_model(nodes: list[onnx.NodeProto], weights: dict[str, np.ndarray], width: int = 4,
+                out: int = 4) -> onnx.ModelProto:
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", width])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", out])],
+        [numpy_helper.from_array(np.asarray(v, np.float32), k) for k, v in weights.items()])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def weight_types(path: Path) -> dict[str, int]:
+    return {init.name: init.data_type for init in onnx.load(str(path)).graph.initializer}
+
+
+def test_fp16_keeps_the_layer_whose_weight_is_past_float16s_range_float32(tmp_path):
+    # the converter clamped every weight past 1e4 to 1e4: this layer answered 100x too small
+    rng = np.random.default_rng(0)
+    huge = rng.standard_normal((8, 4)).astype(np.float32)
+    huge[0] = 1e6
+    source = save(graph_model(
+        [helper.make_node("MatMul", ["x", "w1"], ["h"], name="hidden"),
+         helper.make_node("Relu", ["h"], ["r"], name="relu"),
+         helper.make_node("MatMul", ["r", "w2"], ["y"], name="huge")],
+        {"w1": rng.standard_normal((4, 8)), "w2": huge}), tmp_path / "huge.onnx")
+    report = optimize(source, tmp_path / "out", OptimizeOptions(quantize="fp16", **FAST))
+    assert report.optimizations == ["quantize:fp16"]
+    assert list(report.fp16_kept_float32) == ["huge"]
+    assert report.fp16_kept_float32["huge"].startswith(
+        "MatMul: weight 'w2' reaches 1e+06 in magnitude, beyond float16's largest, 65504")
+    assert any("huge (MatMul: weight 'w2' reaches 1e+06" in note for note in report.notes)
+    model = Model.load(tmp_path / "out")
+    assert model.bundle.manifest.created["fp16_kept_float32"] == report.fp16_kept_float32
+    model_file = tmp_path / "out" / model.bundle.manifest.model_file
+    assert weight_types(model_file) == {"w1": TensorProto.FLOAT16, "w2": TensorProto.FLOAT}
+    x = rng.standard_normal((16, 4)).astype(np.float32)
+    want = ort_run(source, x=x)
+    np.testing.assert_allclose(model.predict({"x": x})["y"], want, rtol=1e-2, atol=1e-2)
+    np.testing.assert_allclose(as_float16_hardware(model_file, x=x), want, rtol=1e-2, atol=1)
+    model.check_golden()
+    model.close()
+
+
+def test_fp16_keeps_an_epsilon_below_float16s_range_and_what_reads_its_sum(tmp_path):
+    # log(relu(h) + 1e-9): the converter raised the 1e-9 to 1.2e-7 (log -15.9, not -20.7);
+    # kept float32 but its sum rounded to float16, 1e-9 becomes 0 and the log -inf
+    rng = np.random.default_rng(0)
+    source = save(graph_model(
+        [helper.make_node("MatMul", ["x", "w"], ["h"], name="mm"),
+         helper.make_node("Relu", ["h"], ["r"], name="relu"),
+         helper.make_node("Add", ["r", "eps"], ["a"], name="add_eps"),
+         helper.make_node("Log", ["a"], ["y"], name="log")],
+        {"w": rng.standard_normal((4, 4)), "eps": np.full(4, 1e-9)}), tmp_path / "eps.onnx")
+    out = tmp_path / "h.onnx"
+    assert quantize(source, out, "fp16") == "quantize:fp16"
+    kept = kept_float32(out)
+    assert list(kept) == ["add_eps", "log"]
+    assert kept["add_eps"] == ("Add: weight 'eps' lies below float16's range (its largest "
+                               "magnitude is 1e-09): float16 would change it by 1.18e+04 %")
+    assert kept["log"] == "Log: 'a' comes from 'add_eps', which reads weight 'eps'"
+    assert weight_types(out) == {"w": TensorProto.FLOAT16, "eps": TensorProto.FLOAT}
+    x = rng.standard_normal((16, 4)).astype(np.float32)
+    want = ort_run(source, x=x)
+    assert (want < -20).any()  # rows where relu gave 0: log(1e-9)
+    np.testing.assert_allclose(ort_run(out, x=x), want, rtol=1e-2, atol=1e-2)
+    np.testing.assert_allclose(as_float16_hardware(out, x=x), want, rtol=1e-2, atol=1e-2)
+
+
+def test_fp16_keeps_activations_past_float16s_range_float32(tmp_path):
+    # x * 1e3 * 1e3: every weight fits float16, the activation 'h2' does not (inf on a GPU);
+    # 'k' is shared by a float16 and a float32 node, 'h2' read by two float32 nodes
+    source = save(graph_model(
+        [helper.make_node("Mul", ["x", "k"], ["h1"], name="scale1"),
+         helper.make_node("Mul", ["h1", "k"], ["h2"], name="scale2"),
+         helper.make_node("Mul", ["h2", "s1"], ["a"], name="rescale_a"),
+         helper.make_node("Mul", ["h2", "s2"], ["b"], name="rescale_b"),
+         helper.make_node("Add", ["a", "b"], ["y"], name="sum")],
+        {"k": np.full(4, 1e3), "s1": np.full(4, 1e-4), "s2": np.full(4, 2e-4)}),
+        tmp_path / "scale.onnx")
+    x = np.random.default_rng(1).standard_normal((32, 4)).astype(np.float32)
+    np.savez(tmp_path / "eval.npz", x=x)
+    report = optimize(source, tmp_path / "out", OptimizeOptions(
+        quantize="fp16", eval_data=tmp_path / "eval.npz", **FAST))
+    kept = report.fp16_kept_float32
+    assert list(kept) == ["scale2", "rescale_a", "rescale_b"]
+    peak = np.abs(x).max() * 1e6
+    assert kept["scale2"] == (f"Mul: 'h2' reaches {peak:.3g} in magnitude on the data "
+                              "measured, beyond float16's largest, 65504")
+    model_file = tmp_path / "out" / "model.onnx"
+    types = weight_types(model_file)
+    assert types["k"] == TensorProto.FLOAT16 and types["s1"] == types["s2"] == TensorProto.FLOAT
+    want = ort_run(source, x=x)
+    got = as_float16_hardware(model_file, x=x)
+    assert np.isfinite(got).all()
+    np.testing.assert_allclose(got, want, rtol=1e-2, atol=1e-2)
+    assert report.max_abs_error < 1e-2 * np.abs(want).max()
+
+
+def test_fp16_keeps_a_constant_past_float16s_range_float32(tmp_path):
+    source = save(graph_model(
+        [helper.make_node("Constant", [], ["c"], name="const",
+                          value=numpy_helper.from_array(np.full(4, 1e6, np.float32))),
+         helper.make_node("Mul", ["x", "c"], ["h"], name="big"),
+         helper.make_node("Mul", ["h", "s"], ["y"], name="small")],
+        {"s": np.full(4, 1e-3)}), tmp_path / "const.onnx")
+    out = tmp_path / "h.onnx"
+    quantize(source, out, "fp16")
+    assert list(kept_float32(out)) == ["const", "big", "small"]
+    x = np.random.default_rng(2).standard_normal((16, 4)).astype(np.float32)
+    want = ort_run(source, x=x)
+    np.testing.assert_allclose(ort_run(out, x=x), want, rtol=1e-2, atol=1e-2)
+    np.testing.assert_allclose(as_float16_hardware(out, x=x), want, rtol=1e-2, atol=1e-2)
+
+
+def test_fp16_stores_weights_up_to_65504_rather_than_clamping_them_to_1e4(tmp_path):
+    # float16 holds 12000 (within 8 of it); the converter's default clamped it to 10000
+    source = save(graph_model([helper.make_node("Mul", ["x", "w"], ["y"], name="scale")],
+                              {"w": np.full(4, 12000.0)}), tmp_path / "w.onnx")
+    out = tmp_path / "h.onnx"
+    quantize(source, out, "fp16")
+    assert kept_float32(out) == {}
+    weight = numpy_helper.to_array(onnx.load(str(out)).graph.initializer[0])
+    assert weight.dtype == np.float16 and (weight == 12000).all()
+    x = np.random.default_rng(3).uniform(-1, 1, (16, 4)).astype(np.float32)
+    np.testing.assert_allclose(ort_run(out, x=x), ort_run(source, x=x), rtol=1e-3)
+
+
+def test_fp16_of_an_ordinary_model_keeps_nothing_float32(tmp_path):
+    source = tmp_path / "mlp.onnx"
+    source.write_bytes(mlp_onnx([16, 64, 8]))
+    report = optimize(source, tmp_path / "out", OptimizeOptions(quantize="fp16", **FAST))
+    assert report.fp16_kept_float32 == {} and not any("fp16" in n for n in report.notes)
+    model = Model.load(tmp_path / "out")
+    assert "fp16_kept_float32" not in model.bundle.manifest.created
+    converted = onnx.load(str(tmp_path / "out" / "model.onnx"))
+    assert {init.data_type for init in converted.graph.initializer} == {TensorProto.FLOAT16}
+    assert not converted.metadata_props
+    # float32 only at the edges: one Cast in from the input, one out to the output
+    casts = [node for node in converted.graph.node if node.op_type == "Cast"]
+    assert len(casts) == 2 and len(converted.graph.node) == len(
+        onnx.load(str(source)).graph.node) + 2
+    model.close()
+
+
+def test_strict_fp16_refuses_naming_the_weight_and_its_magnitude(tmp_path):
+    source = save(graph_model([helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")],
+                              {"w": np.full((4, 4), 1e6)}), tmp_path / "huge.onnx")
+    message = (r"huge.onnx: strict fp16: weight 'w' reaches 1e\+06 in magnitude, beyond "
+               r"float16's largest, 65504.*without strict, the nodes that make or read them "
+               r"stay float32")
+    with pytest.raises(OptimizeError, match=message):
+        quantize(source, tmp_path / "h.onnx", "fp16", strict=True)
+    with pytest.raises(OptimizeError, match=message):
+        optimize(source, tmp_path / "out", OptimizeOptions(quantize="fp16", strict_fp16=True))
+    with pytest.raises(OptimizeError, match="strict fp16 applies to fp16 only, not int8"):
+        optimize(source, tmp_path / "out", OptimizeOptions(quantize="int8", strict_fp16=True))
+    refused = edgerun("optimize", str(source), "--device", "x86-64", "--quantize", "fp16",
+                      "--strict-fp16", "-o", str(tmp_path / "out"))
+    assert refused.returncode != 0 and "weight 'w' reaches 1e+06" in refused.stdout + \
+        refused.stderr
+    assert not (tmp_path / "h.onnx").exists() and not (tmp_path / "out").exists()
+
+
+def test_an_fp16_bundle_giving_inf_where_float32_does_not_is_refused_naming_the_node(tmp_path):
+    # ranges are measured on the first RANGE_ROWS eval rows; later rows reach past 65504, and
+    # LayerNormalization (one of the ops ONNX Runtime's CPU runs in float16) turns it to NaN
+    graph = helper.make_graph(
+        [helper.make_node("Mul", ["x", "k"], ["h"], name="scale"),
+         helper.make_node("LayerNormalization", ["h", "gamma"], ["y"], name="norm")], "ln",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 8])],
+        [numpy_helper.from_array(np.full(8, 1e3, np.float32), "k"),
+         numpy_helper.from_array(np.ones(8, np.float32), "gamma")])
+    source = save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]),
+                  tmp_path / "ln.onnx")
+    x = np.random.default_rng(4).uniform(-1, 1, (fp16.RANGE_ROWS + 8, 8)).astype(np.float32)
+    x[-8:] *= 1000
+    np.savez(tmp_path / "eval.npz", x=x)
+    with pytest.raises(OptimizeError, match=(
+            rf"ln.onnx: the optimized model gives inf or NaN in output 'y' on 8 of "
+            rf"{fp16.RANGE_ROWS + 8} eval rows \(first: row {fp16.RANGE_ROWS}\) where the "
+            r"original model's values are finite; in float16 it starts at node 'scale' \(Mul\), "
+            rf"whose output 'h' holds \d+ inf/NaN value\(s\).*first {fp16.RANGE_ROWS} eval rows")):
+        optimize(source, tmp_path / "out", OptimizeOptions(
+            quantize="fp16", eval_data=tmp_path / "eval.npz", **FAST))
+    assert not (tmp_path / "out").exists()
+    # with those rows among the first, 'scale' and 'norm' stay float32 and the bundle is sound
+    np.savez(tmp_path / "first.npz", x=x[::-1])
+    report = optimize(source, tmp_path / "out", OptimizeOptions(
+        quantize="fp16", eval_data=tmp_path / "first.npz", **FAST))
+    assert list(report.fp16_kept_float32) == ["scale", "norm"]
+    assert np.isfinite(report.after.outputs["y"]).all()
+
+
+def test_fp16_of_inputs_read_by_unnamed_nodes_and_float_constants_loads(tmp_path):
+    # the converter named its Casts after the nodes they feed: two unnamed readers of 'x' got
+    # two Casts named 'x_cast_to_', and a Constant value_float stayed float32 under a float16
+    # declaration; either model was one ONNX Runtime refuses
+    for name, nodes in {
+            "readers": [helper.make_node("Mul", ["x", "w"], ["a"]),
+                        helper.make_node("Add", ["x", "w"], ["b"]),
+                        helper.make_node("Add", ["a", "b"], ["y"])],
+            "constant": [helper.make_node("Constant", [], ["c"], value_float=2.0),
+                         helper.make_node("MatMul", ["x", "w4"], ["h"]),
+                         helper.make_node("Mul", ["h", "c"], ["y"])]}.items():
+        source = save(graph_model(nodes, {"w": np.full(4, 0.5), "w4": np.eye(4)}),
+                      tmp_path / f"{name}.onnx")
+        out = tmp_path / f"{name}-h.onnx"
+        quantize(source, out, "fp16")
+        x = np.random.default_rng(5).standard_normal((8, 4)).astype(np.float32)
+        np.testing.assert_allclose(ort_run(out, x=x), ort_run(source, x=x), rtol=1e-2,
+                                   atol=1e-2)
 
 
 # --- accuracy and eval data ---------------------------------------------------------------

@@ -25,6 +25,9 @@ def register(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--quantize", choices=("int8", "fp16", "fp32"), default=None,
                         help="precision (default: the device profile's); int8 is static QDQ "
                              "with --calibration, dynamic without")
+    parser.add_argument("--strict-fp16", action="store_true",
+                        help="fp16: refuse a model float16 cannot hold (weights or activations "
+                             "past 65504, or too small), instead of keeping those nodes float32")
     parser.add_argument("--calibration", type=Path, default=None,
                         help="folder of .npy/.npz model inputs for int8 static quantization")
     parser.add_argument("--per-channel", action="store_true",
@@ -74,7 +77,8 @@ def _optimize(args: argparse.Namespace) -> int:
         device=args.device, quantize=args.quantize, calibration=args.calibration,
         per_channel=args.per_channel, prune=args.prune, structured=args.structured,
         compile=args.compile, tune_trials=args.tune_trials, rpc=args.rpc, force=args.force,
-        eval_data=args.eval_data, name=args.name, version=args.version)
+        eval_data=args.eval_data, name=args.name, version=args.version,
+        strict_fp16=args.strict_fp16)
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
                   console=out, transient=True) as progress:
         task = progress.add_task("starting")
