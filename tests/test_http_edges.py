@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 import re
 import signal
@@ -10,6 +11,7 @@ import socket
 import struct
 import threading
 import time
+import zlib
 from pathlib import Path
 
 import httpx
@@ -80,6 +82,26 @@ def read_answer(sock: socket.socket, buffer: bytes = b"",
         assert data, "connection closed mid-body"
         rest += data
     return head, rest[:length], rest[length:]
+
+
+def cpu_ticks(pid: int) -> tuple[int, int]:
+    """CPU ticks (user and system) a process has used so far: its main thread's, where
+    `edgerun serve` runs the event loop, and all its threads' (ended ones too). Ticks count
+    work, not waiting: their ratio says which thread worked, whatever the host's speed or load."""
+    def ticks(stat: Path) -> int:
+        fields = stat.read_text().rpartition(")")[2].split()
+        return int(fields[11]) + int(fields[12])  # utime, stime
+    return ticks(Path(f"/proc/{pid}/task/{pid}/stat")), ticks(Path(f"/proc/{pid}/stat"))
+
+
+def loop_share(pid: int, work) -> float:
+    """The share of the CPU time the process used during `work()` that its event loop's
+    thread used."""
+    loop, total = cpu_ticks(pid)
+    work()
+    loop_after, total_after = cpu_ticks(pid)
+    assert total_after - total >= 10, "too little work to tell where it ran"
+    return (loop_after - loop) / (total_after - total)
 
 
 def counts(server) -> tuple[float, float, float]:
@@ -213,6 +235,29 @@ def test_head_and_405_answers(server):
         assert rest == b""
 
 
+@pytest.mark.parametrize("malformed", [
+    b"NOT AN HTTP REQUEST\r\n\r\n",
+    b"GET /v2/health/live HTTP/1.1\r\nHost edgerun\r\n\r\n",
+    b"GET /v2/health/live HTTP/1.1\r\nContent-Length: x\r\n\r\n"])
+def test_a_malformed_request_gets_a_request_id_and_a_json_error(server, malformed):
+    """uvicorn answers what it cannot parse itself: its 400 carried no X-Request-Id and a
+    text body, unlike every other answer of the server."""
+    ids = set()
+    for _ in range(2):
+        with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+            sock.sendall(malformed)
+            head, body, rest = read_answer(sock)
+            assert sock.recv(1 << 16) == b"" and rest == b""  # and the connection closes
+        assert head.startswith(b"HTTP/1.1 400 "), head
+        found = re.search(rb"\r\nx-request-id: ([0-9a-f]{32})(\r\n|$)", head, re.I)
+        assert found, head
+        ids.add(found.group(1))
+        assert re.search(rb"\r\ncontent-type: application/json(\r\n|$)", head, re.I)
+        assert re.search(rb"\r\nconnection: close(\r\n|$)", head, re.I)
+        assert json.loads(body) == {"error": "Invalid HTTP request received."}
+    assert len(ids) == 2  # a fresh one each time
+
+
 def test_keep_alive_connection_serves_on_after_error_answers(server):
     asked = [(request("POST", "/v2/models/mlp/infer", b"{broken"), 400),
              (request("GET", "/nowhere"), 404),
@@ -227,6 +272,56 @@ def test_keep_alive_connection_serves_on_after_error_answers(server):
             sock.sendall(one)
             head, _, rest = read_answer(sock, rest)
             assert head.startswith(b"HTTP/1.1 %d" % status), head
+
+
+# ------------------------------------------------------------------- compressed bodies
+def post_compressed(server, plain: bytes, coding: str = "gzip", cut=None) -> httpx.Response:
+    body = gzip.compress(plain) if coding == "gzip" else zlib.compress(plain)
+    return httpx.post(server.url + "/v2/models/mlp/infer", content=cut(body) if cut else body,
+                      headers={"Content-Encoding": coding}, timeout=30)
+
+
+@pytest.mark.parametrize("coding", ["gzip", "deflate"])
+def test_a_compressed_body_is_inflated_off_the_event_loop(server, coding):
+    """A compressed body was inflated on the event loop, up to the body limit (64 MiB by
+    default: up to a third of a second every other caller waited). Past its first 256 KiB it
+    is now inflated on a worker thread: the loop's thread does a small share of the work.
+    Bombs, as here, show it best: the size cap still refuses them, once inflated past it."""
+    bomb = gzip.compress(bytes(9 << 20)) if coding == "gzip" else zlib.compress(bytes(9 << 20))
+    assert len(bomb) < 20_000  # 8 MiB + 1 byte inflated each time
+
+    answers: list[httpx.Response] = []
+
+    def send() -> None:
+        with httpx.Client() as http:
+            answers.extend(http.post(server.url + "/v2/models/mlp/infer", content=bomb,
+                                     headers={"Content-Encoding": coding}) for _ in range(30))
+
+    share = loop_share(server.process.pid, send)
+    for answer in answers:
+        assert answer.status_code == 413 and "once decompressed" in answer.json()["error"]
+        assert answer.headers["x-request-id"]
+    # on the loop: 0.9 to 1 of the process's CPU time; off it, 0.1 to 0.2
+    assert share < 0.5, f"the event loop's thread did {share:.0%} of the work"
+
+
+def test_big_compressed_bodies_are_answered_and_refused_as_before(server):
+    """Inflated on the worker, a body is answered as on the loop, and a stream that turns out
+    corrupt or truncated past the first 256 KiB is refused alike."""
+    rows = 50_000  # 1.6 MB of JSON: decoded on the data plane's big-body thread too
+    plain = oip("x", [rows, 8], [[0.5] * 8] * rows)
+    for coding in ("gzip", "deflate"):
+        answer = post_compressed(server, plain, coding)
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["outputs"][0]["shape"] == [rows, 4]
+    corrupt = post_compressed(server, plain, cut=lambda b: b[:-8] + bytes(8))  # CRC, size
+    assert corrupt.status_code == 400
+    assert "gzip request body is corrupt" in corrupt.json()["error"]
+    truncated = post_compressed(server, plain, cut=lambda b: b[:len(b) * 3 // 4])
+    assert truncated.status_code == 400
+    assert "gzip request body is truncated" in truncated.json()["error"]
+    small = post_compressed(server, oip("x", [1, 8], [0.5] * 8), "deflate")
+    assert small.status_code == 200 and small.json()["outputs"][0]["shape"] == [1, 4]
 
 
 # ----------------------------------------------------------------------------- gRPC

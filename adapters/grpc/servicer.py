@@ -5,16 +5,27 @@ sticky routing keys, `x-request-id` and credentials come from it; the deadline i
 budget), messages go through `codec`, and the core's error kinds become status codes. Inference
 runs through `DataPlane.infer_async`, so versions, canary and sticky routing, shadow copies,
 metrics and the hook chain are the HTTP server's; the other RPCs pass the hook chain too.
+
+A request with many elements to convert one Python object at a time (typed integers or BOOL,
+BYTES) is decoded, and a big answer encoded, on a worker thread, as the data plane does with big
+HTTP bodies: on the event loop, 4 million INT64 took 0.8 s that every other caller, HTTP and
+gRPC, waited. The data plane decodes on the loop, after its hooks; a big request is decoded
+before them, and its decoding's error raised where the data plane would have decoded it, so it
+is answered, hooked and counted alike.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Callable
-from typing import NoReturn, TypeVar
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
+from typing import Any, NoReturn, TypeVar
 
 import grpc
 
+from edgerun.adapters.codecs import oip
 from edgerun.adapters.dataplane import Call, DataPlane
 from edgerun.adapters.dataplane.call import (INFER, LIVE, MODEL_METADATA, MODEL_READY, READY,
                                              SERVER_METADATA)
@@ -23,7 +34,8 @@ from edgerun.adapters.grpc import grpc_predict_v2_pb2 as pb
 from edgerun.adapters.grpc.grpc_predict_v2_pb2_grpc import (
     GRPCInferenceServiceServicer, add_GRPCInferenceServiceServicer_to_server)
 from edgerun.adapters.grpc.status import code_of, error_metadata
-from edgerun.runtime.errors import EdgerunError, InferenceError, ModelNotFound, ModelNotReady
+from edgerun.runtime.errors import (Cancelled, EdgerunError, InferenceError, ModelNotFound,
+                                    ModelNotReady)
 
 log = logging.getLogger(__name__)
 TRANSPORT = "grpc"
@@ -32,7 +44,12 @@ ANSWER_MARGIN_S = 0.01
 #: The most UTF-8 bytes of an error message sent as status details: percent-encoded (up to
 #: three bytes each), they stay under the 8 KiB metadata limit of a default client.
 MAX_DETAILS_BYTES = 2000
+#: Requests and answers with this many elements converted one at a time (`codec.decode_work`,
+#: `codec.encode_work`) are converted on the worker thread: 65,536 INT64 take 2 to 3 ms each
+#: way, the hop there and back some 50 us.
+OFF_LOOP_ELEMENTS = 1 << 16
 Response = TypeVar("Response")
+T = TypeVar("T")
 
 
 class InferenceServicer(GRPCInferenceServiceServicer):
@@ -40,6 +57,8 @@ class InferenceServicer(GRPCInferenceServiceServicer):
 
     def __init__(self, plane: DataPlane) -> None:
         self.plane = plane
+        #: One thread: big messages are converted one at a time, their peak never multiplied.
+        self._big_messages = ThreadPoolExecutor(1, thread_name_prefix="edgerun-grpc-big")
 
     async def ServerLive(self, request: pb.ServerLiveRequest,
                          context: grpc.aio.ServicerContext) -> pb.ServerLiveResponse:
@@ -85,17 +104,30 @@ class InferenceServicer(GRPCInferenceServiceServicer):
     async def ModelInfer(self, request: pb.ModelInferRequest,
                          context: grpc.aio.ServicerContext) -> pb.ModelInferResponse:
         call = _call(context, INFER, request.model_name, request.model_version)
-        remaining = context.time_remaining()
+        decode: Callable[[], oip.InferRequest] = partial(codec.decode_request, request)
+        if codec.decode_work(request) >= OFF_LOOP_ELEMENTS:
+            try:
+                decode = await self._off_loop(_outcome, codec.decode_request, request)
+            except asyncio.CancelledError:  # gone while decoding: hooked and counted all the same
+                self.plane.refuse(call, Cancelled("the caller cancelled the request"))
+                raise
+        remaining = context.time_remaining()  # after decoding: the budget left to queue
         if remaining is not None:
             call.timeout = max(0.0, remaining - ANSWER_MARGIN_S)
         try:
-            result = await self.plane.infer_async(call, lambda: codec.decode_request(request))
-            response = codec.encode_response(result.model, result.version, result.request,
-                                             result.outputs)
+            result = await self.plane.infer_async(call, decode)
+            answer = (result.model, result.version, result.request, result.outputs)
+            if codec.encode_work(result.request, result.outputs) >= OFF_LOOP_ELEMENTS:
+                response = await self._off_loop(codec.encode_response, *answer)
+            else:
+                response = codec.encode_response(*answer)
         except Exception as exc:
             await _abort(context, call, _as_error(exc))
         _send_headers(context, call)
         return response
+
+    async def _off_loop(self, work: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._big_messages, work, *args)
 
     async def _answer(self, context: grpc.aio.ServicerContext, call: Call,
                       make: Callable[[], Response]) -> Response:
@@ -120,6 +152,19 @@ def _call(context: grpc.aio.ServicerContext, route: str, model: str = "",
         if isinstance(value, str):  # "-bin" keys carry bytes: never attributes
             metadata[key] = value
     return Call(route, model, version or None, attributes=metadata.get, transport=TRANSPORT)
+
+
+def _outcome(work: Callable[..., T], *args: Any) -> Callable[[], T]:
+    """`work(*args)` done now: a function that returns its result, or raises what it raised."""
+    try:
+        value = work(*args)
+    except Exception as exc:
+        error = exc
+
+        def fail() -> NoReturn:
+            raise error
+        return fail
+    return lambda: value
 
 
 def _send_headers(context: grpc.aio.ServicerContext, call: Call) -> None:

@@ -9,6 +9,8 @@ A client that goes away while its request waits for a batch has the request with
 only marks the request disconnected, so it would take its place in a forward pass for nobody.
 The connection reads on while a request waits (uvicorn pauses reading behind a big body or a
 pipelined request), since a paused transport never sees the close.
+
+A request uvicorn cannot parse is answered as every other: a JSON error and an X-Request-Id.
 """
 
 from __future__ import annotations
@@ -16,8 +18,10 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+import orjson
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 
+from edgerun.adapters.dataplane.hooks import request_id
 from edgerun.adapters.http.asgi import CLIENT_GONE
 
 INTERIM = b"HTTP/1.1 1"
@@ -118,6 +122,19 @@ class OneSendProtocol(HttpToolsProtocol):
         super().on_message_complete()
         if len(self.pipeline) <= 1:
             self.flow.resume_reading()
+
+    def send_400_response(self, msg: str) -> None:
+        """uvicorn's answer to bytes it cannot parse as a request (then it closes): an OIP error
+        body and a new request id (nothing of a malformed request is trusted), as the app
+        answers."""
+        body = orjson.dumps({"error": msg})
+        head = [b"HTTP/1.1 400 Bad Request\r\n"]
+        head += [b"%s: %s\r\n" % header for header in self.server_state.default_headers]
+        head.append(b"content-type: application/json\r\ncontent-length: %d\r\n"
+                    b"x-request-id: %s\r\nconnection: close\r\n\r\n"
+                    % (len(body), request_id(None).encode()))
+        self.transport.write(b"".join(head) + body)
+        self.transport.close()
 
     def on_response_complete(self) -> None:
         self.transport.response_done()  # type: ignore[attr-defined]
