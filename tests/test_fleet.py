@@ -631,6 +631,84 @@ def test_a_report_whose_previous_is_no_version_stalls_no_rollback(orchestrator, 
     assert "this step failed" not in caplog.text
 
 
+def test_a_device_that_lies_about_its_previous_version_is_sent_no_other_bundle(
+        orchestrator, tmp_path, keys):
+    """A rollback job names the version the device's report gave as `previous`, and a job
+    authorises its version's download: a device that named a version the registry holds but
+    never sent it (m:3) had a rollback job with that bundle's URL and could fetch it. Now only
+    versions the fleet sent the device come with a download; a rollback to another one is
+    done from what the device holds, or fails there. Restart-safe: it is all in the store."""
+    import uvicorn
+
+    from edgerun.adapters.auth.devices import DeviceCredentials
+    from edgerun.adapters.auth.tokens import TokenStore, create_token
+    from edgerun.adapters.fleet.orchestrator import Orchestrator
+    from edgerun.adapters.http.registry import FleetAccess, create_registry_app
+    from edgerun.adapters.ota.messages import Job, Report
+    from edgerun.runtime import Bundle
+    from tests.serving import free_port
+
+    registry, store = orchestrator.registry, orchestrator.store
+    for version in ("1", "3"):
+        with Bundle.open(make_bundle(tmp_path / f"v{version}", model(int(version)), "m",
+                                     version, keys["key"])) as bundle:
+            packed = bundle.pack(tmp_path / f"m-{version}.tar.gz")
+        with packed.open("rb") as stream:
+            registry.push(stream)
+    first = orchestrator.deploy("m", "1", devices=["b"])  # b gets m:1 from the fleet
+    orchestrator.on_message("edgerun/b/ota/report", Report(
+        first["jobs"][0]["job_id"], "b", "active", "m", "1", "0").encode())
+    rollout = orchestrator.deploy("m", "2", devices=["a", "b"])
+    job_ids = {job["device_id"]: job["job_id"] for job in rollout["jobs"]}
+    # a never had m:3 (nobody sent it); b had m:1, which the fleet sent it
+    for device, previous in (("a", "3"), ("b", "1")):
+        orchestrator.on_message(f"edgerun/{device}/ota/report", Report(
+            job_ids[device], device, "active", "m", "2", previous).encode())
+    orchestrator.rollback(rollout["id"])
+    rollbacks = {topic.split("/")[1]: Job.decode(payload)
+                 for topic, payload, _ in orchestrator.sent[-2:]}
+    assert {d: (j.kind, j.version) for d, j in rollbacks.items()} == {
+        "a": ("rollback", "3"), "b": ("rollback", "1")}
+    assert (rollbacks["a"].url, rollbacks["a"].sha256) == ("", "")  # from its own slots only
+    assert rollbacks["b"].url == "http://registry/bundles/m/1"
+    assert rollbacks["b"].sha256 == registry.get("m", "1").sha256
+    detail = {job["device_id"]: job["detail"] for job in orchestrator.status(rollout["id"])[
+        "jobs"]}
+    assert "the fleet never sent it that one" in detail["a"] and detail["b"] == "rolling back"
+
+    # the same after a restart: a new orchestrator on the store sends the same jobs again
+    resent: list[tuple[str, bytes, bool]] = []
+    again = Orchestrator(store, registry, "http://registry",
+                         publish=lambda *message: resent.append(message))
+    again.republish()
+    assert {topic.split("/")[1]: Job.decode(payload).url for topic, payload, _ in resent} == {
+        "a": "", "b": "http://registry/bundles/m/1"}
+
+    # and the registry, behind device credentials, refuses a the bundle its lie named
+    credentials = DeviceCredentials(store.db)
+    secrets = {device: credentials.enroll(device) for device in ("a", "b")}
+    create_token("read", tmp_path / "tokens", tmp_path / "read.secret", name="read")
+    access = FleetAccess(TokenStore(tmp_path / "tokens"), store, credentials)
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(
+        create_registry_app(registry, orchestrator, access, credentials), port=port,
+        log_level="error"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        wait_for(lambda: server.started, 30, "uvicorn")
+
+        def fetch(device: str, version: str) -> int:
+            return httpx.get(f"http://127.0.0.1:{port}/bundles/m/{version}",
+                             auth=(device, secrets[device]), timeout=30).status_code
+
+        assert [fetch("a", "2"), fetch("a", "3"), fetch("a", "1")] == [200, 403, 403]
+        assert [fetch("b", "1"), fetch("b", "2"), fetch("b", "3")] == [200, 200, 403]
+    finally:
+        server.should_exit = True
+        thread.join(10)
+
+
 def test_a_device_busy_with_another_rollouts_job_gets_the_next_one_once_it_ends(
         orchestrator, tmp_path, keys):
     """A device has one retained job topic: a second rollout's job replaced the first's there,

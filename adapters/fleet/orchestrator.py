@@ -417,8 +417,13 @@ class Orchestrator:
             return fields
         if rollout["state"] == ABORTED:  # follow this rollback to its end too
             self.store.update_rollout(rollout["id"], state=ROLLING_BACK)
+        detail = "rolling back"
+        if self.store.version(rollout["model"], previous) is not None and \
+                not self.store.device_has_job(device, rollout["model"], previous):
+            detail += (f" (to the version {previous} the device reported it served before: "
+                       "the fleet never sent it that one, so the job offers no download)")
         fields = {"job_id": f"{rollout['id']}.{device}.rollback", "kind": ROLLBACK,
-                  "version": previous, "state": QUEUED, "detail": "rolling back",
+                  "version": previous, "state": QUEUED, "detail": detail,
                   "deadline": time.time() + rollout["spec"]["job_timeout"]}
         self.store.update_job(rollout["id"], device, **fields)
         self._publish_job(rollout, {**job, **fields})
@@ -426,12 +431,17 @@ class Orchestrator:
 
     def _publish_job(self, rollout: dict[str, Any], job: dict[str, Any]) -> None:
         model, version = rollout["model"], job["version"]
-        try:
-            stored = self.registry.get(model, version)
-            url, sha256, size = (f"{self.base_url}/bundles/{model}/{version}", stored.sha256,
-                                 stored.size)
-        except ModelNotFound:  # a rollback to a version the registry never had: slots only
-            url, sha256, size = "", "", 0
+        url, sha256, size = "", "", 0  # a rollback from the device's slots or folder alone
+        # A rollback's version is the `previous` the device reported: its download is offered
+        # only if the fleet once sent the device that version, else a device that lied about
+        # it would be handed (and allowed to fetch) a bundle it never had.
+        if job["kind"] == INSTALL or self.store.device_has_job(job["device_id"], model, version):
+            try:
+                stored = self.registry.get(model, version)
+                url, sha256, size = (f"{self.base_url}/bundles/{model}/{version}",
+                                     stored.sha256, stored.size)
+            except ModelNotFound:  # a version the registry never had: slots only
+                pass
         message = Job(job_id=job["job_id"], kind=job["kind"], model=model, version=version,
                       url=url, sha256=sha256, size=size, rollout=rollout["id"])
         self._send(job_topic(job["device_id"]), message.encode(), True)

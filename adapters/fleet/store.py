@@ -214,11 +214,15 @@ class Store:
         return {row["device_id"] for row in rows}
 
     def device_has_job(self, device_id: str, model: str, version: str) -> bool:
-        """Whether a rollout ever addressed `model` `version` to the device (a download may
-        come late, after a retry or a restart, so a finished job still counts)."""
+        """Whether a rollout ever addressed `model` `version` to the device as an install (a
+        download may come late, after a retry or a restart, so a finished job still counts).
+
+        Only the rollout's own version counts: a rollback job names the version the device
+        itself said it ran before (its report's `previous`), and a device's word must grant it
+        no other bundle."""
         return self.one("SELECT 1 AS found FROM jobs JOIN rollouts ON rollouts.id = "
                         "jobs.rollout_id WHERE jobs.device_id = ? AND rollouts.model = ? AND "
-                        "jobs.version = ?", (device_id, model, version)) is not None
+                        "rollouts.version = ?", (device_id, model, version)) is not None
 
     def job_by_id(self, job_id: str) -> dict[str, Any] | None:
         return self.one("SELECT * FROM jobs WHERE job_id = ?", (job_id,))
