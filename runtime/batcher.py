@@ -11,6 +11,9 @@ The delay is an upper bound: while requests arrive further apart than the delay 
 average of the gaps), a partial batch runs at once, since waiting would add latency and gain no
 company. Under load the gaps are microseconds and batches fill as usual.
 
+A stopping server calls `flush`: from then on nothing waits for company, so the requests it
+holds are answered before it exits, not after a long delay (or cut off at its grace period).
+
 The worker is woken only when the queue goes from empty to non-empty or a batch fills, and
 asyncio callers are answered with one `call_soon_threadsafe` per loop per batch: under load
 the cost per request stays a few microseconds.
@@ -146,12 +149,14 @@ class MicroBatcher:
         self._count = 0
         self._waiting = 0
         self._closing = False
+        self._flushing = False  # set by `flush`: no batch waits for company any more
         self._gap = 0.0  # moving average of the time between arrivals; 0 until known
         self._rows_per_s = 0.0  # moving average of one worker's forward-pass throughput
         self._last_arrival: float | None = None
 
         self.metrics = ModelMetrics(self.name, self.version, registry)
-        self.metrics.queue_depth.set_function(lambda: self._count)
+        # counted until closed: a reload's new copy adds its own count to the series
+        self._uncount = self.metrics.queue_depth.add_function(lambda: self._count)
         self._workers = [
             threading.Thread(target=self._work, args=(model.run,), daemon=True,
                              name=f"edgerun-batcher-{self.name}-{self.version}-{i}")
@@ -358,7 +363,8 @@ class MicroBatcher:
         for size in reversed(self._preferred):
             if size <= rows:
                 return size
-        if self._closing or now >= head.enqueued + self._delay or self._gap > self._delay:
+        if (self._flushing or self._closing or now >= head.enqueued + self._delay
+                or self._gap > self._delay):
             return max(rows, 1)  # requests of zero rows are due too: they must not wait forever
         return 0
 
@@ -471,6 +477,19 @@ class MicroBatcher:
                 pass
 
     # --------------------------------------------------------------- lifecycle
+    def flush(self) -> None:
+        """Stop waiting for batches to fill: what is queued runs now, and each request queued
+        later at once, whatever `max_queue_delay_us` says.
+
+        For a server that is stopping: its callers get their answers before the process
+        exits instead of waiting out a long delay (and being cut off at the grace period).
+        Requests are still taken until `close`, so one already accepted by a transport and
+        not yet queued is answered too.
+        """
+        with self._cond:
+            self._flushing = True
+            self._cond.notify_all()
+
     def close(self, *, drain: bool = True, timeout: float | None = None) -> None:
         """Stop taking requests; with `drain`, queued ones still run before workers exit."""
         dropped: list[_Request] = []
@@ -488,6 +507,7 @@ class MicroBatcher:
                       for r in dropped])
         for worker in self._workers:
             worker.join(timeout)
+        self._uncount()
 
     def __enter__(self) -> MicroBatcher:
         return self

@@ -32,24 +32,17 @@ class Counter:
 
 
 class Gauge:
-    """A value read at collection time from a function (queue depth, requests in flight).
-
-    Several functions may be added (`add_function`): the gauge reads their sum. Two copies of
-    one version, the one taking requests and the one a reload of it is still draining, share
-    their series, and each adds its own count until it is gone.
+    """The sum, read at collection time, of the functions added to it (queue depth, requests
+    in flight). Two copies of one version, the one taking requests and the one a reload of it
+    is still draining, share their series, and each adds its own count until it is gone.
     """
 
-    __slots__ = ("_lock", "_function", "_added")
+    __slots__ = ("_lock", "_added")
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._function: Callable[[], float] | None = None
         # replaced whole under the lock, never changed in place: a scrape reads it unlocked
         self._added: tuple[Callable[[], float], ...] = ()
-
-    def set_function(self, function: Callable[[], float] | None) -> None:
-        """Read `function` (instead of the one set before; added ones still count)."""
-        self._function = function
 
     def add_function(self, function: Callable[[], float]) -> Callable[[], None]:
         """Count `function` too, until the function this returns is called."""
@@ -68,11 +61,7 @@ class Gauge:
 
     @property
     def value(self) -> float:
-        function, added = self._function, self._added
-        total = float(function()) if function is not None else 0.0
-        for each in added:
-            total += float(each())
-        return total
+        return float(sum(each() for each in self._added))
 
 
 class Histogram:
@@ -260,12 +249,3 @@ class ModelMetrics:
 
     def error(self, kind: str) -> None:
         self._errors.labels(*self._labels, kind).inc()
-
-    def forget(self) -> None:
-        """Drop this version's series once it is unloaded, so /metrics stops showing it."""
-        for family in self._families:
-            if family.labelnames == self.LABELS:
-                family.remove(*self._labels)
-        for labels, _ in self._errors.children():
-            if labels[:2] == self._labels:
-                self._errors.remove(*labels)

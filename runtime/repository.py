@@ -16,6 +16,8 @@ Callers route, run and release:
 from __future__ import annotations
 
 import logging
+import os
+import sys
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -34,6 +36,23 @@ from edgerun.runtime.sources import FolderSource, VersionSource
 log = logging.getLogger(__name__)
 
 READY, LOADING, UNAVAILABLE, UNLOADED = "READY", "LOADING", "UNAVAILABLE", "UNLOADED"
+#: `start_loading`'s thread; a process stopped while it runs ends without waiting for it
+LOADING_THREAD = "edgerun-repository-load"
+
+
+def exit_if_still_loading(status: int = 0) -> None:
+    """End the process with `status` now, without the interpreter's shutdown, if a
+    `start_loading` thread still runs (a server or daemon stopped mid-load).
+
+    That thread is inside ONNX Runtime (or a TensorRT engine build); when it came back during
+    the interpreter's shutdown, the process aborted ("terminate called without an active
+    exception", SIGABRT) instead of exiting with `status`. Call it once nothing else is left.
+    """
+    if any(t.name == LOADING_THREAD and t.is_alive() for t in threading.enumerate()):
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
 
 
 @dataclass(frozen=True)
@@ -91,7 +110,7 @@ class Repository:
             if poll_interval:
                 self.start_polling(poll_interval)
 
-        thread = threading.Thread(target=load, name="edgerun-repository-load", daemon=True)
+        thread = threading.Thread(target=load, name=LOADING_THREAD, daemon=True)
         thread.start()
         return thread
 
@@ -243,6 +262,14 @@ class Repository:
         self._poller = threading.Thread(target=loop, name="edgerun-repository-poll",
                                         daemon=True)
         self._poller.start()
+
+    def flush(self) -> None:
+        """Shutting down: every served version's batcher runs what it holds at once, and each
+        later request too, without waiting out its batching delay (`MicroBatcher.flush`)."""
+        with self._lock:
+            served = [v for model in self._models.values() for v in model.versions.values()]
+        for version in served:
+            version.batcher.flush()
 
     def close(self) -> None:
         """Stop polling, then drain and release every model."""

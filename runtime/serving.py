@@ -43,11 +43,7 @@ class ServedVersion:
         # A reload of this version (a new config) shares its series with the copy it
         # replaces, which may still drain requests: each copy adds its own count until it is
         # released (the new copy's count replaced the old one's, which read 0 meanwhile).
-        # The batcher set the queue depth to its own count alone: it is added the same way.
-        depth = self.batcher.metrics.queue_depth
-        depth.set_function(None)
-        self._uncount = [inflight.add_function(lambda: self.in_flight),
-                         depth.add_function(lambda: self.batcher.queue_depth)]
+        self._uncount = inflight.add_function(lambda: self.in_flight)
 
     def acquire(self) -> None:
         with self._idle:
@@ -68,9 +64,7 @@ class ServedVersion:
         self.batcher.close(drain=True)
         for model in self.models:
             model.close()
-        for uncount in self._uncount:  # this copy counts no more; a reload's copy still does
-            uncount()
-        self._uncount = []
+        self._uncount()  # this copy counts no more; a reload's copy still does
 
     def forget_metrics(self) -> None:
         """The version is no longer served: every series naming it goes (its batcher's, its

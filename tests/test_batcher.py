@@ -344,6 +344,25 @@ def test_close_drains_queued_requests(recording):
         batcher.submit({"x": rows(1)})
 
 
+def test_flush_runs_the_queue_now_and_later_requests_at_once(recording):
+    """A stopping server's batchers wait out no batching delay: what is queued runs as one
+    batch at once, and requests still come in (one a transport took just before the stop)
+    and run at once too. The 30 s deadlines fail the test, not the 60 s delay."""
+    batcher = batcher_for(recording, max_batch_size=64, max_queue_delay_us=60_000_000)
+    data = rows(5, seed=7)
+    try:
+        queued = [batcher.submit({"x": data[i:i + 1]}, timeout=30) for i in range(3)]
+        batcher.flush()
+        answers = [p.result()["y"] for p in queued]
+        later = batcher.submit({"x": data[3:5]}, timeout=30).result()["y"]
+        assert recording.batch_rows() == [3, 2]
+    finally:
+        batcher.close()
+    expected = recording.predict({"x": data})["y"]
+    np.testing.assert_allclose(np.concatenate([*answers, later]), expected, rtol=1e-5,
+                               atol=1e-6)
+
+
 def test_close_without_drain_fails_what_is_queued(recording):
     batcher = batcher_for(recording, max_batch_size=1)
     recording.hold()

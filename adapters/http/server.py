@@ -1,8 +1,9 @@
 """Run the fleet server: HTTP on uvicorn and, if asked, OIP v2 gRPC, in one event loop.
 
 Both listen on the same loop (uvloop when installed) over the same data plane. A SIGTERM or
-SIGINT stops both together: neither takes new requests, both answer the ones they hold, then
-the repository drains and the process exits 0.
+SIGINT stops both together: neither takes new requests, both answer the ones they hold (the
+batchers run what they queue at once, with no batching delay left to wait out), then the
+repository drains and the process exits 0. A second signal ends both grace periods at once.
 """
 
 from __future__ import annotations
@@ -10,7 +11,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import logging
 import signal
+import socket
 import threading
 from collections.abc import Callable, Coroutine, Iterable, Iterator
 from pathlib import Path
@@ -29,6 +32,7 @@ from edgerun.runtime.repository import UNAVAILABLE, Repository
 from edgerun.runtime.sources import VersionSource
 
 GRACE_S = 30
+log = logging.getLogger(__name__)
 
 
 def serve(source: VersionSource | str | Path, *, host: str = "127.0.0.1", port: int = 8000,
@@ -64,7 +68,13 @@ def serve(source: VersionSource | str | Path, *, host: str = "127.0.0.1", port: 
         _run(_serve(_Uvicorn(config), plane, host, grpc_port, max_body_bytes,
                     (loading, unloaded) if exit_unless_loaded else None))
     finally:
-        repository.close()
+        if loading.is_alive():
+            # stopped while a model loads: closing would wait for that load (minutes, for a
+            # TensorRT engine build) past the platform's kill timeout; every request was
+            # answered, so the process may end with it unfinished (`edgerun serve` does)
+            log.warning("stopped while models were still loading; their load is abandoned")
+        else:
+            repository.close()
     if unloaded:
         raise BundleError("; ".join(unloaded))
 
@@ -89,6 +99,14 @@ class _Uvicorn(uvicorn.Server):
     def capture_signals(self) -> Iterator[None]:
         yield
 
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().shutdown(sockets)
+        # forced (a second signal), uvicorn skips the app's lifespan shutdown, and the
+        # lifespan task, cancelled as the loop ends, logged a traceback; edgerun's app
+        # answers it at once
+        if self.force_exit and not self.lifespan.shutdown_event.is_set():
+            await self.lifespan.shutdown()
+
 
 async def _serve(http: uvicorn.Server, plane: DataPlane, host: str, grpc_port: int | None,
                  max_message_bytes: int,
@@ -99,17 +117,32 @@ async def _serve(http: uvicorn.Server, plane: DataPlane, host: str, grpc_port: i
         grpc_server = await grpc_serving.start(plane, host, grpc_port,
                                                max_message_bytes=max_message_bytes)
     stopping: list[asyncio.Task[None]] = []
+    stopped = False
 
     def stop() -> None:
-        if http.should_exit:  # a second signal: stop waiting for open connections
-            http.force_exit = True
+        """Take no new requests; answer the ones held, queued ones at once (no batching
+        delay left to wait out), within the grace period."""
+        nonlocal stopped
         http.should_exit = True
-        if grpc_server is not None and not stopping:
+        if stopped:
+            return
+        stopped = True
+        plane.repository.flush()
+        if grpc_server is not None:
             stopping.append(asyncio.ensure_future(grpc_server.stop(GRACE_S)))
+
+    def on_signal() -> None:
+        if not stopped:
+            stop()
+            return
+        # a second signal: end both grace periods, abandoning what still runs
+        http.force_exit = True
+        if grpc_server is not None:
+            stopping.append(asyncio.ensure_future(grpc_server.stop(None)))
 
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop)
+        loop.add_signal_handler(sig, on_signal)
     watching = None if must_load is None else asyncio.ensure_future(
         _stop_unless_loaded(plane.repository, *must_load, stop))
     try:
@@ -118,8 +151,8 @@ async def _serve(http: uvicorn.Server, plane: DataPlane, host: str, grpc_port: i
         if watching is not None:
             watching.cancel()
         stop()
-        if stopping:
-            await stopping[0]
+        while stopping:  # a second signal may add the gRPC stop that ends the grace
+            await stopping.pop(0)
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)
 

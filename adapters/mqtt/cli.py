@@ -81,6 +81,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"edgerun daemon: {exc}", file=sys.stderr)
         return 2
     daemon.run()
+    from edgerun.runtime.repository import exit_if_still_loading
+    exit_if_still_loading(0)
     return 0
 
 

@@ -194,7 +194,8 @@ class Daemon:
             for signum in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(signum, self._stop.set)
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        await loop.run_in_executor(None, self.repository.load_all)
+        if not await self._load():
+            return  # stopped while loading: not connected yet, so nothing to drain or announce
         gc.freeze()  # the loaded models' objects leave the collector's scans: shorter pauses
         if self.config.poll_interval:
             self.repository.start_polling(self.config.poll_interval)
@@ -210,11 +211,34 @@ class Daemon:
             for task in tasks:
                 task.cancel()
 
+    async def _load(self) -> bool:
+        """Load the repository on its own thread; False if a stop came first.
+
+        A load can take minutes (a TensorRT engine build, many instances): a SIGTERM then
+        stops the daemon at once, leaving the load unfinished, instead of waiting for it past
+        systemd's stop timeout and its SIGKILL. The loading thread stays alive then: whoever
+        owns the process ends it without waiting for it (`exit_if_still_loading`).
+        """
+        assert self._stop is not None
+        loading = self.repository.start_loading()
+        while loading.is_alive():  # polled: a thread joining it would hold up the stop
+            try:
+                await asyncio.wait_for(self._stop.wait(), 0.1)
+            except asyncio.TimeoutError:
+                continue
+            log.warning("stopped while models were still loading; their load is abandoned")
+            return False
+        return True
+
     async def _shutdown(self) -> None:
         assert self._idle is not None
         with self._lock:
             self._draining = True  # from now on, messages stay unacknowledged for next time
             idle = self._pending == 0
+        # the requests taken run now, whatever their batching delay: answered before the
+        # disconnect, not published into a closed session (they were acknowledged: the
+        # broker would never send them again)
+        self.repository.flush()
         if not idle:
             try:
                 await asyncio.wait_for(self._idle.wait(), self.config.drain_timeout)

@@ -9,6 +9,7 @@ from pathlib import Path
 from edgerun.cli.arguments import port, positive
 from edgerun.devices import load_profile
 from edgerun.runtime.batcher import BatchingConfig
+from edgerun.runtime.repository import exit_if_still_loading
 
 log = logging.getLogger(__name__)
 
@@ -83,4 +84,5 @@ def _serve(args: argparse.Namespace) -> int:
           poll_interval=args.poll_interval, batching=batching,
           max_body_bytes=args.max_body_bytes, access_log=args.access_log,
           log_level=args.log_level, hooks=hooks, exit_unless_loaded=args.model_dir is not None)
+    exit_if_still_loading(0)
     return 0
