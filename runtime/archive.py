@@ -5,19 +5,24 @@ Extraction is written out by hand rather than through `tarfile.extractall` so th
 hold on every supported Python and for both formats: only regular files and folders, no
 absolute paths, no `..`, no links or devices, no duplicate or clashing names, and caps on member
 size, total size and count. An archive's format is read from its first bytes, not its name.
+A zip whose entries share bytes (an overlapping-entry zip bomb, which Python before 3.12 reads
+without complaint) is refused. With `expected` (a signed manifest's files), only the members
+it lists are extracted, each at most its listed size and checked against its listed sha256.
 """
 
 from __future__ import annotations
 
 import gzip
+import hashlib
 import io
 import os
 import shutil
 import stat
+import struct
 import tarfile
 import zipfile
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -145,11 +150,36 @@ def _members(archive: Path) -> Iterator[Iterator[_Member]]:
     with opened:
         try:
             if isinstance(opened, zipfile.ZipFile):
+                _check_zip_overlap(opened, archive)
                 yield (_zip_member(opened, info) for info in opened.infolist())
             else:
                 yield (_tar_member(opened, info) for info in opened)
         except _CORRUPT as exc:
             raise BundleError(f"{archive}: corrupt archive ({exc})") from exc
+
+
+_ZIP_LOCAL = struct.Struct("<4s22xHH")  # a local file header: signature ... name, extra lengths
+
+
+def _check_zip_overlap(zip_file: zipfile.ZipFile, archive: Path) -> None:
+    """Refuse entries whose data runs into the next entry's (or the central directory): a zip
+    bomb's entries all point into one deflate stream, so a few kB decompress to gigabytes per
+    entry. CPython checks this from 3.12 on; 3.11, which edgerun supports, does not."""
+    end = zip_file.start_dir
+    assert zip_file.fp is not None
+    for info in sorted(zip_file.infolist(), key=lambda i: i.header_offset, reverse=True):
+        zip_file.fp.seek(info.header_offset)
+        header = zip_file.fp.read(_ZIP_LOCAL.size)
+        if len(header) < _ZIP_LOCAL.size or header[:4] != b"PK\x03\x04":
+            raise BundleError(f"{archive}: corrupt archive (entry {info.filename!r} has no "
+                              "local header)")
+        _, name_length, extra_length = _ZIP_LOCAL.unpack(header)
+        data_end = (info.header_offset + _ZIP_LOCAL.size + name_length + extra_length
+                    + info.compress_size)
+        if data_end > end:
+            raise BundleError(f"{archive}: zip entry {info.filename!r} overlaps the next "
+                              "entry (entries that share bytes: a zip bomb)")
+        end = info.header_offset
 
 
 def _safe_name(name: str) -> PurePosixPath | None:
@@ -169,44 +199,99 @@ def read_member(archive: Path, name: str, *, max_bytes: int = 1 << 24,
 
     Stops at `max_members` as `unpack` does: tarfile keeps every header it passes, so a small
     gzip of empty members would otherwise cost memory without bound."""
-    wanted = PurePosixPath(name)
+    return read_members(archive, (name,), max_bytes=max_bytes,
+                        max_members=max_members).get(name)
+
+
+def read_members(archive: Path, names: Collection[str], *, max_bytes: int = 1 << 24,
+                 max_members: int = MAX_MEMBERS,
+                 max_total_bytes: int = MAX_TOTAL_BYTES) -> dict[str, bytes]:
+    """The bytes of the files `names` in `archive` (the first of each; those absent are not
+    in the answer), in one pass that writes nothing and stops once it has them all.
+
+    A tar is read in order, so members before the last wanted one are decompressed (not
+    kept); like `unpack`, it stops at `max_members` and `max_total_bytes` of members passed."""
+    wanted = {PurePosixPath(name): name for name in names}
+    found: dict[str, bytes] = {}
+    total = 0
+    if not wanted:
+        return found
     with _members(Path(archive)) as members:
         for count, member in enumerate(members, start=1):
             if count > max_members:
                 raise BundleError(f"{archive}: more than {max_members} members")
-            if member.kind == "file" and _safe_name(member.name) == wanted:
-                if member.size > max_bytes:
-                    raise BundleError(f"archive member {member.name!r} is {member.size} bytes, "
-                                      f"over the {max_bytes}-byte cap")
-                source = member.open()
-                if source is None:
-                    raise BundleError(f"archive member {member.name!r} has no data")
-                with source:
-                    data = source.read(max_bytes + 1)
-                if len(data) > max_bytes:
-                    raise BundleError(f"archive member {member.name!r} is over the "
-                                      f"{max_bytes}-byte cap")
-                return data
-    return None
+            if member.kind != "file":
+                continue
+            total += member.size
+            if total > max_total_bytes:
+                raise BundleError(f"{archive}: members total over {max_total_bytes} bytes")
+            relative = _safe_name(member.name)
+            name = None if relative is None else wanted.get(relative)
+            if name is None or name in found:
+                continue
+            if member.size > max_bytes:
+                raise BundleError(f"archive member {member.name!r} is {member.size} bytes, "
+                                  f"over the {max_bytes}-byte cap")
+            source = member.open()
+            if source is None:
+                raise BundleError(f"archive member {member.name!r} has no data")
+            with source:
+                data = source.read(max_bytes + 1)
+            if len(data) > max_bytes:
+                raise BundleError(f"archive member {member.name!r} is over the "
+                                  f"{max_bytes}-byte cap")
+            found[name] = data
+            if len(found) == len(wanted):
+                break
+    return found
+
+
+#: What a signed manifest lists of a file: its size in bytes and its sha256 (hex).
+Listed = tuple[int, str]
 
 
 def unpack(archive: Path, destination: Path, *, max_member_bytes: int = MAX_MEMBER_BYTES,
-           max_total_bytes: int = MAX_TOTAL_BYTES, max_members: int = MAX_MEMBERS) -> Path:
-    """Extract a bundle archive into `destination` (created; must be empty if it exists)."""
+           max_total_bytes: int = MAX_TOTAL_BYTES, max_members: int = MAX_MEMBERS,
+           expected: Mapping[str, Listed] | None = None) -> Path:
+    """Extract a bundle archive into `destination` (created; must be empty if it exists).
+
+    With `expected` (path in the bundle -> size and sha256, from a manifest whose signature
+    was checked), only those files are extracted, and every one of them must be there: a
+    member it does not list, or one whose header gives another size, is refused before any of
+    it is written; one whose bytes differ is written no further than its listed size, then
+    refused."""
     archive, destination = Path(archive), Path(destination)
+    listed = None if expected is None else _listed(expected)
     destination.mkdir(parents=True, exist_ok=True)
     if any(destination.iterdir()):
         raise BundleError(f"{destination}: extraction folder is not empty")
     root = destination.resolve()
     with _members(archive) as members:
-        _extract(members, archive, root, max_member_bytes, max_total_bytes, max_members)
+        _extract(members, archive, root, max_member_bytes, max_total_bytes, max_members,
+                 listed)
     return destination
 
 
+def _listed(expected: Mapping[str, Listed]) -> dict[PurePosixPath, Listed]:
+    listed: dict[PurePosixPath, Listed] = {}
+    for name, (size, sha256) in expected.items():
+        try:
+            path = _safe_name(name)
+        except BundleError as exc:
+            raise BundleError(f"the manifest lists an unsafe path: {exc}") from None
+        if path is None or path in listed:
+            raise BundleError(f"the manifest lists {name!r}, which is no file name or is "
+                              "named twice")
+        listed[path] = (size, sha256)
+    return listed
+
+
 def _extract(members: Iterator[_Member], archive: Path, root: Path, max_member_bytes: int,
-             max_total_bytes: int, max_members: int) -> None:
+             max_total_bytes: int, max_members: int,
+             listed: dict[PurePosixPath, Listed] | None = None) -> None:
     files: set[PurePosixPath] = set()
     folders: set[PurePosixPath] = set()
+    allowed_folders = None if listed is None else {p for path in listed for p in path.parents}
     total = 0
     for count, member in enumerate(members, start=1):
         if count > max_members:
@@ -221,6 +306,19 @@ def _extract(members: Iterator[_Member], archive: Path, root: Path, max_member_b
                 continue  # the root folder itself, as `tar -C bundle -czf b.tar.gz .` writes
             raise BundleError(f"archive member {member.name!r} has no name")
         _check_clash(member.name, relative, member.kind, files, folders)
+        entry = None
+        if listed is not None:
+            if member.kind == "dir" and relative not in (allowed_folders or ()):
+                raise BundleError(f"archive member {member.name!r} is a folder the signed "
+                                  "manifest has no file in")
+            if member.kind == "file":
+                entry = listed.get(relative)
+                if entry is None:
+                    raise BundleError(f"archive member {member.name!r} is not in the signed "
+                                      "manifest")
+                if member.size != entry[0]:
+                    raise BundleError(f"archive member {member.name!r} is {member.size} bytes, "
+                                      f"the signed manifest lists {entry[0]}")
         target = root.joinpath(*relative.parts)
         if root not in target.resolve().parents:
             raise BundleError(f"archive member {member.name!r} escapes the bundle folder")
@@ -235,10 +333,16 @@ def _extract(members: Iterator[_Member], archive: Path, root: Path, max_member_b
             raise BundleError(f"{archive}: members total over {max_total_bytes} bytes")
         try:
             target.parent.mkdir(parents=True, exist_ok=True)
-            _copy_member(member, target, max_member_bytes)
+            _copy_member(member, target, max_member_bytes if entry is None else entry[0],
+                         None if entry is None else entry[1])
         except OSError as exc:  # a name too long for this file system, a full disk
             raise BundleError(f"archive member {member.name!r} cannot be written "
                               f"({exc.strerror or exc})") from exc
+    if listed is not None:
+        missing = sorted(path.as_posix() for path in set(listed) - files)
+        if missing:
+            raise BundleError(f"{archive}: the signed manifest lists files the archive lacks: "
+                              f"{', '.join(missing)}")
 
 
 def _check_clash(name: str, relative: PurePosixPath, kind: str, files: set[PurePosixPath],
@@ -257,15 +361,22 @@ def _check_clash(name: str, relative: PurePosixPath, kind: str, files: set[PureP
     folders.update(relative.parents)
 
 
-def _copy_member(member: _Member, target: Path, cap: int) -> None:
+def _copy_member(member: _Member, target: Path, cap: int, sha256: str | None = None) -> None:
+    """Copy at most `cap` bytes; with `sha256`, the bytes copied must have it."""
     source = member.open()
     if source is None:
         raise BundleError(f"archive member {member.name!r} has no data")
     written = 0
+    digest = hashlib.sha256() if sha256 is not None else None
     fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
     with source, io.FileIO(fd, "wb") as out:
-        while chunk := source.read(_CHUNK):
+        while chunk := source.read(min(_CHUNK, cap - written + 1)):
             written += len(chunk)
             if written > cap:
                 raise BundleError(f"archive member {member.name!r} is over the {cap}-byte cap")
+            if digest is not None:
+                digest.update(chunk)
             out.write(chunk)
+    if digest is not None and digest.hexdigest() != sha256:
+        raise BundleError(f"archive member {member.name!r} does not match its sha256 in the "
+                          "signed manifest (tampered or corrupt)")

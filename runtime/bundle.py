@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import io
 import json
+import os
 import pickle
 import re
 import shutil
+import stat
 import tempfile
 import zipfile
 from collections.abc import Mapping
@@ -190,12 +193,23 @@ def _files(files: Any) -> dict[str, FileEntry]:
 
 
 class Bundle:
-    """An opened, verified bundle folder (extracted to a temporary folder if it was a tar)."""
+    """An opened, verified bundle folder (extracted to a temporary folder if it was a tar).
+
+    A folder may change after it was verified (anyone who can write a repository folder can
+    swap a file), so what runs never reads a file by its path: `read_file` reads a file once
+    and checks those bytes against the manifest the bundle was opened with, and backends are
+    handed those bytes (`Model.load`); `golden` reads `golden.npz` the same way, and
+    `signing.verify_folder(bundle, ...)` checks the signature over `manifest_bytes`, the bytes
+    `manifest` was parsed from.
+    """
 
     def __init__(self, path: Path, manifest: Manifest,
-                 cleanup: tempfile.TemporaryDirectory[str] | None = None) -> None:
+                 cleanup: tempfile.TemporaryDirectory[str] | None = None,
+                 manifest_bytes: bytes | None = None) -> None:
         self.path = path
         self.manifest = manifest
+        #: The bytes `manifest` was parsed from (None: made here without reading one).
+        self.manifest_bytes = manifest_bytes
         self._cleanup = cleanup
 
     @classmethod
@@ -216,7 +230,8 @@ class Bundle:
         else:
             raise BundleError(f"{source}: no such bundle folder or archive")
         try:
-            manifest = read_manifest(folder)
+            raw = _read_manifest_bytes(folder)
+            manifest = parse_manifest(raw, folder / MANIFEST)
             if verify:
                 verify_files(folder, manifest)
         except BundleError as exc:
@@ -228,7 +243,7 @@ class Bundle:
             if cleanup is not None:
                 cleanup.cleanup()
             raise
-        return cls(folder, manifest, cleanup)
+        return cls(folder, manifest, cleanup, raw)
 
     @property
     def model_path(self) -> Path:
@@ -238,12 +253,23 @@ class Bundle:
     def signature(self) -> Signature:
         return self.manifest.signature
 
+    def read_file(self, name: str) -> bytes:
+        """A file the manifest lists, read once; BundleError unless those very bytes have the
+        size and sha256 the manifest gives (a file swapped or changed since the bundle was
+        verified is refused, never served). Hand these bytes on rather than the path."""
+        entry = self.manifest.files.get(name)
+        if entry is None:
+            raise BundleError(f"{self.path}: manifest does not list {name}")
+        return _read_listed(self.path, name, entry)
+
     def golden(self) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-        """The golden input and the output the build produced, by tensor name."""
+        """The golden input and the output the build produced, by tensor name (read from
+        the bytes checked against the manifest)."""
         sig = self.signature
-        inputs = {s.name: _golden_array(self.path, f"input_{i}")
+        data, where = self.read_file(GOLDEN), self.path / GOLDEN
+        inputs = {s.name: _golden_array(data, where, f"input_{i}")
                   for i, s in enumerate(sig.inputs)}
-        outputs = {s.name: _golden_array(self.path, f"output_{i}")
+        outputs = {s.name: _golden_array(data, where, f"output_{i}")
                    for i, s in enumerate(sig.outputs)}
         return inputs, outputs
 
@@ -260,6 +286,33 @@ class Bundle:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _safe_name(folder: Path, name: str) -> Path:
+    if ".." in Path(name).parts or Path(name).is_absolute():
+        raise BundleError(f"{folder}: manifest lists an unsafe path {name!r}")
+    return folder / name
+
+
+def _read_listed(folder: Path, name: str, entry: FileEntry) -> bytes:
+    """`folder/name` read once (never through a final symlink, never a FIFO or device) and
+    held to `entry`: the bytes returned are the bytes whose size and sha256 were checked."""
+    path = _safe_name(folder, name)
+    changed = (f"{folder}: {name} changed after the bundle was verified (it no longer matches "
+               "its sha256 in the manifest); refused")
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0)
+                     | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    except OSError as exc:
+        raise BundleError(f"{folder}: {name} cannot be read ({exc.strerror}); it is missing, "
+                          "a link or not a regular file") from exc
+    with os.fdopen(fd, "rb") as handle:
+        if not stat.S_ISREG(os.fstat(handle.fileno()).st_mode):
+            raise BundleError(f"{folder}: {name} is not a regular file")
+        data = handle.read(entry.size + 1)  # one more: a file that grew is seen to
+    if len(data) != entry.size or hashlib.sha256(data).hexdigest() != entry.sha256:
+        raise BundleError(changed)
+    return data
 
 
 #: What numpy's pickle of an object array names (numpy 2 and 1): nothing that runs code.
@@ -279,11 +332,11 @@ class _TextArrayUnpickler(pickle.Unpickler):
         return super().find_class(module, name)
 
 
-def _golden_array(folder: Path, key: str) -> np.ndarray:
-    """One array of `golden.npz`, read without ever unpickling anything but text."""
-    path = folder / GOLDEN
+def _golden_array(raw: bytes, path: Path, key: str) -> np.ndarray:
+    """One array of `golden.npz` (its bytes `raw`; `path` names it in errors), read without
+    ever unpickling anything but text."""
     try:
-        with np.load(path, allow_pickle=False) as data:
+        with np.load(io.BytesIO(raw), allow_pickle=False) as data:
             if key not in data.files:
                 raise BundleError(f"{path}: no {key} array (the golden sample does not match "
                                   "the manifest's inputs and outputs)")
@@ -292,7 +345,7 @@ def _golden_array(folder: Path, key: str) -> np.ndarray:
             except ValueError as exc:  # an object array: text, read below, or refused
                 if "allow_pickle" not in str(exc):
                     raise
-        with zipfile.ZipFile(path) as npz, npz.open(f"{key}.npy") as member:
+        with zipfile.ZipFile(io.BytesIO(raw)) as npz, npz.open(f"{key}.npy") as member:
             major, _ = np.lib.format.read_magic(member)
             read_header = (np.lib.format.read_array_header_1_0 if major == 1
                            else np.lib.format.read_array_header_2_0)
@@ -309,11 +362,15 @@ def _golden_array(folder: Path, key: str) -> np.ndarray:
     return array
 
 
-def read_manifest(folder: Path) -> Manifest:
+def _read_manifest_bytes(folder: Path) -> bytes:
     path = folder / MANIFEST
     if not path.is_file():
         raise BundleError(f"{folder}: no {MANIFEST}; not a bundle")
-    return parse_manifest(path.read_bytes(), path)
+    return path.read_bytes()
+
+
+def read_manifest(folder: Path) -> Manifest:
+    return parse_manifest(_read_manifest_bytes(folder), folder / MANIFEST)
 
 
 def parse_manifest(raw: bytes, where: str | Path) -> Manifest:
@@ -336,9 +393,7 @@ def verify_files(folder: Path, manifest: Manifest) -> None:
         if required not in manifest.files:
             raise BundleError(f"{folder}: manifest does not list {required}")
     for name, entry in manifest.files.items():
-        path = folder / name
-        if ".." in Path(name).parts or Path(name).is_absolute():
-            raise BundleError(f"{folder}: manifest lists an unsafe path {name!r}")
+        path = _safe_name(folder, name)
         if path.is_symlink() or not path.is_file():
             raise BundleError(f"{folder}: {name} is missing or not a regular file")
         size = path.stat().st_size
@@ -425,16 +480,18 @@ def create_bundle(model_file: str | Path, out_dir: str | Path, *, name: str, ver
                      "source_file": source_file or model_file.name,
                      "source_sha256": source_sha256 or sha256_file(model_file),
                      "optimizations": list(optimizations)})
-        write_manifest(out_dir, manifest)
+        raw = write_manifest(out_dir, manifest)
     except BaseException:
         if created_dir:
             shutil.rmtree(out_dir, ignore_errors=True)
         raise
-    return Bundle(out_dir, manifest)
+    return Bundle(out_dir, manifest, manifest_bytes=raw)
 
 
-def write_manifest(folder: Path, manifest: Manifest) -> None:
-    """Write manifest.json atomically, so a reader never sees half of it."""
+def write_manifest(folder: Path, manifest: Manifest) -> bytes:
+    """Write manifest.json atomically, so a reader never sees half of it; returns its bytes."""
+    raw = (json.dumps(manifest.to_json(), indent=2, sort_keys=False) + "\n").encode()
     temporary = folder / f".{MANIFEST}.tmp"
-    temporary.write_text(json.dumps(manifest.to_json(), indent=2, sort_keys=False) + "\n")
+    temporary.write_bytes(raw)
     temporary.replace(folder / MANIFEST)
+    return raw

@@ -45,7 +45,9 @@ class Model:
         """
         bundle = source if isinstance(source, Bundle) else Bundle.open(source)
         profile = load_profile(device).replace(**overrides)
-        backend = backend_class(bundle.manifest.backend).load(bundle.model_path, profile)
+        # from the bytes the manifest verifies, never the path: the folder may have changed
+        # since the bundle was opened (and its signature checked)
+        backend = backend_class(bundle.manifest.backend).from_bundle(bundle, profile)
         return cls(bundle, backend, profile)
 
     def validate(self, inputs: Mapping[str, Any]) -> dict[str, np.ndarray]:

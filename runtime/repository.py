@@ -168,7 +168,8 @@ class Repository:
         self._states[(name, version)] = VersionState(name, version, LOADING)
         try:
             served = load_version(self.source.bundle_path(name, version), name, version,
-                                  config, self.device, self.registry)
+                                  config, self.device, self.registry,
+                                  getattr(self.source, "check", None))
         except EdgerunError as exc:
             self._failed[(name, version)] = (fingerprint, config, str(exc))
             self._states[(name, version)] = VersionState(name, version, UNAVAILABLE, str(exc))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 from edgerun.devices import DeviceProfile
@@ -73,8 +74,13 @@ class ServedVersion:
 
 
 def load_version(path: Path, name: str, version: str, config: ModelConfig,
-                 device: DeviceProfile, registry: Registry) -> ServedVersion:
-    """Open, verify, load and smoke-test one version; BundleError with the reason otherwise."""
+                 device: DeviceProfile, registry: Registry,
+                 check: Callable[[Bundle], None] | None = None) -> ServedVersion:
+    """Open, verify, load and smoke-test one version; BundleError with the reason otherwise.
+
+    `check` (a source's, such as OTA slots' signature check) runs on the opened bundle, whose
+    files the backends then read as the manifest it holds lists them: what it checked is
+    what serves, whatever changes on disk after."""
     instances: list[Model] = []
     bundle = None
     try:
@@ -83,6 +89,8 @@ def load_version(path: Path, name: str, version: str, config: ModelConfig,
         if (manifest.name, manifest.version) != (name, version):
             raise BundleError(f"{path} holds {manifest.name} version {manifest.version}; "
                               f"the folder names {name} version {version}")
+        if check is not None:
+            check(bundle)
         for _ in range(config.instances or device.instances):
             instances.append(Model.load(bundle, device))
         instances[0].check_golden()

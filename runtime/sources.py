@@ -48,6 +48,9 @@ class VersionSource(Protocol):
     def fingerprint(self, name: str, version: str) -> tuple:
         """Changes whenever the version's files change: a failed load is retried only then."""
 
+    # Optional: `check(bundle)`, run on each opened bundle before it loads (BundleError to
+    # refuse it), e.g. a signature check that must hold for the very files that serve.
+
 
 class FolderSource:
     """`ROOT/<name>/<version>/` bundle folders, each model with an optional config.toml."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import os
@@ -18,7 +19,7 @@ from onnx import TensorProto, helper
 
 from edgerun.examples import mlp_onnx
 from edgerun.runtime import Bundle, BundleError, Model, archive, create_bundle
-from edgerun.runtime.bundle import sha256_file
+from edgerun.runtime.bundle import FileEntry, sha256_file, write_manifest
 from edgerun.runtime.sources import BundleSource
 from tests.helpers import identity_onnx
 
@@ -133,6 +134,17 @@ class _RunsCode:
         return os.mkdir, (str(self.marker),)
 
 
+def _with_golden(bundle: Bundle, **arrays) -> Bundle:
+    """The bundle with another golden.npz, its manifest entry rewritten to match (a bundle
+    made so, unsigned, opens and verifies), opened again."""
+    np.savez(bundle.path / "golden.npz", **arrays)
+    path = bundle.path / "golden.npz"
+    files = {**bundle.manifest.files, "golden.npz": FileEntry(sha256_file(path),
+                                                              path.stat().st_size)}
+    write_manifest(bundle.path, dataclasses.replace(bundle.manifest, files=files))
+    return Bundle.open(bundle.path)
+
+
 def test_golden_sample_never_runs_code(make_bundle, tmp_path):
     """String tensors' golden arrays are pickles: only text may come out of them, even from a
     bundle nobody signed (`bundle verify` and `serve` run its golden sample)."""
@@ -141,17 +153,14 @@ def test_golden_sample_never_runs_code(make_bundle, tmp_path):
     marker = tmp_path / "code-ran"
     hostile = np.empty(1, dtype=object)
     hostile[0] = _RunsCode(marker)
-    np.savez(bundle.path / "golden.npz", input_0=hostile, output_0=hostile)
     with pytest.raises(BundleError, match="input_0 is not a readable array .*not allowed"):
-        bundle.golden()
+        _with_golden(bundle, input_0=hostile, output_0=hostile).golden()
     assert not marker.exists()
-    np.savez(bundle.path / "golden.npz", input_0=np.array([1, 2], dtype=object),
-             output_0=np.array(["a"], dtype=object))
     with pytest.raises(BundleError, match="input_0 holds objects other than text"):
-        bundle.golden()
-    np.savez(bundle.path / "golden.npz", input_0=np.array(["a"], dtype=object))
+        _with_golden(bundle, input_0=np.array([1, 2], dtype=object),
+                     output_0=np.array(["a"], dtype=object)).golden()
     with pytest.raises(BundleError, match="no output_0 array"):
-        bundle.golden()
+        _with_golden(bundle, input_0=np.array(["a"], dtype=object)).golden()
 
 
 @pytest.mark.parametrize("content, message", [
@@ -443,3 +452,89 @@ def test_a_manifest_naming_one_input_twice_is_refused(mlp_bundle):
     path.write_text(json.dumps(manifest))
     with pytest.raises(BundleError, match="inputs names a tensor twice"):
         Bundle.open(mlp_bundle.path)
+
+
+# ------------------------------------------------- extracting only what a manifest lists
+def _sha(data: bytes) -> str:
+    import hashlib
+
+    return hashlib.sha256(data).hexdigest()
+
+
+def _dir(name: str) -> tuple[tarfile.TarInfo, None]:
+    info = tarfile.TarInfo(name)
+    info.type = tarfile.DIRTYPE
+    return info, None
+
+
+@pytest.mark.parametrize("members, message, absent", [
+    ([_file("a.bin", b"abcd"), _file("extra", b"z" * 1000), _file("sub/b.bin", b"xy")],
+     "'extra' is not in the signed manifest", ["extra", "sub"]),
+    ([_file("a.bin", b"abcd" * 1000), _file("sub/b.bin", b"xy")],
+     "'a.bin' is 4000 bytes, the signed manifest lists 4", ["a.bin", "sub"]),
+    ([_file("a.bin", b"abce"), _file("sub/b.bin", b"xy")],
+     "'a.bin' does not match its sha256 in the signed manifest", ["sub"]),
+    ([_file("a.bin", b"abcd")], "lists files the archive lacks: sub/b.bin", ["sub"]),
+    ([_dir("other"), _file("a.bin", b"abcd"), _file("sub/b.bin", b"xy")],
+     "'other' is a folder the signed manifest has no file in", ["other", "a.bin"]),
+])
+def test_unpack_extracts_only_what_the_signed_manifest_lists(tmp_path, members, message,
+                                                             absent):
+    """With `expected` (a signed manifest's files), a member it does not list, or whose header
+    gives another size, is refused before any of it is written; one with other bytes is
+    written no further than its listed size; nothing after a refusal is extracted."""
+    expected = {"a.bin": (4, _sha(b"abcd")), "sub/b.bin": (2, _sha(b"xy"))}
+    good = _tar(tmp_path / "good.tar.gz", [_dir("sub"), _file("./a.bin", b"abcd"),
+                                           _file("sub/b.bin", b"xy")])
+    out = archive.unpack(good, tmp_path / "good", expected=expected)
+    assert (out / "a.bin").read_bytes() == b"abcd" and (out / "sub/b.bin").read_bytes() == b"xy"
+    hostile = _tar(tmp_path / "hostile.tar.gz", members)
+    with pytest.raises(BundleError, match=message):
+        archive.unpack(hostile, tmp_path / "out", expected=expected)
+    for name in absent:
+        assert not (tmp_path / "out" / name).exists(), name
+    written = tmp_path / "out" / "a.bin"
+    assert not written.exists() or written.stat().st_size <= 4
+
+
+def _overlapping_zip(path: Path, size: int) -> Path:
+    """A stored entry "a" whose data is the whole of entry "b" (a local header and `size`
+    deflated zeros): the two entries share bytes, the kernel of an overlapping zip bomb."""
+    import struct
+    import zlib
+
+    packer = zlib.compressobj(9, zlib.DEFLATED, -15)
+    deflated = packer.compress(b"\0" * size) + packer.flush()
+    crc_b = zlib.crc32(b"\0" * size)
+
+    def local(name: bytes, method: int, crc: int, packed: int, full: int) -> bytes:
+        return struct.pack("<4s5H3L2H", b"PK\x03\x04", 20, 0, method, 0, 33, crc, packed,
+                           full, len(name), 0) + name
+
+    def central(name: bytes, method: int, crc: int, packed: int, full: int,
+                offset: int) -> bytes:
+        return struct.pack("<4s6H3L5H2L", b"PK\x01\x02", 20, 20, 0, method, 0, 33, crc,
+                           packed, full, len(name), 0, 0, 0, 0, 0o100644 << 16, offset) + name
+
+    entry_b = local(b"b", 8, crc_b, len(deflated), size) + deflated
+    header_a = local(b"a", 0, zlib.crc32(entry_b), len(entry_b), len(entry_b))
+    directory = (central(b"a", 0, zlib.crc32(entry_b), len(entry_b), len(entry_b), 0)
+                 + central(b"b", 8, crc_b, len(deflated), size, len(header_a)))
+    start = len(header_a) + len(entry_b)
+    end = struct.pack("<4s4H2LH", b"PK\x05\x06", 0, 0, 2, 2, len(directory), start, 0)
+    path.write_bytes(header_a + entry_b + directory + end)
+    return path
+
+
+def test_zip_entries_that_share_bytes_are_refused(tmp_path):
+    """Python 3.11 reads a zip whose entries overlap (CPython refuses them from 3.12): each
+    entry of an overlapping zip bomb decompresses the same few kB into gigabytes."""
+    hostile = _overlapping_zip(tmp_path / "overlap.zip", 1 << 20)
+    with zipfile.ZipFile(hostile) as zip_file:  # it is a zip this Python reads whole
+        assert [len(zip_file.read(name)) for name in ("a", "b")][1] == 1 << 20
+    for read in (lambda: archive.unpack(hostile, tmp_path / "out"),
+                 lambda: archive.read_member(hostile, "b"),
+                 lambda: Bundle.open(hostile)):
+        with pytest.raises(BundleError, match="zip entry 'a' overlaps the next entry"):
+            read()
+    assert not (tmp_path / "out" / "b").exists()

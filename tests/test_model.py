@@ -150,16 +150,23 @@ def test_golden_check_detects_a_wrong_build(mlp_bundle, make_bundle):
 def test_the_golden_check_allows_what_reduced_precision_differs_by(make_bundle):
     # an fp16 or int8 bundle, or one served by a GPU provider, differs from the build host's
     # output by more than fp32 on a CPU does; a smoke test that fails it rolls back an OTA
+    import dataclasses
+
     from edgerun.examples import mlp_onnx
-    from edgerun.runtime.bundle import GOLDEN
+    from edgerun.runtime.bundle import GOLDEN, FileEntry, sha256_file, write_manifest
     from edgerun.runtime.model import CLOSE_TOLERANCE, LOOSE_TOLERANCE
 
     plain = make_bundle(mlp_onnx([8, 16, 4]))
     reduced = make_bundle(mlp_onnx([8, 16, 4]), optimizations=("quantize:fp16",))
     for bundle in (plain, reduced):  # the build's claim, 0.5 % off (as fp16 kernels may be)
-        with np.load(bundle.path / GOLDEN) as golden:
+        path = bundle.path / GOLDEN
+        with np.load(path) as golden:
             arrays = dict(golden)
-        np.savez(bundle.path / GOLDEN, **{**arrays, "output_0": arrays["output_0"] * 1.005})
+        np.savez(path, **{**arrays, "output_0": arrays["output_0"] * 1.005})
+        files = {**bundle.manifest.files, GOLDEN: FileEntry(sha256_file(path),
+                                                            path.stat().st_size)}
+        write_manifest(bundle.path, dataclasses.replace(bundle.manifest, files=files))
+    plain, reduced = plain.path, reduced.path  # opened (and verified) again by Model.load
     assert Model.load(plain).golden_tolerance() == CLOSE_TOLERANCE
     with pytest.raises(BundleError, match="golden check: output 'y' differs"):
         Model.load(plain).check_golden()

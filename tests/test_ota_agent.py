@@ -32,7 +32,7 @@ from edgerun.adapters.ota.slots import SlotState
 from edgerun.examples import mlp_onnx
 from edgerun.runtime import signing
 from edgerun.runtime.bundle import Bundle, sha256_file
-from edgerun.runtime.errors import InvalidInput
+from edgerun.runtime.errors import BundleError, InvalidInput
 from edgerun.runtime.metrics import Registry
 from edgerun.runtime.repository import Repository
 from tests.fleet_sim import PROFILE, make_bundle, mqtt_client, wait_for
@@ -198,6 +198,21 @@ def test_bad_bundles_are_refused_and_the_old_model_keeps_serving(tmp_path, devic
         assert routed.version == "2"
 
 
+def test_a_slot_changed_after_its_install_does_not_serve_unsigned(device, server, bundles):
+    """Staging checked the signature once; the slot is checked again each time it loads, on
+    the very bundle that then serves, so a slot rewritten since (by whoever can write the
+    data folder) cannot serve a model no trusted key signed."""
+    assert device.run(server.add(bundles("2"))).state == "active"
+    device.repository.unload("m")
+    assert device.repository.load("m") == ["2"]  # signed: loads again
+    slot = device.agent.slots.folder("m", device.agent.slots.read("m").active)
+    shutil.rmtree(slot)
+    shutil.copytree(bundles("2", seed=7, key=None), slot)  # same name and version, unsigned
+    device.repository.unload("m")
+    with pytest.raises(BundleError, match="unsigned"):
+        device.repository.load("m")
+
+
 def test_a_transfer_cut_short_is_resumed_not_failed(tmp_path):
     """The server announces the whole length and closes half way (http.client's
     IncompleteRead): worth another try, which asks for the rest."""
@@ -284,6 +299,70 @@ def test_an_unreachable_registry_is_retried_until_it_answers(tmp_path, device, b
     finally:
         late.close()
     assert device.reports[-1].state == "active" and device.served() == ["2"]
+
+
+#: Run in a child process whose files may not grow past `cap` bytes (RLIMIT_FSIZE; a write
+#: past it fails with EFBIG, "File too large"): a device that runs the jobs and prints its
+#: reports' states and details.
+_CAPPED_DEVICE = r"""
+import json, resource, signal, sys
+from pathlib import Path
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+args = json.loads(sys.argv[1])
+resource.setrlimit(resource.RLIMIT_FSIZE, (args["cap"], args["cap"]))
+from edgerun.adapters.ota.messages import Job
+from edgerun.runtime import signing
+from tests.test_ota_agent import Device
+device = Device(Path(args["folder"]), [signing.load_public_key(args["pub"])])
+reports = [device.run(Job.decode(job.encode())) for job in args["jobs"]]
+print(json.dumps({"reports": [[r.state, r.detail] for r in reports],
+                  "served": device.served()}))
+device.close()
+"""
+
+
+def test_nothing_past_the_signed_manifest_is_written_before_its_signature_checks(
+        tmp_path, server, bundles, keys):
+    """The whole archive was extracted (up to the 8 GiB cap) before its signature was
+    checked: a forged job (or a compromised registry: the download's sha256 comes from the
+    job) could fill a device's disk with an archive no trusted key signed. Now the manifest
+    and signature are checked first, and only what the signed manifest lists is written, no
+    further than its listed size. Each archive here holds a 16 MiB member; the device's files
+    may not grow past 4 MiB, so any attempt to write that member fails with "File too large"."""
+    big = 16 << 20
+
+    def with_big(folder: Path, name: str = "big.bin") -> Path:
+        with open(folder / name, "r+b" if (folder / name).exists() else "wb") as handle:
+            handle.truncate(big)  # zeros: a few kB of gzip
+        return folder
+
+    tampered = bundles("5")
+    manifest = json.loads((tampered / "manifest.json").read_text())
+    manifest["created"]["note"] = "changed after signing"
+    (tampered / "manifest.json").write_text(json.dumps(manifest))
+    overgrown = bundles("6")  # signed, but its model file is not what the manifest lists
+    model_file = json.loads((overgrown / "manifest.json").read_text())["model_file"]
+    cases = [
+        (server.add(with_big(bundles("3", key=None))), "unsigned"),
+        (server.add(with_big(bundles("4", key="other_key"))), "key id unknown"),
+        (server.add(with_big(tampered)), "signature does not verify with any trusted key"),
+        (server.add(with_big(overgrown, model_file)),
+         f"'{model_file}' is {big} bytes, the signed manifest lists"),
+        (server.add(with_big(bundles("7"))), "'big.bin' is not in the signed manifest"),
+    ]
+    good = server.add(bundles("8"))  # and a good one still installs under the cap
+    args = {"cap": 4 << 20, "folder": str(tmp_path / "device"), "pub": str(keys["pub"]),
+            "jobs": [job.encode().decode() for job, _ in cases] + [good.encode().decode()]}
+    shutil.copytree(bundles("1"), tmp_path / "device" / "models" / "m" / "1")
+    child = subprocess.run([sys.executable, "-c", _CAPPED_DEVICE, json.dumps(args)],
+                           capture_output=True, text=True, timeout=300,
+                           cwd=Path(__file__).resolve().parent.parent)
+    assert child.returncode == 0, child.stderr[-3000:]
+    result = json.loads(child.stdout.strip().splitlines()[-1])
+    for (state, detail), (job, reason) in zip(result["reports"], cases):
+        assert state == "failed" and reason in detail, (job.version, reason, detail)
+    assert result["reports"][-1][0] == "active" and result["served"] == ["8"]
+    assert not list((tmp_path / "device" / "data" / "ota" / "m").glob(".staging-*"))
 
 
 def test_recover_from_what_a_crash_leaves(tmp_path, server, bundles, keys):
@@ -595,3 +674,41 @@ def test_the_device_credential_never_follows_a_redirect_to_another_host(tmp_path
     assert seen == {f"{registry.server_port}/bundles/m/1": "Basic ZGV2LWE6c2VjcmV0",
                     f"{registry.server_port}/mirror/m/1": "Basic ZGV2LWE6c2VjcmV0",
                     f"{cdn.server_port}/blob": None}
+
+
+def test_a_download_is_cut_off_at_the_jobs_size(tmp_path):
+    """The part grew by whatever the registry sent until the connection ended, and only then
+    was its sha256 compared: a registry (or a job's URL) that streams without end filled the
+    device's disk. The job's size is where it stops now."""
+    body, sent = 64 << 20, []
+
+    class Endless(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.send_header("Content-Length", str(body))
+            self.end_headers()
+            chunk, total = b"\0" * (1 << 16), 0
+            try:
+                while total < body:
+                    self.wfile.write(chunk)
+                    total += len(chunk)
+            except OSError:  # the device hung up
+                pass
+            sent.append(total)
+
+        def log_message(self, *args) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Endless)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    dest = tmp_path / "m.tar.gz"
+    try:
+        with pytest.raises(BundleError, match="over the job's 100000 bytes") as refused:
+            download(f"http://127.0.0.1:{server.server_port}/bundles/m/2", dest,
+                     "0" * 64, 100_000)
+        assert not isinstance(refused.value, DownloadInterrupted)  # no retry mends it
+        wait_for(lambda: sent, 30, "the registry to see the device hang up")
+    finally:
+        server.shutdown()
+    assert sent[0] < 16 << 20  # the device stopped reading early (socket buffers aside)
+    assert not dest.exists() and not dest.with_name(dest.name + ".part").exists()

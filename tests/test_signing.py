@@ -162,3 +162,37 @@ def test_generate_never_replaces_a_public_key(tmp_path):
         generate_keys(device)
     assert (device / "fleet.pub").read_bytes() == trusted_public.read_bytes()
     assert not (device / "fleet.key").exists()
+
+
+def test_an_archives_signature_is_checked_from_its_manifest_alone(make_bundle, keys, tmp_path):
+    """`verify_archive` reads only manifest.json and signature.sig of an archive (tar or zip)
+    and refuses as `verify_folder` does; what it returns is every file the signed manifest
+    lists, with its size and sha256, for `archive.unpack(expected=...)`."""
+    from edgerun.runtime import archive
+    from edgerun.runtime.bundle import sha256_file
+    from edgerun.runtime.signing import verify_archive
+
+    private, public = keys
+    bundle = make_bundle(mlp_onnx([4, 3]), version="2")
+    unsigned = bundle.pack(tmp_path / "unsigned.tar.gz")
+    sign_folder(bundle.path, private)
+    for suffix in (".tar.gz", ".zip"):
+        packed = bundle.pack(tmp_path / f"signed{suffix}")
+        signed = verify_archive(packed, [public])
+        assert (signed.manifest.name, signed.manifest.version, signed.key_id) == (
+            "m", "2", public.key_id)
+        assert signed.files == {p.name: (p.stat().st_size, sha256_file(p))
+                                for p in bundle.path.iterdir()}
+        out = archive.unpack(packed, tmp_path / f"out{suffix}", expected=signed.files)
+        assert verify_folder(out, [public]) == public.key_id
+    with pytest.raises(BundleError, match="unsigned"):
+        verify_archive(unsigned, [public])
+    _, stranger_pub = generate_keys(tmp_path / "stranger")
+    with pytest.raises(BundleError, match="key id unknown"):
+        verify_archive(packed, [load_public_key(stranger_pub)])
+    manifest = bundle.path / "manifest.json"
+    data = json.loads(manifest.read_text())
+    data["version"] = "99"
+    manifest.write_text(json.dumps(data))
+    with pytest.raises(BundleError, match="does not verify with any trusted key"):
+        verify_archive(bundle.pack(tmp_path / "changed.tar.gz"), [public])

@@ -67,7 +67,7 @@ class BundleRegistry:
                 os.fsync(out.fileno())
             try:
                 with Bundle.open(Path(temporary)) as bundle:  # hashes of every file
-                    key_id = signing.verify_folder(bundle.path, self.trusted)
+                    key_id = signing.verify_folder(bundle, self.trusted)
                     name, version = bundle.manifest.name, bundle.manifest.version
             except BundleError as exc:  # said to the pusher: no path of this host in it
                 raise BundleError(str(exc).replace(temporary, "the pushed bundle")) from exc

@@ -65,8 +65,10 @@ class OtaAgent:
         self.downloads = self.slots.root / ".downloads"
         self.downloads.mkdir(exist_ok=True)
         source = repository.source
-        if not (isinstance(source, SlotSource) and source.store.root == self.slots.root):
-            repository.source = SlotSource(self.slots, source)
+        if isinstance(source, SlotSource) and source.store.root == self.slots.root:
+            source.trusted = self.trusted
+        else:
+            repository.source = SlotSource(self.slots, source, self.trusted)
         self.bytes_downloaded = 0
         self._jobs: queue.Queue[Job | None] = queue.Queue()
         self._worker = threading.Thread(target=self._run, name=f"edgerun-ota-{device_id}",
@@ -125,7 +127,7 @@ class OtaAgent:
     def _intact(self, model: str, slot: str, state: SlotState) -> bool:
         try:
             with Bundle.open(self.slots.folder(model, slot)) as bundle:
-                signing.verify_folder(bundle.path, self.trusted)
+                signing.verify_folder(bundle, self.trusted)
                 return (bundle.manifest.name, bundle.manifest.version) == \
                     (model, state.slots[slot])
         except EdgerunError:
@@ -269,14 +271,24 @@ class OtaAgent:
                 delay = min(delay * 2, 30.0)
 
     def _stage(self, job: Job, archive_path: Path) -> Path:
-        """Unpack beside the slots and verify everything; nothing in a slot changes yet."""
+        """Unpack beside the slots and verify everything; nothing in a slot changes yet.
+
+        The signature is checked first, on the manifest and signature members alone, so an
+        archive no trusted key vouches for (or of another model or version) is refused before
+        a byte of it is written; then only the files the signed manifest lists are extracted,
+        each no further than its listed size and checked against its listed hash."""
+        signed = signing.verify_archive(archive_path, self.trusted)
+        found = (signed.manifest.name, signed.manifest.version)
+        if found != (job.model, job.version):
+            raise BundleError(f"the bundle holds {found[0]} version {found[1]}, the job "
+                              f"names {job.model} version {job.version}")
         folder = self.slots.folder(job.model)
         folder.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=folder))
         try:
-            archive.unpack(archive_path, staging)
+            archive.unpack(archive_path, staging, expected=signed.files)
             with Bundle.open(staging) as bundle:  # every file's hash
-                signing.verify_folder(staging, self.trusted)
+                signing.verify_folder(bundle, self.trusted)
                 found = (bundle.manifest.name, bundle.manifest.version)
             if found != (job.model, job.version):
                 raise BundleError(f"the bundle holds {found[0]} version {found[1]}, the job "

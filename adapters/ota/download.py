@@ -3,7 +3,8 @@
 Bytes land in `DEST.part`; a restarted download asks for the rest (`Range: bytes=N-`) with
 `If-Range` naming the expected ETag (the bundle's sha256), so if the registry's file changed
 it answers 200 with the whole file and the part is started over. The finished file must have
-the expected sha256 and size before it is renamed into place.
+the expected sha256 and size before it is renamed into place; a registry that sends more than
+the expected size is cut off there, so a download never fills the disk past it.
 """
 
 from __future__ import annotations
@@ -70,9 +71,13 @@ def download(url: str, dest: Path, sha256: str, size: int = 0, timeout: float = 
             response = _open(urllib.request.Request(url, headers=headers or {}), timeout)
             if response is None:
                 raise BundleError(f"download of {url} failed: HTTP 416 without a Range")
+        resumed = have if have and response.status == 206 else 0
         try:
-            with response, open(part, "ab" if have and response.status == 206 else "wb") as out:
+            with response, open(part, "ab" if resumed else "wb") as out:
                 while chunk := _read(response, url, transferred):
+                    if size and resumed + transferred + len(chunk) > size:
+                        raise BundleError(f"download of {url} is over the job's {size} bytes "
+                                          "(corrupt or tampered artifact)")
                     out.write(chunk)
                     transferred += len(chunk)
                 # http.client ends a body cut short as if it were whole: the length tells
@@ -84,6 +89,10 @@ def download(url: str, dest: Path, sha256: str, size: int = 0, timeout: float = 
                 os.fsync(out.fileno())
         except DownloadInterrupted:
             raise  # the part stays: resumed
+        except BundleError:  # more than the job's size: nothing of it is worth keeping
+            with contextlib.suppress(OSError):
+                part.unlink(missing_ok=True)
+            raise
         except OSError as exc:
             # the device's own disk (full, read-only): no retry mends it, and a part that
             # cannot grow would only keep the space from everything else on the device

@@ -18,12 +18,14 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass, field
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from edgerun.runtime.bundle import NAME_RE
+from edgerun.runtime.bundle import NAME_RE, Bundle
 from edgerun.runtime.errors import ModelNotFound
 from edgerun.runtime.model_config import ModelConfig
+from edgerun.runtime.signing import PublicKey, verify_folder
 from edgerun.runtime.sources import VersionSource, folder_fingerprint
 
 STATE_FILE = "state.json"
@@ -106,11 +108,22 @@ class SlotStore:
 
 
 class SlotSource:
-    """VersionSource: a model's active slot where it has one, else the fallback source."""
+    """VersionSource: a model's active slot where it has one, else the fallback source.
 
-    def __init__(self, store: SlotStore, fallback: VersionSource | None = None) -> None:
+    A slot's bundle is checked against the `trusted` keys each time it loads, on the bundle
+    that then serves: staging checked it once, and a slot changed since (by whoever can write
+    the data folder) must not serve unsigned. The fallback folder is the device owner's own.
+    """
+
+    def __init__(self, store: SlotStore, fallback: VersionSource | None = None,
+                 trusted: Iterable[PublicKey] = ()) -> None:
         self.store = store
         self.fallback = fallback
+        self.trusted = list(trusted)
+
+    def check(self, bundle: Bundle) -> None:
+        if self.trusted and bundle.path.resolve().is_relative_to(self.store.root.resolve()):
+            verify_folder(bundle, self.trusted)
 
     def __repr__(self) -> str:
         return f"SlotSource({str(self.store.root)!r}, fallback={self.fallback!r})"

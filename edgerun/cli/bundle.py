@@ -103,7 +103,7 @@ def _verify(args: argparse.Namespace) -> int:
         if args.trust:
             from edgerun.runtime import signing
 
-            signer = signing.verify_folder(bundle.path, signing.load_public_keys(args.trust))
+            signer = signing.verify_folder(bundle, signing.load_public_keys(args.trust))
             out.print(f"signature: valid, key id {signer}")
         model = Model.load(bundle, args.device)
         model.check_golden()

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from edgerun.devices import DeviceProfile
 from edgerun.runtime.signature import Signature
+
+if TYPE_CHECKING:
+    from edgerun.runtime.bundle import Bundle
 
 
 class Backend(ABC):
@@ -26,7 +29,14 @@ class Backend(ABC):
     @classmethod
     @abstractmethod
     def load(cls, model_path: Path, device: DeviceProfile) -> Backend:
-        """Load a model file for a device."""
+        """Load a model file for a device (a file this process made: `create_bundle`)."""
+
+    @classmethod
+    @abstractmethod
+    def from_bundle(cls, bundle: Bundle, device: DeviceProfile) -> Backend:
+        """Load a bundle's model for a device from the bytes `bundle.read_file` returns (read
+        once and checked against the manifest), never from its path: a repository folder can
+        change after it was verified, and what runs must be what was verified."""
 
     @abstractmethod
     def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

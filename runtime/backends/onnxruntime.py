@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import logging
 import os
+import posixpath
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import onnxruntime as ort
@@ -15,6 +18,11 @@ from edgerun.runtime.backends.base import Backend
 from edgerun.runtime.backends.cpus import cpu_limit
 from edgerun.runtime.errors import BundleError, InvalidInput
 from edgerun.runtime.signature import Signature, TensorSpec
+
+if TYPE_CHECKING:
+    import onnx
+
+    from edgerun.runtime.bundle import Bundle
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +63,74 @@ def _unranked_inputs(model_path: Path) -> list[str]:
     return [value.name for value in graph.input if value.name not in weights
             and value.type.HasField("tensor_type")
             and not value.type.tensor_type.HasField("shape")]
+
+
+def _graph_tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
+    yield from graph.initializer
+    for sparse in graph.sparse_initializer:
+        yield from (sparse.values, sparse.indices)
+    yield from _node_tensors(graph.node)
+
+
+def _node_tensors(nodes: Any) -> Iterator[onnx.TensorProto]:
+    for node in nodes:
+        for attribute in node.attribute:
+            if attribute.HasField("t"):
+                yield attribute.t
+            yield from attribute.tensors
+            sparse = [*attribute.sparse_tensors]
+            if attribute.HasField("sparse_tensor"):
+                sparse.append(attribute.sparse_tensor)
+            for tensor in sparse:
+                yield from (tensor.values, tensor.indices)
+            if attribute.HasField("g"):
+                yield from _graph_tensors(attribute.g)
+            for graph in attribute.graphs:
+                yield from _graph_tensors(graph)
+
+
+def external_data_files(model: bytes, name: str) -> list[str]:
+    """The files an ONNX model's tensors keep their data in (`location` of external data),
+    as the model names them; almost always none."""
+    if b"location" not in model:  # every external tensor names its file under this key
+        return []
+    import onnx
+    from google.protobuf.message import DecodeError
+
+    try:
+        proto = onnx.ModelProto.FromString(model)
+    except DecodeError as exc:
+        raise BundleError(f"{name}: not a readable ONNX model ({exc})") from exc
+    graphs = [proto.graph, *(g for info in proto.training_info
+                             for g in (info.initialization, info.algorithm))]
+    tensors = [t for graph in graphs for t in _graph_tensors(graph)]
+    tensors += [t for function in proto.functions for t in _node_tensors(function.node)]
+    locations: list[str] = []
+    for tensor in tensors:
+        if tensor.data_location != onnx.TensorProto.EXTERNAL and not tensor.external_data:
+            continue
+        location = {e.key: e.value for e in tensor.external_data}.get("location", "")
+        if not location:
+            raise BundleError(f"{name}: tensor {tensor.name!r} keeps its data externally but "
+                              "names no file")
+        if location not in locations:
+            locations.append(location)
+    return locations
+
+
+def _listed_file(bundle: Bundle, model_file: str, location: str) -> str:
+    """The bundle file an external data location names: beside the model, listed in the
+    manifest (and so hashed, and signed with it)."""
+    where = f"{model_file}: tensor data in {location!r}"
+    # "*/_ORT_MEM_ADDR_/*" and its kind are ONNX Runtime's own tags for memory addresses
+    if (location.startswith("*/") or "\\" in location or posixpath.isabs(location)
+            or ".." in location.split("/")):
+        raise BundleError(f"{where}: not a file beside the model in the bundle; refused")
+    listed = posixpath.normpath(posixpath.join(posixpath.dirname(model_file), location))
+    if listed == model_file or listed not in bundle.manifest.files:
+        raise BundleError(f"{where}: the bundle's manifest does not list {listed!r}; an "
+                          "external data file must be a file of the bundle")
+    return listed
 
 
 def _as_text(name: str, array: np.ndarray) -> np.ndarray:
@@ -128,19 +204,61 @@ class OnnxRuntimeBackend(Backend):
 
     @classmethod
     def load(cls, model_path: Path, device: DeviceProfile) -> OnnxRuntimeBackend:
+        return cls._create(str(model_path), model_path.name, session_options(device),
+                           providers_for(device))
+
+    @classmethod
+    def from_bundle(cls, bundle: Bundle, device: DeviceProfile) -> OnnxRuntimeBackend:
+        """A session made from the model's verified bytes. External data files the model
+        names must be files of the bundle: they are read verified too and handed over in
+        memory, and ONNX Runtime is pointed at an empty private folder for any other file, so
+        it reads nothing from disk (from bytes it would look in the working directory)."""
+        name = bundle.manifest.model_file
+        model = bundle.read_file(name)
+        external = {location: bundle.read_file(_listed_file(bundle, name, location))
+                    for location in external_data_files(model, name)}
         options = session_options(device)
-        providers = providers_for(device)
+        # the bytes are ONNX, as a `.onnx` path says (bytes are sniffed for the ORT format)
+        options.add_session_config_entry("session.load_model_format", "ONNX")
+        if external:
+            if not hasattr(options, "add_external_initializers_from_files_in_memory"):
+                raise BundleError(f"{name}: keeps tensor data in {', '.join(external)}; this "
+                                  f"ONNX Runtime ({ort.__version__}) cannot take external data "
+                                  "from memory, and it is never read from disk after the "
+                                  "bundle was verified")
+            locations = list(external)
+            options.add_external_initializers_from_files_in_memory(
+                locations, [external[n] for n in locations], [len(external[n]) for n in locations])
+        with tempfile.TemporaryDirectory(prefix="edgerun-ort-") as nowhere:
+            options.add_session_config_entry(
+                "session.model_external_initializers_file_folder_path", nowhere)
+            backend = cls._create(model, name, options, providers_for(device))
+        del model
+        session = backend.session
+        if external or session.get_providers() == [CPU]:
+            # ONNX Runtime's wrapper keeps the model bytes for as long as the session lives, to
+            # make it again on the CPU if a provider fails mid-run: a CPU session has nowhere
+            # to fall back to, nor does one with external data given in memory (the table
+            # only lives through its creation). Let them go: its own copy is what runs.
+            session.disable_fallback()
+            if getattr(session, "_model_bytes", None) is not None:
+                session._model_bytes = None
+        return backend
+
+    @classmethod
+    def _create(cls, model: str | bytes, name: str, options: ort.SessionOptions,
+                providers: list[str | tuple[str, dict[str, Any]]]) -> OnnxRuntimeBackend:
         try:
-            return cls(ort.InferenceSession(str(model_path), options, providers=providers))
+            return cls(ort.InferenceSession(model, options, providers=providers))
         except Exception as exc:
             if providers == [CPU]:
-                raise BundleError(f"{model_path.name}: ONNX Runtime cannot load it: {exc}") from exc
+                raise BundleError(f"{name}: ONNX Runtime cannot load it: {exc}") from exc
             log.warning("%s: providers %s failed (%s); falling back to the CPU",
-                        model_path.name, providers[:-1], exc)
+                        name, providers[:-1], exc)
         try:
-            return cls(ort.InferenceSession(str(model_path), options, providers=[CPU]))
+            return cls(ort.InferenceSession(model, options, providers=[CPU]))
         except Exception as exc:
-            raise BundleError(f"{model_path.name}: ONNX Runtime cannot load it on the CPU "
+            raise BundleError(f"{name}: ONNX Runtime cannot load it on the CPU "
                               f"either: {exc}") from exc
 
     def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

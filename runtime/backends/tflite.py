@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import threading
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -21,6 +21,9 @@ from edgerun.runtime.backends.base import Backend
 from edgerun.runtime.backends.cpus import cpu_limit
 from edgerun.runtime.errors import BundleError, InvalidInput
 from edgerun.runtime.signature import DTYPES, Signature, TensorSpec
+
+if TYPE_CHECKING:
+    from edgerun.runtime.bundle import Bundle
 
 _QUANTIZED = ("int8", "uint8", "int16")
 
@@ -42,15 +45,22 @@ def interpreter_class() -> tuple[type, str]:
                           f"'edgerun[tflite]') or a working tflite-runtime ({exc})") from exc
 
 
-def _new_interpreter(model_path: Path, threads: int | None) -> Any:
+def _new_interpreter(model: Path | bytes, name: str, threads: int | None) -> Any:
+    """An interpreter of a model file, or of model bytes (which it uses in place, not copied:
+    every interpreter of one backend shares one buffer)."""
     interpreter_type, _ = interpreter_class()
+    source = {"model_content": model} if isinstance(model, bytes) \
+        else {"model_path": str(model)}
     try:
-        interpreter = interpreter_type(model_path=str(model_path), num_threads=threads)
+        interpreter = interpreter_type(**source, num_threads=threads)
         interpreter.allocate_tensors()
     except (ValueError, RuntimeError) as exc:
-        raise BundleError(f"{model_path.name}: the TFLite interpreter cannot load it: "
-                          f"{exc}") from exc
+        raise BundleError(f"{name}: the TFLite interpreter cannot load it: {exc}") from exc
     return interpreter
+
+
+def _threads(device: DeviceProfile) -> int:
+    return device.intra_op_threads or cpu_limit() or os.cpu_count() or 1
 
 
 class _Tensor:
@@ -79,18 +89,18 @@ class _Tensor:
         return (array.astype(np.float32) - self._zero_point) * self._scale
 
 
-def _tensors(details: list[dict[str, Any]], model: Path) -> tuple[_Tensor, ...]:
+def _tensors(details: list[dict[str, Any]], model: str) -> tuple[_Tensor, ...]:
     tensors = []
     for d in details:
         dtype = np.dtype(d["dtype"])
         params = d.get("quantization_parameters") or {}
         if len(params.get("scales", ())) > 1:
-            raise BundleError(f"{model.name}: tensor {d['name']!r} is quantized per channel; "
+            raise BundleError(f"{model}: tensor {d['name']!r} is quantized per channel; "
                               "edgerun serves per-tensor quantized inputs and outputs only")
         scale, zero_point = d.get("quantization", (0.0, 0))
         tensor = _Tensor(d["name"], int(d["index"]), dtype, float(scale), int(zero_point))
         if not tensor.quantized and dtype.name not in DTYPES:
-            raise BundleError(f"{model.name}: tensor {d['name']!r} has type {dtype.name}, which "
+            raise BundleError(f"{model}: tensor {d['name']!r} has type {dtype.name}, which "
                               "edgerun does not serve")
         tensors.append(tensor)
     return tuple(tensors)
@@ -126,12 +136,16 @@ class _Slot:
 class TFLiteBackend(Backend):
     name = "tflite"
 
-    def __init__(self, model_path: Path, threads: int | None, pool_size: int) -> None:
-        self.model_path = model_path
+    def __init__(self, model: Path | bytes, threads: int | None, pool_size: int,
+                 name: str | None = None) -> None:
+        # a bundle's model as the verified bytes (`from_bundle`), kept: interpreters made
+        # later for the pool read them, never the file, which may have changed since
+        self._model = model
+        self._name = name or (model.name if isinstance(model, Path) else "model")
         self._threads = threads
-        first = _Slot(_new_interpreter(model_path, threads))
-        self._inputs = _tensors(first.interpreter.get_input_details(), model_path)
-        self._outputs = _tensors(first.interpreter.get_output_details(), model_path)
+        first = _Slot(_new_interpreter(model, self._name, threads))
+        self._inputs = _tensors(first.interpreter.get_input_details(), self._name)
+        self._outputs = _tensors(first.interpreter.get_output_details(), self._name)
         self._quantized_inputs = tuple(t.name for t in self._inputs if t.quantized)
         self._idle = [first]
         self._lock = threading.Lock()
@@ -173,7 +187,12 @@ class TFLiteBackend(Backend):
 
     @classmethod
     def load(cls, model_path: Path, device: DeviceProfile) -> TFLiteBackend:
-        return cls(model_path, device.intra_op_threads or cpu_limit() or os.cpu_count() or 1, device.instances)
+        return cls(model_path, _threads(device), device.instances)
+
+    @classmethod
+    def from_bundle(cls, bundle: Bundle, device: DeviceProfile) -> TFLiteBackend:
+        name = bundle.manifest.model_file
+        return cls(bundle.read_file(name), _threads(device), device.instances, name)
 
     def _invoke(self, slot: _Slot, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         interpreter = slot.interpreter
@@ -216,7 +235,7 @@ class TFLiteBackend(Backend):
             with self._lock:
                 slot = self._idle.pop() if self._idle else None
             if slot is None:
-                slot = _Slot(_new_interpreter(self.model_path, self._threads))
+                slot = _Slot(_new_interpreter(self._model, self._name, self._threads))
             try:
                 if any(a.ndim and not a.shape[0] for a in inputs.values()):
                     return self._empty(slot, inputs)

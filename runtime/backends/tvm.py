@@ -7,12 +7,13 @@ first and refused with both named.
 
 from __future__ import annotations
 
+import os
 import platform
 import shutil
 import tempfile
 import threading
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -20,6 +21,9 @@ from edgerun.devices import DeviceProfile
 from edgerun.runtime.backends.base import Backend
 from edgerun.runtime.errors import BundleError
 from edgerun.runtime.signature import Signature
+
+if TYPE_CHECKING:
+    from edgerun.runtime.bundle import Bundle, Manifest
 
 #: ELF e_machine values of the CPUs edgerun compiles for.
 _ELF_MACHINES = {62: "x86_64", 183: "aarch64"}
@@ -31,12 +35,15 @@ def host_arch() -> str:
     return _HOST_MACHINES.get(machine, machine)
 
 
-def library_arch(path: Path) -> str:
-    """The CPU a shared library was built for, from its ELF header."""
-    with path.open("rb") as handle:
-        header = handle.read(20)
+def library_arch(library: Path | bytes, name: str | None = None) -> str:
+    """The CPU a shared library (a file, or its bytes) was built for, from its ELF header."""
+    if isinstance(library, bytes):
+        header, name = library[:20], name or "model"
+    else:
+        with library.open("rb") as handle:
+            header, name = handle.read(20), name or library.name
     if len(header) < 20 or header[:4] != b"\x7fELF":
-        raise BundleError(f"{path.name}: not an ELF shared library; a TVM bundle's model file is "
+        raise BundleError(f"{name}: not an ELF shared library; a TVM bundle's model file is "
                           "the library `edgerun optimize --compile tvm` exports")
     machine = int.from_bytes(header[18:20], "little")
     return _ELF_MACHINES.get(machine, f"ELF machine {machine}")
@@ -68,41 +75,64 @@ class TvmBackend(Backend):
     def load(cls, model_path: Path, device: DeviceProfile) -> TvmBackend:
         from edgerun.runtime.bundle import read_manifest
 
-        manifest = read_manifest(model_path.parent)
+        return cls._load(model_path.read_bytes(), model_path.name,
+                         read_manifest(model_path.parent))
+
+    @classmethod
+    def from_bundle(cls, bundle: Bundle, device: DeviceProfile) -> TvmBackend:
+        """The library from its verified bytes, with the manifest the bundle was opened with
+        (its signature and target): neither is read from the folder again."""
+        name = bundle.manifest.model_file
+        return cls._load(bundle.read_file(name), name, bundle.manifest)
+
+    @classmethod
+    def _load(cls, library: bytes, name: str, manifest: Manifest) -> TvmBackend:
         recorded = manifest.device
         target = recorded.get("tvm_target", recorded.get("target", "?"))
-        built_for = library_arch(model_path)
+        built_for = library_arch(library, name)
         if built_for != host_arch():
             raise BundleError(
-                f"{model_path.name} was compiled for {built_for} (profile "
+                f"{name} was compiled for {built_for} (profile "
                 f"{recorded.get('profile', '?')}, target {target}); this host is {host_arch()}")
         accelerator = recorded.get("accelerator", "cpu")
         if accelerator.startswith("cuda") and not _cuda_available():
             raise BundleError(
-                f"{model_path.name} was compiled for {accelerator} (profile "
+                f"{name} was compiled for {accelerator} (profile "
                 f"{recorded.get('profile', '?')}, target {target}); this host has no CUDA "
                 "device that TVM can use (no GPU, or a TVM built without CUDA)")
-        return cls.load_library(model_path, manifest.signature, target,
-                                cuda=accelerator.startswith("cuda"))
+        return cls._load_bytes(library, name, manifest.signature, target,
+                               cuda=accelerator.startswith("cuda"))
 
     @classmethod
     def load_library(cls, path: Path, signature: Signature, target: Any, *,
                      cuda: bool = False) -> TvmBackend:
         """Load a library already known to suit this host (the optimizer checks its own)."""
+        return cls._load_bytes(path.read_bytes(), path.name, signature, target, cuda=cuda)
+
+    @classmethod
+    def _load_bytes(cls, library: bytes, name: str, signature: Signature, target: Any, *,
+                    cuda: bool = False) -> TvmBackend:
+        """Load a library from its bytes. TVM's loader (the dynamic loader) takes only a path:
+        the bytes are written to a file of a fresh private folder (0700; the file 0600), which
+        nobody else can replace, loaded, and removed once mapped. A path of its own also
+        matters because the dynamic loader hands back the library it already holds for a path,
+        so a new version installed where an old one was (an OTA slot, a rebuilt bundle) would
+        run the old code."""
         import tvm
         from tvm import relax  # noqa: F401  (registers the Relax VM loader)
 
-        # Loaded from a copy at a path of its own: the dynamic loader hands back the library
-        # it already holds for a path, so a new version installed where an old one was (an
-        # OTA slot, a rebuilt bundle) would run the old code. Once mapped, the copy can go.
-        with tempfile.TemporaryDirectory(prefix="edgerun-tvm-") as scratch:
-            private = Path(scratch) / path.name
-            shutil.copyfile(path, private)
+        scratch = tempfile.mkdtemp(prefix="edgerun-tvm-")  # mode 0700
+        try:
+            fd, private = tempfile.mkstemp(suffix=".so", dir=scratch)  # mode 0600
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(library)
             try:
-                library = tvm.runtime.load_module(str(private))
+                module = tvm.runtime.load_module(private)
             except Exception as exc:  # tvm raises its own error types
-                raise BundleError(f"{path.name}: TVM cannot load it: {exc}") from exc
-        return cls(library, tvm.cuda(0) if cuda else tvm.cpu(0), signature, str(target))
+                raise BundleError(f"{name}: TVM cannot load it: {exc}") from exc
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+        return cls(module, tvm.cuda(0) if cuda else tvm.cpu(0), signature, str(target))
 
     def _vm(self) -> Any:
         """One VM per thread: a Relax VM keeps per-call state, the library is shared."""
