@@ -525,6 +525,35 @@ def test_large_results_go_to_sqs_in_batches_it_takes(handler):
             for e in call] == [item_id for item_id, _ in results]
 
 
+def test_results_to_a_fifo_queue_carry_a_group_and_a_deduplication_id():
+    """A FIFO queue refuses a message without a MessageGroupId (and, unless content-based
+    deduplication is on, without a MessageDeduplicationId): every result failed, and with it
+    every record."""
+    client = sqs_client("sqs")
+    url = "https://sqs.us-east-1.amazonaws.com/123456789012/edgerun-results.fifo"
+    results = [("059f36b4-87a3-44ab-83d2-661975830a7d", b'{"n": 0}'), ("x" * 200, b'{"n": 1}')]
+    calls: list[list[dict]] = []
+    with Stubber(client) as stub:
+        stub.add_response("send_message_batch", {"Successful": [
+            {"Id": str(i), "MessageId": str(i), "MD5OfMessageBody": "x"} for i in range(2)],
+            "Failed": []})
+        client.meta.events.register("before-parameter-build.sqs.SendMessageBatch",
+                                    lambda params, **_: calls.append(params["Entries"]))
+        assert SqsDestination(url, client).send(results) == set()
+    [entries] = calls
+    assert [e["MessageGroupId"] for e in entries] == ["edgerun-results"] * 2
+    assert entries[0]["MessageDeduplicationId"] == results[0][0]
+    assert len(entries[1]["MessageDeduplicationId"]) == 64  # too long for SQS: its sha256
+    standard = sqs_client("sqs")
+    with Stubber(standard) as stub:
+        stub.add_response("send_message_batch", {"Successful": [
+            {"Id": "0", "MessageId": "0", "MD5OfMessageBody": "x"}], "Failed": []})
+        standard.meta.events.register("before-parameter-build.sqs.SendMessageBatch",
+                                      lambda params, **_: calls.append(params["Entries"]))
+        assert SqsDestination(url.removesuffix(".fifo"), standard).send(results[:1]) == set()
+    assert "MessageGroupId" not in calls[-1][0]
+
+
 def test_results_go_on_to_s3(handler):
     client = sqs_client("s3")
     forward = LambdaHandler(handler.plane, default_model="mlp",

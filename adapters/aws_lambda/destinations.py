@@ -8,6 +8,7 @@ delivers it again: nothing is lost.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from typing import Any, Protocol
 
@@ -18,6 +19,7 @@ SQS_BATCH = 10  # SendMessageBatch takes at most ten entries
 #: takes whatever its MaximumMessageSize; a larger result goes alone.
 SQS_BATCH_BYTES = 256 * 1024
 SOURCE_ID = "source-id"
+RESULTS_GROUP = "edgerun-results"  # a FIFO results queue's one message group
 
 
 class Destination(Protocol):
@@ -26,11 +28,18 @@ class Destination(Protocol):
 
 
 class SqsDestination:
-    """Each result as one message; the record's id in the `source-id` message attribute."""
+    """Each result as one message; the record's id in the `source-id` message attribute.
+
+    A FIFO queue (its name ends in `.fifo`) refuses a message without a group: results go in
+    one group, `edgerun-results`, in the order they are sent, each deduplicated by its record's
+    id, so a record delivered again (after a failure later in its batch) sends no second copy
+    within SQS's five-minute window.
+    """
 
     def __init__(self, queue_url: str, client: Any) -> None:
         self.queue_url = queue_url
         self.client = client
+        self.fifo = queue_url.endswith(".fifo")
 
     def send(self, results: list[tuple[str, bytes]]) -> set[str]:
         failed: set[str] = set()
@@ -39,6 +48,10 @@ class SqsDestination:
                         "MessageAttributes": {SOURCE_ID: {"DataType": "String",
                                                           "StringValue": item_id}}}
                        for i, (item_id, body) in enumerate(chunk)]
+            if self.fifo:
+                for entry, (item_id, _) in zip(entries, chunk):
+                    entry.update(MessageGroupId=RESULTS_GROUP,
+                                 MessageDeduplicationId=_dedup_id(item_id))
             try:
                 answer = self.client.send_message_batch(QueueUrl=self.queue_url,
                                                         Entries=entries)
@@ -52,6 +65,14 @@ class SqsDestination:
                           entry.get("Message", entry.get("Code")))
                 failed.add(item_id)
         return failed
+
+
+def _dedup_id(item_id: str) -> str:
+    """A FIFO deduplication id: the record's id where SQS takes it (128 characters of letters,
+    digits and punctuation), else its sha256."""
+    if len(item_id) <= 128 and item_id.isascii() and item_id.isprintable() and " " not in item_id:
+        return item_id
+    return hashlib.sha256(item_id.encode()).hexdigest()
 
 
 def _chunks(results: list[tuple[str, bytes]]) -> list[list[tuple[str, bytes]]]:
