@@ -504,22 +504,12 @@ def test_results_go_on_to_sqs_and_an_unsent_one_is_retried(handler, reference):
 def test_large_results_go_to_sqs_in_batches_it_takes(handler):
     """SendMessageBatch takes 256 KiB in all: ten 100 KB results in one call failed whole
     (BatchRequestTooLong), at every retry, until the records went to the dead-letter queue."""
-    client = sqs_client("sqs")
     url = "https://sqs.us-east-1.amazonaws.com/123456789012/edgerun-results"
     row = [0.1234567] * 9_000
     results = [(f"message-{i}", json.dumps({"outputs": [{"name": "y", "data": row, "n": i}]})
                 .encode()) for i in range(10)]
     assert all(90_000 < len(body) < 110_000 for _, body in results)
-    calls: list[list[dict]] = []
-    with Stubber(client) as stub:
-        for _ in range(5):  # two results fit in each call
-            stub.add_response("send_message_batch", {"Successful": [
-                {"Id": str(i), "MessageId": str(i), "MD5OfMessageBody": "x"} for i in range(2)],
-                "Failed": []})
-        client.meta.events.register("before-parameter-build.sqs.SendMessageBatch",
-                                    lambda params, **_: calls.append(params["Entries"]))
-        assert SqsDestination(url, client).send(results) == set()
-        stub.assert_no_pending_responses()
+    calls = sent_batches(url, results, [2] * 5)  # two results fit in each call
     assert all(sum(len(e["MessageBody"]) for e in call) <= 256 * 1024 for call in calls)
     assert [e["MessageAttributes"]["source-id"]["StringValue"] for call in calls
             for e in call] == [item_id for item_id, _ in results]
@@ -529,29 +519,32 @@ def test_results_to_a_fifo_queue_carry_a_group_and_a_deduplication_id():
     """A FIFO queue refuses a message without a MessageGroupId (and, unless content-based
     deduplication is on, without a MessageDeduplicationId): every result failed, and with it
     every record."""
-    client = sqs_client("sqs")
     url = "https://sqs.us-east-1.amazonaws.com/123456789012/edgerun-results.fifo"
     results = [("059f36b4-87a3-44ab-83d2-661975830a7d", b'{"n": 0}'), ("x" * 200, b'{"n": 1}')]
-    calls: list[list[dict]] = []
-    with Stubber(client) as stub:
-        stub.add_response("send_message_batch", {"Successful": [
-            {"Id": str(i), "MessageId": str(i), "MD5OfMessageBody": "x"} for i in range(2)],
-            "Failed": []})
-        client.meta.events.register("before-parameter-build.sqs.SendMessageBatch",
-                                    lambda params, **_: calls.append(params["Entries"]))
-        assert SqsDestination(url, client).send(results) == set()
-    [entries] = calls
+    [entries] = sent_batches(url, results, [2])
     assert [e["MessageGroupId"] for e in entries] == ["edgerun-results"] * 2
     assert entries[0]["MessageDeduplicationId"] == results[0][0]
     assert len(entries[1]["MessageDeduplicationId"]) == 64  # too long for SQS: its sha256
-    standard = sqs_client("sqs")
-    with Stubber(standard) as stub:
-        stub.add_response("send_message_batch", {"Successful": [
-            {"Id": "0", "MessageId": "0", "MD5OfMessageBody": "x"}], "Failed": []})
-        standard.meta.events.register("before-parameter-build.sqs.SendMessageBatch",
-                                      lambda params, **_: calls.append(params["Entries"]))
-        assert SqsDestination(url.removesuffix(".fifo"), standard).send(results[:1]) == set()
-    assert "MessageGroupId" not in calls[-1][0]
+    [standard] = sent_batches(url.removesuffix(".fifo"), results[:1], [1])
+    assert "MessageGroupId" not in standard[0]
+
+
+def sent_batches(url: str, results: list[tuple[str, bytes]],
+                 answered: list[int]) -> list[list[dict]]:
+    """The SendMessageBatch entries an SqsDestination sends, one list per call, each call
+    answered as successful for that many entries."""
+    client = sqs_client("sqs")
+    calls: list[list[dict]] = []
+    with Stubber(client) as stub:
+        for count in answered:
+            stub.add_response("send_message_batch", {"Successful": [
+                {"Id": str(i), "MessageId": str(i), "MD5OfMessageBody": "x"}
+                for i in range(count)], "Failed": []})
+        client.meta.events.register("before-parameter-build.sqs.SendMessageBatch",
+                                    lambda params, **_: calls.append(params["Entries"]))
+        assert SqsDestination(url, client).send(results) == set()
+        stub.assert_no_pending_responses()
+    return calls
 
 
 def test_results_go_on_to_s3(handler):
