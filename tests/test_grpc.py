@@ -302,8 +302,8 @@ def test_callers_are_answered_while_a_big_typed_request_converts(server):
 
 
 def test_a_big_request_whose_caller_leaves_while_it_decodes_is_counted(server):
-    """A big request is decoded before the data plane sees it: a caller gone by then (here its
-    deadline passes while the worker decodes) still has its call hooked and counted once."""
+    """A big request is decoded on the worker: a caller gone by then (here its deadline passes
+    while the worker decodes) still has its call hooked and counted once."""
     def counted() -> float:
         text = httpx.get(server.url + "/metrics").text
         return sum(float(n) for n in re.findall(
@@ -410,9 +410,8 @@ def test_bad_input_is_invalid_argument_naming_the_input(client, stub):
 
 
 def test_a_big_bad_request_is_refused_and_counted_as_a_small_one(server, stub):
-    """Big requests are decoded on the worker before the data plane sees them; what decoding
-    found wrong is raised where the data plane decodes, after routing: the same codes, the
-    same counts."""
+    """Big requests are decoded on the worker, small ones on the loop, both where the data
+    plane decodes, after its hooks and routing: the same codes, the same counts."""
     labels = {"model": "identity-int8", "version": "1", "transport": "grpc",
               "outcome": "invalid_input"}
     refused_before = metric(server, "edgerun_requests_total", **labels)
@@ -430,6 +429,39 @@ def test_a_big_bad_request_is_refused_and_counted_as_a_small_one(server, stub):
     with pytest.raises(grpc.RpcError) as caught:
         stub.ModelInfer(out_of_range)
     assert caught.value.code() == StatusCode.NOT_FOUND
+
+
+RPCS = ("ServerLive", "ServerReady", "ModelReady", "ServerMetadata", "ModelMetadata",
+        "ModelInfer")
+
+
+def test_a_message_that_is_not_protobuf_is_invalid_argument_hooked_and_counted(server, client):
+    """Bytes that do not parse as the RPC's message were deserialized by grpcio's handler
+    before the servicer ran: UNKNOWN ("Unexpected DecodeError"), an ERROR traceback logged per
+    message (log spam any client could cause), no request id, no count. Now the call reaches
+    the data plane and is refused there, as HTTP refuses malformed JSON."""
+    garbage = b"\xff" * 16  # field 0x1fffffff..., wire type 7: not protobuf
+    logged = len(server.output())
+    counted = {"model": "", "version": "", "transport": "grpc", "outcome": "invalid_input"}
+    before = metric(server, "edgerun_requests_total", **counted)
+    with grpc.insecure_channel(server.grpc_address) as channel:
+        for name in RPCS:  # no serializers: the bytes go as they are
+            rpc = channel.unary_unary(f"/inference.GRPCInferenceService/{name}")
+            with pytest.raises(grpc.RpcError) as caught:
+                rpc(garbage, metadata=[("x-request-id", f"garbage-{name}")])
+            assert caught.value.code() == StatusCode.INVALID_ARGUMENT, (name, caught.value)
+            assert caught.value.details() == (
+                f"the request is not a valid inference.{name}Request message (16 bytes that "
+                "do not parse as protobuf)"), caught.value.details()
+            assert ("x-request-id", f"garbage-{name}") in caught.value.trailing_metadata()
+        # an empty message is a valid one (every field at its default), as protobuf says
+        assert channel.unary_unary("/inference.GRPCInferenceService/ServerLive")(b"") == \
+            pb.ServerLiveResponse(live=True).SerializeToString()
+    assert metric(server, "edgerun_requests_total", **counted) == before + 1  # ModelInfer's
+    x = np.ones((1, 8), np.float32)
+    assert client.infer("mlp", [fp32_input(x)]).as_numpy("y").shape == (1, 4)
+    output = server.output()[logged:]
+    assert "Traceback" not in output and "ERROR" not in output, output
 
 
 def test_unknown_model_or_version_is_not_found(client, stub):
@@ -551,6 +583,49 @@ def test_committed_stubs_are_what_generate_sh_makes(tmp_path):
                  "grpc_predict_v2_pb2_grpc.py"):
         assert filecmp.cmp(tmp_path / name, ROOT / "adapters" / "grpc" / name, shallow=False), \
             f"{name} is stale: run adapters/grpc/generate.sh"
+
+
+PARITY_PROBE = """
+import grpc
+from edgerun.adapters.grpc import grpc_predict_v2_pb2 as pb, grpc_predict_v2_pb2_grpc as gen
+from edgerun.adapters.grpc.servicer import InferenceServicer, Undecodable, add_to_server
+
+class Recorder:  # records what is registered, as grpc.aio.Server would be asked
+    def __init__(self):
+        self.calls = []
+    def add_generic_rpc_handlers(self, handlers):
+        self.calls.append(("generic", tuple(h.service_name() for h in handlers)))
+    def add_registered_method_handlers(self, service, handlers):
+        self.calls.append(("registered", service, dict(handlers)))
+
+generated, ours = Recorder(), Recorder()
+gen.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(None), generated)
+add_to_server(ours, None)
+assert [c[:2] for c in ours.calls] == [c[:2] for c in generated.calls], ours.calls
+theirs, mine = generated.calls[1][2], ours.calls[1][2]
+assert list(mine) == list(theirs), (list(mine), list(theirs))
+for name, handler in mine.items():
+    model = theirs[name]
+    assert (handler.request_streaming, handler.response_streaming) == (False, False)
+    assert handler.response_serializer == model.response_serializer, name
+    message = model.request_deserializer(b"")
+    message = type(message)(**({"model_name": "m", "id": "7"} if name == "ModelInfer" else {}))
+    wire = message.SerializeToString()
+    assert handler.request_deserializer(wire) == model.request_deserializer(wire), name
+    assert isinstance(handler.request_deserializer(b"\\xff" * 4), Undecodable), name
+print("ok", grpc.__version__, sorted(mine))
+"""
+
+
+def test_the_service_is_registered_as_the_generated_code_registers_it():
+    """`add_to_server` registers the handlers itself (to deserialize leniently): the same RPCs,
+    serializers and registration calls (generic handler, then registered methods) as the
+    generated `add_GRPCInferenceServiceServicer_to_server`, with this venv's grpcio. In a child
+    process: this one holds tritonclient's `inference` messages."""
+    result = subprocess.run([sys.executable, "-c", PARITY_PROBE], capture_output=True,
+                            text=True, timeout=60, cwd=ROOT)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("ok "), result.stdout
 
 
 def test_sigterm_answers_a_queued_grpc_request_then_exits_cleanly(tmp_path):

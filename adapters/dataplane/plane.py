@@ -45,6 +45,8 @@ TIMEOUT_ATTRIBUTE = "x-request-timeout-ms"
 EXTENSIONS = ["binary_tensor_data", "model_repository"]
 #: A function that decodes a request, for `infer` to call once the hooks have let it through.
 Decoder = Callable[[], oip.InferRequest]
+#: A coroutine function that decodes a request, for `infer_async` to await likewise.
+AsyncDecoder = Callable[[], Awaitable[oip.InferRequest]]
 PLATFORMS = {"onnxruntime": "onnxruntime_onnx", "tflite": "tensorflow_lite", "tvm": "tvm"}
 #: Inference bodies from this size up are decoded, and their answers encoded, on a worker
 #: thread: a 60 MB JSON body takes seconds to read, and on the event loop every other caller,
@@ -151,30 +153,39 @@ class DataPlane:
         `request` may be the function that decodes it: then it runs after the hooks, so a
         refused call is never decoded and a malformed one is counted like any other.
         """
-        with self._decoded(call, request) as (routed, timeout, decoded):
-            outputs = routed.run(decoded.inputs, timeout)
-        return _result(call, decoded, routed.version, outputs)
+        with self._admitted(call) as routed:
+            if callable(request):
+                request = request()
+            oip.check_outputs(request, routed.signature)
+            outputs = routed.run(request.inputs, self._timeout(call, request.timeout_us))
+        return _result(call, request, routed.version, outputs)
 
-    async def infer_async(self, call: Call, request: oip.InferRequest | Decoder) -> InferResult:
-        """Run a decoded OIP request (or its decoder) from an event loop; see `infer`."""
-        with self._decoded(call, request) as (routed, timeout, decoded):
-            outputs = await routed.run_async(decoded.inputs, timeout)
-        return _result(call, decoded, routed.version, outputs)
+    async def infer_async(self, call: Call,
+                          request: oip.InferRequest | Decoder | AsyncDecoder) -> InferResult:
+        """Run a decoded OIP request from an event loop; see `infer`. Its decoder may also be
+        a coroutine function (one that decodes a big request on a worker thread, say): it too
+        is awaited only once the hooks let the call through and it is routed; the call's
+        `timeout` is read after it, so it may leave there the budget its decoding left."""
+        with self._admitted(call) as routed:
+            if callable(request):
+                request = request()
+                if not isinstance(request, oip.InferRequest):
+                    request = await request
+            oip.check_outputs(request, routed.signature)
+            outputs = await routed.run_async(request.inputs,
+                                             self._timeout(call, request.timeout_us))
+        return _result(call, request, routed.version, outputs)
 
     @contextmanager
-    def _decoded(self, call: Call, request: oip.InferRequest | Decoder
-                 ) -> Iterator[tuple[Routed, float | None, oip.InferRequest]]:
-        """Hooks, decoding, timeout and route around a request; metrics and errors after it."""
+    def _admitted(self, call: Call) -> Iterator[Routed]:
+        """Hooks and route around a decoded request's handling; metrics and errors after it."""
         started = time.perf_counter()
         version, error = "", None
         try:
             self.hooks.before(call)
             with self.repository.route(call.model, call.version, call.attributes) as routed:
                 version = routed.version  # routed first: an unknown model is NOT_FOUND
-                if callable(request):
-                    request = request()
-                oip.check_outputs(request, routed.signature)
-                yield routed, self._timeout(call, request.timeout_us), request
+                yield routed
         except asyncio.CancelledError:  # the caller went away (a gRPC deadline, a disconnect)
             error = Cancelled("the caller cancelled the request")
             raise

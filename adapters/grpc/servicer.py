@@ -9,17 +9,22 @@ metrics and the hook chain are the HTTP server's; the other RPCs pass the hook c
 A request with many elements to convert one Python object at a time (typed integers or BOOL,
 BYTES) is decoded, and a big answer encoded, on a worker thread, as the data plane does with big
 HTTP bodies: on the event loop, 4 million INT64 took 0.8 s that every other caller, HTTP and
-gRPC, waited. The data plane decodes on the loop, after its hooks; a big request is decoded
-before them, and its decoding's error raised where the data plane would have decoded it, so it
-is answered, hooked and counted alike.
+gRPC, waited. Either way the data plane calls the decoder once its hooks let the call through
+and it is routed: a caller without a key never makes the server decode its message.
+
+The service's handlers are registered here, not by the generated `add_..._to_server`, for one
+difference: bytes that are not the RPC's protobuf message become an `Undecodable` the servicer
+refuses through the data plane (INVALID_ARGUMENT, hooked, with a request id, counted), where
+grpcio's own deserializer raised, answered UNKNOWN and logged a traceback per message.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from functools import partial
 from typing import Any, NoReturn, TypeVar
 
@@ -29,12 +34,12 @@ from edgerun.adapters.codecs import oip
 from edgerun.adapters.dataplane import Call, DataPlane
 from edgerun.adapters.dataplane.call import (INFER, LIVE, MODEL_METADATA, MODEL_READY, READY,
                                              SERVER_METADATA)
+from edgerun.adapters.dataplane.plane import AsyncDecoder, Decoder
 from edgerun.adapters.grpc import codec
 from edgerun.adapters.grpc import grpc_predict_v2_pb2 as pb
-from edgerun.adapters.grpc.grpc_predict_v2_pb2_grpc import (
-    GRPCInferenceServiceServicer, add_GRPCInferenceServiceServicer_to_server)
+from edgerun.adapters.grpc.grpc_predict_v2_pb2_grpc import GRPCInferenceServiceServicer
 from edgerun.adapters.grpc.status import code_of, error_metadata
-from edgerun.runtime.errors import (Cancelled, EdgerunError, InferenceError, ModelNotFound,
+from edgerun.runtime.errors import (EdgerunError, InferenceError, InvalidInput, ModelNotFound,
                                     ModelNotReady)
 
 log = logging.getLogger(__name__)
@@ -50,6 +55,23 @@ MAX_DETAILS_BYTES = 2000
 OFF_LOOP_ELEMENTS = 1 << 16
 Response = TypeVar("Response")
 T = TypeVar("T")
+SERVICE = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"]
+#: The data plane's route of each RPC (each is unary-unary).
+ROUTES = {"ServerLive": LIVE, "ServerReady": READY, "ModelReady": MODEL_READY,
+          "ServerMetadata": SERVER_METADATA, "ModelMetadata": MODEL_METADATA,
+          "ModelInfer": INFER}
+
+
+@dataclass(frozen=True, slots=True)
+class Undecodable:
+    """What an RPC gets in place of its request when the bytes sent are not that message."""
+
+    message: str  #: the message's full name
+    size: int
+
+    def error(self) -> InvalidInput:
+        return InvalidInput(f"the request is not a valid {self.message} message ({self.size} "
+                            "bytes that do not parse as protobuf)")
 
 
 class InferenceServicer(GRPCInferenceServiceServicer):
@@ -104,16 +126,12 @@ class InferenceServicer(GRPCInferenceServiceServicer):
     async def ModelInfer(self, request: pb.ModelInferRequest,
                          context: grpc.aio.ServicerContext) -> pb.ModelInferResponse:
         call = _call(context, INFER, request.model_name, request.model_version)
-        decode: Callable[[], oip.InferRequest] = partial(codec.decode_request, request)
+        decode: Decoder | AsyncDecoder
         if codec.decode_work(request) >= OFF_LOOP_ELEMENTS:
-            try:
-                decode = await self._off_loop(_outcome, codec.decode_request, request)
-            except asyncio.CancelledError:  # gone while decoding: hooked and counted all the same
-                self.plane.refuse(call, Cancelled("the caller cancelled the request"))
-                raise
-        remaining = context.time_remaining()  # after decoding: the budget left to queue
-        if remaining is not None:
-            call.timeout = max(0.0, remaining - ANSWER_MARGIN_S)
+            decode = partial(self._decode_off_loop, context, call, request)
+        else:
+            decode = partial(codec.decode_request, request)
+            _set_budget(context, call)
         try:
             result = await self.plane.infer_async(call, decode)
             answer = (result.model, result.version, result.request, result.outputs)
@@ -126,8 +144,29 @@ class InferenceServicer(GRPCInferenceServiceServicer):
         _send_headers(context, call)
         return response
 
+    async def _decode_off_loop(self, context: grpc.aio.ServicerContext, call: Call,
+                               request: pb.ModelInferRequest) -> oip.InferRequest:
+        """A big request decoded on the worker, once the data plane has let its call through
+        (its errors raised there, after routing, as a small request's are)."""
+        decoded = await self._off_loop(codec.decode_request, request)
+        _set_budget(context, call)  # after decoding: the budget left to queue
+        return decoded
+
     async def _off_loop(self, work: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._big_messages, work, *args)
+
+    def handler(self, name: str) -> Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]:
+        """RPC `name`, whose request may be `Undecodable`: refused through the data plane, so
+        its hooks (a caller without a key is told so first) and metrics see it."""
+        rpc, route = getattr(self, name), ROUTES[name]
+
+        async def handle(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            if isinstance(request, Undecodable):
+                call = _call(context, route)
+                error = request.error()
+                await _abort(context, call, self.plane.refuse(call, error).error or error)
+            return await rpc(request, context)
+        return handle
 
     async def _answer(self, context: grpc.aio.ServicerContext, call: Call,
                       make: Callable[[], Response]) -> Response:
@@ -154,17 +193,25 @@ def _call(context: grpc.aio.ServicerContext, route: str, model: str = "",
     return Call(route, model, version or None, attributes=metadata.get, transport=TRANSPORT)
 
 
-def _outcome(work: Callable[..., T], *args: Any) -> Callable[[], T]:
-    """`work(*args)` done now: a function that returns its result, or raises what it raised."""
-    try:
-        value = work(*args)
-    except Exception as exc:
-        error = exc
+def _set_budget(context: grpc.aio.ServicerContext, call: Call) -> None:
+    """The caller's deadline as the call's queueing budget, less the margin to answer."""
+    remaining = context.time_remaining()
+    if remaining is not None:
+        call.timeout = max(0.0, remaining - ANSWER_MARGIN_S)
 
-        def fail() -> NoReturn:
-            raise error
-        return fail
-    return lambda: value
+
+def _lenient(message: Any) -> Callable[[bytes], Any]:
+    """A deserializer of `message` that never raises: grpcio answered a request its
+    deserializer raised on UNKNOWN ("Unexpected DecodeError"), logging a traceback each time,
+    and no hook or metric saw it."""
+    parse, name = message.FromString, message.DESCRIPTOR.full_name
+
+    def deserialize(data: bytes) -> Any:
+        try:
+            return parse(data)
+        except Exception:  # DecodeError, whatever protobuf's implementation: the bytes' fault
+            return Undecodable(name, len(data))
+    return deserialize
 
 
 def _send_headers(context: grpc.aio.ServicerContext, call: Call) -> None:
@@ -200,4 +247,16 @@ def _details(message: str) -> str:
 
 
 def add_to_server(server: grpc.aio.Server, plane: DataPlane) -> None:
-    add_GRPCInferenceServiceServicer_to_server(InferenceServicer(plane), server)
+    """Register the service as the generated `add_GRPCInferenceServiceServicer_to_server`
+    does (a generic handler and registered methods, every RPC of the .proto), its requests
+    deserialized by `_lenient`."""
+    servicer = InferenceServicer(plane)
+    handlers = {
+        method.name: grpc.unary_unary_rpc_method_handler(
+            servicer.handler(method.name),
+            request_deserializer=_lenient(getattr(pb, method.input_type.name)),
+            response_serializer=getattr(pb, method.output_type.name).SerializeToString)
+        for method in SERVICE.methods}
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler(SERVICE.full_name, handlers),))
+    server.add_registered_method_handlers(SERVICE.full_name, handlers)
