@@ -131,17 +131,59 @@ def prepare(model: onnx.ModelProto) -> None:
         taken.add(name)
         if node.op_type == "Constant":
             _constant_as_tensor(node)
+    _read_outputs_through_identity(model.graph, taken)
+
+
+def _read_outputs_through_identity(graph: onnx.GraphProto, taken: set[str]) -> None:
+    """A float32 graph output that nodes also read (a transformer's hidden states, say) reaches
+    them from its producer, and the graph output becomes an Identity of it: the converter
+    renames the producer's output and casts it to float32 under the output's name, so the
+    readers, computing in float16, would get float32 (a model ONNX Runtime refuses)."""
+    read = _read_names(graph) & {o.name for o in graph.output
+                                 if o.type.tensor_type.elem_type == onnx.TensorProto.FLOAT}
+    names = {n for g in graphs(graph) for node in g.node for n in (*node.input, *node.output)} \
+        | {i.name for i in (*graph.input, *graph.initializer)}
+    for position, node in reversed(list(enumerate(graph.node))):  # inserting after each
+        for output in [o for o in node.output if o in read]:
+            inner = f"{output}_value"
+            while inner in names:
+                inner += "_"
+            names.add(inner)
+            for g in graphs(graph):
+                for reader in g.node:
+                    reader.input[:] = [inner if n == output else n for n in reader.input]
+            node.output[:] = [inner if n == output else n for n in node.output]
+            name = f"{output}_output"
+            while name in taken:
+                name += "_"
+            taken.add(name)
+            graph.node.insert(position + 1, helper.make_node("Identity", [inner], [output],
+                                                             name=name))
 
 
 def graphs(graph: onnx.GraphProto) -> Iterable[onnx.GraphProto]:
     """`graph` and every subgraph in it (If, Loop and Scan bodies), depth first."""
     yield graph
     for node in graph.node:
-        for attr in node.attribute:
-            if attr.type == onnx.AttributeProto.GRAPH:
-                yield from graphs(attr.g)
-            for sub in attr.graphs:
-                yield from graphs(sub)
+        for sub in subgraphs(node):
+            yield from graphs(sub)
+
+
+def subgraphs(node: onnx.NodeProto) -> list[onnx.GraphProto]:
+    """The bodies of an If, Loop or Scan `node`; [] for other nodes."""
+    return [g for attr in node.attribute
+            for g in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else []) + [*attr.graphs]]
+
+
+def subgraph_reads(node: onnx.NodeProto) -> set[str]:
+    """The values from outside them that `node`'s bodies read (outer-scope weights, say)."""
+    inner, read = set(), set()
+    for body in subgraphs(node):
+        for graph in graphs(body):
+            inner |= {v.name for v in (*graph.input, *graph.initializer)}
+            inner |= {out for n in graph.node for out in n.output}
+            read |= {name for n in graph.node for name in n.input}
+    return read - inner - {""}
 
 
 def _constant_as_tensor(node: onnx.NodeProto) -> None:
@@ -256,10 +298,11 @@ def from_weights(graph: onnx.GraphProto, tensors: Mapping[str, str],
 def plan(graph: onnx.GraphProto, tensors: Mapping[str, str],
          derived: Mapping[str, str]) -> dict[str, str]:
     """{node: why it stays float32}: the nodes that make or read a tensor of `tensors` or
-    `derived`; each reason starts with the node's op."""
+    `derived` (an If, Loop or Scan reads what its bodies read from outside them); each reason
+    starts with the node's op."""
     blocked = {}
     for node in graph.node:
-        names = (*node.input, *node.output)
+        names = (*node.input, *sorted(subgraph_reads(node)), *node.output)
         why = [tensors[t] for t in names if t in tensors] or \
             [derived[t] for t in names if t in derived]
         if why:
@@ -269,12 +312,13 @@ def plan(graph: onnx.GraphProto, tensors: Mapping[str, str],
 
 def split_shared_weights(graph: onnx.GraphProto, blocked: Iterable[str]) -> None:
     """Initializers that blocked and unblocked nodes share get a copy for the blocked ones: the
-    converter leaves every initializer of a blocked node float32, for all its readers."""
+    converter leaves every initializer of a blocked node float32, for all its readers (the
+    float16 bodies of If, Loop and Scan nodes among them)."""
     blocked = set(blocked)
     floats = {i.name: i for i in graph.initializer if i.data_type == onnx.TensorProto.FLOAT}
     readers: dict[str, set[bool]] = {}
     for node in graph.node:
-        for name in node.input:
+        for name in (*node.input, *subgraph_reads(node)):
             if name in floats:
                 readers.setdefault(name, set()).add(node.name in blocked)
     taken = {i.name for i in graph.initializer} | {o for n in graph.node for o in n.output} | \

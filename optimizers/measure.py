@@ -134,12 +134,17 @@ def predict_all(model: Model, data: EvalData, chunk: int = 256) -> dict[str, np.
 
 
 def max_abs_error(reference: dict[str, np.ndarray], candidate: dict[str, np.ndarray]) -> float:
-    """Largest absolute difference over the float outputs (integer outputs: labels, ids)."""
+    """Largest absolute difference over the float outputs (integer outputs: labels, ids); none
+    where both give the same inf or NaN (log(0), say), inf where only one does."""
     worst = 0.0
     for name, want in reference.items():
         if want.dtype.kind == "f":
-            got = candidate[name].astype(np.float64)
-            worst = max(worst, float(np.max(np.abs(got - want.astype(np.float64)), initial=0)))
+            got, want = candidate[name].astype(np.float64), want.astype(np.float64)
+            with np.errstate(invalid="ignore"):  # inf - inf
+                diff = np.abs(got - want)
+            same = (got == want) | (np.isnan(got) & np.isnan(want))
+            diff = np.where(same, 0.0, np.where(np.isnan(diff), np.inf, diff))
+            worst = max(worst, float(np.max(diff, initial=0)))
     return worst
 
 

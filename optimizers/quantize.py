@@ -290,6 +290,12 @@ def convert_fp16(model_path: Path, out_path: Path, *,
         raise OptimizeError(f"{name}: strict fp16: " + "; ".join(tensors.values())
                             + " (without strict, the nodes that make or read them stay float32)")
     blocked = fp16.plan(model.graph, tensors, fp16.from_weights(model.graph, tensors, weights))
+    for node in model.graph.node:
+        if node.name in blocked and fp16.subgraphs(node):
+            raise OptimizeError(
+                f"{name}: fp16 cannot keep node {node.name!r} float32 ({blocked[node.name]}): "
+                "the converter leaves the body of an If, Loop or Scan it keeps float32 but "
+                "converts what that body reads from outside it; choose fp32 or int8")
     converted = _convert_blocking(float16, model, blocked, name)
     if blocked:
         log.info("%s: kept float32 in the fp16 model: %s", name, blocked)

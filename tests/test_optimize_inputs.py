@@ -310,6 +310,108 @@ def test_fp16_of_inputs_read_by_unnamed_nodes_and_float_constants_loads(tmp_path
                                    atol=1e-2)
 
 
+def test_fp16_of_a_model_that_outputs_a_value_it_also_reads_loads_and_agrees(tmp_path):
+    # features and logits, as a transformer gives hidden states beside its head's output: the
+    # converter cast 'features' back to float32 under its name, and 'relu', computing in
+    # float16, read that float32 value, a model ONNX Runtime refuses
+    rng = np.random.default_rng(6)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w1"], ["features"], name="mm1"),
+         helper.make_node("Relu", ["features"], ["r"], name="relu"),
+         helper.make_node("MatMul", ["r", "w2"], ["logits"], name="mm2")], "two",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 4])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["n", 3]),
+         helper.make_tensor_value_info("features", TensorProto.FLOAT, ["n", 8])],
+        [numpy_helper.from_array(rng.standard_normal((4, 8)).astype(np.float32), "w1"),
+         numpy_helper.from_array(rng.standard_normal((8, 3)).astype(np.float32), "w2")])
+    source = save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]),
+                  tmp_path / "two.onnx")
+    report = optimize(source, tmp_path / "out", OptimizeOptions(quantize="fp16", **FAST))
+    assert report.fp16_kept_float32 == {}
+    model = Model.load(tmp_path / "out")
+    assert [(o.name, o.dtype) for o in model.signature.outputs] == [("logits", "float32"),
+                                                                    ("features", "float32")]
+    x = rng.standard_normal((16, 4)).astype(np.float32)
+    session = ort.InferenceSession(str(source), providers=["CPUExecutionProvider"])
+    for got, want in zip(model.predict({"x": x}).values(), session.run(None, {"x": x})):
+        np.testing.assert_allclose(got, want, rtol=1e-2, atol=1e-2)
+    model.close()
+
+
+def loop_model(k: float = 1.5, body_scale: float = 1.0, outer_scale: float = 1.0
+               ) -> onnx.ModelProto:
+    """x @ w, then a Loop multiplying by k three times and by `body_scale` and back in its
+    body; a Mul reads k outside the loop too."""
+    body = helper.make_graph(
+        [helper.make_node("Identity", ["cond_in"], ["cond_out"], name="keep_going"),
+         helper.make_node("Mul", ["acc_in", "k"], ["scaled"], name="by_k"),
+         helper.make_node("Mul", ["scaled", "up"], ["upped"], name="up"),
+         helper.make_node("Mul", ["upped", "down"], ["acc_out"], name="down")], "body",
+        [helper.make_tensor_value_info("i", TensorProto.INT64, []),
+         helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("acc_in", TensorProto.FLOAT, ["n", 4])],
+        [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("acc_out", TensorProto.FLOAT, ["n", 4])])
+    model = graph_model(
+        [helper.make_node("MatMul", ["x", "w"], ["h"], name="mm"),
+         helper.make_node("Mul", ["h", "outer"], ["big"], name="blow_up"),
+         helper.make_node("Add", ["big", "k"], ["big_k"], name="add_k"),
+         helper.make_node("Mul", ["big_k", "inner"], ["h2"], name="shrink"),
+         helper.make_node("Loop", ["trip", "true", "h2"], ["y"], body=body, name="loop")],
+        {"w": np.random.default_rng(7).standard_normal((4, 4)), "k": np.full(4, k),
+         "up": np.full(4, body_scale), "down": np.full(4, 1 / body_scale),
+         "outer": np.full(4, outer_scale), "inner": np.full(4, 1 / outer_scale)})
+    model.graph.initializer.extend([numpy_helper.from_array(np.array(3, np.int64), "trip"),
+                                    numpy_helper.from_array(np.array(True), "true")])
+    return model
+
+
+@pytest.mark.parametrize("options, reason", [
+    ({"body_scale": 1e6}, r"Loop: .*weight 'up' reaches 1e\+06 in magnitude"),
+    ({"k": 100.0}, r"Loop: 'y' reaches .* in magnitude on the data measured")])
+def test_fp16_refuses_a_loop_that_would_stay_float32_naming_it(tmp_path, options, reason):
+    # a weight only a Loop body reads was not kept float32: 'up' was clamped to 65504, silently;
+    # a Loop kept float32 (its output, x * 100 ** 3, passes 65504) kept its body float32 but
+    # the converter converted the weights it reads from outside, a model ONNX Runtime refuses
+    source = save(loop_model(**options), tmp_path / "l.onnx")
+    with pytest.raises(OptimizeError, match=rf"l.onnx: fp16 cannot keep node 'loop' float32 "
+                                            rf"\({reason}.*choose fp32 or int8"):
+        quantize(source, tmp_path / "h.onnx", "fp16")
+    assert not (tmp_path / "h.onnx").exists()
+
+
+def test_fp16_of_a_weight_a_float32_node_shares_with_a_loop_body_loads_and_agrees(tmp_path):
+    # 'k' is read by 'add_k', kept float32 (its input passes 65504), and by the float16 Loop
+    # body: it stayed float32 for both, and the body's float16 Mul read a float32 weight
+    source = save(loop_model(outer_scale=1e5), tmp_path / "l.onnx")
+    out = tmp_path / "h.onnx"
+    quantize(source, out, "fp16")
+    assert list(kept_float32(out)) == ["blow_up", "add_k", "shrink"]
+    x = np.random.default_rng(8).standard_normal((16, 4)).astype(np.float32)
+    want = ort_run(source, x=x)
+    np.testing.assert_allclose(ort_run(out, x=x), want, rtol=1e-2, atol=1e-2)
+    np.testing.assert_allclose(as_float16_hardware(out, x=x), want, rtol=1e-2, atol=1e-2)
+
+
+def test_the_error_reported_counts_the_values_beside_a_log_of_zero(tmp_path):
+    # log(relu(x @ w)) is -inf in float32 and float16 alike where relu gives 0; the error was
+    # then NaN for the whole output and reported as 0
+    rng = np.random.default_rng(9)
+    source = save(graph_model(
+        [helper.make_node("MatMul", ["x", "w"], ["h"], name="mm"),
+         helper.make_node("Relu", ["h"], ["r"], name="relu"),
+         helper.make_node("Log", ["r"], ["y"], name="log")], {"w": rng.standard_normal((4, 4))}),
+        tmp_path / "log.onnx")
+    np.savez(tmp_path / "eval.npz", x=rng.standard_normal((64, 4)).astype(np.float32))
+    report = optimize(source, tmp_path / "out", OptimizeOptions(
+        quantize="fp16", eval_data=tmp_path / "eval.npz", **FAST))
+    want, got = report.before.outputs["y"], report.after.outputs["y"]
+    assert np.isneginf(want).any() and (np.isneginf(got) == np.isneginf(want)).all()
+    finite = np.isfinite(want)
+    assert report.max_abs_error == pytest.approx(np.abs(got[finite] - want[finite]).max())
+    assert report.max_abs_error > 0
+
+
 # --- accuracy and eval data ---------------------------------------------------------------
 
 @pytest.fixture(scope="module")
