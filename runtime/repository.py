@@ -38,6 +38,8 @@ log = logging.getLogger(__name__)
 READY, LOADING, UNAVAILABLE, UNLOADED = "READY", "LOADING", "UNAVAILABLE", "UNLOADED"
 #: `start_loading`'s thread; a process stopped while it runs ends without waiting for it
 LOADING_THREAD = "edgerun-repository-load"
+#: threads inside `Repository.load` now (a hot swap: polling, POST .../load, an OTA switch)
+_LOADERS: set[threading.Thread] = set()
 
 
 def exit_if_still_loading(status: int = 0) -> None:
@@ -48,7 +50,8 @@ def exit_if_still_loading(status: int = 0) -> None:
     the interpreter's shutdown, the process aborted ("terminate called without an active
     exception", SIGABRT) instead of exiting with `status`. Call it once nothing else is left.
     """
-    if any(t.name == LOADING_THREAD and t.is_alive() for t in threading.enumerate()):
+    if any(t.name == LOADING_THREAD and t.is_alive() for t in threading.enumerate()) or any(
+            t.is_alive() for t in tuple(_LOADERS)):
         logging.shutdown()
         sys.stdout.flush()
         sys.stderr.flush()
@@ -90,6 +93,8 @@ class Repository:
             ("model", "version", "shadow_version", "outcome"))
         self._stop = threading.Event()
         self._poller: threading.Thread | None = None
+        self._loading = 0  # loads under way, and poll passes about to start one (under _lock)
+        self._flushing = False  # set by `flush`: the process is stopping
 
     # -------------------------------------------------------------- lifecycle
     def load_all(self) -> None:
@@ -122,7 +127,16 @@ class Repository:
         """
         with self._load_lock:
             self._unloaded.discard(name)
-            return self._load(name)
+            thread = threading.current_thread()
+            with self._lock:
+                self._loading += 1
+            _LOADERS.add(thread)
+            try:
+                return self._load(name)
+            finally:
+                _LOADERS.discard(thread)
+                with self._lock:
+                    self._loading -= 1
 
     def _load(self, name: str) -> list[str]:
         config = self.source.config(name)
@@ -151,6 +165,9 @@ class Repository:
             raise BundleError(f"model {name!r}: no version could be loaded; "
                               + "; ".join(errors))
         with self._lock:
+            if self._flushing:  # swapped in after `flush`: its batchers wait for nothing too
+                for served in versions.values():
+                    served.batcher.flush()
             old = self._models.get(name)
             self._models[name] = ServedModel(name, config, versions)
         for version in versions:
@@ -212,12 +229,23 @@ class Repository:
         offered = set(self.source.models())
         for name in sorted(offered - self._unloaded):
             try:
-                if self._stale(name):
+                if not self._stale(name):
+                    continue
+                with self._lock:  # one step with `close`'s look: once closing, no swap starts
+                    if self._stop.is_set():
+                        return
+                    self._loading += 1
+                try:
                     self.load(name)
+                finally:
+                    with self._lock:
+                        self._loading -= 1
             except EdgerunError as exc:
                 log.error("model %s: %s", name, exc)
             except Exception:  # one model's surprise must not stop the others' updates
                 log.exception("model %s: reload failed", name)
+        if self._stop.is_set():
+            return
         for name in sorted(set(self._models) - offered):
             self.unload(name)
             self._unloaded.discard(name)
@@ -266,19 +294,38 @@ class Repository:
 
     def flush(self) -> None:
         """Shutting down: every served version's batcher runs what it holds at once, and each
-        later request too, without waiting out its batching delay (`MicroBatcher.flush`)."""
+        later request too, without waiting out its batching delay (`MicroBatcher.flush`); so
+        do those of versions a hot swap brings in later."""
         with self._lock:
+            self._flushing = True
             served = [v for model in self._models.values() for v in model.versions.values()]
         for version in served:
             version.batcher.flush()
 
-    def close(self) -> None:
-        """Stop polling, then drain and release every model."""
-        self._stop.set()
+    def close(self, *, wait_for_loads: bool = True, drain: bool = True) -> bool:
+        """Stop polling, then drain and release every model; True once done.
+
+        With `wait_for_loads=False`, a load under way (a hot swap: polling, POST .../load, an
+        OTA switch; minutes for a TensorRT engine build) is not waited for: nothing is
+        released, False comes back, and the process should end without it
+        (`exit_if_still_loading`), as one stopped during its start-up load does. With
+        `drain=False` (a caller whose own drain ran out), requests still queued are answered
+        ModelNotReady at once rather than run; only the forward passes running finish.
+        """
+        with self._lock:
+            self._stop.set()
+            loading = self._loading > 0
+            served = [v for model in self._models.values() for v in model.versions.values()]
+        if loading and not wait_for_loads:
+            return False
+        if not drain:
+            for version in served:
+                version.batcher.close(drain=False)
         if self._poller is not None:
             self._poller.join()
         for name in list(self._models):
             self.unload(name)
+        return True
 
     # ---------------------------------------------------------------- queries
     def __contains__(self, name: object) -> bool:

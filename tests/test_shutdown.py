@@ -348,3 +348,216 @@ def _wait_for_inbox(broker, device_id: str, depth: int, timeout: float = 30) -> 
     finally:
         client.disconnect()
         client.loop_stop()
+
+
+# ------------------------------------------------------------- hot swaps, cut-off requests
+def slow_run_onnx(size: int = 2048, products: int = 10) -> bytes:
+    """y = x, after `products` [size, size] matrix products that depend on x (0 * sum(x)),
+    so ONNX Runtime cannot fold them: each forward pass takes about a second, loading does
+    not."""
+    value = helper.make_tensor("value", TensorProto.FLOAT, [1], [1.0 / size])
+    nodes = [helper.make_node("ConstantOfShape", ["shape"], ["c"], value=value),
+             helper.make_node("ReduceSum", ["x"], ["s"], keepdims=0),
+             helper.make_node("Mul", ["s", "zero"], ["z"]),
+             helper.make_node("Add", ["c", "z"], ["a0"])]
+    for i in range(products):
+        nodes.append(helper.make_node("MatMul", [f"a{i}", "a0"], [f"a{i + 1}"]))
+    nodes += [helper.make_node("ReduceMean", [f"a{products}"], ["mean"], keepdims=0),
+              helper.make_node("Mul", ["mean", "zero"], ["m"]),
+              helper.make_node("Add", ["x", "m"], ["y"])]
+    graph = helper.make_graph(
+        nodes, "slow_run", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", 2])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", 2])],
+        [numpy_helper.from_array(np.array([size, size], np.int64), "shape"),
+         numpy_helper.from_array(np.array(0.0, np.float32), "zero")])
+    return _model(graph)
+
+
+def _loading(server) -> bool:
+    index = httpx.post(server.url + "/v2/repository/index", timeout=10).json()
+    return any(entry["state"] == "LOADING" for entry in index)
+
+
+def test_sigterm_during_a_polled_hot_swap_stops_the_server_at_once(tmp_path):
+    """`--poll-interval` found version 2, which takes minutes to load, when SIGTERM came:
+    closing the repository waited for the poller's load, past Kubernetes' grace period.
+    The request queued in version 1 is answered, and the server exits 0 in seconds."""
+    repo = tmp_path / "models"
+    add_version(repo, "m", "1", identity_onnx("float32", ["b", 2]))
+    (repo / "m" / "config.toml").write_text(PATIENT)
+    with running_server(repo, "--poll-interval", "0.2") as server:
+        queued = in_thread(lambda: httpx.post(server.url + "/v2/models/m/infer",
+                                              content=body([[1, 2]]), timeout=90))
+        wait_for(lambda: metric(server, "edgerun_queue_depth", model="m", version="1") == 1,
+                 30, "the request to queue")
+        (repo / "m" / "config.toml").write_text("instances = 5000\n" + PATIENT)
+        add_version(repo, "m", "2", slow_load_onnx())
+        wait_for(lambda: _loading(server), 60, "the hot swap to start loading")
+        server.process.send_signal(signal.SIGTERM)
+        try:
+            status = server.process.wait(PROMPT_S)
+        except subprocess.TimeoutExpired:
+            status = "still running"
+        queued[0].join(30)
+        output = server.output()
+    assert status == 0, output
+    answer = queued[1][0]
+    assert isinstance(answer, httpx.Response) and answer.status_code == 200, answer
+    assert "terminate called" not in output and "Traceback" not in output, output
+
+
+def test_a_second_signal_during_a_load_call_answers_503_and_exits(tmp_path):
+    """POST /v2/repository/models/m/load runs for minutes when SIGTERM comes, and a second
+    signal ends the grace: the call got uvicorn's 500 with an "Exception in ASGI application"
+    traceback, then the process waited for the load (the loop's executor, then the
+    repository). The call is answered 503 and the process exits 0 at once."""
+    repo = tmp_path / "models"
+    add_version(repo, "m", "1", identity_onnx("float32", ["b", 2]))
+    with running_server(repo) as server:
+        (repo / "m" / "config.toml").write_text("instances = 5000\n")
+        add_version(repo, "m", "2", slow_load_onnx())
+        load = in_thread(lambda: httpx.post(server.url + "/v2/repository/models/m/load",
+                                            timeout=120))
+        wait_for(lambda: _loading(server), 60, "the load to start")
+        server.process.send_signal(signal.SIGTERM)
+        wait_for(lambda: _refuses_connections(server.port), 30, "the HTTP listener to close")
+        server.process.send_signal(signal.SIGTERM)
+        try:
+            status = server.process.wait(PROMPT_S)
+        except subprocess.TimeoutExpired:
+            status = "still running"
+        load[0].join(30)
+        output = server.output()
+    assert status == 0, output
+    answer = load[1][0]
+    assert isinstance(answer, httpx.Response) and answer.status_code == 503, (answer, output)
+    assert "error" in answer.json()
+    assert "Traceback" not in output and "terminate called" not in output, output
+
+
+def test_a_request_routed_to_a_version_swapped_in_after_sigterm_waits_no_delay(tmp_path):
+    """SIGTERM flushed the batchers of the versions served then; a load still under way
+    (here POST .../load, held through the grace period) swapped in a version whose batcher
+    was not: a request routed to it after the swap waited out its 60 s batching delay, and
+    was cut off at the end of the 30 s grace. It is answered at once."""
+    repo = tmp_path / "models"
+    add_version(repo, "m", "1", identity_onnx("float32", ["b", 2]))
+    (repo / "m" / "config.toml").write_text(PATIENT)
+    with running_server(repo) as server:
+        payload = body([[7, 8]])
+        held = socket.create_connection(("127.0.0.1", server.port))
+        held.sendall(b"POST /v2/models/m/infer HTTP/1.1\r\nHost: t\r\n"
+                     b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
+                     % (len(payload), payload[:10]))
+        assert httpx.get(server.url + "/v2/health/live").status_code == 200
+        (repo / "m" / "config.toml").write_text("instances = 100\n" + PATIENT)
+        add_version(repo, "m", "2", slow_load_onnx())
+        load = in_thread(lambda: httpx.post(server.url + "/v2/repository/models/m/load",
+                                            timeout=120))
+        wait_for(lambda: _loading(server), 60, "the load to start")
+        server.process.send_signal(signal.SIGTERM)
+        load[0].join(60)  # answered once version 2 is swapped in
+        swapped = load[1][0]
+        held.sendall(payload[10:])
+        sent = time.monotonic()
+        answer = _read_response(held)
+        took = time.monotonic() - sent
+        held.close()
+        status = server.process.wait(90)
+        output = server.output()
+    assert isinstance(swapped, httpx.Response) and swapped.status_code == 200, (swapped, output)
+    assert answer.startswith(b"HTTP/1.1 200 "), answer
+    got = json.loads(answer.split(b"\r\n\r\n", 1)[1])
+    assert got["model_version"] == "2"  # y = x + a constant about 1e-3
+    assert np.allclose(got["outputs"][0]["data"], [7, 8], atol=1e-2), got
+    assert took < PROMPT_S, f"answered {took:.1f} s after its body"
+    assert status == 0, output
+
+
+def test_sigterm_during_a_polled_hot_swap_stops_the_daemon_at_once(tmp_path):
+    """The daemon's poller was loading version 2 (minutes) when SIGTERM came: closing the
+    repository waited for it, past systemd's 60 s TimeoutStopSec and into its SIGKILL. The
+    daemon says offline and exits 0 in seconds."""
+    repo = tmp_path / "repo"
+    add_version(repo, "m", "1", identity_onnx("float32", ["b", 2]))
+    with running_broker(tmp_path / "broker") as broker:
+        command = daemon_command(repo, broker, "swapping")
+        command[command.index("--poll-interval") + 1] = "0.2"
+        with running_daemon(repo, broker, "swapping", command=command) as daemon:
+            (repo / "m" / "config.toml").write_text("instances = 5000\n")
+            add_version(repo, "m", "2", slow_load_onnx())
+            time.sleep(2)  # the poller is minutes into loading version 2
+            try:
+                status = daemon.terminate(PROMPT_S)
+            except subprocess.TimeoutExpired:
+                status = "still running"
+        offline = read_retained(broker, "edgerun/swapping/status")
+    assert status == 0, daemon.output()
+    assert "loaded m version 2" not in daemon.output()
+    assert "terminate called" not in daemon.output() and "Traceback" not in daemon.output()
+    assert offline["state"] == "offline"
+
+
+@pytest.mark.parametrize("qos", [0, 2])
+def test_requests_the_broker_hands_over_while_the_daemon_drains_are_answered(tmp_path, qos):
+    """A draining daemon left new requests unacknowledged for its next session. That works at
+    QoS 1 only: at QoS 2 paho had sent PUBREC already, so the broker repeats only its PUBREL,
+    never the request, and at QoS 0 there is no next time. Both were lost; both are
+    answered."""
+    repo = tmp_path / "repo"
+    add_version(repo, "slow", "1", slow_run_onnx(products=5))
+    (repo / "slow" / "config.toml").write_text("[batching]\nmax_batch_size = 1\n")
+    with running_broker(tmp_path / "broker") as broker:
+        requester = Requester(broker)
+        qos_args = ("--qos", str(qos), "--telemetry-interval", "0.2", "--drain-timeout", "90")
+        with running_daemon(repo, broker, "draining", *qos_args) as daemon:
+            first = [requester.send("edgerun/draining/infer/slow", body([[i, 0]]), qos=qos)
+                     for i in range(4)]
+            _wait_for_inbox(broker, "draining", 4)
+            daemon.process.send_signal(signal.SIGTERM)
+            time.sleep(0.2)  # draining: the first of four forward passes (each ~1 s) runs
+            late = [requester.send("edgerun/draining/infer/slow", body([[10 + i, 0]]), qos=qos)
+                    for i in range(3)]
+            status = daemon.process.wait(120)
+        # a next session answers whatever the broker kept for it (QoS 1's way)
+        with running_daemon(repo, broker, "draining", *qos_args):
+            try:
+                requester.wait(first + late, timeout=60)
+            except TimeoutError:
+                pass
+        requester.close()
+    assert status == 0, daemon.output()
+    unanswered = [key for key in first + late if key not in requester.answers]
+    assert not unanswered, (unanswered, daemon.output())
+    for key, rows in zip(first + late, [*range(4), *range(10, 13)]):
+        (payload, _), *_ = requester.answers[key]
+        assert orjson.loads(payload)["outputs"][0]["data"] == [rows, 0]
+
+
+def test_a_daemon_past_its_drain_timeout_exits_without_running_the_backlog(tmp_path):
+    """Past --drain-timeout the daemon says "exiting anyway", yet closing the repository ran
+    every request still queued (and waited up to 60 s more per version) for answers that
+    could only go into the closed session: a minute and more, past systemd's TimeoutStopSec.
+    It exits 0 within seconds of the drain timeout."""
+    repo = tmp_path / "repo"
+    add_version(repo, "slow", "1", slow_run_onnx())
+    (repo / "slow" / "config.toml").write_text("[batching]\nmax_batch_size = 1\n")
+    with running_broker(tmp_path / "broker") as broker:
+        requester = Requester(broker)
+        with running_daemon(repo, broker, "backlog", "--drain-timeout", "2",
+                            "--telemetry-interval", "0.2") as daemon:
+            for i in range(60):
+                requester.send("edgerun/backlog/infer/slow", body([[i, 0]]))
+            _wait_for_inbox(broker, "backlog", 60)
+            signalled = time.monotonic()
+            try:
+                status = daemon.terminate(90)
+            except subprocess.TimeoutExpired:
+                status = "still running"
+            took = time.monotonic() - signalled
+        requester.close()
+        offline = read_retained(broker, "edgerun/backlog/status")
+    assert status == 0, daemon.output()
+    assert took < PROMPT_S, f"exited {took:.1f} s after SIGTERM:\n{daemon.output()}"
+    assert "exiting anyway" in daemon.output() and "Traceback" not in daemon.output()
+    assert offline["state"] == "offline"

@@ -16,18 +16,20 @@ import signal
 import socket
 import threading
 from collections.abc import Callable, Coroutine, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import uvicorn
 
-from edgerun.adapters.dataplane import DataPlane, Hook
+from edgerun.adapters.codecs import oip
+from edgerun.adapters.dataplane import DataPlane, Hook, Reply
 from edgerun.adapters.http.app import create_app
-from edgerun.adapters.http.asgi import EdgerunASGI
+from edgerun.adapters.http.asgi import ASGIApp, EdgerunASGI, Receive, Scope, Send, send_reply
 from edgerun.adapters.http.protocol import OneSendProtocol
 from edgerun.devices import DeviceProfile
 from edgerun.runtime.batcher import BatchingConfig
-from edgerun.runtime.errors import BundleError
+from edgerun.runtime.errors import BundleError, ModelNotReady
 from edgerun.runtime.repository import UNAVAILABLE, Repository
 from edgerun.runtime.sources import VersionSource
 
@@ -54,27 +56,27 @@ def serve(source: VersionSource | str | Path, *, host: str = "127.0.0.1", port: 
     plane = DataPlane(repository)
     for hook in hooks:
         plane.hooks.add(hook)
-    app = EdgerunASGI(plane, max_body_bytes=max_body_bytes,
-                      fallback=create_app(plane, max_body_bytes=max_body_bytes))
+    app = _CutOff(EdgerunASGI(plane, max_body_bytes=max_body_bytes,
+                              fallback=create_app(plane, max_body_bytes=max_body_bytes)))
     config = uvicorn.Config(app, host=host, port=port, access_log=access_log,
                             log_level=log_level, timeout_graceful_shutdown=GRACE_S,
                             proxy_headers=False, lifespan="on", http=OneSendProtocol,
                             ws="none")
+    http = app.server = _Uvicorn(config)
     loading = repository.start_loading(poll_interval)
     threading.Thread(target=_freeze_after, args=(loading,), name="edgerun-gc-freeze",
                      daemon=True).start()
     unloaded: list[str] = []
     try:
-        _run(_serve(_Uvicorn(config), plane, host, grpc_port, max_body_bytes,
+        _run(_serve(http, plane, host, grpc_port, max_body_bytes,
                     (loading, unloaded) if exit_unless_loaded else None))
     finally:
-        if loading.is_alive():
-            # stopped while a model loads: closing would wait for that load (minutes, for a
-            # TensorRT engine build) past the platform's kill timeout; every request was
-            # answered, so the process may end with it unfinished (`edgerun serve` does)
+        # stopped while a model loads (at start-up, or a hot swap): closing would wait for
+        # that load (minutes, for a TensorRT engine build) past the platform's kill timeout;
+        # every request was answered, so the process may end with it unfinished (`edgerun
+        # serve` does)
+        if loading.is_alive() or not repository.close(wait_for_loads=False):
             log.warning("stopped while models were still loading; their load is abandoned")
-        else:
-            repository.close()
     if unloaded:
         raise BundleError("; ".join(unloaded))
 
@@ -90,6 +92,37 @@ def _freeze_after(loading: threading.Thread) -> None:
     loading.join()
     gc.collect()
     gc.freeze()
+
+
+class _CutOff:
+    """The app, whose requests a stop cuts off (uvicorn cancels what still runs when the grace
+    period ends; the loop's end, after a second signal) are answered 503, as the server stops:
+    uvicorn logged each as "Exception in ASGI application", with a traceback, and answered
+    500, the status of a failed forward pass."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+        self.server: uvicorn.Server | None = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await self.app(scope, receive, send)
+        except asyncio.CancelledError:
+            if scope["type"] != "http" or self.server is None or not self.server.should_exit:
+                raise
+            error = ModelNotReady("the server stopped before the request was answered")
+            # uvicorn refuses a second head (RuntimeError) where the answer had begun
+            with contextlib.suppress(RuntimeError, OSError):
+                await send_reply(send, Reply(oip.encode_error(str(error)), error=error))
+
+
+class _LoopExecutor(ThreadPoolExecutor):
+    """The loop's default executor (POST .../load and .../unload run there): at the loop's
+    end it waits for nothing. A load whose call the stop cut off can run on for minutes; the
+    process ends without it (`serve`, then `exit_if_still_loading`)."""
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        super().shutdown(wait=False, cancel_futures=cancel_futures)
 
 
 class _Uvicorn(uvicorn.Server):
@@ -111,6 +144,7 @@ class _Uvicorn(uvicorn.Server):
 async def _serve(http: uvicorn.Server, plane: DataPlane, host: str, grpc_port: int | None,
                  max_message_bytes: int,
                  must_load: tuple[threading.Thread, list[str]] | None) -> None:
+    asyncio.get_running_loop().set_default_executor(_LoopExecutor(thread_name_prefix="asyncio"))
     grpc_server = None
     if grpc_port is not None:
         from edgerun.adapters.grpc import server as grpc_serving

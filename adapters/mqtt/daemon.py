@@ -233,18 +233,14 @@ class Daemon:
     async def _shutdown(self) -> None:
         assert self._idle is not None
         with self._lock:
-            self._draining = True  # from now on, messages stay unacknowledged for next time
+            self._draining = True  # from now on, QoS 1 requests stay unacknowledged for next time
             idle = self._pending == 0
         # the requests taken run now, whatever their batching delay: answered before the
         # disconnect, not published into a closed session (they were acknowledged: the
         # broker would never send them again)
         self.repository.flush()
-        if not idle:
-            try:
-                await asyncio.wait_for(self._idle.wait(), self.config.drain_timeout)
-            except asyncio.TimeoutError:
-                log.warning("%d requests still in flight after %.0f s; exiting anyway",
-                            self._pending, self.config.drain_timeout)
+        deadline = asyncio.get_running_loop().time() + self.config.drain_timeout
+        drained = idle or await self._drained(deadline)
         offline = self.publish(self.status_topic, self.status("offline"), retain=True)
         if self._connected.is_set():
             try:
@@ -252,6 +248,8 @@ class Daemon:
                                                                  OFFLINE_WAIT_S)
             except (RuntimeError, ValueError) as exc:
                 log.warning("the offline status was not delivered: %s", exc)
+        if drained:  # QoS 0 and 2 requests the broker handed over meanwhile
+            drained = await self._drained(deadline)
         self._closing = True
         if self.client.disconnect() == mqtt.MQTT_ERR_SUCCESS:
             for _ in range(50):  # the DISCONNECT goes out on the loop, then the socket closes
@@ -261,7 +259,28 @@ class Daemon:
         for extension in self._extensions:
             extension.stop()
         self._extension_pool.shutdown(wait=True)
-        await asyncio.get_running_loop().run_in_executor(None, self.repository.close)
+        # past the drain timeout, what is still queued is not run: its answer could only go
+        # into the closed session, and running it held the stop past systemd's timeout
+        closed = await asyncio.get_running_loop().run_in_executor(
+            None, lambda: self.repository.close(wait_for_loads=False, drain=drained))
+        if not closed:  # a hot swap loads (minutes for a TensorRT engine): not waited for
+            log.warning("stopped while a model was loading; its load is abandoned")
+
+    async def _drained(self, deadline: float) -> bool:
+        """Wait until every request taken is answered; False (and a warning) at `deadline`."""
+        assert self._idle is not None
+        loop = asyncio.get_running_loop()
+        while True:
+            with self._lock:
+                if self._pending == 0:
+                    return True
+                self._idle.clear()
+            try:
+                await asyncio.wait_for(self._idle.wait(), max(0.0, deadline - loop.time()))
+            except asyncio.TimeoutError:
+                log.warning("%d requests still in flight after %.0f s; exiting anyway",
+                            self._pending, self.config.drain_timeout)
+                return False
 
     async def _report_telemetry(self) -> None:
         interval = self.config.telemetry_interval
@@ -464,8 +483,11 @@ class Daemon:
             client.ack(message.mid, message.qos)
             return
         with self._lock:
-            if self._draining:
+            if self._draining and message.qos == 1:
                 return  # unacknowledged: the broker hands it to our next session
+            # QoS 0 has no next time, and QoS 2 none either: paho sent PUBREC when the
+            # PUBLISH came, so the broker only repeats its PUBREL, never the request; both
+            # are served, and answered before the disconnect
             full = self._pending >= self.config.max_inbox
             if not full:
                 self._pending += 1
