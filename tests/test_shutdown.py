@@ -79,6 +79,14 @@ def body(rows: list[list[float]]) -> bytes:
                                    "data": data}]}).encode()
 
 
+def exit_status(wait) -> int | str:
+    """What `wait` gives (a stopped process's exit status), or "still running"."""
+    try:
+        return wait()
+    except subprocess.TimeoutExpired:
+        return "still running"
+
+
 def in_thread(function, *args) -> tuple[threading.Thread, list]:
     """Run `function(*args)` on a thread; its result (or the exception it raised) lands in
     the list."""
@@ -273,10 +281,7 @@ def test_sigterm_while_models_load_stops_the_server_at_once(tmp_path):
                  "model a to load")
         assert httpx.get(server.url + "/v2/health/ready").status_code != 200  # b loads
         server.process.send_signal(signal.SIGTERM)
-        try:
-            status = server.process.wait(PROMPT_S)
-        except subprocess.TimeoutExpired:
-            status = "still running"
+        status = exit_status(lambda: server.process.wait(PROMPT_S))
         output = server.output()
     assert status == 0, output
     assert "terminate called" not in output
@@ -394,10 +399,7 @@ def test_sigterm_during_a_polled_hot_swap_stops_the_server_at_once(tmp_path):
         add_version(repo, "m", "2", slow_load_onnx())
         wait_for(lambda: _loading(server), 60, "the hot swap to start loading")
         server.process.send_signal(signal.SIGTERM)
-        try:
-            status = server.process.wait(PROMPT_S)
-        except subprocess.TimeoutExpired:
-            status = "still running"
+        status = exit_status(lambda: server.process.wait(PROMPT_S))
         queued[0].join(30)
         output = server.output()
     assert status == 0, output
@@ -422,10 +424,7 @@ def test_a_second_signal_during_a_load_call_answers_503_and_exits(tmp_path):
         server.process.send_signal(signal.SIGTERM)
         wait_for(lambda: _refuses_connections(server.port), 30, "the HTTP listener to close")
         server.process.send_signal(signal.SIGTERM)
-        try:
-            status = server.process.wait(PROMPT_S)
-        except subprocess.TimeoutExpired:
-            status = "still running"
+        status = exit_status(lambda: server.process.wait(PROMPT_S))
         load[0].join(30)
         output = server.output()
     assert status == 0, output
@@ -487,10 +486,7 @@ def test_sigterm_during_a_polled_hot_swap_stops_the_daemon_at_once(tmp_path):
             (repo / "m" / "config.toml").write_text("instances = 5000\n")
             add_version(repo, "m", "2", slow_load_onnx())
             time.sleep(2)  # the poller is minutes into loading version 2
-            try:
-                status = daemon.terminate(PROMPT_S)
-            except subprocess.TimeoutExpired:
-                status = "still running"
+            status = exit_status(lambda: daemon.terminate(PROMPT_S))
         offline = read_retained(broker, "edgerun/swapping/status")
     assert status == 0, daemon.output()
     assert "loaded m version 2" not in daemon.output()
@@ -550,10 +546,7 @@ def test_a_daemon_past_its_drain_timeout_exits_without_running_the_backlog(tmp_p
                 requester.send("edgerun/backlog/infer/slow", body([[i, 0]]))
             _wait_for_inbox(broker, "backlog", 60)
             signalled = time.monotonic()
-            try:
-                status = daemon.terminate(90)
-            except subprocess.TimeoutExpired:
-                status = "still running"
+            status = exit_status(lambda: daemon.terminate(90))
             took = time.monotonic() - signalled
         requester.close()
         offline = read_retained(broker, "edgerun/backlog/status")
