@@ -91,6 +91,15 @@ def test_an_fp16_model_onnx_runtime_cannot_load_is_refused_naming_the_node(tmp_p
 # them), so a float16 activation past 65504 rarely shows as inf on this host; it does on a GPU.
 # onnx's reference evaluator computes float16 ops in float16, as the device does.
 
+def assert_agrees(source: Path, converted: Path, x: np.ndarray) -> np.ndarray:
+    """The fp16 model matches the float32 one on ONNX Runtime and computed in float16 (as a
+    GPU would); returns the float32 outputs."""
+    want = ort_run(source, x=x)
+    np.testing.assert_allclose(ort_run(converted, x=x), want, rtol=1e-2, atol=1e-2)
+    np.testing.assert_allclose(as_float16_hardware(converted, x=x), want, rtol=1e-2, atol=1e-2)
+    return want
+
+
 def as_float16_hardware(path: Path, **feed: np.ndarray) -> np.ndarray:
     from onnx.reference import ReferenceEvaluator
 
@@ -158,10 +167,8 @@ def test_fp16_keeps_an_epsilon_below_float16s_range_and_what_reads_its_sum(tmp_p
     assert kept["log"] == "Log: 'a' comes from 'add_eps', which reads weight 'eps'"
     assert weight_types(out) == {"w": TensorProto.FLOAT16, "eps": TensorProto.FLOAT}
     x = rng.standard_normal((16, 4)).astype(np.float32)
-    want = ort_run(source, x=x)
+    want = assert_agrees(source, out, x)
     assert (want < -20).any()  # rows where relu gave 0: log(1e-9)
-    np.testing.assert_allclose(ort_run(out, x=x), want, rtol=1e-2, atol=1e-2)
-    np.testing.assert_allclose(as_float16_hardware(out, x=x), want, rtol=1e-2, atol=1e-2)
 
 
 def test_fp16_keeps_activations_past_float16s_range_float32(tmp_path):
@@ -205,9 +212,7 @@ def test_fp16_keeps_a_constant_past_float16s_range_float32(tmp_path):
     quantize(source, out, "fp16")
     assert list(kept_float32(out)) == ["const", "big", "small"]
     x = np.random.default_rng(2).standard_normal((16, 4)).astype(np.float32)
-    want = ort_run(source, x=x)
-    np.testing.assert_allclose(ort_run(out, x=x), want, rtol=1e-2, atol=1e-2)
-    np.testing.assert_allclose(as_float16_hardware(out, x=x), want, rtol=1e-2, atol=1e-2)
+    assert_agrees(source, out, x)
 
 
 def test_fp16_stores_weights_up_to_65504_rather_than_clamping_them_to_1e4(tmp_path):
@@ -388,9 +393,7 @@ def test_fp16_of_a_weight_a_float32_node_shares_with_a_loop_body_loads_and_agree
     quantize(source, out, "fp16")
     assert list(kept_float32(out)) == ["blow_up", "add_k", "shrink"]
     x = np.random.default_rng(8).standard_normal((16, 4)).astype(np.float32)
-    want = ort_run(source, x=x)
-    np.testing.assert_allclose(ort_run(out, x=x), want, rtol=1e-2, atol=1e-2)
-    np.testing.assert_allclose(as_float16_hardware(out, x=x), want, rtol=1e-2, atol=1e-2)
+    assert_agrees(source, out, x)
 
 
 def test_the_error_reported_counts_the_values_beside_a_log_of_zero(tmp_path):
