@@ -11,6 +11,8 @@ import dataclasses
 import gc
 import os
 import shutil
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -91,6 +93,26 @@ def test_a_cpu_session_keeps_no_second_copy_of_the_model_bytes(make_bundle):
     np.testing.assert_allclose(model.predict({"x": X})["y"],
                                answer(mlp_onnx([8, 256, 256, 4])), rtol=1e-5)
     model.close()
+
+
+@pytest.mark.skipif("AzureExecutionProvider" not in ort.get_available_providers(),
+                    reason="needs a provider besides the CPU in this ONNX Runtime build")
+def test_sessions_that_keep_the_model_bytes_share_one_copy(make_bundle):
+    """A session on a provider besides the CPU (CUDA, TensorRT; here the Azure provider the
+    PyPI wheel has) keeps the bytes it was made from, to fall back to the CPU; instances of
+    one version (cloud GPU profiles serve two) keep one copy between them, not one each."""
+    bundle = make_bundle(mlp_onnx([8, 64, 4]), name="m")
+    profile = load_profile("cpu").replace(
+        execution_providers=("AzureExecutionProvider", "CPUExecutionProvider"))
+    first, second = Model.load(bundle, profile), Model.load(bundle, profile)
+    assert first.describe()["providers"][0] == "AzureExecutionProvider"
+    kept = first.backend.session._model_bytes
+    shared = kept is not None and second.backend.session._model_bytes is kept
+    assert shared, "each session keeps a copy of the model of its own"
+    np.testing.assert_allclose(second.predict({"x": X})["y"], answer(mlp_onnx([8, 64, 4])),
+                               rtol=1e-5)
+    first.close()
+    second.close()
 
 
 def external_data_bundle(make_bundle, seed: int = 3, location: str = "model.onnx.data"
@@ -232,6 +254,22 @@ def test_tflite_interpreters_made_later_run_the_verified_model(tmp_path):
     model.close()
 
 
+def test_instances_of_one_bundle_share_the_verified_model_bytes(tmp_path):
+    """Serving loads a version once per instance (`Model.load` each). From its path every
+    LiteRT interpreter mapped the one file; from bytes, which LiteRT uses in place, each
+    instance held a copy of its own: N instances, N copies of the model in memory."""
+    bundle = Bundle.open(tflite_bundle(tmp_path).path)
+    first, second = Model.load(bundle), Model.load(bundle)
+    shared = first.backend._model is second.backend._model
+    assert shared, "each instance holds a copy of the model of its own"
+    np.testing.assert_array_equal(first.predict({"x": X})["y"], second.predict({"x": X})["y"])
+    swap(bundle.model_path, dense(2))  # still read and checked on every load
+    with pytest.raises(BundleError, match="model.tflite changed after the bundle was verified"):
+        Model.load(bundle)
+    first.close()
+    second.close()
+
+
 # ---------------------------------------------------------------- TVM
 @pytest.fixture(scope="module")
 def tvm_libraries(tmp_path_factory) -> tuple[Path, Path]:
@@ -267,4 +305,96 @@ def test_tvm_takes_the_manifest_the_bundle_holds_not_the_folders(tvm_libraries, 
     model = Model.load(bundle, "x86-64")
     assert set(model.predict({"x": X})) == {"y"}
     model.check_golden()
+    model.close()
+
+
+# ---------------------------------------------------------------- what loading needs
+def nested_external_bundle(make_bundle, listed: bool = True) -> tuple[Bundle, np.ndarray]:
+    """A bundle whose weights live only inside an If node's branches, each in a file of its
+    own (`w_then`, `w_else`); the manifest lists both, or with `listed` False only `w_then`
+    (the branch taken). Returns it with the weight the taken branch multiplies by."""
+    from onnx import TensorProto, helper, numpy_helper
+    from onnx.external_data_helper import convert_model_to_external_data
+
+    w = np.random.default_rng(5).standard_normal((8, 4)).astype(np.float32)
+
+    def branch(name: str, weight: np.ndarray) -> onnx.GraphProto:
+        return helper.make_graph(
+            [helper.make_node("MatMul", ["x", f"w_{name}"], [f"y_{name}"])], name, [],
+            [helper.make_tensor_value_info(f"y_{name}", TensorProto.FLOAT, ["batch", 4])],
+            [numpy_helper.from_array(weight, f"w_{name}")])
+
+    graph = helper.make_graph(
+        [helper.make_node("If", ["cond"], ["y"], then_branch=branch("then", w),
+                          else_branch=branch("else", -w))], "nested",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4])],
+        [numpy_helper.from_array(np.array(True), "cond")])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    proto.ir_version = 8
+    bundle = make_bundle(proto.SerializeToString(), name="m")
+    convert_model_to_external_data(proto, all_tensors_to_one_file=False, size_threshold=100)
+    onnx.save_model(proto, bundle.model_path)  # writes w_then and w_else beside it
+    assert sorted(p.name for p in bundle.path.iterdir()) == [
+        "golden.npz", "manifest.json", "model.onnx", "w_else", "w_then"]
+    if not listed:
+        (bundle.path / "w_else").unlink()
+    return relist(bundle.path), w
+
+
+def test_external_data_inside_subgraphs_is_found_and_handed_over(make_bundle, tmp_path,
+                                                                  monkeypatch):
+    """ONNX Runtime reads a subgraph's external data from its folder, never from memory:
+    loaded from bytes such a model failed ("Data of TensorProto ... should be stored in
+    <the empty folder>"), though it loaded from its path."""
+    bundle, w = nested_external_bundle(make_bundle)
+    monkeypatch.chdir(tmp_path)
+    for name in ("w_then", "w_else"):  # where a model from bytes would look: never read
+        (tmp_path / name).write_bytes((bundle.path / name).read_bytes()[::-1])
+    model = Model.load(bundle)
+    np.testing.assert_allclose(model.predict({"x": X})["y"], X @ w, rtol=1e-5)
+    model.close()
+    unlisted, _ = nested_external_bundle(make_bundle, listed=False)
+    with pytest.raises(BundleError, match="does not list 'w_else'"):
+        Model.load(unlisted)
+
+
+def test_loading_a_bundle_never_imports_onnx(make_bundle, tmp_path):
+    """The one-file device binary leaves the onnx package out (`edgerun build daemon`); a
+    model with external data, or whose bytes merely contain "location" (here its doc string),
+    must load without it. It failed there with "No module named 'onnx'"."""
+    from edgerun.devices.daemon_build import EXCLUDES
+
+    assert "onnx" in EXCLUDES
+    external, _ = external_data_bundle(make_bundle)
+    nested, _ = nested_external_bundle(make_bundle)
+    proto = onnx.load_from_string(mlp_onnx([8, 16, 4], seed=4))
+    proto.doc_string = "boxes by location"
+    worded = make_bundle(proto.SerializeToString(), name="m")
+    script = ("import sys\nfrom edgerun.runtime import Model\n"
+              "for path in sys.argv[1:]:\n    Model.load(path).check_golden()\n"
+              "print(sorted(m for m in sys.modules if m == 'onnx' or m.startswith('onnx.')))")
+    result = subprocess.run([sys.executable, "-c", script, str(external.path), str(nested.path),
+                             str(worded.path)], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
+
+
+def test_an_ort_format_model_loads_as_the_ort_format(make_bundle, tmp_path):
+    """A bundle's model may be an ORT-format file (`model.ort`): from a path, ONNX Runtime
+    reads the format from the name; from bytes it must be told, not told "ONNX"."""
+    bundle = make_bundle(mlp_onnx([8, 16, 4], seed=6), name="m")
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(bundle.path / "model.ort")
+    options.add_session_config_entry("session.save_model_format", "ORT")
+    ort.InferenceSession(str(bundle.model_path), options, providers=["CPUExecutionProvider"])
+    bundle.model_path.unlink()
+    manifest = Bundle.open(bundle.path, verify=False).manifest
+    write_manifest(bundle.path, dataclasses.replace(manifest, model_file="model.ort"))
+    bundle = relist(bundle.path)
+    assert set(bundle.manifest.files) == {"model.ort", "golden.npz"}
+    model = Model.load(bundle)
+    model.check_golden()
+    np.testing.assert_allclose(model.predict({"x": X})["y"], answer(mlp_onnx([8, 16, 4], seed=6)),
+                               rtol=1e-5)
     model.close()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+import weakref
 from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -13,6 +15,34 @@ from edgerun.runtime.signature import Signature
 
 if TYPE_CHECKING:
     from edgerun.runtime.bundle import Bundle
+
+
+class Verified:
+    """A bundle file's verified bytes, as backends that keep them hold them (`shared_file`)."""
+
+    __slots__ = ("data", "__weakref__")
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+
+
+_SHARED: weakref.WeakValueDictionary[tuple[str, int], Verified] = weakref.WeakValueDictionary()
+_SHARED_LOCK = threading.Lock()
+
+
+def shared_file(bundle: Bundle, name: str) -> Verified:
+    """`bundle.read_file(name)` (read and checked on every call), as the one copy that every
+    holder alive of bytes with the same sha256 shares: serving loads a version once per
+    instance, and a backend that keeps its model's bytes (LiteRT, which runs them in place;
+    an accelerated ONNX Runtime session, to fall back to the CPU) would otherwise keep them
+    once per instance. Hold the result for as long as its bytes are used."""
+    data = bundle.read_file(name)
+    entry = bundle.manifest.files[name]
+    with _SHARED_LOCK:
+        held = _SHARED.get((entry.sha256, entry.size))
+        if held is None:
+            held = _SHARED[(entry.sha256, entry.size)] = Verified(data)
+    return held
 
 
 class Backend(ABC):

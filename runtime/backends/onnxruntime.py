@@ -14,14 +14,12 @@ import numpy as np
 import onnxruntime as ort
 
 from edgerun.devices import DeviceProfile
-from edgerun.runtime.backends.base import Backend
+from edgerun.runtime.backends.base import Backend, shared_file
 from edgerun.runtime.backends.cpus import cpu_limit
 from edgerun.runtime.errors import BundleError, InvalidInput
 from edgerun.runtime.signature import Signature, TensorSpec
 
 if TYPE_CHECKING:
-    import onnx
-
     from edgerun.runtime.bundle import Bundle
 
 log = logging.getLogger(__name__)
@@ -65,57 +63,113 @@ def _unranked_inputs(model_path: Path) -> list[str]:
             and not value.type.tensor_type.HasField("shape")]
 
 
-def _graph_tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
-    yield from graph.initializer
-    for sparse in graph.sparse_initializer:
-        yield from (sparse.values, sparse.indices)
-    yield from _node_tensors(graph.node)
+# The ONNX messages (onnx.proto's field numbers) that can hold a tensor, read straight from
+# the wire: the onnx package is not needed to load a model, and the device binary leaves it out.
+_MODEL, _GRAPH, _NODE, _ATTRIBUTE, _TENSOR, _SPARSE, _FUNCTION, _TRAINING = range(8)
+#: message -> {field number: (message it holds, whether that starts a subgraph)}
+_HOLDS = {
+    _MODEL: {7: (_GRAPH, False), 20: (_TRAINING, True), 25: (_FUNCTION, True)},
+    _GRAPH: {1: (_NODE, False), 5: (_TENSOR, False), 15: (_SPARSE, False)},
+    _NODE: {5: (_ATTRIBUTE, False)},
+    _ATTRIBUTE: {5: (_TENSOR, False), 6: (_GRAPH, True), 10: (_TENSOR, False),
+                 11: (_GRAPH, True), 22: (_SPARSE, False), 23: (_SPARSE, False)},
+    _SPARSE: {1: (_TENSOR, False), 2: (_TENSOR, False)},
+    _FUNCTION: {7: (_NODE, False)},
+    _TRAINING: {1: (_GRAPH, False), 2: (_GRAPH, False)},
+}
+_TENSOR_NAME, _TENSOR_EXTERNAL_DATA, _TENSOR_DATA_LOCATION, _EXTERNAL = 8, 13, 14, 1
 
 
-def _node_tensors(nodes: Any) -> Iterator[onnx.TensorProto]:
-    for node in nodes:
-        for attribute in node.attribute:
-            if attribute.HasField("t"):
-                yield attribute.t
-            yield from attribute.tensors
-            sparse = [*attribute.sparse_tensors]
-            if attribute.HasField("sparse_tensor"):
-                sparse.append(attribute.sparse_tensor)
-            for tensor in sparse:
-                yield from (tensor.values, tensor.indices)
-            if attribute.HasField("g"):
-                yield from _graph_tensors(attribute.g)
-            for graph in attribute.graphs:
-                yield from _graph_tensors(graph)
+class _Malformed(Exception):
+    pass
 
 
-def external_data_files(model: bytes, name: str) -> list[str]:
-    """The files an ONNX model's tensors keep their data in (`location` of external data),
-    as the model names them; almost always none."""
-    if b"location" not in model:  # every external tensor names its file under this key
-        return []
-    import onnx
-    from google.protobuf.message import DecodeError
+def _varint(data: memoryview, at: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        if at >= len(data) or shift > 63:
+            raise _Malformed("a truncated or overlong varint")
+        byte = data[at]
+        at += 1
+        value |= (byte & 0x7F) << shift
+        shift += 7
+        if not byte & 0x80:
+            return value, at
 
+
+def _fields(data: memoryview) -> Iterator[tuple[int, int | memoryview | None]]:
+    """A protobuf message's fields: (number, a varint's value, a length-delimited field's
+    bytes, or None for a fixed-width one)."""
+    at = 0
+    while at < len(data):
+        key, at = _varint(data, at)
+        number, wire = key >> 3, key & 7
+        value: int | memoryview | None = None
+        if wire == 0:
+            value, at = _varint(data, at)
+        elif wire == 1 or wire == 5:
+            at += 8 if wire == 1 else 4
+        elif wire == 2:
+            length, at = _varint(data, at)
+            value, at = data[at:at + length], at + length
+        else:
+            raise _Malformed(f"wire type {wire}")
+        if at > len(data):
+            raise _Malformed("a field runs past its message")
+        yield number, value
+
+
+def _text(data: memoryview) -> str:
     try:
-        proto = onnx.ModelProto.FromString(model)
-    except DecodeError as exc:
-        raise BundleError(f"{name}: not a readable ONNX model ({exc})") from exc
-    graphs = [proto.graph, *(g for info in proto.training_info
-                             for g in (info.initialization, info.algorithm))]
-    tensors = [t for graph in graphs for t in _graph_tensors(graph)]
-    tensors += [t for function in proto.functions for t in _node_tensors(function.node)]
-    locations: list[str] = []
-    for tensor in tensors:
-        if tensor.data_location != onnx.TensorProto.EXTERNAL and not tensor.external_data:
-            continue
-        location = {e.key: e.value for e in tensor.external_data}.get("location", "")
-        if not location:
-            raise BundleError(f"{name}: tensor {tensor.name!r} keeps its data externally but "
-                              "names no file")
-        if location not in locations:
-            locations.append(location)
+        return bytes(data).decode()
+    except UnicodeDecodeError:
+        raise _Malformed("a string that is not UTF-8") from None
+
+
+def external_data_files(model: bytes, name: str) -> dict[str, bool]:
+    """The files an ONNX model's tensors keep their data in (`location` of external data), as
+    the model names them (almost always none), each with whether a tensor inside a subgraph
+    (an If, Loop or Scan body, a function) keeps its data there."""
+    if b"location" not in model:  # every external tensor names its file under this key
+        return {}
+    locations: dict[str, bool] = {}
+    pending = [(_MODEL, memoryview(model), False)]
+    try:
+        while pending:
+            kind, data, nested = pending.pop()
+            if kind == _TENSOR:
+                _tensor_location(data, nested, locations, name)
+                continue
+            holds = _HOLDS[kind]
+            for number, value in _fields(data):
+                if number in holds and isinstance(value, memoryview):
+                    child, starts_subgraph = holds[number]
+                    pending.append((child, value, nested or starts_subgraph))
+    except _Malformed as exc:
+        raise BundleError(f"{name}: not a readable ONNX model ({exc})") from None
     return locations
+
+
+def _tensor_location(data: memoryview, nested: bool, locations: dict[str, bool],
+                     name: str) -> None:
+    tensor, flagged, listed, location = "?", False, False, ""
+    for number, value in _fields(data):
+        if number == _TENSOR_NAME and isinstance(value, memoryview):
+            tensor = _text(value)
+        elif number == _TENSOR_DATA_LOCATION and isinstance(value, int):
+            flagged = value == _EXTERNAL
+        elif number == _TENSOR_EXTERNAL_DATA and isinstance(value, memoryview):
+            listed = True
+            entry = {key: _text(text) for key, text in _fields(value)
+                     if key in (1, 2) and isinstance(text, memoryview)}
+            if entry.get(1) == "location":
+                location = entry.get(2, "")
+    if not (flagged or listed):
+        return
+    if not location:
+        raise BundleError(f"{name}: tensor {tensor!r} keeps its data externally but names no "
+                          "file")
+    locations[location] = locations.get(location, False) or nested
 
 
 def _listed_file(bundle: Bundle, model_file: str, location: str) -> str:
@@ -131,6 +185,18 @@ def _listed_file(bundle: Bundle, model_file: str, location: str) -> str:
         raise BundleError(f"{where}: the bundle's manifest does not list {listed!r}; an "
                           "external data file must be a file of the bundle")
     return listed
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    """`data` as a new file (0600) of a private folder; one already there (a location named
+    two ways, `w` and `./w`) holds the same verified file."""
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(data)
 
 
 def _as_text(name: str, array: np.ndarray) -> np.ndarray:
@@ -212,24 +278,35 @@ class OnnxRuntimeBackend(Backend):
         """A session made from the model's verified bytes. External data files the model
         names must be files of the bundle: they are read verified too and handed over in
         memory, and ONNX Runtime is pointed at an empty private folder for any other file, so
-        it reads nothing from disk (from bytes it would look in the working directory)."""
+        it reads nothing else from disk (from bytes it would look in the working directory).
+        A subgraph's external data ONNX Runtime reads from that folder only, never from
+        memory: those files are written there, a private copy of the verified bytes."""
         name = bundle.manifest.model_file
-        model = bundle.read_file(name)
+        held = shared_file(bundle, name)
+        model = held.data
+        # from a path ONNX Runtime takes a `.ort` file for its own format and any other for
+        # ONNX; from bytes it must be told (it would sniff them). The ORT format keeps no
+        # external data files.
+        ort_format = name.lower().endswith(".ort")
+        locations = {} if ort_format else external_data_files(model, name)
         external = {location: bundle.read_file(_listed_file(bundle, name, location))
-                    for location in external_data_files(model, name)}
+                    for location in locations}
         options = session_options(device)
-        # the bytes are ONNX, as a `.onnx` path says (bytes are sniffed for the ORT format)
-        options.add_session_config_entry("session.load_model_format", "ONNX")
+        options.add_session_config_entry("session.load_model_format",
+                                         "ORT" if ort_format else "ONNX")
         if external:
             if not hasattr(options, "add_external_initializers_from_files_in_memory"):
                 raise BundleError(f"{name}: keeps tensor data in {', '.join(external)}; this "
                                   f"ONNX Runtime ({ort.__version__}) cannot take external data "
                                   "from memory, and it is never read from disk after the "
                                   "bundle was verified")
-            locations = list(external)
+            names = list(external)
             options.add_external_initializers_from_files_in_memory(
-                locations, [external[n] for n in locations], [len(external[n]) for n in locations])
-        with tempfile.TemporaryDirectory(prefix="edgerun-ort-") as nowhere:
+                names, [external[n] for n in names], [len(external[n]) for n in names])
+        with tempfile.TemporaryDirectory(prefix="edgerun-ort-") as nowhere:  # mode 0700
+            for location, in_subgraph in locations.items():
+                if in_subgraph:
+                    _write_private(Path(nowhere, location), external[location])
             options.add_session_config_entry(
                 "session.model_external_initializers_file_folder_path", nowhere)
             backend = cls._create(model, name, options, providers_for(device))
@@ -243,6 +320,8 @@ class OnnxRuntimeBackend(Backend):
             session.disable_fallback()
             if getattr(session, "_model_bytes", None) is not None:
                 session._model_bytes = None
+        else:  # it keeps them: one copy for every instance of the version
+            backend._held = held
         return backend
 
     @classmethod

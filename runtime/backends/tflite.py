@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from edgerun.devices import DeviceProfile
-from edgerun.runtime.backends.base import Backend
+from edgerun.runtime.backends.base import Backend, shared_file
 from edgerun.runtime.backends.cpus import cpu_limit
 from edgerun.runtime.errors import BundleError, InvalidInput
 from edgerun.runtime.signature import DTYPES, Signature, TensorSpec
@@ -192,7 +192,10 @@ class TFLiteBackend(Backend):
     @classmethod
     def from_bundle(cls, bundle: Bundle, device: DeviceProfile) -> TFLiteBackend:
         name = bundle.manifest.model_file
-        return cls(bundle.read_file(name), _threads(device), device.instances, name)
+        held = shared_file(bundle, name)  # LiteRT runs the bytes in place: one copy for all
+        backend = cls(held.data, _threads(device), device.instances, name)
+        backend._held = held
+        return backend
 
     def _invoke(self, slot: _Slot, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         interpreter = slot.interpreter
