@@ -398,3 +398,24 @@ def test_an_ort_format_model_loads_as_the_ort_format(make_bundle, tmp_path):
     np.testing.assert_allclose(model.predict({"x": X})["y"], answer(mlp_onnx([8, 16, 4], seed=6)),
                                rtol=1e-5)
     model.close()
+
+
+def test_tensorrt_engines_are_cached_per_model(monkeypatch):
+    """ONNX Runtime names a cached TensorRT engine by the graph's names, not its weights: two
+    versions of one graph shared a cache path, and the new one could run the old one's
+    engine. The cache path is the model's own (its sha256). TensorRT is not in this build, so
+    the provider list is asked as a build that has it would be."""
+    import onnxruntime as ort
+
+    from edgerun.devices import load_profile
+    from edgerun.runtime.backends.onnxruntime import providers_for
+
+    monkeypatch.setattr(ort, "get_available_providers", lambda: [
+        "TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"])
+    jetson = load_profile("jetson-orin")
+    assert "TensorrtExecutionProvider" in jetson.execution_providers
+    paths = set()
+    for sha in ("a" * 64, "b" * 64):
+        options = dict(p for p in providers_for(jetson, sha) if isinstance(p, tuple))
+        paths.add(options["TensorrtExecutionProvider"]["trt_engine_cache_path"])
+    assert len(paths) == 2 and all(path.endswith(("a" * 32, "b" * 32)) for path in paths)

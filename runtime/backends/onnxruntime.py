@@ -212,8 +212,13 @@ def _as_text(name: str, array: np.ndarray) -> np.ndarray:
     return text
 
 
-def providers_for(device: DeviceProfile) -> list[str | tuple[str, dict[str, Any]]]:
-    """The profile's providers that this ONNX Runtime build has, CPU always last."""
+def providers_for(device: DeviceProfile,
+                  model_sha256: str = "") -> list[str | tuple[str, dict[str, Any]]]:
+    """The profile's providers that this ONNX Runtime build has, CPU always last.
+
+    TensorRT's engine cache is kept per model (`model_sha256`): ONNX Runtime names a cached
+    engine by the model's graph (names, not weights), so a new version of the same graph
+    would be served the old version's engine, with its old weights."""
     available = set(ort.get_available_providers())
     chosen: list[str | tuple[str, dict[str, Any]]] = []
     for name in device.execution_providers:
@@ -222,7 +227,8 @@ def providers_for(device: DeviceProfile) -> list[str | tuple[str, dict[str, Any]
         if name == "TensorrtExecutionProvider":
             cache = Path(os.environ.get("EDGERUN_CACHE", Path.home() / ".cache" / "edgerun"))
             chosen.append((name, {"trt_engine_cache_enable": True,
-                                  "trt_engine_cache_path": str(cache / "tensorrt")}))
+                                  "trt_engine_cache_path": str(
+                                      cache / "tensorrt" / model_sha256[:32])}))
         else:
             chosen.append(name)
     chosen.append(CPU)
@@ -309,7 +315,8 @@ class OnnxRuntimeBackend(Backend):
                     _write_private(Path(nowhere, location), external[location])
             options.add_session_config_entry(
                 "session.model_external_initializers_file_folder_path", nowhere)
-            backend = cls._create(model, name, options, providers_for(device))
+            backend = cls._create(model, name, options, providers_for(
+                device, bundle.manifest.files[name].sha256))
         del model
         session = backend.session
         if external or session.get_providers() == [CPU]:
