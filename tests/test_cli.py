@@ -59,6 +59,16 @@ def test_errors_keep_their_bracketed_text(tmp_path):
     assert result.returncode == 2 and "'[gpu]'" in result.stderr, result.stderr
 
 
+def test_errors_are_not_wrapped_to_the_terminal(tmp_path):
+    """Without a terminal rich wrapped an error at 80 columns: a path broken over two lines,
+    a message no log search found (CI read `is not \nempty`)."""
+    missing = tmp_path / ("a-folder-name-long-enough-to-wrap-" * 3) / "bundle"
+    for command in (("bundle", "verify", str(missing)), ("devices", "show", "x" * 90)):
+        result = edgerun(*command, env={"COLUMNS": "40"})
+        assert result.returncode == 2
+        assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
 def test_create_archive_pack_and_unpack(tmp_path, mlp_file):
     archive = tmp_path / "mlp-1.tar.gz"
     assert edgerun("bundle", "create", str(mlp_file), "--name", "mlp", "--version", "1",

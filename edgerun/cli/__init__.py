@@ -15,7 +15,8 @@ from edgerun.cli import (build, bundle, daemon, demo, devices, fleet, keys, opti
                          predict, serve)
 from edgerun.runtime.errors import EdgerunError
 
-err = Console(stderr=True)
+# Errors are never wrapped: a path or a topic broken over two lines cannot be grepped or pasted.
+err = Console(stderr=True, soft_wrap=True)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -14,7 +14,7 @@ from rich.table import Table
 from edgerun.devices import DeviceProfile, list_profiles, load_profile
 
 out = Console(highlight=False)
-err = Console(stderr=True, highlight=False)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
 
 
 def register(commands: argparse._SubParsersAction) -> None:

@@ -26,7 +26,7 @@ from edgerun.runtime.errors import InvalidInput
 
 log = logging.getLogger(__name__)
 out = Console(highlight=False)
-err = Console(stderr=True, highlight=False)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
 TOKEN_ENV = "EDGERUN_TOKEN"
 
 
