@@ -464,6 +464,58 @@ def test_a_message_that_is_not_protobuf_is_invalid_argument_hooked_and_counted(s
     assert "Traceback" not in output and "ERROR" not in output, output
 
 
+def test_a_big_request_is_parsed_only_once_the_hooks_let_its_call_through(tmp_path):
+    """grpcio parsed every message before any hook ran: 48 MB of INT64 contents held the
+    event loop 0.12 s, for a caller the hooks then refused. A big request is now read only for
+    its model and version until the hooks and routing let it through."""
+    root = tmp_path / "models"
+    add_version(root, "mlp", "1", mlp_onnx([8, 16, 4]))
+    values = np.random.default_rng(2).integers(0, 1 << 40, (1, 6_000_000))
+    typed = typed_request("mlp", "x", "INT64", values)
+    raw = pb.ModelInferRequest(model_name="mlp", raw_input_contents=[bytes(typed.ByteSize())])
+    raw.inputs.add(name="x", datatype="INT64", shape=[1, typed.ByteSize() // 8])
+    # the inputs field is not an InferInputTensor: only a full parse finds that out
+    corrupt = b"".join((b"\x0a\x03mlp", b"\x2a\x10", b"\xff" * 16,
+                        b"\x3a\x80\x80\x80\x01", bytes(1 << 21)))
+    good = [("authorization", "Bearer good")]
+    command = [sys.executable, "-m", "tests.grpc_hooked_server", str(root)]
+    with running_process(command, log_dir=tmp_path, ready=False, grpc=True) as server, \
+            grpc.insecure_channel(server.grpc_address,
+                                  options=[("grpc.max_send_message_length", 64 << 20)]) as channel:
+        infer = service_pb2_grpc.GRPCInferenceServiceStub(channel).ModelInfer
+        ticks = {}
+        for kind, request in (("raw", raw), ("typed", typed)):
+            before = cpu_ticks(server.process.pid)[1]
+            for _ in range(3):
+                with pytest.raises(grpc.RpcError) as caught:
+                    infer(request)
+                assert caught.value.code() == StatusCode.UNAUTHENTICATED
+            ticks[kind] = cpu_ticks(server.process.pid)[1] - before
+        # CPU ticks of 10 ms, the process's threads together: parsed before the hooks ran,
+        # each typed request cost 11 to 13 ticks more than the raw one
+        assert ticks["typed"] <= ticks["raw"] + 6, ticks
+        # let through, it is parsed and refused for what it holds, as a small one is
+        with pytest.raises(grpc.RpcError) as caught:
+            infer(typed, metadata=good)
+        assert caught.value.code() == StatusCode.INVALID_ARGUMENT
+        assert "'x'" in caught.value.details()
+        typed.model_name = "nope"
+        with pytest.raises(grpc.RpcError) as caught:
+            infer(typed, metadata=good)
+        assert caught.value.code() == StatusCode.NOT_FOUND
+        bytes_rpc = channel.unary_unary("/inference.GRPCInferenceService/ModelInfer")
+        with pytest.raises(grpc.RpcError) as caught:
+            bytes_rpc(corrupt, metadata=good)
+        assert caught.value.code() == StatusCode.INVALID_ARGUMENT
+        assert caught.value.details() == (
+            f"the request is not a valid inference.ModelInferRequest message ({len(corrupt)} "
+            "bytes that do not parse as protobuf)"), caught.value.details()
+        x = [fp32_input(np.ones((1, 8), np.float32))]
+        assert tgrpc.InferenceServerClient(server.grpc_address).infer(
+            "mlp", x, headers=dict(good)).as_numpy("y").shape == (1, 4)
+    assert server.process.returncode == 0, server.output()
+
+
 def test_unknown_model_or_version_is_not_found(client, stub):
     x = [fp32_input(np.zeros((1, 8), np.float32))]
     for model, version in (("nope", ""), ("mlp", "7")):

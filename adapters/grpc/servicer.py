@@ -15,7 +15,10 @@ and it is routed: a caller without a key never makes the server decode its messa
 The service's handlers are registered here, not by the generated `add_..._to_server`, for one
 difference: bytes that are not the RPC's protobuf message become an `Undecodable` the servicer
 refuses through the data plane (INVALID_ARGUMENT, hooked, with a request id, counted), where
-grpcio's own deserializer raised, answered UNKNOWN and logged a traceback per message.
+grpcio's own deserializer raised, answered UNKNOWN and logged a traceback per message. And a
+big ModelInferRequest is parsed only once the hooks let its call through: its deserializer reads
+just the model and version the call is routed by (48 MB of INT64 contents took 0.12 s to parse,
+which any caller, with a key or without, could make the server spend).
 """
 
 from __future__ import annotations
@@ -53,6 +56,9 @@ MAX_DETAILS_BYTES = 2000
 #: `codec.encode_work`) are converted on the worker thread: 65,536 INT64 take 2 to 3 ms each
 #: way, the hop there and back some 50 us.
 OFF_LOOP_ELEMENTS = 1 << 16
+#: ModelInferRequests from this size up are parsed on the worker, once the data plane lets
+#: their call through; smaller ones, the common case, as grpcio deserializes them.
+UNPARSED_BYTES = 1 << 20
 Response = TypeVar("Response")
 T = TypeVar("T")
 SERVICE = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"]
@@ -72,6 +78,15 @@ class Undecodable:
     def error(self) -> InvalidInput:
         return InvalidInput(f"the request is not a valid {self.message} message ({self.size} "
                             "bytes that do not parse as protobuf)")
+
+
+@dataclass(frozen=True, slots=True)
+class Unparsed:
+    """A big ModelInferRequest as it came, with what its call is routed by."""
+
+    data: bytes
+    model_name: str
+    model_version: str
 
 
 class InferenceServicer(GRPCInferenceServiceServicer):
@@ -127,7 +142,7 @@ class InferenceServicer(GRPCInferenceServiceServicer):
                          context: grpc.aio.ServicerContext) -> pb.ModelInferResponse:
         call = _call(context, INFER, request.model_name, request.model_version)
         decode: Decoder | AsyncDecoder
-        if codec.decode_work(request) >= OFF_LOOP_ELEMENTS:
+        if isinstance(request, Unparsed) or codec.decode_work(request) >= OFF_LOOP_ELEMENTS:
             decode = partial(self._decode_off_loop, context, call, request)
         else:
             decode = partial(codec.decode_request, request)
@@ -145,10 +160,10 @@ class InferenceServicer(GRPCInferenceServiceServicer):
         return response
 
     async def _decode_off_loop(self, context: grpc.aio.ServicerContext, call: Call,
-                               request: pb.ModelInferRequest) -> oip.InferRequest:
-        """A big request decoded on the worker, once the data plane has let its call through
-        (its errors raised there, after routing, as a small request's are)."""
-        decoded = await self._off_loop(codec.decode_request, request)
+                               request: pb.ModelInferRequest | Unparsed) -> oip.InferRequest:
+        """A big request parsed and decoded on the worker, once the data plane has let its
+        call through (its errors raised there, after routing, as a small request's are)."""
+        decoded = await self._off_loop(_decode, request)
         _set_budget(context, call)  # after decoding: the budget left to queue
         return decoded
 
@@ -200,6 +215,14 @@ def _set_budget(context: grpc.aio.ServicerContext, call: Call) -> None:
         call.timeout = max(0.0, remaining - ANSWER_MARGIN_S)
 
 
+def _decode(request: pb.ModelInferRequest | Unparsed) -> oip.InferRequest:
+    if isinstance(request, Unparsed):
+        request = _parse_infer(request.data)
+        if isinstance(request, Undecodable):
+            raise request.error()
+    return codec.decode_request(request)
+
+
 def _lenient(message: Any) -> Callable[[bytes], Any]:
     """A deserializer of `message` that never raises: grpcio answered a request its
     deserializer raised on UNKNOWN ("Unexpected DecodeError"), logging a traceback each time,
@@ -212,6 +235,19 @@ def _lenient(message: Any) -> Callable[[bytes], Any]:
         except Exception:  # DecodeError, whatever protobuf's implementation: the bytes' fault
             return Undecodable(name, len(data))
     return deserialize
+
+
+_parse_infer = _lenient(pb.ModelInferRequest)
+
+
+def _infer_request(data: bytes) -> pb.ModelInferRequest | Unparsed | Undecodable:
+    """ModelInfer's deserializer: a big request is left unparsed but for its model name and
+    version (parsed in full where those cannot be read alone: it is then refused as it was)."""
+    if len(data) >= UNPARSED_BYTES:
+        named = codec.model_of(data)
+        if named is not None:
+            return Unparsed(data, *named)
+    return _parse_infer(data)
 
 
 def _send_headers(context: grpc.aio.ServicerContext, call: Call) -> None:
@@ -249,12 +285,13 @@ def _details(message: str) -> str:
 def add_to_server(server: grpc.aio.Server, plane: DataPlane) -> None:
     """Register the service as the generated `add_GRPCInferenceServiceServicer_to_server`
     does (a generic handler and registered methods, every RPC of the .proto), its requests
-    deserialized by `_lenient`."""
+    deserialized by `_lenient` (ModelInfer's by `_infer_request`)."""
     servicer = InferenceServicer(plane)
     handlers = {
         method.name: grpc.unary_unary_rpc_method_handler(
             servicer.handler(method.name),
-            request_deserializer=_lenient(getattr(pb, method.input_type.name)),
+            request_deserializer=_infer_request if method.name == "ModelInfer"
+            else _lenient(getattr(pb, method.input_type.name)),
             response_serializer=getattr(pb, method.output_type.name).SerializeToString)
         for method in SERVICE.methods}
     server.add_generic_rpc_handlers(
