@@ -19,7 +19,8 @@ from botocore.stub import ANY, Stubber
 from edgerun.adapters.aws_lambda.destinations import (S3Destination, SqsDestination,
                                                       destination_from)
 from edgerun.adapters.aws_lambda.environment import from_environment, vcpus_for
-from edgerun.adapters.aws_lambda.handler import MAX_PAYLOAD_BYTES, LambdaHandler
+from edgerun.adapters.aws_lambda.handler import (MAX_PAYLOAD_BYTES, STREAM_WINDOW,
+                                                 LambdaHandler)
 from edgerun.adapters.aws_lambda.model_location import cached_download, locate
 from edgerun.examples import mlp_onnx
 from edgerun.runtime import create_bundle
@@ -197,6 +198,56 @@ def test_http_api_payload_1_on_a_named_stage_is_routed(handler, reference):
     np.testing.assert_allclose(outputs(answer["body"]), reference(x), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("key", ["models", "ml/v1", "v2"])
+def test_http_api_behind_a_custom_domains_api_mapping_is_routed(handler, reference, key):
+    """Through a custom domain's API mapping (https://api.example.com/models/v2/... with the
+    key `models`), the HTTP API's event has the key in front of `rawPath` and
+    `requestContext.http.path` (payload 2.0) or `path` (1.0), and no field naming it: every
+    request was answered 404. The key is configured; it is never guessed."""
+    x = rows(2, seed=14)
+    mapped = LambdaHandler(handler.plane, default_model="mlp", base_path=f"/{key}/")
+    event = http_api_on_stage("prod", infer_body(x), path=f"/{key}/v2/models/mlp/infer",
+                              domain="api.example.com")
+    assert event["rawPath"] == event["requestContext"]["http"]["path"] == \
+        f"/{key}/v2/models/mlp/infer"
+    answer = mapped(event, Context())
+    assert answer["statusCode"] == 200, answer["body"]
+    np.testing.assert_allclose(outputs(answer["body"]), reference(x), rtol=1e-5, atol=1e-6)
+    ready = mapped(http_api_on_stage("prod", "", "GET", f"/{key}/v2/health/ready",
+                                     domain="api.example.com"), Context())
+    assert ready["statusCode"] == 200, ready["body"]
+    legacy = http_event("apigw_v1", infer_body(x), path=f"/{key}/v2/models/mlp/infer")
+    legacy.update({"version": "1.0", "resource": "$default", "pathParameters": None})
+    answer = mapped(legacy, Context())
+    assert answer["statusCode"] == 200, answer["body"]
+    # the API's own endpoint and a named stage are served as they were
+    assert mapped(http_event("apigw_v2", infer_body(x)), Context())["statusCode"] == 200
+    assert mapped(http_api_on_stage("prod", infer_body(x)), Context())["statusCode"] == 200
+    # another prefix is not taken off, and what follows the key must be a route
+    for path in ("/other/v2/models/mlp/infer", f"/{key}/other/v2/models/mlp/infer"):
+        unknown = mapped(http_api_on_stage("prod", infer_body(x), path=path,
+                                           domain="api.example.com"), Context())
+        assert unknown["statusCode"] == 404, path
+
+
+def test_edgerun_base_path_configures_the_api_mapping_key(bundle_archive):
+    """The function reads the key from EDGERUN_BASE_PATH, which the template sets."""
+    from samtranslator.yaml_helper import yaml_parse
+
+    mapped = from_environment({"EDGERUN_MODEL": str(bundle_archive),
+                               "EDGERUN_BASE_PATH": "models"})
+    try:
+        event = http_api_on_stage("$default", "", "GET", "/models/v2/health/ready",
+                                  domain="api.example.com")
+        assert mapped(event, Context())["statusCode"] == 200
+    finally:
+        mapped.plane.repository.close()
+    template = yaml_parse((ROOT / "template.yaml").read_text())
+    function = template["Resources"]["InferenceFunction"]["Properties"]
+    assert function["Environment"]["Variables"]["EDGERUN_BASE_PATH"] == {"Ref": "BasePath"}
+    assert template["Parameters"]["BasePath"]["Default"] == ""
+
+
 def test_http_routes_and_errors_match_the_fleet_server(handler):
     ready = handler(http_event("apigw_v2", "", "GET", "/v2/health/ready"), Context())
     assert (ready["statusCode"], json.loads(ready["body"])) == (200, {"ready": True})
@@ -366,8 +417,8 @@ def test_a_fifo_batch_stops_at_its_first_failed_record(handler, caplog, arn, gro
              if r.name == "edgerun.adapters.aws_lambda.handler"]
     assert [line["item"] for line in lines if line["message"] == "record failed"] == \
         ["message-2"]
-    (skipped,) = [line for line in lines if line["message"] == "records not run"]
-    assert skipped["items"] == ["message-3", "message-4", "message-5"]
+    (skipped,) = [line for line in lines if line["message"] == "records not done"]
+    assert skipped["items"] == ["message-3", "message-4", "message-5"] and skipped["count"] == 3
     assert "message-2" in skipped["reason"]
     # a FIFO batch that all succeeds reports nothing, and an undecodable first record stops it
     assert handler(fifo_event(bodies[:2], arn, group), Context()) == {"batchItemFailures": []}
@@ -451,24 +502,93 @@ def test_records_of_other_sources_are_refused_naming_the_source(handler):
                 Context())
 
 
-def test_kinesis_records_are_base64_and_may_name_their_model(handler, reference):
+def kinesis_event(bodies: list[bytes]) -> dict:
+    """A Kinesis batch as Lambda delivers a shard's records: each payload base64, sequence
+    numbers rising."""
     event = fixture("kinesis")
     template = event["Records"][0]
-    records = []
-    bodies = [infer_body(rows(2), model_name="mlp").encode(), b"not base64 at all!",
-              base64.b64encode(infer_body(rows(1), model_name="other").encode()),
-              base64.b64encode(infer_body(rows(1)).encode())]
+    event["Records"] = []
     for i, data in enumerate(bodies):
         record = json.loads(json.dumps(template))
-        record["kinesis"]["sequenceNumber"] = f"4959033827149025660855969253836157109592157598913658889{i}"
-        record["kinesis"]["data"] = (base64.b64encode(data).decode() if i == 0
-                                     else data.decode())
-        records.append(record)
-    event["Records"] = records
-    answer = handler(event, Context())
-    assert answer == {"batchItemFailures": [
-        {"itemIdentifier": records[1]["kinesis"]["sequenceNumber"]},
-        {"itemIdentifier": records[2]["kinesis"]["sequenceNumber"]}]}
+        sequence = f"4959033827149025660855969253836157109592157598913{i:07d}"
+        record["kinesis"].update(sequenceNumber=sequence, data=base64.b64encode(data).decode())
+        record["eventID"] = f"shardId-000000000006:{sequence}"
+        event["Records"].append(record)
+    return event
+
+
+def sequences(event: dict) -> list[str]:
+    return [record["kinesis"]["sequenceNumber"] for record in event["Records"]]
+
+
+def test_kinesis_records_are_base64_and_may_name_their_model(handler):
+    event = kinesis_event([infer_body(rows(2), model_name="mlp").encode(),
+                           infer_body(rows(1), model_name="other").encode(),
+                           infer_body(rows(1)).encode()])
+    assert handler(event, Context()) == {"batchItemFailures": [
+        {"itemIdentifier": sequences(event)[1]}]}
+    event = kinesis_event([b"", infer_body(rows(1)).encode()])
+    event["Records"][0]["kinesis"]["data"] = "not base64 at all!"
+    assert handler(event, Context()) == {"batchItemFailures": [
+        {"itemIdentifier": sequences(event)[0]}]}
+
+
+def test_a_kinesis_batch_stops_at_its_first_failure_and_sends_no_later_result(handler):
+    """Lambda retries a shard from the lowest sequence number reported and delivers every
+    record after it again. The records after a failed one were run and their results sent,
+    so every retry sent them again; now the batch stops there, sends the results before it,
+    and reports that record alone (the first whose result could not be sent, too)."""
+    client = sqs_client("sqs")
+    url = "https://sqs.us-east-1.amazonaws.com/123456789012/edgerun-results"
+    forward = LambdaHandler(handler.plane, default_model="mlp",
+                            destination=SqsDestination(url, client))
+    bodies = [infer_body(rows(1, seed=i)).encode() for i in range(5)]
+    bodies[2] = infer_body(rows(1), name="z").encode()
+    event = kinesis_event(bodies)
+    sent: list[list[str]] = []
+    client.meta.events.register("before-parameter-build.sqs.SendMessageBatch", lambda params, **_:
+                                sent.append([e["MessageAttributes"]["source-id"]["StringValue"]
+                                             for e in params["Entries"]]))
+    def answer(failed: int | None = None, count: int = 2) -> dict:
+        return {"Successful": [{"Id": str(i), "MessageId": "a", "MD5OfMessageBody": "x"}
+                               for i in range(count) if i != failed],
+                "Failed": [] if failed is None else [{"Id": str(failed), "SenderFault": False,
+                                                      "Code": "InternalError", "Message": "again"}]}
+
+    with Stubber(client) as stub:
+        stub.add_response("send_message_batch", answer())
+        reply = forward(event, Context())
+        stub.assert_no_pending_responses()
+        assert reply == {"batchItemFailures": [{"itemIdentifier": sequences(event)[2]}]}
+        assert sent == [sequences(event)[:2]]  # the results before it, in one send
+        # Lambda's retry, from the failed record on, sends nothing the first one did
+        retry = {"Records": event["Records"][2:]}
+        assert forward(retry, Context()) == reply
+        assert len(sent) == 1
+        # a result that cannot be sent stops the batch the same way
+        event = kinesis_event(bodies[:2] + bodies[3:])
+        stub.add_response("send_message_batch", answer(failed=1, count=4))
+        reply = forward(event, Context())
+        stub.assert_no_pending_responses()
+    assert reply == {"batchItemFailures": [{"itemIdentifier": sequences(event)[1]}]}
+    assert sent[1:] == [sequences(event)]
+
+
+def test_a_kinesis_batch_is_micro_batched_and_stops_before_time_runs_out(handler):
+    """A stream's batch (up to 10,000 records) is queued STREAM_WINDOW records at a time, in
+    few forward passes; once the invocation is nearly out of time no later record is done,
+    and the one it stopped at is the only one reported: Lambda resumes the shard there."""
+    batch_size = handler.plane.repository.get("mlp").batcher.metrics.batch_size
+    event = kinesis_event([infer_body(rows(1, seed=i)).encode()
+                           for i in range(STREAM_WINDOW + 6)])
+    passes, before = batch_size.count, rows_run(handler)
+    assert handler(event, Context()) == {"batchItemFailures": []}
+    assert rows_run(handler) - before == STREAM_WINDOW + 6
+    assert batch_size.count - passes <= 24
+    before = rows_run(handler)
+    answer = handler(event, EndingContext(handler))
+    assert answer == {"batchItemFailures": [{"itemIdentifier": sequences(event)[STREAM_WINDOW]}]}
+    assert rows_run(handler) - before == STREAM_WINDOW  # the second window never ran
 
 
 def sqs_client(service: str):

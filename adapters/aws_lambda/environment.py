@@ -3,6 +3,8 @@
     EDGERUN_MODEL         bundle folder or .tar.gz in the package or a layer, or s3://BUCKET/KEY
     EDGERUN_MODEL_SHA256  the archive's sha256 (required with s3://)
     EDGERUN_RESULTS       optional: SQS queue URL or s3://BUCKET/PREFIX for batch results
+    EDGERUN_BASE_PATH     optional: the API mapping key (`models`) of a custom domain the HTTP
+                          API is reached through, taken off the front of request paths
     AWS_LAMBDA_FUNCTION_MEMORY_SIZE   set by Lambda; sizes ONNX Runtime's threads
 
 Lambda gives a function CPU in proportion to its memory: one vCPU at 1,769 MB, six at the
@@ -74,7 +76,8 @@ def from_environment(environ: Mapping[str, str] | None = None, *,
                                       config=ModelConfig(batching=BATCHING))
     loaded = time.perf_counter()
     handler = LambdaHandler(DataPlane(repository), default_model=source.name,
-                            destination=destination_from(environ.get("EDGERUN_RESULTS", "")))
+                            destination=destination_from(environ.get("EDGERUN_RESULTS", "")),
+                            base_path=environ.get("EDGERUN_BASE_PATH", ""))
     served = repository.get(source.name)
     line = {"message": "edgerun init", "model": source.name, "version": served.version,
             "backend": served.model.bundle.manifest.backend, "model_location": spec,

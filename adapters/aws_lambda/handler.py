@@ -2,19 +2,21 @@
 
 - HTTP (API Gateway REST v1, HTTP API v2, Function URL, ALB): Mangum translates the event to
   ASGI for the lean `EdgerunASGI` app (with the path the API serves: without a REST custom
-  domain's base path mapping, or an HTTP API's named stage), so the function serves the fleet
-  server's OIP v2 and TF Serving routes (all but the repository's load and unload: the
-  function's model is fixed when it is deployed, and any caller could unload it) and imports no
-  web framework. Mangum runs
-  with the lifespan off: the models are loaded at init and nothing is set up or torn down per
-  invocation.
-- SQS and Kinesis batches: every record is decoded first, then all are submitted to the data
-  plane at once from one event loop, so the MicroBatcher sees them arrive together and merges
-  them into as few forward passes as it can; results are plain OIP v2 JSON; the answer names
-  exactly the records that failed (`batchItemFailures`), and Lambda retries only those.
-  A batch from an SQS FIFO queue keeps its order instead: its records run one after another,
-  and the first that fails stops the batch, it and every later record reported failed (run
-  or not), as AWS requires of partial batch responses on a FIFO queue.
+  domain's base path mapping, the configured `base_path` (an HTTP API custom domain's API
+  mapping key), or an HTTP API's named stage), so the function serves the fleet server's OIP v2
+  and TF Serving routes (all but the repository's load and unload: the function's model is
+  fixed when it is deployed, and any caller could unload it) and imports no web framework.
+  Mangum runs with the lifespan off: the models are loaded at init and nothing is set up or
+  torn down per invocation.
+- SQS batches: every record is decoded first, then all are submitted to the data plane at
+  once from one event loop, so the MicroBatcher sees them arrive together and merges them into
+  as few forward passes as it can; results are plain OIP v2 JSON; the answer names exactly the
+  records that failed (`batchItemFailures`), and Lambda retries only those.
+- Ordered batches, an SQS FIFO queue's and a Kinesis stream's, keep their order instead: their
+  records are done one after another (a stream's STREAM_WINDOW at a time), their results sent
+  on before the next are run, and the first that fails stops the batch. A FIFO batch reports it
+  and every later record, as AWS requires; a stream reports it alone, the sequence number
+  Lambda resumes the shard from (it delivers every later record again, whatever is reported).
 - Direct invocation (`aws lambda invoke`, Step Functions): the event is an OIP v2 JSON request
   (`model_name` picks a model other than the function's default); the answer is the OIP
   response, all JSON (an event answer carries no binary part), and a failure is raised as the
@@ -52,6 +54,11 @@ RESERVE_S = 0.5
 MAX_RESPONSE_BYTES = 6 * 1024 * 1024
 #: ... and the largest an Application Load Balancer takes from a Lambda target (1 MB).
 MAX_ALB_RESPONSE_BYTES = 1_000_000
+#: A stream's records queued together (the batcher's largest batch): a Kinesis batch may hold
+#: 10,000 records, and one forward pass a record would give up the micro-batching.
+STREAM_WINDOW = 64
+#: The ids one log line names (a line of a stream's 10,000 would pass CloudWatch's 256 KB).
+MAX_LOGGED_ITEMS = 100
 
 
 class LambdaHandler:
@@ -59,10 +66,12 @@ class LambdaHandler:
 
     def __init__(self, plane: DataPlane, *, default_model: str = "",
                  destination: Destination | None = None,
-                 max_payload_bytes: int = MAX_PAYLOAD_BYTES) -> None:
+                 max_payload_bytes: int = MAX_PAYLOAD_BYTES, base_path: str = "") -> None:
         self.plane = plane
         self.default_model = default_model
         self.destination = destination
+        #: A custom domain's API mapping key (`models`, `ml/v1`) as a path prefix, or "".
+        self.base_path = "/" + base_path.strip("/") if base_path.strip("/") else ""
         self.loop = asyncio.new_event_loop()  # one loop for the life of the environment
         asyncio.set_event_loop(self.loop)
         self.asgi = EdgerunASGI(plane, max_body_bytes=max_payload_bytes, transport="lambda",
@@ -73,7 +82,7 @@ class LambdaHandler:
         kind = event_kind(event)
         if kind == "http":
             asyncio.set_event_loop(self.loop)  # Mangum runs on the thread's current loop
-            event = self._without_stage(_without_base_path(event))
+            event = self._without_stage(self._without_mapping(_without_base_path(event)))
             return self._fitting(event, context, self.http(event, context))
         if kind == "direct":
             return self._direct(event, context)
@@ -102,20 +111,35 @@ class LambdaHandler:
         return self.http.infer(event, context)(
             {"status": 413, "headers": headers, "body": orjson.dumps({"error": message})})
 
+    def _without_mapping(self, event: dict[str, Any]) -> dict[str, Any]:
+        """An HTTP event with the path its API serves behind a custom domain's API mapping. An
+        HTTP API reached at https://api.example.com/models/v2/... through the mapping key
+        `models` has `/models/v2/...` in its path; no field of the event names the key, and its
+        `$default` route has no `{proxy+}` parameter to take the path from (as a REST API's
+        has), so the key is configured (`EDGERUN_BASE_PATH`). Guessing it (whatever comes
+        before `/v2/`) would serve any prefix, and is ambiguous where a key or a model is
+        named `v2`."""
+        return self._without_prefix(event, self.base_path) if self.base_path else event
+
     def _without_stage(self, event: dict[str, Any]) -> dict[str, Any]:
         """An HTTP API event with the path its API serves. Called on a named stage (`prod`, not
         `$default`) at the API's own endpoint, API Gateway puts the stage in front of the path:
         `rawPath` and `requestContext.http.path` (payload 2.0), or `path` (payload 1.0), are
-        `/prod/v2/models/m/infer`, which no route matches. The stage is taken off only when the
-        path as given is none of the function's routes and starts with `/<stage>/`: on a custom
-        domain the stage is not in the path, and a stage named like a route's first segment
-        (`v2`) must not be taken off a path that is already the API's own."""
+        `/prod/v2/models/m/infer`, which no route matches. On a custom domain the stage is not
+        in the path."""
         context = event.get("requestContext")
         stage = context.get("stage") if isinstance(context, dict) else None
         if not isinstance(stage, str) or not stage or stage == "$default":
             return event
-        prefix = f"/{stage}"
-        http = context.get("http")
+        return self._without_prefix(event, f"/{stage}")
+
+    def _without_prefix(self, event: dict[str, Any], prefix: str) -> dict[str, Any]:
+        """The event with `prefix` taken off the front of its path, only where the path as given
+        is none of the function's routes and starts with `<prefix>/`: a prefix named like a
+        route's first segment (`v2`) must not be taken off a path that is already the API's
+        own."""
+        context = event.get("requestContext")
+        http = context.get("http") if isinstance(context, dict) else None
         v2 = event.get("version") == "2.0" and isinstance(http, dict)
         path = http.get("path") if v2 else event.get("path")
         if not isinstance(path, str) or not path.startswith(prefix + "/") \
@@ -148,15 +172,17 @@ class LambdaHandler:
                     raise InvalidInput(f"a {kind} record has no id: {exc}") from exc
                 records.append(Record(item_id, None, InvalidInput(
                     f"{kind} record {item_id} is malformed: {type(exc).__name__}: {exc}")))
-        if kind == "sqs" and _from_fifo_queue(raw):
+        if kind == "kinesis":  # Lambda resumes the shard at the lowest sequence reported
+            failed = self._in_order(kind, records, context, STREAM_WINDOW)[:1]
+        elif _from_fifo_queue(raw):
             failed = self._in_order(kind, records, context)
         else:
             failed = self._all_at_once(kind, records)
         return {"batchItemFailures": [{"itemIdentifier": item_id} for item_id in failed]}
 
     def _all_at_once(self, kind: str, records: list[Record]) -> list[str]:
-        """The failed records of a batch whose records are independent (a standard queue, a
-        stream), all queued at once; the others' results are sent on."""
+        """The failed records of a batch whose records are independent (a standard queue), all
+        queued at once; the others' results are sent on."""
         answers = self.loop.run_until_complete(self._submit(records))
         failed: list[str] = []
         results: list[tuple[str, bytes]] = []
@@ -172,33 +198,50 @@ class LambdaHandler:
             failed += [item_id for item_id, _ in results if item_id in unsent]
         return failed
 
-    def _in_order(self, kind: str, records: list[Record], context: Any) -> list[str]:
-        """The failed records of a FIFO queue's batch. SQS delivers a message group in order and
-        AWS requires, with partial batch responses, that the function stop at the first record
-        that fails and report it and every later record: reporting only the failed one lets
-        its successors be processed (and their results sent) before it, out of order. So the
-        records run one at a time, each result is sent on before the next record runs, and the
-        first failure (to answer, or to send its result) ends the batch; the records after it
-        are not run, and the queue delivers them again, in order. A FIFO batch is at most ten
-        records, so little micro-batching is given up. A record is not started either once
+    def _in_order(self, kind: str, records: list[Record], context: Any,
+                  window: int = 1) -> list[str]:
+        """The record that stopped an ordered batch and every record after it, or nothing.
+
+        SQS delivers a FIFO queue's message group in order, and AWS requires, with partial
+        batch responses, that the function stop at the first record that fails and report it
+        and every later record: reporting only the failed one lets its successors be processed
+        (and their results sent) before it, out of order. A stream's shard is retried from the
+        lowest sequence number reported, every later record delivered again: a result sent for
+        one of them would be sent twice. So records run `window` at a time, their results up to
+        the first that failed are sent on in one go, and the first failure (to answer, or to
+        send its result) ends the batch. A FIFO batch's window is one record (ten records at
+        most: its later records are not run at all); a stream's is STREAM_WINDOW, as a stream's
+        batch may hold thousands: its micro-batching, and its sends in batches, are kept. A
+        destination that takes some results of a window and refuses an earlier one gets those
+        again on the retry (SQS and S3 destinations deliver at least once; a FIFO results
+        queue drops them by their deduplication id). Nothing more is started, run or sent, once
         the invocation has no more than RESERVE_S left: the batch answers with what is done
         instead of being cut off by Lambda, which would deliver every record again."""
-        for index, record in enumerate(records):
+        for start in range(0, len(records), window):
             left = _remaining_s(context)
             if left is not None and left <= RESERVE_S:
-                return _not_run(kind, records[index:], "the invocation's time is nearly up")
-            if record.call is not None:  # the time left now, not when the batch began
-                record.call.timeout = _budget(context)
-            ((body, error),) = self.loop.run_until_complete(self._submit([record]))
-            unsent = error is None and self.destination is not None and bool(
-                self.destination.send([(record.item_id, body)]))  # destinations log why
-            if error is None and not unsent:
-                continue
-            if error is not None:
-                _log_failure(kind, record.item_id, error,
-                             None if record.call is None else record.call.request_id)
-            return [record.item_id, *_not_run(kind, records[index + 1:],
-                                              f"record {record.item_id} failed before them")]
+                return _not_done(kind, records[start:], "the invocation's time is nearly up")
+            queued = records[start:start + window]
+            for record in queued:
+                if record.call is not None:  # the time left now, not when the batch began
+                    record.call.timeout = _budget(context)
+            answers = self.loop.run_until_complete(self._submit(queued))
+            answered = []  # the results up to the first failure, sent on in one go
+            for record, (body, error) in zip(queued, answers):
+                if error is not None:
+                    break
+                answered.append((record.item_id, body))
+            unsent = self.destination.send(answered) if self.destination and answered \
+                else set()  # destinations log why
+            for offset, (record, (_, error)) in enumerate(zip(queued, answers)):
+                if error is None and record.item_id not in unsent:
+                    continue
+                if error is not None:
+                    _log_failure(kind, record.item_id, error,
+                                 None if record.call is None else record.call.request_id)
+                return [record.item_id, *_not_done(
+                    kind, records[start + offset + 1:], f"record {record.item_id} failed "
+                    "before them")]
         return []
 
     async def _submit(self, records: list[Record]) -> list[tuple[bytes, EdgerunError | None]]:
@@ -293,13 +336,15 @@ def _from_fifo_queue(raw: list[dict[str, Any]]) -> bool:
     return False
 
 
-def _not_run(kind: str, records: list[Record], reason: str) -> list[str]:
-    """The ids of a FIFO batch's records left unrun, logged as one JSON line: the queue
-    delivers them again, in order."""
+def _not_done(kind: str, records: list[Record], reason: str) -> list[str]:
+    """The ids of an ordered batch's records left undone (not run, or their results not sent),
+    logged as one JSON line (the first MAX_LOGGED_ITEMS ids, and their count): Lambda delivers
+    them again, in order."""
     items = [record.item_id for record in records]
     if items:
-        log.error(json.dumps({"message": "records not run", "source": kind, "reason":
-                              f"FIFO queue: {reason}", "items": items}))
+        log.error(json.dumps({"message": "records not done", "source": kind, "reason":
+                              f"{'stream' if kind == 'kinesis' else 'FIFO queue'}: {reason}",
+                              "count": len(items), "items": items[:MAX_LOGGED_ITEMS]}))
     return items
 
 
