@@ -28,7 +28,7 @@ from urllib.parse import unquote, urlsplit
 
 from edgerun.adapters.fleet import gate as gates
 from edgerun.adapters.fleet.registry import BundleRegistry
-from edgerun.adapters.fleet.store import Store
+from edgerun.adapters.fleet.store import CANCELLED, PENDING, Store
 from edgerun.adapters.fleetdb import redact
 from edgerun.adapters.ota.messages import (ACTIVE, FAILED, INSTALL, QUEUED, ROLLBACK, ROLLED_BACK,
                                            TERMINAL, Job, Report, job_topic)
@@ -37,7 +37,6 @@ from edgerun.runtime.errors import InvalidInput, ModelNotFound
 
 log = logging.getLogger(__name__)
 
-PENDING, CANCELLED = "pending", "cancelled"   # not yet published; dropped by an abort
 RUNNING, COMPLETED, ROLLING_BACK, ABORTED = "running", "completed", "rolling_back", "aborted"
 ENDED = TERMINAL | {CANCELLED}
 #: Job states that leave the device free for another rollout's job.
@@ -433,8 +432,10 @@ class Orchestrator:
         model, version = rollout["model"], job["version"]
         url, sha256, size = "", "", 0  # a rollback from the device's slots or folder alone
         # A rollback's version is the `previous` the device reported: its download is offered
-        # only if the fleet once sent the device that version, else a device that lied about
-        # it would be handed (and allowed to fetch) a bundle it never had.
+        # only if the fleet sent the device that version and did not withdraw it
+        # (`Store.device_has_job`, the rule the registry's download check applies too), else
+        # a device that lied about it would be handed (and allowed to fetch) a bundle it
+        # never had.
         if job["kind"] == INSTALL or self.store.device_has_job(job["device_id"], model, version):
             try:
                 stored = self.registry.get(model, version)

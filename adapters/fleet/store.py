@@ -20,6 +20,9 @@ from edgerun.adapters.fleetdb import Database, Migration, connect, migrate
 from edgerun.adapters.fleetdb.db import SQLITE
 
 COMPONENT = "registry"
+#: Job states of the store's own: not yet published (no job id yet); dropped by an abort
+#: before it was sent, or withdrawn after (cleared from the broker before any report).
+PENDING, CANCELLED = "pending", "cancelled"
 MIGRATIONS = (
     Migration(1, "models, versions, devices, rollouts, jobs", (
         """CREATE TABLE models (
@@ -174,8 +177,8 @@ class Store:
             for device_id, wave in jobs:
                 self.execute("INSERT INTO jobs (rollout_id, device_id, wave, job_id, kind, "
                              "version, previous_version, state, detail, deadline, updated_at) "
-                             "VALUES (?, ?, ?, '', 'install', ?, NULL, 'pending', '', NULL, ?)",
-                             (rollout_id, device_id, wave, version, now))
+                             "VALUES (?, ?, ?, '', 'install', ?, NULL, ?, '', NULL, ?)",
+                             (rollout_id, device_id, wave, version, PENDING, now))
 
     def rollout(self, rollout_id: str) -> dict[str, Any] | None:
         row = self.one("SELECT * FROM rollouts WHERE id = ?", (rollout_id,))
@@ -214,15 +217,25 @@ class Store:
         return {row["device_id"] for row in rows}
 
     def device_has_job(self, device_id: str, model: str, version: str) -> bool:
-        """Whether a rollout ever addressed `model` `version` to the device as an install (a
-        download may come late, after a retry or a restart, so a finished job still counts).
+        """Whether the fleet sent the device an install of `model` `version` and did not
+        withdraw it: the one rule for both a device's download of that bundle and a rollback
+        job's offer of it.
+
+        Sent: a job gets its id when it is published, so a pending job, or one an abort
+        cancelled before its wave, grants nothing (a device could fetch a version not yet, or
+        never, meant for it). Withdrawn: an abort cancels a sent job no report came for and
+        clears it from the broker; the offer goes with it, or a device that still got the job
+        would install the version the operator stopped. A job the device picked up grants
+        after it ends (active, failed, timed out, rolled back): a download may come late,
+        after a retry or a restart.
 
         Only the rollout's own version counts: a rollback job names the version the device
         itself said it ran before (its report's `previous`), and a device's word must grant it
         no other bundle."""
         return self.one("SELECT 1 AS found FROM jobs JOIN rollouts ON rollouts.id = "
                         "jobs.rollout_id WHERE jobs.device_id = ? AND rollouts.model = ? AND "
-                        "rollouts.version = ?", (device_id, model, version)) is not None
+                        "rollouts.version = ? AND jobs.job_id <> '' AND jobs.state <> ?",
+                        (device_id, model, version, CANCELLED)) is not None
 
     def job_by_id(self, job_id: str) -> dict[str, Any] | None:
         return self.one("SELECT * FROM jobs WHERE job_id = ?", (job_id,))
