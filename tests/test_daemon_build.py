@@ -4,7 +4,9 @@ requests over a real Mosquitto; its systemd unit and device.toml are usable as s
 from __future__ import annotations
 
 import configparser
+import shutil
 import subprocess
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +21,8 @@ from edgerun.runtime.signing import generate_keys
 from tests.cli import edgerun, edgerun_command
 from tests.mqtt import (INFER_JSON, DaemonProcess, Requester, running_broker, running_daemon,
                         wait_online)
-from tests.serving import add_version
+from tests.serving import add_version, free_port
+from tests.test_systemd_notify import ServiceManager
 
 
 @pytest.fixture(scope="session")
@@ -71,6 +74,30 @@ def test_unit_and_sample_config(built):
     assert config.broker_address.tls
 
 
+@pytest.mark.timeout(900)
+def test_the_binary_notifies_systemd_from_a_child_of_the_main_pid(built, tmp_path, monkeypatch):
+    """The one-file binary is a bootloader (the main PID systemd sees) running Python in a
+    child: READY=1 comes from the child, which NotifyAccess=main would drop."""
+    folder = tempfile.mkdtemp(prefix="sdn")  # a socket's path must fit in 108 bytes
+    manager = ServiceManager(f"{folder}/notify")
+    monkeypatch.setenv("NOTIFY_SOCKET", manager.address)
+    (tmp_path / "repo").mkdir()
+    command = [str(built / "edgerun-daemon"), "--repository", str(tmp_path / "repo"), "--broker",
+               f"mqtt://127.0.0.1:{free_port()}", "--device-id", "child", "--poll-interval", "0"]
+    daemon = DaemonProcess(command, tmp_path / "daemon.log").start()
+    try:
+        sender, _ = manager.wait_for("READY")
+        parent = int(Path(f"/proc/{sender}/stat").read_text().rsplit(")", 1)[1].split()[1])
+        assert sender != daemon.process.pid and parent == daemon.process.pid
+        assert daemon.terminate() == 0
+        manager.wait_for("STOPPING", timeout=1)
+    finally:
+        daemon.kill()
+        manager.close()
+        shutil.rmtree(folder, ignore_errors=True)
+    assert _service(systemd_unit(load_profile("cpu")))["NotifyAccess"] == "all"
+
+
 def _service(text: str) -> configparser.SectionProxy:
     unit = configparser.ConfigParser(strict=False, interpolation=None)
     unit.optionxform = str
@@ -80,17 +107,36 @@ def _service(text: str) -> configparser.SectionProxy:
 
 def test_systemd_waits_out_a_clean_stop():
     """SIGTERM drains requests, publishes "offline" and lets an OTA job stop: a shorter
-    TimeoutStopSec killed the daemon in the middle of that."""
+    TimeoutStopSec killed the daemon in the middle of that. It is the budget of the default
+    drain_timeout; a longer one the daemon asks for itself (tests/test_systemd_notify.py)."""
     from edgerun.adapters.mqtt.config import DaemonConfig
-    from edgerun.adapters.mqtt.daemon import OFFLINE_WAIT_S
+    from edgerun.adapters.mqtt.daemon import OFFLINE_WAIT_S, stop_budget
     from edgerun.adapters.ota.agent import CLOSE_WAIT_S
 
     text = systemd_unit(load_profile("raspberry-pi-5"))
-    drain = DaemonConfig(repository=Path("m"), broker="mqtt://h", device_id="d").drain_timeout
-    assert float(_service(text)["TimeoutStopSec"]) > drain + OFFLINE_WAIT_S + CLOSE_WAIT_S
+    default = DaemonConfig(repository=Path("m"), broker="mqtt://h", device_id="d")
+    drain = default.drain_timeout
+    timeout = float(_service(text)["TimeoutStopSec"])
+    assert timeout > drain + OFFLINE_WAIT_S + CLOSE_WAIT_S
+    assert timeout >= stop_budget(default)
+    # the comment above it states the waits the code has
+    for wait in (f"up to drain_timeout, {drain:g} s by default", f"up to {OFFLINE_WAIT_S:g} s",
+                 f"up to {CLOSE_WAIT_S:g} s"):
+        assert wait in " ".join(text.replace("#", "").split()), wait
     # a killed one-file binary leaves its unpacked copy in TMPDIR: emptied before each start
     assert text.index("ExecStartPre=/bin/rm -rf /var/lib/edgerun/.tmp\n") < text.index(
         "ExecStartPre=/bin/mkdir -p /var/lib/edgerun/.tmp\n")
+
+
+def test_the_unit_waits_for_the_daemons_ready_notification():
+    """Type=simple gave the daemon no way to ask for a longer stop: systemd read no
+    notification. The one-file binary's Python runs in a child of the bootloader, which is the
+    main PID, so NotifyAccess=main would drop READY=1 (and the unit never start)."""
+    service = _service(systemd_unit(load_profile("jetson-orin")))
+    assert service["Type"] == "notify"
+    assert service["NotifyAccess"] == "all"
+    # models load before READY=1 (a TensorRT engine build takes minutes): no start timeout
+    assert service["TimeoutStartSec"] == "infinity"
 
 
 def test_the_unit_follows_the_profile():

@@ -37,9 +37,9 @@ from edgerun import __version__
 from edgerun.adapters.codecs import npz, oip
 from edgerun.adapters.dataplane import DataPlane
 from edgerun.adapters.dataplane.call import BINARY, JSON
-from edgerun.adapters.mqtt import messages, transport
+from edgerun.adapters.mqtt import messages, systemd_notify, transport
 from edgerun.adapters.mqtt.config import DaemonConfig
-from edgerun.adapters.mqtt.extensions import Extension
+from edgerun.adapters.mqtt.extensions import Extension, specs
 from edgerun.adapters.mqtt.messages import Request
 from edgerun.adapters.mqtt.telemetry import Telemetry
 from edgerun.runtime.errors import (EdgerunError, InferenceError, InvalidInput, Overloaded,
@@ -50,6 +50,8 @@ from edgerun.runtime.repository import READY, Repository
 log = logging.getLogger(__name__)
 #: How long a stopping daemon waits for the broker to take its "offline" status.
 OFFLINE_WAIT_S = 5.0
+#: What a stop needs beyond its bounded waits: the DISCONNECT, closing the models, exiting.
+STOP_MARGIN_S = 15.0
 
 UNSUPPORTED_PROTOCOL = 132  # MQTT v5 CONNACK reason: the broker speaks an older protocol
 DEDUPE_WINDOW_S = 30.0
@@ -204,6 +206,10 @@ class Daemon:
         self._connect()
         tasks = [asyncio.create_task(self._report_telemetry()),
                  asyncio.create_task(self._keepalive())]
+        # models loaded, connecting: serving now or once the broker answers. READY=1 does not
+        # wait for the broker: one out of reach at boot would hold the unit (and the boot) in
+        # "activating", or get the daemon killed by a start timeout, for as long as it is away
+        systemd_notify.ready()
         try:
             await self._stop.wait()
         finally:
@@ -232,6 +238,8 @@ class Daemon:
 
     async def _shutdown(self) -> None:
         assert self._idle is not None
+        # a drain_timeout longer than the unit's TimeoutStopSec allows is waited out, not killed
+        systemd_notify.stopping(stop_budget(self.config))
         with self._lock:
             self._draining = True  # from now on, QoS 1 requests stay unacknowledged for next time
             idle = self._pending == 0
@@ -604,6 +612,14 @@ class Daemon:
         assert self._max_packet and request.response_topic is not None
         return messages.publish_size(request.response_topic, payload, self.config.qos,
                                      properties) > self._max_packet
+
+
+def stop_budget(config: DaemonConfig) -> float:
+    """Seconds a clean stop takes at worst: the drain, the "offline" status, the extensions'
+    stops (a running OTA job reaching a safe point), and a margin; systemd is told at SIGTERM,
+    so its TimeoutStopSec does not cut a long drain_timeout short."""
+    return (config.drain_timeout + OFFLINE_WAIT_S + sum(spec.stop_wait_s for spec in specs())
+            + STOP_MARGIN_S)
 
 
 def backoff(attempt: int, shortest: float, longest: float) -> float:

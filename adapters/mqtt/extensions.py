@@ -40,6 +40,8 @@ class ExtensionSpec:
     #: Keys of its table that hold paths (one or a list): relative ones are relative to
     #: device.toml's folder, as the top-level settings' are.
     paths: tuple[str, ...] = ()
+    #: The longest its extension's `stop` may take: a stopping daemon tells systemd its total.
+    stop_wait_s: float = 0.0
 
 
 def specs() -> list[ExtensionSpec]:

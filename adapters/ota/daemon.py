@@ -16,7 +16,7 @@ from typing import Any
 
 from edgerun.adapters.auth.tokens import read_secret
 from edgerun.adapters.mqtt.extensions import ExtensionSpec
-from edgerun.adapters.ota.agent import OtaAgent
+from edgerun.adapters.ota.agent import CLOSE_WAIT_S, OtaAgent
 from edgerun.runtime import signing
 
 
@@ -83,4 +83,5 @@ def _create(daemon: Any, args: argparse.Namespace, table: dict[str, Any]) -> Ota
     return attach(daemon, keys, credential) if keys else None
 
 
-SPEC = ExtensionSpec("ota", _add_arguments, _create, paths=("trust", "credential"))
+SPEC = ExtensionSpec("ota", _add_arguments, _create, paths=("trust", "credential"),
+                     stop_wait_s=CLOSE_WAIT_S)
