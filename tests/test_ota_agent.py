@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -712,3 +713,128 @@ def test_a_download_is_cut_off_at_the_jobs_size(tmp_path):
         server.shutdown()
     assert sent[0] < 16 << 20  # the device stopped reading early (socket buffers aside)
     assert not dest.exists() and not dest.with_name(dest.name + ".part").exists()
+
+
+class StallingRegistry:
+    """Serves `content` (Range too) over real HTTP; until `release` is set, each answer stops
+    after `first` bytes and the connection then stays open, silent (with `first` None, not
+    even a status line is sent)."""
+
+    def __init__(self, content: bytes, first: int | None, announce: bool = True) -> None:
+        self.content, self.first, self.announce = content, first, announce
+        self.ranges: list[str | None] = []
+        self.asked, self.release = threading.Event(), threading.Event()
+        registry = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                registry.serve(self)
+
+            def log_message(self, *args) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.server.server_port}/bundles/m/2"
+
+    def serve(self, handler: BaseHTTPRequestHandler) -> None:
+        wanted = handler.headers.get("Range")
+        self.ranges.append(wanted)
+        self.asked.set()
+        stalling = not self.release.is_set()
+        if stalling and self.first is None:
+            self.release.wait()
+            return
+        body = self.content[int(wanted.removeprefix("bytes=").rstrip("-")) if wanted else 0:]
+        handler.send_response(206 if wanted else 200)
+        if self.announce:  # else the body ends with the connection
+            handler.send_header("Content-Length", str(len(body)))
+        handler.end_headers()
+        handler.wfile.write(body[:self.first] if stalling else body)
+        if stalling:
+            self.release.wait()
+
+    def close(self) -> None:
+        self.release.set()
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def stops_at_once(device: Device) -> None:
+    """`device.close()` returns within seconds (it took 30), its agent's thread ended."""
+    started = time.monotonic()
+    device.close()
+    took = time.monotonic() - started
+    assert took < 5 and not device.agent._worker.is_alive(), f"closed in {took:.1f} s"
+
+
+@pytest.mark.parametrize("announce", [True, False], ids=["content-length", "until-close"])
+def test_a_stop_mid_download_ends_it_at_once_and_the_next_start_resumes_it(tmp_path, keys,
+                                                                           bundles, announce):
+    """A stop waited the whole 30 s for a download (urllib cannot be interrupted), here one
+    whose registry sent 200 kB and then nothing. Now it ends at once; its part stays, no end
+    is recorded, so the job (its retained message, delivered again) is redone at the next
+    start and asks for the rest. A connection shut down ends a body without a length as if
+    it were whole: that must not fail the job's sha256 check (and lose the part)."""
+    bundle = make_bundle(tmp_path / "big", mlp_onnx([256, 512, 256, 10], seed=2), "m", "2",
+                         keys["key"])
+    with Bundle.open(bundle) as opened:
+        opened.pack(tmp_path / "m-2.tar.gz")
+    content = (tmp_path / "m-2.tar.gz").read_bytes()
+    registry = StallingRegistry(content, first=200_000, announce=announce)
+    job = Job("j-stop", "install", "m", "2", registry.url, hashlib.sha256(content).hexdigest(),
+              len(content))
+    device = Device(tmp_path / "device", keys["trusted"], bundles("1"))
+    part = part_of(device, job)
+    try:
+        device.agent.handle_job(job.encode())
+        wait_for(lambda: part.exists() and part.stat().st_size, 30, "the download to start")
+        stops_at_once(device)
+        assert device.states(job) == ["queued", "downloading"]  # no end recorded
+        have = part.stat().st_size
+        assert 0 < have <= 200_000 and part.read_bytes() == content[:have]
+        assert not part.with_name(part.name.removesuffix(".part")).exists()
+        assert device.agent.slots.read("m").active_version is None  # no slot touched
+        registry.release.set()
+        device = Device(tmp_path / "device", keys["trusted"])
+        assert device.served() == ["1"]
+        report = device.run(job)  # the retained job, delivered again
+        assert (report.state, report.previous, report.active) == ("active", "1", "2"), report
+        assert registry.ranges == [None, f"bytes={have}-"] and device.served() == ["2"]
+        assert not list(device.agent.downloads.iterdir())
+    finally:
+        device.close()
+        registry.close()
+
+
+def test_a_registry_that_sends_nothing_does_not_hold_a_stop(tmp_path, keys, bundles):
+    """Connected, the request sent, no answer yet: a stop waited for the socket's timeout."""
+    content = os.urandom(1000)
+    registry = StallingRegistry(content, first=None)
+    job = Job("j-silent", "install", "m", "2", registry.url,
+              hashlib.sha256(content).hexdigest(), len(content))
+    device = Device(tmp_path / "device", keys["trusted"], bundles("1"))
+    try:
+        device.agent.handle_job(job.encode())
+        wait_for(registry.asked.is_set, 30, "the download's request")
+        stops_at_once(device)
+        assert device.states(job) == ["queued", "downloading"]
+        assert device.agent.slots.read("m").active_version is None
+    finally:
+        device.close()
+        registry.close()
+
+
+def test_a_stop_between_retries_does_not_wait_them_out(tmp_path, keys, bundles):
+    """An unreachable registry is retried for the download patience (10 minutes), waiting up
+    to 30 s between tries: a stop waited 30 s while the retries went on, then left them
+    running. Here it comes as the wait of 8 s begins."""
+    device = Device(tmp_path / "device", keys["trusted"], bundles("1"))
+    job = Job("j-away", "install", "m", "2", f"http://127.0.0.1:{free_port()}/bundles/m/2",
+              "0" * 64, 1000)
+    device.agent.handle_job(job.encode())
+    wait_for(lambda: any("retrying in 8 s" in r.detail for r in device.reports), 30,
+             "the fifth try")
+    stops_at_once(device)
+    assert "failed" not in device.states(job)
+    assert device.agent.slots.read("m").active_version is None

@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-from edgerun.adapters.ota.download import DownloadInterrupted, download
+from edgerun.adapters.ota.download import DownloadInterrupted, DownloadStopped, Stop, download
 from edgerun.adapters.ota.messages import (ACTIVE, DOWNLOADING, FAILED, INSTALL, QUEUED,
                                            ROLLBACK, ROLLED_BACK, STAGED, TERMINAL, VERIFYING,
                                            Job, Report, job_topic, report_topic)
@@ -37,8 +37,10 @@ from edgerun.runtime.repository import Repository
 log = logging.getLogger(__name__)
 
 Publish = Callable[..., Any]
-#: How long closing waits for a running job (a download is cut off after it; recovery at the
-#: next start handles what it leaves, as after a power cut).
+#: How long closing waits for a running job to reach a safe point. A download (or its retry's
+#: wait) stops at once, its part kept for the job's redo at the next start; a verification or
+#: switch may run on, and is cut off after this: recovery at the next start handles what it
+#: leaves, as after a power cut.
 CLOSE_WAIT_S = 30.0
 
 
@@ -70,6 +72,7 @@ class OtaAgent:
         else:
             repository.source = SlotSource(self.slots, source, self.trusted)
         self.bytes_downloaded = 0
+        self._stop = Stop()
         self._jobs: queue.Queue[Job | None] = queue.Queue()
         self._worker = threading.Thread(target=self._run, name=f"edgerun-ota-{device_id}",
                                         daemon=True)
@@ -144,6 +147,9 @@ class OtaAgent:
             log.error("ignored an OTA job: %s", exc)
 
     def close(self) -> None:
+        """Stop: a download ends now, and no further job starts (a job's retained message
+        brings it back at the next start); another step may finish, up to CLOSE_WAIT_S."""
+        self._stop.set()
         self._jobs.put(None)
         self._worker.join(CLOSE_WAIT_S)
 
@@ -165,7 +171,8 @@ class OtaAgent:
             try:
                 if job is None:
                     return
-                self._do(job)
+                if not self._stop.is_set():  # else left for its redelivery at the next start
+                    self._do(job)
             except Exception:  # one job's surprise must not stop the agent
                 log.exception("OTA job failed unexpectedly")
             finally:
@@ -219,6 +226,8 @@ class OtaAgent:
                 self._install(job, previous)
             else:
                 self._rollback(job, previous)
+        except DownloadStopped:  # no end to record: the job is redone, its part resumed
+            log.info("OTA job %s stopped while downloading", job.job_id)
         except EdgerunError as exc:
             self._report(job, FAILED, previous, str(exc))
         except Exception as exc:  # a full disk, a permission: still a failed job, reported
@@ -261,13 +270,17 @@ class OtaAgent:
         while True:
             try:
                 self.bytes_downloaded += download(job.url, archive_path, job.sha256, job.size,
-                                                  headers=self._download_headers)
+                                                  headers=self._download_headers,
+                                                  stop=self._stop)
                 return
+            except DownloadStopped:
+                raise
             except DownloadInterrupted as exc:
                 if time.monotonic() + delay > deadline:
                     raise
                 self._report(job, DOWNLOADING, previous, f"retrying in {delay:g} s: {exc}")
-                time.sleep(delay)
+                if self._stop.wait(delay):
+                    raise DownloadStopped(f"download of {job.url} stopped") from exc
                 delay = min(delay * 2, 30.0)
 
     def _stage(self, job: Job, archive_path: Path) -> Path:

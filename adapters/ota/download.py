@@ -5,6 +5,9 @@ Bytes land in `DEST.part`; a restarted download asks for the rest (`Range: bytes
 it answers 200 with the whole file and the part is started over. The finished file must have
 the expected sha256 and size before it is renamed into place; a registry that sends more than
 the expected size is cut off there, so a download never fills the disk past it.
+
+A `Stop`, asked from another thread (the daemon stopping), ends a download at once rather
+than at its socket timeout; the part stays, to be resumed.
 """
 
 from __future__ import annotations
@@ -13,8 +16,12 @@ import contextlib
 import hashlib
 import http.client
 import os
+import socket
+import threading
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
+from concurrent import futures
 from pathlib import Path
 from typing import Any
 
@@ -22,10 +29,68 @@ from edgerun.adapters.auth.redirects import open_url
 from edgerun.runtime.errors import BundleError
 
 _CHUNK = 1 << 16
+#: How often a download still waiting for the registry's answer looks for a stop.
+_POLL_S = 0.05
 
 
 class DownloadInterrupted(BundleError):
     """The registry could not be reached or the transfer broke off: worth another try."""
+
+
+class DownloadStopped(DownloadInterrupted):
+    """A `Stop` was asked (the daemon stopping): the part stays, to be resumed later."""
+
+
+class Stop:
+    """Ends a download from another thread at once, not at its socket timeout (30 s, and a
+    registry that stalls could hold a daemon's stop that long): one still opening (name
+    lookup, connect, a registry that sends nothing) is left to its own thread, which closes
+    what it gets; one reading has its connection shut down, so the read returns at once.
+    One download at a time (as the agent runs its jobs) may use it."""
+
+    def __init__(self) -> None:
+        self._asked = threading.Event()
+        self._lock = threading.Lock()
+        self._socket: socket.socket | None = None
+
+    def set(self) -> None:
+        """Ask every download given this stop to end now (and any later one at its start)."""
+        with self._lock:
+            self._asked.set()
+            self._shut_down()
+
+    def is_set(self) -> bool:
+        return self._asked.is_set()
+
+    def wait(self, seconds: float) -> bool:
+        """Sleep `seconds` (a retry's backoff) unless a stop comes first: True if it did."""
+        return self._asked.wait(seconds)
+
+    def _shut_down(self) -> None:
+        if self._socket is not None:
+            with contextlib.suppress(OSError):
+                self._socket.shutdown(socket.SHUT_RDWR)
+
+    @contextlib.contextmanager
+    def _watch(self, response: Any) -> Iterator[None]:
+        """While `response`'s body is read, a stop shuts its connection down. Through a
+        duplicate of its descriptor: http.client closes its own at the body's end, and a
+        number closed and reused meanwhile could be another connection."""
+        try:  # (the family named is only the object's: shutdown acts on the descriptor)
+            sock = socket.fromfd(response.fileno(), socket.AF_INET, socket.SOCK_STREAM)
+        except (AttributeError, OSError, ValueError):  # closed already: no read to wait for
+            sock = None
+        with self._lock:
+            self._socket = sock
+            if self._asked.is_set():
+                self._shut_down()
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._socket = None
+            if sock is not None:
+                sock.close()
 
 
 def _open(request: urllib.request.Request, timeout: float) -> Any:
@@ -42,6 +107,31 @@ def _open(request: urllib.request.Request, timeout: float) -> Any:
         raise DownloadInterrupted(f"download of {request.full_url} failed: {exc}") from exc
 
 
+def _open_unless_stopped(request: urllib.request.Request, timeout: float, stop: Stop) -> Any:
+    """`_open` on a thread of its own, so that a stop need not wait for it: a name lookup, a
+    connect and a registry's answer may each take up to `timeout`. A response that comes
+    after a stop is closed."""
+    opened: futures.Future[Any] = futures.Future()
+
+    def opening() -> None:
+        try:
+            opened.set_result(_open(request, timeout))
+        except BaseException as exc:  # raised again on the downloading thread
+            opened.set_exception(exc)
+
+    threading.Thread(target=opening, name="edgerun-download-open", daemon=True).start()
+    while not stop.is_set():
+        if futures.wait([opened], timeout=_POLL_S).done:
+            return opened.result()
+    opened.add_done_callback(_close_unused)
+    raise DownloadStopped(f"download of {request.full_url} stopped")
+
+
+def _close_unused(opened: futures.Future[Any]) -> None:
+    if opened.exception() is None and opened.result() is not None:
+        opened.result().close()
+
+
 def _read(response: Any, url: str, transferred: int) -> bytes:
     """The next chunk; the transfer breaking off is DownloadInterrupted (worth another try)."""
     try:
@@ -52,9 +142,11 @@ def _read(response: Any, url: str, transferred: int) -> bytes:
 
 
 def download(url: str, dest: Path, sha256: str, size: int = 0, timeout: float = 30.0,
-             headers: dict[str, str] | None = None) -> int:
+             headers: dict[str, str] | None = None, stop: Stop | None = None) -> int:
     """Fetch `url` into `dest`, resuming a previous part; returns the bytes transferred.
-    `headers` carry the device's credential (`Authorization: Basic ...`)."""
+    `headers` carry the device's credential (`Authorization: Basic ...`); `stop` ends it
+    early (DownloadStopped), its part kept for resuming."""
+    stop = stop or Stop()
     part = dest.with_name(dest.name + ".part")
     have = part.stat().st_size if part.exists() else 0
     if size and have > size:
@@ -65,21 +157,25 @@ def download(url: str, dest: Path, sha256: str, size: int = 0, timeout: float = 
         if have:
             request.add_header("Range", f"bytes={have}-")
             request.add_header("If-Range", f'"{sha256}"')
-        response = _open(request, timeout)
+        response = _open_unless_stopped(request, timeout, stop)
         if response is None:  # 416: the part is no prefix of this file; start over
             have = 0
-            response = _open(urllib.request.Request(url, headers=headers or {}), timeout)
+            response = _open_unless_stopped(urllib.request.Request(url, headers=headers or {}),
+                                            timeout, stop)
             if response is None:
                 raise BundleError(f"download of {url} failed: HTTP 416 without a Range")
         resumed = have if have and response.status == 206 else 0
         try:
-            with response, open(part, "ab" if resumed else "wb") as out:
-                while chunk := _read(response, url, transferred):
+            with response, open(part, "ab" if resumed else "wb") as out, stop._watch(response):
+                while not stop.is_set() and (chunk := _read(response, url, transferred)):
                     if size and resumed + transferred + len(chunk) > size:
                         raise BundleError(f"download of {url} is over the job's {size} bytes "
                                           "(corrupt or tampered artifact)")
                     out.write(chunk)
                     transferred += len(chunk)
+                if stop.is_set():  # a connection shut down ends a body as if it were whole
+                    raise DownloadStopped(f"download of {url} stopped after {transferred} "
+                                          "bytes")
                 # http.client ends a body cut short as if it were whole: the length tells
                 announced = response.headers.get("Content-Length", "")
                 if announced.isdigit() and transferred < int(announced):
@@ -87,8 +183,11 @@ def download(url: str, dest: Path, sha256: str, size: int = 0, timeout: float = 
                                               f"{transferred} of {announced} bytes")
                 out.flush()
                 os.fsync(out.fileno())
-        except DownloadInterrupted:
-            raise  # the part stays: resumed
+        except DownloadInterrupted as exc:  # the part stays: resumed
+            if stop.is_set() and not isinstance(exc, DownloadStopped):  # the read cut off
+                raise DownloadStopped(f"download of {url} stopped after {transferred} "
+                                      "bytes") from exc
+            raise
         except BundleError:  # more than the job's size: nothing of it is worth keeping
             with contextlib.suppress(OSError):
                 part.unlink(missing_ok=True)
