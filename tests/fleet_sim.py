@@ -15,14 +15,21 @@ import signal
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
+import httpx
 import numpy as np
 import paho.mqtt.client as mqtt
+import uvicorn
 
+from edgerun.adapters.auth.devices import DeviceCredentials
+from edgerun.adapters.auth.tokens import TokenStore, create_token
 from edgerun.adapters.dataplane import Call, DataPlane
 from edgerun.adapters.dataplane.call import INFER
+from edgerun.adapters.http.registry import FleetAccess, create_registry_app
 from edgerun.adapters.ota.agent import OtaAgent
 from edgerun.devices import load_profile
 from edgerun.runtime import create_bundle, signing
@@ -270,3 +277,38 @@ class FleetServer:
                      timeout: float = 120) -> dict:
         return wait_for(lambda: (s := self.get(f"/rollouts/{rollout_id}"))["state"] in states
                         and s, timeout, f"rollout {rollout_id} to end")
+
+
+@dataclass
+class Downloads:
+    """The registry's bundle downloads at `base`, each device with its own secret."""
+
+    base: str
+    secrets: dict[str, str]
+
+    def fetch(self, device: str, version: str) -> int:
+        """The status of `device`'s own download of m:`version`."""
+        return httpx.get(f"{self.base}/bundles/m/{version}",
+                         auth=(device, self.secrets[device]), timeout=30).status_code
+
+
+@contextmanager
+def registry_downloads(tmp_path: Path, store, registry, orchestrator,
+                       devices: Sequence[str]) -> Iterator[Downloads]:
+    """The registry's HTTP app on loopback behind device credentials, `devices` enrolled."""
+    credentials = DeviceCredentials(store.db)
+    secrets = {device: credentials.enroll(device) for device in devices}
+    create_token("read", tmp_path / "tokens", tmp_path / "read.secret", name="read")
+    access = FleetAccess(TokenStore(tmp_path / "tokens"), store, credentials)
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(
+        create_registry_app(registry, orchestrator, access, credentials), port=port,
+        log_level="error"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        wait_for(lambda: server.started, 30, "uvicorn")
+        yield Downloads(f"http://127.0.0.1:{port}", secrets)
+    finally:
+        server.should_exit = True
+        thread.join(10)

@@ -27,7 +27,7 @@ from edgerun.runtime.bundle import GOLDEN, FileEntry, read_manifest, sha256_file
 from edgerun.runtime.errors import BundleError, InvalidInput
 from tests.cli import edgerun
 from tests.fleet_sim import (Broker, FleetServer, SimDevice, SteadyLoad, infer_body, make_bundle,
-                             mqtt_client, wait_for)
+                             mqtt_client, registry_downloads, wait_for)
 from tests.postgres import fresh_database, postgres_url  # noqa: F401  (the fixture)
 from tests.serving import free_port
 
@@ -638,15 +638,9 @@ def test_a_device_that_lies_about_its_previous_version_is_sent_no_other_bundle(
     never sent it (m:3) had a rollback job with that bundle's URL and could fetch it. Now only
     versions the fleet sent the device come with a download; a rollback to another one is
     done from what the device holds, or fails there. Restart-safe: it is all in the store."""
-    import uvicorn
-
-    from edgerun.adapters.auth.devices import DeviceCredentials
-    from edgerun.adapters.auth.tokens import TokenStore, create_token
     from edgerun.adapters.fleet.orchestrator import Orchestrator
-    from edgerun.adapters.http.registry import FleetAccess, create_registry_app
     from edgerun.adapters.ota.messages import Job, Report
     from edgerun.runtime import Bundle
-    from tests.serving import free_port
 
     registry, store = orchestrator.registry, orchestrator.store
     for version in ("1", "3"):
@@ -685,28 +679,10 @@ def test_a_device_that_lies_about_its_previous_version_is_sent_no_other_bundle(
         "a": "", "b": "http://registry/bundles/m/1"}
 
     # and the registry, behind device credentials, refuses a the bundle its lie named
-    credentials = DeviceCredentials(store.db)
-    secrets = {device: credentials.enroll(device) for device in ("a", "b")}
-    create_token("read", tmp_path / "tokens", tmp_path / "read.secret", name="read")
-    access = FleetAccess(TokenStore(tmp_path / "tokens"), store, credentials)
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(
-        create_registry_app(registry, orchestrator, access, credentials), port=port,
-        log_level="error"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    try:
-        wait_for(lambda: server.started, 30, "uvicorn")
-
-        def fetch(device: str, version: str) -> int:
-            return httpx.get(f"http://127.0.0.1:{port}/bundles/m/{version}",
-                             auth=(device, secrets[device]), timeout=30).status_code
-
+    with registry_downloads(tmp_path, store, registry, orchestrator, ("a", "b")) as downloads:
+        fetch = downloads.fetch
         assert [fetch("a", "2"), fetch("a", "3"), fetch("a", "1")] == [200, 403, 403]
         assert [fetch("b", "1"), fetch("b", "2"), fetch("b", "3")] == [200, 200, 403]
-    finally:
-        server.should_exit = True
-        thread.join(10)
 
 
 def test_a_device_busy_with_another_rollouts_job_gets_the_next_one_once_it_ends(

@@ -10,29 +10,22 @@ from __future__ import annotations
 
 import base64
 import json
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
 
-import httpx
 import pytest
-import uvicorn
 
-from edgerun.adapters.auth.devices import DeviceCredentials
-from edgerun.adapters.auth.tokens import TokenStore, create_token
 from edgerun.adapters.fleet.orchestrator import Orchestrator
 from edgerun.adapters.fleet.registry import BundleRegistry
 from edgerun.adapters.fleet.store import Store
-from edgerun.adapters.http.registry import FleetAccess, create_registry_app
 from edgerun.adapters.ota.download import DownloadInterrupted, download
 from edgerun.adapters.ota.messages import Job, Report
 from edgerun.examples import mlp_onnx
 from edgerun.runtime import Bundle, signing
 from edgerun.runtime.errors import BundleError
-from tests.fleet_sim import make_bundle, wait_for
+from tests.fleet_sim import make_bundle, registry_downloads
 from tests.postgres import fresh_database, postgres_url  # noqa: F401  (the fixture)
-from tests.serving import free_port
 
 DEVICES = ("a", "b")
 
@@ -59,30 +52,12 @@ def fleet(request, tmp_path: Path) -> Iterator[SimpleNamespace]:
     for device in DEVICES:
         orchestrator.on_message(f"edgerun/{device}/status",
                                 json.dumps({"state": "online", "group": "g"}).encode())
-    credentials = DeviceCredentials(store.db)
-    secrets = {device: credentials.enroll(device) for device in DEVICES}
-    create_token("read", tmp_path / "tokens", tmp_path / "read.secret", name="read")
-    access = FleetAccess(TokenStore(tmp_path / "tokens"), store, credentials)
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(
-        create_registry_app(registry, orchestrator, access, credentials), port=port,
-        log_level="error"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
     try:
-        wait_for(lambda: server.started, 30, "uvicorn")
-        base = f"http://127.0.0.1:{port}"
-
-        def fetch(device: str, version: str) -> int:
-            """The status of the device's download of m:`version`, as itself."""
-            return httpx.get(f"{base}/bundles/m/{version}", auth=(device, secrets[device]),
-                             timeout=30).status_code
-
-        yield SimpleNamespace(orchestrator=orchestrator, registry=registry, sent=sent,
-                              fetch=fetch, base=base, secrets=secrets)
+        with registry_downloads(tmp_path, store, registry, orchestrator, DEVICES) as downloads:
+            yield SimpleNamespace(orchestrator=orchestrator, registry=registry, sent=sent,
+                                  fetch=downloads.fetch, base=downloads.base,
+                                  secrets=downloads.secrets)
     finally:
-        server.should_exit = True
-        thread.join(10)
         store.close()
 
 
