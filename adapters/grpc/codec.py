@@ -14,10 +14,10 @@ big ones there, off the event loop (`decode_work` and `encode_work` say how big 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
+from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 
 from edgerun.adapters.codecs import oip
 from edgerun.adapters.grpc import grpc_predict_v2_pb2 as pb
@@ -48,8 +48,6 @@ _PACKED = {"fp32_contents": np.dtype("<f4"), "fp64_contents": np.dtype("<f8")}
 #: steps by slices are twice as quick as `np.array` over the field.
 STEP_ELEMENTS = 1 << 15
 _FIELD_NUMBER = {f.name: f.number for f in pb.InferTensorContents.DESCRIPTOR.fields}
-_MODEL_NAME, _MODEL_VERSION = (pb.ModelInferRequest.DESCRIPTOR.fields_by_name[f].number
-                               for f in ("model_name", "model_version"))
 #: Bytes a field of each other wire type takes (0, a varint, is read to be skipped).
 _SKIP = {0: 0, 1: 8, 5: 4}
 
@@ -175,51 +173,54 @@ def encode_response(model: str, version: str, request: oip.InferRequest,
 
 
 def model_of(wire: bytes) -> tuple[str, str] | None:
-    """A ModelInferRequest's `model_name` and `model_version` from its wire bytes, without
-    parsing its tensors (None if they cannot be read so: the full parse then decides)."""
-    named = {_MODEL_NAME: "", _MODEL_VERSION: ""}
+    """A ModelInferRequest's `model_name` and `model_version` from its wire bytes, its tensors
+    skipped unparsed (None where the bytes are no protobuf message, so no ModelInferRequest
+    either). protobuf's own parser reads them, by its rules (the last of a repeated field
+    wins, UTF-8 checked): a scan in Python took 20 s over 64 MiB of tiny fields."""
     try:
-        for number, kind, payload in _fields(memoryview(wire)):
-            if number in named:
-                if payload is None:
-                    return None
-                named[number] = str(payload, "utf-8")  # the last one wins, as in protobuf
-    except (InvalidInput, UnicodeDecodeError):
+        head = _HEAD.FromString(wire)
+    except Exception:  # DecodeError, whatever protobuf's implementation
         return None
-    return named[_MODEL_NAME], named[_MODEL_VERSION]
+    return head.model_name, head.model_version
+
+
+def _head_message() -> Any:
+    """A message of ModelInferRequest's fields 1 and 2 alone: the rest parse as unknown
+    fields, length-delimited ones skipped, not decoded."""
+    proto = descriptor_pb2.FileDescriptorProto(name="edgerun/model_infer_head.proto",
+                                               package="edgerun", syntax="proto3")
+    message = proto.message_type.add(name="ModelInferHead")
+    for name in ("model_name", "model_version"):
+        field = pb.ModelInferRequest.DESCRIPTOR.fields_by_name[name]
+        message.field.add(name=name, number=field.number,
+                          type=descriptor_pb2.FieldDescriptorProto.TYPE_STRING,
+                          label=descriptor_pb2.FieldDescriptorProto.LABEL_OPTIONAL)
+    pool = descriptor_pool.DescriptorPool()
+    pool.Add(proto)
+    return message_factory.GetMessageClass(pool.FindMessageTypeByName("edgerun.ModelInferHead"))
+
+
+_HEAD = _head_message()
 
 
 def _read_packed(contents: pb.InferTensorContents, field: str) -> np.ndarray:
     """A float field's values from its packed wire bytes (proto3 packs repeated numbers)."""
     wire = memoryview(contents.SerializeToString())
-    number, parts = _FIELD_NUMBER[field], []
-    for found, kind, payload in _fields(wire):
-        if found == number:
-            if payload is None:  # ours unpacked: no serializer writes it
-                raise InvalidInput(f"typed contents: unexpected wire type {kind} in field "
-                                   f"{number}")
-            parts.append(payload)
-    return np.frombuffer(parts[0] if len(parts) == 1 else b"".join(parts), _PACKED[field])
-
-
-def _fields(wire: memoryview) -> Iterator[tuple[int, int, memoryview | None]]:
-    """A message's top-level fields as (number, wire type, bytes of a length-delimited one,
-    else None), the others' values skipped."""
-    offset = 0
+    number, offset, parts = _FIELD_NUMBER[field], 0, []
     while offset < len(wire):
         key, offset = _varint(wire, offset)
         kind = key & 7
         if kind == 2:
             length, offset = _varint(wire, offset)
-            if offset + length > len(wire):
-                raise InvalidInput(f"field {key >> 3}: {length} bytes past the message's end")
-            yield key >> 3, kind, wire[offset:offset + length]
+            if key >> 3 == number:
+                parts.append(wire[offset:offset + length])
             offset += length
-        elif kind in _SKIP:
-            yield key >> 3, kind, None
+        elif key >> 3 == number or kind not in _SKIP:  # ours unpacked: no serializer writes it
+            raise InvalidInput(f"typed contents: unexpected wire type {kind} in field "
+                               f"{key >> 3}")
+        else:  # another field (unknown ones included), skipped
             offset = _varint(wire, offset)[1] if kind == 0 else offset + _SKIP[kind]
-        else:
-            raise InvalidInput(f"unexpected wire type {kind} in field {key >> 3}")
+    return np.frombuffer(parts[0] if len(parts) == 1 else b"".join(parts), _PACKED[field])
 
 
 def _write_packed(contents: pb.InferTensorContents, field: str, array: np.ndarray) -> None:
