@@ -574,6 +574,39 @@ def test_a_kinesis_batch_stops_at_its_first_failure_and_sends_no_later_result(ha
     assert sent[1:] == [sequences(event)]
 
 
+def test_a_kinesis_windows_results_are_sent_in_order_and_in_time(handler):
+    """A window's results went to the destination in one call, which went on past a refused
+    chunk (the queue then held records 10 to 19 before 0 to 9) and past the invocation's end
+    (64 results to S3 are 64 PUTs). They go in steps now, in order, each with time left."""
+    client = sqs_client("sqs")
+    url = "https://sqs.us-east-1.amazonaws.com/123456789012/edgerun-results.fifo"
+    forward = LambdaHandler(handler.plane, default_model="mlp",
+                            destination=SqsDestination(url, client))
+    event = kinesis_event([infer_body(rows(1, seed=i)).encode() for i in range(20)])
+    sent: list[list[str]] = []
+    client.meta.events.register("before-parameter-build.sqs.SendMessageBatch", lambda params, **_:
+                                sent.append([e["MessageAttributes"]["source-id"]["StringValue"]
+                                             for e in params["Entries"]]))
+    ok = {"Successful": [{"Id": str(i), "MessageId": "a", "MD5OfMessageBody": "x"}
+                         for i in range(10)], "Failed": []}
+
+    class SendingContext(Context):  # time is nearly up once the first step is sent
+        def get_remaining_time_in_millis(self) -> int:
+            return 400 if sent else 30_000
+
+    with Stubber(client) as stub:
+        stub.add_client_error("send_message_batch", "InternalError", http_status_code=500)
+        stub.add_response("send_message_batch", ok)  # not asked for: the batch stopped
+        assert forward(event, Context()) == {
+            "batchItemFailures": [{"itemIdentifier": sequences(event)[0]}]}
+        assert sent == [sequences(event)[:10]]  # records 10 to 19 were not sent before them
+        sent.clear()
+        assert forward(event, SendingContext()) == {
+            "batchItemFailures": [{"itemIdentifier": sequences(event)[10]}]}
+        stub.assert_no_pending_responses()
+    assert sent == [sequences(event)[:10]]
+
+
 def test_a_kinesis_batch_is_micro_batched_and_stops_before_time_runs_out(handler):
     """A stream's batch (up to 10,000 records) is queued STREAM_WINDOW records at a time, in
     few forward passes; once the invocation is nearly out of time no later record is done,

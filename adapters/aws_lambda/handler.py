@@ -57,6 +57,9 @@ MAX_ALB_RESPONSE_BYTES = 1_000_000
 #: A stream's records queued together (the batcher's largest batch): a Kinesis batch may hold
 #: 10,000 records, and one forward pass a record would give up the micro-batching.
 STREAM_WINDOW = 64
+#: Results sent on in one destination call (SQS's batch) before the time left is looked at
+#: again and a failure stops the rest.
+SEND_STEP = 10
 #: The ids one log line names (a line of a stream's 10,000 would pass CloudWatch's 256 KB).
 MAX_LOGGED_ITEMS = 100
 
@@ -208,15 +211,16 @@ class LambdaHandler:
         (and their results sent) before it, out of order. A stream's shard is retried from the
         lowest sequence number reported, every later record delivered again: a result sent for
         one of them would be sent twice. So records run `window` at a time, their results up to
-        the first that failed are sent on in one go, and the first failure (to answer, or to
-        send its result) ends the batch. A FIFO batch's window is one record (ten records at
-        most: its later records are not run at all); a stream's is STREAM_WINDOW, as a stream's
-        batch may hold thousands: its micro-batching, and its sends in batches, are kept. A
-        destination that takes some results of a window and refuses an earlier one gets those
-        again on the retry (SQS and S3 destinations deliver at least once; a FIFO results
-        queue drops them by their deduplication id). Nothing more is started, run or sent, once
-        the invocation has no more than RESERVE_S left: the batch answers with what is done
-        instead of being cut off by Lambda, which would deliver every record again."""
+        the first that failed are sent on in order (`_send_in_order`), and the first failure
+        (to answer, or to send its result) ends the batch. A FIFO batch's window is one record
+        (ten records at most: its later records are not run at all); a stream's is
+        STREAM_WINDOW, as a stream's batch may hold thousands: its micro-batching, and its
+        sends in batches, are kept. A destination that takes some results of one call and
+        refuses an earlier one gets those again on the retry (SQS and S3 destinations deliver
+        at least once; a FIFO results queue drops them by their deduplication id). Nothing more
+        is started, run or sent once the invocation has no more than RESERVE_S left: the batch
+        answers with what is done instead of being cut off by Lambda, which would deliver
+        every record again."""
         for start in range(0, len(records), window):
             left = _remaining_s(context)
             if left is not None and left <= RESERVE_S:
@@ -226,23 +230,37 @@ class LambdaHandler:
                 if record.call is not None:  # the time left now, not when the batch began
                     record.call.timeout = _budget(context)
             answers = self.loop.run_until_complete(self._submit(queued))
-            answered = []  # the results up to the first failure, sent on in one go
+            answered = []  # the results up to the first failure, to be sent on
             for record, (body, error) in zip(queued, answers):
                 if error is not None:
                     break
                 answered.append((record.item_id, body))
-            unsent = self.destination.send(answered) if self.destination and answered \
-                else set()  # destinations log why
-            for offset, (record, (_, error)) in enumerate(zip(queued, answers)):
-                if error is None and record.item_id not in unsent:
-                    continue
+            done = self._send_in_order(answered, context)
+            if done < len(queued):
+                record, (_, error) = queued[done], answers[done]
                 if error is not None:
                     _log_failure(kind, record.item_id, error,
                                  None if record.call is None else record.call.request_id)
                 return [record.item_id, *_not_done(
-                    kind, records[start + offset + 1:], f"record {record.item_id} failed "
-                    "before them")]
+                    kind, records[start + done + 1:], f"the batch stopped at record "
+                    f"{record.item_id}")]
         return []
+
+    def _send_in_order(self, results: list[tuple[str, bytes]], context: Any) -> int:
+        """How many of `results` were sent on, in order: SEND_STEP at a time, stopping at a
+        step the destination did not take whole (destinations log why), or once the invocation
+        has no more than RESERVE_S left (64 results to S3, one PUT each, outlasted it)."""
+        if self.destination is None:
+            return len(results)
+        for start in range(0, len(results), SEND_STEP):
+            left = _remaining_s(context)
+            if left is not None and left <= RESERVE_S:
+                return start
+            step = results[start:start + SEND_STEP]
+            unsent = self.destination.send(step)
+            if unsent:
+                return start + next(i for i, (item_id, _) in enumerate(step) if item_id in unsent)
+        return len(results)
 
     async def _submit(self, records: list[Record]) -> list[tuple[bytes, EdgerunError | None]]:
         """Decode every record first, then queue them all at once: the batcher sees the whole
