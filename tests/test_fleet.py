@@ -501,7 +501,8 @@ def orchestrator(tmp_path, keys, fleet_db):
 
 
 def test_orchestrator_takes_back_a_withdrawn_job_the_device_had_picked_up(orchestrator):
-    """An abort withdraws jobs no device has reported on; a late report brings a rollback."""
+    """An abort withdraws jobs no device has reported on; a late report past the download (one
+    under way may finish: the registry refuses only new ones) brings a rollback."""
     from edgerun.adapters.ota.messages import Job, Report
 
     sent = orchestrator.sent
@@ -518,6 +519,9 @@ def test_orchestrator_takes_back_a_withdrawn_job_the_device_had_picked_up(orches
     assert sent[-1] == ("edgerun/b/ota", b"", True)  # withdrawn
     orchestrator.on_message("edgerun/b/ota/report",
                             Report(job_ids["b"], "b", "downloading", "m", "2", "1").encode())
+    assert sent[-1] == ("edgerun/b/ota", b"", True)  # its download is refused from now on
+    orchestrator.on_message("edgerun/b/ota/report",
+                            Report(job_ids["b"], "b", "staged", "m", "2", "1").encode())
     rollback = Job.decode(sent[-1][1])
     assert (rollback.kind, rollback.version, sent[-1][0]) == ("rollback", "1", "edgerun/b/ota")
     assert orchestrator.status(rollout["id"])["state"] == "rolling_back"

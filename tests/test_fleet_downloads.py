@@ -116,6 +116,26 @@ def test_a_sent_job_the_abort_withdrew_authorises_no_download_any_more(fleet, tm
                  headers={"Authorization": "Basic " + base64.b64encode(
                      f"b:{fleet.secrets['b']}".encode()).decode()})
     assert not isinstance(refused.value, DownloadInterrupted) and not dest.exists()
+    # b's reports of the job it picked up before the abort: queued, downloading, then the
+    # refusal. A rollback job answered the first, and its job id granted m:2 again.
+    published = len(fleet.sent)
+    for state in ("queued", "downloading", "failed"):
+        report(fleet, jobs["b"], "b", state, "2", "1")
+        assert fleet.fetch("b", "2") == 403, state
+    assert states(fleet, rollout["id"])["b"] == "cancelled"
+    assert len(fleet.sent) == published  # no rollback job: b stays on what it runs
+
+
+def test_a_withdrawn_job_the_device_had_downloaded_is_rolled_back(fleet):
+    """A device whose download was done before the abort withdrew its job installs it: its
+    report past the download gets it a rollback job."""
+    rollout = fleet.orchestrator.deploy("m", "2", devices=list(DEVICES))
+    jobs = {job["device_id"]: job["job_id"] for job in rollout["jobs"]}
+    report(fleet, jobs["a"], "a", "failed", "2", "1")
+    report(fleet, jobs["b"], "b", "staged", "2", "1")
+    rollback = Job.decode(fleet.sent[-1][1])
+    assert (fleet.sent[-1][0], rollback.kind, rollback.version) == ("edgerun/b/ota",
+                                                                   "rollback", "1")
 
 
 def test_a_rollback_offers_no_download_of_a_version_only_an_unsent_job_named(fleet):

@@ -30,8 +30,8 @@ from edgerun.adapters.fleet import gate as gates
 from edgerun.adapters.fleet.registry import BundleRegistry
 from edgerun.adapters.fleet.store import CANCELLED, PENDING, Store
 from edgerun.adapters.fleetdb import redact
-from edgerun.adapters.ota.messages import (ACTIVE, FAILED, INSTALL, QUEUED, ROLLBACK, ROLLED_BACK,
-                                           TERMINAL, Job, Report, job_topic)
+from edgerun.adapters.ota.messages import (ACTIVE, DOWNLOADING, FAILED, INSTALL, QUEUED, ROLLBACK,
+                                           ROLLED_BACK, TERMINAL, Job, Report, job_topic)
 from edgerun.runtime.bundle import VERSION_RE
 from edgerun.runtime.errors import InvalidInput, ModelNotFound
 
@@ -219,6 +219,11 @@ class Orchestrator:
                 and report.previous is not None:
             rollout = self._rollout(job["rollout_id"])
             if job["state"] == CANCELLED or rollout["state"] in (ROLLING_BACK, ABORTED):
+                if job["state"] == CANCELLED and report.state in (QUEUED, DOWNLOADING):
+                    # withdrawn before its download: the registry refuses that, so the job
+                    # fails on the device, which keeps what it runs; a rollback job now would
+                    # grant the download again (a job sent and not withdrawn)
+                    return
                 # withdrawn by an abort, or timed out and then aborted, but the device had
                 # picked it up and went on: take it back
                 self._send_rollback(rollout, {**job, "previous_version": report.previous})
