@@ -838,3 +838,54 @@ def test_a_stop_between_retries_does_not_wait_them_out(tmp_path, keys, bundles):
     stops_at_once(device)
     assert "failed" not in device.states(job)
     assert device.agent.slots.read("m").active_version is None
+
+
+def test_refused_downloads_close_their_connections_and_a_set_stop_sends_nothing(tmp_path):
+    """An HTTP error raised from the download's opening thread held its connection in a
+    reference cycle until the cycle collector ran (100 refusals, 100 open sockets); and a
+    download given a stop already set still went to the registry."""
+    import gc
+
+    from edgerun.adapters.ota.download import DownloadStopped, Stop
+
+    asked: list[str] = []
+
+    class Refusing(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def do_GET(self) -> None:
+            asked.append(self.path)
+            self.send_response(503)
+            self.send_header("Content-Length", "4")
+            self.end_headers()
+            self.wfile.write(b"busy")
+
+        def log_message(self, *args) -> None:
+            pass
+
+    registry = ThreadingHTTPServer(("127.0.0.1", 0), Refusing)
+    threading.Thread(target=registry.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{registry.server_port}/bundles/m/2"
+
+    def open_sockets() -> int:
+        return sum(os.readlink(f"/proc/self/fd/{fd}").startswith("socket:")
+                   for fd in os.listdir("/proc/self/fd") if fd.isdigit()
+                   and os.path.exists(f"/proc/self/fd/{fd}"))
+    try:
+        before = open_sockets()
+        gc.disable()
+        try:
+            for _ in range(20):
+                with pytest.raises(DownloadInterrupted, match="503"):
+                    download(url, tmp_path / "a.tar.gz", "0" * 64)
+            assert open_sockets() - before <= 5  # the server's ends, closing: not 20
+        finally:
+            gc.enable()
+        stop = Stop()
+        stop.set()
+        with pytest.raises(DownloadStopped):
+            download(url, tmp_path / "a.tar.gz", "0" * 64, stop=stop)
+        assert len(asked) == 20
+    finally:
+        registry.shutdown()
+        registry.server_close()

@@ -112,19 +112,27 @@ def _open_unless_stopped(request: urllib.request.Request, timeout: float, stop: 
     connect and a registry's answer may each take up to `timeout`. A response that comes
     after a stop is closed."""
     opened: futures.Future[Any] = futures.Future()
-
-    def opening() -> None:
-        try:
-            opened.set_result(_open(request, timeout))
-        except BaseException as exc:  # raised again on the downloading thread
-            opened.set_exception(exc)
-
-    threading.Thread(target=opening, name="edgerun-download-open", daemon=True).start()
+    threading.Thread(target=_opening, args=(opened, request, timeout),
+                     name="edgerun-download-open", daemon=True).start()
     while not stop.is_set():
         if futures.wait([opened], timeout=_POLL_S).done:
-            return opened.result()
+            try:
+                return opened.result()  # or its error, raised
+            finally:
+                del opened  # as in `_opening`: an error's traceback keeps this frame
     opened.add_done_callback(_close_unused)
     raise DownloadStopped(f"download of {request.full_url} stopped")
+
+
+def _opening(opened: futures.Future[Any], request: urllib.request.Request,
+             timeout: float) -> None:
+    try:
+        opened.set_result(_open(request, timeout))
+    except BaseException as exc:  # raised again on the downloading thread
+        opened.set_exception(exc)
+    # An error's traceback keeps this frame: holding the future, which holds the error, it
+    # made a cycle that kept an HTTP error's socket open until the cycle collector ran.
+    del opened
 
 
 def _close_unused(opened: futures.Future[Any]) -> None:
@@ -147,6 +155,8 @@ def download(url: str, dest: Path, sha256: str, size: int = 0, timeout: float = 
     `headers` carry the device's credential (`Authorization: Basic ...`); `stop` ends it
     early (DownloadStopped), its part kept for resuming."""
     stop = stop or Stop()
+    if stop.is_set():
+        raise DownloadStopped(f"download of {url} stopped before it began")
     part = dest.with_name(dest.name + ".part")
     have = part.stat().st_size if part.exists() else 0
     if size and have > size:
