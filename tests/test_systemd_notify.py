@@ -45,12 +45,14 @@ class ServiceManager:
         self.sock.bind("\0" + address[1:] if address.startswith("@") else address)
         self.received: list[tuple[int, dict[str, str]]] = []
 
-    def wait_for(self, field: str, timeout: float = 60) -> tuple[int, dict[str, str]]:
-        """The first message (sender PID, fields) holding `field` ("READY", ...)."""
+    def wait_for(self, field: str, timeout: float = 60,
+                 value: str | None = None) -> tuple[int, dict[str, str]]:
+        """The first message (sender PID, fields) holding `field` ("READY", ...), with `value`
+        if given."""
         deadline = time.monotonic() + timeout
         while True:
             for pid, fields in self.received:
-                if field in fields:
+                if field in fields and value in (None, fields[field]):
                     return pid, fields
             self.sock.settimeout(max(0.001, deadline - time.monotonic()))
             try:
@@ -114,17 +116,19 @@ def _unit_stop_timeout() -> float:
 
 
 def test_a_long_drain_timeout_extends_systemds_stop_timeout(tmp_path, manager):
-    """READY=1 once the models are loaded; at SIGTERM, STOPPING=1 and EXTEND_TIMEOUT_USEC
-    covering device.toml's drain_timeout (300 s, far past the unit's TimeoutStopSec), the
-    "offline" status and an OTA job's stop."""
+    """READY=1 once the config holds, STATUS=serving once the models are loaded; at SIGTERM,
+    STOPPING=1 and EXTEND_TIMEOUT_USEC covering device.toml's drain_timeout (300 s, far past
+    the unit's TimeoutStopSec), the "offline" status and an OTA job's stop."""
     add_version(tmp_path / "repo", "mlp", "1", mlp_onnx([4, 8, 3]))
     with running_broker(tmp_path / "broker") as broker:
         config = _config(tmp_path, broker.url, "notified", "drain_timeout = 300\n")
         daemon = Daemon(config, _environment(manager)).start()
         try:
-            pid, _ = manager.wait_for("READY")
+            pid, fields = manager.wait_for("READY")
             assert pid == daemon.process.pid  # sent by the main process itself
-            assert "loaded mlp version 1" in daemon.output()  # ready means the model serves
+            assert fields["STATUS"] == "loading the models"
+            manager.wait_for("STATUS", value="serving")
+            assert "loaded mlp version 1" in daemon.output()  # serving: the model loaded
             wait_online(broker, "notified", daemon)
             requester = Requester(broker)
             payload, _ = requester.ask("edgerun/notified/infer/mlp", INFER_JSON,
@@ -139,7 +143,7 @@ def test_a_long_drain_timeout_extends_systemds_stop_timeout(tmp_path, manager):
     extension = int(fields["EXTEND_TIMEOUT_USEC"]) / 1e6
     assert extension >= 300 + OFFLINE_WAIT_S + CLOSE_WAIT_S
     assert extension > _unit_stop_timeout()  # without it systemd would SIGKILL mid-drain
-    assert [f for _, f in manager.received if "READY" in f] == [{"READY": "1"}]  # once
+    assert [f["READY"] for _, f in manager.received if "READY" in f] == ["1"]  # once
 
 
 def test_ready_does_not_wait_for_the_broker(tmp_path, manager):

@@ -196,6 +196,10 @@ class Daemon:
             for signum in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(signum, self._stop.set)
         self.data_dir.mkdir(parents=True, exist_ok=True)
+        # started, as Type=simple counted it, once the config held: READY=1 waits neither for
+        # the models (a TensorRT engine build takes minutes, and boot would wait for it, or
+        # forever for a load that hangs) nor for the broker (out of reach at boot, say)
+        systemd_notify.ready()
         if not await self._load():
             return  # stopped while loading: not connected yet, so nothing to drain or announce
         gc.freeze()  # the loaded models' objects leave the collector's scans: shorter pauses
@@ -206,10 +210,7 @@ class Daemon:
         self._connect()
         tasks = [asyncio.create_task(self._report_telemetry()),
                  asyncio.create_task(self._keepalive())]
-        # models loaded, connecting: serving now or once the broker answers. READY=1 does not
-        # wait for the broker: one out of reach at boot would hold the unit (and the boot) in
-        # "activating", or get the daemon killed by a start timeout, for as long as it is away
-        systemd_notify.ready()
+        systemd_notify.status(systemd_notify.SERVING)
         try:
             await self._stop.wait()
         finally:

@@ -14,6 +14,7 @@ import os
 import socket
 
 log = logging.getLogger(__name__)
+LOADING, SERVING = "loading the models", "serving"
 
 
 def notify(*fields: str) -> bool:
@@ -41,8 +42,14 @@ def notify(*fields: str) -> bool:
 
 
 def ready() -> bool:
-    """Type=notify: the start is over (systemd's start timeout no longer applies)."""
-    return notify("READY=1")
+    """Type=notify: the start is over (systemd's start timeout no longer applies); the models
+    load after it, as `systemctl status` says."""
+    return notify("READY=1", f"STATUS={LOADING}")
+
+
+def status(text: str) -> bool:
+    """What `systemctl status` shows of the daemon."""
+    return notify(f"STATUS={text}")
 
 
 def stopping(seconds: float) -> bool:
