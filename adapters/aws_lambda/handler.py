@@ -222,8 +222,7 @@ class LambdaHandler:
         answers with what is done instead of being cut off by Lambda, which would deliver
         every record again."""
         for start in range(0, len(records), window):
-            left = _remaining_s(context)
-            if left is not None and left <= RESERVE_S:
+            if _nearly_out_of_time(context):
                 return _not_done(kind, records[start:], "the invocation's time is nearly up")
             queued = records[start:start + window]
             for record in queued:
@@ -253,8 +252,7 @@ class LambdaHandler:
         if self.destination is None:
             return len(results)
         for start in range(0, len(results), SEND_STEP):
-            left = _remaining_s(context)
-            if left is not None and left <= RESERVE_S:
+            if _nearly_out_of_time(context):
                 return start
             step = results[start:start + SEND_STEP]
             unsent = self.destination.send(step)
@@ -370,6 +368,12 @@ def _remaining_s(context: Any) -> float | None:
     """The invocation's remaining time in seconds, when the context says."""
     remaining = getattr(context, "get_remaining_time_in_millis", None)
     return None if remaining is None else remaining() / 1000
+
+
+def _nearly_out_of_time(context: Any) -> bool:
+    """No more than RESERVE_S left: nothing more is started or sent, the batch answers."""
+    left = _remaining_s(context)
+    return left is not None and left <= RESERVE_S
 
 
 def _budget(context: Any) -> float | None:
