@@ -212,6 +212,19 @@ class Repository:
             self._attempted.discard(name)
             self._retire(old, keep={})
 
+    def refresh(self, name: str) -> list[str]:
+        """Serve a model as its source offers it now, not at the next poll (an updater that
+        changed the source, as OTA's slots, reports only once it serves); the versions served.
+        A model the source no longer offers is unloaded, and loads again once offered (an
+        `unload` holds it off until a `load`)."""
+        with self._load_lock:
+            if name in self.source.models():
+                return self.load(name)
+            if name in self._models:
+                self.unload(name)
+            self._unloaded.discard(name)
+            return []
+
     def _retire(self, old: ServedModel | None, keep: Mapping[str, ServedVersion]) -> None:
         if old is None:
             return

@@ -531,6 +531,62 @@ def test_orchestrator_takes_back_a_withdrawn_job_the_device_had_picked_up(orches
     assert orchestrator.status(rollout["id"])["state"] == "aborted"
 
 
+def test_a_device_that_served_no_version_before_is_rolled_back_to_none(orchestrator):
+    """b ran no version of m before the rollout (its reports say previous None). Rolling the
+    completed rollout back takes m:2 off b with a rollback to no version: its active job was
+    marked "withdrawn before the device picked it up", b kept m:2, and the fleet no longer
+    counted b's job as sent, so later rollbacks to m:2 offered b no download of it."""
+    from edgerun.adapters.ota.messages import Job, Report
+
+    sent = orchestrator.sent
+    rollout = orchestrator.deploy("m", "2", group="g")
+    job_ids = {job["device_id"]: job["job_id"] for job in rollout["jobs"]}
+    orchestrator.on_message("edgerun/a/ota/report",
+                            Report(job_ids["a"], "a", "active", "m", "2", "1").encode())
+    orchestrator.on_message("edgerun/b/ota/report",
+                            Report(job_ids["b"], "b", "active", "m", "2", None).encode())
+    orchestrator.tick()
+    assert orchestrator.status(rollout["id"])["state"] == "completed"
+    orchestrator.rollback(rollout["id"])
+    to_b = [Job.decode(payload) for topic, payload, _ in sent
+            if topic == "edgerun/b/ota" and payload]
+    assert (to_b[-1].kind, to_b[-1].version, to_b[-1].url) == ("rollback", "", "")
+    job_b = next(j for j in orchestrator.status(rollout["id"])["jobs"] if j["device_id"] == "b")
+    assert (job_b["state"], job_b["kind"]) == ("queued", "rollback")
+    assert "to no version" in job_b["detail"]
+    assert orchestrator.store.device_has_job("b", "m", "2")  # sent it, never withdrawn
+    orchestrator.on_message("edgerun/b/ota/report", Report(
+        to_b[-1].job_id, "b", "rolled_back", "m", "", "2").encode())
+    orchestrator.on_message("edgerun/a/ota/report", Report(
+        f"{rollout['id']}.a.rollback", "a", "rolled_back", "m", "1", "2").encode())
+    orchestrator.tick()
+    status = orchestrator.status(rollout["id"])
+    assert status["state"] == "aborted" and job_states(status) == {"a": "rolled_back",
+                                                                   "b": "rolled_back"}
+
+
+def test_a_withdrawn_job_a_device_with_no_version_went_on_with_is_taken_back(orchestrator):
+    """As for any device, but b served no version before: its late report past the download
+    (previous None) was ignored, and b kept serving the version the abort stopped."""
+    from edgerun.adapters.ota.messages import Job, Report
+
+    sent = orchestrator.sent
+    rollout = orchestrator.deploy("m", "2", group="g")
+    job_ids = {job["device_id"]: job["job_id"] for job in rollout["jobs"]}
+    orchestrator.on_message("edgerun/a/ota/report",
+                            Report(job_ids["a"], "a", "failed", "m", "2", "1").encode())
+    orchestrator.tick()
+    assert job_states(orchestrator.status(rollout["id"]))["b"] == "cancelled"
+    orchestrator.on_message("edgerun/b/ota/report",
+                            Report(job_ids["b"], "b", "downloading", "m", "2", None).encode())
+    assert sent[-1] == ("edgerun/b/ota", b"", True)  # its download is refused: nothing more
+    orchestrator.on_message("edgerun/b/ota/report",
+                            Report(job_ids["b"], "b", "active", "m", "2", None).encode())
+    rollback = Job.decode(sent[-1][1])
+    assert (sent[-1][0], rollback.kind, rollback.version) == ("edgerun/b/ota", "rollback", "")
+    assert orchestrator.status(rollout["id"])["state"] == "rolling_back"
+
+
 def test_a_device_that_finishes_after_its_job_timed_out_is_rolled_back(orchestrator):
     """The orchestrator gave up on b and aborted; b went on and installed: it must not be left
     serving the version the rollout withdrew."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import json
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
@@ -155,3 +156,30 @@ def test_a_rollback_offers_no_download_of_a_version_only_an_unsent_job_named(fle
     detail = fleet.orchestrator.status(second["id"])["jobs"][0]["detail"]
     assert "the fleet never sent it that one" in detail
     assert [fleet.fetch("b", "1"), fleet.fetch("b", "2")] == [403, 200]
+
+
+def test_a_job_that_timed_out_with_no_report_authorises_no_download_after_the_abort(fleet):
+    """Both jobs time out and the rollout aborts. a reported on its job: a download of it may
+    still come late, and a report past it gets a rollback. b never said a word: its job was
+    cleared from the broker at the time-out, so the abort withdraws it, as it does a job no
+    report came for, and b's download of the version the rollout stopped is refused."""
+    rollout = fleet.orchestrator.deploy("m", "2", devices=list(DEVICES), job_timeout=0.2,
+                                        max_failures=0.5)
+    jobs = {job["device_id"]: job["job_id"] for job in rollout["jobs"]}
+    report(fleet, jobs["a"], "a", "downloading", "2", "1")
+    time.sleep(0.3)
+    fleet.orchestrator.tick()  # 2 of 2 timed out, over max-failures 50 %
+    status = fleet.orchestrator.status(rollout["id"])
+    assert status["state"] == "aborted" and states(fleet, rollout["id"]) == {
+        "a": "failed", "b": "cancelled"}
+    job_b = next(job for job in status["jobs"] if job["device_id"] == "b")
+    assert job_b["detail"] == ("timed out in state queued with no report, then withdrawn by "
+                               "the abort")
+    assert [fleet.fetch("a", "2"), fleet.fetch("b", "2")] == [200, 403]
+    published = len(fleet.sent)
+    report(fleet, jobs["b"], "b", "queued", "2", "1")  # b got the job late: still refused
+    assert fleet.fetch("b", "2") == 403 and len(fleet.sent) == published
+    report(fleet, jobs["b"], "b", "active", "2", "1")  # it had the bundle: take it back
+    rollback = Job.decode(fleet.sent[-1][1])
+    assert (fleet.sent[-1][0], rollback.kind, rollback.version) == ("edgerun/b/ota",
+                                                                   "rollback", "1")

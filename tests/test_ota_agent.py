@@ -471,13 +471,48 @@ def test_kill_9_at_each_step_leaves_a_verified_model(tmp_path, keys, server):
 
 @pytest.mark.parametrize("model, version", [("../../outside", "2"), ("m", "../2"),
                                             ("m/x", "2"), ("m", "2/../../x"),
-                                            ("m\n", "2"), ("m", "2\n")])
+                                            ("m\n", "2"), ("m", "2\n"), ("m", "")])
 def test_a_job_naming_paths_outside_the_ota_folder_is_refused(model, version):
-    """Model and version become parts of paths on the device; jobs are not signed."""
+    """Model and version become parts of paths on the device; jobs are not signed. No version
+    is a rollback's alone (to before the first install)."""
     job = Job(job_id="j1", kind="install", model=model, version=version,
               url="http://registry/bundles/m/2", sha256="0" * 64, size=1, rollout="r")
     with pytest.raises(InvalidInput, match="not a bundle name and version"):
         Job.decode(job.encode())
+    assert Job.decode(Job("j2", "rollback", "m", "").encode()).version == ""
+
+
+def test_a_rollback_to_no_version_removes_what_the_first_install_brought(tmp_path, keys,
+                                                                         server, bundles):
+    """A device that served no version of m installs m:2; the fleet takes it back to what
+    served before: nothing. The model goes, the slots stay, and a later install serves again;
+    the daemon's folder, once it has the model, serves after such a rollback."""
+    device = Device(tmp_path / "device", keys["trusted"])
+    try:
+        install = server.add(bundles("2"))
+        report = device.run(install)
+        assert (report.state, report.previous, device.served()) == ("active", None, ["2"])
+        back = Job("rb-1", "rollback", "m", "")
+        report = device.run(back)
+        assert (report.state, report.previous, report.active) == ("rolled_back", "2", None)
+        assert "m" not in device.repository and device.agent.active_version("m") is None
+        assert device.states(back) == ["queued", "verifying", "rolled_back"]
+        again = device.run(back)  # the retained job, delivered again: answered, not redone
+        assert (again.state, again.previous) == ("rolled_back", "2")
+        device.repository.poll_once()  # what the daemon's poller does: nothing comes back
+        assert "m" not in device.repository
+        # removed as the source no longer offers it, not held unloaded as by an operator:
+        # the daemon's folder, given the model later, serves it at the next poll
+        shutil.copytree(bundles("1"), device.folder / "models" / "m" / "1")
+        device.repository.poll_once()
+        assert device.served() == ["1"]
+        assert device.run(server.add(bundles("3"))).state == "active"
+        assert device.served() == ["3"]
+        report = device.run(Job("rb-2", "rollback", "m", ""))
+        assert (report.state, report.previous) == ("rolled_back", "3")
+        assert device.served() == ["1"]  # the folder's own again
+    finally:
+        device.close()
 
 
 

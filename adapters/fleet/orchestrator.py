@@ -213,10 +213,12 @@ class Orchestrator:
         job = self.store.job_by_id(report.job_id) if report.job_id else None
         if job is None or job["device_id"] != device:
             return
+        # what an install's rollback goes back to: "" once a device that served no version of
+        # the model reports (None stays "no report yet", which an abort may withdraw)
+        previous = "" if report.previous is None else report.previous
         given_up = job["state"] == CANCELLED or (
             job["state"] == FAILED and job["detail"].startswith(TIMED_OUT))
-        if given_up and job["kind"] == INSTALL and report.state != FAILED \
-                and report.previous is not None:
+        if given_up and job["kind"] == INSTALL and report.state != FAILED:
             rollout = self._rollout(job["rollout_id"])
             if job["state"] == CANCELLED or rollout["state"] in (ROLLING_BACK, ABORTED):
                 if job["state"] == CANCELLED and report.state in (QUEUED, DOWNLOADING):
@@ -226,17 +228,17 @@ class Orchestrator:
                     return
                 # withdrawn by an abort, or timed out and then aborted, but the device had
                 # picked it up and went on: take it back
-                self._send_rollback(rollout, {**job, "previous_version": report.previous})
+                self._send_rollback(rollout, {**job, "previous_version": previous})
                 return
             # timed out, yet the device went on and the rollout goes on: its reports count
         elif job["state"] in ENDED:
             return
         elif (job["state"], job["detail"]) == (report.state, report.detail) and \
-                report.previous in (None, job["previous_version"]):
+                (job["kind"] != INSTALL or previous == job["previous_version"]):
             return  # heard before (a retained report, again): nothing new
         fields: dict[str, Any] = {"state": report.state, "detail": report.detail}
-        if report.previous is not None and job["kind"] == INSTALL:
-            fields["previous_version"] = report.previous
+        if job["kind"] == INSTALL:
+            fields["previous_version"] = previous
         if report.state == ACTIVE:  # the gate counts errors from here on
             telemetry = (self.store.device(device) or {}).get("telemetry") or {}
             fields["baseline"] = json.dumps({k: telemetry.get(k)
@@ -339,6 +341,14 @@ class Orchestrator:
                 fields = {"state": CANCELLED, "detail": "rollout aborted before this wave"}
                 self.store.update_job(rollout["id"], job["device_id"], **fields)
                 job.update(fields)
+            elif job["state"] == FAILED and job["detail"].startswith(TIMED_OUT) and \
+                    job["previous_version"] is None:
+                # sent, never reported on, and cleared from the broker when it timed out: as
+                # an abort withdraws a job no report came for, so that its download is refused
+                fields = {"state": CANCELLED, "detail": f"{job['detail']} with no report, "
+                          "then withdrawn by the abort"}
+                self.store.update_job(rollout["id"], job["device_id"], **fields)
+                job.update(fields)
             elif job["kind"] == INSTALL and job["state"] not in (FAILED, CANCELLED,
                                                                   ROLLED_BACK):
                 job.update(self._send_rollback(rollout, job))
@@ -410,11 +420,12 @@ class Orchestrator:
         return broken
 
     def _send_rollback(self, rollout: dict[str, Any], job: dict[str, Any]) -> dict[str, Any]:
-        """Take an install back (or withdraw it if the device never picked it up); the job's
-        fields as they now are."""
+        """Take an install back (or withdraw it if the device never reported on it); the job's
+        fields as they now are. A device that served no version of the model before
+        (`previous_version` "") gets a rollback to no version: the model is removed."""
         previous = job.get("previous_version")
         device = job["device_id"]
-        if previous is None:  # never picked up: withdraw it
+        if previous is None:  # no report yet: withdraw it
             self._send(job_topic(device), b"", True)
             fields = {"state": CANCELLED, "detail": "withdrawn before the device picked it up"}
             self.store.update_job(rollout["id"], device, **fields)
@@ -422,7 +433,9 @@ class Orchestrator:
         if rollout["state"] == ABORTED:  # follow this rollback to its end too
             self.store.update_rollout(rollout["id"], state=ROLLING_BACK)
         detail = "rolling back"
-        if self.store.version(rollout["model"], previous) is not None and \
+        if not previous:
+            detail += " (to no version: the device served none of this model before the install)"
+        elif self.store.version(rollout["model"], previous) is not None and \
                 not self.store.device_has_job(device, rollout["model"], previous):
             detail += (f" (to the version {previous} the device reported it served before: "
                        "the fleet never sent it that one, so the job offers no download)")

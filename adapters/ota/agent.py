@@ -212,7 +212,8 @@ class OtaAgent:
                          retain=True)
             return
         switched = state.switching
-        if switched.get("job_id") == job.job_id and self.active_version(job.model) == job.version:
+        if switched.get("job_id") == job.job_id and \
+                (self.active_version(job.model) or "") == job.version:
             # the pointer flipped, then the daemon restarted before the job's end: recovery
             # loaded (smoke-tested) it, so the job is done, and `previous` is what served before
             # (a rollback to the daemon's folder leaves no slot active: the folder's version)
@@ -341,15 +342,18 @@ class OtaAgent:
                 from exc
 
     def _rollback(self, job: Job, previous: str | None) -> None:
-        if previous == job.version:
+        """Back to `job.version` from a slot, the daemon's folder, or a download; or, with no
+        version, to what served before the first install: the folder's own, else nothing."""
+        if (previous or "") == job.version:
             self._report(job, ROLLED_BACK, previous, "already on this version")
             return
         state = self.slots.read(job.model)
-        slot = state.slot_of(job.version)
+        slot = state.slot_of(job.version) if job.version else None
         if slot is not None and self._intact(job.model, slot, state):
             before = SlotState(state.active, dict(state.slots), state.last)
             state.active = slot
-        elif slot is None and state.active and self._fallback_has(job.model, job.version):
+        elif slot is None and state.active and (
+                not job.version or self._fallback_has(job.model, job.version)):
             before = SlotState(state.active, dict(state.slots), state.last)
             state.active = None
         elif job.url:
@@ -362,10 +366,11 @@ class OtaAgent:
         state.switching = {"job_id": job.job_id, "previous": previous}
         self.slots.write(job.model, state)
         try:
-            self.repository.load(job.model)
+            self.repository.refresh(job.model)
         except EdgerunError as exc:
             self.slots.write(job.model, before)
-            raise BundleError(f"rollback to {job.version} failed to load: {exc}") from exc
+            raise BundleError(f"rollback to {job.version or 'no version'} failed to load: "
+                              f"{exc}") from exc
         self._report(job, ROLLED_BACK, previous)
 
     def _fallback_has(self, model: str, version: str) -> bool:

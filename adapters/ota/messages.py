@@ -36,7 +36,7 @@ class Job:
     job_id: str
     kind: str  # install | rollback
     model: str
-    version: str
+    version: str  # in a rollback, "" is no version: the device served none before (removed)
     url: str = ""
     sha256: str = ""
     size: int = 0
@@ -60,7 +60,9 @@ class Job:
         if job.kind == INSTALL and not (job.url and job.sha256):
             raise InvalidInput("OTA install job needs a url and a sha256")
         # both become parts of paths on the device: "../x" must never leave the OTA folder
-        if not NAME_RE.fullmatch(job.model) or not VERSION_RE.fullmatch(job.version):
+        no_version = job.kind == ROLLBACK and job.version == ""
+        if not NAME_RE.fullmatch(job.model) or not (
+                no_version or VERSION_RE.fullmatch(job.version)):
             raise InvalidInput(f"OTA job names model {job.model[:80]!r} version "
                                f"{job.version[:40]!r}, which is not a bundle name and version")
         return job
