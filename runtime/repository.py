@@ -218,7 +218,11 @@ class Repository:
         A model the source no longer offers is unloaded, and loads again once offered (an
         `unload` holds it off until a `load`)."""
         with self._load_lock:
-            if name in self.source.models():
+            try:  # a folder with a config.toml and no version offers nothing to serve
+                offered = bool(self.source.wanted(name, self.source.config(name)))
+            except ModelNotFound:
+                offered = False
+            if offered:
                 return self.load(name)
             if name in self._models:
                 self.unload(name)
@@ -260,7 +264,10 @@ class Repository:
         if self._stop.is_set():
             return
         for name in sorted(set(self._models) - offered):
-            self.unload(name)
+            try:
+                self.unload(name)
+            except ModelNotFound:  # unloaded since (`refresh`, the repository API): gone
+                pass
             self._unloaded.discard(name)
         with self._load_lock:  # a model that never loaded and is gone is no longer due
             self._attempted &= offered

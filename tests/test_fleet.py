@@ -343,9 +343,11 @@ def test_failures_over_the_threshold_abort_and_roll_back(tmp_path, server, fleet
     jobs = {j["device_id"]: (j["state"], j.get("kind"), j.get("detail")) for j in status["jobs"]}
     # as text: pytest cuts a dict's repr short, and the detail is what names the cause
     assert [states[d.device_id] for d in updated] == ["rolled_back"] * 3, json.dumps(jobs)
-    # the abort may catch the last refusing device mid-job: it then gets a rollback too
+    # the abort may catch the last refusing device mid-job: it then gets a rollback too; or
+    # before its first report: its job is withdrawn (cancelled) and its download refused
     refused = [states[d.device_id] for d in refusing]
-    assert refused.count("failed") >= 2 and set(refused) <= {"failed", "rolled_back"}
+    assert refused.count("failed") >= 2, json.dumps(jobs)
+    assert set(refused) <= {"failed", "rolled_back", "cancelled"}, json.dumps(jobs)
     assert all(d.served("m") == ["1"] for d in updated + refusing)
     assert load.failures == []
 
@@ -608,6 +610,32 @@ def test_a_device_that_finishes_after_its_job_timed_out_is_rolled_back(orchestra
     assert (sent[-1][0], rollback.kind, rollback.version) == ("edgerun/b/ota", "rollback", "1")
     status = orchestrator.status(rollout["id"])
     assert job_states(status)["b"] == "queued" and status["state"] == "rolling_back"
+
+
+def test_a_late_devices_rollback_that_times_out_is_not_taken_for_a_withdrawn_install(
+        orchestrator):
+    """b's install timed out unreported and the abort withdrew it; b then said it had
+    installed m:2 and was sent a rollback, which timed out too. That rollback job is no
+    install never reported on: it stays failed, and b's job still counts as sent."""
+    from edgerun.adapters.ota.messages import Report
+
+    rollout = orchestrator.deploy("m", "2", group="g", job_timeout=0.2)
+    job_ids = {job["device_id"]: job["job_id"] for job in rollout["jobs"]}
+    orchestrator.on_message("edgerun/a/ota/report",
+                            Report(job_ids["a"], "a", "active", "m", "2", "1").encode())
+    time.sleep(0.3)
+    orchestrator.tick()
+    assert job_states(orchestrator.status(rollout["id"]))["b"] == "cancelled"
+    orchestrator.on_message("edgerun/b/ota/report",
+                            Report(job_ids["b"], "b", "active", "m", "2", "1").encode())
+    time.sleep(0.3)
+    orchestrator.tick()  # b's rollback timed out
+    orchestrator.tick()
+    job_b = next(j for j in orchestrator.status(rollout["id"])["jobs"] if j["device_id"] == "b")
+    assert (job_b["kind"], job_b["state"], job_b["detail"]) == (
+        "rollback", "failed", "timed out in state queued"), job_b
+    assert job_b["previous_version"] == "1"
+    assert orchestrator.store.device_has_job("b", "m", "2")
 
 
 def test_a_job_that_timed_out_counts_again_when_the_device_finishes_it(orchestrator):

@@ -516,6 +516,38 @@ def test_a_rollback_to_no_version_removes_what_the_first_install_brought(tmp_pat
 
 
 
+def test_a_rollback_to_no_version_with_a_config_only_folder_removes_the_model(
+        tmp_path, keys, server, bundles):
+    """The daemon's folder holds m/config.toml alone (batching for what OTA installs): it
+    offers no version, so the rollback removes m; it failed, and m:2 kept serving."""
+    device = Device(tmp_path / "device", keys["trusted"])
+    try:
+        (device.folder / "models" / "m").mkdir(parents=True)
+        (device.folder / "models" / "m" / "config.toml").write_text(
+            "[batching]\nmax_batch_size = 3\n")
+        assert device.run(server.add(bundles("2"))).state == "active"
+        report = device.run(Job("rb-1", "rollback", "m", ""))
+        assert (report.state, report.previous) == ("rolled_back", "2"), report
+        assert "m" not in device.repository
+    finally:
+        device.close()
+
+
+def test_a_restart_after_a_rollback_to_no_version_loads_nothing_and_logs_no_error(
+        tmp_path, keys, server, bundles, caplog):
+    device = Device(tmp_path / "device", keys["trusted"])
+    assert device.run(server.add(bundles("2"))).state == "active"
+    assert device.run(Job("rb-1", "rollback", "m", "")).state == "rolled_back"
+    device.close()
+    caplog.clear()
+    device = Device(tmp_path / "device", keys["trusted"])
+    try:
+        assert "m" not in device.repository
+        assert [r.getMessage() for r in caplog.records if r.levelname == "ERROR"] == []
+    finally:
+        device.close()
+
+
 class PowerCut(BaseException):
     """The power goes: nothing after it runs (the agent catches Exception, not this)."""
 
@@ -617,6 +649,26 @@ def test_a_disk_full_of_something_else_still_gets_the_job_reported(tmp_path, key
 
 
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+def test_power_cut_in_a_rollback_to_no_version_when_the_folder_gained_the_model(
+        tmp_path, server, bundles, keys):
+    """m:2 from a slot; the daemon's folder has since gained m:1. A rollback to no version
+    flips the pointer to none, then the power goes: after the restart the folder's 1 serves,
+    and the job delivered again is done (previous 2), not failed for want of a slot or url."""
+    device = Device(tmp_path / "device", keys["trusted"])
+    assert device.run(server.add(bundles("2"))).state == "active"
+    shutil.copytree(bundles("1"), device.folder / "models" / "m" / "1")
+    back = Job("rb-1", "rollback", "m", "")
+    device = restarted_after_a_power_cut_in(device, back, None, keys)
+    try:
+        assert device.served() == ["1"]
+        report = device.run(back)
+        assert (report.state, report.previous, report.active) == ("rolled_back", "2", "1"), \
+            report
+    finally:
+        device.close()
+
+
 def test_power_cut_between_a_rollbacks_flip_and_its_load(tmp_path, server, bundles, keys):
     """A rollback job flips the pointer to the slot it goes back to, then the power goes:
     the job delivered again after the restart reports the version it rolled back from, as an

@@ -341,8 +341,8 @@ class Orchestrator:
                 fields = {"state": CANCELLED, "detail": "rollout aborted before this wave"}
                 self.store.update_job(rollout["id"], job["device_id"], **fields)
                 job.update(fields)
-            elif job["state"] == FAILED and job["detail"].startswith(TIMED_OUT) and \
-                    job["previous_version"] is None:
+            elif job["kind"] == INSTALL and job["state"] == FAILED and \
+                    job["detail"].startswith(TIMED_OUT) and job["previous_version"] is None:
                 # sent, never reported on, and cleared from the broker when it timed out: as
                 # an abort withdraws a job no report came for, so that its download is refused
                 fields = {"state": CANCELLED, "detail": f"{job['detail']} with no report, "
@@ -440,7 +440,8 @@ class Orchestrator:
             detail += (f" (to the version {previous} the device reported it served before: "
                        "the fleet never sent it that one, so the job offers no download)")
         fields = {"job_id": f"{rollout['id']}.{device}.rollback", "kind": ROLLBACK,
-                  "version": previous, "state": QUEUED, "detail": detail,
+                  "version": previous, "previous_version": previous, "state": QUEUED,
+                  "detail": detail,
                   "deadline": time.time() + rollout["spec"]["job_timeout"]}
         self.store.update_job(rollout["id"], device, **fields)
         self._publish_job(rollout, {**job, **fields})

@@ -113,7 +113,7 @@ class OtaAgent:
         would have been, and the previous slot, else the daemon's folder, serves again."""
         while True:
             try:
-                self.repository.load(model)
+                self.repository.refresh(model)  # none, after a rollback to no version
                 return
             except EdgerunError as exc:
                 failed = state.active
@@ -212,8 +212,7 @@ class OtaAgent:
                          retain=True)
             return
         switched = state.switching
-        if switched.get("job_id") == job.job_id and \
-                (self.active_version(job.model) or "") == job.version:
+        if switched.get("job_id") == job.job_id and self._reached(job, state):
             # the pointer flipped, then the daemon restarted before the job's end: recovery
             # loaded (smoke-tested) it, so the job is done, and `previous` is what served before
             # (a rollback to the daemon's folder leaves no slot active: the folder's version)
@@ -344,10 +343,10 @@ class OtaAgent:
     def _rollback(self, job: Job, previous: str | None) -> None:
         """Back to `job.version` from a slot, the daemon's folder, or a download; or, with no
         version, to what served before the first install: the folder's own, else nothing."""
-        if (previous or "") == job.version:
+        state = self.slots.read(job.model)
+        if self._reached(job, state):
             self._report(job, ROLLED_BACK, previous, "already on this version")
             return
-        state = self.slots.read(job.model)
         slot = state.slot_of(job.version) if job.version else None
         if slot is not None and self._intact(job.model, slot, state):
             before = SlotState(state.active, dict(state.slots), state.last)
@@ -372,6 +371,13 @@ class OtaAgent:
             raise BundleError(f"rollback to {job.version or 'no version'} failed to load: "
                               f"{exc}") from exc
         self._report(job, ROLLED_BACK, previous)
+
+    def _reached(self, job: Job, state: SlotState) -> bool:
+        """Whether the device is where `job` takes it: on its version, or for a rollback to no
+        version, on no slot (the daemon's folder serves the model, if it has it)."""
+        if not job.version:
+            return state.active is None
+        return self.active_version(job.model) == job.version
 
     def _fallback_has(self, model: str, version: str) -> bool:
         fallback = self.repository.source.fallback if isinstance(

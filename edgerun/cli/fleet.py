@@ -316,6 +316,12 @@ def _status(args: argparse.Namespace) -> int:
     table = Table("device", "wave", "job", "state", "version", "previous", "detail")
     for job in status["jobs"]:
         table.add_row(job["device_id"], str(job["wave"] + 1), job["kind"], job["state"],
-                      job["version"], job["previous_version"] or "", job["detail"])
+                      _version_cell(job["version"]), _version_cell(job["previous_version"]),
+                      job["detail"])
     out.print(table)
     return 0
+
+
+def _version_cell(version: str | None) -> str:
+    """None: not reported yet; "": no version (served none before, or a rollback to none)."""
+    return "" if version is None else version or "(none)"
