@@ -21,13 +21,17 @@ QUIET = 0.7  # how long a message that must not arrive gets to arrive anyway
 
 
 @contextmanager
-def broker(directory: Path) -> Iterator[tuple[int, subprocess.Popen]]:
-    """Mosquitto on the generated config plus a loopback listener, as an operator adds one."""
-    port = free_port()
+def broker(directory: Path, port: int | None = None,
+           listening: bool = False) -> Iterator[tuple[int, subprocess.Popen]]:
+    """Mosquitto on the generated config plus a loopback listener on `port` (a free one by
+    default), as an operator adds one; or, `listening`, on a config whose own listeners
+    include `port`."""
+    port = port or free_port()
     config = directory / "test.conf"
-    extra = ["user root"] if os.geteuid() == 0 else []  # else it drops to `mosquitto`
-    config.write_text((directory / "mosquitto.conf").read_text()
-                      + "\n".join([f"listener {port} 127.0.0.1", *extra]) + "\n")
+    lines = [] if listening else [f"listener {port} 127.0.0.1"]
+    if os.geteuid() == 0:
+        lines.append("user root")  # else it drops to `mosquitto`
+    config.write_text((directory / "mosquitto.conf").read_text() + "\n".join(lines) + "\n")
     log = (directory / "mosquitto.log").open("wb")
     mosquitto = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
     process = subprocess.Popen([mosquitto, "-c", str(config)], stdout=log,
@@ -52,14 +56,18 @@ def broker(directory: Path) -> Iterator[tuple[int, subprocess.Popen]]:
 class Peer:
     """A paho MQTT v5 client with a queue of what it receives."""
 
-    def __init__(self, port: int, username: str, password: str) -> None:
+    def __init__(self, port: int, username: str, password: str,
+                 client_id: str | None = None) -> None:
         self.inbox: queue.Queue[tuple[str, bytes]] = queue.Queue()
         self.connected: queue.Queue = queue.Queue()
         self.acks: queue.Queue = queue.Queue()
-        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"{username}-test",
+        self.dropped: queue.Queue = queue.Queue()
+        self.client = mqtt.Client(CallbackAPIVersion.VERSION2,
+                                  client_id=client_id or f"{username}-test",
                                   protocol=mqtt.MQTTv5)
         self.client.username_pw_set(username, password)
         self.client.on_connect = lambda c, u, f, reason, p: self.connected.put(reason)
+        self.client.on_disconnect = lambda c, u, f, reason, p: self.dropped.put(reason)
         self.client.on_message = lambda c, u, m: self.inbox.put((m.topic, m.payload))
         self.client.on_subscribe = lambda c, u, mid, reasons, p: self.acks.put(reasons)
         self.client.connect("127.0.0.1", port)

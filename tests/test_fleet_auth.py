@@ -4,13 +4,9 @@ from __future__ import annotations
 
 import base64
 import json
-import os
-import shutil
 import signal
-import socket
 import subprocess
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from types import SimpleNamespace
 
 import httpx
@@ -22,6 +18,7 @@ from edgerun.runtime import signing
 from tests.cli import edgerun, edgerun_command
 from tests.fleet_sim import Broker, FleetServer, SimDevice, make_bundle, wait_for
 from tests.mosquitto_broker import Peer
+from tests.mosquitto_broker import broker as broker_on  # the test's `broker` is a fixture's
 from tests.serving import free_port
 
 # every route but health, with the scope it needs
@@ -176,13 +173,14 @@ def test_devices_fetch_only_their_own_jobs_bundles_and_revocation_is_immediate(s
 
 
 def test_broker_files_from_enrolled_devices_on_a_real_mosquitto(secured, tmp_path):
-    """The orchestrator logs in as its own user; an enrolled daemon logs in with its
-    credential; a revoked one is refused once the files are regenerated and Mosquitto reloads."""
+    """The orchestrator logs in as its own user on the services' listener; an enrolled daemon
+    logs in with its credential on the devices' listener (its username its client id); a
+    revoked one is refused once the files are regenerated and Mosquitto reloads."""
     tokens_dir, secrets = secured["tmp"], secured["secrets"]
     admin = ["--token-file", str(secrets["admin"])]
-    port = free_port()
+    port, services = free_port(), free_port()
     (tmp_path / "fleet.password").write_text("orchestrator-secret\n")
-    broker = SimpleNamespace(url=f"mqtt://fleet@127.0.0.1:{port}")  # started further down
+    broker = SimpleNamespace(url=f"mqtt://fleet@127.0.0.1:{services}")  # started further down
     server = FleetServer(tmp_path / "fleet", broker, [secured["pub"]], [
         "--tokens", str(tokens_dir / "tokens"), "--broker-password-file",
         str(tmp_path / "fleet.password")]).start()
@@ -197,14 +195,17 @@ def test_broker_files_from_enrolled_devices_on_a_real_mosquitto(secured, tmp_pat
         def regenerate() -> None:
             made = edgerun("fleet", "acl", "--server", server.url, "-o", str(files),
                            "--orchestrator-user", "fleet", "--orchestrator-password-file",
-                           str(tmp_path / "fleet.password"), *admin)
+                           str(tmp_path / "fleet.password"), "--device-listener",
+                           f"127.0.0.1:{port}", "--service-listener",
+                           f"127.0.0.1:{services}", *admin)
             assert made.returncode == 0, made.stderr
 
         regenerate()
         passwd = (files / "passwd").read_text()
-        assert passwd.startswith("dev-x:$7$") and "fleet:$7$" in passwd
+        assert passwd.startswith("dev-x:$7$") and "fleet:" not in passwd
+        assert (files / "services.passwd").read_text().startswith("fleet:$7$")
         assert enrolled.stdout.strip() not in passwd
-        with mosquitto_on(files, port) as process:
+        with broker_on(files, port, listening=True) as (_, process):
             models = tmp_path / "models"
             models.mkdir()
             daemon = subprocess.Popen(
@@ -218,8 +219,12 @@ def test_broker_files_from_enrolled_devices_on_a_real_mosquitto(secured, tmp_pat
                                  for d in call(server, "GET", "/devices", read).json()),
                      30, "dev-x online through the secured broker")
             assert Peer(port, "dev-x", "not-the-secret").accepted is False
+            assert not Peer(services, "dev-x", enrolled.stdout.strip()).accepted
+            daemon.terminate()  # dev-x has one session, whatever its client id: the peer's
+            daemon.wait(15)
+            daemon = None
             # a device reports only as itself: the ACL drops a report under another's name
-            watcher = Peer(port, "fleet", "orchestrator-secret")
+            watcher = Peer(services, "fleet", "orchestrator-secret")
             watcher.subscribe("edgerun/+/ota/report")
             device = Peer(port, "dev-x", enrolled.stdout.strip())
             device.publish("edgerun/dev-y/ota/report", b"{}")
@@ -235,7 +240,7 @@ def test_broker_files_from_enrolled_devices_on_a_real_mosquitto(secured, tmp_pat
             process.send_signal(signal.SIGHUP)
             wait_for(lambda: refused(port, "dev-x", enrolled.stdout.strip()), 10,
                      "the revoked device to be refused")
-            orchestrator = Peer(port, "fleet", "orchestrator-secret")
+            orchestrator = Peer(services, "fleet", "orchestrator-secret")
             assert orchestrator.accepted
             orchestrator.close()
     finally:
@@ -251,33 +256,6 @@ def refused(port: int, username: str, password: str) -> bool:
     peer = Peer(port, username, password)
     peer.close()
     return not peer.accepted
-
-
-@contextmanager
-def mosquitto_on(files, port):
-    """Mosquitto on the generated files plus a loopback listener on `port`."""
-    config = files / "test.conf"
-    extra = ["user root"] if os.geteuid() == 0 else []
-    config.write_text((files / "mosquitto.conf").read_text()
-                      + "\n".join([f"listener {port} 127.0.0.1", *extra]) + "\n")
-    log = (files / "mosquitto.log").open("wb")
-    process = subprocess.Popen([shutil.which("mosquitto") or "/usr/sbin/mosquitto", "-c",
-                                str(config)], stdout=log, stderr=subprocess.STDOUT)
-    try:
-        wait_for(lambda: _listening(port), 10, "mosquitto to listen")
-        yield process
-    finally:
-        process.terminate()
-        process.wait(10)
-        log.close()
-
-
-def _listening(port: int) -> bool:
-    try:
-        socket.create_connection(("127.0.0.1", port), 0.2).close()
-        return True
-    except OSError:
-        return False
 
 
 def test_no_secret_reaches_the_registry_logs_under_load(secured, tmp_path):

@@ -13,22 +13,24 @@ from pathlib import Path
 
 import pytest
 
-from edgerun.adapters.auth.mosquitto import (Device, InferenceClient, Orchestrator,
+from edgerun.adapters.auth.mosquitto import (Device, InferenceClient, Listener, Orchestrator,
                                              hash_password, new_password, passwd_text,
                                              verify_password, write_broker_files)
 from edgerun.runtime.errors import InvalidInput
 from tests.mosquitto_broker import Peer, broker
+from tests.serving import free_port
 
 SECRETS = {"dev-a": "secret-a", "dev-b": "secret-b", "client-c": "secret-c", "fleet": "secret-o"}
 
 
-def fleet_files(directory: Path, devices: tuple[str, ...] = ("dev-a", "dev-b")):
+def fleet_files(directory: Path, devices: tuple[str, ...] = ("dev-a", "dev-b"),
+                listeners: tuple[Listener, Listener] | None = None):
     return write_broker_files(
         directory,
         [Device(d, hash_password(SECRETS[d]), groups=("line-1",)) for d in devices],
         [InferenceClient("client-c", hash_password(SECRETS["client-c"]),
                          targets=("dev-a", "line-1"))],
-        Orchestrator("fleet", hash_password(SECRETS["fleet"])))
+        Orchestrator("fleet", hash_password(SECRETS["fleet"])), listeners)
 
 
 def test_hash_matches_mosquitto_passwd(tmp_path: Path) -> None:
@@ -224,3 +226,84 @@ def test_the_daemon_logs_in_with_a_password_file_kept_out_of_ps(fleet, tmp_path:
                       f"mqtt://127.0.0.1:{port}", "--device-id", "dev-a", "--password-file",
                       str(tmp_path / "nowhere"), timeout=60)
     assert missing.returncode == 2 and "nowhere" in missing.stderr, missing.stderr
+
+
+def test_listeners_parse_and_split_the_users(tmp_path: Path) -> None:
+    assert Listener.parse("1883") == Listener(1883)
+    assert Listener.parse("10.0.0.5:8883").line() == "listener 8883 10.0.0.5"
+    assert Listener.parse("[::1]:1884").line() == "listener 1884 ::1"
+    for bad in ("", "host:", "host:port", "99999", "a b:1883"):
+        with pytest.raises(InvalidInput, match="is not \\[HOST:\\]PORT"):
+            Listener.parse(bad)
+    with pytest.raises(InvalidInput, match="must differ"):
+        fleet_files(tmp_path / "same", listeners=(Listener(1883), Listener(1883)))
+    files = fleet_files(tmp_path / "broker", listeners=(Listener(8883), Listener(1884, "::1")))
+    assert [line.split(":")[0] for line in files.passwd.read_text().splitlines()] == [
+        "dev-a", "dev-b"]
+    assert files.service_passwd is not None
+    assert [line.split(":")[0] for line in files.service_passwd.read_text().splitlines()] == [
+        "client-c", "fleet"]
+    assert files.service_passwd.stat().st_mode & 0o777 == 0o600
+    conf = files.conf.read_text().splitlines()
+    devices = conf.index("listener 8883")  # last: TLS lines appended apply to it
+    assert conf.index("listener 1884 ::1") < devices
+    assert conf[devices:].count("use_username_as_clientid true") == 1
+    assert "use_username_as_clientid true" not in conf[:devices]
+    assert f"password_file {files.passwd.resolve()}" in conf[devices:]
+
+
+def test_on_the_devices_listener_a_device_cannot_take_another_devices_session(
+        tmp_path: Path) -> None:
+    """dev-b logs in with its own secret and dev-a's client id. On one listener for all users
+    (the files' other layout, as control) that takes dev-a's session over: dev-a is
+    disconnected. On the devices' own listener dev-b gets its own session and dev-a goes on;
+    no device logs in where the registries do, and two registries of one user coexist."""
+    control = tmp_path / "one-listener"
+    fleet_files(control)
+    with broker(control) as (port, _):
+        victim = Peer(port, "dev-a", SECRETS["dev-a"], client_id="edgerun-dev-a")
+        taker = Peer(port, "dev-b", SECRETS["dev-b"], client_id="edgerun-dev-a")
+        assert taker.accepted and victim.dropped.get(timeout=5).is_failure
+        taker.close()
+        victim.close()
+
+    devices, services = free_port(), free_port()
+    directory = tmp_path / "broker"
+    fleet_files(directory, listeners=(Listener(devices, "127.0.0.1"),
+                                      Listener(services, "127.0.0.1")))
+    with broker(directory, devices, listening=True) as _:
+        a = Peer(devices, "dev-a", SECRETS["dev-a"], client_id="edgerun-dev-a")
+        a.subscribe("edgerun/dev-a/infer/#")
+        b = Peer(devices, "dev-b", SECRETS["dev-b"], client_id="edgerun-dev-a")
+        c = Peer(services, "client-c", SECRETS["client-c"])
+        registries = [Peer(services, "fleet", SECRETS["fleet"], client_id=f"fleet-{n}")
+                      for n in (1, 2)]
+        try:
+            assert a.accepted and b.accepted and c.accepted
+            assert all(registry.accepted for registry in registries)
+            assert a.dropped.empty()
+            c.publish("edgerun/dev-a/infer/mlp", b"request")  # across the two listeners
+            assert a.received() == ("edgerun/dev-a/infer/mlp", b"request")
+            for registry in registries:
+                registry.subscribe("edgerun/+/status")
+            b.publish("edgerun/dev-b/status", b"online")
+            assert all(r.received() == ("edgerun/dev-b/status", b"online") for r in registries)
+            assert a.dropped.empty() and all(r.dropped.empty() for r in registries)
+            assert not Peer(services, "dev-a", SECRETS["dev-a"]).accepted
+            assert not Peer(devices, "fleet", SECRETS["fleet"]).accepted
+        finally:
+            for peer in (a, b, c, *registries):
+                peer.close()
+
+
+def test_fleet_acl_refuses_half_a_listener_pair_or_a_bad_one_before_asking_the_server(
+        tmp_path: Path) -> None:
+    from tests.cli import edgerun
+
+    base = ["fleet", "acl", "--server", "http://127.0.0.1:9", "-o", str(tmp_path / "b")]
+    half = edgerun(*base, "--device-listener", "1883")
+    assert half.returncode != 0
+    assert "--device-listener and --service-listener go together" in half.stderr
+    bad = edgerun(*base, "--device-listener", "1883", "--service-listener", "localhost")
+    assert bad.returncode != 0 and "listener 'localhost' is not [HOST:]PORT" in bad.stderr
+    assert not (tmp_path / "b").exists()

@@ -118,6 +118,11 @@ def register(commands: argparse._SubParsersAction) -> None:
     acl.add_argument("--orchestrator-user", default=None, metavar="USER",
                      help="the MQTT user fleet serve connects as (--broker mqtt://USER:PASS@...)")
     acl.add_argument("--orchestrator-password-file", type=Path, default=None, metavar="FILE")
+    acl.add_argument("--device-listener", default=None, metavar="[HOST:]PORT",
+                     help="with --service-listener: a listener of its own for the devices, "
+                          "where each device has only its own session (the username replaces "
+                          "the client id); the orchestrator and clients log in on the other")
+    acl.add_argument("--service-listener", default=None, metavar="[HOST:]PORT")
     fleet_auth.add_token_option(acl)
     acl.set_defaults(handler=_acl)
 
@@ -242,6 +247,12 @@ def _revoke(args: argparse.Namespace) -> int:
 def _acl(args: argparse.Namespace) -> int:
     from edgerun.adapters.auth import mosquitto
 
+    listeners = None
+    if (args.device_listener is None) != (args.service_listener is None):
+        raise FleetError("--device-listener and --service-listener go together")
+    if args.device_listener is not None:
+        listeners = (mosquitto.Listener.parse(args.device_listener),
+                     mosquitto.Listener.parse(args.service_listener))
     rows = _request(f"{args.server.rstrip('/')}/credentials",
                     token=fleet_auth.client_token(args.token_file))
     devices = [mosquitto.Device(r["device_id"], r["password_hash"], tuple(r["groups"]))
@@ -252,8 +263,10 @@ def _acl(args: argparse.Namespace) -> int:
             raise FleetError("--orchestrator-user needs --orchestrator-password-file")
         orchestrator = mosquitto.Orchestrator(args.orchestrator_user, mosquitto.hash_password(
             fleet_auth.read_secret(args.orchestrator_password_file)))
-    files = mosquitto.write_broker_files(args.output, devices, orchestrator=orchestrator)
-    out.print(f"{len(devices)} devices: {files.passwd}, {files.acl}, {files.conf}")
+    files = mosquitto.write_broker_files(args.output, devices, orchestrator=orchestrator,
+                                         listeners=listeners)
+    written = [files.passwd, files.service_passwd, files.acl, files.conf]
+    out.print(f"{len(devices)} devices: " + ", ".join(str(f) for f in written if f))
     return 0
 
 
