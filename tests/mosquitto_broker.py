@@ -57,7 +57,7 @@ class Peer:
     """A paho MQTT v5 client with a queue of what it receives."""
 
     def __init__(self, port: int, username: str, password: str,
-                 client_id: str | None = None) -> None:
+                 client_id: str | None = None, ca: str | None = None) -> None:
         self.inbox: queue.Queue[tuple[str, bytes]] = queue.Queue()
         self.connected: queue.Queue = queue.Queue()
         self.acks: queue.Queue = queue.Queue()
@@ -66,6 +66,8 @@ class Peer:
                                   client_id=client_id or f"{username}-test",
                                   protocol=mqtt.MQTTv5)
         self.client.username_pw_set(username, password)
+        if ca is not None:  # TLS, the broker's certificate checked against this CA
+            self.client.tls_set(ca_certs=ca)
         self.client.on_connect = lambda c, u, f, reason, p: self.connected.put(reason)
         self.client.on_disconnect = lambda c, u, f, reason, p: self.dropped.put(reason)
         self.client.on_message = lambda c, u, m: self.inbox.put((m.topic, m.payload))

@@ -173,14 +173,17 @@ def test_devices_fetch_only_their_own_jobs_bundles_and_revocation_is_immediate(s
 
 
 def test_broker_files_from_enrolled_devices_on_a_real_mosquitto(secured, tmp_path):
-    """The orchestrator logs in as its own user on the services' listener; an enrolled daemon
-    logs in with its credential on the devices' listener (its username its client id); a
-    revoked one is refused once the files are regenerated and Mosquitto reloads."""
+    """The orchestrator logs in as its own user on the fleet's listener; an enrolled daemon
+    logs in with its credential on the devices' listener, over TLS (its username its client
+    id); a revoked one is refused once the files are regenerated and Mosquitto reloads."""
+    from tests.test_mqtt import make_certificates
+
     tokens_dir, secrets = secured["tmp"], secured["secrets"]
     admin = ["--token-file", str(secrets["admin"])]
-    port, services = free_port(), free_port()
+    port, fleet_port = free_port(), free_port()
+    tls = make_certificates(tmp_path / "tls")
     (tmp_path / "fleet.password").write_text("orchestrator-secret\n")
-    broker = SimpleNamespace(url=f"mqtt://fleet@127.0.0.1:{services}")  # started further down
+    broker = SimpleNamespace(url=f"mqtt://fleet@127.0.0.1:{fleet_port}")  # started below
     server = FleetServer(tmp_path / "fleet", broker, [secured["pub"]], [
         "--tokens", str(tokens_dir / "tokens"), "--broker-password-file",
         str(tmp_path / "fleet.password")]).start()
@@ -196,21 +199,25 @@ def test_broker_files_from_enrolled_devices_on_a_real_mosquitto(secured, tmp_pat
             made = edgerun("fleet", "acl", "--server", server.url, "-o", str(files),
                            "--orchestrator-user", "fleet", "--orchestrator-password-file",
                            str(tmp_path / "fleet.password"), "--device-listener",
-                           f"127.0.0.1:{port}", "--service-listener",
-                           f"127.0.0.1:{services}", *admin)
+                           f"127.0.0.1:{port}", "--fleet-listener", f"127.0.0.1:{fleet_port}",
+                           "--device-certfile", tls["cert"], "--device-keyfile", tls["key"],
+                           *admin)
             assert made.returncode == 0, made.stderr
+            # TLS is in the file each regeneration writes (not lines to append by hand)
+            assert f"certfile {tls['cert']}" in (files / "mosquitto.conf").read_text()
 
         regenerate()
         passwd = (files / "passwd").read_text()
         assert passwd.startswith("dev-x:$7$") and "fleet:" not in passwd
-        assert (files / "services.passwd").read_text().startswith("fleet:$7$")
+        assert (files / "fleet.passwd").read_text().startswith("fleet:$7$")
         assert enrolled.stdout.strip() not in passwd
         with broker_on(files, port, listening=True) as (_, process):
             models = tmp_path / "models"
             models.mkdir()
             daemon = subprocess.Popen(
                 [*edgerun_command(), "daemon", "--repository", str(models), "--broker",
-                 f"mqtt://127.0.0.1:{port}", "--device-id", "dev-x", "--trust",
+                 f"mqtts://127.0.0.1:{port}", "--ca-file", tls["ca"], "--device-id", "dev-x",
+                 "--trust",
                  str(secured["pub"]), "--credential", str(credential)],
                 stdout=(tmp_path / "daemon.log").open("wb"), stderr=subprocess.STDOUT)
             read = read_secret(secrets["read"])
@@ -218,15 +225,15 @@ def test_broker_files_from_enrolled_devices_on_a_real_mosquitto(secured, tmp_pat
             wait_for(lambda: any(d["device_id"] == "dev-x" and d["state"] == "online"
                                  for d in call(server, "GET", "/devices", read).json()),
                      30, "dev-x online through the secured broker")
-            assert Peer(port, "dev-x", "not-the-secret").accepted is False
-            assert not Peer(services, "dev-x", enrolled.stdout.strip()).accepted
+            assert Peer(port, "dev-x", "not-the-secret", ca=tls["ca"]).accepted is False
+            assert not Peer(fleet_port, "dev-x", enrolled.stdout.strip()).accepted
             daemon.terminate()  # dev-x has one session, whatever its client id: the peer's
             daemon.wait(15)
             daemon = None
             # a device reports only as itself: the ACL drops a report under another's name
-            watcher = Peer(services, "fleet", "orchestrator-secret")
+            watcher = Peer(fleet_port, "fleet", "orchestrator-secret")
             watcher.subscribe("edgerun/+/ota/report")
-            device = Peer(port, "dev-x", enrolled.stdout.strip())
+            device = Peer(port, "dev-x", enrolled.stdout.strip(), ca=tls["ca"])
             device.publish("edgerun/dev-y/ota/report", b"{}")
             assert watcher.nothing()
             device.publish("edgerun/dev-x/ota/report", b"{}")
@@ -238,9 +245,9 @@ def test_broker_files_from_enrolled_devices_on_a_real_mosquitto(secured, tmp_pat
             regenerate()
             assert "dev-x" not in (files / "passwd").read_text()
             process.send_signal(signal.SIGHUP)
-            wait_for(lambda: refused(port, "dev-x", enrolled.stdout.strip()), 10,
+            wait_for(lambda: refused(port, "dev-x", enrolled.stdout.strip(), tls["ca"]), 10,
                      "the revoked device to be refused")
-            orchestrator = Peer(services, "fleet", "orchestrator-secret")
+            orchestrator = Peer(fleet_port, "fleet", "orchestrator-secret")
             assert orchestrator.accepted
             orchestrator.close()
     finally:
@@ -252,8 +259,8 @@ def test_broker_files_from_enrolled_devices_on_a_real_mosquitto(secured, tmp_pat
     assert "orchestrator-secret" not in log and enrolled.stdout.strip() not in log
 
 
-def refused(port: int, username: str, password: str) -> bool:
-    peer = Peer(port, username, password)
+def refused(port: int, username: str, password: str, ca: str | None = None) -> bool:
+    peer = Peer(port, username, password, ca=ca)
     peer.close()
     return not peer.accepted
 

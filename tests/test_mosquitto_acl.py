@@ -230,34 +230,44 @@ def test_the_daemon_logs_in_with_a_password_file_kept_out_of_ps(fleet, tmp_path:
 
 def test_listeners_parse_and_split_the_users(tmp_path: Path) -> None:
     assert Listener.parse("1883") == Listener(1883)
-    assert Listener.parse("10.0.0.5:8883").line() == "listener 8883 10.0.0.5"
-    assert Listener.parse("[::1]:1884").line() == "listener 1884 ::1"
-    for bad in ("", "host:", "host:port", "99999", "a b:1883"):
+    assert Listener.parse("10.0.0.5:8883").lines() == ["listener 8883 10.0.0.5"]
+    assert Listener.parse("[::1]:1884").lines() == ["listener 1884 ::1"]
+    for bad in ("", "host:", "host:port", "99999", "a b:1883", "::1", "fe80::1", "[::1",
+                "::1]:1883", ":1883"):
         with pytest.raises(InvalidInput, match="is not \\[HOST:\\]PORT"):
             Listener.parse(bad)
-    with pytest.raises(InvalidInput, match="must differ"):
-        fleet_files(tmp_path / "same", listeners=(Listener(1883), Listener(1883)))
-    files = fleet_files(tmp_path / "broker", listeners=(Listener(8883), Listener(1884, "::1")))
+    for same in (("1883", "1883"), ("1883", "127.0.0.1:1883"), ("[::1]:1883", "1883")):
+        with pytest.raises(InvalidInput, match="both bind port 1883 of one address"):
+            fleet_files(tmp_path / "same", listeners=tuple(map(Listener.parse, same)))
+    assert Listener(1883, "127.0.0.1").overlaps(Listener(1883, "127.0.0.2")) is False
+    tls = Listener(8883, certfile="server.crt", keyfile="server.key")
+    files = fleet_files(tmp_path / "broker", listeners=(tls, Listener(1884, "::1")))
+    # devices and inference clients: each its username's session alone; the fleet's users
     assert [line.split(":")[0] for line in files.passwd.read_text().splitlines()] == [
-        "dev-a", "dev-b"]
-    assert files.service_passwd is not None
-    assert [line.split(":")[0] for line in files.service_passwd.read_text().splitlines()] == [
-        "client-c", "fleet"]
-    assert files.service_passwd.stat().st_mode & 0o777 == 0o600
+        "dev-a", "dev-b", "client-c"]
+    assert files.fleet_passwd is not None
+    assert files.fleet_passwd.read_text().startswith("fleet:$7$")
+    assert len(files.fleet_passwd.read_text().splitlines()) == 1
+    assert files.fleet_passwd.stat().st_mode & 0o777 == 0o600
     conf = files.conf.read_text().splitlines()
-    devices = conf.index("listener 8883")  # last: TLS lines appended apply to it
-    assert conf.index("listener 1884 ::1") < devices
+    fleet, devices = conf.index("listener 1884 ::1"), conf.index("listener 8883")
+    assert fleet < devices  # each listener's lines follow it
+    assert conf[devices + 1:devices + 3] == [f"certfile {Path('server.crt').resolve()}",
+                                             f"keyfile {Path('server.key').resolve()}"]
     assert conf[devices:].count("use_username_as_clientid true") == 1
     assert "use_username_as_clientid true" not in conf[:devices]
     assert f"password_file {files.passwd.resolve()}" in conf[devices:]
+    assert f"password_file {files.fleet_passwd.resolve()}" in conf[fleet:devices]
 
 
-def test_on_the_devices_listener_a_device_cannot_take_another_devices_session(
+def test_on_the_devices_listener_nobody_can_take_another_users_session(
         tmp_path: Path) -> None:
     """dev-b logs in with its own secret and dev-a's client id. On one listener for all users
     (the files' other layout, as control) that takes dev-a's session over: dev-a is
     disconnected. On the devices' own listener dev-b gets its own session and dev-a goes on;
-    no device logs in where the registries do, and two registries of one user coexist."""
+    so does an inference client that sends dev-a's bare username as its client id (sessions
+    are the broker's, not a listener's). Nobody but the fleet's user logs in on the fleet's
+    listener, and two registries of that user coexist there."""
     control = tmp_path / "one-listener"
     fleet_files(control)
     with broker(control) as (port, _):
@@ -267,29 +277,29 @@ def test_on_the_devices_listener_a_device_cannot_take_another_devices_session(
         taker.close()
         victim.close()
 
-    devices, services = free_port(), free_port()
+    devices, fleet = free_port(), free_port()
     directory = tmp_path / "broker"
     fleet_files(directory, listeners=(Listener(devices, "127.0.0.1"),
-                                      Listener(services, "127.0.0.1")))
+                                      Listener(fleet, "127.0.0.1")))
     with broker(directory, devices, listening=True) as _:
         a = Peer(devices, "dev-a", SECRETS["dev-a"], client_id="edgerun-dev-a")
         a.subscribe("edgerun/dev-a/infer/#")
         b = Peer(devices, "dev-b", SECRETS["dev-b"], client_id="edgerun-dev-a")
-        c = Peer(services, "client-c", SECRETS["client-c"])
-        registries = [Peer(services, "fleet", SECRETS["fleet"], client_id=f"fleet-{n}")
+        c = Peer(devices, "client-c", SECRETS["client-c"], client_id="dev-a")
+        registries = [Peer(fleet, "fleet", SECRETS["fleet"], client_id=f"fleet-{n}")
                       for n in (1, 2)]
         try:
             assert a.accepted and b.accepted and c.accepted
             assert all(registry.accepted for registry in registries)
-            assert a.dropped.empty()
-            c.publish("edgerun/dev-a/infer/mlp", b"request")  # across the two listeners
+            c.publish("edgerun/dev-a/infer/mlp", b"request")
             assert a.received() == ("edgerun/dev-a/infer/mlp", b"request")
-            for registry in registries:
+            for registry in registries:  # across the two listeners
                 registry.subscribe("edgerun/+/status")
             b.publish("edgerun/dev-b/status", b"online")
             assert all(r.received() == ("edgerun/dev-b/status", b"online") for r in registries)
             assert a.dropped.empty() and all(r.dropped.empty() for r in registries)
-            assert not Peer(services, "dev-a", SECRETS["dev-a"]).accepted
+            for user in ("dev-a", "client-c"):
+                assert not Peer(fleet, user, SECRETS[user]).accepted
             assert not Peer(devices, "fleet", SECRETS["fleet"]).accepted
         finally:
             for peer in (a, b, c, *registries):
@@ -303,7 +313,9 @@ def test_fleet_acl_refuses_half_a_listener_pair_or_a_bad_one_before_asking_the_s
     base = ["fleet", "acl", "--server", "http://127.0.0.1:9", "-o", str(tmp_path / "b")]
     half = edgerun(*base, "--device-listener", "1883")
     assert half.returncode != 0
-    assert "--device-listener and --service-listener go together" in half.stderr
-    bad = edgerun(*base, "--device-listener", "1883", "--service-listener", "localhost")
+    assert "--device-listener and --fleet-listener go together" in half.stderr
+    bad = edgerun(*base, "--device-listener", "1883", "--fleet-listener", "localhost")
     assert bad.returncode != 0 and "listener 'localhost' is not [HOST:]PORT" in bad.stderr
+    tls = edgerun(*base, "--device-certfile", "server.crt", "--device-keyfile", "server.key")
+    assert tls.returncode != 0 and "--device-certfile needs --device-listener" in tls.stderr
     assert not (tmp_path / "b").exists()

@@ -9,6 +9,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -119,10 +120,13 @@ def register(commands: argparse._SubParsersAction) -> None:
                      help="the MQTT user fleet serve connects as (--broker mqtt://USER:PASS@...)")
     acl.add_argument("--orchestrator-password-file", type=Path, default=None, metavar="FILE")
     acl.add_argument("--device-listener", default=None, metavar="[HOST:]PORT",
-                     help="with --service-listener: a listener of its own for the devices, "
-                          "where each device has only its own session (the username replaces "
-                          "the client id); the orchestrator and clients log in on the other")
-    acl.add_argument("--service-listener", default=None, metavar="[HOST:]PORT")
+                     help="with --fleet-listener: the devices' listener, where each user has "
+                          "the session of its username alone (whatever client id it sends); "
+                          "the orchestrator logs in on the fleet's, where nobody else can")
+    acl.add_argument("--fleet-listener", default=None, metavar="[HOST:]PORT")
+    acl.add_argument("--device-certfile", type=Path, default=None, metavar="PEM",
+                     help="TLS on the devices' listener (with --device-keyfile)")
+    acl.add_argument("--device-keyfile", type=Path, default=None, metavar="PEM")
     fleet_auth.add_token_option(acl)
     acl.set_defaults(handler=_acl)
 
@@ -248,11 +252,18 @@ def _acl(args: argparse.Namespace) -> int:
     from edgerun.adapters.auth import mosquitto
 
     listeners = None
-    if (args.device_listener is None) != (args.service_listener is None):
-        raise FleetError("--device-listener and --service-listener go together")
+    if (args.device_listener is None) != (args.fleet_listener is None):
+        raise FleetError("--device-listener and --fleet-listener go together")
+    if (args.device_certfile is None) != (args.device_keyfile is None):
+        raise FleetError("--device-certfile and --device-keyfile go together")
+    if args.device_certfile is not None and args.device_listener is None:
+        raise FleetError("--device-certfile needs --device-listener")
     if args.device_listener is not None:
-        listeners = (mosquitto.Listener.parse(args.device_listener),
-                     mosquitto.Listener.parse(args.service_listener))
+        device_listener = mosquitto.Listener.parse(args.device_listener)
+        if args.device_certfile is not None:
+            device_listener = replace(device_listener, certfile=str(args.device_certfile),
+                                      keyfile=str(args.device_keyfile))
+        listeners = (device_listener, mosquitto.Listener.parse(args.fleet_listener))
     rows = _request(f"{args.server.rstrip('/')}/credentials",
                     token=fleet_auth.client_token(args.token_file))
     devices = [mosquitto.Device(r["device_id"], r["password_hash"], tuple(r["groups"]))
@@ -265,7 +276,7 @@ def _acl(args: argparse.Namespace) -> int:
             fleet_auth.read_secret(args.orchestrator_password_file)))
     files = mosquitto.write_broker_files(args.output, devices, orchestrator=orchestrator,
                                          listeners=listeners)
-    written = [files.passwd, files.service_passwd, files.acl, files.conf]
+    written = [files.passwd, files.fleet_passwd, files.acl, files.conf]
     out.print(f"{len(devices)} devices: " + ", ".join(str(f) for f in written if f))
     return 0
 
