@@ -976,3 +976,49 @@ def test_refused_downloads_close_their_connections_and_a_set_stop_sends_nothing(
     finally:
         registry.shutdown()
         registry.server_close()
+
+
+@pytest.mark.parametrize("step", ["verify_archive", "unpack"])
+def test_a_stop_while_staging_ends_the_job_there_and_the_next_start_downloads_nothing(
+        tmp_path, keys, bundles, monkeypatch, step):
+    """The stop comes while staging reads the bundle (here: its signature check, or its
+    unpacking). The job ends at the next step, unreported, its download kept whole; redone at
+    the next start (its retained message), it asks the registry for nothing: the download was
+    thrown away and fetched again."""
+    from edgerun.adapters.ota import agent as agent_module
+
+    bundle = bundles("2")
+    with Bundle.open(bundle) as opened:
+        opened.pack(tmp_path / "m-2.tar.gz")
+    content = (tmp_path / "m-2.tar.gz").read_bytes()
+    registry = StallingRegistry(content, first=None)
+    registry.release.set()  # serves at once
+    job = Job("j-stage", "install", "m", "2", registry.url, hashlib.sha256(content).hexdigest(),
+              len(content))
+    device = Device(tmp_path / "device", keys["trusted"], bundles("1"))
+    module = agent_module.signing if step == "verify_archive" else agent_module.archive
+    real = getattr(module, step)
+
+    def then_stop(*args, **kwargs):  # the daemon's SIGTERM arrives meanwhile
+        result = real(*args, **kwargs)
+        device.agent._stop.set()
+        return result
+
+    monkeypatch.setattr(module, step, then_stop)
+    try:
+        device.run(job)
+        monkeypatch.setattr(module, step, real)
+        assert device.states(job) == ["queued", "downloading", "verifying"]  # no end
+        whole = part_of(device, job).with_name(part_of(device, job).name.removesuffix(".part"))
+        assert whole.read_bytes() == content
+        assert not list((device.folder / "data" / "ota" / "m").glob(".staging-*"))
+        assert device.agent.slots.read("m").active_version is None and device.served() == ["1"]
+        device.close()
+        device = Device(tmp_path / "device", keys["trusted"])
+        report = device.run(job)  # the retained job, delivered again
+        assert (report.state, report.previous, report.active) == ("active", "1", "2"), report
+        assert registry.ranges == [None]  # one download, the first job's
+        assert device.agent.bytes_downloaded == 0 and not list(device.agent.downloads.iterdir())
+    finally:
+        device.close()
+        registry.close()

@@ -226,8 +226,8 @@ class OtaAgent:
                 self._install(job, previous)
             else:
                 self._rollback(job, previous)
-        except DownloadStopped:  # no end to record: the job is redone, its part resumed
-            log.info("OTA job %s stopped while downloading", job.job_id)
+        except DownloadStopped as exc:  # no end to record: redone, its download resumed
+            log.info("OTA job %s stopped (redone at the next start): %s", job.job_id, exc)
         except EdgerunError as exc:
             self._report(job, FAILED, previous, str(exc))
         except Exception as exc:  # a full disk, a permission: still a failed job, reported
@@ -250,8 +250,12 @@ class OtaAgent:
         self._report(job, VERIFYING, previous)
         try:
             staging = self._stage(job, archive_path)
-        finally:
+        except DownloadStopped:  # the download stays whole for the job's redo
+            raise
+        except BaseException:
             archive_path.unlink(missing_ok=True)
+            raise
+        archive_path.unlink(missing_ok=True)
         self._report(job, STAGED, previous)
         self._switch(job, staging, previous)
         self._report(job, final, previous)
@@ -290,6 +294,7 @@ class OtaAgent:
         archive no trusted key vouches for (or of another model or version) is refused before
         a byte of it is written; then only the files the signed manifest lists are extracted,
         each no further than its listed size and checked against its listed hash."""
+        self._unless_stopped("its signature check")
         signed = signing.verify_archive(archive_path, self.trusted)
         found = (signed.manifest.name, signed.manifest.version)
         if found != (job.model, job.version):
@@ -299,13 +304,16 @@ class OtaAgent:
         folder.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=folder))
         try:
+            self._unless_stopped("unpacking")
             archive.unpack(archive_path, staging, expected=signed.files)
+            self._unless_stopped("hashing its files")
             with Bundle.open(staging) as bundle:  # every file's hash
                 signing.verify_folder(bundle, self.trusted)
                 found = (bundle.manifest.name, bundle.manifest.version)
             if found != (job.model, job.version):
                 raise BundleError(f"the bundle holds {found[0]} version {found[1]}, the job "
                                   f"names {job.model} version {job.version}")
+            self._unless_stopped("storing it")
             for path in staging.rglob("*"):
                 if path.is_file():
                     with open(path, "rb") as handle:
@@ -314,6 +322,13 @@ class OtaAgent:
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
+
+    def _unless_stopped(self, step: str) -> None:
+        """A stop between staging's steps (each reads the whole bundle: seconds for a large
+        one on an SD card) ends the job there, unreported: it is redone at the next start,
+        from the download kept whole."""
+        if self._stop.is_set():
+            raise DownloadStopped(f"stopped before {step}")
 
     def _switch(self, job: Job, staging: Path, previous: str | None) -> None:
         """Staging -> inactive slot -> pointer flip -> hot swap; the pointer goes back on error."""

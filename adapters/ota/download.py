@@ -158,6 +158,8 @@ def download(url: str, dest: Path, sha256: str, size: int = 0, timeout: float = 
     if stop.is_set():
         raise DownloadStopped(f"download of {url} stopped before it began")
     part = dest.with_name(dest.name + ".part")
+    if dest.exists():  # whole, from a job a stop cut short after its download: hashed again
+        os.replace(dest, part)
     have = part.stat().st_size if part.exists() else 0
     if size and have > size:
         have = 0
