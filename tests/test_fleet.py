@@ -957,8 +957,11 @@ def lease_holder(url: str) -> str:
 
 def test_two_registries_on_one_postgresql_one_killed_mid_rollout(tmp_path, broker, keys, v1,
                                                                  postgres_url):
-    """Both serve the fleet; the lease holder drives the rollout; kill -9 it between waves and
-    the other takes the lease over and completes the rollout."""
+    """Both serve the fleet; the lease holder drives the rollout; kill -9 it once it has
+    started the last wave and the other takes the lease over and completes the rollout. A
+    device of that wave is offline until after the kill, so the rollout cannot end before it
+    (it ended in about 2 s, and a test thread starved that long killed a leader with nothing
+    left to do)."""
     url = fresh_database(postgres_url)
     data = tmp_path / "fleet"  # the bundles folder both serve (shared storage in production)
     survivor_port = free_port()
@@ -974,13 +977,15 @@ def test_two_registries_on_one_postgresql_one_killed_mid_rollout(tmp_path, broke
         wait_for(lambda: len(other.get("/devices")) == 6, 30, "devices to report")
         push(leader, make_bundle(tmp_path / "b", model(2), "m", "2", keys["key"]))
         assert f":{leader.process.pid}:" in lease_holder(url)
+        devices[5].go_offline()  # in the last wave
         rollout = other.deploy(model="m", version="2", group="fleet", waves=[0.34, 1.0],
                                gate="errors<1%")  # asked of the other; the leader drives it
-        wait_for(lambda: any(j["state"] != "pending" for j in
+        wait_for(lambda: any(j["state"] != "pending" and j["wave"] == 1 for j in
                              other.get(f"/rollouts/{rollout['id']}")["jobs"]),
-                 30, "the leader to publish the first wave")
+                 60, "the leader to pass the gate and start the last wave")
         leader.kill()  # kill -9 of the lease holder mid-rollout
         assert other.get(f"/rollouts/{rollout['id']}")["state"] == "running"
+        devices[5].come_back()  # its retained job: the new leader hears it through
         final = other.wait_rollout(rollout["id"], timeout=90)
         assert final["state"] == "completed", json.dumps(final)
         assert f":{other.process.pid}:" in lease_holder(url)
