@@ -157,6 +157,20 @@ def wait_online(broker: Broker, device_id: str, daemon: DaemonProcess | None = N
                        f"{daemon.output() if daemon else ''}")
 
 
+def ask_once_then_stop(broker: Broker, device_id: str, daemon: DaemonProcess) -> dict:
+    """Once `daemon` is online, one inference of its model `mlp` (INFER_JSON), then SIGTERM,
+    which it must end with status 0; the answer."""
+    wait_online(broker, device_id, daemon)
+    requester = Requester(broker)
+    try:
+        payload, _ = requester.ask(f"edgerun/{device_id}/infer/mlp", INFER_JSON,
+                                   correlation=device_id.encode())
+    finally:
+        requester.close()
+    assert daemon.terminate() == 0
+    return orjson.loads(payload)
+
+
 def read_retained(broker: Broker, topic: str, timeout: float = 2) -> dict | None:
     got: list[bytes] = []
     done = threading.Event()

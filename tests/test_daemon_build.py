@@ -19,8 +19,8 @@ from edgerun.devices.daemon_build import DAEMON_MEMORY_MB, RECIPES, host_arch, s
 from edgerun.examples import mlp_onnx
 from edgerun.runtime.signing import generate_keys
 from tests.cli import edgerun, edgerun_command
-from tests.mqtt import (INFER_JSON, DaemonProcess, Requester, running_broker, running_daemon,
-                        wait_online)
+from tests.mqtt import (INFER_JSON, DaemonProcess, Requester, ask_once_then_stop,
+                        running_broker, running_daemon)
 from tests.serving import add_version, free_port
 from tests.test_systemd_notify import ServiceManager
 
@@ -190,14 +190,10 @@ def test_relative_paths_in_device_toml_are_relative_to_the_file(tmp_path):
         daemon = _DaemonIn([*edgerun_command(), "daemon", "--config", str(etc / "device.toml")],
                            tmp_path / "daemon.log", elsewhere).start()
         try:
-            wait_online(broker, "rel", daemon)
-            requester = Requester(broker)
-            payload, _ = requester.ask("edgerun/rel/infer/mlp", INFER_JSON, correlation=b"r")
-            requester.close()
-            assert daemon.terminate() == 0
+            answer = ask_once_then_stop(broker, "rel", daemon)
         finally:
             daemon.kill()
-    assert orjson.loads(payload)["model_name"] == "mlp"
+    assert answer["model_name"] == "mlp"
     assert (etc / "state").is_dir() and not (elsewhere / "state").exists()
     assert "'device': 'board'" in daemon.output()  # the profile beside device.toml
     assert (etc / "state" / "ota").is_dir()  # the OTA agent is on, trusting keys/fleet.pub

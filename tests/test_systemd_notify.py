@@ -19,7 +19,6 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
-import orjson
 import pytest
 
 from edgerun.adapters.mqtt import systemd_notify
@@ -29,7 +28,7 @@ from edgerun.devices import load_profile
 from edgerun.devices.daemon_build import systemd_unit
 from edgerun.examples import mlp_onnx
 from tests.cli import edgerun_command
-from tests.mqtt import INFER_JSON, DaemonProcess, Requester, running_broker, wait_online
+from tests.mqtt import DaemonProcess, ask_once_then_stop, running_broker
 from tests.serving import add_version, free_port
 
 UCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
@@ -129,13 +128,7 @@ def test_a_long_drain_timeout_extends_systemds_stop_timeout(tmp_path, manager):
             assert fields["STATUS"] == "loading the models"
             manager.wait_for("STATUS", value="serving")
             assert "loaded mlp version 1" in daemon.output()  # serving: the model loaded
-            wait_online(broker, "notified", daemon)
-            requester = Requester(broker)
-            payload, _ = requester.ask("edgerun/notified/infer/mlp", INFER_JSON,
-                                       correlation=b"n")
-            requester.close()
-            assert orjson.loads(payload)["model_name"] == "mlp"
-            assert daemon.terminate() == 0
+            assert ask_once_then_stop(broker, "notified", daemon)["model_name"] == "mlp"
         finally:
             daemon.kill()
     _, fields = manager.wait_for("STOPPING", timeout=1)
@@ -170,14 +163,10 @@ def test_without_notify_socket_the_daemon_runs_as_before(tmp_path):
     with running_broker(tmp_path / "broker") as broker:
         daemon = Daemon(_config(tmp_path, broker.url, "plain"), _environment(None)).start()
         try:
-            wait_online(broker, "plain", daemon)
-            requester = Requester(broker)
-            payload, _ = requester.ask("edgerun/plain/infer/mlp", INFER_JSON, correlation=b"p")
-            requester.close()
-            assert daemon.terminate() == 0
+            answer = ask_once_then_stop(broker, "plain", daemon)
         finally:
             daemon.kill()
-    assert orjson.loads(payload)["model_name"] == "mlp"
+    assert answer["model_name"] == "mlp"
     assert "systemd" not in daemon.output()  # no warning about a manager it cannot reach
 
 
