@@ -21,16 +21,16 @@ QUIET = 0.7  # how long a message that must not arrive gets to arrive anyway
 
 
 @contextmanager
-def broker(directory: Path, port: int | None = None,
-           listening: bool = False) -> Iterator[tuple[int, subprocess.Popen]]:
+def broker(directory: Path, port: int | None = None, listening: bool = False,
+           user: str = "root") -> Iterator[tuple[int, subprocess.Popen]]:
     """Mosquitto on the generated config plus a loopback listener on `port` (a free one by
     default), as an operator adds one; or, `listening`, on a config whose own listeners
-    include `port`."""
+    include `port`. Started by root, it runs as `user` (root, unless the test is about it)."""
     port = port or free_port()
     config = directory / "test.conf"
     lines = [] if listening else [f"listener {port} 127.0.0.1"]
     if os.geteuid() == 0:
-        lines.append("user root")  # else it drops to `mosquitto`
+        lines.append(f"user {user}")
     config.write_text((directory / "mosquitto.conf").read_text() + "\n".join(lines) + "\n")
     log = (directory / "mosquitto.log").open("wb")
     mosquitto = shutil.which("mosquitto") or "/usr/sbin/mosquitto"

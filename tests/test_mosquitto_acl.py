@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import base64
 import json
+import os
+import pwd
 import queue
+import shutil
 import signal
 import subprocess
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,7 +20,7 @@ import pytest
 from edgerun.adapters.auth.mosquitto import (Device, InferenceClient, Listener, Orchestrator,
                                              hash_password, new_password, passwd_text,
                                              verify_password, write_broker_files)
-from edgerun.runtime.errors import InvalidInput
+from edgerun.runtime.errors import InvalidInput, PermissionDenied
 from tests.mosquitto_broker import Peer, broker
 from tests.serving import free_port
 
@@ -100,6 +104,86 @@ def test_files_are_never_written_through_a_link_left_in_the_folder(tmp_path: Pat
     assert files.passwd.stat().st_mode & 0o777 == 0o600
     assert sorted(p.name for p in directory.iterdir() if not p.is_symlink()) == [
         "acl", "mosquitto.conf", "passwd"]  # no staging file left behind
+
+
+@pytest.fixture()
+def shared_folder() -> Iterator[Path]:
+    """A folder the broker's own user can reach (pytest's tmp_path is root's alone)."""
+    folder = Path(tempfile.mkdtemp(prefix="edgerun-broker-"))
+    folder.chmod(0o755)
+    try:
+        yield folder
+    finally:
+        shutil.rmtree(folder)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to start Mosquitto as its own user")
+def test_a_regeneration_keeps_the_files_the_brokers_user_reads(shared_folder: Path) -> None:
+    """Mosquitto run as `mosquitto` reads the files chowned to it once; written again by root
+    (a revocation), they keep that owner, so its reload still reads them: new root-owned files
+    made it refuse every login ("Unable to open pwfile")."""
+    broker_user = pwd.getpwnam("mosquitto")
+    directory = shared_folder / "broker"
+    files = fleet_files(directory)
+    directory.chmod(0o755)
+    files.acl.chmod(0o640)
+    for path in (files.passwd, files.acl, files.conf):
+        os.chown(path, broker_user.pw_uid, broker_user.pw_gid)
+    with broker(directory, user="mosquitto") as (port, process):
+        fleet_files(directory, devices=("dev-a",))  # dev-b is revoked
+        for path, mode in ((files.passwd, 0o600), (files.acl, 0o640), (files.conf, 0o644)):
+            status = path.stat()
+            assert (status.st_uid, status.st_gid, status.st_mode & 0o777) == (
+                broker_user.pw_uid, broker_user.pw_gid, mode), path
+        process.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 5
+        while True:
+            revoked = Peer(port, "dev-b", SECRETS["dev-b"])
+            revoked.close()
+            if not revoked.accepted or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+        assert not revoked.accepted, "the reload never happened"
+        kept = Peer(port, "dev-a", SECRETS["dev-a"])
+        kept.close()
+        assert kept.accepted, (directory / "mosquitto.log").read_text()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to act as another user")
+def test_a_file_whose_owner_cannot_be_kept_is_refused_before_anything_is_written(
+        shared_folder: Path) -> None:
+    """A user who cannot give the new files the old owner (root's, say) gets a clear refusal
+    naming the file, and every file stays as it was: a half-written set, or files the broker
+    can no longer read, would lock the fleet out at the next reload."""
+    nobody = pwd.getpwnam("nobody")
+    directory = shared_folder / "broker"
+    files = fleet_files(directory)
+    for path in (directory, files.passwd, files.acl):  # these it could keep; root keeps conf
+        os.chown(path, nobody.pw_uid, nobody.pw_gid)
+    before = {path: path.read_bytes() for path in (files.passwd, files.acl, files.conf)}
+    reader, writer = os.pipe()
+    child = os.fork()
+    if child == 0:  # pragma: no cover - the child reports through the pipe
+        try:
+            os.setgroups([])
+            os.setgid(nobody.pw_gid)
+            os.setuid(nobody.pw_uid)
+            fleet_files(directory, devices=("dev-a",))
+            message = "written"
+        except PermissionDenied as exc:
+            message = f"refused: {exc}"
+        except BaseException as exc:  # noqa: BLE001 - reported to the parent
+            message = f"other: {exc!r}"
+        os.write(writer, message.encode())
+        os._exit(0)
+    os.close(writer)
+    os.waitpid(child, 0)
+    with os.fdopen(reader, "rb") as pipe:
+        message = pipe.read().decode()
+    assert message.startswith("refused: ") and str(files.conf) in message, message
+    assert "owned by uid 0" in message, message
+    assert {path: path.read_bytes() for path in before} == before
+    assert sorted(p.name for p in directory.iterdir()) == ["acl", "mosquitto.conf", "passwd"]
 
 
 @pytest.fixture()

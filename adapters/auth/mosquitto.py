@@ -33,7 +33,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from edgerun.runtime.errors import InvalidInput
+from edgerun.runtime.errors import InvalidInput, PermissionDenied
 
 ITERATIONS = 101
 SALT_BYTES = 12
@@ -257,14 +257,39 @@ def split_conf_text(files: BrokerFiles, devices: Listener, fleet: Listener) -> s
     return "\n".join(lines) + "\n"
 
 
-def _write(path: Path, text: str, mode: int) -> None:
+def _kept_owner(path: Path, secret: bool) -> tuple[int, int, int] | None:
+    """(uid, gid, mode) the new `path` takes from the file it replaces, so a broker that reads
+    it as its own user (a chown after the first run) can still read it after a regeneration.
+    A password file gains no bits for others. None for a new file. Refused, before anything is
+    written, when this process could not give the new file that owner: the broker would then
+    fail to reload it and refuse every login."""
+    try:
+        old = os.lstat(path)
+    except FileNotFoundError:
+        return None
+    uid, gid = old.st_uid, old.st_gid
+    euid = os.geteuid()
+    if euid != 0 and (uid != euid or gid not in (os.getegid(), *os.getgroups())):
+        raise PermissionDenied(
+            f"{path} is owned by uid {uid}, gid {gid}: run this as root or as that owner, or "
+            "the file written in its place would be this user's and the broker could no "
+            "longer read it")
+    mode = old.st_mode & 0o777 | 0o600
+    return uid, gid, mode & 0o640 if secret else mode
+
+
+def _write(path: Path, text: str, mode: int, owner: tuple[int, int, int] | None) -> None:
     """Write beside and rename over, so Mosquitto never reloads a half-written file. The
     staging file is new (O_EXCL: never a link someone left there, never a file others opened
-    already), so the hashes are never written where `mode` does not hold."""
+    already), so the hashes are never written where `mode` does not hold. `owner` (uid, gid,
+    mode) is the replaced file's (`_kept_owner`)."""
     staging = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    fd = os.open(staging, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
+    fd = os.open(staging, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
     try:
         with os.fdopen(fd, "w") as sink:
+            if owner is not None:
+                os.fchown(sink.fileno(), owner[0], owner[1])
+                mode = owner[2]
             os.fchmod(sink.fileno(), mode)  # the umask may have taken bits `mode` wants
             sink.write(text)
             sink.flush()
@@ -284,8 +309,10 @@ def write_broker_files(directory: str | Path, devices: Iterable[Device],
     Without `listeners` the config has none: add your own (one for all users). With
     `listeners` (the devices', the fleet's), it has both, and DIR/passwd holds the devices and
     clients, DIR/fleet.passwd the orchestrator (`split_conf_text`).
-    The password files are owner-only (they hold hashes); run Mosquitto as that owner or chown
-    them to the broker's user. Nothing is written unless every name checks out.
+    New password files are owner-only (they hold hashes): run Mosquitto as that owner, or chown
+    them to the broker's user once; a file written again keeps its owner, group and mode (a
+    password file never readable by others). Nothing is written unless every name checks out
+    and every replaced file's owner can be kept.
     """
     directory = Path(directory)
     devices, clients = list(devices), list(clients)
@@ -301,9 +328,11 @@ def write_broker_files(directory: str | Path, devices: Iterable[Device],
     directory.mkdir(parents=True, exist_ok=True)
     files = BrokerFiles(directory / "passwd", directory / "acl", directory / "mosquitto.conf",
                         None if listeners is None else directory / "fleet.passwd")
-    for name, text in passwords.items():
-        _write(directory / name, text, 0o600)
-    _write(files.acl, acl, 0o644)
-    _write(files.conf, conf_text(files.passwd, files.acl) if listeners is None
-           else split_conf_text(files, *listeners), 0o644)
+    texts = {directory / name: (text, 0o600, True) for name, text in passwords.items()}
+    texts[files.acl] = (acl, 0o644, False)
+    texts[files.conf] = (conf_text(files.passwd, files.acl) if listeners is None
+                         else split_conf_text(files, *listeners), 0o644, False)
+    owners = {path: _kept_owner(path, secret) for path, (_, _, secret) in texts.items()}
+    for path, (text, mode, _) in texts.items():
+        _write(path, text, mode, owners[path])
     return files
