@@ -175,15 +175,18 @@ def subgraphs(node: onnx.NodeProto) -> list[onnx.GraphProto]:
             for g in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else []) + [*attr.graphs]]
 
 
+def subgraph_values(node: onnx.NodeProto) -> set[str]:
+    """The values `node`'s bodies hold: their inputs, weights and what their nodes make."""
+    return {name for body in subgraphs(node) for graph in graphs(body)
+            for name in (*(v.name for v in (*graph.input, *graph.initializer)),
+                         *(out for n in graph.node for out in n.output))} - {""}
+
+
 def subgraph_reads(node: onnx.NodeProto) -> set[str]:
     """The values from outside them that `node`'s bodies read (outer-scope weights, say)."""
-    inner, read = set(), set()
-    for body in subgraphs(node):
-        for graph in graphs(body):
-            inner |= {v.name for v in (*graph.input, *graph.initializer)}
-            inner |= {out for n in graph.node for out in n.output}
-            read |= {name for n in graph.node for name in n.input}
-    return read - inner - {""}
+    read = {name for body in subgraphs(node) for graph in graphs(body)
+            for n in graph.node for name in n.input}
+    return read - subgraph_values(node) - {""}
 
 
 def _constant_as_tensor(node: onnx.NodeProto) -> None:
@@ -198,17 +201,17 @@ def _constant_as_tensor(node: onnx.NodeProto) -> None:
 
 
 def weight_ranges(graph: onnx.GraphProto) -> dict[str, Range]:
-    """Ranges of the float32 initializers and Constant values of the top-level graph, as the
-    converter would store them in float16."""
+    """Ranges of the float32 initializers and Constant values of the graph and its bodies, as
+    the converter would store them in float16."""
     from onnxconverter_common.float16 import convert_np_to_float16
 
     def as_converter(values: np.ndarray) -> np.ndarray:
         return convert_np_to_float16(values, MIN_POSITIVE, FLOAT16_MAX)
 
     ranges = {}
-    tensors = [(init.name, init) for init in graph.initializer]
-    tensors += [(node.output[0], attr.t) for node in graph.node if node.op_type == "Constant"
-                for attr in node.attribute if attr.name == "value"]
+    tensors = [(init.name, init) for g in graphs(graph) for init in g.initializer]
+    tensors += [(node.output[0], attr.t) for g in graphs(graph) for node in g.node
+                if node.op_type == "Constant" for attr in node.attribute if attr.name == "value"]
     for name, tensor in tensors:
         if tensor.data_type == onnx.TensorProto.FLOAT:
             ranges[name] = Range()
@@ -238,27 +241,90 @@ def _exposing(model: onnx.ModelProto, names: Iterable[str]) -> onnx.ModelProto:
     return probe
 
 
-def measure(model: onnx.ModelProto,
-            feeds: list[dict[str, np.ndarray]] | None) -> dict[str, Range] | None:
-    """Ranges of the float32 inputs and node outputs of the float32 model run on `feeds`; None
-    (logged) when it does not run, and activation ranges are then not known."""
-    if not feeds:
-        return None
+def _float_values(graph: onnx.GraphProto) -> list[str]:
+    """What `graph`'s nodes make that shape inference typed float32."""
+    typed = {v.name for v in (*graph.value_info, *graph.output)
+             if v.type.tensor_type.elem_type == onnx.TensorProto.FLOAT}
+    return [out for node in graph.node for out in node.output if out in typed]
+
+
+def _fresh(name: str, taken: set[str]) -> str:
+    while name in taken:
+        name += "_"
+    taken.add(name)
+    return name
+
+
+def _lift(graph: onnx.GraphProto, taken: set[str]) -> dict[str, str]:
+    """Make `graph`'s If, Loop and Scan nodes also output the float32 values their bodies make
+    (Loop and Scan: as scan outputs, a slice per iteration; If: the branch taken's, an empty
+    tensor from the other), deepest first. {name in `graph`: the body value it shows}."""
+    lifted: dict[str, str] = {}
+    for node in graph.node:
+        bodies = {a.name: a.g for a in node.attribute if a.type == onnx.AttributeProto.GRAPH}
+        branches = [bodies[b] for b in ("body", "then_branch", "else_branch") if b in bodies]
+        for branch in branches:
+            values = {**{v: v for v in _float_values(branch)}, **_lift(branch, taken)}
+            others = [b for b in branches if b is not branch]  # If: the branch not taken
+            for value, original in values.items():
+                shown = _fresh(f"{value}_shown", taken)
+                branch.node.append(helper.make_node("Identity", [value], [shown],
+                                                    name=_fresh(f"{shown}_node", taken)))
+                branch.output.append(helper.make_tensor_value_info(
+                    shown, onnx.TensorProto.FLOAT, None))
+                for other in others:
+                    empty = _fresh(f"{shown}_empty", taken)
+                    other.node.append(helper.make_node(
+                        "Constant", [], [empty], name=_fresh(f"{empty}_node", taken),
+                        value=numpy_helper.from_array(np.zeros(0, np.float32))))
+                    other.output.append(helper.make_tensor_value_info(
+                        empty, onnx.TensorProto.FLOAT, None))
+                for axes in (a for a in node.attribute if a.name in (
+                        "scan_output_axes", "scan_output_directions")):
+                    axes.ints.append(0)
+                node.output.append(_fresh(f"{value}_out", taken))
+                lifted[node.output[-1]] = original
+    return lifted
+
+
+def _ranges(model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]],
+            shown: Mapping[str, str]) -> dict[str, Range]:
     names = [out for node in model.graph.node for out in node.output]
     ranges: dict[str, Range] = {}
+    session = _session(_exposing(model, names))
+    exposed = [o.name for o in session.get_outputs()]
+    for feed in feeds:
+        results = zip(exposed, session.run(None, dict(feed)))
+        for name, array in (*feed.items(), *results):
+            if isinstance(array, np.ndarray) and array.dtype == np.float32:
+                ranges.setdefault(shown.get(name, name), Range()).add(array)
+    return ranges
+
+
+def measure(model: onnx.ModelProto,
+            feeds: list[dict[str, np.ndarray]] | None) -> dict[str, Range] | None:
+    """Ranges of the float32 inputs and node outputs of the float32 model run on `feeds`, the
+    values inside If, Loop and Scan bodies included where they can be shown; None (logged) when
+    it does not run, and activation ranges are then not known."""
+    if not feeds:
+        return None
+    if any(subgraphs(node) for node in model.graph.node):
+        probe = onnx.shape_inference.infer_shapes(model)
+        taken = {n for g in graphs(probe.graph) for node in g.node
+                 for n in (node.name, *node.input, *node.output)} | \
+            {v.name for g in graphs(probe.graph) for v in (*g.input, *g.initializer)}
+        shown = _lift(probe.graph, taken)
+        try:
+            return _ranges(probe, feeds, shown)
+        except Exception as exc:  # onnxruntime raises its own types
+            log.warning("fp16: activations inside If, Loop and Scan bodies not measured (shown "
+                        "as outputs, the model did not run: %s)", exc)
     try:
-        session = _session(_exposing(model, names))
-        exposed = [o.name for o in session.get_outputs()]
-        for feed in feeds:
-            results = zip(exposed, session.run(None, dict(feed)))
-            for name, array in (*feed.items(), *results):
-                if isinstance(array, np.ndarray) and array.dtype == np.float32:
-                    ranges.setdefault(name, Range()).add(array)
+        return _ranges(model, feeds, {})
     except Exception as exc:  # onnxruntime raises its own types
         log.warning("fp16: activation ranges not measured (the float32 model did not run on "
                     "the data: %s); weights only are checked", exc)
         return None
-    return ranges
 
 
 def out_of_range(graph: onnx.GraphProto, weights: dict[str, Range],
@@ -298,11 +364,12 @@ def from_weights(graph: onnx.GraphProto, tensors: Mapping[str, str],
 def plan(graph: onnx.GraphProto, tensors: Mapping[str, str],
          derived: Mapping[str, str]) -> dict[str, str]:
     """{node: why it stays float32}: the nodes that make or read a tensor of `tensors` or
-    `derived` (an If, Loop or Scan reads what its bodies read from outside them); each reason
-    starts with the node's op."""
+    `derived` (an If, Loop or Scan reads what its bodies read from outside them, and makes what
+    they make); each reason starts with the node's op."""
     blocked = {}
     for node in graph.node:
-        names = (*node.input, *sorted(subgraph_reads(node)), *node.output)
+        names = (*node.input, *sorted(subgraph_reads(node)), *node.output,
+                 *sorted(subgraph_values(node)))
         why = [tensors[t] for t in names if t in tensors] or \
             [derived[t] for t in names if t in derived]
         if why:

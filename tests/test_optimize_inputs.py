@@ -343,12 +343,15 @@ def test_fp16_of_a_model_that_outputs_a_value_it_also_reads_loads_and_agrees(tmp
     model.close()
 
 
-def loop_model(k: float = 1.5, body_scale: float = 1.0, outer_scale: float = 1.0
-               ) -> onnx.ModelProto:
+def loop_model(k: float = 1.5, body_scale: float = 1.0, outer_scale: float = 1.0,
+               up_inside: bool = False) -> onnx.ModelProto:
     """x @ w, then a Loop multiplying by k three times and by `body_scale` and back in its
-    body; a Mul reads k outside the loop too."""
+    body (`up_inside`: the body's own Constant, else a weight outside it); a Mul reads k
+    outside the loop too."""
+    up = [helper.make_node("Constant", [], ["up"], name="up_value", value=numpy_helper.from_array(
+        np.full(4, body_scale, np.float32)))] if up_inside else []
     body = helper.make_graph(
-        [helper.make_node("Identity", ["cond_in"], ["cond_out"], name="keep_going"),
+        [*up, helper.make_node("Identity", ["cond_in"], ["cond_out"], name="keep_going"),
          helper.make_node("Mul", ["acc_in", "k"], ["scaled"], name="by_k"),
          helper.make_node("Mul", ["scaled", "up"], ["upped"], name="up"),
          helper.make_node("Mul", ["upped", "down"], ["acc_out"], name="down")], "body",
@@ -364,7 +367,8 @@ def loop_model(k: float = 1.5, body_scale: float = 1.0, outer_scale: float = 1.0
          helper.make_node("Mul", ["big_k", "inner"], ["h2"], name="shrink"),
          helper.make_node("Loop", ["trip", "true", "h2"], ["y"], body=body, name="loop")],
         {"w": np.random.default_rng(7).standard_normal((4, 4)), "k": np.full(4, k),
-         "up": np.full(4, body_scale), "down": np.full(4, 1 / body_scale),
+         **({} if up_inside else {"up": np.full(4, body_scale)}),
+         "down": np.full(4, 1 / body_scale),
          "outer": np.full(4, outer_scale), "inner": np.full(4, 1 / outer_scale)})
     model.graph.initializer.extend([numpy_helper.from_array(np.array(3, np.int64), "trip"),
                                     numpy_helper.from_array(np.array(True), "true")])
@@ -373,9 +377,13 @@ def loop_model(k: float = 1.5, body_scale: float = 1.0, outer_scale: float = 1.0
 
 @pytest.mark.parametrize("options, reason", [
     ({"body_scale": 1e6}, r"Loop: .*weight 'up' reaches 1e\+06 in magnitude"),
+    ({"body_scale": 1e6, "up_inside": True}, r"Loop: .*weight 'up' reaches 1e\+06 in magnitude"),
+    ({"body_scale": 5000.0}, r"Loop: 'upped' reaches .* in magnitude on the data measured"),
     ({"k": 100.0}, r"Loop: 'y' reaches .* in magnitude on the data measured")])
 def test_fp16_refuses_a_loop_that_would_stay_float32_naming_it(tmp_path, options, reason):
-    # a weight only a Loop body reads was not kept float32: 'up' was clamped to 65504, silently;
+    # a weight only a Loop body reads was not kept float32: 'up' was clamped to 65504, silently
+    # (the body's own Constant too); a value only the body makes ('upped', x * 5000, scaled
+    # back before the body's end) was not measured, so it overflowed float16, silently;
     # a Loop kept float32 (its output, x * 100 ** 3, passes 65504) kept its body float32 but
     # the converter converted the weights it reads from outside, a model ONNX Runtime refuses
     source = save(loop_model(**options), tmp_path / "l.onnx")
@@ -383,6 +391,120 @@ def test_fp16_refuses_a_loop_that_would_stay_float32_naming_it(tmp_path, options
                                             rf"\({reason}.*choose fp32 or int8"):
         quantize(source, tmp_path / "h.onnx", "fp16")
     assert not (tmp_path / "h.onnx").exists()
+
+
+def if_model(scale: float = 1.0) -> onnx.ModelProto:
+    """x @ w, then an If on the sign of its sum: each branch multiplies by `scale` (then) or
+    by 2 * `scale` (else) and back."""
+    def branch(name: str, by: float) -> onnx.GraphProto:
+        return helper.make_graph(
+            [helper.make_node("Mul", ["h", f"{name}_up"], [f"{name}_big"], name=f"{name}_up"),
+             helper.make_node("Mul", [f"{name}_big", f"{name}_down"], [f"{name}_y"],
+                              name=f"{name}_down")], name, [],
+            [helper.make_tensor_value_info(f"{name}_y", TensorProto.FLOAT, ["n", 4])],
+            [numpy_helper.from_array(np.full(4, by, np.float32), f"{name}_up"),
+             numpy_helper.from_array(np.full(4, 1 / by, np.float32), f"{name}_down")])
+    return graph_model(
+        [helper.make_node("MatMul", ["x", "w"], ["h"], name="mm"),
+         helper.make_node("ReduceSum", ["h"], ["total"], name="sum", keepdims=0),
+         helper.make_node("Greater", ["total", "zero"], ["positive"], name="sign"),
+         helper.make_node("If", ["positive"], ["y"], name="branch",
+                          then_branch=branch("then", scale), else_branch=branch("else", 2 * scale))],
+        {"w": np.random.default_rng(7).standard_normal((4, 4)), "zero": np.zeros(())})
+
+
+def scan_model(scale: float = 1.0) -> onnx.ModelProto:
+    """x @ w, then a Scan over its rows summing each row times `scale` and back, with the
+    scaled-back rows as a scan output."""
+    body = helper.make_graph(
+        [helper.make_node("Mul", ["row", "row_up"], ["row_big"], name="row_up"),
+         helper.make_node("Mul", ["row_big", "row_down"], ["row_back"], name="row_down"),
+         helper.make_node("Add", ["total_in", "row_back"], ["total_out"], name="row_add")],
+        "body", [helper.make_tensor_value_info("total_in", TensorProto.FLOAT, [4]),
+                 helper.make_tensor_value_info("row", TensorProto.FLOAT, [4])],
+        [helper.make_tensor_value_info("total_out", TensorProto.FLOAT, [4]),
+         helper.make_tensor_value_info("row_back", TensorProto.FLOAT, [4])])
+    return graph_model(
+        [helper.make_node("MatMul", ["x", "w"], ["h"], name="mm"),
+         helper.make_node("Scan", ["start", "h"], ["total", "y"], name="scan", body=body,
+                          num_scan_inputs=1, scan_output_axes=[0])],
+        {"w": np.random.default_rng(7).standard_normal((4, 4)), "start": np.zeros(4),
+         "row_up": np.full(4, scale), "row_down": np.full(4, 1 / scale)})
+
+
+@pytest.mark.parametrize("make, inner", [
+    (loop_model, {"scaled": 1.5, "upped": 1.5, "acc_out": 1.5}),
+    (if_model, {"then_big": 1.0, "then_y": 1.0, "else_big": 2.0, "else_y": 1.0}),
+    (scan_model, {"row_big": 1.0, "row_back": 1.0, "total_out": None})])
+def test_fp16_measures_the_values_inside_if_loop_and_scan_bodies(make, inner):
+    """Each body value's largest magnitude, as the float32 model makes it: x @ w times what
+    the body multiplies it by (the Loop: x @ w + 1.5, by 1.5 three times); the If's branches
+    as each was taken (both are, over the chunks)."""
+    model = make()
+    fp16.prepare(model)
+    x = np.random.default_rng(3).standard_normal((64, 4)).astype(np.float32)
+    feeds = [{"x": x[i:i + 8]} for i in range(0, 64, 8)]
+    ranges = fp16.measure(model, feeds)
+    w = numpy_helper.to_array(next(i for i in model.graph.initializer if i.name == "w"))
+    h = x @ w
+    branch = [(chunk.sum() > 0) for chunk in np.split(h, 8)]
+    assert any(branch) and not all(branch)  # the If's then and else both run
+    for value, by in inner.items():
+        if make is loop_model:  # the Loop starts from x @ w + k
+            want = np.abs(h + 1.5).max() * 1.5 ** 3
+        elif make is if_model:
+            taken = [c for c, then in zip(np.split(h, 8), branch)
+                     if then == value.startswith("then")]
+            want = np.abs(np.concatenate(taken)).max() * by
+        elif by is None:  # the Scan's running sum
+            want = max(np.abs(np.cumsum(c, axis=0)).max() for c in np.split(h, 8))
+        else:
+            want = np.abs(h).max() * by
+        assert ranges[value].peak == pytest.approx(want, rel=1e-5), value
+    assert not any(name.endswith(("_shown", "_out")) and name not in inner for name in ranges)
+
+
+def test_a_body_whose_values_cannot_be_shown_still_has_the_graphs_measured(caplog):
+    """A Loop body value whose shape changes with the iteration cannot be a scan output
+    (ONNX Runtime refuses the run): the top-level values are measured all the same, and the
+    log says the bodies' were not."""
+    body = helper.make_graph(
+        [helper.make_node("Identity", ["cond_in"], ["cond_out"], name="keep_going"),
+         helper.make_node("Unsqueeze", ["i", "zero1"], ["upto"], name="upto"),
+         helper.make_node("Slice", ["acc_in", "zero1", "upto", "one1"], ["prefix"], name="cut"),
+         helper.make_node("ReduceSum", ["prefix", "one1"], ["prefix_sum"], name="sum"),
+         helper.make_node("Add", ["acc_in", "prefix_sum"], ["acc_out"], name="grow")], "body",
+        [helper.make_tensor_value_info("i", TensorProto.INT64, []),
+         helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("acc_in", TensorProto.FLOAT, ["n", 4])],
+        [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("acc_out", TensorProto.FLOAT, ["n", 4])])
+    model = graph_model(
+        [helper.make_node("MatMul", ["x", "w"], ["h"], name="mm"),
+         helper.make_node("Loop", ["trip", "true", "h"], ["y"], body=body, name="loop")],
+        {"w": np.eye(4)})
+    model.graph.initializer.extend([numpy_helper.from_array(np.array(3, np.int64), "trip"),
+                                    numpy_helper.from_array(np.array(True), "true"),
+                                    numpy_helper.from_array(np.array([0], np.int64), "zero1"),
+                                    numpy_helper.from_array(np.array([1], np.int64), "one1")])
+    x = np.random.default_rng(3).standard_normal((8, 4)).astype(np.float32)
+    with caplog.at_level("WARNING", logger="edgerun.optimizers.fp16"):
+        ranges = fp16.measure(model, [{"x": x}])
+    assert ranges is not None and {"x", "h", "y"} <= set(ranges)
+    assert "prefix" not in ranges and "acc_out" not in ranges
+    assert "inside If, Loop and Scan bodies not measured" in caplog.text
+
+
+@pytest.mark.parametrize("make, culprit", [(if_model, "then_big"), (scan_model, "row_big")])
+def test_fp16_refuses_an_if_or_scan_whose_body_passes_float16s_range(tmp_path, make, culprit):
+    source = save(make(scale=5e4), tmp_path / "m.onnx")
+    with pytest.raises(OptimizeError, match=rf"m.onnx: fp16 cannot keep node '\w+' float32 "
+                                            rf"\(\w+: .*'{culprit}' reaches .* in magnitude on "
+                                            rf"the data measured"):
+        quantize(source, tmp_path / "h.onnx", "fp16")
+    save(make(scale=4.0), tmp_path / "small.onnx")
+    quantize(tmp_path / "small.onnx", tmp_path / "h.onnx", "fp16")  # in range: converted
+    assert kept_float32(tmp_path / "h.onnx") == {}
 
 
 def test_fp16_of_a_weight_a_float32_node_shares_with_a_loop_body_loads_and_agrees(tmp_path):
