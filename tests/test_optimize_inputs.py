@@ -343,6 +343,25 @@ def test_fp16_of_a_model_that_outputs_a_value_it_also_reads_loads_and_agrees(tmp
     model.close()
 
 
+def loop_body(nodes: list[onnx.NodeProto]) -> onnx.GraphProto:
+    """A Loop body carrying `acc` ([n, 4] float) through `nodes`, which make acc_out from
+    acc_in (and may read the iteration number i); it never stops early."""
+    return helper.make_graph(
+        [helper.make_node("Identity", ["cond_in"], ["cond_out"], name="keep_going"), *nodes],
+        "body",
+        [helper.make_tensor_value_info("i", TensorProto.INT64, []),
+         helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("acc_in", TensorProto.FLOAT, ["n", 4])],
+        [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("acc_out", TensorProto.FLOAT, ["n", 4])])
+
+
+def loop_constants() -> list[onnx.TensorProto]:
+    """The Loop's `trip` count (3) and its `true` condition."""
+    return [numpy_helper.from_array(np.array(3, np.int64), "trip"),
+            numpy_helper.from_array(np.array(True), "true")]
+
+
 def loop_model(k: float = 1.5, body_scale: float = 1.0, outer_scale: float = 1.0,
                up_inside: bool = False) -> onnx.ModelProto:
     """x @ w, then a Loop multiplying by k three times and by `body_scale` and back in its
@@ -350,16 +369,9 @@ def loop_model(k: float = 1.5, body_scale: float = 1.0, outer_scale: float = 1.0
     outside the loop too."""
     up = [helper.make_node("Constant", [], ["up"], name="up_value", value=numpy_helper.from_array(
         np.full(4, body_scale, np.float32)))] if up_inside else []
-    body = helper.make_graph(
-        [*up, helper.make_node("Identity", ["cond_in"], ["cond_out"], name="keep_going"),
-         helper.make_node("Mul", ["acc_in", "k"], ["scaled"], name="by_k"),
-         helper.make_node("Mul", ["scaled", "up"], ["upped"], name="up"),
-         helper.make_node("Mul", ["upped", "down"], ["acc_out"], name="down")], "body",
-        [helper.make_tensor_value_info("i", TensorProto.INT64, []),
-         helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
-         helper.make_tensor_value_info("acc_in", TensorProto.FLOAT, ["n", 4])],
-        [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
-         helper.make_tensor_value_info("acc_out", TensorProto.FLOAT, ["n", 4])])
+    body = loop_body([*up, helper.make_node("Mul", ["acc_in", "k"], ["scaled"], name="by_k"),
+                      helper.make_node("Mul", ["scaled", "up"], ["upped"], name="up"),
+                      helper.make_node("Mul", ["upped", "down"], ["acc_out"], name="down")])
     model = graph_model(
         [helper.make_node("MatMul", ["x", "w"], ["h"], name="mm"),
          helper.make_node("Mul", ["h", "outer"], ["big"], name="blow_up"),
@@ -370,8 +382,7 @@ def loop_model(k: float = 1.5, body_scale: float = 1.0, outer_scale: float = 1.0
          **({} if up_inside else {"up": np.full(4, body_scale)}),
          "down": np.full(4, 1 / body_scale),
          "outer": np.full(4, outer_scale), "inner": np.full(4, 1 / outer_scale)})
-    model.graph.initializer.extend([numpy_helper.from_array(np.array(3, np.int64), "trip"),
-                                    numpy_helper.from_array(np.array(True), "true")])
+    model.graph.initializer.extend(loop_constants())
     return model
 
 
@@ -468,23 +479,16 @@ def test_a_body_whose_values_cannot_be_shown_still_has_the_graphs_measured(caplo
     """A Loop body value whose shape changes with the iteration cannot be a scan output
     (ONNX Runtime refuses the run): the top-level values are measured all the same, and the
     log says the bodies' were not."""
-    body = helper.make_graph(
-        [helper.make_node("Identity", ["cond_in"], ["cond_out"], name="keep_going"),
-         helper.make_node("Unsqueeze", ["i", "zero1"], ["upto"], name="upto"),
-         helper.make_node("Slice", ["acc_in", "zero1", "upto", "one1"], ["prefix"], name="cut"),
-         helper.make_node("ReduceSum", ["prefix", "one1"], ["prefix_sum"], name="sum"),
-         helper.make_node("Add", ["acc_in", "prefix_sum"], ["acc_out"], name="grow")], "body",
-        [helper.make_tensor_value_info("i", TensorProto.INT64, []),
-         helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
-         helper.make_tensor_value_info("acc_in", TensorProto.FLOAT, ["n", 4])],
-        [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
-         helper.make_tensor_value_info("acc_out", TensorProto.FLOAT, ["n", 4])])
+    body = loop_body([
+        helper.make_node("Unsqueeze", ["i", "zero1"], ["upto"], name="upto"),
+        helper.make_node("Slice", ["acc_in", "zero1", "upto", "one1"], ["prefix"], name="cut"),
+        helper.make_node("ReduceSum", ["prefix", "one1"], ["prefix_sum"], name="sum"),
+        helper.make_node("Add", ["acc_in", "prefix_sum"], ["acc_out"], name="grow")])
     model = graph_model(
         [helper.make_node("MatMul", ["x", "w"], ["h"], name="mm"),
          helper.make_node("Loop", ["trip", "true", "h"], ["y"], body=body, name="loop")],
         {"w": np.eye(4)})
-    model.graph.initializer.extend([numpy_helper.from_array(np.array(3, np.int64), "trip"),
-                                    numpy_helper.from_array(np.array(True), "true"),
+    model.graph.initializer.extend([*loop_constants(),
                                     numpy_helper.from_array(np.array([0], np.int64), "zero1"),
                                     numpy_helper.from_array(np.array([1], np.int64), "one1")])
     x = np.random.default_rng(3).standard_normal((8, 4)).astype(np.float32)
