@@ -20,6 +20,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+from onnx import TensorProto, helper
 
 from edgerun.devices import load_profile
 from edgerun.examples import mlp_onnx
@@ -172,6 +173,46 @@ def test_external_data_outside_the_manifest_is_refused_naming_it(make_bundle, tm
         Model.load(bundle)
 
 
+def function_default_external_model(location: str) -> bytes:
+    """A model whose local function F(x) = x + Constant(value_ref=val) gives `val` a default
+    tensor kept in the file `location` (FunctionProto.attribute_proto)."""
+    constant = helper.make_node("Constant", [], ["c"])
+    constant.attribute.append(onnx.AttributeProto(name="value", type=onnx.AttributeProto.TENSOR,
+                                                  ref_attr_name="val"))
+    function = helper.make_function("custom", "F", ["x"], ["y"], [
+        constant, helper.make_node("Add", ["x", "c"], ["y"])], [helper.make_opsetid("", 17)])
+    default = onnx.TensorProto(name="val", data_type=TensorProto.FLOAT, dims=[8],
+                               data_location=TensorProto.EXTERNAL)
+    for key, value in (("location", location), ("offset", "0"), ("length", "32")):
+        default.external_data.add(key=key, value=value)
+    function.attribute_proto.append(helper.make_attribute("val", default))
+    graph = helper.make_graph([helper.make_node("F", ["x"], ["y"], domain="custom")], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", 8])])
+    model = helper.make_model(graph, functions=[function], opset_imports=[
+        helper.make_opsetid("", 17), helper.make_opsetid("custom", 1)])
+    model.ir_version = 9
+    return model.SerializeToString()
+
+
+@pytest.mark.parametrize("location, message", [
+    ("/etc/hostname", "not a file beside the model in the bundle"),
+    ("../secret.bin", "not a file beside the model in the bundle"),
+    ("weights.bin", "the bundle's manifest does not list 'weights.bin'")])
+def test_external_data_of_a_function_attributes_default_is_found(make_bundle, location, message):
+    """A function's attribute defaults can keep their data in a file too; they were not
+    looked at, so an ONNX Runtime without its own path check (before 1.24) read any file of
+    the host named there into the model, and the answers gave its bytes back."""
+    from edgerun.runtime.backends.onnxruntime import external_data_files
+
+    model = function_default_external_model(location)
+    assert external_data_files(model, "model.onnx") == {location: True}
+    bundle = make_bundle(mlp_onnx([8, 16, 4], seed=3), name="m")
+    bundle.model_path.write_bytes(model)
+    with pytest.raises(BundleError, match=message):
+        Model.load(relist(bundle.path))
+
+
 # ---------------------------------------------------------------- golden sample
 def test_a_golden_sample_swapped_after_verification_is_refused(make_bundle):
     bundle = make_bundle(mlp_onnx([8, 16, 4], seed=1), name="m")
@@ -313,7 +354,7 @@ def nested_external_bundle(make_bundle, listed: bool = True) -> tuple[Bundle, np
     """A bundle whose weights live only inside an If node's branches, each in a file of its
     own (`w_then`, `w_else`); the manifest lists both, or with `listed` False only `w_then`
     (the branch taken). Returns it with the weight the taken branch multiplies by."""
-    from onnx import TensorProto, helper, numpy_helper
+    from onnx import numpy_helper
     from onnx.external_data_helper import convert_model_to_external_data
 
     w = np.random.default_rng(5).standard_normal((8, 4)).astype(np.float32)

@@ -74,7 +74,7 @@ _HOLDS = {
     _ATTRIBUTE: {5: (_TENSOR, False), 6: (_GRAPH, True), 10: (_TENSOR, False),
                  11: (_GRAPH, True), 22: (_SPARSE, False), 23: (_SPARSE, False)},
     _SPARSE: {1: (_TENSOR, False), 2: (_TENSOR, False)},
-    _FUNCTION: {7: (_NODE, False)},
+    _FUNCTION: {7: (_NODE, False), 11: (_ATTRIBUTE, True)},  # 11: attributes' defaults
     _TRAINING: {1: (_GRAPH, False), 2: (_GRAPH, False)},
 }
 _TENSOR_NAME, _TENSOR_EXTERNAL_DATA, _TENSOR_DATA_LOCATION, _EXTERNAL = 8, 13, 14, 1
