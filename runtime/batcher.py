@@ -44,6 +44,11 @@ Outputs = dict[str, np.ndarray]
 Callback = Callable[["Outputs | None", "BaseException | None"], None]
 
 
+#: The longest `max_queue_delay_us` (a minute): a batch held longer serves nobody, and past
+#: about 9e15 us the batcher's timed wait overflows the platform's time_t and kills its thread.
+MAX_QUEUE_DELAY_US = 60_000_000
+
+
 @dataclass(frozen=True)
 class BatchingConfig:
     """The knobs, named as in Triton's dynamic batcher."""
@@ -58,8 +63,9 @@ class BatchingConfig:
                            tuple(sorted(set(self.preferred_batch_sizes))))
         if self.max_batch_size < 1:
             raise ValueError("max_batch_size must be >= 1")
-        if self.max_queue_delay_us < 0:
-            raise ValueError("max_queue_delay_us must be >= 0")
+        if not 0 <= self.max_queue_delay_us <= MAX_QUEUE_DELAY_US:
+            raise ValueError(f"max_queue_delay_us must lie in [0, {MAX_QUEUE_DELAY_US}] (a "
+                             f"minute), got {self.max_queue_delay_us}")
         if self.max_queue_size < 1:
             raise ValueError("max_queue_size must be >= 1")
         if any(not 1 <= size <= self.max_batch_size for size in self.preferred_batch_sizes):

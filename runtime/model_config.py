@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from edgerun.runtime.batcher import BatchingConfig
+from edgerun.runtime.batcher import MAX_QUEUE_DELAY_US, BatchingConfig
 from edgerun.devices.profile import is_integer
 from edgerun.runtime.bundle import version_key
 from edgerun.runtime.errors import BundleError
@@ -152,7 +152,8 @@ class ModelConfig:
 _BATCHING_TYPES = {
     "max_batch_size": (is_integer, "an integer"),
     "max_queue_size": (is_integer, "an integer"),
-    "max_queue_delay_us": (lambda v: finite_number(v) and v >= 0, "a finite number >= 0"),
+    "max_queue_delay_us": (lambda v: finite_number(v) and 0 <= v <= MAX_QUEUE_DELAY_US,
+                           f"a finite number from 0 to {MAX_QUEUE_DELAY_US} (a minute)"),
     "preferred_batch_sizes": (lambda v: isinstance(v, list) and all(map(is_integer, v)),
                               "a list of integers"),
 }

@@ -64,6 +64,10 @@ def test_semver_pre_releases_and_build_metadata_order_as_semver_says():
     # overflowed the batcher's timer on the first request
     ("[batching]\nmax_queue_delay_us = nan", "batching.max_queue_delay_us must be a finite"),
     ("[batching]\nmax_queue_delay_us = inf", "batching.max_queue_delay_us must be a finite"),
+    # 1e17 passed, and the batcher's timed wait overflowed time_t: its thread died at the first
+    # request, and every request hung
+    ("[batching]\nmax_queue_delay_us = 1e17", r"max_queue_delay_us must be a finite number "
+                                              r"from 0 to 60000000 \(a minute\)"),
     ("[batching]\nmax_batch_size = 2.5", "batching.max_batch_size must be an integer"),
     ("[batching]\nmax_queue_size = true", "batching.max_queue_size must be an integer"),
     # these were refused, but as "'int' object is not iterable" or "invalid literal for int()"
