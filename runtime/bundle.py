@@ -12,6 +12,7 @@ import datetime as dt
 import hashlib
 import io
 import json
+import math
 import os
 import pickle
 import re
@@ -332,10 +333,39 @@ class _TextArrayUnpickler(pickle.Unpickler):
         return super().find_class(module, name)
 
 
+#: The most one array of `golden.npz` may unpack to: a sample of a few rows, even of 4K
+#: images, is far smaller; a member declaring more is a zip bomb or a lie.
+GOLDEN_ARRAY_LIMIT = 256 << 20
+
+
+def _check_golden_member(raw: bytes, path: Path, key: str) -> None:
+    """Refuse an array of `golden.npz` that would unpack past GOLDEN_ARRAY_LIMIT, or whose
+    header declares more data than the member holds (numpy allocates the declared shape
+    before it reads a byte: 2**45 int64 from a 1 kB file)."""
+    with zipfile.ZipFile(io.BytesIO(raw)) as npz:
+        try:
+            info = npz.getinfo(f"{key}.npy")
+        except KeyError:
+            return  # np.load names the missing array
+        if info.file_size > GOLDEN_ARRAY_LIMIT:
+            raise BundleError(f"{path}: {key} unpacks to {info.file_size:,} bytes, over the "
+                              f"golden sample's limit of {GOLDEN_ARRAY_LIMIT:,}")
+        with npz.open(info) as member:
+            major, _ = np.lib.format.read_magic(member)
+            read_header = (np.lib.format.read_array_header_1_0 if major == 1
+                           else np.lib.format.read_array_header_2_0)
+            shape, _, dtype = read_header(member)
+            declared = math.prod(shape) * dtype.itemsize
+            if not dtype.hasobject and declared > info.file_size - member.tell():
+                raise BundleError(f"{path}: {key} declares shape {shape} of {dtype} "
+                                  f"({declared:,} bytes), more than it holds")
+
+
 def _golden_array(raw: bytes, path: Path, key: str) -> np.ndarray:
     """One array of `golden.npz` (its bytes `raw`; `path` names it in errors), read without
     ever unpickling anything but text."""
     try:
+        _check_golden_member(raw, path, key)
         with np.load(io.BytesIO(raw), allow_pickle=False) as data:
             if key not in data.files:
                 raise BundleError(f"{path}: no {key} array (the golden sample does not match "
@@ -354,7 +384,7 @@ def _golden_array(raw: bytes, path: Path, key: str) -> np.ndarray:
     except BundleError:
         raise
     except (OSError, ValueError, EOFError, zipfile.BadZipFile, pickle.UnpicklingError,
-            AttributeError, TypeError, KeyError, IndexError) as exc:
+            AttributeError, TypeError, KeyError, IndexError, MemoryError) as exc:
         raise BundleError(f"{path}: {key} is not a readable array ({exc})") from exc
     if not isinstance(array, np.ndarray) or array.shape != shape or not all(
             isinstance(element, (str, bytes)) for element in array.flat):

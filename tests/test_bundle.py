@@ -163,6 +163,49 @@ def test_golden_sample_never_runs_code(make_bundle, tmp_path):
         _with_golden(bundle, input_0=np.array(["a"], dtype=object)).golden()
 
 
+def _golden_bytes(bundle: Bundle, members: dict[str, bytes]) -> Bundle:
+    """`bundle` with golden.npz made of these raw members, listed again."""
+    path = bundle.path / "golden.npz"
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as npz:
+        for name, data in members.items():
+            npz.writestr(name, data)
+    files = {**bundle.manifest.files, "golden.npz": FileEntry(sha256_file(path),
+                                                              path.stat().st_size)}
+    write_manifest(bundle.path, dataclasses.replace(bundle.manifest, files=files))
+    return Bundle.open(bundle.path)
+
+
+def _npy(array: np.ndarray, shape: tuple[int, ...] | None = None) -> bytes:
+    """`array` as .npy bytes; `shape` is what its header declares instead, if given."""
+    out = io.BytesIO()
+    np.lib.format.write_array_header_1_0(out, {"descr": array.dtype.str, "fortran_order": False,
+                                               "shape": array.shape if shape is None else shape})
+    return out.getvalue() + array.tobytes()
+
+
+def test_a_golden_sample_that_would_unpack_past_its_limit_is_refused_before_it_is_read(
+        mlp_bundle, monkeypatch):
+    """numpy allocates what an array's header declares before it reads a byte: a 1 kB member
+    declaring 2**45 int64 ended `bundle verify` in an untyped MemoryError (256 TiB), and a
+    member of zeros compressed 1000 to 1 would be unpacked whole."""
+    import edgerun.runtime.bundle as bundle_module
+
+    output = _npy(np.zeros((1, 4), np.float32))
+    liar = _golden_bytes(mlp_bundle, {"input_0.npy": _npy(np.zeros(1, np.int64), (2 ** 45,)),
+                                      "output_0.npy": output})
+    with pytest.raises(BundleError, match=r"input_0 declares shape \(35184372088832,\) of "
+                                          r"int64 \(281,474,976,710,656 bytes\), more than it "
+                                          r"holds"):
+        liar.golden()
+    monkeypatch.setattr(bundle_module, "GOLDEN_ARRAY_LIMIT", 1 << 20)
+    bomb = _golden_bytes(mlp_bundle, {"input_0.npy": _npy(np.zeros((1, 1 << 18), np.float64)),
+                                      "output_0.npy": output})
+    assert bomb.path.joinpath("golden.npz").stat().st_size < 10_000
+    with pytest.raises(BundleError, match=r"input_0 unpacks to 2,097,280 bytes, over the golden "
+                                          r"sample's limit of 1,048,576"):
+        bomb.golden()
+
+
 @pytest.mark.parametrize("content, message", [
     (b"{not json", "not valid JSON"),
     (b"[]", "must hold a JSON object"),
