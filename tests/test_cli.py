@@ -37,6 +37,25 @@ def test_bundle_create_inspect_verify(tmp_path, mlp_file):
     assert checked.returncode == 0 and "ok mlp version 3" in checked.stdout
 
 
+def test_inspect_shows_a_bundles_names_as_they_are(tmp_path):
+    """A bundle's names are its maker's text: rich took them for markup, so `logits[batch]`
+    showed as `logits`, and `[/x]` ended `bundle inspect` in a MarkupError."""
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph([helper.make_node("Identity", ["x[0]"], ["[/x]"])], "g",
+                              [helper.make_tensor_value_info("x[0]", TensorProto.FLOAT, ["n", 2])],
+                              [helper.make_tensor_value_info("[/x]", TensorProto.FLOAT, ["n", 2])])
+    model = tmp_path / "odd.onnx"
+    model.write_bytes(helper.make_model(graph, opset_imports=[
+        helper.make_opsetid("", 17)]).SerializeToString())
+    made = edgerun("bundle", "create", str(model), "--name", "odd", "--version", "1",
+                   "-o", str(tmp_path / "b"))
+    assert made.returncode == 0, made.stderr
+    shown = edgerun("bundle", "inspect", str(tmp_path / "b"))
+    assert shown.returncode == 0, shown.stderr
+    assert "x[0]" in shown.stdout and "[/x]" in shown.stdout, shown.stdout
+
+
 def test_verify_reports_tampering_with_a_clear_error(tmp_path, mlp_file):
     edgerun("bundle", "create", str(mlp_file), "--name", "mlp", "--version", "1",
             "-o", str(tmp_path / "b"))

@@ -8,6 +8,7 @@ import tempfile
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from edgerun.cli.inputs import load_inputs
@@ -153,16 +154,19 @@ def _unpack(args: argparse.Namespace) -> int:
 
 
 def _print_manifest(manifest: dict) -> None:
-    out.print(f"[bold]{manifest['name']}[/] version {manifest['version']}  backend "
-              f"{manifest['backend']}  device {manifest['device'].get('profile')}  "
+    """Every value escaped: a bundle's names are its maker's text, and rich would take
+    `logits[batch]` for markup (or fail on `[/x]`), showing what is not there."""
+    out.print(f"[bold]{escape(manifest['name'])}[/] version {escape(str(manifest['version']))}  "
+              f"backend {escape(manifest['backend'])}  device "
+              f"{escape(str(manifest['device'].get('profile')))}  "
               f"max_batch_size {manifest.get('max_batch_size') or 'unlimited'}")
     table = Table("", "tensor", "dtype", "shape", "batch axis")
     for kind in ("inputs", "outputs"):
         for spec in manifest[kind]:
-            table.add_row(kind[:-1], spec["name"], spec["dtype"], str(spec["shape"]),
-                          str(spec["batch_axis"]))
+            table.add_row(kind[:-1], escape(spec["name"]), escape(spec["dtype"]),
+                          str(spec["shape"]), str(spec["batch_axis"]))
     out.print(table)
     files = Table("file", "size", "sha256")
     for name, entry in manifest["files"].items():
-        files.add_row(name, f"{entry['size']:,}", entry["sha256"][:16] + "…")
+        files.add_row(escape(name), f"{entry['size']:,}", escape(entry["sha256"][:16]) + "…")
     out.print(files)

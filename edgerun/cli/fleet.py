@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn
 from rich.table import Table
 
@@ -213,7 +214,7 @@ def _deploy(args: argparse.Namespace) -> int:
               f"{status['devices']} devices in {status['waves']} waves")
     if args.wait:
         status = _follow(server, status["id"], token)
-        out.print(f"rollout {status['id']} {status['state']}: {status['reason']}")
+        out.print(f"rollout {status['id']} {status['state']}: {escape(str(status['reason']))}")
         return 0 if status["state"] == "completed" else 1
     return 0
 
@@ -221,14 +222,14 @@ def _deploy(args: argparse.Namespace) -> int:
 def _abort(args: argparse.Namespace) -> int:
     status = _request(f"{args.server.rstrip('/')}/rollouts/{args.rollout}/abort", b"{}",
                       token=fleet_auth.client_token(args.token_file))
-    out.print(f"rollout {status['id']}: {status['state']} ({status['reason']})")
+    out.print(f"rollout {status['id']}: {status['state']} ({escape(str(status['reason']))})")
     return 0
 
 
 def _rollback(args: argparse.Namespace) -> int:
     status = _request(f"{args.server.rstrip('/')}/rollouts/{args.rollout}/rollback", b"{}",
                       token=fleet_auth.client_token(args.token_file))
-    out.print(f"rollout {status['id']}: {status['state']} ({status['reason']})")
+    out.print(f"rollout {status['id']}: {status['state']} ({escape(str(status['reason']))})")
     return 0
 
 
@@ -321,14 +322,15 @@ def _status(args: argparse.Namespace) -> int:
         devices = Table("device", "group", "state", "serving", "last seen (s ago)")
         for device in status["devices"]:
             models = (device["status"] or {}).get("models") or {}
+            serving = "  ".join(f"{m} {','.join(v)}" for m, v in models.items())
             devices.add_row(device["device_id"], device["grp"] or "", device["state"],
-                            "  ".join(f"{m} {','.join(v)}" for m, v in models.items()),
+                            escape(serving),
                             f"{time.time() - device['last_seen']:.0f}")
         out.print(devices)
         return 0
     out.print(f"rollout [bold]{status['id']}[/] {status['model']} version {status['version']}: "
               f"[bold]{status['state']}[/] wave {status['wave'] + 1}/{status['waves']}"
-              + (f" ({status['reason']})" if status["reason"] else ""))
+              + (f" ({escape(status['reason'])})" if status["reason"] else ""))
     with Progress(TextColumn("{task.description:>12}"), BarColumn(),
                   TextColumn("{task.completed}/{task.total}"), console=out,
                   auto_refresh=False) as progress:
@@ -341,7 +343,7 @@ def _status(args: argparse.Namespace) -> int:
     for job in status["jobs"]:
         table.add_row(job["device_id"], str(job["wave"] + 1), job["kind"], job["state"],
                       _version_cell(job["version"]), _version_cell(job["previous_version"]),
-                      job["detail"])
+                      escape(job["detail"] or ""))
     out.print(table)
     return 0
 

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -85,7 +86,7 @@ def _optimize(args: argparse.Namespace) -> int:
 
         def step(description: str) -> None:
             progress.update(task, description=description)
-            out.print(f"[dim]•[/] {description}")
+            out.print(f"[dim]•[/] {escape(description)}")
 
         report = optimize(args.model, args.output, options, step)
     _print_report(report)
@@ -133,4 +134,4 @@ def _print_report(report: OptimizeReport) -> None:
     if report.compile_report is not None:  # TVM's own figures, as its CompileReport prints them
         out.print(report.compile_report)
     for note in report.notes:
-        out.print(f"[yellow]note[/]: {note}")
+        out.print(f"[yellow]note[/]: {escape(note)}")
