@@ -55,7 +55,7 @@ def pack(directory: Path, archive: Path) -> Path:
     give the same bytes."""
     directory, archive = Path(directory), Path(archive)
     files = []
-    for path in sorted(p for p in directory.rglob("*") if not p.is_dir()):
+    for path in sorted(p for p in directory.rglob("*") if p.is_symlink() or not p.is_dir()):
         if path.is_symlink() or not path.is_file():
             raise BundleError(f"{path}: only regular files can be packed (no links)")
         files.append((path.relative_to(directory).as_posix(), path))

@@ -426,6 +426,11 @@ def verify_files(folder: Path, manifest: Manifest) -> None:
         path = _safe_name(folder, name)
         if path.is_symlink() or not path.is_file():
             raise BundleError(f"{folder}: {name} is missing or not a regular file")
+        linked = next((parent for parent in path.relative_to(folder).parents
+                       if parent.parts and (folder / parent).is_symlink()), None)
+        if linked is not None:  # what is read through it is not the folder's, nor packed
+            raise BundleError(f"{folder}: {name} lies under {linked.as_posix()}, a link: a "
+                              "bundle holds regular files and folders only")
         size = path.stat().st_size
         if size != entry.size:
             raise BundleError(f"{folder}: {name} is {size} bytes, manifest says {entry.size} "
@@ -435,7 +440,8 @@ def verify_files(folder: Path, manifest: Manifest) -> None:
                               "(tampered or corrupt)")
     listed = set(manifest.files) | {MANIFEST, SIGNATURE_FILE}
     extra = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*")
-                   if not p.is_dir() and p.relative_to(folder).as_posix() not in listed)
+                   if (p.is_symlink() or not p.is_dir())
+                   and p.relative_to(folder).as_posix() not in listed)
     if extra:
         raise BundleError(f"{folder}: files not in the manifest: {', '.join(extra)}")
 

@@ -124,6 +124,30 @@ def test_symlinked_model_file_is_refused(mlp_bundle, tmp_path):
         Bundle.open(mlp_bundle.path)
 
 
+def test_a_folder_reached_through_a_link_is_refused(mlp_bundle, tmp_path):
+    """Only the last part of a listed name was checked for a link: `sub -> elsewhere` passed
+    `bundle verify`, read files from outside the bundle, and `bundle pack` left it out, so
+    the archive failed its own check; an unlisted `root -> /` passed too."""
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "data.bin").write_bytes(b"weights")
+    (mlp_bundle.path / "sub").symlink_to(outside, target_is_directory=True)
+    files = {**mlp_bundle.manifest.files,
+             "sub/data.bin": FileEntry(sha256_file(outside / "data.bin"), 7)}
+    write_manifest(mlp_bundle.path, dataclasses.replace(mlp_bundle.manifest, files=files))
+    with pytest.raises(BundleError, match="sub/data.bin lies under sub, a link"):
+        Bundle.open(mlp_bundle.path)
+    with pytest.raises(BundleError, match="only regular files can be packed"):
+        archive.pack(mlp_bundle.path, tmp_path / "b.tar.gz")
+    (mlp_bundle.path / "sub").unlink()
+    (mlp_bundle.path / "sub").mkdir()
+    (mlp_bundle.path / "sub" / "data.bin").write_bytes(b"weights")
+    Bundle.open(mlp_bundle.path)  # the same file in a folder of its own is fine
+    (mlp_bundle.path / "root").symlink_to("/", target_is_directory=True)
+    with pytest.raises(BundleError, match="files not in the manifest: root"):
+        Bundle.open(mlp_bundle.path)
+
+
 class _RunsCode:
     """Pickles to a call of os.mkdir: what a hostile golden.npz would hold."""
 
