@@ -127,13 +127,20 @@ def generate_keys(folder: str | Path) -> tuple[Path, Path]:
     return private_path, public_path
 
 
-def sign_folder(folder: str | Path, private_key: str | Path) -> str:
-    """Sign a bundle folder's manifest; writes `signature.sig`, returns the key id."""
+def sign_folder(folder: str | Path | Bundle, private_key: str | Path) -> str:
+    """Sign a bundle folder's manifest; writes `signature.sig`, returns the key id. Given the
+    opened `Bundle`, the manifest it verified is signed, not `manifest.json` read again
+    (which a writer of the folder could have changed since)."""
     from cryptography.exceptions import UnsupportedAlgorithm
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-    folder, private_key = Path(folder), Path(private_key)
+    if isinstance(folder, Bundle):
+        manifest, folder = _bundle_canonical(folder), folder.path
+    else:
+        folder = Path(folder)
+        manifest = canonical_manifest(folder)
+    private_key = Path(private_key)
     try:
         key = serialization.load_pem_private_key(private_key.read_bytes(), password=None)
     except (OSError, ValueError, TypeError, UnsupportedAlgorithm) as exc:
@@ -143,7 +150,7 @@ def sign_folder(folder: str | Path, private_key: str | Path) -> str:
     raw = key.public_key().public_bytes(serialization.Encoding.Raw,
                                         serialization.PublicFormat.Raw)
     document = {"algorithm": ALGORITHM, "key_id": key_id(raw),
-                "signature": base64.b64encode(key.sign(canonical_manifest(folder))).decode()}
+                "signature": base64.b64encode(key.sign(manifest)).decode()}
     temporary = folder / f".{SIGNATURE_FILE}.tmp"
     temporary.write_text(json.dumps(document, indent=2) + "\n")
     temporary.replace(folder / SIGNATURE_FILE)

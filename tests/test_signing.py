@@ -96,18 +96,38 @@ def test_cli_generate_sign_verify(tmp_path, make_bundle):
     bundle.pack(archive)
     trust = ["--trust", str(tmp_path / "k" / "fleet.pub")]
     result = edgerun("bundle", "verify", str(archive), *trust)
-    assert result.returncode == 2 and "unsigned" in result.stderr
+    # checked in the archive, before unpacking it (the error named the folder unpacked to)
+    assert result.returncode == 2 and f"{archive}: bundle is unsigned" in result.stderr, \
+        result.stderr
     result = edgerun("bundle", "sign", str(archive), "--key", str(tmp_path / "k" / "fleet.key"))
     assert result.returncode == 0, result.stderr
     result = edgerun("bundle", "verify", str(archive), *trust)
     assert result.returncode == 0, result.stderr
     assert "signature: valid" in result.stdout
+    result = edgerun("bundle", "verify", str(archive))  # said "ok" as if no signature were there
+    assert result.returncode == 0 and "signature: present, not checked" in result.stdout
     # an archive whose model file was swapped fails on its hash before any signature check
     folder = tmp_path / "unpacked"
     assert edgerun("bundle", "unpack", str(archive), "-o", str(folder)).returncode == 0
     shutil.copyfile(folder / "golden.npz", folder / "model.onnx")
     result = edgerun("bundle", "verify", str(folder), *trust)
     assert result.returncode == 2 and "tampered" in result.stderr
+
+
+def test_signing_an_opened_bundle_signs_the_manifest_it_verified(tmp_path, make_bundle):
+    """`bundle sign` read manifest.json again after verifying the bundle: a manifest swapped
+    in between was signed, though its files were never checked against it."""
+    private, public = generate_keys(tmp_path / "k")
+    bundle = make_bundle(mlp_onnx([4, 3]), name="m", version="3")
+    opened = Bundle.open(bundle.path)
+    manifest = bundle.path / "manifest.json"
+    verified = manifest.read_bytes()
+    swapped = json.loads(verified)
+    swapped["files"]["model.onnx"]["sha256"] = "0" * 64
+    manifest.write_text(json.dumps(swapped))
+    sign_folder(opened, private)
+    manifest.write_bytes(verified)
+    assert verify_folder(Bundle.open(bundle.path), [load_public_key(public)])
 
 
 def test_cli_signs_a_zip_bundle_and_keeps_it_a_zip(tmp_path, make_bundle):

@@ -14,7 +14,7 @@ from rich.table import Table
 from edgerun.cli.inputs import load_inputs
 from edgerun.runtime import archive
 from edgerun.runtime.backends import backend_class, backend_for_file
-from edgerun.runtime.bundle import Bundle, create_bundle
+from edgerun.runtime.bundle import SIGNATURE_FILE, Bundle, create_bundle
 from edgerun.runtime.errors import BundleError
 from edgerun.runtime.model import Model
 
@@ -99,13 +99,18 @@ def _inspect(args: argparse.Namespace) -> int:
 
 
 def _verify(args: argparse.Namespace) -> int:
+    from edgerun.runtime import signing
+
+    trusted = signing.load_public_keys(args.trust) if args.trust else None
+    if trusted and Path(args.bundle).is_file():  # an archive: its signature before unpacking
+        signing.verify_archive(args.bundle, trusted)
     with Bundle.open(args.bundle) as bundle:
         out.print(f"hashes: {len(bundle.manifest.files)} files match the manifest")
-        if args.trust:
-            from edgerun.runtime import signing
-
-            signer = signing.verify_folder(bundle, signing.load_public_keys(args.trust))
+        if trusted:
+            signer = signing.verify_folder(bundle, trusted)
             out.print(f"signature: valid, key id {signer}")
+        elif (bundle.path / SIGNATURE_FILE).is_file():
+            out.print("signature: present, not checked (--trust KEY checks it)")
         model = Model.load(bundle, args.device)
         model.check_golden()
         described = model.describe()
@@ -120,10 +125,10 @@ def _sign(args: argparse.Namespace) -> int:
 
     if args.bundle.is_dir():
         with Bundle.open(args.bundle) as bundle:
-            signer = signing.sign_folder(bundle.path, args.key)
+            signer = signing.sign_folder(bundle, args.key)
     else:
         with Bundle.open(args.bundle) as bundle:  # an archive: sign its copy, repack in place
-            signer = signing.sign_folder(bundle.path, args.key)
+            signer = signing.sign_folder(bundle, args.key)
             packed = args.bundle.with_name(f".tmp-{args.bundle.name}")  # the same format
             bundle.pack(packed)
             packed.replace(args.bundle)
