@@ -25,7 +25,7 @@ from typing import Any
 
 from edgerun.runtime.batcher import MAX_QUEUE_DELAY_US, BatchingConfig
 from edgerun.devices.profile import is_integer
-from edgerun.runtime.bundle import version_key
+from edgerun.runtime.bundle import VERSION_RE, version_key
 from edgerun.runtime.errors import BundleError
 
 if sys.version_info >= (3, 11):
@@ -136,6 +136,13 @@ class ModelConfig:
         if not all(finite_number(w) and w >= 0 for w in weights.values()):
             raise ValueError(f"traffic.weights must be finite numbers >= 0, got {weights!r}")
         weights = {str(v): float(w) for v, w in weights.items()}
+        named = [("version_policy.specific", v) for v in version_policy.specific] + \
+            [("traffic.weights", v) for v in weights] + \
+            ([("traffic.shadow", str(shadow))] if shadow is not None else [])
+        for key, version in named:  # "v2" or "01" never names a version folder: never served
+            if not VERSION_RE.fullmatch(version):
+                raise ValueError(f"{key} names {version!r}, which is not a version (an "
+                                 "integer like 2, or semver like 1.2.0)")
         instances = data.get("instances")
         if instances is not None and not is_integer(instances):
             raise ValueError(f"instances must be an integer, got {instances!r}")

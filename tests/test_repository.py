@@ -60,6 +60,11 @@ def test_semver_pre_releases_and_build_metadata_order_as_semver_says():
     ("version_policy = { specific = [] }", "specific must name at least one version"),
     ("version_policy = { specific = [['1']] }", "specific must name versions"),
     ("[traffic]\nshadow = ['2']", "shadow must be a version"),
+    # names no version folder can have were taken, and silently never matched
+    ("version_policy = { specific = ['1', 'v2'] }", "specific names 'v2', which is not a version"),
+    ("version_policy = { specific = ['01'] }", "specific names '01', which is not a version"),
+    ("[traffic]\nweights = { 'canary' = 10 }", "weights names 'canary', which is not a version"),
+    ("[traffic]\nshadow = 'next'", "shadow names 'next', which is not a version"),
     # NaN passed BatchingConfig's comparisons: a lone request then waited forever; inf
     # overflowed the batcher's timer on the first request
     ("[batching]\nmax_queue_delay_us = nan", "batching.max_queue_delay_us must be a finite"),
