@@ -43,3 +43,14 @@ def copy_sources(tree: Path, adapter: str, backend: str) -> None:
             if path.is_file() and path.suffix in (".py", ".toml") and \
                     path.name not in skipped.get(package, ()):
                 shutil.copy2(path, target / path.name)
+
+
+def copy_model(bundle: Path, target: Path) -> None:
+    """The opened bundle's folder into `target`, every folder 0755 and file 0644: a bundle
+    opened from an archive is extracted into a 0700 temporary folder, whose mode copytree
+    keeps, and a package tool that zips folder modes would ship a `model/` that the function's
+    non-root user cannot enter."""
+    shutil.copytree(bundle, target)
+    target.chmod(0o755)
+    for path in target.rglob("*"):
+        path.chmod(0o755 if path.is_dir() else 0o644)

@@ -90,3 +90,9 @@ class PermissionDenied(EdgerunError):
     """The caller is known but may not do this."""
 
     kind = "permission_denied"
+
+
+#: The errors a later try of the same request may not meet (the model busy, late, loading, or
+#: its forward pass failed): a queue or stream redelivers these. Every other error is the
+#: request's own (bad input, an unknown model) and would fail again at every delivery.
+RETRYABLE = (Overloaded, DeadlineExceeded, ModelNotReady, InferenceError)

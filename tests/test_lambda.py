@@ -25,7 +25,7 @@ from edgerun.adapters.aws_lambda.model_location import cached_download, locate
 from edgerun.examples import mlp_onnx
 from edgerun.runtime import create_bundle
 from edgerun.runtime.bundle import MANIFEST, sha256_file
-from edgerun.runtime.errors import BundleError, InvalidInput, ModelNotFound
+from edgerun.runtime.errors import BundleError, InvalidInput, ModelNotFound, Overloaded
 from edgerun.runtime.sources import BundleSource
 from tests.lambda_runtime_api import RuntimeAPI
 
@@ -317,6 +317,26 @@ def test_an_answer_too_large_for_lambda_is_a_413_not_a_502(wide_handler, name, l
 
 
 # ---------------------------------------------------------------------------------- batches
+class BusyPlane:
+    """The handler's data plane, but for the model `busy`, which is overloaded: an error a
+    retry may fix, which an ordered batch reports (bad input it acknowledges)."""
+
+    def __init__(self, plane) -> None:
+        self.plane = plane
+
+    def __getattr__(self, name: str):
+        return getattr(self.plane, name)
+
+    async def infer_async(self, call, request):
+        if call.model == "busy":
+            raise Overloaded("the queue is full")
+        return await self.plane.infer_async(call, request)
+
+
+def busy_handler(handler: LambdaHandler, **options) -> LambdaHandler:
+    return LambdaHandler(BusyPlane(handler.plane), default_model="mlp", **options)
+
+
 def sqs_event(bodies: list[str], attributes: dict[int, dict] | None = None) -> dict:
     template = fixture("sqs")["Records"][0]
     records = []
@@ -335,6 +355,8 @@ def string_attribute(value: str) -> dict:
 
 
 def test_sqs_fixture_reports_only_its_bad_record(handler):
+    """A standard queue's bad message is reported too: its redrive policy moves it to the
+    dead-letter queue after its receives, the body kept there (acknowledged, it was lost)."""
     event = fixture("sqs")
     event["Records"][0]["body"] = infer_body(rows(1))
     event["Records"][1]["body"] = "{not json"
@@ -346,13 +368,15 @@ def test_sqs_batch_is_micro_batched_and_names_exactly_the_failed_records(handler
     good = [infer_body(rows(1, seed=i)) for i in range(48)]
     bodies = good + ["{not json", infer_body(rows(1), name="z"),
                      json.dumps({"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 3],
-                                             "data": [1, 2, 3]}]}), infer_body(rows(1))]
-    attributes = {51: {"model": string_attribute("missing-model")}}
+                                             "data": [1, 2, 3]}]}), infer_body(rows(1)),
+                     infer_body(rows(1))]
+    attributes = {51: {"model": string_attribute("missing-model")},
+                  52: {"model": string_attribute("busy")}}
     batch_size = handler.plane.repository.get("mlp").batcher.metrics.batch_size
     passes, rows_before = batch_size.count, batch_size.sum
-    answer = handler(sqs_event(bodies, attributes), Context())
+    answer = busy_handler(handler)(sqs_event(bodies, attributes), Context())
     assert answer == {"batchItemFailures": [{"itemIdentifier": f"message-{i}"}
-                                            for i in (48, 49, 50, 51)]}
+                                            for i in (48, 49, 50, 51, 52)]}
     assert batch_size.sum - rows_before == 48
     # 48 records queued together, not 48 forward passes (after an idle spell the batcher's
     # adaptive delay runs the first few of a burst at once, before its gap estimate adapts)
@@ -370,8 +394,8 @@ def test_a_failed_records_log_line_names_its_request_id(handler, caplog):
     assert len(answer["batchItemFailures"]) == 3
     lines = [json.loads(r.getMessage()) for r in caplog.records
              if r.name == "edgerun.adapters.aws_lambda.handler"]
-    assert {(line["item"], line["request_id"]) for line in lines} == {
-        (f"message-{i}", f"sender-{i}") for i in range(3)}
+    assert {(line["item"], line["request_id"], line["retried"]) for line in lines} == {
+        (f"message-{i}", f"sender-{i}", True) for i in range(3)}
 
 
 FIFO_ARN = "arn:aws:sqs:us-east-2:123456789012:edgerun-requests.fifo"
@@ -405,11 +429,11 @@ def test_a_fifo_batch_stops_at_its_first_failed_record(handler, caplog, arn, gro
     failure and reports it and every later record. Each record was judged alone, so the
     records after a failed one were run and deleted from the queue before it: its message
     group processed out of order."""
-    bodies = [infer_body(rows(1, seed=i)) for i in range(2)] + [infer_body(rows(1), name="z")]
-    bodies += [infer_body(rows(2, seed=i)) for i in range(3)]
+    bodies = [infer_body(rows(1, seed=i)) for i in range(2)] + \
+        [infer_body(rows(1), model_name="busy")] + [infer_body(rows(2, seed=i)) for i in range(3)]
     before = rows_run(handler)
     with caplog.at_level("ERROR", logger="edgerun.adapters.aws_lambda.handler"):
-        answer = handler(fifo_event(bodies, arn, group), Context())
+        answer = busy_handler(handler)(fifo_event(bodies, arn, group), Context())
     assert answer == {"batchItemFailures": [{"itemIdentifier": f"message-{i}"}
                                             for i in range(2, 6)]}
     assert rows_run(handler) - before == 2  # the records after the failure were not run
@@ -420,18 +444,24 @@ def test_a_fifo_batch_stops_at_its_first_failed_record(handler, caplog, arn, gro
     (skipped,) = [line for line in lines if line["message"] == "records not done"]
     assert skipped["items"] == ["message-3", "message-4", "message-5"] and skipped["count"] == 3
     assert "message-2" in skipped["reason"]
-    # a FIFO batch that all succeeds reports nothing, and an undecodable first record stops it
+    # a FIFO batch that all succeeds reports nothing, and an undecodable first record is
+    # acknowledged, not a stop: reported, it and every later record came back until the redrive
+    # policy sent them all, the good ones too, to the dead-letter queue
     assert handler(fifo_event(bodies[:2], arn, group), Context()) == {"batchItemFailures": []}
+    before = rows_run(handler)
     assert handler(fifo_event(["{not json", *bodies[:2]], arn, group), Context()) == {
-        "batchItemFailures": [{"itemIdentifier": f"message-{i}"} for i in range(3)]}
+        "batchItemFailures": []}
+    assert rows_run(handler) - before == 2
 
 
 def test_a_fair_standard_queue_with_message_groups_still_judges_each_record(handler):
     """A standard queue's fair queueing groups messages by MessageGroupId without ordering
     them: only the ARN's .fifo makes a batch ordered, and a fair queue keeps every record."""
-    bodies = [infer_body(rows(1), name="z")] + [infer_body(rows(1, seed=i)) for i in range(3)]
+    bodies = [infer_body(rows(1), model_name="busy")] + \
+        [infer_body(rows(1, seed=i)) for i in range(3)]
     before = rows_run(handler)
-    answer = handler(fifo_event(bodies, "arn:aws:sqs:us-east-2:123456789012:fair"), Context())
+    answer = busy_handler(handler)(fifo_event(bodies, "arn:aws:sqs:us-east-2:123456789012:fair"),
+                                   Context())
     assert answer == {"batchItemFailures": [{"itemIdentifier": "message-0"}]}
     assert rows_run(handler) - before == 3
 
@@ -525,12 +555,49 @@ def test_kinesis_records_are_base64_and_may_name_their_model(handler):
     event = kinesis_event([infer_body(rows(2), model_name="mlp").encode(),
                            infer_body(rows(1), model_name="other").encode(),
                            infer_body(rows(1)).encode()])
-    assert handler(event, Context()) == {"batchItemFailures": [
-        {"itemIdentifier": sequences(event)[1]}]}
+    before = rows_run(handler)
+    assert handler(event, Context()) == {"batchItemFailures": []}  # `other`: no such model
+    assert rows_run(handler) - before == 3
     event = kinesis_event([b"", infer_body(rows(1)).encode()])
     event["Records"][0]["kinesis"]["data"] = "not base64 at all!"
-    assert handler(event, Context()) == {"batchItemFailures": [
-        {"itemIdentifier": sequences(event)[0]}]}
+    assert handler(event, Context()) == {"batchItemFailures": []}
+    assert rows_run(handler) - before == 4
+
+
+def test_a_kinesis_record_no_retry_can_fix_does_not_block_its_shard(handler, caplog):
+    """Each failure stopped a stream's batch and was reported: with Lambda's default
+    MaximumRetryAttempts of -1 one malformed record was delivered again and again, blocking its
+    shard until it expired. Bad input is logged and passed over; a retryable error still stops
+    the batch there, and only the results before it are sent."""
+    client = sqs_client("sqs")
+    url = "https://sqs.us-east-1.amazonaws.com/123456789012/edgerun-results"
+    forward = busy_handler(handler, destination=SqsDestination(url, client))
+    bad = [b"{not json", infer_body(rows(1), name="z").encode(),
+           infer_body(rows(1), model_name="missing").encode(), b"base64 is replaced below"]
+    event = kinesis_event([*bad, infer_body(rows(1)).encode(),
+                           infer_body(rows(1), model_name="busy").encode(),
+                           infer_body(rows(1)).encode()])
+    event["Records"][3]["kinesis"]["data"] = "not base64 at all!"
+    sent: list[list[str]] = []
+    client.meta.events.register("before-parameter-build.sqs.SendMessageBatch", lambda params, **_:
+                                sent.append([e["MessageAttributes"]["source-id"]["StringValue"]
+                                             for e in params["Entries"]]))
+    with Stubber(client) as stub, \
+            caplog.at_level("ERROR", logger="edgerun.adapters.aws_lambda.handler"):
+        stub.add_response("send_message_batch", {"Successful": [
+            {"Id": "0", "MessageId": "a", "MD5OfMessageBody": "x"}], "Failed": []})
+        answer = forward(event, Context())
+        stub.assert_no_pending_responses()
+    assert answer == {"batchItemFailures": [{"itemIdentifier": sequences(event)[5]}]}
+    assert sent == [[sequences(event)[4]]]
+    lines = [json.loads(r.getMessage()) for r in caplog.records
+             if r.name == "edgerun.adapters.aws_lambda.handler"]
+    failed = {line["item"]: line["retried"] for line in lines
+              if line["message"] == "record failed"}
+    assert failed == {**{sequence: False for sequence in sequences(event)[:4]},
+                      sequences(event)[5]: True}
+    # a batch of bad records only is done with: the shard moves on
+    assert handler(kinesis_event(bad[:3]), Context()) == {"batchItemFailures": []}
 
 
 def test_a_kinesis_batch_stops_at_its_first_failure_and_sends_no_later_result(handler):
@@ -540,10 +607,9 @@ def test_a_kinesis_batch_stops_at_its_first_failure_and_sends_no_later_result(ha
     and reports that record alone (the first whose result could not be sent, too)."""
     client = sqs_client("sqs")
     url = "https://sqs.us-east-1.amazonaws.com/123456789012/edgerun-results"
-    forward = LambdaHandler(handler.plane, default_model="mlp",
-                            destination=SqsDestination(url, client))
+    forward = busy_handler(handler, destination=SqsDestination(url, client))
     bodies = [infer_body(rows(1, seed=i)).encode() for i in range(5)]
-    bodies[2] = infer_body(rows(1), name="z").encode()
+    bodies[2] = infer_body(rows(1), model_name="busy").encode()
     event = kinesis_event(bodies)
     sent: list[list[str]] = []
     client.meta.events.register("before-parameter-build.sqs.SendMessageBatch", lambda params, **_:
@@ -869,12 +935,13 @@ def test_awslambdaric_serves_invocations_end_to_end(bundle_archive, reference):
             assert kind == "response" and answer["statusCode"] == 200
             np.testing.assert_allclose(outputs(answer["body"]), reference(x), rtol=1e-5,
                                        atol=1e-6)
+            # bad input: reported on a standard queue (to its dead-letter queue in the end),
+            # acknowledged (logged) on a FIFO one, where it would take its group with it
             kind, answer = api.invoke(sqs_event([infer_body(x), "{bad"]))
             assert (kind, answer) == ("response", {"batchItemFailures": [
                 {"itemIdentifier": "message-1"}]})
             kind, answer = api.invoke(fifo_event(["{bad", infer_body(x)]))
-            assert (kind, answer) == ("response", {"batchItemFailures": [
-                {"itemIdentifier": "message-0"}, {"itemIdentifier": "message-1"}]})
+            assert (kind, answer) == ("response", {"batchItemFailures": []})
             kind, answer = api.invoke(http_api_on_stage("prod", infer_body(x)))
             assert kind == "response" and answer["statusCode"] == 200, answer
             kind, answer = api.invoke(json.loads(infer_body(x, name="z")))

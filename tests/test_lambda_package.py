@@ -169,3 +169,86 @@ def test_the_sam_makefile_starts_from_an_empty_artifacts_folder(bundle, tmp_path
     assert done.returncode == 0, done.stdout + done.stderr
     assert not (artifacts / "stale.txt").exists()
     assert (artifacts / "app.py").is_file() and (artifacts / "model" / "manifest.json").is_file()
+
+
+def tvm_bundle(bundle: Path, folder: Path) -> Path:
+    """The test bundle, its manifest naming the tvm backend (its files' hashes still hold)."""
+    import shutil
+    copy = folder / "tvm-bundle"
+    shutil.copytree(bundle, copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    (copy / "manifest.json").write_text(json.dumps({**manifest, "backend": "tvm"}))
+    return copy
+
+
+def test_a_tvm_bundle_is_refused_pointing_at_the_container_image(bundle, tmp_path, monkeypatch):
+    """apache-tvm was installed --no-deps (without the apache-tvm-ffi and ml_dtypes it
+    imports) and is over Lambda's 250 MB alone: a package that could never serve."""
+    from edgerun.adapters.aws_lambda import packaging
+
+    def fetched(*args, **kwargs):
+        raise AssertionError("wheels were installed for a package that cannot work")
+
+    monkeypatch.setattr(packaging, "_install", fetched)
+    with pytest.raises(BundleError, match=r"tvm bundle cannot be served from a Lambda zip.*"
+                                          r"container image.*--build-arg EXTRAS=lambda,tvm"):
+        package_lambda(tvm_bundle(bundle, tmp_path), HOST, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_model_folder_of_a_package_from_an_archive_is_0755(bundle, tmp_path, monkeypatch):
+    """A .tar.gz bundle is opened in a 0700 temporary folder and copytree kept that mode:
+    `model/` was 0700, which a tool zipping folder modes ships for Lambda's non-root user,
+    who cannot enter it."""
+    from edgerun.adapters.aws_lambda import packaging
+    from edgerun.runtime import Bundle
+    with Bundle.open(bundle) as opened:
+        archive = opened.pack(tmp_path / "mlp-4.tar.gz")
+    monkeypatch.setattr(packaging, "_install", lambda *args: None)  # the model is what counts
+    package_lambda(archive, HOST, tmp_path / "out", unzipped=True, python312=None)
+    model = tmp_path / "out" / "model"
+    assert model.stat().st_mode & 0o777 == 0o755
+    assert {p.stat().st_mode & 0o777 for p in model.rglob("*") if p.is_file()} == {0o644}
+
+
+DOCKERFILE = FUNCTION_DIR / "Dockerfile"
+
+
+def test_the_container_image_installs_the_extras_it_is_built_with():
+    """The image installed `/src[lambda]` only: a TFLite or TVM bundle, the ones the zip
+    packager sends to the image, could not load in it."""
+    import re
+    import tomllib
+    text = DOCKERFILE.read_text()
+    assert re.search(r"^ARG EXTRAS=lambda$", text, re.M)
+    assert 'pip install --no-cache-dir "/src[${EXTRAS}]"' in text
+    extras = tomllib.loads((FUNCTION_DIR.parents[1] / "pyproject.toml").read_text())[
+        "project"]["optional-dependencies"]
+    for documented in re.findall(r"EXTRAS=([\w,]+)", text):
+        assert set(documented.split(",")) <= set(extras), documented
+
+
+@pytest.mark.parametrize("kind", ["folder", "archive"])
+def test_the_container_images_bundle_step_takes_a_folder_or_an_archive(bundle, tmp_path, kind):
+    """A bundle folder as BUNDLE was copied to /tmp/bundle.tar.gz as a folder, and `bundle
+    unpack` failed on it. The image's RUN step, with its paths moved under tmp_path."""
+    import re
+    import shutil
+    import sys
+    from edgerun.runtime import Bundle
+    text = DOCKERFILE.read_text().replace("\\\n", " ")
+    assert re.search(r"^COPY \$\{BUNDLE\} /tmp/bundle$", text, re.M)
+    (step,) = re.findall(r"^RUN (.*edgerun bundle unpack.*)$", text, re.M)
+    if kind == "folder":  # what COPY does with a folder: its contents, as /tmp/bundle
+        shutil.copytree(bundle, tmp_path / "bundle")
+    else:
+        with Bundle.open(bundle) as opened:
+            opened.pack(tmp_path / "bundle")
+    step = step.replace("/tmp/", f"{tmp_path}/").replace("/var/task", f"{tmp_path}/task")
+    step = step.replace("edgerun bundle", f"{Path(sys.executable).with_name('edgerun')} bundle")
+    step = step.replace("python -m", f"{sys.executable} -m")
+    done = subprocess.run(["sh", "-c", step], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    with Bundle.open(tmp_path / "task" / "model") as served:
+        assert served.manifest.name == "mlp"
+    assert not (tmp_path / "bundle").exists() and not (tmp_path / "bundle.tar.gz").exists()

@@ -70,6 +70,17 @@ def test_sam_transform_builds_the_scale_to_zero_function(translate):
     assert output["Parameters"]["Architecture"]["AllowedValues"] == ["arm64", "x86_64"]
 
 
+def test_the_function_gets_the_tmp_space_an_s3_model_needs(translate):
+    """An s3:// model's archive and its extraction are in /tmp at once: with Lambda's default
+    512 MB a bundle over ~250 MB failed init, out of space, and nothing could raise it."""
+    output = translate({"EphemeralStorageMB": "4096"})
+    (function,) = resources(output, "AWS::Lambda::Function")
+    assert function["Properties"]["EphemeralStorage"] == {"Size": {"Ref": "EphemeralStorageMB"}}
+    parameter = output["Parameters"]["EphemeralStorageMB"]
+    assert (parameter["Type"], parameter["Default"], parameter["MinValue"],
+            parameter["MaxValue"]) == ("Number", 512, 512, 10240)
+
+
 def test_sam_transform_grants_the_model_bucket_and_results_queue_only_when_asked(translate):
     plain = translate({})
     (role,) = resources(plain, "AWS::IAM::Role")
@@ -135,9 +146,8 @@ def role_statements(output: dict, parameters: dict[str, str]) -> list[dict]:
 def test_the_function_may_read_the_model_object_and_nothing_else_in_its_bucket(translate):
     """S3ReadPolicy granted list and read on the whole model bucket (every object in it, any
     other model or data kept beside the bundle); the function downloads one object."""
-    parameters = {"ModelLocation": "s3://models/mlp/3.tar.gz", "ModelBucket": "models",
-                  "ModelSha256": "0" * 64, "FunctionUrlAuth": "AWS_IAM",
-                  "SendResults": "false"}
+    parameters = {"ModelLocation": "s3://models/mlp/3.tar.gz", "ModelSha256": "0" * 64,
+                  "FunctionUrlAuth": "AWS_IAM", "SendResults": "false"}
     output = translate(parameters)
     s3 = [s for s in role_statements(output, parameters)
           if any(str(action).startswith("s3:") for action in
@@ -146,10 +156,24 @@ def test_the_function_may_read_the_model_object_and_nothing_else_in_its_bucket(t
                    "Resource": "arn:aws:s3:::models/mlp/3.tar.gz"}]
     (role,) = resources(output, "AWS::IAM::Role")
     assert not any("S3" in str(arn) for arn in role["Properties"]["ManagedPolicyArns"])
-    # a model in the package: no S3 grant at all
-    packaged = {**parameters, "ModelLocation": "model", "ModelBucket": ""}
-    assert not [s for s in role_statements(translate(packaged), packaged)
-                if "s3:" in json.dumps(s)]
+    # a model in the package or a layer: no S3 grant at all (and nothing to evaluate that
+    # fails, as an s3:// split of a path did)
+    for location in ("model", "/opt/model/mlp.tar.gz", "model/s3://x"):
+        packaged = {**parameters, "ModelLocation": location}
+        assert not [s for s in role_statements(translate(packaged), packaged)
+                    if "s3:" in json.dumps(s)]
+
+
+def test_the_s3_grant_follows_model_location_alone(translate):
+    """The grant was switched by a second parameter, ModelBucket: an s3:// ModelLocation
+    without it got no S3 read (init failed, 403), and ModelBucket set beside a packaged model
+    split a path without s3:// in it (Fn::Select out of range: the deploy failed)."""
+    output = translate({})
+    assert "ModelBucket" not in output["Parameters"]
+    assert evaluate({"Condition": "ModelInS3"}, {"ModelLocation": "s3://b/k.tar.gz"},
+                    output["Conditions"]) is True
+    assert evaluate({"Condition": "ModelInS3"}, {"ModelLocation": "model"},
+                    output["Conditions"]) is False
 
 
 def test_function_url_auth_none_grants_public_invocation(translate):

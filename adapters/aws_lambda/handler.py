@@ -11,12 +11,18 @@
 - SQS batches: every record is decoded first, then all are submitted to the data plane at
   once from one event loop, so the MicroBatcher sees them arrive together and merges them into
   as few forward passes as it can; results are plain OIP v2 JSON; the answer names exactly the
-  records that failed (`batchItemFailures`), and Lambda retries only those.
+  records that failed (`batchItemFailures`), and Lambda retries only those: the queue's
+  redrive policy moves one that keeps failing, bad input at its last receive, to the
+  dead-letter queue, its body kept.
 - Ordered batches, an SQS FIFO queue's and a Kinesis stream's, keep their order instead: their
   records are done one after another (a stream's STREAM_WINDOW at a time), their results sent
-  on before the next are run, and the first that fails stops the batch. A FIFO batch reports it
-  and every later record, as AWS requires; a stream reports it alone, the sequence number
-  Lambda resumes the shard from (it delivers every later record again, whatever is reported).
+  on before the next are run, and the first that fails with a retryable error (or whose result
+  cannot be sent) stops the batch. A FIFO batch reports it and every later record, as AWS
+  requires; a stream reports it alone, the sequence number Lambda resumes the shard from (it
+  delivers every later record again, whatever is reported). A record that cannot succeed (bad
+  input, an unknown model, data that is not base64) is logged and acknowledged, as the Cloud
+  Functions Pub/Sub path does: reported, it would block its shard until it expired, or take
+  the records after it in its message group to the dead-letter queue with it.
 - Direct invocation (`aws lambda invoke`, Step Functions): the event is an OIP v2 JSON request
   (`model_name` picks a model other than the function's default); the answer is the OIP
   response, all JSON (an event answer carries no binary part), and a failure is raised as the
@@ -40,7 +46,7 @@ from edgerun.adapters.dataplane import Call, DataPlane
 from edgerun.adapters.dataplane.call import INFER
 from edgerun.adapters.http.asgi import EdgerunASGI
 from edgerun.adapters.http.routes import READ_ONLY_ROUTES, match
-from edgerun.runtime.errors import EdgerunError, InvalidInput
+from edgerun.runtime.errors import RETRYABLE, EdgerunError, InvalidInput
 
 log = logging.getLogger(__name__)
 
@@ -192,10 +198,9 @@ class LambdaHandler:
         for record, (body, error) in zip(records, answers):
             if error is None:
                 results.append((record.item_id, body))
-            else:
-                failed.append(record.item_id)
-                _log_failure(kind, record.item_id, error,
-                             None if record.call is None else record.call.request_id)
+                continue
+            failed.append(record.item_id)
+            _log_failure(kind, record, error, retried=True)
         if self.destination is not None and results:
             unsent = self.destination.send(results)
             failed += [item_id for item_id, _ in results if item_id in unsent]
@@ -203,7 +208,8 @@ class LambdaHandler:
 
     def _in_order(self, kind: str, records: list[Record], context: Any,
                   window: int = 1) -> list[str]:
-        """The record that stopped an ordered batch and every record after it, or nothing.
+        """The record that stopped an ordered batch and every record after it, or nothing. A
+        record whose error no retry fixes (bad input) is logged and passed over, not a stop.
 
         SQS delivers a FIFO queue's message group in order, and AWS requires, with partial
         batch responses, that the function stop at the first record that fails and report it
@@ -229,19 +235,22 @@ class LambdaHandler:
                 if record.call is not None:  # the time left now, not when the batch began
                     record.call.timeout = _budget(context)
             answers = self.loop.run_until_complete(self._submit(queued))
-            answered = []  # the results up to the first failure, to be sent on
-            for record, (body, error) in zip(queued, answers):
+            stop = next((i for i, (_, error) in enumerate(answers)
+                         if error is not None and _retryable(error)), len(queued))
+            answered = [i for i in range(stop) if answers[i][1] is None]  # to be sent on
+            sent = self._send_in_order([(queued[i].item_id, answers[i][0]) for i in answered],
+                                       context)
+            if sent < len(answered):
+                stop = answered[sent]
+            for record, (_, error) in zip(queued[:stop], answers[:stop]):
+                if error is not None:  # bad input, done with: logged, not delivered again
+                    _log_failure(kind, record, error, retried=False)
+            if stop < len(queued):
+                record, (_, error) = queued[stop], answers[stop]
                 if error is not None:
-                    break
-                answered.append((record.item_id, body))
-            done = self._send_in_order(answered, context)
-            if done < len(queued):
-                record, (_, error) = queued[done], answers[done]
-                if error is not None:
-                    _log_failure(kind, record.item_id, error,
-                                 None if record.call is None else record.call.request_id)
+                    _log_failure(kind, record, error, retried=True)
                 return [record.item_id, *_not_done(
-                    kind, records[start + done + 1:], f"the batch stopped at record "
+                    kind, records[start + stop + 1:], f"the batch stopped at record "
                     f"{record.item_id}")]
         return []
 
@@ -393,10 +402,20 @@ def _item_id(item: Any) -> str | None:
     return str(item["messageId"]) if item.get("messageId") else None
 
 
-def _log_failure(kind: str, item_id: str, error: EdgerunError | None,
-                 request_id: str | None = None) -> None:
+def _retryable(error: EdgerunError | None) -> bool:
+    """Whether an ordered batch's record is worth delivering again (RETRYABLE). Bad input, an
+    unknown model or undecodable data fails at every delivery: reported, it would hold back a
+    stream's shard until it expired (forever, with a stream's default MaximumRetryAttempts of
+    -1), or a FIFO queue's group until the redrive policy took it and every record reported
+    after it to the dead-letter queue."""
+    return isinstance(error, RETRYABLE)
+
+
+def _log_failure(kind: str, record: Record, error: EdgerunError | None, retried: bool) -> None:
     """One JSON line per failed record, with the request id its sender gave (`x-request-id`)
-    or the data plane made, so the failure can be found from either end."""
-    log.error(json.dumps({"message": "record failed", "source": kind, "item": item_id,
-                          "request_id": request_id, "kind": getattr(error, "kind", "error"),
-                          "error": str(error)}))
+    or the data plane made, so the failure can be found from either end, and whether Lambda
+    delivers it again (`retried`) or it is done with, acknowledged."""
+    log.error(json.dumps({"message": "record failed", "source": kind, "item": record.item_id,
+                          "request_id": None if record.call is None else record.call.request_id,
+                          "kind": getattr(error, "kind", "error"), "error": str(error),
+                          "retried": retried}))

@@ -29,7 +29,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from edgerun.adapters.function_sources import BACKEND_REQUIREMENTS, REQUIREMENTS, copy_sources
+from edgerun.adapters.function_sources import (BACKEND_REQUIREMENTS, REQUIREMENTS, copy_model,
+                                               copy_sources)
 from edgerun.runtime.bundle import Bundle
 from edgerun.runtime.errors import BundleError
 
@@ -46,6 +47,13 @@ FUNCTION_DIR = Path(__file__).resolve().parents[2] / "functions" / "inference"
 #: What the function imports; the rest of each wheel's requirements (flatbuffers, protobuf,
 #: packaging for onnxruntime) are build and tool dependencies.
 LAMBDA_REQUIREMENTS = (*REQUIREMENTS, "mangum>=0.17")
+#: Backends no zip package can serve, and why: a pip install --no-deps of apache-tvm lacks
+#: the apache-tvm-ffi and ml_dtypes it imports, and with them it is over the limit alone.
+CONTAINER_ONLY = {"tvm": (
+    "a tvm bundle cannot be served from a Lambda zip package: apache-tvm needs apache-tvm-ffi "
+    "and ml_dtypes, and unpacks to about 305 MB, over Lambda's 250 MB limit for a function's "
+    "code and layers. Use the container image (up to 10 GB): docker build -f "
+    "functions/inference/Dockerfile --build-arg EXTRAS=lambda,tvm --build-arg BUNDLE=... .")}
 #: Left out of every dependency: tests, docs, stubs, headers, sources of compiled code.
 DROPPED_DIRS = {"tests", "test", "testing", "include", "__pycache__", "docs", "benchmarks"}
 DROPPED_SUFFIXES = {".pyi", ".pyx", ".pxd", ".h", ".hpp", ".c", ".cpp", ".md", ".rst"}
@@ -87,9 +95,11 @@ def package_lambda(bundle: Path, architecture: str, output: Path, *, unzipped: b
                           "folder holds (remove it, or name a new one)")
     with Bundle.open(bundle) as opened:  # verified before anything is built around it
         backend = opened.manifest.backend
+        if backend in CONTAINER_ONLY:  # before any wheel is downloaded
+            raise BundleError(CONTAINER_ONLY[backend])
         with tempfile.TemporaryDirectory(prefix="edgerun-lambda-") as scratch:
             tree = Path(scratch) / "package"
-            shutil.copytree(opened.path, tree / "model")
+            copy_model(opened.path, tree / "model")
             shutil.copy2(FUNCTION_DIR / "app.py", tree / "app.py")
             copy_sources(tree, "edgerun.adapters.aws_lambda", backend)
             _install(tree, architecture, backend, cache or _default_cache())

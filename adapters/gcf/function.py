@@ -33,14 +33,15 @@ from edgerun.adapters.http.encoding import decode_body
 from edgerun.adapters.http.routes import READ_ONLY_ROUTES, match
 from edgerun.adapters.http.status import error_headers, status_of
 from edgerun.adapters.single_bundle import MODEL_VARIABLE, serve_bundle
-from edgerun.runtime.errors import (DeadlineExceeded, EdgerunError, InferenceError, InvalidInput,
-                                    ModelNotReady, Overloaded, PayloadTooLarge)
+from edgerun.runtime.errors import RETRYABLE, EdgerunError, InvalidInput, PayloadTooLarge
 
 log = logging.getLogger(__name__)
 
-#: Cloud Functions (2nd gen) takes HTTP requests of up to 32 MiB.
+#: Cloud Functions (2nd gen) takes HTTP requests of up to 32 MiB ...
 MAX_BODY_BYTES = 32 << 20
-RETRYABLE = (Overloaded, DeadlineExceeded, ModelNotReady, InferenceError)
+#: ... and answers (not streamed) of up to 32 MiB: Cloud Run's front end refuses a larger one
+#: over HTTP/1 with a bare 500, which tells the caller nothing and which a retry meets again.
+MAX_RESPONSE_BYTES = 32 << 20
 
 #: Receives (Pub/Sub message id, OIP v2 response JSON) for each answered message.
 ResultSink = Callable[[str, bytes], None]
@@ -54,11 +55,13 @@ def log_result(message_id: str, body: bytes) -> None:
 class CloudFunction:
     def __init__(self, plane: DataPlane, *, default_model: str = "",
                  on_result: ResultSink = log_result,
-                 max_body_bytes: int = MAX_BODY_BYTES) -> None:
+                 max_body_bytes: int = MAX_BODY_BYTES,
+                 max_response_bytes: int = MAX_RESPONSE_BYTES) -> None:
         self.plane = plane
         self.default_model = default_model
         self.on_result = on_result
         self.max_body_bytes = max_body_bytes
+        self.max_response_bytes = max_response_bytes
 
     def http(self, request: Any) -> tuple[bytes, int, dict[str, str]]:
         """A Flask request in, a (body, status, headers) answer out."""
@@ -82,7 +85,21 @@ class CloudFunction:
         answer = {"Content-Type": reply.content_type, **reply.headers}
         if reply.error is not None:
             answer.update(error_headers(reply.error))
-        return reply.body, status_of(reply.error), answer
+        return self._fitting(reply.body, status_of(reply.error), answer)
+
+    def _fitting(self, body: bytes, status: int,
+                 headers: dict[str, str]) -> tuple[bytes, int, dict[str, str]]:
+        """The answer, or a 413 naming the limit when it is larger than Cloud Functions passes
+        on: the caller learns that, with its request id, as from the Lambda adapter."""
+        if len(body) <= self.max_response_bytes:
+            return body, status, headers
+        given = {k.lower(): v for k, v in headers.items()}
+        kept = {"X-Request-Id": given["x-request-id"]} if "x-request-id" in given else {}
+        log.error(json.dumps({"message": "answer too large", "request_id": kept.get(
+            "X-Request-Id"), "bytes": len(body), "limit": self.max_response_bytes}))
+        return _error(413, f"the answer of {len(body)} bytes is over the "
+                      f"{self.max_response_bytes}-byte limit on what this function can answer; "
+                      "send fewer rows a request, or ask for binary outputs", kept)
 
     def _body(self, request: Any) -> bytes:
         length = request.content_length

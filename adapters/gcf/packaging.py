@@ -10,7 +10,8 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from edgerun.adapters.function_sources import BACKEND_REQUIREMENTS, REQUIREMENTS, copy_sources
+from edgerun.adapters.function_sources import (BACKEND_REQUIREMENTS, REQUIREMENTS, copy_model,
+                                               copy_sources)
 from edgerun.runtime.bundle import Bundle
 from edgerun.runtime.errors import BundleError
 
@@ -28,7 +29,7 @@ def package_gcf(bundle: Path, output: Path) -> Path:
                           "nothing else (gcloud uploads all of it)")
     with Bundle.open(bundle) as opened:  # verified before anything is built around it
         output.mkdir(parents=True, exist_ok=True)
-        shutil.copytree(opened.path, output / "model")
+        copy_model(opened.path, output / "model")
         shutil.copy2(FUNCTION_DIR / "main.py", output / "main.py")
         copy_sources(output, "edgerun.adapters.gcf", opened.manifest.backend)
         requirements = [*GCF_REQUIREMENTS, *BACKEND_REQUIREMENTS.get(opened.manifest.backend, ())]
