@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import gc
+import json
 import os
 import shutil
 import subprocess
@@ -211,6 +212,24 @@ def test_external_data_of_a_function_attributes_default_is_found(make_bundle, lo
     bundle.model_path.write_bytes(model)
     with pytest.raises(BundleError, match=message):
         Model.load(relist(bundle.path))
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda m: {**m, "outputs": []},
+     r"output 'y': the model has it, the manifest does not list it"),
+    (lambda m: {**m, "inputs": [{**m["inputs"][0], "dtype": "int64"}]},
+     r"input 'x' is int64 of rank 2 in the manifest, float32 of rank 2 in the model"),
+    (lambda m: {**m, "inputs": [{**m["inputs"][0], "name": "pixels"}]},
+     r"input 'pixels': the manifest lists it, the model has no such tensor")])
+def test_a_manifest_that_disagrees_with_its_model_is_refused(make_bundle, edit, message):
+    """Requests are checked against the manifest and the golden check compares the outputs it
+    lists: a manifest listing no outputs made the golden check compare nothing, and a wrong
+    dtype let requests through to fail inside ONNX Runtime (a 500, not a 400)."""
+    bundle = make_bundle(mlp_onnx([8, 16, 4], seed=3), name="m")
+    manifest = bundle.path / "manifest.json"
+    manifest.write_text(json.dumps(edit(json.loads(manifest.read_text()))))
+    with pytest.raises(BundleError, match=message):
+        Model.load(bundle.path)
 
 
 # ---------------------------------------------------------------- golden sample

@@ -248,6 +248,27 @@ def session_options(device: DeviceProfile) -> ort.SessionOptions:
     return options
 
 
+def _check_manifest_signature(bundle: Bundle, session: ort.InferenceSession, name: str) -> None:
+    """Requests are checked against the manifest's signature, and the golden check compares
+    the outputs it lists: a manifest that disagrees with the model (edited by hand, or listing
+    no outputs, so the golden check compared nothing) is refused, naming the tensor."""
+    for kind, declared, actual in (
+            ("input", bundle.signature.inputs, _specs(session.get_inputs(), Path(name))),
+            ("output", bundle.signature.outputs, _specs(session.get_outputs(), Path(name)))):
+        model = {spec.name: spec for spec in actual}
+        listed = {spec.name: spec for spec in declared}
+        for tensor in sorted(set(model) ^ set(listed)):
+            where = "the model has it, the manifest does not list it" if tensor in model \
+                else "the manifest lists it, the model has no such tensor"
+            raise BundleError(f"{name}: {kind} {tensor!r}: {where}")
+        for tensor, spec in listed.items():
+            if (spec.dtype, len(spec.shape)) != (model[tensor].dtype, len(model[tensor].shape)):
+                raise BundleError(
+                    f"{name}: {kind} {tensor!r} is {spec.dtype} of rank {len(spec.shape)} in "
+                    f"the manifest, {model[tensor].dtype} of rank {len(model[tensor].shape)} "
+                    "in the model")
+
+
 class OnnxRuntimeBackend(Backend):
     name = "onnxruntime"
 
@@ -318,6 +339,7 @@ class OnnxRuntimeBackend(Backend):
             backend = cls._create(model, name, options, providers_for(
                 device, bundle.manifest.files[name].sha256))
         del model
+        _check_manifest_signature(bundle, backend.session, name)
         session = backend.session
         if external or session.get_providers() == [CPU]:
             # ONNX Runtime's wrapper keeps the model bytes for as long as the session lives, to
