@@ -467,7 +467,8 @@ def create_bundle(model_file: str | Path, out_dir: str | Path, *, name: str, ver
                   device: str | DeviceProfile | None = None,
                   optimizations: tuple[str, ...] = (), source_file: str | None = None,
                   source_sha256: str | None = None) -> Bundle:
-    """Inspect a model file, copy it with a golden sample and a manifest into `out_dir`.
+    """Inspect a model file, copy it (with the external data files it names, from beside it)
+    with a golden sample and a manifest into `out_dir`.
 
     `source_file`/`source_sha256` name the model that `model_file` was derived from (the
     optimizer bundles a transformed copy); by default the model file itself is recorded.
@@ -484,14 +485,18 @@ def create_bundle(model_file: str | Path, out_dir: str | Path, *, name: str, ver
     profile = load_profile(device)
     backend_name = backend_for_file(model_file)
     backend = backend_class(backend_name)
+    model_name = f"model{model_file.suffix.lower()}"
+    data_files = _data_files(backend.data_files(model_file), model_file, model_name)
     inspected = backend.inspect(model_file)
     signature = Signature(inspected.inputs, inspected.outputs,
                           max_batch_size if inspected.batchable else None)
     created_dir = not out_dir.exists()
     out_dir.mkdir(parents=True, exist_ok=True)
     try:
-        model_name = f"model{model_file.suffix.lower()}"
         shutil.copyfile(model_file, out_dir / model_name)
+        for location in data_files:  # where the model names them, beside its copy
+            (out_dir / location).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(model_file.parent / location, out_dir / location)
         sample = signature.validate(golden_inputs) if golden_inputs is not None \
             else golden_input(signature)
         runner = backend.load(out_dir / model_name, profile)
@@ -505,8 +510,8 @@ def create_bundle(model_file: str | Path, out_dir: str | Path, *, name: str, ver
         np.savez(out_dir / GOLDEN,
                  **{f"input_{i}": sample[s.name] for i, s in enumerate(signature.inputs)},
                  **{f"output_{i}": outputs[s.name] for i, s in enumerate(signature.outputs)})
-        files = {p.name: FileEntry(sha256_file(p), p.stat().st_size)
-                 for p in sorted(out_dir.iterdir())}
+        files = {p.relative_to(out_dir).as_posix(): FileEntry(sha256_file(p), p.stat().st_size)
+                 for p in sorted(out_dir.rglob("*")) if p.is_file()}
         manifest = Manifest(
             name=name, version=str(version), backend=backend_name, model_file=model_name,
             signature=signature, files=files,
@@ -522,6 +527,21 @@ def create_bundle(model_file: str | Path, out_dir: str | Path, *, name: str, ver
             shutil.rmtree(out_dir, ignore_errors=True)
         raise
     return Bundle(out_dir, manifest, manifest_bytes=raw)
+
+
+def _data_files(locations: list[str], model_file: Path, model_name: str) -> list[str]:
+    """The files beside `model_file` that it reads (ONNX external data), checked before
+    anything is made: each must exist there, and be no file the bundle makes itself."""
+    for location in locations:
+        where = f"{model_file.name}: tensor data in {location!r}"
+        if os.path.normpath(location) in (model_name, GOLDEN, MANIFEST, SIGNATURE_FILE):
+            raise BundleError(f"{where}: a file the bundle makes itself; save the data under "
+                              "another name")
+        if not (model_file.parent / location).is_file():
+            raise BundleError(f"{model_file.name}: its tensor data file "
+                              f"{model_file.parent / location} does not exist; ONNX external "
+                              "data must lie beside the model, where the model names it")
+    return locations
 
 
 def write_manifest(folder: Path, manifest: Manifest) -> bytes:

@@ -177,6 +177,15 @@ def _is_model_file(path: Path) -> bool:
     return True
 
 
+def _holds_a_model(path: Path) -> bool:
+    """Whether `path` is a bundle folder, bundle archive or model file. An entry this user may
+    not look into (a filesystem's root-owned 0700 `lost+found`) is none: it was the error."""
+    try:
+        return (path / MANIFEST).is_file() or _is_archive(path) or _is_model_file(path)
+    except PermissionError:
+        return False
+
+
 def _single_model(path: Path) -> Path:
     """The bundle folder, archive or model file at `path` or, if it is the only one, in it."""
     if path.is_file():
@@ -185,9 +194,10 @@ def _single_model(path: Path) -> Path:
         raise BundleError(f"{path}: no such model folder or file")
     if (path / MANIFEST).is_file():
         return path
-    entries = [p for p in sorted(path.iterdir()) if not p.name.startswith(".")]
-    found = [p for p in entries if (p / MANIFEST).is_file() or _is_archive(p)
-             or _is_model_file(p)]
+    # a PVC mounted at /mnt/models holds its filesystem's lost+found
+    entries = [p for p in sorted(path.iterdir())
+               if not p.name.startswith(".") and p.name != "lost+found"]
+    found = [p for p in entries if _holds_a_model(p)]
     if len(found) == 1:
         return found[0]
     if not found and len(entries) == 1 and entries[0].is_dir():

@@ -14,6 +14,7 @@ import zipfile
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 from onnx import TensorProto, helper
 
@@ -296,6 +297,59 @@ def test_create_refuses_a_model_onnxruntime_cannot_load(tmp_path):
     source = tmp_path / "broken.onnx"
     source.write_bytes(b"not a protobuf")
     with pytest.raises(BundleError, match="ONNX Runtime cannot load it"):
+        create_bundle(source, tmp_path / "out", name="m", version="1")
+    assert not (tmp_path / "out").exists()
+
+
+def external_data_model(folder: Path, location: str) -> Path:
+    """`folder/big.onnx` (mlp_onnx([8, 16, 4])) keeping its weights in the file named
+    `location` (ONNX external data, as models over 2 GB must), written beside it."""
+    folder.mkdir(parents=True, exist_ok=True)
+    source = folder / "big.onnx"
+    onnx.save_model(onnx.load_from_string(mlp_onnx([8, 16, 4])), source,
+                    save_as_external_data=True, all_tensors_to_one_file=True,
+                    location="big.bin", size_threshold=0)
+    if location != "big.bin":  # named as written: onnx itself refuses to write "../"
+        proto = onnx.load(source, load_external_data=False)
+        for tensor in proto.graph.initializer:
+            for entry in tensor.external_data:
+                if entry.key == "location":
+                    entry.value = location
+        source.write_bytes(proto.SerializeToString())
+        moved = (folder / location).resolve()
+        moved.parent.mkdir(parents=True, exist_ok=True)
+        (folder / "big.bin").rename(moved)
+    return source
+
+
+def test_create_carries_the_models_external_data_files(tmp_path, make_bundle):
+    """The data file stayed behind: the golden run, from the new folder, failed naming it
+    there (`External data path does not exist: .../out/big.bin`)."""
+    source = external_data_model(tmp_path / "src", "weights/big.bin")
+    bundle = create_bundle(source, tmp_path / "out", name="m", version="1")
+    assert set(bundle.manifest.files) == {"model.onnx", "weights/big.bin", "golden.npz"}
+    assert (bundle.path / "weights" / "big.bin").read_bytes() == \
+        (tmp_path / "src" / "weights" / "big.bin").read_bytes()
+    model = Model.load(Bundle.open(bundle.path))
+    inline = Model.load(make_bundle(mlp_onnx([8, 16, 4])))
+    x = np.ones((2, 8), np.float32)
+    np.testing.assert_allclose(model.predict({"x": x})["y"], inline.predict({"x": x})["y"],
+                               rtol=1e-6)
+    model.check_golden()
+    model.close()
+    inline.close()
+
+
+@pytest.mark.parametrize("location, message", [
+    ("big.bin", r"big.onnx: its tensor data file .*src/big.bin does not exist"),
+    ("../outside.bin", "big.onnx: tensor data in '../outside.bin': not a file beside the model"),
+    ("model.onnx", "big.onnx: tensor data in 'model.onnx': a file the bundle makes itself"),
+])
+def test_create_refuses_external_data_it_cannot_carry_naming_it(tmp_path, location, message):
+    source = external_data_model(tmp_path / "src", location)
+    if location == "big.bin":
+        (tmp_path / "src" / "big.bin").unlink()
+    with pytest.raises(BundleError, match=message):
         create_bundle(source, tmp_path / "out", name="m", version="1")
     assert not (tmp_path / "out").exists()
 

@@ -4,20 +4,28 @@ The model-dir tests run `edgerun serve --model-dir DIR --model-name NAME --port 
 exactly as the ClusterServingRuntime does, over the layouts KServe's storage initializer
 leaves in /mnt/models. The manifests are checked offline: PyYAML parses them, core kinds
 validate with kubernetes-validate, KServe kinds against the KServe SDK's API types
-(tests/kserve_schema.py, in a process of its own).
+(tests/kserve_schema.py, in a process of its own), and against what KServe's webhooks and
+pod mutator do with them (those rules written out here from KServe's Go sources, each
+function naming its source).
 """
 
 from __future__ import annotations
 
+import os
 import re
 import shlex
+import shutil
+import signal
 import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 import httpx
 import kubernetes_validate
 import numpy as np
+import onnx
 import pytest
 import tritonclient.grpc as tgrpc
 import yaml
@@ -28,7 +36,7 @@ from packaging.version import Version
 from edgerun.cli import build_parser
 from edgerun.examples import mlp_onnx
 from edgerun.runtime import BundleError, Model, create_bundle
-from edgerun.runtime.sources import SingleModelSource
+from edgerun.runtime.sources import SingleModelSource, _single_model
 from tests.cli import edgerun_command
 from tests.serving import running_process
 
@@ -130,6 +138,22 @@ def test_a_model_that_does_not_load_ends_the_process_naming_why(tmp_path, onnx_b
     assert "model.onnx does not match its sha256" in ended.stderr
 
 
+def test_a_bare_onnx_file_with_external_data_serves(tmp_path, onnx_bytes):
+    """model.onnx beside model.onnx.data (ONNX external data, as models over 2 GB are saved):
+    the start failed naming a temporary folder the user never made (`External data path does
+    not exist: /tmp/edgerun-model-.../bundle/model.onnx.data`). The data file is carried into
+    the bundle, listed and hashed with the model."""
+    mount = tmp_path / "mnt" / "models"
+    mount.mkdir(parents=True)
+    onnx.save_model(onnx.load_from_string(onnx_bytes), mount / "model.onnx",
+                    save_as_external_data=True, all_tensors_to_one_file=True,
+                    location="model.onnx.data", size_threshold=0)
+    http, y = served_by_kserve_layout(mount, "big", tmp_path)
+    assert http["model_name"] == "big" and http["model_version"] == "1"
+    np.testing.assert_allclose(y, expected(onnx_bytes, tmp_path), rtol=1e-6)
+    assert sorted(p.name for p in mount.iterdir()) == ["model.onnx", "model.onnx.data"]
+
+
 def test_a_bare_tflite_file_serves_as_version_1(tmp_path):
     """The runtime declares the tflite format: a bare model.tflite is served like model.onnx."""
     from tests.tflite_models import int8_dense_tflite
@@ -171,11 +195,89 @@ def test_single_model_source_finds_the_one_model_or_says_why_not(tmp_path, onnx_
         SingleModelSource(nested, "not/a name")
 
 
+def as_user(uid: int, call) -> str:
+    """`call()` in a child process that runs as `uid` (no groups): its repr, or the error."""
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: report and leave, never back into pytest
+        try:
+            os.close(read)
+            os.setgroups([])
+            os.setresgid(uid, uid, uid)
+            os.setresuid(uid, uid, uid)
+            result = repr(call())
+        except BaseException as exc:
+            result = f"{type(exc).__name__}: {exc}"
+        os.write(write, result.encode())
+        os._exit(0)
+    os.close(write)
+    with os.fdopen(read, "rb") as answer:
+        result = answer.read().decode()
+    os.waitpid(pid, 0)
+    return result
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root, to make a folder another user owns")
+def test_a_pvc_root_with_lost_and_found_serves_its_model(onnx_bytes):
+    """A PVC's root holds a root-owned `lost+found` (mode 0700): looking into it for a
+    manifest failed the start with "Permission denied: .../lost+found/manifest.json"."""
+    with tempfile.TemporaryDirectory() as folder:  # under /tmp: pytest's is root's alone
+        pvc = Path(folder)
+        pvc.chmod(0o755)
+        (pvc / "model.onnx").write_bytes(onnx_bytes)
+        (pvc / "model.onnx").chmod(0o644)
+        (pvc / "lost+found").mkdir(mode=0o700)
+        os.chown(pvc / "lost+found", 12345, 12345)
+        (pvc / "secret").mkdir(mode=0o700)  # any other entry this user may not look into
+        os.chown(pvc / "secret", 12345, 12345)
+        assert as_user(1000, lambda: _single_model(pvc)) == repr(pvc / "model.onnx")
+
+
 def test_a_mount_that_holds_no_model_fails_fast_with_the_reason(tmp_path):
     result = subprocess.run([*edgerun_command(), "serve", "--model-dir", str(tmp_path),
                              "--model-name", "m", "--port", "0"],
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and "found nothing" in result.stderr
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("unshare"),
+                    reason="needs root and unshare, to run edgerun as PID 1 of a namespace")
+def test_sigterm_while_pid_1_starts_up_ends_it_at_once_with_status_0(tmp_path):
+    """The images run `edgerun serve` as PID 1, and a PID 1 ignores a signal it has no handler
+    for: a SIGTERM during start-up (imports, bundling a bare model, unpacking) was lost, and
+    the pod served on until the kubelet's SIGKILL. Here the start bundles a model whose golden
+    run takes a while; SIGTERM once its bundling has begun ends it at once, with status 0."""
+    from tests.test_shutdown import slow_run_onnx
+
+    mount, scratch = tmp_path / "models", tmp_path / "tmp"
+    mount.mkdir()
+    scratch.mkdir()
+    (mount / "model.onnx").write_bytes(slow_run_onnx(products=10))
+    command = ["unshare", "--pid", "--fork", "--mount-proc", *edgerun_command(), "serve",
+               "--model-dir", str(mount), "--model-name", "slow", "--port", "0"]
+    unshare = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               env={**os.environ, "TMPDIR": str(scratch)},
+                               start_new_session=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not list(scratch.glob("edgerun-model-*/bundle/model.onnx")):  # bundling it
+            assert unshare.poll() is None and time.monotonic() < deadline, "never bundled"
+            time.sleep(0.01)
+        (init,) = Path(f"/proc/{unshare.pid}/task/{unshare.pid}/children").read_text().split()
+        assert "NSpid:\t" + init + "\t1\n" in Path(f"/proc/{init}/status").read_text()
+        os.kill(int(init), signal.SIGTERM)
+        sent = time.monotonic()
+        try:
+            status = unshare.wait(15)
+        except subprocess.TimeoutExpired:
+            status = "still running"
+        took = time.monotonic() - sent
+    finally:
+        if unshare.poll() is None:
+            os.killpg(unshare.pid, signal.SIGKILL)  # the namespace's PID 1 and unshare
+        output = unshare.communicate(timeout=30)[0].decode()
+    assert status == 0, f"{status} after SIGTERM:\n{output}"
+    assert took < 10 and "Traceback" not in output, output
 
 
 # ------------------------------------------------------------------- the manifests
@@ -261,8 +363,10 @@ def test_images_run_the_runtime_command_as_a_user_on_8080_and_8081():
         entrypoint = re.search(r"^ENTRYPOINT (.*)$", text, re.M).group(1)
         command = re.search(r"^CMD (.*)$", text, re.M).group(1)
         argv = yaml.safe_load(entrypoint) + yaml.safe_load(command)
-        assert argv[:2] == ["edgerun", "serve"], argv
-        parsed = build_parser().parse_args(argv[1:])
+        # an init as PID 1 (Kubernetes runs none): it reaps and forwards signals to edgerun
+        assert argv[:4] == ["tini", "--", "edgerun", "serve"], argv
+        assert re.search(r"apt-get install [^&]*\btini\b", text), name
+        parsed = build_parser().parse_args(argv[3:])
         assert (parsed.port, parsed.grpc_port, str(parsed.model_dir)) == \
             (8080, 8081, "/mnt/models"), name
         assert re.search(r"pip install .*edgerun\[server[],]|pip install .*\.\[server[],]", text), \
@@ -345,3 +449,210 @@ def test_the_cuda_image_frees_uid_1000_before_creating_its_user():
     useradd = text.index("useradd --uid 1000")
     assert re.search(r"userdel\b[^&]*\bubuntu\b", text[:useradd]), \
         "the base image's ubuntu user (uid 1000) must be removed before useradd --uid 1000"
+
+
+# ------------------------------------------------------------ what KServe's webhooks refuse
+#: KServe's default ClusterServingRuntimes, as far as its priority check reads them: name,
+#: protocolVersions, and each supportedModelFormats entry (name, version, autoSelect,
+#: priority). From kserve/kserve config/runtimes/kserve-*.yaml (the runtimes its
+#: kustomization.yaml installs, and kserve-openvino.yaml), at aaac4e29 (2026-08).
+KSERVE_DEFAULT_RUNTIMES = [
+    ("kserve-tritonserver", ["v2", "grpc-v2"], [
+        ("tensorrt", "8", True, 1), ("tensorflow", "1", True, 1), ("tensorflow", "2", True, 1),
+        ("onnx", "1", True, 1), ("pytorch", "1", None, None), ("triton", "2", True, 1)]),
+    ("kserve-openvino", ["v1", "v2", "grpc-v2"], [
+        ("openvino", "10", True, 1), ("onnx", "1", True, 2), ("tensorflow", "1", True, 3),
+        ("huggingface", None, True, None)]),
+    ("kserve-torchserve", ["v1", "v2", "grpc-v2"], [("pytorch", "1", True, 2)]),
+    ("kserve-tensorflow-serving", ["v1", "grpc-v1"], [
+        ("tensorflow", "1", True, 2), ("tensorflow", "2", True, 2)]),
+    ("kserve-mlserver", ["v2"], [
+        ("sklearn", "0", True, 2), ("sklearn", "1", True, 2), ("xgboost", "1", True, 2),
+        ("xgboost", "2", True, 2), ("lightgbm", "3", True, 2), ("lightgbm", "4", True, 2),
+        ("mlflow", "1", True, 1), ("mlflow", "2", True, 1)]),
+    ("kserve-sklearnserver", ["v1", "v2"], [("sklearn", "1", True, 1)]),
+    ("kserve-xgbserver", ["v1", "v2"], [("xgboost", "2", True, 1)]),
+    ("kserve-lgbserver", ["v1", "v2"], [("lightgbm", "4", True, 1)]),
+    ("kserve-pmmlserver", ["v1", "v2"], [("pmml", "3", True, 1), ("pmml", "4", True, 1)]),
+    ("kserve-paddleserver", ["v1", "v2"], [("paddle", "2", True, 1)]),
+    ("kserve-huggingfaceserver", ["v2", "v1"], [("huggingface", "1", True, 1)]),
+    ("kserve-autogluonserver", ["v1", "v2"], [("autogluon", "1", True, 1)]),
+]
+
+
+def as_spec(protocols: list[str], formats: list[tuple]) -> dict:
+    return {"protocolVersions": protocols, "supportedModelFormats": [
+        {"name": n, "version": v, "autoSelect": a, "priority": p} for n, v, a, p in formats]}
+
+
+def priority_refusals(name: str, new: dict, existing_name: str, existing: dict) -> list[str]:
+    """What KServe's ClusterServingRuntime webhook refuses `new` for, beside `existing`
+    (pkg/webhook/admission/servingruntime/servingruntime_webhook.go: validateModelFormat-
+    PrioritySame and validateServingRuntimePriority): an autoSelect format given two
+    priorities in one runtime; or, where the runtimes share a protocol, an autoSelect format
+    (name, case-insensitive, and version) that both give the same priority."""
+    refusals = []
+    own: dict[str, object] = {}
+    for f in new["supportedModelFormats"]:
+        if f.get("autoSelect"):
+            if f["name"] in own and None not in (own[f["name"]], f.get("priority")) \
+                    and own[f["name"]] != f.get("priority"):
+                refusals.append(f"different priorities assigned for the model format {f['name']}")
+            own.setdefault(f["name"], f.get("priority"))
+    if (bool(new.get("multiModel")) != bool(existing.get("multiModel"))
+            or existing.get("disabled") or name == existing_name
+            or not set(new.get("protocolVersions", [])) & set(existing["protocolVersions"])):
+        return refusals
+    for theirs in existing["supportedModelFormats"]:
+        for ours in new["supportedModelFormats"]:
+            if (theirs.get("autoSelect") and ours.get("autoSelect")
+                    and theirs["name"].lower() == ours["name"].lower()
+                    and theirs.get("version") == ours.get("version")
+                    and theirs.get("priority") is not None
+                    and theirs.get("priority") == ours.get("priority")):
+                refusals.append(f"same priority assigned for the model format {ours['name']} "
+                                f"in the clusterservingruntimes {existing_name} and {name}")
+    return refusals
+
+
+def test_kserves_webhook_admits_the_runtimes_beside_its_default_ones():
+    """The onnx format was autoSelect at priority 1, as kserve-tritonserver declares it (same
+    version, protocols v2 and grpc-v2): KServe's webhook refused `kubectl apply` on a stock
+    install. Formats no default runtime claims (tflite, edgerun) may still pick edgerun."""
+    runtimes = [d for _, d in documents() if d["kind"] == "ClusterServingRuntime"]
+    for runtime in runtimes:
+        name = runtime["metadata"]["name"]
+        for other, protocols, formats in KSERVE_DEFAULT_RUNTIMES:
+            assert priority_refusals(name, runtime["spec"], other,
+                                     as_spec(protocols, formats)) == [], name
+        for mine in runtimes:  # and beside each other
+            assert priority_refusals(name, runtime["spec"], mine["metadata"]["name"],
+                                     mine["spec"]) == [], name
+    edgerun = next(r for r in runtimes if r["metadata"]["name"] == "edgerun")
+    auto = {f["name"] for f in edgerun["spec"]["supportedModelFormats"] if f.get("autoSelect")}
+    assert auto == {"tflite", "edgerun"}
+    # the rule has teeth: onnx as it was is refused beside Triton, and its protocols matter
+    was = as_spec(["v2", "grpc-v2"], [("onnx", "1", True, 1)])
+    triton = as_spec(*KSERVE_DEFAULT_RUNTIMES[0][1:])
+    assert priority_refusals("edgerun", was, "kserve-tritonserver", triton) == [
+        "same priority assigned for the model format onnx in the clusterservingruntimes "
+        "kserve-tritonserver and edgerun"]
+    assert priority_refusals("edgerun", {**was, "protocolVersions": ["v1"]},
+                             "kserve-tritonserver", triton) == []
+    twice = as_spec(["v2"], [("onnx", "1", True, 1), ("onnx", "2", True, 2)])
+    assert priority_refusals("x", twice, "kserve-sklearnserver",
+                             as_spec(["v1"], [])) == [
+        "different priorities assigned for the model format onnx"]
+
+
+def keda_refusals(predictor: dict) -> list[str]:
+    """What KServe's InferenceService validation (pkg/apis/serving/v1beta1/
+    inference_service_validation.go, validateScalingKedaCompExtension) refuses in a KEDA
+    predictor's External metrics: KServe passes `target.value` on as the KEDA Prometheus
+    trigger's threshold and reads no other target field."""
+    refusals = []
+    if "scaleMetric" in predictor:
+        refusals.append("ScaleMetric is not supported for KEDA")
+    for metric in predictor.get("autoScaling", {}).get("metrics", []):
+        if metric["type"] != "External":
+            continue
+        external = metric.get("external") or {}
+        if not external.get("metric", {}).get("query"):
+            refusals.append("the query should not be empty")
+        if external.get("target", {}).get("value") is None:
+            refusals.append("the target threshold value should not be empty")
+    return refusals
+
+
+def test_the_keda_example_passes_kserves_validation():
+    """`target: {type: AverageValue, averageValue: "32"}` was refused: KServe takes an
+    External metric's threshold from `target.value` only (its own e2e test uses Value)."""
+    services = [d for _, d in documents() if d["kind"] == "InferenceService"
+                and d["metadata"].get("annotations", {}).get(
+                    "serving.kserve.io/autoscalerClass") == "keda"]
+    assert services
+    for service in services:
+        predictor = service["spec"]["predictor"]
+        assert keda_refusals(predictor) == [], service["metadata"]["name"]
+        for metric in predictor["autoScaling"]["metrics"]:
+            assert metric["external"]["target"] == {"type": "Value", "value": "32"}
+    assert keda_refusals({"autoScaling": {"metrics": [{"type": "External", "external": {
+        "metric": {"query": "q"}, "target": {"type": "AverageValue", "averageValue": "32"}}}]}}
+    ) == ["the target threshold value should not be empty"]
+
+
+#: What serves each pod port that KServe's pod mutator may name in prometheus.io/port
+#: (pkg/constants/constants.go): queue-proxy's own metrics, and its aggregate of them with the
+#: kserve-container's (KServe's qpext queue-proxy). Neither exists in RawDeployment.
+QUEUE_PROXY_METRICS, QUEUE_PROXY_AGGREGATE = "9091", "9088"
+
+
+def scraped(service: dict, runtime: dict) -> tuple[str, str, bool] | None:
+    """Where Prometheus's pod annotations lead for a predictor pod: (kserve-container port,
+    path, whether queue-proxy's metrics come too), or None where edgerun's are not there.
+
+    The pod's annotations are the runtime's and the InferenceService's; KServe's pod mutator
+    (pkg/webhook/admission/pod/metrics_aggregate_injector.go, InjectMetricsAggregator, with
+    the inferenceservice configmap's defaults: both off) then sets prometheus.io/port to 9091
+    where enable-prometheus-scraping is "true", or to 9088 with enable-metric-aggregation too.
+    """
+    pod = {**runtime["spec"].get("annotations", {}),
+           **service["metadata"].get("annotations", {})}
+    raw = pod.get("serving.kserve.io/deploymentMode") == "RawDeployment"
+    aggregate = pod.get("serving.kserve.io/enable-metric-aggregation", "false") == "true"
+    if pod.get("serving.kserve.io/enable-prometheus-scraping", "false") == "true":
+        pod["prometheus.io/port"] = QUEUE_PROXY_AGGREGATE if aggregate else QUEUE_PROXY_METRICS
+        pod["prometheus.io/path"] = "/metrics"
+    port, path = pod.get("prometheus.io/port"), pod.get("prometheus.io/path", "/metrics")
+    if port == QUEUE_PROXY_AGGREGATE and aggregate and not raw:
+        return (pod.get("prometheus.kserve.io/port", "8080"),
+                pod.get("prometheus.kserve.io/path", "/metrics"), True)
+    if port is None or port in (QUEUE_PROXY_METRICS, QUEUE_PROXY_AGGREGATE):
+        return None
+    return port, path, False
+
+
+def test_prometheus_scrapes_edgeruns_metrics_where_the_annotations_say():
+    """`enable-prometheus-scraping` alone makes KServe point prometheus.io/port at 9091,
+    queue-proxy's port: in RawDeployment nothing listens there, so edgerun_queue_depth was
+    never scraped and KEDA never scaled. RawDeployment names edgerun's own port; Serverless
+    asks for queue-proxy's aggregate of both containers."""
+    runtimes = {d["metadata"]["name"]: d for _, d in documents()
+                if d["kind"] == "ClusterServingRuntime"}
+    services = [d for _, d in documents() if d["kind"] == "InferenceService"
+                and "serving.kserve.io/enable-prometheus-scraping" in
+                d["metadata"].get("annotations", {})]
+    assert {s["metadata"]["name"] for s in services} >= {"mnist", "mnist-queue"}
+    for service in services:
+        name = service["metadata"]["name"]
+        runtime = runtimes[service["spec"]["predictor"]["model"]["runtime"]]
+        (container,) = runtime["spec"]["containers"]
+        http_port = build_parser().parse_args(["serve", *container["args"]]).port
+        found = scraped(service, runtime)
+        assert found is not None, f"{name}: Prometheus is pointed away from edgerun's metrics"
+        assert found[:2] == (str(http_port), "/metrics"), name
+        annotations = service["metadata"]["annotations"]
+        if annotations.get("serving.kserve.io/deploymentMode") == "RawDeployment":
+            assert annotations.get("prometheus.io/scrape") == "true", name
+    for runtime in runtimes.values():
+        (container,) = runtime["spec"]["containers"]
+        http_port = build_parser().parse_args(["serve", *container["args"]]).port
+        assert runtime["spec"]["annotations"]["prometheus.kserve.io/port"] == str(http_port)
+        assert runtime["spec"]["annotations"]["prometheus.kserve.io/path"] == "/metrics"
+    # as it was: scraping on, no aggregation, in RawDeployment
+    was = {"metadata": {"annotations": {"serving.kserve.io/deploymentMode": "RawDeployment",
+                                        "serving.kserve.io/enable-prometheus-scraping": "true"}}}
+    assert scraped(was, runtimes["edgerun"]) is None
+
+
+def test_the_cuda_image_claims_no_tensorrt_it_does_not_have():
+    """The CUDA runtime image has no TensorRT libraries (libnvinfer): said to try TensorRT
+    first, it logged TensorRT's failure for every session and ran on CUDA."""
+    text = (ROOT / "Dockerfile.cuda").read_text()
+    installs_tensorrt = re.search(r"(apt-get|pip) install[^\n]*(libnvinfer|tensorrt)", text)
+    runtime_comment = (DEPLOY / "cluster-serving-runtime.yaml").read_text().split(
+        "name: edgerun-gpu")[0].rsplit("---", 1)[1]
+    for where in (text, runtime_comment):
+        if not installs_tensorrt:
+            assert not re.search(r"TensorRT,[\s#]+then[\s#]+CUDA", where), where
+            assert re.search(r"no TensorRT", where), where

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 from pathlib import Path
+from types import FrameType
 
 from edgerun.cli.arguments import port, positive
 from edgerun.devices import load_profile
@@ -56,7 +58,16 @@ def register(commands: argparse._SubParsersAction) -> None:
     parser.set_defaults(handler=_serve)
 
 
+def _stop_starting(signum: int, frame: FrameType | None) -> None:
+    """SIGTERM before the server's own handlers (its event loop's) replace this one: end at
+    once with status 0, as a stop during a load does. Without a handler, a PID 1 (a container
+    with no init) ignores SIGTERM, and start-up went on into serving."""
+    exit_if_still_loading(0)  # a loading thread started: leave it, as the server does
+    raise SystemExit(0)
+
+
 def _serve(args: argparse.Namespace) -> int:
+    signal.signal(signal.SIGTERM, _stop_starting)
     try:
         from edgerun.adapters.http import serve
     except ImportError as exc:

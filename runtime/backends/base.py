@@ -57,6 +57,12 @@ class Backend(ABC):
         """Read the io signature from a model file (used when a bundle is created)."""
 
     @classmethod
+    def data_files(cls, model_path: Path) -> list[str]:
+        """Files the model reads from beside it (ONNX external data), as it names them,
+        relative to its folder: a bundle made from it must carry them. None by default."""
+        return []
+
+    @classmethod
     @abstractmethod
     def load(cls, model_path: Path, device: DeviceProfile) -> Backend:
         """Load a model file for a device (a file this process made: `create_bundle`)."""

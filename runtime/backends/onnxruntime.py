@@ -172,14 +172,19 @@ def _tensor_location(data: memoryview, nested: bool, locations: dict[str, bool],
     locations[location] = locations.get(location, False) or nested
 
 
-def _listed_file(bundle: Bundle, model_file: str, location: str) -> str:
-    """The bundle file an external data location names: beside the model, listed in the
-    manifest (and so hashed, and signed with it)."""
-    where = f"{model_file}: tensor data in {location!r}"
+def _check_beside(where: str, location: str) -> None:
+    """Refuse an external data location that is not a file in the model's folder."""
     # "*/_ORT_MEM_ADDR_/*" and its kind are ONNX Runtime's own tags for memory addresses
     if (location.startswith("*/") or "\\" in location or posixpath.isabs(location)
             or ".." in location.split("/")):
         raise BundleError(f"{where}: not a file beside the model in the bundle; refused")
+
+
+def _listed_file(bundle: Bundle, model_file: str, location: str) -> str:
+    """The bundle file an external data location names: beside the model, listed in the
+    manifest (and so hashed, and signed with it)."""
+    where = f"{model_file}: tensor data in {location!r}"
+    _check_beside(where, location)
     listed = posixpath.normpath(posixpath.join(posixpath.dirname(model_file), location))
     if listed == model_file or listed not in bundle.manifest.files:
         raise BundleError(f"{where}: the bundle's manifest does not list {listed!r}; an "
@@ -294,6 +299,17 @@ class OnnxRuntimeBackend(Backend):
                 "export the model with input shapes (dynamic dims are fine)")
         return Signature(_specs(session.get_inputs(), model_path),
                          _specs(session.get_outputs(), model_path))
+
+    @classmethod
+    def data_files(cls, model_path: Path) -> list[str]:
+        """The external data files the model names, each refused unless beside it: a bundle
+        carries them, and loads them from nowhere else."""
+        if model_path.suffix.lower() == ".ort":  # the ORT format keeps no external data
+            return []
+        locations = external_data_files(model_path.read_bytes(), model_path.name)
+        for location in locations:
+            _check_beside(f"{model_path.name}: tensor data in {location!r}", location)
+        return list(locations)
 
     @classmethod
     def load(cls, model_path: Path, device: DeviceProfile) -> OnnxRuntimeBackend:
