@@ -232,8 +232,9 @@ class SingleModelSource(BundleSource):
             manifest = read_manifest(found)
             served = check_name(name or manifest.name)
             if manifest.name != served:
-                if found != work:
-                    shutil.copytree(found, work, ignore=shutil.ignore_patterns(SIGNATURE_FILE))
+                if found != work:  # links copied as links, refused by the load's checks
+                    shutil.copytree(found, work, symlinks=True,
+                                    ignore=shutil.ignore_patterns(SIGNATURE_FILE))
                 (work / SIGNATURE_FILE).unlink(missing_ok=True)  # it signed the old name
                 write_manifest(work, dataclasses.replace(manifest, name=served))
                 found = work

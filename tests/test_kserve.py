@@ -35,7 +35,7 @@ from packaging.version import Version
 
 from edgerun.cli import build_parser
 from edgerun.examples import mlp_onnx
-from edgerun.runtime import BundleError, Model, create_bundle
+from edgerun.runtime import Bundle, BundleError, Model, create_bundle
 from edgerun.runtime.sources import SingleModelSource, _single_model
 from tests.cli import edgerun_command
 from tests.serving import running_process
@@ -110,6 +110,24 @@ def test_a_bundle_folder_under_another_name_serves_as_the_given_name(tmp_path, o
     http, y = served_by_kserve_layout(mount, "digits-prod", tmp_path)
     assert http["model_name"] == "digits-prod" and http["model_version"] == "3"
     np.testing.assert_allclose(y, expected(onnx_bytes, tmp_path), rtol=1e-6)
+
+
+def test_a_renamed_bundle_folder_with_a_link_in_it_is_refused_not_followed(tmp_path, onnx_bytes):
+    """Served under another name, a bundle folder is copied: the copy followed its links, so
+    an unlisted `root -> /` began a copy of the whole filesystem. Links are copied as links,
+    and the copy's check refuses them."""
+    source = tmp_path / "model.onnx"
+    source.write_bytes(onnx_bytes)
+    mount = tmp_path / "models"
+    create_bundle(source, mount, name="digits", version="3")
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "big.bin").write_bytes(b"\0" * 1024)
+    (mount / "elsewhere").symlink_to(outside, target_is_directory=True)
+    source = SingleModelSource(mount, "digits-prod")
+    assert (source.path / "elsewhere").is_symlink()
+    with pytest.raises(BundleError, match="files not in the manifest: elsewhere$"):
+        Bundle.open(source.path)
 
 
 def test_a_bundle_archive_serves(tmp_path, onnx_bytes):
