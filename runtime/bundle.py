@@ -113,7 +113,7 @@ class Manifest:
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> Manifest:
         try:
-            if data.get("format") != FORMAT:
+            if type(data.get("format")) is not int or data["format"] != FORMAT:  # not true, 1.0
                 raise BundleError(f"manifest format {data.get('format')!r} is not supported "
                                   f"(this edgerun reads format {FORMAT})")
             max_batch_size = data.get("max_batch_size")

@@ -236,6 +236,8 @@ def test_a_golden_sample_that_would_unpack_past_its_limit_is_refused_before_it_i
     (b"[]", "must hold a JSON object"),
     (b'{"format": 1, "name": "m"}', "manifest is malformed: KeyError"),
     (b'{"format": 99}', "format 99 is not supported"),
+    (b'{"format": true}', "format True is not supported"),
+    (b'{"format": 1.0}', "format 1.0 is not supported"),
 ])
 def test_malformed_manifest(mlp_bundle, content, message):
     (mlp_bundle.path / "manifest.json").write_bytes(content)
