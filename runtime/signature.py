@@ -65,7 +65,10 @@ class TensorSpec:
         elif type(value) is np.ndarray and value.dtype == self.np_dtype:
             array = value
         else:
-            array = cast_array(as_array(value, self.name), self.dtype, self.name)
+            array = as_array(value, self.name)
+            if self.dtype == "uint64":  # JSON integers from TF Serving, MQTT, a Lambda event
+                array = exact_uint64(value, array, self.name)
+            array = cast_array(array, self.dtype, self.name)
         if array.ndim != len(self.shape):
             raise InvalidInput(
                 f"input {self.name!r}: expected rank {len(self.shape)} "
@@ -87,6 +90,22 @@ def as_array(value: Any, name: str) -> np.ndarray:
         return np.asarray(value)
     except (ValueError, TypeError) as exc:  # ragged nesting, mixed objects
         raise InvalidInput(f"input {name!r}: not a rectangular array ({exc})", name) from None
+
+
+def exact_uint64(data: Any, array: np.ndarray, name: str) -> np.ndarray:
+    """`array` (`as_array(data)`) as uint64 read exactly from `data`'s Python integers: those
+    above 2**63 make numpy fall back to float64 (or object) and lose digits. Anything else,
+    floats among them say, is left to `cast_array` to judge."""
+    if array.dtype.kind not in "fO" or isinstance(data, np.ndarray):
+        return array
+    exact = np.array(data, dtype=object)
+    values = list(exact.reshape(-1))  # not .flat: numpy's iterators stop at 32 dimensions
+    if not all(type(v) is int for v in values):
+        return array
+    if values and (min(values) < 0 or max(values) >= 2 ** 64):
+        raise InvalidInput(f"input {name!r}: values out of uint64 range [0, {2 ** 64 - 1}]",
+                           name)
+    return exact.astype(np.uint64)
 
 
 def cast_array(array: np.ndarray, dtype: str, name: str) -> np.ndarray:

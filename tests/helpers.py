@@ -36,6 +36,17 @@ def identity_onnx(dtype: str, shape: list) -> bytes:
     return _model(graph)
 
 
+def expand_onnx(columns: int, rows: int) -> bytes:
+    """y = x (float32 [1, columns]) repeated into [rows, columns]: a big answer to a small
+    request. Fixed shapes, so nothing is batched."""
+    graph = helper.make_graph(
+        [helper.make_node("Expand", ["x", "shape"], ["y"])], "expand",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, columns])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [rows, columns])],
+        [numpy_helper.from_array(np.array([rows, columns], np.int64), "shape")])
+    return _model(graph)
+
+
 def gather_onnx() -> bytes:
     """rows = table[idx]; an index out of 0..9 fails inside ONNX Runtime at run time."""
     table = np.arange(30, dtype=np.float32).reshape(10, 3)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 import struct
 import subprocess
@@ -24,9 +25,8 @@ def _elements(dtype: str):
     if dtype == "string":
         return st.text(alphabet=st.characters(min_codepoint=0, max_codepoint=0x2FFF),
                        max_size=5)
-    if dtype.startswith("float"):
-        return st.floats(allow_nan=False, allow_infinity=False,
-                         width=np.dtype(dtype).itemsize * 8)
+    if dtype.startswith("float"):  # NaN and infinities too: written and read as Triton does
+        return st.floats(width=np.dtype(dtype).itemsize * 8)
     return None
 
 
@@ -63,7 +63,7 @@ def test_every_datatype_round_trips_json_and_binary(data, datatype, binary, nest
         assert list(decoded.ravel()) == list(array.ravel())
     else:
         assert decoded.dtype == np.dtype(DTYPES[datatype])
-        np.testing.assert_array_equal(decoded, array)
+        np.testing.assert_array_equal(decoded, array, strict=True)  # NaN equals NaN here
     # and back out: the response carries the same values, in JSON or binary as asked
     request.binary_outputs = binary
     payload, headers = oip.encode_response("m", "1", request, {"y": decoded})
@@ -80,7 +80,81 @@ def test_every_datatype_round_trips_json_and_binary(data, datatype, binary, nest
         assert [v if isinstance(v, str) else v.decode() for v in back.ravel()] == \
             list(array.ravel())
     else:
-        np.testing.assert_array_equal(back, array)
+        assert back.dtype == array.dtype and np.array_equal(back, array, equal_nan=array.dtype
+                                                            .kind == "f")
+
+
+NON_FINITE = [math.inf, -math.inf, math.nan, 1.0]
+
+
+@pytest.mark.parametrize("datatype", ["FP16", "FP32", "FP64"])
+@pytest.mark.parametrize("binary_header", [False, True])
+def test_nan_and_infinities_are_read_and_written_as_triton_does(datatype, binary_header):
+    """json.dumps and tritonclient (binary_data=False) send NaN, Infinity and -Infinity, which
+    simdjson and orjson refused (400); answers wrote them as null, no number at all."""
+    body = json.dumps({"inputs": [{"name": "x", "datatype": datatype, "shape": [4],
+                                   "data": NON_FINITE}]}).encode()
+    request = oip.decode_request(body, str(len(body)) if binary_header else None)
+    expected = np.array(NON_FINITE, DTYPES[datatype])
+    assert np.array_equal(request.inputs["x"], expected, equal_nan=True)
+    assert request.inputs["x"].dtype == expected.dtype
+    payload, _ = oip.encode_response("m", "1", request, {"y": request.inputs["x"]})
+    assert b'"data":[Infinity,-Infinity,NaN,1.0]' in payload
+    # a null that stands for no float (a request id) stays; finite floats stay as orjson wrote
+    request.id = "null"
+    payload, _ = oip.encode_response("m", "1", request,
+                                     {"y": np.array([0.5, 2.0], DTYPES[datatype])})
+    assert b'"id":"null"' in payload and b'"data":[0.5,2.0]' in payload
+
+
+def test_bytes_outputs_that_are_not_utf8_are_never_altered():
+    """They became U+FFFD in JSON answers: another value, silently. JSON has no string for
+    them; as binary data they go as they are."""
+    request = oip.decode_request(_tensor(), None)
+    outputs = {"s": np.array([b"ok", b"\xff\xfe"], dtype=object)}
+    with pytest.raises(InvalidInput, match=re.escape(
+            "output 's': element 1 is not UTF-8 text, which JSON cannot carry; ask for the "
+            "output as binary data")) as info:
+        oip.encode_response("m", "1", request, outputs)
+    assert info.value.tensor == "s"
+    request.outputs = [oip.RequestedOutput("s", True)]
+    payload, headers = oip.encode_response("m", "1", request, outputs)
+    split = int(headers["Inference-Header-Content-Length"])
+    back = oip.decode_binary("s", "BYTES", [2], memoryview(payload)[split:])
+    assert list(back) == ["ok", b"\xff\xfe"]
+
+
+@pytest.mark.parametrize("body, ready", [
+    (b"", False), (b"{}", False), (b'{"ready": true}', True), (b'{"ready": false}', False)])
+def test_repository_index_requests(body, ready):
+    assert oip.decode_index_request(body) is ready
+
+
+@pytest.mark.parametrize("body, message", [
+    (b"not json", "the index request body is not valid JSON"),
+    (b"[]", "the index request must be a JSON object"),
+    (b'{"ready": "yes"}', "\"ready\" must be true or false, got 'yes'"),
+])
+def test_malformed_repository_index_requests(body, message):
+    with pytest.raises(InvalidInput, match=re.escape(message)):
+        oip.decode_index_request(body)
+
+
+@pytest.mark.parametrize("body, message", [
+    (b"", None), (b"{}", None), (b'{"parameters": {}}', None),
+    (b'{"parameters": {"config": "{}"}}', "load parameter 'config' is not supported"),
+    (b'{"parameters": {"config": "{}", "file:1/model.onnx": "eA=="}}',
+     "load parameter 'config', 'file:1/model.onnx' is not supported"),
+    (b'{"parameters": []}', "load parameters must be an object"),
+    (b"not json", "the load request body is not valid JSON"),
+])
+def test_load_requests_refuse_what_is_not_implemented(body, message):
+    """A config override or file: contents were ignored, answered 200 as if applied."""
+    if message is None:
+        oip.check_load_request(body)
+        return
+    with pytest.raises(InvalidInput, match=re.escape(message)):
+        oip.check_load_request(body)
 
 
 @pytest.mark.parametrize("data", [["a", None], ["a", 1], [["a"], "b"]])
@@ -134,6 +208,7 @@ def _tensor(**fields) -> bytes:
 
 @pytest.mark.parametrize("body, header_length, message", [
     (b"{", None, "not valid JSON"),
+    (b'{"inputs": [NaN', None, "not valid JSON"),  # the tokens, but no JSON even so
     (b"[1]", None, "must be a JSON object"),
     (b"{}", None, 'no "inputs" list'),
     (b'{"inputs": []}', None, 'no "inputs" list'),
@@ -304,10 +379,57 @@ def test_tf_serving_strings_mix_plain_and_b64_values_in_any_order(body):
     (b'{"instances": [{"a": [{"b64": "!!"}], "b": 1}]}', "invalid base64"),
     (b'{"instances": [{"a": [{"x": 1}], "b": 1}]}', "objects inside values"),
     (b'{"signature_name": "serving_default"}', 'needs "instances"'),
+    (b'{"signature_name": "", "inputs": [NaN', "not valid JSON"),
+    # another signature was answered from the only one, as if it were that signature's answer
+    (b'{"signature_name": "predict_images", "inputs": {"a": [[1, 2]], "b": [1]}}',
+     "signature_name 'predict_images' is not served: a model here has one signature, "
+     "'serving_default'"),
+    (b'{"signature_name": null, "inputs": {"a": [[1, 2]], "b": [1]}}',
+     "signature_name None is not served"),
 ])
 def test_tf_serving_errors(body, message):
     with pytest.raises(InvalidInput, match=message):
         tfserving.decode_predict(body, SIG_TWO)
+
+
+@pytest.mark.parametrize("name", ["", "serving_default"])
+def test_tf_serving_default_signature_name_is_served(name):
+    body = json.dumps({"signature_name": name, "inputs": [[1, 2]]}).encode()
+    assert tfserving.decode_predict(body, SIG_ONE) == ({"x": [[1, 2]]}, False)
+
+
+def test_tf_serving_reads_and_writes_nan_and_infinities():
+    """TF Serving's json_tensor.cc reads and writes NaN, Infinity and -Infinity: orjson refused
+    them in requests and wrote them as null in answers."""
+    inputs, rows = tfserving.decode_predict(b'{"instances": [[NaN, Infinity], [-Infinity, 1]]}',
+                                            SIG_ONE)
+    x = SIG_ONE.validate(inputs)["x"]
+    expected = np.array([[math.nan, math.inf], [-math.inf, 1]], np.float32)
+    assert x.dtype == np.float32 and np.array_equal(x, expected, equal_nan=True)
+    assert tfserving.encode_predict({"y": x}, rows) == \
+        b'{"predictions":[[NaN,Infinity],[-Infinity,1.0]]}'
+    assert tfserving.encode_predict({"y": x}, False) == \
+        b'{"outputs":[[NaN,Infinity],[-Infinity,1.0]]}'
+    two = {"y": x, "z": np.array([math.nan, 2.0])}
+    assert tfserving.encode_predict(two, True) == (
+        b'{"predictions":[{"y":[NaN,Infinity],"z":NaN},{"y":[-Infinity,1.0],"z":2.0}]}')
+    assert tfserving.encode_predict(two, False) == (
+        b'{"outputs":{"y":[[NaN,Infinity],[-Infinity,1.0]],"z":[NaN,2.0]}}')
+
+
+SIG_UINT64 = Signature((TensorSpec("x", "uint64", (-1, 2), 0),),
+                       (TensorSpec("y", "uint64", (-1, 2), 0),))
+
+
+@pytest.mark.parametrize("key", ["instances", "inputs"])
+def test_tf_serving_uint64_values_above_2_63_are_exact(key):
+    """numpy reads [2**64 - 1, 1] as float64: the request was refused (or lost digits)."""
+    body = json.dumps({key: [[2 ** 64 - 1, 2 ** 63 + 1], [0, 5]]}).encode()
+    x = SIG_UINT64.validate(tfserving.decode_predict(body, SIG_UINT64)[0])["x"]
+    assert x.dtype == np.uint64 and x.tolist() == [[2 ** 64 - 1, 2 ** 63 + 1], [0, 5]]
+    negative = json.dumps({key: [[2 ** 64 - 1, -1]]}).encode()
+    with pytest.raises(InvalidInput, match=re.escape("input 'x': values out of uint64 range")):
+        SIG_UINT64.validate(tfserving.decode_predict(negative, SIG_UINT64)[0])
 
 
 def test_tf_serving_rows_need_outputs_that_share_their_rows():

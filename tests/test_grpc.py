@@ -32,7 +32,7 @@ from tritonclient.utils import InferenceServerException
 
 from edgerun.examples import mlp_onnx
 from tests.fleet_sim import wait_for
-from tests.helpers import gather_onnx, identity_onnx
+from tests.helpers import expand_onnx, gather_onnx, identity_onnx
 from tests.serving import add_version, running_process, running_server
 from tests.test_http_edges import cpu_ticks, loop_share
 
@@ -58,6 +58,8 @@ weights = { "1" = 50, "2" = 50 }
 sticky_key = "x-user-id"
 """
 StatusCode = grpc.StatusCode
+#: A 256 KiB request answered with 68 MiB, past the 64 MiB request limit.
+EXPAND_COLUMNS, EXPAND_ROWS = 1 << 16, 272
 
 
 @pytest.fixture(scope="module")
@@ -67,6 +69,7 @@ def repo(tmp_path_factory) -> Path:
         add_version(root, f"identity-{datatype.lower()}", "1", identity_onnx(dtype, ["b", "n"]))
     add_version(root, "mlp", "1", mlp_onnx([8, 16, 4]))
     add_version(root, "lookup", "1", gather_onnx())
+    add_version(root, "expand", "1", expand_onnx(EXPAND_COLUMNS, EXPAND_ROWS))
     add_version(root, "slowq", "1", identity_onnx("float32", ["b", 2]))
     (root / "slowq" / "config.toml").write_text(SLOW_QUEUE)
     add_version(root, "canary", "1", mlp_onnx([8, 4], seed=1))
@@ -116,10 +119,14 @@ def code_of(error: InferenceServerException) -> str:
 
 
 # ------------------------------------------------------------------ health and metadata
-def test_health_and_server_metadata(client):
+def test_health_and_server_metadata(server, client):
     assert client.is_server_live() and client.is_server_ready()
     metadata = client.get_server_metadata()
-    assert metadata.name == "edgerun" and "binary_tensor_data" in metadata.extensions
+    # only what gRPC serves: its repository RPCs are UNIMPLEMENTED and binary tensor data is
+    # HTTP's; they were listed as over HTTP
+    assert metadata.name == "edgerun" and list(metadata.extensions) == []
+    assert thttp.InferenceServerClient(server.address).get_server_metadata()["extensions"] == [
+        "binary_tensor_data", "model_repository"]
 
 
 def test_model_readiness(client):
@@ -338,6 +345,19 @@ def test_requested_outputs_and_request_id_are_honoured(client):
     response = result.get_response()
     assert response.id == "req-7" and response.model_version == "1"
     assert [o.name for o in response.outputs] == ["y"]
+
+
+def test_an_answer_over_the_request_limit_is_sent(server, client):
+    """The send limit was the request limit (64 MiB): an answer past it failed after the
+    model had run, counted ok, a traceback in the log. Triton's is a message's own limit."""
+    x = np.arange(EXPAND_COLUMNS, dtype=np.float32).reshape(1, -1)
+    before = metric(server, "edgerun_requests_total", model="expand", version="1",
+                    transport="grpc", outcome="ok")
+    y = client.infer("expand", [fp32_input(x)]).as_numpy("y")
+    assert y.shape == (EXPAND_ROWS, EXPAND_COLUMNS) and y.nbytes > 64 << 20
+    assert np.array_equal(y[0], x[0]) and np.array_equal(y[-1], x[0])
+    assert metric(server, "edgerun_requests_total", model="expand", version="1",
+                  transport="grpc", outcome="ok") == before + 1
 
 
 def test_request_id_metadata_is_echoed_in_trailing_metadata(stub):

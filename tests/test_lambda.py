@@ -807,6 +807,9 @@ def test_direct_invocation_takes_and_gives_oip_json(handler, reference):
         answer = handler(json.loads(infer_body(x, **extra)), Context())
         np.testing.assert_allclose(outputs(json.dumps(answer)), reference(x), rtol=1e-5,
                                    atol=1e-6)
+    # outputs that overflow: the answer writes NaN or Infinity, which orjson cannot read back
+    answer = handler(json.loads(infer_body(np.full((1, 8), 3e38, np.float32))), Context())
+    assert not np.isfinite(answer["outputs"][0]["data"]).all()
 
 
 # ------------------------------------------------------------------------ init and the model

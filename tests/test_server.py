@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import math
 import re
 import signal
 import socket
@@ -120,9 +121,8 @@ def _values(datatype: str):
     if dtype == "string":
         return st.text(alphabet=st.characters(min_codepoint=32, max_codepoint=0x2FFF),
                        max_size=6), object
-    if dtype.startswith("float"):
-        return st.floats(allow_nan=False, allow_infinity=False,
-                         width=np.dtype(dtype).itemsize * 8), np.dtype(dtype)
+    if dtype.startswith("float"):  # NaN and infinities too, in JSON as in binary
+        return st.floats(width=np.dtype(dtype).itemsize * 8), np.dtype(dtype)
     return None, np.dtype(dtype)
 
 
@@ -185,6 +185,23 @@ def test_requested_outputs_and_request_id_are_honoured(server):
     assert bad.status_code == 400 and "requested output 'nope'" in bad.json()["error"]
 
 
+NON_FINITE = [math.inf, -math.inf, math.nan, 1.0]
+
+
+@pytest.mark.parametrize("datatype", ["FP16", "FP32", "FP64"])
+def test_nan_and_infinities_round_trip_as_json_with_tritonclient(client, datatype):
+    """tritonclient with binary_data=False sends NaN, Infinity and -Infinity, as Triton reads
+    and writes them: they were refused (400 TAPE_ERROR), and answered as null."""
+    x = np.array([NON_FINITE], OIP_TYPES[datatype])
+    tensor = triton.InferInput("x", [1, 4], datatype)
+    tensor.set_data_from_numpy(x, binary_data=False)
+    result = client.infer(f"identity-{datatype.lower()}", [tensor],
+                          outputs=[triton.InferRequestedOutput("y", binary_data=False)])
+    assert "parameters" not in result.get_output("y")  # JSON, not binary data
+    y = result.as_numpy("y")
+    assert y.dtype == x.dtype and np.array_equal(y, x, equal_nan=True)
+
+
 # ------------------------------------------------------------------------ TF Serving
 def test_tf_serving_row_and_column_formats(server):
     rows = post(server, "/v1/models/mlp:predict", {"instances": [[1] * 8, [2] * 8]})
@@ -204,6 +221,30 @@ def test_tf_serving_named_inputs_and_multiple_outputs(server):
     assert columns.json() == {"outputs": [[2.0, 3.0, 4.0, 5.0]]}
     missing = post(server, "/v1/models/two:predict", {"instances": [{"a": [1, 2, 3, 4]}]})
     assert missing.status_code == 400 and "missing input 'b'" in missing.json()["error"]
+
+
+def test_tf_serving_nan_infinities_uint64_and_signature_name(server):
+    """TF Serving reads and writes NaN and the infinities (they were refused, and answered as
+    null), takes uint64 values from 2**63 up (numpy read them as float64: refused), and
+    refuses a signature it does not serve (it was answered from the default one)."""
+    rows = json.dumps({"instances": [NON_FINITE]}).encode()
+    answer = post(server, "/v1/models/identity-fp32:predict", rows)
+    assert answer.status_code == 200, answer.text
+    assert answer.content == b'{"predictions":[[Infinity,-Infinity,NaN,1.0]]}'
+    (predicted,) = json.loads(answer.content)["predictions"]
+    assert np.array_equal(predicted, NON_FINITE, equal_nan=True)
+    big = [[2 ** 64 - 1, 2 ** 63 + 1]]
+    for key, answered in (("instances", "predictions"), ("inputs", "outputs")):
+        answer = post(server, "/v1/models/identity-uint64:predict", {key: big})
+        assert answer.status_code == 200, answer.text
+        assert answer.json() == {answered: big}
+    refused = post(server, "/v1/models/mlp:predict",
+                   {"signature_name": "classify", "instances": [[0] * 8]})
+    assert refused.status_code == 400
+    assert "signature_name 'classify' is not served" in refused.json()["error"]
+    named = post(server, "/v1/models/mlp:predict",
+                 {"signature_name": "serving_default", "instances": [[0] * 8]})
+    assert named.status_code == 200, named.text
 
 
 def test_tf_serving_b64_strings_and_status(server):
@@ -520,6 +561,28 @@ def test_explicit_load_and_unload(tmp_path):
         assert missing.status_code == 404 and "not in the repository" in missing.json()["error"]
 
 
+def test_load_refuses_what_it_does_not_implement(tmp_path):
+    """A config override, file: contents or a body that is not JSON were ignored: 200, as if
+    the model had loaded as asked."""
+    repo = tmp_path / "models"
+    add_version(repo, "mlp", "1", mlp_onnx([8, 16, 4], seed=1))
+    with running_server(repo) as server:
+        client = triton.InferenceServerClient(server.address)
+        with pytest.raises(InferenceServerException,
+                           match="load parameter 'config' is not supported") as info:
+            client.load_model("mlp", config='{"max_batch_size": 4}')
+        assert info.value.status() == "400"
+        files = post(server, "/v2/repository/models/mlp/load",
+                     {"parameters": {"config": "{}", "file:1/model.onnx": "eA=="}})
+        assert files.status_code == 400
+        assert "'config', 'file:1/model.onnx' is not supported" in files.json()["error"]
+        garbled = post(server, "/v2/repository/models/mlp/load", b"not json")
+        assert garbled.status_code == 400 and "not valid JSON" in garbled.json()["error"]
+        client.load_model("mlp")  # a body of {}
+        assert post(server, "/v2/repository/models/mlp/load", b"").status_code == 200
+        assert client.is_model_ready("mlp")
+
+
 def test_a_corrupt_new_version_never_replaces_a_good_one(tmp_path):
     repo = tmp_path / "models"
     add_version(repo, "mlp", "1", mlp_onnx([8, 16, 4], seed=1))
@@ -532,6 +595,12 @@ def test_a_corrupt_new_version_never_replaces_a_good_one(tmp_path):
         assert still.status_code == 200 and still.json()["model_version"] == "1"
         states = {s["version"]: s for s in post(server, "/v2/repository/index", b"").json()}
         assert states["2"]["state"] == "UNAVAILABLE" and "tampered" in states["2"]["reason"]
+        # {"ready": true} lists the READY versions only (it was ignored: every version came)
+        ready = post(server, "/v2/repository/index", {"ready": True})
+        assert ready.status_code == 200
+        assert [(s["version"], s["state"]) for s in ready.json()] == [("1", "READY")]
+        everything = triton.InferenceServerClient(server.address).get_model_repository_index()
+        assert {s["version"] for s in everything} == {"1", "2"}
 
 
 def test_canary_split_and_sticky_key(tmp_path):

@@ -287,11 +287,10 @@ class LambdaHandler:
             if request is None:  # decoded again by the data plane, which answers and counts it
                 reply = await self.plane.handle_async(record.call)
                 return reply.body, reply.error
-            try:
-                result = await self.plane.infer_async(record.call, request)
+            try:  # the answer too: an output JSON cannot carry is this record's failure
+                return (await self.plane.infer_async(record.call, request)).json(), None
             except EdgerunError as exc:
                 return b"", exc
-            return result.json(), None
 
         return list(await asyncio.gather(*(answer(record, request)
                                            for record, request in zip(records, decoded))))
@@ -303,7 +302,11 @@ class LambdaHandler:
         call = Call(INFER, str(event.get("model_name") or self.default_model),
                     None if version is None else str(version), body,
                     transport="lambda", timeout=_budget(context))
-        return orjson.loads(self.plane.infer(call, lambda: oip.decode_request(body, None)).json())
+        answer = self.plane.infer(call, lambda: oip.decode_request(body, None)).json()
+        try:
+            return orjson.loads(answer)
+        except orjson.JSONDecodeError:  # NaN or an infinity among the outputs: json reads them
+            return json.loads(answer)
 
 
 def event_kind(event: Any) -> str:

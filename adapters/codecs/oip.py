@@ -9,6 +9,7 @@ shapes as arrays.
 
 from __future__ import annotations
 
+import json
 import math
 import struct
 from collections.abc import Mapping
@@ -20,7 +21,8 @@ import orjson
 import simdjson
 
 from edgerun.runtime.errors import InvalidInput
-from edgerun.runtime.signature import Signature, as_array, cast_array, string_array
+from edgerun.runtime.signature import (Signature, as_array, cast_array, exact_uint64,
+                                       string_array)
 
 #: OIP datatype -> manifest dtype name.
 DATATYPES = {
@@ -136,7 +138,10 @@ def _parse(data: bytes) -> Any:
     try:
         return simdjson.Parser().parse(data)
     except ValueError as exc:
-        raise InvalidInput(f"the request body is not valid JSON: {exc}") from None
+        parsed = loads_non_finite(data)  # NaN or an infinity, which simdjson cannot read
+        if parsed is None:
+            raise InvalidInput(f"the request body is not valid JSON: {exc}") from None
+        return parsed
     except RuntimeError as exc:  # simdjson's BIGINT_ERROR (found by the API fuzzer), DEPTH_ERROR
         if "BIGINT" in str(exc):
             raise InvalidInput(f"the request body holds an integer that does not fit in 64 "
@@ -144,11 +149,52 @@ def _parse(data: bytes) -> Any:
         raise InvalidInput(f"the request body cannot be read as JSON ({exc})") from None
 
 
+# NaN and the infinities. JSON has no token for them; Triton (rapidjson's kParseNanAndInfFlag,
+# kWriteNanAndInfFlag), TF Serving (json_tensor.cc), Python's json and tritonclient with
+# binary_data=False use JavaScript's NaN, Infinity and -Infinity. simdjson and orjson do not:
+# orjson writes null (no number at all), and both refuse the tokens. So a float answer holding
+# one is written again, by a slower path, and a request is parsed again, by json, only once the
+# fast parser has refused it and it holds such a token: finite traffic pays next to nothing.
+_NAN, _INFINITY, _NEGATIVE_INFINITY = (orjson.Fragment(b"NaN"), orjson.Fragment(b"Infinity"),
+                                       orjson.Fragment(b"-Infinity"))
+_NON_FINITE_TOKENS = (b"NaN", b"Infinity")
+
+
+def finite(array: np.ndarray) -> bool:
+    """Whether orjson can write `array` as it is: not floats, or floats all finite."""
+    return array.dtype.kind != "f" or bool(np.isfinite(array).all())
+
+
+def non_finite_list(array: np.ndarray) -> Any:
+    """`array` as nested lists for orjson, each NaN or infinity a fragment writing its token
+    (the slow path, for arrays that are not `finite`)."""
+    values = array.astype(object)
+    values[np.isnan(array)] = _NAN
+    values[np.isposinf(array)] = _INFINITY
+    values[np.isneginf(array)] = _NEGATIVE_INFINITY
+    return values.tolist()
+
+
+def loads_non_finite(body: bytes | memoryview) -> Any | None:
+    """`body` parsed with the tokens, for a body the fast parser refused; None when it holds
+    none of them or is not JSON even so (then the fast parser's error is the one to give)."""
+    raw = bytes(body)
+    if not any(token in raw for token in _NON_FINITE_TOKENS):
+        return None
+    try:
+        return json.loads(raw)
+    except (ValueError, RecursionError):  # not JSON (or not UTF-8), or nested too deep
+        return None
+
+
 def _parse_small(data: bytes) -> Any:
     try:
         return orjson.loads(data)
     except orjson.JSONDecodeError as exc:
-        raise InvalidInput(f"the request header is not valid JSON: {exc}") from None
+        parsed = loads_non_finite(data)
+        if parsed is None:
+            raise InvalidInput(f"the request header is not valid JSON: {exc}") from None
+        return parsed
 
 
 _ARRAYS = (simdjson.Array, list)
@@ -221,23 +267,10 @@ def decode_json(name: str, datatype: str, shape: list[int], data: Any) -> np.nda
         array = string_array(data, name)
     else:
         array = as_array(data, name)
-        if datatype == "UINT64" and array.dtype.kind in "fO":
-            array = _uint64(name, data, array)
+        if datatype == "UINT64":
+            array = exact_uint64(data, array, name)
         array = cast_array(array, DATATYPES[datatype], name)
     return shaped(name, shape, array)
-
-
-def _uint64(name: str, data: list, array: np.ndarray) -> np.ndarray:
-    """Integers above 2**63 make numpy fall back to float64 (or object) and lose digits; read
-    them exactly when every element is an integer that fits uint64."""
-    exact = np.array(data, dtype=object)
-    values = list(exact.flat)
-    if not all(type(v) is int for v in values):
-        return array  # floats among them: the cast says what is wrong
-    if values and (min(values) < 0 or max(values) >= 2 ** 64):
-        raise InvalidInput(f"input {name!r}: values out of uint64 range [0, {2 ** 64 - 1}]",
-                           name)
-    return exact.astype(np.uint64)
 
 
 def shaped(name: str, shape: list[int], array: np.ndarray) -> np.ndarray:
@@ -374,23 +407,49 @@ def encode_response(model: str, version: str, request: InferRequest,
             entry["parameters"] = {"binary_data_size": len(blob)}
             blobs.append(blob)
         else:
-            entry["data"] = _json_data(array)
+            entry["data"] = _json_data(output.name, array)
         entries.append(entry)
     header: dict[str, Any] = {"model_name": model, "model_version": version}
     if request.id is not None:
         header["id"] = request.id
     header["outputs"] = entries
     head = orjson.dumps(header, option=orjson.OPT_SERIALIZE_NUMPY)
+    if b"null" in head:  # looked for once written: cheaper than isfinite on every output
+        head = _non_finite_rewritten(header, head)
     if not blobs:
         return head, {}
     return head + b"".join(blobs), {"Inference-Header-Content-Length": str(len(head))}
 
 
-def _json_data(array: np.ndarray) -> Any:
+def _json_data(name: str, array: np.ndarray) -> Any:
     if array.dtype.kind in "OSU":
-        return [v.decode(errors="replace") if isinstance(v, bytes) else str(v)
-                for v in array.ravel().tolist()]
+        return [_json_text(name, index, v) if isinstance(v, bytes) else str(v)
+                for index, v in enumerate(array.ravel().tolist())]
     return np.ascontiguousarray(array).ravel()
+
+
+def _non_finite_rewritten(header: dict[str, Any], head: bytes) -> bytes:
+    """`head` written again with NaN, Infinity and -Infinity where orjson wrote null for
+    them; a null that is none of them (in a request id, say) leaves it as it is."""
+    rewrite = False
+    for entry in header["outputs"]:
+        data = entry.get("data")
+        if isinstance(data, np.ndarray) and not finite(data):
+            entry["data"] = non_finite_list(data)
+            rewrite = True
+    return orjson.dumps(header, option=orjson.OPT_SERIALIZE_NUMPY) if rewrite else head
+
+
+def _json_text(name: str, index: int, value: bytes) -> str:
+    """A BYTES element as JSON text. Bytes that are not UTF-8 have no JSON string: Triton
+    copies them raw (a body no JSON parser reads), replacing them would change the answer, so
+    the request is refused, telling how to get the bytes as they are."""
+    try:
+        return value.decode()
+    except UnicodeDecodeError:
+        raise InvalidInput(f"output {name!r}: element {index} is not UTF-8 text, which JSON "
+                           "cannot carry; ask for the output as binary data (its parameters."
+                           "binary_data true)", name) from None
 
 
 def encode_binary(array: np.ndarray) -> bytes:
@@ -403,6 +462,39 @@ def encode_binary(array: np.ndarray) -> bytes:
             parts.append(raw)
         return b"".join(parts)
     return np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<")).tobytes()
+
+
+def decode_index_request(body: bytes) -> bool:
+    """Whether a repository index request (empty, or `{"ready": true}`) asks for READY model
+    versions only."""
+    ready = _repository_request(body, "index").get("ready", False)
+    if not isinstance(ready, bool):
+        raise InvalidInput(f"\"ready\" must be true or false, got {ready!r:.32}")
+    return ready
+
+
+def check_load_request(body: bytes) -> None:
+    """Refuse load parameters this server does not implement: a `config` override or `file:`
+    contents were ignored while the answer said the model loaded as asked."""
+    parameters = _parameters(_repository_request(body, "load").get("parameters"),
+                             "load parameters")
+    if parameters:
+        named = ", ".join(repr(key[:64]) for key in sorted(parameters)[:8])
+        raise InvalidInput(f"load parameter {named} is not supported: a model loads from its "
+                           "folder in the repository as it is")
+
+
+def _repository_request(body: bytes, what: str) -> dict[str, Any]:
+    """A repository extension request body: empty, or a JSON object."""
+    if not body.strip():
+        return {}
+    try:
+        request = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidInput(f"the {what} request body is not valid JSON: {exc}") from None
+    if not isinstance(request, dict):
+        raise InvalidInput(f"the {what} request must be a JSON object")
+    return request
 
 
 def metadata_tensor(name: str, dtype: str, shape: tuple[int, ...]) -> dict[str, Any]:

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import orjson
 
+from edgerun.adapters.codecs.oip import finite, loads_non_finite, non_finite_list
 from edgerun.runtime.errors import InvalidInput
 from edgerun.runtime.signature import Signature
 
@@ -26,9 +27,12 @@ def decode_predict(body: bytes, signature: Signature) -> tuple[dict[str, Any], b
     try:
         request = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
-        raise InvalidInput(f"the request body is not valid JSON: {exc}") from None
+        request = loads_non_finite(body)  # NaN or an infinity, which orjson cannot read
+        if request is None:
+            raise InvalidInput(f"the request body is not valid JSON: {exc}") from None
     if not isinstance(request, dict):
         raise InvalidInput("the request must be a JSON object")
+    _check_signature_name(request.get("signature_name", ""))
     names = [spec.name for spec in signature.inputs]
     if "instances" in request and "inputs" in request:
         raise InvalidInput("give either \"instances\" (rows) or \"inputs\" (columns), not both")
@@ -51,6 +55,18 @@ def decode_predict(body: bytes, signature: Signature) -> tuple[dict[str, Any], b
         inputs = columns if isinstance(columns, dict) else {_only_input(names): columns}
         return _unwrap_b64(inputs), False
     raise InvalidInput("the request needs \"instances\" (rows) or \"inputs\" (columns)")
+
+
+#: The one signature a model here has, as TF Serving names a SavedModel's default.
+DEFAULT_SIGNATURE = "serving_default"
+
+
+def _check_signature_name(name: Any) -> None:
+    """Refuse another signature, as TF Serving does: answering it from the default one would
+    read as that signature's answer."""
+    if name not in ("", DEFAULT_SIGNATURE):
+        raise InvalidInput(f"signature_name {name!r:.80} is not served: a model here has one "
+                           f"signature, {DEFAULT_SIGNATURE!r}")
 
 
 def _only_input(names: list[str]) -> str:
@@ -124,7 +140,7 @@ def _rows(outputs: dict[str, np.ndarray]) -> int:
 def _jsonable(array: np.ndarray) -> Any:
     if array.dtype.kind in "OSU":
         return np.vectorize(_text, otypes=[object])(array).tolist() if array.size else []
-    return array.tolist()
+    return array.tolist() if finite(array) else non_finite_list(array)
 
 
 def _text(value: Any) -> Any:

@@ -36,6 +36,7 @@ from edgerun.adapters.dataplane.hooks import HookChain, RequestId
 from edgerun.runtime.errors import (Cancelled, EdgerunError, InferenceError, InvalidInput,
                                     ModelNotReady)
 from edgerun.runtime.metrics import LATENCY_BUCKETS
+from edgerun.runtime.repository import READY as READY_STATE
 from edgerun.runtime.repository import Repository
 from edgerun.runtime.router import Routed
 
@@ -327,10 +328,13 @@ class DataPlane:
         return Reply(tfserving.status(versions))
 
     def _index(self, call: Call) -> Reply:
+        ready = oip.decode_index_request(call.body)
         return _json([{"name": s.name, "version": s.version, "state": s.state,
-                       "reason": s.reason} for s in self.repository.index()])
+                       "reason": s.reason} for s in self.repository.index()
+                      if not ready or s.state == READY_STATE])
 
     def _load(self, call: Call) -> Reply:
+        oip.check_load_request(call.body)
         self.repository.load(call.model)
         return _json({})
 

@@ -121,15 +121,15 @@ class CloudFunction:
             return
         call = Call(INFER, attributes.get("model") or self.default_model,
                     attributes.get("version"), body, attributes.get, "pubsub")
-        try:
-            result = self.plane.infer(call, lambda: oip.decode_request(
-                body, attributes.get(oip.HEADER_LENGTH)))
+        try:  # the answer too: an output JSON cannot carry is this message's failure
+            answer = self.plane.infer(call, lambda: oip.decode_request(
+                body, attributes.get(oip.HEADER_LENGTH))).json()
         except EdgerunError as error:
             _log_failure(message_id, error)
             if isinstance(error, RETRYABLE):
                 raise
             return
-        self.on_result(message_id, result.json())
+        self.on_result(message_id, answer)
 
 
 _current: tuple[int, CloudFunction] | None = None

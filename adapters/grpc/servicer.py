@@ -48,6 +48,10 @@ from edgerun.runtime.errors import (EdgerunError, InferenceError, InvalidInput, 
 
 log = logging.getLogger(__name__)
 TRANSPORT = "grpc"
+#: The protocol extensions this service serves: none. Its repository RPCs are UNIMPLEMENTED
+#: and the binary tensor data extension is HTTP's (gRPC has raw contents), so the HTTP
+#: server's list would promise what a gRPC client cannot call.
+EXTENSIONS: list[str] = []
 #: Kept from the caller's deadline so an expired request's error still reaches the caller.
 ANSWER_MARGIN_S = 0.01
 #: The most UTF-8 bytes of an error message sent as status details: percent-encoded (up to
@@ -125,7 +129,8 @@ class InferenceServicer(GRPCInferenceServiceServicer):
                              context: grpc.aio.ServicerContext) -> pb.ServerMetadataResponse:
         return await self._answer(context, _call(context, SERVER_METADATA),
                                   lambda: pb.ServerMetadataResponse(
-                                      **self.plane.server_metadata()))
+                                      **{**self.plane.server_metadata(),
+                                         "extensions": EXTENSIONS}))
 
     async def ModelMetadata(self, request: pb.ModelMetadataRequest,
                             context: grpc.aio.ServicerContext) -> pb.ModelMetadataResponse:
