@@ -103,11 +103,12 @@ class NonFinite:
 
 
 def chunks(inputs: Mapping[str, np.ndarray], batchable: bool, rows: int = RANGE_ROWS,
-           step: int = RANGE_CHUNK) -> list[dict[str, np.ndarray]]:
-    """Feeds of at most `rows` rows: `step` at a time when the model batches, else one row at a
-    time (as `measure.predict_all` runs it)."""
+           step: int = RANGE_CHUNK, per_call: int = 1) -> list[dict[str, np.ndarray]]:
+    """Feeds of at most `rows` rows: `step` at a time when the model batches, else `per_call`
+    rows (its fixed batch) at a time, as `measure.predict_all` runs it."""
     total = min(len(next(iter(inputs.values()))), rows) if inputs else 0
-    step = step if batchable else 1
+    if not batchable:
+        step, total = per_call, total - total % per_call
     return [{name: array[i:i + step] for name, array in inputs.items()}
             for i in range(0, total, step)]
 

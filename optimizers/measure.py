@@ -44,6 +44,8 @@ class EvalData:
 
     inputs: dict[str, np.ndarray]
     labels: np.ndarray | None = None
+    #: Trailing rows left out: fewer than the fixed batch of a model that cannot batch.
+    dropped: int = 0
 
     @property
     def rows(self) -> int:
@@ -72,9 +74,15 @@ def load_eval(path: Path, signature: Signature) -> EvalData:
         raise OptimizeError(f"eval data {path}: holds {sorted(arrays)}, the model takes "
                             f"{names} (and optionally `labels`)")
     rows = _rows(path, arrays)
+    per_call = rows_per_call(signature)
+    whole = rows - rows % per_call
+    if not whole:
+        raise OptimizeError(f"eval data {path}: {rows} rows; the model takes a fixed batch of "
+                            f"{per_call} rows, so at least {per_call} are needed")
+    arrays = {name: array[:whole] for name, array in arrays.items()}
     try:
         inputs = signature.validate(arrays) if signature.batchable \
-            else _validate_rows(signature, arrays, rows)
+            else _validate_rows(signature, arrays, whole, per_call)
     except Exception as exc:
         raise OptimizeError(f"eval data {path}: {exc}") from exc
     if labels is not None:
@@ -84,7 +92,7 @@ def load_eval(path: Path, signature: Signature) -> EvalData:
             raise OptimizeError(f"eval data {path}: `labels` has shape {list(labels.shape)}; "
                                 f"it should hold one class per row: shape [{rows}] (class "
                                 "indices or names, not one-hot or probabilities)")
-    return EvalData(inputs, labels)
+    return EvalData(inputs, None if labels is None else labels[:whole], rows - whole)
 
 
 def _rows(path: Path, arrays: dict[str, np.ndarray]) -> int:
@@ -100,14 +108,25 @@ def _rows(path: Path, arrays: dict[str, np.ndarray]) -> int:
     return rows
 
 
+def rows_per_call(signature: Signature) -> int:
+    """Rows one call takes: 1 for a model that batches, else its inputs' fixed first dim (a
+    fixed batch of 8 runs 8 rows at a time), 1 where they do not share one."""
+    if signature.batchable:
+        return 1
+    firsts = {spec.shape[0] if spec.shape else None for spec in signature.inputs}
+    first = firsts.pop() if len(firsts) == 1 else None
+    return first if first is not None and first > 0 else 1
+
+
 def _validate_rows(signature: Signature, arrays: dict[str, np.ndarray],
-                   rows: int) -> dict[str, np.ndarray]:
-    """A model without a dynamic batch (a fixed batch of 1, say) runs one row at a time, as
-    `predict_all` feeds it: each row must fit the signature, not the whole set."""
+                   rows: int, per_call: int = 1) -> dict[str, np.ndarray]:
+    """A model without a dynamic batch (a fixed batch of 1 or 8, say) runs `per_call` rows at
+    a time, as `predict_all` feeds it: each call's rows must fit the signature, not the set."""
     checked = []
-    for i in range(rows):
+    for i in range(0, rows, per_call):
         try:
-            checked.append(signature.validate({n: a[i:i + 1] for n, a in arrays.items()}))
+            checked.append(signature.validate({n: a[i:i + per_call]
+                                               for n, a in arrays.items()}))
         except Exception as exc:
             raise OptimizeError(f"row {i}: {exc}") from exc
     return {name: np.concatenate([row[name] for row in checked]) for name in arrays}
@@ -126,8 +145,9 @@ def synthetic_eval(signature: Signature, rows: int = 64, seed: int = 0) -> EvalD
 
 
 def predict_all(model: Model, data: EvalData, chunk: int = 256) -> dict[str, np.ndarray]:
-    """Outputs for every row, in chunks when the model batches, else one row at a time."""
-    step = chunk if model.signature.batchable else 1
+    """Outputs for every row, in chunks when the model batches, else one call's fixed batch
+    at a time (the rows are a whole number of such batches: `load_eval` drops the rest)."""
+    step = chunk if model.signature.batchable else rows_per_call(model.signature)
     parts = [model.predict({n: a[i:i + step] for n, a in data.inputs.items()})
              for i in range(0, data.rows, step)]
     return {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
@@ -150,15 +170,28 @@ def max_abs_error(reference: dict[str, np.ndarray], candidate: dict[str, np.ndar
 
 def predicted_labels(outputs: dict[str, np.ndarray]) -> np.ndarray:
     """Class predictions: an integer or string output of one value per row (a classifier's
-    `label`), else argmax of a [rows, classes] float one."""
+    `label`), else argmax of a [rows, classes] float one. A single float column ([rows, 1] or
+    [rows]) is a binary classifier, where argmax would always say 0: class 1 where it is past
+    0.5 if its values lie in [0, 1] (probabilities), else past 0 (logits)."""
     for array in outputs.values():
         if array.dtype.kind in "iuOUS" and array.ndim and array.size == array.shape[0]:
             return array.reshape(-1)
     for array in outputs.values():
-        if array.dtype.kind == "f" and array.ndim == 2:
+        if array.dtype.kind == "f" and array.ndim == 2 and array.shape[1] > 1:
             return array.argmax(axis=1)
-    raise OptimizeError("accuracy needs an integer or string label output or a [rows, classes] "
-                        f"float output; the model gives {', '.join(outputs)}")
+    for array in outputs.values():
+        if array.dtype.kind == "f" and array.ndim in (1, 2) and array.size == array.shape[0]:
+            return _binary(array.reshape(-1))
+    raise OptimizeError("accuracy needs an integer or string label output, a [rows, classes] "
+                        "float output or one float score per row (binary); the model gives "
+                        f"{', '.join(outputs)}")
+
+
+def _binary(scores: np.ndarray) -> np.ndarray:
+    """Class 0/1 from one score per row: probabilities past 0.5, logits past 0."""
+    finite = scores[np.isfinite(scores)]
+    probabilities = finite.size and finite.min() >= 0 and finite.max() <= 1
+    return (scores > (0.5 if probabilities else 0.0)).astype(np.int64)
 
 
 def accuracy(outputs: dict[str, np.ndarray], labels: np.ndarray) -> float:
@@ -182,8 +215,9 @@ def accuracy(outputs: dict[str, np.ndarray], labels: np.ndarray) -> float:
 
 
 def latency_ms(model: Model, data: EvalData, batch: int, seconds: float = 0.5) -> float | None:
-    """Median forward-pass time for a batch of `batch` rows; None when the model cannot batch."""
-    if batch > 1 and not model.signature.batchable:
+    """Median forward-pass time for a batch of `batch` rows; None when the model cannot take
+    that many (a fixed batch of another size)."""
+    if not model.signature.batchable and batch != rows_per_call(model.signature):
         return None
     feed = model.validate(data.take(batch))
     for _ in range(3):

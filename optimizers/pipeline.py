@@ -9,6 +9,8 @@ result that gives inf or NaN where the original's outputs are finite is refused.
 from __future__ import annotations
 
 import dataclasses
+import os
+import secrets
 import shutil
 import statistics
 import tempfile
@@ -29,6 +31,7 @@ from edgerun.runtime import Bundle, Model, archive, create_bundle
 from edgerun.runtime.bundle import (check_name, check_version, read_manifest, sha256_file,
                                     write_manifest)
 from edgerun.runtime.errors import BundleError
+from edgerun.runtime.signature import Signature
 
 LATENCY_BATCHES = (1, 64)
 
@@ -118,12 +121,16 @@ def optimize(model_path: str | Path, output: str | Path,
     check_name(name), check_version(options.version)  # before the work, not at its end
     with tempfile.TemporaryDirectory(prefix="edgerun-optimize-") as scratch_name:
         scratch = Path(scratch_name)
-        progress("bundling the original")
-        original = create_bundle(model_path, scratch / "original", name=name, version="0",
-                                 device=profile)
-        signature = original.signature
+        signature = _signature(model_path)
         data = measure.load_eval(options.eval_data, signature) if options.eval_data \
             else measure.synthetic_eval(signature)
+        # the eval data's first call is the golden sample of every bundle: a generated one has
+        # dynamic dims of 1, which a model with dynamic H/W or lengths may not run
+        first = {n: a[:measure.rows_per_call(signature)] for n, a in data.inputs.items()} \
+            if options.eval_data else None
+        progress("bundling the original")
+        original = _bundle_original(model_path, scratch / "original", name, profile,
+                                    signature, first)
 
         current, tags, pruned, kept = model_path, [], None, {}
         reference, converted = model_path, None  # the model fp16 converted, and the result
@@ -139,7 +146,8 @@ def optimize(model_path: str | Path, output: str | Path,
         if precision != "fp32" or options.calibration is not None or options.per_channel:
             progress(f"quantizing to {precision}")
             target = scratch / "quantized.onnx"
-            fp16_only = {"feeds": fp16.chunks(data.inputs, signature.batchable),
+            fp16_only = {"feeds": fp16.chunks(data.inputs, signature.batchable,
+                                              per_call=measure.rows_per_call(signature)),
                          "strict": options.strict_fp16} if precision == "fp16" else {}
             tag = quantize(current, target, precision, calibration=options.calibration,
                            per_channel=options.per_channel, **fp16_only)
@@ -152,11 +160,12 @@ def optimize(model_path: str | Path, output: str | Path,
         # built and measured in scratch, moved to `output` only when all went well: a failure
         # leaves no bundle behind that looks complete, and the rerun finds `output` free
         folder = scratch / "bundle"
-        golden = data.take(1) if signature.batchable else None
+        golden = first if first is not None else \
+            data.take(1) if signature.batchable else None
         compiled = None
         if options.compile == "tvm":
             progress(f"compiling with TVM for {profile.name}")
-            compiled = _compile_tvm(current, profile, folder, name, options, tuple(tags))
+            compiled = _compile_tvm(current, profile, folder, name, options, tuple(tags), first)
             _record_source(folder, model_path, kept)
         else:
             progress("bundling")
@@ -182,11 +191,43 @@ def optimize(model_path: str | Path, output: str | Path,
     else:
         notes.append(f"the artifact for {profile.name} does not run on this host: latency, "
                      "error and accuracy after are not measured here")
+    if pruned is not None and pruned.method == "unstructured" and pruned.skipped:
+        notes.append("pruning left whole: " + "; ".join(pruned.skipped))
+    if data.dropped:
+        notes.append(f"the model takes a fixed batch of {measure.rows_per_call(signature)} "
+                     f"rows: the last {data.dropped} eval rows (less than one batch) were not "
+                     "measured")
     if kept:
         notes.append("fp16: kept float32, as float16 cannot hold their values: " + "; ".join(
             f"{node} ({why})" for node, why in kept.items()))
     return OptimizeReport(output, profile.name, tags, before, after, error, pruned, compiled,
                           notes, kept)
+
+
+def _signature(model_path: Path) -> Signature:
+    from edgerun.runtime.backends.onnxruntime import OnnxRuntimeBackend
+
+    return OnnxRuntimeBackend.inspect(model_path)
+
+
+def _bundle_original(model_path: Path, folder: Path, name: str, profile: DeviceProfile,
+                     signature: Signature, golden: dict[str, np.ndarray] | None) -> Bundle:
+    """The original model as a bundle, its golden sample `golden` (the eval data's first row)
+    or else generated; OptimizeError asking for --eval when the generated one fails to run."""
+    try:
+        return create_bundle(model_path, folder, name=name, version="0", device=profile,
+                             golden_inputs=golden)
+    except BundleError as exc:
+        if golden is not None:
+            raise
+        dynamic = [spec for spec in signature.inputs
+                   if any(d < 0 for i, d in enumerate(spec.shape) if i != spec.batch_axis)]
+        named = ", ".join(f"{spec.name!r} {list(spec.shape)}"
+                          for spec in dynamic or signature.inputs)
+        raise OptimizeError(
+            f"{model_path.name}: a generated input (dynamic dims of 1) does not run on it "
+            f"({exc.__cause__ or exc}). Pass --eval (eval_data=) with real inputs for "
+            f"{named}: its first row is the bundles' golden sample") from exc
 
 
 def _check_finite(name: str, data: measure.EvalData, before: Measured, after: Measured,
@@ -237,14 +278,25 @@ def _fp16_culprit(reference: Path, converted: Path, data: measure.EvalData,
 
 def _deliver(folder: Path, output: Path) -> None:
     """Pack the finished bundle into the archive `output`, or move it to the folder `output`
-    (which is absent or empty: `optimize` checked)."""
+    (which is absent or empty: `optimize` checked). Both are written under a hidden name
+    beside `output` and renamed into place, so an interrupted pack or a move across
+    filesystems (a copy) leaves no partial `output` that a rerun would refuse."""
     output.parent.mkdir(parents=True, exist_ok=True)
-    if archive.is_archive_name(output.name):
-        archive.pack(folder, output)
-        return
-    if output.is_dir():
-        output.rmdir()  # empty; fails, rather than merging, if something appeared meanwhile
-    shutil.move(str(folder), str(output))
+    temporary = output.with_name(f".partial-{secrets.token_hex(4)}-{output.name}")
+    try:
+        if archive.is_archive_name(output.name):
+            archive.pack(folder, temporary)  # the same suffix: the same format
+        else:
+            shutil.move(str(folder), str(temporary))
+        # a folder replaces only an empty one: fails, rather than merging, if something
+        # appeared there meanwhile
+        os.replace(temporary, output)
+    except BaseException:
+        if temporary.is_dir() and not temporary.is_symlink():
+            shutil.rmtree(temporary, ignore_errors=True)
+        else:
+            temporary.unlink(missing_ok=True)
+        raise
 
 
 def _measure(bundles: tuple[Bundle, ...], profile: DeviceProfile, data: measure.EvalData,
@@ -292,7 +344,8 @@ def _record_source(folder: Path, model_path: Path, kept: dict[str, str]) -> None
 
 
 def _compile_tvm(model_path: Path, profile: DeviceProfile, out_dir: Path, name: str,
-                 options: OptimizeOptions, tags: tuple[str, ...]) -> Any:
+                 options: OptimizeOptions, tags: tuple[str, ...],
+                 golden: dict[str, np.ndarray] | None = None) -> Any:
     try:
         from edgerun.optimizers.tvm import compile_bundle
     except ImportError as exc:
@@ -301,7 +354,7 @@ def _compile_tvm(model_path: Path, profile: DeviceProfile, out_dir: Path, name: 
     try:
         return compile_bundle(model_path, profile, out_dir, name=name, version=options.version,
                               tune_trials=options.tune_trials, force=options.force,
-                              optimizations=tags, rpc=options.rpc)
+                              optimizations=tags, rpc=options.rpc, golden_inputs=golden)
     except BaseException:
         shutil.rmtree(out_dir, ignore_errors=True)
         raise

@@ -17,6 +17,7 @@ import onnx
 from onnx import numpy_helper
 
 from edgerun.optimizers.errors import OptimizeError
+from edgerun.optimizers.fp16 import subgraph_reads
 
 LAYER_OPS = ("Conv", "Gemm", "MatMul")
 #: One output per input element: channels pass through unchanged.
@@ -55,15 +56,25 @@ def _weights(model: onnx.ModelProto) -> dict[str, onnx.TensorProto]:
     return {init.name: init for init in model.graph.initializer}
 
 
-def _layer_weight_names(model: onnx.ModelProto) -> list[str]:
+def _layer_weight_names(model: onnx.ModelProto) -> tuple[list[str], list[str]]:
+    """The float32 weights of the layers, and why others are left alone: a weight that some
+    node also reads as anything but a layer's weight (a tied embedding a Gather reads, a
+    body of an If/Loop/Scan) would change that node too."""
     inits = _weights(model)
-    names = []
+    names: list[str] = []
+    other: dict[str, onnx.NodeProto] = {}
     for node in model.graph.node:
         if node.op_type in LAYER_OPS and len(node.input) > 1 and node.input[1] in inits \
                 and inits[node.input[1]].data_type == onnx.TensorProto.FLOAT \
                 and node.input[1] not in names:
             names.append(node.input[1])
-    return names
+        weight = node.input[1] if node.op_type in LAYER_OPS and len(node.input) > 1 else None
+        for name in [*node.input, *sorted(subgraph_reads(node))]:
+            if name != weight:
+                other.setdefault(name, node)
+    skipped = [f"{name}: also read by node {_label(other[name])}, which pruning would change "
+               "too" for name in names if name in other]
+    return [name for name in names if name not in other], skipped
 
 
 def _set(model: onnx.ModelProto, name: str, array: np.ndarray) -> None:
@@ -79,11 +90,12 @@ def _param_count(model: onnx.ModelProto) -> int:
 def prune_unstructured(model: onnx.ModelProto, sparsity: float) -> PruneReport:
     """Zero the smallest-magnitude `sparsity` fraction of each layer's weights, in place."""
     _check_ratio(sparsity)
-    names = _layer_weight_names(model)
+    names, skipped = _layer_weight_names(model)
     if not names:
         ops = sorted({node.op_type for node in model.graph.node})
         raise OptimizeError(f"nothing to prune: no {'/'.join(LAYER_OPS)} node with float32 "
-                            f"weights (the model's ops: {', '.join(ops)})")
+                            f"weights of its own (the model's ops: {', '.join(ops)})"
+                            + "".join(f"; {why}" for why in skipped))
     zeros = total = 0
     layers = []
     for name in names:
@@ -99,7 +111,8 @@ def prune_unstructured(model: onnx.ModelProto, sparsity: float) -> PruneReport:
         total += weight.size
         layers.append(f"{name}: {np.mean(weight == 0):.1%} zero")
     params = _param_count(model)
-    return PruneReport("unstructured", sparsity, zeros / total, params, params - zeros, layers)
+    return PruneReport("unstructured", sparsity, zeros / total, params, params - zeros, layers,
+                       skipped)
 
 
 #: What removing channels of one layer implies: (initializer, axis, indices to keep) triples.
@@ -119,7 +132,8 @@ class _Graph:
         self.consumers: dict[str, list[onnx.NodeProto]] = {}
         self.uses: dict[str, int] = {}
         for node in model.graph.node:
-            for name in node.input:
+            # what an If/Loop/Scan body reads from outside counts as read by that node
+            for name in [*node.input, *sorted(subgraph_reads(node))]:
                 self.consumers.setdefault(name, []).append(node)
                 self.uses[name] = self.uses.get(name, 0) + 1
         inferred = onnx.shape_inference.infer_shapes(model)
@@ -134,6 +148,10 @@ class _Graph:
         """An initializer used only by this node, that may therefore be sliced."""
         if name not in self.inits:
             raise _Blocked(f"node {_label(node)}: its operand {name!r} is not a constant")
+        body = next((n for n in self.consumers.get(name, []) if name not in n.input), None)
+        if body is not None:
+            raise _Blocked(f"node {_label(node)}: initializer {name!r} is also read in the body "
+                           f"of node {_label(body)}")
         if self.uses.get(name, 0) > 1:
             raise _Blocked(f"node {_label(node)}: initializer {name!r} is shared with other nodes")
         if name in self.graph_inputs:
@@ -183,6 +201,8 @@ def _follow(g: _Graph, tensor: str, axis: int, rank: int | None, keep: np.ndarra
             continue
         seen.add(key)
         op = node.op_type
+        if tensor not in node.input:
+            raise _Blocked(f"node {_label(node)}: its body reads {tensor!r}")
         if op in LAYER_OPS and node.input[0] == tensor:
             _consumer_slices(g, node, axis, rank, keep, channels, edit)
         elif op in ELEMENTWISE or (op in SPATIAL and axis == -(rank or 0) + 1):

@@ -89,11 +89,13 @@ class CompileReport:
 
 def compile_bundle(model_path: Path, profile: DeviceProfile, out_dir: Path, *, name: str,
                    version: str, tune_trials: int = 0, force: bool = False,
-                   optimizations: tuple[str, ...] = (), rpc: str | None = None) -> CompileReport:
+                   optimizations: tuple[str, ...] = (), rpc: str | None = None,
+                   golden_inputs: dict[str, np.ndarray] | None = None) -> CompileReport:
     """Compile an ONNX model for a device profile into a TVM bundle in `out_dir`; with
     `tune_trials`, MetaSchedule measures candidates here, or on the device whose TVM RPC
     server listens at `rpc` (HOST:PORT), or on a device a TVM RPC tracker at `rpc` hands out
-    by key (KEY@HOST:PORT)."""
+    by key (KEY@HOST:PORT). `golden_inputs` (a real sample) is checked and stored as the
+    golden input; by default one is generated (dynamic dims of 1)."""
     model_path, out_dir = Path(model_path), Path(out_dir)
     profile = load_profile(profile)
     check_name(name)
@@ -123,7 +125,8 @@ def compile_bundle(model_path: Path, profile: DeviceProfile, out_dir: Path, *, n
         artifact = out_dir / MODEL_FILE
         built.export(artifact)
         compile_s = time.perf_counter() - started
-        sample = golden_input(signature)
+        sample = golden_input(signature) if golden_inputs is None \
+            else _golden(signature, golden_inputs)
         reference = _onnxruntime_outputs(model_path, sample)
         report = CompileReport(
             bundle=out_dir, artifact=artifact, profile=profile.name,
@@ -153,6 +156,14 @@ def compile_bundle(model_path: Path, profile: DeviceProfile, out_dir: Path, *, n
                 child.unlink()
         raise
     return report
+
+
+def _golden(signature: Signature, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """A given golden sample, checked against the signature of what was compiled."""
+    try:
+        return signature.validate(inputs)
+    except Exception as exc:
+        raise CompileError(f"golden input: {exc}") from exc
 
 
 def _rpc_device(rpc: str | None, tune_trials: int, target: dict[str, Any],
@@ -309,7 +320,8 @@ def _write_manifest(out_dir: Path, model_path: Path, profile: DeviceProfile,
         files=files,
         device={"profile": profile.name, "target": tvm_target.cpu_arch(target),
                 "accelerator": profile.accelerator if profile.tvm_target else "cpu",
-                "tvm_target": json.dumps(target, sort_keys=True)},
+                "tvm_target": json.dumps(target, sort_keys=True),
+                **_features(target, host_detected=not profile.tvm_target)},
         created={"tool": "edgerun", "tool_version": __version__,
                  "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
                  "source_file": model_path.name, "source_sha256": sha256_file(model_path),
@@ -318,3 +330,17 @@ def _write_manifest(out_dir: Path, model_path: Path, profile: DeviceProfile,
                          "tune_trials": report.tune_trials, "device_code": list(report.device_code),
                          "forced_slower": report.slower_than_onnxruntime, **measured}})
     write_manifest(out_dir, manifest)
+
+
+def _features(target: dict[str, Any], host_detected: bool) -> dict[str, str]:
+    """{"cpu_features": "avx,avx2,..."}: what the library needs of an x86 CPU (the `cpu`
+    profile compiles for this host's, AVX-512 say), checked when a host loads it. For this
+    host's own CPU, only the features it has: LLVM names its model, and a VM may hide some of
+    that model's (AMX, say), which the build host would then refuse for its own artifact."""
+    from edgerun.runtime.backends.tvm import host_cpu_flags, normalized_flag
+
+    features = tvm_target.cpu_features(target)
+    flags = host_cpu_flags() if host_detected else None
+    if flags is not None:
+        features = [f for f in features if normalized_flag(f) in flags]
+    return {"cpu_features": ",".join(features)} if features else {}

@@ -17,6 +17,8 @@ from edgerun.optimizers.tvm import CompileError, UnsupportedOperator
 from edgerun.runtime.bundle import sha256_file
 
 #: Batch size compiled when the batch dim cannot stay symbolic (tuning needs static shapes).
+#: Other dynamic dims (a sequence length, H and W) stay symbolic: MetaSchedule tunes the
+#: kernels whose shapes are static and leaves the others untuned.
 FIXED_BATCH = 1
 
 
@@ -47,8 +49,8 @@ def build(model_path: Path, profile: DeviceProfile, target: dict[str, Any], *,
         raise
     except Exception as exc:  # TVM raises many types; a symbolic batch is the usual culprit
         if batch is not None:
-            raise CompileError(f"{model_path.name}: TVM cannot compile it for {profile.name}: "
-                               f"{_last_line(exc)}") from exc
+            raise CompileError(f"{model_path.name}: TVM cannot compile it for {profile.name}"
+                               f"{_symbolic(model)}: {_last_line(exc)}") from exc
         notes.append(f"symbolic batch failed ({_last_line(exc)}); compiled for batch "
                      f"{FIXED_BATCH}")
         batch = FIXED_BATCH
@@ -57,8 +59,8 @@ def build(model_path: Path, profile: DeviceProfile, target: dict[str, Any], *,
             executable = _compile(mod, tvm_tgt, cuda, target, model_path, profile, 0, batch,
                                   notes)
         except Exception as again:
-            raise CompileError(f"{model_path.name}: TVM cannot compile it for {profile.name}: "
-                               f"{_last_line(again)}") from again
+            raise CompileError(f"{model_path.name}: TVM cannot compile it for {profile.name}"
+                               f"{_symbolic(model)}: {_last_line(again)}") from again
     fatbins: dict[str, bytes] = {}
     device_code: tuple[str, ...] = ()
     if cuda:
@@ -104,17 +106,40 @@ def check_operators(model: Any) -> None:
 
 
 def import_onnx(model: Any, batch: int | None) -> Any:
-    """Relax module with weights folded in; symbolic dims kept, or all set to `batch`."""
+    """Relax module with weights folded in; symbolic dims kept, or the batch dim (a symbolic
+    first dim, as the signature's batch axis) set to `batch` and the others kept symbolic,
+    as the manifest's signature then says (`tvm._fixed_batch`)."""
+    from tvm import tirx
     from tvm.relax.frontend.onnx import from_onnx
 
     shape_dict = None
     if batch is not None:
+        symbols: dict[str, Any] = {}
+
+        def dim(name: str, axis: int, d: Any) -> Any:
+            if d.HasField("dim_value"):
+                return d.dim_value
+            if axis == 0:
+                return batch
+            key = d.dim_param or f"{name}_{axis}"  # one var per named dim, as the frontend
+            return symbols.setdefault(key, tirx.Var(key, "int64"))
+
         initializers = {t.name for t in model.graph.initializer}
         shape_dict = {
-            i.name: [d.dim_value if d.HasField("dim_value") else batch
-                     for d in i.type.tensor_type.shape.dim]
+            i.name: [dim(i.name, axis, d) for axis, d in enumerate(i.type.tensor_type.shape.dim)]
             for i in model.graph.input if i.name not in initializers}
     return from_onnx(model, shape_dict=shape_dict, keep_params_in_input=False)
+
+
+def _symbolic(model: Any) -> str:
+    """" with input 'ids' dim 1 'T' symbolic": the dims that stay symbolic with a fixed
+    batch, for a message naming them when TVM cannot compile that; "" when there are none."""
+    initializers = {t.name for t in model.graph.initializer}
+    dims = [f"input {i.name!r} dim {axis}" + (f" {d.dim_param!r}" if d.dim_param else "")
+            for i in model.graph.input if i.name not in initializers
+            for axis, d in enumerate(i.type.tensor_type.shape.dim)
+            if axis and not d.HasField("dim_value")]
+    return f" with {', '.join(dims)} symbolic" if dims else ""
 
 
 def _compile(mod: Any, tvm_tgt: Any, cuda: bool, target: dict[str, Any], model_path: Path,

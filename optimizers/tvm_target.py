@@ -58,6 +58,25 @@ def runs_here(target: dict[str, Any]) -> bool:
     return True
 
 
+#: x86 instruction-set extensions that compiled code may use and an older CPU lacks (an
+#: illegal instruction there), as LLVM names them; every `avx*` and `amx*` one counts too.
+_X86_ISA = {"sse4.1", "sse4.2", "ssse3", "fma", "f16c", "bmi", "bmi2"}
+
+
+def cpu_features(target: dict[str, Any]) -> list[str]:
+    """The x86 instruction-set extensions an artifact for this CPU target may use (its `mcpu`,
+    as LLVM knows it, and `mattr`), for the manifest: the backend refuses the artifact on a
+    host without them. [] for other targets."""
+    if is_cuda(target) or cpu_arch(target) != "x86_64":
+        return []
+    import tvm
+    from tvm.target import codegen
+
+    features = {str(f) for f in codegen.llvm_get_cpu_features(tvm.target.Target(target))}
+    return sorted(f for f in features if "avx10" not in f and
+                  (f in _X86_ISA or f.startswith(("avx", "amx"))))
+
+
 def describe(target: dict[str, Any]) -> str:
     """A short name for messages: "aarch64 cpu (cortex-a76)" or "cuda sm_87 on aarch64"."""
     if is_cuda(target):

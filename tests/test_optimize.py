@@ -252,6 +252,65 @@ def test_structured_pruning_refuses_a_graph_it_cannot_rewrite_naming_the_node():
         prune_structured(model, 1.5)
 
 
+def test_structured_pruning_leaves_a_layer_whose_output_an_if_body_reads(tmp_path):
+    rng = np.random.default_rng(0)
+    weights = {name: rng.standard_normal(shape).astype(np.float32) for name, shape in
+               (("w0", (4, 8)), ("w1", (8, 8)), ("w2", (8, 3)), ("v", (8, 3)))}
+    then_branch = helper.make_graph(
+        [helper.make_node("MatMul", ["r", "v"], ["then_z"])], "then", [],
+        [helper.make_tensor_value_info("then_z", TensorProto.FLOAT, ["n", 3])])
+    else_branch = helper.make_graph(
+        [helper.make_node("Neg", ["y"], ["else_z"])], "else", [],
+        [helper.make_tensor_value_info("else_z", TensorProto.FLOAT, ["n", 3])])
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w0"], ["a"], name="first"),
+         helper.make_node("Relu", ["a"], ["b"]),
+         helper.make_node("MatMul", ["b", "w1"], ["h"], name="second"),
+         helper.make_node("Relu", ["h"], ["r"]),
+         helper.make_node("MatMul", ["r", "w2"], ["y"], name="last"),
+         helper.make_node("If", ["flag"], ["z"], name="branch", then_branch=then_branch,
+                          else_branch=else_branch)], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 4]),
+         helper.make_tensor_value_info("flag", TensorProto.BOOL, [])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 3]),
+         helper.make_tensor_value_info("z", TensorProto.FLOAT, ["n", 3])],
+        [numpy_helper.from_array(w, name) for name, w in weights.items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    report = prune_structured(model, 0.5)
+    assert report.layers == ["'first' (MatMul): 8 -> 4"]
+    assert "'second' (MatMul): node 'branch' (If): its body reads 'r'" in report.skipped
+    x = rows(5, 4)
+    for flag in (True, False):  # the pruned model still runs, both branches
+        y, z = run(model, x=x, flag=np.array(flag))
+        assert y.shape == z.shape == (5, 3)
+
+
+def test_unstructured_pruning_leaves_a_weight_tied_to_an_embedding_lookup():
+    rng = np.random.default_rng(0)
+    embedding = rng.standard_normal((20, 8)).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("Gather", ["e", "ids"], ["h"], name="lookup"),
+         helper.make_node("Gemm", ["h", "w"], ["u"], name="dense"),
+         helper.make_node("Tanh", ["u"], ["t"]),
+         helper.make_node("Gemm", ["t", "e"], ["logits"], name="tied", transB=1)], "g",
+        [helper.make_tensor_value_info("ids", TensorProto.INT64, ["n"])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["n", 20])],
+        [numpy_helper.from_array(embedding, "e"),
+         numpy_helper.from_array(rng.standard_normal((8, 8)).astype(np.float32), "w")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    report = prune_unstructured(model, 0.5)
+    inits = {init.name: numpy_helper.to_array(init) for init in model.graph.initializer}
+    np.testing.assert_array_equal(inits["e"], embedding)  # the lookup reads it whole
+    assert np.mean(inits["w"] == 0) == 0.5
+    assert report.skipped == ["e: also read by node 'lookup' (Gather), which pruning would "
+                              "change too"]
+    del model.graph.node[1:]  # the embedding alone: nothing of its own to prune
+    model.graph.node.append(helper.make_node("Gemm", ["h", "e"], ["logits"], transB=1))
+    with pytest.raises(OptimizeError, match=r"nothing to prune: .*e: also read by node "
+                                            r"'lookup' \(Gather\)"):
+        prune_unstructured(model, 0.5)
+
+
 # --- the pipeline --------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -338,6 +397,50 @@ def test_pipeline_errors_are_clear(digits, tmp_path, monkeypatch):
     with pytest.raises(OptimizeError, match=r"TVM compilation needs edgerun\[tvm\]"):
         optimize(source, tmp_path / "e", OptimizeOptions(compile="tvm"))
     assert not (tmp_path / "e").exists()
+
+
+def test_an_interrupted_archive_write_leaves_nothing_and_the_rerun_succeeds(mlp, tmp_path,
+                                                                           monkeypatch):
+    from edgerun.runtime import archive
+
+    out, real = tmp_path / "out" / "m.tar.gz", archive._pack_tar
+
+    def interrupted(files, dest):
+        if dest.parent == out.parent:  # the delivery, not the size measurement in scratch
+            real(files[:1], dest)  # part of the archive written, then Ctrl-C (or ENOSPC)
+            raise KeyboardInterrupt("simulated")
+        return real(files, dest)
+
+    monkeypatch.setattr(archive, "_pack_tar", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        optimize(mlp, out, OptimizeOptions(quantize="fp32", latency_seconds=0.02))
+    assert list(out.parent.iterdir()) == []
+    monkeypatch.setattr(archive, "_pack_tar", real)
+    optimize(mlp, out, OptimizeOptions(quantize="fp32", latency_seconds=0.02))
+    assert [p.name for p in out.parent.iterdir()] == ["m.tar.gz"]
+    Model.load(out).check_golden()
+
+
+def test_a_failed_folder_move_across_filesystems_leaves_nothing(mlp, tmp_path, monkeypatch):
+    import shutil
+
+    from edgerun.optimizers import pipeline
+
+    out, real = tmp_path / "out" / "m", shutil.move
+
+    def copy_fails_midway(source, dest):  # another filesystem: a copy, and the disk fills
+        Path(dest).mkdir()
+        shutil.copy(Path(source) / "manifest.json", dest)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(pipeline.shutil, "move", copy_fails_midway)
+    with pytest.raises(OSError, match="No space left"):
+        optimize(mlp, out, OptimizeOptions(quantize="fp32", latency_seconds=0.02))
+    assert list(out.parent.iterdir()) == []
+    monkeypatch.setattr(pipeline.shutil, "move", real)
+    optimize(mlp, out, OptimizeOptions(quantize="fp32", latency_seconds=0.02))
+    assert [p.name for p in out.parent.iterdir()] == ["m"]
+    Model.load(out).check_golden()
 
 
 def test_cli_end_to_end_on_the_digits_model(digits, tmp_path):

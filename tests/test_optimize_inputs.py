@@ -595,6 +595,31 @@ def test_eval_labels_must_be_one_per_row_and_rows_must_exist(classes, tmp_path):
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 
+def binary_model(sigmoid: bool) -> tuple[onnx.ModelProto, np.ndarray]:
+    """x [N, 6] @ w: a probability [N, 1] (Sigmoid) or a logit [N] (w of shape [6])."""
+    w = np.random.default_rng(0).standard_normal((6, 1) if sigmoid else (6,)).astype(np.float32)
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["z" if sigmoid else "y"])]
+    if sigmoid:
+        nodes.append(helper.make_node("Sigmoid", ["z"], ["y"]))
+    graph = helper.make_graph(
+        nodes, "binary", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 6])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 1] if sigmoid else ["n"])],
+        [numpy_helper.from_array(w, "w")])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), w
+
+
+@pytest.mark.parametrize("sigmoid", [True, False])
+def test_a_binary_classifier_with_one_output_column_is_scored_by_threshold(tmp_path, sigmoid):
+    model, w = binary_model(sigmoid)
+    source = save(model, tmp_path / "binary.onnx")
+    x = np.random.default_rng(1).standard_normal((200, 6)).astype(np.float32)
+    labels = ((x @ w).reshape(-1) > 0).astype(np.int64)  # right on every row by construction
+    np.savez(tmp_path / "eval.npz", x=x, labels=labels)
+    report = optimize(source, tmp_path / "out", OptimizeOptions(
+        quantize="fp32", eval_data=tmp_path / "eval.npz", **FAST))
+    assert report.before.accuracy == 1.0 and report.after.accuracy == 1.0
+
+
 def test_a_fixed_batch_of_one_is_evaluated_row_by_row(tmp_path):
     source = save(cast_model(TensorProto.FLOAT, batch=1), tmp_path / "one.onnx")
     x = np.random.default_rng(2).standard_normal((20, 8)).astype(np.float32)
@@ -608,6 +633,57 @@ def test_a_fixed_batch_of_one_is_evaluated_row_by_row(tmp_path):
     np.savez(tmp_path / "wide.npz", x=np.zeros((3, 9), np.float32))
     with pytest.raises(OptimizeError, match=r"wide.npz: row 0: input 'x'"):
         optimize(source, tmp_path / "bad", OptimizeOptions(eval_data=tmp_path / "wide.npz"))
+
+
+def test_a_fixed_batch_of_eight_is_evaluated_eight_rows_at_a_time(tmp_path):
+    source = save(cast_model(TensorProto.FLOAT, batch=8), tmp_path / "eight.onnx")
+    report = optimize(source, tmp_path / "synthetic", OptimizeOptions(quantize="int8", **FAST))
+    assert report.before.outputs["y"].shape == (8, 4) and report.max_abs_error < 0.5
+    x = np.random.default_rng(2).standard_normal((20, 8)).astype(np.float32)
+    np.savez(tmp_path / "eval.npz", x=x)
+    report = optimize(source, tmp_path / "out", OptimizeOptions(
+        quantize="fp16", eval_data=tmp_path / "eval.npz", **FAST))
+    want = np.concatenate([ort_run(source, x=x[i:i + 8]) for i in (0, 8)])
+    np.testing.assert_allclose(report.before.outputs["y"], want, rtol=1e-6)
+    assert any("the last 4 eval rows" in note for note in report.notes)
+    np.savez(tmp_path / "few.npz", x=x[:5])
+    with pytest.raises(OptimizeError, match=r"few.npz: 5 rows; the model takes a fixed batch "
+                                            r"of 8 rows"):
+        optimize(source, tmp_path / "bad", OptimizeOptions(eval_data=tmp_path / "few.npz"))
+    assert not (tmp_path / "bad").exists()
+
+
+def fully_convolutional() -> onnx.ModelProto:
+    """x [N, 3, H, W] -> 3x3 Conv -> Relu -> GlobalAveragePool -> Flatten -> MatMul: any H, W
+    of 3 or more, none of 1."""
+    rng = np.random.default_rng(0)
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "k"], ["c"], kernel_shape=[3, 3]),
+         helper.make_node("Relu", ["c"], ["r"]),
+         helper.make_node("GlobalAveragePool", ["r"], ["g"]),
+         helper.make_node("Flatten", ["g"], ["f"], axis=1),
+         helper.make_node("MatMul", ["f", "w"], ["y"])], "fcn",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 3, "h", "w"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 5])],
+        [numpy_helper.from_array(rng.standard_normal((8, 3, 3, 3)).astype(np.float32), "k"),
+         numpy_helper.from_array(rng.standard_normal((8, 5)).astype(np.float32), "w")])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_dynamic_height_and_width_take_the_golden_sample_from_the_eval_data(tmp_path):
+    source = save(fully_convolutional(), tmp_path / "fcn.onnx")
+    x = np.random.default_rng(1).standard_normal((6, 3, 16, 12)).astype(np.float32)
+    np.savez(tmp_path / "eval.npz", x=x)
+    report = optimize(source, tmp_path / "out", OptimizeOptions(
+        quantize="int8", eval_data=tmp_path / "eval.npz", **FAST))
+    assert report.before.outputs["y"].shape == (6, 5)
+    with np.load(tmp_path / "out" / "golden.npz") as golden:
+        np.testing.assert_array_equal(golden["input_0"], x[:1])
+    Model.load(tmp_path / "out").check_golden()
+    with pytest.raises(OptimizeError, match=r"fcn.onnx: a generated input .*Pass --eval .*"
+                                            r"'x' \[-1, 3, -1, -1\]"):
+        optimize(source, tmp_path / "no-eval", OptimizeOptions(quantize="int8", **FAST))
+    assert not (tmp_path / "no-eval").exists()
 
 
 # --- corrupt array files ------------------------------------------------------------------

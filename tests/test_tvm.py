@@ -236,6 +236,66 @@ def test_tuning_runs_and_its_records_are_reused(tmp_path, mlp_path, monkeypatch)
                                onnxruntime_run(mlp_path, {"x": x})[0], atol=1e-4)
 
 
+def tokens_onnx() -> bytes:
+    """ids [N, T] -> embedding Gather -> mean over T -> MatMul: any sequence length T."""
+    rng = np.random.default_rng(0)
+    graph = onnx.helper.make_graph(
+        [onnx.helper.make_node("Gather", ["e", "ids"], ["emb"]),
+         onnx.helper.make_node("ReduceMean", ["emb"], ["pooled"], axes=[1], keepdims=0),
+         onnx.helper.make_node("MatMul", ["pooled", "w"], ["y"])], "tokens",
+        [onnx.helper.make_tensor_value_info("ids", onnx.TensorProto.INT64, ["N", "T"])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["N", 3])],
+        [onnx.numpy_helper.from_array(rng.standard_normal((10, 4)).astype(np.float32), "e"),
+         onnx.numpy_helper.from_array(rng.standard_normal((4, 3)).astype(np.float32), "w")])
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model.SerializeToString()
+
+
+@pytest.mark.timeout(900)  # MetaSchedule imports its tensor intrinsics once: minutes on a busy box
+@pytest.mark.parametrize("trials", [0, 1])
+def test_a_fixed_batch_keeps_the_sequence_length_symbolic(tmp_path, monkeypatch, trials):
+    from edgerun.optimizers import tvm_build
+
+    monkeypatch.setenv("EDGERUN_CACHE", str(tmp_path / "cache"))
+    if not trials:  # untuned: the batch is fixed only where a symbolic one fails
+        real = tvm_build.import_onnx
+
+        def symbolic_batch_fails(model, batch):
+            if batch is None:
+                raise RuntimeError("simulated: symbolic batch unsupported")
+            return real(model, batch)
+
+        monkeypatch.setattr(tvm_build, "import_onnx", symbolic_batch_fails)
+    path = tmp_path / "tokens.onnx"
+    path.write_bytes(tokens_onnx())
+    report = compile_bundle(path, load_profile("x86-64"), tmp_path / "b", name="tok",
+                            version="1", tune_trials=trials, force=True)
+    assert report.batch == "1"
+    model = Model.load(tmp_path / "b", "x86-64")
+    assert model.signature.inputs[0].shape == (1, -1)
+    model.check_golden()
+    for length in (1, 7):
+        ids = np.arange(length, dtype=np.int64).reshape(1, length) % 10
+        np.testing.assert_allclose(model.predict({"ids": ids})["y"],
+                                   onnxruntime_run(path, {"ids": ids})[0], atol=1e-4)
+
+
+def test_a_symbolic_length_tvm_cannot_compile_is_named(tmp_path, monkeypatch):
+    from edgerun.optimizers import tvm_build
+
+    def fails(model, batch):
+        raise RuntimeError("simulated: symbolic shapes unsupported")
+
+    monkeypatch.setattr(tvm_build, "import_onnx", fails)
+    path = tmp_path / "tokens.onnx"
+    path.write_bytes(tokens_onnx())
+    with pytest.raises(CompileError, match=r"tokens.onnx: TVM cannot compile it for x86-64 "
+                                           r"with input 'ids' dim 1 'T' symbolic: simulated"):
+        compile_bundle(path, load_profile("x86-64"), tmp_path / "b", name="tok", version="1")
+    assert not (tmp_path / "b").exists()
+
+
 def test_tuning_for_another_cpu_is_refused(tmp_path, mlp_path):
     with pytest.raises(CompileError, match="tuning needs to measure on the device"):
         compile_bundle(mlp_path, load_profile("raspberry-pi-4"), tmp_path / "b", name="m",
@@ -262,6 +322,44 @@ def test_an_artifact_for_another_cpu_is_refused_naming_both(tmp_path, mlp_path):
     with pytest.raises(BundleError, match=r"compiled for aarch64 \(profile raspberry-pi-5.*"
                                           r"cortex-a76.*this host is x86_64"):
         Model.load(tmp_path / "b")
+
+
+@pytest.mark.skipif(os.uname().machine != "x86_64", reason="x86 CPU features")
+def test_a_cpu_profile_artifact_is_refused_on_a_host_without_its_cpu_features(tmp_path,
+                                                                              mlp_path,
+                                                                              monkeypatch):
+    from edgerun.runtime.backends import tvm as backend
+
+    compile_bundle(mlp_path, load_profile("cpu"), tmp_path / "b", name="m", version="1",
+                   force=True)
+    device = Bundle.open(tmp_path / "b").manifest.device
+    mcpu = json.loads(device["tvm_target"])["mcpu"]  # this host's CPU, AVX-512 here
+    assert {"avx", "sse4.2"} <= set(device["cpu_features"].split(","))
+    Model.load(tmp_path / "b").close()  # this host has them
+    # an older x86 CPU: SSE4.2, no AVX
+    monkeypatch.setattr(backend, "host_cpu_flags", lambda: {"sse41", "sse42", "ssse3"})
+    with pytest.raises(BundleError, match=rf"compiled for .*{mcpu}.*profile cpu.*uses CPU "
+                                          r"features this host lacks: .*avx, avx2"):
+        Model.load(tmp_path / "b")
+    monkeypatch.setattr(backend, "host_cpu_flags", lambda: None)  # flags unknown: not refused
+    Model.load(tmp_path / "b").close()
+
+
+def test_a_cpu_profile_records_only_the_features_its_build_host_has(monkeypatch):
+    """LLVM names this host's CPU model, whose features a VM may hide (AMX, say): recorded,
+    they made the build host refuse its own artifact. A profile's own target keeps them all."""
+    from edgerun.optimizers import tvm as compiler
+    from edgerun.optimizers import tvm_target
+    from edgerun.runtime.backends import tvm as backend
+
+    target = {"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "sapphirerapids"}
+    nominal = tvm_target.cpu_features(target)
+    assert {"amx-tile", "avx512f", "avx2"} <= set(nominal)
+    hidden = {backend.normalized_flag(f) for f in nominal} - {"amxtile", "amxbf16", "amxint8"}
+    monkeypatch.setattr(backend, "host_cpu_flags", lambda: hidden)
+    recorded = compiler._features(target, host_detected=True)["cpu_features"].split(",")
+    assert "avx512f" in recorded and not any(f.startswith("amx") for f in recorded)
+    assert compiler._features(target, host_detected=False)["cpu_features"].split(",") == nominal
 
 
 @pytest.mark.parametrize("name", CUDA_PROFILES)

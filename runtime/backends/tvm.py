@@ -49,6 +49,36 @@ def library_arch(library: Path | bytes, name: str | None = None) -> str:
     return _ELF_MACHINES.get(machine, f"ELF machine {machine}")
 
 
+def host_cpu_flags() -> set[str] | None:
+    """This host's CPU flags (/proc/cpuinfo), as `normalized_flag` spells them; None if
+    unknown."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as handle:
+            for line in handle:
+                key, _, value = line.partition(":")
+                if key.strip() == "flags":
+                    return {normalized_flag(flag) for flag in value.split()}
+    except OSError:
+        pass
+    return None
+
+
+def normalized_flag(name: str) -> str:
+    """LLVM's and /proc/cpuinfo's spellings of one feature alike: "sse4.2" and "sse4_2",
+    "avx512vnni" and "avx512_vnni", "amx-tile" and "amx_tile"; LLVM's "bmi" is "bmi1"."""
+    plain = name.lower().replace("_", "").replace("-", "").replace(".", "")
+    return "bmi1" if plain == "bmi" else plain
+
+
+def missing_cpu_features(recorded: str) -> list[str]:
+    """The features of the manifest's `cpu_features` (comma-separated, LLVM's names) this
+    host's CPU lacks; [] when it has them all or its flags cannot be read."""
+    host = host_cpu_flags()
+    if host is None:
+        return []
+    return [f for f in recorded.split(",") if f and normalized_flag(f) not in host]
+
+
 def _cuda_available() -> bool:
     import tvm
 
@@ -94,6 +124,13 @@ class TvmBackend(Backend):
             raise BundleError(
                 f"{name} was compiled for {built_for} (profile "
                 f"{recorded.get('profile', '?')}, target {target}); this host is {host_arch()}")
+        missing = missing_cpu_features(recorded.get("cpu_features", ""))
+        if missing:
+            raise BundleError(
+                f"{name} was compiled for {target} (profile {recorded.get('profile', '?')}) and "
+                f"uses CPU features this host lacks: {', '.join(missing)}; it would stop on an "
+                "illegal instruction. Compile it for this CPU (a profile with its mcpu, or "
+                "`cpu` on a host like it)")
         accelerator = recorded.get("accelerator", "cpu")
         if accelerator.startswith("cuda") and not _cuda_available():
             raise BundleError(
