@@ -333,23 +333,28 @@ class _TextArrayUnpickler(pickle.Unpickler):
         return super().find_class(module, name)
 
 
-#: The most one array of `golden.npz` may unpack to: a sample of a few rows, even of 4K
-#: images, is far smaller; a member declaring more is a zip bomb or a lie.
+#: The most one compressed array of `golden.npz` may unpack to: `bundle create` stores its
+#: arrays uncompressed (a large one costs its own size on disk, hashed like the rest), so a
+#: member that unpacks past this from much less is a zip bomb.
 GOLDEN_ARRAY_LIMIT = 256 << 20
+GOLDEN_COMPRESSION_LIMIT = 4
 
 
 def _check_golden_member(raw: bytes, path: Path, key: str) -> None:
-    """Refuse an array of `golden.npz` that would unpack past GOLDEN_ARRAY_LIMIT, or whose
-    header declares more data than the member holds (numpy allocates the declared shape
-    before it reads a byte: 2**45 int64 from a 1 kB file)."""
+    """Refuse an array of `golden.npz` that would unpack past GOLDEN_ARRAY_LIMIT from a
+    member compressed more than GOLDEN_COMPRESSION_LIMIT to 1, or whose header declares more
+    data than the member holds (numpy allocates the declared shape before it reads a byte:
+    2**45 int64 from a 1 kB file)."""
     with zipfile.ZipFile(io.BytesIO(raw)) as npz:
         try:
             info = npz.getinfo(f"{key}.npy")
         except KeyError:
             return  # np.load names the missing array
-        if info.file_size > GOLDEN_ARRAY_LIMIT:
-            raise BundleError(f"{path}: {key} unpacks to {info.file_size:,} bytes, over the "
-                              f"golden sample's limit of {GOLDEN_ARRAY_LIMIT:,}")
+        if info.file_size > GOLDEN_ARRAY_LIMIT and \
+                info.file_size > GOLDEN_COMPRESSION_LIMIT * info.compress_size:
+            raise BundleError(f"{path}: {key} unpacks to {info.file_size:,} bytes from "
+                              f"{info.compress_size:,}, over the golden sample's limit of "
+                              f"{GOLDEN_ARRAY_LIMIT:,} for a compressed array")
         with npz.open(info) as member:
             major, _ = np.lib.format.read_magic(member)
             read_header = (np.lib.format.read_array_header_1_0 if major == 1

@@ -232,6 +232,26 @@ def test_a_manifest_that_disagrees_with_its_model_is_refused(make_bundle, edit, 
         Model.load(bundle.path)
 
 
+def test_an_output_whose_rank_only_constant_folding_finds_loads(make_bundle, tmp_path):
+    """`bundle create` reads outputs unoptimized: an output of a Squeeze whose axes are computed
+    has no rank there (reported as rank 0), and one once constants are folded at load. The
+    manifest check compared ranks and refused every such bundle."""
+    graph = helper.make_graph(
+        [helper.make_node("Add", ["a", "b"], ["axes"]),
+         helper.make_node("Squeeze", ["x", "axes"], ["y"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 1, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [onnx.numpy_helper.from_array(np.array([0], np.int64), "a"),
+         onnx.numpy_helper.from_array(np.array([1], np.int64), "b")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    bundle = make_bundle(model.SerializeToString(), name="squeeze")
+    assert Bundle.open(bundle.path).signature.outputs[0].shape == ()
+    loaded = Model.load(bundle.path)
+    loaded.check_golden()
+    assert loaded.predict({"x": np.ones((3, 1, 4), np.float32)})["y"].shape == (3, 4)
+    loaded.close()
+
+
 # ---------------------------------------------------------------- golden sample
 def test_a_golden_sample_swapped_after_verification_is_refused(make_bundle):
     bundle = make_bundle(mlp_onnx([8, 16, 4], seed=1), name="m")

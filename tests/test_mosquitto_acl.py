@@ -153,6 +153,22 @@ def test_a_regeneration_keeps_the_files_the_brokers_user_reads(shared_folder: Pa
         assert kept.accepted, (directory / "mosquitto.log").read_text()
 
 
+def test_files_written_again_through_links_take_the_modes_of_what_they_name(tmp_path: Path
+                                                                           ) -> None:
+    """A link's own mode is 0777: kept, it made a regenerated acl writable by every local user
+    and the passwd file readable by the link's group."""
+    directory, real = tmp_path / "broker", tmp_path / "real"
+    files = fleet_files(directory)
+    real.mkdir()
+    for path in (files.passwd, files.acl):
+        path.rename(real / path.name)
+        path.symlink_to(real / path.name)
+    (real / "acl").chmod(0o646)  # a write bit for others is never kept
+    fleet_files(directory, devices=("dev-a",))
+    assert not files.passwd.is_symlink() and files.passwd.stat().st_mode & 0o777 == 0o600
+    assert not files.acl.is_symlink() and files.acl.stat().st_mode & 0o777 == 0o644
+
+
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to act as another user")
 def test_a_file_whose_owner_cannot_be_kept_is_refused_before_anything_is_written(
         shared_folder: Path) -> None:

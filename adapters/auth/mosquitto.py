@@ -260,11 +260,12 @@ def split_conf_text(files: BrokerFiles, devices: Listener, fleet: Listener) -> s
 def _kept_owner(path: Path, secret: bool) -> tuple[int, int, int] | None:
     """(uid, gid, mode) the new `path` takes from the file it replaces, so a broker that reads
     it as its own user (a chown after the first run) can still read it after a regeneration.
-    A password file gains no bits for others. None for a new file. Refused, before anything is
+    A password file gains no bits for others, and no file bits for others to write. None for
+    a new file (or a dangling link). Refused, before anything is
     written, when this process could not give the new file that owner: the broker would then
     fail to reload it and refuse every login."""
     try:
-        old = os.lstat(path)
+        old = os.stat(path)  # through a link: the file it names (the link itself is 0777)
     except FileNotFoundError:
         return None
     uid, gid = old.st_uid, old.st_gid
@@ -275,7 +276,7 @@ def _kept_owner(path: Path, secret: bool) -> tuple[int, int, int] | None:
             "the file written in its place would be this user's and the broker could no "
             "longer read it")
     mode = old.st_mode & 0o777 | 0o600
-    return uid, gid, mode & 0o640 if secret else mode
+    return uid, gid, mode & (0o640 if secret else 0o664)  # nothing others may write or run
 
 
 def _write(path: Path, text: str, mode: int, owner: tuple[int, int, int] | None) -> None:

@@ -256,7 +256,10 @@ def session_options(device: DeviceProfile) -> ort.SessionOptions:
 def _check_manifest_signature(bundle: Bundle, session: ort.InferenceSession, name: str) -> None:
     """Requests are checked against the manifest's signature, and the golden check compares
     the outputs it lists: a manifest that disagrees with the model (edited by hand, or listing
-    no outputs, so the golden check compared nothing) is refused, naming the tensor."""
+    no outputs, so the golden check compared nothing) is refused, naming the tensor. Outputs
+    are compared by name and dtype alone: `inspect` reads them unoptimized, and an output
+    whose rank shape inference leaves unknown (reported as rank 0) gets one once constants
+    are folded."""
     for kind, declared, actual in (
             ("input", bundle.signature.inputs, _specs(session.get_inputs(), Path(name))),
             ("output", bundle.signature.outputs, _specs(session.get_outputs(), Path(name)))):
@@ -267,7 +270,8 @@ def _check_manifest_signature(bundle: Bundle, session: ort.InferenceSession, nam
                 else "the manifest lists it, the model has no such tensor"
             raise BundleError(f"{name}: {kind} {tensor!r}: {where}")
         for tensor, spec in listed.items():
-            if (spec.dtype, len(spec.shape)) != (model[tensor].dtype, len(model[tensor].shape)):
+            ranks = (len(spec.shape), len(model[tensor].shape)) if kind == "input" else (0, 0)
+            if spec.dtype != model[tensor].dtype or ranks[0] != ranks[1]:
                 raise BundleError(
                     f"{name}: {kind} {tensor!r} is {spec.dtype} of rank {len(spec.shape)} in "
                     f"the manifest, {model[tensor].dtype} of rank {len(model[tensor].shape)} "
