@@ -75,6 +75,16 @@ class Range:
                 half = np.asarray(to_float16(values)).astype(np.float64)
             self.error += float(np.square(half - values).sum())
 
+    def add_summaries(self, summaries: np.ndarray) -> None:
+        """Add [..., 3] summaries made in the graph (`_summary`) as `add` adds an array."""
+        rows = np.asarray(summaries, np.float64).reshape(-1, 3)
+        if not rows.size:
+            return
+        self.peak = max(self.peak, float(rows[:, 0].max()))
+        self.square += float(rows[:, 1].sum())
+        if self.peak <= FLOAT16_MAX:
+            self.error += float(rows[:, 2].sum())
+
     def problem(self, what: str, measured: bool = False) -> str | None:
         """Why float16 cannot hold the tensor `what` (an activation when `measured`), or
         None when it can."""
@@ -257,35 +267,96 @@ def _fresh(name: str, taken: set[str]) -> str:
 
 
 def _lift(graph: onnx.GraphProto, taken: set[str]) -> dict[str, str]:
-    """Make `graph`'s If, Loop and Scan nodes also output the float32 values their bodies make
-    (Loop and Scan: as scan outputs, a slice per iteration; If: the branch taken's, an empty
-    tensor from the other), deepest first. {name in `graph`: the body value it shows}."""
+    """Make `graph`'s If, Loop and Scan nodes also output a summary of each float32 value
+    their bodies make (`_summary`: three numbers, whatever the value's shape, so a Loop or
+    Scan can stack them per iteration even where the value's shape changes, and an If's
+    untaken branch gives zeros), deepest first. {name in `graph`: the body value it shows}."""
     lifted: dict[str, str] = {}
     for node in graph.node:
         bodies = {a.name: a.g for a in node.attribute if a.type == onnx.AttributeProto.GRAPH}
         branches = [bodies[b] for b in ("body", "then_branch", "else_branch") if b in bodies]
         for branch in branches:
-            values = {**{v: v for v in _float_values(branch)}, **_lift(branch, taken)}
+            nested = _lift(branch, taken)
+            shown = {_summary(branch, value, taken): value for value in _float_values(branch)}
+            shown.update({_merged(branch, inner, taken): original
+                          for inner, original in nested.items()})
             others = [b for b in branches if b is not branch]  # If: the branch not taken
-            for value, original in values.items():
-                shown = _fresh(f"{value}_shown", taken)
-                branch.node.append(helper.make_node("Identity", [value], [shown],
-                                                    name=_fresh(f"{shown}_node", taken)))
+            for summary, original in shown.items():
                 branch.output.append(helper.make_tensor_value_info(
-                    shown, onnx.TensorProto.FLOAT, None))
+                    summary, onnx.TensorProto.DOUBLE, [SUMMARY]))
                 for other in others:
-                    empty = _fresh(f"{shown}_empty", taken)
-                    other.node.append(helper.make_node(
-                        "Constant", [], [empty], name=_fresh(f"{empty}_node", taken),
-                        value=numpy_helper.from_array(np.zeros(0, np.float32))))
+                    zeros = _constant(other, np.zeros(SUMMARY), f"{summary}_none", taken)
                     other.output.append(helper.make_tensor_value_info(
-                        empty, onnx.TensorProto.FLOAT, None))
+                        zeros, onnx.TensorProto.DOUBLE, [SUMMARY]))
                 for axes in (a for a in node.attribute if a.name in (
                         "scan_output_axes", "scan_output_directions")):
                     axes.ints.append(0)
-                node.output.append(_fresh(f"{value}_out", taken))
+                node.output.append(_fresh(f"{original}_out", taken))
                 lifted[node.output[-1]] = original
     return lifted
+
+
+#: A lifted value's summary: its finite values' largest magnitude, sum of squares and sum of
+#: squared float16 rounding errors (float64), what `Range` keeps of them.
+SUMMARY = 3
+
+
+def _node(graph: onnx.GraphProto, op: str, inputs: list[str], taken: set[str],
+          **attributes: Any) -> str:
+    """Append one `op` node to `graph`; the name of its output."""
+    out = _fresh(f"{inputs[0]}_{op.lower()}", taken)
+    graph.node.append(helper.make_node(op, inputs, [out], name=_fresh(f"{out}_node", taken),
+                                       **attributes))
+    return out
+
+
+def _constant(graph: onnx.GraphProto, value: np.ndarray, name: str, taken: set[str]) -> str:
+    out = _fresh(name, taken)
+    graph.node.append(helper.make_node("Constant", [], [out], name=_fresh(f"{out}_node", taken),
+                                       value=numpy_helper.from_array(np.asarray(value))))
+    return out
+
+
+def _summary(graph: onnx.GraphProto, value: str, taken: set[str]) -> str:
+    """Nodes in `graph` that reduce the float32 `value` to its [3] summary, as `Range.add`
+    measures an array (inf and NaN left out; float16 as ONNX Runtime's Cast rounds)."""
+    def op(name: str, *inputs: str, **attributes: Any) -> str:
+        return _node(graph, name, list(inputs), taken, **attributes)
+
+    bad = op("Or", op("IsNaN", value), op("IsInf", value))
+    kept = op("Where", bad, _constant(graph, np.float32(0), f"{value}_zero", taken), value)
+    wide = op("Cast", kept, to=onnx.TensorProto.DOUBLE)
+    flat = op("Reshape", wide, _constant(graph, np.array([-1]), f"{value}_flat", taken))
+    padded = op("Concat", op("Abs", flat), _constant(graph, np.zeros(1), f"{value}_pad", taken),
+                axis=0)  # ReduceMax of nothing is not 0
+    rounded = op("Cast", op("Cast", kept, to=onnx.TensorProto.FLOAT16),
+                 to=onnx.TensorProto.DOUBLE)
+    error = op("Sub", rounded, wide)
+    return _stacked(graph, value, taken, op("ReduceMax", padded, keepdims=0),
+                    op("ReduceSum", op("Mul", flat, flat), keepdims=0),
+                    op("ReduceSum", op("Mul", error, error), keepdims=0))
+
+
+def _merged(graph: onnx.GraphProto, summaries: str, taken: set[str]) -> str:
+    """Nodes in `graph` that merge the [..., 3] summaries a nested body's node gives (one per
+    iteration of an inner Loop, say) into one [3] summary."""
+    def op(name: str, *inputs: str, **attributes: Any) -> str:
+        return _node(graph, name, list(inputs), taken, **attributes)
+
+    rows = op("Concat", _constant(graph, np.zeros((1, SUMMARY)), f"{summaries}_pad", taken),
+              op("Reshape", summaries, _constant(graph, np.array([-1, SUMMARY]),
+                                                 f"{summaries}_rows", taken)), axis=0)
+    column = [op("Gather", rows, _constant(graph, np.array([i]), f"{summaries}_{i}", taken),
+                 axis=1) for i in range(SUMMARY)]
+    return _stacked(graph, summaries, taken, op("ReduceMax", column[0], keepdims=0),
+                    op("ReduceSum", column[1], keepdims=0), op("ReduceSum", column[2], keepdims=0))
+
+
+def _stacked(graph: onnx.GraphProto, value: str, taken: set[str], *scalars: str) -> str:
+    """The scalars as one [3] tensor."""
+    one = _constant(graph, np.array([1]), f"{value}_one", taken)
+    return _node(graph, "Concat", [_node(graph, "Reshape", [s, one], taken) for s in scalars],
+                 taken, axis=0)
 
 
 def _ranges(model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]],
@@ -297,8 +368,10 @@ def _ranges(model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]],
     for feed in feeds:
         results = zip(exposed, session.run(None, dict(feed)))
         for name, array in (*feed.items(), *results):
-            if isinstance(array, np.ndarray) and array.dtype == np.float32:
-                ranges.setdefault(shown.get(name, name), Range()).add(array)
+            if name in shown:
+                ranges.setdefault(shown[name], Range()).add_summaries(array)
+            elif isinstance(array, np.ndarray) and array.dtype == np.float32:
+                ranges.setdefault(name, Range()).add(array)
     return ranges
 
 

@@ -475,10 +475,9 @@ def test_fp16_measures_the_values_inside_if_loop_and_scan_bodies(make, inner):
     assert not any(name.endswith(("_shown", "_out")) and name not in inner for name in ranges)
 
 
-def test_a_body_whose_values_cannot_be_shown_still_has_the_graphs_measured(caplog):
-    """A Loop body value whose shape changes with the iteration cannot be a scan output
-    (ONNX Runtime refuses the run): the top-level values are measured all the same, and the
-    log says the bodies' were not."""
+def test_a_body_value_whose_shape_changes_with_the_iteration_is_measured():
+    """A Loop body value whose shape changes with the iteration (acc[:, :i]) could not be a
+    scan output: ONNX Runtime refused the run, and no body was measured. Its summary can."""
     body = loop_body([
         helper.make_node("Unsqueeze", ["i", "zero1"], ["upto"], name="upto"),
         helper.make_node("Slice", ["acc_in", "zero1", "upto", "one1"], ["prefix"], name="cut"),
@@ -492,10 +491,94 @@ def test_a_body_whose_values_cannot_be_shown_still_has_the_graphs_measured(caplo
                                     numpy_helper.from_array(np.array([0], np.int64), "zero1"),
                                     numpy_helper.from_array(np.array([1], np.int64), "one1")])
     x = np.random.default_rng(3).standard_normal((8, 4)).astype(np.float32)
+    ranges = fp16.measure(model, [{"x": x}])
+    acc, peak = x.astype(np.float64), 0.0
+    for i in range(3):
+        peak = max([peak, *np.abs(acc[:, :i]).ravel()])
+        acc = acc + acc[:, :i].sum(axis=1, keepdims=True)
+    assert ranges["prefix"].peak == pytest.approx(peak, rel=1e-5)
+    assert ranges["acc_out"].peak == pytest.approx(np.abs(acc).max(), rel=1e-5)
+
+
+def if_in_loop_model(up: float) -> onnx.ModelProto:
+    """x @ w, then a Loop of three whose body's If takes its then branch at even iterations
+    (times `up` twice, then back) and its else branch at odd ones (times 2, then back)."""
+    def branch(name: str, by: float) -> onnx.GraphProto:
+        return helper.make_graph(
+            [helper.make_node("Mul", ["acc_in", f"{name}_up"], [f"{name}_mid"]),
+             helper.make_node("Mul", [f"{name}_mid", f"{name}_up"], [f"{name}_big"]),
+             helper.make_node("Mul", [f"{name}_big", f"{name}_down"], [f"{name}_back"]),
+             helper.make_node("Mul", [f"{name}_back", f"{name}_down"], [f"{name}_y"])], name, [],
+            [helper.make_tensor_value_info(f"{name}_y", TensorProto.FLOAT, ["n", 4])],
+            [numpy_helper.from_array(np.full(4, by, np.float32), f"{name}_up"),
+             numpy_helper.from_array(np.full(4, 1 / by, np.float32), f"{name}_down")])
+    body = loop_body([helper.make_node("Mod", ["i", "two"], ["odd"]),
+                      helper.make_node("Equal", ["odd", "zero"], ["even"]),
+                      helper.make_node("If", ["even"], ["acc_out"], then_branch=branch("then", up),
+                                       else_branch=branch("else", 2.0))])
+    body.initializer.extend([numpy_helper.from_array(np.array(2, np.int64), "two"),
+                             numpy_helper.from_array(np.array(0, np.int64), "zero")])
+    model = graph_model([helper.make_node("MatMul", ["x", "w"], ["h"], name="mm"),
+                         helper.make_node("Loop", ["trip", "true", "h"], ["y"], body=body)],
+                        {"w": np.random.default_rng(7).standard_normal((4, 4))})
+    model.graph.initializer.extend(loop_constants())
+    return model
+
+
+def test_fp16_measures_an_if_whose_branch_changes_inside_a_loop(tmp_path):
+    """The If's untaken branch gave an empty tensor where the taken one gave [n, 4]: stacked
+    per iteration by the Loop, ONNX Runtime refused the run, no body was measured, and
+    'then_big' (x @ w times 90,000) overflowed float16 silently."""
+    model = if_in_loop_model(up=300.0)
+    fp16.prepare(model)
+    x = np.random.default_rng(3).standard_normal((8, 4)).astype(np.float32)
+    ranges = fp16.measure(model, [{"x": x}])
+    h = np.abs(x @ numpy_helper.to_array(model.graph.initializer[0]).astype(np.float64)).max()
+    assert ranges["then_big"].peak == pytest.approx(h * 300 * 300, rel=1e-4)
+    assert ranges["else_big"].peak == pytest.approx(h * 4, rel=1e-4)
+    source = save(if_in_loop_model(up=300.0), tmp_path / "m.onnx")
+    with pytest.raises(OptimizeError, match=r"fp16 cannot keep node '\w+' float32 \(Loop: "
+                                            r"'then_big' reaches .* in magnitude on the data"):
+        quantize(source, tmp_path / "h.onnx", "fp16")
+    quantize(save(if_in_loop_model(up=3.0), tmp_path / "small.onnx"), tmp_path / "h.onnx", "fp16")
+
+
+def test_fp16_measures_a_loop_inside_a_loop():
+    """An inner Loop's values reach the outer body as summaries per inner iteration, merged
+    there into one per outer iteration: 'inner_big' is x @ w times 3, three times over."""
+    inner = helper.make_graph(
+        [helper.make_node("Identity", ["inner_cond_in"], ["inner_cond_out"]),
+         helper.make_node("Mul", ["inner_in", "three"], ["inner_big"]),
+         helper.make_node("Mul", ["inner_big", "third"], ["inner_out"])], "inner",
+        [helper.make_tensor_value_info("j", TensorProto.INT64, []),
+         helper.make_tensor_value_info("inner_cond_in", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("inner_in", TensorProto.FLOAT, ["n", 4])],
+        [helper.make_tensor_value_info("inner_cond_out", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("inner_out", TensorProto.FLOAT, ["n", 4])])
+    body = loop_body([helper.make_node("Loop", ["trip", "true", "acc_in"], ["acc_out"],
+                                       body=inner)])
+    model = graph_model([helper.make_node("MatMul", ["x", "w"], ["h"]),
+                         helper.make_node("Loop", ["trip", "true", "h"], ["y"], body=body)],
+                        {"w": np.eye(4), "three": np.full(4, 3.0), "third": np.full(4, 1 / 3)})
+    model.graph.initializer.extend(loop_constants())
+    fp16.prepare(model)
+    x = np.random.default_rng(3).standard_normal((8, 4)).astype(np.float32)
+    ranges = fp16.measure(model, [{"x": x}])
+    assert ranges["inner_big"].peak == pytest.approx(np.abs(x).max() * 3, rel=1e-5)
+    assert ranges["inner_out"].peak == pytest.approx(np.abs(x).max(), rel=1e-5)
+    assert ranges["inner_big"].square == pytest.approx(9 * 9 * np.square(x, dtype=float).sum(),
+                                                       rel=1e-5)  # 3 x 3 iterations
+
+
+def test_bodies_whose_values_cannot_be_shown_leave_the_graphs_measured(caplog):
+    """At opset 9 the summaries' IsInf does not exist and the run with them fails: the
+    graph's own values are measured all the same, and the log says the bodies' were not."""
+    model = loop_model()
+    model.opset_import[0].version = 9
+    x = np.random.default_rng(3).standard_normal((8, 4)).astype(np.float32)
     with caplog.at_level("WARNING", logger="edgerun.optimizers.fp16"):
         ranges = fp16.measure(model, [{"x": x}])
-    assert ranges is not None and {"x", "h", "y"} <= set(ranges)
-    assert "prefix" not in ranges and "acc_out" not in ranges
+    assert ranges is not None and {"x", "h", "y"} <= set(ranges) and "upped" not in ranges
     assert "inside If, Loop and Scan bodies not measured" in caplog.text
 
 
