@@ -62,6 +62,20 @@ def rows(n: int, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).standard_normal((n, 8)).astype(np.float32)
 
 
+def test_a_result_line_is_strict_json_even_with_nan(capsys):
+    """Cloud Logging reads structured lines as strict JSON: json.dumps wrote NaN tokens."""
+    from edgerun.adapters.gcf.function import log_result
+
+    log_result("m-1", b'{"outputs": [{"name": "y", "data": [NaN, 1.0]}]}')
+    log_result("m-2", b'{"outputs": [{"name": "y", "data": [0.5]}]}')
+    def strict(token: str) -> None:
+        raise ValueError(token)
+    nan, finite = (json.loads(line, parse_constant=strict)
+                   for line in capsys.readouterr().out.splitlines())
+    assert nan["pubsub_message"] == "m-1" and "NaN" in nan["result"]
+    assert finite["result"] == {"outputs": [{"name": "y", "data": [0.5]}]}
+
+
 def test_http_function_serves_oip_v2(clients, reference):
     http = clients["infer"]
     x = rows(4)

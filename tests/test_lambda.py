@@ -810,6 +810,11 @@ def test_direct_invocation_takes_and_gives_oip_json(handler, reference):
     # outputs that overflow: the answer writes NaN or Infinity, which orjson cannot read back
     answer = handler(json.loads(infer_body(np.full((1, 8), 3e38, np.float32))), Context())
     assert not np.isfinite(answer["outputs"][0]["data"]).all()
+    # NaN in the event (the runtime reads it with json): orjson wrote it back as null
+    event = json.loads(infer_body(x))
+    event["inputs"][0]["data"][0] = float("nan")
+    answer = handler(event, Context())
+    assert answer["model_name"] == "mlp" and np.isnan(answer["outputs"][0]["data"]).any()
 
 
 # ------------------------------------------------------------------------ init and the model

@@ -360,6 +360,9 @@ def test_a_cpu_profile_records_only_the_features_its_build_host_has(monkeypatch)
     recorded = compiler._features(target, host_detected=True)["cpu_features"].split(",")
     assert "avx512f" in recorded and not any(f.startswith("amx") for f in recorded)
     assert compiler._features(target, host_detected=False)["cpu_features"].split(",") == nominal
+    # features Linux never lists in /proc/cpuinfo are not recorded: no host could show them
+    assert not {"avxneconvert", "avxvnniint8"} & set(tvm_target.cpu_features(
+        {"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "sierraforest"}))
 
 
 @pytest.mark.parametrize("name", CUDA_PROFILES)

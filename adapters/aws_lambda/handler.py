@@ -299,6 +299,8 @@ class LambdaHandler:
     def _direct(self, event: dict[str, Any], context: Any) -> dict[str, Any]:
         version = event.get("model_version")
         body = orjson.dumps(event)
+        if b"null" in body:  # orjson writes NaN and the infinities as null; json keeps them
+            body = json.dumps(event).encode()
         call = Call(INFER, str(event.get("model_name") or self.default_model),
                     None if version is None else str(version), body,
                     transport="lambda", timeout=_budget(context))

@@ -48,8 +48,15 @@ ResultSink = Callable[[str, bytes], None]
 
 
 def log_result(message_id: str, body: bytes) -> None:
-    sys.stdout.write(json.dumps({"message": "inference result", "pubsub_message": message_id,
-                                 "result": json.loads(body)}) + "\n")
+    """One JSON line for Cloud Logging, which takes strict JSON: a result holding NaN or an
+    infinity (tokens JSON lacks) goes in as its text."""
+    entry = {"message": "inference result", "pubsub_message": message_id,
+             "result": json.loads(body)}
+    try:
+        line = json.dumps(entry, allow_nan=False)
+    except ValueError:
+        line = json.dumps({**entry, "result": body.decode()})
+    sys.stdout.write(line + "\n")
 
 
 class CloudFunction:

@@ -77,11 +77,17 @@ def parse(topic: str, payload: bytes, properties: Properties | None) -> Request:
     return request
 
 
-def _reply_to_from_payload(request: Request) -> None:
+def _json_header(body: bytes) -> Any:
+    """The JSON request body read for its reply topic and id (NaN and the infinities allowed,
+    as the codec reads them); None when it is not JSON."""
     try:
-        header = orjson.loads(request.body)
+        return orjson.loads(body)
     except orjson.JSONDecodeError:
-        return
+        return oip.loads_non_finite(body)
+
+
+def _reply_to_from_payload(request: Request) -> None:
+    header = _json_header(request.body)
     if isinstance(header, dict):
         reply_to = header.get(REPLY_TO)
         request.response_topic = reply_to if isinstance(reply_to, str) and reply_to else None
@@ -93,10 +99,7 @@ def request_id(request: Request) -> str | None:
     """The request's "id" for an error reply: 3.1.1 JSON requests have it read already; a v5
     JSON body is read for it only now, off the path every answered request takes."""
     if request.request_id is None and request.content_type in ("", JSON):
-        try:
-            header = orjson.loads(request.body)
-        except orjson.JSONDecodeError:
-            return None
+        header = _json_header(request.body)
         if isinstance(header, dict) and header.get("id") is not None:
             request.request_id = str(header["id"])
     return request.request_id
