@@ -260,11 +260,12 @@ def test_a_mount_that_holds_no_model_fails_fast_with_the_reason(tmp_path):
 
 @pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("unshare"),
                     reason="needs root and unshare, to run edgerun as PID 1 of a namespace")
-def test_sigterm_while_pid_1_starts_up_ends_it_at_once_with_status_0(tmp_path):
+def test_sigterm_while_pid_1_starts_up_ends_it_with_status_0_before_it_serves(tmp_path):
     """The images run `edgerun serve` as PID 1, and a PID 1 ignores a signal it has no handler
     for: a SIGTERM during start-up (imports, bundling a bare model, unpacking) was lost, and
     the pod served on until the kubelet's SIGKILL. Here the start bundles a model whose golden
-    run takes a while; SIGTERM once its bundling has begun ends it, with status 0, before it serves."""
+    run takes a while; SIGTERM once its bundling has begun ends it, with status 0, before it
+    serves."""
     from tests.test_shutdown import slow_run_onnx
 
     mount, scratch = tmp_path / "models", tmp_path / "tmp"
