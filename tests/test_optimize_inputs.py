@@ -420,7 +420,8 @@ def if_model(scale: float = 1.0) -> onnx.ModelProto:
          helper.make_node("ReduceSum", ["h"], ["total"], name="sum", keepdims=0),
          helper.make_node("Greater", ["total", "zero"], ["positive"], name="sign"),
          helper.make_node("If", ["positive"], ["y"], name="branch",
-                          then_branch=branch("then", scale), else_branch=branch("else", 2 * scale))],
+                          then_branch=branch("then", scale),
+                          else_branch=branch("else", 2 * scale))],
         {"w": np.random.default_rng(7).standard_normal((4, 4)), "zero": np.zeros(())})
 
 
