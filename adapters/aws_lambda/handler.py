@@ -46,6 +46,7 @@ from edgerun.adapters.dataplane import Call, DataPlane
 from edgerun.adapters.dataplane.call import INFER
 from edgerun.adapters.http.asgi import EdgerunASGI
 from edgerun.adapters.http.routes import READ_ONLY_ROUTES, match
+from edgerun.adapters.http.status import answer_too_large
 from edgerun.runtime.errors import RETRYABLE, EdgerunError, InvalidInput
 
 log = logging.getLogger(__name__)
@@ -113,10 +114,7 @@ class LambdaHandler:
         headers = [(b"content-type", b"application/json")]
         if given.get("x-request-id"):
             headers.append((b"x-request-id", given["x-request-id"].encode("latin-1")))
-        message = (f"the answer of {size} bytes is over the {limit}-byte limit on what this "
-                   "function can answer; send fewer rows a request, or ask for binary outputs")
-        log.error(json.dumps({"message": "answer too large", "request_id":
-                              given.get("x-request-id"), "bytes": size, "limit": limit}))
+        message = answer_too_large(size, limit, given.get("x-request-id"))
         return self.http.infer(event, context)(
             {"status": 413, "headers": headers, "body": orjson.dumps({"error": message})})
 
@@ -304,11 +302,7 @@ class LambdaHandler:
         call = Call(INFER, str(event.get("model_name") or self.default_model),
                     None if version is None else str(version), body,
                     transport="lambda", timeout=_budget(context))
-        answer = self.plane.infer(call, lambda: oip.decode_request(body, None)).json()
-        try:
-            return orjson.loads(answer)
-        except orjson.JSONDecodeError:  # NaN or an infinity among the outputs: json reads them
-            return json.loads(answer)
+        return oip.loads(self.plane.infer(call, lambda: oip.decode_request(body, None)).json())
 
 
 def event_kind(event: Any) -> str:

@@ -187,14 +187,23 @@ def loads_non_finite(body: bytes | memoryview) -> Any | None:
         return None
 
 
+def loads(body: bytes | memoryview) -> Any:
+    """orjson's parse, or json's for a body orjson refuses that holds NaN or an infinity;
+    orjson.JSONDecodeError for a body that is not JSON either way."""
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError:
+        parsed = loads_non_finite(body)
+        if parsed is None:
+            raise
+        return parsed
+
+
 def _parse_small(data: bytes) -> Any:
     try:
-        return orjson.loads(data)
+        return loads(data)
     except orjson.JSONDecodeError as exc:
-        parsed = loads_non_finite(data)
-        if parsed is None:
-            raise InvalidInput(f"the request header is not valid JSON: {exc}") from None
-        return parsed
+        raise InvalidInput(f"the request header is not valid JSON: {exc}") from None
 
 
 _ARRAYS = (simdjson.Array, list)

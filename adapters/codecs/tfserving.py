@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import orjson
 
-from edgerun.adapters.codecs.oip import finite, loads_non_finite, non_finite_list
+from edgerun.adapters.codecs.oip import finite, loads, non_finite_list
 from edgerun.runtime.errors import InvalidInput
 from edgerun.runtime.signature import Signature
 
@@ -25,11 +25,9 @@ from edgerun.runtime.signature import Signature
 def decode_predict(body: bytes, signature: Signature) -> tuple[dict[str, Any], bool]:
     """The request's inputs by name, and whether it used the row format."""
     try:
-        request = orjson.loads(body)
+        request = loads(body)
     except orjson.JSONDecodeError as exc:
-        request = loads_non_finite(body)  # NaN or an infinity, which orjson cannot read
-        if request is None:
-            raise InvalidInput(f"the request body is not valid JSON: {exc}") from None
+        raise InvalidInput(f"the request body is not valid JSON: {exc}") from None
     if not isinstance(request, dict):
         raise InvalidInput("the request must be a JSON object")
     _check_signature_name(request.get("signature_name", ""))

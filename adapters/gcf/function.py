@@ -31,7 +31,7 @@ from edgerun.adapters.dataplane.call import INFER, JSON
 from edgerun.adapters.dataplane.hooks import request_id
 from edgerun.adapters.http.encoding import decode_body
 from edgerun.adapters.http.routes import READ_ONLY_ROUTES, match
-from edgerun.adapters.http.status import error_headers, status_of
+from edgerun.adapters.http.status import answer_too_large, error_headers, status_of
 from edgerun.adapters.single_bundle import MODEL_VARIABLE, serve_bundle
 from edgerun.runtime.errors import RETRYABLE, EdgerunError, InvalidInput, PayloadTooLarge
 
@@ -102,11 +102,8 @@ class CloudFunction:
             return body, status, headers
         given = {k.lower(): v for k, v in headers.items()}
         kept = {"X-Request-Id": given["x-request-id"]} if "x-request-id" in given else {}
-        log.error(json.dumps({"message": "answer too large", "request_id": kept.get(
-            "X-Request-Id"), "bytes": len(body), "limit": self.max_response_bytes}))
-        return _error(413, f"the answer of {len(body)} bytes is over the "
-                      f"{self.max_response_bytes}-byte limit on what this function can answer; "
-                      "send fewer rows a request, or ask for binary outputs", kept)
+        return _error(413, answer_too_large(len(body), self.max_response_bytes,
+                                            kept.get("X-Request-Id")), kept)
 
     def _body(self, request: Any) -> bytes:
         length = request.content_length

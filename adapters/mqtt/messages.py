@@ -81,9 +81,9 @@ def _json_header(body: bytes) -> Any:
     """The JSON request body read for its reply topic and id (NaN and the infinities allowed,
     as the codec reads them); None when it is not JSON."""
     try:
-        return orjson.loads(body)
+        return oip.loads(body)
     except orjson.JSONDecodeError:
-        return oip.loads_non_finite(body)
+        return None
 
 
 def _reply_to_from_payload(request: Request) -> None:
