@@ -356,14 +356,20 @@ def _check_golden_member(raw: bytes, path: Path, key: str) -> None:
                               f"{info.compress_size:,}, over the golden sample's limit of "
                               f"{GOLDEN_ARRAY_LIMIT:,} for a compressed array")
         with npz.open(info) as member:
-            major, _ = np.lib.format.read_magic(member)
-            read_header = (np.lib.format.read_array_header_1_0 if major == 1
-                           else np.lib.format.read_array_header_2_0)
-            shape, _, dtype = read_header(member)
+            shape, dtype = _npy_header(member)
             declared = math.prod(shape) * dtype.itemsize
             if not dtype.hasobject and declared > info.file_size - member.tell():
                 raise BundleError(f"{path}: {key} declares shape {shape} of {dtype} "
                                   f"({declared:,} bytes), more than it holds")
+
+
+def _npy_header(member: Any) -> tuple[tuple[int, ...], np.dtype]:
+    """An .npy member's shape and dtype, read from its header alone (left at its data)."""
+    major, _ = np.lib.format.read_magic(member)
+    read_header = (np.lib.format.read_array_header_1_0 if major == 1
+                   else np.lib.format.read_array_header_2_0)
+    shape, _, dtype = read_header(member)
+    return shape, dtype
 
 
 def _golden_array(raw: bytes, path: Path, key: str) -> np.ndarray:
@@ -381,10 +387,7 @@ def _golden_array(raw: bytes, path: Path, key: str) -> np.ndarray:
                 if "allow_pickle" not in str(exc):
                     raise
         with zipfile.ZipFile(io.BytesIO(raw)) as npz, npz.open(f"{key}.npy") as member:
-            major, _ = np.lib.format.read_magic(member)
-            read_header = (np.lib.format.read_array_header_1_0 if major == 1
-                           else np.lib.format.read_array_header_2_0)
-            shape, _, _ = read_header(member)
+            shape, _ = _npy_header(member)
             array = _TextArrayUnpickler(member).load()
     except BundleError:
         raise
