@@ -261,9 +261,9 @@ def _kept_owner(path: Path, secret: bool) -> tuple[int, int, int] | None:
     """(uid, gid, mode) the new `path` takes from the file it replaces, so a broker that reads
     it as its own user (a chown after the first run) can still read it after a regeneration.
     A password file gains no bits for others, and no file bits for others to write. None for
-    a new file (or a dangling link). Refused, before anything is
-    written, when this process could not give the new file that owner: the broker would then
-    fail to reload it and refuse every login."""
+    a new file (or a dangling link). Refused, before anything is written, when this process
+    could not give the new file that owner: the broker would then fail to reload it and
+    refuse every login."""
     try:
         old = os.stat(path)  # through a link: the file it names (the link itself is 0777)
     except FileNotFoundError:
@@ -329,11 +329,11 @@ def write_broker_files(directory: str | Path, devices: Iterable[Device],
     directory.mkdir(parents=True, exist_ok=True)
     files = BrokerFiles(directory / "passwd", directory / "acl", directory / "mosquitto.conf",
                         None if listeners is None else directory / "fleet.passwd")
-    texts = {directory / name: (text, 0o600, True) for name, text in passwords.items()}
-    texts[files.acl] = (acl, 0o644, False)
+    texts = {directory / name: (text, True) for name, text in passwords.items()}  # secret
+    texts[files.acl] = (acl, False)
     texts[files.conf] = (conf_text(files.passwd, files.acl) if listeners is None
-                         else split_conf_text(files, *listeners), 0o644, False)
-    owners = {path: _kept_owner(path, secret) for path, (_, _, secret) in texts.items()}
-    for path, (text, mode, _) in texts.items():
-        _write(path, text, mode, owners[path])
+                         else split_conf_text(files, *listeners), False)
+    owners = {path: _kept_owner(path, secret) for path, (_, secret) in texts.items()}
+    for path, (text, secret) in texts.items():
+        _write(path, text, 0o600 if secret else 0o644, owners[path])
     return files
