@@ -124,20 +124,23 @@ def import_onnx(model: Any, batch: int | None) -> Any:
             key = d.dim_param or f"{name}_{axis}"  # one var per named dim, as the frontend
             return symbols.setdefault(key, tirx.Var(key, "int64"))
 
-        initializers = {t.name for t in model.graph.initializer}
         shape_dict = {
             i.name: [dim(i.name, axis, d) for axis, d in enumerate(i.type.tensor_type.shape.dim)]
-            for i in model.graph.input if i.name not in initializers}
+            for i in _fed_inputs(model)}
     return from_onnx(model, shape_dict=shape_dict, keep_params_in_input=False)
+
+
+def _fed_inputs(model: Any) -> list[Any]:
+    """The graph inputs a caller feeds: not those that are initializers too."""
+    initializers = {t.name for t in model.graph.initializer}
+    return [i for i in model.graph.input if i.name not in initializers]
 
 
 def _symbolic(model: Any) -> str:
     """" with input 'ids' dim 1 'T' symbolic": the dims that stay symbolic with a fixed
     batch, for a message naming them when TVM cannot compile that; "" when there are none."""
-    initializers = {t.name for t in model.graph.initializer}
     dims = [f"input {i.name!r} dim {axis}" + (f" {d.dim_param!r}" if d.dim_param else "")
-            for i in model.graph.input if i.name not in initializers
-            for axis, d in enumerate(i.type.tensor_type.shape.dim)
+            for i in _fed_inputs(model) for axis, d in enumerate(i.type.tensor_type.shape.dim)
             if axis and not d.HasField("dim_value")]
     return f" with {', '.join(dims)} symbolic" if dims else ""
 
