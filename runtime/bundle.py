@@ -214,14 +214,19 @@ class Bundle:
         self._cleanup = cleanup
 
     @classmethod
-    def open(cls, source: str | Path, *, verify: bool = True) -> Bundle:
-        """Open a bundle folder or archive; with `verify`, every file's hash is checked."""
+    def open(cls, source: str | Path, *, verify: bool = True,
+             expected: Mapping[str, archive.Listed] | None = None) -> Bundle:
+        """Open a bundle folder or archive; with `verify`, every file's hash is checked.
+
+        `expected` (an archive's signed files, from `signing.verify_archive`) extracts only
+        those, each checked as it is written: an archive changed since its signature was
+        checked is refused while it unpacks, not after."""
         source = Path(source)
         cleanup = None
         if source.is_file():
             cleanup = tempfile.TemporaryDirectory(prefix="edgerun-bundle-")
             try:
-                archive.unpack(source, Path(cleanup.name))
+                archive.unpack(source, Path(cleanup.name), expected=expected)
             except BaseException:
                 cleanup.cleanup()
                 raise

@@ -114,6 +114,26 @@ def test_cli_generate_sign_verify(tmp_path, make_bundle):
     assert result.returncode == 2 and "tampered" in result.stderr
 
 
+def test_an_archive_opened_with_its_signed_files_must_still_hold_them(make_bundle, keys,
+                                                                     tmp_path):
+    """`bundle verify --trust ARCHIVE` checked the signature, then unpacked the archive again
+    as it was by then: one swapped in between was written out whole before any check.
+    Opened with the signed files, the unpack itself refuses what they do not list."""
+    from edgerun.runtime.signing import verify_archive
+
+    private, public = keys
+    bundle = make_bundle(mlp_onnx([4, 3]), version="2")
+    sign_folder(bundle.path, private)
+    packed = bundle.pack(tmp_path / "signed.tar.gz")
+    signed = verify_archive(packed, [public])
+    with Bundle.open(packed, expected=signed.files) as opened:
+        assert opened.manifest.version == "2"
+    swapped = make_bundle(mlp_onnx([4, 5]), version="2").pack(tmp_path / "swapped.tar.gz")
+    swapped.replace(packed)
+    with pytest.raises(BundleError, match="the signed manifest lists"):
+        Bundle.open(packed, expected=signed.files)
+
+
 def test_signing_an_opened_bundle_signs_the_manifest_it_verified(tmp_path, make_bundle):
     """`bundle sign` read manifest.json again after verifying the bundle: a manifest swapped
     in between was signed, though its files were never checked against it."""

@@ -102,9 +102,10 @@ def _verify(args: argparse.Namespace) -> int:
     from edgerun.runtime import signing
 
     trusted = signing.load_public_keys(args.trust) if args.trust else None
+    signed = None
     if trusted and Path(args.bundle).is_file():  # an archive: its signature before unpacking
-        signing.verify_archive(args.bundle, trusted)
-    with Bundle.open(args.bundle) as bundle:
+        signed = signing.verify_archive(args.bundle, trusted)
+    with Bundle.open(args.bundle, expected=signed.files if signed else None) as bundle:
         out.print(f"hashes: {len(bundle.manifest.files)} files match the manifest")
         if trusted:
             signer = signing.verify_folder(bundle, trusted)
