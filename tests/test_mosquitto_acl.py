@@ -153,6 +153,30 @@ def test_a_regeneration_keeps_the_files_the_brokers_user_reads(shared_folder: Pa
         assert kept.accepted, (directory / "mosquitto.log").read_text()
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to start Mosquitto as its own user")
+def test_a_first_split_gives_fleet_passwd_the_owner_of_passwd(shared_folder: Path) -> None:
+    """Files chowned to the broker's user once, then split onto two listeners: the new
+    fleet.passwd was root's alone, so the broker, restarted as its own user, could not read
+    it and never started ("Unable to open pwfile"); it takes passwd's owner and mode."""
+    broker_user = pwd.getpwnam("mosquitto")
+    directory = shared_folder / "broker"
+    files = fleet_files(directory)
+    directory.chmod(0o755)
+    for path in (files.passwd, files.acl, files.conf):
+        os.chown(path, broker_user.pw_uid, broker_user.pw_gid)
+    devices, fleet = free_port(), free_port()
+    split = fleet_files(directory, listeners=(Listener(devices, "127.0.0.1"),
+                                              Listener(fleet, "127.0.0.1")))
+    assert split.fleet_passwd is not None
+    status = split.fleet_passwd.stat()
+    assert (status.st_uid, status.st_gid, status.st_mode & 0o777) == (
+        broker_user.pw_uid, broker_user.pw_gid, 0o600)
+    with broker(directory, fleet, listening=True, user="mosquitto"):
+        registry = Peer(fleet, "fleet", SECRETS["fleet"])
+        registry.close()
+        assert registry.accepted, (directory / "mosquitto.log").read_text()
+
+
 def test_files_written_again_through_links_take_the_modes_of_what_they_name(tmp_path: Path
                                                                            ) -> None:
     """A link's own mode is 0777: kept, it made a regenerated acl writable by every local user

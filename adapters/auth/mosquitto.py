@@ -312,7 +312,7 @@ def write_broker_files(directory: str | Path, devices: Iterable[Device],
     clients, DIR/fleet.passwd the orchestrator (`split_conf_text`).
     New password files are owner-only (they hold hashes): run Mosquitto as that owner, or chown
     them to the broker's user once; a file written again keeps its owner, group and mode (a
-    password file never readable by others). Nothing is written unless every name checks out
+    password file never readable by others), and a first fleet.passwd takes passwd's. Nothing is written unless every name checks out
     and every replaced file's owner can be kept.
     """
     directory = Path(directory)
@@ -334,6 +334,9 @@ def write_broker_files(directory: str | Path, devices: Iterable[Device],
     texts[files.conf] = (conf_text(files.passwd, files.acl) if listeners is None
                          else split_conf_text(files, *listeners), False)
     owners = {path: _kept_owner(path, secret) for path, (_, secret) in texts.items()}
+    if files.fleet_passwd is not None and owners[files.fleet_passwd] is None:
+        # The first split: the broker reads the new file as it reads passwd.
+        owners[files.fleet_passwd] = owners[files.passwd]
     for path, (text, secret) in texts.items():
         _write(path, text, 0o600 if secret else 0o644, owners[path])
     return files
