@@ -172,6 +172,12 @@ class MicroBatcher:
 
     # ----------------------------------------------------------------- callers
     @property
+    def max_batch_size(self) -> int:
+        """The most rows one forward pass takes: the config's, within the model's own limit
+        (what metadata advertises; the config's alone promised more than the model takes)."""
+        return self._cap
+
+    @property
     def queue_depth(self) -> int:
         """Requests waiting (not yet in a forward pass)."""
         return self._count
@@ -286,8 +292,11 @@ class MicroBatcher:
         return True
 
     def _discard(self, request: _Request) -> None:
-        # Under the lock: the request stays in its deque as a tombstone, skipped later.
+        # Under the lock: the request stays in its deque as a tombstone, skipped later; its
+        # inputs go now (a tombstone behind a waiting batch held them, uncounted by
+        # max_queue_size, so callers that gave up piled up memory past the queue's bound)
         request.state = _DROPPED
+        request.arrays = {}
         self._count -= 1
         self._rows[request.key] -= request.rows
 
@@ -323,7 +332,13 @@ class MicroBatcher:
                 for head in heads:
                     target = self._target_rows(head, now)
                     if target:
-                        return self._collect(head.key, target, now, expired), expired
+                        batch = self._collect(head.key, target, now, expired)
+                        if self._count and self._waiting:
+                            # what is left may be due too: an idle worker looks (it slept
+                            # while this one ran, as enqueues wake it only on an empty queue
+                            # or a full batch)
+                            self._cond.notify()
+                        return batch, expired
                 if expired:
                     return [], expired
                 self._wait(heads[0].enqueued + self._delay - now)

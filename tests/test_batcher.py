@@ -249,6 +249,27 @@ def test_a_cancelled_asyncio_request_lets_go_of_its_arrays(recording):
         asyncio.run(main(batcher))
 
 
+def test_withdrawn_requests_behind_a_waiting_batch_let_go_of_their_arrays(recording):
+    # a withdrawn request stayed in its queue, inputs and all, until the batch in front of it
+    # ran (up to max_queue_delay_us); the queue no longer counted it, so callers that gave up
+    # and retried held memory far past max_queue_size
+    with batcher_for(recording, max_batch_size=64, max_queue_delay_us=60_000_000,
+                     max_queue_size=2) as batcher:
+        waiting = batcher.submit({"x": rows(1)})
+        alive = []
+        for _ in range(20):
+            marker = rows(1)
+            alive.append(weakref.ref(marker))
+            assert batcher.submit({"x": marker}).cancel()
+            del marker
+        gc.collect()
+        assert batcher.queue_depth == 1
+        assert not any(ref() is not None for ref in alive), "withdrawn inputs are held"
+        batcher.flush()
+        assert waiting.result()["y"].shape == (1, 4)
+    assert recording.batch_rows() == [1]
+
+
 def test_an_idle_worker_holds_nothing_of_the_last_batch(mlp_model):
     # the worker's loop kept its last batch while it waited for the next: a big request's
     # inputs and outputs stayed in memory for as long as no other request came
@@ -397,6 +418,41 @@ def test_several_model_instances_share_one_queue(mlp_bundle):
             outs = list(pool.map(lambda i: batcher.predict({"x": rows(1, seed=i)}), range(200)))
     assert len(outs) == 200
     assert all(instance.batches for instance in instances), "both instances ran batches"
+
+
+def test_a_model_that_cannot_batch_runs_queued_requests_on_every_idle_instance(make_bundle):
+    # a fixed-shape model's requests each make a batch of their own; the second instance was
+    # woken only at max_batch_size queued rows, so a request waited behind a busy instance
+    # while the other slept (and under load, it slept as long as the queue never emptied)
+    bundle = make_bundle(identity_onnx("float32", [1, 8]), name="fixed")
+    instances = [Recording(Model.load(bundle, intra_op_threads=1)) for _ in range(2)]
+    with batcher_for(instances, max_batch_size=8, max_queue_delay_us=500) as batcher:
+        assert not batcher.signature.batchable
+        for instance in instances:
+            instance.hold()
+        pending = [batcher.submit({"x": np.full((1, 8), i, np.float32)}) for i in range(2)]
+        entered = [instance.entered.wait(10) for instance in instances]
+        for instance in instances:
+            instance.release()
+        for i, request in enumerate(pending):
+            np.testing.assert_array_equal(request.result()["y"], np.full((1, 8), i))
+    assert entered == [True, True], "both instances took a request"
+
+
+def test_a_due_batch_of_another_shape_runs_on_an_idle_instance(make_bundle):
+    # enqueues wake a worker only on an empty queue or a full batch: the due batch of a
+    # second shape waited behind the first's forward pass while the other instance slept
+    bundle = make_bundle(identity_onnx("float32", ["b", "n"]))
+    instances = [Recording(Model.load(bundle, intra_op_threads=1)) for _ in range(2)]
+    with batcher_for(instances, max_batch_size=8, max_queue_delay_us=0) as batcher:
+        for instance in instances:
+            instance.hold()
+        pending = [batcher.submit({"x": np.ones((1, n), np.float32)}) for n in (2, 3)]
+        entered = [instance.entered.wait(10) for instance in instances]
+        for instance in instances:
+            instance.release()
+        assert [p.result()["y"].shape for p in pending] == [(1, 2), (1, 3)]
+    assert entered == [True, True], "both instances took a batch"
 
 
 # ------------------------------------------------------------- property: merge and split

@@ -19,7 +19,7 @@ from edgerun.adapters.http.asgi import EdgerunASGI
 from edgerun.adapters.http.status import status_of
 from edgerun.examples import mlp_onnx
 from edgerun.runtime import (BundleError, InvalidInput, Model, ModelNotReady, Overloaded,
-                             Unauthenticated)
+                             Unauthenticated, create_bundle)
 from edgerun.runtime.bundle import Bundle
 from edgerun.runtime.metrics import Registry
 from edgerun.runtime.repository import Repository
@@ -212,6 +212,26 @@ def test_unnamed_metadata_describes_the_version_unnamed_requests_go_to(tmp_path,
         named = plane.model_metadata("m", "2")
         assert named["versions"] == ["2"] and [t["name"] for t in named["inputs"]] == ["a", "b"]
         assert plane.handle(Call(routes.MODEL_READY, "m")).error is None
+    finally:
+        repository.close()
+
+
+def test_metadata_max_batch_size_is_what_the_model_takes(tmp_path):
+    # the metadata said the config's 64 rows while the bundle takes at most 8: a client that
+    # sized its requests by it had every request refused
+    root = tmp_path / "models"
+    source = tmp_path / "m.onnx"
+    source.write_bytes(mlp_onnx([8, 16, 4]))
+    create_bundle(source, root / "m" / "1", name="m", version="1", max_batch_size=8)
+    repository = Repository(root, registry=Registry())
+    repository.load_all()
+    plane = DataPlane(repository)
+    try:
+        advertised = plane.model_metadata("m")["parameters"]["max_batch_size"]
+        assert advertised == 8
+        reply = plane.handle(Call(routes.INFER, "m",
+                                  body=infer_body(np.zeros((advertised, 8), np.float32))))
+        assert reply.error is None, reply.error
     finally:
         repository.close()
 

@@ -300,7 +300,7 @@ class DataPlane:
                                       served.model.bundle.manifest.backend),
             "inputs": [oip.metadata_tensor(s.name, s.dtype, s.shape) for s in sig.inputs],
             "outputs": [oip.metadata_tensor(s.name, s.dtype, s.shape) for s in sig.outputs],
-            "parameters": {"max_batch_size": served.batcher.config.max_batch_size
+            "parameters": {"max_batch_size": served.batcher.max_batch_size
                            if sig.batchable else 0}}
 
     def _live(self, call: Call) -> Reply:
