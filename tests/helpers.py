@@ -69,6 +69,18 @@ def two_input_onnx() -> bytes:
     return _model(graph)
 
 
+def masked_sum_onnx() -> bytes:
+    """total = sum(x * mask) per row, with x and mask float32 [batch, "seq"]: one sequence."""
+    graph = helper.make_graph(
+        [helper.make_node("Mul", ["x", "mask"], ["kept"]),
+         helper.make_node("ReduceSum", ["kept", "axes"], ["total"], keepdims=0)], "masked_sum",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", "seq"]),
+         helper.make_tensor_value_info("mask", TensorProto.FLOAT, ["batch", "seq"])],
+        [helper.make_tensor_value_info("total", TensorProto.FLOAT, ["batch"])],
+        [numpy_helper.from_array(np.array([1], np.int64), "axes")])
+    return _model(graph)
+
+
 class Recording(Model):
     """A real model that records every batch it runs and can hold its worker at a gate."""
 

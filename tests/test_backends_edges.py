@@ -10,7 +10,7 @@ import pytest
 
 from edgerun.runtime import InvalidInput, MicroBatcher, Model, create_bundle
 from edgerun.runtime.metrics import Registry
-from tests.tflite_models import int32_row_mixing_tflite
+from tests.tflite_models import float_add_tflite, int32_row_mixing_tflite
 
 
 def test_an_integer_model_that_mixes_rows_is_not_declared_batchable(tmp_path: Path):
@@ -45,4 +45,29 @@ def test_a_request_of_no_rows_gets_empty_outputs_and_the_next_one_its_answer(tmp
                                rtol=1e-4, atol=1e-5)
     with MicroBatcher(model, registry=Registry()) as batcher:
         assert batcher.predict({"input_1": x[:0]})["activation_10"].shape == (0, 256, 256, 1)
+    model.close()
+
+
+def test_shapes_a_tflite_model_cannot_take_are_refused_naming_them_each_time(tmp_path: Path):
+    # the interpreter that failed to allocate them went back to the pool: the same request
+    # again got "Tensor is unallocated", and LiteRT's error reporter kept every message, so each
+    # failure's text (an InferenceError, a 500) carried all the ones before it, without bound
+    source = tmp_path / "add.tflite"
+    source.write_bytes(float_add_tflite())
+    model = Model.load(create_bundle(source, tmp_path / "b", name="add", version="1"),
+                       intra_op_threads=1, instances=1)
+    x, y = np.ones((1, 3), np.float32), np.ones((1, 4), np.float32)
+    messages = []
+    for _ in range(3):
+        with pytest.raises(InvalidInput, match=r"input shapes 'x' \[1, 3\], 'y' \[1, 4\]: the "
+                                               "model cannot run them") as caught:
+            model.predict({"x": x, "y": y})
+        messages.append(str(caught.value))
+    assert messages[0] == messages[1] == messages[2]
+    np.testing.assert_array_equal(model.predict({"x": x, "y": 2 * x})["z"], 3 * x)
+    with MicroBatcher(model, registry=Registry(), max_queue_delay_us=20_000) as batcher:
+        good = batcher.submit({"x": y, "y": y})
+        with pytest.raises(InvalidInput, match="cannot run them"):
+            batcher.predict({"x": x, "y": y})
+        np.testing.assert_array_equal(good.result()["z"], 2 * y)
     model.close()

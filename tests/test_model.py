@@ -15,7 +15,7 @@ from edgerun.devices import DeviceProfile, load_profile
 from edgerun.runtime import BundleError, InferenceError, InvalidInput, Model
 from edgerun.runtime.backends.cpus import cgroup_quota, cpu_limit
 from edgerun.runtime.backends.onnxruntime import providers_for
-from tests.helpers import gather_onnx, two_input_onnx
+from tests.helpers import gather_onnx, masked_sum_onnx, two_input_onnx
 
 
 def test_predict_equals_bare_onnxruntime(mlp_bundle, mlp_model):
@@ -55,6 +55,22 @@ def test_backend_failure_is_a_typed_error_naming_the_model(make_bundle):
     np.testing.assert_array_equal(model.predict({"idx": [2]})["rows"], [[6, 7, 8]])
     with pytest.raises(InferenceError, match="model 'lookup' version 1"):
         model.predict({"idx": [99]})
+
+
+def test_dims_the_model_names_alike_must_agree_before_anything_runs(make_bundle):
+    # ONNX Runtime does not check them: a mask one long was broadcast over the whole sequence
+    # (a plausible answer to a request nobody sent), a shorter one failed inside the Mul as an
+    # InferenceError (a 500) naming no input
+    model = Model.load(make_bundle(masked_sum_onnx()))
+    x = np.float32([[1, 2, 3, 4]])
+    np.testing.assert_array_equal(model.predict({"x": x, "mask": [[1, 1, 0, 0]]})["total"], [3])
+    for mask in ([[1]], [[1, 1, 1]]):
+        with pytest.raises(InvalidInput, match=r"input 'mask': dim 1 \('seq'\) is \d, but input "
+                                               r"'x' dim 1 \('seq'\) is 4") as caught:
+            model.predict({"x": x, "mask": mask})
+        assert caught.value.tensor == "mask"
+    np.testing.assert_array_equal(model.predict({"x": x, "mask": [[0, 0, 1, 1]]})["total"], [7])
+    model.close()
 
 
 def test_session_options_follow_arguments(mlp_bundle):

@@ -94,3 +94,26 @@ def int32_row_mixing_tflite(features: int = 4) -> bytes:
     builder = flatbuffers.Builder(1024)
     builder.Finish(model.Pack(builder), file_identifier=b"TFL3")
     return bytes(builder.Output())
+
+
+def float_add_tflite() -> bytes:
+    """z = x + y on float32 [-1, -1] inputs: any two shapes resize, only equal ones allocate."""
+    float32 = schema.TensorType.FLOAT32
+    graph = schema.SubGraphT()
+    graph.tensors = [_tensor(name, [1, 1], float32, 0, 0.0, 0) for name in ("x", "y", "z")]
+    for tensor in graph.tensors:
+        tensor.shapeSignature, tensor.quantization = [-1, -1], None
+    add = schema.OperatorT()
+    add.opcodeIndex, add.inputs, add.outputs = 0, [0, 1], [2]
+    add.builtinOptionsType = schema.BuiltinOptions.AddOptions
+    add.builtinOptions = schema.AddOptionsT()
+    graph.inputs, graph.outputs, graph.operators, graph.name = [0, 1], [2], [add], "main"
+    code = schema.OperatorCodeT()
+    code.builtinCode = code.deprecatedBuiltinCode = schema.BuiltinOperator.ADD
+    code.version = 1
+    model = schema.ModelT()
+    model.version, model.operatorCodes, model.subgraphs = 3, [code], [graph]
+    model.buffers = [_buffer()]
+    builder = flatbuffers.Builder(1024)
+    builder.Finish(model.Pack(builder), file_identifier=b"TFL3")
+    return bytes(builder.Output())

@@ -52,6 +52,18 @@ def _specs(args: list[Any], model: Path) -> tuple[TensorSpec, ...]:
     return tuple(specs)
 
 
+def _alike_dims(args: list[Any]) -> tuple[tuple[str, tuple[tuple[str, int], ...]], ...]:
+    """Input dims the model names alike, as (name, ((input, axis), ...)) for each symbolic name
+    on two dims or more: ONNX means them to be one size at run time (an input and its mask of
+    one `sequence`), and ONNX Runtime does not check it."""
+    places: dict[str, list[tuple[str, int]]] = {}
+    for arg in args:
+        for axis, dim in enumerate(arg.shape):
+            if isinstance(dim, str) and dim:
+                places.setdefault(dim, []).append((arg.name, axis))
+    return tuple((dim, tuple(where)) for dim, where in places.items() if len(where) > 1)
+
+
 def _unranked_inputs(model_path: Path) -> list[str]:
     """Graph inputs whose type carries no shape at all (not even a rank)."""
     import onnx  # only when a bundle is made: parsing the graph costs a full read
@@ -285,6 +297,7 @@ class OnnxRuntimeBackend(Backend):
         self.session = session
         self._output_names = [o.name for o in session.get_outputs()]
         self._text_inputs = [i.name for i in session.get_inputs() if i.type == "tensor(string)"]
+        self._alike_dims = _alike_dims(session.get_inputs())
 
     @classmethod
     def inspect(cls, model_path: Path) -> Signature:
@@ -393,8 +406,19 @@ class OnnxRuntimeBackend(Backend):
         return dict(zip(self._output_names, self.session.run(self._output_names, inputs)))
 
     def conform(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """String tensors as text: ONNX Runtime turns a bytes element into its repr
-        ("b'...'"), so UTF-8 bytes are decoded and any other bytes refused."""
+        """Dims the model names alike refused unless they agree: ONNX Runtime broadcasts a
+        mask of one where it expected the whole sequence (an answer to a request nobody sent),
+        or fails inside an op, naming no input. String tensors as text: ONNX Runtime turns a
+        bytes element into its repr ("b'...'"), so UTF-8 bytes are decoded and any other bytes
+        refused."""
+        for dim, ((first, axis), *others) in self._alike_dims:
+            size = inputs[first].shape[axis]
+            for name, other in others:
+                if inputs[name].shape[other] != size:
+                    raise InvalidInput(
+                        f"input {name!r}: dim {other} ({dim!r}) is {inputs[name].shape[other]}, "
+                        f"but input {first!r} dim {axis} ({dim!r}) is {size}; the model names "
+                        f"both {dim!r}, so they must be equal", name)
         for name in self._text_inputs:
             array = inputs[name]
             if any(type(value) is bytes for value in array.flat):

@@ -199,15 +199,21 @@ class TFLiteBackend(Backend):
 
     def _invoke(self, slot: _Slot, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         interpreter = slot.interpreter
-        resized = False
+        resized: list[str] = []
         for tensor in self._inputs:
             shape = inputs[tensor.name].shape
             if slot.shapes[tensor.index] != shape:
                 interpreter.resize_tensor_input(tensor.index, list(shape), strict=False)
                 slot.shapes[tensor.index] = shape
-                resized = True
+                resized.append(tensor.name)
         if resized:
-            interpreter.allocate_tensors()
+            try:
+                interpreter.allocate_tensors()
+            except RuntimeError as exc:  # a kernel's (or XNNPACK's) Prepare refused the shapes
+                shapes = ", ".join(f"{t.name!r} {list(inputs[t.name].shape)}"
+                                   for t in self._inputs)
+                raise InvalidInput(f"input shapes {shapes}: the model cannot run them "
+                                   f"({str(exc).strip()})", resized[0]) from None
         for tensor in self._inputs:
             interpreter.set_tensor(tensor.index,
                                    np.ascontiguousarray(tensor.to_tensor(inputs[tensor.name])))
@@ -239,13 +245,16 @@ class TFLiteBackend(Backend):
                 slot = self._idle.pop() if self._idle else None
             if slot is None:
                 slot = _Slot(_new_interpreter(self._model, self._name, self._threads))
-            try:
-                if any(a.ndim and not a.shape[0] for a in inputs.values()):
-                    return self._empty(slot, inputs)
-                return self._invoke(slot, inputs)
-            finally:
-                with self._lock:
-                    self._idle.append(slot)
+            # an interpreter that failed is dropped, not pooled: it is left sized for shapes it
+            # could not allocate, and its error reporter keeps every message it ever gave (each
+            # failure's text would carry all the ones before it)
+            if any(a.ndim and not a.shape[0] for a in inputs.values()):
+                outputs = self._empty(slot, inputs)
+            else:
+                outputs = self._invoke(slot, inputs)
+            with self._lock:
+                self._idle.append(slot)
+            return outputs
         finally:
             self._slots.release()
 
