@@ -202,6 +202,7 @@ def test_relative_paths_in_device_toml_are_relative_to_the_file(tmp_path):
 @pytest.mark.parametrize("line, message", [
     ("session_expiry = 86400.0", "session_expiry must be an integer"),  # struct.error at connect
     ("keepalive = 30.5", "keepalive must be an integer"),               # struct.error at connect
+    ("session_expiry = 5000000000", "session_expiry must be at most"),  # struct.error too
     ("qos = 1.0", "qos must be an integer"),            # stayed up, never subscribed nor online
     ("max_inbox = \"1024\"", "max_inbox must be an integer"),              # TypeError traceback
     ("username = 1234", "username must be a string"),            # AttributeError inside paho

@@ -184,6 +184,24 @@ def test_a_reply_topic_with_wildcards_is_dropped_and_the_daemon_serves_on(broker
     assert "disconnected from" not in log
 
 
+def test_an_empty_response_topic_gets_no_answer_and_the_daemon_stays_connected(daemon,
+                                                                              requester):
+    """paho publishes to an empty topic under MQTT v5 (a Topic Alias could stand for it), and
+    Mosquitto ends the connection for it: the QoS 1 answer, sent again on every reconnect,
+    kept the daemon offline until it was restarted."""
+    properties = Properties(PacketTypes.PUBLISH)
+    properties.ResponseTopic = ""
+    properties.CorrelationData = b"empty-response-topic"
+    requester.client.publish("edgerun/dev1/infer/mlp", INFER_JSON, 1,
+                             properties=properties).wait_for_publish(10)
+    for _ in range(3):
+        answer, _ = requester.ask("edgerun/dev1/infer/mlp", INFER_JSON, timeout=20)
+        assert outputs(answer).shape == (1, 3)
+    log = daemon.output()
+    assert "names the reply topic '', which is empty" in log
+    assert "disconnected from" not in log
+
+
 def test_mosquitto_rr_gets_its_answer(broker, daemon):
     result = subprocess.run(
         ["mosquitto_rr", "-p", str(broker.port), "-t", "edgerun/dev1/infer/mlp",
@@ -313,6 +331,15 @@ def test_the_daemon_refuses_a_negative_poll_interval(tmp_path):
     result = edgerun("daemon", "--repository", str(tmp_path), "--broker", "mqtt://127.0.0.1:1",
                      "--device-id", "pi-1", "--poll-interval", "-1", timeout=60)
     assert result.returncode == 2 and "poll_interval must be" in result.stderr, result.stderr
+
+
+def test_a_group_named_as_the_device_is_refused(tmp_path):
+    """The device's own subscription and the group's shared one then both matched every
+    request to the device: each was answered twice (once only when it carried Correlation
+    Data, the second copy taken for a redelivery)."""
+    with pytest.raises(ValueError, match="group 'pi-1' must differ from the device id"):
+        load_config(None, repository=tmp_path, broker="mqtt://h", device_id="pi-1",
+                    group="pi-1")
 
 
 def test_config_file_with_flags_on_top(tmp_path):
@@ -542,6 +569,44 @@ def test_broker_restart_mid_stream_answers_each_acknowledged_request_once(tmp_pa
     for key, copies in requester.redelivered.items():
         assert all(copy == requester.answers[key][0][0] for copy in copies)
     assert all("error" not in orjson.loads(requester.answers[k][0][0]) for k in acknowledged)
+
+
+def test_a_rotated_password_file_is_read_at_the_next_connect(tmp_path, repo):
+    """The password was read once, at start-up: after a rotation (new password file, broker
+    restarted) the daemon presented the old one at every reconnect, refused for good until
+    restarted by hand; and a file missing at a reconnect attempt ended the reconnecting."""
+    passwd, secret = tmp_path / "passwd", tmp_path / "broker.password"
+
+    def set_password(password: str) -> None:
+        subprocess.run(["mosquitto_passwd", "-b", "-c", str(passwd), "dev", password],
+                       check=True, capture_output=True)
+        passwd.chmod(0o644)  # for a broker run as its own user
+        secret.write_text(password + "\n")
+        secret.chmod(0o600)
+
+    set_password("first")
+    broker = Broker(tmp_path / "b")
+    broker.config.write_text(broker.config.read_text() + f"password_file {passwd}\n")
+    broker.start()
+    try:
+        with running_daemon(repo, broker, "rotated", "--username", "dev", "--password-file",
+                            str(secret), "--reconnect-min-s", "0.1", "--reconnect-max-s",
+                            "0.5") as daemon:
+            broker.stop()
+            secret.unlink()  # mid-rotation
+            deadline = time.monotonic() + 30
+            while "cannot read the broker password" not in daemon.output():
+                assert time.monotonic() < deadline, daemon.output()
+                time.sleep(0.1)
+            set_password("second")
+            broker.start()
+            wait_online(broker, "rotated", daemon, timeout=30)
+            requester = Requester(broker)
+            answer, _ = requester.ask("edgerun/rotated/infer/mlp", INFER_JSON, timeout=20)
+            requester.close()
+            assert outputs(answer).shape == (1, 3)
+    finally:
+        broker.stop()
 
 
 def test_tls_with_a_test_ca(tmp_path, repo):

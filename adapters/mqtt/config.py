@@ -93,6 +93,9 @@ class DaemonConfig:
             raise ValueError(f"device id {self.device_id!r} must be non-empty and hold no / + #")
         if any(c in self.group for c in "/+#"):
             raise ValueError(f"group {self.group!r} must hold no / + #")
+        if self.group == self.device_id:
+            # both subscriptions match edgerun/<id>/infer/...: every request came twice
+            raise ValueError(f"group {self.group!r} must differ from the device id")
         if self.protocol not in PROTOCOLS:
             raise ValueError(f"protocol must be one of {', '.join(PROTOCOLS)}")
         if self.log_level not in LOG_LEVELS:
@@ -111,6 +114,9 @@ class DaemonConfig:
                                  f"{'of at least' if zero_allowed else 'above'} 0, got {value!r}")
         if self.keepalive > 0xFFFF:
             raise ValueError(f"keepalive must be at most 65535 seconds, got {self.keepalive}")
+        if self.session_expiry > 0xFFFFFFFF:  # a four-byte CONNECT property: struct.error
+            raise ValueError("session_expiry must be at most 4294967295 seconds (never "
+                             f"expires), got {self.session_expiry}")
         if self.reconnect_max_s < self.reconnect_min_s:
             raise ValueError("reconnect_max_s must be at least reconnect_min_s")
         if self.password is not None and self.password_file is not None:

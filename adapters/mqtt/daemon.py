@@ -38,7 +38,7 @@ from edgerun.adapters.codecs import npz, oip
 from edgerun.adapters.dataplane import DataPlane
 from edgerun.adapters.dataplane.call import BINARY, JSON
 from edgerun.adapters.mqtt import messages, systemd_notify, transport
-from edgerun.adapters.mqtt.config import DaemonConfig
+from edgerun.adapters.mqtt.config import Broker, DaemonConfig
 from edgerun.adapters.mqtt.extensions import Extension, specs
 from edgerun.adapters.mqtt.messages import Request
 from edgerun.adapters.mqtt.telemetry import Telemetry
@@ -308,10 +308,7 @@ class Daemon:
             protocol=mqtt.MQTTv5 if self.v5 else mqtt.MQTTv311,
             clean_session=None if self.v5 else False, manual_ack=True)
         client.max_inflight_messages = 0  # 3.1.1: not capped at paho's default 20; v5: the broker's
-        broker = config.broker_address
-        if broker.username:
-            client.username_pw_set(broker.username, broker.password)
-        if broker.tls:
+        if Broker.parse(config.broker).tls:
             client.tls_set(ca_certs=_str(config.ca_file), certfile=_str(config.cert_file),
                            keyfile=_str(config.key_file))
         client.on_connect = self._on_connect
@@ -330,7 +327,16 @@ class Daemon:
         """One connection attempt on the loop; failures retry with backoff and jitter."""
         if self._closing:
             return
-        broker = self.config.broker_address
+        try:
+            # password_file is read at each attempt: a rotated password takes effect, and a
+            # file missing for a moment is retried, not the end of reconnecting
+            broker = self.config.broker_address
+        except (OSError, ValueError) as exc:  # gone, unreadable, not UTF-8
+            log.warning("cannot read the broker password (%s); retrying", exc)
+            self._retry()
+            return
+        if broker.username:
+            self.client.username_pw_set(broker.username, broker.password)
         # the Last Will carries the models and extension fields as of this connection
         self.client.will_set(self.status_topic, self.status("offline"), qos=1, retain=True)
         try:

@@ -114,7 +114,11 @@ def reply_topic_problem(topic: str) -> str | None:
     client that publishes to a topic with U+0000, a control character, a surrogate or a
     non-character (MQTT 5 1.5.4; Mosquitto checks them all), and paho raises, inside its read
     loop, for wildcards and topics over 65535 bytes; a QoS 1 answer that ended the connection
-    is sent again on every reconnect, so one bad reply_to would keep the daemon offline."""
+    is sent again on every reconnect, so one bad reply_to would keep the daemon offline.
+    paho sends an empty topic under MQTT v5 (it could stand for a Topic Alias), and Mosquitto
+    ends the connection for it (a protocol error)."""
+    if not topic:
+        return "is empty"
     if "+" in topic or "#" in topic:
         return "has wildcards"
     levels = topic.split("/")
