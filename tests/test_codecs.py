@@ -227,6 +227,7 @@ def _tensor(**fields) -> bytes:
     (_tensor(), "+10", "must be an integer"),
     (_tensor(), "1_0", "must be an integer"),
     (_tensor(), "100000", "outside the"),
+    (_tensor(), "9" * 5000, "outside the"),  # int() refuses over 4300 digits: a ValueError
     (json.dumps({"inputs": [{"name": "x", "datatype": "INT8", "shape": [2], "data": [1, 300]}]})
      .encode(), None, "values out of int8 range"),
     (json.dumps({"inputs": [{"name": "x", "datatype": "FP32", "shape": [1], "data": [1]}],
