@@ -282,6 +282,30 @@ def test_canary_then_full_rollout_under_load_fails_no_request(tmp_path, server, 
     assert all(d.device_id in result.stdout for d in devices)
 
 
+def test_fleet_status_shows_what_devices_say_as_text(broker, server):
+    """A device's status is its own to write: a group or state that reads as console markup
+    ("[/x]") or models of another shape ended `fleet status` with a traceback, for every
+    device of the fleet; markup that did parse restyled the table."""
+    device = mqtt_client("odd")
+    device.connect("127.0.0.1", broker.port)
+    device.loop_start()
+    try:
+        for name, status in (("odd", {"state": "[/x]", "group": "[/lab]",
+                                      "models": {"m": ["[bold]1"]}}),
+                             ("odder", {"state": "online", "models": ["m"]}),
+                             ("oddest", {"state": "online", "models": {"m": [1, None]}})):
+            device.publish(f"edgerun/{name}/status", json.dumps(status), qos=1,
+                           retain=True).wait_for_publish(10)
+        wait_for(lambda: len(server.get("/devices")) == 3, 30, "the statuses")
+    finally:
+        device.loop_stop()
+        device.disconnect()
+    result = edgerun("fleet", "status", "--server", server.url)
+    assert result.returncode == 0, result.stderr
+    for text in ("[/x]", "[/lab]", "m [bold]1", "odder", "m 1,None"):
+        assert text in result.stdout, result.stdout
+
+
 def smoke_failing(tmp_path, keys, version: str):
     """A validly signed bundle whose golden output is wrong: it fails its smoke test."""
     folder = make_bundle(tmp_path / "s", model(5), "m", version, None)
@@ -402,6 +426,31 @@ def test_offline_device_broker_restart_and_orchestrator_restart(tmp_path, broker
     assert set(states.values()) == {"active"}
     assert all(d.served("m") == ["2"] for d in devices[:5]) and gone.served("m") == ["1"]
     assert load.failures == []
+
+
+def test_a_device_offline_through_its_rollback_rolls_back_when_it_returns(
+        tmp_path, server, fleet, keys):
+    """dev00 took m:2, then went offline; the operator rolled the rollout back. Its rollback
+    job timed out (the rollout then ends, aborted) and was cleared from the broker with it:
+    dev00 came back to no job and served the version the operator rolled back, for good (an
+    aborted rollout cannot be rolled back again, and an install of m:1 is refused as older)."""
+    devices = fleet(2)
+    push(server, make_bundle(tmp_path / "b", model(2), "m", "2", keys["key"]))
+    away, other = devices
+    status = server.deploy(model="m", version="2", devices=[away.device_id], job_timeout=20)
+    wait_for(lambda: away.served("m") == ["2"], 30, "the install")
+    assert server.wait_rollout(status["id"])["state"] == "completed"
+    away.go_offline()
+    answer = httpx.post(f"{server.url}/rollouts/{status['id']}/rollback", timeout=30)
+    assert answer.status_code == 200, answer.text
+    final = server.wait_rollout(status["id"], ("aborted",), timeout=60)  # it timed out
+    assert "timed out" in final["jobs"][0]["detail"], final
+    away.come_back()
+    wait_for(lambda: away.served("m") == ["1"], 30, "the rollback once the device is back")
+    (job,) = wait_for(lambda: [j for j in server.get(f"/rollouts/{status['id']}")["jobs"]
+                               if j["state"] == "rolled_back"], 30, "its report")
+    assert (job["device_id"], job["kind"]) == (away.device_id, "rollback")
+    assert other.served("m") == ["1"]
 
 
 def test_rollout_to_real_daemons_and_kill_9_of_one(tmp_path, broker, server, keys, v1):
@@ -636,6 +685,62 @@ def test_a_late_devices_rollback_that_times_out_is_not_taken_for_a_withdrawn_ins
         "rollback", "failed", "timed out in state queued"), job_b
     assert job_b["previous_version"] == "1"
     assert orchestrator.store.device_has_job("b", "m", "2")
+
+
+def test_max_failures_is_a_share_of_the_devices_reached_so_far(orchestrator):
+    """Both devices of the first wave failed, 100 % of those tried, over max-failures 30 %;
+    counted against all ten the rollout's 20 % was within it, and the next wave went to the
+    other eight: the first wave guarded nothing."""
+    from edgerun.adapters.ota.messages import Report
+
+    devices = [f"d{i}" for i in range(10)]
+    sent = orchestrator.sent
+    rollout = orchestrator.deploy("m", "2", devices=devices, waves=[0.2, 1.0], max_failures=0.3)
+    first = [job for job in rollout["jobs"] if job["state"] == "queued"]
+    assert [job["device_id"] for job in first] == ["d0", "d1"]
+    for job in first:
+        orchestrator.on_message(f"edgerun/{job['device_id']}/ota/report", Report(
+            job["job_id"], job["device_id"], "failed", "m", "2", "1",
+            detail="smoke test failed").encode())
+        orchestrator.tick()
+    status = orchestrator.status(rollout["id"])
+    assert status["state"] == "aborted", status
+    assert "of 2 devices failed, over max-failures 30%" in status["reason"]
+    assert {job_states(status)[device] for device in devices[2:]} == {"cancelled"}
+    assert {topic for topic, payload, _ in sent if payload} == {"edgerun/d0/ota",
+                                                                "edgerun/d1/ota"}
+
+
+def test_a_rollback_that_timed_out_stays_for_the_device_and_its_late_end_counts(
+        orchestrator, tmp_path, keys):
+    """A rollback job that times out is left on the broker for its device (offline, say), and
+    the end it reports later is recorded; that report clears no job another rollout has sent
+    the device since."""
+    from edgerun.adapters.ota.messages import Job, Report
+    from edgerun.runtime import Bundle
+
+    with Bundle.open(make_bundle(tmp_path / "n", model(3), "n", "1", keys["key"])) as bundle:
+        archive = bundle.pack(tmp_path / "n-1.tar.gz")
+    with archive.open("rb") as stream:
+        orchestrator.registry.push(stream)
+    sent = orchestrator.sent
+    rollout = orchestrator.deploy("m", "2", devices=["a"], job_timeout=0.2)
+    orchestrator.on_message("edgerun/a/ota/report", Report(
+        rollout["jobs"][0]["job_id"], "a", "active", "m", "2", "1").encode())
+    orchestrator.rollback(rollout["id"])
+    rollback = Job.decode(sent[-1][1])
+    assert (sent[-1][0], rollback.kind, rollback.version) == ("edgerun/a/ota", "rollback", "1")
+    time.sleep(0.3)
+    orchestrator.tick()  # the rollback timed out: the rollout ends, the job stays for a
+    status = orchestrator.status(rollout["id"])
+    assert status["state"] == "aborted" and "timed out" in status["jobs"][0]["detail"]
+    assert sent[-1][1] == rollback.encode()
+    newer = orchestrator.deploy("n", "1", devices=["a"])  # a is free for the next rollout
+    assert job_states(newer) == {"a": "queued"} and Job.decode(sent[-1][1]).model == "n"
+    orchestrator.on_message("edgerun/a/ota/report", Report(
+        rollback.job_id, "a", "rolled_back", "m", "1", "2").encode())
+    assert job_states(orchestrator.status(rollout["id"])) == {"a": "rolled_back"}
+    assert Job.decode(sent[-1][1]).model == "n"  # n's job is not cleared from the broker
 
 
 def test_a_job_that_timed_out_counts_again_when_the_device_finishes_it(orchestrator):

@@ -210,10 +210,14 @@ class Store:
         return self.query("SELECT * FROM jobs WHERE rollout_id = ? ORDER BY wave, device_id",
                           (rollout_id,))
 
-    def busy_devices(self, rollout_id: str, idle: Collection[str]) -> set[str]:
-        """Devices with a job of another rollout in a state not in `idle` (under way)."""
+    def busy_devices(self, rollout_id: str, idle: Collection[str],
+                     device_id: str | None = None) -> set[str]:
+        """Devices (or just `device_id`) with a job of another rollout in a state not in
+        `idle` (under way)."""
+        one = "" if device_id is None else " AND device_id = ?"
         rows = self.query(f"SELECT DISTINCT device_id FROM jobs WHERE rollout_id <> ? AND "
-                          f"state NOT IN ({_marks(idle)})", (rollout_id, *idle))
+                          f"state NOT IN ({_marks(idle)}){one}",
+                          (rollout_id, *idle, *(() if device_id is None else (device_id,))))
         return {row["device_id"] for row in rows}
 
     def device_has_job(self, device_id: str, model: str, version: str) -> bool:

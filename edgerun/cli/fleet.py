@@ -77,7 +77,8 @@ def register(commands: argparse._SubParsersAction) -> None:
     targets.add_argument("--devices", default=None, help="comma-separated device ids")
     deploy.add_argument("--waves", default="100%", help="cumulative shares, e.g. 5%%,25%%,100%%")
     deploy.add_argument("--max-failures", default="0%",
-                        help="abort and roll back when more devices fail (default 0%%)")
+                        help="abort and roll back when a larger share of the devices reached "
+                             "so far fail (default 0%%)")
     deploy.add_argument("--gate", default=None,
                         help='health gate between waves, e.g. "p99<50ms,errors<1%%"')
     deploy.add_argument("--job-timeout", type=positive(float), default=600.0, metavar="SECONDS")
@@ -321,11 +322,10 @@ def _status(args: argparse.Namespace) -> int:
         out.print(models)
         devices = Table("device", "group", "state", "serving", "last seen (s ago)")
         for device in status["devices"]:
-            models = (device["status"] or {}).get("models") or {}
-            serving = "  ".join(f"{m} {','.join(v)}" for m, v in models.items())
-            devices.add_row(device["device_id"], device["grp"] or "", device["state"],
-                            escape(serving),
-                            f"{time.time() - device['last_seen']:.0f}")
+            # what each device says of itself: text, whatever its shape (never markup)
+            devices.add_row(*(escape(str(text)) for text in (
+                device["device_id"], device["grp"] or "", device["state"],
+                _serving(device["status"]))), f"{time.time() - device['last_seen']:.0f}")
         out.print(devices)
         return 0
     out.print(f"rollout [bold]{status['id']}[/] {status['model']} version {status['version']}: "
@@ -341,11 +341,20 @@ def _status(args: argparse.Namespace) -> int:
         progress.refresh()
     table = Table("device", "wave", "job", "state", "version", "previous", "detail")
     for job in status["jobs"]:
-        table.add_row(job["device_id"], str(job["wave"] + 1), job["kind"], job["state"],
-                      _version_cell(job["version"]), _version_cell(job["previous_version"]),
-                      escape(job["detail"] or ""))
+        table.add_row(escape(job["device_id"]), str(job["wave"] + 1), job["kind"],
+                      job["state"], _version_cell(job["version"]),
+                      _version_cell(job["previous_version"]), escape(job["detail"] or ""))
     out.print(table)
     return 0
+
+
+def _serving(status: Any) -> str:
+    """The models and versions a device's status names (`{"models": {name: [versions]}}`)."""
+    models = status.get("models") if isinstance(status, dict) else None
+    if not isinstance(models, dict):
+        return "" if models is None else str(models)
+    return "  ".join(f"{m} {','.join(map(str, v)) if isinstance(v, list) else v}"
+                     for m, v in models.items())
 
 
 def _version_cell(version: str | None) -> str:
