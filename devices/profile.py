@@ -154,7 +154,10 @@ def load_profile(name_or_path: str | Path | DeviceProfile | None = None) -> Devi
         raise ValueError(f"unknown device profile {str(name_or_path)!r} (no such profile file); "
                          f"shipped profiles: {', '.join(list_profiles())}")
     with path.open("rb") as handle:
-        data = tomllib.load(handle)
+        try:
+            data = tomllib.load(handle)
+        except tomllib.TOMLDecodeError as exc:  # "Invalid value (at line 2)": of which file?
+            raise ValueError(f"device profile {path}: {exc}") from None
     known = {f.name for f in fields(DeviceProfile)}
     unknown = sorted(set(data) - known)
     if unknown:

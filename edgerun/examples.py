@@ -39,8 +39,8 @@ def digits_split(*, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray, 
     try:
         from sklearn.datasets import load_digits
     except ImportError as exc:  # pragma: no cover - depends on the install
-        raise RuntimeError("the digits data needs scikit-learn: pip install 'edgerun[demo]'") \
-            from exc
+        raise ModuleNotFoundError("the digits data needs scikit-learn: pip install "
+                                  "'edgerun[demo]'", name=exc.name) from exc
     digits = load_digits()
     images = (digits.data / 16.0).astype(np.float32)
     labels = digits.target.astype(np.int64)
@@ -61,8 +61,8 @@ def digits_classifier_onnx(*, seed: int = 0, hidden: Sequence[int] = (128,),
         from sklearn.neural_network import MLPClassifier
         from threadpoolctl import threadpool_limits
     except ImportError as exc:  # pragma: no cover - depends on the install
-        raise RuntimeError("the digits model needs scikit-learn and skl2onnx: "
-                           "pip install 'edgerun[demo]'") from exc
+        raise ModuleNotFoundError("the digits model needs scikit-learn and skl2onnx: "
+                                  "pip install 'edgerun[demo]'", name=exc.name) from exc
     train_x, train_y, test_x, test_y = digits_split(seed=seed)
     classifier = MLPClassifier(hidden_layer_sizes=tuple(hidden), alpha=alpha, max_iter=400,
                                random_state=seed)

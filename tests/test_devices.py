@@ -125,3 +125,12 @@ def test_cli_devices_show_unknown_name_lists_the_shipped_ones(tmp_path):
             result = edgerun(*command)
             assert result.returncode == 2, result.stderr
             assert "Traceback" not in result.stderr and "device profile" in result.stderr
+
+
+def test_a_profile_that_is_not_toml_is_named(tmp_path):
+    """The parser's "Invalid value (at line 2, column 19)" said nothing of which file."""
+    bad = tmp_path / "mine.toml"
+    bad.write_text('name = "mine"\nintra_op_threads =\n')
+    result = edgerun("devices", "show", str(bad))
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert f"device profile {bad}: Invalid value (at line 2" in result.stderr, result.stderr

@@ -359,6 +359,11 @@ def test_config_file_with_flags_on_top(tmp_path):
         bad = tmp_path / "bad.toml"
         bad.write_text('brokr = "x"\n')
         load_config(bad)
+    not_toml = tmp_path / "typo.toml"  # the parser's message alone named no file
+    not_toml.write_text('broker = "mqtt://h"\nqos =\n')
+    with pytest.raises(ValueError) as refused:
+        load_config(not_toml)
+    assert str(refused.value).startswith(f"{not_toml}: Invalid value (at line 2")
 
 
 # ------------------------------------------------------- backpressure, failures

@@ -196,7 +196,10 @@ def load_config(path: Path | None = None, **overrides: Any) -> DaemonConfig:
     extensions: dict[str, dict[str, Any]] = {}
     if path is not None:
         with open(path, "rb") as handle:
-            raw = tomllib.load(handle)
+            try:
+                raw = tomllib.load(handle)
+            except tomllib.TOMLDecodeError as exc:  # "Invalid value (at line 2)": of which file?
+                raise ValueError(f"{path}: {exc}") from None
         for key, value in raw.items():
             key = key.replace("-", "_")
             if key in KEYS:

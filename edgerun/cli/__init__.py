@@ -18,6 +18,24 @@ from edgerun.runtime.errors import EdgerunError
 # Errors are never wrapped: a path or a topic broken over two lines cannot be grepped or pasted.
 err = Console(stderr=True, soft_wrap=True)
 
+#: The extra that installs each optional module, by its top-level name: commands import them
+#: when first needed, so one missing is known only then.
+EXTRAS = {"cryptography": "ota", "paho": "mqtt", "tvm": "tvm", "tvm_ffi": "tvm",
+          "xgboost": "tvm", "sklearn": "demo", "skl2onnx": "demo", "uvicorn": "server",
+          "fastapi": "server", "grpc": "grpc", "google": "grpc", "mangum": "lambda",
+          "awslambdaric": "lambda", "functions_framework": "gcf", "psycopg": "fleet",
+          "onnxconverter_common": "optimize", "ai_edge_litert": "tflite"}
+
+
+def missing_module(command: str, exc: ModuleNotFoundError) -> str:
+    """One line naming the module a command needs and the extra that installs it."""
+    if "pip install" in str(exc):  # the raiser named the extra already
+        return str(exc)
+    module = (exc.name or "").partition(".")[0]
+    extra = EXTRAS.get(module)
+    install = f"pip install 'edgerun[{extra}]'" if extra else f"install {module}"
+    return f"edgerun {command} needs {module or exc}, which is not installed: {install}"
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -39,6 +57,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.handler(args) or 0)
     except EdgerunError as exc:
         err.print(f"[bold red]error[/] ({exc.kind}): {escape(str(exc))}", highlight=False)
+        return 2
+    except ModuleNotFoundError as exc:  # an optional dependency, not edgerun's own code
+        if args.verbose or (exc.name or "").partition(".")[0] == "edgerun":
+            raise
+        err.print(f"[bold red]error[/]: {escape(missing_module(args.command, exc))}",
+                  highlight=False)
         return 2
     except (ValueError, OSError) as exc:  # a bad profile or config file, a missing path
         if args.verbose:
