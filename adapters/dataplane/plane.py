@@ -48,6 +48,8 @@ EXTENSIONS = ["binary_tensor_data", "model_repository"]
 Decoder = Callable[[], oip.InferRequest]
 #: A coroutine function that decodes a request, for `infer_async` to await likewise.
 AsyncDecoder = Callable[[], Awaitable[oip.InferRequest]]
+#: A coroutine function that reads a call's body, for `handle_async` to await likewise.
+BodyReader = Callable[[], Awaitable[bytes]]
 PLATFORMS = {"onnxruntime": "onnxruntime_onnx", "tflite": "tensorflow_lite", "tvm": "tvm"}
 #: Inference bodies from this size up are decoded, and their answers encoded, on a worker
 #: thread: a 60 MB JSON body takes seconds to read, and on the event loop every other caller,
@@ -113,11 +115,19 @@ class DataPlane:
             reply = _error_reply(exc)
         return self._done(call, reply, started)
 
-    async def handle_async(self, call: Call) -> Reply:
-        """Answer a call from an event loop; nothing blocking runs on the loop."""
+    async def handle_async(self, call: Call, body: BodyReader | None = None) -> Reply:
+        """Answer a call from an event loop; nothing blocking runs on the loop.
+
+        `body`, when given, reads the call's body once the hooks have let it through (its
+        refusals, over the size limit say, are answered as any error): a caller without a key
+        never makes the server buffer a body, nor inflate a compressed one.
+        """
         started = time.perf_counter()
         try:
             self.hooks.before(call)
+            if body is not None:
+                call.body = await body()
+                started = time.perf_counter()  # latency from here on, not the upload
             route = self._async_routes.get(call.route)
             reply = await route(call) if route is not None else self._routes[call.route](call)
         except asyncio.CancelledError:  # the caller went away: hooks and metrics still see it

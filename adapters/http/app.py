@@ -7,6 +7,7 @@ mounts this app itself gets the same answers, since every route calls the same d
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
+from functools import partial
 from typing import Any
 
 import orjson
@@ -21,7 +22,6 @@ from edgerun.adapters.http.asgi import DEFAULT_MAX_BODY_BYTES, read_body
 from edgerun.adapters.http.openapi import SCHEMAS, operation
 from edgerun.adapters.http.routes import ROUTES, Route
 from edgerun.adapters.http.status import error_headers, status_of
-from edgerun.runtime.errors import InvalidInput
 
 
 def create_app(plane: DataPlane, *, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> FastAPI:
@@ -66,13 +66,10 @@ def _endpoint(plane: DataPlane, route: Route,
         params = request.path_params
         call = Call(route.route, params.get("name", ""), params.get("version"),
                     attributes=request.headers.get)
-        if route.method == "POST":
-            try:
-                call.body = await read_body(request.receive, request.headers.get("content-length"),
-                                            limit, request.headers.get("content-encoding"))
-            except InvalidInput as exc:
-                return response(plane.refuse(call, exc))
-        return response(await plane.handle_async(call))
+        body = partial(read_body, request.receive, request.headers.get("content-length"),
+                       limit, request.headers.get("content-encoding")) \
+            if route.method == "POST" else None  # read once the hooks let the call through
+        return response(await plane.handle_async(call, body))
     return endpoint
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
+from functools import partial
 from typing import Any
 
 import orjson
@@ -21,7 +22,7 @@ from edgerun.adapters.dataplane.hooks import request_id
 from edgerun.adapters.http.encoding import start_decoding
 from edgerun.adapters.http.routes import ROUTES, Route, match
 from edgerun.adapters.http.status import error_headers, status_of
-from edgerun.runtime.errors import InvalidInput, PayloadTooLarge
+from edgerun.runtime.errors import PayloadTooLarge
 
 Scope = dict[str, Any]
 Receive = Callable[[], Awaitable[dict[str, Any]]]
@@ -78,13 +79,11 @@ class EdgerunASGI:
             return await _send_json(send, 404, {"error": f"no route {scope['path']}"}, given)
         call = Call(route.route, params.get("name", ""), params.get("version"),
                     attributes=attribute, transport=self.transport)
-        if scope["method"] == "POST":
-            try:
-                call.body = await read_body(receive, attribute("content-length"),
-                                            self.max_body_bytes, attribute("content-encoding"))
-            except InvalidInput as exc:
-                return await send_reply(send, self.plane.refuse(call, exc))
-        reply = await self.plane.handle_async(call)
+        # read once the hooks let the call through: a caller without a key is refused before
+        # the server holds its body (up to the limit) or inflates it (a thousandfold, gzip)
+        body = partial(read_body, receive, attribute("content-length"), self.max_body_bytes,
+                       attribute("content-encoding")) if scope["method"] == "POST" else None
+        reply = await self.plane.handle_async(call, body)
         await send_reply(send, reply, head=scope["method"] == "HEAD")
 
 
