@@ -25,11 +25,12 @@ import tritonclient.grpc as tgrpc
 from onnx import TensorProto, helper, numpy_helper
 from tritonclient.utils import InferenceServerException
 
+from tests.cli import edgerun
 from tests.fleet_sim import wait_for
 from tests.helpers import _model, identity_onnx
 from tests.mqtt import (DaemonProcess, Requester, connect, daemon_command, read_retained,
                         running_broker, running_daemon)
-from tests.serving import add_version, running_server
+from tests.serving import add_version, free_port, running_server
 
 #: A batching delay far past uvicorn's 30 s grace period, and room for every request in one
 #: batch: without a flush at SIGTERM these requests waited a minute, and were cut off first.
@@ -185,6 +186,30 @@ def test_a_request_still_arriving_at_sigterm_is_answered_and_new_ones_are_refuse
     assert "Exception in ASGI application" not in output
 
 
+def test_a_request_a_second_sigterm_cuts_off_gets_503_with_its_request_id(patient_repo):
+    """A request whose body never finished when a second SIGTERM ended the grace got a 503
+    without X-Request-Id, the one answer that carried none: the caller could not match it
+    to its logs. It carries the caller's id."""
+    with running_server(patient_repo) as server:
+        payload = body([[7, 8]])
+        slow = socket.create_connection(("127.0.0.1", server.port))
+        slow.sendall(b"POST /v2/models/patient/infer HTTP/1.1\r\nHost: t\r\n"
+                     b"X-Request-Id: cut-off-1\r\nContent-Length: %d\r\n\r\n%s"
+                     % (len(payload), payload[:10]))
+        # the server has read the head once it answers a request sent after it
+        assert httpx.get(server.url + "/v2/health/live").status_code == 200
+        server.process.send_signal(signal.SIGTERM)
+        wait_for(lambda: _refuses_connections(server.port), 30, "the HTTP listener to close")
+        server.process.send_signal(signal.SIGTERM)
+        answer = _read_response(slow)
+        slow.close()
+        status = exit_status(lambda: server.process.wait(PROMPT_S))
+        output = server.output()
+    assert answer.startswith(b"HTTP/1.1 503 "), answer
+    assert re.search(rb"(?im)^x-request-id: cut-off-1\r$", answer), answer
+    assert status == 0, output
+
+
 def _grpc_infer(address: str, rows: list[list[float]]) -> np.ndarray:
     client = tgrpc.InferenceServerClient(address)
     array = np.array(rows, np.float32)
@@ -285,6 +310,29 @@ def test_sigterm_while_models_load_stops_the_server_at_once(tmp_path):
         output = server.output()
     assert status == 0, output
     assert "terminate called" not in output
+
+
+@pytest.mark.parametrize("taken", ["http", "grpc"])
+def test_a_port_in_use_ends_start_up_naming_it_before_any_model_loads(tmp_path, taken):
+    """A port in use (or a --host that is no address) ended start-up while model "b" loaded:
+    the loading thread, inside ONNX Runtime as the interpreter ended, aborted the process
+    ("terminate called", SIGABRT), and over HTTP uvicorn's error named no address and the
+    status was 3. Loading starts once both ports listen; the error names the address, and
+    the status is 2, as for the command's other errors."""
+    repo = tmp_path / "models"
+    add_version(repo, "b", "1", slow_load_onnx())
+    (repo / "b" / "config.toml").write_text("instances = 5000\n")
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        used = holder.getsockname()[1]
+        ports = (["--port", str(used)] if taken == "http"
+                 else ["--port", str(free_port()), "--grpc-port", str(used)])
+        result = edgerun("serve", "--repository", str(repo), *ports, timeout=PROMPT_S)
+    assert result.returncode == 2, result.stderr
+    assert f"could not listen on 127.0.0.1:{used}" in result.stderr
+    assert "terminate called" not in result.stderr
+    assert "still loading" not in result.stderr
 
 
 # ------------------------------------------------------------------------ the MQTT daemon

@@ -24,6 +24,7 @@ import uvicorn
 
 from edgerun.adapters.codecs import oip
 from edgerun.adapters.dataplane import DataPlane, Hook, Reply
+from edgerun.adapters.dataplane.hooks import request_id
 from edgerun.adapters.http.app import create_app
 from edgerun.adapters.http.asgi import ASGIApp, EdgerunASGI, Receive, Scope, Send, send_reply
 from edgerun.adapters.http.protocol import OneSendProtocol
@@ -45,9 +46,10 @@ def serve(source: VersionSource | str | Path, *, host: str = "127.0.0.1", port: 
           exit_unless_loaded: bool = False) -> None:
     """Serve every model of `source` (a repository folder, or any VersionSource) until stopped.
 
-    The repository loads in the background while the ports open (readiness turns true once
-    every model is loaded); the app itself never loads or unloads models. `hooks` (auth,
-    tracing) join the request-id hook on every route of both transports. With
+    The repository loads in the background once the ports listen (readiness turns true once
+    every model is loaded); a port that cannot be listened on raises OSError naming it. The
+    app itself never loads or unloads models. `hooks` (auth, tracing) join the request-id
+    hook on every route of both transports. With
     `exit_unless_loaded` (one model, as under KServe), a model that fails to load stops the
     server and raises BundleError with the reason: a process serving nothing should end, so
     its orchestrator shows the failure, rather than stay live and never ready.
@@ -62,10 +64,17 @@ def serve(source: VersionSource | str | Path, *, host: str = "127.0.0.1", port: 
                             log_level=log_level, timeout_graceful_shutdown=GRACE_S,
                             proxy_headers=False, lifespan="on", http=OneSendProtocol,
                             ws="none")
-    http = app.server = _Uvicorn(config)
-    loading = repository.start_loading(poll_interval)
-    threading.Thread(target=_freeze_after, args=(loading,), name="edgerun-gc-freeze",
-                     daemon=True).start()
+    loading: list[threading.Thread] = []
+
+    def start_loading() -> None:
+        """Load once both ports listen: a port already taken or a bad --host ends start-up
+        before any model began to load. Ending while a model loads, the process could abort
+        in ONNX Runtime (SIGABRT) instead of exiting with its error."""
+        loading.append(repository.start_loading(poll_interval))
+        threading.Thread(target=_freeze_after, args=(loading[0],), name="edgerun-gc-freeze",
+                         daemon=True).start()
+
+    http = app.server = _Uvicorn(config, listening=start_loading)
     unloaded: list[str] = []
     try:
         _run(_serve(http, plane, host, grpc_port, max_body_bytes,
@@ -75,7 +84,8 @@ def serve(source: VersionSource | str | Path, *, host: str = "127.0.0.1", port: 
         # that load (minutes, for a TensorRT engine build) past the platform's kill timeout;
         # every request was answered, so the process may end with it unfinished (`edgerun
         # serve` does)
-        if loading.is_alive() or not repository.close(wait_for_loads=False):
+        if any(thread.is_alive() for thread in loading) or not repository.close(
+                wait_for_loads=False):
             log.warning("stopped while models were still loading; their load is abandoned")
     if unloaded:
         raise BundleError("; ".join(unloaded))
@@ -111,9 +121,15 @@ class _CutOff:
             if scope["type"] != "http" or self.server is None or not self.server.should_exit:
                 raise
             error = ModelNotReady("the server stopped before the request was answered")
+            # with an X-Request-Id, as every answer: the caller's, else a new one (the one the
+            # hook gave went with the cancelled call)
+            given = dict(scope["headers"]).get(b"x-request-id")
+            headers = {"X-Request-Id": request_id(None if given is None
+                                                  else given.decode("latin-1"))}
             # uvicorn refuses a second head (RuntimeError) where the answer had begun
             with contextlib.suppress(RuntimeError, OSError):
-                await send_reply(send, Reply(oip.encode_error(str(error)), error=error))
+                await send_reply(send, Reply(oip.encode_error(str(error)), error=error,
+                                             headers=headers))
 
 
 class _LoopExecutor(ThreadPoolExecutor):
@@ -126,7 +142,27 @@ class _LoopExecutor(ThreadPoolExecutor):
 
 
 class _Uvicorn(uvicorn.Server):
-    """uvicorn without signal handlers of its own: `_serve` stops HTTP and gRPC together."""
+    """uvicorn without signal handlers of its own (`_serve` stops HTTP and gRPC together),
+    calling `listening` once it listens."""
+
+    def __init__(self, config: uvicorn.Config, listening: Callable[[], None]) -> None:
+        super().__init__(config)
+        self.listening = listening
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        """uvicorn's, a port it cannot listen on an OSError naming the address, as gRPC's is
+        (`edgerun serve` says so and exits 2): uvicorn logs the bare error ("Name or service
+        not known" names no host) and exits with status 3."""
+        try:
+            await super().startup(sockets)
+        except SystemExit as exc:
+            cause = exc.__context__  # uvicorn exits inside its `except OSError`
+            if not isinstance(cause, OSError):
+                raise
+            host, port = self.config.host, self.config.port
+            address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+            raise OSError(f"HTTP could not listen on {address}: {cause}") from None
+        self.listening()
 
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
@@ -143,7 +179,7 @@ class _Uvicorn(uvicorn.Server):
 
 async def _serve(http: uvicorn.Server, plane: DataPlane, host: str, grpc_port: int | None,
                  max_message_bytes: int,
-                 must_load: tuple[threading.Thread, list[str]] | None) -> None:
+                 must_load: tuple[list[threading.Thread], list[str]] | None) -> None:
     asyncio.get_running_loop().set_default_executor(_LoopExecutor(thread_name_prefix="asyncio"))
     grpc_server = None
     if grpc_port is not None:
@@ -191,10 +227,12 @@ async def _serve(http: uvicorn.Server, plane: DataPlane, host: str, grpc_port: i
             loop.remove_signal_handler(sig)
 
 
-async def _stop_unless_loaded(repository: Repository, loading: threading.Thread,
+async def _stop_unless_loaded(repository: Repository, loading: list[threading.Thread],
                               unloaded: list[str], stop: Callable[[], None]) -> None:
-    """Once loading is over: the reasons its models did not load, and the server stopped."""
-    while loading.is_alive():  # polled: a thread joining it would hold up the loop's shutdown
+    """Once loading (started when the ports listen) is over: the reasons its models did not
+    load, and the server stopped."""
+    # polled: a thread joining it would hold up the loop's shutdown
+    while not loading or loading[0].is_alive():
         await asyncio.sleep(0.2)
     if not repository.ready:
         reasons = [f"model {state.name!r} did not load: {state.reason}"
