@@ -41,7 +41,8 @@ log = logging.getLogger(__name__)
 def serve(source: VersionSource | str | Path, *, host: str = "127.0.0.1", port: int = 8000,
           grpc_port: int | None = None, device: str | DeviceProfile | None = None,
           poll_interval: float | None = None, batching: BatchingConfig | None = None,
-          max_body_bytes: int = 64 << 20, access_log: bool = False,
+          max_body_bytes: int = 64 << 20, keep_alive_s: float = 75.0,
+          access_log: bool = False,
           log_level: str = "info", hooks: Iterable[Hook] = (),
           exit_unless_loaded: bool = False) -> None:
     """Serve every model of `source` (a repository folder, or any VersionSource) until stopped.
@@ -49,10 +50,12 @@ def serve(source: VersionSource | str | Path, *, host: str = "127.0.0.1", port: 
     The repository loads in the background once the ports listen (readiness turns true once
     every model is loaded); a port that cannot be listened on raises OSError naming it. The
     app itself never loads or unloads models. `hooks` (auth, tracing) join the request-id
-    hook on every route of both transports. With
-    `exit_unless_loaded` (one model, as under KServe), a model that fails to load stops the
-    server and raises BundleError with the reason: a process serving nothing should end, so
-    its orchestrator shows the failure, rather than stay live and never ready.
+    hook on every route of both transports. With `exit_unless_loaded` (one model, as under
+    KServe), a model that fails to load stops the server and raises BundleError with the
+    reason: a process serving nothing should end, so its orchestrator shows the failure,
+    rather than stay live and never ready. An idle HTTP connection closes after
+    `keep_alive_s`: uvicorn's 5 s is under every proxy's idle timeout (an ALB's 60 s, Go's
+    90 s), so a proxy reusing a connection the server was closing answered 502.
     """
     repository = Repository(source, device, default_batching=batching)
     plane = DataPlane(repository)
@@ -63,7 +66,7 @@ def serve(source: VersionSource | str | Path, *, host: str = "127.0.0.1", port: 
     config = uvicorn.Config(app, host=host, port=port, access_log=access_log,
                             log_level=log_level, timeout_graceful_shutdown=GRACE_S,
                             proxy_headers=False, lifespan="on", http=OneSendProtocol,
-                            ws="none")
+                            ws="none", timeout_keep_alive=keep_alive_s)
     loading: list[threading.Thread] = []
 
     def start_loading() -> None:

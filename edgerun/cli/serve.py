@@ -45,6 +45,10 @@ def register(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--max-queue-size", type=int, default=defaults.max_queue_size)
     parser.add_argument("--max-body-bytes", type=positive(int), default=64 << 20,
                         help="larger request bodies get 413 (default 64 MiB)")
+    parser.add_argument("--keep-alive", type=positive(float), default=75.0, metavar="SECONDS",
+                        help="close an idle HTTP connection after SECONDS (default 75, as "
+                             "nginx: above a load balancer's or proxy's own idle timeout, "
+                             "which must close first)")
     parser.add_argument("--api-keys", type=Path, default=None, metavar="FILE",
                         help="require 'Authorization: Bearer <key>' on every route but health "
                              "and readiness, checked against this tokens file (hashes, "
@@ -102,7 +106,8 @@ def _serve(args: argparse.Namespace) -> int:
         raise SystemExit(0)
     serve(source, host=args.host, port=args.port, grpc_port=args.grpc_port, device=device,
           poll_interval=args.poll_interval, batching=batching,
-          max_body_bytes=args.max_body_bytes, access_log=args.access_log,
+          max_body_bytes=args.max_body_bytes, keep_alive_s=args.keep_alive,
+          access_log=args.access_log,
           log_level=args.log_level, hooks=hooks, exit_unless_loaded=args.model_dir is not None)
     exit_if_still_loading(0)
     return 0
