@@ -302,6 +302,40 @@ def test_an_unreachable_registry_is_retried_until_it_answers(tmp_path, device, b
     assert device.reports[-1].state == "active" and device.served() == ["2"]
 
 
+@pytest.mark.parametrize("code", [429, 408])
+def test_a_busy_registry_is_retried_not_failed(tmp_path, device, server, bundles, code):
+    """A CDN or proxy in front of the registry answers 429 Too Many Requests (a whole fleet
+    downloading at once) or 408: the job failed at once, as for a 403, and a rollout counted
+    every such device as failed and aborted."""
+    job = server.add(bundles("2"))
+    archive = (server.registry.root / "m" / "2.tar.gz").read_bytes()
+    answers = [code, 200]
+
+    class Busy(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            answer = answers.pop(0)
+            self.send_response(answer)
+            body = archive if answer == 200 else b"slow down"
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args) -> None:
+            pass
+
+    busy = ThreadingHTTPServer(("127.0.0.1", 0), Busy)
+    threading.Thread(target=busy.serve_forever, daemon=True).start()
+    try:
+        job = Job(job.job_id, job.kind, job.model, job.version,
+                  f"http://127.0.0.1:{busy.server_port}/bundles/m/2", job.sha256, job.size)
+        report = device.run(job)
+    finally:
+        busy.shutdown()
+    assert (report.state, report.active) == ("active", "2"), report
+    assert any(f"HTTP {code}" in r.detail and "retrying" in r.detail for r in device.reports)
+    assert device.served() == ["2"] and not answers
+
+
 #: Run in a child process whose files may not grow past `cap` bytes (RLIMIT_FSIZE; a write
 #: past it fails with EFBIG, "File too large"): a device that runs the jobs and prints its
 #: reports' states and details.
@@ -387,6 +421,9 @@ def test_recover_from_what_a_crash_leaves(tmp_path, server, bundles, keys):
     device = Device(folder, keys["trusted"])
     assert device.served() == ["2"]
     assert device.agent.slots.read("m").active_version == "2"
+    # the last job's report, published again (retained), names what serves now, not 3
+    (report,) = device.reports
+    assert (report.version, report.active) == ("3", "2"), report
     device.close()
     # both slots gone bad: the daemon's own folder (version 1) serves
     other = "a" if active == "b" else "b"
@@ -395,6 +432,31 @@ def test_recover_from_what_a_crash_leaves(tmp_path, server, bundles, keys):
     device = Device(folder, keys["trusted"])
     assert device.served() == ["1"]
     device.close()
+
+
+@pytest.mark.parametrize("damage", [b"", b'{"active": "b", "slo', b"\xff\x00" * 8, b"[]"])
+def test_an_unreadable_pointer_is_rebuilt_from_the_slots(tmp_path, server, bundles, keys,
+                                                         damage):
+    """An SD card that lost the pointer's write in a power cut (empty, torn, garbage): the
+    agent's recovery died with a JSONDecodeError and the daemon with it, at every start, so
+    the device served nothing. The slots' manifests name what they hold: the older serves
+    (what served before the update the pointer broke in), and the job delivered again goes on."""
+    folder = tmp_path / "device"
+    device = Device(folder, keys["trusted"], bundles("1"))
+    assert device.run(server.add(bundles("2"))).state == "active"
+    job3 = server.add(bundles("3"))
+    assert device.run(job3).state == "active"
+    device.close()
+    (folder / "data" / "ota" / "m" / "state.json").write_bytes(damage)
+    device = Device(folder, keys["trusted"])
+    try:
+        assert device.served() == ["2"]
+        assert device.agent.describe()["ota"]["m"] == {"active": "2", "previous": "3"}
+        report = device.run(job3)  # the retained job, delivered again: the pointer lost it
+        assert (report.state, report.previous, report.active) == ("active", "2", "3"), report
+        assert device.served() == ["3"]
+    finally:
+        device.close()
 
 
 def test_slot_state_is_replaced_atomically(tmp_path, device):
@@ -644,6 +706,26 @@ def test_a_disk_full_of_something_else_still_gets_the_job_reported(tmp_path, key
             path.unlink(missing_ok=True)
         assert device.run(server.add(bundles("3"))).state == "active"
         assert device.served() == ["3"]
+    finally:
+        device.close()
+
+
+def test_a_full_disk_at_the_switch_removes_the_staged_bundle(tmp_path, keys, server, bundles):
+    """The unpacked bundle took the last free space and the pointer's write then failed: the
+    job failed and 1 kept serving, but the staging folder (a whole bundle) stayed until the
+    daemon restarted, keeping the disk full for everything else on the device."""
+    device = Device(tmp_path / "device", keys["trusted"], bundles("1"))
+    try:
+        full = full_disk_at(device.agent.slots.folder("m") / ".state.json.tmp")
+        report = device.run(server.add(bundles("2")))
+        assert report.state == "failed" and "No space left on device" in report.detail, report
+        assert device.served() == ["1"] and report.active == "1"
+        assert not list(device.agent.slots.folder("m").glob(".staging-*"))
+        assert not list(device.agent.downloads.iterdir())
+        full.unlink()  # space again: the next job goes through
+        assert device.run(server.add(bundles("3"))).state == "active"
+        assert sorted(p.name for p in device.agent.slots.folder("m").iterdir()) == [
+            "a", "state.json"]
     finally:
         device.close()
 

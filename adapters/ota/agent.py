@@ -88,7 +88,8 @@ class OtaAgent:
 
         Staging folders are removed; the active slot is re-verified (hashes and signature)
         and, if it fails, the previous slot (or the fallback folder) takes its place; then each
-        model is loaded and its last job's report published again.
+        model is loaded and its last job's report published again, with the version that now
+        serves.
         """
         for leftover in self.slots.root.glob("*/.staging-*"):
             shutil.rmtree(leftover, ignore_errors=True)
@@ -103,9 +104,10 @@ class OtaAgent:
                         state.slots[slot] = None
             self.slots.write(model, state)
             self._load_or_step_back(model, state)
-            if state.last:
-                self.publish(report_topic(self.device_id), Report(**state.last).encode(),
-                             qos=1, retain=True)
+            if state.last:  # naming what serves now: a slot that failed above serves no more
+                last = {**state.last, "active": self.active_version(model)}
+                self.publish(report_topic(self.device_id), Report(**last).encode(), qos=1,
+                             retain=True)
 
     def _load_or_step_back(self, model: str, state: SlotState) -> None:
         """Load the model; an active slot that does not load (the power went between the
@@ -257,7 +259,10 @@ class OtaAgent:
             raise
         archive_path.unlink(missing_ok=True)
         self._report(job, STAGED, previous)
-        self._switch(job, staging, previous)
+        try:
+            self._switch(job, staging, previous)
+        finally:  # renamed into its slot, else (a full disk at the pointer's write) removed
+            shutil.rmtree(staging, ignore_errors=True)
         self._report(job, final, previous)
 
     def _drop_other_downloads(self, keep: Path) -> None:

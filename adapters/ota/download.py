@@ -94,14 +94,16 @@ class Stop:
 
 
 def _open(request: urllib.request.Request, timeout: float) -> Any:
-    """The response, or None for a 416; what may pass (a 5xx, a dropped connection) is
-    DownloadInterrupted, to be retried; any other refusal is BundleError."""
+    """The response, or None for a 416; what may pass (a 5xx, 408 or 429, a dropped
+    connection) is DownloadInterrupted, to be retried; any other refusal is BundleError."""
     try:
         return open_url(request, timeout=timeout)
     except urllib.error.HTTPError as exc:
         if exc.code == 416:
             return None
-        kind = DownloadInterrupted if exc.code >= 500 else BundleError
+        # a registry (or the CDN or proxy before it) that is busy: 408, 429 and 5xx pass
+        kind = DownloadInterrupted if exc.code >= 500 or exc.code in (408, 429) \
+            else BundleError
         raise kind(f"download of {request.full_url} failed: HTTP {exc.code}") from exc
     except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:
         raise DownloadInterrupted(f"download of {request.full_url} failed: {exc}") from exc

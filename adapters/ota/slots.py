@@ -11,22 +11,27 @@ names a slot whose bundle was verified before it was renamed into place. A model
 active is served from the fallback source (the daemon's repository folder), if it has it.
 `"switching"` names the job whose switch flipped the pointer (and the version before it) until
 that job reports its end, so a job replayed after a power cut in between is answered right.
+A `state.json` that cannot be read (an SD card that lost a write in a power cut) is rebuilt
+from the slots' manifests, the older version active: recovery verifies and smoke-tests it.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 from dataclasses import dataclass, field
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from edgerun.runtime.bundle import NAME_RE, Bundle
+from edgerun.runtime.bundle import MANIFEST, NAME_RE, VERSION_RE, Bundle, version_key
 from edgerun.runtime.errors import ModelNotFound
 from edgerun.runtime.model_config import ModelConfig
 from edgerun.runtime.signing import PublicKey, verify_folder
 from edgerun.runtime.sources import VersionSource, folder_fingerprint
+
+log = logging.getLogger(__name__)
 
 STATE_FILE = "state.json"
 SLOTS = ("a", "b")
@@ -86,11 +91,36 @@ class SlotStore:
         path = self.folder(model) / STATE_FILE
         try:
             data = json.loads(path.read_bytes())
+            if not isinstance(data, dict):
+                raise ValueError(f"a JSON {type(data).__name__}, not an object")
         except FileNotFoundError:
             return SlotState()
+        except (OSError, ValueError) as exc:  # torn, zeroed, a bad block: not a dead daemon
+            return self._rebuilt(model, exc)
         slots = {s: data.get("slots", {}).get(s) for s in SLOTS}
         return SlotState(data.get("active"), slots, dict(data.get("last") or {}),
                          dict(data.get("switching") or {}))
+
+    def _rebuilt(self, model: str, error: Exception) -> SlotState:
+        """The pointer again from the slots' own manifests: the older version serves (what
+        served before an update the pointer broke in; what a rollback went back to), and a
+        job delivered again goes on from there. Nothing here is verified: recovery is, and
+        SlotSource checks the signature of whatever it loads."""
+        slots: dict[str, str | None] = dict.fromkeys(SLOTS)
+        for slot in SLOTS:
+            try:
+                manifest = json.loads((self.folder(model, slot) / MANIFEST).read_bytes())
+                version = manifest["version"] if manifest["name"] == model else None
+            except (OSError, ValueError, KeyError, TypeError):
+                continue
+            if isinstance(version, str) and VERSION_RE.fullmatch(version):
+                slots[slot] = version
+        held = [s for s in SLOTS if slots[s]]
+        active = min(held, key=lambda s: version_key(slots[s]), default=None)
+        log.error("%s is unreadable (%s); rebuilt from the slots: %s active",
+                  self.folder(model) / STATE_FILE, error,
+                  f"version {slots[active]}" if active else "no slot")
+        return SlotState(active, slots)
 
     def write(self, model: str, state: SlotState) -> None:
         """Replace the state file atomically and durably."""
