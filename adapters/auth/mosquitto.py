@@ -312,8 +312,8 @@ def write_broker_files(directory: str | Path, devices: Iterable[Device],
     clients, DIR/fleet.passwd the orchestrator (`split_conf_text`).
     New password files are owner-only (they hold hashes): run Mosquitto as that owner, or chown
     them to the broker's user once; a file written again keeps its owner, group and mode (a
-    password file never readable by others), and a first fleet.passwd takes passwd's. Nothing is written unless every name checks out
-    and every replaced file's owner can be kept.
+    password file never readable by others), and a first fleet.passwd takes passwd's. Nothing
+    is written unless every name checks out and every replaced file's owner can be kept.
     """
     directory = Path(directory)
     devices, clients = list(devices), list(clients)
