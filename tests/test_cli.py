@@ -214,6 +214,9 @@ def test_fleet_commands_refuse_out_of_range_numbers(tmp_path, command):
     ("tvm", "tvm", ["optimize", "mlp.onnx", "--device", "x86-64", "--compile", "tvm",
                     "-o", "out"]),
     ("skl2onnx", "demo", ["demo", "--requests", "1"]),
+    ("uvicorn", "server", ["serve", "--repository", "models"]),  # exit 1 before, as the next
+    ("uvicorn", "fleet", ["fleet", "serve", "--data", "data", "--broker", "mqtt://127.0.0.1:1",
+                          "--trust", "fleet.pub"]),
 ])
 def test_a_missing_extra_is_named_not_a_traceback(tmp_path, mlp_file, module, extra, command):
     """Each optional module is imported when a command first needs it: without its extra,

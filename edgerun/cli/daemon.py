@@ -25,4 +25,5 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _missing(exc: ImportError) -> int:
-    raise SystemExit(f"edgerun daemon needs the mqtt extra: pip install 'edgerun[mqtt]' ({exc})")
+    raise ModuleNotFoundError(f"edgerun daemon needs the mqtt extra: pip install "
+                              f"'edgerun[mqtt]' ({exc})", name=exc.name)

@@ -166,8 +166,8 @@ def _serve(args: argparse.Namespace) -> int:
     try:
         from edgerun.adapters.http.registry import serve_fleet
     except ImportError as exc:
-        raise SystemExit(f"edgerun fleet serve needs the fleet extra: pip install "
-                         f"'edgerun[fleet]' ({exc})") from None
+        raise ModuleNotFoundError(f"edgerun fleet serve needs the fleet extra: pip install "
+                                  f"'edgerun[fleet]' ({exc})", name=exc.name) from None
     from edgerun.runtime import signing
 
     host = fleet_auth.protected_host(args.host, args.tokens is not None)

@@ -82,8 +82,8 @@ def _serve(args: argparse.Namespace) -> int:
     try:
         from edgerun.adapters.http import serve
     except ImportError as exc:
-        raise SystemExit(f"edgerun serve needs the server extra: pip install 'edgerun[server]' "
-                         f"({exc})") from None
+        raise ModuleNotFoundError(f"edgerun serve needs the server extra: pip install "
+                                  f"'edgerun[server]' ({exc})", name=exc.name) from None
     hooks = []
     if args.api_keys is not None:
         from edgerun.adapters.auth import ApiKeyHook, TokenStore
