@@ -889,6 +889,45 @@ def test_s3_model_is_downloaded_once_verified_and_reused(tmp_path, bundle_archiv
         cached_download(uri, "abc", tmp_path, download)
 
 
+CUT_OFF_START = """
+import sys, time
+from pathlib import Path
+from edgerun.adapters.aws_lambda.model_location import cached_download
+
+def download(uri, destination):  # half the archive is in when Lambda ends the init
+    destination.write_bytes(Path(sys.argv[1]).read_bytes()[:1000])
+    print("downloading", flush=True)
+    time.sleep(120)
+
+cached_download("s3://models/mlp/3.tar.gz", sys.argv[2], Path(sys.argv[3]), download)
+"""
+
+
+def test_a_start_cut_off_mid_download_leaves_nothing_in_tmp(tmp_path, bundle_archive):
+    """/tmp outlives the process: an init killed while it downloads (over Lambda's 10 s init,
+    a timeout) left its partial archive there, one more at each start, until a start had no
+    room for its own copy and every later start of the environment failed out of space."""
+    digest = sha256_file(bundle_archive)
+    for _ in range(2):
+        start = subprocess.Popen([sys.executable, "-c", CUT_OFF_START, str(bundle_archive),
+                                  digest, str(tmp_path)], stdout=subprocess.PIPE, text=True,
+                                 cwd=ROOT)
+        assert start.stdout.readline().strip() == "downloading"
+        start.kill()
+        start.wait()
+    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    try:  # another live process's download is its own
+        (tmp_path / f".partial-{alive.pid}-other").mkdir()
+        folder = cached_download("s3://models/mlp/3.tar.gz", digest, tmp_path,
+                                 lambda uri, path: path.write_bytes(bundle_archive.read_bytes()))
+        assert sorted(p.name for p in tmp_path.iterdir()) == \
+            [f".partial-{alive.pid}-other", digest]
+        assert folder == tmp_path / digest and (folder / MANIFEST).is_file()
+    finally:
+        alive.kill()
+        alive.wait()
+
+
 def test_bundle_source_serves_one_bundle_folder_or_archive(bundle_dir, bundle_archive, tmp_path):
     for path in (bundle_dir, bundle_archive):
         source = BundleSource(path)

@@ -6,13 +6,15 @@
   `EDGERUN_MODEL_SHA256`, which is required: the digest pinned in the function's configuration
   (a SAM parameter), not metadata stored beside the object, decides what may be served. The
   verified archive is extracted to `/tmp/edgerun/<sha256>/`, so a later cold start of the same
-  execution environment (a restart after a crash or a timeout) neither downloads nor extracts.
+  execution environment (a restart after a crash or a timeout) neither downloads nor extracts,
+  and the staging folder of a start cut off while it downloaded or extracted is removed.
 """
 
 from __future__ import annotations
 
 import os
 import re
+import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -24,6 +26,8 @@ from edgerun.runtime.errors import BundleError
 SHA256_VARIABLE = "EDGERUN_MODEL_SHA256"
 DEFAULT_CACHE = Path("/tmp/edgerun")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
+#: A download's staging folder in the cache: `.partial-<pid>-<random>`.
+PARTIAL = ".partial-"
 
 #: Copies the object at an s3:// URI to a local file.
 Download = Callable[[str, Path], None]
@@ -68,7 +72,8 @@ def cached_download(uri: str, sha256: str, cache: Path, download: Download) -> P
     if (folder / MANIFEST).is_file():  # only a complete extraction is ever renamed into place
         return folder
     cache.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=cache, prefix=".partial-") as staging:
+    _remove_abandoned(cache)
+    with tempfile.TemporaryDirectory(dir=cache, prefix=f"{PARTIAL}{os.getpid()}-") as staging:
         downloaded = Path(staging) / "bundle.tar.gz"
         download(uri, downloaded)
         actual = sha256_file(downloaded)
@@ -83,3 +88,26 @@ def cached_download(uri: str, sha256: str, cache: Path, download: Download) -> P
             if not (folder / MANIFEST).is_file():
                 raise
     return folder
+
+
+def _remove_abandoned(cache: Path) -> None:
+    """Remove the staging folders of starts that were cut off. /tmp outlives the process: an
+    init over Lambda's 10 s (a large model), or a timeout, kills it while it downloads or
+    extracts, and its folder stays; the next start then needs room for a second copy, fails
+    out of space, and so does every start of that environment after it. A folder whose
+    process is alive (another process sharing the cache) is left alone; one named by this
+    process's id was left by an earlier process that had it."""
+    for folder in cache.glob(f"{PARTIAL}*"):
+        pid = folder.name[len(PARTIAL):].partition("-")[0]
+        if pid.isdigit() and (int(pid) == os.getpid() or not _alive(int(pid))):
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: only whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        pass
+    return True
