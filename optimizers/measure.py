@@ -17,6 +17,8 @@ import numpy as np
 from edgerun.optimizers.arrays import load_arrays
 from edgerun.optimizers.errors import OptimizeError
 from edgerun.runtime import Model, archive
+from edgerun.runtime.backends import backend_class, backend_for_file
+from edgerun.runtime.errors import BundleError
 from edgerun.runtime.signature import Signature
 
 
@@ -31,11 +33,26 @@ class Sizes:
 
 
 def sizes(bundle_dir: Path, model_file: str) -> Sizes:
-    model = (bundle_dir / model_file).read_bytes()
+    """The model's bytes count its external data files too: an ONNX model whose weights lie
+    beside it is a few hundred bytes alone, and its int8 result (weights inline) looked 100x
+    larger."""
+    parts = [(bundle_dir / name).read_bytes()
+             for name in (model_file, *_data_files(bundle_dir / model_file))]
     bundle = sum(p.stat().st_size for p in bundle_dir.rglob("*") if p.is_file())
     with tempfile.TemporaryDirectory(prefix="edgerun-size-") as scratch:
         packed = archive.pack(bundle_dir, Path(scratch) / "bundle.tar.gz").stat().st_size
-    return Sizes(len(model), len(gzip.compress(model, 9, mtime=0)), bundle, packed)
+    return Sizes(sum(map(len, parts)), sum(len(gzip.compress(part, 9, mtime=0))
+                                           for part in parts), bundle, packed)
+
+
+def _data_files(model_path: Path) -> list[str]:
+    """The files beside `model_path` its backend reads (ONNX external data); none for an
+    artifact no registered backend names by suffix (a TVM library)."""
+    try:
+        backend = backend_class(backend_for_file(model_path))
+    except BundleError:
+        return []
+    return sorted(set(backend.data_files(model_path)))
 
 
 @dataclass(frozen=True)
@@ -166,6 +183,26 @@ def max_abs_error(reference: dict[str, np.ndarray], candidate: dict[str, np.ndar
             diff = np.where(same, 0.0, np.where(np.isnan(diff), np.inf, diff))
             worst = max(worst, float(np.max(diff, initial=0)))
     return worst
+
+
+def changed_rows(reference: dict[str, np.ndarray],
+                 candidate: dict[str, np.ndarray]) -> dict[str, tuple[int, int]]:
+    """{output: (rows that differ, rows)} for each integer, bool or string output (a
+    classifier's labels, ids): `max_abs_error` covers float outputs only, and a model whose
+    labels flip on half the rows must not be reported as exact."""
+    changed = {}
+    for name, want in reference.items():
+        got = candidate.get(name)
+        if want.dtype.kind == "f" or got is None:
+            continue
+        rows = len(want) if want.ndim else 1
+        if got.shape != want.shape:
+            changed[name] = (rows, rows)
+            continue
+        differ = np.asarray(got != want).reshape(rows, -1).any(axis=1) if want.ndim \
+            else np.asarray([got != want])
+        changed[name] = (int(np.count_nonzero(differ)), rows)
+    return changed
 
 
 def predicted_labels(outputs: dict[str, np.ndarray]) -> np.ndarray:

@@ -87,6 +87,9 @@ class OptimizeReport:
     notes: list[str] = field(default_factory=list)
     #: fp16: the nodes kept float32, as float16 cannot hold their values, and why.
     fp16_kept_float32: dict[str, str] = field(default_factory=dict)
+    #: {output: (rows whose values differ, rows)} for integer, bool and string outputs
+    #: (labels, ids), which `max_abs_error` (float outputs only; None if there are none) skips.
+    changed_rows: dict[str, tuple[int, int]] = field(default_factory=dict)
 
 
 Progress = Callable[[str], None]
@@ -184,10 +187,13 @@ def optimize(model_path: str | Path, output: str | Path,
     if compiled is not None and not archive.is_archive_name(output.name):
         compiled = dataclasses.replace(compiled, bundle=output,
                                        artifact=output / compiled.artifact.name)
-    error = None
+    error, changed = None, {}
     notes = []
     if after.runs_here:
-        error = measure.max_abs_error(before.outputs, after.outputs)
+        outputs = before.outputs or {}
+        if any(array.dtype.kind == "f" for array in outputs.values()):
+            error = measure.max_abs_error(outputs, after.outputs or {})
+        changed = measure.changed_rows(outputs, after.outputs or {})
     else:
         notes.append(f"the artifact for {profile.name} does not run on this host: latency, "
                      "error and accuracy after are not measured here")
@@ -201,7 +207,7 @@ def optimize(model_path: str | Path, output: str | Path,
         notes.append("fp16: kept float32, as float16 cannot hold their values: " + "; ".join(
             f"{node} ({why})" for node, why in kept.items()))
     return OptimizeReport(output, profile.name, tags, before, after, error, pruned, compiled,
-                          notes, kept)
+                          notes, kept, changed)
 
 
 def _signature(model_path: Path) -> Signature:

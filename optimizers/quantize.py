@@ -241,7 +241,8 @@ def quantize_int8_static(model_path: Path, out_path: Path, calibration: Calibrat
     signature = OnnxRuntimeBackend.inspect(Path(model_path))
     feeds = _labelled_feeds(calibration, [spec.name for spec in signature.inputs])
     reader = _Reader(feeds, signature)
-    with _prepared(Path(model_path)) as prepared:
+    with _per_channel_opset(model, Path(model_path), per_channel) as source, \
+            _prepared(source) as prepared:
         try:
             quantize_static(str(prepared), str(out_path), reader, quant_format=QuantFormat.QDQ,
                             per_channel=per_channel, reduce_range=per_channel,
@@ -257,6 +258,36 @@ def quantize_int8_static(model_path: Path, out_path: Path, calibration: Calibrat
                                             if culprits else "")) from exc
     _check_scales(Path(model_path).name, Path(out_path), feeds)
     return "quantize:int8-static-qdq" + (":per-channel" if per_channel else "")
+
+
+#: Per-channel QDQ needs DequantizeLinear's `axis` (opset 13): ONNX Runtime's quantizer writes
+#: it into a model of an older opset as it is, which ONNX Runtime then refuses to load.
+PER_CHANNEL_OPSET = 13
+
+
+@contextlib.contextmanager
+def _per_channel_opset(model: onnx.ModelProto, model_path: Path,
+                       per_channel: bool) -> Iterator[Path]:
+    """The model at opset PER_CHANNEL_OPSET or later for per-channel quantization (converted
+    by onnx's version converter), else as it is; OptimizeError naming the opset when the
+    conversion fails."""
+    version = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")),
+                   PER_CHANNEL_OPSET)
+    if not per_channel or version >= PER_CHANNEL_OPSET:
+        yield model_path
+        return
+    try:
+        converted = onnx.version_converter.convert_version(model, PER_CHANNEL_OPSET)
+        onnx.checker.check_model(converted)
+    except Exception as exc:  # the converter raises its own types
+        raise OptimizeError(f"{model_path.name}: per-channel int8 needs opset "
+                            f"{PER_CHANNEL_OPSET} or later; converting the model's opset "
+                            f"{version} failed ({exc}): convert it yourself, or quantize per "
+                            "tensor (without --per-channel)") from exc
+    with tempfile.TemporaryDirectory(prefix="edgerun-opset-") as scratch:
+        path = Path(scratch) / model_path.name
+        onnx.save(converted, str(path))
+        yield path
 
 
 def convert_fp16(model_path: Path, out_path: Path, *,

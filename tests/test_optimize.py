@@ -75,6 +75,22 @@ def test_int8_static_qdq_from_a_folder_of_npy(mlp, tmp_path, per_channel):
     assert relative_error(run(str(out), x=x)[0], run(str(mlp), x=x)[0]) < 0.05
 
 
+@pytest.mark.parametrize("opset", [9, 11])
+def test_int8_static_per_channel_of_an_opset_before_13_loads_and_agrees(tmp_path, opset):
+    # per-channel DequantizeLinear takes `axis` from opset 13: ONNX Runtime's quantizer wrote
+    # it into the opset-11 model, which ONNX Runtime then refused to load
+    model = onnx.load_from_string(mlp_onnx([16, 64, 8]))
+    model.opset_import[0].version = opset
+    source = tmp_path / "old.onnx"
+    onnx.save(model, str(source))
+    out = tmp_path / "q.onnx"
+    calibration = lambda: [{"x": rows(64, 16, seed=1)}]  # noqa: E731
+    assert quantize(source, out, "int8", calibration=calibration, per_channel=True) == \
+        "quantize:int8-static-qdq:per-channel"
+    x = rows(64, 16, seed=1)
+    assert relative_error(run(str(out), x=x)[0], run(str(source), x=x)[0]) < 0.05
+
+
 def test_int8_static_from_a_callable_and_npz(mlp, tmp_path):
     seen = []
 

@@ -625,6 +625,39 @@ def test_the_error_reported_counts_the_values_beside_a_log_of_zero(tmp_path):
     assert report.max_abs_error > 0
 
 
+def test_labels_that_change_are_counted_not_reported_as_no_error(tmp_path):
+    # a model whose only output is its class: max abs error covers float outputs, so 80 %
+    # pruning that flipped most labels was reported as "max abs error 0"
+    model = onnx.load_from_string(mlp_onnx([16, 64, 10]))
+    model.graph.node.append(helper.make_node("ArgMax", ["y"], ["label"], axis=1, keepdims=0))
+    del model.graph.output[:]
+    model.graph.output.append(helper.make_tensor_value_info("label", TensorProto.INT64,
+                                                            ["batch"]))
+    source = save(model, tmp_path / "argmax.onnx")
+    report = optimize(source, tmp_path / "out", OptimizeOptions(prune=0.8, **FAST))
+    want, got = report.before.outputs["label"], report.after.outputs["label"]
+    differ = int(np.count_nonzero(got != want))
+    assert differ > 0 and report.max_abs_error is None
+    assert report.changed_rows == {"label": (differ, len(want))}
+    result = edgerun("optimize", str(source), "--device", "cpu", "--prune", "0.8",
+                     "-o", str(tmp_path / "cli"))
+    assert result.returncode == 0, result.stderr
+    assert f"{differ} of {len(want)}" in result.stdout and "max abs error" not in result.stdout
+
+
+def test_the_model_size_of_an_external_data_model_counts_its_data_file(tmp_path):
+    # weights in a side file: the model file alone is a few hundred bytes, and the int8 result
+    # (weights inline) was reported 100x larger than the model it shrank
+    source = tmp_path / "m.onnx"
+    onnx.save(onnx.load_from_string(mlp_onnx([16, 128, 8])), str(source),
+              save_as_external_data=True, location="m.data", size_threshold=0)
+    report = optimize(source, tmp_path / "out", OptimizeOptions(quantize="int8", **FAST))
+    before, after = report.before.sizes, report.after.sizes
+    assert before.model == source.stat().st_size + (tmp_path / "m.data").stat().st_size
+    assert after.model == (tmp_path / "out" / "model.onnx").stat().st_size
+    assert after.model < before.model / 2 and after.model_gzip < before.model_gzip / 2
+
+
 # --- accuracy and eval data ---------------------------------------------------------------
 
 @pytest.fixture(scope="module")

@@ -124,6 +124,9 @@ def _print_report(report: OptimizeReport) -> None:
                       f"{a:.3f} ms" if a else "n/a", _change(b, a, "faster", "slower"))
     if report.max_abs_error is not None:
         table.add_row("max abs error", "", f"{report.max_abs_error:.3g}", "")
+    for output, (differ, rows) in report.changed_rows.items():
+        table.add_row(f"rows changed, {escape(output)}", "", f"{differ} of {rows}",
+                      f"{differ / rows:.1%}" if rows else "")
     if before.accuracy is not None:
         acc_after = after.accuracy
         table.add_row("accuracy", f"{before.accuracy:.2%}",
