@@ -9,7 +9,6 @@ where it can run here, and refuses to ship it when it is slower than ONNX Runtim
 
 from __future__ import annotations
 
-import datetime as dt
 import json
 import shutil
 import time
@@ -24,8 +23,8 @@ from edgerun import __version__
 from edgerun.devices import DeviceProfile, load_profile
 from edgerun.optimizers import tvm_target
 from edgerun.optimizers.errors import OptimizeError
-from edgerun.runtime.bundle import (GOLDEN, FileEntry, Manifest, check_name,
-                                    check_version, golden_input, sha256_file, write_manifest)
+from edgerun.runtime.bundle import (GOLDEN, FileEntry, Manifest, check_name, check_version,
+                                    created_at, golden_input, sha256_file, write_manifest)
 from edgerun.runtime.signature import Signature, TensorSpec
 
 MODEL_FILE = "model.so"
@@ -323,7 +322,7 @@ def _write_manifest(out_dir: Path, model_path: Path, profile: DeviceProfile,
                 "tvm_target": json.dumps(target, sort_keys=True),
                 **_features(target, host_detected=not profile.tvm_target)},
         created={"tool": "edgerun", "tool_version": __version__,
-                 "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+                 "created_at": created_at(),
                  "source_file": model_path.name, "source_sha256": sha256_file(model_path),
                  "optimizations": [*optimizations, "tvm"],
                  "tvm": {"target": report.target, "batch": report.batch,

@@ -474,6 +474,18 @@ def golden_input(signature: Signature, seed: int = 0) -> dict[str, np.ndarray]:
     return inputs
 
 
+def created_at() -> str:
+    """A manifest's creation time: SOURCE_DATE_EPOCH when set (reproducible-builds.org), so a
+    build pipeline that pins it gets the same manifest, and so the same signature, from the
+    same inputs; else now."""
+    epoch = os.environ.get("SOURCE_DATE_EPOCH")
+    if epoch is None:
+        return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    if not (epoch.isascii() and epoch.isdigit()):
+        raise ValueError(f"SOURCE_DATE_EPOCH must be whole seconds since 1970, got {epoch!r}")
+    return dt.datetime.fromtimestamp(int(epoch), dt.timezone.utc).isoformat(timespec="seconds")
+
+
 def create_bundle(model_file: str | Path, out_dir: str | Path, *, name: str, version: str,
                   max_batch_size: int | None = None,
                   golden_inputs: Mapping[str, Any] | None = None,
@@ -530,7 +542,7 @@ def create_bundle(model_file: str | Path, out_dir: str | Path, *, name: str, ver
             signature=signature, files=files,
             device={"profile": profile.name, "target": profile.arch},
             created={"tool": "edgerun", "tool_version": __version__,
-                     "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+                     "created_at": created_at(),
                      "source_file": source_file or model_file.name,
                      "source_sha256": source_sha256 or sha256_file(model_file),
                      "optimizations": list(optimizations)})

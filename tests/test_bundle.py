@@ -48,6 +48,23 @@ def test_golden_input_is_deterministic(make_bundle):
     assert (first.path / "golden.npz").read_bytes() == (second.path / "golden.npz").read_bytes()
 
 
+def test_a_pinned_source_date_epoch_makes_the_same_bundle_twice(tmp_path, monkeypatch):
+    """The manifest's created_at was always now: the same model built twice gave two
+    manifests, two archives and two signatures. SOURCE_DATE_EPOCH pins it."""
+    source = tmp_path / "m.onnx"
+    source.write_bytes(mlp_onnx([4, 8, 3]))
+    monkeypatch.setenv("SOURCE_DATE_EPOCH", "1700000000")
+    built = [create_bundle(source, tmp_path / f"b{i}", name="m", version="1")
+             .pack(tmp_path / f"b{i}.tar.gz").read_bytes() for i in (1, 2)]
+    assert built[0] == built[1]
+    manifest = json.loads((tmp_path / "b1" / "manifest.json").read_text())
+    assert manifest["created"]["created_at"] == "2023-11-14T22:13:20+00:00"
+    monkeypatch.setenv("SOURCE_DATE_EPOCH", "yesterday")
+    with pytest.raises(ValueError, match="SOURCE_DATE_EPOCH must be whole seconds"):
+        create_bundle(source, tmp_path / "b3", name="m", version="1")
+    assert not (tmp_path / "b3").exists()
+
+
 def test_fixed_batch_model_is_not_batchable(make_bundle):
     bundle = make_bundle(identity_onnx("float32", [1, 3]))
     assert bundle.signature.inputs[0].batch_axis is None
