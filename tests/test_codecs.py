@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import re
 import struct
 import subprocess
 import sys
+import zipfile
 
 import numpy as np
 import pytest
@@ -16,7 +18,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from edgerun.adapters.codecs import npz, oip, tfserving
-from edgerun.runtime import InvalidInput, Signature, TensorSpec
+from edgerun.runtime import InvalidInput, PayloadTooLarge, Signature, TensorSpec
 
 DTYPES = {datatype: dtype for datatype, dtype in oip.DATATYPES.items()}
 
@@ -228,6 +230,8 @@ def _tensor(**fields) -> bytes:
     (_tensor(), "1_0", "must be an integer"),
     (_tensor(), "100000", "outside the"),
     (_tensor(), "9" * 5000, "outside the"),  # int() refuses over 4300 digits: a ValueError
+    (_tensor(), "0", "Inference-Header-Content-Length 0 is outside the"),  # int(""): a 500
+    (_tensor(), "000", "Inference-Header-Content-Length 000 is outside the"),
     (json.dumps({"inputs": [{"name": "x", "datatype": "INT8", "shape": [2], "data": [1, 300]}]})
      .encode(), None, "values out of int8 range"),
     (json.dumps({"inputs": [{"name": "x", "datatype": "FP32", "shape": [1], "data": [1]}],
@@ -249,6 +253,16 @@ def _tensor(**fields) -> bytes:
     # shapes numpy cannot hold: once a 500 from reshape
     (_tensor(shape=[2 ** 62, 2 ** 62, 0], data=[]), None, "cannot be held"),
     (_tensor(shape=[1] * 70, data=[1]), None, "cannot be held"),
+    # dims past numpy's: the product of 300 63-bit dims has more than 4300 digits, which str()
+    # refused in the error message (a 500); of 60,000 dims (1.2 MB) it took 14 s, GIL held
+    (_tensor(shape=[2 ** 63 - 1] * 300, data=[1]), None, "a shape of 300 dims cannot be held"),
+    (_tensor(shape=[2 ** 63, 1], data=[1]), None, "a shape of 2 dims cannot be held"),
+    # json (read for NaN) takes integers simdjson refuses: 4000-digit dims, a timeout no
+    # float holds (its division by 1e6 raised OverflowError in the data plane)
+    (b'{"p": NaN, "inputs": [{"name": "x", "datatype": "FP32", "shape": [%s, %s], "data": [1]}]}'
+     % (b"9" * 4000, b"9" * 4000), None, "a shape of 2 dims cannot be held"),
+    (b'{"p": NaN, "parameters": {"timeout": %s}, "inputs": [{"name": "x", "datatype": "FP32", '
+     b'"shape": [1], "data": [1]}]}' % (b"9" * 400), None, "parameters.timeout must be"),
     # parameters of the wrong type: "false" once read as true, [] as no parameters
     (_tensor(parameters=[]), None, "input 'x': parameters must be an object"),
     (json.dumps({"inputs": [{"name": "x", "datatype": "FP32", "shape": [1], "data": [1]}],
@@ -261,6 +275,21 @@ def _tensor(**fields) -> bytes:
 def test_malformed_requests_raise_invalid_input(body, header_length, message):
     with pytest.raises(InvalidInput, match=re.escape(message)):
         oip.decode_request(body, header_length)
+
+
+@pytest.mark.parametrize("binary", [False, True])
+def test_a_shape_of_many_huge_dims_is_refused_at_once(binary):
+    """The element count of 40,000 63-bit dims (an 800 KB body, decoded on the event loop)
+    took seconds, quadratic in the dims, holding the GIL: the shape is refused first (the
+    benchmark of speed is not this test's: it checks the shape is what refuses it)."""
+    item = {"name": "x", "datatype": "FP32", "shape": [2 ** 63 - 1] * 40_000}
+    if binary:
+        header = json.dumps({"inputs": [{**item, "parameters": {"binary_data_size": 4}}]})
+        body, length = header.encode() + b"\0" * 4, str(len(header))
+    else:
+        body, length = json.dumps({"inputs": [{**item, "data": [1]}]}).encode(), None
+    with pytest.raises(InvalidInput, match="'x': a shape of 40000 dims cannot be held"):
+        oip.decode_request(body, length)
 
 
 def test_missing_data_is_named():
@@ -474,13 +503,46 @@ def test_npz_refuses_what_needs_pickle_or_is_not_npz():
         npz.decode(b"\x93NUMPY not an archive")
     with pytest.raises(InvalidInput, match="not a valid .npz"):
         npz.decode(b"PK\x03\x04 broken")
-    import io
     buffer = io.BytesIO()
     np.savez(buffer, s=np.array(["a"], dtype=object))
     with pytest.raises(InvalidInput, match="object arrays"):
         npz.decode(buffer.getvalue())
     with pytest.raises(InvalidInput, match="output 's' holds strings"):
         npz.encode({"s": np.array(["a"], dtype=object)})
+
+
+def _npz_member(shape: tuple[int, ...], size: int, compression: int = zipfile.ZIP_STORED
+                ) -> bytes:
+    """An .npz of one uint8 member `x` whose header declares `shape`, holding `size` zeros."""
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", compression, compresslevel=1) as archive:
+        with archive.open("x.npy", "w", force_zip64=True) as member:
+            np.lib.format.write_array_header_1_0(
+                member, {"descr": "|u1", "fortran_order": False, "shape": shape})
+            chunk = bytes(1 << 20)
+            for start in range(0, size, len(chunk)):
+                member.write(chunk[:size - start])
+    return buffer.getvalue()
+
+
+def test_npz_zip_bombs_are_refused_unread():
+    """1.4 MB of deflate inflated to 300 MB (on the MQTT daemon's event loop): the sizes the
+    archive declares are summed first."""
+    bomb = _npz_member((300 << 20,), 300 << 20, zipfile.ZIP_DEFLATED)
+    assert len(bomb) < 2 << 20
+    with pytest.raises(PayloadTooLarge, match="holds 314572928 bytes once decompressed, over "
+                                              "the 268435456-byte limit"):
+        npz.decode(bomb)
+    assert npz.decode(_npz_member((4,), 4), max_bytes=1 << 10)["x"].tolist() == [0] * 4
+    with pytest.raises(PayloadTooLarge):
+        npz.decode(_npz_member((4,), 4), max_bytes=64)
+
+
+def test_npz_headers_declaring_a_huge_shape_are_invalid_input():
+    """numpy allocates what a member's header declares before reading it: 1 PiB (more than
+    any address space) was a MemoryError, answered as an internal error."""
+    with pytest.raises(InvalidInput, match="declares an array too large to hold"):
+        npz.decode(_npz_member((2 ** 50,), 0))
 
 
 # ----------------------------------------------------------------------------- lean hosts

@@ -193,6 +193,21 @@ def test_pubsub_function_infers_and_reports(clients, reference, capsys, caplog):
     assert late.status_code == 500
 
 
+@pytest.mark.parametrize("data", [
+    "not an object", [1], {"message": "x"}, {"message": [1]},
+    {"message": {"data": 5}}, {"message": {"data": ["e30="]}},
+    {"message": {"data": "e30=", "attributes": ["model", "mlp"]}},
+    {"message": {"data": "e30=", "attributes": "model=mlp"}},
+])
+def test_a_cloudevent_that_is_no_pubsub_envelope_is_acknowledged(clients, caplog, data):
+    """Fields of the wrong type (a CloudEvent POSTed by hand) raised AttributeError or
+    TypeError: a 500, which Pub/Sub would deliver again forever. Such a message can never
+    succeed: it is logged and acknowledged like any bad input."""
+    answer = post_cloudevent(clients["pubsub"], data, "e-envelope")
+    assert answer.status_code == 200
+    assert "invalid_input" in caplog.text
+
+
 def test_the_gcf_adapter_imports_no_web_framework():
     done = subprocess.run([sys.executable, "-c", "import sys, edgerun.adapters.gcf.function; "
                            "print(sorted({m.split('.')[0] for m in sys.modules}))"],

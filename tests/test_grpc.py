@@ -414,11 +414,14 @@ def test_bad_input_is_invalid_argument_naming_the_input(client, stub):
     few.inputs[0].shape[:] = [1, 8]
     huge = typed_request("mlp", "x", "FP32", np.zeros(0, np.float32))  # int64 product: 0
     huge.inputs[0].shape[:] = [2 ** 32, 2 ** 32]
+    many = typed_request("mlp", "x", "FP32", np.zeros(1, np.float32))  # INTERNAL: str() of
+    many.inputs[0].shape[:] = [2 ** 63 - 1] * 300  # an element count of 5,700 digits
     endless = typed_request("mlp", "x", "FP32", np.zeros(8, np.float32))
     endless.inputs[0].shape[:] = [1, 8]
     endless.parameters["timeout"].double_param = float("inf")
     for request, says in ((short, "32 bytes"), (half, "raw_input_contents"), (few, "8 elements"),
-                          (huge, "18446744073709551616 elements")):
+                          (huge, "18446744073709551616 elements"),
+                          (many, "a shape of 300 dims cannot be held")):
         with pytest.raises(grpc.RpcError) as caught:
             stub.ModelInfer(request)
         assert caught.value.code() == StatusCode.INVALID_ARGUMENT

@@ -817,6 +817,21 @@ def test_direct_invocation_takes_and_gives_oip_json(handler, reference):
     assert answer["model_name"] == "mlp" and np.isnan(answer["outputs"][0]["data"]).any()
 
 
+@pytest.mark.parametrize("event, message", [
+    ('{"inputs": [{"name": "x", "datatype": "FP32", "shape": [1], "data": [1e30]}], '
+     '"id": 100000000000000000000000000000}', "does not fit in 64 bits"),
+    ('{"inputs": [{"name": "x", "datatype": "INT64", "shape": [1], '
+     '"data": [100000000000000000000000000000]}]}', "does not fit in 64 bits"),
+    ('{"inputs": [{"name": "x", "datatype": "BYTES", "shape": [1], "data": ["\\udcff"]}]}',
+     "not valid JSON"),
+])
+def test_direct_events_orjson_cannot_write_again_are_invalid_input(handler, event, message):
+    """The runtime reads the event with json, which takes integers past 64 bits and lone
+    surrogates; orjson refused to write them again (a TypeError, Lambda's errorType)."""
+    with pytest.raises(InvalidInput, match=message):
+        handler(json.loads(event), Context())
+
+
 # ------------------------------------------------------------------------ init and the model
 def test_vcpus_follow_memory_like_lambda():
     assert [vcpus_for(m) for m in (128, 1769, 1770, 3008, 5307, 8845, 10240)] == \

@@ -11,19 +11,32 @@ import zipfile
 
 import numpy as np
 
-from edgerun.runtime.errors import InvalidInput
+from edgerun.runtime.errors import InvalidInput, PayloadTooLarge
 
 CONTENT_TYPE = "application/x-npz"
+#: The most bytes the members of an `.npz` payload may hold once decompressed: the largest MQTT
+#: message (256 MiB), so only a compressed archive can pass it, and a zip bomb (a 400 KB
+#: message of deflate inflated to 400 MB, on the daemon's event loop) is refused unread.
+MAX_DECODED_BYTES = 256 << 20
 
 
-def decode(payload: bytes) -> dict[str, np.ndarray]:
-    """The arrays of an `.npz` payload by name."""
+def decode(payload: bytes, max_bytes: int = MAX_DECODED_BYTES) -> dict[str, np.ndarray]:
+    """The arrays of an `.npz` payload by name; refused past `max_bytes` decompressed."""
     if not payload.startswith((b"PK\x03\x04", b"PK\x05\x06")):
         raise InvalidInput("the payload is not an .npz archive (no zip header)")
     try:
         with np.load(io.BytesIO(payload), allow_pickle=False) as archive:
+            # zipfile reads no member past the size the archive declares for it
+            declared = sum(info.file_size for info in archive.zip.infolist())
+            if declared > max_bytes:
+                raise PayloadTooLarge(f"the .npz payload holds {declared} bytes once "
+                                      f"decompressed, over the {max_bytes}-byte limit")
             return {name: archive[name] for name in archive.files}
+    except MemoryError:  # numpy allocates the shape a member's header declares before reading
+        raise InvalidInput("the .npz payload declares an array too large to hold") from None
     except ValueError as exc:
+        if isinstance(exc, InvalidInput):
+            raise
         if "Object arrays" in str(exc):
             raise InvalidInput("the .npz payload holds object arrays, which need pickle; send "
                                "strings as OIP JSON or the OIP binary extension") from None

@@ -10,8 +10,8 @@ shapes as arrays.
 from __future__ import annotations
 
 import json
-import math
 import struct
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -39,6 +39,8 @@ _BUFFERS = {datatype: ("d" if datatype.startswith("FP") else "u" if datatype.sta
                        else "i") for datatype in DATATYPES if datatype not in ("BOOL", "BYTES")}
 _BUFFER_DTYPES = {"d": np.dtype(np.float64), "i": np.dtype(np.int64), "u": np.dtype(np.uint64)}
 HEADER_LENGTH = "inference-header-content-length"
+#: The most dimensions numpy holds, and the largest size of one (its index type, int64).
+MAX_DIMS, MAX_DIM = 64, 2 ** 63 - 1
 
 
 @dataclass
@@ -82,9 +84,10 @@ def decode_request(body: bytes, header_length: str | None) -> InferRequest:
             raise InvalidInput("Inference-Header-Content-Length must be an integer, got "
                                f"{header_length[:32]!r}")
         # past the body's own digit count it is outside the body: never int() it (over 4300
-        # digits, Python refuses, which answered an internal error)
+        # digits, Python refuses, which answered an internal error); "0" strips to "", which
+        # int() refuses too
         digits = header_length.lstrip("0")
-        split = int(digits) if len(digits) <= len(str(len(body))) else 0
+        split = int(digits) if digits and len(digits) <= len(str(len(body))) else 0
         if not 0 < split <= len(body):
             shown = header_length if len(header_length) <= 32 else f"{header_length[:32]}..."
             raise InvalidInput(f"Inference-Header-Content-Length {shown} is outside the "
@@ -124,10 +127,12 @@ def decode_request(body: bytes, header_length: str | None) -> InferRequest:
         raise InvalidInput(f"{len(binary) - offset} bytes of binary data follow the last input")
     parameters = _parameters(_plain(header.get("parameters")), "request parameters")
     timeout = parameters.get("timeout")
+    # at most the largest float: a longer integer (JSON read by json, for NaN) made the data
+    # plane's division by 1e6 raise OverflowError, answered as an internal error
     if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float))
-                                or not 0 < timeout < math.inf):
+                                or not 0 < timeout <= sys.float_info.max):
         raise InvalidInput(f"parameters.timeout must be a positive number of microseconds, "
-                           f"got {timeout!r}")
+                           f"got {timeout!r:.32}")
     request_id = _plain(header.get("id"))
     binary_outputs = _flag(parameters, "binary_data_output", "request parameters")
     return InferRequest(
@@ -248,8 +253,18 @@ def _tensor_header(item: Any) -> tuple[str, str, list[int], dict[str, Any]]:
             isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
         raise InvalidInput(f"input {name!r}: shape must be a list of non-negative integers",
                            name)
+    check_dims(name, shape)
     return name, datatype, shape, _parameters(_plain(item.get("parameters")),
                                               f"input {name!r}: parameters", name)
+
+
+def check_dims(name: str, shape: list[int]) -> None:
+    """Refuse a shape numpy cannot hold before its element count is computed: the product of
+    thousands of 63-bit dims took seconds (quadratic, holding the GIL) and its digits, past
+    4300, made `str` raise ValueError in the error message, answered as an internal error."""
+    if len(shape) > MAX_DIMS or max(shape, default=0) > MAX_DIM:
+        raise InvalidInput(f"input {name!r}: a shape of {len(shape)} dims cannot be held: "
+                           f"numpy takes at most {MAX_DIMS} dims of at most {MAX_DIM} each", name)
 
 
 def _decode_data(name: str, datatype: str, shape: list[int], data: Any) -> np.ndarray:

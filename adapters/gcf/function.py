@@ -115,12 +115,21 @@ class CloudFunction:
 
     def pubsub(self, event: Any) -> None:
         """A Pub/Sub CloudEvent: infer, hand the result on; raise only what a retry may fix."""
-        message = (event.data or {}).get("message") or {}
+        data = event.data
+        message = data.get("message") if isinstance(data, dict) else None
+        message = message if isinstance(message, dict) else {}
         message_id = str(message.get("messageId") or event["id"])
-        attributes = {str(k).lower(): str(v) for k, v in (message.get("attributes") or {}).items()}
+        # anything but the envelope Pub/Sub writes (a CloudEvent POSTed by hand) is logged and
+        # acknowledged: an AttributeError or TypeError here was a 500, delivered again forever
+        attributes = message.get("attributes") or {}
+        if not isinstance(attributes, dict):
+            _log_failure(message_id, InvalidInput("message attributes must be an object, got "
+                                                  f"{type(attributes).__name__}"))
+            return
+        attributes = {str(k).lower(): str(v) for k, v in attributes.items()}
         try:
             body = base64.b64decode(message.get("data") or "", validate=True)
-        except (binascii.Error, ValueError) as exc:
+        except (binascii.Error, ValueError, TypeError) as exc:
             _log_failure(message_id, InvalidInput(f"message data is not base64 ({exc})"))
             return
         call = Call(INFER, attributes.get("model") or self.default_model,

@@ -74,6 +74,7 @@ def decode_request(message: pb.ModelInferRequest) -> oip.InferRequest:
         if datatype not in oip.DATATYPES:
             raise InvalidInput(f"input {name!r}: datatype {datatype!r} is not supported (one "
                                f"of {', '.join(oip.DATATYPES)})", name)
+        oip.check_dims(name, shape)
         if any(d < 0 for d in shape):
             raise InvalidInput(f"input {name!r}: shape must be non-negative integers, got "
                                f"{shape}", name)
