@@ -12,14 +12,15 @@ import httpx
 import numpy as np
 import pytest
 
+from edgerun.adapters.codecs import oip
 from edgerun.adapters.dataplane import Call, DataPlane, Hook
 from edgerun.adapters.dataplane import call as routes
 from edgerun.adapters.dataplane.plane import OFF_LOOP_BYTES
 from edgerun.adapters.http.asgi import EdgerunASGI
 from edgerun.adapters.http.status import status_of
 from edgerun.examples import mlp_onnx
-from edgerun.runtime import (BundleError, InvalidInput, Model, ModelNotReady, Overloaded,
-                             Unauthenticated, create_bundle)
+from edgerun.runtime import (BundleError, InferenceError, InvalidInput, Model, ModelNotReady,
+                             Overloaded, Unauthenticated, create_bundle)
 from edgerun.runtime.bundle import Bundle
 from edgerun.runtime.metrics import Registry
 from edgerun.runtime.repository import Repository
@@ -450,6 +451,38 @@ def test_decoded_requests_pass_hooks_routing_and_metrics(plane):
               if labels[2] == "grpc"}
     assert counts == {("mlp", "1", "grpc", "ok"): 2, ("mlp", "", "grpc", "model_not_found"): 1,
                       ("mlp", "1", "grpc", "invalid_input"): 1}
+
+
+def test_an_unexpected_failure_is_logged_with_the_request_id_its_caller_got(plane, caplog):
+    """A hook's bug (a tracer's, say) answered 500 with an X-Request-Id, and logged a
+    traceback that named no request: the operator could not find it from the caller's id."""
+
+    class Tracer(Hook):
+        def before(self, call: Call) -> None:
+            if call.attributes("x-fail") == "before":
+                raise KeyError("no span")
+
+        def after(self, call: Call, error) -> None:
+            if call.attributes("x-fail") == "after":
+                raise KeyError("no span")
+
+    plane.hooks.add(Tracer())
+    body = infer_body(np.zeros((1, 8), np.float32))
+    reply = plane.handle(Call(routes.INFER, "mlp", body=body,
+                              attributes=headers(x_fail="before", x_request_id="trace-7")))
+    assert status_of(reply.error) == 500 and reply.headers["X-Request-Id"] == "trace-7"
+    request = oip.InferRequest(None, {"x": np.zeros((1, 8), np.float32)}, None, False, None)
+    with pytest.raises(InferenceError):
+        plane.infer(Call(routes.INFER, "mlp", transport="grpc",
+                         attributes=headers(x_fail="before", x_request_id="trace-8")), request)
+    reply = plane.handle(Call(routes.INFER, "mlp", body=body,
+                              attributes=headers(x_fail="after", x_request_id="trace-9")))
+    assert reply.ok and reply.headers["X-Request-Id"] == "trace-9"
+    logged = [(record.getMessage(), record.exc_info is not None) for record in caplog.records
+              if record.levelname == "ERROR"]
+    assert len(logged) == 3 and all(traceback for _, traceback in logged), logged
+    for (message, _), request_id in zip(logged, ("trace-7", "trace-8", "trace-9")):
+        assert request_id in message, message
 
 
 def test_a_decoder_runs_only_once_the_model_is_found(plane):

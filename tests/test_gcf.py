@@ -208,6 +208,31 @@ def test_a_cloudevent_that_is_no_pubsub_envelope_is_acknowledged(clients, caplog
     assert "invalid_input" in caplog.text
 
 
+def test_a_failed_pubsub_message_is_logged_with_its_request_id(clients, caplog):
+    """The failure line named the message id only: the publisher's `x-request-id` (or the
+    id the data plane gave) was missing, so a failure could not be found from the sender's
+    side, as the Lambda adapter's record failures can."""
+    pubsub = clients["pubsub"]
+    x = rows(1)
+    cases = [(json.dumps(request(x, name="nope")).encode(), {"x-request-id": "trace-41"}),
+             (json.dumps(request(x)).encode(), {"model": "missing", "x-request-id": "trace-42"}),
+             (b"{nope", {})]
+    for number, (payload, attributes) in enumerate(cases):
+        event = pubsub_event(payload, attributes, message_id=f"f-{number}")
+        assert post_cloudevent(pubsub, event, f"e-f{number}").status_code == 200
+    event = {**pubsub_event(b""), "message": {"data": "not base64!", "messageId": "f-3",
+                                               "attributes": {"x-request-id": "trace-43"}}}
+    assert post_cloudevent(pubsub, event, "e-f3").status_code == 200
+    lines = {line["pubsub_message"]: line for line in (
+        json.loads(record.getMessage()) for record in caplog.records
+        if record.getMessage().startswith('{"message": "pubsub message failed"'))}
+    assert lines["f-0"]["request_id"] == "trace-41" and lines["f-0"]["kind"] == "invalid_input"
+    assert lines["f-1"]["request_id"] == "trace-42"
+    assert lines["f-1"]["kind"] == "model_not_found"
+    assert len(lines["f-2"]["request_id"]) == 32  # none given: the one the data plane made
+    assert lines["f-3"]["request_id"] == "trace-43"
+
+
 def test_the_gcf_adapter_imports_no_web_framework():
     done = subprocess.run([sys.executable, "-c", "import sys, edgerun.adapters.gcf.function; "
                            "print(sorted({m.split('.')[0] for m in sys.modules}))"],

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import subprocess
@@ -24,7 +25,7 @@ from edgerun.adapters.mqtt.daemon import backoff
 from edgerun.adapters.mqtt.telemetry import quantile, temperature
 from edgerun.examples import mlp_onnx
 from tests.cli import edgerun
-from tests.mqtt import (INFER_JSON, Broker, Requester, connect, read_retained,
+from tests.mqtt import (INFER_JSON, Broker, Requester, connect, daemon_command, read_retained,
                         running_broker, running_daemon, user_properties, wait_online)
 from tests.serving import add_version, free_port
 
@@ -274,6 +275,32 @@ def test_bad_requests_get_error_replies_and_the_daemon_lives_on(requester, daemo
     good, _ = requester.ask("edgerun/dev1/infer/mlp", INFER_JSON)
     assert outputs(good).shape == (1, 3)
     assert daemon.process.poll() is None
+
+
+def test_every_bad_request_answered_is_counted_in_telemetry(broker, daemon, requester):
+    """A topic that names no model (or too many levels) and a content type the daemon does
+    not read were answered `invalid_input` before the data plane saw them: the telemetry, the
+    fleet's health gate's only view of a device, counted none of them, while a body that is
+    not JSON, the same mistake a step later, was counted."""
+    client = connect(broker)
+    seen: queue.Queue = queue.Queue()
+    client.on_message = lambda c, u, m: seen.put(orjson.loads(m.payload))
+    client.subscribe("edgerun/dev1/telemetry", 0)
+    try:
+        before = seen.get(timeout=10)["outcomes"].get("invalid_input", 0)
+        for topic, options in [("edgerun/dev1/infer/mlp/1/extra", {}), ("edgerun/dev1/infer", {}),
+                               ("edgerun/dev1/infer/mlp", {"content_type": "image/png"}),
+                               ("edgerun/dev1/infer/mlp", {"content_type": "text/plain"})]:
+            answer, _ = requester.ask(topic, INFER_JSON, **options)
+            assert orjson.loads(answer)["kind"] == "invalid_input"
+        counted, deadline = before, time.monotonic() + 20
+        while counted < before + 4 and time.monotonic() < deadline:
+            with contextlib.suppress(queue.Empty):
+                counted = seen.get(timeout=1)["outcomes"].get("invalid_input", 0)
+        assert counted == before + 4
+    finally:
+        client.disconnect()
+        client.loop_stop()
 
 
 # ------------------------------------------------------------- status, telemetry
@@ -612,6 +639,40 @@ def test_a_rotated_password_file_is_read_at_the_next_connect(tmp_path, repo):
             assert outputs(answer).shape == (1, 3)
     finally:
         broker.stop()
+
+
+def test_a_password_in_the_broker_url_is_never_logged(tmp_path, repo):
+    """`--broker mqtt://user:password@host` (as --help offers) put the password in every
+    "connected to", "disconnected from" and "cannot reach" line of the daemon's log."""
+    passwd, secret = tmp_path / "passwd", "s3cret-in-url"
+    subprocess.run(["mosquitto_passwd", "-b", "-c", str(passwd), "dev", secret], check=True,
+                   capture_output=True)
+    passwd.chmod(0o644)  # for a broker run as its own user
+    broker = Broker(tmp_path / "b")
+    broker.config.write_text(broker.config.read_text() + f"password_file {passwd}\n")
+    broker.start()
+    url = f"mqtt://dev:{secret}@127.0.0.1:{broker.port}"
+    command = [*daemon_command(repo, broker, "hidden", "--log-level", "info",
+                               "--reconnect-min-s", "0.1", "--reconnect-max-s", "0.2")]
+    command[command.index(broker.url)] = url
+    try:
+        with running_daemon(repo, broker, "hidden", command=command) as daemon:
+            broker.stop()
+            deadline = time.monotonic() + 30
+            while "cannot reach" not in daemon.output():
+                assert time.monotonic() < deadline, daemon.output()
+                time.sleep(0.1)
+            assert daemon.terminate() == 0
+    finally:
+        broker.stop()
+    log = daemon.output()
+    assert f"connected to mqtt://dev:***@127.0.0.1:{broker.port}" in log, log
+    assert "disconnected from" in log and "cannot reach" in log, log
+    assert secret not in log, log
+    bad = edgerun("daemon", "--repository", str(repo), "--device-id", "x", "--broker",
+                  f"http://dev:{secret}@127.0.0.1:1")
+    assert bad.returncode != 0 and "dev:***@" in bad.stderr, bad.stderr
+    assert secret not in bad.stdout + bad.stderr
 
 
 def test_tls_with_a_test_ca(tmp_path, repo):

@@ -47,7 +47,8 @@ class HookChain:
             try:
                 hook.after(call, error)
             except Exception:  # the answer is made; a hook's bug must not lose it
-                log.exception("hook %s failed after a call", type(hook).__name__)
+                log.exception("hook %s failed after request %s", type(hook).__name__,
+                              call.request_id)
 
 
 _REQUEST_ID = re.compile(r"[\w.:@/+=-]{1,128}")

@@ -112,7 +112,7 @@ class DataPlane:
             self.hooks.before(call)
             reply = self._routes[call.route](call)
         except Exception as exc:
-            reply = _error_reply(exc)
+            reply = _error_reply(exc, call)
         return self._done(call, reply, started)
 
     async def handle_async(self, call: Call, body: BodyReader | None = None) -> Reply:
@@ -135,7 +135,7 @@ class DataPlane:
             self._done(call, Reply(b"", error=error, version=call.routed_version), started)
             raise
         except Exception as exc:
-            reply = _error_reply(exc)
+            reply = _error_reply(exc, call)
         return self._done(call, reply, started)
 
     def refuse(self, call: Call, error: EdgerunError) -> Reply:
@@ -146,8 +146,8 @@ class DataPlane:
         try:
             self.hooks.before(call)
         except Exception as exc:
-            return self._done(call, _error_reply(exc), started)
-        return self._done(call, _error_reply(error), started)
+            return self._done(call, _error_reply(exc, call), started)
+        return self._done(call, _error_reply(error, call), started)
 
     def _done(self, call: Call, reply: Reply, started: float) -> Reply:
         self.hooks.after(call, reply.error)
@@ -201,7 +201,7 @@ class DataPlane:
             error = Cancelled("the caller cancelled the request")
             raise
         except Exception as exc:
-            error = _as_error(exc)
+            error = _as_error(exc, call)
             version = error.version or version
             raise error from (None if error is exc else exc)
         finally:
@@ -381,13 +381,15 @@ def _result(call: Call, request: oip.InferRequest, version: str,
     return InferResult(call.model, version, request, outputs)
 
 
-def _as_error(exc: Exception) -> EdgerunError:
+def _as_error(exc: Exception, call: Call) -> EdgerunError:
     if isinstance(exc, EdgerunError):
         return exc
-    log.error("request failed unexpectedly", exc_info=exc)
+    # with the id the caller got in its 500, so the traceback can be found from its end
+    log.error("request %s (%s %r over %s) failed unexpectedly", call.request_id, call.route,
+              call.model, call.transport, exc_info=exc)
     return InferenceError(f"internal error: {type(exc).__name__}: {exc}")
 
 
-def _error_reply(exc: Exception) -> Reply:
-    error = _as_error(exc)
+def _error_reply(exc: Exception, call: Call) -> Reply:
+    error = _as_error(exc, call)
     return Reply(oip.encode_error(str(error)), error=error, version=error.version or "")

@@ -124,13 +124,14 @@ class CloudFunction:
         attributes = message.get("attributes") or {}
         if not isinstance(attributes, dict):
             _log_failure(message_id, InvalidInput("message attributes must be an object, got "
-                                                  f"{type(attributes).__name__}"))
+                                                  f"{type(attributes).__name__}"), None)
             return
         attributes = {str(k).lower(): str(v) for k, v in attributes.items()}
         try:
             body = base64.b64decode(message.get("data") or "", validate=True)
         except (binascii.Error, ValueError, TypeError) as exc:
-            _log_failure(message_id, InvalidInput(f"message data is not base64 ({exc})"))
+            _log_failure(message_id, InvalidInput(f"message data is not base64 ({exc})"),
+                         attributes.get("x-request-id"))
             return
         call = Call(INFER, attributes.get("model") or self.default_model,
                     attributes.get("version"), body, attributes.get, "pubsub")
@@ -138,7 +139,7 @@ class CloudFunction:
             answer = self.plane.infer(call, lambda: oip.decode_request(
                 body, attributes.get(oip.HEADER_LENGTH))).json()
         except EdgerunError as error:
-            _log_failure(message_id, error)
+            _log_failure(message_id, error, call.request_id)
             if isinstance(error, RETRYABLE):
                 raise
             return
@@ -188,6 +189,8 @@ def _error(status: int, message: str,
                                                              **(headers or {})}
 
 
-def _log_failure(message_id: str, error: EdgerunError) -> None:
+def _log_failure(message_id: str, error: EdgerunError, request_id: str | None) -> None:
+    """One JSON line per failed message, with the request id its publisher gave (the
+    `x-request-id` attribute) or the data plane made, as the Lambda adapter logs a record's."""
     log.error(json.dumps({"message": "pubsub message failed", "pubsub_message": message_id,
-                          "kind": error.kind, "error": str(error)}))
+                          "request_id": request_id, "kind": error.kind, "error": str(error)}))

@@ -163,7 +163,7 @@ class InferenceServicer(GRPCInferenceServiceServicer):
             else:
                 response = codec.encode_response(*answer)
         except Exception as exc:
-            await _abort(context, call, _as_error(exc))
+            await _abort(context, call, _as_error(exc, call))
         _send_headers(context, call)
         return response
 
@@ -213,7 +213,7 @@ class InferenceServicer(GRPCInferenceServiceServicer):
             hooks.before(call)
             response = make()
         except Exception as exc:
-            error = _as_error(exc)
+            error = _as_error(exc, call)
             hooks.after(call, error)
             await _abort(context, call, error)
         hooks.after(call, None)
@@ -271,11 +271,13 @@ def _send_headers(context: grpc.aio.ServicerContext, call: Call) -> None:
             tuple((key.lower(), value) for key, value in call.response_headers.items()))
 
 
-def _as_error(exc: Exception) -> EdgerunError:
-    """The core's error for a failure; anything unexpected is logged and becomes INTERNAL."""
+def _as_error(exc: Exception, call: Call) -> EdgerunError:
+    """The core's error for a failure; anything unexpected is logged (with the request id the
+    caller gets) and becomes INTERNAL."""
     if isinstance(exc, EdgerunError):
         return exc
-    log.error("gRPC call failed unexpectedly", exc_info=exc)
+    log.error("gRPC call %s (%s %r) failed unexpectedly", call.request_id, call.route,
+              call.model, exc_info=exc)
     return InferenceError(f"internal error: {type(exc).__name__}: {exc}")
 
 

@@ -27,6 +27,16 @@ PROTOCOLS = ("auto", "5", "3.1.1")
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
 
 
+def redact(url: str) -> str:
+    """The broker URL for logs and errors: a password in it (`mqtt://dev:SECRET@host`) shown
+    as `***`, the rest as written."""
+    scheme, sep, rest = url.partition("://") if "://" in url else ("", "", url)
+    user, at, host = rest.rpartition("@")  # as urlsplit, the last @: a password may hold one
+    if not at or ":" not in user:
+        return url
+    return f"{scheme}{sep}{user.split(':', 1)[0]}:***@{host}"
+
+
 @dataclass(frozen=True)
 class Broker:
     """Where to connect: `mqtt://[user:password@]host[:port]` or `mqtts://...` (TLS)."""
@@ -41,9 +51,10 @@ class Broker:
     def parse(cls, url: str) -> Broker:
         parts = urlsplit(url if "://" in url else f"mqtt://{url}")
         if parts.scheme not in ("mqtt", "mqtts"):
-            raise ValueError(f"broker URL {url!r}: the scheme must be mqtt:// or mqtts://")
+            raise ValueError(f"broker URL {redact(url)!r}: the scheme must be mqtt:// or "
+                             "mqtts://")
         if not parts.hostname:
-            raise ValueError(f"broker URL {url!r} names no host")
+            raise ValueError(f"broker URL {redact(url)!r} names no host")
         tls = parts.scheme == "mqtts"
         return cls(parts.hostname, parts.port or (8883 if tls else 1883), tls,
                    unquote(parts.username) if parts.username else None,

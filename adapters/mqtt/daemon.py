@@ -38,7 +38,7 @@ from edgerun.adapters.codecs import npz, oip
 from edgerun.adapters.dataplane import DataPlane
 from edgerun.adapters.dataplane.call import BINARY, JSON
 from edgerun.adapters.mqtt import messages, systemd_notify, transport
-from edgerun.adapters.mqtt.config import Broker, DaemonConfig
+from edgerun.adapters.mqtt.config import Broker, DaemonConfig, redact
 from edgerun.adapters.mqtt.extensions import Extension, specs
 from edgerun.adapters.mqtt.messages import Request
 from edgerun.adapters.mqtt.telemetry import Telemetry
@@ -74,6 +74,7 @@ class Daemon:
             config.repository, config.device, registry=registry)
         self.plane = DataPlane(self.repository)
         self.status_topic = f"edgerun/{self.device_id}/status"
+        self._broker_shown = redact(config.broker)  # logs never show a password in the URL
         self.telemetry_topic = f"edgerun/{self.device_id}/telemetry"
         self.v5 = config.protocol != "3.1.1"
         self._telemetry = Telemetry(self.repository.registry)
@@ -348,7 +349,7 @@ class Daemon:
             else:
                 self.client.connect(broker.host, broker.port, self.config.keepalive)
         except (OSError, ValueError) as exc:  # refused, unreachable, TLS handshake
-            log.warning("cannot reach %s (%s)", self.config.broker, exc)
+            log.warning("cannot reach %s (%s)", self._broker_shown, exc)
             self._retry()
 
     def _retry(self) -> None:
@@ -453,7 +454,7 @@ class Daemon:
         self._max_packet = getattr(properties, "MaximumPacketSize", None) if self.v5 else None
         if self.v5:
             client.honour_receive_maximum(properties)
-        log.info("connected to %s (session present: %s)", self.config.broker,
+        log.info("connected to %s (session present: %s)", self._broker_shown,
                  flags.session_present)
         client.subscribe([(topic, qos) for topic, (qos, _) in self._subscriptions.items()])
         client.publish(self.status_topic, self.status("online"), 1, True)
@@ -464,7 +465,7 @@ class Daemon:
         self._connected.clear()
         if self._closing or client is not self.client:
             return
-        log.warning("disconnected from %s (%s); reconnecting", self.config.broker, reason)
+        log.warning("disconnected from %s (%s); reconnecting", self._broker_shown, reason)
         self._retry()
 
     def _fall_back(self) -> None:
@@ -559,15 +560,19 @@ class Daemon:
 
     async def _answer(self, request: Request, topic: str) -> tuple[bytes, Properties]:
         try:
-            messages.check_topic(request, topic)
             call = messages.call_for(request)
+            try:
+                messages.check_topic(request, topic)
+                if request.content_type not in ("", JSON, BINARY, messages.NPZ):
+                    raise InvalidInput(f"content type {request.content_type!r} is not one of "
+                                       f"{JSON}, {BINARY} (OIP binary extension), "
+                                       f"{messages.NPZ}")
+            except InvalidInput as exc:  # through the hooks and counted, as any bad request
+                return self._error(request, self.plane.refuse(call, exc).error or exc)
             if request.content_type == messages.NPZ:
                 result = await self.plane.infer_async(call, messages.npz_request(request))
                 return npz.encode(result.outputs), messages.reply_properties(request,
                                                                              messages.NPZ)
-            if request.content_type not in ("", JSON, BINARY):
-                raise InvalidInput(f"content type {request.content_type!r} is not one of "
-                                   f"{JSON}, {BINARY} (OIP binary extension), {messages.NPZ}")
             reply = await self.plane.handle_async(call)
             if reply.error is not None:
                 return self._error(request, reply.error)
