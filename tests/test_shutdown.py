@@ -154,10 +154,7 @@ def test_a_request_still_arriving_at_sigterm_is_answered_and_new_ones_are_refuse
         wait_for(lambda: metric(server, "edgerun_queue_depth", model="patient",
                                 version="1") == 1, 30, "the first request to queue")
         payload = body([[7, 8]])
-        slow = socket.create_connection(("127.0.0.1", server.port))
-        slow.sendall(b"POST /v2/models/patient/infer HTTP/1.1\r\nHost: t\r\n"
-                     b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
-                     % (len(payload), payload[:10]))
+        slow = _started_post(server.port, "/v2/models/patient/infer", payload)
         # the server has read the head once it answers a request sent after it
         assert httpx.get(server.url + "/v2/health/live").status_code == 200
         channel = tgrpc.InferenceServerClient(server.grpc_address)
@@ -192,10 +189,8 @@ def test_a_request_a_second_sigterm_cuts_off_gets_503_with_its_request_id(patien
     to its logs. It carries the caller's id."""
     with running_server(patient_repo) as server:
         payload = body([[7, 8]])
-        slow = socket.create_connection(("127.0.0.1", server.port))
-        slow.sendall(b"POST /v2/models/patient/infer HTTP/1.1\r\nHost: t\r\n"
-                     b"X-Request-Id: cut-off-1\r\nContent-Length: %d\r\n\r\n%s"
-                     % (len(payload), payload[:10]))
+        slow = _started_post(server.port, "/v2/models/patient/infer", payload,
+                             b"X-Request-Id: cut-off-1")
         # the server has read the head once it answers a request sent after it
         assert httpx.get(server.url + "/v2/health/live").status_code == 200
         server.process.send_signal(signal.SIGTERM)
@@ -228,6 +223,15 @@ def _refuses_connections(port: int) -> bool:
     except ConnectionRefusedError:
         return True
     return False
+
+
+def _started_post(port: int, path: str, payload: bytes,
+                  header: bytes = b"Content-Type: application/json") -> socket.socket:
+    """A raw connection that has sent a POST's head and its body's first 10 bytes only."""
+    sock = socket.create_connection(("127.0.0.1", port))
+    sock.sendall(b"POST %s HTTP/1.1\r\nHost: t\r\n%s\r\nContent-Length: %d\r\n\r\n%s"
+                 % (path.encode(), header, len(payload), payload[:10]))
+    return sock
 
 
 def _read_response(sock: socket.socket) -> bytes:
@@ -492,10 +496,7 @@ def test_a_request_routed_to_a_version_swapped_in_after_sigterm_waits_no_delay(t
     (repo / "m" / "config.toml").write_text(PATIENT)
     with running_server(repo) as server:
         payload = body([[7, 8]])
-        held = socket.create_connection(("127.0.0.1", server.port))
-        held.sendall(b"POST /v2/models/m/infer HTTP/1.1\r\nHost: t\r\n"
-                     b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
-                     % (len(payload), payload[:10]))
+        held = _started_post(server.port, "/v2/models/m/infer", payload)
         assert httpx.get(server.url + "/v2/health/live").status_code == 200
         (repo / "m" / "config.toml").write_text("instances = 100\n" + PATIENT)
         add_version(repo, "m", "2", slow_load_onnx())
