@@ -20,8 +20,8 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
+from edgerun.adapters.urls import redact
 from edgerun.runtime.errors import InvalidInput
 
 SQLITE, POSTGRESQL = "sqlite", "postgresql"
@@ -40,15 +40,6 @@ def to_pyformat(sql: str) -> str:
             quoted = not quoted
         out.append("%s" if char == "?" and not quoted else "%%" if char == "%" else char)
     return "".join(out)
-
-
-def redact(url: str) -> str:
-    """The URL without its password, for logs and errors."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = f"{parts.username}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
-    return urlunsplit(parts._replace(netloc=netloc))
 
 
 class Database:

@@ -15,6 +15,7 @@ from typing import Any
 from urllib.parse import unquote, urlsplit
 
 from edgerun.adapters.auth.tokens import read_secret
+from edgerun.adapters.urls import redact
 from edgerun.devices.profile import is_integer
 from edgerun.runtime.model_config import finite_number
 
@@ -25,16 +26,6 @@ else:  # pragma: no cover - Python 3.10 (JetPack 6)
 
 PROTOCOLS = ("auto", "5", "3.1.1")
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
-
-
-def redact(url: str) -> str:
-    """The broker URL for logs and errors: a password in it (`mqtt://dev:SECRET@host`) shown
-    as `***`, the rest as written."""
-    scheme, sep, rest = url.partition("://") if "://" in url else ("", "", url)
-    user, at, host = rest.rpartition("@")  # as urlsplit, the last @: a password may hold one
-    if not at or ":" not in user:
-        return url
-    return f"{scheme}{sep}{user.split(':', 1)[0]}:***@{host}"
 
 
 @dataclass(frozen=True)

@@ -38,10 +38,11 @@ from edgerun.adapters.codecs import npz, oip
 from edgerun.adapters.dataplane import DataPlane
 from edgerun.adapters.dataplane.call import BINARY, JSON
 from edgerun.adapters.mqtt import messages, systemd_notify, transport
-from edgerun.adapters.mqtt.config import Broker, DaemonConfig, redact
+from edgerun.adapters.mqtt.config import Broker, DaemonConfig
 from edgerun.adapters.mqtt.extensions import Extension, specs
 from edgerun.adapters.mqtt.messages import Request
 from edgerun.adapters.mqtt.telemetry import Telemetry
+from edgerun.adapters.urls import redact
 from edgerun.runtime.errors import (EdgerunError, InferenceError, InvalidInput, Overloaded,
                                     PayloadTooLarge)
 from edgerun.runtime.metrics import REGISTRY, Registry
