@@ -277,15 +277,18 @@ def test_keep_alive_connection_serves_on_after_error_answers(server):
 def test_an_idle_connection_is_closed_after_keep_alive_and_not_before(repo, server):
     """uvicorn closes idle connections after 5 s, under a load balancer's or proxy's own idle
     timeout: one reusing a connection the server was closing answered 502. The default keeps
-    it open (75 s); `--keep-alive` sets it."""
+    it open (75 s); `--keep-alive` sets it, for connections that never sent a byte too."""
     hello = request("GET", "/v2/health/live")
     with running_server(repo, "--keep-alive", "0.5") as short, \
             socket.create_connection(("127.0.0.1", short.port), timeout=10) as brief, \
+            socket.create_connection(("127.0.0.1", short.port), timeout=10) as silent, \
             socket.create_connection(("127.0.0.1", server.port), timeout=10) as kept:
         for sock in (brief, kept):
             sock.sendall(hello)
             assert read_answer(sock)[0].startswith(b"HTTP/1.1 200")
         assert brief.recv(1) == b"", "closed once idle for --keep-alive"  # waits for it
+        # one that never sent a byte was held for good (the timer started after an answer)
+        assert silent.recv(1) == b"", "a silent connection is idle too"
         time.sleep(6)  # past uvicorn's own 5 s
         kept.sendall(hello)
         assert read_answer(kept)[0].startswith(b"HTTP/1.1 200")

@@ -11,6 +11,7 @@ The connection reads on while a request waits (uvicorn pauses reading behind a b
 pipelined request), since a paused transport never sees the close.
 
 A request uvicorn cannot parse is answered as every other: a JSON error and an X-Request-Id.
+A connection that sends nothing is closed after the keep-alive timeout, as an idle one is.
 """
 
 from __future__ import annotations
@@ -95,6 +96,11 @@ class OneSendProtocol(HttpToolsProtocol):
         #: The request whose task runs: with requests pipelined behind it, `self.cycle` is
         #: the newest one parsed, not this one.
         self.running: RequestResponseCycle | None = None
+        # Idle from the start, as after an answer: uvicorn arms the keep-alive timer only once
+        # a response is done, so a client that connected and sent nothing held its socket
+        # (and a file descriptor) for good. Its first bytes disarm it.
+        self.timeout_keep_alive_task = self.loop.call_later(self.timeout_keep_alive,
+                                                            self.timeout_keep_alive_handler)
 
     def connection_lost(self, exc: Exception | None) -> None:
         cycle, task = self.running, self.tasks.newest  # type: ignore[attr-defined]
