@@ -297,13 +297,11 @@ class LambdaHandler:
     def _direct(self, event: dict[str, Any], context: Any) -> dict[str, Any]:
         version = event.get("model_version")
         try:
-            body = orjson.dumps(event)
+            body: bytes | None = orjson.dumps(event)
         except TypeError:  # an integer past 64 bits or a lone surrogate, which the runtime's
-            # json reads: json writes them too, and the decoder refuses them, naming why
+            body = None    # json reads: json writes them too, and the decoder refuses them
+        if body is None or b"null" in body:  # orjson writes NaN and the infinities as null
             body = json.dumps(event).encode()
-        else:
-            if b"null" in body:  # orjson writes NaN and the infinities as null; json keeps them
-                body = json.dumps(event).encode()
         call = Call(INFER, str(event.get("model_name") or self.default_model),
                     None if version is None else str(version), body,
                     transport="lambda", timeout=_budget(context))

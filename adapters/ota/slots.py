@@ -25,8 +25,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from edgerun.runtime.bundle import MANIFEST, NAME_RE, VERSION_RE, Bundle, version_key
-from edgerun.runtime.errors import ModelNotFound
+from edgerun.runtime.bundle import NAME_RE, Bundle, read_manifest, version_key
+from edgerun.runtime.errors import BundleError, ModelNotFound
 from edgerun.runtime.model_config import ModelConfig
 from edgerun.runtime.signing import PublicKey, verify_folder
 from edgerun.runtime.sources import VersionSource, folder_fingerprint
@@ -109,12 +109,11 @@ class SlotStore:
         slots: dict[str, str | None] = dict.fromkeys(SLOTS)
         for slot in SLOTS:
             try:
-                manifest = json.loads((self.folder(model, slot) / MANIFEST).read_bytes())
-                version = manifest["version"] if manifest["name"] == model else None
-            except (OSError, ValueError, KeyError, TypeError):
+                manifest = read_manifest(self.folder(model, slot))
+            except (BundleError, OSError):
                 continue
-            if isinstance(version, str) and VERSION_RE.fullmatch(version):
-                slots[slot] = version
+            if manifest.name == model:
+                slots[slot] = manifest.version
         held = [s for s in SLOTS if slots[s]]
         active = min(held, key=lambda s: version_key(slots[s]), default=None)
         log.error("%s is unreadable (%s); rebuilt from the slots: %s active",
