@@ -33,7 +33,7 @@ from tritonclient.utils import InferenceServerException
 from edgerun.examples import mlp_onnx
 from tests.fleet_sim import wait_for
 from tests.helpers import expand_onnx, gather_onnx, identity_onnx
-from tests.serving import add_version, running_process, running_server
+from tests.serving import add_version, running_process, running_server, wait_until
 from tests.test_http_edges import cpu_ticks, loop_share
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -505,6 +505,7 @@ def test_a_big_request_is_parsed_only_once_the_hooks_let_its_call_through(tmp_pa
     with running_process(command, log_dir=tmp_path, ready=False, grpc=True) as server, \
             grpc.insecure_channel(server.grpc_address,
                                   options=[("grpc.max_send_message_length", 64 << 20)]) as channel:
+        wait_until(server, "/v2/models/mlp/ready")  # models load once both ports listen
         infer = service_pb2_grpc.GRPCInferenceServiceStub(channel).ModelInfer
         ticks = {}
         for kind, request in (("raw", raw), ("typed", typed)):
@@ -635,6 +636,7 @@ def test_hooks_see_grpc_calls_and_a_loading_model_is_unavailable(tmp_path):
     command = [sys.executable, "-m", "tests.grpc_hooked_server", str(root)]
     with running_process(command, log_dir=tmp_path, ready=False, grpc=True) as server:
         client = tgrpc.InferenceServerClient(server.grpc_address)
+        wait_until(server, "/v2/models/mlp/ready")  # models load once both ports listen
         good = {"authorization": "Bearer good"}
         for call in (client.is_server_live, client.get_server_metadata):
             assert code_of(refused(call)) == "StatusCode.UNAUTHENTICATED"
@@ -642,7 +644,7 @@ def test_hooks_see_grpc_calls_and_a_loading_model_is_unavailable(tmp_path):
                 "StatusCode.PERMISSION_DENIED"
         x = [fp32_input(np.ones((1, 8), np.float32))]
         assert code_of(refused(client.infer, "mlp", x)) == "StatusCode.UNAUTHENTICATED"
-        client.infer("mlp", x, headers=good)  # mlp loaded first; slow is held back
+        client.infer("mlp", x, headers=good)  # slow is held back
         assert not client.is_server_ready(headers=good)
         assert not client.is_model_ready("slow", headers=good)
         error = refused(client.infer, "slow", [fp32_input(np.ones((1, 2), np.float32))],
