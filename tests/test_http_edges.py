@@ -6,6 +6,7 @@ from __future__ import annotations
 import gzip
 import json
 import re
+import select
 import signal
 import socket
 import struct
@@ -292,6 +293,63 @@ def test_an_idle_connection_is_closed_after_keep_alive_and_not_before(repo, serv
         time.sleep(6)  # past uvicorn's own 5 s
         kept.sendall(hello)
         assert read_answer(kept)[0].startswith(b"HTTP/1.1 200")
+
+
+
+def test_a_head_trickled_past_its_deadline_gets_408_and_a_close(repo):
+    """A client trickling its request head (a byte at a time, each inside the keep-alive
+    timeout) was held for good: uvicorn has no header timeout. A head must now be whole within
+    min(60 s, --keep-alive) of its first byte; past that it gets a JSON 408 and the close.
+    Heads that arrive in time, and bodies however slow, are answered as before."""
+    def trickle(sock: socket.socket, data: bytes, gap: float) -> None:
+        """A byte every `gap` seconds until the server answers (or all is sent)."""
+        for byte in data:
+            sock.sendall(bytes([byte]))
+            if select.select([sock], [], [], gap)[0]:
+                return
+
+    hello = request("GET", "/v2/health/live")
+    with running_server(repo, "--keep-alive", "1") as short:
+        with socket.create_connection(("127.0.0.1", short.port), timeout=10) as slow:
+            slow.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            trickle(slow, hello, 0.2)  # 0.2 s gaps, under the keep-alive's 1 s
+            head, body, rest = read_answer(slow)
+            assert head.startswith(b"HTTP/1.1 408 "), head
+            assert re.search(rb"\r\ncontent-type: application/json(\r\n|$)", head, re.I)
+            assert re.search(rb"\r\nx-request-id: [0-9a-f]{32}(\r\n|$)", head, re.I)
+            assert "error" in json.loads(body)
+            assert rest == b"" and slow.recv(1) == b"", "closed after the 408"
+        with socket.create_connection(("127.0.0.1", short.port), timeout=10) as sock:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            sock.sendall(hello[:10])  # a head in two reads, whole within its deadline
+            time.sleep(0.3)
+            sock.sendall(hello[10:])
+            assert read_answer(sock)[0].startswith(b"HTTP/1.1 200")
+            # its deadline went with it: the connection serves on past it
+            time.sleep(0.8)
+            sock.sendall(hello + hello)  # pipelined
+            rest = b""
+            for _ in range(2):
+                head, _, rest = read_answer(sock, rest)
+                assert head.startswith(b"HTTP/1.1 200"), head
+            # a body is not the head: trickled past the deadline, it is answered
+            infer = request("POST", "/v2/models/mlp/infer", oip("x", [1, 8], [0] * 8))
+            split = infer.index(b"\r\n\r\n") + 4
+            sock.sendall(infer[:split])
+            for start in range(split, len(infer), 15):  # 1.4 s in all
+                time.sleep(0.2)
+                sock.sendall(infer[start:start + 15])
+            assert read_answer(sock)[0].startswith(b"HTTP/1.1 200")
+
+
+def test_host_unspecified_ipv6_serves_http_to_ipv4_and_ipv6_clients(repo):
+    """`--host ::` listened on IPv6 alone over HTTP (asyncio sets IPV6_V6ONLY), while gRPC on
+    [::] took IPv4 too: HTTP is now dual-stack on ::, as gRPC and most servers are."""
+    with running_server(repo, "--host", "::", grpc=True) as both:
+        for host in ("127.0.0.1", "::1"):
+            with socket.create_connection((host, both.port), timeout=10) as sock:
+                sock.sendall(request("GET", "/v2/health/ready"))
+                assert read_answer(sock)[0].startswith(b"HTTP/1.1 200"), host
 
 
 # ------------------------------------------------------------------- compressed bodies

@@ -12,6 +12,10 @@ pipelined request), since a paused transport never sees the close.
 
 A request uvicorn cannot parse is answered as every other: a JSON error and an X-Request-Id.
 A connection that sends nothing is closed after the keep-alive timeout, as an idle one is.
+A request head must be whole within `HEAD_TIMEOUT_S` (at most the keep-alive timeout) of its
+first byte, else it is answered 408 and the connection closes (nginx's client_header_timeout):
+uvicorn has none, and a client trickling a head held its connection for good. A body's upload
+is not timed.
 """
 
 from __future__ import annotations
@@ -26,6 +30,8 @@ from edgerun.adapters.dataplane.hooks import request_id
 from edgerun.adapters.http.asgi import CLIENT_GONE
 
 INTERIM = b"HTTP/1.1 1"
+#: nginx's client_header_timeout: the most a request head may take from its first byte.
+HEAD_TIMEOUT_S = 60.0
 
 
 class _OneSendTransport:
@@ -90,6 +96,10 @@ class _Tasks:
 class OneSendProtocol(HttpToolsProtocol):
     """HTTP/1.1 on httptools, one send per response (websocket upgrades are not served)."""
 
+    #: Between a request's first byte and its whole head (no timer: it came in one read).
+    in_head: bool = False
+    head_timer: asyncio.TimerHandle | None = None
+
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(_OneSendTransport(transport))  # type: ignore[arg-type]
         self.tasks = _Tasks(self.server_state.tasks)  # type: ignore[assignment]
@@ -102,8 +112,32 @@ class OneSendProtocol(HttpToolsProtocol):
         self.timeout_keep_alive_task = self.loop.call_later(self.timeout_keep_alive,
                                                             self.timeout_keep_alive_handler)
 
+    def data_received(self, data: bytes) -> None:
+        """A head still incomplete after a read gets its deadline (one timer per such head;
+        one that came whole, the usual case, costs none)."""
+        super().data_received(data)
+        if self.in_head and self.head_timer is None and not self.transport.is_closing():
+            self.head_timer = self.loop.call_later(
+                min(HEAD_TIMEOUT_S, self.timeout_keep_alive), self.head_timed_out)
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self.in_head = True
+
+    def head_timed_out(self) -> None:
+        """408 and close; behind a request still being answered (pipelined), only the close,
+        once it is answered, so no answer is cut or overtaken."""
+        self.head_timer = None
+        if self.cycle is not None and not self.cycle.response_complete:
+            self.cycle.keep_alive = False
+        else:
+            self.send_error(b"408 Request Timeout", "the request head did not arrive in time")
+
     def connection_lost(self, exc: Exception | None) -> None:
         cycle, task = self.running, self.tasks.newest  # type: ignore[attr-defined]
+        if self.head_timer is not None:
+            self.head_timer.cancel()
+            self.head_timer = None
         super().connection_lost(exc)
         if cycle is not None and not cycle.response_complete and task is not None:
             # uvicorn marks only `self.cycle` disconnected; unmarked, the cancelled request
@@ -118,6 +152,10 @@ class OneSendProtocol(HttpToolsProtocol):
     # coming over the mark, or a second pipelined request, keeps it paused: the bound on
     # what one connection buffers.
     def on_headers_complete(self) -> None:
+        self.in_head = False
+        if self.head_timer is not None:
+            self.head_timer.cancel()
+            self.head_timer = None
         super().on_headers_complete()
         if not self.pipeline:  # started at once: the running request
             self.running = self.cycle
@@ -130,11 +168,14 @@ class OneSendProtocol(HttpToolsProtocol):
             self.flow.resume_reading()
 
     def send_400_response(self, msg: str) -> None:
-        """uvicorn's answer to bytes it cannot parse as a request (then it closes): an OIP error
-        body and a new request id (nothing of a malformed request is trusted), as the app
-        answers."""
+        """uvicorn's answer to bytes it cannot parse as a request (then it closes)."""
+        self.send_error(b"400 Bad Request", msg)
+
+    def send_error(self, status: bytes, msg: str) -> None:
+        """An answer of the connection's own, then the close: an OIP error body and a new
+        request id (nothing of an unparsed request is trusted), as the app answers."""
         body = orjson.dumps({"error": msg})
-        head = [b"HTTP/1.1 400 Bad Request\r\n"]
+        head = [b"HTTP/1.1 %s\r\n" % status]
         head += [b"%s: %s\r\n" % header for header in self.server_state.default_headers]
         head.append(b"content-type: application/json\r\ncontent-length: %d\r\n"
                     b"x-request-id: %s\r\nconnection: close\r\n\r\n"

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import ipaddress
 import logging
 import signal
 import socket
@@ -55,7 +56,9 @@ def serve(source: VersionSource | str | Path, *, host: str = "127.0.0.1", port: 
     reason: a process serving nothing should end, so its orchestrator shows the failure,
     rather than stay live and never ready. An idle HTTP connection closes after
     `keep_alive_s`: uvicorn's 5 s is under every proxy's idle timeout (an ALB's 60 s, Go's
-    90 s), so a proxy reusing a connection the server was closing answered 502.
+    90 s), so a proxy reusing a connection the server was closing answered 502. A request
+    head must be whole within min(60 s, `keep_alive_s`) of its first byte (else 408 and the
+    close). On host `::`, HTTP takes IPv4 clients too, as gRPC does.
     """
     repository = Repository(source, device, default_batching=batching)
     plane = DataPlane(repository)
@@ -155,16 +158,24 @@ class _Uvicorn(uvicorn.Server):
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         """uvicorn's, a port it cannot listen on an OSError naming the address, as gRPC's is
         (`edgerun serve` says so and exits 2): uvicorn logs the bare error ("Name or service
-        not known" names no host) and exits with status 3."""
+        not known" names no host) and exits with status 3. On `::` it listens dual-stack."""
+        host, port = self.config.host, self.config.port
+        address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        own: list[socket.socket] = []
+        if sockets is None and _any_ipv6(host):
+            try:
+                sockets = own = [_dual_stack_socket(port)]
+            except OSError as exc:
+                raise OSError(f"HTTP could not listen on {address}: {exc}") from None
         try:
             await super().startup(sockets)
         except SystemExit as exc:
             cause = exc.__context__  # uvicorn exits inside its `except OSError`
             if not isinstance(cause, OSError):
                 raise
-            host, port = self.config.host, self.config.port
-            address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
             raise OSError(f"HTTP could not listen on {address}: {cause}") from None
+        if own:
+            self._log_started_message(own)  # uvicorn logs it only for sockets it made
         self.listening()
 
     @contextlib.contextmanager
@@ -178,6 +189,28 @@ class _Uvicorn(uvicorn.Server):
         # answers it at once
         if self.force_exit and not self.lifespan.shutdown_event.is_set():
             await self.lifespan.shutdown()
+
+
+def _any_ipv6(host: str) -> bool:
+    """Whether `host` is IPv6's any address (`::`)."""
+    try:
+        return ipaddress.ip_address(host) == ipaddress.IPv6Address("::")
+    except ValueError:
+        return False
+
+
+def _dual_stack_socket(port: int) -> socket.socket:
+    """A socket bound to [::]:port that takes IPv4 clients too, as gRPC's on [::] does:
+    asyncio's own sets IPV6_V6ONLY, so `--host ::` answered no IPv4 client over HTTP."""
+    sock = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as asyncio's
+        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        sock.bind(("::", port))
+    except OSError:
+        sock.close()
+        raise
+    return sock
 
 
 async def _serve(http: uvicorn.Server, plane: DataPlane, host: str, grpc_port: int | None,

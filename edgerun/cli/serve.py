@@ -48,7 +48,8 @@ def register(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--keep-alive", type=positive(float), default=75.0, metavar="SECONDS",
                         help="close an idle HTTP connection after SECONDS (default 75, as "
                              "nginx: above a load balancer's or proxy's own idle timeout, "
-                             "which must close first)")
+                             "which must close first); a request head not whole within "
+                             "SECONDS (at most 60) of its first byte gets 408")
     parser.add_argument("--api-keys", type=Path, default=None, metavar="FILE",
                         help="require 'Authorization: Bearer <key>' on every route but health "
                              "and readiness, checked against this tokens file (hashes, "
