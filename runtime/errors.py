@@ -69,7 +69,8 @@ class BundleError(EdgerunError):
 
 
 class PayloadTooLarge(InvalidInput):
-    """A request is over the size its transport accepts; it was not read further."""
+    """A request is over the size its transport accepts (it was not read further), or its
+    answer over the size its transport passes on (a serverless platform's response limit)."""
 
     kind = "payload_too_large"
 

@@ -333,6 +333,48 @@ def test_an_answer_over_the_response_limit_is_a_413_naming_it(bundle_dir):
         repository.close()
 
 
+def test_an_answer_over_the_response_limit_is_counted_as_the_413_it_is(bundle_dir):
+    """The answer was checked against the limit after the data plane had counted it `ok` and
+    its hooks had seen it succeed, while the caller got a 413: both now see payload_too_large,
+    the kind the 413 maps to, and the 413 still names the limit."""
+    from werkzeug.test import EnvironBuilder
+
+    from edgerun.adapters.codecs import prometheus
+    from edgerun.adapters.dataplane import Call, DataPlane, Hook
+    from edgerun.adapters.gcf.function import CloudFunction
+    from edgerun.adapters.single_bundle import serve_bundle
+    from edgerun.runtime.errors import EdgerunError
+
+    class Outcomes(Hook):
+        def __init__(self) -> None:
+            self.seen: list[str] = []
+
+        def after(self, call: Call, error: EdgerunError | None) -> None:
+            self.seen.append("ok" if error is None else error.kind)
+
+    def counted(outcome: str) -> float:
+        labels = f'model="mlp",version="2",transport="gcf",outcome="{outcome}"'
+        return sum(float(line.rsplit(" ", 1)[1])
+                   for line in prometheus.render(repository.registry).splitlines()
+                   if line.startswith("edgerun_requests_total{") and labels in line)
+
+    repository, source = serve_bundle(str(bundle_dir))
+    try:
+        outcomes = Outcomes()
+        plane = DataPlane(repository)
+        plane.hooks.add(outcomes)
+        function = CloudFunction(plane, default_model=source.name, max_response_bytes=20_000)
+        ok, too_large = counted("ok"), counted("payload_too_large")
+        body, status, _ = function.http(EnvironBuilder(
+            method="POST", path="/v2/models/mlp/infer", json=request(rows(1000))).get_request())
+        assert status == 413 and "20000-byte limit" in json.loads(body)["error"]
+        assert outcomes.seen == ["payload_too_large"]
+        assert counted("payload_too_large") == too_large + 1
+        assert counted("ok") == ok
+    finally:
+        repository.close()
+
+
 def test_the_model_folder_of_a_source_folder_from_an_archive_is_0755(bundle_dir, tmp_path):
     """A .tar.gz bundle is opened in a 0700 temporary folder, whose mode copytree kept."""
     from edgerun.adapters.gcf.packaging import package_gcf

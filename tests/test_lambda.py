@@ -22,10 +22,12 @@ from edgerun.adapters.aws_lambda.environment import from_environment, vcpus_for
 from edgerun.adapters.aws_lambda.handler import (MAX_PAYLOAD_BYTES, STREAM_WINDOW,
                                                  LambdaHandler)
 from edgerun.adapters.aws_lambda.model_location import cached_download, locate
+from edgerun.adapters.dataplane import Call, Hook
 from edgerun.examples import mlp_onnx
 from edgerun.runtime import create_bundle
 from edgerun.runtime.bundle import MANIFEST, sha256_file
-from edgerun.runtime.errors import BundleError, InvalidInput, ModelNotFound, Overloaded
+from edgerun.runtime.errors import (BundleError, EdgerunError, InvalidInput, ModelNotFound,
+                                    Overloaded)
 from edgerun.runtime.sources import BundleSource
 from tests.lambda_runtime_api import RuntimeAPI
 
@@ -314,6 +316,48 @@ def test_an_answer_too_large_for_lambda_is_a_413_not_a_502(wide_handler, name, l
     headers = answer.get("headers") or {k: v[-1] for k, v in answer["multiValueHeaders"].items()}
     assert headers["x-request-id"] == f"{name.replace('_', '-')}-request"
     assert headers["content-type"] == "application/json"
+
+
+class Outcomes(Hook):
+    """Records what the hooks' after-step sees of each call: its error's kind, or ok."""
+
+    def __init__(self) -> None:
+        self.seen: list[str] = []
+
+    def after(self, call: Call, error: EdgerunError | None) -> None:
+        self.seen.append("ok" if error is None else error.kind)
+
+
+def requests_counted(handler: LambdaHandler, outcome: str) -> float:
+    """edgerun_requests_total of model mlp over Lambda HTTP events with `outcome`, as the
+    function's own /metrics route shows it."""
+    text = handler(http_event("apigw_v2", "", "GET", "/metrics"), Context())["body"]
+    labels = f'model="mlp",version="1",transport="lambda",outcome="{outcome}"'
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith("edgerun_requests_total{") and labels in line)
+
+
+@pytest.mark.parametrize("name", ["apigw_v2", "alb"])
+def test_an_answer_too_large_for_lambda_is_counted_as_the_413_it_is(wide_handler, name):
+    """The answer was checked against Lambda's limit after the data plane had counted it `ok`
+    and its hooks had seen it succeed: the metrics and an audit hook said ok while the caller
+    got a 413. Now both see payload_too_large, the kind the 413 maps to."""
+    outcomes = Outcomes()
+    hooks = wide_handler.plane.hooks.hooks
+    wide_handler.plane.hooks.add(outcomes)
+    try:
+        ok, too_large = (requests_counted(wide_handler, kind)
+                         for kind in ("ok", "payload_too_large"))
+        answer = wide_handler(http_event(name, infer_body(rows(3000))), Context())
+        assert answer["statusCode"] == 413
+        body = base64.b64decode(answer["body"]) if answer.get("isBase64Encoded") \
+            else answer["body"]
+        assert "-byte limit on what this function can answer" in json.loads(body)["error"]
+        assert outcomes.seen[-1] == "payload_too_large"
+        assert requests_counted(wide_handler, "payload_too_large") == too_large + 1
+        assert requests_counted(wide_handler, "ok") == ok
+    finally:
+        wide_handler.plane.hooks.hooks = hooks
 
 
 # ---------------------------------------------------------------------------------- batches

@@ -19,11 +19,13 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from edgerun.adapters.codecs import npz, oip
+from edgerun.adapters.dataplane import Call, Hook
 from edgerun.adapters.mqtt.config import Broker as BrokerURL
 from edgerun.adapters.mqtt.config import load_config
 from edgerun.adapters.mqtt.daemon import backoff
 from edgerun.adapters.mqtt.telemetry import quantile, temperature
 from edgerun.examples import mlp_onnx
+from edgerun.runtime.errors import Unauthenticated
 from tests.cli import edgerun
 from tests.mqtt import (INFER_JSON, Broker, Requester, connect, daemon_command, read_retained,
                         running_broker, running_daemon, user_properties, wait_online)
@@ -864,6 +866,56 @@ def test_extension_point(tmp_path, repo):
         assert all(name.startswith("edgerun-extension") for name in recorder.threads)
         offline = read_retained(broker, "edgerun/ext/status")
         assert offline["state"] == "offline" and offline["agent"] == {"slot": "A"}
+
+
+class TokenAuth(Hook):
+    """An auth hook as a platform team installs it: MQTT calls without `authorization: good`
+    are refused."""
+
+    def before(self, call: Call) -> None:
+        if call.attributes("authorization") != "good":
+            raise Unauthenticated("no or a wrong authorization user property")
+
+
+def test_a_hook_refuses_an_npz_request_before_its_payload_is_decoded(tmp_path, repo):
+    """HTTP reads a body, and gRPC parses a message, only once the hooks let the call through;
+    the daemon decoded an `.npz` payload before them, so a caller the hook refuses still had
+    the device decode (and inflate) its payload, and a malformed one was answered
+    invalid_input, not refused."""
+    from edgerun.adapters.mqtt import Daemon, load_config
+
+    with running_broker(tmp_path / "b") as broker:
+        config = load_config(None, repository=repo, broker=broker.url, device_id="hooked",
+                             data_dir=tmp_path / "state", poll_interval=0)
+        daemon = Daemon(config)
+        daemon.plane.hooks.add(TokenAuth())
+        runner = threading.Thread(target=daemon.run)
+        runner.start()
+        try:
+            wait_online(broker, "hooked")
+            requester = Requester(broker)
+            malformed = b"PK\x03\x04not a zip at all"
+            answer, properties = requester.ask("edgerun/hooked/infer/mlp", malformed,
+                                               content_type=npz.CONTENT_TYPE)
+            assert orjson.loads(answer)["kind"] == "unauthenticated", answer
+            assert user_properties(properties)["edgerun-error"] == "unauthenticated"
+            x = np.random.default_rng(1).normal(size=(2, 4)).astype(np.float32)
+            buffer = io.BytesIO()
+            np.savez(buffer, x=x)
+            answer, properties = requester.ask("edgerun/hooked/infer/mlp", buffer.getvalue(),
+                                               content_type=npz.CONTENT_TYPE,
+                                               user=[("authorization", "good")])
+            assert properties.ContentType == npz.CONTENT_TYPE
+            np.testing.assert_allclose(npz.decode(answer)["y"], expected(x), rtol=1e-5)
+            answer, _ = requester.ask("edgerun/hooked/infer/mlp", malformed,
+                                      content_type=npz.CONTENT_TYPE,
+                                      user=[("authorization", "good")])
+            assert orjson.loads(answer)["kind"] == "invalid_input"  # let through: decoded
+            requester.close()
+        finally:
+            daemon.stop()
+            runner.join(30)
+        assert not runner.is_alive()
 
 
 def test_daemon_speaking_mqtt_311(tmp_path, repo):

@@ -34,19 +34,20 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+from contextvars import ContextVar
 from typing import Any
 
 import orjson
 from mangum import Mangum
+from mangum.handlers.utils import handle_base64_response_body
 
 from edgerun.adapters.aws_lambda.destinations import Destination
 from edgerun.adapters.aws_lambda.records import Record, kinesis_record, sqs_record
 from edgerun.adapters.codecs import oip
-from edgerun.adapters.dataplane import Call, DataPlane
+from edgerun.adapters.dataplane import Call, DataPlane, Reply
 from edgerun.adapters.dataplane.call import INFER
 from edgerun.adapters.http.asgi import EdgerunASGI
 from edgerun.adapters.http.routes import READ_ONLY_ROUTES, match
-from edgerun.adapters.http.status import answer_too_large
 from edgerun.runtime.errors import RETRYABLE, EdgerunError, InvalidInput
 
 log = logging.getLogger(__name__)
@@ -61,6 +62,13 @@ RESERVE_S = 0.5
 MAX_RESPONSE_BYTES = 6 * 1024 * 1024
 #: ... and the largest an Application Load Balancer takes from a Lambda target (1 MB).
 MAX_ALB_RESPONSE_BYTES = 1_000_000
+#: What an HTTP answer holds besides its body and the reply's own headers: the status, the
+#: keys, content-type, content-length and X-Request-Id, twice over (a REST API's answer has
+#: its headers in both `headers` and `multiValueHeaders`).
+ENVELOPE_BYTES = 1024
+#: The answer limit of the HTTP event being answered (an execution environment answers one
+#: invocation at a time), for the data plane's check; None outside one.
+_answer_limit: ContextVar[int | None] = ContextVar("edgerun_answer_limit", default=None)
 #: A stream's records queued together (the batcher's largest batch): a Kinesis batch may hold
 #: 10,000 records, and one forward pass a record would give up the micro-batching.
 STREAM_WINDOW = 64
@@ -87,36 +95,35 @@ class LambdaHandler:
         self.asgi = EdgerunASGI(plane, max_body_bytes=max_payload_bytes, transport="lambda",
                                 routes=READ_ONLY_ROUTES)
         self.http = Mangum(self.asgi, lifespan="off")
+        plane.limit_answers(self._answer_size)
 
     def __call__(self, event: Any, context: Any = None) -> Any:
         kind = event_kind(event)
         if kind == "http":
             asyncio.set_event_loop(self.loop)  # Mangum runs on the thread's current loop
             event = self._without_stage(self._without_mapping(_without_base_path(event)))
-            return self._fitting(event, context, self.http(event, context))
+            limit = _answer_limit.set(MAX_ALB_RESPONSE_BYTES if "elb" in
+                                      event.get("requestContext", {}) else MAX_RESPONSE_BYTES)
+            try:
+                return self.http(event, context)
+            finally:
+                _answer_limit.reset(limit)
         if kind == "direct":
             return self._direct(event, context)
         return self._batch(kind, event["Records"], context)
 
-    def _fitting(self, event: dict[str, Any], context: Any,
-                 answer: dict[str, Any]) -> dict[str, Any]:
-        """The HTTP answer, or a 413 naming the limit when it is larger than Lambda (or an ALB)
-        passes on: the caller's request asked for more than one answer can carry, and learns
-        that and its request id instead of a bare 502 that a retry meets again."""
-        limit = MAX_ALB_RESPONSE_BYTES if "elb" in event.get("requestContext", {}) \
-            else MAX_RESPONSE_BYTES
-        size = len(json.dumps(answer))  # as awslambdaric sends it, or a little larger
-        if size <= limit:
-            return answer
-        given = {k.lower(): v for k, v in (answer.get("headers") or {}).items()}
-        given.update({k.lower(): v[0] for k, v in (answer.get("multiValueHeaders") or {}).items()
-                      if v})
-        headers = [(b"content-type", b"application/json")]
-        if given.get("x-request-id"):
-            headers.append((b"x-request-id", given["x-request-id"].encode("latin-1")))
-        message = answer_too_large(size, limit, given.get("x-request-id"))
-        return self.http.infer(event, context)(
-            {"status": 413, "headers": headers, "body": orjson.dumps({"error": message})})
+    def _answer_size(self, call: Call, reply: Reply) -> tuple[int, int] | None:
+        """An HTTP answer's bytes as Lambda returns it (its body as Mangum writes it, text or
+        base64, in JSON) against what Lambda (or an ALB) passes on: the data plane answers a
+        larger one with a 413 naming the limit, and counts it so, where the caller would get a
+        bare 502 without its request id, at every retry."""
+        limit = _answer_limit.get()
+        if limit is None or call.transport != "lambda":
+            return None
+        body, _ = handle_base64_response_body(reply.body, {"content-type": reply.content_type},
+                                              self.http.config["text_mime_types"])
+        headers = len(json.dumps({**reply.headers, **call.response_headers}))
+        return len(json.dumps(body)) + 2 * headers + ENVELOPE_BYTES, limit
 
     def _without_mapping(self, event: dict[str, Any]) -> dict[str, Any]:
         """An HTTP event with the path its API serves behind a custom domain's API mapping. An

@@ -34,7 +34,7 @@ from edgerun.adapters.dataplane.call import (BINARY, INFER, INFERENCE_ROUTES, JS
                                              SERVER_METADATA, UNLOAD, Call, Reply)
 from edgerun.adapters.dataplane.hooks import HookChain, RequestId
 from edgerun.runtime.errors import (Cancelled, EdgerunError, InferenceError, InvalidInput,
-                                    ModelNotReady)
+                                    ModelNotReady, PayloadTooLarge)
 from edgerun.runtime.metrics import LATENCY_BUCKETS
 from edgerun.runtime.repository import READY as READY_STATE
 from edgerun.runtime.repository import Repository
@@ -50,6 +50,9 @@ Decoder = Callable[[], oip.InferRequest]
 AsyncDecoder = Callable[[], Awaitable[oip.InferRequest]]
 #: A coroutine function that reads a call's body, for `handle_async` to await likewise.
 BodyReader = Callable[[], Awaitable[bytes]]
+#: What a transport passes on of a call's reply: None where it sets no limit, else the bytes it
+#: would send for the reply and the most it passes on (see `DataPlane.limit_answers`).
+AnswerLimit = Callable[[Call, Reply], "tuple[int, int] | None"]
 PLATFORMS = {"onnxruntime": "onnxruntime_onnx", "tflite": "tensorflow_lite", "tvm": "tvm"}
 #: Inference bodies from this size up are decoded, and their answers encoded, on a worker
 #: thread: a 60 MB JSON body takes seconds to read, and on the event loop every other caller,
@@ -103,6 +106,7 @@ class DataPlane:
             INFER: self._infer_call_async, PREDICT: self._predict_call_async,
             LOAD: self._off_loop(self._load), UNLOAD: self._off_loop(self._unload)}
         self._big_bodies = ThreadPoolExecutor(1, thread_name_prefix="edgerun-big-body")
+        self._answer_limit: AnswerLimit | None = None
 
     # ------------------------------------------------------------ bytes in, bytes out
     def handle(self, call: Call) -> Reply:
@@ -148,6 +152,39 @@ class DataPlane:
         except Exception as exc:
             return self._done(call, _error_reply(exc, call), started)
         return self._done(call, _error_reply(error, call), started)
+
+    def limit_answers(self, limit: AnswerLimit) -> None:
+        """Answer PayloadTooLarge (413) in place of a reply larger than its transport passes
+        on (a serverless platform's response limit): checked as the route answers, before the
+        hooks' after-step and the metrics, so both see the error the caller gets, not an `ok`
+        it never got. For a plane a function owns: a later limit replaces this one. The check
+        wraps the routes, so a plane without a limit (the fleet server's) pays nothing a call.
+        """
+        wrap = self._answer_limit is None
+        self._answer_limit = limit
+        if not wrap:
+            return
+
+        def fitting(call: Call, reply: Reply) -> Reply:
+            assert self._answer_limit is not None
+            measured = self._answer_limit(call, reply)
+            if measured is None or measured[0] <= measured[1]:
+                return reply
+            error = PayloadTooLarge(_answer_too_large(*measured, call.request_id))
+            error.version = reply.version or None  # counted against the version that answered
+            raise error
+
+        def sync(route: Callable[[Call], Reply]) -> Callable[[Call], Reply]:
+            return lambda call: fitting(call, route(call))
+
+        def on_loop(route: Callable[[Call], Awaitable[Reply]]
+                    ) -> Callable[[Call], Awaitable[Reply]]:
+            async def run(call: Call) -> Reply:
+                return fitting(call, await route(call))
+            return run
+
+        self._routes = {name: sync(route) for name, route in self._routes.items()}
+        self._async_routes = {name: on_loop(route) for name, route in self._async_routes.items()}
 
     def _done(self, call: Call, reply: Reply, started: float) -> Reply:
         self.hooks.after(call, reply.error)
@@ -388,6 +425,16 @@ def _as_error(exc: Exception, call: Call) -> EdgerunError:
     log.error("request %s (%s %r over %s) failed unexpectedly", call.request_id, call.route,
               call.model, call.transport, exc_info=exc)
     return InferenceError(f"internal error: {type(exc).__name__}: {exc}")
+
+
+def _answer_too_large(size: int, limit: int, request_id: str | None) -> str:
+    """The message of the 413 a serverless function answers with in place of an answer larger
+    than its platform passes on (which would be a bare 5xx, met again at every retry), logged
+    with the request id."""
+    log.error(orjson.dumps({"message": "answer too large", "request_id": request_id,
+                            "bytes": size, "limit": limit}).decode())
+    return (f"the answer of {size} bytes is over the {limit}-byte limit on what this function "
+            "can answer; send fewer rows a request, or ask for binary outputs")
 
 
 def _error_reply(exc: Exception, call: Call) -> Reply:

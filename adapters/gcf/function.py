@@ -26,12 +26,12 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from edgerun.adapters.codecs import oip
-from edgerun.adapters.dataplane import Call, DataPlane
+from edgerun.adapters.dataplane import Call, DataPlane, Reply
 from edgerun.adapters.dataplane.call import INFER, JSON
 from edgerun.adapters.dataplane.hooks import request_id
 from edgerun.adapters.http.encoding import decode_body
 from edgerun.adapters.http.routes import READ_ONLY_ROUTES, match
-from edgerun.adapters.http.status import answer_too_large, error_headers, status_of
+from edgerun.adapters.http.status import error_headers, status_of
 from edgerun.adapters.single_bundle import MODEL_VARIABLE, serve_bundle
 from edgerun.runtime.errors import RETRYABLE, EdgerunError, InvalidInput, PayloadTooLarge
 
@@ -69,6 +69,7 @@ class CloudFunction:
         self.on_result = on_result
         self.max_body_bytes = max_body_bytes
         self.max_response_bytes = max_response_bytes
+        plane.limit_answers(self._answer_size)
 
     def http(self, request: Any) -> tuple[bytes, int, dict[str, str]]:
         """A Flask request in, a (body, status, headers) answer out."""
@@ -92,18 +93,13 @@ class CloudFunction:
         answer = {"Content-Type": reply.content_type, **reply.headers}
         if reply.error is not None:
             answer.update(error_headers(reply.error))
-        return self._fitting(reply.body, status_of(reply.error), answer)
+        return reply.body, status_of(reply.error), answer
 
-    def _fitting(self, body: bytes, status: int,
-                 headers: dict[str, str]) -> tuple[bytes, int, dict[str, str]]:
-        """The answer, or a 413 naming the limit when it is larger than Cloud Functions passes
-        on: the caller learns that, with its request id, as from the Lambda adapter."""
-        if len(body) <= self.max_response_bytes:
-            return body, status, headers
-        given = {k.lower(): v for k, v in headers.items()}
-        kept = {"X-Request-Id": given["x-request-id"]} if "x-request-id" in given else {}
-        return _error(413, answer_too_large(len(body), self.max_response_bytes,
-                                            kept.get("X-Request-Id")), kept)
+    def _answer_size(self, call: Call, reply: Reply) -> tuple[int, int] | None:
+        """An HTTP answer's bytes against what Cloud Functions passes on: the data plane
+        answers a larger one with a 413 naming the limit (and counts it so), where the platform
+        would send a bare error that a retry meets again."""
+        return (len(reply.body), self.max_response_bytes) if call.transport == "gcf" else None
 
     def _body(self, request: Any) -> bytes:
         length = request.content_length

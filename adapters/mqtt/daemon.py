@@ -25,6 +25,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from typing import Any
 
 import orjson
@@ -571,7 +572,10 @@ class Daemon:
             except InvalidInput as exc:  # through the hooks and counted, as any bad request
                 return self._error(request, self.plane.refuse(call, exc).error or exc)
             if request.content_type == messages.NPZ:
-                result = await self.plane.infer_async(call, messages.npz_request(request))
+                # decoded by the data plane once its hooks let the call through and it is
+                # routed, as HTTP bodies and gRPC messages are: a refused call costs no decode
+                result = await self.plane.infer_async(call, partial(messages.npz_request,
+                                                                    request))
                 return npz.encode(result.outputs), messages.reply_properties(request,
                                                                              messages.NPZ)
             reply = await self.plane.handle_async(call)
