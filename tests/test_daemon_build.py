@@ -208,6 +208,7 @@ def test_relative_paths_in_device_toml_are_relative_to_the_file(tmp_path):
     ("username = 1234", "username must be a string"),            # AttributeError inside paho
     ('log_level = "loud"', "log_level must be one of"),
     ("[ota]\ntrust = 5", "trust must be a path"),                        # TypeError traceback
+    ('[ota]\ntrust = "k.pub"\nspeed_limit = "1k"', "[ota] speed_limit must be a number"),
 ])
 def test_device_toml_values_of_the_wrong_type_end_start_up_with_the_reason(tmp_path, line,
                                                                           message):

@@ -1104,3 +1104,129 @@ def test_a_stop_while_staging_ends_the_job_there_and_the_next_start_downloads_no
     finally:
         device.close()
         registry.close()
+
+
+class TricklingRegistry(StallingRegistry):
+    """As StallingRegistry, but until `release` each answer (headers, Content-Length) trickles
+    its body, one byte every `every` seconds: a registry, or a broken proxy before it, that
+    keeps a connection barely alive. Once released it sends the rest at once."""
+
+    def __init__(self, content: bytes, every: float = 0.05) -> None:
+        self.every = every
+        super().__init__(content, first=0)
+
+    def serve(self, handler: BaseHTTPRequestHandler) -> None:
+        wanted = handler.headers.get("Range")
+        self.ranges.append(wanted)
+        self.asked.set()
+        body = self.content[int(wanted.removeprefix("bytes=").rstrip("-")) if wanted else 0:]
+        handler.send_response(206 if wanted else 200)
+        handler.send_header("Content-Length", str(len(body)))
+        handler.end_headers()
+        sent = 0
+        try:
+            while sent < len(body) and not self.release.wait(self.every):
+                handler.wfile.write(body[sent:sent + 1])
+                sent += 1
+            handler.wfile.write(body[sent:])
+        except OSError:  # the device hung up
+            pass
+
+
+def test_a_trickling_download_fails_under_the_speed_limit_and_is_resumed_later(tmp_path):
+    """The socket timeout bounds each read, not the download: a registry sending a byte every
+    20 s held it (and the agent's job thread) for good. A body averaging under the speed limit
+    over its window now fails, naming the URL and the rate, as a transfer worth another try:
+    its part stays, and the next try, at full speed under the same limit, resumes it."""
+    from edgerun.adapters.ota.download import DownloadTooSlow, SpeedLimit
+
+    content = os.urandom(100_000)
+    registry = TricklingRegistry(content)  # 20 bytes/s
+    dest, sha256 = tmp_path / "m-2.tar.gz", hashlib.sha256(content).hexdigest()
+    limit = SpeedLimit(bytes_per_s=1000, seconds=0.5)
+    try:
+        with pytest.raises(DownloadTooSlow, match=rf"download of {registry.url} stalled: "
+                                                  r"[\d.]+ bytes/s over the last") as slow:
+            download(registry.url, dest, sha256, len(content), speed_limit=limit)
+        assert isinstance(slow.value, DownloadInterrupted)  # retried by the agent
+        assert 0 < slow.value.rate < 1000 and f"{slow.value.rate:.1f} bytes/s" in str(slow.value)
+        have = dest.with_name(dest.name + ".part").stat().st_size
+        assert 0 < have < 1000 and not dest.exists()
+        registry.release.set()  # a normal transfer: the limit does not touch it
+        assert download(registry.url, dest, sha256, len(content),
+                        speed_limit=limit) == len(content) - have
+    finally:
+        registry.close()
+    assert dest.read_bytes() == content and registry.ranges == [None, f"bytes={have}-"]
+
+
+def test_a_trickling_registry_fails_the_job_once_the_patience_is_spent(tmp_path, keys,
+                                                                       bundles):
+    """Such a registry held the job for good: the fleet heard "downloading" and nothing more.
+    A stall is retried like a transfer broken off (resumed from its part), and once the
+    download patience is spent the job fails with the stall as its reason; the old version
+    serves throughout."""
+    from edgerun.adapters.ota.download import SpeedLimit
+
+    content = os.urandom(100_000)
+    registry = TricklingRegistry(content)
+    job = Job("j-trickle", "install", "m", "2", registry.url,
+              hashlib.sha256(content).hexdigest(), len(content))
+    device = Device(tmp_path / "device", keys["trusted"], bundles("1"))
+    device.agent.speed_limit = SpeedLimit(bytes_per_s=1000, seconds=0.5)
+    device.agent.download_patience = 2.0
+    try:
+        device.agent.handle_job(job.encode())
+        wait_for(lambda: "failed" in device.states(job), 30, "the job to fail")
+        report = device.reports[-1]
+        assert report.state == "failed" and report.active == "1", report
+        assert "stalled" in report.detail and "bytes/s" in report.detail, report
+        assert any(r.detail.startswith("retrying") and "stalled" in r.detail
+                   for r in device.reports), device.reports
+        assert len(registry.ranges) >= 2 and registry.ranges[1].startswith("bytes=")  # resumed
+        assert device.agent.slots.read("m").active_version is None and device.served() == ["1"]
+        device.repository.get("m").model.check_golden()  # still answering
+    finally:
+        device.close()
+        registry.close()
+
+
+def test_the_daemon_takes_the_speed_limit_from_its_ota_table_and_flags(tmp_path, keys):
+    """`[ota] speed_limit / speed_time` in device.toml reach the agent, a flag overrides one,
+    and a value of the wrong type is refused with its reason (status 2 at start-up)."""
+    import argparse
+
+    from edgerun.adapters.mqtt import cli
+    from edgerun.adapters.mqtt.config import load_config
+    from edgerun.adapters.mqtt.daemon import Daemon
+    from edgerun.adapters.ota.daemon import SPEC
+    from edgerun.adapters.ota.download import SpeedLimit
+
+    (tmp_path / "models").mkdir()
+    config = tmp_path / "device.toml"
+    parser = argparse.ArgumentParser()
+    cli.add_arguments(parser)
+
+    def agent_of(table: str, *flags: str) -> OtaAgent:
+        config.write_text(f'repository = "{tmp_path / "models"}"\nbroker = "mqtt://127.0.0.1:1"'
+                          f'\ndevice_id = "slow"\npoll_interval = 0\n[ota]\n'
+                          f'trust = "{keys["pub"]}"\n{table}\n')
+        args = parser.parse_args(["--config", str(config), *flags])
+        loaded = load_config(config, **vars(args))
+        daemon = Daemon(loaded)
+        try:
+            extension = SPEC.create(daemon, args, loaded.extensions["ota"])
+            extension.agent.close()
+            return extension.agent
+        finally:
+            daemon.repository.close()
+
+    assert agent_of("").speed_limit == SpeedLimit()
+    assert agent_of("speed_limit = 256\nspeed_time = 120").speed_limit == SpeedLimit(256, 120)
+    assert agent_of("speed_limit = 256\nspeed_time = 120",
+                    "--ota-speed-time", "30").speed_limit == SpeedLimit(256, 30)
+    with pytest.raises(ValueError, match=r"\[ota\] speed_limit must be a number"):
+        agent_of('speed_limit = "1k"')
+    with pytest.raises(ValueError, match=r"\[ota\] speed_time must be a number of seconds "
+                                         "above 0"):
+        agent_of("speed_time = 0")

@@ -24,7 +24,8 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-from edgerun.adapters.ota.download import DownloadInterrupted, DownloadStopped, Stop, download
+from edgerun.adapters.ota.download import (DownloadInterrupted, DownloadStopped, SpeedLimit,
+                                           Stop, download)
 from edgerun.adapters.ota.messages import (ACTIVE, DOWNLOADING, FAILED, INSTALL, QUEUED,
                                            ROLLBACK, ROLLED_BACK, STAGED, TERMINAL, VERIFYING,
                                            Job, Report, job_topic, report_topic)
@@ -49,7 +50,8 @@ class OtaAgent:
                  data_dir: str | Path, trusted: Iterable[signing.PublicKey],
                  group: str | None = None,
                  on_change: Callable[[], None] | None = None,
-                 download_patience: float = 600.0, credential: str | None = None) -> None:
+                 download_patience: float = 600.0, credential: str | None = None,
+                 speed_limit: SpeedLimit = SpeedLimit()) -> None:
         self.publish = publish
         # the device's own secret (edgerun fleet enroll): registry downloads as HTTP Basic
         self._download_headers = {} if credential is None else {
@@ -57,6 +59,9 @@ class OtaAgent:
                 f"{device_id}:{credential}".encode()).decode()}
         self.on_change = on_change
         self.download_patience = download_patience  # seconds of retrying an unreachable registry
+        # a transfer slower than this is cut off and retried (resumed) like one broken off, so
+        # a stalled registry or proxy fails the job once the patience is spent, not never
+        self.speed_limit = speed_limit
         self.repository = repository
         self.device_id = device_id
         self.group = group
@@ -273,14 +278,15 @@ class OtaAgent:
                 path.unlink(missing_ok=True)
 
     def _download(self, job: Job, archive_path: Path, previous: str | None) -> None:
-        """Download, resuming; an unreachable registry is retried with backoff, a bad file
-        is not."""
+        """Download, resuming; an unreachable registry (or a stalled transfer) is retried with
+        backoff until the patience is spent, a bad file is not."""
         delay, deadline = 0.5, time.monotonic() + self.download_patience
         while True:
             try:
                 self.bytes_downloaded += download(job.url, archive_path, job.sha256, job.size,
                                                   headers=self._download_headers,
-                                                  stop=self._stop)
+                                                  stop=self._stop,
+                                                  speed_limit=self.speed_limit)
                 return
             except DownloadStopped:
                 raise

@@ -4,6 +4,9 @@
 becomes the A/B slots, with the daemon's folder behind them), its `publish`, a subscription to
 `edgerun/<device>/ota`, and the slots in every status and telemetry message. Start-up runs the
 agent's recovery once the repository is loaded and before the daemon connects.
+
+Its `[ota]` table takes `trust`, `credential`, `speed_limit` and `speed_time`; the flags
+(`--trust`, `--credential`, `--ota-speed-limit`, `--ota-speed-time`) override it.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from typing import Any
 from edgerun.adapters.auth.tokens import read_secret
 from edgerun.adapters.mqtt.extensions import ExtensionSpec
 from edgerun.adapters.ota.agent import CLOSE_WAIT_S, OtaAgent
+from edgerun.adapters.ota.download import SpeedLimit
 from edgerun.runtime import signing
 
 
@@ -42,16 +46,18 @@ def use_credential(daemon: Any, secret: str) -> None:
 
 
 def attach(daemon: Any, trust_keys: Iterable[str | Path],
-           credential: str | None = None) -> OtaExtension:
+           credential: str | None = None,
+           speed_limit: SpeedLimit = SpeedLimit()) -> OtaExtension:
     """An OTA agent on this daemon, trusting bundles signed by any of `trust_keys`; with the
-    device's `credential`, downloads and the MQTT connection present it."""
+    device's `credential`, downloads and the MQTT connection present it; a download slower
+    than `speed_limit` is cut off and retried."""
     if credential is not None:
         use_credential(daemon, credential)
     agent = OtaAgent(publish=daemon.publish, repository=daemon.repository,
                      device_id=daemon.device_id, data_dir=daemon.data_dir,
                      trusted=signing.load_public_keys(trust_keys),
                      group=daemon.group or None, on_change=daemon.publish_status,
-                     credential=credential)
+                     credential=credential, speed_limit=speed_limit)
     daemon.subscribe(agent.topic, lambda message: agent.handle_job(message.payload), qos=1)
     slots = lambda: {"ota": agent.describe()["ota"]}  # noqa: E731
     daemon.add_status_fields(slots)
@@ -66,6 +72,13 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--credential", type=Path, default=None, metavar="FILE",
                         help="this device's secret from edgerun fleet enroll: its password for "
                              "the registry and the broker (username = device id)")
+    default = SpeedLimit()
+    parser.add_argument("--ota-speed-limit", type=float, default=None, metavar="BYTES_PER_S",
+                        help="an OTA download averaging under this over --ota-speed-time is "
+                             f"cut off and retried (default {default.bytes_per_s:g}; 0 turns "
+                             "it off)")
+    parser.add_argument("--ota-speed-time", type=float, default=None, metavar="SECONDS",
+                        help=f"the window of --ota-speed-limit (default {default.seconds:g})")
 
 
 def _create(daemon: Any, args: argparse.Namespace, table: dict[str, Any]) -> OtaExtension | None:
@@ -80,7 +93,25 @@ def _create(daemon: Any, args: argparse.Namespace, table: dict[str, Any]) -> Ota
     credential = read_secret(path) if path else None
     if credential is not None and not keys:
         use_credential(daemon, credential)
-    return attach(daemon, keys, credential) if keys else None
+    return attach(daemon, keys, credential, _speed_limit(args, table)) if keys else None
+
+
+def _speed_limit(args: argparse.Namespace, table: dict[str, Any]) -> SpeedLimit:
+    """The flags, else the table's `speed_limit` and `speed_time`, else the defaults; a value
+    of the wrong type or range ends start-up with its reason (SpeedLimit's ValueError)."""
+    default = SpeedLimit()
+    limit = _first(getattr(args, "ota_speed_limit", None), table.get("speed_limit"),
+                   default.bytes_per_s)
+    seconds = _first(getattr(args, "ota_speed_time", None), table.get("speed_time"),
+                     default.seconds)
+    try:
+        return SpeedLimit(limit, seconds)
+    except ValueError as exc:
+        raise ValueError(f"[ota] {exc}") from None
+
+
+def _first(*values: Any) -> Any:
+    return next(value for value in values if value is not None)
 
 
 SPEC = ExtensionSpec("ota", _add_arguments, _create, paths=("trust", "credential"),

@@ -8,6 +8,10 @@ the expected size is cut off there, so a download never fills the disk past it.
 
 A `Stop`, asked from another thread (the daemon stopping), ends a download at once rather
 than at its socket timeout; the part stays, to be resumed.
+
+A `SpeedLimit` (curl's --speed-limit/--speed-time) ends a transfer that averages under it:
+the socket timeout bounds each read, not the download, and a registry or proxy that sends a
+byte every 20 s held a download (and the agent's job thread) for good.
 """
 
 from __future__ import annotations
@@ -18,15 +22,19 @@ import http.client
 import os
 import socket
 import threading
+import time
 import urllib.error
 import urllib.request
+from collections import deque
 from collections.abc import Iterator
 from concurrent import futures
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from edgerun.adapters.auth.redirects import open_url
 from edgerun.runtime.errors import BundleError
+from edgerun.runtime.model_config import finite_number
 
 _CHUNK = 1 << 16
 #: How often a download still waiting for the registry's answer looks for a stop.
@@ -39,6 +47,69 @@ class DownloadInterrupted(BundleError):
 
 class DownloadStopped(DownloadInterrupted):
     """A `Stop` was asked (the daemon stopping): the part stays, to be resumed later."""
+
+
+class DownloadTooSlow(DownloadInterrupted):
+    """The transfer averaged under its `SpeedLimit` (a stalled registry, proxy or link):
+    usually passing, so worth another try, resumed from the part. `rate` is what was measured,
+    in bytes/s."""
+
+    def __init__(self, message: str, rate: float) -> None:
+        super().__init__(message)
+        self.rate = rate
+
+
+@dataclass(frozen=True)
+class SpeedLimit:
+    """A download averaging under `bytes_per_s` over `seconds` fails (DownloadTooSlow), as
+    curl's --speed-limit/--speed-time; `bytes_per_s` 0 turns it off.
+
+    The defaults suit cellular links: 1 KiB/s is far under what even GPRS or NB-IoT carry
+    (tens of kbit/s), so only a transfer that has all but stopped trips it, and 60 s rides out
+    a cell handover or a short loss of coverage (and is longer than the 30 s read timeout,
+    which already ends a link that sends nothing at all). A fixed deadline would instead fail
+    large bundles on slow links that are still making progress."""
+
+    bytes_per_s: float = 1024.0
+    seconds: float = 60.0
+
+    def __post_init__(self) -> None:
+        if not finite_number(self.bytes_per_s) or self.bytes_per_s < 0:
+            raise ValueError("speed_limit must be a number of bytes/s of at least 0 (0 turns "
+                             f"it off), got {self.bytes_per_s!r}")
+        if not finite_number(self.seconds) or self.seconds <= 0:
+            raise ValueError("speed_time must be a number of seconds above 0, got "
+                             f"{self.seconds!r}")
+
+
+class _Pace:
+    """Checks, at each chunk, the average rate over the last `limit.seconds` (from the body's
+    start on): samples of (time, bytes so far), at most about 32 a window, so a fast link
+    keeps a few of them rather than one per chunk."""
+
+    def __init__(self, limit: SpeedLimit, url: str) -> None:
+        self.limit, self.url = limit, url
+        self.start = time.monotonic()
+        self.samples: deque[tuple[float, int]] = deque([(self.start, 0)])
+
+    def check(self, transferred: int) -> None:
+        if not self.limit.bytes_per_s:
+            return
+        now, window = time.monotonic(), self.limit.seconds
+        if now - self.start >= window:
+            # the newest sample at least a window old starts the span measured (reads come at
+            # least every socket timeout, so the span is not much longer than the window)
+            while len(self.samples) > 1 and self.samples[1][0] <= now - window:
+                self.samples.popleft()
+            since, then = self.samples[0]
+            rate = (transferred - then) / (now - since)
+            if rate < self.limit.bytes_per_s:
+                raise DownloadTooSlow(
+                    f"download of {self.url} stalled: {rate:.1f} bytes/s over the last "
+                    f"{now - since:.1f} s, under the limit of {self.limit.bytes_per_s:g} "
+                    f"bytes/s over {window:g} s ({transferred} bytes this try)", rate)
+        if now - self.samples[-1][0] >= window / 32:
+            self.samples.append((now, transferred))
 
 
 class Stop:
@@ -143,19 +214,23 @@ def _close_unused(opened: futures.Future[Any]) -> None:
 
 
 def _read(response: Any, url: str, transferred: int) -> bytes:
-    """The next chunk; the transfer breaking off is DownloadInterrupted (worth another try)."""
+    """The next chunk, as soon as any of it came (`read` waited for a whole chunk: a trickle
+    never reached the speed check); the transfer breaking off is DownloadInterrupted (worth
+    another try)."""
     try:
-        return response.read(_CHUNK)
+        return response.read1(_CHUNK)
     except (OSError, http.client.HTTPException) as exc:
         raise DownloadInterrupted(f"download of {url} broke off after {transferred} bytes: "
                                   f"{exc}") from exc
 
 
 def download(url: str, dest: Path, sha256: str, size: int = 0, timeout: float = 30.0,
-             headers: dict[str, str] | None = None, stop: Stop | None = None) -> int:
+             headers: dict[str, str] | None = None, stop: Stop | None = None,
+             speed_limit: SpeedLimit = SpeedLimit()) -> int:
     """Fetch `url` into `dest`, resuming a previous part; returns the bytes transferred.
     `headers` carry the device's credential (`Authorization: Basic ...`); `stop` ends it
-    early (DownloadStopped), its part kept for resuming."""
+    early (DownloadStopped), its part kept for resuming; a body that comes slower than
+    `speed_limit` ends it (DownloadTooSlow), its part kept too."""
     stop = stop or Stop()
     if stop.is_set():
         raise DownloadStopped(f"download of {url} stopped before it began")
@@ -179,6 +254,7 @@ def download(url: str, dest: Path, sha256: str, size: int = 0, timeout: float = 
             if response is None:
                 raise BundleError(f"download of {url} failed: HTTP 416 without a Range")
         resumed = have if have and response.status == 206 else 0
+        pace = _Pace(speed_limit, url)
         try:
             with response, open(part, "ab" if resumed else "wb") as out, stop._watch(response):
                 while not stop.is_set() and (chunk := _read(response, url, transferred)):
@@ -187,6 +263,7 @@ def download(url: str, dest: Path, sha256: str, size: int = 0, timeout: float = 
                                           "(corrupt or tampered artifact)")
                     out.write(chunk)
                     transferred += len(chunk)
+                    pace.check(transferred)
                 if stop.is_set():  # a connection shut down ends a body as if it were whole
                     raise DownloadStopped(f"download of {url} stopped after {transferred} "
                                           "bytes")
