@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import secrets
 import shutil
 import statistics
 import tempfile
@@ -27,7 +26,7 @@ from edgerun.optimizers import fp16, measure
 from edgerun.optimizers.errors import OptimizeError
 from edgerun.optimizers.prune import PruneReport, prune_structured, prune_unstructured
 from edgerun.optimizers.quantize import Calibration, kept_float32, load_onnx, quantize
-from edgerun.runtime import Bundle, Model, archive, create_bundle
+from edgerun.runtime import Bundle, Model, archive, create_bundle, staging
 from edgerun.runtime.bundle import (check_name, check_version, read_manifest, sha256_file,
                                     write_manifest)
 from edgerun.runtime.errors import BundleError
@@ -122,6 +121,9 @@ def optimize(model_path: str | Path, output: str | Path,
         raise OptimizeError(f"strict fp16 applies to fp16 only, not {precision}")
     name = options.name or model_path.stem
     check_name(name), check_version(options.version)  # before the work, not at its end
+    # runs killed by a signal (SIGKILL, the OOM killer) left their temporaries beside the
+    # output, each as large as a bundle: removed before this run needs the room
+    staging.sweep(output.parent)
     with tempfile.TemporaryDirectory(prefix="edgerun-optimize-") as scratch_name:
         scratch = Path(scratch_name)
         signature = _signature(model_path)
@@ -286,10 +288,10 @@ def _deliver(folder: Path, output: Path) -> None:
     """Pack the finished bundle into the archive `output`, or move it to the folder `output`
     (which is absent or empty: `optimize` checked). Both are written under a hidden name
     beside `output` and renamed into place, so an interrupted pack or a move across
-    filesystems (a copy) leaves no partial `output` that a rerun would refuse."""
+    filesystems (a copy) leaves no partial `output` that a rerun would refuse. The hidden
+    name carries this process's pid: one a kill left is removed by the next run's sweep."""
     output.parent.mkdir(parents=True, exist_ok=True)
-    temporary = output.with_name(f".partial-{secrets.token_hex(4)}-{output.name}")
-    try:
+    with staging.staged(output.parent, output.name) as temporary:  # removed if not renamed
         if archive.is_archive_name(output.name):
             archive.pack(folder, temporary)  # the same suffix: the same format
         else:
@@ -297,12 +299,6 @@ def _deliver(folder: Path, output: Path) -> None:
         # a folder replaces only an empty one: fails, rather than merging, if something
         # appeared there meanwhile
         os.replace(temporary, output)
-    except BaseException:
-        if temporary.is_dir() and not temporary.is_symlink():
-            shutil.rmtree(temporary, ignore_errors=True)
-        else:
-            temporary.unlink(missing_ok=True)
-        raise
 
 
 def _measure(bundles: tuple[Bundle, ...], profile: DeviceProfile, data: measure.EvalData,

@@ -76,8 +76,9 @@ def bundle_archive(bundle_dir) -> Path:
 
 
 @pytest.fixture(scope="module")
-def handler(bundle_archive) -> LambdaHandler:
+def handler(bundle_archive, tmp_path_factory) -> LambdaHandler:
     handler = from_environment({"EDGERUN_MODEL": str(bundle_archive),
+                                "EDGERUN_CACHE_DIR": str(tmp_path_factory.mktemp("cache")),
                                 "AWS_LAMBDA_FUNCTION_MEMORY_SIZE": "3008"})
     yield handler
     handler.plane.repository.close()
@@ -232,11 +233,12 @@ def test_http_api_behind_a_custom_domains_api_mapping_is_routed(handler, referen
         assert unknown["statusCode"] == 404, path
 
 
-def test_edgerun_base_path_configures_the_api_mapping_key(bundle_archive):
+def test_edgerun_base_path_configures_the_api_mapping_key(bundle_archive, tmp_path):
     """The function reads the key from EDGERUN_BASE_PATH, which the template sets."""
     from samtranslator.yaml_helper import yaml_parse
 
     mapped = from_environment({"EDGERUN_MODEL": str(bundle_archive),
+                               "EDGERUN_CACHE_DIR": str(tmp_path),
                                "EDGERUN_BASE_PATH": "models"})
     try:
         event = http_api_on_stage("$default", "", "GET", "/models/v2/health/ready",
@@ -987,6 +989,52 @@ def test_a_start_cut_off_mid_download_leaves_nothing_in_tmp(tmp_path, bundle_arc
         alive.wait()
 
 
+KILLED_AFTER_INIT = """
+import time
+from edgerun.adapters.aws_lambda.environment import from_environment
+
+handler = from_environment()  # EDGERUN_MODEL: a local archive, as in a layer
+print("initialized", flush=True)
+time.sleep(120)  # Lambda kills it here: an init over its limit, a timeout, out of memory
+"""
+
+
+def test_a_start_killed_after_init_leaves_no_unpacked_archive_in_tmp(tmp_path, bundle_archive):
+    """Lambda reuses /tmp in an execution environment after it kills a start. A local archive
+    (a layer's) was unpacked there at each init and never removed once the start was killed,
+    until the copies filled /tmp's 512 MB. The next start removes those of dead processes."""
+    tmp = tmp_path / "tmp"  # the environment's /tmp
+    cache = tmp / "edgerun"
+    tmp.mkdir()
+    env = function_env(TMPDIR=str(tmp), EDGERUN_MODEL=str(bundle_archive),
+                       EDGERUN_CACHE_DIR=str(cache))
+    for _ in range(2):
+        start = subprocess.Popen([sys.executable, "-c", KILLED_AFTER_INIT], env=env, cwd=ROOT,
+                                 stdout=subprocess.PIPE, text=True)
+        assert "initialized\n" in iter(start.stdout.readline, "")  # the init line, then this
+        start.kill()
+        start.wait()
+        start.stdout.close()
+    assert list(tmp.rglob(MANIFEST))  # the killed starts' unpacked copies: not cleaned up
+    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    try:  # another live process's staging is its own
+        (cache / f".partial-{alive.pid}-other").mkdir(parents=True, exist_ok=True)
+        handler = from_environment({"EDGERUN_MODEL": str(bundle_archive),
+                                    "EDGERUN_CACHE_DIR": str(cache)})
+        try:
+            assert handler.plane.repository.ready
+            (copy,) = tmp.rglob(MANIFEST)  # this start's, for as long as it serves
+            assert copy.parent.parent == cache
+            assert copy.parent.name.startswith(f".partial-{os.getpid()}-")
+            assert {p.name for p in cache.iterdir()} == \
+                {copy.parent.name, f".partial-{alive.pid}-other"}
+        finally:
+            handler.plane.repository.close()
+    finally:
+        alive.kill()
+        alive.wait()
+
+
 def test_bundle_source_serves_one_bundle_folder_or_archive(bundle_dir, bundle_archive, tmp_path):
     for path in (bundle_dir, bundle_archive):
         source = BundleSource(path)
@@ -1011,7 +1059,7 @@ def function_env(**extra: str) -> dict[str, str]:
     return env
 
 
-def test_the_function_imports_no_web_framework_and_only_its_backend(bundle_archive):
+def test_the_function_imports_no_web_framework_and_only_its_backend(bundle_archive, tmp_path):
     script = ("import json, sys, app\n"
               f"event = json.loads({json.dumps(json.dumps(http_event('apigw_v2', infer_body(rows(1)))))})\n"
               "assert app.handler(event, None)['statusCode'] == 200\n"
@@ -1019,6 +1067,7 @@ def test_the_function_imports_no_web_framework_and_only_its_backend(bundle_archi
     done = subprocess.run([sys.executable, "-c", script], cwd=FUNCTION, capture_output=True,
                           text=True, timeout=120,
                           env=function_env(EDGERUN_MODEL=str(bundle_archive),
+                                           EDGERUN_CACHE_DIR=str(tmp_path),
                                            AWS_LAMBDA_FUNCTION_MEMORY_SIZE="1769"))
     assert done.returncode == 0, done.stderr
     init, modules = done.stdout.strip().splitlines()[-2:]
@@ -1028,12 +1077,13 @@ def test_the_function_imports_no_web_framework_and_only_its_backend(bundle_archi
     assert not loaded & set(HEAVY), loaded & set(HEAVY)
 
 
-def test_awslambdaric_serves_invocations_end_to_end(bundle_archive, reference):
+def test_awslambdaric_serves_invocations_end_to_end(bundle_archive, reference, tmp_path):
     with RuntimeAPI() as api:
         process = subprocess.Popen(
             [sys.executable, "-m", "awslambdaric", "app.handler"], cwd=FUNCTION,
             env=function_env(AWS_LAMBDA_RUNTIME_API=api.address,
-                             EDGERUN_MODEL=str(bundle_archive)),
+                             EDGERUN_MODEL=str(bundle_archive),
+                             EDGERUN_CACHE_DIR=str(tmp_path)),
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         try:
             x = rows(2, seed=3)

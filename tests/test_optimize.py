@@ -459,6 +459,36 @@ def test_a_failed_folder_move_across_filesystems_leaves_nothing(mlp, tmp_path, m
     Model.load(out).check_golden()
 
 
+def test_a_killed_runs_temporary_is_removed_by_the_next_run_and_a_live_ones_kept(mlp,
+                                                                                  tmp_path):
+    """A run killed by a signal (SIGKILL, the OOM killer) runs no cleanup: its hidden
+    temporary beside the output stayed for good, and every killed run on a device or a CI
+    runner added one. The next run removes those whose process is gone, and only those."""
+    out = tmp_path / "out"
+    out.mkdir()
+    gone = subprocess.Popen([sys.executable, "-c", ""])
+    gone.wait()  # reaped: no process has its pid now
+    killed_folder = out / f".partial-{gone.pid}-0a1b2c3d-m"
+    killed_folder.mkdir()
+    (killed_folder / "model.onnx").write_bytes(b"\0" * 4096)
+    killed_archive = out / f".partial-{gone.pid}-x.tar.gz"
+    killed_archive.write_bytes(b"\0" * 4096)
+    others = [f".partial-{gone.pid}", f".partial-x{gone.pid}-y", f"partial-{gone.pid}-y",
+              "kept.txt"]  # not staging names: never touched
+    for name in others:
+        (out / name).write_text("mine")
+    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    try:  # another optimize writing into the same folder: its temporary is its own
+        (out / f".partial-{alive.pid}-y").mkdir()
+        optimize(mlp, out / "m.tar.gz", OptimizeOptions(quantize="fp32", latency_seconds=0.02))
+        assert sorted(p.name for p in out.iterdir()) == \
+            sorted([*others, f".partial-{alive.pid}-y", "m.tar.gz"])
+    finally:
+        alive.kill()
+        alive.wait()
+    Model.load(out / "m.tar.gz").check_golden()
+
+
 def test_cli_end_to_end_on_the_digits_model(digits, tmp_path):
     result = edgerun("optimize", str(digits / "digits.onnx"), "--device", "x86-64",
                      "--quantize", "int8", "--calibration", str(digits / "calibration"),

@@ -1,33 +1,36 @@
 """Where a function's model is: `EDGERUN_MODEL`, resolved to a local bundle folder or archive.
 
 - A path (absolute, or relative to the code package, `LAMBDA_TASK_ROOT`): a bundle folder or
-  `.tar.gz` shipped in the package or in a layer (`/opt/...`).
+  `.tar.gz` shipped in the package or in a layer (`/opt/...`). An archive is unpacked into a
+  staging folder of this process in the cache (`/tmp/edgerun/`), served from there for the
+  process's life; Lambda kills a start (an init over its limit, a timeout, out of memory) and
+  keeps /tmp for the next, so the next start removes the copies of processes that are gone.
 - `s3://BUCKET/KEY`: a bundle `.tar.gz`, downloaded once into `/tmp` and verified against
   `EDGERUN_MODEL_SHA256`, which is required: the digest pinned in the function's configuration
   (a SAM parameter), not metadata stored beside the object, decides what may be served. The
   verified archive is extracted to `/tmp/edgerun/<sha256>/`, so a later cold start of the same
   execution environment (a restart after a crash or a timeout) neither downloads nor extracts,
   and the staging folder of a start cut off while it downloaded or extracted is removed.
+
+Staging folders are `edgerun.runtime.staging`'s: `.partial-<pid>-<random>[-<name>]`, each swept
+once its process is gone.
 """
 
 from __future__ import annotations
 
+import atexit
 import os
 import re
-import shutil
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-from edgerun.runtime import archive
+from edgerun.runtime import archive, staging
 from edgerun.runtime.bundle import MANIFEST, sha256_file
 from edgerun.runtime.errors import BundleError
 
 SHA256_VARIABLE = "EDGERUN_MODEL_SHA256"
 DEFAULT_CACHE = Path("/tmp/edgerun")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
-#: A download's staging folder in the cache: `.partial-<pid>-<random>`.
-PARTIAL = ".partial-"
 
 #: Copies the object at an s3:// URI to a local file.
 Download = Callable[[str, Path], None]
@@ -57,7 +60,25 @@ def locate(spec: str, *, sha256: str | None = None, cache: Path = DEFAULT_CACHE,
         path = (task_root or Path(os.environ.get("LAMBDA_TASK_ROOT") or Path.cwd())) / path
     if not path.exists():
         raise BundleError(f"{path}: no such bundle folder or archive")
+    if path.is_file() and archive.is_archive_name(path.name):
+        return unpacked(path, cache)
     return path
+
+
+def unpacked(path: Path, cache: Path) -> Path:
+    """The archive `path` unpacked into a staging folder of this process in `cache`, which
+    lives as long as the process (removed at a normal exit; after a kill, by the next start's
+    sweep), rather than a temporary folder in /tmp that a killed start leaves for good."""
+    cache.mkdir(parents=True, exist_ok=True)
+    staging.sweep(cache)
+    folder = staging.reserve(cache, "bundle")
+    try:
+        archive.unpack(path, folder)
+    except BaseException:
+        staging.discard(folder)
+        raise
+    atexit.register(staging.discard, folder)
+    return folder
 
 
 def cached_download(uri: str, sha256: str, cache: Path, download: Download) -> Path:
@@ -72,15 +93,18 @@ def cached_download(uri: str, sha256: str, cache: Path, download: Download) -> P
     if (folder / MANIFEST).is_file():  # only a complete extraction is ever renamed into place
         return folder
     cache.mkdir(parents=True, exist_ok=True)
-    _remove_abandoned(cache)
-    with tempfile.TemporaryDirectory(dir=cache, prefix=f"{PARTIAL}{os.getpid()}-") as staging:
-        downloaded = Path(staging) / "bundle.tar.gz"
+    # /tmp outlives the process: an init over Lambda's 10 s (a large model), or a timeout,
+    # kills it while it downloads or extracts, and its folder stays; the next start would then
+    # need room for a second copy, fail out of space, and so would every start after it
+    staging.sweep(cache)
+    with staging.staged(cache, folder=True) as staged:
+        downloaded = staged / "bundle.tar.gz"
         download(uri, downloaded)
         actual = sha256_file(downloaded)
         if actual != sha256:
             raise BundleError(f"{uri}: the downloaded archive's sha256 is {actual}, but "
                               f"{SHA256_VARIABLE} is {sha256} (a different or corrupt object)")
-        extracted = Path(staging) / "bundle"
+        extracted = staged / "bundle"
         archive.unpack(downloaded, extracted)
         try:
             extracted.rename(folder)
@@ -88,26 +112,3 @@ def cached_download(uri: str, sha256: str, cache: Path, download: Download) -> P
             if not (folder / MANIFEST).is_file():
                 raise
     return folder
-
-
-def _remove_abandoned(cache: Path) -> None:
-    """Remove the staging folders of starts that were cut off. /tmp outlives the process: an
-    init over Lambda's 10 s (a large model), or a timeout, kills it while it downloads or
-    extracts, and its folder stays; the next start then needs room for a second copy, fails
-    out of space, and so does every start of that environment after it. A folder whose
-    process is alive (another process sharing the cache) is left alone; one named by this
-    process's id was left by an earlier process that had it."""
-    for folder in cache.glob(f"{PARTIAL}*"):
-        pid = folder.name[len(PARTIAL):].partition("-")[0]
-        if pid.isdigit() and (int(pid) == os.getpid() or not _alive(int(pid))):
-            shutil.rmtree(folder, ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)  # signal 0: only whether the process exists
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        pass
-    return True
