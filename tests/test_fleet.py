@@ -13,6 +13,8 @@ import socket
 import threading
 import time
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import httpx
 import numpy as np
@@ -1010,6 +1012,122 @@ def test_a_leader_that_stalled_past_its_lease_writes_and_sends_nothing(tmp_path,
     assert len(a.sent) == 1
     for orchestrator in (a, b):
         orchestrator.store.close()
+
+
+# ------------------------------------------------ replicas whose clocks disagree
+class Follower:
+    """A replica that does not hold the rollouts lease: it records what devices say, and
+    acts on no rollout."""
+
+    leading = False
+
+    def fence(self) -> bool:
+        return False
+
+
+@contextmanager
+def clock_behind(seconds: float) -> Iterator[None]:
+    """This process's clock (the replica acting inside the block) runs `seconds` behind: as a
+    replica on a host whose clock drifted would. The database's clock is left alone."""
+    real = time.time
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(time, "time", lambda: real() - seconds)
+        yield
+
+
+def two_replicas(tmp_path, keys, postgres_url, leading: str):
+    """Orchestrators "fast" and "slow" on one PostgreSQL database; `leading` drives rollouts
+    (its gate sees devices a and b), the other only records what devices report."""
+    url = fresh_database(postgres_url)
+    return {name: make_orchestrator(tmp_path, keys, url, push_bundle=name == leading,
+                                    leader=None if name == leading else Follower())
+            for name in ("fast", "slow")}
+
+
+HEALTHY = json.dumps({"p99_ms": 5.0}).encode()
+
+
+def test_telemetry_a_slow_replica_records_after_the_update_counts_as_fresh(
+        tmp_path, keys, postgres_url):
+    """a's update was recorded by the leader, its first telemetry after it by a replica whose
+    clock runs 5 s behind: the gate took it for older than the update and held the wave (and
+    would have failed it at the gate timeout) while a was healthy on the new version."""
+    from edgerun.adapters.ota.messages import Report
+
+    replicas = two_replicas(tmp_path, keys, postgres_url, leading="fast")
+    fast, slow = replicas["fast"], replicas["slow"]
+    try:
+        rollout = fast.deploy("m", "2", group="g", waves=[0.5, 1.0], gate="p99<50ms")
+        assert job_states(rollout) == {"a": "queued", "b": "pending"}
+        fast.on_message("edgerun/a/ota/report", Report(
+            f"{rollout['id']}.a.install", "a", "active", "m", "2", "1").encode())
+        with clock_behind(5.0):
+            slow.on_message("edgerun/a/telemetry", HEALTHY)  # sent after the update
+        fast.tick()
+        assert job_states(fast.status(rollout["id"])) == {"a": "active", "b": "queued"}
+    finally:
+        for replica in replicas.values():
+            replica.store.close()
+
+
+def test_telemetry_a_fast_replica_recorded_before_the_update_is_not_taken_for_fresh(
+        tmp_path, keys, postgres_url):
+    """a's telemetry from the old version was recorded by one replica, then its update by the
+    leader, whose clock runs 5 s behind: the old telemetry looked newer than the update, and
+    the gate let the new version through on what the old one had measured."""
+    from edgerun.adapters.ota.messages import Report
+
+    replicas = two_replicas(tmp_path, keys, postgres_url, leading="slow")
+    fast, slow = replicas["fast"], replicas["slow"]
+    try:
+        with clock_behind(5.0):
+            rollout = slow.deploy("m", "2", group="g", waves=[0.5, 1.0], gate="p99<50ms")
+        assert job_states(rollout) == {"a": "queued", "b": "pending"}
+        fast.on_message("edgerun/a/telemetry", HEALTHY)  # still the old version's
+        with clock_behind(5.0):
+            slow.on_message("edgerun/a/ota/report", Report(
+                f"{rollout['id']}.a.install", "a", "active", "m", "2", "1").encode())
+            slow.tick()
+        status = slow.status(rollout["id"])
+        assert job_states(status) == {"a": "active", "b": "pending"}, status
+        with clock_behind(5.0):
+            slow.on_message("edgerun/a/telemetry", HEALTHY)  # the new version's: it holds
+            slow.tick()
+        assert job_states(slow.status(rollout["id"])) == {"a": "active", "b": "queued"}
+    finally:
+        for replica in replicas.values():
+            replica.store.close()
+
+
+def test_timeouts_one_replica_started_are_judged_by_the_database_clock(
+        tmp_path, keys, postgres_url):
+    """A leader whose clock ran 60 s behind started a wave and then the gate's wait, and
+    another replica took the lease over: it took a job deadline and a gate timeout set by the
+    old leader's clock for passed 60 s early, and aborted a healthy rollout."""
+    from edgerun.adapters.ota.messages import Report
+
+    url = fresh_database(postgres_url)
+    with clock_behind(60.0):
+        old = make_orchestrator(tmp_path, keys, url)
+    new = make_orchestrator(tmp_path, keys, url, push_bundle=False)
+    try:
+        with clock_behind(60.0):
+            rollout = old.deploy("m", "2", group="g", waves=[0.5, 1.0], gate="p99<50ms",
+                                 job_timeout=30, gate_timeout=30)
+        new.tick()  # the old leader is gone; a's job has 30 s left
+        status = new.status(rollout["id"])
+        assert status["state"] == "running", status["reason"]
+        assert job_states(status) == {"a": "queued", "b": "pending"}
+        with clock_behind(60.0):  # back for a moment: the gate waits for a's telemetry
+            old.on_message("edgerun/a/ota/report", Report(
+                f"{rollout['id']}.a.install", "a", "active", "m", "2", "1").encode())
+        new.tick()  # the gate's wait has 30 s left
+        status = new.status(rollout["id"])
+        assert status["state"] == "running", status["reason"]
+        assert job_states(status) == {"a": "active", "b": "pending"}
+    finally:
+        old.store.close()
+        new.store.close()
 
 
 def test_a_new_leader_hears_the_reports_it_ignored_as_a_follower(tmp_path, broker, keys):

@@ -21,7 +21,6 @@ import json
 import logging
 import secrets
 import threading
-import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
 from urllib.parse import unquote, urlsplit
@@ -308,7 +307,9 @@ class Orchestrator:
         self._outbox.append((topic, payload, retain))
 
     def _tick(self) -> None:
-        now = time.time()
+        # the database's clock, once a tick: deadlines and the gate's wait were set by
+        # whichever replica led then, and are judged by whichever leads now
+        now = self.store.now()
         for rollout in self.store.rollouts(RUNNING, ROLLING_BACK, lock=True):
             assert self._outbox is not None
             queued = len(self._outbox)
@@ -454,7 +455,7 @@ class Orchestrator:
         fields = {"job_id": f"{rollout['id']}.{device}.rollback", "kind": ROLLBACK,
                   "version": previous, "previous_version": previous, "state": QUEUED,
                   "detail": detail,
-                  "deadline": time.time() + rollout["spec"]["job_timeout"]}
+                  "deadline": self.store.now() + rollout["spec"]["job_timeout"]}
         self.store.update_job(rollout["id"], device, **fields)
         self._publish_job(rollout, {**job, **fields})
         return fields

@@ -5,12 +5,16 @@ default, or PostgreSQL (`fleet serve --db postgresql://...`) for fleets that out
 or want two registry processes. The SQL is what both run unchanged (TEXT, BIGINT, DOUBLE
 PRECISION, ids made here, `INSERT ... ON CONFLICT (...) DO UPDATE`, `?` parameters); the
 schema is versioned in `schema_migrations` under the component "registry".
+
+Every time stored here is the database's clock (`Database.now`, inside the statement): with
+several replicas on one database, one replica's times are compared with another's (a device's
+telemetry with its job's update, a deadline with the time of a later leader's tick), and the
+hosts' own clocks need not agree.
 """
 
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Collection, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -116,14 +120,14 @@ class Store:
                     path: str) -> dict[str, Any]:
         """Record a version unless one is recorded already; returns the row that stands (this
         one, or the one a concurrent push recorded first)."""
-        now = time.time()
+        now = self.db.now
         with self.transaction():
-            self.execute("INSERT INTO models (name, created_at) VALUES (?, ?) "
-                         "ON CONFLICT (name) DO NOTHING", (model, now))
+            self.execute(f"INSERT INTO models (name, created_at) VALUES (?, {now}) "
+                         "ON CONFLICT (name) DO NOTHING", (model,))
             self.execute("INSERT INTO versions (model, version, sha256, size, key_id, path, "
-                         "created_at) VALUES (?, ?, ?, ?, ?, ?, ?) "
+                         f"created_at) VALUES (?, ?, ?, ?, ?, ?, {now}) "
                          "ON CONFLICT (model, version) DO NOTHING",
-                         (model, version, sha256, size, key_id, path, now))
+                         (model, version, sha256, size, key_id, path))
             row = self.version(model, version)
         assert row is not None  # inserted, or there already
         return row
@@ -139,18 +143,21 @@ class Store:
     # ------------------------------------------------------------------- devices
     def see_device(self, device_id: str, *, state: str | None = None, group: str | None = None,
                    status: dict | None = None, telemetry: dict | None = None) -> None:
-        now = time.time()
+        """Record what a device said, stamped by the database's clock in the same statement
+        (no extra round trip: telemetry comes from every device all the time)."""
+        now = self.db.now
+        telemetry_at = now if telemetry is not None else "NULL"
         self.execute(
             "INSERT INTO devices (device_id, grp, state, status, telemetry, telemetry_at, "
-            "last_seen) VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (device_id) DO UPDATE SET "
+            f"last_seen) VALUES (?, ?, ?, ?, ?, {telemetry_at}, {now}) "
+            "ON CONFLICT (device_id) DO UPDATE SET "
             "grp = COALESCE(excluded.grp, devices.grp), "
             "state = COALESCE(?, devices.state), "
             "status = COALESCE(excluded.status, devices.status), "
             "telemetry = COALESCE(excluded.telemetry, devices.telemetry), "
             "telemetry_at = COALESCE(excluded.telemetry_at, devices.telemetry_at), "
             "last_seen = excluded.last_seen",
-            (device_id, group, state or "online", _json(status), _json(telemetry),
-             now if telemetry is not None else None, now, state))
+            (device_id, group, state or "online", _json(status), _json(telemetry), state))
 
     def devices(self, group: str | None = None) -> list[dict[str, Any]]:
         if group is None:
@@ -169,16 +176,16 @@ class Store:
     # ------------------------------------------------------------------ rollouts
     def add_rollout(self, rollout_id: str, model: str, version: str, spec: dict,
                     jobs: list[tuple[str, int]]) -> None:
-        now = time.time()
+        now = self.db.now
         with self.transaction():
             self.execute("INSERT INTO rollouts (id, model, version, state, spec, wave, reason, "
-                         "created_at, updated_at) VALUES (?, ?, ?, 'running', ?, -1, '', ?, ?)",
-                         (rollout_id, model, version, json.dumps(spec), now, now))
+                         "created_at, updated_at) VALUES (?, ?, ?, 'running', ?, -1, '', "
+                         f"{now}, {now})", (rollout_id, model, version, json.dumps(spec)))
             for device_id, wave in jobs:
                 self.execute("INSERT INTO jobs (rollout_id, device_id, wave, job_id, kind, "
                              "version, previous_version, state, detail, deadline, updated_at) "
-                             "VALUES (?, ?, ?, '', 'install', ?, NULL, ?, '', NULL, ?)",
-                             (rollout_id, device_id, wave, version, PENDING, now))
+                             f"VALUES (?, ?, ?, '', 'install', ?, NULL, ?, '', NULL, {now})",
+                             (rollout_id, device_id, wave, version, PENDING))
 
     def rollout(self, rollout_id: str) -> dict[str, Any] | None:
         row = self.one("SELECT * FROM rollouts WHERE id = ?", (rollout_id,))
@@ -248,10 +255,19 @@ class Store:
         self._update("jobs", "rollout_id = ? AND device_id = ?", (rollout_id, device_id), fields)
 
     def _update(self, table: str, where: str, keys: tuple, fields: dict[str, Any]) -> int:
-        fields = {**fields, "updated_at": time.time()}
+        """Set `fields` and `updated_at` (the database's clock, which the gate compares with
+        the telemetry another replica may have recorded)."""
         columns = ", ".join(f"{name} = ?" for name in fields)  # names come from this module
-        return self.db.execute(f"UPDATE {table} SET {columns} WHERE {where}",
-                               (*fields.values(), *keys))
+        stamp = f"updated_at = {self.db.now}"
+        return self.db.execute(f"UPDATE {table} SET {columns + ', ' if columns else ''}{stamp} "
+                               f"WHERE {where}", (*fields.values(), *keys))
+
+    def now(self) -> float:
+        """The database's clock (one round trip): for times worked out in Python (deadlines,
+        the gate's wait) that a replica taking the lease over later compares with its own."""
+        row = self.one(f"SELECT {self.db.now} AS now")
+        assert row is not None
+        return float(row["now"])
 
 
 def _marks(values: Collection[str]) -> str:

@@ -26,8 +26,14 @@ from edgerun.runtime.errors import InvalidInput
 
 SQLITE, POSTGRESQL = "sqlite", "postgresql"
 #: The database's own clock in seconds since the epoch: every process of a fleet reads the
-#: same clock, so leases do not depend on the hosts' clocks agreeing.
-NOW = {SQLITE: "((julianday('now') - 2440587.5) * 86400.0)",
+#: same clock, so the times one replica stores (leases, job updates and deadlines, telemetry)
+#: compare with another's even where the hosts' clocks disagree. PostgreSQL: the time of the
+#: statement itself (`clock_timestamp()`), not `now()`, which is the transaction's start and
+#: would date a write in a transaction that waited for a lock to before the wait. SQLite (its
+#: processes share one host, so one clock): the host's clock to the microsecond, as SQLite's
+#: own `julianday('now')` keeps only milliseconds and a telemetry message and a job update in
+#: the same millisecond could not be told apart.
+NOW = {SQLITE: "edgerun_now()",
        POSTGRESQL: "CAST(EXTRACT(EPOCH FROM clock_timestamp()) AS DOUBLE PRECISION)"}
 
 
@@ -179,6 +185,7 @@ def _sqlite(path: str) -> Database:
                                  timeout=SQLITE_BUSY_TIMEOUT_S)
     _wal(connection)
     connection.execute("PRAGMA foreign_keys=ON")
+    connection.create_function("edgerun_now", 0, time.time)  # NOW[SQLITE]
     return Database(connection, SQLITE)
 
 
