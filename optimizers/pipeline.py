@@ -289,9 +289,10 @@ def _deliver(folder: Path, output: Path) -> None:
     (which is absent or empty: `optimize` checked). Both are written under a hidden name
     beside `output` and renamed into place, so an interrupted pack or a move across
     filesystems (a copy) leaves no partial `output` that a rerun would refuse. The hidden
-    name carries this process's pid: one a kill left is removed by the next run's sweep."""
+    folder is a staging one: one a kill left is removed by the next run's sweep."""
     output.parent.mkdir(parents=True, exist_ok=True)
-    with staging.staged(output.parent, output.name) as temporary:  # removed if not renamed
+    with staging.staged(output.parent, output.name) as hidden:  # removed if not renamed
+        temporary = hidden / output.name
         if archive.is_archive_name(output.name):
             archive.pack(folder, temporary)  # the same suffix: the same format
         else:

@@ -1,106 +1,110 @@
-"""Staging entries named by the process that made them, and the sweep that removes the ones
-whose process is gone.
+"""Staging folders a killed process leaves behind, and the sweep that removes them.
 
 Work that is renamed into place once complete (an optimized bundle, a downloaded model), or
-that lives only as long as its process (an unpacked model), is written under
+that lives only as long as its process (an unpacked model), is written in a staging folder
 `.partial-<pid>-<random>[-<name>]`. A process killed by a signal (SIGKILL, the OOM killer,
-Lambda ending an init or a timed-out start) runs no cleanup, so its entry stays; the next
-process staging in the same folder calls `sweep`, which removes the entries whose process no
-longer exists. Kept: an entry whose pid is alive (another process at work, or a reused pid:
-then kept until that process is gone too), one this process staged (another thread's work),
-and any name that is not exactly `.partial-<digits>-<something>`. An entry named by this
-process's pid that this process did not stage was left by an earlier process with the same
-pid (a restarted container or Lambda runtime), so it goes.
+Lambda ending an init or a timed-out start) runs no cleanup, so its folder stays; the next
+process staging in the same folder calls `sweep`.
+
+Whether a folder's process still lives is not read from its pid (containers sharing a volume
+each have their own pid 1, and cannot see each other's): its process holds a lock (`flock`)
+on the folder for as long as it uses it, and the kernel lets that lock go when the process
+ends, however it ends. A sweep removes the folders whose lock it can take, and nothing else:
+not a folder still held (this process's or another's, in any container), not one it cannot
+lock (a filesystem without `flock`), not a link, not a name `reserve` would not give. The
+pid in the name is for whoever reads a listing.
 """
 
 from __future__ import annotations
 
+import fcntl
 import os
 import re
 import secrets
 import shutil
+import tempfile
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 PREFIX = ".partial-"
-_STAGED = re.compile(r"\.partial-([1-9][0-9]*)-.+", re.ASCII)  # as `reserve` names them
-#: Names of the entries this process staged and has not discarded.
-_mine: set[str] = set()
-_lock = threading.Lock()
+_STAGED = re.compile(r"\.partial-[1-9][0-9]*-[0-9a-f]{8}(?:-.+)?", re.ASCII)  # as `reserve` names
+#: The locks this process holds, by staging folder.
+_held: dict[Path, int] = {}
+_guard = threading.Lock()
 
 
 def reserve(parent: Path, name: str = "") -> Path:
-    """A fresh staging path in `parent`, tagged with this process's pid; nothing is created.
-    The caller writes a file or folder there, then renames it into place or `discard`s it."""
-    staged = f"{PREFIX}{os.getpid()}-{secrets.token_hex(4)}" + (f"-{name}" if name else "")
-    with _lock:
-        _mine.add(staged)
-    return Path(parent) / staged
+    """A new empty staging folder in `parent`, held by this process until `discard` (or its
+    end). The caller writes in it, then renames what it wrote into place."""
+    parent = Path(parent)
+    # made and locked under a name no sweep looks at, then renamed (the lock goes with it):
+    # a sweep in between would otherwise find it unlocked, and take it for a dead one
+    fresh = Path(tempfile.mkdtemp(prefix=".staging-", dir=parent))
+    fd = os.open(fresh, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:  # no flock here: no sweep can take it either, so it is never removed
+            pass
+        path = parent / (f"{PREFIX}{os.getpid()}-{secrets.token_hex(4)}"
+                         + (f"-{name}" if name else ""))
+        os.rename(fresh, path)
+    except BaseException:
+        os.close(fd)
+        shutil.rmtree(fresh, ignore_errors=True)
+        raise
+    with _guard:
+        _held[path] = fd
+    return path
 
 
 def discard(path: Path) -> None:
-    """Remove what is at `path` (a folder, a file, or nothing once renamed away), and forget
-    it. Never raises: it runs while another error is on its way."""
-    _remove(Path(path))
-    with _lock:
-        _mine.discard(Path(path).name)
+    """Remove the staging folder `path` with what is left in it, and let its lock go. Never
+    raises: it runs while another error is on its way."""
+    path = Path(path)
+    shutil.rmtree(path, ignore_errors=True)
+    with _guard:
+        fd = _held.pop(path, None)
+    if fd is not None:
+        os.close(fd)
 
 
 @contextmanager
-def staged(parent: Path, name: str = "", *, folder: bool = False) -> Iterator[Path]:
-    """`reserve` (a folder made there with `folder`), then `discard` on leaving: whatever
-    was not renamed into place is removed, also on error."""
+def staged(parent: Path, name: str = "") -> Iterator[Path]:
+    """`reserve`, then `discard` on leaving: whatever was not renamed out of the folder is
+    removed with it, also on error."""
     path = reserve(parent, name)
     try:
-        if folder:
-            path.mkdir()
         yield path
     finally:
         discard(path)
 
 
 def sweep(parent: Path) -> list[Path]:
-    """Remove the staging entries in `parent` whose process is gone; the ones removed."""
+    """Remove the staging folders in `parent` that no process holds; the ones removed."""
     try:
-        entries = list(Path(parent).iterdir())
+        entries = [entry for entry in Path(parent).iterdir() if _STAGED.fullmatch(entry.name)]
     except (FileNotFoundError, NotADirectoryError):
         return []
-    me, removed = os.getpid(), []
+    removed = []
     for entry in entries:
-        match = _STAGED.fullmatch(entry.name)
-        if match is None:
+        try:  # a link is not followed: never ours, and what it names is not ours to remove
+            fd = os.open(entry, os.O_RDONLY | os.O_NOFOLLOW)
+        except OSError:
             continue
-        pid = int(match[1])
-        if pid == me:
-            with _lock:
-                if entry.name in _mine:
-                    continue
-        elif _alive(pid):
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:  # held (a live process's), or not lockable here: kept
+            os.close(fd)
             continue
-        _remove(entry)
-        removed.append(entry)
+        try:
+            if entry.is_dir():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink(missing_ok=True)
+            removed.append(entry)
+        finally:
+            os.close(fd)
     return removed
-
-
-def _alive(pid: int) -> bool:
-    """Whether a process `pid` exists (a pid no kernel gives counts as alive: kept)."""
-    try:
-        os.kill(pid, 0)  # signal 0: only whether the process exists
-    except ProcessLookupError:
-        return False
-    except (PermissionError, OverflowError):  # another user's process; no such pid number
-        pass
-    return True
-
-
-def _remove(path: Path) -> None:
-    """A folder with what it holds; a file or a link itself (never what a link points to)."""
-    try:
-        if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path, ignore_errors=True)
-        else:
-            path.unlink(missing_ok=True)
-    except OSError:
-        pass

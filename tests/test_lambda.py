@@ -30,6 +30,7 @@ from edgerun.runtime.errors import (BundleError, EdgerunError, InvalidInput, Mod
                                     Overloaded)
 from edgerun.runtime.sources import BundleSource
 from tests.lambda_runtime_api import RuntimeAPI
+from tests.staging_peer import held_elsewhere
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = Path(__file__).with_name("fixtures") / "lambda"
@@ -976,17 +977,11 @@ def test_a_start_cut_off_mid_download_leaves_nothing_in_tmp(tmp_path, bundle_arc
         assert start.stdout.readline().strip() == "downloading"
         start.kill()
         start.wait()
-    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
-    try:  # another live process's download is its own
-        (tmp_path / f".partial-{alive.pid}-other").mkdir()
+    with held_elsewhere(tmp_path) as alive:  # another live process's download is its own
         folder = cached_download("s3://models/mlp/3.tar.gz", digest, tmp_path,
                                  lambda uri, path: path.write_bytes(bundle_archive.read_bytes()))
-        assert sorted(p.name for p in tmp_path.iterdir()) == \
-            [f".partial-{alive.pid}-other", digest]
+        assert sorted(p.name for p in tmp_path.iterdir()) == sorted([alive.name, digest])
         assert folder == tmp_path / digest and (folder / MANIFEST).is_file()
-    finally:
-        alive.kill()
-        alive.wait()
 
 
 KILLED_AFTER_INIT = """
@@ -1016,23 +1011,17 @@ def test_a_start_killed_after_init_leaves_no_unpacked_archive_in_tmp(tmp_path, b
         start.wait()
         start.stdout.close()
     assert list(tmp.rglob(MANIFEST))  # the killed starts' unpacked copies: not cleaned up
-    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
-    try:  # another live process's staging is its own
-        (cache / f".partial-{alive.pid}-other").mkdir(parents=True, exist_ok=True)
+    with held_elsewhere(cache) as alive:  # another live process's staging is its own
         handler = from_environment({"EDGERUN_MODEL": str(bundle_archive),
                                     "EDGERUN_CACHE_DIR": str(cache)})
         try:
             assert handler.plane.repository.ready
             (copy,) = tmp.rglob(MANIFEST)  # this start's, for as long as it serves
-            assert copy.parent.parent == cache
-            assert copy.parent.name.startswith(f".partial-{os.getpid()}-")
-            assert {p.name for p in cache.iterdir()} == \
-                {copy.parent.name, f".partial-{alive.pid}-other"}
+            staged = copy.parent.parent
+            assert staged.parent == cache and staged.name.startswith(f".partial-{os.getpid()}-")
+            assert {p.name for p in cache.iterdir()} == {staged.name, alive.name}
         finally:
             handler.plane.repository.close()
-    finally:
-        alive.kill()
-        alive.wait()
 
 
 def test_bundle_source_serves_one_bundle_folder_or_archive(bundle_dir, bundle_archive, tmp_path):

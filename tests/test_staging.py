@@ -1,4 +1,4 @@
-"""Pid-tagged staging entries: what a sweep removes, and what it must never touch."""
+"""Staging folders: a sweep removes those no process holds, and never another's work."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import sys
 import pytest
 
 from edgerun.runtime import staging
+from tests.staging_peer import held_elsewhere
 
 
 def dead_pid() -> int:
@@ -18,40 +19,43 @@ def dead_pid() -> int:
     return gone.pid
 
 
-def test_a_sweep_removes_only_staging_entries_whose_process_is_gone(tmp_path):
-    pid = dead_pid()
+def test_a_sweep_removes_only_staging_folders_no_process_holds(tmp_path):
+    """A killed process's folder goes, as does a stray file. Kept: one a live process holds,
+    whatever pid its name has (containers sharing a volume each have their own pid 1: a pid
+    read from the name removed another container's work in progress), this process's own, a
+    link (never followed: no staging folder is one), and any name `reserve` would not give."""
     target = tmp_path / "target"
     target.mkdir()
     (target / "precious").write_text("not staging")
-    gone = [f".partial-{pid}-folder", f".partial-{pid}-file.tar.gz",
-            f".partial-{pid}-link", f".partial-{os.getpid()}-an-earlier-process-with-my-pid"]
-    (tmp_path / gone[0]).mkdir()
-    (tmp_path / gone[0] / "model.onnx").write_bytes(b"\0" * 64)
+    with held_elsewhere(tmp_path) as killed:
+        (killed / "model.onnx").write_bytes(b"\0" * 64)
+    gone = [killed.name, f".partial-{dead_pid()}-0123abcd-m.tar.gz"]
     (tmp_path / gone[1]).write_bytes(b"\0" * 64)
-    (tmp_path / gone[2]).symlink_to(target)  # the link goes, never what it points to
-    (tmp_path / gone[3]).mkdir()
-    kept = [f".partial-{pid}", f".partial-{pid}-", f".partial--{pid}-x", f".partial-0{pid}-x",
-            f".partial-{pid}x-y", f"partial-{pid}-x", f".Partial-{pid}-x", "target",
-            f".partial-{'9' * 40}-too-large-for-a-pid"]
-    for name in kept[:-2]:
+    kept = [".partial-1-0123abcd-link", ".partial-1-x", ".partial-01-0123abcd",
+            ".partial-1-0123ABCD", "partial-1-0123abcd", "target", ".staging-abc"]
+    (tmp_path / kept[0]).symlink_to(target)
+    for name in kept[1:5]:
         (tmp_path / name).write_text("")
     (tmp_path / kept[-1]).mkdir()
-    mine = staging.reserve(tmp_path, "being-written")  # this process's, another thread's work
-    mine.mkdir()
+    mine = staging.reserve(tmp_path, "being-written")  # this process's (another thread's)
     try:
-        assert sorted(p.name for p in staging.sweep(tmp_path)) == sorted(gone)
-        assert sorted(p.name for p in tmp_path.iterdir()) == sorted([*kept, mine.name])
-        assert (target / "precious").read_text() == "not staging"
+        with held_elsewhere(tmp_path, f".partial-{os.getpid()}-0a0a0a0a-container") as other, \
+                held_elsewhere(tmp_path, f".partial-{dead_pid()}-0b0b0b0b-namespace") as far:
+            assert sorted(p.name for p in staging.sweep(tmp_path)) == sorted(gone)
+            assert sorted(p.name for p in tmp_path.iterdir()) == \
+                sorted([*kept, mine.name, other.name, far.name])
+            assert (target / "precious").read_text() == "not staging"
+        assert {p.name for p in staging.sweep(tmp_path)} == {other.name, far.name}
     finally:
         staging.discard(mine)
     assert not mine.exists()
     assert staging.sweep(tmp_path / "absent") == []
 
 
-def test_a_staged_entry_is_named_by_this_process_and_gone_after_an_error(tmp_path):
+def test_a_staged_folder_is_named_by_this_process_and_gone_after_an_error(tmp_path):
     with pytest.raises(OSError, match="No space left"):
-        with staging.staged(tmp_path, "m.tar.gz", folder=True) as path:
-            assert path.name.startswith(f".partial-{os.getpid()}-")
+        with staging.staged(tmp_path, "m.tar.gz") as path:
+            assert path.is_dir() and path.name.startswith(f".partial-{os.getpid()}-")
             assert path.name.endswith("-m.tar.gz")
             (path / "part").write_bytes(b"\0" * 64)
             assert staging.sweep(tmp_path) == []  # this process's, still being written

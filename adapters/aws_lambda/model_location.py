@@ -12,8 +12,8 @@
   execution environment (a restart after a crash or a timeout) neither downloads nor extracts,
   and the staging folder of a start cut off while it downloaded or extracted is removed.
 
-Staging folders are `edgerun.runtime.staging`'s: `.partial-<pid>-<random>[-<name>]`, each swept
-once its process is gone.
+Staging folders are `edgerun.runtime.staging`'s: `.partial-<pid>-<random>[-<name>]`, each held
+by its process and swept once no process holds it.
 """
 
 from __future__ import annotations
@@ -73,12 +73,12 @@ def unpacked(path: Path, cache: Path) -> Path:
     staging.sweep(cache)
     folder = staging.reserve(cache, "bundle")
     try:
-        archive.unpack(path, folder)
+        archive.unpack(path, folder / "bundle")
     except BaseException:
         staging.discard(folder)
         raise
     atexit.register(staging.discard, folder)
-    return folder
+    return folder / "bundle"
 
 
 def cached_download(uri: str, sha256: str, cache: Path, download: Download) -> Path:
@@ -97,7 +97,7 @@ def cached_download(uri: str, sha256: str, cache: Path, download: Download) -> P
     # kills it while it downloads or extracts, and its folder stays; the next start would then
     # need room for a second copy, fail out of space, and so would every start after it
     staging.sweep(cache)
-    with staging.staged(cache, folder=True) as staged:
+    with staging.staged(cache) as staged:
         downloaded = staged / "bundle.tar.gz"
         download(uri, downloaded)
         actual = sha256_file(downloaded)
