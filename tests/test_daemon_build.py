@@ -223,6 +223,24 @@ def test_device_toml_values_of_the_wrong_type_end_start_up_with_the_reason(tmp_p
     assert message in result.stderr and "Traceback" not in result.stderr, result.stderr
 
 
+@pytest.mark.parametrize("flag, value, message", [
+    ("--ota-speed-limit", "-5", "--ota-speed-limit must be a number of bytes/s of at least 0"),
+    ("--ota-speed-time", "0", "--ota-speed-time must be a number of seconds above 0"),
+])
+def test_a_bad_ota_speed_flag_is_named_as_the_flag(tmp_path, flag, value, message):
+    """A bad --ota-speed-limit or --ota-speed-time was reported as an `[ota]` table's key, on
+    a device whose device.toml has no such table (or that has no device.toml at all)."""
+    repo = tmp_path / "repo"
+    add_version(repo, "mlp", "1", mlp_onnx([4, 8, 3]))
+    with running_broker(tmp_path / "broker") as broker:
+        result = edgerun("daemon", "--repository", str(repo), "--broker", broker.url,
+                         "--device-id", "flagged", "--poll-interval", "0",
+                         "--trust", str(tmp_path / "k.pub"), f"{flag}={value}", timeout=120)
+    assert result.returncode == 2, result.stderr
+    assert message in result.stderr and "[ota]" not in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+
+
 def test_device_toml_sets_the_log_level(tmp_path):
     """`log_level`, like every flag, is a device.toml key; it was refused as unknown, so a
     device under systemd could change its logging only by editing the unit."""

@@ -97,21 +97,22 @@ def _create(daemon: Any, args: argparse.Namespace, table: dict[str, Any]) -> Ota
 
 
 def _speed_limit(args: argparse.Namespace, table: dict[str, Any]) -> SpeedLimit:
-    """The flags, else the table's `speed_limit` and `speed_time`, else the defaults; a value
-    of the wrong type or range ends start-up with its reason (SpeedLimit's ValueError)."""
+    """The flags, else the table's `speed_limit` and `speed_time`, else the defaults. A value
+    of the wrong type or range ends start-up with its reason, naming where it came from: the
+    flag, or the `[ota]` key (a bad flag was blamed on an `[ota]` table the device may not
+    even have)."""
     default = SpeedLimit()
-    limit = _first(getattr(args, "ota_speed_limit", None), table.get("speed_limit"),
-                   default.bytes_per_s)
-    seconds = _first(getattr(args, "ota_speed_time", None), table.get("speed_time"),
-                     default.seconds)
+    chosen: dict[str, tuple[Any, str]] = {}  # key: (value, where it came from)
+    for key, fallback in (("speed_limit", default.bytes_per_s), ("speed_time", default.seconds)):
+        flag, given = getattr(args, f"ota_{key}", None), table.get(key)
+        chosen[key] = ((flag, "--ota-" + key.replace("_", "-")) if flag is not None
+                       else (given, f"[ota] {key}") if given is not None else (fallback, key))
     try:
-        return SpeedLimit(limit, seconds)
+        return SpeedLimit(chosen["speed_limit"][0], chosen["speed_time"][0])
     except ValueError as exc:
-        raise ValueError(f"[ota] {exc}") from None
-
-
-def _first(*values: Any) -> Any:
-    return next(value for value in values if value is not None)
+        key, _, reason = str(exc).partition(" ")  # SpeedLimit's reasons start with the key
+        raise ValueError(f"{chosen[key][1]} {reason}" if key in chosen
+                         else f"[ota] {exc}") from None
 
 
 SPEC = ExtensionSpec("ota", _add_arguments, _create, paths=("trust", "credential"),
