@@ -1160,6 +1160,77 @@ def test_a_trickling_download_fails_under_the_speed_limit_and_is_resumed_later(t
     assert dest.read_bytes() == content and registry.ranges == [None, f"bytes={have}-"]
 
 
+class HeadTricklingRegistry:
+    """Sends a status line, then its headers a byte every `every` seconds, never ending them:
+    a registry, or a broken proxy before it, holding a connection open with a head that never
+    completes. Records when each connection's sending failed (the device hung up)."""
+
+    def __init__(self, every: float = 0.05) -> None:
+        self.asked, self.hung_up = threading.Event(), threading.Event()
+        registry = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                registry.asked.set()
+                try:
+                    self.wfile.write(b"HTTP/1.1 200 OK\r\n")
+                    self.wfile.flush()
+                    for _ in range(int(60 / every)):
+                        self.wfile.write(b"X")
+                        self.wfile.flush()
+                        time.sleep(every)
+                except OSError:
+                    registry.hung_up.set()
+
+            def log_message(self, *args) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.server.server_port}/bundles/m/2"
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def opening_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name == "edgerun-download-open"]
+
+
+def test_a_head_trickled_past_the_speed_window_fails_and_its_connection_is_cut(tmp_path):
+    """The speed limit watched the body only: an answer whose head came a byte at a time
+    (each read inside the socket timeout) held the download, and the agent's job thread, for
+    good. A head not whole within the speed limit's window is a stall, worth another try; a
+    stop while the head trickles ends the download at once. Either way the connection is cut,
+    so the thread that was opening it ends too, rather than holding it as long as the trickle
+    lasts."""
+    from edgerun.adapters.ota.download import DownloadTooSlow, SpeedLimit, Stop
+
+    registry = HeadTricklingRegistry()
+    dest, sha256 = tmp_path / "m-2.tar.gz", "0" * 64
+    try:
+        with pytest.raises(DownloadTooSlow, match=rf"download of {registry.url} stalled: no "
+                                                  r"answer within 0\.5 s"):
+            download(registry.url, dest, sha256, 100,
+                     speed_limit=SpeedLimit(bytes_per_s=1000, seconds=0.5))
+        wait_for(registry.hung_up.is_set, 10, "the registry to see the connection cut")
+        wait_for(lambda: not opening_threads(), 10, "the opening thread to end")
+        registry.asked.clear(), registry.hung_up.clear()
+        stop = Stop()
+        threading.Thread(target=lambda: registry.asked.wait(10) and stop.set(),
+                         daemon=True).start()
+        with pytest.raises(DownloadInterrupted, match="stopped"):
+            download(registry.url, dest, sha256, 100, stop=stop,
+                     speed_limit=SpeedLimit(bytes_per_s=0))  # no limit: only the stop ends it
+        wait_for(registry.hung_up.is_set, 10, "the registry to see the connection cut")
+        wait_for(lambda: not opening_threads(), 10, "the opening thread to end")
+    finally:
+        registry.close()
+    assert not dest.exists()
+
+
 def test_a_trickling_registry_fails_the_job_once_the_patience_is_spent(tmp_path, keys,
                                                                        bundles):
     """Such a registry held the job for good: the fleet heard "downloading" and nothing more.

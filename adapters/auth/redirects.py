@@ -7,8 +7,10 @@ redirects to.
 
 from __future__ import annotations
 
+import socket
 import urllib.parse
 import urllib.request
+from collections.abc import Callable
 from typing import Any
 
 
@@ -26,9 +28,51 @@ def _origin(url: str) -> tuple[str, str | None, int | None]:
     return parts.scheme, parts.hostname, parts.port
 
 
+class _Watching(urllib.request.AbstractHTTPHandler):
+    """Hands every connection it makes to `on_socket` as soon as it is connected (before TLS,
+    so a handshake that stalls can be cut too)."""
+
+    on_socket: Callable[[socket.socket], None]
+
+    def do_open(self, http_class: Any, req: urllib.request.Request, **kwargs: Any) -> Any:
+        on_socket = self.on_socket
+
+        class Watched(http_class):  # type: ignore[misc, valid-type]
+            def __init__(self, *args: Any, **kw: Any) -> None:
+                super().__init__(*args, **kw)
+                create = self._create_connection
+
+                def created(*a: Any, **k: Any) -> socket.socket:
+                    sock = create(*a, **k)
+                    on_socket(sock)
+                    return sock
+
+                self._create_connection = created
+
+        return super().do_open(Watched, req, **kwargs)
+
+
+class _WatchedHTTP(_Watching, urllib.request.HTTPHandler):
+    def __init__(self, on_socket: Callable[[socket.socket], None]) -> None:
+        super().__init__()
+        self.on_socket = on_socket
+
+
+class _WatchedHTTPS(_Watching, urllib.request.HTTPSHandler):
+    def __init__(self, on_socket: Callable[[socket.socket], None]) -> None:
+        super().__init__()
+        self.on_socket = on_socket
+
+
 _OPENER = urllib.request.build_opener(_CredentialsStayHome)
 
 
-def open_url(request: urllib.request.Request, timeout: float) -> Any:
-    """`urllib.request.urlopen`, keeping `Authorization` to the request's own origin."""
-    return _OPENER.open(request, timeout=timeout)
+def open_url(request: urllib.request.Request, timeout: float,
+             on_socket: Callable[[socket.socket], None] | None = None) -> Any:
+    """`urllib.request.urlopen`, keeping `Authorization` to the request's own origin. Each
+    connection it makes (a redirect makes another) is handed to `on_socket`, so that another
+    thread can cut an open that stalls: `timeout` bounds each read, not the answer's head."""
+    if on_socket is None:
+        return _OPENER.open(request, timeout=timeout)
+    return urllib.request.build_opener(_CredentialsStayHome, _WatchedHTTP(on_socket),
+                                       _WatchedHTTPS(on_socket)).open(request, timeout=timeout)

@@ -9,9 +9,10 @@ the expected size is cut off there, so a download never fills the disk past it.
 A `Stop`, asked from another thread (the daemon stopping), ends a download at once rather
 than at its socket timeout; the part stays, to be resumed.
 
-A `SpeedLimit` (curl's --speed-limit/--speed-time) ends a transfer that averages under it:
-the socket timeout bounds each read, not the download, and a registry or proxy that sends a
-byte every 20 s held a download (and the agent's job thread) for good.
+A `SpeedLimit` (curl's --speed-limit/--speed-time) ends a transfer that averages under it,
+and an answer whose head has not come within its window: the socket timeout bounds each read,
+not the download, and a registry or proxy that sends a byte every 20 s held a download (and
+the agent's job thread) for good.
 """
 
 from __future__ import annotations
@@ -114,9 +115,9 @@ class _Pace:
 
 class Stop:
     """Ends a download from another thread at once, not at its socket timeout (30 s, and a
-    registry that stalls could hold a daemon's stop that long): one still opening (name
-    lookup, connect, a registry that sends nothing) is left to its own thread, which closes
-    what it gets; one reading has its connection shut down, so the read returns at once.
+    registry that stalls could hold a daemon's stop that long): one still opening has its
+    connection cut (one still looking up a name is left to its own thread, which closes what
+    it gets); one reading has its connection shut down, so the read returns at once.
     One download at a time (as the agent runs its jobs) may use it."""
 
     def __init__(self) -> None:
@@ -164,11 +165,53 @@ class Stop:
                 sock.close()
 
 
-def _open(request: urllib.request.Request, timeout: float) -> Any:
+class _Connections:
+    """The connections an open makes (a redirect makes another), so that the downloading
+    thread can cut one that stalls or that a stop ends. Held as duplicates of their
+    descriptors, as `Stop._watch` holds a body's (TLS takes the socket object over), and closed
+    by the opening thread once its open is over."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._sockets: list[socket.socket] = []
+        self._cut = self._over = False
+
+    def add(self, sock: socket.socket) -> None:
+        with self._lock:
+            if self._over:
+                return
+            duplicate = sock.dup()
+            self._sockets.append(duplicate)
+            if self._cut:
+                _shut(duplicate)
+
+    def cut(self) -> None:
+        """End the open now: its read fails at once, and the opening thread ends."""
+        with self._lock:
+            self._cut = True
+            for sock in self._sockets:
+                _shut(sock)
+
+    def close(self) -> None:
+        with self._lock:
+            self._over = True
+            for sock in self._sockets:
+                sock.close()
+            self._sockets.clear()
+
+
+def _shut(sock: socket.socket) -> None:
+    with contextlib.suppress(OSError):
+        sock.shutdown(socket.SHUT_RDWR)
+
+
+def _open(request: urllib.request.Request, timeout: float,
+          connections: _Connections | None = None) -> Any:
     """The response, or None for a 416; what may pass (a 5xx, 408 or 429, a dropped
     connection) is DownloadInterrupted, to be retried; any other refusal is BundleError."""
     try:
-        return open_url(request, timeout=timeout)
+        return open_url(request, timeout=timeout,
+                        on_socket=None if connections is None else connections.add)
     except urllib.error.HTTPError as exc:
         if exc.code == 416:
             return None
@@ -180,29 +223,42 @@ def _open(request: urllib.request.Request, timeout: float) -> Any:
         raise DownloadInterrupted(f"download of {request.full_url} failed: {exc}") from exc
 
 
-def _open_unless_stopped(request: urllib.request.Request, timeout: float, stop: Stop) -> Any:
+def _open_unless_stopped(request: urllib.request.Request, timeout: float, stop: Stop,
+                         within: float | None) -> Any:
     """`_open` on a thread of its own, so that a stop need not wait for it: a name lookup, a
-    connect and a registry's answer may each take up to `timeout`. A response that comes
-    after a stop is closed."""
+    connect and a registry's answer may each take up to `timeout`, and a head trickled a byte
+    at a time longer still. An answer whose head has not come `within` seconds is
+    DownloadTooSlow; then, or at a stop, the connection is cut, so the opening thread ends
+    too. A response that comes after either is closed."""
     opened: futures.Future[Any] = futures.Future()
-    threading.Thread(target=_opening, args=(opened, request, timeout),
+    connections = _Connections()
+    threading.Thread(target=_opening, args=(opened, request, timeout, connections),
                      name="edgerun-download-open", daemon=True).start()
+    deadline = None if within is None else time.monotonic() + within
     while not stop.is_set():
         if futures.wait([opened], timeout=_POLL_S).done:
             try:
                 return opened.result()  # or its error, raised
             finally:
                 del opened  # as in `_opening`: an error's traceback keeps this frame
+        if deadline is not None and time.monotonic() > deadline:
+            connections.cut()
+            opened.add_done_callback(_close_unused)
+            raise DownloadTooSlow(f"download of {request.full_url} stalled: no answer within "
+                                  f"{within:g} s (the speed limit's window)", 0.0)
+    connections.cut()
     opened.add_done_callback(_close_unused)
     raise DownloadStopped(f"download of {request.full_url} stopped")
 
 
 def _opening(opened: futures.Future[Any], request: urllib.request.Request,
-             timeout: float) -> None:
+             timeout: float, connections: _Connections) -> None:
     try:
-        opened.set_result(_open(request, timeout))
+        opened.set_result(_open(request, timeout, connections))
     except BaseException as exc:  # raised again on the downloading thread
         opened.set_exception(exc)
+    finally:
+        connections.close()
     # An error's traceback keeps this frame: holding the future, which holds the error, it
     # made a cycle that kept an HTTP error's socket open until the cycle collector ran.
     del opened
@@ -246,11 +302,12 @@ def download(url: str, dest: Path, sha256: str, size: int = 0, timeout: float = 
         if have:
             request.add_header("Range", f"bytes={have}-")
             request.add_header("If-Range", f'"{sha256}"')
-        response = _open_unless_stopped(request, timeout, stop)
+        within = speed_limit.seconds if speed_limit.bytes_per_s else None
+        response = _open_unless_stopped(request, timeout, stop, within)
         if response is None:  # 416: the part is no prefix of this file; start over
             have = 0
             response = _open_unless_stopped(urllib.request.Request(url, headers=headers or {}),
-                                            timeout, stop)
+                                            timeout, stop, within)
             if response is None:
                 raise BundleError(f"download of {url} failed: HTTP 416 without a Range")
         resumed = have if have and response.status == 206 else 0
