@@ -17,6 +17,7 @@ pid in the name is for whoever reads a listing.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import re
@@ -42,8 +43,9 @@ def reserve(parent: Path, name: str = "") -> Path:
     # made and locked under a name no sweep looks at, then renamed (the lock goes with it):
     # a sweep in between would otherwise find it unlocked, and take it for a dead one
     fresh = Path(tempfile.mkdtemp(prefix=".staging-", dir=parent))
-    fd = os.open(fresh, os.O_RDONLY)
-    try:
+    fd = -1
+    try:  # a `.staging-*` left here is never swept: removed on any failure, the open's too
+        fd = os.open(fresh, os.O_RDONLY)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:  # no flock here: no sweep can take it either, so it is never removed
@@ -52,8 +54,10 @@ def reserve(parent: Path, name: str = "") -> Path:
                          + (f"-{name}" if name else ""))
         os.rename(fresh, path)
     except BaseException:
-        os.close(fd)
-        shutil.rmtree(fresh, ignore_errors=True)
+        if fd >= 0:
+            os.close(fd)
+        with contextlib.suppress(OSError):  # still empty; and rmtree needs descriptors
+            os.rmdir(fresh)
         raise
     with _guard:
         _held[path] = fd
@@ -90,8 +94,9 @@ def sweep(parent: Path) -> list[Path]:
         return []
     removed = []
     for entry in entries:
-        try:  # a link is not followed: never ours, and what it names is not ours to remove
-            fd = os.open(entry, os.O_RDONLY | os.O_NOFOLLOW)
+        try:  # a link is not followed (never ours, and what it names is not ours to remove),
+            # and a FIFO named like one does not block the sweep
+            fd = os.open(entry, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
         except OSError:
             continue
         try:

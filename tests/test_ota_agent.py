@@ -1231,6 +1231,45 @@ def test_a_head_trickled_past_the_speed_window_fails_and_its_connection_is_cut(t
     assert not dest.exists()
 
 
+WITHOUT_SSL = """
+import hashlib, sys, threading
+sys.modules["ssl"] = sys.modules["_ssl"] = None  # as in a Python built without ssl
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from edgerun.adapters.ota.download import download
+
+BODY = b"bundle" * 1000
+
+class Handler(BaseHTTPRequestHandler):
+    def do_GET(self):
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(BODY)))
+        self.end_headers()
+        self.wfile.write(BODY)
+
+    def log_message(self, *args):
+        pass
+
+server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+threading.Thread(target=server.serve_forever, daemon=True).start()
+dest = Path(sys.argv[1])
+download(f"http://127.0.0.1:{server.server_port}/b", dest, hashlib.sha256(BODY).hexdigest(),
+         len(BODY))
+print(dest.read_bytes() == BODY)
+"""
+
+
+def test_a_download_over_http_works_on_a_python_without_ssl(tmp_path):
+    """Some device images build Python without ssl: urllib then has no HTTPSHandler, and
+    watching the connections an open makes must not need one (importing the downloader
+    failed with an AttributeError, for a registry on plain http too). In a child process,
+    whose ssl is made unimportable before anything imports it."""
+    done = subprocess.run([sys.executable, "-c", WITHOUT_SSL, str(tmp_path / "b.tar.gz")],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["True"]
+
+
 def test_a_trickling_registry_fails_the_job_once_the_patience_is_spent(tmp_path, keys,
                                                                        bundles):
     """Such a registry held the job for good: the fleet heard "downloading" and nothing more.

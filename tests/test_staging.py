@@ -61,3 +61,35 @@ def test_a_staged_folder_is_named_by_this_process_and_gone_after_an_error(tmp_pa
             assert staging.sweep(tmp_path) == []  # this process's, still being written
             raise OSError(28, "No space left on device")
     assert list(tmp_path.iterdir()) == []
+
+
+OUT_OF_DESCRIPTORS = """
+import os, resource, sys
+from pathlib import Path
+from edgerun.runtime import staging
+soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+resource.setrlimit(resource.RLIMIT_NOFILE, (min(64, soft), hard))
+taken = []
+try:
+    while True:
+        taken.append(os.open(os.devnull, os.O_RDONLY))
+except OSError:
+    pass
+try:
+    staging.reserve(Path(sys.argv[1]), "m")
+except OSError as exc:
+    print(exc.errno)
+"""
+
+
+def test_a_reserve_that_cannot_open_its_folder_leaves_nothing(tmp_path):
+    """Out of descriptors (EMFILE), the folder was made but not opened: it stayed as a
+    `.staging-*`, a name no sweep removes, for good. Run in a child, whose fd limit is
+    lowered and filled so that the folder's own open is the one that fails."""
+    import errno
+
+    done = subprocess.run([sys.executable, "-c", OUT_OF_DESCRIPTORS, str(tmp_path)],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == [str(errno.EMFILE)]
+    assert list(tmp_path.iterdir()) == []

@@ -32,7 +32,9 @@ class _Watching(urllib.request.AbstractHTTPHandler):
     """Hands every connection it makes to `on_socket` as soon as it is connected (before TLS,
     so a handshake that stalls can be cut too)."""
 
-    on_socket: Callable[[socket.socket], None]
+    def __init__(self, on_socket: Callable[[socket.socket], None]) -> None:
+        super().__init__()
+        self.on_socket = on_socket
 
     def do_open(self, http_class: Any, req: urllib.request.Request, **kwargs: Any) -> Any:
         on_socket = self.on_socket
@@ -53,15 +55,17 @@ class _Watching(urllib.request.AbstractHTTPHandler):
 
 
 class _WatchedHTTP(_Watching, urllib.request.HTTPHandler):
-    def __init__(self, on_socket: Callable[[socket.socket], None]) -> None:
-        super().__init__()
-        self.on_socket = on_socket
+    pass
 
 
-class _WatchedHTTPS(_Watching, urllib.request.HTTPSHandler):
-    def __init__(self, on_socket: Callable[[socket.socket], None]) -> None:
-        super().__init__()
-        self.on_socket = on_socket
+_WATCHED: list[type[_Watching]] = [_WatchedHTTP]
+
+# a Python built without ssl (some device images) has no HTTPSHandler: plain http still works
+if hasattr(urllib.request, "HTTPSHandler"):
+    class _WatchedHTTPS(_Watching, urllib.request.HTTPSHandler):
+        pass
+
+    _WATCHED.append(_WatchedHTTPS)
 
 
 _OPENER = urllib.request.build_opener(_CredentialsStayHome)
@@ -74,5 +78,6 @@ def open_url(request: urllib.request.Request, timeout: float,
     thread can cut an open that stalls: `timeout` bounds each read, not the answer's head."""
     if on_socket is None:
         return _OPENER.open(request, timeout=timeout)
-    return urllib.request.build_opener(_CredentialsStayHome, _WatchedHTTP(on_socket),
-                                       _WatchedHTTPS(on_socket)).open(request, timeout=timeout)
+    watched = [handler(on_socket) for handler in _WATCHED]
+    return urllib.request.build_opener(_CredentialsStayHome, *watched).open(request,
+                                                                           timeout=timeout)

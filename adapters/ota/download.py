@@ -175,6 +175,8 @@ class _Connections:
         self._lock = threading.Lock()
         self._sockets: list[socket.socket] = []
         self._cut = self._over = False
+        #: When the newest connection was made (monotonic); None before the first.
+        self.connected_at: float | None = None
 
     def add(self, sock: socket.socket) -> None:
         with self._lock:
@@ -182,6 +184,7 @@ class _Connections:
                 return
             duplicate = sock.dup()
             self._sockets.append(duplicate)
+            self.connected_at = time.monotonic()
             if self._cut:
                 _shut(duplicate)
 
@@ -227,25 +230,28 @@ def _open_unless_stopped(request: urllib.request.Request, timeout: float, stop: 
                          within: float | None) -> Any:
     """`_open` on a thread of its own, so that a stop need not wait for it: a name lookup, a
     connect and a registry's answer may each take up to `timeout`, and a head trickled a byte
-    at a time longer still. An answer whose head has not come `within` seconds is
-    DownloadTooSlow; then, or at a stop, the connection is cut, so the opening thread ends
-    too. A response that comes after either is closed."""
+    at a time longer still. An answer whose head has not come `within` seconds of its
+    connection (a redirect's, of the newest; a lookup or connect is bounded by `timeout`, as
+    curl's speed limit leaves them to its connect timeout) is DownloadTooSlow; then, or at a
+    stop, the connection is cut, so the opening thread ends too. A response that comes after
+    either is closed."""
     opened: futures.Future[Any] = futures.Future()
     connections = _Connections()
     threading.Thread(target=_opening, args=(opened, request, timeout, connections),
                      name="edgerun-download-open", daemon=True).start()
-    deadline = None if within is None else time.monotonic() + within
     while not stop.is_set():
         if futures.wait([opened], timeout=_POLL_S).done:
             try:
                 return opened.result()  # or its error, raised
             finally:
                 del opened  # as in `_opening`: an error's traceback keeps this frame
-        if deadline is not None and time.monotonic() > deadline:
+        connected = connections.connected_at
+        if within is not None and connected is not None and \
+                time.monotonic() > connected + within:
             connections.cut()
             opened.add_done_callback(_close_unused)
             raise DownloadTooSlow(f"download of {request.full_url} stalled: no answer within "
-                                  f"{within:g} s (the speed limit's window)", 0.0)
+                                  f"{within:g} s of connecting (the speed limit's window)", 0.0)
     connections.cut()
     opened.add_done_callback(_close_unused)
     raise DownloadStopped(f"download of {request.full_url} stopped")
