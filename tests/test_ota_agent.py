@@ -12,6 +12,8 @@ import json
 import os
 import shutil
 import signal
+import socket
+import ssl
 import subprocess
 import sys
 import threading
@@ -1165,7 +1167,7 @@ class HeadTricklingRegistry:
     a registry, or a broken proxy before it, holding a connection open with a head that never
     completes. Records when each connection's sending failed (the device hung up)."""
 
-    def __init__(self, every: float = 0.05) -> None:
+    def __init__(self, every: float = 0.05, tls: ssl.SSLContext | None = None) -> None:
         self.asked, self.hung_up = threading.Event(), threading.Event()
         registry = self
 
@@ -1187,8 +1189,11 @@ class HeadTricklingRegistry:
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.server.daemon_threads = True
+        if tls is not None:
+            self.server.socket = tls.wrap_socket(self.server.socket, server_side=True)
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
-        self.url = f"http://127.0.0.1:{self.server.server_port}/bundles/m/2"
+        scheme = "https" if tls else "http"
+        self.url = f"{scheme}://127.0.0.1:{self.server.server_port}/bundles/m/2"
 
     def close(self) -> None:
         self.server.shutdown()
@@ -1229,6 +1234,36 @@ def test_a_head_trickled_past_the_speed_window_fails_and_its_connection_is_cut(t
     finally:
         registry.close()
     assert not dest.exists()
+
+
+def test_a_tls_handshake_or_head_that_stalls_is_cut_too(tmp_path, monkeypatch):
+    """Over TLS the connection is watched from before its handshake: a registry that accepts
+    and never answers the handshake, or that completes it and trickles its head, is a stall
+    at the speed limit's window, and its connection is cut (the opening thread would
+    otherwise wait out its socket timeout, or the trickle)."""
+
+    from edgerun.adapters.ota.download import DownloadTooSlow, SpeedLimit
+    from tests.test_mqtt import make_certificates
+
+    certificates = make_certificates(tmp_path / "pki")
+    monkeypatch.setenv("SSL_CERT_FILE", certificates["ca"])  # the device trusts the test CA
+    dest, limit = tmp_path / "m-2.tar.gz", SpeedLimit(bytes_per_s=1000, seconds=0.5)
+    with socket.create_server(("127.0.0.1", 0)) as silent:  # the kernel accepts; no answer
+        url = f"https://127.0.0.1:{silent.getsockname()[1]}/bundles/m/2"
+        with pytest.raises(DownloadTooSlow, match=rf"download of {url} stalled: no answer"):
+            download(url, dest, "0" * 64, 100, timeout=30, speed_limit=limit)
+        wait_for(lambda: not opening_threads(), 10, "the opening thread to end")
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(certificates["cert"], certificates["key"])
+    registry = HeadTricklingRegistry(tls=context)
+    try:
+        with pytest.raises(DownloadTooSlow, match="stalled: no answer within 0.5 s"):
+            download(registry.url, dest, "0" * 64, 100, timeout=30, speed_limit=limit)
+        assert registry.asked.is_set()  # the handshake passed: its head is what stalled
+        wait_for(registry.hung_up.is_set, 10, "the registry to see the connection cut")
+        wait_for(lambda: not opening_threads(), 10, "the opening thread to end")
+    finally:
+        registry.close()
 
 
 WITHOUT_SSL = """
