@@ -140,8 +140,7 @@ class Stop:
 
     def _shut_down(self) -> None:
         if self._socket is not None:
-            with contextlib.suppress(OSError):
-                self._socket.shutdown(socket.SHUT_RDWR)
+            _shut(self._socket)
 
     @contextlib.contextmanager
     def _watch(self, response: Any) -> Iterator[None]:
