@@ -30,7 +30,7 @@ import numpy as np
 from edgerun import __version__
 from edgerun.devices import DeviceProfile, load_profile
 from edgerun.devices.profile import is_integer
-from edgerun.runtime import archive
+from edgerun.runtime import archive, npy_headers
 from edgerun.runtime.backends import backend_class, backend_for_file
 from edgerun.runtime.errors import BundleError
 from edgerun.runtime.signature import Signature, TensorSpec
@@ -380,6 +380,11 @@ def _npy_header(member: Any) -> tuple[tuple[int, ...], np.dtype]:
 def _golden_array(raw: bytes, path: Path, key: str) -> np.ndarray:
     """One array of `golden.npz` (its bytes `raw`; `path` names it in errors), read without
     ever unpickling anything but text."""
+    with npy_headers.LOCK:  # headers are parsed by `ast`, one thread at a time on 3.11
+        return _read_golden_array(raw, path, key)
+
+
+def _read_golden_array(raw: bytes, path: Path, key: str) -> np.ndarray:
     try:
         _check_golden_member(raw, path, key)
         with np.load(io.BytesIO(raw), allow_pickle=False) as data:

@@ -11,6 +11,7 @@ import zipfile
 
 import numpy as np
 
+from edgerun.runtime import npy_headers
 from edgerun.runtime.errors import InvalidInput, PayloadTooLarge
 
 CONTENT_TYPE = "application/x-npz"
@@ -25,7 +26,8 @@ def decode(payload: bytes, max_bytes: int = MAX_DECODED_BYTES) -> dict[str, np.n
     if not payload.startswith((b"PK\x03\x04", b"PK\x05\x06")):
         raise InvalidInput("the payload is not an .npz archive (no zip header)")
     try:
-        with np.load(io.BytesIO(payload), allow_pickle=False) as archive:
+        # headers are parsed by `ast`, one thread at a time on 3.11 (see runtime.npy_headers)
+        with npy_headers.LOCK, np.load(io.BytesIO(payload), allow_pickle=False) as archive:
             # zipfile reads no member past the size the archive declares for it
             declared = sum(info.file_size for info in archive.zip.infolist())
             if declared > max_bytes:
