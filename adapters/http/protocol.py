@@ -133,11 +133,14 @@ class OneSendProtocol(HttpToolsProtocol):
         else:
             self.send_error(b"408 Request Timeout", "the request head did not arrive in time")
 
-    def connection_lost(self, exc: Exception | None) -> None:
-        cycle, task = self.running, self.tasks.newest  # type: ignore[attr-defined]
+    def cancel_head_timer(self) -> None:
         if self.head_timer is not None:
             self.head_timer.cancel()
             self.head_timer = None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        cycle, task = self.running, self.tasks.newest  # type: ignore[attr-defined]
+        self.cancel_head_timer()
         super().connection_lost(exc)
         if cycle is not None and not cycle.response_complete and task is not None:
             # uvicorn marks only `self.cycle` disconnected; unmarked, the cancelled request
@@ -153,9 +156,8 @@ class OneSendProtocol(HttpToolsProtocol):
     # what one connection buffers.
     def on_headers_complete(self) -> None:
         self.in_head = False
-        if self.head_timer is not None:
-            self.head_timer.cancel()
-            self.head_timer = None
+        if self.head_timer is not None:  # only a head that came in pieces has one
+            self.cancel_head_timer()
         super().on_headers_complete()
         if not self.pipeline:  # started at once: the running request
             self.running = self.cycle
