@@ -20,7 +20,7 @@ from typing import Any
 from edgerun.adapters.auth.tokens import read_secret
 from edgerun.adapters.mqtt.extensions import ExtensionSpec
 from edgerun.adapters.ota.agent import CLOSE_WAIT_S, OtaAgent
-from edgerun.adapters.ota.download import SpeedLimit
+from edgerun.adapters.ota.download import SpeedLimit, SpeedLimitError
 from edgerun.runtime import signing
 
 
@@ -109,10 +109,8 @@ def _speed_limit(args: argparse.Namespace, table: dict[str, Any]) -> SpeedLimit:
                        else (given, f"[ota] {key}") if given is not None else (fallback, key))
     try:
         return SpeedLimit(chosen["speed_limit"][0], chosen["speed_time"][0])
-    except ValueError as exc:
-        key, _, reason = str(exc).partition(" ")  # SpeedLimit's reasons start with the key
-        raise ValueError(f"{chosen[key][1]} {reason}" if key in chosen
-                         else f"[ota] {exc}") from None
+    except SpeedLimitError as exc:
+        raise ValueError(f"{chosen[exc.key][1]} {exc.reason}") from None
 
 
 SPEC = ExtensionSpec("ota", _add_arguments, _create, paths=("trust", "credential"),

@@ -60,6 +60,15 @@ class DownloadTooSlow(DownloadInterrupted):
         self.rate = rate
 
 
+class SpeedLimitError(ValueError):
+    """A `SpeedLimit` value out of range; `key` names it (`speed_limit`, `speed_time`), so a
+    caller can say where the value came from."""
+
+    def __init__(self, key: str, reason: str) -> None:
+        super().__init__(f"{key} {reason}")
+        self.key, self.reason = key, reason
+
+
 @dataclass(frozen=True)
 class SpeedLimit:
     """A download averaging under `bytes_per_s` over `seconds` fails (DownloadTooSlow), as
@@ -76,11 +85,11 @@ class SpeedLimit:
 
     def __post_init__(self) -> None:
         if not finite_number(self.bytes_per_s) or self.bytes_per_s < 0:
-            raise ValueError("speed_limit must be a number of bytes/s of at least 0 (0 turns "
-                             f"it off), got {self.bytes_per_s!r}")
+            raise SpeedLimitError("speed_limit", "must be a number of bytes/s of at least 0 "
+                                  f"(0 turns it off), got {self.bytes_per_s!r}")
         if not finite_number(self.seconds) or self.seconds <= 0:
-            raise ValueError("speed_time must be a number of seconds above 0, got "
-                             f"{self.seconds!r}")
+            raise SpeedLimitError("speed_time", "must be a number of seconds above 0, got "
+                                  f"{self.seconds!r}")
 
 
 class _Pace:
