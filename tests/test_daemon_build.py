@@ -226,8 +226,10 @@ def test_device_toml_values_of_the_wrong_type_end_start_up_with_the_reason(tmp_p
 @pytest.mark.parametrize("flag, value, message", [
     ("--ota-speed-limit", "-5", "--ota-speed-limit must be a number of bytes/s of at least 0"),
     ("--ota-speed-time", "0", "--ota-speed-time must be a number of seconds above 0"),
+    ("--ota-download-patience", "-1",
+     "--ota-download-patience must be a number of seconds of at least 0"),
 ])
-def test_a_bad_ota_speed_flag_is_named_as_the_flag(tmp_path, flag, value, message):
+def test_a_bad_ota_download_flag_is_named_as_the_flag(tmp_path, flag, value, message):
     """A bad --ota-speed-limit or --ota-speed-time was reported as an `[ota]` table's key, on
     a device whose device.toml has no such table (or that has no device.toml at all)."""
     repo = tmp_path / "repo"

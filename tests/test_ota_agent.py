@@ -1337,8 +1337,10 @@ def test_a_trickling_registry_fails_the_job_once_the_patience_is_spent(tmp_path,
 
 
 def test_the_daemon_takes_the_speed_limit_from_its_ota_table_and_flags(tmp_path, keys):
-    """`[ota] speed_limit / speed_time` in device.toml reach the agent, a flag overrides one,
-    and a value of the wrong type is refused with its reason (status 2 at start-up)."""
+    """`[ota] speed_limit / speed_time / download_patience` in device.toml reach the agent, a
+    flag overrides one, and a value of the wrong type is refused with its reason (status 2 at
+    start-up). The patience was fixed at 10 minutes: a device on a link that drops for longer
+    could not be given more, nor a test rig less."""
     import argparse
 
     from edgerun.adapters.mqtt import cli
@@ -1375,3 +1377,11 @@ def test_the_daemon_takes_the_speed_limit_from_its_ota_table_and_flags(tmp_path,
     with pytest.raises(ValueError, match=r"\[ota\] speed_time must be a number of seconds "
                                          "above 0"):
         agent_of("speed_time = 0")
+    assert agent_of("").download_patience == 600
+    assert agent_of("download_patience = 3600").download_patience == 3600
+    assert agent_of("download_patience = 3600",
+                    "--ota-download-patience", "0").download_patience == 0
+    for bad in ("-1", '"1h"', "true", "nan"):
+        with pytest.raises(ValueError, match=r"\[ota\] download_patience must be a number of "
+                                             "seconds of at least 0"):
+            agent_of(f"download_patience = {bad}")

@@ -43,6 +43,10 @@ Publish = Callable[..., Any]
 #: switch may run on, and is cut off after this: recovery at the next start handles what it
 #: leaves, as after a power cut.
 CLOSE_WAIT_S = 30.0
+#: How long a download broken off, or too slow, is retried before its job fails: long enough
+#: to ride out a registry's restart or a device's lost coverage, short enough that a fleet's
+#: rollout hears of a registry that is gone for good.
+DOWNLOAD_PATIENCE_S = 600.0
 
 
 class OtaAgent:
@@ -50,7 +54,7 @@ class OtaAgent:
                  data_dir: str | Path, trusted: Iterable[signing.PublicKey],
                  group: str | None = None,
                  on_change: Callable[[], None] | None = None,
-                 download_patience: float = 600.0, credential: str | None = None,
+                 download_patience: float = DOWNLOAD_PATIENCE_S, credential: str | None = None,
                  speed_limit: SpeedLimit = SpeedLimit()) -> None:
         self.publish = publish
         # the device's own secret (edgerun fleet enroll): registry downloads as HTTP Basic

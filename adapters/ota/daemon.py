@@ -5,8 +5,9 @@ becomes the A/B slots, with the daemon's folder behind them), its `publish`, a s
 `edgerun/<device>/ota`, and the slots in every status and telemetry message. Start-up runs the
 agent's recovery once the repository is loaded and before the daemon connects.
 
-Its `[ota]` table takes `trust`, `credential`, `speed_limit` and `speed_time`; the flags
-(`--trust`, `--credential`, `--ota-speed-limit`, `--ota-speed-time`) override it.
+Its `[ota]` table takes `trust`, `credential`, `speed_limit`, `speed_time` and
+`download_patience`; the flags (`--trust`, `--credential`, `--ota-speed-limit`,
+`--ota-speed-time`, `--ota-download-patience`) override it.
 """
 
 from __future__ import annotations
@@ -19,9 +20,10 @@ from typing import Any
 
 from edgerun.adapters.auth.tokens import read_secret
 from edgerun.adapters.mqtt.extensions import ExtensionSpec
-from edgerun.adapters.ota.agent import CLOSE_WAIT_S, OtaAgent
+from edgerun.adapters.ota.agent import CLOSE_WAIT_S, DOWNLOAD_PATIENCE_S, OtaAgent
 from edgerun.adapters.ota.download import SpeedLimit, SpeedLimitError
 from edgerun.runtime import signing
+from edgerun.runtime.model_config import finite_number
 
 
 class OtaExtension:
@@ -47,17 +49,19 @@ def use_credential(daemon: Any, secret: str) -> None:
 
 def attach(daemon: Any, trust_keys: Iterable[str | Path],
            credential: str | None = None,
-           speed_limit: SpeedLimit = SpeedLimit()) -> OtaExtension:
+           speed_limit: SpeedLimit = SpeedLimit(),
+           download_patience: float = DOWNLOAD_PATIENCE_S) -> OtaExtension:
     """An OTA agent on this daemon, trusting bundles signed by any of `trust_keys`; with the
     device's `credential`, downloads and the MQTT connection present it; a download slower
-    than `speed_limit` is cut off and retried."""
+    than `speed_limit` is cut off and retried, for `download_patience` seconds."""
     if credential is not None:
         use_credential(daemon, credential)
     agent = OtaAgent(publish=daemon.publish, repository=daemon.repository,
                      device_id=daemon.device_id, data_dir=daemon.data_dir,
                      trusted=signing.load_public_keys(trust_keys),
                      group=daemon.group or None, on_change=daemon.publish_status,
-                     credential=credential, speed_limit=speed_limit)
+                     credential=credential, speed_limit=speed_limit,
+                     download_patience=download_patience)
     daemon.subscribe(agent.topic, lambda message: agent.handle_job(message.payload), qos=1)
     slots = lambda: {"ota": agent.describe()["ota"]}  # noqa: E731
     daemon.add_status_fields(slots)
@@ -79,6 +83,9 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
                              "it off)")
     parser.add_argument("--ota-speed-time", type=float, default=None, metavar="SECONDS",
                         help=f"the window of --ota-speed-limit (default {default.seconds:g})")
+    parser.add_argument("--ota-download-patience", type=float, default=None, metavar="SECONDS",
+                        help="how long an OTA download broken off or too slow is retried before "
+                             f"its job fails (default {DOWNLOAD_PATIENCE_S:g}; 0: never retried)")
 
 
 def _create(daemon: Any, args: argparse.Namespace, table: dict[str, Any]) -> OtaExtension | None:
@@ -93,24 +100,39 @@ def _create(daemon: Any, args: argparse.Namespace, table: dict[str, Any]) -> Ota
     credential = read_secret(path) if path else None
     if credential is not None and not keys:
         use_credential(daemon, credential)
-    return attach(daemon, keys, credential, _speed_limit(args, table)) if keys else None
+    if not keys:
+        return None
+    return attach(daemon, keys, credential, _speed_limit(args, table),
+                  _download_patience(args, table))
+
+
+def _setting(args: argparse.Namespace, table: dict[str, Any], key: str,
+             fallback: Any) -> tuple[Any, str]:
+    """The flag `--ota-KEY`, else the table's `KEY`, else `fallback`, with where it came from:
+    a bad value is named as the flag or the `[ota]` key (a bad flag was once blamed on an
+    `[ota]` table the device may not even have)."""
+    flag, given = getattr(args, f"ota_{key}", None), table.get(key)
+    if flag is not None:
+        return flag, "--ota-" + key.replace("_", "-")
+    return (given, f"[ota] {key}") if given is not None else (fallback, key)
 
 
 def _speed_limit(args: argparse.Namespace, table: dict[str, Any]) -> SpeedLimit:
-    """The flags, else the table's `speed_limit` and `speed_time`, else the defaults. A value
-    of the wrong type or range ends start-up with its reason, naming where it came from: the
-    flag, or the `[ota]` key (a bad flag was blamed on an `[ota]` table the device may not
-    even have)."""
     default = SpeedLimit()
-    chosen: dict[str, tuple[Any, str]] = {}  # key: (value, where it came from)
-    for key, fallback in (("speed_limit", default.bytes_per_s), ("speed_time", default.seconds)):
-        flag, given = getattr(args, f"ota_{key}", None), table.get(key)
-        chosen[key] = ((flag, "--ota-" + key.replace("_", "-")) if flag is not None
-                       else (given, f"[ota] {key}") if given is not None else (fallback, key))
+    chosen = {key: _setting(args, table, key, fallback) for key, fallback in
+              (("speed_limit", default.bytes_per_s), ("speed_time", default.seconds))}
     try:
         return SpeedLimit(chosen["speed_limit"][0], chosen["speed_time"][0])
     except SpeedLimitError as exc:
         raise ValueError(f"{chosen[exc.key][1]} {exc.reason}") from None
+
+
+def _download_patience(args: argparse.Namespace, table: dict[str, Any]) -> float:
+    value, where = _setting(args, table, "download_patience", DOWNLOAD_PATIENCE_S)
+    if not finite_number(value) or value < 0:
+        raise ValueError(f"{where} must be a number of seconds of at least 0 (0: a download "
+                         f"broken off is not retried), got {value!r}")
+    return float(value)
 
 
 SPEC = ExtensionSpec("ota", _add_arguments, _create, paths=("trust", "credential"),
