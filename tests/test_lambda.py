@@ -321,6 +321,44 @@ def test_an_answer_too_large_for_lambda_is_a_413_not_a_502(wide_handler, name, l
     assert headers["content-type"] == "application/json"
 
 
+@pytest.mark.parametrize("binary", [False, True], ids=["json", "binary"])
+@pytest.mark.parametrize("name, limit", [("apigw_v1", 6 * 1024 * 1024),
+                                         ("apigw_v2", 6 * 1024 * 1024),
+                                         ("function_url", 6 * 1024 * 1024),
+                                         ("alb", 1_000_000)])
+def test_an_answer_that_just_fits_lambdas_limit_is_answered(wide_handler, name, limit, binary):
+    """The answer's size was estimated with about 850 bytes to spare (headers counted twice
+    for every event, and a 1 KB envelope): an answer within that margin of the limit, which
+    Lambda would have passed on, was refused with a 413. The answer is measured as the Lambda
+    runtime interface client writes it (`to_json`); one byte (a base64 quantum) more is the
+    413. The request's `id`, echoed in the answer, moves its size a byte at a time."""
+    from awslambdaric.lambda_runtime_marshaller import to_json
+
+    extra = {"outputs": [{"name": "y", "parameters": {"binary_data": True}}]} if binary else {}
+
+    def answer(n: int, request_id: str) -> tuple[int, int]:
+        got = wide_handler(http_event(name, infer_body(rows(n), id=request_id, **extra)),
+                           Context())
+        return got["statusCode"], len(to_json(got).encode())
+
+    status, small = answer(100, "p")
+    assert status == 200
+    n = 100 * (limit - 20_000) // small  # an answer some 20 KB under the limit
+    status, probe = answer(n, "p")
+    assert status == 200 and 0 < limit - probe < 100_000, probe
+    # the id's characters the answer takes up to the limit: 4 bytes of base64 for 3 of them
+    step, quantum = (3, 4) if binary else (1, 1)
+    pad = 1 + (limit - probe - quantum) // quantum * step
+    status, size = answer(n, "p" * pad)
+    assert status == 200, f"an answer that fits the {limit}-byte limit was refused"
+    for _ in range(3):  # a step or two more for base64's rounding, then the 413
+        status, more = answer(n, "p" * (pad + step))
+        if status != 200:
+            break
+        pad, size = pad + step, more
+    assert status == 413 and limit - quantum < size <= limit, (status, size)
+
+
 class Outcomes(Hook):
     """Records what the hooks' after-step sees of each call: its error's kind, or ok."""
 

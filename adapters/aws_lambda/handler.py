@@ -39,14 +39,14 @@ from typing import Any
 
 import orjson
 from mangum import Mangum
-from mangum.handlers.utils import handle_base64_response_body
+from mangum.types import LambdaHandler as EventShape
 
 from edgerun.adapters.aws_lambda.destinations import Destination
 from edgerun.adapters.aws_lambda.records import Record, kinesis_record, sqs_record
 from edgerun.adapters.codecs import oip
 from edgerun.adapters.dataplane import Call, DataPlane, Reply
 from edgerun.adapters.dataplane.call import INFER
-from edgerun.adapters.http.asgi import EdgerunASGI
+from edgerun.adapters.http.asgi import EdgerunASGI, response_head
 from edgerun.adapters.http.routes import READ_ONLY_ROUTES, match
 from edgerun.runtime.errors import RETRYABLE, EdgerunError, InvalidInput
 
@@ -62,13 +62,11 @@ RESERVE_S = 0.5
 MAX_RESPONSE_BYTES = 6 * 1024 * 1024
 #: ... and the largest an Application Load Balancer takes from a Lambda target (1 MB).
 MAX_ALB_RESPONSE_BYTES = 1_000_000
-#: What an HTTP answer holds besides its body and the reply's own headers: the status, the
-#: keys, content-type, content-length and X-Request-Id, twice over (a REST API's answer has
-#: its headers in both `headers` and `multiValueHeaders`).
-ENVELOPE_BYTES = 1024
 #: The answer limit of the HTTP event being answered (an execution environment answers one
-#: invocation at a time), for the data plane's check; None outside one.
-_answer_limit: ContextVar[int | None] = ContextVar("edgerun_answer_limit", default=None)
+#: invocation at a time) and Mangum's handler for its kind of event, which shapes the answer,
+#: for the data plane's check; None outside one.
+_answering: ContextVar[tuple[int, EventShape] | None] = ContextVar("edgerun_answering",
+                                                                  default=None)
 #: A stream's records queued together (the batcher's largest batch): a Kinesis batch may hold
 #: 10,000 records, and one forward pass a record would give up the micro-batching.
 STREAM_WINDOW = 64
@@ -102,28 +100,35 @@ class LambdaHandler:
         if kind == "http":
             asyncio.set_event_loop(self.loop)  # Mangum runs on the thread's current loop
             event = self._without_stage(self._without_mapping(_without_base_path(event)))
-            limit = _answer_limit.set(MAX_ALB_RESPONSE_BYTES if "elb" in
-                                      event.get("requestContext", {}) else MAX_RESPONSE_BYTES)
+            limit = MAX_ALB_RESPONSE_BYTES if "elb" in event.get("requestContext", {}) \
+                else MAX_RESPONSE_BYTES
+            answering = _answering.set((limit, self.http.infer(event, context)))
             try:
                 return self.http(event, context)
             finally:
-                _answer_limit.reset(limit)
+                _answering.reset(answering)
         if kind == "direct":
             return self._direct(event, context)
         return self._batch(kind, event["Records"], context)
 
     def _answer_size(self, call: Call, reply: Reply) -> tuple[int, int] | None:
-        """An HTTP answer's bytes as Lambda returns it (its body as Mangum writes it, text or
-        base64, in JSON) against what Lambda (or an ALB) passes on: the data plane answers a
-        larger one with a 413 naming the limit, and counts it so, where the caller would get a
-        bare 502 without its request id, at every retry."""
-        limit = _answer_limit.get()
-        if limit is None or call.transport != "lambda":
+        """An HTTP answer's bytes as Lambda returns it against what Lambda (or an ALB) passes
+        on: the data plane answers a larger one with a 413 naming the limit, and counts it so,
+        where the caller would get a bare 502 without its request id, at every retry. The
+        answer is the one Mangum makes for the event (its body as text or base64, its headers
+        once or twice over), with the request id the hooks' after-step will add, in JSON as the
+        runtime interface client writes it (non-ASCII escaped: never fewer bytes than it
+        sends). An estimate with a margin refused answers up to 850 bytes under the limit."""
+        answering = _answering.get()
+        if answering is None or call.transport != "lambda":
             return None
-        body, _ = handle_base64_response_body(reply.body, {"content-type": reply.content_type},
-                                              self.http.config["text_mime_types"])
-        headers = len(json.dumps({**reply.headers, **call.response_headers}))
-        return len(json.dumps(body)) + 2 * headers + ENVELOPE_BYTES, limit
+        limit, shape = answering
+        headers = {**reply.headers, **call.response_headers}
+        if call.request_id is not None:
+            headers["X-Request-Id"] = call.request_id
+        status, raw = response_head(Reply(reply.body, reply.content_type, headers, reply.error))
+        answer = shape({"status": status, "headers": raw, "body": reply.body})
+        return len(json.dumps(answer).encode()), limit
 
     def _without_mapping(self, event: dict[str, Any]) -> dict[str, Any]:
         """An HTTP event with the path its API serves behind a custom domain's API mapping. An

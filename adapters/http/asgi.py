@@ -114,8 +114,16 @@ async def read_body(receive: Receive, content_length: str | None, limit: int,
 async def send_reply(send: Send, reply: Reply, *, head: bool = False) -> None:
     """A data-plane reply as an HTTP response: the error's status, its headers, the body
     (only its length for HEAD)."""
+    status, raw = response_head(reply)
+    await send({"type": "http.response.start", "status": status, "headers": raw})
+    await send({"type": "http.response.body", "body": b"" if head else reply.body})
+
+
+def response_head(reply: Reply) -> tuple[int, list[tuple[bytes, bytes]]]:
+    """The status and the ASGI headers `send_reply` answers `reply` with (a serverless
+    function measures its answer from them, as its platform will pass it on)."""
     headers = {**error_headers(reply.error), **reply.headers} if reply.error else reply.headers
-    await _send(send, status_of(reply.error), reply.body, reply.content_type, headers, head)
+    return status_of(reply.error), _head(reply.body, reply.content_type, headers)
 
 
 def _adding(send: Send, headers: dict[str, str]) -> Send:
@@ -137,10 +145,14 @@ async def _send_json(send: Send, status: int, content: Any,
 
 async def _send(send: Send, status: int, body: bytes, content_type: str,
                 headers: dict[str, str], head: bool = False) -> None:
-    raw = [(b"content-type", content_type.encode()), (b"content-length", str(len(body)).encode())]
-    raw += _raw(headers)
-    await send({"type": "http.response.start", "status": status, "headers": raw})
+    await send({"type": "http.response.start", "status": status,
+                "headers": _head(body, content_type, headers)})
     await send({"type": "http.response.body", "body": b"" if head else body})
+
+
+def _head(body: bytes, content_type: str, headers: dict[str, str]) -> list[tuple[bytes, bytes]]:
+    return [(b"content-type", content_type.encode()),
+            (b"content-length", str(len(body)).encode()), *_raw(headers)]
 
 
 def _raw(headers: dict[str, str]) -> list[tuple[bytes, bytes]]:
