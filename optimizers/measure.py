@@ -150,14 +150,19 @@ def _validate_rows(signature: Signature, arrays: dict[str, np.ndarray],
 
 
 def synthetic_eval(signature: Signature, rows: int = 64, seed: int = 0) -> EvalData:
-    """Normal floats (zeros for integer inputs) when no eval data is given."""
+    """Normal floats (zeros for integer and bool inputs, empty strings for text ones, as in
+    a bundle's generated golden sample) when no eval data is given."""
     rng = np.random.default_rng(seed)
     inputs = {}
     for spec in signature.inputs:
         shape = [rows if (axis == spec.batch_axis) else (d if d >= 0 else 1)
                  for axis, d in enumerate(spec.shape)]
-        inputs[spec.name] = rng.standard_normal(shape).astype(spec.np_dtype) \
-            if spec.dtype.startswith("float") else np.zeros(shape, spec.np_dtype)
+        if spec.dtype.startswith("float"):
+            inputs[spec.name] = rng.standard_normal(shape).astype(spec.np_dtype)
+        elif spec.dtype == "string":  # np.zeros of object would be the integer 0, not text
+            inputs[spec.name] = np.full(shape, "", dtype=object)
+        else:
+            inputs[spec.name] = np.zeros(shape, spec.np_dtype)
     return EvalData(inputs)
 
 
