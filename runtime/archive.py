@@ -142,9 +142,9 @@ def _members(archive: Path) -> Iterator[Iterator[_Member]]:
     """The entries of a zip or a tar (any compression); format errors become BundleError."""
     try:
         with archive.open("rb") as handle:
-            is_zip = handle.read(2) == b"PK"
-        opened = zipfile.ZipFile(archive) if is_zip else \
-            tarfile.open(archive, mode="r:*", tarinfo=_CheckedTarInfo)
+            head = handle.read(len(_XZ))
+        opened = zipfile.ZipFile(archive) if head.startswith(b"PK") else \
+            _open_tar(archive, head)
     except (*_CORRUPT, OSError) as exc:
         raise BundleError(f"{archive}: not a readable tar or zip archive ({exc})") from exc
     with opened:
@@ -156,6 +156,32 @@ def _members(archive: Path) -> Iterator[Iterator[_Member]]:
                 yield (_tar_member(opened, info) for info in opened)
         except _CORRUPT as exc:
             raise BundleError(f"{archive}: corrupt archive ({exc})") from exc
+
+
+_XZ = b"\xfd7zXZ\x00"
+#: The compressions tarfile reads, by their first bytes.
+_COMPRESSIONS = ((b"\x1f\x8b", "gz", "gzip"), (b"BZh", "bz2", "bzip2"), (_XZ, "xz", "xz"))
+
+
+def _open_tar(archive: Path, head: bytes) -> tarfile.TarFile:
+    """The tar, any compression. Where that fails, tarfile's error lists every compression it
+    tried, one line each ("- method gz: ReadError('not a gzip file')" ...), a message that
+    breaks a log line and buries its cause: the one line that counts is the failure of the
+    compression the first bytes name, else of a plain tar."""
+    try:
+        return tarfile.open(archive, mode="r:*", tarinfo=_CheckedTarInfo)
+    except tarfile.ReadError as exc:
+        if "\n" not in str(exc):
+            raise
+        compression, what = next(((mode, name) for magic, mode, name in _COMPRESSIONS
+                                  if head.startswith(magic)), ("", ""))
+        try:
+            tarfile.open(archive, mode=f"r:{compression}", tarinfo=_CheckedTarInfo).close()
+        except (*_CORRUPT, OSError) as specific:
+            where = f"read as a {what}-compressed tar" if what else \
+                "not zip, gzip, bzip2 or xz; read as a plain tar"
+            raise tarfile.ReadError(f"{where}: {specific}") from exc
+        raise tarfile.ReadError(" ".join(str(exc).split())) from exc
 
 
 _ZIP_LOCAL = struct.Struct("<4s22xHH")  # a local file header: signature ... name, extra lengths

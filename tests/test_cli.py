@@ -92,6 +92,25 @@ def test_errors_are_not_wrapped_to_the_terminal(tmp_path):
         assert len(result.stderr.strip().splitlines()) == 1, result.stderr
 
 
+def test_a_file_that_is_no_archive_is_refused_in_one_line_saying_why(tmp_path, mlp_file):
+    """tarfile's error for a file no compression reads lists each one it tried, a line each
+    ("- method gz: ReadError('not a gzip file')" ...): the model file given where its bundle
+    goes, the commonest slip, gave five lines of that."""
+    (tmp_path / "empty.tar.gz").write_bytes(b"")
+    (tmp_path / "bad.tar.gz").write_bytes(b"\x1f\x8b" + b"x" * 40)  # gzip's magic, no gzip
+    cases = {mlp_file: "not zip, gzip, bzip2 or xz; read as a plain tar: invalid header",
+             tmp_path / "empty.tar.gz": "not zip, gzip, bzip2 or xz; read as a plain tar: empty "
+                                        "file",
+             tmp_path / "bad.tar.gz": "read as a gzip-compressed tar: not a gzip file"}
+    for path, reason in cases.items():
+        for command in (("bundle", "verify", str(path)),
+                        ("bundle", "unpack", str(path), "-o", str(tmp_path / "out"))):
+            result = edgerun(*command)
+            assert result.returncode == 2, result.stderr
+            assert result.stderr.strip() == (f"error (bundle_error): {path}: not a readable tar "
+                                             f"or zip archive ({reason})"), result.stderr
+
+
 def test_create_archive_pack_and_unpack(tmp_path, mlp_file):
     archive = tmp_path / "mlp-1.tar.gz"
     assert edgerun("bundle", "create", str(mlp_file), "--name", "mlp", "--version", "1",
