@@ -259,6 +259,34 @@ def test_a_malformed_request_gets_a_request_id_and_a_json_error(server, malforme
     assert len(ids) == 2  # a fresh one each time
 
 
+@pytest.mark.parametrize("malformed", [b"NOT AN HTTP REQUEST\r\n\r\n", b"}"])
+def test_bytes_that_are_no_request_behind_pipelined_ones_are_refused_after_their_answers(
+        server, malformed):
+    """Whole requests, then bytes that are no request (pipelined; or a body longer than its
+    Content-Length, as a client counting characters of UTF-8 sends): the 400 was written as
+    soon as the bytes were read, ahead of the answers still owed, so the client read it as the
+    first request's answer, and the requests were withdrawn. They are answered, in order,
+    then the 400 and the close."""
+    labels = {"model": "mlp", "version": "1", "transport": "http"}
+    before = [metric(server, "edgerun_requests_total", **labels, outcome=outcome)
+              for outcome in ("ok", "cancelled")]
+    infer = request("POST", "/v2/models/mlp/infer", oip("x", [1, 8], [0] * 8))
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        sock.sendall(infer + request("GET", "/v2/health/live") + malformed)
+        head, body, rest = read_answer(sock)
+        assert head.startswith(b"HTTP/1.1 200"), head
+        assert json.loads(body)["outputs"][0]["shape"] == [1, 4]
+        head, body, rest = read_answer(sock, rest)
+        assert head.startswith(b"HTTP/1.1 200") and json.loads(body) == {"live": True}
+        head, body, rest = read_answer(sock, rest)
+        assert head.startswith(b"HTTP/1.1 400 "), head
+        assert json.loads(body) == {"error": "Invalid HTTP request received."}
+        assert rest == b"" and sock.recv(1 << 16) == b""  # and the connection closes
+    after = [metric(server, "edgerun_requests_total", **labels, outcome=outcome)
+             for outcome in ("ok", "cancelled")]
+    assert after == [before[0] + 1, before[1]]  # answered, nothing withdrawn
+
+
 def test_keep_alive_connection_serves_on_after_error_answers(server):
     asked = [(request("POST", "/v2/models/mlp/infer", b"{broken"), 400),
              (request("GET", "/nowhere"), 404),

@@ -10,7 +10,9 @@ only marks the request disconnected, so it would take its place in a forward pas
 The connection reads on while a request waits (uvicorn pauses reading behind a big body or a
 pipelined request), since a paused transport never sees the close.
 
-A request uvicorn cannot parse is answered as every other: a JSON error and an X-Request-Id.
+A request uvicorn cannot parse is answered as every other: a JSON error and an X-Request-Id;
+behind whole requests still to be answered (pipelined, or after a body longer than its
+Content-Length), only once they are, in order, so it is never read as their answer.
 A connection that sends nothing is closed after the keep-alive timeout, as an idle one is.
 A request head must be whole within `HEAD_TIMEOUT_S` (at most the keep-alive timeout) of its
 first byte, else it is answered 408 and the connection closes (nginx's client_header_timeout):
@@ -99,6 +101,8 @@ class OneSendProtocol(HttpToolsProtocol):
     #: Between a request's first byte and its whole head (no timer: it came in one read).
     in_head: bool = False
     head_timer: asyncio.TimerHandle | None = None
+    #: The 400 owed for bytes that are no request, once the requests before them are answered.
+    refused: str | None = None
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(_OneSendTransport(transport))  # type: ignore[arg-type]
@@ -115,6 +119,8 @@ class OneSendProtocol(HttpToolsProtocol):
     def data_received(self, data: bytes) -> None:
         """A head still incomplete after a read gets its deadline (one timer per such head;
         one that came whole, the usual case, costs none)."""
+        if self.refused is not None:  # past bytes the parser refused, nothing is read
+            return
         super().data_received(data)
         if self.in_head and self.head_timer is None and not self.transport.is_closing():
             self.head_timer = self.loop.call_later(
@@ -170,7 +176,16 @@ class OneSendProtocol(HttpToolsProtocol):
             self.flow.resume_reading()
 
     def send_400_response(self, msg: str) -> None:
-        """uvicorn's answer to bytes it cannot parse as a request (then it closes)."""
+        """uvicorn's answer to bytes it cannot parse as a request (then it closes). Behind
+        whole requests not yet answered, it waits for their answers: written at once, it came
+        first, read as the answer to the first of them, and the close withdrew them. Bytes
+        inside a request's body leave that request unanswerable: refused at once."""
+        cycle = self.cycle
+        if cycle is not None and not cycle.more_body and not cycle.response_complete:
+            self.refused = msg
+            self.in_head = False
+            self.cancel_head_timer()
+            return
         self.send_error(b"400 Bad Request", msg)
 
     def send_error(self, status: bytes, msg: str) -> None:
@@ -190,3 +205,6 @@ class OneSendProtocol(HttpToolsProtocol):
         if self.pipeline:  # the next one starts now (or never: the connection is closing)
             self.running = self.pipeline[-1][0]
         super().on_response_complete()
+        if self.refused is not None and self.cycle.response_complete \
+                and not self.transport.is_closing():  # the last whole request is answered
+            self.send_error(b"400 Bad Request", self.refused)
