@@ -498,6 +498,19 @@ def test_npz_round_trips(arrays):
         np.testing.assert_array_equal(back[name], array)
 
 
+def test_npz_answers_hold_outputs_named_as_np_savez_parameters():
+    """`np.savez(buffer, **outputs)` took the outputs' names as its keywords: an output named
+    `file` raised TypeError (every `.npz` answer of the model an internal error) and one named
+    `allow_pickle` was read as that flag and left out of the answer without a word."""
+    outputs = {"file": np.arange(3, dtype=np.float32), "allow_pickle": np.array([True, False]),
+               "y": np.ones((2, 2), np.int64)}
+    back = npz.decode(npz.encode(outputs))
+    assert back.keys() == outputs.keys()
+    for name, array in outputs.items():
+        assert back[name].dtype == array.dtype
+        np.testing.assert_array_equal(back[name], array)
+
+
 def test_npz_refuses_what_needs_pickle_or_is_not_npz():
     with pytest.raises(InvalidInput, match="no zip header"):
         npz.decode(b"\x93NUMPY not an archive")

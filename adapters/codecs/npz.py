@@ -53,6 +53,12 @@ def encode(arrays: dict[str, np.ndarray]) -> bytes:
         if array.dtype.kind == "O":
             raise InvalidInput(f"output {name!r} holds strings, which .npz cannot carry without "
                                "pickle; ask for OIP JSON instead", name)
+    # member by member, as np.savez writes them: savez takes the names as keyword arguments,
+    # so an output named `file` raised TypeError and one named `allow_pickle` was read as
+    # that flag and left out
     buffer = io.BytesIO()
-    np.savez(buffer, **arrays)
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_STORED, allowZip64=True) as archive:
+        for name, array in arrays.items():
+            with archive.open(f"{name}.npy", "w", force_zip64=True) as member:
+                np.lib.format.write_array(member, np.asanyarray(array), allow_pickle=False)
     return buffer.getvalue()
