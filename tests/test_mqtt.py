@@ -24,6 +24,7 @@ from edgerun.adapters.mqtt.config import Broker as BrokerURL
 from edgerun.adapters.mqtt.config import load_config
 from edgerun.adapters.mqtt.daemon import backoff
 from edgerun.adapters.mqtt.telemetry import quantile, temperature
+from edgerun.adapters.urls import redact
 from edgerun.examples import mlp_onnx
 from edgerun.runtime.errors import Unauthenticated
 from tests.cli import edgerun
@@ -362,6 +363,22 @@ def test_the_daemon_refuses_a_negative_poll_interval(tmp_path):
     assert result.returncode == 2 and "poll_interval must be" in result.stderr, result.stderr
 
 
+@pytest.mark.parametrize("url, problem", [
+    ("mqtt://u:secret@h:99999", "port 99999 is not between 1 and 65535"),
+    ("mqtt://h:0", "port 0 is not between 1 and 65535"),  # was taken for 1883
+    ("mqtt://h:abc", "port 'abc' is not a number"),
+    ("mqtt://[::1:1883", "Invalid IPv6 URL"),
+])
+def test_a_malformed_broker_url_is_refused_naming_it(tmp_path, url, problem):
+    """urllib's bare "Port out of range 0-65535" was all the daemon said: neither the setting
+    nor the URL (one of a device.toml's many values) was named."""
+    result = edgerun("daemon", "--repository", str(tmp_path), "--broker", url,
+                     "--device-id", "pi-1", timeout=60)
+    assert result.returncode == 2, result.stderr
+    assert f"broker URL {redact(url)!r}: {problem}" in result.stderr, result.stderr
+    assert "secret" not in result.stderr
+
+
 def test_a_group_named_as_the_device_is_refused(tmp_path):
     """The device's own subscription and the group's shared one then both matched every
     request to the device: each was answered twice (once only when it carried Correlation
@@ -487,6 +504,41 @@ def test_an_answer_over_the_brokers_maximum_packet_size_is_an_error_reply(tmp_pa
             assert outputs(answer).shape == (20, 3)
             requester.close()
             assert "disconnected from" not in daemon.output()
+    finally:
+        broker.stop()
+
+
+def test_an_answer_the_broker_refuses_is_logged_and_counted(tmp_path, repo):
+    """A broker whose ACL does not let the device write a request's Response Topic (the fleet's
+    ACL allows edgerun/<device>/replies/... alone) acknowledges the answer with "Not
+    authorized", and paho dropped it without a word: the requester waited for an answer that
+    the device's log and telemetry never said was lost."""
+    broker = Broker(tmp_path / "b")
+    acl = tmp_path / "acl"
+    acl.write_text("topic readwrite edgerun/#\ntopic read replies/#\n"
+                   "topic write replies/allowed/#\n")
+    broker.config.write_text(broker.config.read_text() + f"acl_file {acl}\n")
+    broker.start()
+    try:
+        with running_daemon(repo, broker, "acl", "--telemetry-interval", "0.3") as daemon:
+            requester = Requester(broker)  # its Response Topic: replies/<hex>, not writable
+            requester.send("edgerun/acl/infer/mlp", INFER_JSON, correlation=b"denied")
+            telemetry = wait_for_telemetry(
+                broker, "acl", lambda t: t["rejected"].get("refused_by_broker", 0) >= 1)
+            assert telemetry["rejected"]["refused_by_broker"] == 1
+            assert f"refused the message to {requester.reply_topic!r} (Not authorized)" in \
+                daemon.output()
+            # and a writable reply topic is answered on the same connection
+            requester.client.subscribe("replies/allowed/#", 1)
+            properties = Properties(PacketTypes.PUBLISH)
+            properties.ResponseTopic = "replies/allowed/1"
+            properties.CorrelationData = b"allowed"
+            requester.client.publish("edgerun/acl/infer/mlp", INFER_JSON, 1,
+                                     properties=properties)
+            requester.wait([b"allowed"], timeout=20)
+            assert outputs(requester.answers[b"allowed"][0][0]).shape == (1, 3)
+            assert b"denied" not in requester.answers
+            requester.close()
     finally:
         broker.stop()
 

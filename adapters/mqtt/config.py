@@ -40,16 +40,36 @@ class Broker:
 
     @classmethod
     def parse(cls, url: str) -> Broker:
-        parts = urlsplit(url if "://" in url else f"mqtt://{url}")
+        """The URL's parts; a ValueError naming the URL (password hidden) for a bad one:
+        urllib's own messages ("Port out of range 0-65535") named neither."""
+        try:
+            parts = urlsplit(url if "://" in url else f"mqtt://{url}")
+        except ValueError as exc:  # "Invalid IPv6 URL"
+            raise ValueError(f"broker URL {redact(url)!r}: {exc}") from None
         if parts.scheme not in ("mqtt", "mqtts"):
             raise ValueError(f"broker URL {redact(url)!r}: the scheme must be mqtt:// or "
                              "mqtts://")
         if not parts.hostname:
             raise ValueError(f"broker URL {redact(url)!r} names no host")
+        port = _port(url, parts.netloc.rpartition("@")[2].rpartition("]")[2])
         tls = parts.scheme == "mqtts"
-        return cls(parts.hostname, parts.port or (8883 if tls else 1883), tls,
+        return cls(parts.hostname, port or (8883 if tls else 1883), tls,
                    unquote(parts.username) if parts.username else None,
                    unquote(parts.password) if parts.password else None)
+
+
+def _port(url: str, host: str) -> int | None:
+    """The port `host` (the URL's host[:port]) names, or None; 0 is refused, not taken for
+    the default port as urllib's `port` let it be."""
+    text = host.rpartition(":")[2] if ":" in host else ""
+    if not text:
+        return None
+    if not text.isascii() or not text.isdigit():
+        raise ValueError(f"broker URL {redact(url)!r}: port {text!r} is not a number")
+    if not 1 <= int(text) <= 65535:
+        raise ValueError(f"broker URL {redact(url)!r}: port {int(text)} is not between 1 and "
+                         "65535")
+    return int(text)
 
 
 @dataclass(frozen=True)

@@ -317,6 +317,7 @@ class Daemon:
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
+        client.on_refused = self._on_refused
         client.on_socket_open = self._on_socket_open
         client.on_socket_close = self._on_socket_close
         client.on_socket_register_write = self._on_socket_register_write
@@ -469,6 +470,13 @@ class Daemon:
             return
         log.warning("disconnected from %s (%s); reconnecting", self._broker_shown, reason)
         self._retry()
+
+    def _on_refused(self, topic: str, reason: Any) -> None:
+        """The broker refused a message we published (an answer to a Response Topic its ACL
+        does not let this device write, say): the requester gets nothing, so say so here."""
+        log.warning("the broker refused the message to %r (%s); it is dropped", topic[:200],
+                    reason)
+        self._rejected.labels("refused_by_broker").inc()
 
     def _fall_back(self) -> None:
         old, self.v5 = self.client, False

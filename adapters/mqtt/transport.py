@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import socket
 import ssl
+from collections.abc import Callable
 from typing import Any
 
 import paho.mqtt
@@ -279,6 +280,11 @@ _NO_PROPERTIES = Properties(PacketTypes.PUBACK)
 class Client(mqtt.Client):
     """paho's client on a `BufferedSocket`, decoding the packets of the request path itself."""
 
+    #: Called with the topic and reason of each PUBLISH the broker acknowledged with a failure
+    #: (MQTT v5: an ACL that does not let this client write the topic, a quota): paho drops
+    #: those without a word.
+    on_refused: Callable[[str, ReasonCode], None] | None = None
+
     def honour_receive_maximum(self, properties: Any) -> None:
         """From a v5 CONNACK (in `on_connect`, before paho sends what it queued): keep at most
         the broker's Receive Maximum of QoS 1 and 2 PUBLISHes unacknowledged (65,535 when it
@@ -328,6 +334,15 @@ class Client(mqtt.Client):
         if qos == 1 and not self._manual_ack:
             return self._send_puback(mid)
         return mqtt.MQTTErrorCode.MQTT_ERR_SUCCESS
+
+    def _do_on_publish(self, mid: int, reason_code: ReasonCode, properties: Properties
+                       ) -> mqtt.MQTTErrorCode:
+        # called with _out_message_mutex held, the message still queued
+        if reason_code.is_failure and self.on_refused is not None:
+            message = self._out_messages.get(mid)
+            if message is not None:
+                self.on_refused(message.topic, reason_code)
+        return super()._do_on_publish(mid, reason_code, properties)
 
     def _handle_pubackcomp(self, cmd: Any) -> mqtt.MQTTErrorCode:
         packet = self._in_packet["packet"]
