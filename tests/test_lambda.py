@@ -14,6 +14,7 @@ import boto3
 import numpy as np
 import onnxruntime as ort
 import pytest
+from botocore.awsrequest import AWSResponse
 from botocore.stub import ANY, Stubber
 
 from edgerun.adapters.aws_lambda.destinations import (S3Destination, SqsDestination,
@@ -369,11 +370,11 @@ class Outcomes(Hook):
         self.seen.append("ok" if error is None else error.kind)
 
 
-def requests_counted(handler: LambdaHandler, outcome: str) -> float:
-    """edgerun_requests_total of model mlp over Lambda HTTP events with `outcome`, as the
-    function's own /metrics route shows it."""
+def requests_counted(handler: LambdaHandler, outcome: str, transport: str = "lambda") -> float:
+    """edgerun_requests_total of model mlp (version 1) over `transport` (Lambda HTTP events
+    unless named) with `outcome`, as the function's own /metrics route shows it."""
     text = handler(http_event("apigw_v2", "", "GET", "/metrics"), Context())["body"]
-    labels = f'model="mlp",version="1",transport="lambda",outcome="{outcome}"'
+    labels = f'model="mlp",version="1",transport="{transport}",outcome="{outcome}"'
     return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
                if line.startswith("edgerun_requests_total{") and labels in line)
 
@@ -412,10 +413,10 @@ class BusyPlane:
     def __getattr__(self, name: str):
         return getattr(self.plane, name)
 
-    async def infer_async(self, call, request):
+    async def infer_json_async(self, call, request, check=None):
         if call.model == "busy":
             raise Overloaded("the queue is full")
-        return await self.plane.infer_async(call, request)
+        return await self.plane.infer_json_async(call, request, check)
 
 
 def busy_handler(handler: LambdaHandler, **options) -> LambdaHandler:
@@ -849,6 +850,109 @@ def sent_batches(url: str, results: list[tuple[str, bytes]],
         assert SqsDestination(url, client).send(results) == set()
         stub.assert_no_pending_responses()
     return calls
+
+
+class FaithfulSqs:
+    """An SQS client whose SendMessageBatch is answered as SQS answers it, not as a test queued
+    the answers: a call whose entries come to more than 256 KiB (each body and each message
+    attribute's name, type and value, in UTF-8, as SQS counts a message) fails whole,
+    BatchRequestTooLong; any other call sends every entry, recorded with the size SQS counted."""
+
+    LIMIT = 256 * 1024
+
+    def __init__(self) -> None:
+        self.client = sqs_client("sqs")
+        self.sent: list[tuple[dict, int]] = []
+        self._entries: list[dict] = []
+        events = self.client.meta.events
+        events.register("before-parameter-build.sqs.SendMessageBatch", self._take)
+        events.register("before-call.sqs.SendMessageBatch", self._answer)
+
+    def _take(self, params: dict, **_) -> None:
+        self._entries = params["Entries"]
+
+    def _answer(self, **_) -> tuple[AWSResponse, dict]:
+        sizes = [len(entry["MessageBody"].encode()) + sum(
+            len(name.encode()) + len(value["DataType"].encode())
+            + len(value["StringValue"].encode())
+            for name, value in entry.get("MessageAttributes", {}).items())
+            for entry in self._entries]
+        if sum(sizes) > self.LIMIT:
+            return AWSResponse(None, 400, {}, None), {
+                "Error": {"Code": "AWS.SimpleQueueService.BatchRequestTooLong",
+                          "Message": f"Batch requests cannot be longer than {self.LIMIT} "
+                                     f"bytes. You have sent {sum(sizes)} bytes."},
+                "ResponseMetadata": {"HTTPStatusCode": 400}}
+        self.sent += zip(self._entries, sizes)
+        return AWSResponse(None, 200, {}, None), {"Successful": [
+            {"Id": entry["Id"], "MessageId": f"{len(self.sent)}-{entry['Id']}",
+             "MD5OfMessageBody": "x"} for entry in self._entries], "Failed": []}
+
+
+@pytest.mark.parametrize("kind", ["sqs", "kinesis"])
+def test_a_result_too_large_for_an_sqs_message_is_sent_as_its_error(wide_handler, kind):
+    """A result larger than one SQS message holds could never be sent: its record was a batch
+    item failure, delivered again and its model run again, until the queue's redrive policy
+    took it to the dead-letter queue (on a stream it held its shard back until it expired), and
+    its sender never learned why. Its error result, naming the size and the limit, is sent in
+    its place and counted as payload_too_large; a result exactly at the limit is sent as is."""
+    url = "https://sqs.us-east-1.amazonaws.com/123456789012/edgerun-results"
+    sqs = FaithfulSqs()
+    forward = LambdaHandler(wide_handler.plane, default_model="mlp",
+                            destination=SqsDestination(url, sqs.client))
+    small = [rows(2, seed=0), rows(2, seed=1)]
+
+    def run(n: int, ids: list[str]) -> tuple[dict, dict[str, tuple[dict, int]]]:
+        """The batch: a small request, one of n rows of zeros (each row of its answer the
+        model's bias, exactly, however it is batched) per id, another small request."""
+        bodies = [infer_body(small[0]), *(infer_body(np.zeros((n, 8), np.float32), id=i)
+                                          for i in ids), infer_body(small[1])]
+        event = sqs_event(bodies) if kind == "sqs" else \
+            kinesis_event([body.encode() for body in bodies])
+        sqs.sent.clear()
+        answer = forward(event, Context())
+        items = [r["messageId"] if kind == "sqs" else r["kinesis"]["sequenceNumber"]
+                 for r in event["Records"]]
+        sent = {entry["MessageAttributes"]["source-id"]["StringValue"]: (entry, size)
+                for entry, size in sqs.sent}
+        return answer, {item: sent[item] for item in items if item in sent}
+
+    def size(n: int) -> int:  # of the zeros' result with the id "p", as SQS counts it
+        answer, sent = run(n, ["p"])
+        assert answer == {"batchItemFailures": []}
+        return list(sent.values())[1][1]
+
+    limit = FaithfulSqs.LIMIT
+    n = 10 * (limit - 20_000) // size(10)  # a result some 20 KB under the limit
+    pad = limit - size(n)  # the id's characters, echoed in the result, up to the limit
+    assert 0 < pad < 40_000
+    outcomes = Outcomes()
+    hooks = wide_handler.plane.hooks.hooks
+    wide_handler.plane.hooks.add(outcomes)
+    try:
+        ok, too_large = (requests_counted(forward, outcome, kind)
+                         for outcome in ("ok", "payload_too_large"))
+        answer, sent = run(n, ["p" * (1 + pad), "p" * (2 + pad)])
+        assert answer == {"batchItemFailures": []}
+        assert outcomes.seen.count("payload_too_large") == 1
+        assert requests_counted(forward, "payload_too_large", kind) == too_large + 1
+        assert requests_counted(forward, "ok", kind) == ok + 3
+    finally:
+        wide_handler.plane.hooks.hooks = hooks
+    (first, _), (fits, fits_size), (error, error_size), (last, _) = sent.values()
+    for (entry, request) in ((first, small[0]), (last, small[1])):  # sent as they were
+        direct = forward(json.loads(infer_body(request)), Context())
+        np.testing.assert_allclose(outputs(entry["MessageBody"]),
+                                   np.array(direct["outputs"][0]["data"], np.float32)
+                                   .reshape(direct["outputs"][0]["shape"]), rtol=1e-5,
+                                   atol=1e-6)
+    assert fits_size == limit
+    result = json.loads(fits["MessageBody"])
+    assert result["id"] == "p" * (1 + pad) and result["outputs"][0]["shape"] == [n, 256]
+    message = json.loads(error["MessageBody"])["error"]
+    assert error_size < 1000
+    assert f"{limit + 1} bytes" in message and f"{limit}-byte" in message, message
+    assert "s3://" in message
 
 
 def test_results_go_on_to_s3(handler):

@@ -3,7 +3,8 @@
 boto3 comes with the Lambda Python runtime; elsewhere it is installed by hand. It is imported
 only when a destination is configured, and a missing boto3 is an error at init, not at the
 first batch. A result that cannot be sent makes its record a batch item failure, so the queue
-delivers it again: nothing is lost.
+delivers it again: nothing is lost. A result that could never be sent, larger than one SQS
+message holds, is its record's error instead (`Destination.too_large`), which is sent.
 """
 
 from __future__ import annotations
@@ -12,12 +13,16 @@ import hashlib
 import logging
 from typing import Any, Protocol
 
+from edgerun.runtime.errors import PayloadTooLarge
+
 log = logging.getLogger(__name__)
 
 SQS_BATCH = 10  # SendMessageBatch takes at most ten entries
 #: ... and at most this many bytes in all (bodies and attributes): 256 KiB, what every queue
 #: takes whatever its MaximumMessageSize; a larger result goes alone.
 SQS_BATCH_BYTES = 256 * 1024
+#: The most one message holds, its body and attributes (`message_size`) together: the same.
+SQS_MESSAGE_BYTES = SQS_BATCH_BYTES
 SOURCE_ID = "source-id"
 RESULTS_GROUP = "edgerun-results"  # a FIFO results queue's one message group
 
@@ -25,6 +30,10 @@ RESULTS_GROUP = "edgerun-results"  # a FIFO results queue's one message group
 class Destination(Protocol):
     def send(self, results: list[tuple[str, bytes]]) -> set[str]:
         """Send (item id, result JSON) pairs; returns the ids that could not be sent."""
+
+    def too_large(self, item_id: str, body: bytes) -> PayloadTooLarge | None:
+        """The error a result is in place of itself where it is too large for the destination
+        ever to take (sent, it would fail at every retry); None where it fits."""
 
 
 class SqsDestination:
@@ -66,6 +75,24 @@ class SqsDestination:
                 failed.add(item_id)
         return failed
 
+    def too_large(self, item_id: str, body: bytes) -> PayloadTooLarge | None:
+        """A result over SQS_MESSAGE_BYTES with its attributes: SQS refuses it at every try,
+        and only S3 takes it."""
+        size = message_size(item_id, body)
+        if size <= SQS_MESSAGE_BYTES:
+            return None
+        return PayloadTooLarge(
+            f"the result of {size} bytes (its body and message attributes) is over the "
+            f"{SQS_MESSAGE_BYTES}-byte limit of one message on the results queue "
+            f"{self.queue_url}; send fewer rows a request, or send results to S3 "
+            "(EDGERUN_RESULTS=s3://BUCKET/PREFIX/), which takes results of any size")
+
+
+def message_size(item_id: str, body: bytes) -> int:
+    """The bytes SQS counts of a result's message against its limits, one message's and one
+    SendMessageBatch call's: the body, and each message attribute's name, type and value."""
+    return len(body) + len(SOURCE_ID) + len("String") + len(item_id.encode())
+
 
 def _dedup_id(item_id: str) -> str:
     """A FIFO deduplication id: the record's id where SQS takes it (128 characters of letters,
@@ -82,7 +109,7 @@ def _chunks(results: list[tuple[str, bytes]]) -> list[list[tuple[str, bytes]]]:
     chunks: list[list[tuple[str, bytes]]] = []
     size = 0
     for item_id, body in results:
-        entry = len(body) + len(SOURCE_ID) + len("String") + len(item_id.encode())
+        entry = message_size(item_id, body)
         if not chunks or len(chunks[-1]) == SQS_BATCH or size + entry > SQS_BATCH_BYTES:
             chunks.append([])
             size = 0
@@ -111,6 +138,10 @@ class S3Destination:
                           exc)
                 failed.add(item_id)
         return failed
+
+    def too_large(self, item_id: str, body: bytes) -> PayloadTooLarge | None:
+        """Never: an S3 object takes up to 5 GB, more than Lambda holds in memory."""
+        return None
 
 
 def destination_from(uri: str, variable: str = "EDGERUN_RESULTS") -> Destination | None:

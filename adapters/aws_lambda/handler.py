@@ -13,7 +13,8 @@
   as few forward passes as it can; results are plain OIP v2 JSON; the answer names exactly the
   records that failed (`batchItemFailures`), and Lambda retries only those: the queue's
   redrive policy moves one that keeps failing, bad input at its last receive, to the
-  dead-letter queue, its body kept.
+  dead-letter queue, its body kept. A result its destination could never take (larger than an
+  SQS message holds) is not a failure: its error is sent as its result, in every kind of batch.
 - Ordered batches, an SQS FIFO queue's and a Kinesis stream's, keep their order instead: their
   records are done one after another (a stream's STREAM_WINDOW at a time), their results sent
   on before the next are run, and the first that fails with a retryable error (or whose result
@@ -297,13 +298,37 @@ class LambdaHandler:
             if request is None:  # decoded again by the data plane, which answers and counts it
                 reply = await self.plane.handle_async(record.call)
                 return reply.body, reply.error
+            refused: list[EdgerunError] = []
+
+            def fits(body: bytes) -> None:
+                assert self.destination is not None
+                error = self.destination.too_large(record.item_id, body)
+                if error is not None:
+                    refused.append(error)
+                    raise error
+
             try:  # the answer too: an output JSON cannot carry is this record's failure
-                return (await self.plane.infer_async(record.call, request)).json(), None
+                return await self.plane.infer_json_async(
+                    record.call, request, None if self.destination is None else fits), None
             except EdgerunError as exc:
+                if refused and exc is refused[0]:
+                    return self._result_too_large(record, exc), None
                 return b"", exc
 
         return list(await asyncio.gather(*(answer(record, request)
                                            for record, request in zip(records, decoded))))
+
+    @staticmethod
+    def _result_too_large(record: Record, error: EdgerunError) -> bytes:
+        """The result a record gets in place of one its destination could never take (larger
+        than an SQS message holds): its error, as the OIP error JSON, which is sent. Reported
+        instead, the record was delivered again and its model run again at every receive, to
+        fail the same way, until the dead-letter queue took it (or, on a stream or in a FIFO
+        message group, it held back every record after it until it expired), and its sender
+        never learned why. The data plane counted the call as payload_too_large."""
+        assert record.call is not None
+        _log_failure(record.call.transport, record, error, retried=False)
+        return oip.encode_error(str(error))
 
     # ------------------------------------------------------------------- direct
     def _direct(self, event: dict[str, Any], context: Any) -> dict[str, Any]:

@@ -7,7 +7,8 @@ Adapters only translate their transport to a `Call` and a `Reply` back: HTTP map
 error to a status code, MQTT to an error message, Lambda to `batchItemFailures`. `handle` is for
 callers on plain threads (paho-mqtt callbacks, Lambda handlers) and blocks; `handle_async` is
 for callers on an event loop and never blocks it. Transports with their own tensor encoding
-(gRPC) call `infer`/`infer_async` with a decoded request and get arrays back.
+(gRPC) call `infer`/`infer_async` with a decoded request and get arrays back; Lambda's queue
+records call `infer_json_async` for their result as JSON.
 """
 
 from __future__ import annotations
@@ -53,6 +54,9 @@ BodyReader = Callable[[], Awaitable[bytes]]
 #: What a transport passes on of a call's reply: None where it sets no limit, else the bytes it
 #: would send for the reply and the most it passes on (see `DataPlane.limit_answers`).
 AnswerLimit = Callable[[Call, Reply], "tuple[int, int] | None"]
+#: What a transport checks of a result it passes on as JSON (see `DataPlane.infer_json_async`):
+#: it raises the error the call gets instead (PayloadTooLarge, a result its destination refuses).
+ResultCheck = Callable[[bytes], None]
 PLATFORMS = {"onnxruntime": "onnxruntime_onnx", "tflite": "tensorflow_lite", "tvm": "tvm"}
 #: Inference bodies from this size up are decoded, and their answers encoded, on a worker
 #: thread: a 60 MB JSON body takes seconds to read, and on the event loop every other caller,
@@ -215,13 +219,30 @@ class DataPlane:
         is awaited only once the hooks let the call through and it is routed; the call's
         `timeout` is read after it, so it may leave there the budget its decoding left."""
         with self._admitted(call) as routed:
-            if callable(request):
-                request = request()
-                if not isinstance(request, oip.InferRequest):
-                    request = await request
-            oip.check_outputs(request, routed.signature)
-            outputs = await routed.run_async(request.inputs,
-                                             self._timeout(call, request.timeout_us))
+            return await self._run_async(call, request, routed)
+
+    async def infer_json_async(self, call: Call,
+                               request: oip.InferRequest | Decoder | AsyncDecoder,
+                               check: ResultCheck | None = None) -> bytes:
+        """`infer_async`'s answer as the OIP response all in JSON (`InferResult.json`), for a
+        transport that passes results on as messages (Lambda's queue records). It is encoded,
+        and `check`ed, while the call is handled: an output JSON cannot carry, or a result its
+        transport refuses (one larger than a message holds), is the call's error, which the
+        hooks' after-step and the metrics see, not an `ok` whose result never went."""
+        with self._admitted(call) as routed:
+            body = (await self._run_async(call, request, routed)).json()
+            if check is not None:
+                check(body)
+        return body
+
+    async def _run_async(self, call: Call, request: oip.InferRequest | Decoder | AsyncDecoder,
+                         routed: Routed) -> InferResult:
+        if callable(request):
+            request = request()
+            if not isinstance(request, oip.InferRequest):
+                request = await request
+        oip.check_outputs(request, routed.signature)
+        outputs = await routed.run_async(request.inputs, self._timeout(call, request.timeout_us))
         return _result(call, request, routed.version, outputs)
 
     @contextmanager
