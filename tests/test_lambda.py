@@ -955,6 +955,36 @@ def test_a_result_too_large_for_an_sqs_message_is_sent_as_its_error(wide_handler
     assert "s3://" in message
 
 
+def test_a_results_queue_of_larger_messages_takes_larger_results(bundle_archive):
+    """SQS messages may hold up to 1 MiB since 2025 (MaximumMessageSize; the template's results
+    queue is made so): with EDGERUN_RESULTS_MAX_BYTES saying so, a 600 KB result is sent, in a
+    call of its own, where the 256 KiB default every queue takes makes it its error; a result
+    over the queue's limit is still its error, naming that limit. A bad value fails init."""
+    url = "https://sqs.us-east-1.amazonaws.com/123456789012/edgerun-results"
+    body = json.dumps({"outputs": [{"name": "y", "data": [0.1234567] * 60_000}]}).encode()
+    assert 600_000 < len(body) < 700_000
+    assert "262144-byte" in str(SqsDestination(url, None).too_large("m-0", body))
+    large = SqsDestination(url, None, max_bytes=1024 * 1024)
+    assert large.too_large("m-0", body) is None
+    assert "1048576-byte" in str(large.too_large("m-0", body * 2))
+    client = sqs_client("sqs")
+    calls: list[list[dict]] = []
+    with Stubber(client) as stub:
+        for _ in range(2):
+            stub.add_response("send_message_batch", {"Successful": [
+                {"Id": "0", "MessageId": "0", "MD5OfMessageBody": "x"}], "Failed": []})
+        client.meta.events.register("before-parameter-build.sqs.SendMessageBatch",
+                                    lambda params, **_: calls.append(params["Entries"]))
+        assert SqsDestination(url, client, max_bytes=1024 * 1024).send(
+            [("m-0", body), ("m-1", body)]) == set()
+        stub.assert_no_pending_responses()
+    assert [len(call) for call in calls] == [1, 1]  # 1 MiB a call at most
+    for bad in ("lots", "1000", "2097152"):
+        with pytest.raises(ValueError, match=f"EDGERUN_RESULTS_MAX_BYTES='{bad}'.*1048576"):
+            from_environment({"EDGERUN_MODEL": str(bundle_archive),
+                              "EDGERUN_RESULTS_MAX_BYTES": bad})
+
+
 def test_results_go_on_to_s3(handler):
     client = sqs_client("s3")
     forward = LambdaHandler(handler.plane, default_model="mlp",

@@ -18,11 +18,12 @@ from edgerun.runtime.errors import PayloadTooLarge
 log = logging.getLogger(__name__)
 
 SQS_BATCH = 10  # SendMessageBatch takes at most ten entries
-#: ... and at most this many bytes in all (bodies and attributes): 256 KiB, what every queue
-#: takes whatever its MaximumMessageSize; a larger result goes alone.
-SQS_BATCH_BYTES = 256 * 1024
-#: The most one message holds, its body and attributes (`message_size`) together: the same.
-SQS_MESSAGE_BYTES = SQS_BATCH_BYTES
+#: The most one message holds, its body and attributes (`message_size`) together, unless told
+#: the queue's MaximumMessageSize: 256 KiB, what every queue takes (a queue's default, and the
+#: most any took before 2025's raise to 1 MiB). A SendMessageBatch call carries at most this
+#: much in all too (never over the call's own 1 MiB); a larger result goes alone.
+SQS_MESSAGE_BYTES = 256 * 1024
+SQS_MAX_MESSAGE_BYTES = 1024 * 1024  # the largest MaximumMessageSize SQS allows
 SOURCE_ID = "source-id"
 RESULTS_GROUP = "edgerun-results"  # a FIFO results queue's one message group
 
@@ -45,14 +46,16 @@ class SqsDestination:
     within SQS's five-minute window.
     """
 
-    def __init__(self, queue_url: str, client: Any) -> None:
+    def __init__(self, queue_url: str, client: Any,
+                 max_bytes: int = SQS_MESSAGE_BYTES) -> None:
         self.queue_url = queue_url
         self.client = client
         self.fifo = queue_url.endswith(".fifo")
+        self.max_bytes = max_bytes  # the queue's MaximumMessageSize, where told
 
     def send(self, results: list[tuple[str, bytes]]) -> set[str]:
         failed: set[str] = set()
-        for chunk in _chunks(results):
+        for chunk in _chunks(results, self.max_bytes):
             entries = [{"Id": str(i), "MessageBody": body.decode(),
                         "MessageAttributes": {SOURCE_ID: {"DataType": "String",
                                                           "StringValue": item_id}}}
@@ -76,16 +79,17 @@ class SqsDestination:
         return failed
 
     def too_large(self, item_id: str, body: bytes) -> PayloadTooLarge | None:
-        """A result over SQS_MESSAGE_BYTES with its attributes: SQS refuses it at every try,
-        and only S3 takes it."""
+        """A result over `max_bytes` with its attributes: SQS refuses it at every try, and
+        only S3 (or a queue that takes larger messages) takes it."""
         size = message_size(item_id, body)
-        if size <= SQS_MESSAGE_BYTES:
+        if size <= self.max_bytes:
             return None
         return PayloadTooLarge(
             f"the result of {size} bytes (its body and message attributes) is over the "
-            f"{SQS_MESSAGE_BYTES}-byte limit of one message on the results queue "
-            f"{self.queue_url}; send fewer rows a request, or send results to S3 "
-            "(EDGERUN_RESULTS=s3://BUCKET/PREFIX/), which takes results of any size")
+            f"{self.max_bytes}-byte limit of one message on the results queue "
+            f"{self.queue_url}; send fewer rows a request, raise the queue's "
+            "MaximumMessageSize (up to 1 MiB) and EDGERUN_RESULTS_MAX_BYTES with it, or send "
+            "results to S3 (EDGERUN_RESULTS=s3://BUCKET/PREFIX/), which takes any size")
 
 
 def message_size(item_id: str, body: bytes) -> int:
@@ -102,15 +106,16 @@ def _dedup_id(item_id: str) -> str:
     return hashlib.sha256(item_id.encode()).hexdigest()
 
 
-def _chunks(results: list[tuple[str, bytes]]) -> list[list[tuple[str, bytes]]]:
-    """Results in order, as SendMessageBatch calls SQS takes: ten entries, 256 KiB in all.
+def _chunks(results: list[tuple[str, bytes]],
+            max_bytes: int = SQS_MESSAGE_BYTES) -> list[list[tuple[str, bytes]]]:
+    """Results in order, as SendMessageBatch calls SQS takes: ten entries, `max_bytes` in all.
     A call over the size limit fails whole (BatchRequestTooLong), and the same results would
     fail again at every retry until the queue gives the records up to its dead letters."""
     chunks: list[list[tuple[str, bytes]]] = []
     size = 0
     for item_id, body in results:
         entry = message_size(item_id, body)
-        if not chunks or len(chunks[-1]) == SQS_BATCH or size + entry > SQS_BATCH_BYTES:
+        if not chunks or len(chunks[-1]) == SQS_BATCH or size + entry > max_bytes:
             chunks.append([])
             size = 0
         chunks[-1].append((item_id, body))
@@ -144,8 +149,10 @@ class S3Destination:
         return None
 
 
-def destination_from(uri: str, variable: str = "EDGERUN_RESULTS") -> Destination | None:
-    """`s3://bucket/prefix/` or an SQS queue URL (`https://sqs.<region>.amazonaws.com/...`)."""
+def destination_from(uri: str, variable: str = "EDGERUN_RESULTS",
+                     max_bytes: int = SQS_MESSAGE_BYTES) -> Destination | None:
+    """`s3://bucket/prefix/` or an SQS queue URL (`https://sqs.<region>.amazonaws.com/...`),
+    whose messages hold `max_bytes` (its MaximumMessageSize)."""
     if not uri:
         return None
     if uri.startswith("s3://"):
@@ -154,7 +161,7 @@ def destination_from(uri: str, variable: str = "EDGERUN_RESULTS") -> Destination
             raise ValueError(f"{variable}={uri!r}: an S3 destination needs a bucket")
         return S3Destination(bucket, prefix, _client(variable, uri, "s3"))
     if uri.startswith("https://sqs.") or uri.startswith("https://queue.amazonaws.com/"):
-        return SqsDestination(uri, _client(variable, uri, "sqs"))
+        return SqsDestination(uri, _client(variable, uri, "sqs"), max_bytes)
     raise ValueError(f"{variable}={uri!r}: expected s3://BUCKET/PREFIX or an SQS queue URL "
                      "(https://sqs.REGION.amazonaws.com/ACCOUNT/QUEUE)")
 

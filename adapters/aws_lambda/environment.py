@@ -3,6 +3,8 @@
     EDGERUN_MODEL         bundle folder or .tar.gz in the package or a layer, or s3://BUCKET/KEY
     EDGERUN_MODEL_SHA256  the archive's sha256 (required with s3://)
     EDGERUN_RESULTS       optional: SQS queue URL or s3://BUCKET/PREFIX for batch results
+    EDGERUN_RESULTS_MAX_BYTES  optional: the results queue's MaximumMessageSize (default
+                          262144, what every queue takes; at most 1048576)
     EDGERUN_BASE_PATH     optional: the API mapping key (`models`) of a custom domain the HTTP
                           API is reached through, taken off the front of request paths
     AWS_LAMBDA_FUNCTION_MEMORY_SIZE   set by Lambda; sizes ONNX Runtime's threads
@@ -26,7 +28,8 @@ import time
 from collections.abc import Mapping
 from pathlib import Path
 
-from edgerun.adapters.aws_lambda.destinations import destination_from
+from edgerun.adapters.aws_lambda.destinations import (SQS_MAX_MESSAGE_BYTES, SQS_MESSAGE_BYTES,
+                                                      destination_from)
 from edgerun.adapters.aws_lambda.handler import LambdaHandler
 from edgerun.adapters.aws_lambda.model_location import DEFAULT_CACHE, SHA256_VARIABLE, locate
 from edgerun.adapters.dataplane import DataPlane
@@ -76,7 +79,8 @@ def from_environment(environ: Mapping[str, str] | None = None, *,
                                       config=ModelConfig(batching=BATCHING))
     loaded = time.perf_counter()
     handler = LambdaHandler(DataPlane(repository), default_model=source.name,
-                            destination=destination_from(environ.get("EDGERUN_RESULTS", "")),
+                            destination=destination_from(environ.get("EDGERUN_RESULTS", ""),
+                                                         max_bytes=_results_max_bytes(environ)),
                             base_path=environ.get("EDGERUN_BASE_PATH", ""))
     served = repository.get(source.name)
     line = {"message": "edgerun init", "model": source.name, "version": served.version,
@@ -89,3 +93,16 @@ def from_environment(environ: Mapping[str, str] | None = None, *,
     sys.stdout.write(json.dumps(line) + "\n")
     sys.stdout.flush()
     return handler
+
+
+def _results_max_bytes(environ: Mapping[str, str]) -> int:
+    """EDGERUN_RESULTS_MAX_BYTES, the results queue's MaximumMessageSize: results up to it are
+    sent, a larger one is its record's error. A bad value fails init naming it."""
+    text = environ.get("EDGERUN_RESULTS_MAX_BYTES", "").strip()
+    if not text:
+        return SQS_MESSAGE_BYTES
+    if not (text.isascii() and text.isdigit()) or not 1024 <= int(text) <= SQS_MAX_MESSAGE_BYTES:
+        raise ValueError(f"EDGERUN_RESULTS_MAX_BYTES={text!r}: expected the results queue's "
+                         f"MaximumMessageSize, a number of bytes from 1024 to "
+                         f"{SQS_MAX_MESSAGE_BYTES}")
+    return int(text)
