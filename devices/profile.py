@@ -158,6 +158,9 @@ def load_profile(name_or_path: str | Path | DeviceProfile | None = None) -> Devi
             data = tomllib.load(handle)
         except tomllib.TOMLDecodeError as exc:  # "Invalid value (at line 2)": of which file?
             raise ValueError(f"device profile {path}: {exc}") from None
+        except UnicodeDecodeError as exc:  # tomllib decodes the whole file first
+            raise ValueError(f"device profile {path}: not UTF-8 text, as TOML must be "
+                             f"({exc.reason} at byte {exc.start})") from None
     known = {f.name for f in fields(DeviceProfile)}
     unknown = sorted(set(data) - known)
     if unknown:

@@ -31,6 +31,8 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from edgerun.optimizers.onnx_graph import weights_not_inputs
+
 log = logging.getLogger(__name__)
 
 #: float16's largest finite value.
@@ -130,8 +132,8 @@ def prepare(model: onnx.ModelProto) -> None:
     touches: two unnamed nodes reading one input would get two Casts of one name, a model ONNX
     Runtime refuses), and turn Constant `value_float(s)` into tensors, which the converter
     converts (a float attribute it leaves float32 under a value it declares float16). Weights
-    also declared graph inputs stop being inputs (`_weights_not_inputs`)."""
-    _weights_not_inputs(model)
+    also declared graph inputs stop being inputs (`weights_not_inputs`)."""
+    weights_not_inputs(model)
     every = [(i, node) for graph in graphs(model.graph) for i, node in enumerate(graph.node)]
     given = {node.name for _, node in every if node.name}
     taken: set[str] = set()
@@ -145,21 +147,6 @@ def prepare(model: onnx.ModelProto) -> None:
         if node.op_type == "Constant":
             _constant_as_tensor(node)
     _read_outputs_through_identity(model.graph, taken)
-
-
-def _weights_not_inputs(model: onnx.ModelProto) -> None:
-    """Initializers that are also graph inputs (IR 3 required it; older exporters and the ONNX
-    model zoo's CNNs still do it) become plain initializers: the converter retypes such a
-    weight float16 but leaves the input that declares it float32, a model ONNX Runtime
-    refuses to load. No caller could feed them: a bundle's signature (ONNX Runtime's inputs)
-    never lists them."""
-    weights = {init.name for init in model.graph.initializer}
-    inputs = [value for value in model.graph.input if value.name not in weights]
-    if len(inputs) == len(model.graph.input):
-        return
-    del model.graph.input[:]
-    model.graph.input.extend(inputs)
-    model.ir_version = max(model.ir_version, 4)  # from IR 4 on, initializers need no input
 
 
 def _read_outputs_through_identity(graph: onnx.GraphProto, taken: set[str]) -> None:

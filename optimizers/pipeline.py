@@ -9,7 +9,6 @@ result that gives inf or NaN where the original's outputs are finite is refused.
 from __future__ import annotations
 
 import dataclasses
-import os
 import shutil
 import statistics
 import tempfile
@@ -25,7 +24,8 @@ from edgerun.devices import DeviceProfile, load_profile
 from edgerun.optimizers import fp16, measure
 from edgerun.optimizers.errors import OptimizeError
 from edgerun.optimizers.prune import PruneReport, prune_structured, prune_unstructured
-from edgerun.optimizers.quantize import Calibration, kept_float32, load_onnx, quantize
+from edgerun.optimizers.quantize import (Calibration, check_options, kept_float32, load_onnx,
+                                         quantize)
 from edgerun.runtime import Bundle, Model, archive, create_bundle, staging
 from edgerun.runtime.bundle import (check_name, check_version, read_manifest, sha256_file,
                                     write_manifest)
@@ -117,10 +117,13 @@ def optimize(model_path: str | Path, output: str | Path,
         raise OptimizeError(f"tune_trials {options.tune_trials}: the number of tuning trials "
                             "is 0 (no tuning) or more")
     precision = options.quantize or profile.precision
-    if options.strict_fp16 and precision != "fp16":
-        raise OptimizeError(f"strict fp16 applies to fp16 only, not {precision}")
+    check_options(precision, calibration=options.calibration, per_channel=options.per_channel,
+                  strict=options.strict_fp16)
     name = options.name or model_path.stem
     check_name(name), check_version(options.version)  # before the work, not at its end
+    why = staging.unwritable(output)  # not an errno of a hidden folder, after all the work
+    if why:
+        raise OptimizeError(f"{output}: the output cannot be written there: {why}")
     # runs killed by a signal (SIGKILL, the OOM killer) left their temporaries beside the
     # output, each as large as a bundle: removed before this run needs the room
     staging.sweep(output.parent)
@@ -286,20 +289,16 @@ def _fp16_culprit(reference: Path, converted: Path, data: measure.EvalData,
 
 def _deliver(folder: Path, output: Path) -> None:
     """Pack the finished bundle into the archive `output`, or move it to the folder `output`
-    (which is absent or empty: `optimize` checked). Both are written under a hidden name
-    beside `output` and renamed into place, so an interrupted pack or a move across
-    filesystems (a copy) leaves no partial `output` that a rerun would refuse. The hidden
-    folder is a staging one: one a kill left is removed by the next run's sweep."""
-    output.parent.mkdir(parents=True, exist_ok=True)
-    with staging.staged(output.parent, output.name) as hidden:  # removed if not renamed
-        temporary = hidden / output.name
+    (which is absent or empty: `optimize` checked), through `staging.replacing`: an
+    interrupted pack or a move across filesystems (a copy) leaves no partial `output` that a
+    rerun would refuse, and what a kill left is removed by the next run's sweep."""
+    with staging.replacing(output) as temporary:  # removed if not renamed
         if archive.is_archive_name(output.name):
             archive.pack(folder, temporary)  # the same suffix: the same format
         else:
+            # a folder replaces only an empty one: fails, rather than merging, if something
+            # appeared there meanwhile
             shutil.move(str(folder), str(temporary))
-        # a folder replaces only an empty one: fails, rather than merging, if something
-        # appeared there meanwhile
-        os.replace(temporary, output)
 
 
 def _measure(bundles: tuple[Bundle, ...], profile: DeviceProfile, data: measure.EvalData,

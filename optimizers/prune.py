@@ -18,6 +18,7 @@ from onnx import numpy_helper
 
 from edgerun.optimizers.errors import OptimizeError
 from edgerun.optimizers.fp16 import subgraph_reads
+from edgerun.optimizers.onnx_graph import weights_not_inputs
 
 LAYER_OPS = ("Conv", "Gemm", "MatMul")
 #: One output per input element: channels pass through unchanged.
@@ -127,7 +128,6 @@ class _Graph:
     def __init__(self, model: onnx.ModelProto) -> None:
         self.model = model
         self.inits = {init.name: init for init in model.graph.initializer}
-        self.graph_inputs = {i.name for i in model.graph.input}
         self.graph_outputs = {o.name for o in model.graph.output}
         self.consumers: dict[str, list[onnx.NodeProto]] = {}
         self.uses: dict[str, int] = {}
@@ -154,8 +154,6 @@ class _Graph:
                            f"of node {_label(body)}")
         if self.uses.get(name, 0) > 1:
             raise _Blocked(f"node {_label(node)}: initializer {name!r} is shared with other nodes")
-        if name in self.graph_inputs:
-            raise _Blocked(f"node {_label(node)}: initializer {name!r} is also a graph input")
         return self.array(name)
 
 
@@ -295,11 +293,14 @@ def prune_structured(model: onnx.ModelProto, ratio: float, *, norm: str = "l1") 
     """Remove the `ratio` fraction of output channels with the smallest weight norm from every
     Conv/Gemm/MatMul layer whose outputs only reach other layers, in place.
 
-    OptimizeError when no layer can be pruned, naming the node that blocks each one.
+    OptimizeError when no layer can be pruned, naming the node that blocks each one. Weights
+    also declared graph inputs (IR 3 exports) stop being inputs: their declared shapes would
+    no longer fit them.
     """
     _check_ratio(ratio)
     if norm not in ("l1", "l2"):
         raise OptimizeError(f"norm {norm!r}: choose l1 or l2")
+    weights_not_inputs(model)
     before = _param_count(model)
     layers, skipped = [], []
     candidates = [node for node in model.graph.node

@@ -491,6 +491,19 @@ def _culprit(model: onnx.ModelProto, reason: str) -> str:
     return ""
 
 
+def check_options(precision: str, *, calibration: Calibration | None = None,
+                  per_channel: bool = False, strict: bool = False) -> None:
+    """OptimizeError when the options do not go together: `optimize` checks them before any
+    work (bundling the original, pruning), not when it gets to quantizing."""
+    if precision not in PRECISIONS:
+        raise OptimizeError(f"precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
+    if precision != "int8" and (calibration is not None or per_channel):
+        raise OptimizeError(f"calibration data and --per-channel apply to int8 only, "
+                            f"not {precision}")
+    if precision != "fp16" and strict:
+        raise OptimizeError(f"strict fp16 applies to fp16 only, not {precision}")
+
+
 def quantize(model_path: Path, out_path: Path, precision: str, *,
              calibration: Calibration | None = None, per_channel: bool = False,
              feeds: list[dict[str, np.ndarray]] | None = None, strict: bool = False
@@ -501,13 +514,7 @@ def quantize(model_path: Path, out_path: Path, precision: str, *,
     refuses a model float16 cannot hold rather than keeping parts of it float32 (see
     `convert_fp16`). Returns the manifest tag, or None for fp32 (nothing written).
     """
-    if precision not in PRECISIONS:
-        raise OptimizeError(f"precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
-    if precision != "int8" and (calibration is not None or per_channel):
-        raise OptimizeError(f"calibration data and --per-channel apply to int8 only, "
-                            f"not {precision}")
-    if precision != "fp16" and strict:
-        raise OptimizeError(f"strict fp16 applies to fp16 only, not {precision}")
+    check_options(precision, calibration=calibration, per_channel=per_channel, strict=strict)
     if precision == "fp32":
         return None
     if precision == "fp16":

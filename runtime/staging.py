@@ -86,6 +86,40 @@ def staged(parent: Path, name: str = "") -> Iterator[Path]:
         discard(path)
 
 
+@contextmanager
+def replacing(target: Path) -> Iterator[Path]:
+    """Where to write `target` (a file, or a folder) so that it appears whole or not at all: a
+    path in a staging folder beside it, renamed onto `target` when the block completes. That
+    replaces a file there (as `tar -cf` would, but never with half an archive) or an empty
+    folder, never one with files in it. What the block leaves goes with its staging folder,
+    also on error or Ctrl-C; what a killed process left there is swept first. Missing parent
+    folders are made."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    sweep(target.parent)
+    with staged(target.parent, target.name) as hidden:
+        temporary = hidden / target.name
+        yield temporary
+        os.replace(temporary, target)
+
+
+def unwritable(target: Path) -> str | None:
+    """Why `replacing(target)` would fail to stage beside `target` (a file in the way of its
+    folder, no permission, a read-only filesystem), or None: checked before long work, whose
+    end would otherwise be an errno naming a hidden staging folder. The nearest folder that
+    exists is tried for real (a folder staged there and removed): `access()` says yes to root
+    where the filesystem still refuses (/proc, say)."""
+    target = Path(target).absolute()
+    existing = next(p for p in target.parents if p.exists() or p.is_symlink())
+    if not existing.is_dir():
+        return f"{existing} is not a folder"
+    try:
+        discard(reserve(existing))
+    except OSError as exc:
+        return f"{existing} cannot be written ({exc.strerror or exc})"
+    return None
+
+
 def sweep(parent: Path) -> list[Path]:
     """Remove the staging folders in `parent` that no process holds; the ones removed."""
     try:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -120,6 +121,81 @@ def test_create_archive_pack_and_unpack(tmp_path, mlp_file):
     repacked = edgerun("bundle", "pack", str(tmp_path / "u"), "-o", str(tmp_path / "r.tar.gz"))
     assert repacked.returncode == 0
     assert (tmp_path / "r.tar.gz").read_bytes() == archive.read_bytes()
+
+
+def file_size_limited(limit: int) -> Callable[[], None]:
+    """A child whose files cannot grow past `limit` bytes: its write past that fails (EFBIG,
+    as ENOSPC would on a full disk) midway."""
+    import resource
+
+    return lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+
+@pytest.mark.parametrize("command", ["create", "pack", "sign"])
+def test_an_archive_write_that_fails_midway_leaves_the_old_archive_whole(tmp_path, command):
+    """`bundle create/pack -o x.tar.gz` wrote the archive in place: a write that failed or
+    was interrupted midway left a truncated archive under its name, in place of the good one
+    there; `bundle sign` left its half-written `.tmp-x.tar.gz` beside it for good. The limit
+    lies above every file but the archive (model ~410 KB, golden ~390 KB, archive ~745 KB)."""
+    from edgerun.runtime import Bundle
+    from tests.cli import edgerun_command
+    from tests.staging_peer import held_elsewhere
+
+    model, golden = tmp_path / "m.onnx", tmp_path / "golden.npy"
+    model.write_bytes(mlp_onnx([16, 4096, 8]))
+    np.save(golden, np.random.default_rng(0).standard_normal((4096, 16)).astype(np.float32))
+    made = ["bundle", "create", str(model), "--name", "m", "--version", "1",
+            "--golden-input", str(golden)]
+    assert edgerun(*made, "-o", str(tmp_path / "b")).returncode == 0
+    assert edgerun("keys", "generate", "-o", str(tmp_path / "keys")).returncode == 0
+    out = tmp_path / "out"
+    out.mkdir()
+    target = out / "m.tar.gz"
+    assert edgerun("bundle", "pack", str(tmp_path / "b"), "-o", str(target)).returncode == 0
+    good = target.read_bytes()
+    args = {"create": [*made, "-o", str(target)],
+            "pack": ["bundle", "pack", str(tmp_path / "b"), "-o", str(target)],
+            "sign": ["bundle", "sign", str(target), "--key", str(tmp_path / "keys" / "fleet.key")]
+            }[command]
+    failed = subprocess.run([*edgerun_command(), *args], capture_output=True, text=True,
+                            timeout=300, preexec_fn=file_size_limited(600_000))
+    assert failed.returncode == 2 and "File too large" in failed.stderr, failed.stderr
+    assert target.read_bytes() == good
+    assert [p.name for p in out.iterdir()] == ["m.tar.gz"]
+    with held_elsewhere(out) as killed:  # a run killed midway: its staging folder stays
+        (killed / "m.tar.gz").write_bytes(good[:1000])
+    done = edgerun(*args)  # replacing the archive there is allowed, as tar -cf does
+    assert done.returncode == 0, done.stderr
+    assert [p.name for p in out.iterdir()] == ["m.tar.gz"]  # the killed run's swept
+    with Bundle.open(target) as bundle:
+        assert bundle.manifest.name == "m"
+
+
+def test_create_into_an_empty_folder_that_fails_leaves_it_empty(tmp_path, mlp_file):
+    """The model was copied into -o before the golden input was checked: the failure left it
+    there, and the rerun was refused ("output folder exists and is not empty")."""
+    out = tmp_path / "out"
+    out.mkdir()
+    np.save(tmp_path / "narrow.npy", np.zeros((2, 3), np.float32))
+    made = ["bundle", "create", str(mlp_file), "--name", "mlp", "--version", "1"]
+    failed = edgerun(*made, "--golden-input", str(tmp_path / "narrow.npy"), "-o", str(out))
+    assert failed.returncode == 2 and "dim 1 must be 8" in failed.stderr, failed.stderr
+    assert list(out.iterdir()) == [] and sorted(p.name for p in tmp_path.iterdir()) == \
+        ["mlp.onnx", "narrow.npy", "out"]
+    done = edgerun(*made, "-o", str(out))
+    assert done.returncode == 0, done.stderr
+    assert edgerun("bundle", "verify", str(out)).returncode == 0
+
+
+def test_create_into_a_place_that_cannot_be_written_says_where_and_why(tmp_path, mlp_file):
+    (tmp_path / "notes.txt").write_text("")
+    output = tmp_path / "notes.txt" / "m.tar.gz"
+    result = edgerun("bundle", "create", str(mlp_file), "--name", "mlp", "--version", "1",
+                     "-o", str(output))
+    assert result.returncode == 2
+    assert result.stderr.strip() == (f"error (bundle_error): {output}: the output cannot be "
+                                     f"written there: {tmp_path / 'notes.txt'} is not a "
+                                     "folder"), result.stderr
 
 
 def test_unpack_leaves_nothing_behind_when_the_bundle_does_not_verify(tmp_path, mlp_file):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 import pytest
@@ -134,3 +135,31 @@ def test_a_profile_that_is_not_toml_is_named(tmp_path):
     result = edgerun("devices", "show", str(bad))
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert f"device profile {bad}: Invalid value (at line 2" in result.stderr, result.stderr
+
+
+@pytest.mark.parametrize("content, reason", [
+    (b'name = "mine"\ndescription = "caf\xe9"\n', "not UTF-8 text, as TOML must be"),
+    (b'name = "mine"\nintra_op_threads =\n', "Invalid value (at line 2"),
+])
+def test_a_profile_that_is_not_utf8_or_not_toml_is_named_wherever_it_is_given(
+        tmp_path, monkeypatch, content, reason):
+    """A Latin-1 profile gave "'utf-8' codec can't decode byte 0xe9 in position 27: ...",
+    naming no file, from every command that takes --device."""
+    from edgerun.devices import profile as profiles
+    from edgerun.examples import mlp_onnx
+
+    bad = tmp_path / "mine.toml"
+    bad.write_bytes(content)
+    model = tmp_path / "m.onnx"
+    model.write_bytes(mlp_onnx([4, 2]))
+    for command in (("devices", "show", str(bad)),
+                    ("serve", "--repository", str(tmp_path), "--device", str(bad)),
+                    ("bundle", "create", str(model), "--name", "m", "--version", "1",
+                     "--device", str(bad), "-o", str(tmp_path / "b")),
+                    ("optimize", str(model), "--device", str(bad), "-o", str(tmp_path / "o"))):
+        result = edgerun(*command)
+        assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+        assert f"device profile {bad}: {reason}" in result.stderr, (command, result.stderr)
+    monkeypatch.setattr(profiles, "PROFILE_DIR", tmp_path)  # as a shipped profile, by name
+    with pytest.raises(ValueError, match=re.escape(f"device profile {bad}: {reason}")):
+        load_profile("mine")

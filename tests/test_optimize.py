@@ -460,6 +460,29 @@ def test_a_failed_folder_move_across_filesystems_leaves_nothing(mlp, tmp_path, m
     Model.load(out).check_golden()
 
 
+@pytest.mark.parametrize("where", ["below a file", "in /proc"])
+def test_an_output_that_cannot_be_written_is_refused_before_any_work(mlp, tmp_path, where):
+    """It failed at delivery, after all the work, with an errno naming a hidden folder
+    ("[Errno 2] No such file or directory: '/proc/.staging-ik9vj2rb'") or none
+    ("[Errno 17] File exists: 'notes.txt'")."""
+    (tmp_path / "notes.txt").write_text("mine")
+    output, why = (tmp_path / "notes.txt" / "out" / "m.tar.gz",
+                   f"{tmp_path / 'notes.txt'} is not a folder") if where == "below a file" \
+        else (Path("/proc/edgerun-out.tar.gz"), "/proc cannot be written (")
+    steps: list[str] = []
+    with pytest.raises(OptimizeError) as raised:
+        optimize(mlp, output, OptimizeOptions(quantize="fp32", latency_seconds=0.02),
+                 progress=steps.append)
+    assert str(raised.value).startswith(f"{output}: the output cannot be written there: {why}")
+    assert steps == [] and (tmp_path / "notes.txt").read_text() == "mine"
+    result = edgerun("optimize", str(mlp), "--device", "x86-64", "--quantize", "fp32",
+                     "-o", str(output))
+    assert result.returncode == 2 and "bundling" not in result.stdout
+    assert result.stderr.startswith(f"error (optimize_error): {output}: the output cannot be "
+                                    f"written there: {why}") and \
+        len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
 def test_a_killed_runs_temporary_is_removed_by_the_next_run_and_a_live_ones_kept(mlp,
                                                                                   tmp_path):
     """A run killed by a signal (SIGKILL, the OOM killer) runs no cleanup: its hidden

@@ -4,6 +4,7 @@ flags that apply to another step; every refusal typed and naming the culprit."""
 
 from __future__ import annotations
 
+import re
 import zipfile
 from pathlib import Path
 
@@ -268,6 +269,39 @@ def test_fp16_of_a_model_whose_weights_are_also_graph_inputs_loads_and_agrees(tm
     served.close()
     converted = onnx.load(str(tmp_path / "out" / "model.onnx"))
     assert {init.data_type for init in converted.graph.initializer} == {TensorProto.FLOAT16}
+
+
+def weights_as_inputs(model: onnx.ModelProto, opset: int, ir_version: int) -> onnx.ModelProto:
+    """`model` as older exporters and the ONNX model zoo write it: every weight also a graph
+    input (IR 3 required it)."""
+    graph = model.graph
+    graph.input.extend(helper.make_tensor_value_info(init.name, TensorProto.FLOAT,
+                                                     list(init.dims))
+                       for init in graph.initializer)
+    made = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    made.ir_version = ir_version
+    return made
+
+
+@pytest.mark.parametrize("opset, ir_version", [(9, 3), (13, 7)])
+def test_structured_pruning_of_a_model_whose_weights_are_also_graph_inputs(tmp_path, opset,
+                                                                          ir_version):
+    """Every layer was left whole ("initializer 'w0' is also a graph input"), so the model was
+    refused: its input declarations would keep the weights' old shapes."""
+    source = tmp_path / "zoo.onnx"
+    onnx.save(weights_as_inputs(onnx.load_from_string(mlp_onnx([16, 32, 32, 8])), opset,
+                                ir_version), str(source))
+    report = optimize(source, tmp_path / "out",
+                      OptimizeOptions(quantize="fp32", prune=0.5, structured=True, **FAST))
+    assert report.optimizations == ["prune:structured:0.5"]
+    assert report.prune.layers[:2] == ["(Gemm): 32 -> 16", "(Gemm): 32 -> 16"]
+    served = Model.load(tmp_path / "out")
+    served.check_golden()
+    assert [spec.name for spec in served.signature.inputs] == ["x"]
+    assert served.predict({"x": np.ones((3, 16), np.float32)})["y"].shape == (3, 8)
+    served.close()
+    pruned = onnx.load(str(tmp_path / "out" / "model.onnx"))
+    assert [i.name for i in pruned.graph.input] == ["x"]
 
 
 def test_strict_fp16_refuses_naming_the_weight_and_its_magnitude(tmp_path):
@@ -930,6 +964,33 @@ def test_an_npz_named_npy_is_refused_naming_both(tmp_path):
 
 
 # --- flags --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("options, message", [
+    ({"quantize": "fp16", "per_channel": True},
+     "calibration data and --per-channel apply to int8 only, not fp16"),
+    ({"quantize": "fp32", "calibration": "calibration"},
+     "calibration data and --per-channel apply to int8 only, not fp32"),
+    ({"device": "jetson-orin", "calibration": "calibration"},  # the profile's precision: fp16
+     "calibration data and --per-channel apply to int8 only, not fp16"),
+    ({"quantize": "int4"}, "precision 'int4': choose one of int8, fp16, fp32"),
+])
+def test_options_that_do_not_go_together_are_refused_before_any_work(mlp_file, tmp_path,
+                                                                      options, message):
+    """They were refused only when quantizing, after the original had been bundled (and, with
+    --prune, pruned)."""
+    options = {key: tmp_path / value if key == "calibration" else value
+               for key, value in options.items()}
+    steps: list[str] = []
+    with pytest.raises(OptimizeError, match=re.escape(message)):
+        optimize(mlp_file, tmp_path / "out", OptimizeOptions(prune=0.5, **options),
+                 progress=steps.append)
+    assert steps == [] and not (tmp_path / "out").exists()
+    if options.get("quantize") == "fp16":
+        result = edgerun("optimize", str(mlp_file), "--device", "x86-64", "--quantize", "fp16",
+                         "--per-channel", "-o", str(tmp_path / "out"))
+        assert result.returncode == 2 and message in result.stderr, result.stderr
+        assert "bundling" not in result.stdout and not (tmp_path / "out").exists()
+
 
 def test_tvm_flags_without_compile_and_negative_trials_are_refused(tmp_path):
     source = save(cast_model(TensorProto.FLOAT), tmp_path / "m.onnx")

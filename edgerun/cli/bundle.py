@@ -12,7 +12,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from edgerun.cli.inputs import load_inputs
-from edgerun.runtime import archive
+from edgerun.runtime import archive, staging
 from edgerun.runtime.backends import backend_class, backend_for_file
 from edgerun.runtime.bundle import SIGNATURE_FILE, Bundle, create_bundle
 from edgerun.runtime.errors import BundleError
@@ -71,19 +71,29 @@ def register(commands: argparse._SubParsersAction) -> None:
 
 
 def _create(args: argparse.Namespace) -> int:
+    """Made under a hidden name beside -o and renamed into place (`staging.replacing`): a
+    failed, interrupted or killed run leaves no partial bundle there, and no half-written
+    archive in place of one that was there."""
+    output = Path(args.output)
+    as_archive = archive.is_archive_name(output.name)
+    if not as_archive and output.exists() and (not output.is_dir() or any(output.iterdir())):
+        raise BundleError(f"{output}: output folder exists and is not empty")
+    why = staging.unwritable(output)
+    if why:
+        raise BundleError(f"{output}: the output cannot be written there: {why}")
     golden = None
     if args.golden_input is not None:
         signature = backend_class(backend_for_file(args.model)).inspect(args.model)
         golden = load_inputs(args.golden_input, [spec.name for spec in signature.inputs])
-    as_archive = archive.is_archive_name(args.output.name)
-    with tempfile.TemporaryDirectory(prefix="edgerun-create-") as scratch:
-        folder = Path(scratch) / "bundle" if as_archive else args.output
+    with tempfile.TemporaryDirectory(prefix="edgerun-create-") as scratch, \
+            staging.replacing(output) as temporary:
+        folder = Path(scratch) / "bundle" if as_archive else temporary
         bundle = create_bundle(args.model, folder, name=args.name, version=args.version,
                                max_batch_size=args.max_batch_size, golden_inputs=golden,
                                device=args.device)
         if as_archive:
-            bundle.pack(args.output)
-    out.print(f"created bundle [bold]{args.name}[/] version {args.version} at {args.output}")
+            bundle.pack(temporary)
+    out.print(f"created bundle [bold]{args.name}[/] version {args.version} at {output}")
     _print_manifest(bundle.manifest.to_json())
     return 0
 
@@ -130,16 +140,15 @@ def _sign(args: argparse.Namespace) -> int:
     else:
         with Bundle.open(args.bundle) as bundle:  # an archive: sign its copy, repack in place
             signer = signing.sign_folder(bundle, args.key)
-            packed = args.bundle.with_name(f".tmp-{args.bundle.name}")  # the same format
-            bundle.pack(packed)
-            packed.replace(args.bundle)
+            with staging.replacing(args.bundle) as packed:  # the same name: the same format
+                bundle.pack(packed)
     out.print(f"signed {args.bundle} with key id {signer}")
     return 0
 
 
 def _pack(args: argparse.Namespace) -> int:
-    with Bundle.open(args.bundle) as bundle:
-        bundle.pack(args.output)
+    with Bundle.open(args.bundle) as bundle, staging.replacing(args.output) as packed:
+        bundle.pack(packed)
     out.print(f"packed {args.bundle} -> {args.output}")
     return 0
 
