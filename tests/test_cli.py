@@ -214,7 +214,29 @@ def test_unpack_leaves_nothing_behind_when_the_bundle_does_not_verify(tmp_path, 
     result = edgerun("bundle", "unpack", str(tmp_path / "tampered.tar.gz"), "-o",
                      str(tmp_path / "u"))
     assert result.returncode == 2 and "does not match its sha256" in result.stderr
-    assert not (tmp_path / "u").exists() and not list(tmp_path.glob(".u.*"))  # no staging
+    assert not (tmp_path / "u").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging
+
+
+def test_unpack_sweeps_what_a_killed_unpack_left(tmp_path, mlp_file):
+    """unpack staged in a `.NAME.*` temporary folder: one a kill (SIGKILL, the OOM killer)
+    left beside -o, as large as the bundle, stayed for good. Its staging is now the project's
+    (`staging.replacing`), which the next run sweeps."""
+    from tests.staging_peer import held_elsewhere
+
+    archive = tmp_path / "mlp-1.tar.gz"
+    assert edgerun("bundle", "create", str(mlp_file), "--name", "mlp", "--version", "1",
+                   "-o", str(archive)).returncode == 0
+    out = tmp_path / "out"
+    out.mkdir()
+    with held_elsewhere(out) as killed:
+        (killed / "u").mkdir()
+        (killed / "u" / "model.onnx").write_bytes(b"half")
+    assert len(list(out.iterdir())) == 1
+    result = edgerun("bundle", "unpack", str(archive), "-o", str(out / "u"))
+    assert result.returncode == 0, result.stderr
+    assert [p.name for p in out.iterdir()] == ["u"]
+    assert (out / "u" / "manifest.json").is_file()
 
 
 def test_predict_from_json_npy_and_npz(tmp_path):

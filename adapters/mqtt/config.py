@@ -222,6 +222,9 @@ def load_config(path: Path | None = None, **overrides: Any) -> DaemonConfig:
                 raw = tomllib.load(handle)
             except tomllib.TOMLDecodeError as exc:  # "Invalid value (at line 2)": of which file?
                 raise ValueError(f"{path}: {exc}") from None
+            except UnicodeDecodeError as exc:
+                raise ValueError(f"{path}: not UTF-8 text, as TOML must be ({exc.reason} at "
+                                 f"byte {exc.start})") from None
         for key, value in raw.items():
             key = key.replace("-", "_")
             if key in KEYS:

@@ -158,12 +158,9 @@ def _unpack(args: argparse.Namespace) -> int:
     output = Path(args.output)
     if output.exists() and (not output.is_dir() or any(output.iterdir())):
         raise BundleError(f"{output}: extraction folder is not empty")
-    output.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=f".{output.name}.", dir=output.parent) as staging:
-        unpacked = archive.unpack(args.archive, Path(staging) / "bundle")
-        with Bundle.open(unpacked) as bundle:
+    with staging.replacing(output) as temporary:  # a killed run's is swept by the next
+        with Bundle.open(archive.unpack(args.archive, temporary)) as bundle:
             manifest = bundle.manifest
-        unpacked.replace(output)
     out.print(f"unpacked {manifest.name} version {manifest.version} -> {output} (verified)")
     return 0
 
