@@ -243,6 +243,15 @@ def test_a_bad_ota_download_flag_is_named_as_the_flag(tmp_path, flag, value, mes
     assert "Traceback" not in result.stderr, result.stderr
 
 
+def test_a_device_toml_that_is_not_utf8_is_named(tmp_path):
+    """tomllib decodes the whole file first: a Latin-1 comment (an editor's choice) ended
+    start-up with a bare UnicodeDecodeError that named no file."""
+    config = tmp_path / "device.toml"
+    config.write_bytes(b'# r\xe9seau du site\ndevice_id = "pi"\n')
+    with pytest.raises(ValueError, match=f"{config}: not UTF-8 text.*at byte 3"):
+        load_config(config)
+
+
 def test_device_toml_sets_the_log_level(tmp_path):
     """`log_level`, like every flag, is a device.toml key; it was refused as unknown, so a
     device under systemd could change its logging only by editing the unit."""
