@@ -98,15 +98,9 @@ def _labelled_feeds(calibration: Calibration,
                  for i, feed in enumerate(calibration())]
         where = "the calibration callable"
     else:
-        folder = Path(calibration)
-        if not folder.is_dir():
-            raise OptimizeError(f"calibration data {folder}: no such folder (it should hold "
-                                ".npy or .npz files of model inputs)")
-        files = sorted(p for p in folder.iterdir() if p.suffix in (".npy", ".npz"))
-        if not files:
-            raise OptimizeError(f"calibration data {folder}: no .npy or .npz files in it")
-        feeds = [(str(path), _read_feed(path, input_names)) for path in files]
-        where = str(folder)
+        feeds = [(str(path), _read_feed(path, input_names))
+                 for path in _calibration_files(calibration)]
+        where = str(calibration)
     if not feeds:
         raise OptimizeError(f"{where} yielded no calibration inputs")
     for label, feed in feeds:
@@ -114,6 +108,18 @@ def _labelled_feeds(calibration: Calibration,
             raise OptimizeError(f"{label}: calibration input has tensors {sorted(feed)}, the "
                                 f"model takes {input_names}")
     return feeds
+
+
+def _calibration_files(folder: str | Path) -> list[Path]:
+    """The .npy and .npz files of a calibration folder; OptimizeError naming it if none."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise OptimizeError(f"calibration data {folder}: no such folder (it should hold "
+                            ".npy or .npz files of model inputs)")
+    files = sorted(p for p in folder.iterdir() if p.suffix in (".npy", ".npz"))
+    if not files:
+        raise OptimizeError(f"calibration data {folder}: no .npy or .npz files in it")
+    return files
 
 
 def _read_feed(path: Path, input_names: list[str]) -> dict[str, np.ndarray]:
@@ -502,6 +508,8 @@ def check_options(precision: str, *, calibration: Calibration | None = None,
                             f"not {precision}")
     if precision != "fp16" and strict:
         raise OptimizeError(f"strict fp16 applies to fp16 only, not {precision}")
+    if calibration is not None and not callable(calibration):
+        _calibration_files(calibration)  # a missing or empty folder, before the work
 
 
 def quantize(model_path: Path, out_path: Path, precision: str, *,

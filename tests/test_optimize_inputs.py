@@ -973,6 +973,8 @@ def test_an_npz_named_npy_is_refused_naming_both(tmp_path):
     ({"device": "jetson-orin", "calibration": "calibration"},  # the profile's precision: fp16
      "calibration data and --per-channel apply to int8 only, not fp16"),
     ({"quantize": "int4"}, "precision 'int4': choose one of int8, fp16, fp32"),
+    ({"quantize": "int8", "calibration": "missing"}, "missing: no such folder"),
+    ({"quantize": "int8", "calibration": "."}, "no .npy or .npz files in it"),
 ])
 def test_options_that_do_not_go_together_are_refused_before_any_work(mlp_file, tmp_path,
                                                                       options, message):
