@@ -558,6 +558,43 @@ def test_npz_headers_declaring_a_huge_shape_are_invalid_input():
         npz.decode(_npz_member((2 ** 50,), 0))
 
 
+def test_npz_members_inflate_outside_the_npy_header_lock(monkeypatch):
+    """The lock that keeps numpy's `.npy` header parses one at a time (runtime.npy_headers)
+    was held through a member's whole inflating: a big payload decoded on the daemon's worker
+    thread held it for that long, and a small one decoded on the event loop meanwhile stopped
+    the loop, and every request on the device, until then. The hook holds the big member's
+    inflating open while the lock is tried from another thread."""
+    import threading
+
+    from edgerun.runtime import npy_headers
+
+    inflating, tried = threading.Event(), threading.Event()
+    read = zipfile.ZipExtFile.read
+
+    def held_open(self, *args):
+        if self.name == "big.npy" and not inflating.is_set():
+            inflating.set()
+            tried.wait(30)
+        return read(self, *args)
+
+    monkeypatch.setattr(zipfile.ZipExtFile, "read", held_open)
+    buffer = io.BytesIO()
+    np.savez_compressed(buffer, big=np.zeros(1 << 20, np.float32))
+    decoded: list[dict] = []
+    worker = threading.Thread(target=lambda: decoded.append(npz.decode(buffer.getvalue())))
+    worker.start()
+    try:
+        assert inflating.wait(30)
+        free = npy_headers.LOCK.acquire(blocking=False)
+        if free:
+            npy_headers.LOCK.release()
+    finally:
+        tried.set()
+        worker.join(30)
+    assert free, "the .npy header lock was held while the member inflated"
+    assert decoded[0]["big"].shape == (1 << 20,)
+
+
 # ----------------------------------------------------------------------------- lean hosts
 @pytest.mark.parametrize("module", ["edgerun.adapters.codecs.oip",
                                     "edgerun.adapters.codecs.tfserving",

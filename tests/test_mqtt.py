@@ -280,6 +280,36 @@ def test_bad_requests_get_error_replies_and_the_daemon_lives_on(requester, daemo
     assert daemon.process.poll() is None
 
 
+def test_a_request_id_that_is_no_string_is_echoed_as_its_json_as_over_http(broker, daemon,
+                                                                           requester):
+    """OIP's id is a string; one that is not was echoed as Python's repr ("{'a': 1}"), in
+    answers and error replies alike, over MQTT as over HTTP (test_server holds HTTP's side)."""
+    for given, echoed in (({"a": 1}, '{"a":1}'), (5, "5"), (True, "true")):
+        good = orjson.dumps({**orjson.loads(INFER_JSON), "id": given})
+        answer, _ = requester.ask("edgerun/dev1/infer/mlp", good)
+        assert orjson.loads(answer)["id"] == echoed
+        bad = orjson.dumps({"id": given, "inputs": [
+            {"name": "x", "datatype": "FP32", "shape": [1, 5], "data": [1, 2, 3, 4, 5]}]})
+        answer, _ = requester.ask("edgerun/dev1/infer/mlp", bad)
+        assert orjson.loads(answer)["id"] == echoed
+        unknown, _ = requester.ask("edgerun/dev1/infer/nope", good)  # refused unread
+        assert orjson.loads(unknown)["kind"] == "model_not_found"
+        assert orjson.loads(unknown)["id"] == echoed
+    client = connect(broker, protocol=mqtt.MQTTv311)
+    got: queue.Queue[bytes] = queue.Queue()
+    client.on_message = lambda c, u, m: got.put(m.payload)
+    client.subscribe("replies/v311-ids", 1)
+    time.sleep(0.3)
+    try:
+        for topic in ("edgerun/dev1/infer/mlp", "edgerun/dev1/infer/nope"):
+            request = {**orjson.loads(INFER_JSON), "id": {"a": 1}, "reply_to": "replies/v311-ids"}
+            client.publish(topic, orjson.dumps(request), 1)
+            assert orjson.loads(got.get(timeout=20))["id"] == '{"a":1}'
+    finally:
+        client.disconnect()
+        client.loop_stop()
+
+
 def test_every_bad_request_answered_is_counted_in_telemetry(broker, daemon, requester):
     """A topic that names no model (or too many levels) and a content type the daemon does
     not read were answered `invalid_input` before the data plane saw them: the telemetry, the
@@ -539,6 +569,62 @@ def test_an_answer_the_broker_refuses_is_logged_and_counted(tmp_path, repo):
             assert outputs(requester.answers[b"allowed"][0][0]).shape == (1, 3)
             assert b"denied" not in requester.answers
             requester.close()
+    finally:
+        broker.stop()
+
+
+def dynamic_security(path: Path, username: str, password: str, denied: list[str]) -> None:
+    """Mosquitto's dynamic security plugin file: `username` may not subscribe to `denied`;
+    everything else, and every other client, is allowed."""
+    import base64
+    import hashlib
+    import os
+
+    salt = os.urandom(12)
+    digest = hashlib.pbkdf2_hmac("sha512", password.encode(), salt, 101, 64)
+    path.write_bytes(orjson.dumps({
+        "defaultACLAccess": {"publishClientSend": True, "publishClientReceive": True,
+                             "subscribe": True, "unsubscribe": True},
+        "clients": [{"username": username, "password": base64.b64encode(digest).decode(),
+                     "salt": base64.b64encode(salt).decode(), "iterations": 101,
+                     "roles": [{"rolename": "deaf"}]}],
+        "roles": [{"rolename": "deaf", "acls": [
+            {"acltype": "subscribePattern", "topic": topic, "allow": False}
+            for topic in denied]}],
+        "groups": []}))
+
+
+PLUGIN = Path("/usr/lib/x86_64-linux-gnu/mosquitto_dynamic_security.so")
+
+
+@pytest.mark.skipif(not PLUGIN.exists(), reason="Mosquitto's dynamic security plugin")
+@pytest.mark.parametrize("protocol, reason", [("5", "Not authorized"),
+                                              ("3.1.1", "Unspecified error")])
+def test_a_subscription_the_broker_refuses_is_logged_and_counted(tmp_path, repo, protocol,
+                                                                  reason):
+    """A broker that refuses the daemon's SUBSCRIBE (an ACL, a quota, no shared
+    subscriptions) answers its SUBACK with a failure code: the daemon said nothing, and stayed
+    "online" while no request could reach it. (Mosquitto's acl_file grants every SUBSCRIBE and
+    filters deliveries; its dynamic security plugin refuses one: 0x87 Not authorized to an
+    MQTT v5 client, 0x80 to a 3.1.1 one.)"""
+    broker = Broker(tmp_path / "b")
+    dynsec = tmp_path / "dynsec.json"
+    dynamic_security(dynsec, "deaf", "secret", ["edgerun/deaf/infer/#", "$share/#"])
+    broker.config.write_text(broker.config.read_text() + f"plugin {PLUGIN}\n"
+                             f"plugin_opt_config_file {dynsec}\n")
+    broker.start()
+    (tmp_path / "password").write_text("secret\n")
+    try:
+        with running_daemon(repo, broker, "deaf", "--group", "herd", "--username", "deaf",
+                            "--password-file", str(tmp_path / "password"),
+                            "--protocol", protocol, "--telemetry-interval", "0.3") as daemon:
+            telemetry = wait_for_telemetry(
+                broker, "deaf", lambda t: t["rejected"].get("subscription_refused", 0) >= 2)
+            assert telemetry["rejected"]["subscription_refused"] == 2
+            log = daemon.output()
+            assert f"refused the subscription to 'edgerun/deaf/infer/#' ({reason})" in log
+            assert f"refused the subscription to '$share/herd/edgerun/herd/infer/#' " \
+                f"({reason})" in log
     finally:
         broker.stop()
 
@@ -968,6 +1054,136 @@ def test_a_hook_refuses_an_npz_request_before_its_payload_is_decoded(tmp_path, r
             daemon.stop()
             runner.join(30)
         assert not runner.is_alive()
+
+
+@contextlib.contextmanager
+def daemon_in_process(tmp_path: Path, repo: Path, broker: Broker, device_id: str):
+    """A `Daemon` run on a thread of the test (its event loop's), online."""
+    from edgerun.adapters.mqtt import Daemon, load_config
+
+    config = load_config(None, repository=repo, broker=broker.url, device_id=device_id,
+                         data_dir=tmp_path / f"state-{device_id}", poll_interval=0)
+    daemon = Daemon(config)
+    runner = threading.Thread(target=daemon.run, name="daemon-loop")
+    runner.start()
+    try:
+        wait_online(broker, device_id)
+        yield daemon, runner
+    finally:
+        daemon.stop()
+        runner.join(30)
+    assert not runner.is_alive()
+
+
+def test_a_big_npz_request_is_decoded_and_answered_off_the_event_loop(tmp_path, repo,
+                                                                       monkeypatch):
+    """JSON, binary and gRPC bodies of 1 MiB or more are converted on the data plane's worker
+    thread; an `.npz` payload was decoded, and its answer encoded, on the daemon's event loop,
+    so a big one stalled every other request on the device. The hook holds the big decode
+    until a small request sent meanwhile is answered: on the loop, it never would be."""
+    from edgerun.adapters.dataplane.plane import OFF_LOOP_BYTES
+
+    decoding, answered_meanwhile = threading.Event(), threading.Event()
+    ran_on: dict[str, threading.Thread] = {}
+    decode, encode = npz.decode, npz.encode
+
+    def held_decode(payload: bytes, *args):
+        if len(payload) >= OFF_LOOP_BYTES:
+            ran_on["decode"] = threading.current_thread()
+            decoding.set()
+            answered_meanwhile.wait(20)
+        return decode(payload, *args)
+
+    def recorded_encode(arrays):
+        if sum(a.nbytes for a in arrays.values()) >= OFF_LOOP_BYTES:
+            ran_on["encode"] = threading.current_thread()
+        return encode(arrays)
+
+    monkeypatch.setattr(npz, "decode", held_decode)
+    monkeypatch.setattr(npz, "encode", recorded_encode)
+    x = np.random.default_rng(3).normal(size=(100_000, 4)).astype(np.float32)
+    buffer = io.BytesIO()
+    np.savez(buffer, x=x)
+    with running_broker(tmp_path / "b") as broker, \
+            daemon_in_process(tmp_path, repo, broker, "bignpz") as (_, loop):
+        requester = Requester(broker)
+        try:
+            big = requester.send("edgerun/bignpz/infer/mlp", buffer.getvalue(),
+                                 content_type=npz.CONTENT_TYPE)
+            assert decoding.wait(30)
+            answer, _ = requester.ask("edgerun/bignpz/infer/mlp", INFER_JSON, timeout=15)
+            answered_meanwhile.set()
+            assert outputs(answer).shape == (1, 3)
+            requester.wait([big], timeout=60)
+            payload, properties = requester.answers[big][0]
+        finally:
+            answered_meanwhile.set()
+            requester.close()
+    assert properties.ContentType == npz.CONTENT_TYPE
+    np.testing.assert_allclose(decode(payload)["y"], expected(x), rtol=1e-4, atol=1e-6)
+    assert set(ran_on) == {"decode", "encode"}
+    assert loop not in ran_on.values(), ran_on
+
+
+def test_a_json_body_is_parsed_once_for_its_id_and_reply_topic(tmp_path, repo, monkeypatch):
+    """An error reply to an MQTT v5 request parsed the whole body again, on the event loop,
+    to echo its "id"; a request naming no Response Topic (MQTT 3.1.1) was parsed whole on the
+    loop for its "reply_to", then again by the data plane: a big body twice, once where it
+    stalls every other request. Each parse of a request body is recorded, with its thread."""
+    from edgerun.adapters.codecs import oip as codec
+    from edgerun.adapters.dataplane.plane import OFF_LOOP_BYTES
+
+    parses: list[tuple[bytes, threading.Thread]] = []
+
+    def recorded(parse):
+        def run(body, *args):
+            if bytes(body[:9]) == b'{"marker"':
+                parses.append((bytes(body[:24]), threading.current_thread()))
+            return parse(body, *args)
+        return run
+
+    monkeypatch.setattr(codec, "_parse", recorded(codec._parse))
+    monkeypatch.setattr(codec, "loads", recorded(codec.loads))
+
+    def body(marker: str, rows: int, columns: int = 4, **fields) -> bytes:
+        return orjson.dumps({"marker": marker, **fields, "inputs": [
+            {"name": "x", "datatype": "FP32", "shape": [rows, columns],
+             "data": [0.25] * (rows * columns)}]})
+
+    with running_broker(tmp_path / "b") as broker, \
+            daemon_in_process(tmp_path, repo, broker, "once") as (_, loop):
+        requester = Requester(broker)
+        v311 = connect(broker, protocol=mqtt.MQTTv311)
+        got: queue.Queue[bytes] = queue.Queue()
+        v311.on_message = lambda c, u, m: got.put(m.payload)
+        v311.subscribe("replies/once", 1)
+        time.sleep(0.3)
+        try:
+            # v5, an error the data plane met once it had parsed the body
+            answer, _ = requester.ask("edgerun/once/infer/mlp", body("v5-bad", 1, 5, id="e1"))
+            assert orjson.loads(answer)["id"] == "e1"
+            assert orjson.loads(answer)["kind"] == "invalid_input"
+            # no Response Topic, a small body and a big one (decoded off the loop)
+            big = body("v311-big", 80_000, reply_to="replies/once", id="b1")
+            assert len(big) >= OFF_LOOP_BYTES
+            for payload in (body("v311-small", 1, reply_to="replies/once", id="s1"), big):
+                v311.publish("edgerun/once/infer/mlp", payload, 1)
+                answer = orjson.loads(got.get(timeout=60))
+                assert "error" not in answer and answer["id"] in ("s1", "b1")
+            # and refused before its decode: the body is read once, for its reply topic and id
+            v311.publish("edgerun/once/infer/nope",
+                         body("v311-nope", 1, reply_to="replies/once", id="n1"), 1)
+            assert orjson.loads(got.get(timeout=20))["id"] == "n1"
+        finally:
+            v311.disconnect()
+            v311.loop_stop()
+            requester.close()
+    counted: dict[bytes, int] = {}
+    for head, _ in parses:
+        counted[head] = counted.get(head, 0) + 1
+    assert set(counted.values()) == {1} and len(counted) == 4, counted
+    big_parses = [thread for head, thread in parses if b"v311-big" in head]
+    assert len(big_parses) == 1 and big_parses[0] is not loop  # on the worker thread
 
 
 def test_daemon_speaking_mqtt_311(tmp_path, repo):

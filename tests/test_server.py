@@ -185,6 +185,15 @@ def test_requested_outputs_and_request_id_are_honoured(server):
     assert bad.status_code == 400 and "requested output 'nope'" in bad.json()["error"]
 
 
+@pytest.mark.parametrize("given, echoed", [
+    ({"a": 1}, '{"a":1}'), (5, "5"), (True, "true"), ([1, "é"], '[1,"é"]'), ("s", "s")])
+def test_a_request_id_that_is_no_string_is_echoed_as_its_json(server, given, echoed):
+    """OIP's id is a string; one that is not was echoed as Python's repr ("{'a': 1}",
+    "True"), which no JSON client reads back. The MQTT daemon's answers agree (test_mqtt)."""
+    body = {**oip("x", "FP32", [1, 8], [0] * 8), "id": given}
+    assert post(server, "/v2/models/mlp/infer", body).json()["id"] == echoed
+
+
 NON_FINITE = [math.inf, -math.inf, math.nan, 1.0]
 
 

@@ -22,18 +22,29 @@ MAX_DECODED_BYTES = 256 << 20
 
 
 def decode(payload: bytes, max_bytes: int = MAX_DECODED_BYTES) -> dict[str, np.ndarray]:
-    """The arrays of an `.npz` payload by name; refused past `max_bytes` decompressed."""
+    """The arrays of an `.npz` payload by name; refused past `max_bytes` decompressed.
+
+    Each member is inflated before the `.npy` header lock is taken: a big payload decoded on
+    a worker thread held it through its inflating, and a small one decoded on the daemon's
+    event loop meanwhile stopped the loop until then."""
     if not payload.startswith((b"PK\x03\x04", b"PK\x05\x06")):
         raise InvalidInput("the payload is not an .npz archive (no zip header)")
     try:
-        # headers are parsed by `ast`, one thread at a time on 3.11 (see runtime.npy_headers)
-        with npy_headers.LOCK, np.load(io.BytesIO(payload), allow_pickle=False) as archive:
+        with zipfile.ZipFile(io.BytesIO(payload)) as archive:
+            members = archive.infolist()
             # zipfile reads no member past the size the archive declares for it
-            declared = sum(info.file_size for info in archive.zip.infolist())
+            declared = sum(info.file_size for info in members)
             if declared > max_bytes:
                 raise PayloadTooLarge(f"the .npz payload holds {declared} bytes once "
                                       f"decompressed, over the {max_bytes}-byte limit")
-            return {name: archive[name] for name in archive.files}
+            arrays = {}
+            for info in members:
+                member = io.BytesIO(archive.read(info))
+                # headers are parsed by `ast`, one thread at a time on 3.11 (runtime.npy_headers)
+                with npy_headers.LOCK:
+                    array = np.lib.format.read_array(member, allow_pickle=False)
+                arrays[info.filename.removesuffix(".npy")] = array  # np.load's names
+            return arrays
     except MemoryError:  # numpy allocates the shape a member's header declares before reading
         raise InvalidInput("the .npz payload declares an array too large to hold") from None
     except ValueError as exc:

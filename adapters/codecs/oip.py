@@ -77,8 +77,14 @@ def datatype_of(array: np.ndarray) -> str:
         raise InvalidInput(f"outputs of dtype {array.dtype} have no OIP datatype") from None
 
 
-def decode_request(body: bytes, header_length: str | None) -> InferRequest:
-    """Parse an infer request body (JSON, or JSON header + binary tensor data)."""
+def decode_request(body: bytes, header_length: str | None,
+                   kept: dict[str, Any] | None = None) -> InferRequest:
+    """Parse an infer request body (JSON, or JSON header + binary tensor data).
+
+    `kept`, when given, gets the header's top-level members named by its keys (plain values,
+    None where missing) as soon as the header is read, before any error in its tensors: a
+    transport that needs them for its answer (MQTT: the id and the reply topic of an error
+    reply) takes them there instead of parsing the body a second time."""
     if header_length is not None:
         if not (header_length.isascii() and header_length.isdigit()):  # not "+1", "1_0"
             raise InvalidInput("Inference-Header-Content-Length must be an integer, got "
@@ -97,6 +103,9 @@ def decode_request(body: bytes, header_length: str | None) -> InferRequest:
         header, binary = _parse_small(body[:split]), memoryview(body)[split:]
     else:
         header, binary = _shallow(_parse(body)), memoryview(b"")
+    if kept is not None:
+        for key in kept:
+            kept[key] = _plain(header.get(key)) if isinstance(header, dict) else None
     if not isinstance(header, dict):
         raise InvalidInput("the request must be a JSON object")
     items = header.get("inputs")
@@ -136,9 +145,18 @@ def decode_request(body: bytes, header_length: str | None) -> InferRequest:
     request_id = _plain(header.get("id"))
     binary_outputs = _flag(parameters, "binary_data_output", "request parameters")
     return InferRequest(
-        id=None if request_id is None else str(request_id), inputs=inputs,
+        id=id_text(request_id), inputs=inputs,
         outputs=_requested_outputs(_plain(header.get("outputs")), binary_outputs),
         binary_outputs=binary_outputs, timeout_us=timeout)
+
+
+def id_text(value: Any) -> str | None:
+    """A request's `id` as the string OIP makes it: a string as it is, any other JSON value
+    as its JSON text (5 is "5", {"a": 1} is '{"a":1}'), never Python's repr of it."""
+    if value is None or isinstance(value, str):
+        return value
+    # json, not orjson: the slow parser's values (an integer past 64 bits, NaN) write too
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
 
 
 def _parse(data: bytes) -> Any:

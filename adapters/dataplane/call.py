@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from edgerun.runtime.errors import EdgerunError
 
@@ -54,6 +55,9 @@ class Call:
     #: The version routed to answer, once known: a call cancelled before its reply (the
     #: client went away) is counted against it.
     routed_version: str = ""
+    #: Top-level members of an OIP request the transport needs for its answer, by name: the
+    #: decode fills their values once it has read the request (see `oip.decode_request`).
+    kept: dict[str, Any] | None = None
 
 
 @dataclass(slots=True)

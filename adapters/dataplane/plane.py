@@ -22,7 +22,7 @@ from collections.abc import Awaitable, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import orjson
@@ -42,6 +42,7 @@ from edgerun.runtime.repository import Repository
 from edgerun.runtime.router import Routed
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 TIMEOUT_ATTRIBUTE = "x-request-timeout-ms"
 EXTENSIONS = ["binary_tensor_data", "model_repository"]
@@ -293,7 +294,7 @@ class DataPlane:
 
     @staticmethod
     def _decode_infer(call: Call, routed: Routed) -> oip.InferRequest:
-        request = oip.decode_request(call.body, call.attributes(oip.HEADER_LENGTH))
+        request = oip.decode_request(call.body, call.attributes(oip.HEADER_LENGTH), call.kept)
         oip.check_outputs(request, routed.signature)
         return request
 
@@ -317,6 +318,14 @@ class DataPlane:
         body = (await self._on_big_body_thread(tfserving.encode_predict, outputs, rows) if big
                 else tfserving.encode_predict(outputs, rows))
         return Reply(body, version=routed.version)
+
+    async def convert(self, size: int, work: Callable[..., T], *args: Any) -> T:
+        """`work(*args)`, a transport's own conversion of `size` bytes (an MQTT `.npz`
+        payload, or its answer): from OFF_LOOP_BYTES up on the big-body thread, as the plane's
+        own codecs convert big bodies, so it stalls no other caller; else here, at once."""
+        if size >= OFF_LOOP_BYTES:
+            return await self._on_big_body_thread(work, *args)
+        return work(*args)
 
     async def _on_big_body_thread(self, work: Callable[..., Any], *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self._big_bodies, work, *args)

@@ -82,11 +82,13 @@ class Daemon:
         self._telemetry = Telemetry(self.repository.registry)
         self._rejected = self.repository.registry.family(
             "edgerun_mqtt_rejected_total", "MQTT requests answered or dropped before the data "
-            "plane, by reason", "counter", ("reason",))
+            "plane, and subscriptions the broker refused, by reason", "counter", ("reason",))
         self._status_fields: list[Fields] = []
         self._telemetry_fields: list[Fields] = []
         self._extensions: list[Extension] = []
         self._subscriptions: dict[str, tuple[int, MessageCallback | None]] = {}
+        #: SUBSCRIBEs the broker has not answered yet: packet id -> their topic filters.
+        self._subscribing: dict[int, list[str]] = {}
         self._lock = threading.Lock()
         self._pending = 0
         self._draining = False
@@ -119,7 +121,7 @@ class Daemon:
         self._subscriptions[topic_filter] = (qos, callback)
         self._add_callback(self.client, topic_filter, callback)
         if self._connected.is_set():
-            self.client.subscribe(topic_filter, qos)
+            self._subscribe(self.client, [(topic_filter, qos)])
 
     def publish(self, topic: str, payload: bytes | str | dict | list, qos: int = 1,
                 retain: bool = False, properties: Properties | None = None
@@ -318,6 +320,7 @@ class Daemon:
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
         client.on_refused = self._on_refused
+        client.on_subscribe = self._on_subscribe
         client.on_socket_open = self._on_socket_open
         client.on_socket_close = self._on_socket_close
         client.on_socket_register_write = self._on_socket_register_write
@@ -459,9 +462,28 @@ class Daemon:
             client.honour_receive_maximum(properties)
         log.info("connected to %s (session present: %s)", self._broker_shown,
                  flags.session_present)
-        client.subscribe([(topic, qos) for topic, (qos, _) in self._subscriptions.items()])
+        self._subscribing.clear()  # those of an earlier connection get no SUBACK now
+        self._subscribe(client, [(topic, qos) for topic, (qos, _) in self._subscriptions.items()])
         client.publish(self.status_topic, self.status("online"), 1, True)
         self._connected.set()
+
+    def _subscribe(self, client: mqtt.Client, filters: list[tuple[str, int]]) -> None:
+        """SUBSCRIBE, remembering its filters for `_on_subscribe` to name."""
+        result, mid = client.subscribe(filters)
+        if result == mqtt.MQTT_ERR_SUCCESS and mid is not None:
+            self._subscribing[mid] = [topic for topic, _ in filters]
+
+    def _on_subscribe(self, client: mqtt.Client, userdata: Any, mid: int, reasons: list[Any],
+                      properties: Any) -> None:
+        """The broker's SUBACK: a filter it refused (an ACL, a quota, shared subscriptions it
+        does not offer) leaves the device online but deaf to it, so say so here."""
+        filters = self._subscribing.pop(mid, [])
+        for index, reason in enumerate(reasons):
+            if getattr(reason, "is_failure", False):
+                topic_filter = filters[index] if index < len(filters) else f"(SUBSCRIBE {mid})"
+                log.error("the broker refused the subscription to %r (%s): no message sent "
+                          "there reaches this device", topic_filter[:200], reason)
+                self._rejected.labels("subscription_refused").inc()
 
     def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any,
                        properties: Any) -> None:
@@ -569,8 +591,8 @@ class Daemon:
                 self._idle.set()
 
     async def _answer(self, request: Request, topic: str) -> tuple[bytes, Properties]:
+        call = messages.call_for(request)
         try:
-            call = messages.call_for(request)
             try:
                 messages.check_topic(request, topic)
                 if request.content_type not in ("", JSON, BINARY, messages.NPZ):
@@ -581,12 +603,16 @@ class Daemon:
                 return self._error(request, self.plane.refuse(call, exc).error or exc)
             if request.content_type == messages.NPZ:
                 # decoded by the data plane once its hooks let the call through and it is
-                # routed, as HTTP bodies and gRPC messages are: a refused call costs no decode
-                result = await self.plane.infer_async(call, partial(messages.npz_request,
-                                                                    request))
-                return npz.encode(result.outputs), messages.reply_properties(request,
-                                                                             messages.NPZ)
+                # routed, as HTTP bodies and gRPC messages are: a refused call costs no decode;
+                # a big payload is decoded, and its answer encoded, off the loop, as theirs are
+                result = await self.plane.infer_async(call, partial(
+                    self.plane.convert, len(request.body), messages.npz_request, request))
+                size = sum(output.nbytes for output in result.outputs.values())
+                body = await self.plane.convert(size, npz.encode, result.outputs)
+                return body, messages.reply_properties(request, messages.NPZ)
             reply = await self.plane.handle_async(call)
+            if reply.error is not None or request.response_topic is None:
+                messages.take(request, call)  # the id and reply topic its decode read, if so
             if reply.error is not None:
                 return self._error(request, reply.error)
             user = [(k.lower(), v) for k, v in reply.headers.items()
@@ -604,7 +630,7 @@ class Daemon:
                 messages.reply_properties(request, JSON, [(messages.ERROR_PROPERTY, error.kind)]))
 
     def _send(self, request: Request, payload: bytes, properties: Properties) -> None:
-        if request.response_topic is None:
+        if request.response_topic is None and messages.reply_topic(request) is None:
             self._rejected.labels("no_reply_topic").inc()
             log.warning("a request to model %r names no Response Topic nor %r; its answer is "
                         "dropped", request.model, messages.REPLY_TO)

@@ -10,7 +10,8 @@ Payload forms, chosen by the MQTT v5 Content Type of the request:
   output.
 Where the answer goes: the request's Response Topic (with its Correlation Data, if any). MQTT
 3.1.1 has no properties: such clients send OIP JSON with a top-level `"reply_to"` topic and use
-the OIP `"id"` (echoed in the answer) to match answers. Errors are JSON
+the OIP `"id"` (echoed in the answer) to match answers; both are read by the data plane's decode
+of the body (`Call.kept`), so a body is parsed once. Errors are JSON
 `{"error": "...", "kind": "...", "id": ...}` with the user property `edgerun-error: <kind>`.
 """
 
@@ -23,7 +24,7 @@ import orjson
 from paho.mqtt.properties import Properties, VariableByteIntegers
 
 from edgerun.adapters.codecs import npz, oip
-from edgerun.adapters.dataplane.call import JSON, Call
+from edgerun.adapters.dataplane.call import BINARY, JSON, Call
 from edgerun.adapters.mqtt.transport import PublishProperties
 from edgerun.runtime.errors import EdgerunError, InvalidInput, Overloaded
 
@@ -31,6 +32,8 @@ TRANSPORT = "mqtt"
 NPZ = npz.CONTENT_TYPE
 ERROR_PROPERTY = "edgerun-error"
 REPLY_TO = "reply_to"
+#: What a kept member holds until the data plane's decode has read the request.
+_UNREAD = object()
 
 
 @dataclass(slots=True)
@@ -45,6 +48,8 @@ class Request:
     response_topic: str | None
     correlation: bytes | None
     request_id: str | None = None
+    #: Whether the JSON body's "id" (and, with no Response Topic, its "reply_to") was read.
+    read: bool = False
 
     @property
     def attributes(self):  # noqa: ANN201 - an Attributes callable
@@ -57,7 +62,8 @@ def infer_topics(scope: str) -> str:
 
 
 def parse(topic: str, payload: bytes, properties: Properties | None) -> Request:
-    """The request a message carries; for 3.1.1 JSON, the reply topic comes from the payload."""
+    """The request a message carries. A JSON body without a Response Topic (MQTT 3.1.1) names
+    its reply topic itself: read where the data plane decodes it (`take`), not here."""
     parts = topic.split("/")
     model = parts[3] if len(parts) >= 4 else ""
     version = parts[4] if len(parts) == 5 else None
@@ -70,11 +76,8 @@ def parse(topic: str, payload: bytes, properties: Properties | None) -> Request:
         content_type = getattr(properties, "ContentType", "") or ""
         for key, value in getattr(properties, "UserProperty", ()):
             user[key.lower()] = value
-    request = Request(model, version, payload, content_type.split(";")[0].strip().lower(), user,
-                      response_topic, correlation)
-    if response_topic is None and request.content_type in ("", JSON):
-        _reply_to_from_payload(request)
-    return request
+    return Request(model, version, payload, content_type.split(";")[0].strip().lower(), user,
+                   response_topic, correlation)
 
 
 def _json_header(body: bytes) -> Any:
@@ -86,23 +89,47 @@ def _json_header(body: bytes) -> Any:
         return None
 
 
-def _reply_to_from_payload(request: Request) -> None:
+def take(request: Request, call: Call) -> None:
+    """What the data plane's decode read of the request for its answer: its "id" and, with
+    no Response Topic, its "reply_to" (a big body was parsed once, on the worker thread)."""
+    kept = call.kept
+    if kept is None or kept["id"] is _UNREAD:
+        return
+    request.request_id = oip.id_text(kept["id"])
+    if REPLY_TO in kept:
+        request.response_topic = _topic(kept[REPLY_TO])
+    request.read = True
+
+
+def _read(request: Request) -> None:
+    """The JSON body read for its "id" and reply topic, once, where the data plane did not
+    read it (a call refused before its decode: no such model, a full inbox)."""
+    if request.read or request.content_type not in ("", JSON):
+        return
+    request.read = True
     header = _json_header(request.body)
     if isinstance(header, dict):
-        reply_to = header.get(REPLY_TO)
-        request.response_topic = reply_to if isinstance(reply_to, str) and reply_to else None
-        if header.get("id") is not None:
-            request.request_id = str(header["id"])
+        request.request_id = oip.id_text(header.get("id"))
+        if request.response_topic is None:
+            request.response_topic = _topic(header.get(REPLY_TO))
+
+
+def _topic(reply_to: Any) -> str | None:
+    return reply_to if isinstance(reply_to, str) and reply_to else None
 
 
 def request_id(request: Request) -> str | None:
-    """The request's "id" for an error reply: 3.1.1 JSON requests have it read already; a v5
-    JSON body is read for it only now, off the path every answered request takes."""
-    if request.request_id is None and request.content_type in ("", JSON):
-        header = _json_header(request.body)
-        if isinstance(header, dict) and header.get("id") is not None:
-            request.request_id = str(header["id"])
+    """The request's "id" for an error reply: as the data plane's decode read it, else read
+    now, off the path every answered request takes."""
+    _read(request)
     return request.request_id
+
+
+def reply_topic(request: Request) -> str | None:
+    """Where the answer goes: the Response Topic, else the JSON body's "reply_to"."""
+    if request.response_topic is None:
+        _read(request)
+    return request.response_topic
 
 
 #: Topics a device publishes or reads on its own account (`edgerun/<id>/<kind>...`).
@@ -152,8 +179,14 @@ def check_topic(request: Request, topic: str) -> None:
 
 
 def call_for(request: Request) -> Call:
+    """The data-plane call; an OIP body's decode keeps its "id" (and "reply_to") for `take`."""
+    kept: dict[str, Any] | None = None
+    if request.content_type in ("", JSON, BINARY):
+        kept = {"id": _UNREAD}
+        if request.response_topic is None and request.content_type != BINARY:
+            kept[REPLY_TO] = _UNREAD
     return Call("infer", request.model, request.version, request.body, request.attributes,
-                transport=TRANSPORT)
+                transport=TRANSPORT, kept=kept)
 
 
 def npz_request(request: Request) -> oip.InferRequest:
