@@ -321,13 +321,60 @@ def test_a_datatype_that_is_a_list_or_object_is_invalid_input_naming_the_input(d
     (16, b"\0" * 8, "runs past the 8 bytes"),
     (4, b"\0" * 4, "needs 8 bytes, binary_data_size is 4"),
     (8, b"\0" * 12, "4 bytes of binary data follow the last input"),
-    (True, b"\0" * 8, "binary_data_size True runs past"),
+    (True, b"\0" * 8, "binary_data_size must be a non-negative integer, got True"),
+    # not a size at all: once "runs past the 8 bytes of binary data", which they do not
+    (4.5, b"\0" * 8, "binary_data_size must be a non-negative integer, got 4.5"),
+    (8.0, b"\0" * 8, "binary_data_size must be a non-negative integer, got 8.0"),
+    ("8", b"\0" * 8, "binary_data_size must be a non-negative integer, got '8'"),
+    (-1, b"\0" * 8, "binary_data_size must be a non-negative integer, got -1"),
 ])
 def test_binary_size_errors(size, blob, message):
     header = json.dumps({"inputs": [{"name": "x", "datatype": "FP32", "shape": [2],
                                      "parameters": {"binary_data_size": size}}]}).encode()
     with pytest.raises(InvalidInput, match=message):
         oip.decode_request(header + blob, str(len(header)))
+
+
+@pytest.mark.parametrize("datatype, number, message", [
+    ("FP64", "18446744073709551616", "integer 18446744073709551616 is out of range for FP64"),
+    ("FP32", "-9223372036854775809", "integer -9223372036854775809 is out of range for FP32"),
+    ("INT64", "18446744073709551616",
+     "integer 18446744073709551616 is out of range for INT64 [-9223372036854775808, "
+     "9223372036854775807]"),
+    ("UINT64", "99999999999999999999999",
+     "integer 99999999999999999999999 is out of range for UINT64 [0, 18446744073709551615]"),
+    ("INT8", "9" * 400, "integer of 1329 bits is out of range for INT8 [-128, 127]"),
+])
+@pytest.mark.parametrize("non_finite", [False, True])
+def test_an_integer_past_64_bits_is_out_of_range_naming_the_input(datatype, number, message,
+                                                                   non_finite):
+    """Valid JSON: it was answered "the request body is not valid JSON" (simdjson reads no
+    integer past 64 bits), or "does not fit in 64 bits" naming no input."""
+    extra = ', "p": NaN' if non_finite else ""  # then read by json, not simdjson
+    body = ('{"inputs": [{"name": "y", "datatype": "FP32", "shape": [1], "data": [1]}, '
+            f'{{"name": "x", "datatype": "{datatype}", "shape": [2], "data": [1, {number}]}}]'
+            f'{extra}}}').encode()
+    with pytest.raises(InvalidInput, match=re.escape(f"input 'x': {message}")) as info:
+        oip.decode_request(body, None)
+    assert info.value.tensor == "x"
+    with pytest.raises(InvalidInput, match="not valid JSON"):  # still no JSON
+        oip.decode_request(body[:-1], None)
+
+
+@pytest.mark.parametrize("datatype", ["FP32", "FP64", "INT32", "UINT8", "INT64", "UINT64"])
+@pytest.mark.parametrize("data", [[True, 0], [True, False], [[1], [False]], [0.5, True]])
+def test_json_booleans_in_a_numeric_tensor_are_refused_naming_the_input(datatype, data):
+    """OIP's tensor data are JSON numbers for numeric datatypes (Triton refuses anything
+    else): `[true, 0]` for FP32 was taken as [1.0, 0.0]."""
+    body = json.dumps({"inputs": [{"name": "x", "datatype": datatype,
+                                   "shape": list(np.shape(data)), "data": data}]}).encode()
+    with pytest.raises(InvalidInput, match=re.escape(
+            f"input 'x': {datatype} data must be numbers, not true or false")) as info:
+        oip.decode_request(body, None)
+    assert info.value.tensor == "x"
+    flags = json.dumps({"inputs": [{"name": "x", "datatype": "BOOL", "shape": [2],
+                                    "data": [True, False]}]}).encode()
+    assert oip.decode_request(flags, None).inputs["x"].tolist() == [True, False]
 
 
 def test_binary_bool_and_bytes_errors():
@@ -536,6 +583,24 @@ def _npz_member(shape: tuple[int, ...], size: int, compression: int = zipfile.ZI
             for start in range(0, size, len(chunk)):
                 member.write(chunk[:size - start])
     return buffer.getvalue()
+
+
+def test_npz_members_that_are_no_npy_array_are_refused_naming_them():
+    """np.load hands a member not named .npy over as its raw bytes: it reached validation as a
+    byte string, refused there as if the client had sent a string tensor."""
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        archive.writestr("x.npy", _npy(np.zeros(2, np.float32)))
+        archive.writestr("notes.txt", b"hello")
+    with pytest.raises(InvalidInput, match=re.escape(
+            "the .npz payload's member 'notes.txt' is not a .npy array")):
+        npz.decode(buffer.getvalue())
+
+
+def _npy(array: np.ndarray) -> bytes:
+    out = io.BytesIO()
+    np.lib.format.write_array(out, array, allow_pickle=False)
+    return out.getvalue()
 
 
 def test_npz_zip_bombs_are_refused_unread():

@@ -453,6 +453,43 @@ def test_decoded_requests_pass_hooks_routing_and_metrics(plane):
                       ("mlp", "1", "grpc", "invalid_input"): 1}
 
 
+def test_an_answer_encoded_in_the_data_plane_is_counted_as_what_its_caller_gets(plane):
+    """gRPC encoded its answer after `infer_async` had counted the call `ok`: an answer it
+    could not encode (an output dtype with no OIP datatype) reached the client as an error
+    status and the metrics and hooks as a success. Encoded by `infer_async`, as an HTTP answer
+    is encoded in its route, the failure is counted as the error sent."""
+    seen: list[str] = []
+
+    class Outcomes(Hook):
+        def after(self, call: Call, error) -> None:
+            seen.append("ok" if error is None else error.kind)
+
+    plane.hooks.add(Outcomes())
+    request = oip.InferRequest(None, {"x": np.zeros((2, 8), np.float32)}, None, False, None)
+
+    def unencodable(result):  # as the gRPC codec meets an output numpy has and OIP has not
+        return {name: oip.datatype_of(array.astype(np.complex64))
+                for name, array in result.outputs.items()}
+
+    async def off_loop(result):  # a big answer, encoded on a worker thread
+        return await asyncio.to_thread(oip.encode_response, result.model, result.version,
+                                       result.request, result.outputs)
+
+    def grpc() -> Call:
+        return Call(routes.INFER, "mlp", transport="grpc")
+
+    with pytest.raises(InvalidInput, match="have no OIP datatype") as info:
+        asyncio.run(plane.infer_async(grpc(), request, unencodable))
+    assert info.value.version == "1"
+    body, _ = asyncio.run(plane.infer_async(grpc(), request, off_loop))
+    assert json.loads(body)["outputs"][0]["shape"] == [2, 4]
+    assert asyncio.run(plane.infer_async(grpc(), request, lambda result: result.version)) == "1"
+    assert seen == ["invalid_input", "ok", "ok"]
+    counts = {labels: value for labels, value in
+              series(plane.repository.registry, "edgerun_requests_total").items()}
+    assert counts == {("mlp", "1", "grpc", "invalid_input"): 1, ("mlp", "1", "grpc", "ok"): 2}
+
+
 def test_an_unexpected_failure_is_logged_with_the_request_id_its_caller_got(plane, caplog):
     """A hook's bug (a tracer's, say) answered 500 with an X-Request-Id, and logged a
     traceback that named no request: the operator could not find it from the caller's id."""

@@ -432,6 +432,26 @@ def test_bad_input_is_invalid_argument_naming_the_input(client, stub):
     assert "parameters.timeout must be a positive number" in caught.value.details()
 
 
+def test_typed_data_in_another_contents_field_is_named(stub):
+    """Values sent in a contents field the datatype does not take (int_contents for FP32, a
+    natural slip) were refused as "data has 0 elements", as if none had been sent."""
+    for datatype, given, values in (("FP32", "int_contents", [1] * 8),
+                                    ("FP32", "fp64_contents", [0.5] * 8),
+                                    ("INT64", "int_contents", [1] * 8)):
+        request = pb.ModelInferRequest(model_name=f"identity-{datatype.lower()}")
+        tensor = request.inputs.add(name="x", datatype=datatype, shape=[1, 8])
+        getattr(tensor.contents, given).extend(values)
+        with pytest.raises(grpc.RpcError) as caught:
+            stub.ModelInfer(request)
+        assert caught.value.code() == StatusCode.INVALID_ARGUMENT
+        assert caught.value.details() == (
+            f"input 'x': {datatype} data go in contents.{CONTENTS[datatype]}; the request set "
+            f"contents.{given}"), caught.value.details()
+    empty = typed_request("identity-fp32", "x", "FP32", np.zeros(0, np.float32))
+    empty.inputs[0].shape[:] = [1, 0]  # nothing sent, nothing needed: answered
+    assert list(stub.ModelInfer(empty).outputs[0].shape) == [1, 0]
+
+
 def test_a_big_bad_request_is_refused_and_counted_as_a_small_one(server, stub):
     """Big requests are decoded on the worker, small ones on the loop, both where the data
     plane decodes, after its hooks and routing: the same codes, the same counts."""

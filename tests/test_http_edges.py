@@ -25,6 +25,7 @@ from edgerun.examples import mlp_onnx
 from tests.fleet_sim import wait_for
 from tests.helpers import identity_onnx
 from tests.serving import add_version, running_server
+from tests.test_shutdown import slow_run_onnx
 
 PATIENT = "[batching]\nmax_queue_delay_us = 60000000\n"
 PATIENT_LABELS = {"model": "patient", "version": "1"}
@@ -36,6 +37,7 @@ def repo(tmp_path_factory) -> Path:
     add_version(root, "mlp", "1", mlp_onnx([8, 16, 4]))
     add_version(root, "patient", "1", identity_onnx("float32", ["b", "n"]))
     (root / "patient" / "config.toml").write_text(PATIENT)
+    add_version(root, "slowrun", "1", slow_run_onnx(products=5))  # a forward pass of ~1 s
     return root
 
 
@@ -430,7 +432,77 @@ def test_big_compressed_bodies_are_answered_and_refused_as_before(server):
     assert small.status_code == 200 and small.json()["outputs"][0]["shape"] == [1, 4]
 
 
+def gzip_members(plain: bytes, *cuts: int) -> bytes:
+    """`plain` gzipped as one member per piece between `cuts`, as `cat a.gz b.gz` makes it."""
+    edges = [0, *cuts, len(plain)]
+    return b"".join(gzip.compress(plain[a:b]) for a, b in zip(edges, edges[1:]))
+
+
+def test_a_gzip_body_of_several_members_is_inflated_whole(server):
+    """RFC 1952: a gzip stream is a series of members (`cat a.gz b.gz`, streaming
+    compressors, pigz). Only the first was inflated and the rest dropped unread, so the request
+    was refused for JSON cut short (or, cut at a value, answered for less than was sent)."""
+    small = oip("x", [1, 8], [0.5] * 8)
+    answer = httpx.post(server.url + "/v2/models/mlp/infer",
+                        content=gzip_members(small, 10, 40), headers={"Content-Encoding": "gzip"})
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["outputs"][0]["shape"] == [1, 4]
+    rows = 50_000  # 1.6 MB: members past the first 256 KiB are inflated on the worker thread
+    big = oip("x", [rows, 8], [[0.5] * 8] * rows)
+    for cuts in ((100, 200_000), (len(big) // 2,)):
+        answer = httpx.post(server.url + "/v2/models/mlp/infer", timeout=30,
+                            content=gzip_members(big, *cuts) + bytes(16),  # zero padding
+                            headers={"Content-Encoding": "gzip"})
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["outputs"][0]["shape"] == [rows, 4]
+    # the limit holds for all members together (8 MiB here): 6 MiB + 6 MiB of zeros
+    bomb = gzip.compress(bytes(6 << 20)) * 2
+    answer = httpx.post(server.url + "/v2/models/mlp/infer", content=bomb,
+                        headers={"Content-Encoding": "gzip"})
+    assert answer.status_code == 413 and "once decompressed" in answer.json()["error"]
+    # what follows a member is another member, or nothing
+    answer = httpx.post(server.url + "/v2/models/mlp/infer",
+                        content=gzip.compress(small) + b"not gzip",
+                        headers={"Content-Encoding": "gzip"})
+    assert answer.status_code == 400 and "gzip request body is corrupt" in answer.json()["error"]
+    answer = httpx.post(server.url + "/v2/models/mlp/infer",
+                        content=gzip_members(small, 10)[:-4],
+                        headers={"Content-Encoding": "gzip"})
+    assert answer.status_code == 400 and "truncated" in answer.json()["error"]
+
+
 # ----------------------------------------------------------------------------- gRPC
+def test_a_deadline_that_passes_while_the_request_runs_is_counted_as_the_client_sees_it(server):
+    """A gRPC call whose deadline passed while its batch ran (not while it queued) was counted
+    `cancelled`, while its client got DEADLINE_EXCEEDED: dashboards showed clients giving up
+    where the server was too slow. Over HTTP the timeout bounds the queue alone: the answer
+    comes, and is counted, once the run ends."""
+    labels = {"model": "slowrun", "version": "1"}
+    outcomes = ("ok", "cancelled", "deadline_exceeded")
+
+    def now() -> dict[tuple[str, str], float]:
+        return {(t, o): metric(server, "edgerun_requests_total", **labels, transport=t,
+                               outcome=o) for t in ("grpc", "http") for o in outcomes}
+
+    passes = metric(server, "edgerun_inference_seconds_count", **labels)
+    before = now()
+    x = tgrpc.InferInput("x", [1, 2], "FP32")
+    x.set_data_from_numpy(np.ones((1, 2), np.float32))
+    client = tgrpc.InferenceServerClient(server.grpc_address)
+    with pytest.raises(InferenceServerException) as caught:
+        client.infer("slowrun", [x], client_timeout=0.3)
+    assert caught.value.status() == "StatusCode.DEADLINE_EXCEEDED"
+    wait_for(lambda: metric(server, "edgerun_inference_seconds_count", **labels) == passes + 1,
+             30, "the late call's forward pass to end")
+    answer = httpx.post(server.url + "/v2/models/slowrun/infer", timeout=30,
+                        content=oip("x", [1, 2], [1, 1]),
+                        headers={"X-Request-Timeout-Ms": "300"})
+    assert answer.status_code == 200, answer.text
+    after = now()
+    moved = {key: after[key] - before[key] for key in after if after[key] != before[key]}
+    assert moved == {("grpc", "deadline_exceeded"): 1, ("http", "ok"): 1}, moved
+
+
 def test_grpc_cancel_and_deadline_withdraw_the_request(server):
     client = tgrpc.InferenceServerClient(server.grpc_address)
     grpc_labels = {**PATIENT_LABELS, "transport": "grpc"}

@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -28,7 +29,7 @@ from edgerun.examples import mlp_onnx
 from edgerun.runtime import create_bundle
 from edgerun.runtime.bundle import MANIFEST, sha256_file
 from edgerun.runtime.errors import (BundleError, EdgerunError, InvalidInput, ModelNotFound,
-                                    Overloaded)
+                                    Overloaded, PayloadTooLarge)
 from edgerun.runtime.sources import BundleSource
 from tests.lambda_runtime_api import RuntimeAPI
 from tests.staging_peer import held_elsewhere
@@ -379,6 +380,22 @@ def requests_counted(handler: LambdaHandler, outcome: str, transport: str = "lam
                if line.startswith("edgerun_requests_total{") and labels in line)
 
 
+def test_a_direct_answer_too_large_for_lambda_is_a_payload_too_large(wide_handler):
+    """A direct invocation's answer was returned unmeasured: one over Lambda's 6 MB came to
+    the invoker as Lambda's bare ResponseSizeTooLarge, counted `ok`. It is now the call's
+    PayloadTooLarge naming the size and the limit, counted so; one that fits is answered."""
+    from awslambdaric.lambda_runtime_marshaller import to_json
+
+    ok, too_large = (requests_counted(wide_handler, outcome, "lambda")
+                     for outcome in ("ok", "payload_too_large"))
+    fits = wide_handler(json.loads(infer_body(rows(1000))), Context())
+    assert len(to_json(fits).encode()) < 6 * 1024 * 1024
+    with pytest.raises(PayloadTooLarge, match=r"answer of \d+ bytes is over the 6291456-byte"):
+        wide_handler(json.loads(infer_body(rows(3000))), Context())
+    assert requests_counted(wide_handler, "ok", "lambda") == ok + 1
+    assert requests_counted(wide_handler, "payload_too_large", "lambda") == too_large + 1
+
+
 @pytest.mark.parametrize("name", ["apigw_v2", "alb"])
 def test_an_answer_too_large_for_lambda_is_counted_as_the_413_it_is(wide_handler, name):
     """The answer was checked against Lambda's limit after the data plane had counted it `ok`
@@ -413,10 +430,10 @@ class BusyPlane:
     def __getattr__(self, name: str):
         return getattr(self.plane, name)
 
-    async def infer_json_async(self, call, request, check=None):
+    async def infer_async(self, call, request, encode=None):
         if call.model == "busy":
             raise Overloaded("the queue is full")
-        return await self.plane.infer_json_async(call, request, check)
+        return await self.plane.infer_async(call, request, encode)
 
 
 def busy_handler(handler: LambdaHandler, **options) -> LambdaHandler:
@@ -1037,18 +1054,25 @@ def test_direct_invocation_takes_and_gives_oip_json(handler, reference):
 
 
 @pytest.mark.parametrize("event, message", [
-    ('{"inputs": [{"name": "x", "datatype": "FP32", "shape": [1], "data": [1e30]}], '
-     '"id": 100000000000000000000000000000}', "does not fit in 64 bits"),
     ('{"inputs": [{"name": "x", "datatype": "INT64", "shape": [1], '
-     '"data": [100000000000000000000000000000]}]}', "does not fit in 64 bits"),
+     '"data": [100000000000000000000000000000]}]}',
+     "input 'x': integer 100000000000000000000000000000 is out of range for INT64"),
     ('{"inputs": [{"name": "x", "datatype": "BYTES", "shape": [1], "data": ["\\udcff"]}]}',
      "not valid JSON"),
 ])
 def test_direct_events_orjson_cannot_write_again_are_invalid_input(handler, event, message):
     """The runtime reads the event with json, which takes integers past 64 bits and lone
     surrogates; orjson refused to write them again (a TypeError, Lambda's errorType)."""
-    with pytest.raises(InvalidInput, match=message):
+    with pytest.raises(InvalidInput, match=re.escape(message)):
         handler(json.loads(event), Context())
+
+
+def test_a_direct_event_whose_id_is_an_integer_past_64_bits_is_answered(handler):
+    """Valid JSON, and an id as any other integer id is taken: once refused as an integer that
+    "does not fit in 64 bits" (simdjson's limit), naming nothing."""
+    event = json.loads(infer_body(np.zeros((1, 8), np.float32)))
+    event["id"] = 10 ** 29
+    assert handler(event, Context())["id"] == str(10 ** 29)
 
 
 # ------------------------------------------------------------------------ init and the model

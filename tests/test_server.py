@@ -286,7 +286,14 @@ def test_tf_serving_b64_strings_and_status(server):
     (b'{"inputs": [', "not valid JSON"),
     ({"inputs": []}, "no \"inputs\" list"),
     (b'{"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 8], "data": '
-     b'[23227224206947391635456, 0, 0, 0, 0, 0, 0, 0]}]}', "does not fit in 64 bits"),
+     b'[23227224206947391635456, 0, 0, 0, 0, 0, 0, 0]}]}',
+     "input 'x': integer 23227224206947391635456 is out of range for FP32"),
+    # valid JSON, once "not valid JSON"; JSON booleans, once read as 1.0 and 0.0
+    (b'{"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 8], "data": '
+     b'[18446744073709551616, 0, 0, 0, 0, 0, 0, 0]}]}',
+     "input 'x': integer 18446744073709551616 is out of range for FP32"),
+    (oip("x", "FP32", [1, 8], [True] + [0] * 7),
+     "input 'x': FP32 data must be numbers, not true or false"),
 ])
 def test_bad_tensors_get_400_naming_the_culprit(server, body, message):
     response = post(server, "/v2/models/mlp/infer", body)

@@ -45,11 +45,11 @@ from mangum.types import LambdaHandler as EventShape
 from edgerun.adapters.aws_lambda.destinations import Destination
 from edgerun.adapters.aws_lambda.records import Record, kinesis_record, sqs_record
 from edgerun.adapters.codecs import oip
-from edgerun.adapters.dataplane import Call, DataPlane, Reply
+from edgerun.adapters.dataplane import Call, DataPlane, InferResult, Reply
 from edgerun.adapters.dataplane.call import INFER
 from edgerun.adapters.http.asgi import EdgerunASGI, response_head
 from edgerun.adapters.http.routes import READ_ONLY_ROUTES, match
-from edgerun.runtime.errors import RETRYABLE, EdgerunError, InvalidInput
+from edgerun.runtime.errors import RETRYABLE, EdgerunError, InvalidInput, PayloadTooLarge
 
 log = logging.getLogger(__name__)
 
@@ -300,16 +300,19 @@ class LambdaHandler:
                 return reply.body, reply.error
             refused: list[EdgerunError] = []
 
-            def fits(body: bytes) -> None:
-                assert self.destination is not None
-                error = self.destination.too_large(record.item_id, body)
+            def result(outcome: InferResult) -> bytes:
+                """Its JSON, inside the call: an output JSON cannot carry, or a result its
+                destination could never take, is the call's error, counted as such."""
+                body = outcome.json()
+                error = None if self.destination is None else \
+                    self.destination.too_large(record.item_id, body)
                 if error is not None:
                     refused.append(error)
                     raise error
+                return body
 
-            try:  # the answer too: an output JSON cannot carry is this record's failure
-                return await self.plane.infer_json_async(
-                    record.call, request, None if self.destination is None else fits), None
+            try:
+                return await self.plane.infer_async(record.call, request, result), None
             except EdgerunError as exc:
                 if refused and exc is refused[0]:
                     return self._result_too_large(record, exc), None
@@ -342,7 +345,20 @@ class LambdaHandler:
         call = Call(INFER, str(event.get("model_name") or self.default_model),
                     None if version is None else str(version), body,
                     transport="lambda", timeout=_budget(context))
-        return oip.loads(self.plane.infer(call, lambda: oip.decode_request(body, None)).json())
+
+        def answer(result: InferResult) -> dict[str, Any]:
+            """The answer, inside the call: one larger than Lambda returns is the call's
+            PayloadTooLarge, counted so, where the invoker would get Lambda's bare
+            ResponseSizeTooLarge. Measured as the runtime client writes it (no fewer bytes)."""
+            answer = oip.loads(result.json())
+            size = len(json.dumps(answer))
+            if size > MAX_RESPONSE_BYTES:
+                raise PayloadTooLarge(f"the answer of {size} bytes is over the "
+                                      f"{MAX_RESPONSE_BYTES}-byte limit of a Lambda invocation's "
+                                      "answer; send fewer rows a request")
+            return answer
+
+        return self.plane.infer(call, lambda: oip.decode_request(body, None), answer)
 
 
 def event_kind(event: Any) -> str:

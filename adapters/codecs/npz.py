@@ -32,6 +32,10 @@ def decode(payload: bytes, max_bytes: int = MAX_DECODED_BYTES) -> dict[str, np.n
     try:
         with zipfile.ZipFile(io.BytesIO(payload)) as archive:
             members = archive.infolist()
+            for info in members:  # np.load handed a member not named .npy over as raw bytes
+                if not info.filename.endswith(".npy"):
+                    raise InvalidInput(f"the .npz payload's member {info.filename[:200]!r} is "
+                                       "not a .npy array; an .npz holds .npy members only")
             # zipfile reads no member past the size the archive declares for it
             declared = sum(info.file_size for info in members)
             if declared > max_bytes:

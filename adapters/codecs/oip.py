@@ -10,6 +10,7 @@ shapes as arrays.
 from __future__ import annotations
 
 import json
+import math
 import struct
 import sys
 from collections.abc import Mapping
@@ -122,8 +123,10 @@ def decode_request(body: bytes, header_length: str | None,
         if size is not None:
             if "data" in item:
                 raise InvalidInput(f"input {name!r} has both data and binary_data_size", name)
-            if isinstance(size, bool) or not isinstance(size, int) or size < 0 \
-                    or offset + size > len(binary):
+            if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+                raise InvalidInput(f"input {name!r}: binary_data_size must be a non-negative "
+                                   f"integer, got {_plain(size)!r:.32}", name)
+            if offset + size > len(binary):
                 raise InvalidInput(f"input {name!r}: binary_data_size {size} runs past the "
                                    f"{len(binary)} bytes of binary data", name)
             inputs[name] = decode_binary(name, datatype, shape, binary[offset:offset + size])
@@ -165,15 +168,36 @@ def _parse(data: bytes) -> Any:
     try:
         return simdjson.Parser().parse(data)
     except ValueError as exc:
-        parsed = loads_non_finite(data)  # NaN or an infinity, which simdjson cannot read
+        # NaN or an infinity, or an integer past 64 bits (NUMBER_ERROR), which simdjson
+        # cannot read: json reads them, and the integer's input says it is out of range
+        parsed = loads_non_finite(data) if "NUMBER_ERROR" not in str(exc) else _loads_exact(data)
         if parsed is None:
             raise InvalidInput(f"the request body is not valid JSON: {exc}") from None
         return parsed
     except RuntimeError as exc:  # simdjson's BIGINT_ERROR (found by the API fuzzer), DEPTH_ERROR
         if "BIGINT" in str(exc):
+            parsed = _loads_exact(data)
+            if parsed is not None:
+                return parsed
             raise InvalidInput(f"the request body holds an integer that does not fit in 64 "
                                f"bits ({exc})") from None
         raise InvalidInput(f"the request body cannot be read as JSON ({exc})") from None
+
+
+def _loads_exact(body: bytes) -> Any | None:
+    """`body` read by json, its integers exact whatever their size (a float past the largest
+    is no number: None, as for a body that is not JSON)."""
+    try:
+        return json.loads(body, parse_float=_finite_float)
+    except (ValueError, RecursionError):  # not JSON (or not UTF-8), or nested too deep
+        return None
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if value in (math.inf, -math.inf):
+        raise ValueError(f"{text[:32]} is too large for a float")
+    return value
 
 
 # NaN and the infinities. JSON has no token for them; Triton (rapidjson's kParseNanAndInfFlag,
@@ -292,10 +316,31 @@ def _decode_data(name: str, datatype: str, shape: list[int], data: Any) -> np.nd
         try:
             raw = np.frombuffer(data.as_buffer(of_type=kind), dtype=_BUFFER_DTYPES[kind])
         except (TypeError, ValueError):
-            pass  # not all numbers of that kind: decode_json says what is wrong
+            # not all numbers of that kind (the error path, or JSON booleans: looked for here,
+            # not on the way every numeric tensor takes)
+            plain = _plain(data)
+            _refuse_booleans(name, datatype, plain)
+            return decode_json(name, datatype, shape, plain)
         else:
             return shaped(name, shape, cast_array(raw, DATATYPES[datatype], name))
     return decode_json(name, datatype, shape, _plain(data))
+
+
+def _refuse_booleans(name: str, datatype: str, data: Any) -> None:
+    """JSON `true` or `false` in a numeric tensor's data: OIP's numbers are JSON numbers (and
+    Triton refuses the rest), and numpy would read them as 1 and 0."""
+    stack = [data]
+    while stack:
+        value = stack.pop()
+        if type(value) is list:
+            stack.extend(value)
+        elif type(value) is bool:
+            raise _booleans(name, datatype)
+
+
+def _booleans(name: str, datatype: str) -> InvalidInput:
+    return InvalidInput(f"input {name!r}: {datatype} data must be numbers, not true or false "
+                        "(only BOOL data take them)", name)
 
 
 def _elements(shape: list[int]) -> int:
@@ -313,10 +358,35 @@ def decode_json(name: str, datatype: str, shape: list[int], data: Any) -> np.nda
         array = string_array(data, name)
     else:
         array = as_array(data, name)
+        if datatype != "BOOL" and array.dtype.kind in "bO":  # never numbers: the error path
+            _check_numbers(name, datatype, array)
         if datatype == "UINT64":
             array = exact_uint64(data, array, name)
         array = cast_array(array, DATATYPES[datatype], name)
     return shaped(name, shape, array)
+
+
+#: The integers a JSON number in numeric data may be read as (simdjson's int64 and uint64).
+_JSON_INTEGERS = (-2 ** 63, 2 ** 64 - 1)
+
+
+def _check_numbers(name: str, datatype: str, array: np.ndarray) -> None:
+    """For data numpy could not read as numbers: refuse JSON booleans, and integers past 64
+    bits (as json reads them, exactly) as out of range, naming the input. Other elements are
+    left to `cast_array` to refuse."""
+    if array.dtype.kind == "b":
+        raise _booleans(name, datatype)
+    for value in array.reshape(-1):  # not .flat: numpy's iterators stop at 32 dimensions
+        if type(value) is bool:
+            raise _booleans(name, datatype)
+        if type(value) is int and not _JSON_INTEGERS[0] <= value <= _JSON_INTEGERS[1]:
+            bits = value.bit_length()
+            shown = str(value) if bits <= 256 else f"of {bits} bits"
+            dtype = DATATYPES[datatype]
+            limits = "" if dtype.startswith("float") else \
+                f" [{np.iinfo(dtype).min}, {np.iinfo(dtype).max}]"
+            raise InvalidInput(f"input {name!r}: integer {shown} is out of range for "
+                               f"{datatype}{limits}", name)
 
 
 def shaped(name: str, shape: list[int], array: np.ndarray) -> np.ndarray:

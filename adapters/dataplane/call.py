@@ -48,6 +48,9 @@ class Call:
     transport: str = "http"
     #: A queueing budget the transport imposes (a gRPC deadline, a Lambda's remaining time).
     timeout: float | None = None
+    #: When the transport's caller stops waiting (`time.monotonic()`, a gRPC deadline): a
+    #: call cancelled past it is counted `deadline_exceeded`, the status its caller got.
+    deadline: float | None = None
     #: Set by hooks: the request id, who is calling, and headers for the answer.
     request_id: str | None = None
     identity: str | None = None

@@ -7,8 +7,9 @@ Adapters only translate their transport to a `Call` and a `Reply` back: HTTP map
 error to a status code, MQTT to an error message, Lambda to `batchItemFailures`. `handle` is for
 callers on plain threads (paho-mqtt callbacks, Lambda handlers) and blocks; `handle_async` is
 for callers on an event loop and never blocks it. Transports with their own tensor encoding
-(gRPC) call `infer`/`infer_async` with a decoded request and get arrays back; Lambda's queue
-records call `infer_json_async` for their result as JSON.
+(gRPC) call `infer`/`infer_async` with a decoded request and get arrays back, or their own
+encoding of them (`encode`: gRPC's message, a Lambda queue record's JSON), made and counted
+inside the call.
 """
 
 from __future__ import annotations
@@ -18,11 +19,12 @@ import dataclasses
 import logging
 import math
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from types import CoroutineType
+from typing import Any, TypeVar, overload
 
 import numpy as np
 import orjson
@@ -34,8 +36,8 @@ from edgerun.adapters.dataplane.call import (BINARY, INFER, INFERENCE_ROUTES, JS
                                              MODEL_STATUS, PREDICT, READY, REPOSITORY_INDEX,
                                              SERVER_METADATA, UNLOAD, Call, Reply)
 from edgerun.adapters.dataplane.hooks import HookChain, RequestId
-from edgerun.runtime.errors import (Cancelled, EdgerunError, InferenceError, InvalidInput,
-                                    ModelNotReady, PayloadTooLarge)
+from edgerun.runtime.errors import (Cancelled, DeadlineExceeded, EdgerunError, InferenceError,
+                                    InvalidInput, ModelNotReady, PayloadTooLarge)
 from edgerun.runtime.metrics import LATENCY_BUCKETS
 from edgerun.runtime.repository import READY as READY_STATE
 from edgerun.runtime.repository import Repository
@@ -55,9 +57,6 @@ BodyReader = Callable[[], Awaitable[bytes]]
 #: What a transport passes on of a call's reply: None where it sets no limit, else the bytes it
 #: would send for the reply and the most it passes on (see `DataPlane.limit_answers`).
 AnswerLimit = Callable[[Call, Reply], "tuple[int, int] | None"]
-#: What a transport checks of a result it passes on as JSON (see `DataPlane.infer_json_async`):
-#: it raises the error the call gets instead (PayloadTooLarge, a result its destination refuses).
-ResultCheck = Callable[[bytes], None]
 PLATFORMS = {"onnxruntime": "onnxruntime_onnx", "tflite": "tensorflow_lite", "tvm": "tvm"}
 #: Inference bodies from this size up are decoded, and their answers encoded, on a worker
 #: thread: a 60 MB JSON body takes seconds to read, and on the event loop every other caller,
@@ -85,6 +84,11 @@ class InferResult:
                                       else [oip.RequestedOutput(o.name, False)
                                             for o in request.outputs])
         return oip.encode_response(self.model, self.version, as_json, self.outputs)[0]
+
+
+#: Makes a transport's answer of a result, or a coroutine making it (on a worker thread, say),
+#: for `infer_async` to return.
+Encoder = Callable[[InferResult], T | Coroutine[Any, Any, T]]
 
 
 class DataPlane:
@@ -140,7 +144,7 @@ class DataPlane:
             route = self._async_routes.get(call.route)
             reply = await route(call) if route is not None else self._routes[call.route](call)
         except asyncio.CancelledError:  # the caller went away: hooks and metrics still see it
-            error = Cancelled("the caller cancelled the request")
+            error = _cancelled(call)
             self._done(call, Reply(b"", error=error, version=call.routed_version), started)
             raise
         except Exception as exc:
@@ -200,51 +204,62 @@ class DataPlane:
         return reply
 
     # ------------------------------------------------------ decoded tensors (gRPC, ...)
-    def infer(self, call: Call, request: oip.InferRequest | Decoder) -> InferResult:
+    @overload
+    def infer(self, call: Call, request: oip.InferRequest | Decoder) -> InferResult: ...
+
+    @overload
+    def infer(self, call: Call, request: oip.InferRequest | Decoder,
+              encode: Callable[[InferResult], T]) -> T: ...
+
+    def infer(self, call: Call, request: oip.InferRequest | Decoder,
+              encode: Callable[[InferResult], T] | None = None) -> InferResult | T:
         """Run a decoded OIP request from a plain thread; raises the core's errors.
 
         `request` may be the function that decodes it: then it runs after the hooks, so a
-        refused call is never decoded and a malformed one is counted like any other.
+        refused call is never decoded and a malformed one is counted like any other. `encode`,
+        as `infer_async`'s, makes the transport's answer inside the counted call.
         """
         with self._admitted(call) as routed:
             if callable(request):
                 request = request()
             oip.check_outputs(request, routed.signature)
             outputs = routed.run(request.inputs, self._timeout(call, request.timeout_us))
-        return _result(call, request, routed.version, outputs)
+            result = _result(call, request, routed.version, outputs)
+            return result if encode is None else encode(result)
 
+    @overload
     async def infer_async(self, call: Call,
-                          request: oip.InferRequest | Decoder | AsyncDecoder) -> InferResult:
+                          request: oip.InferRequest | Decoder | AsyncDecoder) -> InferResult: ...
+
+    @overload
+    async def infer_async(self, call: Call, request: oip.InferRequest | Decoder | AsyncDecoder,
+                          encode: Encoder[T]) -> T: ...
+
+    async def infer_async(self, call: Call, request: oip.InferRequest | Decoder | AsyncDecoder,
+                          encode: Encoder[T] | None = None) -> InferResult | T:
         """Run a decoded OIP request from an event loop; see `infer`. Its decoder may also be
         a coroutine function (one that decodes a big request on a worker thread, say): it too
         is awaited only once the hooks let the call through and it is routed; the call's
-        `timeout` is read after it, so it may leave there the budget its decoding left."""
-        with self._admitted(call) as routed:
-            return await self._run_async(call, request, routed)
+        `timeout` is read after it, so it may leave there the budget its decoding left.
 
-    async def infer_json_async(self, call: Call,
-                               request: oip.InferRequest | Decoder | AsyncDecoder,
-                               check: ResultCheck | None = None) -> bytes:
-        """`infer_async`'s answer as the OIP response all in JSON (`InferResult.json`), for a
-        transport that passes results on as messages (Lambda's queue records). It is encoded,
-        and `check`ed, while the call is handled: an output JSON cannot carry, or a result its
-        transport refuses (one larger than a message holds), is the call's error, which the
-        hooks' after-step and the metrics see, not an `ok` whose result never went."""
+        `encode`, when given, makes the transport's answer of the result (or a coroutine that
+        makes it), and that is returned: it runs before the hooks' after-step and the metrics, as an
+        HTTP answer is encoded, so an answer that cannot be encoded is counted as the error
+        its caller gets, not as `ok`."""
         with self._admitted(call) as routed:
-            body = (await self._run_async(call, request, routed)).json()
-            if check is not None:
-                check(body)
-        return body
-
-    async def _run_async(self, call: Call, request: oip.InferRequest | Decoder | AsyncDecoder,
-                         routed: Routed) -> InferResult:
-        if callable(request):
-            request = request()
-            if not isinstance(request, oip.InferRequest):
-                request = await request
-        oip.check_outputs(request, routed.signature)
-        outputs = await routed.run_async(request.inputs, self._timeout(call, request.timeout_us))
-        return _result(call, request, routed.version, outputs)
+            if callable(request):
+                request = request()
+                if not isinstance(request, oip.InferRequest):
+                    request = await request
+            oip.check_outputs(request, routed.signature)
+            outputs = await routed.run_async(request.inputs,
+                                             self._timeout(call, request.timeout_us))
+            result = _result(call, request, routed.version, outputs)
+            if encode is None:
+                return result
+            answer = encode(result)
+            # a type check, not inspect.isawaitable: ten times quicker, every call pays it
+            return await answer if type(answer) is CoroutineType else answer
 
     @contextmanager
     def _admitted(self, call: Call) -> Iterator[Routed]:
@@ -257,7 +272,7 @@ class DataPlane:
                 version = routed.version  # routed first: an unknown model is NOT_FOUND
                 yield routed
         except asyncio.CancelledError:  # the caller went away (a gRPC deadline, a disconnect)
-            error = Cancelled("the caller cancelled the request")
+            error = _cancelled(call)
             raise
         except Exception as exc:
             error = _as_error(exc, call)
@@ -446,6 +461,15 @@ def _result(call: Call, request: oip.InferRequest, version: str,
     if request.outputs is not None:
         outputs = {o.name: outputs[o.name] for o in request.outputs}
     return InferResult(call.model, version, request, outputs)
+
+
+def _cancelled(call: Call) -> EdgerunError:
+    """The error of a call whose caller stopped waiting: its deadline passed (a gRPC client
+    then sees DEADLINE_EXCEEDED, wherever the call was: queued, running or being answered),
+    or it went away."""
+    if call.deadline is not None and time.monotonic() >= call.deadline:
+        return DeadlineExceeded("the request's deadline passed before it was answered")
+    return Cancelled("the caller cancelled the request")
 
 
 def _as_error(exc: Exception, call: Call) -> EdgerunError:

@@ -108,6 +108,8 @@ def _decode_contents(name: str, datatype: str, shape: list[int],
         raise InvalidInput(f"input {name!r}: {datatype} has no typed contents field; send it "
                            "in raw_input_contents", name)
     values = getattr(contents, field)
+    if not values:
+        _check_field(name, datatype, field, contents)
     if datatype == "BYTES":
         array = np.empty(len(values), dtype=object)
         array[:] = [_text(v) for v in values]
@@ -122,6 +124,15 @@ def _decode_contents(name: str, datatype: str, shape: list[int],
         array = cast_array(np.array(values, dtype=_FIELD_DTYPE[field]),
                            oip.DATATYPES[datatype], name)
     return oip.shaped(name, shape, array)
+
+
+def _check_field(name: str, datatype: str, field: str, contents: pb.InferTensorContents) -> None:
+    """Data sent in another contents field than the datatype's: named, where the datatype's
+    own field, empty, said the data held no elements."""
+    given = [described.name for described, _ in contents.ListFields() if described.name != field]
+    if given:
+        raise InvalidInput(f"input {name!r}: {datatype} data go in contents.{field}; the request "
+                           f"set contents.{', contents.'.join(given)}", name)
 
 
 def decode_work(message: pb.ModelInferRequest) -> int:

@@ -26,7 +26,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable
+import time
+from collections.abc import Awaitable, Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
@@ -38,7 +39,7 @@ from edgerun.adapters.codecs import oip
 from edgerun.adapters.dataplane import Call, DataPlane
 from edgerun.adapters.dataplane.call import (INFER, LIVE, MODEL_METADATA, MODEL_READY, READY,
                                              SERVER_METADATA)
-from edgerun.adapters.dataplane.plane import AsyncDecoder, Decoder
+from edgerun.adapters.dataplane.plane import AsyncDecoder, Decoder, InferResult
 from edgerun.adapters.grpc import codec
 from edgerun.adapters.grpc import grpc_predict_v2_pb2 as pb
 from edgerun.adapters.grpc.grpc_predict_v2_pb2_grpc import GRPCInferenceServiceServicer
@@ -147,28 +148,35 @@ class InferenceServicer(GRPCInferenceServiceServicer):
     async def ModelInfer(self, request: pb.ModelInferRequest,
                          context: grpc.aio.ServicerContext) -> pb.ModelInferResponse:
         call = _call(context, INFER, request.model_name, request.model_version)
+        remaining = context.time_remaining()
+        if remaining is not None:  # when the client gives up: DEADLINE_EXCEEDED, counted so
+            call.deadline = time.monotonic() + remaining
         decode: Decoder | AsyncDecoder
         if isinstance(request, Unparsed):
-            decode = partial(self._parse_then_decode, context, call, request.data)
+            decode = partial(self._parse_then_decode, call, request.data)
         elif codec.decode_work(request) >= OFF_LOOP_ELEMENTS:
-            decode = partial(self._decode_off_loop, context, call, request)
+            decode = partial(self._decode_off_loop, call, request)
         else:
             decode = partial(codec.decode_request, request)
-            _set_budget(context, call)
+            if remaining is not None:
+                call.timeout = max(0.0, remaining - ANSWER_MARGIN_S)
         try:
-            result = await self.plane.infer_async(call, decode)
-            answer = (result.model, result.version, result.request, result.outputs)
-            if codec.encode_work(result.request, result.outputs) >= OFF_LOOP_ELEMENTS:
-                response = await self._off_loop(codec.encode_response, *answer)
-            else:
-                response = codec.encode_response(*answer)
+            # encoded in the data plane, so a failure to encode is counted as the error sent
+            response = await self.plane.infer_async(call, decode, self._encode)
         except Exception as exc:
             await _abort(context, call, _as_error(exc, call))
         _send_headers(context, call)
         return response
 
-    async def _parse_then_decode(self, context: grpc.aio.ServicerContext, call: Call,
-                                 data: bytes) -> oip.InferRequest:
+    def _encode(self, result: InferResult
+                ) -> pb.ModelInferResponse | Coroutine[Any, Any, pb.ModelInferResponse]:
+        """The answer, or for a big one the coroutine encoding it on the worker thread."""
+        answer = (result.model, result.version, result.request, result.outputs)
+        if codec.encode_work(result.request, result.outputs) >= OFF_LOOP_ELEMENTS:
+            return self._off_loop(codec.encode_response, *answer)
+        return codec.encode_response(*answer)
+
+    async def _parse_then_decode(self, call: Call, data: bytes) -> oip.InferRequest:
         """A big request's message, parsed where grpcio would have parsed it (on the loop: on
         the worker, the parse holds the GIL all the same, and waits behind big conversions),
         but only now that the data plane has let its call through."""
@@ -176,17 +184,17 @@ class InferenceServicer(GRPCInferenceServiceServicer):
         if isinstance(message, Undecodable):
             raise message.error()
         if codec.decode_work(message) >= OFF_LOOP_ELEMENTS:
-            return await self._decode_off_loop(context, call, message)
+            return await self._decode_off_loop(call, message)
         decoded = codec.decode_request(message)
-        _set_budget(context, call)
+        _set_budget(call)
         return decoded
 
-    async def _decode_off_loop(self, context: grpc.aio.ServicerContext, call: Call,
+    async def _decode_off_loop(self, call: Call,
                                request: pb.ModelInferRequest) -> oip.InferRequest:
         """A big request decoded on the worker, once the data plane has let its call through
         (its errors raised there, after routing, as a small request's are)."""
         decoded = await self._off_loop(codec.decode_request, request)
-        _set_budget(context, call)  # after decoding: the budget left to queue
+        _set_budget(call)  # after decoding: the budget left to queue
         return decoded
 
     async def _off_loop(self, work: Callable[..., T], *args: Any) -> T:
@@ -230,11 +238,10 @@ def _call(context: grpc.aio.ServicerContext, route: str, model: str = "",
     return Call(route, model, version or None, attributes=metadata.get, transport=TRANSPORT)
 
 
-def _set_budget(context: grpc.aio.ServicerContext, call: Call) -> None:
+def _set_budget(call: Call) -> None:
     """The caller's deadline as the call's queueing budget, less the margin to answer."""
-    remaining = context.time_remaining()
-    if remaining is not None:
-        call.timeout = max(0.0, remaining - ANSWER_MARGIN_S)
+    if call.deadline is not None:
+        call.timeout = max(0.0, call.deadline - time.monotonic() - ANSWER_MARGIN_S)
 
 
 def _lenient(message: Any) -> Callable[[bytes], Any]:

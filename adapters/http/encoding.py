@@ -41,30 +41,57 @@ def start_decoding(body: bytes, coding: str | None, limit: int,
     if wbits is None:
         raise UnsupportedMediaType(f"Content-Encoding {coding[:40]!r} is not supported (gzip, "
                                    "deflate or identity)")
-    decompressor = zlib.decompressobj(wbits)
+    inflater = _Inflater(wbits, coding, body)
     room = min(inline, limit + 1)
-    head = _inflate(decompressor, coding, body, room)
-    if len(head) < room or decompressor.eof or room > limit:
-        return _whole(decompressor, coding, head, limit)
+    head = inflater.inflate(room)
+    if len(head) < room or inflater.done or room > limit:
+        return _whole(inflater, head, limit)
 
     def rest() -> bytes:
-        tail = _inflate(decompressor, coding, decompressor.unconsumed_tail,
-                        limit + 1 - len(head))
-        return _whole(decompressor, coding, b"".join((head, tail)), limit)
+        tail = inflater.inflate(limit + 1 - len(head))
+        return _whole(inflater, b"".join((head, tail)), limit)
     return rest
 
 
-def _inflate(decompressor: zlib._Decompress, coding: str, data: bytes, room: int) -> bytes:
-    try:
-        return decompressor.decompress(data, room)
-    except zlib.error as exc:
-        raise InvalidInput(f"the {coding} request body is corrupt: {exc}") from None
+class _Inflater:
+    """Inflates a body member after member: RFC 1952 lets a gzip body be several members one
+    after the other (`cat a.gz b.gz`, streaming compressors), and zlib stops at the end of
+    the first. Zero bytes after the last member are padding, as the gzip tool reads them."""
+
+    def __init__(self, wbits: int, coding: str, body: bytes) -> None:
+        self.wbits, self.coding = wbits, coding
+        self.decompressor = zlib.decompressobj(wbits)
+        self.pending = body
+        self.done = False
+
+    def inflate(self, room: int) -> bytes:
+        """Up to `room` more decompressed bytes (fewer once the body ends or is truncated)."""
+        parts: list[bytes] = []
+        while room > 0 and not self.done:
+            decompressor = self.decompressor
+            try:
+                out = decompressor.decompress(self.pending, room)
+            except zlib.error as exc:
+                raise InvalidInput(f"the {self.coding} request body is corrupt: {exc}") from None
+            parts.append(out)
+            room -= len(out)
+            if not decompressor.eof:
+                self.pending = decompressor.unconsumed_tail
+                if not self.pending:  # all read, the member unfinished: `_whole` says so
+                    break
+                continue
+            self.pending = decompressor.unused_data
+            if self.wbits == zlib.MAX_WBITS or not self.pending.strip(b"\0"):
+                self.done = True  # deflate is one stream; after gzip's last member, padding
+            else:
+                self.decompressor = zlib.decompressobj(self.wbits)
+        return parts[0] if len(parts) == 1 else b"".join(parts)
 
 
-def _whole(decompressor: zlib._Decompress, coding: str, plain: bytes, limit: int) -> bytes:
+def _whole(inflater: _Inflater, plain: bytes, limit: int) -> bytes:
     if len(plain) > limit:
         raise PayloadTooLarge(f"the request body is over the {limit}-byte limit once "
                               "decompressed")
-    if not decompressor.eof:
-        raise InvalidInput(f"the {coding} request body is truncated")
+    if not inflater.done:
+        raise InvalidInput(f"the {inflater.coding} request body is truncated")
     return plain
