@@ -18,7 +18,7 @@ import pytest
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from edgerun.adapters.codecs import npz, oip
+from edgerun.adapters.codecs import npz, oip, prometheus
 from edgerun.adapters.dataplane import Call, Hook
 from edgerun.adapters.mqtt.config import Broker as BrokerURL
 from edgerun.adapters.mqtt.config import load_config
@@ -1216,3 +1216,33 @@ def test_daemon_imports_no_web_framework():
                             timeout=60)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"
+
+
+def test_an_npz_answer_that_cannot_be_encoded_is_counted_as_the_error_sent(tmp_path):
+    """An `.npz` answer was encoded after the data plane had counted the call `ok`: an output
+    .npz cannot carry (strings, which need pickle) was answered invalid_input but counted ok.
+    It is now made inside the call (`infer_async`'s `encode`), and counted as what is sent."""
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [helper.make_node("Cast", ["x"], ["y"], to=TensorProto.STRING)], "to_text",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 2])],
+        [helper.make_tensor_value_info("y", TensorProto.STRING, ["n", 2])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    repo = tmp_path / "models"
+    add_version(repo, "text", "1", model.SerializeToString())
+    buffer = io.BytesIO()
+    np.savez(buffer, x=np.ones((1, 2), np.float32))
+    with running_broker(tmp_path / "b") as broker, \
+            daemon_in_process(tmp_path, repo, broker, "texts") as (daemon, _):
+        requester = Requester(broker)
+        answer, properties = requester.ask("edgerun/texts/infer/text", buffer.getvalue(),
+                                           content_type=npz.CONTENT_TYPE)
+        requester.close()
+        assert orjson.loads(answer)["kind"] == "invalid_input", answer
+        assert "holds strings" in orjson.loads(answer)["error"]
+        text = prometheus.render(daemon.repository.registry)
+    counted = {line.split("outcome=\"")[1].split("\"")[0]: float(line.rsplit(" ", 1)[1])
+               for line in text.splitlines()
+               if line.startswith("edgerun_requests_total{") and 'model="text"' in line}
+    assert counted == {"invalid_input": 1.0}, counted

@@ -36,7 +36,7 @@ from paho.mqtt.properties import Properties
 
 from edgerun import __version__
 from edgerun.adapters.codecs import npz, oip
-from edgerun.adapters.dataplane import DataPlane
+from edgerun.adapters.dataplane import DataPlane, InferResult
 from edgerun.adapters.dataplane.call import BINARY, JSON
 from edgerun.adapters.mqtt import messages, systemd_notify, transport
 from edgerun.adapters.mqtt.config import Broker, DaemonConfig
@@ -605,10 +605,10 @@ class Daemon:
                 # decoded by the data plane once its hooks let the call through and it is
                 # routed, as HTTP bodies and gRPC messages are: a refused call costs no decode;
                 # a big payload is decoded, and its answer encoded, off the loop, as theirs are
-                result = await self.plane.infer_async(call, partial(
-                    self.plane.convert, len(request.body), messages.npz_request, request))
-                size = sum(output.nbytes for output in result.outputs.values())
-                body = await self.plane.convert(size, npz.encode, result.outputs)
+                # (an answer .npz cannot carry is the call's error, counted as such)
+                body = await self.plane.infer_async(call, partial(
+                    self.plane.convert, len(request.body), messages.npz_request, request),
+                    self._npz_answer)
                 return body, messages.reply_properties(request, messages.NPZ)
             reply = await self.plane.handle_async(call)
             if reply.error is not None or request.response_topic is None:
@@ -628,6 +628,10 @@ class Daemon:
     def _error(request: Request, error: EdgerunError) -> tuple[bytes, Properties]:
         return (messages.error_payload(error, messages.request_id(request)),
                 messages.reply_properties(request, JSON, [(messages.ERROR_PROPERTY, error.kind)]))
+
+    async def _npz_answer(self, result: InferResult) -> bytes:
+        size = sum(output.nbytes for output in result.outputs.values())
+        return await self.plane.convert(size, npz.encode, result.outputs)
 
     def _send(self, request: Request, payload: bytes, properties: Properties) -> None:
         if request.response_topic is None and messages.reply_topic(request) is None:
