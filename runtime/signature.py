@@ -189,6 +189,11 @@ def _overflows(wide: np.ndarray, narrowed: np.ndarray) -> bool:
 
 def _dtype_error(name: str, dtype: str, source: np.dtype,
                  array: np.ndarray | None = None) -> InvalidInput:
+    if source.kind == "O" and array is not None and array.size and all(
+            type(value) is int for value in array.reshape(-1)):  # numpy keeps these as objects
+        fits = f"are out of {dtype} range" if DTYPES[dtype].kind in "iu" \
+            else f"cannot be {dtype} exactly"
+        return InvalidInput(f"input {name!r}: integer values beyond 64 bits {fits}", name)
     text = source.kind in "US" or (source.kind == "O" and array is not None and all(
         isinstance(value, (str, bytes)) for value in array.reshape(-1)))  # not .flat: 32 dims
     got = "string" if text else \

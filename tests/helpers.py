@@ -81,6 +81,16 @@ def masked_sum_onnx() -> bytes:
     return _model(graph)
 
 
+def gram_onnx() -> bytes:
+    """gram = x @ x.T of x float32 ["n", 2]: an ["n", "n"] answer, so dim 0 is no batch."""
+    graph = helper.make_graph(
+        [helper.make_node("Transpose", ["x"], ["xt"]),
+         helper.make_node("MatMul", ["x", "xt"], ["gram"])], "gram",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 2])],
+        [helper.make_tensor_value_info("gram", TensorProto.FLOAT, ["n", "n"])])
+    return _model(graph)
+
+
 class Recording(Model):
     """A real model that records every batch it runs and can hold its worker at a gate."""
 

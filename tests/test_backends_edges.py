@@ -10,7 +10,8 @@ import pytest
 
 from edgerun.runtime import InvalidInput, MicroBatcher, Model, create_bundle
 from edgerun.runtime.metrics import Registry
-from tests.tflite_models import float_add_tflite, int32_row_mixing_tflite
+from tests.tflite_models import (float_add_tflite, float_sum_tflite,
+                                  int32_row_mixing_tflite)
 
 
 def test_an_integer_model_that_mixes_rows_is_not_declared_batchable(tmp_path: Path):
@@ -45,6 +46,26 @@ def test_a_request_of_no_rows_gets_empty_outputs_and_the_next_one_its_answer(tmp
                                rtol=1e-4, atol=1e-5)
     with MicroBatcher(model, registry=Registry()) as batcher:
         assert batcher.predict({"input_1": x[:0]})["activation_10"].shape == (0, 256, 256, 1)
+    model.close()
+
+
+def test_an_empty_sequence_into_a_model_that_does_not_batch_gets_the_models_answer(
+        tmp_path: Path):
+    # a request of no rows ran one row of zeros and had its outputs cut to no rows, as if axis
+    # 0 were a batch: the sum of no elements came back as [] where the model declares and
+    # answers [0.]
+    source = tmp_path / "sum.tflite"
+    source.write_bytes(float_sum_tflite())
+    model = Model.load(create_bundle(source, tmp_path / "b", name="sum", version="1"),
+                       intra_op_threads=1, instances=1)
+    assert not model.signature.batchable
+    assert model.signature.outputs[0].shape == (1,)
+    np.testing.assert_array_equal(model.predict({"x": [1.0, 2.0, 3.0]})["y"], [6.0])
+    np.testing.assert_array_equal(model.predict({"x": []})["y"], [0.0])
+    with MicroBatcher(model, registry=Registry(), max_queue_delay_us=20_000) as batcher:
+        empty, full = batcher.submit({"x": []}), batcher.submit({"x": [4.0, 5.0]})
+        np.testing.assert_array_equal(empty.result()["y"], [0.0])
+        np.testing.assert_array_equal(full.result()["y"], [9.0])
     model.close()
 
 

@@ -19,7 +19,7 @@ from hypothesis.extra import numpy as hnp
 from edgerun.runtime import (Cancelled, DeadlineExceeded, InferenceError, InvalidInput,
                              MicroBatcher, Model, ModelNotReady, Overloaded)
 from edgerun.runtime.metrics import Registry
-from tests.helpers import Recording, gather_onnx, identity_onnx
+from tests.helpers import Recording, gather_onnx, gram_onnx, identity_onnx
 
 
 @pytest.fixture
@@ -309,6 +309,25 @@ def test_mixed_shapes_are_never_concatenated(make_bundle):
             np.testing.assert_array_equal(p.result()["y"], x)
     shapes = [b["x"].shape for b in model.batches]
     assert shapes == [(1, 2), (4, 2), (4, 3)]
+
+
+def test_a_dim_0_the_model_also_names_past_axis_0_is_never_batched(make_bundle):
+    # x ["n", 2] -> x @ x.T ["n", "n"]: two requests of 2 rows were run as one of 4, and each
+    # got 2 rows of 4 columns, two of them computed from the other caller's input
+    bundle = make_bundle(gram_onnx())
+    assert not bundle.signature.batchable
+    model = Recording(Model.load(bundle))
+    mine, theirs = np.eye(2, dtype=np.float32), np.full((2, 2), 3, np.float32)
+    with batcher_for(model, max_batch_size=16, max_queue_delay_us=1000) as batcher:
+        model.hold()
+        first = batcher.submit({"x": mine})
+        assert model.entered.wait(5)
+        pending = [batcher.submit({"x": x}) for x in (mine, theirs)]
+        model.release()
+        first.result()
+        for x, answer in zip((mine, theirs), pending):
+            np.testing.assert_array_equal(answer.result()["gram"], x @ x.T)
+    assert [b["x"].shape for b in model.batches] == [(2, 2)] * 3
 
 
 def test_a_full_batch_of_one_shape_does_not_wait_behind_a_partial_one_of_another(make_bundle):

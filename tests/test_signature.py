@@ -99,6 +99,16 @@ def test_int_out_of_range_is_refused():
         IDS.conform([[2**40, 0, 0, 0]])
 
 
+def test_integers_beyond_64_bits_are_refused_as_out_of_range_not_as_nulls():
+    # a JSON integer past 64 bits (numpy keeps it as an object) was "got null, mixed or nested
+    # values": the caller sent one number, too large
+    with pytest.raises(InvalidInput, match=r"input 'ids': integer values beyond 64 bits are "
+                                           r"out of int32 range"):
+        IDS.conform([[2**70, 0, 0, 0]])
+    with pytest.raises(InvalidInput, match="beyond 64 bits cannot be float32 exactly"):
+        X.conform([[-(2**80) - 1, 0, 0, 0]])
+
+
 def test_float_overflow_is_refused():
     with pytest.raises(InvalidInput, match="overflow float16"):
         TensorSpec("h", "float16", (-1,), 0).conform(np.array([1e6]))

@@ -117,3 +117,30 @@ def float_add_tflite() -> bytes:
     builder = flatbuffers.Builder(1024)
     builder.Finish(model.Pack(builder), file_identifier=b"TFL3")
     return bytes(builder.Output())
+
+
+def float_sum_tflite() -> bytes:
+    """y = sum(x) ([1]) of a float32 sequence x of any length: axis 0 is no batch."""
+    float32, int32 = schema.TensorType.FLOAT32, schema.TensorType.INT32
+    graph = schema.SubGraphT()
+    graph.tensors = [_tensor("x", [1], float32, 0, 0.0, 0),
+                     _tensor("axis", [1], int32, 1, 0.0, 0),
+                     _tensor("y", [1], float32, 0, 0.0, 0)]
+    for tensor in graph.tensors:
+        tensor.quantization = None
+    graph.tensors[0].shapeSignature = [-1]
+    total = schema.OperatorT()
+    total.opcodeIndex, total.inputs, total.outputs = 0, [0, 1], [2]
+    total.builtinOptionsType = schema.BuiltinOptions.ReducerOptions
+    total.builtinOptions = schema.ReducerOptionsT()
+    total.builtinOptions.keepDims = True
+    graph.inputs, graph.outputs, graph.operators, graph.name = [0], [2], [total], "main"
+    code = schema.OperatorCodeT()
+    code.builtinCode = code.deprecatedBuiltinCode = schema.BuiltinOperator.SUM
+    code.version = 1
+    model = schema.ModelT()
+    model.version, model.operatorCodes, model.subgraphs = 3, [code], [graph]
+    model.buffers = [_buffer(), _buffer(np.zeros(1, np.int32))]
+    builder = flatbuffers.Builder(1024)
+    builder.Finish(model.Pack(builder), file_identifier=b"TFL3")
+    return bytes(builder.Output())

@@ -40,16 +40,26 @@ _LEVELS = {
 CPU = "CPUExecutionProvider"
 
 
-def _specs(args: list[Any], model: Path) -> tuple[TensorSpec, ...]:
+def _specs(args: list[Any], model: Path,
+           inner: frozenset[str] = frozenset()) -> tuple[TensorSpec, ...]:
+    """Specs of ONNX Runtime's inputs or outputs; a dynamic dim 0 is the batch axis unless its
+    name is one of `inner`, names a dim past axis 0 somewhere in the model uses."""
     specs = []
     for arg in args:
         if arg.type not in _ORT_TYPES:
             raise BundleError(f"{model.name}: tensor {arg.name!r} has type {arg.type}, which "
                               "edgerun does not serve (tensors of numbers, bools or strings only)")
         shape = tuple(d if isinstance(d, int) and d >= 0 else -1 for d in arg.shape)
-        batch_axis = 0 if shape and shape[0] == -1 else None
+        batch_axis = 0 if shape and shape[0] == -1 and arg.shape[0] not in inner else None
         specs.append(TensorSpec(arg.name, _ORT_TYPES[arg.type], shape, batch_axis))
     return tuple(specs)
+
+
+def _inner_dims(args: list[Any]) -> frozenset[str]:
+    """Dim names the model uses past axis 0 ([n, n] of a Gram matrix, a [seq, seq] map): a dim 0
+    of such a name is no batch axis, since concatenating requests on it changes those dims too,
+    and every caller's answer (n1 + n2 columns, some of them another caller's)."""
+    return frozenset(dim for arg in args for dim in arg.shape[1:] if isinstance(dim, str) and dim)
 
 
 def _alike_dims(args: list[Any]) -> tuple[tuple[str, tuple[tuple[str, int], ...]], ...]:
@@ -314,8 +324,9 @@ class OnnxRuntimeBackend(Backend):
                 f"{model_path.name}: input {', '.join(map(repr, unranked))} has no shape in "
                 "the graph (its rank is unknown), so requests cannot be checked against it; "
                 "export the model with input shapes (dynamic dims are fine)")
-        return Signature(_specs(session.get_inputs(), model_path),
-                         _specs(session.get_outputs(), model_path))
+        inner = _inner_dims([*session.get_inputs(), *session.get_outputs()])
+        return Signature(_specs(session.get_inputs(), model_path, inner),
+                         _specs(session.get_outputs(), model_path, inner))
 
     @classmethod
     def data_files(cls, model_path: Path) -> list[str]:

@@ -123,6 +123,12 @@ def _sample(tensor: _Tensor, shape: list[int], rng: np.random.Generator,
     return np.full(shape, row, tensor.dtype)
 
 
+def _shape_signatures(interpreter: Any) -> tuple[dict[int, list[int]], dict[int, list[int]]]:
+    """The declared shapes (-1: dynamic) of the inputs and of the outputs, by tensor index."""
+    return ({d["index"]: list(d["shape_signature"]) for d in interpreter.get_input_details()},
+            {d["index"]: list(d["shape_signature"]) for d in interpreter.get_output_details()})
+
+
 class _Slot:
     """One interpreter and the input shapes it is allocated for (reading them back from the
     interpreter costs more than a small model's forward pass)."""
@@ -137,7 +143,7 @@ class TFLiteBackend(Backend):
     name = "tflite"
 
     def __init__(self, model: Path | bytes, threads: int | None, pool_size: int,
-                 name: str | None = None) -> None:
+                 name: str | None = None, batched: bool | None = None) -> None:
         # a bundle's model as the verified bytes (`from_bundle`), kept: interpreters made
         # later for the pool read them, never the file, which may have changed since
         self._model = model
@@ -147,6 +153,11 @@ class TFLiteBackend(Backend):
         self._inputs = _tensors(first.interpreter.get_input_details(), self._name)
         self._outputs = _tensors(first.interpreter.get_output_details(), self._name)
         self._quantized_inputs = tuple(t.name for t in self._inputs if t.quantized)
+        # as the model declares them: a trial below resizes the interpreter it runs on
+        self._declared = _shape_signatures(first.interpreter)
+        # whether axis 0 of every tensor is the batch (a bundle's signature says; else the
+        # trial): only then has a request of no rows answers of no rows (`_empty`)
+        self._batched = self._batchable(first, *self._declared) if batched is None else batched
         self._idle = [first]
         self._lock = threading.Lock()
         self._slots = threading.Semaphore(max(1, pool_size))  # interpreters at most
@@ -154,12 +165,7 @@ class TFLiteBackend(Backend):
     @classmethod
     def inspect(cls, model_path: Path) -> Signature:
         backend = cls(model_path, 1, 1)
-        slot = backend._idle[0]
-        ins = {d["index"]: list(d["shape_signature"])
-               for d in slot.interpreter.get_input_details()}
-        outs = {d["index"]: list(d["shape_signature"])
-                for d in slot.interpreter.get_output_details()}
-        batched = backend._batchable(slot, ins, outs)
+        (ins, outs), batched = backend._declared, backend._batched
         return Signature(tuple(_spec(t, ins[t.index], batched) for t in backend._inputs),
                          tuple(_spec(t, outs[t.index], batched) for t in backend._outputs))
 
@@ -193,7 +199,8 @@ class TFLiteBackend(Backend):
     def from_bundle(cls, bundle: Bundle, device: DeviceProfile) -> TFLiteBackend:
         name = bundle.manifest.model_file
         held = shared_file(bundle, name)  # LiteRT runs the bytes in place: one copy for all
-        backend = cls(held.data, _threads(device), device.instances, name)
+        backend = cls(held.data, _threads(device), device.instances, name,
+                      bundle.signature.batchable)
         backend._held = held
         return backend
 
@@ -222,7 +229,9 @@ class TFLiteBackend(Backend):
 
     def _empty(self, slot: _Slot, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """A batch of no rows: LiteRT's kernels (XNNPACK's among them) fail to resize to it, so
-        one row of zeros runs for the output shapes and no row of it is returned."""
+        one row of zeros runs for the output shapes and no row of it is returned. For a
+        batched model only: where axis 0 is no batch (a sequence), an input of no elements
+        has an answer of its own, which that row would change."""
         one = {name: np.zeros((1, *a.shape[1:]) if a.ndim else (), a.dtype)
                for name, a in inputs.items()}
         return {name: out[:0] if out.ndim else out
@@ -248,7 +257,7 @@ class TFLiteBackend(Backend):
             # an interpreter that failed is dropped, not pooled: it is left sized for shapes it
             # could not allocate, and its error reporter keeps every message it ever gave (each
             # failure's text would carry all the ones before it)
-            if any(a.ndim and not a.shape[0] for a in inputs.values()):
+            if self._batched and any(a.ndim and not a.shape[0] for a in inputs.values()):
                 outputs = self._empty(slot, inputs)
             else:
                 outputs = self._invoke(slot, inputs)
