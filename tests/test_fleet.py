@@ -584,6 +584,32 @@ def test_orchestrator_takes_back_a_withdrawn_job_the_device_had_picked_up(orches
     assert orchestrator.status(rollout["id"])["state"] == "aborted"
 
 
+def test_a_report_in_no_state_of_the_agents_is_ignored(orchestrator):
+    """A device's report names its job's state; one the agent never sends must not become the
+    job's. "pending" made the orchestrator start the job again, a fresh deadline each time, so
+    one device (buggy, or taken over) held every rollout it was in, and each wave behind it,
+    for good; "cancelled" ended its job as if the fleet had withdrawn it, out of the count of
+    failures."""
+    from edgerun.adapters.ota.messages import Report
+
+    sent = orchestrator.sent
+    rollout = orchestrator.deploy("m", "2", group="g")
+    jobs = {job["device_id"]: job for job in rollout["jobs"]}
+    published = len(sent)
+    for state in ("pending", "cancelled", "hacked", 7):
+        orchestrator.on_message("edgerun/a/ota/report", json.dumps(
+            {**Report(jobs["a"]["job_id"], "a", "x", "m", "2", "1").__dict__,
+             "state": state}).encode())
+        orchestrator.tick()
+        job = {j["device_id"]: j for j in orchestrator.status(rollout["id"])["jobs"]}["a"]
+        assert (job["state"], job["deadline"]) == ("queued", jobs["a"]["deadline"]), state
+        assert len(sent) == published, state  # the job was not sent again
+    orchestrator.on_message("edgerun/a/ota/report",
+                            Report(jobs["a"]["job_id"], "a", "downloading", "m", "2",
+                                   "1").encode())
+    assert job_states(orchestrator.status(rollout["id"]))["a"] == "downloading"
+
+
 def test_a_device_that_served_no_version_before_is_rolled_back_to_none(orchestrator):
     """b ran no version of m before the rollout (its reports say previous None). Rolling the
     completed rollout back takes m:2 off b with a rollback to no version: its active job was

@@ -381,3 +381,41 @@ def test_cli_clients_send_no_token_to_another_host_they_are_redirected_to(secure
             server.server_close()
     assert status.returncode == 0, status.stderr
     assert seen == [None]
+
+
+def test_a_token_with_a_stray_newline_is_sent_trimmed_or_refused_never_echoed(secured, tmp_path):
+    """A token from a Kubernetes secret or `echo` ends in a newline: http.client refused the
+    header with the whole value in its message, so the CLI printed the admin token to
+    stderr (a CI log). Trailing whitespace is trimmed, as from a token file; one inside the
+    token is refused, naming where it came from, not the token."""
+    server, secrets = secured["server"], secured["secrets"]
+    read = read_secret(secrets["read"])
+    status = edgerun("fleet", "status", "--json", "--server", server.url,
+                     env={"EDGERUN_TOKEN": read + "\n"})
+    assert status.returncode == 0, status.stderr
+    broken = tmp_path / "broken.secret"
+    broken.write_text(read + "\n# made on the ops laptop\n")
+    broken.chmod(0o600)
+    for refused in (edgerun("fleet", "status", "--server", server.url,
+                            env={"EDGERUN_TOKEN": read[:10] + "\n" + read[10:]}),
+                    edgerun("fleet", "status", "--server", server.url, "--token-file",
+                            str(broken))):
+        assert refused.returncode == 2, refused.stderr
+        assert read not in refused.stderr and read[10:] not in refused.stderr
+        assert "Traceback" not in refused.stderr
+        assert "whitespace" in refused.stderr, refused.stderr
+
+
+def test_cli_ids_that_are_no_url_segment_get_the_servers_answer_not_a_traceback(secured):
+    """A rollout or device id goes into the URL's path: one with a space (a paste, a typo)
+    ended the client in http.client's InvalidURL traceback, one with '?' or '#' asked another
+    route. Each is sent as one segment, so the server names what is wrong with it."""
+    server, secrets = secured["server"], secured["secrets"]
+    admin = ["--server", server.url, "--token-file", str(secrets["admin"])]
+    for command, expected in ((("status", "my rollout"), "no rollout 'my rollout'"),
+                              (("abort", "r1?x"), "no rollout 'r1?x'"),
+                              (("enroll", "pi 1"), "device id 'pi 1' must be"),
+                              (("revoke", "pi-1#x"), "no enrolled device 'pi-1#x'")):
+        answer = edgerun("fleet", *command, *admin)
+        assert answer.returncode == 2, (command, answer.stderr)
+        assert "Traceback" not in answer.stderr and expected in answer.stderr, answer.stderr

@@ -546,6 +546,36 @@ def test_a_job_naming_paths_outside_the_ota_folder_is_refused(model, version):
     assert Job.decode(Job("j2", "rollback", "m", "").encode()).version == ""
 
 
+def test_a_hostile_or_malformed_job_is_refused_with_a_report_and_the_agent_goes_on(
+        tmp_path, device, server, bundles):
+    """Jobs are not signed, and anyone who can write `edgerun/<id>/ota` (an open broker)
+    writes them: a size of 1e400 escaped decoding as an untyped OverflowError, a sha256 that
+    is no hash became part of a download's file name (`../`) and an If-Range header, and a
+    negative size was taken. Each is refused before any download, with a failed report the
+    fleet hears at once (not a job timed out ten minutes later), and the agent goes on."""
+    job = server.add(bundles("2"))
+    fields = {"job_id": "bad", "kind": "install", "model": "m", "version": "2",
+              "url": job.url, "sha256": job.sha256, "size": job.size}
+    hostile = [({"size": 1e400}, "size"), ({"size": -1}, "size"), ({"size": "12"}, "size"),
+               ({"sha256": "../../../../x"}, "sha256"),
+               ({"sha256": job.sha256 + "\r\n"}, "sha256"),
+               ({"url": "file:///etc/shadow"}, "url"), ({"job_id": ["x"]}, "job_id")]
+    for number, (changed, named) in enumerate(hostile):
+        payload = {**fields, "job_id": f"bad-{number}", **changed}
+        before = len(device.reports)
+        device.agent.handle_job(json.dumps(payload).encode())
+        device.agent.wait_idle()
+        sent = device.reports[before:]
+        if named == "job_id":  # nothing to answer to: logged only
+            assert sent == []
+            continue
+        assert [(r.job_id, r.state) for r in sent] == [(f"bad-{number}", "failed")], changed
+        assert "refused" in sent[0].detail and named in sent[0].detail, sent[0].detail
+    assert device.agent.bytes_downloaded == 0
+    assert list((device.agent.downloads).iterdir()) == []
+    assert device.run(job).state == "active" and device.served() == ["2"]
+
+
 def test_a_rollback_to_no_version_removes_what_the_first_install_brought(tmp_path, keys,
                                                                          server, bundles):
     """A device that served no version of m installs m:2; the fleet takes it back to what

@@ -30,7 +30,8 @@ from edgerun.adapters.fleet.registry import BundleRegistry
 from edgerun.adapters.fleet.store import CANCELLED, PENDING, Store
 from edgerun.adapters.fleetdb import redact
 from edgerun.adapters.ota.messages import (ACTIVE, DOWNLOADING, FAILED, INSTALL, QUEUED, ROLLBACK,
-                                           ROLLED_BACK, TERMINAL, Job, Report, job_topic)
+                                           ROLLED_BACK, STATES, TERMINAL, Job, Report,
+                                           job_topic)
 from edgerun.runtime.bundle import VERSION_RE
 from edgerun.runtime.errors import InvalidInput, ModelNotFound
 
@@ -175,6 +176,10 @@ class Orchestrator:
         try:
             if kind == "ota/report":
                 report = Report.decode(payload)
+                if report.state not in STATES:
+                    # "pending" started the job again (a fresh deadline: a device held its
+                    # rollouts for good), "cancelled" ended it as the fleet's own withdrawal
+                    raise ValueError(f"state {report.state!r:.40} is not an OTA job's state")
                 if report.previous is not None and not (
                         isinstance(report.previous, str) and VERSION_RE.fullmatch(report.previous)):
                     # it becomes the version of the device's rollback job: one the registry

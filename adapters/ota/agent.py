@@ -13,6 +13,7 @@ pointer is put back and the old version never stopped serving.
 from __future__ import annotations
 
 import base64
+import json
 import logging
 import os
 import queue
@@ -31,7 +32,7 @@ from edgerun.adapters.ota.messages import (ACTIVE, DOWNLOADING, FAILED, INSTALL,
                                            Job, Report, job_topic, report_topic)
 from edgerun.adapters.ota.slots import SlotSource, SlotState, SlotStore, fsync_dir
 from edgerun.runtime import archive, signing
-from edgerun.runtime.bundle import Bundle, version_key
+from edgerun.runtime.bundle import NAME_RE, Bundle, version_key
 from edgerun.runtime.errors import BundleError, EdgerunError, InvalidInput
 from edgerun.runtime.repository import Repository
 
@@ -155,7 +156,25 @@ class OtaAgent:
         try:
             self._jobs.put(Job.decode(payload))
         except InvalidInput as exc:
-            log.error("ignored an OTA job: %s", exc)
+            log.error("refused an OTA job: %s", exc)
+            self._refused(payload, exc)
+
+    def _refused(self, payload: bytes, error: InvalidInput) -> None:
+        """A failed report for a job refused as malformed, if it has an id to answer to: the
+        fleet hears why at once, not as a job timed out long after. Nothing else of it is
+        trusted: a model that is no bundle name touches no slot."""
+        try:
+            data = json.loads(payload)
+        except ValueError:
+            return
+        job_id = data.get("job_id") if isinstance(data, dict) else None
+        if not isinstance(job_id, str) or not job_id:
+            return
+        model, version = (str(data.get(k, ""))[:128] for k in ("model", "version"))
+        serving = self.active_version(model) if NAME_RE.fullmatch(model) else None
+        report = Report(job_id, self.device_id, FAILED, model, version, serving, serving,
+                        f"refused: {error}")
+        self.publish(report_topic(self.device_id), report.encode(), qos=1, retain=True)
 
     def close(self) -> None:
         """Stop: a download ends now, and no further job starts (a job's retained message

@@ -9,8 +9,10 @@ device's latest state as soon as it subscribes.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
+from urllib.parse import urlsplit
 
 from edgerun.runtime.bundle import NAME_RE, VERSION_RE
 from edgerun.runtime.errors import InvalidInput
@@ -21,6 +23,7 @@ QUEUED, DOWNLOADING, VERIFYING, STAGED = "queued", "downloading", "verifying", "
 ACTIVE, FAILED, ROLLED_BACK = "active", "failed", "rolled_back"
 STATES = (QUEUED, DOWNLOADING, VERIFYING, STAGED, ACTIVE, FAILED, ROLLED_BACK)
 TERMINAL = frozenset({ACTIVE, FAILED, ROLLED_BACK})
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 def job_topic(device_id: str) -> str:
@@ -47,14 +50,18 @@ class Job:
 
     @classmethod
     def decode(cls, payload: bytes) -> Job:
+        """InvalidInput for anything but a job the agent may act on: jobs are not signed, and
+        every field ends up in a path, a header or a request on the device."""
         try:
             data = json.loads(payload)
-            job = cls(job_id=str(data["job_id"]), kind=str(data["kind"]),
+            job = cls(job_id=data["job_id"], kind=str(data["kind"]),
                       model=str(data["model"]), version=str(data["version"]),
-                      url=str(data.get("url", "")), sha256=str(data.get("sha256", "")),
-                      size=int(data.get("size", 0)), rollout=str(data.get("rollout", "")))
+                      url=data.get("url", ""), sha256=data.get("sha256", ""),
+                      size=data.get("size", 0), rollout=str(data.get("rollout", "")))
         except (ValueError, KeyError, TypeError) as exc:
             raise InvalidInput(f"OTA job is malformed: {type(exc).__name__}: {exc}") from exc
+        if not isinstance(job.job_id, str) or not job.job_id:
+            raise InvalidInput(f"OTA job id {job.job_id!r:.40} is not a string")
         if job.kind not in (INSTALL, ROLLBACK):
             raise InvalidInput(f"OTA job kind {job.kind!r} is not install or rollback")
         if job.kind == INSTALL and not (job.url and job.sha256):
@@ -65,6 +72,14 @@ class Job:
                 no_version or VERSION_RE.fullmatch(job.version)):
             raise InvalidInput(f"OTA job names model {job.model[:80]!r} version "
                                f"{job.version[:40]!r}, which is not a bundle name and version")
+        # a download's: the hash names its file and goes in its If-Range header
+        if job.url or job.sha256:
+            if not isinstance(job.url, str) or urlsplit(job.url).scheme not in ("http", "https"):
+                raise InvalidInput(f"OTA job url {job.url!r:.80} is not an http(s) URL")
+            if not isinstance(job.sha256, str) or not _SHA256.fullmatch(job.sha256):
+                raise InvalidInput(f"OTA job sha256 {job.sha256!r:.80} is not 64 hex digits")
+        if type(job.size) is not int or job.size < 0:
+            raise InvalidInput(f"OTA job size {job.size!r:.40} is not a number of bytes")
         return job
 
 

@@ -12,6 +12,7 @@ import urllib.request
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 from rich.console import Console
 from rich.markup import escape
@@ -140,6 +141,12 @@ def register(commands: argparse._SubParsersAction) -> None:
     status.set_defaults(handler=_status)
 
 
+def _segment(text: str) -> str:
+    """An id as one URL path segment: a space ended the client in a traceback, and '?', '#'
+    or '/' asked another route; the server names what is wrong with the id itself."""
+    return quote(text, safe="")
+
+
 def _request(url: str, data: bytes | None = None, content_type: str = "application/json",
              method: str | None = None, token: str | None = None) -> Any:
     request = urllib.request.Request(url, data=data, method=method,
@@ -221,21 +228,21 @@ def _deploy(args: argparse.Namespace) -> int:
 
 
 def _abort(args: argparse.Namespace) -> int:
-    status = _request(f"{args.server.rstrip('/')}/rollouts/{args.rollout}/abort", b"{}",
-                      token=fleet_auth.client_token(args.token_file))
+    status = _request(f"{args.server.rstrip('/')}/rollouts/{_segment(args.rollout)}/abort",
+                      b"{}", token=fleet_auth.client_token(args.token_file))
     out.print(f"rollout {status['id']}: {status['state']} ({escape(str(status['reason']))})")
     return 0
 
 
 def _rollback(args: argparse.Namespace) -> int:
-    status = _request(f"{args.server.rstrip('/')}/rollouts/{args.rollout}/rollback", b"{}",
-                      token=fleet_auth.client_token(args.token_file))
+    status = _request(f"{args.server.rstrip('/')}/rollouts/{_segment(args.rollout)}/rollback",
+                      b"{}", token=fleet_auth.client_token(args.token_file))
     out.print(f"rollout {status['id']}: {status['state']} ({escape(str(status['reason']))})")
     return 0
 
 
 def _enroll(args: argparse.Namespace) -> int:
-    answer = _request(f"{args.server.rstrip('/')}/devices/{args.device_id}/enroll",
+    answer = _request(f"{args.server.rstrip('/')}/devices/{_segment(args.device_id)}/enroll",
                       json.dumps({"groups": args.groups}).encode(),
                       token=fleet_auth.client_token(args.token_file))
     print(answer["secret"])  # alone, for `> device.secret`
@@ -243,7 +250,7 @@ def _enroll(args: argparse.Namespace) -> int:
 
 
 def _revoke(args: argparse.Namespace) -> int:
-    _request(f"{args.server.rstrip('/')}/devices/{args.device_id}/revoke", b"{}",
+    _request(f"{args.server.rstrip('/')}/devices/{_segment(args.device_id)}/revoke", b"{}",
              token=fleet_auth.client_token(args.token_file))
     out.print(f"revoked {args.device_id}: the registry refuses it now; regenerate the broker "
               "files (edgerun fleet acl) and SIGHUP the broker")
@@ -303,7 +310,7 @@ def _follow(server: str, rollout_id: str, token: str | None) -> dict:
 
 def _status(args: argparse.Namespace) -> int:
     server = args.server.rstrip("/")
-    path = f"/rollouts/{args.rollout}" if args.rollout else "/rollouts"
+    path = f"/rollouts/{_segment(args.rollout)}" if args.rollout else "/rollouts"
     status = _request(server + path, token=fleet_auth.client_token(args.token_file))
     if args.json:
         print(json.dumps(status, indent=2))

@@ -107,12 +107,21 @@ def add_token_option(parser: argparse.ArgumentParser) -> None:
 
 
 def client_token(token_file: Path | None) -> str | None:
-    """The token a client sends: from `--token-file`, else $EDGERUN_TOKEN, else None."""
+    """The token a client sends: from `--token-file`, else $EDGERUN_TOKEN, else None.
+
+    Trimmed (a secret mounted from a file ends in a newline); whitespace left inside is
+    refused here, naming where the token came from: http.client would refuse the header
+    with the token itself in its message, printed to a terminal or a CI log."""
     if token_file is not None:
         if token_file.stat().st_mode & 0o077:
             log.warning("token file %s is readable by others: chmod 600", token_file)
-        return read_secret(token_file)
-    return os.environ.get(TOKEN_ENV) or None
+        token, source = read_secret(token_file), f"token file {token_file}"
+    else:
+        token, source = (os.environ.get(TOKEN_ENV) or "").strip(), f"${TOKEN_ENV}"
+    if any(c.isspace() or not c.isprintable() for c in token):
+        raise InvalidInput(f"the {source} holds whitespace or a control character inside the "
+                           "token (more than one line?): it must be the token alone")
+    return token or None
 
 
 def auth_headers(token: str | None) -> dict[str, str]:
