@@ -158,8 +158,7 @@ class InferenceServicer(GRPCInferenceServiceServicer):
             decode = partial(self._decode_off_loop, call, request)
         else:
             decode = partial(codec.decode_request, request)
-            if remaining is not None:
-                call.timeout = max(0.0, remaining - ANSWER_MARGIN_S)
+            _set_budget(call)
         try:
             # encoded in the data plane, so a failure to encode is counted as the error sent
             response = await self.plane.infer_async(call, decode, self._encode)
