@@ -51,7 +51,8 @@ MAX_QUEUE_DELAY_US = 60_000_000
 
 @dataclass(frozen=True)
 class BatchingConfig:
-    """The knobs, named as in Triton's dynamic batcher."""
+    """The knobs, named as in Triton's dynamic batcher; as there, `max_batch_size = 0` says
+    the model has no batch axis, so requests are never stacked."""
 
     max_batch_size: int = 64
     max_queue_delay_us: int = 500
@@ -61,8 +62,8 @@ class BatchingConfig:
     def __post_init__(self) -> None:
         object.__setattr__(self, "preferred_batch_sizes",
                            tuple(sorted(set(self.preferred_batch_sizes))))
-        if self.max_batch_size < 1:
-            raise ValueError("max_batch_size must be >= 1")
+        if self.max_batch_size < 0:
+            raise ValueError("max_batch_size must be >= 1, or 0 for a model with no batch axis")
         if not 0 <= self.max_queue_delay_us <= MAX_QUEUE_DELAY_US:
             raise ValueError(f"max_queue_delay_us must lie in [0, {MAX_QUEUE_DELAY_US}] (a "
                              f"minute), got {self.max_queue_delay_us}")
@@ -133,6 +134,9 @@ class MicroBatcher:
         if not instances:
             raise ValueError("MicroBatcher needs at least one model instance")
         self.config = config or BatchingConfig(**knobs)
+        if self.config.max_batch_size == 0:
+            for model in instances:
+                model.unbatch()
         first = instances[0]
         self.name, self.version = first.name, first.version
         self.signature = first.signature

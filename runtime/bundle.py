@@ -510,16 +510,17 @@ def create_bundle(model_file: str | Path, out_dir: str | Path, *, name: str, ver
         raise BundleError(f"{model_file}: no such model file")
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise BundleError(f"{out_dir}: output folder exists and is not empty")
-    if max_batch_size is not None and max_batch_size < 1:
-        raise BundleError("max_batch_size must be >= 1 (omit it for no limit)")
+    if max_batch_size is not None and max_batch_size < 0:
+        raise BundleError("max_batch_size must be >= 1 (omit it for no limit), or 0 for a "
+                          "model with no batch axis")
     profile = load_profile(device)
     backend_name = backend_for_file(model_file)
     backend = backend_class(backend_name)
     model_name = f"model{model_file.suffix.lower()}"
     data_files = _data_files(backend.data_files(model_file), model_file, model_name)
     inspected = backend.inspect(model_file)
-    signature = Signature(inspected.inputs, inspected.outputs,
-                          max_batch_size if inspected.batchable else None)
+    signature = inspected.unbatched() if max_batch_size == 0 else Signature(
+        inspected.inputs, inspected.outputs, max_batch_size if inspected.batchable else None)
     created_dir = not out_dir.exists()
     out_dir.mkdir(parents=True, exist_ok=True)
     try:

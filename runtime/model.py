@@ -50,6 +50,11 @@ class Model:
         backend = backend_class(bundle.manifest.backend).from_bundle(bundle, profile)
         return cls(bundle, backend, profile)
 
+    def unbatch(self) -> None:
+        """Serve with no batch axis (a batching config's `max_batch_size = 0`): each request
+        runs alone, in the shapes its caller sends, and nothing checks rows across inputs."""
+        self.signature = self.signature.unbatched()
+
     def validate(self, inputs: Mapping[str, Any]) -> dict[str, np.ndarray]:
         """Check a request against the signature; raises InvalidInput naming the tensor."""
         arrays = self.signature.validate(inputs)

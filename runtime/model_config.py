@@ -4,7 +4,7 @@
     instances = 1                        # sessions per version (default: the device profile's)
 
     [batching]                           # the MicroBatcher knobs
-    max_batch_size = 64
+    max_batch_size = 64                  # 0: no batch axis, requests never stacked
     max_queue_delay_us = 500
     preferred_batch_sizes = [32, 64]
     max_queue_size = 1024

@@ -31,11 +31,11 @@ class ServedVersion:
         self.models = models
         self.model = models[0]
         self.name, self.version = self.model.name, self.model.version
-        self.signature = self.model.signature
         self.config = config  # what it was loaded with: a failed reload keeps an older one
         self._registry = registry
         registry.serve_version(self.name, self.version)  # before its series are made
         self.batcher = MicroBatcher(models, config.batching, registry=registry)
+        self.signature = self.batcher.signature  # unbatched by a `max_batch_size = 0`
         self.in_flight = 0
         self._idle = threading.Condition()
         inflight: Gauge = registry.family(  # type: ignore[assignment]

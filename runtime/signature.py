@@ -9,6 +9,7 @@ them (JSON numbers are doubles, so float64 -> float32 rounding is the one accept
 from __future__ import annotations
 
 from collections.abc import Mapping
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -220,6 +221,15 @@ class Signature:
     def batchable(self) -> bool:
         """True when there are inputs and every input and output has its batch on axis 0."""
         return self._batchable
+
+    def unbatched(self) -> Signature:
+        """The same tensors with no batch axis: for a model whose dim 0 only looks like a
+        batch (`ids [seq]` -> `[seq, vocab]`), whose callers' rows must never be stacked
+        (Triton's `max_batch_size: 0`)."""
+        def plain(specs: tuple[TensorSpec, ...]) -> tuple[TensorSpec, ...]:
+            return tuple(dataclasses.replace(spec, batch_axis=None) for spec in specs)
+
+        return Signature(plain(self.inputs), plain(self.outputs))
 
     def validate(self, inputs: Mapping[str, Any]) -> dict[str, np.ndarray]:
         """Check names, dtypes, ranks, fixed dims and batch agreement; return the arrays."""

@@ -91,6 +91,17 @@ def gram_onnx() -> bytes:
     return _model(graph)
 
 
+def centered_onnx() -> bytes:
+    """centered = x - mean(x) of x float32 ["seq"]: dim 0 is one caller's sequence, not a
+    batch, though nothing in the graph says so; two callers' sequences stacked share a mean."""
+    graph = helper.make_graph(
+        [helper.make_node("ReduceMean", ["x"], ["mean"], keepdims=1),
+         helper.make_node("Sub", ["x", "mean"], ["centered"])], "centered",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["seq"])],
+        [helper.make_tensor_value_info("centered", TensorProto.FLOAT, ["seq"])])
+    return _model(graph)
+
+
 class Recording(Model):
     """A real model that records every batch it runs and can hold its worker at a gate."""
 

@@ -19,7 +19,7 @@ from hypothesis.extra import numpy as hnp
 from edgerun.runtime import (Cancelled, DeadlineExceeded, InferenceError, InvalidInput,
                              MicroBatcher, Model, ModelNotReady, Overloaded)
 from edgerun.runtime.metrics import Registry
-from tests.helpers import Recording, gather_onnx, gram_onnx, identity_onnx
+from tests.helpers import Recording, centered_onnx, gather_onnx, gram_onnx, identity_onnx
 
 
 @pytest.fixture
@@ -328,6 +328,29 @@ def test_a_dim_0_the_model_also_names_past_axis_0_is_never_batched(make_bundle):
         for x, answer in zip((mine, theirs), pending):
             np.testing.assert_array_equal(answer.result()["gram"], x @ x.T)
     assert [b["x"].shape for b in model.batches] == [(2, 2)] * 3
+
+
+@pytest.mark.parametrize("declared", ["batcher", "bundle"])
+def test_max_batch_size_0_declares_no_batch_axis_so_sequences_are_never_stacked(make_bundle,
+                                                                               declared):
+    # x ["seq"] -> x - mean(x): dim 0 looks like a batch, so two callers' sequences were
+    # stacked into one and each got its tokens centred on the other's mean too
+    bundle = make_bundle(centered_onnx(), max_batch_size=0 if declared == "bundle" else None)
+    assert bundle.signature.batchable is (declared == "batcher")
+    model = Recording(Model.load(bundle))
+    knobs = {"max_batch_size": 0} if declared == "batcher" else {}
+    mine, theirs = np.array([1, 2, 3], np.float32), np.array([10, 30], np.float32)
+    with batcher_for(model, max_queue_delay_us=1000, **knobs) as batcher:
+        assert not batcher.signature.batchable
+        model.hold()
+        first = batcher.submit({"x": mine})
+        assert model.entered.wait(5)
+        pending = [batcher.submit({"x": x}) for x in (mine, theirs)]
+        model.release()
+        first.result()
+        for x, answer in zip((mine, theirs), pending):
+            np.testing.assert_allclose(answer.result()["centered"], x - x.mean())
+    assert [b["x"].shape for b in model.batches] == [(3,), (3,), (2,)]
 
 
 def test_a_full_batch_of_one_shape_does_not_wait_behind_a_partial_one_of_another(make_bundle):

@@ -41,6 +41,23 @@ def test_bundle_create_inspect_verify(tmp_path, mlp_file):
     assert checked.returncode == 0 and "ok mlp version 3" in checked.stdout
 
 
+def test_bundle_create_max_batch_size_0_writes_a_bundle_with_no_batch_axis(tmp_path):
+    from tests.helpers import centered_onnx
+
+    model = tmp_path / "centered.onnx"
+    model.write_bytes(centered_onnx())
+    made = edgerun("bundle", "create", str(model), "--name", "seq", "--version", "1",
+                   "-o", str(tmp_path / "b"), "--max-batch-size", "0")
+    assert made.returncode == 0, made.stderr
+    manifest = json.loads(edgerun("bundle", "inspect", str(tmp_path / "b"), "--json").stdout)
+    assert [spec["batch_axis"] for spec in manifest["inputs"] + manifest["outputs"]] == [None] * 2
+    shown = edgerun("bundle", "inspect", str(tmp_path / "b"))
+    assert "max_batch_size 0 (no batch axis)" in shown.stdout, shown.stdout
+    refused = edgerun("bundle", "create", str(model), "--name", "seq", "--version", "1",
+                      "-o", str(tmp_path / "c"), "--max-batch-size", "-1")
+    assert refused.returncode != 0 and "or 0 for a model with no batch axis" in refused.stderr
+
+
 def test_inspect_shows_a_bundles_names_as_they_are(tmp_path):
     """A bundle's names are its maker's text: rich took them for markup, so `logits[batch]`
     showed as `logits`, and `[/x]` ended `bundle inspect` in a MarkupError."""

@@ -138,6 +138,30 @@ def test_retiring_a_version_waits_for_its_requests(repo_dir):
     repository.close()
 
 
+def test_a_config_max_batch_size_of_0_serves_a_sequence_model_unbatched(tmp_path):
+    # a bare sequence model in a repository has no bundle flag of its own to say so:
+    # config.toml says it, as Triton's max_batch_size 0, and its metadata says 0
+    from edgerun.adapters.dataplane import DataPlane
+    from tests.helpers import centered_onnx
+
+    add_version(tmp_path, "seq", "1", centered_onnx())
+    (tmp_path / "seq" / "config.toml").write_text("[batching]\nmax_batch_size = 0\n")
+    repository = Repository(tmp_path, registry=Registry())
+    repository.load_all()
+    served = repository.get("seq")
+    assert not served.signature.batchable and not served.model.signature.batchable
+    assert DataPlane(repository).model_metadata("seq")["parameters"] == {"max_batch_size": 0}
+
+    async def both():
+        return await asyncio.gather(*(served.batcher.predict_async({"x": x}) for x in (
+            np.array([1, 2, 3], np.float32), np.array([10, 30], np.float32))))
+
+    first, second = asyncio.run(both())
+    np.testing.assert_allclose(first["centered"], [-1, 0, 1])
+    np.testing.assert_allclose(second["centered"], [-10, 10])
+    repository.close()
+
+
 def test_config_instances_start_several_sessions_behind_one_queue(repo_dir):
     (repo_dir / "mlp" / "config.toml").write_text("instances = 2\n")
     repository = Repository(repo_dir, "cpu", registry=Registry())

@@ -33,7 +33,9 @@ def register(commands: argparse._SubParsersAction) -> None:
     create.add_argument("-o", "--output", type=Path, required=True,
                         help="bundle folder, or a path ending in .tar.gz or .zip for an archive")
     create.add_argument("--max-batch-size", type=int, default=None,
-                        help="largest batch the model may run (default: no limit)")
+                        help="largest batch the model may run (default: no limit); 0 for "
+                             "a model whose dim 0 is no batch (a sequence, say): callers' "
+                             "requests are then never stacked")
     create.add_argument("--golden-input", type=Path, default=None,
                         help="sample input (.npy, .npz or JSON) instead of a generated one")
     create.add_argument("--device", default=None, help="device profile the bundle targets")
@@ -165,13 +167,19 @@ def _unpack(args: argparse.Namespace) -> int:
     return 0
 
 
+def _batching(manifest: dict) -> str:
+    if not any(spec.get("batch_axis") == 0 for spec in manifest["inputs"]):
+        return "0 (no batch axis)"
+    return str(manifest.get("max_batch_size") or "unlimited")
+
+
 def _print_manifest(manifest: dict) -> None:
     """Every value escaped: a bundle's names are its maker's text, and rich would take
     `logits[batch]` for markup (or fail on `[/x]`), showing what is not there."""
     out.print(f"[bold]{escape(manifest['name'])}[/] version {escape(str(manifest['version']))}  "
               f"backend {escape(manifest['backend'])}  device "
               f"{escape(str(manifest['device'].get('profile')))}  "
-              f"max_batch_size {manifest.get('max_batch_size') or 'unlimited'}")
+              f"max_batch_size {_batching(manifest)}")
     table = Table("", "tensor", "dtype", "shape", "batch axis")
     for kind in ("inputs", "outputs"):
         for spec in manifest[kind]:

@@ -40,7 +40,8 @@ def register(commands: argparse._SubParsersAction) -> None:
                         help="watch the folder and hot-swap changes every SECONDS")
     defaults = BatchingConfig()
     parser.add_argument("--max-batch-size", type=int, default=defaults.max_batch_size,
-                        help="default for models without their own [batching]")
+                        help="default for models without their own [batching]; 0: the "
+                             "model has no batch axis, requests are never stacked")
     parser.add_argument("--max-queue-delay-us", type=int, default=defaults.max_queue_delay_us)
     parser.add_argument("--max-queue-size", type=int, default=defaults.max_queue_size)
     parser.add_argument("--max-body-bytes", type=positive(int), default=64 << 20,
