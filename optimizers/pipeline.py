@@ -58,6 +58,9 @@ class OptimizeOptions:
     version: str = "1"
     #: fp16: refuse a model float16 cannot hold, rather than keep those nodes float32.
     strict_fp16: bool = False
+    #: The bundle's limit, as `bundle create --max-batch-size`; 0: the model has no batch
+    #: axis (its dim 0 is a sequence, say), so its callers' requests are never stacked.
+    max_batch_size: int | None = None
 
 
 @dataclass
@@ -121,6 +124,9 @@ def optimize(model_path: str | Path, output: str | Path,
                   strict=options.strict_fp16)
     name = options.name or model_path.stem
     check_name(name), check_version(options.version)  # before the work, not at its end
+    if options.max_batch_size is not None and options.max_batch_size < 0:
+        raise OptimizeError(f"max_batch_size {options.max_batch_size}: a limit >= 1, or 0 "
+                            "for a model with no batch axis")
     why = staging.unwritable(output)  # not an errno of a hidden folder, after all the work
     if why:
         raise OptimizeError(f"{output}: the output cannot be written there: {why}")
@@ -130,6 +136,8 @@ def optimize(model_path: str | Path, output: str | Path,
     with tempfile.TemporaryDirectory(prefix="edgerun-optimize-") as scratch_name:
         scratch = Path(scratch_name)
         signature = _signature(model_path)
+        if options.max_batch_size == 0:
+            signature = signature.unbatched()
         data = measure.load_eval(options.eval_data, signature) if options.eval_data \
             else measure.synthetic_eval(signature)
         # the eval data's first call is the golden sample of every bundle: a generated one has
@@ -138,7 +146,7 @@ def optimize(model_path: str | Path, output: str | Path,
             if options.eval_data else None
         progress("bundling the original")
         original = _bundle_original(model_path, scratch / "original", name, profile,
-                                    signature, first)
+                                    signature, first, options.max_batch_size)
 
         current, tags, pruned, kept = model_path, [], None, {}
         reference, converted = model_path, None  # the model fp16 converted, and the result
@@ -178,6 +186,7 @@ def optimize(model_path: str | Path, output: str | Path,
         else:
             progress("bundling")
             create_bundle(current, folder, name=name, version=options.version, device=profile,
+                          max_batch_size=options.max_batch_size,
                           golden_inputs=golden, optimizations=tuple(tags),
                           source_file=model_path.name, source_sha256=sha256_file(model_path))
             if kept:
@@ -222,12 +231,13 @@ def _signature(model_path: Path) -> Signature:
 
 
 def _bundle_original(model_path: Path, folder: Path, name: str, profile: DeviceProfile,
-                     signature: Signature, golden: dict[str, np.ndarray] | None) -> Bundle:
+                     signature: Signature, golden: dict[str, np.ndarray] | None,
+                     max_batch_size: int | None = None) -> Bundle:
     """The original model as a bundle, its golden sample `golden` (the eval data's first row)
     or else generated; OptimizeError asking for --eval when the generated one fails to run."""
     try:
         return create_bundle(model_path, folder, name=name, version="0", device=profile,
-                             golden_inputs=golden)
+                             max_batch_size=max_batch_size, golden_inputs=golden)
     except BundleError as exc:
         if golden is not None:
             raise

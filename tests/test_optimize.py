@@ -534,6 +534,35 @@ def test_cli_end_to_end_on_the_digits_model(digits, tmp_path):
     assert lonely.returncode == 2 and "--structured needs --prune" in lonely.stderr
 
 
+def test_optimize_max_batch_size_0_keeps_a_sequence_model_unbatched(tmp_path):
+    # nothing in x ["seq"] -> x - mean(x) says dim 0 is a sequence: without the flag the
+    # optimized bundle batched it, so a daemon or Lambda serving it stacked callers' sequences
+    from tests.helpers import centered_onnx
+
+    model = tmp_path / "centered.onnx"
+    model.write_bytes(centered_onnx())
+
+    def axes(out: Path) -> list:
+        manifest = json.loads(edgerun("bundle", "inspect", str(out), "--json").stdout)
+        return [spec["batch_axis"] for spec in manifest["inputs"] + manifest["outputs"]]
+
+    made = edgerun("optimize", str(model), "--device", "cpu", "--quantize", "fp32",
+                   "--max-batch-size", "0", "-o", str(tmp_path / "seq"))
+    assert made.returncode == 0, made.stderr
+    assert axes(tmp_path / "seq") == [None, None]
+    served = Model.load(tmp_path / "seq")
+    x = np.array([1, 2, 3, 6], np.float32)
+    np.testing.assert_allclose(served.predict({"x": x})["centered"], x - x.mean())
+    served.close()
+    plain = edgerun("optimize", str(model), "--device", "cpu", "--quantize", "fp32",
+                    "-o", str(tmp_path / "plain"))
+    assert plain.returncode == 0, plain.stderr
+    assert axes(tmp_path / "plain") == [0, 0]
+    refused = edgerun("optimize", str(model), "--device", "cpu", "--max-batch-size", "-1",
+                      "-o", str(tmp_path / "bad"))
+    assert refused.returncode == 2 and "or 0 for a model with no batch axis" in refused.stderr
+
+
 def test_readme_optimize_example_runs(digits, tmp_path):
     # what `edgerun demo --workdir demo` leaves: the same model, held-out rows and sample
     demo = tmp_path / "demo"

@@ -50,6 +50,9 @@ def register(commands: argparse._SubParsersAction) -> None:
                         help="keep a compiled artifact even when it is slower than ONNX Runtime")
     parser.add_argument("--eval", type=Path, default=None, dest="eval_data",
                         help=".npz of model inputs (and `labels` for accuracy) to measure on")
+    parser.add_argument("--max-batch-size", type=int, default=None,
+                        help="largest batch the bundle may run (default: no limit); 0 for a "
+                             "model whose dim 0 is no batch (a sequence, say)")
     parser.add_argument("--name", default=None, help="bundle name (default: the file's stem)")
     parser.add_argument("--version", default="1", help="bundle version (default 1)")
     parser.add_argument("-o", "--output", type=Path, required=True,
@@ -79,7 +82,7 @@ def _optimize(args: argparse.Namespace) -> int:
         per_channel=args.per_channel, prune=args.prune, structured=args.structured,
         compile=args.compile, tune_trials=args.tune_trials, rpc=args.rpc, force=args.force,
         eval_data=args.eval_data, name=args.name, version=args.version,
-        strict_fp16=args.strict_fp16)
+        strict_fp16=args.strict_fp16, max_batch_size=args.max_batch_size)
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
                   console=out, transient=True) as progress:
         task = progress.add_task("starting")
