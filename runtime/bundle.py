@@ -488,7 +488,13 @@ def created_at() -> str:
         return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
     if not (epoch.isascii() and epoch.isdigit()):
         raise ValueError(f"SOURCE_DATE_EPOCH must be whole seconds since 1970, got {epoch!r}")
-    return dt.datetime.fromtimestamp(int(epoch), dt.timezone.utc).isoformat(timespec="seconds")
+    try:
+        moment = dt.datetime.fromtimestamp(int(epoch), dt.timezone.utc)
+    except (OverflowError, ValueError, OSError) as exc:  # milliseconds, say: "year 56902 is
+        # out of range" named no setting, and past time_t an OverflowError was a traceback
+        raise ValueError(f"SOURCE_DATE_EPOCH {epoch} is past any date a manifest can hold "
+                         f"({exc}): it must be whole seconds since 1970") from None
+    return moment.isoformat(timespec="seconds")
 
 
 def create_bundle(model_file: str | Path, out_dir: str | Path, *, name: str, version: str,

@@ -57,6 +57,8 @@ class FolderSource:
 
     def __init__(self, root: str | Path, default_batching: BatchingConfig | None = None) -> None:
         self.root = Path(root)
+        if self.root.exists() and not self.root.is_dir():  # it was said not to exist
+            raise BundleError(f"{self.root}: a model repository must be a folder, not a file")
         if not self.root.is_dir():
             raise BundleError(f"{self.root}: model repository folder does not exist")
         self.default_batching = default_batching

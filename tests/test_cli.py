@@ -204,6 +204,20 @@ def test_create_into_an_empty_folder_that_fails_leaves_it_empty(tmp_path, mlp_fi
     assert edgerun("bundle", "verify", str(out)).returncode == 0
 
 
+@pytest.mark.parametrize("epoch", ["1733500000000", "99999999999999999999"])
+def test_a_source_date_epoch_past_any_date_is_named_in_one_line(tmp_path, mlp_file, epoch):
+    """Milliseconds for seconds (`date +%s%3N`) ended bundle create in "year 56903 is out of
+    range", naming no setting, and a larger number in an OverflowError traceback."""
+    result = edgerun("bundle", "create", str(mlp_file), "--name", "mlp", "--version", "1",
+                     "-o", str(tmp_path / "b"), env={"SOURCE_DATE_EPOCH": epoch})
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr and len(result.stderr.splitlines()) == 1, \
+        result.stderr
+    assert result.stderr.startswith(f"error: SOURCE_DATE_EPOCH {epoch} is past any date"), \
+        result.stderr
+    assert not (tmp_path / "b").exists()
+
+
 def test_create_into_a_place_that_cannot_be_written_says_where_and_why(tmp_path, mlp_file):
     (tmp_path / "notes.txt").write_text("")
     output = tmp_path / "notes.txt" / "m.tar.gz"
@@ -298,6 +312,25 @@ def test_demo_serves_through_the_batcher(tmp_path):
     assert "same labels as unbatched predict │ True" in result.stdout
     assert "forward passes" in result.stdout
     assert (tmp_path / "digits-1.tar.gz").is_file() and (tmp_path / "sample.json").is_file()
+
+
+def test_a_path_of_the_wrong_kind_is_not_said_to_be_missing(tmp_path, mlp_file):
+    """A folder given for a file (or a file for a folder) was "does not exist": the user
+    looked at a path that plainly did, and stopped trusting the error."""
+    bundle = tmp_path / "b"
+    assert edgerun("bundle", "create", str(mlp_file), "--name", "mlp", "--version", "1",
+                   "-o", str(bundle)).returncode == 0
+    expected = {
+        ("predict", str(bundle), "--input", str(tmp_path)): f"error (invalid_input): {tmp_path}: "
+                                                           "not a file",
+        ("serve", "--repository", str(mlp_file)): f"error (bundle_error): {mlp_file}: a model "
+                                                  "repository must be a folder, not a file",
+        ("serve", "--repository", str(tmp_path), "--api-keys", str(tmp_path)):
+            f"error (invalid_input): tokens file {tmp_path} is not a file",
+    }
+    for args, message in expected.items():
+        result = edgerun(*args, timeout=60)
+        assert result.returncode == 2 and result.stderr.strip() == message, result.stderr
 
 
 @pytest.mark.parametrize("option, value, message", [

@@ -300,3 +300,19 @@ def test_a_misspelt_table_in_device_toml_is_refused(tmp_path):
     result = edgerun("daemon", "--config", str(config), timeout=60)
     assert result.returncode == 2, result.stderr
     assert "unknown table(s) oat; known: ota" in result.stderr, result.stderr
+
+
+def test_a_misspelt_key_in_the_ota_table_is_refused(tmp_path):
+    """Only the table's name was checked: `trusted` for `trust` (or `speed-limit`, with the
+    dash a top-level key may have) started a daemon whose OTA agent stayed off, or whose
+    downloads kept the default limit, and said nothing."""
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    config = tmp_path / "device.toml"
+    config.write_text(f'repository = "{repo}"\nbroker = "mqtt://127.0.0.1:1"\ndevice_id = "t"\n'
+                      'poll_interval = 0\n[ota]\ntrusted = "fleet.pub"\nspeed-limit = 0\n')
+    result = edgerun("daemon", "--config", str(config), timeout=30)  # it served on, OTA off
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip() == (
+        f"edgerun daemon: {config}: unknown key(s) speed-limit, trusted in [ota]; known: trust,"
+        " credential, speed_limit, speed_time, download_patience"), result.stderr

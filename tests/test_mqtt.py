@@ -783,6 +783,36 @@ def test_a_rotated_password_file_is_read_at_the_next_connect(tmp_path, repo):
         broker.stop()
 
 
+@pytest.mark.parametrize("in_file, flag", [("password = \"stale\"", "--password-file"),
+                                            ("password_file = \"stale.password\"",
+                                             "--password")])
+def test_a_password_flag_overrides_the_config_files_other_form(tmp_path, repo, in_file, flag):
+    """Flags override device.toml, but a flag's password with the file's password_file (or
+    the other way round) ended start-up in "give password or password_file, not both": the
+    file had to be edited to try a new password."""
+    passwd, secret = tmp_path / "passwd", tmp_path / "broker.password"
+    subprocess.run(["mosquitto_passwd", "-b", "-c", str(passwd), "dev", "right"], check=True,
+                   capture_output=True)
+    passwd.chmod(0o644)  # for a broker run as its own user
+    for path, text in ((secret, "right\n"), (tmp_path / "stale.password", "stale\n")):
+        path.write_text(text)
+        path.chmod(0o600)
+    config = tmp_path / "device.toml"
+    config.write_text(f'username = "dev"\n{in_file}\n')
+    broker = Broker(tmp_path / "b")
+    broker.config.write_text(broker.config.read_text() + f"password_file {passwd}\n")
+    broker.start()
+    try:
+        with running_daemon(repo, broker, "overridden", "--config", str(config), flag,
+                            str(secret) if flag == "--password-file" else "right"):
+            requester = Requester(broker)
+            answer, _ = requester.ask("edgerun/overridden/infer/mlp", INFER_JSON, timeout=20)
+            requester.close()
+            assert outputs(answer).shape == (1, 3)
+    finally:
+        broker.stop()
+
+
 def test_a_password_in_the_broker_url_is_never_logged(tmp_path, repo):
     """`--broker mqtt://user:password@host` (as --help offers) put the password in every
     "connected to", "disconnected from" and "cannot reach" line of the daemon's log."""

@@ -182,8 +182,9 @@ class TokenStore:
         self._stamp: tuple[int, ...] | None = None
         self._entries: tuple[TokenEntry, ...] = ()
         self._problem = ""
-        if not self.path.is_file():
-            raise InvalidInput(f"tokens file {self.path} does not exist")
+        if not self.path.is_file():  # a folder was said not to exist
+            raise InvalidInput(f"tokens file {self.path} "
+                               f"{'is not a file' if self.path.exists() else 'does not exist'}")
         if _unsafe(self.path.stat().st_mode):
             raise InvalidInput(f"tokens file {self.path} is writable by group or others, so "
                                "anyone who can write it can grant themselves admin: chmod 600")

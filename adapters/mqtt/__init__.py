@@ -9,11 +9,12 @@ payload (MQTT 3.1.1). Payload forms and errors: see `messages`. The device publi
 `edgerun/<ID>/telemetry` every `--telemetry-interval` seconds.
 
 Extension point (the OTA agent and whatever comes next): an extension module exposes
-`SPEC = ExtensionSpec(name, add_arguments, create)` and is listed in
+`SPEC = ExtensionSpec(name, add_arguments, create, keys=(...))` and is listed in
 `extensions.EXTENSION_MODULES`. `add_arguments(parser)` adds its flags to `edgerun daemon` and
 the device binary; `create(daemon, args, table)` gets the `Daemon`, the parsed flags and its
-`[name]` table from device.toml, and returns an object with `start()` (repository loaded, not
-yet connected) and `stop()` (after the drain), or None. Through the `Daemon` it may use:
+`[name]` table from device.toml (holding only the `keys` it declared: any other ends start-up),
+and returns an object with `start()` (repository loaded, not yet connected) and `stop()` (after
+the drain), or None. Through the `Daemon` it may use:
 
 - `daemon.subscribe(topic_filter, callback, qos=None)`: `callback(message)` (a paho
   `MQTTMessage`: `.topic`, `.payload`, `.properties`, `.retain`) runs on the daemon's extension

@@ -69,6 +69,11 @@ def run(args: argparse.Namespace) -> int:
         if unknown:  # `[oat]` for `[ota]` left the OTA agent off without a word
             raise ValueError(f"{args.config}: unknown table(s) {', '.join(unknown)}; known: "
                              f"{', '.join(sorted(spec.name for spec in known))}")
+        for spec in known:
+            strange = sorted(set(config.extensions.get(spec.name, {})) - set(spec.keys))
+            if strange:
+                raise ValueError(f"{args.config}: unknown key(s) {', '.join(strange)} in "
+                                 f"[{spec.name}]; known: {', '.join(spec.keys)}")
         daemon = Daemon(config)
         for spec in known:
             table = config.extensions.get(spec.name, {})

@@ -195,6 +195,8 @@ _OPTIONAL = {"data_dir", "device", "username", "password", "password_file", "ca_
 _KIND_NAMES = {str: "a string", int: "an integer", Path: "a path (a string)"}
 _PATHS = {"repository", "data_dir", "password_file", "ca_file", "cert_file", "key_file"}
 KEYS = {f.name for f in fields(DaemonConfig)} - {"extensions"}
+#: Two forms of one setting: a flag giving either overrides the file's, as flags do.
+_SECRETS = {"password", "password_file"}
 
 
 def relative_to(folder: Path, table: dict[str, Any], keys: Collection[str]) -> dict[str, Any]:
@@ -237,7 +239,11 @@ def load_config(path: Path | None = None, **overrides: Any) -> DaemonConfig:
         device = data.get("device")
         if isinstance(device, str) and device.endswith(".toml"):  # a profile's file
             data["device"] = str(path.parent / Path(device).expanduser())
-    data.update({k: v for k, v in overrides.items() if v is not None and k in KEYS})
+    given = {k: v for k, v in overrides.items() if v is not None and k in KEYS}
+    if given.keys() & _SECRETS:  # a flag's password replaces the file's, whichever form
+        for key in _SECRETS - given.keys():
+            data.pop(key, None)
+    data.update(given)
     for key in _PATHS & data.keys():
         if isinstance(data[key], (str, Path)):
             data[key] = Path(data[key]).expanduser()

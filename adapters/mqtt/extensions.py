@@ -40,6 +40,9 @@ class ExtensionSpec:
     #: Keys of its table that hold paths (one or a list): relative ones are relative to
     #: device.toml's folder, as the top-level settings' are.
     paths: tuple[str, ...] = ()
+    #: Every key its table takes: any other ends start-up, as an unknown top-level key does
+    #: (`trusted = ...` for `trust` left the OTA agent off without a word).
+    keys: tuple[str, ...] = ()
     #: The longest its extension's `stop` may take: a stopping daemon tells systemd its total.
     stop_wait_s: float = 0.0
 

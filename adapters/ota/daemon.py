@@ -136,4 +136,6 @@ def _download_patience(args: argparse.Namespace, table: dict[str, Any]) -> float
 
 
 SPEC = ExtensionSpec("ota", _add_arguments, _create, paths=("trust", "credential"),
-                     stop_wait_s=CLOSE_WAIT_S)
+                     stop_wait_s=CLOSE_WAIT_S,
+                     keys=("trust", "credential", "speed_limit", "speed_time",
+                           "download_patience"))

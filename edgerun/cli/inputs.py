@@ -15,8 +15,8 @@ from edgerun.runtime.errors import InvalidInput
 
 def load_inputs(path: Path, input_names: Sequence[str]) -> dict[str, Any]:
     """Tensors by name; a bare array (.npy or a JSON list) feeds a single-input model."""
-    if not path.is_file():
-        raise InvalidInput(f"{path}: no such input file")
+    if not path.is_file():  # a folder was said not to exist
+        raise InvalidInput(f"{path}: {'not a file' if path.exists() else 'no such input file'}")
     suffix = path.suffix.lower()
     if suffix in (".npz", ".npy"):
         arrays = load_arrays(path, InvalidInput)  # a corrupt file: one line naming it
