@@ -6,10 +6,12 @@ its value and the reason, so a function's init error says what to fix.
 
 from __future__ import annotations
 
+import atexit
 from collections.abc import Callable
 from pathlib import Path
 
 from edgerun.devices import DeviceProfile
+from edgerun.runtime import archive, staging
 from edgerun.runtime.errors import BundleError, EdgerunError
 from edgerun.runtime.model_config import ModelConfig
 from edgerun.runtime.repository import Repository
@@ -36,3 +38,21 @@ def serve_bundle(spec: str, locate: Callable[[str], Path] = Path, *,
     except EdgerunError as exc:
         raise BundleError(f"{MODEL_VARIABLE}={spec!r}: {exc}") from exc
     return repository, source
+
+
+def unpacked(path: Path, cache: Path) -> Path:
+    """The archive `path` unpacked into a staging folder of this process in `cache`, which
+    lives as long as the process (removed at a normal exit; after a kill, by the next load's
+    sweep), rather than a temporary folder in /tmp that a killed process leaves for good: a
+    Lambda start that timed out, a Cloud Functions worker killed past its timeout, each then
+    followed by one more copy. On Cloud Functions /tmp is memory."""
+    cache.mkdir(parents=True, exist_ok=True)
+    staging.sweep(cache)
+    folder = staging.reserve(cache, "bundle")
+    try:
+        archive.unpack(path, folder / "bundle")
+    except BaseException:
+        staging.discard(folder)
+        raise
+    atexit.register(staging.discard, folder)
+    return folder / "bundle"

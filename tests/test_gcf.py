@@ -6,6 +6,8 @@ import base64
 import gzip
 import json
 import os
+import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -241,6 +243,37 @@ def test_the_gcf_adapter_imports_no_web_framework():
     assert not loaded & {"flask", "functions_framework", "fastapi", "starlette", "werkzeug"}
 
 
+def test_an_archive_that_does_not_load_leaves_no_copy_at_each_retry(bundle_dir, tmp_path,
+                                                                     monkeypatch):
+    """Each request loads a model that failed to load again: its unpacked copy (in /tmp, the
+    instance's memory) goes with each failure, not at the worker's exit."""
+    from edgerun.adapters.gcf import function
+    from edgerun.runtime import Bundle
+    from edgerun.runtime.bundle import (GOLDEN, MANIFEST, FileEntry, read_manifest,
+                                        sha256_file, write_manifest)
+
+    folder = tmp_path / "wrong"
+    shutil.copytree(bundle_dir, folder)
+    with np.load(folder / GOLDEN) as golden:
+        arrays = dict(golden)
+    arrays["output_0"] = arrays["output_0"] + 1.0  # a claim this build does not reproduce
+    np.savez(folder / GOLDEN, **arrays)
+    manifest = read_manifest(folder)
+    manifest.files[GOLDEN] = FileEntry(sha256_file(folder / GOLDEN),
+                                       (folder / GOLDEN).stat().st_size)
+    write_manifest(folder, manifest)
+    with Bundle.open(folder) as opened:
+        archive = opened.pack(tmp_path / "wrong.tar.gz")
+    monkeypatch.setattr(function, "_current", None)
+    monkeypatch.setenv("EDGERUN_MODEL", str(archive))
+    monkeypatch.setenv("EDGERUN_CACHE_DIR", str(tmp_path / "cache"))
+    http = functions_framework.create_app("infer", str(MAIN)).test_client()
+    for _ in range(3):
+        answer = http.post("/v2/models/mlp/infer", json=request(rows(1)))
+        assert answer.status_code == 500 and "golden check" in answer.get_json()["error"]
+        assert not list((tmp_path / "cache").rglob(MANIFEST))
+
+
 def test_the_functions_framework_server_answers_from_its_forked_worker(bundle_dir):
     """The real server: gunicorn imports the module in its master and serves from a fork."""
     port = free_port()
@@ -263,6 +296,58 @@ def test_the_functions_framework_server_answers_from_its_forked_worker(bundle_di
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+def worker_of(server: subprocess.Popen) -> int | None:
+    """The pid of the gunicorn worker functions-framework's master has forked, if any."""
+    children = Path(f"/proc/{server.pid}/task/{server.pid}/children").read_text().split()
+    return int(children[0]) if children else None
+
+
+def infer_until_answered(port: int, server: subprocess.Popen) -> httpx.Response:
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            return httpx.post(f"http://127.0.0.1:{port}/v2/models/mlp/infer",
+                              json=request(rows(1)), timeout=30)
+        except httpx.TransportError:
+            assert time.monotonic() < deadline and server.poll() is None
+            time.sleep(0.2)
+
+
+def test_a_killed_worker_leaves_no_unpacked_archive_in_tmp(bundle_dir, tmp_path):
+    """On Cloud Functions /tmp is memory. Each gunicorn worker unpacked a local `.tar.gz`
+    model into a temporary folder of its own; one killed (past its timeout, by the OOM killer)
+    left its copy for good and the worker gunicorn started next unpacked another, a model's
+    size of the instance's memory gone each time. The next load removes dead workers' copies,
+    as Lambda's starts do."""
+    from edgerun.runtime import Bundle
+    from edgerun.runtime.bundle import MANIFEST
+
+    with Bundle.open(bundle_dir) as opened:
+        archive = opened.pack(tmp_path / "mlp-2.tar.gz")
+    tmp = tmp_path / "tmp"  # the instance's /tmp
+    tmp.mkdir()
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EDGERUN_")}
+    server = subprocess.Popen(
+        [str(Path(sys.executable).with_name("functions-framework")), "--source", str(MAIN),
+         "--target", "infer", "--host", "127.0.0.1", "--port", str(port)],
+        env={**env, "EDGERUN_MODEL": str(archive), "TMPDIR": str(tmp)},
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(2):
+            assert infer_until_answered(port, server).status_code == 200
+            os.kill(worker_of(server), signal.SIGKILL)
+            while worker_of(server) is None:  # gunicorn forks the next one
+                assert server.poll() is None
+                time.sleep(0.1)
+        assert infer_until_answered(port, server).status_code == 200
+        assert len(list(tmp.rglob(MANIFEST))) == 1  # the serving worker's copy alone
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    assert not list(tmp.rglob(MANIFEST))  # and that one goes with its worker
 
 
 PACKAGED_CHECK = """

@@ -18,6 +18,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -124,6 +125,92 @@ def test_concurrent_requests_get_their_own_answers(tmp_path, mlp_path):
         thread.join()
     for i, x in enumerate(inputs):
         np.testing.assert_allclose(results[i], onnxruntime_run(mlp_path, {"x": x})[0], atol=1e-4)
+
+
+@pytest.fixture
+def parallel_bundle(tmp_path: Path, mlp_path: Path, monkeypatch) -> Path:
+    """An x86 bundle whose kernels run their outer loop on TVM's thread pool, as tuned kernels
+    do (untuned ones are serial): built in a second, where tuning takes minutes."""
+    from tvm import relax, s_tir, tirx
+
+    from edgerun.optimizers import tvm_build
+
+    compile_module = tvm_build._compile
+
+    def with_parallel_loops(mod, tvm_tgt, *args, **kwargs):
+        with tvm_tgt:
+            mod = relax.get_pipeline("zero")(mod)
+        for gv, func in list(mod.functions.items()):
+            if isinstance(func, tirx.PrimFunc):
+                schedule = s_tir.Schedule(func)
+                for block in schedule.get_child_blocks(schedule.get_sblock("root")):
+                    schedule.parallel(schedule.get_loops(block)[0])
+                mod[gv] = schedule.mod["main"]
+        return compile_module(mod, tvm_tgt, *args, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(tvm_build, "_compile", with_parallel_loops)
+        compile_bundle(mlp_path, load_profile("x86-64"), tmp_path / "parallel", name="mlp",
+                       version="1", force=True)
+    assert b"TVMBackendParallelLaunch" in (tmp_path / "parallel" / "model.so").read_bytes()
+    return tmp_path / "parallel"
+
+
+def run_on_a_thread_of_its_own(model: Model, x: np.ndarray) -> dict[str, Any]:
+    """The output, the threads the run started, the size of TVM's pool and whether the
+    thread's CPUs changed, from a new thread: TVM's pool belongs to the thread calling it."""
+    import tvm
+
+    seen: dict[str, Any] = {}
+
+    def serve() -> None:
+        before, cpus = set(os.listdir("/proc/self/task")), os.sched_getaffinity(0)
+        seen["y"] = model.predict({"x": x})["y"]
+        seen["started"] = len(set(os.listdir("/proc/self/task")) - before)
+        seen["pinned"] = os.sched_getaffinity(0) != cpus
+        seen["pool"] = tvm.get_global_func("runtime.NumThreads")()  # last: it makes a pool
+
+    thread = threading.Thread(target=serve)
+    thread.start()
+    thread.join()
+    return seen
+
+
+def test_tvm_runs_on_the_profiles_thread_count(parallel_bundle, mlp_path, monkeypatch):
+    """TVM sized its pool by itself (half the host's logical CPUs on x86), whatever the
+    profile's intra_op_threads said, as ONNX Runtime and LiteRT follow it."""
+    monkeypatch.delenv("TVM_NUM_THREADS", raising=False)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    tvm_default = max(1, (os.cpu_count() or 1) // 2)
+    threads = 3 if tvm_default != 3 else 2
+    monkeypatch.delenv("TVM_BIND_THREADS", raising=False)
+    x = np.random.default_rng(6).standard_normal((5, 8)).astype(np.float32)
+    want = onnxruntime_run(mlp_path, {"x": x})[0]
+    for count in (threads, 1):
+        model = Model.load(parallel_bundle, "x86-64", intra_op_threads=count)
+        seen = run_on_a_thread_of_its_own(model, x)
+        np.testing.assert_allclose(seen["y"], want, atol=1e-4)
+        # the calling thread is the pool's first worker, and stays on the CPUs it had: TVM
+        # bound it to the first `count` cores (and its workers one to a core, every pool alike)
+        assert (seen["pool"], seen["started"], seen["pinned"]) == (count, count - 1, False)
+        assert model.describe()["threads"] == count
+
+
+def test_tvm_threads_follow_the_cpus_a_container_leaves(parallel_bundle):
+    """With no intra_op_threads in the profile, the CPUs the process may use (its cgroup quota
+    and affinity) size the pool, not TVM's count of the host's CPUs."""
+    machine = os.cpu_count() or 1
+    script = (f"import os; os.sched_setaffinity(0, {{min(os.sched_getaffinity(0))}}); "
+              f"import numpy as np, tvm; from edgerun.runtime import Model; "
+              f"m = Model.load({str(parallel_bundle)!r}, 'x86-64'); "
+              f"m.predict({{'x': np.ones((4, 8), np.float32)}}); "
+              f"print(m.describe()['threads'], tvm.get_global_func('runtime.NumThreads')())")
+    env = {k: v for k, v in os.environ.items() if k not in ("TVM_NUM_THREADS", "OMP_NUM_THREADS")}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          env=env, timeout=120)
+    assert done.returncode == 0, done.stderr
+    described, pool = map(int, done.stdout.split()[-2:])
+    assert (described, pool) == ((1, 1) if machine > 1 else (0, 1))  # pinned to one CPU
 
 
 @pytest.fixture(scope="module")

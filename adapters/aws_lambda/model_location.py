@@ -18,12 +18,12 @@ by its process and swept once no process holds it.
 
 from __future__ import annotations
 
-import atexit
 import os
 import re
 from collections.abc import Callable
 from pathlib import Path
 
+from edgerun.adapters.single_bundle import unpacked
 from edgerun.runtime import archive, staging
 from edgerun.runtime.bundle import MANIFEST, sha256_file
 from edgerun.runtime.errors import BundleError
@@ -63,22 +63,6 @@ def locate(spec: str, *, sha256: str | None = None, cache: Path = DEFAULT_CACHE,
     if path.is_file() and archive.is_archive_name(path.name):
         return unpacked(path, cache)
     return path
-
-
-def unpacked(path: Path, cache: Path) -> Path:
-    """The archive `path` unpacked into a staging folder of this process in `cache`, which
-    lives as long as the process (removed at a normal exit; after a kill, by the next start's
-    sweep), rather than a temporary folder in /tmp that a killed start leaves for good."""
-    cache.mkdir(parents=True, exist_ok=True)
-    staging.sweep(cache)
-    folder = staging.reserve(cache, "bundle")
-    try:
-        archive.unpack(path, folder / "bundle")
-    except BaseException:
-        staging.discard(folder)
-        raise
-    atexit.register(staging.discard, folder)
-    return folder / "bundle"
 
 
 def cached_download(uri: str, sha256: str, cache: Path, download: Download) -> Path:

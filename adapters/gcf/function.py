@@ -21,8 +21,10 @@ import json
 import logging
 import os
 import sys
+import tempfile
 import threading
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any
 
 from edgerun.adapters.codecs import oip
@@ -32,7 +34,8 @@ from edgerun.adapters.dataplane.hooks import request_id
 from edgerun.adapters.http.encoding import decode_body
 from edgerun.adapters.http.routes import READ_ONLY_ROUTES, match
 from edgerun.adapters.http.status import error_headers, status_of
-from edgerun.adapters.single_bundle import MODEL_VARIABLE, serve_bundle
+from edgerun.adapters.single_bundle import MODEL_VARIABLE, serve_bundle, unpacked
+from edgerun.runtime import archive, staging
 from edgerun.runtime.errors import RETRYABLE, EdgerunError, InvalidInput, PayloadTooLarge
 
 log = logging.getLogger(__name__)
@@ -173,9 +176,29 @@ def answer_http(request: Any) -> tuple[bytes, int, dict[str, str]]:
 
 
 def from_environment(environ: Mapping[str, str] | None = None) -> CloudFunction:
-    """The function for EDGERUN_MODEL (a bundle folder or .tar.gz in the source), loaded now."""
+    """The function for EDGERUN_MODEL (a bundle folder or .tar.gz in the source), loaded now.
+
+    An archive is unpacked into a staging folder of this process in EDGERUN_CACHE_DIR
+    (`$TMPDIR/edgerun`), which the next load sweeps once its process is gone: /tmp is the
+    instance's memory, and a gunicorn worker killed (past its timeout, out of memory) left its
+    copy there for good while the next worker unpacked another."""
     environ = os.environ if environ is None else environ
-    repository, source = serve_bundle(environ.get(MODEL_VARIABLE, ""))
+    cache = Path(environ.get("EDGERUN_CACHE_DIR") or Path(tempfile.gettempdir()) / "edgerun")
+    copies: list[Path] = []
+
+    def local(spec: str) -> Path:
+        path = Path(spec)
+        if path.is_file() and archive.is_archive_name(path.name):
+            copies.append(unpacked(path, cache))
+            return copies[-1]
+        return path
+
+    try:
+        repository, source = serve_bundle(environ.get(MODEL_VARIABLE, ""), local)
+    except BaseException:  # the next request loads again: one copy at a time, not one each
+        for copy in copies:
+            staging.discard(copy.parent)
+        raise
     return CloudFunction(DataPlane(repository), default_model=source.name)
 
 

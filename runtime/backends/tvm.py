@@ -3,6 +3,15 @@
 The library is native code for one CPU (and one GPU arch): loading it anywhere else would
 crash or fail deep inside TVM, so the target the manifest records is checked against this host
 first and refused with both named.
+
+Threads: TVM runs a library's parallel loops on a pool that belongs to the thread calling the
+model, shared by every TVM model that thread runs, and sized when the thread first uses it; on
+its own it takes half the host's logical CPUs on x86 (all of them elsewhere), blind to a
+container's quota. A model sizes the pool of each thread that runs it to the profile's
+`intra_op_threads`, else to the CPUs the container leaves (`cpu_limit`), else leaves TVM's
+default (or TVM_NUM_THREADS / OMP_NUM_THREADS, when set) alone. Two models with different counts
+run from one thread share its pool: the later one's count can lower it, never raise it. TVM's
+binding of threads to cores is off (TVM_BIND_THREADS=0) unless the environment turns it on.
 """
 
 from __future__ import annotations
@@ -19,11 +28,18 @@ import numpy as np
 
 from edgerun.devices import DeviceProfile
 from edgerun.runtime.backends.base import Backend
+from edgerun.runtime.backends.cpus import cpu_limit
 from edgerun.runtime.errors import BundleError
 from edgerun.runtime.signature import Signature
 
 if TYPE_CHECKING:
     from edgerun.runtime.bundle import Bundle, Manifest
+
+#: `runtime.config_threadpool`'s mode that TVM's pool starts in (kBig; it picks the cores TVM
+#: would bind to, and binding is off, see `_load_bytes`).
+_BIG_CORES = 1
+#: Per calling thread: the pool size this module last gave TVM there.
+_POOL = threading.local()
 
 #: ELF e_machine values of the CPUs edgerun compiles for.
 _ELF_MACHINES = {62: "x86_64", 183: "aarch64"}
@@ -79,6 +95,29 @@ def missing_cpu_features(recorded: str) -> list[str]:
     return [f for f in recorded.split(",") if f and normalized_flag(f) not in host]
 
 
+def threads_for(device: DeviceProfile) -> int:
+    """The pool size for a profile: its `intra_op_threads`, else the CPUs a container leaves;
+    0 (TVM's own choice) when neither says, or when the operator set TVM's variables."""
+    if device.intra_op_threads:
+        return device.intra_op_threads
+    if os.environ.get("TVM_NUM_THREADS") or os.environ.get("OMP_NUM_THREADS"):
+        return 0
+    return cpu_limit() or 0
+
+
+def use_threads(count: int) -> None:
+    """Size the calling thread's TVM pool to `count` (0: leave it). TVM sizes a pool by the
+    length of the CPU list it is given (in kBig mode the ids only count) and caps it at the size
+    it had when first made, so it is called before the thread's first run."""
+    if not count or getattr(_POOL, "threads", None) == count:
+        return
+    import tvm
+
+    tvm.get_global_func("runtime.config_threadpool")(
+        _BIG_CORES, count, [str(i) for i in range(count)])
+    _POOL.threads = count
+
+
 def _cuda_available() -> bool:
     import tvm
 
@@ -88,9 +127,11 @@ def _cuda_available() -> bool:
 class TvmBackend(Backend):
     name = "tvm"
 
-    def __init__(self, library: Any, device: Any, signature: Signature, target: str) -> None:
+    def __init__(self, library: Any, device: Any, signature: Signature, target: str,
+                 threads: int = 0) -> None:
         self._library = library
         self._device = device
+        self._threads = threads  # the pool size of each thread running it (0: TVM's default)
         self._input_names = [spec.name for spec in signature.inputs]
         self._output_names = [spec.name for spec in signature.outputs]
         self._target = target
@@ -106,17 +147,18 @@ class TvmBackend(Backend):
         from edgerun.runtime.bundle import read_manifest
 
         return cls._load(model_path.read_bytes(), model_path.name,
-                         read_manifest(model_path.parent))
+                         read_manifest(model_path.parent), device)
 
     @classmethod
     def from_bundle(cls, bundle: Bundle, device: DeviceProfile) -> TvmBackend:
         """The library from its verified bytes, with the manifest the bundle was opened with
         (its signature and target): neither is read from the folder again."""
         name = bundle.manifest.model_file
-        return cls._load(bundle.read_file(name), name, bundle.manifest)
+        return cls._load(bundle.read_file(name), name, bundle.manifest, device)
 
     @classmethod
-    def _load(cls, library: bytes, name: str, manifest: Manifest) -> TvmBackend:
+    def _load(cls, library: bytes, name: str, manifest: Manifest,
+              device: DeviceProfile) -> TvmBackend:
         recorded = manifest.device
         target = recorded.get("tvm_target", recorded.get("target", "?"))
         built_for = library_arch(library, name)
@@ -137,8 +179,9 @@ class TvmBackend(Backend):
                 f"{name} was compiled for {accelerator} (profile "
                 f"{recorded.get('profile', '?')}, target {target}); this host has no CUDA "
                 "device that TVM can use (no GPU, or a TVM built without CUDA)")
-        return cls._load_bytes(library, name, manifest.signature, target,
-                               cuda=accelerator.startswith("cuda"))
+        cuda = accelerator.startswith("cuda")
+        return cls._load_bytes(library, name, manifest.signature, target, cuda=cuda,
+                               threads=0 if cuda else threads_for(device))
 
     @classmethod
     def load_library(cls, path: Path, signature: Signature, target: Any, *,
@@ -148,7 +191,7 @@ class TvmBackend(Backend):
 
     @classmethod
     def _load_bytes(cls, library: bytes, name: str, signature: Signature, target: Any, *,
-                    cuda: bool = False) -> TvmBackend:
+                    cuda: bool = False, threads: int = 0) -> TvmBackend:
         """Load a library from its bytes. TVM's loader (the dynamic loader) takes only a path:
         the bytes are written to a file of a fresh private folder (0700; the file 0600), which
         nobody else can replace, loaded, and removed once mapped. A path of its own also
@@ -158,6 +201,11 @@ class TvmBackend(Backend):
         import tvm
         from tvm import relax  # noqa: F401  (registers the Relax VM loader)
 
+        # TVM binds a calling thread to the first cores, and its pool's workers one to a core,
+        # the same cores for every thread's pool: a version's instances, two models, the
+        # loading thread (and the threads it starts later, ONNX Runtime's among them) would all
+        # be stacked there. The kernel places them, as it does ONNX Runtime's; =1 binds again.
+        os.environ.setdefault("TVM_BIND_THREADS", "0")
         scratch = tempfile.mkdtemp(prefix="edgerun-tvm-")  # mode 0700
         try:
             fd, private = tempfile.mkstemp(suffix=".so", dir=scratch)  # mode 0600
@@ -169,7 +217,7 @@ class TvmBackend(Backend):
                 raise BundleError(f"{name}: TVM cannot load it: {exc}") from exc
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
-        return cls(module, tvm.cuda(0) if cuda else tvm.cpu(0), signature, str(target))
+        return cls(module, tvm.cuda(0) if cuda else tvm.cpu(0), signature, str(target), threads)
 
     def _vm(self) -> Any:
         """One VM per thread: a Relax VM keeps per-call state, the library is shared."""
@@ -183,6 +231,7 @@ class TvmBackend(Backend):
     def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         import tvm
 
+        use_threads(self._threads)
         vm = self._vm()
         args = [tvm.runtime.tensor(np.ascontiguousarray(inputs[name]), self._device)
                 for name in self._input_names]
@@ -194,4 +243,5 @@ class TvmBackend(Backend):
         import tvm
 
         return {"backend": self.name, "tvm": tvm.__version__, "target": self._target,
-                "providers": [f"tvm:{self._device}"]}
+                "providers": [f"tvm:{self._device}"],
+                "threads": self._threads}  # 0: TVM's own default
