@@ -455,6 +455,36 @@ def test_a_device_offline_through_its_rollback_rolls_back_when_it_returns(
     assert other.served("m") == ["1"]
 
 
+def test_a_rollback_waits_for_another_rollouts_job_the_device_has_not_picked_up(
+        tmp_path, broker, server, fleet, keys):
+    """dev00 took m:2 (rollout A), went offline, and rollout B sent it n:1. Rolling A back
+    replaced B's job on the device's one retained job topic: dev00 came back to the rollback
+    alone, and B's job sat queued, reported as under way, until it timed out and failed B.
+    A's rollback now waits for B's job to end, and both reach the device."""
+    from tests.mqtt import read_retained
+
+    (device,) = fleet(1)
+    push(server, make_bundle(tmp_path / "b", model(2), "m", "2", keys["key"]))
+    push(server, make_bundle(tmp_path / "n", model(3), "n", "1", keys["key"]))
+    first = server.deploy(model="m", version="2", devices=[device.device_id])
+    assert server.wait_rollout(first["id"])["state"] == "completed"
+    device.go_offline()
+    second = server.deploy(model="n", version="1", devices=[device.device_id])
+    assert job_states(second) == {device.device_id: "queued"}
+    answer = httpx.post(f"{server.url}/rollouts/{first['id']}/rollback", timeout=30)
+    assert answer.status_code == 200, answer.text
+    (waiting,) = answer.json()["jobs"]
+    assert (waiting["kind"], waiting["state"]) == ("install", "active"), waiting
+    assert f"waits for rollout {second['id']}" in waiting["detail"], waiting
+    job = read_retained(broker, f"edgerun/{device.device_id}/ota")
+    assert job is not None and job["rollout"] == second["id"], job  # B's job is still there
+    device.come_back()
+    assert server.wait_rollout(second["id"], timeout=60)["state"] == "completed"
+    final = server.wait_rollout(first["id"], ("aborted",), timeout=60)
+    assert [(j["kind"], j["state"]) for j in final["jobs"]] == [("rollback", "rolled_back")]
+    assert device.served("m") == ["1"] and device.served("n") == ["1"]
+
+
 def test_rollout_to_real_daemons_and_kill_9_of_one(tmp_path, broker, server, keys, v1):
     """`edgerun daemon --trust --group` processes: the agent wired into the real daemon."""
     from tests.mqtt import DaemonProcess, daemon_command, read_retained
@@ -935,6 +965,52 @@ def test_a_device_busy_with_another_rollouts_job_gets_the_next_one_once_it_ends(
     orchestrator.tick()
     assert job_states(orchestrator.status(second["id"])) == {"a": "queued", "b": "queued"}
     assert orchestrator.status(first["id"])["state"] == "completed"
+
+
+def test_a_late_devices_rollback_waits_for_the_next_rollouts_job(orchestrator, tmp_path, keys):
+    """The abort withdrew b's job, and the next rollout sent b its own; b then said it had
+    installed the withdrawn m:2 after all. Its rollback replaced the next rollout's job on b's
+    one retained job topic; it now waits for that job to end."""
+    from edgerun.adapters.ota.messages import Job, Report
+    from edgerun.runtime import Bundle
+
+    with Bundle.open(make_bundle(tmp_path / "n", model(3), "n", "1", keys["key"])) as bundle:
+        archive = bundle.pack(tmp_path / "n-1.tar.gz")
+    with archive.open("rb") as stream:
+        orchestrator.registry.push(stream)
+    sent = orchestrator.sent
+    first = orchestrator.deploy("m", "2", group="g")
+    jobs = {job["device_id"]: job["job_id"] for job in first["jobs"]}
+    orchestrator.on_message("edgerun/a/ota/report",
+                            Report(jobs["a"], "a", "failed", "m", "2", "1").encode())
+    orchestrator.tick()
+    assert job_states(orchestrator.status(first["id"])) == {"a": "failed", "b": "cancelled"}
+    second = orchestrator.deploy("n", "1", devices=["b"])
+    assert job_states(second) == {"b": "queued"}
+    published = len(sent)
+    orchestrator.on_message("edgerun/b/ota/report",
+                            Report(jobs["b"], "b", "staged", "m", "2", "1").encode())
+    orchestrator.tick()  # b is still on it: its end decides
+    assert job_states(orchestrator.status(first["id"]))["b"] == "cancelled"
+    orchestrator.on_message("edgerun/b/ota/report",
+                            Report(jobs["b"], "b", "active", "m", "2", "1").encode())
+    orchestrator.tick()
+    assert [m for m in sent[published:] if m[0] == "edgerun/b/ota"] == []  # n:1's job stays
+    status = orchestrator.status(first["id"])
+    job_b = next(j for j in status["jobs"] if j["device_id"] == "b")
+    assert status["state"] == "rolling_back" and (job_b["kind"], job_b["state"]) == (
+        "install", "active")
+    assert job_b["detail"] == f"its rollback waits for rollout {second['id']}'s job on this device"
+    orchestrator.on_message("edgerun/b/ota/report", Report(
+        second["jobs"][0]["job_id"], "b", "active", "n", "1", None).encode())
+    assert orchestrator.status(second["id"])["state"] == "completed"
+    rollback = Job.decode(sent[-1][1])
+    assert (sent[-1][0], rollback.kind, rollback.model, rollback.version) == (
+        "edgerun/b/ota", "rollback", "m", "1")
+    orchestrator.on_message("edgerun/b/ota/report",
+                            Report(rollback.job_id, "b", "rolled_back", "m", "1", "2").encode())
+    orchestrator.tick()
+    assert orchestrator.status(first["id"])["state"] == "aborted"
 
 
 def test_a_report_without_a_job_id_touches_no_job_not_yet_sent(orchestrator):

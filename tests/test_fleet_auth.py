@@ -329,6 +329,41 @@ def test_enrol_takes_groups_as_a_list_of_names_only(secured):
     assert call(server, "POST", "/devices/dev-g/revoke", admin).status_code == 200
 
 
+def test_no_device_or_group_is_enrolled_under_the_fleets_own_mqtt_username(secured, tmp_path):
+    """A device (or group) enrolled under the orchestrator's MQTT username was accepted, and
+    every `fleet acl` after it failed with "username 'fleet' appears twice" until it was
+    revoked. Enrolment refuses the name up front; `fleet acl` names the device and the way
+    out for one enrolled before (by a registry that did not know the name)."""
+    admin = ["--token-file", str(secured["secrets"]["admin"])]
+    (tmp_path / "fleet.password").write_text("orchestrator-secret\n")
+    broker = SimpleNamespace(url=f"mqtt://fleet@127.0.0.1:{free_port()}")  # never reached
+    server = FleetServer(tmp_path / "fleet", broker, [secured["pub"]], [
+        "--tokens", str(secured["tmp"] / "tokens"), "--broker-password-file",
+        str(tmp_path / "fleet.password")]).start()
+    try:
+        for extra in (["fleet"], ["dev-f", "--group", "fleet"]):
+            refused = edgerun("fleet", "enroll", *extra, "--server", server.url, *admin)
+            assert refused.returncode != 0 and refused.stdout == "", refused.stdout
+            assert "'fleet' is the fleet's own MQTT username" in refused.stderr, refused.stderr
+        assert call(server, "GET", "/credentials",
+                    read_secret(secured["secrets"]["admin"])).json() == []
+    finally:
+        server.stop()
+    # the shared registry has no broker username: it enrols "orch", then the operator names
+    # the orchestrator "orch" in fleet acl
+    server = secured["server"]
+    assert edgerun("fleet", "enroll", "orch", "--server", server.url, *admin).returncode == 0
+    try:
+        made = edgerun("fleet", "acl", "--server", server.url, "-o", str(tmp_path / "files"),
+                       "--orchestrator-user", "orch", "--orchestrator-password-file",
+                       str(tmp_path / "fleet.password"), *admin)
+        assert made.returncode != 0 and not (tmp_path / "files" / "acl").exists()
+        assert "device 'orch' has the orchestrator's username" in made.stderr, made.stderr
+        assert "edgerun fleet revoke orch" in made.stderr, made.stderr
+    finally:
+        assert edgerun("fleet", "revoke", "orch", "--server", server.url, *admin).returncode == 0
+
+
 def test_a_rollout_body_that_is_not_an_object_is_a_400_not_a_500(secured):
     server, secrets = secured["server"], secured["secrets"]
     deploy = read_secret(secrets["deploy"])

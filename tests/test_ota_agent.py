@@ -436,13 +436,26 @@ def test_recover_from_what_a_crash_leaves(tmp_path, server, bundles, keys):
     device.close()
 
 
-@pytest.mark.parametrize("damage", [b"", b'{"active": "b", "slo', b"\xff\x00" * 8, b"[]"])
+SLOTS_OK = '"slots": {"a": "2", "b": "3"}'
+
+
+@pytest.mark.parametrize("damage", [
+    b"", b'{"active": "b", "slo', b"\xff\x00" * 8, b"[]",
+    # JSON of the wrong shape (a bit flipped, a hand edit): recovery died on each, but "c"
+    # and 7, which left the slots unused and the daemon's folder serving its older version
+    b'{"active": "b", "slots": ["2", "3"]}', b'{"active": "b", "slots": "23"}',
+    b'{"active": ["b"], %s}' % SLOTS_OK.encode(), b'{"active": "c", %s}' % SLOTS_OK.encode(),
+    b'{"active": 7, %s}' % SLOTS_OK.encode(), b'{"active": "b", "slots": {"a": 2, "b": "3"}}',
+    b'{"active": "b", %s, "last": [1]}' % SLOTS_OK.encode(),
+    b'{"active": "b", %s, "last": {"state": "active"}}' % SLOTS_OK.encode(),
+    b'{"active": "b", %s, "switching": "x"}' % SLOTS_OK.encode()])
 def test_an_unreadable_pointer_is_rebuilt_from_the_slots(tmp_path, server, bundles, keys,
-                                                         damage):
-    """An SD card that lost the pointer's write in a power cut (empty, torn, garbage): the
-    agent's recovery died with a JSONDecodeError and the daemon with it, at every start, so
-    the device served nothing. The slots' manifests name what they hold: the older serves
-    (what served before the update the pointer broke in), and the job delivered again goes on."""
+                                                         damage, caplog):
+    """An SD card that lost the pointer's write in a power cut (empty, torn, garbage, or JSON
+    of another shape): the agent's recovery died with a JSONDecodeError and the daemon with it,
+    at every start, so the device served nothing. The slots' manifests name what they hold: the
+    older serves (what served before the update the pointer broke in), and the job delivered
+    again goes on."""
     folder = tmp_path / "device"
     device = Device(folder, keys["trusted"], bundles("1"))
     assert device.run(server.add(bundles("2"))).state == "active"
@@ -452,6 +465,7 @@ def test_an_unreadable_pointer_is_rebuilt_from_the_slots(tmp_path, server, bundl
     (folder / "data" / "ota" / "m" / "state.json").write_bytes(damage)
     device = Device(folder, keys["trusted"])
     try:
+        assert f"{folder / 'data' / 'ota' / 'm' / 'state.json'} is unreadable" in caplog.text
         assert device.served() == ["2"]
         assert device.agent.describe()["ota"]["m"] == {"active": "2", "previous": "3"}
         report = device.run(job3)  # the retained job, delivered again: the pointer lost it

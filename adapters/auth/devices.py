@@ -12,7 +12,7 @@ PostgreSQL, in a table of their own.
 from __future__ import annotations
 
 import zlib
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 
 from edgerun.adapters.auth.mosquitto import (Device, check_name, hash_password, new_password,
                                              verify_password)
@@ -39,8 +39,10 @@ _ENROL_LOCK = zlib.crc32(b"edgerun-device-enrolment")
 class DeviceCredentials:
     """Enrolled devices and their secrets' hashes."""
 
-    def __init__(self, db: Database) -> None:
+    def __init__(self, db: Database, reserved: Collection[str] = ()) -> None:
+        """`reserved`: names no device or group may take (the fleet's own MQTT username)."""
         self.db = db
+        self.reserved = frozenset(reserved)
         migrate(db, MIGRATIONS, component="device_credentials")
 
     def enroll(self, device_id: str, groups: Sequence[str] = ()) -> str:
@@ -48,6 +50,10 @@ class DeviceCredentials:
         working); the caller hands it to the device once. Nothing keeps the secret."""
         for kind, name in (("device id", device_id), *(("group", g) for g in groups)):
             check_name(kind, name)  # the broker files' rules, checked before anything is kept
+            if name in self.reserved:  # else every later `fleet acl` fails until it is revoked
+                raise InvalidInput(f"{kind} {name!r} is the fleet's own MQTT username (fleet "
+                                   f"serve --broker): both would own edgerun/{name}/; choose "
+                                   "another")
         secret, password_hash = new_password()
         # the check and the row in one transaction, one enrolment at a time (SQLite: BEGIN
         # IMMEDIATE; PostgreSQL: a lock): else two registries enrolling device x in group y

@@ -170,6 +170,15 @@ def _validate(devices: list[Device], clients: list[InferenceClient],
     users = [d.device_id for d in devices] + [c.username for c in clients]
     if orchestrator is not None:
         users.append(orchestrator.username)
+        for device in devices:  # enrolled before the registry knew the name: say the way out
+            if orchestrator.username in (device.device_id, *device.groups):
+                what = (f"device {device.device_id!r}" if device.device_id ==
+                        orchestrator.username else f"group {orchestrator.username!r} of "
+                        f"device {device.device_id!r}")
+                raise InvalidInput(f"{what} has the orchestrator's username "
+                                   f"{orchestrator.username!r}: revoke it (edgerun fleet revoke "
+                                   f"{device.device_id}) and enrol it under another name, or "
+                                   "give the orchestrator another user")
     seen: set[str] = set()
     for user in users:
         check_name("username", user)

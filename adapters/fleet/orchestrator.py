@@ -231,8 +231,10 @@ class Orchestrator:
                     # grant the download again (a job sent and not withdrawn)
                     return
                 # withdrawn by an abort, or timed out and then aborted, but the device had
-                # picked it up and went on: take it back
-                self._send_rollback(rollout, {**job, "previous_version": previous})
+                # picked it up and went on: take it back (its rollback may wait its turn,
+                # from the state the device reports)
+                self._send_rollback(rollout, {**job, "previous_version": previous,
+                                              "state": report.state})
                 return
             # timed out, yet the device went on and the rollout goes on: its reports count
         elif given_up and job["kind"] == ROLLBACK and report.state in TERMINAL:
@@ -250,11 +252,8 @@ class Orchestrator:
             fields["baseline"] = json.dumps({k: telemetry.get(k)
                                              for k in ("requests", "errors", "since")})
         self.store.update_job(job["rollout_id"], device, **fields)
-        if report.state in TERMINAL and not self.store.busy_devices(job["rollout_id"], IDLE,
-                                                                    device):
-            # done: clear the retained job, unless it is another rollout's by now (sent once
-            # this one had timed out)
-            self._send(job_topic(device), b"", True)
+        if report.state in TERMINAL:  # done: clear the retained job
+            self._clear(job["rollout_id"], device)
         rollout = self._rollout(job["rollout_id"])
         if rollout["state"] == ABORTED and job["kind"] == INSTALL and report.state != FAILED:
             # the device took the new version after the rollout was aborted
@@ -334,7 +333,7 @@ class Orchestrator:
                 self.store.update_job(rollout["id"], job["device_id"], state=FAILED,
                                       detail=detail)
                 if job["kind"] == INSTALL:
-                    self._send(job_topic(job["device_id"]), b"", True)
+                    self._clear(rollout["id"], job["device_id"])
                 # a rollback stays on the broker: a device offline now would otherwise come
                 # back to no job and serve the version taken back for good (its end, when it
                 # comes, is still recorded)
@@ -364,10 +363,10 @@ class Orchestrator:
                           "then withdrawn by the abort"}
                 self.store.update_job(rollout["id"], job["device_id"], **fields)
                 job.update(fields)
-            elif job["kind"] == INSTALL and job["state"] not in (FAILED, CANCELLED,
-                                                                  ROLLED_BACK):
+            elif _to_take_back(job):
                 job.update(self._send_rollback(rollout, job))
-        if all(job["state"] in ENDED for job in jobs):
+        # an install still to take back: its rollback waits for another rollout's job
+        if all(job["state"] in ENDED and not _to_take_back(job) for job in jobs):
             self.store.update_rollout(rollout["id"], state=ABORTED)
 
     def _advance(self, rollout: dict[str, Any], jobs: list[dict[str, Any]],
@@ -444,12 +443,26 @@ class Orchestrator:
         previous = job.get("previous_version")
         device = job["device_id"]
         if previous is None:  # no report yet: withdraw it
-            self._send(job_topic(device), b"", True)
+            self._clear(rollout["id"], device)
             fields = {"state": CANCELLED, "detail": "withdrawn before the device picked it up"}
             self.store.update_job(rollout["id"], device, **fields)
             return fields
         if rollout["state"] == ABORTED:  # follow this rollback to its end too
             self.store.update_rollout(rollout["id"], state=ROLLING_BACK)
+        others = self.store.busy_with(rollout["id"], device, IDLE)
+        if others:
+            # the device's one retained job topic holds another rollout's job (sent once this
+            # install had ended): a rollback sent now would replace it, and a device subscribing
+            # afresh would never see it. The rollback waits its turn, as an install does
+            # (`_start`): `_roll_back` sends it at a tick after that job has ended. An install
+            # the device is still on is left as it is: its end comes back here.
+            if job["state"] not in TERMINAL:
+                return {}
+            fields = {"state": job["state"], "previous_version": previous,
+                      "detail": f"its rollback waits for rollout {others[0]}'s job on this "
+                                "device"}
+            self.store.update_job(rollout["id"], device, **fields)
+            return fields
         detail = "rolling back"
         if not previous:
             detail += " (to no version: the device served none of this model before the install)"
@@ -464,6 +477,12 @@ class Orchestrator:
         self.store.update_job(rollout["id"], device, **fields)
         self._publish_job(rollout, {**job, **fields})
         return fields
+
+    def _clear(self, rollout_id: str, device: str) -> None:
+        """Clear the device's retained job, unless it is another rollout's by now: one under
+        way there was sent after this rollout's had ended (or timed out)."""
+        if not self.store.busy_with(rollout_id, device, IDLE):
+            self._send(job_topic(device), b"", True)
 
     def _publish_job(self, rollout: dict[str, Any], job: dict[str, Any]) -> None:
         model, version = rollout["model"], job["version"]
@@ -483,6 +502,17 @@ class Orchestrator:
         message = Job(job_id=job["job_id"], kind=job["kind"], model=model, version=version,
                       url=url, sha256=sha256, size=size, rollout=rollout["id"])
         self._send(job_topic(job["device_id"]), message.encode(), True)
+
+
+def _to_take_back(job: dict[str, Any]) -> bool:
+    """An install a rolling-back rollout has still to take back (or withdraw)."""
+    return job["kind"] == INSTALL and job["state"] not in (FAILED, CANCELLED, ROLLED_BACK)
+
+
+def broker_username(broker_url: str) -> str | None:
+    """The MQTT username in `mqtt://USER[:PASS]@HOST:PORT`, if there is one."""
+    address = urlsplit(broker_url if "://" in broker_url else f"mqtt://{broker_url}")
+    return unquote(address.username) if address.username else None
 
 
 class MqttLink:

@@ -217,15 +217,19 @@ class Store:
         return self.query("SELECT * FROM jobs WHERE rollout_id = ? ORDER BY wave, device_id",
                           (rollout_id,))
 
-    def busy_devices(self, rollout_id: str, idle: Collection[str],
-                     device_id: str | None = None) -> set[str]:
-        """Devices (or just `device_id`) with a job of another rollout in a state not in
-        `idle` (under way)."""
-        one = "" if device_id is None else " AND device_id = ?"
+    def busy_devices(self, rollout_id: str, idle: Collection[str]) -> set[str]:
+        """Devices with a job of another rollout in a state not in `idle` (under way)."""
         rows = self.query(f"SELECT DISTINCT device_id FROM jobs WHERE rollout_id <> ? AND "
-                          f"state NOT IN ({_marks(idle)}){one}",
-                          (rollout_id, *idle, *(() if device_id is None else (device_id,))))
+                          f"state NOT IN ({_marks(idle)})", (rollout_id, *idle))
         return {row["device_id"] for row in rows}
+
+    def busy_with(self, rollout_id: str, device_id: str, idle: Collection[str]) -> list[str]:
+        """The other rollouts with a job under way (a state not in `idle`) on `device_id`:
+        the job that device's one retained job topic holds is theirs."""
+        rows = self.query(f"SELECT DISTINCT rollout_id FROM jobs WHERE rollout_id <> ? AND "
+                          f"device_id = ? AND state NOT IN ({_marks(idle)}) ORDER BY rollout_id",
+                          (rollout_id, device_id, *idle))
+        return [row["rollout_id"] for row in rows]
 
     def device_has_job(self, device_id: str, model: str, version: str) -> bool:
         """Whether the fleet sent the device an install of `model` `version` and did not

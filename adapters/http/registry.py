@@ -40,7 +40,7 @@ from starlette.routing import Route
 
 from edgerun.adapters.auth.devices import DeviceCredentials
 from edgerun.adapters.auth.tokens import TokenStore, basic
-from edgerun.adapters.fleet.orchestrator import MqttLink, Orchestrator
+from edgerun.adapters.fleet.orchestrator import MqttLink, Orchestrator, broker_username
 from edgerun.adapters.fleet.registry import BundleRegistry
 from edgerun.adapters.fleet.store import Store
 from edgerun.adapters.fleetdb import Lease, Leadership
@@ -231,7 +231,8 @@ def serve_fleet(data_dir: str, broker: str, *, host: str = "127.0.0.1", port: in
     root = Path(data_dir)
     root.mkdir(parents=True, exist_ok=True)
     store = Store.open(db or root / "fleet.db")
-    credentials = DeviceCredentials(store.db)
+    # no device or group may take the orchestrator's own MQTT username
+    credentials = DeviceCredentials(store.db, [u for u in (broker_username(broker),) if u])
     holder = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
     leadership = Leadership(Lease(store.db, "rollouts", holder, ttl=lease_ttl))
     registry = BundleRegistry(root, store, trusted or [])

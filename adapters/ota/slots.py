@@ -11,8 +11,9 @@ names a slot whose bundle was verified before it was renamed into place. A model
 active is served from the fallback source (the daemon's repository folder), if it has it.
 `"switching"` names the job whose switch flipped the pointer (and the version before it) until
 that job reports its end, so a job replayed after a power cut in between is answered right.
-A `state.json` that cannot be read (an SD card that lost a write in a power cut) is rebuilt
-from the slots' manifests, the older version active: recovery verifies and smoke-tests it.
+A `state.json` that cannot be read (an SD card that lost a write in a power cut), or is JSON
+of another shape, is rebuilt from the slots' manifests, the older version active: recovery
+verifies and smoke-tests it.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from edgerun.adapters.ota.messages import Report
 from edgerun.runtime.bundle import NAME_RE, Bundle, read_manifest, version_key
 from edgerun.runtime.errors import BundleError, ModelNotFound
 from edgerun.runtime.model_config import ModelConfig
@@ -73,6 +75,29 @@ def fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+def _check_shape(data: Any) -> None:
+    """ValueError unless `data` is a state file as `SlotStore.write` makes it: JSON of another
+    shape (a flipped bit, a hand edit) is as unusable as a torn file, and is rebuilt too."""
+    if not isinstance(data, dict):
+        raise ValueError(f"a JSON {type(data).__name__}, not an object")
+    slots = data.get("slots", {})
+    if not isinstance(slots, dict):
+        raise ValueError(f"slots is a JSON {type(slots).__name__}, not an object")
+    for slot in SLOTS:
+        if not isinstance(slots.get(slot), (str, type(None))):
+            raise ValueError(f"slot {slot} holds {slots[slot]!r:.40}, not a version")
+    if data.get("active") not in (None, *SLOTS):
+        raise ValueError(f"active slot {data['active']!r:.40} is not a or b")
+    for key in ("last", "switching"):
+        if not isinstance(data.get(key) or {}, dict):
+            raise ValueError(f"{key} is a JSON {type(data[key]).__name__}, not an object")
+    if data.get("last"):
+        try:
+            Report(**data["last"])  # what recovery publishes again
+        except TypeError as exc:
+            raise ValueError(f"last is not a job's report: {exc}") from None
+
+
 class SlotStore:
     """The slot folders and state files of every model under `DATA/ota`."""
 
@@ -91,8 +116,7 @@ class SlotStore:
         path = self.folder(model) / STATE_FILE
         try:
             data = json.loads(path.read_bytes())
-            if not isinstance(data, dict):
-                raise ValueError(f"a JSON {type(data).__name__}, not an object")
+            _check_shape(data)
         except FileNotFoundError:
             return SlotState()
         except (OSError, ValueError) as exc:  # torn, zeroed, a bad block: not a dead daemon
