@@ -4,7 +4,9 @@
 target (x86/aarch64 CPUs; CUDA with dlight's default GPU schedules and device code compiled here
 by nvcc), links the library with the profile's cross compiler, checks it against ONNX Runtime
 where it can run here, and refuses to ship it when it is slower than ONNX Runtime on this host
-(the measured case on x86 without tuning, see benchmarks/README.md) unless `force=True`.
+(the measured case on x86 without tuning, see benchmarks/README.md) unless `force=True`. Both
+are timed at the thread count they get when served with the profile here: its
+`intra_op_threads`, else the CPUs a container leaves, else each one's own default.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import json
 import shutil
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -74,6 +77,12 @@ class CompileReport:
     tvm_latency_ms: float | None = None
     onnxruntime_latency_ms: float | None = None
     max_abs_error: float | None = None
+    #: The intra-op thread count both latencies were measured at, as when served with the
+    #: profile here (`threads_for`: its intra_op_threads, else the CPUs a container leaves);
+    #: 0: each runtime chose its own (TVM: TVM_NUM_THREADS, else half the logical CPUs on x86;
+    #: ONNX Runtime: the CPUs a container leaves, else the physical cores). A CUDA artifact's
+    #: host code keeps TVM's own, as when served.
+    threads: int | None = None
     slower_than_onnxruntime: bool = False
     device_code: tuple[str, ...] = ()
     notes: tuple[str, ...] = field(default=())
@@ -140,7 +149,8 @@ def compile_bundle(model_path: Path, profile: DeviceProfile, out_dir: Path, *, n
                 raise SlowerThanOnnxRuntime(
                     f"TVM artifact for {profile.name} is slower than ONNX Runtime on this host: "
                     f"{report.tvm_latency_ms:.3f} ms against {report.onnxruntime_latency_ms:.3f} "
-                    f"ms per batch-1 call ({report.speedup:.2f}x); not shipping it (tune it with "
+                    f"ms per call on {_shapes(sample)} at {_threads(report.threads)} "
+                    f"({report.speedup:.2f}x); not shipping it (tune it with "
                     "more trials, or pass force=True / --force)", report)
         np.savez(out_dir / GOLDEN,
                  **{f"input_{i}": sample[s.name] for i, s in enumerate(signature.inputs)},
@@ -286,24 +296,45 @@ def _measure(report: CompileReport, model_path: Path, profile: DeviceProfile,
              signature: Signature, sample: dict[str, np.ndarray],
              reference: dict[str, np.ndarray],
              precision: str = "fp32") -> tuple[CompileReport, dict[str, np.ndarray]]:
-    """Run the artifact here: its error against ONNX Runtime and both latencies."""
-    from edgerun.runtime.backends.tvm import TvmBackend
+    """Run the artifact here: its error against ONNX Runtime and both latencies, each at the
+    thread count the profile gives it when served (`threads_for`, `session_options`)."""
+    from edgerun.runtime.backends.tvm import TvmBackend, threads_for
 
-    backend = TvmBackend.load_library(report.artifact, signature, report.target,
-                                      cuda=tvm_target.is_cuda(report.tvm_target))
-    try:
+    cuda = tvm_target.is_cuda(report.tvm_target)
+    threads = threads_for(profile)
+    backend = TvmBackend.load_library(report.artifact, signature, report.target, cuda=cuda,
+                                      threads=0 if cuda else threads)
+
+    def run_tvm() -> tuple[dict[str, np.ndarray], float, float]:
         outputs = backend.run(sample)
         error = _compare(outputs, reference, precision, profile)
-        tvm_ms = median_latency_ms(lambda: backend.run(sample))
+        return outputs, error, median_latency_ms(lambda: backend.run(sample))
+
+    try:
+        # on a new thread: TVM's pool belongs to the calling thread and keeps the size it was
+        # first made with, which an earlier compile or model there may have set lower
+        with ThreadPoolExecutor(1, thread_name_prefix="edgerun-tvm-measure") as pool:
+            outputs, error, tvm_ms = pool.submit(run_tvm).result()
     finally:
         backend.close()
-    session = _onnxruntime_session(model_path, profile if profile.arch != "any" else None)
+    session = _onnxruntime_session(model_path, profile)
     names = [o.name for o in session.get_outputs()]
     ort_ms = median_latency_ms(lambda: session.run(names, sample))
     measured = CompileReport(**{**report.__dict__, "tvm_latency_ms": tvm_ms,
                                 "onnxruntime_latency_ms": ort_ms, "max_abs_error": error,
-                                "slower_than_onnxruntime": tvm_ms > ort_ms})
+                                "threads": threads, "slower_than_onnxruntime": tvm_ms > ort_ms})
     return measured, outputs
+
+
+def _threads(count: int | None) -> str:
+    """"4 threads", or what 0 means, for a message."""
+    return f"{count} thread{'s' * (count != 1)}" if count else \
+        "each runtime's default thread count"
+
+
+def _shapes(sample: dict[str, np.ndarray]) -> str:
+    """"x [16, 256]": the inputs both sides were timed on (the golden input), for a message."""
+    return ", ".join(f"{name} {list(array.shape)}" for name, array in sample.items())
 
 
 def _write_manifest(out_dir: Path, model_path: Path, profile: DeviceProfile,
@@ -312,7 +343,7 @@ def _write_manifest(out_dir: Path, model_path: Path, profile: DeviceProfile,
     files = {p.name: FileEntry(sha256_file(p), p.stat().st_size)
              for p in sorted(out_dir.iterdir())}
     measured = {key: getattr(report, key) for key in
-                ("tvm_latency_ms", "onnxruntime_latency_ms", "max_abs_error")
+                ("tvm_latency_ms", "onnxruntime_latency_ms", "max_abs_error", "threads")
                 if getattr(report, key) is not None}
     manifest = Manifest(
         name=name, version=version, backend="tvm", model_file=MODEL_FILE, signature=signature,

@@ -213,6 +213,55 @@ def test_tvm_threads_follow_the_cpus_a_container_leaves(parallel_bundle):
     assert (described, pool) == ((1, 1) if machine > 1 else (0, 1))  # pinned to one CPU
 
 
+def test_the_speed_check_times_both_at_the_profiles_thread_count(tmp_path, mlp_path,
+                                                                monkeypatch):
+    """The verdict "slower than ONNX Runtime" timed ONNX Runtime at the profile's
+    intra_op_threads and TVM at its own default (half the host's logical CPUs on x86), or at
+    the size a pool the compiling thread already had: TVM's pool keeps its first size."""
+    import dataclasses
+
+    import tvm
+
+    from edgerun.optimizers import tvm as tvm_compile
+
+    monkeypatch.delenv("TVM_NUM_THREADS", raising=False)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    tvm_default = max(1, (os.cpu_count() or 1) // 2)
+    threads = 3 if tvm_default != 3 else 2
+    timed: list[tuple[str, int]] = []
+    measuring = threading.local()
+    real_median, real_run = tvm_compile.median_latency_ms, ort.InferenceSession.run
+
+    def onnxruntime_run(self, *args, **kwargs):
+        if getattr(measuring, "on", False):
+            measuring.ort = self.get_session_options().intra_op_num_threads
+        return real_run(self, *args, **kwargs)
+
+    def median(run, *args, **kwargs):
+        measuring.on, measuring.ort = True, None
+        try:
+            return real_median(run, *args, **kwargs)
+        finally:
+            measuring.on = False
+            timed.append(("onnxruntime", measuring.ort) if measuring.ort is not None else
+                         ("tvm", tvm.get_global_func("runtime.NumThreads")()))
+
+    monkeypatch.setattr(ort.InferenceSession, "run", onnxruntime_run)
+    monkeypatch.setattr(tvm_compile, "median_latency_ms", median)
+    # one thread compiles for a 1-thread profile, then for one of `threads`: its TVM pool,
+    # first made with 1 thread, must not cap the second measurement
+    reports = {}
+    for count in (1, threads):
+        profile = dataclasses.replace(load_profile("x86-64"), intra_op_threads=count)
+        reports[count] = compile_bundle(mlp_path, profile, tmp_path / f"b{count}", name="mlp",
+                                        version="1", force=True)
+    assert timed == [("tvm", 1), ("onnxruntime", 1), ("tvm", threads), ("onnxruntime", threads)]
+    # the figures say the thread count they were measured at
+    for count, report in reports.items():
+        assert report.threads == count
+        assert Bundle.open(report.bundle).manifest.created["tvm"]["threads"] == count
+
+
 @pytest.fixture(scope="module")
 def digits() -> tuple[bytes, np.ndarray]:
     onnx_bytes, images, _ = digits_classifier_onnx()
@@ -244,7 +293,19 @@ def test_a_slower_artifact_is_refused_with_the_figures(tmp_path):
     assert not (tmp_path / "b").exists()
 
 
-@pytest.mark.timeout(900)  # MetaSchedule imports its tensor intrinsics once: minutes on a busy box
+def test_the_refusal_names_the_batch_it_timed(tmp_path):
+    """Both sides are timed on the golden input; the refusal called that a batch-1 call
+    whatever its rows (a real sample of 16 rows, a model with a fixed batch of 8)."""
+    path = tmp_path / "wide.onnx"
+    path.write_bytes(mlp_onnx([256, 1024, 1024, 10]))
+    sample = {"x": np.random.default_rng(7).standard_normal((16, 256)).astype(np.float32)}
+    with pytest.raises(SlowerThanOnnxRuntime, match=r" ms per call on x \[16, 256\] at ") \
+            as caught:
+        compile_bundle(path, load_profile("x86-64"), tmp_path / "b", name="wide", version="1",
+                       golden_inputs=sample)
+    assert "batch-1" not in str(caught.value)
+
+
 def argmax_onnx() -> bytes:
     """MatMul -> ArgMax: a classifier whose only output is an int64 label."""
     weight = np.random.default_rng(0).standard_normal((8, 4)).astype(np.float32)
@@ -305,6 +366,7 @@ def test_an_fp16_artifact_is_held_to_fp16_tolerance_not_fp32(tmp_path):
         _compare({"y": want["y"] + np.float32(1e-3)}, want, "fp32", load_profile("x86-64"))
 
 
+@pytest.mark.timeout(900)  # MetaSchedule imports its tensor intrinsics once: minutes on a busy box
 def test_tuning_runs_and_its_records_are_reused(tmp_path, mlp_path, monkeypatch):
     monkeypatch.setenv("EDGERUN_CACHE", str(tmp_path / "cache"))
     first = compile_bundle(mlp_path, load_profile("x86-64"), tmp_path / "b1", name="mlp",

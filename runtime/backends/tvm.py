@@ -185,9 +185,11 @@ class TvmBackend(Backend):
 
     @classmethod
     def load_library(cls, path: Path, signature: Signature, target: Any, *,
-                     cuda: bool = False) -> TvmBackend:
-        """Load a library already known to suit this host (the optimizer checks its own)."""
-        return cls._load_bytes(path.read_bytes(), path.name, signature, target, cuda=cuda)
+                     cuda: bool = False, threads: int = 0) -> TvmBackend:
+        """Load a library already known to suit this host (the optimizer checks its own), run
+        on `threads` (`threads_for` a profile; 0: TVM's default)."""
+        return cls._load_bytes(path.read_bytes(), path.name, signature, target, cuda=cuda,
+                               threads=threads)
 
     @classmethod
     def _load_bytes(cls, library: bytes, name: str, signature: Signature, target: Any, *,
