@@ -119,6 +119,12 @@ def optimize(model_path: str | Path, output: str | Path,
     if options.tune_trials < 0:
         raise OptimizeError(f"tune_trials {options.tune_trials}: the number of tuning trials "
                             "is 0 (no tuning) or more")
+    if options.prune is not None and not 0 < options.prune < 1:
+        raise OptimizeError(f"prune {options.prune:g}: the fraction to prune lies strictly "
+                            "between 0 and 1")
+    if options.compile == "tvm" and options.rpc is not None and not options.tune_trials:
+        raise OptimizeError("rpc measures tuning candidates on the device: pass tune_trials N "
+                            "too")  # as compile_bundle says, but before the original is bundled
     precision = options.quantize or profile.precision
     check_options(precision, calibration=options.calibration, per_channel=options.per_channel,
                   strict=options.strict_fp16)

@@ -183,8 +183,8 @@ def _rpc_device(rpc: str | None, tune_trials: int, target: dict[str, Any],
     from edgerun.optimizers.tvm_tuning import RpcDevice
 
     if not tune_trials:
-        raise CompileError("rpc / --rpc measures tuning candidates on the device: pass "
-                           "tune_trials / --tune-trials N too")
+        raise CompileError("rpc measures tuning candidates on the device: pass tune_trials N "
+                           "too")
     if tvm_target.is_cuda(target):
         raise CompileError(f"{profile.name}: CUDA targets get dlight's default GPU schedules; "
                            "MetaSchedule tuning over RPC is for CPU targets")

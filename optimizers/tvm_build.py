@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -15,6 +14,7 @@ from edgerun.devices import DeviceProfile
 from edgerun.optimizers import cuda_device_code, tvm_target
 from edgerun.optimizers.tvm import CompileError, UnsupportedOperator
 from edgerun.runtime.bundle import sha256_file
+from edgerun.runtime.cache import cache_dir
 
 #: Batch size compiled when the batch dim cannot stay symbolic (tuning needs static shapes).
 #: Other dynamic dims (a sequence length, H and W) stay symbolic: MetaSchedule tunes the
@@ -173,7 +173,7 @@ def _compile(mod: Any, tvm_tgt: Any, cuda: bool, target: dict[str, Any], model_p
 def tuning_dir(profile: DeviceProfile, target: dict[str, Any], model_path: Path,
                batch: int | None) -> Path:
     """Where tuning records are cached: per device profile, target, model sha256 and batch."""
-    cache = Path(os.environ.get("EDGERUN_CACHE", Path.home() / ".cache" / "edgerun"))
+    cache = cache_dir()
     target_hash = hashlib.sha256(json.dumps(target, sort_keys=True).encode()).hexdigest()[:8]
     return (cache / "tvm-tuning" / profile.name /
             f"{sha256_file(model_path)[:16]}-{target_hash}-b{batch or 'dyn'}")

@@ -232,7 +232,8 @@ class SingleModelSource(BundleSource):
                 archive.unpack(found, work)
                 found = work
             manifest = read_manifest(found)
-            served = check_name(name or manifest.name)
+            # "" is a name given, and refused: it served under the bundle's own name
+            served = check_name(manifest.name if name is None else name)
             if manifest.name != served:
                 if found != work:  # links copied as links, refused by the load's checks
                     shutil.copytree(found, work, symlinks=True,
@@ -243,7 +244,8 @@ class SingleModelSource(BundleSource):
         else:
             backend_for_file(found)  # a clear error for a file no backend runs
             stem = found.name.split(".")[0]
-            served = check_name(name or (stem if NAME_RE.fullmatch(stem) else "model"))
+            served = check_name(name if name is not None else
+                                stem if NAME_RE.fullmatch(stem) else "model")
             found = create_bundle(found, work, name=served, version="1", device=device).path
         super().__init__(found, ModelConfig(batching=default_batching or BatchingConfig()))
         log.info("serving %s as %s version %s", path, self.name, self.version)

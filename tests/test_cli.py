@@ -353,6 +353,57 @@ def test_serve_model_name_without_model_dir_is_a_usage_error(tmp_path):
     assert result.stderr.strip() == "error: --model-name goes with --model-dir"
 
 
+def test_serve_refuses_an_empty_model_name(tmp_path, mlp_file):
+    """`--model-name ""` (an unset variable in a manifest's args) served the model under the
+    bundle's own name, or the file's stem, which no client of that name could call."""
+    bundle = tmp_path / "b"
+    assert edgerun("bundle", "create", str(mlp_file), "--name", "mlp", "--version", "1",
+                   "-o", str(bundle)).returncode == 0
+    for model in (bundle, mlp_file):
+        result = edgerun("serve", "--model-dir", str(model), "--model-name", "",
+                         "--port", "0", timeout=60)
+        assert (result.returncode, result.stderr) == (
+            2, "error (bundle_error): bundle name '' must be letters, digits, '.', '_' or '-' "
+               "(starting with a letter or digit)\n")
+
+
+def test_fleet_serve_data_that_is_a_file_is_named(tmp_path):
+    """It said "[Errno 17] File exists: 'FILE'", of a path the user meant as a folder."""
+    (tmp_path / "notes").write_text("mine")
+    pub = tmp_path / "fleet.pub"
+    assert edgerun("keys", "generate", "-o", str(tmp_path)).returncode == 0
+    for data in (tmp_path / "notes", tmp_path / "notes" / "fleet"):
+        result = edgerun("fleet", "serve", "--data", str(data), "--broker",
+                         "mqtt://127.0.0.1:1", "--trust", str(pub), "--port", "0", timeout=60)
+        assert result.returncode == 2
+        assert result.stderr.splitlines()[-1] == (
+            f"error (fleet_error): --data {data}: a file is there (or on the way), not a "
+            "folder for bundles and fleet.db"), result.stderr
+    assert (tmp_path / "notes").read_text() == "mine"
+
+
+def test_fleet_serve_names_an_address_it_cannot_listen_on(tmp_path):
+    """uvicorn logged "ERROR:    [Errno -2] Name or service not known" (no host named) and
+    the command exited with status 3; it is one error line naming the address, status 2, as
+    `edgerun serve` says it."""
+    import socket
+
+    assert edgerun("keys", "generate", "-o", str(tmp_path)).returncode == 0
+    (tmp_path / "tokens").touch()
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        used = holder.getsockname()[1]
+        for host in ("127.0.0.1", "nosuch.invalid"):
+            result = edgerun("fleet", "serve", "--data", str(tmp_path / "d"), "--broker",
+                             "mqtt://127.0.0.1:1", "--trust", str(tmp_path / "fleet.pub"),
+                             "--tokens", str(tmp_path / "tokens"), "--host", host,
+                             "--port", str(used), timeout=60)
+            assert result.returncode == 2, result.stderr
+            assert result.stderr.startswith(f"error: HTTP could not listen on {host}:{used}: ")
+            assert len(result.stderr.splitlines()) == 1, result.stderr
+
+
 @pytest.mark.parametrize("option", ["--requests", "--concurrency"])
 def test_demo_needs_requests_and_callers(tmp_path, option):
     """With no callers it printed a table of made-up figures (millions of requests/s)."""

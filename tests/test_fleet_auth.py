@@ -454,3 +454,65 @@ def test_cli_ids_that_are_no_url_segment_get_the_servers_answer_not_a_traceback(
         answer = edgerun("fleet", *command, *admin)
         assert answer.returncode == 2, (command, answer.stderr)
         assert "Traceback" not in answer.stderr and expected in answer.stderr, answer.stderr
+
+
+def test_cli_clients_name_the_server_whose_answer_is_not_the_registrys():
+    """--server at another web server (a proxy's page, a dashboard) printed the JSON parser's
+    "Expecting value: line 1 column 1 (char 0)", untyped and naming no URL; an answer cut off
+    before its head, http.client's words alone. Each is one line naming the URL."""
+    import socket
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class NotARegistry(BaseHTTPRequestHandler):
+        def answer(self, status: int, body: bytes, kind: str) -> None:
+            self.send_response(status)
+            self.send_header("Content-Type", kind)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def do_GET(self) -> None:
+            if self.path.startswith("/rollouts/cut"):  # closed before any answer
+                self.close_connection = True
+                self.connection.shutdown(socket.SHUT_RDWR)
+                return
+            self.answer(200, b"<html><body>Dashboard</body></html>", "text/html")
+
+        def do_POST(self) -> None:
+            self.rfile.read(int(self.headers["Content-Length"]))
+            self.answer(502, b'"Bad gateway"', "application/json")
+
+        def log_message(self, *args) -> None:
+            pass
+
+    other = ThreadingHTTPServer(("127.0.0.1", 0), NotARegistry)
+    threading.Thread(target=other.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{other.server_port}"
+    try:
+        answers = {
+            ("status", "--server", url): f"{url}/rollouts: the answer (text/html, 35 bytes) "
+                                         "is not JSON: is --server an edgerun fleet registry?",
+            ("deploy", "m:1", "--server", url): f"{url}/rollouts: HTTP 502: Bad Gateway",
+            ("status", "cut", "--server", url): f"{url}/rollouts/cut: Remote end closed "
+                                                "connection without response"}
+        for args, message in answers.items():
+            result = edgerun("fleet", *args, timeout=60)
+            assert (result.returncode, result.stderr) == (2, f"error (fleet_error): {message}\n")
+    finally:
+        other.shutdown()
+        other.server_close()
+
+
+def test_cli_clients_refuse_a_server_url_that_is_not_http():
+    """urllib opens ftp:// (two minutes to time out against a web server) and file:// (a
+    local file read as the registry's answer): --server names what it must be, sending
+    nothing."""
+    port = free_port()
+    for server, scheme in ((f"ftp://127.0.0.1:{port}", ", not ftp://"),
+                           ("file:///etc/hostname", ", not file://"),
+                           (f"127.0.0.1:{port}", "")):
+        result = edgerun("fleet", "status", "--server", server, timeout=60)
+        assert (result.returncode, result.stderr) == (
+            2, f"error (fleet_error): --server {server}: the registry's URL is "
+               f"http://HOST:PORT or https://HOST:PORT{scheme}\n")

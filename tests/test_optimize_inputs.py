@@ -1150,3 +1150,28 @@ def test_a_bad_name_or_version_is_refused_before_any_work(mlp_file, tmp_path, op
         optimize(mlp_file, tmp_path / "out", OptimizeOptions(quantize="int8", **options),
                  progress=steps.append)
     assert steps == [] and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("flags, options, cli, api", [
+    (["--prune", "1.5"], {"prune": 1.5},
+     "--prune 1.5: the fraction to prune lies strictly between 0 and 1",
+     "prune 1.5: the fraction to prune lies strictly between 0 and 1"),
+    (["--compile", "tvm", "--rpc", "192.0.2.10:9090"], {"compile": "tvm", "rpc": "192.0.2.10:9090"},
+     "--rpc measures tuning candidates on the device: pass --tune-trials N too",
+     "rpc measures tuning candidates on the device: pass tune_trials N too"),
+])
+def test_a_bad_prune_ratio_or_rpc_without_trials_is_refused_before_any_work(
+        tmp_path, flags, options, cli, api):
+    """Both were refused only after the original had been bundled (and measured, with
+    --rpc), and --rpc's error named the parameter and the flag together ("rpc / --rpc ...")."""
+    source = save(cast_model(TensorProto.FLOAT), tmp_path / "m.onnx")
+    result = edgerun("optimize", str(source), "--device", "x86-64", "--quantize", "fp32",
+                     *flags, "-o", str(tmp_path / "a"))
+    assert (result.returncode, result.stderr) == (2, f"error (optimize_error): {cli}\n")
+    assert "bundling" not in result.stdout
+    steps: list[str] = []
+    with pytest.raises(OptimizeError) as raised:
+        optimize(source, tmp_path / "b", OptimizeOptions(quantize="fp32", **options, **FAST),
+                 progress=steps.append)
+    assert str(raised.value) == api and steps == []
+    assert not any((tmp_path / n).exists() for n in "ab")

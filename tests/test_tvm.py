@@ -32,6 +32,7 @@ from edgerun.optimizers.tvm import (CompileError, SlowerThanOnnxRuntime, Unsuppo
                                     compile_bundle)
 from edgerun.runtime import Bundle, BundleError, Model
 from edgerun.runtime.backends.tvm import library_arch
+from edgerun.runtime.cache import cache_dir
 from tests.cli import edgerun
 from tests.serving import free_port
 
@@ -385,6 +386,28 @@ def test_tuning_runs_and_its_records_are_reused(tmp_path, mlp_path, monkeypatch)
                                onnxruntime_run(mlp_path, {"x": x})[0], atol=1e-4)
 
 
+def test_an_empty_edgerun_cache_is_unset_for_every_reader(tmp_path, mlp_path, monkeypatch):
+    """`EDGERUN_CACHE=` (empty, as a unit or compose file leaves it) put tuning records (and
+    TensorRT's engines) in whatever folder the command ran in, while Lambda's wheels went to
+    ~/.cache/edgerun: each reader takes empty as unset."""
+    from edgerun.adapters.aws_lambda import packaging
+    from edgerun.optimizers.tvm_build import tuning_dir
+
+    (tmp_path / "work").mkdir()
+    monkeypatch.chdir(tmp_path / "work")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    home = tmp_path / "home" / ".cache" / "edgerun"
+    for value, root in (("", home), (None, home), (str(tmp_path / "c"), tmp_path / "c")):
+        if value is None:
+            monkeypatch.delenv("EDGERUN_CACHE", raising=False)
+        else:
+            monkeypatch.setenv("EDGERUN_CACHE", value)
+        assert cache_dir() == root
+        records = tuning_dir(load_profile("x86-64"), {"kind": "llvm"}, mlp_path, 1)
+        assert records.parents[1] == root / "tvm-tuning", (value, records)
+        assert packaging._default_cache() == root / "wheels"
+
+
 def tokens_onnx() -> bytes:
     """ids [N, T] -> embedding Gather -> mean over T -> MatMul: any sequence length T."""
     rng = np.random.default_rng(0)
@@ -563,8 +586,7 @@ def test_fatbin_reader_matches_nvcc_output():
 @pytest.fixture(scope="session")
 def arm64_root() -> Path:
     """An arm64 Debian root with python3.11, numpy and apache-tvm; built once, then cached."""
-    cache = Path(os.environ.get("EDGERUN_CACHE", Path.home() / ".cache" / "edgerun"))
-    root = cache / "arm64-root"
+    root = cache_dir() / "arm64-root"
     subprocess.run(["bash", str(REPO / "devices" / "qemu" / "make-arm64-root.sh"), str(root),
                     sys.executable], check=True, timeout=600)
     return root
@@ -821,7 +843,8 @@ def test_candidates_the_rpc_device_cannot_load_stop_the_compile(tmp_path, mlp_pa
 
 
 @pytest.mark.parametrize(("profile", "trials", "rpc", "message"), [
-    ("raspberry-pi-4", 0, "127.0.0.1:9", "pass tune_trials / --tune-trials N"),
+    ("raspberry-pi-4", 0, "127.0.0.1:9",
+     "rpc measures tuning candidates on the device: pass tune_trials N too"),
     ("jetson-orin", 2, "127.0.0.1:9", "CUDA targets get dlight's default GPU schedules"),
     ("raspberry-pi-4", 2, "pi.local", "'pi.local': expected HOST:PORT"),
     ("raspberry-pi-4", 2, f"127.0.0.1:{free_port()}", "no TVM RPC server answers at 127.0.0.1"),

@@ -32,6 +32,7 @@ from pathlib import Path
 from edgerun.adapters.function_sources import (BACKEND_REQUIREMENTS, REQUIREMENTS, copy_model,
                                                copy_sources)
 from edgerun.runtime.bundle import Bundle
+from edgerun.runtime.cache import cache_dir
 from edgerun.runtime.errors import BundleError
 
 PYTHON = "3.12"
@@ -153,7 +154,7 @@ def _check_python312(python: str) -> None:
 
 
 def _default_cache() -> Path:
-    return Path(os.environ.get("EDGERUN_CACHE") or Path.home() / ".cache" / "edgerun") / "wheels"
+    return cache_dir() / "wheels"
 
 
 def _install(tree: Path, architecture: str, backend: str, cache: Path) -> None:

@@ -21,6 +21,7 @@ device's own credential (HTTP Basic, device id + secret), for the bundles of its
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import secrets
@@ -44,6 +45,7 @@ from edgerun.adapters.fleet.orchestrator import MqttLink, Orchestrator, broker_u
 from edgerun.adapters.fleet.registry import BundleRegistry
 from edgerun.adapters.fleet.store import Store
 from edgerun.adapters.fleetdb import Lease, Leadership
+from edgerun.adapters.http.listening import NamedBindErrors
 from edgerun.adapters.http.status import error_headers, status_of
 from edgerun.runtime.errors import (EdgerunError, InvalidInput, PayloadTooLarge,
                                     PermissionDenied, Unauthenticated)
@@ -247,8 +249,14 @@ def serve_fleet(data_dir: str, broker: str, *, host: str = "127.0.0.1", port: in
         authorize = (FleetAccess(token_store, store, credentials) if token_store is not None
                      else lambda request, scope: None)
         app = create_registry_app(registry, orchestrator, authorize, credentials)
-        uvicorn.run(app, host=host, port=port,
-                    log_level=log_level, access_log=False, timeout_graceful_shutdown=10)
+        # uvicorn.run's steps, on a server that names an address it cannot listen on (it
+        # logged "Name or service not known" and exited 3)
+        server = NamedBindErrors(uvicorn.Config(app, host=host, port=port, log_level=log_level,
+                                                access_log=False, timeout_graceful_shutdown=10))
+        with contextlib.suppress(KeyboardInterrupt):
+            server.run()
+        if not server.started:
+            raise SystemExit(3)  # uvicorn's status for a start-up that failed
     finally:
         link.stop()
         leadership.stop()

@@ -28,6 +28,7 @@ from edgerun.adapters.dataplane import DataPlane, Hook, Reply
 from edgerun.adapters.dataplane.hooks import request_id
 from edgerun.adapters.http.app import create_app
 from edgerun.adapters.http.asgi import ASGIApp, EdgerunASGI, Receive, Scope, Send, send_reply
+from edgerun.adapters.http.listening import NamedBindErrors, listen_address
 from edgerun.adapters.http.protocol import OneSendProtocol
 from edgerun.devices import DeviceProfile
 from edgerun.runtime.batcher import BatchingConfig
@@ -147,7 +148,7 @@ class _LoopExecutor(ThreadPoolExecutor):
         super().shutdown(wait=False, cancel_futures=cancel_futures)
 
 
-class _Uvicorn(uvicorn.Server):
+class _Uvicorn(NamedBindErrors):
     """uvicorn without signal handlers of its own (`_serve` stops HTTP and gRPC together),
     calling `listening` once it listens."""
 
@@ -157,23 +158,15 @@ class _Uvicorn(uvicorn.Server):
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         """uvicorn's, a port it cannot listen on an OSError naming the address, as gRPC's is
-        (`edgerun serve` says so and exits 2): uvicorn logs the bare error ("Name or service
-        not known" names no host) and exits with status 3. On `::` it listens dual-stack."""
-        host, port = self.config.host, self.config.port
-        address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        (`edgerun serve` says so and exits 2). On `::` it listens dual-stack."""
         own: list[socket.socket] = []
-        if sockets is None and _any_ipv6(host):
+        if sockets is None and _any_ipv6(self.config.host):
             try:
-                sockets = own = [_dual_stack_socket(port)]
+                sockets = own = [_dual_stack_socket(self.config.port)]
             except OSError as exc:
-                raise OSError(f"HTTP could not listen on {address}: {exc}") from None
-        try:
-            await super().startup(sockets)
-        except SystemExit as exc:
-            cause = exc.__context__  # uvicorn exits inside its `except OSError`
-            if not isinstance(cause, OSError):
-                raise
-            raise OSError(f"HTTP could not listen on {address}: {cause}") from None
+                raise OSError(f"HTTP could not listen on {listen_address(self.config)}: "
+                              f"{exc}") from None
+        await super().startup(sockets)
         if own:
             self._log_started_message(own)  # uvicorn logs it only for sockets it made
         self.listening()

@@ -4,6 +4,7 @@ their progress, device credentials and the broker files made from them."""
 from __future__ import annotations
 
 import argparse
+import http.client
 import json
 import tempfile
 import time
@@ -12,7 +13,7 @@ import urllib.request
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 from rich.console import Console
 from rich.markup import escape
@@ -147,6 +148,16 @@ def _segment(text: str) -> str:
     return quote(text, safe="")
 
 
+def _server(url: str) -> str:
+    """The registry's base URL: http(s) only. urllib also opens ftp:// (two minutes to time
+    out against a web server) and file:// (a local file read as the registry's answer)."""
+    scheme = urlsplit(url).scheme
+    if scheme not in ("http", "https"):
+        raise FleetError(f"--server {url}: the registry's URL is http://HOST:PORT or "
+                         f"https://HOST:PORT" + (f", not {scheme}://" if "://" in url else ""))
+    return url.rstrip("/")
+
+
 def _request(url: str, data: bytes | None = None, content_type: str = "application/json",
              method: str | None = None, token: str | None = None) -> Any:
     request = urllib.request.Request(url, data=data, method=method,
@@ -155,18 +166,28 @@ def _request(url: str, data: bytes | None = None, content_type: str = "applicati
         request.add_header("Content-Type", content_type)
     try:
         with fleet_auth.open_url(request, timeout=120) as response:
-            return json.loads(response.read())
+            body = response.read()
+            kind = response.headers.get_content_type()
     except urllib.error.HTTPError as exc:
         try:
-            message = json.loads(exc.read()).get("error", exc.reason)
-        except ValueError:
-            message = exc.reason
+            answer = json.loads(exc.read())
+        except (ValueError, OSError, http.client.HTTPException):
+            answer = None
+        # a proxy's error page, or JSON of another shape ("Bad gateway", a list)
+        message = answer.get("error", exc.reason) if isinstance(answer, dict) else exc.reason
         refused = fleet_auth.refusal(exc.code, message, token)
         if refused is not None:
             raise FleetError(f"{url}: {refused}") from None
         raise FleetError(f"{url}: HTTP {exc.code}: {message}") from None
     except urllib.error.URLError as exc:
         raise FleetError(f"{url}: {exc.reason}") from None
+    except (OSError, http.client.HTTPException) as exc:  # closed or timed out mid-answer
+        raise FleetError(f"{url}: {str(exc) or type(exc).__name__}") from None
+    try:
+        return json.loads(body)
+    except ValueError:  # a proxy's or another server's page: the parser's words named neither
+        raise FleetError(f"{url}: the answer ({kind}, {len(body):,} bytes) is not JSON: is "
+                         "--server an edgerun fleet registry?") from None
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -177,6 +198,11 @@ def _serve(args: argparse.Namespace) -> int:
                                   f"'edgerun[fleet]' ({exc})", name=exc.name) from None
     from edgerun.runtime import signing
 
+    try:  # a file there (or on the way) was "[Errno 17] File exists: 'FILE'"
+        args.data.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise FleetError(f"--data {args.data}: a file is there (or on the way), not a "
+                         "folder for bundles and fleet.db") from None
     host = fleet_auth.protected_host(args.host, args.tokens is not None)
     serve_fleet(str(args.data), args.broker, host=host, port=args.port,
                 public_url=args.public_url, trusted=signing.load_public_keys(args.trust),
@@ -190,12 +216,13 @@ def _serve(args: argparse.Namespace) -> int:
 def _push(args: argparse.Namespace) -> int:
     from edgerun.runtime.bundle import Bundle
 
+    server = _server(args.server)
     with tempfile.TemporaryDirectory(prefix="edgerun-push-") as scratch:
         path = args.bundle
         if path.is_dir():
             with Bundle.open(path, verify=False) as bundle:
                 path = bundle.pack(Path(scratch) / "bundle.tar.gz")
-        answer = _request(args.server.rstrip("/") + "/bundles", path.read_bytes(),
+        answer = _request(server + "/bundles", path.read_bytes(),
                           "application/gzip", token=fleet_auth.client_token(args.token_file))
     verb = "accepted" if answer["created"] else "already held"
     out.print(f"{verb} {answer['model']} version {answer['version']} ({answer['size']:,} bytes,"
@@ -215,7 +242,7 @@ def _deploy(args: argparse.Namespace) -> int:
             "waves": parse_percentages(args.waves),
             "max_failures": parse_percentage(args.max_failures), "gate": args.gate,
             "job_timeout": args.job_timeout, "gate_timeout": args.gate_timeout}
-    server = args.server.rstrip("/")
+    server = _server(args.server)
     token = fleet_auth.client_token(args.token_file)
     status = _request(server + "/rollouts", json.dumps(spec).encode(), token=token)
     out.print(f"rollout [bold]{status['id']}[/]: {name} version {version} to "
@@ -228,21 +255,21 @@ def _deploy(args: argparse.Namespace) -> int:
 
 
 def _abort(args: argparse.Namespace) -> int:
-    status = _request(f"{args.server.rstrip('/')}/rollouts/{_segment(args.rollout)}/abort",
+    status = _request(f"{_server(args.server)}/rollouts/{_segment(args.rollout)}/abort",
                       b"{}", token=fleet_auth.client_token(args.token_file))
     out.print(f"rollout {status['id']}: {status['state']} ({escape(str(status['reason']))})")
     return 0
 
 
 def _rollback(args: argparse.Namespace) -> int:
-    status = _request(f"{args.server.rstrip('/')}/rollouts/{_segment(args.rollout)}/rollback",
+    status = _request(f"{_server(args.server)}/rollouts/{_segment(args.rollout)}/rollback",
                       b"{}", token=fleet_auth.client_token(args.token_file))
     out.print(f"rollout {status['id']}: {status['state']} ({escape(str(status['reason']))})")
     return 0
 
 
 def _enroll(args: argparse.Namespace) -> int:
-    answer = _request(f"{args.server.rstrip('/')}/devices/{_segment(args.device_id)}/enroll",
+    answer = _request(f"{_server(args.server)}/devices/{_segment(args.device_id)}/enroll",
                       json.dumps({"groups": args.groups}).encode(),
                       token=fleet_auth.client_token(args.token_file))
     print(answer["secret"])  # alone, for `> device.secret`
@@ -250,7 +277,7 @@ def _enroll(args: argparse.Namespace) -> int:
 
 
 def _revoke(args: argparse.Namespace) -> int:
-    _request(f"{args.server.rstrip('/')}/devices/{_segment(args.device_id)}/revoke", b"{}",
+    _request(f"{_server(args.server)}/devices/{_segment(args.device_id)}/revoke", b"{}",
              token=fleet_auth.client_token(args.token_file))
     out.print(f"revoked {args.device_id}: the registry refuses it now; regenerate the broker "
               "files (edgerun fleet acl) and SIGHUP the broker")
@@ -273,7 +300,7 @@ def _acl(args: argparse.Namespace) -> int:
             device_listener = replace(device_listener, certfile=str(args.device_certfile),
                                       keyfile=str(args.device_keyfile))
         listeners = (device_listener, mosquitto.Listener.parse(args.fleet_listener))
-    rows = _request(f"{args.server.rstrip('/')}/credentials",
+    rows = _request(f"{_server(args.server)}/credentials",
                     token=fleet_auth.client_token(args.token_file))
     devices = [mosquitto.Device(r["device_id"], r["password_hash"], tuple(r["groups"]))
                for r in rows]
@@ -309,7 +336,7 @@ def _follow(server: str, rollout_id: str, token: str | None) -> dict:
 
 
 def _status(args: argparse.Namespace) -> int:
-    server = args.server.rstrip("/")
+    server = _server(args.server)
     path = f"/rollouts/{_segment(args.rollout)}" if args.rollout else "/rollouts"
     status = _request(server + path, token=fleet_auth.client_token(args.token_file))
     if args.json:

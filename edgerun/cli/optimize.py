@@ -77,6 +77,12 @@ def _optimize(args: argparse.Namespace) -> int:
     if args.tune_trials < 0:
         raise OptimizeError(f"--tune-trials {args.tune_trials}: the number of tuning trials "
                             "is 0 (no tuning) or more")
+    if args.prune is not None and not 0 < args.prune < 1:  # refused before any work
+        raise OptimizeError(f"--prune {args.prune:g}: the fraction to prune lies strictly "
+                            "between 0 and 1")
+    if args.rpc is not None and not args.tune_trials:
+        raise OptimizeError("--rpc measures tuning candidates on the device: pass "
+                            "--tune-trials N too")
     options = OptimizeOptions(
         device=args.device, quantize=args.quantize, calibration=args.calibration,
         per_channel=args.per_channel, prune=args.prune, structured=args.structured,

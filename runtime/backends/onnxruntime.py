@@ -16,6 +16,7 @@ import onnxruntime as ort
 from edgerun.devices import DeviceProfile
 from edgerun.runtime.backends.base import Backend, shared_file
 from edgerun.runtime.backends.cpus import cpu_limit
+from edgerun.runtime.cache import cache_dir
 from edgerun.runtime.errors import BundleError, InvalidInput
 from edgerun.runtime.signature import Signature, TensorSpec
 
@@ -252,7 +253,7 @@ def providers_for(device: DeviceProfile,
         if name == CPU or name not in available:
             continue
         if name == "TensorrtExecutionProvider":
-            cache = Path(os.environ.get("EDGERUN_CACHE", Path.home() / ".cache" / "edgerun"))
+            cache = cache_dir()
             chosen.append((name, {"trt_engine_cache_enable": True,
                                   "trt_engine_cache_path": str(
                                       cache / "tensorrt" / model_sha256[:32])}))
