@@ -13,7 +13,7 @@ import zipfile
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
@@ -109,6 +109,31 @@ def test_nan_and_infinities_are_read_and_written_as_triton_does(datatype, binary
     assert b'"id":"null"' in payload and b'"data":[0.5,2.0]' in payload
 
 
+@pytest.mark.parametrize("number", [b"NaN", b"1" * 30])
+@pytest.mark.parametrize("text", [b'"\\ud800"', b'"a\\uDFFFb"', b'"\xed\xa0\x80"'])
+@pytest.mark.parametrize("where", ["id", "data"])
+@pytest.mark.parametrize("binary_header", [False, True])
+def test_lone_surrogates_are_refused_whatever_else_the_body_holds(number, text, where,
+                                                                  binary_header):
+    """simdjson and orjson refuse a lone UTF-16 surrogate; json, which reads a body holding
+    NaN, an infinity or an integer past 64 bits, took it, so the same request ran, and then
+    its answer (a str orjson cannot write, in the id) or ONNX Runtime (in string data) failed
+    with an internal error (500, and retryable)."""
+    def body(value: bytes) -> bytes:
+        return b'{"parameters": {"n": %s}, "id": %s, "inputs": [{"name": "s", "datatype": ' \
+               b'"BYTES", "shape": [1], "data": [%s]}]}' % (
+                   number, value if where == "id" else b'"r"',
+                   value if where == "data" else b'"a"')
+
+    with pytest.raises(InvalidInput, match="not valid JSON|does not fit in 64 bits"):
+        oip.decode_request(body(text), str(len(body(text))) if binary_header else None)
+    paired = body(b'"\\ud83d\\ude00"')  # a pair is a character, however written
+    if binary_header and number.isdigit():
+        return  # orjson reads no integer past 64 bits, json reads the header for NaN only
+    request = oip.decode_request(paired, str(len(paired)) if binary_header else None)
+    assert (request.id if where == "id" else request.inputs["s"][0]) == "\U0001F600"
+
+
 def test_bytes_outputs_that_are_not_utf8_are_never_altered():
     """They became U+FFFD in JSON answers: another value, silently. JSON has no string for
     them; as binary data they go as they are."""
@@ -187,6 +212,27 @@ def test_request_fields_are_read():
     request = oip.decode_request(body, None)
     assert request.id == "r1" and request.timeout_us == 2500
     assert request.outputs == [oip.RequestedOutput("y", True)]
+
+
+_MEMBERS = {"id", "inputs", "outputs", "parameters", "name", "datatype", "shape", "data"}
+
+
+@settings(max_examples=150, deadline=None)
+@example(top={"note\x00": 1}, item={"\x00": [], "data\x00x": [1]}, binary_header=False)
+@given(top=st.dictionaries(st.text(max_size=6), st.integers() | st.text(max_size=3), max_size=3),
+       item=st.dictionaries(st.text(max_size=6), st.lists(st.integers(), max_size=2),
+                            max_size=3), binary_header=st.booleans())
+def test_members_oip_does_not_know_are_ignored_whatever_their_name(top, item, binary_header):
+    """A member whose name holds NUL ("note\\u0000", valid JSON) raised simdjson's KeyError, as
+    simdjson looks names up as C strings: answered as an internal error (500, retryable)."""
+    top = {key: value for key, value in top.items() if key not in _MEMBERS}
+    item = {key: value for key, value in item.items() if key not in _MEMBERS}
+    body = json.dumps({**top, "id": "r1", "inputs": [
+        {**item, "name": "x", "datatype": "INT32", "shape": [1, 2], "data": [3, 4]}]}).encode()
+    request = oip.decode_request(body, str(len(body)) if binary_header else None,
+                                 kept={"id": None, **dict.fromkeys(top)})
+    assert request.id == "r1"
+    assert request.inputs["x"].dtype == np.int32 and request.inputs["x"].tolist() == [[3, 4]]
 
 
 @pytest.mark.parametrize("parameters, outputs, expected", [
@@ -621,6 +667,58 @@ def test_npz_headers_declaring_a_huge_shape_are_invalid_input():
     any address space) was a MemoryError, answered as an internal error."""
     with pytest.raises(InvalidInput, match="declares an array too large to hold"):
         npz.decode(_npz_member((2 ** 50,), 0))
+
+
+def _npz_claiming(body: bytes, method: int, flags: int = 0) -> bytes:
+    """An .npz of one member `x.npy` holding `body`, its headers saying it was compressed by
+    `method` with general purpose `flags`: a corrupt, encrypted or exotic archive."""
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_STORED) as archive:
+        archive.writestr("x.npy", body)
+    raw = bytearray(buffer.getvalue())
+    central = raw.index(b"PK\x01\x02")
+    struct.pack_into("<HH", raw, 6, flags, method)  # the local header
+    struct.pack_into("<HH", raw, central + 8, flags, method)  # the central directory's
+    return bytes(raw)
+
+
+@pytest.mark.parametrize("payload, reason", [
+    (_npz_claiming(b"\xff" * 16, zipfile.ZIP_DEFLATED), "invalid block type"),  # zlib.error
+    (_npz_claiming(b"\x09\x14\x05\x00\x5d\x00\x00\x10\x00" + b"\xff" * 12,
+                   zipfile.ZIP_LZMA), "Corrupt input data"),  # lzma.LZMAError
+    (_npz_claiming(b"\xff" * 16, 93), "compression method is not supported"),  # Zstandard
+    (_npz_claiming(b"\xff" * 16, 9), "compression method is not supported"),  # Deflate64
+    (_npz_claiming(b"\xff" * 16, zipfile.ZIP_STORED, flags=1), "is encrypted"),
+])
+def test_npz_archives_zipfile_cannot_inflate_are_invalid_input(payload, reason):
+    """zlib.error, LZMAError, NotImplementedError and RuntimeError passed through: an MQTT
+    request was answered as an internal error of kind inference_error, which a queue takes
+    for a retryable failure of the model and delivers again and again."""
+    with pytest.raises(InvalidInput, match=f"not a valid .npz archive: .*{reason}"):
+        npz.decode(payload)
+
+
+@settings(max_examples=150, deadline=None)
+@given(arrays=st.dictionaries(
+    st.text(alphabet="abc", min_size=1, max_size=3),
+    hnp.arrays(st.sampled_from([np.float32, np.int64, np.uint8]),
+               hnp.array_shapes(min_dims=0, max_dims=3, max_side=5)), min_size=1, max_size=2),
+    method=st.sampled_from([zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED, zipfile.ZIP_BZIP2,
+                            zipfile.ZIP_LZMA]),
+    flips=st.lists(st.tuples(st.integers(0, 10 ** 6), st.integers(0, 255)), min_size=1,
+                   max_size=3), cut=st.none() | st.integers(0, 10 ** 6))
+def test_npz_mutated_archives_decode_or_are_invalid_input(arrays, method, flips, cut):
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", method) as archive:
+        for name, array in arrays.items():
+            archive.writestr(f"{name}.npy", _npy(array))
+    raw = bytearray(buffer.getvalue())
+    for at, value in flips:
+        raw[at % len(raw)] = value
+    try:
+        npz.decode(bytes(raw[:cut]) if cut is not None else bytes(raw))
+    except InvalidInput:
+        pass  # PayloadTooLarge included: every refusal is the payload's
 
 
 def test_npz_members_inflate_outside_the_npy_header_lock(monkeypatch):

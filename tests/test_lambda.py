@@ -1059,6 +1059,10 @@ def test_direct_invocation_takes_and_gives_oip_json(handler, reference):
      "input 'x': integer 100000000000000000000000000000 is out of range for INT64"),
     ('{"inputs": [{"name": "x", "datatype": "BYTES", "shape": [1], "data": ["\\udcff"]}]}',
      "not valid JSON"),
+    # with NaN too, json read the body again and took the surrogate: the model ran, and its
+    # answer, with the id, could not be written (an internal error)
+    ('{"id": "\\udcff", "inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 8], '
+     '"data": [NaN, 0, 0, 0, 0, 0, 0, 0]}]}', "not valid JSON"),
 ])
 def test_direct_events_orjson_cannot_write_again_are_invalid_input(handler, event, message):
     """The runtime reads the event with json, which takes integers past 64 bits and lone

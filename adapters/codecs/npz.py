@@ -8,6 +8,12 @@ from __future__ import annotations
 
 import io
 import zipfile
+import zlib
+
+try:
+    import lzma
+except ImportError:  # a Python built without it: zipfile refuses LZMA members with RuntimeError
+    lzma = None  # type: ignore[assignment]
 
 import numpy as np
 
@@ -19,6 +25,11 @@ CONTENT_TYPE = "application/x-npz"
 #: message (256 MiB), so only a compressed archive can pass it, and a zip bomb (a 400 KB
 #: message of deflate inflated to 400 MB, on the daemon's event loop) is refused unread.
 MAX_DECODED_BYTES = 256 << 20
+#: What zipfile raises for a member it cannot inflate: corrupt deflate or LZMA data (bzip2's
+#: is an OSError), a compression method or zip feature it lacks (NotImplementedError), an
+#: encrypted member (RuntimeError). All the payload's fault, so never an internal error.
+_ARCHIVE_ERRORS = (OSError, EOFError, zipfile.BadZipFile, zlib.error, RuntimeError) + (
+    (lzma.LZMAError,) if lzma is not None else ())
 
 
 def decode(payload: bytes, max_bytes: int = MAX_DECODED_BYTES) -> dict[str, np.ndarray]:
@@ -58,7 +69,7 @@ def decode(payload: bytes, max_bytes: int = MAX_DECODED_BYTES) -> dict[str, np.n
             raise InvalidInput("the .npz payload holds object arrays, which need pickle; send "
                                "strings as OIP JSON or the OIP binary extension") from None
         raise InvalidInput(f"the payload is not a valid .npz archive: {exc}") from None
-    except (OSError, EOFError, zipfile.BadZipFile) as exc:
+    except _ARCHIVE_ERRORS as exc:
         raise InvalidInput(f"the payload is not a valid .npz archive: {exc}") from None
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import struct
 import sys
 from collections.abc import Mapping
@@ -188,9 +189,23 @@ def _loads_exact(body: bytes) -> Any | None:
     """`body` read by json, its integers exact whatever their size (a float past the largest
     is no number: None, as for a body that is not JSON)."""
     try:
-        return json.loads(body, parse_float=_finite_float)
+        return _json_loads(body, parse_float=_finite_float)
     except (ValueError, RecursionError):  # not JSON (or not UTF-8), or nested too deep
         return None
+
+
+#: A \u escape of a UTF-16 surrogate, paired or lone.
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
+def _json_loads(raw: bytes, **options: Any) -> Any:
+    """json's parse of `raw`, refusing what simdjson and orjson refuse, a lone surrogate
+    (escaped, or as bytes, which json reads too): in a str no UTF-8 writer takes, it ran a
+    request whose answer, or whose model, then failed with an internal error."""
+    parsed = json.loads(raw.decode(), **options)  # strict UTF-8 first: no surrogate bytes
+    if _SURROGATE_ESCAPE.search(raw):  # UnicodeEncodeError, a ValueError, for a lone one
+        json.dumps(parsed, ensure_ascii=False).encode()
+    return parsed
 
 
 def _finite_float(text: str) -> float:
@@ -233,7 +248,7 @@ def loads_non_finite(body: bytes | memoryview) -> Any | None:
     if not any(token in raw for token in _NON_FINITE_TOKENS):
         return None
     try:
-        return json.loads(raw)
+        return _json_loads(raw)
     except (ValueError, RecursionError):  # not JSON (or not UTF-8), or nested too deep
         return None
 
@@ -267,7 +282,10 @@ def _shallow(value: Any) -> Any:
     (`parameters`, `id`, `outputs`) are missing from most requests.
     """
     if isinstance(value, simdjson.Object):
-        return {key: value[key] for key in value.keys()}
+        try:
+            return {key: value[key] for key in value.keys()}
+        except KeyError:  # a key holding NUL, which simdjson looks up cut short there
+            return value.as_dict()
     return value
 
 
