@@ -54,6 +54,7 @@ class Model:
         """Serve with no batch axis (a batching config's `max_batch_size = 0`): each request
         runs alone, in the shapes its caller sends, and nothing checks rows across inputs."""
         self.signature = self.signature.unbatched()
+        self.backend.unbatch()
 
     def validate(self, inputs: Mapping[str, Any]) -> dict[str, np.ndarray]:
         """Check a request against the signature; raises InvalidInput naming the tensor."""

@@ -81,6 +81,16 @@ def masked_sum_onnx() -> bytes:
     return _model(graph)
 
 
+def total_onnx() -> bytes:
+    """total = sum(x) of x float32 ["n", 4]: a dynamic dim 0 in, a scalar out, so requests
+    cannot be stacked (each needs its own total) though the input looks batched."""
+    graph = helper.make_graph(
+        [helper.make_node("ReduceSum", ["x"], ["total"], keepdims=0)], "total",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 4])],
+        [helper.make_tensor_value_info("total", TensorProto.FLOAT, [])])
+    return _model(graph)
+
+
 def gram_onnx() -> bytes:
     """gram = x @ x.T of x float32 ["n", 2]: an ["n", "n"] answer, so dim 0 is no batch."""
     graph = helper.make_graph(

@@ -10,7 +10,7 @@ import pytest
 
 from edgerun.runtime import InvalidInput, MicroBatcher, Model, create_bundle
 from edgerun.runtime.metrics import Registry
-from tests.tflite_models import (float_add_tflite, float_sum_tflite,
+from tests.tflite_models import (float_add_tflite, float_concat_tflite, float_sum_tflite,
                                   int32_row_mixing_tflite)
 
 
@@ -67,6 +67,39 @@ def test_an_empty_sequence_into_a_model_that_does_not_batch_gets_the_models_answ
         np.testing.assert_array_equal(empty.result()["y"], [0.0])
         np.testing.assert_array_equal(full.result()["y"], [9.0])
     model.close()
+
+
+def test_a_config_max_batch_size_of_0_runs_an_empty_tflite_input_as_it_is(tmp_path: Path):
+    # the config unbatched the signature but not the backend, which still took an input of no
+    # rows for a batch of none: concat([], [1, 2]) ran as one row of zeros each and was cut
+    # to [], where the model (and a bare interpreter) answers [1, 2]
+    from ai_edge_litert.interpreter import Interpreter
+
+    from edgerun.runtime.repository import Repository
+
+    source = tmp_path / "concat.tflite"
+    source.write_bytes(float_concat_tflite())
+    create_bundle(source, tmp_path / "repo" / "concat" / "1", name="concat", version="1")
+    (tmp_path / "repo" / "concat" / "config.toml").write_text(
+        "[batching]\nmax_batch_size = 0\n")
+    repository = Repository(tmp_path / "repo", registry=Registry())
+    repository.load_all()
+    served = repository.get("concat")
+    assert not served.signature.batchable
+    prefix, x = np.array([], np.float32), np.array([1, 2], np.float32)
+    bare = Interpreter(model_path=str(source))
+    bare.resize_tensor_input(0, [0])
+    bare.resize_tensor_input(1, [2])
+    bare.allocate_tensors()
+    bare.set_tensor(0, prefix)
+    bare.set_tensor(1, x)
+    bare.invoke()
+    np.testing.assert_array_equal(bare.get_tensor(2), [1, 2])
+    np.testing.assert_array_equal(
+        served.batcher.predict({"prefix": prefix, "x": x})["joined"], [1, 2])
+    np.testing.assert_array_equal(
+        served.batcher.predict({"prefix": x[:1], "x": x})["joined"], [1, 1, 2])
+    repository.close()
 
 
 def test_shapes_a_tflite_model_cannot_take_are_refused_naming_them_each_time(tmp_path: Path):

@@ -58,6 +58,26 @@ def test_bundle_create_max_batch_size_0_writes_a_bundle_with_no_batch_axis(tmp_p
     assert refused.returncode != 0 and "or 0 for a model with no batch axis" in refused.stderr
 
 
+def test_inspect_says_max_batch_size_0_for_a_model_whose_output_has_no_batch_axis(tmp_path):
+    # x [n, 4] -> total []: its input's dim 0 is dynamic, its output has none, so servers
+    # never stack its requests and their metadata says max_batch_size 0; inspect, looking at
+    # the inputs alone, said "unlimited"
+    from edgerun.adapters.dataplane import DataPlane
+    from edgerun.runtime.metrics import Registry
+    from edgerun.runtime.repository import Repository
+    from tests.helpers import total_onnx
+    from tests.serving import add_version
+
+    add_version(tmp_path / "repo", "total", "1", total_onnx())
+    shown = edgerun("bundle", "inspect", str(tmp_path / "repo" / "total" / "1"))
+    assert shown.returncode == 0, shown.stderr
+    assert "max_batch_size 0 (no batch axis)" in shown.stdout, shown.stdout
+    repository = Repository(tmp_path / "repo", registry=Registry())
+    repository.load_all()
+    assert DataPlane(repository).model_metadata("total")["parameters"] == {"max_batch_size": 0}
+    repository.close()
+
+
 def test_inspect_shows_a_bundles_names_as_they_are(tmp_path):
     """A bundle's names are its maker's text: rich took them for markup, so `logits[batch]`
     showed as `logits`, and `[/x]` ended `bundle inspect` in a MarkupError."""

@@ -144,3 +144,29 @@ def float_sum_tflite() -> bytes:
     builder = flatbuffers.Builder(1024)
     builder.Finish(model.Pack(builder), file_identifier=b"TFL3")
     return bytes(builder.Output())
+
+
+def float_concat_tflite() -> bytes:
+    """joined = concat(prefix, x) of two float32 sequences of any lengths ([-1] each): axis 0
+    is no batch, though every tensor leads with a dynamic dim, and either may be empty."""
+    float32 = schema.TensorType.FLOAT32
+    graph = schema.SubGraphT()
+    graph.tensors = [_tensor(name, [n], float32, 0, 0.0, 0)
+                     for name, n in (("prefix", 1), ("x", 1), ("joined", 2))]
+    for tensor in graph.tensors:
+        tensor.shapeSignature, tensor.quantization = [-1], None
+    concat = schema.OperatorT()
+    concat.opcodeIndex, concat.inputs, concat.outputs = 0, [0, 1], [2]
+    concat.builtinOptionsType = schema.BuiltinOptions.ConcatenationOptions
+    concat.builtinOptions = schema.ConcatenationOptionsT()
+    concat.builtinOptions.axis = 0
+    graph.inputs, graph.outputs, graph.operators, graph.name = [0, 1], [2], [concat], "main"
+    code = schema.OperatorCodeT()
+    code.builtinCode = code.deprecatedBuiltinCode = schema.BuiltinOperator.CONCATENATION
+    code.version = 1
+    model = schema.ModelT()
+    model.version, model.operatorCodes, model.subgraphs = 3, [code], [graph]
+    model.buffers = [_buffer()]
+    builder = flatbuffers.Builder(1024)
+    builder.Finish(model.Pack(builder), file_identifier=b"TFL3")
+    return bytes(builder.Output())

@@ -168,7 +168,11 @@ def _unpack(args: argparse.Namespace) -> int:
 
 
 def _batching(manifest: dict) -> str:
-    if not any(spec.get("batch_axis") == 0 for spec in manifest["inputs"]):
+    """As a server's metadata says it: requests are stacked only when every input and output
+    has its batch on axis 0 (`Signature.batchable`); an output of another shape (a total over
+    the rows) makes the model unbatched, though its input's dim 0 is dynamic."""
+    if not manifest["inputs"] or not all(spec.get("batch_axis") == 0 for spec in (
+            *manifest["inputs"], *manifest["outputs"])):
         return "0 (no batch axis)"
     return str(manifest.get("max_batch_size") or "unlimited")
 

@@ -83,6 +83,11 @@ class Backend(ABC):
         before a request is queued: a bad one must never fail the batch it would join."""
         return inputs
 
+    def unbatch(self) -> None:
+        """Axis 0 is no batch (a batching config's `max_batch_size = 0`), whatever the bundle
+        says: a backend that treats a request of no rows as an empty batch stops. Nothing by
+        default."""
+
     def describe(self) -> dict[str, Any]:
         """What this backend runs on, for metadata endpoints and logs."""
         return {"backend": self.name}

@@ -155,8 +155,9 @@ class TFLiteBackend(Backend):
         self._quantized_inputs = tuple(t.name for t in self._inputs if t.quantized)
         # as the model declares them: a trial below resizes the interpreter it runs on
         self._declared = _shape_signatures(first.interpreter)
-        # whether axis 0 of every tensor is the batch (a bundle's signature says; else the
-        # trial): only then has a request of no rows answers of no rows (`_empty`)
+        # whether axis 0 of every tensor is the batch (a bundle's signature says, unless a
+        # config's max_batch_size 0 `unbatch`es it; else the trial): only then has a request
+        # of no rows answers of no rows (`_empty`)
         self._batched = self._batchable(first, *self._declared) if batched is None else batched
         self._idle = [first]
         self._lock = threading.Lock()
@@ -266,6 +267,11 @@ class TFLiteBackend(Backend):
             return outputs
         finally:
             self._slots.release()
+
+    def unbatch(self) -> None:
+        """An input of no rows runs as it is (`_empty` answered a batch of none: a sequence
+        model's empty prefix emptied the whole answer)."""
+        self._batched = False
 
     def describe(self) -> dict[str, Any]:
         return {"backend": self.name, "interpreter": interpreter_class()[1],
