@@ -116,6 +116,13 @@ def optimize(model_path: str | Path, output: str | Path,
         raise OptimizeError(f"{output}: output exists and is not an empty folder")
     if options.compile not in (None, "tvm"):
         raise OptimizeError(f"--compile {options.compile!r}: only tvm is supported")
+    if options.compile is None:  # TVM's options do nothing without TVM: say so, not ignore them
+        given = [name for name, value in (("tune_trials", options.tune_trials),
+                                          ("rpc", options.rpc), ("force", options.force))
+                 if value]
+        if given:
+            raise OptimizeError(f"{', '.join(given)} apply to TVM compilation only: add "
+                                "compile=\"tvm\", or leave them out")
     if options.tune_trials < 0:
         raise OptimizeError(f"tune_trials {options.tune_trials}: the number of tuning trials "
                             "is 0 (no tuning) or more")
@@ -125,6 +132,13 @@ def optimize(model_path: str | Path, output: str | Path,
     if options.compile == "tvm" and options.rpc is not None and not options.tune_trials:
         raise OptimizeError("rpc measures tuning candidates on the device: pass tune_trials N "
                             "too")  # as compile_bundle says, but before the original is bundled
+    if options.compile == "tvm" and options.rpc is not None:
+        from edgerun.optimizers.tvm_tuning import RpcDevice  # imports no TVM
+
+        try:  # compile_bundle refused a malformed address only after the original was bundled
+            RpcDevice.parse(options.rpc)
+        except ValueError as exc:
+            raise OptimizeError(str(exc)) from None
     precision = options.quantize or profile.precision
     check_options(precision, calibration=options.calibration, per_channel=options.per_channel,
                   strict=options.strict_fp16)

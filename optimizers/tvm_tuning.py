@@ -50,12 +50,13 @@ class RpcDevice:
     key: str | None = None
 
     @classmethod
-    def parse(cls, address: str) -> RpcDevice:
-        """HOST:PORT of a server or KEY@HOST:PORT of a tracker, or ValueError naming it."""
+    def parse(cls, address: str, option: str = "rpc") -> RpcDevice:
+        """HOST:PORT of a server or KEY@HOST:PORT of a tracker, or ValueError naming it as
+        `option` (the parameter or flag it came from: `rpc`, `--rpc`)."""
         key, at, rest = address.rpartition("@")
         host, _, port = rest.rpartition(":")
         if (at and not key) or not host or not port.isdigit() or not 0 < int(port) < 65536:
-            raise ValueError(f"--rpc {address!r}: expected HOST:PORT of a TVM RPC server, or "
+            raise ValueError(f"{option} {address!r}: expected HOST:PORT of a TVM RPC server, or "
                              "KEY@HOST:PORT of a TVM RPC tracker and a device key")
         return cls(host.strip("[]"), int(port), key or None)
 

@@ -516,3 +516,61 @@ def test_cli_clients_refuse_a_server_url_that_is_not_http():
         assert (result.returncode, result.stderr) == (
             2, f"error (fleet_error): --server {server}: the registry's URL is "
                f"http://HOST:PORT or https://HOST:PORT{scheme}\n")
+
+
+def test_cli_clients_name_the_server_whose_json_is_not_the_registrys(tmp_path):
+    """JSON of another shape (`{}`, `[]`, a number where the rollouts go) ended each client
+    in a KeyError or TypeError traceback; `revoke` said the device was revoked and `acl`
+    read `{}` as no devices, writing broker files that admit none. Each is one line naming
+    the URL, and nothing is written."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class WrongShape(BaseHTTPRequestHandler):
+        body = b"{}"
+
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(self.body)))
+            self.end_headers()
+            self.wfile.write(self.body)
+
+        def do_POST(self) -> None:
+            self.rfile.read(int(self.headers["Content-Length"]))
+            self.do_GET()
+
+        def log_message(self, *args) -> None:
+            pass
+
+    other = ThreadingHTTPServer(("127.0.0.1", 0), WrongShape)
+    threading.Thread(target=other.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{other.server_port}"
+    bundle = tmp_path / "m.tar.gz"
+    bundle.write_bytes(b"not looked at by the client")
+    out = tmp_path / "broker"
+    cases = [
+        (b"{}", ("status",), "/rollouts", "no 'rollouts'"),
+        (b'{"rollouts": 5}', ("status",), "/rollouts", "'int' object is not iterable"),
+        (b"[]", ("status", "r1"), "/rollouts/r1",
+         "list indices must be integers or slices, not str"),
+        (b"{}", ("deploy", "m:1", "--wait"), "/rollouts", "no 'id'"),
+        (b"{}", ("abort", "r1"), "/rollouts/r1/abort", "no 'id'"),
+        (b"{}", ("rollback", "r1"), "/rollouts/r1/rollback", "no 'id'"),
+        (b"{}", ("enroll", "dev-q"), "/devices/dev-q/enroll", "no 'secret'"),
+        (b'{"ok": true}', ("revoke", "dev-q"), "/devices/dev-q/revoke", "no 'revoked'"),
+        (b"{}", ("acl", "-o", str(out)), "/credentials",
+         "a list of devices was expected, not dict"),
+        (b"{}", ("push", str(bundle)), "/bundles", "no 'created'")]
+    try:
+        for body, args, path, why in cases:
+            WrongShape.body = body
+            result = edgerun("fleet", *args, "--server", url, timeout=60)
+            assert (result.returncode, result.stderr) == (
+                2, f"error (fleet_error): {url}{path}: the answer is JSON but not the "
+                   f"registry's ({why}): is --server an edgerun fleet registry?\n"), args
+            assert result.stdout == "", args
+        assert not out.exists()
+    finally:
+        other.shutdown()
+        other.server_close()

@@ -1010,6 +1010,22 @@ def test_tvm_flags_without_compile_and_negative_trials_are_refused(tmp_path):
     assert not any((tmp_path / n).exists() for n in "abc")
 
 
+@pytest.mark.parametrize("options", [
+    {"tune_trials": 64, "rpc": "192.0.2.10:9090", "force": True}, {"tune_trials": 8},
+    {"force": True}])
+def test_tvm_options_without_compile_are_refused_by_the_api_too(tmp_path, options):
+    """The CLI refused them; OptimizeOptions took them and ignored them, writing a bundle
+    that was never tuned nor compiled."""
+    source = save(cast_model(TensorProto.FLOAT), tmp_path / "m.onnx")
+    steps: list[str] = []
+    with pytest.raises(OptimizeError) as raised:
+        optimize(source, tmp_path / "out", OptimizeOptions(quantize="fp32", **options, **FAST),
+                 progress=steps.append)
+    assert str(raised.value) == (f"{', '.join(options)} apply to TVM compilation only: add "
+                                 'compile="tvm", or leave them out')
+    assert steps == [] and not (tmp_path / "out").exists()
+
+
 # --- pruning ------------------------------------------------------------------------------
 
 def test_unstructured_pruning_zeroes_exactly_the_ratio_when_weights_tie():
@@ -1159,6 +1175,14 @@ def test_a_bad_name_or_version_is_refused_before_any_work(mlp_file, tmp_path, op
     (["--compile", "tvm", "--rpc", "192.0.2.10:9090"], {"compile": "tvm", "rpc": "192.0.2.10:9090"},
      "--rpc measures tuning candidates on the device: pass --tune-trials N too",
      "rpc measures tuning candidates on the device: pass tune_trials N too"),
+    # a malformed address was refused at compile time, after the original was bundled, and
+    # named --rpc when it came from the Python API's rpc=
+    (["--compile", "tvm", "--tune-trials", "2", "--rpc", "pi.local"],
+     {"compile": "tvm", "tune_trials": 2, "rpc": "pi.local"},
+     "--rpc 'pi.local': expected HOST:PORT of a TVM RPC server, or KEY@HOST:PORT of a TVM RPC "
+     "tracker and a device key",
+     "rpc 'pi.local': expected HOST:PORT of a TVM RPC server, or KEY@HOST:PORT of a TVM RPC "
+     "tracker and a device key"),
 ])
 def test_a_bad_prune_ratio_or_rpc_without_trials_is_refused_before_any_work(
         tmp_path, flags, options, cli, api):

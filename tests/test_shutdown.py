@@ -341,6 +341,10 @@ def test_a_port_in_use_ends_start_up_naming_it_before_any_model_loads(tmp_path, 
     assert "terminate called" not in result.stderr
     assert "still loading" not in result.stderr
     assert "ERROR:" not in result.stderr, result.stderr
+    if taken == "grpc":  # nor gRPC's, logged from C ("E1206 ... add_port.cc:83] ... Address
+        # already in use"), the reason edgerun's line left out ("set GRPC_VERBOSITY=debug")
+        assert result.stderr == (f"error: gRPC could not listen on 127.0.0.1:{used}: "
+                                 "Address already in use\n")
 
 
 # ------------------------------------------------------------------------ the MQTT daemon

@@ -10,12 +10,15 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlsplit
 
 from rich.console import Console
+from rich.errors import NotRenderableError
 from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn
 from rich.table import Table
@@ -190,6 +193,23 @@ def _request(url: str, data: bytes | None = None, content_type: str = "applicati
                          "--server an edgerun fleet registry?") from None
 
 
+@contextmanager
+def _answer(url: str, data: bytes | None = None, content_type: str = "application/json",
+            token: str | None = None) -> Iterator[Any]:
+    """The registry's JSON answer, for the block that reads it: JSON of another shape (`{}`,
+    `[]`, a number where a list goes) ends in one line naming the URL, not in a KeyError or
+    TypeError traceback of whichever field the block read first."""
+    answer = _request(url, data, content_type, token=token)
+    try:
+        yield answer
+    except EdgerunError:  # the block's own refusal (a bad name in it), said as it is
+        raise
+    except (LookupError, TypeError, AttributeError, ValueError, NotRenderableError) as exc:
+        what = f"no {exc.args[0]!r}" if isinstance(exc, KeyError) and exc.args else str(exc)
+        raise FleetError(f"{url}: the answer is JSON but not the registry's ({what}): is "
+                         "--server an edgerun fleet registry?") from None
+
+
 def _serve(args: argparse.Namespace) -> int:
     try:
         from edgerun.adapters.http.registry import serve_fleet
@@ -222,11 +242,12 @@ def _push(args: argparse.Namespace) -> int:
         if path.is_dir():
             with Bundle.open(path, verify=False) as bundle:
                 path = bundle.pack(Path(scratch) / "bundle.tar.gz")
-        answer = _request(server + "/bundles", path.read_bytes(),
-                          "application/gzip", token=fleet_auth.client_token(args.token_file))
-    verb = "accepted" if answer["created"] else "already held"
-    out.print(f"{verb} {answer['model']} version {answer['version']} ({answer['size']:,} bytes,"
-              f" sha256 {answer['sha256'][:12]}…, signed by {answer['key_id']})")
+        body = path.read_bytes()
+    with _answer(server + "/bundles", body, "application/gzip",
+                 token=fleet_auth.client_token(args.token_file)) as answer:
+        verb = "accepted" if answer["created"] else "already held"
+        out.print(f"{verb} {answer['model']} version {answer['version']} ({answer['size']:,} "
+                  f"bytes, sha256 {answer['sha256'][:12]}…, signed by {answer['key_id']})")
     return 0
 
 
@@ -244,41 +265,40 @@ def _deploy(args: argparse.Namespace) -> int:
             "job_timeout": args.job_timeout, "gate_timeout": args.gate_timeout}
     server = _server(args.server)
     token = fleet_auth.client_token(args.token_file)
-    status = _request(server + "/rollouts", json.dumps(spec).encode(), token=token)
-    out.print(f"rollout [bold]{status['id']}[/]: {name} version {version} to "
-              f"{status['devices']} devices in {status['waves']} waves")
-    if args.wait:
-        status = _follow(server, status["id"], token)
-        out.print(f"rollout {status['id']} {status['state']}: {escape(str(status['reason']))}")
-        return 0 if status["state"] == "completed" else 1
-    return 0
+    with _answer(server + "/rollouts", json.dumps(spec).encode(), token=token) as status:
+        rollout = status["id"]
+        out.print(f"rollout [bold]{escape(rollout)}[/]: {name} version {version} to "
+                  f"{status['devices']} devices in {status['waves']} waves")
+    return _follow(server, rollout, token) if args.wait else 0
 
 
 def _abort(args: argparse.Namespace) -> int:
-    status = _request(f"{_server(args.server)}/rollouts/{_segment(args.rollout)}/abort",
-                      b"{}", token=fleet_auth.client_token(args.token_file))
-    out.print(f"rollout {status['id']}: {status['state']} ({escape(str(status['reason']))})")
+    with _answer(f"{_server(args.server)}/rollouts/{_segment(args.rollout)}/abort", b"{}",
+                 token=fleet_auth.client_token(args.token_file)) as status:
+        out.print(f"rollout {status['id']}: {status['state']} ({escape(str(status['reason']))})")
     return 0
 
 
 def _rollback(args: argparse.Namespace) -> int:
-    status = _request(f"{_server(args.server)}/rollouts/{_segment(args.rollout)}/rollback",
-                      b"{}", token=fleet_auth.client_token(args.token_file))
-    out.print(f"rollout {status['id']}: {status['state']} ({escape(str(status['reason']))})")
+    with _answer(f"{_server(args.server)}/rollouts/{_segment(args.rollout)}/rollback", b"{}",
+                 token=fleet_auth.client_token(args.token_file)) as status:
+        out.print(f"rollout {status['id']}: {status['state']} ({escape(str(status['reason']))})")
     return 0
 
 
 def _enroll(args: argparse.Namespace) -> int:
-    answer = _request(f"{_server(args.server)}/devices/{_segment(args.device_id)}/enroll",
-                      json.dumps({"groups": args.groups}).encode(),
-                      token=fleet_auth.client_token(args.token_file))
-    print(answer["secret"])  # alone, for `> device.secret`
+    with _answer(f"{_server(args.server)}/devices/{_segment(args.device_id)}/enroll",
+                 json.dumps({"groups": args.groups}).encode(),
+                 token=fleet_auth.client_token(args.token_file)) as answer:
+        print(answer["secret"])  # alone, for `> device.secret`
     return 0
 
 
 def _revoke(args: argparse.Namespace) -> int:
-    _request(f"{_server(args.server)}/devices/{_segment(args.device_id)}/revoke", b"{}",
-             token=fleet_auth.client_token(args.token_file))
+    with _answer(f"{_server(args.server)}/devices/{_segment(args.device_id)}/revoke", b"{}",
+                 token=fleet_auth.client_token(args.token_file)) as answer:
+        if answer["revoked"] is not True:  # another server's 200 is no revocation
+            raise ValueError(f"revoked is {answer['revoked']!r}")
     out.print(f"revoked {args.device_id}: the registry refuses it now; regenerate the broker "
               "files (edgerun fleet acl) and SIGHUP the broker")
     return 0
@@ -300,10 +320,12 @@ def _acl(args: argparse.Namespace) -> int:
             device_listener = replace(device_listener, certfile=str(args.device_certfile),
                                       keyfile=str(args.device_keyfile))
         listeners = (device_listener, mosquitto.Listener.parse(args.fleet_listener))
-    rows = _request(f"{_server(args.server)}/credentials",
-                    token=fleet_auth.client_token(args.token_file))
-    devices = [mosquitto.Device(r["device_id"], r["password_hash"], tuple(r["groups"]))
-               for r in rows]
+    with _answer(f"{_server(args.server)}/credentials",
+                 token=fleet_auth.client_token(args.token_file)) as rows:
+        if not isinstance(rows, list):  # `{}` read as no devices wrote files that admit none
+            raise TypeError(f"a list of devices was expected, not {type(rows).__name__}")
+        devices = [mosquitto.Device(r["device_id"], r["password_hash"], tuple(r["groups"]))
+                   for r in rows]
     orchestrator = None
     if args.orchestrator_user:
         if args.orchestrator_password_file is None:
@@ -317,32 +339,44 @@ def _acl(args: argparse.Namespace) -> int:
     return 0
 
 
-def _follow(server: str, rollout_id: str, token: str | None) -> dict:
+def _follow(server: str, rollout_id: str, token: str | None) -> int:
+    """Show the rollout's progress until it ends: 0 when it completed, else 1."""
+    url = f"{server}/rollouts/{_segment(rollout_id)}"
     with Progress(TextColumn("{task.description}"), BarColumn(),
                   TextColumn("{task.completed}/{task.total} active  {task.fields[states]}"),
                   console=out) as progress:
         task = None
         while True:
-            status = _request(f"{server}/rollouts/{rollout_id}", token=token)
-            states = "  ".join(f"{k} {v}" for k, v in status["counts"].items())
-            if task is None:
-                task = progress.add_task(rollout_id, total=status["devices"], states=states)
-            progress.update(task, completed=status["counts"].get("active", 0), states=states,
-                            description=f"{rollout_id} wave {status['wave'] + 1}/"
-                                        f"{status['waves']} {status['state']}")
-            if status["state"] in ("completed", "aborted"):
-                return status
+            with _answer(url, token=token) as status:
+                states = "  ".join(f"{k} {v}" for k, v in status["counts"].items())
+                if task is None:
+                    task = progress.add_task(rollout_id, total=status["devices"], states=states)
+                progress.update(task, completed=status["counts"].get("active", 0),
+                                states=states,
+                                description=f"{rollout_id} wave {status['wave'] + 1}/"
+                                            f"{status['waves']} {status['state']}")
+                if status["state"] in ("completed", "aborted"):
+                    state = status["state"]
+                    ended = (f"rollout {status['id']} {state}: "
+                             f"{escape(str(status['reason']))}")
+                    break
             time.sleep(0.5)
+    out.print(ended)
+    return 0 if state == "completed" else 1
 
 
 def _status(args: argparse.Namespace) -> int:
     server = _server(args.server)
     path = f"/rollouts/{_segment(args.rollout)}" if args.rollout else "/rollouts"
-    status = _request(server + path, token=fleet_auth.client_token(args.token_file))
-    if args.json:
+    with _answer(server + path, token=fleet_auth.client_token(args.token_file)) as status:
+        return _show_status(status, args.rollout, args.json)
+
+
+def _show_status(status: Any, rollout: str | None, as_json: bool) -> int:
+    if as_json:
         print(json.dumps(status, indent=2))
         return 0
-    if args.rollout is None:
+    if rollout is None:
         table = Table("rollout", "model", "version", "state", "wave", "devices", "by state")
         for r in status["rollouts"]:
             table.add_row(r["id"], r["model"], r["version"], r["state"],

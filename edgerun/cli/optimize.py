@@ -83,6 +83,13 @@ def _optimize(args: argparse.Namespace) -> int:
     if args.rpc is not None and not args.tune_trials:
         raise OptimizeError("--rpc measures tuning candidates on the device: pass "
                             "--tune-trials N too")
+    if args.rpc is not None:  # a malformed address, before the original is bundled
+        from edgerun.optimizers.tvm_tuning import RpcDevice
+
+        try:
+            RpcDevice.parse(args.rpc, "--rpc")
+        except ValueError as exc:
+            raise OptimizeError(str(exc)) from None
     options = OptimizeOptions(
         device=args.device, quantize=args.quantize, calibration=args.calibration,
         per_channel=args.per_channel, prune=args.prune, structured=args.structured,
