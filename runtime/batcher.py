@@ -69,6 +69,9 @@ class BatchingConfig:
                              f"minute), got {self.max_queue_delay_us}")
         if self.max_queue_size < 1:
             raise ValueError("max_queue_size must be >= 1")
+        if self.max_batch_size == 0 and self.preferred_batch_sizes:
+            raise ValueError("preferred_batch_sizes are for a model that batches: "
+                             "max_batch_size 0 says it has no batch axis")
         if any(not 1 <= size <= self.max_batch_size for size in self.preferred_batch_sizes):
             raise ValueError("preferred_batch_sizes must lie in [1, max_batch_size]")
 

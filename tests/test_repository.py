@@ -74,6 +74,8 @@ def test_semver_pre_releases_and_build_metadata_order_as_semver_says():
     ("[batching]\nmax_queue_delay_us = 1e17", r"max_queue_delay_us must be a finite number "
                                               r"from 0 to 60000000 \(a minute\)"),
     ("[batching]\nmax_batch_size = 2.5", "batching.max_batch_size must be an integer"),
+    ("[batching]\nmax_batch_size = 0\npreferred_batch_sizes = [4]",
+     "preferred_batch_sizes are for a model that batches: max_batch_size 0 says it has no"),
     ("[batching]\nmax_queue_size = true", "batching.max_queue_size must be an integer"),
     # these were refused, but as "'int' object is not iterable" or "invalid literal for int()"
     ("[batching]\npreferred_batch_sizes = 5", "batching.preferred_batch_sizes must be a list"),
