@@ -469,6 +469,8 @@ SIG_TWO = Signature((TensorSpec("a", "float32", (-1, 2), 0), TensorSpec("b", "in
     ({"instances": [[{"b64": "aGk="}]]}, SIG_ONE, {"x": [[b"hi"]]}, True),
     # TF Serving's own form for one binary input: each instance is the b64 object itself
     ({"instances": [{"b64": "aGk="}, {"b64": "/w=="}]}, SIG_ONE, {"x": [b"hi", b"\xff"]}, True),
+    # and in columns, the one input's value (a scalar), as TF Serving reads it
+    ({"inputs": {"b64": "aGk="}}, SIG_ONE, {"x": b"hi"}, False),
 ])
 def test_tf_serving_formats_decode(body, signature, inputs, rows):
     assert tfserving.decode_predict(json.dumps(body).encode(), signature) == (inputs, rows)

@@ -17,6 +17,8 @@ import onnxruntime as ort
 import pytest
 from botocore.awsrequest import AWSResponse
 from botocore.stub import ANY, Stubber
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from edgerun.adapters.aws_lambda.destinations import (S3Destination, SqsDestination,
                                                       destination_from)
@@ -465,6 +467,39 @@ def test_sqs_fixture_reports_only_its_bad_record(handler):
     event["Records"][1]["body"] = "{not json"
     assert handler(event, Context()) == {"batchItemFailures": [
         {"itemIdentifier": "2e1424d4-f796-459a-8184-9c92662be6da"}]}
+
+
+GOOD_BODY = infer_body(rows(1))
+#: What an SQS body may be in a hand-written or forwarded event: any text, a lone surrogate
+#: (the event's JSON carries "\\ud800"), NUL, numbers past 64 bits, OIP with the wrong shapes.
+ODD_BODIES = st.one_of(
+    st.text(st.characters(codec=None, exclude_categories=()), max_size=30),
+    st.sampled_from(["", "\ud800", '{"inputs": "\udfff"}', "\x00", "null", "[]", "1e999",
+                     '{"model_name": 5, "inputs": []}', '{"model_name": "\ud800"}',
+                     json.dumps({"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 8],
+                                             "data": [2 ** 70] * 8}]})]),
+    st.builds(lambda at, odd: GOOD_BODY[:at] + odd + GOOD_BODY[at:], st.integers(0, 120),
+              st.sampled_from(["\ud800", "\x00", "\\"])))
+
+
+@settings(max_examples=150, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(st.lists(st.one_of(st.none(), ODD_BODIES), min_size=1, max_size=5))
+def test_any_sqs_body_fails_its_own_record_alone(handler, bodies):
+    """Whatever a record's body holds, the batch answers, naming only records that failed and
+    never a good one (None here). A body with a lone surrogate raised UnicodeEncodeError out
+    of the handler: the whole batch failed, good records with it, at every receive."""
+    event = sqs_event([GOOD_BODY if body is None else body for body in bodies])
+    failed = {item["itemIdentifier"] for item in handler(event, Context())["batchItemFailures"]}
+    assert failed <= {f"message-{i}" for i, body in enumerate(bodies) if body is not None}
+
+
+def test_an_sqs_body_with_a_lone_surrogate_is_its_records_invalid_input(handler, caplog):
+    event = sqs_event([infer_body(rows(1)), '{"id": "\ud800", "inputs": []}'])
+    assert handler(event, Context()) == {"batchItemFailures": [{"itemIdentifier": "message-1"}]}
+    (line,) = [json.loads(r.message) for r in caplog.records if "record failed" in r.message]
+    assert line["kind"] == "invalid_input" and "message-1" in line["error"]
+    assert "not valid Unicode" in line["error"]
 
 
 def test_sqs_batch_is_micro_batched_and_names_exactly_the_failed_records(handler):

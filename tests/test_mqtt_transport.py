@@ -7,8 +7,10 @@ import socket
 import threading
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
+from paho.mqtt.properties import Properties, VariableByteIntegers
 
 from edgerun.adapters.mqtt import transport
 from edgerun.adapters.mqtt.transport import (READ_SIZE, BufferedSocket, PublishProperties,
@@ -178,6 +180,47 @@ def test_publish_decoded_as_paho_decodes_it(values, qos, mid):
 def test_packets_the_fast_path_leaves_to_paho(packet):
     with pytest.raises((Unusual, IndexError, UnicodeDecodeError)):
         decode_publish(bytearray(packet), 1)
+
+
+def paho_decode(packet: bytes, qos: int) -> tuple[int, bytes, Properties, bytes]:
+    """A PUBLISH's variable part as paho's own `_handle_publish` reads it."""
+    size = int.from_bytes(packet[:2], "big")
+    if size > len(packet) - 2:
+        raise IndexError("topic past the packet")
+    topic, rest = packet[2:2 + size], packet[2 + size:]
+    mid = 0
+    if qos:
+        if len(rest) < 2:
+            raise IndexError("packet id past the packet")
+        mid, rest = int.from_bytes(rest[:2], "big"), rest[2:]
+    properties = Properties(PacketTypes.PUBLISH)
+    used = properties.unpack(rest)[1]
+    return mid, topic, properties, rest[used:]
+
+
+# property identifiers PUBLISH carries, one it may (Topic Alias), and ones it may not
+ANY_PROPERTIES = st.lists(st.tuples(st.sampled_from([1, 2, 3, 8, 9, 11, 35, 38, 0, 17, 255]),
+                                    st.binary(max_size=10)), max_size=5)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=4), ANY_PROPERTIES, st.binary(max_size=8), st.sampled_from([0, 1]),
+       st.one_of(st.none(), st.binary(max_size=40)))
+def test_any_publish_the_fast_path_decodes_paho_decodes_alike(topic, properties, payload, qos,
+                                                              raw):
+    """Arbitrary and mutated PUBLISH packets: the fast path either leaves a packet to paho
+    (Unusual, or the errors `Client._handle_publish` catches) or reads what paho reads."""
+    if raw is None:
+        packed = b"".join(bytes([ident]) + value for ident, value in properties)
+        raw = (len(topic).to_bytes(2, "big") + topic + (b"\x00\x07" if qos else b"")
+               + VariableByteIntegers.encode(len(packed)) + packed + payload)
+    try:
+        mid, got_topic, got, rest = decode_publish(bytearray(raw), qos)
+    except (Unusual, IndexError, UnicodeDecodeError):
+        return
+    paho_mid, paho_topic, paho, paho_rest = paho_decode(raw, qos)
+    assert (mid, got_topic, rest) == (paho_mid, paho_topic, paho_rest)
+    assert got.json() == paho.json()
 
 
 @pytest.mark.parametrize("values", CASES[1:])

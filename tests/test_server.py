@@ -48,6 +48,7 @@ def repo(tmp_path_factory) -> Path:
         add_version(root, f"identity-{datatype.lower()}", "1", identity_onnx(dtype, ["b", "n"]))
     add_version(root, "mlp", "1", mlp_onnx([8, 16, 4]))
     add_version(root, "text", "1", identity_onnx("string", ["b"]))
+    add_version(root, "scalar-text", "1", identity_onnx("string", []))
     add_version(root, "lookup", "1", gather_onnx())
     add_version(root, "two", "1", two_input_onnx())
     add_version(root, "slowq", "1", identity_onnx("float32", ["b", 2]))
@@ -342,6 +343,19 @@ def test_text_tensors_take_utf8_bytes_and_refuse_other_bytes(server):
     refused = post(server, "/v2/models/identity-bytes/infer", *binary_bytes(b"ok", b"\xff\xfe"))
     assert refused.status_code == 400, refused.text
     assert "input 'x': element 1 is not UTF-8 text" in refused.json()["error"]
+
+
+def test_tf_serving_columns_take_a_b64_object_as_the_one_inputs_value(server):
+    """TF Serving reads `"inputs": {"b64": "..."}` as the single input's value (its REST API:
+    "a list or base64 object (when there is only one named input)"): it was read as inputs by
+    name, and a model whose one input is a scalar string answered 400 "unknown input 'b64'"."""
+    for body in ({"inputs": {"b64": "aGk="}}, {"inputs": {"x": {"b64": "aGk="}}},
+                 {"inputs": "hi"}):
+        answer = post(server, "/v1/models/scalar-text:predict", body)
+        assert answer.status_code == 200, answer.text
+        assert answer.json() == {"outputs": "hi"}
+    bad = post(server, "/v1/models/scalar-text:predict", {"inputs": {"b64": "!!"}})
+    assert bad.status_code == 400 and "input 'x': invalid base64" in bad.json()["error"]
 
 
 @pytest.mark.timeout(60)

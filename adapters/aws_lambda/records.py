@@ -36,9 +36,13 @@ def sqs_record(record: dict[str, Any], default_model: str, timeout: float | None
                   for name, value in (record.get("messageAttributes") or {}).items()
                   if isinstance(value, dict) and str(value.get("dataType", "")).startswith(
                       ("String", "Number"))}
-    body = str(record.get("body", "")).encode()
-    return Record(record["messageId"],
-                  _call(body, attributes, default_model, "sqs", timeout))
+    item_id = record["messageId"]
+    try:
+        body = str(record.get("body", "")).encode()
+    except UnicodeEncodeError as exc:  # a lone surrogate (the event's JSON allows "\ud800")
+        return Record(item_id, None, InvalidInput(f"SQS record {item_id}: body is not valid "
+                                                  f"Unicode ({exc})"))
+    return Record(item_id, _call(body, attributes, default_model, "sqs", timeout))
 
 
 def kinesis_record(record: dict[str, Any], default_model: str, timeout: float | None) -> Record:

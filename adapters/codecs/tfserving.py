@@ -4,6 +4,7 @@
     {"instances": [{"a": ..., "b": ...}, ...]}  named inputs per row
     {"inputs": [[...], [...]]}                 one input: the whole batch
     {"inputs": {"a": [...], "b": [...]}}       named inputs, whole batches
+    {"inputs": {"b64": "..."}}                 one input: a scalar binary string
 Binary strings travel as {"b64": "..."}. Answers mirror the request: `predictions` (rows) or
 `outputs` (columns), a bare value for a single output, else keyed by output name.
 """
@@ -50,7 +51,11 @@ def decode_predict(body: bytes, signature: Signature) -> tuple[dict[str, Any], b
         return _unwrap_b64(inputs), True
     if "inputs" in request:
         columns = request["inputs"]
-        inputs = columns if isinstance(columns, dict) else {_only_input(names): columns}
+        # TF Serving reads a {"b64": "..."} object as the one input's value (a scalar string),
+        # not as inputs by name; an input named "b64" keeps it a name, as in the row format
+        named = isinstance(columns, dict) and not (
+            "b64" not in names and columns.keys() == {"b64"} and isinstance(columns["b64"], str))
+        inputs = columns if named else {_only_input(names): columns}
         return _unwrap_b64(inputs), False
     raise InvalidInput("the request needs \"instances\" (rows) or \"inputs\" (columns)")
 
