@@ -248,15 +248,20 @@ class Repository:
             try:
                 if not self._stale(name):
                     continue
-                with self._lock:  # one step with `close`'s look: once closing, no swap starts
-                    if self._stop.is_set():
-                        return
-                    self._loading += 1
-                try:
-                    self.load(name)
-                finally:
-                    with self._lock:
-                        self._loading -= 1
+                with self._load_lock:
+                    # unloaded since this pass listed it (the repository API, which `_stale`
+                    # then saw as missing): it stays unloaded until a `load` asks for it
+                    if name in self._unloaded:
+                        continue
+                    with self._lock:  # one step with `close`'s look: once closing, no swap
+                        if self._stop.is_set():
+                            return
+                        self._loading += 1
+                    try:
+                        self.load(name)
+                    finally:
+                        with self._lock:
+                            self._loading -= 1
             except EdgerunError as exc:
                 log.error("model %s: %s", name, exc)
             except Exception:  # one model's surprise must not stop the others' updates

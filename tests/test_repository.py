@@ -15,7 +15,8 @@ from edgerun.examples import mlp_onnx
 from edgerun.runtime import BundleError, ModelNotFound
 from edgerun.runtime.metrics import Registry
 from edgerun.runtime.model_config import ModelConfig, VersionPolicy
-from edgerun.runtime.repository import Repository
+from edgerun.runtime.repository import UNLOADED, Repository
+from edgerun.runtime.sources import FolderSource
 from tests.serving import add_version
 
 
@@ -334,6 +335,48 @@ def test_a_version_kept_after_a_failed_reload_takes_its_config_once_fixed(repo_d
     assert repository.get("mlp").batcher.config.max_queue_delay_us == 900
     with repository.route("mlp") as routed:
         assert routed.run({"x": np.zeros((1, 8), np.float32)})["y"].shape == (1, 4)
+    repository.close()
+
+
+class HeldSource(FolderSource):
+    """A real folder whose `config` of one model, once armed, waits at a gate: a poll pass
+    held between listing the models and looking at the next of them."""
+
+    def __init__(self, root, held: str) -> None:
+        super().__init__(root)
+        self.held = held
+        self.armed = False
+        self.entered, self.gate = threading.Event(), threading.Event()
+
+    def config(self, name: str) -> ModelConfig:
+        if self.armed and name == self.held:
+            self.armed = False
+            self.entered.set()
+            assert self.gate.wait(30), "test gate never opened"
+        return super().config(name)
+
+
+def test_an_unload_during_a_poll_pass_is_not_undone_by_it(repo_dir):
+    """POST .../unload answered 200 while a poll pass was under way (looking at other models,
+    or loading one): the pass then found the model missing and loaded it again, for good."""
+    add_version(repo_dir, "other", "1", mlp_onnx([8, 16, 4], seed=2))
+    source = HeldSource(repo_dir, held="mlp")  # the pass looks at mlp, then at other
+    repository = Repository(source, registry=Registry())
+    repository.load_all()
+    source.armed = True
+    polling = threading.Thread(target=repository.poll_once)
+    polling.start()
+    assert source.entered.wait(30), "the poll pass never looked at mlp"
+    repository.unload("other")  # listed by the pass already, not yet looked at
+    source.gate.set()
+    polling.join(30)
+    assert "other" not in repository, "the poll pass undid the unload"
+    assert {(s.name, s.state) for s in repository.index()} == {
+        ("mlp", "READY"), ("other", UNLOADED)}
+    repository.poll_once()  # and no later pass brings it back either
+    assert "other" not in repository
+    repository.load("other")  # until asked for
+    assert repository.versions("other") == ["1"]
     repository.close()
 
 
