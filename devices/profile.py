@@ -161,6 +161,9 @@ def load_profile(name_or_path: str | Path | DeviceProfile | None = None) -> Devi
         except UnicodeDecodeError as exc:  # tomllib decodes the whole file first
             raise ValueError(f"device profile {path}: not UTF-8 text, as TOML must be "
                              f"({exc.reason} at byte {exc.start})") from None
+        except RecursionError:  # tomllib parses arrays and tables recursively
+            raise ValueError(f"device profile {path}: arrays or tables nested too "
+                             "deep") from None
     known = {f.name for f in fields(DeviceProfile)}
     unknown = sorted(set(data) - known)
     if unknown:

@@ -349,7 +349,11 @@ def _extract(members: Iterator[_Member], archive: Path, root: Path, max_member_b
         if root not in target.resolve().parents:
             raise BundleError(f"archive member {member.name!r} escapes the bundle folder")
         if member.kind == "dir":
-            target.mkdir(parents=True, exist_ok=True)
+            try:
+                target.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:  # a name too long for this file system: as for a file's
+                raise BundleError(f"archive member {member.name!r} cannot be written "
+                                  f"({exc.strerror or exc})") from exc
             continue
         if member.size > max_member_bytes:
             raise BundleError(f"archive member {member.name!r} is {member.size} bytes, over "

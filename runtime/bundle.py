@@ -427,6 +427,8 @@ def parse_manifest(raw: bytes, where: str | Path) -> Manifest:
         data = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:
         raise BundleError(f"{where}: not valid JSON ({exc})") from exc
+    except RecursionError:  # json parses recursively: a few kB of "[" was a traceback
+        raise BundleError(f"{where}: JSON nested too deep to be a manifest") from None
     if not isinstance(data, dict):
         raise BundleError(f"{where}: must hold a JSON object")
     try:

@@ -39,9 +39,14 @@ CONFIG_FILE = "config.toml"
 
 def finite_number(value: Any) -> bool:
     """A number as TOML or JSON gives it, neither a bool (True is an int to Python) nor NaN
-    nor infinite: what every setting in seconds, share or weight must be."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool) \
-        and math.isfinite(value)
+    nor infinite: what every setting in seconds, share or weight must be. An integer past
+    any float (TOML and JSON take 10**400) is none: it raised OverflowError, a traceback."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
 
 @dataclass(frozen=True)
 class VersionPolicy:
@@ -89,6 +94,8 @@ class ModelConfig:
             return cls._from_dict(data, batching_defaults)
         except (tomllib.TOMLDecodeError, TypeError, ValueError) as exc:
             raise BundleError(f"{path}: {exc}") from exc
+        except RecursionError:  # tomllib parses arrays and tables recursively
+            raise BundleError(f"{path}: arrays or tables nested too deep") from None
 
     @classmethod
     def _from_dict(cls, data: dict[str, Any], defaults: BatchingConfig) -> ModelConfig:

@@ -49,6 +49,8 @@ def _canonical(raw: bytes, path: str | Path) -> bytes:
         data = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:
         raise BundleError(f"{path}: not valid JSON ({exc})") from exc
+    except RecursionError:  # json parses recursively: a few kB of "[" was a traceback
+        raise BundleError(f"{path}: JSON nested too deep to be a manifest") from None
     try:
         return json.dumps(data, sort_keys=True, separators=(",", ":"),
                           ensure_ascii=False).encode()
@@ -176,6 +178,8 @@ def _parse_signature(raw: bytes, path: str | Path) -> dict[str, Any]:
         raise
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise BundleError(f"{path}: malformed signature file ({exc})") from exc
+    except RecursionError:  # json parses recursively: a few kB of "[" was a traceback
+        raise BundleError(f"{path}: malformed signature file (JSON nested too deep)") from None
 
 
 def verify_folder(folder: str | Path | Bundle, trusted: Iterable[PublicKey]) -> str:

@@ -6,6 +6,7 @@ import dataclasses
 import io
 import json
 import os
+import shutil
 import stat
 import subprocess
 import tarfile
@@ -16,6 +17,8 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from onnx import TensorProto, helper
 
 from edgerun.examples import mlp_onnx
@@ -263,6 +266,9 @@ def test_a_golden_sample_that_would_unpack_past_its_limit_is_refused_before_it_i
     (b'{"format": 99}', "format 99 is not supported"),
     (b'{"format": true}', "format True is not supported"),
     (b'{"format": 1.0}', "format 1.0 is not supported"),
+    # json parses recursively: a few kB of brackets was a RecursionError, no BundleError
+    (b"[" * 100_000, "manifest.json: JSON nested too deep to be a manifest"),
+    (b'{"created": ' * 100_000, "manifest.json: JSON nested too deep to be a manifest"),
 ])
 def test_malformed_manifest(mlp_bundle, content, message):
     (mlp_bundle.path / "manifest.json").write_bytes(content)
@@ -395,6 +401,12 @@ def _file(name: str, data: bytes = b"x") -> tuple[tarfile.TarInfo, bytes]:
     return tarfile.TarInfo(name), data
 
 
+def _folder(name: str) -> tuple[tarfile.TarInfo, None]:
+    info = tarfile.TarInfo(name)
+    info.type = tarfile.DIRTYPE
+    return info, None
+
+
 def _link(name: str, target: str, kind: bytes) -> tuple[tarfile.TarInfo, None]:
     info = tarfile.TarInfo(name)
     info.type, info.linkname = kind, target
@@ -412,6 +424,9 @@ def _link(name: str, target: str, kind: bytes) -> tuple[tarfile.TarInfo, None]:
     ([_file("a"), _file("a/b")], "'a/b' is inside 'a', which is a file"),
     ([_file("a/b"), _file("a")], "'a' is a file where other members need a folder"),
     ([_file("")], "has no name"),
+    # a name too long for the file system: refused for a file, an OSError for a folder
+    ([_folder("a" * 300)], "'a{300}' cannot be written \\(File name too long\\)"),
+    ([_folder("/".join(["b" * 200] * 30))], "cannot be written"),
 ])
 def test_hostile_members_are_rejected(tmp_path, members, message):
     hostile = _tar(tmp_path / "hostile.tar.gz", members)
@@ -686,3 +701,119 @@ def test_zip_entries_that_share_bytes_are_refused(tmp_path):
         with pytest.raises(BundleError, match="zip entry 'a' overlaps the next entry"):
             read()
     assert not (tmp_path / "out" / "b").exists()
+
+
+# ------------------------------------------------------------ property-based rounds
+@pytest.fixture(scope="module")
+def packed(tmp_path_factory):
+    """One signed bundle as .tar.gz, .zip and plain .tar, its files' bytes and its key."""
+    from edgerun.runtime import signing
+
+    folder = tmp_path_factory.mktemp("packed")
+    (folder / "m.onnx").write_bytes(mlp_onnx([4, 4]))
+    bundle = create_bundle(folder / "m.onnx", folder / "b", name="m", version="1")
+    private, public = signing.generate_keys(folder / "keys")
+    signing.sign_folder(bundle.path, private)
+    archives = {suffix: archive.pack(bundle.path, folder / f"b{suffix}")
+                for suffix in (".tar.gz", ".zip")}
+    with tarfile.open(folder / "b.tar", "w") as tar:  # uncompressed: flips hit headers
+        for path in sorted(bundle.path.iterdir()):
+            tar.add(path, path.name)
+    archives[".tar"] = folder / "b.tar"
+    files = {path.name: path.read_bytes() for path in bundle.path.iterdir()}
+    return {"archives": archives, "files": files,
+            "trusted": [signing.load_public_key(public)]}
+
+
+@settings(max_examples=150, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(suffix=st.sampled_from([".tar.gz", ".zip", ".tar"]),
+       flips=st.lists(st.tuples(st.integers(0, 1 << 30), st.integers(1, 255)), max_size=3),
+       cut=st.none() | st.integers(0, 1 << 30), signed=st.booleans())
+def test_a_changed_archive_opens_as_built_or_is_a_bundle_error(tmp_path, packed, suffix, flips,
+                                                               cut, signed):
+    """Bytes flipped or cut anywhere in an archive: BundleError (one line), or a bundle whose
+    every file is the one built (a flip in a timestamp, say); unsigned, the manifest itself
+    is not hashed. Nothing is written beside the archive."""
+    from edgerun.runtime import signing
+
+    data = bytearray(packed["archives"][suffix].read_bytes())
+    for position, mask in flips:
+        data[position % len(data)] ^= mask
+    if cut is not None:
+        data = data[:cut % len(data)]
+    work = tmp_path / f"w{len(list(tmp_path.iterdir()))}"
+    work.mkdir()
+    changed = work / f"b{suffix}"
+    changed.write_bytes(bytes(data))
+    try:
+        expected = signing.verify_archive(changed, packed["trusted"]).files if signed else None
+        with Bundle.open(changed, expected=expected) as opened:
+            for name, content in packed["files"].items():
+                if signed or name not in ("manifest.json", "signature.sig"):
+                    assert (opened.path / name).read_bytes() == content, name
+    except BundleError as exc:
+        assert "\n" not in str(exc), str(exc)
+    assert [p.name for p in work.iterdir()] == [changed.name]
+
+
+_JSON_LEAVES = (st.none() | st.booleans() | st.integers(-(1 << 70), 1 << 70) | st.floats()
+                | st.text(max_size=12)
+                | st.sampled_from(["float32", "model.onnx", "golden.npz", "../x", "/etc/passwd",
+                                   "a\x00b", "", "0" * 64, "\ud800"])
+                | st.sampled_from([10 ** 400]))
+_JSON = st.recursive(_JSON_LEAVES, lambda inner: st.lists(inner, max_size=3) | st.dictionaries(
+    st.text(max_size=6) | st.sampled_from(["name", "shape", "dtype", "batch_axis", "sha256",
+                                           "size", "optimizations"]), inner, max_size=3),
+    max_leaves=10)
+
+
+def _paths(value, prefix=()):
+    yield prefix
+    if isinstance(value, dict):
+        for key, item in value.items():
+            yield from _paths(item, (*prefix, key))
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            yield from _paths(item, (*prefix, index))
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("built")
+    (folder / "m.onnx").write_bytes(mlp_onnx([4, 4]))
+    return create_bundle(folder / "m.onnx", folder / "b", name="m", version="1")
+
+
+@settings(max_examples=150, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_a_manifest_with_any_field_changed_opens_or_is_a_bundle_error(tmp_path, built, data):
+    """Each field of manifest.json set to any JSON value (wrong types, NaN, huge numbers,
+    names with NUL or `..`), removed, or joined by others: BundleError in one line, or a
+    bundle whose files all still match their hashes."""
+    manifest = json.loads((built.path / "manifest.json").read_bytes())
+    paths = [path for path in _paths(manifest) if path]
+    for path, remove, value in data.draw(st.lists(st.tuples(
+            st.sampled_from(paths), st.booleans(), _JSON), min_size=1, max_size=3)):
+        parent = manifest
+        try:
+            for key in path[:-1]:
+                parent = parent[key]
+            if remove:
+                del parent[path[-1]]
+            else:
+                parent[path[-1]] = value
+        except (KeyError, IndexError, TypeError):
+            pass  # a path an earlier change removed
+    manifest.update(data.draw(st.dictionaries(st.text(max_size=5), _JSON, max_size=2)))
+    folder = tmp_path / f"b{len(list(tmp_path.iterdir()))}"
+    shutil.copytree(built.path, folder)
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    try:
+        with Bundle.open(folder) as opened:
+            opened.golden()
+            for name, entry in opened.manifest.files.items():
+                assert sha256_file(folder / name) == entry.sha256
+    except BundleError as exc:
+        assert "\n" not in str(exc), str(exc)

@@ -128,6 +128,15 @@ def test_cli_devices_show_unknown_name_lists_the_shipped_ones(tmp_path):
             assert "Traceback" not in result.stderr and "device profile" in result.stderr
 
 
+def test_a_profile_nested_too_deep_to_parse_is_named(tmp_path):
+    """tomllib parses arrays recursively: a RecursionError traceback, naming no file."""
+    bad = tmp_path / "mine.toml"
+    bad.write_text(f"name = 'mine'\nexecution_providers = {'[' * 3000}{']' * 3000}\n")
+    result = edgerun("devices", "show", str(bad))
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert f"device profile {bad}: arrays or tables nested too deep" in result.stderr
+
+
 def test_a_profile_that_is_not_toml_is_named(tmp_path):
     """The parser's "Invalid value (at line 2, column 19)" said nothing of which file."""
     bad = tmp_path / "mine.toml"

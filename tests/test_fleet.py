@@ -19,6 +19,8 @@ from contextlib import contextmanager
 import httpx
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
 
 from edgerun.adapters.fleet.gate import assign_waves, check_gate, parse_gate
 from edgerun.adapters.fleet.store import MIGRATIONS, Store
@@ -306,6 +308,33 @@ def test_fleet_status_shows_what_devices_say_as_text(broker, server):
     assert result.returncode == 0, result.stderr
     for text in ("[/x]", "[/lab]", "m [bold]1", "odder", "m 1,None"):
         assert text in result.stdout, result.stdout
+
+
+def test_telemetry_nested_past_what_a_reader_can_parse_is_ignored(broker, server):
+    """Python parses JSON recursively, as deep as the reader's stack allows: telemetry one
+    device nested ~990 deep was parsed and stored by the server's MQTT thread, after which
+    every read of the devices (GET /devices, `fleet status`, the gate of every rollout) was a
+    RecursionError, a 500 for the whole fleet. Such a message is ignored, with a warning."""
+    device = mqtt_client("rogue")
+    device.connect("127.0.0.1", broker.port)
+    device.loop_start()
+    try:
+        for depth in range(940, 1000, 4):  # a window: where it falls depends on the stacks
+            nested = "[" * depth + "]" * depth
+            device.publish("edgerun/rogue/telemetry", f'{{"requests": 1, "x": {nested}}}',
+                           qos=1).wait_for_publish(10)
+        device.publish("edgerun/honest/telemetry", json.dumps({"requests": 2}),
+                       qos=1).wait_for_publish(10)
+        wait_for(lambda: (answer := httpx.get(server.url + "/devices", timeout=10))
+                 .status_code != 200 or answer.json(), 30, "the telemetry")
+    finally:
+        device.loop_stop()
+        device.disconnect()
+    answer = httpx.get(server.url + "/devices", timeout=10)
+    assert answer.status_code == 200, answer.text
+    assert [(d["device_id"], d["telemetry"]) for d in answer.json()] == \
+        [("honest", {"requests": 2})]
+    assert "nested deeper than 32 levels" in (server.data / "server.log").read_text()
 
 
 def smoke_failing(tmp_path, keys, version: str):
@@ -862,6 +891,32 @@ def test_malformed_device_messages_are_ignored(orchestrator, caplog):
     assert [d["device_id"] for d in orchestrator.store.devices("g")] == ["a", "b", "c"]
 
 
+_JSON = st.recursive(
+    st.none() | st.booleans() | st.integers(-(1 << 70), 1 << 70) | st.floats()
+    | st.text(max_size=10) | st.sampled_from([10 ** 400, "active", "failed", "1", "g"]),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(
+        st.sampled_from(["job_id", "state", "previous", "requests", "errors", "p99_ms",
+                         "latency_ms", "group", "extra", "detail"]) | st.text(max_size=5),
+        inner, max_size=4), max_leaves=12)
+
+
+@settings(max_examples=150, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(kind=st.sampled_from(["ota/report", "status", "telemetry"]),
+       payload=_JSON.map(lambda value: json.dumps(value).encode()) | st.binary(max_size=40)
+       | st.integers(30, 3000).map(lambda depth: b"[" * depth + b"]" * depth))
+@example(kind="telemetry", payload=b'{"requests": 1' + b"0" * 400 + b', "errors": 0}')
+@example(kind="telemetry", payload=b'{"requests": 5, "errors": 0, "p99_ms": [1]}')
+def test_any_device_message_is_ignored_or_recorded_and_the_gate_reads_it(orchestrator, kind,
+                                                                         payload):
+    """Whatever a device publishes on its topics, the orchestrator neither raises into paho's
+    thread nor stores what a later read or a tick cannot take."""
+    orchestrator.on_message(f"edgerun/a/{kind}", payload)
+    orchestrator.store.devices()
+    telemetry = (orchestrator.store.device("a") or {}).get("telemetry") or {}
+    check_gate(parse_gate("p99<50ms,errors<1%"), telemetry, telemetry)
+
+
 def test_a_report_whose_previous_is_no_version_stalls_no_rollback(orchestrator, caplog):
     """A report's `previous` became the version of the device's rollback job: one that is no
     bundle version made every tick's step for the rollout fail and be undone, so the rollout
@@ -880,6 +935,40 @@ def test_a_report_whose_previous_is_no_version_stalls_no_rollback(orchestrator, 
     assert status["state"] == "aborted" and job_states(status) == {"a": "cancelled",
                                                                    "b": "failed"}
     assert "this step failed" not in caplog.text
+
+
+@pytest.mark.parametrize("at_update, later, state", [
+    # counts past any float: no count at all, so the gate fails and the rollout aborts
+    ({"requests": 0, "errors": 0}, f'{{"requests": 1{"0" * 400}, "errors": 0}}', "aborted"),
+    # a count that was no number when the device went active: no baseline, the rest counts
+    ({"requests": "lots", "errors": [1]}, '{"requests": 100, "errors": 0}', "running"),
+], ids=["a count past any float", "a baseline that is no number"])
+def test_telemetry_whose_counts_are_no_numbers_stalls_no_rollout(orchestrator, caplog, at_update,
+                                                                  later, state):
+    """A device publishes what it likes: a 400-digit count (OverflowError) or a count that
+    was a string when its update ended (kept as the gate's baseline: ValueError) failed the
+    gate, so every tick's step for the rollout, for good: it neither went on to the next wave
+    nor aborted at the gate timeout."""
+    from edgerun.adapters.ota.messages import Report
+
+    rollout = orchestrator.deploy("m", "2", group="g", waves=[0.5, 1.0], gate="errors<1%",
+                                  gate_timeout=0.001)
+    assert job_states(rollout) == {"a": "queued", "b": "pending"}
+    orchestrator.on_message("edgerun/a/telemetry", json.dumps(at_update).encode())
+    orchestrator.on_message("edgerun/a/ota/report", Report(
+        f"{rollout['id']}.a.install", "a", "active", "m", "2", "1").encode())
+    orchestrator.on_message("edgerun/a/telemetry", later.encode())
+    orchestrator.tick()  # the gate's wait starts (or, healthy, the next wave)
+    time.sleep(0.01)  # past the gate timeout
+    orchestrator.tick()
+    status = orchestrator.status(rollout["id"])
+    assert "this step failed" not in caplog.text
+    if state == "aborted":
+        assert status["state"] in ("rolling_back", "aborted")
+        assert "health gate failed: a: no errors in telemetry" in status["reason"]
+    else:
+        assert status["state"] == "running" and job_states(status) == {"a": "active",
+                                                                       "b": "queued"}
 
 
 def test_a_device_that_lies_about_its_previous_version_is_sent_no_other_bundle(

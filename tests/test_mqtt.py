@@ -418,6 +418,26 @@ def test_a_group_named_as_the_device_is_refused(tmp_path):
                     group="pi-1")
 
 
+@pytest.mark.parametrize("setting, message", [
+    (f"telemetry_interval = 1{'0' * 400}", "telemetry_interval must be a number of seconds"),
+    (f"group = {'[' * 3000}{']' * 3000}", "arrays or tables nested too deep"),
+    ("data_dir = '~no-such-user-here/state'", "data_dir '~no-such-user-here/state': there is "
+                                              "no user 'no-such-user-here'"),
+    ("[ota]\ntrust = '~no-such-user-here/fleet.pub'", "[ota] trust "),
+])
+def test_the_daemon_refuses_a_device_toml_it_cannot_read_in_one_line(tmp_path, setting,
+                                                                      message):
+    """An integer past any float (OverflowError), arrays nested past what tomllib parses
+    (RecursionError) and ~user of no user (RuntimeError) were tracebacks."""
+    config = tmp_path / "device.toml"
+    config.write_text(f"repository = '{tmp_path}'\nbroker = 'mqtt://127.0.0.1:1'\n"
+                      f"device_id = 'pi-1'\n{setting}\n")
+    result = edgerun("daemon", "--config", str(config), timeout=60)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert message in result.stderr, result.stderr
+
+
 def test_config_file_with_flags_on_top(tmp_path):
     config = tmp_path / "device.toml"
     config.write_text('repository = "/var/lib/edgerun/models"\nbroker = "mqtts://u:p@host"\n'

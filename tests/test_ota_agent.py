@@ -23,6 +23,8 @@ from pathlib import Path
 
 import pytest
 import uvicorn
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
 
 from edgerun.adapters.fleet.orchestrator import Orchestrator
 from edgerun.adapters.fleet.registry import BundleRegistry
@@ -560,13 +562,48 @@ def test_a_job_naming_paths_outside_the_ota_folder_is_refused(model, version):
     assert Job.decode(Job("j2", "rollback", "m", "").encode()).version == ""
 
 
+_GOOD_JOB = {"job_id": "j", "kind": "install", "model": "m", "version": "2",
+             "url": "http://registry/bundles/m/2", "sha256": "0" * 64, "size": 1, "rollout": "r"}
+_JSON = st.recursive(
+    st.none() | st.booleans() | st.integers(-(1 << 70), 1 << 70) | st.floats()
+    | st.text(max_size=10) | st.sampled_from(["install", "rollback", "m", "", "../x"]),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner,
+                                                                 max_size=3), max_leaves=8)
+
+
+@settings(max_examples=300, deadline=None)
+@given(changed=st.dictionaries(st.sampled_from(sorted(_GOOD_JOB)), _JSON),
+       removed=st.sets(st.sampled_from(sorted(_GOOD_JOB))),
+       raw=st.none() | st.binary(max_size=40))
+@example(changed={}, removed=set(), raw=b"[" * 5000)
+def test_any_job_or_report_payload_decodes_or_is_refused_typed(changed, removed, raw):
+    """A job is decoded into one every field of which has its type, or refused as
+    InvalidInput; a report is decoded or refused as ValueError (the orchestrator's "ignored a
+    malformed message"): never another exception, which ended no thread but answered no job."""
+    payload = raw if raw is not None else json.dumps(
+        {**{k: v for k, v in _GOOD_JOB.items() if k not in removed}, **changed}).encode()
+    try:
+        job = Job.decode(payload)
+    except InvalidInput:
+        pass
+    else:
+        assert all(isinstance(getattr(job, name), str) for name in
+                   ("job_id", "kind", "model", "version", "url", "sha256", "rollout"))
+        assert type(job.size) is int and job.size >= 0
+    try:
+        Report.decode(payload)
+    except (ValueError, TypeError):
+        pass
+
+
 def test_a_hostile_or_malformed_job_is_refused_with_a_report_and_the_agent_goes_on(
         tmp_path, device, server, bundles):
     """Jobs are not signed, and anyone who can write `edgerun/<id>/ota` (an open broker)
     writes them: a size of 1e400 escaped decoding as an untyped OverflowError, a sha256 that
     is no hash became part of a download's file name (`../`) and an If-Range header, and a
-    negative size was taken. Each is refused before any download, with a failed report the
-    fleet hears at once (not a job timed out ten minutes later), and the agent goes on."""
+    negative size was taken, and JSON nested past what Python parses was a RecursionError out
+    of `handle_job`. Each is refused before any download, with a failed report the fleet hears
+    at once (not a job timed out ten minutes later), and the agent goes on."""
     job = server.add(bundles("2"))
     fields = {"job_id": "bad", "kind": "install", "model": "m", "version": "2",
               "url": job.url, "sha256": job.sha256, "size": job.size}
@@ -585,6 +622,10 @@ def test_a_hostile_or_malformed_job_is_refused_with_a_report_and_the_agent_goes_
             continue
         assert [(r.job_id, r.state) for r in sent] == [(f"bad-{number}", "failed")], changed
         assert "refused" in sent[0].detail and named in sent[0].detail, sent[0].detail
+    before = len(device.reports)  # no id can be read from it: logged only
+    device.agent.handle_job(b'{"job_id": "deep", "x": ' + b"[" * 5000 + b"]" * 5000 + b"}")
+    device.agent.wait_idle()
+    assert device.reports[before:] == []
     assert device.agent.bytes_downloaded == 0
     assert list((device.agent.downloads).iterdir()) == []
     assert device.run(job).state == "active" and device.served() == ["2"]

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import math
 import os
 import shutil
 import threading
@@ -10,6 +12,8 @@ import time
 
 import numpy as np
 import pytest
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
 
 from edgerun.examples import mlp_onnx
 from edgerun.runtime import BundleError, ModelNotFound
@@ -83,6 +87,12 @@ def test_semver_pre_releases_and_build_metadata_order_as_semver_says():
     ("instances = 'x'", "instances must be an integer, got 'x'"),
     ("instances = 1.5", "instances must be an integer, got 1.5"),
     ("batching = 5", "batching must be a table"),
+    # TOML takes integers past any float: "int too large to convert to float", an
+    # OverflowError that `edgerun serve` showed as a traceback
+    (f"[batching]\nmax_queue_delay_us = 1{'0' * 400}", "max_queue_delay_us must be a finite"),
+    (f"[traffic]\nweights = {{ '1' = 1{'0' * 400} }}", "weights must be finite numbers >= 0"),
+    # tomllib parses arrays recursively: a RecursionError
+    (f"instances = {'[' * 3000}{']' * 3000}", "arrays or tables nested too deep"),
 ])
 def test_bad_config_is_refused_naming_the_file_and_key(tmp_path, text, message):
     (tmp_path / "config.toml").write_text(text)
@@ -402,3 +412,44 @@ def test_a_broken_newest_version_under_latest_1_is_reported_once_not_every_poll(
     repository.poll_once()
     assert repository.get("mlp").version == "3" and repository.versions("mlp") == ["3"]
     repository.close()
+
+
+def _toml(value) -> str:
+    """A TOML value (inline), for the property round below."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float):
+        return "nan" if math.isnan(value) else repr(value)
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(map(_toml, value)) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{json.dumps(k)} = {_toml(v)}" for k, v in value.items()) + "}"
+    return json.dumps(value)
+
+
+_KEYS = st.sampled_from(["version_policy", "batching", "instances", "traffic", "latest",
+                         "specific", "all", "max_batch_size", "max_queue_delay_us",
+                         "preferred_batch_sizes", "max_queue_size", "weights", "sticky_key",
+                         "shadow", "1"]) | st.text(max_size=4)
+_VALUES = st.recursive(
+    st.booleans() | st.integers(-(1 << 70), 1 << 70) | st.sampled_from([10 ** 400, "1", "2"])
+    | st.floats() | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(_KEYS, inner, max_size=3),
+    max_leaves=8)
+
+
+@settings(max_examples=200, deadline=None)
+@given(document=st.dictionaries(_KEYS, _VALUES, max_size=4))
+@example(document={"traffic": {"weights": {"1": 10 ** 400}}})
+def test_any_config_toml_loads_or_is_a_bundle_error_naming_the_file(tmp_path_factory, document):
+    """config.toml of any keys and values: a config, or BundleError naming the file; never
+    another exception (an integer past any float was an OverflowError)."""
+    folder = tmp_path_factory.mktemp("config")
+    (folder / "config.toml").write_text(
+        "".join(f"{json.dumps(key)} = {_toml(value)}\n" for key, value in document.items()))
+    try:
+        ModelConfig.load(folder)
+    except BundleError as exc:
+        assert str(exc).startswith(f"{folder / 'config.toml'}: "), exc

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import stat
 import zipfile
@@ -10,10 +11,10 @@ import zipfile
 import pytest
 
 from edgerun.examples import mlp_onnx
-from edgerun.runtime import Bundle
+from edgerun.runtime import Bundle, archive
 from edgerun.runtime.errors import BundleError
 from edgerun.runtime.signing import (canonical_manifest, generate_keys, load_public_key,
-                                     sign_folder, verify_folder)
+                                     sign_folder, verify_archive, verify_folder)
 from tests.cli import edgerun
 
 
@@ -79,6 +80,25 @@ def test_a_manifest_with_broken_unicode_is_a_bundle_error(make_bundle, keys):
         verify_folder(bundle.path, [public])
     with pytest.raises(BundleError, match=broken):
         sign_folder(bundle.path, private)
+
+
+@pytest.mark.parametrize("file, message", [
+    ("signature.sig", "signature.sig: malformed signature file (JSON nested too deep)"),
+    ("manifest.json", "manifest.json: JSON nested too deep to be a manifest"),
+])
+def test_json_nested_too_deep_to_parse_is_a_bundle_error(make_bundle, keys, tmp_path, file,
+                                                         message):
+    """json parses recursively: a few kB of brackets in a signed bundle's file was a
+    RecursionError (a traceback from `bundle verify`, a 500 for a push), not a refusal."""
+    private, public = keys
+    bundle = make_bundle(mlp_onnx([4, 3]))
+    sign_folder(bundle.path, private)
+    (bundle.path / file).write_bytes(b"[" * 50_000)
+    packed = archive.pack(bundle.path, tmp_path / "b.tar.gz")
+    with pytest.raises(BundleError, match=re.escape(message)):
+        verify_folder(bundle.path, [public])
+    with pytest.raises(BundleError, match=re.escape(message)):
+        verify_archive(packed, [public])
 
 
 def test_canonical_bytes_cover_every_file_hash(make_bundle):

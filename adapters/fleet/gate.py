@@ -121,24 +121,38 @@ def assign_waves(devices: list[str], waves: list[float]) -> list[tuple[str, int]
     return assigned
 
 
+def _number(value: Any) -> float | None:
+    """A count or latency a device sent, as a float; None for anything else. A device
+    publishes what it likes: a 400-digit integer (OverflowError) or a string count kept as a
+    baseline (ValueError) failed every tick of its rollout, which then neither advanced nor
+    aborted at the gate timeout."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return None
+    try:
+        return float(value)
+    except OverflowError:
+        return None
+
+
 def health(telemetry: Mapping[str, Any],
            baseline: Mapping[str, Any] | None = None) -> dict[str, float]:
-    """The gate's metrics from one telemetry message (missing ones left out)."""
+    """The gate's metrics from one telemetry message (missing ones left out; so are values
+    that are no number a float holds, and a baseline count that is none counts as 0)."""
     values: dict[str, float] = {}
     latency = telemetry.get("latency_ms") if isinstance(telemetry.get("latency_ms"), dict) \
         else {}
     for metric in ("p50", "p99"):
-        value = telemetry.get(f"{metric}_ms", latency.get(metric))
-        if isinstance(value, (int, float)):
-            values[metric] = float(value)
-    if isinstance(telemetry.get("error_rate"), (int, float)):
-        values["errors"] = 100.0 * float(telemetry["error_rate"])
-    elif isinstance(telemetry.get("requests"), (int, float)) and \
-            isinstance(telemetry.get("errors"), (int, float)):
-        requests, errors = float(telemetry["requests"]), float(telemetry["errors"])
+        value = _number(telemetry.get(f"{metric}_ms", latency.get(metric)))
+        if value is not None:
+            values[metric] = value
+    error_rate = _number(telemetry.get("error_rate"))
+    requests, errors = _number(telemetry.get("requests")), _number(telemetry.get("errors"))
+    if error_rate is not None:
+        values["errors"] = 100.0 * error_rate
+    elif requests is not None and errors is not None:
         baseline = baseline or {}
-        base_requests = float(baseline.get("requests") or 0)
-        base_errors = float(baseline.get("errors") or 0)
+        base_requests = _number(baseline.get("requests")) or 0.0
+        base_errors = _number(baseline.get("errors")) or 0.0
         # a restarted daemon counts from zero again: its start time says so, and (from a
         # daemon that sends none) either count going down
         restarted = baseline.get("since") is not None and \

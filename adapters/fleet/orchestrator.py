@@ -31,7 +31,7 @@ from edgerun.adapters.fleet.store import CANCELLED, PENDING, Store
 from edgerun.adapters.fleetdb import redact
 from edgerun.adapters.ota.messages import (ACTIVE, DOWNLOADING, FAILED, INSTALL, QUEUED, ROLLBACK,
                                            ROLLED_BACK, STATES, TERMINAL, Job, Report,
-                                           job_topic)
+                                           decode_json, job_topic)
 from edgerun.runtime.bundle import VERSION_RE
 from edgerun.runtime.errors import InvalidInput, ModelNotFound
 
@@ -188,7 +188,7 @@ class Orchestrator:
                                      "bundle version")
                 self._as_leader(lambda: self._on_report(device, report))
                 return
-            data = json.loads(payload)
+            data = decode_json(payload)
             if not isinstance(data, dict):
                 return
             group = data.get("group")

@@ -78,7 +78,10 @@ def run(args: argparse.Namespace) -> int:
         for spec in known:
             table = config.extensions.get(spec.name, {})
             if args.config is not None:
-                table = relative_to(Path(args.config).parent, table, spec.paths)
+                try:
+                    table = relative_to(Path(args.config).parent, table, spec.paths)
+                except ValueError as exc:
+                    raise ValueError(f"{args.config}: [{spec.name}] {exc}") from None
             extension = spec.create(daemon, args, table)
             if extension is not None:
                 daemon.add_extension(extension)

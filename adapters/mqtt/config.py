@@ -199,14 +199,25 @@ KEYS = {f.name for f in fields(DaemonConfig)} - {"extensions"}
 _SECRETS = {"password", "password_file"}
 
 
+def expand_user(path: str | Path, setting: str) -> Path:
+    """`path` with a leading `~` or `~user` expanded; ValueError naming it where there is no
+    such user (pathlib's RuntimeError "Could not determine home directory" was a traceback
+    that named neither the path nor the setting)."""
+    try:
+        return Path(path).expanduser()
+    except RuntimeError:
+        raise ValueError(f"{setting} {str(path)!r}: there is no user "
+                         f"{Path(path).parts[0][1:]!r} whose home folder ~ could name") from None
+
+
 def relative_to(folder: Path, table: dict[str, Any], keys: Collection[str]) -> dict[str, Any]:
     """`table` with the relative paths under `keys` (one or a list) taken from `folder`."""
-    def resolved(value: Any) -> Any:
+    def resolved(value: Any, key: str) -> Any:
         if isinstance(value, list):
-            return [resolved(item) for item in value]
-        return folder / Path(value).expanduser() if isinstance(value, str) else value
+            return [resolved(item, key) for item in value]
+        return folder / expand_user(value, key) if isinstance(value, str) else value
 
-    return {key: resolved(value) if key in keys else value for key, value in table.items()}
+    return {key: resolved(value, key) if key in keys else value for key, value in table.items()}
 
 
 def load_config(path: Path | None = None, **overrides: Any) -> DaemonConfig:
@@ -227,6 +238,8 @@ def load_config(path: Path | None = None, **overrides: Any) -> DaemonConfig:
             except UnicodeDecodeError as exc:
                 raise ValueError(f"{path}: not UTF-8 text, as TOML must be ({exc.reason} at "
                                  f"byte {exc.start})") from None
+            except RecursionError:  # tomllib parses arrays and tables recursively
+                raise ValueError(f"{path}: arrays or tables nested too deep") from None
         for key, value in raw.items():
             key = key.replace("-", "_")
             if key in KEYS:
@@ -235,10 +248,13 @@ def load_config(path: Path | None = None, **overrides: Any) -> DaemonConfig:
                 extensions[key] = value
             else:
                 raise ValueError(f"{path}: unknown setting {key!r}; known: {', '.join(sorted(KEYS))}")
-        data = relative_to(path.parent, data, _PATHS)
-        device = data.get("device")
-        if isinstance(device, str) and device.endswith(".toml"):  # a profile's file
-            data["device"] = str(path.parent / Path(device).expanduser())
+        try:
+            data = relative_to(path.parent, data, _PATHS)
+            device = data.get("device")
+            if isinstance(device, str) and device.endswith(".toml"):  # a profile's file
+                data["device"] = str(path.parent / expand_user(device, "device"))
+        except ValueError as exc:
+            raise ValueError(f"{path}: {exc}") from None
     given = {k: v for k, v in overrides.items() if v is not None and k in KEYS}
     if given.keys() & _SECRETS:  # a flag's password replaces the file's, whichever form
         for key in _SECRETS - given.keys():
@@ -246,7 +262,7 @@ def load_config(path: Path | None = None, **overrides: Any) -> DaemonConfig:
     data.update(given)
     for key in _PATHS & data.keys():
         if isinstance(data[key], (str, Path)):
-            data[key] = Path(data[key]).expanduser()
+            data[key] = expand_user(data[key], key)
     missing = [k for k in ("repository", "broker", "device_id") if not data.get(k)]
     if missing:
         raise ValueError(f"missing setting(s): {', '.join(missing)} (give the flags or put them "

@@ -162,15 +162,17 @@ class OtaAgent:
     def _refused(self, payload: bytes, error: InvalidInput) -> None:
         """A failed report for a job refused as malformed, if it has an id to answer to: the
         fleet hears why at once, not as a job timed out long after. Nothing else of it is
-        trusted: a model that is no bundle name touches no slot."""
+        trusted: a model that is no bundle name touches no slot, and a job refused as nested
+        too deep is read for its id and names alone (as text: a nested one's text recursed)."""
         try:
             data = json.loads(payload)
-        except ValueError:
+        except (ValueError, RecursionError):  # not JSON, or nested past what Python parses
             return
         job_id = data.get("job_id") if isinstance(data, dict) else None
         if not isinstance(job_id, str) or not job_id:
             return
-        model, version = (str(data.get(k, ""))[:128] for k in ("model", "version"))
+        model, version = ("" if isinstance(value := data.get(k, ""), (dict, list))
+                          else str(value)[:128] for k in ("model", "version"))
         serving = self.active_version(model) if NAME_RE.fullmatch(model) else None
         report = Report(job_id, self.device_id, FAILED, model, version, serving, serving,
                         f"refused: {error}")

@@ -24,6 +24,29 @@ ACTIVE, FAILED, ROLLED_BACK = "active", "failed", "rolled_back"
 STATES = (QUEUED, DOWNLOADING, VERIFYING, STAGED, ACTIVE, FAILED, ROLLED_BACK)
 TERMINAL = frozenset({ACTIVE, FAILED, ROLLED_BACK})
 _SHA256 = re.compile(r"[0-9a-f]{64}")
+#: The deepest nesting a device or fleet message may have; real ones are a few levels deep.
+MAX_DEPTH = 32
+
+
+def decode_json(payload: bytes | str) -> Any:
+    """A message's JSON; ValueError if it is none, or nests deeper than MAX_DEPTH. Python
+    parses JSON recursively, so how deep it can go depends on the stack of whoever reads it:
+    telemetry a device nested ~990 deep was parsed and stored by the orchestrator's MQTT
+    thread, then failed every later read of the devices (GET /devices, every gated rollout's
+    tick) as a RecursionError; nested deeper, it was an untyped RecursionError at once."""
+    try:
+        data = json.loads(payload)
+    except RecursionError:
+        raise ValueError(f"JSON nested deeper than {MAX_DEPTH} levels") from None
+    stack = [(data, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if isinstance(value, (dict, list)):
+            if depth > MAX_DEPTH:
+                raise ValueError(f"JSON nested deeper than {MAX_DEPTH} levels")
+            stack.extend((item, depth + 1)
+                         for item in (value.values() if isinstance(value, dict) else value))
+    return data
 
 
 def job_topic(device_id: str) -> str:
@@ -53,7 +76,7 @@ class Job:
         """InvalidInput for anything but a job the agent may act on: jobs are not signed, and
         every field ends up in a path, a header or a request on the device."""
         try:
-            data = json.loads(payload)
+            data = decode_json(payload)
             job = cls(job_id=data["job_id"], kind=str(data["kind"]),
                       model=str(data["model"]), version=str(data["version"]),
                       url=data.get("url", ""), sha256=data.get("sha256", ""),
@@ -101,7 +124,7 @@ class Report:
     @classmethod
     def decode(cls, payload: bytes) -> Report:
         """ValueError for anything but a JSON object: a device may publish whatever it likes."""
-        data = json.loads(payload)
+        data = decode_json(payload)
         if not isinstance(data, dict):
             raise ValueError("an OTA report must be a JSON object")
         return cls(**{k: data.get(k) for k in ("job_id", "device", "state", "model",
