@@ -295,6 +295,108 @@ def test_a_body_over_6_mb_gets_413(handler):
     assert handler(http_event("apigw_v2", just_under), Context())["statusCode"] == 200
 
 
+def as_multi_value(event: dict) -> dict:
+    """An ALB event as a target group with multi-value headers sends it."""
+    event["multiValueHeaders"] = {name: [value] for name, value in event.pop("headers").items()}
+    event["multiValueQueryStringParameters"] = {}
+    return event
+
+
+def answer_headers(answer: dict) -> dict:
+    return answer.get("headers") or {k: v[-1] for k, v in answer["multiValueHeaders"].items()}
+
+
+# (event source, a well-formed event's change, how it is spoiled, what the 400 names)
+MALFORMED_HTTP = [
+    ("apigw_v2", None, lambda e: e["headers"].update({"x-trace": 5}),
+     "headers['x-trace'] is int, not a string"),
+    ("apigw_v1", None, lambda e: e["headers"].update({"X-Trace": ["a", "b"]}),
+     "headers['X-Trace'] is list, not a string"),
+    ("apigw_v1", None, lambda e: e.update(requestContext="prod"),
+     "requestContext of an HTTP event is not an object"),
+    ("apigw_v2", None, lambda e: e.update(requestContext=[]),
+     "requestContext of an HTTP event is not an object"),
+    ("alb", None, lambda e: e.update(requestContext=7),
+     "requestContext of an HTTP event is not an object"),
+    ("function_url", None, lambda e: e.update(body="not base64 at all!"),
+     "body is not base64, as isBase64Encoded says"),
+    ("apigw_v2", None, lambda e: e.update(isBase64Encoded=True, body="{\"inputs\": []}"),
+     "body is not base64"),
+    ("apigw_v2", None, lambda e: e.update(body={"inputs": []}), "body is dict, not a string"),
+    ("apigw_v1", None, lambda e: e.update(body='{"id": "\ud800"}'), "body is not valid Unicode"),
+    ("alb", None, lambda e: e["headers"].update(host="h:"), "port '' is not a number"),
+    ("alb", None, lambda e: e["headers"].update(host="[::1]:80"), "'[::1]:80' is not NAME:PORT"),
+    ("apigw_v2", None, lambda e: e["headers"].update({"x-forwarded-port": "https"}),
+     "port 'https' is not a number"),
+    ("apigw_v1", None, lambda e: e["multiValueHeaders"].update(Accept="application/json"),
+     "multiValueHeaders['Accept'] is str, not a list of strings"),
+    ("apigw_v1", None, lambda e: e["multiValueHeaders"].update(Accept=[None]),
+     "multiValueHeaders['Accept'][0] is NoneType, not a string"),
+    ("alb", as_multi_value, lambda e: e.update(multiValueHeaders=["accept"]),
+     "multiValueHeaders is list, not an object"),
+    ("alb", as_multi_value, lambda e: e["multiValueHeaders"].update(accept=3),
+     "multiValueHeaders['accept'] is int, not a list of strings"),
+    ("alb", as_multi_value, lambda e: e.update(multiValueQueryStringParameters="a=1"),
+     "multiValueQueryStringParameters is str, not an object"),
+    ("apigw_v2", None, lambda e: e.pop("version"), "the HTTP event names no source"),
+    ("apigw_v2", None, lambda e: e["requestContext"].update(http=None),
+     "requestContext.http of an HTTP API (payload 2.0) event is not an object"),
+    ("function_url", None, lambda e: e.update(rawQueryString=None),
+     "rawQueryString is NoneType, not a string"),
+    ("alb", None, lambda e: e.update(httpMethod=None), "httpMethod is NoneType, not a string"),
+]
+
+
+@pytest.mark.parametrize("name, prepare, spoil, named", MALFORMED_HTTP,
+                         ids=[f"{case[0]}-{i}" for i, case in enumerate(MALFORMED_HTTP)])
+def test_a_malformed_http_event_is_a_400_naming_what_is_wrong(handler, name, prepare, spoil,
+                                                             named):
+    """API Gateway, Function URLs and ALBs never send these, but hand invocations, test events,
+    custom integrations and forwarded events do: Mangum raised a bare TypeError, AttributeError
+    or ValueError building the request from them, and the invoker got Lambda's unhandled error
+    with nothing naming the field. The answer is a 400 in the shape the event's source expects
+    (the same fields as a well-formed event's answer), the JSON error naming the field, with
+    the caller's X-Request-Id, and Lambda's runtime client can write it."""
+    from awslambdaric.lambda_runtime_marshaller import to_json
+
+    event = http_event(name, infer_body(rows(1)))
+    if prepare is not None:
+        event = prepare(event)
+    good = handler(json.loads(json.dumps(event)), Context())
+    assert good["statusCode"] == 200
+    spoil(event)
+    answer = handler(event, Context())
+    assert answer["statusCode"] == 400, answer
+    assert named in json.loads(answer["body"])["error"]
+    assert set(answer) == set(good)
+    headers = answer_headers(answer)
+    assert headers["content-type"] == "application/json"
+    if isinstance(event.get("headers") or event.get("multiValueHeaders"), dict):
+        assert headers["x-request-id"] == f"{name.replace('_', '-')}-request"
+    else:  # no header is left to give one: a new id, as the data plane makes
+        assert re.fullmatch(r"[0-9a-f]{32}", headers["x-request-id"])
+    assert json.loads(to_json(answer))["statusCode"] == 400
+
+
+def test_an_error_inside_edgerun_on_a_well_formed_event_is_not_called_bad_input(handler):
+    """The check is of the event, before Mangum: a failure while answering a well-formed event
+    (a TypeError, as Mangum's own were) is still the internal error it is, not a 400."""
+
+    class Broken:
+        def __init__(self, plane) -> None:
+            self.plane = plane
+
+        def __getattr__(self, name: str):
+            return getattr(self.plane, name)
+
+        async def handle_async(self, call, body=None):
+            raise TypeError("a bug in the data plane")
+
+    broken = LambdaHandler(Broken(handler.plane), default_model="mlp")
+    answer = broken(http_event("apigw_v2", infer_body(rows(1))), Context())
+    assert answer["statusCode"] == 500
+
+
 @pytest.fixture(scope="module")
 def wide_handler(tmp_path_factory) -> LambdaHandler:
     """A model whose answer is 32 times its request: 8 numbers in, 256 out a row."""
@@ -658,6 +760,44 @@ def test_a_fifo_batch_stops_before_the_invocation_runs_out_of_time(handler):
 def test_a_record_without_an_id_fails_the_batch(handler):
     with pytest.raises(InvalidInput, match="no id"):
         handler({"Records": [{"eventSource": "aws:sqs", "body": "{}"}]}, Context())
+
+
+@pytest.mark.parametrize("kind", ["sqs", "kinesis"])
+def test_a_record_whose_id_is_not_a_string_fails_alone(handler, caplog, kind):
+    """A hand-written record's `"messageId": 17` (or Kinesis `sequenceNumber`) was taken as
+    its id: its result's size check on the way to the results queue failed on it, an
+    internal error that reported the record (a stream stopped there) as `17`, not the string
+    Lambda wants. It is the record's InvalidInput alone, by its id as text; the batch's other
+    records are answered and their results sent."""
+    from awslambdaric.lambda_runtime_marshaller import to_json
+
+    bodies = [infer_body(rows(1, seed=i)) for i in range(2)]
+    if kind == "sqs":
+        event = sqs_event(bodies)
+        event["Records"][1]["messageId"] = 17
+        good = "message-0"
+    else:
+        event = kinesis_event([body.encode() for body in bodies])
+        event["Records"][1]["kinesis"]["sequenceNumber"] = 17
+        good = sequences(event)[0]
+    client = sqs_client("sqs")
+    url = "https://sqs.us-east-1.amazonaws.com/123456789012/edgerun-results"
+    forward = LambdaHandler(handler.plane, default_model="mlp",
+                            destination=SqsDestination(url, client))
+    sent: list[dict] = []
+    with Stubber(client) as stub:
+        stub.add_response("send_message_batch", {"Successful": [
+            {"Id": "0", "MessageId": "a", "MD5OfMessageBody": "x"}], "Failed": []})
+        client.meta.events.register("before-parameter-build.sqs.SendMessageBatch",
+                                    lambda params, **_: sent.extend(params["Entries"]))
+        answer = forward(event, Context())
+    # a queue's bad record is reported, for its dead-letter queue; a stream's acknowledged
+    assert answer == {"batchItemFailures": [{"itemIdentifier": "17"}] if kind == "sqs" else []}
+    assert json.loads(to_json(answer)) == answer
+    assert [e["MessageAttributes"]["source-id"]["StringValue"] for e in sent] == [good]
+    (line,) = [json.loads(r.message) for r in caplog.records if "record failed" in r.message]
+    assert line["kind"] == "invalid_input" and line["item"] == "17"
+    assert "is int, not a string" in line["error"]
 
 
 def test_records_of_other_sources_are_refused_naming_the_source(handler):

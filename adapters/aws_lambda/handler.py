@@ -7,7 +7,8 @@
   and TF Serving routes (all but the repository's load and unload: the function's model is
   fixed when it is deployed, and any caller could unload it) and imports no web framework.
   Mangum runs with the lifespan off: the models are loaded at init and nothing is set up or
-  torn down per invocation.
+  torn down per invocation. The fields Mangum reads are checked first (`http_events`): an
+  event it could not read gets a 400 naming the field, not Mangum's bare TypeError.
 - SQS batches: every record is decoded first, then all are submitted to the data plane at
   once from one event loop, so the MicroBatcher sees them arrive together and merges them into
   as few forward passes as it can; results are plain OIP v2 JSON; the answer names exactly the
@@ -43,6 +44,7 @@ from mangum import Mangum
 from mangum.types import LambdaHandler as EventShape
 
 from edgerun.adapters.aws_lambda.destinations import Destination
+from edgerun.adapters.aws_lambda.http_events import bad_event_answer, checked
 from edgerun.adapters.aws_lambda.records import Record, kinesis_record, sqs_record
 from edgerun.adapters.codecs import oip
 from edgerun.adapters.dataplane import Call, DataPlane, InferResult, Reply
@@ -100,8 +102,12 @@ class LambdaHandler:
         kind = event_kind(event)
         if kind == "http":
             asyncio.set_event_loop(self.loop)  # Mangum runs on the thread's current loop
+            try:
+                event = checked(event)
+            except InvalidInput as exc:  # a field Mangum would fail on, named, answered 400
+                return bad_event_answer(event, exc)
             event = self._without_stage(self._without_mapping(_without_base_path(event)))
-            limit = MAX_ALB_RESPONSE_BYTES if "elb" in event.get("requestContext", {}) \
+            limit = MAX_ALB_RESPONSE_BYTES if "elb" in event["requestContext"] \
                 else MAX_RESPONSE_BYTES
             answering = _answering.set((limit, self.http.infer(event, context)))
             try:
@@ -386,8 +392,9 @@ def _without_base_path(event: dict[str, Any]) -> dict[str, Any]:
     base path mapping is, say, `ml`, API Gateway puts `/ml/v2/models/m/infer` in `path`, which
     no route matches; the `{proxy+}` resource and its `proxy` parameter hold the path without
     the mapping (or the stage)."""
-    resource, path = event.get("resource"), event.get("path")
-    proxy = (event.get("pathParameters") or {}).get("proxy")
+    resource, path, parameters = event.get("resource"), event.get("path"), \
+        event.get("pathParameters")
+    proxy = parameters.get("proxy") if isinstance(parameters, dict) else None
     if not (isinstance(resource, str) and resource.endswith("/{proxy+}")
             and isinstance(proxy, str) and isinstance(path, str)):
         return event

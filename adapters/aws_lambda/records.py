@@ -37,6 +37,8 @@ def sqs_record(record: dict[str, Any], default_model: str, timeout: float | None
                   if isinstance(value, dict) and str(value.get("dataType", "")).startswith(
                       ("String", "Number"))}
     item_id = record["messageId"]
+    if not isinstance(item_id, str):
+        return _misnamed(item_id, "SQS", "messageId")
     try:
         body = str(record.get("body", "")).encode()
     except UnicodeEncodeError as exc:  # a lone surrogate (the event's JSON allows "\ud800")
@@ -47,12 +49,25 @@ def sqs_record(record: dict[str, Any], default_model: str, timeout: float | None
 
 def kinesis_record(record: dict[str, Any], default_model: str, timeout: float | None) -> Record:
     item_id = record["kinesis"]["sequenceNumber"]
+    if not isinstance(item_id, str):
+        return _misnamed(item_id, "Kinesis", "sequenceNumber")
     try:
         body = base64.b64decode(record["kinesis"]["data"], validate=True)
     except (binascii.Error, ValueError, TypeError) as exc:
         return Record(item_id, None, InvalidInput(f"Kinesis record {item_id}: data is not "
                                                   f"base64 ({exc})"))
     return Record(item_id, _call(body, {}, default_model, "kinesis", timeout))
+
+
+def _misnamed(item_id: Any, source: str, field: str) -> Record:
+    """A record whose id is not a string (a hand-written event's `"messageId": 17`) fails
+    alone, reported by its id as text: taken as it was, it ran, and a results destination
+    failed on the id as an internal error, and the id went into `batchItemFailures`, where
+    Lambda wants a string. One with no id at all fails the batch (KeyError, as a missing id)."""
+    if not item_id:
+        raise KeyError(field)
+    return Record(str(item_id), None, InvalidInput(
+        f"{source} record {item_id!r}: {field} is {type(item_id).__name__}, not a string"))
 
 
 def _call(body: bytes, attributes: dict[str, str | None], default_model: str, transport: str,
