@@ -269,11 +269,16 @@ class Repository:
         if self._stop.is_set():
             return
         for name in sorted(set(self._models) - offered):
-            try:
-                self.unload(name)
-            except ModelNotFound:  # unloaded since (`refresh`, the repository API): gone
-                pass
-            self._unloaded.discard(name)
+            with self._load_lock:
+                # loaded since this pass listed the source (an OTA switch's first install of
+                # a model, POST .../load): offered now, so not gone
+                if name in self.source.models():
+                    continue
+                try:
+                    self.unload(name)
+                except ModelNotFound:  # unloaded since (`refresh`, the repository API): gone
+                    pass
+                self._unloaded.discard(name)
         with self._load_lock:  # a model that never loaded and is gone is no longer due
             self._attempted &= offered
 

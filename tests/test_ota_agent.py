@@ -665,6 +665,27 @@ def test_a_rollback_to_no_version_removes_what_the_first_install_brought(tmp_pat
 
 
 
+def test_a_first_install_during_a_poll_pass_keeps_serving(tmp_path, keys, server, device):
+    """The daemon's poller listed the models, then the agent installed a model the device had
+    never served and reported it active: the pass, not having listed it, unloaded it, and
+    every request got "not loaded" until the next pass (5 s later by default)."""
+    from tests.test_repository import HeldSource
+
+    source = device.repository.source
+    source.fallback = HeldSource(device.folder / "models", held="m")
+    source.fallback.armed = True
+    polling = threading.Thread(target=device.repository.poll_once)
+    polling.start()
+    assert source.fallback.entered.wait(30), "the poll pass never looked at m"
+    job = server.add(make_bundle(tmp_path / "n2", mlp_onnx([8, 16, 4], seed=2), "n", "2",
+                                 keys["key"]))
+    assert device.run(job).state == "active"
+    source.fallback.gate.set()
+    polling.join(30)
+    assert device.repository.versions("n") == ["2"], "the poll pass unloaded what OTA installed"
+    assert device.served() == ["1"]
+
+
 def test_a_rollback_to_no_version_with_a_config_only_folder_removes_the_model(
         tmp_path, keys, server, bundles):
     """The daemon's folder holds m/config.toml alone (batching for what OTA installs): it

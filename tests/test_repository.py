@@ -390,6 +390,29 @@ def test_an_unload_during_a_poll_pass_is_not_undone_by_it(repo_dir):
     repository.close()
 
 
+def test_a_model_loaded_during_a_poll_pass_is_not_unloaded_by_it(repo_dir):
+    """A model that came after a poll pass listed the source, and was loaded meanwhile (an OTA
+    switch's first install of a model, POST .../load): the pass, not having listed it, took
+    it for removed and unloaded it; it answered "not loaded" until the next pass."""
+    source = HeldSource(repo_dir, held="mlp")
+    repository = Repository(source, registry=Registry())
+    repository.load_all()
+    source.armed = True
+    polling = threading.Thread(target=repository.poll_once)
+    polling.start()
+    assert source.entered.wait(30), "the poll pass never looked at mlp"
+    add_version(repo_dir, "late", "1", mlp_onnx([8, 16, 4], seed=2))  # after the listing
+    assert repository.load("late") == ["1"]
+    source.gate.set()
+    polling.join(30)
+    assert "late" in repository, "the poll pass unloaded a model loaded during it"
+    assert repository.versions("late") == ["1"]
+    shutil.rmtree(repo_dir / "late")  # a model the source no longer offers still goes
+    repository.poll_once()
+    assert "late" not in repository
+    repository.close()
+
+
 def test_a_broken_newest_version_under_latest_1_is_reported_once_not_every_poll(repo_dir,
                                                                                caplog):
     # version 1 stays (no wanted version could load), so it was "not wanted" at every poll:
