@@ -26,6 +26,21 @@ _FIELD_KINDS: dict[str, type] = {"str": str, "int": int, "bool": bool, "tuple[st
                                  "dict[str, Any]": dict}
 _KIND_NAMES = {str: "a string", int: "an integer", bool: "true or false",
                tuple: "a list of strings", dict: "a table"}
+#: The most each integer field may be. Thread counts and instances: far above the logical CPUs
+#: of any host (the largest two-socket servers have under 1024), where more is never faster;
+#: ONNX Runtime's intra_op_num_threads is a C int (past 2**31 - 1 a TypeError naming nothing),
+#: and a pool of 2**31 - 1 threads was a std::bad_alloc at load. Memory: 1 PiB, in MiB.
+_MAXIMA = {"intra_op_threads": 1024, "inter_op_threads": 1024, "instances": 1024,
+           "memory_mb": 1 << 30}
+
+
+class ProfileError(ValueError):
+    """A field that cannot work; `reason` says why without the profile's name, for
+    `load_profile` to name the file instead."""
+
+    def __init__(self, name: object, reason: str) -> None:
+        super().__init__(f"device profile {name!r}: {reason}")
+        self.reason = reason
 
 
 def is_integer(value: Any) -> bool:
@@ -71,19 +86,20 @@ class DeviceProfile:
     def __post_init__(self) -> None:
         self._check_types()
         if self.graph_optimization_level not in OPTIMIZATION_LEVELS:
-            raise ValueError(f"device profile {self.name!r}: graph_optimization_level must be "
-                             f"one of {', '.join(OPTIMIZATION_LEVELS)}")
+            raise ProfileError(self.name, "graph_optimization_level must be one of "
+                                          f"{', '.join(OPTIMIZATION_LEVELS)}")
         if self.intra_op_threads < 0 or self.inter_op_threads < 0 or self.instances < 1:
-            raise ValueError(f"device profile {self.name!r}: thread counts must be >= 0 and "
-                             "instances >= 1")
+            raise ProfileError(self.name, "thread counts must be >= 0 and instances >= 1")
+        for name, most in _MAXIMA.items():
+            if getattr(self, name) > most:
+                raise ProfileError(self.name, f"{name} must be at most {most}, got "
+                                              f"{getattr(self, name)!r:.40}")
         if self.precision not in PRECISIONS:
-            raise ValueError(f"device profile {self.name!r}: precision must be one of "
-                             f"{', '.join(PRECISIONS)}")
+            raise ProfileError(self.name, f"precision must be one of {', '.join(PRECISIONS)}")
         if self.arch not in ARCHES:
-            raise ValueError(f"device profile {self.name!r}: arch must be one of "
-                             f"{', '.join(ARCHES)}")
+            raise ProfileError(self.name, f"arch must be one of {', '.join(ARCHES)}")
         if self.memory_mb < 0:
-            raise ValueError(f"device profile {self.name!r}: memory_mb must be >= 0")
+            raise ProfileError(self.name, "memory_mb must be >= 0")
         self._check_tvm_target()
         object.__setattr__(self, "execution_providers", tuple(self.execution_providers))
 
@@ -99,28 +115,30 @@ class DeviceProfile:
             else:
                 ok = isinstance(value, kind)
             if not ok:
-                raise ValueError(f"device profile {self.name!r}: {item.name} must be "
-                                 f"{_KIND_NAMES[kind]}, got {value!r}")
+                raise ProfileError(self.name, f"{item.name} must be {_KIND_NAMES[kind]}, got "
+                                              f"{value!r:.40}")
 
     def _check_tvm_target(self) -> None:
         target = self.tvm_target
         if not target:
             return
-        where = f"device profile {self.name!r}: tvm_target"
         if target.get("kind") not in TVM_KINDS:
-            raise ValueError(f"{where}.kind must be one of {', '.join(TVM_KINDS)}")
+            raise ProfileError(self.name, f"tvm_target.kind must be one of {', '.join(TVM_KINDS)}")
         if target["kind"] == "cuda":
             if not _SM_RE.match(str(target.get("arch", ""))):
-                raise ValueError(f"{where}.arch must name the GPU architecture, e.g. 'sm_87'")
+                raise ProfileError(self.name, "tvm_target.arch must name the GPU architecture, "
+                                              "e.g. 'sm_87'")
             if not isinstance(target.get("host"), dict) or target["host"].get("kind") != "llvm":
-                raise ValueError(f"{where}.host must be an llvm target for the CPU beside the GPU")
+                raise ProfileError(self.name, "tvm_target.host must be an llvm target for the "
+                                              "CPU beside the GPU")
         llvm = target["host"] if target["kind"] == "cuda" else target
         triple = str(llvm.get("mtriple", ""))
         if self.host_triple and triple != self.host_triple:
-            raise ValueError(f"{where}: mtriple {triple!r} differs from host_triple "
-                             f"{self.host_triple!r}")
+            raise ProfileError(self.name, f"tvm_target: mtriple {triple!r:.80} differs from "
+                                          f"host_triple {self.host_triple!r:.80}")
         if self.arch != "any" and triple and not triple.startswith(self.arch):
-            raise ValueError(f"{where}: mtriple {triple!r} is not for arch {self.arch!r}")
+            raise ProfileError(self.name, f"tvm_target: mtriple {triple!r:.80} is not for arch "
+                                          f"{self.arch!r}")
 
     @property
     def accelerator(self) -> str:
@@ -169,4 +187,7 @@ def load_profile(name_or_path: str | Path | DeviceProfile | None = None) -> Devi
     if unknown:
         raise ValueError(f"device profile {path}: unknown keys {', '.join(unknown)}")
     data.setdefault("name", path.stem)
-    return DeviceProfile(**data)
+    try:
+        return DeviceProfile(**data)
+    except ProfileError as exc:  # the profile's name alone: which file is it in?
+        raise ValueError(f"device profile {path}: {exc.reason}") from None

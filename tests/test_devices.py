@@ -137,6 +137,49 @@ def test_a_profile_nested_too_deep_to_parse_is_named(tmp_path):
     assert f"device profile {bad}: arrays or tables nested too deep" in result.stderr
 
 
+@pytest.mark.parametrize("field", ["intra_op_threads", "inter_op_threads", "instances",
+                                   "memory_mb"])
+def test_a_profile_number_past_any_device_is_refused_at_load_naming_file_and_field(tmp_path,
+                                                                                  field):
+    """10**20 threads was ONNX Runtime's untyped TypeError ("incompatible function
+    arguments"), a traceback from the model's load; 2**31 - 1 a std::bad_alloc; 10**20
+    instances loaded sessions until memory ran out."""
+    from edgerun.examples import mlp_onnx
+
+    bad = tmp_path / "mine.toml"
+    bad.write_text(f"name = 'mine'\n{field} = {10 ** 20}\n")
+    model = tmp_path / "m.onnx"
+    model.write_bytes(mlp_onnx([4, 2]))
+    for command in (("devices", "show", str(bad)),
+                    ("bundle", "create", str(model), "--name", "m", "--version", "1",
+                     "--device", str(bad), "-o", str(tmp_path / "b"))):
+        result = edgerun(*command)
+        assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+        assert f"device profile {bad}: {field} must be at most " in result.stderr, result.stderr
+    with pytest.raises(ValueError, match=f"{field} must be at most"):
+        DeviceProfile(name="bad", **{field: 2 ** 31 - 1})
+    assert getattr(DeviceProfile(name="big", **{field: 1024}), field) == 1024
+
+
+@pytest.mark.parametrize("content, reason", [
+    ("precision = 'int4'\n", "precision must be one of fp32"),
+    (f"intra_op_threads = '{'9' * 5000}'\n", "intra_op_threads must be an integer, got '999"),
+    ("arch = 'aarch64'\ntvm_target = { kind = 'llvm', mtriple = 'x86_64-linux-gnu' }\n",
+     "tvm_target: mtriple 'x86_64-linux-gnu' is not for arch 'aarch64'"),
+])
+def test_a_profile_field_error_names_the_file_and_shortens_the_value(tmp_path, content, reason):
+    """A field's error named the profile's `name` (here not the file's), not the file, and
+    printed a value of thousands of characters whole."""
+    bad = tmp_path / "mine.toml"
+    bad.write_text(f"name = 'jetson-custom'\n{content}")
+    result = edgerun("devices", "show", str(bad))
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert f"device profile {bad}: {reason}" in result.stderr, result.stderr
+    assert len(result.stderr) < 300 + len(str(bad)), result.stderr
+
+
 def test_a_profile_that_is_not_toml_is_named(tmp_path):
     """The parser's "Invalid value (at line 2, column 19)" said nothing of which file."""
     bad = tmp_path / "mine.toml"

@@ -669,6 +669,29 @@ def test_a_report_in_no_state_of_the_agents_is_ignored(orchestrator):
     assert job_states(orchestrator.status(rollout["id"]))["a"] == "downloading"
 
 
+@pytest.mark.parametrize("field", ["job_id", "device", "state", "model", "version", "previous",
+                                   "active"])
+def test_a_report_whose_fields_are_no_strings_is_ignored_in_one_line(orchestrator, caplog,
+                                                                    field):
+    """A job id that was a table or a list reached the database's lookup, whose binding error
+    was logged as a message the orchestrator failed to handle, with a traceback; a report is
+    malformed, and said so in one line, like any other."""
+    from edgerun.adapters.ota.messages import Report
+
+    rollout = orchestrator.deploy("m", "2", group="g")
+    job_id = {job["device_id"]: job["job_id"] for job in rollout["jobs"]}["a"]
+    good = Report(job_id, "a", "downloading", "m", "2", "1")
+    for value in ({"$ne": ""}, [job_id], 7, 1.5, True):
+        orchestrator.on_message("edgerun/a/ota/report",
+                                json.dumps({**good.__dict__, field: value}).encode())
+    assert "failed to handle" not in caplog.text and "Traceback" not in caplog.text
+    assert caplog.text.count("ignored a malformed message on edgerun/a/ota/report") == 5
+    assert f"{field} " in caplog.text, caplog.text
+    assert job_states(orchestrator.status(rollout["id"]))["a"] == "queued"
+    orchestrator.on_message("edgerun/a/ota/report", good.encode())
+    assert job_states(orchestrator.status(rollout["id"]))["a"] == "downloading"
+
+
 def test_a_device_that_served_no_version_before_is_rolled_back_to_none(orchestrator):
     """b ran no version of m before the rollout (its reports say previous None). Rolling the
     completed rollout back takes m:2 off b with a rollback to no version: its active job was

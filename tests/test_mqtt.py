@@ -438,6 +438,46 @@ def test_the_daemon_refuses_a_device_toml_it_cannot_read_in_one_line(tmp_path, s
     assert message in result.stderr, result.stderr
 
 
+@pytest.mark.parametrize("setting, message", [
+    ("telemetry_interval = -1", "{config}: telemetry_interval must be a number of seconds of "
+                                "at least 0, got -1"),
+    (f"telemetry_interval = '{'9' * 5000}'", "{config}: telemetry_interval must be a number of "
+                                             "seconds of at least 0, got '999"),
+    (f"qos = {10 ** 18}", "{config}: qos must be 0, 1 or 2"),
+    (f"group = 'g/{'x' * 5000}'", "{config}: group 'g/xxx"),
+    ("broker = 'mqtt://h:0'", "{config}: broker URL 'mqtt://h:0': port 0 is not between"),
+    ("device = 'mine.toml'", "device profile {folder}/mine.toml: intra_op_threads must be at "
+                             "most 1024, got 100000000000000000000"),
+])
+def test_a_device_toml_setting_that_cannot_work_is_said_naming_the_file(tmp_path, setting,
+                                                                        message):
+    """"telemetry_interval must be ..." named the setting but not the file it came from (one
+    of several a device may be given), and a value thousands of characters long was printed
+    whole."""
+    (tmp_path / "mine.toml").write_text(f"intra_op_threads = {10 ** 20}\n")
+    config = tmp_path / "device.toml"
+    config.write_text(f"repository = '{tmp_path}'\ndevice_id = 'pi-1'\n{setting}\n"
+                      + ("" if setting.startswith("broker") else
+                         "broker = 'mqtt://127.0.0.1:1'\n"))
+    result = edgerun("daemon", "--config", str(config), timeout=60)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    expected = message.format(config=config, folder=tmp_path)
+    assert result.stderr.startswith(f"edgerun daemon: {expected}"), result.stderr
+    assert len(result.stderr) < 200 + len(str(config)), result.stderr
+
+
+def test_a_flag_that_cannot_work_is_not_said_to_be_in_the_file(tmp_path):
+    """The file names only the settings that came from it: a flag overrides the file's."""
+    config = tmp_path / "device.toml"
+    config.write_text(f"repository = '{tmp_path}'\nbroker = 'mqtt://127.0.0.1:1'\n"
+                      "device_id = 'pi-1'\ntelemetry_interval = 5\n")
+    result = edgerun("daemon", "--config", str(config), "--telemetry-interval", "-1",
+                     timeout=60)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.startswith("edgerun daemon: telemetry_interval must be"), result.stderr
+
+
 def test_config_file_with_flags_on_top(tmp_path):
     config = tmp_path / "device.toml"
     config.write_text('repository = "/var/lib/edgerun/models"\nbroker = "mqtts://u:p@host"\n'

@@ -28,6 +28,15 @@ PROTOCOLS = ("auto", "5", "3.1.1")
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
 
 
+class SettingError(ValueError):
+    """A setting that cannot work; `settings` names those at fault, for `load_config` to name
+    the file where one came from it (a flag's value is in no file)."""
+
+    def __init__(self, message: str, *settings: str) -> None:
+        super().__init__(message)
+        self.settings = settings
+
+
 @dataclass(frozen=True)
 class Broker:
     """Where to connect: `mqtt://[user:password@]host[:port]` or `mqtts://...` (TLS)."""
@@ -112,45 +121,54 @@ class DaemonConfig:
     def __post_init__(self) -> None:
         self._check_types()
         if not self.device_id or any(c in self.device_id for c in "/+#"):
-            raise ValueError(f"device id {self.device_id!r} must be non-empty and hold no / + #")
+            raise SettingError(f"device id {self.device_id!r:.40} must be non-empty and hold no "
+                               "/ + #", "device_id")
         if any(c in self.group for c in "/+#"):
-            raise ValueError(f"group {self.group!r} must hold no / + #")
+            raise SettingError(f"group {self.group!r:.40} must hold no / + #", "group")
         if self.group == self.device_id:
             # both subscriptions match edgerun/<id>/infer/...: every request came twice
-            raise ValueError(f"group {self.group!r} must differ from the device id")
+            raise SettingError(f"group {self.group!r:.40} must differ from the device id",
+                               "group", "device_id")
         if self.protocol not in PROTOCOLS:
-            raise ValueError(f"protocol must be one of {', '.join(PROTOCOLS)}")
+            raise SettingError(f"protocol must be one of {', '.join(PROTOCOLS)}", "protocol")
         if self.log_level not in LOG_LEVELS:
-            raise ValueError(f"log_level must be one of {', '.join(LOG_LEVELS)}")
+            raise SettingError(f"log_level must be one of {', '.join(LOG_LEVELS)}", "log_level")
         if self.qos not in (0, 1, 2):
-            raise ValueError("qos must be 0, 1 or 2")
+            raise SettingError("qos must be 0, 1 or 2", "qos")
         if self.max_inbox < 1:
-            raise ValueError("max_inbox must be >= 1")
+            raise SettingError("max_inbox must be >= 1", "max_inbox")
         for name, zero_allowed in _DURATIONS.items():
             value = getattr(self, name)
             if value is None and name == "poll_interval":
                 continue
             # a negative poll interval polled without pause (a core at 100 %)
             if not finite_number(value) or value < 0 or (value == 0 and not zero_allowed):
-                raise ValueError(f"{name} must be a number of seconds "
-                                 f"{'of at least' if zero_allowed else 'above'} 0, got {value!r}")
+                raise SettingError(f"{name} must be a number of seconds "
+                                   f"{'of at least' if zero_allowed else 'above'} 0, got "
+                                   f"{value!r:.40}", name)
         if self.keepalive > 0xFFFF:
-            raise ValueError(f"keepalive must be at most 65535 seconds, got {self.keepalive}")
+            raise SettingError("keepalive must be at most 65535 seconds, got "
+                               f"{self.keepalive!r:.40}", "keepalive")
         if self.session_expiry > 0xFFFFFFFF:  # a four-byte CONNECT property: struct.error
-            raise ValueError("session_expiry must be at most 4294967295 seconds (never "
-                             f"expires), got {self.session_expiry}")
+            raise SettingError("session_expiry must be at most 4294967295 seconds (never "
+                               f"expires), got {self.session_expiry!r:.40}", "session_expiry")
         if self.reconnect_max_s < self.reconnect_min_s:
-            raise ValueError("reconnect_max_s must be at least reconnect_min_s")
+            raise SettingError("reconnect_max_s must be at least reconnect_min_s",
+                               "reconnect_max_s", "reconnect_min_s")
         if self.password is not None and self.password_file is not None:
-            raise ValueError("give password or password_file, not both")
+            raise SettingError("give password or password_file, not both", "password",
+                               "password_file")
         if self.password_file is not None:
             read_secret(self.password_file)  # a missing or unreadable file fails here, not later
         for name in ("ca_file", "cert_file", "key_file"):
             path = getattr(self, name)
             if path is not None and not os.access(path, os.R_OK):
                 # paho's tls_set raised a bare "No such file or directory" inside the daemon
-                raise ValueError(f"{name} {str(path)!r} is not a readable file")
-        Broker.parse(self.broker)
+                raise SettingError(f"{name} {str(path)!r} is not a readable file", name)
+        try:
+            Broker.parse(self.broker)
+        except ValueError as exc:
+            raise SettingError(str(exc), "broker") from None
 
     def _check_types(self) -> None:
         """TOML gives what was written: "1024" or 30.5 where an integer belongs, 1234 where a
@@ -162,7 +180,7 @@ class DaemonConfig:
                 continue
             ok = is_integer(value) if kind is int else isinstance(value, kind)
             if not ok:
-                raise ValueError(f"{name} must be {_KIND_NAMES[kind]}, got {value!r}")
+                raise SettingError(f"{name} must be {_KIND_NAMES[kind]}, got {value!r:.40}", name)
 
     @property
     def broker_address(self) -> Broker:
@@ -259,6 +277,7 @@ def load_config(path: Path | None = None, **overrides: Any) -> DaemonConfig:
     if given.keys() & _SECRETS:  # a flag's password replaces the file's, whichever form
         for key in _SECRETS - given.keys():
             data.pop(key, None)
+    from_file = data.keys() - given.keys()
     data.update(given)
     for key in _PATHS & data.keys():
         if isinstance(data[key], (str, Path)):
@@ -269,4 +288,9 @@ def load_config(path: Path | None = None, **overrides: Any) -> DaemonConfig:
                          "in --config)")
     if isinstance(data.get("protocol"), (int, float)):
         data["protocol"] = str(data["protocol"])
-    return DaemonConfig(**data, extensions=extensions)
+    try:
+        return DaemonConfig(**data, extensions=extensions)
+    except SettingError as exc:  # "telemetry_interval must be ...": set where?
+        if path is None or not from_file & set(exc.settings):
+            raise
+        raise SettingError(f"{path}: {exc}", *exc.settings) from None

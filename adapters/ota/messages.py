@@ -24,6 +24,8 @@ ACTIVE, FAILED, ROLLED_BACK = "active", "failed", "rolled_back"
 STATES = (QUEUED, DOWNLOADING, VERIFYING, STAGED, ACTIVE, FAILED, ROLLED_BACK)
 TERMINAL = frozenset({ACTIVE, FAILED, ROLLED_BACK})
 _SHA256 = re.compile(r"[0-9a-f]{64}")
+#: A report's fields that may be null: no version before the job, none serving after it.
+_MAY_BE_NONE = frozenset({"previous", "active"})
 #: The deepest nesting a device or fleet message may have; real ones are a few levels deep.
 MAX_DEPTH = 32
 
@@ -123,10 +125,16 @@ class Report:
 
     @classmethod
     def decode(cls, payload: bytes) -> Report:
-        """ValueError for anything but a JSON object: a device may publish whatever it likes."""
+        """ValueError for anything but a JSON object of strings: a device may publish whatever
+        it likes, and a job id that was a table or a list reached the fleet's database lookup
+        (a binding error, logged with a traceback)."""
         data = decode_json(payload)
         if not isinstance(data, dict):
             raise ValueError("an OTA report must be a JSON object")
+        for key in ("job_id", "device", "state", "model", "version", "previous", "active"):
+            value = data.get(key)
+            if not isinstance(value, str) and (value is not None or key not in _MAY_BE_NONE):
+                raise ValueError(f"{key} {value!r:.40} of an OTA report is not a string")
         return cls(**{k: data.get(k) for k in ("job_id", "device", "state", "model",
                                                  "version", "previous", "active")},
                    detail=str(data.get("detail", "")), extra=dict(data.get("extra") or {}))
