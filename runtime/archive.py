@@ -28,6 +28,11 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import IO
 
+try:
+    from lzma import LZMAError
+except ImportError:  # a Python built without it: tarfile cannot read xz then
+    LZMAError = zlib.error  # type: ignore[misc,assignment]
+
 from edgerun.runtime.errors import BundleError
 
 MAX_MEMBER_BYTES = 4 * 1024**3
@@ -40,7 +45,8 @@ MAX_HEADER_BYTES = 1 << 20
 SUFFIXES = (".tar.gz", ".tgz", ".zip")
 _CHUNK = 1 << 20
 _ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)  # the earliest time zip can record
-_CORRUPT = (tarfile.TarError, zipfile.BadZipFile, EOFError, zlib.error, NotImplementedError,
+_CORRUPT = (tarfile.TarError, zipfile.BadZipFile, EOFError, zlib.error, LZMAError,
+            NotImplementedError,
             RuntimeError,  # zipfile: unknown compression, encrypted member
             UnicodeDecodeError)  # zipfile: a name flagged UTF-8 that is not
 
@@ -154,7 +160,11 @@ def _members(archive: Path) -> Iterator[Iterator[_Member]]:
                 yield (_zip_member(opened, info) for info in opened.infolist())
             else:
                 yield (_tar_member(opened, info) for info in opened)
-        except _CORRUPT as exc:
+        except (*_CORRUPT, OSError) as exc:
+            # gzip's CRC or bzip2's stream checks fail as OSErrors with no errno; one with
+            # an errno is the destination's (a full disk), not the archive's
+            if isinstance(exc, OSError) and exc.errno is not None:
+                raise
             raise BundleError(f"{archive}: corrupt archive ({exc})") from exc
 
 

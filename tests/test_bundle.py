@@ -757,6 +757,31 @@ def test_a_changed_archive_opens_as_built_or_is_a_bundle_error(tmp_path, packed,
     assert [p.name for p in work.iterdir()] == [changed.name]
 
 
+@pytest.mark.parametrize("signed", [False, True])
+def test_a_gzip_whose_crc_fails_is_a_bundle_error(tmp_path, packed, signed):
+    """gzip checks its CRC at the end of the stream, where tarfile looks for another member:
+    its BadGzipFile, an OSError, escaped as itself, no BundleError."""
+    from edgerun.runtime import signing
+
+    import gzip
+    import io
+
+    tar_bytes = io.BytesIO()
+    with tarfile.open(fileobj=tar_bytes, mode="w") as tar:
+        for name, content in sorted(packed["files"].items()):
+            info = tarfile.TarInfo(name)
+            info.size = len(content)
+            tar.addfile(info, io.BytesIO(content))
+        end = tar.offset  # no end-of-archive blocks: looking past the last member reads
+    data = bytearray(gzip.compress(tar_bytes.getvalue()[:end]))  # the trailer, CRC and all
+    data[-8] ^= 0xFF  # the trailer's CRC32 of the uncompressed tar
+    changed = tmp_path / "b.tar.gz"
+    changed.write_bytes(bytes(data))
+    with pytest.raises(BundleError, match="corrupt archive.*CRC check failed"):
+        expected = signing.verify_archive(changed, packed["trusted"]).files if signed else None
+        Bundle.open(changed, expected=expected).close()
+
+
 _JSON_LEAVES = (st.none() | st.booleans() | st.integers(-(1 << 70), 1 << 70) | st.floats()
                 | st.text(max_size=12)
                 | st.sampled_from(["float32", "model.onnx", "golden.npz", "../x", "/etc/passwd",

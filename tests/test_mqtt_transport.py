@@ -182,6 +182,15 @@ def test_packets_the_fast_path_leaves_to_paho(packet):
         decode_publish(bytearray(packet), 1)
 
 
+@pytest.mark.parametrize("property_bytes", [b"\x01\x02", b"\x0b\x00"],
+                         ids=["payload format indicator 2", "subscription identifier 0"])
+def test_property_values_paho_refuses_are_left_to_paho(property_bytes):
+    # paho raises MQTTException for them (a protocol error); the fast path took them as read
+    packet = b"\x00\x01t\x00\x07" + bytes([len(property_bytes)]) + property_bytes + b"{}"
+    with pytest.raises(Unusual):
+        decode_publish(bytearray(packet), 1)
+
+
 def paho_decode(packet: bytes, qos: int) -> tuple[int, bytes, Properties, bytes]:
     """A PUBLISH's variable part as paho's own `_handle_publish` reads it."""
     size = int.from_bytes(packet[:2], "big")

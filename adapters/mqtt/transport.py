@@ -234,6 +234,10 @@ def decode_publish(packet: bytes | bytearray, qos: int
             at += 4
         else:
             value, at = _varint(packet, at)
+        if (kind == "b" and value > 1) or (kind == "v" and not value):
+            # a Payload Format Indicator past 1 or a Subscription Identifier of 0: paho
+            # refuses them (a protocol error), so they are left to it
+            raise Unusual(f"{name} {value}")
         if kind in "vp":
             values.setdefault(name, []).append(value)
         elif name in values:
