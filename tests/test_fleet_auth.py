@@ -11,6 +11,8 @@ from types import SimpleNamespace
 
 import httpx
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from edgerun.adapters.auth.tokens import create_token, read_secret
 from edgerun.examples import mlp_onnx
@@ -19,6 +21,7 @@ from tests.cli import edgerun, edgerun_command
 from tests.fleet_sim import Broker, FleetServer, SimDevice, make_bundle, wait_for
 from tests.mosquitto_broker import Peer
 from tests.mosquitto_broker import broker as broker_on  # the test's `broker` is a fixture's
+from tests.postgres import fresh_database, postgres_url  # noqa: F401  (the fixture)
 from tests.serving import free_port
 
 # every route but health, with the scope it needs
@@ -574,3 +577,93 @@ def test_cli_clients_name_the_server_whose_json_is_not_the_registrys(tmp_path):
     finally:
         other.shutdown()
         other.server_close()
+
+
+def test_a_rollout_to_a_device_id_no_topic_can_hold_is_refused_and_the_fleet_goes_on(secured):
+    """A rollout's device ids become MQTT topics (`edgerun/<id>/ota`). One holding a NUL or
+    control character was accepted (201), and Mosquitto dropped the orchestrator's connection
+    ("malformed packet") at its job, then again at every reconnect's republish: no device was
+    heard and no rollout moved, for good; a wildcard or one too long for a topic was a 500,
+    its rollout stored all the same. Each is a 400 naming it, and nothing is stored."""
+    server, secrets = secured["server"], secured["secrets"]
+    pushed = edgerun("fleet", "push", str(secured["bundle"]), "--server", server.url,
+                     "--token-file", str(secrets["admin"]))
+    assert pushed.returncode == 0, pushed.stderr
+    deploy, read = read_secret(secrets["deploy"]), read_secret(secrets["read"])
+    before = len(call(server, "GET", "/rollouts", read).json()["rollouts"])
+    for device in ("dev\u0000a", "dev\na", "dev\u0085", "dev\ufffe", "+", "dev#", "a/b",
+                   "d" * 70000):
+        answer = call(server, "POST", "/rollouts", deploy,
+                      json={"model": "m", "version": "1", "devices": ["dev-fine", device]})
+        assert answer.status_code == 400, (device[:20], answer.text)
+        assert "must be a list of device ids" in answer.json()["error"]
+    assert len(call(server, "GET", "/rollouts", read).json()["rollouts"]) == before
+    watcher = Peer(secured["broker"].port, "watcher", "")
+    try:
+        watcher.subscribe("edgerun/dev-topic/ota")
+        answer = call(server, "POST", "/rollouts", deploy,
+                      json={"model": "m", "version": "1", "devices": ["dev-topic"]})
+        assert answer.status_code == 201, answer.text
+        topic, payload = watcher.received(timeout=15)  # the link is up: the job went out
+        assert topic == "edgerun/dev-topic/ota" and json.loads(payload)["version"] == "1"
+    finally:
+        watcher.close()
+        call(server, "POST", f"/rollouts/{answer.json()['id']}/abort", deploy)
+    assert "Traceback" not in (secured["tmp"] / "fleet" / "server.log").read_text()
+
+
+@pytest.mark.parametrize("db", ["sqlite", "postgresql"])
+def test_a_nul_in_an_id_or_a_device_credential_is_a_4xx_on_either_database(secured, tmp_path,
+                                                                           request, db):
+    """PostgreSQL stores no NUL (0x00) in text: an id with one in the path, a rollout's group,
+    or the device id of a Basic credential (before any secret was checked) reached it and came
+    back a 500 with psycopg's traceback in the log. Each is refused as the caller's input, the
+    same on SQLite, and the registry goes on serving."""
+    extra = ["--tokens", str(secured["tmp"] / "tokens")]
+    if db == "postgresql":
+        extra += ["--db", fresh_database(request.getfixturevalue("postgres_url"))]
+    server = FleetServer(tmp_path / "fleet", secured["broker"], [secured["pub"]], extra).start()
+    try:
+        admin = read_secret(secured["secrets"]["admin"])
+        secret = call(server, "POST", "/devices/dev-n/enroll", admin).json()["secret"]
+        for header, path, status in (
+                (basic_header("dev\0", "x"), "/bundles/m/1", 401),
+                (basic_header("dev-n", secret), "/bundles/m%00/1", 400),
+                (basic_header("dev-n", secret), "/bundles/m/1%00", 400),
+                (f"Bearer {admin}", "/rollouts/r%00", (400, 404))):
+            answer = httpx.get(server.url + path, headers={"authorization": header}, timeout=30)
+            assert answer.status_code in (status if isinstance(status, tuple) else (status,)), \
+                (path, answer.text)
+            assert answer.json()["error"]
+        for path, body in (("/rollouts/r%00/abort", None), ("/rollouts/r%00/rollback", None),
+                           ("/devices/dev%00/revoke", None),
+                           ("/rollouts", {"model": "m", "version": "1", "group": "g\0"})):
+            answer = call(server, "POST", path, admin, json=body)
+            assert 400 <= answer.status_code < 500, (path, answer.text)
+            assert answer.json()["error"], path
+        assert call(server, "GET", "/credentials", admin).status_code == 200
+    finally:
+        server.stop()
+    log = (tmp_path / "fleet" / "server.log").read_text()
+    assert "Traceback" not in log and secret not in log
+
+
+@settings(max_examples=40, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(device=st.text(min_size=1, max_size=12))
+def test_any_device_id_a_rollout_names_is_deployed_or_refused_never_a_500(secured, device):
+    """Whatever text a rollout names as a device: a 201 for an id a topic can hold (the
+    rollout aborted again here), else a 400 naming the rule; never a 500."""
+    from edgerun.adapters.ota.messages import topic_segment
+
+    server, deploy = secured["server"], read_secret(secured["secrets"]["deploy"])
+    answer = call(server, "POST", "/rollouts", deploy,
+                  json={"model": "m", "version": "1", "devices": [device]})
+    if answer.status_code == 201:
+        assert topic_segment(device)
+        call(server, "POST", f"/rollouts/{answer.json()['id']}/abort", deploy)
+    elif topic_segment(device):  # run alone, before m 1 was pushed
+        assert answer.status_code == 404 and "no m version 1" in answer.json()["error"]
+    else:
+        assert answer.status_code == 400, answer.text
+        assert "must be a list of device ids" in answer.json()["error"]

@@ -92,6 +92,11 @@ class DeviceCredentials:
             raise InvalidInput(f"no enrolled device {device_id!r} to revoke")
 
     def verify(self, device_id: str, secret: str) -> bool:
+        try:  # an id no device can be enrolled under (a NUL, say) is unknown, not an error
+            check_name("device id", device_id)
+        except InvalidInput:
+            verify_password(_DUMMY, secret)  # as long as any other refusal
+            return False
         row = self.db.one("SELECT password_hash FROM device_credentials WHERE device_id = ? "
                           "AND revoked_at IS NULL", (device_id,))
         matches = verify_password(row["password_hash"] if row else _DUMMY, secret)

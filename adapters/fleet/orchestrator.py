@@ -31,7 +31,7 @@ from edgerun.adapters.fleet.store import CANCELLED, PENDING, Store
 from edgerun.adapters.fleetdb import redact
 from edgerun.adapters.ota.messages import (ACTIVE, DOWNLOADING, FAILED, INSTALL, QUEUED, ROLLBACK,
                                            ROLLED_BACK, STATES, TERMINAL, Job, Report,
-                                           decode_json, job_topic)
+                                           decode_json, job_topic, topic_segment)
 from edgerun.runtime.bundle import VERSION_RE
 from edgerun.runtime.errors import InvalidInput, ModelNotFound
 
@@ -90,9 +90,12 @@ class Orchestrator:
         gate_timeout = gates.check_seconds(gate_timeout, "gate_timeout")
         if group is not None and not isinstance(group, str):
             raise InvalidInput(f"group {group!r:.40} must be a string")
+        # each becomes a topic: one the broker refuses drops the fleet's connection at every
+        # (re)publish of its job, so no device is heard and no rollout moves
         if devices is not None and not (isinstance(devices, list) and all(
-                isinstance(device, str) and device for device in devices)):
-            raise InvalidInput(f"devices {devices!r:.80} must be a list of device ids")
+                isinstance(device, str) and topic_segment(device) for device in devices)):
+            raise InvalidInput(f"devices {devices!r:.80} must be a list of device ids (no / + #, "
+                               "control characters or over 64 KiB)")
         if gate is not None and not isinstance(gate, str):
             raise InvalidInput(f"gate {gate!r:.40} must be a string like p99<50ms,errors<1%")
         bundle = self.registry.get(model, version)

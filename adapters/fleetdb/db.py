@@ -132,13 +132,15 @@ class Database:
 
     def execute(self, sql: str, params: Sequence[Any] = ()) -> int:
         """Run one statement; the number of rows it changed."""
+        params = _checked(params)
         with self._lock:
-            cursor = self._open().execute(self._sql(sql), tuple(params))
+            cursor = self._open().execute(self._sql(sql), params)
             return cursor.rowcount
 
     def query(self, sql: str, params: Sequence[Any] = ()) -> list[dict[str, Any]]:
+        params = _checked(params)
         with self._lock:
-            cursor = self._open().execute(self._sql(sql), tuple(params))
+            cursor = self._open().execute(self._sql(sql), params)
             names = [column[0] for column in cursor.description]
             return [dict(zip(names, row)) for row in cursor.fetchall()]
 
@@ -149,6 +151,17 @@ class Database:
     def close(self) -> None:
         with self._lock:
             self.connection.close()
+
+
+def _checked(params: Sequence[Any]) -> tuple[Any, ...]:
+    """The parameters, if no text among them holds a NUL: PostgreSQL stores none (psycopg's
+    DataError, a 500 for an id sent in a URL or a credential), so neither database takes one
+    and the caller hears which value it was."""
+    for value in params:
+        if isinstance(value, str) and "\0" in value:
+            raise InvalidInput(f"{value!r:.60} holds a NUL character (0x00), which no name, id "
+                               "or text stored here may")
+    return tuple(params)
 
 
 def _readable(fd: int) -> bool:

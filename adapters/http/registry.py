@@ -47,8 +47,8 @@ from edgerun.adapters.fleet.store import Store
 from edgerun.adapters.fleetdb import Lease, Leadership
 from edgerun.adapters.http.listening import NamedBindErrors
 from edgerun.adapters.http.status import error_headers, status_of
-from edgerun.runtime.errors import (EdgerunError, InvalidInput, PayloadTooLarge,
-                                    PermissionDenied, Unauthenticated)
+from edgerun.runtime.bundle import check_name, check_version
+from edgerun.runtime.errors import EdgerunError, InvalidInput, PayloadTooLarge, PermissionDenied
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +75,8 @@ class FleetAccess:
         if scope == DEVICE and basic(header) is not None and self.credentials is not None:
             device = self.credentials.authenticate(header)
             model, version = request.path_params["model"], request.path_params["version"]
+            check_name(model)  # named as what is wrong with them, before any lookup
+            check_version(version)
             if not self.store.device_has_job(device, model, version):
                 raise PermissionDenied(f"device {device!r} has no job for {model} version "
                                        f"{version}")
@@ -98,7 +100,7 @@ def create_registry_app(registry: BundleRegistry, orchestrator: Orchestrator,
         async def endpoint(request: Request) -> Response:
             try:  # off the loop: a device secret's check is a deliberately slow hash
                 await run_in_threadpool(authorize, request, scope)
-            except (Unauthenticated, PermissionDenied) as exc:
+            except EdgerunError as exc:  # refused, or a path no bundle can have (400)
                 # by route and token or device name only, never a secret
                 log.debug("refused %s %s: %s", request.method, request.url.path, exc)
                 return _error(exc)
