@@ -1338,3 +1338,15 @@ def test_an_npz_answer_that_cannot_be_encoded_is_counted_as_the_error_sent(tmp_p
                for line in text.splitlines()
                if line.startswith("edgerun_requests_total{") and 'model="text"' in line}
     assert counted == {"invalid_input": 1.0}, counted
+
+
+@pytest.mark.parametrize("setting", ["device_id", "group"])
+def test_a_device_id_or_group_no_topic_level_can_hold_is_refused(tmp_path, setting):
+    # Mosquitto drops a client whose SUBSCRIBE holds a control character: the daemon would
+    # connect, subscribe and be dropped, over and over, never serving
+    from edgerun.adapters.mqtt.config import load_config
+
+    given = {"device_id": "dev1", "group": "", setting: "dev\x01"}
+    with pytest.raises(ValueError, match=f"{'device id' if setting == 'device_id' else 'group'} "
+                                         r"'dev\\x01' must be one MQTT topic level"):
+        load_config(None, repository=str(tmp_path), broker="mqtt://127.0.0.1:1883", **given)

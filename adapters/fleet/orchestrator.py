@@ -31,7 +31,8 @@ from edgerun.adapters.fleet.store import CANCELLED, PENDING, Store
 from edgerun.adapters.fleetdb import redact
 from edgerun.adapters.ota.messages import (ACTIVE, DOWNLOADING, FAILED, INSTALL, QUEUED, ROLLBACK,
                                            ROLLED_BACK, STATES, TERMINAL, Job, Report,
-                                           decode_json, job_topic, topic_segment)
+                                           decode_json, job_topic)
+from edgerun.adapters.topics import topic_segment
 from edgerun.runtime.bundle import VERSION_RE
 from edgerun.runtime.errors import InvalidInput, ModelNotFound
 

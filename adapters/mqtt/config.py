@@ -15,6 +15,7 @@ from typing import Any
 from urllib.parse import unquote, urlsplit
 
 from edgerun.adapters.auth.tokens import read_secret
+from edgerun.adapters.topics import topic_segment
 from edgerun.adapters.urls import redact
 from edgerun.devices.profile import is_integer
 from edgerun.runtime.model_config import finite_number
@@ -120,11 +121,12 @@ class DaemonConfig:
 
     def __post_init__(self) -> None:
         self._check_types()
-        if not self.device_id or any(c in self.device_id for c in "/+#"):
-            raise SettingError(f"device id {self.device_id!r:.40} must be non-empty and hold no "
-                               "/ + #", "device_id")
-        if any(c in self.group for c in "/+#"):
-            raise SettingError(f"group {self.group!r:.40} must hold no / + #", "group")
+        if not topic_segment(self.device_id):  # the broker drops a client sending controls
+            raise SettingError(f"device id {self.device_id!r:.40} must be one MQTT topic level: "
+                               "non-empty, no / + #, no control characters", "device_id")
+        if self.group and not topic_segment(self.group):
+            raise SettingError(f"group {self.group!r:.40} must be one MQTT topic level: no "
+                               "/ + #, no control characters", "group")
         if self.group == self.device_id:
             # both subscriptions match edgerun/<id>/infer/...: every request came twice
             raise SettingError(f"group {self.group!r:.40} must differ from the device id",
