@@ -104,6 +104,41 @@ def _profile(device: str | Path | DeviceProfile) -> DeviceProfile:
         raise OptimizeError(str(exc)) from exc
 
 
+def api_name(option: str, value: str | None = None) -> str:
+    """An option as the Python API spells it: `tune_trials`, `compile="tvm"`."""
+    return option if value is None else f'{option}="{value}"'
+
+
+def check_combination(options: OptimizeOptions, spell: Callable[..., str] = api_name) -> None:
+    """Options that cannot work, alone or together, refused before any work, each named as
+    its caller spells it (`spell`: the API's names, or the command's flags)."""
+    if options.compile is None:  # TVM's options do nothing without TVM: say so, not ignore them
+        given = [spell(name) for name in ("tune_trials", "rpc", "force")
+                 if getattr(options, name)]
+        if given:
+            raise OptimizeError(f"{', '.join(given)} apply to TVM compilation only: add "
+                                f"{spell('compile', 'tvm')}, or leave them out")
+    if options.tune_trials < 0:
+        raise OptimizeError(f"{spell('tune_trials')} {options.tune_trials}: the number of "
+                            "tuning trials is 0 (no tuning) or more")
+    if options.prune is not None and not 0 < options.prune < 1:
+        raise OptimizeError(f"{spell('prune')} {options.prune:g}: the fraction to prune lies "
+                            "strictly between 0 and 1")
+    if options.compile == "tvm" and options.rpc is not None:
+        if not options.tune_trials:  # as compile_bundle says, but before the original is bundled
+            raise OptimizeError(f"{spell('rpc')} measures tuning candidates on the device: "
+                                f"pass {spell('tune_trials')} N too")
+        from edgerun.optimizers.tvm_tuning import RpcDevice  # imports no TVM
+
+        try:  # compile_bundle refused a malformed address only after the original was bundled
+            RpcDevice.parse(options.rpc, spell("rpc"))
+        except ValueError as exc:
+            raise OptimizeError(str(exc)) from None
+    if options.max_batch_size is not None and options.max_batch_size < 0:
+        raise OptimizeError(f"{spell('max_batch_size')} {options.max_batch_size}: a limit >= 1, "
+                            "or 0 for a model with no batch axis")
+
+
 def optimize(model_path: str | Path, output: str | Path,
              options: OptimizeOptions = OptimizeOptions(),
              progress: Progress = lambda step: None) -> OptimizeReport:
@@ -116,37 +151,12 @@ def optimize(model_path: str | Path, output: str | Path,
         raise OptimizeError(f"{output}: output exists and is not an empty folder")
     if options.compile not in (None, "tvm"):
         raise OptimizeError(f"--compile {options.compile!r}: only tvm is supported")
-    if options.compile is None:  # TVM's options do nothing without TVM: say so, not ignore them
-        given = [name for name, value in (("tune_trials", options.tune_trials),
-                                          ("rpc", options.rpc), ("force", options.force))
-                 if value]
-        if given:
-            raise OptimizeError(f"{', '.join(given)} apply to TVM compilation only: add "
-                                "compile=\"tvm\", or leave them out")
-    if options.tune_trials < 0:
-        raise OptimizeError(f"tune_trials {options.tune_trials}: the number of tuning trials "
-                            "is 0 (no tuning) or more")
-    if options.prune is not None and not 0 < options.prune < 1:
-        raise OptimizeError(f"prune {options.prune:g}: the fraction to prune lies strictly "
-                            "between 0 and 1")
-    if options.compile == "tvm" and options.rpc is not None and not options.tune_trials:
-        raise OptimizeError("rpc measures tuning candidates on the device: pass tune_trials N "
-                            "too")  # as compile_bundle says, but before the original is bundled
-    if options.compile == "tvm" and options.rpc is not None:
-        from edgerun.optimizers.tvm_tuning import RpcDevice  # imports no TVM
-
-        try:  # compile_bundle refused a malformed address only after the original was bundled
-            RpcDevice.parse(options.rpc)
-        except ValueError as exc:
-            raise OptimizeError(str(exc)) from None
+    check_combination(options)
     precision = options.quantize or profile.precision
     check_options(precision, calibration=options.calibration, per_channel=options.per_channel,
                   strict=options.strict_fp16)
     name = options.name or model_path.stem
     check_name(name), check_version(options.version)  # before the work, not at its end
-    if options.max_batch_size is not None and options.max_batch_size < 0:
-        raise OptimizeError(f"max_batch_size {options.max_batch_size}: a limit >= 1, or 0 "
-                            "for a model with no batch axis")
     why = staging.unwritable(output)  # not an errno of a hidden folder, after all the work
     if why:
         raise OptimizeError(f"{output}: the output cannot be written there: {why}")

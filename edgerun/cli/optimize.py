@@ -60,42 +60,26 @@ def register(commands: argparse._SubParsersAction) -> None:
     parser.set_defaults(handler=_optimize)
 
 
+def _flag(option: str, value: str | None = None) -> str:
+    """An option as this command spells it: `--tune-trials`, `--compile tvm`."""
+    flag = "--" + option.replace("_", "-")
+    return flag if value is None else f"{flag} {value}"
+
+
 def _optimize(args: argparse.Namespace) -> int:
     from edgerun.optimizers.errors import OptimizeError
-    from edgerun.optimizers.pipeline import OptimizeOptions, optimize
+    from edgerun.optimizers.pipeline import OptimizeOptions, check_combination, optimize
 
     if args.structured and args.prune is None:
         raise OptimizeError("--structured needs --prune RATIO (the fraction of channels to "
                             "remove, e.g. 0.5)")
-    if args.compile is None:  # TVM's options do nothing without TVM: say so, not ignore them
-        given = [flag for flag, value in (("--tune-trials", args.tune_trials),
-                                          ("--rpc", args.rpc), ("--force", args.force))
-                 if value]
-        if given:
-            raise OptimizeError(f"{', '.join(given)} apply to TVM compilation only: add "
-                                "--compile tvm, or leave them out")
-    if args.tune_trials < 0:
-        raise OptimizeError(f"--tune-trials {args.tune_trials}: the number of tuning trials "
-                            "is 0 (no tuning) or more")
-    if args.prune is not None and not 0 < args.prune < 1:  # refused before any work
-        raise OptimizeError(f"--prune {args.prune:g}: the fraction to prune lies strictly "
-                            "between 0 and 1")
-    if args.rpc is not None and not args.tune_trials:
-        raise OptimizeError("--rpc measures tuning candidates on the device: pass "
-                            "--tune-trials N too")
-    if args.rpc is not None:  # a malformed address, before the original is bundled
-        from edgerun.optimizers.tvm_tuning import RpcDevice
-
-        try:
-            RpcDevice.parse(args.rpc, "--rpc")
-        except ValueError as exc:
-            raise OptimizeError(str(exc)) from None
     options = OptimizeOptions(
         device=args.device, quantize=args.quantize, calibration=args.calibration,
         per_channel=args.per_channel, prune=args.prune, structured=args.structured,
         compile=args.compile, tune_trials=args.tune_trials, rpc=args.rpc, force=args.force,
         eval_data=args.eval_data, name=args.name, version=args.version,
         strict_fp16=args.strict_fp16, max_batch_size=args.max_batch_size)
+    check_combination(options, _flag)  # as optimize does, but naming the flags
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
                   console=out, transient=True) as progress:
         task = progress.add_task("starting")
