@@ -1125,6 +1125,65 @@ def test_a_late_devices_rollback_waits_for_the_next_rollouts_job(orchestrator, t
     assert orchestrator.status(first["id"])["state"] == "aborted"
 
 
+def test_a_waiting_rollback_does_not_undo_the_install_it_waited_for(orchestrator):
+    """The operator aborted m:2 at once and deployed it again. The device had already got the
+    first job and went on with it (the second rollout's job grants the download), then did the
+    second ("already active"). The first rollout's rollback, which waited for the second's job,
+    was then sent and took the device back to m:1, while the second said it completed with the
+    device active on m:2."""
+    from edgerun.adapters.ota.messages import Job, Report
+
+    sent = orchestrator.sent
+    first = orchestrator.deploy("m", "2", devices=["a"])
+    orchestrator.abort(first["id"])
+    assert job_states(orchestrator.status(first["id"])) == {"a": "cancelled"}
+    second = orchestrator.deploy("m", "2", devices=["a"])
+    assert job_states(second) == {"a": "queued"}
+    old, new = first["jobs"][0]["job_id"], second["jobs"][0]["job_id"]
+    for state in ("queued", "downloading", "verifying", "staged", "active"):
+        orchestrator.on_message("edgerun/a/ota/report",
+                                Report(old, "a", state, "m", "2", "1").encode())
+        orchestrator.tick()
+    published = len(sent)
+    for state, previous in (("queued", "2"), ("active", "2")):
+        orchestrator.on_message("edgerun/a/ota/report",
+                                Report(new, "a", state, "m", "2", previous).encode())
+        orchestrator.tick()
+    assert orchestrator.status(second["id"])["state"] == "completed"
+    assert [Job.decode(payload) for topic, payload, _ in sent[published:] if payload] == []
+    status = orchestrator.status(first["id"])
+    assert status["state"] == "aborted"
+    assert (status["jobs"][0]["kind"], status["jobs"][0]["state"]) == ("install", "rolled_back")
+    assert second["id"] in status["jobs"][0]["detail"]
+
+
+def test_rolling_back_a_rollout_leaves_a_later_rollouts_version_alone(orchestrator, tmp_path,
+                                                                      keys):
+    """m:3 was rolled out over m:2; rolling the m:2 rollout back sent the device to m:1, under
+    the m:3 rollout that still said it completed with the device active on m:3."""
+    from edgerun.adapters.ota.messages import Report
+    from edgerun.runtime import Bundle
+
+    with Bundle.open(make_bundle(tmp_path / "m3", model(3), "m", "3", keys["key"])) as bundle:
+        archive = bundle.pack(tmp_path / "m-3.tar.gz")
+    with archive.open("rb") as stream:
+        orchestrator.registry.push(stream)
+    sent = orchestrator.sent
+    older = orchestrator.deploy("m", "2", devices=["a"])
+    orchestrator.on_message("edgerun/a/ota/report", Report(
+        older["jobs"][0]["job_id"], "a", "active", "m", "2", "1").encode())
+    newer = orchestrator.deploy("m", "3", devices=["a"])
+    orchestrator.on_message("edgerun/a/ota/report", Report(
+        newer["jobs"][0]["job_id"], "a", "active", "m", "3", "2").encode())
+    assert orchestrator.status(newer["id"])["state"] == "completed"
+    published = len(sent)
+    orchestrator.rollback(older["id"])
+    assert sent[published:] == []
+    status = orchestrator.status(older["id"])
+    assert status["state"] == "aborted" and job_states(status) == {"a": "rolled_back"}
+    assert newer["id"] in status["jobs"][0]["detail"]
+
+
 def test_a_report_without_a_job_id_touches_no_job_not_yet_sent(orchestrator):
     """Jobs not yet sent have no id yet: a report with an empty one matched the device's
     pending job, and a "failed" from a device of a later wave aborted the rollout."""

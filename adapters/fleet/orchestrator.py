@@ -135,7 +135,8 @@ class Orchestrator:
 
     def rollback(self, rollout_id: str, reason: str = "rolled back by the operator") -> None:
         """Send every device a running or completed rollout updated back to its previous
-        version (an explicit rollback job, the one way past the devices' anti-rollback)."""
+        version (an explicit rollback job, the one way past the devices' anti-rollback); not
+        one another rollout has installed the model on since (that rollout's version stays)."""
         self._rollout(rollout_id)
         if not self.store.move_rollout(rollout_id, (RUNNING, COMPLETED), state=ROLLING_BACK,
                                        reason=reason):
@@ -368,7 +369,20 @@ class Orchestrator:
                 self.store.update_job(rollout["id"], job["device_id"], **fields)
                 job.update(fields)
             elif _to_take_back(job):
-                job.update(self._send_rollback(rollout, job))
+                newer = self.store.installed_since(rollout["id"], job["device_id"],
+                                                   rollout["model"], job["updated_at"]) \
+                    if job["state"] == ACTIVE else []
+                if newer:
+                    # another rollout installed the model over this one since (one this
+                    # rollback waited for, say): the device no longer runs this rollout's
+                    # version, and a rollback now would undo that rollout's install, which
+                    # it still counts as active
+                    fields = {"state": ROLLED_BACK, "detail": "nothing to take back: rollout "
+                              f"{newer[0]} installed its version over this one since"}
+                    self.store.update_job(rollout["id"], job["device_id"], **fields)
+                    job.update(fields)
+                else:
+                    job.update(self._send_rollback(rollout, job))
         # an install still to take back: its rollback waits for another rollout's job
         if all(job["state"] in ENDED and not _to_take_back(job) for job in jobs):
             self.store.update_rollout(rollout["id"], state=ABORTED)

@@ -231,6 +231,18 @@ class Store:
                           (rollout_id, device_id, *idle))
         return [row["rollout_id"] for row in rows]
 
+    def installed_since(self, rollout_id: str, device_id: str, model: str,
+                        since: float) -> list[str]:
+        """The other rollouts whose install of `model` ended active on `device_id` after
+        `since`: the device runs their version now, over whatever was there before."""
+        rows = self.query("SELECT jobs.rollout_id FROM jobs JOIN rollouts ON rollouts.id = "
+                          "jobs.rollout_id WHERE jobs.rollout_id <> ? AND jobs.device_id = ? "
+                          "AND rollouts.model = ? AND jobs.kind = 'install' AND "
+                          "jobs.state = 'active' AND jobs.updated_at > ? "
+                          "ORDER BY jobs.updated_at DESC",
+                          (rollout_id, device_id, model, since))
+        return [row["rollout_id"] for row in rows]
+
     def device_has_job(self, device_id: str, model: str, version: str) -> bool:
         """Whether the fleet sent the device an install of `model` `version` and did not
         withdraw it: the one rule for both a device's download of that bundle and a rollback
