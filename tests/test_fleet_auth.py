@@ -654,7 +654,7 @@ def test_a_nul_in_an_id_or_a_device_credential_is_a_4xx_on_either_database(secur
 def test_any_device_id_a_rollout_names_is_deployed_or_refused_never_a_500(secured, device):
     """Whatever text a rollout names as a device: a 201 for an id a topic can hold (the
     rollout aborted again here), else a 400 naming the rule; never a 500."""
-    from edgerun.adapters.ota.messages import topic_segment
+    from edgerun.adapters.topics import topic_segment
 
     server, deploy = secured["server"], read_secret(secured["secrets"]["deploy"])
     answer = call(server, "POST", "/rollouts", deploy,
