@@ -34,6 +34,24 @@ def _tensor(name: str, shape: list[int], kind: int, buffer: int, scale: float, z
     return tensor
 
 
+def _pack(graph: schema.SubGraphT, operators: list[tuple[int, int]],
+          buffers: list[schema.BufferT]) -> bytes:
+    """A one-subgraph model of `graph` as .tflite bytes; `operators` are the (builtin, version)
+    its operators' opcode indexes name, in order."""
+    codes = []
+    for builtin, version in operators:
+        code = schema.OperatorCodeT()
+        code.builtinCode = code.deprecatedBuiltinCode = builtin
+        code.version = version
+        codes.append(code)
+    model = schema.ModelT()
+    model.version, model.operatorCodes, model.subgraphs = 3, codes, [graph]
+    model.buffers = buffers
+    builder = flatbuffers.Builder(1024)
+    builder.Finish(model.Pack(builder), file_identifier=b"TFL3")
+    return bytes(builder.Output())
+
+
 def int8_dense_tflite(weight: np.ndarray, bias: np.ndarray) -> bytes:
     """y = x @ weight.T + bias with int8 input and output tensors, as .tflite bytes."""
     units, features = weight.shape
@@ -50,15 +68,8 @@ def int8_dense_tflite(weight: np.ndarray, bias: np.ndarray) -> bytes:
     op.builtinOptionsType = schema.BuiltinOptions.FullyConnectedOptions
     op.builtinOptions = schema.FullyConnectedOptionsT()
     graph.inputs, graph.outputs, graph.operators, graph.name = [0], [3], [op], "main"
-    code = schema.OperatorCodeT()
-    code.builtinCode = code.deprecatedBuiltinCode = schema.BuiltinOperator.FULLY_CONNECTED
-    code.version = 4
-    model = schema.ModelT()
-    model.version, model.operatorCodes, model.subgraphs = 3, [code], [graph]
-    model.buffers = [_buffer(), _buffer(qw), _buffer(qb)]
-    builder = flatbuffers.Builder(1024)
-    builder.Finish(model.Pack(builder), file_identifier=b"TFL3")
-    return bytes(builder.Output())
+    return _pack(graph, [(schema.BuiltinOperator.FULLY_CONNECTED, 4)],
+                 [_buffer(), _buffer(qw), _buffer(qb)])
 
 
 def int32_row_mixing_tflite(features: int = 4) -> bytes:
@@ -82,18 +93,8 @@ def int32_row_mixing_tflite(features: int = 4) -> bytes:
     add.builtinOptionsType = schema.BuiltinOptions.AddOptions
     add.builtinOptions = schema.AddOptionsT()
     graph.inputs, graph.outputs, graph.operators, graph.name = [0], [3], [total, add], "main"
-    codes = []
-    for builtin in (schema.BuiltinOperator.SUM, schema.BuiltinOperator.ADD):
-        code = schema.OperatorCodeT()
-        code.builtinCode = code.deprecatedBuiltinCode = builtin
-        code.version = 1
-        codes.append(code)
-    model = schema.ModelT()
-    model.version, model.operatorCodes, model.subgraphs = 3, codes, [graph]
-    model.buffers = [_buffer(), _buffer(np.zeros(1, np.int32))]
-    builder = flatbuffers.Builder(1024)
-    builder.Finish(model.Pack(builder), file_identifier=b"TFL3")
-    return bytes(builder.Output())
+    return _pack(graph, [(schema.BuiltinOperator.SUM, 1), (schema.BuiltinOperator.ADD, 1)],
+                 [_buffer(), _buffer(np.zeros(1, np.int32))])
 
 
 def float_add_tflite() -> bytes:
@@ -108,15 +109,7 @@ def float_add_tflite() -> bytes:
     add.builtinOptionsType = schema.BuiltinOptions.AddOptions
     add.builtinOptions = schema.AddOptionsT()
     graph.inputs, graph.outputs, graph.operators, graph.name = [0, 1], [2], [add], "main"
-    code = schema.OperatorCodeT()
-    code.builtinCode = code.deprecatedBuiltinCode = schema.BuiltinOperator.ADD
-    code.version = 1
-    model = schema.ModelT()
-    model.version, model.operatorCodes, model.subgraphs = 3, [code], [graph]
-    model.buffers = [_buffer()]
-    builder = flatbuffers.Builder(1024)
-    builder.Finish(model.Pack(builder), file_identifier=b"TFL3")
-    return bytes(builder.Output())
+    return _pack(graph, [(schema.BuiltinOperator.ADD, 1)], [_buffer()])
 
 
 def float_sum_tflite() -> bytes:
@@ -135,15 +128,8 @@ def float_sum_tflite() -> bytes:
     total.builtinOptions = schema.ReducerOptionsT()
     total.builtinOptions.keepDims = True
     graph.inputs, graph.outputs, graph.operators, graph.name = [0], [2], [total], "main"
-    code = schema.OperatorCodeT()
-    code.builtinCode = code.deprecatedBuiltinCode = schema.BuiltinOperator.SUM
-    code.version = 1
-    model = schema.ModelT()
-    model.version, model.operatorCodes, model.subgraphs = 3, [code], [graph]
-    model.buffers = [_buffer(), _buffer(np.zeros(1, np.int32))]
-    builder = flatbuffers.Builder(1024)
-    builder.Finish(model.Pack(builder), file_identifier=b"TFL3")
-    return bytes(builder.Output())
+    return _pack(graph, [(schema.BuiltinOperator.SUM, 1)],
+                 [_buffer(), _buffer(np.zeros(1, np.int32))])
 
 
 def float_concat_tflite() -> bytes:
@@ -161,12 +147,4 @@ def float_concat_tflite() -> bytes:
     concat.builtinOptions = schema.ConcatenationOptionsT()
     concat.builtinOptions.axis = 0
     graph.inputs, graph.outputs, graph.operators, graph.name = [0, 1], [2], [concat], "main"
-    code = schema.OperatorCodeT()
-    code.builtinCode = code.deprecatedBuiltinCode = schema.BuiltinOperator.CONCATENATION
-    code.version = 1
-    model = schema.ModelT()
-    model.version, model.operatorCodes, model.subgraphs = 3, [code], [graph]
-    model.buffers = [_buffer()]
-    builder = flatbuffers.Builder(1024)
-    builder.Finish(model.Pack(builder), file_identifier=b"TFL3")
-    return bytes(builder.Output())
+    return _pack(graph, [(schema.BuiltinOperator.CONCATENATION, 1)], [_buffer()])
