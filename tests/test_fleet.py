@@ -42,6 +42,17 @@ def model(seed: int) -> bytes:
     return mlp_onnx([WIDTH, 16, 4], seed=seed)
 
 
+def push_signed(orchestrator, tmp_path, keys, name: str, version: str) -> None:
+    """A signed bundle of `name` `version` (another model than m's 2) into the registry."""
+    from edgerun.runtime import Bundle
+
+    folder = tmp_path / f"{name}-{version}"
+    with Bundle.open(make_bundle(folder, model(3), name, version, keys["key"])) as bundle:
+        archive = bundle.pack(tmp_path / f"{name}-{version}.tar.gz")
+    with archive.open("rb") as stream:
+        orchestrator.registry.push(stream)
+
+
 @pytest.fixture
 def keys(tmp_path):
     fleet_key, fleet_pub = signing.generate_keys(tmp_path / "keys")
@@ -827,12 +838,8 @@ def test_a_rollback_that_timed_out_stays_for_the_device_and_its_late_end_counts(
     the end it reports later is recorded; that report clears no job another rollout has sent
     the device since."""
     from edgerun.adapters.ota.messages import Job, Report
-    from edgerun.runtime import Bundle
 
-    with Bundle.open(make_bundle(tmp_path / "n", model(3), "n", "1", keys["key"])) as bundle:
-        archive = bundle.pack(tmp_path / "n-1.tar.gz")
-    with archive.open("rb") as stream:
-        orchestrator.registry.push(stream)
+    push_signed(orchestrator, tmp_path, keys, "n", "1")
     sent = orchestrator.sent
     rollout = orchestrator.deploy("m", "2", devices=["a"], job_timeout=0.2)
     orchestrator.on_message("edgerun/a/ota/report", Report(
@@ -1054,12 +1061,8 @@ def test_a_device_busy_with_another_rollouts_job_gets_the_next_one_once_it_ends(
     so a device that subscribed afresh (back after its broker session expired) saw only the
     second, and the first timed out as a failure. A device's next job now waits its turn."""
     from edgerun.adapters.ota.messages import Job, Report
-    from edgerun.runtime import Bundle
 
-    with Bundle.open(make_bundle(tmp_path / "n", model(3), "n", "1", keys["key"])) as bundle:
-        archive = bundle.pack(tmp_path / "n-1.tar.gz")
-    with archive.open("rb") as stream:
-        orchestrator.registry.push(stream)
+    push_signed(orchestrator, tmp_path, keys, "n", "1")
     sent = orchestrator.sent
     first = orchestrator.deploy("m", "2", group="g")
     jobs = {job["device_id"]: job["job_id"] for job in first["jobs"]}
@@ -1084,12 +1087,8 @@ def test_a_late_devices_rollback_waits_for_the_next_rollouts_job(orchestrator, t
     installed the withdrawn m:2 after all. Its rollback replaced the next rollout's job on b's
     one retained job topic; it now waits for that job to end."""
     from edgerun.adapters.ota.messages import Job, Report
-    from edgerun.runtime import Bundle
 
-    with Bundle.open(make_bundle(tmp_path / "n", model(3), "n", "1", keys["key"])) as bundle:
-        archive = bundle.pack(tmp_path / "n-1.tar.gz")
-    with archive.open("rb") as stream:
-        orchestrator.registry.push(stream)
+    push_signed(orchestrator, tmp_path, keys, "n", "1")
     sent = orchestrator.sent
     first = orchestrator.deploy("m", "2", group="g")
     jobs = {job["device_id"]: job["job_id"] for job in first["jobs"]}
@@ -1162,12 +1161,8 @@ def test_rolling_back_a_rollout_leaves_a_later_rollouts_version_alone(orchestrat
     """m:3 was rolled out over m:2; rolling the m:2 rollout back sent the device to m:1, under
     the m:3 rollout that still said it completed with the device active on m:3."""
     from edgerun.adapters.ota.messages import Report
-    from edgerun.runtime import Bundle
 
-    with Bundle.open(make_bundle(tmp_path / "m3", model(3), "m", "3", keys["key"])) as bundle:
-        archive = bundle.pack(tmp_path / "m-3.tar.gz")
-    with archive.open("rb") as stream:
-        orchestrator.registry.push(stream)
+    push_signed(orchestrator, tmp_path, keys, "m", "3")
     sent = orchestrator.sent
     older = orchestrator.deploy("m", "2", devices=["a"])
     orchestrator.on_message("edgerun/a/ota/report", Report(
