@@ -31,6 +31,19 @@ def batcher_for(model: Model, **knobs) -> MicroBatcher:
     return MicroBatcher(model, registry=Registry(), **knobs)
 
 
+def queued_together(batcher: MicroBatcher, model: Recording, first: np.ndarray,
+                    inputs: tuple[np.ndarray, ...]) -> list:
+    """`inputs` queued while the worker is held on `first`, so they meet in one queue, as
+    callers who arrive together do; the pending answers."""
+    model.hold()
+    held = batcher.submit({"x": first})
+    assert model.entered.wait(5)
+    pending = [batcher.submit({"x": x}) for x in inputs]
+    model.release()
+    held.result()
+    return pending
+
+
 def rows(n: int, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).standard_normal((n, 8)).astype(np.float32)
 
@@ -319,12 +332,7 @@ def test_a_dim_0_the_model_also_names_past_axis_0_is_never_batched(make_bundle):
     model = Recording(Model.load(bundle))
     mine, theirs = np.eye(2, dtype=np.float32), np.full((2, 2), 3, np.float32)
     with batcher_for(model, max_batch_size=16, max_queue_delay_us=1000) as batcher:
-        model.hold()
-        first = batcher.submit({"x": mine})
-        assert model.entered.wait(5)
-        pending = [batcher.submit({"x": x}) for x in (mine, theirs)]
-        model.release()
-        first.result()
+        pending = queued_together(batcher, model, mine, (mine, theirs))
         for x, answer in zip((mine, theirs), pending):
             np.testing.assert_array_equal(answer.result()["gram"], x @ x.T)
     assert [b["x"].shape for b in model.batches] == [(2, 2)] * 3
@@ -342,12 +350,7 @@ def test_max_batch_size_0_declares_no_batch_axis_so_sequences_are_never_stacked(
     mine, theirs = np.array([1, 2, 3], np.float32), np.array([10, 30], np.float32)
     with batcher_for(model, max_queue_delay_us=1000, **knobs) as batcher:
         assert not batcher.signature.batchable
-        model.hold()
-        first = batcher.submit({"x": mine})
-        assert model.entered.wait(5)
-        pending = [batcher.submit({"x": x}) for x in (mine, theirs)]
-        model.release()
-        first.result()
+        pending = queued_together(batcher, model, mine, (mine, theirs))
         for x, answer in zip((mine, theirs), pending):
             np.testing.assert_allclose(answer.result()["centered"], x - x.mean())
     assert [b["x"].shape for b in model.batches] == [(3,), (3,), (2,)]
