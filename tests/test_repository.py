@@ -9,6 +9,8 @@ import os
 import shutil
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import numpy as np
 import pytest
@@ -366,20 +368,29 @@ class HeldSource(FolderSource):
         return super().config(name)
 
 
-def test_an_unload_during_a_poll_pass_is_not_undone_by_it(repo_dir):
-    """POST .../unload answered 200 while a poll pass was under way (looking at other models,
-    or loading one): the pass then found the model missing and loaded it again, for good."""
-    add_version(repo_dir, "other", "1", mlp_onnx([8, 16, 4], seed=2))
-    source = HeldSource(repo_dir, held="mlp")  # the pass looks at mlp, then at other
-    repository = Repository(source, registry=Registry())
-    repository.load_all()
+@contextmanager
+def poll_held_at_mlp(repository: Repository) -> Iterator[None]:
+    """A poll pass under way, held where it looks at mlp (its listing taken) for the block."""
+    source = repository.source
     source.armed = True
     polling = threading.Thread(target=repository.poll_once)
     polling.start()
     assert source.entered.wait(30), "the poll pass never looked at mlp"
-    repository.unload("other")  # listed by the pass already, not yet looked at
-    source.gate.set()
-    polling.join(30)
+    try:
+        yield
+    finally:
+        source.gate.set()
+        polling.join(30)
+
+
+def test_an_unload_during_a_poll_pass_is_not_undone_by_it(repo_dir):
+    """POST .../unload answered 200 while a poll pass was under way (looking at other models,
+    or loading one): the pass then found the model missing and loaded it again, for good."""
+    add_version(repo_dir, "other", "1", mlp_onnx([8, 16, 4], seed=2))
+    repository = Repository(HeldSource(repo_dir, held="mlp"), registry=Registry())
+    repository.load_all()
+    with poll_held_at_mlp(repository):  # the pass looks at mlp, then at other
+        repository.unload("other")  # listed by the pass already, not yet looked at
     assert "other" not in repository, "the poll pass undid the unload"
     assert {(s.name, s.state) for s in repository.index()} == {
         ("mlp", "READY"), ("other", UNLOADED)}
@@ -394,17 +405,11 @@ def test_a_model_loaded_during_a_poll_pass_is_not_unloaded_by_it(repo_dir):
     """A model that came after a poll pass listed the source, and was loaded meanwhile (an OTA
     switch's first install of a model, POST .../load): the pass, not having listed it, took
     it for removed and unloaded it; it answered "not loaded" until the next pass."""
-    source = HeldSource(repo_dir, held="mlp")
-    repository = Repository(source, registry=Registry())
+    repository = Repository(HeldSource(repo_dir, held="mlp"), registry=Registry())
     repository.load_all()
-    source.armed = True
-    polling = threading.Thread(target=repository.poll_once)
-    polling.start()
-    assert source.entered.wait(30), "the poll pass never looked at mlp"
-    add_version(repo_dir, "late", "1", mlp_onnx([8, 16, 4], seed=2))  # after the listing
-    assert repository.load("late") == ["1"]
-    source.gate.set()
-    polling.join(30)
+    with poll_held_at_mlp(repository):
+        add_version(repo_dir, "late", "1", mlp_onnx([8, 16, 4], seed=2))  # after the listing
+        assert repository.load("late") == ["1"]
     assert "late" in repository, "the poll pass unloaded a model loaded during it"
     assert repository.versions("late") == ["1"]
     shutil.rmtree(repo_dir / "late")  # a model the source no longer offers still goes
