@@ -325,7 +325,13 @@ MALFORMED_HTTP = [
     ("apigw_v2", None, lambda e: e.update(body={"inputs": []}), "body is dict, not a string"),
     ("apigw_v1", None, lambda e: e.update(body='{"id": "\ud800"}'), "body is not valid Unicode"),
     ("alb", None, lambda e: e["headers"].update(host="h:"), "port '' is not a number"),
-    ("alb", None, lambda e: e["headers"].update(host="[::1]:80"), "'[::1]:80' is not NAME:PORT"),
+    ("alb", None, lambda e: e["headers"].update(host="::1:80"), "'::1:80' is not NAME:PORT"),
+    ("apigw_v2", None, lambda e: e["headers"].update(host="[::1"), "'[::1' is not NAME:PORT"),
+    ("apigw_v2", None, lambda e: e["headers"].update(host="[::g]:80"),
+     "'[::g]:80' is not NAME:PORT"),
+    ("function_url", None, lambda e: e["headers"].update(host="[::1]:x"),
+     "port 'x' is not a number"),
+    ("alb", None, lambda e: e["headers"].update(host="[::1]80"), "'[::1]80' is not NAME:PORT"),
     ("apigw_v2", None, lambda e: e["headers"].update({"x-forwarded-port": "https"}),
      "port 'https' is not a number"),
     ("apigw_v1", None, lambda e: e["multiValueHeaders"].update(Accept="application/json"),
@@ -376,6 +382,51 @@ def test_a_malformed_http_event_is_a_400_naming_what_is_wrong(handler, name, pre
     else:  # no header is left to give one: a new id, as the data plane makes
         assert re.fullmatch(r"[0-9a-f]{32}", headers["x-request-id"])
     assert json.loads(to_json(answer))["statusCode"] == 400
+
+
+class HostSeen(Hook):
+    """Records the Host header each call's hooks see."""
+
+    def __init__(self) -> None:
+        self.seen: list[str | None] = []
+
+    def before(self, call: Call) -> None:
+        self.seen.append(call.attributes("host"))
+
+
+def with_host(event: dict, host: str) -> dict:
+    """The event with its Host header (each of its values) set to `host`."""
+    for field in ("headers", "multiValueHeaders"):
+        for name in event.get(field) or {}:
+            if name.lower() == "host":
+                event[field][name] = [host] if field == "multiValueHeaders" else host
+    return event
+
+
+@pytest.mark.parametrize("name, prepare", [("function_url", None), ("apigw_v2", None),
+                                           ("apigw_v1", None), ("alb", None),
+                                           ("alb", as_multi_value)])
+@pytest.mark.parametrize("host", ["[::1]:8443", "[2001:db8::1]"])
+def test_an_http_event_whose_host_is_an_ipv6_address_is_answered(handler, reference, name,
+                                                                 prepare, host):
+    """Mangum reads the server from the Host header split at its colons, so an IPv6 literal
+    ([::1]:8443) made it raise ValueError, and the event was refused as malformed: it is
+    answered, and the hooks see the Host header as sent."""
+    x = rows(2)
+    event = http_event(name, infer_body(x))
+    event = with_host(prepare(event) if prepare is not None else event, host)
+    seen = HostSeen()
+    hooks = handler.plane.hooks.hooks
+    handler.plane.hooks.add(seen)
+    try:
+        answer = handler(event, Context())
+    finally:
+        handler.plane.hooks.hooks = hooks
+    assert answer["statusCode"] == 200, answer
+    body = base64.b64decode(answer["body"]) if answer.get("isBase64Encoded") else answer["body"]
+    np.testing.assert_allclose(outputs(body), reference(x), rtol=1e-5, atol=1e-6)
+    assert answer_headers(answer)["x-request-id"] == f"{name.replace('_', '-')}-request"
+    assert seen.seen == [host]
 
 
 def test_an_error_inside_edgerun_on_a_well_formed_event_is_not_called_bad_input(handler):
@@ -763,22 +814,28 @@ def test_a_record_without_an_id_fails_the_batch(handler):
 
 
 @pytest.mark.parametrize("kind", ["sqs", "kinesis"])
-def test_a_record_whose_id_is_not_a_string_fails_alone(handler, caplog, kind):
+@pytest.mark.parametrize("bad_id, named, why", [(17, "17", "is int, not a string"),
+                                                ("m\ud800", "m\ud800", "not valid Unicode")])
+def test_a_record_whose_id_is_not_a_string_fails_alone(handler, caplog, kind, bad_id, named,
+                                                        why):
     """A hand-written record's `"messageId": 17` (or Kinesis `sequenceNumber`) was taken as
     its id: its result's size check on the way to the results queue failed on it, an
     internal error that reported the record (a stream stopped there) as `17`, not the string
-    Lambda wants. It is the record's InvalidInput alone, by its id as text; the batch's other
-    records are answered and their results sent."""
+    Lambda wants. An id with a lone surrogate (the event's JSON carries "\\ud800") failed the
+    same check with UnicodeEncodeError, an internal error with a traceback, retried (a FIFO
+    queue's or a stream's batch stopped there at every delivery). Either is the record's
+    InvalidInput alone, by its id as text; the batch's other records are answered and their
+    results sent."""
     from awslambdaric.lambda_runtime_marshaller import to_json
 
     bodies = [infer_body(rows(1, seed=i)) for i in range(2)]
     if kind == "sqs":
         event = sqs_event(bodies)
-        event["Records"][1]["messageId"] = 17
+        event["Records"][1]["messageId"] = bad_id
         good = "message-0"
     else:
         event = kinesis_event([body.encode() for body in bodies])
-        event["Records"][1]["kinesis"]["sequenceNumber"] = 17
+        event["Records"][1]["kinesis"]["sequenceNumber"] = bad_id
         good = sequences(event)[0]
     client = sqs_client("sqs")
     url = "https://sqs.us-east-1.amazonaws.com/123456789012/edgerun-results"
@@ -792,12 +849,12 @@ def test_a_record_whose_id_is_not_a_string_fails_alone(handler, caplog, kind):
                                     lambda params, **_: sent.extend(params["Entries"]))
         answer = forward(event, Context())
     # a queue's bad record is reported, for its dead-letter queue; a stream's acknowledged
-    assert answer == {"batchItemFailures": [{"itemIdentifier": "17"}] if kind == "sqs" else []}
+    assert answer == {"batchItemFailures": [{"itemIdentifier": named}] if kind == "sqs" else []}
     assert json.loads(to_json(answer)) == answer
     assert [e["MessageAttributes"]["source-id"]["StringValue"] for e in sent] == [good]
     (line,) = [json.loads(r.message) for r in caplog.records if "record failed" in r.message]
-    assert line["kind"] == "invalid_input" and line["item"] == "17"
-    assert "is int, not a string" in line["error"]
+    assert line["kind"] == "invalid_input" and line["item"] == named and why in line["error"]
+    assert not [r for r in caplog.records if r.exc_info]
 
 
 def test_records_of_other_sources_are_refused_naming_the_source(handler):

@@ -44,7 +44,7 @@ from mangum import Mangum
 from mangum.types import LambdaHandler as EventShape
 
 from edgerun.adapters.aws_lambda.destinations import Destination
-from edgerun.adapters.aws_lambda.http_events import bad_event_answer, checked
+from edgerun.adapters.aws_lambda.http_events import bad_event_answer, checked, served
 from edgerun.adapters.aws_lambda.records import Record, kinesis_record, sqs_record
 from edgerun.adapters.codecs import oip
 from edgerun.adapters.dataplane import Call, DataPlane, InferResult, Reply
@@ -95,7 +95,7 @@ class LambdaHandler:
         asyncio.set_event_loop(self.loop)
         self.asgi = EdgerunASGI(plane, max_body_bytes=max_payload_bytes, transport="lambda",
                                 routes=READ_ONLY_ROUTES)
-        self.http = Mangum(self.asgi, lifespan="off")
+        self.http = Mangum(served(self.asgi), lifespan="off")
         plane.limit_answers(self._answer_size)
 
     def __call__(self, event: Any, context: Any = None) -> Any:

@@ -10,12 +10,15 @@ which field was wrong. `checked` looks at exactly the fields Mangum reads, a few
 for a well-formed event, and decodes the body once (Mangum would have), so Mangum reads only
 what it cannot fail on; `bad_event_answer` is the InvalidInput answer in the shape the event's
 source expects, with the JSON error body and an `X-Request-Id`, as the app answers errors.
+A Host that is an IPv6 address (`[::1]:8443`) Mangum cannot read either (it splits the Host at
+every colon): Mangum reads a stand-in, and `served` gives the app the Host and server.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import ipaddress
 from collections.abc import Iterable
 from itertools import chain
 from typing import Any
@@ -24,8 +27,13 @@ from edgerun.adapters.codecs import oip
 from edgerun.adapters.dataplane import Reply
 from edgerun.adapters.dataplane.call import JSON
 from edgerun.adapters.dataplane.hooks import request_id
-from edgerun.adapters.http.asgi import response_head
+from edgerun.adapters.http.asgi import ASGIApp, Receive, Scope, Send, response_head
 from edgerun.runtime.errors import InvalidInput
+
+#: Where the event Mangum reads keeps the Host header and server of an IPv6 Host, in whose
+#: place Mangum reads `_STAND_IN`.
+_HOST_ASIDE = "edgerun.ipv6Host"
+_STAND_IN = "ipv6-host:0"
 
 
 def checked(event: dict[str, Any]) -> dict[str, Any]:
@@ -54,8 +62,24 @@ def checked(event: dict[str, Any]) -> dict[str, Any]:
         if source == "v1" and not isinstance(context.get("identity", {}), dict):
             raise InvalidInput("requestContext.identity is not an object")
         _query(event, source)
-    _server(_headers(event, source))
-    return {**event, "body": _body(event), "isBase64Encoded": False}
+    host, server = _server(_headers(event, source))
+    event = {**event, "body": _body(event), "isBase64Encoded": False}
+    return _ipv6_host_aside(event, host, server) if host.startswith("[") else event
+
+
+def served(app: ASGIApp) -> ASGIApp:
+    """`app` given the Host header and server of an event `checked` put its IPv6 Host aside
+    for: the header as the caller sent it (hooks read it), the server as its address."""
+    async def serve(scope: Scope, receive: Receive, send: Send) -> None:
+        aside = scope.get("aws.event", {}).get(_HOST_ASIDE) if scope["type"] == "http" \
+            else None
+        if aside is not None:
+            host, (name, port) = aside
+            scope = {**scope, "server": (name, port), "headers": [
+                [key, host.encode() if key == b"host" else value]
+                for key, value in scope["headers"]]}
+        await app(scope, receive, send)
+    return serve
 
 
 def bad_event_answer(event: dict[str, Any], error: InvalidInput) -> dict[str, Any]:
@@ -175,22 +199,46 @@ def _multi_value(event: dict[str, Any]) -> dict[str, list[str]]:
     return headers
 
 
-def _server(headers: dict[str, str]) -> None:
-    """The Host header (and x-forwarded-port) as Mangum reads the server from them: a name
-    and a port, split at the one colon."""
+def _server(headers: dict[str, str]) -> tuple[str, tuple[str, int]]:
+    """The Host header and the server it names as an ASGI scope's (an IPv6 address without
+    its brackets): NAME:PORT, [IPV6]:PORT, or a name alone on X-Forwarded-Port (else 80)."""
     host = headers.get("host", "mangum")
-    if ":" in host:
-        parts = host.split(":")
-        port, where = parts[-1], f"the Host header {host!r}"
-        if len(parts) != 2:
-            raise InvalidInput(f"{where} is not NAME:PORT (an IPv6 address is not served as "
-                               "the host)")
-    else:
+    name, colon, port = host.rpartition(":") if ":" in host else (host, "", "")
+    where = f"the Host header {host!r}"
+    if host.startswith("["):  # an IP-literal, its port after the "]" if any
+        address, bracket, rest = host[1:].partition("]")
+        name, colon, port = address, rest[:1], rest[1:]
+        if not bracket or rest[:1] not in ("", ":") or not _ipv6(address):
+            raise InvalidInput(f"{where} is not NAME:PORT or [IPV6 ADDRESS]:PORT")
+    elif ":" in name:
+        raise InvalidInput(f"{where} is not NAME:PORT (an IPv6 address is given in brackets)")
+    if not colon:
         port, where = headers.get("x-forwarded-port", "80"), "the X-Forwarded-Port header"
     try:
-        int(port)
+        return host, (name, int(port))
     except ValueError:
         raise InvalidInput(f"{where}: port {port!r} is not a number") from None
+
+
+def _ipv6(address: str) -> bool:
+    try:
+        ipaddress.IPv6Address(address)
+    except ValueError:
+        return False
+    return True
+
+
+def _ipv6_host_aside(event: dict[str, Any], host: str,
+                     server: tuple[str, int]) -> dict[str, Any]:
+    """The event with a Host Mangum reads in place of an IPv6 one (Mangum 0.22 splits the Host
+    at every colon, and raised ValueError), the Host and server kept for `served`."""
+    fields: dict[str, Any] = {_HOST_ASIDE: (host, server)}
+    for field, stand_in in (("headers", _STAND_IN), ("multiValueHeaders", [_STAND_IN])):
+        given = event.get(field)
+        if isinstance(given, dict):
+            fields[field] = {name: stand_in if name.lower() == "host" else value
+                             for name, value in given.items()}
+    return {**event, **fields}
 
 
 def _query(event: dict[str, Any], source: str) -> None:

@@ -37,7 +37,7 @@ def sqs_record(record: dict[str, Any], default_model: str, timeout: float | None
                   if isinstance(value, dict) and str(value.get("dataType", "")).startswith(
                       ("String", "Number"))}
     item_id = record["messageId"]
-    if not isinstance(item_id, str):
+    if not _is_text(item_id):
         return _misnamed(item_id, "SQS", "messageId")
     try:
         body = str(record.get("body", "")).encode()
@@ -49,7 +49,7 @@ def sqs_record(record: dict[str, Any], default_model: str, timeout: float | None
 
 def kinesis_record(record: dict[str, Any], default_model: str, timeout: float | None) -> Record:
     item_id = record["kinesis"]["sequenceNumber"]
-    if not isinstance(item_id, str):
+    if not _is_text(item_id):
         return _misnamed(item_id, "Kinesis", "sequenceNumber")
     try:
         body = base64.b64decode(record["kinesis"]["data"], validate=True)
@@ -59,15 +59,30 @@ def kinesis_record(record: dict[str, Any], default_model: str, timeout: float | 
     return Record(item_id, _call(body, {}, default_model, "kinesis", timeout))
 
 
+def _is_text(item_id: Any) -> bool:
+    """Whether an id is a string that encodes (the event's JSON allows a lone surrogate)."""
+    if not isinstance(item_id, str):
+        return False
+    try:
+        item_id.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _misnamed(item_id: Any, source: str, field: str) -> Record:
-    """A record whose id is not a string (a hand-written event's `"messageId": 17`) fails
-    alone, reported by its id as text: taken as it was, it ran, and a results destination
-    failed on the id as an internal error, and the id went into `batchItemFailures`, where
-    Lambda wants a string. One with no id at all fails the batch (KeyError, as a missing id)."""
+    """A record whose id is not a string (a hand-written event's `"messageId": 17`) or not
+    valid Unicode (`"m\\ud800"`) fails alone, reported by its id as text: taken as it was, it
+    ran, and a results destination failed on the id as an internal error (a FIFO queue's or a
+    stream's batch stopped there at every delivery), and the id went into
+    `batchItemFailures`, where Lambda wants a string. One with no id at all fails the batch
+    (KeyError, as a missing id)."""
     if not item_id:
         raise KeyError(field)
-    return Record(str(item_id), None, InvalidInput(
-        f"{source} record {item_id!r}: {field} is {type(item_id).__name__}, not a string"))
+    what = "not valid Unicode (it holds a lone surrogate)" if isinstance(item_id, str) \
+        else f"{type(item_id).__name__}, not a string"
+    return Record(str(item_id), None, InvalidInput(f"{source} record {item_id!r}: {field} is "
+                                                   f"{what}"))
 
 
 def _call(body: bytes, attributes: dict[str, str | None], default_model: str, transport: str,
