@@ -43,6 +43,16 @@ class ProfileError(ValueError):
         self.reason = reason
 
 
+_BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
+
+
+def key_text(key: str) -> str:
+    """A TOML key as an error names it: as written where TOML takes it bare, else escaped
+    (repr): a quoted key's newline split the error over two lines, half of it lost to a log
+    reader."""
+    return key if _BARE_KEY.fullmatch(key) else repr(key)
+
+
 def is_integer(value: Any) -> bool:
     """An int from JSON or TOML, not a bool (True is an int to Python)."""
     return isinstance(value, int) and not isinstance(value, bool)
@@ -185,7 +195,8 @@ def load_profile(name_or_path: str | Path | DeviceProfile | None = None) -> Devi
     known = {f.name for f in fields(DeviceProfile)}
     unknown = sorted(set(data) - known)
     if unknown:
-        raise ValueError(f"device profile {path}: unknown keys {', '.join(unknown)}")
+        raise ValueError(f"device profile {path}: unknown keys "
+                         f"{', '.join(map(key_text, unknown))}")
     data.setdefault("name", path.stem)
     try:
         return DeviceProfile(**data)

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from edgerun.runtime.batcher import MAX_QUEUE_DELAY_US, BatchingConfig
-from edgerun.devices.profile import is_integer
+from edgerun.devices.profile import is_integer, key_text
 from edgerun.runtime.bundle import VERSION_RE, version_key
 from edgerun.runtime.errors import BundleError
 
@@ -178,5 +178,5 @@ def _only(data: dict[str, Any], allowed: set[str], prefix: str) -> None:
         raise ValueError(f"{prefix.rstrip('.')} must be a table, got {data!r}")
     unknown = sorted(set(data) - allowed)
     if unknown:
-        raise ValueError(f"unknown key {', '.join(prefix + k for k in unknown)}; allowed: "
-                         f"{', '.join(sorted(prefix + k for k in allowed))}")
+        raise ValueError(f"unknown key {', '.join(prefix + key_text(k) for k in unknown)}; "
+                         f"allowed: {', '.join(sorted(prefix + k for k in allowed))}")

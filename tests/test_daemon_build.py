@@ -302,6 +302,24 @@ def test_a_misspelt_table_in_device_toml_is_refused(tmp_path):
     assert "unknown table(s) oat; known: ota" in result.stderr, result.stderr
 
 
+@pytest.mark.parametrize("tables, named", [
+    ('["o\\nta"]\ntrust = "k"\n', "unknown table(s) 'o\\nta'; known: ota"),
+    ('[ota]\n"trust\\ned" = "k"\n', "unknown key(s) 'trust\\ned' in [ota]; known: trust"),
+])
+def test_a_quoted_key_in_device_toml_is_named_on_one_line(tmp_path, tables, named):
+    """A quoted key or table name holding a newline was named as it is, and the error took
+    two lines (a log reader saw half of it): it is shown escaped."""
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    config = tmp_path / "device.toml"
+    config.write_text(f'repository = "{repo}"\nbroker = "mqtt://127.0.0.1:1"\ndevice_id = "t"\n'
+                      + tables)
+    result = edgerun("daemon", "--config", str(config), timeout=60)
+    assert result.returncode == 2, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert named in result.stderr, result.stderr
+
+
 def test_a_misspelt_key_in_the_ota_table_is_refused(tmp_path):
     """Only the table's name was checked: `trusted` for `trust` (or `speed-limit`, with the
     dash a top-level key may have) started a daemon whose OTA agent stayed off, or whose

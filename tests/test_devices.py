@@ -167,6 +167,8 @@ def test_a_profile_number_past_any_device_is_refused_at_load_naming_file_and_fie
     (f"intra_op_threads = '{'9' * 5000}'\n", "intra_op_threads must be an integer, got '999"),
     ("arch = 'aarch64'\ntvm_target = { kind = 'llvm', mtriple = 'x86_64-linux-gnu' }\n",
      "tvm_target: mtriple 'x86_64-linux-gnu' is not for arch 'aarch64'"),
+    # a quoted key's newline split the message over two lines: it is shown escaped
+    ('"intra\\nop" = 1\nprecison = "fp16"\n', "unknown keys 'intra\\nop', precison"),
 ])
 def test_a_profile_field_error_names_the_file_and_shortens_the_value(tmp_path, content, reason):
     """A field's error named the profile's `name` (here not the file's), not the file, and

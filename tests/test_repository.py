@@ -49,6 +49,9 @@ def test_semver_pre_releases_and_build_metadata_order_as_semver_says():
     ("instances = 0", "instances must be >= 1"),
     ("colour = 'red'", "unknown key colour"),
     ("[batching]\nmax_batch = 3", "unknown key batching.max_batch"),
+    # a quoted key's newline split the message over two lines: it is shown escaped
+    ('"a\\nb" = 1', r"unknown key 'a\\nb'; allowed"),
+    ('[batching]\n"max\\rbatch" = 3', r"unknown key batching.'max\\rbatch'; allowed"),
     ("version_policy = { latest = 1, all = true }", "one of latest, specific or all"),
     ("[batching]\nmax_batch_size = 4\npreferred_batch_sizes = [8]", "preferred_batch_sizes"),
     ("[traffic]\nweights = { '1' = -1 }", "weights must be finite numbers >= 0"),

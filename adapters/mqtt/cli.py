@@ -14,6 +14,7 @@ from pathlib import Path
 
 from edgerun.adapters.mqtt.config import LOG_LEVELS, PROTOCOLS, load_config, relative_to
 from edgerun.adapters.mqtt.extensions import specs
+from edgerun.devices.profile import key_text
 from edgerun.runtime.errors import EdgerunError
 
 
@@ -67,12 +68,14 @@ def run(args: argparse.Namespace) -> int:
         known = specs()
         unknown = sorted(set(config.extensions) - {spec.name for spec in known})
         if unknown:  # `[oat]` for `[ota]` left the OTA agent off without a word
-            raise ValueError(f"{args.config}: unknown table(s) {', '.join(unknown)}; known: "
+            raise ValueError(f"{args.config}: unknown table(s) "
+                             f"{', '.join(map(key_text, unknown))}; known: "
                              f"{', '.join(sorted(spec.name for spec in known))}")
         for spec in known:
             strange = sorted(set(config.extensions.get(spec.name, {})) - set(spec.keys))
             if strange:
-                raise ValueError(f"{args.config}: unknown key(s) {', '.join(strange)} in "
+                raise ValueError(f"{args.config}: unknown key(s) "
+                                 f"{', '.join(map(key_text, strange))} in "
                                  f"[{spec.name}]; known: {', '.join(spec.keys)}")
         daemon = Daemon(config)
         for spec in known:
