@@ -523,9 +523,9 @@ def test_cli_clients_refuse_a_server_url_that_is_not_http():
 
 def test_cli_clients_name_the_server_whose_json_is_not_the_registrys(tmp_path):
     """JSON of another shape (`{}`, `[]`, a number where the rollouts go) ended each client
-    in a KeyError or TypeError traceback; `revoke` said the device was revoked and `acl`
-    read `{}` as no devices, writing broker files that admit none. Each is one line naming
-    the URL, and nothing is written."""
+    in a KeyError or TypeError traceback; `revoke` said the device was revoked, `acl`
+    read `{}` as no devices, writing broker files that admit none, and `status --json` printed
+    it. Each is one line naming the URL, and nothing is written."""
     import threading
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -557,6 +557,10 @@ def test_cli_clients_name_the_server_whose_json_is_not_the_registrys(tmp_path):
         (b'{"rollouts": 5}', ("status",), "/rollouts", "'int' object is not iterable"),
         (b"[]", ("status", "r1"), "/rollouts/r1",
          "list indices must be integers or slices, not str"),
+        # --json printed whatever JSON came, as if it were the registry's
+        (b"{}", ("status", "--json"), "/rollouts", "no 'rollouts'"),
+        (b'{"rollouts": [], "devices": []}', ("status", "--json"), "/rollouts", "no 'models'"),
+        (b'{"id": "r1"}', ("status", "r1", "--json"), "/rollouts/r1", "no 'model'"),
         (b"{}", ("deploy", "m:1", "--wait"), "/rollouts", "no 'id'"),
         (b"{}", ("abort", "r1"), "/rollouts/r1/abort", "no 'id'"),
         (b"{}", ("rollback", "r1"), "/rollouts/r1/rollback", "no 'id'"),
@@ -574,6 +578,18 @@ def test_cli_clients_name_the_server_whose_json_is_not_the_registrys(tmp_path):
                    f"registry's ({why}): is --server an edgerun fleet registry?\n"), args
             assert result.stdout == "", args
         assert not out.exists()
+        # text in the registry's shape is shown as text: `[/x]` was a rich MarkupError
+        WrongShape.body = json.dumps({
+            "id": "r[/x]", "model": "m[/x]", "version": "1[/x]", "state": "running[/x]",
+            "wave": 0, "waves": 1, "reason": None, "counts": {}, "devices": 0, "jobs": []}).encode()
+        result = edgerun("fleet", "status", "r1", "--server", url, timeout=60)
+        assert result.returncode == 0, result.stderr
+        assert "rollout r[/x] m[/x] version 1[/x]: running[/x]" in result.stdout, result.stdout
+        WrongShape.body = json.dumps({"models": [], "devices": [], "rollouts": [{
+            "id": "r[/x]", "model": "m", "version": "1", "state": "done", "wave": 0,
+            "waves": 1, "devices": 0, "counts": {}}]}).encode()
+        result = edgerun("fleet", "status", "--server", url, timeout=60)
+        assert result.returncode == 0 and "r[/x]" in result.stdout, result.stderr
     finally:
         other.shutdown()
         other.server_close()
@@ -667,3 +683,93 @@ def test_any_device_id_a_rollout_names_is_deployed_or_refused_never_a_500(secure
     else:
         assert answer.status_code == 400, answer.text
         assert "must be a list of device ids" in answer.json()["error"]
+
+
+def test_a_range_the_registry_cannot_serve_is_ignored_or_a_json_416_naming_it(secured, tmp_path):
+    """A bundle download's Range of another unit, or a malformed one, got Starlette's plain-text
+    400 (RFC 9110: ignore it, and send the whole file), and one past the end a plain-text 416;
+    every other refusal of the registry is JSON. The ranges an OTA agent resumes with stay
+    byte-exact."""
+    from edgerun.adapters.ota.download import download
+
+    server, secrets = secured["server"], secured["secrets"]
+    pushed = edgerun("fleet", "push", str(secured["bundle"]), "--server", server.url,
+                     "--token-file", str(secrets["admin"]))
+    assert pushed.returncode == 0, pushed.stderr
+    read = {"authorization": f"Bearer {read_secret(secrets['read'])}"}
+    url = f"{server.url}/bundles/m/1"
+
+    def get(asked: str, **extra: str) -> httpx.Response:
+        return httpx.get(url, headers={**read, "range": asked, **extra}, timeout=30)
+
+    whole = httpx.get(url, headers=read, timeout=30)
+    body, size, etag = whole.content, len(whole.content), whole.headers["etag"]
+    for asked in ("bytes=abc", "items=0-5", "bytes", "bytes=", "bytes=5-3", "bytes=0-5,x",
+                  "bytes=-", "bytes=1-2-3", "bytes=" + ",".join(["0-1"] * 101)):
+        answer = get(asked)
+        assert (answer.status_code, answer.content) == (200, body), asked
+    for asked in (f"bytes={size}-", f"bytes={size + 10}-{size + 20}", "bytes=-0",
+                  f"bytes={size}-,{size + 5}-"):
+        answer = get(asked)
+        assert answer.status_code == 416, (asked, answer.text)
+        assert answer.headers["content-range"] == f"bytes */{size}"
+        assert answer.json() == {"error": f"range {asked!r} is not satisfiable: m version 1 "
+                                          f"is {size} bytes"}
+    assert get(f"bytes={size}-", **{"if-range": '"other"'}).content == body  # stale: whole
+    for asked, part in (("bytes=100-", body[100:]), ("bytes=0-9", body[:10]),
+                        ("bytes=-20", body[-20:]), (f"bytes=10-{size * 2}", body[10:]),
+                        (f"BYTES=0-9 , {size}-", body[:10])):
+        answer = get(asked, **{"if-range": etag})
+        assert (answer.status_code, answer.content) == (206, part), asked
+    dest = tmp_path / "m-1.tar.gz"
+    dest.with_name(dest.name + ".part").write_bytes(body[:700])
+    sha256 = etag.strip('"')
+    assert download(url, dest, sha256, size, headers=read) == size - 700
+    assert dest.read_bytes() == body
+
+
+def test_a_rollout_or_enrolment_body_over_the_limit_is_a_413_unread(secured):
+    """Rollout and enrolment bodies were read whole, however large: a runaway client (or a
+    Content-Length of gigabytes, then a trickle) held the registry's memory, or a request open
+    for as long as it kept sending. Over `MAX_JSON_BYTES` is a 413 naming the limit, from the
+    Content-Length before a byte is read, else once the body passes it."""
+    import http.client
+
+    from edgerun.adapters.http.registry import MAX_JSON_BYTES
+
+    server, secrets = secured["server"], secured["secrets"]
+    host, port = server.url.removeprefix("http://").split(":")
+
+    def post(path: str, scope: str, body, headers: dict[str, str]) -> tuple[int, dict]:
+        connection = http.client.HTTPConnection(host, int(port), timeout=20)
+        try:
+            if isinstance(body, bytes):  # a head that promises more than is sent
+                connection.putrequest("POST", path)
+                for name, value in headers.items():
+                    connection.putheader(name, value)
+                connection.putheader("Authorization", f"Bearer {read_secret(secrets[scope])}")
+                connection.endheaders(body)
+            else:
+                connection.request("POST", path, body=body, encode_chunked=True, headers={
+                    **headers, "Authorization": f"Bearer {read_secret(secrets[scope])}"})
+            answer = connection.getresponse()
+            return answer.status, json.loads(answer.read())
+        finally:
+            connection.close()
+
+    huge = {"Content-Type": "application/json", "Content-Length": str(5 << 30)}
+    for path, scope, what in (("/rollouts", "deploy", "rollout"),
+                              ("/devices/dev-big/enroll", "admin", "enrolment")):
+        assert post(path, scope, b'{"model": "m", "version": "1", "groups": [', huge) == (
+            413, {"error": f"{what} of {5 << 30} bytes is over the {MAX_JSON_BYTES}-byte "
+                           "limit"}), path
+    # no Content-Length: a chunked body, refused once past the limit
+    names = [f'"dev-{i:07d}"'.encode() for i in range(MAX_JSON_BYTES // 12 + 10)]
+    chunks = [b'{"model": "nosuch", "version": "1", "devices": [', b",".join(names), b"]}"]
+    chunked = {"Content-Type": "application/json", "Transfer-Encoding": "chunked"}
+    assert post("/rollouts", "deploy", iter(chunks), chunked) == (
+        413, {"error": f"rollout is over the {MAX_JSON_BYTES}-byte limit"})
+    admin = read_secret(secrets["admin"])
+    assert "dev-big" not in {d["device_id"] for d in
+                             call(server, "GET", "/credentials", admin).json()}
+    assert call(server, "GET", "/health").status_code == 200

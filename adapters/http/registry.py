@@ -3,6 +3,7 @@
     POST /bundles                       a signed .tar.gz; verified before it is accepted (201)
     GET  /bundles                       the versions the registry holds
     GET  /bundles/{model}/{version}     the archive, ETag = "<sha256>", Range and If-Range
+                                        (a Range it cannot read: the whole archive)
     GET  /devices                       devices as their status and telemetry last said
     POST /rollouts                      start a rollout (JSON: model, version, targets, waves...)
     GET  /rollouts[/{id}]               rollouts and their devices by state
@@ -17,6 +18,7 @@ Every other route passes `authorize(request, scope)` before it acts. `fleet serv
 makes it `FleetAccess`: a bearer token of scope `read` (listings, status), `deploy` (start or
 abort a rollout) or `admin` (push, roll back, enrol, revoke, broker files); a bundle download also takes a
 device's own credential (HTTP Basic, device id + secret), for the bundles of its own jobs only.
+A rollout's or enrolment's JSON body is at most `MAX_JSON_BYTES` (413 past it, the rest unread).
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import os
 import secrets
 import socket
 import tempfile
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +38,7 @@ import uvicorn
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
-from starlette.responses import FileResponse, Response
+from starlette.responses import Response
 from starlette.routing import Route
 
 from edgerun.adapters.auth.devices import DeviceCredentials
@@ -46,6 +48,7 @@ from edgerun.adapters.fleet.registry import BundleRegistry
 from edgerun.adapters.fleet.store import Store
 from edgerun.adapters.fleetdb import Lease, Leadership
 from edgerun.adapters.http.listening import NamedBindErrors
+from edgerun.adapters.http.ranges import RangedFile
 from edgerun.adapters.http.status import error_headers, status_of
 from edgerun.runtime.bundle import check_name, check_version
 from edgerun.runtime.errors import EdgerunError, InvalidInput, PayloadTooLarge, PermissionDenied
@@ -54,6 +57,8 @@ log = logging.getLogger(__name__)
 
 Authorize = Callable[[Request, str], None]
 DEVICE = "device"  # a bundle download: a device's credential, or a read token
+#: A rollout's or enrolment's JSON body: a rollout naming some ten thousand devices fits.
+MAX_JSON_BYTES = 1 << 20
 
 
 class FleetAccess:
@@ -82,6 +87,25 @@ class FleetAccess:
                                        f"{version}")
             return
         self.tokens.check_header(header, "read" if scope == DEVICE else scope)
+
+
+async def _bounded(request: Request, limit: int, what: str) -> AsyncIterator[bytes]:
+    """The request's body in chunks, refused (PayloadTooLarge) once over `limit` bytes: from
+    its Content-Length before a byte is read, else as it comes; the rest is never read."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise PayloadTooLarge(f"{what} of {declared} bytes is over the {limit}-byte limit")
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLarge(f"{what} is over the {limit}-byte limit")
+        yield chunk
+
+
+async def _body(request: Request, limit: int, what: str) -> bytes:
+    """A JSON request's whole body, at most `limit` bytes (`_bounded`)."""
+    return b"".join([chunk async for chunk in _bounded(request, limit, what)])
 
 
 def _json(data: Any, status: int = 200) -> Response:
@@ -114,16 +138,8 @@ def create_registry_app(registry: BundleRegistry, orchestrator: Orchestrator,
         return _json({"status": "ok"})
 
     async def push(request: Request) -> Response:
-        limit = registry.max_bytes
-        declared = request.headers.get("content-length", "")
-        if declared.isdigit() and int(declared) > limit:  # refused before a byte is stored
-            raise PayloadTooLarge(f"bundle of {declared} bytes is over the {limit}-byte limit")
         with tempfile.SpooledTemporaryFile(8 << 20, dir=registry.root) as upload:  # big: disk
-            size = 0
-            async for chunk in request.stream():
-                size += len(chunk)
-                if size > limit:
-                    raise PayloadTooLarge(f"bundle is over the {limit}-byte limit")
+            async for chunk in _bounded(request, registry.max_bytes, "bundle"):
                 upload.write(chunk)
             upload.seek(0)
             stored, created = await run_in_threadpool(registry.push, upload)
@@ -134,15 +150,17 @@ def create_registry_app(registry: BundleRegistry, orchestrator: Orchestrator,
 
     async def bundle(request: Request) -> Response:
         stored = registry.get(request.path_params["model"], request.path_params["version"])
-        return FileResponse(stored.path, media_type="application/gzip",
-                            headers={"etag": f'"{stored.sha256}"'})
+        return RangedFile(stored.path, await run_in_threadpool(os.stat, stored.path),
+                          f"{stored.model} version {stored.version}", "application/gzip",
+                          {"etag": f'"{stored.sha256}"'})
 
     async def devices(request: Request) -> Response:
         return _json(registry.store.devices())
 
     async def deploy(request: Request) -> Response:
+        body = await _body(request, MAX_JSON_BYTES, "rollout")
         try:
-            spec = orjson.loads(await request.body())
+            spec = orjson.loads(body)
             model, version = str(spec.pop("model")), str(spec.pop("version"))
         except (orjson.JSONDecodeError, KeyError, AttributeError, TypeError) as exc:
             # TypeError: a JSON array's pop("model"); an answer of 400, not a 500
@@ -177,7 +195,7 @@ def create_registry_app(registry: BundleRegistry, orchestrator: Orchestrator,
         return credentials
 
     async def enroll(request: Request) -> Response:
-        body = await request.body()
+        body = await _body(request, MAX_JSON_BYTES, "enrolment")
         try:
             groups = (orjson.loads(body) if body else {}).get("groups", [])
         except (orjson.JSONDecodeError, AttributeError) as exc:
