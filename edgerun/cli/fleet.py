@@ -373,47 +373,56 @@ def _status(args: argparse.Namespace) -> int:
 
 
 def _show_status(status: Any, rollout: str | None, as_json: bool) -> int:
+    """The status as tables, or with --json as the registry sent it: read as the tables read
+    it either way, so that another server's JSON is one line naming the URL (`_answer`), never
+    printed as if it were the registry's."""
+    shown = _status_tables(status) if rollout is None else _rollout_tables(status)
     if as_json:
         print(json.dumps(status, indent=2))
         return 0
-    if rollout is None:
-        table = Table("rollout", "model", "version", "state", "wave", "devices", "by state")
-        for r in status["rollouts"]:
-            table.add_row(r["id"], r["model"], r["version"], r["state"],
-                          f"{r['wave'] + 1}/{r['waves']}", str(r["devices"]),
-                          "  ".join(f"{k} {v}" for k, v in r["counts"].items()))
-        out.print(table)
-        models = Table("model", "version", "size", "sha256", "signed by")
-        for v in status["models"]:
-            models.add_row(v["model"], v["version"], f"{v['size']:,}", v["sha256"][:12],
-                           v["key_id"])
-        out.print(models)
-        devices = Table("device", "group", "state", "serving", "last seen (s ago)")
-        for device in status["devices"]:
-            # what each device says of itself: text, whatever its shape (never markup)
-            devices.add_row(*(escape(str(text)) for text in (
-                device["device_id"], device["grp"] or "", device["state"],
-                _serving(device["status"]))), f"{time.time() - device['last_seen']:.0f}")
-        out.print(devices)
-        return 0
-    out.print(f"rollout [bold]{status['id']}[/] {status['model']} version {status['version']}: "
-              f"[bold]{status['state']}[/] wave {status['wave'] + 1}/{status['waves']}"
+    for part in shown:
+        out.print(part)
+    return 0
+
+
+def _status_tables(status: Any) -> list[Any]:
+    """Every rollout, the registry's models and versions, and the devices."""
+    table = Table("rollout", "model", "version", "state", "wave", "devices", "by state")
+    for r in status["rollouts"]:
+        table.add_row(*(escape(str(r[key])) for key in ("id", "model", "version", "state")),
+                      f"{r['wave'] + 1}/{r['waves']}", str(r["devices"]),
+                      "  ".join(f"{k} {v}" for k, v in r["counts"].items()))
+    models = Table("model", "version", "size", "sha256", "signed by")
+    for v in status["models"]:
+        models.add_row(v["model"], v["version"], f"{v['size']:,}", v["sha256"][:12],
+                       v["key_id"])
+    devices = Table("device", "group", "state", "serving", "last seen (s ago)")
+    for device in status["devices"]:
+        # what each device says of itself: text, whatever its shape (never markup)
+        devices.add_row(*(escape(str(text)) for text in (
+            device["device_id"], device["grp"] or "", device["state"],
+            _serving(device["status"]))), f"{time.time() - device['last_seen']:.0f}")
+    return [table, models, devices]
+
+
+def _rollout_tables(status: Any) -> list[Any]:
+    """One rollout: its state, its devices by state, and every device's job."""
+    rollout, model, version, state = (escape(str(status[key]))
+                                       for key in ("id", "model", "version", "state"))
+    header = (f"rollout [bold]{rollout}[/] {model} version {version}: [bold]{state}[/] wave "
+              f"{status['wave'] + 1}/{status['waves']}"
               + (f" ({escape(status['reason'])})" if status["reason"] else ""))
-    with Progress(TextColumn("{task.description:>12}"), BarColumn(),
-                  TextColumn("{task.completed}/{task.total}"), console=out,
-                  auto_refresh=False) as progress:
-        for state in STATES:
-            if status["counts"].get(state):
-                progress.add_task(state, total=status["devices"],
-                                  completed=status["counts"][state])
-        progress.refresh()
+    progress = Progress(TextColumn("{task.description:>12}"), BarColumn(),
+                        TextColumn("{task.completed}/{task.total}"), console=out)
+    for state in STATES:
+        if status["counts"].get(state):
+            progress.add_task(state, total=status["devices"], completed=status["counts"][state])
     table = Table("device", "wave", "job", "state", "version", "previous", "detail")
     for job in status["jobs"]:
         table.add_row(escape(job["device_id"]), str(job["wave"] + 1), job["kind"],
                       job["state"], _version_cell(job["version"]),
                       _version_cell(job["previous_version"]), escape(job["detail"] or ""))
-    out.print(table)
-    return 0
+    return [header, progress, table]
 
 
 def _serving(status: Any) -> str:
