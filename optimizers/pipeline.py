@@ -15,7 +15,7 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import onnx
@@ -31,6 +31,9 @@ from edgerun.runtime.bundle import (check_name, check_version, read_manifest, sh
                                     write_manifest)
 from edgerun.runtime.errors import BundleError
 from edgerun.runtime.signature import Signature
+
+if TYPE_CHECKING:
+    from edgerun.optimizers.tvm_tuning import RpcDevice
 
 LATENCY_BATCHES = (1, 64)
 
@@ -111,7 +114,8 @@ def api_name(option: str, value: str | None = None) -> str:
 
 def check_combination(options: OptimizeOptions, spell: Callable[..., str] = api_name) -> None:
     """Options that cannot work, alone or together, refused before any work, each named as
-    its caller spells it (`spell`: the API's names, or the command's flags)."""
+    its caller spells it (`spell`: the API's names, or the command's flags); an RPC address
+    where nothing accepts a connection among them (a probe of a few seconds at most)."""
     if options.compile is None:  # TVM's options do nothing without TVM: say so, not ignore them
         given = [spell(name) for name in ("tune_trials", "rpc", "force")
                  if getattr(options, name)]
@@ -124,6 +128,9 @@ def check_combination(options: OptimizeOptions, spell: Callable[..., str] = api_
     if options.prune is not None and not 0 < options.prune < 1:
         raise OptimizeError(f"{spell('prune')} {options.prune:g}: the fraction to prune lies "
                             "strictly between 0 and 1")
+    if options.max_batch_size is not None and options.max_batch_size < 0:
+        raise OptimizeError(f"{spell('max_batch_size')} {options.max_batch_size}: a limit >= 1, "
+                            "or 0 for a model with no batch axis")
     if options.compile == "tvm" and options.rpc is not None:
         if not options.tune_trials:  # as compile_bundle says, but before the original is bundled
             raise OptimizeError(f"{spell('rpc')} measures tuning candidates on the device: "
@@ -131,12 +138,25 @@ def check_combination(options: OptimizeOptions, spell: Callable[..., str] = api_
         from edgerun.optimizers.tvm_tuning import RpcDevice  # imports no TVM
 
         try:  # compile_bundle refused a malformed address only after the original was bundled
-            RpcDevice.parse(options.rpc, spell("rpc"))
+            device = RpcDevice.parse(options.rpc, spell("rpc"))
         except ValueError as exc:
             raise OptimizeError(str(exc)) from None
-    if options.max_batch_size is not None and options.max_batch_size < 0:
-        raise OptimizeError(f"{spell('max_batch_size')} {options.max_batch_size}: a limit >= 1, "
-                            "or 0 for a model with no batch axis")
+        _check_reachable(device, f"{spell('rpc')} {options.rpc}")
+
+
+def _check_reachable(device: RpcDevice, given: str) -> None:
+    """OptimizeError naming the address when nothing accepts a connection there: compile_bundle
+    found out only after the original was bundled, pruned and quantized (minutes)."""
+    why = device.unreachable()
+    if why is None:
+        return
+    if device.key is None:
+        raise OptimizeError(f"{given}: no TVM RPC server answers there ({why}); start "
+                            "one on the device: python -m tvm.exec.rpc_server --host 0.0.0.0 "
+                            f"--port {device.port}")
+    raise OptimizeError(f"{given}: no TVM RPC tracker answers at {device.host}:"
+                        f"{device.port} ({why}); start one: python -m tvm.exec.rpc_tracker "
+                        f"--host 0.0.0.0 --port {device.port}")
 
 
 def optimize(model_path: str | Path, output: str | Path,
@@ -168,12 +188,13 @@ def optimize(model_path: str | Path, output: str | Path,
         signature = _signature(model_path)
         if options.max_batch_size == 0:
             signature = signature.unbatched()
-        data = measure.load_eval(options.eval_data, signature) if options.eval_data \
-            else measure.synthetic_eval(signature)
+        whole = options.max_batch_size == 0  # each eval sample is one call's inputs
+        data = measure.load_eval(options.eval_data, signature, whole) if options.eval_data \
+            else measure.synthetic_eval(signature, whole=whole)
         # the eval data's first call is the golden sample of every bundle: a generated one has
         # dynamic dims of 1, which a model with dynamic H/W or lengths may not run
-        first = {n: a[:measure.rows_per_call(signature)] for n, a in data.inputs.items()} \
-            if options.eval_data else None
+        first = None if not options.eval_data else data.sample(0) if whole else \
+            {n: a[:measure.rows_per_call(signature)] for n, a in data.inputs.items()}
         progress("bundling the original")
         original = _bundle_original(model_path, scratch / "original", name, profile,
                                     signature, first, options.max_batch_size)
@@ -192,9 +213,11 @@ def optimize(model_path: str | Path, output: str | Path,
         if precision != "fp32" or options.calibration is not None or options.per_channel:
             progress(f"quantizing to {precision}")
             target = scratch / "quantized.onnx"
-            fp16_only = {"feeds": fp16.chunks(data.inputs, signature.batchable,
-                                              per_call=measure.rows_per_call(signature)),
-                         "strict": options.strict_fp16} if precision == "fp16" else {}
+            feeds = [data.sample(i) for i in range(min(data.rows, fp16.RANGE_ROWS))] \
+                if whole else fp16.chunks(data.inputs, signature.batchable,
+                                          per_call=measure.rows_per_call(signature))
+            fp16_only = {"feeds": feeds, "strict": options.strict_fp16} \
+                if precision == "fp16" else {}
             tag = quantize(current, target, precision, calibration=options.calibration,
                            per_channel=options.per_channel, **fp16_only)
             if tag:
@@ -322,6 +345,7 @@ def _fp16_culprit(reference: Path, converted: Path, data: measure.EvalData,
     fp16.prepare(original)
     try:
         return fp16.first_non_finite(original, onnx.load(str(converted)),
+                                     data.sample(row) if data.whole else
                                      {n: a[row:row + 1] for n, a in data.inputs.items()})
     except Exception:  # naming the node only helps; the error stands without it
         return None

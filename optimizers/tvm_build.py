@@ -163,10 +163,13 @@ def _compile(mod: Any, tvm_tgt: Any, cuda: bool, target: dict[str, Any], model_p
             return tvm.compile(mod, target=tvm_tgt)
     if tune_trials:
         from edgerun.optimizers import tvm_tuning
+        from edgerun.runtime.backends.tvm import threads_for
 
+        # timed here at the thread count the artifact is served at
         mod = tvm_tuning.tune(mod, tvm_tgt, tuning_dir(profile, target, model_path, batch),
                               tune_trials, notes, rpc=rpc,
-                              fcompile=_linker(profile, target) if rpc else None)
+                              fcompile=_linker(profile, target) if rpc else None,
+                              threads=0 if rpc else threads_for(profile))
     return tvm.compile(mod, target=tvm_tgt)
 
 

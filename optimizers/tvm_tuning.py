@@ -6,6 +6,8 @@ cloudpickle, tornado and psutil: the `tvm` extra pins them. The same steps as 0.
 are built and timed in this process (TVM's LocalBuilder starts a new process pool, which imports
 TVM, for every batch: up to 2 minutes a batch there, and its 30 s timeout failed every build;
 starting LocalRunner's worker took 3 minutes), and the search population is sized to the budget.
+Candidates are timed on a thread of their own whose TVM pool has the profile's thread count, the
+one the bundle is served at (`runtime.backends.tvm.threads_for`).
 
 For a device that cannot run here (an ARM board), `rpc=RpcDevice(host, port)` measures the
 candidates on the device's TVM RPC server instead (or on a device a TVM RPC tracker hands out
@@ -17,10 +19,12 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import socket
 import tempfile
 import threading
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,6 +37,8 @@ RPC_SESSION_TIMEOUT_S = 300
 RPC_CONNECT_TIMEOUT_S = 60.0
 #: Devices asked of the tracker before a connect gives up, as TVM's TrackerSession.request.
 TRACKER_REQUESTS = 5
+#: Seconds the up-front probe waits for the server (or tracker) to accept a TCP connection.
+RPC_PROBE_TIMEOUT_S = 5.0
 
 
 @dataclass(frozen=True)
@@ -63,6 +69,16 @@ class RpcDevice:
     def __str__(self) -> str:
         address = f"{self.host}:{self.port}"
         return address if self.key is None else f"{self.key}@{address}"
+
+    def unreachable(self, timeout: float = RPC_PROBE_TIMEOUT_S) -> str | None:
+        """Why nothing accepts a TCP connection at HOST:PORT within `timeout` ("Connection
+        refused", "timed out", an unknown host), or None: a probe cheap enough to run before
+        any work, where TVM's own connect comes only at compile time."""
+        try:
+            socket.create_connection((self.host, self.port), timeout=timeout).close()
+        except OSError as exc:
+            return exc.strerror or str(exc) or type(exc).__name__
+        return None
 
     def connect(self) -> Any:
         """A new session (the server forks a process for it); through the tracker, on
@@ -255,16 +271,31 @@ def _in_process_runner(measure: Callable[[Any, Any], Any],
     return InProcessRunner()
 
 
-def _local_runner() -> Any:
-    """TVM's LocalRunner steps on this host."""
+def _local_runner(timer: ThreadPoolExecutor) -> Any:
+    """TVM's LocalRunner steps on this host, on `timer`'s one thread (see `_timing_thread`)."""
     from tvm.s_tir.meta_schedule.runner import local_runner
 
     def measure(config: Any, item: Any) -> Any:
-        return local_runner._worker_func(
-            None, None, None, config, 1, str(item.artifact_path), str(item.device_type),
-            tuple(a.as_json() for a in item.args_info))
+        return timer.submit(
+            local_runner._worker_func, None, None, None, config, 1, str(item.artifact_path),
+            str(item.device_type), tuple(a.as_json() for a in item.args_info)).result()
 
     return _in_process_runner(measure, lambda exc: f"{type(exc).__name__}: {exc}")
+
+
+def _timing_thread(threads: int) -> ThreadPoolExecutor:
+    """One new thread whose TVM pool has `threads` workers (0: TVM's default), unbound, as the
+    runtime runs the artifact (`threads_for`, `use_threads`, TVM_BIND_THREADS=0): the calling
+    thread's pool has TVM's default size (half the logical CPUs on x86), or the size it was
+    first made with, which no later call raises, so candidates were timed at another thread
+    count than they are served at and the schedule fastest there was picked."""
+    from edgerun.runtime.backends.tvm import use_threads
+
+    def start() -> None:
+        os.environ.setdefault("TVM_BIND_THREADS", "0")
+        use_threads(threads)
+
+    return ThreadPoolExecutor(1, thread_name_prefix="edgerun-tvm-tune", initializer=start)
 
 
 def _rpc_runner(device: RpcDevice, errors: list[str], runs: list[int]) -> Any:
@@ -288,9 +319,10 @@ def _rpc_runner(device: RpcDevice, errors: list[str], runs: list[int]) -> Any:
 
 
 def tune(mod: Any, target: Any, work_dir: Path, trials: int, notes: list[str], *,
-         rpc: RpcDevice | None = None, fcompile: Any = None) -> Any:
+         rpc: RpcDevice | None = None, fcompile: Any = None, threads: int = 0) -> Any:
     """The module with tuned schedules applied; tunes only the trials not already recorded.
-    Candidates run here, or with `rpc` are linked by `fcompile` and measured on the device."""
+    Candidates run here on a TVM pool of `threads` (the profile's count, as served; 0: TVM's
+    default), or with `rpc` are linked by `fcompile` and measured on the device."""
     import tvm
     from tvm import relax
     from tvm.s_tir import meta_schedule as ms
@@ -309,14 +341,15 @@ def tune(mod: Any, target: Any, work_dir: Path, trials: int, notes: list[str], *
             errors: list[str] = []
             runs: list[int] = []
             _drop_unnamed_log_handlers()
-            with tempfile.TemporaryDirectory(prefix="edgerun-tuning-") as scratch:
+            with tempfile.TemporaryDirectory(prefix="edgerun-tuning-") as scratch, \
+                    _timing_thread(threads) as timer:
                 export = shared_library_export(fcompile) if rpc else tar_export
                 ms.relax_integration.tune_relax(
                     mod=mod, params={}, target=target, work_dir=str(work_dir),
                     max_trials_global=todo, max_trials_per_task=per_task,
                     num_trials_per_iter=min(64, per_task),
                     builder=_in_process_builder(export, Path(scratch)),
-                    runner=_rpc_runner(rpc, errors, runs) if rpc else _local_runner(),
+                    runner=_rpc_runner(rpc, errors, runs) if rpc else _local_runner(timer),
                     strategy=ms.search_strategy.EvolutionarySearch(
                         population_size=min(512, max(32, 16 * per_task))))
             if rpc and runs and len(errors) == len(runs):

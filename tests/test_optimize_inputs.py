@@ -5,6 +5,7 @@ flags that apply to another step; every refusal typed and naming the culprit."""
 from __future__ import annotations
 
 import re
+import socket
 import zipfile
 from pathlib import Path
 
@@ -1198,4 +1199,34 @@ def test_a_bad_prune_ratio_or_rpc_without_trials_is_refused_before_any_work(
         optimize(source, tmp_path / "b", OptimizeOptions(quantize="fp32", **options, **FAST),
                  progress=steps.append)
     assert str(raised.value) == api and steps == []
+    assert not any((tmp_path / n).exists() for n in "ab")
+
+
+@pytest.mark.parametrize("key", [None, "rpi4"])
+def test_an_rpc_address_where_nothing_listens_is_refused_before_any_work(tmp_path, key):
+    """It was refused only at compile time, after the original was bundled, quantized and
+    pruned (minutes of work): a TCP probe of the server (or tracker) comes first."""
+    with socket.socket() as sock:  # a port nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    address = f"{key}@127.0.0.1:{port}" if key else f"127.0.0.1:{port}"
+    if key:
+        why = (f"no TVM RPC tracker answers at 127.0.0.1:{port} (Connection refused); start "
+               f"one: python -m tvm.exec.rpc_tracker --host 0.0.0.0 --port {port}")
+    else:
+        why = (f"no TVM RPC server answers there (Connection refused); start one on the "
+               f"device: python -m tvm.exec.rpc_server --host 0.0.0.0 --port {port}")
+    source = save(cast_model(TensorProto.FLOAT), tmp_path / "m.onnx")
+    result = edgerun("optimize", str(source), "--device", "x86-64", "--quantize", "fp32",
+                     "--prune", "0.5", "--compile", "tvm", "--tune-trials", "2", "--rpc",
+                     address, "-o", str(tmp_path / "a"))
+    assert (result.returncode, result.stderr) == (
+        2, f"error (optimize_error): --rpc {address}: {why}\n")
+    assert "bundling" not in result.stdout
+    steps: list[str] = []
+    with pytest.raises(OptimizeError) as raised:
+        optimize(source, tmp_path / "b", OptimizeOptions(
+            quantize="fp32", compile="tvm", tune_trials=2, rpc=address, **FAST),
+            progress=steps.append)
+    assert str(raised.value) == f"rpc {address}: {why}" and steps == []
     assert not any((tmp_path / n).exists() for n in "ab")

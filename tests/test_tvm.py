@@ -386,6 +386,37 @@ def test_tuning_runs_and_its_records_are_reused(tmp_path, mlp_path, monkeypatch)
                                onnxruntime_run(mlp_path, {"x": x})[0], atol=1e-4)
 
 
+@pytest.mark.timeout(900)  # MetaSchedule imports its tensor intrinsics once: minutes on a busy box
+def test_local_tuning_times_candidates_at_the_profiles_thread_count(tmp_path, mlp_path,
+                                                                   monkeypatch):
+    """MetaSchedule timed the candidates on the compiling thread's TVM pool (TVM's default:
+    half the host's logical CPUs on x86, or whatever size that thread's pool first had), while
+    the artifact runs at the profile's intra_op_threads: it picked the schedules fastest at
+    another thread count. The spy only reads the pool size and runs TVM's own timing."""
+    import dataclasses
+
+    import tvm
+    from tvm.s_tir.meta_schedule.runner import local_runner
+
+    monkeypatch.delenv("TVM_NUM_THREADS", raising=False)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setenv("EDGERUN_CACHE", str(tmp_path / "cache"))
+    tvm_default = max(1, (os.cpu_count() or 1) // 2)
+    threads = 3 if tvm_default != 3 else 2
+    pools: list[int] = []
+    time_candidate = local_runner._worker_func
+
+    def timed_at(*args, **kwargs):
+        pools.append(tvm.get_global_func("runtime.NumThreads")())
+        return time_candidate(*args, **kwargs)
+
+    monkeypatch.setattr(local_runner, "_worker_func", timed_at)
+    profile = dataclasses.replace(load_profile("x86-64"), intra_op_threads=threads)
+    report = compile_bundle(mlp_path, profile, tmp_path / "b", name="mlp", version="1",
+                            tune_trials=2, force=True)
+    assert len(pools) == 2 and set(pools) == {threads} == {report.threads}, pools
+
+
 def test_an_empty_edgerun_cache_is_unset_for_every_reader(tmp_path, mlp_path, monkeypatch):
     """`EDGERUN_CACHE=` (empty, as a unit or compose file leaves it) put tuning records (and
     TensorRT's engines) in whatever folder the command ran in, while Lambda's wheels went to
