@@ -63,6 +63,9 @@ class EvalData:
     labels: np.ndarray | None = None
     #: Trailing rows left out: fewer than the fixed batch of a model that cannot batch.
     dropped: int = 0
+    #: Each entry along the first axis is one whole sample (one call's inputs) of a model with
+    #: no batch axis (`--max-batch-size 0`), whose dim 0 is no row of a batch: fed alone.
+    whole: bool = False
 
     @property
     def rows(self) -> int:
@@ -73,9 +76,15 @@ class EvalData:
         return {name: np.resize(array, (rows, *array.shape[1:]))
                 for name, array in self.inputs.items()}
 
+    def sample(self, i: int) -> dict[str, np.ndarray]:
+        """Sample `i` of `whole` data: one call's inputs."""
+        return {name: array[i] for name, array in self.inputs.items()}
 
-def load_eval(path: Path, signature: Signature) -> EvalData:
-    """An .npz of model inputs (by input name; any name for a single-input model) and labels."""
+
+def load_eval(path: Path, signature: Signature, whole: bool = False) -> EvalData:
+    """An .npz of model inputs (by input name; any name for a single-input model) and labels.
+    `whole`: the model has no batch axis, and each entry along the arrays' first axis is one
+    sample, fed whole (see `EvalData.whole`)."""
     if not Path(path).is_file():
         raise OptimizeError(f"eval data {path}: no such file (an .npz with the model's inputs "
                             "and optionally a `labels` array)")
@@ -90,16 +99,19 @@ def load_eval(path: Path, signature: Signature) -> EvalData:
     if set(arrays) != set(names):
         raise OptimizeError(f"eval data {path}: holds {sorted(arrays)}, the model takes "
                             f"{names} (and optionally `labels`)")
+    if whole:
+        _check_samples_axis(path, signature, arrays)
     rows = _rows(path, arrays)
-    per_call = rows_per_call(signature)
-    whole = rows - rows % per_call
-    if not whole:
+    per_call = 1 if whole else rows_per_call(signature)
+    kept = rows - rows % per_call
+    if not kept:
         raise OptimizeError(f"eval data {path}: {rows} rows; the model takes a fixed batch of "
                             f"{per_call} rows, so at least {per_call} are needed")
-    arrays = {name: array[:whole] for name, array in arrays.items()}
+    arrays = {name: array[:kept] for name, array in arrays.items()}
     try:
-        inputs = signature.validate(arrays) if signature.batchable \
-            else _validate_rows(signature, arrays, whole, per_call)
+        inputs = _validate_samples(signature, arrays, rows) if whole \
+            else signature.validate(arrays) if signature.batchable \
+            else _validate_rows(signature, arrays, kept, per_call)
     except Exception as exc:
         raise OptimizeError(f"eval data {path}: {exc}") from exc
     if labels is not None:
@@ -109,7 +121,32 @@ def load_eval(path: Path, signature: Signature) -> EvalData:
             raise OptimizeError(f"eval data {path}: `labels` has shape {list(labels.shape)}; "
                                 f"it should hold one class per row: shape [{rows}] (class "
                                 "indices or names, not one-hot or probabilities)")
-    return EvalData(inputs, None if labels is None else labels[:whole], rows - whole)
+    return EvalData(inputs, None if labels is None else labels[:kept], rows - kept, whole)
+
+
+def _check_samples_axis(path: Path, signature: Signature, arrays: dict[str, np.ndarray]) -> None:
+    """Samples of a model with no batch axis come stacked along a first axis of their own:
+    cutting the model's own dim 0 into rows would feed each sequence step alone."""
+    for spec in signature.inputs:
+        array = arrays[spec.name]
+        if array.ndim != len(spec.shape) + 1:
+            dims = ", ".join(str(d) if d >= 0 else "?" for d in spec.shape)
+            raise OptimizeError(
+                f"eval data {path}: {spec.name!r} has shape {list(array.shape)}; the model has "
+                "no batch axis (max_batch_size 0), so each eval sample is fed whole: stack the "
+                f"samples along a new first axis (shape [samples, {dims}])")
+
+
+def _validate_samples(signature: Signature, arrays: dict[str, np.ndarray],
+                      samples: int) -> dict[str, np.ndarray]:
+    """Each sample of `EvalData.whole` data checked as one call's inputs."""
+    checked = []
+    for i in range(samples):
+        try:
+            checked.append(signature.validate({n: a[i] for n, a in arrays.items()}))
+        except Exception as exc:
+            raise OptimizeError(f"sample {i}: {exc}") from exc
+    return {name: np.stack([sample[name] for sample in checked]) for name in arrays}
 
 
 def _rows(path: Path, arrays: dict[str, np.ndarray]) -> int:
@@ -149,26 +186,34 @@ def _validate_rows(signature: Signature, arrays: dict[str, np.ndarray],
     return {name: np.concatenate([row[name] for row in checked]) for name in arrays}
 
 
-def synthetic_eval(signature: Signature, rows: int = 64, seed: int = 0) -> EvalData:
+def synthetic_eval(signature: Signature, rows: int = 64, seed: int = 0,
+                   whole: bool = False) -> EvalData:
     """Normal floats (zeros for integer and bool inputs, empty strings for text ones, as in
-    a bundle's generated golden sample) when no eval data is given."""
+    a bundle's generated golden sample) when no eval data is given; `whole`: `rows` samples
+    of a model with no batch axis (`EvalData.whole`)."""
     rng = np.random.default_rng(seed)
     inputs = {}
     for spec in signature.inputs:
         shape = [rows if (axis == spec.batch_axis) else (d if d >= 0 else 1)
                  for axis, d in enumerate(spec.shape)]
+        if whole:
+            shape = [rows, *shape]
         if spec.dtype.startswith("float"):
             inputs[spec.name] = rng.standard_normal(shape).astype(spec.np_dtype)
         elif spec.dtype == "string":  # np.zeros of object would be the integer 0, not text
             inputs[spec.name] = np.full(shape, "", dtype=object)
         else:
             inputs[spec.name] = np.zeros(shape, spec.np_dtype)
-    return EvalData(inputs)
+    return EvalData(inputs, whole=whole)
 
 
 def predict_all(model: Model, data: EvalData, chunk: int = 256) -> dict[str, np.ndarray]:
     """Outputs for every row, in chunks when the model batches, else one call's fixed batch
-    at a time (the rows are a whole number of such batches: `load_eval` drops the rest)."""
+    at a time (the rows are a whole number of such batches: `load_eval` drops the rest), or,
+    for `EvalData.whole` data, one sample at a time, the outputs stacked."""
+    if data.whole:
+        samples = [model.predict(data.sample(i)) for i in range(data.rows)]
+        return {name: np.stack([s[name] for s in samples]) for name in samples[0]}
     step = chunk if model.signature.batchable else rows_per_call(model.signature)
     parts = [model.predict({n: a[i:i + step] for n, a in data.inputs.items()})
              for i in range(0, data.rows, step)]
@@ -258,10 +303,16 @@ def accuracy(outputs: dict[str, np.ndarray], labels: np.ndarray) -> float:
 
 def latency_ms(model: Model, data: EvalData, batch: int, seconds: float = 0.5) -> float | None:
     """Median forward-pass time for a batch of `batch` rows; None when the model cannot take
-    that many (a fixed batch of another size)."""
-    if not model.signature.batchable and batch != rows_per_call(model.signature):
+    that many (a fixed batch of another size). For `EvalData.whole` data, batch 1 is one
+    sample and there is no other."""
+    if data.whole:
+        if batch != 1:
+            return None
+        feed = model.validate(data.sample(0))
+    elif not model.signature.batchable and batch != rows_per_call(model.signature):
         return None
-    feed = model.validate(data.take(batch))
+    else:
+        feed = model.validate(data.take(batch))
     for _ in range(3):
         model.run(feed)
     times = []

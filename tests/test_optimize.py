@@ -563,6 +563,45 @@ def test_optimize_max_batch_size_0_keeps_a_sequence_model_unbatched(tmp_path):
     assert refused.returncode == 2 and "or 0 for a model with no batch axis" in refused.stderr
 
 
+def test_eval_samples_of_an_unbatched_model_are_each_fed_whole(tmp_path):
+    """With --max-batch-size 0 the eval data was cut into rows along dim 0, which for a model
+    with no batch axis is the sequence: every value was centered alone (all zeros: "no error"),
+    the bundles' golden sample was a sequence of one, and samples stacked along a first axis
+    were refused. Each entry along the file's first axis is now one sample, fed whole."""
+    from edgerun.runtime import Bundle
+    from tests.helpers import centered_onnx
+
+    model = tmp_path / "centered.onnx"
+    model.write_bytes(centered_onnx())
+    x = np.random.default_rng(3).standard_normal((3, 5)).astype(np.float32)
+    np.savez(tmp_path / "eval.npz", x=x, labels=x.argmax(axis=1))  # the largest value's index
+    report = optimize(model, tmp_path / "seq", OptimizeOptions(
+        quantize="fp32", max_batch_size=0, eval_data=tmp_path / "eval.npz",
+        latency_seconds=0.02))
+    want = x - x.mean(axis=1, keepdims=True)
+    for side in (report.before, report.after):
+        np.testing.assert_allclose(side.outputs["centered"], want, atol=1e-6)
+        assert side.accuracy == 1.0
+    assert report.after.latency_ms[1] is not None and report.after.latency_ms[64] is None
+    inputs, outputs = Bundle.open(tmp_path / "seq").golden()
+    np.testing.assert_array_equal(inputs["x"], x[0])
+    np.testing.assert_allclose(outputs["centered"], want[0], atol=1e-6)
+
+    np.savez(tmp_path / "one.npz", x=x[0])  # one sequence, no axis of samples
+    with pytest.raises(OptimizeError, match=re.escape(
+            "'x' has shape [5]; the model has no batch axis (max_batch_size 0), so each eval "
+            "sample is fed whole: stack the samples along a new first axis (shape [samples, ?])"
+    )):
+        optimize(model, tmp_path / "bad", OptimizeOptions(
+            quantize="fp32", max_batch_size=0, eval_data=tmp_path / "one.npz"))
+    assert not (tmp_path / "bad").exists()
+    made = edgerun("optimize", str(model), "--device", "cpu", "--quantize", "fp32",
+                   "--max-batch-size", "0", "--eval", str(tmp_path / "eval.npz"),
+                   "-o", str(tmp_path / "cli"))
+    assert made.returncode == 0, made.stderr
+    assert "accuracy" in made.stdout and "100.00%" in made.stdout
+
+
 def test_readme_optimize_example_runs(digits, tmp_path):
     # what `edgerun demo --workdir demo` leaves: the same model, held-out rows and sample
     demo = tmp_path / "demo"
