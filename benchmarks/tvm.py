@@ -5,8 +5,10 @@
 Each model is compiled for the `x86-64` profile with `compile_bundle(force=True)` (so the
 slower artifacts are still built and measured), once untuned (dynamic batch) and once tuned with
 MetaSchedule for `--trials` trials (batch 1, the tuned kernels are static-shape). Every TVM
-figure is a median latency of `Model.predict` on the TVM bundle; the baseline is a bare ONNX
-Runtime session on the same model in the same run, and the error column is the largest
+figure is a median latency of `Model.predict` on the TVM bundle (at the profile's thread count,
+as served); the baseline is an ONNX Runtime session on the same model in the same run, built with
+the profile's session options as edgerun's ONNX Runtime backend builds them (its threads, no
+spinning: a bare session takes every physical core and spins), and the error column is the largest
 difference from ONNX Runtime's outputs over the rows measured. `--write` records the table in
 benchmarks/README.md.
 """
@@ -34,6 +36,10 @@ from edgerun.devices import load_profile  # noqa: E402
 from edgerun.examples import digits_classifier_onnx, mlp_onnx  # noqa: E402
 from edgerun.optimizers.tvm import compile_bundle, median_latency_ms  # noqa: E402
 from edgerun.runtime import Model  # noqa: E402
+from edgerun.runtime.backends.onnxruntime import session_options  # noqa: E402
+from edgerun.runtime.backends.tvm import threads_for  # noqa: E402
+
+PROFILE = "x86-64"
 
 SCRATCH = Path(tempfile.mkdtemp(prefix="edgerun-bench-tvm-"))
 
@@ -57,8 +63,9 @@ def mlp(sizes: tuple[int, ...]) -> tuple[Path, str, np.ndarray, str]:
 
 def measure(path: Path, input_name: str, rows: np.ndarray, label: str, trials: int,
             budget_s: float) -> list[list[object]]:
-    profile = load_profile("x86-64")
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    profile = load_profile(PROFILE)
+    session = ort.InferenceSession(str(path), session_options(profile),
+                                   providers=["CPUExecutionProvider"])
     untuned = compile_bundle(path, profile, SCRATCH / f"{path.stem}-untuned", name="m",
                              version="1", force=True)
     started = time.perf_counter()
@@ -107,15 +114,24 @@ def main() -> None:
             f"Machine: {machine()}, onnxruntime {ort.__version__}, apache-tvm {tvm.__version__}"
             "\n\nms per call (lower is better); in brackets ONNX Runtime's latency / TVM's "
             "(above 1.00x TVM is faster); tuning times exclude MetaSchedule's one-time start-up "
-            f"in the process ({startup_s:.0f} s here: importing its tensor intrinsics)\n\n"
+            f"in the process ({startup_s:.0f} s here: importing its tensor intrinsics); both "
+            f"sides at the {PROFILE} profile's settings, as served: {_threads()}\n\n"
             + markdown_table(HEADER, rows))
     print(text)
     if args.write:
         record("tvm", text)
 
 
-HEADER = ("model", "batch", "ONNX Runtime (ms)", "TVM untuned (ms)", "TVM tuned (ms)",
-          "max abs error vs ORT")
+def _threads() -> str:
+    """The thread counts both sides ran at, for the text above the table (0: the runtime's own
+    default)."""
+    profile = load_profile(PROFILE)
+    return (f"ONNX Runtime {session_options(profile).intra_op_num_threads} intra-op threads, "
+            f"TVM {threads_for(profile)} threads (0: each one's default)")
+
+
+HEADER = ("model", "batch", f"ONNX Runtime, {PROFILE} profile's session options (ms)",
+          "TVM untuned (ms)", "TVM tuned (ms)", "max abs error vs ORT")
 
 if __name__ == "__main__":
     main()
