@@ -128,9 +128,9 @@ class Repository:
         with self._load_lock:
             self._unloaded.discard(name)
             thread = threading.current_thread()
-            with self._lock:
+            with self._lock:  # a loader in the step `close` sees it loading in
                 self._loading += 1
-            _LOADERS.add(thread)
+                _LOADERS.add(thread)
             try:
                 return self._load(name)
             finally:
@@ -218,16 +218,20 @@ class Repository:
         A model the source no longer offers is unloaded, and loads again once offered (an
         `unload` holds it off until a `load`)."""
         with self._load_lock:
-            try:  # a folder with a config.toml and no version offers nothing to serve
-                offered = bool(self.source.wanted(name, self.source.config(name)))
-            except ModelNotFound:
-                offered = False
-            if offered:
+            if self._offers_a_version(name):
                 return self.load(name)
             if name in self._models:
                 self.unload(name)
             self._unloaded.discard(name)
             return []
+
+    def _offers_a_version(self, name: str) -> bool:
+        """Whether the source offers a version of `name` to serve now (a folder with a
+        config.toml and no version offers none)."""
+        try:
+            return bool(self.source.wanted(name, self.source.config(name)))
+        except ModelNotFound:
+            return False
 
     def _retire(self, old: ServedModel | None, keep: Mapping[str, ServedVersion]) -> None:
         if old is None:
@@ -257,11 +261,15 @@ class Repository:
                         if self._stop.is_set():
                             return
                         self._loading += 1
+                        # counted, so a loader too (`load` lists it only on its way in): a
+                        # process that stops now ends without this load (`exit_if_still_loading`)
+                        _LOADERS.add(threading.current_thread())
                     try:
                         self.load(name)
                     finally:
                         with self._lock:
                             self._loading -= 1
+                            _LOADERS.discard(threading.current_thread())
             except EdgerunError as exc:
                 log.error("model %s: %s", name, exc)
             except Exception:  # one model's surprise must not stop the others' updates
@@ -280,7 +288,9 @@ class Repository:
                     pass
                 self._unloaded.discard(name)
         with self._load_lock:  # a model that never loaded and is gone is no longer due
-            self._attempted &= offered
+            # judged on the source now: one loaded since this pass listed it (POST .../load,
+            # an OTA switch) is due, whether its load succeeded or not
+            self._attempted &= set(self.source.models())
 
     def _stale(self, name: str) -> bool:
         served = self._models.get(name)
@@ -292,7 +302,9 @@ class Repository:
         wanted = self.source.wanted(name, config)
         if served is None and not wanted:  # as in `_load`: no version, so nothing to wait for
             with self._load_lock:
-                self._attempted.discard(name)
+                # read again: a version may have come, and a load tried it, since
+                if not self._offers_a_version(name):
+                    self._attempted.discard(name)
             return False
         if served is not None and served.config != config:
             return True

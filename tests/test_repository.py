@@ -7,10 +7,13 @@ import json
 import math
 import os
 import shutil
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -355,25 +358,38 @@ def test_a_version_kept_after_a_failed_reload_takes_its_config_once_fixed(repo_d
 
 class HeldSource(FolderSource):
     """A real folder whose `config` of one model, once armed, waits at a gate: a poll pass
-    held between listing the models and looking at the next of them."""
+    held between listing the models and looking at the next of them. With `after_wanted`,
+    it waits once `wanted` has read that model's versions instead."""
 
-    def __init__(self, root, held: str) -> None:
+    def __init__(self, root, held: str, after_wanted: bool = False) -> None:
         super().__init__(root)
         self.held = held
+        self.after_wanted = after_wanted
         self.armed = False
         self.entered, self.gate = threading.Event(), threading.Event()
 
-    def config(self, name: str) -> ModelConfig:
+    def _hold(self, name: str) -> None:
         if self.armed and name == self.held:
             self.armed = False
             self.entered.set()
             assert self.gate.wait(30), "test gate never opened"
+
+    def config(self, name: str) -> ModelConfig:
+        if not self.after_wanted:
+            self._hold(name)
         return super().config(name)
+
+    def wanted(self, name: str, config: ModelConfig) -> list[str]:
+        wanted = super().wanted(name, config)
+        if self.after_wanted:
+            self._hold(name)
+        return wanted
 
 
 @contextmanager
-def poll_held_at_mlp(repository: Repository) -> Iterator[None]:
-    """A poll pass under way, held where it looks at mlp (its listing taken) for the block."""
+def poll_held(repository: Repository) -> Iterator[None]:
+    """A poll pass under way, held where it looks at the source's held model (its listing
+    taken) for the block."""
     source = repository.source
     source.armed = True
     polling = threading.Thread(target=repository.poll_once)
@@ -392,7 +408,7 @@ def test_an_unload_during_a_poll_pass_is_not_undone_by_it(repo_dir):
     add_version(repo_dir, "other", "1", mlp_onnx([8, 16, 4], seed=2))
     repository = Repository(HeldSource(repo_dir, held="mlp"), registry=Registry())
     repository.load_all()
-    with poll_held_at_mlp(repository):  # the pass looks at mlp, then at other
+    with poll_held(repository):  # the pass looks at mlp, then at other
         repository.unload("other")  # listed by the pass already, not yet looked at
     assert "other" not in repository, "the poll pass undid the unload"
     assert {(s.name, s.state) for s in repository.index()} == {
@@ -410,7 +426,7 @@ def test_a_model_loaded_during_a_poll_pass_is_not_unloaded_by_it(repo_dir):
     it for removed and unloaded it; it answered "not loaded" until the next pass."""
     repository = Repository(HeldSource(repo_dir, held="mlp"), registry=Registry())
     repository.load_all()
-    with poll_held_at_mlp(repository):
+    with poll_held(repository):
         add_version(repo_dir, "late", "1", mlp_onnx([8, 16, 4], seed=2))  # after the listing
         assert repository.load("late") == ["1"]
     assert "late" in repository, "the poll pass unloaded a model loaded during it"
@@ -419,6 +435,91 @@ def test_a_model_loaded_during_a_poll_pass_is_not_unloaded_by_it(repo_dir):
     repository.poll_once()
     assert "late" not in repository
     repository.close()
+
+
+def test_a_model_that_failed_to_load_during_a_poll_pass_keeps_the_server_unready(repo_dir):
+    """A model that came after a poll pass listed the source and failed its load meanwhile
+    (POST .../load, an OTA switch's first install): the pass, ending, kept only the models it
+    had listed as due, so /v2/health/ready said ready with that model not served, and stayed
+    so (no later pass retries a known failure)."""
+    repository = Repository(HeldSource(repo_dir, held="mlp"), registry=Registry())
+    repository.load_all()
+    with poll_held(repository):
+        folder = add_version(repo_dir, "late", "1", mlp_onnx([8, 16, 4], seed=2))
+        (folder / "model.onnx").write_bytes(b"not onnx")
+        with pytest.raises(BundleError):
+            repository.load("late")
+        assert not repository.ready, "a model it tried to serve is not served"
+    assert not repository.ready, "the poll pass dropped a model it had not listed"
+    repository.poll_once()
+    assert not repository.ready
+    shutil.rmtree(repo_dir / "late")  # gone from the source: no longer due
+    repository.poll_once()
+    assert repository.ready
+    repository.close()
+
+
+def test_a_model_that_failed_to_load_while_a_poll_pass_found_it_empty_keeps_it_due(repo_dir):
+    """A poll pass read an empty model folder (no version yet: nothing due); its version came
+    and its load failed (POST .../load) before the pass acted on what it read: the pass
+    crossed the model off, and the server said ready with it not served, for good."""
+    (repo_dir / "late").mkdir()
+    repository = Repository(HeldSource(repo_dir, held="late", after_wanted=True),
+                            registry=Registry())
+    repository.load_all()
+    with poll_held(repository):  # the pass has read that late has no version
+        folder = add_version(repo_dir, "late", "1", mlp_onnx([8, 16, 4], seed=2))
+        (folder / "model.onnx").write_bytes(b"not onnx")
+        with pytest.raises(BundleError):
+            repository.load("late")
+    assert not repository.ready, "the poll pass crossed off a model tried since"
+    shutil.rmtree(folder)  # its version taken away: no longer due
+    repository.poll_once()
+    assert repository.ready
+    repository.close()
+
+
+#: A poll pass whose load waits at its start (counted as loading, about to begin), then a stop
+#: as `edgerun serve`'s: close without waiting for loads, then end if one is under way.
+POLL_HELD_AT_ITS_LOAD = """
+import sys, threading
+from edgerun.examples import mlp_onnx
+from edgerun.runtime.metrics import Registry
+from edgerun.runtime.repository import Repository, exit_if_still_loading
+from tests.serving import add_version
+
+class Held(Repository):
+    entered, gate = threading.Event(), threading.Event()
+
+    def load(self, name):
+        if threading.current_thread().name == "poll":
+            self.entered.set()
+            self.gate.wait()
+        return super().load(name)
+
+repository = Held(sys.argv[1], registry=Registry())
+repository.load_all()
+add_version(repository.source.root, "late", "1", mlp_onnx([8, 16, 4], seed=2))
+threading.Thread(target=repository.poll_once, name="poll", daemon=True).start()
+assert repository.entered.wait(30)
+print("closed:", repository.close(wait_for_loads=False), flush=True)
+exit_if_still_loading(0)
+print("exit_if_still_loading returned: the load would run on during shutdown", flush=True)
+sys.exit(3)
+"""
+
+
+def test_a_stop_as_the_poll_thread_starts_a_load_ends_the_process_without_it(repo_dir):
+    """SIGTERM just as a poll pass began a load (counted as loading, not yet listed as a
+    loader): closing left it to run, as it should, but `exit_if_still_loading` did not see
+    it, so the process went through the interpreter's shutdown with ONNX Runtime loading
+    (the SIGABRT that function exists to avoid)."""
+    done = subprocess.run([sys.executable, "-c", POLL_HELD_AT_ITS_LOAD, str(repo_dir)],
+                          cwd=Path(__file__).parent.parent, capture_output=True, text=True,
+                          timeout=120)
+    assert "closed: False" in done.stdout, done.stdout + done.stderr
+    assert "returned" not in done.stdout, done.stdout
+    assert done.returncode == 0, done.stdout + done.stderr
 
 
 def test_a_broken_newest_version_under_latest_1_is_reported_once_not_every_poll(repo_dir,
