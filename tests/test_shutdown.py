@@ -183,6 +183,59 @@ def test_a_request_still_arriving_at_sigterm_is_answered_and_new_ones_are_refuse
     assert "Exception in ASGI application" not in output
 
 
+def test_answers_sent_once_sigterm_lands_say_connection_close(patient_repo):
+    """The requests SIGTERM runs at once were answered keep-alive (uvicorn turns its
+    connections to closing only at its next tick), and their connections stayed open until
+    then: a client reusing one lost its next request to the close. Once stopping, every
+    answer says `Connection: close` and closes its connection; an idle connection closes,
+    and one whose request head is still coming gets its answer, closing, too."""
+    with running_server(patient_repo) as server:
+        queued = socket.create_connection(("127.0.0.1", server.port))
+        queued.sendall(_post(body([[1, 2]])))
+        wait_for(lambda: metric(server, "edgerun_queue_depth", model="patient",
+                                version="1") == 1, 30, "the request to queue")
+        idle = socket.create_connection(("127.0.0.1", server.port))
+        idle.sendall(b"GET /v2/health/live HTTP/1.1\r\nHost: t\r\n\r\n")
+        assert _read_response(idle).startswith(b"HTTP/1.1 200 ")
+        head = socket.create_connection(("127.0.0.1", server.port))
+        head.sendall(b"GET /v2/health/live HTTP/1.1\r\nHo")
+        # the server has read that part once it answers a request sent after it
+        assert httpx.get(server.url + "/v2/health/live").status_code == 200
+        server.process.send_signal(signal.SIGTERM)
+        answer = _read_response(queued)
+        after = _rest(queued)
+        idle.settimeout(90)
+        closed = idle.recv(1024)
+        head.sendall(b"st: t\r\n\r\n")
+        late = _read_response(head)
+        for sock in (queued, idle, head):
+            sock.close()
+        status = server.process.wait(90)
+        output = server.output()
+    assert answer.startswith(b"HTTP/1.1 200 "), answer
+    assert json.loads(answer.split(b"\r\n\r\n", 1)[1])["outputs"][0]["data"] == [1, 2]
+    assert re.search(rb"(?im)^connection: close\r$", answer), answer
+    assert after == b"", "the connection closes after the answer"
+    assert closed == b"", "an idle connection closes"
+    assert late.startswith(b"HTTP/1.1 200 "), late
+    assert re.search(rb"(?im)^connection: close\r$", late), late
+    assert status == 0, output
+
+
+def _post(payload: bytes, path: str = "/v2/models/patient/infer") -> bytes:
+    return (b"POST %s HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\n\r\n%s" % (path.encode(), len(payload), payload))
+
+
+def _rest(sock: socket.socket) -> bytes:
+    """What a raw socket still reads until the server closes it."""
+    sock.settimeout(90)
+    data = b""
+    while chunk := sock.recv(65536):
+        data += chunk
+    return data
+
+
 def test_a_request_a_second_sigterm_cuts_off_gets_503_with_its_request_id(patient_repo):
     """A request whose body never finished when a second SIGTERM ended the grace got a 503
     without X-Request-Id, the one answer that carried none: the caller could not match it

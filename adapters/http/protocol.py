@@ -18,6 +18,11 @@ A request head must be whole within `HEAD_TIMEOUT_S` (at most the keep-alive tim
 first byte, else it is answered 408 and the connection closes (nginx's client_header_timeout):
 uvicorn has none, and a client trickling a head held its connection for good. A body's upload
 is not timed.
+
+Once the server stops (`shutdown`, called at the signal), every answer says `Connection: close`
+and closes its connection, and an idle connection closes at once: a client reusing a
+connection after its answer would otherwise send a request that nobody reads. A request whose
+head is still coming is not idle: it is answered, closing.
 """
 
 from __future__ import annotations
@@ -103,6 +108,8 @@ class OneSendProtocol(HttpToolsProtocol):
     head_timer: asyncio.TimerHandle | None = None
     #: The 400 owed for bytes that are no request, once the requests before them are answered.
     refused: str | None = None
+    #: The server stops: each request parsed from here on is answered with the close.
+    draining: bool = False
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(_OneSendTransport(transport))  # type: ignore[arg-type]
@@ -165,6 +172,8 @@ class OneSendProtocol(HttpToolsProtocol):
         if self.head_timer is not None:  # only a head that came in pieces has one
             self.cancel_head_timer()
         super().on_headers_complete()
+        if self.draining:
+            self.cycle.keep_alive = False
         if not self.pipeline:  # started at once: the running request
             self.running = self.cycle
         elif len(self.pipeline) == 1:
@@ -174,6 +183,13 @@ class OneSendProtocol(HttpToolsProtocol):
         super().on_message_complete()
         if len(self.pipeline) <= 1:
             self.flow.resume_reading()
+
+    def shutdown(self) -> None:
+        """The server stops: uvicorn's (idle, the connection closes now; else its newest
+        request's answer says `Connection: close`), a head still coming awaited, not cut."""
+        self.draining = True
+        if not self.in_head:
+            super().shutdown()
 
     def send_400_response(self, msg: str) -> None:
         """uvicorn's answer to bytes it cannot parse as a request (then it closes). Behind
