@@ -542,6 +542,34 @@ def test_tf_serving_reads_and_writes_nan_and_infinities():
         b'{"outputs":{"y":[[NaN,Infinity],[-Infinity,1.0]],"z":[NaN,2.0]}}')
 
 
+SIG_FLAGS = Signature((TensorSpec("a", "float32", (-1, 2), 0), TensorSpec("f", "bool", (-1, 2), 0)),
+                      (TensorSpec("y", "float32", (-1, 2), 0),))
+
+
+@pytest.mark.parametrize("body, signature", [
+    (b'{"instances": [[true, 0]]}', SIG_ONE),
+    (b'{"instances": [[true, false]]}', SIG_ONE),
+    (b'{"inputs": [[1, 2], [0.5, false]]}', SIG_ONE),
+    (b'{"inputs": [[NaN, true]]}', SIG_ONE),  # read by json, not orjson
+    (b'{"inputs": true}', SIG_ONE),
+    (b'{"instances": [{"x": [1, 2]}, {"x": [[true], 2]}]}', SIG_ONE),
+    (b'{"instances": [{"a": [1, true], "f": [true, false]}]}', SIG_FLAGS),
+    (b'{"inputs": {"a": [[Infinity, false]], "f": [[true, false]]}}', SIG_FLAGS),
+])
+def test_tf_serving_json_booleans_in_a_numeric_input_are_refused_naming_it(body, signature):
+    """TF Serving takes only JSON numbers for a numeric tensor (json_tensor.cc): `[true, 0]`
+    for float32 was taken as [1.0, 0.0]. A bool input still takes true and false."""
+    name = signature.inputs[0].name
+    with pytest.raises(InvalidInput, match=re.escape(
+            f"input {name!r}: float32 values must be numbers, not true or false")) as info:
+        tfserving.decode_predict(body, signature)
+    assert info.value.tensor == name
+    for flags in (b'{"instances": [{"a": [1, 2], "f": [true, false]}]}',
+                  b'{"inputs": {"a": [[NaN, 2]], "f": [[true, false]]}}'):
+        arrays = SIG_FLAGS.validate(tfserving.decode_predict(flags, SIG_FLAGS)[0])
+        assert arrays["f"].dtype == np.bool_ and arrays["f"].tolist() == [[True, False]]
+
+
 SIG_UINT64 = Signature((TensorSpec("x", "uint64", (-1, 2), 0),),
                        (TensorSpec("y", "uint64", (-1, 2), 0),))
 

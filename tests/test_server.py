@@ -257,6 +257,20 @@ def test_tf_serving_nan_infinities_uint64_and_signature_name(server):
     assert named.status_code == 200, named.text
 
 
+@pytest.mark.parametrize("body", [{"instances": [[True, 0]]}, {"instances": [[True, False]]},
+                                  {"inputs": {"x": [[0.5, False]]}},
+                                  b'{"inputs": [[NaN, true]]}'])
+def test_tf_serving_json_booleans_for_a_float_input_get_400_naming_it(server, body):
+    """TF Serving refuses a JSON bool for a DT_FLOAT tensor: `[[true, 0]]` was answered as
+    [[1.0, 0.0]]. A bool model still takes them."""
+    refused = post(server, "/v1/models/identity-fp32:predict", body)
+    assert refused.status_code == 400, refused.text
+    assert refused.json()["error"].startswith(
+        "input 'x': float32 values must be numbers, not true or false")
+    flags = post(server, "/v1/models/identity-bool:predict", {"instances": [[True, False]]})
+    assert flags.status_code == 200 and flags.json() == {"predictions": [[True, False]]}
+
+
 def test_tf_serving_b64_strings_and_status(server):
     answer = post(server, "/v1/models/identity-bytes:predict",
                   {"instances": [[{"b64": "aGVsbG8="}], ["plain"]]})

@@ -48,7 +48,7 @@ def decode_predict(body: bytes, signature: Signature) -> tuple[dict[str, Any], b
                 inputs[name] = [row[name] for row in rows]
         else:
             inputs = {_only_input(names): rows}
-        return _unwrap_b64(inputs), True
+        return _checked(_unwrap_b64(inputs), signature, body), True
     if "inputs" in request:
         columns = request["inputs"]
         # TF Serving reads a {"b64": "..."} object as the one input's value (a scalar string),
@@ -56,7 +56,7 @@ def decode_predict(body: bytes, signature: Signature) -> tuple[dict[str, Any], b
         named = isinstance(columns, dict) and not (
             "b64" not in names and columns.keys() == {"b64"} and isinstance(columns["b64"], str))
         inputs = columns if named else {_only_input(names): columns}
-        return _unwrap_b64(inputs), False
+        return _checked(_unwrap_b64(inputs), signature, body), False
     raise InvalidInput("the request needs \"instances\" (rows) or \"inputs\" (columns)")
 
 
@@ -88,6 +88,28 @@ def _unwrap_b64(inputs: dict[str, Any]) -> dict[str, Any]:
 
 
 _CONTAINERS = frozenset({list, dict})
+
+
+def _checked(inputs: dict[str, Any], signature: Signature, body: bytes) -> dict[str, Any]:
+    """`inputs`, refusing JSON `true` or `false` in a numeric input: TF Serving takes only
+    numbers there (json_tensor.cc), and numpy would read them as 1 and 0. Only a body holding
+    either token is walked, and each row of values by its set of types, at C speed."""
+    if b"true" not in body and b"false" not in body:
+        return inputs
+    dtypes = {spec.name: spec.dtype for spec in signature.inputs}
+    for name, value in inputs.items():
+        if dtypes.get(name, "bool") in ("bool", "string"):  # unknown names: validate's to name
+            continue
+        stack = [[value]]
+        while stack:
+            row = stack.pop()
+            types = set(map(type, row))
+            if bool in types:
+                raise InvalidInput(f"input {name!r}: {dtypes[name]} values must be numbers, "
+                                   "not true or false (only bool inputs take them)", name)
+            if list in types:
+                stack.extend(v for v in row if type(v) is list)
+    return inputs
 
 
 def _b64(value: Any, name: str, depth: int = 1) -> Any:
