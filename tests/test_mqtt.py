@@ -598,11 +598,14 @@ def test_an_answer_over_the_brokers_maximum_packet_size_is_an_error_reply(tmp_pa
         broker.stop()
 
 
-def test_an_answer_the_broker_refuses_is_logged_and_counted(tmp_path, repo):
+@pytest.mark.parametrize("qos", [1, 2])
+def test_an_answer_the_broker_refuses_is_logged_and_counted(tmp_path, repo, qos):
     """A broker whose ACL does not let the device write a request's Response Topic (the fleet's
     ACL allows edgerun/<device>/replies/... alone) acknowledges the answer with "Not
-    authorized", and paho dropped it without a word: the requester waited for an answer that
-    the device's log and telemetry never said was lost."""
+    authorized" (PUBACK at QoS 1, PUBREC at QoS 2), and paho dropped it without a word: the
+    requester waited for an answer that the device's log and telemetry never said was lost.
+    At QoS 2 paho ignored the PUBREC's reason and sent PUBREL, which Mosquitto completes with
+    a successful PUBCOMP: the refused answer was neither logged nor counted."""
     broker = Broker(tmp_path / "b")
     acl = tmp_path / "acl"
     acl.write_text("topic readwrite edgerun/#\ntopic read replies/#\n"
@@ -610,7 +613,8 @@ def test_an_answer_the_broker_refuses_is_logged_and_counted(tmp_path, repo):
     broker.config.write_text(broker.config.read_text() + f"acl_file {acl}\n")
     broker.start()
     try:
-        with running_daemon(repo, broker, "acl", "--telemetry-interval", "0.3") as daemon:
+        with running_daemon(repo, broker, "acl", "--telemetry-interval", "0.3",
+                            "--qos", str(qos)) as daemon:
             requester = Requester(broker)  # its Response Topic: replies/<hex>, not writable
             requester.send("edgerun/acl/infer/mlp", INFER_JSON, correlation=b"denied")
             telemetry = wait_for_telemetry(

@@ -285,8 +285,8 @@ class Client(mqtt.Client):
     """paho's client on a `BufferedSocket`, decoding the packets of the request path itself."""
 
     #: Called with the topic and reason of each PUBLISH the broker acknowledged with a failure
-    #: (MQTT v5: an ACL that does not let this client write the topic, a quota): paho drops
-    #: those without a word.
+    #: (MQTT v5: an ACL that does not let this client write the topic, a quota), in a PUBACK
+    #: (QoS 1) or a PUBREC (QoS 2): paho drops those without a word.
     on_refused: Callable[[str, ReasonCode], None] | None = None
 
     def honour_receive_maximum(self, properties: Any) -> None:
@@ -347,6 +347,26 @@ class Client(mqtt.Client):
             if message is not None:
                 self.on_refused(message.topic, reason_code)
         return super()._do_on_publish(mid, reason_code, properties)
+
+    def _handle_pubrec(self) -> mqtt.MQTTErrorCode:
+        """A v5 PUBREC with a failure reason ends the QoS 2 flow (MQTT 5, 4.3.3): the message
+        is done, and refused. paho ignores the reason and sends PUBREL, whose PUBCOMP the
+        broker gives as a success, so an answer refused at QoS 2 went unlogged, uncounted."""
+        packet = self._in_packet["packet"]
+        if self._protocol != mqtt.MQTTv5 or len(packet) < 3 or packet[2] < 0x80:
+            return super()._handle_pubrec()
+        try:
+            reason = ReasonCode(PacketTypes.PUBREC, identifier=packet[2])
+            properties = Properties(PacketTypes.PUBREC)
+            if len(packet) > 3:
+                properties.unpack(packet[3:])
+        except Exception:  # a reason PUBREC cannot carry, malformed properties: paho's to say
+            return super()._handle_pubrec()
+        mid = packet[0] << 8 | packet[1]
+        with self._out_message_mutex:
+            if mid in self._out_messages:
+                return self._do_on_publish(mid, reason, properties)
+        return mqtt.MQTTErrorCode.MQTT_ERR_SUCCESS
 
     def _handle_pubackcomp(self, cmd: Any) -> mqtt.MQTTErrorCode:
         packet = self._in_packet["packet"]
