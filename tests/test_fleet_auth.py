@@ -773,3 +773,33 @@ def test_a_rollout_or_enrolment_body_over_the_limit_is_a_413_unread(secured):
     assert "dev-big" not in {d["device_id"] for d in
                              call(server, "GET", "/credentials", admin).json()}
     assert call(server, "GET", "/health").status_code == 200
+
+
+def test_unknown_routes_and_wrong_methods_are_json_errors_with_allow(secured):
+    """An unknown route or a wrong method got Starlette's plain text ("Not Found", "Method Not
+    Allowed"), and the Allow of a path with a route per method named the first route's alone
+    (`DELETE /bundles`: "POST", though GET lists them). Each is a JSON error naming the path or
+    the method, as every other refusal of the registry and the inference server's own; a 405's
+    Allow names every method the path takes."""
+    server, secrets = secured["server"], secured["secrets"]
+    admin = read_secret(secrets["admin"])
+    answer = call(server, "GET", "/nowhere", admin)
+    assert answer.status_code == 404, answer.text
+    assert answer.headers["content-type"] == "application/json"
+    assert answer.json() == {"error": "no route /nowhere"}
+    assert call(server, "GET", "/bundles/m/1/x").json() == {"error": "no route /bundles/m/1/x"}
+    for method, path, allowed in (("DELETE", "/bundles", "GET, HEAD, POST"),
+                                  ("PUT", "/rollouts", "GET, HEAD, POST"),
+                                  ("GET", "/rollouts/r1/abort", "POST"),
+                                  ("DELETE", "/rollouts/r1", "GET, HEAD"),
+                                  ("POST", "/devices", "GET, HEAD"),
+                                  ("POST", "/health", "GET, HEAD"),
+                                  ("DELETE", "/credentials", "GET, HEAD"),
+                                  ("POST", "/bundles/m/1", "GET, HEAD")):
+        answer = call(server, method, path, admin)
+        assert answer.status_code == 405, (method, path, answer.text)
+        assert answer.headers["content-type"] == "application/json"
+        assert answer.headers["allow"] == allowed, (method, path)
+        assert answer.json() == {"error": f"method {method} is not allowed on {path}"}
+    assert call(server, "HEAD", "/health").status_code == 200
+    assert call(server, "GET", "/devices", admin).status_code == 200

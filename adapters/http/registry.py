@@ -19,6 +19,8 @@ makes it `FleetAccess`: a bearer token of scope `read` (listings, status), `depl
 abort a rollout) or `admin` (push, roll back, enrol, revoke, broker files); a bundle download also takes a
 device's own credential (HTTP Basic, device id + secret), for the bundles of its own jobs only.
 A rollout's or enrolment's JSON body is at most `MAX_JSON_BYTES` (413 past it, the rest unread).
+Every refusal is JSON `{"error": ...}`: an unknown route's 404 and a wrong method's 405 (with
+`Allow`) too.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ import orjson
 import uvicorn
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
@@ -219,7 +222,7 @@ def create_registry_app(registry: BundleRegistry, orchestrator: Orchestrator,
         return _json([{"device_id": d.device_id, "password_hash": d.password_hash,
                        "groups": list(d.groups)} for d in rows])
 
-    return Starlette(routes=[
+    routes = [
         Route("/health", health),
         Route("/bundles", guarded("admin", push), methods=["POST"]),
         Route("/bundles", guarded("read", bundles), methods=["GET"]),
@@ -233,7 +236,27 @@ def create_registry_app(registry: BundleRegistry, orchestrator: Orchestrator,
         Route("/rollouts/{id}", guarded("read", rollout)),
         Route("/rollouts/{id}/abort", guarded("deploy", abort), methods=["POST"]),
         Route("/rollouts/{id}/rollback", guarded("admin", rollback), methods=["POST"]),
-    ])
+    ]
+
+    async def refused(request: Request, exc: Exception) -> Response:
+        """Starlette's own refusals (no route, wrong method) as JSON, like the registry's
+        others and the inference server's; a 405's Allow names every route of the path (one
+        route per method here: Starlette names the first one's alone)."""
+        assert isinstance(exc, HTTPException)
+        path = request.url.path
+        if exc.status_code == 404:
+            return _json({"error": f"no route {path}"}, 404)
+        if exc.status_code == 405:
+            allowed = sorted({method for route in routes if route.path_regex.match(path)
+                              for method in route.methods or ()})
+            return Response(orjson.dumps({"error": f"method {request.method} is not allowed "
+                                                   f"on {path}"}), 405,
+                            headers={"Allow": ", ".join(allowed)},
+                            media_type="application/json")
+        return Response(orjson.dumps({"error": str(exc.detail)}), exc.status_code,
+                        headers=exc.headers, media_type="application/json")
+
+    return Starlette(routes=routes, exception_handlers={HTTPException: refused})
 
 
 def serve_fleet(data_dir: str, broker: str, *, host: str = "127.0.0.1", port: int = 8700,
