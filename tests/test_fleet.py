@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import shutil
 import socket
+import sqlite3
 import threading
 import time
 import urllib.request
@@ -523,6 +524,49 @@ def test_a_rollback_waits_for_another_rollouts_job_the_device_has_not_picked_up(
     final = server.wait_rollout(first["id"], ("aborted",), timeout=60)
     assert [(j["kind"], j["state"]) for j in final["jobs"]] == [("rollback", "rolled_back")]
     assert device.served("m") == ["1"] and device.served("n") == ["1"]
+
+
+def test_a_stored_job_no_topic_can_hold_fails_and_the_fleet_goes_on(tmp_path, broker, keys,
+                                                                    v1):
+    """A store written before device ids were checked can hold a job under way to an id no MQTT
+    topic can hold. Every (re)connect republished it: at a NUL or control character Mosquitto
+    dropped the fleet's connection, at a wildcard paho refused it and the republish stopped
+    there; no device was heard, no rollout moved, for good. Such a job now fails, its detail
+    naming why, and the fleet goes on."""
+    data = tmp_path / "fleet"
+    data.mkdir()
+    store = Store.sqlite(data / "fleet.db")
+    spec = {"waves": [1.0], "max_failures": 0.0, "gate": "", "gate_conditions": [],
+            "job_timeout": 3600.0, "gate_timeout": 300.0, "group": None, "sha256": "",
+            "size": 0, "wave_done_at": None}
+    poisoned = {"old-nul": "dev\x00a", "old-ctl": "dev\x85", "old-plus": "+"}
+    for rollout_id in poisoned:
+        store.add_rollout(rollout_id, "m", "0", spec, [("stand-in", 0)])
+        store.update_rollout(rollout_id, wave=0)
+        store.update_job(rollout_id, "stand-in", state="queued", deadline=store.now() + 3600)
+    store.close()
+    with sqlite3.connect(data / "fleet.db") as raw:  # as the registry stored them then
+        for rollout_id, device_id in poisoned.items():
+            raw.execute("UPDATE jobs SET device_id = ?, job_id = ? WHERE rollout_id = ?",
+                        (device_id, f"{rollout_id}.{device_id}.install", rollout_id))
+    server = FleetServer(data, broker, [keys["pub"]]).start()
+    device = SimDevice("dev00", tmp_path / "dev00", broker, keys["trusted"], v1).start()
+    try:
+        push(server, make_bundle(tmp_path / "b", model(2), "m", "2", keys["key"]))
+        status = server.deploy(model="m", version="2", devices=[device.device_id])
+        assert server.wait_rollout(status["id"], timeout=60)["state"] == "completed"
+        assert device.served("m") == ["2"]
+        for rollout_id, device_id in poisoned.items():
+            (job,) = server.get(f"/rollouts/{rollout_id}")["jobs"]
+            assert job["state"] == "failed", job
+            assert f"device id {device_id!r}" in job["detail"], job
+            assert "no MQTT topic" in job["detail"], job
+            # as any failed device, over max-failures 0 %: their rollouts end
+            assert server.wait_rollout(rollout_id, timeout=30)["state"] == "aborted"
+    finally:
+        device.close()
+        server.stop()
+    assert "Traceback" not in (data / "server.log").read_text()
 
 
 def test_rollout_to_real_daemons_and_kill_9_of_one(tmp_path, broker, server, keys, v1):
@@ -1080,6 +1124,38 @@ def test_a_device_busy_with_another_rollouts_job_gets_the_next_one_once_it_ends(
     orchestrator.tick()
     assert job_states(orchestrator.status(second["id"])) == {"a": "queued", "b": "queued"}
     assert orchestrator.status(first["id"])["state"] == "completed"
+
+
+def test_a_republish_sends_each_device_the_job_sent_it_last(orchestrator, tmp_path, keys):
+    """b's job of a newer rollout timed out, so an older rollout's next wave sent b its own;
+    then b reported on the first after all, which was under way again. A republish (a broker
+    restart, a new leader) sent every job under way, oldest rollout first: the newer rollout's
+    went last and replaced the older's on b's one retained job topic, so b, back afresh, never
+    saw that one. A device is sent again only the job sent it last: the one its topic holds."""
+    from edgerun.adapters.ota.messages import Job, Report
+
+    push_signed(orchestrator, tmp_path, keys, "n", "1")
+    sent = orchestrator.sent
+    older = orchestrator.deploy("m", "2", group="g", waves=[0.5, 1.0])
+    assert job_states(older) == {"a": "queued", "b": "pending"}
+    newer = orchestrator.deploy("n", "1", devices=["b"], job_timeout=0.2, max_failures=1.0)
+    (late,) = newer["jobs"]
+    time.sleep(0.3)
+    orchestrator.tick()  # b's job timed out: b is free for the older rollout's next wave
+    assert job_states(orchestrator.status(newer["id"])) == {"b": "failed"}
+    job_a = next(j["job_id"] for j in older["jobs"] if j["device_id"] == "a")
+    orchestrator.on_message("edgerun/a/ota/report",
+                            Report(job_a, "a", "active", "m", "2", "1").encode())
+    assert job_states(orchestrator.status(older["id"])) == {"a": "active", "b": "queued"}
+    topic, payload, _ = sent[-1]
+    assert (topic, Job.decode(payload).rollout) == ("edgerun/b/ota", older["id"])
+    orchestrator.on_message("edgerun/b/ota/report",
+                            Report(late["job_id"], "b", "downloading", "n", "1", None).encode())
+    assert job_states(orchestrator.status(newer["id"])) == {"b": "downloading"}
+    del sent[:]
+    orchestrator.republish()
+    assert [(topic, Job.decode(payload).rollout) for topic, payload, _ in sent] == [
+        ("edgerun/b/ota", older["id"])]
 
 
 def test_a_late_devices_rollback_waits_for_the_next_rollouts_job(orchestrator, tmp_path, keys):

@@ -266,14 +266,40 @@ class Orchestrator:
         self._tick()
 
     def republish(self) -> None:
-        """Send every outstanding job again (after a broker restart, or on taking the lease)."""
+        """Send every outstanding job again (after a broker restart, or on taking the lease):
+        to each device, the one its retained job topic holds."""
         self._as_leader(self._republish)
 
     def _republish(self) -> None:
+        # A job is sent only once no other is under way on its device, and only an install
+        # that timed out (its deadline passed) is under way again after that, when the device
+        # reports on it late: the job sent a device last has the latest deadline. Sent in
+        # rollouts' order, an older rollout's job would be replaced by a newer one's.
+        last: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {}
         for rollout in self.store.rollouts():
             for job in self.store.jobs(rollout["id"]):
-                if job["job_id"] and job["state"] not in ENDED | {PENDING}:
-                    self._publish_job(rollout, job)
+                if job["job_id"] and job["state"] not in ENDED | {PENDING} and \
+                        not self._unreachable(rollout["id"], job):
+                    held = last.get(job["device_id"])
+                    if held is None or (job["deadline"] or 0) > (held[1]["deadline"] or 0):
+                        last[job["device_id"]] = (rollout, job)
+        for rollout, job in last.values():
+            self._publish_job(rollout, job)
+
+    def _unreachable(self, rollout_id: str, job: dict[str, Any]) -> bool:
+        """Fail a job not ended whose device id no MQTT topic can hold (stored before ids were
+        checked at deploy); whether it did. Its job or clear sent would drop the fleet's broker
+        connection (a NUL or control character) or stop the messages after it (a wildcard,
+        which paho refuses), at every (re)connect's republish: no device heard, for good."""
+        device = job["device_id"]
+        if job["state"] in ENDED or topic_segment(device):
+            return False
+        fields = {"state": FAILED, "detail": f"device id {device!r:.80} can be no MQTT topic "
+                  "level (no / + #, control characters or over 64 KiB): no job is sent to it"}
+        self.store.update_job(rollout_id, device, **fields)
+        job.update(fields)
+        log.warning("rollout %s: %s", rollout_id, fields["detail"])
+        return True
 
     # --------------------------------------------------------------------- ticks
     def tick(self) -> None:
@@ -332,6 +358,8 @@ class Orchestrator:
     def _tick_rollout(self, rollout: dict[str, Any], now: float) -> None:
         jobs = self.store.jobs(rollout["id"])
         for job in jobs:
+            if self._unreachable(rollout["id"], job):
+                continue
             if job["state"] not in ENDED | {PENDING} and job["deadline"] \
                     and job["deadline"] < now:
                 detail = f"{TIMED_OUT} {job['state']}"
@@ -397,7 +425,7 @@ class Orchestrator:
         reached = [job for job in jobs if job["wave"] <= wave]
         failed = [job for job in reached if job["state"] == FAILED]
         if reached and len(failed) / len(reached) > spec["max_failures"]:
-            culprits = ", ".join(f"{j['device_id']}: {j['detail']}" for j in failed[:3])
+            culprits = ", ".join(f"{_named(j['device_id'])}: {j['detail']}" for j in failed[:3])
             return (f"{len(failed)} of {len(reached)} devices failed, over max-failures "
                     f"{spec['max_failures']:.0%} ({culprits})")
         # jobs of a started wave still pending: a restart cut the wave's start short
@@ -520,6 +548,12 @@ class Orchestrator:
         message = Job(job_id=job["job_id"], kind=job["kind"], model=model, version=version,
                       url=url, sha256=sha256, size=size, rollout=rollout["id"])
         self._send(job_topic(job["device_id"]), message.encode(), True)
+
+
+def _named(device_id: str) -> str:
+    """A device id as a rollout's reason names it: escaped if no topic can hold it (a NUL,
+    which no stored text may hold, or a control character, which would break the line)."""
+    return device_id if topic_segment(device_id) else repr(device_id)
 
 
 def _to_take_back(job: dict[str, Any]) -> bool:

@@ -268,7 +268,16 @@ class Store:
         return self.one("SELECT * FROM jobs WHERE job_id = ?", (job_id,))
 
     def update_job(self, rollout_id: str, device_id: str, **fields: Any) -> None:
-        self._update("jobs", "rollout_id = ? AND device_id = ?", (rollout_id, device_id), fields)
+        match, key = self._device_key(device_id)
+        self._update("jobs", f"rollout_id = ? AND {match}", (rollout_id, key), fields)
+
+    def _device_key(self, device_id: str) -> tuple[str, Any]:
+        """`device_id = ?` and its parameter. An id holding a NUL is in a SQLite store from
+        before ids were checked alone (PostgreSQL stores none), and `Database` takes no NUL in
+        a parameter: such an id is matched as its UTF-8 bytes, cast to text."""
+        if "\0" in device_id and self.db.dialect == SQLITE:
+            return "device_id = CAST(? AS TEXT)", device_id.encode()
+        return "device_id = ?", device_id
 
     def _update(self, table: str, where: str, keys: tuple, fields: dict[str, Any]) -> int:
         """Set `fields` and `updated_at` (the database's clock, which the gate compares with
