@@ -208,13 +208,16 @@ def synthetic_eval(signature: Signature, rows: int = 64, seed: int = 0,
 
 
 def predict_all(model: Model, data: EvalData, chunk: int = 256) -> dict[str, np.ndarray]:
-    """Outputs for every row, in chunks when the model batches, else one call's fixed batch
-    at a time (the rows are a whole number of such batches: `load_eval` drops the rest), or,
-    for `EvalData.whole` data, one sample at a time, the outputs stacked."""
+    """Outputs for every row, in chunks when the model batches (no larger than its
+    max_batch_size), else one call's fixed batch at a time (the rows are a whole number of
+    such batches: `load_eval` drops the rest), or, for `EvalData.whole` data, one sample at a
+    time, the outputs stacked."""
     if data.whole:
         samples = [model.predict(data.sample(i)) for i in range(data.rows)]
         return {name: np.stack([s[name] for s in samples]) for name in samples[0]}
-    step = chunk if model.signature.batchable else rows_per_call(model.signature)
+    limit = model.signature.max_batch_size
+    step = min(chunk, limit or chunk) if model.signature.batchable \
+        else rows_per_call(model.signature)
     parts = [model.predict({n: a[i:i + step] for n, a in data.inputs.items()})
              for i in range(0, data.rows, step)]
     return {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
@@ -303,13 +306,15 @@ def accuracy(outputs: dict[str, np.ndarray], labels: np.ndarray) -> float:
 
 def latency_ms(model: Model, data: EvalData, batch: int, seconds: float = 0.5) -> float | None:
     """Median forward-pass time for a batch of `batch` rows; None when the model cannot take
-    that many (a fixed batch of another size). For `EvalData.whole` data, batch 1 is one
-    sample and there is no other."""
+    that many (a fixed batch of another size, more than its max_batch_size). For
+    `EvalData.whole` data, batch 1 is one sample and there is no other."""
     if data.whole:
         if batch != 1:
             return None
         feed = model.validate(data.sample(0))
     elif not model.signature.batchable and batch != rows_per_call(model.signature):
+        return None
+    elif model.signature.max_batch_size and batch > model.signature.max_batch_size:
         return None
     else:
         feed = model.validate(data.take(batch))

@@ -563,6 +563,25 @@ def test_optimize_max_batch_size_0_keeps_a_sequence_model_unbatched(tmp_path):
     assert refused.returncode == 2 and "or 0 for a model with no batch axis" in refused.stderr
 
 
+def test_a_max_batch_size_below_the_measured_batches_is_kept_and_measured(mlp, tmp_path):
+    """`--max-batch-size 4` failed after all the work with "batch of 64 exceeds the model's
+    max_batch_size 4": the eval rows were predicted 256 at a time and latency timed at 64."""
+    np.savez(tmp_path / "eval.npz", x=rows(10, 16))
+    report = optimize(mlp, tmp_path / "b", OptimizeOptions(
+        quantize="fp32", max_batch_size=4, eval_data=tmp_path / "eval.npz",
+        latency_seconds=0.02))
+    for side in (report.before, report.after):
+        assert side.outputs["y"].shape == (10, 8)
+        assert side.latency_ms[1] is not None and side.latency_ms[64] is None
+    np.testing.assert_allclose(report.after.outputs["y"], run(mlp.read_bytes(), x=rows(10, 16))[0],
+                               atol=1e-5)
+    assert Model.load(tmp_path / "b").signature.max_batch_size == 4
+    made = edgerun("optimize", str(mlp), "--device", "cpu", "--quantize", "fp32",
+                   "--max-batch-size", "4", "-o", str(tmp_path / "cli"))
+    assert made.returncode == 0, made.stderr
+    assert re.search(r"latency, batch 64\s*│\s*n/a", made.stdout), made.stdout
+
+
 def test_eval_samples_of_an_unbatched_model_are_each_fed_whole(tmp_path):
     """With --max-batch-size 0 the eval data was cut into rows along dim 0, which for a model
     with no batch axis is the sequence: every value was centered alone (all zeros: "no error"),
