@@ -420,7 +420,8 @@ def _compile_tvm(model_path: Path, profile: DeviceProfile, out_dir: Path, name: 
     try:
         return compile_bundle(model_path, profile, out_dir, name=name, version=options.version,
                               tune_trials=options.tune_trials, force=options.force,
-                              optimizations=tags, rpc=options.rpc, golden_inputs=golden)
+                              optimizations=tags, rpc=options.rpc, golden_inputs=golden,
+                              max_batch_size=options.max_batch_size)
     except BaseException:
         shutil.rmtree(out_dir, ignore_errors=True)
         raise

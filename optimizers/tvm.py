@@ -98,12 +98,15 @@ class CompileReport:
 def compile_bundle(model_path: Path, profile: DeviceProfile, out_dir: Path, *, name: str,
                    version: str, tune_trials: int = 0, force: bool = False,
                    optimizations: tuple[str, ...] = (), rpc: str | None = None,
-                   golden_inputs: dict[str, np.ndarray] | None = None) -> CompileReport:
+                   golden_inputs: dict[str, np.ndarray] | None = None,
+                   max_batch_size: int | None = None) -> CompileReport:
     """Compile an ONNX model for a device profile into a TVM bundle in `out_dir`; with
     `tune_trials`, MetaSchedule measures candidates here, or on the device whose TVM RPC
     server listens at `rpc` (HOST:PORT), or on a device a TVM RPC tracker at `rpc` hands out
     by key (KEY@HOST:PORT). `golden_inputs` (a real sample) is checked and stored as the
-    golden input; by default one is generated (dynamic dims of 1)."""
+    golden input; by default one is generated (dynamic dims of 1). `max_batch_size` is
+    `create_bundle`'s: the bundle's limit, or 0 for a model whose dim 0 is no batch (a
+    sequence), which then stays symbolic, tuned or not, and is never stacked when served."""
     model_path, out_dir = Path(model_path), Path(out_dir)
     profile = load_profile(profile)
     check_name(name)
@@ -112,6 +115,9 @@ def compile_bundle(model_path: Path, profile: DeviceProfile, out_dir: Path, *, n
         raise CompileError(f"{model_path}: no such model file")
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise CompileError(f"{out_dir}: output folder exists and is not empty")
+    if max_batch_size is not None and max_batch_size < 0:
+        raise CompileError("max_batch_size must be >= 1 (omit it for no limit), or 0 for a "
+                           "model with no batch axis")
     target = tvm_target.target_dict(profile)
     here = tvm_target.runs_here(target)
     device = _rpc_device(rpc, tune_trials, target, profile)
@@ -121,11 +127,12 @@ def compile_bundle(model_path: Path, profile: DeviceProfile, out_dir: Path, *, n
             f"on this host ({tvm_target.host_arch()}); start TVM's RPC server on a "
             f"{profile.name} and pass its HOST:PORT (rpc= / --rpc; KEY@HOST:PORT for a tracker), "
             "or compile untuned (tune_trials=0)")
-    signature = _onnx_signature(model_path)
+    signature = _declared(_onnx_signature(model_path), max_batch_size)
     started = time.perf_counter()
     from edgerun.optimizers import tvm_build
 
-    built = tvm_build.build(model_path, profile, target, tune_trials=tune_trials, rpc=device)
+    built = tvm_build.build(model_path, profile, target, tune_trials=tune_trials, rpc=device,
+                            batched=max_batch_size != 0)
     signature = _fixed_batch(signature, built.batch) if built.batch else signature
     created_dir = not out_dir.exists()
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -200,6 +207,15 @@ def _onnx_signature(model_path: Path) -> Signature:
     from edgerun.runtime.backends.onnxruntime import OnnxRuntimeBackend
 
     return OnnxRuntimeBackend.inspect(model_path)
+
+
+def _declared(inspected: Signature, max_batch_size: int | None) -> Signature:
+    """The signature the bundle declares, as `create_bundle` writes it: 0, no batch axis
+    (servers never stack its callers' requests); N, the limit where there is a batch axis."""
+    if max_batch_size == 0:
+        return inspected.unbatched()
+    return Signature(inspected.inputs, inspected.outputs,
+                     max_batch_size if inspected.batchable else None)
 
 
 def _fixed_batch(signature: Signature, batch: int) -> Signature:

@@ -18,7 +18,8 @@ from edgerun.runtime.cache import cache_dir
 
 #: Batch size compiled when the batch dim cannot stay symbolic (tuning needs static shapes).
 #: Other dynamic dims (a sequence length, H and W) stay symbolic: MetaSchedule tunes the
-#: kernels whose shapes are static and leaves the others untuned.
+#: kernels whose shapes are static and leaves the others untuned. A model with no batch axis
+#: (max_batch_size 0) keeps its dim 0 symbolic too: it is a sequence, not a batch of 1.
 FIXED_BATCH = 1
 
 
@@ -31,7 +32,8 @@ class Built:
 
 
 def build(model_path: Path, profile: DeviceProfile, target: dict[str, Any], *,
-          tune_trials: int = 0, rpc: Any = None) -> Built:
+          tune_trials: int = 0, rpc: Any = None, batched: bool = True) -> Built:
+    """The compiled module; `batched=False` (dim 0 is no batch) never fixes dim 0."""
     import onnx
     import tvm
 
@@ -40,7 +42,7 @@ def build(model_path: Path, profile: DeviceProfile, target: dict[str, Any], *,
     notes: list[str] = []
     tvm_tgt = tvm.target.Target(target)
     cuda = tvm_target.is_cuda(target)
-    batch = FIXED_BATCH if tune_trials else None
+    batch = FIXED_BATCH if tune_trials and batched else None
     try:
         mod = import_onnx(model, batch)
         executable = _compile(mod, tvm_tgt, cuda, target, model_path, profile, tune_trials, batch,
@@ -48,9 +50,9 @@ def build(model_path: Path, profile: DeviceProfile, target: dict[str, Any], *,
     except CompileError:
         raise
     except Exception as exc:  # TVM raises many types; a symbolic batch is the usual culprit
-        if batch is not None:
+        if batch is not None or not batched:
             raise CompileError(f"{model_path.name}: TVM cannot compile it for {profile.name}"
-                               f"{_symbolic(model)}: {_last_line(exc)}") from exc
+                               f"{_symbolic(model, batched)}: {_last_line(exc)}") from exc
         notes.append(f"symbolic batch failed ({_last_line(exc)}); compiled for batch "
                      f"{FIXED_BATCH}")
         batch = FIXED_BATCH
@@ -136,12 +138,13 @@ def _fed_inputs(model: Any) -> list[Any]:
     return [i for i in model.graph.input if i.name not in initializers]
 
 
-def _symbolic(model: Any) -> str:
+def _symbolic(model: Any, batched: bool = True) -> str:
     """" with input 'ids' dim 1 'T' symbolic": the dims that stay symbolic with a fixed
-    batch, for a message naming them when TVM cannot compile that; "" when there are none."""
+    batch (dim 0 too for a model with none), for a message naming them when TVM cannot
+    compile that; "" when there are none."""
     dims = [f"input {i.name!r} dim {axis}" + (f" {d.dim_param!r}" if d.dim_param else "")
             for i in _fed_inputs(model) for axis, d in enumerate(i.type.tensor_type.shape.dim)
-            if axis and not d.HasField("dim_value")]
+            if (axis or not batched) and not d.HasField("dim_value")]
     return f" with {', '.join(dims)} symbolic" if dims else ""
 
 

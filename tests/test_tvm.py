@@ -499,6 +499,103 @@ def test_a_symbolic_length_tvm_cannot_compile_is_named(tmp_path, monkeypatch):
     assert not (tmp_path / "b").exists()
 
 
+@pytest.mark.timeout(900)  # MetaSchedule imports its tensor intrinsics once: minutes on a busy box
+@pytest.mark.parametrize("trials", [0, 2])
+def test_max_batch_size_0_keeps_dim_0_a_sequence_that_is_never_stacked(tmp_path, monkeypatch,
+                                                                     trials):
+    """`optimize --max-batch-size 0 --compile tvm` never passed the limit to compile_bundle:
+    the TVM bundle said batch_axis 0, so a server stacked two callers' sequences into one call
+    (each centred on the other's tokens too), and tuning fixed dim 0, the sequence, to 1."""
+    from edgerun.adapters.dataplane import DataPlane
+    from edgerun.optimizers.pipeline import OptimizeOptions, optimize
+    from edgerun.runtime import MicroBatcher, create_bundle
+    from edgerun.runtime.metrics import Registry
+    from edgerun.runtime.repository import Repository
+    from tests.helpers import Recording, centered_onnx
+    from tests.test_batcher import queued_together
+
+    monkeypatch.setenv("EDGERUN_CACHE", str(tmp_path / "cache"))
+    path = tmp_path / "centered.onnx"
+    path.write_bytes(centered_onnx())
+    unbatched = create_bundle(path, tmp_path / "onnx", name="seq", version="1",
+                              max_batch_size=0).signature  # as `bundle create` declares it
+    report = optimize(path, tmp_path / "api", OptimizeOptions(
+        device="x86-64", quantize="fp32", compile="tvm", tune_trials=trials, force=True,
+        max_batch_size=0, latency_seconds=0.02))
+    assert report.compile_report.batch == "dynamic"
+    bundles = [tmp_path / "api"]
+    if not trials:  # the command too, into a repository as `edgerun serve` loads it
+        made = edgerun("optimize", str(path), "--device", "x86-64", "--quantize", "fp32",
+                       "--compile", "tvm", "--force", "--max-batch-size", "0",
+                       "--name", "seq", "-o", str(tmp_path / "repo" / "seq" / "1"))
+        assert made.returncode == 0, made.stderr
+        bundles.append(tmp_path / "repo" / "seq" / "1")
+        repository = Repository(tmp_path / "repo", "x86-64", registry=Registry())
+        repository.load_all()
+        try:
+            served = repository.get("seq")
+            assert served.model.describe()["backend"] == "tvm"
+            assert not served.signature.batchable
+            assert DataPlane(repository).model_metadata("seq")["parameters"] == \
+                {"max_batch_size": 0}
+        finally:
+            repository.close()
+    for folder in bundles:
+        assert Bundle.open(folder).manifest.signature == unbatched
+        model = Recording(Model.load(folder, "x86-64"))
+        mine, theirs = np.array([1, 2, 3], np.float32), np.array([10, 30], np.float32)
+        with MicroBatcher(model, registry=Registry(), max_queue_delay_us=1000) as batcher:
+            pending = queued_together(batcher, model, mine, (mine, theirs))
+            for x, answer in zip((mine, theirs), pending):
+                np.testing.assert_allclose(answer.result()["centered"], x - x.mean(),
+                                           atol=1e-6)
+        assert [b["x"].shape for b in model.batches] == [(3,), (3,), (2,)]
+        model.close()
+
+
+def test_a_max_batch_size_reaches_the_tvm_bundle(tmp_path, mlp_path):
+    # as `bundle create --max-batch-size 4` and optimize's ONNX path write it; the TVM path
+    # dropped it, so the bundle said unlimited
+    from edgerun.optimizers.pipeline import OptimizeOptions, optimize
+    from edgerun.runtime import InvalidInput
+
+    compile_bundle(mlp_path, load_profile("x86-64"), tmp_path / "b", name="mlp", version="1",
+                   force=True, max_batch_size=4)
+    optimize(mlp_path, tmp_path / "o", OptimizeOptions(
+        device="x86-64", quantize="fp32", compile="tvm", force=True, max_batch_size=4,
+        latency_seconds=0.02))
+    for folder in (tmp_path / "b", tmp_path / "o"):
+        assert Bundle.open(folder).manifest.signature.max_batch_size == 4
+        model = Model.load(folder, "x86-64")
+        assert model.predict({"x": np.ones((4, 8), np.float32)})["y"].shape == (4, 4)
+        with pytest.raises(InvalidInput, match="batch of 5 exceeds the model's max_batch_size 4"):
+            model.predict({"x": np.ones((5, 8), np.float32)})
+        model.close()
+    with pytest.raises(CompileError, match="or 0 for a model with no batch axis"):
+        compile_bundle(mlp_path, load_profile("x86-64"), tmp_path / "c", name="mlp",
+                       version="1", max_batch_size=-1)
+    assert not (tmp_path / "c").exists()
+
+
+def test_a_sequence_dim_tvm_cannot_compile_is_named_not_fixed_to_1(tmp_path, monkeypatch):
+    # a batched model falls back to batch 1 where a symbolic batch fails; for one with no
+    # batch axis that would be a library for sequences of length 1 under a [-1] signature
+    from edgerun.optimizers import tvm_build
+    from tests.helpers import centered_onnx
+
+    def symbolic_fails(model, batch):
+        raise RuntimeError("simulated: symbolic shapes unsupported")
+
+    monkeypatch.setattr(tvm_build, "import_onnx", symbolic_fails)
+    path = tmp_path / "centered.onnx"
+    path.write_bytes(centered_onnx())
+    with pytest.raises(CompileError, match=r"centered.onnx: TVM cannot compile it for x86-64 "
+                                           r"with input 'x' dim 0 'seq' symbolic: simulated"):
+        compile_bundle(path, load_profile("x86-64"), tmp_path / "b", name="seq", version="1",
+                       max_batch_size=0)
+    assert not (tmp_path / "b").exists()
+
+
 def test_tuning_for_another_cpu_is_refused(tmp_path, mlp_path):
     with pytest.raises(CompileError, match="tuning needs to measure on the device"):
         compile_bundle(mlp_path, load_profile("raspberry-pi-4"), tmp_path / "b", name="m",
