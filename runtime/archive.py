@@ -3,11 +3,12 @@ nothing.
 
 Extraction is written out by hand rather than through `tarfile.extractall` so the same checks
 hold on every supported Python and for both formats: only regular files and folders, no
-absolute paths, no `..`, no links or devices, no duplicate or clashing names, and caps on member
-size, total size and count. An archive's format is read from its first bytes, not its name.
-A zip whose entries share bytes (an overlapping-entry zip bomb, which Python before 3.12 reads
-without complaint) is refused. With `expected` (a signed manifest's files), only the members
-it lists are extracted, each at most its listed size and checked against its listed sha256.
+absolute paths, no `..`, no links or devices, no duplicate or clashing names, no negative
+sizes, and caps on member size, total size and count. An archive's format is read from its first
+bytes, not its name. A zip whose entries share bytes (an overlapping-entry zip bomb, which
+Python before 3.12 reads without complaint) is refused. With `expected` (a signed manifest's
+files), only the members it lists are extracted, each at most its listed size and checked
+against its listed sha256.
 """
 
 from __future__ import annotations
@@ -107,6 +108,9 @@ class _Member:
 
 
 def _tar_member(tar: tarfile.TarFile, info: tarfile.TarInfo) -> _Member:
+    if info.size < 0:  # base-256 or pax: tarfile steps back by it, into data it has passed
+        raise BundleError(f"archive member {info.name!r} declares a negative size "
+                          f"({info.size})")
     kind = ("link" if info.issym() or info.islnk() else "file" if info.isfile()
             else "dir" if info.isdir() else "other")
     return _Member(info.name, kind, info.size, lambda: tar.extractfile(info))
@@ -256,11 +260,11 @@ def read_members(archive: Path, names: Collection[str], *, max_bytes: int = 1 <<
         for count, member in enumerate(members, start=1):
             if count > max_members:
                 raise BundleError(f"{archive}: more than {max_members} members")
-            if member.kind != "file":
-                continue
-            total += member.size
+            total += member.size  # any kind's: what tarfile skips of one is read through too
             if total > max_total_bytes:
                 raise BundleError(f"{archive}: members total over {max_total_bytes} bytes")
+            if member.kind != "file":
+                continue
             relative = _safe_name(member.name)
             name = None if relative is None else wanted.get(relative)
             if name is None or name in found:

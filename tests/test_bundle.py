@@ -509,6 +509,45 @@ def _gzip_tar(path: Path, blocks: list[bytes]) -> Path:
     return path
 
 
+def _sized_header(name: str, size: int, kind: bytes = tarfile.REGTYPE) -> bytes:
+    """A GNU tar header of `size`, negative or huge ones too (base-256, which tarfile reads)."""
+    info = tarfile.TarInfo(name)
+    info.type = kind
+    block = bytearray(info.tobuf(format=tarfile.GNU_FORMAT))
+    block[124:136] = (b"\x80" if size >= 0 else b"\xff") + (size % 256**11).to_bytes(11, "big")
+    block[148:156] = b" " * 8
+    block[148:156] = b"%06o\0 " % sum(block)
+    return bytes(block)
+
+
+def test_a_negative_member_size_cannot_extract_past_the_total_cap(tmp_path):
+    """A negative size took bytes off the running total and sent tarfile back into data it
+    had passed: one compressed copy of a member's bytes was written again and again as new
+    members, each counted once and uncounted by the next negative one (unbounded disk)."""
+    block = 512
+    hostile = _gzip_tar(tmp_path / "reread.tar.gz", [
+        _sized_header("a", 2 * block), _sized_header("x", 3 * block), b"A" * block,
+        _sized_header("n", -3 * block), b"N" * block])  # n: back to x's header in a's data
+    with pytest.raises(BundleError, match="'n' declares a negative size"):
+        archive.unpack(hostile, tmp_path / "out", max_total_bytes=1100)
+    written = sum(p.stat().st_size for p in (tmp_path / "out").rglob("*"))
+    assert written <= 1100
+    with pytest.raises(BundleError, match="'n' declares a negative size"):
+        archive.read_members(hostile, ["manifest.json"])
+    with pytest.raises(BundleError, match="'n' declares a negative size"):
+        Bundle.open(hostile)
+
+
+def test_a_huge_member_that_reading_a_manifest_skips_is_a_bundle_error(tmp_path):
+    """Reading a manifest skipped members that are no file, whatever their size: tarfile then
+    sought past any offset, a bare ValueError (a repository scan, an OTA signature check)."""
+    hostile = _gzip_tar(tmp_path / "skipped.tar.gz", [_sized_header("z", 1 << 70, b"Z")])
+    with pytest.raises(BundleError, match="members total over"):
+        archive.read_members(hostile, ["manifest.json"])
+    with pytest.raises(BundleError, match="members total over"):
+        BundleSource(hostile)
+
+
 def test_an_oversize_extended_header_is_refused_before_it_is_read(tmp_path):
     """A GNU long name or a pax header is read whole into memory before any member check: 64
     MiB of them gzip to 64 kB, and nothing capped them (512 MiB of memory to refuse this)."""
