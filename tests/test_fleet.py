@@ -252,6 +252,39 @@ def test_concurrent_pushes_of_one_version_leave_one_recorded_file(tmp_path, keys
     registry.store.close()
 
 
+def test_the_registry_refuses_a_push_that_every_device_would_refuse(tmp_path, keys):
+    # the registry unpacked the whole archive and checked it as a folder, where devices unpack
+    # only what the signed manifest lists: an empty folder in a hand-made tar was accepted,
+    # recorded as an immutable version, and refused by every device the rollout reached
+    import tarfile
+
+    from edgerun.adapters.fleet.registry import BundleRegistry
+    from edgerun.runtime import Bundle
+
+    registry = BundleRegistry(tmp_path / "fleet", Store.open(tmp_path / "fleet.db"),
+                              keys["trusted"])
+    folder = make_bundle(tmp_path / "b", model(2), "m", "2", keys["key"])
+    fine, odd = tmp_path / "fine.tar.gz", tmp_path / "odd.tar.gz"
+    with tarfile.open(fine, "w:gz") as tar:  # as `tar -C m-2 -czf m-2.tar.gz .` writes
+        tar.add(folder, arcname=".")
+    (folder / "notes").mkdir()
+    with tarfile.open(odd, "w:gz") as tar:
+        tar.add(folder, arcname=".")
+    with pytest.raises(BundleError, match="'./notes' is a folder the signed manifest has no "
+                                          "file in") as refused:
+        signed = signing.verify_archive(odd, keys["trusted"])  # what a device does
+        Bundle.open(odd, expected=signed.files).close()
+    with odd.open("rb") as stream, pytest.raises(BundleError) as pushed:
+        registry.push(stream)
+    assert str(pushed.value) == str(refused.value)
+    assert registry.store.version("m", "2") is None
+    assert not list((tmp_path / "fleet" / "bundles").rglob("*.tar.gz")), "nothing stored"
+    with fine.open("rb") as stream:
+        stored, created = registry.push(stream)
+    assert created and stored.version == "2"
+    registry.store.close()
+
+
 # ------------------------------------------------------------------- rollouts
 def test_canary_then_full_rollout_under_load_fails_no_request(tmp_path, server, fleet, keys):
     devices = fleet(20)

@@ -1,7 +1,8 @@
 """The registry of signed bundles: accepts a pushed archive only after verifying it.
 
-A push is written to a temporary file, unpacked safely, every file's hash checked against the
-manifest, the signature checked against the fleet's trusted keys, and only then moved to
+A push is written to a temporary file, its signature checked against the fleet's trusted keys
+from its manifest alone, only the files that manifest lists unpacked (each checked against its
+hash), as every device does it, and only then moved to
 `DATA/bundles/<name>/<version>-<sha256 prefix>.tar.gz` and recorded. A version, once accepted,
 is immutable: the same bytes again are a no-op, different bytes under the same version are
 refused.
@@ -66,7 +67,10 @@ class BundleRegistry:
                 out.flush()
                 os.fsync(out.fileno())
             try:
-                with Bundle.open(Path(temporary)) as bundle:  # hashes of every file
+                # checked as every device checks it (`OtaAgent._stage`): a push a device would
+                # refuse is refused here, not recorded as a version no device can install
+                signed = signing.verify_archive(Path(temporary), self.trusted)
+                with Bundle.open(Path(temporary), expected=signed.files) as bundle:
                     key_id = signing.verify_folder(bundle, self.trusted)
                     name, version = bundle.manifest.name, bundle.manifest.version
             except BundleError as exc:  # said to the pusher: no path of this host in it
