@@ -571,12 +571,14 @@ def wait_for_telemetry(broker, device_id: str, ready, timeout: float = 30) -> di
 def test_an_answer_over_the_brokers_maximum_packet_size_is_an_error_reply(tmp_path, repo):
     """A broker ends the connection of a client that sends a packet over the Maximum Packet
     Size of its CONNACK; the answer, sent again on every reconnect, once kept the daemon
-    offline for good. The requester gets a payload_too_large reply naming both sizes."""
+    offline for good. The requester gets a payload_too_large reply naming both sizes, and the
+    telemetry counts it so (it counted `ok`, an answer never sent: a version whose answers
+    outgrew the broker passed the fleet's health gate with 0 % errors)."""
     broker = Broker(tmp_path / "b")
     broker.config.write_text(broker.config.read_text() + "max_packet_size 4000\n")
     broker.start()
     try:
-        with running_daemon(repo, broker, "small") as daemon:
+        with running_daemon(repo, broker, "small", "--telemetry-interval", "0.3") as daemon:
             requester = Requester(broker)
             rows = orjson.dumps({"inputs": [{"name": "x", "datatype": "FP32",
                                              "shape": [300, 4], "data": [1] * 1200}]})
@@ -592,7 +594,17 @@ def test_an_answer_over_the_brokers_maximum_packet_size_is_an_error_reply(tmp_pa
                                               "shape": [20, 4], "data": [1] * 80}]})
             answer, _ = requester.ask("edgerun/small/infer/mlp", fewer, timeout=20)
             assert outputs(answer).shape == (20, 3)
+            # an .npz answer over the limit too (a compressed request under it), by version
+            packed = io.BytesIO()
+            np.savez_compressed(packed, x=np.ones((400, 4), np.float32))
+            answer, properties = requester.ask("edgerun/small/infer/mlp/1", packed.getvalue(),
+                                               content_type=npz.CONTENT_TYPE, timeout=20)
+            assert orjson.loads(answer)["kind"] == "payload_too_large", answer[:200]
+            assert user_properties(properties)["edgerun-error"] == "payload_too_large"
             requester.close()
+            telemetry = wait_for_telemetry(broker, "small", lambda t: t["requests"] >= 3)
+            assert telemetry["requests"] == 3 and telemetry["errors"] == 2, telemetry
+            assert telemetry["outcomes"] == {"ok": 1, "payload_too_large": 2}, telemetry
             assert "disconnected from" not in daemon.output()
     finally:
         broker.stop()

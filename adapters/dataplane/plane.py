@@ -57,6 +57,9 @@ BodyReader = Callable[[], Awaitable[bytes]]
 #: What a transport passes on of a call's reply: None where it sets no limit, else the bytes it
 #: would send for the reply and the most it passes on (see `DataPlane.limit_answers`).
 AnswerLimit = Callable[[Call, Reply], "tuple[int, int] | None"]
+#: The message of the PayloadTooLarge in place of a reply over its transport's limit, of the
+#: reply's bytes, the limit and the call (see `DataPlane.limit_answers`).
+TooLargeMessage = Callable[[int, int, Call], str]
 PLATFORMS = {"onnxruntime": "onnxruntime_onnx", "tflite": "tensorflow_lite", "tvm": "tvm"}
 #: Inference bodies from this size up are decoded, and their answers encoded, on a worker
 #: thread: a 60 MB JSON body takes seconds to read, and on the event loop every other caller,
@@ -116,6 +119,7 @@ class DataPlane:
             LOAD: self._off_loop(self._load), UNLOAD: self._off_loop(self._unload)}
         self._big_bodies = ThreadPoolExecutor(1, thread_name_prefix="edgerun-big-body")
         self._answer_limit: AnswerLimit | None = None
+        self._too_large: TooLargeMessage = _answer_too_large
 
     # ------------------------------------------------------------ bytes in, bytes out
     def handle(self, call: Call) -> Reply:
@@ -162,15 +166,18 @@ class DataPlane:
             return self._done(call, _error_reply(exc, call), started)
         return self._done(call, _error_reply(error, call), started)
 
-    def limit_answers(self, limit: AnswerLimit) -> None:
+    def limit_answers(self, limit: AnswerLimit, message: TooLargeMessage | None = None) -> None:
         """Answer PayloadTooLarge (413) in place of a reply larger than its transport passes
-        on (a serverless platform's response limit): checked as the route answers, before the
-        hooks' after-step and the metrics, so both see the error the caller gets, not an `ok`
-        it never got. For a plane a function owns: a later limit replaces this one. The check
-        wraps the routes, so a plane without a limit (the fleet server's) pays nothing a call.
+        on (a serverless platform's response limit, an MQTT broker's Maximum Packet Size):
+        checked as the route answers, before the hooks' after-step and the metrics, so both
+        see the error the caller gets, not an `ok` it never got. `message` words the error (by
+        default, a serverless function's, logged). For a plane a function or daemon owns: a
+        later limit replaces this one. The check wraps the routes, so a plane without a limit
+        (the fleet server's) pays nothing a call.
         """
         wrap = self._answer_limit is None
         self._answer_limit = limit
+        self._too_large = message or _answer_too_large
         if not wrap:
             return
 
@@ -179,7 +186,7 @@ class DataPlane:
             measured = self._answer_limit(call, reply)
             if measured is None or measured[0] <= measured[1]:
                 return reply
-            error = PayloadTooLarge(_answer_too_large(*measured, call.request_id))
+            error = PayloadTooLarge(self._too_large(*measured, call))
             error.version = reply.version or None  # counted against the version that answered
             raise error
 
@@ -481,11 +488,11 @@ def _as_error(exc: Exception, call: Call) -> EdgerunError:
     return InferenceError(f"internal error: {type(exc).__name__}: {exc}")
 
 
-def _answer_too_large(size: int, limit: int, request_id: str | None) -> str:
+def _answer_too_large(size: int, limit: int, call: Call) -> str:
     """The message of the 413 a serverless function answers with in place of an answer larger
     than its platform passes on (which would be a bare 5xx, met again at every retry), logged
     with the request id."""
-    log.error(orjson.dumps({"message": "answer too large", "request_id": request_id,
+    log.error(orjson.dumps({"message": "answer too large", "request_id": call.request_id,
                             "bytes": size, "limit": limit}).decode())
     return (f"the answer of {size} bytes is over the {limit}-byte limit on what this function "
             "can answer; send fewer rows a request, or ask for binary outputs")

@@ -25,6 +25,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from contextvars import ContextVar
 from functools import partial
 from typing import Any
 
@@ -36,7 +37,7 @@ from paho.mqtt.properties import Properties
 
 from edgerun import __version__
 from edgerun.adapters.codecs import npz, oip
-from edgerun.adapters.dataplane import DataPlane, InferResult
+from edgerun.adapters.dataplane import Call, DataPlane, InferResult, Reply
 from edgerun.adapters.dataplane.call import BINARY, JSON
 from edgerun.adapters.mqtt import messages, systemd_notify, transport
 from edgerun.adapters.mqtt.config import Broker, DaemonConfig
@@ -61,6 +62,8 @@ DEDUPE_SIZE = 8192
 READS_PER_TURN = 16  # loop_read calls on buffered bytes before other work gets a turn
 MessageCallback = Callable[[mqtt.MQTTMessage], None]
 Fields = Callable[[], dict[str, Any]]
+#: The request whose answer the data plane is making in this task, for `Daemon._answer_size`.
+_answering: ContextVar[Request | None] = ContextVar("edgerun_mqtt_answering", default=None)
 
 
 class Daemon:
@@ -75,6 +78,8 @@ class Daemon:
         self.repository = repository if repository is not None else Repository(
             config.repository, config.device, registry=registry)
         self.plane = DataPlane(self.repository)
+        self.plane.limit_answers(self._answer_size, lambda size, limit, call: _too_large_text(
+            call.model, size, limit))
         self.status_topic = f"edgerun/{self.device_id}/status"
         self._broker_shown = redact(config.broker)  # logs never show a password in the URL
         self.telemetry_topic = f"edgerun/{self.device_id}/telemetry"
@@ -608,16 +613,18 @@ class Daemon:
                 # (an answer .npz cannot carry is the call's error, counted as such)
                 body = await self.plane.infer_async(call, partial(
                     self.plane.convert, len(request.body), messages.npz_request, request),
-                    self._npz_answer)
+                    partial(self._npz_answer, request, call))
                 return body, messages.reply_properties(request, messages.NPZ)
-            reply = await self.plane.handle_async(call)
+            answering = _answering.set(request)  # for `_answer_size`, inside the call
+            try:
+                reply = await self.plane.handle_async(call)
+            finally:
+                _answering.reset(answering)
             if reply.error is not None or request.response_topic is None:
                 messages.take(request, call)  # the id and reply topic its decode read, if so
             if reply.error is not None:
                 return self._error(request, reply.error)
-            user = [(k.lower(), v) for k, v in reply.headers.items()
-                    if k.lower() == oip.HEADER_LENGTH]
-            return reply.body, messages.reply_properties(request, reply.content_type, user)
+            return reply.body, _reply_properties(request, reply)
         except EdgerunError as exc:
             return self._error(request, exc)
         except Exception as exc:
@@ -629,9 +636,36 @@ class Daemon:
         return (messages.error_payload(error, messages.request_id(request)),
                 messages.reply_properties(request, JSON, [(messages.ERROR_PROPERTY, error.kind)]))
 
-    async def _npz_answer(self, result: InferResult) -> bytes:
+    async def _npz_answer(self, request: Request, call: Call, result: InferResult) -> bytes:
         size = sum(output.nbytes for output in result.outputs.values())
-        return await self.plane.convert(size, npz.encode, result.outputs)
+        body = await self.plane.convert(size, npz.encode, result.outputs)
+        # inside the call, as `_answer_size` for the other payloads: counted as what is sent
+        properties = messages.reply_properties(request, messages.NPZ)
+        packet = self._packet_size(request, body, properties)
+        if packet is not None and self._max_packet and packet > self._max_packet:
+            raise PayloadTooLarge(_too_large_text(call.model, packet, self._max_packet))
+        return body
+
+    def _answer_size(self, call: Call, reply: Reply) -> tuple[int, int] | None:
+        """An answer's PUBLISH against the broker's Maximum Packet Size, for the data plane to
+        answer a larger one with payload_too_large and count it so: replaced only as it was
+        sent, it was counted `ok`, and a version whose answers outgrew the broker passed the
+        fleet's health gate with no errors. None for a call this daemon is not answering."""
+        request = _answering.get()
+        if request is None or not self._max_packet:
+            return None
+        messages.take(request, call)  # a JSON body's "reply_to", which its decode read
+        packet = self._packet_size(request, reply.body, _reply_properties(request, reply))
+        return None if packet is None else (packet, self._max_packet)
+
+    def _packet_size(self, request: Request, payload: bytes,
+                     properties: Properties) -> int | None:
+        """The bytes of the answer's PUBLISH; None where it goes nowhere (no reply topic, or
+        one `_send` drops) or the broker set no limit."""
+        topic = request.response_topic
+        if not self._max_packet or topic is None or messages.reply_topic_problem(topic):
+            return None
+        return messages.publish_size(topic, payload, self.config.qos, properties)
 
     def _send(self, request: Request, payload: bytes, properties: Properties) -> None:
         if request.response_topic is None and messages.reply_topic(request) is None:
@@ -648,10 +682,8 @@ class Daemon:
             return
         properties = properties if self.v5 else None
         if self._max_packet and self._too_large(request, payload, properties):
-            error = PayloadTooLarge(
-                f"the answer to model {request.model!r} ({len(payload)} bytes) is larger than "
-                f"the broker's maximum packet size ({self._max_packet} bytes); send fewer rows "
-                "per request")
+            error = PayloadTooLarge(  # an error reply: the data plane replaces answers
+                _too_large_text(request.model, len(payload), self._max_packet))
             payload, properties = self._error(request, error)
             if self._too_large(request, payload, properties):
                 self._rejected.labels("too_large").inc()
@@ -667,6 +699,19 @@ class Daemon:
         assert self._max_packet and request.response_topic is not None
         return messages.publish_size(request.response_topic, payload, self.config.qos,
                                      properties) > self._max_packet
+
+
+def _reply_properties(request: Request, reply: Reply) -> Properties:
+    """An answer's MQTT v5 properties: the request's, and the OIP binary header's length."""
+    user = [(k.lower(), v) for k, v in reply.headers.items() if k.lower() == oip.HEADER_LENGTH]
+    return messages.reply_properties(request, reply.content_type, user)
+
+
+def _too_large_text(model: str, size: int, limit: int) -> str:
+    """The payload_too_large message of an answer the broker would refuse (and end the
+    connection for)."""
+    return (f"the answer to model {model!r} ({size} bytes) is larger than the broker's "
+            f"maximum packet size ({limit} bytes); send fewer rows per request")
 
 
 def stop_budget(config: DaemonConfig) -> float:
