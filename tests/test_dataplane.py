@@ -119,6 +119,43 @@ def test_sticky_key_from_attributes_pins_a_caller(canary_repo):
     repository.close()
 
 
+def test_a_sticky_key_no_http_header_can_name_is_absent_over_http(tmp_path):
+    """A sticky key meant for MQTT user properties, which are UTF-8 (`benutzer-中`), is no
+    header name: both HTTP apps raised UnicodeEncodeError looking it up, and every request
+    naming no version was a 500. Over HTTP it is now absent (the split is random), and over
+    MQTT it still pins its caller."""
+    from edgerun.adapters.http.app import create_app
+
+    root = tmp_path / "models"
+    for version in ("1", "2"):
+        add_version(root, "mlp", version, mlp_onnx([8, 16, 4], seed=int(version)))
+    (root / "mlp" / "config.toml").write_text(
+        'version_policy = { all = true }\n[traffic]\nweights = { "1" = 1, "2" = 1 }\n'
+        'sticky_key = "Benutzer-\u4e2d"\n')
+    repository = Repository(root, registry=Registry())
+    repository.load_all()
+    plane = DataPlane(repository)
+    body = infer_body(np.zeros((1, 8), np.float32))
+
+    async def run(app):
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app),
+                                     base_url="http://sticky") as http:
+            return [await http.post("/v2/models/mlp/infer", content=body,
+                                    headers={"x-user": "u"}) for _ in range(20)]
+
+    try:
+        for app in (EdgerunASGI(plane), create_app(plane)):
+            answers = asyncio.run(run(app))
+            assert [a.status_code for a in answers] == [200] * 20, answers[0].text
+            assert {a.json()["model_version"] for a in answers} == {"1", "2"}
+        pinned = {plane.handle(Call(routes.INFER, "mlp", body=body, transport="mqtt",
+                                    attributes={"benutzer-\u4e2d": "alice"}.get)).version
+                  for _ in range(20)}
+        assert len(pinned) == 1, pinned
+    finally:
+        repository.close()
+
+
 def test_async_and_sync_entry_points_agree(canary_repo):
     repository = Repository(canary_repo, registry=Registry())
     repository.load_all()

@@ -13,6 +13,7 @@ from typing import Any
 import orjson
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
+from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from edgerun import __version__
@@ -65,12 +66,21 @@ def _endpoint(plane: DataPlane, route: Route,
     async def endpoint(request: Request) -> Response:
         params = request.path_params
         call = Call(route.route, params.get("name", ""), params.get("version"),
-                    attributes=request.headers.get)
+                    attributes=partial(_header, request.headers))
         body = partial(read_body, request.receive, request.headers.get("content-length"),
                        limit, request.headers.get("content-encoding")) \
             if route.method == "POST" else None  # read once the hooks let the call through
         return response(await plane.handle_async(call, body))
     return endpoint
+
+
+def _header(headers: Headers, name: str) -> str | None:
+    """A request header; None for a name no header has (one Starlette cannot encode: a sticky
+    key for MQTT's UTF-8 user properties), where the lookup raised, a 500 every request."""
+    try:
+        return headers.get(name)
+    except UnicodeEncodeError:
+        return None
 
 
 def response(reply: Reply) -> Response:

@@ -65,7 +65,13 @@ class EdgerunASGI:
         headers = dict(scope["headers"])
 
         def attribute(name: str) -> str | None:
-            value = headers.get(name.encode("latin-1"))
+            try:
+                key = name.encode("latin-1")
+            except UnicodeEncodeError:
+                # no header has such a name (a sticky key meant for MQTT's UTF-8 user
+                # properties): absent, where the lookup was a 500 for every request
+                return None
+            value = headers.get(key)
             return None if value is None else value.decode("latin-1")
 
         if route is None:  # answered here, before the data plane: the id the hook would give
