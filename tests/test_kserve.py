@@ -562,6 +562,63 @@ def test_kserves_webhook_admits_the_runtimes_beside_its_default_ones():
         "different priorities assigned for the model format onnx"]
 
 
+def supporting_runtimes(model: dict, runtimes: dict[str, dict]) -> list[str]:
+    """The runtimes KServe's controller may give a predictor `model` that names no `runtime`
+    (pkg/apis/serving/v1beta1/predictor_model.go, GetSupportingRuntimes, as components/
+    predictor.go reconcileModel calls it): those not disabled with an autoSelect format of the
+    model's name (and version, where it gives one) and the model's protocol among theirs,
+    which is v1 where the model names none (ModelSpec.GetProtocol); highest priority first."""
+    protocol = model.get("protocolVersion") or "v1"
+    fmt = model["modelFormat"]
+    wanted = fmt["name"] + (f":{fmt['version']}" if fmt.get("version") else "")
+    found = []
+    for name, spec in runtimes.items():
+        labels = set()
+        for f in spec["supportedModelFormats"]:
+            if f.get("autoSelect"):
+                labels.add(f["name"])
+                if f.get("version"):
+                    labels.add(f"{f['name']}:{f['version']}")
+        protocols = spec.get("protocolVersions") or []
+        if (not spec.get("disabled") and wanted in labels
+                and (not protocols or protocol in protocols)):
+            priority = next((f.get("priority") for f in spec["supportedModelFormats"]
+                             if f["name"] == fmt["name"]), None)
+            found.append((priority is None, -(priority or 0), name))
+    return [name for *_, name in sorted(found)]
+
+
+def test_formats_edgerun_claims_pick_it_where_the_service_names_protocol_v2():
+    """KServe picks a runtime for an InferenceService that names none by its format and its
+    protocol, v1 where it names none; edgerun serves v2 and grpc-v2, so `modelFormat: tflite`
+    (or `edgerun`) alone found no runtime ("no runtime found to support predictor with model
+    type"), though the docs said such models pick edgerun by themselves."""
+    runtimes = {name: as_spec(protocols, formats)
+                for name, protocols, formats in KSERVE_DEFAULT_RUNTIMES}
+    runtimes.update({d["metadata"]["name"]: d["spec"] for _, d in documents()
+                     if d["kind"] == "ClusterServingRuntime"})
+    auto = [f for f in runtimes["edgerun"]["supportedModelFormats"] if f.get("autoSelect")]
+    assert {f["name"] for f in auto} == {"tflite", "edgerun"}
+    for fmt in auto:
+        for model_format in ({"name": fmt["name"]},
+                             {"name": fmt["name"], "version": fmt["version"]}):
+            assert supporting_runtimes({"modelFormat": model_format}, runtimes) == []
+            for protocol in ("v2", "grpc-v2"):
+                model = {"modelFormat": model_format, "protocolVersion": protocol}
+                assert supporting_runtimes(model, runtimes) == ["edgerun"], (model_format,
+                                                                              protocol)
+    # the rule has teeth: a v1 format one of KServe's own runtimes claims is found with v1
+    assert supporting_runtimes({"modelFormat": {"name": "sklearn"}}, runtimes)[0] == \
+        "kserve-sklearnserver"
+    # and the docs say what such an InferenceService needs
+    readme = " ".join((ROOT / "README.md").read_text().split())
+    comment = " ".join((DEPLOY / "cluster-serving-runtime.yaml").read_text()
+                       .split("apiVersion:")[0].replace("#", "").split())
+    for where in (readme, comment):
+        claim = re.search(r"pick `?edgerun`? by themselves(.{0,160})", where)
+        assert claim and "protocolVersion: v2" in claim.group(1), claim and claim.group(0)
+
+
 def keda_refusals(predictor: dict) -> list[str]:
     """What KServe's InferenceService validation (pkg/apis/serving/v1beta1/
     inference_service_validation.go, validateScalingKedaCompExtension) refuses in a KEDA
