@@ -45,7 +45,12 @@ def unpacked(path: Path, cache: Path) -> Path:
     lives as long as the process (removed at a normal exit; after a kill, by the next load's
     sweep), rather than a temporary folder in /tmp that a killed process leaves for good: a
     Lambda start that timed out, a Cloud Functions worker killed past its timeout, each then
-    followed by one more copy. On Cloud Functions /tmp is memory."""
+    followed by one more copy. On Cloud Functions /tmp is memory. A cache that cannot hold
+    the copy is named (`EDGERUN_CACHE_DIR`), where its errno was blamed on the model."""
+    why = staging.unwritable(cache / "bundle")
+    if why:
+        raise BundleError(f"EDGERUN_CACHE_DIR={str(cache)!r}: the archive cannot be unpacked "
+                          f"there: {why}")
     cache.mkdir(parents=True, exist_ok=True)
     staging.sweep(cache)
     folder = staging.reserve(cache, "bundle")

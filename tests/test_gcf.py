@@ -274,6 +274,29 @@ def test_an_archive_that_does_not_load_leaves_no_copy_at_each_retry(bundle_dir, 
         assert not list((tmp_path / "cache").rglob(MANIFEST))
 
 
+def test_a_cache_dir_an_archive_cannot_be_unpacked_in_is_named(bundle_dir, tmp_path,
+                                                                monkeypatch):
+    """EDGERUN_CACHE_DIR naming a file (or a folder below one) was "EDGERUN_MODEL: the model
+    did not load: FileExistsError: ...": the variable to fix was not named."""
+    from edgerun.adapters.gcf import function
+    from edgerun.runtime import Bundle
+
+    with Bundle.open(bundle_dir) as opened:
+        archive = opened.pack(tmp_path / "mlp.tar.gz")
+    (tmp_path / "notes").write_text("mine")
+    http = functions_framework.create_app("infer", str(MAIN)).test_client()
+    for cache in (tmp_path / "notes", tmp_path / "notes" / "cache"):
+        monkeypatch.setattr(function, "_current", None)
+        monkeypatch.setenv("EDGERUN_MODEL", str(archive))
+        monkeypatch.setenv("EDGERUN_CACHE_DIR", str(cache))
+        answer = http.get("/v2/health/ready")
+        assert answer.status_code == 500 and answer.is_json
+        assert answer.get_json()["error"] == (
+            f"EDGERUN_MODEL={str(archive)!r}: EDGERUN_CACHE_DIR={str(cache)!r}: the archive "
+            f"cannot be unpacked there: {tmp_path / 'notes'} is not a folder")
+    assert (tmp_path / "notes").read_text() == "mine"
+
+
 def test_the_functions_framework_server_answers_from_its_forked_worker(bundle_dir):
     """The real server: gunicorn imports the module in its master and serves from a fork."""
     port = free_port()

@@ -1543,3 +1543,16 @@ def test_awslambdaric_reports_a_bad_model_as_an_init_error(tmp_path):
     assert error["errorType"] == "BundleError"
     assert "EDGERUN_MODEL=" in error["errorMessage"]
     assert "no such bundle folder or archive" in error["errorMessage"]
+
+
+def test_an_archive_model_with_a_cache_dir_it_cannot_be_unpacked_in_names_the_cache(
+        bundle_archive, tmp_path):
+    """EDGERUN_CACHE_DIR naming a file failed the start with a bare FileExistsError, as if
+    the model were at fault: the cache is named, with why."""
+    (tmp_path / "notes").write_text("mine")
+    cache = tmp_path / "notes" / "cache"
+    with pytest.raises(BundleError) as refused:
+        locate(str(bundle_archive), cache=cache)
+    assert str(refused.value) == (f"EDGERUN_CACHE_DIR={str(cache)!r}: the archive cannot be "
+                                  f"unpacked there: {tmp_path / 'notes'} is not a folder")
+    assert (tmp_path / "notes").read_text() == "mine"
