@@ -14,6 +14,7 @@ import pytest
 from edgerun.examples import mlp_onnx
 from tests.cli import edgerun
 from tests.helpers import two_input_onnx
+from tests.serving import free_port
 
 
 @pytest.fixture
@@ -371,6 +372,30 @@ def test_serve_model_name_without_model_dir_is_a_usage_error(tmp_path):
     result = edgerun("serve", "--repository", str(tmp_path), "--model-name", "x", timeout=60)
     assert result.returncode == 2
     assert result.stderr.strip() == "error: --model-name goes with --model-dir"
+
+
+def test_serve_refuses_a_poll_interval_with_model_dir(tmp_path, mlp_file):
+    """`--model-dir` serves one model fixed at start-up: `--poll-interval` was taken and
+    served on, and a new bundle put in its place was never loaded nor said to be ignored."""
+    bundle = tmp_path / "b"
+    assert edgerun("bundle", "create", str(mlp_file), "--name", "mlp", "--version", "1",
+                   "-o", str(bundle)).returncode == 0
+    for model in (bundle, mlp_file):
+        result = edgerun("serve", "--model-dir", str(model), "--poll-interval", "1",
+                         "--port", "0", timeout=60)
+        assert (result.returncode, result.stderr) == (
+            2, "error: --poll-interval goes with --repository: --model-dir serves one model, "
+               "fixed at start-up\n")
+
+
+def test_serve_refuses_one_port_for_http_and_grpc_naming_both_flags(tmp_path):
+    """It said "HTTP could not listen on 127.0.0.1:P: ... address already in use", sending
+    the user to look for another process on a port that nothing else held."""
+    port = str(free_port())
+    result = edgerun("serve", "--repository", str(tmp_path), "--port", port,
+                     "--grpc-port", port, timeout=60)
+    assert (result.returncode, result.stderr) == (
+        2, f"error: --grpc-port {port} is --port too: HTTP and gRPC need a port each\n")
 
 
 def test_serve_refuses_an_empty_model_name(tmp_path, mlp_file):

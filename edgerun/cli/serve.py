@@ -37,7 +37,8 @@ def register(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--device", default=None, help="device profile (default: cpu)")
     parser.add_argument("--poll-interval", type=positive(float), default=None,
                         metavar="SECONDS",
-                        help="watch the folder and hot-swap changes every SECONDS")
+                        help="with --repository: watch the folder and hot-swap changes every "
+                             "SECONDS")
     defaults = BatchingConfig()
     parser.add_argument("--max-batch-size", type=int, default=defaults.max_batch_size,
                         help="default for models without their own [batching]; 0: the "
@@ -81,6 +82,15 @@ def _stop_starting(signum: int, frame: FrameType | None) -> None:
 
 def _serve(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, _stop_starting)
+    if args.grpc_port is not None and args.grpc_port == args.port != 0:
+        # else one server took it and the other said "address already in use", of a port
+        # nothing else held
+        raise ValueError(f"--grpc-port {args.port} is --port too: HTTP and gRPC need a port "
+                         "each")  # exit status 2
+    if args.model_dir is not None and args.poll_interval is not None:
+        # its one version is read once: a poll would never load what replaced it
+        raise ValueError("--poll-interval goes with --repository: --model-dir serves one "
+                         "model, fixed at start-up")  # exit status 2
     try:
         from edgerun.adapters.http import serve
     except ImportError as exc:
