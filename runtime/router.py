@@ -69,7 +69,7 @@ class ServedModel:
             return self._fallback
         sticky = self.config.traffic.sticky_key
         key = attributes(sticky.lower()) if sticky and attributes is not None else None
-        if key is not None:
+        if key:  # an empty value is no key: pinned, every such caller went to one version
             served = self._stuck.get(key)
             return served if served is not None else self._stick(key)
         point = random.random() * self._total

@@ -84,6 +84,15 @@ def test_sticky_keys_follow_the_weights(repo_dir):
     repository.close()
 
 
+def test_an_empty_sticky_key_is_split_by_weight_as_no_key(repo_dir):
+    # `x-user: ""` (a proxy that always sets the header, a client with no user yet) hashed
+    # the empty string: every such caller was pinned to one version, whatever the weights
+    repository = build(repo_dir, ["1", "2"], STICKY + 'weights = { "1" = 1, "2" = 1 }\n')
+    assert {routed_version(repository, "") for _ in range(200)} == {"1", "2"}
+    assert len({routed_version(repository, "alice") for _ in range(20)}) == 1
+    repository.close()
+
+
 def test_a_version_weighted_0_gets_no_traffic_when_another_can_answer(repo_dir):
     # no version had a positive weight, so every request went to the latest: version 2,
     # the very one the config keeps dark
