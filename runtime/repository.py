@@ -100,6 +100,8 @@ class Repository:
     def load_all(self) -> None:
         """Load every model the source offers; a model that fails is reported, not fatal."""
         for name in self.source.models():
+            if self._stop.is_set():  # closed meanwhile: the rest would be refused (`load`)
+                break
             try:
                 self.load(name)
             except EdgerunError as exc:
@@ -124,13 +126,19 @@ class Repository:
 
         Versions that fail to load never replace working ones; if any wanted version failed,
         BundleError says which and why, after the ones that loaded have been swapped in.
+        Once `close` has begun, a load is refused with ModelNotReady: one that waited for
+        another load or unload to end would otherwise load after `close` had released every
+        model, and its sessions and threads were never released.
         """
         with self._load_lock:
-            self._unloaded.discard(name)
             thread = threading.current_thread()
             with self._lock:  # a loader in the step `close` sees it loading in
+                if self._stop.is_set():
+                    raise ModelNotReady(f"model {name!r} was not loaded: the repository is "
+                                        "closing (the server is stopping)")
                 self._loading += 1
                 _LOADERS.add(thread)
+            self._unloaded.discard(name)
             try:
                 return self._load(name)
             finally:
@@ -345,7 +353,8 @@ class Repository:
             version.batcher.flush()
 
     def close(self, *, wait_for_loads: bool = True, drain: bool = True) -> bool:
-        """Stop polling, then drain and release every model; True once done.
+        """Stop polling, then drain and release every model; True once done. A load asked
+        for from now on is refused (ModelNotReady), so nothing is loaded that is never released.
 
         With `wait_for_loads=False`, a load under way (a hot swap: polling, POST .../load, an
         OTA switch; minutes for a TensorRT engine build) is not waited for: nothing is
@@ -365,8 +374,9 @@ class Repository:
                 version.batcher.close(drain=False)
         if self._poller is not None:
             self._poller.join()
-        for name in list(self._models):
-            self.unload(name)
+        with self._load_lock:  # listed once a load under way is done: a model it adds goes too
+            for name in list(self._models):
+                self.unload(name)
         return True
 
     # ---------------------------------------------------------------- queries
@@ -405,7 +415,7 @@ class Repository:
                 return model.primary
             served = model.versions.get(version)
             if served is None:
-                raise _no_version(model, version)
+                raise self._no_version(model, version)
             return served
 
     def versions(self, name: str) -> list[str]:
@@ -422,6 +432,18 @@ class Repository:
         loaded = ", ".join(sorted(self._models)) or "none"
         raise ModelNotFound(f"model {name!r} is not loaded (loaded: {loaded})")
 
+    def _no_version(self, model: ServedModel, version: str) -> EdgerunError:
+        """Why a served model has no such version: one loading now (not served before) is
+        ModelNotReady (503, gRPC UNAVAILABLE), as for a model still loading and as Triton
+        answers for a version "not at ready state"; any other is ModelNotFound (404)."""
+        ready = ", ".join(sorted(model.versions, key=version_key))
+        state = self._states.get((model.name, version))
+        if state is not None and state.state == LOADING:
+            return ModelNotReady(f"model {model.name!r} version {version!r} is loading "
+                                 f"(ready: {ready})")
+        return ModelNotFound(f"model {model.name!r} has no version {version!r} loaded "
+                             f"(loaded: {ready})")
+
     # ---------------------------------------------------------------- routing
     def route(self, name: str, version: str | None = None,
               attributes: Attributes | None = None) -> Routed:
@@ -437,18 +459,12 @@ class Repository:
             else:
                 served = model.versions.get(version)
                 if served is None:
-                    raise _no_version(model, version)
+                    raise self._no_version(model, version)
             served.acquire()
             shadow = model.shadow if model.shadow is not served else None
             if shadow is not None:
                 shadow.acquire()
             return Routed(served, shadow, self._shadow_total)
-
-
-def _no_version(model: ServedModel, version: str) -> ModelNotFound:
-    ready = ", ".join(sorted(model.versions, key=version_key))
-    return ModelNotFound(f"model {model.name!r} has no version {version!r} loaded "
-                         f"(loaded: {ready})")
 
 
 def _same_serving(old: ModelConfig, new: ModelConfig) -> bool:

@@ -323,6 +323,20 @@ def test_a_loading_model_is_not_ready_everywhere_with_one_status(tmp_path):
     repository.close()
 
 
+def test_a_load_asked_for_once_the_server_stops_is_a_503_saying_so(tmp_path):
+    """POST .../load reaching the repository once it was closing loaded the model anyway
+    (answered 200), and nothing ever released it."""
+    root = tmp_path / "models"
+    add_version(root, "mlp", "1", mlp_onnx([8, 16, 4]))
+    repository = Repository(root, registry=Registry())
+    plane = DataPlane(repository)
+    repository.close()
+    reply = plane.handle(Call(routes.LOAD, "mlp", body=b"{}"))
+    assert isinstance(reply.error, ModelNotReady) and status_of(reply.error) == 503
+    assert "server is stopping" in json.loads(reply.body)["error"]
+    assert "mlp" not in repository
+
+
 def _surprise_while_loading(monkeypatch) -> set[Path]:
     """The bundle folders whose loading raises an exception that is no EdgerunError (as a
     KeyError inside numpy once did): what the repository must survive from any library."""

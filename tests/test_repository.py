@@ -21,11 +21,12 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from edgerun.examples import mlp_onnx
-from edgerun.runtime import BundleError, ModelNotFound
+from edgerun.runtime import BundleError, EdgerunError, ModelNotFound, ModelNotReady
 from edgerun.runtime.metrics import Registry
 from edgerun.runtime.model_config import ModelConfig, VersionPolicy
 from edgerun.runtime.repository import UNLOADED, Repository
 from edgerun.runtime.sources import FolderSource
+from tests.fleet_sim import wait_for
 from tests.serving import add_version
 
 
@@ -479,6 +480,64 @@ def test_a_model_that_failed_to_load_while_a_poll_pass_found_it_empty_keeps_it_d
     repository.close()
 
 
+def test_a_load_waiting_behind_an_unload_is_refused_once_close_began(repo_dir):
+    """POST .../load (or an OTA switch) waiting for an unload's drain when the server stopped:
+    once the lock was free it loaded, after `close` had released every model, and that model's
+    sessions and batcher threads were never released. Now it is told the server is stopping."""
+    add_version(repo_dir, "other", "1", mlp_onnx([8, 16, 4], seed=2))
+    repository = Repository(repo_dir, registry=Registry())
+    repository.load_all()
+    add_version(repo_dir, "late", "1", mlp_onnx([8, 16, 4], seed=3))
+    running = repository.get("other")
+    running.acquire()  # a request still running on other: its unload drains, holding the lock
+    unloading = threading.Thread(target=repository.unload, args=("other",))
+    unloading.start()
+    wait_for(lambda: "other" not in repository, 30, "the unload to start draining")
+    outcome: list[object] = []
+
+    def load_late() -> None:
+        try:
+            outcome.append(repository.load("late"))
+        except EdgerunError as exc:
+            outcome.append(exc)
+
+    loading = threading.Thread(target=load_late)
+    loading.start()
+    closing = threading.Thread(target=repository.close)
+    closing.start()
+    wait_for(repository._stop.is_set, 30, "close to begin")
+    running.release()
+    for thread in (unloading, loading, closing):
+        thread.join(60)
+        assert not thread.is_alive()
+    assert isinstance(outcome[0], ModelNotReady), outcome
+    assert "closing" in str(outcome[0]) and "'late'" in str(outcome[0])
+    assert "late" not in repository and "mlp" not in repository, "loaded after close"
+    with pytest.raises(ModelNotReady, match="stopping"):  # and any load asked for later
+        repository.load("mlp")
+
+
+def test_close_releases_a_model_that_a_load_under_way_adds(repo_dir):
+    """`close` listed the models to release before waiting for a load under way (POST
+    .../load of a new model): the model that load added was left loaded for good."""
+    add_version(repo_dir, "late", "1", mlp_onnx([8, 16, 4], seed=3))
+    repository = Repository(HeldSource(repo_dir, held="late"), registry=Registry())
+    repository.source.armed = True
+    loading = threading.Thread(target=repository.load, args=("late",))
+    loading.start()
+    assert repository.source.entered.wait(30), "the load never began"
+    closing = threading.Thread(target=repository.close)
+    closing.start()
+    wait_for(repository._stop.is_set, 30, "close to begin")
+    repository.source.gate.set()
+    for thread in (loading, closing):
+        thread.join(60)
+        assert not thread.is_alive()
+    assert "late" not in repository, "close left the model the load added loaded"
+    assert {(s.name, s.state) for s in repository.index() if s.name == "late"} == {
+        ("late", UNLOADED)}
+
+
 #: A poll pass whose load waits at its start (counted as loading, about to begin), then a stop
 #: as `edgerun serve`'s: close without waiting for loads, then end if one is under way.
 POLL_HELD_AT_ITS_LOAD = """
@@ -486,6 +545,7 @@ import sys, threading
 from edgerun.examples import mlp_onnx
 from edgerun.runtime.metrics import Registry
 from edgerun.runtime.repository import Repository, exit_if_still_loading
+from tests.fleet_sim import wait_for
 from tests.serving import add_version
 
 class Held(Repository):

@@ -33,7 +33,7 @@ from edgerun.adapters.ota.messages import (ACTIVE, DOWNLOADING, FAILED, INSTALL,
 from edgerun.adapters.ota.slots import SlotSource, SlotState, SlotStore, fsync_dir
 from edgerun.runtime import archive, signing
 from edgerun.runtime.bundle import NAME_RE, Bundle, version_key
-from edgerun.runtime.errors import BundleError, EdgerunError, InvalidInput
+from edgerun.runtime.errors import BundleError, EdgerunError, InvalidInput, ModelNotReady
 from edgerun.runtime.repository import Repository
 
 log = logging.getLogger(__name__)
@@ -384,6 +384,7 @@ class OtaAgent:
         try:
             self.repository.load(model)  # loads beside the old, golden sample, hot swap
         except EdgerunError as exc:
+            _unless_closing(exc, f"version {job.version} was loaded")
             before.slots[target] = None
             self.slots.write(model, before)
             shutil.rmtree(self.slots.folder(model, target), ignore_errors=True)
@@ -418,6 +419,7 @@ class OtaAgent:
         try:
             self.repository.refresh(job.model)
         except EdgerunError as exc:
+            _unless_closing(exc, f"version {job.version or 'none'} was loaded")
             self.slots.write(job.model, before)
             raise BundleError(f"rollback to {job.version or 'no version'} failed to load: "
                               f"{exc}") from exc
@@ -438,3 +440,12 @@ class OtaAgent:
                 model, fallback.config(model))
         except EdgerunError:
             return False
+
+
+def _unless_closing(error: EdgerunError, step: str) -> None:
+    """A load the repository refused because it is closing (the daemon stops) is no failed
+    smoke test: the job ends there, unreported, its pointer flipped as a power cut there
+    leaves it; the next start's recovery loads (smoke-tests) that slot, and the job, delivered
+    again, reports how that went. Reported failed, it stayed failed at every later start."""
+    if isinstance(error, ModelNotReady):
+        raise DownloadStopped(f"stopped before {step}: {error}") from error
