@@ -4,7 +4,8 @@
 
 The hook refuses gRPC calls without `authorization: Bearer good` (UNAUTHENTICATED) or with
 another token (PERMISSION_DENIED); HTTP stays open so the test harness can poll readiness.
-Model "slow" stays LOADING until the file REPO/../slow.go exists.
+Model "slow" stays LOADING until the file REPO/../slow.go exists; any other model's version V
+stays LOADING while the file REPO/../NAME-V.hold exists.
 """
 
 from __future__ import annotations
@@ -37,6 +38,8 @@ class GatedSource(FolderSource):
     def bundle_path(self, name: str, version: str) -> Path:
         gate = self.root.parent / "slow.go"
         while name == "slow" and not gate.exists():
+            time.sleep(0.05)
+        while (self.root.parent / f"{name}-{version}.hold").exists():
             time.sleep(0.05)
         return super().bundle_path(name, version)
 

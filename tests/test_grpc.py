@@ -680,6 +680,50 @@ def test_hooks_see_grpc_calls_and_a_loading_model_is_unavailable(tmp_path):
     assert server.process.returncode == 0, server.output()
 
 
+def test_a_version_still_loading_beside_a_served_one_is_unavailable_on_both_transports(
+        tmp_path):
+    """A request naming version 2 while it loads for the first time (POST .../load, a poll)
+    beside version 1 got 404 / NOT_FOUND, "no version 2", where a model still loading gets 503
+    / UNAVAILABLE: a client took a version about to serve for one that never would. Triton
+    answers UNAVAILABLE "version 2 is not at ready state"; a version never offered stays 404."""
+    root = tmp_path / "models"
+    add_version(root, "mlp", "1", mlp_onnx([8, 16, 4], seed=1))
+    command = [sys.executable, "-m", "tests.grpc_hooked_server", str(root)]
+    with running_process(command, log_dir=tmp_path, grpc=True) as server:
+        (tmp_path / "mlp-2.hold").touch()  # version 2 stays LOADING until this goes
+        add_version(root, "mlp", "2", mlp_onnx([8, 16, 4], seed=2))
+        loaded: list[int] = []
+        loading = threading.Thread(target=lambda: loaded.append(httpx.post(
+            server.url + "/v2/repository/models/mlp/load", timeout=120).status_code))
+        loading.start()
+        wait_for(lambda: {"name": "mlp", "version": "2", "state": "LOADING", "reason": ""} in
+                 httpx.post(server.url + "/v2/repository/index").json(), 60, "mlp 2 loading")
+        body = {"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 8],
+                            "data": [0.0] * 8}]}
+        http = {v: httpx.post(f"{server.url}/v2/models/mlp/versions/{v}/infer", json=body)
+                for v in ("1", "2", "3")}
+        assert {v: r.status_code for v, r in http.items()} == {"1": 200, "2": 503, "3": 404}
+        assert "version '2' is loading" in http["2"].json()["error"], http["2"].text
+        assert httpx.get(f"{server.url}/v2/models/mlp/versions/2/ready").status_code == 503
+        client = tgrpc.InferenceServerClient(server.grpc_address)
+        good = {"authorization": "Bearer good"}
+        x = [fp32_input(np.zeros((1, 8), np.float32))]
+        error = refused(client.infer, "mlp", x, model_version="2", headers=good)
+        assert code_of(error) == "StatusCode.UNAVAILABLE", error
+        assert "version '2' is loading" in error.message()
+        error = refused(client.infer, "mlp", x, model_version="3", headers=good)
+        assert code_of(error) == "StatusCode.NOT_FOUND", error
+        assert not client.is_model_ready("mlp", "2", headers=good)
+        assert client.infer("mlp", x, model_version="1", headers=good) \
+            .get_response().model_version == "1"
+        (tmp_path / "mlp-2.hold").unlink()
+        loading.join(120)
+        assert loaded == [200]
+        assert client.infer("mlp", x, model_version="2", headers=good) \
+            .get_response().model_version == "2"
+    assert server.process.returncode == 0, server.output()
+
+
 # ---------------------------------------------------------------------------- stubs
 def test_committed_stubs_are_what_generate_sh_makes(tmp_path):
     subprocess.run(["bash", str(ROOT / "adapters" / "grpc" / "generate.sh"), str(tmp_path)],

@@ -136,7 +136,8 @@ _WHY: dict[type[EdgerunError], str] = {
     PayloadTooLarge: "the body is over the server's size limit",
     UnsupportedMediaType: "the body's Content-Encoding is none of gzip, deflate or identity",
     ModelNotFound: "no such model or version is loaded",
-    ModelNotReady: "the model or server is still loading, or draining",
+    ModelNotReady: "the model, version or server is still loading, or draining, or the "
+                   "server is stopping",
     Overloaded: "the model's queue is full: retry after Retry-After seconds",
     DeadlineExceeded: "the request's timeout passed while it waited in the queue; it never ran",
     Unauthenticated: "an authentication hook refused the call",
