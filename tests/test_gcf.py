@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import gzip
+import io
 import json
 import os
 import shutil
@@ -148,6 +149,79 @@ def test_http_function_reads_gzip_bodies(clients, reference):
     assert answer.status_code == 200, answer.get_data()
     np.testing.assert_allclose(np.array(answer.get_json()["outputs"][0]["data"]).reshape(2, 4),
                                reference(x), rtol=1e-5, atol=1e-6)
+
+
+class SocketInput(io.BytesIO):
+    """A request body as a WSGI server's input stream, remembering the largest piece any one
+    read took from it: what the function (or functions-framework after it) held at once."""
+
+    largest = 0
+
+    def read(self, size: int | None = -1) -> bytes:
+        piece = super().read(size)
+        self.largest = max(self.largest, len(piece))
+        return piece
+
+
+def test_a_chunked_body_over_the_limit_is_a_413_holding_no_more_than_it(clients, reference):
+    """A chunked body (no Content-Length) was read whole and decoded whatever its size: the
+    limit held only for a declared length or a compressed body. Now it is refused with the
+    413 naming the limit, and no read holds more of it than the limit + 1 bytes (not even
+    functions-framework's, which reads what is left of each request before it answers).
+    gunicorn, the server functions-framework runs, hands such a body on as
+    `wsgi.input_terminated`; the app is called here as gunicorn calls it."""
+    from werkzeug.test import EnvironBuilder, run_wsgi_app
+
+    from edgerun.adapters.gcf.function import MAX_BODY_BYTES
+
+    app = functions_framework.create_app("infer", str(MAIN))
+
+    def post_chunked(body: bytes) -> tuple[int, bytes, SocketInput]:
+        environ = EnvironBuilder(method="POST", path="/v2/models/mlp/infer",
+                                 headers={"Transfer-Encoding": "chunked"}).get_environ()
+        assert "CONTENT_LENGTH" not in environ
+        stream = SocketInput(body)
+        environ.update({"wsgi.input": stream, "wsgi.input_terminated": True})
+        answer, status, _ = run_wsgi_app(app, environ)
+        return int(status.split()[0]), b"".join(answer), stream
+
+    x = rows(2)
+    status, body, _ = post_chunked(json.dumps(request(x)).encode())
+    assert status == 200, body
+    np.testing.assert_allclose(np.array(json.loads(body)["outputs"][0]["data"]).reshape(2, 4),
+                               reference(x), rtol=1e-5, atol=1e-6)
+    for size in (MAX_BODY_BYTES + 1, 3 * MAX_BODY_BYTES):
+        status, body, stream = post_chunked(b" " * size)
+        assert status == 413, body[:200]
+        assert json.loads(body)["error"] == f"request body is over the {MAX_BODY_BYTES}-byte limit"
+        assert stream.largest <= MAX_BODY_BYTES + 1
+
+
+def test_the_functions_framework_server_refuses_a_chunked_body_over_the_limit(bundle_dir):
+    """The real server, the body sent chunked by httpx: a 413 naming the limit reaches the
+    caller (it was a 400 once the 33 MiB had been parsed as JSON)."""
+    from edgerun.adapters.gcf.function import MAX_BODY_BYTES
+
+    def chunked():
+        for _ in range(MAX_BODY_BYTES // (1 << 20) + 1):
+            yield b" " * (1 << 20)
+
+    port = free_port()
+    server = subprocess.Popen(
+        [str(Path(sys.executable).with_name("functions-framework")), "--source", str(MAIN),
+         "--target", "infer", "--host", "127.0.0.1", "--port", str(port)],
+        env={**os.environ, "EDGERUN_MODEL": str(bundle_dir)}, stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL)
+    try:
+        assert infer_until_answered(port, server).status_code == 200
+        answer = httpx.post(f"http://127.0.0.1:{port}/v2/models/mlp/infer", content=chunked(),
+                            timeout=60)
+        assert answer.status_code == 413
+        assert answer.json()["error"] == f"request body is over the {MAX_BODY_BYTES}-byte limit"
+        assert infer_until_answered(port, server).status_code == 200
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
 
 
 def pubsub_event(payload: bytes, attributes: dict | None = None, message_id: str = "1"):

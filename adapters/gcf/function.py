@@ -28,10 +28,10 @@ from pathlib import Path
 from typing import Any
 
 from edgerun.adapters.codecs import oip
-from edgerun.adapters.dataplane import Call, DataPlane, Reply
+from edgerun.adapters.dataplane import Call, DataPlane, InferResult, Reply
 from edgerun.adapters.dataplane.call import INFER, JSON
 from edgerun.adapters.dataplane.hooks import request_id
-from edgerun.adapters.http.encoding import decode_body
+from edgerun.adapters.http.encoding import decode_body, read_limited
 from edgerun.adapters.http.routes import READ_ONLY_ROUTES, match
 from edgerun.adapters.http.status import error_headers, status_of
 from edgerun.adapters.single_bundle import MODEL_VARIABLE, serve_bundle, unpacked
@@ -105,12 +105,23 @@ class CloudFunction:
         return (len(reply.body), self.max_response_bytes) if call.transport == "gcf" else None
 
     def _body(self, request: Any) -> bytes:
-        length = request.content_length
-        if length is not None and length > self.max_body_bytes:
-            raise PayloadTooLarge(f"request body of {length} bytes is over the "
-                                  f"{self.max_body_bytes}-byte limit")
-        return decode_body(request.get_data(cache=False), request.headers.get("content-encoding"),
-                           self.max_body_bytes)
+        """The body, refused past `max_body_bytes` holding no more than that + 1 bytes of it.
+
+        A chunked body declares no length: it is read up to the limit. One refused is then
+        read to its end and dropped, a piece at a time: functions-framework reads what is left
+        of every request before it answers (`read_request`), into memory."""
+        try:
+            length = request.content_length
+            if length is not None and length > self.max_body_bytes:
+                raise PayloadTooLarge(f"request body of {length} bytes is over the "
+                                      f"{self.max_body_bytes}-byte limit")
+            body = read_limited(request.stream.read, self.max_body_bytes)
+            return decode_body(body, request.headers.get("content-encoding"),
+                               self.max_body_bytes)
+        except PayloadTooLarge:
+            while request.stream.read(1 << 16):
+                pass
+            raise
 
     def pubsub(self, event: Any) -> None:
         """A Pub/Sub CloudEvent: infer, hand the result on; raise only what a retry may fix."""
@@ -134,9 +145,10 @@ class CloudFunction:
             return
         call = Call(INFER, attributes.get("model") or self.default_model,
                     attributes.get("version"), body, attributes.get, "pubsub")
-        try:  # the answer too: an output JSON cannot carry is this message's failure
+        try:  # encoded inside the counted call: an output JSON cannot carry is this message's
+            # failure, counted as its error (not `ok`), and its time is the call's
             answer = self.plane.infer(call, lambda: oip.decode_request(
-                body, attributes.get(oip.HEADER_LENGTH))).json()
+                body, attributes.get(oip.HEADER_LENGTH)), InferResult.json)
         except EdgerunError as error:
             _log_failure(message_id, error, call.request_id)
             if isinstance(error, RETRYABLE):

@@ -19,7 +19,7 @@ import orjson
 from edgerun.adapters.dataplane import Call, DataPlane, Reply
 from edgerun.adapters.dataplane.call import JSON
 from edgerun.adapters.dataplane.hooks import request_id
-from edgerun.adapters.http.encoding import start_decoding
+from edgerun.adapters.http.encoding import over_limit, start_decoding
 from edgerun.adapters.http.routes import ROUTES, Route, match
 from edgerun.adapters.http.status import error_headers, status_of
 from edgerun.runtime.errors import PayloadTooLarge
@@ -107,7 +107,7 @@ async def read_body(receive: Receive, content_length: str | None, limit: int,
         chunk = message.get("body", b"")
         size += len(chunk)
         if size > limit:
-            raise PayloadTooLarge(f"request body is over the {limit}-byte limit")
+            raise over_limit(limit)
         chunks.append(chunk)
         if not message.get("more_body", False):
             body = chunks[0] if len(chunks) == 1 else b"".join(chunks)

@@ -1,5 +1,5 @@
-"""Request bodies sent compressed: `Content-Encoding: gzip` or `deflate`, as tritonclient sends
-them with `request_compression_algorithm` and Triton reads them.
+"""Request bodies: read up to a size limit, and sent compressed (`Content-Encoding: gzip` or
+`deflate`, as tritonclient sends them with `request_compression_algorithm` and Triton reads them).
 
 The size limit holds for the decompressed body too, so a small bomb cannot fill the memory.
 A server inflates the first `INLINE_BYTES` on its event loop and the rest, if any, on a worker
@@ -20,6 +20,26 @@ _WBITS = {"gzip": 16 + zlib.MAX_WBITS, "x-gzip": 16 + zlib.MAX_WBITS, "deflate":
 #: inflates further is finished elsewhere. Decided by what comes out, not by what goes in: a
 #: few KiB of deflate can inflate to a thousand times their size.
 INLINE_BYTES = 1 << 18
+
+
+def over_limit(limit: int) -> PayloadTooLarge:
+    """The refusal of a body that came in over `limit` bytes, whatever its length header said."""
+    return PayloadTooLarge(f"request body is over the {limit}-byte limit")
+
+
+def read_limited(read: Callable[[int], bytes], limit: int) -> bytes:
+    """The whole body from a blocking `read(n)` (a WSGI input stream), refused once it passes
+    `limit` bytes having read at most `limit + 1`: a chunked body declares no length, and one
+    read to its end holds all a sender cares to send in memory."""
+    parts, size = [], 0
+    while size <= limit:
+        part = read(limit + 1 - size)
+        if not part:
+            return b"".join(parts)
+        parts.append(part)
+        size += len(part)
+    parts.clear()  # not kept alive by the traceback while the refusal is answered
+    raise over_limit(limit)
 
 
 def decode_body(body: bytes, coding: str | None, limit: int) -> bytes:
