@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from collections.abc import Callable
@@ -12,7 +13,7 @@ import numpy as np
 import pytest
 
 from edgerun.examples import mlp_onnx
-from tests.cli import edgerun
+from tests.cli import edgerun, edgerun_command
 from tests.helpers import two_input_onnx
 from tests.serving import free_port
 
@@ -40,6 +41,34 @@ def test_bundle_create_inspect_verify(tmp_path, mlp_file):
     assert manifest["inputs"][0]["shape"] == [-1, 8]
     checked = edgerun("bundle", "verify", str(tmp_path / "b"))
     assert checked.returncode == 0 and "ok mlp version 3" in checked.stdout
+
+
+def run_into_a_closed_pipe(*args: str) -> tuple[int, str]:
+    """The command's status and stderr, its stdout a pipe nobody reads any more (the reader
+    of `edgerun ... | head -c 10` once it has its ten bytes)."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        done = subprocess.run([*edgerun_command(), *args], stdout=write_end,
+                              stderr=subprocess.PIPE, text=True, timeout=300,
+                              env={"COLUMNS": "200", "PATH": "/usr/bin:/bin"})
+    finally:
+        os.close(write_end)
+    return done.returncode, done.stderr
+
+
+def test_output_into_a_pipe_closed_early_ends_quietly(tmp_path, mlp_file):
+    """`edgerun bundle inspect --json B | head -c 10` ended in "error: [Errno 32] Broken
+    pipe" (status 2), or in Python's "Exception ignored ... BrokenPipeError" (status 120),
+    as did `edgerun serve --help | head`; output written by rich ended quietly with status 1.
+    Every command now ends as rich's do."""
+    made = edgerun("bundle", "create", str(mlp_file), "--name", "mlp", "--version", "1",
+                   "-o", str(tmp_path / "b"))
+    assert made.returncode == 0, made.stderr
+    for args in (("bundle", "inspect", "--json", str(tmp_path / "b")),
+                 ("devices", "list", "--json"), ("bundle", "inspect", str(tmp_path / "b")),
+                 ("serve", "--help"), ("--version",)):
+        assert run_into_a_closed_pipe(*args) == (1, ""), args
 
 
 def test_bundle_create_max_batch_size_0_writes_a_bundle_with_no_batch_axis(tmp_path):

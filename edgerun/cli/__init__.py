@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Sequence
 
@@ -37,6 +38,16 @@ def missing_module(command: str, exc: ModuleNotFoundError) -> str:
     return f"edgerun {command} needs {module or exc}, which is not installed: {install}"
 
 
+def reader_gone() -> int:
+    """Exit quietly when what reads stdout has stopped (`edgerun ... | head`), as rich's own
+    output does: Python's recipe (the signal module's note on SIGPIPE), stdout pointed at
+    /dev/null so the exit's flush of what is left cannot fail once more."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+    return 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="edgerun", description="Bundle, verify and serve models with one inference core.")
@@ -50,11 +61,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        try:
+            return _run(argv)
+        finally:  # --help and --version too: a reader gone (`| head`) is met here, not at
+            sys.stdout.flush()  # the exit's flush, which would print a traceback of it
+    except BrokenPipeError:
+        return reader_gone()
+
+
+def _run(argv: Sequence[str] | None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     try:
         return int(args.handler(args) or 0)
+    except BrokenPipeError:  # not an error of the command's: `main` ends it quietly
+        raise
     except EdgerunError as exc:
         err.print(f"[bold red]error[/] ({exc.kind}): {escape(str(exc))}", highlight=False)
         return 2

@@ -41,10 +41,15 @@ def register(commands: argparse._SubParsersAction) -> None:
                              "SECONDS")
     defaults = BatchingConfig()
     parser.add_argument("--max-batch-size", type=int, default=defaults.max_batch_size,
-                        help="default for models without their own [batching]; 0: the "
-                             "model has no batch axis, requests are never stacked")
-    parser.add_argument("--max-queue-delay-us", type=int, default=defaults.max_queue_delay_us)
-    parser.add_argument("--max-queue-size", type=int, default=defaults.max_queue_size)
+                        help="for every model whose config.toml [batching] sets no "
+                             "max_batch_size (default %(default)s); 0: the model has no batch "
+                             "axis, requests are never stacked")
+    parser.add_argument("--max-queue-delay-us", type=int, default=defaults.max_queue_delay_us,
+                        help="for every model whose config.toml [batching] sets no "
+                             "max_queue_delay_us (default %(default)s)")
+    parser.add_argument("--max-queue-size", type=int, default=defaults.max_queue_size,
+                        help="for every model whose config.toml [batching] sets no "
+                             "max_queue_size (default %(default)s)")
     parser.add_argument("--max-body-bytes", type=positive(int), default=64 << 20,
                         help="larger request bodies get 413 (default 64 MiB)")
     parser.add_argument("--keep-alive", type=positive(float), default=75.0, metavar="SECONDS",
