@@ -22,6 +22,7 @@ import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NoReturn
 
 from edgerun.devices import DeviceProfile, load_profile
 from edgerun.runtime.batcher import BatchingConfig
@@ -186,7 +187,10 @@ class Repository:
         return sorted(versions, key=version_key)
 
     def _load_version(self, name: str, version: str, config: ModelConfig) -> ServedVersion:
-        fingerprint = self.source.fingerprint(name, version)
+        try:
+            fingerprint = self.source.fingerprint(name, version)
+        except Exception as exc:  # unknown, so not recorded: tried again at the next poll
+            self._fail(name, version, None, config, exc)
         known = self._known_failure(name, version, fingerprint, config)
         if known is not None:
             raise BundleError(known)  # nothing changed since it failed: it would again
@@ -195,12 +199,26 @@ class Repository:
             served = load_version(self.source.bundle_path(name, version), name, version,
                                   config, self.device, self.registry,
                                   getattr(self.source, "check", None))
-        except EdgerunError as exc:
-            self._failed[(name, version)] = (fingerprint, config, str(exc))
-            self._states[(name, version)] = VersionState(name, version, UNAVAILABLE, str(exc))
-            raise
+        except Exception as exc:
+            self._fail(name, version, fingerprint, config, exc)
         self._failed.pop((name, version), None)
         return served
+
+    def _fail(self, name: str, version: str, fingerprint: tuple | None, config: ModelConfig,
+              exc: Exception) -> NoReturn:
+        """End a version's load as failed, with the reason: UNAVAILABLE, never left LOADING
+        (which answers 503 for good). A source's own error (an OSError from a folder removed
+        since it was listed) becomes a BundleError, so the model's other versions still load."""
+        error = exc if isinstance(exc, EdgerunError) else BundleError(
+            f"{name} version {version} failed to load: {type(exc).__name__}: {exc}")
+        if fingerprint is None:
+            self._failed.pop((name, version), None)
+        else:
+            self._failed[(name, version)] = (fingerprint, config, str(error))
+        self._states[(name, version)] = VersionState(name, version, UNAVAILABLE, str(error))
+        if error is exc:
+            raise exc
+        raise error from exc
 
     def _known_failure(self, name: str, version: str, fingerprint: tuple,
                        config: ModelConfig) -> str | None:

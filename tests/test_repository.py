@@ -24,7 +24,7 @@ from edgerun.examples import mlp_onnx
 from edgerun.runtime import BundleError, EdgerunError, ModelNotFound, ModelNotReady
 from edgerun.runtime.metrics import Registry
 from edgerun.runtime.model_config import ModelConfig, VersionPolicy
-from edgerun.runtime.repository import UNLOADED, Repository
+from edgerun.runtime.repository import LOADING, READY, UNAVAILABLE, UNLOADED, Repository
 from edgerun.runtime.sources import FolderSource
 from tests.fleet_sim import wait_for
 from tests.serving import add_version
@@ -536,6 +536,65 @@ def test_close_releases_a_model_that_a_load_under_way_adds(repo_dir):
     assert "late" not in repository, "close left the model the load added loaded"
     assert {(s.name, s.state) for s in repository.index() if s.name == "late"} == {
         ("late", UNLOADED)}
+
+
+class ResolvingSource(FolderSource):
+    """A real folder whose version folders may be links into a store: each opens where its
+    files lie (`resolve(strict=True)`), so a folder gone since `wanted` listed it is an
+    OSError from `bundle_path`, which `fingerprint` asks first. The `held` version's
+    `bundle_path` waits at a gate on its `held_call`-th call (1: the fingerprint's; 2: the
+    open's), once."""
+
+    def __init__(self, root, held: tuple[str, str], held_call: int) -> None:
+        super().__init__(root)
+        self.held, self.held_call = held, held_call
+        self.entered, self.gate = threading.Event(), threading.Event()
+
+    def bundle_path(self, name: str, version: str) -> Path:
+        if (name, version) == self.held:
+            self.held_call -= 1
+            if self.held_call == 0:
+                self.entered.set()
+                assert self.gate.wait(30), "test gate never opened"
+        return (self.root / name / version).resolve(strict=True)
+
+
+@pytest.mark.parametrize("held_call, state_at_gate", [(1, None), (2, LOADING)],
+                         ids=["fingerprint", "open"])
+def test_a_version_whose_source_fails_with_an_os_error_is_unavailable_not_loading(
+        repo_dir, held_call, state_at_gate):
+    """A version is LOADING while its bundle opens; a source that failed there with anything
+    but an EdgerunError (an OSError from a folder removed since it was listed) left it
+    LOADING for good: a request naming the model or that version answered 503 "is loading"
+    forever, and the index said LOADING. Failing so in `fingerprint`, just before, it was
+    never marked at all. Either way the model's later versions were never tried. It ends
+    UNAVAILABLE with the reason, as any failed load, and is tried again once it is back."""
+    add_version(repo_dir, "mlp", "2", mlp_onnx([8, 16, 4], seed=2))
+    (repo_dir / "mlp" / "config.toml").write_text("version_policy = { all = true }\n")
+    source = ResolvingSource(repo_dir, held=("mlp", "1"), held_call=held_call)
+    repository = Repository(source, registry=Registry())
+    loading = repository.start_loading()
+    assert source.entered.wait(30), "the load never reached version 1"
+    assert [s.state for s in repository.index() if s.version == "1"] == \
+        [state_at_gate] * (state_at_gate is not None)
+    removed = repo_dir / "mlp" / "1"
+    shutil.rmtree(removed)  # between listing and opening
+    source.gate.set()
+    loading.join(60)
+    assert not loading.is_alive()
+    states = {s.version: s for s in repository.index()}
+    assert {v: s.state for v, s in states.items()} == {"1": UNAVAILABLE, "2": READY}
+    assert "FileNotFoundError" in states["1"].reason and str(removed) in states["1"].reason
+    assert repository.ready and repository.versions("mlp") == ["2"]
+    with pytest.raises(ModelNotFound, match="no version '1' loaded"):  # 404, not 503
+        repository.route("mlp", "1")
+    with repository.route("mlp") as routed:
+        assert routed.version == "2"
+    add_version(repo_dir, "mlp", "1", mlp_onnx([8, 16, 4], seed=1))  # back: tried again
+    repository.poll_once()
+    assert repository.versions("mlp") == ["1", "2"]
+    assert {s.version: s.state for s in repository.index()} == {"1": READY, "2": READY}
+    repository.close()
 
 
 #: A poll pass whose load waits at its start (counted as loading, about to begin), then a stop
