@@ -33,6 +33,7 @@ from packaging.requirements import Requirement
 from packaging.specifiers import SpecifierSet
 from packaging.version import Version
 
+from edgerun.adapters.http.server import GRACE_S
 from edgerun.cli import build_parser
 from edgerun.examples import mlp_onnx
 from edgerun.runtime import Bundle, BundleError, Model, create_bundle
@@ -717,6 +718,76 @@ def test_prometheus_scrapes_edgeruns_metrics_where_the_annotations_say():
     was = {"metadata": {"annotations": {"serving.kserve.io/deploymentMode": "RawDeployment",
                                         "serving.kserve.io/enable-prometheus-scraping": "true"}}}
     assert scraped(was, runtimes["edgerun"]) is None
+
+
+#: What a predictor holds beside the pod's fields (ComponentExtensionSpec, the model and the
+#: framework shorthands), and what a model spec holds beside the container's (ModelSpec).
+COMPONENT_FIELDS = {"minReplicas", "maxReplicas", "scaleTarget", "scaleMetric", "scaleMetricType",
+                    "autoScaling", "containerConcurrency", "timeout", "canaryTrafficPercent",
+                    "logger", "batcher", "labels", "annotations", "deploymentStrategy",
+                    "storageUris", "model", "workerSpec"}
+MODEL_FIELDS = {"modelFormat", "runtime", "runtimeVersion", "protocolVersion", "storageUri",
+                "storage"}
+
+
+def predictor_pod(service: dict, runtime: dict) -> dict:
+    """The pod KServe makes for an InferenceService's predictor: the predictor's pod fields,
+    and the runtime's container with the model spec's container fields laid over it
+    (pkg/controller/v1beta1/inferenceservice/components/predictor.go, and utils.go
+    MergeRuntimeContainers, a strategic merge of the two)."""
+    predictor = service["spec"]["predictor"]
+    (container,) = runtime["spec"]["containers"]
+    container = {**container, **{k: v for k, v in predictor["model"].items()
+                                 if k not in MODEL_FIELDS}}
+    spec = {k: v for k, v in predictor.items() if k not in COMPONENT_FIELDS}
+    return {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": service["metadata"]["name"]},
+            "spec": {**spec, "containers": [container]}}
+
+
+def pre_stop_sleep(container: dict) -> int | None:
+    """The seconds a container's preStop hook sleeps (native or exec `sleep`), or None."""
+    hook = container.get("lifecycle", {}).get("preStop")
+    if hook is None:
+        return None
+    if "sleep" in hook:
+        return int(hook["sleep"]["seconds"])
+    command = hook.get("exec", {}).get("command", [])
+    assert len(command) == 2 and command[0] == "sleep", command
+    return int(command[1])
+
+
+def test_a_raw_deployment_pod_serves_on_until_its_endpoints_are_gone():
+    """In RawDeployment (no Knative, no queue-proxy) Kubernetes sends SIGTERM while the pod's
+    endpoints are still being removed, and edgerun stops listening at SIGTERM: requests routed
+    to it in those seconds were refused. A preStop sleep holds SIGTERM back; the grace period,
+    counted from preStop's start, covers the sleep and edgerun's drain. Knative refuses
+    `lifecycle` (and sets the grace itself), so Serverless pods and the runtimes carry none."""
+    runtimes = {d["metadata"]["name"]: d for _, d in documents()
+                if d["kind"] == "ClusterServingRuntime"}
+    services = [d for _, d in documents() if d["kind"] == "InferenceService"]
+    raw = [s for s in services if s["metadata"].get("annotations", {}).get(
+        "serving.kserve.io/deploymentMode") == "RawDeployment"]
+    assert [s["metadata"]["name"] for s in raw] == ["mnist-queue"]
+    for runtime in runtimes.values():
+        (container,) = runtime["spec"]["containers"]
+        assert "lifecycle" not in container, runtime["metadata"]["name"]
+    for service in services:
+        name = service["metadata"]["name"]
+        pod = predictor_pod(service, runtimes[service["spec"]["predictor"]["model"]["runtime"]])
+        kubernetes_validate.validate(pod, KUBERNETES, strict=True)
+        (container,) = pod["spec"]["containers"]
+        sleep = pre_stop_sleep(container)
+        grace = pod["spec"].get("terminationGracePeriodSeconds")
+        if service in raw:
+            assert sleep is not None and sleep >= 5, f"{name}: no preStop sleep"
+            assert grace is not None and grace >= sleep + GRACE_S, (name, sleep, grace)
+        else:
+            assert sleep is None and "lifecycle" not in container, name
+            assert grace is None, name
+    # an exec `sleep` needs the binary: both images are Debian or Ubuntu, coreutils included
+    for name in ("Dockerfile", "Dockerfile.cuda"):
+        base = re.findall(r"^FROM (\S+)", (ROOT / name).read_text(), re.M)[-1]
+        assert re.match(r"python:[\d.]+-slim(-bookworm)?$|nvidia/cuda:.*-ubuntu\d", base), base
 
 
 def test_the_cuda_image_claims_no_tensorrt_it_does_not_have():
