@@ -110,6 +110,44 @@ def test_the_other_architecture_gets_its_own_binaries(bundle, tmp_path):
     assert any(MACHINE[OTHER] in name for name in binaries)
 
 
+def test_two_builds_of_the_same_bundle_are_byte_identical(bundle, host_zip, tmp_path):
+    """The .pyc files named their sources in the build's random scratch folder
+    (/tmp/edgerun-lambda-XXXX/package/...): every build of the same bundle was another zip, a
+    new CodeSha256 at every deploy, and no pipeline could check a package against its inputs."""
+    done = edgerun("package", "lambda", str(bundle), "--arch", HOST, "-o", str(tmp_path))
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "function.zip").read_bytes() == host_zip.read_bytes()
+    archive = zipfile.ZipFile(host_zip)
+    compiled = [n for n in archive.namelist() if n.endswith(".pyc")]
+    assert not [n for n in compiled if b"edgerun-lambda-" in archive.read(n)]
+
+
+def test_a_build_that_fails_while_zipping_leaves_the_earlier_zip_whole(bundle, host_zip,
+                                                                       tmp_path):
+    """function.zip was written in place: a build cut off while zipping (disk full, Ctrl-C, a
+    cancelled CI job) left a truncated function.zip where the earlier package was, for the
+    deploy to upload. Here the file-size limit (RLIMIT_FSIZE) is the full disk: every file of
+    the package fits under it, the zip does not."""
+    import resource
+    import shutil
+    largest = max(i.file_size for i in zipfile.ZipFile(host_zip).infolist())
+    limit = largest + 2**20
+    assert limit < host_zip.stat().st_size
+    output = tmp_path / "dist"
+    output.mkdir()
+    shutil.copyfile(host_zip, output / "function.zip")  # the earlier build
+
+    def cap() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    done = subprocess.run([*edgerun_command(), "package", "lambda", str(bundle), "--arch", HOST,
+                           "-o", str(output)], capture_output=True, text=True, timeout=600,
+                          preexec_fn=cap)
+    assert done.returncode == 2 and "File too large" in done.stderr, done.stderr
+    assert (output / "function.zip").read_bytes() == host_zip.read_bytes()
+    assert sorted(p.name for p in output.iterdir()) == ["function.zip"]
+
+
 def test_a_package_over_the_limit_is_a_clear_error(bundle, tmp_path):
     with pytest.raises(BundleError, match=r"unzips to \d+\.\d MB, over Lambda's 10 MB limit.*"
                                           r"largest parts: onnxruntime"):

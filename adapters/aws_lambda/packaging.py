@@ -45,6 +45,8 @@ UNZIPPED_LIMIT = 250 * 1024 * 1024
 #: Larger zips cannot be uploaded directly; `sam deploy` goes through S3.
 DIRECT_UPLOAD_LIMIT = 50 * 1024 * 1024
 FUNCTION_DIR = Path(__file__).resolve().parents[2] / "functions" / "inference"
+#: Where Lambda unpacks the package (LAMBDA_TASK_ROOT).
+TASK_ROOT = "/var/task"
 #: What the function imports; the rest of each wheel's requirements (flatbuffers, protobuf,
 #: packaging for onnxruntime) are build and tool dependencies.
 LAMBDA_REQUIREMENTS = (*REQUIREMENTS, "mangum>=0.17")
@@ -203,7 +205,9 @@ def _compile(tree: Path, python312: str | None) -> str:
     python = python312 or find_python312()
     if python is None:
         return "none: no Python 3.12 found (pass --python); the package ships sources only"
-    done = subprocess.run([python, "-m", "compileall", "-q", "-j", "0",
+    # -d: code objects name their source where Lambda has it, not the build's random scratch
+    # folder, which made every build's .pyc files, and so the zip, differ
+    done = subprocess.run([python, "-m", "compileall", "-q", "-j", "0", "-d", TASK_ROOT,
                            "--invalidation-mode", "unchecked-hash", str(tree)],
                           capture_output=True, text=True)
     if done.returncode != 0:
@@ -249,10 +253,19 @@ def _largest(sizes: dict[str, int]) -> list[tuple[str, int]]:
 
 
 def _zip(tree: Path, target: Path) -> None:
-    """A reproducible zip: sorted names, fixed timestamps, modes kept (0644 or 0755)."""
-    # level 1: a few percent larger than the default level, three times faster to build
-    with zipfile.ZipFile(target, "w") as archive:
-        for path in _files(tree):
-            info = zipfile.ZipInfo(path.relative_to(tree).as_posix(), (1980, 1, 1, 0, 0, 0))
-            info.external_attr = (0o100755 if os.access(path, os.X_OK) else 0o100644) << 16
-            archive.writestr(info, path.read_bytes(), zipfile.ZIP_DEFLATED, 1)
+    """A reproducible zip: sorted names, fixed timestamps, modes kept (0644 or 0755).
+
+    Written beside `target` and renamed onto it when whole: a build cut off while zipping (a
+    full disk, Ctrl-C) leaves the earlier package, not a truncated one for the deploy to upload.
+    """
+    partial = target.with_name(target.name + ".partial")
+    try:
+        # level 1: a few percent larger than the default level, three times faster to build
+        with zipfile.ZipFile(partial, "w") as archive:
+            for path in _files(tree):
+                info = zipfile.ZipInfo(path.relative_to(tree).as_posix(), (1980, 1, 1, 0, 0, 0))
+                info.external_attr = (0o100755 if os.access(path, os.X_OK) else 0o100644) << 16
+                archive.writestr(info, path.read_bytes(), zipfile.ZIP_DEFLATED, 1)
+        os.replace(partial, target)
+    finally:
+        partial.unlink(missing_ok=True)
