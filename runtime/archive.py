@@ -420,7 +420,17 @@ def _copy_member(member: _Member, target: Path, cap: int, sha256: str | None = N
                 raise BundleError(f"archive member {member.name!r} is over the {cap}-byte cap")
             if digest is not None:
                 digest.update(chunk)
-            out.write(chunk)
+            _write_all(out, chunk)
     if digest is not None and digest.hexdigest() != sha256:
         raise BundleError(f"archive member {member.name!r} does not match its sha256 in the "
                           "signed manifest (tampered or corrupt)")
+
+
+def _write_all(out: io.FileIO, chunk: bytes) -> None:
+    """Write all of `chunk`: a raw write that runs out of space (or into RLIMIT_FSIZE) writes
+    what fits and says how much, and only the next write fails. Unchecked, a member's last
+    chunk was cut short in silence, and the bundle was then called tampered or truncated on
+    a disk that was only full."""
+    view = memoryview(chunk)
+    while view:
+        view = view[out.write(view):]

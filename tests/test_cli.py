@@ -238,6 +238,25 @@ def test_an_archive_write_that_fails_midway_leaves_the_old_archive_whole(tmp_pat
         assert bundle.manifest.name == "m"
 
 
+def test_unpack_that_runs_out_of_space_says_so_not_that_the_bundle_is_truncated(tmp_path):
+    """A member's write that ran out of room wrote what fitted and said how much; unchecked,
+    the member was cut short in silence and the bundle then blamed as "tampered or truncated"
+    (naming a staging folder already removed), on a disk that was only full. The limit cuts
+    the model file (~410 KB, written in one chunk) short, as a nearly full disk does (ENOSPC
+    on a real one: the same short write)."""
+    archive = tmp_path / "m.tar.gz"
+    (tmp_path / "m.onnx").write_bytes(mlp_onnx([16, 4096, 8]))
+    assert edgerun("bundle", "create", str(tmp_path / "m.onnx"), "--name", "m", "--version",
+                   "1", "-o", str(archive)).returncode == 0
+    failed = subprocess.run([*edgerun_command(), "bundle", "unpack", str(archive), "-o",
+                             str(tmp_path / "out")], capture_output=True, text=True,
+                            timeout=300, preexec_fn=file_size_limited(300_000))
+    assert failed.returncode == 2, failed.stderr
+    assert failed.stderr.strip() == ("error (bundle_error): archive member 'model.onnx' "
+                                     "cannot be written (File too large)"), failed.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "m.tar.gz"]
+
+
 def test_create_into_an_empty_folder_that_fails_leaves_it_empty(tmp_path, mlp_file):
     """The model was copied into -o before the golden input was checked: the failure left it
     there, and the rerun was refused ("output folder exists and is not empty")."""
