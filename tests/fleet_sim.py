@@ -222,8 +222,9 @@ class FleetServer:
     """`edgerun fleet serve` as a real process (restartable, killable)."""
 
     def __init__(self, data: Path, broker: Broker, trust: list[Path],
-                 extra: Sequence[str] = ()) -> None:
+                 extra: Sequence[str] = (), preexec: Callable[[], None] | None = None) -> None:
         self.data, self.broker, self.trust, self.extra = data, broker, trust, list(extra)
+        self.preexec = preexec  # run in the child before it starts (a resource limit)
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.process: subprocess.Popen | None = None
@@ -237,7 +238,7 @@ class FleetServer:
             [*edgerun_command(), "fleet", "serve", "--data", str(self.data), "--broker",
              self.broker.url, "--port", str(self.port),
              *[a for key in self.trust for a in ("--trust", str(key))], *self.extra],
-            stdout=log, stderr=subprocess.STDOUT)
+            stdout=log, stderr=subprocess.STDOUT, preexec_fn=self.preexec)
         import httpx
 
         def up() -> bool:

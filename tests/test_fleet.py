@@ -285,6 +285,32 @@ def test_the_registry_refuses_a_push_that_every_device_would_refuse(tmp_path, ke
     registry.store.close()
 
 
+def test_a_push_the_registry_has_no_room_for_says_why_and_it_serves_on(tmp_path, broker, keys):
+    """A push onto a full disk got a bare "500 Internal Server Error", so `fleet push` could
+    not tell a full registry from a broken one. Its files may not grow past 300 kB here
+    (RLIMIT_FSIZE: its write fails with EFBIG midway, where a full disk fails with ENOSPC);
+    the big bundle's archive is ~380 kB, fleet.db and the small bundle stay under it."""
+    import resource
+
+    def capped() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (300_000, 300_000))
+
+    server = FleetServer(tmp_path / "fleet", broker, [keys["pub"]], preexec=capped).start()
+    try:
+        big = make_bundle(tmp_path / "big", mlp_onnx([16, 4096, 8]), "m", "2", keys["key"])
+        result = edgerun("fleet", "push", str(big), "--server", server.url)
+        assert result.returncode == 2, result.stderr
+        assert result.stderr.strip().endswith(
+            "/bundles: HTTP 500: the registry cannot store the pushed bundle: File too large"), \
+            result.stderr
+        assert str(tmp_path) not in result.stderr, "no path of the registry's host in it"
+        assert not list((tmp_path / "fleet" / "bundles").iterdir()), "nothing half-written"
+        push(server, make_bundle(tmp_path / "small", model(2), "m", "2", keys["key"]))
+        assert [(b["model"], b["version"]) for b in server.get("/bundles")] == [("m", "2")]
+    finally:
+        server.stop()
+
+
 # ------------------------------------------------------------------- rollouts
 def test_canary_then_full_rollout_under_load_fails_no_request(tmp_path, server, fleet, keys):
     devices = fleet(20)

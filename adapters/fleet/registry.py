@@ -11,6 +11,7 @@ refused.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import tempfile
 from dataclasses import dataclass
@@ -20,7 +21,10 @@ from typing import BinaryIO
 from edgerun.adapters.fleet.store import Store
 from edgerun.runtime import signing
 from edgerun.runtime.bundle import Bundle, check_name, check_version
-from edgerun.runtime.errors import BundleError, InvalidInput, ModelNotFound, PayloadTooLarge
+from edgerun.runtime.errors import (BundleError, EdgerunError, InvalidInput, ModelNotFound,
+                                    PayloadTooLarge)
+
+log = logging.getLogger(__name__)
 
 _CHUNK = 1 << 20
 
@@ -43,6 +47,19 @@ class VersionConflict(InvalidInput):
     """The version exists with other bytes: versions are immutable."""
 
 
+class StorageError(EdgerunError):
+    """The registry's own disk refused a push (full, read-only): no fault of the bundle."""
+
+    kind = "storage_error"
+
+
+def unstorable(exc: OSError, where: Path) -> StorageError:
+    """What the pusher hears of a push its registry could not store: the reason (a full disk
+    was a bare "500 Internal Server Error"); the path, of this host, goes to the log only."""
+    log.error("cannot store a pushed bundle in %s: %s", where, exc)
+    return StorageError(f"the registry cannot store the pushed bundle: {exc.strerror or exc}")
+
+
 class BundleRegistry:
     def __init__(self, data_dir: str | Path, store: Store,
                  trusted: list[signing.PublicKey], max_bytes: int = 4 << 30) -> None:
@@ -54,18 +71,25 @@ class BundleRegistry:
 
     def push(self, stream: BinaryIO) -> tuple[StoredBundle, bool]:
         """Verify and store an uploaded archive; returns it and whether it was new."""
-        fd, temporary = tempfile.mkstemp(prefix=".push-", suffix=".tar.gz", dir=self.root)
+        try:
+            fd, temporary = tempfile.mkstemp(prefix=".push-", suffix=".tar.gz", dir=self.root)
+        except OSError as exc:  # a read-only data folder, no inode left
+            raise unstorable(exc, self.root) from exc
         digest, size = hashlib.sha256(), 0
         try:
-            with os.fdopen(fd, "wb") as out:
-                while chunk := stream.read(_CHUNK):
-                    size += len(chunk)
-                    if size > self.max_bytes:
-                        raise PayloadTooLarge(f"bundle is over the {self.max_bytes}-byte limit")
-                    digest.update(chunk)
-                    out.write(chunk)
-                out.flush()
-                os.fsync(out.fileno())
+            try:
+                with os.fdopen(fd, "wb") as out:
+                    while chunk := stream.read(_CHUNK):
+                        size += len(chunk)
+                        if size > self.max_bytes:
+                            raise PayloadTooLarge(f"bundle is over the {self.max_bytes}-byte "
+                                                  "limit")
+                        digest.update(chunk)
+                        out.write(chunk)
+                    out.flush()
+                    os.fsync(out.fileno())
+            except OSError as exc:
+                raise unstorable(exc, self.root) from exc
             try:
                 # checked as every device checks it (`OtaAgent._stage`): a push a device would
                 # refuse is refused here, not recorded as a version no device can install
@@ -82,8 +106,11 @@ class BundleRegistry:
             # named by its bytes too: a concurrent push of other bytes under this version
             # writes its own file, and only the push recorded first keeps it
             path = self.root / name / f"{version}-{sha256[:16]}.tar.gz"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(temporary, path)
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(temporary, path)
+            except OSError as exc:
+                raise unstorable(exc, path.parent) from exc
             recorded = self.store.add_version(name, version, sha256, size, key_id,
                                               str(path.relative_to(self.root)))
             if recorded["sha256"] != sha256:

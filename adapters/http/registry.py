@@ -47,7 +47,7 @@ from starlette.routing import Route
 from edgerun.adapters.auth.devices import DeviceCredentials
 from edgerun.adapters.auth.tokens import TokenStore, basic
 from edgerun.adapters.fleet.orchestrator import MqttLink, Orchestrator, broker_username
-from edgerun.adapters.fleet.registry import BundleRegistry
+from edgerun.adapters.fleet.registry import BundleRegistry, unstorable
 from edgerun.adapters.fleet.store import Store
 from edgerun.adapters.fleetdb import Lease, Leadership
 from edgerun.adapters.http.listening import NamedBindErrors
@@ -143,7 +143,10 @@ def create_registry_app(registry: BundleRegistry, orchestrator: Orchestrator,
     async def push(request: Request) -> Response:
         with tempfile.SpooledTemporaryFile(8 << 20, dir=registry.root) as upload:  # big: disk
             async for chunk in _bounded(request, registry.max_bytes, "bundle"):
-                upload.write(chunk)
+                try:
+                    upload.write(chunk)
+                except OSError as exc:  # a full disk, as the push's own file: said so
+                    raise unstorable(exc, registry.root) from exc
             upload.seek(0)
             stored, created = await run_in_threadpool(registry.push, upload)
         return _json({**stored.to_json(), "created": created}, 201 if created else 200)
