@@ -131,6 +131,12 @@ def check_combination(options: OptimizeOptions, spell: Callable[..., str] = api_
     if options.max_batch_size is not None and options.max_batch_size < 0:
         raise OptimizeError(f"{spell('max_batch_size')} {options.max_batch_size}: a limit >= 1, "
                             "or 0 for a model with no batch axis")
+    if options.compile == "tvm" and options.tune_trials and (options.max_batch_size or 0) > 1:
+        raise OptimizeError(f"{spell('max_batch_size')} {options.max_batch_size} with "
+                            f"{spell('tune_trials')}: a tuned TVM library takes batch 1 only "
+                            "(MetaSchedule tunes static shapes), so the bundle could not take "
+                            f"batches of {options.max_batch_size}; leave "
+                            f"{spell('max_batch_size')} out, or compile untuned")
     if options.compile == "tvm" and options.rpc is not None:
         if not options.tune_trials:  # as compile_bundle says, but before the original is bundled
             raise OptimizeError(f"{spell('rpc')} measures tuning candidates on the device: "

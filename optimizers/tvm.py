@@ -118,6 +118,11 @@ def compile_bundle(model_path: Path, profile: DeviceProfile, out_dir: Path, *, n
     if max_batch_size is not None and max_batch_size < 0:
         raise CompileError("max_batch_size must be >= 1 (omit it for no limit), or 0 for a "
                            "model with no batch axis")
+    if tune_trials and max_batch_size is not None and max_batch_size > 1:
+        raise CompileError(f"max_batch_size {max_batch_size} with tune_trials: a tuned TVM "
+                           "library takes batch 1 only (MetaSchedule tunes static shapes), so "
+                           f"the bundle could not take batches of {max_batch_size}; leave "
+                           "max_batch_size out, or compile untuned")
     target = tvm_target.target_dict(profile)
     here = tvm_target.runs_here(target)
     device = _rpc_device(rpc, tune_trials, target, profile)
@@ -133,7 +138,12 @@ def compile_bundle(model_path: Path, profile: DeviceProfile, out_dir: Path, *, n
 
     built = tvm_build.build(model_path, profile, target, tune_trials=tune_trials, rpc=device,
                             batched=max_batch_size != 0)
-    signature = _fixed_batch(signature, built.batch) if built.batch else signature
+    notes = built.notes
+    if built.batch:
+        signature = _fixed_batch(signature, built.batch)
+        if max_batch_size and max_batch_size > built.batch:  # where a symbolic batch failed
+            notes += (f"max_batch_size {max_batch_size} is not kept: the library takes batch "
+                      f"{built.batch} only",)
     created_dir = not out_dir.exists()
     out_dir.mkdir(parents=True, exist_ok=True)
     try:
@@ -147,7 +157,7 @@ def compile_bundle(model_path: Path, profile: DeviceProfile, out_dir: Path, *, n
             bundle=out_dir, artifact=artifact, profile=profile.name,
             target=tvm_target.describe(target), tvm_target=target,
             batch=str(built.batch or "dynamic"), tune_trials=tune_trials, compile_s=compile_s,
-            runs_here=here, device_code=built.device_code, notes=built.notes)
+            runs_here=here, device_code=built.device_code, notes=notes)
         golden = reference
         if here:
             report, golden = _measure(report, model_path, profile, signature, sample, reference,

@@ -168,11 +168,12 @@ def _compile(mod: Any, tvm_tgt: Any, cuda: bool, target: dict[str, Any], model_p
         from edgerun.optimizers import tvm_tuning
         from edgerun.runtime.backends.tvm import threads_for
 
-        # timed here at the thread count the artifact is served at
+        # timed at the thread count the artifact is served at: the device's is the profile's
+        # intra_op_threads, else its own default
         mod = tvm_tuning.tune(mod, tvm_tgt, tuning_dir(profile, target, model_path, batch),
                               tune_trials, notes, rpc=rpc,
                               fcompile=_linker(profile, target) if rpc else None,
-                              threads=0 if rpc else threads_for(profile))
+                              threads=profile.intra_op_threads if rpc else threads_for(profile))
     return tvm.compile(mod, target=tvm_tgt)
 
 

@@ -7,7 +7,8 @@ are built and timed in this process (TVM's LocalBuilder starts a new process poo
 TVM, for every batch: up to 2 minutes a batch there, and its 30 s timeout failed every build;
 starting LocalRunner's worker took 3 minutes), and the search population is sized to the budget.
 Candidates are timed on a thread of their own whose TVM pool has the profile's thread count, the
-one the bundle is served at (`runtime.backends.tvm.threads_for`).
+one the bundle is served at (`runtime.backends.tvm.threads_for`); over RPC, on a pool of the
+profile's `intra_op_threads` on the device (else the device's default).
 
 For a device that cannot run here (an ARM board), `rpc=RpcDevice(host, port)` measures the
 candidates on the device's TVM RPC server instead (or on a device a TVM RPC tracker hands out
@@ -203,7 +204,10 @@ def _first_line(exc: BaseException) -> str:
     return next((line for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
 
 
-def _in_process_builder(export: Callable[[Any, str], None], scratch: Path) -> Any:
+def _in_process_builder(export: Callable[[Any, str], None], scratch: Path,
+                        trials: list[int]) -> Any:
+    """A MetaSchedule builder in this process; one entry in `trials` per candidate it is
+    given, a trial as MetaSchedule counts them."""
     from tvm.s_tir import meta_schedule as ms
     from tvm.s_tir.meta_schedule.builder.local_builder import default_build
     from tvm.ir.utils import derived_object
@@ -213,6 +217,7 @@ def _in_process_builder(export: Callable[[Any, str], None], scratch: Path) -> An
         def build(self, build_inputs: list[Any]) -> list[Any]:
             results = []
             for item in build_inputs:
+                trials.append(1)
                 try:
                     path = tempfile.mkdtemp(dir=scratch)
                     export(default_build(item.mod, item.target, None), path)
@@ -298,16 +303,25 @@ def _timing_thread(threads: int) -> ThreadPoolExecutor:
     return ThreadPoolExecutor(1, thread_name_prefix="edgerun-tvm-tune", initializer=start)
 
 
-def _rpc_runner(device: RpcDevice, errors: list[str], runs: list[int]) -> Any:
+def _rpc_runner(device: RpcDevice, errors: list[str], runs: list[int], threads: int = 0) -> Any:
     """TVM's RPC runner steps (upload, random inputs, time_evaluator, clean up) run from this
     process, one session per candidate as RPCRunner does, without its worker pool (which
-    starts a process importing TVM: minutes on a busy 2-core host)."""
+    starts a process importing TVM: minutes on a busy 2-core host). Each session's pool is
+    sized to `threads` first (0: the device's default), the count the bundle is served at
+    there: the server's default (half the logical CPUs on x86) may be another."""
     from tvm.s_tir.meta_schedule.runner import rpc_runner
+
+    from edgerun.runtime.backends.tvm import use_threads_on
+
+    def session(_config: Any) -> Any:
+        connected = device.connect()
+        use_threads_on(connected, threads)
+        return connected
 
     def measure(config: Any, item: Any) -> Any:
         runs.append(1)
         return rpc_runner._worker_func(
-            lambda _config: device.connect(), None, None, None, None, None, config, 1,
+            session, None, None, None, None, None, config, 1,
             str(item.artifact_path), str(item.device_type),
             tuple(a.as_json() for a in item.args_info))
 
@@ -320,9 +334,12 @@ def _rpc_runner(device: RpcDevice, errors: list[str], runs: list[int]) -> Any:
 
 def tune(mod: Any, target: Any, work_dir: Path, trials: int, notes: list[str], *,
          rpc: RpcDevice | None = None, fcompile: Any = None, threads: int = 0) -> Any:
-    """The module with tuned schedules applied; tunes only the trials not already recorded.
-    Candidates run here on a TVM pool of `threads` (the profile's count, as served; 0: TVM's
-    default), or with `rpc` are linked by `fcompile` and measured on the device."""
+    """The module with tuned schedules applied; tunes only the trials not already recorded,
+    and records those MetaSchedule ran. Only kernels with static shapes can be tuned (its
+    DisallowDynamicLoop): the budget is shared among those, the others keep TVM's default
+    schedules, and a model with none runs no trial (its note says so). Candidates run on a
+    TVM pool of `threads` (the profile's count, as served; 0: TVM's default), here, or with
+    `rpc` linked by `fcompile` and measured on the device."""
     import tvm
     from tvm import relax
     from tvm.s_tir import meta_schedule as ms
@@ -331,49 +348,87 @@ def tune(mod: Any, target: Any, work_dir: Path, trials: int, notes: list[str], *
     done_file = work_dir / TRIALS_FILE
     done = json.loads(done_file.read_text())["trials"] if done_file.is_file() else 0
     todo = max(0, trials - done)
+    ran: list[int] = []
     with target:
         mod = tvm.transform.Sequential([
             relax.transform.DecomposeOpsForInference(), relax.transform.CanonicalizeBindings(),
             relax.get_pipeline("zero")])(mod)
-        if todo:
-            tasks = sum(1 for gv in mod.functions if not isinstance(mod[gv], relax.Function))
-            per_task = max(1, -(-todo // max(1, tasks)))
-            errors: list[str] = []
-            runs: list[int] = []
-            _drop_unnamed_log_handlers()
-            with tempfile.TemporaryDirectory(prefix="edgerun-tuning-") as scratch, \
-                    _timing_thread(threads) as timer:
-                export = shared_library_export(fcompile) if rpc else tar_export
-                ms.relax_integration.tune_relax(
-                    mod=mod, params={}, target=target, work_dir=str(work_dir),
-                    max_trials_global=todo, max_trials_per_task=per_task,
-                    num_trials_per_iter=min(64, per_task),
-                    builder=_in_process_builder(export, Path(scratch)),
-                    runner=_rpc_runner(rpc, errors, runs) if rpc else _local_runner(timer),
-                    strategy=ms.search_strategy.EvolutionarySearch(
-                        population_size=min(512, max(32, 16 * per_task))))
-            if rpc and runs and len(errors) == len(runs):
-                from edgerun.optimizers.tvm import CompileError
-
-                raise CompileError(f"every tuning candidate ({len(runs)}) failed on the device "
-                                   f"at {rpc}, e.g. {errors[0]}; is that device a "
-                                   f"{_triple(target)}?")
-            if errors:
-                notes.append(f"{len(errors)} of {len(runs)} candidates failed on {rpc}, e.g. "
-                             f"{errors[0]}")
-            done_file.write_text(json.dumps({"trials": done + todo}))
+        tasks = ms.relax_integration.extract_tasks(mod, target, params={}) if todo else []
+        tunable = [task for task in tasks if _static(task)]
+        if tunable:
+            _tune_tasks(tunable, target, work_dir, todo, ran, notes, rpc, fcompile, threads)
+            done_file.write_text(json.dumps({"trials": done + len(ran)}))
         mod = relax.transform.MetaScheduleApplyDatabase(str(work_dir))(mod)
-    where = f"measured on {rpc} over TVM RPC" if rpc else "measured on this host"
-    notes.append(f"tuning records {work_dir}: {done} trials cached, {todo} run now"
-                 + (f" ({where})" if todo else ""))
+    notes.append(_tuning_note(work_dir, done, todo, len(ran), len(tunable), len(tasks), rpc))
     return mod
 
 
+def _tuning_note(work_dir: Path, done: int, todo: int, ran: int, tunable: int, kernels: int,
+                 rpc: RpcDevice | None) -> str:
+    """What tuning did: the trials MetaSchedule ran and on how many kernels, not the trials
+    asked for: one with a symbolic shape is never tuned, and a model of those alone runs none."""
+    note = f"tuning records {work_dir}: {done} trials cached, {ran} run now"
+    if not todo:
+        return note
+    if not tunable:
+        why = f"every kernel ({kernels}) has a symbolic shape" if kernels else "no kernels"
+        return f"{note}: nothing to tune, {why}; the library keeps TVM's default schedules"
+    note += (f" ({f'measured on {rpc} over TVM RPC' if rpc else 'measured on this host'})"
+             f" on {tunable} of {kernels} kernels")
+    if tunable < kernels:
+        note += f", {kernels - tunable} with a symbolic shape left untuned"
+    if ran < todo:
+        note += f"; MetaSchedule found no candidates for the other {todo - ran} asked for"
+    return note
+
+
+def _static(task: Any) -> bool:
+    """Whether MetaSchedule can tune the task: its DisallowDynamicLoop postprocessor rejects
+    every candidate of a kernel with a loop over a symbolic extent (a sequence length)."""
+    from tvm import s_tir
+    from tvm.s_tir.meta_schedule.postproc import DisallowDynamicLoop
+
+    return bool(DisallowDynamicLoop().apply(s_tir.Schedule(task.dispatched[0])))
+
+
+def _tune_tasks(tasks: list[Any], target: Any, work_dir: Path, todo: int, ran: list[int],
+                notes: list[str], rpc: RpcDevice | None, fcompile: Any, threads: int) -> None:
+    """`tune_relax`'s steps on the tunable tasks only; one entry in `ran` per trial run."""
+    from tvm.s_tir import meta_schedule as ms
+
+    per_task = max(1, -(-todo // len(tasks)))
+    errors: list[str] = []
+    runs: list[int] = []
+    _drop_unnamed_log_handlers()
+    contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
+        extracted_tasks=tasks, work_dir=str(work_dir),
+        strategy=ms.search_strategy.EvolutionarySearch(
+            population_size=min(512, max(32, 16 * per_task))))
+    with tempfile.TemporaryDirectory(prefix="edgerun-tuning-") as scratch, \
+            _timing_thread(threads) as timer:
+        export = shared_library_export(fcompile) if rpc else tar_export
+        ms.tune.tune_tasks(
+            tasks=contexts, task_weights=weights, work_dir=str(work_dir),
+            max_trials_global=todo, max_trials_per_task=per_task,
+            num_trials_per_iter=min(64, per_task),
+            builder=_in_process_builder(export, Path(scratch), ran),
+            runner=_rpc_runner(rpc, errors, runs, threads) if rpc else _local_runner(timer))
+    if rpc and runs and len(errors) == len(runs):
+        from edgerun.optimizers.tvm import CompileError
+
+        raise CompileError(f"every tuning candidate ({len(runs)}) failed on the device "
+                           f"at {rpc}, e.g. {errors[0]}; is that device a "
+                           f"{_triple(target)}?")
+    if errors:
+        notes.append(f"{len(errors)} of {len(runs)} candidates failed on {rpc}, e.g. "
+                     f"{errors[0]}")
+
+
 def _drop_unnamed_log_handlers() -> None:
-    """tune_relax rebuilds its logger's configuration from the names of the handlers on it and
-    fails on one without a name ("'NoneType' object has no attribute 'format'"), such as a
-    log-capture handler added after an earlier tune in the process; the rebuilt
-    configuration replaces that logger's handlers anyway."""
+    """MetaSchedule (extracted_tasks_to_tune_contexts) rebuilds its logger's configuration
+    from the names of the handlers on it and fails on one without a name ("'NoneType' object
+    has no attribute 'format'"), such as a log-capture handler added after an earlier tune in
+    the process; the rebuilt configuration replaces that logger's handlers anyway."""
     logger = logging.getLogger("tvm.s_tir.meta_schedule")
     for handler in [h for h in logger.handlers if h.get_name() is None]:
         logger.removeHandler(handler)

@@ -373,7 +373,9 @@ def test_tuning_runs_and_its_records_are_reused(tmp_path, mlp_path, monkeypatch)
     first = compile_bundle(mlp_path, load_profile("x86-64"), tmp_path / "b1", name="mlp",
                            version="1", tune_trials=2, force=True)
     assert first.batch == "1" and first.max_abs_error <= 1e-4
-    assert any("0 trials cached, 2 run now" in note for note in first.notes)
+    assert any("0 trials cached, 2 run now (measured on this host) on 2 of 2 kernels" in note
+               for note in first.notes), first.notes
+    assert metaschedule_trials(tmp_path / "cache") == recorded_trials(tmp_path / "cache") == 2
     records = list((tmp_path / "cache" / "tvm-tuning" / "x86-64").rglob("database_tuning_record.json"))
     assert records and records[0].stat().st_size > 0
     second = compile_bundle(mlp_path, load_profile("x86-64"), tmp_path / "b2", name="mlp",
@@ -384,6 +386,43 @@ def test_tuning_runs_and_its_records_are_reused(tmp_path, mlp_path, monkeypatch)
     x = np.ones((1, 8), np.float32)
     np.testing.assert_allclose(model.predict({"x": x})["y"],
                                onnxruntime_run(mlp_path, {"x": x})[0], atol=1e-4)
+
+
+def tuning_note(notes: tuple[str, ...]) -> str:
+    (note,) = [note for note in notes if note.startswith("tuning records ")]
+    return note
+
+
+def metaschedule_trials(cache: Path) -> int:
+    """The trials MetaSchedule's own log says it ran, over every tuning folder in `cache`."""
+    logs = (cache / "tvm-tuning").rglob("*task_scheduler.log")
+    return sum(int(re.findall(r"Total trials: (\d+)", log.read_text())[-1]) for log in logs)
+
+
+def recorded_trials(cache: Path) -> int:
+    """The trials the tuning cache records as done, over every tuning folder in `cache`."""
+    files = (cache / "tvm-tuning").rglob(tvm_tuning.TRIALS_FILE)
+    return sum(json.loads(file.read_text())["trials"] for file in files)
+
+
+@pytest.mark.timeout(900)  # MetaSchedule imports its tensor intrinsics once: minutes on a busy box
+def test_a_model_with_only_symbolic_kernels_is_told_nothing_was_tuned(tmp_path, monkeypatch):
+    """MetaSchedule cannot tune a kernel with a symbolic shape (its log: "Total trials: 0"), yet
+    the note said "0 trials cached, 2 run now (measured on this host)" and the cache recorded
+    2 trials done, so the next compile said "2 trials cached" of a library never tuned."""
+    from tests.helpers import centered_onnx
+
+    monkeypatch.setenv("EDGERUN_CACHE", str(tmp_path / "cache"))
+    path = tmp_path / "centered.onnx"
+    path.write_bytes(centered_onnx())
+    for folder in ("b1", "b2"):
+        report = compile_bundle(path, load_profile("x86-64"), tmp_path / folder, name="seq",
+                                version="1", tune_trials=2, force=True, max_batch_size=0)
+        assert tuning_note(report.notes).endswith(
+            ": 0 trials cached, 0 run now: nothing to tune, every kernel (1) has a symbolic "
+            "shape; the library keeps TVM's default schedules"), report.notes
+    assert metaschedule_trials(tmp_path / "cache") == recorded_trials(tmp_path / "cache") == 0
+    Model.load(tmp_path / "b2", "x86-64").check_golden()
 
 
 @pytest.mark.timeout(900)  # MetaSchedule imports its tensor intrinsics once: minutes on a busy box
@@ -456,8 +495,10 @@ def tokens_onnx() -> bytes:
 
 
 @pytest.mark.timeout(900)  # MetaSchedule imports its tensor intrinsics once: minutes on a busy box
-@pytest.mark.parametrize("trials", [0, 1])
+@pytest.mark.parametrize("trials", [0, 2])
 def test_a_fixed_batch_keeps_the_sequence_length_symbolic(tmp_path, monkeypatch, trials):
+    """Tuned, only the MatMul has static shapes: the budget was split over all 4 kernels, 1
+    trial ran and the note and the cache said 2."""
     from edgerun.optimizers import tvm_build
 
     monkeypatch.setenv("EDGERUN_CACHE", str(tmp_path / "cache"))
@@ -475,6 +516,11 @@ def test_a_fixed_batch_keeps_the_sequence_length_symbolic(tmp_path, monkeypatch,
     report = compile_bundle(path, load_profile("x86-64"), tmp_path / "b", name="tok",
                             version="1", tune_trials=trials, force=True)
     assert report.batch == "1"
+    if trials:
+        assert "0 trials cached, 2 run now (measured on this host) on 1 of 4 kernels, 3 with " \
+            "a symbolic shape left untuned" in tuning_note(report.notes), report.notes
+        assert metaschedule_trials(tmp_path / "cache") == recorded_trials(tmp_path / "cache") \
+            == 2
     model = Model.load(tmp_path / "b", "x86-64")
     assert model.signature.inputs[0].shape == (1, -1)
     model.check_golden()
@@ -575,6 +621,40 @@ def test_a_max_batch_size_reaches_the_tvm_bundle(tmp_path, mlp_path):
         compile_bundle(mlp_path, load_profile("x86-64"), tmp_path / "c", name="mlp",
                        version="1", max_batch_size=-1)
     assert not (tmp_path / "c").exists()
+
+
+def test_a_batch_limit_a_tuned_library_cannot_keep_is_refused_or_noted(tmp_path, mlp_path,
+                                                                       monkeypatch):
+    """A tuned library takes batch 1 only: `--max-batch-size 4 --tune-trials 2` tuned, then
+    wrote a bundle of x [1, 8] with no limit and said nothing, so every caller's batch of 2..4
+    was refused when served. Refused before any work now; where an untuned library falls back
+    to batch 1 (a symbolic batch TVM cannot compile), a note says the limit was not kept."""
+    from edgerun.optimizers import tvm_build
+
+    monkeypatch.setenv("EDGERUN_CACHE", str(tmp_path / "cache"))
+    made = edgerun("optimize", str(mlp_path), "--device", "x86-64", "--quantize", "fp32",
+                   "--compile", "tvm", "--tune-trials", "2", "--force", "--max-batch-size", "4",
+                   "-o", str(tmp_path / "o"), env={"EDGERUN_CACHE": str(tmp_path / "cache")})
+    assert made.returncode == 2 and "--max-batch-size 4 with --tune-trials: a tuned TVM " \
+        "library takes batch 1 only" in " ".join(made.stderr.split()), made.stderr
+    assert "bundling" not in made.stdout and not (tmp_path / "o").exists()
+    with pytest.raises(CompileError, match=r"^max_batch_size 4 with tune_trials: a tuned TVM "
+                                           r"library takes batch 1 only .*compile untuned$"):
+        compile_bundle(mlp_path, load_profile("x86-64"), tmp_path / "b", name="mlp",
+                       version="1", tune_trials=2, force=True, max_batch_size=4)
+    assert not (tmp_path / "b").exists() and not (tmp_path / "cache").exists()
+    real = tvm_build.import_onnx
+
+    def symbolic_batch_fails(model, batch):
+        if batch is None:
+            raise RuntimeError("simulated: symbolic batch unsupported")
+        return real(model, batch)
+
+    monkeypatch.setattr(tvm_build, "import_onnx", symbolic_batch_fails)
+    report = compile_bundle(mlp_path, load_profile("x86-64"), tmp_path / "c", name="mlp",
+                            version="1", force=True, max_batch_size=4)
+    assert report.batch == "1" and report.notes[-1] == \
+        "max_batch_size 4 is not kept: the library takes batch 1 only", report.notes
 
 
 def test_a_sequence_dim_tvm_cannot_compile_is_named_not_fixed_to_1(tmp_path, monkeypatch):
@@ -956,6 +1036,51 @@ def test_a_device_that_refuses_the_session_is_asked_for_again(tmp_path):
                 f"(127.0.0.1:{port}: ")) as refused:
             tvm_tuning.RpcDevice.parse(f"rpi4@127.0.0.1:{tracker_port}").connect()
         assert requested == ["rpi4"] * 5 and str(refused.value).count(f"127.0.0.1:{port}: ") == 5
+
+
+@pytest.mark.timeout(900)  # MetaSchedule imports its tensor intrinsics once: minutes on a busy box
+def test_rpc_tuning_times_candidates_at_the_profiles_thread_count(tmp_path, mlp_path,
+                                                                 monkeypatch):
+    """Over RPC the candidates were timed on the device's TVM pool at the server's default
+    size (half the logical CPUs on x86), while the bundle is served there at the profile's
+    intra_op_threads. A real RPC server on loopback; the spy only reads the remote pool size
+    and runs TVM's own timing."""
+    import dataclasses
+
+    from tvm import rpc
+    from tvm.s_tir.meta_schedule.runner import rpc_runner
+
+    monkeypatch.delenv("TVM_NUM_THREADS", raising=False)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setenv("EDGERUN_CACHE", str(tmp_path / "cache"))
+    tvm_default = max(1, (os.cpu_count() or 1) // 2)
+    threads = 3 if tvm_default != 3 else 2
+    pools: list[int] = []
+    time_candidate = rpc_runner.default_run_evaluator
+
+    def timed_at(session, *args, **kwargs):
+        pools.append(session.get_function("runtime.NumThreads")())
+        return time_candidate(session, *args, **kwargs)
+
+    monkeypatch.setattr(rpc_runner, "default_run_evaluator", timed_at)
+    port, log = free_port(), tmp_path / "server.log"
+
+    def accepts() -> bool:
+        try:
+            rpc.connect("127.0.0.1", port)
+        except Exception:  # noqa: BLE001 - TVM's error while the server starts
+            return False
+        return True
+
+    profile = dataclasses.replace(load_profile("x86-64"), intra_op_threads=threads)
+    with rpc_server([sys.executable, "-m", "tvm.exec.rpc_server", "--host", "127.0.0.1",
+                     "--port", str(port), "--port-end", str(port + 1)], log) as server:
+        wait_for(accepts, server, log)
+        report = compile_bundle(mlp_path, profile, tmp_path / "b", name="mlp", version="1",
+                                tune_trials=2, force=True, rpc=f"127.0.0.1:{port}")
+    assert f"2 run now (measured on 127.0.0.1:{port} over TVM RPC)" in \
+        tuning_note(report.notes)
+    assert pools == [threads, threads], pools
 
 
 @pytest.mark.timeout(600)

@@ -118,6 +118,16 @@ def use_threads(count: int) -> None:
     _POOL.threads = count
 
 
+def use_threads_on(session: Any, count: int) -> None:
+    """`use_threads` on a device through a TVM RPC session (a new process per session): its
+    serving thread's pool, sized before it runs anything. RPC carries no arrays, so the CPU
+    list is made on the device."""
+    if not count:
+        return
+    cpus = session.get_function("ffi.Array")(*[str(i) for i in range(count)])
+    session.get_function("runtime.config_threadpool")(_BIG_CORES, count, cpus)
+
+
 def _cuda_available() -> bool:
     import tvm
 
