@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import shutil
 import subprocess
 import zipfile
 from pathlib import Path
@@ -79,6 +80,7 @@ def test_the_unzipped_package_serves_on_python_312(host_zip, tmp_path):
     assert python is not None, "no Python 3.12 here: install one (pyenv, uv) to run the package"
     task = tmp_path / "task"
     zipfile.ZipFile(host_zip).extractall(task)
+    assert (task / "edgerun-architecture.txt").read_text() == f"{HOST}\n"  # checked at init
     for path in task.rglob("*"):  # /var/task is read-only: nothing may be compiled or written
         path.chmod(0o555 if path.is_dir() else 0o444)
     event = json.loads((FIXTURES / "apigw_v2.json").read_text())
@@ -108,6 +110,31 @@ def test_the_other_architecture_gets_its_own_binaries(bundle, tmp_path):
     binaries = [p.name for p in (tmp_path / OTHER / "onnxruntime" / "capi").glob("*.so")]
     assert binaries and all(MACHINE[HOST] not in name for name in binaries)
     assert any(MACHINE[OTHER] in name for name in binaries)
+
+
+def test_a_package_for_the_other_architecture_fails_init_naming_both(bundle, tmp_path):
+    """sam build does not tell the Makefile the template's Architecture (aws-sam-cli#3349): an
+    x86_64 function given arm64 wheels failed init in numpy's import, "No module named
+    'numpy._core._multiarray_umath'" and a page of advice about a bad install, never naming
+    the architecture."""
+    python = find_python312()
+    assert python is not None, "no Python 3.12 here: install one (pyenv, uv) to run the package"
+    task = tmp_path / "task"
+    done = edgerun("package", "lambda", str(bundle), "--arch", OTHER, "--unzipped",
+                   "-o", str(task))
+    assert done.returncode == 0, done.stderr
+    assert (task / "edgerun-architecture.txt").read_text() == f"{OTHER}\n"
+    env = {"PATH": os.environ["PATH"], "EDGERUN_MODEL": "model", "LAMBDA_TASK_ROOT": str(task),
+           "PYTHONPATH": str(task)}
+    init = subprocess.run([python, "-S", "-c", "import app"], cwd=task, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert init.returncode != 0
+    assert init.stderr.strip().splitlines()[-1] == (
+        f"edgerun.adapters.aws_lambda.architecture.ArchitectureMismatch: this package was built "
+        f"for {OTHER} but the function runs on {HOST} ({MACHINE[HOST]}): rebuild it for {HOST} "
+        f"(EDGERUN_ARCH={HOST} sam build ..., or edgerun package lambda BUNDLE --arch {HOST} "
+        f"-o DIR) or deploy it with Architecture={OTHER}")
+    assert "numpy" not in init.stderr
 
 
 def test_two_builds_of_the_same_bundle_are_byte_identical(bundle, host_zip, tmp_path):
@@ -146,6 +173,30 @@ def test_a_build_that_fails_while_zipping_leaves_the_earlier_zip_whole(bundle, h
     assert done.returncode == 2 and "File too large" in done.stderr, done.stderr
     assert (output / "function.zip").read_bytes() == host_zip.read_bytes()
     assert sorted(p.name for p in output.iterdir()) == ["function.zip"]
+
+
+@pytest.mark.parametrize("index", ["pypi", "wheelhouse"])
+def test_a_wheel_cut_off_in_the_cache_is_fetched_again(bundle, host_zip, tmp_path, index):
+    """pip download copies a wheel into the cache under its final name, so one cut off there
+    (pip killed, a full disk) stayed. PyPI gives each file's sha256 and pip fetched it again;
+    from an index without hashes (here a --find-links wheelhouse, --no-index) pip reused it,
+    and every later build failed: "pip download failed: Wheel 'mangum' ... is invalid"."""
+    from edgerun.runtime.cache import cache_dir
+    cached = cache_dir() / "wheels" / f"linux-{MACHINE[HOST]}-cp312"  # filled by host_zip
+    wheels = tmp_path / "cache" / "wheels" / cached.name
+    shutil.copytree(cached, wheels)
+    env = {"EDGERUN_CACHE": str(tmp_path / "cache")}
+    if index == "wheelhouse":
+        shutil.copytree(cached, tmp_path / "wheelhouse")
+        env |= {"PIP_NO_INDEX": "1", "PIP_FIND_LINKS": str(tmp_path / "wheelhouse")}
+    [wheel] = wheels.glob("mangum-*.whl")
+    whole = wheel.read_bytes()
+    wheel.write_bytes(whole[:len(whole) // 2])
+    done = edgerun("package", "lambda", str(bundle), "--arch", HOST, "--unzipped",
+                   "-o", str(tmp_path / "out"), env=env)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert (tmp_path / "out" / "mangum" / "adapter.py").is_file()
+    assert wheel.read_bytes() == whole
 
 
 def test_a_package_over_the_limit_is_a_clear_error(bundle, tmp_path):

@@ -13,7 +13,8 @@ used without looking at source timestamps. Without a Python 3.12 on this machine
 ships sources only, and the report says so.
 
 Wheels are downloaded once into `~/.cache/edgerun/wheels/<platform>/` (or `$EDGERUN_CACHE`) and
-installed from there.
+installed from there; a cached wheel that is not a whole zip (a download cut off) is fetched
+again.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from edgerun.adapters.aws_lambda.architecture import ARCHITECTURE_FILE, MACHINES
 from edgerun.adapters.function_sources import (BACKEND_REQUIREMENTS, REQUIREMENTS, copy_model,
                                                copy_sources)
 from edgerun.runtime.bundle import Bundle
@@ -36,7 +38,6 @@ from edgerun.runtime.cache import cache_dir
 from edgerun.runtime.errors import BundleError
 
 PYTHON = "3.12"
-MACHINES = {"arm64": "aarch64", "x86_64": "x86_64"}
 #: The python3.12 runtime is Amazon Linux 2023 (glibc 2.34): manylinux2014 wheels and every
 #: newer manylinux up to glibc 2.34 run there (onnxruntime ships manylinux_2_27/2_28 only).
 GLIBC_MINORS = range(17, 35)
@@ -104,6 +105,9 @@ def package_lambda(bundle: Path, architecture: str, output: Path, *, unzipped: b
             tree = Path(scratch) / "package"
             copy_model(opened.path, tree / "model")
             shutil.copy2(FUNCTION_DIR / "app.py", tree / "app.py")
+            # app.py checks it first at init: sam build does not tell the Makefile the
+            # template's Architecture, and arm64 wheels on x86_64 fail in numpy's import
+            (tree / ARCHITECTURE_FILE).write_text(architecture + "\n")
             copy_sources(tree, "edgerun.adapters.aws_lambda", backend)
             _install(tree, architecture, backend, cache or _default_cache())
             _prune(tree)
@@ -177,8 +181,25 @@ def _install(tree: Path, architecture: str, backend: str, cache: Path) -> None:
     try:
         _pip(*install)  # offline, from the wheels an earlier build downloaded
     except BundleError:
+        _drop_broken(wheels)
         _pip("download", "--dest", str(wheels), *platform, *requirements)
         _pip(*install)
+
+
+def _drop_broken(wheels: Path) -> None:
+    """Remove the cached wheels that are not whole zips, so the download fetches them again.
+
+    pip download copies a wheel into the cache under its final name: one cut off there (pip
+    killed, a full disk) stayed. With PyPI, pip checks the file against the index's sha256 and
+    fetches it again; from an index without hashes (a --find-links wheelhouse, a plain mirror)
+    it reused the broken file, and every later build failed ("pip download failed: Wheel ...
+    is invalid") until someone deleted it by hand."""
+    for wheel in wheels.glob("*.whl"):
+        try:
+            with zipfile.ZipFile(wheel):  # reads the central directory, the end of the file
+                pass
+        except zipfile.BadZipFile:
+            wheel.unlink(missing_ok=True)
 
 
 def _pip(*args: str) -> None:
