@@ -422,20 +422,6 @@ def test_serve_model_name_without_model_dir_is_a_usage_error(tmp_path):
     assert result.stderr.strip() == "error: --model-name goes with --model-dir"
 
 
-def test_serve_refuses_a_poll_interval_with_model_dir(tmp_path, mlp_file):
-    """`--model-dir` serves one model fixed at start-up: `--poll-interval` was taken and
-    served on, and a new bundle put in its place was never loaded nor said to be ignored."""
-    bundle = tmp_path / "b"
-    assert edgerun("bundle", "create", str(mlp_file), "--name", "mlp", "--version", "1",
-                   "-o", str(bundle)).returncode == 0
-    for model in (bundle, mlp_file):
-        result = edgerun("serve", "--model-dir", str(model), "--poll-interval", "1",
-                         "--port", "0", timeout=60)
-        assert (result.returncode, result.stderr) == (
-            2, "error: --poll-interval goes with --repository: --model-dir serves one model, "
-               "fixed at start-up\n")
-
-
 def test_serve_refuses_one_port_for_http_and_grpc_naming_both_flags(tmp_path):
     """It said "HTTP could not listen on 127.0.0.1:P: ... address already in use", sending
     the user to look for another process on a port that nothing else held."""
@@ -446,18 +432,22 @@ def test_serve_refuses_one_port_for_http_and_grpc_naming_both_flags(tmp_path):
         2, f"error: --grpc-port {port} is --port too: HTTP and gRPC need a port each\n")
 
 
-def test_serve_refuses_an_empty_model_name(tmp_path, mlp_file):
-    """`--model-name ""` (an unset variable in a manifest's args) served the model under the
-    bundle's own name, or the file's stem, which no client of that name could call."""
+@pytest.mark.parametrize("flags, error", [
+    # an unset variable in a manifest's args served the model under the bundle's own name, or
+    # the file's stem, which no client of that name could call
+    (("--model-name", ""), "error (bundle_error): bundle name '' must be letters, digits, '.', "
+                           "'_' or '-' (starting with a letter or digit)\n"),
+    # the one model is fixed at start-up: the flag was taken and served on, and a new bundle
+    # put in its place was never loaded nor said to be ignored
+    (("--poll-interval", "1"), "error: --poll-interval goes with --repository: --model-dir "
+                               "serves one model, fixed at start-up\n")])
+def test_serve_refuses_a_flag_model_dir_cannot_honour(tmp_path, mlp_file, flags, error):
     bundle = tmp_path / "b"
     assert edgerun("bundle", "create", str(mlp_file), "--name", "mlp", "--version", "1",
                    "-o", str(bundle)).returncode == 0
     for model in (bundle, mlp_file):
-        result = edgerun("serve", "--model-dir", str(model), "--model-name", "",
-                         "--port", "0", timeout=60)
-        assert (result.returncode, result.stderr) == (
-            2, "error (bundle_error): bundle name '' must be letters, digits, '.', '_' or '-' "
-               "(starting with a letter or digit)\n")
+        result = edgerun("serve", "--model-dir", str(model), *flags, "--port", "0", timeout=60)
+        assert (result.returncode, result.stderr) == (2, error)
 
 
 def test_fleet_serve_data_that_is_a_file_is_named(tmp_path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import gzip
 import io
 import json
@@ -12,6 +13,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import functions_framework
@@ -206,22 +208,13 @@ def test_the_functions_framework_server_refuses_a_chunked_body_over_the_limit(bu
         for _ in range(MAX_BODY_BYTES // (1 << 20) + 1):
             yield b" " * (1 << 20)
 
-    port = free_port()
-    server = subprocess.Popen(
-        [str(Path(sys.executable).with_name("functions-framework")), "--source", str(MAIN),
-         "--target", "infer", "--host", "127.0.0.1", "--port", str(port)],
-        env={**os.environ, "EDGERUN_MODEL": str(bundle_dir)}, stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL)
-    try:
+    with functions_framework_server({"EDGERUN_MODEL": str(bundle_dir)}) as (server, port):
         assert infer_until_answered(port, server).status_code == 200
         answer = httpx.post(f"http://127.0.0.1:{port}/v2/models/mlp/infer", content=chunked(),
                             timeout=60)
         assert answer.status_code == 413
         assert answer.json()["error"] == f"request body is over the {MAX_BODY_BYTES}-byte limit"
         assert infer_until_answered(port, server).status_code == 200
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
 
 
 def pubsub_event(payload: bytes, attributes: dict | None = None, message_id: str = "1"):
@@ -373,32 +366,32 @@ def test_a_cache_dir_an_archive_cannot_be_unpacked_in_is_named(bundle_dir, tmp_p
 
 def test_the_functions_framework_server_answers_from_its_forked_worker(bundle_dir):
     """The real server: gunicorn imports the module in its master and serves from a fork."""
-    port = free_port()
-    server = subprocess.Popen(
-        [str(Path(sys.executable).with_name("functions-framework")), "--source", str(MAIN),
-         "--target", "infer", "--host", "127.0.0.1", "--port", str(port)],
-        env={**os.environ, "EDGERUN_MODEL": str(bundle_dir)}, stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                answer = httpx.post(f"http://127.0.0.1:{port}/v2/models/mlp/infer",
-                                    json=request(rows(1)), timeout=30)
-                break
-            except httpx.TransportError:
-                assert time.monotonic() < deadline and server.poll() is None
-                time.sleep(0.2)
+    with functions_framework_server({"EDGERUN_MODEL": str(bundle_dir)}) as (server, port):
+        answer = infer_until_answered(port, server)
         assert answer.status_code == 200 and answer.json()["model_version"] == "2"
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
 
 
 def worker_of(server: subprocess.Popen) -> int | None:
     """The pid of the gunicorn worker functions-framework's master has forked, if any."""
     children = Path(f"/proc/{server.pid}/task/{server.pid}/children").read_text().split()
     return int(children[0]) if children else None
+
+
+@contextlib.contextmanager
+def functions_framework_server(environ: dict[str, str], base: dict[str, str] | None = None
+                               ) -> Iterator[tuple[subprocess.Popen, int]]:
+    """A real `functions-framework` process serving `infer` on a free port, stopped after."""
+    port = free_port()
+    server = subprocess.Popen(
+        [str(Path(sys.executable).with_name("functions-framework")), "--source", str(MAIN),
+         "--target", "infer", "--host", "127.0.0.1", "--port", str(port)],
+        env={**(os.environ if base is None else base), **environ},
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        yield server, port
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
 
 
 def infer_until_answered(port: int, server: subprocess.Popen) -> httpx.Response:
@@ -425,14 +418,9 @@ def test_a_killed_worker_leaves_no_unpacked_archive_in_tmp(bundle_dir, tmp_path)
         archive = opened.pack(tmp_path / "mlp-2.tar.gz")
     tmp = tmp_path / "tmp"  # the instance's /tmp
     tmp.mkdir()
-    port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("EDGERUN_")}
-    server = subprocess.Popen(
-        [str(Path(sys.executable).with_name("functions-framework")), "--source", str(MAIN),
-         "--target", "infer", "--host", "127.0.0.1", "--port", str(port)],
-        env={**env, "EDGERUN_MODEL": str(archive), "TMPDIR": str(tmp)},
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
+    with functions_framework_server({"EDGERUN_MODEL": str(archive), "TMPDIR": str(tmp)},
+                                    env) as (server, port):
         for _ in range(2):
             assert infer_until_answered(port, server).status_code == 200
             os.kill(worker_of(server), signal.SIGKILL)
@@ -441,9 +429,6 @@ def test_a_killed_worker_leaves_no_unpacked_archive_in_tmp(bundle_dir, tmp_path)
                 time.sleep(0.1)
         assert infer_until_answered(port, server).status_code == 200
         assert len(list(tmp.rglob(MANIFEST))) == 1  # the serving worker's copy alone
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
     assert not list(tmp.rglob(MANIFEST))  # and that one goes with its worker
 
 

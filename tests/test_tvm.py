@@ -530,18 +530,25 @@ def test_a_fixed_batch_keeps_the_sequence_length_symbolic(tmp_path, monkeypatch,
                                    onnxruntime_run(path, {"ids": ids})[0], atol=1e-4)
 
 
-def test_a_symbolic_length_tvm_cannot_compile_is_named(tmp_path, monkeypatch):
+@pytest.mark.parametrize("model, named, limit", [
+    ("tokens", "input 'ids' dim 1 'T'", None),
+    # a batched model falls back to batch 1 where a symbolic batch fails; for one with no
+    # batch axis that would be a library for sequences of length 1 under a [-1] signature
+    ("centered", "input 'x' dim 0 'seq'", 0)])
+def test_a_symbolic_dim_tvm_cannot_compile_is_named(tmp_path, monkeypatch, model, named, limit):
     from edgerun.optimizers import tvm_build
+    from tests.helpers import centered_onnx
 
     def fails(model, batch):
         raise RuntimeError("simulated: symbolic shapes unsupported")
 
     monkeypatch.setattr(tvm_build, "import_onnx", fails)
-    path = tmp_path / "tokens.onnx"
-    path.write_bytes(tokens_onnx())
-    with pytest.raises(CompileError, match=r"tokens.onnx: TVM cannot compile it for x86-64 "
-                                           r"with input 'ids' dim 1 'T' symbolic: simulated"):
-        compile_bundle(path, load_profile("x86-64"), tmp_path / "b", name="tok", version="1")
+    path = tmp_path / f"{model}.onnx"
+    path.write_bytes(tokens_onnx() if model == "tokens" else centered_onnx())
+    with pytest.raises(CompileError, match=rf"{model}.onnx: TVM cannot compile it for x86-64 "
+                                           rf"with {named} symbolic: simulated"):
+        compile_bundle(path, load_profile("x86-64"), tmp_path / "b", name="m", version="1",
+                       max_batch_size=limit)
     assert not (tmp_path / "b").exists()
 
 
@@ -655,25 +662,6 @@ def test_a_batch_limit_a_tuned_library_cannot_keep_is_refused_or_noted(tmp_path,
                             version="1", force=True, max_batch_size=4)
     assert report.batch == "1" and report.notes[-1] == \
         "max_batch_size 4 is not kept: the library takes batch 1 only", report.notes
-
-
-def test_a_sequence_dim_tvm_cannot_compile_is_named_not_fixed_to_1(tmp_path, monkeypatch):
-    # a batched model falls back to batch 1 where a symbolic batch fails; for one with no
-    # batch axis that would be a library for sequences of length 1 under a [-1] signature
-    from edgerun.optimizers import tvm_build
-    from tests.helpers import centered_onnx
-
-    def symbolic_fails(model, batch):
-        raise RuntimeError("simulated: symbolic shapes unsupported")
-
-    monkeypatch.setattr(tvm_build, "import_onnx", symbolic_fails)
-    path = tmp_path / "centered.onnx"
-    path.write_bytes(centered_onnx())
-    with pytest.raises(CompileError, match=r"centered.onnx: TVM cannot compile it for x86-64 "
-                                           r"with input 'x' dim 0 'seq' symbolic: simulated"):
-        compile_bundle(path, load_profile("x86-64"), tmp_path / "b", name="seq", version="1",
-                       max_batch_size=0)
-    assert not (tmp_path / "b").exists()
 
 
 def test_tuning_for_another_cpu_is_refused(tmp_path, mlp_path):
