@@ -15,6 +15,7 @@ Callers route, run and release:
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import sys
@@ -41,6 +42,9 @@ READY, LOADING, UNAVAILABLE, UNLOADED = "READY", "LOADING", "UNAVAILABLE", "UNLO
 LOADING_THREAD = "edgerun-repository-load"
 #: threads inside `Repository.load` now (a hot swap: polling, POST .../load, an OTA switch)
 _LOADERS: set[threading.Thread] = set()
+#: errnos of a resource run out (memory, file descriptors, disk space): a load that failed so
+#: fails for what the process or the machine lacks now, not for the version's files
+_EXHAUSTED = frozenset({errno.ENOMEM, errno.EMFILE, errno.ENFILE, errno.ENOSPC})
 
 
 def exit_if_still_loading(status: int = 0) -> None:
@@ -122,11 +126,15 @@ class Repository:
         thread.start()
         return thread
 
-    def load(self, name: str) -> list[str]:
+    def load(self, name: str, *, retry_failed: bool = True) -> list[str]:
         """(Re)load a model as its source wants it; returns the versions now served.
 
         Versions that fail to load never replace working ones; if any wanted version failed,
         BundleError says which and why, after the ones that loaded have been swapped in.
+        A version that failed before is tried again, as Triton's explicit load does: the
+        operator asking (POST .../load, an OTA job) may have fixed a cause outside its files
+        (memory freed, a library installed). Polling passes `retry_failed=False`: it tries
+        such a version again only once its files or config change, not at every pass.
         Once `close` has begun, a load is refused with ModelNotReady: one that waited for
         another load or unload to end would otherwise load after `close` had released every
         model, and its sessions and threads were never released.
@@ -141,13 +149,13 @@ class Repository:
                 _LOADERS.add(thread)
             self._unloaded.discard(name)
             try:
-                return self._load(name)
+                return self._load(name, retry_failed)
             finally:
                 _LOADERS.discard(thread)
                 with self._lock:
                     self._loading -= 1
 
-    def _load(self, name: str) -> list[str]:
+    def _load(self, name: str, retry_failed: bool) -> list[str]:
         config = self.source.config(name)
         wanted = self.source.wanted(name, config)
         if not wanted:  # a folder still being filled, say: not a model yet, nor unready
@@ -165,7 +173,7 @@ class Repository:
                 versions[version] = reusable[version]
                 continue
             try:
-                versions[version] = self._load_version(name, version, config)
+                versions[version] = self._load_version(name, version, config, retry_failed)
             except EdgerunError as exc:
                 errors.append(f"version {version}: {exc}")
                 if current is not None and version in current.versions:
@@ -186,13 +194,14 @@ class Repository:
             raise BundleError(f"model {name!r}: " + "; ".join(errors))
         return sorted(versions, key=version_key)
 
-    def _load_version(self, name: str, version: str, config: ModelConfig) -> ServedVersion:
+    def _load_version(self, name: str, version: str, config: ModelConfig,
+                      retry_failed: bool) -> ServedVersion:
         try:
             fingerprint = self.source.fingerprint(name, version)
         except Exception as exc:  # unknown, so not recorded: tried again at the next poll
             self._fail(name, version, None, config, exc)
         known = self._known_failure(name, version, fingerprint, config)
-        if known is not None:
+        if known is not None and not retry_failed:
             raise BundleError(known)  # nothing changed since it failed: it would again
         self._states[(name, version)] = VersionState(name, version, LOADING)
         try:
@@ -208,10 +217,13 @@ class Repository:
               exc: Exception) -> NoReturn:
         """End a version's load as failed, with the reason: UNAVAILABLE, never left LOADING
         (which answers 503 for good). A source's own error (an OSError from a folder removed
-        since it was listed) becomes a BundleError, so the model's other versions still load."""
+        since it was listed) becomes a BundleError, so the model's other versions still load.
+        A failure for want of memory, file descriptors or disk space is not remembered: the
+        next poll tries again, where a remembered one waits for the files or config to change
+        (until a restart, for a version whose files were never at fault)."""
         error = exc if isinstance(exc, EdgerunError) else BundleError(
             f"{name} version {version} failed to load: {type(exc).__name__}: {exc}")
-        if fingerprint is None:
+        if fingerprint is None or _exhausted(exc):
             self._failed.pop((name, version), None)
         else:
             self._failed[(name, version)] = (fingerprint, config, str(error))
@@ -223,7 +235,7 @@ class Repository:
     def _known_failure(self, name: str, version: str, fingerprint: tuple,
                        config: ModelConfig) -> str | None:
         """Why this version last failed to load, if neither its files nor its config changed
-        since (a version that failed is tried again only then)."""
+        since (polling tries a version that failed again only then; a `load` always does)."""
         known = self._failed.get((name, version))
         return known[2] if known is not None and known[:2] == (fingerprint, config) else None
 
@@ -291,7 +303,7 @@ class Repository:
                         # process that stops now ends without this load (`exit_if_still_loading`)
                         _LOADERS.add(threading.current_thread())
                     try:
-                        self.load(name)
+                        self.load(name, retry_failed=False)
                     finally:
                         with self._lock:
                             self._loading -= 1
@@ -483,6 +495,22 @@ class Repository:
             if shadow is not None:
                 shadow.acquire()
             return Routed(served, shadow, self._shadow_total)
+
+
+def _exhausted(exc: BaseException) -> bool:
+    """Whether a load failed for want of a resource (MemoryError, or an OSError whose errno
+    says memory, file descriptors or disk space ran out), the error itself or one it was
+    raised from or while handling (a BundleError says what it was doing, its cause why)."""
+    seen: set[int] = set()
+    cause: BaseException | None = exc
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
+        if isinstance(cause, MemoryError) or (
+                isinstance(cause, OSError) and cause.errno in _EXHAUSTED):
+            return True
+        cause = cause.__cause__ if cause.__cause__ is not None or \
+            cause.__suppress_context__ else cause.__context__
+    return False
 
 
 def _same_serving(old: ModelConfig, new: ModelConfig) -> bool:

@@ -175,6 +175,31 @@ def test_install_switches_slots_and_rollback_goes_back(device, server, bundles):
     assert device.agent.describe()["ota"]["m"]["active"] is None
 
 
+def test_a_rollback_sent_again_after_its_cause_is_fixed_is_tried_again(tmp_path, monkeypatch,
+                                                                      device, server, bundles):
+    """A rollback whose load failed for a cause outside the slot's files (here the temporary
+    folder ONNX Runtime's load needs, gone) was remembered against those files: the job sent
+    again once the cause was fixed failed with the remembered reason, without a try, until
+    the daemon restarted. Each job is an operator's request: its load is tried."""
+    import tempfile
+
+    assert device.run(server.add(bundles("2"))).state == "active"
+    assert device.run(server.add(bundles("3"))).state == "active"
+    state = device.agent.slots.read("m")
+    settled = time.time() - 60  # staged long ago: the same files at every look
+    for path in device.agent.slots.folder("m", state.inactive).rglob("*"):
+        os.utime(path, (settled, settled))
+    scratch = tmp_path / "scratch"
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))  # not there
+    report = device.run(Job("rb-1", "rollback", "m", "2"))
+    assert report.state == "failed" and "FileNotFoundError" in report.detail, report
+    assert device.served() == ["3"]
+    scratch.mkdir()  # the cause fixed, no file of the slot touched
+    report = device.run(Job("rb-2", "rollback", "m", "2"))
+    assert report.state == "rolled_back", report
+    assert device.served() == ["2"]
+
+
 def test_bad_bundles_are_refused_and_the_old_model_keeps_serving(tmp_path, device, server,
                                                                  bundles, keys):
     assert device.run(server.add(bundles("2"))).state == "active"

@@ -610,11 +610,11 @@ from tests.serving import add_version
 class Held(Repository):
     entered, gate = threading.Event(), threading.Event()
 
-    def load(self, name):
+    def load(self, name, **options):
         if threading.current_thread().name == "poll":
             self.entered.set()
             self.gate.wait()
-        return super().load(name)
+        return super().load(name, **options)
 
 repository = Held(sys.argv[1], registry=Registry())
 repository.load_all()
@@ -662,6 +662,49 @@ def test_a_broken_newest_version_under_latest_1_is_reported_once_not_every_poll(
     add_version(repo_dir, "mlp", "3", mlp_onnx([8, 16, 4], seed=3))
     repository.poll_once()
     assert repository.get("mlp").version == "3" and repository.versions("mlp") == ["3"]
+    repository.close()
+
+
+@contextmanager
+def one_file_descriptor_left() -> Iterator[None]:
+    """RLIMIT_NOFILE lowered for the block so that one more file can be open at a time, as
+    in a process whose descriptors its connections have nearly all taken; restored after."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    lowest = os.open(os.devnull, os.O_RDONLY)  # the number the next open gets
+    os.close(lowest)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (lowest + 1, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def test_a_version_that_failed_for_want_of_file_descriptors_is_tried_again_at_the_next_poll(
+        repo_dir, tmp_path, monkeypatch):
+    """A load that failed as the process ran out of file descriptors (EMFILE) was remembered
+    as the version's own failure: polling never tried it again, its files unchanged, until a
+    restart, though descriptors were free a moment later. What the process lacked (memory,
+    descriptors, disk space) is not what the version is: the next poll tries it again."""
+    import tempfile
+
+    repository = Repository(repo_dir, registry=Registry())
+    repository.load_all()
+    folder = add_version(repo_dir, "mlp", "2", mlp_onnx([8, 16, 4], seed=2))
+    settled = time.time() - 60  # written long ago: the same files at every look
+    for path in folder.rglob("*"):
+        os.utime(path, (settled, settled))
+    # the load's temporary folder, which cannot be removed without a second descriptor
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    with one_file_descriptor_left():  # the folder is listed, the load needs two at once
+        repository.poll_once()
+    state = {s.version: s for s in repository.index()}["2"]
+    assert state.state == UNAVAILABLE and "Too many open files" in state.reason, state
+    assert repository.get("mlp").version == "1", "version 1 keeps serving"
+    repository.poll_once()  # descriptors free again, nothing of the version changed
+    assert repository.get("mlp").version == "2", "the version was never tried again"
+    assert {s.version: s.state for s in repository.index()} == {"1": UNLOADED, "2": READY}
     repository.close()
 
 

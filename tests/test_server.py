@@ -5,7 +5,9 @@ from __future__ import annotations
 import gzip
 import json
 import math
+import os
 import re
+import shutil
 import signal
 import socket
 import struct
@@ -813,3 +815,32 @@ def test_malformed_http_gets_400_and_the_connection_closes(server):
         assert answer.startswith(b"HTTP/1.1 400")
         assert sock.recv(1 << 16) == b""
     assert httpx.get(server.url + "/v2/health/live").status_code == 200
+
+
+def test_an_explicit_load_tries_again_what_failed_for_a_cause_outside_the_files(
+        tmp_path, monkeypatch):
+    """A version that failed to load is remembered by its files and config, so polling does
+    not retry it each pass; POST .../load got that remembered failure back too, without a
+    try, after the operator had fixed a cause outside the files (here the server's temporary
+    folder, removed by a cleaner and made again): Triton's explicit load always tries again."""
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    monkeypatch.setenv("TMPDIR", str(scratch))  # the server's temporary folder
+    repo = tmp_path / "models"
+    add_version(repo, "mlp", "1", mlp_onnx([8, 16, 4], seed=1))
+    with running_server(repo, "--poll-interval", "0.2") as server:  # its first load used it
+        shutil.rmtree(scratch)
+        folder = add_version(repo, "late", "1", mlp_onnx([8, 16, 4], seed=2))
+        settled = time.time() - 60  # written long ago: the same files at every look
+        for path in folder.rglob("*"):
+            os.utime(path, (settled, settled))
+        failed = post(server, "/v2/repository/models/late/load", b"")
+        assert failed.status_code == 400, failed.text
+        assert "FileNotFoundError" in failed.json()["error"], failed.text
+        scratch.mkdir()  # the cause fixed, no file of the version touched
+        time.sleep(1)  # polls meanwhile skip the known failure
+        assert httpx.get(server.url + "/v2/models/late/ready").status_code == 404
+        loaded = post(server, "/v2/repository/models/late/load", b"")
+        assert loaded.status_code == 200, loaded.text
+        answer = post(server, "/v2/models/late/infer", oip("x", "FP32", [1, 8], [1] * 8))
+        assert answer.status_code == 200 and answer.json()["model_version"] == "1"
