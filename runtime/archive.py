@@ -208,6 +208,10 @@ def _check_zip_overlap(zip_file: zipfile.ZipFile, archive: Path) -> None:
     end = zip_file.start_dir
     assert zip_file.fp is not None
     for info in sorted(zip_file.infolist(), key=lambda i: i.header_offset, reverse=True):
+        if info.header_offset < 0:  # the end record names the directory past where it is:
+            # zipfile shifts every entry back by the difference; a seek there is an OSError
+            raise BundleError(f"{archive}: corrupt archive (entry {info.filename!r} starts "
+                              "before the archive does)")
         zip_file.fp.seek(info.header_offset)
         header = zip_file.fp.read(_ZIP_LOCAL.size)
         if len(header) < _ZIP_LOCAL.size or header[:4] != b"PK\x03\x04":

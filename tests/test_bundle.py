@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from onnx import TensorProto, helper
 
@@ -742,6 +742,29 @@ def test_zip_entries_that_share_bytes_are_refused(tmp_path):
     assert not (tmp_path / "out" / "b").exists()
 
 
+def test_a_zip_whose_directory_offset_is_too_large_is_a_bundle_error(tmp_path, packed):
+    """Found by the archive property below: a zip's end record naming its central directory
+    past where it is makes zipfile place every entry before byte 0; seeking there escaped as
+    OSError [Errno 22] (a 500 for a pushed bundle), where any other corruption is BundleError."""
+    import struct
+
+    from edgerun.runtime import signing
+
+    data = bytearray(packed["archives"][".zip"].read_bytes())
+    end = data.rfind(b"PK\x05\x06")  # the end record; its offset of the directory at +16
+    data[end + 19] ^= 0xED  # the flip hypothesis found: that offset's top byte
+    assert struct.unpack_from("<I", data, end + 16)[0] > len(data)
+    changed = tmp_path / "b.zip"
+    changed.write_bytes(bytes(data))
+    for read in (lambda: archive.unpack(changed, tmp_path / "out"),
+                 lambda: archive.read_member(changed, "manifest.json"),
+                 lambda: signing.verify_archive(changed, packed["trusted"]),
+                 lambda: Bundle.open(changed).close()):
+        with pytest.raises(BundleError, match=r"corrupt archive \(entry '\S+' starts before"):
+            read()
+    assert not any((tmp_path / "out").iterdir())
+
+
 # ------------------------------------------------------------ property-based rounds
 @pytest.fixture(scope="module")
 def packed(tmp_path_factory):
@@ -769,11 +792,16 @@ def packed(tmp_path_factory):
 @given(suffix=st.sampled_from([".tar.gz", ".zip", ".tar"]),
        flips=st.lists(st.tuples(st.integers(0, 1 << 30), st.integers(1, 255)), max_size=3),
        cut=st.none() | st.integers(0, 1 << 30), signed=st.booleans())
+# the signed manifest's bytes at 4096 + 276 (the .tar's manifest.json starts at 4096) are
+# indentation: a space flipped to a newline, the canonical manifest, and so its signature, holds
+@example(suffix=".tar", flips=[(4096 + 276, 42)], cut=None, signed=True)
 def test_a_changed_archive_opens_as_built_or_is_a_bundle_error(tmp_path, packed, suffix, flips,
                                                                cut, signed):
     """Bytes flipped or cut anywhere in an archive: BundleError (one line), or a bundle whose
     every file is the one built (a flip in a timestamp, say); unsigned, the manifest itself
-    is not hashed. Nothing is written beside the archive."""
+    is not hashed; signed, the signature covers the canonical manifest, so manifest.json and
+    signature.sig hold the JSON built, their whitespace aside (a re-indented manifest keeps
+    its signature, as signing.py says). Nothing is written beside the archive."""
     from edgerun.runtime import signing
 
     data = bytearray(packed["archives"][suffix].read_bytes())
@@ -789,8 +817,10 @@ def test_a_changed_archive_opens_as_built_or_is_a_bundle_error(tmp_path, packed,
         expected = signing.verify_archive(changed, packed["trusted"]).files if signed else None
         with Bundle.open(changed, expected=expected) as opened:
             for name, content in packed["files"].items():
-                if signed or name not in ("manifest.json", "signature.sig"):
+                if name not in ("manifest.json", "signature.sig"):
                     assert (opened.path / name).read_bytes() == content, name
+                elif signed:
+                    assert json.loads((opened.path / name).read_bytes()) == json.loads(content)
     except BundleError as exc:
         assert "\n" not in str(exc), str(exc)
     assert [p.name for p in work.iterdir()] == [changed.name]

@@ -311,6 +311,24 @@ def test_a_push_the_registry_has_no_room_for_says_why_and_it_serves_on(tmp_path,
         server.stop()
 
 
+def test_a_pushed_zip_whose_directory_offset_is_wrong_is_a_400_not_a_500(tmp_path, server,
+                                                                         keys):
+    # zipfile places every entry before byte 0 when the end record names the directory past
+    # where it is; the registry's check then seeked there: OSError, a 500 for a bad upload
+    from edgerun.runtime import archive
+
+    zipped = archive.pack(make_bundle(tmp_path / "b", model(2), "m", "2", keys["key"]),
+                          tmp_path / "m-2.zip")
+    data = bytearray(zipped.read_bytes())
+    data[data.rfind(b"PK\x05\x06") + 19] ^= 0xED  # the top byte of the directory's offset
+    refused = httpx.post(f"{server.url}/bundles", content=bytes(data))
+    assert refused.status_code == 400, refused.text
+    assert "the pushed bundle: corrupt archive" in refused.json()["error"]
+    assert server.get("/bundles") == []
+    push(server, zipped)  # the archive as packed is taken
+    assert [held["version"] for held in server.get("/bundles")] == ["2"]
+
+
 # ------------------------------------------------------------------- rollouts
 def test_canary_then_full_rollout_under_load_fails_no_request(tmp_path, server, fleet, keys):
     devices = fleet(20)
