@@ -136,7 +136,8 @@ class Orchestrator:
     def rollback(self, rollout_id: str, reason: str = "rolled back by the operator") -> None:
         """Send every device a running or completed rollout updated back to its previous
         version (an explicit rollback job, the one way past the devices' anti-rollback); not
-        one another rollout has installed the model on since (that rollout's version stays)."""
+        one another rollout has installed the model on since (that rollout's version stays),
+        nor one another rollout's rollback has taken off this version since."""
         self._rollout(rollout_id)
         if not self.store.move_rollout(rollout_id, (RUNNING, COMPLETED), state=ROLLING_BACK,
                                        reason=reason):
@@ -400,6 +401,9 @@ class Orchestrator:
                 newer = self.store.installed_since(rollout["id"], job["device_id"],
                                                    rollout["model"], job["updated_at"]) \
                     if job["state"] == ACTIVE else []
+                back = self.store.rolled_back_since(rollout["id"], job["device_id"],
+                                                    rollout["model"], job["updated_at"]) \
+                    if job["state"] == ACTIVE and not newer else None
                 if newer:
                     # another rollout installed the model over this one since (one this
                     # rollback waited for, say): the device no longer runs this rollout's
@@ -407,6 +411,16 @@ class Orchestrator:
                     # it still counts as active
                     fields = {"state": ROLLED_BACK, "detail": "nothing to take back: rollout "
                               f"{newer[0]} installed its version over this one since"}
+                    self.store.update_job(rollout["id"], job["device_id"], **fields)
+                    job.update(fields)
+                elif back is not None and (back[1] or None) != rollout["version"]:
+                    # another rollout's rollback (one this rollback waited for) ended after
+                    # this install and took the device off this version: a rollback now would
+                    # put back what was there before this install, the version that one took
+                    # back (a withdrawn install a busy device ran anyway, "already active")
+                    fields = {"state": ROLLED_BACK, "detail": "nothing to take back: rollout "
+                              f"{back[0]} rolled the device back to "
+                              f"{back[1] or 'no version'} since"}
                     self.store.update_job(rollout["id"], job["device_id"], **fields)
                     job.update(fields)
                 else:

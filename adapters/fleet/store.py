@@ -243,6 +243,18 @@ class Store:
                           (rollout_id, device_id, model, since))
         return [row["rollout_id"] for row in rows]
 
+    def rolled_back_since(self, rollout_id: str, device_id: str, model: str,
+                          since: float) -> tuple[str, str] | None:
+        """The other rollout whose rollback of `model` ended last on `device_id` after `since`,
+        and the version it left there ("" for none): the device runs that one now."""
+        rows = self.query("SELECT jobs.rollout_id, jobs.version FROM jobs JOIN rollouts ON "
+                          "rollouts.id = jobs.rollout_id WHERE jobs.rollout_id <> ? AND "
+                          "jobs.device_id = ? AND rollouts.model = ? AND jobs.kind = 'rollback' "
+                          "AND jobs.state = 'rolled_back' AND jobs.updated_at > ? "
+                          "ORDER BY jobs.updated_at DESC LIMIT 1",
+                          (rollout_id, device_id, model, since))
+        return (rows[0]["rollout_id"], rows[0]["version"]) if rows else None
+
     def device_has_job(self, device_id: str, model: str, version: str) -> bool:
         """Whether the fleet sent the device an install of `model` `version` and did not
         withdraw it: the one rule for both a device's download of that bundle and a rollback
