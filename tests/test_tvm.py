@@ -495,22 +495,28 @@ def tokens_onnx() -> bytes:
 
 
 @pytest.mark.timeout(900)  # MetaSchedule imports its tensor intrinsics once: minutes on a busy box
+def fail_symbolic_batches(monkeypatch) -> None:
+    """TVM's import fails for a symbolic batch, as it does for some models: the compile falls
+    back to a fixed batch."""
+    from edgerun.optimizers import tvm_build
+
+    real = tvm_build.import_onnx
+
+    def symbolic_batch_fails(model, batch):
+        if batch is None:
+            raise RuntimeError("simulated: symbolic batch unsupported")
+        return real(model, batch)
+
+    monkeypatch.setattr(tvm_build, "import_onnx", symbolic_batch_fails)
+
+
 @pytest.mark.parametrize("trials", [0, 2])
 def test_a_fixed_batch_keeps_the_sequence_length_symbolic(tmp_path, monkeypatch, trials):
     """Tuned, only the MatMul has static shapes: the budget was split over all 4 kernels, 1
     trial ran and the note and the cache said 2."""
-    from edgerun.optimizers import tvm_build
-
     monkeypatch.setenv("EDGERUN_CACHE", str(tmp_path / "cache"))
     if not trials:  # untuned: the batch is fixed only where a symbolic one fails
-        real = tvm_build.import_onnx
-
-        def symbolic_batch_fails(model, batch):
-            if batch is None:
-                raise RuntimeError("simulated: symbolic batch unsupported")
-            return real(model, batch)
-
-        monkeypatch.setattr(tvm_build, "import_onnx", symbolic_batch_fails)
+        fail_symbolic_batches(monkeypatch)
     path = tmp_path / "tokens.onnx"
     path.write_bytes(tokens_onnx())
     report = compile_bundle(path, load_profile("x86-64"), tmp_path / "b", name="tok",
@@ -636,8 +642,6 @@ def test_a_batch_limit_a_tuned_library_cannot_keep_is_refused_or_noted(tmp_path,
     wrote a bundle of x [1, 8] with no limit and said nothing, so every caller's batch of 2..4
     was refused when served. Refused before any work now; where an untuned library falls back
     to batch 1 (a symbolic batch TVM cannot compile), a note says the limit was not kept."""
-    from edgerun.optimizers import tvm_build
-
     monkeypatch.setenv("EDGERUN_CACHE", str(tmp_path / "cache"))
     made = edgerun("optimize", str(mlp_path), "--device", "x86-64", "--quantize", "fp32",
                    "--compile", "tvm", "--tune-trials", "2", "--force", "--max-batch-size", "4",
@@ -650,14 +654,7 @@ def test_a_batch_limit_a_tuned_library_cannot_keep_is_refused_or_noted(tmp_path,
         compile_bundle(mlp_path, load_profile("x86-64"), tmp_path / "b", name="mlp",
                        version="1", tune_trials=2, force=True, max_batch_size=4)
     assert not (tmp_path / "b").exists() and not (tmp_path / "cache").exists()
-    real = tvm_build.import_onnx
-
-    def symbolic_batch_fails(model, batch):
-        if batch is None:
-            raise RuntimeError("simulated: symbolic batch unsupported")
-        return real(model, batch)
-
-    monkeypatch.setattr(tvm_build, "import_onnx", symbolic_batch_fails)
+    fail_symbolic_batches(monkeypatch)
     report = compile_bundle(mlp_path, load_profile("x86-64"), tmp_path / "c", name="mlp",
                             version="1", force=True, max_batch_size=4)
     assert report.batch == "1" and report.notes[-1] == \
