@@ -843,6 +843,26 @@ def wait_for(ready: Callable[[], bool], server: subprocess.Popen, log: Path) -> 
         time.sleep(1)
 
 
+@contextlib.contextmanager
+def host_rpc_server(log: Path) -> Iterator[int]:
+    """This host's TVM RPC server on a loopback port, once it accepts a session: the port."""
+    from tvm import rpc
+
+    port = free_port()
+
+    def accepts() -> bool:
+        try:
+            rpc.connect("127.0.0.1", port)
+        except Exception:  # noqa: BLE001 - TVM's error while the server starts
+            return False
+        return True
+
+    with rpc_server([sys.executable, "-m", "tvm.exec.rpc_server", "--host", "127.0.0.1",
+                     "--port", str(port), "--port-end", str(port + 1)], log) as server:
+        wait_for(accepts, server, log)
+        yield port
+
+
 @pytest.fixture(scope="module")
 def arm64_rpc_server(arm64_root, tmp_path_factory):
     """The emulated board's RPC server, reached directly. Yields (HOST:PORT, its log file)."""
@@ -995,20 +1015,7 @@ def test_a_device_that_refuses_the_session_is_asked_for_again(tmp_path):
     """The tracker hands out a device whose match key went stale (its server made a new one,
     as TVM's servers do when a handed-out key goes unused): the next device is asked for, as
     TVM's own TrackerSession.request does, and after five refusals the error names them."""
-    from tvm import rpc
-
-    port, log = free_port(), tmp_path / "board.log"
-
-    def accepts() -> bool:
-        try:
-            rpc.connect("127.0.0.1", port)
-        except Exception:  # noqa: BLE001 - TVM's error while the server starts
-            return False
-        return True
-
-    with rpc_server([sys.executable, "-m", "tvm.exec.rpc_server", "--host", "127.0.0.1",
-                     "--port", str(port), "--port-end", str(port + 1)], log) as board:
-        wait_for(accepts, board, log)
+    with host_rpc_server(tmp_path / "board.log") as port:
         stale, fresh = ["127.0.0.1", port, "stale"], ["127.0.0.1", port, ""]
         tracker_port, requested = fake_tracker([stale, fresh])
         session = tvm_tuning.RpcDevice.parse(f"rpi4@127.0.0.1:{tracker_port}").connect()
@@ -1032,7 +1039,6 @@ def test_rpc_tuning_times_candidates_at_the_profiles_thread_count(tmp_path, mlp_
     and runs TVM's own timing."""
     import dataclasses
 
-    from tvm import rpc
     from tvm.s_tir.meta_schedule.runner import rpc_runner
 
     monkeypatch.delenv("TVM_NUM_THREADS", raising=False)
@@ -1048,19 +1054,8 @@ def test_rpc_tuning_times_candidates_at_the_profiles_thread_count(tmp_path, mlp_
         return time_candidate(session, *args, **kwargs)
 
     monkeypatch.setattr(rpc_runner, "default_run_evaluator", timed_at)
-    port, log = free_port(), tmp_path / "server.log"
-
-    def accepts() -> bool:
-        try:
-            rpc.connect("127.0.0.1", port)
-        except Exception:  # noqa: BLE001 - TVM's error while the server starts
-            return False
-        return True
-
     profile = dataclasses.replace(load_profile("x86-64"), intra_op_threads=threads)
-    with rpc_server([sys.executable, "-m", "tvm.exec.rpc_server", "--host", "127.0.0.1",
-                     "--port", str(port), "--port-end", str(port + 1)], log) as server:
-        wait_for(accepts, server, log)
+    with host_rpc_server(tmp_path / "server.log") as port:
         report = compile_bundle(mlp_path, profile, tmp_path / "b", name="mlp", version="1",
                                 tune_trials=2, force=True, rpc=f"127.0.0.1:{port}")
     assert f"2 run now (measured on 127.0.0.1:{port} over TVM RPC)" in \
